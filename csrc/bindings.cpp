@@ -1,0 +1,75 @@
+// pybind11 module lelp_fast._C. Takes raw addresses (tensor.data_ptr()) plus
+// shapes and strides: the extension is not built against libtorch, and the
+// Python layer validates every argument before calling in.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "cpu/targets.h"
+
+namespace py = pybind11;
+
+namespace {
+
+lelp::TargetsArgs make_targets_args(uintptr_t emb, int emb_dtype, int64_t emb_stride, int64_t n,
+                                    int64_t d, uintptr_t weight, uintptr_t bias, int64_t J,
+                                    uintptr_t logits, int logits_dtype, int64_t logits_stride,
+                                    int64_t C, int64_t S, double beta, double tau, uintptr_t out,
+                                    int out_dtype, int64_t out_stride) {
+  lelp::TargetsArgs a;
+  a.embeddings = reinterpret_cast<const void*>(emb);
+  a.emb_dtype = emb_dtype;
+  a.emb_stride = emb_stride;
+  a.n = n;
+  a.d = d;
+  a.weight = reinterpret_cast<const float*>(weight);
+  a.bias = reinterpret_cast<const float*>(bias);
+  a.J = J;
+  a.logits = reinterpret_cast<const void*>(logits);
+  a.logits_dtype = logits_dtype;
+  a.logits_stride = logits_stride;
+  a.C = C;
+  a.S = S;
+  a.inv_beta = static_cast<float>(1.0 / beta);
+  a.inv_tau = static_cast<float>(1.0 / tau);
+  a.out = reinterpret_cast<void*>(out);
+  a.out_dtype = out_dtype;
+  a.out_stride = out_stride;
+  return a;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lelp_fast compiled kernels (CPU/OpenMP, optional CUDA)";
+  m.def(
+      "targets_cpu",
+      [](uintptr_t emb, int emb_dtype, int64_t emb_stride, int64_t n, int64_t d, uintptr_t weight,
+         uintptr_t bias, int64_t J, uintptr_t logits, int logits_dtype, int64_t logits_stride,
+         int64_t C, int64_t S, double beta, double tau, uintptr_t out, int out_dtype,
+         int64_t out_stride) {
+        auto a = make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits,
+                                   logits_dtype, logits_stride, C, S, beta, tau, out, out_dtype,
+                                   out_stride);
+        py::gil_scoped_release release;
+        lelp::targets_cpu(a);
+      },
+      "Fused LELP targets on CPU (raw pointers; see lelp_fast.ops.targets).");
+#ifdef LELP_WITH_CUDA
+  m.attr("has_cuda") = true;
+  m.def(
+      "targets_cuda",
+      [](uintptr_t emb, int emb_dtype, int64_t emb_stride, int64_t n, int64_t d, uintptr_t weight,
+         uintptr_t bias, int64_t J, uintptr_t logits, int logits_dtype, int64_t logits_stride,
+         int64_t C, int64_t S, double beta, double tau, uintptr_t out, int out_dtype,
+         int64_t out_stride, uintptr_t stream) {
+        auto a = make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits,
+                                   logits_dtype, logits_stride, C, S, beta, tau, out, out_dtype,
+                                   out_stride);
+        lelp::targets_cuda(a, reinterpret_cast<void*>(stream));
+      },
+      "Fused LELP targets on CUDA (raw device pointers and a cudaStream_t handle).");
+#else
+  m.attr("has_cuda") = false;
+#endif
+}

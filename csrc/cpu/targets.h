@@ -1,0 +1,33 @@
+#pragma once
+
+#include <cstdint>
+
+namespace lelp {
+
+// Arguments of the fused targets op, shared by the CPU and CUDA entry points.
+// Pointers are raw device/host addresses; strides are in elements; the last
+// dimension of every matrix is contiguous.
+struct TargetsArgs {
+  const void* embeddings;   // N x d, dtype emb_dtype
+  int emb_dtype;
+  int64_t emb_stride;
+  int64_t n, d;
+  const float* weight;      // d x J fp32, row-major: [A | W^T]
+  const float* bias;        // J fp32: [e | b]
+  int64_t J;                // K, or K + C when the class logits come from the head
+  const void* logits;       // N x C teacher logits (dtype logits_dtype) or nullptr
+  int logits_dtype;
+  int64_t logits_stride;
+  int64_t C, S;
+  float inv_beta, inv_tau;
+  void* out;                // N x K, dtype out_dtype
+  int out_dtype;
+  int64_t out_stride;
+};
+
+void targets_cpu(const TargetsArgs& a);
+#ifdef LELP_WITH_CUDA
+void targets_cuda(const TargetsArgs& a, void* stream);
+#endif
+
+}  // namespace lelp

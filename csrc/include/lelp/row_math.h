@@ -1,0 +1,62 @@
+// Row math shared by the CPU and CUDA kernels: written once, used twice.
+//
+// One row of LELP targets (DESIGN.md §1):
+//   log t[c*S+s] = log_softmax(z / tau)[c] + log_softmax_s(u[c, :] / beta)[s]
+// All arithmetic is fp32, whatever the storage dtype of the inputs.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LELP_HD __host__ __device__ __forceinline__
+#include <math.h>
+#else
+#define LELP_HD inline
+#include <cmath>
+#endif
+
+namespace lelp {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+LELP_HD float fmax_(float a, float b) { return a > b ? a : b; }
+
+// log(sum(exp(x[i * stride] * scale))) over n entries, max-shifted so huge
+// logits (±1e4 / 0.01) neither overflow nor lose the largest term.
+LELP_HD float scaled_logsumexp(const float* x, int n, int stride, float scale) {
+  float m = -INFINITY;
+  for (int i = 0; i < n; ++i) m = fmax_(m, x[i * stride] * scale);
+  float acc = 0.f;
+  for (int i = 0; i < n; ++i) acc += expf(x[i * stride] * scale - m);
+  return m + logf(acc);
+}
+
+// u: K = C*S subclass projections (class-major), z: C teacher class logits.
+// Writes K log-targets (fp32) into out.
+LELP_HD void row_log_targets(const float* u, const float* z, int C, int S,
+                             float inv_beta, float inv_tau, float* out) {
+  const float lse_z = scaled_logsumexp(z, C, 1, inv_tau);
+  for (int c = 0; c < C; ++c) {
+    const float* uc = u + c * S;
+    const float log_pc = z[c] * inv_tau - lse_z;
+    const float lse_u = scaled_logsumexp(uc, S, 1, inv_beta);
+    for (int s = 0; s < S; ++s) out[c * S + s] = log_pc + uc[s] * inv_beta - lse_u;
+  }
+}
+
+// bf16 <-> fp32 by bit manipulation (round to nearest even; NaN kept quiet).
+LELP_HD float bf16_bits_to_float(uint16_t b) {
+  union { uint32_t u; float f; } v;
+  v.u = static_cast<uint32_t>(b) << 16;
+  return v.f;
+}
+
+LELP_HD uint16_t float_to_bf16_bits(float f) {
+  union { uint32_t u; float f; } v;
+  v.f = f;
+  if ((v.u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((v.u >> 16) | 0x40u);
+  const uint32_t rounding = 0x7fffu + ((v.u >> 16) & 1u);
+  return static_cast<uint16_t>((v.u + rounding) >> 16);
+}
+
+}  // namespace lelp

@@ -1,0 +1,75 @@
+"""Argument validation shared by the public API: clear errors that name the argument and the fix."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def as_tensor(name: str, x, *, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Converts a numpy array (memory-mapped too) or tensor to a tensor without copying when possible."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, np.ndarray):
+        with warnings.catch_warnings():  # read-only memmaps are fine: we never write to inputs
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(x)
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+            raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}") from exc
+    if dtype is not None:
+        t = t.to(dtype)
+    return t
+
+
+def check_matrix(name: str, x: torch.Tensor, *, cols: Optional[int] = None, cols_name: str = "") -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (rows x features) tensor, got shape {tuple(x.shape)}")
+    if cols is not None and x.shape[1] != cols:
+        what = f" ({cols_name})" if cols_name else ""
+        raise ValueError(f"{name} must have {cols} columns{what}, got shape {tuple(x.shape)}")
+
+
+def check_float(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32/float16/bfloat16/float64, got {x.dtype}; cast it with .float()")
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """Raises naming the first row that holds NaN or Inf."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        rows = bad.reshape(bad.shape[0], -1).any(dim=1) if x.ndim > 1 else bad
+        first = int(torch.nonzero(rows)[0, 0])
+        raise ValueError(f"{name} row {first} contains NaN or Inf; drop or repair non-finite rows before calling")
+
+
+def check_labels(name: str, y: torch.Tensor, num_classes: int, n_rows: int) -> None:
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one integer label per row), got shape {tuple(y.shape)}")
+    if y.shape[0] != n_rows:
+        raise ValueError(f"{name} has {y.shape[0]} entries but there are {n_rows} rows of embeddings")
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {y.dtype}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        bad = int(torch.nonzero((y < 0) | (y >= num_classes))[0, 0])
+        raise ValueError(
+            f"{name}[{bad}] = {int(y[bad])} is out of range: labels must lie in [0, {num_classes - 1}]"
+        )
+
+
+def check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")

@@ -1,0 +1,63 @@
+"""Backend selection: the fastest available backend for a tensor's device, or a forced one.
+
+``backend="auto"`` honours the ``LELP_FAST_BACKEND`` environment variable, then picks the
+compiled kernels for the device (``cpu`` for CPU tensors, ``cuda`` for CUDA tensors) and
+falls back to the ``torch`` reference path when the extension is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+BACKENDS = ("auto", "torch", "cpu", "cuda")
+
+try:  # the compiled extension is optional at import time: the torch path always works
+    from .. import _C  # type: ignore[attr-defined]
+
+    _IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    _C = None
+    _IMPORT_ERROR = exc
+
+
+def extension():
+    """The compiled module ``lelp_fast._C``, or None when it failed to import."""
+    return _C
+
+
+def available(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` can run on tensors of ``device``."""
+    if backend == "torch":
+        return True
+    if _C is None:
+        return False
+    if backend == "cpu":
+        return device.type == "cpu"
+    if backend == "cuda":
+        return device.type == "cuda" and bool(getattr(_C, "has_cuda", False))
+    return False
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Maps a requested backend to the one that will run, raising if a forced one cannot."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("LELP_FAST_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"LELP_FAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        for candidate in ("cuda", "cpu"):
+            if available(candidate, device):
+                return candidate
+        return "torch"
+    if not available(backend, device):
+        why = f" (extension failed to import: {_IMPORT_ERROR})" if _C is None else ""
+        raise RuntimeError(
+            f"backend {backend!r} is unavailable for tensors on {device}{why}; "
+            "use backend='auto' or 'torch'"
+        )
+    return backend

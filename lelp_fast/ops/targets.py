@@ -1,0 +1,125 @@
+"""The targets op: embeddings -> log LELP targets (N x K), one pass, no N x d intermediates.
+
+``weight`` is the fused ``[A | Wᵀ]`` (d x J, fp32) and ``bias`` is ``[e | b]``: one skinny
+GEMM gives the subclass coordinates and, when no teacher logits are passed, the class logits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .._checks import check_finite, check_float, check_matrix, check_positive
+from . import _dispatch
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _targets_torch(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out_dtype):
+    compute = torch.float64 if emb.dtype == torch.float64 else torch.float32
+    k = num_classes * n_subclasses
+    proj = emb.to(compute) @ weight.to(compute) + bias.to(compute)
+    z = proj[:, k:] if logits is None else logits.to(compute)
+    out = reference.log_targets(proj[:, :k], z, n_subclasses, beta, tau)
+    return out.to(out_dtype)
+
+
+def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out_dtype, device):
+    k = num_classes * n_subclasses
+    out = torch.empty(emb.shape[0], k, dtype=out_dtype, device=emb.device)
+    if emb.shape[0] == 0:
+        return out
+    weight = weight.to(device=emb.device, dtype=torch.float32).contiguous()
+    bias = bias.to(device=emb.device, dtype=torch.float32).contiguous()
+    args = [
+        emb.data_ptr(), _DTYPE_CODES[emb.dtype], emb.stride(0), emb.shape[0], emb.shape[1],
+        weight.data_ptr(), bias.data_ptr(), weight.shape[1],
+        0 if logits is None else logits.data_ptr(),
+        0 if logits is None else _DTYPE_CODES[logits.dtype],
+        0 if logits is None else logits.stride(0),
+        num_classes, n_subclasses, float(beta), float(tau),
+        out.data_ptr(), _DTYPE_CODES[out_dtype], out.stride(0),
+    ]
+    ext = _dispatch.extension()
+    if device == "cuda":
+        ext.targets_cuda(*args, torch.cuda.current_stream(emb.device).cuda_stream)
+    else:
+        ext.targets_cpu(*args)
+    return out
+
+
+def lelp_targets(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_classes: int,
+    n_subclasses: int,
+    *,
+    teacher_logits: Optional[torch.Tensor] = None,
+    beta: float = 1.0,
+    tau: float = 1.0,
+    out_dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """Log LELP targets ``log t`` (N x C*S) from teacher embeddings.
+
+    Args:
+        embeddings: (N, d) fp32/fp16/bf16 (fp64 on the torch backend) teacher embeddings.
+        weight: (d, J) fused map; J = C*S when ``teacher_logits`` is given, else C*S + C.
+        bias: (J,) fused offset.
+        num_classes, n_subclasses: C and S.
+        teacher_logits: (N, C) class logits; when None they come from the last C columns.
+        beta, tau: subclass and class temperatures.
+        out_dtype: float32, float16 or bfloat16 (float64 on the torch backend).
+        backend: "auto", "torch", "cpu" or "cuda".
+        check_inputs: scan inputs for NaN/Inf first (one extra read; off for trusted inputs).
+    """
+    check_matrix("embeddings", embeddings)
+    check_float("embeddings", embeddings)
+    check_positive("beta", beta)
+    check_positive("tau", tau)
+    k = num_classes * n_subclasses
+    expected_j = k if teacher_logits is not None else k + num_classes
+    check_matrix("weight", weight, cols=expected_j, cols_name="C*S, plus C without teacher_logits")
+    if weight.shape[0] != embeddings.shape[1]:
+        raise ValueError(
+            f"embeddings have d={embeddings.shape[1]} columns but the projector expects d={weight.shape[0]}"
+        )
+    if bias.shape != (expected_j,):
+        raise ValueError(f"bias must have shape ({expected_j},), got {tuple(bias.shape)}")
+    if teacher_logits is not None:
+        check_matrix("teacher_logits", teacher_logits, cols=num_classes, cols_name="C")
+        check_float("teacher_logits", teacher_logits)
+        if teacher_logits.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"teacher_logits has {teacher_logits.shape[0]} rows but embeddings has {embeddings.shape[0]}"
+            )
+    if check_inputs:
+        check_finite("embeddings", embeddings)
+        if teacher_logits is not None:
+            check_finite("teacher_logits", teacher_logits)
+
+    chosen = _dispatch.resolve(backend, embeddings.device)
+    compiled_ok = (
+        embeddings.dtype in _DTYPE_CODES
+        and out_dtype in _DTYPE_CODES
+        and (teacher_logits is None or teacher_logits.dtype in _DTYPE_CODES)
+    )
+    if chosen != "torch" and not compiled_ok:
+        if backend not in ("auto",):
+            raise ValueError(
+                f"backend {chosen!r} takes float32/float16/bfloat16 embeddings, logits and out_dtype; "
+                f"got embeddings {embeddings.dtype}, out_dtype {out_dtype}. Use backend='torch' for float64"
+            )
+        chosen = "torch"
+    if chosen == "torch":
+        return _targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out_dtype)
+    # The kernels read rows by stride but need each row's features contiguous.
+    emb = embeddings if embeddings.stride(-1) == 1 else embeddings.contiguous()
+    logits = None
+    if teacher_logits is not None:
+        logits = teacher_logits if teacher_logits.stride(-1) == 1 else teacher_logits.contiguous()
+    return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out_dtype, chosen)

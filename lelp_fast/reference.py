@@ -1,0 +1,252 @@
+"""Pure-PyTorch reference of every LELP op (DESIGN.md §1): readable, fp64-capable.
+
+This module is the ground truth: every fast path (C++, Triton, CUDA) is tested
+against it. Nothing here is optimised; each function mirrors one formula.
+
+Notation: embeddings ``h`` (N x d), teacher head ``W`` (C x d) and ``b`` (C,),
+``S`` pseudo-subclasses per class, ``K = C * S`` student outputs, class-major
+(``k = c * S + s``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+DIVERGENCES = ("kl", "reverse_kl", "js", "tvd")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def null_space_projector(head_weight: torch.Tensor) -> torch.Tensor:
+    """``Π = I − Wᵀ (W Wᵀ)⁺ W`` (d x d, fp64): removes the directions the teacher head reads."""
+    w = head_weight.to(torch.float64)
+    d = w.shape[1]
+    return torch.eye(d, dtype=torch.float64, device=w.device) - w.T @ torch.linalg.pinv(w @ w.T) @ w
+
+
+def haar_orthogonal(size: int, generator: torch.Generator) -> torch.Tensor:
+    """A Haar-random ``size x size`` orthogonal matrix (fp64): QR of a Gaussian with the sign fix."""
+    g = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def top_eigenvectors(cov: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` eigenpairs of a symmetric matrix, descending, each vector's largest entry positive.
+
+    The sign convention makes the fit deterministic across backends and BLAS builds.
+    """
+    evals, evecs = torch.linalg.eigh(cov.to(torch.float64))
+    evals = evals.flip(0)[:k]
+    evecs = evecs.flip(1)[:, :k]
+    pivot = evecs.abs().argmax(dim=0)
+    signs = torch.sign(evecs[pivot, torch.arange(k)])
+    signs[signs == 0] = 1.0
+    return evals, evecs * signs
+
+
+def class_rotations(num_classes: int, size: int, seed: int) -> torch.Tensor:
+    """One seeded Haar rotation per class, ``(C, S, S)`` fp64, drawn in class order."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.stack([haar_orthogonal(size, gen) for _ in range(num_classes)])
+
+
+def class_subspaces(
+    covariances: torch.Tensor,
+    n_subclasses: int,
+    *,
+    rotate: bool = True,
+    standardize: bool = True,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class directions ``V'_c`` (C x d x S), scales ``σ`` (C x S) and top eigenvalues (C x S).
+
+    ``V'_c = V_c Q_c`` with ``Q_c`` Haar-random when ``rotate``; ``σ_{c,s} = sqrt(v'ᵀ Σ_c v')``
+    when ``standardize`` (else 1).
+    """
+    num_classes = covariances.shape[0]
+    rotations = class_rotations(num_classes, n_subclasses, seed) if rotate else None
+    directions, scales, eigenvalues = [], [], []
+    for c in range(num_classes):
+        cov = covariances[c].to(torch.float64)
+        evals, v = top_eigenvectors(cov, n_subclasses)
+        if not float(evals[-1]) > 1e-12 * max(float(evals[0]), 1e-300):
+            raise ValueError(
+                f"class {c}: its embeddings span fewer than n_subclasses={n_subclasses} directions "
+                "(a zero eigenvalue among the top S); lower n_subclasses or add rows to the class"
+            )
+        if rotations is not None:
+            v = v @ rotations[c]
+        if standardize:
+            sigma = torch.einsum("ds,de,es->s", v, cov, v).sqrt()
+        else:
+            sigma = torch.ones(n_subclasses, dtype=torch.float64)
+        directions.append(v)
+        scales.append(sigma)
+        eigenvalues.append(evals)
+    return torch.stack(directions), torch.stack(scales), torch.stack(eigenvalues)
+
+
+def compile_affine(
+    directions: torch.Tensor, scales: torch.Tensor, means: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The affine map ``u = h A + e`` (A: d x K, e: K) of ``u_{c,s} = v'·(Π h − μ_c) / σ``.
+
+    ``v'`` lies in range(Π) and Π is symmetric, so ``v'·Π h = v'·h``: the projector folds into A.
+    """
+    num_classes, d, s = directions.shape
+    a = (directions / scales.unsqueeze(1)).permute(1, 0, 2).reshape(d, num_classes * s)
+    e = -(torch.einsum("cds,cd->cs", directions, means) / scales).reshape(num_classes * s)
+    return a, e
+
+
+def class_moments(
+    embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In-memory per-class counts, means and unbiased covariances (fp64), two passes."""
+    h = embeddings.to(torch.float64)
+    d = h.shape[1]
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    means = torch.zeros(num_classes, d, dtype=torch.float64)
+    covs = torch.zeros(num_classes, d, d, dtype=torch.float64)
+    for c in range(num_classes):
+        hc = h[labels == c]
+        counts[c] = hc.shape[0]
+        if hc.shape[0] == 0:
+            continue
+        means[c] = hc.mean(0)
+        centred = hc - means[c]
+        covs[c] = centred.T @ centred / max(hc.shape[0] - 1, 1)
+    return counts, means, covs
+
+
+def fit_reference(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    n_subclasses: int,
+    *,
+    head_weight: Optional[torch.Tensor] = None,
+    null_space: bool = True,
+    rotate: bool = True,
+    standardize: bool = True,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """In-memory LELP fit (DESIGN §1 steps 1-5), returning the affine map ``(A, e)`` in fp64."""
+    h = embeddings.to(torch.float64)
+    if head_weight is not None and null_space:
+        h = h @ null_space_projector(head_weight)  # Π is symmetric
+    _, means, covs = class_moments(h, labels, num_classes)
+    directions, scales, _ = class_subspaces(
+        covs, n_subclasses, rotate=rotate, standardize=standardize, seed=seed
+    )
+    return compile_affine(directions, scales, means)
+
+
+# ------------------------------------------------------------------------- targets
+
+
+def project(
+    embeddings: torch.Tensor,
+    a: torch.Tensor,
+    e: torch.Tensor,
+    head_weight: Optional[torch.Tensor] = None,
+    head_bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Subclass coordinates ``u = h A + e`` and, when a head is given, class logits ``z = h Wᵀ + b``."""
+    u = embeddings @ a.to(embeddings.dtype) + e.to(embeddings.dtype)
+    z = None
+    if head_weight is not None:
+        z = embeddings @ head_weight.to(embeddings.dtype).T
+        if head_bias is not None:
+            z = z + head_bias.to(embeddings.dtype)
+    return u, z
+
+
+def log_targets(
+    u: torch.Tensor, teacher_logits: torch.Tensor, n_subclasses: int, beta: float = 1.0, tau: float = 1.0
+) -> torch.Tensor:
+    """``log t_{c,s} = log_softmax(z/τ)_c + log_softmax_s(u_{c,·}/β)_s``, shape (N, C*S).
+
+    Subclass probabilities of class c sum to the teacher's class probability; S = 1 gives
+    exactly the vanilla KD targets ``log_softmax(z/τ)``.
+    """
+    n, num_classes = teacher_logits.shape
+    log_class = F.log_softmax(teacher_logits / tau, dim=-1)
+    log_sub = F.log_softmax(u.reshape(n, num_classes, n_subclasses) / beta, dim=-1)
+    return (log_class.unsqueeze(-1) + log_sub).reshape(n, num_classes * n_subclasses)
+
+
+# ---------------------------------------------------------------------------- loss
+
+
+def class_logits(student_logits: torch.Tensor, num_classes: int, n_subclasses: int) -> torch.Tensor:
+    """Inference: class logit = logsumexp of the class's S subclass logits (class-major)."""
+    shape = student_logits.shape[:-1]
+    return torch.logsumexp(student_logits.reshape(*shape, num_classes, n_subclasses), dim=-1)
+
+
+def divergence(log_t: torch.Tensor, log_q: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+    """Per-row f-divergence between targets t and student q, both given as log-probabilities.
+
+    Computed in log space so huge logits and tiny β give no NaN: ``t·(log t − log q)`` is finite
+    whenever both logs are (an underflowed t contributes 0 · finite = 0).
+    """
+    t, q = log_t.exp(), log_q.exp()
+    if kind == "kl":
+        return (t * (log_t - log_q)).sum(-1)
+    if kind == "reverse_kl":
+        return (q * (log_q - log_t)).sum(-1)
+    if kind == "js":
+        log_m = torch.logaddexp(log_t, log_q) - math.log(2.0)
+        return 0.5 * ((t * (log_t - log_m)).sum(-1) + (q * (log_q - log_m)).sum(-1))
+    if kind == "tvd":
+        return 0.5 * (t - q).abs().sum(-1)
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {kind!r}")
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    log_targets_: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    num_classes: int,
+    n_subclasses: int,
+    divergence_kind: str = "kl",
+    tau: float = 1.0,
+    alpha: float = 0.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """``L = τ² · D(t, softmax(s/τ)) + α · CE(y, logsumexp-pool(s))`` per row, then reduced.
+
+    Rows whose label equals ``ignore_index`` contribute zero and are left out of the mean; when
+    every row is ignored the mean is 0. ``mean`` divides by the number of kept rows (batchmean).
+    """
+    log_q = F.log_softmax(student_logits / tau, dim=-1)
+    per_row = tau * tau * divergence(log_targets_, log_q, divergence_kind)
+    keep = None
+    if labels is not None:
+        keep = labels != ignore_index
+        if alpha != 0.0:
+            pooled = class_logits(student_logits, num_classes, n_subclasses)
+            safe_labels = torch.where(keep, labels, torch.zeros_like(labels))
+            ce = F.cross_entropy(pooled, safe_labels, reduction="none")
+            per_row = per_row + alpha * ce
+        per_row = torch.where(keep, per_row, torch.zeros_like(per_row))
+    elif alpha != 0.0:
+        raise ValueError("labels are required when alpha != 0 (the hard-label term needs them)")
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction == "mean":
+        count = keep.sum() if keep is not None else torch.tensor(per_row.shape[0])
+        return per_row.sum() / count.clamp(min=1).to(per_row.dtype)
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
