@@ -14,7 +14,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def as_tensor(name: str, x, *, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Converts a numpy array (memory-mapped too) or tensor to a tensor without copying when possible."""
     if isinstance(x, torch.Tensor):
-        t = x
+        t = x.detach()
     elif isinstance(x, np.ndarray):
         with warnings.catch_warnings():  # read-only memmaps are fine: we never write to inputs
             warnings.simplefilter("ignore", UserWarning)

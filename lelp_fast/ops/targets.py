@@ -26,9 +26,7 @@ def _targets_torch(emb, weight, bias, num_classes, n_subclasses, logits, beta, t
     return out.to(out_dtype)
 
 
-def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out_dtype, device):
-    k = num_classes * n_subclasses
-    out = torch.empty(emb.shape[0], k, dtype=out_dtype, device=emb.device)
+def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, device):
     if emb.shape[0] == 0:
         return out
     weight = weight.to(device=emb.device, dtype=torch.float32).contiguous()
@@ -40,7 +38,7 @@ def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta
         0 if logits is None else _DTYPE_CODES[logits.dtype],
         0 if logits is None else logits.stride(0),
         num_classes, n_subclasses, float(beta), float(tau),
-        out.data_ptr(), _DTYPE_CODES[out_dtype], out.stride(0),
+        out.data_ptr(), _DTYPE_CODES[out.dtype], out.stride(0),
     ]
     ext = _dispatch.extension()
     if device == "cuda":
@@ -63,6 +61,7 @@ def lelp_targets(
     out_dtype: torch.dtype = torch.float32,
     backend: str = "auto",
     check_inputs: bool = True,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Log LELP targets ``log t`` (N x C*S) from teacher embeddings.
 
@@ -76,6 +75,8 @@ def lelp_targets(
         out_dtype: float32, float16 or bfloat16 (float64 on the torch backend).
         backend: "auto", "torch", "cpu" or "cuda".
         check_inputs: scan inputs for NaN/Inf first (one extra read; off for trusted inputs).
+        out: optional preallocated (N, C*S) output whose rows are contiguous; its dtype wins
+            over ``out_dtype``.
     """
     check_matrix("embeddings", embeddings)
     check_float("embeddings", embeddings)
@@ -102,6 +103,16 @@ def lelp_targets(
         if teacher_logits is not None:
             check_finite("teacher_logits", teacher_logits)
 
+    if out is not None:
+        if out.shape != (embeddings.shape[0], k) or out.device != embeddings.device:
+            raise ValueError(
+                f"out must be a ({embeddings.shape[0]}, {k}) tensor on {embeddings.device}, "
+                f"got {tuple(out.shape)} on {out.device}"
+            )
+        if out.stride(-1) != 1:
+            raise ValueError("out must have contiguous rows (out.stride(-1) == 1)")
+        out_dtype = out.dtype
+
     chosen = _dispatch.resolve(backend, embeddings.device)
     compiled_ok = (
         embeddings.dtype in _DTYPE_CODES
@@ -116,10 +127,16 @@ def lelp_targets(
             )
         chosen = "torch"
     if chosen == "torch":
-        return _targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out_dtype)
+        result = _targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out_dtype)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
     # The kernels read rows by stride but need each row's features contiguous.
     emb = embeddings if embeddings.stride(-1) == 1 else embeddings.contiguous()
     logits = None
     if teacher_logits is not None:
         logits = teacher_logits if teacher_logits.stride(-1) == 1 else teacher_logits.contiguous()
-    return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out_dtype, chosen)
+    if out is None:
+        out = torch.empty(emb.shape[0], k, dtype=out_dtype, device=emb.device)
+    return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, chosen)

@@ -1,0 +1,88 @@
+"""The lelp-fast command line, run in-process on small files."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lelp_fast import LELPProjector
+from lelp_fast.cli import main
+from conftest import make_problem
+
+
+@pytest.fixture
+def npy_inputs(tmp_path):
+    h, w, b, _ = make_problem(n=700, d=20, num_classes=3, seed=41)
+    h = (h - h.mean(0)).float()
+    y = (h.double() @ w.T + b).argmax(1)
+    paths = {}
+    for name, arr in {"E": h.numpy().astype(np.float16), "y": y.numpy(), "W": w.float().numpy(),
+                      "b": b.float().numpy(), "z": (h.double() @ w.T + b).float().numpy()}.items():
+        paths[name] = str(tmp_path / f"{name}.npy")
+        np.save(paths[name], arr)
+    return paths, tmp_path
+
+
+def test_fit_then_targets(npy_inputs):
+    paths, tmp = npy_inputs
+    proj_path = str(tmp / "p.safetensors")
+    assert main(["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--head-weight", paths["W"],
+                 "--head-bias", paths["b"], "--subclasses", "3", "--chunk-rows", "64", "--quiet",
+                 "--out", proj_path]) == 0
+    emb = torch.from_numpy(np.load(paths["E"]))
+    want_proj = LELPProjector(3).fit(emb, torch.from_numpy(np.load(paths["y"])),
+                                     head_weight=np.load(paths["W"]), head_bias=np.load(paths["b"]))
+    got_proj = LELPProjector.load(proj_path)
+    torch.testing.assert_close(got_proj.A, want_proj.A, rtol=1e-5, atol=1e-6)
+
+    out = str(tmp / "t.npy")
+    assert main(["targets", "--projector", proj_path, "--embeddings", paths["E"], "--out", out,
+                 "--chunk-rows", "100", "--quiet"]) == 0
+    t = np.load(out)
+    assert t.shape == (700, 9) and t.dtype == np.float32
+    torch.testing.assert_close(torch.from_numpy(t), got_proj.targets(emb, backend="torch"), atol=1e-5, rtol=1e-5)
+
+    out16 = str(tmp / "t16.npy")
+    assert main(["targets", "--projector", proj_path, "--embeddings", paths["E"], "--teacher-logits",
+                 paths["z"], "--dtype", "float16", "--beta", "0.5", "--out", out16, "--quiet"]) == 0
+    assert np.load(out16).dtype == np.float16
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(".tmp")) == []
+
+
+def test_fit_without_head_uses_labels_for_num_classes(npy_inputs):
+    paths, tmp = npy_inputs
+    out = str(tmp / "p2.safetensors")
+    assert main(["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--subclasses", "2",
+                 "--quiet", "--out", out]) == 0
+    p = LELPProjector.load(out)
+    assert p.num_classes == 3 and not p.null_space and p.head_weight is None
+
+
+def test_errors_name_the_argument(npy_inputs, capsys):
+    paths, tmp = npy_inputs
+    with pytest.raises(SystemExit, match="--labels .*: no such file"):
+        main(["fit", "--embeddings", paths["E"], "--labels", str(tmp / "missing.npy"), "--out", "x"])
+    with pytest.raises(SystemExit, match="--labels has 3 rows"):
+        main(["fit", "--embeddings", paths["E"], "--labels", paths["b"], "--out", "x"])
+    assert main(["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--subclasses", "50",
+                 "--quiet", "--out", str(tmp / "x.safetensors")]) == 2
+    assert "exceeds the embedding dimension" in capsys.readouterr().err
+
+
+def test_demo_runs_and_writes_json(tmp_path, capsys):
+    out = str(tmp_path / "demo.json")
+    assert main(["demo", "--seeds", "1", "--quiet", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "| LELP |" in printed and "| vanilla KD |" in printed
+    result = json.loads(open(out).read())
+    methods = [r["method"] for r in result["rows"]]
+    assert methods == ["teacher", "hard labels", "vanilla KD", "LELP"]
+    assert all(0.5 < r["accuracy_mean"] <= 1.0 for r in result["rows"])
+
+
+def test_console_script_help():
+    res = subprocess.run([sys.executable, "-m", "lelp_fast", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "lelp-fast demo" in res.stdout

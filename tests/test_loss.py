@@ -1,0 +1,77 @@
+"""LELPLoss: offline and online modes against the reference, autograd, bad input."""
+
+import pytest
+import torch
+
+from lelp_fast import LELPLoss, LELPProjector, reference
+from conftest import make_problem
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    h, w, b, y = make_problem(n=300, d=16, num_classes=2, seed=31)
+    return LELPProjector(3, beta=0.6, tau=1.4).fit(h, y, head_weight=w, head_bias=b), h, y
+
+
+@pytest.mark.parametrize("divergence", reference.DIVERGENCES)
+@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
+def test_offline_loss_matches_reference(fitted, divergence, reduction):
+    proj, h, y = fitted
+    log_t = proj.targets(h[:40].float())
+    s = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    labels = y[:40].clone()
+    labels[3] = -100
+    loss = LELPLoss(proj, divergence=divergence, alpha=0.25, reduction=reduction)(s, log_t, labels)
+    want = reference.distillation_loss(
+        s.detach(), log_t.double(), labels, num_classes=2, n_subclasses=3, divergence_kind=divergence,
+        tau=1.4, alpha=0.25, reduction=reduction,
+    )
+    torch.testing.assert_close(loss.detach(), want)
+
+
+def test_online_equals_offline(fitted):
+    proj, h, y = fitted
+    emb = h[:25].float()
+    s = torch.randn(25, 6, requires_grad=True)
+    online = LELPLoss(proj)(s, embeddings=emb)
+    offline = LELPLoss(proj)(s, proj.targets(emb))
+    torch.testing.assert_close(online, offline)
+    online.backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("divergence", reference.DIVERGENCES)
+def test_module_gradcheck_fp64(fitted, divergence):
+    proj, h, y = fitted
+    log_t = proj.targets(h[:5].double(), out_dtype=torch.float64, backend="torch")
+    module = LELPLoss(proj, divergence=divergence, alpha=0.5)
+    s = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: module(x, log_t, y[:5]), (s,))
+
+
+def test_offline_without_projector_is_vanilla_kd_at_s1():
+    z = torch.randn(8, 3, dtype=torch.float64)
+    s = torch.randn(8, 3, dtype=torch.float64)
+    loss = LELPLoss(num_classes=3, n_subclasses=1, tau=2.0)(s, torch.log_softmax(z / 2.0, -1))
+    p = torch.softmax(z / 2.0, -1)
+    want = 4.0 * (p * (p.log() - torch.log_softmax(s / 2.0, -1))).sum(1).mean()
+    torch.testing.assert_close(loss, want)
+
+
+def test_bad_input(fitted):
+    proj, h, y = fitted
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        LELPLoss(proj, divergence="hellinger")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        LELPLoss(proj, reduction="batchmean")
+    with pytest.raises(ValueError, match="num_classes and n_subclasses"):
+        LELPLoss()
+    loss = LELPLoss(proj)
+    with pytest.raises(ValueError, match=r"student_logits must have shape \(N, 6\)"):
+        loss(torch.randn(4, 5), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="targets shape"):
+        loss(torch.randn(4, 6), torch.randn(3, 6))
+    with pytest.raises(ValueError, match="labels are required when alpha"):
+        LELPLoss(proj, alpha=1.0)(torch.randn(4, 6), torch.log_softmax(torch.randn(4, 6), -1))
+    with pytest.raises(ValueError, match="pass targets"):
+        LELPLoss(num_classes=2, n_subclasses=3)(torch.randn(4, 6))

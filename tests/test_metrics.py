@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+import torch
+
+from lelp_fast import agreement, class_logits, predictive_kl
+
+
+def test_agreement_counts_matching_argmax():
+    t = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
+    s = torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 1.0], [0.0, 1.0]])
+    assert agreement(t, s) == 0.75
+
+
+def test_agreement_pools_subclass_outputs():
+    t = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    s = torch.tensor([[0.0, 0.0, 5.0, -9.0], [3.0, -9.0, 0.0, 0.0]])  # C=2, S=2
+    assert agreement(t, s) == 1.0
+    assert predictive_kl(t, s) == pytest.approx(predictive_kl(t, class_logits(s, 2, 2)))
+
+
+def test_predictive_kl_matches_numpy():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(30, 4, generator=g)
+    s = torch.randn(30, 4, generator=g)
+    p = np.exp(t.double().numpy()); p /= p.sum(1, keepdims=True)
+    q = np.exp(s.double().numpy()); q /= q.sum(1, keepdims=True)
+    assert predictive_kl(t, s) == pytest.approx(float((p * np.log(p / q)).sum(1).mean()), rel=1e-9)
+    assert predictive_kl(t, t) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_metric_shape_errors():
+    with pytest.raises(ValueError, match="same number of rows"):
+        agreement(torch.zeros(3, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="not a multiple"):
+        predictive_kl(torch.zeros(3, 2), torch.zeros(3, 5))

@@ -1,0 +1,154 @@
+"""The targets op: every available backend against the fp64 reference."""
+
+import pytest
+import torch
+
+from lelp_fast import reference
+from lelp_fast.ops import lelp_targets
+from lelp_fast.ops import _dispatch
+
+BACKENDS = ["torch"] + (["cpu"] if _dispatch.available("cpu", torch.device("cpu")) else [])
+# Tolerances on log-targets, per input dtype: the input is rounded once, math is fp32.
+ATOL = {torch.float32: 2e-4, torch.float16: 2e-4, torch.bfloat16: 2e-4}
+OUT_ATOL = {torch.float32: 0.0, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def random_map(n, d, num_classes, s, with_head, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64) * scale
+    j = num_classes * s + (num_classes if with_head else 0)
+    weight = torch.randn(d, j, generator=g, dtype=torch.float64) / d**0.5
+    bias = torch.randn(j, generator=g, dtype=torch.float64)
+    logits = None if with_head else torch.randn(n, num_classes, generator=g, dtype=torch.float64) * 3
+    return h, weight, bias, logits
+
+
+def fp64_reference(h, weight, bias, logits, num_classes, s, beta, tau):
+    """The reference on the inputs exactly as the kernel sees them (rounded to their dtype)."""
+    k = num_classes * s
+    proj = h.double() @ weight.float().double() + bias.float().double()
+    z = proj[:, k:] if logits is None else logits.double()
+    return reference.log_targets(proj[:, :k], z, s, beta, tau)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 2, 1), (7, 33, 2, 3), (130, 77, 3, 5), (257, 19, 5, 8), (9, 40, 2, 64)])
+@pytest.mark.parametrize("with_head", [True, False])
+def test_targets_match_reference(backend, dtype, shape, with_head):
+    n, d, num_classes, s = shape
+    h, weight, bias, logits = random_map(n, d, num_classes, s, with_head, seed=n * d + s)
+    h_in = h.to(dtype)
+    z_in = None if logits is None else logits.to(dtype)
+    want = fp64_reference(h_in, weight, bias, z_in, num_classes, s, beta=0.8, tau=1.3)
+    out = torch.full((n, num_classes * s), float("nan"), dtype=torch.float32)  # poisoned
+    got = lelp_targets(
+        h_in, weight.float(), bias.float(), num_classes, s, teacher_logits=z_in,
+        beta=0.8, tau=1.3, backend=backend, out=out,
+    )
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, atol=ATOL[dtype], rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_outputs(backend, out_dtype):
+    h, weight, bias, _ = random_map(45, 31, 3, 4, True, seed=2)
+    want = fp64_reference(h.float(), weight, bias, None, 3, 4, 1.0, 1.0)
+    out = torch.full((45, 12), float("nan"), dtype=out_dtype)
+    got = lelp_targets(h.float(), weight.float(), bias.float(), 3, 4, backend=backend, out=out)
+    assert got.dtype == out_dtype and torch.isfinite(got).all()
+    # One rounding of the fp32 result to the output dtype.
+    torch.testing.assert_close(got.double(), want.to(out_dtype).double(), atol=OUT_ATOL[out_dtype], rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_logits_and_tiny_beta(backend):
+    h, weight, bias, _ = random_map(16, 12, 2, 4, True, seed=3, scale=1e3)
+    got = lelp_targets(h.float(), (weight * 10).float(), bias.float(), 2, 4, beta=0.01, backend=backend)
+    want = fp64_reference(h.float(), weight * 10, bias, None, 2, 4, 0.01, 1.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, atol=1.0, rtol=1e-4)  # |log t| up to ~1e6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    h, weight, bias, logits = random_map(40, 30, 2, 3, False, seed=4)
+    wide = torch.randn(40, 60, dtype=torch.float32)
+    wide[:, ::2] = h.float()
+    strided = wide[:, ::2]  # every other column: rows not contiguous
+    assert not strided.is_contiguous()
+    rows = torch.randn(80, 30, dtype=torch.float32)
+    rows[::2] = h.float()
+    got_strided = lelp_targets(strided, weight.float(), bias.float(), 2, 3, teacher_logits=logits.float(), backend=backend)
+    got_rows = lelp_targets(rows[::2], weight.float(), bias.float(), 2, 3, teacher_logits=logits.float().T.contiguous().T, backend=backend)
+    want = fp64_reference(h.float(), weight, bias, logits.float(), 2, 3, 1.0, 1.0)
+    torch.testing.assert_close(got_strided.double(), want, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(got_rows.double(), want, atol=2e-4, rtol=1e-4)
+
+
+def test_empty_batch():
+    for backend in BACKENDS:
+        got = lelp_targets(torch.zeros(0, 5), torch.zeros(5, 6), torch.zeros(6), 2, 2, backend=backend)
+        assert got.shape == (0, 4)
+
+
+def test_bad_arguments_are_named():
+    h = torch.randn(4, 5)
+    w, b = torch.randn(5, 6), torch.randn(6)
+    with pytest.raises(ValueError, match="embeddings row 2 contains NaN"):
+        bad = h.clone()
+        bad[2, 0] = float("nan")
+        lelp_targets(bad, w, b, 2, 2)
+    with pytest.raises(ValueError, match="weight must have 6 columns"):
+        lelp_targets(h, w[:, :5], b, 2, 2)
+    with pytest.raises(ValueError, match="projector expects d=5"):
+        lelp_targets(torch.randn(4, 7), w, b, 2, 2)
+    with pytest.raises(ValueError, match="teacher_logits has 3 rows"):
+        lelp_targets(h, w[:, :4], b[:4], 2, 2, teacher_logits=torch.randn(3, 2))
+    with pytest.raises(ValueError, match="beta"):
+        lelp_targets(h, w, b, 2, 2, beta=-1.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lelp_targets(h, w, b, 2, 2, backend="tpu")
+    with pytest.raises(ValueError, match="out must be a"):
+        lelp_targets(h, w, b, 2, 2, out=torch.empty(4, 5))
+
+
+def test_forced_unavailable_backend_raises():
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+        lelp_targets(torch.randn(3, 5), torch.randn(5, 6), torch.randn(6), 2, 2, backend="cuda")
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("LELP_FAST_BACKEND", "torch")
+    assert _dispatch.resolve("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("LELP_FAST_BACKEND", "nope")
+    with pytest.raises(ValueError, match="LELP_FAST_BACKEND"):
+        _dispatch.resolve("auto", torch.device("cpu"))
+
+
+def test_auto_prefers_compiled_cpu_backend():
+    assert "cpu" in BACKENDS, "the compiled extension must be built for the CPU backend"
+    assert _dispatch.resolve("auto", torch.device("cpu")) == "cpu"
+
+
+def test_float64_runs_on_torch_and_is_rejected_by_forced_cpu():
+    h, weight, bias, _ = random_map(5, 6, 2, 2, True, seed=5)
+    got = lelp_targets(h, weight, bias, 2, 2, out_dtype=torch.float64)  # auto falls back to torch
+    torch.testing.assert_close(got, fp64_reference(h, weight.double(), bias.double(), None, 2, 2, 1.0, 1.0)
+                               .to(torch.float64), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="backend 'cpu' takes float32/float16/bfloat16"):
+        lelp_targets(h, weight.float(), bias.float(), 2, 2, backend="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _dispatch.available("cuda", torch.device("cuda")),
+                    reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_reference(dtype):
+    h, weight, bias, _ = random_map(1031, 77, 3, 5, True, seed=6)
+    h_in = h.to(dtype)
+    out = torch.full((1031, 15), float("nan"), device="cuda")
+    got = lelp_targets(h_in.cuda(), weight.float().cuda(), bias.float().cuda(), 3, 5, backend="cuda", out=out)
+    want = fp64_reference(h_in, weight, bias, None, 3, 5, 1.0, 1.0)
+    torch.testing.assert_close(got.cpu().double(), want, atol=2e-4, rtol=1e-4)

@@ -1,0 +1,169 @@
+"""LELPProjector: streaming fit equals the in-memory reference; save/load; bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from lelp_fast import LELPProjector, reference
+from conftest import make_problem
+
+
+def test_fit_equals_reference_in_memory_and_chunked():
+    h, w, b, y = make_problem(n=600, d=20, num_classes=3, seed=11)
+    a_ref, e_ref = reference.fit_reference(h, y, 3, 4, head_weight=w, seed=3)
+    whole = LELPProjector(4, seed=3).fit(h, y, head_weight=w, head_bias=b)
+    chunks = [(h[i:i + 97], y[i:i + 97]) for i in range(0, 600, 97)]
+    chunked = LELPProjector(4, seed=3).fit(chunks, head_weight=w, head_bias=b)
+    for p in (whole, chunked):
+        torch.testing.assert_close(p.A.double(), a_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.e.double(), e_ref, rtol=1e-5, atol=1e-5)
+    assert whole.null_space
+
+
+def test_fit_from_float16_numpy_and_teacher_assignment():
+    h, w, b, _ = make_problem(n=500, d=16, num_classes=2, seed=12)
+    h16 = (h - h.mean(0)).to(torch.float16)
+    p = LELPProjector(3, assign="teacher").fit(h16.numpy(), head_weight=w.numpy(), head_bias=b.numpy())
+    y_teacher = (h16.double() @ w.T + b).argmax(1)
+    a_ref, _ = reference.fit_reference(h16.double(), y_teacher, 2, 3, head_weight=w)
+    torch.testing.assert_close(p.A.double(), a_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_null_space_directions_are_invisible_to_the_head():
+    h, w, b, y = make_problem(n=400, d=15, num_classes=3, seed=13)
+    p = LELPProjector(4).fit(h, y, head_weight=w, head_bias=b)
+    # Every subclass direction is orthogonal to the head rows.
+    torch.testing.assert_close(w.float() @ p.A, torch.zeros(3, 12), atol=1e-4, rtol=0)
+
+
+def test_targets_without_head_need_teacher_logits():
+    h, _, _, y = make_problem(n=300, d=12, num_classes=2, seed=14)
+    p = LELPProjector(2).fit(h, y)
+    assert not p.null_space
+    with pytest.raises(ValueError, match="teacher_logits"):
+        p.targets(h.float())
+    z = torch.randn(300, 2)
+    t = p.targets(h.float(), z)
+    torch.testing.assert_close(t.exp().reshape(300, 2, 2).sum(-1), torch.softmax(z, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_round_trip(tmp_path):
+    h, w, b, y = make_problem(n=300, d=14, num_classes=2, seed=15)
+    p = LELPProjector(3, beta=0.7, tau=1.5, seed=4).fit(h, y, head_weight=w, head_bias=b)
+    path = tmp_path / "proj.safetensors"
+    p.save(path)
+    q = LELPProjector.load(path)
+    assert q.metadata() == p.metadata()
+    for name in ("A", "e", "head_weight", "head_bias", "eigenvalues", "class_counts"):
+        assert torch.equal(getattr(p, name), getattr(q, name)), name
+    x = h[:10].float()
+    assert torch.equal(p.targets(x), q.targets(x))
+    assert [f.name for f in tmp_path.iterdir()] == ["proj.safetensors"]  # no temp file left
+
+
+def test_load_rejects_corrupt_and_foreign_files(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="not a readable"):
+        LELPProjector.load(bad)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, str(foreign))
+    with pytest.raises(ValueError, match="not a lelp_fast projector"):
+        LELPProjector.load(foreign)
+    h, w, b, y = make_problem(n=200, d=10, num_classes=2, seed=16)
+    good = tmp_path / "good.safetensors"
+    LELPProjector(2).fit(h, y, head_weight=w, head_bias=b).save(good)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) - 20])
+    with pytest.raises(ValueError, match="not a readable"):
+        LELPProjector.load(truncated)
+
+
+def test_captured_variance_is_a_fraction():
+    h, w, b, y = make_problem(n=400, d=10, num_classes=2, seed=17)
+    cv = LELPProjector(3).fit(h, y, head_weight=w, head_bias=b).captured_variance()
+    assert ((cv > 0) & (cv <= 1)).all()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_nan_row_is_named():
+    h, w, b, y = make_problem(n=100, d=10, num_classes=2, seed=18)
+    h[37, 4] = float("nan")
+    with pytest.raises(ValueError, match="embeddings row 37 contains NaN or Inf"):
+        LELPProjector(2).fit(h, y, head_weight=w, head_bias=b)
+    h[37, 4] = float("inf")
+    with pytest.raises(ValueError, match="row 37"):
+        LELPProjector(2).fit(h, y, head_weight=w, head_bias=b)
+
+
+def test_wrong_dims():
+    h, w, b, y = make_problem(n=100, d=10, num_classes=2, seed=19)
+    with pytest.raises(ValueError, match="embeddings must be a 2-D"):
+        LELPProjector(2).fit(h[0], y, head_weight=w)
+    with pytest.raises(ValueError, match="head_weight has d=9"):
+        LELPProjector(2).fit(h, y, head_weight=w[:, :9])
+    with pytest.raises(ValueError, match="chunk 1: embeddings have d=9"):
+        LELPProjector(2).fit([(h[:50], y[:50]), (h[50:, :9], y[50:])], head_weight=None, num_classes=2)
+    p = LELPProjector(2).fit(h, y, head_weight=w, head_bias=b)
+    with pytest.raises(ValueError, match="d=10"):
+        p.targets(h[:, :8].float())
+
+
+def test_labels_out_of_range():
+    h, w, b, y = make_problem(n=100, d=10, num_classes=2, seed=20)
+    y[5] = 2
+    with pytest.raises(ValueError, match=r"labels\[5\] = 2 is out of range"):
+        LELPProjector(2).fit(h, y, head_weight=w, head_bias=b)
+    y[5] = -1
+    with pytest.raises(ValueError, match=r"labels\[5\] = -1"):
+        LELPProjector(2).fit(h, y, head_weight=w, head_bias=b)
+
+
+def test_class_with_too_few_rows():
+    h, w, b, _ = make_problem(n=100, d=10, num_classes=2, seed=21)
+    y = torch.zeros(100, dtype=torch.int64)
+    y[:3] = 1  # class 1 has 3 rows, S = 3 needs 4
+    with pytest.raises(ValueError, match="class 1 has 3 rows but n_subclasses=3 needs at least 4"):
+        LELPProjector(3).fit(h, y, head_weight=w, head_bias=b)
+    y[:] = 0  # class 1 empty
+    with pytest.raises(ValueError, match="class 1 has 0 rows"):
+        LELPProjector(3).fit(h, y, head_weight=w, head_bias=b)
+
+
+def test_too_many_subclasses_for_d():
+    h, w, b, y = make_problem(n=200, d=10, num_classes=2, seed=22)
+    with pytest.raises(ValueError, match="n_subclasses \\* num_classes = 12 exceeds the embedding dimension d=10"):
+        LELPProjector(6).fit(h, y, head_weight=w, head_bias=b)
+
+
+def test_bad_settings_and_dtypes():
+    with pytest.raises(ValueError, match="n_subclasses"):
+        LELPProjector(0)
+    with pytest.raises(ValueError, match="beta"):
+        LELPProjector(2, beta=0.0)
+    with pytest.raises(ValueError, match="assign"):
+        LELPProjector(2, assign="oracle")
+    h, w, b, y = make_problem(n=100, d=10, num_classes=2, seed=23)
+    with pytest.raises(ValueError, match="embeddings must be float"):
+        LELPProjector(2).fit(h.to(torch.int32), y, head_weight=w)
+    with pytest.raises(ValueError, match="labels must be an integer"):
+        LELPProjector(2).fit(h, y.double(), head_weight=w)
+    with pytest.raises(ValueError, match="null_space=True needs head_weight"):
+        LELPProjector(2, null_space=True).fit(h, y)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        LELPProjector(2).targets(h)
+
+
+def test_rank_deficient_class_is_rejected():
+    h, w, b, y = make_problem(n=200, d=10, num_classes=2, seed=24)
+    y = torch.zeros(200, dtype=torch.int64)
+    y[:6] = 1
+    h[3:6] = h[0:3] + 1e-3 * h[0:1]  # six rows, but their centred span has only 3 directions
+    LELPProjector(3).fit(h, y, head_weight=w, head_bias=b)
+    with pytest.raises(ValueError, match="class 1: its embeddings span fewer than n_subclasses=5"):
+        LELPProjector(5).fit(h, y, head_weight=w, head_bias=b)
