@@ -55,6 +55,7 @@ PYBIND11_MODULE(_C, m) {
         lelp::targets_cpu(a);
       },
       "Fused LELP targets on CPU (raw pointers; see lelp_fast.ops.targets).");
+  m.def("cpu_isa", &lelp::cpu_isa, "The CPU projection kernel in use: 'avx2' or 'portable'.");
 #ifdef LELP_WITH_CUDA
   m.attr("has_cuda") = true;
   m.def(

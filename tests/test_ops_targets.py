@@ -152,3 +152,27 @@ def test_cuda_matches_reference(dtype):
     got = lelp_targets(h_in.cuda(), weight.float().cuda(), bias.float().cuda(), 3, 5, backend="cuda", out=out)
     want = fp64_reference(h_in, weight, bias, None, 3, 5, 1.0, 1.0)
     torch.testing.assert_close(got.cpu().double(), want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled extension")
+def test_portable_cpu_kernel_matches_reference():
+    """The non-AVX2 fallback, forced in a fresh process (the kernel is chosen once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch;"
+        "from lelp_fast import _C; assert _C.cpu_isa() == 'portable', _C.cpu_isa();"
+        "from test_ops_targets import random_map, fp64_reference;"
+        "from lelp_fast.ops import lelp_targets;"
+        "h, w, b, z = random_map(37, 29, 3, 5, False, seed=9);"
+        "got = lelp_targets(h.bfloat16(), w.float(), b.float(), 3, 5, teacher_logits=z.float(), backend='cpu');"
+        "want = fp64_reference(h.bfloat16(), w, b, z.float(), 3, 5, 1.0, 1.0);"
+        "torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)"
+    )
+    env = dict(os.environ, LELP_FAST_CPU_ISA="portable")
+    # Run from tests/ so that the installed package, not the source tree, is imported.
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=here, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

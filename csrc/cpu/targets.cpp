@@ -3,6 +3,11 @@
 #include "targets.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 #include "convert.h"
@@ -11,42 +16,119 @@
 namespace lelp {
 
 namespace {
-// Rows per tile: enough to reuse each weight row from L1 several times.
-constexpr int64_t kTileRows = 8;
+
+// Register-blocked projection: a kRows x kCols block of accumulators stays in
+// registers across the whole d loop (8 ymm registers with AVX2).
+constexpr int64_t kRows = 4;
+constexpr int64_t kCols = 16;
+
+// x: kRows x d (fp32), w: d x jp (jp a multiple of kCols), bias: jp.
+// Writes acc: kRows x jp.
+using ProjectTileFn = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*);
+
+void project_tile_portable(const float* x, int64_t d, const float* w, const float* bias, int64_t jp,
+                           float* acc) {
+  for (int64_t r = 0; r < kRows; ++r) std::copy(bias, bias + jp, acc + r * jp);
+  for (int64_t k = 0; k < d; ++k) {
+    const float* wk = w + k * jp;
+    for (int64_t r = 0; r < kRows; ++r) {
+      const float xv = x[r * d + k];
+      float* ar = acc + r * jp;
+      for (int64_t j = 0; j < jp; ++j) ar[j] += xv * wk[j];
+    }
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LELP_HAVE_AVX2_KERNEL 1
+__attribute__((target("avx2,fma"))) void project_tile_avx2(const float* x, int64_t d, const float* w,
+                                                           const float* bias, int64_t jp, float* acc) {
+  for (int64_t j0 = 0; j0 < jp; j0 += kCols) {
+    __m256 a00 = _mm256_loadu_ps(bias + j0), a01 = _mm256_loadu_ps(bias + j0 + 8);
+    __m256 a10 = a00, a11 = a01, a20 = a00, a21 = a01, a30 = a00, a31 = a01;
+    const float* x0 = x;
+    const float* x1 = x + d;
+    const float* x2 = x + 2 * d;
+    const float* x3 = x + 3 * d;
+    for (int64_t k = 0; k < d; ++k) {
+      const float* wk = w + k * jp + j0;
+      const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
+      __m256 xv = _mm256_broadcast_ss(x0 + k);
+      a00 = _mm256_fmadd_ps(xv, w0, a00);
+      a01 = _mm256_fmadd_ps(xv, w1, a01);
+      xv = _mm256_broadcast_ss(x1 + k);
+      a10 = _mm256_fmadd_ps(xv, w0, a10);
+      a11 = _mm256_fmadd_ps(xv, w1, a11);
+      xv = _mm256_broadcast_ss(x2 + k);
+      a20 = _mm256_fmadd_ps(xv, w0, a20);
+      a21 = _mm256_fmadd_ps(xv, w1, a21);
+      xv = _mm256_broadcast_ss(x3 + k);
+      a30 = _mm256_fmadd_ps(xv, w0, a30);
+      a31 = _mm256_fmadd_ps(xv, w1, a31);
+    }
+    _mm256_storeu_ps(acc + j0, a00);
+    _mm256_storeu_ps(acc + j0 + 8, a01);
+    _mm256_storeu_ps(acc + jp + j0, a10);
+    _mm256_storeu_ps(acc + jp + j0 + 8, a11);
+    _mm256_storeu_ps(acc + 2 * jp + j0, a20);
+    _mm256_storeu_ps(acc + 2 * jp + j0 + 8, a21);
+    _mm256_storeu_ps(acc + 3 * jp + j0, a30);
+    _mm256_storeu_ps(acc + 3 * jp + j0 + 8, a31);
+  }
+}
+#endif
+
+// LELP_FAST_CPU_ISA=portable forces the portable loop (used by the tests).
+bool use_avx2() {
+  const char* isa = std::getenv("LELP_FAST_CPU_ISA");
+  if (isa != nullptr && std::strcmp(isa, "portable") == 0) return false;
+#ifdef LELP_HAVE_AVX2_KERNEL
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+ProjectTileFn pick_project_tile() {
+#ifdef LELP_HAVE_AVX2_KERNEL
+  if (use_avx2()) return project_tile_avx2;
+#endif
+  return project_tile_portable;
+}
+
 }  // namespace
+
+const char* cpu_isa() { return pick_project_tile() == project_tile_portable ? "portable" : "avx2"; }
 
 void targets_cpu(const TargetsArgs& a) {
   const int64_t K = a.C * a.S;
   const int64_t J = a.J;
-  const int64_t n_tiles = (a.n + kTileRows - 1) / kTileRows;
+  const int64_t jp = (J + kCols - 1) / kCols * kCols;
+  const int64_t n_tiles = (a.n + kRows - 1) / kRows;
+  static const ProjectTileFn project_tile = pick_project_tile();
   const char* emb = static_cast<const char*>(a.embeddings);
   const int64_t emb_row_bytes = a.emb_stride * cpu::dtype_size(a.emb_dtype);
 
+  // Weight and bias padded with zero columns to a multiple of kCols (tiny: d x jp).
+  std::vector<float> w(a.d * jp, 0.f), bias(jp, 0.f);
+  for (int64_t k = 0; k < a.d; ++k) std::copy(a.weight + k * J, a.weight + (k + 1) * J, &w[k * jp]);
+  std::copy(a.bias, a.bias + J, bias.begin());
+
 #pragma omp parallel
   {
-    std::vector<float> x(kTileRows * a.d);
-    std::vector<float> acc(kTileRows * J);
+    std::vector<float> x(kRows * a.d, 0.f);
+    std::vector<float> acc(kRows * jp);
     std::vector<float> z(a.C), row_out(K);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_tiles; ++t) {
-      const int64_t r0 = t * kTileRows;
-      const int64_t rows = std::min(kTileRows, a.n - r0);
-      for (int64_t r = 0; r < rows; ++r) {
+      const int64_t r0 = t * kRows;
+      const int64_t rows = std::min(kRows, a.n - r0);
+      for (int64_t r = 0; r < rows; ++r)
         cpu::load_row(emb + (r0 + r) * emb_row_bytes, a.emb_dtype, a.d, &x[r * a.d]);
-        std::copy(a.bias, a.bias + J, &acc[r * J]);
-      }
-      // acc[r, :] += x[r, k] * weight[k, :]; the inner j-loop vectorises.
-      for (int64_t k = 0; k < a.d; ++k) {
-        const float* wk = a.weight + k * J;
-        for (int64_t r = 0; r < rows; ++r) {
-          const float xv = x[r * a.d + k];
-          float* ar = &acc[r * J];
-          for (int64_t j = 0; j < J; ++j) ar[j] += xv * wk[j];
-        }
-      }
+      project_tile(x.data(), a.d, w.data(), bias.data(), jp, acc.data());
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = r0 + r;
-        const float* u = &acc[r * J];
+        const float* u = &acc[r * jp];
         const float* zr = u + K;  // class logits from the head follow the K projections
         if (a.logits != nullptr) {
           const char* lp = static_cast<const char*>(a.logits) +

@@ -26,6 +26,8 @@ struct TargetsArgs {
 };
 
 void targets_cpu(const TargetsArgs& a);
+// "avx2" or "portable": the projection kernel this process runs on CPU.
+const char* cpu_isa();
 #ifdef LELP_WITH_CUDA
 void targets_cuda(const TargetsArgs& a, void* stream);
 #endif
