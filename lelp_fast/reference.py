@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 DIVERGENCES = ("kl", "reverse_kl", "js", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
+# Eigenvalues below this fraction of the largest count as zero (the fit accumulates fp32 GEMMs).
+RANK_TOLERANCE = 1e-6
 
 
 # ----------------------------------------------------------------------------- fit
@@ -70,27 +72,43 @@ def class_subspaces(
     ``V'_c = V_c Q_c`` with ``Q_c`` Haar-random when ``rotate``; ``σ_{c,s} = sqrt(v'ᵀ Σ_c v')``
     when ``standardize`` (else 1).
     """
-    num_classes = covariances.shape[0]
-    rotations = class_rotations(num_classes, n_subclasses, seed) if rotate else None
-    directions, scales, eigenvalues = [], [], []
+    pairs = [top_eigenvectors(cov, n_subclasses) for cov in covariances]
+    evals = torch.stack([p[0] for p in pairs])
+    evecs = torch.stack([p[1] for p in pairs])
+    directions, scales = subspaces_from_eigenpairs(evals, evecs, rotate=rotate, standardize=standardize, seed=seed)
+    return directions, scales, evals
+
+
+def subspaces_from_eigenpairs(
+    evals: torch.Tensor,
+    evecs: torch.Tensor,
+    *,
+    rotate: bool = True,
+    standardize: bool = True,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotated directions (C x d x S) and scales (C x S) from each class's top-S eigenpairs.
+
+    With ``v' = V Q`` and ``V`` eigenvectors, ``v'ᵀ Σ v' = Σ_i λ_i Q_is²``: the scales need only
+    the eigenvalues, so the exact and the sketched fit share this step.
+    """
+    num_classes, _, s = evecs.shape
     for c in range(num_classes):
-        cov = covariances[c].to(torch.float64)
-        evals, v = top_eigenvectors(cov, n_subclasses)
-        if not float(evals[-1]) > 1e-12 * max(float(evals[0]), 1e-300):
+        # Below 1e-6 of the largest, an eigenvalue is fp32 accumulation noise, not a direction.
+        if not float(evals[c, -1]) > RANK_TOLERANCE * max(float(evals[c, 0]), 1e-300):
             raise ValueError(
-                f"class {c}: its embeddings span fewer than n_subclasses={n_subclasses} directions "
+                f"class {c}: its embeddings span fewer than n_subclasses={s} directions "
                 "(a zero eigenvalue among the top S); lower n_subclasses or add rows to the class"
             )
-        if rotations is not None:
-            v = v @ rotations[c]
-        if standardize:
-            sigma = torch.einsum("ds,de,es->s", v, cov, v).sqrt()
-        else:
-            sigma = torch.ones(n_subclasses, dtype=torch.float64)
-        directions.append(v)
-        scales.append(sigma)
-        eigenvalues.append(evals)
-    return torch.stack(directions), torch.stack(scales), torch.stack(eigenvalues)
+    if rotate:
+        q = class_rotations(num_classes, s, seed)
+        directions = evecs.to(torch.float64) @ q
+        variances = torch.einsum("ci,cis->cs", evals.to(torch.float64), q * q)
+    else:
+        directions = evecs.to(torch.float64)
+        variances = evals.to(torch.float64)
+    scales = variances.sqrt() if standardize else torch.ones_like(variances)
+    return directions, scales
 
 
 def compile_affine(

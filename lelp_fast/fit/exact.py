@@ -1,55 +1,74 @@
 """Exact per-class covariance statistics, accumulated chunk by chunk (DESIGN.md §2).
 
-Per class: ``n_c``, a fixed shift ``s_c`` (the class mean of the first chunk that holds the
-class), ``Σ(h − s_c)`` and ``Σ(h − s_c)(h − s_c)ᵀ``. Shifting before the outer products keeps
-fp64 accumulation accurate; the statistics are additive across chunks, so the same object
-serves in-memory tensors and any iterable of chunks.
+Per class: ``n_c``, ``Σ(h − s_c)`` and ``Σ(h − s_c)(h − s_c)ᵀ`` around a fixed shift ``s_c``
+(set by the engine, the same on every rank). Each chunk's Gram is one fp32 GEMM on shifted rows,
+added into fp64: shifting first keeps the fp32 products small, so the covariance is accurate to
+fp32 rounding of the *centred* data, not of the raw second moment. The null-space projection is
+applied at the end (``Π Σ Π``, ``Π μ``), which equals projecting every row, for free.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 
 class ExactClassStatistics:
-    """Additive sufficient statistics for per-class means and covariances (fp64)."""
+    """Additive sufficient statistics for per-class means and covariances."""
 
-    def __init__(self, num_classes: int, dim: int, projector: Optional[torch.Tensor] = None):
+    kind = "exact"
+
+    def __init__(self, num_classes: int, dim: int, shift: torch.Tensor):
         self.num_classes = num_classes
         self.dim = dim
-        # Null-space projector Π (d x d fp64) applied on the fly, or None.
-        self.projector = projector
+        self.shift = shift.to(torch.float64)
         self.count = torch.zeros(num_classes, dtype=torch.int64)
-        self.shift = torch.zeros(num_classes, dim, dtype=torch.float64)
-        self.has_shift = torch.zeros(num_classes, dtype=torch.bool)
         self.sum = torch.zeros(num_classes, dim, dtype=torch.float64)
         self.gram = torch.zeros(num_classes, dim, dim, dtype=torch.float64)
 
-    def update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Adds one chunk of rows (any float dtype) with their integer labels."""
-        h = embeddings.to(torch.float64)
-        if self.projector is not None:
-            h = h @ self.projector
-        for c in range(self.num_classes):
-            hc = h[labels == c]
-            if hc.shape[0] == 0:
-                continue
-            if not self.has_shift[c]:
-                self.shift[c] = hc.mean(0)
-                self.has_shift[c] = True
-            centred = hc - self.shift[c]
-            self.count[c] += hc.shape[0]
-            self.sum[c] += centred.sum(0)
-            self.gram[c] += centred.T @ centred
+    def update(self, x: torch.Tensor, counts: torch.Tensor) -> None:
+        """``x``: rows grouped by class (fp32, already minus their class shift); ``counts``: (C,)."""
+        start = 0
+        for c, n_c in enumerate(counts.tolist()):
+            if n_c:
+                xc = x[start : start + n_c]
+                self.count[c] += n_c
+                self.sum[c] += xc.sum(0, dtype=torch.float64)
+                self.gram[c] += (xc.T @ xc).to(torch.float64)
+            start += n_c
 
-    def moments(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-class means (C x d) and unbiased covariances (C x d x d), fp64."""
+    def additive(self) -> Dict[str, torch.Tensor]:
+        """The tensors summed across ranks."""
+        return {"count": self.count, "sum": self.sum, "gram": self.gram}
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        """Everything a checkpoint needs."""
+        return self.additive()
+
+    def load_state(self, state: Dict[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            getattr(self, k).copy_(v)
+
+    def moments(self, projector: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-class means (C x d) and unbiased covariances (C x d x d), fp64, projected by Π."""
         n = self.count.to(torch.float64).clamp(min=1)
         offset = self.sum / n.unsqueeze(1)
         means = self.shift + offset
-        covs = (self.gram - n[:, None, None] * offset.unsqueeze(2) * offset.unsqueeze(1)) / (
-            n - 1
-        ).clamp(min=1)[:, None, None]
+        covs = (self.gram - n[:, None, None] * offset.unsqueeze(2) * offset.unsqueeze(1)) / (n - 1).clamp(min=1)[
+            :, None, None
+        ]
+        if projector is not None:
+            means = means @ projector
+            covs = projector @ covs @ projector
         return means, covs
+
+    def top_eigenpairs(self, k: int, projector: Optional[torch.Tensor] = None):
+        """Means (C x d), top-k eigenvalues (C x k), eigenvectors (C x d x k), total variance (C,)."""
+        from ..reference import top_eigenvectors
+
+        means, covs = self.moments(projector)
+        pairs = [top_eigenvectors(covs[c], k) for c in range(self.num_classes)]
+        evals = torch.stack([p[0] for p in pairs])
+        evecs = torch.stack([p[1] for p in pairs])
+        return means, evals, evecs, torch.diagonal(covs, dim1=1, dim2=2).sum(-1)

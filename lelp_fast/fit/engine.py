@@ -1,0 +1,377 @@
+"""The streaming fit: read a source chunk by chunk, accumulate per-class statistics, resume, sum ranks.
+
+Data flow per chunk: validate (NaN/Inf, labels, dims) → labels (given, or the teacher's argmax)
+→ :func:`bucket_rows` (class order, fp32, minus the class shift; C++ on CPU) → the statistics'
+GEMMs in torch. After the last chunk of a pass the additive state is summed over ranks with
+``torch.distributed.all_reduce``. Progress is checkpointed atomically every ``checkpoint_every``
+chunks; a resumed fit skips the chunks already counted and ends with the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .._checks import check_labels
+from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource
+from .bucket import bucket_rows
+from .exact import ExactClassStatistics
+from .sketch import SketchClassStatistics
+
+METHODS = ("auto", "exact", "nystrom")
+NAN_POLICIES = ("raise", "skip")
+# Above this d the exact d x d Gram costs too much on CPU (DESIGN.md §2: sketch where d >= 2048).
+EXACT_MAX_DIM_CPU = 2048
+# Largest per-class d x d fp64 state the exact method may hold in total.
+EXACT_STATE_BUDGET_BYTES = 2 << 30
+
+
+def choose_method(method: str, dim: int, num_classes: int, device: torch.device) -> str:
+    """``auto``: exact while its d² flops and state are affordable, else the Nyström sketch."""
+    if method != "auto":
+        return method
+    if num_classes * dim * dim * 8 > EXACT_STATE_BUDGET_BYTES:
+        return "nystrom"
+    if device.type == "cpu" and dim >= EXACT_MAX_DIM_CPU:
+        return "nystrom"
+    return "exact"
+
+
+@dataclass
+class FitSettings:
+    num_classes: Optional[int]
+    n_subclasses: int
+    method: str = "auto"
+    oversampling: int = 10
+    passes: int = 3  # Nyström passes (1 = single pass); ignored by the exact method
+    seed: int = 0
+    assign: str = "label"
+    nan_policy: str = "raise"
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    backend: str = "auto"
+
+
+@dataclass
+class FitResult:
+    method: str
+    means: torch.Tensor
+    evals: torch.Tensor
+    evecs: torch.Tensor
+    total_variance: torch.Tensor
+    counts: torch.Tensor
+    rows_seen: int
+    rows_skipped: int
+    seconds: float
+    bytes_read: int
+    extra: dict = field(default_factory=dict)
+
+
+class _Progress:
+    """tqdm bar over rows with throughput in rows/s and GB/s."""
+
+    def __init__(self, enabled: bool, total: Optional[int], desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="rows", unit_scale=True, disable=not enabled)
+        self.t0 = time.perf_counter()
+        self.bytes = 0
+
+    def update(self, rows: int, nbytes: int) -> None:
+        self.bytes += nbytes
+        self.bar.update(rows)
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{self.bytes / dt / 1e9:.2f} GB/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _dist_info(process_group):
+    if process_group is None:
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def _all_reduce(tensors, process_group) -> None:
+    if process_group is None:
+        return
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=process_group)
+
+
+def _broadcast(tensor: torch.Tensor, process_group) -> None:
+    if process_group is None:
+        return
+    import torch.distributed as dist
+
+    dist.broadcast(tensor, src=dist.get_global_rank(process_group, 0), group=process_group)
+
+
+class _ChunkReader:
+    """Turns raw chunks into (embeddings, labels) after every check, with global row numbers."""
+
+    def __init__(self, settings: FitSettings, head_weight, head_bias):
+        self.s = settings
+        self.w, self.b = head_weight, head_bias
+        self.dim: Optional[int] = None
+        self.skipped = 0
+
+    def __call__(self, chunk: Chunk):
+        h, y, z = chunk.embeddings, chunk.labels, chunk.teacher_logits
+        where = f"chunk {chunk.index}"
+        if h.ndim != 2:
+            raise ValueError(f"embeddings ({where}) must be 2-D, got shape {tuple(h.shape)}")
+        if not h.dtype.is_floating_point:
+            raise ValueError(f"embeddings must be float32/float16/bfloat16/float64, got {h.dtype}; cast with .float()")
+        if self.dim is None:
+            self.dim = h.shape[1]
+        elif h.shape[1] != self.dim:
+            raise ValueError(f"embeddings ({where}, row {chunk.start_row}) have d={h.shape[1]}, earlier chunks had d={self.dim}")
+        if self.w is not None and h.shape[1] != self.w.shape[1]:
+            raise ValueError(f"embeddings have d={h.shape[1]} but head_weight has d={self.w.shape[1]}")
+        c = self.s.num_classes
+        if z is not None and (z.ndim != 2 or z.shape != (h.shape[0], c)):
+            raise ValueError(f"teacher_logits ({where}) must have shape ({h.shape[0]}, {c}), got {tuple(z.shape)}")
+        finite = torch.isfinite(h).all(dim=1)
+        if z is not None:
+            finite &= torch.isfinite(z).all(dim=1)
+        if not bool(finite.all()):
+            bad = int(torch.nonzero(~finite)[0, 0])
+            if self.s.nan_policy == "raise":
+                raise ValueError(
+                    f"embeddings row {chunk.start_row + bad} contains NaN or Inf; drop it, or pass "
+                    "nan_policy='skip' to skip and count such rows"
+                )
+            self.skipped += int((~finite).sum())
+            h = h[finite]
+            y = None if y is None else y[finite]
+            z = None if z is None else z[finite]
+        if self.s.assign == "teacher":
+            if z is None and self.w is not None:
+                z = h.to(torch.float64) @ self.w.T + self.b
+            if z is None:
+                raise ValueError('assign="teacher" needs head_weight or teacher_logits to read predictions from')
+            y = z.argmax(dim=1)
+        elif y is None:
+            raise ValueError('labels are required (or use assign="teacher")')
+        if y.ndim != 1 or y.shape[0] != h.shape[0]:
+            raise ValueError(f"labels ({where}) must be 1-D with one entry per row, got shape {tuple(y.shape)}")
+        try:
+            check_labels("labels", y, c, h.shape[0])
+        except ValueError as exc:
+            bad = int(torch.nonzero((y < 0) | (y >= c))[0, 0]) if not y.dtype.is_floating_point else 0
+            raise ValueError(f"{exc} (global row {chunk.start_row + bad})") from None
+        return h, y
+
+
+def _shift_from(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class mean of this chunk; the chunk mean for classes it lacks (any fixed value works)."""
+    h64 = h.to(torch.float64)
+    shift = h64.mean(0).expand(num_classes, -1).clone()
+    for c in range(num_classes):
+        rows = h64[y == c]
+        if rows.shape[0]:
+            shift[c] = rows.mean(0)
+    return shift
+
+
+def _settings_key(settings: FitSettings, method: str, source: EmbeddingSource, rank: int, world: int, extra: str) -> str:
+    blob = json.dumps(
+        {"C": settings.num_classes, "S": settings.n_subclasses, "method": method, "over": settings.oversampling,
+         "passes": settings.passes, "seed": settings.seed, "assign": settings.assign, "nan": settings.nan_policy,
+         "chunk_bytes": settings.chunk_bytes, "source": source.fingerprint(), "rank": rank, "world": world,
+         "extra": extra},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _save_checkpoint(path: str, stats, shift: torch.Tensor, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"state.{k}": v.contiguous() for k, v in stats.state().items()}
+    tensors["shift"] = shift.contiguous()
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-ckpt-", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"meta": json.dumps(meta)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_checkpoint(path: str):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["meta"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"checkpoint {path} is unreadable or corrupt ({exc}); delete it to start over") from exc
+    state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
+    return meta, tensors["shift"], state
+
+
+def accumulate(
+    source: EmbeddingSource,
+    settings: FitSettings,
+    *,
+    head_weight: Optional[torch.Tensor] = None,
+    head_bias: Optional[torch.Tensor] = None,
+    projector: Optional[torch.Tensor] = None,
+    process_group=None,
+    checkpoint: Optional[str] = None,
+    checkpoint_every: int = 16,
+    resume: bool = False,
+    progress: bool = False,
+    stop_after_chunks: Optional[int] = None,
+) -> FitResult:
+    """Streams ``source`` once (exact) or ``passes`` times (Nyström) and returns the eigenpairs.
+
+    ``stop_after_chunks`` (testing aid) raises KeyboardInterrupt after that many chunks, as if the
+    run had been killed there.
+    """
+    if settings.nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {settings.nan_policy!r}")
+    if settings.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {settings.method!r}")
+    rank, world = _dist_info(process_group)
+    if checkpoint is not None and world > 1:
+        checkpoint = f"{checkpoint}.rank{rank}"
+    reader = _ChunkReader(settings, head_weight, head_bias)
+    t0 = time.perf_counter()
+    workspace = torch.empty(0)
+    bar = _Progress(progress and rank == 0, source.n_rows, "fit")
+
+    def chunk_stream(skip: int):
+        for chunk in source.chunks(settings.chunk_bytes, skip=skip, rank=rank, world=world):
+            h, y = reader(chunk)
+            yield chunk, h, y
+
+    # The shift comes from this rank's first chunk, then rank 0's is broadcast to all.
+    stream = chunk_stream(0)
+    first = next(stream, None)
+    if first is None and world == 1:
+        raise ValueError("embeddings is empty: no rows to fit on")
+    dim = reader.dim if reader.dim is not None else source.dim
+    if settings.num_classes is None:
+        raise ValueError("num_classes is required when neither a head nor teacher logits give it")
+    c = settings.num_classes
+    if settings.n_subclasses * c > dim:
+        raise ValueError(
+            f"n_subclasses * num_classes = {settings.n_subclasses * c} exceeds the embedding dimension "
+            f"d={dim}; lower n_subclasses"
+        )
+    null_dim = dim - (0 if head_weight is None or projector is None else int(torch.linalg.matrix_rank(head_weight)))
+    if settings.n_subclasses > null_dim:
+        raise ValueError(
+            f"n_subclasses={settings.n_subclasses} exceeds d - C = {null_dim}, the dimension left after the "
+            "null-space projection; lower n_subclasses"
+        )
+    shift = _shift_from(first[1], first[2], c) if first is not None else torch.zeros(c, dim, dtype=torch.float64)
+    _broadcast(shift, process_group)
+
+    method = choose_method(settings.method, dim, c, torch.device("cpu"))
+    if method == "exact":
+        stats = ExactClassStatistics(c, dim, shift)
+        n_passes = 1
+    else:
+        k = min(settings.n_subclasses + settings.oversampling, null_dim)
+        basis = None
+        if projector is not None and head_weight is not None:
+            basis = torch.linalg.qr(head_weight.T.to(torch.float64))[0]
+        stats = SketchClassStatistics(c, dim, shift, k, settings.seed, projector, basis)
+        n_passes = max(1, settings.passes)
+        if n_passes > 1 and not source.rereadable:
+            raise ValueError(
+                f"method='nystrom' with passes={n_passes} reads the data {n_passes} times, but this source "
+                "is a one-shot iterator; pass a list or a file, or use passes=1"
+            )
+    key = _settings_key(settings, method, source, rank, world, f"{head_weight is not None}:{projector is not None}")
+
+    start_pass, skip = 0, 0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        if not resume:
+            raise ValueError(
+                f"checkpoint {checkpoint} exists; pass resume=True (CLI: --resume) to continue it, or delete it"
+            )
+        meta, saved_shift, state = _load_checkpoint(checkpoint)
+        if meta.get("key") != key:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written for other data or settings (the source changed since?); "
+                "delete it to start over"
+            )
+        shift.copy_(saved_shift)
+        stats.shift = shift.clone()
+        stats.load_state(state)
+        start_pass, skip = meta["pass"], meta["next_chunk"]
+        reader.skipped = meta["skipped"]
+        if not source.rereadable and skip:
+            raise ValueError("a one-shot iterator cannot be resumed; pass a list or a file")
+
+    chunks_done = 0
+    for p in range(start_pass, n_passes):
+        if p > start_pass:
+            skip = 0
+        stream = chunk_stream(skip) if (p, skip) != (0, 0) or first is None else _prepend(first, stream)
+        first = None
+        last_index = skip - 1
+        for chunk, h, y in stream:
+            n, d = h.shape
+            if workspace.numel() < n * d:
+                workspace = torch.empty(n * d)
+            x, counts = bucket_rows(h, y, shift, c, settings.backend, workspace)
+            stats.update(x, counts)
+            last_index = chunk.index
+            bar.update(n, chunk.embeddings.numel() * chunk.embeddings.element_size())
+            chunks_done += 1
+            if checkpoint is not None and chunks_done % checkpoint_every == 0:
+                meta = {"key": key, "pass": p, "next_chunk": last_index + 1, "skipped": reader.skipped}
+                _save_checkpoint(checkpoint, stats, shift, meta)
+            if stop_after_chunks is not None and chunks_done >= stop_after_chunks:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped after {chunks_done} chunks (stop_after_chunks)")
+        _all_reduce(list(stats.additive().values()), process_group)
+        if p + 1 < n_passes:
+            stats.next_pass()
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, stats, shift, {"key": key, "pass": p + 1, "next_chunk": 0,
+                                                            "skipped": reader.skipped})
+    bar.close()
+    skipped = torch.tensor([reader.skipped], dtype=torch.int64)
+    _all_reduce([skipped], process_group)
+    for cls in range(c):
+        n_c = int(stats.count[cls])
+        if n_c < settings.n_subclasses + 1:
+            raise ValueError(
+                f"class {cls} has {n_c} rows but n_subclasses={settings.n_subclasses} needs at least "
+                f"{settings.n_subclasses + 1}; lower n_subclasses or add rows of that class"
+            )
+    means, evals, evecs, total = stats.top_eigenpairs(settings.n_subclasses, projector)
+    if checkpoint is not None and os.path.exists(checkpoint):
+        os.unlink(checkpoint)
+    nbytes = bar.bytes
+    return FitResult(method, means, evals, evecs, total, stats.count.clone(), int(stats.count.sum()),
+                     int(skipped), time.perf_counter() - t0, nbytes)
+
+
+def _prepend(first, rest):
+    yield first
+    yield from rest

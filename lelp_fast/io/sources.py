@@ -1,0 +1,350 @@
+"""Where embeddings come from: one interface over arrays, files and iterables of chunks.
+
+A source yields :class:`Chunk` objects of at most ``chunk_bytes`` of embeddings, in a fixed order,
+each tagged with its index so that a fit can be sharded across ranks (chunk ``i`` goes to rank
+``i % world``) and resumed (skip the chunks already counted).
+
+Supported: numpy arrays (memory-mapped too), torch tensors, ``.npy`` files (fp32/fp16; a uint16
+``.npy`` read as bf16 with ``bf16=True``), safetensors files (any float dtype, bf16 included),
+Parquet files (pyarrow; a list/fixed-size-list column of floats), and any iterable of
+``(embeddings, labels[, teacher_logits])`` tuples (a teacher forward loop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+from .._checks import as_tensor
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+@dataclass
+class Chunk:
+    """One block of rows: embeddings (n x d), labels (n,) or None, teacher logits (n x C) or None."""
+
+    index: int
+    start_row: int
+    embeddings: torch.Tensor
+    labels: Optional[torch.Tensor]
+    teacher_logits: Optional[torch.Tensor]
+
+
+class EmbeddingSource:
+    """Base class: ``chunks()`` yields :class:`Chunk` in a fixed order."""
+
+    #: total rows, or None when unknown (plain iterables)
+    n_rows: Optional[int] = None
+    #: embedding dimension, or None until the first chunk is seen
+    dim: Optional[int] = None
+    #: False for one-shot iterables: extra fit passes and resume need to read again
+    rereadable: bool = True
+
+    def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, skip: int = 0, rank: int = 0,
+               world: int = 1) -> Iterator[Chunk]:
+        """Chunks ``i >= skip`` with ``i % world == rank``."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A short string that changes when the data changes (used to refuse a stale resume)."""
+        return ""
+
+    @property
+    def nbytes(self) -> Optional[int]:
+        """Bytes of embeddings, when known."""
+        return None
+
+
+def _rows_per_chunk(dim: int, itemsize: int, chunk_bytes: int) -> int:
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    return max(1, chunk_bytes // max(1, dim * itemsize))
+
+
+class ArraySource(EmbeddingSource):
+    """Row-indexable arrays: numpy (memory-mapped too) or torch tensors, read slice by slice."""
+
+    def __init__(self, embeddings, labels=None, teacher_logits=None, *, bf16: bool = False, name: str = ""):
+        if getattr(embeddings, "ndim", None) != 2:
+            raise ValueError(
+                f"embeddings must be a 2-D (rows x features) array, got shape {tuple(getattr(embeddings, 'shape', ()))}"
+            )
+        n = embeddings.shape[0]
+        for arg, arr in (("labels", labels), ("teacher_logits", teacher_logits)):
+            if arr is not None and len(arr) != n:
+                raise ValueError(f"{arg} has {len(arr)} rows but embeddings has {n}")
+        self.embeddings, self.labels, self.teacher_logits = embeddings, labels, teacher_logits
+        self.bf16 = bf16
+        self.n_rows = n
+        self.dim = embeddings.shape[1]
+        self.name = name
+
+    @property
+    def itemsize(self) -> int:
+        if isinstance(self.embeddings, torch.Tensor):
+            return self.embeddings.element_size()
+        return self.embeddings.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_rows * self.dim * self.itemsize
+
+    def _rows(self, arr, start, stop, name):
+        if arr is None:
+            return None
+        block = arr[start:stop]
+        if isinstance(block, np.ndarray):
+            block = np.ascontiguousarray(block)  # reads the memory-mapped pages once
+            if name == "embeddings" and self.bf16:
+                if block.dtype != np.uint16:
+                    raise ValueError(f"bf16=True needs a uint16 array of bf16 bits, got {block.dtype}")
+                return torch.from_numpy(block).view(torch.bfloat16)
+        return as_tensor(name, block)
+
+    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1):
+        rows = _rows_per_chunk(self.dim, self.itemsize, chunk_bytes)
+        n_chunks = (self.n_rows + rows - 1) // rows
+        for i in range(skip, n_chunks):
+            if i % world != rank:
+                continue
+            start, stop = i * rows, min((i + 1) * rows, self.n_rows)
+            yield Chunk(
+                i,
+                start,
+                self._rows(self.embeddings, start, stop, "embeddings"),
+                self._rows(self.labels, start, stop, "labels"),
+                self._rows(self.teacher_logits, start, stop, "teacher_logits"),
+            )
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"{self.name}:{self.n_rows}x{self.dim}".encode())
+        # Sample a few rows rather than hashing gigabytes: catches a replaced or rewritten file.
+        for r in sorted({0, self.n_rows // 2, self.n_rows - 1}):
+            if 0 <= r < self.n_rows:
+                h.update(np.asarray(self.embeddings[r : r + 1]).tobytes())
+        return h.hexdigest()[:16]
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except Exception as exc:  # noqa: BLE001 - reported with the file's name
+        raise ValueError(f"{what} file {path} is not a readable .npy file ({exc})") from exc
+    header_and_data = arr.nbytes + getattr(arr, "offset", 0)
+    if os.path.getsize(path) < header_and_data:
+        raise ValueError(f"{what} file {path} is truncated: {os.path.getsize(path)} bytes, needs {header_and_data}")
+    return arr
+
+
+class NpySource(ArraySource):
+    """Memory-mapped ``.npy`` files; labels and logits may be ``.npy`` paths or arrays."""
+
+    def __init__(self, path: str, labels=None, teacher_logits=None, *, bf16: bool = False):
+        emb = _load_npy(path, "embeddings")
+        if isinstance(labels, (str, os.PathLike)):
+            labels = _load_npy(os.fspath(labels), "labels")
+        if isinstance(teacher_logits, (str, os.PathLike)):
+            teacher_logits = _load_npy(os.fspath(teacher_logits), "teacher_logits")
+        super().__init__(emb, labels, teacher_logits, bf16=bf16, name=os.path.abspath(path))
+
+    def fingerprint(self) -> str:
+        st = os.stat(self.name)
+        return hashlib.sha256(f"{super().fingerprint()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+class SafetensorsSource(EmbeddingSource):
+    """A safetensors file holding ``embeddings`` (and optionally ``labels``, ``teacher_logits``)."""
+
+    def __init__(self, path: str, *, embeddings_key: str = "embeddings", labels_key: str = "labels",
+                 logits_key: str = "teacher_logits", labels=None, teacher_logits=None):
+        from safetensors import safe_open
+
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"embeddings file {path} does not exist")
+        self.path = os.path.abspath(path)
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                keys = set(f.keys())
+                if embeddings_key not in keys:
+                    raise ValueError(f"{path} has no tensor {embeddings_key!r} (it has {sorted(keys)})")
+                shape = f.get_slice(embeddings_key).get_shape()
+                dtype = f.get_slice(embeddings_key).get_dtype()
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"{path} is not a readable safetensors file ({exc})") from exc
+        if len(shape) != 2:
+            raise ValueError(f"{path}: {embeddings_key!r} must be 2-D, got shape {shape}")
+        self.keys = {"embeddings": embeddings_key,
+                     "labels": labels_key if labels is None and labels_key in keys else None,
+                     "teacher_logits": logits_key if teacher_logits is None and logits_key in keys else None}
+        self.external = {"labels": labels, "teacher_logits": teacher_logits}
+        self.n_rows, self.dim = shape
+        self.itemsize = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(dtype, 4)
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_rows * self.dim * self.itemsize
+
+    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1):
+        from safetensors import safe_open
+
+        rows = _rows_per_chunk(self.dim, self.itemsize, chunk_bytes)
+        n_chunks = (self.n_rows + rows - 1) // rows
+        with safe_open(self.path, framework="pt") as f:
+            for i in range(skip, n_chunks):
+                if i % world != rank:
+                    continue
+                start, stop = i * rows, min((i + 1) * rows, self.n_rows)
+                parts = {}
+                for what in ("embeddings", "labels", "teacher_logits"):
+                    key = self.keys.get(what)
+                    ext = self.external.get(what)
+                    if key is not None:
+                        parts[what] = f.get_slice(key)[start:stop]
+                    elif ext is not None:
+                        parts[what] = as_tensor(what, ext[start:stop])
+                    else:
+                        parts[what] = None
+                yield Chunk(i, start, parts["embeddings"], parts["labels"], parts["teacher_logits"])
+
+    def fingerprint(self) -> str:
+        st = os.stat(self.path)
+        return hashlib.sha256(f"{self.path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+class ParquetSource(EmbeddingSource):
+    """A Parquet file (pyarrow) with an embeddings column of float lists, read in row batches."""
+
+    def __init__(self, path: str, *, embeddings_column: str = "embeddings", labels_column: Optional[str] = "labels",
+                 logits_column: Optional[str] = None):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:  # pragma: no cover - pyarrow is an optional extra
+            raise ImportError("Parquet sources need pyarrow: pip install 'lelp_fast[io]'") from exc
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"embeddings file {path} does not exist")
+        self.path = os.path.abspath(path)
+        try:
+            meta = pq.ParquetFile(self.path)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"{path} is not a readable Parquet file ({exc})") from exc
+        names = meta.schema_arrow.names
+        for what, col in (("embeddings_column", embeddings_column), ("labels_column", labels_column),
+                          ("logits_column", logits_column)):
+            if col is not None and col not in names and not (what == "labels_column" and col == "labels"):
+                raise ValueError(f"{path} has no column {col!r} ({what}); columns: {names}")
+        self.columns = {"embeddings": embeddings_column,
+                        "labels": labels_column if labels_column in names else None,
+                        "teacher_logits": logits_column}
+        self.n_rows = meta.metadata.num_rows
+        first = meta.read_row_group(0, columns=[embeddings_column]).column(0)
+        self.dim = len(first[0]) if len(first) else 0
+        value_type = first.type.value_type
+        self.itemsize = max(1, value_type.bit_width // 8)
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_rows * self.dim * self.itemsize
+
+    @staticmethod
+    def _matrix(column, what: str) -> torch.Tensor:
+        import pyarrow as pa
+
+        col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        flat = col.flatten().to_numpy(zero_copy_only=False)
+        n = len(col)
+        if n and flat.size % n:
+            raise ValueError(f"Parquet column for {what} has rows of different lengths")
+        return torch.from_numpy(np.ascontiguousarray(flat.reshape(n, -1 if n else 0)))
+
+    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1):
+        import pyarrow.parquet as pq
+
+        rows = _rows_per_chunk(self.dim, self.itemsize, chunk_bytes)
+        cols = [c for c in self.columns.values() if c is not None]
+        pf = pq.ParquetFile(self.path)
+        start = 0
+        for i, batch in enumerate(pf.iter_batches(batch_size=rows, columns=cols)):
+            n = batch.num_rows
+            if i >= skip and i % world == rank:
+                emb = self._matrix(batch.column(self.columns["embeddings"]), "embeddings")
+                labels = logits = None
+                if self.columns["labels"] is not None:
+                    labels = torch.from_numpy(batch.column(self.columns["labels"]).to_numpy().astype(np.int64))
+                if self.columns["teacher_logits"] is not None:
+                    logits = self._matrix(batch.column(self.columns["teacher_logits"]), "teacher_logits")
+                yield Chunk(i, start, emb, labels, logits)
+            start += n
+
+    def fingerprint(self) -> str:
+        st = os.stat(self.path)
+        return hashlib.sha256(f"{self.path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+class IterableSource(EmbeddingSource):
+    """Any iterable of ``(embeddings, labels[, teacher_logits])`` tuples, e.g. a teacher forward loop.
+
+    Chunks are taken as they come (their size is the producer's). A list (or any re-iterable
+    object) can be read several times; a generator only once.
+    """
+
+    def __init__(self, iterable: Iterable):
+        self.iterable = iterable
+        self.rereadable = not (iter(iterable) is iterable)
+
+    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1):
+        start = 0
+        for i, item in enumerate(self.iterable):
+            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+                raise ValueError(f"chunk {i} must be (embeddings, labels) or (embeddings, labels, teacher_logits)")
+            emb = as_tensor("embeddings", item[0])
+            if emb.ndim != 2:
+                raise ValueError(f"chunk {i}: embeddings must be 2-D, got shape {tuple(emb.shape)}")
+            if i >= skip and i % world == rank:
+                labels = None if item[1] is None else as_tensor("labels", item[1])
+                logits = None if len(item) < 3 or item[2] is None else as_tensor("teacher_logits", item[2])
+                yield Chunk(i, start, emb, labels, logits)
+            start += emb.shape[0]
+
+
+SourceLike = Union[EmbeddingSource, np.ndarray, torch.Tensor, str, os.PathLike, Iterable]
+
+
+def as_source(embeddings: SourceLike, labels=None, teacher_logits=None) -> EmbeddingSource:
+    """Wraps arrays, tensors, file paths (.npy, .safetensors, .parquet) and iterables as a source."""
+    if isinstance(embeddings, EmbeddingSource):
+        if labels is not None or teacher_logits is not None:
+            raise ValueError("labels/teacher_logits belong inside the source when embeddings is a source")
+        return embeddings
+    if isinstance(embeddings, (np.ndarray, torch.Tensor)):
+        return ArraySource(embeddings, labels, teacher_logits)
+    if isinstance(embeddings, (str, os.PathLike)):
+        path = os.fspath(embeddings)
+        ext = os.path.splitext(path)[1].lower()
+        if ext == ".npy":
+            return NpySource(path, labels, teacher_logits)
+        if ext == ".safetensors":
+            return SafetensorsSource(path, labels=labels, teacher_logits=teacher_logits)
+        if ext in (".parquet", ".pq"):
+            if labels is not None or teacher_logits is not None:
+                raise ValueError("for Parquet, name the label/logit columns with ParquetSource(...)")
+            return ParquetSource(path)
+        raise ValueError(f"embeddings file {path}: unknown extension {ext!r} (use .npy, .safetensors or .parquet)")
+    if labels is not None or teacher_logits is not None:
+        raise ValueError("labels/teacher_logits must be inside the chunks when embeddings is an iterable of chunks")
+    if hasattr(embeddings, "__iter__"):
+        return IterableSource(embeddings)
+    raise TypeError(
+        f"embeddings must be an array, a tensor, a file path, a source or an iterable of chunks, "
+        f"got {type(embeddings).__name__}"
+    )
+
