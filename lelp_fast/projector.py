@@ -202,7 +202,7 @@ class LELPProjector:
         self.eigenvalues = result.evals
         self.total_variance = result.total_variance
         self.class_counts = result.counts
-        self.num_classes = n_classes
+        self.num_classes = settings.num_classes
         self.dim = self.A.shape[0]
         self.null_space = projector is not None
         self.fitted_method = result.method

@@ -140,6 +140,12 @@ class _ChunkReader:
             raise ValueError(f"embeddings ({where}, row {chunk.start_row}) have d={h.shape[1]}, earlier chunks had d={self.dim}")
         if self.w is not None and h.shape[1] != self.w.shape[1]:
             raise ValueError(f"embeddings have d={h.shape[1]} but head_weight has d={self.w.shape[1]}")
+        if self.s.num_classes is None:
+            if z is None:
+                raise ValueError(
+                    "num_classes is required when neither a head, teacher logits nor in-memory labels give it"
+                )
+            self.s.num_classes = z.shape[1]
         c = self.s.num_classes
         if z is not None and (z.ndim != 2 or z.shape != (h.shape[0], c)):
             raise ValueError(f"teacher_logits ({where}) must have shape ({h.shape[0]}, {c}), got {tuple(z.shape)}")
@@ -271,8 +277,6 @@ def accumulate(
     if first is None and world == 1:
         raise ValueError("embeddings is empty: no rows to fit on")
     dim = reader.dim if reader.dim is not None else source.dim
-    if settings.num_classes is None:
-        raise ValueError("num_classes is required when neither a head nor teacher logits give it")
     c = settings.num_classes
     if settings.n_subclasses * c > dim:
         raise ValueError(

@@ -1,0 +1,267 @@
+"""The streaming fit engine: sources, exact vs sketch accuracy, chunking, resume, bad input."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lelp_fast import LELPProjector, reference
+from lelp_fast.fit.bucket import bucket_rows
+from lelp_fast.fit.engine import choose_method
+from lelp_fast.io import IterableSource, NpySource, ParquetSource, SafetensorsSource
+from lelp_fast.ops import _dispatch
+from conftest import make_problem
+
+
+def decaying_problem(n=4000, d=64, num_classes=2, seed=0, power=1.0):
+    """Per-class data with a 1/i^power spectrum in a random basis, shifted far from the origin."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    h = torch.empty(n, d, dtype=torch.float64)
+    for c in range(num_classes):
+        basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        scales = torch.arange(1, d + 1, dtype=torch.float64) ** (-power / 2)
+        rows = int((y == c).sum())
+        h[y == c] = (torch.randn(rows, d, generator=g, dtype=torch.float64) * scales) @ basis.T + 5.0 * torch.randn(
+            d, generator=g, dtype=torch.float64
+        )
+    return h, y
+
+
+def captured_ratio(projector_a_directions, covs, s):
+    """trace(Vᵀ Σ V) / (sum of the top-S eigenvalues of Σ), per class."""
+    out = []
+    for c in range(covs.shape[0]):
+        v, _ = torch.linalg.qr(projector_a_directions[c])
+        got = torch.trace(v.T @ covs[c] @ v)
+        best = torch.linalg.eigvalsh(covs[c]).flip(0)[:s].sum()
+        out.append(float(got / best))
+    return out
+
+
+def fitted_directions(p):
+    """The class subspaces spanned by the columns of A (C x d x S)."""
+    return p.A.double().reshape(p.dim, p.num_classes, p.n_subclasses).permute(1, 0, 2)
+
+
+# ------------------------------------------------------------------ the bucketing kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if _dispatch.available("cpu", torch.device("cpu")) else []))
+def test_bucket_rows_matches_reference(dtype, backend):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(203, 37, generator=g).to(dtype)
+    y = torch.randint(0, 3, (203,), generator=g)
+    y[:5] = 2
+    shift = torch.randn(3, 37, generator=g, dtype=torch.float64)
+    workspace = torch.full((203 * 37 + 11,), float("nan"))  # poisoned
+    x, counts = bucket_rows(h, y, shift, 3, backend, workspace)
+    assert counts.tolist() == [int((y == c).sum()) for c in range(3)]
+    start = 0
+    for c in range(3):
+        want = h[y == c].double() - shift[c].float().double()
+        torch.testing.assert_close(x[start:start + counts[c]].double(), want, atol=1e-6, rtol=1e-6)
+        start += counts[c]
+
+
+# ------------------------------------------------------------------ sources
+
+
+def test_every_source_gives_the_in_memory_projector(tmp_path):
+    h, w, b, _ = make_problem(n=900, d=24, num_classes=3, seed=2)
+    h = (h - h.mean(0)).to(torch.float16)
+    y = (h.double() @ w.T + b).argmax(1)
+    want = LELPProjector(3).fit(h, y, head_weight=w, head_bias=b)
+
+    np.save(tmp_path / "e.npy", h.numpy())
+    np.save(tmp_path / "y.npy", y.numpy())
+    from safetensors.torch import save_file
+    save_file({"embeddings": h, "labels": y}, str(tmp_path / "e.safetensors"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.table({"embeddings": pa.array(list(h.float().numpy())), "labels": pa.array(y.numpy())})
+    pq.write_table(table, str(tmp_path / "e.parquet"), row_group_size=200)
+
+    chunks = [(h[i:i + 128], y[i:i + 128]) for i in range(0, 900, 128)]
+    sources = {
+        "npy path": (str(tmp_path / "e.npy"), str(tmp_path / "y.npy")),
+        "npy source": (NpySource(str(tmp_path / "e.npy"), str(tmp_path / "y.npy")), None),
+        "safetensors": (str(tmp_path / "e.safetensors"), None),
+        "parquet": (ParquetSource(str(tmp_path / "e.parquet")), None),
+        "list of chunks": (chunks, None),
+        "generator": ((c for c in chunks), None),
+        "numpy": (h.numpy(), y.numpy()),
+    }
+    for name, (src, labels) in sources.items():
+        got = LELPProjector(3).fit(src, labels, head_weight=w, head_bias=b, chunk_bytes=5000)
+        torch.testing.assert_close(got.A, want.A, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(got.e, want.e, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_bf16_sources(tmp_path):
+    h, w, b, y = make_problem(n=500, d=16, num_classes=2, seed=3)
+    hb = (h - h.mean(0)).to(torch.bfloat16)
+    want = LELPProjector(2).fit(hb.double(), y, head_weight=w, head_bias=b)
+    np.save(tmp_path / "bits.npy", hb.view(torch.int16).numpy().view(np.uint16))
+    got_npy = LELPProjector(2).fit(NpySource(str(tmp_path / "bits.npy"), y.numpy(), bf16=True),
+                                   head_weight=w, head_bias=b)
+    from safetensors.torch import save_file
+    save_file({"embeddings": hb, "labels": y}, str(tmp_path / "b.safetensors"))
+    got_st = LELPProjector(2).fit(SafetensorsSource(str(tmp_path / "b.safetensors")), head_weight=w, head_bias=b)
+    for got in (got_npy, got_st):
+        torch.testing.assert_close(got.A, want.A, rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_size_does_not_change_the_result():
+    h, w, b, y = make_problem(n=1000, d=20, num_classes=2, seed=4)
+    h = h.float()
+    sizes = [80, 20 * 4 * 33, 1 << 30]
+    fits = [LELPProjector(3).fit(h, y, head_weight=w, head_bias=b, chunk_bytes=s) for s in sizes]
+    for f in fits[1:]:
+        torch.testing.assert_close(f.A, fits[0].A, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ accuracy
+
+
+def test_exact_streaming_matches_fp64_reference_on_a_shifted_corpus():
+    h, y = decaying_problem(n=3000, d=48, num_classes=2, seed=5)
+    a_ref, e_ref = reference.fit_reference(h, y, 2, 4)
+    got = LELPProjector(4, method="exact").fit(h.float(), y, chunk_bytes=48 * 4 * 257)
+    torch.testing.assert_close(got.A.double(), a_ref, rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("with_head", [False, True])
+def test_nystrom_default_captures_995_of_exact_variance(with_head):
+    h, y = decaying_problem(n=6000, d=96, num_classes=2, seed=6, power=1.0)
+    w = torch.randn(2, 96, dtype=torch.float64) if with_head else None
+    s = 8
+    p = LELPProjector(s, method="nystrom", rotate=False).fit(h.float(), y, head_weight=w, chunk_bytes=96 * 4 * 1000)
+    hp = h @ reference.null_space_projector(w) if with_head else h
+    _, _, covs = reference.class_moments(hp, y, 2)
+    ratios = captured_ratio(fitted_directions(p), covs, s)
+    assert min(ratios) >= 0.995, ratios
+    one_pass = LELPProjector(s, method="nystrom", passes=1, rotate=False).fit(h.float(), y, head_weight=w)
+    assert min(captured_ratio(fitted_directions(one_pass), covs, s)) < min(ratios) + 1e-9
+    if with_head:  # the sketch stays inside the null space
+        torch.testing.assert_close(w.float() @ p.A, torch.zeros(2, 2 * s), atol=1e-4, rtol=0)
+    # The total variance (for captured_variance) matches the exact trace.
+    torch.testing.assert_close(p.total_variance, torch.diagonal(covs, dim1=1, dim2=2).sum(-1), rtol=1e-4, atol=0)
+
+
+def test_method_auto_cost_model():
+    cpu = torch.device("cpu")
+    assert choose_method("auto", 768, 2, cpu) == "exact"
+    assert choose_method("auto", 4096, 2, cpu) == "nystrom"
+    assert choose_method("auto", 1024, 300, cpu) == "nystrom"  # 300 x 1024² x 8 B > 2 GiB
+    assert choose_method("exact", 4096, 2, cpu) == "exact"
+
+
+# ------------------------------------------------------------------ resume
+
+
+@pytest.mark.parametrize("method", ["exact", "nystrom"])
+def test_resume_after_interrupt_gives_identical_bytes(tmp_path, method):
+    h, w, b, y = make_problem(n=1200, d=20, num_classes=2, seed=7)
+    h = h.float()
+    kwargs = dict(head_weight=w, head_bias=b, chunk_bytes=20 * 4 * 100)  # 12 chunks per pass
+    make = lambda: LELPProjector(3, method=method, passes=2)  # noqa: E731
+    clean = make().fit(h, y, **kwargs)
+    ckpt = str(tmp_path / "fit.ckpt")
+    from lelp_fast.fit import engine
+
+    for stop in (5, 17):  # inside pass 1, and inside pass 2 for nystrom
+        if method == "exact" and stop > 12:
+            continue
+        if os.path.exists(ckpt):
+            os.unlink(ckpt)
+        original = engine.accumulate
+
+        def interrupted(*args, **kw):
+            return original(*args, stop_after_chunks=stop, **kw)
+
+        engine.accumulate = interrupted
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                make().fit(h, y, checkpoint=ckpt, checkpoint_every=2, **kwargs)
+        finally:
+            engine.accumulate = original
+        assert os.path.exists(ckpt)
+        with pytest.raises(ValueError, match="pass resume=True"):
+            make().fit(h, y, checkpoint=ckpt, **kwargs)
+        resumed = make().fit(h, y, checkpoint=ckpt, checkpoint_every=2, resume=True, **kwargs)
+        assert torch.equal(resumed.A, clean.A) and torch.equal(resumed.e, clean.e)
+        assert not os.path.exists(ckpt)  # removed once the fit is done
+
+
+def test_stale_checkpoint_is_refused(tmp_path):
+    h, w, b, y = make_problem(n=600, d=12, num_classes=2, seed=8)
+    ckpt = str(tmp_path / "c.ckpt")
+    from lelp_fast.fit import engine
+
+    original = engine.accumulate
+    engine.accumulate = lambda *a, **k: original(*a, stop_after_chunks=2, **k)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            LELPProjector(2).fit(h.float(), y, head_weight=w, checkpoint=ckpt, checkpoint_every=1, chunk_bytes=480)
+    finally:
+        engine.accumulate = original
+    with pytest.raises(ValueError, match="written for other data or settings"):
+        LELPProjector(3).fit(h.float(), y, head_weight=w, checkpoint=ckpt, resume=True, chunk_bytes=480)
+    with open(ckpt, "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(ValueError, match="unreadable or corrupt"):
+        LELPProjector(2).fit(h.float(), y, head_weight=w, checkpoint=ckpt, resume=True, chunk_bytes=480)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_nan_rows_raise_with_global_row_or_are_skipped():
+    h, w, b, y = make_problem(n=500, d=12, num_classes=2, seed=9)
+    h = h.float()
+    h[333, 2] = float("nan")
+    h[401, 0] = float("inf")
+    with pytest.raises(ValueError, match="embeddings row 333 contains NaN or Inf"):
+        LELPProjector(2).fit(h, y, head_weight=w, chunk_bytes=12 * 4 * 50)
+    p = LELPProjector(2).fit(h, y, head_weight=w, chunk_bytes=12 * 4 * 50, nan_policy="skip")
+    assert p.fit_info["rows_skipped"] == 2 and p.fit_info["rows"] == 498
+    keep = torch.ones(500, dtype=torch.bool)
+    keep[[333, 401]] = False
+    clean = LELPProjector(2).fit(h[keep], y[keep], head_weight=w)
+    torch.testing.assert_close(p.A, clean.A, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="nan_policy"):
+        LELPProjector(2).fit(h, y, head_weight=w, nan_policy="ignore")
+
+
+def test_label_out_of_range_names_the_global_row():
+    h, w, b, y = make_problem(n=500, d=12, num_classes=2, seed=10)
+    y[321] = 7
+    with pytest.raises(ValueError, match=r"out of range.*global row 321"):
+        LELPProjector(2).fit(h.float(), y, head_weight=w, chunk_bytes=12 * 4 * 100)
+
+
+def test_truncated_npy_is_refused(tmp_path):
+    h, _, _, y = make_problem(n=300, d=10, num_classes=2, seed=11)
+    path = tmp_path / "e.npy"
+    np.save(path, h.float().numpy())
+    data = path.read_bytes()
+    path.write_bytes(data[:-400])
+    with pytest.raises(ValueError, match="truncated|not a readable"):
+        LELPProjector(2).fit(str(path), y.numpy())
+
+
+def test_one_shot_iterator_cannot_do_several_passes():
+    h, _, _, y = make_problem(n=300, d=10, num_classes=2, seed=12)
+    gen = ((h[i:i + 100].float(), y[i:i + 100]) for i in range(0, 300, 100))
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        LELPProjector(2, method="nystrom", passes=2).fit(gen, num_classes=2)
+    assert not IterableSource(gen).rereadable
+
+
+def test_missing_num_classes_for_plain_iterables():
+    h, _, _, y = make_problem(n=300, d=10, num_classes=2, seed=13)
+    with pytest.raises(ValueError, match="num_classes is required"):
+        LELPProjector(2).fit([(h.float(), y)])
