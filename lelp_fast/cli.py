@@ -18,6 +18,7 @@ subclass soft targets for training a student.
   lelp-fast demo                      run the built-in example (digits, CPU, < 1 minute)
   lelp-fast fit --embeddings E.npy --labels y.npy --head-weight W.npy --head-bias b.npy \\
                 --subclasses 4 --out projector.safetensors
+  lelp-fast inspect projector.safetensors --plot spectrum.png
   lelp-fast targets --projector projector.safetensors --embeddings E.npy --out targets.npy
 
 Run 'lelp-fast COMMAND --help' for each command's options.
@@ -53,29 +54,48 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_source(args: argparse.Namespace):
+    """The source named on the command line: .npy (+ label/logit .npy), .safetensors or .parquet."""
+    from .io import NpySource, ParquetSource, SafetensorsSource
+
+    path = args.embeddings
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --embeddings {path}: no such file")
+    for name in ("labels", "teacher_logits"):
+        extra = getattr(args, name)
+        if extra and not os.path.exists(extra):
+            raise SystemExit(f"error: --{name.replace('_', '-')} {extra}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npy":
+        return NpySource(path, args.labels, args.teacher_logits, bf16=args.bf16)
+    labels = None if args.labels is None else np.load(args.labels, mmap_mode="r")
+    logits = None if args.teacher_logits is None else np.load(args.teacher_logits, mmap_mode="r")
+    if ext == ".safetensors":
+        return SafetensorsSource(path, embeddings_key=args.embeddings_key, labels_key=args.labels_key,
+                                 logits_key=args.logits_key, labels=labels, teacher_logits=logits)
+    if ext in (".parquet", ".pq"):
+        return ParquetSource(path, embeddings_column=args.embeddings_key, labels_column=args.labels_key,
+                             logits_column=args.logits_key if args.logits_key != "teacher_logits" else None)
+    raise SystemExit(f"error: --embeddings {path}: unknown extension {ext!r} (use .npy, .safetensors or .parquet)")
+
+
+def _process_group():
+    """The default group when launched by torchrun (WORLD_SIZE > 1), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.group.WORLD
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from .projector import LELPProjector
 
-    emb = _load_npy(args.embeddings, "embeddings")
-    labels = _load_npy(args.labels, "labels") if args.labels else None
-    logits = _load_npy(args.teacher_logits, "teacher-logits") if args.teacher_logits else None
+    source = _fit_source(args)
     head_w = _load_npy(args.head_weight, "head-weight") if args.head_weight else None
     head_b = _load_npy(args.head_bias, "head-bias") if args.head_bias else None
-    for name, arr in (("labels", labels), ("teacher-logits", logits)):
-        if arr is not None and arr.shape[0] != emb.shape[0]:
-            raise SystemExit(f"error: --{name} has {arr.shape[0]} rows but --embeddings has {emb.shape[0]}")
-    num_classes = None
-    if head_w is None and logits is None and labels is not None:
-        num_classes = int(np.max(labels)) + 1 if labels.size else None
-
-    def chunks():
-        for rows in _row_chunks(emb.shape[0], args.chunk_rows):
-            yield (
-                np.asarray(emb[rows]),
-                None if labels is None else np.asarray(labels[rows]).astype(np.int64),
-                None if logits is None else np.asarray(logits[rows]),
-            )
-
     projector = LELPProjector(
         args.subclasses,
         beta=args.beta,
@@ -85,18 +105,80 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         standardize=not args.no_standardize,
         seed=args.seed,
         assign=args.assign,
+        method=args.method,
+        oversampling=args.oversampling,
+        passes=args.passes,
     )
+    group = _process_group()
     projector.fit(
-        chunks(),
+        source,
         head_weight=head_w,
         head_bias=head_b,
-        num_classes=num_classes,
+        num_classes=args.num_classes,
+        chunk_bytes=int(args.chunk_mb * (1 << 20)),
+        nan_policy=args.nan_policy,
+        process_group=group,
+        checkpoint=args.checkpoint,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
         progress=not args.quiet,
     )
-    projector.save(args.out)
-    captured = ", ".join(f"{v:.3f}" for v in projector.captured_variance().tolist())
-    print(f"wrote {args.out}: {projector}; captured variance per class: {captured}")
+    rank = 0 if group is None else torch.distributed.get_rank(group)
+    if rank == 0:
+        projector.save(args.out)
+        info = projector.fit_info
+        captured = ", ".join(f"{v:.3f}" for v in projector.captured_variance().tolist())
+        print(f"wrote {args.out}: {projector}, method={projector.fitted_method}; {info['rows']} rows"
+              f" ({info['rows_skipped']} skipped) in {info['seconds']:.1f} s; "
+              f"captured variance per class: {captured}")
     return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .projector import LELPProjector
+
+    p = LELPProjector.load(args.projector)
+    meta = p.metadata()
+    print(f"{args.projector}: {p}")
+    for key in ("fitted_method", "passes", "oversampling", "seed", "null_space", "rotate", "standardize", "assign",
+                "version"):
+        print(f"  {key}: {meta[key]}")
+    if meta.get("fit_info"):
+        print(f"  fit: {meta['fit_info']}")
+    captured = p.captured_variance()
+    for c in range(p.num_classes):
+        evals = ", ".join(f"{v:.4g}" for v in p.eigenvalues[c].tolist())
+        print(f"  class {c}: {int(p.class_counts[c])} rows, captured variance {float(captured[c]):.4f}, "
+              f"top eigenvalues [{evals}]")
+    if args.plot:
+        _plot_spectrum(p, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _plot_spectrum(p, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    captured = p.captured_variance()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    s = np.arange(1, p.n_subclasses + 1)
+    for c in range(p.num_classes):
+        evals = p.eigenvalues[c].numpy()
+        ax1.semilogy(s, evals, marker="o", label=f"class {c}")
+        ax2.plot(s, np.cumsum(evals) / float(p.total_variance[c]), marker="o",
+                 label=f"class {c} ({100 * float(captured[c]):.1f}%)")
+    ax1.set(xlabel="subclass direction", ylabel="eigenvalue", title="per-class spectrum (top S)")
+    ax2.set(xlabel="directions kept", ylabel="fraction of class variance", title="captured variance", ylim=(0, None))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"LELP projector: C={p.num_classes}, S={p.n_subclasses}, d={p.dim}, {p.fitted_method}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
@@ -168,27 +250,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = sub.add_parser(
         "fit",
-        help="fit a projector on teacher embeddings (.npy) and save it as safetensors",
-        description="Fit per-class LELP subspaces. Inputs are .npy files, memory-mapped and read in chunks.",
+        help="fit a projector on teacher embeddings and save it as safetensors",
+        description="Fit per-class LELP subspaces, streaming the embeddings in chunks (.npy memory-mapped, "
+        ".safetensors, .parquet). Under torchrun the rows are sharded across ranks.",
     )
-    fit.add_argument("--embeddings", required=True, help="(N, d) float .npy of teacher embeddings")
-    fit.add_argument("--labels", help="(N,) integer .npy of class labels")
+    fit.add_argument("--embeddings", required=True, help="(N, d) embeddings: .npy, .safetensors or .parquet")
+    fit.add_argument("--labels", help="(N,) integer .npy of class labels (else read from the file when it has them)")
     fit.add_argument("--head-weight", help="(C, d) .npy, the teacher head W (enables the null-space projection)")
     fit.add_argument("--head-bias", help="(C,) .npy, the teacher head bias b")
     fit.add_argument("--teacher-logits", help="(N, C) .npy of teacher logits, when no head is given")
+    fit.add_argument("--num-classes", type=int, help="C, when neither a head nor the logits give it")
+    fit.add_argument("--embeddings-key", default="embeddings", help="tensor/column name of the embeddings")
+    fit.add_argument("--labels-key", default="labels", help="tensor/column name of the labels")
+    fit.add_argument("--logits-key", default="teacher_logits", help="tensor/column name of the teacher logits")
+    fit.add_argument("--bf16", action="store_true", help="the .npy holds bf16 bits as uint16")
     fit.add_argument("--subclasses", type=int, default=4, help="S, pseudo-subclasses per class (default 4)")
+    fit.add_argument("--method", choices=("auto", "exact", "nystrom"), default="auto",
+                     help="exact covariance, Nystrom sketch, or auto by d (default auto)")
+    fit.add_argument("--passes", type=int, default=3, help="passes over the data for nystrom (default 3)")
+    fit.add_argument("--oversampling", type=int, default=10, help="extra sketch columns beyond S (default 10)")
     fit.add_argument("--beta", type=float, default=1.0, help="default subclass temperature stored in the projector")
     fit.add_argument("--tau", type=float, default=1.0, help="default class temperature stored in the projector")
-    fit.add_argument("--seed", type=int, default=0, help="seed of the random rotations (default 0)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the random rotations and sketches (default 0)")
     fit.add_argument("--assign", choices=("label", "teacher"), default="label",
                      help="fit each class on rows with that label, or that the teacher predicts")
     fit.add_argument("--no-null-space", action="store_true", help="keep the directions the head reads")
     fit.add_argument("--no-rotate", action="store_true", help="skip the random rotation of the subspaces")
     fit.add_argument("--no-standardize", action="store_true", help="do not scale coordinates to unit variance")
-    fit.add_argument("--chunk-rows", type=int, default=65536, help="rows read per chunk (default 65536)")
+    fit.add_argument("--nan-policy", choices=("raise", "skip"), default="raise",
+                     help="stop at the first NaN/Inf row (default), or skip and count such rows")
+    fit.add_argument("--chunk-mb", type=float, default=64, help="MiB of embeddings per chunk (default 64)")
+    fit.add_argument("--checkpoint", help="checkpoint file for the statistics (resumable fits)")
+    fit.add_argument("--checkpoint-every", type=int, default=16, help="chunks between checkpoints (default 16)")
+    fit.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     fit.add_argument("--out", required=True, help="output projector .safetensors")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_cmd_fit)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="print a projector's settings, per-class spectrum and captured variance",
+        description="Summarise a fitted projector; --plot writes the per-class spectrum as a PNG (matplotlib).",
+    )
+    inspect.add_argument("projector", help="projector .safetensors")
+    inspect.add_argument("--plot", help="write the spectrum and captured-variance plot to this .png")
+    inspect.set_defaults(func=_cmd_inspect)
 
     tgt = sub.add_parser(
         "targets",
@@ -217,6 +323,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if getattr(args, "chunk_rows", 1) < 1:
         parser.error("--chunk-rows must be a positive integer")
+    if getattr(args, "chunk_mb", 1) <= 0:
+        parser.error("--chunk-mb must be positive")
     try:
         return args.func(args)
     except (ValueError, RuntimeError) as exc:

@@ -394,17 +394,15 @@ class LELPProjector:
 
 
 def _infer_num_classes(source: EmbeddingSource, head_weight, num_classes: Optional[int]) -> Optional[int]:
-    """C from the head, the caller, in-memory teacher logits or in-memory labels, in that order."""
+    """C from the head, the caller, in-memory teacher logits or the source's labels, in that order."""
     if head_weight is not None:
         if num_classes is not None and num_classes != head_weight.shape[0]:
             raise ValueError(f"num_classes={num_classes} but head_weight has {head_weight.shape[0]} rows")
         return head_weight.shape[0]
     if num_classes is not None:
         return int(num_classes)
-    if isinstance(source, ArraySource):
-        if source.teacher_logits is not None and getattr(source.teacher_logits, "ndim", 0) == 2:
+    if isinstance(source, ArraySource) and source.teacher_logits is not None:
+        if getattr(source.teacher_logits, "ndim", 0) == 2:
             return int(source.teacher_logits.shape[1])
-        if source.labels is not None and len(source.labels) > 0:
-            labels = source.labels
-            return int(labels.max()) + 1
-    return None
+    top = source.max_label()
+    return None if top is None else top + 1

@@ -1,6 +1,7 @@
 """The lelp-fast command line, run in-process on small files."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -30,7 +31,7 @@ def test_fit_then_targets(npy_inputs):
     paths, tmp = npy_inputs
     proj_path = str(tmp / "p.safetensors")
     assert main(["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--head-weight", paths["W"],
-                 "--head-bias", paths["b"], "--subclasses", "3", "--chunk-rows", "64", "--quiet",
+                 "--head-bias", paths["b"], "--subclasses", "3", "--chunk-mb", "0.002", "--quiet",
                  "--out", proj_path]) == 0
     emb = torch.from_numpy(np.load(paths["E"]))
     want_proj = LELPProjector(3).fit(emb, torch.from_numpy(np.load(paths["y"])),
@@ -65,11 +66,45 @@ def test_errors_name_the_argument(npy_inputs, capsys):
     paths, tmp = npy_inputs
     with pytest.raises(SystemExit, match="--labels .*: no such file"):
         main(["fit", "--embeddings", paths["E"], "--labels", str(tmp / "missing.npy"), "--out", "x"])
-    with pytest.raises(SystemExit, match="--labels has 3 rows"):
-        main(["fit", "--embeddings", paths["E"], "--labels", paths["b"], "--out", "x"])
+    assert main(["fit", "--embeddings", paths["E"], "--labels", paths["b"], "--out", "x", "--quiet"]) == 2
+    assert "labels has 3 rows but embeddings has 700" in capsys.readouterr().err
     assert main(["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--subclasses", "50",
                  "--quiet", "--out", str(tmp / "x.safetensors")]) == 2
     assert "exceeds the embedding dimension" in capsys.readouterr().err
+
+
+def test_fit_safetensors_and_parquet_then_inspect(npy_inputs, capsys):
+    paths, tmp = npy_inputs
+    emb = torch.from_numpy(np.load(paths["E"]))
+    labels = torch.from_numpy(np.load(paths["y"]))
+    from safetensors.torch import save_file
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    save_file({"emb": emb, "y": labels}, str(tmp / "d.safetensors"))
+    pq.write_table(pa.table({"embeddings": pa.array(list(emb.float().numpy())), "labels": pa.array(labels.numpy())}),
+                   str(tmp / "d.parquet"))
+    want = LELPProjector(3).fit(emb, labels)
+    for src, extra in ((str(tmp / "d.safetensors"), ["--embeddings-key", "emb", "--labels-key", "y"]),
+                       (str(tmp / "d.parquet"), [])):
+        out = str(tmp / "p.safetensors")
+        assert main(["fit", "--embeddings", src, *extra, "--subclasses", "3", "--quiet", "--out", out]) == 0
+        torch.testing.assert_close(LELPProjector.load(out).A, want.A, rtol=1e-4, atol=1e-5)
+    png = str(tmp / "spectrum.png")
+    assert main(["inspect", out, "--plot", png]) == 0
+    printed = capsys.readouterr().out
+    assert "class 2:" in printed and "captured variance" in printed
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_checkpoint_resume_flags(npy_inputs):
+    paths, tmp = npy_inputs
+    ckpt, out = str(tmp / "fit.ckpt"), str(tmp / "p.safetensors")
+    args = ["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--subclasses", "3", "--chunk-mb", "0.002",
+            "--checkpoint", ckpt, "--checkpoint-every", "1", "--quiet", "--out", out]
+    assert main(args) == 0 and not os.path.exists(ckpt)
+    assert main(args + ["--resume"]) == 0  # nothing to resume: a fresh fit
 
 
 def test_demo_runs_and_writes_json(tmp_path, capsys):

@@ -60,6 +60,10 @@ class EmbeddingSource:
         """Bytes of embeddings, when known."""
         return None
 
+    def max_label(self) -> Optional[int]:
+        """The largest label, when labels can be read without the embeddings (to infer C)."""
+        return None
+
 
 def _rows_per_chunk(dim: int, itemsize: int, chunk_bytes: int) -> int:
     if chunk_bytes <= 0:
@@ -94,6 +98,11 @@ class ArraySource(EmbeddingSource):
     @property
     def nbytes(self) -> int:
         return self.n_rows * self.dim * self.itemsize
+
+    def max_label(self) -> Optional[int]:
+        if self.labels is None or len(self.labels) == 0:
+            return None
+        return int(self.labels.max())
 
     def _rows(self, arr, start, stop, name):
         if arr is None:
@@ -194,6 +203,16 @@ class SafetensorsSource(EmbeddingSource):
     def nbytes(self) -> int:
         return self.n_rows * self.dim * self.itemsize
 
+    def max_label(self) -> Optional[int]:
+        from safetensors import safe_open
+
+        if self.keys["labels"] is None:
+            ext = self.external["labels"]
+            return None if ext is None or len(ext) == 0 else int(ext.max())
+        with safe_open(self.path, framework="pt") as f:
+            labels = f.get_tensor(self.keys["labels"])
+        return int(labels.max()) if labels.numel() else None
+
     def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1):
         from safetensors import safe_open
 
@@ -254,6 +273,16 @@ class ParquetSource(EmbeddingSource):
     @property
     def nbytes(self) -> int:
         return self.n_rows * self.dim * self.itemsize
+
+    def max_label(self) -> Optional[int]:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        if self.columns["labels"] is None:
+            return None
+        column = pq.read_table(self.path, columns=[self.columns["labels"]]).column(0)
+        value = pc.max(column).as_py()
+        return None if value is None else int(value)
 
     @staticmethod
     def _matrix(column, what: str) -> torch.Tensor:
