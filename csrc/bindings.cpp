@@ -59,15 +59,17 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "gather_rows_cpu",
       [](uintptr_t src, int src_dtype, int64_t src_stride, int64_t d, uintptr_t index, int64_t n,
-         uintptr_t row_class, uintptr_t shift, uintptr_t out) {
+         uintptr_t row_class, uintptr_t shift, uintptr_t out, uintptr_t nonfinite) {
         lelp::GatherArgs a{reinterpret_cast<const void*>(src), src_dtype, src_stride, d,
                            reinterpret_cast<const int64_t*>(index), n,
                            reinterpret_cast<const int64_t*>(row_class),
-                           reinterpret_cast<const float*>(shift), reinterpret_cast<float*>(out)};
+                           reinterpret_cast<const float*>(shift), reinterpret_cast<float*>(out),
+                           reinterpret_cast<uint8_t*>(nonfinite)};
         py::gil_scoped_release release;
-        lelp::gather_rows_cpu(a);
+        return lelp::gather_rows_cpu(a);
       },
-      "out[i] = float(src[index[i]]) - shift[row_class[i]] (fit's per-chunk update; raw pointers).");
+      "out[i] = float(src[index[i]]) - shift[row_class[i]]; flags non-finite rows and returns their "
+      "count (fit's per-chunk update; raw pointers).");
   m.def("cpu_isa", &lelp::cpu_isa, "The CPU projection kernel in use: 'avx2' or 'portable'.");
 #ifdef LELP_WITH_CUDA
   m.attr("has_cuda") = true;

@@ -57,13 +57,19 @@ def test_bucket_rows_matches_reference(dtype, backend):
     y[:5] = 2
     shift = torch.randn(3, 37, generator=g, dtype=torch.float64)
     workspace = torch.full((203 * 37 + 11,), float("nan"))  # poisoned
-    x, counts = bucket_rows(h, y, shift, 3, backend, workspace)
+    x, counts, bad = bucket_rows(h, y, shift, 3, backend, workspace)
+    assert bad is None
     assert counts.tolist() == [int((y == c).sum()) for c in range(3)]
     start = 0
     for c in range(3):
         want = h[y == c].double() - shift[c].float().double()
         torch.testing.assert_close(x[start:start + counts[c]].double(), want, atol=1e-6, rtol=1e-6)
         start += counts[c]
+    h[17, 3] = float("nan")
+    h[150, 36] = float("inf")
+    h[151, 0] = float("-inf")
+    _, _, bad = bucket_rows(h, y, shift, 3, backend, workspace)
+    assert torch.nonzero(bad).flatten().tolist() == [17, 150, 151]
 
 
 # ------------------------------------------------------------------ sources
@@ -265,3 +271,23 @@ def test_missing_num_classes_for_plain_iterables():
     h, _, _, y = make_problem(n=300, d=10, num_classes=2, seed=13)
     with pytest.raises(ValueError, match="num_classes is required"):
         LELPProjector(2).fit([(h.float(), y)])
+
+
+def test_prefetch_keeps_order_and_reraises():
+    from lelp_fast.io.prefetch import prefetch
+
+    assert list(prefetch(range(50), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise RuntimeError("source broke")
+
+    got = []
+    with pytest.raises(RuntimeError, match="source broke"):
+        for item in prefetch(failing()):
+            got.append(item)
+    assert got == [1, 2]
+    stream = prefetch(iter(range(10**9)), depth=2)  # an early stop ends the producer thread
+    assert next(stream) == 0
+    stream.close()

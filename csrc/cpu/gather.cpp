@@ -38,11 +38,12 @@ bool have_f16c() {
 
 }  // namespace
 
-void gather_rows_cpu(const GatherArgs& a) {
+int64_t gather_rows_cpu(const GatherArgs& a) {
   const int64_t row_bytes = a.src_stride * cpu::dtype_size(a.src_dtype);
   const char* src = static_cast<const char*>(a.src);
   const bool f16c = a.src_dtype == kFloat16 && have_f16c();
-#pragma omp parallel for schedule(static)
+  int64_t bad_rows = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad_rows)
   for (int64_t i = 0; i < a.n; ++i) {
     const int64_t row = a.index != nullptr ? a.index[i] : i;
     const char* p = src + row * row_bytes;
@@ -57,7 +58,14 @@ void gather_rows_cpu(const GatherArgs& a) {
       const float* s = a.shift + (a.row_class != nullptr ? a.row_class[i] : 0) * a.d;
       for (int64_t k = 0; k < a.d; ++k) out[k] -= s[k];
     }
+    // x * 0 is 0 for finite x and NaN for NaN/Inf: one vectorisable pass over the row.
+    float probe = 0.f;
+    for (int64_t k = 0; k < a.d; ++k) probe += out[k] * 0.f;
+    const bool bad = probe != 0.f;
+    if (a.nonfinite != nullptr) a.nonfinite[i] = bad ? 1 : 0;
+    bad_rows += bad ? 1 : 0;
   }
+  return bad_rows;
 }
 
 }  // namespace lelp

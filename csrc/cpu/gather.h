@@ -15,8 +15,10 @@ struct GatherArgs {
   const int64_t* row_class;  // n class ids selecting the shift row, or nullptr for class 0
   const float* shift;        // C x d fp32, or nullptr for no shift
   float* out;                // n x d fp32, contiguous
+  uint8_t* nonfinite;        // n flags set to 1 where the row holds NaN/Inf, or nullptr
 };
 
-void gather_rows_cpu(const GatherArgs& a);
+// Returns the number of rows holding NaN or Inf (checked on the fp32 values, for free).
+int64_t gather_rows_cpu(const GatherArgs& a);
 
 }  // namespace lelp

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .._checks import check_labels
+from ..io.prefetch import prefetch
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource
 from .bucket import bucket_rows
 from .exact import ExactClassStatistics
@@ -56,6 +57,7 @@ class FitSettings:
     nan_policy: str = "raise"
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     backend: str = "auto"
+    prefetch: int = 2  # chunks read ahead in a background thread (0: none)
 
 
 @dataclass
@@ -149,20 +151,10 @@ class _ChunkReader:
         c = self.s.num_classes
         if z is not None and (z.ndim != 2 or z.shape != (h.shape[0], c)):
             raise ValueError(f"teacher_logits ({where}) must have shape ({h.shape[0]}, {c}), got {tuple(z.shape)}")
-        finite = torch.isfinite(h).all(dim=1)
-        if z is not None:
-            finite &= torch.isfinite(z).all(dim=1)
-        if not bool(finite.all()):
-            bad = int(torch.nonzero(~finite)[0, 0])
-            if self.s.nan_policy == "raise":
-                raise ValueError(
-                    f"embeddings row {chunk.start_row + bad} contains NaN or Inf; drop it, or pass "
-                    "nan_policy='skip' to skip and count such rows"
-                )
-            self.skipped += int((~finite).sum())
-            h = h[finite]
-            y = None if y is None else y[finite]
-            z = None if z is None else z[finite]
+        if z is not None:  # embeddings are checked for free inside the bucketing kernel
+            bad_logits = ~torch.isfinite(z).all(dim=1)
+            if bool(bad_logits.any()):
+                h, y, z = self.drop_rows(chunk, bad_logits, h, y, z, "teacher_logits")
         if self.s.assign == "teacher":
             if z is None and self.w is not None:
                 z = h.to(torch.float64) @ self.w.T + self.b
@@ -180,10 +172,25 @@ class _ChunkReader:
             raise ValueError(f"{exc} (global row {chunk.start_row + bad})") from None
         return h, y
 
+    def drop_rows(self, chunk: Chunk, bad: torch.Tensor, h, y, z=None, what: str = "embeddings"):
+        """NaN/Inf rows: raise naming the first (global row number), or drop and count them."""
+        if self.s.nan_policy == "raise":
+            first = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(
+                f"{what} row {chunk.start_row + first} contains NaN or Inf; drop it, or pass "
+                "nan_policy='skip' to skip and count such rows"
+            )
+        self.skipped += int(bad.sum())
+        keep = ~bad
+        return h[keep], None if y is None else y[keep], None if z is None else z[keep]
+
 
 def _shift_from(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Per-class mean of this chunk; the chunk mean for classes it lacks (any fixed value works)."""
-    h64 = h.to(torch.float64)
+    finite = torch.isfinite(h).all(dim=1)  # NaN rows are dealt with later, by the nan_policy
+    h64, y = h[finite].to(torch.float64), y[finite]
+    if h64.shape[0] == 0:
+        return torch.zeros(num_classes, h.shape[1], dtype=torch.float64)
     shift = h64.mean(0).expand(num_classes, -1).clone()
     for c in range(num_classes):
         rows = h64[y == c]
@@ -267,7 +274,8 @@ def accumulate(
     bar = _Progress(progress and rank == 0, source.n_rows, "fit")
 
     def chunk_stream(skip: int):
-        for chunk in source.chunks(settings.chunk_bytes, skip=skip, rank=rank, world=world):
+        chunks = source.chunks(settings.chunk_bytes, skip=skip, rank=rank, world=world)
+        for chunk in prefetch(chunks, settings.prefetch):
             h, y = reader(chunk)
             yield chunk, h, y
 
@@ -341,7 +349,10 @@ def accumulate(
             n, d = h.shape
             if workspace.numel() < n * d:
                 workspace = torch.empty(n * d)
-            x, counts = bucket_rows(h, y, shift, c, settings.backend, workspace)
+            x, counts, bad = bucket_rows(h, y, shift, c, settings.backend, workspace)
+            if bad is not None:  # rare: drop the rows (or raise) and bucket again
+                h, y, _ = reader.drop_rows(chunk, bad, h, y)
+                x, counts, _ = bucket_rows(h, y, shift, c, settings.backend, workspace)
             stats.update(x, counts)
             last_index = chunk.index
             bar.update(n, chunk.embeddings.numel() * chunk.embeddings.element_size())

@@ -61,9 +61,9 @@ class SketchClassStatistics:
             if n_c:
                 xc = x[start : start + n_c]
                 self.count[c] += n_c
-                self.sum[c] += xc.sum(0, dtype=torch.float64)
+                self.sum[c] += xc.sum(0).to(torch.float64)  # fp32 sums of centred rows, one chunk
                 self.y[c] += (xc.T @ (xc @ self._omega32[c])).to(torch.float64)
-                self.sumsq[c] += torch.linalg.vector_norm(xc, dtype=torch.float64) ** 2
+                self.sumsq[c] += float(torch.linalg.vector_norm(xc)) ** 2
                 if self._basis32 is not None:
                     z = xc @ self._basis32
                     self.head_gram[c] += (z.T @ z).to(torch.float64)

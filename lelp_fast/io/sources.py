@@ -164,6 +164,36 @@ class NpySource(ArraySource):
             teacher_logits = _load_npy(os.fspath(teacher_logits), "teacher_logits")
         super().__init__(emb, labels, teacher_logits, bf16=bf16, name=os.path.abspath(path))
 
+    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1):
+        """Reads embedding rows with plain ``readinto`` rather than through the memory map: the
+        file's pages then never count in this process's RSS, and the kernel reads ahead."""
+        arr = self.embeddings
+        if not arr.flags.c_contiguous:
+            yield from super().chunks(chunk_bytes, skip=skip, rank=rank, world=world)
+            return
+        rows = _rows_per_chunk(self.dim, self.itemsize, chunk_bytes)
+        row_bytes = self.dim * self.itemsize
+        n_chunks = (self.n_rows + rows - 1) // rows
+        with open(self.name, "rb", buffering=0) as f:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            for i in range(skip, n_chunks):
+                if i % world != rank:
+                    continue
+                start, stop = i * rows, min((i + 1) * rows, self.n_rows)
+                block = np.empty((stop - start, self.dim), dtype=arr.dtype)
+                f.seek(arr.offset + start * row_bytes)
+                got = f.readinto(memoryview(block).cast("B"))
+                if got != block.nbytes:
+                    raise ValueError(f"embeddings file {self.name} ended early at row {start + got // row_bytes}")
+                emb = torch.from_numpy(block)
+                if self.bf16:
+                    if block.dtype != np.uint16:
+                        raise ValueError(f"bf16=True needs a uint16 array of bf16 bits, got {block.dtype}")
+                    emb = emb.view(torch.bfloat16)
+                yield Chunk(i, start, emb, self._rows(self.labels, start, stop, "labels"),
+                            self._rows(self.teacher_logits, start, stop, "teacher_logits"))
+
     def fingerprint(self) -> str:
         st = os.stat(self.name)
         return hashlib.sha256(f"{super().fingerprint()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
