@@ -116,8 +116,7 @@ def exact_covariances(path: str, num_classes: int):
         if stats is None:
             shift = torch.stack([h[y == c].double().mean(0) for c in range(num_classes)])
             stats = ExactClassStatistics(num_classes, arr.shape[1], shift)
-        x, counts, _ = bucket_rows(h, y, stats.shift, num_classes)
-        stats.update(x, counts)
+        stats.update(*bucket_rows(h, y, stats.shift, num_classes)[:3])
     return stats.moments()[1]
 
 

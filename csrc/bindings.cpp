@@ -57,19 +57,20 @@ PYBIND11_MODULE(_C, m) {
       },
       "Fused LELP targets on CPU (raw pointers; see lelp_fast.ops.targets).");
   m.def(
-      "gather_rows_cpu",
-      [](uintptr_t src, int src_dtype, int64_t src_stride, int64_t d, uintptr_t index, int64_t n,
-         uintptr_t row_class, uintptr_t shift, uintptr_t out, uintptr_t nonfinite) {
-        lelp::GatherArgs a{reinterpret_cast<const void*>(src), src_dtype, src_stride, d,
-                           reinterpret_cast<const int64_t*>(index), n,
-                           reinterpret_cast<const int64_t*>(row_class),
+      "bucket_rows_cpu",
+      [](uintptr_t src, int src_dtype, int64_t src_stride, int64_t n, int64_t d, uintptr_t labels,
+         int64_t num_classes, uintptr_t shift, uintptr_t out, uintptr_t counts, uintptr_t sums,
+         uintptr_t nonfinite) {
+        lelp::BucketArgs a{reinterpret_cast<const void*>(src), src_dtype, src_stride, n, d,
+                           reinterpret_cast<const int64_t*>(labels), num_classes,
                            reinterpret_cast<const float*>(shift), reinterpret_cast<float*>(out),
+                           reinterpret_cast<int64_t*>(counts), reinterpret_cast<double*>(sums),
                            reinterpret_cast<uint8_t*>(nonfinite)};
         py::gil_scoped_release release;
-        return lelp::gather_rows_cpu(a);
+        return lelp::bucket_rows_cpu(a);
       },
-      "out[i] = float(src[index[i]]) - shift[row_class[i]]; flags non-finite rows and returns their "
-      "count (fit's per-chunk update; raw pointers).");
+      "Fit bucketing: rows by class (stable), fp32, minus shift; counts, fp64 sums, NaN flags. "
+      "Returns the number of non-finite rows, or -(r+1) for an out-of-range label at row r.");
   m.def("cpu_isa", &lelp::cpu_isa, "The CPU projection kernel in use: 'avx2' or 'portable'.");
 #ifdef LELP_WITH_CUDA
   m.attr("has_cuda") = true;

@@ -57,19 +57,22 @@ def test_bucket_rows_matches_reference(dtype, backend):
     y[:5] = 2
     shift = torch.randn(3, 37, generator=g, dtype=torch.float64)
     workspace = torch.full((203 * 37 + 11,), float("nan"))  # poisoned
-    x, counts, bad = bucket_rows(h, y, shift, 3, backend, workspace)
+    x, counts, sums, bad = bucket_rows(h, y, shift, 3, backend, workspace)
     assert bad is None
     assert counts.tolist() == [int((y == c).sum()) for c in range(3)]
     start = 0
     for c in range(3):
-        want = h[y == c].double() - shift[c].float().double()
+        want = h[y == c].double() - shift[c].float().double()  # in input order: the sort is stable
         torch.testing.assert_close(x[start:start + counts[c]].double(), want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(sums[c], want.sum(0), atol=1e-4, rtol=1e-6)
         start += counts[c]
     h[17, 3] = float("nan")
     h[150, 36] = float("inf")
     h[151, 0] = float("-inf")
-    _, _, bad = bucket_rows(h, y, shift, 3, backend, workspace)
-    assert torch.nonzero(bad).flatten().tolist() == [17, 150, 151]
+    assert torch.nonzero(bucket_rows(h, y, shift, 3, backend, workspace).bad).flatten().tolist() == [17, 150, 151]
+    y[77] = 3
+    with pytest.raises(ValueError, match=r"labels\[77\] = 3 is out of range"):
+        bucket_rows(h, y, shift, 3, backend)
 
 
 # ------------------------------------------------------------------ sources

@@ -1,9 +1,13 @@
-// Per-chunk fit update, the part BLAS cannot do: gather rows in class order,
-// convert fp16/bf16/fp32 to fp32 and subtract each row's class shift, in one
-// pass over the chunk. The Gram / sketch GEMMs that follow run in torch (MKL).
+// Per-chunk fit update, the part BLAS cannot do (DESIGN.md §2): a stable
+// counting sort of the rows by class, fp16/bf16/fp32 -> fp32 conversion, the
+// class shift, per-class sums and the NaN/Inf check, in one pass over the chunk.
+// The Gram / sketch GEMMs that follow run in BLAS.
 #include "gather.h"
 
+#include <omp.h>
+
 #include <cstring>
+#include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -38,32 +42,62 @@ bool have_f16c() {
 
 }  // namespace
 
-int64_t gather_rows_cpu(const GatherArgs& a) {
+int64_t bucket_rows_cpu(const BucketArgs& a) {
+  const int64_t C = a.num_classes, d = a.d;
+  // Stable destinations: class offsets, then each row's rank within its class.
+  std::vector<int64_t> next(C, 0), dest(a.n);
+  for (int64_t i = 0; i < a.n; ++i) {
+    const int64_t c = a.labels[i];
+    if (c < 0 || c >= C) return -(i + 1);
+    ++next[c];
+  }
+  int64_t offset = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    a.counts[c] = next[c];
+    const int64_t n_c = next[c];
+    next[c] = offset;
+    offset += n_c;
+  }
+  for (int64_t i = 0; i < a.n; ++i) dest[i] = next[a.labels[i]]++;
+
   const int64_t row_bytes = a.src_stride * cpu::dtype_size(a.src_dtype);
   const char* src = static_cast<const char*>(a.src);
   const bool f16c = a.src_dtype == kFloat16 && have_f16c();
+  const int threads = omp_get_max_threads();
+  // Per-thread fp64 sums, reduced in thread order so the result is deterministic.
+  std::vector<double> partial(static_cast<size_t>(threads) * C * d, 0.0);
   int64_t bad_rows = 0;
-#pragma omp parallel for schedule(static) reduction(+ : bad_rows)
-  for (int64_t i = 0; i < a.n; ++i) {
-    const int64_t row = a.index != nullptr ? a.index[i] : i;
-    const char* p = src + row * row_bytes;
-    float* out = a.out + i * a.d;
+#pragma omp parallel num_threads(threads) reduction(+ : bad_rows)
+  {
+    double* my_sums = partial.data() + static_cast<size_t>(omp_get_thread_num()) * C * d;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < a.n; ++i) {
+      const char* p = src + i * row_bytes;
+      float* out = a.out + dest[i] * d;
 #ifdef LELP_HAVE_F16C_KERNEL
-    if (f16c)
-      half_row_f16c(reinterpret_cast<const uint16_t*>(p), a.d, out);
-    else
+      if (f16c)
+        half_row_f16c(reinterpret_cast<const uint16_t*>(p), d, out);
+      else
 #endif
-      cpu::load_row(p, a.src_dtype, a.d, out);
-    if (a.shift != nullptr) {
-      const float* s = a.shift + (a.row_class != nullptr ? a.row_class[i] : 0) * a.d;
-      for (int64_t k = 0; k < a.d; ++k) out[k] -= s[k];
+        cpu::load_row(p, a.src_dtype, d, out);
+      const float* s = a.shift + a.labels[i] * d;
+      double* sum = my_sums + a.labels[i] * d;
+      // x * 0 is 0 for finite x and NaN for NaN/Inf: the check rides along for free.
+      float probe = 0.f;
+      for (int64_t k = 0; k < d; ++k) {
+        out[k] -= s[k];
+        probe += out[k] * 0.f;
+        sum[k] += out[k];
+      }
+      const bool bad = probe != 0.f;
+      a.nonfinite[i] = bad ? 1 : 0;
+      bad_rows += bad ? 1 : 0;
     }
-    // x * 0 is 0 for finite x and NaN for NaN/Inf: one vectorisable pass over the row.
-    float probe = 0.f;
-    for (int64_t k = 0; k < a.d; ++k) probe += out[k] * 0.f;
-    const bool bad = probe != 0.f;
-    if (a.nonfinite != nullptr) a.nonfinite[i] = bad ? 1 : 0;
-    bad_rows += bad ? 1 : 0;
+  }
+  std::memset(a.sums, 0, sizeof(double) * C * d);
+  for (int t = 0; t < threads; ++t) {
+    const double* p = partial.data() + static_cast<size_t>(t) * C * d;
+    for (int64_t k = 0; k < C * d; ++k) a.sums[k] += p[k];
   }
   return bad_rows;
 }

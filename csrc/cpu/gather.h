@@ -4,21 +4,25 @@
 
 namespace lelp {
 
-// out[i, :] = float(src[index[i], :]) - shift[row_class[i], :]
-struct GatherArgs {
-  const void* src;           // rows x d, dtype src_dtype, row stride src_stride (elements)
+// The fit's per-chunk bucketing, in one pass over the chunk:
+//   rows grouped by class (stable), converted to fp32, minus their class shift;
+//   per-class counts and fp64 sums of the shifted rows; non-finite rows flagged.
+struct BucketArgs {
+  const void* src;      // n x d, dtype src_dtype, row stride src_stride (elements)
   int src_dtype;
   int64_t src_stride;
-  int64_t d;
-  const int64_t* index;      // n source rows to read, or nullptr for 0..n-1
-  int64_t n;
-  const int64_t* row_class;  // n class ids selecting the shift row, or nullptr for class 0
-  const float* shift;        // C x d fp32, or nullptr for no shift
-  float* out;                // n x d fp32, contiguous
-  uint8_t* nonfinite;        // n flags set to 1 where the row holds NaN/Inf, or nullptr
+  int64_t n, d;
+  const int64_t* labels;  // n labels in [0, C)
+  int64_t num_classes;
+  const float* shift;   // C x d fp32
+  float* out;           // n x d fp32, contiguous: class 0 rows, then class 1, ...
+  int64_t* counts;      // C
+  double* sums;         // C x d: sum over the class's rows of (row - shift)
+  uint8_t* nonfinite;   // n flags over the *input* rows
 };
 
-// Returns the number of rows holding NaN or Inf (checked on the fp32 values, for free).
-int64_t gather_rows_cpu(const GatherArgs& a);
+// Returns the number of non-finite rows, or -(r + 1) if label r is out of range
+// (then nothing else is written).
+int64_t bucket_rows_cpu(const BucketArgs& a);
 
 }  // namespace lelp

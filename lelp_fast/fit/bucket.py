@@ -1,19 +1,34 @@
 """Per-chunk preparation for the fit GEMMs: rows grouped by class, fp32, minus their class shift.
 
-``backend="cpu"`` runs the fused C++ gather (one pass: index, convert, subtract);
-``"torch"`` is the readable equivalent. Measured on the project machine (65 536 x 768 fp16 chunk,
-2 classes): see docs/benchmarks.md, "fit per-chunk update".
+``backend="cpu"`` runs the fused C++ kernel (one pass: stable counting sort by class, dtype
+conversion, shift, per-class fp64 sums, NaN/Inf flags); ``"torch"`` is the readable equivalent.
+Measured on the project machine: docs/benchmarks.md, "fit per-chunk update".
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from ..ops import _dispatch
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class LabelOutOfRange(ValueError):
+    """A label outside ``[0, num_classes)``; ``row`` is its index in the chunk."""
+
+    def __init__(self, row: int, value: int, num_classes: int):
+        super().__init__(f"labels[{row}] = {value} is out of range: labels must lie in [0, {num_classes - 1}]")
+        self.row = row
+
+
+class Buckets(NamedTuple):
+    x: torch.Tensor  # (n, d) fp32: class 0 rows, then class 1, ..., each minus its class shift
+    counts: torch.Tensor  # (C,) int64 rows per class
+    sums: torch.Tensor  # (C, d) fp64 sum of each class's shifted rows
+    bad: Optional[torch.Tensor]  # (n,) bool over the input rows holding NaN/Inf, or None
 
 
 def bucket_rows(
@@ -23,39 +38,47 @@ def bucket_rows(
     num_classes: int,
     backend: str = "auto",
     workspace: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Returns ``(x, counts, bad)``: ``x`` (n x d fp32) holds the rows of class 0, then class 1, ...,
-    each minus ``shift[class]``; ``counts`` (C,) says how many rows each class has; ``bad`` is a
-    bool mask over the *input* rows holding NaN/Inf, or None when every row is finite.
+) -> Buckets:
+    """Groups a chunk's rows by class for the statistics (see :class:`Buckets`).
 
+    Labels must lie in ``[0, num_classes)`` (a ValueError names the first that does not).
     ``workspace``: a reusable fp32 buffer of at least n*d elements; reusing it across chunks saves
-    the page faults of a fresh allocation (about half the time of this step on the project machine).
+    the page faults of a fresh allocation.
     """
-    labels = labels.to(torch.int64)
-    counts = torch.bincount(labels, minlength=num_classes)
-    order = torch.argsort(labels, stable=True)
-    row_class = labels[order]
+    labels = labels.to(torch.int64).contiguous()
     n, d = embeddings.shape
     chosen = _dispatch.resolve(backend, embeddings.device)
     if chosen == "cpu" and embeddings.dtype in _DTYPE_CODES and embeddings.stride(-1) == 1:
-        shift32 = shift.to(torch.float32).contiguous()
         if workspace is not None and workspace.numel() >= n * d and workspace.dtype == torch.float32:
             out = workspace.view(-1)[: n * d].view(n, d)
         else:
             out = torch.empty(n, d, dtype=torch.float32)
+        shift32 = shift.to(torch.float32).contiguous()
+        counts = torch.empty(num_classes, dtype=torch.int64)
+        sums = torch.empty(num_classes, d, dtype=torch.float64)
         flags = torch.empty(n, dtype=torch.uint8)
-        n_bad = _dispatch.extension().gather_rows_cpu(
-            embeddings.data_ptr(), _DTYPE_CODES[embeddings.dtype], embeddings.stride(0), d,
-            order.data_ptr(), n, row_class.data_ptr(), shift32.data_ptr(), out.data_ptr(), flags.data_ptr(),
+        status = _dispatch.extension().bucket_rows_cpu(
+            embeddings.data_ptr(), _DTYPE_CODES[embeddings.dtype], embeddings.stride(0), n, d,
+            labels.data_ptr(), num_classes, shift32.data_ptr(), out.data_ptr(), counts.data_ptr(),
+            sums.data_ptr(), flags.data_ptr(),
         )
-        sorted_bad = flags.bool() if n_bad else None
-    else:
-        out = embeddings[order].to(torch.float32) - shift.to(torch.float32)[row_class]
-        sorted_bad = ~torch.isfinite(out).all(dim=1)
-        if not bool(sorted_bad.any()):
-            sorted_bad = None
+        if status < 0:
+            row = -status - 1
+            raise LabelOutOfRange(row, int(labels[row]), num_classes)
+        return Buckets(out, counts, sums, flags.bool() if status else None)
+
+    bad_label = (labels < 0) | (labels >= num_classes)
+    if bool(bad_label.any()):
+        row = int(torch.nonzero(bad_label)[0, 0])
+        raise LabelOutOfRange(row, int(labels[row]), num_classes)
+    counts = torch.bincount(labels, minlength=num_classes)
+    order = torch.argsort(labels, stable=True)
+    row_class = labels[order]
+    x = embeddings[order].to(torch.float32) - shift.to(torch.float32)[row_class]
+    sums = torch.zeros(num_classes, d, dtype=torch.float64).index_add_(0, row_class, x.to(torch.float64))
+    sorted_bad = ~torch.isfinite(x).all(dim=1)
     bad = None
-    if sorted_bad is not None:
+    if bool(sorted_bad.any()):
         bad = torch.zeros(n, dtype=torch.bool)
         bad[order] = sorted_bad
-    return out, counts, bad
+    return Buckets(x, counts, sums, bad)

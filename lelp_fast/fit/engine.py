@@ -19,10 +19,9 @@ from typing import Optional
 
 import torch
 
-from .._checks import check_labels
 from ..io.prefetch import prefetch
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource
-from .bucket import bucket_rows
+from .bucket import LabelOutOfRange, bucket_rows
 from .exact import ExactClassStatistics
 from .sketch import SketchClassStatistics
 
@@ -165,12 +164,9 @@ class _ChunkReader:
             raise ValueError('labels are required (or use assign="teacher")')
         if y.ndim != 1 or y.shape[0] != h.shape[0]:
             raise ValueError(f"labels ({where}) must be 1-D with one entry per row, got shape {tuple(y.shape)}")
-        try:
-            check_labels("labels", y, c, h.shape[0])
-        except ValueError as exc:
-            bad = int(torch.nonzero((y < 0) | (y >= c))[0, 0]) if not y.dtype.is_floating_point else 0
-            raise ValueError(f"{exc} (global row {chunk.start_row + bad})") from None
-        return h, y
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got {y.dtype}")
+        return h, y  # the label range is checked by the bucketing kernel (see accumulate)
 
     def drop_rows(self, chunk: Chunk, bad: torch.Tensor, h, y, z=None, what: str = "embeddings"):
         """NaN/Inf rows: raise naming the first (global row number), or drop and count them."""
@@ -185,17 +181,26 @@ class _ChunkReader:
         return h[keep], None if y is None else y[keep], None if z is None else z[keep]
 
 
-def _shift_from(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-class mean of this chunk; the chunk mean for classes it lacks (any fixed value works)."""
-    finite = torch.isfinite(h).all(dim=1)  # NaN rows are dealt with later, by the nan_policy
-    h64, y = h[finite].to(torch.float64), y[finite]
-    if h64.shape[0] == 0:
-        return torch.zeros(num_classes, h.shape[1], dtype=torch.float64)
-    shift = h64.mean(0).expand(num_classes, -1).clone()
-    for c in range(num_classes):
-        rows = h64[y == c]
-        if rows.shape[0]:
-            shift[c] = rows.mean(0)
+def _shift_from(h: torch.Tensor, y: torch.Tensor, num_classes: int, backend: str) -> torch.Tensor:
+    """Per-class mean of this chunk's finite rows; the chunk mean for classes it lacks (any fixed
+    value works: it only keeps the fp32 products small)."""
+    zero = torch.zeros(num_classes, h.shape[1], dtype=torch.float64)
+    try:
+        buckets = bucket_rows(h, y, zero, num_classes, backend)
+    except LabelOutOfRange:
+        return zero  # the main loop reports the bad label with its global row
+    counts, sums = buckets.counts, buckets.sums
+    if buckets.bad is not None:  # NaN rows: their policy is applied later; ignore them here
+        keep = ~buckets.bad
+        buckets = bucket_rows(h[keep], y[keep], zero, num_classes, backend)
+        counts, sums = buckets.counts, buckets.sums
+    total = int(counts.sum())
+    if total == 0:
+        return zero
+    overall = sums.sum(0) / total
+    present = counts > 0
+    shift = overall.expand(num_classes, -1).clone()
+    shift[present] = sums[present] / counts[present].unsqueeze(1).to(torch.float64)
     return shift
 
 
@@ -297,7 +302,7 @@ def accumulate(
             f"n_subclasses={settings.n_subclasses} exceeds d - C = {null_dim}, the dimension left after the "
             "null-space projection; lower n_subclasses"
         )
-    shift = _shift_from(first[1], first[2], c) if first is not None else torch.zeros(c, dim, dtype=torch.float64)
+    shift = _shift_from(first[1], first[2], c, settings.backend) if first is not None else torch.zeros(c, dim, dtype=torch.float64)
     _broadcast(shift, process_group)
 
     method = choose_method(settings.method, dim, c, torch.device("cpu"))
@@ -349,11 +354,14 @@ def accumulate(
             n, d = h.shape
             if workspace.numel() < n * d:
                 workspace = torch.empty(n * d)
-            x, counts, bad = bucket_rows(h, y, shift, c, settings.backend, workspace)
-            if bad is not None:  # rare: drop the rows (or raise) and bucket again
-                h, y, _ = reader.drop_rows(chunk, bad, h, y)
-                x, counts, _ = bucket_rows(h, y, shift, c, settings.backend, workspace)
-            stats.update(x, counts)
+            try:
+                buckets = bucket_rows(h, y, shift, c, settings.backend, workspace)
+            except LabelOutOfRange as exc:
+                raise ValueError(f"{exc} (global row {chunk.start_row + exc.row})") from None
+            if buckets.bad is not None:  # rare: drop the rows (or raise) and bucket again
+                h, y, _ = reader.drop_rows(chunk, buckets.bad, h, y)
+                buckets = bucket_rows(h, y, shift, c, settings.backend, workspace)
+            stats.update(buckets.x, buckets.counts, buckets.sums)
             last_index = chunk.index
             bar.update(n, chunk.embeddings.numel() * chunk.embeddings.element_size())
             chunks_done += 1

@@ -55,13 +55,14 @@ class SketchClassStatistics:
         self._omega32 = self.omega.to(torch.float32)
         self._basis32 = None if self.head_basis is None else self.head_basis.to(torch.float32)
 
-    def update(self, x: torch.Tensor, counts: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        """Same inputs as :meth:`ExactClassStatistics.update`."""
+        self.count += counts
+        self.sum += sums
         start = 0
         for c, n_c in enumerate(counts.tolist()):
             if n_c:
                 xc = x[start : start + n_c]
-                self.count[c] += n_c
-                self.sum[c] += xc.sum(0).to(torch.float64)  # fp32 sums of centred rows, one chunk
                 self.y[c] += (xc.T @ (xc @ self._omega32[c])).to(torch.float64)
                 self.sumsq[c] += float(torch.linalg.vector_norm(xc)) ** 2
                 if self._basis32 is not None:
