@@ -9,6 +9,7 @@ from torch import nn
 
 from . import reference
 from ._checks import check_choice, check_positive
+from .ops.loss import distill_loss
 from .projector import LELPProjector
 
 
@@ -28,6 +29,7 @@ class LELPLoss(nn.Module):
         alpha: weight of the hard-label cross-entropy on pooled class logits (paper: 0).
         reduction: "mean" (over kept rows), "sum" or "none".
         ignore_index: rows whose label equals it contribute nothing.
+        backend: "auto" (fused kernel for the tensor's device, else torch), "torch", "cpu", "cuda".
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class LELPLoss(nn.Module):
         alpha: float = 0.0,
         reduction: str = "mean",
         ignore_index: int = -100,
+        backend: str = "auto",
     ):
         super().__init__()
         check_choice("divergence", divergence, reference.DIVERGENCES)
@@ -66,6 +69,7 @@ class LELPLoss(nn.Module):
         self.alpha = float(alpha)
         self.reduction = reduction
         self.ignore_index = ignore_index
+        self.backend = backend
 
     def forward(
         self,
@@ -75,46 +79,47 @@ class LELPLoss(nn.Module):
         *,
         embeddings: Optional[torch.Tensor] = None,
         teacher_logits: Optional[torch.Tensor] = None,
+        teacher_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Args:
         student_logits: (N, C*S) student outputs.
-        targets: (N, C*S) log-targets (offline mode).
+        targets: (N, C*S) log-targets (offline mode), or (N, M, C*S) for M teachers.
         labels: (N,) class labels, for α ≠ 0 and ``ignore_index``.
-        embeddings: (N, d) teacher embeddings (online mode).
+        embeddings: (N, d) teacher embeddings (online mode: targets computed in the kernel).
         teacher_logits: (N, C) teacher logits (online mode, optional with a stored head).
+        teacher_weights: (N, M) per-row teacher weights (rows sum to 1) for M teachers' targets.
         """
-        k = self.num_classes * self.n_subclasses
-        if student_logits.ndim != 2 or student_logits.shape[1] != k:
-            raise ValueError(
-                f"student_logits must have shape (N, {k}) = (N, C*S), got {tuple(student_logits.shape)}"
-            )
+        online = {}
         if targets is None:
             if embeddings is None or self.projector is None:
                 raise ValueError("pass targets (offline), or embeddings with a projector-built loss (online)")
-            with torch.no_grad():
-                targets = self.projector.targets(embeddings, teacher_logits, beta=self.beta, tau=self.tau)
+            fused_weight, fused_bias = self.projector.fused_map(with_head=teacher_logits is None)
+            online = dict(embeddings=embeddings, fused_weight=fused_weight.to(embeddings.device),
+                          fused_bias=fused_bias.to(embeddings.device), teacher_logits=teacher_logits,
+                          beta=self.projector.beta if self.beta is None else self.beta)
+            if embeddings.ndim != 2 or embeddings.shape[1] != self.projector.dim:
+                raise ValueError(f"embeddings must have shape (N, {self.projector.dim}), got {tuple(embeddings.shape)}")
         elif embeddings is not None:
             raise ValueError("pass either targets or embeddings, not both")
-        if targets.shape != student_logits.shape:
+        elif targets.shape[0] != student_logits.shape[0] or targets.shape[-1] != student_logits.shape[-1]:
             raise ValueError(
                 f"targets shape {tuple(targets.shape)} does not match student_logits {tuple(student_logits.shape)}"
             )
-        if labels is not None and labels.shape != (student_logits.shape[0],):
-            raise ValueError(f"labels must have shape ({student_logits.shape[0]},), got {tuple(labels.shape)}")
-        compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-        loss = reference.distillation_loss(
-            student_logits.to(compute),
-            targets.to(device=student_logits.device, dtype=compute),
+        return distill_loss(
+            student_logits,
+            None if targets is None else targets.to(student_logits.device),
             labels,
             num_classes=self.num_classes,
             n_subclasses=self.n_subclasses,
-            divergence_kind=self.divergence,
+            divergence=self.divergence,
             tau=self.tau,
             alpha=self.alpha,
             reduction=self.reduction,
             ignore_index=self.ignore_index,
+            teacher_weights=teacher_weights,
+            backend=self.backend,
+            **online,
         )
-        return loss
 
     def extra_repr(self) -> str:
         return (

@@ -201,6 +201,11 @@ def log_targets(
     return (log_class.unsqueeze(-1) + log_sub).reshape(n, num_classes * n_subclasses)
 
 
+def mix_log_targets(log_targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Multi-teacher targets ``log Σ_m w_m t_m`` from (N, M, K) log-targets and (N, M) weights."""
+    return torch.logsumexp(torch.log(weights).unsqueeze(-1) + log_targets, dim=1)
+
+
 # ---------------------------------------------------------------------------- loss
 
 

@@ -100,46 +100,59 @@ ProjectTileFn pick_project_tile() {
 
 const char* cpu_isa() { return pick_project_tile() == project_tile_portable ? "portable" : "avx2"; }
 
-void targets_cpu(const TargetsArgs& a) {
-  const int64_t K = a.C * a.S;
-  const int64_t J = a.J;
-  const int64_t jp = (J + kCols - 1) / kCols * kCols;
-  const int64_t n_tiles = (a.n + kRows - 1) / kRows;
+TargetsWorkspace::TargetsWorkspace(const TargetsArgs& a)
+    : jp((a.J + kCols - 1) / kCols * kCols),
+      weight(a.d * jp, 0.f),
+      bias(jp, 0.f),
+      x(kRows * a.d, 0.f),
+      acc(kRows * jp),
+      z(a.C) {
+  // Weight and bias padded with zero columns to a multiple of kCols (tiny: d x jp).
+  for (int64_t k = 0; k < a.d; ++k) std::copy(a.weight + k * a.J, a.weight + (k + 1) * a.J, &weight[k * jp]);
+  std::copy(a.bias, a.bias + a.J, bias.begin());
+}
+
+int64_t targets_tile_rows() { return kRows; }
+
+void targets_tile(const TargetsArgs& a, int64_t r0, TargetsWorkspace& ws, float* log_t) {
   static const ProjectTileFn project_tile = pick_project_tile();
+  const int64_t K = a.C * a.S;
+  const int64_t rows = std::min(kRows, a.n - r0);
   const char* emb = static_cast<const char*>(a.embeddings);
   const int64_t emb_row_bytes = a.emb_stride * cpu::dtype_size(a.emb_dtype);
+  for (int64_t r = 0; r < rows; ++r)
+    cpu::load_row(emb + (r0 + r) * emb_row_bytes, a.emb_dtype, a.d, &ws.x[r * a.d]);
+  project_tile(ws.x.data(), a.d, ws.weight.data(), ws.bias.data(), ws.jp, ws.acc.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = r0 + r;
+    const float* u = &ws.acc[r * ws.jp];
+    const float* zr = u + K;  // class logits from the head follow the K projections
+    if (a.logits != nullptr) {
+      const char* lp =
+          static_cast<const char*>(a.logits) + row * a.logits_stride * cpu::dtype_size(a.logits_dtype);
+      cpu::load_row(lp, a.logits_dtype, a.C, ws.z.data());
+      zr = ws.z.data();
+    }
+    row_log_targets(u, zr, static_cast<int>(a.C), static_cast<int>(a.S), a.inv_beta, a.inv_tau,
+                    log_t + r * K);
+  }
+}
 
-  // Weight and bias padded with zero columns to a multiple of kCols (tiny: d x jp).
-  std::vector<float> w(a.d * jp, 0.f), bias(jp, 0.f);
-  for (int64_t k = 0; k < a.d; ++k) std::copy(a.weight + k * J, a.weight + (k + 1) * J, &w[k * jp]);
-  std::copy(a.bias, a.bias + J, bias.begin());
-
+void targets_cpu(const TargetsArgs& a) {
+  const int64_t K = a.C * a.S;
+  const int64_t n_tiles = (a.n + kRows - 1) / kRows;
 #pragma omp parallel
   {
-    std::vector<float> x(kRows * a.d, 0.f);
-    std::vector<float> acc(kRows * jp);
-    std::vector<float> z(a.C), row_out(K);
+    TargetsWorkspace ws(a);
+    std::vector<float> out(kRows * K);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_tiles; ++t) {
       const int64_t r0 = t * kRows;
       const int64_t rows = std::min(kRows, a.n - r0);
-      for (int64_t r = 0; r < rows; ++r)
-        cpu::load_row(emb + (r0 + r) * emb_row_bytes, a.emb_dtype, a.d, &x[r * a.d]);
-      project_tile(x.data(), a.d, w.data(), bias.data(), jp, acc.data());
+      targets_tile(a, r0, ws, out.data());
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = r0 + r;
-        const float* u = &acc[r * jp];
-        const float* zr = u + K;  // class logits from the head follow the K projections
-        if (a.logits != nullptr) {
-          const char* lp = static_cast<const char*>(a.logits) +
-                           row * a.logits_stride * cpu::dtype_size(a.logits_dtype);
-          cpu::load_row(lp, a.logits_dtype, a.C, z.data());
-          zr = z.data();
-        }
-        row_log_targets(u, zr, static_cast<int>(a.C), static_cast<int>(a.S), a.inv_beta,
-                        a.inv_tau, row_out.data());
-        char* op = static_cast<char*>(a.out) + row * a.out_stride * cpu::dtype_size(a.out_dtype);
-        cpu::store_row(row_out.data(), K, a.out_dtype, op);
+        char* op = static_cast<char*>(a.out) + (r0 + r) * a.out_stride * cpu::dtype_size(a.out_dtype);
+        cpu::store_row(&out[r * K], K, a.out_dtype, op);
       }
     }
   }

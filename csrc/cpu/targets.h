@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace lelp {
 
@@ -26,6 +27,16 @@ struct TargetsArgs {
 };
 
 void targets_cpu(const TargetsArgs& a);
+
+// Per-thread scratch of the targets tile: the padded fused map and tile buffers.
+struct TargetsWorkspace {
+  explicit TargetsWorkspace(const TargetsArgs& a);
+  int64_t jp;
+  std::vector<float> weight, bias, x, acc, z;
+};
+// Rows per tile, and the fp32 log-targets of rows [r0, r0 + tile rows) into log_t (rows x K).
+int64_t targets_tile_rows();
+void targets_tile(const TargetsArgs& a, int64_t r0, TargetsWorkspace& ws, float* log_t);
 // "avx2" or "portable": the projection kernel this process runs on CPU.
 const char* cpu_isa();
 #ifdef LELP_WITH_CUDA

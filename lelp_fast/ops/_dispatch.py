@@ -1,8 +1,9 @@
 """Backend selection: the fastest available backend for a tensor's device, or a forced one.
 
 ``backend="auto"`` honours the ``LELP_FAST_BACKEND`` environment variable, then picks the
-compiled kernels for the device (``cpu`` for CPU tensors, ``cuda`` for CUDA tensors) and
-falls back to the ``torch`` reference path when the extension is missing.
+compiled kernels for the device (``triton``, then ``cuda`` for CUDA tensors; ``cpu`` for CPU
+tensors) and falls back to the ``torch`` reference path when none is available. Triton runs on
+CPU tensors only when forced and ``TRITON_INTERPRET=1`` (the interpreter, for tests).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "torch", "cpu", "cuda")
+BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 
 try:  # the compiled extension is optional at import time: the torch path always works
     from .. import _C  # type: ignore[attr-defined]
@@ -28,10 +29,22 @@ def extension():
     return _C
 
 
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def available(backend: str, device: torch.device) -> bool:
     """Whether ``backend`` can run on tensors of ``device``."""
     if backend == "torch":
         return True
+    if backend == "triton":
+        if device.type == "cuda":
+            return _triton_importable()
+        return os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable()
     if _C is None:
         return False
     if backend == "cpu":
@@ -50,7 +63,9 @@ def resolve(backend: str, device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"LELP_FAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        for candidate in ("cuda", "cpu"):
+        # Not measured on a GPU yet: Triton (tiled, tensor-core dot) ahead of the baseline CUDA kernels.
+        candidates = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+        for candidate in candidates:
             if available(candidate, device):
                 return candidate
         return "torch"

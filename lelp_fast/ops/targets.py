@@ -73,7 +73,7 @@ def lelp_targets(
         teacher_logits: (N, C) class logits; when None they come from the last C columns.
         beta, tau: subclass and class temperatures.
         out_dtype: float32, float16 or bfloat16 (float64 on the torch backend).
-        backend: "auto", "torch", "cpu" or "cuda".
+        backend: "auto", "torch", "cpu", "cuda" or "triton".
         check_inputs: scan inputs for NaN/Inf first (one extra read; off for trusted inputs).
         out: optional preallocated (N, C*S) output whose rows are contiguous; its dtype wins
             over ``out_dtype``.
@@ -139,4 +139,11 @@ def lelp_targets(
         logits = teacher_logits if teacher_logits.stride(-1) == 1 else teacher_logits.contiguous()
     if out is None:
         out = torch.empty(emb.shape[0], k, dtype=out_dtype, device=emb.device)
+    if chosen == "triton":
+        from ..kernels.triton.targets import targets_triton
+
+        if emb.shape[0]:
+            targets_triton(emb, weight.to(emb.device, torch.float32), bias.to(emb.device, torch.float32),
+                           num_classes, n_subclasses, logits, beta, tau, out)
+        return out
     return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, chosen)

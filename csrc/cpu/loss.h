@@ -1,0 +1,36 @@
+#pragma once
+
+#include <cstdint>
+
+#include "targets.h"
+
+namespace lelp {
+
+// The fused distillation loss: per-row loss and dL/ds (before the reduction) in one pass.
+// Targets come either precomputed (log_targets, M teachers mixed by per-row weights) or
+// online from teacher embeddings (targets != nullptr), never materialised as N x K.
+struct LossArgs {
+  const void* student;  // N x K logits, dtype student_dtype, row stride student_stride
+  int student_dtype;
+  int64_t student_stride;
+  int64_t n, C, S;
+  const void* log_targets;  // N x M x K log-targets (row i, teacher m at i*targets_stride + m*K)
+  int targets_dtype;
+  int64_t targets_stride;
+  int64_t n_teachers;       // M
+  const float* weights;     // N x M fp32 mixing weights (rows sum to 1), or nullptr when M = 1
+  const TargetsArgs* online;  // teacher embeddings -> targets in-kernel, or nullptr
+  const int64_t* labels;    // N labels or nullptr
+  int64_t ignore_index;
+  int divergence;
+  float tau, alpha;
+  float* loss_rows;         // N fp32 (0 for ignored rows)
+  float* grad;              // N x K fp32, contiguous (0 for ignored rows)
+};
+
+void loss_cpu(const LossArgs& a);
+#ifdef LELP_WITH_CUDA
+void loss_cuda(const LossArgs& a, void* stream);
+#endif
+
+}  // namespace lelp

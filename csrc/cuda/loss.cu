@@ -1,0 +1,82 @@
+// CUDA fused distillation loss: one thread per row (a correct baseline, like the
+// targets kernel), the same row math as the CPU (lelp/loss_math.h).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "../cpu/loss.h"
+#include "lelp/loss_math.h"
+
+namespace lelp {
+namespace {
+
+constexpr int kMaxK = 512;
+
+__device__ __forceinline__ float load(const void* p, int dtype, int64_t i) {
+  if (dtype == kFloat32) return static_cast<const float*>(p)[i];
+  if (dtype == kFloat16) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+__global__ void loss_kernel(LossArgs a, TargetsArgs online, bool has_online) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= a.n) return;
+  const int K = static_cast<int>(a.C * a.S);
+  float* g = a.grad + row * K;
+  const int64_t label = a.labels != nullptr ? a.labels[row] : -1;
+  if (a.labels != nullptr && label == a.ignore_index) {
+    a.loss_rows[row] = 0.f;
+    for (int k = 0; k < K; ++k) g[k] = 0.f;
+    return;
+  }
+  float log_t[kMaxK], s[kMaxK], log_q[kMaxK];
+  if (has_online) {
+    float u[kMaxK + kMaxK];
+    float z[kMaxK];
+    for (int64_t j = 0; j < online.J; ++j) u[j] = online.bias[j];
+    for (int64_t k = 0; k < online.d; ++k) {
+      const float x = load(online.embeddings, online.emb_dtype, row * online.emb_stride + k);
+      for (int64_t j = 0; j < online.J; ++j) u[j] += x * online.weight[k * online.J + j];
+    }
+    const float* zr = u + K;
+    if (online.logits != nullptr) {
+      for (int64_t c = 0; c < a.C; ++c) z[c] = load(online.logits, online.logits_dtype, row * online.logits_stride + c);
+      zr = z;
+    }
+    row_log_targets(u, zr, static_cast<int>(a.C), static_cast<int>(a.S), online.inv_beta, online.inv_tau, log_t);
+  } else if (a.weights == nullptr) {
+    for (int k = 0; k < K; ++k) log_t[k] = load(a.log_targets, a.targets_dtype, row * a.targets_stride + k);
+  } else {
+    for (int k = 0; k < K; ++k) log_t[k] = -INFINITY;
+    for (int64_t m = 0; m < a.n_teachers; ++m) {
+      const float w = a.weights[row * a.n_teachers + m];
+      if (!(w > 0.f)) continue;
+      const float log_w = logf(w);
+      for (int k = 0; k < K; ++k)
+        log_t[k] = logaddexp_(log_t[k], log_w + load(a.log_targets, a.targets_dtype, row * a.targets_stride + m * K + k));
+    }
+  }
+  for (int k = 0; k < K; ++k) s[k] = load(a.student, a.student_dtype, row * a.student_stride + k);
+  a.loss_rows[row] = row_loss_grad(s, log_t, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.tau,
+                                   a.alpha, static_cast<int>(label), log_q, g);
+}
+
+}  // namespace
+
+void loss_cuda(const LossArgs& a, void* stream) {
+  if (a.C * a.S > kMaxK) throw std::invalid_argument("cuda loss: K = C*S must be <= 512");
+  if (a.n == 0) return;
+  const int threads = 128;
+  const unsigned blocks = static_cast<unsigned>((a.n + threads - 1) / threads);
+  TargetsArgs online{};
+  const bool has_online = a.online != nullptr;
+  if (has_online) online = *a.online;
+  loss_kernel<<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(a, online, has_online);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string("cuda loss launch failed: ") + cudaGetErrorString(err));
+}
+
+}  // namespace lelp

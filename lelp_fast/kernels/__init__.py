@@ -1,0 +1,1 @@
+"""Python-side GPU kernels (Triton)."""

@@ -1,0 +1,226 @@
+"""The fused distillation loss: per-row loss and its gradient in one pass over the logits.
+
+``distill_loss`` computes ``τ² · D(t, softmax(s/τ)) + α · CE(y, logsumexp-pool(s))`` per row with
+the targets either precomputed (one teacher, or M teachers mixed by per-row weights inside the
+kernel) or computed in-kernel from teacher embeddings, then reduces with ordinary torch ops.
+
+The compiled kernels are registered as ``torch.library`` custom ops with fake implementations, so
+the loss traces under ``torch.compile`` and has no host synchronisation (no ``.item()``, no
+data-dependent shapes): the gradient is produced in the forward pass and scaled by the incoming
+gradient in the backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from . import _dispatch
+
+DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "js": 2, "tvd": 3}
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _rows_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("lelp_fast::loss_rows", mutates_args=())
+def _loss_rows(
+    student: Tensor,
+    log_targets: Optional[Tensor],
+    weights: Optional[Tensor],
+    labels: Optional[Tensor],
+    embeddings: Optional[Tensor],
+    fused_weight: Optional[Tensor],
+    fused_bias: Optional[Tensor],
+    teacher_logits: Optional[Tensor],
+    num_classes: int,
+    n_subclasses: int,
+    divergence: int,
+    tau: float,
+    alpha: float,
+    beta: float,
+    ignore_index: int,
+    use_triton: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Compiled kernel: (loss per row (N,) fp32, dL_row/ds (N, K) fp32)."""
+    n, k = student.shape
+    loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
+    grad = torch.empty(n, k, dtype=torch.float32, device=student.device)
+    if n == 0:
+        return loss_rows, grad
+    student = _rows_contiguous(student) if student.stride(-1) != 1 else student
+    if log_targets is not None:
+        n_teachers = 1 if log_targets.ndim == 2 else log_targets.shape[1]
+        log_targets = log_targets if log_targets.is_contiguous() else log_targets.contiguous()
+        targets_args = (_ptr(log_targets), _DTYPE_CODES[log_targets.dtype], n_teachers * k, n_teachers)
+    else:
+        targets_args = (0, 0, 0, 1)
+    weights = None if weights is None else weights.to(torch.float32).contiguous()
+    labels = None if labels is None else labels.to(torch.int64).contiguous()
+    if embeddings is not None:
+        emb = embeddings if embeddings.stride(-1) == 1 else embeddings.contiguous()
+        z = _rows_contiguous(teacher_logits) if teacher_logits is not None else None
+        z = teacher_logits if z is None else z
+        w32 = fused_weight.to(torch.float32).contiguous()
+        b32 = fused_bias.to(torch.float32).contiguous()
+        online = (
+            emb.data_ptr(), _DTYPE_CODES[emb.dtype], emb.stride(0), emb.shape[1], w32.data_ptr(), b32.data_ptr(),
+            w32.shape[1], _ptr(z), 0 if z is None else _DTYPE_CODES[z.dtype], 0 if z is None else z.stride(0),
+            float(beta),
+        )
+    else:
+        online = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0)
+    if use_triton:
+        from ..kernels.triton.loss import loss_triton
+
+        if embeddings is not None:
+            raise ValueError("the triton backend takes precomputed targets; use backend='cuda' or 'cpu' online")
+        loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, tau, alpha,
+                    ignore_index, loss_rows, grad)
+        return loss_rows, grad
+    ext = _dispatch.extension()
+    fn = ext.loss_cuda if student.device.type == "cuda" else ext.loss_cpu
+    extra = (torch.cuda.current_stream(student.device).cuda_stream,) if student.device.type == "cuda" else ()
+    fn(
+        student.data_ptr(), _DTYPE_CODES[student.dtype], student.stride(0), n, num_classes, n_subclasses,
+        *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(tau), float(alpha),
+        loss_rows.data_ptr(), grad.data_ptr(), *online, *extra,
+    )
+    return loss_rows, grad
+
+
+@_loss_rows.register_fake
+def _(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
+      num_classes, n_subclasses, divergence, tau, alpha, beta, ignore_index, use_triton):
+    n, k = student.shape
+    return student.new_empty(n, dtype=torch.float32), student.new_empty(n, k, dtype=torch.float32)
+
+
+class _RowsWithGrad(torch.autograd.Function):
+    """Per-row losses whose gradient w.r.t. the student logits was computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, loss_rows: Tensor, grad: Tensor) -> Tensor:
+        ctx.save_for_backward(grad)
+        ctx.student_dtype = student.dtype
+        return loss_rows
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_rows.unsqueeze(1)).to(ctx.student_dtype), None, None
+
+
+def _reduce(per_row: Tensor, labels: Optional[Tensor], ignore_index: int, reduction: str) -> Tensor:
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    if labels is not None:
+        count = (labels != ignore_index).sum()
+    else:
+        count = torch.tensor(per_row.shape[0], device=per_row.device)
+    return per_row.sum() / count.clamp(min=1).to(per_row.dtype)
+
+
+def distill_loss(
+    student_logits: Tensor,
+    log_targets: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    *,
+    num_classes: int,
+    n_subclasses: int,
+    divergence: str = "kl",
+    tau: float = 1.0,
+    alpha: float = 0.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    teacher_weights: Optional[Tensor] = None,
+    embeddings: Optional[Tensor] = None,
+    fused_weight: Optional[Tensor] = None,
+    fused_bias: Optional[Tensor] = None,
+    teacher_logits: Optional[Tensor] = None,
+    beta: float = 1.0,
+    backend: str = "auto",
+) -> Tensor:
+    """The distillation loss of DESIGN.md §1, fused where a compiled backend is available.
+
+    Targets: ``log_targets`` (N, K), or (N, M, K) with ``teacher_weights`` (N, M) (rows summing
+    to 1) mixed as ``t = Σ_m w_m t_m`` inside the kernel; or ``embeddings`` (N, d) with the
+    projector's ``fused_weight``/``fused_bias`` (and optional ``teacher_logits``), computed
+    in-kernel at temperatures ``beta``, ``tau``. Rows labelled ``ignore_index`` contribute 0.
+    """
+    if divergence not in DIVERGENCE_CODES:
+        raise ValueError(f"divergence must be one of {tuple(DIVERGENCE_CODES)}, got {divergence!r}")
+    if reduction not in reference.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
+    k = num_classes * n_subclasses
+    if student_logits.ndim != 2 or student_logits.shape[1] != k:
+        raise ValueError(f"student_logits must have shape (N, {k}) = (N, C*S), got {tuple(student_logits.shape)}")
+    n = student_logits.shape[0]
+    if (log_targets is None) == (embeddings is None):
+        raise ValueError("pass exactly one of log_targets (offline) or embeddings (online)")
+    if log_targets is not None:
+        multi = log_targets.ndim == 3
+        if log_targets.shape[0] != n or log_targets.shape[-1] != k or log_targets.ndim not in (2, 3):
+            raise ValueError(f"log_targets must have shape ({n}, {k}) or ({n}, M, {k}), got {tuple(log_targets.shape)}")
+        if multi and (teacher_weights is None or teacher_weights.shape != log_targets.shape[:2]):
+            raise ValueError(f"teacher_weights must have shape {tuple(log_targets.shape[:2])} for M teachers")
+        if not multi and teacher_weights is not None:
+            raise ValueError("teacher_weights needs log_targets of shape (N, M, K)")
+    if labels is not None and labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    if alpha != 0.0 and labels is None:
+        raise ValueError("labels are required when alpha != 0 (the hard-label term needs them)")
+    # CPU eager only: on a GPU the check would synchronise, and under torch.compile it would break the graph.
+    if labels is not None and labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            row = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(f"labels[{row}] = {int(labels[row])} is out of range [0, {num_classes - 1}]")
+
+    chosen = _dispatch.resolve(backend, student_logits.device)
+    dtypes = [student_logits.dtype] + [t.dtype for t in (log_targets, embeddings, teacher_logits) if t is not None]
+    if chosen != "torch" and not all(dt in _DTYPE_CODES for dt in dtypes):
+        if backend != "auto":
+            raise ValueError(f"backend {chosen!r} takes float32/float16/bfloat16 tensors; use backend='torch' for float64")
+        chosen = "torch"
+    if chosen == "torch":
+        per_row = _loss_torch(student_logits, log_targets, teacher_weights, labels, embeddings, fused_weight,
+                              fused_bias, teacher_logits, num_classes, n_subclasses, divergence, tau, alpha, beta,
+                              ignore_index)
+    else:
+        loss_rows, grad = _loss_rows(
+            student_logits.detach(), log_targets, teacher_weights, labels, embeddings, fused_weight, fused_bias,
+            teacher_logits, num_classes, n_subclasses, DIVERGENCE_CODES[divergence], float(tau), float(alpha),
+            float(beta), int(ignore_index), chosen == "triton",
+        )
+        per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad)
+    return _reduce(per_row, labels, ignore_index, reduction)
+
+
+def _loss_torch(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
+                num_classes, n_subclasses, divergence, tau, alpha, beta, ignore_index) -> Tensor:
+    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    if embeddings is not None:
+        k = num_classes * n_subclasses
+        proj = embeddings.to(compute) @ fused_weight.to(compute) + fused_bias.to(compute)
+        z = proj[:, k:] if teacher_logits is None else teacher_logits.to(compute)
+        log_t = reference.log_targets(proj[:, :k], z, n_subclasses, beta, tau)
+    elif log_targets.ndim == 3:
+        log_t = reference.mix_log_targets(log_targets.to(compute), weights.to(compute))
+    else:
+        log_t = log_targets.to(compute)
+    return reference.distillation_loss(
+        student.to(compute), log_t.detach(), labels, num_classes=num_classes, n_subclasses=n_subclasses,
+        divergence_kind=divergence, tau=tau, alpha=alpha, reduction="none", ignore_index=ignore_index,
+    )

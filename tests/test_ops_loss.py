@@ -1,0 +1,204 @@
+"""The fused loss (forward + backward) on every available backend against the fp64 reference."""
+
+import pytest
+import torch
+
+from lelp_fast import reference
+from lelp_fast.ops import _dispatch, distill_loss
+
+BACKENDS = ["torch"] + (["cpu"] if _dispatch.available("cpu", torch.device("cpu")) else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Per input dtype: the inputs are rounded once, all math is fp32.
+TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
+
+
+def make_inputs(n, num_classes, s, seed, scale=3.0, m=None):
+    g = torch.Generator().manual_seed(seed)
+    k = num_classes * s
+    student = torch.randn(n, k, generator=g, dtype=torch.float64) * scale
+    shape = (n, k) if m is None else (n, m, k)
+    log_t = torch.log_softmax(torch.randn(*shape, generator=g, dtype=torch.float64) * scale, dim=-1)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    return student, log_t, labels
+
+
+def reference_loss_and_grad(student, log_t, labels, **kw):
+    s = student.detach().double().requires_grad_(True)
+    loss = reference.distillation_loss(s, log_t.double(), labels, **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), s) if loss.ndim else torch.autograd.grad(loss, s)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("divergence", reference.DIVERGENCES)
+@pytest.mark.parametrize("shape", [(1, 2, 1), (37, 2, 8), (130, 5, 8), (9, 3, 13), (4, 2, 256)])
+def test_loss_forward_backward_match_reference(backend, dtype, divergence, shape):
+    n, num_classes, s = shape
+    student, log_t, labels = make_inputs(n, num_classes, s, seed=n * s + num_classes)
+    labels[0] = -100 if n > 1 else labels[0]
+    student_in = student.to(dtype).requires_grad_(True)
+    log_t_in = log_t.to(dtype)
+    kw = dict(num_classes=num_classes, n_subclasses=s, tau=1.7, alpha=0.3)
+    loss = distill_loss(student_in, log_t_in, labels, divergence=divergence, backend=backend, **kw)
+    grad_out = torch.tensor(0.37)
+    (grad,) = torch.autograd.grad(loss, student_in, grad_out)
+    want_loss, want_grad = reference_loss_and_grad(student_in, log_t_in, labels, divergence_kind=divergence, **kw)
+    atol, rtol = TOL[dtype]
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), want_loss, atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad.double(), 0.37 * want_grad, atol=atol * 2, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
+def test_reductions_and_grad_output(backend, reduction):
+    student, log_t, labels = make_inputs(23, 2, 4, seed=1)
+    labels[[3, 9]] = -100
+    x = student.float().requires_grad_(True)
+    loss = distill_loss(x, log_t.float(), labels, num_classes=2, n_subclasses=4, reduction=reduction,
+                        alpha=0.5, backend=backend)
+    g_out = torch.linspace(-1, 2, 23) if reduction == "none" else torch.tensor(1.9)
+    (grad,) = torch.autograd.grad(loss, x, g_out)
+    s = student.clone().requires_grad_(True)
+    want = reference.distillation_loss(s, log_t, labels, num_classes=2, n_subclasses=4, reduction=reduction,
+                                       alpha=0.5)
+    (want_grad,) = torch.autograd.grad(want, s, g_out.double())
+    torch.testing.assert_close(loss.double(), want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored(backend):
+    student, log_t, _ = make_inputs(6, 2, 3, seed=2)
+    labels = torch.full((6,), -100)
+    x = student.float().requires_grad_(True)
+    loss = distill_loss(x, log_t.float(), labels, num_classes=2, n_subclasses=3, alpha=1.0, backend=backend)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", reference.DIVERGENCES)
+def test_huge_logits_and_tiny_beta(backend, divergence):
+    """Logits of ±1e4 and targets from β = 0.01: finite loss and gradient, equal to the reference."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(8, 2 * 4, generator=g, dtype=torch.float64) * 50
+    z = torch.randn(8, 2, generator=g, dtype=torch.float64) * 1e4
+    log_t = reference.log_targets(u, z, 4, beta=0.01)
+    student = torch.randn(8, 8, generator=g, dtype=torch.float64) * 1e4
+    x = student.float().requires_grad_(True)
+    loss = distill_loss(x, log_t.float(), None, num_classes=2, n_subclasses=4, divergence=divergence,
+                        backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    want, want_grad = reference_loss_and_grad(x, log_t.float(), None, num_classes=2, n_subclasses=4,
+                                              divergence_kind=divergence)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multi_teacher_mixing(backend, dtype):
+    student, log_t, labels = make_inputs(31, 3, 5, seed=4, m=3)
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(31, 3, generator=g, dtype=torch.float64)
+    w[0] = torch.tensor([1.0, 0.0, 0.0])  # a zero weight is skipped, not log(0)
+    w = w / w.sum(1, keepdim=True)
+    x = student.to(dtype).requires_grad_(True)
+    loss = distill_loss(x, log_t.to(dtype), labels, num_classes=3, n_subclasses=5, teacher_weights=w.float(),
+                        divergence="js", backend=backend)
+    loss.backward()
+    mixed = torch.log((w.unsqueeze(-1) * log_t.to(dtype).double().exp()).sum(1))  # t = Σ w_m t_m
+    want, want_grad = reference_loss_and_grad(x, mixed, labels, num_classes=3, n_subclasses=5, divergence_kind="js")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), want, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x.grad.double(), want_grad, atol=atol * 2, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_logits", [False, True])
+def test_online_targets_inside_the_kernel(backend, with_logits):
+    g = torch.Generator().manual_seed(6)
+    n, d, num_classes, s = 45, 33, 2, 6
+    k = num_classes * s
+    emb = torch.randn(n, d, generator=g)
+    j = k if with_logits else k + num_classes
+    weight = torch.randn(d, j, generator=g) / d**0.5
+    bias = torch.randn(j, generator=g)
+    z = torch.randn(n, num_classes, generator=g) * 2 if with_logits else None
+    student = torch.randn(n, k, generator=g, requires_grad=True)
+    loss = distill_loss(student, None, None, num_classes=num_classes, n_subclasses=s, embeddings=emb.bfloat16(),
+                        fused_weight=weight, fused_bias=bias, teacher_logits=z, beta=0.5, tau=2.0, backend=backend)
+    loss.backward()
+    proj = emb.bfloat16().double() @ weight.double() + bias.double()
+    log_t = reference.log_targets(proj[:, :k], proj[:, k:] if z is None else z.double(), s, beta=0.5, tau=2.0)
+    want, want_grad = reference_loss_and_grad(student, log_t, None, num_classes=num_classes, n_subclasses=s, tau=2.0)
+    torch.testing.assert_close(loss.double(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(student.grad.double(), want_grad, atol=2e-5, rtol=1e-4)
+
+
+def test_non_contiguous_student_logits():
+    student, log_t, labels = make_inputs(20, 2, 3, seed=7)
+    wide = torch.randn(20, 12)
+    wide[:, ::2] = student.float()
+    x = wide[:, ::2]
+    for backend in BACKENDS:
+        got = distill_loss(x, log_t.float(), labels, num_classes=2, n_subclasses=3, backend=backend)
+        want = reference.distillation_loss(student, log_t, labels, num_classes=2, n_subclasses=3)
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+
+
+def test_torch_compile_traces_the_fused_loss():
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the compiled extension")
+    student, log_t, labels = make_inputs(16, 2, 4, seed=8)
+
+    def step(x, t, y):
+        return distill_loss(x, t, y, num_classes=2, n_subclasses=4, alpha=0.2, backend="cpu")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = student.float().requires_grad_(True)
+    loss = compiled(x, log_t.float(), labels)
+    loss.backward()
+    x2 = student.float().requires_grad_(True)
+    eager = step(x2, log_t.float(), labels)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_bad_arguments():
+    student, log_t, labels = make_inputs(5, 2, 3, seed=9)
+    x = student.float()
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        distill_loss(x, log_t.float(), num_classes=2, n_subclasses=3, divergence="hellinger")
+    with pytest.raises(ValueError, match=r"student_logits must have shape \(N, 6\)"):
+        distill_loss(x[:, :5], log_t.float(), num_classes=2, n_subclasses=3)
+    with pytest.raises(ValueError, match="exactly one of log_targets"):
+        distill_loss(x, None, num_classes=2, n_subclasses=3)
+    with pytest.raises(ValueError, match="teacher_weights must have shape"):
+        distill_loss(x, log_t.float().unsqueeze(1).repeat(1, 2, 1), num_classes=2, n_subclasses=3)
+    bad = labels.clone()
+    bad[2] = 5
+    with pytest.raises(ValueError, match=r"labels\[2\] = 5 is out of range"):
+        distill_loss(x, log_t.float(), bad, num_classes=2, n_subclasses=3)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+        distill_loss(x, log_t.float(), num_classes=2, n_subclasses=3, backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _dispatch.available("cuda", torch.device("cuda")),
+                    reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("divergence", reference.DIVERGENCES)
+def test_cuda_loss_matches_reference(divergence):
+    student, log_t, labels = make_inputs(1031, 5, 8, seed=10)
+    x = student.float().cuda().requires_grad_(True)
+    loss = distill_loss(x, log_t.float().cuda(), labels.cuda(), num_classes=5, n_subclasses=8,
+                        divergence=divergence, alpha=0.3, backend="cuda")
+    loss.backward()
+    want, want_grad = reference_loss_and_grad(x.cpu(), log_t.float(), labels, num_classes=5, n_subclasses=8,
+                                              divergence_kind=divergence, alpha=0.3)
+    torch.testing.assert_close(loss.cpu().double(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(x.grad.cpu().double(), want_grad, atol=2e-5, rtol=1e-4)
