@@ -215,20 +215,25 @@ def class_logits(student_logits: torch.Tensor, num_classes: int, n_subclasses: i
     return torch.logsumexp(student_logits.reshape(*shape, num_classes, n_subclasses), dim=-1)
 
 
+def _plogp_ratio(p: torch.Tensor, log_p: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
+    """``p · (log p − log x)`` with the convention ``0 · log 0 = 0`` (targets may underflow to 0)."""
+    return torch.where(p > 0, p * (log_p - log_x), torch.zeros_like(p))
+
+
 def divergence(log_t: torch.Tensor, log_q: torch.Tensor, kind: str = "kl") -> torch.Tensor:
     """Per-row f-divergence between targets t and student q, both given as log-probabilities.
 
-    Computed in log space so huge logits and tiny β give no NaN: ``t·(log t − log q)`` is finite
-    whenever both logs are (an underflowed t contributes 0 · finite = 0).
+    Computed in log space so huge logits and tiny β give no NaN; a probability that underflows to
+    exactly 0 contributes 0 (``0 · log 0 = 0``), as in the kernels.
     """
     t, q = log_t.exp(), log_q.exp()
     if kind == "kl":
-        return (t * (log_t - log_q)).sum(-1)
+        return _plogp_ratio(t, log_t, log_q).sum(-1)
     if kind == "reverse_kl":
-        return (q * (log_q - log_t)).sum(-1)
+        return _plogp_ratio(q, log_q, log_t).sum(-1)
     if kind == "js":
         log_m = torch.logaddexp(log_t, log_q) - math.log(2.0)
-        return 0.5 * ((t * (log_t - log_m)).sum(-1) + (q * (log_q - log_m)).sum(-1))
+        return 0.5 * (_plogp_ratio(t, log_t, log_m).sum(-1) + _plogp_ratio(q, log_q, log_m).sum(-1))
     if kind == "tvd":
         return 0.5 * (t - q).abs().sum(-1)
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {kind!r}")

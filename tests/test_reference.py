@@ -197,3 +197,19 @@ def test_class_logits_pools_by_logsumexp():
     s = torch.randn(4, 6, dtype=torch.float64)
     pooled = reference.class_logits(s, 3, 2)
     torch.testing.assert_close(pooled[:, 1], torch.logaddexp(s[:, 2], s[:, 3]))
+
+
+@pytest.mark.parametrize("kind", reference.DIVERGENCES)
+def test_targets_with_exact_zeros_follow_0_log_0_convention(kind):
+    """A one-hot target (log t = -inf) gives a finite loss and gradient: 0 · log 0 = 0."""
+    log_t = torch.tensor([[0.0, -float("inf"), -float("inf")]], dtype=torch.float64)
+    s = torch.tensor([[2.0, -1.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    log_q = torch.log_softmax(s, -1)
+    d = reference.divergence(log_t, log_q, kind)
+    d.sum().backward()
+    if kind == "reverse_kl":  # KL(q || t) is infinite where t = 0 < q: correctly so
+        assert torch.isinf(d).all()
+    else:
+        assert torch.isfinite(d).all() and torch.isfinite(s.grad).all()
+    if kind == "kl":
+        torch.testing.assert_close(d, -log_q[:, 0])  # KL to a one-hot target is the cross-entropy

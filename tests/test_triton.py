@@ -1,0 +1,77 @@
+"""Triton kernels against the fp64 reference; on CPU under TRITON_INTERPRET=1 (small sizes)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
+
+triton = pytest.importorskip("triton")
+
+from lelp_fast import reference  # noqa: E402
+from lelp_fast.ops import distill_loss, lelp_targets  # noqa: E402
+from test_ops_targets import fp64_reference, random_map  # noqa: E402
+from test_ops_loss import TOL, make_inputs, reference_loss_and_grad  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 5, 2, 1), (19, 37, 3, 5), (33, 70, 2, 8)])
+@pytest.mark.parametrize("with_head", [True, False])
+def test_triton_targets_match_reference(dtype, shape, with_head):
+    n, d, num_classes, s = shape
+    h, weight, bias, logits = random_map(n, d, num_classes, s, with_head, seed=n + d)
+    h_in = h.to(dtype)
+    z_in = None if logits is None else logits.to(dtype)
+    want = fp64_reference(h_in, weight, bias, z_in, num_classes, s, beta=0.8, tau=1.3)
+    out = torch.full((n, num_classes * s), float("nan"), device=DEVICE)  # poisoned
+    got = lelp_targets(h_in.to(DEVICE), weight.float().to(DEVICE), bias.float().to(DEVICE), num_classes, s,
+                       teacher_logits=None if z_in is None else z_in.to(DEVICE), beta=0.8, tau=1.3,
+                       backend="triton", out=out)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.cpu().double(), want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("divergence", reference.DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2, 1), (21, 3, 5), (6, 2, 40)])
+def test_triton_loss_matches_reference(divergence, dtype, shape):
+    n, num_classes, s = shape
+    student, log_t, labels = make_inputs(n, num_classes, s, seed=n + s)
+    if n > 1:
+        labels[1] = -100
+    x = student.to(dtype).to(DEVICE).requires_grad_(True)
+    kw = dict(num_classes=num_classes, n_subclasses=s, tau=1.7, alpha=0.3)
+    loss = distill_loss(x, log_t.to(dtype).to(DEVICE), labels.to(DEVICE), divergence=divergence, backend="triton", **kw)
+    loss.backward()
+    want, want_grad = reference_loss_and_grad(x.cpu(), log_t.to(dtype), labels, divergence_kind=divergence, **kw)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(loss.cpu().double(), want, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x.grad.cpu().double(), want_grad, atol=atol * 2, rtol=rtol * 10)
+
+
+def test_triton_multi_teacher_and_huge_logits():
+    student, log_t, labels = make_inputs(9, 2, 3, seed=3, m=2, scale=1e4)
+    w = torch.tensor([[0.3, 0.7]] * 8 + [[1.0, 0.0]], dtype=torch.float32)
+    x = student.float().to(DEVICE).requires_grad_(True)
+    loss = distill_loss(x, log_t.float().to(DEVICE), labels.to(DEVICE), num_classes=2, n_subclasses=3,
+                        teacher_weights=w.to(DEVICE), divergence="js", backend="triton")
+    loss.backward()
+    mixed = torch.log((w.double().unsqueeze(-1) * log_t.float().double().exp()).sum(1))
+    want, want_grad = reference_loss_and_grad(x.cpu(), mixed, labels, num_classes=2, n_subclasses=3,
+                                              divergence_kind="js")
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss.cpu().double(), want, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(x.grad.cpu().double(), want_grad, atol=1e-3, rtol=1e-4)
+
+
+def test_triton_all_rows_ignored():
+    student, log_t, _ = make_inputs(5, 2, 2, seed=4)
+    x = student.float().to(DEVICE).requires_grad_(True)
+    loss = distill_loss(x, log_t.float().to(DEVICE), torch.full((5,), -100, device=DEVICE), num_classes=2,
+                        n_subclasses=2, alpha=1.0, backend="triton")
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and not x.grad.abs().any()
