@@ -140,6 +140,17 @@ def test_online_targets_inside_the_kernel(backend, with_logits):
     torch.testing.assert_close(student.grad.double(), want_grad, atol=2e-5, rtol=1e-4)
 
 
+def test_second_backward_is_refused_not_wrong():
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the compiled extension")
+    student, log_t, labels = make_inputs(4, 2, 2, seed=11)
+    x = student.float().requires_grad_(True)
+    loss = distill_loss(x, log_t.float(), labels, num_classes=2, n_subclasses=2, backend="cpu")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_non_contiguous_student_logits():
     student, log_t, labels = make_inputs(20, 2, 3, seed=7)
     wide = torch.randn(20, 12)

@@ -2,7 +2,10 @@
 // from the teacher embeddings), the divergence and its gradient, one pass per row.
 #include "loss.h"
 
+#include <omp.h>
+
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <vector>
 
@@ -32,40 +35,82 @@ void mix_row(const LossArgs& a, int64_t row, float* scratch, float* log_t) {
   }
 }
 
+// Rows per block: long enough for the elementwise loops to vectorise, short enough for L1.
+constexpr int64_t kBlockRows = 64;
+
+// Tiles [t_begin, t_end) of the loss. Inlined into a generic and an AVX2/FMA build of the same loops.
+__attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t t_begin, int64_t t_end,
+                                                      int64_t tile, TargetsWorkspace* ws, float* buf,
+                                                      int64_t* labels) {
+  const int64_t K = a.C * a.S;
+  float* s = buf;                      // tile x K student logits (fp32)
+  float* log_t = s + tile * K;         // tile x K targets
+  float* scratch = log_t + tile * K;   // K, for mixing teachers
+  float* work = scratch + K;           // loss_scratch_floats(tile, K)
+  const int64_t student_row_bytes = a.student_stride * cpu::dtype_size(a.student_dtype);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t r0 = t * tile;
+    const int64_t rows = std::min(tile, a.n - r0);
+    if (ws != nullptr) {
+      for (int64_t r0t = 0; r0t < rows; r0t += targets_tile_rows())
+        targets_tile(*a.online, r0 + r0t, *ws, log_t + r0t * K);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = r0 + r;
+      if (ws == nullptr) mix_row(a, row, scratch, log_t + r * K);
+      cpu::load_row(static_cast<const char*>(a.student) + row * student_row_bytes, a.student_dtype, K, s + r * K);
+      labels[r] = a.labels != nullptr ? a.labels[row] : -1;
+      if (a.labels != nullptr && labels[r] == a.ignore_index) labels[r] = -1;
+    }
+    float* grad = a.grad + r0 * K;
+    block_loss_grad(rows, s, log_t, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.tau, a.alpha,
+                    a.labels != nullptr ? labels : nullptr, work, grad, a.loss_rows + r0);
+    if (a.labels != nullptr) {  // ignored rows contribute nothing
+      for (int64_t r = 0; r < rows; ++r) {
+        if (a.labels[r0 + r] == a.ignore_index) {
+          a.loss_rows[r0 + r] = 0.f;
+          std::fill(grad + r * K, grad + (r + 1) * K, 0.f);
+        }
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LELP_HAVE_AVX2_LOSS 1
+__attribute__((target("avx2,fma"))) void loss_range_avx2(const LossArgs& a, int64_t b, int64_t e, int64_t tile,
+                                                         TargetsWorkspace* ws, float* buf, int64_t* labels) {
+  loss_range(a, b, e, tile, ws, buf, labels);
+}
+#endif
+
+void loss_range_portable(const LossArgs& a, int64_t b, int64_t e, int64_t tile, TargetsWorkspace* ws,
+                         float* buf, int64_t* labels) {
+  loss_range(a, b, e, tile, ws, buf, labels);
+}
+
 }  // namespace
 
 void loss_cpu(const LossArgs& a) {
   const int64_t K = a.C * a.S;
-  const int64_t tile = a.online != nullptr ? targets_tile_rows() : 1;
+  // Online targets come in projection tiles; keep blocks a multiple of them.
+  const int64_t tile = kBlockRows / targets_tile_rows() * targets_tile_rows();
   const int64_t n_tiles = (a.n + tile - 1) / tile;
-  const int64_t student_row_bytes = a.student_stride * cpu::dtype_size(a.student_dtype);
+  const bool avx2 = std::strcmp(cpu_isa(), "avx2") == 0;
 #pragma omp parallel
   {
-    std::vector<float> s(K), log_q(K), scratch(K), log_t(tile * K);
+    std::vector<float> buf(2 * tile * K + K + loss_scratch_floats(tile, K));
+    std::vector<int64_t> labels(tile);
     TargetsWorkspace* ws = a.online != nullptr ? new TargetsWorkspace(*a.online) : nullptr;
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < n_tiles; ++t) {
-      const int64_t r0 = t * tile;
-      const int64_t rows = std::min(tile, a.n - r0);
-      if (ws != nullptr) targets_tile(*a.online, r0, *ws, log_t.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = r0 + r;
-        float* g = a.grad + row * K;
-        const int64_t label = a.labels != nullptr ? a.labels[row] : -1;
-        if (a.labels != nullptr && label == a.ignore_index) {
-          a.loss_rows[row] = 0.f;
-          std::fill(g, g + K, 0.f);
-          continue;
-        }
-        float* lt = &log_t[r * K];
-        if (ws == nullptr) mix_row(a, row, scratch.data(), lt);
-        cpu::load_row(static_cast<const char*>(a.student) + row * student_row_bytes, a.student_dtype, K,
-                      s.data());
-        a.loss_rows[row] = row_loss_grad(s.data(), lt, static_cast<int>(a.C), static_cast<int>(a.S),
-                                         a.divergence, a.tau, a.alpha, static_cast<int>(label),
-                                         log_q.data(), g);
-      }
-    }
+    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    // Contiguous blocks of tiles per thread (a static schedule, without a call per tile).
+    const int64_t begin = n_tiles * id / nt, end = n_tiles * (id + 1) / nt;
+#ifdef LELP_HAVE_AVX2_LOSS
+    if (avx2)
+      loss_range_avx2(a, begin, end, tile, ws, buf.data(), labels.data());
+    else
+#endif
+      loss_range_portable(a, begin, end, tile, ws, buf.data(), labels.data());
     delete ws;
   }
 }

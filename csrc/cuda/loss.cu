@@ -32,7 +32,7 @@ __global__ void loss_kernel(LossArgs a, TargetsArgs online, bool has_online) {
     for (int k = 0; k < K; ++k) g[k] = 0.f;
     return;
   }
-  float log_t[kMaxK], s[kMaxK], log_q[kMaxK];
+  float log_t[kMaxK], s[kMaxK], work[3 * kMaxK + 4];
   if (has_online) {
     float u[kMaxK + kMaxK];
     float z[kMaxK];
@@ -60,8 +60,9 @@ __global__ void loss_kernel(LossArgs a, TargetsArgs online, bool has_online) {
     }
   }
   for (int k = 0; k < K; ++k) s[k] = load(a.student, a.student_dtype, row * a.student_stride + k);
-  a.loss_rows[row] = row_loss_grad(s, log_t, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.tau,
-                                   a.alpha, static_cast<int>(label), log_q, g);
+  const int64_t y = label;  // -1: no hard-label term
+  block_loss_grad(1, s, log_t, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.tau, a.alpha,
+                  a.labels != nullptr ? &y : nullptr, work, g, a.loss_rows + row);
 }
 
 }  // namespace

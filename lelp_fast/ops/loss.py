@@ -117,7 +117,9 @@ class _RowsWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_rows.unsqueeze(1)).to(ctx.student_dtype), None, None
+        # In place: no second N x K buffer. A second backward (retain_graph=True) is refused by
+        # autograd's version counter rather than silently scaled twice.
+        return grad.mul_(grad_rows.unsqueeze(1)).to(ctx.student_dtype), None, None
 
 
 def _reduce(per_row: Tensor, labels: Optional[Tensor], ignore_index: int, reduction: str) -> Tensor:

@@ -1,4 +1,5 @@
-// Row math of the distillation loss, shared by the CPU and CUDA kernels.
+// Row math of the distillation loss, shared by the CPU (blocks of rows) and CUDA (one row
+// per thread) kernels.
 //
 // For one row with student logits s (K), log-targets log t (K), q = softmax(s / tau):
 //   L = tau^2 * D(t, q) + alpha * CE(y, logsumexp-pool(s))           (DESIGN.md §1)
@@ -27,61 +28,129 @@ LELP_HD float logaddexp_(float a, float b) {
   return m + logf(expf(a - m) + expf(b - m));
 }
 
-// Loss of one row; writes dL/ds into grad (K). log_q is K floats of scratch.
-// label < 0 means no hard-label term for this row.
-LELP_HD float row_loss_grad(const float* s, const float* log_t, int C, int S, int divergence,
-                            float tau, float alpha, int label, float* log_q, float* grad) {
-  const int K = C * S;
-  const float inv_tau = 1.f / tau;
-  const float lse = scaled_logsumexp(s, K, 1, inv_tau);
-  for (int k = 0; k < K; ++k) log_q[k] = s[k] * inv_tau - lse;
+// exp for the CPU loops: a branch-free Cephes-style polynomial that GCC vectorises (libm's expf
+// does not vectorise without -ffast-math, which would break the NaN/Inf handling). Relative error
+// about 2e-7; exactly 0 below -87.3 (so 0 * log 0 stays 0) and +inf above 88.7. CUDA uses expf.
+LELP_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  // Round to nearest by adding and subtracting 1.5 * 2^23: plain arithmetic, so it vectorises.
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  union { int32_t i; float f; } scale;
+  scale.i = (static_cast<int32_t>(n) + 127) << 23;
+  const float y = p * scale.f;
+  return x < -87.3f ? 0.f : (x > 88.7f ? INFINITY : y);
+#endif
+}
 
-  float d = 0.f;
+// Scratch floats block_loss_grad needs for R rows of K outputs.
+LELP_HD int64_t loss_scratch_floats(int64_t R, int64_t K) { return 3 * R * K + 4 * R; }
+
+// Loss of a block of R rows (row-major R x K arrays); writes dL/ds into grad (R x K) and the
+// per-row loss into loss (R). labels[r] < 0 means no hard-label term for that row (labels may be
+// nullptr). Elementwise work runs over the whole block, so short rows (K = 16) still vectorise.
+LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int C, int S, int divergence,
+                             float tau, float alpha, const int64_t* labels, float* work, float* grad,
+                             float* loss) {
+  const int64_t K = static_cast<int64_t>(C) * S, RK = R * K;
+  const float inv_tau = 1.f / tau;
+  float* log_q = work;
+  float* q = work + RK;
+  float* t = work + 2 * RK;
+  float* row_m = work + 3 * RK;
+  float* row_inv = row_m + R;
+  float* row_log = row_inv + R;
+  float* row_qa = row_log + R;
+  // log_softmax(s / tau) and softmax, sharing one exp per element.
+  for (int64_t r = 0; r < R; ++r) {
+    float m = -INFINITY;
+    for (int64_t k = 0; k < K; ++k) m = fmax_(m, s[r * K + k]);
+    row_m[r] = m * inv_tau;
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < K; ++k) log_q[r * K + k] = s[r * K + k] * inv_tau - row_m[r];
+  for (int64_t i = 0; i < RK; ++i) q[i] = fast_exp(log_q[i]);
+  for (int64_t i = 0; i < RK; ++i) t[i] = fast_exp(log_t[i]);
+  for (int64_t r = 0; r < R; ++r) {
+    float sum = 0.f;
+    for (int64_t k = 0; k < K; ++k) sum += q[r * K + k];
+    row_inv[r] = 1.f / sum;
+    row_log[r] = logf(sum);
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < K; ++k) {
+      q[r * K + k] *= row_inv[r];
+      log_q[r * K + k] -= row_log[r];
+    }
+
   if (divergence == kKL) {
-    for (int k = 0; k < K; ++k) {
-      const float t = expf(log_t[k]);
-      d += xlogx_ratio(t, log_t[k], log_q[k]);
-      grad[k] = tau * (expf(log_q[k]) - t);
+    for (int64_t i = 0; i < RK; ++i) {
+      grad[i] = tau * (q[i] - t[i]);
+      log_q[i] = t[i] > 0.f ? t[i] * (log_t[i] - log_q[i]) : 0.f;  // the KL terms, reusing log_q
     }
   } else {
-    // a_k = dD/dq_k; then the softmax Jacobian: grad_k = tau q_k (a_k - sum_j q_j a_j).
-    float qa = 0.f;
-    for (int k = 0; k < K; ++k) {
-      const float q = expf(log_q[k]);
-      const float t = expf(log_t[k]);
-      float a;
+    // a = dD/dq; then the softmax Jacobian: grad_k = tau q_k (a_k - sum_j q_j a_j).
+    for (int64_t i = 0; i < RK; ++i) {
+      float a, term;
       if (divergence == kReverseKL) {
-        const float r = log_q[k] - log_t[k];
-        d += q > 0.f ? q * r : 0.f;
-        a = q > 0.f ? r : 0.f;
+        const float r = log_q[i] - log_t[i];
+        term = q[i] > 0.f ? q[i] * r : 0.f;
+        a = q[i] > 0.f ? r : 0.f;
       } else if (divergence == kJS) {
-        const float log_m = logaddexp_(log_t[k], log_q[k]) - 0.6931471805599453f;
-        d += 0.5f * (xlogx_ratio(t, log_t[k], log_m) + xlogx_ratio(q, log_q[k], log_m));
-        a = q > 0.f ? 0.5f * (log_q[k] - log_m) : 0.f;
+        const float log_m = logaddexp_(log_t[i], log_q[i]) - 0.6931471805599453f;
+        term = 0.5f * (xlogx_ratio(t[i], log_t[i], log_m) + xlogx_ratio(q[i], log_q[i], log_m));
+        a = q[i] > 0.f ? 0.5f * (log_q[i] - log_m) : 0.f;
       } else {  // TVD
-        d += 0.5f * fabsf(t - q);
-        a = q > t ? 0.5f : (q < t ? -0.5f : 0.f);
+        term = 0.5f * fabsf(t[i] - q[i]);
+        a = q[i] > t[i] ? 0.5f : (q[i] < t[i] ? -0.5f : 0.f);
       }
-      grad[k] = a;
-      qa += q * a;
+      grad[i] = a;
+      log_q[i] = term;
     }
-    for (int k = 0; k < K; ++k) grad[k] = tau * expf(log_q[k]) * (grad[k] - qa);
+    for (int64_t r = 0; r < R; ++r) {
+      float qa = 0.f;
+      for (int64_t k = 0; k < K; ++k) qa += q[r * K + k] * grad[r * K + k];
+      row_qa[r] = qa;
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t k = 0; k < K; ++k) grad[r * K + k] = tau * q[r * K + k] * (grad[r * K + k] - row_qa[r]);
   }
-  float loss = tau * tau * d;
+  for (int64_t r = 0; r < R; ++r) {
+    float d = 0.f;
+    for (int64_t k = 0; k < K; ++k) d += log_q[r * K + k];
+    loss[r] = tau * tau * d;
+  }
 
-  if (alpha != 0.f && label >= 0) {
+  if (alpha != 0.f && labels != nullptr) {
     // Pooled class logits p_c = logsumexp_s s_{c,s}; CE = logsumexp_c p_c - p_y.
     // dCE/ds_k = softmax(s)_k - [class(k) = y] * softmax_within_y(s)_k.
-    float lse_all = scaled_logsumexp(s, K, 1, 1.f);
-    const float p_y = scaled_logsumexp(s + label * S, S, 1, 1.f);
-    loss += alpha * (lse_all - p_y);
-    for (int k = 0; k < K; ++k) {
-      float g = expf(s[k] - lse_all);
-      if (k / S == label) g -= expf(s[k] - p_y);
-      grad[k] += alpha * g;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t y = labels[r];
+      if (y < 0 || y >= C) continue;  // no hard label (ignored rows; invalid ones are rejected upstream)
+      const float* sr = s + r * K;
+      float m = -INFINITY, my = -INFINITY;
+      for (int64_t k = 0; k < K; ++k) m = fmax_(m, sr[k]);
+      for (int64_t k = y * S; k < (y + 1) * S; ++k) my = fmax_(my, sr[k]);
+      float sum = 0.f, sum_y = 0.f;
+      for (int64_t k = 0; k < K; ++k) sum += fast_exp(sr[k] - m);
+      for (int64_t k = y * S; k < (y + 1) * S; ++k) sum_y += fast_exp(sr[k] - my);
+      const float lse_all = m + logf(sum), p_y = my + logf(sum_y);
+      loss[r] += alpha * (lse_all - p_y);
+      float* g = grad + r * K;
+      for (int64_t k = 0; k < K; ++k) g[k] += alpha * fast_exp(sr[k] - lse_all);
+      for (int64_t k = y * S; k < (y + 1) * S; ++k) g[k] -= alpha * fast_exp(sr[k] - p_y);
     }
   }
-  return loss;
 }
 
 }  // namespace lelp

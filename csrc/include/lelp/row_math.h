@@ -11,7 +11,9 @@
 #define LELP_HD __host__ __device__ __forceinline__
 #include <math.h>
 #else
-#define LELP_HD inline
+// always_inline: the CPU kernels inline this math into an AVX2/FMA-targeted and a generic
+// function; only inlined code is compiled (and vectorised) for the caller's target.
+#define LELP_HD __attribute__((always_inline)) inline
 #include <cmath>
 #endif
 
