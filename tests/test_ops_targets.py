@@ -155,8 +155,9 @@ def test_cuda_matches_reference(dtype):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled extension")
-def test_portable_cpu_kernel_matches_reference():
-    """The non-AVX2 fallback, forced in a fresh process (the kernel is chosen once per process)."""
+def test_portable_cpu_kernels_match_reference():
+    """The non-AVX2 builds of the targets and loss kernels, forced in a fresh process (the kernel is
+    chosen once per process)."""
     import os
     import subprocess
     import sys
@@ -169,10 +170,24 @@ def test_portable_cpu_kernel_matches_reference():
         "h, w, b, z = random_map(37, 29, 3, 5, False, seed=9);"
         "got = lelp_targets(h.bfloat16(), w.float(), b.float(), 3, 5, teacher_logits=z.float(), backend='cpu');"
         "want = fp64_reference(h.bfloat16(), w, b, z.float(), 3, 5, 1.0, 1.0);"
-        "torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)"
+        "torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4);"
+        "from lelp_fast.ops import distill_loss; from lelp_fast import reference;"
+        "s = torch.randn(37, 15, dtype=torch.float64, requires_grad=True);"
+        "loss = distill_loss(s.float(), want.float(), None, num_classes=3, n_subclasses=5, divergence='js', backend='cpu');"
+        "ref = reference.distillation_loss(s, want, None, num_classes=3, n_subclasses=5, divergence_kind='js');"
+        "torch.testing.assert_close(loss.double(), ref, atol=2e-5, rtol=1e-4)"
     )
     env = dict(os.environ, LELP_FAST_CPU_ISA="portable")
     # Run from tests/ so that the installed package, not the source tree, is imported.
     here = os.path.dirname(os.path.abspath(__file__))
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=here, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_embeddings_and_many_outputs(backend):
+    """d past 8192 and K = 512 (C = 2, S = 256), odd N."""
+    h, weight, bias, _ = random_map(3, 8193, 2, 256, True, seed=13)
+    got = lelp_targets(h.float(), weight.float(), bias.float(), 2, 256, backend=backend)
+    want = fp64_reference(h.float(), weight, bias, None, 2, 256, 1.0, 1.0)
+    torch.testing.assert_close(got.double(), want, atol=5e-4, rtol=1e-4)
