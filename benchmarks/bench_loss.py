@@ -9,24 +9,12 @@ bandwidth of a plain read pass over a tensor of the same size, measured in the s
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from _timing import median_seconds
 
 from lelp_fast.ops import distill_loss
-
-
-def median_seconds(fn, repeats):
-    fn()
-    fn()  # warm-up (compilation for torch.compile)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def eager_loss(s, log_t, y, num_classes, n_sub, tau, alpha):

@@ -9,23 +9,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from _timing import median_seconds
 
 from lelp_fast.ops import lelp_targets
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation for torch.compile)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def eager_targets(h, weight, bias, num_classes, s):

@@ -1,7 +1,5 @@
 // CUDA fused distillation loss: one thread per row (a correct baseline, like the
-// targets kernel), the same row math as the CPU (lelp/loss_math.h).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// targets kernel; not yet measured on a GPU), the same math as the CPU (lelp/loss_math.h).
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -9,17 +7,13 @@
 
 #include "../cpu/loss.h"
 #include "lelp/loss_math.h"
+#include "row_targets.cuh"
 
 namespace lelp {
 namespace {
 
-constexpr int kMaxK = 512;
-
-__device__ __forceinline__ float load(const void* p, int dtype, int64_t i) {
-  if (dtype == kFloat32) return static_cast<const float*>(p)[i];
-  if (dtype == kFloat16) return __half2float(static_cast<const __half*>(p)[i]);
-  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-}
+using cuda::kMaxK;
+using cuda::load;
 
 __global__ void loss_kernel(LossArgs a, TargetsArgs online, bool has_online) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -34,19 +28,7 @@ __global__ void loss_kernel(LossArgs a, TargetsArgs online, bool has_online) {
   }
   float log_t[kMaxK], s[kMaxK], work[3 * kMaxK + 4];
   if (has_online) {
-    float u[kMaxK + kMaxK];
-    float z[kMaxK];
-    for (int64_t j = 0; j < online.J; ++j) u[j] = online.bias[j];
-    for (int64_t k = 0; k < online.d; ++k) {
-      const float x = load(online.embeddings, online.emb_dtype, row * online.emb_stride + k);
-      for (int64_t j = 0; j < online.J; ++j) u[j] += x * online.weight[k * online.J + j];
-    }
-    const float* zr = u + K;
-    if (online.logits != nullptr) {
-      for (int64_t c = 0; c < a.C; ++c) z[c] = load(online.logits, online.logits_dtype, row * online.logits_stride + c);
-      zr = z;
-    }
-    row_log_targets(u, zr, static_cast<int>(a.C), static_cast<int>(a.S), online.inv_beta, online.inv_tau, log_t);
+    cuda::row_targets(online, row, log_t);
   } else if (a.weights == nullptr) {
     for (int k = 0; k < K; ++k) log_t[k] = load(a.log_targets, a.targets_dtype, row * a.targets_stride + k);
   } else {
