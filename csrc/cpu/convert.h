@@ -11,13 +11,13 @@ namespace cpu {
 
 // GCC/Clang's _Float16 gives IEEE round-to-nearest-even conversions (F16C
 // instructions where the target has them, a libgcc routine otherwise).
-inline float half_bits_to_float(uint16_t b) {
+__attribute__((always_inline)) inline float half_bits_to_float(uint16_t b) {
   _Float16 h;
   std::memcpy(&h, &b, sizeof h);
   return static_cast<float>(h);
 }
 
-inline uint16_t float_to_half_bits(float f) {
+__attribute__((always_inline)) inline uint16_t float_to_half_bits(float f) {
   _Float16 h = static_cast<_Float16>(f);
   uint16_t b;
   std::memcpy(&b, &h, sizeof b);
@@ -25,7 +25,7 @@ inline uint16_t float_to_half_bits(float f) {
 }
 
 // Converts n values of dtype `dtype` at `src` to fp32.
-inline void load_row(const void* src, int dtype, int64_t n, float* dst) {
+__attribute__((always_inline)) inline void load_row(const void* src, int dtype, int64_t n, float* dst) {
   switch (dtype) {
     case kFloat32:
       std::memcpy(dst, src, n * sizeof(float));
@@ -44,7 +44,7 @@ inline void load_row(const void* src, int dtype, int64_t n, float* dst) {
 }
 
 // Stores n fp32 values to `dst` in dtype `dtype`.
-inline void store_row(const float* src, int64_t n, int dtype, void* dst) {
+__attribute__((always_inline)) inline void store_row(const float* src, int64_t n, int dtype, void* dst) {
   switch (dtype) {
     case kFloat32:
       std::memcpy(dst, src, n * sizeof(float));

@@ -18,11 +18,13 @@ namespace lelp {
 namespace {
 
 // Register-blocked projection: a kRows x kCols block of accumulators stays in
-// registers across the whole d loop (8 ymm registers with AVX2).
+// registers across the whole d loop (8 ymm registers with AVX2), plus one 8-column
+// tail block, so J is padded to a multiple of 8 only (J = 18 computes 24 columns, not 32).
 constexpr int64_t kRows = 4;
 constexpr int64_t kCols = 16;
+constexpr int64_t kPad = 8;
 
-// x: kRows x d (fp32), w: d x jp (jp a multiple of kCols), bias: jp.
+// x: kRows x d (fp32), w: d x jp (jp a multiple of kPad), bias: jp.
 // Writes acc: kRows x jp.
 using ProjectTileFn = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*);
 
@@ -43,13 +45,14 @@ void project_tile_portable(const float* x, int64_t d, const float* w, const floa
 #define LELP_HAVE_AVX2_KERNEL 1
 __attribute__((target("avx2,fma"))) void project_tile_avx2(const float* x, int64_t d, const float* w,
                                                            const float* bias, int64_t jp, float* acc) {
-  for (int64_t j0 = 0; j0 < jp; j0 += kCols) {
+  const float* x0 = x;
+  const float* x1 = x + d;
+  const float* x2 = x + 2 * d;
+  const float* x3 = x + 3 * d;
+  int64_t j0 = 0;
+  for (; j0 + kCols <= jp; j0 += kCols) {
     __m256 a00 = _mm256_loadu_ps(bias + j0), a01 = _mm256_loadu_ps(bias + j0 + 8);
     __m256 a10 = a00, a11 = a01, a20 = a00, a21 = a01, a30 = a00, a31 = a01;
-    const float* x0 = x;
-    const float* x1 = x + d;
-    const float* x2 = x + 2 * d;
-    const float* x3 = x + 3 * d;
     for (int64_t k = 0; k < d; ++k) {
       const float* wk = w + k * jp + j0;
       const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
@@ -74,6 +77,20 @@ __attribute__((target("avx2,fma"))) void project_tile_avx2(const float* x, int64
     _mm256_storeu_ps(acc + 2 * jp + j0 + 8, a21);
     _mm256_storeu_ps(acc + 3 * jp + j0, a30);
     _mm256_storeu_ps(acc + 3 * jp + j0 + 8, a31);
+  }
+  if (j0 < jp) {  // one 8-column tail block (jp is a multiple of 8)
+    __m256 a0 = _mm256_loadu_ps(bias + j0), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < d; ++k) {
+      const __m256 w0 = _mm256_loadu_ps(w + k * jp + j0);
+      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x0 + k), w0, a0);
+      a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x1 + k), w0, a1);
+      a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x2 + k), w0, a2);
+      a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x3 + k), w0, a3);
+    }
+    _mm256_storeu_ps(acc + j0, a0);
+    _mm256_storeu_ps(acc + jp + j0, a1);
+    _mm256_storeu_ps(acc + 2 * jp + j0, a2);
+    _mm256_storeu_ps(acc + 3 * jp + j0, a3);
   }
 }
 #endif
@@ -101,21 +118,22 @@ ProjectTileFn pick_project_tile() {
 const char* cpu_isa() { return pick_project_tile() == project_tile_portable ? "portable" : "avx2"; }
 
 TargetsWorkspace::TargetsWorkspace(const TargetsArgs& a)
-    : jp((a.J + kCols - 1) / kCols * kCols),
+    : jp((a.J + kPad - 1) / kPad * kPad),
       weight(a.d * jp, 0.f),
       bias(jp, 0.f),
       x(kRows * a.d, 0.f),
       acc(kRows * jp),
       z(a.C) {
-  // Weight and bias padded with zero columns to a multiple of kCols (tiny: d x jp).
+  // Weight and bias padded with zero columns to a multiple of kPad (tiny: d x jp).
   for (int64_t k = 0; k < a.d; ++k) std::copy(a.weight + k * a.J, a.weight + (k + 1) * a.J, &weight[k * jp]);
   std::copy(a.bias, a.bias + a.J, bias.begin());
 }
 
 int64_t targets_tile_rows() { return kRows; }
 
-void targets_tile(const TargetsArgs& a, int64_t r0, TargetsWorkspace& ws, float* log_t) {
-  static const ProjectTileFn project_tile = pick_project_tile();
+// Inlined into a generic and an AVX2/FMA/F16C build (conversions and row math vectorise there).
+__attribute__((always_inline)) inline void targets_tile_impl(const TargetsArgs& a, int64_t r0, TargetsWorkspace& ws,
+                                                             float* log_t, ProjectTileFn project_tile) {
   const int64_t K = a.C * a.S;
   const int64_t rows = std::min(kRows, a.n - r0);
   const char* emb = static_cast<const char*>(a.embeddings);
@@ -136,6 +154,21 @@ void targets_tile(const TargetsArgs& a, int64_t r0, TargetsWorkspace& ws, float*
     row_log_targets(u, zr, static_cast<int>(a.C), static_cast<int>(a.S), a.inv_beta, a.inv_tau,
                     log_t + r * K);
   }
+}
+
+#ifdef LELP_HAVE_AVX2_KERNEL
+__attribute__((target("avx2,fma,f16c"))) void targets_tile_avx2(const TargetsArgs& a, int64_t r0,
+                                                                TargetsWorkspace& ws, float* log_t) {
+  targets_tile_impl(a, r0, ws, log_t, project_tile_avx2);
+}
+#endif
+
+void targets_tile(const TargetsArgs& a, int64_t r0, TargetsWorkspace& ws, float* log_t) {
+  static const ProjectTileFn project_tile = pick_project_tile();
+#ifdef LELP_HAVE_AVX2_KERNEL
+  if (project_tile == project_tile_avx2) return targets_tile_avx2(a, r0, ws, log_t);
+#endif
+  targets_tile_impl(a, r0, ws, log_t, project_tile);
 }
 
 void targets_cpu(const TargetsArgs& a) {

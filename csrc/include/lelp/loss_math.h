@@ -28,31 +28,6 @@ LELP_HD float logaddexp_(float a, float b) {
   return m + logf(expf(a - m) + expf(b - m));
 }
 
-// exp for the CPU loops: a branch-free Cephes-style polynomial that GCC vectorises (libm's expf
-// does not vectorise without -ffast-math, which would break the NaN/Inf handling). Relative error
-// about 2e-7; exactly 0 below -87.3 (so 0 * log 0 stays 0) and +inf above 88.7. CUDA uses expf.
-LELP_HD float fast_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-  // Round to nearest by adding and subtracting 1.5 * 2^23: plain arithmetic, so it vectorises.
-  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  union { int32_t i; float f; } scale;
-  scale.i = (static_cast<int32_t>(n) + 127) << 23;
-  const float y = p * scale.f;
-  return x < -87.3f ? 0.f : (x > 88.7f ? INFINITY : y);
-#endif
-}
-
 // Scratch floats block_loss_grad needs for R rows of K outputs.
 LELP_HD int64_t loss_scratch_floats(int64_t R, int64_t K) { return 3 * R * K + 4 * R; }
 
