@@ -51,20 +51,6 @@ def check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} row {first} contains NaN or Inf; drop or repair non-finite rows before calling")
 
 
-def check_labels(name: str, y: torch.Tensor, num_classes: int, n_rows: int) -> None:
-    if y.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one integer label per row), got shape {tuple(y.shape)}")
-    if y.shape[0] != n_rows:
-        raise ValueError(f"{name} has {y.shape[0]} entries but there are {n_rows} rows of embeddings")
-    if y.dtype.is_floating_point or y.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got {y.dtype}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        bad = int(torch.nonzero((y < 0) | (y >= num_classes))[0, 0])
-        raise ValueError(
-            f"{name}[{bad}] = {int(y[bad])} is out of range: labels must lie in [0, {num_classes - 1}]"
-        )
-
-
 def check_positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")

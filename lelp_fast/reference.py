@@ -45,12 +45,15 @@ def top_eigenvectors(cov: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Ten
     The sign convention makes the fit deterministic across backends and BLAS builds.
     """
     evals, evecs = torch.linalg.eigh(cov.to(torch.float64))
-    evals = evals.flip(0)[:k]
-    evecs = evecs.flip(1)[:, :k]
-    pivot = evecs.abs().argmax(dim=0)
-    signs = torch.sign(evecs[pivot, torch.arange(k)])
+    return evals.flip(0)[:k], fix_signs(evecs.flip(1)[:, :k])
+
+
+def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flips each column so that its largest-magnitude entry is positive (a deterministic basis)."""
+    pivot = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors[pivot, torch.arange(vectors.shape[1])])
     signs[signs == 0] = 1.0
-    return evals, evecs * signs
+    return vectors * signs
 
 
 def class_rotations(num_classes: int, size: int, seed: int) -> torch.Tensor:

@@ -1,5 +1,14 @@
-"""Streaming fit statistics (DESIGN.md §2)."""
+"""Streaming fit (DESIGN.md §2): per-class statistics, exact or sketched, and the engine that feeds them."""
 
+from .engine import FitResult, FitSettings, accumulate, choose_method
 from .exact import ExactClassStatistics
+from .sketch import SketchClassStatistics
 
-__all__ = ["ExactClassStatistics"]
+__all__ = [
+    "ExactClassStatistics",
+    "FitResult",
+    "FitSettings",
+    "SketchClassStatistics",
+    "accumulate",
+    "choose_method",
+]

@@ -101,7 +101,7 @@ class SketchClassStatistics:
 
     def top_eigenpairs(self, k: int, projector: Optional[torch.Tensor] = None):
         """Means, top-k eigenvalues and eigenvectors (Nyström), total variance; like the exact class."""
-        from ..reference import top_eigenvectors  # noqa: F401 - same sign convention below
+        from ..reference import fix_signs
 
         offset, y = self._centred_products()
         n = self.count.to(torch.float64).clamp(min=1)
@@ -117,12 +117,8 @@ class SketchClassStatistics:
         evals, evecs = [], []
         for c in range(self.num_classes):
             lam, vec = nystrom_eigenpairs(y[c], self.omega[c])
-            vec = vec[:, :k]
-            pivot = vec.abs().argmax(dim=0)
-            signs = torch.sign(vec[pivot, torch.arange(vec.shape[1])])
-            signs[signs == 0] = 1.0
             evals.append(lam[:k])
-            evecs.append(vec * signs)
+            evecs.append(fix_signs(vec[:, :k]))  # the exact method's sign convention
         return means, torch.stack(evals), torch.stack(evecs), total
 
 
