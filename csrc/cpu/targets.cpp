@@ -24,20 +24,16 @@ constexpr int64_t kRows = 4;
 constexpr int64_t kCols = 16;
 constexpr int64_t kPad = 8;
 
-// Groups of kRows rows per tile: each weight strip is reused from L2 by every group.
-constexpr int64_t kGroups = 4;
-
-// x: (groups * kRows) x d (fp32), w: d x jp (jp a multiple of kPad), bias: jp.
-// Writes acc: (groups * kRows) x jp.
-using ProjectTileFn = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*, int64_t);
+// x: kRows x d (fp32), w: d x jp (jp a multiple of kPad), bias: jp.
+// Writes acc: kRows x jp.
+using ProjectTileFn = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*);
 
 void project_tile_portable(const float* x, int64_t d, const float* w, const float* bias, int64_t jp,
-                           float* acc, int64_t groups) {
-  const int64_t rows = groups * kRows;
-  for (int64_t r = 0; r < rows; ++r) std::copy(bias, bias + jp, acc + r * jp);
+                           float* acc) {
+  for (int64_t r = 0; r < kRows; ++r) std::copy(bias, bias + jp, acc + r * jp);
   for (int64_t k = 0; k < d; ++k) {
     const float* wk = w + k * jp;
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < kRows; ++r) {
       const float xv = x[r * d + k];
       float* ar = acc + r * jp;
       for (int64_t j = 0; j < jp; ++j) ar[j] += xv * wk[j];
@@ -47,15 +43,14 @@ void project_tile_portable(const float* x, int64_t d, const float* w, const floa
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LELP_HAVE_AVX2_KERNEL 1
-// One 4-row group times one weight strip [j0, j0 + width), width 16 or 8 (the tail).
-__attribute__((target("avx2,fma"))) void project_strip_avx2(const float* x, int64_t d, const float* w,
-                                                            const float* bias, int64_t jp, float* acc,
-                                                            int64_t j0, int64_t width) {
+__attribute__((target("avx2,fma"))) void project_tile_avx2(const float* x, int64_t d, const float* w,
+                                                           const float* bias, int64_t jp, float* acc) {
   const float* x0 = x;
   const float* x1 = x + d;
   const float* x2 = x + 2 * d;
   const float* x3 = x + 3 * d;
-  if (width == kCols) {
+  int64_t j0 = 0;
+  for (; j0 + kCols <= jp; j0 += kCols) {
     __m256 a00 = _mm256_loadu_ps(bias + j0), a01 = _mm256_loadu_ps(bias + j0 + 8);
     __m256 a10 = a00, a11 = a01, a20 = a00, a21 = a01, a30 = a00, a31 = a01;
     for (int64_t k = 0; k < d; ++k) {
@@ -82,31 +77,20 @@ __attribute__((target("avx2,fma"))) void project_strip_avx2(const float* x, int6
     _mm256_storeu_ps(acc + 2 * jp + j0 + 8, a21);
     _mm256_storeu_ps(acc + 3 * jp + j0, a30);
     _mm256_storeu_ps(acc + 3 * jp + j0 + 8, a31);
-    return;
   }
-  __m256 a0 = _mm256_loadu_ps(bias + j0), a1 = a0, a2 = a0, a3 = a0;  // the 8-column tail
-  for (int64_t k = 0; k < d; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(w + k * jp + j0);
-    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x0 + k), w0, a0);
-    a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x1 + k), w0, a1);
-    a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x2 + k), w0, a2);
-    a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x3 + k), w0, a3);
-  }
-  _mm256_storeu_ps(acc + j0, a0);
-  _mm256_storeu_ps(acc + jp + j0, a1);
-  _mm256_storeu_ps(acc + 2 * jp + j0, a2);
-  _mm256_storeu_ps(acc + 3 * jp + j0, a3);
-}
-
-// Strip-major over the tile: one 16-column weight strip (d x 16 floats) serves every 4-row
-// group before the next strip is touched, so at large d x J the weight streams from L2, not L3.
-__attribute__((target("avx2,fma"))) void project_tile_avx2(const float* x, int64_t d, const float* w,
-                                                           const float* bias, int64_t jp, float* acc,
-                                                           int64_t groups) {
-  for (int64_t j0 = 0; j0 < jp; j0 += kCols) {
-    const int64_t width = std::min(kCols, jp - j0);
-    for (int64_t g = 0; g < groups; ++g)
-      project_strip_avx2(x + g * kRows * d, d, w, bias, jp, acc + g * kRows * jp, j0, width);
+  if (j0 < jp) {  // one 8-column tail block (jp is a multiple of 8)
+    __m256 a0 = _mm256_loadu_ps(bias + j0), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < d; ++k) {
+      const __m256 w0 = _mm256_loadu_ps(w + k * jp + j0);
+      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x0 + k), w0, a0);
+      a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x1 + k), w0, a1);
+      a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x2 + k), w0, a2);
+      a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x3 + k), w0, a3);
+    }
+    _mm256_storeu_ps(acc + j0, a0);
+    _mm256_storeu_ps(acc + jp + j0, a1);
+    _mm256_storeu_ps(acc + 2 * jp + j0, a2);
+    _mm256_storeu_ps(acc + 3 * jp + j0, a3);
   }
 }
 #endif
@@ -137,27 +121,26 @@ TargetsWorkspace::TargetsWorkspace(const TargetsArgs& a)
     : jp((a.J + kPad - 1) / kPad * kPad),
       weight(a.d * jp, 0.f),
       bias(jp, 0.f),
-      x(kGroups * kRows * a.d, 0.f),
-      acc(kGroups * kRows * jp),
+      x(kRows * a.d, 0.f),
+      acc(kRows * jp),
       z(a.C) {
   // Weight and bias padded with zero columns to a multiple of kPad (tiny: d x jp).
   for (int64_t k = 0; k < a.d; ++k) std::copy(a.weight + k * a.J, a.weight + (k + 1) * a.J, &weight[k * jp]);
   std::copy(a.bias, a.bias + a.J, bias.begin());
 }
 
-int64_t targets_tile_rows() { return kGroups * kRows; }
+int64_t targets_tile_rows() { return kRows; }
 
 // Inlined into a generic and an AVX2/FMA/F16C build (conversions and row math vectorise there).
 __attribute__((always_inline)) inline void targets_tile_impl(const TargetsArgs& a, int64_t r0, TargetsWorkspace& ws,
                                                              float* log_t, ProjectTileFn project_tile) {
   const int64_t K = a.C * a.S;
-  const int64_t rows = std::min(kGroups * kRows, a.n - r0);
-  const int64_t groups = (rows + kRows - 1) / kRows;  // rows past `rows` in the last group are ignored
+  const int64_t rows = std::min(kRows, a.n - r0);
   const char* emb = static_cast<const char*>(a.embeddings);
   const int64_t emb_row_bytes = a.emb_stride * cpu::dtype_size(a.emb_dtype);
   for (int64_t r = 0; r < rows; ++r)
     cpu::load_row(emb + (r0 + r) * emb_row_bytes, a.emb_dtype, a.d, &ws.x[r * a.d]);
-  project_tile(ws.x.data(), a.d, ws.weight.data(), ws.bias.data(), ws.jp, ws.acc.data(), groups);
+  project_tile(ws.x.data(), a.d, ws.weight.data(), ws.bias.data(), ws.jp, ws.acc.data());
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = r0 + r;
     const float* u = &ws.acc[r * ws.jp];
@@ -190,16 +173,15 @@ void targets_tile(const TargetsArgs& a, int64_t r0, TargetsWorkspace& ws, float*
 
 void targets_cpu(const TargetsArgs& a) {
   const int64_t K = a.C * a.S;
-  const int64_t tile = targets_tile_rows();
-  const int64_t n_tiles = (a.n + tile - 1) / tile;
+  const int64_t n_tiles = (a.n + kRows - 1) / kRows;
 #pragma omp parallel
   {
     TargetsWorkspace ws(a);
-    std::vector<float> out(tile * K);
+    std::vector<float> out(kRows * K);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_tiles; ++t) {
-      const int64_t r0 = t * tile;
-      const int64_t rows = std::min(tile, a.n - r0);
+      const int64_t r0 = t * kRows;
+      const int64_t rows = std::min(kRows, a.n - r0);
       targets_tile(a, r0, ws, out.data());
       for (int64_t r = 0; r < rows; ++r) {
         char* op = static_cast<char*>(a.out) + (r0 + r) * a.out_stride * cpu::dtype_size(a.out_dtype);
