@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser(
         "fit",
         help="fit a projector on teacher embeddings and save it as safetensors",
-        description="Fit per-class LELP subspaces, streaming the embeddings in chunks (.npy memory-mapped, "
+        description="Fit per-class LELP subspaces, streaming the embeddings in chunks (.npy, "
         ".safetensors, .parquet). Under torchrun the rows are sharded across ranks.",
     )
     fit.add_argument("--embeddings", required=True, help="(N, d) embeddings: .npy, .safetensors or .parquet")
