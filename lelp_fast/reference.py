@@ -262,7 +262,6 @@ def distillation_loss(
     """
     log_q = F.log_softmax(student_logits / tau, dim=-1)
     per_row = tau * tau * divergence(log_targets_, log_q, divergence_kind)
-    keep = None
     if labels is not None:
         keep = labels != ignore_index
         if alpha != 0.0:
@@ -273,11 +272,21 @@ def distillation_loss(
         per_row = torch.where(keep, per_row, torch.zeros_like(per_row))
     elif alpha != 0.0:
         raise ValueError("labels are required when alpha != 0 (the hard-label term needs them)")
+    return reduce_rows(per_row, labels, ignore_index, reduction)
+
+
+def reduce_rows(
+    per_row: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str
+) -> torch.Tensor:
+    """``none``, ``sum``, or ``mean`` over the rows whose label is not ``ignore_index`` (0 if none)."""
     if reduction == "none":
         return per_row
     if reduction == "sum":
         return per_row.sum()
     if reduction == "mean":
-        count = keep.sum() if keep is not None else torch.tensor(per_row.shape[0])
+        if labels is not None:
+            count = (labels != ignore_index).sum()
+        else:
+            count = torch.tensor(per_row.shape[0], device=per_row.device)
         return per_row.sum() / count.clamp(min=1).to(per_row.dtype)
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

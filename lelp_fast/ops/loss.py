@@ -122,18 +122,6 @@ class _RowsWithGrad(torch.autograd.Function):
         return grad.mul_(grad_rows.unsqueeze(1)).to(ctx.student_dtype), None, None
 
 
-def _reduce(per_row: Tensor, labels: Optional[Tensor], ignore_index: int, reduction: str) -> Tensor:
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    if labels is not None:
-        count = (labels != ignore_index).sum()
-    else:
-        count = torch.tensor(per_row.shape[0], device=per_row.device)
-    return per_row.sum() / count.clamp(min=1).to(per_row.dtype)
-
-
 def distill_loss(
     student_logits: Tensor,
     log_targets: Optional[Tensor] = None,
@@ -207,7 +195,7 @@ def distill_loss(
             float(beta), int(ignore_index), chosen == "triton",
         )
         per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad)
-    return _reduce(per_row, labels, ignore_index, reduction)
+    return reference.reduce_rows(per_row, labels, ignore_index, reduction)
 
 
 def _loss_torch(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
