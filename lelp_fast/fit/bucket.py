@@ -13,7 +13,7 @@ import torch
 
 from ..ops import _dispatch
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPE_CODES = _dispatch.DTYPE_CODES
 
 
 class LabelOutOfRange(ValueError):

@@ -24,6 +24,15 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     _IMPORT_ERROR = exc
 
 
+# The compiled extension's dtype codes (csrc/include/lelp/row_math.h: enum DType).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def rows_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` itself when each row is contiguous (the kernels take a row stride), else a contiguous copy."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def extension():
     """The compiled module ``lelp_fast._C``, or None when it failed to import."""
     return _C

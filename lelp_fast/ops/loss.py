@@ -21,15 +21,11 @@ from .. import reference
 from . import _dispatch
 
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "js": 2, "tvd": 3}
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPE_CODES = _dispatch.DTYPE_CODES
 
 
 def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
-
-
-def _rows_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
 @torch.library.custom_op("lelp_fast::loss_rows", mutates_args=())
@@ -57,7 +53,7 @@ def _loss_rows(
     grad = torch.empty(n, k, dtype=torch.float32, device=student.device)
     if n == 0:
         return loss_rows, grad
-    student = _rows_contiguous(student) if student.stride(-1) != 1 else student
+    student = _dispatch.rows_contiguous(student)
     if log_targets is not None:
         n_teachers = 1 if log_targets.ndim == 2 else log_targets.shape[1]
         log_targets = log_targets if log_targets.is_contiguous() else log_targets.contiguous()
@@ -67,9 +63,8 @@ def _loss_rows(
     weights = None if weights is None else weights.to(torch.float32).contiguous()
     labels = None if labels is None else labels.to(torch.int64).contiguous()
     if embeddings is not None:
-        emb = embeddings if embeddings.stride(-1) == 1 else embeddings.contiguous()
-        z = _rows_contiguous(teacher_logits) if teacher_logits is not None else None
-        z = teacher_logits if z is None else z
+        emb = _dispatch.rows_contiguous(embeddings)
+        z = _dispatch.rows_contiguous(teacher_logits)
         w32 = fused_weight.to(torch.float32).contiguous()
         b32 = fused_bias.to(torch.float32).contiguous()
         online = (

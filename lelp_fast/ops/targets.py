@@ -14,7 +14,7 @@ from .. import reference
 from .._checks import check_finite, check_float, check_matrix, check_positive
 from . import _dispatch
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPE_CODES = _dispatch.DTYPE_CODES
 
 
 def _targets_torch(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out_dtype):
@@ -133,10 +133,8 @@ def lelp_targets(
         out.copy_(result)
         return out
     # The kernels read rows by stride but need each row's features contiguous.
-    emb = embeddings if embeddings.stride(-1) == 1 else embeddings.contiguous()
-    logits = None
-    if teacher_logits is not None:
-        logits = teacher_logits if teacher_logits.stride(-1) == 1 else teacher_logits.contiguous()
+    emb = _dispatch.rows_contiguous(embeddings)
+    logits = _dispatch.rows_contiguous(teacher_logits)
     if out is None:
         out = torch.empty(emb.shape[0], k, dtype=out_dtype, device=emb.device)
     if chosen == "triton":
