@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <stdexcept>
 
 #include "cpu/gather.h"
 #include "cpu/loss.h"
@@ -87,13 +88,13 @@ PYBIND11_MODULE(_C, m) {
       "Fit bucketing: rows by class (stable), fp32, minus shift; counts, fp64 sums, NaN flags. "
       "Returns the number of non-finite rows, or -(r+1) for an out-of-range label at row r.");
   m.def(
-      "loss_cpu",
+      "loss",
       [](uintptr_t student, int student_dtype, int64_t student_stride, int64_t n, int64_t C, int64_t S,
          uintptr_t log_targets, int targets_dtype, int64_t targets_stride, int64_t n_teachers,
          uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double tau,
          double alpha, uintptr_t loss_rows, uintptr_t grad, uintptr_t emb, int emb_dtype,
          int64_t emb_stride, int64_t d, uintptr_t weight, uintptr_t bias, int64_t J, uintptr_t logits,
-         int logits_dtype, int64_t logits_stride, double beta) {
+         int logits_dtype, int64_t logits_stride, double beta, bool on_cuda, uintptr_t stream) {
         lelp::TargetsArgs online = make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J,
                                                      logits, logits_dtype, logits_stride, C, S, beta,
                                                      tau, 0, 0, 0);
@@ -101,30 +102,19 @@ PYBIND11_MODULE(_C, m) {
                                           targets_dtype, targets_stride, n_teachers, weights, labels,
                                           ignore_index, divergence, tau, alpha, loss_rows, grad,
                                           emb != 0 ? &online : nullptr);
+        if (on_cuda) {
+#ifdef LELP_WITH_CUDA
+          lelp::loss_cuda(a, reinterpret_cast<void*>(stream));
+          return;
+#else
+          throw std::invalid_argument("lelp_fast._C was built without CUDA");
+#endif
+        }
         py::gil_scoped_release release;
         lelp::loss_cpu(a);
       },
-      "Fused distillation loss on CPU: per-row loss and dL/ds (raw pointers; see lelp_fast.ops.loss).");
-#ifdef LELP_WITH_CUDA
-  m.def(
-      "loss_cuda",
-      [](uintptr_t student, int student_dtype, int64_t student_stride, int64_t n, int64_t C, int64_t S,
-         uintptr_t log_targets, int targets_dtype, int64_t targets_stride, int64_t n_teachers,
-         uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double tau,
-         double alpha, uintptr_t loss_rows, uintptr_t grad, uintptr_t emb, int emb_dtype,
-         int64_t emb_stride, int64_t d, uintptr_t weight, uintptr_t bias, int64_t J, uintptr_t logits,
-         int logits_dtype, int64_t logits_stride, double beta, uintptr_t stream) {
-        lelp::TargetsArgs online = make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J,
-                                                     logits, logits_dtype, logits_stride, C, S, beta,
-                                                     tau, 0, 0, 0);
-        lelp::LossArgs a = make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets,
-                                          targets_dtype, targets_stride, n_teachers, weights, labels,
-                                          ignore_index, divergence, tau, alpha, loss_rows, grad,
-                                          emb != 0 ? &online : nullptr);
-        lelp::loss_cuda(a, reinterpret_cast<void*>(stream));
-      },
-      "Fused distillation loss on CUDA (raw device pointers and a cudaStream_t handle).");
-#endif
+      "Fused distillation loss: per-row loss and dL/ds on CPU (OpenMP) or CUDA (device pointers and "
+      "a cudaStream_t handle); raw pointers, see lelp_fast.ops.loss.");
   m.def("cpu_isa", &lelp::cpu_isa, "The CPU projection kernel in use: 'avx2' or 'portable'.");
 #ifdef LELP_WITH_CUDA
   m.attr("has_cuda") = true;

@@ -82,13 +82,12 @@ def _loss_rows(
         loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, tau, alpha,
                     ignore_index, loss_rows, grad)
         return loss_rows, grad
-    ext = _dispatch.extension()
-    fn = ext.loss_cuda if student.device.type == "cuda" else ext.loss_cpu
-    extra = (torch.cuda.current_stream(student.device).cuda_stream,) if student.device.type == "cuda" else ()
-    fn(
+    on_cuda = student.device.type == "cuda"
+    stream = torch.cuda.current_stream(student.device).cuda_stream if on_cuda else 0
+    _dispatch.extension().loss(
         student.data_ptr(), _DTYPE_CODES[student.dtype], student.stride(0), n, num_classes, n_subclasses,
         *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(tau), float(alpha),
-        loss_rows.data_ptr(), grad.data_ptr(), *online, *extra,
+        loss_rows.data_ptr(), grad.data_ptr(), *online, on_cuda, stream,
     )
     return loss_rows, grad
 
