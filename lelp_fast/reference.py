@@ -173,23 +173,6 @@ def fit_reference(
 # ------------------------------------------------------------------------- targets
 
 
-def project(
-    embeddings: torch.Tensor,
-    a: torch.Tensor,
-    e: torch.Tensor,
-    head_weight: Optional[torch.Tensor] = None,
-    head_bias: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Subclass coordinates ``u = h A + e`` and, when a head is given, class logits ``z = h Wᵀ + b``."""
-    u = embeddings @ a.to(embeddings.dtype) + e.to(embeddings.dtype)
-    z = None
-    if head_weight is not None:
-        z = embeddings @ head_weight.to(embeddings.dtype).T
-        if head_bias is not None:
-            z = z + head_bias.to(embeddings.dtype)
-    return u, z
-
-
 def log_targets(
     u: torch.Tensor, teacher_logits: torch.Tensor, n_subclasses: int, beta: float = 1.0, tau: float = 1.0
 ) -> torch.Tensor:
