@@ -38,7 +38,7 @@ def test_triton_targets_match_reference(dtype, shape, with_head):
 
 
 @pytest.mark.parametrize("divergence", reference.DIVERGENCES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 2, 1), (21, 3, 5), (6, 2, 40)])
 def test_triton_loss_matches_reference(divergence, dtype, shape):
     n, num_classes, s = shape
