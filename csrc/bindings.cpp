@@ -2,9 +2,12 @@
 // shapes and strides: the extension is not built against libtorch, and the
 // Python layer validates every argument before calling in.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
+#include <tuple>
+#include <vector>
 
 #include "cpu/gather.h"
 #include "cpu/loss.h"
@@ -55,6 +58,11 @@ lelp::LossArgs make_loss_args(uintptr_t student, int student_dtype, int64_t stud
                         reinterpret_cast<float*>(loss_rows), reinterpret_cast<float*>(grad)};
 }
 
+// One online teacher of the loss: (embeddings, dtype, row stride, d, fused weight, fused bias, J,
+// teacher logits, dtype, row stride, beta).
+using OnlineTeacher = std::tuple<uintptr_t, int, int64_t, int64_t, uintptr_t, uintptr_t, int64_t, uintptr_t, int,
+                                 int64_t, double>;
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -92,16 +100,20 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t student, int student_dtype, int64_t student_stride, int64_t n, int64_t C, int64_t S,
          uintptr_t log_targets, int targets_dtype, int64_t targets_stride, int64_t n_teachers,
          uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double tau,
-         double alpha, uintptr_t loss_rows, uintptr_t grad, uintptr_t emb, int emb_dtype,
-         int64_t emb_stride, int64_t d, uintptr_t weight, uintptr_t bias, int64_t J, uintptr_t logits,
-         int logits_dtype, int64_t logits_stride, double beta, bool on_cuda, uintptr_t stream) {
-        lelp::TargetsArgs online = make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J,
-                                                     logits, logits_dtype, logits_stride, C, S, beta,
-                                                     tau, 0, 0, 0);
+         double alpha, uintptr_t loss_rows, uintptr_t grad, const std::vector<OnlineTeacher>& teachers,
+         bool on_cuda, uintptr_t stream) {
+        std::vector<lelp::TargetsArgs> online;
+        for (const auto& t : teachers) {
+          const auto [emb, emb_dtype, emb_stride, d, weight, bias, J, logits, logits_dtype, logits_stride, beta] = t;
+          online.push_back(make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits, logits_dtype,
+                                             logits_stride, C, S, beta, tau, 0, 0, 0));
+        }
+        if (!online.empty() && static_cast<int64_t>(online.size()) != n_teachers)
+          throw std::invalid_argument("loss: one online teacher per mixing weight column is required");
         lelp::LossArgs a = make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets,
                                           targets_dtype, targets_stride, n_teachers, weights, labels,
                                           ignore_index, divergence, tau, alpha, loss_rows, grad,
-                                          emb != 0 ? &online : nullptr);
+                                          online.empty() ? nullptr : online.data());
         if (on_cuda) {
 #ifdef LELP_WITH_CUDA
           lelp::loss_cuda(a, reinterpret_cast<void*>(stream));
@@ -114,7 +126,8 @@ PYBIND11_MODULE(_C, m) {
         lelp::loss_cpu(a);
       },
       "Fused distillation loss: per-row loss and dL/ds on CPU (OpenMP) or CUDA (device pointers and "
-      "a cudaStream_t handle); raw pointers, see lelp_fast.ops.loss.");
+      "a cudaStream_t handle); targets precomputed, or online from M teachers (a list of "
+      "(emb, dtype, stride, d, weight, bias, J, logits, dtype, stride, beta)); see lelp_fast.ops.loss.");
   m.def("cpu_isa", &lelp::cpu_isa, "The CPU projection kernel in use: 'avx2' or 'portable'.");
 #ifdef LELP_WITH_CUDA
   m.attr("has_cuda") = true;

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -18,10 +18,13 @@ class LELPLoss(nn.Module):
 
     Offline: pass precomputed log-targets (``projector.targets(...)``). Online: build the loss
     with a fitted ``projector`` and pass teacher ``embeddings`` (and optionally
-    ``teacher_logits``); the targets are computed on the fly, without gradient.
+    ``teacher_logits``); the targets are computed on the fly, without gradient. Several
+    teachers online: build it with a list of M projectors (same C and S) and pass lists of M
+    embeddings (and teacher logits) with ``teacher_weights`` (N, M); each teacher's targets are
+    computed and mixed inside the kernel.
 
     Args:
-        projector: fitted projector for the online mode (gives C and S too).
+        projector: fitted projector for the online mode (gives C and S too), or a list of them.
         num_classes, n_subclasses: C and S for the offline mode without a projector.
         divergence: "kl" (KL(t‖q), default), "reverse_kl", "js" or "tvd".
         tau: class temperature τ (also used for the targets online); default the projector's or 1.
@@ -34,7 +37,7 @@ class LELPLoss(nn.Module):
 
     def __init__(
         self,
-        projector: Optional[LELPProjector] = None,
+        projector: Union[LELPProjector, Sequence[LELPProjector], None] = None,
         *,
         num_classes: Optional[int] = None,
         n_subclasses: Optional[int] = None,
@@ -49,11 +52,17 @@ class LELPLoss(nn.Module):
         super().__init__()
         check_choice("divergence", divergence, reference.DIVERGENCES)
         check_choice("reduction", reduction, reference.REDUCTIONS)
-        if projector is not None:
-            projector._require_fitted()
-            num_classes = projector.num_classes if num_classes is None else num_classes
-            n_subclasses = projector.n_subclasses if n_subclasses is None else n_subclasses
-            tau = projector.tau if tau is None else tau
+        projectors = [] if projector is None else [projector] if isinstance(projector, LELPProjector) else list(projector)
+        for i, p in enumerate(projectors):
+            p._require_fitted()
+            first = projectors[0]
+            if (p.num_classes, p.n_subclasses) != (first.num_classes, first.n_subclasses):
+                raise ValueError(f"projector[{i}] has C={p.num_classes}, S={p.n_subclasses}; "
+                                 f"projector[0] has C={first.num_classes}, S={first.n_subclasses}")
+        if projectors:
+            num_classes = projectors[0].num_classes if num_classes is None else num_classes
+            n_subclasses = projectors[0].n_subclasses if n_subclasses is None else n_subclasses
+            tau = projectors[0].tau if tau is None else tau
         if num_classes is None or n_subclasses is None:
             raise ValueError("pass a fitted projector, or num_classes and n_subclasses")
         tau = 1.0 if tau is None else tau
@@ -61,6 +70,7 @@ class LELPLoss(nn.Module):
         if beta is not None:
             check_positive("beta", beta)
         self.projector = projector
+        self.projectors = projectors
         self.num_classes = int(num_classes)
         self.n_subclasses = int(n_subclasses)
         self.divergence = divergence
@@ -85,20 +95,17 @@ class LELPLoss(nn.Module):
         student_logits: (N, C*S) student outputs.
         targets: (N, C*S) log-targets (offline mode), or (N, M, C*S) for M teachers.
         labels: (N,) class labels, for α ≠ 0 and ``ignore_index``.
-        embeddings: (N, d) teacher embeddings (online mode: targets computed in the kernel).
-        teacher_logits: (N, C) teacher logits (online mode, optional with a stored head).
-        teacher_weights: (N, M) per-row teacher weights (rows sum to 1) for M teachers' targets.
+        embeddings: (N, d) teacher embeddings (online mode: targets computed in the kernel), or a
+            list of M (N, d_m) for a loss built with M projectors.
+        teacher_logits: (N, C) teacher logits (online mode, optional with a stored head); a list of
+            M (entries may be None) with M projectors.
+        teacher_weights: (N, M) per-row teacher weights (rows sum to 1) for M teachers.
         """
         online = {}
         if targets is None:
-            if embeddings is None or self.projector is None:
+            if embeddings is None or not self.projectors:
                 raise ValueError("pass targets (offline), or embeddings with a projector-built loss (online)")
-            fused_weight, fused_bias = self.projector.fused_map(with_head=teacher_logits is None)
-            online = dict(embeddings=embeddings, fused_weight=fused_weight.to(embeddings.device),
-                          fused_bias=fused_bias.to(embeddings.device), teacher_logits=teacher_logits,
-                          beta=self.projector.beta if self.beta is None else self.beta)
-            if embeddings.ndim != 2 or embeddings.shape[1] != self.projector.dim:
-                raise ValueError(f"embeddings must have shape (N, {self.projector.dim}), got {tuple(embeddings.shape)}")
+            online = self._online_arguments(embeddings, teacher_logits)
         elif embeddings is not None:
             raise ValueError("pass either targets or embeddings, not both")
         elif targets.shape[0] != student_logits.shape[0] or targets.shape[-1] != student_logits.shape[-1]:
@@ -120,6 +127,30 @@ class LELPLoss(nn.Module):
             backend=self.backend,
             **online,
         )
+
+    def _online_arguments(self, embeddings, teacher_logits) -> dict:
+        several = len(self.projectors) > 1
+        embeddings_list = list(embeddings) if several else [embeddings]
+        logits_list = ([None] * len(self.projectors) if teacher_logits is None else list(teacher_logits)) if several \
+            else [teacher_logits]
+        if several and (isinstance(embeddings, torch.Tensor) or len(embeddings_list) != len(self.projectors)):
+            raise ValueError(f"embeddings must be a list of {len(self.projectors)} tensors, one per projector")
+        if len(logits_list) != len(self.projectors):
+            raise ValueError(f"teacher_logits must be a list of {len(self.projectors)} (entries may be None)")
+        weights, biases, betas = [], [], []
+        for i, (p, h, z) in enumerate(zip(self.projectors, embeddings_list, logits_list)):
+            name = f"embeddings[{i}]" if several else "embeddings"
+            if h.ndim != 2 or h.shape[1] != p.dim:
+                raise ValueError(f"{name} must have shape (N, {p.dim}), got {tuple(h.shape)}")
+            w, b = p.fused_map(with_head=z is None)
+            weights.append(w.to(h.device))
+            biases.append(b.to(h.device))
+            betas.append(p.beta if self.beta is None else self.beta)
+        if not several:
+            return dict(embeddings=embeddings_list[0], fused_weight=weights[0], fused_bias=biases[0],
+                        teacher_logits=logits_list[0], beta=betas[0])
+        return dict(embeddings=embeddings_list, fused_weight=weights, fused_bias=biases, teacher_logits=logits_list,
+                    beta=betas)
 
     def extra_repr(self) -> str:
         return (

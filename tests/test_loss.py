@@ -40,6 +40,26 @@ def test_online_equals_offline(fitted):
     assert s.grad is not None and torch.isfinite(s.grad).all()
 
 
+def test_online_several_projectors_equals_offline_mixture(fitted):
+    proj, h, y = fitted
+    h2, w2, b2, _ = make_problem(n=300, d=9, num_classes=2, seed=32)
+    proj2 = LELPProjector(3, beta=0.3).fit(h2, y, head_weight=w2, head_bias=b2)
+    weights = torch.softmax(torch.randn(25, 2), 1)
+    s = torch.randn(25, 6, requires_grad=True)
+    module = LELPLoss([proj, proj2], tau=1.4, alpha=0.1)
+    online = module(s, None, y[:25], embeddings=[h[:25].float(), h2[:25].float()], teacher_weights=weights)
+    stacked = torch.stack([proj.targets(h[:25].float()), proj2.targets(h2[:25].float(), tau=1.4)], 1)
+    offline = LELPLoss(num_classes=2, n_subclasses=3, tau=1.4, alpha=0.1)(s, stacked, y[:25], teacher_weights=weights)
+    torch.testing.assert_close(online, offline)
+    with pytest.raises(ValueError, match="embeddings must be a list of 2 tensors"):
+        module(s, embeddings=h[:25].float(), teacher_weights=weights)
+    with pytest.raises(ValueError, match=r"embeddings\[1\] must have shape \(N, 9\)"):
+        module(s, embeddings=[h[:25].float(), h[:25].float()], teacher_weights=weights)
+    other = LELPProjector(2).fit(h2, y)
+    with pytest.raises(ValueError, match=r"projector\[1\] has C=2, S=2"):
+        LELPLoss([proj, other])
+
+
 @pytest.mark.parametrize("divergence", reference.DIVERGENCES)
 def test_module_gradcheck_fp64(fitted, divergence):
     proj, h, y = fitted

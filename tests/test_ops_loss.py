@@ -140,6 +140,77 @@ def test_online_targets_inside_the_kernel(backend, with_logits):
     torch.testing.assert_close(student.grad.double(), want_grad, atol=2e-5, rtol=1e-4)
 
 
+def make_online_teachers(n, dims, num_classes, s, seed):
+    """Per teacher: embeddings (N, d_m), a fused map, teacher logits (None for the first: from its head)."""
+    g = torch.Generator().manual_seed(seed)
+    k = num_classes * s
+    teachers = []
+    for i, d in enumerate(dims):
+        j = k + num_classes if i == 0 else k
+        emb = torch.randn(n, d, generator=g)
+        z = None if i == 0 else torch.randn(n, num_classes, generator=g) * 2
+        teachers.append((emb, torch.randn(d, j, generator=g) / d**0.5, torch.randn(j, generator=g), z))
+    return teachers
+
+
+def reference_online_mix(teachers, weights, k, s, betas, tau):
+    per = []
+    for (emb, w, b, z), beta in zip(teachers, betas):
+        proj = emb.double() @ w.double() + b.double()
+        per.append(reference.log_targets(proj[:, :k], proj[:, k:] if z is None else z.double(), s, beta=beta, tau=tau))
+    return torch.log((weights.double().unsqueeze(-1) * torch.stack(per, 1).exp()).sum(1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 67])
+def test_online_multi_teacher_mixed_inside_the_kernel(backend, dtype, n):
+    num_classes, s = 3, 5
+    teachers = make_online_teachers(n, [19, 40, 7], num_classes, s, seed=n)
+    teachers = [(e.to(dtype), w, b, None if z is None else z.to(dtype)) for e, w, b, z in teachers]
+    g = torch.Generator().manual_seed(n + 1)
+    weights = torch.softmax(torch.randn(n, 3, generator=g), 1)
+    weights[0] = torch.tensor([0.0, 1.0, 0.0])  # a zero weight: that teacher is skipped, not log(0) * ...
+    _, _, labels = make_inputs(n, num_classes, s, seed=n)
+    student = torch.randn(n, num_classes * s, generator=g) * 3
+    x = student.to(dtype).requires_grad_(True)
+    betas = [0.5, 1.0, 0.05]
+    loss = distill_loss(x, None, labels, num_classes=num_classes, n_subclasses=s, tau=1.5, alpha=0.2,
+                        divergence="reverse_kl", embeddings=[t[0] for t in teachers],
+                        fused_weight=[t[1] for t in teachers], fused_bias=[t[2] for t in teachers],
+                        teacher_logits=[t[3] for t in teachers], beta=betas, teacher_weights=weights,
+                        backend=backend)
+    loss.backward()
+    log_t = reference_online_mix(teachers, weights, num_classes * s, s, betas, tau=1.5)
+    want, want_grad = reference_loss_and_grad(x, log_t, labels, num_classes=num_classes, n_subclasses=s, tau=1.5,
+                                              alpha=0.2, divergence_kind="reverse_kl")
+    atol, rtol = TOL[torch.float32]  # inputs are rounded once; the reference sees the same rounded values
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss.double(), want, atol=atol * 5, rtol=rtol * 5)
+    torch.testing.assert_close(x.grad.double(), want_grad.to(dtype).double(), atol=TOL[dtype][0] * 2,
+                               rtol=TOL[dtype][1] * 10)
+
+
+def test_online_multi_teacher_bad_arguments():
+    n, num_classes, s = 6, 2, 3
+    (e1, w1, b1, _), (e2, w2, b2, z2) = make_online_teachers(n, [5, 8], num_classes, s, seed=3)
+    x = torch.randn(n, num_classes * s)
+    kw = dict(num_classes=num_classes, n_subclasses=s)
+    weights = torch.full((n, 2), 0.5)
+    with pytest.raises(ValueError, match=r"teacher_weights must have shape \(6, 2\)"):
+        distill_loss(x, embeddings=[e1, e2], fused_weight=[w1, w2], fused_bias=[b1, b2], teacher_logits=[None, z2],
+                     **kw)
+    with pytest.raises(ValueError, match="fused_bias must have one entry per teacher"):
+        distill_loss(x, embeddings=[e1, e2], fused_weight=[w1, w2], fused_bias=[b1], teacher_logits=[None, z2],
+                     teacher_weights=weights, **kw)
+    with pytest.raises(ValueError, match=r"fused_weight\[1\]/fused_bias\[1\] must have shapes \(8, 8\)"):
+        distill_loss(x, embeddings=[e1, e2], fused_weight=[w1, w2], fused_bias=[b1, b2], teacher_logits=[None, None],
+                     teacher_weights=weights, **kw)
+    with pytest.raises(ValueError, match=r"beta\[0\] must be > 0"):
+        distill_loss(x, embeddings=[e1, e2], fused_weight=[w1, w2], fused_bias=[b1, b2], teacher_logits=[None, z2],
+                     teacher_weights=weights, beta=[0.0, 1.0], **kw)
+
+
 def test_second_backward_is_refused_not_wrong():
     if "cpu" not in BACKENDS:
         pytest.skip("needs the compiled extension")
@@ -233,3 +304,21 @@ def test_loss_outputs_are_fully_written(monkeypatch, backend):
                         backend=backend)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _dispatch.available("cuda", torch.device("cuda")),
+                    reason="needs a GPU and the CUDA kernels")
+def test_cuda_online_multi_teacher_matches_reference():
+    n, num_classes, s = 517, 2, 8
+    teachers = make_online_teachers(n, [64, 33], num_classes, s, seed=12)
+    weights = torch.softmax(torch.randn(n, 2), 1)
+    x = (torch.randn(n, num_classes * s) * 2).cuda().requires_grad_(True)
+    loss = distill_loss(x, None, None, num_classes=num_classes, n_subclasses=s, embeddings=[t[0].cuda() for t in teachers],
+                        fused_weight=[t[1].cuda() for t in teachers], fused_bias=[t[2].cuda() for t in teachers],
+                        teacher_logits=[None if t[3] is None else t[3].cuda() for t in teachers], beta=[0.5, 2.0],
+                        teacher_weights=weights.cuda(), backend="cuda")
+    loss.backward()
+    log_t = reference_online_mix(teachers, weights, num_classes * s, s, [0.5, 2.0], tau=1.0)
+    want, want_grad = reference_loss_and_grad(x.cpu(), log_t, None, num_classes=num_classes, n_subclasses=s)
+    torch.testing.assert_close(loss.cpu().double(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(x.grad.cpu().double(), want_grad, atol=2e-5, rtol=1e-4)

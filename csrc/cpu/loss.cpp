@@ -16,6 +16,12 @@ namespace lelp {
 
 namespace {
 
+// log_t += w * t in log space (log_t[k] = logaddexp(log_t[k], log w + log_tm[k])).
+inline void mix_into(float* log_t, const float* log_tm, float w, int64_t K) {
+  const float log_w = std::log(w);
+  for (int64_t k = 0; k < K; ++k) log_t[k] = logaddexp_(log_t[k], log_w + log_tm[k]);
+}
+
 // log t = log sum_m w_m t_m, computed as a logsumexp over teachers (zero weights skipped).
 void mix_row(const LossArgs& a, int64_t row, float* scratch, float* log_t) {
   const int64_t K = a.C * a.S;
@@ -30,8 +36,25 @@ void mix_row(const LossArgs& a, int64_t row, float* scratch, float* log_t) {
   for (int64_t m = 0; m < a.n_teachers; ++m) {
     if (!(w[m] > 0.f)) continue;
     cpu::load_row(base + m * K * cpu::dtype_size(a.targets_dtype), a.targets_dtype, K, scratch);
-    const float log_w = std::log(w[m]);
-    for (int64_t k = 0; k < K; ++k) log_t[k] = logaddexp_(log_t[k], log_w + scratch[k]);
+    mix_into(log_t, scratch, w[m], K);
+  }
+}
+
+// Online targets of rows [r0, r0 + rows): one teacher straight into log_t, or M teachers each
+// into `tile_t` (rows x K) and mixed by the per-row weights.
+void online_rows(const LossArgs& a, int64_t r0, int64_t rows, TargetsWorkspace* ws, float* tile_t, float* log_t) {
+  const int64_t K = a.C * a.S, step = targets_tile_rows();
+  if (a.weights == nullptr) {
+    for (int64_t i = 0; i < rows; i += step) targets_tile(a.online[0], r0 + i, ws[0], log_t + i * K);
+    return;
+  }
+  std::fill(log_t, log_t + rows * K, -INFINITY);
+  for (int64_t m = 0; m < a.n_teachers; ++m) {
+    for (int64_t i = 0; i < rows; i += step) targets_tile(a.online[m], r0 + i, ws[m], tile_t + i * K);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float w = a.weights[(r0 + r) * a.n_teachers + m];
+      if (w > 0.f) mix_into(log_t + r * K, tile_t + r * K, w, K);
+    }
   }
 }
 
@@ -45,16 +68,13 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
   const int64_t K = a.C * a.S;
   float* s = buf;                      // tile x K student logits (fp32)
   float* log_t = s + tile * K;         // tile x K targets
-  float* scratch = log_t + tile * K;   // K, for mixing teachers
-  float* work = scratch + K;           // loss_scratch_floats(tile, K)
+  float* scratch = log_t + tile * K;   // tile x K, for mixing teachers
+  float* work = scratch + tile * K;    // loss_scratch_floats(tile, K)
   const int64_t student_row_bytes = a.student_stride * cpu::dtype_size(a.student_dtype);
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t r0 = t * tile;
     const int64_t rows = std::min(tile, a.n - r0);
-    if (ws != nullptr) {
-      for (int64_t r0t = 0; r0t < rows; r0t += targets_tile_rows())
-        targets_tile(*a.online, r0 + r0t, *ws, log_t + r0t * K);
-    }
+    if (ws != nullptr) online_rows(a, r0, rows, ws, scratch, log_t);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = r0 + r;
       if (ws == nullptr) mix_row(a, row, scratch, log_t + r * K);
@@ -99,9 +119,12 @@ void loss_cpu(const LossArgs& a) {
   const bool avx2 = std::strcmp(cpu_isa(), "avx2") == 0;
 #pragma omp parallel
   {
-    std::vector<float> buf(2 * tile * K + K + loss_scratch_floats(tile, K));
+    std::vector<float> buf(3 * tile * K + loss_scratch_floats(tile, K));
     std::vector<int64_t> labels(tile);
-    TargetsWorkspace* ws = a.online != nullptr ? new TargetsWorkspace(*a.online) : nullptr;
+    std::vector<TargetsWorkspace> workspaces;  // one per online teacher
+    if (a.online != nullptr)
+      for (int64_t m = 0; m < a.n_teachers; ++m) workspaces.emplace_back(a.online[m]);
+    TargetsWorkspace* ws = workspaces.empty() ? nullptr : workspaces.data();
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
     // Contiguous blocks of tiles per thread (a static schedule, without a call per tile).
     const int64_t begin = n_tiles * id / nt, end = n_tiles * (id + 1) / nt;
@@ -111,7 +134,6 @@ void loss_cpu(const LossArgs& a) {
     else
 #endif
       loss_range_portable(a, begin, end, tile, ws, buf.data(), labels.data());
-    delete ws;
   }
 }
 

@@ -8,7 +8,8 @@ namespace lelp {
 
 // The fused distillation loss: per-row loss and dL/ds (before the reduction) in one pass.
 // Targets come either precomputed (log_targets, M teachers mixed by per-row weights) or
-// online from teacher embeddings (targets != nullptr), never materialised as N x K.
+// online from M teachers' embeddings and projectors (online != nullptr, mixed by the same
+// weights), never materialised as N x K.
 struct LossArgs {
   const void* student;  // N x K logits, dtype student_dtype, row stride student_stride
   int student_dtype;
@@ -19,7 +20,7 @@ struct LossArgs {
   int64_t targets_stride;
   int64_t n_teachers;       // M
   const float* weights;     // N x M fp32 mixing weights (rows sum to 1), or nullptr when M = 1
-  const TargetsArgs* online;  // teacher embeddings -> targets in-kernel, or nullptr
+  const TargetsArgs* online;  // n_teachers projections: teacher embeddings -> targets in-kernel, or nullptr
   const int64_t* labels;    // N labels or nullptr
   int64_t ignore_index;
   int divergence;

@@ -15,7 +15,14 @@ namespace {
 using cuda::kMaxK;
 using cuda::load;
 
-__global__ void loss_kernel(LossArgs a, TargetsArgs online, bool has_online) {
+// The online teachers' projections, passed by value as a kernel parameter.
+constexpr int kMaxOnlineTeachers = 8;
+struct OnlineTeachers {
+  TargetsArgs t[kMaxOnlineTeachers];
+  int m;  // 0: precomputed targets
+};
+
+__global__ void loss_kernel(LossArgs a, OnlineTeachers online) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= a.n) return;
   const int K = static_cast<int>(a.C * a.S);
@@ -27,8 +34,17 @@ __global__ void loss_kernel(LossArgs a, TargetsArgs online, bool has_online) {
     return;
   }
   float log_t[kMaxK], s[kMaxK], work[3 * kMaxK + 4];
-  if (has_online) {
-    cuda::row_targets(online, row, log_t);
+  if (online.m > 0 && a.weights == nullptr) {
+    cuda::row_targets(online.t[0], row, log_t);
+  } else if (online.m > 0) {
+    for (int k = 0; k < K; ++k) log_t[k] = -INFINITY;
+    for (int m = 0; m < online.m; ++m) {
+      const float w = a.weights[row * a.n_teachers + m];
+      if (!(w > 0.f)) continue;
+      cuda::row_targets(online.t[m], row, s);  // s as scratch; the student row is loaded below
+      const float log_w = logf(w);
+      for (int k = 0; k < K; ++k) log_t[k] = logaddexp_(log_t[k], log_w + s[k]);
+    }
   } else if (a.weights == nullptr) {
     for (int k = 0; k < K; ++k) log_t[k] = load(a.log_targets, a.targets_dtype, row * a.targets_stride + k);
   } else {
@@ -54,10 +70,14 @@ void loss_cuda(const LossArgs& a, void* stream) {
   if (a.n == 0) return;
   const int threads = 128;
   const unsigned blocks = static_cast<unsigned>((a.n + threads - 1) / threads);
-  TargetsArgs online{};
-  const bool has_online = a.online != nullptr;
-  if (has_online) online = *a.online;
-  loss_kernel<<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(a, online, has_online);
+  OnlineTeachers online{};
+  if (a.online != nullptr) {
+    if (a.n_teachers > kMaxOnlineTeachers)
+      throw std::invalid_argument("cuda loss: at most 8 online teachers (pass precomputed targets for more)");
+    online.m = static_cast<int>(a.n_teachers);
+    for (int m = 0; m < online.m; ++m) online.t[m] = a.online[m];
+  }
+  loss_kernel<<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(a, online);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string("cuda loss launch failed: ") + cudaGetErrorString(err));
 }

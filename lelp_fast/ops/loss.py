@@ -12,7 +12,7 @@ gradient in the backward pass.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -34,16 +34,16 @@ def _loss_rows(
     log_targets: Optional[Tensor],
     weights: Optional[Tensor],
     labels: Optional[Tensor],
-    embeddings: Optional[Tensor],
-    fused_weight: Optional[Tensor],
-    fused_bias: Optional[Tensor],
-    teacher_logits: Optional[Tensor],
+    embeddings: List[Tensor],
+    fused_weight: List[Tensor],
+    fused_bias: List[Tensor],
+    teacher_logits: List[Optional[Tensor]],
     num_classes: int,
     n_subclasses: int,
     divergence: int,
     tau: float,
     alpha: float,
-    beta: float,
+    beta: List[float],
     ignore_index: int,
     use_triton: bool,
 ) -> Tuple[Tensor, Tensor]:
@@ -59,25 +59,23 @@ def _loss_rows(
         log_targets = log_targets if log_targets.is_contiguous() else log_targets.contiguous()
         targets_args = (_ptr(log_targets), _DTYPE_CODES[log_targets.dtype], n_teachers * k, n_teachers)
     else:
-        targets_args = (0, 0, 0, 1)
+        targets_args = (0, 0, 0, len(embeddings))
     weights = None if weights is None else weights.to(torch.float32).contiguous()
     labels = None if labels is None else labels.to(torch.int64).contiguous()
-    if embeddings is not None:
-        emb = _dispatch.rows_contiguous(embeddings)
-        z = _dispatch.rows_contiguous(teacher_logits)
-        w32 = fused_weight.to(torch.float32).contiguous()
-        b32 = fused_bias.to(torch.float32).contiguous()
-        online = (
+    online, keep_alive = [], []
+    for emb, w, b, z, teacher_beta in zip(embeddings, fused_weight, fused_bias, teacher_logits, beta):
+        emb, z = _dispatch.rows_contiguous(emb), _dispatch.rows_contiguous(z)
+        w32, b32 = w.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
+        keep_alive += [emb, z, w32, b32]  # the kernel reads raw addresses: keep the copies alive
+        online.append((
             emb.data_ptr(), _DTYPE_CODES[emb.dtype], emb.stride(0), emb.shape[1], w32.data_ptr(), b32.data_ptr(),
             w32.shape[1], _ptr(z), 0 if z is None else _DTYPE_CODES[z.dtype], 0 if z is None else z.stride(0),
-            float(beta),
-        )
-    else:
-        online = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0)
+            float(teacher_beta),
+        ))
     if use_triton:
         from ..kernels.triton.loss import loss_triton
 
-        if embeddings is not None:
+        if online:
             raise ValueError("the triton backend takes precomputed targets; use backend='cuda' or 'cpu' online")
         loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, tau, alpha,
                     ignore_index, loss_rows, grad)
@@ -87,7 +85,7 @@ def _loss_rows(
     _dispatch.extension().loss(
         student.data_ptr(), _DTYPE_CODES[student.dtype], student.stride(0), n, num_classes, n_subclasses,
         *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(tau), float(alpha),
-        loss_rows.data_ptr(), grad.data_ptr(), *online, on_cuda, stream,
+        loss_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
     )
     return loss_rows, grad
 
@@ -129,11 +127,11 @@ def distill_loss(
     reduction: str = "mean",
     ignore_index: int = -100,
     teacher_weights: Optional[Tensor] = None,
-    embeddings: Optional[Tensor] = None,
-    fused_weight: Optional[Tensor] = None,
-    fused_bias: Optional[Tensor] = None,
-    teacher_logits: Optional[Tensor] = None,
-    beta: float = 1.0,
+    embeddings: Union[Tensor, Sequence[Tensor], None] = None,
+    fused_weight: Union[Tensor, Sequence[Tensor], None] = None,
+    fused_bias: Union[Tensor, Sequence[Tensor], None] = None,
+    teacher_logits: Union[Tensor, Sequence[Optional[Tensor]], None] = None,
+    beta: Union[float, Sequence[float]] = 1.0,
     backend: str = "auto",
 ) -> Tensor:
     """The distillation loss of DESIGN.md §1, fused where a compiled backend is available.
@@ -141,7 +139,10 @@ def distill_loss(
     Targets: ``log_targets`` (N, K), or (N, M, K) with ``teacher_weights`` (N, M) (rows summing
     to 1) mixed as ``t = Σ_m w_m t_m`` inside the kernel; or ``embeddings`` (N, d) with the
     projector's ``fused_weight``/``fused_bias`` (and optional ``teacher_logits``), computed
-    in-kernel at temperatures ``beta``, ``tau``. Rows labelled ``ignore_index`` contribute 0.
+    in-kernel at temperatures ``beta``, ``tau``; or M teachers online: lists of M embeddings
+    (each (N, d_m)), fused maps, teacher logits (or None) and betas, with ``teacher_weights``
+    (N, M), each teacher's targets computed and mixed in the kernel. Rows labelled
+    ``ignore_index`` contribute 0.
     """
     if divergence not in DIVERGENCE_CODES:
         raise ValueError(f"divergence must be one of {tuple(DIVERGENCE_CODES)}, got {divergence!r}")
@@ -161,6 +162,9 @@ def distill_loss(
             raise ValueError(f"teacher_weights must have shape {tuple(log_targets.shape[:2])} for M teachers")
         if not multi and teacher_weights is not None:
             raise ValueError("teacher_weights needs log_targets of shape (N, M, K)")
+    else:
+        embeddings, fused_weight, fused_bias, teacher_logits, beta = _online_teachers(
+            n, k, num_classes, embeddings, fused_weight, fused_bias, teacher_logits, beta, teacher_weights)
     if labels is not None and labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
     if alpha != 0.0 and labels is None:
@@ -173,7 +177,8 @@ def distill_loss(
             raise ValueError(f"labels[{row}] = {int(labels[row])} is out of range [0, {num_classes - 1}]")
 
     chosen = _dispatch.resolve(backend, student_logits.device)
-    dtypes = [student_logits.dtype] + [t.dtype for t in (log_targets, embeddings, teacher_logits) if t is not None]
+    online_tensors = [] if embeddings is None else [*embeddings, *teacher_logits]
+    dtypes = [t.dtype for t in (student_logits, log_targets, *online_tensors) if t is not None]
     if chosen != "torch" and not all(dt in _DTYPE_CODES for dt in dtypes):
         if backend != "auto":
             raise ValueError(f"backend {chosen!r} takes float32/float16/bfloat16 tensors; use backend='torch' for float64")
@@ -183,13 +188,45 @@ def distill_loss(
                               fused_bias, teacher_logits, num_classes, n_subclasses, divergence, tau, alpha, beta,
                               ignore_index)
     else:
+        online = (embeddings, fused_weight, fused_bias, teacher_logits, beta) if embeddings is not None else ([],) * 5
         loss_rows, grad = _loss_rows(
-            student_logits.detach(), log_targets, teacher_weights, labels, embeddings, fused_weight, fused_bias,
-            teacher_logits, num_classes, n_subclasses, DIVERGENCE_CODES[divergence], float(tau), float(alpha),
-            float(beta), int(ignore_index), chosen == "triton",
+            student_logits.detach(), log_targets, teacher_weights, labels, *online[:4], num_classes, n_subclasses,
+            DIVERGENCE_CODES[divergence], float(tau), float(alpha), online[4], int(ignore_index), chosen == "triton",
         )
         per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad)
     return reference.reduce_rows(per_row, labels, ignore_index, reduction)
+
+
+def _online_teachers(n, k, num_classes, embeddings, fused_weight, fused_bias, teacher_logits, beta, weights):
+    """Checks the online arguments and returns them as lists, one entry per teacher."""
+    if isinstance(embeddings, Tensor):
+        embeddings, fused_weight, fused_bias = [embeddings], [fused_weight], [fused_bias]
+        teacher_logits = [teacher_logits]
+    embeddings, fused_weight, fused_bias = list(embeddings), list(fused_weight or []), list(fused_bias or [])
+    m = len(embeddings)
+    teacher_logits = [None] * m if teacher_logits is None else list(teacher_logits)
+    beta = [float(beta)] * m if isinstance(beta, (int, float)) else [float(b) for b in beta]
+    for name, values in (("fused_weight", fused_weight), ("fused_bias", fused_bias),
+                         ("teacher_logits", teacher_logits), ("beta", beta)):
+        if len(values) != m:
+            raise ValueError(f"{name} must have one entry per teacher ({m}), got {len(values)}")
+    if m == 0:
+        raise ValueError("embeddings must hold at least one teacher's (N, d) embeddings")
+    if m > 1 and (weights is None or tuple(weights.shape) != (n, m)):
+        raise ValueError(f"teacher_weights must have shape ({n}, {m}) for {m} online teachers")
+    if m == 1 and weights is not None:
+        raise ValueError("teacher_weights needs several teachers (M > 1)")
+    for i, (emb, w, b, z, bt) in enumerate(zip(embeddings, fused_weight, fused_bias, teacher_logits, beta)):
+        if emb.ndim != 2 or emb.shape[0] != n:
+            raise ValueError(f"embeddings[{i}] must have shape ({n}, d), got {tuple(emb.shape)}")
+        j = k if z is not None else k + num_classes
+        if w is None or b is None or tuple(w.shape) != (emb.shape[1], j) or tuple(b.shape) != (j,):
+            raise ValueError(f"fused_weight[{i}]/fused_bias[{i}] must have shapes ({emb.shape[1]}, {j}) and ({j},)")
+        if z is not None and tuple(z.shape) != (n, num_classes):
+            raise ValueError(f"teacher_logits[{i}] must have shape ({n}, {num_classes}), got {tuple(z.shape)}")
+        if not bt > 0:
+            raise ValueError(f"beta[{i}] must be > 0, got {bt}")
+    return embeddings, fused_weight, fused_bias, teacher_logits, beta
 
 
 def _loss_torch(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
@@ -197,9 +234,15 @@ def _loss_torch(student, log_targets, weights, labels, embeddings, fused_weight,
     compute = torch.float64 if student.dtype == torch.float64 else torch.float32
     if embeddings is not None:
         k = num_classes * n_subclasses
-        proj = embeddings.to(compute) @ fused_weight.to(compute) + fused_bias.to(compute)
-        z = proj[:, k:] if teacher_logits is None else teacher_logits.to(compute)
-        log_t = reference.log_targets(proj[:, :k], z, n_subclasses, beta, tau)
+        per_teacher = []
+        for emb, w, b, z, teacher_beta in zip(embeddings, fused_weight, fused_bias, teacher_logits, beta):
+            proj = emb.to(compute) @ w.to(compute) + b.to(compute)
+            z = proj[:, k:] if z is None else z.to(compute)
+            per_teacher.append(reference.log_targets(proj[:, :k], z, n_subclasses, teacher_beta, tau))
+        if len(per_teacher) == 1:
+            log_t = per_teacher[0]
+        else:
+            log_t = reference.mix_log_targets(torch.stack(per_teacher, 1), weights.to(compute))
     elif log_targets.ndim == 3:
         log_t = reference.mix_log_targets(log_targets.to(compute), weights.to(compute))
     else:
