@@ -191,3 +191,16 @@ def test_wide_embeddings_and_many_outputs(backend):
     got = lelp_targets(h.float(), weight.float(), bias.float(), 2, 256, backend=backend)
     want = fp64_reference(h.float(), weight, bias, None, 2, 256, 1.0, 1.0)
     torch.testing.assert_close(got.double(), want, atol=5e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_rows_are_named_and_overflowing_finite_rows_pass(dtype, bad_value):
+    h = torch.randn(50, 12).to(dtype)
+    h[3] = torch.finfo(dtype).max  # finite, but its row sum overflows: must not be reported
+    w, b = torch.randn(12, 6), torch.randn(6)
+    lelp_targets(h, w, b, 2, 2, backend="torch")
+    h[41, 7] = bad_value
+    h[44, 0] = bad_value
+    with pytest.raises(ValueError, match="embeddings row 41 contains NaN or Inf"):
+        lelp_targets(h, w, b, 2, 2)

@@ -17,11 +17,10 @@ namespace lelp {
 
 namespace {
 
-// Register-blocked projection: a kRows x kCols block of accumulators stays in
-// registers across the whole d loop (8 ymm registers with AVX2), plus one 8-column
-// tail block, so J is padded to a multiple of 8 only (J = 18 computes 24 columns, not 32).
+// Register-blocked projection: a block of kRows x (8, 16 or 24) accumulators stays in
+// registers across the whole d loop, so J is padded to a multiple of 8 only (J = 18
+// computes 24 columns in one block).
 constexpr int64_t kRows = 4;
-constexpr int64_t kCols = 16;
 constexpr int64_t kPad = 8;
 
 // x: kRows x d (fp32), w: d x jp (jp a multiple of kPad), bias: jp.
@@ -43,55 +42,39 @@ void project_tile_portable(const float* x, int64_t d, const float* w, const floa
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LELP_HAVE_AVX2_KERNEL 1
+// Columns [j0, j0 + 8 NV) of the tile: 4 x NV accumulators, NV weight vectors and one broadcast
+// live in the 16 ymm registers across the whole d loop. Two FMA pipes of latency 4 need at least
+// 8 independent accumulators, so NV = 3 (12) and NV = 2 (8) run at full rate, NV = 1 at half.
+template <int NV>
+__attribute__((target("avx2,fma"), always_inline)) inline void project_block_avx2(
+    const float* x, int64_t d, const float* w, const float* bias, int64_t jp, int64_t j0, float* acc) {
+  __m256 a[kRows][NV];
+  for (int v = 0; v < NV; ++v) {
+    a[0][v] = _mm256_loadu_ps(bias + j0 + 8 * v);
+    for (int r = 1; r < kRows; ++r) a[r][v] = a[0][v];
+  }
+  for (int64_t k = 0; k < d; ++k) {
+    const float* wk = w + k * jp + j0;
+    __m256 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_ps(wk + 8 * v);
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * d + k);
+      for (int v = 0; v < NV; ++v) a[r][v] = _mm256_fmadd_ps(xv, wv[v], a[r][v]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(acc + r * jp + j0 + 8 * v, a[r][v]);
+}
+
 __attribute__((target("avx2,fma"))) void project_tile_avx2(const float* x, int64_t d, const float* w,
                                                            const float* bias, int64_t jp, float* acc) {
-  const float* x0 = x;
-  const float* x1 = x + d;
-  const float* x2 = x + 2 * d;
-  const float* x3 = x + 3 * d;
+  // 24-column blocks, then 16-column ones; a lone 8-column rest turns 24 + 8 into 16 + 16.
+  int64_t n24 = jp / 24, rest = jp % 24;
+  if (rest == 8 && n24 > 0) --n24, rest += 24;
   int64_t j0 = 0;
-  for (; j0 + kCols <= jp; j0 += kCols) {
-    __m256 a00 = _mm256_loadu_ps(bias + j0), a01 = _mm256_loadu_ps(bias + j0 + 8);
-    __m256 a10 = a00, a11 = a01, a20 = a00, a21 = a01, a30 = a00, a31 = a01;
-    for (int64_t k = 0; k < d; ++k) {
-      const float* wk = w + k * jp + j0;
-      const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
-      __m256 xv = _mm256_broadcast_ss(x0 + k);
-      a00 = _mm256_fmadd_ps(xv, w0, a00);
-      a01 = _mm256_fmadd_ps(xv, w1, a01);
-      xv = _mm256_broadcast_ss(x1 + k);
-      a10 = _mm256_fmadd_ps(xv, w0, a10);
-      a11 = _mm256_fmadd_ps(xv, w1, a11);
-      xv = _mm256_broadcast_ss(x2 + k);
-      a20 = _mm256_fmadd_ps(xv, w0, a20);
-      a21 = _mm256_fmadd_ps(xv, w1, a21);
-      xv = _mm256_broadcast_ss(x3 + k);
-      a30 = _mm256_fmadd_ps(xv, w0, a30);
-      a31 = _mm256_fmadd_ps(xv, w1, a31);
-    }
-    _mm256_storeu_ps(acc + j0, a00);
-    _mm256_storeu_ps(acc + j0 + 8, a01);
-    _mm256_storeu_ps(acc + jp + j0, a10);
-    _mm256_storeu_ps(acc + jp + j0 + 8, a11);
-    _mm256_storeu_ps(acc + 2 * jp + j0, a20);
-    _mm256_storeu_ps(acc + 2 * jp + j0 + 8, a21);
-    _mm256_storeu_ps(acc + 3 * jp + j0, a30);
-    _mm256_storeu_ps(acc + 3 * jp + j0 + 8, a31);
-  }
-  if (j0 < jp) {  // one 8-column tail block (jp is a multiple of 8)
-    __m256 a0 = _mm256_loadu_ps(bias + j0), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < d; ++k) {
-      const __m256 w0 = _mm256_loadu_ps(w + k * jp + j0);
-      a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x0 + k), w0, a0);
-      a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x1 + k), w0, a1);
-      a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x2 + k), w0, a2);
-      a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x3 + k), w0, a3);
-    }
-    _mm256_storeu_ps(acc + j0, a0);
-    _mm256_storeu_ps(acc + jp + j0, a1);
-    _mm256_storeu_ps(acc + 2 * jp + j0, a2);
-    _mm256_storeu_ps(acc + 3 * jp + j0, a3);
-  }
+  for (int64_t b = 0; b < n24; ++b, j0 += 24) project_block_avx2<3>(x, d, w, bias, jp, j0, acc);
+  for (; rest >= 16; rest -= 16, j0 += 16) project_block_avx2<2>(x, d, w, bias, jp, j0, acc);
+  if (rest == 8) project_block_avx2<1>(x, d, w, bias, jp, j0, acc);
 }
 #endif
 
