@@ -72,14 +72,16 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t emb, int emb_dtype, int64_t emb_stride, int64_t n, int64_t d, uintptr_t weight,
          uintptr_t bias, int64_t J, uintptr_t logits, int logits_dtype, int64_t logits_stride,
          int64_t C, int64_t S, double beta, double tau, uintptr_t out, int out_dtype,
-         int64_t out_stride) {
+         int64_t out_stride, uintptr_t nonfinite) {
         auto a = make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits,
                                    logits_dtype, logits_stride, C, S, beta, tau, out, out_dtype,
                                    out_stride);
+        a.nonfinite = reinterpret_cast<uint8_t*>(nonfinite);
         py::gil_scoped_release release;
         lelp::targets_cpu(a);
       },
-      "Fused LELP targets on CPU (raw pointers; see lelp_fast.ops.targets).");
+      "Fused LELP targets on CPU (raw pointers; see lelp_fast.ops.targets). nonfinite: optional N "
+      "uint8 flags of rows whose projection or logits are not finite (0 for none).");
   m.def(
       "bucket_rows_cpu",
       [](uintptr_t src, int src_dtype, int64_t src_stride, int64_t n, int64_t d, uintptr_t labels,

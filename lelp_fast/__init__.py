@@ -1,12 +1,14 @@
 """lelp_fast: fast LELP knowledge distillation (Loo, Iliopoulos, Hu, Vee 2024).
 
 Public API: :class:`LELPProjector` (fit, targets, save/load), :class:`LELPLoss`,
-:func:`class_logits`, fidelity metrics :func:`agreement` and :func:`predictive_kl`, and the
-fused op :func:`lelp_targets`.
+:func:`class_logits`, fidelity metrics :func:`agreement` and :func:`predictive_kl`, the
+fused op :func:`lelp_targets`, and offline targets: :func:`generate_targets` writes them
+(sharded, resumable, distributed), :class:`TargetsDataset` reads them back for training.
 """
 
 from .loss import LELPLoss
 from .metrics import agreement, predictive_kl
+from .offline import TargetsDataset, collate_with_targets, generate_targets
 from .ops import lelp_targets
 from .projector import LELPProjector, __version__
 from .reference import class_logits
@@ -18,5 +20,8 @@ __all__ = [
     "agreement",
     "predictive_kl",
     "lelp_targets",
+    "generate_targets",
+    "TargetsDataset",
+    "collate_with_targets",
     "__version__",
 ]

@@ -42,23 +42,38 @@ def check_float(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be float32/float16/bfloat16/float64, got {x.dtype}; cast it with .float()")
 
 
-def check_finite(name: str, x: torch.Tensor) -> None:
-    """Raises naming the first row that holds NaN or Inf.
+def first_nonfinite_row(x: torch.Tensor) -> Optional[int]:
+    """The first row holding NaN or Inf, or None.
 
     NaN and Inf survive a row sum, so one fast reduction finds the suspect rows (``isfinite`` over
     the whole tensor costs ~25x a sum on CPU); only those are checked element by element, which
     also clears rows whose finite values merely overflowed the sum.
     """
     if x.numel() == 0:
-        return
+        return None
     rows = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(-1, 1)
     sums = rows.sum(dim=1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     suspect = torch.nonzero(~torch.isfinite(sums)).flatten()
     if suspect.numel() == 0:
-        return
+        return None
     bad = suspect[~torch.isfinite(rows[suspect]).all(dim=1)]
-    if bad.numel():
-        raise ValueError(f"{name} row {int(bad[0])} contains NaN or Inf; drop or repair non-finite rows before calling")
+    return int(bad[0]) if bad.numel() else None
+
+
+class NonFiniteRowError(ValueError):
+    """A row of ``name`` holds NaN or Inf (``row`` is its index, for callers that add an offset)."""
+
+    def __init__(self, name: str, row: int):
+        self.name, self.row = name, row
+        super().__init__(f"{name} row {row} contains NaN or Inf; drop or repair non-finite rows before calling")
+
+
+def check_finite(name: str, x: torch.Tensor, suspects: Optional[torch.Tensor] = None) -> None:
+    """Raises :class:`NonFiniteRowError` naming the first row that holds NaN or Inf; with
+    ``suspects`` (sorted row indices) only those rows are looked at."""
+    row = first_nonfinite_row(x if suspects is None else x[suspects])
+    if row is not None:
+        raise NonFiniteRowError(name, row if suspects is None else int(suspects[row]))
 
 
 def check_positive(name: str, value: float) -> None:

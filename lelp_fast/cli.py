@@ -19,7 +19,7 @@ subclass soft targets for training a student.
   lelp-fast fit --embeddings E.npy --labels y.npy --head-weight W.npy --head-bias b.npy \\
                 --subclasses 4 --out projector.safetensors
   lelp-fast inspect projector.safetensors --plot spectrum.png
-  lelp-fast targets --projector projector.safetensors --embeddings E.npy --out targets.npy
+  lelp-fast targets --projector projector.safetensors --embeddings E.npy --out targets/
 
 Run 'lelp-fast COMMAND --help' for each command's options.
 """
@@ -182,48 +182,26 @@ def _plot_spectrum(p, path: str) -> None:
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from ._checks import as_tensor
+    from .offline import generate_targets
     from .projector import LELPProjector
 
+    if not os.path.exists(args.projector):
+        raise SystemExit(f"error: --projector {args.projector}: no such file")
     projector = LELPProjector.load(args.projector)
-    emb = _load_npy(args.embeddings, "embeddings")
-    logits = _load_npy(args.teacher_logits, "teacher-logits") if args.teacher_logits else None
-    if emb.ndim != 2 or emb.shape[1] != projector.dim:
-        raise SystemExit(
-            f"error: --embeddings has shape {emb.shape} but the projector expects (N, {projector.dim})"
-        )
-    if logits is not None and logits.shape[0] != emb.shape[0]:
-        raise SystemExit(f"error: --teacher-logits has {logits.shape[0]} rows but --embeddings has {emb.shape[0]}")
-    out_dtype = {"float32": torch.float32, "float16": torch.float16}[args.dtype]
-    n, k = emb.shape[0], projector.n_outputs
-    directory = os.path.dirname(os.path.abspath(args.out))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=directory)
-    os.close(fd)
+    source = _fit_source(args)
+    group = _process_group()
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=args.dtype, shape=(n, k))
-        with tqdm(total=n, desc="targets", unit="rows", disable=args.quiet) as bar:
-            for rows in _row_chunks(n, args.chunk_rows):
-                z = None if logits is None else as_tensor("teacher_logits", np.asarray(logits[rows]))
-                t = projector.targets(
-                    as_tensor("embeddings", np.asarray(emb[rows])),
-                    z,
-                    beta=args.beta,
-                    tau=args.tau,
-                    out_dtype=out_dtype,
-                    backend=args.backend,
-                )
-                out[rows] = t.numpy()
-                bar.update(rows.stop - rows.start)
-        out.flush()
-        del out
-        os.replace(tmp, args.out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    print(f"wrote {args.out}: {n} x {k} log-targets ({args.dtype})")
+        manifest = generate_targets(
+            projector, source, args.out, format=args.format, dtype=args.dtype, compact=args.compact,
+            beta=args.beta, tau=args.tau, chunk_bytes=int(args.chunk_mb * (1 << 20)), backend=args.backend,
+            device=args.device, process_group=group, progress=not args.quiet,
+        )
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    if group is None or torch.distributed.get_rank() == 0:
+        what = "u + teacher logits (compact)" if args.compact else "log-targets"
+        print(f"wrote {args.out}: {manifest['n_rows']} rows x {manifest['settings']['K']} {what}, "
+              f"{len(manifest['shards'])} {args.format} shards ({args.dtype}), manifest.json")
     return 0
 
 
@@ -298,20 +276,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     tgt = sub.add_parser(
         "targets",
-        help="write log-targets (N, C*S) for embeddings with a fitted projector",
-        description="Compute LELP log-targets chunk by chunk and write them to a .npy (atomically).",
+        help="write log-targets (N, C*S) for embeddings with a fitted projector (sharded, resumable)",
+        description="Compute LELP log-targets chunk by chunk and write them as shards (.npy, .safetensors or "
+        ".parquet) with a manifest.json. Every shard is written atomically; rerunning the same command after "
+        "an interruption continues where it stopped. Under torchrun the chunks are shared across ranks.",
     )
     tgt.add_argument("--projector", required=True, help="projector .safetensors from 'lelp-fast fit'")
-    tgt.add_argument("--embeddings", required=True, help="(N, d) float .npy of teacher embeddings")
+    tgt.add_argument("--embeddings", required=True, help="(N, d) embeddings: .npy, .safetensors or .parquet")
     tgt.add_argument("--teacher-logits", help="(N, C) .npy; default: the projector's stored head")
+    tgt.add_argument("--embeddings-key", default="embeddings", help="tensor/column name of the embeddings")
+    tgt.add_argument("--logits-key", default="teacher_logits", help="tensor/column name of the teacher logits")
+    tgt.add_argument("--bf16", action="store_true", help="the .npy holds bf16 bits as uint16")
     tgt.add_argument("--beta", type=float, default=None, help="subclass temperature (default: the projector's)")
     tgt.add_argument("--tau", type=float, default=None, help="class temperature (default: the projector's)")
-    tgt.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="output dtype")
-    tgt.add_argument("--backend", choices=("auto", "torch", "cpu", "cuda"), default="auto")
-    tgt.add_argument("--chunk-rows", type=int, default=65536, help="rows per chunk (default 65536)")
-    tgt.add_argument("--out", required=True, help="output .npy")
+    tgt.add_argument("--format", choices=("npy", "safetensors", "parquet"), default="npy",
+                     help="shard format (default npy, memory-mappable)")
+    tgt.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                     help="stored dtype (default float16)")
+    tgt.add_argument("--compact", action="store_true",
+                     help="store u and the teacher logits instead, to choose beta/tau at training time")
+    tgt.add_argument("--backend", choices=("auto", "torch", "cpu", "cuda", "triton"), default="auto")
+    tgt.add_argument("--device", help="compute device, e.g. cuda (default: cpu)")
+    tgt.add_argument("--chunk-mb", type=float, default=64, help="MiB of embeddings per chunk and shard (default 64)")
+    tgt.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
     tgt.add_argument("--quiet", action="store_true", help="no progress bar")
-    tgt.set_defaults(func=_cmd_targets)
+    tgt.set_defaults(func=_cmd_targets, labels=None, labels_key=None)
     return parser
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lelp_fast import LELPProjector
+from lelp_fast import LELPProjector, TargetsDataset
 from lelp_fast.cli import main
 from conftest import make_problem
 
@@ -39,18 +39,21 @@ def test_fit_then_targets(npy_inputs):
     got_proj = LELPProjector.load(proj_path)
     torch.testing.assert_close(got_proj.A, want_proj.A, rtol=1e-5, atol=1e-6)
 
-    out = str(tmp / "t.npy")
+    out = str(tmp / "t32")
     assert main(["targets", "--projector", proj_path, "--embeddings", paths["E"], "--out", out,
-                 "--chunk-rows", "100", "--quiet"]) == 0
-    t = np.load(out)
-    assert t.shape == (700, 9) and t.dtype == np.float32
-    torch.testing.assert_close(torch.from_numpy(t), got_proj.targets(emb, backend="torch"), atol=1e-5, rtol=1e-5)
+                 "--dtype", "float32", "--chunk-mb", "0.01", "--quiet"]) == 0
+    ds = TargetsDataset(out)
+    assert len(ds) == 700 and len(ds.shards) > 1 and ds.settings["dtype"] == "float32"
+    torch.testing.assert_close(ds.targets(range(700)), got_proj.targets(emb, backend="torch"), atol=1e-5, rtol=1e-5)
 
-    out16 = str(tmp / "t16.npy")
+    out16 = str(tmp / "t16")
     assert main(["targets", "--projector", proj_path, "--embeddings", paths["E"], "--teacher-logits",
-                 paths["z"], "--dtype", "float16", "--beta", "0.5", "--out", out16, "--quiet"]) == 0
-    assert np.load(out16).dtype == np.float16
-    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(".tmp")) == []
+                 paths["z"], "--beta", "0.5", "--format", "safetensors", "--out", out16, "--quiet"]) == 0
+    want = got_proj.targets(emb, torch.from_numpy(np.load(paths["z"])), beta=0.5, backend="torch")
+    got = TargetsDataset(out16).targets(range(700))
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-3)
+    assert sorted(p.name for p in tmp.rglob(".tmp*")) == []
 
 
 def test_fit_without_head_uses_labels_for_num_classes(npy_inputs):

@@ -204,3 +204,15 @@ def test_non_finite_rows_are_named_and_overflowing_finite_rows_pass(dtype, bad_v
     h[44, 0] = bad_value
     with pytest.raises(ValueError, match="embeddings row 41 contains NaN or Inf"):
         lelp_targets(h, w, b, 2, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_teacher_logits_are_named(backend):
+    h, z = torch.randn(30, 8), torch.randn(30, 2)
+    w, b = torch.randn(8, 4), torch.randn(4)
+    z[17, 1] = float("inf")
+    with pytest.raises(ValueError, match="teacher_logits row 17 contains NaN or Inf"):
+        lelp_targets(h, w, b, 2, 2, teacher_logits=z, backend=backend)
+    h[9, 0] = float("nan")
+    with pytest.raises(ValueError, match="embeddings row 9 contains NaN or Inf"):
+        lelp_targets(h, w, b, 2, 2, teacher_logits=z, backend=backend)

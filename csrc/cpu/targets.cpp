@@ -3,6 +3,7 @@
 #include "targets.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #if defined(__x86_64__)
@@ -133,6 +134,15 @@ __attribute__((always_inline)) inline void targets_tile_impl(const TargetsArgs& 
           static_cast<const char*>(a.logits) + row * a.logits_stride * cpu::dtype_size(a.logits_dtype);
       cpu::load_row(lp, a.logits_dtype, a.C, ws.z.data());
       zr = ws.z.data();
+    }
+    if (a.nonfinite != nullptr) {
+      // A NaN/Inf embedding makes every projection NaN or Inf (0 * Inf is NaN too), so J sums
+      // flag the row; the caller re-checks flagged rows exactly (a sum can also overflow).
+      float sum = 0.f;
+      for (int64_t j = 0; j < a.J; ++j) sum += u[j];
+      if (a.logits != nullptr)
+        for (int64_t c = 0; c < a.C; ++c) sum += zr[c];
+      a.nonfinite[row] = !std::isfinite(sum);
     }
     row_log_targets(u, zr, static_cast<int>(a.C), static_cast<int>(a.S), a.inv_beta, a.inv_tau,
                     log_t + r * K);

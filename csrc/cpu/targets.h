@@ -24,6 +24,7 @@ struct TargetsArgs {
   void* out;                // N x K, dtype out_dtype
   int out_dtype;
   int64_t out_stride;
+  uint8_t* nonfinite = nullptr;  // optional N flags: row's projection (or logits) not finite (CPU only)
 };
 
 void targets_cpu(const TargetsArgs& a);

@@ -26,7 +26,7 @@ def _targets_torch(emb, weight, bias, num_classes, n_subclasses, logits, beta, t
     return out.to(out_dtype)
 
 
-def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, device):
+def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, device, check_inputs):
     if emb.shape[0] == 0:
         return out
     weight = weight.to(device=emb.device, dtype=torch.float32).contiguous()
@@ -43,8 +43,15 @@ def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta
     ext = _dispatch.extension()
     if device == "cuda":
         ext.targets_cuda(*args, torch.cuda.current_stream(emb.device).cuda_stream)
-    else:
-        ext.targets_cpu(*args)
+        return out
+    # On CPU the kernel flags rows with a non-finite projection: the NaN/Inf check costs no extra read.
+    flags = torch.zeros(emb.shape[0], dtype=torch.uint8) if check_inputs else None
+    ext.targets_cpu(*args, 0 if flags is None else flags.data_ptr())
+    if flags is not None and bool(flags.any()):
+        suspects = torch.nonzero(flags).flatten()
+        check_finite("embeddings", emb, suspects)
+        if logits is not None:
+            check_finite("teacher_logits", logits, suspects)
     return out
 
 
@@ -74,7 +81,8 @@ def lelp_targets(
         beta, tau: subclass and class temperatures.
         out_dtype: float32, float16 or bfloat16 (float64 on the torch backend).
         backend: "auto", "torch", "cpu", "cuda" or "triton".
-        check_inputs: scan inputs for NaN/Inf first (one extra read; off for trusted inputs).
+        check_inputs: raise naming the first row with NaN/Inf (free on the CPU kernel, which
+            flags rows whose projection is not finite; one extra read on the other backends).
         out: optional preallocated (N, C*S) output whose rows are contiguous; its dtype wins
             over ``out_dtype``.
     """
@@ -98,11 +106,6 @@ def lelp_targets(
             raise ValueError(
                 f"teacher_logits has {teacher_logits.shape[0]} rows but embeddings has {embeddings.shape[0]}"
             )
-    if check_inputs:
-        check_finite("embeddings", embeddings)
-        if teacher_logits is not None:
-            check_finite("teacher_logits", teacher_logits)
-
     if out is not None:
         if out.shape != (embeddings.shape[0], k) or out.device != embeddings.device:
             raise ValueError(
@@ -126,6 +129,10 @@ def lelp_targets(
                 f"got embeddings {embeddings.dtype}, out_dtype {out_dtype}. Use backend='torch' for float64"
             )
         chosen = "torch"
+    if check_inputs and chosen != "cpu":  # the CPU kernel flags non-finite rows itself
+        check_finite("embeddings", embeddings)
+        if teacher_logits is not None:
+            check_finite("teacher_logits", teacher_logits)
     if chosen == "torch":
         result = _targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out_dtype)
         if out is None:
@@ -144,4 +151,5 @@ def lelp_targets(
             targets_triton(emb, weight.to(emb.device, torch.float32), bias.to(emb.device, torch.float32),
                            num_classes, n_subclasses, logits, beta, tau, out)
         return out
-    return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, chosen)
+    return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, chosen,
+                             check_inputs)

@@ -1,0 +1,129 @@
+"""The manifest of a targets directory, and the per-rank progress records that become it.
+
+While a run is going, each rank records the shards it has finished in ``progress-rank<r>.json``
+(rewritten atomically after every shard). When all shards exist, rank 0 writes ``manifest.json``
+(settings, every shard's row range, files and checksums; no timestamps, so an interrupted and
+an uninterrupted run give the same bytes) and removes the progress records.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+from . import shards
+
+MANIFEST = "manifest.json"
+KIND = "lelp_fast.targets"
+VERSION = 1
+
+
+def projector_digest(projector) -> str:
+    """sha256 over the projector's tensors and temperatures (not the package version, not fit timings)."""
+    meta = projector.metadata()
+    h = hashlib.sha256(json.dumps({k: meta[k] for k in ("num_classes", "n_subclasses", "dim", "beta", "tau")},
+                                  sort_keys=True).encode())
+    tensors = [projector.A, projector.e, projector.head_weight, projector.head_bias]
+    for t in tensors:
+        if t is not None:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _dumps(obj) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def progress_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"progress-rank{rank}.json")
+
+
+def write_progress(directory: str, rank: int, settings: dict, entries: List[dict]) -> None:
+    record = {"kind": KIND, "version": VERSION, "settings": settings,
+              "shards": sorted(entries, key=lambda e: e["index"])}
+    shards.write_atomically(progress_path(directory, rank), _dumps(record), rank)
+
+
+def _load(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            record = json.loads(f.read())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable lelp_fast record ({exc}); remove the directory to start over") from exc
+    if record.get("kind") != KIND or record.get("version") != VERSION:
+        raise ValueError(f"{path} is not a lelp_fast targets record of version {VERSION}")
+    return record
+
+
+def check_settings(path: str, found: dict, wanted: dict) -> None:
+    """Refuses to mix outputs made from another source, projector or settings."""
+    differ = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+    if not differ:
+        return
+    if "source_fingerprint" in differ:
+        why = "the source changed since these targets were written"
+    elif "projector_sha256" in differ:
+        why = "they were written with another projector"
+    else:
+        why = "they were written with other settings"
+    details = ", ".join(f"{k}: {found.get(k)!r} there, {wanted.get(k)!r} now" for k in differ)
+    raise ValueError(f"{path}: {why} ({details}); write to a new output directory or remove this one")
+
+
+def verify_shard(directory: str, entry: dict) -> None:
+    """Raises naming the file when a recorded shard file is missing, truncated or corrupt."""
+    for info in entry["files"].values():
+        path = os.path.join(directory, info["file"])
+        if not os.path.exists(path):
+            raise ValueError(f"shard file {path} is recorded as written but is missing; remove the directory to start over")
+        size = os.path.getsize(path)
+        if size != info["bytes"]:
+            raise ValueError(f"shard file {path} is truncated or corrupt: {size} bytes, expected {info['bytes']}")
+        if shards.file_sha256(path) != info["sha256"]:
+            raise ValueError(f"shard file {path} is corrupt: its sha256 does not match the record")
+
+
+def finished_shards(directory: str, settings: dict, verify: bool = True) -> Dict[int, dict]:
+    """Shards recorded by any rank's progress file (checked against the settings and files)."""
+    done: Dict[int, dict] = {}
+    for path in sorted(glob.glob(os.path.join(directory, "progress-rank*.json"))):
+        record = _load(path)
+        check_settings(path, record["settings"], settings)
+        for entry in record["shards"]:
+            if verify:
+                verify_shard(directory, entry)
+            done[entry["index"]] = entry
+    return done
+
+
+def read_manifest(directory: str) -> Optional[dict]:
+    path = os.path.join(directory, MANIFEST)
+    return _load(path) if os.path.exists(path) else None
+
+
+def write_manifest(directory: str, settings: dict, entries: Dict[int, dict]) -> dict:
+    """The final manifest; every chunk 0..n-1 must be present, rows contiguous."""
+    ordered = [entries[i] for i in sorted(entries)]
+    row = 0
+    for i, entry in enumerate(ordered):
+        if entry["index"] != i or entry["rows"][0] != row:
+            raise RuntimeError(f"shard {i} is missing or out of place; the run is not complete")
+        row = entry["rows"][1]
+    if settings.get("n_rows") is not None and row != settings["n_rows"]:
+        raise RuntimeError(f"the shards cover {row} rows, the source has {settings['n_rows']}")
+    manifest = {"kind": KIND, "version": VERSION, "status": "complete", "settings": settings, "n_rows": row,
+                "shards": ordered}
+    shards.write_atomically(os.path.join(directory, MANIFEST), _dumps(manifest))
+    for path in glob.glob(os.path.join(directory, "progress-rank*.json")):
+        os.unlink(path)
+    shards.fsync_directory(directory)
+    return manifest
+
+
+def torch_dtype(settings: dict) -> torch.dtype:
+    return shards.DTYPES[settings["dtype"]]

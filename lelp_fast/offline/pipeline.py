@@ -1,0 +1,241 @@
+"""Offline target generation: read chunks, compute targets with the fused kernels, write shards.
+
+Reading (a prefetch thread), computing (the kernels, this thread) and writing (a writer thread)
+overlap. Every shard is written atomically and recorded in this rank's progress file only after
+it is complete, so a run killed at any moment and started again with the same arguments skips
+the recorded shards, redoes the rest, and ends with the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Deque, Optional
+
+import torch
+
+from .._checks import NonFiniteRowError, check_finite
+from ..io.prefetch import prefetch
+from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource, SourceLike, as_source
+from . import manifest as mf
+from . import shards
+
+
+def generate_targets(
+    projector,
+    source: SourceLike,
+    out_dir: str,
+    *,
+    format: str = "npy",
+    dtype: str = "float16",
+    compact: bool = False,
+    beta: Optional[float] = None,
+    tau: Optional[float] = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    backend: str = "auto",
+    device: Optional[str] = None,
+    process_group=None,
+    progress: bool = False,
+) -> dict:
+    """Writes LELP log-targets for every row of ``source`` into ``out_dir``; returns the manifest.
+
+    Args:
+        projector: a fitted :class:`~lelp_fast.LELPProjector`.
+        source: embeddings (any source of the fit engine: arrays, .npy/.safetensors/.parquet
+            paths, sources, iterables of chunks); teacher logits from the source when it has
+            them, else from the projector's stored head.
+        out_dir: output directory: shards ``shard-XXXXXX.*`` and ``manifest.json``.
+        format: "npy" (memory-mappable), "safetensors" or "parquet".
+        dtype: "float16" (default), "bfloat16" or "float32".
+        compact: store ``u`` (N x K) and the teacher logits (N x C) instead of ``log t``, so β and
+            τ can be chosen at training time (``TargetsDataset(..., beta=, tau=)``).
+        beta, tau: temperatures (default: the projector's); not used by the compact form.
+        chunk_bytes: embeddings per chunk (one chunk = one shard); bounds the memory in use.
+        backend: kernel backend for the targets ("auto", "torch", "cpu", "cuda", "triton").
+        device: where to compute ("cuda" copies each chunk through pinned memory); default CPU.
+        process_group: torch.distributed group: chunk i is done by rank i % world; one manifest.
+        progress: show a progress bar (rows/s, GB/s, ETA).
+    """
+    if format not in shards.FORMATS:
+        raise ValueError(f"format must be one of {shards.FORMATS}, got {format!r}")
+    if dtype not in shards.DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(shards.DTYPES)}, got {dtype!r}")
+    if format == "parquet" and dtype == "bfloat16":
+        raise ValueError("format='parquet' stores float32 or float16 (Parquet has no bfloat16)")
+    projector._require_fitted()
+    src = as_source(source)
+    if src.dim is not None and src.dim != projector.dim:
+        raise ValueError(f"the source has d={src.dim} but the projector was fitted with d={projector.dim}")
+    rank, world = _dist_info(process_group)
+    settings = {
+        "projector_sha256": mf.projector_digest(projector),
+        "source_fingerprint": src.fingerprint(),
+        "n_rows": src.n_rows,
+        "dim": projector.dim,
+        "num_classes": projector.num_classes,
+        "n_subclasses": projector.n_subclasses,
+        "K": projector.n_outputs,
+        "beta": None if compact else float(projector.beta if beta is None else beta),
+        "tau": None if compact else float(projector.tau if tau is None else tau),
+        "dtype": dtype,
+        "format": format,
+        "compact": bool(compact),
+        "chunk_bytes": int(chunk_bytes),
+    }
+    out_dir = _prepare_directory(out_dir, rank)
+    existing = mf.read_manifest(out_dir)
+    if existing is not None:  # a finished run: same settings -> nothing to do
+        mf.check_settings(os.path.join(out_dir, mf.MANIFEST), existing["settings"], settings)
+        return existing
+    done = mf.finished_shards(out_dir, settings)
+    if done and not src.rereadable:
+        raise ValueError(f"{out_dir} holds a partial run, but the source is a one-shot iterable that cannot be "
+                         "read again; remove the directory to start over")
+    mine = {i: e for i, e in done.items() if i % world == rank}
+    first = _first_missing(mine, rank, world)
+    writer = _ShardWriter(out_dir, rank, settings, mine)
+    bar = _progress_bar(src, progress and rank == 0, done)
+    started, read_bytes = time.perf_counter(), 0
+    try:
+        for chunk in prefetch(src.chunks(chunk_bytes, skip=first, rank=rank, world=world)):
+            if chunk.index in mine:
+                continue
+            tensors = _compute(projector, chunk, settings, backend, device)
+            writer.submit(chunk, tensors)
+            if bar is not None:
+                read_bytes += chunk.embeddings.numel() * chunk.embeddings.element_size()
+                bar.update(chunk.embeddings.shape[0])
+                bar.set_postfix_str(f"{read_bytes / max(1e-9, time.perf_counter() - started) / 1e9:.2f} GB/s")
+        writer.close()
+    finally:
+        writer.abort()
+        if bar is not None:
+            bar.close()
+    return _finish(out_dir, settings, process_group, rank)
+
+
+def _dist_info(process_group):
+    if process_group is None:
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def _prepare_directory(out_dir: str, rank: int) -> str:
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        shards.remove_stale_temp_files(out_dir, rank)  # left by a killed run of this rank
+        fd, probe = tempfile.mkstemp(prefix=shards.temp_prefix(rank), dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OSError(exc.errno, f"output directory {out_dir} is not writable ({exc.strerror})") from exc
+    return out_dir
+
+
+def _first_missing(mine: dict, rank: int, world: int) -> int:
+    """The first chunk index of this rank that is not done (chunks before it are not read)."""
+    i = rank
+    while i in mine:
+        i += world
+    return i
+
+
+def _compute(projector, chunk: Chunk, settings: dict, backend: str, device: Optional[str]) -> dict:
+    try:
+        return _compute_rows(projector, chunk, settings, backend, device)
+    except NonFiniteRowError as exc:  # name the row in the whole source, not in the chunk
+        raise NonFiniteRowError(exc.name, chunk.start_row + exc.row) from None
+
+
+def _compute_rows(projector, chunk: Chunk, settings: dict, backend: str, device: Optional[str]) -> dict:
+    h, z = chunk.embeddings, chunk.teacher_logits
+    if z is None and projector.head_weight is None:
+        raise ValueError("the projector has no teacher head and the source has no teacher logits: give the "
+                         "source teacher logits, or fit the projector with head_weight/head_bias")
+    if h.shape[1] != projector.dim:
+        raise ValueError(f"rows {chunk.start_row}..: embeddings have d={h.shape[1]}, the projector d={projector.dim}")
+    if z is not None and (z.ndim != 2 or z.shape != (h.shape[0], projector.num_classes)):
+        raise ValueError(f"rows {chunk.start_row}..: teacher logits have shape {tuple(z.shape)}, expected "
+                         f"({h.shape[0]}, {projector.num_classes}) (C of the projector)")
+    if device is not None and torch.device(device).type == "cuda":
+        h = h.pin_memory().to(device, non_blocking=True)
+        z = None if z is None else z.pin_memory().to(device, non_blocking=True)
+    out_dtype = shards.DTYPES[settings["dtype"]]
+    if settings["compact"]:
+        k = projector.n_outputs
+        weight, bias = projector.fused_map(with_head=z is None)
+        proj = h.to(torch.float32) @ weight.to(h.device, torch.float32) + bias.to(h.device, torch.float32)
+        suspects = torch.nonzero(~torch.isfinite(proj.sum(1))).flatten()  # as the CPU kernel: NaN/Inf rows show here
+        if suspects.numel():
+            check_finite("embeddings", h, suspects)
+        if z is not None:
+            check_finite("teacher_logits", z)
+        tensors = {"u": proj[:, :k], "teacher_logits": proj[:, k:] if z is None else z}
+    else:
+        tensors = {"log_targets": projector.targets(h, z, beta=settings["beta"], tau=settings["tau"],
+                                                    out_dtype=out_dtype, backend=backend)}
+    return {name: t.to(out_dtype).cpu() for name, t in tensors.items()}
+
+
+class _ShardWriter:
+    """One background thread writes shards in order and records each in the progress file."""
+
+    def __init__(self, out_dir: str, rank: int, settings: dict, done: dict, max_pending: int = 2):
+        self.out_dir, self.rank, self.settings = out_dir, rank, settings
+        self.entries = list(done.values())
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lelp-writer")
+        self.pending: Deque[Future] = deque()
+        self.max_pending = max_pending
+
+    def submit(self, chunk: Chunk, tensors: dict) -> None:
+        while len(self.pending) >= self.max_pending:
+            self.pending.popleft().result()  # re-raises a failed write (disk full, ...)
+        self.pending.append(self.pool.submit(self._write, chunk.index, chunk.start_row, tensors))
+
+    def _write(self, index: int, start_row: int, tensors: dict) -> None:
+        s = self.settings
+        names = shards.shard_files(s["format"], index, s["compact"])
+        data = shards.encode(s["format"], tensors, start_row)
+        files = {}
+        for key, blob in data.items():
+            shards.write_atomically(os.path.join(self.out_dir, names[key]), blob, self.rank)
+            files[key] = {"file": names[key], "bytes": len(blob), "sha256": shards.sha256(blob)}
+        n = next(iter(tensors.values())).shape[0]
+        self.entries.append({"index": index, "rows": [start_row, start_row + n], "files": files})
+        mf.write_progress(self.out_dir, self.rank, s, self.entries)  # the shard counts only from here
+
+    def close(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def abort(self) -> None:
+        for f in self.pending:
+            f.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def _progress_bar(src: EmbeddingSource, enabled: bool, done: dict):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    already = sum(e["rows"][1] - e["rows"][0] for e in done.values())
+    return tqdm(total=src.n_rows, initial=already, desc="targets", unit="rows", unit_scale=True)
+
+
+def _finish(out_dir: str, settings: dict, process_group, rank: int) -> dict:
+    if process_group is not None:
+        import torch.distributed as dist
+
+        dist.barrier(process_group)
+    if rank == 0:
+        result = mf.write_manifest(out_dir, settings, mf.finished_shards(out_dir, settings, verify=False))
+    if process_group is not None:
+        dist.barrier(process_group)
+    return result if rank == 0 else mf.read_manifest(out_dir)

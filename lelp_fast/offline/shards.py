@@ -1,0 +1,152 @@
+"""Shard files of stored targets: encoding per format, atomic writes, checksums, reading back.
+
+A shard holds the rows of one source chunk. Its fields are ``log_targets`` (N x K), or in the
+compact form ``u`` (N x K subclass coordinates) and ``teacher_logits`` (N x C), from which the
+targets can be recomputed at any β, τ at training time. Formats:
+
+- ``npy``: one ``.npy`` per field (memory-mappable; bfloat16 is stored as its uint16 bits);
+- ``safetensors``: one file per shard, every field a tensor (bfloat16 native);
+- ``parquet``: one file per shard, a fixed-size-list column per field plus a ``row`` column
+  (float32 or float16; Parquet has no bfloat16).
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+FORMATS = ("npy", "safetensors", "parquet")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EXTENSIONS = {"npy": ".npy", "safetensors": ".safetensors", "parquet": ".parquet"}
+
+
+def fields(compact: bool) -> List[str]:
+    return ["u", "teacher_logits"] if compact else ["log_targets"]
+
+
+def shard_files(fmt: str, index: int, compact: bool) -> Dict[str, str]:
+    """File name per field (npy), or the one file under the key ``"*"`` (safetensors, parquet)."""
+    base = f"shard-{index:06d}"
+    if fmt == "npy":
+        return {field: f"{base}.{field}.npy" for field in fields(compact)}
+    return {"*": base + EXTENSIONS[fmt]}
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def encode(fmt: str, tensors: Dict[str, torch.Tensor], start_row: int) -> Dict[str, bytes]:
+    """The bytes of each file of one shard (same keys as :func:`shard_files`)."""
+    if fmt == "npy":
+        out = {}
+        for name, t in tensors.items():
+            buf = io.BytesIO()
+            np.save(buf, _numpy(t), allow_pickle=False)
+            out[name] = buf.getvalue()
+        return out
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        return {"*": save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                          metadata={"start_row": str(start_row)})}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = next(iter(tensors.values())).shape[0]
+    columns = {"row": pa.array(np.arange(start_row, start_row + n, dtype=np.int64))}
+    for name, t in tensors.items():
+        flat = pa.array(_numpy(t).reshape(-1))
+        columns[name] = pa.FixedSizeListArray.from_arrays(flat, t.shape[1])
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink)
+    return {"*": sink.getvalue().to_pybytes()}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_prefix(rank: int) -> str:
+    """Temp files carry their rank, so a rerun removes its own leftovers of a killed run and never
+    a file another rank is writing."""
+    return f".tmp-rank{rank}-"
+
+
+def remove_stale_temp_files(directory: str, rank: int) -> None:
+    for path in glob.glob(os.path.join(directory, temp_prefix(rank) + "*")):
+        os.unlink(path)
+
+
+def write_atomically(path: str, data: bytes, rank: int = 0) -> None:
+    """Temp file in the same directory, fsync, rename: the path holds the old or the new bytes,
+    never a part. A full disk raises an OSError saying so; the temp file is removed."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(rank), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"disk full while writing {path}; nothing was recorded for it") from exc
+        raise
+
+
+def read(fmt: str, directory: str, files: Dict[str, str], dtype: str, mmap: bool = True) -> Dict[str, torch.Tensor]:
+    """The fields of one shard as tensors (``npy`` memory-mapped when ``mmap``)."""
+    if fmt == "npy":
+        out = {}
+        for name, file in files.items():
+            arr = np.load(os.path.join(directory, file), mmap_mode="r" if mmap else None)
+            with warnings.catch_warnings():  # a read-only map: the tensors are only ever read
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(arr)
+            out[name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
+        return out
+    path = os.path.join(directory, files["*"])
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    out = {}
+    for name in table.column_names:
+        if name == "row":
+            continue
+        col = table.column(name).combine_chunks()
+        values = col.values.to_numpy(zero_copy_only=False)
+        out[name] = torch.from_numpy(values.reshape(len(col), col.type.list_size).copy())
+    return out

@@ -1,0 +1,277 @@
+"""Offline target generation: formats, resume after SIGKILL, 2 ranks under torchrun, bad input, dataset."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lelp_fast import LELPProjector, TargetsDataset, collate_with_targets, generate_targets, reference
+from lelp_fast.io import ArraySource
+from lelp_fast.offline import shards
+from conftest import make_problem
+
+D = 24
+CHUNK = D * 4 * 97  # 97 fp32 rows per chunk and shard: 5 shards for 450 rows, the last one short
+TOL = {"float32": (1e-5, 1e-5), "float16": (2e-2, 2e-3), "bfloat16": (1e-1, 1e-2)}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    h, w, b, y = make_problem(n=450, d=D, num_classes=3, seed=61)
+    projector = LELPProjector(4, beta=0.7, tau=1.3).fit(h, y, head_weight=w, head_bias=b)
+    return h.float(), y, projector
+
+
+def _tree(directory):
+    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors", "parquet"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_every_format_and_dtype_matches_the_reference(problem, tmp_path, fmt, dtype):
+    h, _, projector = problem
+    if fmt == "parquet" and dtype == "bfloat16":
+        with pytest.raises(ValueError, match="Parquet has no bfloat16"):
+            generate_targets(projector, h, str(tmp_path), format=fmt, dtype=dtype)
+        return
+    manifest = generate_targets(projector, h, str(tmp_path), format=fmt, dtype=dtype, chunk_bytes=CHUNK)
+    assert manifest["n_rows"] == 450 and len(manifest["shards"]) == 5 and manifest["shards"][-1]["rows"] == [388, 450]
+    for entry in manifest["shards"]:
+        for info in entry["files"].values():
+            assert shards.file_sha256(str(tmp_path / info["file"])) == info["sha256"]
+    got = TargetsDataset(str(tmp_path), verify=True).targets(range(450))
+    assert got.dtype == shards.DTYPES[dtype]
+    want = projector.targets(h.double(), out_dtype=torch.float64, backend="torch")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+    assert not list(tmp_path.glob(".tmp*")) and not list(tmp_path.glob("progress-*"))
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors", "parquet"])
+def test_compact_form_chooses_beta_and_tau_at_training_time(problem, tmp_path, fmt):
+    h, _, projector = problem
+    generate_targets(projector, h, str(tmp_path), format=fmt, dtype="float32", compact=True, chunk_bytes=CHUNK)
+    ds = TargetsDataset(str(tmp_path), beta=0.2, tau=3.0)
+    want = projector.targets(h.double(), beta=0.2, tau=3.0, out_dtype=torch.float64, backend="torch")
+    torch.testing.assert_close(ds.targets([449, 0, 200, 97]).double(), want[[449, 0, 200, 97]], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="stored compact .*pass beta and tau"):
+        TargetsDataset(str(tmp_path))
+
+
+def test_outputs_are_deterministic_and_a_finished_run_is_not_redone(problem, tmp_path):
+    h, _, projector = problem
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    generate_targets(projector, h, a, chunk_bytes=CHUNK)
+    generate_targets(projector, ArraySource(h), b, chunk_bytes=CHUNK)
+    assert _tree(a) == _tree(b)
+    before = os.stat(os.path.join(a, "shard-000000.log_targets.npy")).st_mtime_ns
+    generate_targets(projector, h, a, chunk_bytes=CHUNK)
+    assert os.stat(os.path.join(a, "shard-000000.log_targets.npy")).st_mtime_ns == before
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time, torch
+    from lelp_fast import LELPProjector, generate_targets
+    from lelp_fast.io import ArraySource
+
+    class SlowSource(ArraySource):
+        def chunks(self, *args, **kwargs):
+            for chunk in super().chunks(*args, **kwargs):
+                time.sleep(0.05)  # slow enough to be killed half way
+                yield chunk
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4000, 16, generator=g)
+    projector = LELPProjector.load(sys.argv[1])
+    generate_targets(projector, SlowSource(h, name="slow"), sys.argv[2], format=sys.argv[3], chunk_bytes=16 * 4 * 100)
+    """
+)
+
+
+def _kill_data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4000, 16, generator=g)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_sigkill_at_any_moment_then_rerun_gives_identical_bytes(tmp_path, fmt):
+    h = _kill_data()
+    head_w, head_b = torch.randn(2, 16, generator=torch.Generator().manual_seed(1)), torch.zeros(2)
+    y = (h @ head_w.T).argmax(1)
+    projector = LELPProjector(3).fit(h, y, head_weight=head_w, head_bias=head_b)
+    proj_path = str(tmp_path / "p.safetensors")
+    projector.save(proj_path)
+    out = str(tmp_path / "out")
+    here = os.path.dirname(os.path.abspath(__file__))  # not the source tree: use the installed package
+    progress = os.path.join(out, "progress-rank0.json")
+
+    def recorded():
+        return len(json.loads(open(progress).read())["shards"]) if os.path.exists(progress) else 0
+
+    def run_and_kill(when):
+        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, proj_path, out, fmt], cwd=here)
+        deadline = time.time() + 60
+        while not when() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    start = time.time()
+    run_and_kill(lambda: time.time() - start > 0.3)  # while importing: nothing written yet
+    run_and_kill(lambda: recorded() >= 1)  # right after the first shard was recorded
+    n = recorded()
+    run_and_kill(lambda: recorded() >= n + 3)  # a few shards later
+    n = recorded()
+    t0 = [None]
+
+    def mid_shard():  # 20 ms after a shard was recorded: in the middle of the next one
+        if recorded() > n and t0[0] is None:
+            t0[0] = time.time()
+        return t0[0] is not None and time.time() - t0[0] > 0.02
+
+    run_and_kill(mid_shard)
+    assert 0 < recorded() < 40 and not os.path.exists(os.path.join(out, "manifest.json"))
+    rc = subprocess.call([sys.executable, "-c", KILL_SCRIPT, proj_path, out, fmt], cwd=here)
+    assert rc == 0
+    clean = str(tmp_path / "clean")
+    generate_targets(projector, ArraySource(h, name="slow"), clean, format=fmt, chunk_bytes=16 * 4 * 100)
+    assert _tree(out) == _tree(clean)
+
+
+def test_two_ranks_under_torchrun_equal_one_process(problem, tmp_path):
+    h, _, projector = problem
+    np.save(tmp_path / "h.npy", h.numpy())
+    projector.save(str(tmp_path / "p.safetensors"))
+    args = ["targets", "--projector", str(tmp_path / "p.safetensors"), "--embeddings", str(tmp_path / "h.npy"),
+            "--chunk-mb", str(CHUNK / (1 << 20)), "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    "-m", "lelp_fast", *args, "--out", str(tmp_path / "two")], check=True, env=env,
+                   cwd=str(tmp_path), timeout=300)
+    subprocess.run([sys.executable, "-m", "lelp_fast", *args, "--out", str(tmp_path / "one")], check=True, env=env,
+                   cwd=str(tmp_path), timeout=300)
+    assert _tree(tmp_path / "two") == _tree(tmp_path / "one")
+    assert len(json.loads(_tree(tmp_path / "one")["manifest.json"])["shards"]) == 5
+
+
+def test_bad_input_gives_clear_errors(problem, tmp_path):
+    h, _, projector = problem
+    bad = h.clone()
+    bad[300, 3] = float("nan")
+    for compact in (False, True):
+        with pytest.raises(ValueError, match="embeddings row 300 contains NaN or Inf"):
+            generate_targets(projector, bad, str(tmp_path / f"nan{compact}"), chunk_bytes=CHUNK, compact=compact)
+    z = torch.randn(450, 3)
+    z[5, 0] = float("nan")
+    with pytest.raises(ValueError, match="teacher_logits row 5 contains NaN or Inf"):
+        generate_targets(projector, ArraySource(h, teacher_logits=z), str(tmp_path / "nanz"), chunk_bytes=CHUNK)
+    with pytest.raises(ValueError, match="the source has d=23 but the projector was fitted with d=24"):
+        generate_targets(projector, h[:, :23].contiguous(), str(tmp_path / "d"))
+    z = torch.randn(450, 2)
+    with pytest.raises(ValueError, match=r"teacher logits have shape \(450, 2\), expected \(450, 3\)"):
+        generate_targets(projector, ArraySource(h, teacher_logits=z), str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="teacher_logits has 449 rows but embeddings has 450"):
+        generate_targets(projector, ArraySource(h, teacher_logits=z[:449]), str(tmp_path / "rows"))
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(OSError, match="output directory .* is not writable"):
+        generate_targets(projector, h, str(tmp_path / "file" / "out"))
+    with pytest.raises(ValueError, match="format must be one of"):
+        generate_targets(projector, h, str(tmp_path / "f"), format="csv")
+
+
+def test_changed_source_and_corrupt_shards_are_refused(problem, tmp_path):
+    h, _, projector = problem
+    path = tmp_path / "h.npy"
+    np.save(path, h.numpy())
+    out = str(tmp_path / "out")
+    generate_targets(projector, str(path), out, chunk_bytes=CHUNK)
+    with pytest.raises(ValueError, match="written with other settings .*dtype"):
+        generate_targets(projector, str(path), out, chunk_bytes=CHUNK, dtype="float32")
+    changed = h.clone()
+    changed[0] += 1
+    np.save(path, changed.numpy())
+    with pytest.raises(ValueError, match="the source changed since these targets were written"):
+        generate_targets(projector, str(path), out, chunk_bytes=CHUNK)
+
+    # A partial run whose recorded shard was truncated afterwards: named, not silently reused.
+    partial = str(tmp_path / "partial")
+    generate_targets(projector, h, partial, chunk_bytes=CHUNK)
+    manifest = json.loads(open(os.path.join(partial, "manifest.json")).read())
+    progress = {"kind": manifest["kind"], "version": manifest["version"], "settings": manifest["settings"],
+                "shards": manifest["shards"][:2]}
+    os.unlink(os.path.join(partial, "manifest.json"))
+    with open(os.path.join(partial, "progress-rank0.json"), "w") as f:
+        json.dump(progress, f)
+    shard = os.path.join(partial, "shard-000001.log_targets.npy")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 8)
+    with pytest.raises(ValueError, match="shard-000001.log_targets.npy is truncated or corrupt"):
+        generate_targets(projector, h, partial, chunk_bytes=CHUNK)
+    with pytest.raises(ValueError, match="has no manifest.json: the targets run did not finish"):
+        TargetsDataset(partial)
+
+
+def test_disk_full_leaves_nothing_half_written(problem, tmp_path, monkeypatch):
+    h, _, projector = problem
+    calls = {"n": 0}
+    real_fsync = os.fsync
+
+    def fsync_fails_on_third_file(fd):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(shards.os, "fsync", fsync_fails_on_third_file)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full while writing .*shard-000001"):
+        generate_targets(projector, h, str(out), chunk_bytes=CHUNK)
+    assert not list(out.glob(".tmp*")) and not (out / "manifest.json").exists()
+    recorded = json.loads((out / "progress-rank0.json").read_text())["shards"]
+    assert [e["index"] for e in recorded] == [0]  # only the shard that was fully written counts
+    monkeypatch.setattr(shards.os, "fsync", real_fsync)
+    generate_targets(projector, h, str(out), chunk_bytes=CHUNK)  # rerun completes it
+    clean = tmp_path / "clean"
+    generate_targets(projector, h, str(clean), chunk_bytes=CHUNK)
+    assert _tree(out) == _tree(clean)
+
+
+def test_dataset_joins_rows_and_feeds_a_dataloader(problem, tmp_path):
+    h, y, projector = problem
+    generate_targets(projector, h, str(tmp_path), chunk_bytes=CHUNK, dtype="float32")
+    x = torch.randn(450, 5)
+    ds = TargetsDataset(str(tmp_path), TensorDataset(x, y))
+    (xi, yi), t = ds[123]
+    assert torch.equal(xi, x[123]) and yi == y[123]
+    torch.testing.assert_close(t, projector.targets(h[123:124])[0], atol=1e-5, rtol=1e-5)
+    loader = DataLoader(ds, batch_size=64, shuffle=True, collate_fn=collate_with_targets,
+                        generator=torch.Generator().manual_seed(0))
+    seen = 0
+    for (xb, yb), tb in loader:
+        rows = torch.nonzero((x.unsqueeze(0) == xb.unsqueeze(1)).all(-1))[:, 1]  # recover the row numbers
+        torch.testing.assert_close(tb, ds.targets(rows.tolist()))
+        seen += xb.shape[0]
+    assert seen == 450
+    with pytest.raises(ValueError, match="dataset has 449 rows but the targets .* have 450"):
+        TargetsDataset(str(tmp_path), TensorDataset(x[:449]))
+    with pytest.raises(IndexError, match="out of range"):
+        ds.targets([450])
+
+
+def test_example_training_loops_run(tmp_path):
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                           "train_from_targets.py")
+    out = subprocess.run([sys.executable, example, "--epochs", "2", "--work-dir", str(tmp_path)], check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    assert "offline targets: student accuracy" in out and "online targets: student accuracy" in out
