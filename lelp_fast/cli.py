@@ -54,6 +54,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_quality(args: argparse.Namespace) -> int:
+    import json
+
+    from .quality import QualityConfig, format_markdown, run_quality
+
+    cfg = QualityConfig(dataset=args.dataset, seeds=args.seeds, n_subclasses=args.subclasses, beta=args.beta,
+                        tau=args.tau, student_fraction=args.student_fraction)
+    try:
+        result = run_quality(cfg, args.methods, progress=not args.quiet)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    print(format_markdown(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(format_markdown(result) + "\n" if args.out.endswith(".md") else json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _fit_source(args: argparse.Namespace):
     """The source named on the command line: .npy (+ label/logit .npy), .safetensors or .parquet."""
     from .io import NpySource, ParquetSource, SafetensorsSource
@@ -301,6 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
     tgt.add_argument("--quiet", action="store_true", help="no progress bar")
     tgt.set_defaults(func=_cmd_targets, labels=None, labels_key=None)
+
+    from .quality import DATASETS, METHODS
+
+    bench = sub.add_parser("bench", help="benchmarks that ship with the package (quality)")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    quality = bench_sub.add_parser(
+        "quality",
+        help="every distillation method on a download-free task, several seeds (any row on its own)",
+        description="Teacher, hard labels, vanilla and annealing KD, LELP (default and tuned), the pseudo-subclass "
+        "ablations and the multi-teacher variants; test accuracy, agreement and predictive KL, mean ± std over "
+        "seeds. --methods reruns chosen rows.",
+    )
+    quality.add_argument("--dataset", choices=tuple(DATASETS), default="digits-parity")
+    quality.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
+                         help=f"rows to run (default all): {', '.join(METHODS)}")
+    quality.add_argument("--seeds", type=int, default=5)
+    quality.add_argument("--subclasses", type=int, default=4, help="S (default 4)")
+    quality.add_argument("--beta", type=float, default=1.0)
+    quality.add_argument("--tau", type=float, default=1.0)
+    quality.add_argument("--student-fraction", type=float, default=0.25, help="training rows the students see")
+    quality.add_argument("--out", help="also write the table: .md for Markdown, else JSON (with per-seed rows)")
+    quality.add_argument("--quiet", action="store_true", help="no progress bar")
+    quality.set_defaults(func=_cmd_bench_quality)
     return parser
 
 
