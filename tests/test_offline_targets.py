@@ -275,3 +275,21 @@ def test_example_training_loops_run(tmp_path):
     out = subprocess.run([sys.executable, example, "--epochs", "2", "--work-dir", str(tmp_path)], check=True,
                          capture_output=True, text=True, timeout=300).stdout
     assert "offline targets: student accuracy" in out and "online targets: student accuracy" in out
+
+
+def test_resume_with_another_world_size_keeps_the_other_ranks_shards(problem, tmp_path, monkeypatch):
+    from lelp_fast.offline import pipeline
+
+    h, _, projector = problem
+    out = tmp_path / "out"
+    monkeypatch.setattr(pipeline, "_dist_info", lambda group: (1, 3))  # rank 1 of 3 ran, then the job died
+    assert generate_targets(projector, h, str(out), chunk_bytes=CHUNK) is None
+    recorded = json.loads((out / "progress-rank1.json").read_text())["shards"]
+    assert [e["index"] for e in recorded] == [1, 4]
+    monkeypatch.undo()
+    written = os.stat(out / "shard-000004.log_targets.npy").st_mtime_ns
+    generate_targets(projector, h, str(out), chunk_bytes=CHUNK)  # now one process: shards 1 and 4 are kept
+    assert os.stat(out / "shard-000004.log_targets.npy").st_mtime_ns == written
+    clean = tmp_path / "clean"
+    generate_targets(projector, h, str(clean), chunk_bytes=CHUNK)
+    assert _tree(out) == _tree(clean)

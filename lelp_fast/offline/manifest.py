@@ -101,6 +101,12 @@ def finished_shards(directory: str, settings: dict, verify: bool = True) -> Dict
     return done
 
 
+def own_progress(directory: str, rank: int) -> List[dict]:
+    """The shards this rank recorded before (kept when it rewrites its progress file)."""
+    path = progress_path(directory, rank)
+    return _load(path)["shards"] if os.path.exists(path) else []
+
+
 def read_manifest(directory: str) -> Optional[dict]:
     path = os.path.join(directory, MANIFEST)
     return _load(path) if os.path.exists(path) else None

@@ -94,14 +94,13 @@ def generate_targets(
     if done and not src.rereadable:
         raise ValueError(f"{out_dir} holds a partial run, but the source is a one-shot iterable that cannot be "
                          "read again; remove the directory to start over")
-    mine = {i: e for i, e in done.items() if i % world == rank}
-    first = _first_missing(mine, rank, world)
-    writer = _ShardWriter(out_dir, rank, settings, mine)
+    first = _first_missing(done, rank, world)
+    writer = _ShardWriter(out_dir, rank, settings, mf.own_progress(out_dir, rank))
     bar = _progress_bar(src, progress and rank == 0, done)
     started, read_bytes = time.perf_counter(), 0
     try:
         for chunk in prefetch(src.chunks(chunk_bytes, skip=first, rank=rank, world=world)):
-            if chunk.index in mine:
+            if chunk.index in done:  # recorded by any rank, also under another world size
                 continue
             tensors = _compute(projector, chunk, settings, backend, device)
             writer.submit(chunk, tensors)
@@ -138,10 +137,10 @@ def _prepare_directory(out_dir: str, rank: int) -> str:
     return out_dir
 
 
-def _first_missing(mine: dict, rank: int, world: int) -> int:
+def _first_missing(done: dict, rank: int, world: int) -> int:
     """The first chunk index of this rank that is not done (chunks before it are not read)."""
     i = rank
-    while i in mine:
+    while i in done:
         i += world
     return i
 
@@ -186,12 +185,13 @@ def _compute_rows(projector, chunk: Chunk, settings: dict, backend: str, device:
 class _ShardWriter:
     """One background thread writes shards in order and records each in the progress file."""
 
-    def __init__(self, out_dir: str, rank: int, settings: dict, done: dict, max_pending: int = 2):
+    def __init__(self, out_dir: str, rank: int, settings: dict, recorded: list, max_pending: int = 2):
         self.out_dir, self.rank, self.settings = out_dir, rank, settings
-        self.entries = list(done.values())
+        self.entries = list(recorded)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lelp-writer")
         self.pending: Deque[Future] = deque()
         self.max_pending = max_pending
+        self.failed = False
 
     def submit(self, chunk: Chunk, tensors: dict) -> None:
         while len(self.pending) >= self.max_pending:
@@ -199,6 +199,15 @@ class _ShardWriter:
         self.pending.append(self.pool.submit(self._write, chunk.index, chunk.start_row, tensors))
 
     def _write(self, index: int, start_row: int, tensors: dict) -> None:
+        if self.failed:  # after a failed write (disk full, ...) the queued ones are not attempted
+            return
+        try:
+            self._write_shard(index, start_row, tensors)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _write_shard(self, index: int, start_row: int, tensors: dict) -> None:
         s = self.settings
         names = shards.shard_files(s["format"], index, s["compact"])
         data = shards.encode(s["format"], tensors, start_row)
