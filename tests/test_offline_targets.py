@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lelp_fast import LELPProjector, TargetsDataset, collate_with_targets, generate_targets, reference
+from lelp_fast import LELPProjector, TargetsDataset, collate_with_targets, generate_targets
 from lelp_fast.io import ArraySource
 from lelp_fast.offline import shards
 from conftest import make_problem

@@ -70,21 +70,7 @@ def generate_targets(
     if src.dim is not None and src.dim != projector.dim:
         raise ValueError(f"the source has d={src.dim} but the projector was fitted with d={projector.dim}")
     rank, world = _dist_info(process_group)
-    settings = {
-        "projector_sha256": mf.projector_digest(projector),
-        "source_fingerprint": src.fingerprint(),
-        "n_rows": src.n_rows,
-        "dim": projector.dim,
-        "num_classes": projector.num_classes,
-        "n_subclasses": projector.n_subclasses,
-        "K": projector.n_outputs,
-        "beta": None if compact else float(projector.beta if beta is None else beta),
-        "tau": None if compact else float(projector.tau if tau is None else tau),
-        "dtype": dtype,
-        "format": format,
-        "compact": bool(compact),
-        "chunk_bytes": int(chunk_bytes),
-    }
+    settings = _settings(projector, src, format, dtype, compact, beta, tau, chunk_bytes)
     out_dir = _prepare_directory(out_dir, rank)
     existing = mf.read_manifest(out_dir)
     if existing is not None:  # a finished run: same settings -> nothing to do
@@ -114,6 +100,25 @@ def generate_targets(
         if bar is not None:
             bar.close()
     return _finish(out_dir, settings, process_group, rank)
+
+
+def _settings(projector, src: EmbeddingSource, format, dtype, compact, beta, tau, chunk_bytes) -> dict:
+    """What the outputs depend on: a resume or a rerun must see exactly the same."""
+    return {
+        "projector_sha256": mf.projector_digest(projector),
+        "source_fingerprint": src.fingerprint(),
+        "n_rows": src.n_rows,
+        "dim": projector.dim,
+        "num_classes": projector.num_classes,
+        "n_subclasses": projector.n_subclasses,
+        "K": projector.n_outputs,
+        "beta": None if compact else float(projector.beta if beta is None else beta),
+        "tau": None if compact else float(projector.tau if tau is None else tau),
+        "dtype": dtype,
+        "format": format,
+        "compact": bool(compact),
+        "chunk_bytes": int(chunk_bytes),
+    }
 
 
 def _dist_info(process_group):
