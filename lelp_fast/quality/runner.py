@@ -44,7 +44,7 @@ class QualityConfig:
     n_subclasses: int = 4
     beta: float = 1.0
     tau: float = 1.0
-    student_fraction: float = 0.25  # of the training rows
+    student_fraction: float = 0.25  # of the training rows outside the validation split
     test_fraction: float = 0.4
     validation_fraction: float = 0.2  # of the training rows, for tuning and fixed teacher weights
     teacher_hidden: int = 256
@@ -68,7 +68,8 @@ class _Context:
         self.test, train = perm[:n_test], perm[n_test:]
         n_val = int(cfg.validation_fraction * train.shape[0])
         self.val, self.train = train[:n_val], train[n_val:]
-        self.student_rows = self.train[: max(self.num_classes * 8, int(cfg.student_fraction * len(train)))]
+        n_student = max(self.num_classes * 8, int(cfg.student_fraction * len(self.train)))
+        self.student_rows = self.train[:n_student]  # a fraction of the non-validation training rows
         self.x, self.y, self.sub, self.seed, self.cfg = x, y, sub, seed, cfg
         self.teachers = []
         for m in range(cfg.n_teachers):  # teacher 0 is the main one; the others are smaller
