@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .loss import LELPLoss
-from .metrics import agreement, predictive_kl
-from .projector import LELPProjector
-from .reference import class_logits
 
 METHODS = ("hard labels", "vanilla KD", "LELP")
 
@@ -32,13 +26,6 @@ class DemoConfig:
     n_subclasses: int = 4
     beta: float = 1.0
     tau: float = 1.0
-    teacher_hidden: int = 256
-    teacher_embedding: int = 64
-    student_hidden: int = 32
-    teacher_epochs: int = 300
-    student_epochs: int = 300
-    student_fraction: float = 0.25  # students see a quarter of the training rows
-    test_fraction: float = 0.4
 
 
 def load_binary_digits():
@@ -71,77 +58,16 @@ class MLP(nn.Module):
         return self.head(self.body(x))
 
 
-def _train(model: nn.Module, x: torch.Tensor, loss_fn: Callable, epochs: int, lr: float = 1e-2) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
-    for _ in range(epochs):
-        opt.zero_grad()
-        loss_fn(model(x)).backward()
-        opt.step()
-
-
-def run_seed(seed: int, cfg: DemoConfig) -> Dict[str, Dict[str, float]]:
-    """One seed: teacher, LELP fit, three students. Returns per-method metrics."""
-    x, y, _ = load_binary_digits()
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(x.shape[0], generator=gen)
-    n_test = int(cfg.test_fraction * x.shape[0])
-    test, train = perm[:n_test], perm[n_test:]
-    student_rows = train[: int(cfg.student_fraction * train.shape[0])]
-
-    torch.manual_seed(seed)
-    teacher = MLP(x.shape[1], cfg.teacher_hidden, 2, cfg.teacher_embedding)
-    _train(teacher, x[train], lambda out: F.cross_entropy(out, y[train]), cfg.teacher_epochs)
-    teacher.eval()
-    with torch.no_grad():
-        emb_train = teacher.embed(x[train])
-        t_logits_student = teacher(x[student_rows])
-        t_logits_test = teacher(x[test])
-        emb_student = teacher.embed(x[student_rows])
-
-    projector = LELPProjector(cfg.n_subclasses, beta=cfg.beta, tau=cfg.tau, seed=seed)
-    projector.fit(emb_train, y[train], head_weight=teacher.head.weight, head_bias=teacher.head.bias)
-    lelp_targets = projector.targets(emb_student)
-    kd_targets = F.log_softmax(t_logits_student / cfg.tau, dim=-1)
-
-    xs, ys = x[student_rows], y[student_rows]
-    k = projector.n_outputs
-    setups = {
-        "hard labels": (2, lambda out: F.cross_entropy(out, ys)),
-        "vanilla KD": (2, lambda out: LELPLoss(num_classes=2, n_subclasses=1, tau=cfg.tau)(out, kd_targets)),
-        "LELP": (k, lambda out: LELPLoss(projector)(out, lelp_targets)),
-    }
-    results = {"teacher": {"accuracy": float((t_logits_test.argmax(1) == y[test]).double().mean())}}
-    for name, (n_out, loss_fn) in setups.items():
-        torch.manual_seed(seed + 1)  # the same student initialisation shape for every method
-        student = MLP(x.shape[1], cfg.student_hidden, n_out)
-        _train(student, xs, loss_fn, cfg.student_epochs)
-        with torch.no_grad():
-            out = student(x[test])
-        pooled = class_logits(out, 2, n_out // 2)
-        results[name] = {
-            "accuracy": float((pooled.argmax(1) == y[test]).double().mean()),
-            "agreement": agreement(t_logits_test, pooled),
-            "predictive_kl": predictive_kl(t_logits_test, pooled),
-        }
-    return results
-
-
 def run_demo(cfg: DemoConfig, progress: bool = True) -> Dict:
-    """All seeds; returns ``{"config", "rows": [{method, accuracy_mean, ...}], "seconds"}``."""
-    from tqdm.auto import tqdm
+    """Three rows of the quality benchmark on digits parity, one teacher, no validation split:
+    ``{"config", "rows": [{method, accuracy_mean, ...}], "seconds"}``."""
+    from .quality import QualityConfig, run_quality
 
     start = time.perf_counter()
-    per_seed = [run_seed(s, cfg) for s in tqdm(range(cfg.seeds), desc="demo seeds", disable=not progress)]
-    rows = []
-    for method in ("teacher",) + METHODS:
-        row = {"method": method}
-        for metric in ("accuracy", "agreement", "predictive_kl"):
-            vals = [r[method][metric] for r in per_seed if metric in r[method]]
-            if vals:
-                row[f"{metric}_mean"] = float(np.mean(vals))
-                row[f"{metric}_std"] = float(np.std(vals))
-        rows.append(row)
-    return {"config": cfg.__dict__, "rows": rows, "seconds": time.perf_counter() - start}
+    quality = QualityConfig(dataset="digits-parity", seeds=cfg.seeds, n_subclasses=cfg.n_subclasses, beta=cfg.beta,
+                            tau=cfg.tau, n_teachers=1, validation_fraction=0.0)
+    result = run_quality(quality, METHODS, progress=progress)
+    return {"config": asdict(quality), "rows": result["rows"], "seconds": time.perf_counter() - start}
 
 
 def format_markdown(result: Dict) -> str:
