@@ -69,6 +69,8 @@ def plot(data: dict) -> None:
             std = [100 * d["fraction"][f][m][1] for f in fr]
             ax.errorbar([float(f) for f in fr], mean, yerr=std, marker="o", capsize=3, label=m)
         ax.set(xscale="log", xlabel="fraction of training rows distilled from", ylabel="test accuracy (%)", title=task)
+        ax.set_xticks([float(f) for f in fr], [f"{float(f):g}" for f in fr])
+        ax.minorticks_off()
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(ROOT, "docs", "quality_fraction.png"), dpi=100)
@@ -82,6 +84,8 @@ def plot(data: dict) -> None:
                                yerr=[100 * d[key][v][1] for v in xs], marker="o", capsize=3, label=f"LELP, {task}")
             ax.axhline(100 * d["vanilla KD"][0], ls="--", color=line[0].get_color(), label=f"vanilla KD, {task}")
             ax.set(xscale="log", xlabel=label, ylabel="test accuracy (%)")
+            ax.set_xticks([float(v) for v in xs], [f"{float(v):g}" for v in xs])
+            ax.minorticks_off()
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(ROOT, "docs", "quality_s_beta.png"), dpi=100)
@@ -93,8 +97,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "quality", "results"))
     parser.add_argument("--skip-tables", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plots from <out>/sweeps.json")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.plot_only:
+        with open(os.path.join(args.out, "sweeps.json")) as f:
+            plot(json.load(f))
+        return
     if not args.skip_tables:
         for task in DATASETS:
             result = run_quality(QualityConfig(dataset=task, seeds=args.seeds), progress=False)
