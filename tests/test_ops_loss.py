@@ -100,6 +100,24 @@ def test_huge_logits_and_tiny_beta(backend, divergence):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_hard_label_term_when_the_true_class_is_far_below_the_max(backend):
+    """α CE with the labelled class 1e3..1e4 below the top logit (its softmax underflows in fp32)
+    next to ordinary rows: finite, equal to the fp64 reference."""
+    g = torch.Generator().manual_seed(13)
+    student, log_t, labels = make_inputs(70, 3, 4, seed=13)
+    far = torch.arange(0, 70, 3)
+    student[far] = torch.randn(len(far), 12, generator=g, dtype=torch.float64)
+    student[far, (labels[far] * 4 + 4) % 12] += torch.linspace(1e3, 1e4, len(far), dtype=torch.float64)
+    x = student.float().requires_grad_(True)
+    loss = distill_loss(x, log_t.float(), labels, num_classes=3, n_subclasses=4, alpha=0.7, backend=backend)
+    loss.backward()
+    want, want_grad = reference_loss_and_grad(x, log_t.float(), labels, num_classes=3, n_subclasses=4, alpha=0.7)
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_multi_teacher_mixing(backend, dtype):
     student, log_t, labels = make_inputs(31, 3, 5, seed=4, m=3)

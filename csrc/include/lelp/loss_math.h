@@ -49,6 +49,7 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
   // log_softmax(s / tau) and softmax, sharing one exp per element.
   for (int64_t r = 0; r < R; ++r) {
     float m = -INFINITY;
+    LELP_SIMD_MAX(m)
     for (int64_t k = 0; k < K; ++k) m = fmax_(m, s[r * K + k]);
     row_m[r] = m * inv_tau;
   }
@@ -58,6 +59,7 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
   for (int64_t i = 0; i < RK; ++i) t[i] = fast_exp(log_t[i]);
   for (int64_t r = 0; r < R; ++r) {
     float sum = 0.f;
+    LELP_SIMD_SUM(sum)
     for (int64_t k = 0; k < K; ++k) sum += q[r * K + k];
     row_inv[r] = 1.f / sum;
     row_log[r] = logf(sum);
@@ -94,6 +96,7 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
     }
     for (int64_t r = 0; r < R; ++r) {
       float qa = 0.f;
+      LELP_SIMD_SUM(qa)
       for (int64_t k = 0; k < K; ++k) qa += q[r * K + k] * grad[r * K + k];
       row_qa[r] = qa;
     }
@@ -102,28 +105,56 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
   }
   for (int64_t r = 0; r < R; ++r) {
     float d = 0.f;
+    LELP_SIMD_SUM(d)
     for (int64_t k = 0; k < K; ++k) d += log_q[r * K + k];
     loss[r] = tau * tau * d;
   }
 
   if (alpha != 0.f && labels != nullptr) {
-    // Pooled class logits p_c = logsumexp_s s_{c,s}; CE = logsumexp_c p_c - p_y.
-    // dCE/ds_k = softmax(s)_k - [class(k) = y] * softmax_within_y(s)_k.
+    // Pooled class logits p_c = logsumexp_s s_{c,s}; CE = logsumexp_c p_c - p_y and
+    // dCE/ds_k = softmax(s)_k - [class(k) = y] softmax_within_y(s)_k. Vectorised over the block
+    // with one max per row; a row whose class y underflows against that max (a gap of more
+    // than ~87) takes the per-row path with the class's own max.
+    float* e = t;              // the targets are no longer needed
+    float* inv_all = row_inv;  // alpha / sum_k e, or 0 for rows without the term
+    float* inv_y = row_log;    // alpha / sum_{k in y} e
+    for (int64_t r = 0; r < R; ++r) {
+      float m = -INFINITY;
+      LELP_SIMD_MAX(m)
+      for (int64_t k = 0; k < K; ++k) m = fmax_(m, s[r * K + k]);
+      row_m[r] = m;
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t k = 0; k < K; ++k) e[r * K + k] = fast_exp(s[r * K + k] - row_m[r]);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t y = labels[r];
+      inv_all[r] = inv_y[r] = 0.f;
       if (y < 0 || y >= C) continue;  // no hard label (ignored rows; invalid ones are rejected upstream)
-      const float* sr = s + r * K;
-      float m = -INFINITY, my = -INFINITY;
-      for (int64_t k = 0; k < K; ++k) m = fmax_(m, sr[k]);
-      for (int64_t k = y * S; k < (y + 1) * S; ++k) my = fmax_(my, sr[k]);
       float sum = 0.f, sum_y = 0.f;
-      for (int64_t k = 0; k < K; ++k) sum += fast_exp(sr[k] - m);
-      for (int64_t k = y * S; k < (y + 1) * S; ++k) sum_y += fast_exp(sr[k] - my);
-      const float lse_all = m + logf(sum), p_y = my + logf(sum_y);
+      LELP_SIMD_SUM(sum)
+      for (int64_t k = 0; k < K; ++k) sum += e[r * K + k];
+      LELP_SIMD_SUM(sum_y)
+      for (int64_t k = y * S; k < (y + 1) * S; ++k) sum_y += e[r * K + k];
+      if (sum_y > 1e-30f) {
+        loss[r] += alpha * logf(sum / sum_y);
+        inv_all[r] = alpha / sum;
+        inv_y[r] = alpha / sum_y;
+        continue;
+      }
+      const float* sr = s + r * K;
+      float my = -INFINITY, sum_c = 0.f;
+      for (int64_t k = y * S; k < (y + 1) * S; ++k) my = fmax_(my, sr[k]);
+      for (int64_t k = y * S; k < (y + 1) * S; ++k) sum_c += fast_exp(sr[k] - my);
+      const float lse_all = row_m[r] + logf(sum), p_y = my + logf(sum_c);
       loss[r] += alpha * (lse_all - p_y);
       float* g = grad + r * K;
       for (int64_t k = 0; k < K; ++k) g[k] += alpha * fast_exp(sr[k] - lse_all);
       for (int64_t k = y * S; k < (y + 1) * S; ++k) g[k] -= alpha * fast_exp(sr[k] - p_y);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t lo = labels[r] * S, hi = lo + S;
+      for (int64_t k = 0; k < K; ++k)
+        grad[r * K + k] += e[r * K + k] * (inv_all[r] - (k >= lo && k < hi ? inv_y[r] : 0.f));
     }
   }
 }
