@@ -1,11 +1,11 @@
-"""The ``lelp-fast`` command line: demo, fit, targets."""
+"""The ``lelp-fast`` command line: demo, fit, inspect, targets, bench quality."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ subclass soft targets for training a student.
                 --subclasses 4 --out projector.safetensors
   lelp-fast inspect projector.safetensors --plot spectrum.png
   lelp-fast targets --projector projector.safetensors --embeddings E.npy --out targets/
+  lelp-fast bench quality --dataset hierarchical --methods LELP "vanilla KD"
 
 Run 'lelp-fast COMMAND --help' for each command's options.
 """
@@ -34,11 +35,6 @@ def _load_npy(path: str, name: str) -> np.ndarray:
         return np.load(path)  # object arrays etc. cannot be memory-mapped
     except Exception as exc:  # noqa: BLE001 - reported with the argument's name
         raise SystemExit(f"error: --{name} {path}: not a readable .npy file ({exc})") from exc
-
-
-def _row_chunks(n_rows: int, chunk_rows: int) -> Iterator[slice]:
-    for start in range(0, n_rows, chunk_rows):
-        yield slice(start, min(start + chunk_rows, n_rows))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -351,8 +347,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if getattr(args, "chunk_rows", 1) < 1:
-        parser.error("--chunk-rows must be a positive integer")
     if getattr(args, "chunk_mb", 1) <= 0:
         parser.error("--chunk-mb must be positive")
     try:
