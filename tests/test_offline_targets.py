@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -156,7 +157,10 @@ def test_two_ranks_under_torchrun_equal_one_process(problem, tmp_path):
     args = ["targets", "--projector", str(tmp_path / "p.safetensors"), "--embeddings", str(tmp_path / "h.npy"),
             "--chunk-mb", str(CHUNK / (1 << 20)), "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                     "-m", "lelp_fast", *args, "--out", str(tmp_path / "two")], check=True, env=env,
                    cwd=str(tmp_path), timeout=300)
     subprocess.run([sys.executable, "-m", "lelp_fast", *args, "--out", str(tmp_path / "one")], check=True, env=env,
