@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -267,6 +268,9 @@ def test_dataset_joins_rows_and_feeds_a_dataloader(problem, tmp_path):
         torch.testing.assert_close(tb, ds.targets(rows.tolist()))
         seen += xb.shape[0]
     assert seen == 450
+    assert ds._cache and pickle.loads(pickle.dumps(ds))._cache == {}  # workers get paths, not mapped shards
+    workers = DataLoader(ds, batch_size=100, num_workers=2, collate_fn=collate_with_targets)
+    torch.testing.assert_close(torch.cat([tb for _, tb in workers]), ds.targets(range(450)))
     with pytest.raises(ValueError, match="dataset has 449 rows but the targets .* have 450"):
         TargetsDataset(str(tmp_path), TensorDataset(x[:449]))
     with pytest.raises(IndexError, match="out of range"):

@@ -61,6 +61,10 @@ class TargetsDataset(Dataset):
     def __len__(self) -> int:
         return self.n_rows
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers get the dataset pickled: send the paths, not the mapped shards.
+        return {**self.__dict__, "_cache": {}}
+
     def _shard(self, s: int) -> dict:
         if s not in self._cache:
             if len(self._cache) >= 2:
