@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import os
 from typing import Any, List, Optional, Sequence
 
@@ -56,6 +55,7 @@ class TargetsDataset(Dataset):
                 mf.verify_shard(self.directory, entry)
         self.dataset, self.beta, self.tau = dataset, beta, tau
         self._starts = [e["rows"][0] for e in self.shards]
+        self._starts_tensor = torch.tensor(self._starts, dtype=torch.int64)
         self._cache: dict = {}
 
     def __len__(self) -> int:
@@ -89,7 +89,7 @@ class TargetsDataset(Dataset):
         k = self.settings["K"]
         dtype = torch.float32 if self.settings["compact"] else mf.torch_dtype(self.settings)
         out = torch.empty(idx.numel(), k, dtype=dtype)
-        shard_of = torch.as_tensor([bisect.bisect_right(self._starts, int(i)) - 1 for i in idx], dtype=torch.int64)
+        shard_of = torch.searchsorted(self._starts_tensor, idx, right=True) - 1
         for s in torch.unique(shard_of).tolist():
             where = torch.nonzero(shard_of == s).flatten()
             local = (idx[where] - self._starts[s]).numpy()
