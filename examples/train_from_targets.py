@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lelp_fast import LELPLoss, LELPProjector, TargetsDataset, class_logits, collate_with_targets, generate_targets
-from lelp_fast.demo import MLP, load_binary_digits
+from lelp_fast.quality import DATASETS, MLP
 
 
 def train_teacher(x, y, epochs=300):
@@ -47,7 +47,7 @@ def main():
     args = parser.parse_args()
     s = args.subclasses
 
-    x, y, _ = load_binary_digits()
+    x, y, _ = DATASETS["digits-parity"]()
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
     test, train = perm[:700], perm[700:]
     teacher = train_teacher(x[train], y[train])

@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict
 
-import torch
-from torch import nn
-
+from .quality.runner import QualityConfig, markdown_rows, run_quality
 
 METHODS = ("hard labels", "vanilla KD", "LELP")
 
@@ -28,41 +26,9 @@ class DemoConfig:
     tau: float = 1.0
 
 
-def load_binary_digits():
-    """Digits as float32 features in [0, 1], binary labels (digit parity) and the digits."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data / 16.0, dtype=torch.float32)
-    digit = torch.tensor(data.target, dtype=torch.int64)
-    return x, digit % 2, digit
-
-
-class MLP(nn.Module):
-    """``features -> hidden -> embedding -> head``; ``embed`` exposes the final-layer embedding."""
-
-    def __init__(self, n_in: int, hidden: int, n_out: int, embedding: Optional[int] = None):
-        super().__init__()
-        layers: List[nn.Module] = [nn.Linear(n_in, hidden), nn.ReLU()]
-        width = hidden
-        if embedding is not None:
-            layers += [nn.Linear(hidden, embedding), nn.ReLU()]
-            width = embedding
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(width, n_out)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
 def run_demo(cfg: DemoConfig, progress: bool = True) -> Dict:
     """Three rows of the quality benchmark on digits parity, one teacher, no validation split:
     ``{"config", "rows": [{method, accuracy_mean, ...}], "seconds"}``."""
-    from .quality import QualityConfig, run_quality
-
     start = time.perf_counter()
     quality = QualityConfig(dataset="digits-parity", seeds=cfg.seeds, n_subclasses=cfg.n_subclasses, beta=cfg.beta,
                             tau=cfg.tau, n_teachers=1, validation_fraction=0.0)
@@ -79,14 +45,7 @@ def format_markdown(result: Dict) -> str:
         "| method | test accuracy (%) | agreement with teacher (%) | predictive KL |",
         "|---|---|---|---|",
     ]
-    for row in result["rows"]:
-        acc = f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f}"
-        if "agreement_mean" in row:
-            agr = f"{100 * row['agreement_mean']:.2f} ± {100 * row['agreement_std']:.2f}"
-            kl = f"{row['predictive_kl_mean']:.4f} ± {row['predictive_kl_std']:.4f}"
-        else:
-            agr = kl = "—"
-        lines.append(f"| {row['method']} | {acc} | {agr} | {kl} |")
+    lines += markdown_rows(result["rows"], with_seconds=False)
     lines.append("")
     lines.append(f"wall time: {result['seconds']:.1f} s")
     return "\n".join(lines)

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..demo import MLP
 from ..loss import LELPLoss
 from ..methods import (AnnealingKD, InstanceTeacherWeights, KDLoss, KMeansSubclasses, RandomProjectionSubclasses,
                        ReinforcedTeacherSelector, fixed_weights, oracle_coordinates, subclass_log_targets,
@@ -28,6 +27,7 @@ from ..ops import distill_loss
 from ..projector import LELPProjector
 from ..reference import class_logits
 from .datasets import DATASETS
+from .models import MLP
 
 METHODS = (
     "hard labels", "vanilla KD", "annealing KD", "LELP", "LELP tuned", "LELP no rotation", "LELP no null space",
@@ -259,18 +259,24 @@ def run_quality(cfg: QualityConfig, methods: Optional[Sequence[str]] = None, pro
     return {"config": asdict(cfg), "rows": rows, "per_seed": per_seed}
 
 
+def markdown_rows(rows: List[Dict], with_seconds: bool = True) -> List[str]:
+    """Table rows: method, accuracy, agreement, predictive KL (mean ± std), optionally seconds."""
+    lines = []
+    for row in rows:
+        cells = [row["method"], f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f}"]
+        if "agreement_mean" in row:
+            cells += [f"{100 * row['agreement_mean']:.2f} ± {100 * row['agreement_std']:.2f}",
+                      f"{row['predictive_kl_mean']:.4f} ± {row['predictive_kl_std']:.4f}"]
+            cells += [f"{row['seconds_mean']:.2f}"] if with_seconds else []
+        else:
+            cells += ["—"] * (3 if with_seconds else 2)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def format_markdown(result: Dict) -> str:
     cfg = result["config"]
     lines = [f"{cfg['dataset']}: {cfg['seeds']} seeds, S={cfg['n_subclasses']}, beta={cfg['beta']}, tau={cfg['tau']}, "
              f"students on {cfg['student_fraction']:.0%} of the training rows, {cfg['n_teachers']} teachers", "",
              "| method | test accuracy (%) | agreement (%) | predictive KL | seconds / seed |", "|---|---|---|---|---|"]
-    for row in result["rows"]:
-        acc = f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f}"
-        if "agreement_mean" in row:
-            agr = f"{100 * row['agreement_mean']:.2f} ± {100 * row['agreement_std']:.2f}"
-            kl = f"{row['predictive_kl_mean']:.4f} ± {row['predictive_kl_std']:.4f}"
-            sec = f"{row['seconds_mean']:.2f}"
-        else:
-            agr = kl = sec = "—"
-        lines.append(f"| {row['method']} | {acc} | {agr} | {kl} | {sec} |")
-    return "\n".join(lines)
+    return "\n".join(lines + markdown_rows(result["rows"]))
