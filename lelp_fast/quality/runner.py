@@ -75,7 +75,7 @@ class _Context:
         for m in range(cfg.n_teachers):  # teacher 0 is the main one; the others are smaller
             torch.manual_seed(seed * 100 + m)
             teacher = MLP(x.shape[1], max(16, cfg.teacher_hidden >> m), self.num_classes, cfg.teacher_embedding)
-            _train(teacher, x[self.train], lambda out: F.cross_entropy(out, y[self.train]), cfg.teacher_epochs)
+            _train(teacher, x[self.train], lambda out, _: F.cross_entropy(out, y[self.train]), cfg.teacher_epochs)
             self.teachers.append(teacher.eval())
         with torch.no_grad():
             self.emb = [t.embed(x) for t in self.teachers]
@@ -104,12 +104,12 @@ class _Context:
         return float((pooled.argmax(1) == self.y[rows]).double().mean())
 
 
-def _train(model, x, loss_fn: Callable, epochs: int, lr: float = 1e-2, extra_params=(), step_hook=None) -> None:
+def _train(model, x, loss_fn: Callable, epochs: int, lr: float = 1e-2, extra_params=()) -> None:
+    """Full-batch Adam; ``loss_fn(model(x), epoch)``."""
     opt = torch.optim.Adam(list(model.parameters()) + list(extra_params), lr=lr, weight_decay=1e-4)
     for epoch in range(epochs):
         opt.zero_grad()
-        loss = loss_fn(model(x)) if step_hook is None else step_hook(epoch)
-        loss.backward()
+        loss_fn(model(x), epoch).backward()
         opt.step()
 
 
@@ -122,7 +122,7 @@ def _distil(ctx: _Context, log_t: torch.Tensor, n_subclasses: int, **loss_kw):
     rows = ctx.student_rows
     student = _student(ctx, ctx.num_classes * n_subclasses)
     loss = LELPLoss(num_classes=ctx.num_classes, n_subclasses=n_subclasses, tau=ctx.cfg.tau, **loss_kw)
-    _train(student, ctx.x[rows], lambda out: loss(out, log_t), ctx.cfg.student_epochs)
+    _train(student, ctx.x[rows], lambda out, _: loss(out, log_t), ctx.cfg.student_epochs)
     return student
 
 
@@ -150,16 +150,15 @@ def run_method(ctx: _Context, method: str):
     xs, ys = ctx.x[rows], ctx.y[rows]
     if method == "hard labels":
         student = _student(ctx, c)
-        _train(student, xs, lambda out: F.cross_entropy(out, ys), cfg.student_epochs)
+        _train(student, xs, lambda out, _: F.cross_entropy(out, ys), cfg.student_epochs)
     elif method == "vanilla KD":
         student = _student(ctx, c)
         kd = KDLoss(c, tau=cfg.tau)
-        _train(student, xs, lambda out: kd(out, ctx.logits[0][rows]), cfg.student_epochs)
+        _train(student, xs, lambda out, _: kd(out, ctx.logits[0][rows]), cfg.student_epochs)
     elif method == "annealing KD":
         student = _student(ctx, c)
         sched = AnnealingKD(tau_max=10.0, stage1_epochs=2 * cfg.student_epochs // 3)
-        _train(student, xs, None, cfg.student_epochs,
-               step_hook=lambda epoch: sched.loss(epoch, student(xs), ctx.logits[0][rows], ys))
+        _train(student, xs, lambda out, epoch: sched.loss(epoch, out, ctx.logits[0][rows], ys), cfg.student_epochs)
     elif method == "LELP":
         student = _lelp(ctx)
     elif method == "LELP tuned":  # S and β picked on the validation rows
@@ -202,12 +201,12 @@ def _multi_teacher(ctx: _Context, kind: str):
         else:  # proportional to each teacher's validation accuracy
             acc = [float((ctx.logits[i][ctx.val].argmax(1) == ctx.y[ctx.val]).double().mean()) for i in range(m)]
             w = fixed_weights(acc, len(rows))
-        _train(student, xs, lambda out: loss(out, log_t, teacher_weights=w), cfg.student_epochs)
+        _train(student, xs, lambda out, _: loss(out, log_t, teacher_weights=w), cfg.student_epochs)
     elif kind == "AMTML":
         weigher = InstanceTeacherWeights(cfg.student_hidden, m, seed=ctx.seed)
-        _train(student, xs, None, cfg.student_epochs, extra_params=weigher.parameters(),
-               step_hook=lambda epoch: InstanceTeacherWeights.mixture_loss(
-                   student(xs), log_t, weigher(student.embed(xs)), num_classes=c, n_subclasses=s, tau=cfg.tau))
+        _train(student, xs, lambda out, _: InstanceTeacherWeights.mixture_loss(
+            out, log_t, weigher(student.embed(xs)), num_classes=c, n_subclasses=s, tau=cfg.tau),
+            cfg.student_epochs, extra_params=weigher.parameters())
     else:  # RL: the policy and the student take turns
         selector = ReinforcedTeacherSelector(cfg.student_hidden, c, m, seed=ctx.seed)
         teacher_logits = torch.stack([ctx.logits[i][rows] for i in range(m)], 1)
