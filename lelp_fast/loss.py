@@ -129,16 +129,19 @@ class LELPLoss(nn.Module):
         )
 
     def _online_arguments(self, embeddings, teacher_logits) -> dict:
-        several = len(self.projectors) > 1
-        embeddings_list = list(embeddings) if several else [embeddings]
-        logits_list = ([None] * len(self.projectors) if teacher_logits is None else list(teacher_logits)) if several \
-            else [teacher_logits]
-        if several and (isinstance(embeddings, torch.Tensor) or len(embeddings_list) != len(self.projectors)):
-            raise ValueError(f"embeddings must be a list of {len(self.projectors)} tensors, one per projector")
-        if len(logits_list) != len(self.projectors):
-            raise ValueError(f"teacher_logits must be a list of {len(self.projectors)} (entries may be None)")
+        """distill_loss's online arguments, one list entry per projector."""
+        m, several = len(self.projectors), len(self.projectors) > 1
+        if several:
+            if isinstance(embeddings, torch.Tensor) or len(embeddings) != m:
+                raise ValueError(f"embeddings must be a list of {m} tensors, one per projector")
+            teacher_logits = [None] * m if teacher_logits is None else list(teacher_logits)
+            if len(teacher_logits) != m:
+                raise ValueError(f"teacher_logits must be a list of {m} (entries may be None)")
+            embeddings = list(embeddings)
+        else:
+            embeddings, teacher_logits = [embeddings], [teacher_logits]
         weights, biases, betas = [], [], []
-        for i, (p, h, z) in enumerate(zip(self.projectors, embeddings_list, logits_list)):
+        for i, (p, h, z) in enumerate(zip(self.projectors, embeddings, teacher_logits)):
             name = f"embeddings[{i}]" if several else "embeddings"
             if h.ndim != 2 or h.shape[1] != p.dim:
                 raise ValueError(f"{name} must have shape (N, {p.dim}), got {tuple(h.shape)}")
@@ -146,10 +149,7 @@ class LELPLoss(nn.Module):
             weights.append(w.to(h.device))
             biases.append(b.to(h.device))
             betas.append(p.beta if self.beta is None else self.beta)
-        if not several:
-            return dict(embeddings=embeddings_list[0], fused_weight=weights[0], fused_bias=biases[0],
-                        teacher_logits=logits_list[0], beta=betas[0])
-        return dict(embeddings=embeddings_list, fused_weight=weights, fused_bias=biases, teacher_logits=logits_list,
+        return dict(embeddings=embeddings, fused_weight=weights, fused_bias=biases, teacher_logits=teacher_logits,
                     beta=betas)
 
     def extra_repr(self) -> str:

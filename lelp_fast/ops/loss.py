@@ -162,6 +162,7 @@ def distill_loss(
             raise ValueError(f"teacher_weights must have shape {tuple(log_targets.shape[:2])} for M teachers")
         if not multi and teacher_weights is not None:
             raise ValueError("teacher_weights needs log_targets of shape (N, M, K)")
+        embeddings, fused_weight, fused_bias, teacher_logits, beta = [], [], [], [], []  # no online teachers
     else:
         embeddings, fused_weight, fused_bias, teacher_logits, beta = _online_teachers(
             n, k, num_classes, embeddings, fused_weight, fused_bias, teacher_logits, beta, teacher_weights)
@@ -177,8 +178,7 @@ def distill_loss(
             raise ValueError(f"labels[{row}] = {int(labels[row])} is out of range [0, {num_classes - 1}]")
 
     chosen = _dispatch.resolve(backend, student_logits.device)
-    online_tensors = [] if embeddings is None else [*embeddings, *teacher_logits]
-    dtypes = [t.dtype for t in (student_logits, log_targets, *online_tensors) if t is not None]
+    dtypes = [t.dtype for t in (student_logits, log_targets, *embeddings, *teacher_logits) if t is not None]
     if chosen != "torch" and not all(dt in _DTYPE_CODES for dt in dtypes):
         if backend != "auto":
             raise ValueError(f"backend {chosen!r} takes float32/float16/bfloat16 tensors; use backend='torch' for float64")
@@ -188,10 +188,10 @@ def distill_loss(
                               fused_bias, teacher_logits, num_classes, n_subclasses, divergence, tau, alpha, beta,
                               ignore_index)
     else:
-        online = (embeddings, fused_weight, fused_bias, teacher_logits, beta) if embeddings is not None else ([],) * 5
         loss_rows, grad = _loss_rows(
-            student_logits.detach(), log_targets, teacher_weights, labels, *online[:4], num_classes, n_subclasses,
-            DIVERGENCE_CODES[divergence], float(tau), float(alpha), online[4], int(ignore_index), chosen == "triton",
+            student_logits.detach(), log_targets, teacher_weights, labels, embeddings, fused_weight, fused_bias,
+            teacher_logits, num_classes, n_subclasses, DIVERGENCE_CODES[divergence], float(tau), float(alpha), beta,
+            int(ignore_index), chosen == "triton",
         )
         per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad)
     return reference.reduce_rows(per_row, labels, ignore_index, reduction)
@@ -232,7 +232,7 @@ def _online_teachers(n, k, num_classes, embeddings, fused_weight, fused_bias, te
 def _loss_torch(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
                 num_classes, n_subclasses, divergence, tau, alpha, beta, ignore_index) -> Tensor:
     compute = torch.float64 if student.dtype == torch.float64 else torch.float32
-    if embeddings is not None:
+    if embeddings:
         k = num_classes * n_subclasses
         per_teacher = []
         for emb, w, b, z, teacher_beta in zip(embeddings, fused_weight, fused_bias, teacher_logits, beta):
