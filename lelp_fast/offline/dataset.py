@@ -87,7 +87,7 @@ class TargetsDataset(Dataset):
             raise IndexError(f"row index out of range for {self.n_rows} rows")
         idx = torch.where(idx < 0, idx + self.n_rows, idx)
         k = self.settings["K"]
-        dtype = torch.float32 if self.settings["compact"] else mf.torch_dtype(self.settings)
+        dtype = torch.float32 if self.settings["compact"] else shards.DTYPES[self.settings["dtype"]]
         out = torch.empty(idx.numel(), k, dtype=dtype)
         shard_of = torch.searchsorted(self._starts_tensor, idx, right=True) - 1
         for s in torch.unique(shard_of).tolist():

@@ -14,8 +14,6 @@ import json
 import os
 from typing import Dict, List, Optional
 
-import torch
-
 from . import shards
 
 MANIFEST = "manifest.json"
@@ -129,7 +127,3 @@ def write_manifest(directory: str, settings: dict, entries: Dict[int, dict]) -> 
         os.unlink(path)
     shards.fsync_directory(directory)
     return manifest
-
-
-def torch_dtype(settings: dict) -> torch.dtype:
-    return shards.DTYPES[settings["dtype"]]

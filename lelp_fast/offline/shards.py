@@ -26,7 +26,6 @@ import torch
 
 FORMATS = ("npy", "safetensors", "parquet")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-EXTENSIONS = {"npy": ".npy", "safetensors": ".safetensors", "parquet": ".parquet"}
 
 
 def fields(compact: bool) -> List[str]:
@@ -38,7 +37,7 @@ def shard_files(fmt: str, index: int, compact: bool) -> Dict[str, str]:
     base = f"shard-{index:06d}"
     if fmt == "npy":
         return {field: f"{base}.{field}.npy" for field in fields(compact)}
-    return {"*": base + EXTENSIONS[fmt]}
+    return {"*": f"{base}.{fmt}"}
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -123,12 +122,12 @@ def write_atomically(path: str, data: bytes, rank: int = 0) -> None:
         raise
 
 
-def read(fmt: str, directory: str, files: Dict[str, str], dtype: str, mmap: bool = True) -> Dict[str, torch.Tensor]:
-    """The fields of one shard as tensors (``npy`` memory-mapped when ``mmap``)."""
+def read(fmt: str, directory: str, files: Dict[str, str], dtype: str) -> Dict[str, torch.Tensor]:
+    """The fields of one shard as tensors (``npy`` memory-mapped)."""
     if fmt == "npy":
         out = {}
         for name, file in files.items():
-            arr = np.load(os.path.join(directory, file), mmap_mode="r" if mmap else None)
+            arr = np.load(os.path.join(directory, file), mmap_mode="r")
             with warnings.catch_warnings():  # a read-only map: the tensors are only ever read
                 warnings.simplefilter("ignore", UserWarning)
                 t = torch.from_numpy(arr)
