@@ -90,18 +90,17 @@ class _Context:
                      head_bias=t.head.bias.detach())
 
     def metrics(self, student) -> Dict[str, float]:
-        with torch.no_grad():
-            out = student(self.x[self.test])
-        pooled = class_logits(out, self.num_classes, out.shape[1] // self.num_classes)
-        teacher = self.logits[0][self.test]
-        return {"accuracy": float((pooled.argmax(1) == self.y[self.test]).double().mean()),
-                "agreement": agreement(teacher, pooled), "predictive_kl": predictive_kl(teacher, pooled)}
+        pooled, teacher = self._class_logits(student, self.test), self.logits[0][self.test]
+        return {"accuracy": self.accuracy_on(student, self.test), "agreement": agreement(teacher, pooled),
+                "predictive_kl": predictive_kl(teacher, pooled)}
 
     def accuracy_on(self, student, rows) -> float:
+        return float((self._class_logits(student, rows).argmax(1) == self.y[rows]).double().mean())
+
+    def _class_logits(self, student, rows) -> torch.Tensor:
         with torch.no_grad():
             out = student(self.x[rows])
-        pooled = class_logits(out, self.num_classes, out.shape[1] // self.num_classes)
-        return float((pooled.argmax(1) == self.y[rows]).double().mean())
+        return class_logits(out, self.num_classes, out.shape[1] // self.num_classes)
 
 
 def _train(model, x, loss_fn: Callable, epochs: int, lr: float = 1e-2, extra_params=()) -> None:
