@@ -37,21 +37,27 @@ def _load_npy(path: str, name: str) -> np.ndarray:
         raise SystemExit(f"error: --{name} {path}: not a readable .npy file ({exc})") from exc
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, format_markdown, run_demo, write_result
+def _report(result: dict, markdown: str, out: Optional[str]) -> int:
+    """Prints the table; with ``out``, also writes it: .md for Markdown, else JSON (the full result)."""
+    import json
 
-    cfg = DemoConfig(seeds=args.seeds, n_subclasses=args.subclasses, beta=args.beta, tau=args.tau)
-    result = run_demo(cfg, progress=not args.quiet)
-    print(format_markdown(result))
-    if args.out:
-        write_result(result, args.out)
-        print(f"wrote {args.out}")
+    print(markdown)
+    if out:
+        with open(out, "w") as f:
+            f.write(markdown + "\n" if out.endswith(".md") else json.dumps(result, indent=2))
+        print(f"wrote {out}")
     return 0
 
 
-def _cmd_bench_quality(args: argparse.Namespace) -> int:
-    import json
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, format_markdown, run_demo
 
+    cfg = DemoConfig(seeds=args.seeds, n_subclasses=args.subclasses, beta=args.beta, tau=args.tau)
+    result = run_demo(cfg, progress=not args.quiet)
+    return _report(result, format_markdown(result), args.out)
+
+
+def _cmd_bench_quality(args: argparse.Namespace) -> int:
     from .quality import QualityConfig, format_markdown, run_quality
 
     cfg = QualityConfig(dataset=args.dataset, seeds=args.seeds, n_subclasses=args.subclasses, beta=args.beta,
@@ -60,12 +66,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
         result = run_quality(cfg, args.methods, progress=not args.quiet)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
-    print(format_markdown(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(format_markdown(result) + "\n" if args.out.endswith(".md") else json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
-    return 0
+    return _report(result, format_markdown(result), args.out)
 
 
 def _fit_source(args: argparse.Namespace):

@@ -8,7 +8,6 @@ and report test accuracy and teacher-student agreement.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict
@@ -50,9 +49,3 @@ def format_markdown(result: Dict) -> str:
     lines.append(f"wall time: {result['seconds']:.1f} s")
     return "\n".join(lines)
 
-
-def write_result(result: Dict, path: str) -> None:
-    """Writes the table as Markdown (``.md``) or JSON (anything else)."""
-    text = format_markdown(result) + "\n" if path.endswith(".md") else json.dumps(result, indent=2)
-    with open(path, "w") as f:
-        f.write(text)
