@@ -9,6 +9,7 @@ import torch
 from lelp_fast import LELPProjector, reference
 from lelp_fast.fit.bucket import bucket_rows
 from lelp_fast.fit.engine import choose_method
+from lelp_fast.fit.exact import top_eigenpairs_of
 from lelp_fast.io import IterableSource, NpySource, ParquetSource, SafetensorsSource
 from lelp_fast.ops import _dispatch
 from conftest import make_problem
@@ -140,6 +141,17 @@ def test_exact_streaming_matches_fp64_reference_on_a_shifted_corpus():
     a_ref, e_ref = reference.fit_reference(h, y, 2, 4)
     got = LELPProjector(4, method="exact").fit(h.float(), y, chunk_bytes=48 * 4 * 257)
     torch.testing.assert_close(got.A.double(), a_ref, rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("d, k", [(1, 1), (7, 3), (130, 8)])
+def test_top_eigenpairs_subset_solver_matches_the_reference(d, k):
+    g = torch.Generator().manual_seed(d)
+    a = torch.randn(d, d + 5, generator=g, dtype=torch.float64)
+    cov = a @ a.T
+    evals, evecs = top_eigenpairs_of(cov, k)
+    want_evals, want_evecs = reference.top_eigenvectors(cov, k)
+    torch.testing.assert_close(evals, want_evals, rtol=1e-12, atol=0)
+    torch.testing.assert_close(evecs, want_evecs, rtol=0, atol=1e-9)  # same signs, same order
 
 
 @pytest.mark.parametrize("with_head", [False, True])
