@@ -274,6 +274,29 @@ def test_truncated_npy_is_refused(tmp_path):
         LELPProjector(2).fit(str(path), y.numpy())
 
 
+def test_npy_truncated_after_opening_is_refused_not_a_crash(tmp_path):
+    h, _, _, y = make_problem(n=300, d=10, num_classes=2, seed=11)
+    path = tmp_path / "e.npy"
+    np.save(path, h.float().numpy())
+    source = NpySource(str(path), y.numpy())
+    chunks = source.chunks(10 * 4 * 100)
+    first = next(chunks)  # mapped before the file shrinks: still readable
+    os.truncate(path, os.path.getsize(path) - 400)
+    with pytest.raises(ValueError, match="ended early at row 290"):
+        list(chunks)
+    np.testing.assert_array_equal(first.embeddings.numpy(), h.float().numpy()[:100])
+
+
+def test_npy_chunks_are_writable_private_copies(tmp_path):
+    path = tmp_path / "e.npy"
+    data = np.arange(60, dtype=np.float16).reshape(6, 10)
+    np.save(path, data)
+    chunk = next(NpySource(str(path), np.zeros(6, dtype=np.int64)).chunks(10 * 2 * 4, skip=1))
+    assert chunk.start_row == 4
+    chunk.embeddings[0, 0] = -1.0  # copy-on-write: the file is not changed
+    np.testing.assert_array_equal(np.load(path), data)
+
+
 def test_one_shot_iterator_cannot_do_several_passes():
     h, _, _, y = make_problem(n=300, d=10, num_classes=2, seed=12)
     gen = ((h[i:i + 100].float(), y[i:i + 100]) for i in range(0, 300, 100))

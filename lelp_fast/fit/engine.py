@@ -31,6 +31,9 @@ NAN_POLICIES = ("raise", "skip")
 EXACT_MAX_DIM_CPU = 2048
 # Largest per-class d x d fp64 state the exact method may hold in total.
 EXACT_STATE_BUDGET_BYTES = 2 << 30
+# Bumped when the checkpointed statistics change meaning (2: the exact Gram is its lower triangle),
+# so that an older checkpoint is refused rather than misread.
+STATE_FORMAT = 2
 
 
 def choose_method(method: str, dim: int, num_classes: int, device: torch.device) -> str:
@@ -209,7 +212,7 @@ def _settings_key(settings: FitSettings, method: str, source: EmbeddingSource, r
         {"C": settings.num_classes, "S": settings.n_subclasses, "method": method, "over": settings.oversampling,
          "passes": settings.passes, "seed": settings.seed, "assign": settings.assign, "nan": settings.nan_policy,
          "chunk_bytes": settings.chunk_bytes, "source": source.fingerprint(), "rank": rank, "world": world,
-         "extra": extra},
+         "extra": extra, "state_format": STATE_FORMAT},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -11,15 +11,21 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
 
-def _upper_gram(x: torch.Tensor) -> torch.Tensor:
-    """``xᵀ x`` (upper triangle; the rest zero) of a contiguous fp32 CPU matrix, via BLAS ssyrk."""
+def _lower_gram_into(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Writes ``xᵀ x`` into the lower triangle of ``out`` (d x d, C-ordered fp32, upper left alone)
+    for a contiguous fp32 CPU matrix ``x``, in place, via BLAS ssyrk."""
     from scipy.linalg.blas import ssyrk
 
-    # x is row-major n x d, so x.numpy().T is a column-major d x n matrix A: ssyrk gives A Aᵀ.
-    return torch.from_numpy(ssyrk(1.0, x.numpy().T, trans=0, lower=0))
+    # Row-major x is a column-major d x n matrix A, and row-major out a column-major C whose upper
+    # triangle is out's lower: ssyrk(A) fills C's upper triangle with A Aᵀ, in place.
+    c = out.numpy().T
+    result = ssyrk(1.0, x.numpy().T, beta=0.0, c=c, trans=0, lower=0, overwrite_c=1)
+    if not np.shares_memory(result, c):  # f2py copies a non-Fortran c: the Gram would be lost
+        raise RuntimeError("ssyrk did not write in place")
 
 
 def top_eigenpairs_of(cov: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -48,20 +54,24 @@ class ExactClassStatistics:
         self.count = torch.zeros(num_classes, dtype=torch.int64)
         self.sum = torch.zeros(num_classes, dim, dtype=torch.float64)
         self.gram = torch.zeros(num_classes, dim, dim, dtype=torch.float64)
+        self._scratch: Optional[torch.Tensor] = None  # fp32 d x d: one class's Gram of one chunk
 
     def update(self, x: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor) -> None:
         """``x``: rows grouped by class (fp32, already minus their class shift); ``counts``: (C,);
         ``sums``: (C, d) fp64 sums of those rows (see :func:`~lelp_fast.fit.bucket.bucket_rows`).
 
-        Only the upper triangle of the Gram is accumulated (BLAS ``ssyrk``: half the flops of a
+        Only the lower triangle of the Gram is accumulated (BLAS ``ssyrk``: half the flops of a
         GEMM, measured 2x faster on the project machine); :meth:`moments` mirrors it.
         """
         self.count += counts
         self.sum += sums
+        if self._scratch is None:  # zeros: its upper triangle is never written
+            self._scratch = torch.zeros(self.dim, self.dim, dtype=torch.float32)
         start = 0
         for c, n_c in enumerate(counts.tolist()):
             if n_c:
-                self.gram[c] += _upper_gram(x[start : start + n_c]).to(torch.float64)
+                _lower_gram_into(x[start : start + n_c], self._scratch)
+                self.gram[c].add_(self._scratch)  # fp32 -> fp64 on the fly, no temporary
             start += n_c
 
     def additive(self) -> Dict[str, torch.Tensor]:
@@ -81,7 +91,7 @@ class ExactClassStatistics:
         n = self.count.to(torch.float64).clamp(min=1)
         offset = self.sum / n.unsqueeze(1)
         means = self.shift + offset
-        gram = torch.triu(self.gram) + torch.triu(self.gram, diagonal=1).transpose(1, 2)
+        gram = torch.tril(self.gram) + torch.tril(self.gram, diagonal=-1).transpose(1, 2)
         covs = (gram - n[:, None, None] * offset.unsqueeze(2) * offset.unsqueeze(1)) / (n - 1).clamp(min=1)[
             :, None, None
         ]

@@ -13,6 +13,7 @@ Parquet files (pyarrow; a list/fixed-size-list column of floats), and any iterab
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Union
@@ -165,8 +166,10 @@ class NpySource(ArraySource):
         super().__init__(emb, labels, teacher_logits, bf16=bf16, name=os.path.abspath(path))
 
     def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1):
-        """Reads embedding rows with plain ``readinto`` rather than through the memory map: the
-        file's pages then never count in this process's RSS, and the kernel reads ahead."""
+        """Maps each chunk's bytes on its own (copy-on-write, so the tensor is writable) and asks the
+        kernel to read them ahead (``MADV_WILLNEED``). No copy: a read pass costs page mappings
+        only, which matters on few cores. A chunk's pages count in this process's RSS only while
+        the chunk is alive; its mapping goes when the last tensor over it does."""
         arr = self.embeddings
         if not arr.flags.c_contiguous:
             yield from super().chunks(chunk_bytes, skip=skip, rank=rank, world=world)
@@ -175,17 +178,22 @@ class NpySource(ArraySource):
         row_bytes = self.dim * self.itemsize
         n_chunks = (self.n_rows + rows - 1) // rows
         with open(self.name, "rb", buffering=0) as f:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             for i in range(skip, n_chunks):
                 if i % world != rank:
                     continue
                 start, stop = i * rows, min((i + 1) * rows, self.n_rows)
-                block = np.empty((stop - start, self.dim), dtype=arr.dtype)
-                f.seek(arr.offset + start * row_bytes)
-                got = f.readinto(memoryview(block).cast("B"))
-                if got != block.nbytes:
-                    raise ValueError(f"embeddings file {self.name} ended early at row {start + got // row_bytes}")
+                begin = arr.offset + start * row_bytes
+                end = arr.offset + stop * row_bytes
+                size = os.fstat(f.fileno()).st_size
+                if size < end:  # mapping past the end would crash (SIGBUS) on first touch
+                    raise ValueError(f"embeddings file {self.name} ended early at row {max(start, (size - arr.offset) // row_bytes)}")
+                aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+                mapping = mmap.mmap(f.fileno(), end - aligned, flags=mmap.MAP_PRIVATE,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+                if hasattr(mapping, "madvise"):
+                    mapping.madvise(mmap.MADV_WILLNEED)
+                block = np.frombuffer(mapping, dtype=arr.dtype, count=(stop - start) * self.dim,
+                                      offset=begin - aligned).reshape(stop - start, self.dim)
                 emb = torch.from_numpy(block)
                 if self.bf16:
                     if block.dtype != np.uint16:
