@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/gather.h"
+#include "cpu/sketch.h"
 #include "cpu/loss.h"
 #include "cpu/targets.h"
 
@@ -97,6 +98,16 @@ PYBIND11_MODULE(_C, m) {
       },
       "Fit bucketing: rows by class (stable), fp32, minus shift; counts, fp64 sums, NaN flags. "
       "Returns the number of non-finite rows, or -(r+1) for an out-of-range label at row r.");
+  m.def(
+      "sketch_update_cpu",
+      [](uintptr_t x, int64_t n, int64_t d, uintptr_t omega, int64_t kp, uintptr_t y, uintptr_t sumsq) {
+        if (kp % lelp::sketch_column_pad() != 0) throw std::invalid_argument("sketch_update_cpu: kp must be a multiple of 8");
+        py::gil_scoped_release release;
+        lelp::sketch_update_cpu(reinterpret_cast<const float*>(x), n, d, reinterpret_cast<const float*>(omega), kp,
+                                reinterpret_cast<double*>(y), reinterpret_cast<double*>(sumsq));
+      },
+      "Fit sketch update for one class: y (d x kp fp64) += x^T (x omega), sumsq += |x|^2; x n x d fp32, "
+      "omega d x kp fp32 (kp a multiple of 8).");
   m.def(
       "loss",
       [](uintptr_t student, int student_dtype, int64_t student_stride, int64_t n, int64_t C, int64_t S,

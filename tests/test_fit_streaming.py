@@ -10,6 +10,7 @@ from lelp_fast import LELPProjector, reference
 from lelp_fast.fit.bucket import bucket_rows
 from lelp_fast.fit.engine import choose_method
 from lelp_fast.fit.exact import top_eigenpairs_of
+from lelp_fast.fit.sketch import SketchClassStatistics
 from lelp_fast.io import IterableSource, NpySource, ParquetSource, SafetensorsSource
 from lelp_fast.ops import _dispatch
 from conftest import make_problem
@@ -74,6 +75,26 @@ def test_bucket_rows_matches_reference(dtype, backend):
     y[77] = 3
     with pytest.raises(ValueError, match=r"labels\[77\] = 3 is out of range"):
         bucket_rows(h, y, shift, 3, backend)
+
+
+@pytest.mark.skipif(not _dispatch.available("cpu", torch.device("cpu")), reason="needs the C++ extension")
+@pytest.mark.parametrize("n, d, k", [(1, 8, 3), (203, 37, 5), (130, 40, 18), (301, 64, 24), (97, 24, 21)])
+def test_fused_sketch_update_matches_the_fp64_products(n, d, k):
+    g = torch.Generator().manual_seed(n + d + k)
+    x = torch.randn(n, d, generator=g) + 3.0
+    counts = torch.tensor([n // 3, 0, n - n // 3])  # a class without rows in this chunk
+    shift = torch.zeros(3, d, dtype=torch.float64)
+    sums = torch.zeros(3, d, dtype=torch.float64)
+    got = SketchClassStatistics(3, d, shift, k, seed=1, backend="cpu")
+    got.y.fill_(0.5)  # accumulates: the state before the update is kept
+    got.update(x, counts, sums)
+    start = 0
+    for c, n_c in enumerate(counts.tolist()):
+        xc = x[start:start + n_c].double()
+        want_y = 0.5 + xc.T @ (xc @ got.omega[c].float().double())
+        torch.testing.assert_close(got.y[c], want_y, rtol=1e-5, atol=1e-5 * float(want_y.abs().max()))
+        torch.testing.assert_close(got.sumsq[c], (xc * xc).sum(), rtol=1e-6, atol=0)
+        start += n_c
 
 
 # ------------------------------------------------------------------ sources

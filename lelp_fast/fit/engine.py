@@ -317,7 +317,7 @@ def accumulate(
         basis = None
         if projector is not None and head_weight is not None:
             basis = torch.linalg.qr(head_weight.T.to(torch.float64))[0]
-        stats = SketchClassStatistics(c, dim, shift, k, settings.seed, projector, basis)
+        stats = SketchClassStatistics(c, dim, shift, k, settings.seed, projector, basis, settings.backend)
         n_passes = max(1, settings.passes)
         if n_passes > 1 and not source.rereadable:
             raise ValueError(

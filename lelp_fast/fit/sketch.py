@@ -29,7 +29,12 @@ class SketchClassStatistics:
     kind = "nystrom"
 
     def __init__(self, num_classes: int, dim: int, shift: torch.Tensor, sketch_size: int, seed: int,
-                 projector: Optional[torch.Tensor] = None, head_basis: Optional[torch.Tensor] = None):
+                 projector: Optional[torch.Tensor] = None, head_basis: Optional[torch.Tensor] = None,
+                 backend: str = "auto"):
+        from ..ops import _dispatch
+
+        # "cpu": the fused C++ update (reads each class's rows once); "torch": two GEMMs.
+        self.backend = _dispatch.resolve(backend, torch.device("cpu"))
         self.num_classes = num_classes
         self.dim = dim
         self.k = sketch_size
@@ -52,8 +57,13 @@ class SketchClassStatistics:
         self.y = torch.zeros(c, d, k, dtype=torch.float64)
         self.sumsq = torch.zeros(c, dtype=torch.float64)
         self.head_gram = torch.zeros(c, r, r, dtype=torch.float64)
-        self._omega32 = self.omega.to(torch.float32)
+        self._set_omega32()
         self._basis32 = None if self.head_basis is None else self.head_basis.to(torch.float32)
+
+    def _set_omega32(self) -> None:
+        """fp32 copies of Ω for the update; zero columns pad them to the C++ kernel's width."""
+        pad = -self.k % 8 if self.backend == "cpu" else 0
+        self._omega32 = torch.nn.functional.pad(self.omega.to(torch.float32), (0, pad)).contiguous()
 
     def update(self, x: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor) -> None:
         """Same inputs as :meth:`ExactClassStatistics.update`."""
@@ -63,12 +73,26 @@ class SketchClassStatistics:
         for c, n_c in enumerate(counts.tolist()):
             if n_c:
                 xc = x[start : start + n_c]
-                self.y[c] += (xc.T @ (xc @ self._omega32[c])).to(torch.float64)
-                self.sumsq[c] += float(torch.linalg.vector_norm(xc)) ** 2
+                if self.backend == "cpu":
+                    self._fused_update(c, xc)
+                else:
+                    self.y[c] += (xc.T @ (xc @ self._omega32[c])).to(torch.float64)
+                    self.sumsq[c] += float(torch.linalg.vector_norm(xc)) ** 2
                 if self._basis32 is not None:
                     z = xc @ self._basis32
                     self.head_gram[c] += (z.T @ z).to(torch.float64)
             start += n_c
+
+    def _fused_update(self, c: int, xc: torch.Tensor) -> None:
+        from ..ops import _dispatch
+
+        omega, xc = self._omega32[c], xc.contiguous()
+        y = torch.zeros(self.dim, omega.shape[1], dtype=torch.float64)
+        sumsq = torch.zeros(1, dtype=torch.float64)
+        _dispatch.extension().sketch_update_cpu(xc.data_ptr(), xc.shape[0], self.dim, omega.data_ptr(),
+                                                omega.shape[1], y.data_ptr(), sumsq.data_ptr())
+        self.y[c] += y[:, : self.k]
+        self.sumsq[c] += sumsq[0]
 
     def additive(self) -> Dict[str, torch.Tensor]:
         """The tensors summed across ranks."""
@@ -81,7 +105,7 @@ class SketchClassStatistics:
     def load_state(self, state: Dict[str, torch.Tensor]) -> None:
         for k, v in state.items():
             getattr(self, k).copy_(v)
-        self._omega32 = self.omega.to(torch.float32)
+        self._set_omega32()
 
     def _centred_products(self):
         """``Σ_c Ω_c`` for the centred (and projected) covariance, (C x d x k), fp64."""
