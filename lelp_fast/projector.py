@@ -46,8 +46,9 @@ class LELPProjector:
         assign: ``"label"`` fits each class on rows with that label; ``"teacher"`` on rows the
             teacher predicts as that class.
         method: ``"exact"`` (d x d covariance per class, one pass), ``"nystrom"`` (sketch of size
-            S + ``oversampling``, ``passes`` passes over the data) or ``"auto"`` (exact below
-            d = 2048 on CPU while the state fits 2 GiB, else nystrom).
+            S + ``oversampling``, ``passes`` passes over the data) or ``"auto"`` (a cost model:
+            exact for one-shot iterators, small corpora and small d, where the Gram's n d² flops
+            cost less than the sketch's passes; nystrom otherwise, e.g. 1.6 M rows at d = 768).
         oversampling: extra sketch columns beyond S (nystrom).
         passes: passes over the data for nystrom; 1 is a single-pass sketch, each further pass a
             subspace iteration (3 reach >= 99.5 % of the exact captured variance on decaying spectra).

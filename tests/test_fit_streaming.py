@@ -194,11 +194,26 @@ def test_nystrom_default_captures_995_of_exact_variance(with_head):
 
 
 def test_method_auto_cost_model():
-    cpu = torch.device("cpu")
-    assert choose_method("auto", 768, 2, cpu) == "exact"
-    assert choose_method("auto", 4096, 2, cpu) == "nystrom"
-    assert choose_method("auto", 1024, 300, cpu) == "nystrom"  # 300 x 1024² x 8 B > 2 GiB
-    assert choose_method("exact", 4096, 2, cpu) == "exact"
+    big = 1_600_000  # Sentiment140-sized
+    assert choose_method("auto", 768, 2, n_rows=big) == "nystrom"  # 3 sketch passes cost less
+    assert choose_method("auto", 384, 2, n_rows=big) == "exact"  # the Gram is cheaper at small d
+    assert choose_method("auto", 768, 2, n_rows=20_000) == "exact"  # few flops: exact regardless
+    assert choose_method("auto", 768, 2, n_rows=big, passes=8) == "exact"  # many passes cost more
+    assert choose_method("auto", 768, 2, n_rows=big, rereadable=False) == "exact"  # one pass only
+    assert choose_method("auto", 768, 2, n_rows=None) == "exact"  # unknown size
+    assert choose_method("auto", 1024, 300, n_rows=100) == "nystrom"  # 300 x 1024² x 8 B > 2 GiB
+    assert choose_method("exact", 4096, 2, n_rows=big) == "exact"
+
+
+def test_auto_fits_a_large_corpus_with_the_sketch_and_keeps_995_of_the_variance(monkeypatch):
+    import lelp_fast.fit.engine as engine
+
+    monkeypatch.setattr(engine, "EXACT_FLOPS_ALWAYS", 0.0)  # a small corpus stands in for a large one
+    h, y = decaying_problem(n=6000, d=600, num_classes=2, seed=6, power=1.0)
+    p = LELPProjector(8, rotate=False).fit(h.float(), y)
+    assert p.fitted_method == "nystrom"
+    _, _, covs = reference.class_moments(h, y, 2)
+    assert min(captured_ratio(fitted_directions(p), covs, 8)) >= 0.995
 
 
 # ------------------------------------------------------------------ resume

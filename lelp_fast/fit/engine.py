@@ -27,24 +27,40 @@ from .sketch import SketchClassStatistics
 
 METHODS = ("auto", "exact", "nystrom")
 NAN_POLICIES = ("raise", "skip")
-# Above this d the exact d x d Gram costs too much on CPU (DESIGN.md §2: sketch where d >= 2048).
-EXACT_MAX_DIM_CPU = 2048
 # Largest per-class d x d fp64 state the exact method may hold in total.
 EXACT_STATE_BUDGET_BYTES = 2 << 30
+# Below this many Gram flops (n d², about 2 s of ssyrk on the project machine) the exact fit is
+# chosen whatever the sketch would cost: its time no longer matters, and it is exact.
+EXACT_FLOPS_ALWAYS = 2e11
+# Time of one sketch flop in units of one exact-Gram flop: the fused sketch update runs at about
+# 90 GFLOP/s against ssyrk's 110-135, and every extra pass buckets the rows again, which costs
+# about as much as the update itself (docs/benchmarks.md, "fit"). Measured on the project machine.
+SKETCH_FLOP_COST = 2.5
 # Bumped when the checkpointed statistics change meaning (2: the exact Gram is its lower triangle),
 # so that an older checkpoint is refused rather than misread.
 STATE_FORMAT = 2
 
 
-def choose_method(method: str, dim: int, num_classes: int, device: torch.device) -> str:
-    """``auto``: exact while its d² flops and state are affordable, else the Nyström sketch."""
+def choose_method(method: str, dim: int, num_classes: int, *, n_rows: Optional[int] = None,
+                  rereadable: bool = True, sketch_size: int = 18, passes: int = 3) -> str:
+    """``auto``: a cost model over the Gram's n d² flops and the sketch's passes x 4 n d k.
+
+    Exact when the source can be read only once (and its d x d states fit), when its flops are
+    few, or when they cost less than the sketch's passes; the Nyström sketch otherwise. With
+    k = 18 and 3 passes the sketch wins above d ≈ 520 for large n (BERT-base's 768, for one).
+    The statistics are accumulated on the CPU, and the constants were measured there.
+    """
     if method != "auto":
         return method
     if num_classes * dim * dim * 8 > EXACT_STATE_BUDGET_BYTES:
         return "nystrom"
-    if device.type == "cpu" and dim >= EXACT_MAX_DIM_CPU:
-        return "nystrom"
-    return "exact"
+    if not rereadable or n_rows is None:
+        return "exact"  # one pass, exact; the sketch would need several passes for its accuracy
+    exact_flops = float(n_rows) * dim * dim
+    sketch_flops = SKETCH_FLOP_COST * max(1, passes) * 4.0 * n_rows * dim * sketch_size
+    if exact_flops <= EXACT_FLOPS_ALWAYS or exact_flops <= sketch_flops:
+        return "exact"
+    return "nystrom"
 
 
 @dataclass
@@ -308,12 +324,13 @@ def accumulate(
     shift = _shift_from(first[1], first[2], c, settings.backend) if first is not None else torch.zeros(c, dim, dtype=torch.float64)
     _broadcast(shift, process_group)
 
-    method = choose_method(settings.method, dim, c, torch.device("cpu"))
+    k = min(settings.n_subclasses + settings.oversampling, null_dim)
+    method = choose_method(settings.method, dim, c, n_rows=source.n_rows,
+                           rereadable=source.rereadable, sketch_size=k, passes=settings.passes)
     if method == "exact":
         stats = ExactClassStatistics(c, dim, shift)
         n_passes = 1
     else:
-        k = min(settings.n_subclasses + settings.oversampling, null_dim)
         basis = None
         if projector is not None and head_weight is not None:
             basis = torch.linalg.qr(head_weight.T.to(torch.float64))[0]
