@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--bf16", action="store_true", help="the .npy holds bf16 bits as uint16")
     fit.add_argument("--subclasses", type=int, default=4, help="S, pseudo-subclasses per class (default 4)")
     fit.add_argument("--method", choices=("auto", "exact", "nystrom"), default="auto",
-                     help="exact covariance, Nystrom sketch, or auto by d (default auto)")
+                     help="exact covariance, Nystrom sketch, or auto by their flops (default auto)")
     fit.add_argument("--passes", type=int, default=3, help="passes over the data for nystrom (default 3)")
     fit.add_argument("--oversampling", type=int, default=10, help="extra sketch columns beyond S (default 10)")
     fit.add_argument("--beta", type=float, default=1.0, help="default subclass temperature stored in the projector")
