@@ -5,7 +5,8 @@ Run: python benchmarks/bench_fit.py [--workdir /tmp/lelp_bench] [--sets sentimen
 Data sets (synthetic fp16 memmaps, regenerated if missing, each class with a 1/i spectrum):
   sentiment: 1.6 M x 768, 2 classes (Sentiment140-sized);  amazon: 500 k x 1024, 5 classes.
 S = 8 subclasses. Every lelp_fast run and the read floor start from a cold file (its pages evicted
-with posix_fadvise DONTNEED) and run in a fresh process so that peak RSS is its own.
+with posix_fadvise DONTNEED) and run in a fresh process so that peak RSS is its own. The floor is
+the faster of two cold reads, one before and one after lelp_fast's runs (the disk's speed drifts).
 Peers (in-memory, per class, on fp32 data that is loaded first; load time reported separately):
 scikit-learn PCA(svd_solver="randomized"), torch.pca_lowrank, faiss PCAMatrix, and scikit-learn
 IncrementalPCA on a prefix of the rows (its time scaled linearly to N: it is linear in N).
@@ -26,8 +27,11 @@ import time
 import numpy as np
 import torch
 
+from lelp_fast.fit.engine import choose_method
+
 SETS = {"sentiment": (1_600_000, 768, 2), "amazon": (500_000, 1024, 5)}
 S = 8
+MODES = ("exact:1", "nystrom:1", "nystrom:3")
 
 
 def make_dataset(path: str, n: int, d: int, num_classes: int, seed: int = 0) -> None:
@@ -193,29 +197,38 @@ def main() -> None:
         make_dataset(path, n, d, num_classes)
         size_gb = os.path.getsize(path) / 1e9
         covs = exact_covariances(path, num_classes)
-        floor = run_child("read", path, args.chunk_mb)
+        floor_before = run_child("read", path, args.chunk_mb)["seconds"]
+        ours = {}
+        for mode in MODES:
+            ours[mode] = run_child(mode, path, args.chunk_mb)
+        floor_after = run_child("read", path, args.chunk_mb)
+        # The faster of two cold reads, one before and one after our runs (disk speed drifts).
+        floor = min(floor_before, floor_after["seconds"])
+        auto = choose_method("auto", d, num_classes, n_rows=n)
         print(f"\n### {name}: {n} x {d} fp16 ({size_gb:.2f} GB), {num_classes} classes\n")
         print("| method | seconds | vs read floor | captured variance (min over classes) | peak RSS (MB) | note |")
         print("|---|---|---|---|---|---|")
-        print(f"| plain read pass (floor) | {floor['seconds']:.2f} | 1.00x | — | {floor['peak_rss_mb']:.0f} "
-              f"| {size_gb / floor['seconds']:.2f} GB/s cold |")
-        ours = {}
-        for mode in ("exact:1", "nystrom:1", "nystrom:3"):
-            r = run_child(mode, path, args.chunk_mb)
-            ours[mode] = r["seconds"]
+        print(f"| plain read pass (floor) | {floor:.2f} | 1.00x | — | {floor_after['peak_rss_mb']:.0f} "
+              f"| {size_gb / floor:.2f} GB/s cold; reads before / after: {floor_before:.2f} / "
+              f"{floor_after['seconds']:.2f} s |")
+        for mode, r in ours.items():
             cap = min(captured(np.array(r["directions"][c]), covs[c]) for c in range(num_classes))
             method, passes = mode.split(":")
-            print(f"| lelp_fast {method}{'' if method == 'exact' else f' ({passes} pass)'} | {r['seconds']:.2f} "
-                  f"| {r['seconds'] / floor['seconds']:.2f}x | {cap:.4f} | {r['peak_rss_mb']:.0f} | streaming, cold |",
-                  flush=True)
+            default = " = auto (default)" if method == auto and (method == "exact" or passes == "3") else ""
+            print(f"| lelp_fast {label(mode)}{default} | {r['seconds']:.2f} | {r['seconds'] / floor:.2f}x | {cap:.4f} "
+                  f"| {r['peak_rss_mb']:.0f} | streaming, cold |", flush=True)
         if args.no_peers:
             continue
         for peer, seconds, cap, note in peers(path, num_classes, covs, args.ipca_rows):
             cap_s = "—" if cap is None else f"{cap:.4f}"
-            vs = " / ".join(f"{seconds / ours[m]:.1f}x vs {m.replace(':', ' ')}" for m in ("exact:1", "nystrom:1"))
-            print(f"| {peer} | {seconds:.2f} | {seconds / floor['seconds']:.2f}x | {cap_s} | (in-process) "
-                  f"| {note}{'; ' if note else ''}{vs} |", flush=True)
+            vs = " / ".join(f"{seconds / ours[m]['seconds']:.1f}x" for m in MODES)
+            print(f"| {peer} | {seconds:.2f} | {seconds / floor:.2f}x | {cap_s} | (in-process) "
+                  f"| {note}{'; ' if note else ''}{vs} vs {' / '.join(label(m) for m in MODES)} |", flush=True)
 
+
+def label(mode: str) -> str:
+    method, passes = mode.split(":")
+    return method if method == "exact" else f"{method} ({passes} pass)"
 
 if __name__ == "__main__":
     main()
