@@ -1,8 +1,8 @@
 """The streaming fit: read a source chunk by chunk, accumulate per-class statistics, resume, sum ranks.
 
 Data flow per chunk: validate (NaN/Inf, labels, dims) → labels (given, or the teacher's argmax)
-→ :func:`bucket_rows` (class order, fp32, minus the class shift; C++ on CPU) → the statistics'
-GEMMs in torch. After the last chunk of a pass the additive state is summed over ranks with
+→ :func:`bucket_rows` (class order, fp32, minus the class shift; C++ on CPU) → the statistics
+(BLAS ``ssyrk`` for the exact Gram; a fused C++ update for the sketch, or torch GEMMs). After the last chunk of a pass the additive state is summed over ranks with
 ``torch.distributed.all_reduce``. Progress is checkpointed atomically every ``checkpoint_every``
 chunks; a resumed fit skips the chunks already counted and ends with the same bytes.
 """
