@@ -123,6 +123,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         method=args.method,
         oversampling=args.oversampling,
         passes=args.passes,
+        iteration_sample=args.iteration_sample,
     )
     group = _process_group()
     projector.fit(
@@ -155,8 +156,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     p = LELPProjector.load(args.projector)
     meta = p.metadata()
     print(f"{args.projector}: {p}")
-    for key in ("fitted_method", "passes", "oversampling", "seed", "null_space", "rotate", "standardize", "assign",
-                "version"):
+    for key in ("fitted_method", "passes", "iteration_sample", "oversampling", "seed", "null_space", "rotate",
+                "standardize", "assign", "version"):
         print(f"  {key}: {meta[key]}")
     if meta.get("fit_info"):
         print(f"  fit: {meta['fit_info']}")
@@ -261,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--method", choices=("auto", "exact", "nystrom"), default="auto",
                      help="exact covariance, Nystrom sketch, or auto by their flops (default auto)")
     fit.add_argument("--passes", type=int, default=3, help="passes over the data for nystrom (default 3)")
+    fit.add_argument("--iteration-sample", type=float, default=0.125,
+                     help="share of the chunks the nystrom passes before the last read (default 0.125; 1: all)")
     fit.add_argument("--oversampling", type=int, default=10, help="extra sketch columns beyond S (default 10)")
     fit.add_argument("--beta", type=float, default=1.0, help="default subclass temperature stored in the projector")
     fit.add_argument("--tau", type=float, default=1.0, help="default class temperature stored in the projector")

@@ -8,10 +8,11 @@ import torch
 
 from lelp_fast import LELPProjector, reference
 from lelp_fast.fit.bucket import bucket_rows
-from lelp_fast.fit.engine import choose_method
+from lelp_fast.fit.engine import choose_method, iteration_stride
 from lelp_fast.fit.exact import top_eigenpairs_of
 from lelp_fast.fit.sketch import SketchClassStatistics
 from lelp_fast.io import IterableSource, NpySource, ParquetSource, SafetensorsSource
+from lelp_fast.io.sources import ArraySource, wanted
 from lelp_fast.ops import _dispatch
 from conftest import make_problem
 
@@ -195,14 +196,62 @@ def test_nystrom_default_captures_995_of_exact_variance(with_head):
 
 def test_method_auto_cost_model():
     big = 1_600_000  # Sentiment140-sized
-    assert choose_method("auto", 768, 2, n_rows=big) == "nystrom"  # 3 sketch passes cost less
-    assert choose_method("auto", 384, 2, n_rows=big) == "exact"  # the Gram is cheaper at small d
+    assert choose_method("auto", 768, 2, n_rows=big) == "nystrom"  # the sketch's passes cost less
+    assert choose_method("auto", 192, 2, n_rows=big) == "exact"  # the Gram is cheaper at small d
+    assert choose_method("auto", 384, 2, n_rows=big) == "nystrom"  # sampled iterations: ~1.25 passes
+    assert choose_method("auto", 384, 2, n_rows=big, iteration_sample=1.0) == "exact"  # 3 full passes
+    assert choose_method("auto", 768, 2, n_rows=big, passes=8, iteration_sample=1.0) == "exact"
     assert choose_method("auto", 768, 2, n_rows=20_000) == "exact"  # few flops: exact regardless
-    assert choose_method("auto", 768, 2, n_rows=big, passes=8) == "exact"  # many passes cost more
     assert choose_method("auto", 768, 2, n_rows=big, rereadable=False) == "exact"  # one pass only
     assert choose_method("auto", 768, 2, n_rows=None) == "exact"  # unknown size
     assert choose_method("auto", 1024, 300, n_rows=100) == "nystrom"  # 300 x 1024² x 8 B > 2 GiB
     assert choose_method("exact", 4096, 2, n_rows=big) == "exact"
+
+
+def test_iteration_stride_and_chunk_selection():
+    assert iteration_stride(0.125, 1_600_000) == 8
+    assert iteration_stride(0.125, 500_000) == 5  # at least ITERATION_MIN_ROWS rows are read
+    assert iteration_stride(0.125, 150_000) == 1 and iteration_stride(1.0, 10**9) == 1
+    assert iteration_stride(0.3, None) == 1
+    with pytest.raises(ValueError, match="iteration_sample"):
+        iteration_stride(0.0, 10)
+    # Every sampled chunk is read by exactly one rank, and the sample does not depend on the world.
+    for every in (1, 3, 8):
+        for world in (1, 2, 3):
+            readers = [[i for i in range(50) if wanted(i, 0, r, world, every)] for r in range(world)]
+            flat = sorted(i for rank_chunks in readers for i in rank_chunks)
+            assert flat == list(range(0, 50, every))
+            assert max(map(len, readers)) - min(map(len, readers)) <= 1  # balanced
+
+
+class _CountingSource(ArraySource):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read = []
+
+    def chunks(self, *args, **kwargs):
+        for chunk in super().chunks(*args, **kwargs):
+            self.read.append(chunk.index)
+            yield chunk
+
+
+def test_sampled_iterations_read_fewer_chunks_and_keep_995_of_the_variance(monkeypatch):
+    import lelp_fast.fit.engine as engine
+
+    monkeypatch.setattr(engine, "ITERATION_MIN_ROWS", 1000)  # a small corpus stands in for a large one
+    h, y = decaying_problem(n=8000, d=64, num_classes=2, seed=12, power=1.0)
+    _, _, covs = reference.class_moments(h, y, 2)
+    chunk = 64 * 4 * 250  # 32 chunks; stride min(8, 8000 // 1000) = 8
+    results = {}
+    for sample in (0.125, 1.0):
+        source = _CountingSource(h.float(), y)
+        p = LELPProjector(8, method="nystrom", rotate=False, iteration_sample=sample).fit(source, chunk_bytes=chunk)
+        results[sample] = (source.read, min(captured_ratio(fitted_directions(p), covs, 8)))
+    read, ratio = results[0.125]
+    # Before them, the shift's first chunk (and what the prefetch thread had read ahead).
+    assert read[-40:] == [0, 8, 16, 24] * 2 + list(range(32)) and len(read) <= 40 + 4  # prefetch depth 2: at most 4 read ahead
+    assert results[1.0][0] == list(range(32)) * 3
+    assert ratio >= 0.995 and ratio >= results[1.0][1] - 2e-3, (ratio, results[1.0][1])
 
 
 def test_auto_fits_a_large_corpus_with_the_sketch_and_keeps_995_of_the_variance(monkeypatch):
@@ -219,19 +268,21 @@ def test_auto_fits_a_large_corpus_with_the_sketch_and_keeps_995_of_the_variance(
 # ------------------------------------------------------------------ resume
 
 
-@pytest.mark.parametrize("method", ["exact", "nystrom"])
-def test_resume_after_interrupt_gives_identical_bytes(tmp_path, method):
+@pytest.mark.parametrize("method", ["exact", "nystrom", "nystrom-sampled"])
+def test_resume_after_interrupt_gives_identical_bytes(tmp_path, method, monkeypatch):
+    from lelp_fast.fit import engine
+
     h, w, b, y = make_problem(n=1200, d=20, num_classes=2, seed=7)
     h = h.float()
     kwargs = dict(head_weight=w, head_bias=b, chunk_bytes=20 * 4 * 100)  # 12 chunks per pass
-    make = lambda: LELPProjector(3, method=method, passes=2)  # noqa: E731
+    stops = {"exact": (5,), "nystrom": (5, 17), "nystrom-sampled": (2, 5)}[method]  # in pass 1 (2: its end) / pass 2
+    if method == "nystrom-sampled":  # pass 1 reads chunks 0 and 8, pass 2 all 12
+        monkeypatch.setattr(engine, "ITERATION_MIN_ROWS", 100)
+    make = lambda: LELPProjector(3, method=method.split("-")[0], passes=2)  # noqa: E731
     clean = make().fit(h, y, **kwargs)
     ckpt = str(tmp_path / "fit.ckpt")
-    from lelp_fast.fit import engine
 
-    for stop in (5, 17):  # inside pass 1, and inside pass 2 for nystrom
-        if method == "exact" and stop > 12:
-            continue
+    for stop in stops:
         if os.path.exists(ckpt):
             os.unlink(ckpt)
         original = engine.accumulate
@@ -285,6 +336,8 @@ def test_nan_rows_raise_with_global_row_or_are_skipped():
         LELPProjector(2).fit(h, y, head_weight=w, chunk_bytes=12 * 4 * 50)
     p = LELPProjector(2).fit(h, y, head_weight=w, chunk_bytes=12 * 4 * 50, nan_policy="skip")
     assert p.fit_info["rows_skipped"] == 2 and p.fit_info["rows"] == 498
+    three_passes = LELPProjector(2, method="nystrom").fit(h, y, head_weight=w, chunk_bytes=12 * 4 * 50, nan_policy="skip")
+    assert three_passes.fit_info["rows_skipped"] == 2  # counted once, not once per pass
     keep = torch.ones(500, dtype=torch.bool)
     keep[[333, 401]] = False
     clean = LELPProjector(2).fit(h[keep], y[keep], head_weight=w)

@@ -36,19 +36,24 @@ EXACT_FLOPS_ALWAYS = 2e11
 # 90 GFLOP/s against ssyrk's 110-135, and every extra pass buckets the rows again, which costs
 # about as much as the update itself (docs/benchmarks.md, "fit"). Measured on the project machine.
 SKETCH_FLOP_COST = 2.5
+# Fewest rows the subspace iterations of a multi-pass sketch read when they take a sample.
+ITERATION_MIN_ROWS = 100_000
 # Bumped when the checkpointed statistics change meaning (2: the exact Gram is its lower triangle),
 # so that an older checkpoint is refused rather than misread.
 STATE_FORMAT = 2
 
 
 def choose_method(method: str, dim: int, num_classes: int, *, n_rows: Optional[int] = None,
-                  rereadable: bool = True, sketch_size: int = 18, passes: int = 3) -> str:
-    """``auto``: a cost model over the Gram's n d² flops and the sketch's passes x 4 n d k.
+                  rereadable: bool = True, sketch_size: int = 18, passes: int = 3,
+                  iteration_sample: float = 0.125) -> str:
+    """``auto``: a cost model over the Gram's n d² flops and the sketch's 4 n d k per pass.
 
-    Exact when the source can be read only once (and its d x d states fit), when its flops are
-    few, or when they cost less than the sketch's passes; the Nyström sketch otherwise. With
-    k = 18 and 3 passes the sketch wins above d ≈ 520 for large n (BERT-base's 768, for one).
-    The statistics are accumulated on the CPU, and the constants were measured there.
+    The sketch's passes before the last read a sample (see :func:`iteration_stride`), so they
+    count as that share of a pass. Exact when the source can be read only once (and its d x d
+    states fit), when its flops are few, or when they cost less than the sketch; the Nyström
+    sketch otherwise. With k = 18, 3 passes and the default sample the sketch wins above
+    d ≈ 225 for large n. The statistics are accumulated on the CPU, and the constants were
+    measured there.
     """
     if method != "auto":
         return method
@@ -56,11 +61,22 @@ def choose_method(method: str, dim: int, num_classes: int, *, n_rows: Optional[i
         return "nystrom"
     if not rereadable or n_rows is None:
         return "exact"  # one pass, exact; the sketch would need several passes for its accuracy
+    reads = 1.0 + (max(1, passes) - 1) / iteration_stride(iteration_sample, n_rows)
     exact_flops = float(n_rows) * dim * dim
-    sketch_flops = SKETCH_FLOP_COST * max(1, passes) * 4.0 * n_rows * dim * sketch_size
+    sketch_flops = SKETCH_FLOP_COST * reads * 4.0 * n_rows * dim * sketch_size
     if exact_flops <= EXACT_FLOPS_ALWAYS or exact_flops <= sketch_flops:
         return "exact"
     return "nystrom"
+
+
+def iteration_stride(iteration_sample: float, n_rows: Optional[int]) -> int:
+    """Every how many chunks the Nyström passes before the last read (1: all of them): about
+    ``1 / iteration_sample``, but never fewer than ``ITERATION_MIN_ROWS`` rows."""
+    if not 0.0 < iteration_sample <= 1.0:
+        raise ValueError(f"iteration_sample must lie in (0, 1], got {iteration_sample!r}")
+    if n_rows is None:
+        return 1
+    return max(1, min(round(1.0 / iteration_sample), n_rows // ITERATION_MIN_ROWS))
 
 
 @dataclass
@@ -70,6 +86,9 @@ class FitSettings:
     method: str = "auto"
     oversampling: int = 10
     passes: int = 3  # Nyström passes (1 = single pass); ignored by the exact method
+    # Share of the chunks (every 1/x-th, at least ITERATION_MIN_ROWS rows) that the Nyström passes
+    # before the last read: they only steer Ω; the last pass reads every chunk. 1.0: all chunks.
+    iteration_sample: float = 0.125
     seed: int = 0
     assign: str = "label"
     nan_policy: str = "raise"
@@ -226,7 +245,7 @@ def _shift_from(h: torch.Tensor, y: torch.Tensor, num_classes: int, backend: str
 def _settings_key(settings: FitSettings, method: str, source: EmbeddingSource, rank: int, world: int, extra: str) -> str:
     blob = json.dumps(
         {"C": settings.num_classes, "S": settings.n_subclasses, "method": method, "over": settings.oversampling,
-         "passes": settings.passes, "seed": settings.seed, "assign": settings.assign, "nan": settings.nan_policy,
+         "passes": settings.passes, "sample": settings.iteration_sample, "seed": settings.seed, "assign": settings.assign, "nan": settings.nan_policy,
          "chunk_bytes": settings.chunk_bytes, "source": source.fingerprint(), "rank": rank, "world": world,
          "extra": extra, "state_format": STATE_FORMAT},
         sort_keys=True,
@@ -297,8 +316,8 @@ def accumulate(
     workspace = torch.empty(0)
     bar = _Progress(progress and rank == 0, source.n_rows, "fit")
 
-    def chunk_stream(skip: int):
-        chunks = source.chunks(settings.chunk_bytes, skip=skip, rank=rank, world=world)
+    def chunk_stream(skip: int, every: int = 1):
+        chunks = source.chunks(settings.chunk_bytes, skip=skip, rank=rank, world=world, every=every)
         for chunk in prefetch(chunks, settings.prefetch):
             h, y = reader(chunk)
             yield chunk, h, y
@@ -325,17 +344,18 @@ def accumulate(
     _broadcast(shift, process_group)
 
     k = min(settings.n_subclasses + settings.oversampling, null_dim)
-    method = choose_method(settings.method, dim, c, n_rows=source.n_rows,
-                           rereadable=source.rereadable, sketch_size=k, passes=settings.passes)
+    method = choose_method(settings.method, dim, c, n_rows=source.n_rows, rereadable=source.rereadable,
+                           sketch_size=k, passes=settings.passes, iteration_sample=settings.iteration_sample)
     if method == "exact":
         stats = ExactClassStatistics(c, dim, shift)
-        n_passes = 1
+        n_passes, stride = 1, 1
     else:
         basis = None
         if projector is not None and head_weight is not None:
             basis = torch.linalg.qr(head_weight.T.to(torch.float64))[0]
         stats = SketchClassStatistics(c, dim, shift, k, settings.seed, projector, basis, settings.backend)
         n_passes = max(1, settings.passes)
+        stride = iteration_stride(settings.iteration_sample, source.n_rows) if n_passes > 1 else 1
         if n_passes > 1 and not source.rereadable:
             raise ValueError(
                 f"method='nystrom' with passes={n_passes} reads the data {n_passes} times, but this source "
@@ -367,7 +387,13 @@ def accumulate(
     for p in range(start_pass, n_passes):
         if p > start_pass:
             skip = 0
-        stream = chunk_stream(skip) if (p, skip) != (0, 0) or first is None else _prepend(first, stream)
+            reader.skipped = 0  # every pass meets the same bad rows: count the last pass's
+        every = stride if p + 1 < n_passes else 1  # the subspace iterations read a strided sample
+        if (p, skip, every) == (0, 0, 1) and first is not None:
+            stream = _prepend(first, stream)
+        else:
+            stream.close()  # (a no-op once exhausted)
+            stream = chunk_stream(skip, every)
         first = None
         last_index = skip - 1
         for chunk, h, y in stream:

@@ -48,8 +48,9 @@ class EmbeddingSource:
     rereadable: bool = True
 
     def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, skip: int = 0, rank: int = 0,
-               world: int = 1) -> Iterator[Chunk]:
-        """Chunks ``i >= skip`` with ``i % world == rank``."""
+               world: int = 1, every: int = 1) -> Iterator[Chunk]:
+        """Chunks ``i >= skip`` with ``i % every == 0`` (a strided sample; 1: all) whose turn
+        ``i // every`` falls to this rank (``% world == rank``)."""
         raise NotImplementedError
 
     def fingerprint(self) -> str:
@@ -64,6 +65,11 @@ class EmbeddingSource:
     def max_label(self) -> Optional[int]:
         """The largest label, when labels can be read without the embeddings (to infer C)."""
         return None
+
+
+def wanted(i: int, skip: int, rank: int, world: int, every: int) -> bool:
+    """Whether chunk ``i`` is read (see :meth:`EmbeddingSource.chunks`)."""
+    return i >= skip and i % every == 0 and (i // every) % world == rank
 
 
 def _rows_per_chunk(dim: int, itemsize: int, chunk_bytes: int) -> int:
@@ -117,11 +123,11 @@ class ArraySource(EmbeddingSource):
                 return torch.from_numpy(block).view(torch.bfloat16)
         return as_tensor(name, block)
 
-    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1):
+    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1, every=1):
         rows = _rows_per_chunk(self.dim, self.itemsize, chunk_bytes)
         n_chunks = (self.n_rows + rows - 1) // rows
         for i in range(skip, n_chunks):
-            if i % world != rank:
+            if not wanted(i, skip, rank, world, every):
                 continue
             start, stop = i * rows, min((i + 1) * rows, self.n_rows)
             yield Chunk(
@@ -165,21 +171,21 @@ class NpySource(ArraySource):
             teacher_logits = _load_npy(os.fspath(teacher_logits), "teacher_logits")
         super().__init__(emb, labels, teacher_logits, bf16=bf16, name=os.path.abspath(path))
 
-    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1):
+    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1, every=1):
         """Maps each chunk's bytes on its own (copy-on-write, so the tensor is writable) and asks the
         kernel to read them ahead (``MADV_WILLNEED``). No copy: a read pass costs page mappings
         only, which matters on few cores. A chunk's pages count in this process's RSS only while
         the chunk is alive; its mapping goes when the last tensor over it does."""
         arr = self.embeddings
         if not arr.flags.c_contiguous:
-            yield from super().chunks(chunk_bytes, skip=skip, rank=rank, world=world)
+            yield from super().chunks(chunk_bytes, skip=skip, rank=rank, world=world, every=every)
             return
         rows = _rows_per_chunk(self.dim, self.itemsize, chunk_bytes)
         row_bytes = self.dim * self.itemsize
         n_chunks = (self.n_rows + rows - 1) // rows
         with open(self.name, "rb", buffering=0) as f:
             for i in range(skip, n_chunks):
-                if i % world != rank:
+                if not wanted(i, skip, rank, world, every):
                     continue
                 start, stop = i * rows, min((i + 1) * rows, self.n_rows)
                 begin = arr.offset + start * row_bytes
@@ -251,14 +257,14 @@ class SafetensorsSource(EmbeddingSource):
             labels = f.get_tensor(self.keys["labels"])
         return int(labels.max()) if labels.numel() else None
 
-    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1):
+    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1, every=1):
         from safetensors import safe_open
 
         rows = _rows_per_chunk(self.dim, self.itemsize, chunk_bytes)
         n_chunks = (self.n_rows + rows - 1) // rows
         with safe_open(self.path, framework="pt") as f:
             for i in range(skip, n_chunks):
-                if i % world != rank:
+                if not wanted(i, skip, rank, world, every):
                     continue
                 start, stop = i * rows, min((i + 1) * rows, self.n_rows)
                 parts = {}
@@ -333,7 +339,7 @@ class ParquetSource(EmbeddingSource):
             raise ValueError(f"Parquet column for {what} has rows of different lengths")
         return torch.from_numpy(np.ascontiguousarray(flat.reshape(n, -1 if n else 0)))
 
-    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1):
+    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1, every=1):
         import pyarrow.parquet as pq
 
         rows = _rows_per_chunk(self.dim, self.itemsize, chunk_bytes)
@@ -342,7 +348,7 @@ class ParquetSource(EmbeddingSource):
         start = 0
         for i, batch in enumerate(pf.iter_batches(batch_size=rows, columns=cols)):
             n = batch.num_rows
-            if i >= skip and i % world == rank:
+            if wanted(i, skip, rank, world, every):
                 emb = self._matrix(batch.column(self.columns["embeddings"]), "embeddings")
                 labels = logits = None
                 if self.columns["labels"] is not None:
@@ -368,7 +374,7 @@ class IterableSource(EmbeddingSource):
         self.iterable = iterable
         self.rereadable = not (iter(iterable) is iterable)
 
-    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1):
+    def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1, every=1):
         start = 0
         for i, item in enumerate(self.iterable):
             if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
@@ -376,7 +382,7 @@ class IterableSource(EmbeddingSource):
             emb = as_tensor("embeddings", item[0])
             if emb.ndim != 2:
                 raise ValueError(f"chunk {i}: embeddings must be 2-D, got shape {tuple(emb.shape)}")
-            if i >= skip and i % world == rank:
+            if wanted(i, skip, rank, world, every):
                 labels = None if item[1] is None else as_tensor("labels", item[1])
                 logits = None if len(item) < 3 or item[2] is None else as_tensor("teacher_logits", item[2])
                 yield Chunk(i, start, emb, labels, logits)
