@@ -2,7 +2,8 @@
 
 Data flow per chunk: validate (NaN/Inf, labels, dims) → labels (given, or the teacher's argmax)
 → :func:`bucket_rows` (class order, fp32, minus the class shift; C++ on CPU) → the statistics
-(BLAS ``ssyrk`` for the exact Gram; a fused C++ update for the sketch, or torch GEMMs). After the last chunk of a pass the additive state is summed over ranks with
+(BLAS ``ssyrk`` for the exact Gram; a fused C++ update for the sketch, or torch GEMMs). After
+the last chunk of a pass the additive state is summed over ranks with
 ``torch.distributed.all_reduce``. Progress is checkpointed atomically every ``checkpoint_every``
 chunks; a resumed fit skips the chunks already counted and ends with the same bytes.
 """
@@ -299,7 +300,8 @@ def accumulate(
     progress: bool = False,
     stop_after_chunks: Optional[int] = None,
 ) -> FitResult:
-    """Streams ``source`` once (exact) or ``passes`` times (Nyström) and returns the eigenpairs.
+    """Streams ``source`` once (exact) or ``passes`` times (Nyström; all but the last pass over a
+    strided sample of the chunks, see :func:`iteration_stride`) and returns the eigenpairs.
 
     ``stop_after_chunks`` (testing aid) raises KeyboardInterrupt after that many chunks, as if the
     run had been killed there.
