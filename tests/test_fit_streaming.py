@@ -346,6 +346,25 @@ def test_nan_rows_raise_with_global_row_or_are_skipped():
         LELPProjector(2).fit(h, y, head_weight=w, nan_policy="ignore")
 
 
+def test_skipped_rows_are_counted_once_after_a_resume_at_a_pass_boundary(tmp_path, monkeypatch):
+    from lelp_fast.fit import engine
+
+    h, w, b, y = make_problem(n=600, d=12, num_classes=2, seed=9)
+    h = h.float()
+    h[333, 2] = float("nan")
+    kwargs = dict(head_weight=w, chunk_bytes=12 * 4 * 50, nan_policy="skip", checkpoint=str(tmp_path / "c.ckpt"))
+    make = lambda: LELPProjector(2, method="nystrom", passes=2)  # noqa: E731
+    original = engine.accumulate
+    # 12 chunks per pass: killed after the first chunk of pass 2, before any checkpoint of that
+    # pass, so the resume starts from the one written at the pass boundary.
+    monkeypatch.setattr(engine, "accumulate", lambda *a, **k: original(*a, stop_after_chunks=13, **k))
+    with pytest.raises(KeyboardInterrupt):
+        make().fit(h, y, checkpoint_every=100, **kwargs)
+    monkeypatch.setattr(engine, "accumulate", original)
+    resumed = make().fit(h, y, resume=True, **kwargs)
+    assert resumed.fit_info["rows_skipped"] == 1 and resumed.fit_info["rows"] == 599
+
+
 def test_label_out_of_range_names_the_global_row():
     h, w, b, y = make_problem(n=500, d=12, num_classes=2, seed=10)
     y[321] = 7

@@ -389,6 +389,7 @@ def accumulate(
     for p in range(start_pass, n_passes):
         if p > start_pass:
             skip = 0
+        if p > 0 and skip == 0:  # (also when resumed at a pass boundary)
             reader.skipped = 0  # every pass meets the same bad rows: count the last pass's
         every = stride if p + 1 < n_passes else 1  # the subspace iterations read a strided sample
         if (p, skip, every) == (0, 0, 1) and first is not None:
