@@ -94,15 +94,23 @@ def _fit_source(args: argparse.Namespace):
     raise SystemExit(f"error: --embeddings {path}: unknown extension {ext!r} (use .npy, .safetensors or .parquet)")
 
 
-def _process_group():
-    """The default group when launched by torchrun (WORLD_SIZE > 1), else None."""
+def _process_group(device: Optional[str]):
+    """The default group when launched by torchrun (WORLD_SIZE > 1), else None: NCCL for a GPU
+    device (it takes only GPU tensors), gloo for the CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if (device or "cpu").startswith("cuda") else "gloo")
     return dist.group.WORLD
+
+
+def _rank_device(device: Optional[str]) -> Optional[str]:
+    """Under torchrun, a bare ``cuda`` means this rank's GPU (``cuda:LOCAL_RANK``)."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -125,7 +133,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         passes=args.passes,
         iteration_sample=args.iteration_sample,
     )
-    group = _process_group()
+    device = _rank_device(args.device)
+    group = _process_group(device)
     projector.fit(
         source,
         head_weight=head_w,
@@ -138,6 +147,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         progress=not args.quiet,
+        device=device or "cpu",
     )
     rank = 0 if group is None else torch.distributed.get_rank(group)
     if rank == 0:
@@ -205,12 +215,13 @@ def _cmd_targets(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --projector {args.projector}: no such file")
     projector = LELPProjector.load(args.projector)
     source = _fit_source(args)
-    group = _process_group()
+    device = _rank_device(args.device)
+    group = _process_group(device)
     try:
         manifest = generate_targets(
             projector, source, args.out, format=args.format, dtype=args.dtype, compact=args.compact,
             beta=args.beta, tau=args.tau, chunk_bytes=int(args.chunk_mb * (1 << 20)), backend=args.backend,
-            device=args.device, process_group=group, progress=not args.quiet,
+            device=device, process_group=group, progress=not args.quiet,
         )
     except (ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from exc
@@ -281,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     fit.add_argument("--out", required=True, help="output projector .safetensors")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.add_argument("--device", help="where the statistics are accumulated, e.g. cuda (default: cpu)")
     fit.set_defaults(func=_cmd_fit)
 
     inspect = sub.add_parser(

@@ -130,6 +130,7 @@ class LELPProjector:
         resume: bool = False,
         progress: bool = False,
         backend: str = "auto",
+        device: Union[str, torch.device] = "cpu",
     ) -> "LELPProjector":
         """Fits the per-class subspaces, streaming the data in chunks of ``chunk_bytes``.
 
@@ -151,6 +152,9 @@ class LELPProjector:
                 ``checkpoint_every`` chunks; with ``resume=True`` an existing one is continued.
             progress: show a progress bar (rows/s, GB/s).
             backend: per-chunk kernels: ``"auto"``, ``"cpu"`` (C++) or ``"torch"``.
+            device: where the statistics are accumulated. ``"cuda"`` copies each chunk to the
+                GPU and runs the bucketing and fp64 GEMMs there in torch (not yet run on a GPU:
+                none was lent to this work); the eigensolver runs on the CPU either way.
         Returns:
             self.
         """
@@ -186,6 +190,7 @@ class LELPProjector:
             nan_policy=nan_policy,
             chunk_bytes=chunk_bytes,
             backend=backend,
+            device=str(torch.device(device)),
         )
         projector = reference.null_space_projector(w) if use_null_space else None
         result = accumulate(

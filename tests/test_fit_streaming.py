@@ -10,6 +10,7 @@ from lelp_fast import LELPProjector, reference
 from lelp_fast.fit.bucket import bucket_rows
 from lelp_fast.fit.engine import choose_method, iteration_stride
 from lelp_fast.fit.exact import top_eigenpairs_of
+from lelp_fast.fit.exact import ExactClassStatistics
 from lelp_fast.fit.sketch import SketchClassStatistics
 from lelp_fast.io import IterableSource, NpySource, ParquetSource, SafetensorsSource
 from lelp_fast.io.sources import ArraySource, wanted
@@ -206,6 +207,53 @@ def test_method_auto_cost_model():
     assert choose_method("auto", 768, 2, n_rows=None) == "exact"  # unknown size
     assert choose_method("auto", 1024, 300, n_rows=100) == "nystrom"  # 300 x 1024² x 8 B > 2 GiB
     assert choose_method("exact", 4096, 2, n_rows=big) == "exact"
+
+
+def test_method_auto_on_a_gpu_is_exact_while_the_state_fits():
+    cuda = torch.device("cuda")  # only a description here: nothing runs on it
+    assert choose_method("auto", 768, 2, n_rows=1_600_000, device=cuda) == "exact"
+    assert choose_method("auto", 1024, 300, n_rows=100, device=cuda) == "nystrom"
+
+
+@pytest.mark.parametrize("method", ["exact", "nystrom"])
+def test_torch_statistics_path_matches_the_compiled_one(method):
+    """backend="torch" runs the statistics as a GPU fit does (torch ops on the chunk's device)."""
+    h, y = decaying_problem(n=3000, d=48, num_classes=2, seed=13)
+    fits = {b: LELPProjector(4, method=method, rotate=False).fit(h.float(), y, chunk_bytes=48 * 4 * 500, backend=b)
+            for b in ("torch", "cpu")}
+    torch.testing.assert_close(fits["torch"].A, fits["cpu"].A, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fits["torch"].eigenvalues, fits["cpu"].eigenvalues, rtol=1e-5, atol=0)
+
+
+def test_fp64_torch_gram_matches_the_reference():
+    """The fp64 Gram a GPU fit uses, run on the CPU."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(301, 24, generator=g)
+    stats = ExactClassStatistics(2, 24, torch.zeros(2, 24, dtype=torch.float64), backend="torch")
+    stats.compute_dtype = torch.float64
+    stats.update(x, torch.tensor([100, 201]), torch.zeros(2, 24, dtype=torch.float64))
+    for c, rows in enumerate((x[:100], x[100:])):
+        want = rows.double().T @ rows.double()
+        torch.testing.assert_close(torch.tril(stats.gram[c]), torch.tril(want), rtol=1e-12, atol=1e-12)
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    h, y = decaying_problem(n=200, d=8, num_classes=2, seed=1)
+    with pytest.raises(ValueError, match=r"device='cuda' but torch.cuda.is_available\(\) is False"):
+        LELPProjector(2).fit(h.float(), y, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("method", ["exact", "nystrom"])
+def test_gpu_fit_matches_the_cpu_fit(method):
+    h, y = decaying_problem(n=5000, d=64, num_classes=3, seed=15)
+    kwargs = dict(chunk_bytes=64 * 2 * 700)
+    cpu = LELPProjector(4, method=method, rotate=False).fit(h.half(), y, **kwargs)
+    gpu = LELPProjector(4, method=method, rotate=False).fit(h.half(), y, device="cuda", **kwargs)
+    torch.testing.assert_close(gpu.A, cpu.A, rtol=1e-4, atol=1e-5)
+    assert gpu.fit_info["rows"] == 5000
 
 
 def test_iteration_stride_and_chunk_selection():

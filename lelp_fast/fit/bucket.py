@@ -74,11 +74,13 @@ def bucket_rows(
     counts = torch.bincount(labels, minlength=num_classes)
     order = torch.argsort(labels, stable=True)
     row_class = labels[order]
-    x = embeddings[order].to(torch.float32) - shift.to(torch.float32)[row_class]
-    sums = torch.zeros(num_classes, d, dtype=torch.float64).index_add_(0, row_class, x.to(torch.float64))
+    device = embeddings.device  # the torch path runs wherever the chunk is (a GPU fit, too)
+    x = embeddings[order].to(torch.float32) - shift.to(device=device, dtype=torch.float32)[row_class]
+    sums = torch.zeros(num_classes, d, dtype=torch.float64, device=device)
+    sums.index_add_(0, row_class, x.to(torch.float64))
     sorted_bad = ~torch.isfinite(x).all(dim=1)
     bad = None
     if bool(sorted_bad.any()):
-        bad = torch.zeros(n, dtype=torch.bool)
+        bad = torch.zeros(n, dtype=torch.bool, device=device)
         bad[order] = sorted_bad
     return Buckets(x, counts, sums, bad)

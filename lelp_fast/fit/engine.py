@@ -46,21 +46,22 @@ STATE_FORMAT = 2
 
 def choose_method(method: str, dim: int, num_classes: int, *, n_rows: Optional[int] = None,
                   rereadable: bool = True, sketch_size: int = 18, passes: int = 3,
-                  iteration_sample: float = 0.125) -> str:
+                  iteration_sample: float = 0.125, device: torch.device = torch.device("cpu")) -> str:
     """``auto``: a cost model over the Gram's n d² flops and the sketch's 4 n d k per pass.
 
     The sketch's passes before the last read a sample (see :func:`iteration_stride`), so they
     count as that share of a pass. Exact when the source can be read only once (and its d x d
     states fit), when its flops are few, or when they cost less than the sketch; the Nyström
     sketch otherwise. With k = 18, 3 passes and the default sample the sketch wins above
-    d ≈ 225 for large n. The statistics are accumulated on the CPU, and the constants were
-    measured there.
+    d ≈ 225 for large n. The constants were measured on the CPU. On a GPU the exact fit is
+    chosen whenever its state fits: its fp64 Gram runs on the GPU's GEMM units (not measured
+    yet: no GPU was lent to this work).
     """
     if method != "auto":
         return method
     if num_classes * dim * dim * 8 > EXACT_STATE_BUDGET_BYTES:
         return "nystrom"
-    if not rereadable or n_rows is None:
+    if torch.device(device).type != "cpu" or not rereadable or n_rows is None:
         return "exact"  # one pass, exact; the sketch would need several passes for its accuracy
     reads = 1.0 + (max(1, passes) - 1) / iteration_stride(iteration_sample, n_rows)
     exact_flops = float(n_rows) * dim * dim
@@ -95,6 +96,7 @@ class FitSettings:
     nan_policy: str = "raise"
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     backend: str = "auto"
+    device: str = "cpu"  # where the statistics are accumulated ("cuda": chunks are copied there)
     prefetch: int = 2  # chunks read ahead in a background thread (0: none)
 
 
@@ -228,11 +230,10 @@ def _shift_from(h: torch.Tensor, y: torch.Tensor, num_classes: int, backend: str
         buckets = bucket_rows(h, y, zero, num_classes, backend)
     except LabelOutOfRange:
         return zero  # the main loop reports the bad label with its global row
-    counts, sums = buckets.counts, buckets.sums
     if buckets.bad is not None:  # NaN rows: their policy is applied later; ignore them here
         keep = ~buckets.bad
         buckets = bucket_rows(h[keep], y[keep], zero, num_classes, backend)
-        counts, sums = buckets.counts, buckets.sums
+    counts, sums = buckets.counts.cpu(), buckets.sums.cpu()
     total = int(counts.sum())
     if total == 0:
         return zero
@@ -257,8 +258,8 @@ def _settings_key(settings: FitSettings, method: str, source: EmbeddingSource, r
 def _save_checkpoint(path: str, stats, shift: torch.Tensor, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"state.{k}": v.contiguous() for k, v in stats.state().items()}
-    tensors["shift"] = shift.contiguous()
+    tensors = {f"state.{k}": v.detach().cpu().contiguous() for k, v in stats.state().items()}
+    tensors["shift"] = shift.cpu().contiguous()
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-ckpt-", dir=directory)
     os.close(fd)
@@ -310,6 +311,9 @@ def accumulate(
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {settings.nan_policy!r}")
     if settings.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {settings.method!r}")
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={settings.device!r} but torch.cuda.is_available() is False; use device='cpu'")
     rank, world = _dist_info(process_group)
     if checkpoint is not None and world > 1:
         checkpoint = f"{checkpoint}.rank{rank}"
@@ -322,6 +326,8 @@ def accumulate(
         chunks = source.chunks(settings.chunk_bytes, skip=skip, rank=rank, world=world, every=every)
         for chunk in prefetch(chunks, settings.prefetch):
             h, y = reader(chunk)
+            if device.type != "cpu":
+                h, y = h.to(device, non_blocking=True), y.to(device, non_blocking=True)
             yield chunk, h, y
 
     # The shift comes from this rank's first chunk, then rank 0's is broadcast to all.
@@ -343,19 +349,23 @@ def accumulate(
             "null-space projection; lower n_subclasses"
         )
     shift = _shift_from(first[1], first[2], c, settings.backend) if first is not None else torch.zeros(c, dim, dtype=torch.float64)
-    _broadcast(shift, process_group)
+    if process_group is not None:  # on the fit's device: NCCL groups take only GPU tensors
+        shift_on_device = shift.to(device)
+        _broadcast(shift_on_device, process_group)
+        shift = shift_on_device.cpu()
 
     k = min(settings.n_subclasses + settings.oversampling, null_dim)
     method = choose_method(settings.method, dim, c, n_rows=source.n_rows, rereadable=source.rereadable,
-                           sketch_size=k, passes=settings.passes, iteration_sample=settings.iteration_sample)
+                           sketch_size=k, passes=settings.passes, iteration_sample=settings.iteration_sample,
+                           device=device)
     if method == "exact":
-        stats = ExactClassStatistics(c, dim, shift)
+        stats = ExactClassStatistics(c, dim, shift, settings.backend, device)
         n_passes, stride = 1, 1
     else:
         basis = None
         if projector is not None and head_weight is not None:
             basis = torch.linalg.qr(head_weight.T.to(torch.float64))[0]
-        stats = SketchClassStatistics(c, dim, shift, k, settings.seed, projector, basis, settings.backend)
+        stats = SketchClassStatistics(c, dim, shift, k, settings.seed, projector, basis, settings.backend, device)
         n_passes = max(1, settings.passes)
         stride = iteration_stride(settings.iteration_sample, source.n_rows) if n_passes > 1 else 1
         if n_passes > 1 and not source.rereadable:
@@ -363,7 +373,8 @@ def accumulate(
                 f"method='nystrom' with passes={n_passes} reads the data {n_passes} times, but this source "
                 "is a one-shot iterator; pass a list or a file, or use passes=1"
             )
-    key = _settings_key(settings, method, source, rank, world, f"{head_weight is not None}:{projector is not None}")
+    key = _settings_key(settings, method, source, rank, world,
+                        f"{head_weight is not None}:{projector is not None}:{device.type}")
 
     start_pass, skip = 0, 0
     if checkpoint is not None and os.path.exists(checkpoint):
@@ -401,7 +412,7 @@ def accumulate(
         last_index = skip - 1
         for chunk, h, y in stream:
             n, d = h.shape
-            if workspace.numel() < n * d:
+            if device.type == "cpu" and workspace.numel() < n * d:
                 workspace = torch.empty(n * d)
             try:
                 buckets = bucket_rows(h, y, shift, c, settings.backend, workspace)
@@ -427,8 +438,9 @@ def accumulate(
                 _save_checkpoint(checkpoint, stats, shift, {"key": key, "pass": p + 1, "next_chunk": 0,
                                                             "skipped": reader.skipped})
     bar.close()
-    skipped = torch.tensor([reader.skipped], dtype=torch.int64)
+    skipped = torch.tensor([reader.skipped], dtype=torch.int64, device=device)
     _all_reduce([skipped], process_group)
+    stats.to(torch.device("cpu"))
     for cls in range(c):
         n_c = int(stats.count[cls])
         if n_c < settings.n_subclasses + 1:

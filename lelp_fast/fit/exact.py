@@ -47,13 +47,22 @@ class ExactClassStatistics:
 
     kind = "exact"
 
-    def __init__(self, num_classes: int, dim: int, shift: torch.Tensor):
+    def __init__(self, num_classes: int, dim: int, shift: torch.Tensor, backend: str = "auto",
+                 device: torch.device = torch.device("cpu")):
+        from ..ops import _dispatch
+
+        # "cpu": BLAS ssyrk on the CPU; otherwise a torch GEMM, fp32 on the CPU and fp64 elsewhere
+        # (a GPU's fp64 GEMM is fast, and its fp32 one may run as TF32).
+        self.device = torch.device(device)
+        self.use_syrk = _dispatch.resolve(backend, self.device) == "cpu"
+        self.compute_dtype = torch.float32 if self.device.type == "cpu" else torch.float64
         self.num_classes = num_classes
         self.dim = dim
         self.shift = shift.to(torch.float64)
-        self.count = torch.zeros(num_classes, dtype=torch.int64)
-        self.sum = torch.zeros(num_classes, dim, dtype=torch.float64)
-        self.gram = torch.zeros(num_classes, dim, dim, dtype=torch.float64)
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.count = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
+        self.sum = torch.zeros(num_classes, dim, **f64)
+        self.gram = torch.zeros(num_classes, dim, dim, **f64)
         self._scratch: Optional[torch.Tensor] = None  # fp32 d x d: one class's Gram of one chunk
 
     def update(self, x: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor) -> None:
@@ -65,14 +74,27 @@ class ExactClassStatistics:
         """
         self.count += counts
         self.sum += sums
-        if self._scratch is None:  # zeros: its upper triangle is never written
+        if self.use_syrk and self._scratch is None:  # zeros: its upper triangle is never written
             self._scratch = torch.zeros(self.dim, self.dim, dtype=torch.float32)
         start = 0
         for c, n_c in enumerate(counts.tolist()):
             if n_c:
-                _lower_gram_into(x[start : start + n_c], self._scratch)
-                self.gram[c].add_(self._scratch)  # fp32 -> fp64 on the fly, no temporary
+                xc = x[start : start + n_c]
+                if self.use_syrk:
+                    _lower_gram_into(xc, self._scratch)
+                    self.gram[c].add_(self._scratch)  # fp32 -> fp64 on the fly, no temporary
+                else:  # the full Gram: its lower triangle is what moments() reads
+                    xc = xc.to(self.compute_dtype)
+                    self.gram[c] += (xc.T @ xc).to(torch.float64)
             start += n_c
+
+    def to(self, device: torch.device) -> "ExactClassStatistics":
+        """Moves the state (the engine brings it to the CPU for the eigensolver)."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        self.device = torch.device(device)
+        return self
 
     def additive(self) -> Dict[str, torch.Tensor]:
         """The tensors summed across ranks."""

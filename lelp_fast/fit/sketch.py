@@ -30,40 +30,44 @@ class SketchClassStatistics:
 
     def __init__(self, num_classes: int, dim: int, shift: torch.Tensor, sketch_size: int, seed: int,
                  projector: Optional[torch.Tensor] = None, head_basis: Optional[torch.Tensor] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", device: torch.device = torch.device("cpu")):
         from ..ops import _dispatch
 
-        # "cpu": the fused C++ update (reads each class's rows once); "torch": two GEMMs.
-        self.backend = _dispatch.resolve(backend, torch.device("cpu"))
+        # "cpu": the fused C++ update (reads each class's rows once); otherwise two torch GEMMs,
+        # in fp64 off the CPU (where fp32 GEMMs may run as TF32).
+        self.device = torch.device(device)
+        self.backend = _dispatch.resolve(backend, self.device)
+        self.compute_dtype = torch.float32 if self.device.type == "cpu" else torch.float64
         self.num_classes = num_classes
         self.dim = dim
         self.k = sketch_size
         self.shift = shift.to(torch.float64)
-        self.projector = projector
+        self.projector = None if projector is None else projector.to(self.device)
         # Orthonormal basis of the head's row space: its variance is removed from the total.
-        self.head_basis = head_basis
+        self.head_basis = None if head_basis is None else head_basis.to(self.device)
         gen = torch.Generator().manual_seed(int(seed) + 7919)
         g = torch.randn(dim, sketch_size, generator=gen, dtype=torch.float64)
-        omega = _orthonormal_in_range(g, projector)
-        self.omega = omega.unsqueeze(0).repeat(num_classes, 1, 1).contiguous()
+        omega = _orthonormal_in_range(g, projector)  # drawn on the CPU: the same on every device
+        self.omega = omega.unsqueeze(0).repeat(num_classes, 1, 1).contiguous().to(self.device)
         self.reset()
 
     def reset(self) -> None:
         """Clears the additive state (a new pass over the data)."""
         c, d, k = self.num_classes, self.dim, self.k
         r = 0 if self.head_basis is None else self.head_basis.shape[1]
-        self.count = torch.zeros(c, dtype=torch.int64)
-        self.sum = torch.zeros(c, d, dtype=torch.float64)
-        self.y = torch.zeros(c, d, k, dtype=torch.float64)
-        self.sumsq = torch.zeros(c, dtype=torch.float64)
-        self.head_gram = torch.zeros(c, r, r, dtype=torch.float64)
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.count = torch.zeros(c, dtype=torch.int64, device=self.device)
+        self.sum = torch.zeros(c, d, **f64)
+        self.y = torch.zeros(c, d, k, **f64)
+        self.sumsq = torch.zeros(c, **f64)
+        self.head_gram = torch.zeros(c, r, r, **f64)
         self._set_omega32()
-        self._basis32 = None if self.head_basis is None else self.head_basis.to(torch.float32)
+        self._basis32 = None if self.head_basis is None else self.head_basis.to(self.compute_dtype)
 
     def _set_omega32(self) -> None:
-        """fp32 copies of Ω for the update; zero columns pad them to the C++ kernel's width."""
+        """Ω in the update's dtype; for the C++ kernel, zero columns pad it to a multiple of 8."""
         pad = -self.k % 8 if self.backend == "cpu" else 0
-        self._omega32 = torch.nn.functional.pad(self.omega.to(torch.float32), (0, pad)).contiguous()
+        self._omega32 = torch.nn.functional.pad(self.omega.to(self.compute_dtype), (0, pad)).contiguous()
 
     def update(self, x: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor) -> None:
         """Same inputs as :meth:`ExactClassStatistics.update`."""
@@ -76,8 +80,9 @@ class SketchClassStatistics:
                 if self.backend == "cpu":
                     self._fused_update(c, xc)
                 else:
+                    xc = xc.to(self.compute_dtype)
                     self.y[c] += (xc.T @ (xc @ self._omega32[c])).to(torch.float64)
-                    self.sumsq[c] += float(torch.linalg.vector_norm(xc)) ** 2
+                    self.sumsq[c] += torch.linalg.vector_norm(xc).to(torch.float64) ** 2
                 if self._basis32 is not None:
                     z = xc @ self._basis32
                     self.head_gram[c] += (z.T @ z).to(torch.float64)
@@ -93,6 +98,14 @@ class SketchClassStatistics:
                                                 omega.shape[1], y.data_ptr(), sumsq.data_ptr())
         self.y[c] += y[:, : self.k]
         self.sumsq[c] += sumsq[0]
+
+    def to(self, device: torch.device) -> "SketchClassStatistics":
+        """Moves the state (the engine brings it to the CPU for the eigensolver)."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        self.device = torch.device(device)
+        return self
 
     def additive(self) -> Dict[str, torch.Tensor]:
         """The tensors summed across ranks."""
