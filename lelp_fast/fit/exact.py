@@ -14,6 +14,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from ._state import move_tensors
+
 
 def _lower_gram_into(x: torch.Tensor, out: torch.Tensor) -> None:
     """Writes ``xᵀ x`` into the lower triangle of ``out`` (d x d, C-ordered fp32, upper left alone)
@@ -89,12 +91,8 @@ class ExactClassStatistics:
             start += n_c
 
     def to(self, device: torch.device) -> "ExactClassStatistics":
-        """Moves the state (the engine brings it to the CPU for the eigensolver)."""
-        for name, value in list(vars(self).items()):
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device))
-        self.device = torch.device(device)
-        return self
+        """Moves the state to ``device``."""
+        return move_tensors(self, device)
 
     def additive(self) -> Dict[str, torch.Tensor]:
         """The tensors summed across ranks."""

@@ -15,6 +15,8 @@ from typing import Dict, Optional
 
 import torch
 
+from ._state import move_tensors
+
 
 def _orthonormal_in_range(g: torch.Tensor, projector: Optional[torch.Tensor]) -> torch.Tensor:
     if projector is not None:
@@ -100,12 +102,8 @@ class SketchClassStatistics:
         self.sumsq[c] += sumsq[0]
 
     def to(self, device: torch.device) -> "SketchClassStatistics":
-        """Moves the state (the engine brings it to the CPU for the eigensolver)."""
-        for name, value in list(vars(self).items()):
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device))
-        self.device = torch.device(device)
-        return self
+        """Moves the state to ``device``."""
+        return move_tensors(self, device)
 
     def additive(self) -> Dict[str, torch.Tensor]:
         """The tensors summed across ranks."""
