@@ -247,7 +247,8 @@ def _shift_from(h: torch.Tensor, y: torch.Tensor, num_classes: int, backend: str
 def _settings_key(settings: FitSettings, method: str, source: EmbeddingSource, rank: int, world: int, extra: str) -> str:
     blob = json.dumps(
         {"C": settings.num_classes, "S": settings.n_subclasses, "method": method, "over": settings.oversampling,
-         "passes": settings.passes, "sample": settings.iteration_sample, "seed": settings.seed, "assign": settings.assign, "nan": settings.nan_policy,
+         "passes": settings.passes, "sample": settings.iteration_sample, "seed": settings.seed,
+         "assign": settings.assign, "nan": settings.nan_policy,
          "chunk_bytes": settings.chunk_bytes, "source": source.fingerprint(), "rank": rank, "world": world,
          "extra": extra, "state_format": STATE_FORMAT},
         sort_keys=True,
