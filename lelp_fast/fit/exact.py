@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from ..ops import _dispatch
 from ._state import move_tensors
 
 
@@ -51,8 +52,6 @@ class ExactClassStatistics:
 
     def __init__(self, num_classes: int, dim: int, shift: torch.Tensor, backend: str = "auto",
                  device: torch.device = torch.device("cpu")):
-        from ..ops import _dispatch
-
         # "cpu": BLAS ssyrk on the CPU; otherwise a torch GEMM, fp32 on the CPU and fp64 elsewhere
         # (a GPU's fp64 GEMM is fast, and its fp32 one may run as TF32).
         self.device = torch.device(device)

@@ -15,6 +15,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..ops import _dispatch
 from ._state import move_tensors
 
 
@@ -33,12 +34,10 @@ class SketchClassStatistics:
     def __init__(self, num_classes: int, dim: int, shift: torch.Tensor, sketch_size: int, seed: int,
                  projector: Optional[torch.Tensor] = None, head_basis: Optional[torch.Tensor] = None,
                  backend: str = "auto", device: torch.device = torch.device("cpu")):
-        from ..ops import _dispatch
-
         # "cpu": the fused C++ update (reads each class's rows once); otherwise two torch GEMMs,
         # in fp64 off the CPU (where fp32 GEMMs may run as TF32).
         self.device = torch.device(device)
-        self.backend = _dispatch.resolve(backend, self.device)
+        self.use_kernel = _dispatch.resolve(backend, self.device) == "cpu"
         self.compute_dtype = torch.float32 if self.device.type == "cpu" else torch.float64
         self.num_classes = num_classes
         self.dim = dim
@@ -63,13 +62,13 @@ class SketchClassStatistics:
         self.y = torch.zeros(c, d, k, **f64)
         self.sumsq = torch.zeros(c, **f64)
         self.head_gram = torch.zeros(c, r, r, **f64)
-        self._set_omega32()
-        self._basis32 = None if self.head_basis is None else self.head_basis.to(self.compute_dtype)
+        self._set_update_omega()
+        self._basis_update = None if self.head_basis is None else self.head_basis.to(self.compute_dtype)
 
-    def _set_omega32(self) -> None:
+    def _set_update_omega(self) -> None:
         """Ω in the update's dtype; for the C++ kernel, zero columns pad it to a multiple of 8."""
-        pad = -self.k % 8 if self.backend == "cpu" else 0
-        self._omega32 = torch.nn.functional.pad(self.omega.to(self.compute_dtype), (0, pad)).contiguous()
+        pad = -self.k % 8 if self.use_kernel else 0
+        self._omega_update = torch.nn.functional.pad(self.omega.to(self.compute_dtype), (0, pad)).contiguous()
 
     def update(self, x: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor) -> None:
         """Same inputs as :meth:`ExactClassStatistics.update`."""
@@ -79,21 +78,19 @@ class SketchClassStatistics:
         for c, n_c in enumerate(counts.tolist()):
             if n_c:
                 xc = x[start : start + n_c]
-                if self.backend == "cpu":
+                if self.use_kernel:
                     self._fused_update(c, xc)
                 else:
                     xc = xc.to(self.compute_dtype)
-                    self.y[c] += (xc.T @ (xc @ self._omega32[c])).to(torch.float64)
+                    self.y[c] += (xc.T @ (xc @ self._omega_update[c])).to(torch.float64)
                     self.sumsq[c] += torch.linalg.vector_norm(xc).to(torch.float64) ** 2
-                if self._basis32 is not None:
-                    z = xc @ self._basis32
+                if self._basis_update is not None:
+                    z = xc @ self._basis_update
                     self.head_gram[c] += (z.T @ z).to(torch.float64)
             start += n_c
 
     def _fused_update(self, c: int, xc: torch.Tensor) -> None:
-        from ..ops import _dispatch
-
-        omega, xc = self._omega32[c], xc.contiguous()
+        omega, xc = self._omega_update[c], xc.contiguous()
         y = torch.zeros(self.dim, omega.shape[1], dtype=torch.float64)
         sumsq = torch.zeros(1, dtype=torch.float64)
         _dispatch.extension().sketch_update_cpu(xc.data_ptr(), xc.shape[0], self.dim, omega.data_ptr(),
@@ -116,7 +113,7 @@ class SketchClassStatistics:
     def load_state(self, state: Dict[str, torch.Tensor]) -> None:
         for k, v in state.items():
             getattr(self, k).copy_(v)
-        self._set_omega32()
+        self._set_update_omega()
 
     def _centred_products(self):
         """``Σ_c Ω_c`` for the centred (and projected) covariance, (C x d x k), fp64."""
