@@ -297,7 +297,8 @@ def test_sampled_iterations_read_fewer_chunks_and_keep_995_of_the_variance(monke
         results[sample] = (source.read, min(captured_ratio(fitted_directions(p), covs, 8)))
     read, ratio = results[0.125]
     # Before them, the shift's first chunk (and what the prefetch thread had read ahead).
-    assert read[-40:] == [0, 8, 16, 24] * 2 + list(range(32)) and len(read) <= 40 + 4  # prefetch depth 2: at most 4 read ahead
+    # (prefetch depth 2: the first stream reads at most 4 chunks ahead)
+    assert read[-40:] == [0, 8, 16, 24] * 2 + list(range(32)) and len(read) <= 40 + 4
     assert results[1.0][0] == list(range(32)) * 3
     assert ratio >= 0.995 and ratio >= results[1.0][1] - 2e-3, (ratio, results[1.0][1])
 
@@ -384,7 +385,8 @@ def test_nan_rows_raise_with_global_row_or_are_skipped():
         LELPProjector(2).fit(h, y, head_weight=w, chunk_bytes=12 * 4 * 50)
     p = LELPProjector(2).fit(h, y, head_weight=w, chunk_bytes=12 * 4 * 50, nan_policy="skip")
     assert p.fit_info["rows_skipped"] == 2 and p.fit_info["rows"] == 498
-    three_passes = LELPProjector(2, method="nystrom").fit(h, y, head_weight=w, chunk_bytes=12 * 4 * 50, nan_policy="skip")
+    three_passes = LELPProjector(2, method="nystrom").fit(h, y, head_weight=w, chunk_bytes=12 * 4 * 50,
+                                                          nan_policy="skip")
     assert three_passes.fit_info["rows_skipped"] == 2  # counted once, not once per pass
     keep = torch.ones(500, dtype=torch.bool)
     keep[[333, 401]] = False

@@ -192,7 +192,8 @@ class NpySource(ArraySource):
                 end = arr.offset + stop * row_bytes
                 size = os.fstat(f.fileno()).st_size
                 if size < end:  # mapping past the end would crash (SIGBUS) on first touch
-                    raise ValueError(f"embeddings file {self.name} ended early at row {max(start, (size - arr.offset) // row_bytes)}")
+                    last = max(start, (size - arr.offset) // row_bytes)
+                    raise ValueError(f"embeddings file {self.name} ended early at row {last}")
                 aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
                 mapping = mmap.mmap(f.fileno(), end - aligned, flags=mmap.MAP_PRIVATE,
                                     prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
