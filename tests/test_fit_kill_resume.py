@@ -13,20 +13,14 @@ from lelp_fast import LELPProjector
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, time, torch
+    import sys, torch
     from lelp_fast import LELPProjector
-    from lelp_fast.io import ArraySource
-
-    class SlowSource(ArraySource):
-        def chunks(self, *args, **kwargs):
-            for chunk in super().chunks(*args, **kwargs):
-                time.sleep(0.15)  # slow enough to be killed half way
-                yield chunk
+    from slow_source import SlowSource
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3000, 16, generator=g)
     y = torch.randint(0, 2, (3000,), generator=g)
-    LELPProjector(3, method=sys.argv[2]).fit(SlowSource(h, y), chunk_bytes=16 * 4 * 100,
+    LELPProjector(3, method=sys.argv[2]).fit(SlowSource(h, y, delay=0.15), chunk_bytes=16 * 4 * 100,
                                              checkpoint=sys.argv[1], checkpoint_every=2, resume=True)
     """
 )

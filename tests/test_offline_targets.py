@@ -82,20 +82,14 @@ def test_outputs_are_deterministic_and_a_finished_run_is_not_redone(problem, tmp
 
 KILL_SCRIPT = textwrap.dedent(
     """
-    import sys, time, torch
+    import sys, torch
     from lelp_fast import LELPProjector, generate_targets
-    from lelp_fast.io import ArraySource
-
-    class SlowSource(ArraySource):
-        def chunks(self, *args, **kwargs):
-            for chunk in super().chunks(*args, **kwargs):
-                time.sleep(0.05)  # slow enough to be killed half way
-                yield chunk
+    from slow_source import SlowSource
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(4000, 16, generator=g)
     projector = LELPProjector.load(sys.argv[1])
-    generate_targets(projector, SlowSource(h, name="slow"), sys.argv[2], format=sys.argv[3], chunk_bytes=16 * 4 * 100)
+    generate_targets(projector, SlowSource(h, name="slow", delay=0.05), sys.argv[2], format=sys.argv[3], chunk_bytes=16 * 4 * 100)
     """
 )
 
