@@ -10,10 +10,19 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from triton_interpreter import patch_bf16_dot  # noqa: E402
+
+if not torch.cuda.is_available():
+    patch_bf16_dot()
+
 from lelp_fast import reference  # noqa: E402
 from lelp_fast.ops import distill_loss, lelp_targets  # noqa: E402
 from test_ops_targets import fp64_reference, random_map  # noqa: E402
 from test_ops_loss import TOL, make_inputs, reference_loss_and_grad  # noqa: E402
+import test_ops_loss  # noqa: E402
+import test_ops_targets  # noqa: E402
+from lelp_fast.kernels.triton import limits  # noqa: E402
+from lelp_fast.ops import _dispatch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter evaluates masked-out lanes too (log of 0 in padding columns): numpy warns, results are unaffected.
@@ -77,3 +86,55 @@ def test_triton_all_rows_ignored():
                         n_subclasses=2, alpha=1.0, backend="triton")
     loss.backward()
     assert float(loss.detach()) == 0.0 and not x.grad.abs().any()
+
+
+# The online loss on the Triton backend (it raised "takes precomputed targets" before): the same
+# checks as the CPU/torch backends, one and M teachers, head or given logits, every dtype.
+@pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")
+@pytest.mark.parametrize("with_logits", [False, True])
+def test_triton_online_targets(with_logits):
+    test_ops_loss.test_online_targets_inside_the_kernel("triton", with_logits)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 67])
+def test_triton_online_multi_teacher(dtype, n):
+    test_ops_loss.test_online_multi_teacher_mixed_inside_the_kernel("triton", dtype, n)
+
+
+def test_auto_never_picks_a_backend_that_cannot_run_the_call(monkeypatch):
+    """On CUDA tensors auto took Triton even for the online loss, which it could not run."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_dispatch, "available", lambda backend, device: backend in ("triton", "cuda", "torch"))
+    assert _dispatch.resolve("auto", cuda) == "triton"
+    assert _dispatch.resolve("auto", cuda, {"triton": "too wide"}) == "cuda"
+    with pytest.raises(ValueError, match="triton.*too wide"):
+        _dispatch.resolve("triton", cuda, {"triton": "too wide"})
+    # Shapes the Triton kernels do not take go to the next backend under auto.
+    assert limits.loss_unsupported(2, 256) is None and limits.loss_unsupported(3, 200)
+    assert limits.targets_unsupported(17, 1, with_head=True) and not limits.targets_unsupported(17, 1, False)
+    assert limits.targets_unsupported(2, 300, with_head=False)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")
+@pytest.mark.parametrize("target_dtype", [torch.bfloat16, torch.float16])
+def test_triton_kl_gradient_with_low_precision_targets(target_dtype):
+    test_ops_loss.test_kl_gradient_with_low_precision_targets("triton", target_dtype)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")
+@pytest.mark.parametrize("divergence", reference.DIVERGENCES)
+@pytest.mark.parametrize("where", ["targets", "student", "all_targets"])
+def test_triton_nan_input_never_gives_a_finite_loss(divergence, where):
+    test_ops_loss.test_nan_input_never_gives_a_finite_loss("triton", divergence, where)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")
+def test_triton_nan_teacher_weight_never_gives_a_finite_loss():
+    test_ops_loss.test_nan_teacher_weight_never_gives_a_finite_loss("triton")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")
+def test_triton_one_subclass_with_huge_projection():
+    test_ops_targets.test_one_subclass_with_huge_projection_keeps_the_class_probability("triton")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .._checks import check_finite, check_integer_labels, check_log_probabilities, check_row_weights
 from . import _dispatch
 
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "js": 2, "tvd": 3}
@@ -73,12 +74,9 @@ def _loss_rows(
             float(teacher_beta),
         ))
     if use_triton:
-        from ..kernels.triton.loss import loss_triton
-
-        if online:
-            raise ValueError("the triton backend takes precomputed targets; use backend='cuda' or 'cpu' online")
-        loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, tau, alpha,
-                    ignore_index, loss_rows, grad)
+        _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
+                          teacher_logits, num_classes, n_subclasses, divergence, tau, alpha, beta, ignore_index,
+                          loss_rows, grad)
         return loss_rows, grad
     on_cuda = student.device.type == "cuda"
     stream = torch.cuda.current_stream(student.device).cuda_stream if on_cuda else 0
@@ -88,6 +86,28 @@ def _loss_rows(
         loss_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
     )
     return loss_rows, grad
+
+
+def _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
+                      num_classes, n_subclasses, divergence, tau, alpha, beta, ignore_index, loss_rows, grad):
+    """The Triton path; online teachers' targets go through the targets kernel into an fp32 buffer
+    first (N x M x K: a small fraction of the embeddings' bytes), then the loss kernel mixes them."""
+    from ..kernels.triton.loss import loss_triton
+    from ..kernels.triton.targets import targets_triton
+
+    student = student.contiguous()
+    if embeddings:
+        n, k = student.shape
+        log_targets = torch.empty(n, len(embeddings), k, dtype=torch.float32, device=student.device)
+        for i, (emb, w, b, z, teacher_beta) in enumerate(zip(embeddings, fused_weight, fused_bias, teacher_logits,
+                                                             beta)):
+            emb, z = _dispatch.rows_contiguous(emb), _dispatch.rows_contiguous(z)
+            targets_triton(emb, w.to(torch.float32), b.to(torch.float32), num_classes, n_subclasses, z,
+                           teacher_beta, tau, log_targets[:, i])
+        if len(embeddings) == 1:
+            log_targets = log_targets[:, 0]
+    loss_triton(student, log_targets.contiguous(), weights, labels, num_classes, n_subclasses, divergence, tau,
+                alpha, ignore_index, loss_rows, grad)
 
 
 @_loss_rows.register_fake
@@ -133,6 +153,7 @@ def distill_loss(
     teacher_logits: Union[Tensor, Sequence[Optional[Tensor]], None] = None,
     beta: Union[float, Sequence[float]] = 1.0,
     backend: str = "auto",
+    check_inputs: bool = True,
 ) -> Tensor:
     """The distillation loss of DESIGN.md §1, fused where a compiled backend is available.
 
@@ -143,6 +164,14 @@ def distill_loss(
     (each (N, d_m)), fused maps, teacher logits (or None) and betas, with ``teacher_weights``
     (N, M), each teacher's targets computed and mixed in the kernel. Rows labelled
     ``ignore_index`` contribute 0.
+
+    A NaN input never gives a finite loss: it propagates to that row's loss and gradient (so
+    anomaly detection and AMP scalers see it). With ``check_inputs`` (default) CPU tensors in eager
+    mode are checked first, raising with the argument and row named: non-finite logits,
+    embeddings or weights, log-targets with NaN/+Inf, weights < 0 or rows not summing to 1. On a
+    GPU or under ``torch.compile`` the check would synchronise or break the graph, so it is
+    skipped there: bad values propagate as NaN, and weights that do not sum to 1 scale the loss.
+    Label dtypes are checked everywhere (floats are refused; no synchronisation needed).
     """
     if divergence not in DIVERGENCE_CODES:
         raise ValueError(f"divergence must be one of {tuple(DIVERGENCE_CODES)}, got {divergence!r}")
@@ -168,16 +197,17 @@ def distill_loss(
             n, k, num_classes, embeddings, fused_weight, fused_bias, teacher_logits, beta, teacher_weights)
     if labels is not None and labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    if labels is not None:
+        check_integer_labels("labels", labels)
     if alpha != 0.0 and labels is None:
         raise ValueError("labels are required when alpha != 0 (the hard-label term needs them)")
     # CPU eager only: on a GPU the check would synchronise, and under torch.compile it would break the graph.
-    if labels is not None and labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-        if bool(bad.any()):
-            row = int(torch.nonzero(bad)[0, 0])
-            raise ValueError(f"labels[{row}] = {int(labels[row])} is out of range [0, {num_classes - 1}]")
+    if student_logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_cpu_inputs(student_logits, log_targets, labels, teacher_weights, embeddings, teacher_logits,
+                          num_classes, ignore_index, check_inputs)
 
-    chosen = _dispatch.resolve(backend, student_logits.device)
+    chosen = _dispatch.resolve(backend, student_logits.device, _triton_limits(num_classes, n_subclasses, embeddings,
+                                                                              teacher_logits))
     dtypes = [t.dtype for t in (student_logits, log_targets, *embeddings, *teacher_logits) if t is not None]
     if chosen != "torch" and not all(dt in _DTYPE_CODES for dt in dtypes):
         if backend != "auto":
@@ -195,6 +225,37 @@ def distill_loss(
         )
         per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad)
     return reference.reduce_rows(per_row, labels, ignore_index, reduction)
+
+
+def _check_cpu_inputs(student, log_targets, labels, weights, embeddings, teacher_logits, num_classes, ignore_index,
+                      check_values):
+    """Label range always; with ``check_values``, NaN/Inf rows and mixing weights (names the row)."""
+    if labels is not None and labels.numel():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            row = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(f"labels[{row}] = {int(labels[row])} is out of range [0, {num_classes - 1}]")
+    if not check_values:
+        return
+    check_finite("student_logits", student.detach())
+    if log_targets is not None:
+        check_log_probabilities("log_targets", log_targets)
+    for i, (emb, z) in enumerate(zip(embeddings, teacher_logits)):
+        check_finite(f"embeddings[{i}]", emb)
+        if z is not None:
+            check_finite(f"teacher_logits[{i}]", z)
+    if weights is not None:
+        check_row_weights("teacher_weights", weights)
+
+
+def _triton_limits(num_classes, n_subclasses, embeddings, teacher_logits):
+    """{"triton": why} when the Triton kernels cannot take this shape, else {}."""
+    from ..kernels.triton import limits
+
+    why = limits.loss_unsupported(num_classes, n_subclasses)
+    for z in teacher_logits if embeddings else ():
+        why = why or limits.targets_unsupported(num_classes, n_subclasses, with_head=z is None)
+    return {"triton": why} if why else {}
 
 
 def _online_teachers(n, k, num_classes, embeddings, fused_weight, fused_bias, teacher_logits, beta, weights):

@@ -116,7 +116,10 @@ def lelp_targets(
             raise ValueError("out must have contiguous rows (out.stride(-1) == 1)")
         out_dtype = out.dtype
 
-    chosen = _dispatch.resolve(backend, embeddings.device)
+    from ..kernels.triton import limits
+
+    why = limits.targets_unsupported(num_classes, n_subclasses, with_head=teacher_logits is None)
+    chosen = _dispatch.resolve(backend, embeddings.device, {"triton": why} if why else {})
     compiled_ok = (
         embeddings.dtype in _DTYPE_CODES
         and out_dtype in _DTYPE_CODES

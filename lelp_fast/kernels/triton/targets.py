@@ -1,102 +1,271 @@
 """Triton kernel of the targets op: projection + both segmented log-softmaxes, one pass.
 
-Each program takes ``BLOCK_N`` rows: it accumulates ``h @ A`` and ``h @ Wᵀ`` over d in
-``BLOCK_D`` slices with ``tl.dot`` (fp32 accumulation), then computes the class log-softmax and,
-class by class with masks over that class's S columns, the subclass log-softmax. C and S need
-not be powers of two. Tested on CPU under ``TRITON_INTERPRET=1`` against the fp64 reference.
+Each program takes ``BLOCK_N`` rows (>= 64) and streams d in ``BLOCK_D`` slices through
+tensor-core dots in the input dtype. The fp32 map is split on the host (``split_map``) into a
+``hi`` and a ``lo`` part of that dtype, per-column power-of-two scaled so fp16 neither overflows
+nor underflows: ``h @ A = (h @ hi + h @ lo) · col_scale`` keeps fp32-like accuracy at bf16/fp16
+speed (two chained dots into one fp32 accumulator); fp32 inputs take one ``tf32x3`` dot instead.
+The subclass columns are laid out as a padded ``C_PAD x S_PAD`` grid, so the epilogue reshapes
+the accumulator to (rows, class, subclass) and takes every class's log-softmax with one
+reduction; the teacher head (when no logits are given) is a second, 16-column dot.
+
+Numerics are tested on CPU under ``TRITON_INTERPRET=1`` against the fp64 reference; every entry
+of ``VARIANTS`` is compiled ahead of time for sm_80/sm_90 and its PTX checked
+(``tests/test_triton_aot.py``).
 """
 
 from __future__ import annotations
+
+import itertools
+import os
+from typing import List, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import limits
+from .limits import padded_grid
+
+NEG_INF = tl.constexpr(float("-inf"))
+HEAD_PAD = limits.MAX_HEAD_CLASSES  # the smallest tensor-core N tile: the head dot has 16 columns
+# Extra bits carried by the lo part: hi's rounding error is < 2^-(mantissa + 1) of a scaled
+# entry (|x| <= 1), so hi · 2^shift stays exact and lo = error · 2^shift stays a normal number.
+LO_SHIFT = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 0}
+_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class Config(NamedTuple):
+    """One launch configuration; every one the launcher can produce is listed in CONFIGS."""
+
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+# Rows per program >= 64 so that each dot is a full tensor-core tile; BLOCK_D = 64 bf16 = 128 bytes
+# per row per stage (one cache line). Wide accumulators (C_PAD * S_PAD >= 256 fp32 columns) take
+# 64 rows and 8 warps to stay in registers; narrow ones afford 128 rows.
+CONFIGS = {
+    "narrow": [Config(128, 64, 4, 3), Config(64, 64, 4, 4)],
+    "wide": [Config(64, 64, 8, 3)],
+}
+
+
+def config_class(k_pad: int) -> str:
+    """Which config list serves an accumulator of ``k_pad`` columns (see CONFIGS)."""
+    return "narrow" if k_pad <= 128 else "wide"
+
 
 @triton.jit
-def _segment_lse(x, col_class, c, valid):
-    """Per-row logsumexp of the columns of class ``c`` (x already scaled)."""
-    sel = (col_class == c) & valid
-    m = tl.max(tl.where(sel, x, float("-inf")), axis=1)
-    e = tl.where(sel, tl.exp(x - m[:, None]), 0.0)
-    return m + tl.log(tl.sum(e, axis=1))
+def _accumulate(h, hi_ptr, lo_ptr, d_idx, cols, ld, d_ok, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += h @ hi (+ h @ lo) over one BLOCK_D slice of a (D, ld) map."""
+    offs = d_idx[:, None] * ld + cols[None, :]
+    hi = tl.load(hi_ptr + offs, mask=d_ok[:, None], other=0.0)
+    acc = tl.dot(h, hi, acc, input_precision=PRECISION)
+    if SPLIT:
+        lo = tl.load(lo_ptr + offs, mask=d_ok[:, None], other=0.0)
+        acc = tl.dot(h, lo, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _masked_lse(x, ok, axis: tl.constexpr):
+    """logsumexp over ``axis`` of the ``ok`` entries; -inf (never NaN) where none is ok."""
+    x = tl.where(ok, x, NEG_INF)
+    m = tl.max(x, axis=axis)
+    m_safe = tl.where(m == NEG_INF, 0.0, m)
+    m_b = tl.expand_dims(m_safe, axis)
+    return m_safe + tl.log(tl.sum(tl.where(ok, tl.exp(x - m_b), 0.0), axis=axis))
 
 
 @triton.jit
 def lelp_targets_kernel(
-    h_ptr, stride_h, a_ptr, e_ptr, w_ptr, b_ptr, z_ptr, stride_z, out_ptr, stride_out,
+    h_ptr, stride_h, sub_hi_ptr, sub_lo_ptr, sub_scale_ptr, sub_bias_ptr,
+    head_hi_ptr, head_lo_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z, out_ptr, stride_out,
     N, D, C, S, inv_beta, inv_tau,
-    HAS_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_LOGITS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    C_PAD: tl.constexpr, S_PAD: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    KP: tl.constexpr = C_PAD * S_PAD
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)  # row offsets can pass 2**31 elements
-    k_cols = tl.arange(0, BLOCK_K)
-    c_cols = tl.arange(0, BLOCK_C)
-    K = C * S
-    k_ok = k_cols < K
-    c_ok = c_cols < C
+    k_cols = tl.arange(0, KP)
+    h_cols = tl.arange(0, 16)
 
-    u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    z = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    u = tl.zeros((BLOCK_N, KP), dtype=tl.float32)
+    z = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d_idx = d0 + tl.arange(0, BLOCK_D)
         d_ok = d_idx < D
         h = tl.load(h_ptr + rows64[:, None] * stride_h + d_idx[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + d_idx[:, None] * K + k_cols[None, :], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        u += tl.dot(h, a, input_precision="ieee")
+                    other=0.0)
+        u = _accumulate(h, sub_hi_ptr, sub_lo_ptr, d_idx, k_cols, KP, d_ok, u, SPLIT, PRECISION)
         if not HAS_LOGITS:
-            w = tl.load(w_ptr + d_idx[:, None] * C + c_cols[None, :], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
-            z += tl.dot(h, w, input_precision="ieee")
-    u += tl.load(e_ptr + k_cols, mask=k_ok, other=0.0)[None, :]
+            z = _accumulate(h, head_hi_ptr, head_lo_ptr, d_idx, h_cols, 16, d_ok, z, SPLIT, PRECISION)
+
+    # Class log-probabilities log p_c = log_softmax(z / tau), as (BLOCK_N, C_PAD).
+    c_idx = tl.arange(0, C_PAD)
     if HAS_LOGITS:
-        z = tl.load(z_ptr + rows64[:, None] * stride_z + c_cols[None, :], mask=row_ok[:, None] & c_ok[None, :],
-                    other=0.0).to(tl.float32)
+        zc = tl.load(z_ptr + rows64[:, None] * stride_z + c_idx[None, :],
+                     mask=row_ok[:, None] & (c_idx < C)[None, :], other=0.0).to(tl.float32)
     else:
-        z += tl.load(b_ptr + c_cols, mask=c_ok, other=0.0)[None, :]
+        z = z * tl.load(head_scale_ptr + h_cols)[None, :] + tl.load(head_bias_ptr + h_cols)[None, :]
+        pick = h_cols[None, None, :] == c_idx[None, :, None]  # (1, C_PAD, 16): column c of the head
+        zc = tl.sum(tl.where(pick, z[:, None, :], 0.0), axis=2)
+    zc = zc * inv_tau
+    c_ok = (c_idx < C)[None, :]
+    log_p = zc - _masked_lse(zc, c_ok, 1)[:, None]
 
-    z = z * inv_tau
-    z_max = tl.max(tl.where(c_ok[None, :], z, float("-inf")), axis=1)
-    lse_z = z_max + tl.log(tl.sum(tl.where(c_ok[None, :], tl.exp(z - z_max[:, None]), 0.0), axis=1))
+    # Subclass log-softmax per class on the (rows, class, subclass) view; log p_c added after it, so
+    # a huge u / beta cannot cancel log p_c away.
+    u = (u * tl.load(sub_scale_ptr + k_cols)[None, :] + tl.load(sub_bias_ptr + k_cols)[None, :]) * inv_beta
+    u3 = tl.reshape(u, (BLOCK_N, C_PAD, S_PAD))
+    s_idx = tl.arange(0, S_PAD)
+    s_ok = (s_idx < S)[None, None, :]
+    lse_u = _masked_lse(u3, s_ok, 2)
+    out3 = ((u3 - lse_u[:, :, None]) + log_p[:, :, None]).to(out_ptr.dtype.element_ty)
+    if EXACT:  # C = C_PAD and S = S_PAD: whole contiguous rows, so the stores vectorise
+        out_offs = rows64[:, None] * stride_out + k_cols[None, :]
+        tl.store(out_ptr + out_offs, tl.reshape(out3, (BLOCK_N, KP)), mask=row_ok[:, None])
+    else:
+        cols3 = c_idx[None, :, None] * S + s_idx[None, None, :]
+        mask3 = row_ok[:, None, None] & (c_idx < C)[None, :, None] & s_ok
+        tl.store(out_ptr + rows64[:, None, None] * stride_out + cols3, out3, mask=mask3)
 
-    u = u * inv_beta
-    col_class = k_cols // S
-    out = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for c in range(0, C):
-        lse_u = _segment_lse(u, col_class[None, :], c, k_ok[None, :])
-        z_c = tl.sum(tl.where(c_cols[None, :] == c, z, 0.0), axis=1)
-        val = (z_c - lse_z - lse_u)[:, None] + u
-        out = tl.where(col_class[None, :] == c, val, out)
-    tl.store(out_ptr + rows64[:, None] * stride_out + k_cols[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & k_ok[None, :])
+
+_autotuned = {
+    name: triton.autotune([triton.Config({"BLOCK_N": c.block_n, "BLOCK_D": c.block_d}, num_warps=c.num_warps,
+                                         num_stages=c.num_stages) for c in configs],
+                          key=["D", "C_PAD", "S_PAD", "HAS_LOGITS", "SPLIT", "EXACT"])(lelp_targets_kernel)
+    for name, configs in CONFIGS.items()
+}
 
 
-def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out):
-    """Launches the kernel; ``weight``/``bias`` are the fused ``[A | Wᵀ]``, ``[e | b]`` (fp32)."""
-    n, d = embeddings.shape
+class SplitMap(NamedTuple):
+    """The fused map laid out for the kernel (see ``split_map``)."""
+
+    sub_hi: torch.Tensor  # (d, C_PAD * S_PAD) input dtype
+    sub_lo: torch.Tensor
+    sub_scale: torch.Tensor  # (C_PAD * S_PAD,) fp32: undoes the column scaling and 2^shift
+    sub_bias: torch.Tensor  # (C_PAD * S_PAD,) fp32
+    head_hi: Optional[torch.Tensor]  # (d, 16) or None when logits are given
+    head_lo: Optional[torch.Tensor]
+    head_scale: Optional[torch.Tensor]
+    head_bias: Optional[torch.Tensor]
+    c_pad: int
+    s_pad: int
+
+
+def _split_columns(m: torch.Tensor, dtype: torch.dtype):
+    """hi, lo (dtype) and an fp32 column scale with m ≈ (hi + lo) * scale, to ~2^-16 of each column's max."""
+    m = m.to(torch.float64)
+    col_max = m.abs().amax(0)
+    exponent = torch.where(col_max > 0, torch.ceil(torch.log2(col_max.clamp_min(1e-300))), torch.zeros_like(col_max))
+    shift = LO_SHIFT[dtype]
+    unit = torch.exp2(exponent)  # |m / unit| <= 1
+    scaled = m / unit
+    hi = scaled.to(dtype)
+    if dtype == torch.float32:
+        return hi, hi, unit.to(torch.float32)
+    lo = ((scaled - hi.to(torch.float64)) * 2.0**shift).to(dtype)
+    hi = (hi.to(torch.float64) * 2.0**shift).to(dtype)  # exact: a power-of-two scaling
+    return hi.contiguous(), lo.contiguous(), (unit * 2.0**-shift).to(torch.float32)
+
+
+def split_map(weight: torch.Tensor, bias: torch.Tensor, num_classes: int, n_subclasses: int, dtype: torch.dtype,
+              with_head: bool) -> SplitMap:
+    """Lays the fused ``[A | Wᵀ]``, ``[e | b]`` out for the kernel: padded grid, hi/lo parts of ``dtype``."""
+    d, device = weight.shape[0], weight.device
+    c_pad, s_pad = padded_grid(num_classes, n_subclasses)
     k = num_classes * n_subclasses
-    a = weight[:, :k].contiguous()
-    e = bias[:k].contiguous()
-    w = weight[:, k:].contiguous() if teacher_logits is None else a  # unused when logits are given
-    b = bias[k:].contiguous() if teacher_logits is None else e
+    grid_cols = (torch.arange(num_classes, device=device)[:, None] * s_pad
+                 + torch.arange(n_subclasses, device=device)[None, :]).flatten()
+    sub = torch.zeros(d, c_pad * s_pad, dtype=torch.float64, device=device)
+    sub[:, grid_cols] = weight[:, :k].to(torch.float64)
+    sub_bias = torch.zeros(c_pad * s_pad, dtype=torch.float32, device=device)
+    sub_bias[grid_cols] = bias[:k].to(torch.float32)
+    sub_hi, sub_lo, sub_scale = _split_columns(sub, dtype)
+    head = (None,) * 4
+    if with_head:
+        w = torch.zeros(d, HEAD_PAD, dtype=torch.float64, device=device)
+        w[:, :num_classes] = weight[:, k:].to(torch.float64)
+        b = torch.zeros(HEAD_PAD, dtype=torch.float32, device=device)
+        b[:num_classes] = bias[k:].to(torch.float32)
+        head = (*_split_columns(w, dtype), b)
+    return SplitMap(sub_hi, sub_lo, sub_scale, sub_bias, *head, c_pad, s_pad)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out,
+                   split: Optional[SplitMap] = None):
+    """Launches the kernel; ``weight``/``bias`` are the fused ``[A | Wᵀ]``, ``[e | b]`` (fp32).
+
+    ``split`` is ``split_map``'s layout of that map when the caller caches it."""
+    n, d = embeddings.shape
+    why = limits.targets_unsupported(num_classes, n_subclasses, with_head=teacher_logits is None)
+    if why:
+        raise ValueError(f"the triton targets kernel cannot run: {why}")
+    if split is None:
+        split = split_map(weight, bias, num_classes, n_subclasses, embeddings.dtype, teacher_logits is None)
+    k_pad = split.c_pad * split.s_pad
     z = teacher_logits if teacher_logits is not None else embeddings
-    block_k = max(16, triton.next_power_of_2(k))
-    block_c = max(16, triton.next_power_of_2(num_classes))
-    block_n = 16 if block_k <= 128 else 8
-    grid = (triton.cdiv(n, block_n),)
-    lelp_targets_kernel[grid](
-        embeddings, embeddings.stride(0), a, e, w, b, z, z.stride(0), out, out.stride(0),
-        n, d, num_classes, n_subclasses, 1.0 / beta, 1.0 / tau,
-        HAS_LOGITS=teacher_logits is not None, BLOCK_N=block_n, BLOCK_D=32, BLOCK_K=block_k, BLOCK_C=block_c,
-    )
+    head = [split.head_hi, split.head_lo, split.head_scale, split.head_bias]
+    head = [t if t is not None else split.sub_bias for t in head]  # unused pointers when logits are given
+    args = (embeddings, embeddings.stride(0), split.sub_hi, split.sub_lo, split.sub_scale, split.sub_bias, *head,
+            z, z.stride(0), out, out.stride(0), n, d, num_classes, n_subclasses, 1.0 / beta, 1.0 / tau)
+    constexprs = dict(HAS_LOGITS=teacher_logits is not None, SPLIT=embeddings.dtype != torch.float32,
+                      PRECISION="tf32x3" if embeddings.dtype == torch.float32 else "ieee",
+                      C_PAD=split.c_pad, S_PAD=split.s_pad,
+                      EXACT=(split.c_pad, split.s_pad) == (num_classes, n_subclasses))
+    if _interpreting():  # the autotuner times configs on a GPU; the interpreter takes the first one
+        cfg = CONFIGS[config_class(k_pad)][0]
+        grid = (triton.cdiv(n, cfg.block_n),)
+        lelp_targets_kernel[grid](*args, **constexprs, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+    else:
+        _autotuned[config_class(k_pad)][lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **constexprs)
     return out
+
+
+def _variants() -> List[dict]:
+    """Every constexpr combination ``targets_triton`` can launch, at one grid shape per config class."""
+    grids = {"narrow": (8, 16), "wide": (4, 128)}
+    variants = []
+    for name, configs in CONFIGS.items():
+        c_pad, s_pad = grids[name]
+        for cfg in configs:
+            for dtype, has_logits, exact in itertools.product(_TL_DTYPES, (False, True), (False, True)):
+                variants.append(dict(
+                    dtype=_TL_DTYPES[dtype], config=cfg,
+                    constexprs=dict(HAS_LOGITS=has_logits, SPLIT=dtype != torch.float32,
+                                    PRECISION="tf32x3" if dtype == torch.float32 else "ieee",
+                                    C_PAD=c_pad, S_PAD=s_pad, EXACT=exact, BLOCK_N=cfg.block_n,
+                                    BLOCK_D=cfg.block_d)))
+    return variants
+
+
+VARIANTS = _variants()
+
+
+def signature(dtype: str, out_dtype: str = "fp32") -> dict:
+    """The kernel's argument types for ahead-of-time compilation (``triton.compile``)."""
+    return {
+        "h_ptr": f"*{dtype}", "stride_h": "i64", "sub_hi_ptr": f"*{dtype}", "sub_lo_ptr": f"*{dtype}",
+        "sub_scale_ptr": "*fp32", "sub_bias_ptr": "*fp32", "head_hi_ptr": f"*{dtype}", "head_lo_ptr": f"*{dtype}",
+        "head_scale_ptr": "*fp32", "head_bias_ptr": "*fp32", "z_ptr": f"*{dtype}", "stride_z": "i64",
+        "out_ptr": f"*{out_dtype}", "stride_out": "i64", "N": "i32", "D": "i32", "C": "i32", "S": "i32",
+        "inv_beta": "fp32", "inv_tau": "fp32",
+        **{name: "constexpr" for name in ("HAS_LOGITS", "SPLIT", "PRECISION", "C_PAD", "S_PAD", "EXACT",
+                                          "BLOCK_N", "BLOCK_D")},
+    }
 
 
 def available() -> bool:
     """Triton kernels run on CUDA devices, or anywhere under TRITON_INTERPRET=1."""
-    import os
-
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.is_available() or _interpreting()

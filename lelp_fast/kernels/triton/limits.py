@@ -1,0 +1,36 @@
+"""What shapes the Triton kernels take, importable without triton (the dispatcher asks first)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+MAX_HEAD_CLASSES = 16  # the targets kernel's head dot is one 16-column tensor-core tile
+MAX_SUBCLASS_COLUMNS = 512  # C_PAD * S_PAD: beyond it the accumulator no longer fits registers
+MAX_LOSS_K = 512  # the loss kernel holds a whole row (next_pow2(K)) in registers
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def padded_grid(num_classes: int, n_subclasses: int):
+    """(C_PAD, S_PAD): powers of two with C_PAD * S_PAD >= 16 (a full tensor-core tile)."""
+    s_pad = _next_pow2(n_subclasses)
+    c_pad = max(_next_pow2(num_classes), 16 // min(s_pad, 16))
+    return c_pad, s_pad
+
+
+def targets_unsupported(num_classes: int, n_subclasses: int, with_head: bool) -> Optional[str]:
+    """Why the Triton targets kernel cannot take this shape, or None."""
+    if with_head and num_classes > MAX_HEAD_CLASSES:
+        return f"its head dot takes at most {MAX_HEAD_CLASSES} classes (got C={num_classes})"
+    c_pad, s_pad = padded_grid(num_classes, n_subclasses)
+    if c_pad * s_pad > MAX_SUBCLASS_COLUMNS:
+        return f"it takes a padded C*S grid of at most {MAX_SUBCLASS_COLUMNS} columns (got {c_pad}x{s_pad})"
+    return None
+
+
+def loss_unsupported(num_classes: int, n_subclasses: int) -> Optional[str]:
+    """Why the Triton loss kernel cannot take this shape, or None."""
+    k = num_classes * n_subclasses
+    return f"it takes K = C*S <= {MAX_LOSS_K} (got {k})" if k > MAX_LOSS_K else None
