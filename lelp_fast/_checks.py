@@ -76,6 +76,41 @@ def check_finite(name: str, x: torch.Tensor, suspects: Optional[torch.Tensor] = 
         raise NonFiniteRowError(name, row if suspects is None else int(suspects[row]))
 
 
+def check_log_probabilities(name: str, x: torch.Tensor) -> None:
+    """Raises naming the first row of log-probabilities holding NaN or +Inf (-Inf is a probability of 0)."""
+    if x.numel() == 0:
+        return
+    rows = x.reshape(x.shape[0], -1)
+    sums = rows.sum(dim=1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    suspect = torch.nonzero(~(torch.isfinite(sums) | torch.isneginf(sums))).flatten()
+    if suspect.numel() == 0:
+        return
+    bad = suspect[(torch.isnan(rows[suspect]) | torch.isposinf(rows[suspect])).any(dim=1)]
+    if bad.numel():
+        raise ValueError(f"{name} row {int(bad[0])} contains NaN or +Inf; log-targets must be log-probabilities")
+
+
+def check_integer_labels(name: str, labels: torch.Tensor) -> None:
+    """Float labels would be truncated silently by the kernels: refuse them (a dtype check, no sync)."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class indices, got {labels.dtype}; "
+                        f"convert exact integers with .long()")
+
+
+def check_row_weights(name: str, weights: torch.Tensor, atol: float = 1e-3) -> None:
+    """Per-row mixing weights: finite, >= 0, each row summing to 1 within ``atol``; names the row."""
+    w = weights.detach().to(torch.float64)
+    checks = ((torch.isnan(w).any(1) | torch.isinf(w).any(1), "holds NaN or Inf"),
+              ((w < 0).any(1), "has a weight that is not >= 0"),
+              ((w.sum(1) - 1).abs() > atol, "does not sum to 1"))
+    for bad, what in checks:
+        rows = torch.nonzero(bad).flatten()
+        if rows.numel():
+            row = int(rows[0])
+            raise ValueError(f"{name} row {row} {what} ({w[row].tolist()}); weights must be >= 0 and sum to 1 "
+                             "per row")
+
+
 def check_positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")

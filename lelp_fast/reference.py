@@ -202,8 +202,9 @@ def class_logits(student_logits: torch.Tensor, num_classes: int, n_subclasses: i
 
 
 def _plogp_ratio(p: torch.Tensor, log_p: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
-    """``p · (log p − log x)`` with the convention ``0 · log 0 = 0`` (targets may underflow to 0)."""
-    return torch.where(p > 0, p * (log_p - log_x), torch.zeros_like(p))
+    """``p · (log p − log x)`` with the convention ``0 · log 0 = 0`` (targets may underflow to 0);
+    a NaN ``p`` stays NaN."""
+    return torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_x))
 
 
 def divergence(log_t: torch.Tensor, log_q: torch.Tensor, kind: str = "kl") -> torch.Tensor:

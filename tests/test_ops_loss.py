@@ -340,3 +340,89 @@ def test_cuda_online_multi_teacher_matches_reference():
     want, want_grad = reference_loss_and_grad(x.cpu(), log_t, None, num_classes=num_classes, n_subclasses=s)
     torch.testing.assert_close(loss.cpu().double(), want, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(x.grad.cpu().double(), want_grad, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("target_dtype", [torch.bfloat16, torch.float16])
+def test_kl_gradient_with_low_precision_targets(backend, target_dtype):
+    """bf16/fp16 log-targets sum to 1 +- 1e-3: the KL gradient is tau (q Σt - t), whose rows sum to 0;
+    the old tau (q - t) left tau (1 - Σt) in every row."""
+    student, log_t, _ = make_inputs(64, 2, 8, seed=11)
+    log_t = log_t.to(target_dtype)
+    x = student.float().requires_grad_(True)
+    loss = distill_loss(x, log_t, None, num_classes=2, n_subclasses=8, tau=2.0, backend=backend)
+    loss.backward()
+    _, want_grad = reference_loss_and_grad(x, log_t, None, num_classes=2, n_subclasses=8, tau=2.0)
+    assert x.grad.double().sum(1).abs().max() < 1e-6
+    torch.testing.assert_close(x.grad.double(), want_grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", reference.DIVERGENCES)
+@pytest.mark.parametrize("where", ["targets", "student", "all_targets"])
+def test_nan_input_never_gives_a_finite_loss(backend, divergence, where):
+    """A NaN in the targets or the student logits propagates to the loss and that row's gradient."""
+    student, log_t, _ = make_inputs(8, 2, 3, seed=12)
+    student, log_t = student.float(), log_t.float()
+    if where == "targets":
+        log_t[3, 2] = float("nan")
+    elif where == "all_targets":
+        log_t[:] = float("nan")
+    else:
+        student[3, 1] = float("nan")
+    x = student.requires_grad_(True)
+    loss = distill_loss(x, log_t, None, num_classes=2, n_subclasses=3, divergence=divergence, backend=backend,
+                        check_inputs=False)
+    loss.backward()
+    assert torch.isnan(loss)
+    if divergence != "tvd" or where == "student":  # TVD's gradient is sign(q - t)/2, finite as in PyTorch
+        assert torch.isnan(x.grad[3]).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_teacher_weight_never_gives_a_finite_loss(backend):
+    student, log_t, _ = make_inputs(6, 2, 2, seed=13, m=2)
+    w = torch.full((6, 2), 0.5)
+    w[2, 0] = float("nan")
+    loss = distill_loss(student.float(), log_t.float(), None, num_classes=2, n_subclasses=2, teacher_weights=w,
+                        backend=backend, reduction="none", check_inputs=False)
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checked_inputs_name_the_bad_row(backend):
+    """On CPU eager the loss checks its inputs (check_inputs=True, the default) and names the row."""
+    student, log_t, labels = make_inputs(8, 2, 3, seed=14)
+    student, log_t = student.float(), log_t.float()
+    kw = dict(num_classes=2, n_subclasses=3, backend=backend)
+    bad_t = log_t.clone()
+    bad_t[5, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"log_targets.*row 5"):
+        distill_loss(student, bad_t, labels, **kw)
+    bad_s = student.clone()
+    bad_s[2, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"student_logits.*row 2"):
+        distill_loss(bad_s, log_t, labels, **kw)
+    log_t[0, 0] = float("-inf")  # a target of exactly 0 is fine
+    assert torch.isfinite(distill_loss(student, log_t, labels, **kw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_weights_are_validated(backend):
+    student, log_t, _ = make_inputs(6, 2, 2, seed=15, m=2)
+    kw = dict(num_classes=2, n_subclasses=2, backend=backend)
+    for bad, pattern in ((torch.full((6, 2), 5.0), r"teacher_weights.*row 0.*sum to 1"),
+                         (torch.tensor([[0.5, 0.5]] * 3 + [[1.5, -0.5]] + [[0.5, 0.5]] * 2), r"row 3.*>= 0"),
+                         (torch.tensor([[0.5, 0.5]] * 4 + [[float("nan"), 1.0]] + [[0.5, 0.5]]), r"row 4.*NaN")):
+        with pytest.raises(ValueError, match=pattern):
+            distill_loss(student.float(), log_t.float(), None, teacher_weights=bad, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_fractional_float_labels_are_refused(backend, dtype):
+    """Float labels (y + 0.5) gave exactly the integer-label loss; now a clear error names labels."""
+    student, log_t, labels = make_inputs(5, 2, 2, seed=16)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        distill_loss(student.float(), log_t.float(), labels.to(dtype) + 0.5, num_classes=2, n_subclasses=2,
+                     alpha=0.5, backend=backend)

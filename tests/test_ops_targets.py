@@ -64,6 +64,17 @@ def test_low_precision_outputs(backend, out_dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_one_subclass_with_huge_projection_keeps_the_class_probability(backend):
+    """S = 1, beta = 0.01, u = 1e4: (log p_c + u/beta) - lse cancelled log p_c (gave -0.6875 twice
+    instead of log_softmax(z) = -0.6882, -0.6982); the subclass log-softmax must come first."""
+    z = torch.tensor([[0.31, 0.30]])
+    h = torch.tensor([[1.0]])
+    weight = torch.tensor([[1e4, 1e4]])  # u = 1e4 for both classes, S = 1
+    got = lelp_targets(h, weight, torch.zeros(2), 2, 1, teacher_logits=z, beta=0.01, backend=backend)
+    torch.testing.assert_close(got.double(), torch.log_softmax(z.double(), 1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_huge_logits_and_tiny_beta(backend):
     h, weight, bias, _ = random_map(16, 12, 2, 4, True, seed=3, scale=1e3)
     got = lelp_targets(h.float(), (weight * 10).float(), bias.float(), 2, 4, beta=0.01, backend=backend)

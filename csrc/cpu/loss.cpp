@@ -34,7 +34,7 @@ void mix_row(const LossArgs& a, int64_t row, float* scratch, float* log_t) {
   const float* w = a.weights + row * a.n_teachers;
   std::fill(log_t, log_t + K, -INFINITY);
   for (int64_t m = 0; m < a.n_teachers; ++m) {
-    if (!(w[m] > 0.f)) continue;
+    if (w[m] == 0.f) continue;  // a NaN or negative weight reaches log(): NaN, never a finite loss
     cpu::load_row(base + m * K * cpu::dtype_size(a.targets_dtype), a.targets_dtype, K, scratch);
     mix_into(log_t, scratch, w[m], K);
   }
@@ -53,7 +53,7 @@ void online_rows(const LossArgs& a, int64_t r0, int64_t rows, TargetsWorkspace* 
     for (int64_t i = 0; i < rows; i += step) targets_tile(a.online[m], r0 + i, ws[m], tile_t + i * K);
     for (int64_t r = 0; r < rows; ++r) {
       const float w = a.weights[(r0 + r) * a.n_teachers + m];
-      if (w > 0.f) mix_into(log_t + r * K, tile_t + r * K, w, K);
+      if (w != 0.f) mix_into(log_t + r * K, tile_t + r * K, w, K);
     }
   }
 }

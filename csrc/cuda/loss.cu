@@ -40,7 +40,7 @@ __global__ void loss_kernel(LossArgs a, OnlineTeachers online) {
     for (int k = 0; k < K; ++k) log_t[k] = -INFINITY;
     for (int m = 0; m < online.m; ++m) {
       const float w = a.weights[row * a.n_teachers + m];
-      if (!(w > 0.f)) continue;
+      if (w == 0.f) continue;  // NaN or negative weights give NaN, never a finite loss
       cuda::row_targets(online.t[m], row, s);  // s as scratch; the student row is loaded below
       const float log_w = logf(w);
       for (int k = 0; k < K; ++k) log_t[k] = logaddexp_(log_t[k], log_w + s[k]);
@@ -51,7 +51,7 @@ __global__ void loss_kernel(LossArgs a, OnlineTeachers online) {
     for (int k = 0; k < K; ++k) log_t[k] = -INFINITY;
     for (int64_t m = 0; m < a.n_teachers; ++m) {
       const float w = a.weights[row * a.n_teachers + m];
-      if (!(w > 0.f)) continue;
+      if (w == 0.f) continue;  // NaN or negative weights give NaN, never a finite loss
       const float log_w = logf(w);
       for (int k = 0; k < K; ++k)
         log_t[k] = logaddexp_(log_t[k], log_w + load(a.log_targets, a.targets_dtype, row * a.targets_stride + m * K + k));

@@ -5,7 +5,8 @@
 //   L = tau^2 * D(t, q) + alpha * CE(y, logsumexp-pool(s))           (DESIGN.md §1)
 // and its gradient with respect to s, both in fp32. Every divergence is computed
 // from log-probabilities, so huge logits and tiny beta give finite values:
-//   KL(t||q)   dL/ds_k = tau (q_k - t_k)
+//   KL(t||q)   dL/ds_k = tau (q_k sum_j t_j - t_k)   (sum t = 1 only for exact targets: bf16/fp16
+//              log-targets sum to 1 +- 1e-3, and the gradient must stay that of the loss computed)
 //   others     dD/dq_j = a_j  =>  dL/ds_k = tau q_k (a_k - sum_j q_j a_j)
 //   reverse KL a = log q - log t + 1 (the +1 cancels), JS a = (log q - log m) / 2,
 //   TVD        a = sign(q - t) / 2.
@@ -17,9 +18,10 @@ namespace lelp {
 
 enum Divergence : int { kKL = 0, kReverseKL = 1, kJS = 2, kTVD = 3 };
 
-// t * (log t - log x) with the convention 0 * log 0 = 0 (a target of exactly 0).
+// t * (log t - log x) with the convention 0 * log 0 = 0 (a target of exactly 0); a NaN t stays
+// NaN, so a NaN input never becomes a finite loss.
 LELP_HD float xlogx_ratio(float t, float log_t, float log_x) {
-  return t > 0.f ? t * (log_t - log_x) : 0.f;
+  return t == 0.f ? 0.f : t * (log_t - log_x);
 }
 
 LELP_HD float logaddexp_(float a, float b) {
@@ -71,22 +73,30 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
     }
 
   if (divergence == kKL) {
-    for (int64_t i = 0; i < RK; ++i) {
-      grad[i] = tau * (q[i] - t[i]);
-      log_q[i] = t[i] > 0.f ? t[i] * (log_t[i] - log_q[i]) : 0.f;  // the KL terms, reusing log_q
+    for (int64_t r = 0; r < R; ++r) {
+      float sum_t = 0.f;
+      LELP_SIMD_SUM(sum_t)
+      for (int64_t k = 0; k < K; ++k) sum_t += t[r * K + k];
+      row_qa[r] = sum_t;
     }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = r * K + k;
+        grad[i] = tau * (q[i] * row_qa[r] - t[i]);
+        log_q[i] = xlogx_ratio(t[i], log_t[i], log_q[i]);  // the KL terms, reusing log_q
+      }
   } else {
     // a = dD/dq; then the softmax Jacobian: grad_k = tau q_k (a_k - sum_j q_j a_j).
     for (int64_t i = 0; i < RK; ++i) {
       float a, term;
       if (divergence == kReverseKL) {
         const float r = log_q[i] - log_t[i];
-        term = q[i] > 0.f ? q[i] * r : 0.f;
-        a = q[i] > 0.f ? r : 0.f;
+        term = xlogx_ratio(q[i], log_q[i], log_t[i]);
+        a = q[i] == 0.f ? 0.f : r;
       } else if (divergence == kJS) {
         const float log_m = logaddexp_(log_t[i], log_q[i]) - 0.6931471805599453f;
         term = 0.5f * (xlogx_ratio(t[i], log_t[i], log_m) + xlogx_ratio(q[i], log_q[i], log_m));
-        a = q[i] > 0.f ? 0.5f * (log_q[i] - log_m) : 0.f;
+        a = q[i] == 0.f ? 0.f : 0.5f * (log_q[i] - log_m);
       } else {  // TVD
         term = 0.5f * fabsf(t[i] - q[i]);
         a = q[i] > t[i] ? 0.5f : (q[i] < t[i] ? -0.5f : 0.f);

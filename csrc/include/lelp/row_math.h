@@ -79,7 +79,9 @@ LELP_HD void row_log_targets(const float* u, const float* z, int C, int S,
     const float* uc = u + c * S;
     const float log_pc = z[c] * inv_tau - lse_z;
     const float lse_u = scaled_logsumexp(uc, S, 1, inv_beta);
-    for (int s = 0; s < S; ++s) out[c * S + s] = log_pc + uc[s] * inv_beta - lse_u;
+    // The subclass log-softmax first, then log p_c: (log p_c + u/beta) - lse would cancel log p_c
+    // away when |u|/beta is huge (S = 1, u/beta = 1e6).
+    for (int s = 0; s < S; ++s) out[c * S + s] = (uc[s] * inv_beta - lse_u) + log_pc;
   }
 }
 
