@@ -155,7 +155,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         info = projector.fit_info
         captured = ", ".join(f"{v:.3f}" for v in projector.captured_variance().tolist())
         print(f"wrote {args.out}: {projector}, method={projector.fitted_method}; {info['rows']} rows"
-              f" ({info['rows_skipped']} skipped) in {info['seconds']:.1f} s; "
+              f" ({info['rows_skipped']} skipped) in {projector.fit_timing['seconds']:.1f} s; "
               f"captured variance per class: {captured}")
     return 0
 

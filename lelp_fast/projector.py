@@ -18,6 +18,7 @@ from ._checks import (
     check_matrix,
     check_positive,
 )
+from .io.integrity import publish_mode, remove_stale_temps, temp_prefix, tensors_sha256
 from .io.sources import DEFAULT_CHUNK_BYTES, ArraySource, EmbeddingSource, SourceLike, as_source
 from .ops.targets import lelp_targets
 
@@ -25,7 +26,8 @@ __version__ = "0.1.0"
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 FORMAT_NAME = "lelp_fast.projector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one JSON metadata key holding the tensors_sha256 checksum
+METADATA_KEY = "lelp_fast"
 
 
 class LELPProjector:
@@ -81,7 +83,8 @@ class LELPProjector:
         self.n_subclasses = n_subclasses
         self.beta = float(beta)
         self.tau = float(tau)
-        self.null_space = null_space
+        self.null_space = null_space  # after a fit: whether it was applied
+        self._null_space_setting = null_space  # what the caller asked for; a refit starts from it
         self.rotate = rotate
         self.standardize = standardize
         self.seed = int(seed)
@@ -99,6 +102,7 @@ class LELPProjector:
         self.iteration_sample = float(iteration_sample)
         self.fitted_method: Optional[str] = None
         self.fit_info: dict = {}
+        self.fit_timing: dict = {}
         # Fitted state.
         self.A: Optional[torch.Tensor] = None  # (d, K) fp32
         self.e: Optional[torch.Tensor] = None  # (K,) fp32
@@ -172,9 +176,11 @@ class LELPProjector:
                 b = as_tensor("head_bias", head_bias).to(torch.float64)
                 if b.shape != (w.shape[0],):
                     raise ValueError(f"head_bias must have shape ({w.shape[0]},), got {tuple(b.shape)}")
+                check_finite("head_bias", b.reshape(-1, 1))
         elif head_bias is not None:
             raise ValueError("head_bias was given without head_weight; pass both or neither")
-        use_null_space = self.null_space if self.null_space is not None else w is not None
+        setting = self._null_space_setting
+        use_null_space = setting if setting is not None else w is not None
         if use_null_space and w is None:
             raise ValueError("null_space=True needs head_weight (the teacher head to project out)")
         n_classes = _infer_num_classes(source, w, num_classes)
@@ -220,8 +226,10 @@ class LELPProjector:
         self.dim = self.A.shape[0]
         self.null_space = projector is not None
         self.fitted_method = result.method
-        self.fit_info = {"rows": result.rows_seen, "rows_skipped": result.rows_skipped,
-                         "seconds": result.seconds, "bytes_read": result.bytes_read}
+        self.fit_info = {"rows": result.rows_seen, "rows_skipped": result.rows_skipped}
+        # Run facts that differ between identical fits: shown by the CLI, never saved (identical
+        # fits give identical bytes).
+        self.fit_timing = {"seconds": result.seconds, "bytes_read": result.bytes_read}
         self._fused = None
         return self
 
@@ -342,13 +350,19 @@ class LELPProjector:
         if self.head_weight is not None:
             tensors["head_weight"] = self.head_weight
             tensors["head_bias"] = self.head_bias
-        meta = {k: json.dumps(v) for k, v in self.metadata().items()}
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        # One metadata key: safetensors writes its metadata map in hash order, so several keys would
+        # make identical fits differ in bytes.
+        meta = {METADATA_KEY: json.dumps({**self.metadata(), "tensors_sha256": tensors_sha256(tensors)},
+                                         sort_keys=True)}
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+        remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=directory)
         os.close(fd)
         try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+            save_file(tensors, tmp, metadata=meta)
+            publish_mode(tmp)  # mkstemp's 0600 would hide it from other users
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -368,9 +382,19 @@ class LELPProjector:
             raise
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corruption
             raise ValueError(f"{path}: not a readable safetensors projector ({exc})") from exc
-        meta = {k: json.loads(v) for k, v in raw_meta.items()}
+        try:
+            meta = json.loads(raw_meta[METADATA_KEY]) if METADATA_KEY in raw_meta else {
+                k: json.loads(v) for k, v in raw_meta.items()}  # before format 2: one key per field
+        except ValueError as exc:
+            raise ValueError(f"{path}: corrupt projector metadata ({exc})") from exc
         if meta.get("format") != FORMAT_NAME:
             raise ValueError(f"{path}: not a lelp_fast projector (format={meta.get('format')!r})")
+        stored = meta.pop("tensors_sha256", None)
+        if stored is None:
+            raise ValueError(f"{path}: projector has no tensor checksum (written before checksums); refit it")
+        if tensors_sha256(tensors) != stored:
+            raise ValueError(f"{path}: projector tensors fail their sha256 checksum (corrupt file); refit or "
+                             "restore it")
         obj = cls(
             meta["n_subclasses"],
             beta=meta["beta"],

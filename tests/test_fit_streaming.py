@@ -487,3 +487,35 @@ def test_prefetch_keeps_order_and_reraises():
     stream = prefetch(iter(range(10**9)), depth=2)  # an early stop ends the producer thread
     assert next(stream) == 0
     stream.close()
+
+
+def test_checkpoint_with_a_flipped_bit_is_refused_and_stale_temps_are_removed(tmp_path):
+    """A flipped bit in the checkpointed Gram was resumed from (result off by 5e-4); temp files of a
+    run killed mid-write were never removed."""
+    from test_projector import _flip_bit_in_tensor
+
+    from lelp_fast.fit import engine
+
+    h, w, b, y = make_problem(n=600, d=12, num_classes=2, seed=9)
+    ckpt = str(tmp_path / "c.ckpt")
+    stale = tmp_path / ".tmp-c.ckpt-killed"
+    stale.write_bytes(b"x" * 1000)
+    original = engine.accumulate
+    engine.accumulate = lambda *a, **k: original(*a, stop_after_chunks=2, **k)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            LELPProjector(2, method="exact").fit(h.float(), y, head_weight=w, checkpoint=ckpt, checkpoint_every=1,
+                                                 chunk_bytes=480)
+    finally:
+        engine.accumulate = original
+    assert not stale.exists()
+    import json
+    import struct
+
+    header = json.loads(open(ckpt, "rb").read()[8:8 + struct.unpack("<Q", open(ckpt, "rb").read(8))[0]])
+    gram = next(name for name in header if name.startswith("state.") and "gram" in name.lower()
+                or name.startswith("state.") and header[name]["shape"][-1] == 12 and len(header[name]["shape"]) == 3)
+    _flip_bit_in_tensor(ckpt, gram)
+    with pytest.raises(ValueError, match="sha256"):
+        LELPProjector(2, method="exact").fit(h.float(), y, head_weight=w, checkpoint=ckpt, resume=True,
+                                             chunk_bytes=480)

@@ -208,9 +208,13 @@ def test_wide_embeddings_and_many_outputs(backend):
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_rows_are_named_and_overflowing_finite_rows_pass(dtype, bad_value):
     h = torch.randn(50, 12).to(dtype)
-    h[3] = torch.finfo(dtype).max  # finite, but its row sum overflows: must not be reported
+    h[3] = torch.finfo(dtype).max  # finite: not reported as NaN/Inf input...
     w, b = torch.randn(12, 6), torch.randn(6)
-    lelp_targets(h, w, b, 2, 2, backend="torch")
+    if torch.finfo(dtype).max > 1e38:  # ...but where its projection overflows fp32, that is named
+        with pytest.raises(ValueError, match="embeddings row 3 is finite but its projection"):
+            lelp_targets(h, w, b, 2, 2, backend="torch")
+    else:
+        lelp_targets(h, w, b, 2, 2, backend="torch")
     h[41, 7] = bad_value
     h[44, 0] = bad_value
     with pytest.raises(ValueError, match="embeddings row 41 contains NaN or Inf"):
@@ -227,3 +231,20 @@ def test_non_finite_teacher_logits_are_named(backend):
     h[9, 0] = float("nan")
     with pytest.raises(ValueError, match="embeddings row 9 contains NaN or Inf"):
         lelp_targets(h, w, b, 2, 2, teacher_logits=z, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflowing_projection_is_an_error_not_nan_targets(backend):
+    """Finite rows whose projection overflows (3e38) gave all-NaN targets with no error."""
+    h, weight, bias, _ = random_map(6, 5, 2, 3, True, seed=21)
+    h = h.float()
+    h[4] = 3e38
+    with pytest.raises(ValueError, match="row 4 .*overflows"):
+        lelp_targets(h, (weight * 100).float(), bias.float(), 2, 3, backend=backend)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.int64, torch.bool])
+def test_integer_out_dtype_is_refused(out_dtype):
+    h, weight, bias, _ = random_map(3, 4, 2, 2, True, seed=22)
+    with pytest.raises(TypeError, match="out_dtype"):
+        lelp_targets(h.float(), weight.float(), bias.float(), 2, 2, out_dtype=out_dtype)

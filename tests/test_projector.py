@@ -166,3 +166,63 @@ def test_rank_deficient_class_is_rejected():
     LELPProjector(3).fit(h, y, head_weight=w, head_bias=b)
     with pytest.raises(ValueError, match="class 1: its embeddings span fewer than n_subclasses=5"):
         LELPProjector(5).fit(h, y, head_weight=w, head_bias=b)
+
+
+def _flip_bit_in_tensor(path, name):
+    """Flips one bit inside tensor ``name``'s bytes of a safetensors file."""
+    import json
+    import struct
+
+    raw = bytearray(open(path, "rb").read())
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_len])
+    start = 8 + header_len + header[name]["data_offsets"][0]
+    raw[start + 5] ^= 0x10
+    open(path, "wb").write(bytes(raw))
+
+
+def test_projector_with_a_flipped_bit_is_refused(tmp_path):
+    h, w, b, y = make_problem(n=300, d=12, num_classes=2, seed=31)
+    path = tmp_path / "p.safetensors"
+    LELPProjector(3).fit(h, y, head_weight=w, head_bias=b).save(path)
+    LELPProjector.load(path)  # intact: loads
+    _flip_bit_in_tensor(path, "A")
+    with pytest.raises(ValueError, match="sha256"):
+        LELPProjector.load(path)
+
+
+def test_identical_fits_give_identical_bytes(tmp_path):
+    h, w, b, y = make_problem(n=300, d=12, num_classes=2, seed=32)
+    for name in ("a", "b"):
+        LELPProjector(3).fit(h, y, head_weight=w, head_bias=b).save(tmp_path / f"{name}.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_saved_projector_respects_the_umask(tmp_path):
+    import os
+    import stat
+
+    h, _, _, y = make_problem(n=200, d=8, num_classes=2, seed=33)
+    old = os.umask(0o022)
+    try:
+        LELPProjector(2).fit(h, y).save(tmp_path / "p.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "p.safetensors").stat().st_mode) == 0o644
+
+
+def test_nan_head_bias_is_refused_at_fit():
+    h, w, b, y = make_problem(n=200, d=8, num_classes=2, seed=34)
+    b[1] = float("nan")
+    with pytest.raises(ValueError, match="head_bias"):
+        LELPProjector(2).fit(h, y, head_weight=w, head_bias=b)
+
+
+def test_refit_keeps_the_constructor_null_space_setting():
+    """null_space=None (auto) after a fit with a head used to become True, so a refit without a head raised."""
+    h, w, b, y = make_problem(n=300, d=12, num_classes=2, seed=35)
+    p = LELPProjector(2)
+    p.fit(h, y, head_weight=w, head_bias=b)
+    assert p.null_space
+    p.fit(h, y)
+    assert not p.null_space and p.head_weight is None

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from ..io.integrity import publish_mode, remove_stale_temps, temp_prefix, tensors_sha256
 from ..io.prefetch import prefetch
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource
 from .bucket import LabelOutOfRange, bucket_rows
@@ -262,10 +263,12 @@ def _save_checkpoint(path: str, stats, shift: torch.Tensor, meta: dict) -> None:
     tensors = {f"state.{k}": v.detach().cpu().contiguous() for k, v in stats.state().items()}
     tensors["shift"] = shift.cpu().contiguous()
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-ckpt-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=directory)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"meta": json.dumps(meta)})
+        meta = {**meta, "tensors_sha256": tensors_sha256(tensors)}
+        save_file(tensors, tmp, metadata={"meta": json.dumps(meta, sort_keys=True)})
+        publish_mode(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -284,6 +287,9 @@ def _load_checkpoint(path: str):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"checkpoint {path} is unreadable or corrupt ({exc}); delete it to start over") from exc
+    if meta.pop("tensors_sha256", None) != tensors_sha256(tensors):
+        raise ValueError(f"checkpoint {path} fails its sha256 checksum (corrupt or written before checksums); "
+                         "delete it to start over")
     state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
     return meta, tensors["shift"], state
 
@@ -378,6 +384,8 @@ def accumulate(
                         f"{head_weight is not None}:{projector is not None}:{device.type}")
 
     start_pass, skip = 0, 0
+    if checkpoint is not None:
+        remove_stale_temps(checkpoint)  # a run killed mid-write leaves a full C·d²·8-byte temp file
     if checkpoint is not None and os.path.exists(checkpoint):
         if not resume:
             raise ValueError(

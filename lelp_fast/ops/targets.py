@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._checks import check_finite, check_float, check_matrix, check_positive
+from .._checks import check_finite, check_float, check_matrix, check_positive, first_nonfinite_row
 from . import _dispatch
 
 _DTYPE_CODES = _dispatch.DTYPE_CODES
@@ -52,7 +52,22 @@ def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta
         check_finite("embeddings", emb, suspects)
         if logits is not None:
             check_finite("teacher_logits", logits, suspects)
+        raise _overflow_error(int(suspects[0]))
     return out
+
+
+def _overflow_error(row: int) -> ValueError:
+    return ValueError(f"embeddings row {row} is finite but its projection (or teacher logit) is not: it "
+                      "overflows float32; rescale the embeddings or check the projector")
+
+
+def _check_projection(out: torch.Tensor, check_inputs: bool) -> None:
+    """With finite inputs (checked before), a NaN target means the projection overflowed. CPU only:
+    on a GPU the check would synchronise (there the NaN reaches the loss, which stays NaN)."""
+    if check_inputs and out.device.type == "cpu":
+        row = first_nonfinite_row(torch.where(torch.isneginf(out), 0.0, out))  # -inf: a target of 0
+        if row is not None:
+            raise _overflow_error(row)
 
 
 def lelp_targets(
@@ -107,6 +122,11 @@ def lelp_targets(
                 f"teacher_logits has {teacher_logits.shape[0]} rows but embeddings has {embeddings.shape[0]}"
             )
     if out is not None:
+        out_dtype = out.dtype
+    if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16 (float64 on the torch backend), "
+                        f"got {out_dtype}")
+    if out is not None:
         if out.shape != (embeddings.shape[0], k) or out.device != embeddings.device:
             raise ValueError(
                 f"out must be a ({embeddings.shape[0]}, {k}) tensor on {embeddings.device}, "
@@ -138,6 +158,7 @@ def lelp_targets(
             check_finite("teacher_logits", teacher_logits)
     if chosen == "torch":
         result = _targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out_dtype)
+        _check_projection(result, check_inputs)
         if out is None:
             return result
         out.copy_(result)
@@ -153,6 +174,7 @@ def lelp_targets(
         if emb.shape[0]:
             targets_triton(emb, weight.to(emb.device, torch.float32), bias.to(emb.device, torch.float32),
                            num_classes, n_subclasses, logits, beta, tau, out)
+        _check_projection(out, check_inputs)
         return out
     return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, chosen,
                              check_inputs)
