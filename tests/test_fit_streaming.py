@@ -519,3 +519,46 @@ def test_checkpoint_with_a_flipped_bit_is_refused_and_stale_temps_are_removed(tm
     with pytest.raises(ValueError, match="sha256"):
         LELPProjector(2, method="exact").fit(h.float(), y, head_weight=w, checkpoint=ckpt, resume=True,
                                              chunk_bytes=480)
+
+
+def _parquet(tmp_path, rows, labels):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"embeddings": pa.array(rows, type=pa.list_(pa.float32())), "labels": labels}), path)
+    return path
+
+
+def test_parquet_rows_of_the_wrong_length_are_refused(tmp_path):
+    """Rows of 15 and 17 values with d = 16 were re-cut silently into 16-wide rows."""
+    from lelp_fast.io import ParquetSource
+
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal(16).tolist() for _ in range(40)]
+    rows[7], rows[8] = rows[7][:15], rows[8] + [0.5]
+    path = _parquet(tmp_path, rows, list(range(2)) * 20)
+    with pytest.raises(ValueError, match=r"bad.parquet: column 'embeddings' row 7 has 15 values, expected 16"):
+        LELPProjector(2).fit(ParquetSource(path))
+
+
+def test_parquet_float_labels_follow_the_one_label_rule(tmp_path):
+    """Float labels (y + 0.6) were truncated silently from Parquet while .npy refused them."""
+    from lelp_fast.io import ParquetSource
+
+    rng = np.random.default_rng(1)
+    rows = [rng.standard_normal(8).tolist() for _ in range(40)]
+    path = _parquet(tmp_path, rows, [y + 0.6 for y in [0, 1] * 20])
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        LELPProjector(2).fit(ParquetSource(path))
+    path = _parquet(tmp_path, rows, [None] + [0, 1] * 19 + [1])
+    with pytest.raises(ValueError, match="column 'labels' row 0 is null"):
+        LELPProjector(2).fit(ParquetSource(path))
+
+
+def test_fit_on_bf16_tensors():
+    """The source fingerprint called np.asarray on a bf16 tensor: TypeError on every bf16 fit."""
+    h, _, _, y = make_problem(n=300, d=12, num_classes=2, seed=41)
+    p = LELPProjector(2).fit(h.to(torch.bfloat16), y)
+    q = LELPProjector(2).fit(h.to(torch.bfloat16).float(), y)
+    torch.testing.assert_close(p.A, q.A)

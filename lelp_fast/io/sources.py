@@ -143,8 +143,16 @@ class ArraySource(EmbeddingSource):
         # Sample a few rows rather than hashing gigabytes: catches a replaced or rewritten file.
         for r in sorted({0, self.n_rows // 2, self.n_rows - 1}):
             if 0 <= r < self.n_rows:
-                h.update(np.asarray(self.embeddings[r : r + 1]).tobytes())
+                h.update(_row_bytes(self.embeddings[r : r + 1]))
         return h.hexdigest()[:16]
+
+
+def _row_bytes(rows) -> bytes:
+    """The raw bytes of a few rows of an array or tensor (bf16 and CUDA tensors too: numpy has no bf16)."""
+    if isinstance(rows, torch.Tensor):
+        rows = rows.detach().cpu().contiguous()
+        return rows.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return np.asarray(rows).tobytes()
 
 
 def _load_npy(path: str, what: str) -> np.ndarray:
@@ -329,16 +337,29 @@ class ParquetSource(EmbeddingSource):
         value = pc.max(column).as_py()
         return None if value is None else int(value)
 
-    @staticmethod
-    def _matrix(column, what: str) -> torch.Tensor:
+    def _matrix(self, column, what: str, width: int, first_row: int) -> torch.Tensor:
+        """(n, width) from a list column; every row's length is checked (15 and 17 values would
+        otherwise be re-cut into two rows of 16)."""
         import pyarrow as pa
+        import pyarrow.compute as pc
 
         col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        bad = np.nonzero(np.isnan(lengths.astype(np.float64)) | (lengths != width))[0]
+        if bad.size:
+            row = int(bad[0])
+            got = "null" if col[row].as_py() is None else f"{int(lengths[row])} values"
+            raise ValueError(f"{self.path}: column {self.columns[what]!r} row {first_row + row} has {got}, "
+                             f"expected {width}")
         flat = col.flatten().to_numpy(zero_copy_only=False)
-        n = len(col)
-        if n and flat.size % n:
-            raise ValueError(f"Parquet column for {what} has rows of different lengths")
-        return torch.from_numpy(np.ascontiguousarray(flat.reshape(n, -1 if n else 0)))
+        return torch.from_numpy(np.ascontiguousarray(flat.reshape(len(col), width)))
+
+    def _labels(self, column, first_row: int) -> torch.Tensor:
+        """Labels as stored: nulls named here, float labels refused by the fit's one label rule."""
+        if column.null_count:
+            row = int(np.nonzero(column.is_null().to_numpy(zero_copy_only=False))[0][0])
+            raise ValueError(f"{self.path}: column {self.columns['labels']!r} row {first_row + row} is null")
+        return torch.from_numpy(np.ascontiguousarray(column.to_numpy(zero_copy_only=False)))
 
     def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1, every=1):
         import pyarrow.parquet as pq
@@ -350,12 +371,14 @@ class ParquetSource(EmbeddingSource):
         for i, batch in enumerate(pf.iter_batches(batch_size=rows, columns=cols)):
             n = batch.num_rows
             if wanted(i, skip, rank, world, every):
-                emb = self._matrix(batch.column(self.columns["embeddings"]), "embeddings")
+                emb = self._matrix(batch.column(self.columns["embeddings"]), "embeddings", self.dim, start)
                 labels = logits = None
                 if self.columns["labels"] is not None:
-                    labels = torch.from_numpy(batch.column(self.columns["labels"]).to_numpy().astype(np.int64))
+                    labels = self._labels(batch.column(self.columns["labels"]), start)
                 if self.columns["teacher_logits"] is not None:
-                    logits = self._matrix(batch.column(self.columns["teacher_logits"]), "teacher_logits")
+                    logits_col = batch.column(self.columns["teacher_logits"])
+                    width = len(logits_col[0]) if n and logits_col[0].is_valid else 0
+                    logits = self._matrix(logits_col, "teacher_logits", width, start)
                 yield Chunk(i, start, emb, labels, logits)
             start += n
 
