@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from triton_interpreter import patch_bf16_dot  # noqa: E402
+from lelp_fast.kernels.triton.interpreter_fix import patch_bf16_dot  # noqa: E402
 
 if not torch.cuda.is_available():
     patch_bf16_dot()

@@ -1,4 +1,5 @@
-"""Test-only fix of a Triton interpreter defect: its ``tl.dot`` multiplies bf16 operands as the
+"""Fix of a Triton interpreter defect, for tests and CPU logic checks only: its ``tl.dot``
+multiplies bf16 operands as the
 uint16 bit patterns it stores them in (Triton 3.9, ``InterpreterBuilder.create_dot``), so bf16 dots
 come out ~1e10 off. A bf16's bits shifted left by 16 are its exact fp32 value, and products of bf16
 are exact in fp32, so the patched dot computes what the tensor cores do. Real GPUs are unaffected;

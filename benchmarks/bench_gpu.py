@@ -1,0 +1,262 @@
+"""One command to validate and time every GPU op: checks against the fp64 reference, then the tables.
+
+Run on a GPU: python benchmarks/bench_gpu.py [--quick] [--csv docs/bench_gpu.csv]
+Without a GPU (logic only, tiny sizes, Triton interpreter): TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --device cpu --quick
+
+1. Checks: targets and loss (4 divergences, offline / M teachers / online, 3 dtypes, odd shapes,
+   K up to 512, logits ±1e4) on each GPU backend against the fp64 reference, outputs poisoned
+   with NaN first. Any failure is printed and the script exits non-zero after the tables.
+2. Targets: triton / cuda / eager / torch.compile / "compile bf16" (the map cast to bf16, what a
+   user writes), floor = read the embeddings + write the targets at the copy bandwidth measured
+   in the same run.
+3. Loss fwd+bwd (KL, tau = 2, alpha = 0.1): triton / cuda / eager / torch.compile, floor = read s
+   and t + write the gradient at copy bandwidth.
+Times are medians of ``triton.testing.do_bench`` (CUDA events) on a GPU, of a wall clock on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lelp_fast import __version__, reference
+from lelp_fast.ops import _dispatch, distill_loss, lelp_targets
+
+DIVERGENCES = reference.DIVERGENCES
+
+
+def bench(fn, device) -> float:
+    """Median milliseconds."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[1]
+
+
+def gpu_backends(device):
+    return [b for b in ("triton", "cuda") if _dispatch.available(b, torch.device(device))]
+
+
+# ----------------------------------------------------------------------------------- checks
+
+def check_targets(device, failures):
+    cases = [(1, 5, 2, 1), (333, 77, 3, 5), (1000, 768, 2, 8), (257, 130, 8, 16), (65, 64, 2, 64), (129, 40, 16, 4)]
+    for backend in gpu_backends(device):
+        for n, d, c, s in cases:
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                for with_head in (True, False):
+                    g = torch.Generator().manual_seed(n + d + s)
+                    k = c * s
+                    h = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+                    j = k + (c if with_head else 0)
+                    w = torch.randn(d, j, generator=g, dtype=torch.float64) / d**0.5
+                    b = torch.randn(j, generator=g, dtype=torch.float64)
+                    z = None if with_head else (torch.randn(n, c, generator=g, dtype=torch.float64) * 1e4).to(dtype)
+                    proj = h.double() @ w.float().double() + b.float().double()
+                    want = reference.log_targets(proj[:, :k], proj[:, k:] if z is None else z.double(), s, 0.7, 1.3)
+                    out = torch.full((n, k), float("nan"), device=device)
+                    got = lelp_targets(h.to(device), w.float().to(device), b.float().to(device), c, s,
+                                       teacher_logits=None if z is None else z.to(device), beta=0.7, tau=1.3,
+                                       backend=backend, out=out, check_inputs=False)
+                    err = (got.cpu().double() - want).abs().max().item()
+                    tol = 2e-4 + 1e-4 * want.abs().max().item()
+                    if not torch.isfinite(got).all() or err > tol:
+                        failures.append(f"targets {backend} {dtype} n={n} d={d} C={c} S={s} head={with_head}: "
+                                        f"max error {err:.3g} > {tol:.3g}")
+
+
+def check_loss(device, failures):
+    tol = {torch.float32: 5e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+    for backend in gpu_backends(device):
+        for n, c, s in [(1, 2, 1), (37, 2, 8), (1031, 5, 8), (9, 3, 13), (64, 2, 256), (33, 4, 10)]:
+            for dtype in tol:
+                for div in DIVERGENCES:
+                    for m in (None, 3):
+                        g = torch.Generator().manual_seed(n * s + c)
+                        k = c * s
+                        student = (torch.randn(n, k, generator=g, dtype=torch.float64) * 3).to(dtype)
+                        shape = (n, k) if m is None else (n, m, k)
+                        log_t = torch.log_softmax(torch.randn(*shape, generator=g, dtype=torch.float64) * 3, -1)
+                        w = None if m is None else torch.softmax(torch.randn(n, m, generator=g), 1)
+                        y = torch.randint(0, c, (n,), generator=g)
+                        x = student.to(device, copy=True).requires_grad_(True)
+                        loss = distill_loss(x, log_t.float().to(device), y.to(device), num_classes=c, n_subclasses=s,
+                                            divergence=div, tau=1.7, alpha=0.3, backend=backend,
+                                            teacher_weights=None if w is None else w.to(device))
+                        loss.backward()
+                        ref_t = log_t.float().double()
+                        if m is not None:
+                            ref_t = torch.log((w.double().unsqueeze(-1) * ref_t.exp()).sum(1))
+                        s64 = student.detach().double().requires_grad_(True)
+                        want = reference.distillation_loss(s64, ref_t, y, num_classes=c, n_subclasses=s,
+                                                           divergence_kind=div, tau=1.7, alpha=0.3)
+                        want.backward()
+                        e_loss = abs(loss.item() - want.item())
+                        e_grad = (x.grad.double().cpu() - s64.grad).abs().max().item()
+                        if not (e_loss <= tol[dtype] * max(1.0, abs(want.item())) and e_grad <= 2 * tol[dtype]):
+                            failures.append(f"loss {backend} {dtype} {div} n={n} C={c} S={s} M={m}: "
+                                            f"errors {e_loss:.3g} / {e_grad:.3g}")
+
+
+# ----------------------------------------------------------------------------------- timings
+
+def eager_targets(h, weight, bias, num_classes, s):
+    k = num_classes * s
+    proj = torch.addmm(bias, h.float(), weight)
+    log_class = F.log_softmax(proj[:, k:], dim=-1)
+    log_sub = F.log_softmax(proj[:, :k].reshape(-1, num_classes, s), dim=-1)
+    return (log_class.unsqueeze(-1) + log_sub).reshape(-1, k)
+
+
+def eager_targets_bf16(h, weight, bias, num_classes, s):
+    k = num_classes * s
+    proj = (h @ weight.to(h.dtype)).float() + bias
+    log_class = F.log_softmax(proj[:, k:], dim=-1)
+    log_sub = F.log_softmax(proj[:, :k].reshape(-1, num_classes, s), dim=-1)
+    return (log_class.unsqueeze(-1) + log_sub).reshape(-1, k)
+
+
+def eager_loss(s, log_t, y, num_classes, n_sub, tau=2.0, alpha=0.1):
+    log_q = F.log_softmax(s.float() / tau, -1)
+    kl = (log_t.float().exp() * (log_t.float() - log_q)).sum(-1)
+    pooled = torch.logsumexp(s.float().reshape(-1, num_classes, n_sub), -1)
+    return (tau * tau * kl).mean() + alpha * F.cross_entropy(pooled, y)
+
+
+def copy_bandwidth(device, nbytes) -> float:
+    """Bytes per ms of a device copy (read + write counted)."""
+    a = torch.empty(nbytes // 4, device=device)
+    b = torch.empty_like(a)
+    return 2 * nbytes / bench(lambda: b.copy_(a), device)
+
+
+def time_targets(device, sizes, rows, bw):
+    for n, d, c, s in sizes:
+        k = c * s
+        for dtype in (torch.bfloat16, torch.float16):
+            h = torch.randn(n, d, device=device).to(dtype)
+            w = torch.randn(d, k + c, device=device) / d**0.5
+            b = torch.randn(k + c, device=device)
+            out = torch.empty(n, k, device=device)
+            floor = (h.numel() * h.element_size() + out.numel() * 4) / bw
+            row = dict(op="targets", shape=f"{n}x{d},K={k}", dtype=str(dtype).split(".")[1], floor=floor)
+            for backend in gpu_backends(device):
+                row[backend] = bench(lambda: lelp_targets(h, w, b, c, s, backend=backend, out=out,
+                                                          check_inputs=False), device)
+            row["eager"] = bench(lambda: eager_targets(h, w, b, c, s), device)
+            if device == "cuda":
+                torch._dynamo.reset()
+                comp = torch.compile(eager_targets, dynamic=False)
+                row["compile"] = bench(lambda: comp(h, w, b, c, s), device)
+                comp16 = torch.compile(eager_targets_bf16, dynamic=False)
+                row["compile bf16"] = bench(lambda: comp16(h, w, b, c, s), device)
+            rows.append(row)
+            del h, out
+
+
+def time_loss(device, sizes, rows, bw):
+    for n, c, s, dtype in sizes:
+        k = c * s
+        st = torch.randn(n, k, device=device).to(dtype).requires_grad_(True)
+        log_t = torch.log_softmax(torch.randn(n, k, device=device), -1).to(dtype)
+        y = torch.randint(0, c, (n,), device=device)
+        floor = (2 * st.numel() * st.element_size() + st.numel() * st.element_size()) / bw
+        row = dict(op="loss fwd+bwd", shape=f"{n},K={k}", dtype=str(dtype).split(".")[1], floor=floor)
+
+        def run(backend):
+            st.grad = None
+            distill_loss(st, log_t, y, num_classes=c, n_subclasses=s, tau=2.0, alpha=0.1, backend=backend,
+                         check_inputs=False).backward()
+
+        for backend in gpu_backends(device):
+            row[backend] = bench(lambda: run(backend), device)
+
+        def run_eager(fn):
+            st.grad = None
+            fn(st, log_t, y, c, s).backward()
+
+        row["eager"] = bench(lambda: run_eager(eager_loss), device)
+        if device == "cuda":
+            torch._dynamo.reset()
+            comp = torch.compile(eager_loss, dynamic=False)
+            row["compile"] = bench(lambda: run_eager(comp), device)
+        rows.append(row)
+
+
+COLUMNS = ["op", "shape", "dtype", "floor", "triton", "cuda", "eager", "compile", "compile bf16"]
+
+
+def print_table(rows):
+    print("| " + " | ".join(COLUMNS) + " | best / floor | compile / best |")
+    print("|" + "---|" * (len(COLUMNS) + 2))
+    for r in rows:
+        ours = min([r[b] for b in ("triton", "cuda") if b in r] or [float("nan")])
+        peer = min([r[b] for b in ("compile", "compile bf16") if b in r] or [float("nan")])
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "—")) for c in COLUMNS]
+        print("| " + " | ".join(cells) + f" | {ours / r['floor']:.2f} | {peer / ours:.2f} |")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true", help="small sizes (a logic check, or a fast GPU smoke run)")
+    p.add_argument("--csv", default=None, help="append the rows to this CSV file")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no GPU: run with --device cpu under TRITON_INTERPRET=1 for a logic check", file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from lelp_fast.kernels.triton.interpreter_fix import patch_bf16_dot
+
+        patch_bf16_dot()
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
+    print(f"device: {name}; torch {torch.__version__}; lelp_fast {__version__}; "
+          f"{datetime.date.today().isoformat()}", flush=True)
+
+    failures = []
+    check_targets(args.device, failures)
+    check_loss(args.device, failures)
+    print(f"checks: {len(failures)} failure(s)", flush=True)
+    for f in failures:
+        print("  FAIL", f)
+
+    big = not args.quick and args.device == "cuda"
+    bw = copy_bandwidth(args.device, (1 << 30) if big else (1 << 22))
+    print(f"copy bandwidth: {bw / 1e9:.3f} TB/s (read + write)" if args.device == "cuda"
+          else f"copy bandwidth: {bw / 1e6:.2f} GB/s", flush=True)
+    t_sizes = ([(4 << 20, 768, 2, 8), (4 << 20, 768, 5, 8), (4 << 20, 768, 8, 16), (1 << 20, 4096, 2, 8),
+                (1 << 20, 4096, 5, 8), (1 << 20, 4096, 8, 16)] if big else [(4096, 64, 2, 8), (1000, 40, 5, 8)])
+    l_sizes = ([(4 << 20, c, s, dt) for (c, s) in ((2, 8), (2, 20), (8, 16), (16, 32), (2, 1)) for dt in
+                (torch.bfloat16, torch.float32)] if big else [(4096, 2, 8, torch.bfloat16), (999, 2, 20, torch.float32)])
+    rows = []
+    time_targets(args.device, t_sizes, rows, bw)
+    time_loss(args.device, l_sizes, rows, bw)
+    print_table(rows)
+    if args.csv:
+        fresh = not os.path.exists(args.csv)
+        with open(args.csv, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS + ["device", "torch", "lelp_fast", "date"])
+            if fresh:
+                writer.writeheader()
+            for r in rows:
+                writer.writerow({**{c: r.get(c, "") for c in COLUMNS}, "device": name, "torch": torch.__version__,
+                                 "lelp_fast": __version__, "date": datetime.date.today().isoformat()})
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
