@@ -6,6 +6,7 @@ refuses (a plain-float global read inside ``@triton.jit`` compiled nowhere on a 
 the only check of that here. The compiles run in a process pool, once per session.
 """
 
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 
@@ -58,9 +59,17 @@ def _compile(case):
 
 @pytest.fixture(scope="module")
 def compiled():
+    """Compiles in fresh (spawned) processes without TRITON_INTERPRET: test_triton.py sets it for
+    this process, where the kernels are then interpreter functions that cannot be compiled."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        return dict(zip(CASES, pool.map(_compile, CASES, chunksize=4)))
+    try:
+        with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            return dict(zip(CASES, pool.map(_compile, CASES, chunksize=4)))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
