@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import List, Optional
@@ -25,16 +26,54 @@ Run 'lelp-fast COMMAND --help' for each command's options.
 """
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def chunk_mib(text: str) -> float:
+    """argparse type: a finite chunk size of at least 1 KiB, in MiB."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MiB, got {text!r}") from None
+    if not (np.isfinite(value) and value >= 1 / 1024):
+        raise argparse.ArgumentTypeError(f"expected a finite size of at least 1/1024 MiB (1 KiB), got {text}")
+    return value
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Fails before a long job when ``path`` could not be written at its end (missing or read-only
+    directory, full disk)."""
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise SystemExit(f"error: {flag} {path}: cannot write there ({exc.strerror})") from None
+
+
 def _load_npy(path: str, name: str) -> np.ndarray:
     """Memory-maps a .npy file so that large inputs are streamed, not loaded."""
     if not os.path.exists(path):
         raise SystemExit(f"error: --{name} {path}: no such file")
     try:
-        return np.load(path, mmap_mode="r")
-    except ValueError:
-        return np.load(path)  # object arrays etc. cannot be memory-mapped
+        try:
+            return np.load(path, mmap_mode="r")
+        except ValueError:
+            return np.load(path)  # object arrays etc. cannot be memory-mapped
     except Exception as exc:  # noqa: BLE001 - reported with the argument's name
-        raise SystemExit(f"error: --{name} {path}: not a readable .npy file ({exc})") from exc
+        raise SystemExit(f"error: --{name} {path}: not a readable .npy file ({exc})") from None
 
 
 def _report(result: dict, markdown: str, out: Optional[str]) -> int:
@@ -113,13 +152,10 @@ def _rank_device(device: Optional[str]) -> Optional[str]:
     return device
 
 
-def _cmd_fit(args: argparse.Namespace) -> int:
+def _projector_from_args(args: argparse.Namespace):
     from .projector import LELPProjector
 
-    source = _fit_source(args)
-    head_w = _load_npy(args.head_weight, "head-weight") if args.head_weight else None
-    head_b = _load_npy(args.head_bias, "head-bias") if args.head_bias else None
-    projector = LELPProjector(
+    return LELPProjector(
         args.subclasses,
         beta=args.beta,
         tau=args.tau,
@@ -133,36 +169,45 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         passes=args.passes,
         iteration_sample=args.iteration_sample,
     )
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from .io.locks import ExclusiveLock
+
+    source = _fit_source(args)
+    head_w = _load_npy(args.head_weight, "head-weight") if args.head_weight else None
+    head_b = _load_npy(args.head_bias, "head-bias") if args.head_bias else None
+    projector = _projector_from_args(args)
     device = _rank_device(args.device)
     group = _process_group(device)
-    projector.fit(
-        source,
-        head_weight=head_w,
-        head_bias=head_b,
-        num_classes=args.num_classes,
-        chunk_bytes=int(args.chunk_mb * (1 << 20)),
-        nan_policy=args.nan_policy,
-        process_group=group,
-        checkpoint=args.checkpoint,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        progress=not args.quiet,
-        device=device or "cpu",
-    )
     rank = 0 if group is None else torch.distributed.get_rank(group)
-    if rank == 0:
-        projector.save(args.out)
-        info = projector.fit_info
-        captured = ", ".join(f"{v:.3f}" for v in projector.captured_variance().tolist())
-        print(f"wrote {args.out}: {projector}, method={projector.fitted_method}; {info['rows']} rows"
-              f" ({info['rows_skipped']} skipped) in {projector.fit_timing['seconds']:.1f} s; "
-              f"captured variance per class: {captured}")
+    if args.checkpoint:
+        _check_writable(args.checkpoint, "--checkpoint")
+    with contextlib.ExitStack() as held:
+        if rank == 0:  # checked and held before the fit, not discovered after it
+            _check_writable(args.out, "--out")
+            held.enter_context(ExclusiveLock(os.path.abspath(args.out) + ".lock", f"--out {args.out}"))
+        projector.fit(
+            source, head_weight=head_w, head_bias=head_b, num_classes=args.num_classes,
+            chunk_bytes=int(args.chunk_mb * (1 << 20)), nan_policy=args.nan_policy, process_group=group,
+            checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
+            progress=not args.quiet, device=device or "cpu",
+        )
+        if rank == 0:
+            projector.save(args.out)
+            info = projector.fit_info
+            captured = ", ".join(f"{v:.3f}" for v in projector.captured_variance().tolist())
+            print(f"wrote {args.out}: {projector}, method={projector.fitted_method}; {info['rows']} rows"
+                  f" ({info['rows_skipped']} skipped) in {projector.fit_timing['seconds']:.1f} s; "
+                  f"captured variance per class: {captured}")
     return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .projector import LELPProjector
 
+    if not os.path.exists(args.projector):
+        raise SystemExit(f"error: projector {args.projector}: no such file")
     p = LELPProjector.load(args.projector)
     meta = p.metadata()
     print(f"{args.projector}: {p}")
@@ -221,7 +266,7 @@ def _cmd_targets(args: argparse.Namespace) -> int:
         manifest = generate_targets(
             projector, source, args.out, format=args.format, dtype=args.dtype, compact=args.compact,
             beta=args.beta, tau=args.tau, chunk_bytes=int(args.chunk_mb * (1 << 20)), backend=args.backend,
-            device=device, process_group=group, progress=not args.quiet,
+            device=device, process_group=group, progress=not args.quiet, verify=not args.no_verify,
         )
     except (ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from exc
@@ -245,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fit LELP on its embeddings, train the same small student with hard labels, vanilla KD "
         "and LELP over several seeds, and print test accuracy and teacher agreement.",
     )
-    demo.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
+    demo.add_argument("--seeds", type=positive_int, default=5, help="number of seeds (default 5)")
     demo.add_argument("--subclasses", type=int, default=4, help="S, pseudo-subclasses per class (default 4)")
     demo.add_argument("--beta", type=float, default=1.0, help="subclass temperature (default 1)")
     demo.add_argument("--tau", type=float, default=1.0, help="class temperature (default 1)")
@@ -264,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--head-weight", help="(C, d) .npy, the teacher head W (enables the null-space projection)")
     fit.add_argument("--head-bias", help="(C,) .npy, the teacher head bias b")
     fit.add_argument("--teacher-logits", help="(N, C) .npy of teacher logits, when no head is given")
-    fit.add_argument("--num-classes", type=int, help="C, when neither a head nor the logits give it")
+    fit.add_argument("--num-classes", type=positive_int, help="C, when neither a head nor the logits give it")
     fit.add_argument("--embeddings-key", default="embeddings", help="tensor/column name of the embeddings")
     fit.add_argument("--labels-key", default="labels", help="tensor/column name of the labels")
     fit.add_argument("--logits-key", default="teacher_logits", help="tensor/column name of the teacher logits")
@@ -286,9 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--no-standardize", action="store_true", help="do not scale coordinates to unit variance")
     fit.add_argument("--nan-policy", choices=("raise", "skip"), default="raise",
                      help="stop at the first NaN/Inf row (default), or skip and count such rows")
-    fit.add_argument("--chunk-mb", type=float, default=64, help="MiB of embeddings per chunk (default 64)")
+    fit.add_argument("--chunk-mb", type=chunk_mib, default=64, help="MiB of embeddings per chunk (default 64)")
     fit.add_argument("--checkpoint", help="checkpoint file for the statistics (resumable fits)")
-    fit.add_argument("--checkpoint-every", type=int, default=16, help="chunks between checkpoints (default 16)")
+    fit.add_argument("--checkpoint-every", type=positive_int, default=16, help="chunks between checkpoints (default 16)")
     fit.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     fit.add_argument("--out", required=True, help="output projector .safetensors")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -327,8 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="store u and the teacher logits instead, to choose beta/tau at training time")
     tgt.add_argument("--backend", choices=("auto", "torch", "cpu", "cuda", "triton"), default="auto")
     tgt.add_argument("--device", help="compute device, e.g. cuda (default: cpu)")
-    tgt.add_argument("--chunk-mb", type=float, default=64, help="MiB of embeddings per chunk and shard (default 64)")
+    tgt.add_argument("--chunk-mb", type=chunk_mib, default=64, help="MiB of embeddings per chunk and shard (default 64)")
     tgt.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    tgt.add_argument("--no-verify", action="store_true",
+                     help="over a finished --out, check shard sizes only (default: sha256 too; damaged shards "
+                          "are rewritten)")
     tgt.add_argument("--quiet", action="store_true", help="no progress bar")
     tgt.set_defaults(func=_cmd_targets, labels=None, labels_key=None)
 
@@ -346,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--dataset", choices=tuple(DATASETS), default="digits-parity")
     quality.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
                          help=f"rows to run (default all): {', '.join(METHODS)}")
-    quality.add_argument("--seeds", type=int, default=5)
+    quality.add_argument("--seeds", type=positive_int, default=5)
     quality.add_argument("--subclasses", type=int, default=4, help="S (default 4)")
     quality.add_argument("--beta", type=float, default=1.0)
     quality.add_argument("--tau", type=float, default=1.0)
@@ -363,11 +411,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if getattr(args, "chunk_mb", 1) <= 0:
-        parser.error("--chunk-mb must be positive")
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:  # one line, never a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -73,7 +73,7 @@ def test_errors_name_the_argument(npy_inputs, capsys):
     assert "labels has 3 rows but embeddings has 700" in capsys.readouterr().err
     assert main(["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--subclasses", "50",
                  "--quiet", "--out", str(tmp / "x.safetensors")]) == 2
-    assert "exceeds the embedding dimension" in capsys.readouterr().err
+    assert "exceeds d - rank(W)" in capsys.readouterr().err
 
 
 def test_fit_safetensors_and_parquet_then_inspect(npy_inputs, capsys):
@@ -124,3 +124,50 @@ def test_demo_runs_and_writes_json(tmp_path, capsys):
 def test_console_script_help():
     res = subprocess.run([sys.executable, "-m", "lelp_fast", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "lelp-fast demo" in res.stdout
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["fit", "--checkpoint-every", "0"], "--checkpoint-every"),
+    (["fit", "--chunk-mb", "inf"], "--chunk-mb"),
+    (["fit", "--chunk-mb", "nan"], "--chunk-mb"),
+    (["fit", "--chunk-mb", "1e-9"], "--chunk-mb"),
+    (["targets", "--chunk-mb", "0"], "--chunk-mb"),
+    (["fit", "--num-classes", "-1"], "--num-classes"),
+    (["demo", "--seeds", "0"], "--seeds"),
+])
+def test_bad_flags_are_one_line_errors_naming_the_flag(npy_inputs, capsys, argv, flag):
+    """These gave ZeroDivisionError, KeyError or a late traceback."""
+    paths, tmp = npy_inputs
+    base = {"fit": ["--embeddings", paths["E"], "--labels", paths["y"], "--out", str(tmp / "p.safetensors")],
+            "targets": ["--projector", "p", "--embeddings", paths["E"], "--out", str(tmp / "t")], "demo": []}
+    with pytest.raises(SystemExit) as exc:
+        main(argv[:1] + base[argv[0]] + argv[1:])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert flag in err and "Traceback" not in err
+
+
+def test_missing_or_unwritable_files_are_named_before_the_fit(npy_inputs, capsys, tmp_path):
+    paths, tmp = npy_inputs
+    with pytest.raises(SystemExit, match="projector .*missing.safetensors: no such file"):
+        main(["inspect", str(tmp / "missing.safetensors")])
+    bad = tmp / "bad.npy"
+    bad.write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(SystemExit, match="--head-weight .*bad.npy: not a readable .npy file"):
+        main(["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--head-weight", str(bad), "--out", "x"])
+    fit = ["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--quiet"]
+    with pytest.raises(SystemExit, match="--out .*no-such-dir/p.safetensors: cannot write there"):
+        main(fit + ["--out", str(tmp / "no-such-dir" / "p.safetensors")])
+    with pytest.raises(SystemExit, match="--checkpoint .*cannot write there"):
+        main(fit + ["--out", str(tmp / "p.safetensors"), "--checkpoint", str(tmp / "no-such-dir" / "c")])
+
+
+def test_a_second_fit_on_one_out_is_refused(npy_inputs, capsys):
+    from lelp_fast.io.locks import ExclusiveLock
+
+    paths, tmp = npy_inputs
+    out = str(tmp / "p.safetensors")
+    with ExclusiveLock(out + ".lock", "test"):
+        assert main(["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--quiet", "--out", out]) == 2
+    assert "--out " in capsys.readouterr().err and not os.path.exists(out)
+    assert main(["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--quiet", "--out", out]) == 0

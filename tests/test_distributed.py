@@ -42,3 +42,48 @@ def test_two_gloo_ranks_match_single_process(tmp_path, method):
         torch.testing.assert_close(got.A, single.A, atol=1e-6, rtol=0)
         torch.testing.assert_close(got.e, single.e, atol=1e-6, rtol=0)
         assert torch.equal(got.class_counts, single.class_counts)
+
+
+def _resume_worker(rank, world, init_file, out_dir, stop, expect_error):
+    from lelp_fast.fit import engine
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    original = engine.accumulate
+    if stop:
+        engine.accumulate = lambda *a, **k: original(*a, stop_after_chunks=stop, **k)
+    try:
+        h, w, b, y = _data()
+        p = LELPProjector(3, method="nystrom").fit(
+            h, y, head_weight=w, head_bias=b, chunk_bytes=CHUNK_BYTES, process_group=dist.group.WORLD,
+            checkpoint=os.path.join(out_dir, "fit.ckpt"), checkpoint_every=1, resume=True)
+        p.save(os.path.join(out_dir, f"resumed{rank}.safetensors"))
+    except (KeyboardInterrupt, ValueError) as exc:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(str(exc))
+    finally:
+        engine.accumulate = original
+        dist.destroy_process_group()
+
+
+def test_ranks_resuming_in_different_passes_are_refused(tmp_path):
+    """A rank killed right after a pass's all_reduce (checkpoint in the next pass) and one killed before
+    it: the resumed fit wrote a projector with A off by 0.36. Now every rank refuses before writing."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    import json
+
+    mp.spawn(_resume_worker, args=(2, str(tmp_path / "init1"), str(tmp_path), 2, False), nprocs=2, join=True)
+    ckpt1 = str(tmp_path / "fit.ckpt.rank1")
+    with safe_open(ckpt1, framework="pt") as f:  # rank 1 as if it had reached the next pass
+        meta = json.loads(f.metadata()["meta"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update({"pass": 1, "next_chunk": 0})
+    save_file(tensors, ckpt1, metadata={"meta": json.dumps(meta, sort_keys=True)})
+    for rank in range(2):
+        os.unlink(tmp_path / f"error{rank}.txt")
+    mp.spawn(_resume_worker, args=(2, str(tmp_path / "init2"), str(tmp_path), None, True), nprocs=2, join=True)
+    for rank in range(2):
+        assert "resume in different passes ([0, 1]" in (tmp_path / f"error{rank}.txt").read_text()
+        assert not (tmp_path / f"resumed{rank}.safetensors").exists()

@@ -295,3 +295,77 @@ def test_resume_with_another_world_size_keeps_the_other_ranks_shards(problem, tm
     clean = tmp_path / "clean"
     generate_targets(projector, h, str(clean), chunk_bytes=CHUNK)
     assert _tree(out) == _tree(clean)
+
+
+HOLD_LOCK = """
+import sys, time
+from lelp_fast.io.locks import ExclusiveLock
+ExclusiveLock(sys.argv[1], "test").acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_run_on_one_output_is_refused_and_a_dead_holders_lock_is_taken_over(problem, tmp_path):
+    """Two runs on one --out ended 'complete' with mixed shards; now the second fails at once, naming
+    the holder, and a lock left by a killed run does not block the next one."""
+    import signal
+
+    h, _, projector = problem
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock-rank0")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        with pytest.raises(RuntimeError, match=rf"output directory .*out is in use by another run \(pid {holder.pid}"):
+            generate_targets(projector, h, str(out), chunk_bytes=CHUNK)
+        assert not any(name.startswith("shard-") for name in os.listdir(out))  # nothing written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    clean = str(tmp_path / "clean")
+    generate_targets(projector, h, str(out), chunk_bytes=CHUNK)  # the dead holder's lock is free
+    generate_targets(projector, h, clean, chunk_bytes=CHUNK)
+    assert _tree(str(out)) == _tree(clean)
+
+
+def test_rerun_over_a_finished_directory_repairs_damaged_shards(problem, tmp_path):
+    """A flipped byte in one shard and another shard deleted: the rerun reported 'wrote' over them."""
+    h, _, projector = problem
+    out, clean = str(tmp_path / "out"), str(tmp_path / "clean")
+    generate_targets(projector, h, out, chunk_bytes=CHUNK)
+    generate_targets(projector, h, clean, chunk_bytes=CHUNK)
+    flipped = os.path.join(out, "shard-000002.log_targets.npy")
+    raw = bytearray(open(flipped, "rb").read())
+    raw[-7] ^= 0x01
+    open(flipped, "wb").write(bytes(raw))
+    os.unlink(os.path.join(out, "shard-000004.log_targets.npy"))
+    with pytest.warns(RuntimeWarning, match="2 shard\\(s\\) missing or corrupt"):
+        generate_targets(projector, h, out, chunk_bytes=CHUNK)
+    assert _tree(out) == _tree(clean)
+    TargetsDataset(out)  # loads and verifies
+
+
+def test_outputs_follow_the_umask(problem, tmp_path):
+    import stat
+
+    h, _, projector = problem
+    old = os.umask(0o022)
+    try:
+        generate_targets(projector, h, str(tmp_path / "out"), chunk_bytes=CHUNK)
+    finally:
+        os.umask(old)
+    modes = {stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) for name in os.listdir(tmp_path / "out")}
+    assert modes == {0o644}
+
+
+def test_dataset_names_a_mistyped_path_and_a_truncated_shard(problem, tmp_path):
+    h, _, projector = problem
+    out = str(tmp_path / "out")
+    generate_targets(projector, h, out, chunk_bytes=CHUNK)
+    with pytest.raises(FileNotFoundError, match="targets directory .*outx does not exist"):
+        TargetsDataset(out + "x")
+    shard = os.path.join(out, "shard-000001.log_targets.npy")
+    os.truncate(shard, os.path.getsize(shard) - 10)
+    with pytest.raises(ValueError, match="shard-000001.log_targets.npy is truncated or corrupt"):
+        TargetsDataset(out)

@@ -134,10 +134,24 @@ def test_class_with_too_few_rows():
         LELPProjector(3).fit(h, y, head_weight=w, head_bias=b)
 
 
-def test_too_many_subclasses_for_d():
-    h, w, b, y = make_problem(n=200, d=10, num_classes=2, seed=22)
-    with pytest.raises(ValueError, match="n_subclasses \\* num_classes = 12 exceeds the embedding dimension d=10"):
-        LELPProjector(6).fit(h, y, head_weight=w, head_bias=b)
+def test_c_times_s_may_exceed_d_but_each_class_needs_s_directions():
+    """C·S > d was refused, but each class needs only S <= d - rank(W) directions of its own."""
+    h, w, b, y = make_problem(n=300, d=10, num_classes=3, seed=22)
+    p = LELPProjector(6).fit(h, y, head_weight=w, head_bias=b)  # C·S = 18 > d = 10; S = 6 <= 10 - 3
+    assert p.A.shape == (10, 18) and torch.isfinite(p.A).all()
+    with pytest.raises(ValueError, match=r"n_subclasses=8 exceeds d - rank\(W\) = 7"):
+        LELPProjector(8).fit(h, y, head_weight=w, head_bias=b)
+    flat = h.clone()
+    flat[y == 1, 3:] = 0.0  # class 1 spans only 3 directions (no head: nothing projected out)
+    with pytest.raises(ValueError, match="class 1 has only 3 direction"):
+        LELPProjector(4).fit(flat, y)
+
+
+def test_every_row_skipped_says_so():
+    h, _, _, y = make_problem(n=50, d=6, num_classes=2, seed=23)
+    h[:] = float("nan")
+    with pytest.raises(ValueError, match="every row was skipped"):
+        LELPProjector(2).fit(h, y, nan_policy="skip", num_classes=2)
 
 
 def test_bad_settings_and_dtypes():

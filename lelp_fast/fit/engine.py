@@ -10,6 +10,7 @@ chunks; a resumed fit skips the chunks already counted and ends with the same by
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from typing import Optional
 import torch
 
 from ..io.integrity import publish_mode, remove_stale_temps, temp_prefix, tensors_sha256
+from ..io.locks import ExclusiveLock
 from ..io.prefetch import prefetch
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource
 from .bucket import LabelOutOfRange, bucket_rows
@@ -324,6 +326,16 @@ def accumulate(
     rank, world = _dist_info(process_group)
     if checkpoint is not None and world > 1:
         checkpoint = f"{checkpoint}.rank{rank}"
+    with contextlib.ExitStack() as held:  # one run at a time writes a checkpoint
+        if checkpoint is not None:
+            held.enter_context(ExclusiveLock(f"{checkpoint}.lock", f"checkpoint {checkpoint}"))
+        return _accumulate(source, settings, head_weight, head_bias, projector, process_group, checkpoint,
+                           checkpoint_every, resume, progress, stop_after_chunks, device, rank, world)
+
+
+def _accumulate(source, settings, head_weight, head_bias, projector, process_group, checkpoint, checkpoint_every,
+                resume, progress, stop_after_chunks, device, rank, world) -> FitResult:
+    """The body of :func:`accumulate`, run while the checkpoint is locked."""
     reader = _ChunkReader(settings, head_weight, head_bias)
     t0 = time.perf_counter()
     workspace = torch.empty(0)
@@ -344,15 +356,11 @@ def accumulate(
         raise ValueError("embeddings is empty: no rows to fit on")
     dim = reader.dim if reader.dim is not None else source.dim
     c = settings.num_classes
-    if settings.n_subclasses * c > dim:
-        raise ValueError(
-            f"n_subclasses * num_classes = {settings.n_subclasses * c} exceeds the embedding dimension "
-            f"d={dim}; lower n_subclasses"
-        )
+    # Each class needs S directions of its own; C·S may exceed d (classes share directions).
     null_dim = dim - (0 if head_weight is None or projector is None else int(torch.linalg.matrix_rank(head_weight)))
     if settings.n_subclasses > null_dim:
         raise ValueError(
-            f"n_subclasses={settings.n_subclasses} exceeds d - C = {null_dim}, the dimension left after the "
+            f"n_subclasses={settings.n_subclasses} exceeds d - rank(W) = {null_dim}, the dimension left after the "
             "null-space projection; lower n_subclasses"
         )
     shift = _shift_from(first[1], first[2], c, settings.backend) if first is not None else torch.zeros(c, dim, dtype=torch.float64)
@@ -404,6 +412,8 @@ def accumulate(
         reader.skipped = meta["skipped"]
         if not source.rereadable and skip:
             raise ValueError("a one-shot iterator cannot be resumed; pass a list or a file")
+    if checkpoint is not None and world > 1:
+        _check_ranks_agree(start_pass, checkpoint, process_group)
 
     chunks_done = 0
     for p in range(start_pass, n_passes):
@@ -450,6 +460,9 @@ def accumulate(
     skipped = torch.tensor([reader.skipped], dtype=torch.int64, device=device)
     _all_reduce([skipped], process_group)
     stats.to(torch.device("cpu"))
+    if int(stats.count.sum()) == 0 and int(skipped) > 0:
+        raise ValueError(f"every row was skipped ({int(skipped)} rows with NaN/Inf under nan_policy='skip'): "
+                         "no rows left to fit on")
     for cls in range(c):
         n_c = int(stats.count[cls])
         if n_c < settings.n_subclasses + 1:
@@ -458,11 +471,39 @@ def accumulate(
                 f"{settings.n_subclasses + 1}; lower n_subclasses or add rows of that class"
             )
     means, evals, evecs, total = stats.top_eigenpairs(settings.n_subclasses, projector)
+    _check_class_ranks(evals, settings.n_subclasses)
     if checkpoint is not None and os.path.exists(checkpoint):
         os.unlink(checkpoint)
     nbytes = bar.bytes
     return FitResult(method, means, evals, evecs, total, stats.count.clone(), int(stats.count.sum()),
                      int(skipped), time.perf_counter() - t0, nbytes)
+
+
+def _check_class_ranks(evals: torch.Tensor, n_subclasses: int) -> None:
+    """Every class needs S directions of nonzero variance (standardising divides by their spread)."""
+    for cls in range(evals.shape[0]):
+        top = float(evals[cls].max()) if evals.shape[1] else 0.0
+        nonzero = int((evals[cls] > max(top, 1e-300) * 1e-10).sum())
+        if nonzero < n_subclasses:
+            raise ValueError(
+                f"class {cls} has only {nonzero} direction(s) with nonzero variance (after the null-space "
+                f"projection) but n_subclasses={n_subclasses}; lower n_subclasses or check that class's rows"
+            )
+
+
+def _check_ranks_agree(start_pass: int, checkpoint: str, process_group) -> None:
+    """All ranks must resume in the same pass: the statistics are summed across ranks at the end of
+    every pass, so a rank killed after that sum (its checkpoint already in the next pass) and one
+    killed before it cannot be combined. Refused on every rank before anything is written."""
+    import torch.distributed as dist
+
+    passes: list = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(passes, start_pass, group=process_group)
+    if len(set(passes)) > 1:
+        base = checkpoint.rsplit(".rank", 1)[0]
+        raise ValueError(f"the ranks' checkpoints resume in different passes ({passes}, by rank): a rank was "
+                         f"killed after the end-of-pass sum and another before it; delete {base}.rank* and "
+                         "start the fit over")
 
 
 def _prepend(first, rest):

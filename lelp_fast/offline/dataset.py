@@ -26,12 +26,14 @@ class TargetsDataset(Dataset):
         directory: a finished ``generate_targets`` / ``lelp-fast targets`` output directory.
         dataset: optional map-style dataset with exactly the same number of rows.
         beta, tau: temperatures for compact outputs (required there; refused otherwise).
-        verify: check every shard's size and sha256 first (reads all the outputs once).
+        verify: also check every shard's sha256 (reads all the outputs once); sizes are always checked.
     """
 
     def __init__(self, directory: str, dataset: Optional[Sequence] = None, *, beta: Optional[float] = None,
                  tau: Optional[float] = None, verify: bool = False):
         self.directory = os.path.abspath(os.fspath(directory))
+        if not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"targets directory {self.directory} does not exist")
         manifest = mf.read_manifest(self.directory)
         if manifest is None:
             raise ValueError(f"{self.directory} has no {mf.MANIFEST}: the targets run did not finish; rerun the same "
@@ -50,9 +52,8 @@ class TargetsDataset(Dataset):
         for name, value in (("beta", beta), ("tau", tau)):
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if verify:
-            for entry in self.shards:
-                mf.verify_shard(self.directory, entry)
+        for entry in self.shards:  # sizes always (a stat per file), sha256 with verify=True
+            mf.verify_shard(self.directory, entry, checksums=verify)
         self.dataset, self.beta, self.tau = dataset, beta, tau
         self._starts = [e["rows"][0] for e in self.shards]
         self._starts_tensor = torch.tensor(self._starts, dtype=torch.int64)

@@ -73,30 +73,65 @@ def check_settings(path: str, found: dict, wanted: dict) -> None:
     raise ValueError(f"{path}: {why} ({details}); write to a new output directory or remove this one")
 
 
-def verify_shard(directory: str, entry: dict) -> None:
-    """Raises naming the file when a recorded shard file is missing, truncated or corrupt."""
+def shard_problem(directory: str, entry: dict, checksums: bool = True) -> Optional[str]:
+    """Why a recorded shard is not intact (a file missing, of the wrong size, or with another
+    sha256 when ``checksums``), or None."""
     for info in entry["files"].values():
         path = os.path.join(directory, info["file"])
         if not os.path.exists(path):
-            raise ValueError(f"shard file {path} is recorded as written but is missing; remove the directory to start over")
+            return f"shard file {path} is recorded as written but is missing"
         size = os.path.getsize(path)
         if size != info["bytes"]:
-            raise ValueError(f"shard file {path} is truncated or corrupt: {size} bytes, expected {info['bytes']}")
-        if shards.file_sha256(path) != info["sha256"]:
-            raise ValueError(f"shard file {path} is corrupt: its sha256 does not match the record")
+            return f"shard file {path} is truncated or corrupt: {size} bytes, expected {info['bytes']}"
+        if checksums and shards.file_sha256(path) != info["sha256"]:
+            return f"shard file {path} is corrupt: its sha256 does not match the record"
+    return None
 
 
-def finished_shards(directory: str, settings: dict, verify: bool = True) -> Dict[int, dict]:
-    """Shards recorded by any rank's progress file (checked against the settings and files)."""
+def verify_shard(directory: str, entry: dict, checksums: bool = True) -> None:
+    """Raises naming the file when a recorded shard file is missing, truncated or corrupt."""
+    problem = shard_problem(directory, entry, checksums)
+    if problem:
+        raise ValueError(f"{problem}; remove the directory to start over")
+
+
+def finished_shards(directory: str, settings: dict, verify: bool = True, checksums: bool = True) -> Dict[int, dict]:
+    """Shards recorded by any rank's progress file (checked against the settings and, with
+    ``verify``, the files: sizes, and sha256 with ``checksums``)."""
     done: Dict[int, dict] = {}
     for path in sorted(glob.glob(os.path.join(directory, "progress-rank*.json"))):
         record = _load(path)
         check_settings(path, record["settings"], settings)
         for entry in record["shards"]:
             if verify:
-                verify_shard(directory, entry)
+                verify_shard(directory, entry, checksums)
             done[entry["index"]] = entry
     return done
+
+
+def damaged_shards(directory: str, manifest: dict, checksums: bool) -> Dict[int, str]:
+    """The shards of a finished manifest that are missing or corrupt: index -> why."""
+    damaged = {}
+    for entry in manifest["shards"]:
+        problem = shard_problem(directory, entry, checksums)
+        if problem:
+            damaged[entry["index"]] = problem
+    return damaged
+
+
+def reopen(directory: str, manifest: dict, damaged: Dict[int, str]) -> None:
+    """Turns a finished directory with damaged shards back into a partial run: the intact shards
+    become rank 0's progress record, the damaged ones are removed, the manifest goes last."""
+    intact = [e for e in manifest["shards"] if e["index"] not in damaged]
+    for entry in manifest["shards"]:
+        if entry["index"] in damaged:
+            for info in entry["files"].values():
+                path = os.path.join(directory, info["file"])
+                if os.path.exists(path):
+                    os.unlink(path)
+    write_progress(directory, 0, manifest["settings"], intact)
+    os.unlink(os.path.join(directory, MANIFEST))
+    shards.fsync_directory(directory)
 
 
 def own_progress(directory: str, rank: int) -> List[dict]:

@@ -8,8 +8,10 @@ the recorded shards, redoes the rest, and ends with the same bytes as an uninter
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
+import warnings
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,6 +20,7 @@ from typing import Deque, Optional
 import torch
 
 from .._checks import NonFiniteRowError, check_finite
+from ..io.locks import ExclusiveLock, LockHeldError, is_held
 from ..io.prefetch import prefetch
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource, SourceLike, as_source
 from . import manifest as mf
@@ -39,6 +42,7 @@ def generate_targets(
     device: Optional[str] = None,
     process_group=None,
     progress: bool = False,
+    verify: bool = True,
 ) -> dict:
     """Writes LELP log-targets for every row of ``source`` into ``out_dir``; returns the manifest.
 
@@ -58,6 +62,13 @@ def generate_targets(
         device: where to compute ("cuda" copies each chunk through pinned memory); default CPU.
         process_group: torch.distributed group: chunk i is done by rank i % world; one manifest.
         progress: show a progress bar (rows/s, GB/s, ETA).
+        verify: when ``out_dir`` is already finished, check every shard's sha256 (one read of the
+            outputs) before reporting success; False checks sizes only. Missing or corrupt shards
+            are rewritten.
+
+    The run holds an exclusive lock on ``out_dir`` (per rank) from start to end: a second run on
+    the same directory fails at once with an error naming the holder; a lock left by a killed run
+    is free again (the kernel drops it with its process).
     """
     if format not in shards.FORMATS:
         raise ValueError(f"format must be one of {shards.FORMATS}, got {format!r}")
@@ -72,10 +83,35 @@ def generate_targets(
     rank, world = _dist_info(process_group)
     settings = _settings(projector, src, format, dtype, compact, beta, tau, chunk_bytes)
     out_dir = _prepare_directory(out_dir, rank)
+    with _lock_output(out_dir, rank, world):
+        return _generate(projector, src, out_dir, settings, chunk_bytes, backend, device, process_group, rank,
+                         world, progress, verify)
+
+
+def _lock_output(out_dir: str, rank: int, world: int) -> ExclusiveLock:
+    """Each rank holds ``.lock-rank<r>``; rank 0 also checks that no other run holds a rank lock
+    this run does not have (a run with a larger world size)."""
+    lock = ExclusiveLock(os.path.join(out_dir, f".lock-rank{rank}"), f"output directory {out_dir}").acquire()
+    if rank == 0:
+        for path in glob.glob(os.path.join(out_dir, ".lock-rank*")):
+            other = int(path.rsplit("rank", 1)[1]) if path.rsplit("rank", 1)[1].isdigit() else -1
+            if other >= world and is_held(path):
+                lock.release()
+                raise LockHeldError(f"output directory {out_dir} is in use by another run (its rank {other} holds "
+                                    f"{path}); wait for it to finish or write somewhere else")
+    return lock
+
+
+def _generate(projector, src, out_dir, settings, chunk_bytes, backend, device, process_group, rank, world, progress,
+              verify) -> dict:
+    shards.remove_stale_temp_files(out_dir, rank)  # left by a killed run of this rank (we hold its lock)
     existing = mf.read_manifest(out_dir)
-    if existing is not None:  # a finished run: same settings -> nothing to do
+    if existing is not None:  # a finished run: same settings and intact shards -> nothing to do
         mf.check_settings(os.path.join(out_dir, mf.MANIFEST), existing["settings"], settings)
-        return existing
+        damaged = mf.damaged_shards(out_dir, existing, checksums=verify)
+        if not damaged:
+            return existing
+        _reopen(out_dir, existing, damaged, process_group, rank)
     done = mf.finished_shards(out_dir, settings)
     if done and not src.rereadable:
         raise ValueError(f"{out_dir} holds a partial run, but the source is a one-shot iterable that cannot be "
@@ -100,6 +136,18 @@ def generate_targets(
         if bar is not None:
             bar.close()
     return _finish(out_dir, settings, process_group, rank)
+
+
+def _reopen(out_dir, manifest, damaged, process_group, rank) -> None:
+    """A finished directory with missing or corrupt shards: rank 0 turns it back into a partial run."""
+    if rank == 0:
+        warnings.warn(f"{out_dir}: {len(damaged)} shard(s) missing or corrupt ({next(iter(damaged.values()))}); "
+                      "rewriting them", RuntimeWarning, stacklevel=4)
+        mf.reopen(out_dir, manifest, damaged)
+    if process_group is not None:
+        import torch.distributed as dist
+
+        dist.barrier(process_group)
 
 
 def _settings(projector, src: EmbeddingSource, format, dtype, compact, beta, tau, chunk_bytes) -> dict:
@@ -133,7 +181,6 @@ def _prepare_directory(out_dir: str, rank: int) -> str:
     out_dir = os.path.abspath(os.fspath(out_dir))
     try:
         os.makedirs(out_dir, exist_ok=True)
-        shards.remove_stale_temp_files(out_dir, rank)  # left by a killed run of this rank
         fd, probe = tempfile.mkstemp(prefix=shards.temp_prefix(rank), dir=out_dir)
         os.close(fd)
         os.unlink(probe)
@@ -248,8 +295,8 @@ def _finish(out_dir: str, settings: dict, process_group, rank: int) -> dict:
         import torch.distributed as dist
 
         dist.barrier(process_group)
-    if rank == 0:
-        result = mf.write_manifest(out_dir, settings, mf.finished_shards(out_dir, settings, verify=False))
+    if rank == 0:  # sizes re-checked (cheap); the checksums were taken from the bytes this run wrote
+        result = mf.write_manifest(out_dir, settings, mf.finished_shards(out_dir, settings, checksums=False))
     if process_group is not None:
         dist.barrier(process_group)
     return result if rank == 0 else mf.read_manifest(out_dir)

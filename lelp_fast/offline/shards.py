@@ -24,6 +24,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from ..io.integrity import publish_mode
+
 FORMATS = ("npy", "safetensors", "parquet")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -113,6 +115,7 @@ def write_atomically(path: str, data: bytes, rank: int = 0) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        publish_mode(tmp)  # mkstemp's 0600 would hide the outputs from other users' loaders
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
