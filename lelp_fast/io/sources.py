@@ -426,6 +426,12 @@ def as_source(embeddings: SourceLike, labels=None, teacher_logits=None) -> Embed
         return ArraySource(embeddings, labels, teacher_logits)
     if isinstance(embeddings, (str, os.PathLike)):
         path = os.fspath(embeddings)
+        if os.path.isdir(path):  # a capture directory (lelp_fast.capture)
+            from ..capture.source import CaptureSource
+
+            if labels is not None or teacher_logits is not None:
+                raise ValueError(f"{path} is a capture directory: its labels and teacher logits are inside it")
+            return CaptureSource(path)
         ext = os.path.splitext(path)[1].lower()
         if ext == ".npy":
             return NpySource(path, labels, teacher_logits)

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 from . import shards
 
 MANIFEST = "manifest.json"
-KIND = "lelp_fast.targets"
+KIND = "lelp_fast.targets"  # capture directories use the same records with kind "lelp_fast.capture"
 VERSION = 1
 
 
@@ -41,20 +41,20 @@ def progress_path(directory: str, rank: int) -> str:
     return os.path.join(directory, f"progress-rank{rank}.json")
 
 
-def write_progress(directory: str, rank: int, settings: dict, entries: List[dict]) -> None:
-    record = {"kind": KIND, "version": VERSION, "settings": settings,
+def write_progress(directory: str, rank: int, settings: dict, entries: List[dict], kind: str = KIND) -> None:
+    record = {"kind": kind, "version": VERSION, "settings": settings,
               "shards": sorted(entries, key=lambda e: e["index"])}
     shards.write_atomically(progress_path(directory, rank), _dumps(record), rank)
 
 
-def _load(path: str) -> dict:
+def _load(path: str, kind: str = KIND) -> dict:
     try:
         with open(path, "rb") as f:
             record = json.loads(f.read())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable lelp_fast record ({exc}); remove the directory to start over") from exc
-    if record.get("kind") != KIND or record.get("version") != VERSION:
-        raise ValueError(f"{path} is not a lelp_fast targets record of version {VERSION}")
+    if record.get("kind") != kind or record.get("version") != VERSION:
+        raise ValueError(f"{path} is not a {kind} record of version {VERSION}")
     return record
 
 
@@ -95,12 +95,13 @@ def verify_shard(directory: str, entry: dict, checksums: bool = True) -> None:
         raise ValueError(f"{problem}; remove the directory to start over")
 
 
-def finished_shards(directory: str, settings: dict, verify: bool = True, checksums: bool = True) -> Dict[int, dict]:
+def finished_shards(directory: str, settings: dict, verify: bool = True, checksums: bool = True,
+                    kind: str = KIND) -> Dict[int, dict]:
     """Shards recorded by any rank's progress file (checked against the settings and, with
     ``verify``, the files: sizes, and sha256 with ``checksums``)."""
     done: Dict[int, dict] = {}
     for path in sorted(glob.glob(os.path.join(directory, "progress-rank*.json"))):
-        record = _load(path)
+        record = _load(path, kind)
         check_settings(path, record["settings"], settings)
         for entry in record["shards"]:
             if verify:
@@ -119,7 +120,7 @@ def damaged_shards(directory: str, manifest: dict, checksums: bool) -> Dict[int,
     return damaged
 
 
-def reopen(directory: str, manifest: dict, damaged: Dict[int, str]) -> None:
+def reopen(directory: str, manifest: dict, damaged: Dict[int, str], kind: str = KIND) -> None:
     """Turns a finished directory with damaged shards back into a partial run: the intact shards
     become rank 0's progress record, the damaged ones are removed, the manifest goes last."""
     intact = [e for e in manifest["shards"] if e["index"] not in damaged]
@@ -129,23 +130,23 @@ def reopen(directory: str, manifest: dict, damaged: Dict[int, str]) -> None:
                 path = os.path.join(directory, info["file"])
                 if os.path.exists(path):
                     os.unlink(path)
-    write_progress(directory, 0, manifest["settings"], intact)
+    write_progress(directory, 0, manifest["settings"], intact, kind)
     os.unlink(os.path.join(directory, MANIFEST))
     shards.fsync_directory(directory)
 
 
-def own_progress(directory: str, rank: int) -> List[dict]:
+def own_progress(directory: str, rank: int, kind: str = KIND) -> List[dict]:
     """The shards this rank recorded before (kept when it rewrites its progress file)."""
     path = progress_path(directory, rank)
-    return _load(path)["shards"] if os.path.exists(path) else []
+    return _load(path, kind)["shards"] if os.path.exists(path) else []
 
 
-def read_manifest(directory: str) -> Optional[dict]:
+def read_manifest(directory: str, kind: str = KIND) -> Optional[dict]:
     path = os.path.join(directory, MANIFEST)
-    return _load(path) if os.path.exists(path) else None
+    return _load(path, kind) if os.path.exists(path) else None
 
 
-def write_manifest(directory: str, settings: dict, entries: Dict[int, dict]) -> dict:
+def write_manifest(directory: str, settings: dict, entries: Dict[int, dict], kind: str = KIND) -> dict:
     """The final manifest; every chunk 0..n-1 must be present, rows contiguous."""
     ordered = [entries[i] for i in sorted(entries)]
     row = 0
@@ -155,7 +156,7 @@ def write_manifest(directory: str, settings: dict, entries: Dict[int, dict]) -> 
         row = entry["rows"][1]
     if settings.get("n_rows") is not None and row != settings["n_rows"]:
         raise RuntimeError(f"the shards cover {row} rows, the source has {settings['n_rows']}")
-    manifest = {"kind": KIND, "version": VERSION, "status": "complete", "settings": settings, "n_rows": row,
+    manifest = {"kind": kind, "version": VERSION, "status": "complete", "settings": settings, "n_rows": row,
                 "shards": ordered}
     shards.write_atomically(os.path.join(directory, MANIFEST), _dumps(manifest))
     for path in glob.glob(os.path.join(directory, "progress-rank*.json")):

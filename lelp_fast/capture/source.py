@@ -1,0 +1,77 @@
+"""A capture directory read back as an embedding source (for ``fit`` and ``generate_targets``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource, wanted
+from ..offline import manifest as mf
+from .runner import HEAD_FILE, KIND
+
+
+class CaptureSource(EmbeddingSource):
+    """The rows of a finished capture, one chunk per shard (``chunk_bytes`` is not used: the
+    shards are the unit). Every shard's size is checked when it is opened, its sha256 with
+    ``verify=True``; a truncated or altered shard is an error naming the file."""
+
+    def __init__(self, directory: str, *, verify: bool = False):
+        self.directory = os.path.abspath(os.fspath(directory))
+        if not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"capture directory {self.directory} does not exist")
+        manifest = mf.read_manifest(self.directory, KIND)
+        if manifest is None:
+            raise ValueError(f"{self.directory} has no {mf.MANIFEST}: the capture did not finish; rerun it")
+        for entry in manifest["shards"]:
+            mf.verify_shard(self.directory, entry, checksums=verify)
+        self.shards = manifest["shards"]
+        self.n_rows = manifest["n_rows"]
+        with open(os.path.join(self.directory, mf.MANIFEST), "rb") as f:
+            self._fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
+        first = self._read(0) if self.shards else None
+        self.dim = None if first is None else first["embeddings"].shape[1]
+        self.num_classes = None if first is None else first["teacher_logits"].shape[1]
+
+    def _read(self, s: int) -> dict:
+        from safetensors.torch import load_file
+
+        return load_file(os.path.join(self.directory, self.shards[s]["files"]["capture"]["file"]))
+
+    def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1, every=1):
+        for i, entry in enumerate(self.shards):
+            if wanted(i, skip, rank, world, every):
+                t = self._read(i)
+                yield Chunk(i, entry["rows"][0], t["embeddings"], t["labels"], t["teacher_logits"])
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    @property
+    def nbytes(self) -> Optional[int]:
+        return None
+
+    def max_label(self) -> Optional[int]:
+        top = None
+        for i in range(len(self.shards)):
+            labels = self._read(i)["labels"]
+            if labels.numel():
+                top = max(top or 0, int(labels.max()))
+        return top
+
+    def head(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The teacher head ``(W (C x d), b (C,))`` when the capture stored one."""
+        path = os.path.join(self.directory, HEAD_FILE)
+        if not os.path.exists(path):
+            return None
+        from safetensors.torch import load_file
+
+        t = load_file(path)
+        return t["weight"], t["bias"]
+
+    def tensors(self) -> dict:
+        """Every row at once (small captures, evaluation sets): embeddings, teacher_logits, labels."""
+        parts = [self._read(i) for i in range(len(self.shards))]
+        return {k: torch.cat([p[k] for p in parts]) for k in ("embeddings", "teacher_logits", "labels")}

@@ -1,0 +1,134 @@
+"""Capture: a teacher's embeddings, logits, labels and head as resumable, checksummed shards."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lelp_fast import LELPProjector
+from lelp_fast.capture import CaptureSource, capture
+from lelp_fast.io.locks import ExclusiveLock
+from lelp_fast.offline import generate_targets
+
+
+def tiny_teacher(d_in=12, hidden=8, classes=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+def loader(n=103, d_in=12, classes=3, batch=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False), x, y
+
+
+def _tree(directory):
+    return {n: open(os.path.join(directory, n), "rb").read() for n in sorted(os.listdir(directory))}
+
+
+def test_capture_stores_head_input_logits_labels_and_head(tmp_path):
+    model = tiny_teacher()
+    dl, x, y = loader()
+    manifest = capture(model, dl, str(tmp_path / "cap"), dtype="float32", batches_per_shard=3)
+    assert manifest["n_rows"] == 103 and len(manifest["shards"]) == 4  # 11 batches, 3 per shard
+    src = CaptureSource(str(tmp_path / "cap"), verify=True)
+    got = src.tensors()
+    with torch.no_grad():
+        emb = model[1](model[0](x))
+        logits = model(x)
+    torch.testing.assert_close(got["embeddings"], emb)
+    torch.testing.assert_close(got["teacher_logits"], logits)
+    assert torch.equal(got["labels"], y)
+    w, b = src.head()
+    assert torch.equal(w, model[2].weight.detach()) and torch.equal(b, model[2].bias.detach())
+
+
+def test_layer_hook_and_custom_forward(tmp_path):
+    model = tiny_teacher()
+    dl, x, y = loader()
+    capture(model, dl, str(tmp_path / "a"), layer="0", head=None, dtype="float32")
+    with torch.no_grad():
+        torch.testing.assert_close(CaptureSource(str(tmp_path / "a")).tensors()["embeddings"], model[0](x))
+
+    def forward(m, batch):  # e.g. a transformers model: any batch, any outputs
+        inputs, labels = batch
+        h = m[1](m[0](inputs))
+        return h * 2, m[2](h), labels
+
+    capture(model, dl, str(tmp_path / "b"), forward=forward, head=None, dtype="float32")
+    with torch.no_grad():
+        torch.testing.assert_close(CaptureSource(str(tmp_path / "b")).tensors()["embeddings"],
+                                   2 * model[1](model[0](x)))
+
+
+class _Killed(Exception):
+    pass
+
+
+def _dying(dl, after):
+    for i, batch in enumerate(dl):
+        if i == after:
+            raise _Killed()
+        yield batch
+
+
+@pytest.mark.parametrize("after", [2, 7])
+def test_killed_capture_resumes_to_identical_bytes(tmp_path, after):
+    model = tiny_teacher()
+    dl, _, _ = loader()
+    clean, resumed = str(tmp_path / "clean"), str(tmp_path / "resumed")
+    capture(model, dl, clean, batches_per_shard=2)
+    with pytest.raises(_Killed):
+        capture(model, _dying(dl, after), resumed, batches_per_shard=2)
+    capture(model, dl, resumed, batches_per_shard=2)
+    assert _tree(clean) == _tree(resumed)
+
+
+def test_capture_is_locked_checked_and_repaired(tmp_path):
+    model = tiny_teacher()
+    dl, _, _ = loader()
+    out = str(tmp_path / "cap")
+    os.makedirs(out)
+    with ExclusiveLock(os.path.join(out, ".lock-rank0"), "test"):
+        with pytest.raises(RuntimeError, match="capture directory .* is in use"):
+            capture(model, dl, out)
+    capture(model, dl, out, batches_per_shard=4)
+    with pytest.raises(ValueError, match="other settings"):
+        capture(model, dl, out, batches_per_shard=5)
+    with pytest.raises(ValueError, match="other settings"):  # another teacher
+        capture(tiny_teacher(seed=5), dl, out, batches_per_shard=4)
+    clean = _tree(out)
+    os.unlink(os.path.join(out, "shard-000001.safetensors"))
+    capture(model, dl, out, batches_per_shard=4)  # rewrites the missing shard
+    assert _tree(out) == clean
+
+
+def test_fit_and_targets_read_a_capture_directly(tmp_path):
+    model = tiny_teacher(hidden=16)
+    dl, _, _ = loader(n=400, batch=50)
+    out = str(tmp_path / "cap")
+    capture(model, dl, out, dtype="float32")
+    src = CaptureSource(out)
+    w, b = src.head()
+    p = LELPProjector(2).fit(out, head_weight=w, head_bias=b)
+    t = src.tensors()
+    want = LELPProjector(2).fit(t["embeddings"], t["labels"], head_weight=w, head_bias=b)
+    torch.testing.assert_close(p.A, want.A)
+    manifest = generate_targets(p, out, str(tmp_path / "targets"), dtype="float32")
+    assert manifest["n_rows"] == 400
+
+
+def test_bad_arguments(tmp_path):
+    model = tiny_teacher()
+    dl, _, _ = loader()
+    with pytest.raises(ValueError, match="layer='nope'"):
+        capture(model, dl, str(tmp_path / "a"), layer="nope")
+    with pytest.raises(ValueError, match="dtype"):
+        capture(model, dl, str(tmp_path / "b"), dtype="int8")
+    with pytest.raises(ValueError, match="head='auto' found no nn.Linear"):
+        capture(nn.Sequential(nn.ReLU()), dl, str(tmp_path / "c"))
+    with pytest.raises(FileNotFoundError, match="capture directory .* does not exist"):
+        CaptureSource(str(tmp_path / "missing"))
