@@ -21,6 +21,7 @@ subclass soft targets for training a student.
   lelp-fast inspect projector.safetensors --plot spectrum.png
   lelp-fast targets --projector projector.safetensors --embeddings E.npy --out targets/
   lelp-fast bench quality --dataset hierarchical --methods LELP "vanilla KD"
+  lelp-fast run examples/configs/fashion_mnist.yaml   capture -> fit -> targets -> train -> report
 
 Run 'lelp-fast COMMAND --help' for each command's options.
 """
@@ -277,6 +278,17 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .run import run
+
+    cfg = load_config(args.config)
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    run(cfg, progress=not args.quiet)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lelp-fast", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -379,6 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "are rewritten)")
     tgt.add_argument("--quiet", action="store_true", help="no progress bar")
     tgt.set_defaults(func=_cmd_targets, labels=None, labels_key=None)
+
+    run = sub.add_parser(
+        "run",
+        help="the whole path from one YAML config: capture -> fit -> targets -> train -> report",
+        description="Runs every stage of a config file (see examples/configs/) that is not finished yet; each "
+        "stage is resumable after a kill. Writes report.md/report.json in the config's work_dir.",
+    )
+    run.add_argument("config", help="YAML run config")
+    run.add_argument("--work-dir", help="override the config's work_dir")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
 
     from .quality import DATASETS, METHODS
 

@@ -1,0 +1,54 @@
+"""One config, one command: capture -> fit -> targets -> train -> report (Fashion-MNIST at CI size)."""
+
+import json
+import os
+
+import pytest
+
+from lelp_fast.cli import main
+from lelp_fast.config import ConfigError, load_config, parse_config
+from lelp_fast.examples import fashion_mnist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SMALL = os.path.join(HERE, "..", "examples", "configs", "fashion_mnist_small.yaml")
+needs_data = pytest.mark.skipif(not os.path.exists(os.path.join(fashion_mnist.DATA_DIR, "train-images-idx3-ubyte.gz")),
+                                reason=f"Fashion-MNIST not installed ({fashion_mnist.INSTALL_HINT})")
+
+
+@needs_data
+def test_fashion_mnist_end_to_end_and_rerun_skips_finished_stages(tmp_path, capsys):
+    work = str(tmp_path / "run")
+    assert main(["run", SMALL, "--work-dir", work, "--quiet"]) == 0
+    report = json.load(open(os.path.join(work, "report.json")))
+    assert report["teacher_test_accuracy"] > 0.75
+    assert report["student_test"]["accuracy"] > 0.75 and report["student_test"]["agreement"] > 0.8
+    for path in ("capture/train/manifest.json", "capture/val/manifest.json", "capture/train/head.safetensors",
+                 "projector.safetensors", "targets/manifest.json", "student/student.safetensors",
+                 "student/report.md", "student/curves.png", "report.md"):
+        assert os.path.exists(os.path.join(work, path)), path
+    before = {p: open(os.path.join(work, p), "rb").read() for p in ("report.json", "student/student.safetensors")}
+    capsys.readouterr()
+    assert main(["run", SMALL, "--work-dir", work, "--quiet"]) == 0  # every stage finished: nothing redone
+    assert "exists: loaded" in capsys.readouterr().out
+    assert before == {p: open(os.path.join(work, p), "rb").read() for p in before}
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("work_dir: x\ntask: {factory: 'lelp_fast.examples.fashion_mnist:task'}\ntrain: {epochs: 0}\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.epochs: Input should be greater than 0" in err
+    with pytest.raises(ConfigError, match="fit.betta: Extra inputs are not permitted"):
+        parse_config({"work_dir": "x", "task": {"factory": "a:b"}, "fit": {"betta": 1}})
+    with pytest.raises(ConfigError, match="task.factory: String should match pattern"):
+        parse_config({"work_dir": "x", "task": {"factory": "no colon"}})
+    with pytest.raises(ConfigError, match="config .*missing.yaml: no such file"):
+        load_config(str(tmp_path / "missing.yaml"))
+    cfg = load_config(SMALL)
+    assert cfg.fit.subclasses == 4 and cfg.train.epochs == 4
+
+
+def test_missing_dataset_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist.task(str(tmp_path), data_dir=str(tmp_path / "nowhere"))
