@@ -48,15 +48,16 @@ lelp::TargetsArgs make_targets_args(uintptr_t emb, int emb_dtype, int64_t emb_st
 lelp::LossArgs make_loss_args(uintptr_t student, int student_dtype, int64_t student_stride, int64_t n,
                               int64_t C, int64_t S, uintptr_t log_targets, int targets_dtype,
                               int64_t targets_stride, int64_t n_teachers, uintptr_t weights,
-                              uintptr_t labels, int64_t ignore_index, int divergence, double tau,
-                              double alpha, uintptr_t loss_rows, uintptr_t grad,
-                              const lelp::TargetsArgs* online) {
+                              uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
+                              double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows,
+                              uintptr_t grad, const lelp::TargetsArgs* online) {
   return lelp::LossArgs{reinterpret_cast<const void*>(student), student_dtype, student_stride, n, C, S,
                         reinterpret_cast<const void*>(log_targets), targets_dtype, targets_stride,
                         n_teachers, reinterpret_cast<const float*>(weights), online,
                         reinterpret_cast<const int64_t*>(labels), ignore_index, divergence,
-                        static_cast<float>(tau), static_cast<float>(alpha),
-                        reinterpret_cast<float*>(loss_rows), reinterpret_cast<float*>(grad)};
+                        static_cast<float>(jsd_beta), static_cast<float>(tau), static_cast<float>(alpha),
+                        reinterpret_cast<float*>(loss_rows), reinterpret_cast<float*>(hard_rows),
+                        reinterpret_cast<float*>(grad)};
 }
 
 // One online teacher of the loss: (embeddings, dtype, row stride, d, fused weight, fused bias, J,
@@ -112,8 +113,9 @@ PYBIND11_MODULE(_C, m) {
       "loss",
       [](uintptr_t student, int student_dtype, int64_t student_stride, int64_t n, int64_t C, int64_t S,
          uintptr_t log_targets, int targets_dtype, int64_t targets_stride, int64_t n_teachers,
-         uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double tau,
-         double alpha, uintptr_t loss_rows, uintptr_t grad, const std::vector<OnlineTeacher>& teachers,
+         uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
+         double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows, uintptr_t grad,
+         const std::vector<OnlineTeacher>& teachers,
          bool on_cuda, uintptr_t stream) {
         std::vector<lelp::TargetsArgs> online;
         for (const auto& t : teachers) {
@@ -125,7 +127,7 @@ PYBIND11_MODULE(_C, m) {
           throw std::invalid_argument("loss: one online teacher per mixing weight column is required");
         lelp::LossArgs a = make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets,
                                           targets_dtype, targets_stride, n_teachers, weights, labels,
-                                          ignore_index, divergence, tau, alpha, loss_rows, grad,
+                                          ignore_index, divergence, jsd_beta, tau, alpha, loss_rows, hard_rows, grad,
                                           online.empty() ? nullptr : online.data());
         if (on_cuda) {
 #ifdef LELP_WITH_CUDA

@@ -26,7 +26,9 @@ class LELPLoss(nn.Module):
     Args:
         projector: fitted projector for the online mode (gives C and S too), or a list of them.
         num_classes, n_subclasses: C and S for the offline mode without a projector.
-        divergence: "kl" (KL(t‖q), default), "reverse_kl", "js" or "tvd".
+        divergence: "kl" (KL(t‖q), default), "reverse_kl", "js" (the generalised JSD with ``jsd_beta``),
+            "tvd" or "mse" (squared error of the centred logits s/τ and log t).
+        jsd_beta: the generalised JSD's β (Liger-Kernel, TRL): 0 forward KL, 1 reverse KL, 0.5 (default) JS.
         tau: class temperature τ (also used for the targets online); default the projector's or 1.
         beta: subclass temperature β online; default the projector's.
         alpha: weight of the hard-label cross-entropy on pooled class logits (paper: 0).
@@ -42,6 +44,7 @@ class LELPLoss(nn.Module):
         num_classes: Optional[int] = None,
         n_subclasses: Optional[int] = None,
         divergence: str = "kl",
+        jsd_beta: float = 0.5,
         tau: Optional[float] = None,
         beta: Optional[float] = None,
         alpha: float = 0.0,
@@ -74,6 +77,9 @@ class LELPLoss(nn.Module):
         self.num_classes = int(num_classes)
         self.n_subclasses = int(n_subclasses)
         self.divergence = divergence
+        if not 0.0 <= jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must lie in [0, 1] (0: forward KL, 1: reverse KL), got {jsd_beta!r}")
+        self.jsd_beta = float(jsd_beta)
         self.tau = float(tau)
         self.beta = beta
         self.alpha = float(alpha)
@@ -90,7 +96,8 @@ class LELPLoss(nn.Module):
         embeddings: Optional[torch.Tensor] = None,
         teacher_logits: Optional[torch.Tensor] = None,
         teacher_weights: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        return_components: bool = False,
+    ):
         """Args:
         student_logits: (N, C*S) student outputs.
         targets: (N, C*S) log-targets (offline mode), or (N, M, C*S) for M teachers.
@@ -100,6 +107,8 @@ class LELPLoss(nn.Module):
         teacher_logits: (N, C) teacher logits (online mode, optional with a stored head); a list of
             M (entries may be None) with M projectors.
         teacher_weights: (N, M) per-row teacher weights (rows sum to 1) for M teachers.
+        return_components: return ``(loss, soft, hard)``: the loss and, detached for logging, its
+            τ²·D and α·CE parts, reduced the same way and taken from the same kernel pass.
         """
         online = {}
         if targets is None:
@@ -119,12 +128,14 @@ class LELPLoss(nn.Module):
             num_classes=self.num_classes,
             n_subclasses=self.n_subclasses,
             divergence=self.divergence,
+            jsd_beta=self.jsd_beta,
             tau=self.tau,
             alpha=self.alpha,
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             teacher_weights=teacher_weights,
             backend=self.backend,
+            return_components=return_components,
             **online,
         )
 

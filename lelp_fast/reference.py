@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("kl", "reverse_kl", "js", "tvd")
+DIVERGENCES = ("kl", "reverse_kl", "js", "tvd", "mse")
 REDUCTIONS = ("mean", "sum", "none")
 # Eigenvalues below this fraction of the largest count as zero (the fit accumulates fp32 GEMMs).
 RANK_TOLERANCE = 1e-6
@@ -207,7 +207,7 @@ def _plogp_ratio(p: torch.Tensor, log_p: torch.Tensor, log_x: torch.Tensor) -> t
     return torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_x))
 
 
-def divergence(log_t: torch.Tensor, log_q: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+def divergence(log_t: torch.Tensor, log_q: torch.Tensor, kind: str = "kl", jsd_beta: float = 0.5) -> torch.Tensor:
     """Per-row f-divergence between targets t and student q, both given as log-probabilities.
 
     Computed in log space so huge logits and tiny β give no NaN; a probability that underflows to
@@ -218,11 +218,19 @@ def divergence(log_t: torch.Tensor, log_q: torch.Tensor, kind: str = "kl") -> to
         return _plogp_ratio(t, log_t, log_q).sum(-1)
     if kind == "reverse_kl":
         return _plogp_ratio(q, log_q, log_t).sum(-1)
-    if kind == "js":
-        log_m = torch.logaddexp(log_t, log_q) - math.log(2.0)
-        return 0.5 * (_plogp_ratio(t, log_t, log_m).sum(-1) + _plogp_ratio(q, log_q, log_m).sum(-1))
+    if kind == "js":  # generalised JSD (GKD, TRL): b = 0 forward KL, 1 reverse KL, 1/2 the JS divergence
+        if jsd_beta == 0.0:
+            return _plogp_ratio(t, log_t, log_q).sum(-1)
+        if jsd_beta == 1.0:
+            return _plogp_ratio(q, log_q, log_t).sum(-1)
+        log_m = torch.logaddexp(log_t + math.log(jsd_beta), log_q + math.log(1.0 - jsd_beta))
+        return (jsd_beta * _plogp_ratio(t, log_t, log_m).sum(-1)
+                + (1.0 - jsd_beta) * _plogp_ratio(q, log_q, log_m).sum(-1))
     if kind == "tvd":
         return 0.5 * (t - q).abs().sum(-1)
+    if kind == "mse":  # on centred logits: log q is s/τ minus a per-row constant, which the centring removes
+        e = (log_q - log_q.mean(-1, keepdim=True)) - (log_t - log_t.mean(-1, keepdim=True))
+        return (e * e).mean(-1)
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {kind!r}")
 
 
@@ -234,6 +242,7 @@ def distillation_loss(
     num_classes: int,
     n_subclasses: int,
     divergence_kind: str = "kl",
+    jsd_beta: float = 0.5,
     tau: float = 1.0,
     alpha: float = 0.0,
     reduction: str = "mean",
@@ -245,18 +254,26 @@ def distillation_loss(
     every row is ignored the mean is 0. ``mean`` divides by the number of kept rows (batchmean).
     """
     log_q = F.log_softmax(student_logits / tau, dim=-1)
-    per_row = tau * tau * divergence(log_targets_, log_q, divergence_kind)
+    per_row = tau * tau * divergence(log_targets_, log_q, divergence_kind, jsd_beta)
     if labels is not None:
         keep = labels != ignore_index
         if alpha != 0.0:
-            pooled = class_logits(student_logits, num_classes, n_subclasses)
-            safe_labels = torch.where(keep, labels, torch.zeros_like(labels))
-            ce = F.cross_entropy(pooled, safe_labels, reduction="none")
-            per_row = per_row + alpha * ce
+            per_row = per_row + alpha * hard_label_rows(student_logits, labels, num_classes, n_subclasses,
+                                                        ignore_index)
         per_row = torch.where(keep, per_row, torch.zeros_like(per_row))
     elif alpha != 0.0:
         raise ValueError("labels are required when alpha != 0 (the hard-label term needs them)")
     return reduce_rows(per_row, labels, ignore_index, reduction)
+
+
+def hard_label_rows(student_logits: torch.Tensor, labels: torch.Tensor, num_classes: int, n_subclasses: int,
+                    ignore_index: int = -100) -> torch.Tensor:
+    """Per row ``CE(y, logsumexp-pool(s))``, 0 for rows labelled ``ignore_index``."""
+    keep = labels != ignore_index
+    pooled = class_logits(student_logits, num_classes, n_subclasses)
+    safe_labels = torch.where(keep, labels, torch.zeros_like(labels))
+    ce = F.cross_entropy(pooled, safe_labels, reduction="none")
+    return torch.where(keep, ce, torch.zeros_like(ce))
 
 
 def reduce_rows(

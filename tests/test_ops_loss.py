@@ -426,3 +426,44 @@ def test_fractional_float_labels_are_refused(backend, dtype):
     with pytest.raises(TypeError, match="labels must be an integer tensor"):
         distill_loss(student.float(), log_t.float(), labels.to(dtype) + 0.5, num_classes=2, n_subclasses=2,
                      alpha=0.5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("jsd_beta", [0.0, 0.1, 0.5, 0.7, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generalised_jsd_matches_reference(backend, jsd_beta, dtype):
+    student, log_t, labels = make_inputs(37, 3, 5, seed=17)
+    x = student.to(dtype).requires_grad_(True)
+    kw = dict(num_classes=3, n_subclasses=5, tau=1.5, alpha=0.2)
+    loss = distill_loss(x, log_t.float(), labels, divergence="js", jsd_beta=jsd_beta, backend=backend, **kw)
+    loss.backward()
+    want, want_grad = reference_loss_and_grad(x, log_t.float(), labels, divergence_kind="js", jsd_beta=jsd_beta,
+                                              **kw)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), want, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x.grad.double(), want_grad.to(dtype).double(), atol=atol * 2, rtol=rtol * 10)
+    with pytest.raises(ValueError, match="jsd_beta must lie in"):
+        distill_loss(x, log_t.float(), labels, divergence="js", jsd_beta=1.5, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_soft_and_hard_parts_come_from_the_same_pass(backend, reduction):
+    """return_components=True: (loss, τ²·D part, α·CE part), the parts summing to the loss."""
+    student, log_t, labels = make_inputs(29, 3, 4, seed=18)
+    labels[4] = -100
+    kw = dict(num_classes=3, n_subclasses=4, tau=2.0, alpha=0.3, reduction=reduction)
+    x = student.float().requires_grad_(True)
+    loss, soft, hard = distill_loss(x, log_t.float(), labels, backend=backend, return_components=True, **kw)
+    s64 = student.double()
+    want_hard = reference.reduce_rows(0.3 * reference.hard_label_rows(s64, labels, 3, 4), labels, -100, reduction)
+    want = reference.distillation_loss(s64, log_t, labels, **kw)
+    torch.testing.assert_close(hard.double(), want_hard, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(soft.double(), want - want_hard, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(loss.double(), want, atol=2e-5, rtol=1e-5)
+    assert not soft.requires_grad and not hard.requires_grad
+    loss.sum().backward()  # the loss itself still trains
+    assert torch.isfinite(x.grad).all()
+    _, _, zero = distill_loss(x, log_t.float(), labels, backend=backend, return_components=True,
+                              num_classes=3, n_subclasses=4)
+    assert float(zero.abs().sum()) == 0.0  # alpha = 0: no hard part

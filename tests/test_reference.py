@@ -110,16 +110,32 @@ def test_standardized_coordinates_have_unit_variance_and_zero_mean():
         torch.testing.assert_close(uc.var(0), torch.ones(3, dtype=torch.float64))
 
 
-def numpy_divergence(log_t, log_q, kind):
+def numpy_divergence(log_t, log_q, kind, b=0.5):
     t, q = np.exp(log_t), np.exp(log_q)
     if kind == "kl":
         return (t * (log_t - log_q)).sum(-1)
     if kind == "reverse_kl":
         return (q * (log_q - log_t)).sum(-1)
     if kind == "js":
-        m = 0.5 * (t + q)
-        return 0.5 * (t * np.log(t / m)).sum(-1) + 0.5 * (q * np.log(q / m)).sum(-1)
+        m = b * t + (1 - b) * q
+        return b * (t * np.log(t / m)).sum(-1) + (1 - b) * (q * np.log(q / m)).sum(-1)
+    if kind == "mse":
+        e = (log_q - log_q.mean(-1, keepdims=True)) - (log_t - log_t.mean(-1, keepdims=True))
+        return (e * e).mean(-1)
     return 0.5 * np.abs(t - q).sum(-1)
+
+
+@pytest.mark.parametrize("b", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_generalised_jsd_matches_numpy_and_its_end_points_are_the_kls(b):
+    """jsd_beta = 0 is forward KL(t||q), 1 reverse KL(q||t) (as in TRL's GKD), 1/2 the JS divergence."""
+    g = torch.Generator().manual_seed(8)
+    log_t = torch.log_softmax(torch.randn(20, 9, generator=g, dtype=torch.float64), -1)
+    log_q = torch.log_softmax(torch.randn(20, 9, generator=g, dtype=torch.float64), -1)
+    got = reference.divergence(log_t, log_q, "js", jsd_beta=b).numpy()
+    want = {0.0: numpy_divergence(log_t.numpy(), log_q.numpy(), "kl"),
+            1.0: numpy_divergence(log_t.numpy(), log_q.numpy(), "reverse_kl")}.get(
+        b, numpy_divergence(log_t.numpy(), log_q.numpy(), "js", b))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("kind", reference.DIVERGENCES)
@@ -209,6 +225,8 @@ def test_targets_with_exact_zeros_follow_0_log_0_convention(kind):
     d.sum().backward()
     if kind == "reverse_kl":  # KL(q || t) is infinite where t = 0 < q: correctly so
         assert torch.isinf(d).all()
+    elif kind == "mse":  # logits of a zero probability are -inf: not finite (the ops refuse such rows on CPU)
+        assert not torch.isfinite(d).any()
     else:
         assert torch.isfinite(d).all() and torch.isfinite(s.grad).all()
     if kind == "kl":

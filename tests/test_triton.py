@@ -138,3 +138,15 @@ def test_triton_nan_teacher_weight_never_gives_a_finite_loss():
 @pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")
 def test_triton_one_subclass_with_huge_projection():
     test_ops_targets.test_one_subclass_with_huge_projection_keeps_the_class_probability("triton")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")
+@pytest.mark.parametrize("jsd_beta", [0.0, 0.1, 0.5, 1.0])
+def test_triton_generalised_jsd(jsd_beta):
+    test_ops_loss.test_generalised_jsd_matches_reference("triton", jsd_beta, torch.float32)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_triton_soft_and_hard_parts(reduction):
+    test_ops_loss.test_soft_and_hard_parts_come_from_the_same_pass("triton", reduction)

@@ -83,12 +83,14 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
       if (a.labels != nullptr && labels[r] == a.ignore_index) labels[r] = -1;
     }
     float* grad = a.grad + r0 * K;
-    block_loss_grad(rows, s, log_t, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.tau, a.alpha,
-                    a.labels != nullptr ? labels : nullptr, work, grad, a.loss_rows + r0);
+    block_loss_grad(rows, s, log_t, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
+                    a.labels != nullptr ? labels : nullptr, work, grad, a.loss_rows + r0,
+                    a.hard_rows != nullptr ? a.hard_rows + r0 : nullptr);
     if (a.labels != nullptr) {  // ignored rows contribute nothing
       for (int64_t r = 0; r < rows; ++r) {
         if (a.labels[r0 + r] == a.ignore_index) {
           a.loss_rows[r0 + r] = 0.f;
+          if (a.hard_rows != nullptr) a.hard_rows[r0 + r] = 0.f;
           std::fill(grad + r * K, grad + (r + 1) * K, 0.f);
         }
       }

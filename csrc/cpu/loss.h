@@ -24,8 +24,10 @@ struct LossArgs {
   const int64_t* labels;    // N labels or nullptr
   int64_t ignore_index;
   int divergence;
+  float jsd_beta;           // the generalised JSD's b (divergence kJS); 0.5 is the JS divergence
   float tau, alpha;
   float* loss_rows;         // N fp32 (0 for ignored rows)
+  float* hard_rows;         // N fp32: the alpha * CE part of loss_rows, or nullptr
   float* grad;              // N x K fp32, contiguous (0 for ignored rows)
 };
 

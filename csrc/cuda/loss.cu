@@ -30,6 +30,7 @@ __global__ void loss_kernel(LossArgs a, OnlineTeachers online) {
   const int64_t label = a.labels != nullptr ? a.labels[row] : -1;
   if (a.labels != nullptr && label == a.ignore_index) {
     a.loss_rows[row] = 0.f;
+    if (a.hard_rows != nullptr) a.hard_rows[row] = 0.f;
     for (int k = 0; k < K; ++k) g[k] = 0.f;
     return;
   }
@@ -59,8 +60,9 @@ __global__ void loss_kernel(LossArgs a, OnlineTeachers online) {
   }
   for (int k = 0; k < K; ++k) s[k] = load(a.student, a.student_dtype, row * a.student_stride + k);
   const int64_t y = label;  // -1: no hard-label term
-  block_loss_grad(1, s, log_t, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.tau, a.alpha,
-                  a.labels != nullptr ? &y : nullptr, work, g, a.loss_rows + row);
+  block_loss_grad(1, s, log_t, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
+                  a.labels != nullptr ? &y : nullptr, work, g, a.loss_rows + row,
+                  a.hard_rows != nullptr ? a.hard_rows + row : nullptr);
 }
 
 }  // namespace

@@ -21,7 +21,14 @@ from .. import reference
 from .._checks import check_finite, check_integer_labels, check_log_probabilities, check_row_weights
 from . import _dispatch
 
-DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "js": 2, "tvd": 3}
+DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "js": 2, "tvd": 3, "mse": 4}
+
+
+def _divergence_code(divergence: str, jsd_beta: float) -> int:
+    """The kernels' code; the generalised JSD's end points are the two KLs exactly (as in TRL)."""
+    if divergence == "js" and jsd_beta in (0.0, 1.0):
+        return DIVERGENCE_CODES["kl" if jsd_beta == 0.0 else "reverse_kl"]
+    return DIVERGENCE_CODES[divergence]
 _DTYPE_CODES = _dispatch.DTYPE_CODES
 
 
@@ -42,18 +49,21 @@ def _loss_rows(
     num_classes: int,
     n_subclasses: int,
     divergence: int,
+    jsd_beta: float,
     tau: float,
     alpha: float,
     beta: List[float],
     ignore_index: int,
     use_triton: bool,
-) -> Tuple[Tensor, Tensor]:
-    """Compiled kernel: (loss per row (N,) fp32, dL_row/ds (N, K) fp32)."""
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Compiled kernel: (loss per row (N,) fp32, dL_row/ds (N, K) fp32, the α·CE part of each row's
+    loss (N,) fp32, from the same pass)."""
     n, k = student.shape
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
+    hard_rows = torch.zeros(n, dtype=torch.float32, device=student.device)
     grad = torch.empty(n, k, dtype=torch.float32, device=student.device)
     if n == 0:
-        return loss_rows, grad
+        return loss_rows, grad, hard_rows
     student = _dispatch.rows_contiguous(student)
     if log_targets is not None:
         n_teachers = 1 if log_targets.ndim == 2 else log_targets.shape[1]
@@ -75,21 +85,23 @@ def _loss_rows(
         ))
     if use_triton:
         _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
-                          teacher_logits, num_classes, n_subclasses, divergence, tau, alpha, beta, ignore_index,
-                          loss_rows, grad)
-        return loss_rows, grad
+                          teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
+                          ignore_index, loss_rows, hard_rows, grad)
+        return loss_rows, grad, hard_rows
     on_cuda = student.device.type == "cuda"
     stream = torch.cuda.current_stream(student.device).cuda_stream if on_cuda else 0
     _dispatch.extension().loss(
         student.data_ptr(), _DTYPE_CODES[student.dtype], student.stride(0), n, num_classes, n_subclasses,
-        *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(tau), float(alpha),
-        loss_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
+        *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(jsd_beta), float(tau),
+        float(alpha),
+        loss_rows.data_ptr(), hard_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
     )
-    return loss_rows, grad
+    return loss_rows, grad, hard_rows
 
 
 def _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
-                      num_classes, n_subclasses, divergence, tau, alpha, beta, ignore_index, loss_rows, grad):
+                      num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, loss_rows,
+                      hard_rows, grad):
     """The Triton path; online teachers' targets go through the targets kernel into an fp32 buffer
     first (N x M x K: a small fraction of the embeddings' bytes), then the loss kernel mixes them."""
     from ..kernels.triton.loss import loss_triton
@@ -106,15 +118,17 @@ def _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_w
                            teacher_beta, tau, log_targets[:, i])
         if len(embeddings) == 1:
             log_targets = log_targets[:, 0]
-    loss_triton(student, log_targets.contiguous(), weights, labels, num_classes, n_subclasses, divergence, tau,
-                alpha, ignore_index, loss_rows, grad)
+    loss_triton(student, log_targets.contiguous(), weights, labels, num_classes, n_subclasses, divergence, jsd_beta,
+                tau,
+                alpha, ignore_index, loss_rows, hard_rows, grad)
 
 
 @_loss_rows.register_fake
 def _(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
-      num_classes, n_subclasses, divergence, tau, alpha, beta, ignore_index, use_triton):
+      num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, use_triton):
     n, k = student.shape
-    return student.new_empty(n, dtype=torch.float32), student.new_empty(n, k, dtype=torch.float32)
+    return (student.new_empty(n, dtype=torch.float32), student.new_empty(n, k, dtype=torch.float32),
+            student.new_empty(n, dtype=torch.float32))
 
 
 class _RowsWithGrad(torch.autograd.Function):
@@ -142,6 +156,7 @@ def distill_loss(
     num_classes: int,
     n_subclasses: int,
     divergence: str = "kl",
+    jsd_beta: float = 0.5,
     tau: float = 1.0,
     alpha: float = 0.0,
     reduction: str = "mean",
@@ -154,7 +169,8 @@ def distill_loss(
     beta: Union[float, Sequence[float]] = 1.0,
     backend: str = "auto",
     check_inputs: bool = True,
-) -> Tensor:
+    return_components: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
     """The distillation loss of DESIGN.md §1, fused where a compiled backend is available.
 
     Targets: ``log_targets`` (N, K), or (N, M, K) with ``teacher_weights`` (N, M) (rows summing
@@ -175,6 +191,8 @@ def distill_loss(
     """
     if divergence not in DIVERGENCE_CODES:
         raise ValueError(f"divergence must be one of {tuple(DIVERGENCE_CODES)}, got {divergence!r}")
+    if not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"jsd_beta must lie in [0, 1] (0: forward KL, 1: reverse KL), got {jsd_beta!r}")
     if reduction not in reference.REDUCTIONS:
         raise ValueError(f"reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
     k = num_classes * n_subclasses
@@ -205,6 +223,9 @@ def distill_loss(
     if student_logits.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_cpu_inputs(student_logits, log_targets, labels, teacher_weights, embeddings, teacher_logits,
                           num_classes, ignore_index, check_inputs)
+        if check_inputs and divergence == "mse" and log_targets is not None:
+            check_finite("log_targets (divergence='mse' compares logits: a target of exactly 0 has none)",
+                         log_targets)
 
     chosen = _dispatch.resolve(backend, student_logits.device, _triton_limits(num_classes, n_subclasses, embeddings,
                                                                               teacher_logits))
@@ -214,17 +235,23 @@ def distill_loss(
             raise ValueError(f"backend {chosen!r} takes float32/float16/bfloat16 tensors; use backend='torch' for float64")
         chosen = "torch"
     if chosen == "torch":
-        per_row = _loss_torch(student_logits, log_targets, teacher_weights, labels, embeddings, fused_weight,
-                              fused_bias, teacher_logits, num_classes, n_subclasses, divergence, tau, alpha, beta,
-                              ignore_index)
+        per_row, hard_rows = _loss_torch(student_logits, log_targets, teacher_weights, labels, embeddings,
+                                         fused_weight, fused_bias, teacher_logits, num_classes, n_subclasses,
+                                         divergence, jsd_beta, tau, alpha, beta, ignore_index)
     else:
-        loss_rows, grad = _loss_rows(
+        loss_rows, grad, hard_rows = _loss_rows(
             student_logits.detach(), log_targets, teacher_weights, labels, embeddings, fused_weight, fused_bias,
-            teacher_logits, num_classes, n_subclasses, DIVERGENCE_CODES[divergence], float(tau), float(alpha), beta,
+            teacher_logits, num_classes, n_subclasses, _divergence_code(divergence, jsd_beta), float(jsd_beta),
+            float(tau), float(alpha), beta,
             int(ignore_index), chosen == "triton",
         )
         per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad)
-    return reference.reduce_rows(per_row, labels, ignore_index, reduction)
+    loss = reference.reduce_rows(per_row, labels, ignore_index, reduction)
+    if not return_components:
+        return loss
+    hard = reference.reduce_rows(hard_rows.detach(), labels, ignore_index, reduction)
+    soft = reference.reduce_rows(per_row.detach() - hard_rows.detach(), labels, ignore_index, reduction)
+    return loss, soft, hard
 
 
 def _check_cpu_inputs(student, log_targets, labels, weights, embeddings, teacher_logits, num_classes, ignore_index,
@@ -291,7 +318,8 @@ def _online_teachers(n, k, num_classes, embeddings, fused_weight, fused_bias, te
 
 
 def _loss_torch(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
-                num_classes, n_subclasses, divergence, tau, alpha, beta, ignore_index) -> Tensor:
+                num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index):
+    """(per-row loss, its α·CE part) in fp32 (fp64 for fp64 logits)."""
     compute = torch.float64 if student.dtype == torch.float64 else torch.float32
     if embeddings:
         k = num_classes * n_subclasses
@@ -308,7 +336,14 @@ def _loss_torch(student, log_targets, weights, labels, embeddings, fused_weight,
         log_t = reference.mix_log_targets(log_targets.to(compute), weights.to(compute))
     else:
         log_t = log_targets.to(compute)
-    return reference.distillation_loss(
+    per_row = reference.distillation_loss(
         student.to(compute), log_t.detach(), labels, num_classes=num_classes, n_subclasses=n_subclasses,
-        divergence_kind=divergence, tau=tau, alpha=alpha, reduction="none", ignore_index=ignore_index,
+        divergence_kind=divergence, jsd_beta=jsd_beta, tau=tau, alpha=alpha, reduction="none",
+        ignore_index=ignore_index,
     )
+    hard_rows = torch.zeros_like(per_row.detach())
+    if alpha != 0.0 and labels is not None:
+        with torch.no_grad():
+            hard_rows = alpha * reference.hard_label_rows(student.to(compute), labels, num_classes, n_subclasses,
+                                                          ignore_index)
+    return per_row, hard_rows

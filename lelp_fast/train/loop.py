@@ -44,6 +44,7 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 0.0
     divergence: str = "kl"
+    jsd_beta: float = 0.5
     tau: float = 1.0
     alpha: float = 0.0
     patience: Optional[int] = None
@@ -163,17 +164,16 @@ class _Run:
         for (x, y), log_t in loader:
             x, y, log_t = x.to(st.device), torch.as_tensor(y).to(st.device), log_t.to(st.device)
             out = self.student(x)
-            loss = distill_loss(out, log_t, y, num_classes=self.c, n_subclasses=self.s, divergence=st.divergence,
-                                tau=st.tau, alpha=st.alpha)
+            loss, soft, hard = distill_loss(out, log_t, y, num_classes=self.c, n_subclasses=self.s,
+                                            divergence=st.divergence, jsd_beta=st.jsd_beta, tau=st.tau,
+                                            alpha=st.alpha, return_components=True)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-            with torch.no_grad():  # the hard part alone, for the log (the loss already holds alpha times it)
-                hard = nn.functional.cross_entropy(class_logits(out.float(), self.c, self.s), y)
             n, value = y.shape[0], float(loss.detach())
             total["loss"] += value * n
+            total["soft"] += float(soft) * n  # τ²·D and α·CE, from the kernel's pass
             total["hard"] += float(hard) * n
-            total["soft"] += (value - st.alpha * float(hard)) * n
             rows += n
             if bar is not None:
                 bar.update(1)

@@ -8,15 +8,19 @@
 //   KL(t||q)   dL/ds_k = tau (q_k sum_j t_j - t_k)   (sum t = 1 only for exact targets: bf16/fp16
 //              log-targets sum to 1 +- 1e-3, and the gradient must stay that of the loss computed)
 //   others     dD/dq_j = a_j  =>  dL/ds_k = tau q_k (a_k - sum_j q_j a_j)
-//   reverse KL a = log q - log t + 1 (the +1 cancels), JS a = (log q - log m) / 2,
-//   TVD        a = sign(q - t) / 2.
+//   reverse KL a = log q - log t + 1 (the +1 cancels),
+//   JS_b       D = b KL(t||m) + (1-b) KL(q||m), m = b t + (1-b) q (generalised JSD, b = jsd_beta;
+//              b = 1/2 is the JS divergence), a = (1-b) (log q - log m),
+//   TVD        a = sign(q - t) / 2,
+//   MSE        on centred logits: D = mean_k e_k^2, e = (s/tau - mean s/tau) - (log t - mean log t),
+//              dL/ds_k = 2 tau e_k / K (no softmax; needs finite log-targets).
 #pragma once
 
 #include "lelp/row_math.h"
 
 namespace lelp {
 
-enum Divergence : int { kKL = 0, kReverseKL = 1, kJS = 2, kTVD = 3 };
+enum Divergence : int { kKL = 0, kReverseKL = 1, kJS = 2, kTVD = 3, kMSE = 4 };
 
 // t * (log t - log x) with the convention 0 * log 0 = 0 (a target of exactly 0); a NaN t stays
 // NaN, so a NaN input never becomes a finite loss.
@@ -33,12 +37,13 @@ LELP_HD float logaddexp_(float a, float b) {
 // Scratch floats block_loss_grad needs for R rows of K outputs.
 LELP_HD int64_t loss_scratch_floats(int64_t R, int64_t K) { return 3 * R * K + 4 * R; }
 
-// Loss of a block of R rows (row-major R x K arrays); writes dL/ds into grad (R x K) and the
-// per-row loss into loss (R). labels[r] < 0 means no hard-label term for that row (labels may be
+// Loss of a block of R rows (row-major R x K arrays); writes dL/ds into grad (R x K), the
+// per-row loss into loss (R) and, when hard != nullptr, its alpha * CE part into hard (R; written
+// only when the hard-label term is computed: alpha != 0 and labels given). labels[r] < 0 means no hard-label term for that row (labels may be
 // nullptr). Elementwise work runs over the whole block, so short rows (K = 16) still vectorise.
 LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int C, int S, int divergence,
-                             float tau, float alpha, const int64_t* labels, float* work, float* grad,
-                             float* loss) {
+                             float jsd_beta, float tau, float alpha, const int64_t* labels, float* work,
+                             float* grad, float* loss, float* hard) {
   const int64_t K = static_cast<int64_t>(C) * S, RK = R * K;
   const float inv_tau = 1.f / tau;
   float* log_q = work;
@@ -72,7 +77,24 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
       log_q[r * K + k] -= row_log[r];
     }
 
-  if (divergence == kKL) {
+  if (divergence == kMSE) {
+    for (int64_t r = 0; r < R; ++r) {
+      float mean_s = 0.f, mean_t = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        mean_s += s[r * K + k] * inv_tau;
+        mean_t += log_t[r * K + k];
+      }
+      mean_s /= static_cast<float>(K);
+      mean_t /= static_cast<float>(K);
+      float d = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float e = (s[r * K + k] * inv_tau - mean_s) - (log_t[r * K + k] - mean_t);
+        grad[r * K + k] = 2.f * tau * e / static_cast<float>(K);
+        d += e * e;
+      }
+      for (int64_t k = 0; k < K; ++k) log_q[r * K + k] = k == 0 ? d / static_cast<float>(K) : 0.f;
+    }
+  } else if (divergence == kKL) {
     for (int64_t r = 0; r < R; ++r) {
       float sum_t = 0.f;
       LELP_SIMD_SUM(sum_t)
@@ -87,6 +109,7 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
       }
   } else {
     // a = dD/dq; then the softmax Jacobian: grad_k = tau q_k (a_k - sum_j q_j a_j).
+    const float log_b = logf(jsd_beta), log_1mb = logf(1.f - jsd_beta);
     for (int64_t i = 0; i < RK; ++i) {
       float a, term;
       if (divergence == kReverseKL) {
@@ -94,9 +117,9 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
         term = xlogx_ratio(q[i], log_q[i], log_t[i]);
         a = q[i] == 0.f ? 0.f : r;
       } else if (divergence == kJS) {
-        const float log_m = logaddexp_(log_t[i], log_q[i]) - 0.6931471805599453f;
-        term = 0.5f * (xlogx_ratio(t[i], log_t[i], log_m) + xlogx_ratio(q[i], log_q[i], log_m));
-        a = q[i] == 0.f ? 0.f : 0.5f * (log_q[i] - log_m);
+        const float log_m = logaddexp_(log_b + log_t[i], log_1mb + log_q[i]);
+        term = jsd_beta * xlogx_ratio(t[i], log_t[i], log_m) + (1.f - jsd_beta) * xlogx_ratio(q[i], log_q[i], log_m);
+        a = q[i] == 0.f ? 0.f : (1.f - jsd_beta) * (log_q[i] - log_m);
       } else {  // TVD
         term = 0.5f * fabsf(t[i] - q[i]);
         a = q[i] > t[i] ? 0.5f : (q[i] < t[i] ? -0.5f : 0.f);
@@ -139,6 +162,7 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
     for (int64_t r = 0; r < R; ++r) {
       const int64_t y = labels[r];
       inv_all[r] = inv_y[r] = 0.f;
+      if (hard != nullptr) hard[r] = 0.f;
       if (y < 0 || y >= C) continue;  // no hard label (ignored rows; invalid ones are rejected upstream)
       float sum = 0.f, sum_y = 0.f;
       LELP_SIMD_SUM(sum)
@@ -147,6 +171,7 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
       for (int64_t k = y * S; k < (y + 1) * S; ++k) sum_y += e[r * K + k];
       if (sum_y > 1e-30f) {
         loss[r] += alpha * logf(sum / sum_y);
+        if (hard != nullptr) hard[r] = alpha * logf(sum / sum_y);
         inv_all[r] = alpha / sum;
         inv_y[r] = alpha / sum_y;
         continue;
@@ -157,6 +182,7 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
       for (int64_t k = y * S; k < (y + 1) * S; ++k) sum_c += fast_exp(sr[k] - my);
       const float lse_all = row_m[r] + logf(sum), p_y = my + logf(sum_c);
       loss[r] += alpha * (lse_all - p_y);
+      if (hard != nullptr) hard[r] = alpha * (lse_all - p_y);
       float* g = grad + r * K;
       for (int64_t k = 0; k < K; ++k) g[k] += alpha * fast_exp(sr[k] - lse_all);
       for (int64_t k = y * S; k < (y + 1) * S; ++k) g[k] -= alpha * fast_exp(sr[k] - p_y);

@@ -22,7 +22,6 @@ import triton.language as tl
 
 from . import limits
 
-LN2 = tl.constexpr(0.6931471805599453)
 NEG_INF = tl.constexpr(float("-inf"))
 ELEMENTS_PER_PROGRAM = 4096  # a 16 KB fp32 tile per array: rows of short K batch up, K = 512 takes 8
 
@@ -77,8 +76,8 @@ def _hard_label_term(s, y, keep, cols, col_ok, alpha, S: tl.constexpr):
 
 @triton.jit
 def lelp_loss_kernel(
-    s_ptr, t_ptr, w_ptr, y_ptr, loss_ptr, grad_ptr,
-    N, M, tau, alpha, ignore_index,
+    s_ptr, t_ptr, w_ptr, y_ptr, loss_ptr, hard_ptr, grad_ptr,
+    N, M, jsd_beta, tau, alpha, ignore_index,
     K: tl.constexpr, S: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     HAS_LABELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -109,15 +108,21 @@ def lelp_loss_kernel(
     if DIVERGENCE == 0:  # KL(t || q); q Σt - t, not q - t: low-precision targets need not sum to 1
         d = tl.sum(_xlogx_ratio(t, log_t, log_q), axis=1)
         grad = tau * (q * tl.sum(t, axis=1)[:, None] - t)
+    elif DIVERGENCE == 4:  # MSE of the centred logits s/tau and log t
+        e = (log_q - tl.sum(log_q, axis=1)[:, None] / K) - (log_t - tl.sum(log_t, axis=1)[:, None] / K)
+        e = tl.where(col_ok[None, :], e, 0.0)
+        d = tl.sum(e * e, axis=1) / K
+        grad = (2.0 * tau / K) * e
     else:
         if DIVERGENCE == 1:  # KL(q || t)
             r = log_q - log_t
             d = tl.sum(_xlogx_ratio(q, log_q, log_t), axis=1)
             a = tl.where(q == 0.0, 0.0, r)
-        elif DIVERGENCE == 2:  # JS
-            log_m = _logaddexp(log_t, log_q) - LN2
-            d = 0.5 * tl.sum(_xlogx_ratio(t, log_t, log_m) + _xlogx_ratio(q, log_q, log_m), axis=1)
-            a = tl.where(q == 0.0, 0.0, 0.5 * (log_q - log_m))
+        elif DIVERGENCE == 2:  # generalised JSD: m = b t + (1 - b) q (b = 1/2: JS)
+            log_m = _logaddexp(log_t + tl.log(jsd_beta), log_q + tl.log(1.0 - jsd_beta))
+            d = tl.sum(jsd_beta * _xlogx_ratio(t, log_t, log_m) + (1.0 - jsd_beta) * _xlogx_ratio(q, log_q, log_m),
+                       axis=1)
+            a = tl.where(q == 0.0, 0.0, (1.0 - jsd_beta) * (log_q - log_m))
         else:  # TVD
             d = 0.5 * tl.sum(tl.abs(t - q), axis=1)
             a = tl.where(q > t, 0.5, tl.where(q < t, -0.5, 0.0))
@@ -133,6 +138,7 @@ def lelp_loss_kernel(
             ce, g_ce = _hard_label_term(s, y, keep, cols, col_ok, alpha, S)
             loss += ce
             grad += g_ce
+            tl.store(hard_ptr + rows64, tl.where(keep, ce, 0.0), mask=row_ok)
         loss = tl.where(keep, loss, 0.0)
         grad = tl.where(keep[:, None], grad, 0.0)
 
@@ -140,9 +146,10 @@ def lelp_loss_kernel(
     tl.store(grad_ptr + offs, grad, mask=ok)
 
 
-def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, tau, alpha,
-                ignore_index, loss_rows, grad):
-    """Launches the kernel on contiguous inputs; fills ``loss_rows`` (N,) and ``grad`` (N, K) (fp32)."""
+def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha,
+                ignore_index, loss_rows, hard_rows, grad):
+    """Launches the kernel on contiguous inputs; fills ``loss_rows`` (N,), ``grad`` (N, K) and, when the
+    hard-label term is on, its part ``hard_rows`` (N,) (fp32)."""
     n, k = student.shape
     why = limits.loss_unsupported(num_classes, n_subclasses)
     if why:
@@ -152,7 +159,7 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
     grid = (triton.cdiv(n, block_n),)
     lelp_loss_kernel[grid](
         student, log_targets, weights if weights is not None else student, labels if labels is not None else student,
-        loss_rows, grad, n, m, float(tau), float(alpha), int(ignore_index),
+        loss_rows, hard_rows, grad, n, m, float(jsd_beta), float(tau), float(alpha), int(ignore_index),
         K=k, S=n_subclasses, DIVERGENCE=divergence, HAS_WEIGHTS=weights is not None, HAS_LABELS=labels is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
@@ -167,8 +174,8 @@ DIVERGENCE_SHAPES = [(2, 1), (128, 16), (200, 8)]
 
 def _variants() -> List[dict]:
     combos = [(shape, div, has_w, has_y) for shape, div, has_w, has_y
-              in itertools.product(FULL_SHAPES, range(4), (False, True), (False, True))]
-    combos += [(shape, div, False, True) for shape, div in itertools.product(DIVERGENCE_SHAPES, range(4))]
+              in itertools.product(FULL_SHAPES, range(5), (False, True), (False, True))]
+    combos += [(shape, div, False, True) for shape, div in itertools.product(DIVERGENCE_SHAPES, range(5))]
     variants = []
     for (k, s), div, has_w, has_y in combos:
         block_n, block_k, num_warps = block_shape(k)
@@ -184,6 +191,7 @@ def signature(dtype: str, target_dtype: str) -> dict:
     """The kernel's argument types for ahead-of-time compilation (``triton.compile``)."""
     return {
         "s_ptr": f"*{dtype}", "t_ptr": f"*{target_dtype}", "w_ptr": "*fp32", "y_ptr": "*i64", "loss_ptr": "*fp32",
-        "grad_ptr": "*fp32", "N": "i32", "M": "i32", "tau": "fp32", "alpha": "fp32", "ignore_index": "i32",
+        "hard_ptr": "*fp32", "grad_ptr": "*fp32", "N": "i32", "M": "i32", "jsd_beta": "fp32", "tau": "fp32",
+        "alpha": "fp32", "ignore_index": "i32",
         **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "BLOCK_N", "BLOCK_K")},
     }
