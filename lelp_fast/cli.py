@@ -21,6 +21,7 @@ subclass soft targets for training a student.
   lelp-fast inspect projector.safetensors --plot spectrum.png
   lelp-fast targets --projector projector.safetensors --embeddings E.npy --out targets/
   lelp-fast bench quality --dataset hierarchical --methods LELP "vanilla KD"
+  lelp-fast capture --model teacher/ --data train.csv --out cap/   a saved transformers classifier
   lelp-fast run examples/configs/fashion_mnist.yaml   capture -> fit -> targets -> train -> report
 
 Run 'lelp-fast COMMAND --help' for each command's options.
@@ -120,6 +121,12 @@ def _fit_source(args: argparse.Namespace):
         extra = getattr(args, name)
         if extra and not os.path.exists(extra):
             raise SystemExit(f"error: --{name.replace('_', '-')} {extra}: no such file")
+    if os.path.isdir(path):  # a capture directory: labels and teacher logits are inside it
+        from .capture import CaptureSource
+
+        if args.labels or args.teacher_logits:
+            raise SystemExit(f"error: --embeddings {path} is a capture directory: drop --labels/--teacher-logits")
+        return CaptureSource(path)
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
         return NpySource(path, args.labels, args.teacher_logits, bf16=args.bf16)
@@ -178,6 +185,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     source = _fit_source(args)
     head_w = _load_npy(args.head_weight, "head-weight") if args.head_weight else None
     head_b = _load_npy(args.head_bias, "head-bias") if args.head_bias else None
+    if head_w is None and head_b is None and hasattr(source, "head") and source.head() is not None:
+        head_w, head_b = source.head()  # the head stored by the capture
     projector = _projector_from_args(args)
     device = _rank_device(args.device)
     group = _process_group(device)
@@ -278,6 +287,20 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from .capture.text import capture_text
+
+    manifest = capture_text(
+        args.model, args.data, args.out, tokenizer_dir=args.tokenizer, text_column=args.text_column,
+        label_column=args.label_column, batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype,
+        batches_per_shard=args.batches_per_shard, device=args.device, autocast=args.autocast,
+        process_group=_process_group(args.device), progress=not args.quiet,
+    )
+    print(f"wrote {args.out}: {manifest['n_rows']} rows in {len(manifest['shards'])} shards (embeddings, teacher "
+          f"logits, labels) and the head, manifest.json")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .run import run
@@ -316,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit per-class LELP subspaces, streaming the embeddings in chunks (.npy, "
         ".safetensors, .parquet). Under torchrun the rows are sharded across ranks.",
     )
-    fit.add_argument("--embeddings", required=True, help="(N, d) embeddings: .npy, .safetensors or .parquet")
+    fit.add_argument("--embeddings", required=True, help="(N, d) embeddings: .npy, .safetensors, .parquet, or a capture directory (labels, logits and head inside)")
     fit.add_argument("--labels", help="(N,) integer .npy of class labels (else read from the file when it has them)")
     fit.add_argument("--head-weight", help="(C, d) .npy, the teacher head W (enables the null-space projection)")
     fit.add_argument("--head-bias", help="(C,) .npy, the teacher head bias b")
@@ -369,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         "an interruption continues where it stopped. Under torchrun the chunks are shared across ranks.",
     )
     tgt.add_argument("--projector", required=True, help="projector .safetensors from 'lelp-fast fit'")
-    tgt.add_argument("--embeddings", required=True, help="(N, d) embeddings: .npy, .safetensors or .parquet")
+    tgt.add_argument("--embeddings", required=True, help="(N, d) embeddings: .npy, .safetensors, .parquet, or a capture directory (labels, logits and head inside)")
     tgt.add_argument("--teacher-logits", help="(N, C) .npy; default: the projector's stored head")
     tgt.add_argument("--embeddings-key", default="embeddings", help="tensor/column name of the embeddings")
     tgt.add_argument("--logits-key", default="teacher_logits", help="tensor/column name of the teacher logits")
@@ -391,6 +414,30 @@ def build_parser() -> argparse.ArgumentParser:
                           "are rewritten)")
     tgt.add_argument("--quiet", action="store_true", help="no progress bar")
     tgt.set_defaults(func=_cmd_targets, labels=None, labels_key=None)
+
+    cap = sub.add_parser(
+        "capture",
+        help="run a saved transformers classifier over a text table; store embeddings, logits, labels, head",
+        description="Loads a model and tokenizer saved with save_pretrained (local directories, no download), "
+        "reads a text and a label column from a .csv or .parquet file and writes resumable, checksummed shards "
+        "that 'fit' and 'targets' read directly (--embeddings DIR). The embedding is the classifier head's input. "
+        "For any other nn.Module use lelp_fast.capture.capture in Python.",
+    )
+    cap.add_argument("--model", required=True, help="directory of a save_pretrained sequence classifier")
+    cap.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    cap.add_argument("--data", required=True, help=".csv or .parquet file with the texts and labels")
+    cap.add_argument("--text-column", default="text")
+    cap.add_argument("--label-column", default="label")
+    cap.add_argument("--batch-size", type=positive_int, default=32)
+    cap.add_argument("--max-length", type=positive_int, default=128, help="tokens per text (truncated)")
+    cap.add_argument("--batches-per-shard", type=positive_int, default=16)
+    cap.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                     help="storage dtype of the embeddings")
+    cap.add_argument("--device", default="cpu")
+    cap.add_argument("--autocast", choices=("float16", "bfloat16"), help="run the teacher under autocast")
+    cap.add_argument("--out", required=True, help="capture directory")
+    cap.add_argument("--quiet", action="store_true", help="no progress bar")
+    cap.set_defaults(func=_cmd_capture)
 
     run = sub.add_parser(
         "run",

@@ -52,7 +52,8 @@ def find_head(model: nn.Module, head: Union[str, nn.Module, None] = "auto") -> O
 
 
 class _HookedForward:
-    """Default forward: ``batch = (inputs, labels)``; logits = model(inputs); embeddings = the input of
+    """Default forward: ``batch = (inputs, labels)``; logits = model(inputs) (``model(**inputs).logits``
+    for a dict of tensors, e.g. a tokenised batch); embeddings = the input of
     ``head`` (a forward pre-hook) or the output of module ``layer`` (a forward hook), flattened."""
 
     def __init__(self, model: nn.Module, layer: Optional[str], head: Optional[nn.Module]):
@@ -76,7 +77,8 @@ class _HookedForward:
             raise ValueError("the default forward takes batches (inputs, labels); pass forward= for other batches")
         inputs, labels = batch[0], batch[1]
         self.seen = None
-        logits = model(inputs)
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)  # a dict: a tokenised batch
+        logits = getattr(out, "logits", out)  # transformers models return an output object
         if self.seen is None:
             raise ValueError("the embedding hook did not fire: the layer/head is not used by model(inputs)")
         return self.seen.flatten(1), logits, labels

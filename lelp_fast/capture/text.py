@@ -1,0 +1,86 @@
+"""Capture from a Hugging Face ``transformers`` classifier on a local text table (no download).
+
+``capture_text`` loads a model saved with ``save_pretrained`` (and its tokenizer) from local
+directories, reads a text column and a label column from a CSV or Parquet file, and runs
+:func:`~lelp_fast.capture.capture` over tokenised batches: the embedding is the input of the
+classifier head (the last ``nn.Linear``, e.g. BERT's pooled output), the logits the model's, and
+the head's ``W, b`` are stored. ``lelp-fast capture`` is its command line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+from .runner import capture
+
+
+def read_text_table(path: str, text_column: str = "text", label_column: str = "label") -> Tuple[List[str], torch.Tensor]:
+    """(texts, integer labels) from a .csv or .parquet file; errors name the file and the column."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".csv":
+        table = pacsv.read_csv(path)
+    elif ext in (".parquet", ".pq"):
+        table = pq.read_table(path)
+    else:
+        raise ValueError(f"data file {path}: unknown extension {ext!r} (use .csv or .parquet)")
+    for flag, column in (("text_column", text_column), ("label_column", label_column)):
+        if column not in table.column_names:
+            raise ValueError(f"{path}: no column {column!r} ({flag}); it has {table.column_names}")
+    texts = table.column(text_column).to_pylist()
+    labels = table.column(label_column).to_pylist()
+    for what, values in (("text", texts), ("label", labels)):
+        bad = [i for i, v in enumerate(values) if v is None]
+        if bad:
+            raise ValueError(f"{path}: column {what!r} row {bad[0]} is null")
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in labels):
+        raise ValueError(f"{path}: column {label_column!r} must hold integer class labels")
+    return [str(t) for t in texts], torch.tensor(labels, dtype=torch.int64)
+
+
+class TextBatches:
+    """Re-iterable tokenised batches ``(encoding dict, labels)`` in file order."""
+
+    def __init__(self, tokenizer, texts: List[str], labels: torch.Tensor, batch_size: int = 32,
+                 max_length: int = 128):
+        self.tokenizer, self.texts, self.labels = tokenizer, texts, labels
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def __len__(self) -> int:
+        return (len(self.texts) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        for start in range(0, len(self.texts), self.batch_size):
+            stop = start + self.batch_size
+            enc = self.tokenizer(self.texts[start:stop], padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt")
+            yield dict(enc), self.labels[start:stop]
+
+
+def load_classifier(model_dir: str, tokenizer_dir: Optional[str] = None):
+    """(model, tokenizer) from local ``save_pretrained`` directories (never the hub)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    for flag, path in (("model", model_dir), ("tokenizer", tokenizer_dir or model_dir)):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{flag} directory {path} does not exist")
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, local_files_only=True)
+    return model, tokenizer
+
+
+def capture_text(model_dir: str, data_path: str, out_dir: str, *, tokenizer_dir: Optional[str] = None,
+                 text_column: str = "text", label_column: str = "label", batch_size: int = 32,
+                 max_length: int = 128, **capture_kwargs) -> dict:
+    """Captures a local transformers classifier over a text table; returns the manifest."""
+    model, tokenizer = load_classifier(model_dir, tokenizer_dir)
+    texts, labels = read_text_table(data_path, text_column, label_column)
+    batches = TextBatches(tokenizer, texts, labels, batch_size, max_length)
+    return capture(model, batches, out_dir, **capture_kwargs)

@@ -1,0 +1,76 @@
+"""Training with ``transformers.Trainer``: the LELP loss in ``compute_loss``, the targets kept.
+
+``LELPTrainer`` is a ``Trainer`` whose loss is :class:`~lelp_fast.LELPLoss` on the model's logits
+(``num_labels = C*S``) against a targets column of each batch (default ``"lelp_targets"``), with
+the labels for the optional hard term and ``ignore_index``. It adds that column to the columns
+``remove_unused_columns`` keeps (stored targets are otherwise dropped before the collator, as
+DistillKit's PR #1 found), logs the soft and hard parts next to the loss, and falls back to the
+cross-entropy of the pooled class logits for batches without targets (a plain evaluation set).
+:class:`WithTargets` joins a dataset of dict items to stored targets by row index.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import Trainer
+
+from ..loss import LELPLoss
+from ..offline import TargetsDataset
+from ..reference import class_logits
+
+TARGETS_KEY = "lelp_targets"
+
+
+class WithTargets(torch.utils.data.Dataset):
+    """``dataset[i]`` (a dict) plus ``{key: log-targets of row i}`` from a targets directory."""
+
+    def __init__(self, dataset, targets_dir: str, key: str = TARGETS_KEY):
+        self.joined, self.key = TargetsDataset(targets_dir, dataset), key
+
+    def __len__(self) -> int:
+        return len(self.joined)
+
+    def __getitem__(self, i: int) -> dict:
+        item, targets = self.joined[i]
+        if not isinstance(item, dict):
+            raise TypeError(f"WithTargets needs dict items (a tokenised dataset), got {type(item).__name__}")
+        return {**item, self.key: targets}
+
+
+class LELPTrainer(Trainer):
+    """``Trainer(model, args, train_dataset=WithTargets(...), ...)`` with ``lelp_loss=LELPLoss(...)``."""
+
+    def __init__(self, *args, lelp_loss: LELPLoss, targets_key: str = TARGETS_KEY, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lelp_loss, self.targets_key = lelp_loss, targets_key
+        self._parts = {"loss_soft": [], "loss_hard": []}
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for column in (self.targets_key, "labels"):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch: Optional[int] = None):
+        targets = inputs.pop(self.targets_key, None)
+        labels = inputs.pop("labels", None)
+        outputs = model(**inputs)
+        logits = outputs.logits
+        if targets is None:  # no stored targets (an evaluation set): CE of the pooled class logits
+            pooled = class_logits(logits.float(), self.lelp_loss.num_classes, self.lelp_loss.n_subclasses)
+            loss = torch.nn.functional.cross_entropy(pooled, labels, ignore_index=self.lelp_loss.ignore_index)
+        else:
+            loss, soft, hard = self.lelp_loss(logits, targets, labels, return_components=True)
+            if model.training:
+                self._parts["loss_soft"].append(float(soft))
+                self._parts["loss_hard"].append(float(hard))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        for key, values in self._parts.items():
+            if values and "loss" in logs:
+                logs[key] = sum(values) / len(values)
+                values.clear()
+        super().log(logs, *args, **kwargs)

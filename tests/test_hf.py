@@ -1,0 +1,119 @@
+"""transformers: capture a saved classifier over a local text table, then train with LELPTrainer."""
+
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from lelp_fast import LELPLoss, LELPProjector  # noqa: E402
+from lelp_fast.capture import CaptureSource  # noqa: E402
+from lelp_fast.capture.text import TextBatches, capture_text, load_classifier, read_text_table  # noqa: E402
+from lelp_fast.cli import main  # noqa: E402
+from lelp_fast.offline import generate_targets  # noqa: E402
+
+WORDS = ["good", "great", "fine", "bad", "awful", "boring", "movie", "plot", "the", "a", "is", "was"]
+
+
+def tiny_bert(num_labels, seed=0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, num_labels=num_labels, max_position_embeddings=32)
+    return BertForSequenceClassification(cfg)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny BERT teacher and its tokenizer saved with save_pretrained, and a CSV of texts."""
+    from transformers import BertTokenizerFast
+
+    tmp = tmp_path_factory.mktemp("hf")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    tokenizer.save_pretrained(str(tmp / "teacher"))
+    tiny_bert(2).save_pretrained(str(tmp / "teacher"))
+    g = torch.Generator().manual_seed(0)
+    rows = ["text,label"]
+    for i in range(120):
+        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (5,), generator=g)]
+        label = int(sum(w in ("good", "great", "fine") for w in words) >= 1)
+        rows.append(f"{' '.join(words)},{label}")
+    (tmp / "data.csv").write_text("\n".join(rows) + "\n")
+    return tmp
+
+
+def test_capture_command_reads_a_saved_model_and_a_text_column(saved, capsys):
+    out = str(saved / "cap")
+    assert main(["capture", "--model", str(saved / "teacher"), "--data", str(saved / "data.csv"),
+                 "--text-column", "text", "--label-column", "label", "--batch-size", "16", "--dtype", "float32",
+                 "--out", out, "--quiet"]) == 0
+    src = CaptureSource(out)
+    t = src.tensors()
+    model, tokenizer = load_classifier(str(saved / "teacher"))
+    texts, labels = read_text_table(str(saved / "data.csv"))
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out_full = model(**enc, output_hidden_states=True)
+        pooled = model.bert.pooler(out_full.hidden_states[-1])
+    torch.testing.assert_close(t["teacher_logits"], out_full.logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(t["embeddings"], pooled, atol=1e-5, rtol=1e-4)
+    assert torch.equal(t["labels"], labels)
+    w, b = src.head()
+    assert torch.equal(w, model.classifier.weight.detach())
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_lelp_trainer_keeps_the_targets_column_and_trains(saved, tmp_path):
+    from transformers import TrainingArguments
+
+    from lelp_fast.train.hf import LELPTrainer, WithTargets
+
+    cap = str(saved / "cap2")
+    capture_text(str(saved / "teacher"), str(saved / "data.csv"), cap, dtype="float32", batch_size=16)
+    src = CaptureSource(cap)
+    w, b = src.head()
+    projector = LELPProjector(2, beta=0.5).fit(cap, head_weight=w, head_bias=b)
+    generate_targets(projector, cap, str(tmp_path / "targets"), dtype="float32")
+    _, tokenizer = load_classifier(str(saved / "teacher"))
+    texts, labels = read_text_table(str(saved / "data.csv"))
+    enc = tokenizer(texts, padding="max_length", max_length=12, return_tensors="pt")
+    rows = [{**{k: v[i] for k, v in enc.items()}, "labels": labels[i]} for i in range(len(texts))]
+    train = WithTargets(rows, str(tmp_path / "targets"))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_train_epochs=6,
+                             learning_rate=5e-3, logging_steps=5, report_to=[], save_strategy="no",
+                             use_cpu=True, seed=0)
+    student = tiny_bert(projector.n_outputs, seed=1)
+    trainer = LELPTrainer(model=student, args=args, train_dataset=train, lelp_loss=LELPLoss(projector))
+    result = trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and "loss_soft" in logged[0] and "loss_hard" in logged[0]
+    assert logged[-1]["loss"] < logged[0]["loss"] and result.training_loss > 0
+    plain = [{**{k: v[i] for k, v in enc.items()}, "labels": labels[i]} for i in range(20)]
+    metrics = trainer.evaluate(plain)  # no targets column: the pooled cross-entropy
+    assert metrics["eval_loss"] > 0
+
+
+def test_text_table_errors_name_the_file_and_column(saved, tmp_path):
+    with pytest.raises(ValueError, match="no column 'words' \\(text_column\\)"):
+        read_text_table(str(saved / "data.csv"), text_column="words")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nfine movie,0.5\n")
+    with pytest.raises(ValueError, match="must hold integer class labels"):
+        read_text_table(str(bad))
+    with pytest.raises(FileNotFoundError, match="model directory .* does not exist"):
+        load_classifier(str(tmp_path / "nope"))
+    assert len(TextBatches(None, ["a"] * 33, torch.zeros(33, dtype=torch.long), batch_size=16)) == 3
+
+
+def test_fit_and_targets_commands_take_the_capture_directory(saved, tmp_path):
+    cap = str(saved / "cap3")
+    capture_text(str(saved / "teacher"), str(saved / "data.csv"), cap, dtype="float32", batch_size=16)
+    proj = str(tmp_path / "p.safetensors")
+    assert main(["fit", "--embeddings", cap, "--subclasses", "2", "--quiet", "--out", proj]) == 0
+    p = LELPProjector.load(proj)
+    assert p.head_weight is not None and p.null_space  # the capture's head was used
+    assert main(["targets", "--projector", proj, "--embeddings", cap, "--out", str(tmp_path / "t"), "--quiet"]) == 0
