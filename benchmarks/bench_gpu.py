@@ -1,7 +1,8 @@
 """One command to validate and time every GPU op: checks against the fp64 reference, then the tables.
 
 Run on a GPU: python benchmarks/bench_gpu.py [--quick] [--csv docs/bench_gpu.csv]
-Without a GPU (logic only, tiny sizes, Triton interpreter): TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --device cpu --quick
+Without a GPU (logic only, tiny sizes, Triton interpreter):
+    TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --device cpu --quick
 
 1. Checks: targets and loss (4 divergences, offline / M teachers / online, 3 dtypes, odd shapes,
    K up to 512, logits ±1e4) on each GPU backend against the fp64 reference, outputs poisoned
@@ -234,8 +235,9 @@ def main() -> int:
           else f"copy bandwidth: {bw / 1e6:.2f} GB/s", flush=True)
     t_sizes = ([(4 << 20, 768, 2, 8), (4 << 20, 768, 5, 8), (4 << 20, 768, 8, 16), (1 << 20, 4096, 2, 8),
                 (1 << 20, 4096, 5, 8), (1 << 20, 4096, 8, 16)] if big else [(4096, 64, 2, 8), (1000, 40, 5, 8)])
-    l_sizes = ([(4 << 20, c, s, dt) for (c, s) in ((2, 8), (2, 20), (8, 16), (16, 32), (2, 1)) for dt in
-                (torch.bfloat16, torch.float32)] if big else [(4096, 2, 8, torch.bfloat16), (999, 2, 20, torch.float32)])
+    l_sizes = ([(4 << 20, c, s, dt) for (c, s) in ((2, 8), (2, 20), (8, 16), (16, 32), (2, 1))
+                for dt in (torch.bfloat16, torch.float32)]
+               if big else [(4096, 2, 8, torch.bfloat16), (999, 2, 20, torch.float32)])
     rows = []
     time_targets(args.device, t_sizes, rows, bw)
     time_loss(args.device, l_sizes, rows, bw)

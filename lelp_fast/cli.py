@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit per-class LELP subspaces, streaming the embeddings in chunks (.npy, "
         ".safetensors, .parquet). Under torchrun the rows are sharded across ranks.",
     )
-    fit.add_argument("--embeddings", required=True, help="(N, d) embeddings: .npy, .safetensors, .parquet, or a capture directory (labels, logits and head inside)")
+    fit.add_argument("--embeddings", required=True, help="(N, d) embeddings: .npy, .safetensors, "
+                     ".parquet, or a capture directory (labels, logits and head inside)")
     fit.add_argument("--labels", help="(N,) integer .npy of class labels (else read from the file when it has them)")
     fit.add_argument("--head-weight", help="(C, d) .npy, the teacher head W (enables the null-space projection)")
     fit.add_argument("--head-bias", help="(C,) .npy, the teacher head bias b")
@@ -368,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop at the first NaN/Inf row (default), or skip and count such rows")
     fit.add_argument("--chunk-mb", type=chunk_mib, default=64, help="MiB of embeddings per chunk (default 64)")
     fit.add_argument("--checkpoint", help="checkpoint file for the statistics (resumable fits)")
-    fit.add_argument("--checkpoint-every", type=positive_int, default=16, help="chunks between checkpoints (default 16)")
+    fit.add_argument("--checkpoint-every", type=positive_int, default=16,
+                     help="chunks between checkpoints (default 16)")
     fit.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     fit.add_argument("--out", required=True, help="output projector .safetensors")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -392,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         "an interruption continues where it stopped. Under torchrun the chunks are shared across ranks.",
     )
     tgt.add_argument("--projector", required=True, help="projector .safetensors from 'lelp-fast fit'")
-    tgt.add_argument("--embeddings", required=True, help="(N, d) embeddings: .npy, .safetensors, .parquet, or a capture directory (labels, logits and head inside)")
+    tgt.add_argument("--embeddings", required=True, help="(N, d) embeddings: .npy, .safetensors, "
+                     ".parquet, or a capture directory (labels, logits and head inside)")
     tgt.add_argument("--teacher-logits", help="(N, C) .npy; default: the projector's stored head")
     tgt.add_argument("--embeddings-key", default="embeddings", help="tensor/column name of the embeddings")
     tgt.add_argument("--logits-key", default="teacher_logits", help="tensor/column name of the teacher logits")
@@ -407,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="store u and the teacher logits instead, to choose beta/tau at training time")
     tgt.add_argument("--backend", choices=("auto", "torch", "cpu", "cuda", "triton"), default="auto")
     tgt.add_argument("--device", help="compute device, e.g. cuda (default: cpu)")
-    tgt.add_argument("--chunk-mb", type=chunk_mib, default=64, help="MiB of embeddings per chunk and shard (default 64)")
+    tgt.add_argument("--chunk-mb", type=chunk_mib, default=64,
+                     help="MiB of embeddings per chunk and shard (default 64)")
     tgt.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
     tgt.add_argument("--no-verify", action="store_true",
                      help="over a finished --out, check shard sizes only (default: sha256 too; damaged shards "

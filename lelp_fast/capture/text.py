@@ -17,7 +17,8 @@ import torch
 from .runner import capture
 
 
-def read_text_table(path: str, text_column: str = "text", label_column: str = "label") -> Tuple[List[str], torch.Tensor]:
+def read_text_table(path: str, text_column: str = "text",
+                    label_column: str = "label") -> Tuple[List[str], torch.Tensor]:
     """(texts, integer labels) from a .csv or .parquet file; errors name the file and the column."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
