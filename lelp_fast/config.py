@@ -45,7 +45,12 @@ class FitConfig(_Section):
     standardize: bool = True
     seed: int = 0
     assign: Literal["label", "teacher"] = "label"
-    chunk_mb: float = Field(64.0, gt=0)
+    oversampling: int = Field(10, ge=0)
+    passes: int = Field(3, gt=0)
+    iteration_sample: float = Field(0.125, gt=0, le=1)
+    nan_policy: Literal["raise", "skip"] = "raise"
+    chunk_mb: float = Field(64.0, ge=1 / 1024)
+    checkpoint_every: int = Field(16, gt=0)
     device: str = "cpu"
 
 
@@ -53,6 +58,9 @@ class TargetsConfig(_Section):
     format: Literal["npy", "safetensors", "parquet"] = "npy"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     backend: Literal["auto", "torch", "cpu", "cuda", "triton"] = "auto"
+    beta: Optional[float] = Field(None, gt=0)  # default: the projector's
+    tau: Optional[float] = Field(None, gt=0)
+    chunk_mb: float = Field(64.0, ge=1 / 1024)
     device: Optional[str] = None
 
 

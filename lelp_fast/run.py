@@ -52,7 +52,8 @@ def run(cfg: RunConfig, *, progress: bool = False, log: Callable[[str], None] = 
         log(f"[targets] {paths['targets']}")
         t = cfg.targets
         generate_targets(projector, paths["capture/train"], paths["targets"], format=t.format, dtype=t.dtype,
-                         backend=t.backend, device=t.device, progress=progress)
+                         beta=t.beta, tau=t.tau, chunk_bytes=int(t.chunk_mb * (1 << 20)), backend=t.backend,
+                         device=t.device, progress=progress)
         log(f"[train] {paths['student']}")
         k = projector.n_outputs
         val_logits = CaptureSource(paths["capture/val"]).tensors()["teacher_logits"]
@@ -73,9 +74,12 @@ def _fit(cfg: RunConfig, paths: dict, log, progress) -> LELPProjector:
     head = source.head()
     log(f"[fit] S={f.subclasses}, beta={f.beta} -> {path}")
     projector = LELPProjector(f.subclasses, beta=f.beta, tau=f.tau, null_space=f.null_space, rotate=f.rotate,
-                              standardize=f.standardize, seed=f.seed, assign=f.assign, method=f.method)
+                              standardize=f.standardize, seed=f.seed, assign=f.assign, method=f.method,
+                              oversampling=f.oversampling, passes=f.passes, iteration_sample=f.iteration_sample)
     projector.fit(source, head_weight=None if head is None else head[0], head_bias=None if head is None else head[1],
-                  chunk_bytes=int(f.chunk_mb * (1 << 20)), progress=progress, device=f.device)
+                  chunk_bytes=int(f.chunk_mb * (1 << 20)), nan_policy=f.nan_policy, progress=progress,
+                  device=f.device, checkpoint=os.path.join(cfg.work_dir, "fit.ckpt"),
+                  checkpoint_every=f.checkpoint_every, resume=True)  # a killed fit continues
     projector.save(path)
     return projector
 

@@ -132,3 +132,26 @@ def test_bad_arguments(tmp_path):
         capture(nn.Sequential(nn.ReLU()), dl, str(tmp_path / "c"))
     with pytest.raises(FileNotFoundError, match="capture directory .* does not exist"):
         CaptureSource(str(tmp_path / "missing"))
+
+
+def _rank_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        dl, _, _ = loader()
+        capture(tiny_teacher(), dl, out, batches_per_shard=2, process_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_write_the_same_directory_as_one_process(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "two")), nprocs=2, join=True)
+    dl, _, _ = loader()
+    capture(tiny_teacher(), dl, str(tmp_path / "one"), batches_per_shard=2)
+    assert _tree(str(tmp_path / "two")) == _tree(str(tmp_path / "one"))

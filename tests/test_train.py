@@ -116,3 +116,19 @@ def test_bad_settings_name_the_key(stored, tmp_path):
     with pytest.raises(ValueError, match="K=4 outputs, the student setup C\\*S = 6"):
         distill(nn.Linear(10, 6), stored["train"], stored["targets"], str(tmp_path / "c"), num_classes=2,
                 n_subclasses=3, settings=TrainSettings(tensorboard=False))
+
+
+def test_online_training_from_the_captured_embeddings(stored, tmp_path):
+    """Targets computed in the loss from the capture's stored embeddings equal the stored targets' run."""
+    from lelp_fast.train import OnlineTargets
+
+    offline = _run(stored, str(tmp_path / "offline"))
+    w, b = CaptureSource(str(stored["tmp"] / "cap")).head()
+    projector = LELPProjector(2, beta=0.5).fit(str(stored["tmp"] / "cap"), head_weight=w, head_bias=b)
+    settings = TrainSettings(epochs=6, batch_size=64, lr=3e-2, tensorboard=False)
+    online = distill(student(), stored["train"], OnlineTargets(projector, str(stored["tmp"] / "cap")),
+                     str(tmp_path / "online"), num_classes=2, n_subclasses=2, val_data=stored["val"],
+                     val_teacher_logits=stored["val_logits"], settings=settings)
+    for a, b_ in zip(offline["history"], online["history"]):
+        assert a["train_loss"] == pytest.approx(b_["train_loss"], rel=1e-4, abs=1e-6)
+    assert online["best"]["accuracy"] == pytest.approx(offline["best"]["accuracy"], abs=0.02)

@@ -71,7 +71,56 @@ class CaptureSource(EmbeddingSource):
         t = load_file(path)
         return t["weight"], t["bias"]
 
+    def rows(self, indices) -> dict:
+        """embeddings, teacher_logits, labels of the given rows (any order), read shard by shard."""
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_rows):
+            raise IndexError(f"row index out of range for {self.n_rows} rows")
+        starts = torch.tensor([e["rows"][0] for e in self.shards], dtype=torch.int64)
+        shard_of = torch.searchsorted(starts, idx, right=True) - 1
+        out = {}
+        for s in torch.unique(shard_of).tolist():
+            where = torch.nonzero(shard_of == s).flatten()
+            part = self._cached(s)
+            local = idx[where] - int(starts[s])
+            for key, t in part.items():
+                if key not in out:
+                    out[key] = t.new_empty((idx.numel(), *t.shape[1:]))
+                out[key][where] = t[local]
+        return out
+
+    def _cached(self, s: int) -> dict:
+        cache = self.__dict__.setdefault("_cache", {})
+        if s not in cache:
+            if len(cache) >= 2:
+                cache.pop(next(iter(cache)))
+            cache[s] = self._read(s)
+        return cache[s]
+
+    def __getstate__(self) -> dict:  # DataLoader workers: the paths, not the loaded shards
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+
     def tensors(self) -> dict:
         """Every row at once (small captures, evaluation sets): embeddings, teacher_logits, labels."""
         parts = [self._read(i) for i in range(len(self.shards))]
         return {k: torch.cat([p[k] for p in parts]) for k in ("embeddings", "teacher_logits", "labels")}
+
+
+class CaptureDataset(torch.utils.data.Dataset):
+    """``(dataset[i], (embedding_i, teacher_logits_i))``: training inputs joined by row index to the
+    teacher outputs a capture stored for them (for the online loss: targets computed in the loss)."""
+
+    def __init__(self, directory: str, dataset):
+        self.source, self.dataset = CaptureSource(directory), dataset
+        if len(dataset) != self.source.n_rows:
+            raise ValueError(f"dataset has {len(dataset)} rows but the capture {directory} has {self.source.n_rows}")
+
+    def __len__(self) -> int:
+        return self.source.n_rows
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices):
+        rows = self.source.rows(indices)
+        return [(self.dataset[i], (rows["embeddings"][j], rows["teacher_logits"][j])) for j, i in enumerate(indices)]

@@ -22,11 +22,11 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from ..io.locks import ExclusiveLock
 from ..metrics import agreement, predictive_kl
-from ..offline import TargetsDataset, collate_with_targets, shards
+from ..offline import TargetsDataset, shards
 from ..ops.loss import distill_loss
 from ..reference import DIVERGENCES, class_logits
 from .report import write_report
@@ -84,10 +84,19 @@ def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, t
     return result
 
 
+@dataclasses.dataclass
+class OnlineTargets:
+    """Targets computed in the loss from a capture's stored embeddings (and teacher logits) with a
+    fitted projector, instead of read from a targets directory."""
+
+    projector: "object"
+    capture_dir: str
+
+
 def distill(
     student: nn.Module,
     train_data,
-    targets_dir: str,
+    targets: "str | OnlineTargets",
     out_dir: str,
     *,
     num_classes: int,
@@ -97,7 +106,11 @@ def distill(
     settings: Optional[TrainSettings] = None,
     progress: bool = False,
 ) -> dict:
-    """Trains ``student`` (inputs -> C*S logits) from stored targets; returns the report (dict)."""
+    """Trains ``student`` (inputs -> C*S logits); returns the report (dict).
+
+    ``targets`` is a targets directory (``generate_targets``; rows in ``train_data``'s order), or
+    :class:`OnlineTargets` to compute them in the fused loss from a capture's embeddings.
+    """
     settings = settings or TrainSettings()
     settings.check()
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -107,21 +120,48 @@ def distill(
         if os.path.exists(report_path):  # finished: the stage is skipped
             with open(report_path) as f:
                 return json.load(f)
-        data = TargetsDataset(targets_dir, train_data)
-        if data.settings["K"] != num_classes * n_subclasses:
-            raise ValueError(f"the targets in {targets_dir} have K={data.settings['K']} outputs, the student "
-                             f"setup C*S = {num_classes * n_subclasses}")
-        run = _Run(student, data, out_dir, num_classes, n_subclasses, settings, val_data, val_teacher_logits)
+        data, loss_fn = _training_data(train_data, targets, num_classes * n_subclasses, settings)
+        run = _Run(student, data, loss_fn, out_dir, num_classes, n_subclasses, settings, val_data,
+                   val_teacher_logits)
         run.train(progress)
         return write_report(out_dir, run.summary())
+
+
+def _training_data(train_data, targets, k: int, st: TrainSettings):
+    """(dataset of (item, target info), loss(out, target info, y) -> (loss, soft, hard))."""
+    if isinstance(targets, OnlineTargets):
+        from ..capture import CaptureDataset
+        from ..loss import LELPLoss
+
+        if targets.projector.n_outputs != k:
+            raise ValueError(f"the projector has K={targets.projector.n_outputs} outputs, the student setup C*S = {k}")
+        loss = LELPLoss(targets.projector, divergence=st.divergence, jsd_beta=st.jsd_beta, tau=st.tau,
+                        alpha=st.alpha)
+
+        def online(out, info, y):
+            h, z = (t.to(out.device) for t in info)
+            return loss(out, labels=y, embeddings=h, teacher_logits=z, return_components=True)
+
+        return CaptureDataset(targets.capture_dir, train_data), online
+    data = TargetsDataset(targets, train_data)
+    if data.settings["K"] != k:
+        raise ValueError(f"the targets in {targets} have K={data.settings['K']} outputs, the student setup C*S = {k}")
+
+    def offline(out, log_t, y):
+        return distill_loss(out, log_t.to(out.device), y, num_classes=data.settings["num_classes"],
+                            n_subclasses=data.settings["n_subclasses"], divergence=st.divergence,
+                            jsd_beta=st.jsd_beta, tau=st.tau, alpha=st.alpha, return_components=True)
+
+    return data, offline
 
 
 class _Run:
     """One training run's state: model, optimiser, history; saved and restored as a checkpoint."""
 
-    def __init__(self, student, data, out_dir, num_classes, n_subclasses, settings, val_data, val_teacher_logits):
+    def __init__(self, student, data, loss_fn, out_dir, num_classes, n_subclasses, settings, val_data,
+                 val_teacher_logits):
         self.student = student.to(settings.device)
-        self.data, self.out_dir, self.settings = data, out_dir, settings
+        self.data, self.loss_fn, self.out_dir, self.settings = data, loss_fn, out_dir, settings
         self.c, self.s = num_classes, n_subclasses
         self.val_data, self.val_teacher_logits = val_data, val_teacher_logits
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -157,16 +197,14 @@ class _Run:
         self.student.train()
         order = torch.Generator().manual_seed(st.seed + self.epoch)
         loader = DataLoader(self.data, batch_size=st.batch_size, shuffle=True, generator=order,
-                            collate_fn=collate_with_targets)
+                            collate_fn=default_collate)
         total = {"loss": 0.0, "soft": 0.0, "hard": 0.0}
         rows = 0
         bar = _bar(progress, len(loader), self.epoch + 1)
-        for (x, y), log_t in loader:
-            x, y, log_t = x.to(st.device), torch.as_tensor(y).to(st.device), log_t.to(st.device)
+        for (x, y), info in loader:
+            x, y = x.to(st.device), torch.as_tensor(y).to(st.device)
             out = self.student(x)
-            loss, soft, hard = distill_loss(out, log_t, y, num_classes=self.c, n_subclasses=self.s,
-                                            divergence=st.divergence, jsd_beta=st.jsd_beta, tau=st.tau,
-                                            alpha=st.alpha, return_components=True)
+            loss, soft, hard = self.loss_fn(out, info, y)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -259,4 +297,4 @@ def load_student(student: nn.Module, out_dir: str) -> nn.Module:
     return student
 
 
-__all__: Sequence[str] = ("TrainSettings", "distill", "evaluate", "load_student")
+__all__: Sequence[str] = ("OnlineTargets", "TrainSettings", "distill", "evaluate", "load_student")
