@@ -308,7 +308,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.work_dir:
         cfg.work_dir = args.work_dir
-    run(cfg, progress=not args.quiet)
+    run(cfg, until=args.until, progress=not args.quiet)
     return 0
 
 
@@ -449,10 +449,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs every stage of a config file (see examples/configs/) that is not finished yet; each "
         "stage is resumable after a kill. Writes report.md/report.json in the config's work_dir.",
     )
+    from .run import STAGES
+
     run.add_argument("config", help="YAML run config")
+    run.add_argument("--until", choices=STAGES, default="report", help="the last stage to run (default: all)")
     run.add_argument("--work-dir", help="override the config's work_dir")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
+    train = sub.add_parser(
+        "train",
+        help="train the student of a YAML run config (the stages before it first, when not finished)",
+        description="lelp-fast run CONFIG --until train: capture, fit and targets when missing, then the "
+        "distillation loop (checkpointed every epoch, resumable, early stopping, TensorBoard, report).",
+    )
+    train.add_argument("config", help="YAML run config")
+    train.add_argument("--work-dir", help="override the config's work_dir")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=_cmd_run, until="train")
 
     from .quality import DATASETS, METHODS
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 from torch.utils.data import DataLoader
 
@@ -35,8 +35,16 @@ def load_task(cfg: RunConfig):
         raise ConfigError(f"task.kwargs: {exc}") from None
 
 
-def run(cfg: RunConfig, *, progress: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Runs every stage that is not finished yet; returns the final report."""
+STAGES = ("capture", "fit", "targets", "train", "report")
+
+
+def run(cfg: RunConfig, *, until: str = "report", progress: bool = False,
+        log: Callable[[str], None] = print) -> Optional[dict]:
+    """Runs every stage up to ``until`` that is not finished yet; returns the final report (None when
+    stopped before it)."""
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+    last = STAGES.index(until)
     os.makedirs(cfg.work_dir, exist_ok=True)
     with ExclusiveLock(os.path.join(cfg.work_dir, ".lock-run"), f"work_dir {cfg.work_dir}"):
         task = load_task(cfg)
@@ -48,12 +56,18 @@ def run(cfg: RunConfig, *, progress: bool = False, log: Callable[[str], None] = 
             capture(task.teacher, DataLoader(getattr(task, split), batch_size=c.batch_size, shuffle=False),
                     paths["capture/" + split], layer=c.layer, head=c.head, dtype=c.dtype,
                     batches_per_shard=c.batches_per_shard, device=c.device, autocast=c.autocast, progress=progress)
+        if last < STAGES.index("fit"):
+            return None
         projector = _fit(cfg, paths, log, progress)
+        if last < STAGES.index("targets"):
+            return None
         log(f"[targets] {paths['targets']}")
         t = cfg.targets
         generate_targets(projector, paths["capture/train"], paths["targets"], format=t.format, dtype=t.dtype,
                          beta=t.beta, tau=t.tau, chunk_bytes=int(t.chunk_mb * (1 << 20)), backend=t.backend,
                          device=t.device, progress=progress)
+        if last < STAGES.index("train"):
+            return None
         log(f"[train] {paths['student']}")
         k = projector.n_outputs
         val_logits = CaptureSource(paths["capture/val"]).tensors()["teacher_logits"]
@@ -61,6 +75,8 @@ def run(cfg: RunConfig, *, progress: bool = False, log: Callable[[str], None] = 
                           num_classes=projector.num_classes, n_subclasses=projector.n_subclasses, val_data=task.val,
                           val_teacher_logits=val_logits, settings=TrainSettings(**cfg.train.model_dump()),
                           progress=progress)
+        if last < STAGES.index("report"):
+            return None
         return _report(cfg, task, projector, trained, paths, log)
 
 

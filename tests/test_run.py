@@ -18,6 +18,12 @@ needs_data = pytest.mark.skipif(not os.path.exists(os.path.join(fashion_mnist.DA
 @needs_data
 def test_fashion_mnist_end_to_end_and_rerun_skips_finished_stages(tmp_path, capsys):
     work = str(tmp_path / "run")
+    assert main(["run", SMALL, "--work-dir", work, "--quiet", "--until", "targets"]) == 0
+    assert os.path.exists(os.path.join(work, "targets", "manifest.json"))
+    assert not os.path.exists(os.path.join(work, "student"))
+    assert main(["train", SMALL, "--work-dir", work, "--quiet"]) == 0
+    assert os.path.exists(os.path.join(work, "student", "report.json"))
+    assert not os.path.exists(os.path.join(work, "report.json"))
     assert main(["run", SMALL, "--work-dir", work, "--quiet"]) == 0
     report = json.load(open(os.path.join(work, "report.json")))
     assert report["teacher_test_accuracy"] > 0.75
