@@ -139,6 +139,10 @@ class LELPLoss(nn.Module):
             **online,
         )
 
+    def class_logits(self, student_logits: torch.Tensor) -> torch.Tensor:
+        """Class logits for inference, pooled at this loss's τ (the distribution it trains)."""
+        return reference.class_logits(student_logits, self.num_classes, self.n_subclasses, self.tau)
+
     def _online_arguments(self, embeddings, teacher_logits) -> dict:
         """distill_loss's online arguments, one list entry per projector."""
         m, several = len(self.projectors), len(self.projectors) > 1

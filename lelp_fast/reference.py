@@ -195,10 +195,19 @@ def mix_log_targets(log_targets: torch.Tensor, weights: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------- loss
 
 
-def class_logits(student_logits: torch.Tensor, num_classes: int, n_subclasses: int) -> torch.Tensor:
-    """Inference: class logit = logsumexp of the class's S subclass logits (class-major)."""
+def class_logits(student_logits: torch.Tensor, num_classes: int, n_subclasses: int, tau: float = 1.0) -> torch.Tensor:
+    """Inference: class logit = ``τ · logsumexp(s/τ)`` over the class's S subclass logits (class-major).
+
+    The loss trains ``softmax(s/τ)``, whose class marginals are ``softmax(logsumexp(s/τ))``: pooling
+    at the loss's τ keeps the prediction the distribution that was trained (plain ``logsumexp(s)``,
+    τ = 1, can pick another class at τ = 4), and the factor τ keeps the scale of the teacher's
+    logits for the fidelity metrics.
+    """
     shape = student_logits.shape[:-1]
-    return torch.logsumexp(student_logits.reshape(*shape, num_classes, n_subclasses), dim=-1)
+    grouped = student_logits.reshape(*shape, num_classes, n_subclasses)
+    if tau == 1.0:
+        return torch.logsumexp(grouped, dim=-1)
+    return tau * torch.logsumexp(grouped / tau, dim=-1)
 
 
 def _plogp_ratio(p: torch.Tensor, log_p: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:

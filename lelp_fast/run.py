@@ -105,7 +105,7 @@ def _report(cfg, task, projector, trained: dict, paths: dict, log) -> dict:
     student = load_student(task.make_student(projector.n_outputs), paths["student"])
     test_teacher = _teacher_logits(task.teacher, task.test, cfg.capture.device)
     student_test = evaluate(student, task.test, projector.num_classes, projector.n_subclasses,
-                            teacher_logits=test_teacher)
+                            teacher_logits=test_teacher, tau=cfg.train.tau)
     labels = [int(y) for _, y in task.test]
     teacher_acc = sum(int(p == y) for p, y in zip(test_teacher.argmax(1).tolist(), labels)) / max(len(labels), 1)
     report = {"config": cfg.model_dump(), "teacher_test_accuracy": teacher_acc, "student_test": student_test,

@@ -33,3 +33,22 @@ def test_metric_shape_errors():
         agreement(torch.zeros(3, 2), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="not a multiple"):
         predictive_kl(torch.zeros(3, 2), torch.zeros(3, 5))
+
+
+def test_pooling_at_the_loss_tau_follows_the_trained_distribution():
+    """logsumexp(s) can pick another class than the softmax(s/τ) the loss trained (issue 15)."""
+    import torch
+
+    from lelp_fast import LELPLoss, agreement, class_logits
+
+    s = torch.tensor([[3.0, -10.0, 2.0, 2.0]])  # class 0: one strong subclass; class 1: two medium ones
+    assert class_logits(s, 2, 2).argmax(1).item() == 0
+    trained = torch.softmax(s / 4.0, 1).reshape(1, 2, 2).sum(-1)  # the class marginals the loss trains at τ = 4
+    assert trained.argmax(1).item() == 1
+    pooled = class_logits(s, 2, 2, tau=4.0)
+    assert pooled.argmax(1).item() == 1
+    torch.testing.assert_close(torch.softmax(pooled / 4.0, 1), trained)
+    torch.testing.assert_close(class_logits(s, 2, 2, tau=1.0), torch.logsumexp(s.reshape(1, 2, 2), -1))
+    teacher = torch.tensor([[0.0, 1.0]])
+    assert agreement(teacher, s, tau=4.0) == 1.0 and agreement(teacher, s) == 0.0
+    assert LELPLoss(num_classes=2, n_subclasses=2, tau=4.0).class_logits(s).argmax(1).item() == 1

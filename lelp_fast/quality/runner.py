@@ -100,7 +100,7 @@ class _Context:
     def _class_logits(self, student, rows) -> torch.Tensor:
         with torch.no_grad():
             out = student(self.x[rows])
-        return class_logits(out, self.num_classes, out.shape[1] // self.num_classes)
+        return class_logits(out, self.num_classes, out.shape[1] // self.num_classes, self.cfg.tau)  # the loss's τ
 
 
 def _train(model, x, loss_fn: Callable, epochs: int, lr: float = 1e-2, extra_params=()) -> None:

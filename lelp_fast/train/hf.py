@@ -59,7 +59,8 @@ class LELPTrainer(Trainer):
         outputs = model(**inputs)
         logits = outputs.logits
         if targets is None:  # no stored targets (an evaluation set): CE of the pooled class logits
-            pooled = class_logits(logits.float(), self.lelp_loss.num_classes, self.lelp_loss.n_subclasses)
+            pooled = class_logits(logits.float(), self.lelp_loss.num_classes, self.lelp_loss.n_subclasses,
+                                  self.lelp_loss.tau)
             loss = torch.nn.functional.cross_entropy(pooled, labels, ignore_index=self.lelp_loss.ignore_index)
         else:
             loss, soft, hard = self.lelp_loss(logits, targets, labels, return_components=True)

@@ -66,9 +66,9 @@ class TrainSettings:
 
 
 def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, teacher_logits=None,
-             batch_size: int = 512, device="cpu") -> dict:
-    """Accuracy of the pooled class logits on ``data`` ((x, y) items); with the teacher's logits for
-    the same rows, also top-1 agreement and predictive KL(teacher ‖ student)."""
+             tau: float = 1.0, batch_size: int = 512, device="cpu") -> dict:
+    """Accuracy of the class logits pooled at the loss's ``tau`` on ``data`` ((x, y) items); with the
+    teacher's logits for the same rows, also top-1 agreement and predictive KL(teacher ‖ student)."""
     student.eval()
     outs, labels = [], []
     with torch.no_grad():
@@ -77,10 +77,11 @@ def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, t
             labels.append(torch.as_tensor(y))
     s = torch.cat(outs)
     y = torch.cat(labels)
-    result = {"accuracy": float((class_logits(s, num_classes, n_subclasses).argmax(1) == y).double().mean())}
+    pooled = class_logits(s, num_classes, n_subclasses, tau)
+    result = {"accuracy": float((pooled.argmax(1) == y).double().mean())}
     if teacher_logits is not None:
-        result["agreement"] = agreement(teacher_logits, s)
-        result["predictive_kl"] = predictive_kl(teacher_logits, s)
+        result["agreement"] = agreement(teacher_logits, s, tau)
+        result["predictive_kl"] = predictive_kl(teacher_logits, s, tau)
     return result
 
 
@@ -177,7 +178,7 @@ class _Run:
             record = {"epoch": self.epoch + 1, **self._train_epoch(progress)}
             if self.val_data is not None:
                 val = evaluate(self.student, self.val_data, self.c, self.s, teacher_logits=self.val_teacher_logits,
-                               device=self.settings.device)
+                               tau=self.settings.tau, device=self.settings.device)
                 record.update({f"val_{k}": v for k, v in val.items()})
                 if val["accuracy"] > self.best["accuracy"]:
                     self.best = {"epoch": record["epoch"], "accuracy": val["accuracy"]}
