@@ -160,7 +160,7 @@ def time_targets(device, sizes, rows, bw):
                 comp16 = torch.compile(eager_targets_bf16, dynamic=False)
                 row["compile bf16"] = bench(lambda: comp16(h, w, b, c, s), device)
             rows.append(row)
-            del h, out
+            h = out = None  # free the inputs before the next size is allocated
 
 
 def time_loss(device, sizes, rows, bw):

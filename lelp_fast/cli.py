@@ -312,12 +312,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lelp-fast", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo",
         help="train teacher and students on binarised digits; print the comparison table",
@@ -333,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
 
+
+def _add_fit(sub) -> None:
     fit = sub.add_parser(
         "fit",
         help="fit a projector on teacher embeddings and save it as safetensors",
@@ -377,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", help="where the statistics are accumulated, e.g. cuda (default: cpu)")
     fit.set_defaults(func=_cmd_fit)
 
+
+def _add_inspect(sub) -> None:
     inspect = sub.add_parser(
         "inspect",
         help="print a projector's settings, per-class spectrum and captured variance",
@@ -386,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--plot", help="write the spectrum and captured-variance plot to this .png")
     inspect.set_defaults(func=_cmd_inspect)
 
+
+def _add_targets(sub) -> None:
     tgt = sub.add_parser(
         "targets",
         help="write log-targets (N, C*S) for embeddings with a fitted projector (sharded, resumable)",
@@ -419,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--quiet", action="store_true", help="no progress bar")
     tgt.set_defaults(func=_cmd_targets, labels=None, labels_key=None)
 
+
+def _add_capture(sub) -> None:
     cap = sub.add_parser(
         "capture",
         help="run a saved transformers classifier over a text table; store embeddings, logits, labels, head",
@@ -443,30 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--quiet", action="store_true", help="no progress bar")
     cap.set_defaults(func=_cmd_capture)
 
-    run = sub.add_parser(
-        "run",
-        help="the whole path from one YAML config: capture -> fit -> targets -> train -> report",
-        description="Runs every stage of a config file (see examples/configs/) that is not finished yet; each "
-        "stage is resumable after a kill. Writes report.md/report.json in the config's work_dir.",
-    )
-    from .run import STAGES
 
-    run.add_argument("config", help="YAML run config")
-    run.add_argument("--until", choices=STAGES, default="report", help="the last stage to run (default: all)")
-    run.add_argument("--work-dir", help="override the config's work_dir")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.set_defaults(func=_cmd_run)
-    train = sub.add_parser(
-        "train",
-        help="train the student of a YAML run config (the stages before it first, when not finished)",
-        description="lelp-fast run CONFIG --until train: capture, fit and targets when missing, then the "
-        "distillation loop (checkpointed every epoch, resumable, early stopping, TensorBoard, report).",
-    )
-    train.add_argument("config", help="YAML run config")
-    train.add_argument("--work-dir", help="override the config's work_dir")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
-    train.set_defaults(func=_cmd_run, until="train")
-
+def _add_bench(sub) -> None:
     from .quality import DATASETS, METHODS
 
     bench = sub.add_parser("bench", help="benchmarks that ship with the package (quality)")
@@ -489,6 +470,37 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--out", help="also write the table: .md for Markdown, else JSON (with per-seed rows)")
     quality.add_argument("--quiet", action="store_true", help="no progress bar")
     quality.set_defaults(func=_cmd_bench_quality)
+
+
+def _add_config_commands(sub) -> None:
+    """``run`` (every stage of a config) and ``train`` (the stages up to the student's training)."""
+    from .run import STAGES
+
+    for name, until, help_text, description in (
+        ("run", "report", "the whole path from one YAML config: capture -> fit -> targets -> train -> report",
+         "Runs every stage of a config file (see examples/configs/) that is not finished yet; each stage is "
+         "resumable after a kill. Writes report.md/report.json in the config's work_dir."),
+        ("train", "train", "train the student of a YAML run config (the stages before it first, when not finished)",
+         "lelp-fast run CONFIG --until train: capture, fit and targets when missing, then the distillation loop "
+         "(checkpointed every epoch, resumable, early stopping, TensorBoard, report)."),
+    ):
+        cmd = sub.add_parser(name, help=help_text, description=description)
+        cmd.add_argument("config", help="YAML run config")
+        if name == "run":
+            cmd.add_argument("--until", choices=STAGES, default="report", help="the last stage to run (default: all)")
+        cmd.add_argument("--work-dir", help="override the config's work_dir")
+        cmd.add_argument("--quiet", action="store_true", help="no progress bars")
+        cmd.set_defaults(func=_cmd_run, until=until)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lelp-fast", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    for add in (_add_demo, _add_fit, _add_inspect, _add_targets, _add_capture, _add_config_commands, _add_bench):
+        add(sub)
     return parser
 
 

@@ -1,7 +1,5 @@
 """transformers: capture a saved classifier over a local text table, then train with LELPTrainer."""
 
-import os
-
 import pytest
 import torch
 

@@ -13,7 +13,7 @@ COLUMNS = ("epoch", "train_loss", "train_soft", "train_hard", "val_accuracy", "v
 def format_markdown(summary: dict) -> str:
     """The learning curves as a Markdown table, with the best epoch first."""
     best = summary.get("best") or {}
-    lines = [f"# Distillation report", "",
+    lines = ["# Distillation report", "",
              f"C = {summary['num_classes']}, S = {summary['n_subclasses']}, epochs run: {summary['epochs_run']}; "
              f"best validation accuracy {best.get('accuracy', float('nan')):.4f} at epoch {best.get('epoch')}", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
