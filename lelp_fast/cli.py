@@ -432,7 +432,8 @@ def _add_capture(sub) -> None:
     )
     cap.add_argument("--model", required=True, help="directory of a save_pretrained sequence classifier")
     cap.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
-    cap.add_argument("--data", required=True, help=".csv or .parquet file with the texts and labels")
+    cap.add_argument("--data", required=True,
+                     help=".csv or .parquet file, or a datasets save_to_disk directory, with the texts and labels")
     cap.add_argument("--text-column", default="text")
     cap.add_argument("--label-column", default="label")
     cap.add_argument("--batch-size", type=positive_int, default=32)

@@ -115,3 +115,27 @@ def test_fit_and_targets_commands_take_the_capture_directory(saved, tmp_path):
     p = LELPProjector.load(proj)
     assert p.head_weight is not None and p.null_space  # the capture's head was used
     assert main(["targets", "--projector", proj, "--embeddings", cap, "--out", str(tmp_path / "t"), "--quiet"]) == 0
+
+
+def test_text_from_a_save_to_disk_directory(saved, tmp_path):
+    """The layout datasets' save_to_disk writes (Arrow stream files listed in state.json), made here with
+    pyarrow since the datasets package is not a dependency."""
+    import json
+
+    import pyarrow as pa
+
+    texts, labels = read_text_table(str(saved / "data.csv"))
+    directory = tmp_path / "ds"
+    directory.mkdir()
+    halves = [(0, 70), (70, len(texts))]
+    for i, (a, b) in enumerate(halves):
+        table = pa.table({"text": texts[a:b], "label": labels[a:b].tolist()})
+        with pa.OSFile(str(directory / f"data-0000{i}-of-00002.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+    (directory / "state.json").write_text(json.dumps(
+        {"_data_files": [{"filename": f"data-0000{i}-of-00002.arrow"} for i in range(2)]}))
+    got_texts, got_labels = read_text_table(str(directory))
+    assert got_texts == texts and torch.equal(got_labels, labels)
+    with pytest.raises(ValueError, match="no state.json"):
+        read_text_table(str(tmp_path))

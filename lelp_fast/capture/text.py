@@ -19,19 +19,24 @@ from .runner import capture
 
 def read_text_table(path: str, text_column: str = "text",
                     label_column: str = "label") -> Tuple[List[str], torch.Tensor]:
-    """(texts, integer labels) from a .csv or .parquet file; errors name the file and the column."""
+    """(texts, integer labels) from a .csv or .parquet file, or a directory written by a Hugging Face
+    ``datasets`` ``save_to_disk`` (its Arrow files, read with pyarrow: the ``datasets`` package is not
+    needed); errors name the file and the column."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path} does not exist")
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".csv":
+    if os.path.isdir(path):
+        table = _read_saved_dataset(path)
+    elif ext == ".csv":
         table = pacsv.read_csv(path)
     elif ext in (".parquet", ".pq"):
         table = pq.read_table(path)
     else:
-        raise ValueError(f"data file {path}: unknown extension {ext!r} (use .csv or .parquet)")
+        raise ValueError(f"data file {path}: unknown extension {ext!r} (use .csv, .parquet or a save_to_disk "
+                         "directory)")
     for flag, column in (("text_column", text_column), ("label_column", label_column)):
         if column not in table.column_names:
             raise ValueError(f"{path}: no column {column!r} ({flag}); it has {table.column_names}")
@@ -44,6 +49,27 @@ def read_text_table(path: str, text_column: str = "text",
     if any(not isinstance(v, int) or isinstance(v, bool) for v in labels):
         raise ValueError(f"{path}: column {label_column!r} must hold integer class labels")
     return [str(t) for t in texts], torch.tensor(labels, dtype=torch.int64)
+
+
+def _read_saved_dataset(directory: str):
+    """The table of a ``datasets`` ``save_to_disk`` directory: the Arrow stream files its
+    ``state.json`` lists under ``_data_files``, in order."""
+    import json
+
+    import pyarrow as pa
+
+    state_path = os.path.join(directory, "state.json")
+    if not os.path.exists(state_path):
+        raise ValueError(f"data directory {directory} has no state.json: not a datasets save_to_disk directory")
+    with open(state_path) as f:
+        files = [entry["filename"] for entry in json.load(f).get("_data_files", [])]
+    if not files:
+        raise ValueError(f"{state_path} lists no _data_files")
+    tables = []
+    for name in files:
+        with pa.memory_map(os.path.join(directory, name)) as source:
+            tables.append(pa.ipc.open_stream(source).read_all())
+    return pa.concat_tables(tables)
 
 
 class TextBatches:
