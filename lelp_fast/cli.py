@@ -102,7 +102,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     from .quality import QualityConfig, format_markdown, run_quality
 
     cfg = QualityConfig(dataset=args.dataset, seeds=args.seeds, n_subclasses=args.subclasses, beta=args.beta,
-                        tau=args.tau, student_fraction=args.student_fraction)
+                        tau=args.tau, student_fraction=args.student_fraction, student_hidden=args.student_hidden)
     try:
         result = run_quality(cfg, args.methods, progress=not args.quiet)
     except ValueError as exc:
@@ -468,6 +468,7 @@ def _add_bench(sub) -> None:
     quality.add_argument("--beta", type=float, default=1.0)
     quality.add_argument("--tau", type=float, default=1.0)
     quality.add_argument("--student-fraction", type=float, default=0.25, help="training rows the students see")
+    quality.add_argument("--student-hidden", type=int, default=32, help="hidden units of the student MLP (0: linear)")
     quality.add_argument("--out", help="also write the table: .md for Markdown, else JSON (with per-seed rows)")
     quality.add_argument("--quiet", action="store_true", help="no progress bar")
     quality.set_defaults(func=_cmd_bench_quality)

@@ -49,7 +49,7 @@ class QualityConfig:
     validation_fraction: float = 0.2  # of the training rows, for tuning and fixed teacher weights
     teacher_hidden: int = 256
     teacher_embedding: int = 64
-    student_hidden: int = 32
+    student_hidden: int = 32  # 0: a linear student
     teacher_epochs: int = 300
     student_epochs: int = 300
     n_teachers: int = 3
@@ -202,12 +202,12 @@ def _multi_teacher(ctx: _Context, kind: str):
             w = fixed_weights(acc, len(rows))
         _train(student, xs, lambda out, _: loss(out, log_t, teacher_weights=w), cfg.student_epochs)
     elif kind == "AMTML":
-        weigher = InstanceTeacherWeights(cfg.student_hidden, m, seed=ctx.seed)
+        weigher = InstanceTeacherWeights(cfg.student_hidden or ctx.x.shape[1], m, seed=ctx.seed)
         _train(student, xs, lambda out, _: InstanceTeacherWeights.mixture_loss(
             out, log_t, weigher(student.embed(xs)), num_classes=c, n_subclasses=s, tau=cfg.tau),
             cfg.student_epochs, extra_params=weigher.parameters())
     else:  # RL: the policy and the student take turns
-        selector = ReinforcedTeacherSelector(cfg.student_hidden, c, m, seed=ctx.seed)
+        selector = ReinforcedTeacherSelector(cfg.student_hidden or ctx.x.shape[1], c, m, seed=ctx.seed)
         teacher_logits = torch.stack([ctx.logits[i][rows] for i in range(m)], 1)
         opt = torch.optim.Adam(student.parameters(), lr=1e-2, weight_decay=1e-4)
         for _ in range(cfg.student_epochs):
