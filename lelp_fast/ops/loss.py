@@ -22,6 +22,7 @@ from .._checks import check_finite, check_integer_labels, check_log_probabilitie
 from . import _dispatch
 
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "js": 2, "tvd": 3, "mse": 4}
+_DTYPE_CODES = _dispatch.DTYPE_CODES
 
 
 def _divergence_code(divergence: str, jsd_beta: float) -> int:
@@ -29,7 +30,6 @@ def _divergence_code(divergence: str, jsd_beta: float) -> int:
     if divergence == "js" and jsd_beta in (0.0, 1.0):
         return DIVERGENCE_CODES["kl" if jsd_beta == 0.0 else "reverse_kl"]
     return DIVERGENCE_CODES[divergence]
-_DTYPE_CODES = _dispatch.DTYPE_CODES
 
 
 def _ptr(t: Optional[Tensor]) -> int:
@@ -93,8 +93,7 @@ def _loss_rows(
     _dispatch.extension().loss(
         student.data_ptr(), _DTYPE_CODES[student.dtype], student.stride(0), n, num_classes, n_subclasses,
         *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(jsd_beta), float(tau),
-        float(alpha),
-        loss_rows.data_ptr(), hard_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
+        float(alpha), loss_rows.data_ptr(), hard_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
     )
     return loss_rows, grad, hard_rows
 
@@ -119,8 +118,7 @@ def _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_w
         if len(embeddings) == 1:
             log_targets = log_targets[:, 0]
     loss_triton(student, log_targets.contiguous(), weights, labels, num_classes, n_subclasses, divergence, jsd_beta,
-                tau,
-                alpha, ignore_index, loss_rows, hard_rows, grad)
+                tau, alpha, ignore_index, loss_rows, hard_rows, grad)
 
 
 @_loss_rows.register_fake
@@ -189,36 +187,10 @@ def distill_loss(
     skipped there: bad values propagate as NaN, and weights that do not sum to 1 scale the loss.
     Label dtypes are checked everywhere (floats are refused; no synchronisation needed).
     """
-    if divergence not in DIVERGENCE_CODES:
-        raise ValueError(f"divergence must be one of {tuple(DIVERGENCE_CODES)}, got {divergence!r}")
-    if not 0.0 <= jsd_beta <= 1.0:
-        raise ValueError(f"jsd_beta must lie in [0, 1] (0: forward KL, 1: reverse KL), got {jsd_beta!r}")
-    if reduction not in reference.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
-    k = num_classes * n_subclasses
-    if student_logits.ndim != 2 or student_logits.shape[1] != k:
-        raise ValueError(f"student_logits must have shape (N, {k}) = (N, C*S), got {tuple(student_logits.shape)}")
-    n = student_logits.shape[0]
-    if (log_targets is None) == (embeddings is None):
-        raise ValueError("pass exactly one of log_targets (offline) or embeddings (online)")
-    if log_targets is not None:
-        multi = log_targets.ndim == 3
-        if log_targets.shape[0] != n or log_targets.shape[-1] != k or log_targets.ndim not in (2, 3):
-            raise ValueError(f"log_targets must have shape ({n}, {k}) or ({n}, M, {k}), got {tuple(log_targets.shape)}")
-        if multi and (teacher_weights is None or teacher_weights.shape != log_targets.shape[:2]):
-            raise ValueError(f"teacher_weights must have shape {tuple(log_targets.shape[:2])} for M teachers")
-        if not multi and teacher_weights is not None:
-            raise ValueError("teacher_weights needs log_targets of shape (N, M, K)")
-        embeddings, fused_weight, fused_bias, teacher_logits, beta = [], [], [], [], []  # no online teachers
-    else:
-        embeddings, fused_weight, fused_bias, teacher_logits, beta = _online_teachers(
-            n, k, num_classes, embeddings, fused_weight, fused_bias, teacher_logits, beta, teacher_weights)
-    if labels is not None and labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    if labels is not None:
-        check_integer_labels("labels", labels)
-    if alpha != 0.0 and labels is None:
-        raise ValueError("labels are required when alpha != 0 (the hard-label term needs them)")
+    _check_settings(divergence, jsd_beta, reduction, alpha, labels)
+    embeddings, fused_weight, fused_bias, teacher_logits, beta = _check_shapes(
+        student_logits, log_targets, labels, teacher_weights, embeddings, fused_weight, fused_bias, teacher_logits,
+        beta, num_classes, n_subclasses)
     # CPU eager only: on a GPU the check would synchronise, and under torch.compile it would break the graph.
     if student_logits.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_cpu_inputs(student_logits, log_targets, labels, teacher_weights, embeddings, teacher_logits,
@@ -226,14 +198,8 @@ def distill_loss(
         if check_inputs and divergence == "mse" and log_targets is not None:
             check_finite("log_targets (divergence='mse' compares logits: a target of exactly 0 has none)",
                          log_targets)
-
-    chosen = _dispatch.resolve(backend, student_logits.device, _triton_limits(num_classes, n_subclasses, embeddings,
-                                                                              teacher_logits))
-    dtypes = [t.dtype for t in (student_logits, log_targets, *embeddings, *teacher_logits) if t is not None]
-    if chosen != "torch" and not all(dt in _DTYPE_CODES for dt in dtypes):
-        if backend != "auto":
-            raise ValueError(f"backend {chosen!r} takes float32/float16/bfloat16 tensors; use backend='torch' for float64")
-        chosen = "torch"
+    chosen = _choose_backend(backend, student_logits, log_targets, embeddings, teacher_logits, num_classes,
+                             n_subclasses)
     if chosen == "torch":
         per_row, hard_rows = _loss_torch(student_logits, log_targets, teacher_weights, labels, embeddings,
                                          fused_weight, fused_bias, teacher_logits, num_classes, n_subclasses,
@@ -242,8 +208,7 @@ def distill_loss(
         loss_rows, grad, hard_rows = _loss_rows(
             student_logits.detach(), log_targets, teacher_weights, labels, embeddings, fused_weight, fused_bias,
             teacher_logits, num_classes, n_subclasses, _divergence_code(divergence, jsd_beta), float(jsd_beta),
-            float(tau), float(alpha), beta,
-            int(ignore_index), chosen == "triton",
+            float(tau), float(alpha), beta, int(ignore_index), chosen == "triton",
         )
         per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad)
     loss = reference.reduce_rows(per_row, labels, ignore_index, reduction)
@@ -252,6 +217,56 @@ def distill_loss(
     hard = reference.reduce_rows(hard_rows.detach(), labels, ignore_index, reduction)
     soft = reference.reduce_rows(per_row.detach() - hard_rows.detach(), labels, ignore_index, reduction)
     return loss, soft, hard
+
+
+def _check_settings(divergence, jsd_beta, reduction, alpha, labels) -> None:
+    if divergence not in DIVERGENCE_CODES:
+        raise ValueError(f"divergence must be one of {tuple(DIVERGENCE_CODES)}, got {divergence!r}")
+    if not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"jsd_beta must lie in [0, 1] (0: forward KL, 1: reverse KL), got {jsd_beta!r}")
+    if reduction not in reference.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
+    if labels is not None:
+        check_integer_labels("labels", labels)
+    if alpha != 0.0 and labels is None:
+        raise ValueError("labels are required when alpha != 0 (the hard-label term needs them)")
+
+
+def _check_shapes(student_logits, log_targets, labels, teacher_weights, embeddings, fused_weight, fused_bias,
+                  teacher_logits, beta, num_classes, n_subclasses):
+    """Checks the shapes; returns the online teachers' arguments as lists (empty offline)."""
+    k = num_classes * n_subclasses
+    if student_logits.ndim != 2 or student_logits.shape[1] != k:
+        raise ValueError(f"student_logits must have shape (N, {k}) = (N, C*S), got {tuple(student_logits.shape)}")
+    n = student_logits.shape[0]
+    if labels is not None and labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    if (log_targets is None) == (embeddings is None):
+        raise ValueError("pass exactly one of log_targets (offline) or embeddings (online)")
+    if log_targets is None:
+        return _online_teachers(n, k, num_classes, embeddings, fused_weight, fused_bias, teacher_logits, beta,
+                                teacher_weights)
+    multi = log_targets.ndim == 3
+    if log_targets.shape[0] != n or log_targets.shape[-1] != k or log_targets.ndim not in (2, 3):
+        raise ValueError(f"log_targets must have shape ({n}, {k}) or ({n}, M, {k}), got {tuple(log_targets.shape)}")
+    if multi and (teacher_weights is None or teacher_weights.shape != log_targets.shape[:2]):
+        raise ValueError(f"teacher_weights must have shape {tuple(log_targets.shape[:2])} for M teachers")
+    if not multi and teacher_weights is not None:
+        raise ValueError("teacher_weights needs log_targets of shape (N, M, K)")
+    return [], [], [], [], []  # no online teachers
+
+
+def _choose_backend(backend, student_logits, log_targets, embeddings, teacher_logits, num_classes,
+                    n_subclasses) -> str:
+    """The backend that runs this call: auto skips one that cannot take its shape or dtypes."""
+    chosen = _dispatch.resolve(backend, student_logits.device,
+                               _triton_limits(num_classes, n_subclasses, embeddings, teacher_logits))
+    dtypes = [t.dtype for t in (student_logits, log_targets, *embeddings, *teacher_logits) if t is not None]
+    if chosen != "torch" and not all(dt in _DTYPE_CODES for dt in dtypes):
+        if backend != "auto":
+            raise ValueError(f"backend {chosen!r} takes float32/float16/bfloat16 tensors; use backend='torch' for float64")
+        chosen = "torch"
+    return chosen
 
 
 def _check_cpu_inputs(student, log_targets, labels, weights, embeddings, teacher_logits, num_classes, ignore_index,
