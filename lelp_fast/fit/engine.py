@@ -369,49 +369,12 @@ def _accumulate(source, settings, head_weight, head_bias, projector, process_gro
         _broadcast(shift_on_device, process_group)
         shift = shift_on_device.cpu()
 
-    k = min(settings.n_subclasses + settings.oversampling, null_dim)
-    method = choose_method(settings.method, dim, c, n_rows=source.n_rows, rereadable=source.rereadable,
-                           sketch_size=k, passes=settings.passes, iteration_sample=settings.iteration_sample,
-                           device=device)
-    if method == "exact":
-        stats = ExactClassStatistics(c, dim, shift, settings.backend, device)
-        n_passes, stride = 1, 1
-    else:
-        basis = None
-        if projector is not None and head_weight is not None:
-            basis = torch.linalg.qr(head_weight.T.to(torch.float64))[0]
-        stats = SketchClassStatistics(c, dim, shift, k, settings.seed, projector, basis, settings.backend, device)
-        n_passes = max(1, settings.passes)
-        stride = iteration_stride(settings.iteration_sample, source.n_rows) if n_passes > 1 else 1
-        if n_passes > 1 and not source.rereadable:
-            raise ValueError(
-                f"method='nystrom' with passes={n_passes} reads the data {n_passes} times, but this source "
-                "is a one-shot iterator; pass a list or a file, or use passes=1"
-            )
+    stats, method, n_passes, stride = _new_statistics(settings, source, head_weight, projector, dim, null_dim,
+                                                      shift, device)
     key = _settings_key(settings, method, source, rank, world,
                         f"{head_weight is not None}:{projector is not None}:{device.type}")
 
-    start_pass, skip = 0, 0
-    if checkpoint is not None:
-        remove_stale_temps(checkpoint)  # a run killed mid-write leaves a full C·d²·8-byte temp file
-    if checkpoint is not None and os.path.exists(checkpoint):
-        if not resume:
-            raise ValueError(
-                f"checkpoint {checkpoint} exists; pass resume=True (CLI: --resume) to continue it, or delete it"
-            )
-        meta, saved_shift, state = _load_checkpoint(checkpoint)
-        if meta.get("key") != key:
-            raise ValueError(
-                f"checkpoint {checkpoint} was written for other data or settings (the source changed since?); "
-                "delete it to start over"
-            )
-        shift.copy_(saved_shift)
-        stats.shift = shift.clone()
-        stats.load_state(state)
-        start_pass, skip = meta["pass"], meta["next_chunk"]
-        reader.skipped = meta["skipped"]
-        if not source.rereadable and skip:
-            raise ValueError("a one-shot iterator cannot be resumed; pass a list or a file")
+    start_pass, skip = _restore(checkpoint, resume, key, shift, stats, reader, source)
     if checkpoint is not None and world > 1:
         _check_ranks_agree(start_pass, checkpoint, process_group)
 
@@ -460,16 +423,7 @@ def _accumulate(source, settings, head_weight, head_bias, projector, process_gro
     skipped = torch.tensor([reader.skipped], dtype=torch.int64, device=device)
     _all_reduce([skipped], process_group)
     stats.to(torch.device("cpu"))
-    if int(stats.count.sum()) == 0 and int(skipped) > 0:
-        raise ValueError(f"every row was skipped ({int(skipped)} rows with NaN/Inf under nan_policy='skip'): "
-                         "no rows left to fit on")
-    for cls in range(c):
-        n_c = int(stats.count[cls])
-        if n_c < settings.n_subclasses + 1:
-            raise ValueError(
-                f"class {cls} has {n_c} rows but n_subclasses={settings.n_subclasses} needs at least "
-                f"{settings.n_subclasses + 1}; lower n_subclasses or add rows of that class"
-            )
+    _check_counts(stats.count, int(skipped), settings.n_subclasses)
     means, evals, evecs, total = stats.top_eigenpairs(settings.n_subclasses, projector)
     _check_class_ranks(evals, settings.n_subclasses)
     if checkpoint is not None and os.path.exists(checkpoint):
@@ -477,6 +431,67 @@ def _accumulate(source, settings, head_weight, head_bias, projector, process_gro
     nbytes = bar.bytes
     return FitResult(method, means, evals, evecs, total, stats.count.clone(), int(stats.count.sum()),
                      int(skipped), time.perf_counter() - t0, nbytes)
+
+
+def _new_statistics(settings, source, head_weight, projector, dim, null_dim, shift, device):
+    """The fit's statistics for the method ``auto`` chooses: (stats, method, passes, chunk stride)."""
+    c = settings.num_classes
+    k = min(settings.n_subclasses + settings.oversampling, null_dim)
+    method = choose_method(settings.method, dim, c, n_rows=source.n_rows, rereadable=source.rereadable,
+                           sketch_size=k, passes=settings.passes, iteration_sample=settings.iteration_sample,
+                           device=device)
+    if method == "exact":
+        return ExactClassStatistics(c, dim, shift, settings.backend, device), method, 1, 1
+    basis = None
+    if projector is not None and head_weight is not None:
+        basis = torch.linalg.qr(head_weight.T.to(torch.float64))[0]
+    stats = SketchClassStatistics(c, dim, shift, k, settings.seed, projector, basis, settings.backend, device)
+    n_passes = max(1, settings.passes)
+    stride = iteration_stride(settings.iteration_sample, source.n_rows) if n_passes > 1 else 1
+    if n_passes > 1 and not source.rereadable:
+        raise ValueError(
+            f"method='nystrom' with passes={n_passes} reads the data {n_passes} times, but this source "
+            "is a one-shot iterator; pass a list or a file, or use passes=1"
+        )
+    return stats, method, n_passes, stride
+
+
+def _restore(checkpoint, resume, key, shift, stats, reader, source):
+    """Loads a checkpoint into ``shift``/``stats``/``reader``; returns where to go on (pass, next chunk)."""
+    if checkpoint is None:
+        return 0, 0
+    remove_stale_temps(checkpoint)  # a run killed mid-write leaves a full C·d²·8-byte temp file
+    if not os.path.exists(checkpoint):
+        return 0, 0
+    if not resume:
+        raise ValueError(f"checkpoint {checkpoint} exists; pass resume=True (CLI: --resume) to continue it, or delete it")
+    meta, saved_shift, state = _load_checkpoint(checkpoint)
+    if meta.get("key") != key:
+        raise ValueError(
+            f"checkpoint {checkpoint} was written for other data or settings (the source changed since?); "
+            "delete it to start over"
+        )
+    shift.copy_(saved_shift)
+    stats.shift = shift.clone()
+    stats.load_state(state)
+    reader.skipped = meta["skipped"]
+    if not source.rereadable and meta["next_chunk"]:
+        raise ValueError("a one-shot iterator cannot be resumed; pass a list or a file")
+    return meta["pass"], meta["next_chunk"]
+
+
+def _check_counts(count: torch.Tensor, skipped: int, n_subclasses: int) -> None:
+    """Every class needs S + 1 rows; no rows at all because every row was skipped says so."""
+    if int(count.sum()) == 0 and skipped > 0:
+        raise ValueError(f"every row was skipped ({skipped} rows with NaN/Inf under nan_policy='skip'): "
+                         "no rows left to fit on")
+    for cls in range(count.shape[0]):
+        n_c = int(count[cls])
+        if n_c < n_subclasses + 1:
+            raise ValueError(
+                f"class {cls} has {n_c} rows but n_subclasses={n_subclasses} needs at least "
+                f"{n_subclasses + 1}; lower n_subclasses or add rows of that class"
+            )
 
 
 def _check_class_ranks(evals: torch.Tensor, n_subclasses: int) -> None:
