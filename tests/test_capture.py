@@ -155,3 +155,17 @@ def test_two_ranks_write_the_same_directory_as_one_process(tmp_path):
     dl, _, _ = loader()
     capture(tiny_teacher(), dl, str(tmp_path / "one"), batches_per_shard=2)
     assert _tree(str(tmp_path / "two")) == _tree(str(tmp_path / "one"))
+
+
+def test_capture_under_autocast(tmp_path):
+    """autocast='bfloat16' runs the teacher in bf16 (here on the CPU): close to the fp32 capture."""
+    model = tiny_teacher()
+    dl, _, _ = loader()
+    capture(model, dl, str(tmp_path / "fp32"), dtype="float32")
+    capture(model, dl, str(tmp_path / "bf16"), dtype="float32", autocast="bfloat16")
+    a = CaptureSource(str(tmp_path / "fp32")).tensors()
+    b = CaptureSource(str(tmp_path / "bf16")).tensors()
+    assert not torch.equal(a["teacher_logits"], b["teacher_logits"])  # it did run in bf16
+    torch.testing.assert_close(b["teacher_logits"], a["teacher_logits"], atol=5e-2, rtol=5e-2)
+    with pytest.raises(ValueError, match="autocast"):
+        capture(model, dl, str(tmp_path / "x"), autocast="int8")
