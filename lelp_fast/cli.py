@@ -301,6 +301,18 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .tune import TuneGrid, tune
+
+    cfg = load_config(args.config)
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    tune(cfg, TuneGrid(subclasses=args.subclasses, betas=args.betas, taus=args.taus, epochs=args.epochs,
+                       fraction=args.fraction))
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .run import run
@@ -474,6 +486,24 @@ def _add_bench(sub) -> None:
     quality.set_defaults(func=_cmd_bench_quality)
 
 
+def _add_tune(sub) -> None:
+    tune = sub.add_parser(
+        "tune",
+        help="choose S, beta and tau of a YAML run config on its validation split (proxy students)",
+        description="Captures if needed, fits one projector per S, and trains the config's student briefly for "
+        "every (S, beta, tau) on a fraction of the training rows; reports the best validation accuracy and the "
+        "whole curve in work_dir/tune/.",
+    )
+    tune.add_argument("config", help="YAML run config")
+    tune.add_argument("--subclasses", type=positive_int, nargs="+", default=[2, 4, 8, 16])
+    tune.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5, 1.0])
+    tune.add_argument("--taus", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    tune.add_argument("--epochs", type=positive_int, default=3, help="epochs per proxy student")
+    tune.add_argument("--fraction", type=float, default=0.5, help="training rows the proxies see")
+    tune.add_argument("--work-dir", help="override the config's work_dir")
+    tune.set_defaults(func=_cmd_tune)
+
+
 def _add_config_commands(sub) -> None:
     """``run`` (every stage of a config) and ``train`` (the stages up to the student's training)."""
     from .run import STAGES
@@ -501,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    for add in (_add_demo, _add_fit, _add_inspect, _add_targets, _add_capture, _add_config_commands, _add_bench):
+    for add in (_add_demo, _add_fit, _add_inspect, _add_targets, _add_capture, _add_config_commands, _add_tune,
+                _add_bench):
         add(sub)
     return parser
 

@@ -58,3 +58,16 @@ def test_config_errors_name_the_key(tmp_path, capsys):
 def test_missing_dataset_says_how_to_install(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         fashion_mnist.task(str(tmp_path), data_dir=str(tmp_path / "nowhere"))
+
+
+@needs_data
+def test_tune_reports_the_best_grid_point_and_its_curve(tmp_path):
+    work = str(tmp_path / "run")
+    assert main(["tune", SMALL, "--work-dir", work, "--subclasses", "2", "4", "--betas", "0.25", "1.0",
+                 "--taus", "1.0", "--epochs", "1"]) == 0
+    summary = json.load(open(os.path.join(work, "tune", "tune.json")))
+    assert len(summary["results"]) == 4
+    assert summary["best"] == max(summary["results"], key=lambda r: r["val_accuracy"])
+    assert all(0.5 < r["val_accuracy"] <= 1.0 for r in summary["results"])
+    for name in ("tune.png", "tune.md"):
+        assert os.path.exists(os.path.join(work, "tune", name))
