@@ -23,6 +23,7 @@ subclass soft targets for training a student.
   lelp-fast bench quality --dataset hierarchical --methods LELP "vanilla KD"
   lelp-fast capture --model teacher/ --data train.csv --out cap/   a saved transformers classifier
   lelp-fast run examples/configs/fashion_mnist.yaml   capture -> fit -> targets -> train -> report
+  lelp-fast tune examples/configs/fashion_mnist.yaml  choose S, beta, tau on the validation split
 
 Run 'lelp-fast COMMAND --help' for each command's options.
 """
