@@ -60,6 +60,7 @@ class TargetsConfig(_Section):
     backend: Literal["auto", "torch", "cpu", "cuda", "triton"] = "auto"
     beta: Optional[float] = Field(None, gt=0)  # default: the projector's
     tau: Optional[float] = Field(None, gt=0)
+    compact: bool = False  # store u and the teacher logits; beta/tau applied when training
     chunk_mb: float = Field(64.0, ge=1 / 1024)
     device: Optional[str] = None
 

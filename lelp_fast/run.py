@@ -64,17 +64,18 @@ def run(cfg: RunConfig, *, until: str = "report", progress: bool = False,
         log(f"[targets] {paths['targets']}")
         t = cfg.targets
         generate_targets(projector, paths["capture/train"], paths["targets"], format=t.format, dtype=t.dtype,
-                         beta=t.beta, tau=t.tau, chunk_bytes=int(t.chunk_mb * (1 << 20)), backend=t.backend,
+                         compact=t.compact, beta=t.beta, tau=t.tau, chunk_bytes=int(t.chunk_mb * (1 << 20)), backend=t.backend,
                          device=t.device, progress=progress)
         if last < STAGES.index("train"):
             return None
         log(f"[train] {paths['student']}")
         k = projector.n_outputs
         val_logits = CaptureSource(paths["capture/val"]).tensors()["teacher_logits"]
+        compact = (t.beta or projector.beta, t.tau or projector.tau) if t.compact else None
         trained = distill(task.make_student(k), task.train, paths["targets"], paths["student"],
                           num_classes=projector.num_classes, n_subclasses=projector.n_subclasses, val_data=task.val,
                           val_teacher_logits=val_logits, settings=TrainSettings(**cfg.train.model_dump()),
-                          progress=progress)
+                          compact_temperatures=compact, progress=progress)
         if last < STAGES.index("report"):
             return None
         return _report(cfg, task, projector, trained, paths, log)

@@ -71,3 +71,20 @@ def test_tune_reports_the_best_grid_point_and_its_curve(tmp_path):
     assert all(0.5 < r["val_accuracy"] <= 1.0 for r in summary["results"])
     for name in ("tune.png", "tune.md"):
         assert os.path.exists(os.path.join(work, "tune", name))
+
+
+@needs_data
+def test_compact_targets_through_the_config(tmp_path):
+    """targets.compact stores u and the teacher logits; the loop applies beta/tau when it reads them."""
+    import yaml
+
+    cfg = yaml.safe_load(open(SMALL))
+    cfg["work_dir"] = str(tmp_path / "run")
+    cfg["targets"] = {"compact": True, "beta": 0.5}
+    cfg["train"]["epochs"] = 1
+    path = tmp_path / "compact.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "--quiet"]) == 0
+    manifest = json.load(open(os.path.join(cfg["work_dir"], "targets", "manifest.json")))
+    assert manifest["settings"]["compact"] is True
+    assert json.load(open(os.path.join(cfg["work_dir"], "report.json")))["student_test"]["accuracy"] > 0.7

@@ -105,12 +105,14 @@ def distill(
     val_data=None,
     val_teacher_logits: Optional[torch.Tensor] = None,
     settings: Optional[TrainSettings] = None,
+    compact_temperatures: Optional[tuple] = None,
     progress: bool = False,
 ) -> dict:
     """Trains ``student`` (inputs -> C*S logits); returns the report (dict).
 
     ``targets`` is a targets directory (``generate_targets``; rows in ``train_data``'s order), or
     :class:`OnlineTargets` to compute them in the fused loss from a capture's embeddings.
+    ``compact_temperatures`` = (β, τ) turns compact targets (``u`` and teacher logits) into log-targets.
     """
     settings = settings or TrainSettings()
     settings.check()
@@ -121,14 +123,15 @@ def distill(
         if os.path.exists(report_path):  # finished: the stage is skipped
             with open(report_path) as f:
                 return json.load(f)
-        data, loss_fn = _training_data(train_data, targets, num_classes * n_subclasses, settings)
+        data, loss_fn = _training_data(train_data, targets, num_classes * n_subclasses, settings,
+                                       compact_temperatures)
         run = _Run(student, data, loss_fn, out_dir, num_classes, n_subclasses, settings, val_data,
                    val_teacher_logits)
         run.train(progress)
         return write_report(out_dir, run.summary())
 
 
-def _training_data(train_data, targets, k: int, st: TrainSettings):
+def _training_data(train_data, targets, k: int, st: TrainSettings, compact_temperatures=None):
     """(dataset of (item, target info), loss(out, target info, y) -> (loss, soft, hard))."""
     if isinstance(targets, OnlineTargets):
         from ..capture import CaptureDataset
@@ -144,7 +147,8 @@ def _training_data(train_data, targets, k: int, st: TrainSettings):
             return loss(out, labels=y, embeddings=h, teacher_logits=z, return_components=True)
 
         return CaptureDataset(targets.capture_dir, train_data), online
-    data = TargetsDataset(targets, train_data)
+    beta, tau = compact_temperatures or (None, None)
+    data = TargetsDataset(targets, train_data, beta=beta, tau=tau)
     if data.settings["K"] != k:
         raise ValueError(f"the targets in {targets} have K={data.settings['K']} outputs, the student setup C*S = {k}")
 
