@@ -64,8 +64,8 @@ def run(cfg: RunConfig, *, until: str = "report", progress: bool = False,
         log(f"[targets] {paths['targets']}")
         t = cfg.targets
         generate_targets(projector, paths["capture/train"], paths["targets"], format=t.format, dtype=t.dtype,
-                         compact=t.compact, beta=t.beta, tau=t.tau, chunk_bytes=int(t.chunk_mb * (1 << 20)), backend=t.backend,
-                         device=t.device, progress=progress)
+                         compact=t.compact, beta=t.beta, tau=t.tau, chunk_bytes=int(t.chunk_mb * (1 << 20)),
+                         backend=t.backend, device=t.device, progress=progress)
         if last < STAGES.index("train"):
             return None
         log(f"[train] {paths['student']}")
