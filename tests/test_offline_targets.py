@@ -284,7 +284,7 @@ def test_resume_with_another_world_size_keeps_the_other_ranks_shards(problem, tm
 
     h, _, projector = problem
     out = tmp_path / "out"
-    monkeypatch.setattr(pipeline, "_dist_info", lambda group: (1, 3))  # rank 1 of 3 ran, then the job died
+    monkeypatch.setattr(pipeline, "rank_world", lambda group: (1, 3))  # rank 1 of 3 ran, then the job died
     assert generate_targets(projector, h, str(out), chunk_bytes=CHUNK) is None
     recorded = json.loads((out / "progress-rank1.json").read_text())["shards"]
     assert [e["index"] for e in recorded] == [1, 4]

@@ -17,7 +17,6 @@ order on every run and every rank (no shuffling); under torchrun shard ``i`` is 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from typing import Callable, Iterable, Optional, Tuple, Union
@@ -26,7 +25,9 @@ import torch
 from torch import nn
 
 from .._checks import check_finite
-from ..io.locks import ExclusiveLock
+from .._dist import barrier, rank_world
+from ..io.integrity import tensors_sha256
+from ..io.locks import lock_rank_directory
 from ..offline import manifest as mf
 from ..offline import shards
 
@@ -87,16 +88,6 @@ class _HookedForward:
         self.handle.remove()
 
 
-def _model_fingerprint(model: nn.Module) -> str:
-    """sha256 over the parameters and buffers (names, shapes, bytes): a changed teacher is noticed."""
-    digest = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def capture(
     model: nn.Module,
     loader: Iterable,
@@ -138,25 +129,19 @@ def capture(
         raise ValueError(f"batches_per_shard must be a positive integer, got {batches_per_shard!r}")
     if autocast not in (None, "float16", "bfloat16"):
         raise ValueError(f"autocast must be None, 'float16' or 'bfloat16', got {autocast!r}")
-    rank, world = _dist_info(process_group)
+    rank, world = rank_world(process_group)
     device = torch.device(device)
     model = model.to(device).eval()
     head_module = find_head(model, head) if forward is None or head not in (None, "auto") else None
-    settings = {"model_sha256": _model_fingerprint(model), "layer": layer, "head": _describe(head_module),
+    settings = {"model_sha256": tensors_sha256(model.state_dict()),  # a changed teacher is noticed "layer": layer, "head": _describe(head_module),
                 "forward": None if forward is None else getattr(forward, "__qualname__", repr(forward)),
                 "dtype": dtype, "batches_per_shard": batches_per_shard, "autocast": autocast}
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
-    with ExclusiveLock(os.path.join(out_dir, f".lock-rank{rank}"), f"capture directory {out_dir}"):
-        existing = mf.read_manifest(out_dir, KIND)
+    with lock_rank_directory(out_dir, rank, world, f"capture directory {out_dir}"):
+        existing = mf.finished_run(out_dir, settings, True, rank, process_group, KIND)
         if existing is not None:
-            mf.check_settings(os.path.join(out_dir, mf.MANIFEST), existing["settings"], settings)
-            damaged = mf.damaged_shards(out_dir, existing, checksums=True)
-            if not damaged:
-                return existing
-            if rank == 0:
-                mf.reopen(out_dir, existing, damaged, KIND)
-            _barrier(process_group)
+            return existing
         shards.remove_stale_temp_files(out_dir, rank)
         if rank == 0 and head_module is not None and isinstance(head_module, nn.Linear):
             _write_head(out_dir, head_module)
@@ -166,12 +151,12 @@ def capture(
         finally:
             if isinstance(run, _HookedForward):
                 run.close()
-        _barrier(process_group)
+        barrier(process_group)
         result = None
         if rank == 0:
             done = mf.finished_shards(out_dir, settings, checksums=False, kind=KIND)
             result = mf.write_manifest(out_dir, {**settings, "n_rows": None}, _renumber(done), kind=KIND)
-        _barrier(process_group)
+        barrier(process_group)
         return result if rank == 0 else mf.read_manifest(out_dir, KIND)
 
 
@@ -263,21 +248,6 @@ def _to(batch, device):
     if isinstance(batch, dict):
         return {k: _to(v, device) for k, v in batch.items()}
     return batch
-
-
-def _dist_info(process_group):
-    if process_group is None:
-        return 0, 1
-    import torch.distributed as dist
-
-    return dist.get_rank(process_group), dist.get_world_size(process_group)
-
-
-def _barrier(process_group) -> None:
-    if process_group is not None:
-        import torch.distributed as dist
-
-        dist.barrier(process_group)
 
 
 def _bar(enabled: bool):

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from .._dist import rank_world
 from ..io.integrity import publish_mode, remove_stale_temps, temp_prefix, tensors_sha256
 from ..io.locks import ExclusiveLock
 from ..io.prefetch import prefetch
@@ -136,14 +137,6 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def _dist_info(process_group):
-    if process_group is None:
-        return 0, 1
-    import torch.distributed as dist
-
-    return dist.get_rank(process_group), dist.get_world_size(process_group)
 
 
 def _all_reduce(tensors, process_group) -> None:
@@ -323,7 +316,7 @@ def accumulate(
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={settings.device!r} but torch.cuda.is_available() is False; use device='cpu'")
-    rank, world = _dist_info(process_group)
+    rank, world = rank_world(process_group)
     if checkpoint is not None and world > 1:
         checkpoint = f"{checkpoint}.rank{rank}"
     with contextlib.ExitStack() as held:  # one run at a time writes a checkpoint

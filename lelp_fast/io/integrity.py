@@ -39,7 +39,7 @@ def temp_prefix(path: str) -> str:
 
 def remove_stale_temps(path: str) -> int:
     """Removes temp files a killed writer of ``path`` left behind; returns how many. The caller must
-    be the only writer of ``path`` (the fit holds its checkpoint's lock-free single-writer rule)."""
+    be the only writer of ``path`` (it holds the lock on it)."""
     pattern = os.path.join(os.path.dirname(os.path.abspath(path)), glob.escape(temp_prefix(path)) + "*")
     removed = 0
     for stale in glob.glob(pattern):

@@ -2,14 +2,15 @@
 
 A lock is an ``fcntl.flock`` on a small ``.lock`` file next to what it protects. The kernel drops a
 flock when its process dies, however it dies, so a stale lock of a killed run is taken over by the
-next run without any clean-up (the file stays; holding it is what counts). The file records the
-holder (pid, host, command, start time) so that a refused run can say who has it. A lock is not
-re-entrant across processes: two runs on one output directory, or on one checkpoint, cannot both
-write; the second gets :class:`LockHeldError` before it has written anything.
+next run without any clean-up (a killed holder leaves the file, unlocked; a clean exit removes it).
+The file records the holder (pid, host, command, start time) so that a refused run can say who has
+it. Two runs on one output directory, or on one checkpoint, cannot both write; the second gets
+:class:`LockHeldError` before it has written anything.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -25,12 +26,6 @@ except ImportError:  # pragma: no cover - not POSIX: locks are advisory no-ops
 
 class LockHeldError(RuntimeError):
     """Another live process holds the lock."""
-
-
-def lock_path_for(target: str) -> str:
-    """The lock file of ``target``: ``<dir>/.lock`` for a directory, ``<file>.lock`` for a file."""
-    target = os.path.abspath(os.fspath(target))
-    return os.path.join(target, ".lock") if os.path.isdir(target) else f"{target}.lock"
 
 
 class ExclusiveLock:
@@ -107,3 +102,18 @@ def is_held(lock_file: str) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def lock_rank_directory(directory: str, rank: int, world: int, what: str) -> ExclusiveLock:
+    """A distributed job's lock on its output directory: each rank holds ``.lock-rank<r>``; rank 0
+    also refuses when another run holds a rank lock this run does not have (a larger world size)."""
+    lock = ExclusiveLock(os.path.join(directory, f".lock-rank{rank}"), what).acquire()
+    if rank == 0:
+        for path in glob.glob(os.path.join(directory, ".lock-rank*")):
+            suffix = path.rsplit("rank", 1)[1]
+            other = int(suffix) if suffix.isdigit() else -1
+            if other >= world and is_held(path):
+                lock.release()
+                raise LockHeldError(f"{what} is in use by another run (its rank {other} holds {path}); wait for it "
+                                    "to finish or write somewhere else")
+    return lock

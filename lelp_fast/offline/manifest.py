@@ -12,8 +12,10 @@ import glob
 import hashlib
 import json
 import os
+import warnings
 from typing import Dict, List, Optional
 
+from .._dist import barrier
 from . import shards
 
 MANIFEST = "manifest.json"
@@ -133,6 +135,26 @@ def reopen(directory: str, manifest: dict, damaged: Dict[int, str], kind: str = 
     write_progress(directory, 0, manifest["settings"], intact, kind)
     os.unlink(os.path.join(directory, MANIFEST))
     shards.fsync_directory(directory)
+
+
+def finished_run(directory: str, settings: dict, verify: bool, rank: int, process_group,
+                 kind: str = KIND) -> Optional[dict]:
+    """A finished directory's manifest when its settings match and every shard is intact (sha256
+    with ``verify``, else sizes). With missing or corrupt shards, rank 0 turns it back into a
+    partial run (with a warning) and None is returned, as for a directory that never finished."""
+    manifest = read_manifest(directory, kind)
+    if manifest is None:
+        return None
+    check_settings(os.path.join(directory, MANIFEST), manifest["settings"], settings)
+    damaged = damaged_shards(directory, manifest, checksums=verify)
+    if not damaged:
+        return manifest
+    if rank == 0:
+        warnings.warn(f"{directory}: {len(damaged)} shard(s) missing or corrupt ({next(iter(damaged.values()))}); "
+                      "rewriting them", RuntimeWarning, stacklevel=3)
+        reopen(directory, manifest, damaged, kind)
+    barrier(process_group)
+    return None
 
 
 def own_progress(directory: str, rank: int, kind: str = KIND) -> List[dict]:

@@ -8,10 +8,8 @@ the recorded shards, redoes the rest, and ends with the same bytes as an uninter
 
 from __future__ import annotations
 
-import glob
 import os
 import tempfile
-import warnings
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +18,8 @@ from typing import Deque, Optional
 import torch
 
 from .._checks import NonFiniteRowError, check_finite
-from ..io.locks import ExclusiveLock, LockHeldError, is_held
+from .._dist import barrier, rank_world
+from ..io.locks import lock_rank_directory
 from ..io.prefetch import prefetch
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource, SourceLike, as_source
 from . import manifest as mf
@@ -80,38 +79,20 @@ def generate_targets(
     src = as_source(source)
     if src.dim is not None and src.dim != projector.dim:
         raise ValueError(f"the source has d={src.dim} but the projector was fitted with d={projector.dim}")
-    rank, world = _dist_info(process_group)
+    rank, world = rank_world(process_group)
     settings = _settings(projector, src, format, dtype, compact, beta, tau, chunk_bytes)
     out_dir = _prepare_directory(out_dir, rank)
-    with _lock_output(out_dir, rank, world):
+    with lock_rank_directory(out_dir, rank, world, f"output directory {out_dir}"):
         return _generate(projector, src, out_dir, settings, chunk_bytes, backend, device, process_group, rank,
                          world, progress, verify)
-
-
-def _lock_output(out_dir: str, rank: int, world: int) -> ExclusiveLock:
-    """Each rank holds ``.lock-rank<r>``; rank 0 also checks that no other run holds a rank lock
-    this run does not have (a run with a larger world size)."""
-    lock = ExclusiveLock(os.path.join(out_dir, f".lock-rank{rank}"), f"output directory {out_dir}").acquire()
-    if rank == 0:
-        for path in glob.glob(os.path.join(out_dir, ".lock-rank*")):
-            other = int(path.rsplit("rank", 1)[1]) if path.rsplit("rank", 1)[1].isdigit() else -1
-            if other >= world and is_held(path):
-                lock.release()
-                raise LockHeldError(f"output directory {out_dir} is in use by another run (its rank {other} holds "
-                                    f"{path}); wait for it to finish or write somewhere else")
-    return lock
 
 
 def _generate(projector, src, out_dir, settings, chunk_bytes, backend, device, process_group, rank, world, progress,
               verify) -> dict:
     shards.remove_stale_temp_files(out_dir, rank)  # left by a killed run of this rank (we hold its lock)
-    existing = mf.read_manifest(out_dir)
-    if existing is not None:  # a finished run: same settings and intact shards -> nothing to do
-        mf.check_settings(os.path.join(out_dir, mf.MANIFEST), existing["settings"], settings)
-        damaged = mf.damaged_shards(out_dir, existing, checksums=verify)
-        if not damaged:
-            return existing
-        _reopen(out_dir, existing, damaged, process_group, rank)
+    existing = mf.finished_run(out_dir, settings, verify, rank, process_group)
+    if existing is not None:  # same settings and intact shards: nothing to do
+        return existing
     done = mf.finished_shards(out_dir, settings)
     if done and not src.rereadable:
         raise ValueError(f"{out_dir} holds a partial run, but the source is a one-shot iterable that cannot be "
@@ -138,18 +119,6 @@ def _generate(projector, src, out_dir, settings, chunk_bytes, backend, device, p
     return _finish(out_dir, settings, process_group, rank)
 
 
-def _reopen(out_dir, manifest, damaged, process_group, rank) -> None:
-    """A finished directory with missing or corrupt shards: rank 0 turns it back into a partial run."""
-    if rank == 0:
-        warnings.warn(f"{out_dir}: {len(damaged)} shard(s) missing or corrupt ({next(iter(damaged.values()))}); "
-                      "rewriting them", RuntimeWarning, stacklevel=4)
-        mf.reopen(out_dir, manifest, damaged)
-    if process_group is not None:
-        import torch.distributed as dist
-
-        dist.barrier(process_group)
-
-
 def _settings(projector, src: EmbeddingSource, format, dtype, compact, beta, tau, chunk_bytes) -> dict:
     """What the outputs depend on: a resume or a rerun must see exactly the same."""
     return {
@@ -167,14 +136,6 @@ def _settings(projector, src: EmbeddingSource, format, dtype, compact, beta, tau
         "compact": bool(compact),
         "chunk_bytes": int(chunk_bytes),
     }
-
-
-def _dist_info(process_group):
-    if process_group is None:
-        return 0, 1
-    import torch.distributed as dist
-
-    return dist.get_rank(process_group), dist.get_world_size(process_group)
 
 
 def _prepare_directory(out_dir: str, rank: int) -> str:
@@ -291,12 +252,8 @@ def _progress_bar(src: EmbeddingSource, enabled: bool, done: dict):
 
 
 def _finish(out_dir: str, settings: dict, process_group, rank: int) -> dict:
-    if process_group is not None:
-        import torch.distributed as dist
-
-        dist.barrier(process_group)
+    barrier(process_group)
     if rank == 0:  # sizes re-checked (cheap); the checksums were taken from the bytes this run wrote
         result = mf.write_manifest(out_dir, settings, mf.finished_shards(out_dir, settings, checksums=False))
-    if process_group is not None:
-        dist.barrier(process_group)
+    barrier(process_group)
     return result if rank == 0 else mf.read_manifest(out_dir)
