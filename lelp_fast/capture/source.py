@@ -29,6 +29,7 @@ class CaptureSource(EmbeddingSource):
             mf.verify_shard(self.directory, entry, checksums=verify)
         self.shards = manifest["shards"]
         self.n_rows = manifest["n_rows"]
+        self._starts = torch.tensor([e["rows"][0] for e in self.shards], dtype=torch.int64)
         with open(os.path.join(self.directory, mf.MANIFEST), "rb") as f:
             self._fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
         first = self._read(0) if self.shards else None
@@ -76,13 +77,12 @@ class CaptureSource(EmbeddingSource):
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_rows):
             raise IndexError(f"row index out of range for {self.n_rows} rows")
-        starts = torch.tensor([e["rows"][0] for e in self.shards], dtype=torch.int64)
-        shard_of = torch.searchsorted(starts, idx, right=True) - 1
+        shard_of = torch.searchsorted(self._starts, idx, right=True) - 1
         out = {}
         for s in torch.unique(shard_of).tolist():
             where = torch.nonzero(shard_of == s).flatten()
             part = self._cached(s)
-            local = idx[where] - int(starts[s])
+            local = idx[where] - int(self._starts[s])
             for key, t in part.items():
                 if key not in out:
                     out[key] = t.new_empty((idx.numel(), *t.shape[1:]))

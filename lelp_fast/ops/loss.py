@@ -65,14 +65,19 @@ def _loss_rows(
     if n == 0:
         return loss_rows, grad, hard_rows
     student = _dispatch.rows_contiguous(student)
+    weights = None if weights is None else weights.to(torch.float32).contiguous()
+    labels = None if labels is None else labels.to(torch.int64).contiguous()
+    if use_triton:
+        _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
+                          teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
+                          ignore_index, loss_rows, hard_rows, grad)
+        return loss_rows, grad, hard_rows
     if log_targets is not None:
         n_teachers = 1 if log_targets.ndim == 2 else log_targets.shape[1]
         log_targets = log_targets if log_targets.is_contiguous() else log_targets.contiguous()
         targets_args = (_ptr(log_targets), _DTYPE_CODES[log_targets.dtype], n_teachers * k, n_teachers)
     else:
         targets_args = (0, 0, 0, len(embeddings))
-    weights = None if weights is None else weights.to(torch.float32).contiguous()
-    labels = None if labels is None else labels.to(torch.int64).contiguous()
     online, keep_alive = [], []
     for emb, w, b, z, teacher_beta in zip(embeddings, fused_weight, fused_bias, teacher_logits, beta):
         emb, z = _dispatch.rows_contiguous(emb), _dispatch.rows_contiguous(z)
@@ -83,11 +88,6 @@ def _loss_rows(
             w32.shape[1], _ptr(z), 0 if z is None else _DTYPE_CODES[z.dtype], 0 if z is None else z.stride(0),
             float(teacher_beta),
         ))
-    if use_triton:
-        _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
-                          teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
-                          ignore_index, loss_rows, hard_rows, grad)
-        return loss_rows, grad, hard_rows
     on_cuda = student.device.type == "cuda"
     stream = torch.cuda.current_stream(student.device).cuda_stream if on_cuda else 0
     _dispatch.extension().loss(
