@@ -72,7 +72,7 @@ def tune(cfg: RunConfig, grid: TuneGrid = TuneGrid(), *, log: Callable[[str], No
     results = []
     for s in grid.subclasses:
         projector = LELPProjector(s, seed=cfg.fit.seed).fit(t["embeddings"], t["labels"], head_weight=w, head_bias=b)
-        u = t["embeddings"].float() @ projector.A + projector.e  # the compact form: fit once per S
+        u = projector.project(t["embeddings"])  # the compact form: fit once per S
         for beta in grid.betas:
             for tau in grid.taus:
                 log_t = reference.log_targets(u[rows], t["teacher_logits"][rows], s, beta, tau).float()

@@ -203,17 +203,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out,
-                   split: Optional[SplitMap] = None):
-    """Launches the kernel; ``weight``/``bias`` are the fused ``[A | Wᵀ]``, ``[e | b]`` (fp32).
-
-    ``split`` is ``split_map``'s layout of that map when the caller caches it."""
+def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out):
+    """Launches the kernel; ``weight``/``bias`` are the fused ``[A | Wᵀ]``, ``[e | b]`` (fp32)."""
     n, d = embeddings.shape
     why = limits.targets_unsupported(num_classes, n_subclasses, with_head=teacher_logits is None)
     if why:
         raise ValueError(f"the triton targets kernel cannot run: {why}")
-    if split is None:
-        split = split_map(weight, bias, num_classes, n_subclasses, embeddings.dtype, teacher_logits is None)
+    split = split_map(weight, bias, num_classes, n_subclasses, embeddings.dtype, teacher_logits is None)
     k_pad = split.c_pad * split.s_pad
     z = teacher_logits if teacher_logits is not None else embeddings
     head = [split.head_hi, split.head_lo, split.head_scale, split.head_bias]
