@@ -11,6 +11,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from .projector import DEFAULT_BETA
+
 DESCRIPTION = """\
 LELP knowledge distillation: fit per-class subspaces of teacher embeddings, then write
 subclass soft targets for training a student.
@@ -37,6 +39,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (np.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
 
 
@@ -94,21 +107,43 @@ def _report(result: dict, markdown: str, out: Optional[str]) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_markdown, run_demo
 
-    cfg = DemoConfig(seeds=args.seeds, n_subclasses=args.subclasses, beta=args.beta, tau=args.tau)
+    cfg = DemoConfig(seeds=args.seeds, n_subclasses=args.subclasses, tau=args.tau)
+    if args.beta is not None:
+        cfg.beta = args.beta
     result = run_demo(cfg, progress=not args.quiet)
     return _report(result, format_markdown(result), args.out)
 
 
 def _cmd_bench_quality(args: argparse.Namespace) -> int:
-    from .quality import QualityConfig, format_markdown, run_quality
+    from .quality import REAL_TASKS, QualityConfig, format_markdown, run_quality
 
-    cfg = QualityConfig(dataset=args.dataset, seeds=args.seeds, n_subclasses=args.subclasses, beta=args.beta,
-                        tau=args.tau, student_fraction=args.student_fraction, student_hidden=args.student_hidden)
+    if args.dataset in REAL_TASKS:
+        return _bench_real_quality(args)
+    if args.students or args.fractions or args.steps or args.mode or args.device:
+        raise SystemExit(f"error: --students, --fractions, --steps, --mode and --device are for the real-data "
+                         f"datasets {tuple(REAL_TASKS)}, not {args.dataset}")
+    cfg = QualityConfig(dataset=args.dataset, seeds=args.seeds or 5, n_subclasses=args.subclasses or 4,
+                        beta=args.beta or 1.0, tau=args.tau or 1.0, student_fraction=args.student_fraction,
+                        student_hidden=args.student_hidden)
     try:
         result = run_quality(cfg, args.methods, progress=not args.quiet)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
     return _report(result, format_markdown(result), args.out)
+
+
+def _bench_real_quality(args: argparse.Namespace) -> int:
+    from .quality import format_real_markdown, real_config, run_real_quality
+
+    given = {"students": args.students, "fractions": args.fractions, "steps": args.steps, "seeds": args.seeds,
+             "n_subclasses": args.subclasses, "beta": args.beta, "tau": args.tau, "device": args.device,
+             "cache_dir": args.cache_dir}
+    try:
+        cfg = real_config(args.dataset, args.mode or "cpu", **{k: v for k, v in given.items() if v is not None})
+        result = run_real_quality(cfg, args.methods, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    return _report(result, format_real_markdown(result), args.out)
 
 
 def _fit_source(args: argparse.Namespace):
@@ -330,12 +365,14 @@ def _add_demo(sub) -> None:
         "demo",
         help="train teacher and students on binarised digits; print the comparison table",
         description="Binarised digits (even vs odd, bundled with scikit-learn): train a teacher MLP, "
-        "fit LELP on its embeddings, train the same small student with hard labels, vanilla KD "
-        "and LELP over several seeds, and print test accuracy and teacher agreement.",
+        "fit LELP on its embeddings, train a linear and a small MLP student with hard labels, vanilla KD, "
+        "LELP and the oracle (true digits as subclasses) over several seeds, and print test accuracy and the "
+        "paired difference from KD.",
     )
     demo.add_argument("--seeds", type=positive_int, default=5, help="number of seeds (default 5)")
     demo.add_argument("--subclasses", type=int, default=4, help="S, pseudo-subclasses per class (default 4)")
-    demo.add_argument("--beta", type=float, default=1.0, help="subclass temperature (default 1)")
+    demo.add_argument("--beta", type=positive_float, help="subclass temperature (default: the library's, "
+                      "lelp_fast.projector.DEFAULT_BETA)")
     demo.add_argument("--tau", type=float, default=1.0, help="class temperature (default 1)")
     demo.add_argument("--out", help="also write the table: .md for Markdown, else JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -367,7 +404,8 @@ def _add_fit(sub) -> None:
     fit.add_argument("--iteration-sample", type=float, default=0.125,
                      help="share of the chunks the nystrom passes before the last read (default 0.125; 1: all)")
     fit.add_argument("--oversampling", type=int, default=10, help="extra sketch columns beyond S (default 10)")
-    fit.add_argument("--beta", type=float, default=1.0, help="default subclass temperature stored in the projector")
+    fit.add_argument("--beta", type=positive_float, default=DEFAULT_BETA,
+                     help=f"default subclass temperature stored in the projector (default {DEFAULT_BETA})")
     fit.add_argument("--tau", type=float, default=1.0, help="default class temperature stored in the projector")
     fit.add_argument("--seed", type=int, default=0, help="seed of the random rotations and sketches (default 0)")
     fit.add_argument("--assign", choices=("label", "teacher"), default="label",
@@ -462,7 +500,7 @@ def _add_capture(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    from .quality import DATASETS, METHODS
+    from .quality import DATASETS, METHODS, REAL_METHODS, REAL_TASKS, STUDENT_KINDS
 
     bench = sub.add_parser("bench", help="benchmarks that ship with the package (quality)")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
@@ -473,15 +511,25 @@ def _add_bench(sub) -> None:
         "ablations and the multi-teacher variants; test accuracy, agreement and predictive KL, mean ± std over "
         "seeds. --methods reruns chosen rows.",
     )
-    quality.add_argument("--dataset", choices=tuple(DATASETS), default="digits-parity")
-    quality.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
-                         help=f"rows to run (default all): {', '.join(METHODS)}")
-    quality.add_argument("--seeds", type=positive_int, default=5)
-    quality.add_argument("--subclasses", type=int, default=4, help="S (default 4)")
-    quality.add_argument("--beta", type=float, default=1.0)
-    quality.add_argument("--tau", type=float, default=1.0)
-    quality.add_argument("--student-fraction", type=float, default=0.25, help="training rows the students see")
-    quality.add_argument("--student-hidden", type=int, default=32, help="hidden units of the student MLP (0: linear)")
+    quality.add_argument("--dataset", choices=tuple(DATASETS) + tuple(REAL_TASKS), default="digits-parity",
+                         help=f"real data (a CNN or WordLlama teacher, several students): {', '.join(REAL_TASKS)}")
+    quality.add_argument("--methods", nargs="+", choices=tuple(dict.fromkeys(METHODS + REAL_METHODS)),
+                         metavar="METHOD", help=f"rows to run (default all): {', '.join(METHODS)}; on real data: "
+                         f"{', '.join(REAL_METHODS)}")
+    quality.add_argument("--seeds", type=positive_int, help="default 5")
+    quality.add_argument("--subclasses", type=positive_int, help="S (default 4)")
+    quality.add_argument("--beta", type=positive_float, help="default 1 (the toy tasks) or the library default (real data)")
+    quality.add_argument("--tau", type=positive_float, help="default 1")
+    quality.add_argument("--student-fraction", type=float, default=0.25, help="training rows the students see (toy tasks)")
+    quality.add_argument("--student-hidden", type=int, default=32, help="hidden units of the student MLP, 0: linear (toy tasks)")
+    quality.add_argument("--mode", choices=("cpu", "gpu"), help="real data: cpu (default; linear and MLP students, "
+                         "under 20 min on 2 cores) or gpu (adds a CNN student, 4x the steps, on cuda)")
+    quality.add_argument("--students", nargs="+", choices=STUDENT_KINDS, help="real data: student kinds")
+    quality.add_argument("--fractions", nargs="+", type=float, help="real data: shares of the training pool to distil from")
+    quality.add_argument("--steps", type=positive_int, help="real data: optimiser steps per student")
+    quality.add_argument("--device", help="real data: torch device (default cpu, or cuda with --mode gpu)")
+    quality.add_argument("--cache-dir", help="real data: where the trained teacher's outputs are kept "
+                         "(default ~/.cache/lelp_fast/quality)")
     quality.add_argument("--out", help="also write the table: .md for Markdown, else JSON (with per-seed rows)")
     quality.add_argument("--quiet", action="store_true", help="no progress bar")
     quality.set_defaults(func=_cmd_bench_quality)

@@ -11,6 +11,8 @@ from typing import Any, Dict, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .projector import DEFAULT_BETA
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -37,7 +39,7 @@ class CaptureConfig(_Section):
 
 class FitConfig(_Section):
     subclasses: int = Field(4, gt=0)
-    beta: float = Field(1.0, gt=0)
+    beta: float = Field(DEFAULT_BETA, gt=0)
     tau: float = Field(1.0, gt=0)
     method: Literal["auto", "exact", "nystrom"] = "auto"
     null_space: Optional[bool] = None

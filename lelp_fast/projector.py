@@ -30,6 +30,12 @@ FORMAT_VERSION = 2  # 2: one JSON metadata key holding the tensors_sha256 checks
 METADATA_KEY = "lelp_fast"
 
 
+DEFAULT_BETA = 0.25
+"""The subclass temperature β when none is given. 0.25 was best or level with the best on every
+real-data sweep (docs/results.md, "Defaults"); the earlier 1.0 made the subclass split nearly flat
+(mean entropy about 0.8 of its maximum) and kept a third of the gain or less."""
+
+
 class LELPProjector:
     """Per-class principal subspaces of teacher embeddings, compiled to ``u = h A + e``.
 
@@ -63,7 +69,7 @@ class LELPProjector:
         self,
         n_subclasses: int = 4,
         *,
-        beta: float = 1.0,
+        beta: float = DEFAULT_BETA,
         tau: float = 1.0,
         null_space: Optional[bool] = None,
         rotate: bool = True,

@@ -5,8 +5,9 @@ subclass of each row numbered within its class (0..H−1), for the oracle varian
 
 - ``digits-parity``: scikit-learn's bundled 8x8 digits, even vs odd (5 digits per class);
 - ``digits-low``: the same digits, 0–4 vs 5–9;
-- ``hierarchical``: :func:`hierarchical`, a synthetic generator anyone can regenerate;
-- ``fashion-mnist-coarse``: real images from a Debian package (see :func:`fashion_mnist_coarse`).
+- ``hierarchical``: :func:`hierarchical`, a synthetic generator anyone can regenerate.
+
+Real data (Fashion-MNIST, tweets) with CNN / WordLlama teachers: :mod:`.real_data`.
 """
 
 from __future__ import annotations
@@ -48,19 +49,7 @@ def hierarchical(n: int = 4000, num_classes: int = 2, subclasses: int = 4, dim: 
     return x, y, fine % subclasses
 
 
-def fashion_mnist_coarse(n: int = 8000, seed: int = 0) -> Task:
-    """Fashion-MNIST (Debian package ``dataset-fashion-mnist``), 0-4 vs 5-9: each coarse class is
-    the union of 5 real classes (the hidden subclasses). ``n`` training images, drawn with a fixed
-    seed, as 784 pixel features in [0, 1]."""
-    from ..examples.fashion_mnist import coarse, load
-
-    x, fine = load("train")
-    keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-    return x[keep].reshape(n, -1), coarse(fine[keep]), fine[keep] % 5
-
-
 DATASETS: Dict[str, Callable[[], Task]] = {
-    "fashion-mnist-coarse": fashion_mnist_coarse,
     "digits-parity": lambda: _digits("parity"),
     "digits-low": lambda: _digits("low"),
     "hierarchical": hierarchical,
