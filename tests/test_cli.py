@@ -114,11 +114,13 @@ def test_demo_runs_and_writes_json(tmp_path, capsys):
     out = str(tmp_path / "demo.json")
     assert main(["demo", "--seeds", "1", "--quiet", "--out", out]) == 0
     printed = capsys.readouterr().out
-    assert "| LELP |" in printed and "| vanilla KD |" in printed
+    assert "| LELP |" in printed and "| vanilla KD |" in printed and "linear student" in printed
     result = json.loads(open(out).read())
-    methods = [r["method"] for r in result["rows"]]
-    assert methods == ["teacher", "hard labels", "vanilla KD", "LELP"]
-    assert all(0.5 < r["accuracy_mean"] <= 1.0 for r in result["rows"])
+    for student in result["students"].values():
+        methods = [r["method"] for r in student["rows"]]
+        assert methods == ["teacher", "hard labels", "vanilla KD", "LELP", "oracle"]
+        assert all(0.5 < r["accuracy_mean"] <= 1.0 for r in student["rows"])
+        assert student["paired"]["vanilla KD"]["diff_mean"] == 0.0 and "wins" in student["paired"]["LELP"]
 
 
 def test_console_script_help():

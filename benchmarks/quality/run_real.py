@@ -59,6 +59,48 @@ def run_digits() -> None:
         json.dump(data, f, indent=1)
 
 
+def beta_choice() -> str:
+    """Markdown: LELP minus KD (test, S = 4, mean over seeds) at each β for every sweep (real data
+    and digits), and its mean over the sweeps, the number the default β maximises."""
+    import numpy as np
+
+    rows = {}
+    for name, result in json.load(open(os.path.join(RESULTS, "real-sweeps.json"))).items():
+        kd = np.array(result["curves"]["KD"]["test"])
+        rows[name] = {float(b): float((np.array(v["test"]) - kd).mean()) for b, v in result["curves"]["beta"].items()}
+    for name, per_seed in json.load(open(os.path.join(RESULTS, "digits-beta.json"))).items():
+        kd = np.array(per_seed["vanilla KD"])
+        rows[name] = {float(k.split("=")[1]): float((np.array(v) - kd).mean()) for k, v in per_seed.items()
+                      if k.startswith("LELP beta=")}
+    betas = sorted(next(iter(rows.values())))
+    lines = ["| sweep | " + " | ".join(f"β = {b:g}" for b in betas) + " |", "|---" * (len(betas) + 1) + "|"]
+    for name, by_beta in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * by_beta[b]:+.2f}" for b in betas) + " |")
+    means = [100 * np.mean([r[b] for r in rows.values()]) for b in betas]
+    lines.append("| **mean** | " + " | ".join(f"**{m:+.2f}**" for m in means) + " |")
+    return "\n".join(lines)
+
+
+def compact_table(task: str) -> str:
+    """Markdown: one column per (student, fraction); tuned KD's test accuracy, then every other
+    method's paired difference from it (points, mean ± sd over seeds, wins)."""
+    result = json.load(open(os.path.join(RESULTS, f"{task}.json")))
+    cells = result["cells"]
+    head = [f"{c['student']}, {c['fraction']:g} ({c['rows']} rows)" for c in cells]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(cells) + 1) + "|",
+             "| KD, tuned τ (test %) | " + " | ".join(
+                 f"{100 * c['summary']['KD']['mean']:.2f} ± {100 * c['summary']['KD']['std']:.2f} (τ={c['tuned']['kd_tau']:g})"
+                 for c in cells) + " |"]
+    for method in cells[0]["summary"]:
+        if method != "KD":
+            lines.append(f"| {method} | " + " | ".join(
+                f"{100 * c['summary'][method]['diff_mean']:+.2f} ± {100 * c['summary'][method]['diff_std']:.2f} "
+                f"({c['summary'][method]['wins']}/{c['summary'][method]['seeds']})" for c in cells) + " |")
+    lines.append("| LELP tuned: S, β | " + " | ".join(f"{c['tuned']['lelp'][0]}, {c['tuned']['lelp'][1]:g}"
+                                                     for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def run_bench(tasks, mode: str) -> None:
     for task in tasks:
         fractions = (0.1, 1.0) if task == "trump-tweets" else (0.01, 0.1, 1.0)
@@ -157,7 +199,7 @@ def main() -> None:
     if "plots" in args.stage:
         plot(args.tasks)
         with open(os.path.join(RESULTS, "real-sweeps.md"), "w") as f:
-            f.write(sweep_tables() + "\n")
+            f.write(sweep_tables() + "\n" + beta_choice() + "\n")
 
 
 if __name__ == "__main__":
