@@ -518,14 +518,19 @@ def _add_bench(sub) -> None:
                          f"{', '.join(REAL_METHODS)}")
     quality.add_argument("--seeds", type=positive_int, help="default 5")
     quality.add_argument("--subclasses", type=positive_int, help="S (default 4)")
-    quality.add_argument("--beta", type=positive_float, help="default 1 (the toy tasks) or the library default (real data)")
+    quality.add_argument("--beta", type=positive_float,
+                         help="default 1 (the toy tasks) or the library default (real data)")
     quality.add_argument("--tau", type=positive_float, help="default 1")
-    quality.add_argument("--student-fraction", type=float, default=0.25, help="training rows the students see (toy tasks)")
-    quality.add_argument("--student-hidden", type=int, default=32, help="hidden units of the student MLP, 0: linear (toy tasks)")
+    quality.add_argument("--student-fraction", type=float, default=0.25,
+                         help="training rows the students see (toy tasks)")
+    quality.add_argument("--student-hidden", type=int, default=32,
+                         help="hidden units of the student MLP, 0: linear (toy tasks)")
     quality.add_argument("--mode", choices=("cpu", "gpu"), help="real data: cpu (default; linear and MLP students, "
-                         "under 20 min on 2 cores) or gpu (adds a CNN student, 4x the steps, on cuda)")
+                         "18 min on 2 cores once the teacher is cached) or gpu (adds a CNN student, 4x the steps, "
+                         "on cuda)")
     quality.add_argument("--students", nargs="+", choices=STUDENT_KINDS, help="real data: student kinds")
-    quality.add_argument("--fractions", nargs="+", type=float, help="real data: shares of the training pool to distil from")
+    quality.add_argument("--fractions", nargs="+", type=float,
+                         help="real data: shares of the training pool to distil from")
     quality.add_argument("--steps", type=positive_int, help="real data: optimiser steps per student")
     quality.add_argument("--device", help="real data: torch device (default cpu, or cuda with --mode gpu)")
     quality.add_argument("--cache-dir", help="real data: where the trained teacher's outputs are kept "

@@ -54,7 +54,8 @@ def format_markdown(result: Dict) -> str:
     for name, student in result["students"].items():
         teacher = student["rows"][0]
         lines += [f"**{name} student** (teacher: {100 * teacher['accuracy_mean']:.2f} %)", "",
-                  "| method | test accuracy (%) | minus vanilla KD, paired (points) | wins | agreement with teacher (%) |",
+                  "| method | test accuracy (%) | minus vanilla KD, paired (points) | wins "
+                  "| agreement with teacher (%) |",
                   "|---|---|---|---|---|"]
         for row in student["rows"][1:]:
             p = student["paired"][row["method"]]
@@ -62,5 +63,6 @@ def format_markdown(result: Dict) -> str:
                          f"{100 * p['diff_mean']:+.2f} ± {100 * p['diff_std']:.2f} | {p['wins']}/{p['seeds']} | "
                          f"{100 * row['agreement_mean']:.2f} |")
         lines.append("")
-    lines.append(f"wall time: {result['seconds']:.1f} s. Where LELP helps and by how much on real data: docs/results.md")
+    lines.append(f"wall time: {result['seconds']:.1f} s. Where LELP helps and by how much on real data: "
+                 "docs/results.md")
     return "\n".join(lines)

@@ -51,6 +51,16 @@ def test_every_method_runs_per_student_and_the_summary_is_paired():
     assert "| oracle |" in text and "wins" in text
 
 
+def test_the_gpu_preset_runs_its_cnn_student_and_tau_grid_on_any_device():
+    task = small_task()
+    cfg = real_config("fashion-mnist-coarse", "gpu", device="cpu", steps=4, seeds=1, fractions=(0.2,),
+                      tune_subclasses=(2,), tune_betas=(0.25,))
+    assert cfg.students == ("linear", "mlp", "cnn") and cfg.tune_taus == (1.0, 2.0, 4.0)
+    methods = ("KD", "LELP tuned", "oracle")
+    cell = run_cell(task, "cnn", 0.2, cfg, methods, real_runner._fits(task, cfg, methods), progress=False)
+    assert len(cell["tuned"]["lelp_curve"]) == 3 and set(cell["per_seed"]) == set(methods)
+
+
 def test_students_see_the_same_rows_and_initialisation_per_seed():
     task = small_task()
     cfg = real_config("fashion-mnist-coarse", steps=3)

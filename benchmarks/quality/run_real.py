@@ -89,7 +89,8 @@ def compact_table(task: str) -> str:
     head = [f"{c['student']}, {c['fraction']:g} ({c['rows']} rows)" for c in cells]
     lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(cells) + 1) + "|",
              "| KD, tuned τ (test %) | " + " | ".join(
-                 f"{100 * c['summary']['KD']['mean']:.2f} ± {100 * c['summary']['KD']['std']:.2f} (τ={c['tuned']['kd_tau']:g})"
+                 f"{100 * c['summary']['KD']['mean']:.2f} ± {100 * c['summary']['KD']['std']:.2f} "
+                 f"(τ={c['tuned']['kd_tau']:g})"
                  for c in cells) + " |"]
     for method in cells[0]["summary"]:
         if method != "KD":
@@ -152,7 +153,8 @@ def plot(tasks) -> None:
         curves = sweeps[task]["curves"]
         kd = _mean(curves["KD"]["test"])
         betas = sorted(curves["beta"], key=float)
-        axes[0].plot([float(b) for b in betas], [_mean(curves["beta"][b]["test"]) - kd for b in betas], "o-", label=task)
+        gains = [_mean(curves["beta"][b]["test"]) - kd for b in betas]
+        axes[0].plot([float(b) for b in betas], gains, "o-", label=task)
         sizes = sorted(curves["S"], key=int)
         axes[1].plot([int(s) for s in sizes], [_mean(curves["S"][s]["test"]) - kd for s in sizes], "o-", label=task)
     axes[0].set(xscale="log", xlabel="β (S = 4)", ylabel="LELP − tuned KD, test (points)")

@@ -127,8 +127,8 @@ def fashion_mnist(grouping: str, cache_dir: str = DEFAULT_CACHE, teacher_epochs:
 
     path = os.path.join(cache_dir, f"fashion-mnist-{grouping}-cnn{teacher_width}-e{teacher_epochs}.safetensors")
     out = _cached_teacher(path, build)
-    return RealTask(f"fashion-mnist-{grouping}", x, y, sub_of(fine), out["h"], out["z"], _head(out), torch.arange(n_train),
-                    torch.arange(n_train, x.shape[0]), xt, y_test, out["z_test"], 2, 5)
+    return RealTask(f"fashion-mnist-{grouping}", x, y, sub_of(fine), out["h"], out["z"], _head(out),
+                    torch.arange(n_train), torch.arange(n_train, x.shape[0]), xt, y_test, out["z_test"], 2, 5)
 
 
 # -- Tweets -----------------------------------------------------------------------------------
