@@ -61,6 +61,15 @@ def test_the_gpu_preset_runs_its_cnn_student_and_tau_grid_on_any_device():
     assert len(cell["tuned"]["lelp_curve"]) == 3 and set(cell["per_seed"]) == set(methods)
 
 
+def test_only_the_methods_asked_for_are_tuned():
+    task = small_task()
+    cfg = real_config("fashion-mnist-coarse", steps=2, seeds=1, tune_subclasses=(2,), tune_betas=(0.25,))
+    fits = real_runner._fits(task, cfg, REAL_METHODS)
+    assert run_cell(task, "linear", 0.2, cfg, ["LELP"], fits, progress=False)["tuned"] == {"kd_tau": cfg.tau}
+    tuned = run_cell(task, "linear", 0.2, cfg, ["KD"], fits, progress=False)["tuned"]
+    assert set(tuned) == {"kd_tau", "kd_curve"}
+
+
 def test_students_see_the_same_rows_and_initialisation_per_seed():
     task = small_task()
     cfg = real_config("fashion-mnist-coarse", steps=3)

@@ -166,16 +166,21 @@ def _fits(task: RealTask, cfg: RealQualityConfig, methods: Sequence[str]) -> Dic
     return fits
 
 
-def _tune(cell: Cell) -> Dict:
-    """KD's τ and LELP's (S, β, τ) by validation accuracy on the first seed; the whole curve."""
+def _tune(cell: Cell, methods: Sequence[str]) -> Dict:
+    """KD's τ (and, for *LELP tuned*, its S, β, τ) by validation accuracy on the first seed, with the
+    whole curve; without KD or *LELP tuned* among ``methods``, nothing is trained here."""
     cfg, rows = cell.cfg, cell.rows(0)
-    kd_curve = {tau: cell.accuracy(cell.kd(0, rows, tau)[0], tau, on="val") for tau in cfg.kd_taus}
-    lelp_curve = {}
-    for s, beta, tau in itertools.product(cfg.tune_subclasses, cfg.tune_betas, cfg.tune_taus):
-        lelp_curve[(s, beta, tau)] = cell.accuracy(cell.lelp(0, rows, s, beta, tau)[0], tau, on="val")
-    return {"kd_tau": max(kd_curve, key=kd_curve.get), "lelp": max(lelp_curve, key=lelp_curve.get),
-            "kd_curve": {str(k): v for k, v in kd_curve.items()},
-            "lelp_curve": {f"S={s}, beta={b}, tau={t}": v for (s, b, t), v in lelp_curve.items()}}
+    tuned: Dict = {"kd_tau": cfg.tau}
+    if "KD" in methods:
+        kd_curve = {tau: cell.accuracy(cell.kd(0, rows, tau)[0], tau, on="val") for tau in cfg.kd_taus}
+        tuned.update(kd_tau=max(kd_curve, key=kd_curve.get), kd_curve={str(k): v for k, v in kd_curve.items()})
+    if "LELP tuned" in methods:
+        curve = {}
+        for s, beta, tau in itertools.product(cfg.tune_subclasses, cfg.tune_betas, cfg.tune_taus):
+            curve[(s, beta, tau)] = cell.accuracy(cell.lelp(0, rows, s, beta, tau)[0], tau, on="val")
+        tuned.update(lelp=max(curve, key=curve.get),
+                     lelp_curve={f"S={s}, beta={b}, tau={t}": v for (s, b, t), v in curve.items()})
+    return tuned
 
 
 def _run_method(cell: Cell, method: str, seed: int, rows: torch.Tensor, tuned: Dict):
@@ -215,7 +220,7 @@ def run_cell(task: RealTask, kind: str, fraction: float, cfg: RealQualityConfig,
              fits: Dict, progress: bool = True) -> Dict:
     cell = Cell(task, kind, fraction, cfg, fits)
     start = time.perf_counter()
-    tuned = _tune(cell) if {"KD", "LELP tuned"} & set(methods) else {"kd_tau": cfg.tau}
+    tuned = _tune(cell, methods)
     per_seed: Dict[str, List[float]] = {m: [] for m in methods}
     for seed in range(cfg.seeds):
         rows = cell.rows(seed)
