@@ -25,6 +25,7 @@ from ..methods import subclass_log_targets
 from ..projector import DEFAULT_BETA, LELPProjector
 from ..reference import class_logits
 from .real_data import DEFAULT_CACHE, REAL_TASKS, RealTask
+from .runner import checked_methods
 
 REAL_METHODS = ("hard labels", "KD", "annealing KD", "LELP", "LELP tuned", "random projections", "k-means",
                 "oracle")
@@ -89,6 +90,7 @@ class Cell:
         dev = torch.device(cfg.device)
         self.x, self.y = task.x.to(dev), task.y.to(dev)
         self.x_test, self.y_test = task.x_test.to(dev), task.y_test.to(dev)
+        self.val = task.val.to(dev)
         self.z = task.z.to(dev)
         self.n_rows = max(16 * task.num_classes, int(fraction * len(task.train)))
 
@@ -110,8 +112,7 @@ class Cell:
         return model.eval()
 
     def accuracy(self, model: nn.Module, tau: float, on: str = "test") -> float:
-        x, y = (self.x_test, self.y_test) if on == "test" else (self.x[self.task.val.to(self.x.device)],
-                                                                  self.y[self.task.val.to(self.x.device)])
+        x, y = (self.x_test, self.y_test) if on == "test" else (self.x[self.val], self.y[self.val])
         with torch.no_grad():
             out = torch.cat([model(part) for part in x.split(8192)])
         c = self.task.num_classes
@@ -238,10 +239,7 @@ def run_cell(task: RealTask, kind: str, fraction: float, cfg: RealQualityConfig,
 def run_real_quality(cfg: RealQualityConfig, methods: Optional[Sequence[str]] = None, progress: bool = True) -> Dict:
     if cfg.dataset not in REAL_TASKS:
         raise ValueError(f"dataset must be one of {tuple(REAL_TASKS)}, got {cfg.dataset!r}")
-    methods = list(REAL_METHODS if methods is None else methods)
-    for method in methods:
-        if method not in REAL_METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {REAL_METHODS}")
+    methods = checked_methods(methods, REAL_METHODS)
     for f in cfg.fractions:
         if not 0 < f <= 1:
             raise ValueError(f"fractions must be in (0, 1], got {f}")
@@ -292,8 +290,7 @@ def sweep(cfg: RealQualityConfig, kind: str, fraction: float, betas: Sequence[fl
     task = REAL_TASKS[cfg.dataset](cfg.cache_dir)
     cfg = dataclasses.replace(cfg, tune_subclasses=tuple(sorted(set(subclasses) | {cfg.n_subclasses})))
     cell = Cell(task, kind, fraction, cfg, _fits(task, cfg, ["LELP"]))
-    kd_val = {tau: cell.accuracy(cell.kd(0, cell.rows(0), tau)[0], tau, on="val") for tau in cfg.kd_taus}
-    kd_tau = max(kd_val, key=kd_val.get)
+    kd_tau = _tune(cell, ["KD"])["kd_tau"]
     points = [("beta", b, cfg.n_subclasses, b) for b in betas] + [("S", s, s, cfg.beta) for s in subclasses]
     curves: Dict = {"beta": {}, "S": {}, "KD": {"tau": kd_tau, "val": [], "test": []}, "entropy": {}}
     for seed in range(cfg.seeds):

@@ -224,16 +224,22 @@ def _multi_teacher(ctx: _Context, kind: str):
     return student
 
 
+def checked_methods(methods: Optional[Sequence[str]], known: Sequence[str]) -> List[str]:
+    """``methods`` as a list (all of ``known`` when None); an unknown name is a one-line error."""
+    methods = list(known if methods is None else methods)
+    for method in methods:
+        if method not in known:
+            raise ValueError(f"unknown method {method!r}; choose from {tuple(known)}")
+    return methods
+
+
 def run_quality(cfg: QualityConfig, methods: Optional[Sequence[str]] = None, progress: bool = True) -> Dict:
     """All seeds x methods; ``{"config", "rows": [{method, *_mean, *_std, seconds}], "per_seed"}``."""
     from tqdm.auto import tqdm
 
     if cfg.dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {cfg.dataset!r}")
-    methods = list(METHODS if methods is None else methods)
-    for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    methods = checked_methods(methods, METHODS)
     per_seed: List[Dict] = []
     for seed in tqdm(range(cfg.seeds), desc=f"{cfg.dataset} seeds", disable=not progress):
         ctx = _Context(seed, cfg)
