@@ -13,59 +13,10 @@
 #include "cpu/sketch.h"
 #include "cpu/loss.h"
 #include "cpu/targets.h"
+#include "make_args.h"
 
 namespace py = pybind11;
 
-namespace {
-
-lelp::TargetsArgs make_targets_args(uintptr_t emb, int emb_dtype, int64_t emb_stride, int64_t n,
-                                    int64_t d, uintptr_t weight, uintptr_t bias, int64_t J,
-                                    uintptr_t logits, int logits_dtype, int64_t logits_stride,
-                                    int64_t C, int64_t S, double beta, double tau, uintptr_t out,
-                                    int out_dtype, int64_t out_stride) {
-  lelp::TargetsArgs a;
-  a.embeddings = reinterpret_cast<const void*>(emb);
-  a.emb_dtype = emb_dtype;
-  a.emb_stride = emb_stride;
-  a.n = n;
-  a.d = d;
-  a.weight = reinterpret_cast<const float*>(weight);
-  a.bias = reinterpret_cast<const float*>(bias);
-  a.J = J;
-  a.logits = reinterpret_cast<const void*>(logits);
-  a.logits_dtype = logits_dtype;
-  a.logits_stride = logits_stride;
-  a.C = C;
-  a.S = S;
-  a.inv_beta = static_cast<float>(1.0 / beta);
-  a.inv_tau = static_cast<float>(1.0 / tau);
-  a.out = reinterpret_cast<void*>(out);
-  a.out_dtype = out_dtype;
-  a.out_stride = out_stride;
-  return a;
-}
-
-lelp::LossArgs make_loss_args(uintptr_t student, int student_dtype, int64_t student_stride, int64_t n,
-                              int64_t C, int64_t S, uintptr_t log_targets, int targets_dtype,
-                              int64_t targets_stride, int64_t n_teachers, uintptr_t weights,
-                              uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
-                              double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows,
-                              uintptr_t grad, const lelp::TargetsArgs* online) {
-  return lelp::LossArgs{reinterpret_cast<const void*>(student), student_dtype, student_stride, n, C, S,
-                        reinterpret_cast<const void*>(log_targets), targets_dtype, targets_stride,
-                        n_teachers, reinterpret_cast<const float*>(weights), online,
-                        reinterpret_cast<const int64_t*>(labels), ignore_index, divergence,
-                        static_cast<float>(jsd_beta), static_cast<float>(tau), static_cast<float>(alpha),
-                        reinterpret_cast<float*>(loss_rows), reinterpret_cast<float*>(hard_rows),
-                        reinterpret_cast<float*>(grad)};
-}
-
-// One online teacher of the loss: (embeddings, dtype, row stride, d, fused weight, fused bias, J,
-// teacher logits, dtype, row stride, beta).
-using OnlineTeacher = std::tuple<uintptr_t, int, int64_t, int64_t, uintptr_t, uintptr_t, int64_t, uintptr_t, int,
-                                 int64_t, double>;
-
-}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lelp_fast compiled kernels (CPU/OpenMP, optional CUDA)";
@@ -75,7 +26,7 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t bias, int64_t J, uintptr_t logits, int logits_dtype, int64_t logits_stride,
          int64_t C, int64_t S, double beta, double tau, uintptr_t out, int out_dtype,
          int64_t out_stride, uintptr_t nonfinite) {
-        auto a = make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits,
+        auto a = lelp::make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits,
                                    logits_dtype, logits_stride, C, S, beta, tau, out, out_dtype,
                                    out_stride);
         a.nonfinite = reinterpret_cast<uint8_t*>(nonfinite);
@@ -115,17 +66,10 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t log_targets, int targets_dtype, int64_t targets_stride, int64_t n_teachers,
          uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
          double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows, uintptr_t grad,
-         const std::vector<OnlineTeacher>& teachers,
+         const std::vector<lelp::OnlineTeacher>& teachers,
          bool on_cuda, uintptr_t stream) {
-        std::vector<lelp::TargetsArgs> online;
-        for (const auto& t : teachers) {
-          const auto [emb, emb_dtype, emb_stride, d, weight, bias, J, logits, logits_dtype, logits_stride, beta] = t;
-          online.push_back(make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits, logits_dtype,
-                                             logits_stride, C, S, beta, tau, 0, 0, 0));
-        }
-        if (!online.empty() && static_cast<int64_t>(online.size()) != n_teachers)
-          throw std::invalid_argument("loss: one online teacher per mixing weight column is required");
-        lelp::LossArgs a = make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets,
+        const std::vector<lelp::TargetsArgs> online = lelp::make_online_teachers(teachers, n, C, S, tau, n_teachers);
+        lelp::LossArgs a = lelp::make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets,
                                           targets_dtype, targets_stride, n_teachers, weights, labels,
                                           ignore_index, divergence, jsd_beta, tau, alpha, loss_rows, hard_rows, grad,
                                           online.empty() ? nullptr : online.data());
@@ -152,7 +96,7 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t bias, int64_t J, uintptr_t logits, int logits_dtype, int64_t logits_stride,
          int64_t C, int64_t S, double beta, double tau, uintptr_t out, int out_dtype,
          int64_t out_stride, uintptr_t stream) {
-        auto a = make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits,
+        auto a = lelp::make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits,
                                    logits_dtype, logits_stride, C, S, beta, tau, out, out_dtype,
                                    out_stride);
         lelp::targets_cuda(a, reinterpret_cast<void*>(stream));

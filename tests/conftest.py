@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -17,3 +19,92 @@ def make_problem(n=300, d=24, num_classes=3, seed=0, dtype=torch.float64):
     b = torch.randn(num_classes, generator=g, dtype=torch.float64)
     y = torch.randint(0, num_classes, (n,), generator=g)
     return h.to(dtype), w, b, y
+
+
+# ---- The CUDA kernels' bodies on the host (tests/cuda_emu) ----------------------------------------
+# Tests parametrized with backend="cuda_emu" run lelp_fast's Python layer with backend "cpu", but
+# the extension's loss and targets calls go to the CUDA kernels' bodies built for the host
+# (lelp/warp_loss.h, lelp/block_targets.h with 32 threads per warp, 128 per block, and a plain
+# 16 x 16 x 16 product for the tensor cores): their indexing and numerics meet the reference
+# without a GPU.
+
+_EMU_SOURCES = ["tests/cuda_emu/emu_module.cpp", "tests/cuda_emu/host_warp.h", "csrc/make_args.h",
+                "csrc/include/lelp/warp_loss.h", "csrc/include/lelp/block_targets.h", "csrc/include/lelp/loss_math.h", "csrc/include/lelp/row_math.h",
+                "csrc/cpu/convert.h", "csrc/cpu/loss.h", "csrc/cpu/targets.h"]
+
+
+def build_cuda_emulator():
+    """The module tests/cuda_emu/emu_module.cpp, built once per source version; None without g++/pybind11."""
+    import hashlib
+    import importlib.util
+    import shutil
+    import subprocess
+    import sysconfig
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import pybind11
+    except ImportError:
+        return None
+    gxx = shutil.which("g++")
+    if gxx is None:
+        return None
+    digest = hashlib.sha256()
+    for rel in _EMU_SOURCES:
+        with open(os.path.join(root, rel), "rb") as f:
+            digest.update(f.read())
+    out_dir = os.path.join(os.path.expanduser("~/.cache/lelp_fast/cuda_emu"), digest.hexdigest()[:16])
+    target = os.path.join(out_dir, "lelp_cuda_emu" + sysconfig.get_config_var("EXT_SUFFIX"))
+    if not os.path.exists(target):
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = f"{target}.{os.getpid()}.tmp"
+        subprocess.run([gxx, "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", "-I", pybind11.get_include(),
+                        "-I", sysconfig.get_paths()["include"], "-I", os.path.join(root, "csrc/include"),
+                        "-I", os.path.join(root, "csrc"), os.path.join(root, "tests/cuda_emu/emu_module.cpp"),
+                        "-o", tmp], check=True, capture_output=True)
+        os.replace(tmp, target)
+    spec = importlib.util.spec_from_file_location("lelp_cuda_emu", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def cuda_emulator():
+    module = build_cuda_emulator()
+    if module is None:
+        why = "the CUDA kernels' host build needs g++ and pybind11 (the test extra)"
+        if os.environ.get("CI"):  # CI must run these: the only numerics checks of the CUDA kernels without a GPU
+            pytest.fail(why)
+        pytest.skip(why)
+    return module
+
+
+class _EmulatedExtension:
+    """lelp_fast._C with its CUDA kernels' bodies, run on the host, in place of the CPU loss and targets."""
+
+    def __init__(self, real, emulator):
+        self._real, self._emulator = real, emulator
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def loss(self, *args):
+        return self._emulator.loss(*args)
+
+    def targets_cpu(self, *args):
+        return self._emulator.targets(*args)
+
+
+@pytest.fixture(autouse=True)
+def _emulated_cuda_backend(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("backend") != "cuda_emu":
+        return
+    from lelp_fast.ops import _dispatch
+
+    proxy = _EmulatedExtension(_dispatch.extension(), request.getfixturevalue("cuda_emulator"))
+    resolve = _dispatch.resolve
+    monkeypatch.setattr(_dispatch, "extension", lambda: proxy)
+    monkeypatch.setattr(_dispatch, "resolve", lambda backend, device, unsupported={}: resolve(
+        "cpu" if backend == "cuda_emu" else backend, device, unsupported))

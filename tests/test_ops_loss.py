@@ -6,7 +6,7 @@ import torch
 from lelp_fast import reference
 from lelp_fast.ops import _dispatch, distill_loss
 
-BACKENDS = ["torch"] + (["cpu"] if _dispatch.available("cpu", torch.device("cpu")) else [])
+BACKENDS = ["torch"] + (["cpu", "cuda_emu"] if _dispatch.available("cpu", torch.device("cpu")) else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Per input dtype: the inputs are rounded once, all math is fp32.
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
@@ -240,15 +240,15 @@ def test_second_backward_is_refused_not_wrong():
         loss.backward()
 
 
-def test_non_contiguous_student_logits():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_student_logits(backend):
     student, log_t, labels = make_inputs(20, 2, 3, seed=7)
     wide = torch.randn(20, 12)
     wide[:, ::2] = student.float()
     x = wide[:, ::2]
-    for backend in BACKENDS:
-        got = distill_loss(x, log_t.float(), labels, num_classes=2, n_subclasses=3, backend=backend)
-        want = reference.distillation_loss(student, log_t, labels, num_classes=2, n_subclasses=3)
-        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    got = distill_loss(x, log_t.float(), labels, num_classes=2, n_subclasses=3, backend=backend)
+    want = reference.distillation_loss(student, log_t, labels, num_classes=2, n_subclasses=3)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
 
 
 def test_torch_compile_traces_the_fused_loss():

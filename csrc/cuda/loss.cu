@@ -1,85 +1,65 @@
-// CUDA fused distillation loss: one thread per row (a correct baseline, like the
-// targets kernel; not yet measured on a GPU), the same math as the CPU (lelp/loss_math.h).
+// CUDA fused distillation loss: a group of W lanes per row with the row in registers and shuffle
+// reductions (lelp/warp_loss.h, whose math is the CPU's lelp/loss_math.h).
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
 #include "../cpu/loss.h"
-#include "lelp/loss_math.h"
-#include "row_targets.cuh"
+#include "lelp/warp_loss.h"
+#include "warp.cuh"
 
 namespace lelp {
 namespace {
 
-using cuda::kMaxK;
-using cuda::load;
+constexpr int kThreads = 128;  // 4 warps per block
+constexpr int kWarpsPerBlock = kThreads / 32;
 
-// The online teachers' projections, passed by value as a kernel parameter.
-constexpr int kMaxOnlineTeachers = 8;
-struct OnlineTeachers {
-  TargetsArgs t[kMaxOnlineTeachers];
-  int m;  // 0: precomputed targets
-};
+template <int W, int CH>
+__global__ void __launch_bounds__(kThreads, 4) loss_kernel(LossArgs a, warp::OnlineTeachers online, bool vec) {
+  extern __shared__ float smem[];  // online targets: each warp's rows' projections
+  const int warp_in_block = threadIdx.x / 32;
+  const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp_in_block;
+  const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  float* scratch = online.m > 0 ? smem + warp_in_block * (32 / W) * warp::online_row_floats(a.C, a.S) : nullptr;
+  warp::loss_rows<cuda::DeviceWarp<W>, CH>(cuda::DeviceWarp<W>{}, a, online, scratch, warp_id, n_warps, vec);
+}
 
-__global__ void loss_kernel(LossArgs a, OnlineTeachers online) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= a.n) return;
-  const int K = static_cast<int>(a.C * a.S);
-  float* g = a.grad + row * K;
-  const int64_t label = a.labels != nullptr ? a.labels[row] : -1;
-  if (a.labels != nullptr && label == a.ignore_index) {
-    a.loss_rows[row] = 0.f;
-    if (a.hard_rows != nullptr) a.hard_rows[row] = 0.f;
-    for (int k = 0; k < K; ++k) g[k] = 0.f;
-    return;
-  }
-  float log_t[kMaxK], s[kMaxK], work[3 * kMaxK + 4];
-  if (online.m > 0 && a.weights == nullptr) {
-    cuda::row_targets(online.t[0], row, log_t);
-  } else if (online.m > 0) {
-    for (int k = 0; k < K; ++k) log_t[k] = -INFINITY;
-    for (int m = 0; m < online.m; ++m) {
-      const float w = a.weights[row * a.n_teachers + m];
-      if (w == 0.f) continue;  // NaN or negative weights give NaN, never a finite loss
-      cuda::row_targets(online.t[m], row, s);  // s as scratch; the student row is loaded below
-      const float log_w = logf(w);
-      for (int k = 0; k < K; ++k) log_t[k] = logaddexp_(log_t[k], log_w + s[k]);
-    }
-  } else if (a.weights == nullptr) {
-    for (int k = 0; k < K; ++k) log_t[k] = load(a.log_targets, a.targets_dtype, row * a.targets_stride + k);
-  } else {
-    for (int k = 0; k < K; ++k) log_t[k] = -INFINITY;
-    for (int64_t m = 0; m < a.n_teachers; ++m) {
-      const float w = a.weights[row * a.n_teachers + m];
-      if (w == 0.f) continue;  // NaN or negative weights give NaN, never a finite loss
-      const float log_w = logf(w);
-      for (int k = 0; k < K; ++k)
-        log_t[k] = logaddexp_(log_t[k], log_w + load(a.log_targets, a.targets_dtype, row * a.targets_stride + m * K + k));
-    }
-  }
-  for (int k = 0; k < K; ++k) s[k] = load(a.student, a.student_dtype, row * a.student_stride + k);
-  const int64_t y = label;  // -1: no hard-label term
-  block_loss_grad(1, s, log_t, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
-                  a.labels != nullptr ? &y : nullptr, work, g, a.loss_rows + row,
-                  a.hard_rows != nullptr ? a.hard_rows + row : nullptr);
+template <int W, int CH>
+void launch(const LossArgs& a, const warp::OnlineTeachers& online, cudaStream_t stream) {
+  const int64_t rows_per_block = kWarpsPerBlock * (32 / W);
+  const int64_t blocks = std::min<int64_t>((a.n + rows_per_block - 1) / rows_per_block, int64_t{1} << 20);
+  const size_t smem = online.m > 0 ? sizeof(float) * rows_per_block * warp::online_row_floats(a.C, a.S) : 0;
+  loss_kernel<W, CH><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a, online, warp::vector_loads_ok(a));
 }
 
 }  // namespace
 
-void loss_cuda(const LossArgs& a, void* stream) {
-  if (a.C * a.S > kMaxK) throw std::invalid_argument("cuda loss: K = C*S must be <= 512");
+void loss_cuda(const LossArgs& a, void* stream_handle) {
+  if (a.C * a.S > 512) throw std::invalid_argument("cuda loss: K = C*S must be <= 512");
   if (a.n == 0) return;
-  const int threads = 128;
-  const unsigned blocks = static_cast<unsigned>((a.n + threads - 1) / threads);
-  OnlineTeachers online{};
+  warp::OnlineTeachers online{};
   if (a.online != nullptr) {
-    if (a.n_teachers > kMaxOnlineTeachers)
+    if (a.n_teachers > warp::kMaxOnlineTeachers)
       throw std::invalid_argument("cuda loss: at most 8 online teachers (pass precomputed targets for more)");
+    if (a.C > 512) throw std::invalid_argument("cuda loss: online targets take at most 512 classes");
     online.m = static_cast<int>(a.n_teachers);
     for (int m = 0; m < online.m; ++m) online.t[m] = a.online[m];
   }
-  loss_kernel<<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(a, online);
+  int width, chunks;
+  warp::loss_shape(static_cast<int>(a.C * a.S), &width, &chunks);
+  const auto stream = static_cast<cudaStream_t>(stream_handle);
+  switch (width * 8 + chunks) {  // (W, CH) as loss_shape gives them
+    case 1 * 8 + 1: launch<1, 1>(a, online, stream); break;
+    case 2 * 8 + 1: launch<2, 1>(a, online, stream); break;
+    case 4 * 8 + 1: launch<4, 1>(a, online, stream); break;
+    case 8 * 8 + 1: launch<8, 1>(a, online, stream); break;
+    case 16 * 8 + 1: launch<16, 1>(a, online, stream); break;
+    case 32 * 8 + 1: launch<32, 1>(a, online, stream); break;
+    case 32 * 8 + 2: launch<32, 2>(a, online, stream); break;
+    default: launch<32, 4>(a, online, stream); break;
+  }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string("cuda loss launch failed: ") + cudaGetErrorString(err));
 }

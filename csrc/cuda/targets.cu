@@ -1,34 +1,97 @@
-// CUDA fused targets: one thread per row (a correct baseline; not yet measured on a GPU).
-// Same row math as the CPU (lelp/row_math.h).
+// CUDA fused targets: a tensor-core tile for bf16/fp16 embeddings, a warp per row otherwise
+// (lelp/block_targets.h; the epilogue is the loss's, whose math is lelp/row_math.h's).
 #include <cuda_runtime.h>
+#include <mma.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
 #include "../cpu/targets.h"
-#include "row_targets.cuh"
+#include "lelp/block_targets.h"
+#include "warp.cuh"
 
 namespace lelp {
 namespace {
 
-__global__ void targets_kernel(TargetsArgs a) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= a.n) return;
-  const int64_t K = a.C * a.S;
-  float out[cuda::kMaxK];
-  cuda::row_targets(a, row, out);
-  for (int64_t j = 0; j < K; ++j) cuda::store(a.out, a.out_dtype, row * a.out_stride + j, out[j]);
+namespace wmma = nvcuda::wmma;
+
+struct DeviceBlock {
+  using Warp = cuda::DeviceWarp<32>;
+  __device__ __forceinline__ int thread() const { return threadIdx.x; }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  __device__ __forceinline__ Warp warp() const { return Warp{}; }
+};
+
+// WMMA 16 x 16 x 16 on T (the embeddings' dtype), fp32 accumulators.
+template <class T>
+struct DeviceMma {
+  using A = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+  using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  static __device__ __forceinline__ void fill(Acc& c, float v) { wmma::fill_fragment(c, v); }
+  static __device__ __forceinline__ void load_a(A& f, const uint16_t* p, int ld) {
+    wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
+  }
+  static __device__ __forceinline__ void load_b(B& f, const uint16_t* p, int ld) {
+    wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
+  }
+  static __device__ __forceinline__ void mma(Acc& c, const A& a, const B& b) { wmma::mma_sync(c, a, b, c); }
+  static __device__ __forceinline__ void store(const cuda::DeviceWarp<32>&, float* p, const Acc& c, int ld) {
+    wmma::store_matrix_sync(p, c, ld, wmma::mem_row_major);
+  }
+  static __device__ __forceinline__ uint16_t to_bits(float v);
+  static __device__ __forceinline__ float from_bits(uint16_t b);
+};
+template <>
+__device__ __forceinline__ uint16_t DeviceMma<__nv_bfloat16>::to_bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+template <>
+__device__ __forceinline__ float DeviceMma<__nv_bfloat16>::from_bits(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+template <>
+__device__ __forceinline__ uint16_t DeviceMma<__half>::to_bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
+template <>
+__device__ __forceinline__ float DeviceMma<__half>::from_bits(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+
+template <class T>
+__global__ void __launch_bounds__(tile::kThreads) targets_tile_kernel(TargetsArgs a) {
+  extern __shared__ __align__(128) char smem[];
+  tile::targets_tiles<DeviceBlock, DeviceMma<T>>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x);
+}
+
+__global__ void __launch_bounds__(128, 4) targets_row_kernel(TargetsArgs a) {
+  extern __shared__ float row_smem[];  // K + C floats per warp
+  const int warp_in_block = threadIdx.x / 32;
+  float* u = row_smem + warp_in_block * warp::online_row_floats(a.C, a.S);
+  tile::targets_rows(cuda::DeviceWarp<32>{}, a, u, static_cast<int64_t>(blockIdx.x) * 4 + warp_in_block,
+                     static_cast<int64_t>(gridDim.x) * 4);
+}
+
+template <class T>
+void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
+  const int64_t smem = tile::smem_bytes(a);
+  auto kernel = targets_tile_kernel<T>;
+  if (smem > 48 * 1024) {  // more than the default needs an opt-in (the widest map takes about 80 KB)
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) throw std::runtime_error(std::string("cuda targets: ") + cudaGetErrorString(err));
+  }
+  const int64_t blocks = std::min<int64_t>((a.n + tile::kRows - 1) / tile::kRows, int64_t{1} << 20);
+  kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a);
 }
 
 }  // namespace
 
-void targets_cuda(const TargetsArgs& a, void* stream) {
-  if (a.C * a.S > cuda::kMaxK || a.C > cuda::kMaxC)
-    throw std::invalid_argument("cuda targets: K = C*S must be <= 512");
+void targets_cuda(const TargetsArgs& a, void* stream_handle) {
+  if (a.C * a.S > 512 || a.C > 512) throw std::invalid_argument("cuda targets: K = C*S and C must be <= 512");
   if (a.n == 0) return;
-  const int threads = 128;
-  const unsigned blocks = static_cast<unsigned>((a.n + threads - 1) / threads);
-  targets_kernel<<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  const auto stream = static_cast<cudaStream_t>(stream_handle);
+  if (tile::tile_takes(a)) {
+    if (a.emb_dtype == kBFloat16) launch_tile<__nv_bfloat16>(a, stream);
+    else launch_tile<__half>(a, stream);
+  } else {
+    const int64_t blocks = std::min<int64_t>((a.n + 3) / 4, int64_t{1} << 20);
+    const size_t smem = sizeof(float) * 4 * warp::online_row_floats(a.C, a.S);
+    targets_row_kernel<<<static_cast<unsigned>(blocks), 128, smem, stream>>>(a);
+  }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("cuda targets launch failed: ") + cudaGetErrorString(err));

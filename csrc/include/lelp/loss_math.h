@@ -1,5 +1,5 @@
-// Row math of the distillation loss, shared by the CPU (blocks of rows) and CUDA (one row
-// per thread) kernels.
+// Row math of the distillation loss: the CPU kernel runs block_loss_grad on blocks of rows; the
+// CUDA kernel (lelp/warp_loss.h) shares the per-element helpers.
 //
 // For one row with student logits s (K), log-targets log t (K), q = softmax(s / tau):
 //   L = tau^2 * D(t, q) + alpha * CE(y, logsumexp-pool(s))           (DESIGN.md §1)
@@ -32,6 +32,23 @@ LELP_HD float logaddexp_(float a, float b) {
   const float m = fmax_(a, b);
   if (m == -INFINITY) return -INFINITY;
   return m + logf(expf(a - m) + expf(b - m));
+}
+
+// One element's term of D(t, q) for reverse KL, JS_b and TVD, and a = dD/dq_j into *a (see the
+// top of this file). log_b, log_1mb: log b and log(1 - b) of the generalised JSD.
+LELP_HD float divergence_term(int divergence, float jsd_beta, float log_b, float log_1mb, float t, float log_t,
+                              float q, float log_q, float* a) {
+  if (divergence == kReverseKL) {
+    *a = q == 0.f ? 0.f : log_q - log_t;
+    return xlogx_ratio(q, log_q, log_t);
+  }
+  if (divergence == kJS) {
+    const float log_m = logaddexp_(log_b + log_t, log_1mb + log_q);
+    *a = q == 0.f ? 0.f : (1.f - jsd_beta) * (log_q - log_m);
+    return jsd_beta * xlogx_ratio(t, log_t, log_m) + (1.f - jsd_beta) * xlogx_ratio(q, log_q, log_m);
+  }
+  *a = q > t ? 0.5f : (q < t ? -0.5f : 0.f);  // TVD
+  return 0.5f * fabsf(t - q);
 }
 
 // Scratch floats block_loss_grad needs for R rows of K outputs.
@@ -111,21 +128,9 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
     // a = dD/dq; then the softmax Jacobian: grad_k = tau q_k (a_k - sum_j q_j a_j).
     const float log_b = logf(jsd_beta), log_1mb = logf(1.f - jsd_beta);
     for (int64_t i = 0; i < RK; ++i) {
-      float a, term;
-      if (divergence == kReverseKL) {
-        const float r = log_q[i] - log_t[i];
-        term = xlogx_ratio(q[i], log_q[i], log_t[i]);
-        a = q[i] == 0.f ? 0.f : r;
-      } else if (divergence == kJS) {
-        const float log_m = logaddexp_(log_b + log_t[i], log_1mb + log_q[i]);
-        term = jsd_beta * xlogx_ratio(t[i], log_t[i], log_m) + (1.f - jsd_beta) * xlogx_ratio(q[i], log_q[i], log_m);
-        a = q[i] == 0.f ? 0.f : (1.f - jsd_beta) * (log_q[i] - log_m);
-      } else {  // TVD
-        term = 0.5f * fabsf(t[i] - q[i]);
-        a = q[i] > t[i] ? 0.5f : (q[i] < t[i] ? -0.5f : 0.f);
-      }
+      float a;
+      log_q[i] = divergence_term(divergence, jsd_beta, log_b, log_1mb, t[i], log_t[i], q[i], log_q[i], &a);
       grad[i] = a;
-      log_q[i] = term;
     }
     for (int64_t r = 0; r < R; ++r) {
       float qa = 0.f;

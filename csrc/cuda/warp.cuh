@@ -1,0 +1,66 @@
+// The GPU Warp of the warp kernels (lelp/warp_loss.h, lelp/block_targets.h): shuffle butterflies
+// over groups of W lanes, and 16-byte (fp32) or 8-byte (bf16/fp16) row loads.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "lelp/row_math.h"
+
+namespace lelp {
+namespace cuda {
+
+__device__ __forceinline__ float load(const void* p, int dtype, int64_t i) {
+  if (dtype == kFloat32) return static_cast<const float*>(p)[i];
+  if (dtype == kFloat16) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+__device__ __forceinline__ void store(void* p, int dtype, int64_t i, float v) {
+  if (dtype == kFloat32) static_cast<float*>(p)[i] = v;
+  else if (dtype == kFloat16) static_cast<__half*>(p)[i] = __float2half_rn(v);
+  else static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+}
+
+template <int W>
+struct DeviceWarp {
+  static constexpr int kWidth = W;
+  __device__ __forceinline__ int lane() const { return threadIdx.x & 31; }
+  __device__ __forceinline__ float sum(float v) const {
+#pragma unroll
+    for (int o = W / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+  }
+  __device__ __forceinline__ float max(float v) const {
+#pragma unroll
+    for (int o = W / 2; o > 0; o >>= 1) v = fmax_(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+  }
+  __device__ __forceinline__ void sync() const { __syncwarp(); }
+  static __device__ __forceinline__ float load(const void* p, int dtype, int64_t i) { return cuda::load(p, dtype, i); }
+  // Four consecutive elements from an aligned address (the caller checked the alignment).
+  static __device__ __forceinline__ void load4(const void* p, int dtype, int64_t i, float* v) {
+    if (dtype == kFloat32) {
+      const float4 x = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
+      v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+      return;
+    }
+    const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p) + i);
+    if (dtype == kFloat16) {
+      const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+      const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+      v[0] = lo.x, v[1] = lo.y, v[2] = hi.x, v[3] = hi.y;
+    } else {
+      const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+      const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+      v[0] = lo.x, v[1] = lo.y, v[2] = hi.x, v[3] = hi.y;
+    }
+  }
+  static __device__ __forceinline__ void store(void* p, int dtype, int64_t i, float v) { cuda::store(p, dtype, i, v); }
+  static __device__ __forceinline__ void store4(float* p, const float* v) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  }
+};
+
+}  // namespace cuda
+}  // namespace lelp

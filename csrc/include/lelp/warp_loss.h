@@ -1,0 +1,350 @@
+// The CUDA loss kernel's body: a group of W lanes per row (W = 1 ... 32, so 32 / W rows per warp),
+// each lane holding CH chunks of 4 consecutive elements of its row in registers, reductions as
+// butterflies over the group. Short rows (K = 16) share a warp; K = 512 gives each lane 16 values.
+//
+// Written against a Warp type instead of CUDA intrinsics: csrc/cuda/warp.cuh supplies shuffles and
+// 16-byte loads on the GPU; tests/cuda_emu/ supplies 32 host threads and a barrier, so the kernel's
+// indexing and numerics are tested against the fp64 reference on a CPU. A Warp provides
+//   kWidth (W), lane() (0..31), sum(v) / max(v) over the lane's group, sync() (a warp barrier with
+//   memory ordering), and static load(p, dtype, i), load4(p, dtype, i, v), store4(p, v).
+// The math is that of lelp/loss_math.h (DESIGN.md §1).
+#pragma once
+
+#include "cpu/loss.h"
+#include "lelp/loss_math.h"
+
+#if defined(__CUDACC__)
+#define LELP_DEV __device__ __forceinline__
+#else
+#define LELP_DEV inline
+#endif
+
+namespace lelp {
+namespace warp {
+
+constexpr int kVec = 4;  // elements per chunk: one 16-byte fp32 load, 8 bytes in bf16/fp16
+constexpr int kMaxOnlineTeachers = 8;
+
+// The online teachers' projections, passed by value as a kernel parameter (m = 0: precomputed).
+struct OnlineTeachers {
+  TargetsArgs t[kMaxOnlineTeachers];
+  int m;
+};
+
+// Floats of shared memory one row needs for online targets: its K + C projections.
+LELP_HD int64_t online_row_floats(int64_t C, int64_t S) { return C * S + C; }
+
+// The row element that slot i of lane g holds: chunk i / 4 of the lane, chunks of a group interleaved
+// so that each load instruction of the group reads one contiguous span of the row.
+template <int W>
+LELP_DEV int element(int g, int i) {
+  return ((i / kVec) * W + g) * kVec + i % kVec;
+}
+
+// Loads the lane's 4 * CH elements of one row starting at `base` (absent elements get `fill`).
+// vec: the row start is 16-byte aligned for fp32 (8 for 16-bit) and K % 4 == 0.
+template <class Warp, int CH>
+LELP_DEV void load_row(const void* p, int dtype, int64_t base, int K, int g, bool vec, float fill, float* v) {
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const int k0 = (c * Warp::kWidth + g) * kVec;
+    if (vec && k0 + kVec <= K) {
+      Warp::load4(p, dtype, base + k0, v + c * kVec);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) v[c * kVec + e] = k0 + e < K ? Warp::load(p, dtype, base + k0 + e) : fill;
+    }
+  }
+}
+
+// The segmented log-softmaxes of one row, in place, by the row's group: u[0, K) holds the K
+// projections and becomes log t, u[K, K + C) holds the class logits (DESIGN.md §1; the order of
+// operations is row_log_targets'). Every lane of the warp must call it (it synchronises).
+template <class Warp>
+LELP_DEV void group_log_targets(const Warp& w, float* u, int C, int S, float inv_beta, float inv_tau) {
+  constexpr int W = Warp::kWidth;
+  const int g = w.lane() % W, K = C * S;
+  const float* z = u + K;
+  float m = -INFINITY;
+  for (int c = g; c < C; c += W) m = fmax_(m, z[c] * inv_tau);
+  m = w.max(m);
+  float sum = 0.f;
+  for (int c = g; c < C; c += W) sum += expf(z[c] * inv_tau - m);
+  const float lse_z = m + logf(w.sum(sum));
+  for (int c = g; c < C; c += W) {
+    float* uc = u + c * S;
+    const float log_pc = z[c] * inv_tau - lse_z;
+    const float lse_u = scaled_logsumexp(uc, S, 1, inv_beta);
+    for (int s = 0; s < S; ++s) uc[s] = (uc[s] * inv_beta - lse_u) + log_pc;
+  }
+  w.sync();
+}
+
+// One row of log-targets from a teacher's embeddings, computed by the row's group into u (K + C
+// floats of shared memory): u = h [A | W^T] + [e | b], then the log-softmaxes. Every lane of the
+// warp must call it (it synchronises); rows past the end compute garbage.
+template <class Warp>
+LELP_DEV void group_row_targets(const Warp& w, const TargetsArgs& t, int64_t row, bool active, int C, int S,
+                                float inv_tau, float* u) {
+  constexpr int W = Warp::kWidth;
+  const int g = w.lane() % W, K = C * S, J = static_cast<int>(t.J);
+  for (int j = g; j < J; j += W) {
+    float acc = t.bias[j];
+    if (active)
+      for (int64_t k = 0; k < t.d; ++k) acc += Warp::load(t.embeddings, t.emb_dtype, row * t.emb_stride + k) * t.weight[k * J + j];
+    u[j] = acc;
+  }
+  if (t.logits != nullptr)
+    for (int c = g; c < C; c += W) u[K + c] = active ? Warp::load(t.logits, t.logits_dtype, row * t.logits_stride + c) : 0.f;
+  w.sync();
+  group_log_targets(w, u, C, S, t.inv_beta, inv_tau);
+}
+
+// The lane's log-targets of one row: precomputed (one teacher, or M mixed by the row's weights) or
+// online (u: the row's shared-memory scratch). Absent elements get -inf.
+template <class Warp, int CH>
+LELP_DEV void row_log_targets(const Warp& w, const LossArgs& a, const OnlineTeachers& online, float* u, int64_t row,
+                              bool active, bool vec, float* lt) {
+  constexpr int W = Warp::kWidth, P = CH * kVec;
+  const int g = w.lane() % W, C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S;
+  const bool mixed = a.weights != nullptr;
+#pragma unroll
+  for (int i = 0; i < P; ++i) lt[i] = -INFINITY;
+  if (online.m > 0) {
+    for (int m = 0; m < online.m; ++m) {  // warp-uniform: group_row_targets synchronises
+      const float wt = mixed && active ? a.weights[row * a.n_teachers + m] : 1.f;
+      group_row_targets(w, online.t[m], row, active, C, S, 1.f / a.tau, u);
+      if (wt != 0.f) {  // NaN or negative weights give NaN, never a finite loss
+        const float log_w = logf(wt);
+#pragma unroll
+        for (int i = 0; i < P; ++i) {
+          const int k = element<W>(g, i);
+          const float v = k < K ? u[k] : -INFINITY;
+          lt[i] = mixed ? logaddexp_(lt[i], log_w + v) : v;
+        }
+      }
+      w.sync();  // the next teacher overwrites u
+    }
+    return;
+  }
+  if (!active) return;
+  const int64_t base = row * a.targets_stride;
+  if (!mixed) {
+    load_row<Warp, CH>(a.log_targets, a.targets_dtype, base, K, g, vec, -INFINITY, lt);
+    return;
+  }
+  float v[P];
+  for (int64_t m = 0; m < a.n_teachers; ++m) {
+    const float wt = a.weights[row * a.n_teachers + m];
+    if (wt == 0.f) continue;
+    const float log_w = logf(wt);
+    load_row<Warp, CH>(a.log_targets, a.targets_dtype, base + m * K, K, g, vec, -INFINITY, v);
+#pragma unroll
+    for (int i = 0; i < P; ++i) lt[i] = logaddexp_(lt[i], log_w + v[i]);
+  }
+}
+
+// tau^2 D(t, q) of one row and its gradient into gr (lanes' slots; absent elements masked).
+template <class Warp, int CH>
+LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, const float* lt, float* gr) {
+  constexpr int W = Warp::kWidth, P = CH * kVec;
+  const int g = w.lane() % W, K = static_cast<int>(a.C * a.S);
+  const float tau = a.tau, inv_tau = 1.f / tau;
+  float q[P], lq[P];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < P; ++i)
+    if (element<W>(g, i) < K) mx = fmax_(mx, s[i]);
+  mx = w.max(mx) * inv_tau;
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    lq[i] = s[i] * inv_tau - mx;
+    q[i] = element<W>(g, i) < K ? expf(lq[i]) : 0.f;
+    sum += q[i];
+  }
+  sum = w.sum(sum);
+  const float inv_sum = 1.f / sum, log_sum = logf(sum);
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    q[i] *= inv_sum;
+    lq[i] -= log_sum;
+  }
+  float d = 0.f;
+  if (a.divergence == kMSE) {
+    float ms = 0.f, mt = 0.f;
+#pragma unroll
+    for (int i = 0; i < P; ++i)
+      if (element<W>(g, i) < K) {
+        ms += s[i] * inv_tau;
+        mt += lt[i];
+      }
+    ms = w.sum(ms) / static_cast<float>(K);
+    mt = w.sum(mt) / static_cast<float>(K);
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const float e = (s[i] * inv_tau - ms) - (lt[i] - mt);
+      gr[i] = 2.f * tau * e / static_cast<float>(K);
+      if (element<W>(g, i) < K) d += e * e;
+    }
+    return tau * tau * w.sum(d) / static_cast<float>(K);
+  }
+  if (a.divergence == kKL) {
+    float t[P], st = 0.f;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      t[i] = element<W>(g, i) < K ? expf(lt[i]) : 0.f;
+      st += t[i];
+    }
+    st = w.sum(st);
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      gr[i] = tau * (q[i] * st - t[i]);
+      if (element<W>(g, i) < K) d += xlogx_ratio(t[i], lt[i], lq[i]);
+    }
+    return tau * tau * w.sum(d);
+  }
+  const float log_b = logf(a.jsd_beta), log_1mb = logf(1.f - a.jsd_beta);
+  float qa = 0.f;
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    if (element<W>(g, i) >= K) {
+      gr[i] = 0.f;
+      continue;
+    }
+    d += divergence_term(a.divergence, a.jsd_beta, log_b, log_1mb, expf(lt[i]), lt[i], q[i], lq[i], &gr[i]);
+    qa += q[i] * gr[i];
+  }
+  qa = w.sum(qa);
+#pragma unroll
+  for (int i = 0; i < P; ++i) gr[i] = tau * q[i] * (gr[i] - qa);
+  return tau * tau * w.sum(d);
+}
+
+// alpha * CE(y, pooled class logits) of one row; adds its gradient to gr. Class logits
+// p_c = logsumexp_s s_{c,s}: CE = logsumexp(s) - p_y, dCE/ds_k = softmax(s)_k - [k in y] softmax_y(s)_k.
+// y outside [0, C) (no label, ignored rows): returns 0 and leaves gr alone.
+template <class Warp, int CH>
+LELP_DEV float row_hard_label(const Warp& w, const LossArgs& a, const float* s, int64_t y, float* gr) {
+  constexpr int W = Warp::kWidth, P = CH * kVec;
+  const int g = w.lane() % W, S = static_cast<int>(a.S), K = static_cast<int>(a.C * a.S);
+  float m_all = -INFINITY, m_y = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const int k = element<W>(g, i);
+    if (k < K) m_all = fmax_(m_all, s[i]);
+    if (k < K && k / S == y) m_y = fmax_(m_y, s[i]);
+  }
+  m_all = w.max(m_all);
+  m_y = w.max(m_y);
+  float e_all = 0.f, e_y = 0.f;
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const int k = element<W>(g, i);
+    if (k < K) e_all += expf(s[i] - m_all);
+    if (k < K && k / S == y) e_y += expf(s[i] - m_y);
+  }
+  e_all = w.sum(e_all);
+  e_y = w.sum(e_y);
+  if (y < 0 || y >= a.C) return 0.f;
+  const float lse_all = m_all + logf(e_all), p_y = m_y + logf(e_y);
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const int k = element<W>(g, i);
+    gr[i] += a.alpha * (expf(s[i] - lse_all) - (k / S == y ? expf(s[i] - p_y) : 0.f));
+  }
+  return a.alpha * (lse_all - p_y);
+}
+
+// Stores one row's outputs (zeros for an ignored row).
+template <class Warp, int CH>
+LELP_DEV void store_row(const LossArgs& a, int64_t row, int g, bool vec, bool ignored, float loss, float hard,
+                        float* gr) {
+  constexpr int W = Warp::kWidth;
+  const int K = static_cast<int>(a.C * a.S);
+  float* out = a.grad + row * K;
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    float* v = gr + c * kVec;
+    if (ignored)
+      for (int e = 0; e < kVec; ++e) v[e] = 0.f;
+    const int k0 = (c * W + g) * kVec;
+    if (vec && k0 + kVec <= K) {
+      Warp::store4(out + k0, v);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e)
+        if (k0 + e < K) out[k0 + e] = v[e];
+    }
+  }
+  if (g == 0) {
+    a.loss_rows[row] = ignored ? 0.f : loss;
+    if (a.hard_rows != nullptr) a.hard_rows[row] = ignored ? 0.f : hard;
+  }
+}
+
+// One row (row >= n: the lanes only take part in the group's reductions).
+template <class Warp, int CH>
+LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& online, float* u, int64_t row, bool vec) {
+  constexpr int P = CH * kVec;
+  const int g = w.lane() % Warp::kWidth, K = static_cast<int>(a.C * a.S);
+  const bool active = row < a.n;
+  int64_t y = -1;  // no hard-label term
+  bool ignored = false;
+  if (active && a.labels != nullptr) {
+    y = a.labels[row];
+    ignored = y == a.ignore_index;
+  }
+  float lt[P], s[P], gr[P];
+  row_log_targets<Warp, CH>(w, a, online, u, row, active, vec, lt);
+  if (active) {
+    load_row<Warp, CH>(a.student, a.student_dtype, row * a.student_stride, K, g, vec, 0.f, s);
+  } else {
+#pragma unroll
+    for (int i = 0; i < P; ++i) s[i] = lt[i] = 0.f;
+  }
+  float loss = row_divergence<Warp, CH>(w, a, s, lt, gr), hard = 0.f;
+  if (a.alpha != 0.f && a.labels != nullptr) {
+    hard = row_hard_label<Warp, CH>(w, a, s, ignored ? -1 : y, gr);
+    loss += hard;
+  }
+  if (active) store_row<Warp, CH>(a, row, g, vec, ignored, loss, hard, gr);
+}
+
+// The rows of one warp, grid-stride: warp `warp_id` of `n_warps` takes rows base .. base + 32/W - 1.
+// smem: the warp's online scratch (32/W rows of online_row_floats), or nullptr for precomputed targets.
+template <class Warp, int CH>
+LELP_DEV void loss_rows(const Warp& w, const LossArgs& a, const OnlineTeachers& online, float* smem, int64_t warp_id,
+                        int64_t n_warps, bool vec) {
+  constexpr int R = 32 / Warp::kWidth;
+  const int slot = w.lane() / Warp::kWidth;
+  float* u = smem == nullptr ? nullptr : smem + slot * online_row_floats(a.C, a.S);
+  for (int64_t base = warp_id * R; base < a.n; base += n_warps * R)  // warp-uniform
+    loss_row<Warp, CH>(w, a, online, u, base + slot, vec);
+}
+
+// The group width and chunks per lane for K: (W, CH) with W * CH * 4 >= K, W a power of two <= 32
+// and CH in {1, 2, 4}; K <= 512.
+LELP_HD void loss_shape(int K, int* width, int* chunks) {
+  const int need = (K + kVec - 1) / kVec;  // chunks of the row
+  int w = 1;
+  while (w < need && w < 32) w *= 2;
+  int ch = 1;
+  while (w * ch < need) ch *= 2;
+  *width = w;
+  *chunks = ch;
+}
+
+// Whether every row the kernel reads or writes in chunks of 4 starts 16-byte (fp32) or 8-byte
+// (bf16/fp16) aligned, so that the chunks move as vector loads and stores.
+inline bool vector_loads_ok(const LossArgs& a) {
+  const auto aligned = [](const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+  const int64_t K = a.C * a.S;
+  const int64_t s_size = a.student_dtype == kFloat32 ? 4 : 2, t_size = a.targets_dtype == kFloat32 ? 4 : 2;
+  bool ok = K % kVec == 0 && a.student_stride % kVec == 0 && aligned(a.student, kVec * s_size) && aligned(a.grad, 16);
+  if (a.online == nullptr) ok = ok && a.targets_stride % kVec == 0 && aligned(a.log_targets, kVec * t_size);
+  return ok;
+}
+
+}  // namespace warp
+}  // namespace lelp

@@ -1,0 +1,174 @@
+// The CUDA kernels' bodies built for the host (tests only): the same templates as csrc/cuda/*.cu,
+// instantiated with HostWarp, behind the signatures of lelp_fast._C's loss and targets_cuda, so
+// tests run them through lelp_fast's Python layer on CPU tensors and compare with the reference.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+
+#include "host_warp.h"
+#include "lelp/block_targets.h"
+#include "lelp/warp_loss.h"
+#include "make_args.h"
+
+namespace py = pybind11;
+
+namespace lelp {
+namespace emu {
+
+constexpr int kEmulatedWarps = 3;  // fewer warps (and blocks) than rows: the grid-stride loops are exercised
+constexpr int kEmulatedBlocks = 2;
+
+template <int W, int CH>
+void loss_emulated(const LossArgs& a, const warp::OnlineTeachers& online) {
+  const bool vec = warp::vector_loads_ok(a);
+  for (int wid = 0; wid < kEmulatedWarps; ++wid) {
+    WarpState state;
+    std::vector<float> smem(online.m > 0 ? (32 / W) * warp::online_row_floats(a.C, a.S) : 0);
+    run_warp([&](int lane) {
+      warp::loss_rows<HostWarp<W>, CH>(HostWarp<W>{&state, lane}, a, online, smem.empty() ? nullptr : smem.data(), wid,
+                                       kEmulatedWarps, vec);
+    });
+  }
+}
+
+void loss(const LossArgs& a) {
+  warp::OnlineTeachers online{};
+  if (a.online != nullptr) {
+    online.m = static_cast<int>(a.n_teachers);
+    for (int m = 0; m < online.m; ++m) online.t[m] = a.online[m];
+  }
+  int width, chunks;
+  warp::loss_shape(static_cast<int>(a.C * a.S), &width, &chunks);
+  switch (width * 8 + chunks) {
+    case 1 * 8 + 1: return loss_emulated<1, 1>(a, online);
+    case 2 * 8 + 1: return loss_emulated<2, 1>(a, online);
+    case 4 * 8 + 1: return loss_emulated<4, 1>(a, online);
+    case 8 * 8 + 1: return loss_emulated<8, 1>(a, online);
+    case 16 * 8 + 1: return loss_emulated<16, 1>(a, online);
+    case 32 * 8 + 1: return loss_emulated<32, 1>(a, online);
+    case 32 * 8 + 2: return loss_emulated<32, 2>(a, online);
+    default: return loss_emulated<32, 4>(a, online);
+  }
+}
+
+struct BlockState {
+  std::barrier<> bar{128};
+  WarpState warps[4];
+};
+
+struct HostBlock {
+  using Warp = HostWarp<32>;
+  BlockState* state;
+  int t;
+  int thread() const { return t; }
+  void sync() const { state->bar.arrive_and_wait(); }
+  Warp warp() const { return Warp{&state->warps[t / 32], t % 32}; }
+};
+
+// A 16 x 16 x 16 tensor-core product as plain fp32 arithmetic on whole tiles. Every lane holds the
+// warp's whole fragment (the lanes compute the same thing); lane 0 stores it.
+template <int kDtype>
+struct HostMma {
+  using A = std::array<float, 256>;
+  using B = A;
+  using Acc = A;
+  static float from_bits(uint16_t b) { return kDtype == kFloat16 ? cpu::half_bits_to_float(b) : bf16_bits_to_float(b); }
+  static uint16_t to_bits(float v) { return kDtype == kFloat16 ? cpu::float_to_half_bits(v) : float_to_bf16_bits(v); }
+  static void fill(Acc& c, float v) { c.fill(v); }
+  static void load(A& f, const uint16_t* p, int ld) {
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) f[i * 16 + j] = from_bits(p[i * ld + j]);
+  }
+  static void load_a(A& f, const uint16_t* p, int ld) { load(f, p, ld); }
+  static void load_b(B& f, const uint16_t* p, int ld) { load(f, p, ld); }
+  static void mma(Acc& c, const A& a, const B& b) {
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) {
+        float acc = 0.f;
+        for (int k = 0; k < 16; ++k) acc += a[i * 16 + k] * b[k * 16 + j];
+        c[i * 16 + j] += acc;
+      }
+  }
+  static void store(const HostWarp<32>& w, float* p, const Acc& c, int ld) {
+    if (w.lane() != 0) return;
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) p[i * ld + j] = c[i * 16 + j];
+  }
+};
+
+template <int kDtype>
+void targets_tile_emulated(const TargetsArgs& a) {
+  for (int blk = 0; blk < kEmulatedBlocks; ++blk) {
+    BlockState state;
+    std::vector<float> smem((tile::smem_bytes(a) + 3) / 4);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 128; ++t)
+      threads.emplace_back([&, t] {
+        tile::targets_tiles<HostBlock, HostMma<kDtype>>(HostBlock{&state, t}, a, reinterpret_cast<char*>(smem.data()),
+                                                        blk, kEmulatedBlocks);
+      });
+    for (auto& th : threads) th.join();
+  }
+}
+
+void targets_rows_emulated(const TargetsArgs& a) {
+  for (int wid = 0; wid < kEmulatedWarps; ++wid) {
+    WarpState state;
+    std::vector<float> u(warp::online_row_floats(a.C, a.S));
+    run_warp([&](int lane) { tile::targets_rows(HostWarp<32>{&state, lane}, a, u.data(), wid, kEmulatedWarps); });
+  }
+}
+
+// Which kernel targets_cuda launches, run on the host; then flags rows whose targets are NaN or
+// +inf as the CPU kernel flags rows whose projection is not finite.
+void targets(const TargetsArgs& a, uint8_t* nonfinite) {
+  if (tile::tile_takes(a)) {
+    if (a.emb_dtype == kBFloat16) targets_tile_emulated<kBFloat16>(a);
+    else targets_tile_emulated<kFloat16>(a);
+  } else {
+    targets_rows_emulated(a);
+  }
+  if (nonfinite == nullptr) return;
+  for (int64_t r = 0; r < a.n; ++r)
+    for (int64_t k = 0; k < a.C * a.S; ++k) {
+      const float v = HostWarp<32>::load(a.out, a.out_dtype, r * a.out_stride + k);
+      if (v != v || v == INFINITY) nonfinite[r] = 1;
+    }
+}
+
+}  // namespace emu
+}  // namespace lelp
+
+PYBIND11_MODULE(lelp_cuda_emu, m) {
+  m.def("tile_takes", [](int emb_dtype, int64_t J, int64_t C, int64_t S) {
+    lelp::TargetsArgs a{};
+    a.emb_dtype = emb_dtype;
+    a.J = J;
+    a.C = C;
+    a.S = S;
+    return lelp::tile::tile_takes(a);
+  });
+  m.def("targets", [](uintptr_t emb, int emb_dtype, int64_t emb_stride, int64_t n, int64_t d, uintptr_t weight,
+                      uintptr_t bias, int64_t J, uintptr_t logits, int logits_dtype, int64_t logits_stride, int64_t C,
+                      int64_t S, double beta, double tau, uintptr_t out, int out_dtype, int64_t out_stride,
+                      uintptr_t nonfinite) {
+    const auto a = lelp::make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits, logits_dtype,
+                                           logits_stride, C, S, beta, tau, out, out_dtype, out_stride);
+    py::gil_scoped_release release;
+    lelp::emu::targets(a, reinterpret_cast<uint8_t*>(nonfinite));
+  });
+  m.def("loss", [](uintptr_t student, int student_dtype, int64_t student_stride, int64_t n, int64_t C, int64_t S,
+                   uintptr_t log_targets, int targets_dtype, int64_t targets_stride, int64_t n_teachers,
+                   uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
+                   double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows, uintptr_t grad,
+                   const std::vector<lelp::OnlineTeacher>& teachers, bool /*on_cuda*/, uintptr_t /*stream*/) {
+    const auto online = lelp::make_online_teachers(teachers, n, C, S, tau, n_teachers);
+    const auto a = lelp::make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets, targets_dtype,
+                                        targets_stride, n_teachers, weights, labels, ignore_index, divergence,
+                                        jsd_beta, tau, alpha, loss_rows, hard_rows, grad,
+                                        online.empty() ? nullptr : online.data());
+    py::gil_scoped_release release;
+    lelp::emu::loss(a);
+  });
+}
