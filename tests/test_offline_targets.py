@@ -369,3 +369,19 @@ def test_dataset_names_a_mistyped_path_and_a_truncated_shard(problem, tmp_path):
     os.truncate(shard, os.path.getsize(shard) - 10)
     with pytest.raises(ValueError, match="shard-000001.log_targets.npy is truncated or corrupt"):
         TargetsDataset(out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("compact", [False, True])
+def test_gpu_run_matches_the_reference(problem, tmp_path, compact):
+    """device="cuda": chunks staged through reused pinned buffers one ahead; same shards as the CPU run."""
+    h, _, projector = problem
+    kw = dict(format="npy", dtype="float32", compact=compact, chunk_bytes=CHUNK)
+    generate_targets(projector, h, str(tmp_path / "gpu"), device="cuda", **kw)
+    generate_targets(projector, h, str(tmp_path / "cpu"), **kw)
+    extra = dict(beta=0.7, tau=1.3) if compact else {}
+    got = TargetsDataset(str(tmp_path / "gpu"), verify=True, **extra).targets(range(450))
+    want = projector.targets(h.double(), out_dtype=torch.float64, backend="torch")
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    cpu = TargetsDataset(str(tmp_path / "cpu"), **extra).targets(range(450))
+    torch.testing.assert_close(got, cpu, atol=1e-4, rtol=1e-4)

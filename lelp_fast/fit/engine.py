@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from .._dist import rank_world
+from ..io.device_copy import stage_ahead
 from ..io.integrity import publish_mode, remove_stale_temps, temp_prefix, tensors_sha256
 from ..io.locks import ExclusiveLock
 from ..io.prefetch import prefetch
@@ -336,10 +337,10 @@ def _accumulate(source, settings, head_weight, head_bias, projector, process_gro
 
     def chunk_stream(skip: int, every: int = 1):
         chunks = source.chunks(settings.chunk_bytes, skip=skip, rank=rank, world=world, every=every)
-        for chunk in prefetch(chunks, settings.prefetch):
-            h, y = reader(chunk)
-            if device.type != "cpu":
-                h, y = h.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        read = ((chunk, reader(chunk)) for chunk in prefetch(chunks, settings.prefetch))
+        if device.type != "cpu":  # reusable pinned buffers; chunk i + 1's copy overlaps chunk i's statistics
+            read = stage_ahead(read, device)
+        for chunk, (h, y) in read:
             yield chunk, h, y
 
     # The shift comes from this rank's first chunk, then rank 0's is broadcast to all.

@@ -19,6 +19,7 @@ import torch
 
 from .._checks import NonFiniteRowError, check_finite
 from .._dist import barrier, rank_world
+from ..io.device_copy import stage_ahead
 from ..io.locks import lock_rank_directory
 from ..io.prefetch import prefetch
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource, SourceLike, as_source
@@ -58,7 +59,8 @@ def generate_targets(
         beta, tau: temperatures (default: the projector's); not used by the compact form.
         chunk_bytes: embeddings per chunk (one chunk = one shard); bounds the memory in use.
         backend: kernel backend for the targets ("auto", "torch", "cpu", "cuda", "triton").
-        device: where to compute ("cuda" copies each chunk through pinned memory); default CPU.
+        device: where to compute; default CPU. On "cuda" each chunk goes through reusable pinned
+            buffers on a side stream, the next chunk's copy overlapping this chunk's compute.
         process_group: torch.distributed group: chunk i is done by rank i % world; one manifest.
         progress: show a progress bar (rows/s, GB/s, ETA).
         verify: when ``out_dir`` is already finished, check every shard's sha256 (one read of the
@@ -102,10 +104,13 @@ def _generate(projector, src, out_dir, settings, chunk_bytes, backend, device, p
     bar = _progress_bar(src, progress and rank == 0, done)
     started, read_bytes = time.perf_counter(), 0
     try:
-        for chunk in prefetch(src.chunks(chunk_bytes, skip=first, rank=rank, world=world)):
-            if chunk.index in done:  # recorded by any rank, also under another world size
-                continue
-            tensors = _compute(projector, chunk, settings, backend, device)
+        chunks = prefetch(src.chunks(chunk_bytes, skip=first, rank=rank, world=world))
+        todo = ((chunk, (chunk.embeddings, chunk.teacher_logits)) for chunk in chunks
+                if chunk.index not in done)  # done: recorded by any rank, also under another world size
+        if device is not None and torch.device(device).type == "cuda":
+            todo = stage_ahead(todo, device)  # reusable pinned buffers; chunk i + 1's copy overlaps chunk i
+        for chunk, (h, z) in todo:
+            tensors = _compute(projector, chunk, h, z, settings, backend)
             writer.submit(chunk, tensors)
             if bar is not None:
                 read_bytes += chunk.embeddings.numel() * chunk.embeddings.element_size()
@@ -158,15 +163,15 @@ def _first_missing(done: dict, rank: int, world: int) -> int:
     return i
 
 
-def _compute(projector, chunk: Chunk, settings: dict, backend: str, device: Optional[str]) -> dict:
+def _compute(projector, chunk: Chunk, h, z, settings: dict, backend: str) -> dict:
+    """The chunk's outputs from its embeddings h and teacher logits z (on the compute device)."""
     try:
-        return _compute_rows(projector, chunk, settings, backend, device)
+        return _compute_rows(projector, chunk, h, z, settings, backend)
     except NonFiniteRowError as exc:  # name the row in the whole source, not in the chunk
         raise NonFiniteRowError(exc.name, chunk.start_row + exc.row) from None
 
 
-def _compute_rows(projector, chunk: Chunk, settings: dict, backend: str, device: Optional[str]) -> dict:
-    h, z = chunk.embeddings, chunk.teacher_logits
+def _compute_rows(projector, chunk: Chunk, h, z, settings: dict, backend: str) -> dict:
     if z is None and projector.head_weight is None:
         raise ValueError("the projector has no teacher head and the source has no teacher logits: give the "
                          "source teacher logits, or fit the projector with head_weight/head_bias")
@@ -175,9 +180,6 @@ def _compute_rows(projector, chunk: Chunk, settings: dict, backend: str, device:
     if z is not None and (z.ndim != 2 or z.shape != (h.shape[0], projector.num_classes)):
         raise ValueError(f"rows {chunk.start_row}..: teacher logits have shape {tuple(z.shape)}, expected "
                          f"({h.shape[0]}, {projector.num_classes}) (C of the projector)")
-    if device is not None and torch.device(device).type == "cuda":
-        h = h.pin_memory().to(device, non_blocking=True)
-        z = None if z is None else z.pin_memory().to(device, non_blocking=True)
     out_dtype = shards.DTYPES[settings["dtype"]]
     if settings["compact"]:
         k = projector.n_outputs
