@@ -12,6 +12,9 @@ Without a GPU (logic only, tiny sizes, Triton interpreter):
    in the same run.
 3. Loss fwd+bwd (KL, tau = 2, alpha = 0.1): triton / cuda / eager / torch.compile, floor = read s
    and t + write the gradient at copy bandwidth.
+4. Jobs from an fp16 .npy in the page cache (1.6 M x 768, 2 classes, S = 8; --quick: 20 k x 64):
+   fit (exact and Nystrom) and offline targets (fp16 .npy shards) on the GPU and on this host's
+   CPUs, next to a plain read of the file (fit floor) and read + write of the outputs (offline floor).
 Times are medians of ``triton.testing.do_bench`` (CUDA events) on a GPU, of a wall clock on CPU.
 """
 
@@ -27,9 +30,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench_fit import make_dataset  # class-structured fp16 embeddings and labels on disk
 from bench_targets import eager_targets  # the plain fp32 formula, as a user writes it
 
-from lelp_fast import __version__, reference
+from lelp_fast import LELPProjector, __version__, generate_targets, reference
 from lelp_fast.ops import _dispatch, distill_loss, lelp_targets
 
 DIVERGENCES = reference.DIVERGENCES
@@ -192,6 +196,76 @@ def time_loss(device, sizes, rows, bw):
         rows.append(row)
 
 
+def plain_read(path: str) -> float:
+    """Seconds to read the file once into one reused buffer (the fit's floor)."""
+    buf = bytearray(64 << 20)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t0
+
+
+def plain_write(directory: str, nbytes: int) -> float:
+    """Seconds to write nbytes to a new file in 64 MiB blocks (the offline job's extra floor)."""
+    block = bytes(64 << 20)
+    path = os.path.join(directory, "write_floor.bin")
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for start in range(0, nbytes, len(block)):
+            f.write(block[: min(len(block), nbytes - start)])
+    seconds = time.perf_counter() - t0
+    os.unlink(path)
+    return seconds
+
+
+def timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_jobs(device, n, d, workdir, jobs):
+    """Fit and offline targets on `device` and on the CPUs, from a file in the page cache."""
+    import shutil
+
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, f"jobs_{n}x{d}.npy")
+    make_dataset(path, n, d, 2)
+    labels = path + ".labels.npy"
+    plain_read(path)  # into the page cache
+    read = min(plain_read(path) for _ in range(2))
+    head = torch.randn(2, d, generator=torch.Generator().manual_seed(0)) / d**0.5
+    devices = [device, "cpu"] if device != "cpu" else ["cpu"]
+    projector = None
+    for dev in devices:
+        for method in ("exact", "nystrom"):
+            p = LELPProjector(8, method=method, rotate=False)
+            seconds = timed(lambda: p.fit(path, labels, head_weight=head, head_bias=torch.zeros(2), device=dev))
+            jobs.append(dict(job=f"fit {method}", device=dev, seconds=seconds, floor=read))
+            projector = projector or p
+    out_bytes = n * projector.n_outputs * 2
+    floor = read + plain_write(workdir, out_bytes)
+    for dev in devices:
+        out = os.path.join(workdir, f"targets_{dev}")
+        shutil.rmtree(out, ignore_errors=True)
+        seconds = timed(lambda: generate_targets(projector, path, out, dtype="float16", device=dev))
+        jobs.append(dict(job="offline targets", device=dev, seconds=seconds, floor=floor))
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"jobs: {n} x {d} fp16 ({os.path.getsize(path) / 1e9:.2f} GB) in the page cache; plain read {read:.3f} s")
+
+
+def print_jobs(jobs):
+    print("| job | device | seconds | floor (s) | / floor |")
+    print("|---|---|---|---|---|")
+    for j in jobs:
+        print(f"| {j['job']} | {j['device']} | {j['seconds']:.3f} | {j['floor']:.3f} | {j['seconds'] / j['floor']:.2f} |")
+
+
 COLUMNS = ["op", "shape", "dtype", "floor", "triton", "cuda", "eager", "compile", "compile bf16"]
 
 
@@ -209,7 +283,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="small sizes (a logic check, or a fast GPU smoke run)")
-    p.add_argument("--csv", default=None, help="append the rows to this CSV file")
+    p.add_argument("--csv", default=None, help="append the rows to this CSV file (the jobs to <name>_jobs.csv)")
+    p.add_argument("--workdir", default="/tmp/lelp_bench_gpu", help="where the jobs' data file and outputs go")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no GPU: run with --device cpu under TRITON_INTERPRET=1 for a logic check", file=sys.stderr)
@@ -242,7 +317,11 @@ def main() -> int:
     time_targets(args.device, t_sizes, rows, bw)
     time_loss(args.device, l_sizes, rows, bw)
     print_table(rows)
+    jobs = []
+    time_jobs(args.device, *((1_600_000, 768) if big else (20_000, 64)), args.workdir, jobs)
+    print_jobs(jobs)
     if args.csv:
+        write_jobs_csv(os.path.splitext(args.csv)[0] + "_jobs.csv", jobs, name)
         fresh = not os.path.exists(args.csv)
         with open(args.csv, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS + ["device", "torch", "lelp_fast", "date"])
@@ -252,6 +331,17 @@ def main() -> int:
                 writer.writerow({**{c: r.get(c, "") for c in COLUMNS}, "device": name, "torch": torch.__version__,
                                  "lelp_fast": __version__, "date": datetime.date.today().isoformat()})
     return 1 if failures else 0
+
+
+def write_jobs_csv(path, jobs, device_name):
+    fresh = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["job", "device", "seconds", "floor", "gpu", "torch", "lelp_fast", "date"])
+        if fresh:
+            writer.writeheader()
+        for j in jobs:
+            writer.writerow({**j, "gpu": device_name, "torch": torch.__version__, "lelp_fast": __version__,
+                             "date": datetime.date.today().isoformat()})
 
 
 if __name__ == "__main__":
