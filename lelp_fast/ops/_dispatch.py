@@ -67,7 +67,8 @@ def available(backend: str, device: torch.device) -> bool:
 # Measured on an H100 80GB HBM3 (torch 2.11, CUDA 13.0, Triton 3.6) on 2026-11-25 at commit 55c4795
 # (issue 12): the Triton kernels beat the CUDA kernels in every cell, e.g. targets 4 M x 768, K = 16
 # bf16: triton 13.4 ms vs cuda 65.7 ms; loss K = 128 bf16 fwd+bwd: 5.95 vs 41.6 ms. Not re-measured
-# since the Triton kernels were rewritten (no GPU lent); benchmarks/bench_gpu.py re-measures.
+# since the Triton and CUDA kernels were rewritten (2026-11-26, no GPU lent); benchmarks/bench_gpu.py
+# re-measures both, and this order should follow its tables.
 GPU_PREFERENCE = ("triton", "cuda")
 
 
