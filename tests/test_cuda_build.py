@@ -122,11 +122,16 @@ def kernels_named(listing: dict, part: str) -> dict:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_targets_tile_runs_on_tensor_cores(sass, arch):
-    """The bf16 and fp16 tile kernels multiply with HMMA (WMMA lowers to mma.sync on sm_80 and sm_90)."""
+    """The tile kernels multiply with HMMA (WMMA lowers to mma.sync on sm_80 and sm_90): bf16 and fp16
+    16x8x16, fp32 as TF32 16x8x4; each stages its embeddings with 16-byte loads."""
     tiles = kernels_named(sass[("csrc/cuda/targets.cu", arch)], "targets_tile_kernel")
-    assert len(tiles) == 2
-    for name, code in tiles.items():
-        assert re.search(r"\bHMMA\.16816\.F32", code), f"{name}: no tensor-core MMA"
+    want = {"HalfMmaI13__nv_bfloat16": r"HMMA\.16816\.F32\.BF16", "HalfMmaI6__half": r"HMMA\.16816\.F32\b",
+            "Tf32Mma": r"HMMA\.1684\.F32\.TF32"}
+    assert len(tiles) == len(want)
+    for part, mma in want.items():
+        [(name, code)] = [(n, c) for n, c in tiles.items() if part in n]
+        assert re.search(mma, code), f"{name}: no {mma}"
+        assert "LDG.E.128" in code, f"{name}: no 16-byte embedding loads"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

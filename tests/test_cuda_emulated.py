@@ -41,9 +41,10 @@ def test_loss_at_every_lane_layout(backend, num_classes, s, divergence):
 
 @pytest.mark.parametrize("backend", ["cuda_emu"])
 @pytest.mark.parametrize("num_classes,s,tile", [(2, 127, True), (2, 128, False), (16, 8, True)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_targets_tile_width_limit(backend, cuda_emulator, num_classes, s, tile, dtype):
-    """J = 256 is the widest map the tensor-core tile takes; J = 258 goes to the row kernel."""
+    """J = 256 is the widest map the tensor-core tile takes (bf16/fp16 with a split map, fp32 as split
+    TF32); J = 258 goes to the row kernel."""
     k = num_classes * s
     j = k + num_classes
     assert cuda_emulator.tile_takes(BF16, j, num_classes, s) == tile

@@ -1,5 +1,5 @@
-// CUDA fused targets: a tensor-core tile for bf16/fp16 embeddings, a warp per row otherwise
-// (lelp/block_targets.h; the epilogue is the loss's, whose math is lelp/row_math.h's).
+// CUDA fused targets: a tensor-core tile (bf16/fp16 with a split map, fp32 as split TF32), a warp
+// per row for wider maps (lelp/block_targets.h; the epilogue's math is lelp/row_math.h's).
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -23,39 +23,85 @@ struct DeviceBlock {
   __device__ __forceinline__ Warp warp() const { return Warp{}; }
 };
 
-// WMMA 16 x 16 x 16 on T (the embeddings' dtype), fp32 accumulators.
+// bf16/fp16 embeddings: WMMA 16 x 16 x 16 on T, the map split into hi + lo parts of T.
 template <class T>
-struct DeviceMma {
+struct HalfMma {
+  using Stage = uint16_t;
+  static constexpr int kK = 16, kVec = 8;
+  static constexpr bool kSplitX = false;
   using A = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
   using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  static __device__ __forceinline__ uint16_t bits(float v);
+  static __device__ __forceinline__ float value(uint16_t b);
+  static __device__ __forceinline__ void split_x(const void* emb, int64_t i, Stage* hi, Stage*) {
+    *hi = static_cast<const uint16_t*>(emb)[i];
+  }
+  static __device__ __forceinline__ void split_x_vec(const void* emb, int64_t i, Stage* hi, Stage*) {
+    *reinterpret_cast<uint4*>(hi) = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(emb) + i);
+  }
+  static __device__ __forceinline__ void split_w(float w, Stage* hi, Stage* lo) {
+    *hi = bits(w);
+    *lo = bits(w - value(*hi));
+  }
   static __device__ __forceinline__ void fill(Acc& c, float v) { wmma::fill_fragment(c, v); }
-  static __device__ __forceinline__ void load_a(A& f, const uint16_t* p, int ld) {
+  static __device__ __forceinline__ void load_a(A& f, const Stage* p, int ld) {
     wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
   }
-  static __device__ __forceinline__ void load_b(B& f, const uint16_t* p, int ld) {
+  static __device__ __forceinline__ void load_b(B& f, const Stage* p, int ld) {
     wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
   }
   static __device__ __forceinline__ void mma(Acc& c, const A& a, const B& b) { wmma::mma_sync(c, a, b, c); }
   static __device__ __forceinline__ void store(const cuda::DeviceWarp<32>&, float* p, const Acc& c, int ld) {
     wmma::store_matrix_sync(p, c, ld, wmma::mem_row_major);
   }
-  static __device__ __forceinline__ uint16_t to_bits(float v);
-  static __device__ __forceinline__ float from_bits(uint16_t b);
 };
 template <>
-__device__ __forceinline__ uint16_t DeviceMma<__nv_bfloat16>::to_bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+__device__ __forceinline__ uint16_t HalfMma<__nv_bfloat16>::bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 template <>
-__device__ __forceinline__ float DeviceMma<__nv_bfloat16>::from_bits(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+__device__ __forceinline__ float HalfMma<__nv_bfloat16>::value(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
 template <>
-__device__ __forceinline__ uint16_t DeviceMma<__half>::to_bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
+__device__ __forceinline__ uint16_t HalfMma<__half>::bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
 template <>
-__device__ __forceinline__ float DeviceMma<__half>::from_bits(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+__device__ __forceinline__ float HalfMma<__half>::value(uint16_t b) { return __half2float(__ushort_as_half(b)); }
 
-template <class T>
-__global__ void __launch_bounds__(tile::kThreads) targets_tile_kernel(TargetsArgs a) {
+// fp32 embeddings: WMMA 16 x 16 x 8 on TF32, both sides split into TF32 hi + lo (3 products).
+struct Tf32Mma {
+  using Stage = float;
+  static constexpr int kK = 8, kVec = 4;
+  static constexpr bool kSplitX = true;
+  using A = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using B = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  static __device__ __forceinline__ void split(float v, float* hi, float* lo) {
+    *hi = wmma::__float_to_tf32(v);
+    *lo = wmma::__float_to_tf32(v - *hi);
+  }
+  static __device__ __forceinline__ void split_x(const void* emb, int64_t i, Stage* hi, Stage* lo) {
+    split(static_cast<const float*>(emb)[i], hi, lo);
+  }
+  static __device__ __forceinline__ void split_x_vec(const void* emb, int64_t i, Stage* hi, Stage* lo) {
+    const float4 x = *reinterpret_cast<const float4*>(static_cast<const float*>(emb) + i);
+    float4 h, l;
+    split(x.x, &h.x, &l.x), split(x.y, &h.y, &l.y), split(x.z, &h.z, &l.z), split(x.w, &h.w, &l.w);
+    *reinterpret_cast<float4*>(hi) = h;
+    *reinterpret_cast<float4*>(lo) = l;
+  }
+  static __device__ __forceinline__ void split_w(float w, Stage* hi, Stage* lo) { split(w, hi, lo); }
+  static __device__ __forceinline__ void fill(Acc& c, float v) { wmma::fill_fragment(c, v); }
+  // The stages hold TF32 values already (split rounded them), so the loaded fragments need no conversion.
+  static __device__ __forceinline__ void load_a(A& f, const Stage* p, int ld) { wmma::load_matrix_sync(f, p, ld); }
+  static __device__ __forceinline__ void load_b(B& f, const Stage* p, int ld) { wmma::load_matrix_sync(f, p, ld); }
+  static __device__ __forceinline__ void mma(Acc& c, const A& a, const B& b) { wmma::mma_sync(c, a, b, c); }
+  static __device__ __forceinline__ void store(const cuda::DeviceWarp<32>&, float* p, const Acc& c, int ld) {
+    wmma::store_matrix_sync(p, c, ld, wmma::mem_row_major);
+  }
+};
+
+template <class Mma>
+__global__ void __launch_bounds__(tile::kThreads) targets_tile_kernel(TargetsArgs a, bool vec) {
   extern __shared__ __align__(128) char smem[];
-  tile::targets_tiles<DeviceBlock, DeviceMma<T>>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x);
+  tile::targets_tiles<DeviceBlock, Mma>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x, vec);
 }
 
 __global__ void __launch_bounds__(128, 4) targets_row_kernel(TargetsArgs a) {
@@ -66,16 +112,16 @@ __global__ void __launch_bounds__(128, 4) targets_row_kernel(TargetsArgs a) {
                      static_cast<int64_t>(gridDim.x) * 4);
 }
 
-template <class T>
+template <class Mma>
 void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
-  const int64_t smem = tile::smem_bytes(a);
-  auto kernel = targets_tile_kernel<T>;
-  if (smem > 48 * 1024) {  // more than the default needs an opt-in (the widest map takes about 80 KB)
+  const int64_t smem = tile::smem_bytes(a, sizeof(typename Mma::Stage));
+  auto kernel = targets_tile_kernel<Mma>;
+  if (smem > 48 * 1024) {  // more than the default needs an opt-in (the widest fp32 map takes about 100 KB)
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) throw std::runtime_error(std::string("cuda targets: ") + cudaGetErrorString(err));
   }
   const int64_t blocks = std::min<int64_t>((a.n + tile::kRows - 1) / tile::kRows, int64_t{1} << 20);
-  kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a);
+  kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a, tile::tile_vector_loads(a));
 }
 
 }  // namespace
@@ -85,8 +131,9 @@ void targets_cuda(const TargetsArgs& a, void* stream_handle) {
   if (a.n == 0) return;
   const auto stream = static_cast<cudaStream_t>(stream_handle);
   if (tile::tile_takes(a)) {
-    if (a.emb_dtype == kBFloat16) launch_tile<__nv_bfloat16>(a, stream);
-    else launch_tile<__half>(a, stream);
+    if (a.emb_dtype == kBFloat16) launch_tile<HalfMma<__nv_bfloat16>>(a, stream);
+    else if (a.emb_dtype == kFloat16) launch_tile<HalfMma<__half>>(a, stream);
+    else launch_tile<Tf32Mma>(a, stream);
   } else {
     const int64_t blocks = std::min<int64_t>((a.n + 3) / 4, int64_t{1} << 20);
     const size_t smem = sizeof(float) * 4 * warp::online_row_floats(a.C, a.S);

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <cstring>
 
 #include "host_warp.h"
 #include "lelp/block_targets.h"
@@ -66,27 +67,27 @@ struct HostBlock {
   Warp warp() const { return Warp{&state->warps[t / 32], t % 32}; }
 };
 
-// A 16 x 16 x 16 tensor-core product as plain fp32 arithmetic on whole tiles. Every lane holds the
-// warp's whole fragment (the lanes compute the same thing); lane 0 stores it.
-template <int kDtype>
-struct HostMma {
-  using A = std::array<float, 256>;
+// Tensor-core products as plain fp32 arithmetic on whole tiles (M x K times K x 16). Every lane
+// holds the warp's whole fragment (the lanes compute the same thing); lane 0 stores it.
+template <class Derived, class Stage, int kKDim>  // Derived::value: a staged element as a float
+struct HostTiles {
+  using A = std::array<float, 16 * kKDim>;
   using B = A;
-  using Acc = A;
-  static float from_bits(uint16_t b) { return kDtype == kFloat16 ? cpu::half_bits_to_float(b) : bf16_bits_to_float(b); }
-  static uint16_t to_bits(float v) { return kDtype == kFloat16 ? cpu::float_to_half_bits(v) : float_to_bf16_bits(v); }
+  using Acc = std::array<float, 256>;
   static void fill(Acc& c, float v) { c.fill(v); }
-  static void load(A& f, const uint16_t* p, int ld) {
+  static void load_a(A& f, const Stage* p, int ld) {
     for (int i = 0; i < 16; ++i)
-      for (int j = 0; j < 16; ++j) f[i * 16 + j] = from_bits(p[i * ld + j]);
+      for (int k = 0; k < kKDim; ++k) f[i * kKDim + k] = Derived::value(p[i * ld + k]);
   }
-  static void load_a(A& f, const uint16_t* p, int ld) { load(f, p, ld); }
-  static void load_b(B& f, const uint16_t* p, int ld) { load(f, p, ld); }
+  static void load_b(B& f, const Stage* p, int ld) {
+    for (int k = 0; k < kKDim; ++k)
+      for (int j = 0; j < 16; ++j) f[k * 16 + j] = Derived::value(p[k * ld + j]);
+  }
   static void mma(Acc& c, const A& a, const B& b) {
     for (int i = 0; i < 16; ++i)
       for (int j = 0; j < 16; ++j) {
         float acc = 0.f;
-        for (int k = 0; k < 16; ++k) acc += a[i * 16 + k] * b[k * 16 + j];
+        for (int k = 0; k < kKDim; ++k) acc += a[i * kKDim + k] * b[k * 16 + j];
         c[i * 16 + j] += acc;
       }
   }
@@ -97,16 +98,60 @@ struct HostMma {
   }
 };
 
+// bf16/fp16 (kDtype): the map split into hi + lo parts of that dtype, as csrc/cuda/targets.cu's HalfMma.
 template <int kDtype>
+struct HostHalfMma : HostTiles<HostHalfMma<kDtype>, uint16_t, 16> {
+  using Stage = uint16_t;
+  static constexpr int kK = 16, kVec = 8;
+  static constexpr bool kSplitX = false;
+  static float value(uint16_t b) { return kDtype == kFloat16 ? cpu::half_bits_to_float(b) : bf16_bits_to_float(b); }
+  static uint16_t bits(float v) { return kDtype == kFloat16 ? cpu::float_to_half_bits(v) : float_to_bf16_bits(v); }
+  static void split_x(const void* emb, int64_t i, Stage* hi, Stage*) { *hi = static_cast<const uint16_t*>(emb)[i]; }
+  static void split_x_vec(const void* emb, int64_t i, Stage* hi, Stage* lo) {
+    for (int e = 0; e < kVec; ++e) split_x(emb, i + e, hi + e, lo);
+  }
+  static void split_w(float w, Stage* hi, Stage* lo) {
+    *hi = bits(w);
+    *lo = bits(w - value(*hi));
+  }
+};
+
+// fp32: both sides split into TF32 hi + lo, as csrc/cuda/targets.cu's Tf32Mma.
+struct HostTf32Mma : HostTiles<HostTf32Mma, float, 8> {
+  using Stage = float;
+  static constexpr int kK = 8, kVec = 4;
+  static constexpr bool kSplitX = true;
+  // cvt.rna.tf32.f32: 10 mantissa bits, round to nearest with ties away from zero.
+  static float tf32(float v) {
+    uint32_t b;
+    std::memcpy(&b, &v, 4);
+    if ((b & 0x7f800000u) != 0x7f800000u) b = (b + 0x1000u) & 0xffffe000u;
+    std::memcpy(&v, &b, 4);
+    return v;
+  }
+  static float value(float v) { return v; }
+  static void split(float v, float* hi, float* lo) {
+    *hi = tf32(v);
+    *lo = tf32(v - *hi);
+  }
+  static void split_x(const void* emb, int64_t i, Stage* hi, Stage* lo) { split(static_cast<const float*>(emb)[i], hi, lo); }
+  static void split_x_vec(const void* emb, int64_t i, Stage* hi, Stage* lo) {
+    for (int e = 0; e < kVec; ++e) split_x(emb, i + e, hi + e, lo + e);
+  }
+  static void split_w(float w, Stage* hi, Stage* lo) { split(w, hi, lo); }
+};
+
+template <class Mma>
 void targets_tile_emulated(const TargetsArgs& a) {
+  const bool vec = tile::tile_vector_loads(a);
   for (int blk = 0; blk < kEmulatedBlocks; ++blk) {
     BlockState state;
-    std::vector<float> smem((tile::smem_bytes(a) + 3) / 4);
+    std::vector<float> smem((tile::smem_bytes(a, sizeof(typename Mma::Stage)) + 3) / 4);
     std::vector<std::thread> threads;
     for (int t = 0; t < 128; ++t)
       threads.emplace_back([&, t] {
-        tile::targets_tiles<HostBlock, HostMma<kDtype>>(HostBlock{&state, t}, a, reinterpret_cast<char*>(smem.data()),
-                                                        blk, kEmulatedBlocks);
+        tile::targets_tiles<HostBlock, Mma>(HostBlock{&state, t}, a, reinterpret_cast<char*>(smem.data()), blk,
+                                            kEmulatedBlocks, vec);
       });
     for (auto& th : threads) th.join();
   }
@@ -124,8 +169,9 @@ void targets_rows_emulated(const TargetsArgs& a) {
 // +inf as the CPU kernel flags rows whose projection is not finite.
 void targets(const TargetsArgs& a, uint8_t* nonfinite) {
   if (tile::tile_takes(a)) {
-    if (a.emb_dtype == kBFloat16) targets_tile_emulated<kBFloat16>(a);
-    else targets_tile_emulated<kFloat16>(a);
+    if (a.emb_dtype == kBFloat16) targets_tile_emulated<HostHalfMma<kBFloat16>>(a);
+    else if (a.emb_dtype == kFloat16) targets_tile_emulated<HostHalfMma<kFloat16>>(a);
+    else targets_tile_emulated<HostTf32Mma>(a);
   } else {
     targets_rows_emulated(a);
   }
