@@ -59,7 +59,7 @@ LELP_DEV void load_row(const void* p, int dtype, int64_t base, int K, int g, boo
 
 // The segmented log-softmaxes of one row, in place, by the row's group: u[0, K) holds the K
 // projections and becomes log t, u[K, K + C) holds the class logits (DESIGN.md §1; the order of
-// operations is row_log_targets'). Every lane of the warp must call it (it synchronises).
+// operations is lelp::row_log_targets'). Every lane of the warp must call it (it synchronises).
 template <class Warp>
 LELP_DEV void group_log_targets(const Warp& w, float* u, int C, int S, float inv_beta, float inv_tau) {
   constexpr int W = Warp::kWidth;
@@ -103,8 +103,8 @@ LELP_DEV void group_row_targets(const Warp& w, const TargetsArgs& t, int64_t row
 // The lane's log-targets of one row: precomputed (one teacher, or M mixed by the row's weights) or
 // online (u: the row's shared-memory scratch). Absent elements get -inf.
 template <class Warp, int CH>
-LELP_DEV void row_log_targets(const Warp& w, const LossArgs& a, const OnlineTeachers& online, float* u, int64_t row,
-                              bool active, bool vec, float* lt) {
+LELP_DEV void lane_log_targets(const Warp& w, const LossArgs& a, const OnlineTeachers& online, float* u, int64_t row,
+                               bool active, bool vec, float* lt) {
   constexpr int W = Warp::kWidth, P = CH * kVec;
   const int g = w.lane() % W, C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S;
   const bool mixed = a.weights != nullptr;
@@ -296,7 +296,7 @@ LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& o
     ignored = y == a.ignore_index;
   }
   float lt[P], s[P], gr[P];
-  row_log_targets<Warp, CH>(w, a, online, u, row, active, vec, lt);
+  lane_log_targets<Warp, CH>(w, a, online, u, row, active, vec, lt);
   if (active) {
     load_row<Warp, CH>(a.student, a.student_dtype, row * a.student_stride, K, g, vec, 0.f, s);
   } else {
