@@ -99,7 +99,7 @@ struct Tf32Mma {
 };
 
 template <class Mma>
-__global__ void __launch_bounds__(tile::kThreads) targets_tile_kernel(TargetsArgs a, bool vec) {
+__global__ void __launch_bounds__(tile::kThreads, 4) targets_tile_kernel(TargetsArgs a, bool vec) {
   extern __shared__ __align__(128) char smem[];
   tile::targets_tiles<DeviceBlock, Mma>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x, vec);
 }

@@ -88,12 +88,12 @@ LELP_DEV void stage_x(const Block& b, const TargetsArgs& a, int64_t row0, int64_
   }
 }
 
-// Stages map rows [k0, k0 + 32) x columns [c0, c0 + 64) split as w = hi + lo (zeros outside).
+// Stages map rows [k0, k0 + 32) x columns [c0, c0 + cols) split as w = hi + lo (zeros outside the map).
 template <class Block, class Mma>
-LELP_DEV void stage_w(const Block& b, const TargetsArgs& a, int64_t k0, int c0, typename Mma::Stage* wh,
+LELP_DEV void stage_w(const Block& b, const TargetsArgs& a, int64_t k0, int c0, int cols, typename Mma::Stage* wh,
                       typename Mma::Stage* wl) {
-  for (int i = b.thread(); i < kStepK * kGroupCols; i += kThreads) {
-    const int k = i / kGroupCols, c = i % kGroupCols;
+  for (int i = b.thread(); i < kStepK * cols; i += kThreads) {
+    const int k = i / cols, c = i % cols;
     const int64_t row = k0 + k, col = c0 + c;
     const float w = row < a.d && col < a.J ? a.weight[row * a.J + col] : 0.f;
     Mma::split_w(w, wh + k * kLdW + c, wl + k * kLdW + c);
@@ -139,7 +139,7 @@ LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row
     for (int f = 0; f < kGroupCols / 16; ++f) Mma::fill(acc[f], 0.f);
     for (int64_t k0 = 0; k0 < a.d; k0 += kStepK) {
       stage_x<Block, Mma>(b, a, row0, k0, vec, xh, xl);
-      stage_w<Block, Mma>(b, a, k0, c0, wh, wl);
+      stage_w<Block, Mma>(b, a, k0, c0, frags * 16, wh, wl);  // only the group's fragments are read
       b.sync();
       step_products<Mma>(warp, frags, xh, xl, wh, wl, acc);
       b.sync();  // the next step overwrites the stages
