@@ -4,9 +4,9 @@ Run on a GPU: python benchmarks/bench_gpu.py [--quick] [--csv docs/bench_gpu.csv
 Without a GPU (logic only, tiny sizes, Triton interpreter):
     TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --device cpu --quick
 
-1. Checks: targets and loss (4 divergences, offline / M teachers / online, 3 dtypes, odd shapes,
-   K up to 512, logits ±1e4) on each GPU backend against the fp64 reference, outputs poisoned
-   with NaN first. Any failure is printed and the script exits non-zero after the tables.
+1. Checks: targets and loss (4 divergences, precomputed / M teachers / online from one or three
+   teachers, 3 dtypes, odd shapes, K up to 512, logits ±1e4, and on a GPU tensors past 2^31
+   elements) on each GPU backend against the fp64 reference, outputs poisoned with NaN first. Any failure is printed and the script exits non-zero after the tables.
 2. Targets: triton / cuda / eager / torch.compile / "compile bf16" (the map cast to bf16, what a
    user writes), floor = read the embeddings + write the targets at the copy bandwidth measured
    in the same run.
@@ -61,7 +61,10 @@ def gpu_backends(device):
 # ----------------------------------------------------------------------------------- checks
 
 def check_targets(device, failures):
-    cases = [(1, 5, 2, 1), (333, 77, 3, 5), (1000, 768, 2, 8), (257, 130, 8, 16), (65, 64, 2, 64), (129, 40, 16, 4)]
+    # (65, 64, 2, 64): a 130-column map, 3 column groups of the CUDA tile; (17, 40, 2, 256): K = 512,
+    # wider than the tile (CUDA's row kernel)
+    cases = [(1, 5, 2, 1), (333, 77, 3, 5), (1000, 768, 2, 8), (257, 130, 8, 16), (65, 64, 2, 64), (129, 40, 16, 4),
+             (17, 40, 2, 256)]
     for backend in gpu_backends(device):
         for n, d, c, s in cases:
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -117,6 +120,81 @@ def check_loss(device, failures):
                         if not (e_loss <= tol[dtype] * max(1.0, abs(want.item())) and e_grad <= 2 * tol[dtype]):
                             failures.append(f"loss {backend} {dtype} {div} n={n} C={c} S={s} M={m}: "
                                             f"errors {e_loss:.3g} / {e_grad:.3g}")
+
+
+def check_online_loss(device, failures):
+    """Targets computed inside the loss from one teacher (head or given logits) and from three mixed."""
+    c, s, n = 3, 5, 301
+    k = c * s
+    g = torch.Generator().manual_seed(5)
+    teachers = []
+    for i, d in enumerate([19, 40, 768]):
+        j = k + c if i == 0 else k
+        emb = torch.randn(n, d, generator=g).bfloat16()
+        z = None if i == 0 else torch.randn(n, c, generator=g) * 2
+        teachers.append((emb, torch.randn(d, j, generator=g) / d**0.5, torch.randn(j, generator=g), z, 0.5 + i))
+    weights = torch.softmax(torch.randn(n, 3, generator=g), 1)
+    y = torch.randint(0, c, (n,), generator=g)
+    student = torch.randn(n, k, generator=g) * 3
+    per = []
+    for emb, w, b, z, beta in teachers:
+        proj = emb.double() @ w.double() + b.double()
+        per.append(reference.log_targets(proj[:, :k], proj[:, k:] if z is None else z.double(), s, beta=beta, tau=1.5))
+    mixed = torch.log((weights.double().unsqueeze(-1) * torch.stack(per, 1).exp()).sum(1))
+    for backend in gpu_backends(device):
+        for name, chosen, mix, log_t in [("head", teachers[:1], None, per[0]), ("logits", teachers[1:2], None, per[1]),
+                                         ("M=3", teachers, weights, mixed)]:
+            x = student.to(device, copy=True).requires_grad_(True)
+            loss = distill_loss(x, None, y.to(device), num_classes=c, n_subclasses=s, tau=1.5, alpha=0.2,
+                                embeddings=[t[0].to(device) for t in chosen],
+                                fused_weight=[t[1].to(device) for t in chosen],
+                                fused_bias=[t[2].to(device) for t in chosen],
+                                teacher_logits=[None if t[3] is None else t[3].to(device) for t in chosen],
+                                beta=[t[4] for t in chosen], teacher_weights=None if mix is None else mix.to(device),
+                                backend=backend)
+            loss.backward()
+            s64 = student.double().requires_grad_(True)
+            want = reference.distillation_loss(s64, log_t, y, num_classes=c, n_subclasses=s, tau=1.5, alpha=0.2)
+            want.backward()
+            e_loss, e_grad = abs(loss.item() - want.item()), (x.grad.double().cpu() - s64.grad).abs().max().item()
+            if not (e_loss <= 1e-4 * max(1.0, abs(want.item())) and e_grad <= 1e-4):
+                failures.append(f"online loss {backend} {name}: errors {e_loss:.3g} / {e_grad:.3g}")
+
+
+def check_past_2_31(device, failures, n=(1 << 27) + 3):
+    """Targets and loss over more than 2^31 elements (a 32-bit index would wrap): the last rows."""
+    c, s, d = 2, 8, 8
+    k = c * s
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(n, d, device=device, generator=g).bfloat16()
+    w = torch.randn(d, k + c, device=device, generator=g) / d**0.5
+    b = torch.randn(k + c, device=device, generator=g)
+    tail = slice(n - 5, n)
+    proj = h[tail].double() @ w.double() + b.double()
+    want_t = reference.log_targets(proj[:, :k], proj[:, k:], s, 0.7, 1.3)
+    for backend in gpu_backends(device):
+        out = torch.full((n, k), float("nan"), device=device)  # 2^31 + 48 elements
+        lelp_targets(h, w, b, c, s, beta=0.7, tau=1.3, backend=backend, out=out, check_inputs=False)
+        err = (out[tail].double() - want_t).abs().max().item()
+        if not err <= 2e-4:
+            failures.append(f"targets {backend} past 2^31 elements: last rows' error {err:.3g}")
+    out = h = None
+    student = torch.randn(n, k, device=device, generator=g).bfloat16()
+    log_t = torch.log_softmax(torch.randn(n, k, device=device, generator=g), -1).bfloat16()
+    y = torch.randint(0, c, (n,), device=device, generator=g)
+    s64 = student[tail].double().requires_grad_(True)
+    want = reference.distillation_loss(s64, log_t[tail].double(), y[tail].cpu(), num_classes=c, n_subclasses=s,
+                                       tau=2.0, alpha=0.1, reduction="none")
+    (want_grad,) = torch.autograd.grad(want.sum(), s64)
+    for backend in gpu_backends(device):
+        x = student.detach().requires_grad_(True)
+        loss = distill_loss(x, log_t, y, num_classes=c, n_subclasses=s, tau=2.0, alpha=0.1, reduction="none",
+                            backend=backend, check_inputs=False)
+        (grad,) = torch.autograd.grad(loss[tail].sum(), x)
+        e_loss = (loss[tail].double() - want.to(device)).abs().max().item()
+        e_grad = (grad[tail].double() - want_grad.to(device)).abs().max().item()
+        if not (e_loss <= 2e-2 and e_grad <= 4e-2):
+            failures.append(f"loss {backend} past 2^31 elements: last rows' errors {e_loss:.3g} / {e_grad:.3g}")
 
 
 # ----------------------------------------------------------------------------------- timings
@@ -300,6 +378,9 @@ def main() -> int:
     failures = []
     check_targets(args.device, failures)
     check_loss(args.device, failures)
+    check_online_loss(args.device, failures)
+    # past 2^31 elements on a GPU (about 20 GB of its memory); elsewhere the same check on 1000 rows
+    check_past_2_31(args.device, failures, *([] if args.device == "cuda" else [1000]))
     print(f"checks: {len(failures)} failure(s)", flush=True)
     for f in failures:
         print("  FAIL", f)
