@@ -24,8 +24,8 @@ def make_problem(n=300, d=24, num_classes=3, seed=0, dtype=torch.float64):
 # ---- The CUDA kernels' bodies on the host (tests/cuda_emu) ----------------------------------------
 # Tests parametrized with backend="cuda_emu" run lelp_fast's Python layer with backend "cpu", but
 # the extension's loss and targets calls go to the CUDA kernels' bodies built for the host
-# (lelp/warp_loss.h, lelp/block_targets.h with 32 threads per warp, 128 per block, and a plain
-# 16 x 16 x 16 product for the tensor cores): their indexing and numerics meet the reference
+# (lelp/warp_loss.h, lelp/block_targets.h with 32 threads per warp, 128 per block, and plain fp32
+# products of whole tiles for the tensor cores): their indexing and numerics meet the reference
 # without a GPU.
 
 _EMU_SOURCES = ["tests/cuda_emu/emu_module.cpp", "tests/cuda_emu/host_warp.h", "csrc/make_args.h",

@@ -2,6 +2,7 @@
 // reductions (lelp/warp_loss.h, whose math is the CPU's lelp/loss_math.h).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>

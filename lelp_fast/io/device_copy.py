@@ -1,7 +1,7 @@
 """Host -> GPU copies that overlap compute: reusable pinned buffers, a side stream, one chunk ahead.
 
 A GPU fit or offline run reads its chunks on the host. ``tensor.pin_memory().to(device)`` pays a
-pinned allocation per chunk (milliseconds for a 100 MB chunk) and its copy waits behind the previous
+pinned allocation (a page-locking system call) per chunk, and its copy waits behind the previous
 chunk's compute. Here each chunk's tensors go through one of a few pinned buffers that are reused,
 the copy runs on a side stream and is issued for chunk i + 1 before chunk i is handed to the
 compute, so the copy engine and the SMs work at the same time. The compute stream waits for a
