@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -28,41 +29,52 @@ def make_problem(n=300, d=24, num_classes=3, seed=0, dtype=torch.float64):
 # products of whole tiles for the tensor cores): their indexing and numerics meet the reference
 # without a GPU.
 
-_EMU_SOURCES = ["tests/cuda_emu/emu_module.cpp", "tests/cuda_emu/host_warp.h", "csrc/make_args.h",
-                "csrc/include/lelp/warp_loss.h", "csrc/include/lelp/block_targets.h", "csrc/include/lelp/loss_math.h", "csrc/include/lelp/row_math.h",
+_EMU_SOURCES = ["tests/cuda_emu/emu_module.cpp", "tests/cuda_emu/emulate.h", "tests/cuda_emu/host_warp.h",
+                "tests/cuda_emu/race_check.cpp", "csrc/make_args.h", "csrc/include/lelp/warp_loss.h",
+                "csrc/include/lelp/block_targets.h", "csrc/include/lelp/loss_math.h", "csrc/include/lelp/row_math.h",
                 "csrc/cpu/convert.h", "csrc/cpu/loss.h", "csrc/cpu/targets.h"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_emulation(source: str, name: str, flags: list):
+    """g++ builds tests/cuda_emu/<source> into the cache once per version of the sources and flags;
+    returns the output's path, or None without g++."""
+    import hashlib
+    import shutil
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        return None
+    digest = hashlib.sha256(" ".join(flags).encode())
+    for rel in _EMU_SOURCES:
+        with open(os.path.join(ROOT, rel), "rb") as f:
+            digest.update(f.read())
+    out_dir = os.path.join(os.path.expanduser("~/.cache/lelp_fast/cuda_emu"), digest.hexdigest()[:16])
+    target = os.path.join(out_dir, name)
+    if not os.path.exists(target):
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = f"{target}.{os.getpid()}.tmp"
+        subprocess.run([gxx, "-std=c++20", "-pthread", *flags, "-I", os.path.join(ROOT, "csrc/include"),
+                        "-I", os.path.join(ROOT, "csrc"), os.path.join(ROOT, "tests/cuda_emu", source), "-o", tmp],
+                       check=True, capture_output=True)
+        os.replace(tmp, target)
+    return target
 
 
 def build_cuda_emulator():
-    """The module tests/cuda_emu/emu_module.cpp, built once per source version; None without g++/pybind11."""
-    import hashlib
+    """The module tests/cuda_emu/emu_module.cpp; None without g++/pybind11."""
     import importlib.util
-    import shutil
-    import subprocess
     import sysconfig
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         import pybind11
     except ImportError:
         return None
-    gxx = shutil.which("g++")
-    if gxx is None:
+    target = build_emulation("emu_module.cpp", "lelp_cuda_emu" + sysconfig.get_config_var("EXT_SUFFIX"),
+                             ["-O1", "-shared", "-fPIC", "-I", pybind11.get_include(),
+                              "-I", sysconfig.get_paths()["include"]])
+    if target is None:
         return None
-    digest = hashlib.sha256()
-    for rel in _EMU_SOURCES:
-        with open(os.path.join(root, rel), "rb") as f:
-            digest.update(f.read())
-    out_dir = os.path.join(os.path.expanduser("~/.cache/lelp_fast/cuda_emu"), digest.hexdigest()[:16])
-    target = os.path.join(out_dir, "lelp_cuda_emu" + sysconfig.get_config_var("EXT_SUFFIX"))
-    if not os.path.exists(target):
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = f"{target}.{os.getpid()}.tmp"
-        subprocess.run([gxx, "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", "-I", pybind11.get_include(),
-                        "-I", sysconfig.get_paths()["include"], "-I", os.path.join(root, "csrc/include"),
-                        "-I", os.path.join(root, "csrc"), os.path.join(root, "tests/cuda_emu/emu_module.cpp"),
-                        "-o", tmp], check=True, capture_output=True)
-        os.replace(tmp, target)
     spec = importlib.util.spec_from_file_location("lelp_cuda_emu", target)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -2,11 +2,15 @@
 
 tests/test_ops_loss.py and tests/test_ops_targets.py run their reference cases on the "cuda_emu"
 backend too; these add the shapes that pick each kernel variant: every (lanes per row, chunks per
-lane) of the loss, and both sides of the targets tile's width limit.
+lane) of the loss, and both sides of the targets tile's width limit. ThreadSanitizer then runs the
+same bodies to find shared-memory accesses that no barrier orders.
 """
+
+import subprocess
 
 import pytest
 import torch
+from conftest import build_emulation
 
 from lelp_fast import reference
 from lelp_fast.ops import _dispatch, distill_loss, lelp_targets
@@ -56,3 +60,17 @@ def test_targets_tile_width_limit(backend, cuda_emulator, num_classes, s, tile, 
     proj = h.double() @ weight.double() + bias.double()
     want = reference.log_targets(proj[:, :k], proj[:, k:], s, 0.5, 1.5)
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+
+
+def test_kernels_order_every_shared_memory_access_with_a_barrier():
+    """tests/cuda_emu/race_check.cpp under ThreadSanitizer: a missing __syncwarp/__syncthreads in any
+    kernel body is a reported data race (removing one makes this fail)."""
+    try:
+        binary = build_emulation("race_check.cpp", "race_check", ["-O1", "-g", "-fsanitize=thread"])
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"no ThreadSanitizer build here: {exc.stderr.decode()[-300:]}")
+    if binary is None:
+        pytest.skip("needs g++")
+    out = subprocess.run([binary], capture_output=True, text=True, timeout=300)
+    assert "ThreadSanitizer" not in out.stderr, out.stderr[-4000:]
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr[-2000:]

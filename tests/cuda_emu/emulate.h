@@ -1,0 +1,186 @@
+// The CUDA kernels' bodies run on host threads: the same templates as csrc/cuda/*.cu, instantiated
+// with HostWarp / HostBlock and plain fp32 tile products, launched over a few emulated warps or
+// blocks (fewer than the rows, so that the grid-stride loops run). Used by emu_module.cpp (the
+// tests' Python module) and race_check.cpp (ThreadSanitizer over the same code).
+#pragma once
+
+#include <array>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "host_warp.h"
+#include "lelp/block_targets.h"
+#include "lelp/warp_loss.h"
+
+namespace lelp {
+namespace emu {
+
+constexpr int kEmulatedWarps = 3;  // fewer warps (and blocks) than rows: the grid-stride loops are exercised
+constexpr int kEmulatedBlocks = 2;
+
+template <int W, int CH>
+void loss_emulated(const LossArgs& a, const warp::OnlineTeachers& online) {
+  const bool vec = warp::vector_loads_ok(a);
+  for (int wid = 0; wid < kEmulatedWarps; ++wid) {
+    WarpState state;
+    std::vector<float> smem(online.m > 0 ? (32 / W) * warp::online_row_floats(a.C, a.S) : 0);
+    run_warp([&](int lane) {
+      warp::loss_rows<HostWarp<W>, CH>(HostWarp<W>{&state, lane}, a, online, smem.empty() ? nullptr : smem.data(), wid,
+                                       kEmulatedWarps, vec);
+    });
+  }
+}
+
+inline void loss(const LossArgs& a) {
+  warp::OnlineTeachers online{};
+  if (a.online != nullptr) {
+    online.m = static_cast<int>(a.n_teachers);
+    for (int m = 0; m < online.m; ++m) online.t[m] = a.online[m];
+  }
+  int width, chunks;
+  warp::loss_shape(static_cast<int>(a.C * a.S), &width, &chunks);
+  switch (width * 8 + chunks) {
+    case 1 * 8 + 1: return loss_emulated<1, 1>(a, online);
+    case 2 * 8 + 1: return loss_emulated<2, 1>(a, online);
+    case 4 * 8 + 1: return loss_emulated<4, 1>(a, online);
+    case 8 * 8 + 1: return loss_emulated<8, 1>(a, online);
+    case 16 * 8 + 1: return loss_emulated<16, 1>(a, online);
+    case 32 * 8 + 1: return loss_emulated<32, 1>(a, online);
+    case 32 * 8 + 2: return loss_emulated<32, 2>(a, online);
+    default: return loss_emulated<32, 4>(a, online);
+  }
+}
+
+struct BlockState {
+  std::barrier<> bar{128};
+  WarpState warps[4];
+};
+
+struct HostBlock {
+  using Warp = HostWarp<32>;
+  BlockState* state;
+  int t;
+  int thread() const { return t; }
+  void sync() const { state->bar.arrive_and_wait(); }
+  Warp warp() const { return Warp{&state->warps[t / 32], t % 32}; }
+};
+
+// Tensor-core products as plain fp32 arithmetic on whole tiles (M x K times K x 16). Every lane
+// holds the warp's whole fragment (the lanes compute the same thing); lane 0 stores it.
+template <class Derived, class Stage, int kKDim>  // Derived::value: a staged element as a float
+struct HostTiles {
+  using A = std::array<float, 16 * kKDim>;
+  using B = A;
+  using Acc = std::array<float, 256>;
+  static void fill(Acc& c, float v) { c.fill(v); }
+  static void load_a(A& f, const Stage* p, int ld) {
+    for (int i = 0; i < 16; ++i)
+      for (int k = 0; k < kKDim; ++k) f[i * kKDim + k] = Derived::value(p[i * ld + k]);
+  }
+  static void load_b(B& f, const Stage* p, int ld) {
+    for (int k = 0; k < kKDim; ++k)
+      for (int j = 0; j < 16; ++j) f[k * 16 + j] = Derived::value(p[k * ld + j]);
+  }
+  static void mma(Acc& c, const A& a, const B& b) {
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) {
+        float acc = 0.f;
+        for (int k = 0; k < kKDim; ++k) acc += a[i * kKDim + k] * b[k * 16 + j];
+        c[i * 16 + j] += acc;
+      }
+  }
+  static void store(const HostWarp<32>& w, float* p, const Acc& c, int ld) {
+    if (w.lane() != 0) return;
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) p[i * ld + j] = c[i * 16 + j];
+  }
+};
+
+// bf16/fp16 (kDtype): the map split into hi + lo parts of that dtype, as csrc/cuda/targets.cu's HalfMma.
+template <int kDtype>
+struct HostHalfMma : HostTiles<HostHalfMma<kDtype>, uint16_t, 16> {
+  using Stage = uint16_t;
+  static constexpr int kK = 16, kVec = 8;
+  static constexpr bool kSplitX = false;
+  static float value(uint16_t b) { return kDtype == kFloat16 ? cpu::half_bits_to_float(b) : bf16_bits_to_float(b); }
+  static uint16_t bits(float v) { return kDtype == kFloat16 ? cpu::float_to_half_bits(v) : float_to_bf16_bits(v); }
+  static void split_x(const void* emb, int64_t i, Stage* hi, Stage*) { *hi = static_cast<const uint16_t*>(emb)[i]; }
+  static void split_x_vec(const void* emb, int64_t i, Stage* hi, Stage* lo) {
+    for (int e = 0; e < kVec; ++e) split_x(emb, i + e, hi + e, lo);
+  }
+  static void split_w(float w, Stage* hi, Stage* lo) {
+    *hi = bits(w);
+    *lo = bits(w - value(*hi));
+  }
+};
+
+// fp32: both sides split into TF32 hi + lo, as csrc/cuda/targets.cu's Tf32Mma.
+struct HostTf32Mma : HostTiles<HostTf32Mma, float, 8> {
+  using Stage = float;
+  static constexpr int kK = 8, kVec = 4;
+  static constexpr bool kSplitX = true;
+  // cvt.rna.tf32.f32: 10 mantissa bits, round to nearest with ties away from zero.
+  static float tf32(float v) {
+    uint32_t b;
+    std::memcpy(&b, &v, 4);
+    if ((b & 0x7f800000u) != 0x7f800000u) b = (b + 0x1000u) & 0xffffe000u;
+    std::memcpy(&v, &b, 4);
+    return v;
+  }
+  static float value(float v) { return v; }
+  static void split(float v, float* hi, float* lo) {
+    *hi = tf32(v);
+    *lo = tf32(v - *hi);
+  }
+  static void split_x(const void* emb, int64_t i, Stage* hi, Stage* lo) { split(static_cast<const float*>(emb)[i], hi, lo); }
+  static void split_x_vec(const void* emb, int64_t i, Stage* hi, Stage* lo) {
+    for (int e = 0; e < kVec; ++e) split_x(emb, i + e, hi + e, lo + e);
+  }
+  static void split_w(float w, Stage* hi, Stage* lo) { split(w, hi, lo); }
+};
+
+template <class Mma>
+void targets_tile_emulated(const TargetsArgs& a) {
+  const bool vec = tile::tile_vector_loads(a);
+  for (int blk = 0; blk < kEmulatedBlocks; ++blk) {
+    BlockState state;
+    std::vector<float> smem((tile::smem_bytes(a, sizeof(typename Mma::Stage)) + 3) / 4);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 128; ++t)
+      threads.emplace_back([&, t] {
+        tile::targets_tiles<HostBlock, Mma>(HostBlock{&state, t}, a, reinterpret_cast<char*>(smem.data()), blk,
+                                            kEmulatedBlocks, vec);
+      });
+    for (auto& th : threads) th.join();
+  }
+}
+
+inline void targets_rows_emulated(const TargetsArgs& a) {
+  for (int wid = 0; wid < kEmulatedWarps; ++wid) {
+    WarpState state;
+    std::vector<float> u(warp::online_row_floats(a.C, a.S));
+    run_warp([&](int lane) { tile::targets_rows(HostWarp<32>{&state, lane}, a, u.data(), wid, kEmulatedWarps); });
+  }
+}
+
+// Which kernel targets_cuda launches, run on the host; then flags rows whose targets are NaN or
+// +inf as the CPU kernel flags rows whose projection is not finite.
+inline void targets(const TargetsArgs& a, uint8_t* nonfinite) {
+  if (tile::tile_takes(a)) {
+    if (a.emb_dtype == kBFloat16) targets_tile_emulated<HostHalfMma<kBFloat16>>(a);
+    else if (a.emb_dtype == kFloat16) targets_tile_emulated<HostHalfMma<kFloat16>>(a);
+    else targets_tile_emulated<HostTf32Mma>(a);
+  } else {
+    targets_rows_emulated(a);
+  }
+  if (nonfinite == nullptr) return;
+  for (int64_t r = 0; r < a.n; ++r)
+    for (int64_t k = 0; k < a.C * a.S; ++k) {
+      const float v = HostWarp<32>::load(a.out, a.out_dtype, r * a.out_stride + k);
+      if (v != v || v == INFINITY) nonfinite[r] = 1;
+    }
+}
+
+}  // namespace emu
+}  // namespace lelp

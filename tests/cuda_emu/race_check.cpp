@@ -1,0 +1,105 @@
+// ThreadSanitizer over the CUDA kernels' bodies (tests/test_cuda_emulated.py builds this with
+// -fsanitize=thread): every lane of an emulated warp or block is a thread and every __syncwarp /
+// __syncthreads a barrier, so a shared-memory access the kernel does not order with a barrier is
+// reported as a data race -- the class of GPU bug that matching the reference cannot show.
+// Covers each loss lane layout (precomputed, mixed and online targets, hard labels) and the targets
+// tile in all three precisions plus the row kernel. Prints "ok" when it finishes.
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "emulate.h"
+
+namespace {
+
+std::mt19937 rng(7);
+
+std::vector<float> randn(size_t n, float scale = 1.f) {
+  std::normal_distribution<float> dist(0.f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+std::vector<uint16_t> as_bits(const std::vector<float>& v, int dtype) {
+  std::vector<uint16_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i)
+    out[i] = dtype == lelp::kFloat16 ? lelp::cpu::float_to_half_bits(v[i]) : lelp::float_to_bf16_bits(v[i]);
+  return out;
+}
+
+lelp::TargetsArgs teacher(int64_t n, int64_t d, int64_t C, int64_t S, bool head, const std::vector<float>& emb,
+                          const std::vector<float>& weight, const std::vector<float>& bias, const std::vector<float>& z) {
+  lelp::TargetsArgs t{};
+  t.embeddings = emb.data();
+  t.emb_dtype = lelp::kFloat32;
+  t.emb_stride = d;
+  t.n = n;
+  t.d = d;
+  t.weight = weight.data();
+  t.bias = bias.data();
+  t.J = C * S + (head ? C : 0);
+  t.logits = head ? nullptr : z.data();
+  t.logits_dtype = lelp::kFloat32;
+  t.logits_stride = C;
+  t.C = C;
+  t.S = S;
+  t.inv_beta = 2.f;
+  t.inv_tau = 0.5f;
+  return t;
+}
+
+void check_loss(int64_t C, int64_t S, int teachers, bool online) {
+  const int64_t n = 41, K = C * S, d = 13;
+  auto student = randn(n * K, 3.f), log_t = randn(n * teachers * K), grad = std::vector<float>(n * K);
+  auto loss = std::vector<float>(n), hard = std::vector<float>(n), weights = std::vector<float>(n * teachers, 0.5f);
+  std::vector<int64_t> labels(n);
+  for (int64_t i = 0; i < n; ++i) labels[i] = i % 7 == 3 ? -100 : i % C;
+  std::vector<std::vector<float>> emb, w, b, z;
+  std::vector<lelp::TargetsArgs> online_args;
+  for (int m = 0; m < teachers; ++m) {
+    const bool head = m == 0;
+    emb.push_back(randn(n * d));
+    w.push_back(randn(d * (K + C)));
+    b.push_back(randn(K + C));
+    z.push_back(randn(n * C));
+    online_args.push_back(teacher(n, d, C, S, head, emb.back(), w.back(), b.back(), z.back()));
+  }
+  lelp::LossArgs a{student.data(), lelp::kFloat32, K, n, C, S, online ? nullptr : log_t.data(), lelp::kFloat32,
+                   teachers * K, teachers, teachers > 1 ? weights.data() : nullptr,
+                   online ? online_args.data() : nullptr, labels.data(), -100, lelp::kJS, 0.5f, 2.f, 0.1f,
+                   loss.data(), hard.data(), grad.data()};
+  lelp::emu::loss(a);
+}
+
+void check_targets(int64_t C, int64_t S, int dtype, bool head) {
+  const int64_t n = 70, d = 40, K = C * S, J = K + (head ? C : 0);
+  auto x = randn(n * d), weight = randn(d * J), bias = randn(J), z = randn(n * C), out = std::vector<float>(n * K);
+  auto bits = as_bits(x, dtype);
+  lelp::TargetsArgs a = teacher(n, d, C, S, head, x, weight, bias, z);
+  if (dtype != lelp::kFloat32) a.embeddings = bits.data();
+  a.emb_dtype = dtype;
+  a.out = out.data();
+  a.out_dtype = lelp::kFloat32;
+  a.out_stride = K;
+  lelp::emu::targets(a, nullptr);
+}
+
+}  // namespace
+
+int main() {
+  const int64_t shapes[][2] = {{3, 1}, {2, 4}, {2, 12}, {2, 32}, {2, 100}, {4, 100}};  // every (W, CH)
+  for (const auto& cs : shapes) {
+    check_loss(cs[0], cs[1], 1, false);
+    check_loss(cs[0], cs[1], 2, false);
+    check_loss(cs[0], cs[1], 1, true);
+    check_loss(cs[0], cs[1], 2, true);
+  }
+  for (int dtype : {lelp::kFloat32, lelp::kFloat16, lelp::kBFloat16}) {
+    check_targets(3, 5, dtype, true);
+    check_targets(2, 64, dtype, false);  // three column groups
+  }
+  check_targets(2, 256, lelp::kBFloat16, true);  // the row kernel
+  std::printf("ok\n");
+  return 0;
+}
