@@ -2,8 +2,9 @@
 
 tests/test_ops_loss.py and tests/test_ops_targets.py run their reference cases on the "cuda_emu"
 backend too; these add the shapes that pick each kernel variant: every (lanes per row, chunks per
-lane) of the loss, and both sides of the targets tile's width limit. ThreadSanitizer then runs the
-same bodies to find shared-memory accesses that no barrier orders.
+lane) of the loss, and both sides of the targets tile's width limit. ThreadSanitizer and
+AddressSanitizer then run the same bodies to find shared-memory accesses that no barrier orders
+and out-of-bounds accesses.
 """
 
 import subprocess
@@ -62,15 +63,24 @@ def test_targets_tile_width_limit(backend, cuda_emulator, num_classes, s, tile, 
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
 
 
-def test_kernels_order_every_shared_memory_access_with_a_barrier():
-    """tests/cuda_emu/race_check.cpp under ThreadSanitizer: a missing __syncwarp/__syncthreads in any
-    kernel body is a reported data race (removing one makes this fail)."""
+SANITIZERS = {
+    # a missing __syncwarp/__syncthreads in any kernel body is a reported data race
+    "thread": ["-fsanitize=thread"],
+    # an out-of-bounds read or write of global or shared memory (compute-sanitizer memcheck's job)
+    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"],
+}
+
+
+@pytest.mark.parametrize("sanitizer", sorted(SANITIZERS))
+def test_kernel_bodies_under_sanitizers(sanitizer):
+    """tests/cuda_emu/race_check.cpp runs every kernel variant under ThreadSanitizer (removing one
+    barrier makes it fail) and AddressSanitizer (an off-by-one store past a row makes it fail)."""
     try:
-        binary = build_emulation("race_check.cpp", "race_check", ["-O1", "-g", "-fsanitize=thread"])
+        binary = build_emulation("race_check.cpp", f"race_check_{sanitizer}", ["-O1", "-g", *SANITIZERS[sanitizer]])
     except subprocess.CalledProcessError as exc:
-        pytest.skip(f"no ThreadSanitizer build here: {exc.stderr.decode()[-300:]}")
+        pytest.skip(f"no {sanitizer} sanitizer build here: {exc.stderr.decode()[-300:]}")
     if binary is None:
         pytest.skip("needs g++")
     out = subprocess.run([binary], capture_output=True, text=True, timeout=300)
-    assert "ThreadSanitizer" not in out.stderr, out.stderr[-4000:]
+    assert "Sanitizer" not in out.stderr and "runtime error" not in out.stderr, out.stderr[-4000:]
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr[-2000:]

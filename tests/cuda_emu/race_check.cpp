@@ -1,7 +1,9 @@
-// ThreadSanitizer over the CUDA kernels' bodies (tests/test_cuda_emulated.py builds this with
-// -fsanitize=thread): every lane of an emulated warp or block is a thread and every __syncwarp /
+// Sanitizers over the CUDA kernels' bodies (tests/test_cuda_emulated.py builds this twice).
+// ThreadSanitizer: every lane of an emulated warp or block is a thread and every __syncwarp /
 // __syncthreads a barrier, so a shared-memory access the kernel does not order with a barrier is
 // reported as a data race -- the class of GPU bug that matching the reference cannot show.
+// AddressSanitizer: every buffer (shared memory included) is an exact-size heap allocation, so a
+// read or write past one is reported, as compute-sanitizer's memcheck would on a GPU.
 // Covers each loss lane layout (precomputed, mixed and online targets, hard labels) and the targets
 // tile in all three precisions plus the row kernel. Prints "ok" when it finishes.
 #include <cstdio>
