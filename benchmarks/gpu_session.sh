@@ -27,9 +27,10 @@ fi
 bench_rc=$?
 tail -45 "$out/bench_gpu.txt"
 
-# The tests that need a GPU (they skip elsewhere), then the Triton tests on the device.
+# The tests that need a GPU (they skip elsewhere; -k also picks the cuda_emu cases, which run anywhere).
 timeout 150 python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_ops_loss.py tests/test_ops_targets.py \
-  tests/test_device_copy.py tests/test_fit_streaming.py tests/test_offline_targets.py > "$out/gpu_tests.txt" 2>&1
+  tests/test_device_copy.py tests/test_fit_streaming.py tests/test_offline_targets.py tests/test_gpu_graphs.py \
+  > "$out/gpu_tests.txt" 2>&1
 tests_rc=$?
 tail -15 "$out/gpu_tests.txt"
 echo "bench_gpu rc=$bench_rc, gpu tests rc=$tests_rc" | tee -a "$out/gpu.txt"

@@ -116,9 +116,16 @@ template <class Mma>
 void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
   const int64_t smem = tile::smem_bytes(a, sizeof(typename Mma::Stage));
   auto kernel = targets_tile_kernel<Mma>;
-  if (smem > 48 * 1024) {  // more than the default needs an opt-in (the widest fp32 map takes about 100 KB)
+  // More than 48 KB of shared memory needs an opt-in (the widest fp32 map takes 102 KB). It is set
+  // once per device for the largest size needed, so that a CUDA-graph capture after a warm-up run
+  // makes no such call.
+  static int opted_in[64] = {};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (smem > 48 * 1024 && (device >= 64 || opted_in[device] < smem)) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) throw std::runtime_error(std::string("cuda targets: ") + cudaGetErrorString(err));
+    if (device < 64) opted_in[device] = static_cast<int>(smem);
   }
   const int64_t blocks = std::min<int64_t>((a.n + tile::kRows - 1) / tile::kRows, int64_t{1} << 20);
   kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a, tile::tile_vector_loads(a));
