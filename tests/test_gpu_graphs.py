@@ -15,8 +15,8 @@ def gpu_backend(name):
     return name
 
 
-def problem(dtype=torch.bfloat16, n=1000, d=64, c=2, s=8):
-    g = torch.Generator(device="cuda").manual_seed(0)
+def problem(dtype=torch.bfloat16, n=1000, d=64, c=2, s=8, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
     h = torch.randn(n, d, device="cuda", generator=g).to(dtype)
     w = torch.randn(d, c * s + c, device="cuda", generator=g) / d**0.5
     b = torch.randn(c * s + c, device="cuda", generator=g)
@@ -68,7 +68,7 @@ def test_cuda_graph_replay_of_targets_and_loss(backend, dtype):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         loss = step()
-    new = problem(dtype, n=h.shape[0])  # new inputs into the captured buffers
+    new = problem(dtype, seed=1)  # new inputs into the captured buffers
     h.copy_(new[0])
     x.data.copy_(new[3] * 0.5)
     out.fill_(float("nan"))
