@@ -27,6 +27,8 @@ import time
 import numpy as np
 import torch
 
+from _timing import read_once
+
 from lelp_fast.fit.engine import choose_method
 
 SETS = {"sentiment": (1_600_000, 768, 2), "amazon": (500_000, 1024, 5)}
@@ -74,11 +76,7 @@ def child(mode: str, path: str, chunk_mb: float) -> dict:
 
     t0 = time.perf_counter()
     if mode == "read":  # the floor: read every byte once, chunk by chunk, into one buffer
-        buf = bytearray(int(chunk_mb * (1 << 20)))
-        with open(path, "rb", buffering=0) as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            while f.readinto(buf):
-                pass
+        read_once(path, int(chunk_mb * (1 << 20)))
         result = {}
     else:
         method, passes = mode.split(":")

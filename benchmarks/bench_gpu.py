@@ -30,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from _timing import read_once
 from bench_fit import make_dataset  # class-structured fp16 embeddings and labels on disk
 from bench_targets import eager_targets  # the plain fp32 formula, as a user writes it
 
@@ -276,11 +277,8 @@ def time_loss(device, sizes, rows, bw):
 
 def plain_read(path: str) -> float:
     """Seconds to read the file once into one reused buffer (the fit's floor)."""
-    buf = bytearray(64 << 20)
     t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
+    read_once(path, 64 << 20)
     return time.perf_counter() - t0
 
 

@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from _timing import read_once
 from bench_fit import S, SETS, evict, make_dataset, peak_rss_mb
 
 
@@ -40,11 +41,7 @@ def child(mode: str, path: str, projector_path: str, out: str, chunk_mb: float) 
     k = projector.n_outputs
     t0 = time.perf_counter()
     if mode == "floor":
-        buf = bytearray(chunk_bytes)
-        with open(path, "rb", buffering=0) as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            while f.readinto(buf):
-                pass
+        read_once(path, chunk_bytes)
         os.makedirs(out, exist_ok=True)
         block = np.zeros(max(1, chunk_bytes // (d * 2)) * k, dtype=np.float16).tobytes()
         left = n * k * 2

@@ -40,27 +40,11 @@ void launch(const LossArgs& a, const warp::OnlineTeachers& online, cudaStream_t 
 void loss_cuda(const LossArgs& a, void* stream_handle) {
   if (a.C * a.S > 512) throw std::invalid_argument("cuda loss: K = C*S must be <= 512");
   if (a.n == 0) return;
-  warp::OnlineTeachers online{};
-  if (a.online != nullptr) {
-    if (a.n_teachers > warp::kMaxOnlineTeachers)
-      throw std::invalid_argument("cuda loss: at most 8 online teachers (pass precomputed targets for more)");
-    if (a.C > 512) throw std::invalid_argument("cuda loss: online targets take at most 512 classes");
-    online.m = static_cast<int>(a.n_teachers);
-    for (int m = 0; m < online.m; ++m) online.t[m] = a.online[m];
-  }
-  int width, chunks;
-  warp::loss_shape(static_cast<int>(a.C * a.S), &width, &chunks);
+  const warp::OnlineTeachers online = warp::online_teachers(a);
   const auto stream = static_cast<cudaStream_t>(stream_handle);
-  switch (width * 8 + chunks) {  // (W, CH) as loss_shape gives them
-    case 1 * 8 + 1: launch<1, 1>(a, online, stream); break;
-    case 2 * 8 + 1: launch<2, 1>(a, online, stream); break;
-    case 4 * 8 + 1: launch<4, 1>(a, online, stream); break;
-    case 8 * 8 + 1: launch<8, 1>(a, online, stream); break;
-    case 16 * 8 + 1: launch<16, 1>(a, online, stream); break;
-    case 32 * 8 + 1: launch<32, 1>(a, online, stream); break;
-    case 32 * 8 + 2: launch<32, 2>(a, online, stream); break;
-    default: launch<32, 4>(a, online, stream); break;
-  }
+  warp::with_loss_shape(static_cast<int>(a.C * a.S), [&](auto width, auto chunks) {
+    launch<decltype(width)::value, decltype(chunks)::value>(a, online, stream);
+  });
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string("cuda loss launch failed: ") + cudaGetErrorString(err));
 }

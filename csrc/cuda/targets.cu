@@ -134,7 +134,7 @@ void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
 }  // namespace
 
 void targets_cuda(const TargetsArgs& a, void* stream_handle) {
-  if (a.C * a.S > 512 || a.C > 512) throw std::invalid_argument("cuda targets: K = C*S and C must be <= 512");
+  if (a.C * a.S > 512) throw std::invalid_argument("cuda targets: K = C*S must be <= 512");
   if (a.n == 0) return;
   const auto stream = static_cast<cudaStream_t>(stream_handle);
   if (tile::tile_takes(a)) {

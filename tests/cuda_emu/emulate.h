@@ -33,23 +33,10 @@ void loss_emulated(const LossArgs& a, const warp::OnlineTeachers& online) {
 }
 
 inline void loss(const LossArgs& a) {
-  warp::OnlineTeachers online{};
-  if (a.online != nullptr) {
-    online.m = static_cast<int>(a.n_teachers);
-    for (int m = 0; m < online.m; ++m) online.t[m] = a.online[m];
-  }
-  int width, chunks;
-  warp::loss_shape(static_cast<int>(a.C * a.S), &width, &chunks);
-  switch (width * 8 + chunks) {
-    case 1 * 8 + 1: return loss_emulated<1, 1>(a, online);
-    case 2 * 8 + 1: return loss_emulated<2, 1>(a, online);
-    case 4 * 8 + 1: return loss_emulated<4, 1>(a, online);
-    case 8 * 8 + 1: return loss_emulated<8, 1>(a, online);
-    case 16 * 8 + 1: return loss_emulated<16, 1>(a, online);
-    case 32 * 8 + 1: return loss_emulated<32, 1>(a, online);
-    case 32 * 8 + 2: return loss_emulated<32, 2>(a, online);
-    default: return loss_emulated<32, 4>(a, online);
-  }
+  const warp::OnlineTeachers online = warp::online_teachers(a);
+  warp::with_loss_shape(static_cast<int>(a.C * a.S), [&](auto width, auto chunks) {
+    loss_emulated<decltype(width)::value, decltype(chunks)::value>(a, online);
+  });
 }
 
 struct BlockState {

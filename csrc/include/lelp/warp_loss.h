@@ -10,6 +10,9 @@
 // The math is that of lelp/loss_math.h (DESIGN.md §1).
 #pragma once
 
+#include <stdexcept>
+#include <type_traits>
+
 #include "cpu/loss.h"
 #include "lelp/loss_math.h"
 
@@ -85,7 +88,7 @@ LELP_DEV void group_log_targets(const Warp& w, float* u, int C, int S, float inv
 // warp must call it (it synchronises); rows past the end compute garbage.
 template <class Warp>
 LELP_DEV void group_row_targets(const Warp& w, const TargetsArgs& t, int64_t row, bool active, int C, int S,
-                                float inv_tau, float* u) {
+                                float* u) {
   constexpr int W = Warp::kWidth;
   const int g = w.lane() % W, K = C * S, J = static_cast<int>(t.J);
   for (int j = g; j < J; j += W) {
@@ -97,7 +100,7 @@ LELP_DEV void group_row_targets(const Warp& w, const TargetsArgs& t, int64_t row
   if (t.logits != nullptr)
     for (int c = g; c < C; c += W) u[K + c] = active ? Warp::load(t.logits, t.logits_dtype, row * t.logits_stride + c) : 0.f;
   w.sync();
-  group_log_targets(w, u, C, S, t.inv_beta, inv_tau);
+  group_log_targets(w, u, C, S, t.inv_beta, t.inv_tau);
 }
 
 // The lane's log-targets of one row: precomputed (one teacher, or M mixed by the row's weights) or
@@ -113,7 +116,7 @@ LELP_DEV void lane_log_targets(const Warp& w, const LossArgs& a, const OnlineTea
   if (online.m > 0) {
     for (int m = 0; m < online.m; ++m) {  // warp-uniform: group_row_targets synchronises
       const float wt = mixed && active ? a.weights[row * a.n_teachers + m] : 1.f;
-      group_row_targets(w, online.t[m], row, active, C, S, 1.f / a.tau, u);
+      group_row_targets(w, online.t[m], row, active, C, S, u);
       if (wt != 0.f) {  // NaN or negative weights give NaN, never a finite loss
         const float log_w = logf(wt);
 #pragma unroll
@@ -333,6 +336,36 @@ LELP_HD void loss_shape(int K, int* width, int* chunks) {
   while (w * ch < need) ch *= 2;
   *width = w;
   *chunks = ch;
+}
+
+// Calls f(std::integral_constant<int, W>{}, std::integral_constant<int, CH>{}) with loss_shape(K)'s
+// (W, CH): the one place that maps K to a kernel instantiation (the CUDA launch and the tests' host run).
+template <class F>
+inline void with_loss_shape(int K, F&& f) {
+  int width, chunks;
+  loss_shape(K, &width, &chunks);
+  using std::integral_constant;
+  switch (width * 8 + chunks) {
+    case 1 * 8 + 1: return f(integral_constant<int, 1>{}, integral_constant<int, 1>{});
+    case 2 * 8 + 1: return f(integral_constant<int, 2>{}, integral_constant<int, 1>{});
+    case 4 * 8 + 1: return f(integral_constant<int, 4>{}, integral_constant<int, 1>{});
+    case 8 * 8 + 1: return f(integral_constant<int, 8>{}, integral_constant<int, 1>{});
+    case 16 * 8 + 1: return f(integral_constant<int, 16>{}, integral_constant<int, 1>{});
+    case 32 * 8 + 1: return f(integral_constant<int, 32>{}, integral_constant<int, 1>{});
+    case 32 * 8 + 2: return f(integral_constant<int, 32>{}, integral_constant<int, 2>{});
+    default: return f(integral_constant<int, 32>{}, integral_constant<int, 4>{});
+  }
+}
+
+// The kernel parameter of the online teachers (m = 0 for precomputed targets).
+inline OnlineTeachers online_teachers(const LossArgs& a) {
+  OnlineTeachers online{};
+  if (a.online == nullptr) return online;
+  if (a.n_teachers > kMaxOnlineTeachers)
+    throw std::invalid_argument("cuda loss: at most 8 online teachers (pass precomputed targets for more)");
+  online.m = static_cast<int>(a.n_teachers);
+  for (int m = 0; m < online.m; ++m) online.t[m] = a.online[m];
+  return online;
 }
 
 // Whether every row the kernel reads or writes in chunks of 4 starts 16-byte (fp32) or 8-byte
