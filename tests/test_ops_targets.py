@@ -248,3 +248,26 @@ def test_integer_out_dtype_is_refused(out_dtype):
     h, weight, bias, _ = random_map(3, 4, 2, 2, True, seed=22)
     with pytest.raises(TypeError, match="out_dtype"):
         lelp_targets(h.float(), weight.float(), bias.float(), 2, 2, out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1.0, 1e4, 1e7, 1e9])
+@pytest.mark.parametrize("with_head", [True, False])
+def test_one_subclass_is_exactly_vanilla_kd(backend, scale, with_head):
+    """S = 1: the subclass term is exactly 0 however large |u|/beta is, so the targets are the
+    backend's own class log-softmax bit for bit (issue 20: a 1-ulp slip of u/beta cost 0.125)."""
+    n, d, num_classes = 37, 11, 3
+    h, weight, bias, logits = random_map(n, d, num_classes, 1, with_head, seed=5)
+    huge = weight.clone()
+    huge[:, :num_classes] *= scale  # u columns only; the head columns keep the class logits
+    kd_map = weight.clone()
+    kd_map[:, :num_classes] = 0.0  # u = bias: a constant per class, subclass term 0 by any path
+    z = None if logits is None else logits.float()
+    got = lelp_targets(h.float(), huge.float(), bias.float(), num_classes, 1, teacher_logits=z, beta=0.05,
+                       tau=1.3, backend=backend)
+    kd = lelp_targets(h.float(), kd_map.float(), bias.float(), num_classes, 1, teacher_logits=z, beta=0.05,
+                      tau=1.3, backend=backend)
+    assert torch.equal(got, kd)
+    class_logits = h.float().double() @ weight[:, num_classes:].float().double() + bias[num_classes:].float().double() \
+        if logits is None else logits.float().double()
+    torch.testing.assert_close(got.double(), torch.log_softmax(class_logits / 1.3, dim=1), atol=2e-5, rtol=0)

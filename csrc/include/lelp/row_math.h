@@ -1,6 +1,6 @@
 // Row math shared by the CPU and CUDA kernels: written once, used twice.
 //
-// One row of LELP targets (DESIGN.md §1):
+// One row of LELP targets (docs/algorithm.md):
 //   log t[c*S+s] = log_softmax(z / tau)[c] + log_softmax_s(u[c, :] / beta)[s]
 // All arithmetic is fp32, whatever the storage dtype of the inputs.
 #pragma once
@@ -70,6 +70,20 @@ LELP_HD float scaled_logsumexp(const float* x, int n, int stride, float scale) {
   return m + logf(acc);
 }
 
+// out[s] = log_softmax(x * scale)[s] + offset over n values (x and out may alias). The values are
+// shifted by their unscaled max before scaling, so with n = 1 (S = 1) the term is exactly 0 (and
+// S = 1 is exactly vanilla KD) whatever the compiler contracts into FMAs; a NaN still propagates.
+// The log-softmax comes first and the offset (log p_c) after: (log p_c + u/beta) - lse would
+// cancel log p_c away when |u|/beta is huge (S = 1, u/beta = 1e6).
+LELP_HD void subclass_log_softmax(const float* x, int n, float scale, float offset, float* out) {
+  float m = -INFINITY;
+  for (int i = 0; i < n; ++i) m = fmax_(m, x[i]);
+  float acc = 0.f;
+  for (int i = 0; i < n; ++i) acc += fast_exp((x[i] - m) * scale);
+  const float lse = logf(acc);
+  for (int i = 0; i < n; ++i) out[i] = ((x[i] - m) * scale - lse) + offset;
+}
+
 // u: K = C*S subclass projections (class-major), z: C teacher class logits.
 // Writes K log-targets (fp32) into out.
 LELP_HD void row_log_targets(const float* u, const float* z, int C, int S,
@@ -78,10 +92,7 @@ LELP_HD void row_log_targets(const float* u, const float* z, int C, int S,
   for (int c = 0; c < C; ++c) {
     const float* uc = u + c * S;
     const float log_pc = z[c] * inv_tau - lse_z;
-    const float lse_u = scaled_logsumexp(uc, S, 1, inv_beta);
-    // The subclass log-softmax first, then log p_c: (log p_c + u/beta) - lse would cancel log p_c
-    // away when |u|/beta is huge (S = 1, u/beta = 1e6).
-    for (int s = 0; s < S; ++s) out[c * S + s] = (uc[s] * inv_beta - lse_u) + log_pc;
+    subclass_log_softmax(uc, S, inv_beta, log_pc, out + c * S);
   }
 }
 

@@ -7,7 +7,7 @@
 // indexing and numerics are tested against the fp64 reference on a CPU. A Warp provides
 //   kWidth (W), lane() (0..31), sum(v) / max(v) over the lane's group, sync() (a warp barrier with
 //   memory ordering), and static load(p, dtype, i), load4(p, dtype, i, v), store4(p, v).
-// The math is that of lelp/loss_math.h (DESIGN.md §1).
+// The math is that of lelp/loss_math.h (docs/algorithm.md).
 #pragma once
 
 #include <stdexcept>
@@ -61,7 +61,7 @@ LELP_DEV void load_row(const void* p, int dtype, int64_t base, int K, int g, boo
 }
 
 // The segmented log-softmaxes of one row, in place, by the row's group: u[0, K) holds the K
-// projections and becomes log t, u[K, K + C) holds the class logits (DESIGN.md §1; the order of
+// projections and becomes log t, u[K, K + C) holds the class logits (docs/algorithm.md; the order of
 // operations is lelp::row_log_targets'). Every lane of the warp must call it (it synchronises).
 template <class Warp>
 LELP_DEV void group_log_targets(const Warp& w, float* u, int C, int S, float inv_beta, float inv_tau) {
@@ -77,8 +77,7 @@ LELP_DEV void group_log_targets(const Warp& w, float* u, int C, int S, float inv
   for (int c = g; c < C; c += W) {
     float* uc = u + c * S;
     const float log_pc = z[c] * inv_tau - lse_z;
-    const float lse_u = scaled_logsumexp(uc, S, 1, inv_beta);
-    for (int s = 0; s < S; ++s) uc[s] = (uc[s] * inv_beta - lse_u) + log_pc;
+    subclass_log_softmax(uc, S, inv_beta, log_pc, uc);
   }
   w.sync();
 }
