@@ -1,9 +1,14 @@
-"""``lelp-fast run config.yaml``: the whole user's path from one config, finished stages skipped.
+"""``lelp-fast run config.yaml``: the whole user's path from one config; a rerun redoes what changed.
 
-Stages and what marks them done (each is also resumable after a kill on its own):
-capture (``capture/train``, ``capture/val``: manifests) -> fit (``projector.safetensors``) ->
-targets (``targets``: manifest) -> train (``student/report.json``) -> report (``report.md`` and
-``report.json`` at the top of ``work_dir``: the student's test metrics next to the teacher's).
+Stages and their outputs (each is also resumable after a kill on its own):
+capture (``capture/train``, ``capture/val``) -> fit (``projector.safetensors``) -> targets
+(``targets/``) -> train (``student/``) -> report (``report.md`` and ``report.json`` at the top of
+``work_dir``: the student's test metrics next to the teacher's).
+
+Each stage records in ``work_dir/.stages/<stage>.json`` the settings its output was made from and
+the digests of its inputs (the previous stages' outputs). A rerun skips a stage whose record
+matches, and redoes one whose settings or inputs changed, printing what changed; a redone stage's
+new output changes the input of the stages after it, so they are redone too.
 """
 
 from __future__ import annotations
@@ -11,16 +16,20 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from typing import Callable, Optional
+import shutil
+from typing import Callable, Optional, Sequence
 
 from torch.utils.data import DataLoader
 
 from .capture import CaptureSource, capture
 from .config import ConfigError, RunConfig
+from .io.integrity import tensors_sha256
 from .io.locks import ExclusiveLock
-from .offline import generate_targets, shards
+from .offline import generate_targets, provenance, shards
+from .offline.manifest import MANIFEST, projector_digest
 from .projector import LELPProjector
 from .train import TrainSettings, distill, evaluate, load_student
+
 
 def load_task(cfg: RunConfig):
     """Calls the config's ``task.factory`` (``module:function``) with ``work_dir`` and its kwargs."""
@@ -28,7 +37,8 @@ def load_task(cfg: RunConfig):
     try:
         factory = getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"task.factory: cannot import {cfg.task.factory} ({exc})") from None
+        raise ConfigError(f"task.factory: cannot import {cfg.task.factory} ({exc}); the module must be importable "
+                          "from where lelp-fast runs (installed, or on PYTHONPATH)") from None
     try:
         return factory(cfg.work_dir, **cfg.task.kwargs)
     except TypeError as exc:
@@ -36,92 +46,194 @@ def load_task(cfg: RunConfig):
 
 
 STAGES = ("capture", "fit", "targets", "train", "report")
+RECORDS = ".stages"  # work_dir/.stages/<stage>.json: what each stage's output was made from
+
+# Keys that change how fast, not what, a stage computes: editing them reuses the stage's output.
+EXECUTION_ONLY = {"capture": ("device",), "fit": ("chunk_mb", "checkpoint_every", "device"),
+                  "targets": ("chunk_mb", "device", "backend"), "train": ("device", "tensorboard")}
 
 
-def run(cfg: RunConfig, *, until: str = "report", progress: bool = False,
+class StageLog:
+    """Per stage: skip it when its settings and inputs are those its output was made from, else
+    (re)do it, saying why ("redone: fit.beta 0.25 -> 0.05"); records each finished output's digest."""
+
+    def __init__(self, work_dir: str, log: Callable[[str], None], redo_from: Optional[str] = None):
+        self.directory, self.log = os.path.join(work_dir, RECORDS), log
+        self.forced = set(STAGES[STAGES.index(redo_from):]) if redo_from else set()
+
+    def _path(self, stage: str) -> str:
+        return os.path.join(self.directory, stage + ".json")
+
+    def needed(self, stage: str, settings: dict, inputs: dict, outputs: Sequence[str],
+               scratch: Sequence[str] = ()) -> bool:
+        """True when ``stage`` must run; a changed or forced stage's old ``outputs`` and ``scratch``
+        files (a checkpoint a finished stage removes) are removed first."""
+        wanted = provenance.record(settings, inputs)
+        stored = provenance.read(self._path(stage))
+        made_from = None if stored is None else stored.get("made_from")
+        if stage in self.forced:
+            why = "redone: forced (--redo)"
+        elif made_from is not None and made_from != wanted:
+            why = "redone: " + "; ".join(provenance.changes(made_from, wanted))
+        elif made_from is None:
+            why = "started"
+        elif not stored.get("done"):
+            why = "resumed"  # a killed run: the stage continues its own partial output
+        elif not all(os.path.exists(p) for p in outputs):
+            why = "redone: its output is missing"
+        else:
+            self.log(f"[{stage}] skipped (unchanged)")
+            return False
+        if why.startswith("redone"):
+            _remove([*outputs, *scratch])
+        provenance.write(self._path(stage), {"made_from": wanted, "done": False})
+        self.log(f"[{stage}] {why}")
+        return True
+
+    def finish(self, stage: str, output_digest) -> None:
+        stored = provenance.read(self._path(stage))
+        provenance.write(self._path(stage), {**stored, "done": True, "output": output_digest})
+
+    def output(self, stage: str):
+        return provenance.read(self._path(stage))["output"]
+
+
+def _remove(paths: Sequence[str]) -> None:
+    for path in paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
+
+
+def _section(cfg: RunConfig, name: str) -> dict:
+    """A config section without its execution-only keys (see EXECUTION_ONLY)."""
+    values = getattr(cfg, name).model_dump()
+    return {k: v for k, v in values.items() if k not in EXECUTION_ONLY.get(name, ())}
+
+
+def run(cfg: RunConfig, *, until: str = "report", progress: bool = False, redo: Optional[str] = None,
         log: Callable[[str], None] = print) -> Optional[dict]:
-    """Runs every stage up to ``until`` that is not finished yet; returns the final report (None when
-    stopped before it)."""
-    if until not in STAGES:
-        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+    """Runs the stages up to ``until``; a stage whose settings and input are those of its recorded
+    output is skipped, every other one (and ``redo`` and the stages after it) is (re)done.
+    Returns the final report (None when stopped before it)."""
+    for name, value in (("until", until), ("redo", redo)):
+        if value is not None and value not in STAGES:
+            raise ValueError(f"{name} must be one of {STAGES}, got {value!r}")
     last = STAGES.index(until)
     os.makedirs(cfg.work_dir, exist_ok=True)
     with ExclusiveLock(os.path.join(cfg.work_dir, ".lock-run"), f"work_dir {cfg.work_dir}"):
         task = load_task(cfg)
+        stages = StageLog(cfg.work_dir, log, redo)
         paths = {name: os.path.join(cfg.work_dir, name) for name in
-                 ("capture/train", "capture/val", "projector.safetensors", "targets", "student")}
+                 ("capture", "projector.safetensors", "fit.ckpt", "targets", "student", "report.md", "report.json")}
+        steps = (_capture_stage, _fit_stage, _targets_stage, _train_stage, _report_stage)
+        state: dict = {}
+        for step in steps[:last + 1]:
+            step(cfg, task, stages, paths, state, progress)
+        return state.get("report")
+
+
+def _capture_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
+    settings = {"task": cfg.task.model_dump(), "capture": _section(cfg, "capture")}
+    inputs = {"teacher": tensors_sha256(task.teacher.state_dict())}
+    if stages.needed("capture", settings, inputs, [paths["capture"]]):
+        c = cfg.capture
         for split in ("train", "val"):
-            log(f"[capture] {split}: {paths['capture/' + split]}")
-            c = cfg.capture
             capture(task.teacher, DataLoader(getattr(task, split), batch_size=c.batch_size, shuffle=False),
-                    paths["capture/" + split], layer=c.layer, head=c.head, dtype=c.dtype,
+                    os.path.join(paths["capture"], split), layer=c.layer, head=c.head, dtype=c.dtype,
                     batches_per_shard=c.batches_per_shard, device=c.device, autocast=c.autocast, progress=progress)
-        if last < STAGES.index("fit"):
-            return None
-        projector = _fit(cfg, paths, log, progress)
-        if last < STAGES.index("targets"):
-            return None
-        log(f"[targets] {paths['targets']}")
-        t = cfg.targets
-        generate_targets(projector, paths["capture/train"], paths["targets"], format=t.format, dtype=t.dtype,
-                         compact=t.compact, beta=t.beta, tau=t.tau, chunk_bytes=int(t.chunk_mb * (1 << 20)),
-                         backend=t.backend, device=t.device, progress=progress)
-        if last < STAGES.index("train"):
-            return None
-        log(f"[train] {paths['student']}")
-        k = projector.n_outputs
-        val_logits = CaptureSource(paths["capture/val"]).tensors()["teacher_logits"]
-        compact = (t.beta or projector.beta, t.tau or projector.tau) if t.compact else None
-        trained = distill(task.make_student(k), task.train, paths["targets"], paths["student"],
-                          num_classes=projector.num_classes, n_subclasses=projector.n_subclasses, val_data=task.val,
-                          val_teacher_logits=val_logits, settings=TrainSettings(**cfg.train.model_dump()),
-                          compact_temperatures=compact, progress=progress)
-        if last < STAGES.index("report"):
-            return None
-        return _report(cfg, task, projector, trained, paths, log)
+        stages.finish("capture", {split: provenance.file_digest(os.path.join(paths["capture"], split, MANIFEST))
+                                  for split in ("train", "val")})
 
 
-def _fit(cfg: RunConfig, paths: dict, log, progress) -> LELPProjector:
+def _fit_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
     path = paths["projector.safetensors"]
-    if os.path.exists(path):
-        log(f"[fit] {path} exists: loaded")
-        return LELPProjector.load(path)
+    inputs = {"capture": stages.output("capture")["train"]}
+    if not stages.needed("fit", {"fit": _section(cfg, "fit")}, inputs, [path], scratch=[paths["fit.ckpt"]]):
+        state["projector"] = LELPProjector.load(path)
+        return
     f = cfg.fit
-    source = CaptureSource(paths["capture/train"])
-    head = source.head()
-    log(f"[fit] S={f.subclasses}, beta={f.beta} -> {path}")
+    source = CaptureSource(os.path.join(paths["capture"], "train"))
     projector = LELPProjector(f.subclasses, beta=f.beta, tau=f.tau, null_space=f.null_space, rotate=f.rotate,
                               standardize=f.standardize, seed=f.seed, assign=f.assign, method=f.method,
                               oversampling=f.oversampling, passes=f.passes, iteration_sample=f.iteration_sample)
-    projector.fit(source, head_weight=None if head is None else head[0], head_bias=None if head is None else head[1],
-                  chunk_bytes=int(f.chunk_mb * (1 << 20)), nan_policy=f.nan_policy, progress=progress,
-                  device=f.device, checkpoint=os.path.join(cfg.work_dir, "fit.ckpt"),
-                  checkpoint_every=f.checkpoint_every, resume=True)  # a killed fit continues
+    projector.fit(source, chunk_bytes=int(f.chunk_mb * (1 << 20)), nan_policy=f.nan_policy, progress=progress,
+                  device=f.device, checkpoint=paths["fit.ckpt"], checkpoint_every=f.checkpoint_every,
+                  resume=True)  # a killed fit continues; the capture's stored head is used
     projector.save(path)
-    return projector
+    stages.finish("fit", projector_digest(projector))
+    state["projector"] = projector
 
 
-def _report(cfg, task, projector, trained: dict, paths: dict, log) -> dict:
+def _targets_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
+    inputs = {"fit": stages.output("fit"), "capture": stages.output("capture")["train"]}
+    if stages.needed("targets", {"targets": _section(cfg, "targets")}, inputs, [paths["targets"]]):
+        t = cfg.targets
+        generate_targets(state["projector"], os.path.join(paths["capture"], "train"), paths["targets"],
+                         format=t.format, dtype=t.dtype, compact=t.compact, beta=t.beta, tau=t.tau,
+                         chunk_bytes=int(t.chunk_mb * (1 << 20)), backend=t.backend, device=t.device,
+                         progress=progress)
+        stages.finish("targets", provenance.file_digest(os.path.join(paths["targets"], MANIFEST)))
+
+
+def _temperatures(cfg: RunConfig, projector: LELPProjector) -> tuple:
+    """The (β, τ) the stored targets hold: the targets section's, else the projector's."""
+    t = cfg.targets
+    return (t.beta or projector.beta, t.tau or projector.tau)
+
+
+def _train_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
+    projector = state["projector"]
+    settings = {"task": cfg.task.model_dump(), "train": _section(cfg, "train")}
+    inputs = {"targets": stages.output("targets"), "capture": stages.output("capture")["val"]}
+    student = task.make_student(projector.n_outputs)
+    if stages.needed("train", settings, inputs, [paths["student"]]):
+        val_logits = CaptureSource(os.path.join(paths["capture"], "val")).tensors()["teacher_logits"]
+        compact = _temperatures(cfg, projector) if cfg.targets.compact else None
+        distill(student, task.train, paths["targets"], paths["student"], num_classes=projector.num_classes,
+                n_subclasses=projector.n_subclasses, val_data=task.val, val_teacher_logits=val_logits,
+                settings=TrainSettings(**cfg.train.model_dump()), compact_temperatures=compact, progress=progress,
+                log=stages.log)
+        stages.finish("train", tensors_sha256(student.state_dict()))
+    else:
+        load_student(student, paths["student"])
+    state["student"] = student
+
+
+def _report_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
+    inputs = {"train": stages.output("train"), "fit": stages.output("fit")}
+    settings = {"task": cfg.task.model_dump(), "targets": _section(cfg, "targets"), "train": _section(cfg, "train")}
+    if stages.needed("report", settings, inputs, [paths["report.md"], paths["report.json"]]):
+        state["report"] = _report(cfg, task, state["projector"], state["student"], paths)
+        stages.finish("report", provenance.file_digest(paths["report.json"]))
+    else:
+        with open(paths["report.json"]) as f:
+            state["report"] = json.load(f)
+
+
+def _report(cfg, task, projector, student, paths: dict) -> dict:
     """The student's and the teacher's test metrics, next to the training summary."""
-    student = load_student(task.make_student(projector.n_outputs), paths["student"])
+    with open(os.path.join(paths["student"], "report.json")) as f:
+        trained = json.load(f)
     test_teacher = _teacher_logits(task.teacher, task.test, cfg.capture.device)
     student_test = evaluate(student, task.test, projector.num_classes, projector.n_subclasses,
                             teacher_logits=test_teacher, tau=cfg.train.tau)
     labels = [int(y) for _, y in task.test]
     teacher_acc = sum(int(p == y) for p, y in zip(test_teacher.argmax(1).tolist(), labels)) / max(len(labels), 1)
+    beta, tau = _temperatures(cfg, projector)
     report = {"config": cfg.model_dump(), "teacher_test_accuracy": teacher_acc, "student_test": student_test,
+              "targets_beta": beta, "targets_tau": tau,
               "best_epoch": trained["best"], "epochs_run": trained["epochs_run"],
               "student_report": os.path.join("student", "report.md")}
     md = (f"# lelp_fast run: {cfg.work_dir}\n\n"
           f"| model | test accuracy | agreement | predictive KL |\n|---|---|---|---|\n"
           f"| teacher | {teacher_acc:.4f} | 1 | 0 |\n"
-          f"| student (LELP, S={projector.n_subclasses}, beta={projector.beta}) | {student_test['accuracy']:.4f} | "
+          f"| student (LELP, S={projector.n_subclasses}, beta={beta}, tau={tau}) | {student_test['accuracy']:.4f} | "
           f"{student_test['agreement']:.4f} | {student_test['predictive_kl']:.4f} |\n\n"
           f"Training curves: student/report.md, student/curves.png.\n")
-    shards.write_atomically(os.path.join(cfg.work_dir, "report.md"), md.encode())
-    shards.write_atomically(os.path.join(cfg.work_dir, "report.json"),
-                            (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
-    log(f"[report] {os.path.join(cfg.work_dir, 'report.md')}")
+    shards.write_atomically(paths["report.md"], md.encode())
+    shards.write_atomically(paths["report.json"], (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
     return report
 
 

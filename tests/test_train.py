@@ -113,7 +113,7 @@ def test_bad_settings_name_the_key(stored, tmp_path):
         _run(stored, str(tmp_path / "a"), epochs=0)
     with pytest.raises(ValueError, match="train.divergence"):
         _run(stored, str(tmp_path / "b"), divergence="l2")
-    with pytest.raises(ValueError, match="K=4 outputs, the student setup C\\*S = 6"):
+    with pytest.raises(ValueError, match="C=2, S=2 but the student is set up with num_classes=2, n_subclasses=3"):
         distill(nn.Linear(10, 6), stored["train"], stored["targets"], str(tmp_path / "c"), num_classes=2,
                 n_subclasses=3, settings=TrainSettings(tensorboard=False))
 
@@ -132,3 +132,85 @@ def test_online_training_from_the_captured_embeddings(stored, tmp_path):
     for a, b_ in zip(offline["history"], online["history"]):
         assert a["train_loss"] == pytest.approx(b_["train_loss"], rel=1e-4, abs=1e-6)
     assert online["best"]["accuracy"] == pytest.approx(offline["best"]["accuracy"], abs=0.02)
+
+
+# ---- issue 20: a rerun keeps its promises -------------------------------------------------------
+
+def test_rerun_over_a_finished_run_loads_its_weights_into_the_student_passed_in(stored, tmp_path):
+    out = str(tmp_path / "run")
+    _run(stored, out)
+    trained = load_student(student(), out)
+    fresh = student()  # a notebook cell run again: a new, untrained student
+    torch.nn.init.zeros_(fresh.weight)
+    report = distill(fresh, stored["train"], stored["targets"], out, num_classes=2, n_subclasses=2,
+                     val_data=stored["val"], val_teacher_logits=stored["val_logits"],
+                     settings=TrainSettings(epochs=6, batch_size=64, lr=3e-2, tensorboard=False))
+    assert report["epochs_run"] == 6
+    assert torch.equal(fresh.weight, trained.weight) and torch.equal(fresh.bias, trained.bias)
+
+
+def test_rerun_with_other_settings_trains_again(stored, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    _run(stored, out, epochs=2)
+    report = _run(stored, out, epochs=3, lr=1e-2)
+    assert report["epochs_run"] == 3 and report["settings"]["lr"] == 1e-2
+    said = capsys.readouterr().out
+    assert "epochs 2 -> 3" in said and "lr 0.03 -> 0.01" in said
+    fresh = str(tmp_path / "fresh")
+    _run(stored, fresh, epochs=3, lr=1e-2)
+    assert (tmp_path / "run" / "student.safetensors").read_bytes() == (tmp_path / "fresh" / "student.safetensors").read_bytes()
+
+
+def _kill_after_first_checkpoint(stored, out, **kw):
+    original = train_loop._Run._save
+
+    def save_then_die(self):
+        original(self)
+        raise KeyboardInterrupt()
+
+    train_loop._Run._save = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(stored, out, **kw)
+    finally:
+        train_loop._Run._save = original
+
+
+def test_resume_after_a_settings_change_uses_the_new_settings(stored, tmp_path):
+    """Killed at lr 0.03, resumed at lr 0.01: the student is the one lr 0.01 trains (not a
+    checkpoint's lr reported as the new one)."""
+    out = str(tmp_path / "run")
+    _kill_after_first_checkpoint(stored, out, lr=3e-2)
+    report = _run(stored, out, lr=1e-2)
+    assert report["settings"]["lr"] == 1e-2
+    _run(stored, str(tmp_path / "fresh"), lr=1e-2)
+    assert (tmp_path / "run" / "student.safetensors").read_bytes() == (tmp_path / "fresh" / "student.safetensors").read_bytes()
+
+
+def test_the_checkpoint_carries_its_checksum_in_one_file(stored, tmp_path):
+    """A kill between writing a checkpoint and a separate checksum file stranded the run: there is
+    only one file now, and a run killed right after writing it resumes."""
+    out = str(tmp_path / "run")
+    _kill_after_first_checkpoint(stored, out)
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint.pt"]
+    report = _run(stored, out)
+    assert report["epochs_run"] == 6
+
+
+def test_targets_of_another_c_and_s_are_refused(stored, tmp_path):
+    """The targets are C = 2, S = 2 (K = 4): a C = 4, S = 1 student has the same K and was trained."""
+    with pytest.raises(ValueError, match="C=2, S=2 but the student is set up with num_classes=4, n_subclasses=1"):
+        distill(student(), stored["train"], stored["targets"], str(tmp_path / "run"), num_classes=4, n_subclasses=1,
+                settings=TrainSettings(epochs=1, tensorboard=False))
+
+
+def test_a_flipped_byte_in_the_student_is_refused(stored, tmp_path):
+    out = tmp_path / "run"
+    _run(stored, str(out), epochs=1)
+    raw = bytearray((out / "student.safetensors").read_bytes())
+    raw[-3] ^= 0x01
+    (out / "student.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="student.safetensors fails its sha256"):
+        load_student(student(), str(out))
+    with pytest.raises(ValueError, match="student.safetensors fails its sha256"):
+        _run(stored, str(out), epochs=1)  # the finished run's weights are loaded, so checked

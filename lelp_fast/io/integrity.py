@@ -1,11 +1,13 @@
-"""Checksums and file modes shared by every artefact writer (projectors, checkpoints)."""
+"""Checksums and file modes shared by every artefact writer (projectors, checkpoints, students)."""
 
 from __future__ import annotations
 
 import glob
 import hashlib
 import os
-from typing import Mapping
+import json
+import struct
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -49,3 +51,58 @@ def remove_stale_temps(path: str) -> int:
         except FileNotFoundError:
             pass
     return removed
+
+
+SEAL = b"lelp_fast sealed v1 sha256="
+
+
+def seal(blob: bytes) -> bytes:
+    """``blob`` preceded by its sha256, so one atomically renamed file carries its own checksum
+    (a kill can never leave the data and its checksum out of step, as two files could)."""
+    return SEAL + hashlib.sha256(blob).hexdigest().encode() + b"\n" + blob
+
+
+def unseal(data: bytes, path: str) -> bytes:
+    """The blob of :func:`seal`'s output; raises naming ``path`` when it is not intact."""
+    head = len(SEAL) + 65
+    if not data.startswith(SEAL) or len(data) < head:
+        raise ValueError(f"{path} is not a lelp_fast sealed file (truncated or written by another tool); "
+                         "delete it to start over")
+    digest, blob = data[len(SEAL):head - 1].decode(errors="replace"), data[head:]
+    if hashlib.sha256(blob).hexdigest() != digest:
+        raise ValueError(f"{path} fails its sha256 checksum (corrupt); delete it to start over")
+    return blob
+
+
+CHECKSUM_KEY = "tensors_sha256"
+
+
+def save_checked(tensors: Mapping[str, torch.Tensor], metadata: Optional[dict] = None) -> bytes:
+    """safetensors bytes whose metadata holds the tensors' sha256 (verified by :func:`load_checked`)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return save(tensors, metadata={**(metadata or {}), CHECKSUM_KEY: tensors_sha256(tensors)})
+
+
+def load_checked(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a :func:`save_checked` file, refused naming the file when they fail the checksum.
+    The file is read once: the tensors and the header's metadata come from the same bytes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        tensors = load(data)
+        n = struct.unpack("<Q", data[:8])[0]
+        metadata = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, struct.error) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}); it is truncated or corrupt") from None
+    stored = metadata.get(CHECKSUM_KEY)
+    if stored is None:
+        raise ValueError(f"{path} carries no {CHECKSUM_KEY}: it was not written by lelp_fast (or by an older "
+                         "version); write it again")
+    if tensors_sha256(tensors) != stored:
+        raise ValueError(f"{path} fails its sha256 checksum (corrupt); write it again")
+    return tensors

@@ -9,7 +9,8 @@ writes the best student, a checkpoint after every epoch, TensorBoard scalars and
 
 A run killed at any point and started again with the same arguments continues from its last
 finished epoch and ends with the same student bytes: each epoch's shuffling is seeded by
-``seed + epoch`` and the checkpoint holds the model, optimiser and history (sha256-checked).
+``seed + epoch`` and the checkpoint holds the model, optimiser and history (its sha256 inside the
+same file). Started again with other settings, targets or student architecture, it trains anew.
 """
 
 from __future__ import annotations
@@ -18,15 +19,18 @@ import dataclasses
 import io
 import json
 import os
-from typing import Optional, Sequence
+import shutil
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
+from ..io.integrity import load_checked, save_checked, seal, unseal
 from ..io.locks import ExclusiveLock
 from ..metrics import agreement, predictive_kl
-from ..offline import TargetsDataset, shards
+from ..offline import TargetsDataset, provenance, shards
+from ..offline.manifest import MANIFEST, projector_digest
 from ..ops.loss import distill_loss
 from ..reference import DIVERGENCES, class_logits
 from .report import write_report
@@ -107,68 +111,124 @@ def distill(
     settings: Optional[TrainSettings] = None,
     compact_temperatures: Optional[tuple] = None,
     progress: bool = False,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """Trains ``student`` (inputs -> C*S logits); returns the report (dict).
 
     ``targets`` is a targets directory (``generate_targets``; rows in ``train_data``'s order), or
     :class:`OnlineTargets` to compute them in the fused loss from a capture's embeddings.
     ``compact_temperatures`` = (β, τ) turns compact targets (``u`` and teacher logits) into log-targets.
+
+    A finished ``out_dir`` made with the same settings, targets and student architecture is not
+    trained again: its verified weights are loaded into ``student`` and its report returned. When
+    any of them changed, the old outputs are removed and the student is trained again (``log`` says
+    what changed); a checkpoint of a killed run is resumed only when it was made the same way.
     """
     settings = settings or TrainSettings()
     settings.check()
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     with ExclusiveLock(os.path.join(out_dir, ".lock"), f"training directory {out_dir}"):
-        report_path = os.path.join(out_dir, "report.json")
-        if os.path.exists(report_path):  # finished: the stage is skipped
-            with open(report_path) as f:
-                return json.load(f)
-        data, loss_fn = _training_data(train_data, targets, num_classes * n_subclasses, settings,
-                                       compact_temperatures)
+        data, loss_fn, targets_digest = _training_data(train_data, targets, num_classes, n_subclasses, settings,
+                                                       compact_temperatures)
+        made_from = provenance.record(_result_settings(settings, num_classes, n_subclasses, compact_temperatures),
+                                      {"targets": targets_digest, "student": _architecture(student)})
+        finished = _reuse_finished(student, out_dir, made_from, log)
+        if finished is not None:
+            return finished
         run = _Run(student, data, loss_fn, out_dir, num_classes, n_subclasses, settings, val_data,
-                   val_teacher_logits)
+                   val_teacher_logits, made_from, log)
         run.train(progress)
-        return write_report(out_dir, run.summary())
+        return write_report(out_dir, {**run.summary(), "made_from": made_from})
 
 
-def _training_data(train_data, targets, k: int, st: TrainSettings, compact_temperatures=None):
-    """(dataset of (item, target info), loss(out, target info, y) -> (loss, soft, hard))."""
+# Settings that change how fast, not what, a student is trained: changing them reuses the output.
+_EXECUTION_ONLY = ("device", "tensorboard")
+
+
+def _result_settings(settings: TrainSettings, num_classes: int, n_subclasses: int, compact) -> dict:
+    train = {k: v for k, v in dataclasses.asdict(settings).items() if k not in _EXECUTION_ONLY}
+    return {"train": train, "num_classes": num_classes, "n_subclasses": n_subclasses,
+            "compact_temperatures": None if compact is None else list(compact)}
+
+
+def _architecture(student: nn.Module) -> dict:
+    """Parameter and buffer names, shapes and dtypes (not values: a fresh random init is the same student)."""
+    return {k: [list(v.shape), str(v.dtype)] for k, v in student.state_dict().items()}
+
+
+def _reuse_finished(student: nn.Module, out_dir: str, made_from: dict, log) -> Optional[dict]:
+    """The report of a finished run made the same way, its weights loaded into ``student``; None
+    (after removing the stale outputs) when there is none or it was made otherwise."""
+    report_path = os.path.join(out_dir, "report.json")
+    if not os.path.exists(report_path):
+        return None
+    with open(report_path) as f:
+        report = json.load(f)
+    if report.get("made_from") == made_from:
+        load_student(student, out_dir)
+        return report
+    why = provenance.changes(report.get("made_from") or {}, made_from) or ["made by an older version"]
+    log(f"[train] {out_dir} was trained otherwise ({'; '.join(why)}): training again")
+    for name in ("report.json", "report.md", "curves.png", STUDENT, CHECKPOINT, CHECKPOINT + ".sha256"):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.unlink(os.path.join(out_dir, name))
+    shutil.rmtree(os.path.join(out_dir, "tensorboard"), ignore_errors=True)
+    return None
+
+
+def _training_data(train_data, targets, num_classes: int, n_subclasses: int, st: TrainSettings,
+                   compact_temperatures=None):
+    """(dataset of (item, target info), loss(out, target info, y) -> (loss, soft, hard), the targets' digest)."""
     if isinstance(targets, OnlineTargets):
-        from ..capture import CaptureDataset
-        from ..loss import LELPLoss
-
-        if targets.projector.n_outputs != k:
-            raise ValueError(f"the projector has K={targets.projector.n_outputs} outputs, the student setup C*S = {k}")
-        loss = LELPLoss(targets.projector, divergence=st.divergence, jsd_beta=st.jsd_beta, tau=st.tau,
-                        alpha=st.alpha)
-
-        def online(out, info, y):
-            h, z = (t.to(out.device) for t in info)
-            return loss(out, labels=y, embeddings=h, teacher_logits=z, return_components=True)
-
-        return CaptureDataset(targets.capture_dir, train_data), online
+        return _online_data(train_data, targets, num_classes, n_subclasses, st)
     beta, tau = compact_temperatures or (None, None)
     data = TargetsDataset(targets, train_data, beta=beta, tau=tau)
-    if data.settings["K"] != k:
-        raise ValueError(f"the targets in {targets} have K={data.settings['K']} outputs, the student setup C*S = {k}")
+    _check_shape(f"the targets in {targets}", data.settings["num_classes"], data.settings["n_subclasses"],
+                 num_classes, n_subclasses)
 
     def offline(out, log_t, y):
-        return distill_loss(out, log_t.to(out.device), y, num_classes=data.settings["num_classes"],
-                            n_subclasses=data.settings["n_subclasses"], divergence=st.divergence,
-                            jsd_beta=st.jsd_beta, tau=st.tau, alpha=st.alpha, return_components=True)
+        return distill_loss(out, log_t.to(out.device), y, num_classes=num_classes, n_subclasses=n_subclasses,
+                            divergence=st.divergence, jsd_beta=st.jsd_beta, tau=st.tau, alpha=st.alpha,
+                            return_components=True)
 
-    return data, offline
+    return data, offline, provenance.file_digest(os.path.join(data.directory, MANIFEST))
+
+
+def _online_data(train_data, targets: "OnlineTargets", num_classes: int, n_subclasses: int, st: TrainSettings):
+    from ..capture import CaptureDataset
+    from ..loss import LELPLoss
+
+    projector = targets.projector
+    _check_shape("the projector", projector.num_classes, projector.n_subclasses, num_classes, n_subclasses)
+    loss = LELPLoss(projector, divergence=st.divergence, jsd_beta=st.jsd_beta, tau=st.tau, alpha=st.alpha)
+
+    def online(out, info, y):
+        h, z = (t.to(out.device) for t in info)
+        return loss(out, labels=y, embeddings=h, teacher_logits=z, return_components=True)
+
+    data = CaptureDataset(targets.capture_dir, train_data)
+    digest = {"projector": projector_digest(projector), "capture": data.source.fingerprint()}
+    return data, online, digest
+
+
+def _check_shape(what: str, found_c: int, found_s: int, num_classes: int, n_subclasses: int) -> None:
+    """K = C*S alone would let C = 3, S = 2 targets train a C = 2, S = 3 student: check both."""
+    if (found_c, found_s) != (num_classes, n_subclasses):
+        raise ValueError(f"{what} have C={found_c}, S={found_s} but the student is set up with "
+                         f"num_classes={num_classes}, n_subclasses={n_subclasses}; pass the values they were made with")
 
 
 class _Run:
     """One training run's state: model, optimiser, history; saved and restored as a checkpoint."""
 
     def __init__(self, student, data, loss_fn, out_dir, num_classes, n_subclasses, settings, val_data,
-                 val_teacher_logits):
+                 val_teacher_logits, made_from: dict, log):
         self.student = student.to(settings.device)
         self.data, self.loss_fn, self.out_dir, self.settings = data, loss_fn, out_dir, settings
         self.c, self.s = num_classes, n_subclasses
         self.val_data, self.val_teacher_logits = val_data, val_teacher_logits
+        self.made_from, self.log = made_from, log
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.epoch, self.history, self.best = 0, [], {"epoch": None, "accuracy": -1.0}
         self.best_state = None
@@ -241,25 +301,25 @@ class _Run:
     def _state(self) -> dict:
         return {"student": self.student.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch,
                 "history": self.history, "best": self.best, "best_state": self.best_state,
-                "rng": torch.get_rng_state()}
+                "rng": torch.get_rng_state(), "made_from": self.made_from}
 
     def _save(self) -> None:
         buffer = io.BytesIO()
         torch.save(self._state(), buffer)
-        blob = buffer.getvalue()
-        path = os.path.join(self.out_dir, CHECKPOINT)
-        shards.write_atomically(path + ".sha256", shards.sha256(blob).encode())
-        shards.write_atomically(path, blob)
+        # One file holds the checksum and the state: a kill cannot leave them out of step.
+        shards.write_atomically(os.path.join(self.out_dir, CHECKPOINT), seal(buffer.getvalue()))
 
     def _restore(self) -> None:
         path = os.path.join(self.out_dir, CHECKPOINT)
         if not os.path.exists(path):
             return
-        blob = open(path, "rb").read()
-        digest = open(path + ".sha256").read().strip() if os.path.exists(path + ".sha256") else None
-        if digest != shards.sha256(blob):
-            raise ValueError(f"checkpoint {path} fails its sha256 checksum (corrupt); delete it to restart training")
-        state = torch.load(io.BytesIO(blob), weights_only=False)
+        with open(path, "rb") as f:
+            state = torch.load(io.BytesIO(unseal(f.read(), f"checkpoint {path}")), weights_only=False)
+        if state.get("made_from") != self.made_from:
+            why = provenance.changes(state.get("made_from") or {}, self.made_from)
+            self.log(f"[train] checkpoint {path} was made otherwise ({'; '.join(why)}): training restarts")
+            os.unlink(path)
+            return
         self.student.load_state_dict(state["student"])
         self.opt.load_state_dict(state["optimizer"])
         self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
@@ -267,10 +327,7 @@ class _Run:
         torch.set_rng_state(state["rng"])
 
     def _save_student(self) -> None:
-        from safetensors.torch import save
-
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.student.state_dict().items()}
-        shards.write_atomically(os.path.join(self.out_dir, STUDENT), save(tensors))
+        shards.write_atomically(os.path.join(self.out_dir, STUDENT), save_checked(self.student.state_dict()))
 
     def summary(self) -> dict:
         return {"settings": dataclasses.asdict(self.settings), "num_classes": self.c, "n_subclasses": self.s,
@@ -295,10 +352,9 @@ def _bar(enabled: bool, total: int, epoch: int):
 
 
 def load_student(student: nn.Module, out_dir: str) -> nn.Module:
-    """Loads the trained weights ``distill`` wrote into ``student`` (same architecture)."""
-    from safetensors.torch import load_file
-
-    student.load_state_dict(load_file(os.path.join(os.fspath(out_dir), STUDENT)))
+    """Loads the trained weights ``distill`` wrote into ``student`` (same architecture), after
+    checking their sha256 (a flipped byte is an error naming the file, not a wrong student)."""
+    student.load_state_dict(load_checked(os.path.join(os.fspath(out_dir), STUDENT)))
     return student
 
 
