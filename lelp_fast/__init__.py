@@ -6,6 +6,7 @@ fused op :func:`lelp_targets`, and offline targets: :func:`generate_targets` wri
 (sharded, resumable, distributed), :class:`TargetsDataset` reads them back for training.
 """
 
+from . import capture as _capture  # noqa: F401 - registers capture directories as an embedding source
 from .loss import LELPLoss
 from .metrics import agreement, predictive_kl
 from .offline import TargetsDataset, collate_with_targets, generate_targets

@@ -14,6 +14,7 @@ from . import reference
 from ._checks import (
     as_tensor,
     check_choice,
+    check_count,
     check_finite,
     check_matrix,
     check_positive,
@@ -81,8 +82,7 @@ class LELPProjector:
         passes: int = 3,
         iteration_sample: float = 0.125,
     ):
-        if not isinstance(n_subclasses, int) or n_subclasses < 1:
-            raise ValueError(f"n_subclasses must be a positive integer, got {n_subclasses!r}")
+        n_subclasses = check_count("n_subclasses", n_subclasses)
         check_positive("beta", beta)
         check_positive("tau", tau)
         check_choice("assign", assign, ("label", "teacher"))
@@ -96,10 +96,8 @@ class LELPProjector:
         self.seed = int(seed)
         self.assign = assign
         check_choice("method", method, ("auto", "exact", "nystrom"))
-        if not isinstance(oversampling, int) or oversampling < 0:
-            raise ValueError(f"oversampling must be a non-negative integer, got {oversampling!r}")
-        if not isinstance(passes, int) or passes < 1:
-            raise ValueError(f"passes must be a positive integer, got {passes!r}")
+        oversampling = check_count("oversampling", oversampling, minimum=0)
+        passes = check_count("passes", passes)
         if not isinstance(iteration_sample, (int, float)) or not 0.0 < iteration_sample <= 1.0:
             raise ValueError(f"iteration_sample must lie in (0, 1], got {iteration_sample!r}")
         self.method = method
@@ -153,6 +151,8 @@ class LELPProjector:
             teacher_logits: (N, C) class logits, when no head is given.
             head_weight, head_bias: the teacher head ``W`` (C, d) and ``b`` (C,). With a head,
                 class logits are ``h Wᵀ + b`` and the null-space projection is on by default.
+                Not given, a capture directory's stored head is used (``null_space=False`` fits
+                without it).
             num_classes: C, when neither the head, the logits nor in-memory labels give it.
             chunk_bytes: embedding bytes read per chunk (memory stays bounded by it, not by N).
             nan_policy: ``"raise"`` names the first non-finite row; ``"skip"`` drops and counts them.
@@ -168,55 +168,37 @@ class LELPProjector:
         Returns:
             self.
         """
-        from .fit.engine import FitSettings, accumulate
+        from .fit.engine import accumulate
 
         check_choice("nan_policy", nan_policy, ("raise", "skip"))
+        checkpoint_every = check_count("checkpoint_every", checkpoint_every)
         source = as_source(embeddings, labels, teacher_logits)
-        w = b = None
-        if head_weight is not None:
-            w = as_tensor("head_weight", head_weight).to(torch.float64)
-            check_matrix("head_weight", w)
-            check_finite("head_weight", w)
-            b = torch.zeros(w.shape[0], dtype=torch.float64)
-            if head_bias is not None:
-                b = as_tensor("head_bias", head_bias).to(torch.float64)
-                if b.shape != (w.shape[0],):
-                    raise ValueError(f"head_bias must have shape ({w.shape[0]},), got {tuple(b.shape)}")
-                check_finite("head_bias", b.reshape(-1, 1))
-        elif head_bias is not None:
-            raise ValueError("head_bias was given without head_weight; pass both or neither")
+        w, b = _checked_head(head_weight, head_bias, source)
         setting = self._null_space_setting
         use_null_space = setting if setting is not None else w is not None
         if use_null_space and w is None:
             raise ValueError("null_space=True needs head_weight (the teacher head to project out)")
-        n_classes = _infer_num_classes(source, w, num_classes)
-        settings = FitSettings(
-            num_classes=n_classes,
-            n_subclasses=self.n_subclasses,
-            method=self.method,
-            oversampling=self.oversampling,
-            passes=self.passes,
-            iteration_sample=self.iteration_sample,
-            seed=self.seed,
-            assign=self.assign,
-            nan_policy=nan_policy,
-            chunk_bytes=chunk_bytes,
-            backend=backend,
-            device=str(torch.device(device)),
-        )
+        settings = self._fit_settings(source, w, num_classes, nan_policy, chunk_bytes, backend, device)
         projector = reference.null_space_projector(w) if use_null_space else None
-        result = accumulate(
-            source,
-            settings,
-            head_weight=w,
-            head_bias=b,
-            projector=projector,
-            process_group=process_group,
-            checkpoint=None if checkpoint is None else os.fspath(checkpoint),
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            progress=progress,
-        )
+        result = accumulate(source, settings, head_weight=w, head_bias=b, projector=projector,
+                            process_group=process_group, checkpoint=None if checkpoint is None else os.fspath(checkpoint),
+                            checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+        self._set_fitted(result, w, b, projector is not None, settings.num_classes)
+        return self
+
+    def _fit_settings(self, source, w, num_classes, nan_policy, chunk_bytes, backend, device):
+        from .fit.engine import FitSettings
+
+        if num_classes is not None:
+            num_classes = check_count("num_classes", num_classes)
+        return FitSettings(
+            num_classes=_infer_num_classes(source, w, num_classes), n_subclasses=self.n_subclasses,
+            method=self.method, oversampling=self.oversampling, passes=self.passes,
+            iteration_sample=self.iteration_sample, seed=self.seed, assign=self.assign, nan_policy=nan_policy,
+            chunk_bytes=check_count("chunk_bytes", chunk_bytes), backend=backend, device=str(torch.device(device)))
+
+    def _set_fitted(self, result, w, b, null_space: bool, num_classes: int) -> None:
+        """The fitted state from the statistics' eigenpairs: the compiled map ``u = h A + e`` and the facts."""
         directions, scales = reference.subspaces_from_eigenpairs(
             result.evals, result.evecs, rotate=self.rotate, standardize=self.standardize, seed=self.seed
         )
@@ -228,16 +210,15 @@ class LELPProjector:
         self.eigenvalues = result.evals
         self.total_variance = result.total_variance
         self.class_counts = result.counts
-        self.num_classes = settings.num_classes
+        self.num_classes = num_classes
         self.dim = self.A.shape[0]
-        self.null_space = projector is not None
+        self.null_space = null_space
         self.fitted_method = result.method
         self.fit_info = {"rows": result.rows_seen, "rows_skipped": result.rows_skipped}
         # Run facts that differ between identical fits: shown by the CLI, never saved (identical
         # fits give identical bytes).
         self.fit_timing = {"seconds": result.seconds, "bytes_read": result.bytes_read}
         self._fused = None
-        return self
 
     # ------------------------------------------------------------- apply
 
@@ -257,7 +238,8 @@ class LELPProjector:
         if not with_head:
             return self.A, self.e
         if self.head_weight is None:
-            raise ValueError("this projector has no teacher head: pass teacher_logits to targets()")
+            raise ValueError("this projector has no teacher head, so the class logits cannot be computed from the "
+                             "embeddings: pass teacher_logits (to targets(), or to the loss with the embeddings)")
         if self._fused is None:
             self._fused = (
                 torch.cat([self.A, self.head_weight.T], dim=1).contiguous(),
@@ -437,6 +419,34 @@ class LELPProjector:
             f"LELPProjector(C={self.num_classes}, S={self.n_subclasses}, d={self.dim}, "
             f"beta={self.beta}, tau={self.tau}, null_space={bool(self.null_space)})"
         )
+
+
+def _checked_head(head_weight, head_bias, source: EmbeddingSource):
+    """The teacher head as fp64 ``(W (C x d), b (C,))``, or ``(None, None)``; without one given, the
+    head a capture directory stored. A transposed ``W`` is named as such."""
+    if head_weight is None:
+        if head_bias is not None:
+            raise ValueError("head_bias was given without head_weight; pass both or neither")
+        stored = source.head()
+        if stored is None:
+            return None, None
+        head_weight, head_bias = stored
+    w = as_tensor("head_weight", head_weight).to(torch.float64)
+    check_matrix("head_weight", w)
+    check_finite("head_weight", w)
+    dim = source.dim
+    if dim is not None and w.shape[1] != dim:
+        hint = " (it looks transposed: pass W as (C, d), e.g. head.weight)" if w.shape[0] == dim else ""
+        raise ValueError(f"head_weight has shape {tuple(w.shape)} but the embeddings have d={dim} columns{hint}")
+    b = torch.zeros(w.shape[0], dtype=torch.float64)
+    if head_bias is not None:
+        b = as_tensor("head_bias", head_bias).to(torch.float64)
+        if b.shape != (w.shape[0],):
+            hint = (" (head_weight looks transposed: pass W as (C, d), e.g. head.weight)"
+                    if w.ndim == 2 and b.shape == (w.shape[1],) else "")
+            raise ValueError(f"head_bias must have shape ({w.shape[0]},), got {tuple(b.shape)}{hint}")
+        check_finite("head_bias", b.reshape(-1, 1))
+    return w, b
 
 
 def _infer_num_classes(source: EmbeddingSource, head_weight, num_classes: Optional[int]) -> Optional[int]:

@@ -169,3 +169,123 @@ def test_capture_under_autocast(tmp_path):
     torch.testing.assert_close(b["teacher_logits"], a["teacher_logits"], atol=5e-2, rtol=5e-2)
     with pytest.raises(ValueError, match="autocast"):
         capture(model, dl, str(tmp_path / "x"), autocast="int8")
+
+
+# ---- issue 20: the right head, every setting recorded, errors that name the dataset row ----------
+
+class HeadFirst(nn.Module):
+    """The head registered before the body: 'the last nn.Linear' is a hidden layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(8, 3)
+        self.body = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU())
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class MatmulHead(nn.Module):
+    """A head that is a plain matmul: the only nn.Linear is in the body."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(12, 16), nn.ReLU())
+        self.w = nn.Parameter(torch.randn(16, 3))
+
+    def forward(self, x):
+        return self.body(x) @ self.w
+
+
+@pytest.mark.parametrize("model_cls, found", [(HeadFirst, "'body.2'"), (MatmulHead, "'body.0'")])
+def test_a_wrong_head_is_refused_naming_the_module_and_the_fix(tmp_path, model_cls, found):
+    dl, _, _ = loader()
+    with pytest.raises(ValueError, match=f"the head found, {found}.*not the teacher's head.*head=.*layer=.*forward="):
+        capture(model_cls(), dl, str(tmp_path / "cap"), dtype="float32")
+    assert not os.path.exists(tmp_path / "cap" / "manifest.json")
+    model = HeadFirst()
+    capture(model, dl, str(tmp_path / "named"), head="head", dtype="float32")  # the fix the error names
+    w, _ = CaptureSource(str(tmp_path / "named")).head()
+    assert torch.equal(w, model.head.weight.detach())
+
+
+def test_another_layer_on_a_finished_capture_is_not_the_old_capture(tmp_path):
+    """``layer`` and ``head`` are part of the capture's settings (a comment had swallowed them)."""
+    model = tiny_teacher()
+    dl, x, _ = loader()
+    capture(model, dl, str(tmp_path / "cap"), layer="0", head=None, dtype="float32")
+    with pytest.raises(ValueError, match="layer"):
+        capture(model, dl, str(tmp_path / "cap"), layer="1", head=None, dtype="float32")
+    manifest = capture(model, dl, str(tmp_path / "other"), layer="1", head=None, dtype="float32")
+    assert manifest["settings"]["layer"] == "1" and "head" in manifest["settings"]
+
+
+def test_an_empty_loader_is_an_error_not_an_empty_capture(tmp_path):
+    empty = DataLoader(TensorDataset(torch.zeros(0, 12), torch.zeros(0, dtype=torch.long)), batch_size=10)
+    with pytest.raises(ValueError, match="loader yielded no batches"):
+        capture(tiny_teacher(), empty, str(tmp_path / "cap"), dtype="float32")
+    assert not os.path.exists(tmp_path / "cap" / "manifest.json")
+    dl, _, _ = loader()
+    assert capture(tiny_teacher(), dl, str(tmp_path / "cap"), dtype="float32")["n_rows"] == 103
+
+
+def test_errors_name_the_dataset_row_and_the_batch(tmp_path):
+    dl, x, y = loader()
+    bad = x.clone()
+    bad[57, 3] = float("nan")  # batch 5, row 7 of it
+    nan_loader = DataLoader(TensorDataset(bad, y), batch_size=10)
+    with pytest.raises(ValueError, match=r"dataset row 57 \(batch 5\) contains NaN"):
+        capture(tiny_teacher(), nan_loader, str(tmp_path / "nan"), dtype="float32", head=None, layer="1")
+
+    class Huge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_teacher()
+
+        def forward(self, x):
+            return self.inner(x * torch.where(torch.arange(x.shape[0])[:, None] == 2, 1e20, 1.0))
+
+    with pytest.raises(ValueError, match=r"dataset row 2 \(batch 0\) hold .* beyond torch.float16"):
+        capture(Huge(), dl, str(tmp_path / "huge"), dtype="float16", head=None, layer="inner.0")
+
+    def widening(model, batch):
+        inputs, labels = batch
+        h = torch.cat([inputs] * (1 + int(inputs.shape[0] < 10)), 1)
+        return h, model(inputs), labels
+
+    with pytest.raises(ValueError, match="batch 10: embeddings/logits are 24/3 wide, earlier batches 12/3"):
+        capture(tiny_teacher(), dl, str(tmp_path / "wide"), dtype="float32", forward=widening)
+
+
+def test_a_flipped_byte_in_a_capture_shard_is_refused_where_it_is_read(tmp_path):
+    from lelp_fast.cli import main
+
+    model = tiny_teacher()
+    dl, _, _ = loader()
+    cap = str(tmp_path / "cap")
+    capture(model, dl, cap, dtype="float32", batches_per_shard=3)
+    shard = tmp_path / "cap" / "shard-000001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0x01  # a value's byte: the file still parses
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="shard-000001.safetensors is corrupt"):
+        LELPProjector(2).fit(cap)
+    with pytest.raises(ValueError, match="shard-000001.safetensors is corrupt"):
+        CaptureSource(cap).tensors()
+    projector = LELPProjector(2).fit(CaptureSource(cap, verify=False))  # the explicit opt-out
+    with pytest.raises(ValueError, match="shard-000001.safetensors is corrupt"):
+        generate_targets(projector, cap, str(tmp_path / "targets"))
+    assert main(["fit", "--embeddings", cap, "--out", str(tmp_path / "p.safetensors"), "--quiet"]) == 2
+    assert main(["fit", "--embeddings", cap, "--out", str(tmp_path / "p.safetensors"), "--quiet", "--no-verify"]) == 0
+
+
+def test_fit_of_a_capture_uses_its_stored_head(tmp_path):
+    model = tiny_teacher()
+    dl, _, _ = loader()
+    cap = str(tmp_path / "cap")
+    capture(model, dl, cap, dtype="float32")
+    projector = LELPProjector(2).fit(cap)
+    assert projector.null_space and torch.equal(projector.head_weight, model[2].weight.detach())
+    assert not LELPProjector(2, null_space=False).fit(cap).null_space

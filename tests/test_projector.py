@@ -104,7 +104,7 @@ def test_wrong_dims():
     h, w, b, y = make_problem(n=100, d=10, num_classes=2, seed=19)
     with pytest.raises(ValueError, match="embeddings must be a 2-D"):
         LELPProjector(2).fit(h[0], y, head_weight=w)
-    with pytest.raises(ValueError, match="head_weight has d=9"):
+    with pytest.raises(ValueError, match="head_weight has shape \\(2, 9\\) but the embeddings have d=10"):
         LELPProjector(2).fit(h, y, head_weight=w[:, :9])
     with pytest.raises(ValueError, match=r"chunk 1, row 50\) have d=9, earlier chunks had d=10"):
         LELPProjector(2).fit([(h[:50], y[:50]), (h[50:, :9], y[50:])], head_weight=None, num_classes=2)
@@ -240,3 +240,40 @@ def test_refit_keeps_the_constructor_null_space_setting():
     assert p.null_space
     p.fit(h, y)
     assert not p.null_space and p.head_weight is None
+
+
+# ---- issue 20: the Python API checks its arguments as strictly as the CLI -----------------------
+
+def test_api_arguments_are_checked_like_the_cli():
+    import numpy as np
+
+    h, w, b, y = make_problem(n=200, d=12, num_classes=3)
+    assert LELPProjector(np.int64(3)).n_subclasses == 3 and type(LELPProjector(np.int64(3)).n_subclasses) is int
+    with pytest.raises(ValueError, match="n_subclasses must be an integer >= 1, got True"):
+        LELPProjector(True)
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got -1"):
+        LELPProjector(2).fit(h, y, num_classes=-1)
+    with pytest.raises(ValueError, match="checkpoint_every must be an integer >= 1, got 0"):
+        LELPProjector(2).fit(h, y, checkpoint_every=0)
+    with pytest.raises(ValueError, match="chunk_bytes must be an integer >= 1, got 1000.5"):
+        LELPProjector(2).fit(h, y, chunk_bytes=1000.5)
+
+
+def test_a_transposed_head_is_named_as_such():
+    h, w, b, y = make_problem(n=200, d=12, num_classes=3)
+    with pytest.raises(ValueError, match="looks transposed: pass W as \\(C, d\\)"):
+        LELPProjector(2).fit(h, y, head_weight=w.T, head_bias=b)
+    with pytest.raises(ValueError, match="looks transposed"):
+        LELPProjector(2).fit(h, y, head_weight=w.T)
+
+
+def test_a_huge_embedding_value_is_named_with_the_right_advice():
+    h, w, b, y = make_problem(n=400, d=16, num_classes=2)
+    for method in ("exact", "nystrom"):
+        huge = h.float().clone()
+        huge[205, 3] = 1e20
+        with pytest.raises(ValueError, match="statistics overflowed: embeddings row 205 holds 1e\\+20"):
+            LELPProjector(4, method=method).fit(huge, y, head_weight=w, head_bias=b)
+        huge[205, 3] = 1e10
+        with pytest.raises(ValueError, match="rows hold huge values: look for outliers"):
+            LELPProjector(4, method=method).fit(huge, y, head_weight=w, head_bias=b)

@@ -2,5 +2,6 @@
 
 from .runner import capture, find_head
 from .source import CaptureDataset, CaptureSource
+from .text import capture_text  # transformers is imported only when it is called
 
-__all__ = ["capture", "find_head", "CaptureDataset", "CaptureSource"]
+__all__ = ["capture", "capture_text", "find_head", "CaptureDataset", "CaptureSource"]

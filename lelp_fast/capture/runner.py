@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .._checks import check_finite
+from .._checks import NonFiniteRowError, check_finite
 from .._dist import barrier, rank_world
 from ..io.integrity import tensors_sha256
 from ..io.locks import lock_rank_directory
@@ -112,9 +112,13 @@ def capture(
         out_dir: the capture directory (shards, ``head.safetensors``, ``manifest.json``).
         layer: name of the module whose output is the embedding (default: the head's input).
         head: the teacher's linear head (a name, a module, ``"auto"`` = the last ``nn.Linear``, or
-            None); its ``W, b`` are stored for the fit's null-space projection.
+            None); its ``W, b`` are stored for the fit's null-space projection. On the first
+            batch, the head applied to the captured embeddings must give the model's logits, else
+            the capture is refused (the module found is not the head: name it, or pass ``layer=``,
+            ``forward=`` or ``head=None``).
         forward: ``forward(model, batch) -> (embeddings (B, d), logits (B, C), labels (B,))`` for
-            models the hooks do not fit (e.g. a transformers model with a tokenizer batch).
+            models the hooks do not fit (e.g. a transformers model with a tokenizer batch). With
+            ``forward=``, no head is stored unless ``head=`` names one.
         dtype: storage dtype of the embeddings ("float16", "bfloat16" or "float32").
         batches_per_shard: batches per shard (the unit of resumption).
         device: where the teacher runs; ``autocast``: "float16"/"bfloat16" runs it under autocast.
@@ -133,7 +137,8 @@ def capture(
     device = torch.device(device)
     model = model.to(device).eval()
     head_module = find_head(model, head) if forward is None or head not in (None, "auto") else None
-    settings = {"model_sha256": tensors_sha256(model.state_dict()),  # a changed teacher is noticed "layer": layer, "head": _describe(head_module),
+    # model_sha256: a changed teacher is noticed; every key here that differs refuses a finished capture.
+    settings = {"model_sha256": tensors_sha256(model.state_dict()), "layer": layer, "head": _describe(head_module),
                 "forward": None if forward is None else getattr(forward, "__qualname__", repr(forward)),
                 "dtype": dtype, "batches_per_shard": batches_per_shard, "autocast": autocast}
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -143,38 +148,43 @@ def capture(
         if existing is not None:
             return existing
         shards.remove_stale_temp_files(out_dir, rank)
-        if rank == 0 and head_module is not None and isinstance(head_module, nn.Linear):
-            _write_head(out_dir, head_module)
         run = forward or _HookedForward(model, layer, head_module)
         try:
-            _capture_batches(model, loader, out_dir, settings, run, device, autocast, rank, world, progress)
+            checks = _BatchChecks(dtype, head_module, _module_name(model, head_module))
+            _capture_batches(model, loader, out_dir, settings, run, checks, device, autocast, rank, world, progress)
         finally:
             if isinstance(run, _HookedForward):
                 run.close()
         barrier(process_group)
         result = None
         if rank == 0:
+            if isinstance(head_module, nn.Linear):  # after the batches, which check it is the head
+                _write_head(out_dir, head_module)
             done = mf.finished_shards(out_dir, settings, checksums=False, kind=KIND)
             result = mf.write_manifest(out_dir, {**settings, "n_rows": None}, _renumber(done), kind=KIND)
         barrier(process_group)
         return result if rank == 0 else mf.read_manifest(out_dir, KIND)
 
 
-def _capture_batches(model, loader, out_dir, settings, run, device, autocast, rank, world, progress) -> None:
+def _capture_batches(model, loader, out_dir, settings, run, checks, device, autocast, rank, world, progress) -> None:
     """Runs the batches of this rank's unfinished shards and writes them shard by shard."""
     done = mf.finished_shards(out_dir, settings, kind=KIND)
     entries = mf.own_progress(out_dir, rank, KIND)
     per_shard = settings["batches_per_shard"]
-    bar = _bar(progress and rank == 0)
-    pending, shard_index = [], 0
+    bar = _bar(progress and rank == 0, loader)
+    pending, shard_index, rows_before, batches = [], 0, 0, 0
     amp = (torch.autocast(device.type, dtype=DTYPES[autocast]) if autocast else contextlib.nullcontext())
     for b, batch in enumerate(loader):
+        batches += 1
         shard_index = b // per_shard
-        mine = shard_index % world == rank and shard_index not in done
-        if mine:
+        if shard_index % world == rank and shard_index not in done:
             with torch.no_grad(), amp:
                 emb, logits, labels = run(model, _to(batch, device))
-            pending.append(_checked(emb, logits, labels, shard_index))
+            pending.append(checks(emb, logits, labels, b, rows_before))
+            rows = pending[-1][0].shape[0]
+        else:  # another rank's or a finished shard's batch: only its size is needed
+            rows = _batch_rows(batch)
+        rows_before = None if rows is None or rows_before is None else rows_before + rows
         if bar is not None:
             bar.update(1)
         if (b + 1) % per_shard == 0 and pending:
@@ -186,18 +196,84 @@ def _capture_batches(model, loader, out_dir, settings, run, device, autocast, ra
         mf.write_progress(out_dir, rank, settings, entries, KIND)
     if bar is not None:
         bar.close()
+    if batches == 0:
+        raise ValueError("loader yielded no batches: there is nothing to capture (an empty dataset, or an iterator "
+                         "that was already used up)")
 
 
-def _checked(emb, logits, labels, shard_index):
-    labels = torch.as_tensor(labels)
-    if emb.ndim != 2 or logits.ndim != 2 or labels.ndim != 1 or not emb.shape[0] == logits.shape[0] == labels.shape[0]:
-        raise ValueError(f"shard {shard_index}: forward gave embeddings {tuple(emb.shape)}, logits "
-                         f"{tuple(logits.shape)}, labels {tuple(labels.shape)}; expected (B, d), (B, C), (B,)")
-    if labels.dtype.is_floating_point:
-        raise ValueError(f"shard {shard_index}: labels must be integers, got {labels.dtype}")
-    check_finite("teacher embeddings", emb.float())
-    check_finite("teacher logits", logits.float())
-    return emb.detach().float().cpu(), logits.detach().float().cpu(), labels.detach().to(torch.int64).cpu()
+def _batch_rows(batch) -> Optional[int]:
+    """Rows of a batch not run here, from its labels (None when the batch does not show them)."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and hasattr(batch[1], "__len__"):
+        return len(batch[1])
+    return None
+
+
+def _where(row: int, rows_before: Optional[int], batch: int) -> str:
+    return f"dataset row {rows_before + row} (batch {batch})" if rows_before is not None else f"batch {batch} row {row}"
+
+
+class _BatchChecks:
+    """Each batch's shapes, labels and values, errors naming the batch and the dataset row; on the
+    first batch, that the stored head reproduces the model's logits from the captured embeddings."""
+
+    def __init__(self, dtype: str, head: Optional[nn.Module], head_name: str):
+        self.dtype, self.head, self.head_name, self.widths = DTYPES[dtype], head, head_name, None
+
+    def __call__(self, emb, logits, labels, batch: int, rows_before: Optional[int]):
+        labels = torch.as_tensor(labels)
+        if emb.ndim != 2 or logits.ndim != 2 or labels.ndim != 1 or not emb.shape[0] == logits.shape[0] == labels.shape[0]:
+            raise ValueError(f"batch {batch}: forward gave embeddings {tuple(emb.shape)}, logits "
+                             f"{tuple(logits.shape)}, labels {tuple(labels.shape)}; expected (B, d), (B, C), (B,)")
+        if labels.dtype.is_floating_point:
+            raise ValueError(f"batch {batch}: labels must be integers, got {labels.dtype}")
+        widths = (emb.shape[1], logits.shape[1])
+        if self.widths is None:
+            self.widths = widths
+            if isinstance(self.head, nn.Linear):
+                check_head_matches(self.head, emb, logits, self.head_name)
+        elif widths != self.widths:
+            raise ValueError(f"batch {batch}: embeddings/logits are {widths[0]}/{widths[1]} wide, earlier batches "
+                             f"{self.widths[0]}/{self.widths[1]}: every batch must give the same widths")
+        emb, logits = emb.detach().float().cpu(), logits.detach().float().cpu()
+        for name, values in (("teacher embeddings", emb), ("teacher logits", logits)):
+            try:
+                check_finite(name, values)
+            except NonFiniteRowError as exc:
+                raise ValueError(f"{name} {_where(exc.row, rows_before, batch)} contains NaN or Inf; repair or drop "
+                                 "that row") from None
+        _check_range(emb, self.dtype, batch, rows_before)
+        return emb, logits, labels.detach().to(torch.int64).cpu()
+
+
+def _check_range(emb: torch.Tensor, dtype: torch.dtype, batch: int, rows_before: Optional[int]) -> None:
+    """A value the storage dtype cannot hold would be stored as Inf: refuse it, naming the row."""
+    limit = torch.finfo(dtype).max
+    big = emb.abs().amax(dim=1) > limit if emb.numel() else torch.zeros(0, dtype=torch.bool)
+    if bool(big.any()):
+        row = int(torch.nonzero(big)[0])
+        raise ValueError(f"teacher embeddings {_where(row, rows_before, batch)} hold {float(emb[row].abs().max()):.3g}, "
+                         f"beyond {dtype} (max {limit:.3g}); capture with dtype='float32' or rescale the embeddings")
+
+
+def check_head_matches(head: nn.Linear, emb: torch.Tensor, logits: torch.Tensor, name: str) -> None:
+    """The stored head must turn the captured embeddings into the model's logits (else the head
+    found is not the teacher's head, and the fit's null space would be wrong)."""
+    w = head.weight.detach().float()
+    b = None if head.bias is None else head.bias.detach().float()
+    found = f"{name} (nn.Linear {w.shape[1]} -> {w.shape[0]})"
+    fix = ("name the head with head='<module name>', the embedding with layer='<module name>', or pass forward=; "
+           "head=None stores no head")
+    if emb.shape[1] != w.shape[1] or logits.shape[1] != w.shape[0]:
+        raise ValueError(f"the head found, {found}, does not fit embeddings {emb.shape[1]} wide and "
+                         f"{logits.shape[1]} logits: it is not the teacher's head; {fix}")
+    x, z = emb.detach().float().to(w.device), logits.detach().float().to(w.device)
+    low_precision = (any(t.dtype != torch.float32 for t in (head.weight, emb, logits))
+                     or torch.is_autocast_enabled())
+    tol = 3e-2 if low_precision else 1e-3
+    err = float((torch.nn.functional.linear(x, w, b) - z).abs().max()) if x.numel() else 0.0
+    if err > tol * (1.0 + float(z.abs().max())):
+        raise ValueError(f"the head found, {found}, applied to the captured embeddings misses the model's logits "
+                         f"by {err:.3g}: it is not the teacher's head; {fix}")
 
 
 def _write_shard(out_dir, index, pending, settings, rank) -> dict:
@@ -233,6 +309,11 @@ def _write_head(out_dir: str, head: nn.Linear) -> None:
     shards.write_atomically(os.path.join(out_dir, HEAD_FILE), save({"weight": w, "bias": b}))
 
 
+def _module_name(model: nn.Module, module: Optional[nn.Module]) -> str:
+    names = [name for name, m in model.named_modules() if m is module]
+    return repr(names[0]) if names else "the head given"
+
+
 def _describe(head: Optional[nn.Module]) -> Optional[str]:
     if head is None:
         return None
@@ -250,9 +331,10 @@ def _to(batch, device):
     return batch
 
 
-def _bar(enabled: bool):
+def _bar(enabled: bool, loader):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(desc="capture", unit="batch")
+    total = len(loader) if hasattr(loader, "__len__") else None
+    return tqdm(desc="capture", unit="batch", total=total)

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Optional, Tuple
 
 import torch
 
-from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource, wanted
+from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource, register_directory_source, wanted
 from ..offline import manifest as mf
 from .runner import HEAD_FILE, KIND
 
 
 class CaptureSource(EmbeddingSource):
     """The rows of a finished capture, one chunk per shard (``chunk_bytes`` is not used: the
-    shards are the unit). Every shard's size is checked when it is opened, its sha256 with
-    ``verify=True``; a truncated or altered shard is an error naming the file."""
+    shards are the unit). Every shard's size is checked when the source is opened, and its sha256
+    the first time it is read for use (the hash runs over the bytes being read, so it costs no
+    second pass); a truncated or altered shard is an error naming the file. ``verify=False``
+    skips the sha256 (and reads shards memory-mapped)."""
 
-    def __init__(self, directory: str, *, verify: bool = False):
+    def __init__(self, directory: str, *, verify: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
         if not os.path.isdir(self.directory):
             raise FileNotFoundError(f"capture directory {self.directory} does not exist")
@@ -26,7 +29,8 @@ class CaptureSource(EmbeddingSource):
         if manifest is None:
             raise ValueError(f"{self.directory} has no {mf.MANIFEST}: the capture did not finish; rerun it")
         for entry in manifest["shards"]:
-            mf.verify_shard(self.directory, entry, checksums=verify)
+            mf.verify_shard(self.directory, entry, checksums=False)  # sizes now, sha256 when read
+        self.verify, self._verified = verify, set()
         self.shards = manifest["shards"]
         self.n_rows = manifest["n_rows"]
         self._starts = torch.tensor([e["rows"][0] for e in self.shards], dtype=torch.int64)
@@ -37,9 +41,19 @@ class CaptureSource(EmbeddingSource):
         self.num_classes = None if first is None else first["teacher_logits"].shape[1]
 
     def _read(self, s: int) -> dict:
-        from safetensors.torch import load_file
+        from safetensors.torch import load, load_file
 
-        return load_file(os.path.join(self.directory, self.shards[s]["files"]["capture"]["file"]))
+        info = self.shards[s]["files"]["capture"]
+        path = os.path.join(self.directory, info["file"])
+        if not self.verify or s in self._verified:
+            return load_file(path)
+        with open(path, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise ValueError(f"capture shard {path} is corrupt: its sha256 does not match the manifest; rerun the "
+                             "capture (it rewrites damaged shards) or remove the directory")
+        self._verified.add(s)
+        return load(data)
 
     def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1, every=1):
         for i, entry in enumerate(self.shards):
@@ -124,3 +138,18 @@ class CaptureDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices):
         rows = self.source.rows(indices)
         return [(self.dataset[i], (rows["embeddings"][j], rows["teacher_logits"][j])) for j, i in enumerate(indices)]
+
+
+def _is_capture(path: str) -> bool:
+    """A directory written by ``capture`` (finished or not: an unfinished one is refused by name)."""
+    manifest = os.path.join(path, mf.MANIFEST)
+    if not os.path.exists(manifest):
+        return any(name.startswith("shard-") or name.startswith("progress-rank") for name in os.listdir(path))
+    try:
+        with open(manifest) as f:
+            return json.load(f).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+register_directory_source(_is_capture, CaptureSource)

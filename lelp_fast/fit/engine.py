@@ -418,8 +418,9 @@ def _accumulate(source, settings, head_weight, head_bias, projector, process_gro
     _all_reduce([skipped], process_group)
     stats.to(torch.device("cpu"))
     _check_counts(stats.count, int(skipped), settings.n_subclasses)
+    _check_statistics_finite(stats.additive(), source)
     means, evals, evecs, total = stats.top_eigenpairs(settings.n_subclasses, projector)
-    _check_class_ranks(evals, settings.n_subclasses)
+    _check_class_ranks(evals, total, settings.n_subclasses)
     if checkpoint is not None and os.path.exists(checkpoint):
         os.unlink(checkpoint)
     nbytes = bar.bytes
@@ -488,16 +489,41 @@ def _check_counts(count: torch.Tensor, skipped: int, n_subclasses: int) -> None:
             )
 
 
-def _check_class_ranks(evals: torch.Tensor, n_subclasses: int) -> None:
+def _check_class_ranks(evals: torch.Tensor, total: torch.Tensor, n_subclasses: int) -> None:
     """Every class needs S directions of nonzero variance (standardising divides by their spread)."""
     for cls in range(evals.shape[0]):
         top = float(evals[cls].max()) if evals.shape[1] else 0.0
         nonzero = int((evals[cls] > max(top, 1e-300) * 1e-10).sum())
         if nonzero < n_subclasses:
-            raise ValueError(
-                f"class {cls} has only {nonzero} direction(s) with nonzero variance (after the null-space "
-                f"projection) but n_subclasses={n_subclasses}; lower n_subclasses or check that class's rows"
-            )
+            share = top / max(float(total[cls]), 1e-300)
+            why = ("nearly all of its variance lies in one direction, as when a few rows hold huge values: look for "
+                   "outliers in that class's rows (max |value|), or lower n_subclasses" if share > 0.999
+                   else "lower n_subclasses or check that class's rows")
+            raise ValueError(f"class {cls} has only {nonzero} direction(s) with nonzero variance (after the null-space "
+                             f"projection) but n_subclasses={n_subclasses}; {why}")
+
+
+# The statistics multiply values in fp32 (the exact Gram, the sketch): a value past ~1e18 squares
+# to more than fp32 holds.
+LARGEST_VALUE = 1e18
+
+
+def _check_statistics_finite(additive: dict, source) -> None:
+    """Overflowed statistics are an error naming the value behind them (a finite embedding too
+    large for fp32 products), not an eigensolver's failure."""
+    if all(bool(torch.isfinite(t).all()) for t in additive.values()):
+        return
+    where = ""
+    if source.rereadable:  # an error path: one more read to name the row
+        for chunk in source.chunks():
+            big = chunk.embeddings.float().abs().amax(dim=1) > LARGEST_VALUE
+            if bool(big.any()):
+                row = int(torch.nonzero(big)[0])
+                value = float(chunk.embeddings[row].float().abs().max())
+                where = f": embeddings row {chunk.start_row + row} holds {value:.3g}"
+                break
+    raise ValueError(f"the fit's statistics overflowed{where}; embedding values must stay below {LARGEST_VALUE:.0e} "
+                     "in magnitude (fp32 products): rescale the embeddings or drop that row")
 
 
 def _check_ranks_agree(start_pass: int, checkpoint: str, process_group) -> None:

@@ -16,7 +16,7 @@ import hashlib
 import mmap
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -65,6 +65,20 @@ class EmbeddingSource:
     def max_label(self) -> Optional[int]:
         """The largest label, when labels can be read without the embeddings (to infer C)."""
         return None
+
+    def head(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The teacher head ``(W, b)`` stored with the rows, when the source has one (a capture)."""
+        return None
+
+
+# Directory formats defined by the layers above io (lelp_fast.capture registers its capture
+# directories), so that io can open them without importing those layers.
+_DIRECTORY_SOURCES: List[Tuple[Callable[[str], bool], Callable[[str], EmbeddingSource]]] = []
+
+
+def register_directory_source(recognises: Callable[[str], bool], opens: Callable[[str], EmbeddingSource]) -> None:
+    """``as_source(path)`` opens a directory with ``opens`` when ``recognises(path)``."""
+    _DIRECTORY_SOURCES.append((recognises, opens))
 
 
 def wanted(i: int, skip: int, rank: int, world: int, every: int) -> bool:
@@ -416,6 +430,16 @@ class IterableSource(EmbeddingSource):
 SourceLike = Union[EmbeddingSource, np.ndarray, torch.Tensor, str, os.PathLike, Iterable]
 
 
+def _directory_source(path: str, labels, teacher_logits) -> EmbeddingSource:
+    for recognises, opens in _DIRECTORY_SOURCES:
+        if recognises(path):
+            if labels is not None or teacher_logits is not None:
+                raise ValueError(f"{path} is a capture directory: its labels and teacher logits are inside it")
+            return opens(path)
+    raise ValueError(f"embeddings directory {path} is not a finished capture (no manifest.json of a capture); "
+                     "pass a capture directory, or a .npy/.safetensors/.parquet file")
+
+
 def as_source(embeddings: SourceLike, labels=None, teacher_logits=None) -> EmbeddingSource:
     """Wraps arrays, tensors, file paths (.npy, .safetensors, .parquet) and iterables as a source."""
     if isinstance(embeddings, EmbeddingSource):
@@ -426,12 +450,8 @@ def as_source(embeddings: SourceLike, labels=None, teacher_logits=None) -> Embed
         return ArraySource(embeddings, labels, teacher_logits)
     if isinstance(embeddings, (str, os.PathLike)):
         path = os.fspath(embeddings)
-        if os.path.isdir(path):  # a capture directory (lelp_fast.capture)
-            from ..capture.source import CaptureSource
-
-            if labels is not None or teacher_logits is not None:
-                raise ValueError(f"{path} is a capture directory: its labels and teacher logits are inside it")
-            return CaptureSource(path)
+        if os.path.isdir(path):
+            return _directory_source(path, labels, teacher_logits)
         ext = os.path.splitext(path)[1].lower()
         if ext == ".npy":
             return NpySource(path, labels, teacher_logits)
