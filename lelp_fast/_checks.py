@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Optional
 
@@ -77,17 +78,30 @@ def check_finite(name: str, x: torch.Tensor, suspects: Optional[torch.Tensor] = 
 
 
 def check_log_probabilities(name: str, x: torch.Tensor) -> None:
-    """Raises naming the first row of log-probabilities holding NaN or +Inf (-Inf is a probability of 0)."""
+    """Raises naming the first row of log-probabilities holding NaN or +Inf (-Inf is a probability
+    of 0), or a value > 0: log-probabilities are <= 0, so such a row holds probabilities (or
+    logits) passed where log-targets belong."""
     if x.numel() == 0:
         return
     rows = x.reshape(x.shape[0], -1)
     sums = rows.sum(dim=1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    suspect = torch.nonzero(~(torch.isfinite(sums) | torch.isneginf(sums))).flatten()
+    # Every entry <= 0 gives a row sum <= 0 (or -Inf): only rows failing that are looked at.
+    suspect = torch.nonzero(~((sums <= 0) | torch.isneginf(sums))).flatten()
     if suspect.numel() == 0:
         return
     bad = suspect[(torch.isnan(rows[suspect]) | torch.isposinf(rows[suspect])).any(dim=1)]
     if bad.numel():
         raise ValueError(f"{name} row {int(bad[0])} contains NaN or +Inf; log-targets must be log-probabilities")
+    positive = suspect[(rows[suspect] > LOG_PROBABILITY_SLACK).any(dim=1)]
+    if positive.numel():
+        row = int(positive[0])
+        raise ValueError(f"{name} row {row} holds {float(rows[row].max()):.4g} > 0: log-targets are log-probabilities "
+                         "(<= 0); were probabilities passed? take their log first")
+
+
+# Stored log-targets are rounded to fp16/bf16; a log-probability never rounds above 0, so any
+# slack would do: this one only keeps the check from being about the last bit.
+LOG_PROBABILITY_SLACK = 1e-3
 
 
 def check_integer_labels(name: str, labels: torch.Tensor) -> None:
@@ -111,9 +125,28 @@ def check_row_weights(name: str, weights: torch.Tensor, atol: float = 1e-3) -> N
                              "per row")
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
 def check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+    """A finite number > 0 (numpy scalars too; bools, NaN and Inf refused)."""
+    if not (_is_real(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    """A finite number >= 0 (numpy scalars too; bools, NaN and Inf refused)."""
+    if not (_is_real(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """An integer >= ``minimum`` (numpy integers too; bools and floats refused), returned as ``int``.
+    The one integer check behind the API, the CLI's argument types and the config."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def check_choice(name: str, value: str, choices) -> None:

@@ -11,6 +11,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from ._checks import check_count, check_positive
+from .offline.shards import DEFAULT_DTYPE as TARGETS_DTYPE
 from .projector import DEFAULT_BETA
 
 DESCRIPTION = """\
@@ -31,26 +33,27 @@ Run 'lelp-fast COMMAND --help' for each command's options.
 """
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the flag in its one-line error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _argument_type(convert, check):
+    """An argparse type from the API's own check (``lelp_fast._checks``), so the CLI and the
+    Python API accept and refuse the same values; argparse names the flag in its one-line error."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a{'n integer' if convert is int else ' number'}, "
+                                             f"got {text!r}") from None
+        try:
+            check("value", value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (np.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
+positive_int = _argument_type(int, check_count)
+non_negative_int = _argument_type(int, lambda name, v: check_count(name, v, minimum=0))
+positive_float = _argument_type(float, check_positive)
 
 
 def chunk_mib(text: str) -> float:
@@ -162,7 +165,7 @@ def _fit_source(args: argparse.Namespace):
 
         if args.labels or args.teacher_logits:
             raise SystemExit(f"error: --embeddings {path} is a capture directory: drop --labels/--teacher-logits")
-        return CaptureSource(path)
+        return CaptureSource(path, verify=not args.no_verify)
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
         return NpySource(path, args.labels, args.teacher_logits, bf16=args.bf16)
@@ -356,7 +359,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.work_dir:
         cfg.work_dir = args.work_dir
-    run(cfg, until=args.until, progress=not args.quiet)
+    run(cfg, until=args.until, redo=args.redo, progress=not args.quiet)
     return 0
 
 
@@ -397,16 +400,16 @@ def _add_fit(sub) -> None:
     fit.add_argument("--labels-key", default="labels", help="tensor/column name of the labels")
     fit.add_argument("--logits-key", default="teacher_logits", help="tensor/column name of the teacher logits")
     fit.add_argument("--bf16", action="store_true", help="the .npy holds bf16 bits as uint16")
-    fit.add_argument("--subclasses", type=int, default=4, help="S, pseudo-subclasses per class (default 4)")
+    fit.add_argument("--subclasses", type=positive_int, default=4, help="S, pseudo-subclasses per class (default 4)")
     fit.add_argument("--method", choices=("auto", "exact", "nystrom"), default="auto",
                      help="exact covariance, Nystrom sketch, or auto by their flops (default auto)")
-    fit.add_argument("--passes", type=int, default=3, help="passes over the data for nystrom (default 3)")
+    fit.add_argument("--passes", type=positive_int, default=3, help="passes over the data for nystrom (default 3)")
     fit.add_argument("--iteration-sample", type=float, default=0.125,
                      help="share of the chunks the nystrom passes before the last read (default 0.125; 1: all)")
-    fit.add_argument("--oversampling", type=int, default=10, help="extra sketch columns beyond S (default 10)")
+    fit.add_argument("--oversampling", type=non_negative_int, default=10, help="extra sketch columns beyond S (default 10)")
     fit.add_argument("--beta", type=positive_float, default=DEFAULT_BETA,
                      help=f"default subclass temperature stored in the projector (default {DEFAULT_BETA})")
-    fit.add_argument("--tau", type=float, default=1.0, help="default class temperature stored in the projector")
+    fit.add_argument("--tau", type=positive_float, default=1.0, help="default class temperature stored in the projector")
     fit.add_argument("--seed", type=int, default=0, help="seed of the random rotations and sketches (default 0)")
     fit.add_argument("--assign", choices=("label", "teacher"), default="label",
                      help="fit each class on rows with that label, or that the teacher predicts")
@@ -420,6 +423,8 @@ def _add_fit(sub) -> None:
     fit.add_argument("--checkpoint-every", type=positive_int, default=16,
                      help="chunks between checkpoints (default 16)")
     fit.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    fit.add_argument("--no-verify", action="store_true",
+                     help="do not check a capture directory's shard sha256s as they are read (default: check)")
     fit.add_argument("--out", required=True, help="output projector .safetensors")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.add_argument("--device", help="where the statistics are accumulated, e.g. cuda (default: cpu)")
@@ -456,8 +461,8 @@ def _add_targets(sub) -> None:
     tgt.add_argument("--tau", type=float, default=None, help="class temperature (default: the projector's)")
     tgt.add_argument("--format", choices=("npy", "safetensors", "parquet"), default="npy",
                      help="shard format (default npy, memory-mappable)")
-    tgt.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
-                     help="stored dtype (default float16)")
+    tgt.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=TARGETS_DTYPE,
+                     help=f"stored dtype (default {TARGETS_DTYPE})")
     tgt.add_argument("--compact", action="store_true",
                      help="store u and the teacher logits instead, to choose beta/tau at training time")
     tgt.add_argument("--backend", choices=("auto", "torch", "cpu", "cuda", "triton"), default="auto")
@@ -466,8 +471,8 @@ def _add_targets(sub) -> None:
                      help="MiB of embeddings per chunk and shard (default 64)")
     tgt.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
     tgt.add_argument("--no-verify", action="store_true",
-                     help="over a finished --out, check shard sizes only (default: sha256 too; damaged shards "
-                          "are rewritten)")
+                     help="check shard sizes only, not their sha256: of a capture directory read as --embeddings, "
+                          "and over a finished --out (default: sha256 too; damaged output shards are rewritten)")
     tgt.add_argument("--quiet", action="store_true", help="no progress bar")
     tgt.set_defaults(func=_cmd_targets, labels=None, labels_key=None)
 
@@ -564,8 +569,9 @@ def _add_config_commands(sub) -> None:
 
     for name, until, help_text, description in (
         ("run", "report", "the whole path from one YAML config: capture -> fit -> targets -> train -> report",
-         "Runs every stage of a config file (see examples/configs/) that is not finished yet; each stage is "
-         "resumable after a kill. Writes report.md/report.json in the config's work_dir."),
+         "Runs every stage of a config file (see examples/configs/) that is not finished, or whose settings or "
+         "input changed since it ran (each stage says: started, resumed, skipped (unchanged) or redone: what "
+         "changed); each stage is resumable after a kill. Writes report.md/report.json in the config's work_dir."),
         ("train", "train", "train the student of a YAML run config (the stages before it first, when not finished)",
          "lelp-fast run CONFIG --until train: capture, fit and targets when missing, then the distillation loop "
          "(checkpointed every epoch, resumable, early stopping, TensorBoard, report)."),
@@ -574,7 +580,9 @@ def _add_config_commands(sub) -> None:
         cmd.add_argument("config", help="YAML run config")
         if name == "run":
             cmd.add_argument("--until", choices=STAGES, default="report", help="the last stage to run (default: all)")
-        cmd.add_argument("--work-dir", help="override the config's work_dir")
+        cmd.add_argument("--redo", choices=STAGES, help="redo this stage and every stage after it, even if "
+                         "unchanged (a stage whose settings or input changed is redone anyway)")
+        cmd.add_argument("--work-dir", help="override the config's work_dir (relative paths: to the current directory)")
         cmd.add_argument("--quiet", action="store_true", help="no progress bars")
         cmd.set_defaults(func=_cmd_run, until=until)
 
@@ -602,6 +610,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, RuntimeError, OSError) as exc:  # one line, never a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: what was finished is kept; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

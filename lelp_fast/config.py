@@ -1,17 +1,37 @@
 """The typed schema of one run: capture -> fit -> targets -> train, in one YAML file.
 
-Every section mirrors a stage's Python function and CLI command; unknown keys are errors, and a
-bad value is reported on one line naming its key (``train.epochs: Input should be greater than
-0``). Example files are in ``examples/configs/``.
+Every section mirrors a stage's Python function and CLI command; unknown keys and keys given
+twice are errors, and a bad value is reported on one line naming its key (``train.epochs: value
+must be an integer >= 1, got 0``), checked by the same functions as the Python API's and the
+CLI's arguments. Example files are in ``examples/configs/``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Literal, Optional
+from typing import Annotated, Any, Dict, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from ._checks import check_count, check_nonnegative, check_positive
+
+from .offline.shards import DEFAULT_DTYPE as DEFAULT_TARGETS_DTYPE
 from .projector import DEFAULT_BETA
+
+
+def _shared(check):
+    """A field type validated by the Python API's own check (``lelp_fast._checks``), so a config,
+    the CLI and the API accept and refuse the same values (``True`` is not a count of 1)."""
+    def validate(value):
+        check("value", value)
+        return value
+
+    return BeforeValidator(validate)
+
+
+Count = Annotated[int, _shared(check_count)]
+NonNegativeCount = Annotated[int, _shared(lambda name, v: check_count(name, v, minimum=0))]
+Positive = Annotated[float, _shared(check_positive)]
+NonNegative = Annotated[float, _shared(check_nonnegative)]
 
 
 class _Section(BaseModel):
@@ -19,8 +39,8 @@ class _Section(BaseModel):
 
 
 class TaskConfig(_Section):
-    """Where the teacher, the data splits and the student come from: ``module:function`` called
-    with ``work_dir`` and ``kwargs``, returning an object with ``teacher``, ``train``, ``val``,
+    """Where the teacher, the data splits and the student come from: ``module:function`` (the
+    module importable where lelp-fast runs: installed or on ``PYTHONPATH``) called with ``work_dir`` and ``kwargs``, returning an object with ``teacher``, ``train``, ``val``,
     ``test``, ``num_classes`` and ``make_student(K)`` (see ``lelp_fast.examples.fashion_mnist``)."""
 
     factory: str = Field(pattern=r"^[\w.]+:\w+$")
@@ -29,8 +49,8 @@ class TaskConfig(_Section):
 
 class CaptureConfig(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    batch_size: int = Field(256, gt=0)
-    batches_per_shard: int = Field(16, gt=0)
+    batch_size: Count = 256
+    batches_per_shard: Count = 16
     layer: Optional[str] = None
     head: Optional[str] = "auto"
     device: str = "cpu"
@@ -38,52 +58,53 @@ class CaptureConfig(_Section):
 
 
 class FitConfig(_Section):
-    subclasses: int = Field(4, gt=0)
-    beta: float = Field(DEFAULT_BETA, gt=0)
-    tau: float = Field(1.0, gt=0)
+    subclasses: Count = 4
+    beta: Positive = DEFAULT_BETA
+    tau: Positive = 1.0
     method: Literal["auto", "exact", "nystrom"] = "auto"
     null_space: Optional[bool] = None
     rotate: bool = True
     standardize: bool = True
     seed: int = 0
     assign: Literal["label", "teacher"] = "label"
-    oversampling: int = Field(10, ge=0)
-    passes: int = Field(3, gt=0)
+    oversampling: NonNegativeCount = 10
+    passes: Count = 3
     iteration_sample: float = Field(0.125, gt=0, le=1)
     nan_policy: Literal["raise", "skip"] = "raise"
     chunk_mb: float = Field(64.0, ge=1 / 1024)
-    checkpoint_every: int = Field(16, gt=0)
+    checkpoint_every: Count = 16
     device: str = "cpu"
 
 
 class TargetsConfig(_Section):
     format: Literal["npy", "safetensors", "parquet"] = "npy"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] = DEFAULT_TARGETS_DTYPE
     backend: Literal["auto", "torch", "cpu", "cuda", "triton"] = "auto"
-    beta: Optional[float] = Field(None, gt=0)  # default: the projector's
-    tau: Optional[float] = Field(None, gt=0)
+    beta: Optional[Positive] = None  # default: the projector's
+    tau: Optional[Positive] = None
     compact: bool = False  # store u and the teacher logits; beta/tau applied when training
     chunk_mb: float = Field(64.0, ge=1 / 1024)
     device: Optional[str] = None
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(128, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: Count = 10
+    batch_size: Count = 128
+    lr: Positive = 1e-3
+    weight_decay: NonNegative = 0.0
     divergence: Literal["kl", "reverse_kl", "js", "tvd", "mse"] = "kl"
     jsd_beta: float = Field(0.5, ge=0, le=1)
-    tau: float = Field(1.0, gt=0)
-    alpha: float = Field(0.0, ge=0)
-    patience: Optional[int] = Field(None, gt=0)
+    tau: Positive = 1.0
+    alpha: NonNegative = 0.0
+    patience: Optional[Count] = None
     seed: int = 0
     device: str = "cpu"
     tensorboard: bool = True
 
 
 class RunConfig(_Section):
-    """One distillation run; ``work_dir`` holds every stage's output."""
+    """One distillation run; ``work_dir`` holds every stage's output (a relative path is taken
+    from the directory lelp-fast runs in, not from the config file's)."""
 
     work_dir: str
     task: TaskConfig
@@ -103,7 +124,7 @@ def load_config(path: str) -> RunConfig:
 
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_unique_keys_loader())
     except FileNotFoundError:
         raise ConfigError(f"config {path}: no such file") from None
     except yaml.YAMLError as exc:
@@ -113,9 +134,29 @@ def load_config(path: str) -> RunConfig:
     return parse_config(raw, path)
 
 
+def _unique_keys_loader():
+    """yaml's SafeLoader, except that a key given twice in one mapping (a second ``train:``
+    section, say) is an error instead of the last one silently winning."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def parse_config(raw: dict, where: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
         raise ConfigError(f"{where}: {problems}") from None

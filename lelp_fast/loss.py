@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from . import reference
-from ._checks import check_choice, check_positive
+from ._checks import check_choice, check_count, check_nonnegative, check_positive
+from .ops import _dispatch
 from .ops.loss import distill_loss
 from .projector import LELPProjector
 
 
 class LELPLoss(nn.Module):
-    """``L = τ² · D(t, softmax(s/τ)) + α · CE(y, logsumexp-pool(s))`` (DESIGN.md §1).
+    """``L = τ² · D(t, softmax(s/τ)) + α · CE(y, logsumexp-pool(s))`` (docs/algorithm.md).
 
     Offline: pass precomputed log-targets (``projector.targets(...)``). Online: build the loss
     with a fitted ``projector`` and pass teacher ``embeddings`` (and optionally
@@ -54,6 +55,11 @@ class LELPLoss(nn.Module):
     ):
         super().__init__()
         check_choice("divergence", divergence, reference.DIVERGENCES)
+        check_choice("backend", backend, _dispatch.BACKENDS)  # now, not at the first call
+        check_nonnegative("alpha", alpha)
+        for name, value in (("num_classes", num_classes), ("n_subclasses", n_subclasses)):
+            if value is not None:
+                check_count(name, value)
         check_choice("reduction", reduction, reference.REDUCTIONS)
         projectors = [] if projector is None else [projector] if isinstance(projector, LELPProjector) else list(projector)
         for i, p in enumerate(projectors):

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every LELP op (DESIGN.md §1): readable, fp64-capable.
+"""Pure-PyTorch reference of every LELP op (docs/algorithm.md): readable, fp64-capable.
 
 This module is the ground truth: every fast path (C++, Triton, CUDA) is tested
 against it. Nothing here is optimised; each function mirrors one formula.
@@ -159,7 +159,7 @@ def fit_reference(
     standardize: bool = True,
     seed: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """In-memory LELP fit (DESIGN §1 steps 1-5), returning the affine map ``(A, e)`` in fp64."""
+    """In-memory LELP fit (docs/algorithm.md, fit steps 1-5), returning the affine map ``(A, e)`` in fp64."""
     h = embeddings.to(torch.float64)
     if head_weight is not None and null_space:
         h = h @ null_space_projector(head_weight)  # Π is symmetric
@@ -203,6 +203,10 @@ def class_logits(student_logits: torch.Tensor, num_classes: int, n_subclasses: i
     τ = 1, can pick another class at τ = 4), and the factor τ keeps the scale of the teacher's
     logits for the fidelity metrics.
     """
+    if student_logits.shape[-1] != num_classes * n_subclasses:
+        raise ValueError(f"student_logits have {student_logits.shape[-1]} outputs, but num_classes={num_classes} x "
+                         f"n_subclasses={n_subclasses} = {num_classes * n_subclasses}; pass the C and S the student "
+                         "was trained with")
     shape = student_logits.shape[:-1]
     grouped = student_logits.reshape(*shape, num_classes, n_subclasses)
     if tau == 1.0:

@@ -173,3 +173,28 @@ def test_a_second_fit_on_one_out_is_refused(npy_inputs, capsys):
         assert main(["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--quiet", "--out", out]) == 2
     assert "--out " in capsys.readouterr().err and not os.path.exists(out)
     assert main(["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--quiet", "--out", out]) == 0
+
+
+def test_ctrl_c_is_one_line_saying_the_run_can_be_resumed(monkeypatch, capsys):
+    from lelp_fast import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_run", interrupted)
+    assert cli.main(["run", "any.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rerun the same command to resume" in err
+
+
+def test_cli_and_config_refuse_what_the_api_refuses():
+    from lelp_fast.cli import build_parser
+    from lelp_fast.config import ConfigError, parse_config
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "--embeddings", "e", "--out", "o", "--subclasses", "0"])
+    for bad in (True, 0, 2.5):
+        with pytest.raises(ConfigError, match="fit.subclasses: value must be an integer >= 1"):
+            parse_config({"work_dir": "x", "task": {"factory": "a:b"}, "fit": {"subclasses": bad}})
+    with pytest.raises(ConfigError, match="train.alpha: value must be a finite number >= 0, got nan"):
+        parse_config({"work_dir": "x", "task": {"factory": "a:b"}, "train": {"alpha": float("nan")}})

@@ -95,3 +95,29 @@ def test_bad_input(fitted):
         LELPLoss(proj, alpha=1.0)(torch.randn(4, 6), torch.log_softmax(torch.randn(4, 6), -1))
     with pytest.raises(ValueError, match="pass targets"):
         LELPLoss(num_classes=2, n_subclasses=3)(torch.randn(4, 6))
+
+
+# ---- issue 20: wrong arguments are named when they are given -------------------------------------
+
+def test_loss_arguments_are_checked_at_construction_and_misuse_is_named():
+    from lelp_fast import class_logits
+
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0, got nan"):
+        LELPLoss(num_classes=2, n_subclasses=2, alpha=float("nan"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        LELPLoss(num_classes=2, n_subclasses=2, backend="gpu")
+    loss = LELPLoss(num_classes=2, n_subclasses=2)
+    s = torch.randn(5, 4)
+    probabilities = torch.softmax(torch.randn(5, 4), 1)
+    with pytest.raises(ValueError, match="log_targets row 0 holds .* > 0: .*were probabilities passed"):
+        loss(s, probabilities)
+    assert torch.isfinite(loss(s, probabilities.log()))
+    with pytest.raises(ValueError, match="student_logits have 4 outputs, but num_classes=2 x n_subclasses=3 = 6"):
+        class_logits(s, 2, 3)
+
+
+def test_the_headless_online_loss_says_to_pass_teacher_logits_to_the_loss():
+    h, w, b, y = make_problem(n=200, d=12, num_classes=2, seed=3)
+    headless = LELPProjector(2).fit(h, y)
+    with pytest.raises(ValueError, match="pass teacher_logits \\(to targets\\(\\), or to the loss with the embeddings\\)"):
+        LELPLoss(headless)(torch.randn(4, 4), embeddings=h[:4].float())

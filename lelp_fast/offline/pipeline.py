@@ -33,7 +33,7 @@ def generate_targets(
     out_dir: str,
     *,
     format: str = "npy",
-    dtype: str = "float16",
+    dtype: str = shards.DEFAULT_DTYPE,
     compact: bool = False,
     beta: Optional[float] = None,
     tau: Optional[float] = None,

@@ -28,6 +28,9 @@ from ..io.integrity import publish_mode
 
 FORMATS = ("npy", "safetensors", "parquet")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The one default of the stored targets' dtype (Python API, CLI and config): log-targets need no
+# more than fp16's 11 bits, and half the bytes is half the read at training time.
+DEFAULT_DTYPE = "float16"
 
 
 def fields(compact: bool) -> List[str]:

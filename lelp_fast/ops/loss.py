@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._checks import check_finite, check_integer_labels, check_log_probabilities, check_row_weights
+from .._checks import (check_finite, check_integer_labels, check_log_probabilities, check_nonnegative,
+                       check_row_weights)
 from . import _dispatch
 
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "js": 2, "tvd": 3, "mse": 4}
@@ -169,7 +170,7 @@ def distill_loss(
     check_inputs: bool = True,
     return_components: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
-    """The distillation loss of DESIGN.md §1, fused where a compiled backend is available.
+    """The distillation loss of docs/algorithm.md, fused where a compiled backend is available.
 
     Targets: ``log_targets`` (N, K), or (N, M, K) with ``teacher_weights`` (N, M) (rows summing
     to 1) mixed as ``t = Σ_m w_m t_m`` inside the kernel; or ``embeddings`` (N, d) with the
@@ -228,6 +229,7 @@ def _check_settings(divergence, jsd_beta, reduction, alpha, labels) -> None:
         raise ValueError(f"reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
     if labels is not None:
         check_integer_labels("labels", labels)
+    check_nonnegative("alpha", alpha)
     if alpha != 0.0 and labels is None:
         raise ValueError("labels are required when alpha != 0 (the hard-label term needs them)")
 
