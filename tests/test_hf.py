@@ -139,3 +139,29 @@ def test_text_from_a_save_to_disk_directory(saved, tmp_path):
     assert got_texts == texts and torch.equal(got_labels, labels)
     with pytest.raises(ValueError, match="no state.json"):
         read_text_table(str(tmp_path))
+
+
+def test_lelp_trainer_works_with_data_collator_with_padding(saved, tmp_path):
+    """Unpadded rows with a text column, padded per batch by DataCollatorWithPadding: the targets
+    column is kept apart (it crashed the padding) through public hooks only."""
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    from lelp_fast.train.hf import LELPTrainer, WithTargets
+
+    assert "_set_signature_columns_if_needed" not in LELPTrainer.__dict__
+    cap = str(saved / "cap3")
+    capture_text(str(saved / "teacher"), str(saved / "data.csv"), cap, dtype="float32", batch_size=16)
+    projector = LELPProjector(2, beta=0.5).fit(cap)
+    generate_targets(projector, cap, str(tmp_path / "targets"), dtype="float32")
+    _, tokenizer = load_classifier(str(saved / "teacher"))
+    texts, labels = read_text_table(str(saved / "data.csv"))
+    rows = [{**tokenizer(t), "labels": int(labels[i]), "text": t} for i, t in enumerate(texts)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_train_epochs=1,
+                             learning_rate=5e-3, logging_steps=2, report_to=[], save_strategy="no", use_cpu=True,
+                             seed=0)
+    trainer = LELPTrainer(model=tiny_bert(projector.n_outputs, seed=1), args=args,
+                          train_dataset=WithTargets(rows, str(tmp_path / "targets")),
+                          data_collator=DataCollatorWithPadding(tokenizer), lelp_loss=LELPLoss(projector))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and "loss_soft" in logged[0]

@@ -2,15 +2,17 @@
 
 ``LELPTrainer`` is a ``Trainer`` whose loss is :class:`~lelp_fast.LELPLoss` on the model's logits
 (``num_labels = C*S``) against a targets column of each batch (default ``"lelp_targets"``), with
-the labels for the optional hard term and ``ignore_index``. It adds that column to the columns
-``remove_unused_columns`` keeps (stored targets are otherwise dropped before the collator, as
-DistillKit's PR #1 found), logs the soft and hard parts next to the loss, and falls back to the
-cross-entropy of the pooled class logits for batches without targets (a plain evaluation set).
+the labels for the optional hard term and ``ignore_index``. Its collator keeps that column (stored
+targets are otherwise dropped before the collator, as DistillKit's PR #1 found) next to any data
+collator you pass (``DataCollatorWithPadding`` too), it logs the soft and hard parts next to the
+loss, and falls back to the cross-entropy of the pooled class logits for batches without targets
+(a plain evaluation set).
 :class:`WithTargets` joins a dataset of dict items to stored targets by row index.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -39,19 +41,48 @@ class WithTargets(torch.utils.data.Dataset):
         return {**item, self.key: targets}
 
 
+class TargetsCollator:
+    """Collates a batch of dict rows with stored targets: the targets column is stacked apart and
+    the rest goes to the wrapped collator (``DataCollatorWithPadding`` would try to pad it), after
+    dropping the columns the model's ``forward`` does not take (text, ids: what Trainer's
+    ``remove_unused_columns`` would drop)."""
+
+    def __init__(self, collator, targets_key: str, keep: Optional[set] = None):
+        from transformers import default_data_collator
+
+        self.collator = collator or default_data_collator
+        self.targets_key, self.keep = targets_key, keep
+
+    def __call__(self, features):
+        targets = [f[self.targets_key] for f in features if self.targets_key in f]
+        if targets and len(targets) != len(features):
+            raise ValueError(f"some rows of the batch have a {self.targets_key!r} column and some do not")
+        rows = [{k: v for k, v in f.items() if k != self.targets_key and (self.keep is None or k in self.keep)}
+                for f in features]
+        batch = self.collator(rows)
+        if targets:
+            batch[self.targets_key] = torch.stack([torch.as_tensor(t) for t in targets])
+        return batch
+
+
 class LELPTrainer(Trainer):
-    """``Trainer(model, args, train_dataset=WithTargets(...), ...)`` with ``lelp_loss=LELPLoss(...)``."""
+    """``Trainer(model, args, train_dataset=WithTargets(...), ...)`` with ``lelp_loss=LELPLoss(...)``.
+
+    Trainer's own column removal would drop the targets column before the collator; instead the
+    data collator (yours, e.g. ``DataCollatorWithPadding``, or the default) is wrapped in a
+    :class:`TargetsCollator` that keeps the targets apart and drops what ``forward`` does not take,
+    so ``args.remove_unused_columns`` is turned off (as TRL's trainers do)."""
 
     def __init__(self, *args, lelp_loss: LELPLoss, targets_key: str = TARGETS_KEY, **kwargs):
         super().__init__(*args, **kwargs)
         self.lelp_loss, self.targets_key = lelp_loss, targets_key
         self._parts = {"loss_soft": [], "loss_hard": []}
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        for column in (self.targets_key, "labels"):
-            if column not in self._signature_columns:
-                self._signature_columns.append(column)
+        keep = None
+        if self.args.remove_unused_columns:
+            forward = inspect.signature(self.model.forward).parameters
+            keep = set(forward) | {"labels", "label", "label_ids", *(self.args.label_names or [])}
+            self.args.remove_unused_columns = False
+        self.data_collator = TargetsCollator(self.data_collator, targets_key, keep)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch: Optional[int] = None):
         targets = inputs.pop(self.targets_key, None)
