@@ -1,4 +1,4 @@
-// Per-chunk fit update, the part BLAS cannot do (DESIGN.md §2): a stable
+// Per-chunk fit update, the part BLAS cannot do (docs/algorithm.md, streaming fit): a stable
 // counting sort of the rows by class, fp16/bf16/fp32 -> fp32 conversion, the
 // class shift, per-class sums and the NaN/Inf check, in one pass over the chunk.
 // The Gram / sketch GEMMs that follow run in BLAS.

@@ -4,7 +4,7 @@
 
 namespace lelp {
 
-// The fit's Nyström sketch update for one class (DESIGN.md §2), fused:
+// The fit's Nyström sketch update for one class (docs/algorithm.md, streaming fit), fused:
 //   y += xᵀ (x Ω)  and  sumsq += ‖x‖²_F
 // x: n x d fp32 rows (contiguous); omega: d x kp fp32 (row-major; kp a multiple of 8, zero-padded
 // columns give zero columns of y); y: d x kp fp64, accumulated. Rows are processed in blocks that

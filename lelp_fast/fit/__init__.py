@@ -1,4 +1,4 @@
-"""Streaming fit (DESIGN.md §2): per-class statistics, exact or sketched, and the engine that feeds them."""
+"""Streaming fit (docs/algorithm.md, streaming fit): per-class statistics, exact or sketched, and the engine that feeds them."""
 
 from .engine import FitResult, FitSettings, accumulate, choose_method
 from .exact import ExactClassStatistics

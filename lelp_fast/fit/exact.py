@@ -1,4 +1,4 @@
-"""Exact per-class covariance statistics, accumulated chunk by chunk (DESIGN.md §2).
+"""Exact per-class covariance statistics, accumulated chunk by chunk (docs/algorithm.md, streaming fit).
 
 Per class: ``n_c``, ``Σ(h − s_c)`` and ``Σ(h − s_c)(h − s_c)ᵀ`` around a fixed shift ``s_c``
 (set by the engine, the same on every rank). Each chunk's Gram is one fp32 GEMM on shifted rows,

@@ -1,4 +1,4 @@
-"""Single- or multi-pass Nyström sketch of each class covariance (DESIGN.md §2).
+"""Single- or multi-pass Nyström sketch of each class covariance (docs/algorithm.md, streaming fit).
 
 Per class: ``Y_c = Σ (h − s_c)((h − s_c)ᵀ Ω_c)`` with an orthonormal, seeded test matrix
 ``Ω_c`` (d x k, the same on every rank), plus ``n_c``, ``Σ(h − s_c)`` and the trace terms.

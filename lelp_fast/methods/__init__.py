@@ -1,4 +1,4 @@
-"""Distillation methods next to LELP, on the same fused ops where they apply (DESIGN.md §1).
+"""Distillation methods next to LELP, on the same fused ops where they apply (docs/algorithm.md).
 
 - :mod:`.kd`: vanilla KD (Hinton) and the f-divergence family as a module.
 - :mod:`.annealing`: Annealing-KD (Jafari et al. 2021) as a schedule usable in any loop.

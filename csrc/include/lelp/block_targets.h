@@ -1,4 +1,4 @@
-// The CUDA targets kernels' bodies (DESIGN.md §1: log t = segmented log-softmaxes of h [A | W^T] + [e | b]).
+// The CUDA targets kernels' bodies (docs/algorithm.md: log t = segmented log-softmaxes of h [A | W^T] + [e | b]).
 //
 // Tensor-core tile (maps up to kMaxTileCols columns): a block of 4 warps takes 64 rows; for each
 // group of 64 map columns it streams the rows' embeddings and the map through shared memory in

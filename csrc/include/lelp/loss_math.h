@@ -2,7 +2,7 @@
 // CUDA kernel (lelp/warp_loss.h) shares the per-element helpers.
 //
 // For one row with student logits s (K), log-targets log t (K), q = softmax(s / tau):
-//   L = tau^2 * D(t, q) + alpha * CE(y, logsumexp-pool(s))           (DESIGN.md §1)
+//   L = tau^2 * D(t, q) + alpha * CE(y, logsumexp-pool(s))           (docs/algorithm.md)
 // and its gradient with respect to s, both in fp32. Every divergence is computed
 // from log-probabilities, so huge logits and tiny beta give finite values:
 //   KL(t||q)   dL/ds_k = tau (q_k sum_j t_j - t_k)   (sum t = 1 only for exact targets: bf16/fp16
