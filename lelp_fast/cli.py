@@ -353,13 +353,19 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
     from .config import load_config
     from .run import run
 
-    cfg = load_config(args.config)
-    if args.work_dir:
-        cfg.work_dir = args.work_dir
-    run(cfg, until=args.until, redo=args.redo, progress=not args.quiet)
+    cfg = load_config(args.config, [*args.set, *([f"work_dir={args.work_dir}"] if args.work_dir else [])])
+    if args.print_config:
+        print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="")
+        return 0
+    report = run(cfg, until=args.until, redo=args.redo, progress=not args.quiet)
+    if report is not None:
+        with open(os.path.join(cfg.work_dir, "report.md")) as f:
+            print(f.read(), end="")
     return 0
 
 
@@ -583,6 +589,10 @@ def _add_config_commands(sub) -> None:
         cmd.add_argument("--redo", choices=STAGES, help="redo this stage and every stage after it, even if "
                          "unchanged (a stage whose settings or input changed is redone anyway)")
         cmd.add_argument("--work-dir", help="override the config's work_dir (relative paths: to the current directory)")
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. --set train.epochs=3 --set fit.beta=0.1 (repeatable)")
+        cmd.add_argument("--print-config", action="store_true",
+                         help="print the validated config (defaults and --set applied) and exit")
         cmd.add_argument("--quiet", action="store_true", help="no progress bars")
         cmd.set_defaults(func=_cmd_run, until=until)
 

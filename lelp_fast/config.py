@@ -8,7 +8,7 @@ CLI's arguments. Example files are in ``examples/configs/``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Dict, Literal, Optional
+from typing import Annotated, Any, Dict, Literal, Optional, Sequence
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
@@ -118,8 +118,10 @@ class ConfigError(ValueError):
     """A config file that does not parse or validate; the message names the file and the key."""
 
 
-def load_config(path: str) -> RunConfig:
-    """Reads and validates a YAML run config, raising :class:`ConfigError` with one line per problem."""
+def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Reads and validates a YAML run config, raising :class:`ConfigError` with one line per problem.
+    ``overrides`` are ``key=value`` strings (``train.epochs=3``; the value is read as YAML) applied
+    before validation, as ``lelp-fast run CONFIG --set train.epochs=3`` does."""
     import yaml
 
     try:
@@ -128,10 +130,31 @@ def load_config(path: str) -> RunConfig:
     except FileNotFoundError:
         raise ConfigError(f"config {path}: no such file") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"config {path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _override(raw, item)
     return parse_config(raw, path)
+
+
+def _override(raw: dict, item: str) -> None:
+    """Sets ``a.b=value`` in the nested mapping ``raw``."""
+    import yaml
+
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
+    *sections, name = key.strip().split(".")
+    node = raw
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {section} is not a section")
+    try:
+        node[name] = yaml.safe_load(text)
+    except yaml.YAMLError:
+        node[name] = text
 
 
 def _unique_keys_loader():

@@ -170,3 +170,13 @@ def test_one_default_dtype_for_stored_targets():
     cli = build_parser().parse_args(["targets", "--projector", "p", "--embeddings", "e", "--out", "o"]).dtype
     config = parse_config({"work_dir": "x", "task": {"factory": "a:b"}}).targets.dtype
     assert python == cli == config
+
+
+def test_set_overrides_and_print_config(capsys):
+    import yaml
+
+    assert main(["run", SMALL, "--set", "train.epochs=3", "--set", "fit.beta=0.1", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["epochs"] == 3 and printed["fit"]["beta"] == 0.1 and printed["fit"]["subclasses"] == 4
+    assert main(["run", SMALL, "--set", "train.epochs=0"]) == 2
+    assert "train.epochs: value must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -251,6 +251,9 @@ class _Run:
             self.epoch += 1
             self._log(record)
             self._save()
+        if self._stop_early():
+            self.log(f"[train] early stop after epoch {self.epoch}: no better validation accuracy for "
+                     f"{self.settings.patience} epochs; keeping epoch {self.best['epoch']}")
         if self.best_state is not None:  # early stopping keeps the best epoch's weights
             self.student.load_state_dict(self.best_state)
         self._save_student()
@@ -290,6 +293,11 @@ class _Run:
         return (p is not None and self.best["epoch"] is not None and self.epoch - self.best["epoch"] >= p)
 
     def _log(self, record: dict) -> None:
+        line = f"[train] epoch {record['epoch']}/{self.settings.epochs}: loss {record['train_loss']:.4f}"
+        if "val_accuracy" in record:
+            best = " (best)" if self.best["epoch"] == record["epoch"] else ""
+            line += f", val accuracy {record['val_accuracy']:.4f}{best}"
+        self.log(line)
         if self.writer is not None:
             for key, value in record.items():
                 if key != "epoch":
