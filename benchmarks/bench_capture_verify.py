@@ -1,0 +1,94 @@
+"""What verifying a capture's shards where they are read costs: fit and offline targets from a
+capture directory, with ``CaptureSource(verify=True)`` (the default: sha256 over the bytes read for
+use, on first read) against ``verify=False`` (sizes only, memory-mapped), in alternating rounds in
+one process, from the page cache; next to one plain read of the shards and one sha256 pass.
+
+Run: python benchmarks/bench_capture_verify.py [--rows 262144] [--dim 768] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lelp_fast import LELPProjector, generate_targets
+from lelp_fast.capture import CaptureSource, capture
+
+
+def make_capture(directory: str, rows: int, dim: int) -> None:
+    """A capture whose embeddings are the inputs of a linear head (fp16 shards of 16 batches)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, dim, generator=g) / dim ** 0.25
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Identity(), nn.Linear(dim, 2))
+    capture(teacher, DataLoader(TensorDataset(x, y), batch_size=4096), directory, dtype="float16",
+            batches_per_shard=16)
+
+
+def plain_read(directory: str, digest: bool) -> float:
+    t0 = time.perf_counter()
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("shard-"):
+            with open(os.path.join(directory, name), "rb") as f:
+                data = f.read()
+            if digest:
+                hashlib.sha256(data).hexdigest()
+    return time.perf_counter() - t0
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=262144)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="lelp_verify_")
+    try:
+        cap = os.path.join(work, "cap")
+        make_capture(cap, args.rows, args.dim)
+        projector = LELPProjector(8).fit(CaptureSource(cap, verify=False))
+        times = {key: [] for key in ("read", "read+sha256", "fit verify", "fit no-verify", "targets verify",
+                                     "targets no-verify")}
+        for r in range(args.rounds):
+            times["read"].append(plain_read(cap, False))
+            times["read+sha256"].append(plain_read(cap, True))
+            for verify in (True, False):
+                name = "verify" if verify else "no-verify"
+                times[f"fit {name}"].append(timed(lambda: LELPProjector(8).fit(CaptureSource(cap, verify=verify))))
+                out = os.path.join(work, f"targets-{r}-{name}")
+                times[f"targets {name}"].append(timed(lambda: generate_targets(
+                    projector, CaptureSource(cap, verify=verify), out, dtype="float16")))
+                shutil.rmtree(out)
+        gb = sum(os.path.getsize(os.path.join(cap, n)) for n in os.listdir(cap) if n.startswith("shard-")) / 1e9
+        print(f"capture: {args.rows} x {args.dim} fp16, {gb:.2f} GB of shards; torch {torch.__version__}, "
+              f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; medians of {args.rounds} rounds (min-max)\n")
+        print("| run | median s | min-max s | GB/s |\n|---|---|---|---|")
+        for key, values in times.items():
+            med = statistics.median(values)
+            print(f"| {key} | {med:.3f} | {min(values):.3f}-{max(values):.3f} | {gb / med:.2f} |")
+        for job in ("fit", "targets"):
+            ratio = statistics.median(times[f"{job} verify"]) / statistics.median(times[f"{job} no-verify"])
+            print(f"\n{job}: verify / no-verify = {ratio:.3f}", end="")
+        print()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
