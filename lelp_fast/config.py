@@ -98,8 +98,15 @@ class TrainConfig(_Section):
     alpha: NonNegative = 0.0
     patience: Optional[Count] = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # this rank's GPU when there is one, else the CPU
     tensorboard: bool = True
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    grad_accumulation: Count = 1
+    max_grad_norm: Optional[Positive] = None
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: NonNegativeCount = 0
+    checkpoint_every_steps: Optional[Count] = None
+    log_every_steps: Optional[Count] = None
 
 
 class RunConfig(_Section):

@@ -50,7 +50,8 @@ RECORDS = ".stages"  # work_dir/.stages/<stage>.json: what each stage's output w
 
 # Keys that change how fast, not what, a stage computes: editing them reuses the stage's output.
 EXECUTION_ONLY = {"capture": ("device",), "fit": ("chunk_mb", "checkpoint_every", "device"),
-                  "targets": ("chunk_mb", "device", "backend"), "train": ("device", "tensorboard")}
+                  "targets": ("chunk_mb", "device", "backend"),
+                  "train": ("device", "tensorboard", "checkpoint_every_steps", "log_every_steps")}
 
 
 class StageLog:

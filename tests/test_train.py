@@ -15,13 +15,23 @@ from lelp_fast.train import TrainSettings, distill, evaluate, load_student
 from lelp_fast.train import loop as train_loop
 
 
+def _toy_data():
+    """The toy task's 600 rows: the first 500 train, the rest validate."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 10, generator=g)
+    return x, (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+
+
+def _toy_train():
+    x, y = _toy_data()
+    return TensorDataset(x[:500], y[:500])
+
+
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
     """A teacher trained on a 2-class toy task, its capture, projector and targets (S = 2)."""
     tmp = tmp_path_factory.mktemp("train")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(600, 10, generator=g)
-    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    x, y = _toy_data()
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 2))
     opt = torch.optim.Adam(teacher.parameters(), lr=1e-2)
@@ -214,3 +224,89 @@ def test_a_flipped_byte_in_the_student_is_refused(stored, tmp_path):
         load_student(student(), str(out))
     with pytest.raises(ValueError, match="student.safetensors fails its sha256"):
         _run(stored, str(out), epochs=1)  # the finished run's weights are loaded, so checked
+
+
+# ---- issue 23: training the way GPU users train (tested on the CPU) -------------------------------
+
+def test_bf16_autocast_trains(stored, tmp_path):
+    report = _run(stored, str(tmp_path / "bf16"), mixed_precision="bf16")
+    hist = report["history"]
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in hist)
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"] and report["best"]["accuracy"] > 0.85
+
+
+def test_gradient_accumulation_equals_the_larger_batch(stored, tmp_path):
+    """Two accumulated batches of 32 are one batch of 64 (the same seeded order, the mean loss)."""
+    _run(stored, str(tmp_path / "big"), batch_size=64, epochs=2)
+    _run(stored, str(tmp_path / "acc"), batch_size=32, grad_accumulation=2, epochs=2)
+    big, acc = load_student(student(), str(tmp_path / "big")), load_student(student(), str(tmp_path / "acc"))
+    torch.testing.assert_close(acc.weight, big.weight, atol=1e-5, rtol=1e-5)
+
+
+def test_warmup_schedule_and_clipping():
+    from lelp_fast.train.steps import lr_factor
+
+    f = lr_factor("linear", 3, 13)
+    assert [round(f(i), 4) for i in (0, 1, 2, 3, 8, 13, 20)] == [0.25, 0.5, 0.75, 1.0, 0.5, 0.0, 0.0]
+    cos = lr_factor("cosine", 0, 10)
+    assert cos(0) == 1.0 and abs(cos(5) - 0.5) < 1e-12 and cos(10) == 0.0
+    assert lr_factor("constant", 2, 10)(9) == 1.0
+
+
+def test_clipping_and_a_schedule_change_the_student(stored, tmp_path):
+    plain = _run(stored, str(tmp_path / "plain"), epochs=2)
+    clipped = _run(stored, str(tmp_path / "clip"), epochs=2, max_grad_norm=1e-3, lr_schedule="cosine",
+                   warmup_steps=3)
+    assert clipped["history"][-1]["train_loss"] > plain["history"][-1]["train_loss"]  # tiny steps learn less
+
+
+def test_a_kill_mid_epoch_resumes_to_identical_bytes(stored, tmp_path):
+    """Checkpoints every 2 optimiser steps (8 per epoch here); killed after the third, mid-epoch 1."""
+    original = train_loop._Run._save
+    calls = []
+
+    def save_then_die(self):
+        original(self)
+        calls.append(self.batch)
+        if len(calls) == 3:
+            raise KeyboardInterrupt()
+
+    train_loop._Run._save = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(stored, str(tmp_path / "run"), checkpoint_every_steps=2, grad_accumulation=1)
+    finally:
+        train_loop._Run._save = original
+    assert calls[-1] == 6  # mid-epoch: 6 of the epoch's 8 batches done
+    _run(stored, str(tmp_path / "run"), checkpoint_every_steps=2)
+    _run(stored, str(tmp_path / "whole"))
+    assert (tmp_path / "run" / "student.safetensors").read_bytes() == (tmp_path / "whole" / "student.safetensors").read_bytes()
+
+
+def _ddp_worker(rank, world, init_file, targets, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        train = _toy_train()
+        distill(student(), train, targets, out_dir, num_classes=2, n_subclasses=2, log=lambda line: None,
+                settings=TrainSettings(epochs=3, batch_size=64, lr=3e-2, tensorboard=False, device="cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_train_the_student_of_one_process(stored, tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), stored["targets"], str(tmp_path / "ddp")), nprocs=2,
+             join=True)
+    train = _toy_train()
+    distill(student(), train, stored["targets"], str(tmp_path / "one"), num_classes=2, n_subclasses=2,
+            settings=TrainSettings(epochs=3, batch_size=64, lr=3e-2, tensorboard=False, device="cpu"))
+    ddp, one = load_student(student(), str(tmp_path / "ddp")), load_student(student(), str(tmp_path / "one"))
+    torch.testing.assert_close(ddp.weight, one.weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ddp.bias, one.bias, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(one.weight, student().weight)  # it trained

@@ -19,13 +19,16 @@ import dataclasses
 import io
 import json
 import os
+import math
 import shutil
+from contextlib import nullcontext
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
+from .._checks import check_choice, check_count, check_nonnegative, check_positive
 from ..io.integrity import load_checked, save_checked, seal, unseal
 from ..io.locks import ExclusiveLock
 from ..metrics import agreement, predictive_kl
@@ -33,6 +36,7 @@ from ..offline import TargetsDataset, provenance, shards
 from ..offline.manifest import MANIFEST, projector_digest
 from ..ops.loss import distill_loss
 from ..reference import DIVERGENCES, class_logits
+from . import steps
 from .report import write_report
 
 CHECKPOINT = "checkpoint.pt"
@@ -44,7 +48,7 @@ class TrainSettings:
     """How the student is trained (every field is a key of the config's ``train`` section)."""
 
     epochs: int = 10
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: split across ranks under torchrun
     lr: float = 1e-3
     weight_decay: float = 0.0
     divergence: str = "kl"
@@ -53,20 +57,32 @@ class TrainSettings:
     alpha: float = 0.0
     patience: Optional[int] = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # "auto": this rank's GPU when there is one, else the CPU
     tensorboard: bool = True
+    mixed_precision: str = "no"  # "bf16" / "fp16": the student's forward under autocast
+    grad_accumulation: int = 1  # batches per optimiser step
+    max_grad_norm: Optional[float] = None  # clip the gradient's global norm to this
+    lr_schedule: str = "constant"  # after the warm-up: "constant", "linear" or "cosine" decay to 0
+    warmup_steps: int = 0  # optimiser steps of linear warm-up
+    checkpoint_every_steps: Optional[int] = None  # also checkpoint mid-epoch, every this many steps
+    log_every_steps: Optional[int] = None  # TensorBoard: loss, its soft and hard parts, lr per step
 
     def check(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "grad_accumulation"):
+            check_count(f"train.{name}", getattr(self, name))
+        check_count("train.warmup_steps", self.warmup_steps, minimum=0)
+        for name in ("patience", "checkpoint_every_steps", "log_every_steps"):
+            if getattr(self, name) is not None:
+                check_count(f"train.{name}", getattr(self, name))
         for name in ("lr", "tau"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)!r}")
+            check_positive(f"train.{name}", getattr(self, name))
+        check_nonnegative("train.alpha", self.alpha)
+        if self.max_grad_norm is not None:
+            check_positive("train.max_grad_norm", self.max_grad_norm)
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"train.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
-        if self.patience is not None and self.patience < 1:
-            raise ValueError(f"train.patience must be >= 1 or None, got {self.patience!r}")
+        check_choice("train.mixed_precision", self.mixed_precision, tuple(steps.PRECISIONS))
+        check_choice("train.lr_schedule", self.lr_schedule, steps.SCHEDULES)
 
 
 def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, teacher_logits=None,
@@ -128,22 +144,32 @@ def distill(
     settings.check()
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
-    with ExclusiveLock(os.path.join(out_dir, ".lock"), f"training directory {out_dir}"):
+    parallel = steps.DataParallel()  # under torchrun: rank 0 writes, every rank trains its share
+    lead = parallel.rank == 0
+    log = log if lead else (lambda line: None)
+    lock = ExclusiveLock(os.path.join(out_dir, ".lock"), f"training directory {out_dir}") if lead else nullcontext()
+    with lock:
         data, loss_fn, targets_digest = _training_data(train_data, targets, num_classes, n_subclasses, settings,
                                                        compact_temperatures)
         made_from = provenance.record(_result_settings(settings, num_classes, n_subclasses, compact_temperatures),
                                       {"targets": targets_digest, "student": _architecture(student)})
-        finished = _reuse_finished(student, out_dir, made_from, log)
+        finished = _reuse_finished(student, out_dir, made_from, log) if lead else None
+        parallel.barrier()  # the lead has removed stale outputs, or found the finished run
+        if not lead:
+            finished = _reuse_finished(student, out_dir, made_from, log, remove=False)
         if finished is not None:
             return finished
         run = _Run(student, data, loss_fn, out_dir, num_classes, n_subclasses, settings, val_data,
-                   val_teacher_logits, made_from, log)
+                   val_teacher_logits, made_from, log, parallel)
         run.train(progress)
-        return write_report(out_dir, {**run.summary(), "made_from": made_from})
+        summary = {**run.summary(), "made_from": made_from}
+        report = write_report(out_dir, summary) if lead else summary
+        parallel.barrier()
+        return report
 
 
 # Settings that change how fast, not what, a student is trained: changing them reuses the output.
-_EXECUTION_ONLY = ("device", "tensorboard")
+_EXECUTION_ONLY = ("device", "tensorboard", "checkpoint_every_steps", "log_every_steps")
 
 
 def _result_settings(settings: TrainSettings, num_classes: int, n_subclasses: int, compact) -> dict:
@@ -157,9 +183,9 @@ def _architecture(student: nn.Module) -> dict:
     return {k: [list(v.shape), str(v.dtype)] for k, v in student.state_dict().items()}
 
 
-def _reuse_finished(student: nn.Module, out_dir: str, made_from: dict, log) -> Optional[dict]:
+def _reuse_finished(student: nn.Module, out_dir: str, made_from: dict, log, remove: bool = True) -> Optional[dict]:
     """The report of a finished run made the same way, its weights loaded into ``student``; None
-    (after removing the stale outputs) when there is none or it was made otherwise."""
+    (after removing the stale outputs, with ``remove``) when there is none or it was made otherwise."""
     report_path = os.path.join(out_dir, "report.json")
     if not os.path.exists(report_path):
         return None
@@ -168,6 +194,8 @@ def _reuse_finished(student: nn.Module, out_dir: str, made_from: dict, log) -> O
     if report.get("made_from") == made_from:
         load_student(student, out_dir)
         return report
+    if not remove:
+        return None
     why = provenance.changes(report.get("made_from") or {}, made_from) or ["made by an older version"]
     log(f"[train] {out_dir} was trained otherwise ({'; '.join(why)}): training again")
     for name in ("report.json", "report.md", "curves.png", STUDENT, CHECKPOINT, CHECKPOINT + ".sha256"):
@@ -220,29 +248,41 @@ def _check_shape(what: str, found_c: int, found_s: int, num_classes: int, n_subc
 
 
 class _Run:
-    """One training run's state: model, optimiser, history; saved and restored as a checkpoint."""
+    """One training run's state: model, optimiser, schedule, history, the position in the epoch;
+    saved and restored as a checkpoint."""
 
     def __init__(self, student, data, loss_fn, out_dir, num_classes, n_subclasses, settings, val_data,
-                 val_teacher_logits, made_from: dict, log):
-        self.student = student.to(settings.device)
-        self.data, self.loss_fn, self.out_dir, self.settings = data, loss_fn, out_dir, settings
+                 val_teacher_logits, made_from: dict, log, parallel: steps.DataParallel):
+        st = settings
+        self.device, self.parallel = steps.resolve_device(st.device), parallel
+        self.student = student.to(self.device)
+        self.model = parallel.wrap(self.student, self.device)  # DDP under torchrun
+        self.data, self.loss_fn, self.out_dir, self.settings = data, loss_fn, out_dir, st
         self.c, self.s = num_classes, n_subclasses
         self.val_data, self.val_teacher_logits = val_data, val_teacher_logits
-        self.made_from, self.log = made_from, log
-        self.opt = torch.optim.AdamW(self.student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-        self.epoch, self.history, self.best = 0, [], {"epoch": None, "accuracy": -1.0}
-        self.best_state = None
-        self.writer = _tensorboard(out_dir) if settings.tensorboard else None
+        self.made_from, self.log, self.lead = made_from, log, parallel.rank == 0
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=st.lr, weight_decay=st.weight_decay)
+        batches = math.ceil(len(data) / st.batch_size)
+        self.steps_per_epoch = math.ceil(batches / st.grad_accumulation)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, steps.lr_factor(st.lr_schedule, st.warmup_steps, st.epochs * self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=st.mixed_precision == "fp16"
+                                           and self.device.type == "cuda")
+        self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
+        self.last = (float("nan"),) * 3  # the last batch's loss, soft and hard parts
+        self.partial = torch.zeros(4, dtype=torch.float64)  # this epoch so far: loss, soft, hard (x rows), rows
+        self.best, self.best_state = {"epoch": None, "accuracy": -1.0}, None
+        self.writer = _tensorboard(out_dir) if st.tensorboard and self.lead else None
         self._restore()
 
     def train(self, progress: bool) -> None:
-        if self.epoch == 0:  # a resumed run continues the checkpointed random state instead
+        if self.epoch == 0 and self.batch == 0:  # a resumed run continues the checkpointed random state
             torch.manual_seed(self.settings.seed)
         while self.epoch < self.settings.epochs and not self._stop_early():
             record = {"epoch": self.epoch + 1, **self._train_epoch(progress)}
             if self.val_data is not None:
                 val = evaluate(self.student, self.val_data, self.c, self.s, teacher_logits=self.val_teacher_logits,
-                               tau=self.settings.tau, device=self.settings.device)
+                               tau=self.settings.tau, device=self.device)
                 record.update({f"val_{k}": v for k, v in val.items()})
                 if val["accuracy"] > self.best["accuracy"]:
                     self.best = {"epoch": record["epoch"], "accuracy": val["accuracy"]}
@@ -262,31 +302,64 @@ class _Run:
 
     def _train_epoch(self, progress: bool) -> dict:
         st = self.settings
-        self.student.train()
+        self.model.train()
         order = torch.Generator().manual_seed(st.seed + self.epoch)
         loader = DataLoader(self.data, batch_size=st.batch_size, shuffle=True, generator=order,
                             collate_fn=default_collate)
-        total = {"loss": 0.0, "soft": 0.0, "hard": 0.0}
-        rows = 0
-        bar = _bar(progress, len(loader), self.epoch + 1)
-        for (x, y), info in loader:
-            x, y = x.to(st.device), torch.as_tensor(y).to(st.device)
-            out = self.student(x)
-            loss, soft, hard = self.loss_fn(out, info, y)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            n, value = y.shape[0], float(loss.detach())
-            total["loss"] += value * n
-            total["soft"] += float(soft) * n  # τ²·D and α·CE, from the kernel's pass
-            total["hard"] += float(hard) * n
-            rows += n
+        bar = _bar(progress and self.lead, len(loader), self.epoch + 1)
+        for b, ((x, y), info) in enumerate(loader):
+            if b >= self.batch:  # batches before it were trained before a mid-epoch checkpoint
+                self._micro_step(x, torch.as_tensor(y), info)
+                self.batch = b + 1
+                if self.batch % st.grad_accumulation == 0 or self.batch == len(loader):
+                    self._optimizer_step(mid_epoch=self.batch < len(loader))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix_str(f"loss {value:.4f}")
+                bar.set_postfix_str(f"loss {self.last[0]:.4f}")
         if bar is not None:
             bar.close()
-        return {f"train_{k}": v / max(rows, 1) for k, v in total.items()}
+        loss, soft, hard, rows = self.parallel.sum(self.partial.clone()).tolist()
+        self.batch, self.partial = 0, torch.zeros_like(self.partial)
+        return {"train_loss": loss / max(rows, 1), "train_soft": soft / max(rows, 1), "train_hard": hard / max(rows, 1)}
+
+    def _micro_step(self, x, y, info) -> None:
+        """Forward and backward of this rank's share of one batch (gradients accumulate)."""
+        st, rows = self.settings, y.shape[0]
+        part = self.parallel.share(rows)
+        x, y, info = steps.take(x, part, self.device), steps.take(y, part, self.device), steps.take(info, part)
+        with steps.autocast(self.device, st.mixed_precision):
+            out = self.model(x)
+        loss, soft, hard = self.loss_fn(out, info, y)  # the fused loss computes in fp32 whatever out's dtype
+        # This share's mean loss weighted by its part of the optimiser step's rows: the step's
+        # gradient is the mean over all its rows, however they are split into batches and ranks.
+        weight = self.parallel.loss_weight(y.shape[0], rows) * rows / self._step_rows(self.batch)
+        self.scaler.scale(loss * weight).backward()
+        n = y.shape[0]
+        self.last = (float(loss.detach()), float(soft), float(hard))  # soft τ²·D, hard α·CE: one kernel pass
+        self.partial += torch.tensor([self.last[0] * n, self.last[1] * n, self.last[2] * n, n], dtype=torch.float64)
+
+    def _step_rows(self, b: int) -> int:
+        """Rows of the optimiser step that batch ``b`` belongs to (its group of accumulated batches)."""
+        n, size, acc = len(self.data), self.settings.batch_size, self.settings.grad_accumulation
+        first = b - b % acc
+        return min(n, (first + acc) * size) - first * size
+
+    def _optimizer_step(self, mid_epoch: bool) -> None:
+        st = self.settings
+        if st.max_grad_norm is not None:
+            self.scaler.unscale_(self.opt)
+            nn.utils.clip_grad_norm_(self.student.parameters(), st.max_grad_norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.schedule.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        if st.log_every_steps and self.step % st.log_every_steps == 0 and self.writer is not None:
+            for name, value in zip(("loss", "soft", "hard"), self.last):
+                self.writer.add_scalar(f"step/{name}", value, self.step)
+            self.writer.add_scalar("step/lr", self.schedule.get_last_lr()[0], self.step)
+        if mid_epoch and st.checkpoint_every_steps and self.step % st.checkpoint_every_steps == 0:
+            self._save()
 
     def _stop_early(self) -> bool:
         p = self.settings.patience
@@ -307,11 +380,15 @@ class _Run:
     # ------------------------------------------------------------------ checkpoint
 
     def _state(self) -> dict:
-        return {"student": self.student.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch,
-                "history": self.history, "best": self.best, "best_state": self.best_state,
-                "rng": torch.get_rng_state(), "made_from": self.made_from}
+        return {"student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
+                "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+                "batch": self.batch, "step": self.step, "partial": self.partial, "history": self.history,
+                "best": self.best, "best_state": self.best_state, "rng": torch.get_rng_state(),
+                "made_from": self.made_from}
 
     def _save(self) -> None:
+        if not self.lead:
+            return
         buffer = io.BytesIO()
         torch.save(self._state(), buffer)
         # One file holds the checksum and the state: a kill cannot leave them out of step.
@@ -326,15 +403,21 @@ class _Run:
         if state.get("made_from") != self.made_from:
             why = provenance.changes(state.get("made_from") or {}, self.made_from)
             self.log(f"[train] checkpoint {path} was made otherwise ({'; '.join(why)}): training restarts")
-            os.unlink(path)
+            if self.lead:
+                os.unlink(path)
             return
         self.student.load_state_dict(state["student"])
         self.opt.load_state_dict(state["optimizer"])
-        self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.partial, self.history, self.best = state["partial"], state["history"], state["best"]
         self.best_state = state["best_state"]
         torch.set_rng_state(state["rng"])
 
     def _save_student(self) -> None:
+        if not self.lead:
+            return
         shards.write_atomically(os.path.join(self.out_dir, STUDENT), save_checked(self.student.state_dict()))
 
     def summary(self) -> dict:
