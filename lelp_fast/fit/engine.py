@@ -123,16 +123,17 @@ class FitResult:
 class _Progress:
     """tqdm bar over rows with throughput in rows/s and GB/s."""
 
-    def __init__(self, enabled: bool, total: Optional[int], desc: str):
+    def __init__(self, enabled: bool, total: Optional[int], desc: str, world: int = 1):
         from tqdm.auto import tqdm
 
+        self.world = world
         self.bar = tqdm(total=total, desc=desc, unit="rows", unit_scale=True, disable=not enabled)
         self.t0 = time.perf_counter()
         self.bytes = 0
 
     def update(self, rows: int, nbytes: int) -> None:
         self.bytes += nbytes
-        self.bar.update(rows)
+        self.bar.update(rows * self.world)  # rank 0's rows stand for every rank's share
         dt = max(time.perf_counter() - self.t0, 1e-9)
         self.bar.set_postfix_str(f"{self.bytes / dt / 1e9:.2f} GB/s", refresh=False)
 
@@ -333,7 +334,7 @@ def _accumulate(source, settings, head_weight, head_bias, projector, process_gro
     reader = _ChunkReader(settings, head_weight, head_bias)
     t0 = time.perf_counter()
     workspace = torch.empty(0)
-    bar = _Progress(progress and rank == 0, source.n_rows, "fit")
+    bar = _Progress(progress and rank == 0, source.n_rows, "fit", world)
 
     def chunk_stream(skip: int, every: int = 1):
         chunks = source.chunks(settings.chunk_bytes, skip=skip, rank=rank, world=world, every=every)

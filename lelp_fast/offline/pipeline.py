@@ -114,9 +114,12 @@ def _generate(projector, src, out_dir, settings, chunk_bytes, backend, device, p
             writer.submit(chunk, tensors)
             if bar is not None:
                 read_bytes += chunk.embeddings.numel() * chunk.embeddings.element_size()
-                bar.update(chunk.embeddings.shape[0])
+                # Rank 0 shows its rows times the world size: the ranks share the chunks evenly.
+                bar.update(min(chunk.embeddings.shape[0] * world, (bar.total or 1 << 62) - bar.n))
                 bar.set_postfix_str(f"{read_bytes / max(1e-9, time.perf_counter() - started) / 1e9:.2f} GB/s")
         writer.close()
+        if bar is not None and bar.total:
+            bar.update(bar.total - bar.n)  # finished: every rank's share is done
     finally:
         writer.abort()
         if bar is not None:
