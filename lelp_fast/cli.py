@@ -26,6 +26,8 @@ subclass soft targets for training a student.
   lelp-fast capture --model teacher/ --data train.csv --out cap/   a saved transformers classifier
   lelp-fast run examples/configs/fashion_mnist.yaml   capture -> fit -> targets -> train -> report
   lelp-fast tune examples/configs/fashion_mnist.yaml  choose S, beta, tau on the validation split
+  lelp-fast export examples/configs/fashion_mnist.yaml --format onnx --out student.onnx   C class logits
+  lelp-fast export --hf-model student/ --subclasses 4 --labels neg pos --out classifier/
 
 Run 'lelp-fast COMMAND --help' for each command's options.
 """
@@ -360,6 +362,57 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    if (args.config is None) == (args.hf_model is None):
+        raise SystemExit("error: give a run CONFIG or --hf-model DIR (one of the two)")
+    if args.hf_model is not None:
+        from .export.hf import export_hf
+
+        if args.subclasses is None:
+            raise SystemExit("error: --hf-model needs --subclasses (S, the student's outputs per class)")
+        model = export_hf(args.hf_model, args.out, n_subclasses=args.subclasses, tau=args.tau or 1.0,
+                          labels=args.labels, tokenizer=args.tokenizer)
+        names = ", ".join(model.config.id2label[i] for i in range(model.config.num_labels))
+        print(f"wrote {args.out}: a transformers classifier with labels {names} (load it after "
+              "'import lelp_fast.export.hf', or with trust_remote_code=True)")
+        return 0
+    from .config import load_config
+    from .export.from_run import export_run
+
+    if args.subclasses or args.tau or args.labels or args.tokenizer:
+        raise SystemExit("error: --subclasses, --tau, --labels and --tokenizer are for --hf-model; a run CONFIG "
+                         "takes them from its training report")
+    cfg = load_config(args.config)
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    model = export_run(cfg, args.out, args.format)
+    print(f"wrote {args.out}: {args.format}, inputs -> {model.num_classes} class logits "
+          f"(S={model.n_subclasses} pooled at tau={model.tau})")
+    return 0
+
+
+def _add_export(sub) -> None:
+    from .export import FORMATS
+
+    exp = sub.add_parser(
+        "export",
+        help="save the trained student as a C-class model (the S-way pooling folded in)",
+        description="A run CONFIG: the student in work_dir/student, pooled at the training tau, saved as a "
+        "torch.export program (.pt2), ONNX or TorchScript. --hf-model: a transformers student with C*S labels "
+        "saved as a classifier whose config and pipeline answer with the C labels.",
+    )
+    exp.add_argument("config", nargs="?", help="YAML run config whose student was trained")
+    exp.add_argument("--format", choices=FORMATS, default="torch-export", help="for a run CONFIG (default torch-export)")
+    exp.add_argument("--work-dir", help="override the config's work_dir")
+    exp.add_argument("--hf-model", help="save_pretrained directory of a transformers student with C*S labels")
+    exp.add_argument("--subclasses", type=positive_int, help="S (--hf-model)")
+    exp.add_argument("--tau", type=positive_float, help="the loss's tau (--hf-model; default 1)")
+    exp.add_argument("--labels", nargs="+", help="the C class names (--hf-model; default LABEL_i)")
+    exp.add_argument("--tokenizer", help="tokenizer directory to save alongside (--hf-model; default: the model's)")
+    exp.add_argument("--out", required=True, help="output file (run CONFIG) or directory (--hf-model)")
+    exp.set_defaults(func=_cmd_export)
+
+
 def _add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo",
@@ -586,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     for add in (_add_demo, _add_fit, _add_inspect, _add_targets, _add_capture, _add_config_commands, _add_tune,
-                _add_bench):
+                _add_export, _add_bench):
         add(sub)
     return parser
 
