@@ -72,7 +72,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    divergence: Literal["kl", "reverse_kl", "js", "tvd", "mse"] = "kl"
+    divergence: Literal["kl", "reverse_kl", "js", "jsd", "tvd", "mse"] = "kl"  # "jsd": TRL's and Liger's "js"
     jsd_beta: float = Field(0.5, ge=0, le=1)
     tau: float = Field(1.0, gt=0)
     alpha: float = Field(0.0, ge=0)

@@ -95,3 +95,21 @@ def test_bad_input(fitted):
         LELPLoss(proj, alpha=1.0)(torch.randn(4, 6), torch.log_softmax(torch.randn(4, 6), -1))
     with pytest.raises(ValueError, match="pass targets"):
         LELPLoss(num_classes=2, n_subclasses=3)(torch.randn(4, 6))
+
+
+def test_jsd_is_accepted_as_js_by_the_module_and_kd(fitted):
+    from lelp_fast.methods.kd import KDLoss
+
+    proj, h, y = fitted
+    log_t = proj.targets(h[:40].float())
+    s = torch.randn(40, 6, dtype=torch.float64)
+    loss = LELPLoss(proj, divergence="jsd", jsd_beta=0.25)
+    assert loss.divergence == "js"
+    want = reference.distillation_loss(s, log_t.double(), num_classes=2, n_subclasses=3, divergence_kind="js",
+                                       jsd_beta=0.25, tau=1.4)
+    torch.testing.assert_close(loss(s, log_t), want)
+    z = torch.randn(40, 2, dtype=torch.float64)
+    kd = KDLoss(2, divergence="jsd", tau=2.0)(s[:, :2], z)
+    torch.testing.assert_close(kd, KDLoss(2, divergence="js", tau=2.0)(s[:, :2], z))
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        LELPLoss(proj, divergence="JSD")

@@ -28,7 +28,7 @@ from ..io.locks import ExclusiveLock
 from ..metrics import agreement, predictive_kl
 from ..offline import TargetsDataset, shards
 from ..ops.loss import distill_loss
-from ..reference import DIVERGENCES, class_logits
+from ..reference import canonical_divergence, class_logits
 from .report import write_report
 
 CHECKPOINT = "checkpoint.pt"
@@ -59,8 +59,7 @@ class TrainSettings:
         for name in ("lr", "tau"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)!r}")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"train.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        canonical_divergence(self.divergence, "train.divergence")  # "jsd" is accepted as "js"
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"train.patience must be >= 1 or None, got {self.patience!r}")
 
