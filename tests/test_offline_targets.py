@@ -385,3 +385,54 @@ def test_gpu_run_matches_the_reference(problem, tmp_path, compact):
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
     cpu = TargetsDataset(str(tmp_path / "cpu"), **extra).targets(range(450))
     torch.testing.assert_close(got, cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors", "parquet"])
+def test_a_flipped_byte_in_a_targets_shard_is_refused_where_it_is_read(problem, tmp_path, fmt):
+    from lelp_fast.train import TrainSettings, distill
+
+    h, y, projector = problem
+    out = str(tmp_path / "targets")
+    manifest = generate_targets(projector, h, out, format=fmt, chunk_bytes=CHUNK)
+    clean = TargetsDataset(out).targets(range(450))
+    name = next(iter(manifest["shards"][2]["files"].values()))["file"]
+    path = os.path.join(out, name)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:  # same size: only a checksum can tell (the last byte is a target value in npy)
+        at = size - 1 if fmt != "parquet" else size // 2
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(ValueError, match=f"{name} is corrupt: its sha256 does not match") as caught:
+        TargetsDataset(out).targets(range(450))
+    assert "\n" not in str(caught.value) and path in str(caught.value)
+    torch.testing.assert_close(TargetsDataset(out).targets(range(97)), clean[:97])  # the other shards still read
+    with pytest.raises(ValueError, match=f"{name} is corrupt"):
+        distill(torch.nn.Linear(D, 12), TensorDataset(h, y), out, str(tmp_path / "train"), num_classes=3,
+                n_subclasses=4, settings=TrainSettings(epochs=1, batch_size=64, tensorboard=False))
+    if fmt == "npy":  # the explicit opt-out reads the file unchecked
+        unchecked = TargetsDataset(out, verify=False).targets(range(450))
+        assert not torch.equal(unchecked, clean)
+
+
+def test_batches_are_gathered_and_equal_the_rows_of_a_dataloader(problem, tmp_path):
+    from lelp_fast.offline import batch_loader
+
+    h, y, projector = problem
+    generate_targets(projector, h, str(tmp_path), chunk_bytes=CHUNK, dtype="float16")
+    x = torch.randn(450, 5)
+    for inputs in (TensorDataset(x, y), x, [(x[i], y[i]) for i in range(450)]):  # tensors, a tensor, any dataset
+        ds = TargetsDataset(str(tmp_path), inputs)
+        rows = DataLoader(ds, batch_size=64, shuffle=True, collate_fn=collate_with_targets,
+                          generator=torch.Generator().manual_seed(3))
+        gathered = batch_loader(ds, 64, shuffle=True, generator=torch.Generator().manual_seed(3))
+        assert len(gathered) == len(rows) == 8
+        for (a_in, a_t), (b_in, b_t) in zip(rows, gathered):
+            assert torch.equal(a_t, b_t) and a_t.dtype == torch.float16
+            for a, b in zip(a_in if isinstance(inputs, (TensorDataset, list)) else [a_in],
+                            b_in if isinstance(inputs, (TensorDataset, list)) else [b_in]):
+                assert torch.equal(a, b)
+    want = projector.targets(h.double(), out_dtype=torch.float64, backend="torch")
+    got = torch.cat(list(batch_loader(TargetsDataset(str(tmp_path)), 100)))  # no dataset: targets only, in order
+    torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-3)

@@ -121,6 +121,14 @@ class CaptureDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         return self.__getitems__([i])[0]
 
+    def batch(self, indices):
+        """``(inputs, (embeddings, teacher_logits))`` of the rows, each gathered as one batch."""
+        from ..offline.dataset import gather_rows
+
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        rows = self.source.rows(idx)
+        return gather_rows(self.dataset, idx), (rows["embeddings"], rows["teacher_logits"])
+
     def __getitems__(self, indices):
         rows = self.source.rows(indices)
         return [(self.dataset[i], (rows["embeddings"][j], rows["teacher_logits"][j])) for j, i in enumerate(indices)]

@@ -22,11 +22,11 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 from ..io.locks import ExclusiveLock
 from ..metrics import agreement, predictive_kl
-from ..offline import TargetsDataset, shards
+from ..offline import TargetsDataset, batch_loader, shards
 from ..ops.loss import distill_loss
 from ..reference import canonical_divergence, class_logits
 from .report import write_report
@@ -200,8 +200,9 @@ class _Run:
         st = self.settings
         self.student.train()
         order = torch.Generator().manual_seed(st.seed + self.epoch)
-        loader = DataLoader(self.data, batch_size=st.batch_size, shuffle=True, generator=order,
-                            collate_fn=default_collate)
+        # Gathered batches (slices of the mapped shards and of tensor inputs), in the order a
+        # DataLoader(shuffle=True, generator=order) gives: resumed runs see the same batches.
+        loader = batch_loader(self.data, st.batch_size, shuffle=True, generator=order)
         total = {"loss": 0.0, "soft": 0.0, "hard": 0.0}
         rows = 0
         bar = _bar(progress, len(loader), self.epoch + 1)
