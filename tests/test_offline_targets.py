@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lelp_fast import LELPProjector, TargetsDataset, collate_with_targets, generate_targets
+from lelp_fast import LELPProjector, TargetsDataset, collate_with_targets, generate_targets, reference
 from lelp_fast.io import ArraySource
 from lelp_fast.offline import shards
 from conftest import make_problem
@@ -436,3 +436,37 @@ def test_batches_are_gathered_and_equal_the_rows_of_a_dataloader(problem, tmp_pa
     want = projector.targets(h.double(), out_dtype=torch.float64, backend="torch")
     got = torch.cat(list(batch_loader(TargetsDataset(str(tmp_path)), 100)))  # no dataset: targets only, in order
     torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-3)
+
+
+@pytest.mark.parametrize("fmt,dtype,compact", [("npy", "float16", False), ("safetensors", "bfloat16", False),
+                                               ("parquet", "float32", False), ("npy", "float32", True)])
+def test_targets_open_as_a_hf_dataset_viewing_the_mapped_shards(problem, tmp_path, fmt, dtype, compact):
+    pytest.importorskip("datasets", reason="datasets is not installed (pip install 'lelp_fast[datasets]')")
+    h, _, projector = problem
+    generate_targets(projector, h, str(tmp_path), format=fmt, dtype=dtype, compact=compact, chunk_bytes=CHUNK)
+    store = TargetsDataset(str(tmp_path), **({"beta": 0.7, "tau": 1.3} if compact else {}))
+    ds = store.to_hf_dataset()
+    assert ds.num_rows == 450 and ds.column_names == (["u", "teacher_logits"] if compact else ["log_targets"])
+    rows = ds.with_format("torch", dtype=torch.float64)[:]
+    if compact:  # the stored fields, and the targets rebuilt from them equal the fp64 reference
+        got = reference.log_targets(rows["u"], rows["teacher_logits"], 4, 0.7, 1.3)
+    else:
+        got = rows["log_targets"]
+    want = projector.targets(h.double(), beta=0.7, tau=1.3, out_dtype=torch.float64, backend="torch")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    if fmt != "parquet" and dtype != "bfloat16":  # no copy: Arrow's buffer is the mapped file's memory
+        first = ds.data.table.column(ds.column_names[0]).chunk(0).values.buffers()[1].address
+        assert first == store._shard(0)[ds.column_names[0]].data_ptr()
+
+
+def test_hf_dataset_of_a_corrupt_store_names_the_file(problem, tmp_path):
+    pytest.importorskip("datasets", reason="datasets is not installed")
+    h, _, projector = problem
+    generate_targets(projector, h, str(tmp_path), chunk_bytes=CHUNK)
+    path = tmp_path / "shard-000004.log_targets.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-000004.log_targets.npy is corrupt"):
+        TargetsDataset(str(tmp_path)).to_hf_dataset()

@@ -6,6 +6,7 @@ import hashlib
 import os
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource, wanted
@@ -29,6 +30,7 @@ class CaptureSource(EmbeddingSource):
             mf.verify_shard(self.directory, entry, checksums=verify)
         self.shards = manifest["shards"]
         self.n_rows = manifest["n_rows"]
+        self.embeddings_dtype = manifest["settings"].get("dtype")
         self._starts = torch.tensor([e["rows"][0] for e in self.shards], dtype=torch.int64)
         with open(os.path.join(self.directory, mf.MANIFEST), "rb") as f:
             self._fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
@@ -99,6 +101,25 @@ class CaptureSource(EmbeddingSource):
 
     def __getstate__(self) -> dict:  # DataLoader workers: the paths, not the loaded shards
         return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+
+    def to_hf_dataset(self, verify: bool = True):
+        """The capture as a ``datasets.Dataset`` (``embeddings``, ``teacher_logits``, ``labels`` per row),
+        viewing the memory-mapped shards without a copy; with ``verify`` each shard's sha256 is checked
+        on the same mapping as it is opened (bfloat16 embeddings are widened to float32: Arrow has none)."""
+        from ..io import mapped
+        from ..io.arrow import hf_dataset, table
+
+        tables = []
+        for entry in self.shards:
+            info = entry["files"]["capture"]
+            arrays = mapped.safetensors_arrays(os.path.join(self.directory, info["file"]),
+                                               info["sha256"] if verify else None,
+                                               "; rerun the capture with the same arguments to rewrite it")
+            if self.embeddings_dtype == "bfloat16":  # mapped as its uint16 bits
+                arrays["embeddings"] = torch.from_numpy(arrays["embeddings"].view(np.int16).copy()).view(
+                    torch.bfloat16).float().numpy()
+            tables.append(table({k: arrays[k] for k in ("embeddings", "teacher_logits", "labels")}))
+        return hf_dataset(tables)
 
     def tensors(self) -> dict:
         """Every row at once (small captures, evaluation sets): embeddings, teacher_logits, labels."""

@@ -122,6 +122,21 @@ class TargetsDataset(Dataset):
         t = self.targets(idx)
         return t if self.dataset is None else (gather_rows(self.dataset, idx), t)
 
+    def to_hf_dataset(self):
+        """The stored fields as a ``datasets.Dataset``, one row per target row (``log_targets``, or
+        ``u`` and ``teacher_logits`` when compact), viewing the mapped shards without a copy (each
+        shard checked as it is read, as for training). Join it to a tokenised dataset with
+        ``datasets.concatenate_datasets([tokenised, targets], axis=1)``."""
+        from ..io.arrow import hf_dataset, table
+
+        order = shards.fields(self.settings["compact"])  # the written order, whatever the file's
+        tables = []
+        for s in range(len(self.shards)):
+            tensors = self._shard(s)
+            names = sorted(tensors, key=lambda n: (order.index(n) if n in order else len(order), n))
+            tables.append(table({name: _numpy(tensors[name]) for name in names}))
+        return hf_dataset(tables)
+
     def __getitem__(self, i: int) -> Any:
         t = self.targets([i])[0]
         return t if self.dataset is None else (self.dataset[i], t)
@@ -132,6 +147,11 @@ class TargetsDataset(Dataset):
         if self.dataset is None:
             return list(t)
         return [(self.dataset[i], t[j]) for j, i in enumerate(indices)]
+
+
+def _numpy(t: torch.Tensor):
+    """A shard field for Arrow: the mapped array itself, bfloat16 widened to float32 (Arrow has none)."""
+    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _check_temperatures(settings: dict, beta, tau) -> None:
