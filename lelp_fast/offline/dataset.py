@@ -19,6 +19,7 @@ from torch.utils.data import default_collate
 from .. import reference
 from . import manifest as mf
 from . import shards
+from .teacher_store import dense_topk_log_targets
 
 # Shards kept open: a mapping costs a file descriptor and address space, not memory, so training
 # that draws each batch from every shard keeps them all; decoded Parquet shards cost memory.
@@ -32,12 +33,15 @@ class TargetsDataset(Dataset):
     reads fp16/bf16 directly). ``TargetsDataset(dir, dataset)[i]`` is ``(dataset[i], log_t_i)``.
     ``batch(rows)`` gives the same for many rows at once, gathered (what :func:`batch_loader` and
     ``distill`` use). Compact outputs (``u`` and teacher logits) are turned into log-targets at the
-    ``beta`` and ``tau`` given here (fp32). ``.npy`` and ``.safetensors`` shards are memory-mapped.
+    ``beta`` and ``tau`` given here (fp32), as are plain teacher outputs (``store_teacher_outputs``:
+    logits at the ``tau`` given here, or top-k log-probabilities made dense). ``.npy`` and
+    ``.safetensors`` shards are memory-mapped.
 
     Args:
         directory: a finished ``generate_targets`` / ``lelp-fast targets`` output directory.
         dataset: optional map-style dataset (or tensor) with exactly the same number of rows.
-        beta, tau: temperatures for compact outputs (required there; refused otherwise).
+        beta, tau: temperatures for compact outputs (both required), stored logits (tau required);
+            refused for outputs written at fixed temperatures.
         verify: check each shard's sha256 on its first read, on the bytes the tensors are read from
             (one pass over each file, during training rather than before it); a mismatch is an
             error naming the file. ``verify=False`` skips the hashes; sizes are always checked.
@@ -100,20 +104,27 @@ class TargetsDataset(Dataset):
         """Log-targets of the given rows (len(indices) x K): one gather per shard the rows fall in."""
         idx = _row_index(indices, self.n_rows)
         k = self.settings["K"]
-        dtype = torch.float32 if self.settings["compact"] else shards.DTYPES[self.settings["dtype"]]
+        stored = self.settings.get("kind", "lelp") == "lelp" and not self.settings["compact"]
+        dtype = shards.DTYPES[self.settings["dtype"]] if stored else torch.float32  # else computed in fp32
         out = torch.empty(idx.numel(), k, dtype=dtype)
         shard_of = torch.searchsorted(self._starts_tensor, idx, right=True) - 1
         for s in torch.unique(shard_of).tolist():
             where = torch.nonzero(shard_of == s).flatten()
-            local = idx[where] - self._starts[s]
-            tensors = self._shard(s)
-            if self.settings["compact"]:
-                u = tensors["u"][local].float()
-                z = tensors["teacher_logits"][local].float()
-                out[where] = reference.log_targets(u, z, self.settings["n_subclasses"], self.beta, self.tau).float()
-            else:
-                out[where] = tensors["log_targets"][local]
+            out[where] = self._log_targets(self._shard(s), idx[where] - self._starts[s])
         return out
+
+    def _log_targets(self, tensors: dict, local: torch.Tensor) -> torch.Tensor:
+        """One shard's rows as log-targets, from whatever the store holds."""
+        kind = self.settings.get("kind", "lelp")
+        if kind == "teacher_logits":  # vanilla KD targets at the τ chosen now
+            return torch.log_softmax(tensors["teacher_logits"][local].float() / self.tau, dim=-1)
+        if kind == "teacher_topk":
+            return dense_topk_log_targets(tensors["topk_log_probs"][local], tensors["topk_indices"][local],
+                                          self.settings["K"])
+        if self.settings["compact"]:
+            u, z = tensors["u"][local].float(), tensors["teacher_logits"][local].float()
+            return reference.log_targets(u, z, self.settings["n_subclasses"], self.beta, self.tau).float()
+        return tensors["log_targets"][local]
 
     def batch(self, indices: Sequence[int]) -> Any:
         """``log_t`` (B, K) of the rows, or ``(inputs, log_t)`` with the joined dataset's rows gathered
@@ -129,7 +140,7 @@ class TargetsDataset(Dataset):
         ``datasets.concatenate_datasets([tokenised, targets], axis=1)``."""
         from ..io.arrow import hf_dataset, table
 
-        order = shards.fields(self.settings["compact"])  # the written order, whatever the file's
+        order = shards.fields(self.settings["compact"], self.settings.get("kind", "lelp"))  # the written order
         tables = []
         for s in range(len(self.shards)):
             tensors = self._shard(s)
@@ -155,10 +166,16 @@ def _numpy(t: torch.Tensor):
 
 
 def _check_temperatures(settings: dict, beta, tau) -> None:
-    compact = settings["compact"]
-    if compact and (beta is None or tau is None):
+    kind, compact = settings.get("kind", "lelp"), settings["compact"]
+    if kind == "teacher_logits":
+        if tau is None or beta is not None:
+            raise ValueError("these are stored teacher logits: pass tau (the KD temperature), not beta")
+    elif kind == "teacher_topk" and (beta is not None or tau is not None):
+        raise ValueError(f"these top-k log-probabilities were stored at tau={settings['tau']}; pass neither beta "
+                         "nor tau")
+    elif compact and (beta is None or tau is None):
         raise ValueError("these targets are stored compact (u and teacher logits): pass beta and tau")
-    if not compact and (beta is not None or tau is not None):
+    elif kind == "lelp" and not compact and (beta is not None or tau is not None):
         raise ValueError(f"these targets were written at beta={settings['beta']}, tau={settings['tau']}; "
                          "regenerate them with --compact to choose beta and tau at training time")
     for name, value in (("beta", beta), ("tau", tau)):

@@ -31,15 +31,22 @@ FORMATS = ("npy", "safetensors", "parquet")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def fields(compact: bool) -> List[str]:
+# The fields of the stores of plain teacher outputs (offline/teacher_store.py), by settings["kind"].
+KIND_FIELDS = {"teacher_logits": ["teacher_logits"], "teacher_topk": ["topk_log_probs", "topk_indices"]}
+
+
+def fields(compact: bool, kind: str = "lelp") -> List[str]:
+    if kind in KIND_FIELDS:
+        return KIND_FIELDS[kind]
     return ["u", "teacher_logits"] if compact else ["log_targets"]
 
 
-def shard_files(fmt: str, index: int, compact: bool) -> Dict[str, str]:
-    """File name per field (npy), or the one file under the key ``"*"`` (safetensors, parquet)."""
+def shard_files(fmt: str, index: int, compact: bool, names: Optional[List[str]] = None) -> Dict[str, str]:
+    """File name per field (npy; ``names``, default the LELP fields), or the one file under the key
+    ``"*"`` (safetensors, parquet)."""
     base = f"shard-{index:06d}"
     if fmt == "npy":
-        return {field: f"{base}.{field}.npy" for field in fields(compact)}
+        return {field: f"{base}.{field}.npy" for field in (names or fields(compact))}
     return {"*": f"{base}.{fmt}"}
 
 
