@@ -139,3 +139,17 @@ def test_text_from_a_save_to_disk_directory(saved, tmp_path):
     assert got_texts == texts and torch.equal(got_labels, labels)
     with pytest.raises(ValueError, match="no state.json"):
         read_text_table(str(tmp_path))
+
+
+def test_trainer_example_from_the_store_runs(tmp_path):
+    pytest.importorskip("datasets", reason="datasets is not installed (pip install 'lelp_fast[datasets]')")
+    import os
+    import subprocess
+    import sys
+
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                           "hf_trainer_from_store.py")
+    out = subprocess.run([sys.executable, example, "--steps", "3", "--work-dir", str(tmp_path)], check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    assert "plain KD (jsd) from stored logits" in out and "LELP (S=2) from stored targets" in out
+    assert "exported classifier: [{'label': '" in out
