@@ -9,6 +9,7 @@ TorchScript (deprecated by PyTorch, kept for runtimes that still load it).
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Any, Tuple
@@ -88,8 +89,16 @@ def _save_onnx(model: nn.Module, path: str, example) -> None:
     except ImportError:
         raise ImportError("ONNX export needs onnx and onnxscript: pip install 'lelp_fast[export]'") from None
     names = [f"input_{i}" for i in range(len(example))] if len(example) > 1 else ["input"]
-    torch.onnx.export(model, example, path, dynamo=True, input_names=names, output_names=["class_logits"],
-                      dynamic_shapes=_dynamic_batch(example), verbose=False)
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, not the user's
+            torch.onnx.export(model, example, path, dynamo=True, input_names=names, output_names=["class_logits"],
+                              dynamic_shapes=_dynamic_batch(example), verbose=False)
+    finally:
+        quiet.setLevel(level)
 
 
 def _save_torchscript(model: nn.Module, path: str, example) -> None:
