@@ -21,9 +21,10 @@ from . import manifest as mf
 from . import shards
 from .teacher_store import dense_topk_log_targets
 
-# Shards kept open: a mapping costs a file descriptor and address space, not memory, so training
-# that draws each batch from every shard keeps them all; decoded Parquet shards cost memory.
-MAX_OPEN = {"npy": 256, "safetensors": 256, "parquet": 2}
+# Shards kept open: a mapping costs a file descriptor (two for compact npy) and address space, not
+# memory, so training that draws each batch from every shard keeps them all up to this many (past
+# it a shard is mapped again, not hashed again); decoded Parquet shards cost memory.
+MAX_OPEN = {"npy": 128, "safetensors": 128, "parquet": 2}
 
 
 class TargetsDataset(Dataset):
