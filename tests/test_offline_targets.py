@@ -470,3 +470,21 @@ def test_hf_dataset_of_a_corrupt_store_names_the_file(problem, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="shard-000004.log_targets.npy is corrupt"):
         TargetsDataset(str(tmp_path)).to_hf_dataset()
+
+
+def test_each_shard_is_hashed_once_even_when_its_mapping_is_dropped(problem, tmp_path, monkeypatch):
+    from lelp_fast.io import mapped
+    from lelp_fast.offline import dataset as dataset_module
+
+    h, _, projector = problem
+    generate_targets(projector, h, str(tmp_path), chunk_bytes=CHUNK, dtype="float32")
+    hashed = []
+    real = mapped.map_file
+    monkeypatch.setattr(mapped, "map_file", lambda path, sha256=None, hint="": (
+        hashed.append(os.path.basename(path)) if sha256 else None) or real(path, sha256, hint))
+    monkeypatch.setitem(dataset_module.MAX_OPEN, "npy", 1)  # every batch below re-maps shards
+    ds = TargetsDataset(str(tmp_path))
+    want = projector.targets(h.double(), out_dtype=torch.float64, backend="torch")
+    for rows in (range(450), range(449, -1, -1), [0, 449, 100, 300]):
+        torch.testing.assert_close(ds.targets(list(rows)).double(), want[list(rows)], atol=1e-5, rtol=1e-5)
+    assert sorted(hashed) == [f"shard-{i:06d}.log_targets.npy" for i in range(5)]
