@@ -22,6 +22,7 @@ subclass soft targets for training a student.
                 --subclasses 4 --out projector.safetensors
   lelp-fast inspect projector.safetensors --plot spectrum.png
   lelp-fast targets --projector projector.safetensors --embeddings E.npy --out targets/
+  lelp-fast teacher-outputs --logits Z.npy [--top-k 20 --tau 2] --out kd_store/   plain KD, same store
   lelp-fast bench quality --dataset hierarchical --methods LELP "vanilla KD"
   lelp-fast capture --model teacher/ --data train.csv --out cap/   a saved transformers classifier
   lelp-fast run examples/configs/fashion_mnist.yaml   capture -> fit -> targets -> train -> report
@@ -325,6 +326,25 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_teacher_outputs(args: argparse.Namespace) -> int:
+    from .offline import store_teacher_outputs
+
+    if (args.logits is None) == (args.capture is None):
+        raise SystemExit("error: give --logits FILE.npy or --capture DIR (one of the two)")
+    for flag, path in (("--logits", args.logits), ("--capture", args.capture)):
+        if path is not None and not os.path.exists(path):
+            raise SystemExit(f"error: {flag} {path}: no such file or directory")
+    source = _load_npy(args.logits, "logits") if args.logits else args.capture
+    manifest = store_teacher_outputs(
+        source, args.out, top_k=args.top_k, tau=args.tau if args.top_k else 1.0, format=args.format,
+        dtype=args.dtype, chunk_bytes=int(args.chunk_mb * (1 << 20)), progress=not args.quiet,
+        verify=not args.no_verify)
+    what = f"top-{args.top_k} log-probabilities at tau={args.tau} and indices" if args.top_k else "logits"
+    print(f"wrote {args.out}: {manifest['n_rows']} rows of teacher {what} ({manifest['settings']['K']} classes), "
+          f"{len(manifest['shards'])} {args.format} shards, manifest.json")
+    return 0
+
+
 def _cmd_capture(args: argparse.Namespace) -> int:
     from .capture.text import capture_text
 
@@ -525,6 +545,27 @@ def _add_targets(sub) -> None:
     tgt.set_defaults(func=_cmd_targets, labels=None, labels_key=None)
 
 
+def _add_teacher_outputs(sub) -> None:
+    cmd = sub.add_parser(
+        "teacher-outputs",
+        help="store a teacher's logits or top-k log-probabilities for plain KD (sharded, checksummed, resumable)",
+        description="The targets engine without a projector: the teacher's logits (the KD temperature chosen when "
+        "training: TargetsDataset(dir, tau=...)), or with --top-k its k most probable classes' log-probabilities "
+        "at --tau and their indices. Rerunning the same command after an interruption continues where it stopped.",
+    )
+    cmd.add_argument("--logits", help="(N, C) .npy of teacher logits (memory-mapped)")
+    cmd.add_argument("--capture", help="a capture directory (its stored teacher logits)")
+    cmd.add_argument("--top-k", type=positive_int, help="store only the k most probable classes")
+    cmd.add_argument("--tau", type=positive_float, default=1.0, help="temperature of the top-k log-probabilities")
+    cmd.add_argument("--format", choices=("npy", "safetensors", "parquet"), default="npy")
+    cmd.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    cmd.add_argument("--chunk-mb", type=chunk_mib, default=64, help="MiB of logits per shard (default 64)")
+    cmd.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    cmd.add_argument("--no-verify", action="store_true", help="over a finished --out, check shard sizes only")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmd.set_defaults(func=_cmd_teacher_outputs)
+
+
 def _add_capture(sub) -> None:
     cap = sub.add_parser(
         "capture",
@@ -639,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     for add in (_add_demo, _add_fit, _add_inspect, _add_targets, _add_capture, _add_config_commands, _add_tune,
-                _add_export, _add_bench):
+                _add_export, _add_teacher_outputs, _add_bench):
         add(sub)
     return parser
 

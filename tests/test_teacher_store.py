@@ -128,3 +128,22 @@ def test_bad_arguments_are_named(logits, tmp_path):
     bad[17, 2] = float("nan")
     with pytest.raises(ValueError, match="teacher_logits.*row 17"):
         store_teacher_outputs(bad, str(tmp_path / "nan"))
+
+
+def test_teacher_outputs_command(logits, tmp_path, capsys):
+    import numpy as np
+
+    from lelp_fast.cli import main
+
+    np.save(tmp_path / "z.npy", logits.numpy())
+    out = str(tmp_path / "store")
+    assert main(["teacher-outputs", "--logits", str(tmp_path / "z.npy"), "--top-k", "3", "--tau", "2",
+                 "--dtype", "float32", "--out", out, "--quiet"]) == 0
+    assert "230 rows of teacher top-3 log-probabilities at tau=2.0" in capsys.readouterr().out
+    direct = str(tmp_path / "direct")
+    store_teacher_outputs(logits, direct, top_k=3, tau=2.0, dtype="float32")
+    assert torch.equal(TargetsDataset(out).targets(range(230)), TargetsDataset(direct).targets(range(230)))
+    with pytest.raises(SystemExit, match="one of the two"):
+        main(["teacher-outputs", "--out", out])
+    with pytest.raises(SystemExit, match="--capture .*missing: no such file"):
+        main(["teacher-outputs", "--capture", str(tmp_path / "missing"), "--out", out])
