@@ -195,6 +195,8 @@ def test_hf_export_refuses_labels_that_do_not_fit(hf_student, tmp_path):
     tmp, student, _ = hf_student
     with pytest.raises(ValueError, match="labels has 2 names, but the student's 12 outputs / n_subclasses 4 give 3"):
         export_hf(student, str(tmp_path / "x"), n_subclasses=S, labels=["a", "b"])
+    with pytest.raises(ValueError, match="labels must be a list of the 3 class names"):
+        export_hf(student, str(tmp_path / "x"), n_subclasses=S, labels="neg pos neutral")
     with pytest.raises(ValueError, match="not a multiple of n_subclasses=5"):
         export_hf(student, str(tmp_path / "x"), n_subclasses=5)
     with pytest.raises(FileNotFoundError, match="no such directory"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 from .._checks import check_positive
 from . import hf_pooled
@@ -30,12 +30,14 @@ def _load_student(student):
     return AutoModelForSequenceClassification.from_pretrained(os.fspath(student))
 
 
-def _class_names(labels: Union[int, Sequence[str], None], k: int, n_subclasses: int) -> list:
+def _class_names(labels: Optional[Sequence[str]], k: int, n_subclasses: int) -> list:
     if k % n_subclasses:
         raise ValueError(f"the student has {k} labels, not a multiple of n_subclasses={n_subclasses}")
     c = k // n_subclasses
-    if labels is None or isinstance(labels, int):
-        return [f"LABEL_{i}" for i in range(c if labels is None else labels)]
+    if labels is None:
+        return [f"LABEL_{i}" for i in range(c)]
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+        raise ValueError(f"labels must be a list of the {c} class names, got {labels!r}")
     names = [str(x) for x in labels]
     if len(names) != c:
         raise ValueError(f"labels has {len(names)} names, but the student's {k} outputs / n_subclasses "
@@ -46,7 +48,7 @@ def _class_names(labels: Union[int, Sequence[str], None], k: int, n_subclasses: 
 
 
 def export_hf(student, out_dir: str, *, n_subclasses: int, tau: float = 1.0,
-              labels: Union[Sequence[str], None] = None, tokenizer=None,
+              labels: Optional[Sequence[str]] = None, tokenizer=None,
               remote_code: bool = True) -> LELPPooledForSequenceClassification:
     """Saves the C-label classifier around ``student`` (a model with C·S labels, or its directory).
 
