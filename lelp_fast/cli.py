@@ -24,10 +24,13 @@ subclass soft targets for training a student.
                 --subclasses 4 --out projector.safetensors
   lelp-fast inspect projector.safetensors --plot spectrum.png
   lelp-fast targets --projector projector.safetensors --embeddings E.npy --out targets/
+  lelp-fast teacher-outputs --logits Z.npy [--top-k 20 --tau 2] --out kd_store/   plain KD, same store
   lelp-fast bench quality --dataset hierarchical --methods LELP "vanilla KD"
   lelp-fast capture --model teacher/ --data train.csv --out cap/   a saved transformers classifier
   lelp-fast run examples/configs/fashion_mnist.yaml   capture -> fit -> targets -> train -> report
   lelp-fast tune examples/configs/fashion_mnist.yaml  choose S, beta, tau on the validation split
+  lelp-fast export examples/configs/fashion_mnist.yaml --format onnx --out student.onnx   C class logits
+  lelp-fast export --hf-model student/ --subclasses 4 --labels neg pos --out classifier/
 
 Run 'lelp-fast COMMAND --help' for each command's options.
 """
@@ -326,6 +329,25 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_teacher_outputs(args: argparse.Namespace) -> int:
+    from .offline import store_teacher_outputs
+
+    if (args.logits is None) == (args.capture is None):
+        raise SystemExit("error: give --logits FILE.npy or --capture DIR (one of the two)")
+    for flag, path in (("--logits", args.logits), ("--capture", args.capture)):
+        if path is not None and not os.path.exists(path):
+            raise SystemExit(f"error: {flag} {path}: no such file or directory")
+    source = _load_npy(args.logits, "logits") if args.logits else args.capture
+    manifest = store_teacher_outputs(
+        source, args.out, top_k=args.top_k, tau=args.tau if args.top_k else 1.0, format=args.format,
+        dtype=args.dtype, chunk_bytes=int(args.chunk_mb * (1 << 20)), progress=not args.quiet,
+        verify=not args.no_verify)
+    what = f"top-{args.top_k} log-probabilities at tau={args.tau} and indices" if args.top_k else "logits"
+    print(f"wrote {args.out}: {manifest['n_rows']} rows of teacher {what} ({manifest['settings']['K']} classes), "
+          f"{len(manifest['shards'])} {args.format} shards, manifest.json")
+    return 0
+
+
 def _cmd_capture(args: argparse.Namespace) -> int:
     from .capture.text import capture_text
 
@@ -367,6 +389,57 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with open(os.path.join(cfg.work_dir, "report.md")) as f:
             print(f.read(), end="")
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    if (args.config is None) == (args.hf_model is None):
+        raise SystemExit("error: give a run CONFIG or --hf-model DIR (one of the two)")
+    if args.hf_model is not None:
+        from .export.hf import export_hf
+
+        if args.subclasses is None:
+            raise SystemExit("error: --hf-model needs --subclasses (S, the student's outputs per class)")
+        model = export_hf(args.hf_model, args.out, n_subclasses=args.subclasses, tau=args.tau or 1.0,
+                          labels=args.labels, tokenizer=args.tokenizer)
+        names = ", ".join(model.config.id2label[i] for i in range(model.config.num_labels))
+        print(f"wrote {args.out}: a transformers classifier with labels {names} (load it after "
+              "'import lelp_fast.export.hf', or with trust_remote_code=True)")
+        return 0
+    from .config import load_config
+    from .export.from_run import export_run
+
+    if args.subclasses or args.tau or args.labels or args.tokenizer:
+        raise SystemExit("error: --subclasses, --tau, --labels and --tokenizer are for --hf-model; a run CONFIG "
+                         "takes them from its training report")
+    cfg = load_config(args.config)
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    model = export_run(cfg, args.out, args.format)
+    print(f"wrote {args.out}: {args.format}, inputs -> {model.num_classes} class logits "
+          f"(S={model.n_subclasses} pooled at tau={model.tau})")
+    return 0
+
+
+def _add_export(sub) -> None:
+    from .export import FORMATS
+
+    exp = sub.add_parser(
+        "export",
+        help="save the trained student as a C-class model (the S-way pooling folded in)",
+        description="A run CONFIG: the student in work_dir/student, pooled at the training tau, saved as a "
+        "torch.export program (.pt2), ONNX or TorchScript. --hf-model: a transformers student with C*S labels "
+        "saved as a classifier whose config and pipeline answer with the C labels.",
+    )
+    exp.add_argument("config", nargs="?", help="YAML run config whose student was trained")
+    exp.add_argument("--format", choices=FORMATS, default="torch-export", help="for a run CONFIG (default torch-export)")
+    exp.add_argument("--work-dir", help="override the config's work_dir")
+    exp.add_argument("--hf-model", help="save_pretrained directory of a transformers student with C*S labels")
+    exp.add_argument("--subclasses", type=positive_int, help="S (--hf-model)")
+    exp.add_argument("--tau", type=positive_float, help="the loss's tau (--hf-model; default 1)")
+    exp.add_argument("--labels", nargs="+", help="the C class names (--hf-model; default LABEL_i)")
+    exp.add_argument("--tokenizer", help="tokenizer directory to save alongside (--hf-model; default: the model's)")
+    exp.add_argument("--out", required=True, help="output file (run CONFIG) or directory (--hf-model)")
+    exp.set_defaults(func=_cmd_export)
 
 
 def _add_demo(sub) -> None:
@@ -481,6 +554,27 @@ def _add_targets(sub) -> None:
                           "and over a finished --out (default: sha256 too; damaged output shards are rewritten)")
     tgt.add_argument("--quiet", action="store_true", help="no progress bar")
     tgt.set_defaults(func=_cmd_targets, labels=None, labels_key=None)
+
+
+def _add_teacher_outputs(sub) -> None:
+    cmd = sub.add_parser(
+        "teacher-outputs",
+        help="store a teacher's logits or top-k log-probabilities for plain KD (sharded, checksummed, resumable)",
+        description="The targets engine without a projector: the teacher's logits (the KD temperature chosen when "
+        "training: TargetsDataset(dir, tau=...)), or with --top-k its k most probable classes' log-probabilities "
+        "at --tau and their indices. Rerunning the same command after an interruption continues where it stopped.",
+    )
+    cmd.add_argument("--logits", help="(N, C) .npy of teacher logits (memory-mapped)")
+    cmd.add_argument("--capture", help="a capture directory (its stored teacher logits)")
+    cmd.add_argument("--top-k", type=positive_int, help="store only the k most probable classes")
+    cmd.add_argument("--tau", type=positive_float, default=1.0, help="temperature of the top-k log-probabilities")
+    cmd.add_argument("--format", choices=("npy", "safetensors", "parquet"), default="npy")
+    cmd.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    cmd.add_argument("--chunk-mb", type=chunk_mib, default=64, help="MiB of logits per shard (default 64)")
+    cmd.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    cmd.add_argument("--no-verify", action="store_true", help="over a finished --out, check shard sizes only")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmd.set_defaults(func=_cmd_teacher_outputs)
 
 
 def _add_capture(sub) -> None:
@@ -604,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     for add in (_add_demo, _add_fit, _add_inspect, _add_targets, _add_capture, _add_config_commands, _add_tune,
-                _add_bench):
+                _add_export, _add_teacher_outputs, _add_bench):
         add(sub)
     return parser
 

@@ -92,7 +92,7 @@ class TrainConfig(_Section):
     batch_size: Count = 128
     lr: Positive = 1e-3
     weight_decay: NonNegative = 0.0
-    divergence: Literal["kl", "reverse_kl", "js", "tvd", "mse"] = "kl"
+    divergence: Literal["kl", "reverse_kl", "js", "jsd", "tvd", "mse"] = "kl"  # "jsd": TRL's and Liger's "js"
     jsd_beta: float = Field(0.5, ge=0, le=1)
     tau: Positive = 1.0
     alpha: NonNegative = 0.0

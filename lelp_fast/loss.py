@@ -27,7 +27,8 @@ class LELPLoss(nn.Module):
     Args:
         projector: fitted projector for the online mode (gives C and S too), or a list of them.
         num_classes, n_subclasses: C and S for the offline mode without a projector.
-        divergence: "kl" (KL(t‖q), default), "reverse_kl", "js" (the generalised JSD with ``jsd_beta``),
+        divergence: "kl" (KL(t‖q), default), "reverse_kl", "js" or its alias "jsd" (the generalised JSD with
+            ``jsd_beta``),
             "tvd" or "mse" (squared error of the centred logits s/τ and log t).
         jsd_beta: the generalised JSD's β (Liger-Kernel, TRL): 0 forward KL, 1 reverse KL, 0.5 (default) JS.
         tau: class temperature τ (also used for the targets online); default the projector's or 1.
@@ -54,7 +55,7 @@ class LELPLoss(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        check_choice("divergence", divergence, reference.DIVERGENCES)
+        divergence = reference.canonical_divergence(divergence)  # "jsd" (TRL's and Liger's name) is "js"
         check_choice("backend", backend, _dispatch.BACKENDS)  # now, not at the first call
         check_nonnegative("alpha", alpha)
         for name, value in (("num_classes", num_classes), ("n_subclasses", n_subclasses)):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 DIVERGENCES = ("kl", "reverse_kl", "js", "tvd", "mse")
+# Names other libraries use for the same divergence (TRL's GKD and Liger-Kernel say "jsd").
+DIVERGENCE_ALIASES = {"jsd": "js"}
 REDUCTIONS = ("mean", "sum", "none")
 # Eigenvalues below this fraction of the largest count as zero (the fit accumulates fp32 GEMMs).
 RANK_TOLERANCE = 1e-6
@@ -214,6 +216,15 @@ def class_logits(student_logits: torch.Tensor, num_classes: int, n_subclasses: i
     return tau * torch.logsumexp(grouped / tau, dim=-1)
 
 
+def canonical_divergence(name: str, argument: str = "divergence") -> str:
+    """``name`` with aliases resolved (``"jsd"`` -> ``"js"``); an unknown name is an error naming ``argument``."""
+    name = DIVERGENCE_ALIASES.get(name, name)
+    if name not in DIVERGENCES:
+        raise ValueError(f"{argument} must be one of {DIVERGENCES} (or an alias: "
+                         f"{', '.join(f'{a!r} = {c!r}' for a, c in DIVERGENCE_ALIASES.items())}), got {name!r}")
+    return name
+
+
 def _plogp_ratio(p: torch.Tensor, log_p: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
     """``p · (log p − log x)`` with the convention ``0 · log 0 = 0`` (targets may underflow to 0);
     a NaN ``p`` stays NaN."""
@@ -226,6 +237,7 @@ def divergence(log_t: torch.Tensor, log_q: torch.Tensor, kind: str = "kl", jsd_b
     Computed in log space so huge logits and tiny β give no NaN; a probability that underflows to
     exactly 0 contributes 0 (``0 · log 0 = 0``), as in the kernels.
     """
+    kind = canonical_divergence(kind)
     t, q = log_t.exp(), log_q.exp()
     if kind == "kl":
         return _plogp_ratio(t, log_t, log_q).sum(-1)

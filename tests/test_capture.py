@@ -289,3 +289,26 @@ def test_fit_of_a_capture_uses_its_stored_head(tmp_path):
     projector = LELPProjector(2).fit(cap)
     assert projector.null_space and torch.equal(projector.head_weight, model[2].weight.detach())
     assert not LELPProjector(2, null_space=False).fit(cap).null_space
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_capture_opens_as_a_hf_dataset(tmp_path, dtype):
+    pytest.importorskip("datasets", reason="datasets is not installed (pip install 'lelp_fast[datasets]')")
+    model = tiny_teacher()
+    dl, x, y = loader()
+    capture(model, dl, str(tmp_path / "cap"), dtype=dtype, batches_per_shard=3)
+    ds = CaptureSource(str(tmp_path / "cap")).to_hf_dataset()
+    assert ds.num_rows == 103 and ds.column_names == ["embeddings", "teacher_logits", "labels"]
+    rows = ds.with_format("torch")[:]
+    with torch.no_grad():  # the teacher's own outputs, rounded once to the stored dtype
+        emb = model[1](model[0](x)).to(getattr(torch, dtype)).float()
+        logits = model(x)
+    assert torch.equal(rows["embeddings"], emb)
+    torch.testing.assert_close(rows["teacher_logits"], logits)
+    assert torch.equal(rows["labels"], y)
+    shard = tmp_path / "cap" / "shard-000001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 4
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-000001.safetensors is corrupt: its sha256 does not match"):
+        CaptureSource(str(tmp_path / "cap")).to_hf_dataset()

@@ -165,3 +165,17 @@ def test_lelp_trainer_works_with_data_collator_with_padding(saved, tmp_path):
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and "loss_soft" in logged[0]
+
+
+def test_trainer_example_from_the_store_runs(tmp_path):
+    pytest.importorskip("datasets", reason="datasets is not installed (pip install 'lelp_fast[datasets]')")
+    import os
+    import subprocess
+    import sys
+
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                           "hf_trainer_from_store.py")
+    out = subprocess.run([sys.executable, example, "--steps", "3", "--work-dir", str(tmp_path)], check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    assert "plain KD (jsd) from stored logits" in out and "LELP (S=2) from stored targets" in out
+    assert "exported classifier: [{'label': '" in out

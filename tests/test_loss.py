@@ -121,3 +121,21 @@ def test_the_headless_online_loss_says_to_pass_teacher_logits_to_the_loss():
     headless = LELPProjector(2).fit(h, y)
     with pytest.raises(ValueError, match="pass teacher_logits \\(to targets\\(\\), or to the loss with the embeddings\\)"):
         LELPLoss(headless)(torch.randn(4, 4), embeddings=h[:4].float())
+
+
+def test_jsd_is_accepted_as_js_by_the_module_and_kd(fitted):
+    from lelp_fast.methods.kd import KDLoss
+
+    proj, h, y = fitted
+    log_t = proj.targets(h[:40].float())
+    s = torch.randn(40, 6, dtype=torch.float64)
+    loss = LELPLoss(proj, divergence="jsd", jsd_beta=0.25)
+    assert loss.divergence == "js"
+    want = reference.distillation_loss(s, log_t.double(), num_classes=2, n_subclasses=3, divergence_kind="js",
+                                       jsd_beta=0.25, tau=1.4)
+    torch.testing.assert_close(loss(s, log_t), want)
+    z = torch.randn(40, 2, dtype=torch.float64)
+    kd = KDLoss(2, divergence="jsd", tau=2.0)(s[:, :2], z)
+    torch.testing.assert_close(kd, KDLoss(2, divergence="js", tau=2.0)(s[:, :2], z))
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        LELPLoss(proj, divergence="JSD")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lelp_fast import LELPProjector, TargetsDataset, collate_with_targets, generate_targets
+from lelp_fast import LELPProjector, TargetsDataset, collate_with_targets, generate_targets, reference
 from lelp_fast.io import ArraySource
 from lelp_fast.offline import shards
 from conftest import make_problem
@@ -385,3 +385,106 @@ def test_gpu_run_matches_the_reference(problem, tmp_path, compact):
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
     cpu = TargetsDataset(str(tmp_path / "cpu"), **extra).targets(range(450))
     torch.testing.assert_close(got, cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors", "parquet"])
+def test_a_flipped_byte_in_a_targets_shard_is_refused_where_it_is_read(problem, tmp_path, fmt):
+    from lelp_fast.train import TrainSettings, distill
+
+    h, y, projector = problem
+    out = str(tmp_path / "targets")
+    manifest = generate_targets(projector, h, out, format=fmt, chunk_bytes=CHUNK)
+    clean = TargetsDataset(out).targets(range(450))
+    name = next(iter(manifest["shards"][2]["files"].values()))["file"]
+    path = os.path.join(out, name)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:  # same size: only a checksum can tell (the last byte is a target value in npy)
+        at = size - 1 if fmt != "parquet" else size // 2
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(ValueError, match=f"{name} is corrupt: its sha256 does not match") as caught:
+        TargetsDataset(out).targets(range(450))
+    assert "\n" not in str(caught.value) and path in str(caught.value)
+    torch.testing.assert_close(TargetsDataset(out).targets(range(97)), clean[:97])  # the other shards still read
+    with pytest.raises(ValueError, match=f"{name} is corrupt"):
+        distill(torch.nn.Linear(D, 12), TensorDataset(h, y), out, str(tmp_path / "train"), num_classes=3,
+                n_subclasses=4, settings=TrainSettings(epochs=1, batch_size=64, tensorboard=False))
+    if fmt == "npy":  # the explicit opt-out reads the file unchecked
+        unchecked = TargetsDataset(out, verify=False).targets(range(450))
+        assert not torch.equal(unchecked, clean)
+
+
+def test_batches_are_gathered_and_equal_the_rows_of_a_dataloader(problem, tmp_path):
+    from lelp_fast.offline import batch_loader
+
+    h, y, projector = problem
+    generate_targets(projector, h, str(tmp_path), chunk_bytes=CHUNK, dtype="float16")
+    x = torch.randn(450, 5)
+    for inputs in (TensorDataset(x, y), x, [(x[i], y[i]) for i in range(450)]):  # tensors, a tensor, any dataset
+        ds = TargetsDataset(str(tmp_path), inputs)
+        rows = DataLoader(ds, batch_size=64, shuffle=True, collate_fn=collate_with_targets,
+                          generator=torch.Generator().manual_seed(3))
+        gathered = batch_loader(ds, 64, shuffle=True, generator=torch.Generator().manual_seed(3))
+        assert len(gathered) == len(rows) == 8
+        for (a_in, a_t), (b_in, b_t) in zip(rows, gathered):
+            assert torch.equal(a_t, b_t) and a_t.dtype == torch.float16
+            for a, b in zip(a_in if isinstance(inputs, (TensorDataset, list)) else [a_in],
+                            b_in if isinstance(inputs, (TensorDataset, list)) else [b_in]):
+                assert torch.equal(a, b)
+    want = projector.targets(h.double(), out_dtype=torch.float64, backend="torch")
+    got = torch.cat(list(batch_loader(TargetsDataset(str(tmp_path)), 100)))  # no dataset: targets only, in order
+    torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-3)
+
+
+@pytest.mark.parametrize("fmt,dtype,compact", [("npy", "float16", False), ("safetensors", "bfloat16", False),
+                                               ("parquet", "float32", False), ("npy", "float32", True)])
+def test_targets_open_as_a_hf_dataset_viewing_the_mapped_shards(problem, tmp_path, fmt, dtype, compact):
+    pytest.importorskip("datasets", reason="datasets is not installed (pip install 'lelp_fast[datasets]')")
+    h, _, projector = problem
+    generate_targets(projector, h, str(tmp_path), format=fmt, dtype=dtype, compact=compact, chunk_bytes=CHUNK)
+    store = TargetsDataset(str(tmp_path), **({"beta": 0.7, "tau": 1.3} if compact else {}))
+    ds = store.to_hf_dataset()
+    assert ds.num_rows == 450 and ds.column_names == (["u", "teacher_logits"] if compact else ["log_targets"])
+    rows = ds.with_format("torch", dtype=torch.float64)[:]
+    if compact:  # the stored fields, and the targets rebuilt from them equal the fp64 reference
+        got = reference.log_targets(rows["u"], rows["teacher_logits"], 4, 0.7, 1.3)
+    else:
+        got = rows["log_targets"]
+    want = projector.targets(h.double(), beta=0.7, tau=1.3, out_dtype=torch.float64, backend="torch")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    if fmt != "parquet" and dtype != "bfloat16":  # no copy: Arrow's buffer is the mapped file's memory
+        first = ds.data.table.column(ds.column_names[0]).chunk(0).values.buffers()[1].address
+        assert first == store._shard(0)[ds.column_names[0]].data_ptr()
+
+
+def test_hf_dataset_of_a_corrupt_store_names_the_file(problem, tmp_path):
+    pytest.importorskip("datasets", reason="datasets is not installed")
+    h, _, projector = problem
+    generate_targets(projector, h, str(tmp_path), chunk_bytes=CHUNK)
+    path = tmp_path / "shard-000004.log_targets.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-000004.log_targets.npy is corrupt"):
+        TargetsDataset(str(tmp_path)).to_hf_dataset()
+
+
+def test_each_shard_is_hashed_once_even_when_its_mapping_is_dropped(problem, tmp_path, monkeypatch):
+    from lelp_fast.io import mapped
+    from lelp_fast.offline import dataset as dataset_module
+
+    h, _, projector = problem
+    generate_targets(projector, h, str(tmp_path), chunk_bytes=CHUNK, dtype="float32")
+    hashed = []
+    real = mapped.map_file
+    monkeypatch.setattr(mapped, "map_file", lambda path, sha256=None, hint="": (
+        hashed.append(os.path.basename(path)) if sha256 else None) or real(path, sha256, hint))
+    monkeypatch.setitem(dataset_module.MAX_OPEN, "npy", 1)  # every batch below re-maps shards
+    ds = TargetsDataset(str(tmp_path))
+    want = projector.targets(h.double(), out_dtype=torch.float64, backend="torch")
+    for rows in (range(450), range(449, -1, -1), [0, 449, 100, 300]):
+        torch.testing.assert_close(ds.targets(list(rows)).double(), want[list(rows)], atol=1e-5, rtol=1e-5)
+    assert sorted(hashed) == [f"shard-{i:06d}.log_targets.npy" for i in range(5)]

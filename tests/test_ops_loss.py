@@ -467,3 +467,20 @@ def test_soft_and_hard_parts_come_from_the_same_pass(backend, reduction):
     _, _, zero = distill_loss(x, log_t.float(), labels, backend=backend, return_components=True,
                               num_classes=3, n_subclasses=4)
     assert float(zero.abs().sum()) == 0.0  # alpha = 0: no hard part
+
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda_emu"])  # resolved before dispatch
+def test_jsd_is_an_alias_of_js(backend):
+    # TRL (GKD) and Liger-Kernel call the generalised JSD "jsd"; their beta is our jsd_beta.
+    student, log_t, labels = make_inputs(33, 3, 4, seed=5)
+    want, want_grad = reference_loss_and_grad(student, log_t, labels, num_classes=3, n_subclasses=4,
+                                              divergence_kind="js", jsd_beta=0.3, tau=1.7, alpha=0.2)
+    s = student.float().requires_grad_(True)
+    got = distill_loss(s, log_t.float(), labels, num_classes=3, n_subclasses=4, divergence="jsd", jsd_beta=0.3,
+                       tau=1.7, alpha=0.2, backend=backend)
+    got.backward()
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(s.grad.double(), want_grad, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="divergence must be one of .*'jsd' = 'js'.*got 'jensen'"):
+        distill_loss(s, log_t.float(), labels, num_classes=3, n_subclasses=4, divergence="jensen")

@@ -55,6 +55,17 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert cfg.fit.subclasses == 4 and cfg.train.epochs == 4
 
 
+def test_jsd_is_accepted_as_the_divergence_of_a_config():
+    from lelp_fast.train import TrainSettings
+
+    cfg = parse_config({"work_dir": "x", "task": {"factory": "a:b"}, "train": {"divergence": "jsd", "jsd_beta": 0.1}})
+    TrainSettings(**cfg.train.model_dump()).check()  # what run() builds from it
+    with pytest.raises(ConfigError, match="train.divergence: Input should be"):
+        parse_config({"work_dir": "x", "task": {"factory": "a:b"}, "train": {"divergence": "jensen"}})
+    with pytest.raises(ValueError, match="train.divergence must be one of"):
+        TrainSettings(divergence="jensen").check()
+
+
 def test_missing_dataset_says_how_to_install(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         fashion_mnist.task(str(tmp_path), data_dir=str(tmp_path / "nowhere"))

@@ -7,6 +7,7 @@ import json
 import os
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource, register_directory_source, wanted
@@ -33,6 +34,7 @@ class CaptureSource(EmbeddingSource):
         self.verify, self._verified = verify, set()
         self.shards = manifest["shards"]
         self.n_rows = manifest["n_rows"]
+        self.embeddings_dtype = manifest["settings"].get("dtype")
         self._starts = torch.tensor([e["rows"][0] for e in self.shards], dtype=torch.int64)
         with open(os.path.join(self.directory, mf.MANIFEST), "rb") as f:
             self._fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
@@ -114,6 +116,25 @@ class CaptureSource(EmbeddingSource):
     def __getstate__(self) -> dict:  # DataLoader workers: the paths, not the loaded shards
         return {k: v for k, v in self.__dict__.items() if k != "_cache"}
 
+    def to_hf_dataset(self, verify: bool = True):
+        """The capture as a ``datasets.Dataset`` (``embeddings``, ``teacher_logits``, ``labels`` per row),
+        viewing the memory-mapped shards without a copy; with ``verify`` each shard's sha256 is checked
+        on the same mapping as it is opened (bfloat16 embeddings are widened to float32: Arrow has none)."""
+        from ..io import mapped
+        from ..io.arrow import hf_dataset, table
+
+        tables = []
+        for entry in self.shards:
+            info = entry["files"]["capture"]
+            arrays = mapped.safetensors_arrays(os.path.join(self.directory, info["file"]),
+                                               info["sha256"] if verify else None,
+                                               "; rerun the capture with the same arguments to rewrite it")
+            if self.embeddings_dtype == "bfloat16":  # mapped as its uint16 bits
+                arrays["embeddings"] = torch.from_numpy(arrays["embeddings"].view(np.int16).copy()).view(
+                    torch.bfloat16).float().numpy()
+            tables.append(table({k: arrays[k] for k in ("embeddings", "teacher_logits", "labels")}))
+        return hf_dataset(tables)
+
     def tensors(self) -> dict:
         """Every row at once (small captures, evaluation sets): embeddings, teacher_logits, labels."""
         parts = [self._read(i) for i in range(len(self.shards))]
@@ -134,6 +155,14 @@ class CaptureDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.__getitems__([i])[0]
+
+    def batch(self, indices):
+        """``(inputs, (embeddings, teacher_logits))`` of the rows, each gathered as one batch."""
+        from ..offline.dataset import gather_rows
+
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        rows = self.source.rows(idx)
+        return gather_rows(self.dataset, idx), (rows["embeddings"], rows["teacher_logits"])
 
     def __getitems__(self, indices):
         rows = self.source.rows(indices)

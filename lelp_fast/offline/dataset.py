@@ -1,16 +1,30 @@
-"""Training from stored targets: a memory-mapped dataset joined to the training data by row index."""
+"""Training from stored targets: memory-mapped shards joined to the training data by row index.
+
+A batch is gathered, not assembled row by row: :meth:`TargetsDataset.batch` indexes each shard's
+mapped array once with the batch's rows, and gathers the training inputs the same way when they are
+tensors (a ``TensorDataset``), so a step costs a few vectorised copies instead of one Python call
+per row and a collate. :func:`batch_loader` is the ``DataLoader`` that feeds such batches.
+"""
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Any, List, Optional, Sequence
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import default_collate
 
 from .. import reference
 from . import manifest as mf
 from . import shards
+from .teacher_store import dense_topk_log_targets
+
+# Shards kept open: a mapping costs a file descriptor (two for compact npy) and address space, not
+# memory, so training that draws each batch from every shard keeps them all up to this many (past
+# it a shard is mapped again, not hashed again); decoded Parquet shards cost memory.
+MAX_OPEN = {"npy": 128, "safetensors": 128, "parquet": 2}
 
 
 class TargetsDataset(Dataset):
@@ -18,19 +32,24 @@ class TargetsDataset(Dataset):
 
     ``TargetsDataset(dir)[i]`` is the (K,) log-target row (in the stored dtype; the fused loss
     reads fp16/bf16 directly). ``TargetsDataset(dir, dataset)[i]`` is ``(dataset[i], log_t_i)``.
-    Compact outputs (``u`` and teacher logits) are turned into log-targets at the ``beta`` and
-    ``tau`` given here (fp32). Batches are read shard by shard (``__getitems__``, which the
-    DataLoader uses), and ``.npy`` shards are memory-mapped, so memory stays at the batch size.
+    ``batch(rows)`` gives the same for many rows at once, gathered (what :func:`batch_loader` and
+    ``distill`` use). Compact outputs (``u`` and teacher logits) are turned into log-targets at the
+    ``beta`` and ``tau`` given here (fp32), as are plain teacher outputs (``store_teacher_outputs``:
+    logits at the ``tau`` given here, or top-k log-probabilities made dense). ``.npy`` and
+    ``.safetensors`` shards are memory-mapped.
 
     Args:
         directory: a finished ``generate_targets`` / ``lelp-fast targets`` output directory.
-        dataset: optional map-style dataset with exactly the same number of rows.
-        beta, tau: temperatures for compact outputs (required there; refused otherwise).
-        verify: also check every shard's sha256 (reads all the outputs once); sizes are always checked.
+        dataset: optional map-style dataset (or tensor) with exactly the same number of rows.
+        beta, tau: temperatures for compact outputs (both required), stored logits (tau required);
+            refused for outputs written at fixed temperatures.
+        verify: check each shard's sha256 on its first read, on the bytes the tensors are read from
+            (one pass over each file, during training rather than before it); a mismatch is an
+            error naming the file. ``verify=False`` skips the hashes; sizes are always checked.
     """
 
     def __init__(self, directory: str, dataset: Optional[Sequence] = None, *, beta: Optional[float] = None,
-                 tau: Optional[float] = None, verify: bool = False):
+                 tau: Optional[float] = None, verify: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
         if not os.path.isdir(self.directory):
             raise FileNotFoundError(f"targets directory {self.directory} does not exist")
@@ -43,75 +62,171 @@ class TargetsDataset(Dataset):
         self.n_rows = manifest["n_rows"]
         if dataset is not None and len(dataset) != self.n_rows:
             raise ValueError(f"dataset has {len(dataset)} rows but the targets in {self.directory} have {self.n_rows}")
-        compact = self.settings["compact"]
-        if compact and (beta is None or tau is None):
-            raise ValueError("these targets are stored compact (u and teacher logits): pass beta and tau")
-        if not compact and (beta is not None or tau is not None):
-            raise ValueError(f"these targets were written at beta={self.settings['beta']}, tau={self.settings['tau']}; "
-                             "regenerate them with --compact to choose beta and tau at training time")
-        for name, value in (("beta", beta), ("tau", tau)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        for entry in self.shards:  # sizes always (a stat per file), sha256 with verify=True
-            mf.verify_shard(self.directory, entry, checksums=verify)
-        self.dataset, self.beta, self.tau = dataset, beta, tau
+        _check_temperatures(self.settings, beta, tau)
+        for entry in self.shards:  # sizes now (a stat per file); each sha256 when the shard is first read
+            mf.verify_shard(self.directory, entry, checksums=False)
+        self.dataset, self.beta, self.tau, self.verify = dataset, beta, tau, bool(verify)
         self._starts = [e["rows"][0] for e in self.shards]
         self._starts_tensor = torch.tensor(self._starts, dtype=torch.int64)
-        self._cache: dict = {}
+        self._verified: set = set()
+        self._cache: OrderedDict = OrderedDict()
 
     def __len__(self) -> int:
         return self.n_rows
 
     def __getstate__(self) -> dict:
-        # DataLoader workers get the dataset pickled: send the paths, not the mapped shards.
-        return {**self.__dict__, "_cache": {}}
+        # DataLoader workers get the dataset pickled: send the paths (and which shards passed their
+        # checksum), not the mapped shards.
+        return {**self.__dict__, "_cache": OrderedDict()}
 
     def _shard(self, s: int) -> dict:
-        if s not in self._cache:
-            if len(self._cache) >= 2:
-                self._cache.pop(next(iter(self._cache)))
-            entry = self.shards[s]
-            files = {k: v["file"] for k, v in entry["files"].items()}
-            tensors = shards.read(self.settings["format"], self.directory, files, self.settings["dtype"])
-            n = entry["rows"][1] - entry["rows"][0]
-            for name, t in tensors.items():
-                if t.shape[0] != n:
-                    raise ValueError(f"shard {entry['index']} of {self.directory} field {name} has {t.shape[0]} rows, "
-                                     f"the manifest says {n}: the file is truncated or corrupt")
-            self._cache[s] = tensors
-        return self._cache[s]
+        if s in self._cache:
+            self._cache.move_to_end(s)
+            return self._cache[s]
+        if len(self._cache) >= MAX_OPEN[self.settings["format"]]:
+            self._cache.popitem(last=False)
+        entry = self.shards[s]
+        files = {k: v["file"] for k, v in entry["files"].items()}
+        checksums = ({k: v["sha256"] for k, v in entry["files"].items()}
+                     if self.verify and s not in self._verified else None)
+        tensors = shards.read(self.settings["format"], self.directory, files, self.settings["dtype"], checksums,
+                              hint="; rerun the targets command (generate_targets) with the same arguments to "
+                                   "rewrite it")
+        self._verified.add(s)
+        n = entry["rows"][1] - entry["rows"][0]
+        for name, t in tensors.items():
+            if t.shape[0] != n:
+                raise ValueError(f"shard {entry['index']} of {self.directory} field {name} has {t.shape[0]} rows, "
+                                 f"the manifest says {n}: the file is truncated or corrupt")
+        self._cache[s] = tensors
+        return tensors
 
     def targets(self, indices: Sequence[int]) -> torch.Tensor:
-        """Log-targets of the given rows (len(indices) x K), read shard by shard."""
-        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-        if idx.numel() and (int(idx.min()) < -self.n_rows or int(idx.max()) >= self.n_rows):
-            raise IndexError(f"row index out of range for {self.n_rows} rows")
-        idx = torch.where(idx < 0, idx + self.n_rows, idx)
+        """Log-targets of the given rows (len(indices) x K): one gather per shard the rows fall in."""
+        idx = _row_index(indices, self.n_rows)
         k = self.settings["K"]
-        dtype = torch.float32 if self.settings["compact"] else shards.DTYPES[self.settings["dtype"]]
+        stored = self.settings.get("kind", "lelp") == "lelp" and not self.settings["compact"]
+        dtype = shards.DTYPES[self.settings["dtype"]] if stored else torch.float32  # else computed in fp32
         out = torch.empty(idx.numel(), k, dtype=dtype)
         shard_of = torch.searchsorted(self._starts_tensor, idx, right=True) - 1
         for s in torch.unique(shard_of).tolist():
             where = torch.nonzero(shard_of == s).flatten()
-            local = (idx[where] - self._starts[s]).numpy()
-            tensors = self._shard(s)
-            if self.settings["compact"]:
-                u = tensors["u"][local].float()
-                z = tensors["teacher_logits"][local].float()
-                out[where] = reference.log_targets(u, z, self.settings["n_subclasses"], self.beta, self.tau).float()
-            else:
-                out[where] = tensors["log_targets"][local]
+            out[where] = self._log_targets(self._shard(s), idx[where] - self._starts[s])
         return out
+
+    def _log_targets(self, tensors: dict, local: torch.Tensor) -> torch.Tensor:
+        """One shard's rows as log-targets, from whatever the store holds."""
+        kind = self.settings.get("kind", "lelp")
+        if kind == "teacher_logits":  # vanilla KD targets at the τ chosen now
+            return torch.log_softmax(tensors["teacher_logits"][local].float() / self.tau, dim=-1)
+        if kind == "teacher_topk":
+            return dense_topk_log_targets(tensors["topk_log_probs"][local], tensors["topk_indices"][local],
+                                          self.settings["K"])
+        if self.settings["compact"]:
+            u, z = tensors["u"][local].float(), tensors["teacher_logits"][local].float()
+            return reference.log_targets(u, z, self.settings["n_subclasses"], self.beta, self.tau).float()
+        return tensors["log_targets"][local]
+
+    def batch(self, indices: Sequence[int]) -> Any:
+        """``log_t`` (B, K) of the rows, or ``(inputs, log_t)`` with the joined dataset's rows gathered
+        as one batch (:func:`gather_rows`)."""
+        idx = _row_index(indices, self.n_rows)
+        t = self.targets(idx)
+        return t if self.dataset is None else (gather_rows(self.dataset, idx), t)
+
+    def to_hf_dataset(self):
+        """The stored fields as a ``datasets.Dataset``, one row per target row (``log_targets``, or
+        ``u`` and ``teacher_logits`` when compact), viewing the mapped shards without a copy (each
+        shard checked as it is read, as for training). Join it to a tokenised dataset with
+        ``datasets.concatenate_datasets([tokenised, targets], axis=1)``."""
+        from ..io.arrow import hf_dataset, table
+
+        order = shards.fields(self.settings["compact"], self.settings.get("kind", "lelp"))  # the written order
+        tables = []
+        for s in range(len(self.shards)):
+            tensors = self._shard(s)
+            names = sorted(tensors, key=lambda n: (order.index(n) if n in order else len(order), n))
+            tables.append(table({name: _numpy(tensors[name]) for name in names}))
+        return hf_dataset(tables)
 
     def __getitem__(self, i: int) -> Any:
         t = self.targets([i])[0]
         return t if self.dataset is None else (self.dataset[i], t)
 
     def __getitems__(self, indices: List[int]) -> List[Any]:
+        # A DataLoader with automatic batching wants a list of rows; batch_loader avoids building it.
         t = self.targets(indices)
         if self.dataset is None:
             return list(t)
         return [(self.dataset[i], t[j]) for j, i in enumerate(indices)]
+
+
+def _numpy(t: torch.Tensor):
+    """A shard field for Arrow: the mapped array itself, bfloat16 widened to float32 (Arrow has none)."""
+    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _check_temperatures(settings: dict, beta, tau) -> None:
+    kind, compact = settings.get("kind", "lelp"), settings["compact"]
+    if kind == "teacher_logits":
+        if tau is None or beta is not None:
+            raise ValueError("these are stored teacher logits: pass tau (the KD temperature), not beta")
+    elif kind == "teacher_topk" and (beta is not None or tau is not None):
+        raise ValueError(f"these top-k log-probabilities were stored at tau={settings['tau']}; pass neither beta "
+                         "nor tau")
+    elif compact and (beta is None or tau is None):
+        raise ValueError("these targets are stored compact (u and teacher logits): pass beta and tau")
+    elif kind == "lelp" and not compact and (beta is not None or tau is not None):
+        raise ValueError(f"these targets were written at beta={settings['beta']}, tau={settings['tau']}; "
+                         "regenerate them with --compact to choose beta and tau at training time")
+    for name, value in (("beta", beta), ("tau", tau)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _row_index(indices, n_rows: int) -> torch.Tensor:
+    """Row numbers as an int64 tensor, negative ones counted from the end; out of range is an error."""
+    idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+    if idx.numel() and (int(idx.min()) < -n_rows or int(idx.max()) >= n_rows):
+        raise IndexError(f"row index out of range for {n_rows} rows")
+    return torch.where(idx < 0, idx + n_rows, idx)
+
+
+def gather_rows(dataset, idx: torch.Tensor) -> Any:
+    """The rows ``idx`` of ``dataset`` as one batch: tensors (and ``TensorDataset``) are indexed once;
+    any other dataset gives its rows (``__getitems__`` when it has one) to ``default_collate``."""
+    if torch.is_tensor(dataset):
+        return dataset[idx.to(dataset.device)]
+    if isinstance(dataset, TensorDataset):
+        return tuple(t[idx.to(t.device)] for t in dataset.tensors)
+    rows = idx.tolist()
+    items = dataset.__getitems__(rows) if hasattr(dataset, "__getitems__") else [dataset[i] for i in rows]
+    return default_collate(items)
+
+
+class _Batches(Dataset):
+    """``dataset.batch(indices)`` as the item of a DataLoader whose sampler yields index lists."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices):
+        return self.dataset.batch(indices)
+
+
+def batch_loader(dataset, batch_size: int, *, shuffle: bool = False, generator: Optional[torch.Generator] = None,
+                 drop_last: bool = False, **loader_kwargs) -> DataLoader:
+    """A DataLoader of ``dataset.batch(rows)`` (a :class:`TargetsDataset`, or any dataset with
+    ``batch``): the same rows in the same order as ``DataLoader(dataset, batch_size, shuffle=shuffle,
+    generator=generator)``, each batch gathered at once instead of row by row and collated."""
+    sampler = RandomSampler(range(len(dataset)), generator=generator) if shuffle else SequentialSampler(dataset)
+    # The loader draws its workers' base seed from ``generator`` before the sampler draws the
+    # permutation, as DataLoader(shuffle=True, generator=...) does: same rows, same global RNG use.
+    return DataLoader(_Batches(dataset), batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last),
+                      generator=generator, **loader_kwargs)
 
 
 def collate_with_targets(batch: List[Any]):

@@ -85,12 +85,17 @@ def generate_targets(
     settings = _settings(projector, src, format, dtype, compact, beta, tau, chunk_bytes)
     out_dir = _prepare_directory(out_dir, rank)
     with lock_rank_directory(out_dir, rank, world, f"output directory {out_dir}"):
-        return _generate(projector, src, out_dir, settings, chunk_bytes, backend, device, process_group, rank,
-                         world, progress, verify)
+        def compute(chunk, h, z):
+            return _compute(projector, chunk, h, z, settings, backend)
+
+        return _generate(compute, src, out_dir, settings, chunk_bytes, device, process_group, rank, world, progress,
+                         verify)
 
 
-def _generate(projector, src, out_dir, settings, chunk_bytes, backend, device, process_group, rank, world, progress,
+def _generate(compute, src, out_dir, settings, chunk_bytes, device, process_group, rank, world, progress,
               verify) -> dict:
+    """The shared engine: ``compute(chunk, h, z) -> {field: tensor}`` per chunk not done yet, written
+    as shards under the lock the caller holds (LELP targets, or plain teacher outputs)."""
     shards.remove_stale_temp_files(out_dir, rank)  # left by a killed run of this rank (we hold its lock)
     existing = mf.finished_run(out_dir, settings, verify, rank, process_group)
     if existing is not None:  # same settings and intact shards: nothing to do
@@ -110,7 +115,7 @@ def _generate(projector, src, out_dir, settings, chunk_bytes, backend, device, p
         if device is not None and torch.device(device).type == "cuda":
             todo = stage_ahead(todo, device)  # reusable pinned buffers; chunk i + 1's copy overlaps chunk i
         for chunk, (h, z) in todo:
-            tensors = _compute(projector, chunk, h, z, settings, backend)
+            tensors = compute(chunk, h, z)
             writer.submit(chunk, tensors)
             if bar is not None:
                 read_bytes += chunk.embeddings.numel() * chunk.embeddings.element_size()
@@ -227,7 +232,7 @@ class _ShardWriter:
 
     def _write_shard(self, index: int, start_row: int, tensors: dict) -> None:
         s = self.settings
-        names = shards.shard_files(s["format"], index, s["compact"])
+        names = shards.shard_files(s["format"], index, s["compact"], list(tensors))
         data = shards.encode(s["format"], tensors, start_row)
         files = {}
         for key, blob in data.items():

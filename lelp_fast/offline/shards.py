@@ -19,11 +19,12 @@ import io
 import os
 import tempfile
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
+from ..io import mapped
 from ..io.integrity import publish_mode
 
 FORMATS = ("npy", "safetensors", "parquet")
@@ -33,15 +34,22 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 DEFAULT_DTYPE = "float16"
 
 
-def fields(compact: bool) -> List[str]:
+# The fields of the stores of plain teacher outputs (offline/teacher_store.py), by settings["kind"].
+KIND_FIELDS = {"teacher_logits": ["teacher_logits"], "teacher_topk": ["topk_log_probs", "topk_indices"]}
+
+
+def fields(compact: bool, kind: str = "lelp") -> List[str]:
+    if kind in KIND_FIELDS:
+        return KIND_FIELDS[kind]
     return ["u", "teacher_logits"] if compact else ["log_targets"]
 
 
-def shard_files(fmt: str, index: int, compact: bool) -> Dict[str, str]:
-    """File name per field (npy), or the one file under the key ``"*"`` (safetensors, parquet)."""
+def shard_files(fmt: str, index: int, compact: bool, names: Optional[List[str]] = None) -> Dict[str, str]:
+    """File name per field (npy; ``names``, default the LELP fields), or the one file under the key
+    ``"*"`` (safetensors, parquet)."""
     base = f"shard-{index:06d}"
     if fmt == "npy":
-        return {field: f"{base}.{field}.npy" for field in fields(compact)}
+        return {field: f"{base}.{field}.npy" for field in (names or fields(compact))}
     return {"*": f"{base}.{fmt}"}
 
 
@@ -128,30 +136,38 @@ def write_atomically(path: str, data: bytes, rank: int = 0) -> None:
         raise
 
 
-def read(fmt: str, directory: str, files: Dict[str, str], dtype: str) -> Dict[str, torch.Tensor]:
-    """The fields of one shard as tensors (``npy`` memory-mapped)."""
+def read(fmt: str, directory: str, files: Dict[str, str], dtype: str,
+         checksums: Optional[Dict[str, str]] = None, hint: str = "") -> Dict[str, torch.Tensor]:
+    """The fields of one shard as tensors: ``npy`` and ``safetensors`` as views of the memory-mapped
+    files, ``parquet`` decoded. With ``checksums`` (sha256 per key of ``files``) each file is hashed
+    as it is read, on the same bytes the tensors come from, and a mismatch raises naming the file."""
+    sums = checksums or {}
     if fmt == "npy":
-        out = {}
-        for name, file in files.items():
-            arr = np.load(os.path.join(directory, file), mmap_mode="r")
-            with warnings.catch_warnings():  # a read-only map: the tensors are only ever read
-                warnings.simplefilter("ignore", UserWarning)
-                t = torch.from_numpy(arr)
-            out[name] = t.view(torch.bfloat16) if dtype == "bfloat16" else t
-        return out
-    path = os.path.join(directory, files["*"])
-    if fmt == "safetensors":
-        from safetensors.torch import load_file
+        arrays = {name: mapped.npy_array(os.path.join(directory, file), sums.get(name), hint)
+                  for name, file in files.items()}
+    elif fmt == "safetensors":
+        arrays = mapped.safetensors_arrays(os.path.join(directory, files["*"]), sums.get("*"), hint)
+    else:
+        arrays = _parquet_arrays(os.path.join(directory, files["*"]), sums.get("*"), hint)
+    out = {}
+    for name, arr in arrays.items():
+        with warnings.catch_warnings():  # a read-only map: the tensors are only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(arr)
+        out[name] = t.view(torch.bfloat16) if dtype == "bfloat16" and arr.dtype == np.uint16 else t
+    return out
 
-        return load_file(path)
+
+def _parquet_arrays(path: str, sha256: Optional[str], hint: str) -> Dict[str, np.ndarray]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    table = pq.read_table(pa.BufferReader(mapped.read_bytes(path, sha256, hint)))
     out = {}
     for name in table.column_names:
         if name == "row":
             continue
         col = table.column(name).combine_chunks()
         values = col.values.to_numpy(zero_copy_only=False)
-        out[name] = torch.from_numpy(values.reshape(len(col), col.type.list_size).copy())
+        out[name] = values.reshape(len(col), col.type.list_size)
     return out

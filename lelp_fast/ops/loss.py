@@ -188,6 +188,7 @@ def distill_loss(
     skipped there: bad values propagate as NaN, and weights that do not sum to 1 scale the loss.
     Label dtypes are checked everywhere (floats are refused; no synchronisation needed).
     """
+    divergence = reference.canonical_divergence(divergence)  # "jsd" (TRL's and Liger's name) is "js"
     _check_settings(divergence, jsd_beta, reduction, alpha, labels)
     embeddings, fused_weight, fused_bias, teacher_logits, beta = _check_shapes(
         student_logits, log_targets, labels, teacher_weights, embeddings, fused_weight, fused_bias, teacher_logits,

@@ -26,16 +26,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 from .._checks import check_choice, check_count, check_nonnegative, check_positive
 from ..io.integrity import load_checked, save_checked, seal, unseal
 from ..io.locks import ExclusiveLock
 from ..metrics import agreement, predictive_kl
-from ..offline import TargetsDataset, provenance, shards
+from ..offline import TargetsDataset, batch_loader, provenance, shards
 from ..offline.manifest import MANIFEST, projector_digest
 from ..ops.loss import distill_loss
-from ..reference import DIVERGENCES, class_logits
+from ..reference import canonical_divergence, class_logits
 from . import steps
 from .report import write_report
 
@@ -79,8 +79,7 @@ class TrainSettings:
         check_nonnegative("train.alpha", self.alpha)
         if self.max_grad_norm is not None:
             check_positive("train.max_grad_norm", self.max_grad_norm)
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"train.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        canonical_divergence(self.divergence, "train.divergence")  # "jsd" is accepted as "js"
         check_choice("train.mixed_precision", self.mixed_precision, tuple(steps.PRECISIONS))
         check_choice("train.lr_schedule", self.lr_schedule, steps.SCHEDULES)
 
@@ -304,8 +303,9 @@ class _Run:
         st = self.settings
         self.model.train()
         order = torch.Generator().manual_seed(st.seed + self.epoch)
-        loader = DataLoader(self.data, batch_size=st.batch_size, shuffle=True, generator=order,
-                            collate_fn=default_collate)
+        # Gathered batches (slices of the mapped shards and of tensor inputs), in the order a
+        # DataLoader(shuffle=True, generator=order) gives: resumed runs see the same batches.
+        loader = batch_loader(self.data, st.batch_size, shuffle=True, generator=order)
         bar = _bar(progress and self.lead, len(loader), self.epoch + 1)
         for b, ((x, y), info) in enumerate(loader):
             if b >= self.batch:  # batches before it were trained before a mid-epoch checkpoint

@@ -1,0 +1,31 @@
+"""Export the student a config run trained (``lelp-fast export CONFIG``).
+
+C, S and τ are read from the training report the run wrote (``student/report.json``), so the
+pooling is the one the student was trained with even when the config has been edited since.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .module import export_module
+
+
+def export_run(cfg, out: str, format: str = "torch-export"):
+    """Writes ``work_dir/student``'s trained student, pooled to C class logits, to ``out``."""
+    from ..run import load_task
+    from ..train import load_student
+
+    student_dir = os.path.join(cfg.work_dir, "student")
+    report_path = os.path.join(student_dir, "report.json")
+    if not os.path.exists(report_path):
+        raise FileNotFoundError(f"{report_path} does not exist: train the student first (lelp-fast train CONFIG)")
+    with open(report_path) as f:
+        report = json.load(f)
+    c, s, tau = report["num_classes"], report["n_subclasses"], report["settings"]["tau"]
+    task = load_task(cfg)
+    student = load_student(task.make_student(c * s), student_dir).eval()
+    x = task.train[0][0]  # one training input: its shape is what the exported graph takes
+    example = tuple(t.unsqueeze(0) for t in x) if isinstance(x, (tuple, list)) else x.unsqueeze(0)
+    return export_module(student, out, example, num_classes=c, n_subclasses=s, tau=tau, format=format)

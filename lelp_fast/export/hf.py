@@ -1,0 +1,97 @@
+"""Stage 6 of the user's path for transformers students: a saved C-label classifier.
+
+``export_hf(student, out_dir, labels=[…], n_subclasses=S, tau=τ)`` writes a ``save_pretrained``
+directory of :class:`~lelp_fast.export.hf_pooled.LELPPooledForSequenceClassification`: the trained
+student unchanged inside, the class pooling after it, ``id2label`` with the C class names, the
+tokenizer when given, and ``hf_pooled.py`` named in ``auto_map`` for readers without lelp_fast
+(``trust_remote_code=True``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional, Sequence
+
+from .._checks import check_positive
+from . import hf_pooled
+from .hf_pooled import LELPPooledConfig, LELPPooledForSequenceClassification
+
+hf_pooled.register()
+
+
+def _load_student(student):
+    if not isinstance(student, (str, os.PathLike)):
+        return student
+    from transformers import AutoModelForSequenceClassification
+
+    if not os.path.isdir(student):
+        raise FileNotFoundError(f"student {student}: no such directory (a save_pretrained output)")
+    return AutoModelForSequenceClassification.from_pretrained(os.fspath(student))
+
+
+def _class_names(labels: Optional[Sequence[str]], k: int, n_subclasses: int) -> list:
+    if k % n_subclasses:
+        raise ValueError(f"the student has {k} labels, not a multiple of n_subclasses={n_subclasses}")
+    c = k // n_subclasses
+    if labels is None:
+        return [f"LABEL_{i}" for i in range(c)]
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+        raise ValueError(f"labels must be a list of the {c} class names, got {labels!r}")
+    names = [str(x) for x in labels]
+    if len(names) != c:
+        raise ValueError(f"labels has {len(names)} names, but the student's {k} outputs / n_subclasses "
+                         f"{n_subclasses} give {c} classes")
+    if len(set(names)) != len(names):
+        raise ValueError(f"labels must be distinct, got {names}")
+    return names
+
+
+def export_hf(student, out_dir: str, *, n_subclasses: int, tau: float = 1.0,
+              labels: Optional[Sequence[str]] = None, tokenizer=None,
+              remote_code: bool = True) -> LELPPooledForSequenceClassification:
+    """Saves the C-label classifier around ``student`` (a model with C·S labels, or its directory).
+
+    Args:
+        student: a transformers sequence-classification model, or a ``save_pretrained`` directory.
+        out_dir: where ``save_pretrained`` writes the classifier (created).
+        n_subclasses: S; the class count is the student's label count / S.
+        tau: the loss's τ (the pooling ``τ·logsumexp(s/τ)`` keeps the class distribution trained).
+        labels: the C class names (default ``LABEL_i``).
+        tokenizer: a tokenizer or its directory, saved alongside (what ``pipeline`` needs); a student
+            directory's own tokenizer is used when this is None and it has one.
+        remote_code: also write ``hf_pooled.py`` and ``auto_map`` for loaders without lelp_fast.
+    """
+    if not isinstance(n_subclasses, int) or n_subclasses < 1:
+        raise ValueError(f"n_subclasses must be a positive integer, got {n_subclasses!r}")
+    check_positive("tau", tau)
+    source_dir = os.fspath(student) if isinstance(student, (str, os.PathLike)) else None
+    model = _load_student(student)
+    names = _class_names(labels, model.config.num_labels, n_subclasses)
+    config = LELPPooledConfig(student_config=model.config, n_subclasses=n_subclasses, tau=tau,
+                              id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    pooled = LELPPooledForSequenceClassification(config)
+    pooled.student.load_state_dict(model.state_dict())
+    if remote_code:
+        pooled.config.auto_map = {"AutoConfig": "hf_pooled.LELPPooledConfig",
+                                  "AutoModelForSequenceClassification": "hf_pooled.LELPPooledForSequenceClassification"}
+    os.makedirs(out_dir, exist_ok=True)
+    pooled.save_pretrained(out_dir)
+    if remote_code:
+        shutil.copyfile(hf_pooled.__file__, os.path.join(out_dir, "hf_pooled.py"))
+    _save_tokenizer(tokenizer, source_dir, out_dir)
+    return pooled.eval()
+
+
+def _save_tokenizer(tokenizer, source_dir: Optional[str], out_dir: str) -> None:
+    from transformers import AutoTokenizer
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+    elif tokenizer is None and source_dir is not None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source_dir)
+        except (OSError, ValueError):  # a student saved without its tokenizer: pass tokenizer=
+            tokenizer = None
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)

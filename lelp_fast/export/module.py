@@ -1,0 +1,119 @@
+"""Stage 6 of the user's path for plain modules: fold the S-way pooling into the student and save it.
+
+The student was trained on ``softmax(s/τ)`` over its ``K = C·S`` outputs; the class distribution it
+learned is ``softmax(τ·logsumexp(s_c/τ))`` (``reference.class_logits``). :class:`PooledClassifier`
+puts that pooling after the student, so what is saved answers with C class logits and nothing
+downstream needs to know about subclasses. Saved as a ``torch.export`` program (``.pt2``), ONNX, or
+TorchScript (deprecated by PyTorch, kept for runtimes that still load it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any, Tuple
+
+import torch
+from torch import nn
+
+from .._checks import check_positive
+
+FORMATS = ("torch-export", "onnx", "torchscript")
+
+
+class PooledClassifier(nn.Module):
+    """``student`` (inputs -> (…, C·S) logits, or an output with ``.logits``) followed by the class
+    pooling ``τ·logsumexp(s_c/τ)``: inputs -> (…, C) class logits, computed in fp32 (DESIGN §1)."""
+
+    def __init__(self, student: nn.Module, num_classes: int, n_subclasses: int, tau: float = 1.0):
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("n_subclasses", n_subclasses)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive("tau", tau)
+        self.student = student
+        self.num_classes, self.n_subclasses, self.tau = num_classes, n_subclasses, float(tau)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.student(*args, **kwargs)
+        logits = out.logits if hasattr(out, "logits") else out
+        grouped = logits.float().unflatten(-1, (self.num_classes, self.n_subclasses))
+        if self.tau == 1.0:  # the same expression as reference.class_logits at τ = 1
+            return torch.logsumexp(grouped, dim=-1)
+        return self.tau * torch.logsumexp(grouped / self.tau, dim=-1)
+
+    def check_outputs(self, example: Tuple[torch.Tensor, ...]) -> None:
+        """Refuses a student whose output width is not C·S (checked once on the example input)."""
+        with torch.no_grad():
+            out = self.student(*example)
+        k = (out.logits if hasattr(out, "logits") else out).shape[-1]
+        if k != self.num_classes * self.n_subclasses:
+            raise ValueError(f"the student has {k} outputs, but num_classes * n_subclasses = "
+                             f"{self.num_classes} * {self.n_subclasses} = {self.num_classes * self.n_subclasses}")
+
+
+def export_module(student: nn.Module, path: str, example, *, num_classes: int, n_subclasses: int,
+                  tau: float = 1.0, format: str = "torch-export") -> PooledClassifier:
+    """Saves ``student`` with the pooling folded in, so the file maps inputs to C class logits.
+
+    ``example`` is one input batch (a tensor or a tuple of tensors); its first dimension is saved
+    as dynamic (any batch size). Returns the wrapped module (in eval mode)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    # torch.export specialises a dimension of size 1 (no dynamic batch): show it two rows.
+    example = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in example)
+    model = PooledClassifier(student, num_classes, n_subclasses, tau).eval()
+    model.check_outputs(example)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {path}: directory {directory} does not exist")
+    {"torch-export": _save_program, "onnx": _save_onnx, "torchscript": _save_torchscript}[format](model, path, example)
+    return model
+
+
+def _dynamic_batch(example: Tuple[torch.Tensor, ...]) -> tuple:
+    batch = torch.export.Dim("batch")
+    return (tuple({0: batch} for _ in example),)  # one entry: forward's *args, a tuple of inputs
+
+
+def _save_program(model: nn.Module, path: str, example) -> None:
+    program = torch.export.export(model, example, dynamic_shapes=_dynamic_batch(example))
+    torch.export.save(program, path)
+
+
+def _save_onnx(model: nn.Module, path: str, example) -> None:
+    try:
+        import onnxscript  # noqa: F401  (the exporter torch uses since 2.5 needs it)
+    except ImportError:
+        raise ImportError("ONNX export needs onnx and onnxscript: pip install 'lelp_fast[export]'") from None
+    names = [f"input_{i}" for i in range(len(example))] if len(example) > 1 else ["input"]
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, not the user's
+            torch.onnx.export(model, example, path, dynamo=True, input_names=names, output_names=["class_logits"],
+                              dynamic_shapes=_dynamic_batch(example), verbose=False)
+    finally:
+        quiet.setLevel(level)
+
+
+def _save_torchscript(model: nn.Module, path: str, example) -> None:
+    with warnings.catch_warnings():  # PyTorch deprecates TorchScript; the user asked for it by name
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+        torch.jit.trace(model, example).save(path)
+
+
+def load_exported(path: str, format: str = "torch-export"):
+    """A callable that maps inputs to class logits, from a file :func:`export_module` wrote (not ONNX:
+    use onnxruntime there)."""
+    if format == "torch-export":
+        return torch.export.load(path).module()
+    if format == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+            return torch.jit.load(path)
+    raise ValueError(f"load_exported reads 'torch-export' or 'torchscript' files, got {format!r}")

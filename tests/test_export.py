@@ -1,0 +1,217 @@
+"""Export: the student with the S-way pooling folded in answers with C class logits.
+
+Every exported form is compared with ``reference.class_logits`` of the student's outputs in fp64.
+Tolerance: the exported graphs compute in fp32, so 1e-5 absolute / relative (a few fp32 ulps of
+logits of order 1, the error of PyTorch's own fp32 logsumexp against fp64).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lelp_fast import class_logits
+from lelp_fast.cli import main
+from lelp_fast.export import PooledClassifier, export_module, load_exported
+
+ATOL = RTOL = 1e-5
+C, S = 3, 4
+
+
+def mlp(k=C * S, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, k)).eval()
+
+
+def reference(student, x, tau):
+    with torch.no_grad():
+        return class_logits(student.double()(x.double()), C, S, tau)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_pooled_classifier_equals_the_fp64_reference(tau):
+    student, x = mlp(), 3 * torch.randn(64, 10)
+    got = PooledClassifier(student, C, S, tau)(x)
+    assert got.shape == (64, C) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), reference(student, x, tau), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("torch-export", ".pt2"), ("torchscript", ".ts")])
+def test_saved_program_takes_any_batch_and_equals_the_reference(tmp_path, fmt, suffix):
+    student = mlp()
+    path = str(tmp_path / f"student{suffix}")
+    export_module(student, path, torch.randn(2, 10), num_classes=C, n_subclasses=S, tau=2.0, format=fmt)
+    x = 3 * torch.randn(37, 10)  # another batch size than the example's
+    with torch.no_grad():
+        got = load_exported(path, fmt)(x)
+    torch.testing.assert_close(got.double(), reference(student, x, 2.0), atol=ATOL, rtol=RTOL)
+
+
+def test_onnx_runs_in_onnxruntime_and_equals_the_reference(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'lelp_fast[export]')")
+    pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript")
+    student, path = mlp(), str(tmp_path / "student.onnx")
+    export_module(student, path, torch.randn(2, 10), num_classes=C, n_subclasses=S, tau=2.0, format="onnx")
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["class_logits"]
+    x = 3 * torch.randn(37, 10)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got).double(), reference(student, x, 2.0), atol=ATOL, rtol=RTOL)
+
+
+def test_bad_export_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="the student has 12 outputs, but num_classes \\* n_subclasses = 5 \\* 4"):
+        export_module(mlp(), str(tmp_path / "a.pt2"), torch.randn(2, 10), num_classes=5, n_subclasses=4)
+    with pytest.raises(ValueError, match="format must be one of"):
+        export_module(mlp(), str(tmp_path / "a.x"), torch.randn(2, 10), num_classes=C, n_subclasses=S, format="tf")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        export_module(mlp(), str(tmp_path / "nowhere" / "a.pt2"), torch.randn(2, 10), num_classes=C, n_subclasses=S)
+    with pytest.raises(ValueError, match="tau"):
+        PooledClassifier(mlp(), C, S, tau=0.0)
+
+
+# ---------------------------------------------------------------- a run config's student
+
+
+def tiny_task(work_dir, **kwargs):
+    """A task factory (``test_export:tiny_task``) with just what export reads: a student and one input."""
+    from types import SimpleNamespace
+
+    data = torch.utils.data.TensorDataset(torch.randn(8, 10), torch.zeros(8, dtype=torch.long))
+    return SimpleNamespace(train=data, make_student=lambda k: mlp(k, seed=1))
+
+
+def test_export_command_writes_a_run_configs_student(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    work = tmp_path / "work"
+    (work / "student").mkdir(parents=True)
+    trained = mlp(seed=7)  # stands for the trained weights distill wrote
+    save_file(trained.state_dict(), str(work / "student" / "student.safetensors"))
+    (work / "student" / "report.json").write_text(json.dumps({"num_classes": C, "n_subclasses": S,
+                                                              "settings": {"tau": 3.0}}))
+    (tmp_path / "run.yaml").write_text(f"work_dir: {work}\ntask: {{factory: 'test_export:tiny_task'}}\n")
+    out = str(tmp_path / "student.pt2")
+    assert main(["export", str(tmp_path / "run.yaml"), "--out", out]) == 0
+    assert "3 class logits (S=4 pooled at tau=3.0)" in capsys.readouterr().out
+    x = torch.randn(5, 10)
+    with torch.no_grad():
+        got = load_exported(out)(x)
+    torch.testing.assert_close(got.double(), reference(trained, x, 3.0), atol=ATOL, rtol=RTOL)
+    with pytest.raises(SystemExit, match="are for --hf-model"):
+        main(["export", str(tmp_path / "run.yaml"), "--labels", "a", "--out", out])
+
+
+def test_export_command_needs_exactly_one_source(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="one of the two"):
+        main(["export", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--subclasses"):
+        main(["export", "--hf-model", str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+# ---------------------------------------------------------------- transformers students
+
+WORDS = ["good", "great", "bad", "awful", "movie", "plot"]
+
+
+@pytest.fixture(scope="module")
+def hf_student(tmp_path_factory):
+    """A tiny BERT student with C*S labels and its tokenizer, saved; weights large enough that the
+    texts give different logits."""
+    transformers = pytest.importorskip("transformers")
+    tmp = tmp_path_factory.mktemp("hf_export")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, num_labels=C * S, max_position_embeddings=32,
+                                  initializer_range=0.5)
+    student = transformers.BertForSequenceClassification(cfg).eval()
+    student.save_pretrained(str(tmp / "student"))
+    tokenizer.save_pretrained(str(tmp / "student"))
+    return tmp, student, tokenizer
+
+
+TEXTS = ["good movie", "awful plot", "great great plot", "bad"]
+
+
+def hf_reference(student, tokenizer, tau):
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return class_logits(student(**enc).logits.double(), C, S, tau)
+
+
+def test_hf_export_loads_back_with_c_labels_and_pooled_logits(hf_student):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
+
+    from lelp_fast.export.hf import export_hf
+
+    tmp, student, tokenizer = hf_student
+    out = str(tmp / "classifier")
+    export_hf(str(tmp / "student"), out, n_subclasses=S, tau=2.0, labels=["neg", "neutral", "pos"])
+    config = AutoConfig.from_pretrained(out)
+    assert config.num_labels == C and config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
+    assert config.label2id == {"neg": 0, "neutral": 1, "pos": 2}
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = model(**enc).logits
+    want = hf_reference(student, tokenizer, 2.0)
+    torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=RTOL)
+    assert len(set(want.argmax(1).tolist())) > 1  # the texts are told apart: the labels below mean something
+    answers = pipeline("text-classification", model=out)(TEXTS)
+    names = ["neg", "neutral", "pos"]
+    assert [a["label"] for a in answers] == [names[i] for i in want.argmax(1).tolist()]
+    top = torch.softmax(want, 1).max(1).values
+    torch.testing.assert_close(torch.tensor([a["score"] for a in answers], dtype=torch.float64), top, atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_hf_export_loads_without_lelp_fast_through_remote_code(hf_student, tmp_path):
+    tmp, student, tokenizer = hf_student
+    from lelp_fast.export.hf import export_hf
+
+    out = str(tmp_path / "classifier")
+    export_hf(student, out, n_subclasses=S, tau=1.0, labels=["a", "b", "c"], tokenizer=tokenizer)
+    code = ("import sys, torch; from transformers import pipeline\n"
+            "assert 'lelp_fast' not in sys.modules\n"
+            f"p = pipeline('text-classification', model={out!r}, trust_remote_code=True)\n"
+            f"print({{a['label'] for a in p({TEXTS!r})}} <= {{'a', 'b', 'c'}})\n")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)  # lelp_fast must not be importable: only the copied hf_pooled.py
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(tmp_path),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("True")
+
+
+def test_hf_export_refuses_labels_that_do_not_fit(hf_student, tmp_path):
+    from lelp_fast.export.hf import export_hf
+
+    tmp, student, _ = hf_student
+    with pytest.raises(ValueError, match="labels has 2 names, but the student's 12 outputs / n_subclasses 4 give 3"):
+        export_hf(student, str(tmp_path / "x"), n_subclasses=S, labels=["a", "b"])
+    with pytest.raises(ValueError, match="labels must be a list of the 3 class names"):
+        export_hf(student, str(tmp_path / "x"), n_subclasses=S, labels="neg pos neutral")
+    with pytest.raises(ValueError, match="not a multiple of n_subclasses=5"):
+        export_hf(student, str(tmp_path / "x"), n_subclasses=5)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        export_hf(str(tmp_path / "missing"), str(tmp_path / "x"), n_subclasses=S)
+
+
+def test_export_command_for_a_transformers_student(hf_student, tmp_path, capsys):
+    tmp, student, tokenizer = hf_student
+    out = str(tmp_path / "cls")
+    assert main(["export", "--hf-model", str(tmp / "student"), "--subclasses", str(S), "--tau", "2",
+                 "--labels", "x", "y", "z", "--out", out]) == 0
+    assert "labels x, y, z" in capsys.readouterr().out
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+    torch.testing.assert_close(got.double(), hf_reference(student, tokenizer, 2.0), atol=ATOL, rtol=RTOL)
