@@ -312,3 +312,21 @@ def test_capture_opens_as_a_hf_dataset(tmp_path, dtype):
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="shard-000001.safetensors is corrupt: its sha256 does not match"):
         CaptureSource(str(tmp_path / "cap")).to_hf_dataset()
+
+
+def test_the_documented_imports_and_no_import_circle():
+    """``capture_text`` is where docs/user_path.md says; io (below capture) never imports capture:
+    a capture directory is a registered source."""
+    import ast
+    import pathlib
+
+    from lelp_fast.capture import capture_text  # noqa: F401
+    from lelp_fast.io.sources import as_source
+
+    io_dir = pathlib.Path(__file__).resolve().parent.parent / "lelp_fast" / "io"
+    for path in io_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "capture" not in (node.module or ""), f"{path.name} imports {node.module}"
+    with pytest.raises(ValueError, match="is not a finished capture"):
+        as_source(str(io_dir))  # a directory that is not a capture
