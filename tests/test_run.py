@@ -115,9 +115,11 @@ def _tiny_config(tmp_path, **sections):
 def _run_logged(cfg, **kw):
     from lelp_fast.run import run
 
-    lines = []
+    lines, said = [], {}
     report = run(cfg, log=lines.append, **kw)
-    return report, {line.split("]")[0][1:]: line.split("] ", 1)[1] for line in lines if line.startswith("[")}
+    for line in lines:  # each stage's first line is its status (training then logs its epochs)
+        said.setdefault(line.split("]")[0][1:], line.split("] ", 1)[1])
+    return report, said
 
 
 def _bytes(tmp_path, *names):
