@@ -51,6 +51,7 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     tensorboard: bool = True
+    subclass_weight: float = 1.0  # λ on the subclass part of KL(t‖q): 1 is LELP, 0 class-level KD (issue 22)
 
     def check(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -63,6 +64,8 @@ class TrainSettings:
             raise ValueError(f"train.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"train.patience must be >= 1 or None, got {self.patience!r}")
+        if not self.subclass_weight >= 0:
+            raise ValueError(f"train.subclass_weight must be >= 0 (0: KD, 1: LELP), got {self.subclass_weight!r}")
 
 
 def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, teacher_logits=None,
@@ -140,7 +143,7 @@ def _training_data(train_data, targets, k: int, st: TrainSettings, compact_tempe
         if targets.projector.n_outputs != k:
             raise ValueError(f"the projector has K={targets.projector.n_outputs} outputs, the student setup C*S = {k}")
         loss = LELPLoss(targets.projector, divergence=st.divergence, jsd_beta=st.jsd_beta, tau=st.tau,
-                        alpha=st.alpha)
+                        alpha=st.alpha, subclass_weight=st.subclass_weight)
 
         def online(out, info, y):
             h, z = (t.to(out.device) for t in info)
@@ -155,7 +158,8 @@ def _training_data(train_data, targets, k: int, st: TrainSettings, compact_tempe
     def offline(out, log_t, y):
         return distill_loss(out, log_t.to(out.device), y, num_classes=data.settings["num_classes"],
                             n_subclasses=data.settings["n_subclasses"], divergence=st.divergence,
-                            jsd_beta=st.jsd_beta, tau=st.tau, alpha=st.alpha, return_components=True)
+                            jsd_beta=st.jsd_beta, tau=st.tau, alpha=st.alpha, return_components=True,
+                            subclass_weight=st.subclass_weight)
 
     return data, offline
 
