@@ -345,7 +345,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.work_dir:
         cfg.work_dir = args.work_dir
     tune(cfg, TuneGrid(subclasses=args.subclasses, betas=args.betas, taus=args.taus, steps=args.steps,
-                       evals=args.evals, seeds=args.seeds, fraction=args.fraction), capture_dir=args.capture)
+                       evals=args.evals, seeds=args.seeds, fraction=args.fraction,
+                       subclass_weights=args.subclass_weights), capture_dir=args.capture)
     return 0
 
 
@@ -559,6 +560,8 @@ def _add_tune(sub) -> None:
     tune.add_argument("--seeds", type=positive_int, default=3,
                       help="proxies per grid point, and fresh seeds for the paired LELP-vs-KD decision")
     tune.add_argument("--fraction", type=float, default=1.0, help="training rows the proxies see")
+    tune.add_argument("--subclass-weights", type=float, nargs="+", default=[1.0],
+                      help="lambda values (1: LELP; 0: KD on the pooled C*S-output student, beta moot)")
     tune.add_argument("--capture", help="a capture of the teacher on its own inputs for task.train's rows, in order "
                                         "(when the teacher does not read the student's inputs)")
     tune.add_argument("--work-dir", help="override the config's work_dir")

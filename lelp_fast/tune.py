@@ -41,6 +41,7 @@ class TuneGrid:
     evals: int = 10  # validation evaluations per proxy, evenly spaced; the best one scores it
     seeds: int = 3  # proxies per grid point; as many fresh seeds judge LELP against KD
     fraction: float = 1.0  # of the training rows the proxies see
+    subclass_weights: Sequence[float] = (1.0,)  # λ (1: LELP; 0: KD on the pooled student, β moot)
 
     def check(self) -> None:
         for name in ("steps", "evals", "seeds"):
@@ -54,6 +55,8 @@ class TuneGrid:
                              f"got {list(self.subclasses)}")
         if not self.taus or any(not t > 0 for t in self.taus) or any(not b > 0 for b in self.betas):
             raise ValueError("grid.taus and grid.betas must be positive (and taus non-empty)")
+        if not self.subclass_weights or any(not w >= 0 for w in self.subclass_weights):
+            raise ValueError(f"grid.subclass_weights must be non-empty and >= 0, got {list(self.subclass_weights)}")
 
 
 @dataclasses.dataclass
@@ -100,7 +103,8 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
 
 
 def proxy_curve(make_student: Callable, x, y, log_t, val_x, val_y, c: int, s: int, tau: float,
-                settings: ProxySettings, steps: int, evals: int, seed: int) -> List[float]:
+                settings: ProxySettings, steps: int, evals: int, seed: int,
+                subclass_weight: float = 1.0) -> List[float]:
     """Validation accuracy of one proxy (pooled at τ) at ``evals`` evenly spaced steps."""
     torch.manual_seed(seed)
     student = make_student(c * s)
@@ -112,7 +116,7 @@ def proxy_curve(make_student: Callable, x, y, log_t, val_x, val_y, c: int, s: in
         student.train()
         loss = distill_loss(student(x[idx]), log_t[idx], y[idx], num_classes=c, n_subclasses=s,
                             divergence=settings.divergence, jsd_beta=settings.jsd_beta, tau=tau,
-                            alpha=settings.alpha)
+                            alpha=settings.alpha, subclass_weight=subclass_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -175,28 +179,31 @@ class _Search:
         z = self.teacher.logits[self.rows]
         if s == 1:
             return _kd_log_targets(z, tau)
-        return reference.log_targets(self.coords[s], z, s, beta, tau).float()
+        # λ = 0 reads only the class marginals logsumexp_s(log t), which β does not change.
+        return reference.log_targets(self.coords[s], z, s, 1.0 if beta is None else beta, tau).float()
 
-    def scores(self, s: int, beta: Optional[float], tau: float, seeds: Sequence[int]) -> List[float]:
+    def scores(self, s: int, beta: Optional[float], tau: float, seeds: Sequence[int],
+               weight: float = 1.0) -> List[float]:
         """Each seed's proxy at its best validation evaluation."""
         log_t = self.log_targets(s, beta, tau)
         return [max(proxy_curve(self.make_student, self.x, self.y, log_t, self.val_x, self.val_y, self.c, s, tau,
-                                self.settings, self.grid.steps, self.grid.evals, seed)) for seed in seeds]
+                                self.settings, self.grid.steps, self.grid.evals, seed, weight)) for seed in seeds]
 
-    def point(self, s: int, beta: Optional[float], tau: float) -> dict:
+    def point(self, s: int, beta: Optional[float], tau: float, weight: float = 1.0) -> dict:
         seeds = [self.settings.seed + i for i in range(self.grid.seeds)]
-        per_seed = self.scores(s, beta, tau, seeds)
-        record = {"subclasses": s, "beta": beta, "tau": tau, "val_accuracy": sum(per_seed) / len(per_seed),
-                  "per_seed": per_seed}
-        name = "KD" if s == 1 else f"S={s} beta={beta}"
+        per_seed = self.scores(s, beta, tau, seeds, weight)
+        record = {"subclasses": s, "beta": beta, "tau": tau, "subclass_weight": weight,
+                  "val_accuracy": sum(per_seed) / len(per_seed), "per_seed": per_seed}
+        name = "KD" if s == 1 else f"S={s} beta={beta}" + ("" if weight == 1.0 else f" lambda={weight}")
         self.log(f"[tune] {name} tau={tau}: validation accuracy {record['val_accuracy']:.4f} "
                  f"(mean of {len(seeds)} seeds, each at its best evaluation)")
         return record
 
 
 def _tie_key(r: dict):
-    """Among equal scores, the point closest to KD: fewest subclasses, flattest split, lowest τ."""
-    return (r["subclasses"], -(r["beta"] or 0.0), r["tau"])
+    """Among equal scores, the point closest to KD: fewest subclasses, least subclass weight, flattest
+    split, lowest τ."""
+    return (r["subclasses"], r["subclass_weight"], -(r["beta"] or 0.0), r["tau"])
 
 
 def best_with_ties(records: Sequence[dict]) -> Tuple[Optional[dict], List[dict]]:
@@ -217,7 +224,7 @@ def _decide(search: _Search, kd: dict, lelp: Optional[dict]) -> dict:
     grid, first = search.grid, search.settings.seed + search.grid.seeds
     seeds = list(range(first, first + grid.seeds))  # fresh: the seeds that chose them do not judge them
     kd_scores = search.scores(1, None, kd["tau"], seeds)
-    lelp_scores = search.scores(lelp["subclasses"], lelp["beta"], lelp["tau"], seeds)
+    lelp_scores = search.scores(lelp["subclasses"], lelp["beta"], lelp["tau"], seeds, lelp["subclass_weight"])
     stats = paired_interval(lelp_scores, kd_scores)
     win = stats["interval"] is not None and stats["interval"][0] > 0
     text = format_difference(stats)
@@ -249,13 +256,16 @@ def search(teacher: TeacherOutputs, train, val, make_student: Callable, settings
             skipped.append({"subclasses": s, "reason": why})
             log(f"[tune] S={s} skipped: {why}")
             continue
-        results += [state.point(s, beta, tau) for beta in grid.betas for tau in grid.taus]
+        for weight in grid.subclass_weights:
+            betas = grid.betas if weight > 0 else [None]
+            results += [state.point(s, beta, tau, weight) for beta in betas for tau in grid.taus]
     kd, kd_ties = best_with_ties([r for r in results if r["subclasses"] == 1])
     lelp, lelp_ties = best_with_ties([r for r in results if r["subclasses"] > 1])
     decision = _decide(state, kd, lelp)
     best = lelp if decision["choice"] == "LELP" else kd
     ties = {"kd": kd_ties if len(kd_ties) > 1 else [], "lelp": lelp_ties if len(lelp_ties) > 1 else [],
-            "rule": "among tied points, the one closest to KD: fewest subclasses, then largest beta, then lowest tau"}
+            "rule": "among tied points, the one closest to KD: fewest subclasses, then lowest lambda, then largest "
+                    "beta, then lowest tau"}
     summary = {"best": best, "kd": kd, "lelp": lelp, "decision": decision, "ties": ties, "skipped": skipped,
                "results": results, "grid": dataclasses.asdict(grid)}
     for line in summary_lines(summary):
@@ -278,12 +288,13 @@ def _check_rows(teacher: TeacherOutputs, x: torch.Tensor, y: torch.Tensor) -> No
 def summary_lines(summary: dict) -> List[str]:
     """The decision, its interval, the ties and the skipped S values, one sentence each."""
     best, d = summary["best"], summary["decision"]
-    setting = (f"S={best['subclasses']}, beta={best['beta']}, tau={best['tau']}" if best["subclasses"] > 1
-               else f"KD (S=1), tau={best['tau']}")
+    setting = (f"S={best['subclasses']}, beta={best['beta']}, tau={best['tau']}, lambda={best['subclass_weight']}"
+               if best["subclasses"] > 1 else f"KD (S=1), tau={best['tau']}")
     lines = [f"choice: {setting} (validation accuracy {best['val_accuracy']:.4f}); {d['reason']}"]
     for arm in ("kd", "lelp"):
         if summary["ties"][arm]:
-            points = "; ".join(f"S={r['subclasses']} beta={r['beta']} tau={r['tau']}" for r in summary["ties"][arm])
+            points = "; ".join(f"S={r['subclasses']} beta={r['beta']} tau={r['tau']} lambda={r['subclass_weight']}"
+                               for r in summary["ties"][arm])
             lines.append(f"tie ({arm.upper()}) at {summary['ties'][arm][0]['val_accuracy']:.4f} between {points}; "
                          f"{summary['ties']['rule']}")
     lines += [f"S={s['subclasses']} skipped: {s['reason']}" for s in summary["skipped"]]
@@ -321,8 +332,8 @@ def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
                      ProxySettings.from_train(cfg.train), grid, fit_seed=cfg.fit.seed, log=log)
     _write(os.path.join(cfg.work_dir, "tune"), summary)
     best = summary["best"]
-    advice = (f"fit.subclasses: {best['subclasses']}, fit.beta: {best['beta']}" if best["subclasses"] > 1
-              else "fit.subclasses: 1 (KD)")
+    advice = (f"fit.subclasses: {best['subclasses']}, fit.beta: {best['beta']}, train.subclass_weight: "
+              f"{best['subclass_weight']}" if best["subclasses"] > 1 else "fit.subclasses: 1 (KD)")
     log(f"[tune] set {advice}, fit.tau and train.tau: {best['tau']} in the config")
     return summary
 
@@ -332,8 +343,10 @@ def _write(out_dir: str, summary: dict) -> None:
 
     os.makedirs(out_dir, exist_ok=True)
     lines = ["# lelp-fast tune", ""] + [f"- {line}" for line in summary_lines(summary)]
-    lines += ["", "| S | β | τ | validation accuracy (mean over seeds) | per seed |", "|---|---|---|---|---|"]
-    lines += [f"| {r['subclasses']} | {r['beta'] if r['beta'] is not None else '— (KD)'} | {r['tau']} | "
+    lines += ["", "| S | β | τ | λ | validation accuracy (mean over seeds) | per seed |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['subclasses']} | {r['beta'] if r['beta'] is not None else '—'} | {r['tau']} | "
+              f"{r['subclass_weight']} | "
               f"{r['val_accuracy']:.4f} | {', '.join(f'{v:.4f}' for v in r['per_seed'])} |"
               for r in summary["results"]]
     shards.write_atomically(os.path.join(out_dir, "tune.md"), ("\n".join(lines) + "\n").encode())
@@ -355,7 +368,7 @@ def _plot(summary: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in sorted({r["subclasses"] for r in summary["results"]} - {1}):
         pts = sorted((r["beta"], r["val_accuracy"]) for r in summary["results"]
-                     if r["subclasses"] == s and r["tau"] == tau)
+                     if r["subclasses"] == s and r["tau"] == tau and r["subclass_weight"] == 1.0)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"S = {s}")
     kd = summary["kd"]
     ax.axhline(kd["val_accuracy"], color="k", linestyle="--", label=f"KD (τ = {kd['tau']})")

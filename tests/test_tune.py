@@ -222,3 +222,17 @@ def test_bad_grid_values_name_the_field():
                         (TuneGrid(fraction=0.0), "grid.fraction")):
         with pytest.raises(ValueError, match=field):
             search(xor_teacher(x, y), (x, y), (x, y), lambda k: nn.Linear(2, k), SETTINGS, grid)
+
+
+def test_the_grid_can_search_the_subclass_weight():
+    """λ = 0 points (class-level KD on the pooled student) ignore β: one per (S, τ)."""
+    x, y = xor_blobs(200, 0)
+    summary = search(xor_teacher(x, y), (x, y), xor_blobs(100, 1), lambda k: nn.Linear(2, k), SETTINGS,
+                     TuneGrid(subclasses=(2,), betas=(0.25, 1.0), taus=(1.0,), steps=40, evals=2, seeds=2,
+                              subclass_weights=(0.0, 1.0)), log=lambda _: None)
+    pooled = [r for r in summary["results"] if r["subclasses"] == 2 and r["subclass_weight"] == 0.0]
+    assert len(pooled) == 1 and pooled[0]["beta"] is None
+    assert len([r for r in summary["results"] if r["subclass_weight"] == 1.0 and r["subclasses"] == 2]) == 2
+    with pytest.raises(ValueError, match="grid.subclass_weights"):
+        search(xor_teacher(x, y), (x, y), (x, y), lambda k: nn.Linear(2, k), SETTINGS,
+               TuneGrid(subclass_weights=(-1.0,)))
