@@ -107,6 +107,7 @@ class TrainConfig(_Section):
     warmup_steps: NonNegativeCount = 0
     checkpoint_every_steps: Optional[Count] = None
     log_every_steps: Optional[Count] = None
+    subclass_weight: NonNegative = 1.0  # λ on the subclass part of the KL: 1 is LELP, 0 class-level KD
 
 
 class RunConfig(_Section):

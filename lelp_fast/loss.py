@@ -36,6 +36,8 @@ class LELPLoss(nn.Module):
         alpha: weight of the hard-label cross-entropy on pooled class logits (paper: 0).
         reduction: "mean" (over kept rows), "sum" or "none".
         ignore_index: rows whose label equals it contribute nothing.
+        subclass_weight: λ, the weight of the subclass part of KL(t‖q) (0: KD on the pooled student,
+            1: LELP; offline single-teacher KL only; ``ops.loss.subclass_weighted_loss``).
         backend: "auto" (fused kernel for the tensor's device, else torch), "torch", "cpu", "cuda".
     """
 
@@ -53,6 +55,7 @@ class LELPLoss(nn.Module):
         reduction: str = "mean",
         ignore_index: int = -100,
         backend: str = "auto",
+        subclass_weight: float = 1.0,
     ):
         super().__init__()
         divergence = reference.canonical_divergence(divergence)  # "jsd" (TRL's and Liger's name) is "js"
@@ -93,6 +96,9 @@ class LELPLoss(nn.Module):
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.backend = backend
+        if not subclass_weight >= 0.0:
+            raise ValueError(f"subclass_weight must be >= 0 (0: KD, 1: LELP), got {subclass_weight!r}")
+        self.subclass_weight = float(subclass_weight)
 
     def forward(
         self,
@@ -143,6 +149,7 @@ class LELPLoss(nn.Module):
             teacher_weights=teacher_weights,
             backend=self.backend,
             return_components=return_components,
+            subclass_weight=self.subclass_weight,
             **online,
         )
 

@@ -259,6 +259,33 @@ def divergence(log_t: torch.Tensor, log_q: torch.Tensor, kind: str = "kl", jsd_b
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {kind!r}")
 
 
+def subclass_weighted_kl(
+    student_logits: torch.Tensor,
+    log_targets_: torch.Tensor,
+    num_classes: int,
+    n_subclasses: int,
+    tau: float = 1.0,
+    subclass_weight: float = 1.0,
+) -> torch.Tensor:
+    """Per row ``τ² · [KL(p‖Q) + λ · Σ_c p_c · KL(r_c‖ρ_c)]``, written from its two parts.
+
+    With ``t_{c,s} = p_c r_{s|c}`` and ``q_{c,s} = Q_c ρ_{s|c}`` (class marginals p, Q; within-class
+    splits r, ρ), ``KL(t‖q)`` is exactly the class KL plus the class-weighted subclass KL; ``λ``
+    (``subclass_weight``) weights the second: 0 is vanilla KD on the pooled student, 1 is LELP.
+    """
+    shape = (*student_logits.shape[:-1], num_classes, n_subclasses)
+    log_q = F.log_softmax(student_logits / tau, dim=-1).reshape(shape)
+    log_t = log_targets_.reshape(shape)
+    log_p, log_big_q = torch.logsumexp(log_t, -1), torch.logsumexp(log_q, -1)
+    p = log_p.exp()
+    class_kl = _plogp_ratio(p, log_p, log_big_q).sum(-1)
+    log_r = log_t - log_p.unsqueeze(-1)
+    log_rho = log_q - log_big_q.unsqueeze(-1)
+    r = torch.where(p.unsqueeze(-1) == 0, torch.zeros_like(log_r), log_r.exp())  # an empty class has no split
+    sub_kl = _plogp_ratio(r, torch.where(r == 0, torch.zeros_like(log_r), log_r), log_rho).sum(-1)
+    return tau * tau * (class_kl + subclass_weight * (p * sub_kl).sum(-1))
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     log_targets_: torch.Tensor,

@@ -1,29 +1,35 @@
-"""``lelp-fast tune``: choose S, β and τ on the validation split with cheap proxy students.
+"""``lelp-fast tune``: choose S, β and τ on the validation split, or keep KD when LELP does not win.
 
 One projector fit per S; for each S the compact targets (the coordinates ``u`` and the teacher's
 logits ``z``) are computed once, so every (β, τ) only re-runs the two log-softmaxes. Each grid point
-trains a proxy: the config's student, for ``epochs`` epochs on a ``fraction`` of the training rows.
-The choice is the best validation accuracy (pooled at that τ); the whole curve is reported
-(``tune/tune.json``, ``tune.md``, ``tune.png`` in ``work_dir``). Nothing is tuned on the test split.
+trains proxies (the config's student) for a fixed number of optimiser steps, on ``seeds`` seeds,
+and scores each proxy at its best validation evaluation (``distill`` keeps its best epoch too). The
+grid includes KD (S = 1, its τ tuned): S = 1 targets are exactly the KD targets.
+
+The decision: the best LELP point and the best KD τ are trained again on fresh seeds (so the noise
+that picked them does not also judge them), and LELP is chosen only when the paired 95 % interval
+of its validation gain over KD lies above 0. Ties on the grid are listed, and the rule that broke
+them is stated; S values a class is too small for are skipped with a note. The whole curve is
+written to ``work_dir/tune`` (``tune.json``, ``tune.md``, ``tune.png``). Nothing is tuned on the
+test split.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from typing import Callable, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader
+import torch.nn.functional as F
 
 from . import reference
-from .capture import CaptureSource
-from .config import RunConfig
-from .offline import shards
 from .ops.loss import distill_loss
 from .projector import LELPProjector
-from .run import load_task, run
+
+TIE_TOLERANCE = 1e-9  # mean validation accuracies closer than this are a tie (they are row counts / n)
 
 
 @dataclasses.dataclass
@@ -31,8 +37,271 @@ class TuneGrid:
     subclasses: Sequence[int] = (2, 4, 8, 16)
     betas: Sequence[float] = (0.05, 0.1, 0.25, 0.5, 1.0)
     taus: Sequence[float] = (1.0, 2.0, 4.0)
-    epochs: int = 3
-    fraction: float = 0.5
+    steps: int = 500  # optimiser steps per proxy, whatever the number of rows
+    evals: int = 10  # validation evaluations per proxy, evenly spaced; the best one scores it
+    seeds: int = 3  # proxies per grid point; as many fresh seeds judge LELP against KD
+    fraction: float = 1.0  # of the training rows the proxies see
+    subclass_weights: Sequence[float] = (1.0,)  # λ (1: LELP; 0: KD on the pooled student, β moot)
+
+    def check(self) -> None:
+        for name in ("steps", "evals", "seeds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"grid.{name} must be a positive integer, got {value!r}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"grid.fraction must lie in (0, 1], got {self.fraction!r}")
+        if any(not isinstance(s, int) or s < 2 for s in self.subclasses):
+            raise ValueError(f"grid.subclasses must be integers >= 2 (S = 1 is the KD arm, always run), "
+                             f"got {list(self.subclasses)}")
+        if not self.taus or any(not t > 0 for t in self.taus) or any(not b > 0 for b in self.betas):
+            raise ValueError("grid.taus and grid.betas must be positive (and taus non-empty)")
+        if not self.subclass_weights or any(not w >= 0 for w in self.subclass_weights):
+            raise ValueError(f"grid.subclass_weights must be non-empty and >= 0, got {list(self.subclass_weights)}")
+
+
+@dataclasses.dataclass
+class ProxySettings:
+    """How a proxy trains: the run config's ``train`` section (its lr, batch, loss)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    divergence: str = "kl"
+    jsd_beta: float = 0.5
+    alpha: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def from_train(cls, train) -> "ProxySettings":
+        return cls(**{f.name: getattr(train, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass
+class TeacherOutputs:
+    """The teacher's side of the training rows: embeddings (N, d), class logits (N, C), labels
+    (N,) and its head ``(W, b)`` (None: no null-space projection). The student's inputs are
+    separate, so they need not be what the teacher read."""
+
+    embeddings: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+    head: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+
+# ----------------------------------------------------------------------------- proxies
+
+
+def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """``steps`` index batches: shuffled passes over ``n`` rows, repeated as often as needed."""
+    done = 0
+    while done < steps:
+        for idx in torch.randperm(n, generator=generator).split(batch_size):
+            if done == steps:
+                return
+            yield idx
+            done += 1
+
+
+def proxy_curve(make_student: Callable, x, y, log_t, val_x, val_y, c: int, s: int, tau: float,
+                settings: ProxySettings, steps: int, evals: int, seed: int,
+                subclass_weight: float = 1.0) -> List[float]:
+    """Validation accuracy of one proxy (pooled at τ) at ``evals`` evenly spaced steps."""
+    torch.manual_seed(seed)
+    student = make_student(c * s)
+    opt = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    checkpoints = {math.ceil((i + 1) * steps / evals) for i in range(evals)}
+    curve = []
+    for step, idx in enumerate(_batches(x.shape[0], settings.batch_size, steps, torch.Generator().manual_seed(seed)),
+                               start=1):
+        student.train()
+        loss = distill_loss(student(x[idx]), log_t[idx], y[idx], num_classes=c, n_subclasses=s,
+                            divergence=settings.divergence, jsd_beta=settings.jsd_beta, tau=tau,
+                            alpha=settings.alpha, subclass_weight=subclass_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in checkpoints:
+            student.eval()
+            with torch.no_grad():
+                pooled = reference.class_logits(student(val_x), c, s, tau)
+            curve.append(float((pooled.argmax(1) == val_y).double().mean()))
+    return curve
+
+
+def infeasible(labels: torch.Tensor, num_classes: int, s: int) -> Optional[str]:
+    """Why S cannot be fitted on these labels (a class with at most S rows), or None."""
+    counts = torch.bincount(labels.long(), minlength=num_classes)
+    small = int(counts.argmin())
+    if int(counts[small]) < s + 1:
+        return f"class {small} has {int(counts[small])} rows, S = {s} needs at least {s + 1}"
+    return None
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def _kd_log_targets(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """S = 1 targets: ``log_softmax(z/τ)``, exactly what ``log_targets`` gives for one subclass."""
+    return F.log_softmax(logits.double() / tau, dim=-1).float()
+
+
+class _Search:
+    """The grid's shared state: the proxies' rows, the subclass coordinates per S, the seeds."""
+
+    def __init__(self, teacher: TeacherOutputs, train, val, make_student, settings: ProxySettings,
+                 grid: TuneGrid, fit_seed: int, log: Callable[[str], None]):
+        self.teacher, self.make_student, self.settings, self.grid, self.log = teacher, make_student, settings, grid, log
+        x, y = train
+        self.val_x, self.val_y = val
+        n = x.shape[0]
+        rows = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed))
+        self.rows = rows[:max(1, int(grid.fraction * n))]
+        self.x, self.y = x[self.rows], y[self.rows]
+        self.c = int(teacher.logits.shape[1])
+        self.fit_seed = fit_seed
+        self.coords = {}  # S -> the proxies' rows' subclass coordinates u (N_rows, C*S)
+
+    def fit(self, s: int) -> Optional[str]:
+        """Fits the projector for S (keeps its coordinates); returns why S is infeasible, or None."""
+        t = self.teacher
+        why = infeasible(t.labels, self.c, s)
+        if why is None:
+            w, b = t.head if t.head is not None else (None, None)
+            try:
+                projector = LELPProjector(s, seed=self.fit_seed).fit(t.embeddings, t.labels, head_weight=w,
+                                                                     head_bias=b, num_classes=self.c)
+            except ValueError as exc:  # e.g. a class whose embeddings span fewer than S directions
+                return str(exc)
+            self.coords[s] = projector.project(t.embeddings[self.rows])
+        return why
+
+    def log_targets(self, s: int, beta: Optional[float], tau: float) -> torch.Tensor:
+        z = self.teacher.logits[self.rows]
+        if s == 1:
+            return _kd_log_targets(z, tau)
+        # λ = 0 reads only the class marginals logsumexp_s(log t), which β does not change.
+        return reference.log_targets(self.coords[s], z, s, 1.0 if beta is None else beta, tau).float()
+
+    def scores(self, s: int, beta: Optional[float], tau: float, seeds: Sequence[int],
+               weight: float = 1.0) -> List[float]:
+        """Each seed's proxy at its best validation evaluation."""
+        log_t = self.log_targets(s, beta, tau)
+        return [max(proxy_curve(self.make_student, self.x, self.y, log_t, self.val_x, self.val_y, self.c, s, tau,
+                                self.settings, self.grid.steps, self.grid.evals, seed, weight)) for seed in seeds]
+
+    def point(self, s: int, beta: Optional[float], tau: float, weight: float = 1.0) -> dict:
+        seeds = [self.settings.seed + i for i in range(self.grid.seeds)]
+        per_seed = self.scores(s, beta, tau, seeds, weight)
+        record = {"subclasses": s, "beta": beta, "tau": tau, "subclass_weight": weight,
+                  "val_accuracy": sum(per_seed) / len(per_seed), "per_seed": per_seed}
+        name = "KD" if s == 1 else f"S={s} beta={beta}" + ("" if weight == 1.0 else f" lambda={weight}")
+        self.log(f"[tune] {name} tau={tau}: validation accuracy {record['val_accuracy']:.4f} "
+                 f"(mean of {len(seeds)} seeds, each at its best evaluation)")
+        return record
+
+
+def _tie_key(r: dict):
+    """Among equal scores, the point closest to KD: fewest subclasses, least subclass weight, flattest
+    split, lowest τ."""
+    return (r["subclasses"], r["subclass_weight"], -(r["beta"] or 0.0), r["tau"])
+
+
+def best_with_ties(records: Sequence[dict]) -> Tuple[Optional[dict], List[dict]]:
+    """The best record by mean validation accuracy, and every record tied with it (itself included)."""
+    if not records:
+        return None, []
+    top = max(r["val_accuracy"] for r in records)
+    ties = sorted((r for r in records if top - r["val_accuracy"] <= TIE_TOLERANCE), key=_tie_key)
+    return ties[0], ties
+
+
+def _decide(search: _Search, kd: dict, lelp: Optional[dict]) -> dict:
+    """LELP only when its paired validation gain over KD, on fresh seeds, is above 0 with 95 % confidence."""
+    from .paired import format_difference, paired_interval
+
+    if lelp is None:
+        return {"choice": "KD", "reason": "no S of the grid could be fitted"}
+    grid, first = search.grid, search.settings.seed + search.grid.seeds
+    seeds = list(range(first, first + grid.seeds))  # fresh: the seeds that chose them do not judge them
+    kd_scores = search.scores(1, None, kd["tau"], seeds)
+    lelp_scores = search.scores(lelp["subclasses"], lelp["beta"], lelp["tau"], seeds, lelp["subclass_weight"])
+    stats = paired_interval(lelp_scores, kd_scores)
+    win = stats["interval"] is not None and stats["interval"][0] > 0
+    text = format_difference(stats)
+    if stats["interval"] is None:
+        reason = f"LELP minus KD on validation {text}: one seed cannot separate a gain from noise, KD kept"
+    elif win:
+        reason = f"LELP minus KD on validation {text}: the interval is above 0"
+    else:
+        reason = f"LELP minus KD on validation {text}: the interval includes 0 or less, KD kept"
+    return {"choice": "LELP" if win else "KD", "reason": reason, "seeds": seeds, "kd_per_seed": kd_scores,
+            "lelp_per_seed": lelp_scores, "gain": stats}
+
+
+def search(teacher: TeacherOutputs, train, val, make_student: Callable, settings: ProxySettings = ProxySettings(),
+           grid: TuneGrid = TuneGrid(), *, fit_seed: int = 0, log: Callable[[str], None] = print) -> dict:
+    """The grid with its KD arm, the ties and the decision, on in-memory tensors.
+
+    ``train`` / ``val`` are the student's ``(inputs, labels)``; ``teacher`` holds the teacher's
+    outputs for the same training rows, in order (its inputs may differ from the student's).
+    """
+    grid.check()
+    _check_rows(teacher, *train)
+    state = _Search(teacher, train, val, make_student, settings, grid, fit_seed, log)
+    results = [state.point(1, None, tau) for tau in grid.taus]
+    skipped = []
+    for s in grid.subclasses:
+        why = state.fit(s)
+        if why is not None:
+            skipped.append({"subclasses": s, "reason": why})
+            log(f"[tune] S={s} skipped: {why}")
+            continue
+        for weight in grid.subclass_weights:
+            betas = grid.betas if weight > 0 else [None]
+            results += [state.point(s, beta, tau, weight) for beta in betas for tau in grid.taus]
+    kd, kd_ties = best_with_ties([r for r in results if r["subclasses"] == 1])
+    lelp, lelp_ties = best_with_ties([r for r in results if r["subclasses"] > 1])
+    decision = _decide(state, kd, lelp)
+    best = lelp if decision["choice"] == "LELP" else kd
+    ties = {"kd": kd_ties if len(kd_ties) > 1 else [], "lelp": lelp_ties if len(lelp_ties) > 1 else [],
+            "rule": "among tied points, the one closest to KD: fewest subclasses, then lowest lambda, then largest "
+                    "beta, then lowest tau"}
+    summary = {"best": best, "kd": kd, "lelp": lelp, "decision": decision, "ties": ties, "skipped": skipped,
+               "results": results, "grid": dataclasses.asdict(grid)}
+    for line in summary_lines(summary):
+        log(f"[tune] {line}")
+    return summary
+
+
+def _check_rows(teacher: TeacherOutputs, x: torch.Tensor, y: torch.Tensor) -> None:
+    n = teacher.embeddings.shape[0]
+    if x.shape[0] != n or teacher.logits.shape[0] != n or teacher.labels.shape[0] != n:
+        raise ValueError(f"teacher: {n} rows of embeddings, {teacher.logits.shape[0]} of logits, but the student's "
+                         f"training data has {x.shape[0]}; they must be the same rows, in the same order")
+    differ = torch.nonzero(teacher.labels.long() != y.long())
+    if differ.numel():
+        row = int(differ[0, 0])
+        raise ValueError(f"teacher.labels[{row}] = {int(teacher.labels[row])} but the student's label is "
+                         f"{int(y[row])}: the teacher's outputs must be for the student's rows, in order")
+
+
+def summary_lines(summary: dict) -> List[str]:
+    """The decision, its interval, the ties and the skipped S values, one sentence each."""
+    best, d = summary["best"], summary["decision"]
+    setting = (f"S={best['subclasses']}, beta={best['beta']}, tau={best['tau']}, lambda={best['subclass_weight']}"
+               if best["subclasses"] > 1 else f"KD (S=1), tau={best['tau']}")
+    lines = [f"choice: {setting} (validation accuracy {best['val_accuracy']:.4f}); {d['reason']}"]
+    for arm in ("kd", "lelp"):
+        if summary["ties"][arm]:
+            points = "; ".join(f"S={r['subclasses']} beta={r['beta']} tau={r['tau']} lambda={r['subclass_weight']}"
+                               for r in summary["ties"][arm])
+            lines.append(f"tie ({arm.upper()}) at {summary['ties'][arm][0]['val_accuracy']:.4f} between {points}; "
+                         f"{summary['ties']['rule']}")
+    lines += [f"S={s['subclasses']} skipped: {s['reason']}" for s in summary["skipped"]]
+    return lines
+
+
+# ----------------------------------------------------------------------------- the run config
 
 
 def _tensors(data):
@@ -40,61 +309,46 @@ def _tensors(data):
     return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys)
 
 
-def _proxy_accuracy(make_student, x, y, log_t, val_x, val_y, c, s, tau, cfg: RunConfig, epochs: int) -> float:
-    torch.manual_seed(cfg.train.seed)
-    student = make_student(c * s)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    order = torch.Generator().manual_seed(cfg.train.seed)
-    for _ in range(epochs):
-        for idx in DataLoader(range(x.shape[0]), batch_size=cfg.train.batch_size, shuffle=True, generator=order):
-            loss = distill_loss(student(x[idx]), log_t[idx], y[idx], num_classes=c, n_subclasses=s,
-                                divergence=cfg.train.divergence, jsd_beta=cfg.train.jsd_beta, tau=tau,
-                                alpha=cfg.train.alpha)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        pooled = reference.class_logits(student(val_x), c, s, tau)
-    return float((pooled.argmax(1) == val_y).double().mean())
+def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
+         log: Callable[[str], None] = print) -> dict:
+    """Tunes a run config on its validation split; returns the summary (see :func:`search`).
 
+    The teacher's side comes from a capture of the training rows: the config's own capture stage
+    (run here if needed), or ``capture_dir``, a capture made elsewhere from the teacher's own inputs
+    (e.g. text for a transformer teacher) of the same rows, in order, as ``task.train``, whose items
+    are the student's inputs.
+    """
+    from .capture import CaptureSource
+    from .run import load_task, run
 
-def tune(cfg: RunConfig, grid: TuneGrid = TuneGrid(), *, log: Callable[[str], None] = print) -> dict:
-    """Runs the capture stage if needed, then the grid; returns {"best": …, "results": […]}."""
-    run(cfg, until="capture", log=log)
+    if capture_dir is None:
+        run(cfg, until="capture", log=log)
+        capture_dir = os.path.join(cfg.work_dir, "capture/train")
     task = load_task(cfg)
-    source = CaptureSource(os.path.join(cfg.work_dir, "capture/train"))
-    t, (w, b) = source.tensors(), source.head()
-    x, y = _tensors(task.train)
-    val_x, val_y = _tensors(task.val)
-    rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.train.seed))
-    rows = rows[:max(1, int(grid.fraction * x.shape[0]))]
-    c = int(w.shape[0])
-    results = []
-    for s in grid.subclasses:
-        projector = LELPProjector(s, seed=cfg.fit.seed).fit(t["embeddings"], t["labels"], head_weight=w, head_bias=b)
-        u = projector.project(t["embeddings"])  # the compact form: fit once per S
-        for beta in grid.betas:
-            for tau in grid.taus:
-                log_t = reference.log_targets(u[rows], t["teacher_logits"][rows], s, beta, tau).float()
-                acc = _proxy_accuracy(task.make_student, x[rows], y[rows], log_t, val_x, val_y, c, s, tau, cfg,
-                                      grid.epochs)
-                results.append({"subclasses": s, "beta": beta, "tau": tau, "val_accuracy": acc})
-                log(f"[tune] S={s} beta={beta} tau={tau}: validation accuracy {acc:.4f}")
-    best = max(results, key=lambda r: r["val_accuracy"])
-    summary = {"best": best, "results": results, "grid": dataclasses.asdict(grid)}
+    source = CaptureSource(capture_dir)
+    t = source.tensors()
+    teacher = TeacherOutputs(t["embeddings"], t["teacher_logits"], t["labels"], source.head())
+    summary = search(teacher, _tensors(task.train), _tensors(task.val), task.make_student,
+                     ProxySettings.from_train(cfg.train), grid, fit_seed=cfg.fit.seed, log=log)
     _write(os.path.join(cfg.work_dir, "tune"), summary)
-    log(f"[tune] best: S={best['subclasses']}, beta={best['beta']}, tau={best['tau']} "
-        f"(validation accuracy {best['val_accuracy']:.4f}); set them in the config's fit/train sections")
+    best = summary["best"]
+    advice = (f"fit.subclasses: {best['subclasses']}, fit.beta: {best['beta']}, train.subclass_weight: "
+              f"{best['subclass_weight']}" if best["subclasses"] > 1 else "fit.subclasses: 1 (KD)")
+    log(f"[tune] set {advice}, fit.tau and train.tau: {best['tau']} in the config")
     return summary
 
 
 def _write(out_dir: str, summary: dict) -> None:
+    from .offline import shards
+
     os.makedirs(out_dir, exist_ok=True)
-    best = summary["best"]
-    lines = ["# lelp-fast tune", "", f"best: S = {best['subclasses']}, β = {best['beta']}, τ = {best['tau']} "
-             f"(validation accuracy {best['val_accuracy']:.4f})", "", "| S | β | τ | validation accuracy |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['subclasses']} | {r['beta']} | {r['tau']} | {r['val_accuracy']:.4f} |" for r in summary["results"]]
+    lines = ["# lelp-fast tune", ""] + [f"- {line}" for line in summary_lines(summary)]
+    lines += ["", "| S | β | τ | λ | validation accuracy (mean over seeds) | per seed |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['subclasses']} | {r['beta'] if r['beta'] is not None else '—'} | {r['tau']} | "
+              f"{r['subclass_weight']} | "
+              f"{r['val_accuracy']:.4f} | {', '.join(f'{v:.4f}' for v in r['per_seed'])} |"
+              for r in summary["results"]]
     shards.write_atomically(os.path.join(out_dir, "tune.md"), ("\n".join(lines) + "\n").encode())
     _plot(summary, os.path.join(out_dir, "tune.png"))
     shards.write_atomically(os.path.join(out_dir, "tune.json"),
@@ -102,7 +356,7 @@ def _write(out_dir: str, summary: dict) -> None:
 
 
 def _plot(summary: dict, path: str) -> None:
-    """Validation accuracy against β, one line per S, at the best τ."""
+    """Validation accuracy against β, one line per S, at the best LELP point's τ; KD as a level."""
     try:
         import matplotlib
 
@@ -110,12 +364,14 @@ def _plot(summary: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    tau = summary["best"]["tau"]
+    tau = (summary["lelp"] or summary["kd"])["tau"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for s in sorted({r["subclasses"] for r in summary["results"]}):
+    for s in sorted({r["subclasses"] for r in summary["results"]} - {1}):
         pts = sorted((r["beta"], r["val_accuracy"]) for r in summary["results"]
-                     if r["subclasses"] == s and r["tau"] == tau)
+                     if r["subclasses"] == s and r["tau"] == tau and r["subclass_weight"] == 1.0)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"S = {s}")
+    kd = summary["kd"]
+    ax.axhline(kd["val_accuracy"], color="k", linestyle="--", label=f"KD (τ = {kd['tau']})")
     ax.set(xscale="log", xlabel="β", ylabel="validation accuracy", title=f"proxy students, τ = {tau}")
     ax.grid(alpha=0.3)
     ax.legend()

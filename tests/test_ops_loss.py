@@ -484,3 +484,61 @@ def test_jsd_is_an_alias_of_js(backend):
     torch.testing.assert_close(s.grad.double(), want_grad, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="divergence must be one of .*'jsd' = 'js'.*got 'jensen'"):
         distill_loss(s, log_t.float(), labels, num_classes=3, n_subclasses=4, divergence="jensen")
+
+
+# The subclass weight λ: two calls of the fused loss against the fp64 formula written from its parts.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight", [0.0, 0.3, 2.0])
+@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
+def test_subclass_weight_matches_the_reference(backend, dtype, weight, reduction):
+    student, log_t, labels = make_inputs(37, 3, 4, seed=11)
+    labels[[2, 5]] = -100
+    x = student.to(dtype).requires_grad_(True)
+    loss = distill_loss(x, log_t.to(dtype), labels, num_classes=3, n_subclasses=4, tau=1.7, subclass_weight=weight,
+                        reduction=reduction, backend=backend)
+    grad_out = torch.full_like(loss.detach().float(), 0.37)
+    (grad,) = torch.autograd.grad(loss, x, grad_out)
+    s = x.detach().double().requires_grad_(True)
+    rows = reference.subclass_weighted_kl(s, log_t.to(dtype).double(), 3, 4, 1.7, weight)
+    rows = torch.where(labels != -100, rows, torch.zeros_like(rows))
+    want = reference.reduce_rows(rows, labels, -100, reduction)
+    (want_grad,) = torch.autograd.grad(want, s, grad_out.double())
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), want.detach(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad.double(), want_grad, atol=atol * 2, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_subclass_weight_end_points_are_lelp_and_pooled_kd(backend):
+    student, log_t, labels = make_inputs(29, 2, 3, seed=5)
+    kw = dict(num_classes=2, n_subclasses=3, tau=2.0, backend=backend)
+    x = student.float()
+    lelp = distill_loss(x, log_t.float(), labels, **kw)
+    torch.testing.assert_close(distill_loss(x, log_t.float(), labels, subclass_weight=1.0 - 1e-12, **kw), lelp,
+                               atol=1e-5, rtol=1e-5)
+    pooled = reference.class_logits(student, 2, 3, 2.0)
+    log_p = torch.logsumexp(log_t.view(29, 2, 3), -1)
+    kd = reference.distillation_loss(pooled, log_p, labels, num_classes=2, n_subclasses=1, tau=2.0)
+    torch.testing.assert_close(distill_loss(x, log_t.float(), labels, subclass_weight=0.0, **kw).double(), kd,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_subclass_weight_with_alpha_and_components():
+    student, log_t, labels = make_inputs(17, 2, 4, seed=3)
+    loss, soft, hard = distill_loss(student.float(), log_t.float(), labels, num_classes=2, n_subclasses=4,
+                                    alpha=0.5, subclass_weight=0.5, return_components=True)
+    want_soft = reference.subclass_weighted_kl(student, log_t, 2, 4, 1.0, 0.5).mean()
+    want_hard = 0.5 * reference.hard_label_rows(student, labels, 2, 4).mean()
+    torch.testing.assert_close(soft.double(), want_soft, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hard.double(), want_hard, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss.double(), want_soft + want_hard, atol=1e-5, rtol=1e-5)
+
+
+def test_subclass_weight_refuses_what_it_cannot_split():
+    student, log_t, labels = make_inputs(5, 2, 2, seed=0)
+    with pytest.raises(ValueError, match="subclass_weight needs divergence='kl'"):
+        distill_loss(student.float(), log_t.float(), labels, num_classes=2, n_subclasses=2, divergence="js",
+                     subclass_weight=0.5)
+    with pytest.raises(ValueError, match="subclass_weight must be >= 0"):
+        distill_loss(student.float(), log_t.float(), labels, num_classes=2, n_subclasses=2, subclass_weight=-1.0)

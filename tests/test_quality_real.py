@@ -149,3 +149,26 @@ def test_default_beta_gives_a_subclass_split_that_is_not_flat():
     log_t = LELPProjector(4).fit(h, y).targets(h, torch.zeros(4000, 2))
     assert subclass_entropy(log_t, y, 2) < 0.5
     assert subclass_entropy(LELPProjector(4, beta=1.0).fit(h, y).targets(h, torch.zeros(4000, 2)), y, 2) > 0.7
+
+
+def test_the_mixed_grouping_puts_five_fine_classes_in_each_label():
+    label_of, sub_of = real_data.FASHION_GROUPINGS["mixed"]
+    fine = torch.arange(10)
+    labels, subs = label_of(fine), sub_of(fine)
+    assert [int(c) for c in fine[labels == 0]] == list(real_data.MIXED_GROUP)
+    for label in (0, 1):
+        assert sorted(subs[labels == label].tolist()) == [0, 1, 2, 3, 4]
+    assert "fashion-mnist-mixed" in real_data.REAL_TASKS
+
+
+def test_the_new_variants_train_students_with_the_default_number_of_outputs():
+    task = small_task()
+    cfg = real_config("fashion-mnist-coarse", steps=2, seeds=1, tune_subclasses=(2,), tune_betas=(0.25,))
+    methods = ["KD", "LELP λ=0.5", "LELP both signs", "LELP library"]
+    fits = real_runner._fits(task, cfg, methods)
+    cell = Cell(task, "linear", 0.2, cfg, fits)
+    rows = cell.rows(0)
+    assert cell.both_signs(0, rows)[0][-1].out_features == task.num_classes * cfg.n_subclasses
+    result = run_cell(task, "linear", 0.2, cfg, methods, fits, progress=False)
+    assert set(result["per_seed"]) == set(methods)
+    assert result["tuned"]["library"]["subclasses"] in (1, 2) and "LELP minus KD" in result["tuned"]["library"]["reason"]

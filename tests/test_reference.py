@@ -231,3 +231,21 @@ def test_targets_with_exact_zeros_follow_0_log_0_convention(kind):
         assert torch.isfinite(d).all() and torch.isfinite(s.grad).all()
     if kind == "kl":
         torch.testing.assert_close(d, -log_q[:, 0])  # KL to a one-hot target is the cross-entropy
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_kl_splits_exactly_into_class_and_subclass_parts(tau):
+    """λ = 1 is KL(t‖q) itself, λ = 0 the KL of the class marginals; the loss is affine in λ."""
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(11, 12, generator=g, dtype=torch.float64) * 3
+    log_t = torch.log_softmax(torch.randn(11, 12, generator=g, dtype=torch.float64) * 3, -1)
+    full = tau * tau * reference.divergence(log_t, torch.log_softmax(s / tau, -1), "kl")
+    torch.testing.assert_close(reference.subclass_weighted_kl(s, log_t, 3, 4, tau, 1.0), full, atol=1e-12, rtol=1e-12)
+    log_p = torch.logsumexp(log_t.view(11, 3, 4), -1)
+    log_big_q = torch.log_softmax(torch.logsumexp(s.view(11, 3, 4) / tau, -1), -1)
+    class_kl = tau * tau * reference.divergence(log_p, log_big_q, "kl")
+    torch.testing.assert_close(reference.subclass_weighted_kl(s, log_t, 3, 4, tau, 0.0), class_kl, atol=1e-12,
+                               rtol=1e-12)
+    mid = reference.subclass_weighted_kl(s, log_t, 3, 4, tau, 0.25)
+    torch.testing.assert_close(mid, 0.75 * class_kl + 0.25 * full, atol=1e-12, rtol=1e-12)
+    assert bool((full >= class_kl - 1e-12).all())  # the subclass part is a KL: never negative

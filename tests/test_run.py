@@ -72,13 +72,13 @@ def test_missing_dataset_says_how_to_install(tmp_path):
 
 
 @needs_data
-def test_tune_reports_the_best_grid_point_and_its_curve(tmp_path):
+def test_tune_reports_the_choice_its_kd_arm_and_its_curve(tmp_path):
     work = str(tmp_path / "run")
     assert main(["tune", SMALL, "--work-dir", work, "--subclasses", "2", "4", "--betas", "0.25", "1.0",
-                 "--taus", "1.0", "--epochs", "1"]) == 0
+                 "--taus", "1.0", "--steps", "20", "--evals", "2", "--seeds", "2"]) == 0
     summary = json.load(open(os.path.join(work, "tune", "tune.json")))
-    assert len(summary["results"]) == 4
-    assert summary["best"] == max(summary["results"], key=lambda r: r["val_accuracy"])
+    assert len(summary["results"]) == 5 and [r["subclasses"] for r in summary["results"]].count(1) == 1
+    assert summary["best"] == (summary["lelp"] if summary["decision"]["choice"] == "LELP" else summary["kd"])
     assert all(0.5 < r["val_accuracy"] <= 1.0 for r in summary["results"])
     for name in ("tune.png", "tune.md"):
         assert os.path.exists(os.path.join(work, "tune", name))

@@ -310,3 +310,20 @@ def test_two_gloo_ranks_train_the_student_of_one_process(stored, tmp_path):
     torch.testing.assert_close(ddp.weight, one.weight, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ddp.bias, one.bias, atol=1e-5, rtol=1e-5)
     assert not torch.equal(one.weight, student().weight)  # it trained
+
+
+def test_subclass_weight_reaches_the_loss_of_stored_targets(stored, tmp_path):
+    """λ = 0.5: the first epoch's mean soft loss is the reference's λ-weighted KL of the initial
+    student (one batch holding every row, so the epoch is one step from that student)."""
+    from lelp_fast import reference
+    from lelp_fast.offline import TargetsDataset
+
+    x = torch.stack([row[0] for row in stored["train"]])
+    log_t = TargetsDataset(stored["targets"]).targets(list(range(len(stored["train"])))).double()
+    want = float(reference.subclass_weighted_kl(student()(x).double(), log_t, 2, 2, 1.0, 0.5).mean())
+    report = _run(stored, str(tmp_path / "offline"), epochs=1, batch_size=500, subclass_weight=0.5)
+    assert report["history"][0]["train_soft"] == pytest.approx(want, rel=1e-5)
+    plain = _run(stored, str(tmp_path / "plain"), epochs=1, batch_size=500)
+    assert plain["history"][0]["train_soft"] != pytest.approx(want, rel=1e-3)
+    with pytest.raises(ValueError, match="train.subclass_weight must be >= 0"):
+        TrainSettings(subclass_weight=-0.5).check()

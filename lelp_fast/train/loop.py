@@ -66,6 +66,7 @@ class TrainSettings:
     warmup_steps: int = 0  # optimiser steps of linear warm-up
     checkpoint_every_steps: Optional[int] = None  # also checkpoint mid-epoch, every this many steps
     log_every_steps: Optional[int] = None  # TensorBoard: loss, its soft and hard parts, lr per step
+    subclass_weight: float = 1.0  # λ on the subclass part of KL(t‖q): 1 is LELP, 0 class-level KD (issue 22)
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "grad_accumulation"):
@@ -82,6 +83,7 @@ class TrainSettings:
         canonical_divergence(self.divergence, "train.divergence")  # "jsd" is accepted as "js"
         check_choice("train.mixed_precision", self.mixed_precision, tuple(steps.PRECISIONS))
         check_choice("train.lr_schedule", self.lr_schedule, steps.SCHEDULES)
+        check_nonnegative("train.subclass_weight", self.subclass_weight)  # 0: KD, 1: LELP
 
 
 def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, teacher_logits=None,
@@ -217,7 +219,8 @@ def _training_data(train_data, targets, num_classes: int, n_subclasses: int, st:
     def offline(out, log_t, y):
         return distill_loss(out, log_t.to(out.device), y, num_classes=num_classes, n_subclasses=n_subclasses,
                             divergence=st.divergence, jsd_beta=st.jsd_beta, tau=st.tau, alpha=st.alpha,
-                            return_components=True)
+                            return_components=True,
+                            subclass_weight=st.subclass_weight)
 
     return data, offline, provenance.file_digest(os.path.join(data.directory, MANIFEST))
 
@@ -228,7 +231,8 @@ def _online_data(train_data, targets: "OnlineTargets", num_classes: int, n_subcl
 
     projector = targets.projector
     _check_shape("the projector", projector.num_classes, projector.n_subclasses, num_classes, n_subclasses)
-    loss = LELPLoss(projector, divergence=st.divergence, jsd_beta=st.jsd_beta, tau=st.tau, alpha=st.alpha)
+    loss = LELPLoss(projector, divergence=st.divergence, jsd_beta=st.jsd_beta, tau=st.tau, alpha=st.alpha,
+                    subclass_weight=st.subclass_weight)
 
     def online(out, info, y):
         h, z = (t.to(out.device) for t in info)

@@ -1,0 +1,102 @@
+"""Issue 22, item 3: how much of the oracle's gain LELP recovers with the subclass weight λ (and
+with both signs of each direction), paired against KD on the same seeds.
+
+    python benchmarks/quality/run_weight.py --stage digits            # ~2 min on 2 cores
+    python benchmarks/quality/run_weight.py --stage fashion --students linear --cache-dir DIR
+
+digits: the toy runner's protocol (docs/results.md, "Digits"), 5 seeds, S = 4, β = 0.25, τ = 1,
+LELP at λ ∈ {1, 0.5, 0.25, 0.1, 0} (λ = 0: KD on the pooled C·S-output student, a control). fashion: ``lelp-fast bench quality --dataset fashion-mnist-mixed`` at
+10 % of the pool with KD, LELP, its variants, the library's choice and the oracle. Each prints per
+method the mean test accuracy, the paired difference from KD and the share of the oracle's gain,
+and writes results/weight-<stage>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import replace
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+WEIGHTS = (1.0, 0.5, 0.25, 0.1, 0.0)
+FASHION_METHODS = ["KD", "LELP", "LELP λ=0.5", "LELP λ=0.25", "LELP λ=0.1", "LELP λ=0 (pooled KD)", "LELP both signs",
+                   "LELP library", "oracle"]
+
+
+def shares(per_seed: dict, kd: str) -> dict:
+    """Per method: mean accuracy, paired mean ± sd against KD, seeds won, share of the oracle's gain."""
+    base = np.array(per_seed[kd])
+    oracle_gain = float(np.mean(np.array(per_seed["oracle"]) - base))
+    out = {}
+    for method, accs in per_seed.items():
+        diff = np.array(accs) - base
+        out[method] = {"mean": float(np.mean(accs)), "diff": float(diff.mean()),
+                       "diff_sd": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0, "wins": int((diff > 0).sum()),
+                       "share": float(diff.mean()) / oracle_gain if oracle_gain > 0 else float("nan")}
+    return out
+
+
+def print_table(name: str, table: dict) -> None:
+    print(f"\n{name}\n| method | test accuracy (%) | minus KD (points, paired) | wins | oracle share |")
+    print("|---|---|---|---|---|")
+    for method, s in table.items():
+        print(f"| {method} | {100 * s['mean']:.2f} | {100 * s['diff']:+.2f} ± {100 * s['diff_sd']:.2f} | {s['wins']} | "
+              f"{100 * s['share']:.0f} % |", flush=True)
+
+
+def run_digits() -> dict:
+    from lelp_fast.quality import QualityConfig, run_quality
+
+    data = {}
+    for task in ("digits-parity", "digits-low"):
+        for hidden in (0, 32):
+            base = QualityConfig(dataset=task, seeds=5, n_teachers=1, validation_fraction=0.0, student_hidden=hidden,
+                                 beta=0.25)
+            fixed = run_quality(base, ["vanilla KD", "oracle"], progress=False)["per_seed"]
+            per_seed = {m: [seed[m]["accuracy"] for seed in fixed] for m in ("vanilla KD", "oracle")}
+            for weight in WEIGHTS:
+                runs = run_quality(replace(base, subclass_weight=weight), ["LELP"], progress=False)["per_seed"]
+                per_seed[f"LELP λ={weight}"] = [seed["LELP"]["accuracy"] for seed in runs]
+            name = f"{task} {'linear' if hidden == 0 else 'mlp'}"
+            data[name] = per_seed
+            print_table(name, shares(per_seed, "vanilla KD"))
+    return data
+
+
+def run_fashion(students, fraction: float, seeds: int, cache_dir) -> dict:
+    from lelp_fast.quality import real_config, run_real_quality
+
+    overrides = {"cache_dir": cache_dir} if cache_dir else {}
+    cfg = real_config("fashion-mnist-mixed", students=tuple(students), fractions=(fraction,), seeds=seeds, **overrides)
+    result = run_real_quality(cfg, FASHION_METHODS, progress=True)
+    data = {}
+    for cell in result["cells"]:
+        name = f"fashion-mnist-mixed {cell['student']} {cell['fraction']:g} ({cell['rows']} rows)"
+        data[name] = {"per_seed": cell["per_seed"], "tuned": cell["tuned"], "seconds": cell["seconds"]}
+        print(f"teacher {100 * result['teacher_accuracy']:.2f} %; KD tau {cell['tuned']['kd_tau']}; "
+              f"library: {cell['tuned'].get('library')}")
+        print_table(name, shares(cell["per_seed"], "KD"))
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=("digits", "fashion"), required=True)
+    parser.add_argument("--students", nargs="+", default=["linear"])
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--cache-dir")
+    args = parser.parse_args()
+    data = run_digits() if args.stage == "digits" else run_fashion(args.students, args.fraction, args.seeds,
+                                                                    args.cache_dir)
+    os.makedirs(RESULTS, exist_ok=True)
+    suffix = args.stage if args.stage == "digits" else f"fashion-{'-'.join(args.students)}"
+    with open(os.path.join(RESULTS, f"weight-{suffix}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
