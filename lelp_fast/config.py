@@ -110,6 +110,10 @@ class TrainConfig(_Section):
     subclass_weight: NonNegative = 1.0  # λ on the subclass part of the KL: 1 is LELP, 0 class-level KD
 
 
+class ReportConfig(_Section):
+    kd_baseline: bool = True  # train vanilla KD (S = 1) on the same rows, settings and seed, and compare
+
+
 class RunConfig(_Section):
     """One distillation run; ``work_dir`` holds every stage's output (a relative path is taken
     from the directory lelp-fast runs in, not from the config file's)."""
@@ -120,6 +124,7 @@ class RunConfig(_Section):
     fit: FitConfig = FitConfig()
     targets: TargetsConfig = TargetsConfig()
     train: TrainConfig = TrainConfig()
+    report: ReportConfig = ReportConfig()
 
 
 class ConfigError(ValueError):

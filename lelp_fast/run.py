@@ -45,7 +45,7 @@ def load_task(cfg: RunConfig):
         raise ConfigError(f"task.kwargs: {exc}") from None
 
 
-STAGES = ("capture", "fit", "targets", "train", "report")
+STAGES = ("capture", "fit", "targets", "train", "baseline", "report")
 RECORDS = ".stages"  # work_dir/.stages/<stage>.json: what each stage's output was made from
 
 # Keys that change how fast, not what, a stage computes: editing them reuses the stage's output.
@@ -127,8 +127,9 @@ def run(cfg: RunConfig, *, until: str = "report", progress: bool = False, redo: 
         task = load_task(cfg)
         stages = StageLog(cfg.work_dir, log, redo)
         paths = {name: os.path.join(cfg.work_dir, name) for name in
-                 ("capture", "projector.safetensors", "fit.ckpt", "targets", "student", "report.md", "report.json")}
-        steps = (_capture_stage, _fit_stage, _targets_stage, _train_stage, _report_stage)
+                 ("capture", "projector.safetensors", "fit.ckpt", "targets", "student", "baseline", "report.md",
+                  "report.json")}
+        steps = (_capture_stage, _fit_stage, _targets_stage, _train_stage, _baseline_stage, _report_stage)
         state: dict = {}
         for step in steps[:last + 1]:
             step(cfg, task, stages, paths, state, progress)
@@ -202,19 +203,44 @@ def _train_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
     state["student"] = student
 
 
+def _baseline_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
+    """Vanilla KD on the same rows, settings and seed as the student (``report.kd_baseline``)."""
+    from .train.baseline import kd_baseline
+
+    if not cfg.report.kd_baseline:
+        stages.log("[baseline] off (report.kd_baseline: false)")
+        return
+    projector = state["projector"]
+    settings = {"task": cfg.task.model_dump(), "train": _section(cfg, "train"), "tau": _temperatures(cfg, projector)[1]}
+    inputs = {"capture": stages.output("capture")}
+    student_dir = os.path.join(paths["baseline"], "student")
+    if stages.needed("baseline", settings, inputs, [paths["baseline"]]):
+        val_logits = CaptureSource(os.path.join(paths["capture"], "val")).tensors()["teacher_logits"]
+        trained = kd_baseline(task.make_student, task.train, os.path.join(paths["capture"], "train"),
+                              paths["baseline"], num_classes=projector.num_classes,
+                              settings=TrainSettings(**cfg.train.model_dump()), tau=settings["tau"],
+                              val_data=task.val, val_teacher_logits=val_logits, progress=progress, log=stages.log)
+        state["kd_student"] = trained["student"]
+        stages.finish("baseline", tensors_sha256(state["kd_student"].state_dict()))
+    else:
+        state["kd_student"] = load_student(task.make_student(projector.num_classes), student_dir)
+
+
 def _report_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
-    inputs = {"train": stages.output("train"), "fit": stages.output("fit")}
+    inputs = {"train": stages.output("train"), "fit": stages.output("fit"),
+              "baseline": stages.output("baseline") if cfg.report.kd_baseline else None}
     settings = {"task": cfg.task.model_dump(), "targets": _section(cfg, "targets"), "train": _section(cfg, "train")}
     if stages.needed("report", settings, inputs, [paths["report.md"], paths["report.json"]]):
-        state["report"] = _report(cfg, task, state["projector"], state["student"], paths)
+        state["report"] = _report(cfg, task, state["projector"], state["student"], paths, state.get("kd_student"))
         stages.finish("report", provenance.file_digest(paths["report.json"]))
     else:
         with open(paths["report.json"]) as f:
             state["report"] = json.load(f)
 
 
-def _report(cfg, task, projector, student, paths: dict) -> dict:
-    """The student's and the teacher's test metrics, next to the training summary."""
+def _report(cfg, task, projector, student, paths: dict, kd_student=None) -> dict:
+    """The student's and the teacher's test metrics (and KD's, with the difference), next to the
+    training summary."""
     with open(os.path.join(paths["student"], "report.json")) as f:
         trained = json.load(f)
     test_teacher = _teacher_logits(task.teacher, task.test, cfg.capture.device)
@@ -231,8 +257,15 @@ def _report(cfg, task, projector, student, paths: dict) -> dict:
           f"| model | test accuracy | agreement | predictive KL |\n|---|---|---|---|\n"
           f"| teacher | {teacher_acc:.4f} | 1 | 0 |\n"
           f"| student (LELP, S={projector.n_subclasses}, beta={beta}, tau={tau}) | {student_test['accuracy']:.4f} | "
-          f"{student_test['agreement']:.4f} | {student_test['predictive_kl']:.4f} |\n\n"
-          f"Training curves: student/report.md, student/curves.png.\n")
+          f"{student_test['agreement']:.4f} | {student_test['predictive_kl']:.4f} |\n")
+    if kd_student is not None:
+        from .train.baseline import baseline_markdown, compare_with_kd
+
+        comparison = compare_with_kd(student, kd_student, task.test, num_classes=projector.num_classes,
+                                     n_subclasses=projector.n_subclasses, tau=cfg.train.tau, teacher_logits=test_teacher)
+        report["kd_baseline"] = comparison
+        md += baseline_markdown(comparison)
+    md += "\nTraining curves: student/report.md, student/curves.png.\n"
     shards.write_atomically(paths["report.md"], md.encode())
     shards.write_atomically(paths["report.json"], (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
     return report

@@ -35,7 +35,7 @@ def test_fashion_mnist_end_to_end_and_rerun_skips_finished_stages(tmp_path, caps
     before = {p: open(os.path.join(work, p), "rb").read() for p in ("report.json", "student/student.safetensors")}
     capsys.readouterr()
     assert main(["run", SMALL, "--work-dir", work, "--quiet"]) == 0  # every stage finished: nothing redone
-    assert capsys.readouterr().out.count("skipped (unchanged)") == 5
+    assert capsys.readouterr().out.count("skipped (unchanged)") == 6
     assert before == {p: open(os.path.join(work, p), "rb").read() for p in before}
 
 
@@ -160,8 +160,21 @@ def test_execution_only_settings_reuse_the_outputs_and_redo_forces(tmp_path):
     assert said["train"] == "redone: forced (--redo)"
 
 
+def test_the_report_has_the_kd_baseline_and_a_switch_turns_it_off(tmp_path):
+    report, said = _run_logged(_tiny_config(tmp_path))
+    kd = report["kd_baseline"]
+    assert 0.3 < kd["kd"]["accuracy"] <= 1 and kd["difference"]["rows"] == 100
+    lo, hi = kd["difference"]["interval"]
+    assert lo <= kd["difference"]["accuracy"] <= hi
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "| KD baseline (S=1" in md and "LELP minus KD:" in md
+    report, said = _run_logged(_tiny_config(tmp_path, report={"kd_baseline": False}))
+    assert said["baseline"].startswith("off") and said["report"].startswith("redone")
+    assert "kd_baseline" not in report
+
+
 def test_compact_targets_report_the_beta_they_were_read_at(tmp_path):
-    report, _ = _run_logged(_tiny_config(tmp_path, targets={"compact": True, "beta": 1.0}))
+    report, _ = _run_logged(_tiny_config(tmp_path, targets={"compact": True, "beta": 1.0}, report={"kd_baseline": False}))
     assert report["targets_beta"] == 1.0
     assert "beta=1.0" in (tmp_path / "run" / "report.md").read_text()
 
