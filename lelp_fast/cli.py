@@ -1,4 +1,4 @@
-"""The ``lelp-fast`` command line: demo, fit, inspect, targets, bench quality."""
+"""The ``lelp-fast`` command line: demo, fit, inspect, targets, teacher-outputs, capture, run, train, tune, export, bench."""
 
 from __future__ import annotations
 
