@@ -47,7 +47,8 @@ def make_data(rows: int, workdir: str):
     projector = LELPProjector(S, beta=0.5).fit(h, y, num_classes=C)
     z = torch.randn(rows, C, generator=g)
     targets = os.path.join(workdir, "targets")
-    generate_targets(projector, ArraySource(h, y, z), targets, dtype="float16", chunk_bytes=rows * 32 * 4 // 4)  # 4 shards
+    shard_bytes = rows * 32 * 4 // 4  # 4 shards
+    generate_targets(projector, ArraySource(h, y, z), targets, dtype="float16", chunk_bytes=shard_bytes)
     return x, y, targets
 
 

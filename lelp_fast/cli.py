@@ -1,4 +1,5 @@
-"""The ``lelp-fast`` command line: demo, fit, inspect, targets, bench quality."""
+"""The ``lelp-fast`` command line: demo, fit, inspect, targets, teacher-outputs, capture, run, train, tune,
+export, bench."""
 
 from __future__ import annotations
 
@@ -432,7 +433,8 @@ def _add_export(sub) -> None:
         "saved as a classifier whose config and pipeline answer with the C labels.",
     )
     exp.add_argument("config", nargs="?", help="YAML run config whose student was trained")
-    exp.add_argument("--format", choices=FORMATS, default="torch-export", help="for a run CONFIG (default torch-export)")
+    exp.add_argument("--format", choices=FORMATS, default="torch-export",
+                     help="for a run CONFIG (default torch-export)")
     exp.add_argument("--work-dir", help="override the config's work_dir")
     exp.add_argument("--hf-model", help="save_pretrained directory of a transformers student with C*S labels")
     exp.add_argument("--subclasses", type=positive_int, help="S (--hf-model)")
