@@ -124,6 +124,7 @@ def run(cfg: RunConfig, *, until: str = "report", progress: bool = False, redo: 
     last = STAGES.index(until)
     os.makedirs(cfg.work_dir, exist_ok=True)
     with ExclusiveLock(os.path.join(cfg.work_dir, ".lock-run"), f"work_dir {cfg.work_dir}"):
+        log(f"[task] {cfg.task.factory}: building the teacher, data and student (a task may train its teacher now)")
         task = load_task(cfg)
         stages = StageLog(cfg.work_dir, log, redo)
         paths = {name: os.path.join(cfg.work_dir, name) for name in
