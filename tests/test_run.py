@@ -119,6 +119,7 @@ def _run_logged(cfg, **kw):
     report = run(cfg, log=lines.append, **kw)
     for line in lines:  # each stage's first line is its status (training then logs its epochs)
         said.setdefault(line.split("]")[0][1:], line.split("] ", 1)[1])
+    assert said.pop("task").startswith("tiny_task:task: building")
     return report, said
 
 
