@@ -13,6 +13,8 @@ Every variant plugs into the same targets, ``log t = log_softmax(z/τ)_c + log_s
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -62,8 +64,9 @@ class RandomProjectionSubclasses:
 class KMeansSubclasses:
     """Per class, S k-means centroids (faiss); ``u_{c,s} = −‖h − μ_{c,s}‖² / (2 σ_c²)``."""
 
-    def __init__(self, n_subclasses: int, seed: int = 0, iterations: int = 25):
+    def __init__(self, n_subclasses: int, seed: int = 0, iterations: int = 25, gpu: Optional[bool] = None):
         self.n_subclasses, self.seed, self.iterations = n_subclasses, seed, iterations
+        self.gpu = gpu  # None: on the GPUs when faiss has any (the faiss-gpu wheel: the ``gpu`` extra)
 
     def fit(self, h: torch.Tensor, labels: torch.Tensor, num_classes: int) -> "KMeansSubclasses":
         try:
@@ -75,12 +78,18 @@ class KMeansSubclasses:
         for c in range(num_classes):
             rows = np.ascontiguousarray(h[labels == c].float().numpy())
             km = faiss.Kmeans(rows.shape[1], self.n_subclasses, niter=self.iterations, seed=self.seed + c,
-                              verbose=False, min_points_per_centroid=1)
+                              verbose=False, min_points_per_centroid=1, gpu=self._use_gpu(faiss))
             km.train(rows)
             dist, _ = km.index.search(rows, 1)
             self.centroids.append(torch.from_numpy(km.centroids.copy()).double())
             self.sigma2.append(max(float(dist.mean()), 1e-12))
         return self
+
+    def _use_gpu(self, faiss) -> bool:
+        gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        if self.gpu and gpus == 0:
+            raise ValueError("gpu=True, but this faiss sees no GPU: install faiss-gpu (pip install 'lelp_fast[gpu]')")
+        return bool(gpus) if self.gpu is None else self.gpu
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         h = h.double()
