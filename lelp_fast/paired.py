@@ -39,5 +39,5 @@ def format_difference(stats: dict, scale: float = 100.0, unit: str = "points") -
     if stats["interval"] is None:
         return text + f" (1 seed: no interval, {stats['wins']}/1 won)"
     lo, hi = (scale * v for v in stats["interval"])
-    return (text + f" ({100 * stats['confidence']:.0f} % interval {lo:+.2f} to {hi:+.2f}, sd {scale * stats['sd']:.2f}, "
-            f"{stats['wins']}/{stats['seeds']} seeds won)")
+    return (text + f" ({100 * stats['confidence']:.0f} % interval {lo:+.2f} to {hi:+.2f}, "
+            f"sd {scale * stats['sd']:.2f}, {stats['wins']}/{stats['seeds']} seeds won)")

@@ -332,9 +332,11 @@ def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
                      ProxySettings.from_train(cfg.train), grid, fit_seed=cfg.fit.seed, log=log)
     _write(os.path.join(cfg.work_dir, "tune"), summary)
     best = summary["best"]
-    advice = (f"fit.subclasses: {best['subclasses']}, fit.beta: {best['beta']}, train.subclass_weight: "
-              f"{best['subclass_weight']}" if best["subclasses"] > 1 else "fit.subclasses: 1 (KD)")
+    advice = (f"fit.subclasses: {best['subclasses']}, fit.beta: {best['beta']}" if best["subclasses"] > 1
+              else "fit.subclasses: 1 (KD)")
     log(f"[tune] set {advice}, fit.tau and train.tau: {best['tau']} in the config")
+    if best["subclasses"] > 1 and best["subclass_weight"] != 1.0:  # the run config has no key for λ yet
+        log(f"[tune] and train with TrainSettings(subclass_weight={best['subclass_weight']}) (lelp_fast.train.distill)")
     return summary
 
 

@@ -150,3 +150,9 @@ def test_triton_generalised_jsd(jsd_beta):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_triton_soft_and_hard_parts(reduction):
     test_ops_loss.test_soft_and_hard_parts_come_from_the_same_pass("triton", reduction)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")
+@pytest.mark.parametrize("weight", [0.0, 0.3])
+def test_triton_subclass_weight(weight):
+    test_ops_loss.test_subclass_weight_matches_the_reference("triton", torch.float32, weight, "mean")

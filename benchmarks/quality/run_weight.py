@@ -5,8 +5,8 @@ with both signs of each direction), paired against KD on the same seeds.
     python benchmarks/quality/run_weight.py --stage fashion --students linear --cache-dir DIR
 
 digits: the toy runner's protocol (docs/results.md, "Digits"), 5 seeds, S = 4, β = 0.25, τ = 1,
-LELP at λ ∈ {1, 0.5, 0.25, 0.1, 0} (λ = 0: KD on the pooled C·S-output student, a control). fashion: ``lelp-fast bench quality --dataset fashion-mnist-mixed`` at
-10 % of the pool with KD, LELP, its variants, the library's choice and the oracle. Each prints per
+LELP at λ ∈ {1, 0.5, 0.25, 0.1, 0} (λ = 0: KD on the pooled C·S-output student, a control).
+fashion: ``lelp-fast bench quality --dataset fashion-mnist-mixed``'s protocol at 10 % of the pool with KD, LELP, its variants, the library's choice and the oracle. Each prints per
 method the mean test accuracy, the paired difference from KD and the share of the oracle's gain,
 and writes results/weight-<stage>.json.
 """

