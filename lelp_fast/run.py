@@ -19,6 +19,7 @@ import os
 import shutil
 from typing import Callable, Optional, Sequence
 
+import torch
 from torch.utils.data import DataLoader
 
 from .capture import CaptureSource, capture
@@ -190,6 +191,7 @@ def _train_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
     projector = state["projector"]
     settings = {"task": cfg.task.model_dump(), "train": _section(cfg, "train")}
     inputs = {"targets": stages.output("targets"), "capture": stages.output("capture")["val"]}
+    torch.manual_seed(cfg.train.seed)  # the initialisation seed the KD baseline's student gets too
     student = task.make_student(projector.n_outputs)
     if stages.needed("train", settings, inputs, [paths["student"]]):
         val_logits = CaptureSource(os.path.join(paths["capture"], "val")).tensors()["teacher_logits"]
