@@ -275,8 +275,6 @@ def _report(cfg, task, projector, student, paths: dict, kd_student=None) -> dict
 
 
 def _teacher_logits(teacher, data, device):
-    import torch
-
     teacher = teacher.to(device).eval()
     with torch.no_grad():
         return torch.cat([teacher(x.to(device)).float().cpu() for x, _ in DataLoader(data, batch_size=512)])
