@@ -99,18 +99,7 @@ def test_early_stopping_and_corrupt_checkpoint(stored, tmp_path):
     assert report["epochs_run"] < 40
     assert report["epochs_run"] - report["best"]["epoch"] == 2
     out = tmp_path / "corrupt"
-    with pytest.raises(KeyboardInterrupt):
-        original = train_loop._Run._save
-
-        def save_then_die(self):
-            original(self)
-            raise KeyboardInterrupt()
-
-        train_loop._Run._save = save_then_die
-        try:
-            _run(stored, str(out))
-        finally:
-            train_loop._Run._save = original
+    _kill_after_first_checkpoint(stored, str(out))
     raw = bytearray((out / "checkpoint.pt").read_bytes())
     raw[len(raw) // 2] ^= 0x01
     (out / "checkpoint.pt").write_bytes(bytes(raw))

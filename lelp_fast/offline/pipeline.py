@@ -71,12 +71,7 @@ def generate_targets(
     the same directory fails at once with an error naming the holder; a lock left by a killed run
     is free again (the kernel drops it with its process).
     """
-    if format not in shards.FORMATS:
-        raise ValueError(f"format must be one of {shards.FORMATS}, got {format!r}")
-    if dtype not in shards.DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(shards.DTYPES)}, got {dtype!r}")
-    if format == "parquet" and dtype == "bfloat16":
-        raise ValueError("format='parquet' stores float32 or float16 (Parquet has no bfloat16)")
+    shards.check_format(format, dtype)
     projector._require_fitted()
     src = as_source(source)
     if src.dim is not None and src.dim != projector.dim:

@@ -38,6 +38,16 @@ DEFAULT_DTYPE = "float16"
 KIND_FIELDS = {"teacher_logits": ["teacher_logits"], "teacher_topk": ["topk_log_probs", "topk_indices"]}
 
 
+def check_format(format: str, dtype: str) -> None:
+    """A storable (format, dtype) pair, or a one-line error naming the argument."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if format == "parquet" and dtype == "bfloat16":
+        raise ValueError("format='parquet' stores float32 or float16 (Parquet has no bfloat16)")
+
+
 def fields(compact: bool, kind: str = "lelp") -> List[str]:
     if kind in KIND_FIELDS:
         return KIND_FIELDS[kind]

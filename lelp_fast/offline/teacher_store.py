@@ -58,12 +58,7 @@ def store_teacher_outputs(source, out_dir: str, *, top_k: Optional[int] = None, 
 
 
 def _check_arguments(format, dtype, top_k, tau) -> None:
-    if format not in shards.FORMATS:
-        raise ValueError(f"format must be one of {shards.FORMATS}, got {format!r}")
-    if dtype not in shards.DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(shards.DTYPES)}, got {dtype!r}")
-    if format == "parquet" and dtype == "bfloat16":
-        raise ValueError("format='parquet' stores float32 or float16 (Parquet has no bfloat16)")
+    shards.check_format(format, dtype)
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     check_positive("tau", tau)
