@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 
+from ..io import mapped
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource, register_directory_source, wanted
 from ..offline import manifest as mf
 from .runner import HEAD_FILE, KIND
@@ -43,19 +45,22 @@ class CaptureSource(EmbeddingSource):
         self.num_classes = None if first is None else first["teacher_logits"].shape[1]
 
     def _read(self, s: int) -> dict:
-        from safetensors.torch import load, load_file
+        from safetensors.torch import load_file
 
         info = self.shards[s]["files"]["capture"]
         path = os.path.join(self.directory, info["file"])
         if not self.verify or s in self._verified:
             return load_file(path)
-        with open(path, "rb") as f:
-            data = f.read()
-        if hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise ValueError(f"capture shard {path} is corrupt: its sha256 does not match the manifest; rerun the "
-                             "capture (it rewrites damaged shards) or remove the directory")
+        # The first read hashes the mapping the tensors are views of: no second pass, no copy.
+        arrays = mapped.safetensors_arrays(path, info["sha256"], "; rerun the capture (it rewrites damaged shards) "
+                                                                  "or remove the directory")
         self._verified.add(s)
-        return load(data)
+        with warnings.catch_warnings():  # a read-only map: the tensors are only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            tensors = {name: torch.from_numpy(a) for name, a in arrays.items()}
+        if self.embeddings_dtype == "bfloat16":
+            tensors["embeddings"] = tensors["embeddings"].view(torch.bfloat16)
+        return tensors
 
     def chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1, every=1):
         for i, entry in enumerate(self.shards):
@@ -120,7 +125,6 @@ class CaptureSource(EmbeddingSource):
         """The capture as a ``datasets.Dataset`` (``embeddings``, ``teacher_logits``, ``labels`` per row),
         viewing the memory-mapped shards without a copy; with ``verify`` each shard's sha256 is checked
         on the same mapping as it is opened (bfloat16 embeddings are widened to float32: Arrow has none)."""
-        from ..io import mapped
         from ..io.arrow import hf_dataset, table
 
         tables = []
