@@ -30,6 +30,7 @@ from .offline import generate_targets, provenance, shards
 from .offline.manifest import MANIFEST, projector_digest
 from .projector import LELPProjector
 from .train import TrainSettings, distill, evaluate, load_student
+from .train.loop import EXECUTION_ONLY as TRAIN_EXECUTION_ONLY
 
 
 def load_task(cfg: RunConfig):
@@ -52,7 +53,7 @@ RECORDS = ".stages"  # work_dir/.stages/<stage>.json: what each stage's output w
 # Keys that change how fast, not what, a stage computes: editing them reuses the stage's output.
 EXECUTION_ONLY = {"capture": ("device",), "fit": ("chunk_mb", "checkpoint_every", "device"),
                   "targets": ("chunk_mb", "device", "backend"),
-                  "train": ("device", "tensorboard", "checkpoint_every_steps", "log_every_steps")}
+                  "train": TRAIN_EXECUTION_ONLY}
 
 
 class StageLog:

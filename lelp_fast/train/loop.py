@@ -170,11 +170,11 @@ def distill(
 
 
 # Settings that change how fast, not what, a student is trained: changing them reuses the output.
-_EXECUTION_ONLY = ("device", "tensorboard", "checkpoint_every_steps", "log_every_steps")
+EXECUTION_ONLY = ("device", "tensorboard", "checkpoint_every_steps", "log_every_steps")
 
 
 def _result_settings(settings: TrainSettings, num_classes: int, n_subclasses: int, compact) -> dict:
-    train = {k: v for k, v in dataclasses.asdict(settings).items() if k not in _EXECUTION_ONLY}
+    train = {k: v for k, v in dataclasses.asdict(settings).items() if k not in EXECUTION_ONLY}
     return {"train": train, "num_classes": num_classes, "n_subclasses": n_subclasses,
             "compact_temperatures": None if compact is None else list(compact)}
 
