@@ -1,9 +1,11 @@
 """What verifying a capture's shards where they are read costs: fit and offline targets from a
 capture directory, with ``CaptureSource(verify=True)`` (the default: sha256 over the bytes read for
 use, on first read) against ``verify=False`` (sizes only, memory-mapped), in alternating rounds in
-one process, from the page cache; next to one plain read of the shards and one sha256 pass.
+one process, from the page cache (or, with ``--cold``, with the shards' pages evicted before every
+run: the offline-targets setting of benchmarks/bench_offline_targets.py, where the read comes from
+disk); next to one plain read of the shards and one sha256 pass.
 
-Run: python benchmarks/bench_capture_verify.py [--rows 262144] [--dim 768] [--rounds 3]
+Run: python benchmarks/bench_capture_verify.py [--rows 262144] [--dim 768] [--rounds 3] [--cold]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import tempfile
 import time
 
 import torch
+from bench_fit import evict
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -35,18 +38,20 @@ def make_capture(directory: str, rows: int, dim: int) -> None:
             batches_per_shard=16)
 
 
-def plain_read(directory: str, digest: bool) -> float:
-    t0 = time.perf_counter()
+def plain_read(directory: str, digest: bool) -> None:
     for name in sorted(os.listdir(directory)):
         if name.startswith("shard-"):
             with open(os.path.join(directory, name), "rb") as f:
                 data = f.read()
             if digest:
                 hashlib.sha256(data).hexdigest()
-    return time.perf_counter() - t0
 
 
-def timed(fn) -> float:
+def timed(fn, cold_dir=None) -> float:
+    if cold_dir is not None:
+        for name in os.listdir(cold_dir):
+            if name.startswith("shard-"):
+                evict(os.path.join(cold_dir, name))
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -57,8 +62,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=262144)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cold", action="store_true", help="evict the shards' pages before every timed run")
     args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="lelp_verify_")
+    work = tempfile.mkdtemp(prefix="lelp_verify_", dir=os.path.expanduser("~"))  # a disk, not a tmpfs
     try:
         cap = os.path.join(work, "cap")
         make_capture(cap, args.rows, args.dim)
@@ -66,17 +72,19 @@ def main() -> None:
         times = {key: [] for key in ("read", "read+sha256", "fit verify", "fit no-verify", "targets verify",
                                      "targets no-verify")}
         for r in range(args.rounds):
-            times["read"].append(plain_read(cap, False))
-            times["read+sha256"].append(plain_read(cap, True))
+            cold = cap if args.cold else None
+            times["read"].append(timed(lambda: plain_read(cap, False), cold))
+            times["read+sha256"].append(timed(lambda: plain_read(cap, True), cold))
             for verify in (True, False):
                 name = "verify" if verify else "no-verify"
-                times[f"fit {name}"].append(timed(lambda: LELPProjector(8).fit(CaptureSource(cap, verify=verify))))
+                times[f"fit {name}"].append(timed(lambda: LELPProjector(8).fit(CaptureSource(cap, verify=verify)), cold))
                 out = os.path.join(work, f"targets-{r}-{name}")
                 times[f"targets {name}"].append(timed(lambda: generate_targets(
-                    projector, CaptureSource(cap, verify=verify), out, dtype="float16")))
+                    projector, CaptureSource(cap, verify=verify), out, dtype="float16"), cold))
                 shutil.rmtree(out)
         gb = sum(os.path.getsize(os.path.join(cap, n)) for n in os.listdir(cap) if n.startswith("shard-")) / 1e9
-        print(f"capture: {args.rows} x {args.dim} fp16, {gb:.2f} GB of shards; torch {torch.__version__}, "
+        print(f"capture: {args.rows} x {args.dim} fp16, {gb:.2f} GB of shards, {'cold' if args.cold else 'page cache'}; "
+              f"torch {torch.__version__}, "
               f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; medians of {args.rounds} rounds (min-max)\n")
         print("| run | median s | min-max s | GB/s |\n|---|---|---|---|")
         for key, values in times.items():
