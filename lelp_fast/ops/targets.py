@@ -136,26 +136,19 @@ def lelp_targets(
             raise ValueError("out must have contiguous rows (out.stride(-1) == 1)")
         out_dtype = out.dtype
 
-    from ..kernels.triton import limits
-
-    why = limits.targets_unsupported(num_classes, n_subclasses, with_head=teacher_logits is None)
-    chosen = _dispatch.resolve(backend, embeddings.device, {"triton": why} if why else {})
-    compiled_ok = (
-        embeddings.dtype in _DTYPE_CODES
-        and out_dtype in _DTYPE_CODES
-        and (teacher_logits is None or teacher_logits.dtype in _DTYPE_CODES)
-    )
-    if chosen != "torch" and not compiled_ok:
-        if backend not in ("auto",):
-            raise ValueError(
-                f"backend {chosen!r} takes float32/float16/bfloat16 embeddings, logits and out_dtype; "
-                f"got embeddings {embeddings.dtype}, out_dtype {out_dtype}. Use backend='torch' for float64"
-            )
-        chosen = "torch"
+    chosen = _choose_backend(backend, embeddings, teacher_logits, num_classes, n_subclasses, out_dtype)
     if check_inputs and chosen != "cpu":  # the CPU kernel flags non-finite rows itself
         check_finite("embeddings", embeddings)
         if teacher_logits is not None:
             check_finite("teacher_logits", teacher_logits)
+    if chosen == "triton":
+        if out is None:
+            out = torch.empty(embeddings.shape[0], k, dtype=out_dtype, device=embeddings.device)
+        chosen = _run_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau,
+                             out_dtype, out, backend)
+        if chosen == "triton":
+            _check_projection(out, check_inputs)
+            return out
     if chosen == "torch":
         result = _targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out_dtype)
         _check_projection(result, check_inputs)
@@ -168,13 +161,66 @@ def lelp_targets(
     logits = _dispatch.rows_contiguous(teacher_logits)
     if out is None:
         out = torch.empty(emb.shape[0], k, dtype=out_dtype, device=emb.device)
-    if chosen == "triton":
-        from ..kernels.triton.targets import targets_triton
-
-        if emb.shape[0]:
-            targets_triton(emb, weight.to(emb.device, torch.float32), bias.to(emb.device, torch.float32),
-                           num_classes, n_subclasses, logits, beta, tau, out)
-        _check_projection(out, check_inputs)
-        return out
     return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, chosen,
                              check_inputs)
+
+
+def _shape_key(embeddings, teacher_logits, num_classes, n_subclasses) -> str:
+    """The shape as a launch sees it (a failed launch is remembered under it and named in the warning)."""
+    head = "teacher logits given" if teacher_logits is not None else "the head's logits"
+    return (f"the targets at K = {num_classes * n_subclasses} (C = {num_classes}, S = {n_subclasses}), "
+            f"{str(embeddings.dtype).replace('torch.', '')} embeddings, {head}")
+
+
+def _shape_limits(embeddings, teacher_logits, num_classes, n_subclasses):
+    """{backend: why} for the backends that cannot take this call: the Triton and CUDA kernels'
+    widths, and launches that already failed for resources at this shape."""
+    from ..kernels.triton import limits
+
+    out = {}
+    why = limits.targets_unsupported(num_classes, n_subclasses, with_head=teacher_logits is None)
+    if why:
+        out["triton"] = why
+    cuda_why = _dispatch.cuda_unsupported(num_classes, n_subclasses)
+    if cuda_why:
+        out["cuda"] = cuda_why
+    return {**out, **_dispatch.launch_failures(_shape_key(embeddings, teacher_logits, num_classes, n_subclasses))}
+
+
+def _choose_backend(backend, embeddings, teacher_logits, num_classes, n_subclasses, out_dtype) -> str:
+    """The backend that runs this call: auto skips one that cannot take its shape or dtypes."""
+    chosen = _dispatch.resolve(backend, embeddings.device,
+                               _shape_limits(embeddings, teacher_logits, num_classes, n_subclasses))
+    compiled_ok = (
+        embeddings.dtype in _DTYPE_CODES
+        and out_dtype in _DTYPE_CODES
+        and (teacher_logits is None or teacher_logits.dtype in _DTYPE_CODES)
+    )
+    if chosen != "torch" and not compiled_ok:
+        if backend not in ("auto",):
+            raise ValueError(
+                f"backend {chosen!r} takes float32/float16/bfloat16 embeddings, logits and out_dtype; "
+                f"got embeddings {embeddings.dtype}, out_dtype {out_dtype}. Use backend='torch' for float64"
+            )
+        chosen = "torch"
+    return chosen
+
+
+def _run_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out_dtype, out,
+                backend) -> str:
+    """Fills ``out`` with the Triton kernel and returns "triton"; under auto, a launch that fails for
+    resources is recorded (one warning naming the shape) and the next backend's name is returned."""
+    from ..kernels.triton.targets import targets_triton
+
+    emb = _dispatch.rows_contiguous(embeddings)  # the kernel reads rows by stride, features contiguously
+    if emb.shape[0]:
+        try:
+            targets_triton(emb, weight.to(emb.device, torch.float32), bias.to(emb.device, torch.float32),
+                           num_classes, n_subclasses, _dispatch.rows_contiguous(teacher_logits), beta, tau, out)
+        except Exception as exc:
+            if not (_dispatch.falls_back(backend) and _dispatch.is_out_of_resources(exc)):
+                raise
+            _dispatch.record_launch_failure("triton", _shape_key(embeddings, teacher_logits, num_classes,
+                                                                 n_subclasses), exc)
+            return _choose_backend("auto", embeddings, teacher_logits, num_classes, n_subclasses, out_dtype)
+    return "triton"
