@@ -46,6 +46,26 @@ def test_triton_targets_match_reference(dtype, shape, with_head):
     torch.testing.assert_close(got.cpu().double(), want, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, with_head", [((9, 20, 10, 16), True), ((70, 20, 16, 16), False),
+                                              ((5, 20, 300, 1), False), ((4, 24, 3, 100), True)])
+def test_triton_targets_over_several_class_groups(dtype, shape, with_head):
+    """Padded grids wider than one program's 128 columns (2 to 4 class groups per row tile; 300
+    given logits, whose log-partition is taken 64 at a time; a padded class group fully masked);
+    before, one program held up to 512 columns and could not launch on a GPU (shared memory)."""
+    test_triton_targets_match_reference(dtype, shape, with_head)
+
+
+def test_triton_targets_refuse_classes_wider_than_a_program():
+    """S > 128 would need a wider accumulator than a program holds without spills: forced triton
+    says so, auto takes the next backend."""
+    assert limits.targets_unsupported(2, 256, with_head=True) and not limits.targets_unsupported(4, 128, True)
+    h, weight, bias, _ = random_map(3, 8, 2, 200, True, seed=1)
+    with pytest.raises(ValueError, match="whole classes of at most 128"):
+        lelp_targets(h.float().to(DEVICE), weight.float().to(DEVICE), bias.float().to(DEVICE), 2, 200,
+                     backend="triton")
+
+
 @pytest.mark.parametrize("divergence", reference.DIVERGENCES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 2, 1), (21, 3, 5), (6, 2, 40)])
@@ -150,3 +170,4 @@ def test_triton_generalised_jsd(jsd_beta):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_triton_soft_and_hard_parts(reduction):
     test_ops_loss.test_soft_and_hard_parts_come_from_the_same_pass("triton", reduction)
+

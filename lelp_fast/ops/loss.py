@@ -126,8 +126,7 @@ def _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_w
         for i, (emb, w, b, z, teacher_beta) in enumerate(zip(embeddings, fused_weight, fused_bias, teacher_logits,
                                                              beta)):
             emb, z = _dispatch.rows_contiguous(emb), _dispatch.rows_contiguous(z)
-            targets_triton(emb, w.to(torch.float32), b.to(torch.float32), num_classes, n_subclasses, z,
-                           teacher_beta, tau, log_targets[:, i])
+            targets_triton(emb, w, b, num_classes, n_subclasses, z, teacher_beta, tau, log_targets[:, i])
         if len(embeddings) == 1:
             log_targets = log_targets[:, 0]
     loss_triton(student, log_targets.contiguous(), weights, labels, num_classes, n_subclasses, divergence, jsd_beta,
