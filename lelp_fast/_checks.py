@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -112,7 +113,8 @@ def check_row_weights(name: str, weights: torch.Tensor, atol: float = 1e-3) -> N
 
 
 def check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+    # math, not numpy: torch.compile traces math.isfinite on a Python float, numpy's it cannot
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 

@@ -171,3 +171,33 @@ def test_triton_generalised_jsd(jsd_beta):
 def test_triton_soft_and_hard_parts(reduction):
     test_ops_loss.test_soft_and_hard_parts_come_from_the_same_pass("triton", reduction)
 
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts the host-side splits under the interpreter")
+def test_triton_targets_split_the_map_once_per_weight_and_version(monkeypatch):
+    """The hi + lo split was redone on every call (~55 small kernels per teacher per step on a GPU);
+    it is cached per weight tensor, dtype and device, and redone after the weight changes in place
+    or a refit makes new tensors."""
+    from lelp_fast.kernels.triton import targets as triton_targets
+
+    calls = []
+    real = triton_targets.split_map
+    monkeypatch.setattr(triton_targets, "split_map", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    h, weight, bias, _ = random_map(9, 20, 3, 4, True, seed=11)
+    h, weight, bias = h.bfloat16(), weight.float(), bias.float()
+
+    def run_and_check():
+        got = lelp_targets(h, weight, bias, 3, 4, beta=0.8, tau=1.3, backend="triton")
+        want = fp64_reference(h, weight.double(), bias.double(), None, 3, 4, beta=0.8, tau=1.3)
+        torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+
+    run_and_check()
+    run_and_check()
+    assert len(calls) == 1
+    weight.mul_(1.5)  # in place: the version counter moves
+    run_and_check()
+    assert len(calls) == 2
+    lelp_targets(h.half(), weight, bias, 3, 4, beta=0.8, tau=1.3, backend="triton")  # another dtype
+    assert len(calls) == 3
+    weight, bias = weight.clone(), bias.clone()  # a refit: new tensors
+    run_and_check()
+    assert len(calls) == 4

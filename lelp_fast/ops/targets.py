@@ -137,30 +137,65 @@ def lelp_targets(
         out_dtype = out.dtype
 
     chosen = _choose_backend(backend, embeddings, teacher_logits, num_classes, n_subclasses, out_dtype)
-    if check_inputs and chosen != "cpu":  # the CPU kernel flags non-finite rows itself
+    # Eager only: the check reads the inputs on the host (a sync on a GPU, a graph break under
+    # torch.compile); the CPU kernel flags non-finite rows itself, inside its pass.
+    if check_inputs and chosen != "cpu" and not torch.compiler.is_compiling():
         check_finite("embeddings", embeddings)
         if teacher_logits is not None:
             check_finite("teacher_logits", teacher_logits)
-    if chosen == "triton":
-        if out is None:
-            out = torch.empty(embeddings.shape[0], k, dtype=out_dtype, device=embeddings.device)
-        chosen = _run_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau,
-                             out_dtype, out, backend)
-        if chosen == "triton":
-            _check_projection(out, check_inputs)
-            return out
     if chosen == "torch":
         result = _targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out_dtype)
-        _check_projection(result, check_inputs)
+        if not torch.compiler.is_compiling():
+            _check_projection(result, check_inputs)
         if out is None:
             return result
         out.copy_(result)
         return out
+    if out is not None and not torch.compiler.is_compiling():
+        return _fill(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out, chosen,
+                     backend, check_inputs)
+    result = _targets_op(embeddings, weight, bias, teacher_logits, num_classes, n_subclasses, float(beta), float(tau),
+                         out_dtype, chosen, backend, check_inputs)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+@torch.library.custom_op("lelp_fast::targets", mutates_args=())
+def _targets_op(embeddings: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                teacher_logits: Optional[torch.Tensor], num_classes: int, n_subclasses: int, beta: float, tau: float,
+                out_dtype: torch.dtype, chosen: str, backend: str, check_inputs: bool) -> torch.Tensor:
+    """The compiled kernels as one op: ``torch.compile`` (fullgraph) and CUDA graphs see a single
+    call with a fake implementation, not the launcher's host code."""
+    out = torch.empty(embeddings.shape[0], num_classes * n_subclasses, dtype=out_dtype, device=embeddings.device)
+    return _fill(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out, chosen, backend,
+                 check_inputs)
+
+
+@_targets_op.register_fake
+def _(embeddings, weight, bias, teacher_logits, num_classes, n_subclasses, beta, tau, out_dtype, chosen, backend,
+      check_inputs):
+    return embeddings.new_empty(embeddings.shape[0], num_classes * n_subclasses, dtype=out_dtype)
+
+
+def _fill(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out, chosen, backend,
+          check_inputs):
+    """Writes the targets into ``out`` with the compiled backend ``chosen`` (Triton falling back under auto)."""
+    if chosen == "triton":
+        chosen = _run_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau,
+                             out.dtype, out, backend)
+        if chosen == "triton":
+            _check_projection(out, check_inputs)
+            return out
+    if chosen == "torch":  # a Triton launch failed for resources and nothing else takes the shape
+        out.copy_(_targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau,
+                                 out.dtype))
+        _check_projection(out, check_inputs)
+        return out
     # The kernels read rows by stride but need each row's features contiguous.
     emb = _dispatch.rows_contiguous(embeddings)
     logits = _dispatch.rows_contiguous(teacher_logits)
-    if out is None:
-        out = torch.empty(emb.shape[0], k, dtype=out_dtype, device=emb.device)
     return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, chosen,
                              check_inputs)
 
@@ -215,8 +250,8 @@ def _run_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_log
     emb = _dispatch.rows_contiguous(embeddings)  # the kernel reads rows by stride, features contiguously
     if emb.shape[0]:
         try:
-            targets_triton(emb, weight.to(emb.device, torch.float32), bias.to(emb.device, torch.float32),
-                           num_classes, n_subclasses, _dispatch.rows_contiguous(teacher_logits), beta, tau, out)
+            targets_triton(emb, weight, bias, num_classes, n_subclasses, _dispatch.rows_contiguous(teacher_logits),
+                           beta, tau, out)
         except Exception as exc:
             if not (_dispatch.falls_back(backend) and _dispatch.is_out_of_resources(exc)):
                 raise
