@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from typing import Optional
@@ -126,7 +127,8 @@ def check_row_weights(name: str, weights: torch.Tensor, atol: float = 1e-3) -> N
 
 
 def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and bool(np.isfinite(value))
+    # math, not numpy: torch.compile traces math.isfinite on a Python float, numpy's it cannot
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_positive(name: str, value: float) -> None:

@@ -271,3 +271,24 @@ def test_one_subclass_is_exactly_vanilla_kd(backend, scale, with_head):
     class_logits = h.float().double() @ weight[:, num_classes:].float().double() + bias[num_classes:].float().double() \
         if logits is None else logits.float().double()
     torch.testing.assert_close(got.double(), torch.log_softmax(class_logits / 1.3, dim=1), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("with_head", [True, False])
+def test_torch_compile_traces_the_targets_op(with_head):
+    """The compiled kernels are one custom op with a fake implementation: fullgraph tracing works
+    (the launcher's data_ptr() calls and the host-side input check broke the graph before)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the compiled extension")
+    from lelp_fast.ops import targets as targets_op
+
+    h, weight, bias, logits = random_map(33, 20, 3, 4, with_head, seed=21)
+    h, w, b = h.float(), weight.float(), bias.float()
+    z = None if logits is None else logits.float()
+
+    def fn(h, z):
+        return lelp_targets(h, w, b, 3, 4, teacher_logits=z, beta=0.8, tau=1.3, backend="cpu")
+
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(h, z)
+    want = fp64_reference(h, w.double(), b.double(), z, 3, 4, beta=0.8, tau=1.3)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    torch.library.opcheck(targets_op._targets_op, (h, w, b, z, 3, 4, 0.8, 1.3, torch.float32, "cpu", "cpu", True))

@@ -46,6 +46,26 @@ def test_triton_targets_match_reference(dtype, shape, with_head):
     torch.testing.assert_close(got.cpu().double(), want, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, with_head", [((9, 20, 10, 16), True), ((70, 20, 16, 16), False),
+                                              ((5, 20, 300, 1), False), ((4, 24, 3, 100), True)])
+def test_triton_targets_over_several_class_groups(dtype, shape, with_head):
+    """Padded grids wider than one program's 128 columns (2 to 4 class groups per row tile; 300
+    given logits, whose log-partition is taken 64 at a time; a padded class group fully masked);
+    before, one program held up to 512 columns and could not launch on a GPU (shared memory)."""
+    test_triton_targets_match_reference(dtype, shape, with_head)
+
+
+def test_triton_targets_refuse_classes_wider_than_a_program():
+    """S > 128 would need a wider accumulator than a program holds without spills: forced triton
+    says so, auto takes the next backend."""
+    assert limits.targets_unsupported(2, 256, with_head=True) and not limits.targets_unsupported(4, 128, True)
+    h, weight, bias, _ = random_map(3, 8, 2, 200, True, seed=1)
+    with pytest.raises(ValueError, match="whole classes of at most 128"):
+        lelp_targets(h.float().to(DEVICE), weight.float().to(DEVICE), bias.float().to(DEVICE), 2, 200,
+                     backend="triton")
+
+
 @pytest.mark.parametrize("divergence", reference.DIVERGENCES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 2, 1), (21, 3, 5), (6, 2, 40)])
@@ -156,3 +176,34 @@ def test_triton_soft_and_hard_parts(reduction):
 @pytest.mark.parametrize("weight", [0.0, 0.3])
 def test_triton_subclass_weight(weight):
     test_ops_loss.test_subclass_weight_matches_the_reference("triton", torch.float32, weight, "mean")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts the host-side splits under the interpreter")
+def test_triton_targets_split_the_map_once_per_weight_and_version(monkeypatch):
+    """The hi + lo split was redone on every call (~55 small kernels per teacher per step on a GPU);
+    it is cached per weight tensor, dtype and device, and redone after the weight changes in place
+    or a refit makes new tensors."""
+    from lelp_fast.kernels.triton import targets as triton_targets
+
+    calls = []
+    real = triton_targets.split_map
+    monkeypatch.setattr(triton_targets, "split_map", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    h, weight, bias, _ = random_map(9, 20, 3, 4, True, seed=11)
+    h, weight, bias = h.bfloat16(), weight.float(), bias.float()
+
+    def run_and_check():
+        got = lelp_targets(h, weight, bias, 3, 4, beta=0.8, tau=1.3, backend="triton")
+        want = fp64_reference(h, weight.double(), bias.double(), None, 3, 4, beta=0.8, tau=1.3)
+        torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+
+    run_and_check()
+    run_and_check()
+    assert len(calls) == 1
+    weight.mul_(1.5)  # in place: the version counter moves
+    run_and_check()
+    assert len(calls) == 2
+    lelp_targets(h.half(), weight, bias, 3, 4, beta=0.8, tau=1.3, backend="triton")  # another dtype
+    assert len(calls) == 3
+    weight, bias = weight.clone(), bias.clone()  # a refit: new tensors
+    run_and_check()
+    assert len(calls) == 4

@@ -2,15 +2,18 @@
 
 ``backend="auto"`` honours the ``LELP_FAST_BACKEND`` environment variable, then picks the
 compiled kernels for the device (``triton``, then ``cuda`` for CUDA tensors; ``cpu`` for CPU
-tensors) and falls back to the ``torch`` reference path when none is available. Triton runs on
-CPU tensors only when forced and ``TRITON_INTERPRET=1`` (the interpreter, for tests).
+tensors) and falls back to the ``torch`` reference path when none is available or none takes the
+call's shape. Triton runs on CPU tensors only when forced and ``TRITON_INTERPRET=1`` (the
+interpreter, for tests). A GPU launch that fails for resources (Triton's ``OutOfResources``) under
+``auto`` is recorded with one warning naming the shape, and that shape goes to the next backend.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from types import MappingProxyType
-from typing import Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -27,6 +30,47 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 # The compiled extension's dtype codes (csrc/include/lelp/row_math.h: enum DType).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+# csrc/cuda/targets.cu and csrc/cuda/loss.cu hold a row of K = C*S values per warp (16 per lane at
+# most) and throw beyond it; auto sends wider rows to the next backend.
+CUDA_MAX_K = 512
+
+
+def cuda_unsupported(num_classes: int, n_subclasses: int) -> Optional[str]:
+    """Why the CUDA kernels cannot take this shape, or None."""
+    k = num_classes * n_subclasses
+    return f"it takes K = C*S <= {CUDA_MAX_K} (got {k})" if k > CUDA_MAX_K else None
+
+
+# (backend, shape description) -> why: launches that failed for resources in this process.
+_LAUNCH_FAILURES: Dict[Tuple[str, str], str] = {}
+
+
+def is_out_of_resources(exc: BaseException) -> bool:
+    """Triton's OutOfResources (shared memory or registers over the device's limit), matched by
+    name so this module imports without triton."""
+    return type(exc).__name__ == "OutOfResources"
+
+
+def record_launch_failure(backend: str, shape: str, exc: BaseException) -> None:
+    """Remembers that ``backend`` cannot launch ``shape`` here and warns once for it."""
+    if (backend, shape) in _LAUNCH_FAILURES:
+        return
+    _LAUNCH_FAILURES[(backend, shape)] = f"its launch failed for resources at {shape}"
+    warnings.warn(f"lelp_fast: the {backend} kernel cannot launch {shape} on this device ({exc}); this shape "
+                  "falls back to the next backend from now on", RuntimeWarning, stacklevel=3)
+
+
+def falls_back(backend: str) -> bool:
+    """Whether a failed launch may go to the next backend: only when the user (and the environment)
+    let auto choose; a forced backend raises instead."""
+    return backend == "auto" and os.environ.get("LELP_FAST_BACKEND", "auto") in ("", "auto")
+
+
+def launch_failures(shape: str) -> Dict[str, str]:
+    """{backend: why} for the backends whose launch failed for ``shape`` (see record_launch_failure)."""
+    return {backend: why for (backend, failed), why in _LAUNCH_FAILURES.items() if failed == shape}
 
 
 def rows_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -72,6 +116,11 @@ def available(backend: str, device: torch.device) -> bool:
 GPU_PREFERENCE = ("triton", "cuda")
 
 
+def auto_candidates(device: torch.device) -> Tuple[str, ...]:
+    """The compiled backends auto tries for ``device``, best first; torch comes after them all."""
+    return GPU_PREFERENCE if device.type == "cuda" else ("cpu",)
+
+
 def resolve(backend: str, device: torch.device, unsupported: Mapping[str, str] = MappingProxyType({})) -> str:
     """Maps a requested backend to the one that will run, raising if a forced one cannot.
 
@@ -86,8 +135,7 @@ def resolve(backend: str, device: torch.device, unsupported: Mapping[str, str] =
         if backend not in BACKENDS:
             raise ValueError(f"LELP_FAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        candidates = GPU_PREFERENCE if device.type == "cuda" else ("cpu",)
-        for candidate in candidates:
+        for candidate in auto_candidates(device):
             if candidate not in unsupported and available(candidate, device):
                 return candidate
         return "torch"

@@ -56,9 +56,11 @@ def _loss_rows(
     beta: List[float],
     ignore_index: int,
     use_triton: bool,
+    fall_back: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Compiled kernel: (loss per row (N,) fp32, dL_row/ds (N, K) fp32, the α·CE part of each row's
-    loss (N,) fp32, from the same pass)."""
+    loss (N,) fp32, from the same pass). With ``fall_back`` (backend auto), a Triton launch that
+    fails for resources is recorded and the call goes to the next backend that takes it."""
     n, k = student.shape
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     hard_rows = torch.zeros(n, dtype=torch.float32, device=student.device)
@@ -69,10 +71,21 @@ def _loss_rows(
     weights = None if weights is None else weights.to(torch.float32).contiguous()
     labels = None if labels is None else labels.to(torch.int64).contiguous()
     if use_triton:
-        _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
-                          teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
-                          ignore_index, loss_rows, hard_rows, grad)
-        return loss_rows, grad, hard_rows
+        try:
+            _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
+                              teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
+                              ignore_index, loss_rows, hard_rows, grad)
+            return loss_rows, grad, hard_rows
+        except Exception as exc:
+            if not (fall_back and _dispatch.is_out_of_resources(exc)):
+                raise
+            shape = _shape_key(student, num_classes, n_subclasses, embeddings)
+            _dispatch.record_launch_failure("triton", shape, exc)
+            limits = _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits)
+            if _dispatch.resolve("auto", student.device, limits) == "torch":
+                return _loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused_weight,
+                                           fused_bias, teacher_logits, num_classes, n_subclasses, divergence,
+                                           jsd_beta, tau, alpha, beta, ignore_index)
     if log_targets is not None:
         n_teachers = 1 if log_targets.ndim == 2 else log_targets.shape[1]
         log_targets = log_targets if log_targets.is_contiguous() else log_targets.contiguous()
@@ -114,17 +127,33 @@ def _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_w
         for i, (emb, w, b, z, teacher_beta) in enumerate(zip(embeddings, fused_weight, fused_bias, teacher_logits,
                                                              beta)):
             emb, z = _dispatch.rows_contiguous(emb), _dispatch.rows_contiguous(z)
-            targets_triton(emb, w.to(torch.float32), b.to(torch.float32), num_classes, n_subclasses, z,
-                           teacher_beta, tau, log_targets[:, i])
+            targets_triton(emb, w, b, num_classes, n_subclasses, z, teacher_beta, tau, log_targets[:, i])
         if len(embeddings) == 1:
             log_targets = log_targets[:, 0]
     loss_triton(student, log_targets.contiguous(), weights, labels, num_classes, n_subclasses, divergence, jsd_beta,
                 tau, alpha, ignore_index, loss_rows, hard_rows, grad)
 
 
+def _loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
+                        teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
+                        ignore_index):
+    """The custom op's outputs from the torch path (a compiled launch failed). Autograd does not
+    record inside a custom op, so the per-row gradient comes from ``torch.func.vjp`` (rows are
+    independent: a vector of ones gives each row's own gradient)."""
+    name = {code: div for div, code in DIVERGENCE_CODES.items()}[divergence]
+
+    def rows(s):
+        return _loss_torch(s, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
+                           num_classes, n_subclasses, name, jsd_beta, tau, alpha, beta, ignore_index)
+
+    per_row, pullback, hard_rows = torch.func.vjp(rows, student, has_aux=True)
+    (grad,) = pullback(torch.ones_like(per_row))
+    return per_row.float(), grad.float(), hard_rows.float()
+
+
 @_loss_rows.register_fake
 def _(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
-      num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, use_triton):
+      num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, use_triton, fall_back):
     n, k = student.shape
     return (student.new_empty(n, dtype=torch.float32), student.new_empty(n, k, dtype=torch.float32),
             student.new_empty(n, dtype=torch.float32))
@@ -221,7 +250,7 @@ def distill_loss(
         loss_rows, grad, hard_rows = _loss_rows(
             student_logits.detach(), log_targets, teacher_weights, labels, embeddings, fused_weight, fused_bias,
             teacher_logits, num_classes, n_subclasses, _divergence_code(divergence, jsd_beta), float(jsd_beta),
-            float(tau), float(alpha), beta, int(ignore_index), chosen == "triton",
+            float(tau), float(alpha), beta, int(ignore_index), chosen == "triton", _dispatch.falls_back(backend),
         )
         per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad)
     loss = reference.reduce_rows(per_row, labels, ignore_index, reduction)
@@ -314,7 +343,7 @@ def _choose_backend(backend, student_logits, log_targets, embeddings, teacher_lo
                     n_subclasses) -> str:
     """The backend that runs this call: auto skips one that cannot take its shape or dtypes."""
     chosen = _dispatch.resolve(backend, student_logits.device,
-                               _triton_limits(num_classes, n_subclasses, embeddings, teacher_logits))
+                               _shape_limits(student_logits, num_classes, n_subclasses, embeddings, teacher_logits))
     dtypes = [t.dtype for t in (student_logits, log_targets, *embeddings, *teacher_logits) if t is not None]
     if chosen != "torch" and not all(dt in _DTYPE_CODES for dt in dtypes):
         if backend != "auto":
@@ -344,14 +373,26 @@ def _check_cpu_inputs(student, log_targets, labels, weights, embeddings, teacher
         check_row_weights("teacher_weights", weights)
 
 
-def _triton_limits(num_classes, n_subclasses, embeddings, teacher_logits):
-    """{"triton": why} when the Triton kernels cannot take this shape, else {}."""
+def _shape_key(student, num_classes, n_subclasses, embeddings) -> str:
+    """The shape as a launch sees it (a failed launch is remembered under it and named in the warning)."""
+    online = f", online targets from {len(embeddings)} teacher(s)" if embeddings else ""
+    return (f"the loss at K = {num_classes * n_subclasses} (C = {num_classes}, S = {n_subclasses}), "
+            f"{str(student.dtype).replace('torch.', '')} logits{online}")
+
+
+def _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits):
+    """{backend: why} for the backends that cannot take this call: the Triton and CUDA kernels'
+    widths, and launches that already failed for resources at this shape."""
     from ..kernels.triton import limits
 
     why = limits.loss_unsupported(num_classes, n_subclasses)
     for z in teacher_logits if embeddings else ():
         why = why or limits.targets_unsupported(num_classes, n_subclasses, with_head=z is None)
-    return {"triton": why} if why else {}
+    out = {"triton": why} if why else {}
+    cuda_why = _dispatch.cuda_unsupported(num_classes, n_subclasses)
+    if cuda_why:
+        out["cuda"] = cuda_why
+    return {**out, **_dispatch.launch_failures(_shape_key(student, num_classes, n_subclasses, embeddings))}
 
 
 def _online_teachers(n, k, num_classes, embeddings, fused_weight, fused_bias, teacher_logits, beta, weights):

@@ -136,10 +136,96 @@ def lelp_targets(
             raise ValueError("out must have contiguous rows (out.stride(-1) == 1)")
         out_dtype = out.dtype
 
+    chosen = _choose_backend(backend, embeddings, teacher_logits, num_classes, n_subclasses, out_dtype)
+    # Eager only: the check reads the inputs on the host (a sync on a GPU, a graph break under
+    # torch.compile); the CPU kernel flags non-finite rows itself, inside its pass.
+    if check_inputs and chosen != "cpu" and not torch.compiler.is_compiling():
+        check_finite("embeddings", embeddings)
+        if teacher_logits is not None:
+            check_finite("teacher_logits", teacher_logits)
+    if chosen == "torch":
+        result = _targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out_dtype)
+        if not torch.compiler.is_compiling():
+            _check_projection(result, check_inputs)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
+    if out is not None and not torch.compiler.is_compiling():
+        return _fill(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out, chosen,
+                     backend, check_inputs)
+    result = _targets_op(embeddings, weight, bias, teacher_logits, num_classes, n_subclasses, float(beta), float(tau),
+                         out_dtype, chosen, backend, check_inputs)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+@torch.library.custom_op("lelp_fast::targets", mutates_args=())
+def _targets_op(embeddings: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                teacher_logits: Optional[torch.Tensor], num_classes: int, n_subclasses: int, beta: float, tau: float,
+                out_dtype: torch.dtype, chosen: str, backend: str, check_inputs: bool) -> torch.Tensor:
+    """The compiled kernels as one op: ``torch.compile`` (fullgraph) and CUDA graphs see a single
+    call with a fake implementation, not the launcher's host code."""
+    out = torch.empty(embeddings.shape[0], num_classes * n_subclasses, dtype=out_dtype, device=embeddings.device)
+    return _fill(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out, chosen, backend,
+                 check_inputs)
+
+
+@_targets_op.register_fake
+def _(embeddings, weight, bias, teacher_logits, num_classes, n_subclasses, beta, tau, out_dtype, chosen, backend,
+      check_inputs):
+    return embeddings.new_empty(embeddings.shape[0], num_classes * n_subclasses, dtype=out_dtype)
+
+
+def _fill(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out, chosen, backend,
+          check_inputs):
+    """Writes the targets into ``out`` with the compiled backend ``chosen`` (Triton falling back under auto)."""
+    if chosen == "triton":
+        chosen = _run_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau,
+                             out.dtype, out, backend)
+        if chosen == "triton":
+            _check_projection(out, check_inputs)
+            return out
+    if chosen == "torch":  # a Triton launch failed for resources and nothing else takes the shape
+        out.copy_(_targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau,
+                                 out.dtype))
+        _check_projection(out, check_inputs)
+        return out
+    # The kernels read rows by stride but need each row's features contiguous.
+    emb = _dispatch.rows_contiguous(embeddings)
+    logits = _dispatch.rows_contiguous(teacher_logits)
+    return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, chosen,
+                             check_inputs)
+
+
+def _shape_key(embeddings, teacher_logits, num_classes, n_subclasses) -> str:
+    """The shape as a launch sees it (a failed launch is remembered under it and named in the warning)."""
+    head = "teacher logits given" if teacher_logits is not None else "the head's logits"
+    return (f"the targets at K = {num_classes * n_subclasses} (C = {num_classes}, S = {n_subclasses}), "
+            f"{str(embeddings.dtype).replace('torch.', '')} embeddings, {head}")
+
+
+def _shape_limits(embeddings, teacher_logits, num_classes, n_subclasses):
+    """{backend: why} for the backends that cannot take this call: the Triton and CUDA kernels'
+    widths, and launches that already failed for resources at this shape."""
     from ..kernels.triton import limits
 
+    out = {}
     why = limits.targets_unsupported(num_classes, n_subclasses, with_head=teacher_logits is None)
-    chosen = _dispatch.resolve(backend, embeddings.device, {"triton": why} if why else {})
+    if why:
+        out["triton"] = why
+    cuda_why = _dispatch.cuda_unsupported(num_classes, n_subclasses)
+    if cuda_why:
+        out["cuda"] = cuda_why
+    return {**out, **_dispatch.launch_failures(_shape_key(embeddings, teacher_logits, num_classes, n_subclasses))}
+
+
+def _choose_backend(backend, embeddings, teacher_logits, num_classes, n_subclasses, out_dtype) -> str:
+    """The backend that runs this call: auto skips one that cannot take its shape or dtypes."""
+    chosen = _dispatch.resolve(backend, embeddings.device,
+                               _shape_limits(embeddings, teacher_logits, num_classes, n_subclasses))
     compiled_ok = (
         embeddings.dtype in _DTYPE_CODES
         and out_dtype in _DTYPE_CODES
@@ -152,29 +238,24 @@ def lelp_targets(
                 f"got embeddings {embeddings.dtype}, out_dtype {out_dtype}. Use backend='torch' for float64"
             )
         chosen = "torch"
-    if check_inputs and chosen != "cpu":  # the CPU kernel flags non-finite rows itself
-        check_finite("embeddings", embeddings)
-        if teacher_logits is not None:
-            check_finite("teacher_logits", teacher_logits)
-    if chosen == "torch":
-        result = _targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out_dtype)
-        _check_projection(result, check_inputs)
-        if out is None:
-            return result
-        out.copy_(result)
-        return out
-    # The kernels read rows by stride but need each row's features contiguous.
-    emb = _dispatch.rows_contiguous(embeddings)
-    logits = _dispatch.rows_contiguous(teacher_logits)
-    if out is None:
-        out = torch.empty(emb.shape[0], k, dtype=out_dtype, device=emb.device)
-    if chosen == "triton":
-        from ..kernels.triton.targets import targets_triton
+    return chosen
 
-        if emb.shape[0]:
-            targets_triton(emb, weight.to(emb.device, torch.float32), bias.to(emb.device, torch.float32),
-                           num_classes, n_subclasses, logits, beta, tau, out)
-        _check_projection(out, check_inputs)
-        return out
-    return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, chosen,
-                             check_inputs)
+
+def _run_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out_dtype, out,
+                backend) -> str:
+    """Fills ``out`` with the Triton kernel and returns "triton"; under auto, a launch that fails for
+    resources is recorded (one warning naming the shape) and the next backend's name is returned."""
+    from ..kernels.triton.targets import targets_triton
+
+    emb = _dispatch.rows_contiguous(embeddings)  # the kernel reads rows by stride, features contiguously
+    if emb.shape[0]:
+        try:
+            targets_triton(emb, weight, bias, num_classes, n_subclasses, _dispatch.rows_contiguous(teacher_logits),
+                           beta, tau, out)
+        except Exception as exc:
+            if not (_dispatch.falls_back(backend) and _dispatch.is_out_of_resources(exc)):
+                raise
+            _dispatch.record_launch_failure("triton", _shape_key(embeddings, teacher_logits, num_classes,
+                                                                 n_subclasses), exc)
+            return _choose_backend("auto", embeddings, teacher_logits, num_classes, n_subclasses, out_dtype)
+    return "triton"

@@ -1,44 +1,197 @@
 """Ahead-of-time compilation of the Triton kernels for a GPU this machine need not have.
 
-``triton.compile`` lowers a kernel for a named target (``GPUTarget("cuda", 90, 32)``) without a
-driver, so a CPU machine can check what the interpreter cannot: that real Triton accepts the code
-(the interpreter runs Python that the compiler refuses) and what the PTX holds (tensor-core
-``mma``/``wgmma``, no local-memory spills). Used by ``tests/test_triton_aot.py``.
+``triton.compile`` lowers a kernel for a named target (``GPUTarget("cuda", 90, 32)``) down to a
+CUBIN without a driver, so a CPU machine can check what the interpreter cannot: that real Triton
+accepts the code (the interpreter runs Python that the compiler refuses), what the PTX holds
+(tensor-core ``mma``/``wgmma``, 16-byte copies), and what the GPU would refuse or run slowly:
+the shared memory a launch needs against the device's opt-in limit, and the registers, stack
+frame and local-memory (spill) instructions that ptxas made — spills exist only in the CUBIN,
+never in the PTX. Read with the ``cuobjdump``/``nvdisasm`` that ship inside Triton's package.
+
+``python -m lelp_fast.kernels.triton.aot --out facts.json`` compiles every case and writes the
+facts; ``tests/test_triton_aot.py`` runs it under the installed Triton (in process) and under
+the oldest supported one (in a subprocess, see ``tests/test_triton_aot_oldest.py``).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import multiprocessing
+import os
 import re
-from typing import Dict
+import subprocess
+import tempfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, Optional, Tuple
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 ARCHS = (80, 90)  # A100, H100/H200
+# The oldest Triton the gates also run under (tests/test_triton_aot.py installs it into a cache
+# directory): the version on common H100/H200 images. ptxas differs by version (the K = 512 loss
+# spilled about 11 KB under 3.6 and nothing under 3.9), so passing under one proves little for the other.
+OLDEST_TRITON = "3.6.0"
+# cudaDevAttrMaxSharedMemoryPerBlockOptin (CUDA programming guide, compute capabilities table):
+# a block may use this much shared memory once the launcher opts in; Triton raises OutOfResources
+# above it at the first launch.
+SHARED_OPTIN = {80: 166_912, 90: 232_448}
+# (student, targets) dtypes of the loss per arch: bf16 on both; fp32 (the other load width) on sm_90.
+LOSS_DTYPES = {80: [("bf16", "bf16")], 90: [("bf16", "bf16"), ("fp32", "fp32")]}
+
+Case = Tuple[str, int, int, Optional[Tuple[str, str]]]  # (op, index into VARIANTS, arch, loss dtypes)
 
 
-def compile_ptx(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object], arch: int,
-                num_warps: int = 4, num_stages: int = 3) -> str:
-    """The PTX of ``kernel`` specialised on ``constexprs`` for sm_``arch``; raises what Triton raises."""
+def compile_kernel(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object], arch: int,
+                   num_warps: int = 4, num_stages: int = 3):
+    """``kernel`` specialised on ``constexprs`` for sm_``arch`` (``.asm``, ``.metadata``); raises what Triton raises."""
     # What the JIT specialises on for aligned inputs: 16-byte pointers, strides and d divisible by 16.
+    # It turns on the multi-stage copy pipelines, so it changes the shared memory a config needs.
     aligned = [i for i, (name, kind) in enumerate(signature.items())
                if kind.startswith("*") or name.startswith("stride") or name == "D"]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     source = ASTSource(kernel, signature, constexprs=dict(constexprs), attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_ptx(kernel, signature, constexprs, arch, num_warps=4, num_stages=3) -> str:
+    return compile_kernel(kernel, signature, constexprs, arch, num_warps, num_stages).asm["ptx"]
 
 
 def ptx_facts(ptx: str) -> Dict[str, int]:
-    """Counts of the instructions the design promises (or forbids) in a PTX listing."""
+    """Counts of the instructions the design promises in a PTX listing."""
     return {
         "mma": len(re.findall(r"\bmma\.sync\b", ptx)),
         "wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
-        "local": len(re.findall(r"\b(?:ld|st)\.local\b", ptx)),
         # 16-byte asynchronous copies (the pipelined dot operands) and vector loads/stores
         "async_copies": len(re.findall(r"\bcp\.async\.cg\.shared\.global\b", ptx)),
         "vector_loads": len(re.findall(r"\bld\.global(?:\.[\w:]+)*\.v[248]\.", ptx)),
         "vector_stores": len(re.findall(r"\bst\.global(?:\.[\w:]+)*\.v[248]\.", ptx)),
         "scalar_stores": len(re.findall(r"\bst\.global(?:\.[\w:]+)*\.b(?:16|32)\b", ptx)),
     }
+
+
+def _tool(name: str) -> str:
+    """A CUDA binary utility shipped inside Triton's NVIDIA backend (same version as its ptxas)."""
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} not found in Triton's package ({path})")
+    return path
+
+
+def sass_opcodes(cubin: bytes) -> Counter:
+    """Static count of each SASS opcode (with its modifiers, e.g. ``MUFU.EX2``), NOPs left out."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_tool("nvdisasm"), "-c", f.name], check=True, capture_output=True, text=True).stdout
+    ops = Counter()
+    for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", text):
+        if m.group(1) != "NOP":
+            ops[m.group(1)] += 1
+    return ops
+
+
+def cubin_resources(cubin: bytes) -> Dict[str, int]:
+    """Registers and stack frame per thread as ptxas allocated them (``cuobjdump -res-usage``)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], check=True, capture_output=True,
+                              text=True).stdout
+    found = re.search(r"REG:(\d+)\s+STACK:(\d+)", text)
+    if found is None:
+        raise ValueError(f"no resource usage in cuobjdump's output: {text!r}")
+    return {"registers": int(found.group(1)), "stack": int(found.group(2))}
+
+
+def kernel_facts(compiled) -> Dict[str, object]:
+    """Everything the gates read from one compiled kernel."""
+    ops = sass_opcodes(compiled.asm["cubin"])
+    return {
+        **ptx_facts(compiled.asm["ptx"]),
+        **cubin_resources(compiled.asm["cubin"]),
+        "shared": int(compiled.metadata.shared),
+        # local-memory loads/stores in the SASS: ptxas's spills (or a run-time indexed array)
+        "local_ops": sum(n for op, n in ops.items() if op.startswith(("LDL", "STL"))),
+        "sass": sum(ops.values()),
+        "mufu_ex2_lg2": sum(n for op, n in ops.items() if op in ("MUFU.EX2", "MUFU.LG2")),
+        "mufu": sum(n for op, n in ops.items() if op.startswith("MUFU")),
+    }
+
+
+def cases() -> List[Case]:
+    """Every launch configuration the launchers can produce, per arch (and loss dtypes)."""
+    from . import loss, targets
+
+    return ([("targets", i, arch, None) for i in range(len(targets.VARIANTS)) for arch in ARCHS]
+            + [("loss", i, arch, dts) for i in range(len(loss.VARIANTS)) for arch in ARCHS
+               for dts in LOSS_DTYPES[arch]])
+
+
+def case_id(case: Case) -> str:
+    from . import loss, targets
+
+    op, i, arch, dts = case
+    if op == "targets":
+        v = targets.VARIANTS[i]
+        c = v["constexprs"]
+        return (f"targets-sm{arch}-{v['dtype']}-n{c['BLOCK_N']}d{c['BLOCK_D']}w{v['config'].num_warps}"
+                f"s{v['config'].num_stages}-{c['C_PAD']}x{c['S_PAD']}-{'logits' if c['HAS_LOGITS'] else 'head'}-"
+                f"{'exact' if c['EXACT'] else 'pad'}")
+    v = loss.VARIANTS[i]
+    c = v["constexprs"]
+    return (f"loss-sm{arch}-{dts[0]}-K{c['K']}-n{c['BLOCK_N']}w{v['num_warps']}-div{c['DIVERGENCE']}-"
+            f"{'w' if c['HAS_WEIGHTS'] else 'nw'}-{'y' if c['HAS_LABELS'] else 'ny'}")
+
+
+def compile_case(case: Case):
+    """(facts, None) or (None, error text)."""
+    from . import loss, targets
+
+    op, i, arch, dts = case
+    try:
+        if op == "targets":
+            v = targets.VARIANTS[i]
+            compiled = compile_kernel(targets.lelp_targets_kernel, targets.signature(v["dtype"]), v["constexprs"],
+                                      arch, v["config"].num_warps, v["config"].num_stages)
+        else:
+            v = loss.VARIANTS[i]
+            compiled = compile_kernel(loss.lelp_loss_kernel, loss.signature(*dts), v["constexprs"], arch,
+                                      v["num_warps"])
+        return kernel_facts(compiled), None
+    except Exception as exc:  # noqa: BLE001 - reported per case by the tests
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def compile_all(selected: List[Case], workers: int) -> Dict[Case, tuple]:
+    """Compiles in fresh (spawned) processes without TRITON_INTERPRET: under the interpreter the
+    kernels are interpreter functions that cannot be compiled."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return dict(zip(selected, pool.map(compile_case, selected, chunksize=2)))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Compile every Triton launch configuration; write the facts as JSON.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    args = p.parse_args(argv)
+    results = compile_all(cases(), args.workers)
+    rows = [dict(case=list(c), id=case_id(c), facts=f, error=e) for c, (f, e) in results.items()]
+    with open(args.out, "w") as f:
+        json.dump(dict(triton=triton.__version__, cases=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 MAX_HEAD_CLASSES = 16  # the targets kernel's head dot is one 16-column tensor-core tile
-MAX_SUBCLASS_COLUMNS = 512  # C_PAD * S_PAD: beyond it the accumulator no longer fits registers
+MAX_SUBCLASS_COLUMNS = 512  # C_PAD * S_PAD, taken by up to 4 programs per row tile (one per class group)
+# Columns one targets program holds (whole classes): 64 rows x 256 fp32 accumulator columns spilled
+# (tests/test_triton_aot.py), so a class of more than 128 (padded) subclasses goes to the next backend.
+MAX_SUBCLASSES_PER_PROGRAM = 128
 MAX_LOSS_K = 512  # the loss kernel holds a whole row (next_pow2(K)) in registers
 
 
@@ -25,6 +28,9 @@ def targets_unsupported(num_classes: int, n_subclasses: int, with_head: bool) ->
     if with_head and num_classes > MAX_HEAD_CLASSES:
         return f"its head dot takes at most {MAX_HEAD_CLASSES} classes (got C={num_classes})"
     c_pad, s_pad = padded_grid(num_classes, n_subclasses)
+    if s_pad > MAX_SUBCLASSES_PER_PROGRAM:
+        return (f"a program holds whole classes of at most {MAX_SUBCLASSES_PER_PROGRAM} (padded) subclasses "
+                f"(got S={n_subclasses})")
     if c_pad * s_pad > MAX_SUBCLASS_COLUMNS:
         return f"it takes a padded C*S grid of at most {MAX_SUBCLASS_COLUMNS} columns (got {c_pad}x{s_pad})"
     return None

@@ -23,15 +23,22 @@ import triton.language as tl
 from . import limits
 
 NEG_INF = tl.constexpr(float("-inf"))
-ELEMENTS_PER_PROGRAM = 4096  # a 16 KB fp32 tile per array: rows of short K batch up, K = 512 takes 8
+# An 8 KB fp32 tile per array: 16 values per thread at 4 warps. 4096 (32 per thread) spilled at
+# K = 40 (JS with weights and labels, fp32: 32 B stack) and K = 512 (TVD: 24 B under Triton 3.9;
+# about 11 KB under 3.6, as read from the CUBINs by tests/test_triton_aot.py).
+ELEMENTS_PER_PROGRAM = 2048
+# Rows per program at most: short rows (K = 2) at 2048 rows made each per-row vector 16 values per
+# thread, and the dozen of them spilled (8 B stack at K = 2).
+MAX_ROWS_PER_PROGRAM = 256
 
 
 def block_shape(k: int):
     """(BLOCK_N, BLOCK_K, num_warps): the whole row in registers (BLOCK_K = next_pow2(K)), rows
-    batched so a program holds ELEMENTS_PER_PROGRAM elements; 4 warps keep each array at 32
-    registers per thread (no spills for the ~8 live arrays, checked by the AOT test)."""
+    batched so a program holds ELEMENTS_PER_PROGRAM elements (at most MAX_ROWS_PER_PROGRAM rows);
+    4 warps, 8 at K > 256 (4 spilled 8 B at K = 512 under Triton 3.6, where ptxas kept to 64
+    registers); no spills for the ~8 live arrays, checked in the CUBIN by the AOT test."""
     block_k = max(2, triton.next_power_of_2(k))
-    return ELEMENTS_PER_PROGRAM // block_k, block_k, 4
+    return min(ELEMENTS_PER_PROGRAM // block_k, MAX_ROWS_PER_PROGRAM), block_k, 8 if block_k >= 512 else 4
 
 
 @triton.jit
@@ -166,16 +173,22 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
 
 
 # What the AOT test compiles: every flag combination at a row width that is not a power of two and
-# at the widest (K = 40, 512), and each divergence at the other block shapes (K = 2, 128, 200).
-# block_shape gives every K its next power of two; the flags are what changes the code.
+# at the widest (K = 40, 512), each divergence at three other block shapes (K = 2, 128, 200), KL and
+# JS (the most live arrays) at the remaining ones (block_shape gives every K its next power of two;
+# the flags are what changes the code), and plain KL (no weights, no labels: the distillation step
+# the cost model of docs/benchmarks.md reads) at K = 16 and 128.
 FULL_SHAPES = [(40, 20), (512, 32)]
 DIVERGENCE_SHAPES = [(2, 1), (128, 16), (200, 8)]
+BLOCK_SHAPES = [(3, 3), (8, 4), (16, 8), (24, 8)]
+COST_SHAPES = [(16, 8), (128, 16)]
 
 
 def _variants() -> List[dict]:
     combos = [(shape, div, has_w, has_y) for shape, div, has_w, has_y
               in itertools.product(FULL_SHAPES, range(5), (False, True), (False, True))]
     combos += [(shape, div, False, True) for shape, div in itertools.product(DIVERGENCE_SHAPES, range(5))]
+    combos += [(shape, div, False, True) for shape, div in itertools.product(BLOCK_SHAPES, (0, 2))]
+    combos += [(shape, 0, False, False) for shape in COST_SHAPES]
     variants = []
     for (k, s), div, has_w, has_y in combos:
         block_n, block_k, num_warps = block_shape(k)

@@ -1,0 +1,157 @@
+"""A cost model of the Triton loss kernel, read without a GPU: instructions and MUFU.EX2/LG2 per
+element from its SASS (``aot.kernel_facts``), global-memory bytes per element from the launcher
+(every N x K tensor an op of the whole forward + backward step reads or writes, counted on the CPU
+under a dispatch mode), held against budgets derived from the H100/H200 bandwidth and issue rate.
+
+Modelled, not measured: the static SASS count is what each thread issues once (the kernel is
+straight-line code apart from the M-teacher loop and the alpha != 0 branch), and the device
+figures are datasheet leads. docs/benchmarks.md quotes the table ``python -m
+lelp_fast.kernels.triton.cost FACTS.json`` prints from ``aot``'s facts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Callable, Dict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+# Hopper SXM: 132 SMs, 4 warp schedulers each issuing one warp instruction (32 threads) per clock,
+# ~1.75 GHz under load; 16 MUFU lanes per SM per clock (the CUDA C++ programming guide's throughput
+# table: exp2/log2/rcp at compute capability 9.0). Bandwidths: datasheets (H100 SXM 80 GB, H200).
+SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.75e9
+THREAD_INSTRUCTIONS_PER_S = SMS * SCHEDULERS * CLOCK_HZ * 32
+MUFU_PER_S = SMS * 16 * CLOCK_HZ
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
+# The gates (issue 21), at K >= 16 and the bf16 floor of 6 B/element: within the H200's budgets below
+# (37 instructions, 4.6 MUFU per element) up to rounding, with room for the per-row work.
+MAX_INSTRUCTIONS_PER_ELEMENT = 40
+MAX_MUFU_PER_ELEMENT = 3
+
+
+def budgets(floor_bytes: float) -> Dict[str, Dict[str, float]]:
+    """Per device: the instructions and MUFU operations one element may take and still hide under
+    the time its floor bytes take at the device's bandwidth."""
+    out = {}
+    for name, bandwidth in BANDWIDTH.items():
+        seconds = floor_bytes / bandwidth
+        out[name] = {"instructions": seconds * THREAD_INSTRUCTIONS_PER_S, "mufu": seconds * MUFU_PER_S}
+    return out
+
+
+def per_element(facts: Dict[str, int], block_n: int, k: int, num_warps: int) -> Dict[str, float]:
+    """Thread instructions and MUFU.EX2/LG2 per (unpadded) element: each of the program's
+    ``num_warps * 32`` threads issues the kernel's static SASS once for ``block_n * k`` elements."""
+    threads = num_warps * 32
+    return {"instructions": facts["sass"] * threads / (block_n * k),
+            "mufu": facts["mufu_ex2_lg2"] * threads / (block_n * k)}
+
+
+def modelled_ratio(instructions: float, mufu: float, bytes_per_element: float, floor_bytes: float,
+                   device: str) -> float:
+    """Modelled time over the floor: the slowest of memory, issue and MUFU, per element."""
+    memory = bytes_per_element / BANDWIDTH[device]
+    issue = instructions / THREAD_INSTRUCTIONS_PER_S
+    special = mufu / MUFU_PER_S
+    return max(memory, issue, special) / (floor_bytes / BANDWIDTH[device])
+
+
+class _Bytes(TorchDispatchMode):
+    """Adds up the bytes of every tensor of at least ``min_numel`` elements that an op reads or writes
+    (views and allocations move nothing and are left out; an in-place op reads and writes)."""
+
+    def __init__(self, min_numel: int):
+        super().__init__()
+        self.min_numel = min_numel
+        self.total = 0
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__
+        if func.is_view or name.startswith(("empty", "new_empty", "detach", "lift_fresh")):
+            return out
+        moved = 0
+        for t in tree_flatten((args, kwargs))[0] + tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.min_numel:
+                moved += t.numel() * t.element_size()
+        if moved:
+            self.ops.append((str(func), moved))
+        self.total += moved
+        return out
+
+
+def step_bytes_per_element(step: Callable[[], None], n: int, k: int):
+    """(bytes per element, [(op, bytes)]) of the N x K traffic of ``step`` (forward and backward)."""
+    counter = _Bytes(n * k)
+    with counter:
+        step()
+    return counter.total / (n * k), counter.ops
+
+
+def loss_step_bytes(dtype: torch.dtype, n: int = 64, num_classes: int = 5, n_subclasses: int = 8,
+                    backend: str = "cpu"):
+    """Bytes per element of one distillation step (loss forward + backward into the student's
+    gradient) with student logits and targets in ``dtype``, through ``ops.distill_loss``'s
+    launcher; the Triton and CPU backends share the launcher (one custom op for the kernel)."""
+    from ...ops import distill_loss
+
+    k = num_classes * n_subclasses
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(n, k, generator=g).to(dtype).requires_grad_(True)
+    log_t = torch.log_softmax(torch.randn(n, k, generator=g), -1).to(dtype)
+
+    def step():
+        distill_loss(student, log_t, num_classes=num_classes, n_subclasses=n_subclasses, tau=2.0,
+                     backend=backend, check_inputs=False).backward()
+
+    return step_bytes_per_element(step, n, k)
+
+
+def loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
+    """The Markdown table of docs/benchmarks.md from ``aot``'s facts: the KL loss variants at K >= 16
+    without teacher weights, without labels (alpha = 0) and with them (the alpha != 0 branch counted)."""
+    from . import loss
+
+    with open(facts_json) as f:
+        facts = json.load(f)
+    lines = ["| Triton | arch | dtype | K | labels | BLOCK_N x BLOCK_K, warps | SASS / element "
+             "| MUFU.EX2+LG2 / element | bytes / element (floor) | modelled / floor H100 | H200 |", "|" + "---|" * 11]
+    for row in facts["cases"]:
+        op, i, arch, dts = row["case"]
+        if op != "loss" or row["error"]:
+            continue
+        v = loss.VARIANTS[i]
+        c = v["constexprs"]
+        if c["DIVERGENCE"] != 0 or c["HAS_WEIGHTS"] or c["K"] < 16:
+            continue
+        e = per_element(row["facts"], c["BLOCK_N"], c["K"], v["num_warps"])
+        moved, floor = (bytes_bf16, 6) if dts[0] == "bf16" else (bytes_fp32, 12)
+        ratios = [modelled_ratio(e["instructions"], e["mufu"], moved, floor, d) for d in ("H100", "H200")]
+        lines.append(f"| {facts['triton']} | sm_{arch} | {dts[0]} | {c['K']} | {'yes' if c['HAS_LABELS'] else 'no'} "
+                     f"| {c['BLOCK_N']} x {c['BLOCK_K']}, "
+                     f"{v['num_warps']} | {e['instructions']:.0f} | {e['mufu']:.2f} | {moved:.0f} ({floor}) | "
+                     f"{ratios[0]:.2f} | {ratios[1]:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="The loss kernel's modelled cost from aot's facts (no GPU).")
+    p.add_argument("facts", help="JSON written by python -m lelp_fast.kernels.triton.aot --out")
+    args = p.parse_args(argv)
+    bf16, _ = loss_step_bytes(torch.bfloat16)
+    fp32, _ = loss_step_bytes(torch.float32)
+    for name, floor in (("bf16", 6), ("fp32", 12)):
+        b = budgets(floor)
+        print(f"budgets at the {name} floor ({floor} B/element): " + "; ".join(
+            f"{d} {v['instructions']:.0f} instructions, {v['mufu']:.1f} MUFU" for d, v in b.items()))
+    print(f"launcher bytes per element: bf16 {bf16:.1f}, fp32 {fp32:.1f}")
+    print(loss_table(args.facts, bf16, fp32))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Backend choice (lelp_fast/ops/_dispatch.py): no shape fails under auto.
+
+Every shape goes to a backend that takes it (finally torch), and a Triton launch that fails for
+resources on the device falls back to the next backend with one warning naming the shape. Run on
+the CPU: the GPU backends' availability and the Triton launchers are stood in for, and the results
+of the fallen-back calls are compared with the fp64 reference.
+"""
+
+import types
+import warnings
+
+import pytest
+import torch
+
+from lelp_fast.ops import _dispatch, distill_loss, lelp_targets
+from lelp_fast.ops import loss as loss_op
+from lelp_fast.ops import targets as targets_op
+from test_ops_loss import make_inputs, reference_loss_and_grad
+from test_ops_targets import fp64_reference, random_map
+
+HAS_CPU = _dispatch.available("cpu", torch.device("cpu"))
+
+
+def _on_cuda(dtype=torch.float32):
+    """What the backend choice reads of a CUDA tensor (its device and dtype), without a GPU."""
+    return types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
+
+
+@pytest.fixture
+def gpu_backends_built(monkeypatch):
+    """As on a GPU machine with Triton and the CUDA kernels built."""
+    monkeypatch.setattr(_dispatch, "available", lambda backend, device: True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_failures(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_LAUNCH_FAILURES", {}, raising=False)  # absent before the fallback
+
+
+@pytest.mark.parametrize("shape, want", [((2, 300), "torch"), ((3, 171), "torch"), ((2, 256), "triton")])
+def test_loss_auto_takes_the_first_backend_that_takes_the_shape(gpu_backends_built, shape, want):
+    """K = 600 and 513 reached the CUDA kernels, which throw above K = 512, instead of torch."""
+    c, s = shape
+    assert loss_op._choose_backend("auto", _on_cuda(), _on_cuda(), [], [], c, s) == want
+
+
+def test_loss_auto_skips_a_shape_whose_launch_failed(gpu_backends_built):
+    student = _on_cuda(torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="K = 512"):
+        _dispatch.record_launch_failure("triton", loss_op._shape_key(student, 2, 256, []), _out_of_resources())
+    assert loss_op._choose_backend("auto", student, _on_cuda(), [], [], 2, 256) == "cuda"
+    assert loss_op._choose_backend("auto", _on_cuda(torch.float32), _on_cuda(), [], [], 2, 256) == "triton"
+
+
+@pytest.mark.parametrize("shape, with_head, want", [((2, 300), False, "torch"), ((8, 64), False, "triton"),
+                                                    ((17, 2), True, "cuda"), ((17, 32), True, "torch")])
+def test_targets_auto_takes_the_first_backend_that_takes_the_shape(gpu_backends_built, shape, with_head, want):
+    """C = 17 with a head: past the Triton head dot (16 classes), within CUDA's K; K = 544 past both."""
+    c, s = shape
+    logits = None if with_head else _on_cuda()
+    assert targets_op._choose_backend("auto", _on_cuda(), logits, c, s, torch.float32) == want
+
+
+def _out_of_resources():
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources(237_568, 232_448, "shared memory")
+
+
+@pytest.fixture
+def triton_that_cannot_launch(monkeypatch):
+    """auto on CPU tensors tries triton first (as on a GPU), whose launchers raise OutOfResources."""
+    pytest.importorskip("triton")
+    from lelp_fast.kernels.triton import loss as triton_loss
+    from lelp_fast.kernels.triton import targets as triton_targets
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise _out_of_resources()
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("LELP_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(triton_loss, "loss_triton", refuse)
+    monkeypatch.setattr(triton_targets, "targets_triton", refuse)
+    return calls
+
+
+def _next_backend(monkeypatch, nxt):
+    if nxt == "cpu" and not HAS_CPU:
+        pytest.skip("the compiled CPU backend is not built")
+    candidates = ("triton", nxt) if nxt != "torch" else ("triton",)
+    monkeypatch.setattr(_dispatch, "auto_candidates", lambda device: candidates, raising=False)
+
+
+def _loss_and_grad(backend):
+    student, log_t, labels = make_inputs(29, 5, 8, seed=3)
+    x = student.float().requires_grad_(True)
+    kw = dict(num_classes=5, n_subclasses=8, tau=1.7, alpha=0.3)
+    loss = distill_loss(x, log_t.float(), labels, backend=backend, divergence="js", **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    want_loss, want_grad = reference_loss_and_grad(x, log_t.float(), labels, divergence_kind="js", **kw)
+    return loss, grad, want_loss, want_grad
+
+
+@pytest.mark.parametrize("nxt", ["cpu", "torch"])
+def test_loss_launch_out_of_resources_falls_back_with_one_warning(monkeypatch, triton_that_cannot_launch, nxt):
+    _next_backend(monkeypatch, nxt)
+    with pytest.warns(RuntimeWarning, match=r"triton kernel cannot launch the loss at K = 40 \(C = 5, S = 8\)"):
+        loss, grad, want_loss, want_grad = _loss_and_grad("auto")
+    torch.testing.assert_close(loss.double(), want_loss, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad.double(), want_grad, atol=4e-5, rtol=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call: no second warning, no second failed launch
+        loss2, grad2, _, _ = _loss_and_grad("auto")
+    assert len(triton_that_cannot_launch) == 1
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(grad2, grad)
+
+
+def test_forced_triton_loss_raises_out_of_resources(triton_that_cannot_launch):
+    with pytest.raises(Exception, match="out of resource: shared memory"):
+        _loss_and_grad("triton")
+
+
+@pytest.mark.parametrize("nxt", ["cpu", "torch"])
+def test_targets_launch_out_of_resources_falls_back_with_one_warning(monkeypatch, triton_that_cannot_launch, nxt):
+    _next_backend(monkeypatch, nxt)
+    h, weight, bias, logits = (t.float() for t in random_map(33, 40, 10, 16, False, seed=7))
+    want = fp64_reference(h, weight, bias, logits, 10, 16, beta=0.8, tau=1.3)
+    with pytest.warns(RuntimeWarning, match=r"cannot launch the targets at K = 160 \(C = 10, S = 16\)"):
+        got = lelp_targets(h, weight, bias, 10, 16, teacher_logits=logits, beta=0.8, tau=1.3)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = lelp_targets(h, weight, bias, 10, 16, teacher_logits=logits, beta=0.8, tau=1.3)
+    assert len(triton_that_cannot_launch) == 1
+    torch.testing.assert_close(again, got)
+    with pytest.raises(ValueError, match="launch failed for resources"):  # forced: no silent fallback
+        lelp_targets(h, weight, bias, 10, 16, teacher_logits=logits, beta=0.8, tau=1.3, backend="triton")
