@@ -36,6 +36,10 @@ class LELPLoss(nn.Module):
         reduction: "mean" (over kept rows), "sum" or "none".
         ignore_index: rows whose label equals it contribute nothing.
         backend: "auto" (fused kernel for the tensor's device, else torch), "torch", "cpu", "cuda".
+        check_inputs: on CPU in eager mode, refuse NaN/Inf logits, embeddings and weights and
+            log-targets that are not log-probabilities, naming the row (default). The CPU kernel flags
+            the logits' and log-targets' rows in its own pass; ``False`` skips the rest (NaN then
+            propagates to the loss). See :func:`lelp_fast.ops.distill_loss`.
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class LELPLoss(nn.Module):
         reduction: str = "mean",
         ignore_index: int = -100,
         backend: str = "auto",
+        check_inputs: bool = True,
     ):
         super().__init__()
         check_choice("divergence", divergence, reference.DIVERGENCES)
@@ -92,6 +97,7 @@ class LELPLoss(nn.Module):
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.backend = backend
+        self.check_inputs = bool(check_inputs)
 
     def forward(
         self,
@@ -141,6 +147,7 @@ class LELPLoss(nn.Module):
             ignore_index=self.ignore_index,
             teacher_weights=teacher_weights,
             backend=self.backend,
+            check_inputs=self.check_inputs,
             return_components=return_components,
             **online,
         )

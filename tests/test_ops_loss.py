@@ -408,6 +408,68 @@ def test_checked_inputs_name_the_bad_row(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_check_fused_into_the_kernel_names_the_same_rows(backend, dtype):
+    """Issue 21 item 13: the CPU kernel flags rows in its own pass (a row sum of the logits not finite,
+    of the log-targets not <= 0) and only flagged rows are inspected; the errors are the unfused ones'."""
+    student, log_t, labels = make_inputs(70, 2, 20, seed=40)
+    student, log_t = student.to(dtype), log_t.to(dtype)
+    kw = dict(num_classes=2, n_subclasses=20, alpha=0.1, backend=backend)
+    bad_s = student.clone()
+    bad_s[[33, 61], 7] = float("-inf")
+    with pytest.raises(ValueError, match=r"student_logits row 33 contains NaN or Inf"):
+        distill_loss(bad_s, log_t, labels, **kw)
+    bad_t = log_t.clone()
+    bad_t[45, 39] = float("nan")
+    bad_t[50] = bad_t[50].exp()  # probabilities: every value > 0
+    with pytest.raises(ValueError, match=r"log_targets row 45 contains NaN or \+Inf"):
+        distill_loss(student, bad_t, labels, **kw)
+    bad_t[45, 39] = -1.0
+    with pytest.raises(ValueError, match=r"log_targets row 50 holds .* > 0"):
+        distill_loss(student, bad_t, labels, **kw)
+    # Finite rows whose fp32 sum overflows, and -Inf log-targets (probability 0), pass the check.
+    big = student.clone()
+    big[12, :4] = 3e38
+    ok_t = log_t.clone()
+    ok_t[3, :5] = float("-inf")
+    distill_loss(big, ok_t, labels, **kw)
+    assert torch.isfinite(distill_loss(student, ok_t, labels, **kw))
+    # check_inputs=False: no check, the NaN propagates.
+    bad_t[45, 39] = float("nan")
+    per_row = distill_loss(student, bad_t, labels, check_inputs=False, reduction="none", **kw)
+    assert torch.isnan(per_row[45]) and torch.isfinite(per_row[:45]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_check_covers_every_teacher_even_with_weight_zero(backend):
+    student, log_t, _ = make_inputs(9, 2, 3, seed=41, m=3)
+    weights = torch.tensor([[0.5, 0.5, 0.0]] * 9)
+    bad_t = log_t.float().clone()
+    bad_t[4, 2, 1] = float("nan")  # teacher 2 has weight 0 in every row
+    with pytest.raises(ValueError, match=r"log_targets row 4 contains NaN"):
+        distill_loss(student.float(), bad_t, None, teacher_weights=weights, num_classes=2, n_subclasses=3,
+                     backend=backend)
+
+
+def test_kernel_row_flags():
+    """The flags themselves (bit 0: logits row sum not finite; bit 1: a log-target row sum not <= 0)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the compiled extension")
+    from lelp_fast.ops.loss import _loss_rows
+
+    student, log_t, labels = make_inputs(11, 3, 7, seed=42)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        s, t = student.to(dtype), log_t.to(dtype)
+        s[2, 3], s[7, 0] = float("nan"), float("inf")
+        t[7, 1], t[9], t[10, :] = float("nan"), 0.5, float("-inf")  # row 9: probabilities
+        out = _loss_rows(s, t, None, labels, [], [], [], [], 3, 7, 0, 0.5, 1.0, 0.0, [], -100, False, True)
+        want = torch.zeros(11, dtype=torch.uint8)
+        want[2], want[7], want[9] = 1, 3, 2
+        assert torch.equal(out[3], want), dtype
+        assert _loss_rows(s, t, None, labels, [], [], [], [], 3, 7, 0, 0.5, 1.0, 0.0, [], -100, False)[3].numel() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_teacher_weights_are_validated(backend):
     student, log_t, _ = make_inputs(6, 2, 2, seed=15, m=2)
     kw = dict(num_classes=2, n_subclasses=2, backend=backend)

@@ -22,22 +22,43 @@ inline void mix_into(float* log_t, const float* log_tm, float w, int64_t K) {
   for (int64_t k = 0; k < K; ++k) log_t[k] = logaddexp_(log_t[k], log_w + log_tm[k]);
 }
 
+// Whether a row of log-probabilities needs a closer look: every entry <= 0 gives a sum <= 0 (or
+// -Inf); NaN, +Inf and values > 0 can not (the caller's exact check decides).
+__attribute__((always_inline)) inline bool log_probabilities_suspect(const float* x, int64_t K) {
+  float sum = 0.f;
+  LELP_SIMD_SUM(sum)
+  for (int64_t k = 0; k < K; ++k) sum += x[k];
+  return !(sum <= 0.f);
+}
+
+__attribute__((always_inline)) inline bool row_sum_nonfinite(const float* x, int64_t K) {
+  float sum = 0.f;
+  LELP_SIMD_SUM(sum)
+  for (int64_t k = 0; k < K; ++k) sum += x[k];
+  return !std::isfinite(sum);
+}
+
 // log t = log sum_m w_m t_m, computed as a logsumexp over teachers (zero weights skipped).
-void mix_row(const LossArgs& a, int64_t row, float* scratch, float* log_t) {
+// With `check`, returns whether any teacher's row (zero-weight ones too) is suspect.
+__attribute__((always_inline)) inline bool mix_row(const LossArgs& a, int64_t row, float* scratch, float* log_t,
+                                                   bool check) {
   const int64_t K = a.C * a.S;
   const char* base = static_cast<const char*>(a.log_targets) +
                      row * a.targets_stride * cpu::dtype_size(a.targets_dtype);
   if (a.n_teachers == 1 && a.weights == nullptr) {
     cpu::load_row(base, a.targets_dtype, K, log_t);
-    return;
+    return check && log_probabilities_suspect(log_t, K);
   }
   const float* w = a.weights + row * a.n_teachers;
+  bool suspect = false;
   std::fill(log_t, log_t + K, -INFINITY);
   for (int64_t m = 0; m < a.n_teachers; ++m) {
-    if (w[m] == 0.f) continue;  // a NaN or negative weight reaches log(): NaN, never a finite loss
+    if (w[m] == 0.f && !check) continue;  // a NaN or negative weight reaches log(): NaN, never a finite loss
     cpu::load_row(base + m * K * cpu::dtype_size(a.targets_dtype), a.targets_dtype, K, scratch);
-    mix_into(log_t, scratch, w[m], K);
+    if (check) suspect |= log_probabilities_suspect(scratch, K);
+    if (w[m] != 0.f) mix_into(log_t, scratch, w[m], K);
   }
+  return suspect;
 }
 
 // Online targets of rows [r0, r0 + rows): one teacher straight into log_t, or M teachers each
@@ -75,10 +96,12 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
     const int64_t r0 = t * tile;
     const int64_t rows = std::min(tile, a.n - r0);
     if (ws != nullptr) online_rows(a, r0, rows, ws, scratch, log_t);
+    const bool check = a.suspect != nullptr;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = r0 + r;
-      if (ws == nullptr) mix_row(a, row, scratch, log_t + r * K);
+      const bool t_suspect = ws == nullptr && mix_row(a, row, scratch, log_t + r * K, check);
       cpu::load_row(static_cast<const char*>(a.student) + row * student_row_bytes, a.student_dtype, K, s + r * K);
+      if (check) a.suspect[row] = static_cast<uint8_t>(row_sum_nonfinite(s + r * K, K) | (t_suspect << 1));
       labels[r] = a.labels != nullptr ? a.labels[row] : -1;
       if (a.labels != nullptr && labels[r] == a.ignore_index) labels[r] = -1;
     }
