@@ -104,6 +104,15 @@ PYBIND11_MODULE(_C, m) {
                      hard_rows, grad, teachers, on_cuda, stream, 0);
       },
       loss_doc);
+  m.def(
+      "scale_rows",
+      [](uintptr_t grad, uintptr_t rows, int64_t n, int64_t K, int dtype, uintptr_t out) {
+        py::gil_scoped_release release;
+        lelp::scale_rows_cpu(reinterpret_cast<const float*>(grad), reinterpret_cast<const float*>(rows), n, K, dtype,
+                             reinterpret_cast<void*>(out));
+      },
+      "out (N x K, dtype code) = grad (N x K fp32) * rows (N fp32), row by row, on CPU.");
+  m.def("loss_isa", &lelp::loss_isa, "The CPU loss kernel in use: 'avx512', 'avx2' or 'portable'.");
   m.def("cpu_isa", &lelp::cpu_isa, "The CPU projection kernel in use: 'avx2' or 'portable'.");
 #ifdef LELP_WITH_CUDA
   m.attr("has_cuda") = true;

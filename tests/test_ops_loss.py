@@ -52,6 +52,66 @@ def test_loss_forward_backward_match_reference(backend, dtype, divergence, shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tau", [1.0, 2.0, 0.7])
+@pytest.mark.parametrize("shape", [(70, 2, 64), (9, 2, 256), (33, 16, 8), (21, 5, 8)])
+def test_kl_alpha_paths_match_reference(backend, dtype, tau, shape):
+    """Issue 21 item 12: the KL kernel reuses its softmax exponentials for the alpha term at tau = 1
+    and 2 (another exp otherwise), with block sizes by K; rows whose labelled class underflows
+    against the row max (gap > 88 / 176) take the per-row path."""
+    n, num_classes, s = shape
+    student, log_t, labels = make_inputs(n, num_classes, s, seed=n + s)
+    student[1, labels[1] * s:(labels[1] + 1) * s] -= 400.0
+    student[2, labels[2] * s:(labels[2] + 1) * s] -= 100.0
+    log_t[3, :3] = float("-inf")
+    log_t[3] = torch.log_softmax(log_t[3], 0)
+    labels[4] = -100
+    x = student.to(dtype).requires_grad_(True)
+    kw = dict(num_classes=num_classes, n_subclasses=s, tau=tau, alpha=0.3)
+    loss = distill_loss(x, log_t.to(dtype), labels, backend=backend, reduction="none", **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    want, want_grad = reference_loss_and_grad(x, log_t.to(dtype), labels, divergence_kind="kl", reduction="none",
+                                              **kw)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), want, atol=atol * 4, rtol=rtol)
+    torch.testing.assert_close(grad.double(), want_grad, atol=atol * 2, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_loss_forced_down_to_each_instruction_set(isa):
+    """LELP_FAST_CPU_ISA caps the CPU loss kernel (the AVX-512 build is the default where the CPU has it)."""
+    import os
+    import subprocess
+    import sys
+
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the compiled extension")
+    code = f"""
+import torch
+from lelp_fast import reference
+from lelp_fast.ops import _dispatch, distill_loss
+assert _dispatch.extension().loss_isa() == {isa!r}, _dispatch.extension().loss_isa()
+g = torch.Generator().manual_seed(3)
+s = torch.randn(45, 128, generator=g, dtype=torch.float64) * 3
+y = torch.randint(0, 2, (45,), generator=g)
+t = torch.log_softmax(torch.randn(45, 128, generator=g, dtype=torch.float64) * 3, -1)
+for div in ("kl", "js", "tvd"):
+    for tau in (1.0, 2.0, 1.3):
+        kw = dict(num_classes=2, n_subclasses=64, tau=tau, alpha=0.2)
+        x, xr = s.float().requires_grad_(True), s.clone().requires_grad_(True)
+        got = distill_loss(x, t.float(), y, divergence=div, backend="cpu", **kw)
+        got.backward()
+        ref = reference.distillation_loss(xr, t, y, divergence_kind=div, **kw)
+        ref.backward()
+        torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-3)
+"""
+    env = dict(os.environ, LELP_FAST_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", reference.REDUCTIONS)
 def test_reductions_and_grad_output(backend, reduction):
     student, log_t, labels = make_inputs(23, 2, 4, seed=1)

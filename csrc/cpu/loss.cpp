@@ -5,8 +5,9 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstring>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "convert.h"
@@ -79,8 +80,16 @@ void online_rows(const LossArgs& a, int64_t r0, int64_t rows, TargetsWorkspace* 
   }
 }
 
-// Rows per block: long enough for the elementwise loops to vectorise, short enough for L1.
+// Rows per block: long enough for the elementwise loops to vectorise (64 rows at K = 16), short
+// enough that the block's seven K-wide fp32 arrays stay in L1/L2 (about 2048 floats each).
 constexpr int64_t kBlockRows = 64;
+constexpr int64_t kBlockFloats = 2048;
+
+int64_t block_rows(int64_t K) {
+  const int64_t step = targets_tile_rows();  // online targets come in projection tiles
+  const int64_t rows = std::max<int64_t>(1, std::min(kBlockRows, kBlockFloats / K) / step) * step;
+  return rows;
+}
 
 // Tiles [t_begin, t_end) of the loss. Inlined into a generic and an AVX2/FMA build of the same loops.
 __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t t_begin, int64_t t_end,
@@ -121,10 +130,19 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
   }
 }
 
+using LossRangeFn = void (*)(const LossArgs&, int64_t, int64_t, int64_t, TargetsWorkspace*, float*, int64_t*);
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LELP_HAVE_AVX2_LOSS 1
-__attribute__((target("avx2,fma"))) void loss_range_avx2(const LossArgs& a, int64_t b, int64_t e, int64_t tile,
-                                                         TargetsWorkspace* ws, float* buf, int64_t* labels) {
+__attribute__((target("avx2,fma,f16c"))) void loss_range_avx2(const LossArgs& a, int64_t b, int64_t e,
+                                                              int64_t tile, TargetsWorkspace* ws, float* buf,
+                                                              int64_t* labels) {
+  loss_range(a, b, e, tile, ws, buf, labels);
+}
+// AVX-512 (16-wide loops; GCC's default tuning would stay at 256 bits without prefer-vector-width).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512"))) void
+loss_range_avx512(const LossArgs& a, int64_t b, int64_t e, int64_t tile, TargetsWorkspace* ws, float* buf,
+                  int64_t* labels) {
   loss_range(a, b, e, tile, ws, buf, labels);
 }
 #endif
@@ -134,15 +152,91 @@ void loss_range_portable(const LossArgs& a, int64_t b, int64_t e, int64_t tile, 
   loss_range(a, b, e, tile, ws, buf, labels);
 }
 
+// LELP_FAST_CPU_ISA=portable / avx2 caps the loss's instruction set (tests force each path).
+LossRangeFn pick_loss_range() {
+#ifdef LELP_HAVE_AVX2_LOSS
+  const char* cap = std::getenv("LELP_FAST_CPU_ISA");
+  const bool avx2 = std::strcmp(cpu_isa(), "avx2") == 0;  // "portable" when forced or unsupported
+  if (avx2 && (cap == nullptr || std::strcmp(cap, "avx2") != 0) && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return loss_range_avx512;
+  if (avx2) return loss_range_avx2;
+#endif
+  return loss_range_portable;
+}
+
+LossRangeFn loss_range_fn() {
+  static const LossRangeFn fn = pick_loss_range();
+  return fn;
+}
+
+// out[r, :] = grad[r, :] * rows[r], stored in `dtype` (the backward's scale and cast in one pass).
+__attribute__((always_inline)) inline void scale_rows_range(const float* grad, const float* rows, int64_t K,
+                                                            int dtype, void* out, int64_t r0, int64_t r1,
+                                                            float* buf) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float w = rows[r];
+    const float* g = grad + r * K;
+    for (int64_t k = 0; k < K; ++k) buf[k] = g[k] * w;
+    cpu::store_row(buf, K, dtype, static_cast<char*>(out) + r * K * cpu::dtype_size(dtype));
+  }
+}
+
+#ifdef LELP_HAVE_AVX2_LOSS
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512"))) void
+scale_rows_avx512(const float* grad, const float* rows, int64_t K, int dtype, void* out, int64_t r0, int64_t r1,
+                  float* buf) {
+  scale_rows_range(grad, rows, K, dtype, out, r0, r1, buf);
+}
+__attribute__((target("avx2,fma,f16c"))) void scale_rows_avx2(const float* grad, const float* rows, int64_t K,
+                                                              int dtype, void* out, int64_t r0, int64_t r1,
+                                                              float* buf) {
+  scale_rows_range(grad, rows, K, dtype, out, r0, r1, buf);
+}
+#endif
+
+void scale_rows_portable(const float* grad, const float* rows, int64_t K, int dtype, void* out, int64_t r0,
+                         int64_t r1, float* buf) {
+  scale_rows_range(grad, rows, K, dtype, out, r0, r1, buf);
+}
+
 }  // namespace
+
+void scale_rows_cpu(const float* grad, const float* rows, int64_t n, int64_t K, int dtype, void* out) {
+  auto fn = scale_rows_portable;
+#ifdef LELP_HAVE_AVX2_LOSS
+  if (loss_range_fn() == loss_range_avx512) fn = scale_rows_avx512;
+  if (loss_range_fn() == loss_range_avx2) fn = scale_rows_avx2;
+#endif
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / K);  // rows per dynamic chunk
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel if (n_chunks > 1)
+  {
+    std::vector<float> buf(K);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t c = 0; c < n_chunks; ++c) fn(grad, rows, K, dtype, out, c * chunk, std::min(n, (c + 1) * chunk), buf.data());
+  }
+}
+
+const char* loss_isa() {
+#ifdef LELP_HAVE_AVX2_LOSS
+  if (loss_range_fn() == loss_range_avx512) return "avx512";
+  if (loss_range_fn() == loss_range_avx2) return "avx2";
+#endif
+  return "portable";
+}
 
 void loss_cpu(const LossArgs& a) {
   const int64_t K = a.C * a.S;
-  // Online targets come in projection tiles; keep blocks a multiple of them.
-  const int64_t tile = kBlockRows / targets_tile_rows() * targets_tile_rows();
+  const int64_t tile = block_rows(K);
   const int64_t n_tiles = (a.n + tile - 1) / tile;
-  const bool avx2 = std::strcmp(cpu_isa(), "avx2") == 0;
-#pragma omp parallel
+  // Chunks of about 64 K elements handed out dynamically: on a shared machine a thread that loses
+  // its core leaves its remaining chunks to the others instead of holding the barrier (a static
+  // split waits for the slowest thread). Small enough for balance, large enough to amortise the call.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / (tile * K));
+  const int64_t n_chunks = (n_tiles + chunk - 1) / chunk;
+  const LossRangeFn range = loss_range_fn();
+#pragma omp parallel if (n_chunks > 1)
   {
     std::vector<float> buf(3 * tile * K + loss_scratch_floats(tile, K));
     std::vector<int64_t> labels(tile);
@@ -150,15 +244,9 @@ void loss_cpu(const LossArgs& a) {
     if (a.online != nullptr)
       for (int64_t m = 0; m < a.n_teachers; ++m) workspaces.emplace_back(a.online[m]);
     TargetsWorkspace* ws = workspaces.empty() ? nullptr : workspaces.data();
-    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-    // Contiguous blocks of tiles per thread (a static schedule, without a call per tile).
-    const int64_t begin = n_tiles * id / nt, end = n_tiles * (id + 1) / nt;
-#ifdef LELP_HAVE_AVX2_LOSS
-    if (avx2)
-      loss_range_avx2(a, begin, end, tile, ws, buf.data(), labels.data());
-    else
-#endif
-      loss_range_portable(a, begin, end, tile, ws, buf.data(), labels.data());
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t c = 0; c < n_chunks; ++c)
+      range(a, c * chunk, std::min(n_tiles, (c + 1) * chunk), tile, ws, buf.data(), labels.data());
   }
 }
 

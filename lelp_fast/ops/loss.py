@@ -135,6 +135,26 @@ def _(student, log_targets, weights, labels, embeddings, fused_weight, fused_bia
             student.new_empty(n, dtype=torch.float32), student.new_empty(n if check else 0, dtype=torch.uint8))
 
 
+@torch.library.custom_op("lelp_fast::scale_rows", mutates_args=())
+def _scale_rows(grad: Tensor, rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(grad * rows[:, None]).to(dtype)`` in one pass on CPU (torch's mul into a bf16 ``out`` is a slow
+    casting loop; mul then ``.to`` is two passes)."""
+    ext = _dispatch.extension()
+    if grad.device.type != "cpu" or dtype not in _DTYPE_CODES or ext is None or not hasattr(ext, "scale_rows"):
+        return grad.mul(rows.unsqueeze(1)).to(dtype)
+    grad, rows = grad.contiguous(), rows.to(torch.float32).contiguous()
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    if grad.numel():
+        ext.scale_rows(grad.data_ptr(), rows.data_ptr(), grad.shape[0], grad.shape[1], _DTYPE_CODES[dtype],
+                       out.data_ptr())
+    return out
+
+
+@_scale_rows.register_fake
+def _(grad, rows, dtype):
+    return torch.empty(grad.shape, dtype=dtype, device=grad.device)
+
+
 class _RowsWithGrad(torch.autograd.Function):
     """Per-row losses whose gradient w.r.t. the student logits was computed in the forward pass."""
 
@@ -147,9 +167,11 @@ class _RowsWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
         (grad,) = ctx.saved_tensors
+        if ctx.student_dtype != grad.dtype:  # scaled and cast in one pass (fp32 read, bf16/fp16 write)
+            return _scale_rows(grad, grad_rows, ctx.student_dtype), None, None
         # In place: no second N x K buffer. A second backward (retain_graph=True) is refused by
         # autograd's version counter rather than silently scaled twice.
-        return grad.mul_(grad_rows.unsqueeze(1)).to(ctx.student_dtype), None, None
+        return grad.mul_(grad_rows.unsqueeze(1)), None, None
 
 
 def distill_loss(
