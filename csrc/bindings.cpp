@@ -112,6 +112,8 @@ PYBIND11_MODULE(_C, m) {
                              reinterpret_cast<void*>(out));
       },
       "out (N x K, dtype code) = grad (N x K fp32) * rows (N fp32), row by row, on CPU.");
+  m.def("targets_bf16_isa", &lelp::targets_bf16_isa,
+        "The CPU projection of bf16 embeddings: 'avx512bf16' (vdpbf16ps on a hi + lo split map) or cpu_isa().");
   m.def("loss_isa", &lelp::loss_isa, "The CPU loss kernel in use: 'avx512', 'avx2' or 'portable'.");
   m.def("cpu_isa", &lelp::cpu_isa, "The CPU projection kernel in use: 'avx2' or 'portable'.");
 #ifdef LELP_WITH_CUDA
