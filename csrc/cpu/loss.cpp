@@ -236,6 +236,9 @@ void loss_cpu(const LossArgs& a) {
   const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / (tile * K));
   const int64_t n_chunks = (n_tiles + chunk - 1) / chunk;
   const LossRangeFn range = loss_range_fn();
+  // LELP_FAST_LOSS_SCHEDULE=static: the former split (contiguous halves), kept for A/B runs.
+  const char* schedule = std::getenv("LELP_FAST_LOSS_SCHEDULE");
+  const bool split_static = schedule != nullptr && std::strcmp(schedule, "static") == 0;
 #pragma omp parallel if (n_chunks > 1)
   {
     std::vector<float> buf(3 * tile * K + loss_scratch_floats(tile, K));
@@ -244,9 +247,14 @@ void loss_cpu(const LossArgs& a) {
     if (a.online != nullptr)
       for (int64_t m = 0; m < a.n_teachers; ++m) workspaces.emplace_back(a.online[m]);
     TargetsWorkspace* ws = workspaces.empty() ? nullptr : workspaces.data();
+    if (split_static) {
+      const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+      range(a, n_tiles * id / nt, n_tiles * (id + 1) / nt, tile, ws, buf.data(), labels.data());
+    } else {
 #pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t c = 0; c < n_chunks; ++c)
-      range(a, c * chunk, std::min(n_tiles, (c + 1) * chunk), tile, ws, buf.data(), labels.data());
+      for (int64_t c = 0; c < n_chunks; ++c)
+        range(a, c * chunk, std::min(n_tiles, (c + 1) * chunk), tile, ws, buf.data(), labels.data());
+    }
   }
 }
 
