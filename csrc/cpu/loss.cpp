@@ -81,7 +81,7 @@ void online_rows(const LossArgs& a, int64_t r0, int64_t rows, TargetsWorkspace* 
 }
 
 // Rows per block: long enough for the elementwise loops to vectorise (64 rows at K = 16), short
-// enough that the block's seven K-wide fp32 arrays stay in L1/L2 (about 2048 floats each).
+// enough that the block's six K-wide fp32 arrays and its gradient stay in L1/L2 (~2048 floats each).
 constexpr int64_t kBlockRows = 64;
 constexpr int64_t kBlockFloats = 2048;
 
@@ -235,7 +235,12 @@ void loss_cpu(const LossArgs& a) {
   // split waits for the slowest thread). Small enough for balance, large enough to amortise the call.
   const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / (tile * K));
   const int64_t n_chunks = (n_tiles + chunk - 1) / chunk;
-  const LossRangeFn range = loss_range_fn();
+  LossRangeFn range = loss_range_fn();
+#ifdef LELP_HAVE_AVX2_LOSS
+  // AVX-512 only where rows are whole 16-float vectors and long: an A/B here (docs/benchmarks.md,
+  // issue 21) had it 0.87-0.97x the AVX2 build at K = 16 and 40 (per-row remainder loops) and 1.15x at K = 128.
+  if (range == loss_range_avx512 && (K % 16 != 0 || K < 64)) range = loss_range_avx2;
+#endif
   // LELP_FAST_LOSS_SCHEDULE=static: the former split (contiguous halves), kept for A/B runs.
   const char* schedule = std::getenv("LELP_FAST_LOSS_SCHEDULE");
   const bool split_static = schedule != nullptr && std::strcmp(schedule, "static") == 0;
