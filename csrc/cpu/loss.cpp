@@ -101,21 +101,32 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
   float* scratch = log_t + tile * K;   // tile x K, for mixing teachers
   float* work = scratch + tile * K;    // loss_scratch_floats(tile, K)
   const int64_t student_row_bytes = a.student_stride * cpu::dtype_size(a.student_dtype);
+  // Contiguous fp32 inputs are read in place (no copy into the block buffers).
+  const bool s_direct = a.student_dtype == kFloat32 && a.student_stride == K;
+  const bool t_direct = ws == nullptr && a.targets_dtype == kFloat32 && a.n_teachers == 1 &&
+                        a.weights == nullptr && a.targets_stride == K;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t r0 = t * tile;
     const int64_t rows = std::min(tile, a.n - r0);
+    const float* s_blk = s_direct ? static_cast<const float*>(a.student) + r0 * K : s;
+    const float* t_blk = t_direct ? static_cast<const float*>(a.log_targets) + r0 * K : log_t;
     if (ws != nullptr) online_rows(a, r0, rows, ws, scratch, log_t);
     const bool check = a.suspect != nullptr;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = r0 + r;
-      const bool t_suspect = ws == nullptr && mix_row(a, row, scratch, log_t + r * K, check);
-      cpu::load_row(static_cast<const char*>(a.student) + row * student_row_bytes, a.student_dtype, K, s + r * K);
-      if (check) a.suspect[row] = static_cast<uint8_t>(row_sum_nonfinite(s + r * K, K) | (t_suspect << 1));
+      bool t_suspect = false;
+      if (t_direct)
+        t_suspect = check && log_probabilities_suspect(t_blk + r * K, K);
+      else if (ws == nullptr)
+        t_suspect = mix_row(a, row, scratch, log_t + r * K, check);
+      if (!s_direct)
+        cpu::load_row(static_cast<const char*>(a.student) + row * student_row_bytes, a.student_dtype, K, s + r * K);
+      if (check) a.suspect[row] = static_cast<uint8_t>(row_sum_nonfinite(s_blk + r * K, K) | (t_suspect << 1));
       labels[r] = a.labels != nullptr ? a.labels[row] : -1;
       if (a.labels != nullptr && labels[r] == a.ignore_index) labels[r] = -1;
     }
     float* grad = a.grad + r0 * K;
-    block_loss_grad(rows, s, log_t, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
+    block_loss_grad(rows, s_blk, t_blk, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
                     a.labels != nullptr ? labels : nullptr, work, grad, a.loss_rows + r0,
                     a.hard_rows != nullptr ? a.hard_rows + r0 : nullptr);
     if (a.labels != nullptr) {  // ignored rows contribute nothing
