@@ -18,6 +18,31 @@
 namespace py = pybind11;
 
 
+void loss_binding(uintptr_t student, int student_dtype, int64_t student_stride, int64_t n, int64_t C, int64_t S,
+                  uintptr_t log_targets, int targets_dtype, int64_t targets_stride, int64_t n_teachers,
+                  uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
+                  double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows, uintptr_t grad,
+                  const std::vector<lelp::OnlineTeacher>& teachers, bool on_cuda, uintptr_t stream,
+                  uintptr_t suspect) {
+  const std::vector<lelp::TargetsArgs> online = lelp::make_online_teachers(teachers, n, C, S, tau, n_teachers);
+  lelp::LossArgs a = lelp::make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets,
+                                          targets_dtype, targets_stride, n_teachers, weights, labels, ignore_index,
+                                          divergence, jsd_beta, tau, alpha, loss_rows, hard_rows, grad,
+                                          online.empty() ? nullptr : online.data());
+  if (on_cuda) {
+#ifdef LELP_WITH_CUDA
+    if (suspect != 0) throw std::invalid_argument("loss: the fused input check is CPU only");
+    lelp::loss_cuda(a, reinterpret_cast<void*>(stream));
+    return;
+#else
+    throw std::invalid_argument("lelp_fast._C was built without CUDA");
+#endif
+  }
+  a.suspect = reinterpret_cast<uint8_t*>(suspect);
+  py::gil_scoped_release release;
+  lelp::loss_cpu(a);
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lelp_fast compiled kernels (CPU/OpenMP, optional CUDA)";
   m.def(
@@ -60,33 +85,36 @@ PYBIND11_MODULE(_C, m) {
       },
       "Fit sketch update for one class: y (d x kp fp64) += x^T (x omega), sumsq += |x|^2; x n x d fp32, "
       "omega d x kp fp32 (kp a multiple of 8).");
+  const char* loss_doc =
+      "Fused distillation loss: per-row loss and dL/ds on CPU (OpenMP) or CUDA (device pointers and "
+      "a cudaStream_t handle); targets precomputed, or online from M teachers (a list of "
+      "(emb, dtype, stride, d, weight, bias, J, logits, dtype, stride, beta)); with a last argument "
+      "`suspect` (CPU only: N uint8 flags) the input check's row flags come from the same pass; see "
+      "lelp_fast.ops.loss.";
+  m.def("loss", &loss_binding, loss_doc);
   m.def(
       "loss",
       [](uintptr_t student, int student_dtype, int64_t student_stride, int64_t n, int64_t C, int64_t S,
          uintptr_t log_targets, int targets_dtype, int64_t targets_stride, int64_t n_teachers,
          uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
          double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows, uintptr_t grad,
-         const std::vector<lelp::OnlineTeacher>& teachers,
-         bool on_cuda, uintptr_t stream) {
-        const std::vector<lelp::TargetsArgs> online = lelp::make_online_teachers(teachers, n, C, S, tau, n_teachers);
-        lelp::LossArgs a = lelp::make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets,
-                                          targets_dtype, targets_stride, n_teachers, weights, labels,
-                                          ignore_index, divergence, jsd_beta, tau, alpha, loss_rows, hard_rows, grad,
-                                          online.empty() ? nullptr : online.data());
-        if (on_cuda) {
-#ifdef LELP_WITH_CUDA
-          lelp::loss_cuda(a, reinterpret_cast<void*>(stream));
-          return;
-#else
-          throw std::invalid_argument("lelp_fast._C was built without CUDA");
-#endif
-        }
-        py::gil_scoped_release release;
-        lelp::loss_cpu(a);
+         const std::vector<lelp::OnlineTeacher>& teachers, bool on_cuda, uintptr_t stream) {
+        loss_binding(student, student_dtype, student_stride, n, C, S, log_targets, targets_dtype, targets_stride,
+                     n_teachers, weights, labels, ignore_index, divergence, jsd_beta, tau, alpha, loss_rows,
+                     hard_rows, grad, teachers, on_cuda, stream, 0);
       },
-      "Fused distillation loss: per-row loss and dL/ds on CPU (OpenMP) or CUDA (device pointers and "
-      "a cudaStream_t handle); targets precomputed, or online from M teachers (a list of "
-      "(emb, dtype, stride, d, weight, bias, J, logits, dtype, stride, beta)); see lelp_fast.ops.loss.");
+      loss_doc);
+  m.def(
+      "scale_rows",
+      [](uintptr_t grad, uintptr_t rows, int64_t n, int64_t K, int dtype, uintptr_t out) {
+        py::gil_scoped_release release;
+        lelp::scale_rows_cpu(reinterpret_cast<const float*>(grad), reinterpret_cast<const float*>(rows), n, K, dtype,
+                             reinterpret_cast<void*>(out));
+      },
+      "out (N x K, dtype code) = grad (N x K fp32) * rows (N fp32), row by row, on CPU.");
+  m.def("targets_bf16_isa", &lelp::targets_bf16_isa,
+        "The CPU projection of bf16 embeddings: 'avx512bf16' (vdpbf16ps on a hi + lo split map) or cpu_isa().");
+  m.def("loss_isa", &lelp::loss_isa, "The CPU loss kernel in use: 'avx512', 'avx2' or 'portable'.");
   m.def("cpu_isa", &lelp::cpu_isa, "The CPU projection kernel in use: 'avx2' or 'portable'.");
 #ifdef LELP_WITH_CUDA
   m.attr("has_cuda") = true;

@@ -78,16 +78,20 @@ def check_finite(name: str, x: torch.Tensor, suspects: Optional[torch.Tensor] = 
         raise NonFiniteRowError(name, row if suspects is None else int(suspects[row]))
 
 
-def check_log_probabilities(name: str, x: torch.Tensor) -> None:
+def check_log_probabilities(name: str, x: torch.Tensor, suspects: Optional[torch.Tensor] = None) -> None:
     """Raises naming the first row of log-probabilities holding NaN or +Inf (-Inf is a probability
     of 0), or a value > 0: log-probabilities are <= 0, so such a row holds probabilities (or
-    logits) passed where log-targets belong."""
+    logits) passed where log-targets belong. With ``suspects`` (sorted row indices, e.g. flagged
+    by the loss kernel's pass) only those rows are looked at."""
     if x.numel() == 0:
         return
     rows = x.reshape(x.shape[0], -1)
-    sums = rows.sum(dim=1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    # Every entry <= 0 gives a row sum <= 0 (or -Inf): only rows failing that are looked at.
-    suspect = torch.nonzero(~((sums <= 0) | torch.isneginf(sums))).flatten()
+    if suspects is None:
+        sums = rows.sum(dim=1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        # Every entry <= 0 gives a row sum <= 0 (or -Inf): only rows failing that are looked at.
+        suspect = torch.nonzero(~((sums <= 0) | torch.isneginf(sums))).flatten()
+    else:
+        suspect = suspects
     if suspect.numel() == 0:
         return
     bad = suspect[(torch.isnan(rows[suspect]) | torch.isposinf(rows[suspect])).any(dim=1)]

@@ -39,6 +39,10 @@ class LELPLoss(nn.Module):
         subclass_weight: λ, the weight of the subclass part of KL(t‖q) (0: KD on the pooled student,
             1: LELP; offline single-teacher KL only; ``ops.loss.subclass_weighted_loss``).
         backend: "auto" (fused kernel for the tensor's device, else torch), "torch", "cpu", "cuda".
+        check_inputs: on CPU in eager mode, refuse NaN/Inf logits, embeddings and weights and
+            log-targets that are not log-probabilities, naming the row (default). The CPU kernel flags
+            the logits' and log-targets' rows in its own pass; ``False`` skips the rest (NaN then
+            propagates to the loss). See :func:`lelp_fast.ops.distill_loss`.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class LELPLoss(nn.Module):
         ignore_index: int = -100,
         backend: str = "auto",
         subclass_weight: float = 1.0,
+        check_inputs: bool = True,
     ):
         super().__init__()
         divergence = reference.canonical_divergence(divergence)  # "jsd" (TRL's and Liger's name) is "js"
@@ -99,6 +104,7 @@ class LELPLoss(nn.Module):
         if not subclass_weight >= 0.0:
             raise ValueError(f"subclass_weight must be >= 0 (0: KD, 1: LELP), got {subclass_weight!r}")
         self.subclass_weight = float(subclass_weight)
+        self.check_inputs = bool(check_inputs)
 
     def forward(
         self,
@@ -148,6 +154,7 @@ class LELPLoss(nn.Module):
             ignore_index=self.ignore_index,
             teacher_weights=teacher_weights,
             backend=self.backend,
+            check_inputs=self.check_inputs,
             return_components=return_components,
             subclass_weight=self.subclass_weight,
             **online,

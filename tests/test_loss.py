@@ -116,6 +116,17 @@ def test_loss_arguments_are_checked_at_construction_and_misuse_is_named():
         class_logits(s, 2, 3)
 
 
+def test_loss_module_check_inputs_switch():
+    """Issue 21 item 13: LELPLoss(check_inputs=False) skips the input check, as distill_loss does."""
+    s = torch.randn(6, 4)
+    log_t = torch.log_softmax(torch.randn(6, 4), 1)
+    log_t[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="log_targets row 3 contains NaN"):
+        LELPLoss(num_classes=2, n_subclasses=2)(s, log_t)
+    per_row = LELPLoss(num_classes=2, n_subclasses=2, reduction="none", check_inputs=False)(s, log_t)
+    assert torch.isnan(per_row[3]) and torch.isfinite(per_row[[0, 1, 2, 4, 5]]).all()
+
+
 def test_the_headless_online_loss_says_to_pass_teacher_logits_to_the_loss():
     h, w, b, y = make_problem(n=200, d=12, num_classes=2, seed=3)
     headless = LELPProjector(2).fit(h, y)

@@ -52,6 +52,66 @@ def test_loss_forward_backward_match_reference(backend, dtype, divergence, shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tau", [1.0, 2.0, 0.7])
+@pytest.mark.parametrize("shape", [(70, 2, 64), (9, 2, 256), (33, 16, 8), (21, 5, 8)])
+def test_kl_alpha_paths_match_reference(backend, dtype, tau, shape):
+    """Issue 21 item 12: the KL kernel reuses its softmax exponentials for the alpha term at tau = 1
+    and 2 (another exp otherwise), with block sizes by K; rows whose labelled class underflows
+    against the row max (gap > 88 / 176) take the per-row path."""
+    n, num_classes, s = shape
+    student, log_t, labels = make_inputs(n, num_classes, s, seed=n + s)
+    student[1, labels[1] * s:(labels[1] + 1) * s] -= 400.0
+    student[2, labels[2] * s:(labels[2] + 1) * s] -= 100.0
+    log_t[3, :3] = float("-inf")
+    log_t[3] = torch.log_softmax(log_t[3], 0)
+    labels[4] = -100
+    x = student.to(dtype).requires_grad_(True)
+    kw = dict(num_classes=num_classes, n_subclasses=s, tau=tau, alpha=0.3)
+    loss = distill_loss(x, log_t.to(dtype), labels, backend=backend, reduction="none", **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    want, want_grad = reference_loss_and_grad(x, log_t.to(dtype), labels, divergence_kind="kl", reduction="none",
+                                              **kw)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), want, atol=atol * 4, rtol=rtol)
+    torch.testing.assert_close(grad.double(), want_grad, atol=atol * 2, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_loss_forced_down_to_each_instruction_set(isa):
+    """LELP_FAST_CPU_ISA caps the CPU loss kernel (the AVX-512 build is the default where the CPU has it)."""
+    import os
+    import subprocess
+    import sys
+
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the compiled extension")
+    code = f"""
+import torch
+from lelp_fast import reference
+from lelp_fast.ops import _dispatch, distill_loss
+assert _dispatch.extension().loss_isa() == {isa!r}, _dispatch.extension().loss_isa()
+g = torch.Generator().manual_seed(3)
+s = torch.randn(45, 128, generator=g, dtype=torch.float64) * 3
+y = torch.randint(0, 2, (45,), generator=g)
+t = torch.log_softmax(torch.randn(45, 128, generator=g, dtype=torch.float64) * 3, -1)
+for div in ("kl", "js", "tvd"):
+    for tau in (1.0, 2.0, 1.3):
+        kw = dict(num_classes=2, n_subclasses=64, tau=tau, alpha=0.2)
+        x, xr = s.float().requires_grad_(True), s.clone().requires_grad_(True)
+        got = distill_loss(x, t.float(), y, divergence=div, backend="cpu", **kw)
+        got.backward()
+        ref = reference.distillation_loss(xr, t, y, divergence_kind=div, **kw)
+        ref.backward()
+        torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-3)
+"""
+    env = dict(os.environ, LELP_FAST_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", reference.REDUCTIONS)
 def test_reductions_and_grad_output(backend, reduction):
     student, log_t, labels = make_inputs(23, 2, 4, seed=1)
@@ -405,6 +465,68 @@ def test_checked_inputs_name_the_bad_row(backend):
         distill_loss(bad_s, log_t, labels, **kw)
     log_t[0, 0] = float("-inf")  # a target of exactly 0 is fine
     assert torch.isfinite(distill_loss(student, log_t, labels, **kw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_check_fused_into_the_kernel_names_the_same_rows(backend, dtype):
+    """Issue 21 item 13: the CPU kernel flags rows in its own pass (a row sum of the logits not finite,
+    of the log-targets not <= 0) and only flagged rows are inspected; the errors are the unfused ones'."""
+    student, log_t, labels = make_inputs(70, 2, 20, seed=40)
+    student, log_t = student.to(dtype), log_t.to(dtype)
+    kw = dict(num_classes=2, n_subclasses=20, alpha=0.1, backend=backend)
+    bad_s = student.clone()
+    bad_s[[33, 61], 7] = float("-inf")
+    with pytest.raises(ValueError, match=r"student_logits row 33 contains NaN or Inf"):
+        distill_loss(bad_s, log_t, labels, **kw)
+    bad_t = log_t.clone()
+    bad_t[45, 39] = float("nan")
+    bad_t[50] = bad_t[50].exp()  # probabilities: every value > 0
+    with pytest.raises(ValueError, match=r"log_targets row 45 contains NaN or \+Inf"):
+        distill_loss(student, bad_t, labels, **kw)
+    bad_t[45, 39] = -1.0
+    with pytest.raises(ValueError, match=r"log_targets row 50 holds .* > 0"):
+        distill_loss(student, bad_t, labels, **kw)
+    # Finite rows whose fp32 sum overflows, and -Inf log-targets (probability 0), pass the check.
+    big = student.clone()
+    big[12, :4] = 3e38
+    ok_t = log_t.clone()
+    ok_t[3, :5] = float("-inf")
+    distill_loss(big, ok_t, labels, **kw)
+    assert torch.isfinite(distill_loss(student, ok_t, labels, **kw))
+    # check_inputs=False: no check, the NaN propagates.
+    bad_t[45, 39] = float("nan")
+    per_row = distill_loss(student, bad_t, labels, check_inputs=False, reduction="none", **kw)
+    assert torch.isnan(per_row[45]) and torch.isfinite(per_row[:45]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_check_covers_every_teacher_even_with_weight_zero(backend):
+    student, log_t, _ = make_inputs(9, 2, 3, seed=41, m=3)
+    weights = torch.tensor([[0.5, 0.5, 0.0]] * 9)
+    bad_t = log_t.float().clone()
+    bad_t[4, 2, 1] = float("nan")  # teacher 2 has weight 0 in every row
+    with pytest.raises(ValueError, match=r"log_targets row 4 contains NaN"):
+        distill_loss(student.float(), bad_t, None, teacher_weights=weights, num_classes=2, n_subclasses=3,
+                     backend=backend)
+
+
+def test_kernel_row_flags():
+    """The flags themselves (bit 0: logits row sum not finite; bit 1: a log-target row sum not <= 0)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the compiled extension")
+    from lelp_fast.ops.loss import _loss_rows
+
+    student, log_t, labels = make_inputs(11, 3, 7, seed=42)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        s, t = student.to(dtype), log_t.to(dtype)
+        s[2, 3], s[7, 0] = float("nan"), float("inf")
+        t[7, 1], t[9], t[10, :] = float("nan"), 0.5, float("-inf")  # row 9: probabilities
+        out = _loss_rows(s, t, None, labels, [], [], [], [], 3, 7, 0, 0.5, 1.0, 0.0, [], -100, False, True)
+        want = torch.zeros(11, dtype=torch.uint8)
+        want[2], want[7], want[9] = 1, 3, 2
+        assert torch.equal(out[3], want), dtype
+        assert _loss_rows(s, t, None, labels, [], [], [], [], 3, 7, 0, 0.5, 1.0, 0.0, [], -100, False)[3].numel() == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,8 +5,9 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstring>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "convert.h"
@@ -22,22 +23,43 @@ inline void mix_into(float* log_t, const float* log_tm, float w, int64_t K) {
   for (int64_t k = 0; k < K; ++k) log_t[k] = logaddexp_(log_t[k], log_w + log_tm[k]);
 }
 
+// Whether a row of log-probabilities needs a closer look: every entry <= 0 gives a sum <= 0 (or
+// -Inf); NaN, +Inf and values > 0 can not (the caller's exact check decides).
+__attribute__((always_inline)) inline bool log_probabilities_suspect(const float* x, int64_t K) {
+  float sum = 0.f;
+  LELP_SIMD_SUM(sum)
+  for (int64_t k = 0; k < K; ++k) sum += x[k];
+  return !(sum <= 0.f);
+}
+
+__attribute__((always_inline)) inline bool row_sum_nonfinite(const float* x, int64_t K) {
+  float sum = 0.f;
+  LELP_SIMD_SUM(sum)
+  for (int64_t k = 0; k < K; ++k) sum += x[k];
+  return !std::isfinite(sum);
+}
+
 // log t = log sum_m w_m t_m, computed as a logsumexp over teachers (zero weights skipped).
-void mix_row(const LossArgs& a, int64_t row, float* scratch, float* log_t) {
+// With `check`, returns whether any teacher's row (zero-weight ones too) is suspect.
+__attribute__((always_inline)) inline bool mix_row(const LossArgs& a, int64_t row, float* scratch, float* log_t,
+                                                   bool check) {
   const int64_t K = a.C * a.S;
   const char* base = static_cast<const char*>(a.log_targets) +
                      row * a.targets_stride * cpu::dtype_size(a.targets_dtype);
   if (a.n_teachers == 1 && a.weights == nullptr) {
     cpu::load_row(base, a.targets_dtype, K, log_t);
-    return;
+    return check && log_probabilities_suspect(log_t, K);
   }
   const float* w = a.weights + row * a.n_teachers;
+  bool suspect = false;
   std::fill(log_t, log_t + K, -INFINITY);
   for (int64_t m = 0; m < a.n_teachers; ++m) {
-    if (w[m] == 0.f) continue;  // a NaN or negative weight reaches log(): NaN, never a finite loss
+    if (w[m] == 0.f && !check) continue;  // a NaN or negative weight reaches log(): NaN, never a finite loss
     cpu::load_row(base + m * K * cpu::dtype_size(a.targets_dtype), a.targets_dtype, K, scratch);
-    mix_into(log_t, scratch, w[m], K);
+    if (check) suspect |= log_probabilities_suspect(scratch, K);
+    if (w[m] != 0.f) mix_into(log_t, scratch, w[m], K);
   }
+  return suspect;
 }
 
 // Online targets of rows [r0, r0 + rows): one teacher straight into log_t, or M teachers each
@@ -58,8 +80,16 @@ void online_rows(const LossArgs& a, int64_t r0, int64_t rows, TargetsWorkspace* 
   }
 }
 
-// Rows per block: long enough for the elementwise loops to vectorise, short enough for L1.
+// Rows per block: long enough for the elementwise loops to vectorise (64 rows at K = 16), short
+// enough that the block's six K-wide fp32 arrays and its gradient stay in L1/L2 (~2048 floats each).
 constexpr int64_t kBlockRows = 64;
+constexpr int64_t kBlockFloats = 2048;
+
+int64_t block_rows(int64_t K) {
+  const int64_t step = targets_tile_rows();  // online targets come in projection tiles
+  const int64_t rows = std::max<int64_t>(1, std::min(kBlockRows, kBlockFloats / K) / step) * step;
+  return rows;
+}
 
 // Tiles [t_begin, t_end) of the loss. Inlined into a generic and an AVX2/FMA build of the same loops.
 __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t t_begin, int64_t t_end,
@@ -71,19 +101,32 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
   float* scratch = log_t + tile * K;   // tile x K, for mixing teachers
   float* work = scratch + tile * K;    // loss_scratch_floats(tile, K)
   const int64_t student_row_bytes = a.student_stride * cpu::dtype_size(a.student_dtype);
+  // Contiguous fp32 inputs are read in place (no copy into the block buffers).
+  const bool s_direct = a.student_dtype == kFloat32 && a.student_stride == K;
+  const bool t_direct = ws == nullptr && a.targets_dtype == kFloat32 && a.n_teachers == 1 &&
+                        a.weights == nullptr && a.targets_stride == K;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t r0 = t * tile;
     const int64_t rows = std::min(tile, a.n - r0);
+    const float* s_blk = s_direct ? static_cast<const float*>(a.student) + r0 * K : s;
+    const float* t_blk = t_direct ? static_cast<const float*>(a.log_targets) + r0 * K : log_t;
     if (ws != nullptr) online_rows(a, r0, rows, ws, scratch, log_t);
+    const bool check = a.suspect != nullptr;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = r0 + r;
-      if (ws == nullptr) mix_row(a, row, scratch, log_t + r * K);
-      cpu::load_row(static_cast<const char*>(a.student) + row * student_row_bytes, a.student_dtype, K, s + r * K);
+      bool t_suspect = false;
+      if (t_direct)
+        t_suspect = check && log_probabilities_suspect(t_blk + r * K, K);
+      else if (ws == nullptr)
+        t_suspect = mix_row(a, row, scratch, log_t + r * K, check);
+      if (!s_direct)
+        cpu::load_row(static_cast<const char*>(a.student) + row * student_row_bytes, a.student_dtype, K, s + r * K);
+      if (check) a.suspect[row] = static_cast<uint8_t>(row_sum_nonfinite(s_blk + r * K, K) | (t_suspect << 1));
       labels[r] = a.labels != nullptr ? a.labels[row] : -1;
       if (a.labels != nullptr && labels[r] == a.ignore_index) labels[r] = -1;
     }
     float* grad = a.grad + r0 * K;
-    block_loss_grad(rows, s, log_t, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
+    block_loss_grad(rows, s_blk, t_blk, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
                     a.labels != nullptr ? labels : nullptr, work, grad, a.loss_rows + r0,
                     a.hard_rows != nullptr ? a.hard_rows + r0 : nullptr);
     if (a.labels != nullptr) {  // ignored rows contribute nothing
@@ -98,10 +141,19 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
   }
 }
 
+using LossRangeFn = void (*)(const LossArgs&, int64_t, int64_t, int64_t, TargetsWorkspace*, float*, int64_t*);
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LELP_HAVE_AVX2_LOSS 1
-__attribute__((target("avx2,fma"))) void loss_range_avx2(const LossArgs& a, int64_t b, int64_t e, int64_t tile,
-                                                         TargetsWorkspace* ws, float* buf, int64_t* labels) {
+__attribute__((target("avx2,fma,f16c"))) void loss_range_avx2(const LossArgs& a, int64_t b, int64_t e,
+                                                              int64_t tile, TargetsWorkspace* ws, float* buf,
+                                                              int64_t* labels) {
+  loss_range(a, b, e, tile, ws, buf, labels);
+}
+// AVX-512 (16-wide loops; GCC's default tuning would stay at 256 bits without prefer-vector-width).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512"))) void
+loss_range_avx512(const LossArgs& a, int64_t b, int64_t e, int64_t tile, TargetsWorkspace* ws, float* buf,
+                  int64_t* labels) {
   loss_range(a, b, e, tile, ws, buf, labels);
 }
 #endif
@@ -111,15 +163,99 @@ void loss_range_portable(const LossArgs& a, int64_t b, int64_t e, int64_t tile, 
   loss_range(a, b, e, tile, ws, buf, labels);
 }
 
+// LELP_FAST_CPU_ISA=portable / avx2 caps the loss's instruction set (tests force each path).
+LossRangeFn pick_loss_range() {
+#ifdef LELP_HAVE_AVX2_LOSS
+  const char* cap = std::getenv("LELP_FAST_CPU_ISA");
+  const bool avx2 = std::strcmp(cpu_isa(), "avx2") == 0;  // "portable" when forced or unsupported
+  if (avx2 && (cap == nullptr || std::strcmp(cap, "avx2") != 0) && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return loss_range_avx512;
+  if (avx2) return loss_range_avx2;
+#endif
+  return loss_range_portable;
+}
+
+LossRangeFn loss_range_fn() {
+  static const LossRangeFn fn = pick_loss_range();
+  return fn;
+}
+
+// out[r, :] = grad[r, :] * rows[r], stored in `dtype` (the backward's scale and cast in one pass).
+__attribute__((always_inline)) inline void scale_rows_range(const float* grad, const float* rows, int64_t K,
+                                                            int dtype, void* out, int64_t r0, int64_t r1,
+                                                            float* buf) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float w = rows[r];
+    const float* g = grad + r * K;
+    for (int64_t k = 0; k < K; ++k) buf[k] = g[k] * w;
+    cpu::store_row(buf, K, dtype, static_cast<char*>(out) + r * K * cpu::dtype_size(dtype));
+  }
+}
+
+#ifdef LELP_HAVE_AVX2_LOSS
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512"))) void
+scale_rows_avx512(const float* grad, const float* rows, int64_t K, int dtype, void* out, int64_t r0, int64_t r1,
+                  float* buf) {
+  scale_rows_range(grad, rows, K, dtype, out, r0, r1, buf);
+}
+__attribute__((target("avx2,fma,f16c"))) void scale_rows_avx2(const float* grad, const float* rows, int64_t K,
+                                                              int dtype, void* out, int64_t r0, int64_t r1,
+                                                              float* buf) {
+  scale_rows_range(grad, rows, K, dtype, out, r0, r1, buf);
+}
+#endif
+
+void scale_rows_portable(const float* grad, const float* rows, int64_t K, int dtype, void* out, int64_t r0,
+                         int64_t r1, float* buf) {
+  scale_rows_range(grad, rows, K, dtype, out, r0, r1, buf);
+}
+
 }  // namespace
+
+void scale_rows_cpu(const float* grad, const float* rows, int64_t n, int64_t K, int dtype, void* out) {
+  auto fn = scale_rows_portable;
+#ifdef LELP_HAVE_AVX2_LOSS
+  if (loss_range_fn() == loss_range_avx512) fn = scale_rows_avx512;
+  if (loss_range_fn() == loss_range_avx2) fn = scale_rows_avx2;
+#endif
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / K);  // rows per dynamic chunk
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel if (n_chunks > 1)
+  {
+    std::vector<float> buf(K);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t c = 0; c < n_chunks; ++c) fn(grad, rows, K, dtype, out, c * chunk, std::min(n, (c + 1) * chunk), buf.data());
+  }
+}
+
+const char* loss_isa() {
+#ifdef LELP_HAVE_AVX2_LOSS
+  if (loss_range_fn() == loss_range_avx512) return "avx512";
+  if (loss_range_fn() == loss_range_avx2) return "avx2";
+#endif
+  return "portable";
+}
 
 void loss_cpu(const LossArgs& a) {
   const int64_t K = a.C * a.S;
-  // Online targets come in projection tiles; keep blocks a multiple of them.
-  const int64_t tile = kBlockRows / targets_tile_rows() * targets_tile_rows();
+  const int64_t tile = block_rows(K);
   const int64_t n_tiles = (a.n + tile - 1) / tile;
-  const bool avx2 = std::strcmp(cpu_isa(), "avx2") == 0;
-#pragma omp parallel
+  // Chunks of about 64 K elements handed out dynamically: on a shared machine a thread that loses
+  // its core leaves its remaining chunks to the others instead of holding the barrier (a static
+  // split waits for the slowest thread). Small enough for balance, large enough to amortise the call.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / (tile * K));
+  const int64_t n_chunks = (n_tiles + chunk - 1) / chunk;
+  LossRangeFn range = loss_range_fn();
+#ifdef LELP_HAVE_AVX2_LOSS
+  // AVX-512 only where rows are whole 16-float vectors and long: an A/B here (docs/benchmarks.md,
+  // issue 21) had it 0.87-0.97x the AVX2 build at K = 16 and 40 (per-row remainder loops) and 1.15x at K = 128.
+  if (range == loss_range_avx512 && (K % 16 != 0 || K < 64)) range = loss_range_avx2;
+#endif
+  // LELP_FAST_LOSS_SCHEDULE=static: the former split (contiguous halves), kept for A/B runs.
+  const char* schedule = std::getenv("LELP_FAST_LOSS_SCHEDULE");
+  const bool split_static = schedule != nullptr && std::strcmp(schedule, "static") == 0;
+#pragma omp parallel if (n_chunks > 1)
   {
     std::vector<float> buf(3 * tile * K + loss_scratch_floats(tile, K));
     std::vector<int64_t> labels(tile);
@@ -127,15 +263,14 @@ void loss_cpu(const LossArgs& a) {
     if (a.online != nullptr)
       for (int64_t m = 0; m < a.n_teachers; ++m) workspaces.emplace_back(a.online[m]);
     TargetsWorkspace* ws = workspaces.empty() ? nullptr : workspaces.data();
-    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-    // Contiguous blocks of tiles per thread (a static schedule, without a call per tile).
-    const int64_t begin = n_tiles * id / nt, end = n_tiles * (id + 1) / nt;
-#ifdef LELP_HAVE_AVX2_LOSS
-    if (avx2)
-      loss_range_avx2(a, begin, end, tile, ws, buf.data(), labels.data());
-    else
-#endif
-      loss_range_portable(a, begin, end, tile, ws, buf.data(), labels.data());
+    if (split_static) {
+      const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+      range(a, n_tiles * id / nt, n_tiles * (id + 1) / nt, tile, ws, buf.data(), labels.data());
+    } else {
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t c = 0; c < n_chunks; ++c)
+        range(a, c * chunk, std::min(n_tiles, (c + 1) * chunk), tile, ws, buf.data(), labels.data());
+    }
   }
 }
 

@@ -29,9 +29,20 @@ struct LossArgs {
   float* loss_rows;         // N fp32 (0 for ignored rows)
   float* hard_rows;         // N fp32: the alpha * CE part of loss_rows, or nullptr
   float* grad;              // N x K fp32, contiguous (0 for ignored rows)
+  // Optional N flags for the input check, filled in the same pass (CPU only): bit 0 the student
+  // row's fp32 sum is not finite, bit 1 an offline teacher's log-target row sum is not <= 0 (NaN,
+  // +Inf or a value > 0 in it). Flagged rows are re-checked exactly by the caller (a sum of finite
+  // values can overflow; -Inf log-targets are probabilities of 0).
+  uint8_t* suspect = nullptr;
 };
 
 void loss_cpu(const LossArgs& a);
+// out (N x K, dtype) = grad (N x K fp32, contiguous) * rows (N) row by row: the backward's scale
+// and cast to the student's dtype in one pass.
+void scale_rows_cpu(const float* grad, const float* rows, int64_t n, int64_t K, int dtype, void* out);
+// "avx512", "avx2" or "portable": the loss kernel this process runs on CPU ("avx512" runs where K is a
+// multiple of 16 and >= 64; AVX2 otherwise).
+const char* loss_isa();
 #ifdef LELP_WITH_CUDA
 void loss_cuda(const LossArgs& a, void* stream);
 #endif

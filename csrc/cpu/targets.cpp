@@ -77,9 +77,55 @@ __attribute__((target("avx2,fma"))) void project_tile_avx2(const float* x, int64
   for (; rest >= 16; rest -= 16, j0 += 16) project_block_avx2<2>(x, d, w, bias, jp, j0, acc);
   if (rest == 8) project_block_avx2<1>(x, d, w, bias, jp, j0, acc);
 }
+
+// bf16 embeddings on CPUs with AVX512-BF16: x is exact in bf16 and the fp32 map is split into
+// bf16 hi + lo parts (hi = bf16(w), lo = bf16(w - hi): about 16 bits of the map), so two vdpbf16ps
+// products per k-pair give fp32-like projections (fp32 accumulation; each bf16 product is exact in
+// fp32) without widening x: the floor the issue names ("two bf16 products"). Pairs of k are
+// interleaved per column, so one zmm holds 16 columns x 2 k of hi (or lo).
+// xb: kRows x dp (dp = d rounded up to even, zero-padded) bf16 bits; whi/wlo: (dp / 2) x jp x 2.
+template <int NV>
+__attribute__((target("avx512f,avx512bf16"), always_inline)) inline void project_block_bf16(
+    const uint16_t* xb, int64_t dp, const uint16_t* whi, const uint16_t* wlo, const float* bias, int64_t jp,
+    int64_t j0, float* acc) {
+  // Separate hi and lo accumulators: 2 x kRows x NV independent chains against vdpbf16ps's latency.
+  __m512 a[kRows][NV], l[kRows][NV];
+  for (int v = 0; v < NV; ++v) {
+    a[0][v] = _mm512_loadu_ps(bias + j0 + 16 * v);
+    for (int r = 1; r < kRows; ++r) a[r][v] = a[0][v];
+    for (int r = 0; r < kRows; ++r) l[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < dp / 2; ++p) {
+    __m512i hv[NV], lv[NV];
+    for (int v = 0; v < NV; ++v) {
+      hv[v] = _mm512_loadu_si512(whi + (p * jp + j0 + 16 * v) * 2);
+      lv[v] = _mm512_loadu_si512(wlo + (p * jp + j0 + 16 * v) * 2);
+    }
+    for (int r = 0; r < kRows; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, xb + r * dp + 2 * p, sizeof pair);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int v = 0; v < NV; ++v) {
+        a[r][v] = _mm512_dpbf16_ps(a[r][v], xv, (__m512bh)hv[v]);
+        l[r][v] = _mm512_dpbf16_ps(l[r][v], xv, (__m512bh)lv[v]);
+      }
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + r * jp + j0 + 16 * v, _mm512_add_ps(a[r][v], l[r][v]));
+}
+
+__attribute__((target("avx512f,avx512bf16"))) void project_tile_bf16(const uint16_t* xb, int64_t dp,
+                                                                     const uint16_t* whi, const uint16_t* wlo,
+                                                                     const float* bias, int64_t jp, float* acc) {
+  int64_t j0 = 0;
+  for (; j0 + 32 <= jp; j0 += 32) project_block_bf16<2>(xb, dp, whi, wlo, bias, jp, j0, acc);
+  if (j0 < jp) project_block_bf16<1>(xb, dp, whi, wlo, bias, jp, j0, acc);  // jp is a multiple of 16 here
+}
 #endif
 
-// LELP_FAST_CPU_ISA=portable forces the portable loop (used by the tests).
+// LELP_FAST_CPU_ISA=portable forces the portable loop (used by the tests); =avx2 keeps AVX2 but
+// not the AVX512-BF16 path of bf16 embeddings.
 bool use_avx2() {
   const char* isa = std::getenv("LELP_FAST_CPU_ISA");
   if (isa != nullptr && std::strcmp(isa, "portable") == 0) return false;
@@ -97,23 +143,75 @@ ProjectTileFn pick_project_tile() {
   return project_tile_portable;
 }
 
+bool pick_bf16_dot() {
+#ifdef LELP_HAVE_AVX2_KERNEL
+  const char* isa = std::getenv("LELP_FAST_CPU_ISA");
+  if (isa != nullptr && (std::strcmp(isa, "portable") == 0 || std::strcmp(isa, "avx2") == 0)) return false;
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+bool use_bf16_dot() {
+  static const bool yes = pick_bf16_dot();
+  return yes;
+}
+
+// Whether this call's bf16 embeddings take the vdpbf16ps projection.
+bool bf16_dot_takes(const TargetsArgs& a) { return a.emb_dtype == kBFloat16 && use_bf16_dot(); }
+
 }  // namespace
 
 const char* cpu_isa() { return pick_project_tile() == project_tile_portable ? "portable" : "avx2"; }
 
+const char* targets_bf16_isa() { return use_bf16_dot() ? "avx512bf16" : cpu_isa(); }
+
 TargetsWorkspace::TargetsWorkspace(const TargetsArgs& a)
-    : jp((a.J + kPad - 1) / kPad * kPad),
+    : jp(bf16_dot_takes(a) ? (a.J + 15) / 16 * 16 : (a.J + kPad - 1) / kPad * kPad),
       weight(a.d * jp, 0.f),
       bias(jp, 0.f),
       x(kRows * a.d, 0.f),
       acc(kRows * jp),
       z(a.C) {
-  // Weight and bias padded with zero columns to a multiple of kPad (tiny: d x jp).
+  // Weight and bias padded with zero columns to a multiple of kPad (16 for the bf16 path; tiny: d x jp).
   for (int64_t k = 0; k < a.d; ++k) std::copy(a.weight + k * a.J, a.weight + (k + 1) * a.J, &weight[k * jp]);
   std::copy(a.bias, a.bias + a.J, bias.begin());
+  if (!bf16_dot_takes(a)) return;
+  // The map split into bf16 hi + lo, k-pairs interleaved per column (zero rows pad d to even).
+  const int64_t dp = (a.d + 1) / 2 * 2;
+  w_hi.assign(dp * jp, 0);
+  w_lo.assign(dp * jp, 0);
+  xb.assign(kRows * dp, 0);
+  for (int64_t k = 0; k < a.d; ++k)
+    for (int64_t j = 0; j < jp; ++j) {
+      const float w = weight[k * jp + j];
+      const uint16_t hi = float_to_bf16_bits(w);
+      const int64_t at = ((k / 2) * jp + j) * 2 + (k % 2);
+      w_hi[at] = hi;
+      w_lo[at] = float_to_bf16_bits(w - bf16_bits_to_float(hi));
+    }
 }
 
 int64_t targets_tile_rows() { return kRows; }
+
+// Projections of rows [r0, r0 + rows) of bf16 embeddings into ws.acc by the vdpbf16ps kernel.
+void project_tile_bf16_rows(const TargetsArgs& a, int64_t r0, int64_t rows, TargetsWorkspace& ws) {
+#ifdef LELP_HAVE_AVX2_KERNEL
+  const int64_t dp = (a.d + 1) / 2 * 2;
+  const char* emb = static_cast<const char*>(a.embeddings);
+  for (int64_t r = 0; r < kRows; ++r) {
+    uint16_t* dst = &ws.xb[r * dp];
+    if (r < rows)
+      std::memcpy(dst, emb + (r0 + r) * a.emb_stride * 2, a.d * 2);
+    else
+      std::fill(dst, dst + a.d, uint16_t{0});
+  }
+  project_tile_bf16(ws.xb.data(), dp, ws.w_hi.data(), ws.w_lo.data(), ws.bias.data(), ws.jp, ws.acc.data());
+#else
+  (void)a, (void)r0, (void)rows, (void)ws;
+#endif
+}
 
 // Inlined into a generic and an AVX2/FMA/F16C build (conversions and row math vectorise there).
 __attribute__((always_inline)) inline void targets_tile_impl(const TargetsArgs& a, int64_t r0, TargetsWorkspace& ws,
@@ -122,9 +220,13 @@ __attribute__((always_inline)) inline void targets_tile_impl(const TargetsArgs& 
   const int64_t rows = std::min(kRows, a.n - r0);
   const char* emb = static_cast<const char*>(a.embeddings);
   const int64_t emb_row_bytes = a.emb_stride * cpu::dtype_size(a.emb_dtype);
-  for (int64_t r = 0; r < rows; ++r)
-    cpu::load_row(emb + (r0 + r) * emb_row_bytes, a.emb_dtype, a.d, &ws.x[r * a.d]);
-  project_tile(ws.x.data(), a.d, ws.weight.data(), ws.bias.data(), ws.jp, ws.acc.data());
+  if (project_tile == nullptr) {  // bf16 embeddings, AVX512-BF16: rows copied as they are (d padded to even)
+    project_tile_bf16_rows(a, r0, rows, ws);
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      cpu::load_row(emb + (r0 + r) * emb_row_bytes, a.emb_dtype, a.d, &ws.x[r * a.d]);
+    project_tile(ws.x.data(), a.d, ws.weight.data(), ws.bias.data(), ws.jp, ws.acc.data());
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = r0 + r;
     const float* u = &ws.acc[r * ws.jp];
@@ -150,6 +252,12 @@ __attribute__((always_inline)) inline void targets_tile_impl(const TargetsArgs& 
 }
 
 #ifdef LELP_HAVE_AVX2_KERNEL
+// The row math after the bf16 projection, built for AVX-512 (project_tile == nullptr selects it).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))) void targets_tile_bf16(
+    const TargetsArgs& a, int64_t r0, TargetsWorkspace& ws, float* log_t) {
+  targets_tile_impl(a, r0, ws, log_t, nullptr);
+}
+
 __attribute__((target("avx2,fma,f16c"))) void targets_tile_avx2(const TargetsArgs& a, int64_t r0,
                                                                 TargetsWorkspace& ws, float* log_t) {
   targets_tile_impl(a, r0, ws, log_t, project_tile_avx2);
@@ -159,6 +267,7 @@ __attribute__((target("avx2,fma,f16c"))) void targets_tile_avx2(const TargetsArg
 void targets_tile(const TargetsArgs& a, int64_t r0, TargetsWorkspace& ws, float* log_t) {
   static const ProjectTileFn project_tile = pick_project_tile();
 #ifdef LELP_HAVE_AVX2_KERNEL
+  if (!ws.w_hi.empty()) return targets_tile_bf16(a, r0, ws, log_t);
   if (project_tile == project_tile_avx2) return targets_tile_avx2(a, r0, ws, log_t);
 #endif
   targets_tile_impl(a, r0, ws, log_t, project_tile);

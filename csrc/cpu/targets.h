@@ -34,12 +34,16 @@ struct TargetsWorkspace {
   explicit TargetsWorkspace(const TargetsArgs& a);
   int64_t jp;
   std::vector<float> weight, bias, x, acc, z;
+  std::vector<uint16_t> w_hi, w_lo, xb;  // bf16 embeddings on AVX512-BF16: the split map, the tile's rows
 };
 // Rows per tile, and the fp32 log-targets of rows [r0, r0 + tile rows) into log_t (rows x K).
 int64_t targets_tile_rows();
 void targets_tile(const TargetsArgs& a, int64_t r0, TargetsWorkspace& ws, float* log_t);
 // "avx2" or "portable": the projection kernel this process runs on CPU.
 const char* cpu_isa();
+// "avx512bf16" where bf16 embeddings take the vdpbf16ps projection (hi + lo split map), else cpu_isa().
+// LELP_FAST_CPU_ISA=avx2 or =portable turns it off.
+const char* targets_bf16_isa();
 #ifdef LELP_WITH_CUDA
 void targets_cuda(const TargetsArgs& a, void* stream);
 #endif

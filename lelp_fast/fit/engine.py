@@ -35,9 +35,13 @@ METHODS = ("auto", "exact", "nystrom")
 NAN_POLICIES = ("raise", "skip")
 # Largest per-class d x d fp64 state the exact method may hold in total.
 EXACT_STATE_BUDGET_BYTES = 2 << 30
-# Below this many Gram flops (n d², about 2 s of ssyrk on the project machine) the exact fit is
-# chosen whatever the sketch would cost: its time no longer matters, and it is exact.
-EXACT_FLOPS_ALWAYS = 2e11
+# Below this many Gram flops (n d², e.g. 16 k rows x 768) the exact fit is chosen whatever the
+# sketch would cost: a few seconds either way, and it is exact. It was 2e11, which sent 262 k x 768
+# (1.5e11) to the exact fit although the sketch was 2.3-2.9x faster there (issue 21 item 15). Measured
+# here (benchmarks/bench_fit_method.py, d = 768, C = 2, S = 8, loaded machine; docs/benchmarks.md):
+# exact / sketch time 2.6-3.7 for N = 16 k .. 262 k and 5-8 at N = 1-2 k (the exact fit's d x d eigh
+# per class dominates there), the sketch capturing >= 0.9989 of the exact top-S variance every time.
+EXACT_FLOPS_ALWAYS = 1e10
 # Time of one sketch flop in units of one exact-Gram flop: the fused sketch update runs at about
 # 90 GFLOP/s against ssyrk's 110-135, and every extra pass buckets the rows again, which costs
 # about as much as the update itself (docs/benchmarks.md, "fit"). Measured on the project machine.

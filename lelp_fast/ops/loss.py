@@ -57,16 +57,21 @@ def _loss_rows(
     ignore_index: int,
     use_triton: bool,
     fall_back: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    check: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Compiled kernel: (loss per row (N,) fp32, dL_row/ds (N, K) fp32, the α·CE part of each row's
-    loss (N,) fp32, from the same pass). With ``fall_back`` (backend auto), a Triton launch that
-    fails for resources is recorded and the call goes to the next backend that takes it."""
+    loss (N,) fp32, the input check's row flags (N,) uint8 or (0,) without ``check``), from the same
+    pass. With ``fall_back`` (backend auto), a Triton launch that fails for resources is recorded and
+    the call goes to the next backend that takes it. ``check`` (CPU kernel only): bit 0 flags a
+    student row whose sum is not finite, bit 1 an offline log-target row whose sum is not <= 0;
+    :func:`_raise_on_suspect_rows` looks closer."""
     n, k = student.shape
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     hard_rows = torch.zeros(n, dtype=torch.float32, device=student.device)
     grad = torch.empty(n, k, dtype=torch.float32, device=student.device)
+    suspect = torch.zeros(n if check else 0, dtype=torch.uint8, device=student.device)
     if n == 0:
-        return loss_rows, grad, hard_rows
+        return loss_rows, grad, hard_rows, suspect
     student = _dispatch.rows_contiguous(student)
     weights = None if weights is None else weights.to(torch.float32).contiguous()
     labels = None if labels is None else labels.to(torch.int64).contiguous()
@@ -75,7 +80,7 @@ def _loss_rows(
             _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
                               teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
                               ignore_index, loss_rows, hard_rows, grad)
-            return loss_rows, grad, hard_rows
+            return loss_rows, grad, hard_rows, suspect
         except Exception as exc:
             if not (fall_back and _dispatch.is_out_of_resources(exc)):
                 raise
@@ -83,9 +88,9 @@ def _loss_rows(
             _dispatch.record_launch_failure("triton", shape, exc)
             limits = _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits)
             if _dispatch.resolve("auto", student.device, limits) == "torch":
-                return _loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused_weight,
-                                           fused_bias, teacher_logits, num_classes, n_subclasses, divergence,
-                                           jsd_beta, tau, alpha, beta, ignore_index)
+                return (*_loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused_weight,
+                                             fused_bias, teacher_logits, num_classes, n_subclasses, divergence,
+                                             jsd_beta, tau, alpha, beta, ignore_index), suspect)
     if log_targets is not None:
         n_teachers = 1 if log_targets.ndim == 2 else log_targets.shape[1]
         log_targets = log_targets if log_targets.is_contiguous() else log_targets.contiguous()
@@ -108,8 +113,9 @@ def _loss_rows(
         student.data_ptr(), _DTYPE_CODES[student.dtype], student.stride(0), n, num_classes, n_subclasses,
         *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(jsd_beta), float(tau),
         float(alpha), loss_rows.data_ptr(), hard_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
+        *((suspect.data_ptr(),) if check else ()),
     )
-    return loss_rows, grad, hard_rows
+    return loss_rows, grad, hard_rows, suspect
 
 
 def _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
@@ -153,10 +159,31 @@ def _loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused
 
 @_loss_rows.register_fake
 def _(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
-      num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, use_triton, fall_back):
+      num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, use_triton, fall_back,
+      check=False):
     n, k = student.shape
     return (student.new_empty(n, dtype=torch.float32), student.new_empty(n, k, dtype=torch.float32),
-            student.new_empty(n, dtype=torch.float32))
+            student.new_empty(n, dtype=torch.float32), student.new_empty(n if check else 0, dtype=torch.uint8))
+
+
+@torch.library.custom_op("lelp_fast::scale_rows", mutates_args=())
+def _scale_rows(grad: Tensor, rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(grad * rows[:, None]).to(dtype)`` in one pass on CPU (torch's mul into a bf16 ``out`` is a slow
+    casting loop; mul then ``.to`` is two passes)."""
+    ext = _dispatch.extension()
+    if grad.device.type != "cpu" or dtype not in _DTYPE_CODES or ext is None or not hasattr(ext, "scale_rows"):
+        return grad.mul(rows.unsqueeze(1)).to(dtype)
+    grad, rows = grad.contiguous(), rows.to(torch.float32).contiguous()
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    if grad.numel():
+        ext.scale_rows(grad.data_ptr(), rows.data_ptr(), grad.shape[0], grad.shape[1], _DTYPE_CODES[dtype],
+                       out.data_ptr())
+    return out
+
+
+@_scale_rows.register_fake
+def _(grad, rows, dtype):
+    return torch.empty(grad.shape, dtype=dtype, device=grad.device)
 
 
 class _RowsWithGrad(torch.autograd.Function):
@@ -171,9 +198,11 @@ class _RowsWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
         (grad,) = ctx.saved_tensors
+        if ctx.student_dtype != grad.dtype:  # scaled and cast in one pass (fp32 read, bf16/fp16 write)
+            return _scale_rows(grad, grad_rows, ctx.student_dtype), None, None
         # In place: no second N x K buffer. A second backward (retain_graph=True) is refused by
         # autograd's version counter rather than silently scaled twice.
-        return grad.mul_(grad_rows.unsqueeze(1)).to(ctx.student_dtype), None, None
+        return grad.mul_(grad_rows.unsqueeze(1)), None, None
 
 
 def distill_loss(
@@ -233,25 +262,32 @@ def distill_loss(
     embeddings, fused_weight, fused_bias, teacher_logits, beta = _check_shapes(
         student_logits, log_targets, labels, teacher_weights, embeddings, fused_weight, fused_bias, teacher_logits,
         beta, num_classes, n_subclasses)
+    chosen = _choose_backend(backend, student_logits, log_targets, embeddings, teacher_logits, num_classes,
+                             n_subclasses)
     # CPU eager only: on a GPU the check would synchronise, and under torch.compile it would break the graph.
-    if student_logits.device.type == "cpu" and not torch.compiler.is_compiling():
+    # The CPU kernel flags suspect rows of the logits and log-targets in its own pass (fused_check):
+    # no extra pass over N x K here, and only flagged rows are inspected after it.
+    eager_cpu = student_logits.device.type == "cpu" and not torch.compiler.is_compiling()
+    fused_check = eager_cpu and check_inputs and chosen == "cpu"
+    if eager_cpu:
         _check_cpu_inputs(student_logits, log_targets, labels, teacher_weights, embeddings, teacher_logits,
-                          num_classes, ignore_index, check_inputs)
+                          num_classes, ignore_index, check_inputs, rows_checked_in_kernel=fused_check)
         if check_inputs and divergence == "mse" and log_targets is not None:
             check_finite("log_targets (divergence='mse' compares logits: a target of exactly 0 has none)",
                          log_targets)
-    chosen = _choose_backend(backend, student_logits, log_targets, embeddings, teacher_logits, num_classes,
-                             n_subclasses)
     if chosen == "torch":
         per_row, hard_rows = _loss_torch(student_logits, log_targets, teacher_weights, labels, embeddings,
                                          fused_weight, fused_bias, teacher_logits, num_classes, n_subclasses,
                                          divergence, jsd_beta, tau, alpha, beta, ignore_index)
     else:
-        loss_rows, grad, hard_rows = _loss_rows(
+        loss_rows, grad, hard_rows, suspect = _loss_rows(
             student_logits.detach(), log_targets, teacher_weights, labels, embeddings, fused_weight, fused_bias,
             teacher_logits, num_classes, n_subclasses, _divergence_code(divergence, jsd_beta), float(jsd_beta),
             float(tau), float(alpha), beta, int(ignore_index), chosen == "triton", _dispatch.falls_back(backend),
+            fused_check,
         )
+        if fused_check:
+            _raise_on_suspect_rows(suspect, student_logits, log_targets)
         per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad)
     loss = reference.reduce_rows(per_row, labels, ignore_index, reduction)
     if not return_components:
@@ -353,8 +389,9 @@ def _choose_backend(backend, student_logits, log_targets, embeddings, teacher_lo
 
 
 def _check_cpu_inputs(student, log_targets, labels, weights, embeddings, teacher_logits, num_classes, ignore_index,
-                      check_values):
-    """Label range always; with ``check_values``, NaN/Inf rows and mixing weights (names the row)."""
+                      check_values, rows_checked_in_kernel=False):
+    """Label range always; with ``check_values``, NaN/Inf rows and mixing weights (names the row).
+    ``rows_checked_in_kernel``: the logits and log-targets are left to the kernel's row flags."""
     if labels is not None and labels.numel():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
         if bool(bad.any()):
@@ -362,15 +399,28 @@ def _check_cpu_inputs(student, log_targets, labels, weights, embeddings, teacher
             raise ValueError(f"labels[{row}] = {int(labels[row])} is out of range [0, {num_classes - 1}]")
     if not check_values:
         return
-    check_finite("student_logits", student.detach())
-    if log_targets is not None:
-        check_log_probabilities("log_targets", log_targets)
+    if not rows_checked_in_kernel:
+        check_finite("student_logits", student.detach())
+        if log_targets is not None:
+            check_log_probabilities("log_targets", log_targets)
     for i, (emb, z) in enumerate(zip(embeddings, teacher_logits)):
         check_finite(f"embeddings[{i}]", emb)
         if z is not None:
             check_finite(f"teacher_logits[{i}]", z)
     if weights is not None:
         check_row_weights("teacher_weights", weights)
+
+
+def _raise_on_suspect_rows(suspect: Tensor, student: Tensor, log_targets: Optional[Tensor]) -> None:
+    """The exact checks of the rows the kernel flagged (the same errors as the unfused check)."""
+    if not bool(suspect.any()):
+        return
+    rows = torch.nonzero(suspect & 1).flatten()
+    if rows.numel():
+        check_finite("student_logits", student.detach(), suspects=rows)
+    rows = torch.nonzero(suspect & 2).flatten()
+    if rows.numel() and log_targets is not None:
+        check_log_probabilities("log_targets", log_targets, suspects=rows)
 
 
 def _shape_key(student, num_classes, n_subclasses, embeddings) -> str:

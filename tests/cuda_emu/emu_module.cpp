@@ -4,10 +4,43 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
+#include <cstring>
+
 #include "emulate.h"
 #include "make_args.h"
 
 namespace py = pybind11;
+
+namespace {
+
+float load_value(const void* base, int dtype, int64_t i) {
+  const uint16_t* p = static_cast<const uint16_t*>(base);
+  if (dtype == lelp::kFloat32) return static_cast<const float*>(base)[i];
+  if (dtype == lelp::kBFloat16) return lelp::bf16_bits_to_float(p[i]);
+  _Float16 h;
+  std::memcpy(&h, p + i, 2);
+  return static_cast<float>(h);
+}
+
+// The CPU kernel's row flags (csrc/cpu/loss.h, LossArgs::suspect), by a plain host loop.
+void flag_rows(const lelp::LossArgs& a, uint8_t* suspect) {
+  const int64_t K = a.C * a.S;
+  for (int64_t row = 0; row < a.n; ++row) {
+    float s_sum = 0.f;
+    for (int64_t k = 0; k < K; ++k) s_sum += load_value(a.student, a.student_dtype, row * a.student_stride + k);
+    bool t_suspect = false;
+    for (int64_t m = 0; a.online == nullptr && m < a.n_teachers; ++m) {
+      float t_sum = 0.f;
+      for (int64_t k = 0; k < K; ++k)
+        t_sum += load_value(a.log_targets, a.targets_dtype, row * a.targets_stride + m * K + k);
+      t_suspect |= !(t_sum <= 0.f);
+    }
+    suspect[row] = static_cast<uint8_t>(!std::isfinite(s_sum) | (t_suspect << 1));
+  }
+}
+
+}  // namespace
 
 PYBIND11_MODULE(lelp_cuda_emu, m) {
   m.def("tile_takes", [](int emb_dtype, int64_t J, int64_t C, int64_t S) {
@@ -27,17 +60,26 @@ PYBIND11_MODULE(lelp_cuda_emu, m) {
     py::gil_scoped_release release;
     lelp::emu::targets(a, reinterpret_cast<uint8_t*>(nonfinite));
   });
+  // The trailing `suspect` (N uint8 flags of the CPU kernel's fused input check; 0 for none) is
+  // filled here by a host loop with the CPU kernel's rule, so that the Python check path runs the
+  // same under emulation; the CUDA loss itself has no check.
   m.def("loss", [](uintptr_t student, int student_dtype, int64_t student_stride, int64_t n, int64_t C, int64_t S,
                    uintptr_t log_targets, int targets_dtype, int64_t targets_stride, int64_t n_teachers,
                    uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
                    double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows, uintptr_t grad,
-                   const std::vector<lelp::OnlineTeacher>& teachers, bool /*on_cuda*/, uintptr_t /*stream*/) {
+                   const std::vector<lelp::OnlineTeacher>& teachers, bool /*on_cuda*/, uintptr_t /*stream*/,
+                   uintptr_t suspect) {
     const auto online = lelp::make_online_teachers(teachers, n, C, S, tau, n_teachers);
     const auto a = lelp::make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets, targets_dtype,
                                         targets_stride, n_teachers, weights, labels, ignore_index, divergence,
                                         jsd_beta, tau, alpha, loss_rows, hard_rows, grad,
                                         online.empty() ? nullptr : online.data());
     py::gil_scoped_release release;
+    if (suspect != 0) flag_rows(a, reinterpret_cast<uint8_t*>(suspect));
     lelp::emu::loss(a);
-  });
+  }, py::arg("student"), py::arg("student_dtype"), py::arg("student_stride"), py::arg("n"), py::arg("C"), py::arg("S"),
+     py::arg("log_targets"), py::arg("targets_dtype"), py::arg("targets_stride"), py::arg("n_teachers"),
+     py::arg("weights"), py::arg("labels"), py::arg("ignore_index"), py::arg("divergence"), py::arg("jsd_beta"),
+     py::arg("tau"), py::arg("alpha"), py::arg("loss_rows"), py::arg("hard_rows"), py::arg("grad"),
+     py::arg("teachers"), py::arg("on_cuda"), py::arg("stream"), py::arg("suspect") = 0);
 }

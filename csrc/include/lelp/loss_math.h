@@ -70,29 +70,38 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
   float* row_inv = row_m + R;
   float* row_log = row_inv + R;
   float* row_qa = row_log + R;
-  // log_softmax(s / tau) and softmax, sharing one exp per element.
+  // log_softmax(s / tau) and softmax, sharing one exp per element; q stays unnormalised (row_inv
+  // folded into its uses) for KL, so that the alpha term can reuse it (below). Loops that write and
+  // reduce in one go keep the block in cache for fewer passes.
+  const bool kl = divergence == kKL;
   for (int64_t r = 0; r < R; ++r) {
     float m = -INFINITY;
     LELP_SIMD_MAX(m)
     for (int64_t k = 0; k < K; ++k) m = fmax_(m, s[r * K + k]);
     row_m[r] = m * inv_tau;
   }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t k = 0; k < K; ++k) log_q[r * K + k] = s[r * K + k] * inv_tau - row_m[r];
-  for (int64_t i = 0; i < RK; ++i) q[i] = fast_exp(log_q[i]);
-  for (int64_t i = 0; i < RK; ++i) t[i] = fast_exp(log_t[i]);
   for (int64_t r = 0; r < R; ++r) {
+    const float mr = row_m[r];
     float sum = 0.f;
     LELP_SIMD_SUM(sum)
-    for (int64_t k = 0; k < K; ++k) sum += q[r * K + k];
+    for (int64_t k = 0; k < K; ++k) {
+      const float lq = s[r * K + k] * inv_tau - mr;
+      const float e = fast_exp(lq);
+      log_q[r * K + k] = lq;
+      q[r * K + k] = e;
+      sum += e;
+    }
     row_inv[r] = 1.f / sum;
     row_log[r] = logf(sum);
   }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t k = 0; k < K; ++k) {
-      q[r * K + k] *= row_inv[r];
-      log_q[r * K + k] -= row_log[r];
-    }
+  if (!kl) {
+    for (int64_t i = 0; i < RK; ++i) t[i] = fast_exp(log_t[i]);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t k = 0; k < K; ++k) {
+        q[r * K + k] *= row_inv[r];
+        log_q[r * K + k] -= row_log[r];
+      }
+  }
 
   if (divergence == kMSE) {
     for (int64_t r = 0; r < R; ++r) {
@@ -111,19 +120,27 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
       }
       for (int64_t k = 0; k < K; ++k) log_q[r * K + k] = k == 0 ? d / static_cast<float>(K) : 0.f;
     }
-  } else if (divergence == kKL) {
+  } else if (kl) {
+    // grad = tau (q sum_j t_j - t) with q = q_unnormalised * row_inv; the KL terms t (log t - log q)
+    // with log q = log_q_unnormalised - row_log, summed per row in the same loop.
     for (int64_t r = 0; r < R; ++r) {
       float sum_t = 0.f;
       LELP_SIMD_SUM(sum_t)
-      for (int64_t k = 0; k < K; ++k) sum_t += t[r * K + k];
-      row_qa[r] = sum_t;
-    }
-    for (int64_t r = 0; r < R; ++r)
+      for (int64_t k = 0; k < K; ++k) {
+        const float tk = fast_exp(log_t[r * K + k]);
+        t[r * K + k] = tk;
+        sum_t += tk;
+      }
+      const float cq = tau * sum_t * row_inv[r], lr = row_log[r];
+      float d = 0.f;
+      LELP_SIMD_SUM(d)
       for (int64_t k = 0; k < K; ++k) {
         const int64_t i = r * K + k;
-        grad[i] = tau * (q[i] * row_qa[r] - t[i]);
-        log_q[i] = xlogx_ratio(t[i], log_t[i], log_q[i]);  // the KL terms, reusing log_q
+        grad[i] = cq * q[i] - tau * t[i];
+        d += xlogx_ratio(t[i], log_t[i], log_q[i] - lr);
       }
+      loss[r] = tau * tau * d;
+    }
   } else {
     // a = dD/dq; then the softmax Jacobian: grad_k = tau q_k (a_k - sum_j q_j a_j).
     const float log_b = logf(jsd_beta), log_1mb = logf(1.f - jsd_beta);
@@ -141,7 +158,7 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
     for (int64_t r = 0; r < R; ++r)
       for (int64_t k = 0; k < K; ++k) grad[r * K + k] = tau * q[r * K + k] * (grad[r * K + k] - row_qa[r]);
   }
-  for (int64_t r = 0; r < R; ++r) {
+  for (int64_t r = 0; r < R && !kl; ++r) {
     float d = 0.f;
     LELP_SIMD_SUM(d)
     for (int64_t k = 0; k < K; ++k) d += log_q[r * K + k];
@@ -153,17 +170,26 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
     // dCE/ds_k = softmax(s)_k - [class(k) = y] softmax_within_y(s)_k. Vectorised over the block
     // with one max per row; a row whose class y underflows against that max (a gap of more
     // than ~87) takes the per-row path with the class's own max.
+    // e = exp(s - max s): for KL at tau = 1 that is the unnormalised q already computed, at tau = 2
+    // its square (q = exp((s - max s) / 2)); otherwise one more exp per element.
     float* e = t;              // the targets are no longer needed
     float* inv_all = row_inv;  // alpha / sum_k e, or 0 for rows without the term
     float* inv_y = row_log;    // alpha / sum_{k in y} e
-    for (int64_t r = 0; r < R; ++r) {
-      float m = -INFINITY;
-      LELP_SIMD_MAX(m)
-      for (int64_t k = 0; k < K; ++k) m = fmax_(m, s[r * K + k]);
-      row_m[r] = m;
+    for (int64_t r = 0; r < R; ++r) row_m[r] *= tau;  // max s: exact for tau = 1, 2; recomputed otherwise
+    if (kl && tau == 1.f) {
+      e = q;
+    } else if (kl && tau == 2.f) {
+      for (int64_t i = 0; i < RK; ++i) e[i] = q[i] * q[i];
+    } else {
+      for (int64_t r = 0; r < R; ++r) {
+        float m = -INFINITY;
+        LELP_SIMD_MAX(m)
+        for (int64_t k = 0; k < K; ++k) m = fmax_(m, s[r * K + k]);
+        row_m[r] = m;
+      }
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t k = 0; k < K; ++k) e[r * K + k] = fast_exp(s[r * K + k] - row_m[r]);
     }
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t k = 0; k < K; ++k) e[r * K + k] = fast_exp(s[r * K + k] - row_m[r]);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t y = labels[r];
       inv_all[r] = inv_y[r] = 0.f;

@@ -1,0 +1,126 @@
+"""A/B of the CPU loss on a shared machine: the installed kernel, an older build of the extension, eager
+PyTorch and torch.compile, interleaved round by round in one process so that load hits them alike.
+
+Run: python benchmarks/bench_loss_ab.py --base /path/to/old/_C.so [--n 262144] [--shapes 2x64 16x8 ...]
+     [--dtypes float32 bfloat16] [--rounds 5] [--repeats 3]
+Each round times every contender (median of --repeats calls, forward + backward, KL, tau = 2,
+alpha = 0.1, offline targets); the table gives the median over rounds and the [min, max] of the
+per-round ratios, with the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lelp_fast._checks import check_finite, check_log_probabilities
+from lelp_fast.ops import _dispatch, distill_loss
+
+
+def load_build(path: str, tag: str):
+    """A copy of the extension loaded under another module name (same PyInit__C symbol)."""
+    spec = importlib.util.spec_from_file_location(f"lelp_ab_{tag}._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def eager_loss(s, log_t, y, num_classes, n_sub, tau, alpha):
+    s32 = s.float()
+    log_q = F.log_softmax(s32 / tau, dim=-1)
+    kl = (log_t.float().exp() * (log_t.float() - log_q)).sum(-1)
+    pooled = torch.logsumexp(s32.view(-1, num_classes, n_sub), dim=-1)
+    return (tau * tau * kl + alpha * F.cross_entropy(pooled, y, reduction="none")).mean()
+
+
+def median_call(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", help="an older build of lelp_fast/_C*.so to compare against")
+    ap.add_argument("--n", type=int, default=262144)
+    ap.add_argument("--shapes", nargs="+", default=["2x64", "16x8", "2x20", "5x8"], help="CxS")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--check", choices=["both", "on", "off"], default="both",
+                    help="time lelp_fast with check_inputs on, off or both")
+    args = ap.parse_args()
+    new_ext = _dispatch.extension()
+    base_ext = load_build(args.base, "base") if args.base else None
+    load0 = os.getloadavg()
+    print(f"isa {new_ext.loss_isa() if hasattr(new_ext, 'loss_isa') else '?'}; torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, KL, tau=2, alpha=0.1, "
+          f"{args.rounds} rounds x median of {args.repeats}; load average before {load0[0]:.1f}")
+    for shape in args.shapes:
+        c, s_ = (int(v) for v in shape.split("x"))
+        k = c * s_
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            g = torch.Generator().manual_seed(0)
+            s = (torch.randn(args.n, k, generator=g) * 3).to(dtype).requires_grad_(True)
+            log_t = torch.log_softmax(torch.randn(args.n, k, generator=g) * 3, -1).to(dtype)
+            y = torch.randint(0, c, (args.n,), generator=g)
+
+            def ours(ext, check):
+                # An older build takes no row-flag pointer: its check is the former one, in Python
+                # before the kernel (check_finite + check_log_probabilities), as it shipped.
+                old_check = check and ext is not new_ext
+
+                def run():
+                    _dispatch._C = ext
+                    try:
+                        if old_check:
+                            check_finite("student_logits", s.detach())
+                            check_log_probabilities("log_targets", log_t)
+                        distill_loss(s, log_t, y, num_classes=c, n_subclasses=s_, tau=2.0, alpha=0.1, backend="cpu",
+                                     check_inputs=check and not old_check).backward()
+                    finally:
+                        _dispatch._C = new_ext
+                return run
+
+            contenders = {"eager": lambda: eager_loss(s, log_t, y, c, s_, 2.0, 0.1).backward()}
+            if not args.no_compile:
+                torch._dynamo.reset()
+                compiled_fn = torch.compile(eager_loss, dynamic=False)
+                contenders["compile"] = lambda: compiled_fn(s, log_t, y, c, s_, 2.0, 0.1).backward()
+            checks = {"both": (True, False), "on": (True,), "off": (False,)}[args.check]
+            for check in checks:
+                tag = "" if check else " nocheck"
+                if base_ext is not None:
+                    contenders["base" + tag] = ours(base_ext, check)
+                contenders["new" + tag] = ours(new_ext, check)
+            for fn in contenders.values():  # warm-up (compilation)
+                fn(), fn()
+            times = {name: [] for name in contenders}
+            for _ in range(args.rounds):
+                for name, fn in contenders.items():
+                    times[name].append(median_call(fn, args.repeats))
+            peers = [p for p in ("eager", "compile") if p in times]
+            cells = []
+            for name, ts in times.items():
+                if name in peers:
+                    continue
+                ratios = {p: [tp / tn for tp, tn in zip(times[p], ts)] for p in peers}
+                rtxt = " ".join(f"{statistics.median(r):.2f}x {p} [{min(r):.2f}-{max(r):.2f}]" for p, r in ratios.items())
+                cells.append(f"{name} {statistics.median(ts) * 1e3:.1f} ms ({rtxt})")
+            ptxt = ", ".join(f"{p} {statistics.median(times[p]) * 1e3:.1f} ms" for p in peers)
+            print(f"C={c} S={s_} K={k} {dtype_name}: {ptxt}; " + "; ".join(cells), flush=True)
+    print(f"load average after {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
