@@ -314,5 +314,5 @@ def test_subclass_weight_reaches_the_loss_of_stored_targets(stored, tmp_path):
     assert report["history"][0]["train_soft"] == pytest.approx(want, rel=1e-5)
     plain = _run(stored, str(tmp_path / "plain"), epochs=1, batch_size=500)
     assert plain["history"][0]["train_soft"] != pytest.approx(want, rel=1e-3)
-    with pytest.raises(ValueError, match="train.subclass_weight must be >= 0"):
+    with pytest.raises(ValueError, match="train.subclass_weight must be a finite number >= 0"):
         TrainSettings(subclass_weight=-0.5).check()
