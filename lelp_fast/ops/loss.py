@@ -170,9 +170,14 @@ class _RowsWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
         (grad,) = ctx.saved_tensors
+        if ctx.student_dtype != grad.dtype:
+            # One pass from the fp32 gradient into the student's dtype (read 4 B, write 2 B per
+            # element; a scale in place and then a cast took 14).
+            out = torch.empty_like(grad, dtype=ctx.student_dtype)
+            return torch.mul(grad, grad_rows.unsqueeze(1), out=out), None, None
         # In place: no second N x K buffer. A second backward (retain_graph=True) is refused by
         # autograd's version counter rather than silently scaled twice.
-        return grad.mul_(grad_rows.unsqueeze(1)).to(ctx.student_dtype), None, None
+        return grad.mul_(grad_rows.unsqueeze(1)), None, None
 
 
 def distill_loss(
