@@ -12,6 +12,7 @@ Triton version (the oldest one in a subprocess, installed once into a cache dire
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -41,9 +42,11 @@ def _oldest_triton_dir():
     if os.path.exists(os.path.join(cache, "triton", "__init__.py")):
         return cache
     tmp = f"{cache}.{os.getpid()}.tmp"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", tmp,
-                           f"triton=={aot.OLDEST_TRITON}"], capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--timeout", "60", "--retries",
+                           "2", "--target", tmp, f"triton=={aot.OLDEST_TRITON}"], capture_output=True, text=True,
+                          timeout=900)
     if done.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
         pytest.skip(f"pip could not install triton=={aot.OLDEST_TRITON} (the oldest supported) into {cache}: "
                     f"{done.stderr.strip()[-300:]}")
     os.replace(tmp, cache)

@@ -58,10 +58,6 @@ def compile_kernel(kernel: triton.JITFunction, signature: Dict[str, str], conste
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def compile_ptx(kernel, signature, constexprs, arch, num_warps=4, num_stages=3) -> str:
-    return compile_kernel(kernel, signature, constexprs, arch, num_warps, num_stages).asm["ptx"]
-
-
 def ptx_facts(ptx: str) -> Dict[str, int]:
     """Counts of the instructions the design promises in a PTX listing."""
     return {

@@ -61,7 +61,8 @@ def modelled_ratio(instructions: float, mufu: float, bytes_per_element: float, f
 
 class _Bytes(TorchDispatchMode):
     """Adds up the bytes of every tensor of at least ``min_numel`` elements that an op reads or writes
-    (views and allocations move nothing and are left out; an in-place op reads and writes)."""
+    (views and allocations move nothing and are left out; an in-place op reads and writes; an
+    ``out=`` tensor is only written)."""
 
     def __init__(self, min_numel: int):
         super().__init__()
@@ -75,7 +76,8 @@ class _Bytes(TorchDispatchMode):
         if func.is_view or name.startswith(("empty", "new_empty", "detach", "lift_fresh")):
             return out
         moved = 0
-        for t in tree_flatten((args, kwargs))[0] + tree_flatten(out)[0]:
+        reads = (args, {k: v for k, v in (kwargs or {}).items() if k != "out"})  # out= is written, not read
+        for t in tree_flatten(reads)[0] + tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.numel() >= self.min_numel:
                 moved += t.numel() * t.element_size()
         if moved:
