@@ -107,7 +107,9 @@ for div in ("kl", "js", "tvd"):
         torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-3)
 """
     env = dict(os.environ, LELP_FAST_CPU_ISA=isa)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    # cwd elsewhere: from the repository root, "-c" would import the source tree, which has no
+    # compiled extension in CI (it is installed into the environment).
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
     assert res.returncode == 0, res.stderr
 
 

@@ -242,8 +242,10 @@ for shape in BF16_SHAPES:
     got, want = _bf16_path_case(*shape, seed=sum(shape))
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
 """
+    # cwd elsewhere: from the repository root, "-c" would import the source tree, which has no
+    # compiled extension in CI (it is installed into the environment).
     res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, LELP_FAST_CPU_ISA=isa),
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, cwd="/")
     assert res.returncode == 0, res.stderr
 
 
