@@ -14,10 +14,12 @@ import argparse
 import importlib.util
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from _timing import median_seconds
+from bench_loss import eager_loss
 
 from lelp_fast._checks import check_finite, check_log_probabilities
 from lelp_fast.ops import _dispatch, distill_loss
@@ -29,23 +31,6 @@ def load_build(path: str, tag: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def eager_loss(s, log_t, y, num_classes, n_sub, tau, alpha):
-    s32 = s.float()
-    log_q = F.log_softmax(s32 / tau, dim=-1)
-    kl = (log_t.float().exp() * (log_t.float() - log_q)).sum(-1)
-    pooled = torch.logsumexp(s32.view(-1, num_classes, n_sub), dim=-1)
-    return (tau * tau * kl + alpha * F.cross_entropy(pooled, y, reduction="none")).mean()
-
-
-def median_call(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -108,7 +93,7 @@ def main():
             times = {name: [] for name in contenders}
             for _ in range(args.rounds):
                 for name, fn in contenders.items():
-                    times[name].append(median_call(fn, args.repeats))
+                    times[name].append(median_seconds(fn, args.repeats, warmup=0))
             peers = [p for p in ("eager", "compile") if p in times]
             cells = []
             for name, ts in times.items():
