@@ -182,6 +182,13 @@ def _targets_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
         stages.finish("targets", provenance.file_digest(os.path.join(paths["targets"], MANIFEST)))
 
 
+def _val_teacher_logits(paths: dict, state: dict):
+    """The teacher's logits of the validation rows, read once for the student and the KD baseline."""
+    if "val_logits" not in state:
+        state["val_logits"] = CaptureSource(os.path.join(paths["capture"], "val")).tensors()["teacher_logits"]
+    return state["val_logits"]
+
+
 def _temperatures(cfg: RunConfig, projector: LELPProjector) -> tuple:
     """The (β, τ) the stored targets hold: the targets section's, else the projector's."""
     t = cfg.targets
@@ -195,7 +202,7 @@ def _train_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
     torch.manual_seed(cfg.train.seed)  # the initialisation seed the KD baseline's student gets too
     student = task.make_student(projector.n_outputs)
     if stages.needed("train", settings, inputs, [paths["student"]]):
-        val_logits = CaptureSource(os.path.join(paths["capture"], "val")).tensors()["teacher_logits"]
+        val_logits = _val_teacher_logits(paths, state)
         compact = _temperatures(cfg, projector) if cfg.targets.compact else None
         distill(student, task.train, paths["targets"], paths["student"], num_classes=projector.num_classes,
                 n_subclasses=projector.n_subclasses, val_data=task.val, val_teacher_logits=val_logits,
@@ -219,7 +226,7 @@ def _baseline_stage(cfg, task, stages: StageLog, paths, state, progress) -> None
     inputs = {"capture": stages.output("capture")}
     student_dir = os.path.join(paths["baseline"], "student")
     if stages.needed("baseline", settings, inputs, [paths["baseline"]]):
-        val_logits = CaptureSource(os.path.join(paths["capture"], "val")).tensors()["teacher_logits"]
+        val_logits = _val_teacher_logits(paths, state)
         trained = kd_baseline(task.make_student, task.train, os.path.join(paths["capture"], "train"),
                               paths["baseline"], num_classes=projector.num_classes,
                               settings=TrainSettings(**cfg.train.model_dump()), tau=settings["tau"],
