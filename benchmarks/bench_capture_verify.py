@@ -1,9 +1,10 @@
 """What verifying a capture's shards where they are read costs: fit and offline targets from a
-capture directory, with ``CaptureSource(verify=True)`` (the default: sha256 over the bytes read for
-use, on first read) against ``verify=False`` (sizes only, memory-mapped), in alternating rounds in
-one process, from the page cache (or, with ``--cold``, with the shards' pages evicted before every
-run: the offline-targets setting of benchmarks/bench_offline_targets.py, where the read comes from
-disk); next to one plain read of the shards and one sha256 pass.
+capture directory, with ``CaptureSource(verify=True)`` (the default: the shard's checksum over the
+bytes read for use, on first read; XXH3-128 since issue 20, sha256 before) against ``verify=False``
+(sizes only, memory-mapped), in alternating rounds in one process, from the page cache (or, with
+``--cold``, with the shards' pages evicted before every run: the offline-targets setting of
+benchmarks/bench_offline_targets.py, where the read comes from disk); next to one plain read of the
+shards, and that read with a sha256 and with an XXH3-128 pass.
 
 Run: python benchmarks/bench_capture_verify.py [--rows 262144] [--dim 768] [--rounds 3] [--cold]
 """
@@ -19,6 +20,7 @@ import tempfile
 import time
 
 import torch
+import xxhash
 from bench_fit import evict
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -38,13 +40,16 @@ def make_capture(directory: str, rows: int, dim: int) -> None:
             batches_per_shard=16)
 
 
-def plain_read(directory: str, digest: bool) -> None:
+DIGESTS = {"sha256": lambda data: hashlib.sha256(data).hexdigest(), "xxh3_128": xxhash.xxh3_128_hexdigest}
+
+
+def plain_read(directory: str, digest=None) -> None:
     for name in sorted(os.listdir(directory)):
         if name.startswith("shard-"):
             with open(os.path.join(directory, name), "rb") as f:
                 data = f.read()
             if digest:
-                hashlib.sha256(data).hexdigest()
+                DIGESTS[digest](data)
 
 
 def timed(fn, cold_dir=None) -> float:
@@ -69,12 +74,12 @@ def main() -> None:
         cap = os.path.join(work, "cap")
         make_capture(cap, args.rows, args.dim)
         projector = LELPProjector(8).fit(CaptureSource(cap, verify=False))
-        times = {key: [] for key in ("read", "read+sha256", "fit verify", "fit no-verify", "targets verify",
+        times = {key: [] for key in ("read", "read+sha256", "read+xxh3_128", "fit verify", "fit no-verify", "targets verify",
                                      "targets no-verify")}
         for r in range(args.rounds):
             cold = cap if args.cold else None
-            times["read"].append(timed(lambda: plain_read(cap, False), cold))
-            times["read+sha256"].append(timed(lambda: plain_read(cap, True), cold))
+            for digest in (None, "sha256", "xxh3_128"):
+                times["read" + (f"+{digest}" if digest else "")].append(timed(lambda: plain_read(cap, digest), cold))
             for verify in (True, False):
                 name = "verify" if verify else "no-verify"
                 times[f"fit {name}"].append(timed(lambda: LELPProjector(8).fit(CaptureSource(cap, verify=verify)), cold))

@@ -506,7 +506,7 @@ def _add_fit(sub) -> None:
                      help="chunks between checkpoints (default 16)")
     fit.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     fit.add_argument("--no-verify", action="store_true",
-                     help="do not check a capture directory's shard sha256s as they are read (default: check)")
+                     help="do not check a capture directory's shard checksums as they are read (default: check)")
     fit.add_argument("--out", required=True, help="output projector .safetensors")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.add_argument("--device", help="where the statistics are accumulated, e.g. cuda (default: cpu)")
@@ -553,8 +553,8 @@ def _add_targets(sub) -> None:
                      help="MiB of embeddings per chunk and shard (default 64)")
     tgt.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
     tgt.add_argument("--no-verify", action="store_true",
-                     help="check shard sizes only, not their sha256: of a capture directory read as --embeddings, "
-                          "and over a finished --out (default: sha256 too; damaged output shards are rewritten)")
+                     help="check shard sizes only, not their checksums: of a capture directory read as --embeddings, "
+                          "and over a finished --out (default: checksums too; damaged output shards are rewritten)")
     tgt.add_argument("--quiet", action="store_true", help="no progress bar")
     tgt.set_defaults(func=_cmd_targets, labels=None, labels_key=None)
 

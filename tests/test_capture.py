@@ -310,7 +310,7 @@ def test_capture_opens_as_a_hf_dataset(tmp_path, dtype):
     data = bytearray(shard.read_bytes())
     data[-5] ^= 4
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="shard-000001.safetensors is corrupt: its sha256 does not match"):
+    with pytest.raises(ValueError, match="shard-000001.safetensors is corrupt: its xxh3_128 checksum does not match"):
         CaptureSource(str(tmp_path / "cap")).to_hf_dataset()
 
 

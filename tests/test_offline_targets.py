@@ -1,6 +1,7 @@
 """Offline target generation: formats, resume after SIGKILL, 2 ranks under torchrun, bad input, dataset."""
 
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -14,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import xxhash
 from torch.utils.data import DataLoader, TensorDataset
 
 from lelp_fast import LELPProjector, TargetsDataset, collate_with_targets, generate_targets, reference
@@ -49,7 +51,9 @@ def test_every_format_and_dtype_matches_the_reference(problem, tmp_path, fmt, dt
     assert manifest["n_rows"] == 450 and len(manifest["shards"]) == 5 and manifest["shards"][-1]["rows"] == [388, 450]
     for entry in manifest["shards"]:
         for info in entry["files"].values():
-            assert shards.file_sha256(str(tmp_path / info["file"])) == info["sha256"]
+            data = (tmp_path / info["file"]).read_bytes()
+            assert info["sha256"] == hashlib.sha256(data).hexdigest()
+            assert info["xxh3_128"] == xxhash.xxh3_128_hexdigest(data)
     got = TargetsDataset(str(tmp_path), verify=True).targets(range(450))
     assert got.dtype == shards.DTYPES[dtype]
     want = projector.targets(h.double(), out_dtype=torch.float64, backend="torch")
@@ -404,7 +408,7 @@ def test_a_flipped_byte_in_a_targets_shard_is_refused_where_it_is_read(problem, 
         byte = f.read(1)
         f.seek(at)
         f.write(bytes([byte[0] ^ 0x10]))
-    with pytest.raises(ValueError, match=f"{name} is corrupt: its sha256 does not match") as caught:
+    with pytest.raises(ValueError, match=f"{name} is corrupt: its xxh3_128 checksum does not match") as caught:
         TargetsDataset(out).targets(range(450))
     assert "\n" not in str(caught.value) and path in str(caught.value)
     torch.testing.assert_close(TargetsDataset(out).targets(range(97)), clean[:97])  # the other shards still read
@@ -480,8 +484,8 @@ def test_each_shard_is_hashed_once_even_when_its_mapping_is_dropped(problem, tmp
     generate_targets(projector, h, str(tmp_path), chunk_bytes=CHUNK, dtype="float32")
     hashed = []
     real = mapped.map_file
-    monkeypatch.setattr(mapped, "map_file", lambda path, sha256=None, hint="": (
-        hashed.append(os.path.basename(path)) if sha256 else None) or real(path, sha256, hint))
+    monkeypatch.setattr(mapped, "map_file", lambda path, checksums=None, hint="": (
+        hashed.append(os.path.basename(path)) if checksums else None) or real(path, checksums, hint))
     monkeypatch.setitem(dataset_module.MAX_OPEN, "npy", 1)  # every batch below re-maps shards
     ds = TargetsDataset(str(tmp_path))
     want = projector.targets(h.double(), out_dtype=torch.float64, backend="torch")

@@ -2,7 +2,7 @@
 
 Per batch the teacher gives its final-layer embeddings, its class logits and the labels; every
 ``batches_per_shard`` batches become one safetensors shard (``embeddings`` in ``dtype``,
-``teacher_logits`` fp32, ``labels`` int64), written atomically and recorded with its sha256 in
+``teacher_logits`` fp32, ``labels`` int64), written atomically and recorded with its checksums in
 this rank's progress file; the teacher head ``W, b`` goes to ``head.safetensors`` when the head is
 a linear layer. When every shard exists, ``manifest.json`` (kind ``lelp_fast.capture``) lists them.
 
@@ -26,6 +26,7 @@ from torch import nn
 
 from .._checks import NonFiniteRowError, check_finite
 from .._dist import barrier, rank_world
+from ..io import checksum
 from ..io.integrity import tensors_sha256
 from ..io.locks import lock_rank_directory
 from ..offline import manifest as mf
@@ -288,7 +289,7 @@ def _write_shard(out_dir, index, pending, settings, rank) -> dict:
     name = f"shard-{index:06d}.safetensors"
     shards.write_atomically(os.path.join(out_dir, name), blob, rank)
     return {"index": index, "rows": [0, emb.shape[0]],
-            "files": {"capture": {"file": name, "bytes": len(blob), "sha256": shards.sha256(blob)}}}
+            "files": {"capture": {"file": name, "bytes": len(blob), **checksum.record(blob)}}}
 
 
 def _renumber(done: dict) -> dict:

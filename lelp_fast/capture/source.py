@@ -19,10 +19,10 @@ from .runner import HEAD_FILE, KIND
 
 class CaptureSource(EmbeddingSource):
     """The rows of a finished capture, one chunk per shard (``chunk_bytes`` is not used: the
-    shards are the unit). Every shard's size is checked when the source is opened, and its sha256
-    the first time it is read for use (the hash runs over the bytes being read, so it costs no
-    second pass); a truncated or altered shard is an error naming the file. ``verify=False``
-    skips the sha256 (and reads shards memory-mapped)."""
+    shards are the unit). Every shard's size is checked when the source is opened, and its checksum
+    (XXH3-128, :mod:`lelp_fast.io.checksum`) the first time it is read for use (the hash runs over
+    the bytes being read, so it costs no second pass); a truncated or altered shard is an error
+    naming the file. ``verify=False`` skips the hash (and reads shards memory-mapped)."""
 
     def __init__(self, directory: str, *, verify: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
@@ -32,7 +32,7 @@ class CaptureSource(EmbeddingSource):
         if manifest is None:
             raise ValueError(f"{self.directory} has no {mf.MANIFEST}: the capture did not finish; rerun it")
         for entry in manifest["shards"]:
-            mf.verify_shard(self.directory, entry, checksums=False)  # sizes now, sha256 when read
+            mf.verify_shard(self.directory, entry, checksums=False)  # sizes now, checksums when read
         self.verify, self._verified = verify, set()
         self.shards = manifest["shards"]
         self.n_rows = manifest["n_rows"]
@@ -40,20 +40,21 @@ class CaptureSource(EmbeddingSource):
         self._starts = torch.tensor([e["rows"][0] for e in self.shards], dtype=torch.int64)
         with open(os.path.join(self.directory, mf.MANIFEST), "rb") as f:
             self._fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
-        first = self._read(0) if self.shards else None
+        # The widths from the first shard's header (a mapping, no hash): its checksum is checked where
+        # it is read for use, in the reader's thread, like every other shard's.
+        first = mapped.safetensors_arrays(self._path(0)) if self.shards else None
         self.dim = None if first is None else first["embeddings"].shape[1]
         self.num_classes = None if first is None else first["teacher_logits"].shape[1]
 
-    def _read(self, s: int) -> dict:
-        from safetensors.torch import load_file
+    def _path(self, s: int) -> str:
+        return os.path.join(self.directory, self.shards[s]["files"]["capture"]["file"])
 
-        info = self.shards[s]["files"]["capture"]
-        path = os.path.join(self.directory, info["file"])
-        if not self.verify or s in self._verified:
-            return load_file(path)
-        # The first read hashes the mapping the tensors are views of: no second pass, no copy.
-        arrays = mapped.safetensors_arrays(path, info["sha256"], "; rerun the capture (it rewrites damaged shards) "
-                                                                  "or remove the directory")
+    def _read(self, s: int) -> dict:
+        """Shard ``s``'s tensors as views of its mapping; the first read with ``verify`` hashes that
+        mapping (no second pass, no copy)."""
+        info = self.shards[s]["files"]["capture"] if self.verify and s not in self._verified else None
+        arrays = mapped.safetensors_arrays(self._path(s), info, "; rerun the capture (it rewrites damaged shards) "
+                                                                "or remove the directory")
         self._verified.add(s)
         with warnings.catch_warnings():  # a read-only map: the tensors are only ever read
             warnings.simplefilter("ignore", UserWarning)
@@ -123,7 +124,7 @@ class CaptureSource(EmbeddingSource):
 
     def to_hf_dataset(self, verify: bool = True):
         """The capture as a ``datasets.Dataset`` (``embeddings``, ``teacher_logits``, ``labels`` per row),
-        viewing the memory-mapped shards without a copy; with ``verify`` each shard's sha256 is checked
+        viewing the memory-mapped shards without a copy; with ``verify`` each shard's checksum is checked
         on the same mapping as it is opened (bfloat16 embeddings are widened to float32: Arrow has none)."""
         from ..io.arrow import hf_dataset, table
 
@@ -131,7 +132,7 @@ class CaptureSource(EmbeddingSource):
         for entry in self.shards:
             info = entry["files"]["capture"]
             arrays = mapped.safetensors_arrays(os.path.join(self.directory, info["file"]),
-                                               info["sha256"] if verify else None,
+                                               info if verify else None,
                                                "; rerun the capture with the same arguments to rewrite it")
             if self.embeddings_dtype == "bfloat16":  # mapped as its uint16 bits
                 arrays["embeddings"] = torch.from_numpy(arrays["embeddings"].view(np.int16).copy()).view(

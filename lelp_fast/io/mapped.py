@@ -1,49 +1,50 @@
 """Memory-mapped reads of ``.npy`` and ``.safetensors`` files, checksummed on the same mapping.
 
 Hashing a file and then loading it reads it twice, and checks bytes other than the ones used. Here
-one read-only mapping serves both: with ``sha256`` given, the mapping is hashed once as it is
-opened (the pages it brings in are the ones the arrays then read from the page cache), and the
+one read-only mapping serves both: with the file's recorded checksums given (its manifest entry;
+:mod:`.checksum` says which one is checked), the mapping is hashed once as it is opened (the pages it brings in are the ones the arrays then read from the page cache), and the
 arrays are zero-copy views of that mapping, so a batch gathered from them is a slice of the file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import mmap
 import os
 import struct
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 import numpy as np
+
+from .checksum import CorruptFileError, check
 
 # safetensors dtype names -> numpy; bfloat16 is returned as its uint16 bits (the caller views it).
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
                       "BOOL": np.bool_}
 
-
-class CorruptFileError(ValueError):
-    """A file whose bytes do not match its recorded sha256 (or cannot be parsed)."""
+__all__ = ["CorruptFileError", "map_file", "npy_array", "safetensors_arrays", "read_bytes"]
 
 
-def map_file(path: str, sha256: Optional[str] = None, hint: str = "") -> memoryview:
-    """A read-only mapping of ``path``; with ``sha256``, refused (naming the file) unless it matches."""
+Checksums = Optional[Mapping[str, str]]  # a manifest's file entry ("sha256", "xxh3_128"), or None: no check
+
+
+def map_file(path: str, checksums: Checksums = None, hint: str = "") -> memoryview:
+    """A read-only mapping of ``path``; with ``checksums``, refused (naming the file) unless it matches."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             buf = memoryview(b"")
         else:
             buf = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))  # the map outlives the fd
-    if sha256 is not None and hashlib.sha256(buf).hexdigest() != sha256:
-        raise CorruptFileError(f"{path} is corrupt: its sha256 does not match the manifest{hint}")
+    check(buf, checksums, path, hint)
     return buf
 
 
-def npy_array(path: str, sha256: Optional[str] = None, hint: str = "") -> np.ndarray:
+def npy_array(path: str, checksums: Checksums = None, hint: str = "") -> np.ndarray:
     """The array of a ``.npy`` file as a view of its mapping (C order, no pickles)."""
-    buf = map_file(path, sha256, hint)
+    buf = map_file(path, checksums, hint)
     try:
         head = io.BytesIO(bytes(buf[:min(len(buf), 65536)]))
         version = np.lib.format.read_magic(head)
@@ -62,9 +63,9 @@ def npy_array(path: str, sha256: Optional[str] = None, hint: str = "") -> np.nda
     return np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
-def safetensors_arrays(path: str, sha256: Optional[str] = None, hint: str = "") -> Dict[str, np.ndarray]:
+def safetensors_arrays(path: str, checksums: Checksums = None, hint: str = "") -> Dict[str, np.ndarray]:
     """Every tensor of a ``.safetensors`` file as a view of its mapping (bfloat16 as uint16 bits)."""
-    buf = map_file(path, sha256, hint)
+    buf = map_file(path, checksums, hint)
     try:
         (n,) = struct.unpack("<Q", bytes(buf[:8]))
         header = json.loads(bytes(buf[8:8 + n]))
@@ -85,10 +86,9 @@ def safetensors_arrays(path: str, sha256: Optional[str] = None, hint: str = "") 
     return out
 
 
-def read_bytes(path: str, sha256: Optional[str] = None, hint: str = "") -> bytes:
+def read_bytes(path: str, checksums: Checksums = None, hint: str = "") -> bytes:
     """The whole file (formats that are decoded, not mapped: Parquet), checked like :func:`map_file`."""
     with open(path, "rb") as f:
         data = f.read()
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise CorruptFileError(f"{path} is corrupt: its sha256 does not match the manifest{hint}")
+    check(data, checksums, path, hint)
     return data

@@ -43,7 +43,7 @@ class TargetsDataset(Dataset):
         dataset: optional map-style dataset (or tensor) with exactly the same number of rows.
         beta, tau: temperatures for compact outputs (both required), stored logits (tau required);
             refused for outputs written at fixed temperatures.
-        verify: check each shard's sha256 on its first read, on the bytes the tensors are read from
+        verify: check each shard's checksum (XXH3-128) on its first read, on the bytes the tensors are read from
             (one pass over each file, during training rather than before it); a mismatch is an
             error naming the file. ``verify=False`` skips the hashes; sizes are always checked.
     """
@@ -63,7 +63,7 @@ class TargetsDataset(Dataset):
         if dataset is not None and len(dataset) != self.n_rows:
             raise ValueError(f"dataset has {len(dataset)} rows but the targets in {self.directory} have {self.n_rows}")
         _check_temperatures(self.settings, beta, tau)
-        for entry in self.shards:  # sizes now (a stat per file); each sha256 when the shard is first read
+        for entry in self.shards:  # sizes now (a stat per file); each checksum when the shard is first read
             mf.verify_shard(self.directory, entry, checksums=False)
         self.dataset, self.beta, self.tau, self.verify = dataset, beta, tau, bool(verify)
         self._starts = [e["rows"][0] for e in self.shards]
@@ -87,8 +87,7 @@ class TargetsDataset(Dataset):
             self._cache.popitem(last=False)
         entry = self.shards[s]
         files = {k: v["file"] for k, v in entry["files"].items()}
-        checksums = ({k: v["sha256"] for k, v in entry["files"].items()}
-                     if self.verify and s not in self._verified else None)
+        checksums = entry["files"] if self.verify and s not in self._verified else None
         tensors = shards.read(self.settings["format"], self.directory, files, self.settings["dtype"], checksums,
                               hint="; rerun the targets command (generate_targets) with the same arguments to "
                                    "rewrite it")

@@ -16,6 +16,7 @@ import warnings
 from typing import Dict, List, Optional
 
 from .._dist import barrier
+from ..io import checksum
 from . import shards
 
 MANIFEST = "manifest.json"
@@ -77,7 +78,7 @@ def check_settings(path: str, found: dict, wanted: dict) -> None:
 
 def shard_problem(directory: str, entry: dict, checksums: bool = True) -> Optional[str]:
     """Why a recorded shard is not intact (a file missing, of the wrong size, or with another
-    sha256 when ``checksums``), or None."""
+    checksum when ``checksums``), or None."""
     for info in entry["files"].values():
         path = os.path.join(directory, info["file"])
         if not os.path.exists(path):
@@ -85,8 +86,9 @@ def shard_problem(directory: str, entry: dict, checksums: bool = True) -> Option
         size = os.path.getsize(path)
         if size != info["bytes"]:
             return f"shard file {path} is truncated or corrupt: {size} bytes, expected {info['bytes']}"
-        if checksums and shards.file_sha256(path) != info["sha256"]:
-            return f"shard file {path} is corrupt: its sha256 does not match the record"
+        failed = checksums and checksum.file_mismatch(path, info)
+        if failed:
+            return f"shard file {path} is corrupt: its {failed} checksum does not match the record"
     return None
 
 
@@ -100,7 +102,7 @@ def verify_shard(directory: str, entry: dict, checksums: bool = True) -> None:
 def finished_shards(directory: str, settings: dict, verify: bool = True, checksums: bool = True,
                     kind: str = KIND) -> Dict[int, dict]:
     """Shards recorded by any rank's progress file (checked against the settings and, with
-    ``verify``, the files: sizes, and sha256 with ``checksums``)."""
+    ``verify``, the files: sizes, and checksums with ``checksums``)."""
     done: Dict[int, dict] = {}
     for path in sorted(glob.glob(os.path.join(directory, "progress-rank*.json"))):
         record = _load(path, kind)
@@ -139,7 +141,7 @@ def reopen(directory: str, manifest: dict, damaged: Dict[int, str], kind: str = 
 
 def finished_run(directory: str, settings: dict, verify: bool, rank: int, process_group,
                  kind: str = KIND) -> Optional[dict]:
-    """A finished directory's manifest when its settings match and every shard is intact (sha256
+    """A finished directory's manifest when its settings match and every shard is intact (checksums
     with ``verify``, else sizes). With missing or corrupt shards, rank 0 turns it back into a
     partial run (with a warning) and None is returned, as for a directory that never finished."""
     manifest = read_manifest(directory, kind)

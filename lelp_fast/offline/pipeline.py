@@ -19,6 +19,7 @@ import torch
 
 from .._checks import NonFiniteRowError, check_finite
 from .._dist import barrier, rank_world
+from ..io import checksum
 from ..io.device_copy import stage_ahead
 from ..io.locks import lock_rank_directory
 from ..io.prefetch import prefetch
@@ -63,7 +64,7 @@ def generate_targets(
             buffers on a side stream, the next chunk's copy overlapping this chunk's compute.
         process_group: torch.distributed group: chunk i is done by rank i % world; one manifest.
         progress: show a progress bar (rows/s, GB/s, ETA).
-        verify: when ``out_dir`` is already finished, check every shard's sha256 (one read of the
+        verify: when ``out_dir`` is already finished, check every shard's checksum (one read of the
             outputs) before reporting success; False checks sizes only. Missing or corrupt shards
             are rewritten.
 
@@ -232,7 +233,7 @@ class _ShardWriter:
         files = {}
         for key, blob in data.items():
             shards.write_atomically(os.path.join(self.out_dir, names[key]), blob, self.rank)
-            files[key] = {"file": names[key], "bytes": len(blob), "sha256": shards.sha256(blob)}
+            files[key] = {"file": names[key], "bytes": len(blob), **checksum.record(blob)}
         n = next(iter(tensors.values())).shape[0]
         self.entries.append({"index": index, "rows": [start_row, start_row + n], "files": files})
         mf.write_progress(self.out_dir, self.rank, s, self.entries)  # the shard counts only from here

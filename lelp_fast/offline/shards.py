@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import hashlib
 import io
 import os
 import tempfile
@@ -95,18 +94,6 @@ def encode(fmt: str, tensors: Dict[str, torch.Tensor], start_row: int) -> Dict[s
     return {"*": sink.getvalue().to_pybytes()}
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fsync_directory(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -147,10 +134,11 @@ def write_atomically(path: str, data: bytes, rank: int = 0) -> None:
 
 
 def read(fmt: str, directory: str, files: Dict[str, str], dtype: str,
-         checksums: Optional[Dict[str, str]] = None, hint: str = "") -> Dict[str, torch.Tensor]:
+         checksums: Optional[Dict[str, dict]] = None, hint: str = "") -> Dict[str, torch.Tensor]:
     """The fields of one shard as tensors: ``npy`` and ``safetensors`` as views of the memory-mapped
-    files, ``parquet`` decoded. With ``checksums`` (sha256 per key of ``files``) each file is hashed
-    as it is read, on the same bytes the tensors come from, and a mismatch raises naming the file."""
+    files, ``parquet`` decoded. With ``checksums`` (the recorded checksums per key of ``files``) each
+    file is hashed as it is read, on the same bytes the tensors come from, and a mismatch raises
+    naming the file."""
     sums = checksums or {}
     if fmt == "npy":
         arrays = {name: mapped.npy_array(os.path.join(directory, file), sums.get(name), hint)
@@ -168,11 +156,11 @@ def read(fmt: str, directory: str, files: Dict[str, str], dtype: str,
     return out
 
 
-def _parquet_arrays(path: str, sha256: Optional[str], hint: str) -> Dict[str, np.ndarray]:
+def _parquet_arrays(path: str, checksums: Optional[dict], hint: str) -> Dict[str, np.ndarray]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(pa.BufferReader(mapped.read_bytes(path, sha256, hint)))
+    table = pq.read_table(pa.BufferReader(mapped.read_bytes(path, checksums, hint)))
     out = {}
     for name in table.column_names:
         if name == "row":

@@ -2,7 +2,7 @@
 
 Training from stored teacher outputs is the most requested KD feature across the ecosystem, and
 the stores that exist have no integrity or kill-resume. This one is the targets pipeline with a
-different computation per chunk: the same shards, manifest with sha256 per file, per-rank lock,
+different computation per chunk: the same shards, manifest with checksums per file, per-rank lock,
 resume after a kill to identical bytes, ``torchrun`` sharing, and :class:`TargetsDataset` (or its
 ``to_hf_dataset``) to read it back.
 
