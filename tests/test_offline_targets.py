@@ -437,7 +437,18 @@ def test_batches_are_gathered_and_equal_the_rows_of_a_dataloader(problem, tmp_pa
             for a, b in zip(a_in if isinstance(inputs, (TensorDataset, list)) else [a_in],
                             b_in if isinstance(inputs, (TensorDataset, list)) else [b_in]):
                 assert torch.equal(a, b)
+    ds = TargetsDataset(str(tmp_path), TensorDataset(x, y))
+    for drop_last in (False, True):  # no generator: both draw the permutation's seed from the global RNG
+        torch.manual_seed(11)
+        rows = list(DataLoader(ds, batch_size=64, shuffle=True, drop_last=drop_last, collate_fn=collate_with_targets))
+        after_rows = torch.rand(3)
+        torch.manual_seed(11)
+        gathered = list(batch_loader(ds, 64, shuffle=True, drop_last=drop_last))
+        assert torch.equal(torch.rand(3), after_rows) and len(gathered) == len(rows) == 8 - drop_last
+        for ((a_x, a_y), a_t), ((b_x, b_y), b_t) in zip(rows, gathered):
+            assert torch.equal(a_x, b_x) and torch.equal(a_y, b_y) and torch.equal(a_t, b_t)
     want = projector.targets(h.double(), out_dtype=torch.float64, backend="torch")
+    assert ds.targets([]).shape == (0, want.shape[1]) and ds.targets([]).dtype == torch.float16
     got = torch.cat(list(batch_loader(TargetsDataset(str(tmp_path)), 100)))  # no dataset: targets only, in order
     torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-3)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torch.utils.data import default_collate
 
 from .. import reference
@@ -102,15 +102,28 @@ class TargetsDataset(Dataset):
 
     def targets(self, indices: Sequence[int]) -> torch.Tensor:
         """Log-targets of the given rows (len(indices) x K): one gather per shard the rows fall in."""
-        idx = _row_index(indices, self.n_rows)
+        return self._gather(_row_index(indices, self.n_rows))
+
+    def _gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """:meth:`targets` of checked row numbers. The rows are grouped by shard with one stable sort,
+        so a batch costs a few tensor ops per shard it touches (a batch within one shard: one gather)."""
         k = self.settings["K"]
         stored = self.settings.get("kind", "lelp") == "lelp" and not self.settings["compact"]
         dtype = shards.DTYPES[self.settings["dtype"]] if stored else torch.float32  # else computed in fp32
-        out = torch.empty(idx.numel(), k, dtype=dtype)
+        if idx.numel() == 0:
+            return torch.empty(0, k, dtype=dtype)
         shard_of = torch.searchsorted(self._starts_tensor, idx, right=True) - 1
-        for s in torch.unique(shard_of).tolist():
-            where = torch.nonzero(shard_of == s).flatten()
-            out[where] = self._log_targets(self._shard(s), idx[where] - self._starts[s])
+        first, last = int(shard_of.min()), int(shard_of.max())
+        if first == last:
+            return self._log_targets(self._shard(first), idx - self._starts[first]).to(dtype)
+        out = torch.empty(idx.numel(), k, dtype=dtype)
+        order = torch.argsort(shard_of, stable=True)
+        end = 0
+        for s, count in enumerate(torch.bincount(shard_of - first).tolist(), start=first):
+            if count:
+                rows = order[end:end + count]
+                out[rows] = self._log_targets(self._shard(s), idx[rows] - self._starts[s])
+                end += count
         return out
 
     def _log_targets(self, tensors: dict, local: torch.Tensor) -> torch.Tensor:
@@ -130,7 +143,7 @@ class TargetsDataset(Dataset):
         """``log_t`` (B, K) of the rows, or ``(inputs, log_t)`` with the joined dataset's rows gathered
         as one batch (:func:`gather_rows`)."""
         idx = _row_index(indices, self.n_rows)
-        t = self.targets(idx)
+        t = self._gather(idx)
         return t if self.dataset is None else (gather_rows(self.dataset, idx), t)
 
     def to_hf_dataset(self):
@@ -216,16 +229,41 @@ class _Batches(Dataset):
         return self.dataset.batch(indices)
 
 
+class _IndexBatches(Sampler):
+    """Row numbers in batches, as int64 tensors: the batches ``BatchSampler(RandomSampler(rows,
+    generator=generator), batch_size, drop_last)`` gives (one ``randperm`` from the same generator,
+    or from a seed drawn from the global RNG without one), without a Python int per row."""
+
+    def __init__(self, n_rows: int, batch_size: int, shuffle: bool, generator: Optional[torch.Generator],
+                 drop_last: bool):
+        self.n_rows, self.batch_size, self.shuffle = n_rows, batch_size, shuffle
+        self.generator, self.drop_last = generator, drop_last
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n_rows, self.batch_size)
+        return full if self.drop_last or not rest else full + 1
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.shuffle:
+            generator = self.generator
+            if generator is None:  # as RandomSampler: a seed from the global RNG
+                generator = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+            rows = torch.randperm(self.n_rows, generator=generator)
+        else:
+            rows = torch.arange(self.n_rows)
+        for batch in rows.split(self.batch_size)[:len(self)]:
+            yield batch
+
+
 def batch_loader(dataset, batch_size: int, *, shuffle: bool = False, generator: Optional[torch.Generator] = None,
                  drop_last: bool = False, **loader_kwargs) -> DataLoader:
     """A DataLoader of ``dataset.batch(rows)`` (a :class:`TargetsDataset`, or any dataset with
     ``batch``): the same rows in the same order as ``DataLoader(dataset, batch_size, shuffle=shuffle,
     generator=generator)``, each batch gathered at once instead of row by row and collated."""
-    sampler = RandomSampler(range(len(dataset)), generator=generator) if shuffle else SequentialSampler(dataset)
+    sampler = _IndexBatches(len(dataset), batch_size, shuffle, generator, drop_last)
     # The loader draws its workers' base seed from ``generator`` before the sampler draws the
     # permutation, as DataLoader(shuffle=True, generator=...) does: same rows, same global RNG use.
-    return DataLoader(_Batches(dataset), batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last),
-                      generator=generator, **loader_kwargs)
+    return DataLoader(_Batches(dataset), batch_size=None, sampler=sampler, generator=generator, **loader_kwargs)
 
 
 def collate_with_targets(batch: List[Any]):
