@@ -2,8 +2,9 @@
 
 Hashing a file and then loading it reads it twice, and checks bytes other than the ones used. Here
 one read-only mapping serves both: with the file's recorded checksums given (its manifest entry;
-:mod:`.checksum` says which one is checked), the mapping is hashed once as it is opened (the pages it brings in are the ones the arrays then read from the page cache), and the
-arrays are zero-copy views of that mapping, so a batch gathered from them is a slice of the file.
+:mod:`.checksum` says which one is checked), the mapping is hashed once as it is opened (the pages
+it brings in are the ones the arrays then read from the page cache), and the arrays are zero-copy
+views of that mapping, so a batch gathered from them is a slice of the file.
 """
 
 from __future__ import annotations

@@ -43,9 +43,10 @@ class TargetsDataset(Dataset):
         dataset: optional map-style dataset (or tensor) with exactly the same number of rows.
         beta, tau: temperatures for compact outputs (both required), stored logits (tau required);
             refused for outputs written at fixed temperatures.
-        verify: check each shard's checksum (XXH3-128) on its first read, on the bytes the tensors are read from
-            (one pass over each file, during training rather than before it); a mismatch is an
-            error naming the file. ``verify=False`` skips the hashes; sizes are always checked.
+        verify: check each shard's checksum (XXH3-128) on its first read, on the bytes the tensors
+            are read from (one pass over each file, during training rather than before it); a
+            mismatch is an error naming the file. ``verify=False`` skips the hashes; sizes are
+            always checked.
     """
 
     def __init__(self, directory: str, dataset: Optional[Sequence] = None, *, beta: Optional[float] = None,
