@@ -116,3 +116,20 @@ def test_file_mismatch_reads_in_blocks_and_names_the_checksum(tmp_path, monkeypa
     checksum.check(data, None, "f.bin")  # None: no check
     with pytest.raises(checksum.CorruptFileError, match="f.bin is corrupt: its xxh3_128 checksum"):
         checksum.check(data[:-1], recorded, "f.bin")
+
+
+def test_a_damaged_first_capture_shard_is_refused_where_it_is_read(stores, tmp_path):
+    """The first shard's widths come from its header when the source opens; its checksum is checked
+    where it is read, like every other shard's."""
+    cap, _ = stores
+    _, infos = _entries(cap)
+    _flip_last_byte(os.path.join(cap, infos[0]["file"]))
+    source = CaptureSource(cap)
+    assert (source.dim, source.num_classes) == (8, 2)
+    message = f"{infos[0]['file']} is corrupt: its xxh3_128 checksum does not match"
+    with pytest.raises(ValueError, match=message):
+        next(iter(source.chunks()))
+    with pytest.raises(ValueError, match=message):
+        LELPProjector(2).fit(cap)
+    with pytest.raises(ValueError, match=message):
+        generate_targets(LELPProjector(2).fit(CaptureSource(cap, verify=False)), cap, str(tmp_path / "t2"))

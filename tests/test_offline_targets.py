@@ -447,8 +447,24 @@ def test_batches_are_gathered_and_equal_the_rows_of_a_dataloader(problem, tmp_pa
         assert torch.equal(torch.rand(3), after_rows) and len(gathered) == len(rows) == 8 - drop_last
         for ((a_x, a_y), a_t), ((b_x, b_y), b_t) in zip(rows, gathered):
             assert torch.equal(a_x, b_x) and torch.equal(a_y, b_y) and torch.equal(a_t, b_t)
+    for n_rows, drop_last in ((450, False), (450, True), (448, True)):  # a reused generator: every epoch equal
+        sub = torch.utils.data.Subset(ds, range(n_rows))
+        sub.batch = lambda rows: ds.batch(rows)
+        g_rows, g_ours = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        rows = DataLoader(sub, batch_size=64, shuffle=True, drop_last=drop_last, generator=g_rows,
+                          collate_fn=collate_with_targets)
+        ours = batch_loader(sub, 64, shuffle=True, drop_last=drop_last, generator=g_ours)
+        for epoch in range(3):
+            for (a, a_t), (b, b_t) in zip(rows, ours, strict=True):
+                assert torch.equal(a[0], b[0]) and torch.equal(a_t, b_t), (n_rows, drop_last, epoch)
+            assert torch.equal(g_rows.get_state(), g_ours.get_state())
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            batch_loader(ds, bad)
     want = projector.targets(h.double(), out_dtype=torch.float64, backend="torch")
     assert ds.targets([]).shape == (0, want.shape[1]) and ds.targets([]).dtype == torch.float16
+    rows = [449, -1, 0, -450, 5, 5, 200, 97, 96]  # across shards, unordered, negative, repeated
+    torch.testing.assert_close(ds.targets(rows).double(), want[[r % 450 for r in rows]], atol=2e-2, rtol=2e-3)
     got = torch.cat(list(batch_loader(TargetsDataset(str(tmp_path)), 100)))  # no dataset: targets only, in order
     torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-3)
 

@@ -22,7 +22,8 @@ class CaptureSource(EmbeddingSource):
     shards are the unit). Every shard's size is checked when the source is opened, and its checksum
     (XXH3-128, :mod:`lelp_fast.io.checksum`) the first time it is read for use (the hash runs over
     the bytes being read, so it costs no second pass); a truncated or altered shard is an error
-    naming the file. ``verify=False`` skips the hash (and reads shards memory-mapped)."""
+    naming the file. ``verify=False`` skips the hash. The chunks' tensors are read-only views of
+    the memory-mapped shards, with or without the check: clone one before changing it in place."""
 
     def __init__(self, directory: str, *, verify: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))

@@ -4,9 +4,10 @@ Every shard's manifest entry holds two digests of the file's bytes:
 
 - ``sha256``, for other tools (``sha256sum``);
 - ``xxh3_128`` (XXH3, 128 bits, from the ``xxhash`` package; ``xxhsum -H2`` checks it), which is
-  what the readers verify. sha256 hashes at about 1.3 GB/s on one core of the machine in
-  docs/benchmarks.md, slower than offline targets read a capture there (about 2 GB/s), so verifying
-  with it nearly doubled that job; XXH3 hashes at about 11 GB/s, which the read ahead overlaps.
+  what the readers verify. On one core of the machine in docs/benchmarks.md, sha256 hashed 256 MB
+  in memory at 1.3 GB/s, slower than offline targets read a capture there (about 2 GB/s), so
+  verifying with it nearly doubled that job; XXH3-128 hashed the same bytes at 8.5-11 GB/s, and the
+  read-ahead thread does it while the previous shard is computed (docs/benchmarks.md has the cost).
 
 Both detect a damaged file (a flipped byte, a truncation, another file's bytes); neither is meant to
 stop someone who rewrites a file on purpose. Entries written before ``xxh3_128`` was recorded hold

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torch.utils.data import default_collate
 
 from .. import reference
+from .._checks import check_count
 from . import manifest as mf
 from . import shards
 from .teacher_store import dense_topk_log_targets
@@ -218,7 +219,8 @@ def gather_rows(dataset, idx: torch.Tensor) -> Any:
 
 
 class _Batches(Dataset):
-    """``dataset.batch(indices)`` as the item of a DataLoader whose sampler yields index lists."""
+    """``dataset.batch(rows)`` as the item of a DataLoader whose sampler yields batches of rows
+    (int64 tensors: a ``batch`` method takes any sequence of row numbers, a tensor included)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -232,11 +234,13 @@ class _Batches(Dataset):
 
 class _IndexBatches(Sampler):
     """Row numbers in batches, as int64 tensors: the batches ``BatchSampler(RandomSampler(rows,
-    generator=generator), batch_size, drop_last)`` gives (one ``randperm`` from the same generator,
-    or from a seed drawn from the global RNG without one), without a Python int per row."""
+    generator=generator), batch_size, drop_last)`` gives (a ``randperm`` from the same generator, or
+    from a seed drawn from the global RNG without one), without a Python int per row; the
+    generator is left as RandomSampler leaves it, so reusing it gives the same later epochs."""
 
     def __init__(self, n_rows: int, batch_size: int, shuffle: bool, generator: Optional[torch.Generator],
                  drop_last: bool):
+        batch_size = check_count("batch_size", batch_size)
         self.n_rows, self.batch_size, self.shuffle = n_rows, batch_size, shuffle
         self.generator, self.drop_last = generator, drop_last
 
@@ -254,6 +258,10 @@ class _IndexBatches(Sampler):
             rows = torch.arange(self.n_rows)
         for batch in rows.split(self.batch_size)[:len(self)]:
             yield batch
+        if self.shuffle and self.generator is not None:
+            # RandomSampler draws a second permutation when it runs out (and keeps none of it):
+            # the same draw here leaves a reused generator where a DataLoader would.
+            torch.randperm(self.n_rows, generator=self.generator)
 
 
 def batch_loader(dataset, batch_size: int, *, shuffle: bool = False, generator: Optional[torch.Generator] = None,
