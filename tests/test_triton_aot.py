@@ -125,8 +125,8 @@ def test_loss_kernel_loads_rows_in_vectors(compiled, case):
 
 def test_every_launch_configuration_is_a_case():
     """The gates cover what the launchers pick: each targets config at the widest program it serves
-    (shared memory and registers grow with a program's columns), and the loss's block shape at
-    every K from 2 to 512."""
+    (shared memory and registers grow with a program's columns), and the loss's block shape (its
+    one or two column pieces) at every K from 2 to 512."""
     compiled = {(v["constexprs"]["C_BLOCK"] * v["constexprs"]["S_PAD"], v["config"]) for v in targets_kernels.VARIANTS}
     widths = {targets_kernels.class_block(c, s) * s for c in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
               for s in (1, 2, 4, 8, 16, 32, 64, 128) if 16 <= c * s <= 512}
@@ -134,7 +134,7 @@ def test_every_launch_configuration_is_a_case():
         widest = max(k for k in widths if targets_kernels.config_class(k) == name)
         for cfg in configs:
             assert (widest, cfg) in compiled, f"targets config {cfg} is never compiled at {widest} columns"
-    loss_shapes = {(v["constexprs"]["BLOCK_N"], v["constexprs"]["BLOCK_K"], v["num_warps"])
+    loss_shapes = {tuple(v["constexprs"][name] for name in ("BLOCK_N", "BLOCK_K", "BLOCK_K2")) + (v["num_warps"],)
                    for v in loss_kernels.VARIANTS}
     for k in range(2, 513):
         assert loss_kernels.block_shape(k) in loss_shapes, f"the loss block shape at K = {k} is never compiled"
