@@ -132,7 +132,7 @@ def loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
             continue
         v = loss.VARIANTS[i]
         c = v["constexprs"]
-        if c["DIVERGENCE"] != 0 or c["HAS_WEIGHTS"] or c["K"] < 16:
+        if c["DIVERGENCE"] != 0 or c["HAS_WEIGHTS"] or c["K"] not in loss.COST_KS:
             continue
         e = per_element(row["facts"], c["BLOCK_N"], c["K"], v["num_warps"])
         moved, floor = (bytes_bf16, 6) if dts[0] == "bf16" else (bytes_fp32, 12)

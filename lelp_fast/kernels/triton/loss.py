@@ -50,92 +50,128 @@ def _prev_pow2(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
 
 
-def block_shape(k: int):
+def _plain(divergence: int, has_labels: bool) -> bool:
+    """The distillation step the cost model gates (KL, no hard-label term): chunked rows, full tiles."""
+    return divergence == 0 and not has_labels
+
+
+def block_shape(k: int, divergence: int = 0, has_labels: bool = False):
     """(BLOCK_N, BLOCK_K, BLOCK_K2, num_warps): the whole row in registers as a power-of-two piece
     of BLOCK_K columns and, when K is not a power of two but at most 1.5 BLOCK_K, a second piece of
     BLOCK_K2 = BLOCK_K/4 or BLOCK_K/2 columns after it (K = 40: 32 + 8; 36: 32 + 8, 4 padded; 48:
     32 + 16); otherwise (and below 8 columns) one piece of next_pow2(K). Two sizes of second piece,
-    not every power of two: each is one more shape to compile (``VARIANTS``). Rows batched so the
-    first piece holds ELEMENTS_PER_PROGRAM elements (at most MAX_ROWS_PER_PROGRAM rows); 4 warps, 8
-    at 512 columns (4 spilled 8 B at K = 512 under Triton 3.6, where ptxas kept to 64 registers)."""
+    not every power of two: each is one more shape to compile (``VARIANTS``). 4 warps. Rows: the
+    plain KL step holds 1.25 x ELEMENTS_PER_PROGRAM elements rounded down to a power of two of
+    rows (ELEMENTS_PER_PROGRAM // BLOCK_K for one piece and for 32 + 8; 128 + 64 at 24 values per
+    thread spilled on sm_80); the other divergences and the hard-label term, with more live
+    arrays, half as many (at 16 values per thread JS, TVD and KL with labels spilled 8-16 B under
+    Triton 3.6 or on sm_80)."""
     k1 = _prev_pow2(max(2, k))
     if k == k1 or k1 < 8 or k - k1 > k1 // 2:
         block_k, block_k2 = (k1 if k == k1 else 2 * k1), 0
     else:
         block_k, block_k2 = k1, max(k1 // 4, triton.next_power_of_2(k - k1))
-    block_n = min(ELEMENTS_PER_PROGRAM // block_k, MAX_ROWS_PER_PROGRAM)
+    elements = ELEMENTS_PER_PROGRAM if _plain(divergence, has_labels) else ELEMENTS_PER_PROGRAM // 2
+    block_n = min(_prev_pow2(elements * 5 // 4 // (block_k + block_k2)), MAX_ROWS_PER_PROGRAM)
     return block_n, block_k, block_k2, 4
 
 
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
-def chunks(block_k: int, block_k2: int, itemsize: int):
-    """(J1, J2): a piece of W columns is held as (J, BLOCK_N, W/J), J chunks of a row side by side
-    in each thread, so that each thread holds up to 16 elements of one row in 16-byte vectors and a
-    row of W >= 16 columns is shared by W/16 threads. As (BLOCK_N, W), 16-byte vectors spread a row
-    over W·itemsize/16 threads: 32 for fp32 at K = 128, whose five shuffle levels per row reduction
-    (four reductions) cost 10 of the 42 instructions per element the cost model read. Two pieces
-    stay (BLOCK_N, W) (J = 1): chunked, their rows fell in different threads and the compiler
-    recomputed exponentials in the other piece's layout (3.6 MUFU per element at K = 40, bf16)."""
-    if block_k2:
+def _row_axis() -> int:
+    """Which axis of a chunked piece holds the rows: the compilers order the two non-contiguous axes
+    of a 3-d tile's layout oppositely (read from the TTGIR: Triton 3.6 puts threads on axis 0
+    first, 3.9 on axis 1), and the rows must take the threads. Versions between 3.6 and 3.9 are
+    taken to follow 3.9 (not checked; only the instruction count depends on it)."""
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return 0 if (major, minor) < (3, 7) else 1
+
+
+def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0, has_labels: bool = False):
+    """(J1, J2): a piece of W columns is held as J chunks of W/J columns side by side in each thread,
+    so that each thread holds up to 16 elements of one row in 16-byte vectors and a row of W >= 16
+    columns is shared by W/16 threads. As (BLOCK_N, W), 16-byte vectors spread a row over
+    W·itemsize/16 threads: 32 for fp32 at K = 128, whose five shuffle levels per row reduction (four
+    reductions) cost 10 of the 42 instructions per element the cost model read. Two pieces stay
+    (BLOCK_N, W) (J = 1): chunked, their rows fell in different threads and the compiler recomputed
+    exponentials in the other piece's layout (3.6 MUFU per element at K = 40, bf16). Only the plain
+    KL step is chunked: JS with labels, chunked, spilled 8 B on sm_80 (ptxas kept to 80 registers)."""
+    if block_k2 or not _plain(divergence, has_labels):
         return 1, 1
     return max(1, min(block_k, 16) * itemsize // 16), 1
 
 
 def chunk_constexprs(constexprs: dict, dtype: str) -> dict:
-    """The kernel's J1, J2 for a variant's block shape and the student's dtype (``ITEMSIZE`` key)."""
-    j1, j2 = chunks(constexprs["BLOCK_K"], constexprs["BLOCK_K2"], ITEMSIZE[dtype])
-    return dict(J1=j1, J2=j2)
+    """The kernel's J1, J2 and ROW_AXIS for a variant and the student's dtype (``ITEMSIZE`` key),
+    under the Triton that imports this module."""
+    j1, j2 = chunks(constexprs["BLOCK_K"], constexprs["BLOCK_K2"], ITEMSIZE[dtype], constexprs["DIVERGENCE"],
+                    constexprs["HAS_LABELS"])
+    return dict(J1=j1, J2=j2, ROW_AXIS=_row_axis())
 
 
 @triton.jit
-def _rsum(x):
-    """Row sums of a piece (J, BLOCK_N, C) -> (BLOCK_N,)."""
-    return tl.sum(tl.sum(x, axis=2), axis=0)
+def _bc(r, ROW_AXIS: tl.constexpr):
+    """A per-row vector (BLOCK_N,) broadcast against a piece (rows on axis ROW_AXIS, chunks on the
+    other of axes 0 and 1, the chunk's columns on axis 2)."""
+    if ROW_AXIS == 0:
+        return r[:, None, None]
+    else:
+        return r[None, :, None]
 
 
 @triton.jit
-def _rmax(x):
-    return tl.max(tl.max(x, axis=2), axis=0)
+def _rsum(x, ROW_AXIS: tl.constexpr):
+    """Row sums of a piece -> (BLOCK_N,)."""
+    return tl.sum(tl.sum(x, axis=2), axis=1 - ROW_AXIS)
 
 
 @triton.jit
-def _cols(C0: tl.constexpr, W: tl.constexpr, J: tl.constexpr):
-    """Column index of each element of a piece of W columns from C0, held as J chunks (J, 1, W/J)."""
-    return C0 + tl.arange(0, J)[:, None, None] * (W // J) + tl.arange(0, W // J)[None, None, :]
+def _rmax(x, ROW_AXIS: tl.constexpr):
+    return tl.max(tl.max(x, axis=2), axis=1 - ROW_AXIS)
+
+
+@triton.jit
+def _cols(C0: tl.constexpr, W: tl.constexpr, J: tl.constexpr, ROW_AXIS: tl.constexpr):
+    """Column index of each element of a piece of W columns from C0, held as J chunks of W/J."""
+    if ROW_AXIS == 0:
+        chunk = tl.arange(0, J)[None, :, None]
+    else:
+        chunk = tl.arange(0, J)[:, None, None]
+    return C0 + chunk * (W // J) + tl.arange(0, W // J)[None, None, :]
 
 
 @triton.jit
 def _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K: tl.constexpr, C0: tl.constexpr, W: tl.constexpr,
-                J: tl.constexpr, HAS_WEIGHTS: tl.constexpr):
+                J: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ROW_AXIS: tl.constexpr):
     """Columns C0 .. C0 + W of the block's rows as (J, BLOCK_N, W/J), fp32: s, log t and t; masked
     elements are s = -inf, log t = -inf, t = 0 (no exponential, no term, no gradient). Mixed
     teachers: t = Σ_m w_m t_m (a negative or NaN weight gives NaN, a zero weight drops its
     teacher), log t = log2(t) ln 2."""
-    cols = _cols(C0, W, J)
-    ok = row_ok[None, :, None] & (cols < K)
-    s = tl.load(s_ptr + rows64[None, :, None] * K + cols, mask=ok, other=NEG_INF).to(tl.float32)
+    cols = _cols(C0, W, J, ROW_AXIS)
+    ok = _bc(row_ok, ROW_AXIS) & (cols < K)
+    s = tl.load(s_ptr + _bc(rows64, ROW_AXIS) * K + cols, mask=ok, other=NEG_INF).to(tl.float32)
     if HAS_WEIGHTS:
         t = tl.zeros(s.shape, dtype=tl.float32)
         for m in range(0, M):
             w = tl.load(w_ptr + rows64 * M + m, mask=row_ok, other=0.0)
             w = tl.where(w >= 0.0, w, tl.sqrt(w))  # the square root of a negative weight is NaN
-            lt_m = tl.load(t_ptr + rows64[None, :, None] * (M * K) + m * K + cols, mask=ok, other=NEG_INF)
-            t += w[None, :, None] * tl.exp2(lt_m.to(tl.float32) * LOG2E)
+            lt_m = tl.load(t_ptr + _bc(rows64, ROW_AXIS) * (M * K) + m * K + cols, mask=ok, other=NEG_INF)
+            t += _bc(w, ROW_AXIS) * tl.exp2(lt_m.to(tl.float32) * LOG2E)
         log_t = tl.log2(t) * LN2
     else:
-        log_t = tl.load(t_ptr + rows64[None, :, None] * K + cols, mask=ok, other=NEG_INF).to(tl.float32)
+        log_t = tl.load(t_ptr + _bc(rows64, ROW_AXIS) * K + cols, mask=ok, other=NEG_INF).to(tl.float32)
         t = tl.exp2(log_t * LOG2E)
     return s, log_t, t
 
 
 @triton.jit
-def _store_piece(grad_ptr, g, rows64, row_ok, K: tl.constexpr, C0: tl.constexpr, W: tl.constexpr, J: tl.constexpr):
+def _store_piece(grad_ptr, g, rows64, row_ok, K: tl.constexpr, C0: tl.constexpr, W: tl.constexpr, J: tl.constexpr,
+                 ROW_AXIS: tl.constexpr):
     """Columns C0 .. C0 + W of the gradient, in the dtype of ``grad_ptr``."""
-    cols = _cols(C0, W, J)
-    tl.store(grad_ptr + rows64[None, :, None] * K + cols, g.to(grad_ptr.dtype.element_ty),
-             mask=row_ok[None, :, None] & (cols < K))
+    cols = _cols(C0, W, J, ROW_AXIS)
+    tl.store(grad_ptr + _bc(rows64, ROW_AXIS) * K + cols, g.to(grad_ptr.dtype.element_ty),
+             mask=_bc(row_ok, ROW_AXIS) & (cols < K))
 
 
 @triton.jit
@@ -145,11 +181,11 @@ def _xlogx_ratio(p, log_p, log_x):
 
 
 @triton.jit
-def _terms(log_t, t, v, e, lz, jsd_beta, r_z, DIVERGENCE: tl.constexpr):
+def _terms(log_t, t, v, e, lz, jsd_beta, r_z, DIVERGENCE: tl.constexpr, ROW_AXIS: tl.constexpr):
     """Per element, for divergences 1-3: (the divergence's summand, a = dD/dlog q / q, q): the
     gradient is q (a - Σ q a). v = (s - max s) log2(e)/τ, e = 2^v, lz = log2 Σ e, r_z = 1 / Σ e."""
-    q = e * r_z[None, :, None]
-    log_q = (v - lz[None, :, None]) * LN2
+    q = e * _bc(r_z, ROW_AXIS)
+    log_q = (v - _bc(lz, ROW_AXIS)) * LN2
     if DIVERGENCE == 1:  # KL(q || t)
         d = _xlogx_ratio(q, log_q, log_t)
         a = tl.where(q == 0.0, 0.0, log_q - log_t)
@@ -164,16 +200,16 @@ def _terms(log_t, t, v, e, lz, jsd_beta, r_z, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def _in_class(y, C0: tl.constexpr, W: tl.constexpr, J: tl.constexpr, S: tl.constexpr):
+def _in_class(y, C0: tl.constexpr, W: tl.constexpr, J: tl.constexpr, S: tl.constexpr, ROW_AXIS: tl.constexpr):
     """Whether each element of the piece belongs to class y (padding columns never do: y < C)."""
-    return (_cols(C0, W, J) // S) == y[None, :, None]
+    return (_cols(C0, W, J, ROW_AXIS) // S) == _bc(y, ROW_AXIS)
 
 
 @triton.jit
-def _hard_exp(s, in_y, row_max, sy_max):
+def _hard_exp(s, in_y, row_max, sy_max, ROW_AXIS: tl.constexpr):
     """exp(s - r), r the row's max outside class y and the class's own max inside it: one
     exponential per element, and class y's share does not underflow against the row max."""
-    return tl.exp2((s - tl.where(in_y, sy_max[None, :, None], row_max[None, :, None])) * LOG2E)
+    return tl.exp2((s - tl.where(in_y, _bc(sy_max, ROW_AXIS), _bc(row_max, ROW_AXIS))) * LOG2E)
 
 
 @triton.jit
@@ -182,7 +218,7 @@ def lelp_loss_kernel(
     N, M, jsd_beta, tau, alpha, ignore_index,
     K: tl.constexpr, S: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     HAS_LABELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
-    J1: tl.constexpr, J2: tl.constexpr,
+    J1: tl.constexpr, J2: tl.constexpr, ROW_AXIS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -192,108 +228,109 @@ def lelp_loss_kernel(
     scale = tl.load(scale_ptr)  # the reduction's (1/rows for the mean), folded into the gradient
     c_tau = scale * tau
 
-    s1, lt1, t1 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, 0, BLOCK_K, J1, HAS_WEIGHTS)
-    row_max = _rmax(s1)
+    s1, lt1, t1 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, 0, BLOCK_K, J1, HAS_WEIGHTS, ROW_AXIS)
+    row_max = _rmax(s1, ROW_AXIS)
     if BLOCK_K2 > 0:
-        s2, lt2, t2 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, BLOCK_K, BLOCK_K2, J2, HAS_WEIGHTS)
-        row_max = tl.maximum(row_max, _rmax(s2))
+        s2, lt2, t2 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, BLOCK_K, BLOCK_K2, J2, HAS_WEIGHTS,
+                                  ROW_AXIS)
+        row_max = tl.maximum(row_max, _rmax(s2, ROW_AXIS))
     # v = (s - max s) log2(e)/τ <= 0 (one FFMA): the softmax of s/τ is 2^v / Σ 2^v.
-    mu = (row_max * c1)[None, :, None]
+    mu = _bc(row_max * c1, ROW_AXIS)
     v1 = s1 * c1 - mu
     e1 = tl.exp2(v1)
-    z = _rsum(e1)
+    z = _rsum(e1, ROW_AXIS)
     if BLOCK_K2 > 0:
         v2 = s2 * c1 - mu
         e2 = tl.exp2(v2)
-        z += _rsum(e2)
+        z += _rsum(e2, ROW_AXIS)
     lz = tl.log2(z)
 
     if DIVERGENCE == 0:
         # KL(t || q) = Σ t (log t - v ln 2) + ln Z Σ t; grad τ (q Σt - t), not τ (q - t): low-precision
         # targets need not sum to 1. Per element: two exp2, no log.
-        sum_t = _rsum(t1)
-        d = _rsum(tl.where(t1 == 0.0, 0.0, t1 * (lt1 - v1 * LN2)))
+        sum_t = _rsum(t1, ROW_AXIS)
+        d = _rsum(tl.where(t1 == 0.0, 0.0, t1 * (lt1 - v1 * LN2)), ROW_AXIS)
         if BLOCK_K2 > 0:
-            sum_t += _rsum(t2)
-            d += _rsum(tl.where(t2 == 0.0, 0.0, t2 * (lt2 - v2 * LN2)))
+            sum_t += _rsum(t2, ROW_AXIS)
+            d += _rsum(tl.where(t2 == 0.0, 0.0, t2 * (lt2 - v2 * LN2)), ROW_AXIS)
         d += lz * LN2 * sum_t
-        a = (c_tau * sum_t / z)[None, :, None]
+        a = _bc(c_tau * sum_t / z, ROW_AXIS)
         g1 = e1 * a - t1 * c_tau
         if BLOCK_K2 > 0:
             g2 = e2 * a - t2 * c_tau
     elif DIVERGENCE == 4:  # MSE of the centred logits s/τ and log t (log q - mean log q = (v - mean v) ln 2)
-        ok1 = _cols(0, BLOCK_K, J1) < K
+        ok1 = _cols(0, BLOCK_K, J1, ROW_AXIS) < K
         v1 = tl.where(ok1, v1, 0.0)
         lt1 = tl.where(ok1, lt1, 0.0)
-        mean_v = _rsum(v1)
-        mean_t = _rsum(lt1)
+        mean_v = _rsum(v1, ROW_AXIS)
+        mean_t = _rsum(lt1, ROW_AXIS)
         if BLOCK_K2 > 0:
-            ok2 = _cols(BLOCK_K, BLOCK_K2, J2) < K
+            ok2 = _cols(BLOCK_K, BLOCK_K2, J2, ROW_AXIS) < K
             v2 = tl.where(ok2, v2, 0.0)
             lt2 = tl.where(ok2, lt2, 0.0)
-            mean_v += _rsum(v2)
-            mean_t += _rsum(lt2)
-        mean_v = (mean_v / K)[None, :, None]
-        mean_t = (mean_t / K)[None, :, None]
+            mean_v += _rsum(v2, ROW_AXIS)
+            mean_t += _rsum(lt2, ROW_AXIS)
+        mean_v = _bc(mean_v / K, ROW_AXIS)
+        mean_t = _bc(mean_t / K, ROW_AXIS)
         err1 = tl.where(ok1, (v1 - mean_v) * LN2 - (lt1 - mean_t), 0.0)
-        d = _rsum(err1 * err1)
+        d = _rsum(err1 * err1, ROW_AXIS)
         g1 = (2.0 / K) * c_tau * err1
         if BLOCK_K2 > 0:
             err2 = tl.where(ok2, (v2 - mean_v) * LN2 - (lt2 - mean_t), 0.0)
-            d += _rsum(err2 * err2)
+            d += _rsum(err2 * err2, ROW_AXIS)
             g2 = (2.0 / K) * c_tau * err2
         d = d / K
     else:
         r_z = 1.0 / z
-        d1, a1, q1 = _terms(lt1, t1, v1, e1, lz, jsd_beta, r_z, DIVERGENCE)
-        d = _rsum(d1)
-        qa = _rsum(q1 * a1)
+        d1, a1, q1 = _terms(lt1, t1, v1, e1, lz, jsd_beta, r_z, DIVERGENCE, ROW_AXIS)
+        d = _rsum(d1, ROW_AXIS)
+        qa = _rsum(q1 * a1, ROW_AXIS)
         if BLOCK_K2 > 0:
-            d2, a2, q2 = _terms(lt2, t2, v2, e2, lz, jsd_beta, r_z, DIVERGENCE)
-            d += _rsum(d2)
-            qa += _rsum(q2 * a2)
-        g1 = c_tau * q1 * (a1 - qa[None, :, None])
+            d2, a2, q2 = _terms(lt2, t2, v2, e2, lz, jsd_beta, r_z, DIVERGENCE, ROW_AXIS)
+            d += _rsum(d2, ROW_AXIS)
+            qa += _rsum(q2 * a2, ROW_AXIS)
+        g1 = c_tau * q1 * (a1 - _bc(qa, ROW_AXIS))
         if BLOCK_K2 > 0:
-            g2 = c_tau * q2 * (a2 - qa[None, :, None])
+            g2 = c_tau * q2 * (a2 - _bc(qa, ROW_AXIS))
     loss = tau * tau * d
 
     if HAS_LABELS:
         y = tl.load(y_ptr + rows64, mask=row_ok, other=ignore_index)
         keep = y != ignore_index
         if alpha != 0.0:  # α CE(y, logsumexp-pool(s)) = α (lse(s) - lse over class y), one exp per element
-            in_y1 = _in_class(y, 0, BLOCK_K, J1, S)
-            sy_max = _rmax(tl.where(in_y1, s1, NEG_INF))
+            in_y1 = _in_class(y, 0, BLOCK_K, J1, S, ROW_AXIS)
+            sy_max = _rmax(tl.where(in_y1, s1, NEG_INF), ROW_AXIS)
             if BLOCK_K2 > 0:
-                in_y2 = _in_class(y, BLOCK_K, BLOCK_K2, J2, S)
-                sy_max = tl.maximum(sy_max, _rmax(tl.where(in_y2, s2, NEG_INF)))
+                in_y2 = _in_class(y, BLOCK_K, BLOCK_K2, J2, S, ROW_AXIS)
+                sy_max = tl.maximum(sy_max, _rmax(tl.where(in_y2, s2, NEG_INF), ROW_AXIS))
             sy_max = tl.where(keep, sy_max, row_max)
-            f1 = _hard_exp(s1, in_y1, row_max, sy_max)
-            sum_y = _rsum(tl.where(in_y1, f1, 0.0))
-            sum_not_y = _rsum(tl.where(in_y1, 0.0, f1))
+            f1 = _hard_exp(s1, in_y1, row_max, sy_max, ROW_AXIS)
+            sum_y = _rsum(tl.where(in_y1, f1, 0.0), ROW_AXIS)
+            sum_not_y = _rsum(tl.where(in_y1, 0.0, f1), ROW_AXIS)
             if BLOCK_K2 > 0:
-                f2 = _hard_exp(s2, in_y2, row_max, sy_max)
-                sum_y += _rsum(tl.where(in_y2, f2, 0.0))
-                sum_not_y += _rsum(tl.where(in_y2, 0.0, f2))
+                f2 = _hard_exp(s2, in_y2, row_max, sy_max, ROW_AXIS)
+                sum_y += _rsum(tl.where(in_y2, f2, 0.0), ROW_AXIS)
+                sum_not_y += _rsum(tl.where(in_y2, 0.0, f2), ROW_AXIS)
             share_y = tl.exp2((sy_max - row_max) * LOG2E)  # class y's exponentials in the row max's scale
             z_all = sum_not_y + share_y * sum_y
             ce = tl.where(keep, alpha * ((row_max - sy_max) + (tl.log2(z_all) - tl.log2(sum_y)) * LN2), 0.0)
             # softmax(s) - the softmax over class y, from the one exponential f
-            in_scale = (scale * alpha * (share_y / z_all - 1.0 / sum_y))[None, :, None]
-            out_scale = (scale * alpha / z_all)[None, :, None]
+            in_scale = _bc(scale * alpha * (share_y / z_all - 1.0 / sum_y), ROW_AXIS)
+            out_scale = _bc(scale * alpha / z_all, ROW_AXIS)
             g1 += f1 * tl.where(in_y1, in_scale, out_scale)
             if BLOCK_K2 > 0:
                 g2 += f2 * tl.where(in_y2, in_scale, out_scale)
             loss += ce
             tl.store(hard_ptr + rows64, ce, mask=row_ok)
         loss = tl.where(keep, loss, 0.0)
-        g1 = tl.where(keep[None, :, None], g1, 0.0)
+        g1 = tl.where(_bc(keep, ROW_AXIS), g1, 0.0)
         if BLOCK_K2 > 0:
-            g2 = tl.where(keep[None, :, None], g2, 0.0)
+            g2 = tl.where(_bc(keep, ROW_AXIS), g2, 0.0)
 
     tl.store(loss_ptr + rows64, loss, mask=row_ok)
-    _store_piece(grad_ptr, g1, rows64, row_ok, K, 0, BLOCK_K, J1)
+    _store_piece(grad_ptr, g1, rows64, row_ok, K, 0, BLOCK_K, J1, ROW_AXIS)
     if BLOCK_K2 > 0:
-        _store_piece(grad_ptr, g2, rows64, row_ok, K, BLOCK_K, BLOCK_K2, J2)
+        _store_piece(grad_ptr, g2, rows64, row_ok, K, BLOCK_K, BLOCK_K2, J2, ROW_AXIS)
 
 
 def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha,
@@ -308,14 +345,15 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
     if grad_scale is None:
         grad_scale = torch.ones(1, dtype=torch.float32, device=student.device)
     m = 1 if log_targets.ndim == 2 else log_targets.shape[1]
-    block_n, block_k, block_k2, num_warps = block_shape(k)
-    j1, j2 = chunks(block_k, block_k2, student.element_size())
+    has_labels = labels is not None
+    block_n, block_k, block_k2, num_warps = block_shape(k, divergence, has_labels)
+    j1, j2 = chunks(block_k, block_k2, student.element_size(), divergence, has_labels)
     grid = (triton.cdiv(n, block_n),)
     lelp_loss_kernel[grid](
         student, log_targets, weights if weights is not None else student, labels if labels is not None else student,
         grad_scale, loss_rows, hard_rows, grad, n, m, float(jsd_beta), float(tau), float(alpha), int(ignore_index),
         K=k, S=n_subclasses, DIVERGENCE=divergence, HAS_WEIGHTS=weights is not None, HAS_LABELS=labels is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K2=block_k2, J1=j1, J2=j2,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K2=block_k2, J1=j1, J2=j2, ROW_AXIS=_row_axis(),
         num_warps=num_warps,
     )
 
@@ -344,35 +382,36 @@ def scale_unless_one(x, scale):
 
 
 # What the AOT test compiles: every flag combination at a row width that is not a power of two and
-# at the widest (K = 40, 512), each divergence at three other block shapes (K = 2, 128, 200), KL and
-# JS (the most live arrays) at the remaining ones (block_shape gives every K a first piece of a
-# power of two and a second of a quarter or a half of it, or none; the flags are what changes the
-# code), and plain KL (no weights, no labels: the distillation step the cost model of
-# docs/benchmarks.md reads) at K = 16 and 128.
+# at the widest (K = 40, 512), each divergence at three other block shapes (K = 2, 128, 200), plain
+# KL (no weights, no labels: the distillation step the cost model of docs/benchmarks.md reads) at
+# K = 16 and 128, and every other block shape block_shape gives for K = 2 .. 512 (the flags are
+# what changes the code; each dtype's chunking, chunk_constexprs, comes with the dtype compiled).
 FULL_SHAPES = [(40, 20), (512, 32)]
 DIVERGENCE_SHAPES = [(2, 1), (128, 16), (200, 8)]
 COST_SHAPES = [(16, 8), (128, 16)]
-
-
-def _block_shapes_ks() -> List[int]:
-    """The smallest K of each block shape block_shape gives for K = 2 .. 512."""
-    seen = {}
-    for k in range(2, limits.MAX_LOSS_K + 1):
-        seen.setdefault(block_shape(k), k)
-    return sorted(seen.values())
+# The K of the cost model's table (docs/benchmarks.md) and of its gate (tests/test_triton_aot.py)
+COST_KS = (16, 40, 128, 512)
 
 
 def _variants() -> List[dict]:
     combos = [(shape, div, has_w, has_y) for shape, div, has_w, has_y
               in itertools.product(FULL_SHAPES, range(5), (False, True), (False, True))]
     combos += [(shape, div, False, True) for shape, div in itertools.product(DIVERGENCE_SHAPES, range(5))]
-    covered = {block_shape(k) for (k, _), *_ in combos}
-    block_ks = [k for k in _block_shapes_ks() if block_shape(k) not in covered]
-    combos += [((k, 1), div, False, True) for k, div in itertools.product(block_ks, (0, 2))]
     combos += [(shape, 0, False, False) for shape in COST_SHAPES]
+    # every other block shape for K = 2 .. 512: as the plain step (KL, chunked rows) and as JS with
+    # labels (the most live arrays; the other divergences and flags share its shape)
+    # (the K of each that has the most aligned rows: 20 for 16 + 4 columns, not 17)
+    covered = {(block_shape(k, div, has_y), _plain(div, has_y)) for (k, _), div, _, has_y in combos}
+    for div, has_y in ((0, False), (2, True)):
+        best = {}
+        for k in range(2, limits.MAX_LOSS_K + 1):
+            key = (block_shape(k, div, has_y), _plain(div, has_y))
+            if key not in covered and (k & -k) > (best.get(key, 0) & -best.get(key, 0)):
+                best[key] = k
+        combos += [((k, 1), div, False, has_y) for k in sorted(best.values())]
     variants = []
     for (k, s), div, has_w, has_y in combos:
-        block_n, block_k, block_k2, num_warps = block_shape(k)
+        block_n, block_k, block_k2, num_warps = block_shape(k, div, has_y)
         variants.append(dict(num_warps=num_warps, constexprs=dict(
             K=k, S=s, DIVERGENCE=div, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, BLOCK_N=block_n, BLOCK_K=block_k,
             BLOCK_K2=block_k2)))
@@ -398,5 +437,5 @@ def signature(dtype: str, target_dtype: str) -> dict:
         "loss_ptr": "*fp32", "hard_ptr": "*fp32", "grad_ptr": f"*{dtype}", "N": "i32", "M": "i32", "jsd_beta": "fp32",
         "tau": "fp32", "alpha": "fp32", "ignore_index": "i32",
         **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "BLOCK_N", "BLOCK_K",
-                                          "BLOCK_K2", "J1", "J2")},
+                                          "BLOCK_K2", "J1", "J2", "ROW_AXIS")},
     }
