@@ -151,6 +151,22 @@ def test_triton_second_backward_is_refused_not_wrong():
         loss.backward()
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="aot_eager on the interpreter")
+def test_triton_folded_loss_traces_under_torch_compile():
+    """fullgraph tracing of the folded path: the loss op's fake gives the gradient in the student's
+    dtype, and the compiled backward scales it through the scale_unless_one custom op (here by 2)."""
+    student, log_t, _ = make_inputs(16, 2, 4, seed=9)
+    x = student.float().requires_grad_(True)
+
+    def step(s, t):
+        return distill_loss(s, t, num_classes=2, n_subclasses=4, tau=2.0, backend="triton", check_inputs=False)
+
+    (2 * torch.compile(step, fullgraph=True, backend="aot_eager")(x, log_t.float())).backward()
+    want, want_grad = reference_loss_and_grad(x, log_t, None, num_classes=2, n_subclasses=4, tau=2.0)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(x.grad.double(), 2 * want_grad, atol=atol * 2, rtol=rtol * 10)
+
+
 def test_triton_all_rows_ignored():
     student, log_t, _ = make_inputs(5, 2, 2, seed=4)
     x = student.float().to(DEVICE).requires_grad_(True)
