@@ -167,6 +167,20 @@ def test_triton_folded_loss_traces_under_torch_compile():
     torch.testing.assert_close(x.grad.double(), 2 * want_grad, atol=atol * 2, rtol=rtol * 10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_scale_unless_one(dtype):
+    """The backward's device-side scale (what a GPU runs in place of a host test of grad_output):
+    nothing changes at 1, every element (past one program's block too) is scaled otherwise."""
+    from lelp_fast.kernels.triton.loss import SCALE_BLOCK, scale_unless_one
+
+    x = torch.randn(SCALE_BLOCK + 5, dtype=torch.float32).to(dtype).to(DEVICE)
+    want = x.clone()
+    scale_unless_one(x, torch.ones(1, device=DEVICE))
+    assert torch.equal(x, want)
+    scale_unless_one(x, torch.full((1,), 3.0, device=DEVICE))
+    torch.testing.assert_close(x, (want.float() * 3.0).to(dtype))
+
+
 def test_triton_all_rows_ignored():
     student, log_t, _ = make_inputs(5, 2, 2, seed=4)
     x = student.float().to(DEVICE).requires_grad_(True)
