@@ -99,6 +99,88 @@ def test_triton_multi_teacher_and_huge_logits():
     torch.testing.assert_close(x.grad.cpu().double(), want_grad, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("divergence", ["kl", "js", "mse"])
+@pytest.mark.parametrize("k_shape", [(3, 3), (11, 1), (3, 8), (5, 8), (6, 8), (2, 100), (4, 81)])
+def test_triton_loss_column_pieces(divergence, k_shape):
+    """Rows that are not a power of two wide are one piece of a power of two and a second of a quarter
+    or a half of it (K = 9: 8 + 2, 11: 8 + 4, 24: 16 + 8, 40: 32 + 8, 48: 32 + 16, 324: 256 + 128 with
+    60 columns masked; 200 is one piece of 256), with the hard-label term and an ignored row."""
+    num_classes, s = k_shape
+    student, log_t, labels = make_inputs(19, num_classes, s, seed=num_classes * s)
+    labels[2] = -100
+    x = student.float().to(DEVICE).requires_grad_(True)
+    kw = dict(num_classes=num_classes, n_subclasses=s, tau=1.3, alpha=0.4)
+    loss = distill_loss(x, log_t.float().to(DEVICE), labels.to(DEVICE), divergence=divergence, backend="triton", **kw)
+    loss.backward()
+    want, want_grad = reference_loss_and_grad(x.cpu(), log_t, labels, divergence_kind=divergence, **kw)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(loss.cpu().double(), want, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x.grad.cpu().double(), want_grad, atol=atol * 2, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_triton_folded_gradient_follows_the_incoming_gradient(dtype, reduction):
+    """The kernel writes the gradient with τ and the reduction's scale folded in (bf16/fp32; fp16 keeps
+    the fp32 gradient scaled in the backward); the backward hands it on when the incoming gradient is
+    1 and scales it otherwise (here 3, as an AMP loss scale would), ignored rows left out of the mean."""
+    student, log_t, labels = make_inputs(23, 5, 8, seed=5)
+    labels[[1, 7]] = -100
+    kw = dict(num_classes=5, n_subclasses=8, tau=2.0, alpha=0.2, reduction=reduction)
+    want, want_grad = reference_loss_and_grad(student.to(dtype), log_t.to(dtype), labels, **kw)
+    atol, rtol = TOL[dtype]
+    for upstream in (1.0, 3.0):
+        x = student.to(dtype).to(DEVICE).requires_grad_(True)
+        loss = distill_loss(x, log_t.to(dtype).to(DEVICE), labels.to(DEVICE), backend="triton", **kw)
+        (loss * upstream).backward()
+        assert x.grad.dtype == dtype
+        torch.testing.assert_close(loss.detach().cpu().double(), want, atol=atol, rtol=rtol)
+        torch.testing.assert_close(x.grad.cpu().double(), upstream * want_grad, atol=atol * 2 * upstream,
+                                   rtol=rtol * 10)
+
+
+def test_triton_second_backward_is_refused_not_wrong():
+    """The folded gradient is handed on to autograd, not copied: a second backward through the same
+    loss would hand on the same tensor again, so it raises."""
+    student, log_t, labels = make_inputs(4, 2, 2, seed=11)
+    x = student.float().to(DEVICE).requires_grad_(True)
+    loss = distill_loss(x, log_t.float().to(DEVICE), labels.to(DEVICE), num_classes=2, n_subclasses=2,
+                        backend="triton")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the same loss twice"):
+        loss.backward()
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="aot_eager on the interpreter")
+def test_triton_folded_loss_traces_under_torch_compile():
+    """fullgraph tracing of the folded path: the loss op's fake gives the gradient in the student's
+    dtype, and the compiled backward scales it through the scale_unless_one custom op (here by 2)."""
+    student, log_t, _ = make_inputs(16, 2, 4, seed=9)
+    x = student.float().requires_grad_(True)
+
+    def step(s, t):
+        return distill_loss(s, t, num_classes=2, n_subclasses=4, tau=2.0, backend="triton", check_inputs=False)
+
+    (2 * torch.compile(step, fullgraph=True, backend="aot_eager")(x, log_t.float())).backward()
+    want, want_grad = reference_loss_and_grad(x, log_t, None, num_classes=2, n_subclasses=4, tau=2.0)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(x.grad.double(), 2 * want_grad, atol=atol * 2, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_scale_unless_one(dtype):
+    """The backward's device-side scale (what a GPU runs in place of a host test of grad_output):
+    nothing changes at 1, every element (past one program's block too) is scaled otherwise."""
+    from lelp_fast.kernels.triton.loss import SCALE_BLOCK, scale_unless_one
+
+    x = torch.randn(SCALE_BLOCK + 5, dtype=torch.float32).to(dtype).to(DEVICE)
+    want = x.clone()
+    scale_unless_one(x, torch.ones(1, device=DEVICE))
+    assert torch.equal(x, want)
+    scale_unless_one(x, torch.full((1,), 3.0, device=DEVICE))
+    torch.testing.assert_close(x, (want.float() * 3.0).to(dtype))
+
+
 def test_triton_all_rows_ignored():
     student, log_t, _ = make_inputs(5, 2, 2, seed=4)
     x = student.float().to(DEVICE).requires_grad_(True)

@@ -3,11 +3,16 @@ moves per element through the launcher, counted on the CPU, against the floor (r
 write the gradient once, in their dtype). The SASS half of the model (instructions and MUFU per
 element) is gated in tests/test_triton_aot.py with the compiled kernels."""
 
+import os
+
 import pytest
 import torch
 
-from lelp_fast.kernels.triton import cost
-from lelp_fast.ops import _dispatch
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
+
+from lelp_fast.kernels.triton import cost  # noqa: E402
+from lelp_fast.ops import _dispatch  # noqa: E402
 
 BACKEND = "cpu" if _dispatch.available("cpu", torch.device("cpu")) else "torch"
 
@@ -38,9 +43,13 @@ def test_bf16_backward_is_one_pass_into_the_students_dtype():
     assert moved <= 14, ops
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21 item 5: the kernel writes an fp32 gradient that the backward "
-                   "scales in one more N x K pass: 14 B/element for bf16, 20 for fp32")
 @pytest.mark.parametrize("dtype, floor", [(torch.bfloat16, 6), (torch.float32, 12)])
 def test_loss_step_moves_only_the_floor_bytes(dtype, floor):
-    moved, ops = cost.loss_step_bytes(dtype, backend=BACKEND)
+    """The Triton launcher (run by the interpreter here): the kernel writes the gradient once, in the
+    student's dtype with τ and the mean folded in, and the backward of ``loss.backward()`` hands it
+    on untouched. It took 14 B/element for bf16 and 20 for fp32: an fp32 gradient that the backward
+    read once more to scale it (the CPU backend still does, see the test above)."""
+    if not _dispatch.available("triton", torch.device("cpu")):
+        pytest.skip("the Triton interpreter is not available")
+    moved, ops = cost.loss_step_bytes(dtype, backend="triton")
     assert moved <= floor, f"{moved} B/element against the floor's {floor}: {ops}"

@@ -58,20 +58,24 @@ def _loss_rows(
     use_triton: bool,
     fall_back: bool,
     check: bool = False,
+    grad_scale: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Compiled kernel: (loss per row (N,) fp32, dL_row/ds (N, K) fp32, the α·CE part of each row's
     loss (N,) fp32, the input check's row flags (N,) uint8 or (0,) without ``check``), from the same
     pass. With ``fall_back`` (backend auto), a Triton launch that fails for resources is recorded and
     the call goes to the next backend that takes it. ``check`` (CPU kernel only): bit 0 flags a
     student row whose sum is not finite, bit 1 an offline log-target row whose sum is not <= 0;
-    :func:`_raise_on_suspect_rows` looks closer."""
+    :func:`_raise_on_suspect_rows` looks closer. ``grad_scale`` (a 1-element fp32 tensor; the
+    Triton kernel folds it in): the gradient comes as ``grad_scale · dL_row/ds`` in the student's
+    dtype instead (the other backends scale and cast it here, one more pass)."""
     n, k = student.shape
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     hard_rows = torch.zeros(n, dtype=torch.float32, device=student.device)
-    grad = torch.empty(n, k, dtype=torch.float32, device=student.device)
+    folded = grad_scale is not None
+    grad = torch.empty(n, k, dtype=student.dtype if folded and use_triton else torch.float32, device=student.device)
     suspect = torch.zeros(n if check else 0, dtype=torch.uint8, device=student.device)
     if n == 0:
-        return loss_rows, grad, hard_rows, suspect
+        return loss_rows, grad.to(student.dtype) if folded else grad, hard_rows, suspect
     student = _dispatch.rows_contiguous(student)
     weights = None if weights is None else weights.to(torch.float32).contiguous()
     labels = None if labels is None else labels.to(torch.int64).contiguous()
@@ -79,7 +83,7 @@ def _loss_rows(
         try:
             _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
                               teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
-                              ignore_index, loss_rows, hard_rows, grad)
+                              ignore_index, loss_rows, hard_rows, grad, grad_scale)
             return loss_rows, grad, hard_rows, suspect
         except Exception as exc:
             if not (fall_back and _dispatch.is_out_of_resources(exc)):
@@ -87,10 +91,12 @@ def _loss_rows(
             shape = _shape_key(student, num_classes, n_subclasses, embeddings)
             _dispatch.record_launch_failure("triton", shape, exc)
             limits = _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits)
+            grad = torch.empty(n, k, dtype=torch.float32, device=student.device)
             if _dispatch.resolve("auto", student.device, limits) == "torch":
-                return (*_loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused_weight,
-                                             fused_bias, teacher_logits, num_classes, n_subclasses, divergence,
-                                             jsd_beta, tau, alpha, beta, ignore_index), suspect)
+                loss_rows, grad, hard_rows = _loss_rows_by_torch(
+                    student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
+                    num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index)
+                return loss_rows, _folded(grad, grad_scale, student.dtype), hard_rows, suspect
     if log_targets is not None:
         n_teachers = 1 if log_targets.ndim == 2 else log_targets.shape[1]
         log_targets = log_targets if log_targets.is_contiguous() else log_targets.contiguous()
@@ -115,12 +121,19 @@ def _loss_rows(
         float(alpha), loss_rows.data_ptr(), hard_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
         *((suspect.data_ptr(),) if check else ()),
     )
-    return loss_rows, grad, hard_rows, suspect
+    return loss_rows, _folded(grad, grad_scale, student.dtype), hard_rows, suspect
+
+
+def _folded(grad: Tensor, grad_scale: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """``grad`` (fp32) as the op returns it: unchanged, or times ``grad_scale`` in ``dtype``."""
+    if grad_scale is None:
+        return grad
+    return torch.mul(grad, grad_scale, out=torch.empty_like(grad, dtype=dtype))
 
 
 def _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
                       num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, loss_rows,
-                      hard_rows, grad):
+                      hard_rows, grad, grad_scale=None):
     """The Triton path; online teachers' targets go through the targets kernel into an fp32 buffer
     first (N x M x K: a small fraction of the embeddings' bytes), then the loss kernel mixes them."""
     from ..kernels.triton.loss import loss_triton
@@ -137,7 +150,7 @@ def _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_w
         if len(embeddings) == 1:
             log_targets = log_targets[:, 0]
     loss_triton(student, log_targets.contiguous(), weights, labels, num_classes, n_subclasses, divergence, jsd_beta,
-                tau, alpha, ignore_index, loss_rows, hard_rows, grad)
+                tau, alpha, ignore_index, loss_rows, hard_rows, grad, grad_scale)
 
 
 def _loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
@@ -160,9 +173,10 @@ def _loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused
 @_loss_rows.register_fake
 def _(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
       num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, use_triton, fall_back,
-      check=False):
+      check=False, grad_scale=None):
     n, k = student.shape
-    return (student.new_empty(n, dtype=torch.float32), student.new_empty(n, k, dtype=torch.float32),
+    grad_dtype = torch.float32 if grad_scale is None else student.dtype
+    return (student.new_empty(n, dtype=torch.float32), student.new_empty(n, k, dtype=grad_dtype),
             student.new_empty(n, dtype=torch.float32), student.new_empty(n if check else 0, dtype=torch.uint8))
 
 
@@ -205,6 +219,69 @@ class _RowsWithGrad(torch.autograd.Function):
         # In place: no second N x K buffer. A second backward (retain_graph=True) is refused by
         # autograd's version counter rather than silently scaled twice.
         return grad.mul_(grad_rows.unsqueeze(1)), None, None
+
+
+@torch.library.custom_op("lelp_fast::scale_unless_one", mutates_args=("grad",))
+def _scale_unless_one(grad: Tensor, scale: Tensor) -> None:
+    """``grad *= scale`` in place unless ``scale`` (one element) is 1, decided on the device: on a
+    GPU every program of the Triton kernel reads the scale and returns at once when it is 1 (no
+    N x K pass, no host sync, CUDA-graph safe)."""
+    if grad.device.type == "cuda":
+        from ..kernels.triton.loss import scale_unless_one
+
+        scale_unless_one(grad, scale.reshape(1).to(torch.float32))
+    elif float(scale) != 1.0:
+        grad.mul_(scale)
+
+
+@_scale_unless_one.register_fake
+def _(grad, scale):
+    return None
+
+
+class _ReducedWithGrad(torch.autograd.Function):
+    """A reduced (mean or sum) loss whose gradient w.r.t. the student logits the kernel wrote in the
+    forward pass, in the student's dtype with the reduction's scale folded in: the backward hands
+    it on as it is when the incoming gradient is 1 (``loss.backward()``), and scales it in place
+    otherwise (an AMP loss scale, a weighted sum of losses). It is handed on, not copied (autograd
+    keeps it as a leaf's ``.grad``), so a second backward through the same graph is refused."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, loss: Tensor, grad: Tensor) -> Tensor:
+        ctx.save_for_backward(grad)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors  # scaled in place below: autograd's version counter catches a reuse
+        if not torch.compiler.is_compiling():
+            if getattr(ctx, "handed_on", False):
+                raise RuntimeError("lelp_fast: the fused loss's gradient was handed on by the first backward; "
+                                   "backward through the same loss twice (retain_graph=True) is not supported")
+            ctx.handed_on = True
+        if grad_output.device.type == "cpu" and not torch.compiler.is_compiling():
+            if float(grad_output) != 1.0:  # no sync on the CPU; the common loss.backward() moves nothing
+                grad.mul_(grad_output)
+        else:
+            _scale_unless_one(grad, grad_output)
+        return grad, None, None
+
+
+def _reduction_scale(student: Tensor, labels: Optional[Tensor], ignore_index: int, reduction: str) -> Tensor:
+    """dloss/dloss_row of ``reference.reduce_rows`` (mean or sum) for every kept row, as a 1-element
+    fp32 tensor on the student's device (from the labels on the device: no host sync)."""
+    if reduction == "sum":
+        return torch.ones(1, dtype=torch.float32, device=student.device)
+    if labels is None:
+        return torch.full((1,), 1.0 / max(student.shape[0], 1), dtype=torch.float32, device=student.device)
+    count = (labels != ignore_index).sum().clamp(min=1)
+    return torch.reciprocal(count.to(torch.float32)).reshape(1)
+
+
+# The student dtypes whose gradient the Triton kernel writes with the reduction folded in. fp16 is
+# left out: at 1/rows the gradient falls into fp16's subnormals before an AMP loss scale (the
+# backward's grad_output) could lift it; it keeps the fp32 gradient scaled and cast in the backward.
+_FOLDED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def distill_loss(
@@ -277,6 +354,10 @@ def distill_loss(
         if check_inputs and divergence == "mse" and log_targets is not None:
             check_finite("log_targets (divergence='mse' compares logits: a target of exactly 0 has none)",
                          log_targets)
+    # Triton folds τ, the reduction's scale and the cast into the gradient it writes: the loss step
+    # moves s and t once and the gradient once (issue 21); the other kernels write an fp32 gradient
+    # per row that the backward scales and casts in one more pass.
+    fold = chosen == "triton" and reduction != "none" and student_logits.dtype in _FOLDED_DTYPES
     if chosen == "torch":
         per_row, hard_rows = _loss_torch(student_logits, log_targets, teacher_weights, labels, embeddings,
                                          fused_weight, fused_bias, teacher_logits, num_classes, n_subclasses,
@@ -286,12 +367,18 @@ def distill_loss(
             student_logits.detach(), log_targets, teacher_weights, labels, embeddings, fused_weight, fused_bias,
             teacher_logits, num_classes, n_subclasses, _divergence_code(divergence, jsd_beta), float(jsd_beta),
             float(tau), float(alpha), beta, int(ignore_index), chosen == "triton", _dispatch.falls_back(backend),
-            fused_check,
+            fused_check, _reduction_scale(student_logits, labels, ignore_index, reduction) if fold else None,
         )
         if fused_check:
             _raise_on_suspect_rows(suspect, student_logits, log_targets)
-        per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad)
-    loss = reference.reduce_rows(per_row, labels, ignore_index, reduction)
+        if fold:
+            per_row = loss_rows
+            loss = _ReducedWithGrad.apply(student_logits,
+                                          reference.reduce_rows(loss_rows, labels, ignore_index, reduction), grad)
+        else:
+            per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad)
+    if not fold:
+        loss = reference.reduce_rows(per_row, labels, ignore_index, reduction)
     if not return_components:
         return loss
     hard = reference.reduce_rows(hard_rows.detach(), labels, ignore_index, reduction)

@@ -126,13 +126,16 @@ def cases() -> List[Case]:
 
     return ([("targets", i, arch, None) for i in range(len(targets.VARIANTS)) for arch in ARCHS]
             + [("loss", i, arch, dts) for i in range(len(loss.VARIANTS)) for arch in ARCHS
-               for dts in LOSS_DTYPES[arch]])
+               for dts in LOSS_DTYPES[arch]]
+            + [("scale", i, arch, None) for i in range(len(loss.SCALE_VARIANTS)) for arch in ARCHS])
 
 
 def case_id(case: Case) -> str:
     from . import loss, targets
 
     op, i, arch, dts = case
+    if op == "scale":
+        return f"scale-sm{arch}-{loss.SCALE_VARIANTS[i]['dtype']}"
     if op == "targets":
         v = targets.VARIANTS[i]
         c = v["constexprs"]
@@ -155,10 +158,14 @@ def compile_case(case: Case):
             v = targets.VARIANTS[i]
             compiled = compile_kernel(targets.lelp_targets_kernel, targets.signature(v["dtype"]), v["constexprs"],
                                       arch, v["config"].num_warps, v["config"].num_stages)
+        elif op == "scale":
+            v = loss.SCALE_VARIANTS[i]
+            compiled = compile_kernel(loss.scale_unless_one_kernel, loss.scale_signature(v["dtype"]), v["constexprs"],
+                                      arch, v["num_warps"])
         else:
             v = loss.VARIANTS[i]
-            compiled = compile_kernel(loss.lelp_loss_kernel, loss.signature(*dts), v["constexprs"], arch,
-                                      v["num_warps"])
+            constexprs = {**v["constexprs"], **loss.chunk_constexprs(v["constexprs"], dts[0])}
+            compiled = compile_kernel(loss.lelp_loss_kernel, loss.signature(*dts), constexprs, arch, v["num_warps"])
         return kernel_facts(compiled), None
     except Exception as exc:  # noqa: BLE001 - reported per case by the tests
         return None, f"{type(exc).__name__}: {exc}"

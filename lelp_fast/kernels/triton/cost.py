@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Callable, Dict
 
 import torch
@@ -98,7 +99,10 @@ def loss_step_bytes(dtype: torch.dtype, n: int = 64, num_classes: int = 5, n_sub
                     backend: str = "cpu"):
     """Bytes per element of one distillation step (loss forward + backward into the student's
     gradient) with student logits and targets in ``dtype``, through ``ops.distill_loss``'s
-    launcher; the Triton and CPU backends share the launcher (one custom op for the kernel)."""
+    launcher (one custom op for the kernel, whichever backend runs it). The Triton kernel writes
+    the gradient in the student's dtype with the mean folded in; the CPU kernel writes it in fp32
+    for the backward to scale and cast. ``backend="triton"`` on CPU tensors needs
+    ``TRITON_INTERPRET=1`` before the kernels are imported."""
     from ...ops import distill_loss
 
     k = num_classes * n_subclasses
@@ -128,13 +132,14 @@ def loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
             continue
         v = loss.VARIANTS[i]
         c = v["constexprs"]
-        if c["DIVERGENCE"] != 0 or c["HAS_WEIGHTS"] or c["K"] < 16:
+        if c["DIVERGENCE"] != 0 or c["HAS_WEIGHTS"] or c["K"] not in loss.COST_KS:
             continue
         e = per_element(row["facts"], c["BLOCK_N"], c["K"], v["num_warps"])
         moved, floor = (bytes_bf16, 6) if dts[0] == "bf16" else (bytes_fp32, 12)
         ratios = [modelled_ratio(e["instructions"], e["mufu"], moved, floor, d) for d in ("H100", "H200")]
+        columns = f"({c['BLOCK_K']} + {c['BLOCK_K2']})" if c.get("BLOCK_K2") else f"{c['BLOCK_K']}"
         lines.append(f"| {facts['triton']} | sm_{arch} | {dts[0]} | {c['K']} | {'yes' if c['HAS_LABELS'] else 'no'} "
-                     f"| {c['BLOCK_N']} x {c['BLOCK_K']}, "
+                     f"| {c['BLOCK_N']} x {columns}, "
                      f"{v['num_warps']} | {e['instructions']:.0f} | {e['mufu']:.2f} | {moved:.0f} ({floor}) | "
                      f"{ratios[0]:.2f} | {ratios[1]:.2f} |")
     return "\n".join(lines)
@@ -144,8 +149,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="The loss kernel's modelled cost from aot's facts (no GPU).")
     p.add_argument("facts", help="JSON written by python -m lelp_fast.kernels.triton.aot --out")
     args = p.parse_args(argv)
-    bf16, _ = loss_step_bytes(torch.bfloat16)
-    fp32, _ = loss_step_bytes(torch.float32)
+    os.environ["TRITON_INTERPRET"] = "1"  # the launcher's bytes are counted on CPU tensors: the interpreter runs it
+    bf16, _ = loss_step_bytes(torch.bfloat16, backend="triton")
+    fp32, _ = loss_step_bytes(torch.float32, backend="triton")
     for name, floor in (("bf16", 6), ("fp32", 12)):
         b = budgets(floor)
         print(f"budgets at the {name} floor ({floor} B/element): " + "; ".join(

@@ -5,11 +5,22 @@ log-probabilities, fp32 throughout. Precomputed targets, optionally M teachers m
 weights in the kernel; online targets are computed first by the targets kernel into an fp32
 buffer (``ops/loss.py``), so the loss reads the student once and writes the gradient once.
 
-K = C·S and S are compile-time constants: the rows are contiguous (stride K), so the compiler
-sees the row alignment and vectorises the loads, and ``col // S`` is a multiply, not a division.
-A NaN anywhere in a row gives a NaN loss and gradient for that row (never a finite one).
-Tested on CPU under ``TRITON_INTERPRET=1`` against the fp64 reference; ``VARIANTS`` is compiled
-ahead of time for sm_80/sm_90 (``tests/test_triton_aot.py``).
+At the floor (issue 21): one pass reads s and t and writes the gradient, in the dtype of the
+pointer it is given (the student's, from ``ops/loss.py``), already multiplied by τ and by the
+reduction's scale (``scale_ptr``: 1/rows for the mean), so no N x K pass follows in the backward.
+Exponentials and logarithms are ``exp2``/``log2`` (one MUFU op each) on inputs scaled once by
+log2(e)/τ; a plain KL row costs two ``exp2`` per element (the student's softmax and the
+teacher's probabilities) and one ``log2`` per row (its log-partition; the KL is summed as
+``Σ t (log t - v ln 2) + log Z · Σ t`` with ``v = (s - max s) log2(e)/τ``).
+
+Rows are whole in registers. K = C·S, S and the block's column pieces are compile-time
+constants: the first piece is BLOCK_K columns (a power of two), an optional second piece the
+BLOCK_K2 columns after it (a quarter or half of BLOCK_K), so K = 40 is 32 + 8 columns, not 64
+(``block_shape``). Rows are contiguous (stride K), so the compiler sees their alignment and
+vectorises the loads, and ``col // S`` is a multiply, not a division. A NaN anywhere in a row
+gives a NaN loss and gradient for that row (never a finite one; TVD's gradient excepted, see
+``tests/test_ops_loss.py``). Tested on CPU under ``TRITON_INTERPRET=1`` against the fp64
+reference; ``VARIANTS`` is compiled ahead of time for sm_80/sm_90 (``tests/test_triton_aot.py``).
 """
 
 from __future__ import annotations
@@ -17,35 +28,150 @@ from __future__ import annotations
 import itertools
 from typing import List
 
+import torch
 import triton
 import triton.language as tl
 
 from . import limits
 
 NEG_INF = tl.constexpr(float("-inf"))
-# An 8 KB fp32 tile per array: 16 values per thread at 4 warps. 4096 (32 per thread) spilled at
-# K = 40 (JS with weights and labels, fp32: 32 B stack) and K = 512 (TVD: 24 B under Triton 3.9;
-# about 11 KB under 3.6, as read from the CUBINs by tests/test_triton_aot.py).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Elements of the first column piece per program: 16 fp32 values per thread and array at 4 warps.
+# 4096 (32 per thread) spilled at K = 40 (JS with weights and labels, fp32) and K = 512 (TVD: 24 B
+# under Triton 3.9; about 11 KB under 3.6, as read from the CUBINs by tests/test_triton_aot.py).
 ELEMENTS_PER_PROGRAM = 2048
 # Rows per program at most: short rows (K = 2) at 2048 rows made each per-row vector 16 values per
 # thread, and the dozen of them spilled (8 B stack at K = 2).
 MAX_ROWS_PER_PROGRAM = 256
 
 
-def block_shape(k: int):
-    """(BLOCK_N, BLOCK_K, num_warps): the whole row in registers (BLOCK_K = next_pow2(K)), rows
-    batched so a program holds ELEMENTS_PER_PROGRAM elements (at most MAX_ROWS_PER_PROGRAM rows);
-    4 warps, 8 at K > 256 (4 spilled 8 B at K = 512 under Triton 3.6, where ptxas kept to 64
-    registers); no spills for the ~8 live arrays, checked in the CUBIN by the AOT test."""
-    block_k = max(2, triton.next_power_of_2(k))
-    return min(ELEMENTS_PER_PROGRAM // block_k, MAX_ROWS_PER_PROGRAM), block_k, 8 if block_k >= 512 else 4
+def _prev_pow2(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def _plain(divergence: int, has_labels: bool) -> bool:
+    """The distillation step the cost model gates (KL, no hard-label term): chunked rows, full tiles."""
+    return divergence == 0 and not has_labels
+
+
+def block_shape(k: int, divergence: int = 0, has_labels: bool = False):
+    """(BLOCK_N, BLOCK_K, BLOCK_K2, num_warps): the whole row in registers as a power-of-two piece
+    of BLOCK_K columns and, when K is not a power of two but at most 1.5 BLOCK_K, a second piece of
+    BLOCK_K2 = BLOCK_K/4 or BLOCK_K/2 columns after it (K = 40: 32 + 8; 36: 32 + 8, 4 padded; 48:
+    32 + 16); otherwise (and below 8 columns) one piece of next_pow2(K). Two sizes of second piece,
+    not every power of two: each is one more shape to compile (``VARIANTS``). 4 warps. Rows: the
+    plain KL step holds 1.25 x ELEMENTS_PER_PROGRAM elements rounded down to a power of two of
+    rows (ELEMENTS_PER_PROGRAM // BLOCK_K for one piece and for 32 + 8; 128 + 64 at 24 values per
+    thread spilled on sm_80); the other divergences and the hard-label term, with more live
+    arrays, half as many (at 16 values per thread JS, TVD and KL with labels spilled 8-16 B under
+    Triton 3.6 or on sm_80)."""
+    k1 = _prev_pow2(max(2, k))
+    if k == k1 or k1 < 8 or k - k1 > k1 // 2:
+        block_k, block_k2 = (k1 if k == k1 else 2 * k1), 0
+    else:
+        block_k, block_k2 = k1, max(k1 // 4, triton.next_power_of_2(k - k1))
+    elements = ELEMENTS_PER_PROGRAM if _plain(divergence, has_labels) else ELEMENTS_PER_PROGRAM // 2
+    block_n = min(_prev_pow2(elements * 5 // 4 // (block_k + block_k2)), MAX_ROWS_PER_PROGRAM)
+    return block_n, block_k, block_k2, 4
+
+
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _row_axis() -> int:
+    """Which axis of a chunked piece holds the rows: the compilers order the two non-contiguous axes
+    of a 3-d tile's layout oppositely (read from the TTGIR: Triton 3.6 puts threads on axis 0
+    first, 3.9 on axis 1), and the rows must take the threads. Versions between 3.6 and 3.9 are
+    taken to follow 3.9 (not checked; only the instruction count depends on it)."""
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return 0 if (major, minor) < (3, 7) else 1
+
+
+def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0, has_labels: bool = False):
+    """(J1, J2): a piece of W columns is held as J chunks of W/J columns side by side in each thread,
+    so that each thread holds up to 16 elements of one row in 16-byte vectors and a row of W >= 16
+    columns is shared by W/16 threads. As (BLOCK_N, W), 16-byte vectors spread a row over
+    W·itemsize/16 threads: 32 for fp32 at K = 128, whose five shuffle levels per row reduction (four
+    reductions) cost 10 of the 42 instructions per element the cost model read. Two pieces stay
+    (BLOCK_N, W) (J = 1): chunked, their rows fell in different threads and the compiler recomputed
+    exponentials in the other piece's layout (3.6 MUFU per element at K = 40, bf16). Only the plain
+    KL step is chunked: JS with labels, chunked, spilled 8 B on sm_80 (ptxas kept to 80 registers)."""
+    if block_k2 or not _plain(divergence, has_labels):
+        return 1, 1
+    return max(1, min(block_k, 16) * itemsize // 16), 1
+
+
+def chunk_constexprs(constexprs: dict, dtype: str) -> dict:
+    """The kernel's J1, J2 and ROW_AXIS for a variant and the student's dtype (``ITEMSIZE`` key),
+    under the Triton that imports this module."""
+    j1, j2 = chunks(constexprs["BLOCK_K"], constexprs["BLOCK_K2"], ITEMSIZE[dtype], constexprs["DIVERGENCE"],
+                    constexprs["HAS_LABELS"])
+    return dict(J1=j1, J2=j2, ROW_AXIS=_row_axis())
 
 
 @triton.jit
-def _logaddexp(a, b):
-    m = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)  # a NaN teacher weight stays NaN
-    m_safe = tl.where(m == NEG_INF, 0.0, m)
-    return tl.where(m == NEG_INF, NEG_INF, m_safe + tl.log(tl.exp(a - m_safe) + tl.exp(b - m_safe)))
+def _bc(r, ROW_AXIS: tl.constexpr):
+    """A per-row vector (BLOCK_N,) broadcast against a piece (rows on axis ROW_AXIS, chunks on the
+    other of axes 0 and 1, the chunk's columns on axis 2)."""
+    if ROW_AXIS == 0:
+        return r[:, None, None]
+    else:
+        return r[None, :, None]
+
+
+@triton.jit
+def _rsum(x, ROW_AXIS: tl.constexpr):
+    """Row sums of a piece -> (BLOCK_N,)."""
+    return tl.sum(tl.sum(x, axis=2), axis=1 - ROW_AXIS)
+
+
+@triton.jit
+def _rmax(x, ROW_AXIS: tl.constexpr):
+    return tl.max(tl.max(x, axis=2), axis=1 - ROW_AXIS)
+
+
+@triton.jit
+def _cols(C0: tl.constexpr, W: tl.constexpr, J: tl.constexpr, ROW_AXIS: tl.constexpr):
+    """Column index of each element of a piece of W columns from C0, held as J chunks of W/J."""
+    if ROW_AXIS == 0:
+        chunk = tl.arange(0, J)[None, :, None]
+    else:
+        chunk = tl.arange(0, J)[:, None, None]
+    return C0 + chunk * (W // J) + tl.arange(0, W // J)[None, None, :]
+
+
+@triton.jit
+def _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K: tl.constexpr, C0: tl.constexpr, W: tl.constexpr,
+                J: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ROW_AXIS: tl.constexpr):
+    """Columns C0 .. C0 + W of the block's rows as (J, BLOCK_N, W/J), fp32: s, log t and t; masked
+    elements are s = -inf, log t = -inf, t = 0 (no exponential, no term, no gradient). Mixed
+    teachers: t = Σ_m w_m t_m (a negative or NaN weight gives NaN, a zero weight drops its
+    teacher), log t = log2(t) ln 2."""
+    cols = _cols(C0, W, J, ROW_AXIS)
+    ok = _bc(row_ok, ROW_AXIS) & (cols < K)
+    s = tl.load(s_ptr + _bc(rows64, ROW_AXIS) * K + cols, mask=ok, other=NEG_INF).to(tl.float32)
+    if HAS_WEIGHTS:
+        t = tl.zeros(s.shape, dtype=tl.float32)
+        for m in range(0, M):
+            w = tl.load(w_ptr + rows64 * M + m, mask=row_ok, other=0.0)
+            w = tl.where(w >= 0.0, w, tl.sqrt(w))  # the square root of a negative weight is NaN
+            lt_m = tl.load(t_ptr + _bc(rows64, ROW_AXIS) * (M * K) + m * K + cols, mask=ok, other=NEG_INF)
+            t += _bc(w, ROW_AXIS) * tl.exp2(lt_m.to(tl.float32) * LOG2E)
+        log_t = tl.log2(t) * LN2
+    else:
+        log_t = tl.load(t_ptr + _bc(rows64, ROW_AXIS) * K + cols, mask=ok, other=NEG_INF).to(tl.float32)
+        t = tl.exp2(log_t * LOG2E)
+    return s, log_t, t
+
+
+@triton.jit
+def _store_piece(grad_ptr, g, rows64, row_ok, K: tl.constexpr, C0: tl.constexpr, W: tl.constexpr, J: tl.constexpr,
+                 ROW_AXIS: tl.constexpr):
+    """Columns C0 .. C0 + W of the gradient, in the dtype of ``grad_ptr``."""
+    cols = _cols(C0, W, J, ROW_AXIS)
+    tl.store(grad_ptr + _bc(rows64, ROW_AXIS) * K + cols, g.to(grad_ptr.dtype.element_ty),
+             mask=_bc(row_ok, ROW_AXIS) & (cols < K))
 
 
 @triton.jit
@@ -55,156 +181,261 @@ def _xlogx_ratio(p, log_p, log_x):
 
 
 @triton.jit
-def _mixed_log_targets(t_ptr, w_ptr, rows64, row_ok, cols, ok, M, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """log Σ_m w_m t_m per element; a NaN or negative weight gives NaN, a zero weight drops its teacher."""
-    log_t = tl.full((BLOCK_N, BLOCK_K), NEG_INF, dtype=tl.float32)
-    for m in range(0, M):
-        w = tl.load(w_ptr + rows64 * M + m, mask=row_ok, other=0.0)
-        lt = tl.load(t_ptr + rows64[:, None] * (M * K) + m * K + cols[None, :], mask=ok, other=0.0)
-        lw = tl.where(w == 0.0, NEG_INF, tl.log(w))  # log of a negative or NaN weight is NaN
-        log_t = _logaddexp(log_t, lw[:, None] + lt.to(tl.float32))
-    return log_t
+def _terms(log_t, t, v, e, lz, jsd_beta, r_z, DIVERGENCE: tl.constexpr, ROW_AXIS: tl.constexpr):
+    """Per element, for divergences 1-3: (the divergence's summand, a = dD/dlog q / q, q): the
+    gradient is q (a - Σ q a). v = (s - max s) log2(e)/τ, e = 2^v, lz = log2 Σ e, r_z = 1 / Σ e."""
+    q = e * _bc(r_z, ROW_AXIS)
+    log_q = (v - _bc(lz, ROW_AXIS)) * LN2
+    if DIVERGENCE == 1:  # KL(q || t)
+        d = _xlogx_ratio(q, log_q, log_t)
+        a = tl.where(q == 0.0, 0.0, log_q - log_t)
+    elif DIVERGENCE == 2:  # generalised JSD: m = b t + (1 - b) q (b = 1/2: JS)
+        log_m = tl.log2(jsd_beta * t + (1.0 - jsd_beta) * q) * LN2
+        d = jsd_beta * _xlogx_ratio(t, log_t, log_m) + (1.0 - jsd_beta) * _xlogx_ratio(q, log_q, log_m)
+        a = tl.where(q == 0.0, 0.0, (1.0 - jsd_beta) * (log_q - log_m))
+    else:  # TVD
+        d = 0.5 * tl.abs(t - q)
+        a = tl.where(q > t, 0.5, tl.where(q < t, -0.5, 0.0))
+    return d, a, q
 
 
 @triton.jit
-def _hard_label_term(s, y, keep, cols, col_ok, alpha, S: tl.constexpr):
-    """alpha · CE(y, logsumexp-pool(s)) per row and its gradient."""
-    sx = tl.where(col_ok[None, :], s, NEG_INF)
-    s_max = tl.max(sx, axis=1)
-    lse_all = s_max + tl.log(tl.sum(tl.exp(sx - s_max[:, None]), axis=1))
-    in_y = ((cols[None, :] // S) == y[:, None]) & col_ok[None, :]
-    sy_max = tl.where(keep, tl.max(tl.where(in_y, s, NEG_INF), axis=1), 0.0)
-    p_y = sy_max + tl.log(tl.sum(tl.where(in_y, tl.exp(s - sy_max[:, None]), 0.0), axis=1))
-    p_y = tl.where(keep, p_y, 0.0)
-    g = tl.exp(sx - lse_all[:, None]) - tl.where(in_y, tl.exp(s - p_y[:, None]), 0.0)
-    return alpha * (lse_all - p_y), alpha * tl.where(col_ok[None, :], g, 0.0)
+def _in_class(y, C0: tl.constexpr, W: tl.constexpr, J: tl.constexpr, S: tl.constexpr, ROW_AXIS: tl.constexpr):
+    """Whether each element of the piece belongs to class y (padding columns never do: y < C)."""
+    return (_cols(C0, W, J, ROW_AXIS) // S) == _bc(y, ROW_AXIS)
+
+
+@triton.jit
+def _hard_exp(s, in_y, row_max, sy_max, ROW_AXIS: tl.constexpr):
+    """exp(s - r), r the row's max outside class y and the class's own max inside it: one
+    exponential per element, and class y's share does not underflow against the row max."""
+    return tl.exp2((s - tl.where(in_y, _bc(sy_max, ROW_AXIS), _bc(row_max, ROW_AXIS))) * LOG2E)
 
 
 @triton.jit
 def lelp_loss_kernel(
-    s_ptr, t_ptr, w_ptr, y_ptr, loss_ptr, hard_ptr, grad_ptr,
+    s_ptr, t_ptr, w_ptr, y_ptr, scale_ptr, loss_ptr, hard_ptr, grad_ptr,
     N, M, jsd_beta, tau, alpha, ignore_index,
     K: tl.constexpr, S: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    HAS_LABELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_LABELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
+    J1: tl.constexpr, J2: tl.constexpr, ROW_AXIS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    ok = row_ok[:, None] & col_ok[None, :]
-    offs = rows64[:, None] * K + cols[None, :]
+    c1 = LOG2E / tau
+    scale = tl.load(scale_ptr)  # the reduction's (1/rows for the mean), folded into the gradient
+    c_tau = scale * tau
 
-    s = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    if HAS_WEIGHTS:
-        log_t = _mixed_log_targets(t_ptr, w_ptr, rows64, row_ok, cols, ok, M, K, BLOCK_N, BLOCK_K)
+    s1, lt1, t1 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, 0, BLOCK_K, J1, HAS_WEIGHTS, ROW_AXIS)
+    row_max = _rmax(s1, ROW_AXIS)
+    if BLOCK_K2 > 0:
+        s2, lt2, t2 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, BLOCK_K, BLOCK_K2, J2, HAS_WEIGHTS,
+                                  ROW_AXIS)
+        row_max = tl.maximum(row_max, _rmax(s2, ROW_AXIS))
+    # v = (s - max s) log2(e)/τ <= 0 (one FFMA): the softmax of s/τ is 2^v / Σ 2^v.
+    mu = _bc(row_max * c1, ROW_AXIS)
+    v1 = s1 * c1 - mu
+    e1 = tl.exp2(v1)
+    z = _rsum(e1, ROW_AXIS)
+    if BLOCK_K2 > 0:
+        v2 = s2 * c1 - mu
+        e2 = tl.exp2(v2)
+        z += _rsum(e2, ROW_AXIS)
+    lz = tl.log2(z)
+
+    if DIVERGENCE == 0:
+        # KL(t || q) = Σ t (log t - v ln 2) + ln Z Σ t; grad τ (q Σt - t), not τ (q - t): low-precision
+        # targets need not sum to 1. Per element: two exp2, no log.
+        sum_t = _rsum(t1, ROW_AXIS)
+        d = _rsum(tl.where(t1 == 0.0, 0.0, t1 * (lt1 - v1 * LN2)), ROW_AXIS)
+        if BLOCK_K2 > 0:
+            sum_t += _rsum(t2, ROW_AXIS)
+            d += _rsum(tl.where(t2 == 0.0, 0.0, t2 * (lt2 - v2 * LN2)), ROW_AXIS)
+        d += lz * LN2 * sum_t
+        a = _bc(c_tau * sum_t / z, ROW_AXIS)
+        g1 = e1 * a - t1 * c_tau
+        if BLOCK_K2 > 0:
+            g2 = e2 * a - t2 * c_tau
+    elif DIVERGENCE == 4:  # MSE of the centred logits s/τ and log t (log q - mean log q = (v - mean v) ln 2)
+        ok1 = _cols(0, BLOCK_K, J1, ROW_AXIS) < K
+        v1 = tl.where(ok1, v1, 0.0)
+        lt1 = tl.where(ok1, lt1, 0.0)
+        mean_v = _rsum(v1, ROW_AXIS)
+        mean_t = _rsum(lt1, ROW_AXIS)
+        if BLOCK_K2 > 0:
+            ok2 = _cols(BLOCK_K, BLOCK_K2, J2, ROW_AXIS) < K
+            v2 = tl.where(ok2, v2, 0.0)
+            lt2 = tl.where(ok2, lt2, 0.0)
+            mean_v += _rsum(v2, ROW_AXIS)
+            mean_t += _rsum(lt2, ROW_AXIS)
+        mean_v = _bc(mean_v / K, ROW_AXIS)
+        mean_t = _bc(mean_t / K, ROW_AXIS)
+        err1 = tl.where(ok1, (v1 - mean_v) * LN2 - (lt1 - mean_t), 0.0)
+        d = _rsum(err1 * err1, ROW_AXIS)
+        g1 = (2.0 / K) * c_tau * err1
+        if BLOCK_K2 > 0:
+            err2 = tl.where(ok2, (v2 - mean_v) * LN2 - (lt2 - mean_t), 0.0)
+            d += _rsum(err2 * err2, ROW_AXIS)
+            g2 = (2.0 / K) * c_tau * err2
+        d = d / K
     else:
-        log_t = tl.load(t_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-
-    inv_tau = 1.0 / tau
-    x = tl.where(col_ok[None, :], s * inv_tau, NEG_INF)
-    x_max = tl.max(x, axis=1)
-    lse = x_max + tl.log(tl.sum(tl.exp(x - x_max[:, None]), axis=1))
-    log_q = tl.where(col_ok[None, :], s * inv_tau - lse[:, None], 0.0)
-    q = tl.where(col_ok[None, :], tl.exp(log_q), 0.0)
-    t = tl.where(col_ok[None, :], tl.exp(log_t), 0.0)
-    log_t = tl.where(col_ok[None, :], log_t, 0.0)
-
-    if DIVERGENCE == 0:  # KL(t || q); q Σt - t, not q - t: low-precision targets need not sum to 1
-        d = tl.sum(_xlogx_ratio(t, log_t, log_q), axis=1)
-        grad = tau * (q * tl.sum(t, axis=1)[:, None] - t)
-    elif DIVERGENCE == 4:  # MSE of the centred logits s/tau and log t
-        e = (log_q - tl.sum(log_q, axis=1)[:, None] / K) - (log_t - tl.sum(log_t, axis=1)[:, None] / K)
-        e = tl.where(col_ok[None, :], e, 0.0)
-        d = tl.sum(e * e, axis=1) / K
-        grad = (2.0 * tau / K) * e
-    else:
-        if DIVERGENCE == 1:  # KL(q || t)
-            r = log_q - log_t
-            d = tl.sum(_xlogx_ratio(q, log_q, log_t), axis=1)
-            a = tl.where(q == 0.0, 0.0, r)
-        elif DIVERGENCE == 2:  # generalised JSD: m = b t + (1 - b) q (b = 1/2: JS)
-            log_m = _logaddexp(log_t + tl.log(jsd_beta), log_q + tl.log(1.0 - jsd_beta))
-            d = tl.sum(jsd_beta * _xlogx_ratio(t, log_t, log_m) + (1.0 - jsd_beta) * _xlogx_ratio(q, log_q, log_m),
-                       axis=1)
-            a = tl.where(q == 0.0, 0.0, (1.0 - jsd_beta) * (log_q - log_m))
-        else:  # TVD
-            d = 0.5 * tl.sum(tl.abs(t - q), axis=1)
-            a = tl.where(q > t, 0.5, tl.where(q < t, -0.5, 0.0))
-        a = tl.where(col_ok[None, :], a, 0.0)
-        qa = tl.sum(q * a, axis=1)
-        grad = tau * q * (a - qa[:, None])
+        r_z = 1.0 / z
+        d1, a1, q1 = _terms(lt1, t1, v1, e1, lz, jsd_beta, r_z, DIVERGENCE, ROW_AXIS)
+        d = _rsum(d1, ROW_AXIS)
+        qa = _rsum(q1 * a1, ROW_AXIS)
+        if BLOCK_K2 > 0:
+            d2, a2, q2 = _terms(lt2, t2, v2, e2, lz, jsd_beta, r_z, DIVERGENCE, ROW_AXIS)
+            d += _rsum(d2, ROW_AXIS)
+            qa += _rsum(q2 * a2, ROW_AXIS)
+        g1 = c_tau * q1 * (a1 - _bc(qa, ROW_AXIS))
+        if BLOCK_K2 > 0:
+            g2 = c_tau * q2 * (a2 - _bc(qa, ROW_AXIS))
     loss = tau * tau * d
 
     if HAS_LABELS:
         y = tl.load(y_ptr + rows64, mask=row_ok, other=ignore_index)
         keep = y != ignore_index
-        if alpha != 0.0:
-            ce, g_ce = _hard_label_term(s, y, keep, cols, col_ok, alpha, S)
+        if alpha != 0.0:  # α CE(y, logsumexp-pool(s)) = α (lse(s) - lse over class y), one exp per element
+            in_y1 = _in_class(y, 0, BLOCK_K, J1, S, ROW_AXIS)
+            sy_max = _rmax(tl.where(in_y1, s1, NEG_INF), ROW_AXIS)
+            if BLOCK_K2 > 0:
+                in_y2 = _in_class(y, BLOCK_K, BLOCK_K2, J2, S, ROW_AXIS)
+                sy_max = tl.maximum(sy_max, _rmax(tl.where(in_y2, s2, NEG_INF), ROW_AXIS))
+            sy_max = tl.where(keep, sy_max, row_max)
+            f1 = _hard_exp(s1, in_y1, row_max, sy_max, ROW_AXIS)
+            sum_y = _rsum(tl.where(in_y1, f1, 0.0), ROW_AXIS)
+            sum_not_y = _rsum(tl.where(in_y1, 0.0, f1), ROW_AXIS)
+            if BLOCK_K2 > 0:
+                f2 = _hard_exp(s2, in_y2, row_max, sy_max, ROW_AXIS)
+                sum_y += _rsum(tl.where(in_y2, f2, 0.0), ROW_AXIS)
+                sum_not_y += _rsum(tl.where(in_y2, 0.0, f2), ROW_AXIS)
+            share_y = tl.exp2((sy_max - row_max) * LOG2E)  # class y's exponentials in the row max's scale
+            z_all = sum_not_y + share_y * sum_y
+            ce = tl.where(keep, alpha * ((row_max - sy_max) + (tl.log2(z_all) - tl.log2(sum_y)) * LN2), 0.0)
+            # softmax(s) - the softmax over class y, from the one exponential f
+            in_scale = _bc(scale * alpha * (share_y / z_all - 1.0 / sum_y), ROW_AXIS)
+            out_scale = _bc(scale * alpha / z_all, ROW_AXIS)
+            g1 += f1 * tl.where(in_y1, in_scale, out_scale)
+            if BLOCK_K2 > 0:
+                g2 += f2 * tl.where(in_y2, in_scale, out_scale)
             loss += ce
-            grad += g_ce
-            tl.store(hard_ptr + rows64, tl.where(keep, ce, 0.0), mask=row_ok)
+            tl.store(hard_ptr + rows64, ce, mask=row_ok)
         loss = tl.where(keep, loss, 0.0)
-        grad = tl.where(keep[:, None], grad, 0.0)
+        g1 = tl.where(_bc(keep, ROW_AXIS), g1, 0.0)
+        if BLOCK_K2 > 0:
+            g2 = tl.where(_bc(keep, ROW_AXIS), g2, 0.0)
 
     tl.store(loss_ptr + rows64, loss, mask=row_ok)
-    tl.store(grad_ptr + offs, grad, mask=ok)
+    _store_piece(grad_ptr, g1, rows64, row_ok, K, 0, BLOCK_K, J1, ROW_AXIS)
+    if BLOCK_K2 > 0:
+        _store_piece(grad_ptr, g2, rows64, row_ok, K, BLOCK_K, BLOCK_K2, J2, ROW_AXIS)
 
 
 def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha,
-                ignore_index, loss_rows, hard_rows, grad):
-    """Launches the kernel on contiguous inputs; fills ``loss_rows`` (N,), ``grad`` (N, K) and, when the
-    hard-label term is on, its part ``hard_rows`` (N,) (fp32)."""
+                ignore_index, loss_rows, hard_rows, grad, grad_scale=None):
+    """Launches the kernel on contiguous inputs; fills ``loss_rows`` (N,), ``grad`` (N, K, in its own
+    dtype: ``grad_scale`` (a 1-element fp32 tensor, 1 if None) · dL_row/ds) and, when the hard-label
+    term is on, its part ``hard_rows`` (N,) (fp32)."""
     n, k = student.shape
     why = limits.loss_unsupported(num_classes, n_subclasses)
     if why:
         raise ValueError(f"the triton loss kernel cannot run: {why}")
+    if grad_scale is None:
+        grad_scale = torch.ones(1, dtype=torch.float32, device=student.device)
     m = 1 if log_targets.ndim == 2 else log_targets.shape[1]
-    block_n, block_k, num_warps = block_shape(k)
+    has_labels = labels is not None
+    block_n, block_k, block_k2, num_warps = block_shape(k, divergence, has_labels)
+    j1, j2 = chunks(block_k, block_k2, student.element_size(), divergence, has_labels)
     grid = (triton.cdiv(n, block_n),)
     lelp_loss_kernel[grid](
         student, log_targets, weights if weights is not None else student, labels if labels is not None else student,
-        loss_rows, hard_rows, grad, n, m, float(jsd_beta), float(tau), float(alpha), int(ignore_index),
+        grad_scale, loss_rows, hard_rows, grad, n, m, float(jsd_beta), float(tau), float(alpha), int(ignore_index),
         K=k, S=n_subclasses, DIVERGENCE=divergence, HAS_WEIGHTS=weights is not None, HAS_LABELS=labels is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K2=block_k2, J1=j1, J2=j2, ROW_AXIS=_row_axis(),
+        num_warps=num_warps,
     )
 
 
+@triton.jit
+def scale_unless_one_kernel(x_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
+    """x *= scale in place, unless scale == 1: then every program returns before touching x (the
+    backward of a loss whose gradient was folded in the forward pass: no N x K pass, no host sync)."""
+    scale = tl.load(scale_ptr)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < numel
+        x = tl.load(x_ptr + offs, mask=ok)
+        tl.store(x_ptr + offs, (x.to(tl.float32) * scale).to(x_ptr.dtype.element_ty), mask=ok)
+
+
+SCALE_BLOCK = 4096
+
+
+def scale_unless_one(x, scale):
+    """``x.mul_(scale)`` on a contiguous tensor unless the one-element fp32 ``scale`` is 1, decided
+    on the device."""
+    n = x.numel()
+    if n:
+        scale_unless_one_kernel[(triton.cdiv(n, SCALE_BLOCK),)](x, scale, n, BLOCK=SCALE_BLOCK, num_warps=4)
+
+
 # What the AOT test compiles: every flag combination at a row width that is not a power of two and
-# at the widest (K = 40, 512), each divergence at three other block shapes (K = 2, 128, 200), KL and
-# JS (the most live arrays) at the remaining ones (block_shape gives every K its next power of two;
-# the flags are what changes the code), and plain KL (no weights, no labels: the distillation step
-# the cost model of docs/benchmarks.md reads) at K = 16 and 128.
+# at the widest (K = 40, 512), each divergence at three other block shapes (K = 2, 128, 200), plain
+# KL (no weights, no labels: the distillation step the cost model of docs/benchmarks.md reads) at
+# K = 16 and 128, and every other block shape block_shape gives for K = 2 .. 512 (the flags are
+# what changes the code; each dtype's chunking, chunk_constexprs, comes with the dtype compiled).
 FULL_SHAPES = [(40, 20), (512, 32)]
 DIVERGENCE_SHAPES = [(2, 1), (128, 16), (200, 8)]
-BLOCK_SHAPES = [(3, 3), (8, 4), (16, 8), (24, 8)]
 COST_SHAPES = [(16, 8), (128, 16)]
+# The K of the cost model's table (docs/benchmarks.md) and of its gate (tests/test_triton_aot.py)
+COST_KS = (16, 40, 128, 512)
 
 
 def _variants() -> List[dict]:
     combos = [(shape, div, has_w, has_y) for shape, div, has_w, has_y
               in itertools.product(FULL_SHAPES, range(5), (False, True), (False, True))]
     combos += [(shape, div, False, True) for shape, div in itertools.product(DIVERGENCE_SHAPES, range(5))]
-    combos += [(shape, div, False, True) for shape, div in itertools.product(BLOCK_SHAPES, (0, 2))]
     combos += [(shape, 0, False, False) for shape in COST_SHAPES]
+    # every other block shape for K = 2 .. 512: as the plain step (KL, chunked rows) and as JS with
+    # labels (the most live arrays; the other divergences and flags share its shape)
+    # (the K of each that has the most aligned rows: 20 for 16 + 4 columns, not 17)
+    covered = {(block_shape(k, div, has_y), _plain(div, has_y)) for (k, _), div, _, has_y in combos}
+    for div, has_y in ((0, False), (2, True)):
+        best = {}
+        for k in range(2, limits.MAX_LOSS_K + 1):
+            key = (block_shape(k, div, has_y), _plain(div, has_y))
+            if key not in covered and (k & -k) > (best.get(key, 0) & -best.get(key, 0)):
+                best[key] = k
+        combos += [((k, 1), div, False, has_y) for k in sorted(best.values())]
     variants = []
     for (k, s), div, has_w, has_y in combos:
-        block_n, block_k, num_warps = block_shape(k)
+        block_n, block_k, block_k2, num_warps = block_shape(k, div, has_y)
         variants.append(dict(num_warps=num_warps, constexprs=dict(
-            K=k, S=s, DIVERGENCE=div, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, BLOCK_N=block_n, BLOCK_K=block_k)))
+            K=k, S=s, DIVERGENCE=div, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_K2=block_k2)))
     return variants
 
 
 VARIANTS = _variants()
 
 
+# The backward's conditional scale, per gradient dtype the folded path writes (ops/loss.py).
+SCALE_VARIANTS = [dict(dtype=dtype, num_warps=4, constexprs=dict(BLOCK=SCALE_BLOCK)) for dtype in ("bf16", "fp32")]
+
+
+def scale_signature(dtype: str) -> dict:
+    return {"x_ptr": f"*{dtype}", "scale_ptr": "*fp32", "numel": "i64", "BLOCK": "constexpr"}
+
+
 def signature(dtype: str, target_dtype: str) -> dict:
-    """The kernel's argument types for ahead-of-time compilation (``triton.compile``)."""
+    """The kernel's argument types for ahead-of-time compilation (``triton.compile``): the gradient
+    in the student's dtype, as ``ops/loss.py`` allocates it on the folded path."""
     return {
-        "s_ptr": f"*{dtype}", "t_ptr": f"*{target_dtype}", "w_ptr": "*fp32", "y_ptr": "*i64", "loss_ptr": "*fp32",
-        "hard_ptr": "*fp32", "grad_ptr": "*fp32", "N": "i32", "M": "i32", "jsd_beta": "fp32", "tau": "fp32",
-        "alpha": "fp32", "ignore_index": "i32",
-        **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "BLOCK_N", "BLOCK_K")},
+        "s_ptr": f"*{dtype}", "t_ptr": f"*{target_dtype}", "w_ptr": "*fp32", "y_ptr": "*i64", "scale_ptr": "*fp32",
+        "loss_ptr": "*fp32", "hard_ptr": "*fp32", "grad_ptr": f"*{dtype}", "N": "i32", "M": "i32", "jsd_beta": "fp32",
+        "tau": "fp32", "alpha": "fp32", "ignore_index": "i32",
+        **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "BLOCK_N", "BLOCK_K",
+                                          "BLOCK_K2", "J1", "J2", "ROW_AXIS")},
     }
