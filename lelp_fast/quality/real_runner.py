@@ -27,13 +27,13 @@ from ..reference import class_logits
 from .real_data import DEFAULT_CACHE, REAL_TASKS, RealTask
 from .runner import checked_methods
 
-REAL_METHODS = ("hard labels", "KD", "annealing KD", "LELP", "LELP tuned", "LELP library", "LELP λ=0.5",
+REAL_METHODS = ("hard labels", "KD", "annealing KD", "LELP", "LELP tuned", "LELP library", "LELP λ=1", "LELP λ=0.5",
                 "LELP λ=0.25", "LELP λ=0.1", "LELP λ=0 (pooled KD)", "LELP both signs", "random projections",
                 "k-means", "oracle")
 # "LELP λ=w": the default targets with the subclass part of the KL weighted by w (1: LELP). λ = 0 is
 # KD's class-level loss on the C·S-output student pooled by logsumexp: the control that separates
 # what the subclass targets add from what the pooled architecture adds.
-SUBCLASS_WEIGHTS = {"LELP λ=0.5": 0.5, "LELP λ=0.25": 0.25, "LELP λ=0.1": 0.1, "LELP λ=0 (pooled KD)": 0.0}
+SUBCLASS_WEIGHTS = {"LELP λ=1": 1.0, "LELP λ=0.5": 0.5, "LELP λ=0.25": 0.25, "LELP λ=0.1": 0.1, "LELP λ=0 (pooled KD)": 0.0}
 STUDENT_KINDS = ("linear", "mlp", "cnn")
 
 
