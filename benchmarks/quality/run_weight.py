@@ -13,6 +13,8 @@ and writes results/weight-<stage>.json.
 real: any real task's table (the fractions and students of its ``lelp-fast bench quality`` run) with KD,
 LELP at λ = 1 and at smaller λ (``--methods``), every cell written to results/weight-<dataset>.json as
 soon as it is done.
+summary: every results/weight-*.json as one table: each λ minus KD and λ = 0.1 minus λ = 1, paired, with the
+95 % t-interval ("below": the interval lies under 0).
 """
 
 from __future__ import annotations
@@ -132,9 +134,46 @@ def _paired(per_seed: dict) -> dict:
     return out
 
 
+def _cells():
+    """(cell name, {"KD", "λ=1", "λ=0.25", "λ=0.1", "oracle": per-seed accuracies}) from every results/weight-*.json."""
+    import glob
+
+    rename = {"vanilla KD": "KD", "KD": "KD", "oracle": "oracle", "LELP λ=1.0": "λ=1", "LELP λ=1": "λ=1",
+              "LELP": "λ=1", "LELP λ=0.25": "λ=0.25", "LELP λ=0.1": "λ=0.1"}
+    for path in sorted(glob.glob(os.path.join(RESULTS, "weight-*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        cells = data.get("cells", data)
+        for name, cell in cells.items():
+            per_seed = cell.get("per_seed", cell)
+            yield name, {rename[m]: v for m, v in per_seed.items() if m in rename}
+
+
+def summary() -> None:
+    """Per cell: each λ minus KD and λ = 0.1 minus λ = 1, paired (mean ± sd, 95 % t-interval, wins), and
+    whether the paired interval lies below 0 ("below KD beyond noise")."""
+    from lelp_fast.paired import paired_interval
+
+    def text(a, b):
+        st = paired_interval(a, b)
+        lo, hi = st["interval"]
+        flag = " **below**" if hi < 0 else ""
+        return (f"{100 * st['mean']:+.2f} ± {100 * st['sd']:.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                f"({st['wins']}/{st['seeds']}){flag}")
+
+    print("| cell | KD (%) | λ = 1 − KD | λ = 0.25 − KD | λ = 0.1 − KD | λ = 0.1 − λ = 1 | oracle − KD |")
+    print("|---|---|---|---|---|---|---|")
+    for name, m in _cells():
+        kd = m["KD"]
+        cols = [text(m[k], kd) if k in m else "—" for k in ("λ=1", "λ=0.25", "λ=0.1")]
+        cols.append(text(m["λ=0.1"], m["λ=1"]) if "λ=0.1" in m and "λ=1" in m else "—")
+        cols.append(text(m["oracle"], kd) if "oracle" in m else "—")
+        print(f"| {name} | {100 * np.mean(kd):.2f} | " + " | ".join(cols) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("digits", "fashion", "real"), required=True)
+    parser.add_argument("--stage", choices=("digits", "fashion", "real", "summary"), required=True)
     parser.add_argument("--dataset", default="fashion-mnist-coarse")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--methods", nargs="+", default=REAL_WEIGHT_METHODS)
@@ -144,6 +183,9 @@ def main() -> None:
     parser.add_argument("--cache-dir")
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
+    if args.stage == "summary":
+        summary()
+        return
     if args.stage == "real":
         run_real(args.dataset, args.students, args.fractions, args.seeds, args.methods, args.cache_dir,
                  os.path.join(RESULTS, f"weight-{args.dataset}.json"))
