@@ -7,7 +7,8 @@ small MLP, four ways each (hard labels, vanilla KD, LELP, and the oracle that is
 digits as subclasses) and report test accuracy and the paired difference from KD.
 
 What it shows (docs/results.md has the tables behind it): a student too small to draw the class
-boundary itself (linear) gains from LELP's subclass outputs; one that can (the MLP) does not.
+boundary itself (linear) gains from LELP's subclass outputs, +5.9 points at the default subclass
+weight λ = 0.1; one that can (the MLP) is level with KD (it lost 1.7 points at λ = 1).
 """
 
 from __future__ import annotations
