@@ -15,6 +15,7 @@ import torch
 from ._checks import check_count, check_positive
 from .offline.shards import DEFAULT_DTYPE as TARGETS_DTYPE
 from .projector import DEFAULT_BETA
+from .reference import DEFAULT_SUBCLASS_WEIGHT
 
 DESCRIPTION = """\
 LELP knowledge distillation: fit per-class subspaces of teacher embeddings, then write
@@ -372,7 +373,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         cfg.work_dir = args.work_dir
     tune(cfg, TuneGrid(subclasses=args.subclasses, betas=args.betas, taus=args.taus, steps=args.steps,
                        evals=args.evals, seeds=args.seeds, fraction=args.fraction,
-                       subclass_weights=args.subclass_weights), capture_dir=args.capture)
+                       subclass_weights=args.subclass_weights or (None,)), capture_dir=args.capture)
     return 0
 
 
@@ -667,8 +668,10 @@ def _add_tune(sub) -> None:
     tune.add_argument("--seeds", type=positive_int, default=3,
                       help="proxies per grid point, and fresh seeds for the paired LELP-vs-KD decision")
     tune.add_argument("--fraction", type=float, default=1.0, help="training rows the proxies see")
-    tune.add_argument("--subclass-weights", type=float, nargs="+", default=[1.0],
-                      help="lambda values (1: LELP; 0: KD on the pooled C*S-output student, beta moot)")
+    tune.add_argument("--subclass-weights", type=float, nargs="+", default=None,
+                      help="lambda values (1: the paper's LELP; 0: KD on the pooled C*S-output student, beta moot; "
+                      f"default {DEFAULT_SUBCLASS_WEIGHT}, the library's, with train.divergence kl; another divergence "
+                      "takes lambda = 1 only)")
     tune.add_argument("--capture", help="a capture of the teacher on its own inputs for task.train's rows, in order "
                                         "(when the teacher does not read the student's inputs)")
     tune.add_argument("--work-dir", help="override the config's work_dir")

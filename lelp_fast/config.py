@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Dict, Literal, Optional, Sequence
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ._checks import check_count, check_nonnegative, check_positive
 
 from .offline.shards import DEFAULT_DTYPE as DEFAULT_TARGETS_DTYPE
 from .projector import DEFAULT_BETA
+from .reference import canonical_divergence
 
 
 def _shared(check):
@@ -107,7 +108,16 @@ class TrainConfig(_Section):
     warmup_steps: NonNegativeCount = 0
     checkpoint_every_steps: Optional[Count] = None
     log_every_steps: Optional[Count] = None
-    subclass_weight: NonNegative = 1.0  # λ on the subclass part of the KL: 1 is LELP, 0 class-level KD
+    # λ on the subclass part of the KL: 1 is the paper's LELP, 0 class-level KD on the pooled student;
+    # null: the library's default, 0.1 with KL (reference.DEFAULT_SUBCLASS_WEIGHT), 1 with another divergence
+    subclass_weight: Optional[NonNegative] = None
+
+    @model_validator(mode="after")
+    def _subclass_weight_needs_kl(self):
+        if self.subclass_weight not in (None, 1.0) and canonical_divergence(self.divergence) != "kl":
+            raise ValueError(f"train.subclass_weight = {self.subclass_weight} needs train.divergence: kl (only KL "
+                             f"splits into a class and a subclass part); leave it unset (null) or set 1")
+        return self
 
 
 class ReportConfig(_Section):

@@ -7,16 +7,18 @@ small MLP, four ways each (hard labels, vanilla KD, LELP, and the oracle that is
 digits as subclasses) and report test accuracy and the paired difference from KD.
 
 What it shows (docs/results.md has the tables behind it): a student too small to draw the class
-boundary itself (linear) gains from LELP's subclass outputs; one that can (the MLP) does not.
+boundary itself (linear) gains from LELP's subclass outputs, +5.9 points at the default subclass
+weight λ = 0.1; one that can (the MLP) is level with KD (it lost 1.7 points at λ = 1).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 from .projector import DEFAULT_BETA
+from .reference import resolve_subclass_weight
 from .quality.real_runner import paired_summary
 from .quality.runner import QualityConfig, run_quality
 
@@ -30,6 +32,7 @@ class DemoConfig:
     n_subclasses: int = 4
     beta: float = DEFAULT_BETA
     tau: float = 1.0
+    subclass_weight: Optional[float] = None  # λ of the LELP row; None: the library's default
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> Dict:
@@ -40,7 +43,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Dict:
     for name, hidden in STUDENTS.items():
         quality = QualityConfig(dataset="digits-parity", seeds=cfg.seeds, n_subclasses=cfg.n_subclasses,
                                 beta=cfg.beta, tau=cfg.tau, n_teachers=1, validation_fraction=0.0,
-                                student_hidden=hidden)
+                                student_hidden=hidden, subclass_weight=cfg.subclass_weight)
         result = run_quality(quality, METHODS, progress=progress)
         per_seed = {m: [seed[m]["accuracy"] for seed in result["per_seed"]] for m in METHODS}
         students[name] = {"rows": result["rows"], "paired": paired_summary(per_seed, baseline="vanilla KD")}
@@ -50,7 +53,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Dict:
 def format_markdown(result: Dict) -> str:
     cfg = result["config"]
     lines = [f"Binarised digits (even vs odd), {cfg['seeds']} seeds, S={cfg['n_subclasses']}, beta={cfg['beta']}, "
-             f"tau={cfg['tau']}, students on {cfg['student_fraction']:.0%} of the training rows", ""]
+             f"tau={cfg['tau']}, lambda={resolve_subclass_weight(cfg['subclass_weight'])}, students on {cfg['student_fraction']:.0%} of the training rows", ""]
     for name, student in result["students"].items():
         teacher = student["rows"][0]
         lines += [f"**{name} student** (teacher: {100 * teacher['accuracy_mean']:.2f} %)", "",

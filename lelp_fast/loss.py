@@ -37,7 +37,10 @@ class LELPLoss(nn.Module):
         reduction: "mean" (over kept rows), "sum" or "none".
         ignore_index: rows whose label equals it contribute nothing.
         subclass_weight: λ, the weight of the subclass part of KL(t‖q) (0: KD on the pooled student,
-            1: LELP; offline single-teacher KL only; ``ops.loss.subclass_weighted_loss``).
+            1: the paper's LELP; KL only). Default (None): ``reference.DEFAULT_SUBCLASS_WEIGHT`` (0.1)
+            with KL, 1 with another divergence; docs/results.md has the evidence. λ ≠ 1 with mixed or
+            online targets computes the targets in torch first, then two fused calls
+            (``ops.loss.subclass_weighted_loss``); λ = 1 keeps the single fused pass. No effect at S = 1.
         backend: "auto" (fused kernel for the tensor's device, else torch), "torch", "cpu", "cuda".
         check_inputs: on CPU in eager mode, refuse NaN/Inf logits, embeddings and weights and
             log-targets that are not log-probabilities, naming the row (default). The CPU kernel flags
@@ -59,7 +62,7 @@ class LELPLoss(nn.Module):
         reduction: str = "mean",
         ignore_index: int = -100,
         backend: str = "auto",
-        subclass_weight: float = 1.0,
+        subclass_weight: Optional[float] = None,
         check_inputs: bool = True,
     ):
         super().__init__()
@@ -101,9 +104,10 @@ class LELPLoss(nn.Module):
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.backend = backend
-        if not subclass_weight >= 0.0:
-            raise ValueError(f"subclass_weight must be >= 0 (0: KD, 1: LELP), got {subclass_weight!r}")
-        self.subclass_weight = float(subclass_weight)
+        self.subclass_weight = reference.resolve_subclass_weight(subclass_weight, divergence)
+        if self.subclass_weight != 1.0 and divergence != "kl" and self.n_subclasses > 1:
+            raise ValueError(f"subclass_weight needs divergence='kl' (the split into class and subclass KL is exact "
+                             f"only for KL), got divergence={divergence!r}")
         self.check_inputs = bool(check_inputs)
 
     def forward(

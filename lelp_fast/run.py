@@ -29,6 +29,7 @@ from .io.locks import ExclusiveLock
 from .offline import generate_targets, provenance, shards
 from .offline.manifest import MANIFEST, projector_digest
 from .projector import LELPProjector
+from .reference import resolve_subclass_weight
 from .train import TrainSettings, distill, evaluate, load_student
 from .train.loop import EXECUTION_ONLY as TRAIN_EXECUTION_ONLY
 
@@ -260,14 +261,15 @@ def _report(cfg, task, projector, student, paths: dict, kd_student=None) -> dict
     labels = [int(y) for _, y in task.test]
     teacher_acc = sum(int(p == y) for p, y in zip(test_teacher.argmax(1).tolist(), labels)) / max(len(labels), 1)
     beta, tau = _temperatures(cfg, projector)
+    weight = resolve_subclass_weight(cfg.train.subclass_weight, cfg.train.divergence)
     report = {"config": cfg.model_dump(), "teacher_test_accuracy": teacher_acc, "student_test": student_test,
-              "targets_beta": beta, "targets_tau": tau,
+              "targets_beta": beta, "targets_tau": tau, "subclass_weight": weight,
               "best_epoch": trained["best"], "epochs_run": trained["epochs_run"],
               "student_report": os.path.join("student", "report.md")}
     md = (f"# lelp_fast run: {cfg.work_dir}\n\n"
           f"| model | test accuracy | agreement | predictive KL |\n|---|---|---|---|\n"
           f"| teacher | {teacher_acc:.4f} | 1 | 0 |\n"
-          f"| student (LELP, S={projector.n_subclasses}, beta={beta}, tau={tau}) | {student_test['accuracy']:.4f} | "
+          f"| student (LELP, S={projector.n_subclasses}, beta={beta}, tau={tau}, lambda={weight}) | {student_test['accuracy']:.4f} | "
           f"{student_test['agreement']:.4f} | {student_test['predictive_kl']:.4f} |\n")
     if kd_student is not None:
         from .train.baseline import baseline_markdown, compare_with_kd

@@ -41,7 +41,9 @@ class TuneGrid:
     evals: int = 10  # validation evaluations per proxy, evenly spaced; the best one scores it
     seeds: int = 3  # proxies per grid point; as many fresh seeds judge LELP against KD
     fraction: float = 1.0  # of the training rows the proxies see
-    subclass_weights: Sequence[float] = (1.0,)  # λ (1: LELP; 0: KD on the pooled student, β moot)
+    # λ (1: the paper's LELP; 0: KD on the pooled student, β moot); None: the library's default
+    # (reference.DEFAULT_SUBCLASS_WEIGHT with KL, 1 with another divergence)
+    subclass_weights: Sequence[Optional[float]] = (None,)
 
     def check(self) -> None:
         for name in ("steps", "evals", "seeds"):
@@ -55,7 +57,7 @@ class TuneGrid:
                              f"got {list(self.subclasses)}")
         if not self.taus or any(not t > 0 for t in self.taus) or any(not b > 0 for b in self.betas):
             raise ValueError("grid.taus and grid.betas must be positive (and taus non-empty)")
-        if not self.subclass_weights or any(not w >= 0 for w in self.subclass_weights):
+        if not self.subclass_weights or any(w is not None and not w >= 0 for w in self.subclass_weights):
             raise ValueError(f"grid.subclass_weights must be non-empty and >= 0, got {list(self.subclass_weights)}")
 
 
@@ -256,7 +258,8 @@ def search(teacher: TeacherOutputs, train, val, make_student: Callable, settings
             skipped.append({"subclasses": s, "reason": why})
             log(f"[tune] S={s} skipped: {why}")
             continue
-        for weight in grid.subclass_weights:
+        weights = dict.fromkeys(reference.resolve_subclass_weight(w, settings.divergence) for w in grid.subclass_weights)
+        for weight in weights:
             betas = grid.betas if weight > 0 else [None]
             results += [state.point(s, beta, tau, weight) for beta in betas for tau in grid.taus]
     kd, kd_ties = best_with_ties([r for r in results if r["subclasses"] == 1])
@@ -334,9 +337,9 @@ def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
     best = summary["best"]
     advice = (f"fit.subclasses: {best['subclasses']}, fit.beta: {best['beta']}" if best["subclasses"] > 1
               else "fit.subclasses: 1 (KD)")
+    if best["subclasses"] > 1:
+        advice += f", train.subclass_weight: {best['subclass_weight']}"
     log(f"[tune] set {advice}, fit.tau and train.tau: {best['tau']} in the config")
-    if best["subclasses"] > 1 and best["subclass_weight"] != 1.0:  # the run config has no key for λ yet
-        log(f"[tune] and train with TrainSettings(subclass_weight={best['subclass_weight']}) (lelp_fast.train.distill)")
     return summary
 
 
@@ -367,14 +370,18 @@ def _plot(summary: dict, path: str) -> None:
     except ImportError:
         return
     tau = (summary["lelp"] or summary["kd"])["tau"]
+    with_beta = [r for r in summary["results"] if r["subclasses"] > 1 and r["beta"] is not None]
+    lelp = summary["lelp"]
+    weight = (lelp["subclass_weight"] if lelp and lelp["beta"] is not None  # a λ = 0 point has no β axis
+              else max((r["subclass_weight"] for r in with_beta), default=None))
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in sorted({r["subclasses"] for r in summary["results"]} - {1}):
         pts = sorted((r["beta"], r["val_accuracy"]) for r in summary["results"]
-                     if r["subclasses"] == s and r["tau"] == tau and r["subclass_weight"] == 1.0)
+                     if r in with_beta and r["subclasses"] == s and r["tau"] == tau and r["subclass_weight"] == weight)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"S = {s}")
     kd = summary["kd"]
     ax.axhline(kd["val_accuracy"], color="k", linestyle="--", label=f"KD (τ = {kd['tau']})")
-    ax.set(xscale="log", xlabel="β", ylabel="validation accuracy", title=f"proxy students, τ = {tau}")
+    ax.set(xscale="log", xlabel="β", ylabel="validation accuracy", title=f"proxy students, τ = {tau}, λ = {weight}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

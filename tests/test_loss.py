@@ -21,7 +21,7 @@ def test_offline_loss_matches_reference(fitted, divergence, reduction):
     s = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
     labels = y[:40].clone()
     labels[3] = -100
-    loss = LELPLoss(proj, divergence=divergence, alpha=0.25, reduction=reduction)(s, log_t, labels)
+    loss = LELPLoss(proj, divergence=divergence, alpha=0.25, reduction=reduction, subclass_weight=1.0)(s, log_t, labels)
     want = reference.distillation_loss(
         s.detach(), log_t.double(), labels, num_classes=2, n_subclasses=3, divergence_kind=divergence,
         tau=1.4, alpha=0.25, reduction=reduction,
@@ -29,28 +29,37 @@ def test_offline_loss_matches_reference(fitted, divergence, reduction):
     torch.testing.assert_close(loss.detach(), want)
 
 
-def test_online_equals_offline(fitted):
+@pytest.mark.parametrize("weight", [None, 1.0, 0.0])
+def test_online_equals_offline(fitted, weight):
+    """At the default λ (and any λ ≠ 1) the online targets are computed in torch before the two fused
+    calls; at λ = 1 in the kernel. Either way they are the offline targets' loss."""
     proj, h, y = fitted
     emb = h[:25].float()
     s = torch.randn(25, 6, requires_grad=True)
-    online = LELPLoss(proj)(s, embeddings=emb)
-    offline = LELPLoss(proj)(s, proj.targets(emb))
+    online = LELPLoss(proj, subclass_weight=weight)(s, embeddings=emb)
+    offline = LELPLoss(proj, subclass_weight=weight)(s, proj.targets(emb))
     torch.testing.assert_close(online, offline)
     online.backward()
     assert s.grad is not None and torch.isfinite(s.grad).all()
 
 
-def test_online_several_projectors_equals_offline_mixture(fitted):
+@pytest.mark.parametrize("weight", [None, 1.0])
+def test_online_several_projectors_equals_offline_mixture(fitted, weight):
     proj, h, y = fitted
     h2, w2, b2, _ = make_problem(n=300, d=9, num_classes=2, seed=32)
     proj2 = LELPProjector(3, beta=0.3).fit(h2, y, head_weight=w2, head_bias=b2)
     weights = torch.softmax(torch.randn(25, 2), 1)
     s = torch.randn(25, 6, requires_grad=True)
-    module = LELPLoss([proj, proj2], tau=1.4, alpha=0.1)
+    module = LELPLoss([proj, proj2], tau=1.4, alpha=0.1, subclass_weight=weight)
     online = module(s, None, y[:25], embeddings=[h[:25].float(), h2[:25].float()], teacher_weights=weights)
     stacked = torch.stack([proj.targets(h[:25].float()), proj2.targets(h2[:25].float(), tau=1.4)], 1)
-    offline = LELPLoss(num_classes=2, n_subclasses=3, tau=1.4, alpha=0.1)(s, stacked, y[:25], teacher_weights=weights)
+    offline = LELPLoss(num_classes=2, n_subclasses=3, tau=1.4, alpha=0.1, subclass_weight=weight)(
+        s, stacked, y[:25], teacher_weights=weights)
     torch.testing.assert_close(online, offline)
+    mixed = reference.mix_log_targets(stacked.double(), weights.double())
+    want = (reference.subclass_weighted_kl(s.detach().double(), mixed, 2, 3, 1.4, module.subclass_weight)
+            + 0.1 * reference.hard_label_rows(s.detach().double(), y[:25], 2, 3)).mean()
+    torch.testing.assert_close(online.double(), want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="embeddings must be a list of 2 tensors"):
         module(s, embeddings=h[:25].float(), teacher_weights=weights)
     with pytest.raises(ValueError, match=r"embeddings\[1\] must have shape \(N, 9\)"):
@@ -67,6 +76,38 @@ def test_module_gradcheck_fp64(fitted, divergence):
     module = LELPLoss(proj, divergence=divergence, alpha=0.5)
     s = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: module(x, log_t, y[:5]), (s,))
+
+
+def test_the_default_subclass_weight_is_the_reference_at_0_1_and_1_is_the_papers_loss(fitted):
+    """Issue 22: LELPLoss trains τ²[KL(p‖Q) + λ Σ_c p_c KL(r_c‖ρ_c)] at λ = 0.1 unless told; λ = 1 is
+    the paper's KL(t‖q), the single fused pass."""
+    proj, h, y = fitted
+    log_t = proj.targets(h[:40].float())
+    s = torch.randn(40, 6, dtype=torch.float64)
+    default = LELPLoss(proj)
+    assert default.subclass_weight == reference.DEFAULT_SUBCLASS_WEIGHT == 0.1
+    want = reference.subclass_weighted_kl(s, log_t.double(), 2, 3, 1.4, 0.1).mean()
+    torch.testing.assert_close(default(s, log_t).double(), want, atol=1e-6, rtol=1e-6)
+    paper = reference.distillation_loss(s, log_t.double(), num_classes=2, n_subclasses=3, tau=1.4)
+    torch.testing.assert_close(LELPLoss(proj, subclass_weight=1.0)(s, log_t).double(), paper, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="subclass_weight needs divergence='kl'"):
+        LELPLoss(proj, divergence="js", subclass_weight=0.5)
+    with pytest.raises(ValueError, match="subclass_weight must be >= 0"):
+        LELPLoss(proj, subclass_weight=-0.1)
+
+
+@pytest.mark.parametrize("weight", [None, 0.1, 0.0, 1.0])
+def test_s1_is_vanilla_kd_exactly_whatever_the_subclass_weight(weight):
+    """With one subclass per class there is no subclass part: λ changes nothing, bit for bit."""
+    z = torch.randn(30, 3)
+    s = torch.randn(30, 3, requires_grad=True)
+    log_t = torch.log_softmax(z / 2.0, -1)
+    plain = LELPLoss(num_classes=3, n_subclasses=1, tau=2.0, subclass_weight=1.0)(s, log_t)
+    loss = LELPLoss(num_classes=3, n_subclasses=1, tau=2.0, subclass_weight=weight)(s, log_t)
+    assert torch.equal(loss, plain)
+    (g1,) = torch.autograd.grad(plain, s)
+    (g2,) = torch.autograd.grad(LELPLoss(num_classes=3, n_subclasses=1, tau=2.0, subclass_weight=weight)(s, log_t), s)
+    assert torch.equal(g1, g2)
 
 
 def test_offline_without_projector_is_vanilla_kd_at_s1():

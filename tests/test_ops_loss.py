@@ -666,3 +666,49 @@ def test_subclass_weight_refuses_what_it_cannot_split():
                      subclass_weight=0.5)
     with pytest.raises(ValueError, match="subclass_weight must be >= 0"):
         distill_loss(student.float(), log_t.float(), labels, num_classes=2, n_subclasses=2, subclass_weight=-1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_subclass_weight_takes_mixed_and_online_targets(backend):
+    """λ ≠ 1 with (N, M, K) targets and teacher weights, or online teachers (one, or several mixed):
+    the targets are made in torch, then the two fused calls; the fp64 formula on the mixed targets."""
+    n, num_classes, s, tau = 23, 3, 4, 1.5
+    k = num_classes * s
+    student, log_t, labels = make_inputs(n, num_classes, s, seed=8, m=2)
+    weights = torch.softmax(torch.randn(n, 2, generator=torch.Generator().manual_seed(9)), 1)
+    x = student.float().requires_grad_(True)
+
+    def check(loss, mixed):
+        (grad,) = torch.autograd.grad(loss, x)
+        ref = student.detach().requires_grad_(True)
+        want = reference.subclass_weighted_kl(ref, mixed, num_classes, s, tau, 0.3).mean()
+        (want_grad,) = torch.autograd.grad(want, ref)
+        torch.testing.assert_close(loss.double(), want.detach(), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(grad.double(), want_grad, atol=2e-5, rtol=1e-4)
+
+    kw = dict(num_classes=num_classes, n_subclasses=s, tau=tau, subclass_weight=0.3, backend=backend)
+    check(distill_loss(x, log_t.float(), labels, teacher_weights=weights, **kw),
+          reference.mix_log_targets(log_t.float().double(), weights.double()))
+    teachers = make_online_teachers(n, [11, 6], num_classes, s, seed=10)
+    online = dict(embeddings=[t[0] for t in teachers], fused_weight=[t[1] for t in teachers],
+                  fused_bias=[t[2] for t in teachers], teacher_logits=[t[3] for t in teachers], beta=[0.5, 0.25])
+    check(distill_loss(x, None, labels, teacher_weights=weights, **online, **kw),
+          reference_online_mix(teachers, weights, k, s, [0.5, 0.25], tau))
+    one = {key: value[0] for key, value in online.items()}
+    check(distill_loss(x, None, labels, **one, **kw),
+          reference_online_mix(teachers[:1], torch.ones(n, 1), k, s, [0.5], tau))
+
+
+def test_subclass_weight_none_is_the_library_default_and_s1_ignores_it():
+    student, log_t, labels = make_inputs(19, 2, 3, seed=4)
+    kw = dict(num_classes=2, n_subclasses=3, tau=1.3)
+    torch.testing.assert_close(distill_loss(student.float(), log_t.float(), labels, subclass_weight=None, **kw),
+                               distill_loss(student.float(), log_t.float(), labels, subclass_weight=0.1, **kw))
+    torch.testing.assert_close(  # the op's own default is the formula, λ = 1
+        distill_loss(student.float(), log_t.float(), labels, **kw),
+        reference.distillation_loss(student, log_t, labels, **kw).float(), atol=1e-5, rtol=1e-5)
+    z = torch.log_softmax(torch.randn(19, 2, dtype=torch.float64), -1).float()
+    for weight in (None, 0.0, 0.1, 3.0):
+        assert torch.equal(distill_loss(student[:, :2].float(), z, labels, num_classes=2, n_subclasses=1, tau=3.0,
+                                        subclass_weight=weight),
+                           distill_loss(student[:, :2].float(), z, labels, num_classes=2, n_subclasses=1, tau=3.0))

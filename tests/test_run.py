@@ -207,3 +207,48 @@ def test_set_overrides_and_print_config(capsys):
     assert printed["train"]["epochs"] == 3 and printed["fit"]["beta"] == 0.1 and printed["fit"]["subclasses"] == 4
     assert main(["run", SMALL, "--set", "train.epochs=0"]) == 2
     assert "train.epochs: value must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+# ---- issue 22: the subclass weight λ has one default, documented, in the API, the config and the CLI ----
+
+def test_the_default_subclass_weight_is_one_value_in_the_api_the_config_and_the_cli(capsys):
+    import yaml
+
+    from lelp_fast import LELPLoss, reference
+    from lelp_fast.cli import build_parser
+    from lelp_fast.demo import DemoConfig
+    from lelp_fast.quality import RealQualityConfig
+    from lelp_fast.train import TrainSettings
+    from lelp_fast.tune import TuneGrid
+
+    def resolved(weight, divergence="kl"):
+        return reference.resolve_subclass_weight(weight, divergence)
+
+    assert reference.DEFAULT_SUBCLASS_WEIGHT == 0.1  # docs/results.md, "The subclass weight λ"
+    api = LELPLoss(num_classes=2, n_subclasses=3).subclass_weight
+    settings = TrainSettings()
+    config = parse_config({"work_dir": "x", "task": {"factory": "a:b"}}).train
+    assert main(["run", SMALL, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["train"]
+    tune_cli = build_parser().parse_args(["tune", SMALL]).subclass_weights or TuneGrid().subclass_weights
+    values = {api, resolved(settings.subclass_weight, settings.divergence), resolved(config.subclass_weight),
+              resolved(printed["subclass_weight"], printed["divergence"]), *map(resolved, tune_cli),
+              *map(resolved, TuneGrid().subclass_weights), resolved(RealQualityConfig().subclass_weight),
+              resolved(DemoConfig().subclass_weight)}
+    assert values == {reference.DEFAULT_SUBCLASS_WEIGHT}
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    assert f"default {reference.DEFAULT_SUBCLASS_WEIGHT}, the library's" in " ".join(capsys.readouterr().out.split())
+    docs = open(os.path.join(HERE, "..", "docs", "user_path.md")).read()
+    assert f"`train.subclass_weight` (default {reference.DEFAULT_SUBCLASS_WEIGHT}" in docs
+    # λ = 1 (the paper's LELP) stays reachable; another divergence has no split and takes 1
+    assert LELPLoss(num_classes=2, n_subclasses=3, subclass_weight=1.0).subclass_weight == 1.0
+    assert parse_config({"work_dir": "x", "task": {"factory": "a:b"}, "train": {"subclass_weight": 1}}).train \
+        .subclass_weight == 1.0
+    assert LELPLoss(num_classes=2, n_subclasses=3, divergence="js").subclass_weight == 1.0
+    assert resolved(None, "jsd") == 1.0
+    with pytest.raises(ConfigError, match="train.subclass_weight = 0.5 needs train.divergence: kl"):
+        parse_config({"work_dir": "x", "task": {"factory": "a:b"}, "train": {"divergence": "js", "subclass_weight": 0.5}})
+    with pytest.raises(ValueError, match="train.subclass_weight = 0.5 needs train.divergence: kl"):
+        TrainSettings(divergence="tvd", subclass_weight=0.5).check()
+    TrainSettings(divergence="js").check()  # the default is no error with another divergence

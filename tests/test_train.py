@@ -312,7 +312,12 @@ def test_subclass_weight_reaches_the_loss_of_stored_targets(stored, tmp_path):
     want = float(reference.subclass_weighted_kl(student()(x).double(), log_t, 2, 2, 1.0, 0.5).mean())
     report = _run(stored, str(tmp_path / "offline"), epochs=1, batch_size=500, subclass_weight=0.5)
     assert report["history"][0]["train_soft"] == pytest.approx(want, rel=1e-5)
-    plain = _run(stored, str(tmp_path / "plain"), epochs=1, batch_size=500)
-    assert plain["history"][0]["train_soft"] != pytest.approx(want, rel=1e-3)
+    default = _run(stored, str(tmp_path / "default"), epochs=1, batch_size=500)  # λ = 0.1, the library's default
+    at = {w: float(reference.subclass_weighted_kl(student()(x).double(), log_t, 2, 2, 1.0, w).mean()) for w in (0.1, 1.0)}
+    assert default["history"][0]["train_soft"] == pytest.approx(at[0.1], rel=1e-5)
+    assert default["history"][0]["train_soft"] != pytest.approx(want, rel=1e-3)
+    assert default["subclass_weight"] == 0.1 and default["settings"]["subclass_weight"] is None
+    paper = _run(stored, str(tmp_path / "paper"), epochs=1, batch_size=500, subclass_weight=1.0)
+    assert paper["history"][0]["train_soft"] == pytest.approx(at[1.0], rel=1e-5)
     with pytest.raises(ValueError, match="train.subclass_weight must be a finite number >= 0"):
         TrainSettings(subclass_weight=-0.5).check()

@@ -3,12 +3,18 @@ with both signs of each direction), paired against KD on the same seeds.
 
     python benchmarks/quality/run_weight.py --stage digits            # ~2 min on 2 cores
     python benchmarks/quality/run_weight.py --stage fashion --students linear --cache-dir DIR
+    python benchmarks/quality/run_weight.py --stage real --dataset fashion-mnist-coarse --fractions 0.01 0.1 1
 
 digits: the toy runner's protocol (docs/results.md, "Digits"), 5 seeds, S = 4, β = 0.25, τ = 1,
 LELP at λ ∈ {1, 0.5, 0.25, 0.1, 0} (λ = 0: KD on the pooled C·S-output student, a control).
 fashion: ``lelp-fast bench quality --dataset fashion-mnist-mixed``'s protocol at 10 % of the pool with KD, LELP, its variants, the library's choice and the oracle. Each prints per
 method the mean test accuracy, the paired difference from KD and the share of the oracle's gain,
 and writes results/weight-<stage>.json.
+real: any real task's table (the fractions and students of its ``lelp-fast bench quality`` run) with KD,
+LELP at λ = 1 and at smaller λ (``--methods``), every cell written to results/weight-<dataset>.json as
+soon as it is done.
+summary: every results/weight-*.json as one table: each λ minus KD and λ = 0.1 minus λ = 1, paired, with the
+95 % t-interval ("below": the interval lies under 0).
 """
 
 from __future__ import annotations
@@ -82,14 +88,108 @@ def run_fashion(students, fraction: float, seeds: int, cache_dir) -> dict:
     return data
 
 
+REAL_WEIGHT_METHODS = ["KD", "LELP λ=1", "LELP λ=0.1", "LELP λ=0.25"]
+
+
+def run_real(dataset: str, students, fractions, seeds: int, methods, cache_dir, out_path: str) -> dict:
+    """One process, one teacher (trained with torch's threads, then students on one thread), cell by cell."""
+    import time
+
+    import torch
+
+    from lelp_fast.quality import REAL_TASKS, real_config
+    from lelp_fast.quality.real_runner import _fits, run_cell
+
+    overrides = {"cache_dir": cache_dir} if cache_dir else {}
+    cfg = real_config(dataset, students=tuple(students), fractions=tuple(fractions), seeds=seeds, **overrides)
+    start = time.perf_counter()
+    task = REAL_TASKS[dataset](cfg.cache_dir)
+    methods = [m for m in methods if not (m == "oracle" and task.sub is None)]
+    print(f"{dataset}: teacher {100 * task.teacher_accuracy:.2f} % ({time.perf_counter() - start:.0f} s to load or "
+          f"train)", flush=True)
+    torch.set_num_threads(1)
+    fits = _fits(task, cfg, methods)
+    data = {"dataset": dataset, "teacher_accuracy": task.teacher_accuracy, "seeds": seeds, "methods": methods,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}, "cells": {}}
+    for kind in students:
+        for fraction in fractions:
+            cell = run_cell(task, kind, fraction, cfg, methods, fits, progress=True)
+            name = f"{dataset} {kind} {fraction:g} ({cell['rows']} rows)"
+            data["cells"][name] = {"per_seed": cell["per_seed"], "tuned": cell["tuned"], "seconds": cell["seconds"]}
+            print(f"KD tau {cell['tuned']['kd_tau']}; {cell['seconds']:.0f} s")
+            print_table(name, shares(cell["per_seed"], "KD") if "oracle" in methods else
+                        {m: {**v, "share": float("nan")} for m, v in _paired(cell["per_seed"]).items()})
+            with open(out_path, "w") as f:
+                json.dump(data, f, indent=1)
+    return data
+
+
+def _paired(per_seed: dict) -> dict:
+    base = np.array(per_seed["KD"])
+    out = {}
+    for method, accs in per_seed.items():
+        diff = np.array(accs) - base
+        out[method] = {"mean": float(np.mean(accs)), "diff": float(diff.mean()),
+                       "diff_sd": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0, "wins": int((diff > 0).sum())}
+    return out
+
+
+def _cells():
+    """(cell name, {"KD", "λ=1", "λ=0.25", "λ=0.1", "oracle": per-seed accuracies}) from every results/weight-*.json."""
+    import glob
+
+    rename = {"vanilla KD": "KD", "KD": "KD", "oracle": "oracle", "LELP λ=1.0": "λ=1", "LELP λ=1": "λ=1",
+              "LELP": "λ=1", "LELP λ=0.25": "λ=0.25", "LELP λ=0.1": "λ=0.1"}
+    for path in sorted(glob.glob(os.path.join(RESULTS, "weight-*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        cells = data.get("cells", data)
+        for name, cell in cells.items():
+            per_seed = cell.get("per_seed", cell)
+            yield name, {rename[m]: v for m, v in per_seed.items() if m in rename}
+
+
+def summary() -> None:
+    """Per cell: each λ minus KD and λ = 0.1 minus λ = 1, paired (mean ± sd, 95 % t-interval, wins), and
+    whether the paired interval lies below 0 ("below KD beyond noise")."""
+    from lelp_fast.paired import paired_interval
+
+    def text(a, b):
+        st = paired_interval(a, b)
+        lo, hi = st["interval"]
+        flag = " **below**" if hi < 0 else ""
+        return (f"{100 * st['mean']:+.2f} ± {100 * st['sd']:.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                f"({st['wins']}/{st['seeds']}){flag}")
+
+    print("| cell | KD (%) | λ = 1 − KD | λ = 0.25 − KD | λ = 0.1 − KD | λ = 0.1 − λ = 1 | oracle − KD |")
+    print("|---|---|---|---|---|---|---|")
+    for name, m in _cells():
+        kd = m["KD"]
+        cols = [text(m[k], kd) if k in m else "—" for k in ("λ=1", "λ=0.25", "λ=0.1")]
+        cols.append(text(m["λ=0.1"], m["λ=1"]) if "λ=0.1" in m and "λ=1" in m else "—")
+        cols.append(text(m["oracle"], kd) if "oracle" in m else "—")
+        print(f"| {name} | {100 * np.mean(kd):.2f} | " + " | ".join(cols) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("digits", "fashion"), required=True)
+    parser.add_argument("--stage", choices=("digits", "fashion", "real", "summary"), required=True)
+    parser.add_argument("--dataset", default="fashion-mnist-coarse")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--methods", nargs="+", default=REAL_WEIGHT_METHODS)
     parser.add_argument("--students", nargs="+", default=["linear"])
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--cache-dir")
     args = parser.parse_args()
+    os.makedirs(RESULTS, exist_ok=True)
+    if args.stage == "summary":
+        summary()
+        return
+    if args.stage == "real":
+        run_real(args.dataset, args.students, args.fractions, args.seeds, args.methods, args.cache_dir,
+                 os.path.join(RESULTS, f"weight-{args.dataset}.json"))
+        return
     data = run_digits() if args.stage == "digits" else run_fashion(args.students, args.fraction, args.seeds,
                                                                     args.cache_dir)
     os.makedirs(RESULTS, exist_ok=True)

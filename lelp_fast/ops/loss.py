@@ -306,7 +306,7 @@ def distill_loss(
     backend: str = "auto",
     check_inputs: bool = True,
     return_components: bool = False,
-    subclass_weight: float = 1.0,
+    subclass_weight: Optional[float] = 1.0,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
     """The distillation loss of docs/algorithm.md, fused where a compiled backend is available.
 
@@ -326,15 +326,20 @@ def distill_loss(
     skipped there: bad values propagate as NaN, and weights that do not sum to 1 scale the loss.
     Label dtypes are checked everywhere (floats are refused; no synchronisation needed).
 
-    ``subclass_weight`` λ (KL, one teacher's (N, K) ``log_targets``) weights the subclass part of
-    ``KL(t‖q) = KL(p‖Q) + Σ_c p_c KL(r_c‖ρ_c)``: 0 is KD on the pooled student, 1 (default) LELP;
-    see :func:`subclass_weighted_loss`.
+    ``subclass_weight`` λ (KL only) weights the subclass part of
+    ``KL(t‖q) = KL(p‖Q) + Σ_c p_c KL(r_c‖ρ_c)``: 0 is KD on the pooled student, 1 (this op's
+    default, the formula as the kernels compute it) LELP; ``None`` is the library's default
+    (:data:`lelp_fast.reference.DEFAULT_SUBCLASS_WEIGHT` with KL, 1 otherwise), which ``LELPLoss``
+    and ``TrainSettings`` use. With S = 1 there is no subclass part and λ changes nothing (the
+    plain loss runs: S = 1 is vanilla KD exactly). See :func:`subclass_weighted_loss`.
     """
     divergence = reference.canonical_divergence(divergence)  # "jsd" (TRL's and Liger's name) is "js"
-    if subclass_weight != 1.0:
+    subclass_weight = reference.resolve_subclass_weight(subclass_weight, divergence)
+    if subclass_weight != 1.0 and n_subclasses > 1:
         return subclass_weighted_loss(
             student_logits, log_targets, labels, subclass_weight=subclass_weight, num_classes=num_classes,
             n_subclasses=n_subclasses, divergence=divergence, embeddings=embeddings, teacher_weights=teacher_weights,
+            fused_weight=fused_weight, fused_bias=fused_bias, teacher_logits=teacher_logits, beta=beta,
             tau=tau, alpha=alpha, reduction=reduction, ignore_index=ignore_index, backend=backend,
             check_inputs=check_inputs, return_components=return_components)
     _check_settings(divergence, jsd_beta, reduction, alpha, labels)
@@ -386,24 +391,34 @@ def distill_loss(
     return loss, soft, hard
 
 
-def subclass_weighted_loss(student_logits: Tensor, log_targets: Tensor, labels: Optional[Tensor] = None, *,
-                           subclass_weight: float, num_classes: int, n_subclasses: int, divergence: str = "kl",
-                           embeddings=None, teacher_weights=None, tau: float = 1.0, alpha: float = 0.0,
-                           reduction: str = "mean", ignore_index: int = -100, backend: str = "auto",
-                           check_inputs: bool = True, return_components: bool = False):
+def subclass_weighted_loss(student_logits: Tensor, log_targets: Optional[Tensor], labels: Optional[Tensor] = None,
+                           *, subclass_weight: float, num_classes: int, n_subclasses: int, divergence: str = "kl",
+                           embeddings=None, teacher_weights=None, fused_weight=None, fused_bias=None,
+                           teacher_logits=None, beta: Union[float, Sequence[float]] = 1.0, tau: float = 1.0,
+                           alpha: float = 0.0, reduction: str = "mean", ignore_index: int = -100,
+                           backend: str = "auto", check_inputs: bool = True, return_components: bool = False):
     """``τ² [KL(p‖Q) + λ Σ_c p_c KL(r_c‖ρ_c)] + α CE`` as two calls of the fused loss, no new kernel:
     ``λ · τ² KL(t‖q) + (1 − λ) · τ² KL(p‖Q)``, since ``KL(t‖q) = KL(p‖Q) + Σ_c p_c KL(r_c‖ρ_c)``.
     ``KL(p‖Q)`` is the S = 1 loss of the pooled logits ``τ·logsumexp(s/τ)`` (their softmax at τ is
     Q) against ``log p = logsumexp_s log t`` (subclass targets sum to the teacher's class
-    probability); the gradient reaches ``s`` through the pooling. Tested against
-    :func:`reference.subclass_weighted_kl` (fp64)."""
+    probability); the gradient reaches ``s`` through the pooling. Mixed (N, M, K) targets and online
+    teachers (embeddings with their fused maps) are first made into one (N, K) log-target tensor in
+    torch, without gradient, as the torch backend computes them; the two calls then take it. Tested
+    against :func:`reference.subclass_weighted_kl` (fp64)."""
     if divergence != "kl":
         raise ValueError(f"subclass_weight needs divergence='kl' (the split into class and subclass KL is exact "
                          f"only for KL), got divergence={divergence!r}")
     if not subclass_weight >= 0.0:
         raise ValueError(f"subclass_weight must be >= 0 (0: KD, 1: LELP), got {subclass_weight!r}")
-    if embeddings is not None or teacher_weights is not None or log_targets is None or log_targets.ndim != 2:
-        raise ValueError("subclass_weight needs one teacher's (N, K) log_targets (not online or mixed targets)")
+    _check_settings(divergence, 0.5, reduction, alpha, labels)
+    online = _check_shapes(student_logits, log_targets, labels, teacher_weights, embeddings, fused_weight, fused_bias,
+                           teacher_logits, beta, num_classes, n_subclasses)  # the plain loss's errors
+    eager_cpu = student_logits.device.type == "cpu" and not torch.compiler.is_compiling()
+    if check_inputs and eager_cpu and log_targets is not None:
+        check_log_probabilities("log_targets", log_targets)  # named as given, before they are pooled
+    if embeddings is not None or teacher_weights is not None:
+        log_targets = _one_teachers_targets(student_logits, log_targets, teacher_weights, *online, num_classes,
+                                            n_subclasses, tau, check_inputs and eager_cpu)
     common = dict(reduction=reduction, ignore_index=ignore_index, backend=backend, check_inputs=check_inputs)
     compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     n = student_logits.shape[0]
@@ -424,6 +439,33 @@ def subclass_weighted_loss(student_logits: Tensor, log_targets: Tensor, labels: 
     if not return_components:
         return loss
     return loss, loss.detach() - hard, hard
+
+
+def _one_teachers_targets(student, log_targets, weights, embeddings, fused_weight, fused_bias, teacher_logits,
+                          beta, num_classes, n_subclasses, tau, check_values) -> Tensor:
+    """(N, K) log-targets from mixed (N, M, K) ones or from online teachers (the lists of
+    :func:`_check_shapes`), in torch and without gradient (the torch backend's arithmetic), in fp32
+    (fp64 for fp64 logits)."""
+    if check_values:
+        for i, (emb, z) in enumerate(zip(embeddings, teacher_logits)):
+            check_finite(f"embeddings[{i}]", emb)
+            if z is not None:
+                check_finite(f"teacher_logits[{i}]", z)
+        if weights is not None:
+            check_row_weights("teacher_weights", weights)
+    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    k = num_classes * n_subclasses
+    with torch.no_grad():
+        if not embeddings:
+            return reference.mix_log_targets(log_targets.to(compute), weights.to(compute))
+        per_teacher = []
+        for emb, w, b, z, teacher_beta in zip(embeddings, fused_weight, fused_bias, teacher_logits, beta):
+            proj = emb.to(compute) @ w.to(compute) + b.to(compute)
+            z = proj[:, k:] if z is None else z.to(compute)
+            per_teacher.append(reference.log_targets(proj[:, :k], z, n_subclasses, teacher_beta, tau))
+        if len(per_teacher) == 1:
+            return per_teacher[0]
+        return reference.mix_log_targets(torch.stack(per_teacher, 1), weights.to(compute))
 
 
 def _check_settings(divergence, jsd_beta, reduction, alpha, labels) -> None:

@@ -23,17 +23,19 @@ from ..loss import LELPLoss
 from ..methods import AnnealingKD, KDLoss, KMeansSubclasses, RandomProjectionSubclasses, oracle_coordinates
 from ..methods import subclass_log_targets
 from ..projector import DEFAULT_BETA, LELPProjector
-from ..reference import class_logits
+from ..reference import class_logits, resolve_subclass_weight
 from .real_data import DEFAULT_CACHE, REAL_TASKS, RealTask
 from .runner import checked_methods
 
-REAL_METHODS = ("hard labels", "KD", "annealing KD", "LELP", "LELP tuned", "LELP library", "LELP λ=0.5",
+REAL_METHODS = ("hard labels", "KD", "annealing KD", "LELP", "LELP tuned", "LELP library", "LELP λ=1", "LELP λ=0.5",
                 "LELP λ=0.25", "LELP λ=0.1", "LELP λ=0 (pooled KD)", "LELP both signs", "random projections",
                 "k-means", "oracle")
+# "LELP" trains at the library's default λ (cfg.subclass_weight None: reference.DEFAULT_SUBCLASS_WEIGHT);
+# the other subclass rows (tuned, ablations, oracle) at λ = 1, as their tables were measured.
 # "LELP λ=w": the default targets with the subclass part of the KL weighted by w (1: LELP). λ = 0 is
 # KD's class-level loss on the C·S-output student pooled by logsumexp: the control that separates
 # what the subclass targets add from what the pooled architecture adds.
-SUBCLASS_WEIGHTS = {"LELP λ=0.5": 0.5, "LELP λ=0.25": 0.25, "LELP λ=0.1": 0.1, "LELP λ=0 (pooled KD)": 0.0}
+SUBCLASS_WEIGHTS = {"LELP λ=1": 1.0, "LELP λ=0.5": 0.5, "LELP λ=0.25": 0.25, "LELP λ=0.1": 0.1, "LELP λ=0 (pooled KD)": 0.0}
 STUDENT_KINDS = ("linear", "mlp", "cnn")
 
 
@@ -46,6 +48,7 @@ class RealQualityConfig:
     n_subclasses: int = 4
     beta: float = DEFAULT_BETA
     tau: float = 1.0
+    subclass_weight: Optional[float] = None  # λ of the "LELP" row; None: the library's default
     steps: int = 1500
     batch_size: int = 256
     lr: float = 3e-3
@@ -138,12 +141,13 @@ class Cell:
                            lambda out, i, step: sched.loss(step, out, self.z[i], self.y[i]))
         return model, 1.0
 
-    def subclass_targets(self, seed, rows, log_t: torch.Tensor, s: int, tau: float, subclass_weight: float = 1.0):
+    def subclass_targets(self, seed, rows, log_t: torch.Tensor, s: int, tau: float,
+                         subclass_weight: Optional[float] = 1.0):
         loss = LELPLoss(num_classes=self.task.num_classes, n_subclasses=s, tau=tau, subclass_weight=subclass_weight)
         log_t = log_t.to(self.cfg.device)
         return self.train(seed, rows, self.task.num_classes * s, lambda out, i, _: loss(out, log_t[i])), tau
 
-    def lelp(self, seed, rows, s: int, beta: float, tau: float, subclass_weight: float = 1.0):
+    def lelp(self, seed, rows, s: int, beta: float, tau: float, subclass_weight: Optional[float] = 1.0):
         p = self.fits[("pca", s)]
         return self.subclass_targets(seed, rows, p.targets(self.task.h, self.task.z, beta=beta, tau=tau), s, tau,
                                      subclass_weight)
@@ -162,7 +166,8 @@ class Cell:
         """What ``lelp-fast tune`` chose on the first seed's rows: LELP (S, β, τ) or KD (τ)."""
         if choice["subclasses"] == 1:
             return self.kd(seed, rows, choice["tau"])
-        return self.lelp(seed, rows, choice["subclasses"], choice["beta"], choice["tau"])
+        return self.lelp(seed, rows, choice["subclasses"], choice["beta"] or self.cfg.beta, choice["tau"],
+                         choice.get("subclass_weight", 1.0))
 
     def variant(self, seed, rows, name: str):
         cfg, s = self.cfg, self.cfg.n_subclasses
@@ -227,7 +232,7 @@ def _library_choice(cell: Cell, rows: torch.Tensor) -> Dict:
                      ProxySettings(lr=cfg.lr, batch_size=cfg.batch_size), grid, log=lambda _: None)
     best = summary["best"]
     return {"subclasses": best["subclasses"], "beta": best["beta"], "tau": best["tau"],
-            "reason": summary["decision"]["reason"]}
+            "subclass_weight": best["subclass_weight"], "reason": summary["decision"]["reason"]}
 
 
 def _run_method(cell: Cell, method: str, seed: int, rows: torch.Tensor, tuned: Dict):
@@ -239,7 +244,7 @@ def _run_method(cell: Cell, method: str, seed: int, rows: torch.Tensor, tuned: D
     if method == "annealing KD":
         return cell.annealing_kd(seed, rows)
     if method == "LELP":
-        return cell.lelp(seed, rows, cfg.n_subclasses, cfg.beta, cfg.tau)
+        return cell.lelp(seed, rows, cfg.n_subclasses, cfg.beta, cfg.tau, cfg.subclass_weight)
     if method == "LELP tuned":
         return cell.lelp(seed, rows, *tuned["lelp"])
     if method == "LELP library":
@@ -310,7 +315,7 @@ def format_real_markdown(result: Dict) -> str:
     cfg = result["config"]
     lines = [f"{result['dataset']}: teacher test accuracy {100 * result['teacher_accuracy']:.2f} %, {cfg['seeds']} "
              f"seeds, {cfg['steps']} steps of batch {cfg['batch_size']}; LELP default S={cfg['n_subclasses']}, "
-             f"beta={cfg['beta']}, tau={cfg['tau']}", ""]
+             f"beta={cfg['beta']}, tau={cfg['tau']}, lambda={_weight_text(cfg.get('subclass_weight'))}", ""]
     for cell in result["cells"]:
         t = cell["tuned"]
         lines += [f"**{cell['student']} student, {cell['fraction']:g} of the training pool ({cell['rows']} rows)**; "
@@ -324,9 +329,14 @@ def format_real_markdown(result: Dict) -> str:
     return "\n".join(lines)
 
 
+def _weight_text(weight) -> str:
+    return f"{resolve_subclass_weight(weight)}" + (" (the library's default)" if weight is None else "")
+
+
 def _choice_text(choice: Dict) -> str:
     setting = ("KD, tau=" + str(choice["tau"]) if choice["subclasses"] == 1
-               else f"S={choice['subclasses']}, beta={choice['beta']}, tau={choice['tau']}")
+               else f"S={choice['subclasses']}, beta={choice['beta']}, tau={choice['tau']}, "
+                    f"lambda={choice.get('subclass_weight', 1.0)}")
     return f"{setting} ({choice['reason']})"
 
 

@@ -35,7 +35,7 @@ from ..metrics import agreement, predictive_kl
 from ..offline import TargetsDataset, batch_loader, provenance, shards
 from ..offline.manifest import MANIFEST, projector_digest
 from ..ops.loss import distill_loss
-from ..reference import canonical_divergence, class_logits
+from ..reference import canonical_divergence, class_logits, resolve_subclass_weight
 from . import steps
 from .report import write_report
 
@@ -66,7 +66,9 @@ class TrainSettings:
     warmup_steps: int = 0  # optimiser steps of linear warm-up
     checkpoint_every_steps: Optional[int] = None  # also checkpoint mid-epoch, every this many steps
     log_every_steps: Optional[int] = None  # TensorBoard: loss, its soft and hard parts, lr per step
-    subclass_weight: float = 1.0  # λ on the subclass part of KL(t‖q): 1 is LELP, 0 class-level KD (issue 22)
+    # λ on the subclass part of KL(t‖q): 1 is the paper's LELP, 0 class-level KD on the pooled student;
+    # None: the library's default, reference.DEFAULT_SUBCLASS_WEIGHT (0.1) with KL, 1 with another divergence
+    subclass_weight: Optional[float] = None
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "grad_accumulation"):
@@ -83,7 +85,11 @@ class TrainSettings:
         canonical_divergence(self.divergence, "train.divergence")  # "jsd" is accepted as "js"
         check_choice("train.mixed_precision", self.mixed_precision, tuple(steps.PRECISIONS))
         check_choice("train.lr_schedule", self.lr_schedule, steps.SCHEDULES)
-        check_nonnegative("train.subclass_weight", self.subclass_weight)  # 0: KD, 1: LELP
+        if self.subclass_weight is not None:
+            check_nonnegative("train.subclass_weight", self.subclass_weight)  # 0: KD, 1: LELP
+            if self.subclass_weight != 1.0 and canonical_divergence(self.divergence) != "kl":
+                raise ValueError(f"train.subclass_weight = {self.subclass_weight} needs train.divergence: kl (only "
+                                 f"KL splits into a class and a subclass part); leave it unset (null) or set 1")
 
 
 def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, teacher_logits=None,
@@ -173,8 +179,15 @@ def distill(
 EXECUTION_ONLY = ("device", "tensorboard", "checkpoint_every_steps", "log_every_steps")
 
 
+def trained_subclass_weight(settings: TrainSettings, n_subclasses: int) -> float:
+    """The λ that trains: ``settings.subclass_weight``, None being the library's default; 1 at S = 1,
+    where there is no subclass part to weight."""
+    return resolve_subclass_weight(settings.subclass_weight, settings.divergence) if n_subclasses > 1 else 1.0
+
+
 def _result_settings(settings: TrainSettings, num_classes: int, n_subclasses: int, compact) -> dict:
     train = {k: v for k, v in dataclasses.asdict(settings).items() if k not in EXECUTION_ONLY}
+    train["subclass_weight"] = trained_subclass_weight(settings, n_subclasses)
     return {"train": train, "num_classes": num_classes, "n_subclasses": n_subclasses,
             "compact_temperatures": None if compact is None else list(compact)}
 
@@ -426,6 +439,7 @@ class _Run:
 
     def summary(self) -> dict:
         return {"settings": dataclasses.asdict(self.settings), "num_classes": self.c, "n_subclasses": self.s,
+                "subclass_weight": trained_subclass_weight(self.settings, self.s),
                 "epochs_run": self.epoch, "best": self.best, "history": self.history,
                 "student_file": STUDENT}
 

@@ -14,7 +14,9 @@ def format_markdown(summary: dict) -> str:
     """The learning curves as a Markdown table, with the best epoch first."""
     best = summary.get("best") or {}
     lines = ["# Distillation report", "",
-             f"C = {summary['num_classes']}, S = {summary['n_subclasses']}, epochs run: {summary['epochs_run']}; "
+             f"C = {summary['num_classes']}, S = {summary['n_subclasses']}"
+             + (f", subclass weight λ = {summary['subclass_weight']}" if summary.get("n_subclasses", 1) > 1
+                and "subclass_weight" in summary else "") + f", epochs run: {summary['epochs_run']}; "
              f"best validation accuracy {best.get('accuracy', float('nan')):.4f} at epoch {best.get('epoch')}", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for record in summary["history"]:
