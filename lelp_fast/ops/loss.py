@@ -447,25 +447,28 @@ def _one_teachers_targets(student, log_targets, weights, embeddings, fused_weigh
     :func:`_check_shapes`), in torch and without gradient (the torch backend's arithmetic), in fp32
     (fp64 for fp64 logits)."""
     if check_values:
-        for i, (emb, z) in enumerate(zip(embeddings, teacher_logits)):
-            check_finite(f"embeddings[{i}]", emb)
-            if z is not None:
-                check_finite(f"teacher_logits[{i}]", z)
-        if weights is not None:
-            check_row_weights("teacher_weights", weights)
+        _check_teacher_inputs(embeddings, teacher_logits, weights)
     compute = torch.float64 if student.dtype == torch.float64 else torch.float32
     k = num_classes * n_subclasses
     with torch.no_grad():
         if not embeddings:
             return reference.mix_log_targets(log_targets.to(compute), weights.to(compute))
-        per_teacher = []
-        for emb, w, b, z, teacher_beta in zip(embeddings, fused_weight, fused_bias, teacher_logits, beta):
-            proj = emb.to(compute) @ w.to(compute) + b.to(compute)
-            z = proj[:, k:] if z is None else z.to(compute)
-            per_teacher.append(reference.log_targets(proj[:, :k], z, n_subclasses, teacher_beta, tau))
-        if len(per_teacher) == 1:
-            return per_teacher[0]
-        return reference.mix_log_targets(torch.stack(per_teacher, 1), weights.to(compute))
+        return _online_log_targets(embeddings, fused_weight, fused_bias, teacher_logits, beta, weights, n_subclasses,
+                                   k, tau, compute)
+
+
+def _online_log_targets(embeddings, fused_weight, fused_bias, teacher_logits, beta, weights, n_subclasses, k, tau,
+                        compute: torch.dtype) -> Tensor:
+    """(N, K) log-targets of online teachers (each ``h @ W + b``: K subclass logits, then the class
+    logits when none are given), mixed by ``weights`` when there are several, in ``compute``."""
+    per_teacher = []
+    for emb, w, b, z, teacher_beta in zip(embeddings, fused_weight, fused_bias, teacher_logits, beta):
+        proj = emb.to(compute) @ w.to(compute) + b.to(compute)
+        z = proj[:, k:] if z is None else z.to(compute)
+        per_teacher.append(reference.log_targets(proj[:, :k], z, n_subclasses, teacher_beta, tau))
+    if len(per_teacher) == 1:
+        return per_teacher[0]
+    return reference.mix_log_targets(torch.stack(per_teacher, 1), weights.to(compute))
 
 
 def _check_settings(divergence, jsd_beta, reduction, alpha, labels) -> None:
@@ -534,6 +537,11 @@ def _check_cpu_inputs(student, log_targets, labels, weights, embeddings, teacher
         check_finite("student_logits", student.detach())
         if log_targets is not None:
             check_log_probabilities("log_targets", log_targets)
+    _check_teacher_inputs(embeddings, teacher_logits, weights)
+
+
+def _check_teacher_inputs(embeddings, teacher_logits, weights) -> None:
+    """Online teachers' embeddings and logits finite, mixing weights valid (one error naming the input)."""
     for i, (emb, z) in enumerate(zip(embeddings, teacher_logits)):
         check_finite(f"embeddings[{i}]", emb)
         if z is not None:
@@ -613,16 +621,8 @@ def _loss_torch(student, log_targets, weights, labels, embeddings, fused_weight,
     """(per-row loss, its α·CE part) in fp32 (fp64 for fp64 logits)."""
     compute = torch.float64 if student.dtype == torch.float64 else torch.float32
     if embeddings:
-        k = num_classes * n_subclasses
-        per_teacher = []
-        for emb, w, b, z, teacher_beta in zip(embeddings, fused_weight, fused_bias, teacher_logits, beta):
-            proj = emb.to(compute) @ w.to(compute) + b.to(compute)
-            z = proj[:, k:] if z is None else z.to(compute)
-            per_teacher.append(reference.log_targets(proj[:, :k], z, n_subclasses, teacher_beta, tau))
-        if len(per_teacher) == 1:
-            log_t = per_teacher[0]
-        else:
-            log_t = reference.mix_log_targets(torch.stack(per_teacher, 1), weights.to(compute))
+        log_t = _online_log_targets(embeddings, fused_weight, fused_bias, teacher_logits, beta, weights, n_subclasses,
+                                    num_classes * n_subclasses, tau, compute)
     elif log_targets.ndim == 3:
         log_t = reference.mix_log_targets(log_targets.to(compute), weights.to(compute))
     else:
