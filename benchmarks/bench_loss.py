@@ -26,6 +26,14 @@ def eager_loss(s, log_t, y, num_classes, n_sub, tau, alpha):
     return (tau * tau * kl + alpha * F.cross_entropy(pooled, y, reduction="none")).mean()
 
 
+def loss_inputs(n: int, k: int, num_classes: int, dtype: torch.dtype):
+    """Seeded student logits (requiring grad), log-targets and labels for an N x K loss benchmark."""
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(n, k, generator=g) * 3).to(dtype).requires_grad_(True)
+    log_t = torch.log_softmax(torch.randn(n, k, generator=g) * 3, -1).to(dtype)
+    return s, log_t, torch.randint(0, num_classes, (n,), generator=g)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=65536)
@@ -41,10 +49,7 @@ def main():
         n_sub = k // num_classes
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
-            g = torch.Generator().manual_seed(0)
-            s = (torch.randn(args.n, k, generator=g) * 3).to(dtype).requires_grad_(True)
-            log_t = torch.log_softmax(torch.randn(args.n, k, generator=g) * 3, -1).to(dtype)
-            y = torch.randint(0, num_classes, (args.n,), generator=g)
+            s, log_t, y = loss_inputs(args.n, k, num_classes, dtype)
             nbytes = s.numel() * s.element_size() * 2 + log_t.numel() * log_t.element_size()
             probe = torch.ones(nbytes // 4)
             floor = median_seconds(lambda: probe.sum(), args.repeats)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from _timing import median_seconds
-from bench_loss import eager_loss
+from bench_loss import eager_loss, loss_inputs
 
 from lelp_fast._checks import check_finite, check_log_probabilities
 from lelp_fast.ops import _dispatch, distill_loss
@@ -55,10 +55,7 @@ def main():
         k = c * s_
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
-            g = torch.Generator().manual_seed(0)
-            s = (torch.randn(args.n, k, generator=g) * 3).to(dtype).requires_grad_(True)
-            log_t = torch.log_softmax(torch.randn(args.n, k, generator=g) * 3, -1).to(dtype)
-            y = torch.randint(0, c, (args.n,), generator=g)
+            s, log_t, y = loss_inputs(args.n, k, c, dtype)
 
             def ours(ext, check):
                 # An older build takes no row-flag pointer: its check is the former one, in Python

@@ -9,6 +9,7 @@ input-sized tensor plus a write of the output size) on the same device in the sa
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_loss import eager_loss
 from conftest import synchronize
 
 from lelp_fast.ops import distill_loss, lelp_targets
@@ -16,6 +17,15 @@ from lelp_fast.ops import distill_loss, lelp_targets
 D = 768
 SHAPES = [(2, 8), (2, 64), (16, 8)]  # (C, S): K = 16, 128, 128 with short and long class segments
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+def sweep(test):
+    """Every (C, S) of SHAPES, dtype and contender (lelp_fast, its peers, the floor)."""
+    for mark in (pytest.mark.parametrize("cs", SHAPES, ids=lambda cs: f"C{cs[0]}S{cs[1]}"),
+                 pytest.mark.parametrize("dtype", DTYPES, ids=str),
+                 pytest.mark.parametrize("who", ["lelp_fast-auto", "eager", "compile", "floor"])):
+        test = mark(test)
+    return test
 
 
 def _rows(scale: float, base: int) -> int:
@@ -45,14 +55,6 @@ def eager_targets(h, w, b, c, s, tau=1.0, beta=0.25):
     return (F.log_softmax(u.view(-1, c, s) / beta, -1) + log_p[:, :, None]).reshape(-1, c * s)
 
 
-def eager_loss(s, log_t, y, c, n_sub, tau=2.0, alpha=0.1):
-    s32 = s.float()
-    log_q = F.log_softmax(s32 / tau, -1)
-    kl = (log_t.float().exp() * (log_t.float() - log_q)).sum(-1)
-    pooled = torch.logsumexp(s32.view(-1, c, n_sub), -1)
-    return (tau * tau * kl + alpha * F.cross_entropy(pooled, y, reduction="none")).mean()
-
-
 _compiled = {}
 
 
@@ -62,9 +64,7 @@ def compiled(fn):
     return _compiled[fn]
 
 
-@pytest.mark.parametrize("who", ["lelp_fast-auto", "eager", "compile", "floor"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cs", SHAPES, ids=lambda cs: f"C{cs[0]}S{cs[1]}")
+@sweep
 def test_targets(benchmark, device, scale, cs, dtype, who):
     c, s = cs
     n = _rows(scale, 65536)
@@ -81,9 +81,7 @@ def test_targets(benchmark, device, scale, cs, dtype, who):
     _run(benchmark, device, lambda: fn(h, w, b, c, s))
 
 
-@pytest.mark.parametrize("who", ["lelp_fast-auto", "eager", "compile", "floor"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cs", SHAPES, ids=lambda cs: f"C{cs[0]}S{cs[1]}")
+@sweep
 def test_loss_forward_backward(benchmark, device, scale, cs, dtype, who):
     c, s = cs
     n = _rows(scale, 262144)
@@ -100,5 +98,5 @@ def test_loss_forward_backward(benchmark, device, scale, cs, dtype, who):
                                     alpha=0.1).backward()
     else:
         fn = eager_loss if who == "eager" else compiled(eager_loss)
-        step = lambda: fn(student, log_t, y, c, s).backward()  # noqa: E731
+        step = lambda: fn(student, log_t, y, c, s, 2.0, 0.1).backward()  # noqa: E731
     _run(benchmark, device, step)
