@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from types import MappingProxyType
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -68,9 +68,14 @@ def falls_back(backend: str) -> bool:
     return backend == "auto" and os.environ.get("LELP_FAST_BACKEND", "auto") in ("", "auto")
 
 
-def launch_failures(shape: str) -> Dict[str, str]:
-    """{backend: why} for the backends whose launch failed for ``shape`` (see record_launch_failure)."""
-    return {backend: why for (backend, failed), why in _LAUNCH_FAILURES.items() if failed == shape}
+def launch_failures(shape: Union[str, Callable[[], str]]) -> Dict[str, str]:
+    """{backend: why} for the backends whose launch failed for ``shape`` (see record_launch_failure).
+    ``shape`` may be a function making the key: every call of an op asks, and almost always no
+    launch has failed, so the key is only built once one has."""
+    if not _LAUNCH_FAILURES:
+        return {}
+    key = shape() if callable(shape) else shape
+    return {backend: why for (backend, failed), why in _LAUNCH_FAILURES.items() if failed == key}
 
 
 def rows_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

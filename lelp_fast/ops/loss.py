@@ -581,7 +581,7 @@ def _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits
     cuda_why = _dispatch.cuda_unsupported(num_classes, n_subclasses)
     if cuda_why:
         out["cuda"] = cuda_why
-    return {**out, **_dispatch.launch_failures(_shape_key(student, num_classes, n_subclasses, embeddings))}
+    return {**out, **_dispatch.launch_failures(lambda: _shape_key(student, num_classes, n_subclasses, embeddings))}
 
 
 def _online_teachers(n, k, num_classes, embeddings, fused_weight, fused_bias, teacher_logits, beta, weights):

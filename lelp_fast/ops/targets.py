@@ -219,7 +219,8 @@ def _shape_limits(embeddings, teacher_logits, num_classes, n_subclasses):
     cuda_why = _dispatch.cuda_unsupported(num_classes, n_subclasses)
     if cuda_why:
         out["cuda"] = cuda_why
-    return {**out, **_dispatch.launch_failures(_shape_key(embeddings, teacher_logits, num_classes, n_subclasses))}
+    return {**out, **_dispatch.launch_failures(
+        lambda: _shape_key(embeddings, teacher_logits, num_classes, n_subclasses))}
 
 
 def _choose_backend(backend, embeddings, teacher_logits, num_classes, n_subclasses, out_dtype) -> str:

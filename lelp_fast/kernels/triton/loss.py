@@ -88,6 +88,9 @@ def _row_axis() -> int:
     return 0 if (major, minor) < (3, 7) else 1
 
 
+ROW_AXIS = _row_axis()  # of the Triton this process imported
+
+
 def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0, has_labels: bool = False):
     """(J1, J2): a piece of W columns is held as J chunks of W/J columns side by side in each thread,
     so that each thread holds up to 16 elements of one row in 16-byte vectors and a row of W >= 16
@@ -107,7 +110,7 @@ def chunk_constexprs(constexprs: dict, dtype: str) -> dict:
     under the Triton that imports this module."""
     j1, j2 = chunks(constexprs["BLOCK_K"], constexprs["BLOCK_K2"], ITEMSIZE[dtype], constexprs["DIVERGENCE"],
                     constexprs["HAS_LABELS"])
-    return dict(J1=j1, J2=j2, ROW_AXIS=_row_axis())
+    return dict(J1=j1, J2=j2, ROW_AXIS=ROW_AXIS)
 
 
 @triton.jit
@@ -353,7 +356,7 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
         student, log_targets, weights if weights is not None else student, labels if labels is not None else student,
         grad_scale, loss_rows, hard_rows, grad, n, m, float(jsd_beta), float(tau), float(alpha), int(ignore_index),
         K=k, S=n_subclasses, DIVERGENCE=divergence, HAS_WEIGHTS=weights is not None, HAS_LABELS=labels is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K2=block_k2, J1=j1, J2=j2, ROW_AXIS=_row_axis(),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K2=block_k2, J1=j1, J2=j2, ROW_AXIS=ROW_AXIS,
         num_warps=num_warps,
     )
 
