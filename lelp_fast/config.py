@@ -16,7 +16,7 @@ from ._checks import check_count, check_nonnegative, check_positive
 
 from .offline.shards import DEFAULT_DTYPE as DEFAULT_TARGETS_DTYPE
 from .projector import DEFAULT_BETA
-from .reference import canonical_divergence
+from .reference import require_kl_for_subclass_weight
 
 
 def _shared(check):
@@ -114,9 +114,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _subclass_weight_needs_kl(self):
-        if self.subclass_weight not in (None, 1.0) and canonical_divergence(self.divergence) != "kl":
-            raise ValueError(f"train.subclass_weight = {self.subclass_weight} needs train.divergence: kl (only KL "
-                             f"splits into a class and a subclass part); leave it unset (null) or set 1")
+        require_kl_for_subclass_weight(self.subclass_weight, self.divergence, "train.subclass_weight")
         return self
 
 

@@ -105,9 +105,8 @@ class LELPLoss(nn.Module):
         self.ignore_index = ignore_index
         self.backend = backend
         self.subclass_weight = reference.resolve_subclass_weight(subclass_weight, divergence)
-        if self.subclass_weight != 1.0 and divergence != "kl" and self.n_subclasses > 1:
-            raise ValueError(f"subclass_weight needs divergence='kl' (the split into class and subclass KL is exact "
-                             f"only for KL), got divergence={divergence!r}")
+        if self.n_subclasses > 1:  # at S = 1 there is no subclass part: λ has no effect
+            reference.require_kl_for_subclass_weight(self.subclass_weight, divergence)
         self.check_inputs = bool(check_inputs)
 
     def forward(

@@ -246,6 +246,19 @@ def resolve_subclass_weight(subclass_weight, divergence: str = "kl") -> float:
     return float(subclass_weight)
 
 
+def require_kl_for_subclass_weight(subclass_weight, divergence: str, config_key: Optional[str] = None) -> None:
+    """λ other than 1 (None: the default, which follows the divergence) weights a split only KL has,
+    ``KL(t‖q) = KL(p‖Q) + Σ_c p_c KL(r_c‖ρ_c)``: with another divergence it is an error, naming the
+    config keys when ``config_key`` is given."""
+    if subclass_weight is None or float(subclass_weight) == 1.0 or canonical_divergence(divergence) == "kl":
+        return
+    if config_key:
+        raise ValueError(f"{config_key} = {subclass_weight} needs train.divergence: kl (only KL splits into a class "
+                         f"and a subclass part); leave it unset (null) or set 1")
+    raise ValueError(f"subclass_weight needs divergence='kl' (the split into class and subclass KL is exact only "
+                     f"for KL), got divergence={divergence!r}")
+
+
 def _plogp_ratio(p: torch.Tensor, log_p: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
     """``p · (log p − log x)`` with the convention ``0 · log 0 = 0`` (targets may underflow to 0);
     a NaN ``p`` stays NaN."""

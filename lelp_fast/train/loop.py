@@ -35,7 +35,7 @@ from ..metrics import agreement, predictive_kl
 from ..offline import TargetsDataset, batch_loader, provenance, shards
 from ..offline.manifest import MANIFEST, projector_digest
 from ..ops.loss import distill_loss
-from ..reference import canonical_divergence, class_logits, resolve_subclass_weight
+from ..reference import canonical_divergence, class_logits, require_kl_for_subclass_weight, resolve_subclass_weight
 from . import steps
 from .report import write_report
 
@@ -87,9 +87,7 @@ class TrainSettings:
         check_choice("train.lr_schedule", self.lr_schedule, steps.SCHEDULES)
         if self.subclass_weight is not None:
             check_nonnegative("train.subclass_weight", self.subclass_weight)  # 0: KD, 1: LELP
-            if self.subclass_weight != 1.0 and canonical_divergence(self.divergence) != "kl":
-                raise ValueError(f"train.subclass_weight = {self.subclass_weight} needs train.divergence: kl (only "
-                                 f"KL splits into a class and a subclass part); leave it unset (null) or set 1")
+            require_kl_for_subclass_weight(self.subclass_weight, self.divergence, "train.subclass_weight")
 
 
 def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, teacher_logits=None,
