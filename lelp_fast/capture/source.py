@@ -130,10 +130,8 @@ class CaptureSource(EmbeddingSource):
         from ..io.arrow import hf_dataset, table
 
         tables = []
-        for entry in self.shards:
-            info = entry["files"]["capture"]
-            arrays = mapped.safetensors_arrays(os.path.join(self.directory, info["file"]),
-                                               info if verify else None,
+        for s, entry in enumerate(self.shards):
+            arrays = mapped.safetensors_arrays(self._path(s), entry["files"]["capture"] if verify else None,
                                                "; rerun the capture with the same arguments to rewrite it")
             if self.embeddings_dtype == "bfloat16":  # mapped as its uint16 bits
                 arrays["embeddings"] = torch.from_numpy(arrays["embeddings"].view(np.int16).copy()).view(
