@@ -335,10 +335,9 @@ def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
                      ProxySettings.from_train(cfg.train), grid, fit_seed=cfg.fit.seed, log=log)
     _write(os.path.join(cfg.work_dir, "tune"), summary)
     best = summary["best"]
-    advice = (f"fit.subclasses: {best['subclasses']}, fit.beta: {best['beta']}" if best["subclasses"] > 1
+    advice = (f"fit.subclasses: {best['subclasses']}, fit.beta: {best['beta']}, "
+              f"train.subclass_weight: {best['subclass_weight']}" if best["subclasses"] > 1
               else "fit.subclasses: 1 (KD)")
-    if best["subclasses"] > 1:
-        advice += f", train.subclass_weight: {best['subclass_weight']}"
     log(f"[tune] set {advice}, fit.tau and train.tau: {best['tau']} in the config")
     return summary
 
@@ -377,7 +376,8 @@ def _plot(summary: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in sorted({r["subclasses"] for r in summary["results"]} - {1}):
         pts = sorted((r["beta"], r["val_accuracy"]) for r in summary["results"]
-                     if r in with_beta and r["subclasses"] == s and r["tau"] == tau and r["subclass_weight"] == weight)
+                     if r["subclasses"] == s and r["beta"] is not None and r["tau"] == tau
+                     and r["subclass_weight"] == weight)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"S = {s}")
     kd = summary["kd"]
     ax.axhline(kd["val_accuracy"], color="k", linestyle="--", label=f"KD (τ = {kd['tau']})")
