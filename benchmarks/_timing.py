@@ -1,5 +1,6 @@
 """Shared timing helper for the benchmark scripts."""
 
+import importlib.util
 import os
 import statistics
 import time
@@ -24,3 +25,12 @@ def read_once(path: str, chunk_bytes: int) -> None:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         while f.readinto(buf):
             pass
+
+
+def load_build(path: str, tag: str = "base"):
+    """A copy of the extension at ``path`` loaded under another module name (same PyInit__C
+    symbol), for A/B runs of an older build against the installed one."""
+    spec = importlib.util.spec_from_file_location(f"lelp_ab_{tag}._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -17,6 +17,7 @@ import time
 import torch
 
 from lelp_fast import LELPProjector
+from lelp_fast.fit.engine import choose_method
 
 
 def problem(n, d, num_classes, seed=0):
@@ -61,8 +62,6 @@ def main():
                 t0 = time.perf_counter()
                 fitted[method] = LELPProjector(8, method=method, rotate=False).fit(h, y)
                 times[method].append(time.perf_counter() - t0)
-        auto = LELPProjector(8, rotate=False).fit(h[:64], y[:64]) and None  # noqa: F841 (warm-up only)
-        from lelp_fast.fit.engine import choose_method
         h64 = h.double()
         covs = torch.stack([torch.cov(h64[y == c].T) for c in range(2)])
         ratio = [te / ts for te, ts in zip(times["exact"], times["nystrom"])]

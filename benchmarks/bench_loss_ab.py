@@ -11,26 +11,17 @@ per-round ratios, with the load average before and after.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 
 import torch
 import torch.nn.functional as F
 
-from _timing import median_seconds
+from _timing import load_build, median_seconds
 from bench_loss import eager_loss, loss_inputs
 
 from lelp_fast._checks import check_finite, check_log_probabilities
 from lelp_fast.ops import _dispatch, distill_loss
-
-
-def load_build(path: str, tag: str):
-    """A copy of the extension loaded under another module name (same PyInit__C symbol)."""
-    spec = importlib.util.spec_from_file_location(f"lelp_ab_{tag}._C", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main():

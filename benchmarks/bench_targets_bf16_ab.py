@@ -9,21 +9,14 @@ less accurate than the fused op's hi + lo split, which is as accurate as the fp3
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import time
 
 import torch
+from _timing import load_build
 
 from lelp_fast.ops import _dispatch, lelp_targets
-
-
-def load_build(path):
-    spec = importlib.util.spec_from_file_location("lelp_ab_base._C", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main():
