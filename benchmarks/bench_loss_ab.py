@@ -2,7 +2,7 @@
 PyTorch and torch.compile, interleaved round by round in one process so that load hits them alike.
 
 Run: python benchmarks/bench_loss_ab.py --base /path/to/old/_C.so [--n 262144] [--shapes 2x64 16x8 ...]
-     [--dtypes float32 bfloat16] [--rounds 5] [--repeats 3]
+     [--dtypes float32 bfloat16] [--rounds 5] [--repeats 3] [--accumulate]
 Each round times every contender (median of --repeats calls, forward + backward, KL, tau = 2,
 alpha = 0.1, offline targets); the table gives the median over rounds and the [min, max] of the
 per-round ratios, with the load average before and after.
@@ -35,6 +35,9 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--check", choices=["both", "on", "off"], default="both",
                     help="time lelp_fast with check_inputs on, off or both")
+    ap.add_argument("--accumulate", action="store_true",
+                    help="add each step's gradient into the existing .grad (default: .grad = None before each "
+                         "step, as optimizer.zero_grad() leaves it)")
     args = ap.parse_args()
     new_ext = _dispatch.extension()
     base_ext = load_build(args.base, "base") if args.base else None
@@ -76,6 +79,8 @@ def main():
                 if base_ext is not None:
                     contenders["base" + tag] = ours(base_ext, check)
                 contenders["new" + tag] = ours(new_ext, check)
+            if not args.accumulate:
+                contenders = {name: _from_no_grad(s, fn) for name, fn in contenders.items()}
             for fn in contenders.values():  # warm-up (compilation)
                 fn(), fn()
             times = {name: [] for name in contenders}
@@ -93,6 +98,14 @@ def main():
             ptxt = ", ".join(f"{p} {statistics.median(times[p]) * 1e3:.1f} ms" for p in peers)
             print(f"C={c} S={s_} K={k} {dtype_name}: {ptxt}; " + "; ".join(cells), flush=True)
     print(f"load average after {os.getloadavg()[0]:.1f}")
+
+
+def _from_no_grad(s, step):
+    """``step`` after ``s.grad = None``: every contender's backward then writes a fresh gradient."""
+    def run():
+        s.grad = None
+        step()
+    return run
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ void loss_binding(uintptr_t student, int student_dtype, int64_t student_stride, 
                   uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
                   double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows, uintptr_t grad,
                   const std::vector<lelp::OnlineTeacher>& teachers, bool on_cuda, uintptr_t stream,
-                  uintptr_t suspect) {
+                  uintptr_t suspect, int grad_dtype, uintptr_t grad_scale) {
   const std::vector<lelp::TargetsArgs> online = lelp::make_online_teachers(teachers, n, C, S, tau, n_teachers);
   lelp::LossArgs a = lelp::make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets,
                                           targets_dtype, targets_stride, n_teachers, weights, labels, ignore_index,
@@ -31,7 +31,8 @@ void loss_binding(uintptr_t student, int student_dtype, int64_t student_stride, 
                                           online.empty() ? nullptr : online.data());
   if (on_cuda) {
 #ifdef LELP_WITH_CUDA
-    if (suspect != 0) throw std::invalid_argument("loss: the fused input check is CPU only");
+    if (suspect != 0 || grad_scale != 0)
+      throw std::invalid_argument("loss: the fused input check and the folded gradient are CPU only");
     lelp::loss_cuda(a, reinterpret_cast<void*>(stream));
     return;
 #else
@@ -39,6 +40,8 @@ void loss_binding(uintptr_t student, int student_dtype, int64_t student_stride, 
 #endif
   }
   a.suspect = reinterpret_cast<uint8_t*>(suspect);
+  a.grad_scale = reinterpret_cast<const float*>(grad_scale);
+  a.grad_dtype = grad_scale != 0 ? grad_dtype : 0;  // fp32 unless folded
   py::gil_scoped_release release;
   lelp::loss_cpu(a);
 }
@@ -85,25 +88,19 @@ PYBIND11_MODULE(_C, m) {
       },
       "Fit sketch update for one class: y (d x kp fp64) += x^T (x omega), sumsq += |x|^2; x n x d fp32, "
       "omega d x kp fp32 (kp a multiple of 8).");
-  const char* loss_doc =
-      "Fused distillation loss: per-row loss and dL/ds on CPU (OpenMP) or CUDA (device pointers and "
-      "a cudaStream_t handle); targets precomputed, or online from M teachers (a list of "
-      "(emb, dtype, stride, d, weight, bias, J, logits, dtype, stride, beta)); with a last argument "
-      "`suspect` (CPU only: N uint8 flags) the input check's row flags come from the same pass; see "
-      "lelp_fast.ops.loss.";
-  m.def("loss", &loss_binding, loss_doc);
-  m.def(
-      "loss",
-      [](uintptr_t student, int student_dtype, int64_t student_stride, int64_t n, int64_t C, int64_t S,
-         uintptr_t log_targets, int targets_dtype, int64_t targets_stride, int64_t n_teachers,
-         uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
-         double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows, uintptr_t grad,
-         const std::vector<lelp::OnlineTeacher>& teachers, bool on_cuda, uintptr_t stream) {
-        loss_binding(student, student_dtype, student_stride, n, C, S, log_targets, targets_dtype, targets_stride,
-                     n_teachers, weights, labels, ignore_index, divergence, jsd_beta, tau, alpha, loss_rows,
-                     hard_rows, grad, teachers, on_cuda, stream, 0);
-      },
-      loss_doc);
+  m.def("loss", &loss_binding,
+        "Fused distillation loss: per-row loss and dL/ds on CPU (OpenMP) or CUDA (device pointers and a "
+        "cudaStream_t handle); targets precomputed, or online from M teachers (a list of (emb, dtype, stride, d, "
+        "weight, bias, J, logits, dtype, stride, beta)). CPU only: `suspect` (N uint8 flags) takes the input "
+        "check's row flags from the same pass; `grad_scale` (the address of one fp32) makes `grad` hold "
+        "grad_scale * dL/ds stored in `grad_dtype`. See lelp_fast.ops.loss.",
+        py::arg("student"), py::arg("student_dtype"), py::arg("student_stride"), py::arg("n"), py::arg("C"),
+        py::arg("S"), py::arg("log_targets"), py::arg("targets_dtype"), py::arg("targets_stride"),
+        py::arg("n_teachers"), py::arg("weights"), py::arg("labels"), py::arg("ignore_index"), py::arg("divergence"),
+        py::arg("jsd_beta"), py::arg("tau"), py::arg("alpha"), py::arg("loss_rows"), py::arg("hard_rows"),
+        py::arg("grad"), py::arg("teachers"), py::arg("on_cuda"), py::arg("stream"), py::arg("suspect") = 0,
+        py::arg("grad_dtype") = 0, py::arg("grad_scale") = 0);
+  m.attr("loss_folds_grad") = true;  // the Python layer asks before passing grad_scale
   m.def(
       "scale_rows",
       [](uintptr_t grad, uintptr_t rows, int64_t n, int64_t K, int dtype, uintptr_t out) {

@@ -101,8 +101,10 @@ class _EmulatedExtension:
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    def loss(self, *args):
-        return self._emulator.loss(*args)
+    loss_folds_grad = False  # the emulated CUDA loss writes the fp32 gradient (lelp_fast.ops.loss folds it after)
+
+    def loss(self, *args, **kwargs):
+        return self._emulator.loss(*args, **kwargs)
 
     def targets_cpu(self, *args):
         return self._emulator.targets(*args)

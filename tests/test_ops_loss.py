@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from lelp_fast import reference
 from lelp_fast.ops import _dispatch, distill_loss
@@ -291,6 +293,46 @@ def test_online_multi_teacher_bad_arguments():
                      teacher_weights=weights, beta=[0.0, 1.0], **kw)
 
 
+class _OpsOnShape(TorchDispatchMode):
+    """The aten/custom ops that run on a tensor of ``shape`` while the mode is active."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.ops = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(isinstance(a, torch.Tensor) and tuple(a.shape) == self.shape for a in tree_leaves((args, kwargs))):
+            self.ops.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shape", [(300, 2, 64), (1000, 5, 8), (1, 2, 3)])
+def test_cpu_kernel_writes_the_gradient_once_in_the_student_dtype(dtype, reduction, shape):
+    """Issue 21 item 3 on the CPU: the kernel writes dL/ds once, in the student's dtype, with τ and the
+    reduction's scale folded in; no fp32 buffer is scaled or cast after it (``loss.backward()`` hands it on)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the compiled extension")
+    n, num_classes, s = shape
+    student, log_t, labels = make_inputs(n, num_classes, s, seed=n + s)
+    labels[0] = -100 if n > 1 else labels[0]
+    x = student.to(dtype).requires_grad_(True)
+    kw = dict(num_classes=num_classes, n_subclasses=s, tau=2.0, alpha=0.1, reduction=reduction)
+    loss = distill_loss(x, log_t.to(dtype), labels, backend="cpu", **kw)
+    with _OpsOnShape(x.shape) as seen:
+        loss.backward()
+    assert set(seen.ops) <= {"aten.detach.default"}, seen.ops  # before: aten.mul_ (fp32), lelp_fast.scale_rows (bf16)
+    _, want_grad = reference_loss_and_grad(x, log_t.to(dtype), labels, divergence_kind="kl", **kw)
+    atol, rtol = TOL[dtype]
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.double(), want_grad, atol=atol * 2 / n, rtol=rtol * 10)
+    x.grad = None
+    (3.0 * distill_loss(x, log_t.to(dtype), labels, backend="cpu", **kw)).backward()  # an AMP-like scale
+    torch.testing.assert_close(x.grad.double(), 3.0 * want_grad, atol=atol * 6 / n, rtol=rtol * 10)
+
+
 def test_second_backward_is_refused_not_wrong():
     if "cpu" not in BACKENDS:
         pytest.skip("needs the compiled extension")
@@ -298,8 +340,12 @@ def test_second_backward_is_refused_not_wrong():
     x = student.float().requires_grad_(True)
     loss = distill_loss(x, log_t.float(), labels, num_classes=2, n_subclasses=2, backend="cpu")
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="backward through the same loss twice"):  # the folded gradient
         loss.backward()
+    rows = distill_loss(x, log_t.float(), labels, num_classes=2, n_subclasses=2, backend="cpu", reduction="none")
+    rows.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # scaled in place per row
+        rows.sum().backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -91,6 +91,17 @@ int64_t block_rows(int64_t K) {
   return rows;
 }
 
+
+// The folded gradient of a block (n values from row r0): scaled by *grad_scale while the block is
+// in cache and stored in grad_dtype, so no backward pass reads or writes it again.
+__attribute__((always_inline)) inline void store_folded_grad(const LossArgs& a, float* grad, int64_t r0, int64_t n) {
+  const float scale = *a.grad_scale;
+  if (scale != 1.f)
+    for (int64_t i = 0; i < n; ++i) grad[i] *= scale;
+  if (a.grad_dtype != kFloat32)
+    cpu::store_row(grad, n, a.grad_dtype, reinterpret_cast<char*>(a.grad) + r0 * a.C * a.S * cpu::dtype_size(a.grad_dtype));
+}
+
 // Tiles [t_begin, t_end) of the loss. Inlined into a generic and an AVX2/FMA build of the same loops.
 __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t t_begin, int64_t t_end,
                                                       int64_t tile, TargetsWorkspace* ws, float* buf,
@@ -100,6 +111,7 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
   float* log_t = s + tile * K;         // tile x K targets
   float* scratch = log_t + tile * K;   // tile x K, for mixing teachers
   float* work = scratch + tile * K;    // loss_scratch_floats(tile, K)
+  float* grad_tile = work + loss_scratch_floats(tile, K);  // tile x K, for a gradient stored in 16 bits
   const int64_t student_row_bytes = a.student_stride * cpu::dtype_size(a.student_dtype);
   // Contiguous fp32 inputs are read in place (no copy into the block buffers).
   const bool s_direct = a.student_dtype == kFloat32 && a.student_stride == K;
@@ -125,7 +137,7 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
       labels[r] = a.labels != nullptr ? a.labels[row] : -1;
       if (a.labels != nullptr && labels[r] == a.ignore_index) labels[r] = -1;
     }
-    float* grad = a.grad + r0 * K;
+    float* grad = a.grad_dtype == kFloat32 ? a.grad + r0 * K : grad_tile;
     block_loss_grad(rows, s_blk, t_blk, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
                     a.labels != nullptr ? labels : nullptr, work, grad, a.loss_rows + r0,
                     a.hard_rows != nullptr ? a.hard_rows + r0 : nullptr);
@@ -138,6 +150,7 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
         }
       }
     }
+    if (a.grad_scale != nullptr) store_folded_grad(a, grad, r0, rows * K);
   }
 }
 
@@ -257,7 +270,7 @@ void loss_cpu(const LossArgs& a) {
   const bool split_static = schedule != nullptr && std::strcmp(schedule, "static") == 0;
 #pragma omp parallel if (n_chunks > 1)
   {
-    std::vector<float> buf(3 * tile * K + loss_scratch_floats(tile, K));
+    std::vector<float> buf(4 * tile * K + loss_scratch_floats(tile, K));
     std::vector<int64_t> labels(tile);
     std::vector<TargetsWorkspace> workspaces;  // one per online teacher
     if (a.online != nullptr)
