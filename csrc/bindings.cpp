@@ -13,6 +13,7 @@
 #include "cpu/sketch.h"
 #include "cpu/loss.h"
 #include "cpu/targets.h"
+#include "lelp/row_math.h"
 #include "make_args.h"
 
 namespace py = pybind11;
@@ -23,12 +24,14 @@ void loss_binding(uintptr_t student, int student_dtype, int64_t student_stride, 
                   uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
                   double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows, uintptr_t grad,
                   const std::vector<lelp::OnlineTeacher>& teachers, bool on_cuda, uintptr_t stream,
-                  uintptr_t suspect) {
+                  uintptr_t suspect, int grad_dtype, uintptr_t grad_scale) {
   const std::vector<lelp::TargetsArgs> online = lelp::make_online_teachers(teachers, n, C, S, tau, n_teachers);
   lelp::LossArgs a = lelp::make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets,
                                           targets_dtype, targets_stride, n_teachers, weights, labels, ignore_index,
                                           divergence, jsd_beta, tau, alpha, loss_rows, hard_rows, grad,
                                           online.empty() ? nullptr : online.data());
+  a.grad_dtype = grad_dtype;
+  a.grad_scale = reinterpret_cast<const float*>(grad_scale);
   if (on_cuda) {
 #ifdef LELP_WITH_CUDA
     if (suspect != 0) throw std::invalid_argument("loss: the fused input check is CPU only");
@@ -38,6 +41,8 @@ void loss_binding(uintptr_t student, int student_dtype, int64_t student_stride, 
     throw std::invalid_argument("lelp_fast._C was built without CUDA");
 #endif
   }
+  if (grad_dtype != lelp::kFloat32 || grad_scale != 0)
+    throw std::invalid_argument("loss: the CPU kernel writes an unscaled fp32 gradient (grad_dtype 0, no grad_scale)");
   a.suspect = reinterpret_cast<uint8_t*>(suspect);
   py::gil_scoped_release release;
   lelp::loss_cpu(a);
@@ -88,22 +93,16 @@ PYBIND11_MODULE(_C, m) {
   const char* loss_doc =
       "Fused distillation loss: per-row loss and dL/ds on CPU (OpenMP) or CUDA (device pointers and "
       "a cudaStream_t handle); targets precomputed, or online from M teachers (a list of "
-      "(emb, dtype, stride, d, weight, bias, J, logits, dtype, stride, beta)); with a last argument "
-      "`suspect` (CPU only: N uint8 flags) the input check's row flags come from the same pass; see "
-      "lelp_fast.ops.loss.";
-  m.def("loss", &loss_binding, loss_doc);
-  m.def(
-      "loss",
-      [](uintptr_t student, int student_dtype, int64_t student_stride, int64_t n, int64_t C, int64_t S,
-         uintptr_t log_targets, int targets_dtype, int64_t targets_stride, int64_t n_teachers,
-         uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
-         double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows, uintptr_t grad,
-         const std::vector<lelp::OnlineTeacher>& teachers, bool on_cuda, uintptr_t stream) {
-        loss_binding(student, student_dtype, student_stride, n, C, S, log_targets, targets_dtype, targets_stride,
-                     n_teachers, weights, labels, ignore_index, divergence, jsd_beta, tau, alpha, loss_rows,
-                     hard_rows, grad, teachers, on_cuda, stream, 0);
-      },
-      loss_doc);
+      "(emb, dtype, stride, d, weight, bias, J, logits, dtype, stride, beta)); with "
+      "`suspect` (CPU only: N uint8 flags) the input check's row flags come from the same pass; with "
+      "`grad_dtype` and `grad_scale` (CUDA only: a 1-element fp32 device tensor) the gradient is written "
+      "times the scale in that dtype; see lelp_fast.ops.loss.";
+  m.def("loss", &loss_binding, loss_doc, py::arg("student"), py::arg("student_dtype"), py::arg("student_stride"),
+        py::arg("n"), py::arg("C"), py::arg("S"), py::arg("log_targets"), py::arg("targets_dtype"),
+        py::arg("targets_stride"), py::arg("n_teachers"), py::arg("weights"), py::arg("labels"),
+        py::arg("ignore_index"), py::arg("divergence"), py::arg("jsd_beta"), py::arg("tau"), py::arg("alpha"),
+        py::arg("loss_rows"), py::arg("hard_rows"), py::arg("grad"), py::arg("teachers"), py::arg("on_cuda"),
+        py::arg("stream"), py::arg("suspect") = 0, py::arg("grad_dtype") = 0, py::arg("grad_scale") = 0);
   m.def(
       "scale_rows",
       [](uintptr_t grad, uintptr_t rows, int64_t n, int64_t K, int dtype, uintptr_t out) {
@@ -123,13 +122,16 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t emb, int emb_dtype, int64_t emb_stride, int64_t n, int64_t d, uintptr_t weight,
          uintptr_t bias, int64_t J, uintptr_t logits, int logits_dtype, int64_t logits_stride,
          int64_t C, int64_t S, double beta, double tau, uintptr_t out, int out_dtype,
-         int64_t out_stride, uintptr_t stream) {
+         int64_t out_stride, uintptr_t stream, uintptr_t w_hi, uintptr_t w_lo) {
         auto a = lelp::make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits,
                                    logits_dtype, logits_stride, C, S, beta, tau, out, out_dtype,
                                    out_stride);
+        a.w_hi = reinterpret_cast<const void*>(w_hi);
+        a.w_lo = reinterpret_cast<const void*>(w_lo);
         lelp::targets_cuda(a, reinterpret_cast<void*>(stream));
       },
-      "Fused LELP targets on CUDA (raw device pointers and a cudaStream_t handle).");
+      "Fused LELP targets on CUDA (raw device pointers and a cudaStream_t handle); w_hi, w_lo: the "
+      "map split for the tensor-core tile (lelp_fast.ops.targets, cuda_tile_split), or 0 for wider maps.");
 #else
   m.attr("has_cuda") = false;
 #endif

@@ -28,12 +28,17 @@ struct LossArgs {
   float tau, alpha;
   float* loss_rows;         // N fp32 (0 for ignored rows)
   float* hard_rows;         // N fp32: the alpha * CE part of loss_rows, or nullptr
-  float* grad;              // N x K fp32, contiguous (0 for ignored rows)
+  float* grad;              // N x K, contiguous (0 for ignored rows): fp32, or grad_dtype on CUDA
   // Optional N flags for the input check, filled in the same pass (CPU only): bit 0 the student
   // row's fp32 sum is not finite, bit 1 an offline teacher's log-target row sum is not <= 0 (NaN,
   // +Inf or a value > 0 in it). Flagged rows are re-checked exactly by the caller (a sum of finite
   // values can overflow; -Inf log-targets are probabilities of 0).
   uint8_t* suspect = nullptr;
+  // CUDA only (the CPU kernel writes fp32 and ignores them): grad's dtype code (lelp::DType) and a
+  // 1-element fp32 device scale folded into it (the reduction's 1/rows; nullptr: 1), so that the
+  // gradient is written once, in the student's dtype, and the backward has no N x K pass.
+  int grad_dtype = 0;
+  const float* grad_scale = nullptr;
 };
 
 void loss_cpu(const LossArgs& a);

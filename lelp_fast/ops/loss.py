@@ -65,14 +65,15 @@ def _loss_rows(
     pass. With ``fall_back`` (backend auto), a Triton launch that fails for resources is recorded and
     the call goes to the next backend that takes it. ``check`` (CPU kernel only): bit 0 flags a
     student row whose sum is not finite, bit 1 an offline log-target row whose sum is not <= 0;
-    :func:`_raise_on_suspect_rows` looks closer. ``grad_scale`` (a 1-element fp32 tensor; the
-    Triton kernel folds it in): the gradient comes as ``grad_scale · dL_row/ds`` in the student's
-    dtype instead (the other backends scale and cast it here, one more pass)."""
+    :func:`_raise_on_suspect_rows` looks closer. ``grad_scale`` (a 1-element fp32 tensor on the
+    device; the Triton and CUDA kernels fold it in, read on the device): the gradient comes as
+    ``grad_scale · dL_row/ds`` in the student's dtype instead (the torch fallback scales and casts
+    it here, one more pass; the CPU kernel is never given one)."""
     n, k = student.shape
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     hard_rows = torch.zeros(n, dtype=torch.float32, device=student.device)
     folded = grad_scale is not None
-    grad = torch.empty(n, k, dtype=student.dtype if folded and use_triton else torch.float32, device=student.device)
+    grad = torch.empty(n, k, dtype=student.dtype if folded else torch.float32, device=student.device)
     suspect = torch.zeros(n if check else 0, dtype=torch.uint8, device=student.device)
     if n == 0:
         return loss_rows, grad.to(student.dtype) if folded else grad, hard_rows, suspect
@@ -91,7 +92,6 @@ def _loss_rows(
             shape = _shape_key(student, num_classes, n_subclasses, embeddings)
             _dispatch.record_launch_failure("triton", shape, exc)
             limits = _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits)
-            grad = torch.empty(n, k, dtype=torch.float32, device=student.device)
             if _dispatch.resolve("auto", student.device, limits) == "torch":
                 loss_rows, grad, hard_rows = _loss_rows_by_torch(
                     student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
@@ -119,9 +119,9 @@ def _loss_rows(
         student.data_ptr(), _DTYPE_CODES[student.dtype], student.stride(0), n, num_classes, n_subclasses,
         *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(jsd_beta), float(tau),
         float(alpha), loss_rows.data_ptr(), hard_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
-        *((suspect.data_ptr(),) if check else ()),
+        suspect=_ptr(suspect) if check else 0, grad_dtype=_DTYPE_CODES[grad.dtype], grad_scale=_ptr(grad_scale),
     )
-    return loss_rows, _folded(grad, grad_scale, student.dtype), hard_rows, suspect
+    return loss_rows, grad, hard_rows, suspect
 
 
 def _folded(grad: Tensor, grad_scale: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -227,8 +227,11 @@ def _scale_unless_one(grad: Tensor, scale: Tensor) -> None:
     GPU every program of the Triton kernel reads the scale and returns at once when it is 1 (no
     N x K pass, no host sync, CUDA-graph safe)."""
     if grad.device.type == "cuda":
-        from ..kernels.triton.loss import scale_unless_one
-
+        try:
+            from ..kernels.triton.loss import scale_unless_one
+        except ImportError:  # the CUDA backend without Triton: one N x K pass, still no host sync
+            grad.mul_(scale.reshape(()))
+            return
         scale_unless_one(grad, scale.reshape(1).to(torch.float32))
     elif float(scale) != 1.0:
         grad.mul_(scale)
@@ -278,7 +281,7 @@ def _reduction_scale(student: Tensor, labels: Optional[Tensor], ignore_index: in
     return torch.reciprocal(count.to(torch.float32)).reshape(1)
 
 
-# The student dtypes whose gradient the Triton kernel writes with the reduction folded in. fp16 is
+# The student dtypes whose gradient the Triton and CUDA kernels write with the reduction folded in. fp16 is
 # left out: at 1/rows the gradient falls into fp16's subnormals before an AMP loss scale (the
 # backward's grad_output) could lift it; it keeps the fp32 gradient scaled and cast in the backward.
 _FOLDED_DTYPES = (torch.float32, torch.bfloat16)
@@ -359,10 +362,10 @@ def distill_loss(
         if check_inputs and divergence == "mse" and log_targets is not None:
             check_finite("log_targets (divergence='mse' compares logits: a target of exactly 0 has none)",
                          log_targets)
-    # Triton folds τ, the reduction's scale and the cast into the gradient it writes: the loss step
-    # moves s and t once and the gradient once (issue 21); the other kernels write an fp32 gradient
-    # per row that the backward scales and casts in one more pass.
-    fold = chosen == "triton" and reduction != "none" and student_logits.dtype in _FOLDED_DTYPES
+    # Triton and CUDA fold τ, the reduction's scale and the cast into the gradient they write: the
+    # loss step moves s and t once and the gradient once (issue 21); the CPU kernel writes an fp32
+    # gradient per row that the backward scales and casts in one more pass.
+    fold = chosen in ("triton", "cuda") and reduction != "none" and student_logits.dtype in _FOLDED_DTYPES
     if chosen == "torch":
         per_row, hard_rows = _loss_torch(student_logits, log_targets, teacher_weights, labels, embeddings,
                                          fused_weight, fused_bias, teacher_logits, num_classes, n_subclasses,
