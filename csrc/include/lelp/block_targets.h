@@ -11,7 +11,8 @@
 //   fp32 embeddings: both sides as TF32 hi + lo (the embeddings split in registers after the
 //     fragment load), three 16x16x8 MMAs (hi*hi + hi*lo + lo*hi), fp32-like error with fp32's range.
 // The projections land in shared memory (over the stages), where each warp runs the segmented
-// log-softmaxes of its 8 rows (group_log_targets, shared with the loss) and stores them.
+// log-softmaxes of its 8 rows (lanes over (row, class) pairs; lelp::row_log_targets' math) and
+// stores them.
 // Row kernel (wider maps): a warp per row, lanes over the map's columns.
 //
 // Written against Block and Mma types as lelp/warp_loss.h is against Warp: csrc/cuda/ supplies
@@ -61,10 +62,11 @@ LELP_HD int ld_u(const TargetsArgs& a) {
 // Elements of one stage (embeddings, then the map's hi and lo parts); every part is a multiple of 32 bytes.
 LELP_HD int64_t stage_elems(const TargetsArgs& a) { return static_cast<int64_t>(kRows) * kLdX + 2 * kStepK * ld_w(a); }
 
-// Shared-memory bytes of the tile: two stages, or the projections (fp32) that take their place
-// after the last step, whichever is larger. stage_bytes: 2 (bf16/fp16) or 4 (fp32).
+// Shared-memory bytes of the tile: two stages, or the projections (fp32) and each row's class
+// log-sum-exp that take their place after the last step, whichever is larger. stage_bytes: 2
+// (bf16/fp16) or 4 (fp32).
 LELP_HD int64_t smem_bytes(const TargetsArgs& a, int stage_bytes) {
-  const int64_t stages = 2 * stage_bytes * stage_elems(a), u = 4 * static_cast<int64_t>(kRows) * ld_u(a);
+  const int64_t stages = 2 * stage_bytes * stage_elems(a), u = 4 * static_cast<int64_t>(kRows) * (ld_u(a) + 1);
   return stages > u ? stages : u;
 }
 
@@ -169,15 +171,17 @@ LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row
   b.sync();
 }
 
-// Bias, class logits and log-softmaxes of the warp's 8 rows of u; stores them.
+// Bias, class logits and log-softmaxes of the warp's 8 rows of u; stores them. The subclass
+// log-softmaxes, the epilogue's bulk, take the lanes over (row, class) pairs: 8 C of them per warp,
+// so small C keeps the lanes busy (one row at a time used C of 32). lse: the block's kRows floats.
 template <class Block>
-LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, float* u) {
+LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, float* u, float* lse) {
   using Warp = typename Block::Warp;
   constexpr int R = kRows / kWarps;
   const Warp w = b.warp();
-  const int warp = b.thread() / 32, lane = w.lane(), ldu = ld_u(a);
+  const int warp = b.thread() / 32, lane = w.lane(), ldu = ld_u(a), r0 = warp * R;
   const int C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S, J = static_cast<int>(a.J);
-  for (int r = warp * R; r < warp * R + R; ++r) {  // warp-uniform
+  for (int r = r0; r < r0 + R; ++r) {  // warp-uniform: bias, logits, the class log-sum-exp
     const int64_t row = row0 + r;
     float* ur = u + r * ldu;
     for (int j = lane; j < J; j += 32) ur[j] += a.bias[j];
@@ -185,9 +189,25 @@ LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, 
       for (int c = lane; c < C; c += 32)
         ur[K + c] = row < a.n ? Warp::load(a.logits, a.logits_dtype, row * a.logits_stride + c) : 0.f;
     w.sync();
-    warp::group_log_targets(w, ur, C, S, a.inv_beta, a.inv_tau);
+    float m = -INFINITY;
+    for (int c = lane; c < C; c += 32) m = fmax_(m, ur[K + c] * a.inv_tau);
+    m = w.max(m);
+    float sum = 0.f;
+    for (int c = lane; c < C; c += 32) sum += expf(ur[K + c] * a.inv_tau - m);
+    sum = w.sum(sum);
+    if (lane == 0) lse[r] = m + logf(sum);
+  }
+  w.sync();
+  for (int i = lane; i < R * C; i += 32) {  // lelp::row_log_targets' order of operations
+    const int r = r0 + i / C, c = i % C;
+    float* uc = u + r * ldu + c * S;
+    subclass_log_softmax(uc, S, a.inv_beta, u[r * ldu + K + c] * a.inv_tau - lse[r], uc);
+  }
+  w.sync();
+  for (int r = r0; r < r0 + R; ++r) {
+    const int64_t row = row0 + r;
     if (row < a.n)
-      for (int k = lane; k < K; k += 32) Warp::store(a.out, a.out_dtype, row * a.out_stride + k, ur[k]);
+      for (int k = lane; k < K; k += 32) Warp::store(a.out, a.out_dtype, row * a.out_stride + k, u[r * ldu + k]);
   }
 }
 
@@ -198,9 +218,10 @@ LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, in
   using Stage = typename Mma::Stage;
   Stage* stages = reinterpret_cast<Stage*>(smem);
   float* u = reinterpret_cast<float*>(smem);  // written once the last step's products are done
+  float* lse = u + kRows * ld_u(a);
   for (int64_t row0 = block * kRows; row0 < a.n; row0 += n_blocks * kRows) {  // block-uniform
     tile_projections<Block, Mma>(b, a, row0, vec, stages, u);
-    tile_epilogue(b, a, row0, u);
+    tile_epilogue(b, a, row0, u, lse);
     b.sync();  // the next tile's copies overwrite u
   }
 }
