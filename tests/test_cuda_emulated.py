@@ -135,6 +135,21 @@ def test_cuda_tile_rule_and_split_layout_match_the_kernel(cuda_emulator):
         assert hi.shape == lo.shape == (rows, cols), (d, j)
 
 
+# The dynamic shared memory a block may opt in to (CUDA C Programming Guide, compute capabilities).
+SMEM_OPT_IN = {80: 166_912, 90: 232_448}
+
+
+def test_cuda_targets_tile_fits_shared_memory(cuda_emulator):
+    """Every map the tile takes (J up to 256 padded columns; bf16/fp16 stages of 2 bytes, fp32 of
+    4) fits the smallest opt-in limit: two stages of 64 x 32 embeddings and 32 x (J + 8) of each
+    map part, or the projections over them (launch_tile sets the opt-in)."""
+    for stage_bytes in (2, 4):
+        for j, c, s in [(256, 2, 128), (256, 16, 15), (241, 1, 240), (16, 2, 8)]:
+            if targets_op.cuda_tile_takes(j, c, s):
+                assert cuda_emulator.tile_smem_bytes(stage_bytes, j, c, s) <= min(SMEM_OPT_IN.values()), (j, c, s)
+    assert cuda_emulator.tile_smem_bytes(4, 256, 2, 128) == 2 * 4 * (64 * 40 + 2 * 32 * 264)  # the widest: 152 KB
+
+
 @pytest.mark.parametrize("backend", ["cuda_emu"])
 def test_cuda_targets_split_the_map_once_per_weight(backend, monkeypatch):
     """Issue 21 items 7, 10: the tile read the fp32 map and split it into hi + lo on every step of
