@@ -13,6 +13,7 @@
 #include "cpu/sketch.h"
 #include "cpu/loss.h"
 #include "cpu/targets.h"
+#include "lelp/row_math.h"
 #include "make_args.h"
 
 namespace py = pybind11;
@@ -29,10 +30,11 @@ void loss_binding(uintptr_t student, int student_dtype, int64_t student_stride, 
                                           targets_dtype, targets_stride, n_teachers, weights, labels, ignore_index,
                                           divergence, jsd_beta, tau, alpha, loss_rows, hard_rows, grad,
                                           online.empty() ? nullptr : online.data());
+  a.grad_dtype = grad_dtype;
+  a.grad_scale = reinterpret_cast<const float*>(grad_scale);
   if (on_cuda) {
 #ifdef LELP_WITH_CUDA
-    if (suspect != 0 || grad_scale != 0)
-      throw std::invalid_argument("loss: the fused input check and the folded gradient are CPU only");
+    if (suspect != 0) throw std::invalid_argument("loss: the fused input check is CPU only");
     lelp::loss_cuda(a, reinterpret_cast<void*>(stream));
     return;
 #else
@@ -40,8 +42,6 @@ void loss_binding(uintptr_t student, int student_dtype, int64_t student_stride, 
 #endif
   }
   a.suspect = reinterpret_cast<uint8_t*>(suspect);
-  a.grad_scale = reinterpret_cast<const float*>(grad_scale);
-  a.grad_dtype = grad_scale != 0 ? grad_dtype : 0;  // fp32 unless folded
   py::gil_scoped_release release;
   lelp::loss_cpu(a);
 }
@@ -91,9 +91,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("loss", &loss_binding,
         "Fused distillation loss: per-row loss and dL/ds on CPU (OpenMP) or CUDA (device pointers and a "
         "cudaStream_t handle); targets precomputed, or online from M teachers (a list of (emb, dtype, stride, d, "
-        "weight, bias, J, logits, dtype, stride, beta)). CPU only: `suspect` (N uint8 flags) takes the input "
-        "check's row flags from the same pass; `grad_scale` (the address of one fp32) makes `grad` hold "
-        "grad_scale * dL/ds stored in `grad_dtype`. See lelp_fast.ops.loss.",
+        "weight, bias, J, logits, dtype, stride, beta)). `suspect` (CPU only: N uint8 flags) takes the input "
+        "check's row flags from the same pass; with `grad_dtype` and `grad_scale` (the address of one fp32, "
+        "host or device memory like the tensors) `grad` holds grad_scale * dL/ds in that dtype. See "
+        "lelp_fast.ops.loss.",
         py::arg("student"), py::arg("student_dtype"), py::arg("student_stride"), py::arg("n"), py::arg("C"),
         py::arg("S"), py::arg("log_targets"), py::arg("targets_dtype"), py::arg("targets_stride"),
         py::arg("n_teachers"), py::arg("weights"), py::arg("labels"), py::arg("ignore_index"), py::arg("divergence"),
@@ -120,13 +121,16 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t emb, int emb_dtype, int64_t emb_stride, int64_t n, int64_t d, uintptr_t weight,
          uintptr_t bias, int64_t J, uintptr_t logits, int logits_dtype, int64_t logits_stride,
          int64_t C, int64_t S, double beta, double tau, uintptr_t out, int out_dtype,
-         int64_t out_stride, uintptr_t stream) {
+         int64_t out_stride, uintptr_t stream, uintptr_t w_hi, uintptr_t w_lo) {
         auto a = lelp::make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits,
                                    logits_dtype, logits_stride, C, S, beta, tau, out, out_dtype,
                                    out_stride);
+        a.w_hi = reinterpret_cast<const void*>(w_hi);
+        a.w_lo = reinterpret_cast<const void*>(w_lo);
         lelp::targets_cuda(a, reinterpret_cast<void*>(stream));
       },
-      "Fused LELP targets on CUDA (raw device pointers and a cudaStream_t handle).");
+      "Fused LELP targets on CUDA (raw device pointers and a cudaStream_t handle); w_hi, w_lo: the "
+      "map split for the tensor-core tile (lelp_fast.ops.targets, cuda_tile_split), or 0 for wider maps.");
 #else
   m.attr("has_cuda") = false;
 #endif

@@ -23,11 +23,11 @@ def make_problem(n=300, d=24, num_classes=3, seed=0, dtype=torch.float64):
 
 
 # ---- The CUDA kernels' bodies on the host (tests/cuda_emu) ----------------------------------------
-# Tests parametrized with backend="cuda_emu" run lelp_fast's Python layer with backend "cpu", but
-# the extension's loss and targets calls go to the CUDA kernels' bodies built for the host
-# (lelp/warp_loss.h, lelp/block_targets.h with 32 threads per warp, 128 per block, and plain fp32
-# products of whole tiles for the tensor cores): their indexing and numerics meet the reference
-# without a GPU.
+# Tests parametrized with backend="cuda_emu" run lelp_fast's Python layer as backend "cuda" (its
+# CUDA path: the folded gradient, the split-map cache) on CPU tensors, and the extension's loss and
+# targets calls go to the CUDA kernels' bodies built for the host (lelp/warp_loss.h,
+# lelp/block_targets.h with 32 threads per warp, a block of tile::kThreads, and plain fp32 products
+# of whole tiles for the tensor cores): their indexing and numerics meet the reference without a GPU.
 
 _EMU_SOURCES = ["tests/cuda_emu/emu_module.cpp", "tests/cuda_emu/emulate.h", "tests/cuda_emu/host_warp.h",
                 "tests/cuda_emu/race_check.cpp", "csrc/make_args.h", "csrc/include/lelp/warp_loss.h",
@@ -101,12 +101,10 @@ class _EmulatedExtension:
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    loss_folds_grad = False  # the emulated CUDA loss writes the fp32 gradient (lelp_fast.ops.loss folds it after)
-
     def loss(self, *args, **kwargs):
         return self._emulator.loss(*args, **kwargs)
 
-    def targets_cpu(self, *args):
+    def targets_cuda(self, *args):
         return self._emulator.targets(*args)
 
 
@@ -118,7 +116,8 @@ def _emulated_cuda_backend(request, monkeypatch):
     from lelp_fast.ops import _dispatch
 
     proxy = _EmulatedExtension(_dispatch.extension(), request.getfixturevalue("cuda_emulator"))
-    resolve = _dispatch.resolve
+    resolve, available = _dispatch.resolve, _dispatch.available
     monkeypatch.setattr(_dispatch, "extension", lambda: proxy)
+    monkeypatch.setattr(_dispatch, "available", lambda backend, device: backend == "cuda" or available(backend, device))
     monkeypatch.setattr(_dispatch, "resolve", lambda backend, device, unsupported={}: resolve(
-        "cpu" if backend == "cuda_emu" else backend, device, unsupported))
+        "cuda" if backend == "cuda_emu" else backend, device, unsupported))

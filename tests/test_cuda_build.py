@@ -123,7 +123,8 @@ def kernels_named(listing: dict, part: str) -> dict:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_targets_tile_runs_on_tensor_cores(sass, arch):
     """The tile kernels multiply with HMMA (WMMA lowers to mma.sync on sm_80 and sm_90): bf16 and fp16
-    16x8x16, fp32 as TF32 16x8x4; each stages its embeddings with 16-byte loads."""
+    16x8x16, fp32 as TF32 16x8x4; each stages its embeddings and the split map with asynchronous
+    16-byte copies (cp.async.cg: LDGSTS.E.BYPASS.128; issue 21 item 10: the loads were synchronous)."""
     tiles = kernels_named(sass[("csrc/cuda/targets.cu", arch)], "targets_tile_kernel")
     want = {"HalfMmaI13__nv_bfloat16": r"HMMA\.16816\.F32\.BF16", "HalfMmaI6__half": r"HMMA\.16816\.F32\b",
             "Tf32Mma": r"HMMA\.1684\.F32\.TF32"}
@@ -131,18 +132,21 @@ def test_targets_tile_runs_on_tensor_cores(sass, arch):
     for part, mma in want.items():
         [(name, code)] = [(n, c) for n, c in tiles.items() if part in n]
         assert re.search(mma, code), f"{name}: no {mma}"
-        assert "LDG.E.128" in code, f"{name}: no 16-byte embedding loads"
+        assert "LDGSTS.E.BYPASS.128" in code, f"{name}: no asynchronous 16-byte copies"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_loss_reduces_with_shuffles_and_loads_16_bytes(sass, arch):
-    """Every loss kernel reduces with warp shuffles; the row kernels load fp32 rows 16 bytes at a time."""
+    """Every loss kernel reduces with warp shuffles; the row kernels load fp32 rows 16 bytes at a time
+    and store the gradient 16 (fp32) or 8 (bf16/fp16) bytes at a time."""
     kernels = kernels_named(sass[("csrc/cuda/loss.cu", arch)], "loss_kernel")
     assert len(kernels) == 8
     for name, code in kernels.items():
         if "ILi1ELi1E" not in name:  # W = 1: one lane per row, nothing to shuffle
             assert "SHFL.BFLY" in code, f"{name}: no shuffle reduction"
         assert "LDG.E.128" in code and "STG.E.128" in code, f"{name}: no 16-byte loads/stores"
+        # bf16/fp16 students: the folded gradient in their dtype, 4 elements a store (issue 21 item 3)
+        assert "STG.E.64" in code, f"{name}: no 8-byte gradient stores"
 
 
 @pytest.mark.parametrize("source", SOURCES)

@@ -15,6 +15,7 @@ from conftest import build_emulation
 
 from lelp_fast import reference
 from lelp_fast.ops import _dispatch, distill_loss, lelp_targets
+from lelp_fast.ops import targets as targets_op
 
 pytestmark = pytest.mark.skipif(not _dispatch.available("cpu", torch.device("cpu")), reason="needs the extension")
 BF16 = 2  # csrc/include/lelp/row_math.h: enum DType
@@ -84,3 +85,118 @@ def test_kernel_bodies_under_sanitizers(sanitizer):
     out = subprocess.run([binary], capture_output=True, text=True, timeout=300)
     assert "Sanitizer" not in out.stderr and "runtime error" not in out.stderr, out.stderr[-4000:]
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cuda_loss_writes_the_folded_gradient_once(backend, monkeypatch, dtype, reduction):
+    """Issue 21 item 3: the CUDA kernel writes dloss/ds itself, in the student's dtype with the
+    reduction's scale (a device tensor) folded in, as Triton does; fp16 and reduction="none" keep
+    the fp32 gradient that the backward scales and casts. Was: fp32 always, then more N x K passes."""
+    ext = _dispatch.extension()
+    kernel, calls = ext.loss, []
+
+    def loss(*args, **kwargs):
+        calls.append(kwargs)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(ext, "loss", loss)
+    g = torch.Generator().manual_seed(3)
+    n, num_classes, s = 37, 5, 8
+    student = (torch.randn(n, num_classes * s, generator=g) * 4).to(dtype).requires_grad_(True)
+    log_t = torch.log_softmax(torch.randn(n, num_classes * s, generator=g) * 3, dim=-1)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    labels[[0, 7]] = -100
+    kw = dict(num_classes=num_classes, n_subclasses=s, tau=2.0, alpha=0.3, reduction=reduction)
+    loss_value = distill_loss(student, log_t, labels, backend=backend, **kw)
+    (3.0 * loss_value.sum()).backward()  # a loss scale: the folded gradient is scaled in place
+    folded = reduction != "none" and dtype != torch.float16
+    assert calls and calls[0].get("grad_dtype", 0) == (_dispatch.DTYPE_CODES[dtype] if folded else 0)
+    assert (calls[0].get("grad_scale", 0) != 0) == folded
+    s64 = student.detach().double().requires_grad_(True)
+    want = reference.distillation_loss(s64, log_t.double(), labels, **kw)
+    (3.0 * want.sum()).backward()
+    assert student.grad.dtype == dtype
+    atol, rtol = {torch.float32: (1e-6, 1e-4), torch.bfloat16: (1e-4, 1e-2), torch.float16: (1e-5, 2e-3)}[dtype]
+    torch.testing.assert_close(loss_value.double(), want, atol=atol * 100, rtol=rtol)
+    torch.testing.assert_close(student.grad.double(), s64.grad, atol=atol, rtol=rtol)
+    assert torch.equal(student.grad[[0, 7]], torch.zeros(2, num_classes * s, dtype=dtype))
+
+
+def test_cuda_tile_rule_and_split_layout_match_the_kernel(cuda_emulator):
+    """ops/targets.py's copy of the tile's width rule and split-map padding is the C++'s."""
+    for j, c, s in [(16, 2, 8), (18, 2, 8), (240, 16, 15), (256, 2, 127), (258, 2, 128), (205, 5, 40), (300, 3, 100)]:
+        for emb_dtype in (0, 1, 2):
+            assert cuda_emulator.tile_takes(emb_dtype, j, c, s) == targets_op.cuda_tile_takes(j, c, s), (j, c, s)
+    for d, j in [(1, 1), (31, 17), (32, 16), (33, 256), (768, 205)]:
+        rows, cols = cuda_emulator.split_layout(d, j)
+        hi, lo = targets_op.cuda_tile_split(torch.randn(d, j), torch.bfloat16, torch.device("cpu"))
+        assert hi.shape == lo.shape == (rows, cols), (d, j)
+
+
+# The dynamic shared memory a block may opt in to (CUDA C Programming Guide, compute capabilities).
+SMEM_OPT_IN = {80: 166_912, 90: 232_448}
+
+
+def test_cuda_targets_tile_fits_shared_memory(cuda_emulator):
+    """Every map the tile takes (J up to 256 padded columns; bf16/fp16 stages of 2 bytes, fp32 of
+    4) fits the smallest opt-in limit: two stages of 64 x 32 embeddings and 32 x (J + 8) of each
+    map part, or the projections over them (launch_tile sets the opt-in)."""
+    for stage_bytes in (2, 4):
+        for j, c, s in [(256, 2, 128), (256, 16, 15), (241, 1, 240), (16, 2, 8)]:
+            if targets_op.cuda_tile_takes(j, c, s):
+                assert cuda_emulator.tile_smem_bytes(stage_bytes, j, c, s) <= min(SMEM_OPT_IN.values()), (j, c, s)
+    assert cuda_emulator.tile_smem_bytes(4, 256, 2, 128) == 2 * 4 * (64 * 40 + 2 * 32 * 264)  # the widest: 152 KB
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+def test_cuda_targets_split_the_map_once_per_weight(backend, monkeypatch):
+    """Issue 21 items 7, 10: the tile read the fp32 map and split it into hi + lo on every step of
+    every tile; now the split is made once per weight (and dtype, device) and kept until the weight
+    changes (in place: its version; a refit: a new tensor)."""
+    made = []
+    split = targets_op.cuda_tile_split
+    monkeypatch.setattr(targets_op, "cuda_tile_split", lambda *args: made.append(args[1]) or split(*args))
+    g = torch.Generator().manual_seed(5)
+    n, d, num_classes, s = 70, 40, 3, 4
+    h = torch.randn(n, d, generator=g)
+    weight, bias = torch.randn(d, num_classes * s + num_classes, generator=g) / d**0.5, torch.randn(15, generator=g)
+
+    def check(emb):
+        got = lelp_targets(emb, weight, bias, num_classes, s, beta=0.5, backend=backend)
+        proj = emb.double() @ weight.double() + bias.double()
+        want = reference.log_targets(proj[:, :12], proj[:, 12:], s, 0.5, 1.0)
+        torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+
+    check(h)
+    check(h)
+    assert made == [torch.float32]
+    check(h.bfloat16())
+    assert made == [torch.float32, torch.bfloat16]
+    with torch.no_grad():
+        weight.mul_(-1.5)  # in place: the version counter moves
+    check(h)
+    assert made == [torch.float32, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_targets_tile_edges(backend, dtype):
+    """One row; d of 13 (rows not 16-byte aligned: the copies go element by element; one partial
+    step) and 70 (three steps: the double buffer wraps); a small beta; a NaN row stays NaN
+    (check_inputs off) and leaves its neighbours alone. (Huge logits: test_ops_targets.py.)"""
+    g = torch.Generator().manual_seed(11)
+    num_classes, s = 4, 6
+    for n, d in [(1, 13), (66, 70)]:
+        h = torch.randn(n, d, generator=g).to(dtype)
+        weight = torch.randn(d, num_classes * s + num_classes, generator=g) / d**0.5
+        bias = torch.randn(num_classes * s + num_classes, generator=g)
+        got = lelp_targets(h, weight, bias, num_classes, s, beta=0.05, tau=0.5, backend=backend)
+        proj = h.double() @ weight.double() + bias.double()
+        want = reference.log_targets(proj[:, :24], proj[:, 24:], s, 0.05, 0.5)
+        # the split map (bf16/fp16 hi + lo: 2^-16 of |w|; fp32 as TF32 x 3) amplified by 1/beta
+        torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=1e-3)
+    h[5] = float("nan")
+    got = lelp_targets(h, weight, bias, num_classes, s, beta=0.05, tau=0.5, backend=backend, check_inputs=False)
+    assert torch.isnan(got[5]).all() and torch.isfinite(got[[4, 6]]).all()

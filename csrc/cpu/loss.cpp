@@ -92,10 +92,10 @@ int64_t block_rows(int64_t K) {
 }
 
 
-// The folded gradient of a block (n values from row r0): scaled by *grad_scale while the block is
-// in cache and stored in grad_dtype, so no backward pass reads or writes it again.
+// The folded gradient of a block (n values from row r0): scaled by *grad_scale (if any) while the
+// block is in cache and stored in grad_dtype, so no backward pass reads or writes it again.
 __attribute__((always_inline)) inline void store_folded_grad(const LossArgs& a, float* grad, int64_t r0, int64_t n) {
-  const float scale = *a.grad_scale;
+  const float scale = a.grad_scale != nullptr ? *a.grad_scale : 1.f;
   if (scale != 1.f)
     for (int64_t i = 0; i < n; ++i) grad[i] *= scale;
   if (a.grad_dtype != kFloat32)
@@ -150,7 +150,7 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
         }
       }
     }
-    if (a.grad_scale != nullptr) store_folded_grad(a, grad, r0, rows * K);
+    if (a.grad_scale != nullptr || a.grad_dtype != kFloat32) store_folded_grad(a, grad, r0, rows * K);
   }
 }
 

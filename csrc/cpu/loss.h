@@ -28,16 +28,17 @@ struct LossArgs {
   float tau, alpha;
   float* loss_rows;         // N fp32 (0 for ignored rows)
   float* hard_rows;         // N fp32: the alpha * CE part of loss_rows, or nullptr
-  float* grad;              // N x K fp32, contiguous (0 for ignored rows); see grad_scale
+  float* grad;              // N x K, contiguous (0 for ignored rows): fp32, or grad_dtype
   // Optional N flags for the input check, filled in the same pass (CPU only): bit 0 the student
   // row's fp32 sum is not finite, bit 1 an offline teacher's log-target row sum is not <= 0 (NaN,
   // +Inf or a value > 0 in it). Flagged rows are re-checked exactly by the caller (a sum of finite
   // values can overflow; -Inf log-targets are probabilities of 0).
   uint8_t* suspect = nullptr;
-  // Optional 1-element fp32 scale (CPU only): grad then holds grad_scale * dL_row/ds in grad_dtype
-  // (the reduction's mean folded in and written once in the student's dtype: no backward pass over it).
+  // grad's dtype code (lelp::DType) and an optional 1-element fp32 scale folded into it (host memory
+  // on CPU, device memory on CUDA; nullptr: 1): the reduction's 1/rows, so that the gradient is
+  // written once, in the student's dtype, and the backward has no N x K pass.
+  int grad_dtype = 0;
   const float* grad_scale = nullptr;
-  int grad_dtype = 0;  // DType of lelp/row_math.h (0: fp32)
 };
 
 void loss_cpu(const LossArgs& a);

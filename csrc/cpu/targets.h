@@ -25,6 +25,11 @@ struct TargetsArgs {
   int out_dtype;
   int64_t out_stride;
   uint8_t* nonfinite = nullptr;  // optional N flags: row's projection (or logits) not finite (CPU only)
+  // CUDA tensor-core tile only: the map split once by the caller (lelp_fast/ops/targets.py, cached)
+  // into hi + lo parts of the tile's stage type (bf16/fp16 for 16-bit embeddings, TF32-rounded fp32
+  // for fp32), each tile::split_rows(d) x tile::split_cols(J), zero-padded, row-major.
+  const void* w_hi = nullptr;
+  const void* w_lo = nullptr;
 };
 
 void targets_cpu(const TargetsArgs& a);

@@ -21,6 +21,17 @@ struct DeviceBlock {
   __device__ __forceinline__ int thread() const { return threadIdx.x; }
   __device__ __forceinline__ void sync() const { __syncthreads(); }
   __device__ __forceinline__ Warp warp() const { return Warp{}; }
+  // cp.async (sm_80+): 16 bytes global -> shared without a register round trip, bypassing L1 (.cg:
+  // each byte is read once per tile).
+  __device__ __forceinline__ void copy16(void* shared, const void* global) const {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global) : "memory");
+  }
+  __device__ __forceinline__ void commit() const { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+  template <int N>
+  __device__ __forceinline__ void wait() const {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+  }
 };
 
 // bf16/fp16 embeddings: WMMA 16 x 16 x 16 on T, the map split into hi + lo parts of T.
@@ -29,21 +40,10 @@ struct HalfMma {
   using Stage = uint16_t;
   static constexpr int kK = 16, kVec = 8;
   static constexpr bool kSplitX = false;
+  static constexpr int kMinBlocks = 2;  // per SM: 128 registers a thread
   using A = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
   using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-  static __device__ __forceinline__ uint16_t bits(float v);
-  static __device__ __forceinline__ float value(uint16_t b);
-  static __device__ __forceinline__ void split_x(const void* emb, int64_t i, Stage* hi, Stage*) {
-    *hi = static_cast<const uint16_t*>(emb)[i];
-  }
-  static __device__ __forceinline__ void split_x_vec(const void* emb, int64_t i, Stage* hi, Stage*) {
-    *reinterpret_cast<uint4*>(hi) = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(emb) + i);
-  }
-  static __device__ __forceinline__ void split_w(float w, Stage* hi, Stage* lo) {
-    *hi = bits(w);
-    *lo = bits(w - value(*hi));
-  }
   static __device__ __forceinline__ void fill(Acc& c, float v) { wmma::fill_fragment(c, v); }
   static __device__ __forceinline__ void load_a(A& f, const Stage* p, int ld) {
     wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
@@ -56,42 +56,32 @@ struct HalfMma {
     wmma::store_matrix_sync(p, c, ld, wmma::mem_row_major);
   }
 };
-template <>
-__device__ __forceinline__ uint16_t HalfMma<__nv_bfloat16>::bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-template <>
-__device__ __forceinline__ float HalfMma<__nv_bfloat16>::value(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
-template <>
-__device__ __forceinline__ uint16_t HalfMma<__half>::bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
-template <>
-__device__ __forceinline__ float HalfMma<__half>::value(uint16_t b) { return __half2float(__ushort_as_half(b)); }
 
-// fp32 embeddings: WMMA 16 x 16 x 8 on TF32, both sides split into TF32 hi + lo (3 products).
+// fp32 embeddings: WMMA 16 x 16 x 8 on TF32, both sides split into TF32 hi + lo (3 products); the
+// map comes split, the embeddings are split in registers after each fragment load.
 struct Tf32Mma {
   using Stage = float;
   static constexpr int kK = 8, kVec = 4;
   static constexpr bool kSplitX = true;
+  // One block per SM: the split fragments need more than 128 registers a thread (it spilled at 2),
+  // and the widest map's two stages take 152 KB of shared memory anyway.
+  static constexpr int kMinBlocks = 1;
   using A = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
   using B = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
-  static __device__ __forceinline__ void split(float v, float* hi, float* lo) {
-    *hi = wmma::__float_to_tf32(v);
-    *lo = wmma::__float_to_tf32(v - *hi);
-  }
-  static __device__ __forceinline__ void split_x(const void* emb, int64_t i, Stage* hi, Stage* lo) {
-    split(static_cast<const float*>(emb)[i], hi, lo);
-  }
-  static __device__ __forceinline__ void split_x_vec(const void* emb, int64_t i, Stage* hi, Stage* lo) {
-    const float4 x = *reinterpret_cast<const float4*>(static_cast<const float*>(emb) + i);
-    float4 h, l;
-    split(x.x, &h.x, &l.x), split(x.y, &h.y, &l.y), split(x.z, &h.z, &l.z), split(x.w, &h.w, &l.w);
-    *reinterpret_cast<float4*>(hi) = h;
-    *reinterpret_cast<float4*>(lo) = l;
-  }
-  static __device__ __forceinline__ void split_w(float w, Stage* hi, Stage* lo) { split(w, hi, lo); }
   static __device__ __forceinline__ void fill(Acc& c, float v) { wmma::fill_fragment(c, v); }
-  // The stages hold TF32 values already (split rounded them), so the loaded fragments need no conversion.
   static __device__ __forceinline__ void load_a(A& f, const Stage* p, int ld) { wmma::load_matrix_sync(f, p, ld); }
+  // The map's parts are TF32 values already (the caller rounded them), so B needs no conversion.
   static __device__ __forceinline__ void load_b(B& f, const Stage* p, int ld) { wmma::load_matrix_sync(f, p, ld); }
+  // hi = tf32(x), lo = tf32(x - hi): every lane splits the fragment elements it holds.
+  static __device__ __forceinline__ void split_a(A& hi, A& lo) {
+#pragma unroll
+    for (int i = 0; i < hi.num_elements; ++i) {
+      const float x = hi.x[i];
+      hi.x[i] = wmma::__float_to_tf32(x);
+      lo.x[i] = wmma::__float_to_tf32(x - hi.x[i]);
+    }
+  }
   static __device__ __forceinline__ void mma(Acc& c, const A& a, const B& b) { wmma::mma_sync(c, a, b, c); }
   static __device__ __forceinline__ void store(const cuda::DeviceWarp<32>&, float* p, const Acc& c, int ld) {
     wmma::store_matrix_sync(p, c, ld, wmma::mem_row_major);
@@ -99,7 +89,7 @@ struct Tf32Mma {
 };
 
 template <class Mma>
-__global__ void __launch_bounds__(tile::kThreads, 4) targets_tile_kernel(TargetsArgs a, bool vec) {
+__global__ void __launch_bounds__(tile::kThreads, Mma::kMinBlocks) targets_tile_kernel(TargetsArgs a, bool vec) {
   extern __shared__ __align__(128) char smem[];
   tile::targets_tiles<DeviceBlock, Mma>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x, vec);
 }
@@ -116,7 +106,7 @@ template <class Mma>
 void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
   const int64_t smem = tile::smem_bytes(a, sizeof(typename Mma::Stage));
   auto kernel = targets_tile_kernel<Mma>;
-  // More than 48 KB of shared memory needs an opt-in (the widest fp32 map takes 102 KB). It is set
+  // More than 48 KB of shared memory needs an opt-in (the widest fp32 map takes 152 KB). It is set
   // once per device for the largest size needed, so that a CUDA-graph capture after a warm-up run
   // makes no such call.
   static int opted_in[64] = {};
@@ -138,6 +128,7 @@ void targets_cuda(const TargetsArgs& a, void* stream_handle) {
   if (a.n == 0) return;
   const auto stream = static_cast<cudaStream_t>(stream_handle);
   if (tile::tile_takes(a)) {
+    if (a.w_hi == nullptr || a.w_lo == nullptr) throw std::invalid_argument("cuda targets: the tile needs the split map");
     if (a.emb_dtype == kBFloat16) launch_tile<HalfMma<__nv_bfloat16>>(a, stream);
     else if (a.emb_dtype == kFloat16) launch_tile<HalfMma<__half>>(a, stream);
     else launch_tile<Tf32Mma>(a, stream);

@@ -1,5 +1,5 @@
 // The GPU Warp of the warp kernels (lelp/warp_loss.h, lelp/block_targets.h): shuffle butterflies
-// over groups of W lanes, and 16-byte (fp32) or 8-byte (bf16/fp16) row loads.
+// over groups of W lanes, and 16-byte (fp32) or 8-byte (bf16/fp16) row loads and stores.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -57,8 +57,26 @@ struct DeviceWarp {
     }
   }
   static __device__ __forceinline__ void store(void* p, int dtype, int64_t i, float v) { cuda::store(p, dtype, i, v); }
-  static __device__ __forceinline__ void store4(float* p, const float* v) {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  // Four consecutive elements to an aligned address: 16 bytes in fp32, 8 in bf16/fp16. In PTX, so
+  // that the compiler cannot merge it with the element-wise tail path into four narrow stores (it
+  // did at sm_80 in the 128-register K = 512 kernel).
+  static __device__ __forceinline__ void store4(void* p, int dtype, int64_t i, const float* v) {
+    if (dtype == kFloat32) {
+      asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(static_cast<float*>(p) + i), "f"(v[0]),
+                   "f"(v[1]), "f"(v[2]), "f"(v[3])
+                   : "memory");
+      return;
+    }
+    uint32_t lo, hi;
+    if (dtype == kFloat16) {
+      const __half2 a = __floats2half2_rn(v[0], v[1]), b = __floats2half2_rn(v[2], v[3]);
+      lo = *reinterpret_cast<const uint32_t*>(&a), hi = *reinterpret_cast<const uint32_t*>(&b);
+    } else {
+      const __nv_bfloat162 a = __floats2bfloat162_rn(v[0], v[1]), b = __floats2bfloat162_rn(v[2], v[3]);
+      lo = *reinterpret_cast<const uint32_t*>(&a), hi = *reinterpret_cast<const uint32_t*>(&b);
+    }
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};\n" ::"l"(static_cast<uint16_t*>(p) + i), "r"(lo), "r"(hi)
+                 : "memory");
   }
 };
 

@@ -65,14 +65,15 @@ def _loss_rows(
     pass. With ``fall_back`` (backend auto), a Triton launch that fails for resources is recorded and
     the call goes to the next backend that takes it. ``check`` (CPU kernel only): bit 0 flags a
     student row whose sum is not finite, bit 1 an offline log-target row whose sum is not <= 0;
-    :func:`_raise_on_suspect_rows` looks closer. ``grad_scale`` (a 1-element fp32 tensor; the
-    Triton and CPU kernels fold it in): the gradient comes as ``grad_scale · dL_row/ds`` in the
-    student's dtype instead (the other backends scale and cast it here, one more pass)."""
+    :func:`_raise_on_suspect_rows` looks closer. ``grad_scale`` (a 1-element fp32 tensor on the
+    student's device; the Triton, CUDA and CPU kernels fold it in, CUDA reading it on the device):
+    the gradient comes as ``grad_scale · dL_row/ds`` in the student's dtype instead (the torch
+    fallback, or an extension built before, scales and casts it here: one more pass)."""
     n, k = student.shape
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     hard_rows = torch.zeros(n, dtype=torch.float32, device=student.device)
     folded = grad_scale is not None
-    kernel_folds = folded and (use_triton or _cpu_kernel_folds(student))
+    kernel_folds = folded and (use_triton or _extension_folds())
     grad = torch.empty(n, k, dtype=student.dtype if kernel_folds else torch.float32, device=student.device)
     suspect = torch.zeros(n if check else 0, dtype=torch.uint8, device=student.device)
     if n == 0:
@@ -92,7 +93,6 @@ def _loss_rows(
             shape = _shape_key(student, num_classes, n_subclasses, embeddings)
             _dispatch.record_launch_failure("triton", shape, exc)
             limits = _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits)
-            grad = torch.empty(n, k, dtype=torch.float32, device=student.device)
             if _dispatch.resolve("auto", student.device, limits) == "torch":
                 loss_rows, grad, hard_rows = _loss_rows_by_torch(
                     student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
@@ -126,9 +126,9 @@ def _loss_rows(
     return loss_rows, grad if kernel_folds else _folded(grad, grad_scale, student.dtype), hard_rows, suspect
 
 
-def _cpu_kernel_folds(student: Tensor) -> bool:
-    """Whether the CPU kernel writes the folded gradient itself (an extension built before it could not)."""
-    return student.device.type == "cpu" and getattr(_dispatch.extension(), "loss_folds_grad", False)
+def _extension_folds() -> bool:
+    """Whether the compiled loss writes the folded gradient itself (an extension built before could not)."""
+    return getattr(_dispatch.extension(), "loss_folds_grad", False)
 
 
 def _folded(grad: Tensor, grad_scale: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -234,8 +234,11 @@ def _scale_unless_one(grad: Tensor, scale: Tensor) -> None:
     GPU every program of the Triton kernel reads the scale and returns at once when it is 1 (no
     N x K pass, no host sync, CUDA-graph safe)."""
     if grad.device.type == "cuda":
-        from ..kernels.triton.loss import scale_unless_one
-
+        try:
+            from ..kernels.triton.loss import scale_unless_one
+        except ImportError:  # the CUDA backend without Triton: one N x K pass, still no host sync
+            grad.mul_(scale.reshape(()))
+            return
         scale_unless_one(grad, scale.reshape(1).to(torch.float32))
     elif float(scale) != 1.0:
         grad.mul_(scale)
@@ -285,7 +288,7 @@ def _reduction_scale(student: Tensor, labels: Optional[Tensor], ignore_index: in
     return torch.reciprocal(count.to(torch.float32)).reshape(1)
 
 
-# The student dtypes whose gradient the Triton and CPU kernels write with the reduction folded in. fp16 is
+# The student dtypes whose gradient the compiled kernels write with the reduction folded in. fp16 is
 # left out: at 1/rows the gradient falls into fp16's subnormals before an AMP loss scale (the
 # backward's grad_output) could lift it; it keeps the fp32 gradient scaled and cast in the backward.
 _FOLDED_DTYPES = (torch.float32, torch.bfloat16)
@@ -366,11 +369,10 @@ def distill_loss(
         if check_inputs and divergence == "mse" and log_targets is not None:
             check_finite("log_targets (divergence='mse' compares logits: a target of exactly 0 has none)",
                          log_targets)
-    # Triton and the CPU kernel fold τ, the reduction's scale and the cast into the gradient they
-    # write: the loss step moves s and t once and the gradient once (issue 21); the CUDA kernel
-    # writes an fp32 gradient per row that is scaled and cast in one more pass.
+    # The compiled kernels fold τ, the reduction's scale and the cast into the gradient they write:
+    # the loss step moves s and t once and the gradient once (issue 21).
     fold = (reduction != "none" and student_logits.dtype in _FOLDED_DTYPES
-            and (chosen == "triton" or (chosen == "cpu" and _cpu_kernel_folds(student_logits))))
+            and (chosen == "triton" or (chosen in ("cpu", "cuda") and _extension_folds())))
     if chosen == "torch":
         per_row, hard_rows = _loss_torch(student_logits, log_targets, teacher_weights, labels, embeddings,
                                          fused_weight, fused_bias, teacher_logits, num_classes, n_subclasses,

@@ -6,6 +6,7 @@ GEMM gives the subclass coordinates and, when no teacher logits are passed, the 
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -26,14 +27,79 @@ def _targets_torch(emb, weight, bias, num_classes, n_subclasses, logits, beta, t
     return out.to(out_dtype)
 
 
+# The CUDA tensor-core tile (csrc/include/lelp/block_targets.h): the widest padded map it takes
+# (tile::kMaxTileCols) and the padding of its split map (tile::split_rows / split_cols);
+# tests/test_cuda_emulated.py holds these against the C++.
+CUDA_TILE_MAX_COLS = 256
+CUDA_SPLIT_ROWS = 32  # the map rows of one step (tile::kStepK)
+CUDA_SPLIT_COLS = 16  # one MMA fragment
+
+
+def cuda_tile_takes(j: int, num_classes: int, n_subclasses: int) -> bool:
+    """Whether targets_cuda runs the tensor-core tile (else the row kernel) for a map of ``j`` columns."""
+    pad = -(-j // CUDA_SPLIT_COLS) * CUDA_SPLIT_COLS
+    return pad <= CUDA_TILE_MAX_COLS and num_classes * n_subclasses + num_classes <= CUDA_TILE_MAX_COLS
+
+
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 rounded to TF32 as ``cvt.rna.tf32.f32`` rounds (10 mantissa bits, ties away from zero)."""
+    bits = x.contiguous().view(torch.int32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return torch.where(finite, (bits + 0x1000) & -0x2000, bits).view(torch.float32)
+
+
+def cuda_tile_split(weight: torch.Tensor, dtype: torch.dtype, device: torch.device):
+    """The fused map as the CUDA tile reads it: hi + lo parts (fp32 ≈ hi + lo) of the embeddings'
+    ``dtype`` (TF32-rounded fp32 for fp32 embeddings), zero-padded to whole steps and fragments."""
+    w = weight.detach().to(device=device, dtype=torch.float32)
+    if dtype == torch.float32:
+        hi = _tf32(w)
+        lo = _tf32(w - hi)
+    else:
+        hi = w.to(dtype)
+        lo = (w - hi.to(torch.float32)).to(dtype)
+    d, j = w.shape
+    rows, cols = -(-d // CUDA_SPLIT_ROWS) * CUDA_SPLIT_ROWS, -(-j // CUDA_SPLIT_COLS) * CUDA_SPLIT_COLS
+    parts = torch.zeros(2, rows, cols, dtype=dtype, device=device)
+    parts[0, :d, :j], parts[1, :d, :j] = hi, lo
+    return parts[0], parts[1]
+
+
+# Split maps by the weight tensor they were made from, held weakly (a refit's new tensors miss, and
+# an entry goes with its weight); the version counter catches an in-place change. Before the
+# cache the tile split the map on every step of every tile (issue 21 items 7 and 10).
+_CUDA_SPLITS: dict = {}
+
+
+def cached_cuda_tile_split(weight: torch.Tensor, dtype: torch.dtype, device: torch.device):
+    """``cuda_tile_split``, computed once per (weight, its version, dtype, device)."""
+    try:
+        version = weight._version
+    except RuntimeError:  # inference-mode tensors have no version counter: not cached
+        return cuda_tile_split(weight, dtype, device)
+    entry = _CUDA_SPLITS.get(id(weight))
+    if entry is None or entry[0]() is not weight:
+        key = id(weight)
+        entry = (weakref.ref(weight, lambda _, key=key: _CUDA_SPLITS.pop(key, None)), {})
+        _CUDA_SPLITS[key] = entry
+    hit = entry[1].get((dtype, str(device)))
+    if hit is None or hit[0] != version:  # one split per dtype and device: the newest version's
+        hit = entry[1][(dtype, str(device))] = (version, cuda_tile_split(weight, dtype, device))
+    return hit[1]
+
+
 def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, device, check_inputs):
     if emb.shape[0] == 0:
         return out
-    weight = weight.to(device=emb.device, dtype=torch.float32).contiguous()
+    split = None
+    if device == "cuda" and cuda_tile_takes(weight.shape[1], num_classes, n_subclasses):
+        split = cached_cuda_tile_split(weight, emb.dtype, emb.device)  # the tile reads no other map
+    else:
+        weight = weight.to(device=emb.device, dtype=torch.float32).contiguous()
     bias = bias.to(device=emb.device, dtype=torch.float32).contiguous()
     args = [
         emb.data_ptr(), _DTYPE_CODES[emb.dtype], emb.stride(0), emb.shape[0], emb.shape[1],
-        weight.data_ptr(), bias.data_ptr(), weight.shape[1],
+        0 if split is not None else weight.data_ptr(), bias.data_ptr(), weight.shape[1],
         0 if logits is None else logits.data_ptr(),
         0 if logits is None else _DTYPE_CODES[logits.dtype],
         0 if logits is None else logits.stride(0),
@@ -42,7 +108,9 @@ def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta
     ]
     ext = _dispatch.extension()
     if device == "cuda":
-        ext.targets_cuda(*args, torch.cuda.current_stream(emb.device).cuda_stream)
+        stream = torch.cuda.current_stream(emb.device).cuda_stream if emb.is_cuda else 0  # 0: the tests' host run
+        ext.targets_cuda(*args, stream, *((split[0].data_ptr(), split[1].data_ptr()) if split else (0, 0)))
+        _check_projection(out, check_inputs)  # nothing on a GPU tensor (a sync); the tests' host run checks
         return out
     # On CPU the kernel flags rows with a non-finite projection: the NaN/Inf check costs no extra read.
     flags = torch.zeros(emb.shape[0], dtype=torch.uint8) if check_inputs else None

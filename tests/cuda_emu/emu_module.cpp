@@ -1,5 +1,5 @@
 // Python module lelp_cuda_emu (tests only): the CUDA kernels' bodies run on the host (emulate.h)
-// behind the signatures of lelp_fast._C's loss and targets_cpu, so tests run them through
+// behind the signatures of lelp_fast._C's loss and targets_cuda, so tests run them through
 // lelp_fast's Python layer on CPU tensors and compare with the reference (see tests/conftest.py).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -51,14 +51,25 @@ PYBIND11_MODULE(lelp_cuda_emu, m) {
     a.S = S;
     return lelp::tile::tile_takes(a);
   });
+  m.def("tile_smem_bytes", [](int stage_bytes, int64_t J, int64_t C, int64_t S) {
+    lelp::TargetsArgs a{};
+    a.J = J;
+    a.C = C;
+    a.S = S;
+    return lelp::tile::smem_bytes(a, stage_bytes);
+  });
+  m.def("split_layout", [](int64_t d, int64_t J) { return std::make_pair(lelp::tile::split_rows(d), lelp::tile::split_cols(J)); });
+  // targets_cuda's signature: w_hi, w_lo are the caller's split map for the tile (0 for the row kernel).
   m.def("targets", [](uintptr_t emb, int emb_dtype, int64_t emb_stride, int64_t n, int64_t d, uintptr_t weight,
                       uintptr_t bias, int64_t J, uintptr_t logits, int logits_dtype, int64_t logits_stride, int64_t C,
                       int64_t S, double beta, double tau, uintptr_t out, int out_dtype, int64_t out_stride,
-                      uintptr_t nonfinite) {
-    const auto a = lelp::make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits, logits_dtype,
-                                           logits_stride, C, S, beta, tau, out, out_dtype, out_stride);
+                      uintptr_t /*stream*/, uintptr_t w_hi, uintptr_t w_lo) {
+    auto a = lelp::make_targets_args(emb, emb_dtype, emb_stride, n, d, weight, bias, J, logits, logits_dtype,
+                                     logits_stride, C, S, beta, tau, out, out_dtype, out_stride);
+    a.w_hi = reinterpret_cast<const void*>(w_hi);
+    a.w_lo = reinterpret_cast<const void*>(w_lo);
     py::gil_scoped_release release;
-    lelp::emu::targets(a, reinterpret_cast<uint8_t*>(nonfinite));
+    lelp::emu::targets(a);
   });
   // The trailing `suspect` (N uint8 flags of the CPU kernel's fused input check; 0 for none) is
   // filled here by a host loop with the CPU kernel's rule, so that the Python check path runs the
@@ -68,12 +79,14 @@ PYBIND11_MODULE(lelp_cuda_emu, m) {
                    uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
                    double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows, uintptr_t grad,
                    const std::vector<lelp::OnlineTeacher>& teachers, bool /*on_cuda*/, uintptr_t /*stream*/,
-                   uintptr_t suspect) {
+                   uintptr_t suspect, int grad_dtype, uintptr_t grad_scale) {
     const auto online = lelp::make_online_teachers(teachers, n, C, S, tau, n_teachers);
-    const auto a = lelp::make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets, targets_dtype,
+    auto a = lelp::make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets, targets_dtype,
                                         targets_stride, n_teachers, weights, labels, ignore_index, divergence,
                                         jsd_beta, tau, alpha, loss_rows, hard_rows, grad,
                                         online.empty() ? nullptr : online.data());
+    a.grad_dtype = grad_dtype;
+    a.grad_scale = reinterpret_cast<const float*>(grad_scale);
     py::gil_scoped_release release;
     if (suspect != 0) flag_rows(a, reinterpret_cast<uint8_t*>(suspect));
     lelp::emu::loss(a);
@@ -81,5 +94,6 @@ PYBIND11_MODULE(lelp_cuda_emu, m) {
      py::arg("log_targets"), py::arg("targets_dtype"), py::arg("targets_stride"), py::arg("n_teachers"),
      py::arg("weights"), py::arg("labels"), py::arg("ignore_index"), py::arg("divergence"), py::arg("jsd_beta"),
      py::arg("tau"), py::arg("alpha"), py::arg("loss_rows"), py::arg("hard_rows"), py::arg("grad"),
-     py::arg("teachers"), py::arg("on_cuda"), py::arg("stream"), py::arg("suspect") = 0);
+     py::arg("teachers"), py::arg("on_cuda"), py::arg("stream"), py::arg("suspect") = 0,
+     py::arg("grad_dtype") = 0, py::arg("grad_scale") = 0);
 }

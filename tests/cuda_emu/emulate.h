@@ -1,12 +1,15 @@
 // The CUDA kernels' bodies run on host threads: the same templates as csrc/cuda/*.cu, instantiated
 // with HostWarp / HostBlock and plain fp32 tile products, launched over a few emulated warps or
-// blocks (fewer than the rows, so that the grid-stride loops run). Used by emu_module.cpp (the
-// tests' Python module) and race_check.cpp (ThreadSanitizer over the same code).
+// blocks (fewer than the rows, so that the grid-stride loops run); cp.async copies land at their
+// wait. Used by emu_module.cpp (the tests' Python module) and race_check.cpp (the sanitizers).
 #pragma once
 
 #include <array>
 #include <cstring>
+#include <deque>
+#include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "host_warp.h"
@@ -40,17 +43,39 @@ inline void loss(const LossArgs& a) {
 }
 
 struct BlockState {
-  std::barrier<> bar{128};
-  WarpState warps[4];
+  std::barrier<> bar{tile::kThreads};
+  WarpState warps[tile::kWarps];
+};
+
+// One thread's asynchronous copies (cp.async): a copy lands only at the wait that covers its group,
+// so a read of a stage before that wait sees the stage's old bytes and the results go wrong.
+struct PendingCopies {
+  struct Copy {
+    void* dst;
+    const void* src;
+  };
+  std::vector<Copy> open;
+  std::deque<std::vector<Copy>> groups;
 };
 
 struct HostBlock {
   using Warp = HostWarp<32>;
   BlockState* state;
   int t;
+  PendingCopies* copies;
   int thread() const { return t; }
   void sync() const { state->bar.arrive_and_wait(); }
   Warp warp() const { return Warp{&state->warps[t / 32], t % 32}; }
+  void copy16(void* shared, const void* global) const { copies->open.push_back({shared, global}); }
+  void commit() const {
+    copies->groups.push_back(std::move(copies->open));
+    copies->open.clear();
+  }
+  template <int N>
+  void wait() const {
+    for (; copies->groups.size() > N; copies->groups.pop_front())
+      for (const auto& c : copies->groups.front()) std::memcpy(c.dst, c.src, 16);
+  }
 };
 
 // Tensor-core products as plain fp32 arithmetic on whole tiles (M x K times K x 16). Every lane
@@ -84,7 +109,7 @@ struct HostTiles {
   }
 };
 
-// bf16/fp16 (kDtype): the map split into hi + lo parts of that dtype, as csrc/cuda/targets.cu's HalfMma.
+// bf16/fp16 (kDtype): the map split into hi + lo parts of that dtype (by the caller), as csrc/cuda/targets.cu's HalfMma.
 template <int kDtype>
 struct HostHalfMma : HostTiles<HostHalfMma<kDtype>, uint16_t, 16> {
   using Stage = uint16_t;
@@ -92,17 +117,10 @@ struct HostHalfMma : HostTiles<HostHalfMma<kDtype>, uint16_t, 16> {
   static constexpr bool kSplitX = false;
   static float value(uint16_t b) { return kDtype == kFloat16 ? cpu::half_bits_to_float(b) : bf16_bits_to_float(b); }
   static uint16_t bits(float v) { return kDtype == kFloat16 ? cpu::float_to_half_bits(v) : float_to_bf16_bits(v); }
-  static void split_x(const void* emb, int64_t i, Stage* hi, Stage*) { *hi = static_cast<const uint16_t*>(emb)[i]; }
-  static void split_x_vec(const void* emb, int64_t i, Stage* hi, Stage* lo) {
-    for (int e = 0; e < kVec; ++e) split_x(emb, i + e, hi + e, lo);
-  }
-  static void split_w(float w, Stage* hi, Stage* lo) {
-    *hi = bits(w);
-    *lo = bits(w - value(*hi));
-  }
 };
 
-// fp32: both sides split into TF32 hi + lo, as csrc/cuda/targets.cu's Tf32Mma.
+// fp32: both sides split into TF32 hi + lo (the map by the caller, the embeddings' fragments here),
+// as csrc/cuda/targets.cu's Tf32Mma.
 struct HostTf32Mma : HostTiles<HostTf32Mma, float, 8> {
   using Stage = float;
   static constexpr int kK = 8, kVec = 4;
@@ -116,15 +134,13 @@ struct HostTf32Mma : HostTiles<HostTf32Mma, float, 8> {
     return v;
   }
   static float value(float v) { return v; }
-  static void split(float v, float* hi, float* lo) {
-    *hi = tf32(v);
-    *lo = tf32(v - *hi);
+  static void split_a(A& hi, A& lo) {
+    for (size_t i = 0; i < hi.size(); ++i) {
+      const float x = hi[i];
+      hi[i] = tf32(x);
+      lo[i] = tf32(x - hi[i]);
+    }
   }
-  static void split_x(const void* emb, int64_t i, Stage* hi, Stage* lo) { split(static_cast<const float*>(emb)[i], hi, lo); }
-  static void split_x_vec(const void* emb, int64_t i, Stage* hi, Stage* lo) {
-    for (int e = 0; e < kVec; ++e) split_x(emb, i + e, hi + e, lo + e);
-  }
-  static void split_w(float w, Stage* hi, Stage* lo) { split(w, hi, lo); }
 };
 
 template <class Mma>
@@ -133,11 +149,12 @@ void targets_tile_emulated(const TargetsArgs& a) {
   for (int blk = 0; blk < kEmulatedBlocks; ++blk) {
     BlockState state;
     std::vector<float> smem((tile::smem_bytes(a, sizeof(typename Mma::Stage)) + 3) / 4);
+    std::vector<PendingCopies> copies(tile::kThreads);
     std::vector<std::thread> threads;
-    for (int t = 0; t < 128; ++t)
+    for (int t = 0; t < tile::kThreads; ++t)
       threads.emplace_back([&, t] {
-        tile::targets_tiles<HostBlock, Mma>(HostBlock{&state, t}, a, reinterpret_cast<char*>(smem.data()), blk,
-                                            kEmulatedBlocks, vec);
+        tile::targets_tiles<HostBlock, Mma>(HostBlock{&state, t, &copies[t]}, a, reinterpret_cast<char*>(smem.data()),
+                                            blk, kEmulatedBlocks, vec);
       });
     for (auto& th : threads) th.join();
   }
@@ -151,22 +168,36 @@ inline void targets_rows_emulated(const TargetsArgs& a) {
   }
 }
 
-// Which kernel targets_cuda launches, run on the host; then flags rows whose targets are NaN or
-// +inf as the CPU kernel flags rows whose projection is not finite.
-inline void targets(const TargetsArgs& a, uint8_t* nonfinite) {
+// The tile's split map for race_check.cpp (the Python module gets lelp_fast.ops.targets' split):
+// hi + lo parts of the stage type, tile::split_rows(d) x tile::split_cols(J), zero-padded.
+template <class Mma>
+void split_map(const TargetsArgs& a, std::vector<typename Mma::Stage>* hi, std::vector<typename Mma::Stage>* lo) {
+  const int64_t rows = tile::split_rows(a.d), cols = tile::split_cols(a.J);
+  hi->assign(rows * cols, 0);
+  lo->assign(rows * cols, 0);
+  for (int64_t k = 0; k < a.d; ++k)
+    for (int64_t j = 0; j < a.J; ++j) {
+      const float w = a.weight[k * a.J + j];
+      if constexpr (std::is_same_v<typename Mma::Stage, float>) {
+        (*hi)[k * cols + j] = HostTf32Mma::tf32(w);
+        (*lo)[k * cols + j] = HostTf32Mma::tf32(w - (*hi)[k * cols + j]);
+      } else {
+        (*hi)[k * cols + j] = Mma::bits(w);
+        (*lo)[k * cols + j] = Mma::bits(w - Mma::value((*hi)[k * cols + j]));
+      }
+    }
+}
+
+// Which kernel targets_cuda launches, run on the host (a.w_hi / w_lo: the caller's split map for the tile).
+inline void targets(const TargetsArgs& a) {
   if (tile::tile_takes(a)) {
+    if (a.w_hi == nullptr || a.w_lo == nullptr) throw std::invalid_argument("cuda targets: the tile needs the split map");
     if (a.emb_dtype == kBFloat16) targets_tile_emulated<HostHalfMma<kBFloat16>>(a);
     else if (a.emb_dtype == kFloat16) targets_tile_emulated<HostHalfMma<kFloat16>>(a);
     else targets_tile_emulated<HostTf32Mma>(a);
   } else {
     targets_rows_emulated(a);
   }
-  if (nonfinite == nullptr) return;
-  for (int64_t r = 0; r < a.n; ++r)
-    for (int64_t k = 0; k < a.C * a.S; ++k) {
-      const float v = HostWarp<32>::load(a.out, a.out_dtype, r * a.out_stride + k);
-      if (v != v || v == INFINITY) nonfinite[r] = 1;
-    }
 }
 
 }  // namespace emu

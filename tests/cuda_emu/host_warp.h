@@ -56,8 +56,8 @@ struct HostWarp {
     if (dtype == kFloat32) static_cast<float*>(p)[i] = v;
     else static_cast<uint16_t*>(p)[i] = dtype == kFloat16 ? cpu::float_to_half_bits(v) : float_to_bf16_bits(v);
   }
-  static void store4(float* p, const float* v) {
-    for (int e = 0; e < 4; ++e) p[e] = v[e];
+  static void store4(void* p, int dtype, int64_t i, const float* v) {
+    for (int e = 0; e < 4; ++e) store(p, dtype, i + e, v[e]);
   }
 };
 

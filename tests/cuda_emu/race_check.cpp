@@ -84,7 +84,17 @@ void check_targets(int64_t C, int64_t S, int dtype, bool head) {
   a.out = out.data();
   a.out_dtype = lelp::kFloat32;
   a.out_stride = K;
-  lelp::emu::targets(a, nullptr);
+  std::vector<float> hi32, lo32;
+  std::vector<uint16_t> hi16, lo16;
+  if (dtype == lelp::kFloat32) {
+    lelp::emu::split_map<lelp::emu::HostTf32Mma>(a, &hi32, &lo32);
+    a.w_hi = hi32.data(), a.w_lo = lo32.data();
+  } else {
+    if (dtype == lelp::kFloat16) lelp::emu::split_map<lelp::emu::HostHalfMma<lelp::kFloat16>>(a, &hi16, &lo16);
+    else lelp::emu::split_map<lelp::emu::HostHalfMma<lelp::kBFloat16>>(a, &hi16, &lo16);
+    a.w_hi = hi16.data(), a.w_lo = lo16.data();
+  }
+  lelp::emu::targets(a);
 }
 
 }  // namespace
@@ -99,8 +109,9 @@ int main() {
   }
   for (int dtype : {lelp::kFloat32, lelp::kFloat16, lelp::kBFloat16}) {
     check_targets(3, 5, dtype, true);
-    check_targets(2, 64, dtype, false);  // three column groups
+    check_targets(2, 64, dtype, false);  // 8 fragments: every warp takes 4
   }
+  check_targets(5, 40, lelp::kFloat32, true);  // J = 205: 13 fragments; 40 (row, class) pairs a warp
   check_targets(2, 256, lelp::kBFloat16, true);  // the row kernel
   std::printf("ok\n");
   return 0;

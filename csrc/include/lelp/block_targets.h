@@ -1,25 +1,31 @@
 // The CUDA targets kernels' bodies (docs/algorithm.md: log t = segmented log-softmaxes of h [A | W^T] + [e | b]).
 //
-// Tensor-core tile (maps up to kMaxTileCols columns): a block of 4 warps takes 64 rows; for each
-// group of 64 map columns it streams the rows' embeddings and the map through shared memory in
-// steps of 32 columns, and accumulates in fp32:
-//   bf16/fp16 embeddings: the fp32 map split into hi + lo parts of the embeddings' dtype, two
-//     16x16x16 MMAs per step (the embeddings are exact in their dtype);
-//   fp32 embeddings: both sides split into TF32 hi + lo, three 16x16x8 MMAs (hi*hi + hi*lo + lo*hi),
-//     fp32-like error with fp32's range.
-// The projections land in shared memory, where each warp runs the segmented log-softmaxes of its
-// 16 rows (group_log_targets, shared with the loss) and stores them.
+// Tensor-core tile (maps up to kMaxTileCols columns): a block of 8 warps takes 64 rows and streams
+// their embeddings once, in steps of 32 columns, against the whole map (every column's accumulator
+// stays live: warp w takes rows 16 (w % 4) .. + 15 and every other 16-column fragment, so at most 8
+// fragments per warp). The map comes split once by the caller (TargetsArgs::w_hi / w_lo, cached
+// per projector in lelp_fast/ops/targets.py), so every step is a plain copy: asynchronous, two
+// stages in flight (the next step's copies overlap this step's products). Products accumulate in fp32:
+//   bf16/fp16 embeddings: the fp32 map as hi + lo parts of the embeddings' dtype, two 16x16x16 MMAs
+//     per step (the embeddings are exact in their dtype);
+//   fp32 embeddings: both sides as TF32 hi + lo (the embeddings split in registers after the
+//     fragment load), three 16x16x8 MMAs (hi*hi + hi*lo + lo*hi), fp32-like error with fp32's range.
+// The projections land in shared memory (over the stages), where each warp runs the segmented
+// log-softmaxes of its 8 rows (lanes over (row, class) pairs; lelp::row_log_targets' math) and
+// stores them.
 // Row kernel (wider maps): a warp per row, lanes over the map's columns.
 //
 // Written against Block and Mma types as lelp/warp_loss.h is against Warp: csrc/cuda/ supplies
-// __syncthreads and WMMA, tests/cuda_emu/ 128 host threads and plain products of whole tiles.
-//   Block: thread() (0 .. 127), sync(), Warp (a Warp type of width 32) and warp() (this thread's)
+// __syncthreads, cp.async and WMMA, tests/cuda_emu/ kThreads host threads (copies deferred until
+// the wait that covers them, so a missing wait reads stale data) and plain products of whole tiles.
+//   Block: thread() (0 .. kThreads - 1), sync(), Warp (a Warp type of width 32) and warp() (this
+//          thread's); copy16(void* shared, const void* global) (16 bytes, asynchronous),
+//          commit() (closes this thread's group of copies), wait<N>() (all but the N newest
+//          groups have landed; a sync() after it makes them visible to the block)
 //   Mma:   Stage (shared-memory element: 16-bit words or float), kK (the MMA's k), kSplitX (the
-//          embeddings are split too), kVec (embedding elements per 16-byte load);
-//          split_x(const void* emb, int64_t i, Stage* hi, Stage* lo) (one element),
-//          split_x_vec(same, kVec elements from a 16-byte aligned address), split_w(float, Stage* hi,
-//          Stage* lo); fragment types A, B, Acc; fill(acc, v); load_a / load_b(frag, const Stage*, ld);
-//          mma(acc, a, b) (acc += a b); store(warp, float*, acc, ld)
+//          embeddings are split too: split_a(raw, hi, lo) on a loaded A fragment), kVec (elements
+//          per 16 bytes); fragment types A, B, Acc; fill(acc, v); load_a / load_b(frag, const
+//          Stage*, ld); mma(acc, a, b) (acc += a b); store(warp, float*, acc, ld)
 #pragma once
 
 #include "cpu/targets.h"
@@ -28,16 +34,24 @@
 namespace lelp {
 namespace tile {
 
-constexpr int kThreads = 128;       // 4 warps
-constexpr int kRows = 64;           // rows per block: 16 per warp
-constexpr int kStepK = 32;          // embedding columns staged per step
-constexpr int kGroupCols = 64;      // map columns per accumulator group: 4 fragments per warp
+constexpr int kThreads = 256;       // 8 warps: 4 row groups x 2 column sets
+constexpr int kWarps = kThreads / 32;
+constexpr int kRows = 64;           // rows per block: 16 per row group
+constexpr int kStepK = 32;          // embedding columns (map rows) staged per step
 constexpr int kMaxTileCols = 256;   // widest padded map (J) the tile takes; wider maps use the row kernel
-constexpr int kLdX = kStepK + 8;    // shared-memory leading dimensions (elements), padded against bank
-constexpr int kLdW = kGroupCols + 8;  // conflicts and kept multiples of 8 so that every fragment
-                                      // pointer is 32-byte aligned as WMMA requires
+constexpr int kMaxFrags = kMaxTileCols / 16 / 2;  // accumulator fragments per warp
+constexpr int kLdX = kStepK + 8;    // shared-memory leading dimension of the embeddings (elements),
+                                    // padded against bank conflicts and a multiple of 8 so that
+                                    // every fragment pointer is 32-byte aligned as WMMA requires
 
 LELP_HD int pad16(int64_t j) { return static_cast<int>((j + 15) / 16 * 16); }
+
+// The caller's split map: split_rows(d) x split_cols(J) per part, zero-padded (no bounds in the copy).
+LELP_HD int64_t split_rows(int64_t d) { return (d + kStepK - 1) / kStepK * kStepK; }
+LELP_HD int split_cols(int64_t J) { return pad16(J); }
+
+// Leading dimension of the map's stage (the padded map plus 8, as kLdX).
+LELP_HD int ld_w(const TargetsArgs& a) { return split_cols(a.J) + 8; }
 
 // Floats per row of the projections buffer: the padded map and the class logits after the K projections.
 LELP_HD int ld_u(const TargetsArgs& a) {
@@ -45,12 +59,15 @@ LELP_HD int ld_u(const TargetsArgs& a) {
   return static_cast<int>((need + 7) / 8 * 8);
 }
 
-// Shared-memory bytes of the tile: the embedding stage (hi, and lo when split), the map's hi and lo
-// stages, the projections (fp32). stage_bytes: 2 (bf16/fp16) or 4 (fp32, split).
+// Elements of one stage (embeddings, then the map's hi and lo parts); every part is a multiple of 32 bytes.
+LELP_HD int64_t stage_elems(const TargetsArgs& a) { return static_cast<int64_t>(kRows) * kLdX + 2 * kStepK * ld_w(a); }
+
+// Shared-memory bytes of the tile: two stages, or the projections (fp32) and each row's class
+// log-sum-exp that take their place after the last step, whichever is larger. stage_bytes: 2
+// (bf16/fp16) or 4 (fp32).
 LELP_HD int64_t smem_bytes(const TargetsArgs& a, int stage_bytes) {
-  const int x_stages = stage_bytes == 4 ? 2 : 1;
-  return static_cast<int64_t>(stage_bytes) * (x_stages * kRows * kLdX + 2 * kStepK * kLdW) +
-         4 * static_cast<int64_t>(kRows) * ld_u(a);
+  const int64_t stages = 2 * stage_bytes * stage_elems(a), u = 4 * static_cast<int64_t>(kRows) * (ld_u(a) + 1);
+  return stages > u ? stages : u;
 }
 
 // Whether the tensor-core tile takes this call.
@@ -58,107 +75,113 @@ inline bool tile_takes(const TargetsArgs& a) {
   return pad16(a.J) <= kMaxTileCols && a.C * a.S + a.C <= kMaxTileCols;
 }
 
-// Whether every embedding row starts 16-byte aligned, so that the stage can load 16 bytes at a time.
+// Whether every embedding row starts 16-byte aligned, so that the stage can copy 16 bytes at a time.
 inline bool tile_vector_loads(const TargetsArgs& a) {
   const int64_t elem = a.emb_dtype == kFloat32 ? 4 : 2;
   return reinterpret_cast<uintptr_t>(a.embeddings) % 16 == 0 && (a.emb_stride * elem) % 16 == 0;
 }
 
-// Stages rows [row0, row0 + 64) x embedding columns [k0, k0 + 32) (zeros outside), split as Mma says.
+// Issues the copies of step k0 into stage x (64 x 32 embeddings; zeros outside) and wh / wl (32 map
+// rows, every column), and commits them as this thread's group.
 template <class Block, class Mma>
-LELP_DEV void stage_x(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, bool vec,
-                      typename Mma::Stage* xh, typename Mma::Stage* xl) {
+LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, bool vec,
+                         typename Mma::Stage* x) {
+  using Stage = typename Mma::Stage;
   constexpr int V = Mma::kVec;
+  const Stage* emb = static_cast<const Stage*>(a.embeddings);  // raw words: Stage is the embeddings' type
   for (int i = b.thread(); i < kRows * kStepK / V; i += kThreads) {
     const int r = i / (kStepK / V), k = i % (kStepK / V) * V;
     const int64_t row = row0 + r, col = k0 + k;
-    const int at = r * kLdX + k;
+    Stage* at = x + r * kLdX + k;
     if (vec && row < a.n && col + V <= a.d) {
-      Mma::split_x_vec(a.embeddings, row * a.emb_stride + col, xh + at, xl + at);
+      b.copy16(at, emb + row * a.emb_stride + col);
       continue;
     }
-    for (int e = 0; e < V; ++e) {
-      if (row < a.n && col + e < a.d) {
-        Mma::split_x(a.embeddings, row * a.emb_stride + col + e, xh + at + e, xl + at + e);
-      } else {
-        xh[at + e] = typename Mma::Stage{0};
-        if constexpr (Mma::kSplitX) xl[at + e] = typename Mma::Stage{0};
-      }
-    }
+    for (int e = 0; e < V; ++e) at[e] = row < a.n && col + e < a.d ? emb[row * a.emb_stride + col + e] : Stage{0};
   }
+  const int cols = split_cols(a.J), ldw = ld_w(a), chunks = cols / V;
+  Stage* wh = x + kRows * kLdX;
+  Stage* wl = wh + kStepK * ldw;
+  const Stage* hi = static_cast<const Stage*>(a.w_hi) + k0 * cols;
+  const Stage* lo = static_cast<const Stage*>(a.w_lo) + k0 * cols;
+  for (int i = b.thread(); i < kStepK * chunks; i += kThreads) {
+    const int k = i / chunks, c = i % chunks * V;
+    b.copy16(wh + k * ldw + c, hi + k * cols + c);
+    b.copy16(wl + k * ldw + c, lo + k * cols + c);
+  }
+  b.commit();
 }
 
-// Stages map rows [k0, k0 + 32) x columns [c0, c0 + cols) split as w = hi + lo (zeros outside the map).
-template <class Block, class Mma>
-LELP_DEV void stage_w(const Block& b, const TargetsArgs& a, int64_t k0, int c0, int cols, typename Mma::Stage* wh,
-                      typename Mma::Stage* wl) {
-  for (int i = b.thread(); i < kStepK * cols; i += kThreads) {
-    const int k = i / cols, c = i % cols;
-    const int64_t row = k0 + k, col = c0 + c;
-    const float w = row < a.d && col < a.J ? a.weight[row * a.J + col] : 0.f;
-    Mma::split_w(w, wh + k * kLdW + c, wl + k * kLdW + c);
-  }
-}
-
-// The staged step's products into the warp's accumulators (frags of them are live).
+// The staged step's products into the warp's accumulators: fragment i is map columns
+// 16 (set + 2 i) .. + 15 (those below the padded map's width are live).
 template <class Mma>
-LELP_DEV void step_products(int warp, int frags, const typename Mma::Stage* xh, const typename Mma::Stage* xl,
-                            const typename Mma::Stage* wh, const typename Mma::Stage* wl, typename Mma::Acc* acc) {
-#pragma unroll
+LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::Stage* x, typename Mma::Acc* acc) {
+  using Stage = typename Mma::Stage;
+  const int ldw = ld_w(a), frags = split_cols(a.J) / 16, set = warp / 4;
+  const Stage* wh = x + kRows * kLdX;
+  const Stage* wl = wh + kStepK * ldw;
+#pragma unroll 1  // the k slices one after another: unrolled, their fragments outgrow the registers
   for (int kk = 0; kk < kStepK; kk += Mma::kK) {
     typename Mma::A ah, al;
-    Mma::load_a(ah, xh + warp * 16 * kLdX + kk, kLdX);
-    if constexpr (Mma::kSplitX) Mma::load_a(al, xl + warp * 16 * kLdX + kk, kLdX);
+    Mma::load_a(ah, x + (warp % 4) * 16 * kLdX + kk, kLdX);
+    if constexpr (Mma::kSplitX) Mma::split_a(ah, al);
 #pragma unroll
-    for (int f = 0; f < kGroupCols / 16; ++f) {
+    for (int i = 0; i < kMaxFrags; ++i) {
+      const int f = set + 2 * i;
       if (f >= frags) continue;
       typename Mma::B bh, bl;
-      Mma::load_b(bh, wh + kk * kLdW + f * 16, kLdW);
-      Mma::load_b(bl, wl + kk * kLdW + f * 16, kLdW);
-      Mma::mma(acc[f], ah, bh);
-      Mma::mma(acc[f], ah, bl);
-      if constexpr (Mma::kSplitX) Mma::mma(acc[f], al, bh);  // x_lo * w_lo is below fp32's resolution
+      Mma::load_b(bh, wh + kk * ldw + f * 16, ldw);
+      Mma::load_b(bl, wl + kk * ldw + f * 16, ldw);
+      Mma::mma(acc[i], ah, bh);
+      Mma::mma(acc[i], ah, bl);
+      if constexpr (Mma::kSplitX) Mma::mma(acc[i], al, bh);  // x_lo * w_lo is below fp32's resolution
     }
   }
 }
 
-// u (64 x ld_u floats) = the tile's projections without the bias, columns [0, pad16(J)).
+// u (64 x ld_u floats, over the stages) = the tile's projections without the bias, columns [0, pad16(J)).
+// The embeddings stream once: step s + 1's copies are in flight while step s multiplies.
 template <class Block, class Mma>
-LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row0, bool vec, typename Mma::Stage* stages,
-                               float* u) {
+LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row0, bool vec,
+                               typename Mma::Stage* stages, float* u) {
   using Stage = typename Mma::Stage;
-  Stage* xh = stages;
-  Stage* xl = xh + kRows * kLdX;  // used when Mma::kSplitX
-  Stage* wh = xl + (Mma::kSplitX ? kRows * kLdX : 0);
-  Stage* wl = wh + kStepK * kLdW;
-  const int warp = b.thread() / 32, jp = pad16(a.J), ldu = ld_u(a);
-  for (int c0 = 0; c0 < jp; c0 += kGroupCols) {  // block-uniform
-    const int frags = (jp - c0 < kGroupCols ? jp - c0 : kGroupCols) / 16;
-    typename Mma::Acc acc[kGroupCols / 16];
+  const int warp = b.thread() / 32, frags = split_cols(a.J) / 16;
+  const int64_t elems = stage_elems(a), steps = (a.d + kStepK - 1) / kStepK;
+  typename Mma::Acc acc[kMaxFrags];
 #pragma unroll
-    for (int f = 0; f < kGroupCols / 16; ++f) Mma::fill(acc[f], 0.f);
-    for (int64_t k0 = 0; k0 < a.d; k0 += kStepK) {
-      stage_x<Block, Mma>(b, a, row0, k0, vec, xh, xl);
-      stage_w<Block, Mma>(b, a, k0, c0, frags * 16, wh, wl);  // only the group's fragments are read
-      b.sync();
-      step_products<Mma>(warp, frags, xh, xl, wh, wl, acc);
-      b.sync();  // the next step overwrites the stages
+  for (int i = 0; i < kMaxFrags; ++i) Mma::fill(acc[i], 0.f);
+  if (steps > 0) stage_step<Block, Mma>(b, a, row0, 0, vec, stages);
+  for (int64_t s = 0; s < steps; ++s) {  // block-uniform
+    Stage* x = stages + (s & 1) * elems;
+    if (s + 1 < steps) {
+      stage_step<Block, Mma>(b, a, row0, (s + 1) * kStepK, vec, stages + ((s + 1) & 1) * elems);
+      b.template wait<1>();  // step s has landed; s + 1 stays in flight
+    } else {
+      b.template wait<0>();
     }
+    b.sync();
+    step_products<Mma>(a, warp, x, acc);
+    b.sync();  // the next step's copies overwrite this stage (and u overwrites both)
+  }
 #pragma unroll
-    for (int f = 0; f < kGroupCols / 16; ++f)
-      if (f < frags) Mma::store(b.warp(), u + warp * 16 * ldu + c0 + f * 16, acc[f], ldu);
+  for (int i = 0; i < kMaxFrags; ++i) {
+    const int f = warp / 4 + 2 * i;
+    if (f < frags) Mma::store(b.warp(), u + (warp % 4) * 16 * ld_u(a) + f * 16, acc[i], ld_u(a));
   }
   b.sync();
 }
 
-// Bias, class logits and log-softmaxes of the warp's 16 rows of u; stores them.
+// Bias, class logits and log-softmaxes of the warp's 8 rows of u; stores them. The subclass
+// log-softmaxes, the epilogue's bulk, take the lanes over (row, class) pairs: 8 C of them per warp,
+// so small C keeps the lanes busy (one row at a time used C of 32). lse: the block's kRows floats.
 template <class Block>
-LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, float* u) {
+LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, float* u, float* lse) {
   using Warp = typename Block::Warp;
+  constexpr int R = kRows / kWarps;
   const Warp w = b.warp();
-  const int warp = b.thread() / 32, lane = w.lane(), ldu = ld_u(a);
+  const int warp = b.thread() / 32, lane = w.lane(), ldu = ld_u(a), r0 = warp * R;
   const int C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S, J = static_cast<int>(a.J);
-  for (int r = warp * 16; r < warp * 16 + 16; ++r) {  // warp-uniform
+  for (int r = r0; r < r0 + R; ++r) {  // warp-uniform: bias, logits, the class log-sum-exp
     const int64_t row = row0 + r;
     float* ur = u + r * ldu;
     for (int j = lane; j < J; j += 32) ur[j] += a.bias[j];
@@ -166,9 +189,25 @@ LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, 
       for (int c = lane; c < C; c += 32)
         ur[K + c] = row < a.n ? Warp::load(a.logits, a.logits_dtype, row * a.logits_stride + c) : 0.f;
     w.sync();
-    warp::group_log_targets(w, ur, C, S, a.inv_beta, a.inv_tau);
+    float m = -INFINITY;
+    for (int c = lane; c < C; c += 32) m = fmax_(m, ur[K + c] * a.inv_tau);
+    m = w.max(m);
+    float sum = 0.f;
+    for (int c = lane; c < C; c += 32) sum += expf(ur[K + c] * a.inv_tau - m);
+    sum = w.sum(sum);
+    if (lane == 0) lse[r] = m + logf(sum);
+  }
+  w.sync();
+  for (int i = lane; i < R * C; i += 32) {  // lelp::row_log_targets' order of operations
+    const int r = r0 + i / C, c = i % C;
+    float* uc = u + r * ldu + c * S;
+    subclass_log_softmax(uc, S, a.inv_beta, u[r * ldu + K + c] * a.inv_tau - lse[r], uc);
+  }
+  w.sync();
+  for (int r = r0; r < r0 + R; ++r) {
+    const int64_t row = row0 + r;
     if (row < a.n)
-      for (int k = lane; k < K; k += 32) Warp::store(a.out, a.out_dtype, row * a.out_stride + k, ur[k]);
+      for (int k = lane; k < K; k += 32) Warp::store(a.out, a.out_dtype, row * a.out_stride + k, u[r * ldu + k]);
   }
 }
 
@@ -178,12 +217,12 @@ template <class Block, class Mma>
 LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, int64_t block, int64_t n_blocks, bool vec) {
   using Stage = typename Mma::Stage;
   Stage* stages = reinterpret_cast<Stage*>(smem);
-  // The stages' sizes are multiples of 32 bytes, so u is aligned for WMMA stores.
-  float* u = reinterpret_cast<float*>(smem + sizeof(Stage) * ((Mma::kSplitX ? 2 : 1) * kRows * kLdX + 2 * kStepK * kLdW));
+  float* u = reinterpret_cast<float*>(smem);  // written once the last step's products are done
+  float* lse = u + kRows * ld_u(a);
   for (int64_t row0 = block * kRows; row0 < a.n; row0 += n_blocks * kRows) {  // block-uniform
     tile_projections<Block, Mma>(b, a, row0, vec, stages, u);
-    tile_epilogue(b, a, row0, u);
-    b.sync();  // the next tile overwrites u
+    tile_epilogue(b, a, row0, u, lse);
+    b.sync();  // the next tile's copies overwrite u
   }
 }
 

@@ -6,7 +6,8 @@
 // 16-byte loads on the GPU; tests/cuda_emu/ supplies 32 host threads and a barrier, so the kernel's
 // indexing and numerics are tested against the fp64 reference on a CPU. A Warp provides
 //   kWidth (W), lane() (0..31), sum(v) / max(v) over the lane's group, sync() (a warp barrier with
-//   memory ordering), and static load(p, dtype, i), load4(p, dtype, i, v), store4(p, v).
+//   memory ordering), and static load(p, dtype, i), load4(p, dtype, i, v), store(p, dtype, i, v),
+//   store4(p, dtype, i, v).
 // The math is that of lelp/loss_math.h (docs/algorithm.md).
 #pragma once
 
@@ -258,25 +259,25 @@ LELP_DEV float row_hard_label(const Warp& w, const LossArgs& a, const float* s, 
   return a.alpha * (lse_all - p_y);
 }
 
-// Stores one row's outputs (zeros for an ignored row).
+// Stores one row's outputs (zeros for an ignored row); the gradient times `scale` in a.grad_dtype.
 template <class Warp, int CH>
 LELP_DEV void store_row(const LossArgs& a, int64_t row, int g, bool vec, bool ignored, float loss, float hard,
-                        float* gr) {
+                        float scale, float* gr) {
   constexpr int W = Warp::kWidth;
   const int K = static_cast<int>(a.C * a.S);
-  float* out = a.grad + row * K;
+  const int64_t base = row * K;
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
     float* v = gr + c * kVec;
-    if (ignored)
-      for (int e = 0; e < kVec; ++e) v[e] = 0.f;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) v[e] = ignored ? 0.f : v[e] * scale;
     const int k0 = (c * W + g) * kVec;
     if (vec && k0 + kVec <= K) {
-      Warp::store4(out + k0, v);
+      Warp::store4(a.grad, a.grad_dtype, base + k0, v);
     } else {
 #pragma unroll
       for (int e = 0; e < kVec; ++e)
-        if (k0 + e < K) out[k0 + e] = v[e];
+        if (k0 + e < K) Warp::store(a.grad, a.grad_dtype, base + k0 + e, v[e]);
     }
   }
   if (g == 0) {
@@ -287,7 +288,8 @@ LELP_DEV void store_row(const LossArgs& a, int64_t row, int g, bool vec, bool ig
 
 // One row (row >= n: the lanes only take part in the group's reductions).
 template <class Warp, int CH>
-LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& online, float* u, int64_t row, bool vec) {
+LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& online, float* u, int64_t row, bool vec,
+                       float scale) {
   constexpr int P = CH * kVec;
   const int g = w.lane() % Warp::kWidth, K = static_cast<int>(a.C * a.S);
   const bool active = row < a.n;
@@ -310,7 +312,7 @@ LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& o
     hard = row_hard_label<Warp, CH>(w, a, s, ignored ? -1 : y, gr);
     loss += hard;
   }
-  if (active) store_row<Warp, CH>(a, row, g, vec, ignored, loss, hard, gr);
+  if (active) store_row<Warp, CH>(a, row, g, vec, ignored, loss, hard, scale, gr);
 }
 
 // The rows of one warp, grid-stride: warp `warp_id` of `n_warps` takes rows base .. base + 32/W - 1.
@@ -321,8 +323,9 @@ LELP_DEV void loss_rows(const Warp& w, const LossArgs& a, const OnlineTeachers& 
   constexpr int R = 32 / Warp::kWidth;
   const int slot = w.lane() / Warp::kWidth;
   float* u = smem == nullptr ? nullptr : smem + slot * online_row_floats(a.C, a.S);
+  const float scale = a.grad_scale == nullptr ? 1.f : *a.grad_scale;  // read once: no host sync
   for (int64_t base = warp_id * R; base < a.n; base += n_warps * R)  // warp-uniform
-    loss_row<Warp, CH>(w, a, online, u, base + slot, vec);
+    loss_row<Warp, CH>(w, a, online, u, base + slot, vec, scale);
 }
 
 // The group width and chunks per lane for K: (W, CH) with W * CH * 4 >= K, W a power of two <= 32
@@ -372,9 +375,10 @@ inline OnlineTeachers online_teachers(const LossArgs& a) {
 inline bool vector_loads_ok(const LossArgs& a) {
   const auto aligned = [](const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
   const int64_t K = a.C * a.S;
-  const int64_t s_size = a.student_dtype == kFloat32 ? 4 : 2, t_size = a.targets_dtype == kFloat32 ? 4 : 2;
-  bool ok = K % kVec == 0 && a.student_stride % kVec == 0 && aligned(a.student, kVec * s_size) && aligned(a.grad, 16);
-  if (a.online == nullptr) ok = ok && a.targets_stride % kVec == 0 && aligned(a.log_targets, kVec * t_size);
+  const auto size = [](int dtype) { return dtype == kFloat32 ? 4 : 2; };
+  bool ok = K % kVec == 0 && a.student_stride % kVec == 0 && aligned(a.student, kVec * size(a.student_dtype)) &&
+            aligned(a.grad, kVec * size(a.grad_dtype));
+  if (a.online == nullptr) ok = ok && a.targets_stride % kVec == 0 && aligned(a.log_targets, kVec * size(a.targets_dtype));
   return ok;
 }
 
