@@ -4,7 +4,7 @@ Run: python benchmarks/bench_train_loop.py [--quick] [--rows 262144] [--batch 10
 
 Setup (issue 23): an MLP student 768 -> 256 -> 16 (C = 4, S = 4), targets stored as fp16 ``.npy``
 shards by ``generate_targets``, inputs a ``TensorDataset`` of fp32 rows, AdamW, the fused loss
-(KL, tau = 1), batch 1024. The peer is the loop a user writes by hand: the targets read into one
+(KL, tau = 1, the library's default subclass weight λ in both), batch 1024. The peer is the loop a user writes by hand: the targets read into one
 in-memory tensor first, a seeded permutation, slices, ``distill_loss``, backward, step. Both run
 the same number of epochs from the same initial weights.
 
@@ -66,7 +66,9 @@ def plain_loop(x, y, log_t, epochs: int, batch: int) -> float:
         order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(epoch))
         for i in range(0, x.shape[0], batch):
             idx = order[i:i + batch]
-            loss = distill_loss(model(x[idx]), log_t[idx], y[idx], num_classes=C, n_subclasses=S)
+            # subclass_weight=None: the library's default λ, the loss distill trains with
+            loss = distill_loss(model(x[idx]), log_t[idx], y[idx], num_classes=C, n_subclasses=S,
+                                subclass_weight=None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
