@@ -5,8 +5,9 @@ with the JIT's 16-byte alignment specialisation, and held against what the devic
 Gates: the kernel compiles (the interpreter, tests/test_triton.py, runs Python that real Triton
 refuses); its shared memory fits the device's opt-in limit (over it, Triton raises OutOfResources
 at the first launch); ptxas left no spills (a stack frame and LDL/STL in the CUBIN's SASS: spills
-never show in the PTX); the targets kernel uses tensor cores and 16-byte async copies; the loss
-kernel loads and stores rows in vectors. The compiles run in a process pool, once per session and
+never show in the PTX); the targets kernels use tensor cores and 16-byte copies, the resident
+form loads its map before the row-tile loop, and the targets' modelled time at the issue's shapes
+is within 1.25x the floor (cost.py); the loss kernel loads and stores rows in vectors. The compiles run in a process pool, once per session and
 Triton version (the oldest one in a subprocess, installed once into a cache directory).
 """
 
@@ -118,6 +119,20 @@ def test_targets_kernel_uses_tensor_cores_and_wide_copies(compiled, case):
         assert facts["async_copies"] > 0, f"dot operands not staged by 16-byte async copies: {facts}"
     if targets_kernels.VARIANTS[case[1]]["constexprs"]["EXACT"]:
         assert facts["vector_stores"] > 0, f"whole-row stores not vectorised: {facts}"
+
+
+RESIDENT = [c for c in TARGETS if "N_CHUNKS" in targets_kernels.VARIANTS[c[1]]["constexprs"]]
+
+
+@pytest.mark.parametrize("case", RESIDENT, ids=[aot.case_id(c) for c in RESIDENT])
+def test_targets_resident_map_is_loaded_once_per_program(compiled, case):
+    """The resident form loads its map's slices (at least one 16-byte-or-narrower load per slice and
+    part, per thread) before the row-tile loop, where they stay in shared memory for all the
+    program's rows; the streaming form loads nothing before its loop."""
+    c = targets_kernels.VARIANTS[case[1]]["constexprs"]
+    map_loads = c["N_CHUNKS"] * 2 * (1 if c["HAS_LOGITS"] else 2)
+    loop = _facts(compiled, case)["loops"][-1]
+    assert loop["loads_before"] >= map_loads, (loop, map_loads)
 
 
 ALIGNED_LOSS = [c for c in CASES if c[0] == "loss" and loss_kernels.VARIANTS[c[1]]["constexprs"]["K"] % 8 == 0]

@@ -94,7 +94,8 @@ def sass_opcodes(cubin: bytes) -> Counter:
 
 def sass_loops(cubin: bytes) -> List[Dict[str, int]]:
     """The SASS's loops, innermost (shortest) first: for each backward branch, the instructions from
-    its target label to it (NOPs left out) and how many of them are tensor-core MMAs (``HMMA``/``HGMMA``).
+    its target label to it (NOPs left out), how many of them are tensor-core MMAs (``HMMA``/``HGMMA``)
+    and global loads (``LDG``), and the global loads before the loop.
     A persistent kernel's row-tile loop is the longest; a streamed reduction loop holds the MMAs."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -113,7 +114,10 @@ def sass_loops(cubin: bytes) -> List[Dict[str, int]]:
         target = re.search(r"`\((\.L_x_\d+)\)", m.group(2)) if m.group(1).startswith("BRA") else None
         if target and labels.get(target.group(1), len(ops)) < len(ops) - 1:  # backward, not onto itself
             body = ops[labels[target.group(1)]:]
-            loops.append({"instructions": len(body), "mma": sum(op.startswith(("HMMA", "HGMMA")) for op in body)})
+            before = ops[:labels[target.group(1)]]
+            loops.append({"instructions": len(body), "mma": sum(op.startswith(("HMMA", "HGMMA")) for op in body),
+                          "loads": sum(op.startswith("LDG") for op in body),
+                          "loads_before": sum(op.startswith("LDG") for op in before)})
     return sorted(loops, key=lambda loop: loop["instructions"])
 
 
