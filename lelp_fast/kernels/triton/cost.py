@@ -163,9 +163,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 # ---- The targets kernel (issue 21 item 4) ----------------------------------------------------------
 # Dense tensor-core FLOP per SM per clock on Hopper: the H100 SXM datasheet's 989.4 (bf16/fp16) and
@@ -290,3 +287,7 @@ def targets_table(facts_json: str) -> str:
                      f"| {b['rows_per_map_read']:,.0f} | {b['h']:.0f} + {b['map']:.0f} + {b['logits']:.0f} + {b['out']:.0f}"
                      f" ({b['floor']:.0f}) | {per_element:.0f} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
