@@ -7,8 +7,9 @@ refuses); its shared memory fits the device's opt-in limit (over it, Triton rais
 at the first launch); ptxas left no spills (a stack frame and LDL/STL in the CUBIN's SASS: spills
 never show in the PTX); the targets kernels use tensor cores and 16-byte copies, the resident
 form loads its map before the row-tile loop, and the targets' modelled time at the issue's shapes
-is within 1.25x the floor (cost.py); the loss kernel loads and stores rows in vectors. The compiles run in a process pool, once per session and
-Triton version (the oldest one in a subprocess, installed once into a cache directory).
+is within 1.25x the floor (cost.py); the loss kernel loads and stores rows in vectors. The compiles
+run in a process pool, once per session and Triton version (the oldest one in a subprocess,
+installed once into a cache directory).
 """
 
 import itertools
@@ -105,8 +106,9 @@ def test_variant_fits_the_devices_shared_memory(compiled, case):
 SPILLS_UNDER_OLDEST = {
     f"targets-sm{arch}-{dt}-n128d16w8s3-{grid}-pad" for arch in (80, 90) for dt in ("bf16", "fp16")
     for grid in ("16x8-head", "512x1-logits")
-} | {f"targets-sm90-{dt}-n128d64w8s1-4x4-head-{fit}-resident12" for dt in ("bf16", "fp16") for fit in ("pad", "exact")} | {
-    "targets-sm90-fp32-n64d16w8s2-512x1-logits-pad", "targets-sm80-fp32-n128d32w8s3-4x4-logits-exact"}
+} | {
+    f"targets-sm90-{dt}-n128d64w8s1-4x4-head-{fit}-resident12" for dt in ("bf16", "fp16") for fit in ("pad", "exact")
+} | {"targets-sm90-fp32-n64d16w8s2-512x1-logits-pad", "targets-sm80-fp32-n128d32w8s3-4x4-logits-exact"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -183,7 +185,8 @@ def _targets_launches_are_cases():
     def width(v):
         return v["constexprs"]["C_BLOCK"] * v["constexprs"]["S_PAD"]
 
-    streamed = {(width(v), v["config"], v["dtype"]) for v in targets_kernels.VARIANTS if "N_CHUNKS" not in v["constexprs"]}
+    streamed = {(width(v), v["config"], v["dtype"]) for v in targets_kernels.VARIANTS
+                if "N_CHUNKS" not in v["constexprs"]}
     resident = [v for v in targets_kernels.VARIANTS if "N_CHUNKS" in v["constexprs"]]
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     for c, s, d, dtype in itertools.product((1, 2, 3, 4, 8, 16, 17, 64, 300, 512), (1, 2, 4, 5, 8, 16, 64, 128),

@@ -282,9 +282,11 @@ def targets_table(facts_json: str) -> str:
             cells.append(f"{m['memory'] / m['floor']:.2f}, {m['issue'] / m['floor']:.2f}, {m['mma'] / m['floor']:.2f}"
                          f" → **{m['over_floor']:.2f}**")
         form = "resident" if "N_CHUNKS" in ce else "streaming"
-        lines.append(f"| {facts['triton']} | {v['dtype']} | {c * s} ({c} x {s}) | {'yes' if ce['HAS_LOGITS'] else 'no'} "
+        logits = "yes" if ce["HAS_LOGITS"] else "no"
+        lines.append(f"| {facts['triton']} | {v['dtype']} | {c * s} ({c} x {s}) | {logits} "
                      f"| {form}, {ce['BLOCK_N']} x {ce['BLOCK_D']}, {v['config'].num_warps} "
-                     f"| {b['rows_per_map_read']:,.0f} | {b['h']:.0f} + {b['map']:.0f} + {b['logits']:.0f} + {b['out']:.0f}"
+                     f"| {b['rows_per_map_read']:,.0f} "
+                     f"| {b['h']:.0f} + {b['map']:.0f} + {b['logits']:.0f} + {b['out']:.0f}"
                      f" ({b['floor']:.0f}) | {per_element:.0f} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 

@@ -7,8 +7,9 @@ K = 16 with the head at d = 768) the resident form loads it once and keeps it fo
 program's rows; otherwise the streaming form reads it from L2 once per tile. Both stream h in
 ``BLOCK_D`` slices through tensor-core dots in the input dtype. The fp32 map is split on the host
 (``split_map``, cached) into a ``hi`` and a ``lo`` part of that dtype, per-column power-of-two
-scaled so fp16 neither overflows nor underflows: ``h @ A = (h @ hi + h @ lo) · col_scale`` keeps fp32-like accuracy at bf16/fp16
-speed (two chained dots into one fp32 accumulator); fp32 inputs take one ``tf32x3`` dot instead.
+scaled so fp16 neither overflows nor underflows: ``h @ A = (h @ hi + h @ lo) · col_scale`` keeps
+fp32-like accuracy at bf16/fp16 speed (two chained dots into one fp32 accumulator); fp32 inputs take
+one ``tf32x3`` dot instead.
 The subclass columns are laid out as a padded ``C_PAD x S_PAD`` grid, so the epilogue reshapes
 the accumulator to (rows, class, subclass) and takes every class's log-softmax with one
 reduction; the teacher head (when no logits are given) is a second, 16-column dot. A program
@@ -391,7 +392,8 @@ INTERPRETER_PROGRAMS = 2
 
 
 def resident_map_bytes(d: int, columns: int, dtype: torch.dtype, with_head: bool) -> int:
-    """Shared memory the resident form's map takes: its d rows of this program's ``columns`` and the head's 16, in hi + lo parts of ``dtype``."""
+    """Shared memory the resident form's map takes: its d rows of this program's ``columns`` and the
+    head's 16, in hi + lo parts of ``dtype``."""
     return d * (columns + (HEAD_PAD if with_head else 0)) * 2 * dtype.itemsize
 
 
@@ -467,7 +469,8 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
     else:
         tuned = {k: v for k, v in p.constexprs.items() if k not in ("BLOCK_N", "BLOCK_D")}
         tuner = _autotuned[config_class(p.constexprs["C_BLOCK"] * p.constexprs["S_PAD"], embeddings.dtype)]
-        tuner[lambda meta: (row_programs(triton.cdiv(n, meta["BLOCK_N"]), embeddings.device) * p.groups,)](*args, **tuned)
+        grid = lambda meta: (row_programs(triton.cdiv(n, meta["BLOCK_N"]), embeddings.device) * p.groups,)  # noqa: E731
+        tuner[grid](*args, **tuned)
     return out
 
 
