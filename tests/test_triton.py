@@ -66,6 +66,52 @@ def test_triton_targets_refuse_classes_wider_than_a_program():
                      backend="triton")
 
 
+@pytest.fixture
+def one_program_per_group(monkeypatch):
+    """The persistent kernels with one program per class group, so each loops over every row tile
+    (the interpreter's grid; a GPU's is 2 per SM). The kernels had no row-tile loop before."""
+    from lelp_fast.kernels.triton import targets as triton_targets
+
+    monkeypatch.setattr(triton_targets, "INTERPRETER_PROGRAMS", 1)
+    return triton_targets
+
+
+# (n, d, C, S, with_head): d = 64 and 128 are whole 64-row slices, so 16-bit inputs take the
+# resident form (the map loaded once per program); d = 37 and fp32 inputs stream it per row tile.
+PERSISTENT_SHAPES = [(1, 64, 3, 5, True), (261, 128, 2, 8, False), (261, 37, 3, 5, True), (130, 64, 4, 16, False)]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="forces the interpreter's grid")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", PERSISTENT_SHAPES)
+def test_triton_targets_persistent_loop_matches_reference(one_program_per_group, dtype, shape):
+    n, d, num_classes, s, with_head = shape
+    form = one_program_per_group.plan(d, num_classes, s, dtype, with_head).kernel
+    assert (form == "lelp_targets_resident_kernel") == (dtype != torch.float32 and d % 64 == 0)
+    test_triton_targets_match_reference(dtype, (n, d, num_classes, s), with_head)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="forces the interpreter's grid")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_targets_persistent_loop_huge_logits_tiny_beta_and_nan_rows(one_program_per_group, dtype):
+    """Huge projections (|log t| ~ 1e6) with beta = 0.01, and NaN rows in the last tile: each row's
+    targets come from its own tile's accumulators (a NaN row gives NaN targets in that row only).
+    bf16's hi + lo map carries 16 bits of each column: errors up to ~2^-16 of the largest |log t|."""
+    h, weight, bias, _ = test_ops_targets.random_map(300, 64, 2, 4, True, seed=3, scale=1e3)
+    h = h.to(dtype)
+    weight, bias = (weight * 10).float(), bias.float()
+    got = lelp_targets(h, weight, bias, 2, 4, beta=0.01, backend="triton")
+    want = fp64_reference(h, weight.double(), bias.double(), None, 2, 4, 0.01, 1.0)
+    atol = 1.0 if dtype == torch.float32 else 2.0**-16 * float(want.abs().max())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=1e-4)
+    h[[0, 290]] = float("nan")
+    got = lelp_targets(h, weight, bias, 2, 4, beta=0.01, backend="triton", check_inputs=False)
+    assert got[[0, 290]].isnan().all()
+    keep = [i for i in range(300) if i not in (0, 290)]
+    torch.testing.assert_close(got[keep].double(), want[keep], atol=atol, rtol=1e-4)
+
+
 @pytest.mark.parametrize("divergence", reference.DIVERGENCES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 2, 1), (21, 3, 5), (6, 2, 40)])

@@ -53,3 +53,38 @@ def test_loss_step_moves_only_the_floor_bytes(dtype, floor):
         pytest.skip("the Triton interpreter is not available")
     moved, ops = cost.loss_step_bytes(dtype, backend="triton")
     assert moved <= floor, f"{moved} B/element against the floor's {floor}: {ops}"
+
+
+def test_targets_map_is_read_once_per_program_or_per_128_rows():
+    """The targets' bytes per row at the issue's shapes, as launched (``targets.plan``): h once, the
+    output once, and the map's bytes over the rows one read of it serves: all of a program's rows
+    where it stays in shared memory (16-bit inputs, K = 16 at d = 768: 98,304 B), else one 128-row
+    tile (64 for fp32 at K = 128). Before, each 64-row program read the whole map: 1,536 B per
+    row at K = 16, 6,912 B at K = 128 in bf16."""
+    from lelp_fast.kernels.triton import targets
+
+    rows = cost.TARGETS_ROWS
+    for i, c, s in cost.targets_cost_variants():
+        v = targets.VARIANTS[i]
+        b = cost.targets_bytes_per_row(v, targets.COST_D, c, s)
+        item = cost.DTYPE_BYTES[v["dtype"]]
+        assert b["h"] == 768 * item and b["out"] == c * s * 4
+        if "N_CHUNKS" in v["constexprs"]:
+            assert v["dtype"] == "bf16" and c * s == 16
+            assert b["rows_per_map_read"] == rows / (2 * cost.SMS)  # 2 programs per SM
+            assert b["map"] < 0.01 * b["floor"], b
+        else:
+            assert b["rows_per_map_read"] >= (64 if (v["dtype"], c * s) == ("fp32", 128) else 128), (v, b)
+
+
+def test_targets_k16_bf16_bytes_at_the_floor():
+    """K = 16 with the head, bf16: 1,536 B of h + 64 of output per row, and the 98,304 B map read by
+    264 programs over 4 M rows: 6 B per row, 1.004 x the floor."""
+    from lelp_fast.kernels.triton import targets
+
+    p = targets.plan(768, 4, 4, torch.bfloat16, with_head=True)
+    assert p.kernel == "lelp_targets_resident_kernel"
+    v = dict(kernel=p.kernel, dtype="bf16", config=p.config, constexprs=p.constexprs)
+    b = cost.targets_bytes_per_row(v, 768, 4, 4)
+    assert b["floor"] == 1536 + 64 and b["map"] == pytest.approx(98_304 * 264 / cost.TARGETS_ROWS)
+    assert b["total"] / b["floor"] < 1.005

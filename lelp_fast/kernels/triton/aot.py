@@ -92,6 +92,35 @@ def sass_opcodes(cubin: bytes) -> Counter:
     return ops
 
 
+def sass_loops(cubin: bytes) -> List[Dict[str, int]]:
+    """The SASS's loops, innermost (shortest) first: for each backward branch, the instructions from
+    its target label to it (NOPs left out), how many of them are tensor-core MMAs (``HMMA``/``HGMMA``)
+    and global loads (``LDG``), and the global loads before the loop.
+    A persistent kernel's row-tile loop is the longest; a streamed reduction loop holds the MMAs."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_tool("nvdisasm"), "-c", f.name], check=True, capture_output=True, text=True).stdout
+    labels, ops, loops = {}, [], []
+    for line in text.splitlines():
+        label = re.match(r"^(\.L_x_\d+):", line.strip())
+        if label:
+            labels[label.group(1)] = len(ops)
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if m is None or m.group(1) == "NOP":
+            continue
+        ops.append(m.group(1))
+        target = re.search(r"`\((\.L_x_\d+)\)", m.group(2)) if m.group(1).startswith("BRA") else None
+        if target and labels.get(target.group(1), len(ops)) < len(ops) - 1:  # backward, not onto itself
+            body = ops[labels[target.group(1)]:]
+            before = ops[:labels[target.group(1)]]
+            loops.append({"instructions": len(body), "mma": sum(op.startswith(("HMMA", "HGMMA")) for op in body),
+                          "loads": sum(op.startswith("LDG") for op in body),
+                          "loads_before": sum(op.startswith("LDG") for op in before)})
+    return sorted(loops, key=lambda loop: loop["instructions"])
+
+
 def cubin_resources(cubin: bytes) -> Dict[str, int]:
     """Registers and stack frame per thread as ptxas allocated them (``cuobjdump -res-usage``)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -141,7 +170,7 @@ def case_id(case: Case) -> str:
         c = v["constexprs"]
         return (f"targets-sm{arch}-{v['dtype']}-n{c['BLOCK_N']}d{c['BLOCK_D']}w{v['config'].num_warps}"
                 f"s{v['config'].num_stages}-{c['C_PAD']}x{c['S_PAD']}-{'logits' if c['HAS_LOGITS'] else 'head'}-"
-                f"{'exact' if c['EXACT'] else 'pad'}")
+                f"{'exact' if c['EXACT'] else 'pad'}" + (f"-resident{c['N_CHUNKS']}" if "N_CHUNKS" in c else ""))
     v = loss.VARIANTS[i]
     c = v["constexprs"]
     return (f"loss-sm{arch}-{dts[0]}-K{c['K']}-n{c['BLOCK_N']}w{v['num_warps']}-div{c['DIVERGENCE']}-"
@@ -156,8 +185,9 @@ def compile_case(case: Case):
     try:
         if op == "targets":
             v = targets.VARIANTS[i]
-            compiled = compile_kernel(targets.lelp_targets_kernel, targets.signature(v["dtype"]), v["constexprs"],
-                                      arch, v["config"].num_warps, v["config"].num_stages)
+            compiled = compile_kernel(getattr(targets, v["kernel"]),
+                                      targets.signature(v["dtype"], resident="N_CHUNKS" in v["constexprs"]),
+                                      v["constexprs"], arch, v["config"].num_warps, v["config"].num_stages)
         elif op == "scale":
             v = loss.SCALE_VARIANTS[i]
             compiled = compile_kernel(loss.scale_unless_one_kernel, loss.scale_signature(v["dtype"]), v["constexprs"],
@@ -166,7 +196,10 @@ def compile_case(case: Case):
             v = loss.VARIANTS[i]
             constexprs = {**v["constexprs"], **loss.chunk_constexprs(v["constexprs"], dts[0])}
             compiled = compile_kernel(loss.lelp_loss_kernel, loss.signature(*dts), constexprs, arch, v["num_warps"])
-        return kernel_facts(compiled), None
+        facts = kernel_facts(compiled)
+        if op == "targets":  # the cost model counts a row tile's instructions from its loops
+            facts["loops"] = sass_loops(compiled.asm["cubin"])
+        return facts, None
     except Exception as exc:  # noqa: BLE001 - reported per case by the tests
         return None, f"{type(exc).__name__}: {exc}"
 

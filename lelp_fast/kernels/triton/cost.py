@@ -12,9 +12,10 @@ lelp_fast.kernels.triton.cost FACTS.json`` prints from ``aot``'s facts.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -158,7 +159,136 @@ def main(argv=None) -> int:
             f"{d} {v['instructions']:.0f} instructions, {v['mufu']:.1f} MUFU" for d, v in b.items()))
     print(f"launcher bytes per element: bf16 {bf16:.1f}, fp32 {fp32:.1f}")
     print(loss_table(args.facts, bf16, fp32))
+    print(targets_table(args.facts))
     return 0
+
+
+
+# ---- The targets kernel (issue 21 item 4) ----------------------------------------------------------
+# Dense tensor-core FLOP per SM per clock on Hopper: the H100 SXM datasheet's 989.4 (bf16/fp16) and
+# 494.7 (tf32) dense TFLOP/s are 132 SMs x 4096 / 2048 x 1.83 GHz; taken here at CLOCK_HZ like the
+# issue rate. tf32x3 (fp32 inputs) issues three tf32 products; a 16-bit input's hi + lo map, two.
+MMA_FLOP_PER_SM_CLOCK = {"bf16": 4096, "fp16": 4096, "tf32": 2048}
+MMA_PASSES = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("tf32", 3)}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+TARGETS_MAX_OVER_FLOOR = 1.25  # issue 21's goal for the targets, on H100 and H200
+# The issue's shapes: 4 M rows of d = 768, K = 16 and 128 (COST_SHAPES in targets.py), fp32 out.
+TARGETS_ROWS = 4 * 2**20
+TARGETS_OUT_BYTES = 4
+
+
+def targets_row_programs(n: int, block_n: int) -> int:
+    """Programs per class group the launcher starts on an H100/H200 (``targets.row_programs``)."""
+    from . import targets
+
+    return max(1, min(-(-n // block_n), targets.PROGRAMS_PER_SM * SMS))
+
+
+def targets_bytes_per_row(v: dict, d: int, num_classes: int, n_subclasses: int, n: int = TARGETS_ROWS,
+                          out_bytes: int = TARGETS_OUT_BYTES) -> Dict[str, float]:
+    """Global-memory bytes per row of the launch ``v`` (an entry of ``targets.VARIANTS``): h read once
+    per class group, the teacher logits, the output written once, and the map's bytes per program
+    divided by the rows that one read of it serves (the resident form: all the program's rows; the
+    streaming form: one row tile). ``floor`` reads h and the logits once and writes the output once."""
+    c = v["constexprs"]
+    item = DTYPE_BYTES[v["dtype"]]
+    groups = c["C_PAD"] // c["C_BLOCK"]
+    resident = "N_CHUNKS" in c
+    map_rows = c["N_CHUNKS"] * c["BLOCK_D"] if resident else d
+    parts = 2 if c["SPLIT"] else 1
+    columns = c["C_BLOCK"] * c["S_PAD"] + (0 if c["HAS_LOGITS"] else 16)
+    map_read = map_rows * columns * parts * item
+    rows_per_read = n / targets_row_programs(n, c["BLOCK_N"]) if resident else c["BLOCK_N"]
+    h, logits = d * item, (num_classes * item if c["HAS_LOGITS"] else 0)
+    out = num_classes * n_subclasses * out_bytes
+    moved = {"h": h * groups, "logits": logits * groups, "out": out, "map": groups * map_read / rows_per_read}
+    return {**moved, "rows_per_map_read": rows_per_read, "total": sum(moved.values()), "floor": h + logits + out}
+
+
+def targets_instructions_per_row(facts: Dict[str, object], v: dict, d: int, n: int = TARGETS_ROWS) -> float:
+    """Thread instructions per row from the SASS: a row tile issues the row-tile loop's body once
+    (the longest loop), plus the streamed reduction loop (the one with the MMAs) D / BLOCK_D - 1 more
+    times; the code outside the row-tile loop runs once per program. Each of the program's
+    ``num_warps * 32`` threads issues them all, for BLOCK_N rows."""
+    c = v["constexprs"]
+    loops = facts["loops"]
+    tile_loop = loops[-1]["instructions"]
+    reduction = [loop for loop in loops[:-1] if loop["mma"]]
+    per_tile = tile_loop + (reduction[0]["instructions"] * (-(-d // c["BLOCK_D"]) - 1) if reduction else 0)
+    tiles_per_program = -(-n // c["BLOCK_N"]) / targets_row_programs(n, c["BLOCK_N"])
+    per_tile += (facts["sass"] - tile_loop) / tiles_per_program
+    return per_tile * v["config"].num_warps * 32 / c["BLOCK_N"]
+
+
+def targets_flops_per_row(v: dict, d: int) -> Tuple[str, float]:
+    """(tensor-core type, FLOP per row): every group's columns and its head, each map part."""
+    c = v["constexprs"]
+    kind, passes = MMA_PASSES[v["dtype"]]
+    map_rows = c["N_CHUNKS"] * c["BLOCK_D"] if "N_CHUNKS" in c else -(-d // c["BLOCK_D"]) * c["BLOCK_D"]
+    groups = c["C_PAD"] // c["C_BLOCK"]
+    columns = groups * (c["C_BLOCK"] * c["S_PAD"] + (0 if c["HAS_LOGITS"] else 16))
+    return kind, 2.0 * map_rows * columns * passes
+
+
+def targets_model(facts: Dict[str, object], v: dict, d: int, num_classes: int, n_subclasses: int,
+                  device: str) -> Dict[str, float]:
+    """Modelled time per row (s) of memory, instruction issue and tensor-core issue, and the slowest
+    of the three over the floor (the floor's bytes at the device's bandwidth)."""
+    moved = targets_bytes_per_row(v, d, num_classes, n_subclasses)
+    kind, flops = targets_flops_per_row(v, d)
+    times = {"memory": moved["total"] / BANDWIDTH[device],
+             "issue": targets_instructions_per_row(facts, v, d) / THREAD_INSTRUCTIONS_PER_S,
+             "mma": flops / (SMS * MMA_FLOP_PER_SM_CLOCK[kind] * CLOCK_HZ)}
+    floor = moved["floor"] / BANDWIDTH[device]
+    return {**times, "floor": floor, "over_floor": max(times.values()) / floor}
+
+
+def targets_cost_variants():
+    """(index into targets.VARIANTS, C, S) of the launches at the cost shapes (``targets.plan``)."""
+    from . import targets
+
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    out = []
+    for (c, s), name, with_head in itertools.product(targets.COST_SHAPES, dtypes, (True, False)):
+        p = targets.plan(targets.COST_D, c, s, dtypes[name], with_head)
+        v = dict(kernel=p.kernel, dtype=name, config=p.config, constexprs=p.constexprs)
+        out.append((targets.VARIANTS.index(v), c, s))
+    return out
+
+
+def targets_table(facts_json: str) -> str:
+    """The Markdown table of docs/benchmarks.md: each cost-shape launch on sm_90, its bytes per row
+    against the floor, SASS per element, and the modelled time over the floor on H100 and H200."""
+    from . import targets
+
+    with open(facts_json) as f:
+        facts = json.load(f)
+    by_case = {(r["case"][1], r["case"][2]): r for r in facts["cases"] if r["case"][0] == "targets"}
+    lines = ["| Triton | dtype | K (C x S) | logits | form, BLOCK_N x BLOCK_D, warps | rows / map read | bytes / row: "
+             "h + map + logits + out (floor) | SASS / element | H100: memory, issue, MMA / floor | H200 |",
+             "|" + "---|" * 10]
+    d = targets.COST_D
+    for i, c, s in targets_cost_variants():
+        row = by_case.get((i, 90))
+        if row is None or row["error"]:
+            continue
+        v = targets.VARIANTS[i]
+        ce = v["constexprs"]
+        b = targets_bytes_per_row(v, d, c, s)
+        per_element = targets_instructions_per_row(row["facts"], v, d) / (c * s)
+        cells = []
+        for device in ("H100", "H200"):
+            m = targets_model(row["facts"], v, d, c, s, device)
+            cells.append(f"{m['memory'] / m['floor']:.2f}, {m['issue'] / m['floor']:.2f}, {m['mma'] / m['floor']:.2f}"
+                         f" → **{m['over_floor']:.2f}**")
+        form = "resident" if "N_CHUNKS" in ce else "streaming"
+        logits = "yes" if ce["HAS_LOGITS"] else "no"
+        lines.append(f"| {facts['triton']} | {v['dtype']} | {c * s} ({c} x {s}) | {logits} "
+                     f"| {form}, {ce['BLOCK_N']} x {ce['BLOCK_D']}, {v['config'].num_warps} "
+                     f"| {b['rows_per_map_read']:,.0f} "
+                     f"| {b['h']:.0f} + {b['map']:.0f} + {b['logits']:.0f} + {b['out']:.0f}"
+                     f" ({b['floor']:.0f}) | {per_element:.0f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """Triton kernel of the targets op: projection + both segmented log-softmaxes, one pass.
 
-Each program takes ``BLOCK_N`` rows (>= 64) and streams d in ``BLOCK_D`` slices through
-tensor-core dots in the input dtype. The fp32 map is split on the host (``split_map``) into a
-``hi`` and a ``lo`` part of that dtype, per-column power-of-two scaled so fp16 neither overflows
-nor underflows: ``h @ A = (h @ hi + h @ lo) · col_scale`` keeps fp32-like accuracy at bf16/fp16
-speed (two chained dots into one fp32 accumulator); fp32 inputs take one ``tf32x3`` dot instead.
+The kernels are persistent: about two programs per SM (per class group), each looping over row
+tiles of ``BLOCK_N`` rows (128; 64 for fp32 at 128 columns), so the map is read once per program
+or once per tile, never once per 64 rows. Where a 16-bit map fits in shared memory (at most 96 KiB:
+K = 16 with the head at d = 768) the resident form loads it once and keeps it for all of the
+program's rows; otherwise the streaming form reads it from L2 once per tile. Both stream h in
+``BLOCK_D`` slices through tensor-core dots in the input dtype. The fp32 map is split on the host
+(``split_map``, cached) into a ``hi`` and a ``lo`` part of that dtype, per-column power-of-two
+scaled so fp16 neither overflows nor underflows: ``h @ A = (h @ hi + h @ lo) · col_scale`` keeps
+fp32-like accuracy at bf16/fp16 speed (two chained dots into one fp32 accumulator); fp32 inputs take
+one ``tf32x3`` dot instead.
 The subclass columns are laid out as a padded ``C_PAD x S_PAD`` grid, so the epilogue reshapes
 the accumulator to (rows, class, subclass) and takes every class's log-softmax with one
 reduction; the teacher head (when no logits are given) is a second, 16-column dot. A program
@@ -13,11 +18,13 @@ tile, each with the class log-partition over all C classes.
 
 Numerics are tested on CPU under ``TRITON_INTERPRET=1`` against the fp64 reference; every entry
 of ``VARIANTS`` is compiled ahead of time for sm_80/sm_90, its PTX checked and its shared memory,
-registers and spills read from the CUBIN (``tests/test_triton_aot.py``).
+registers and spills read from the CUBIN, and its modelled cost at the issue's shapes held against
+the floor (``tests/test_triton_aot.py``, ``cost.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import weakref
@@ -53,14 +60,17 @@ class Config(NamedTuple):
 # 100-400 B/thread and 64 x 512 1.5-12 KB under every config tried (sm_80/sm_90, Triton 3.9), and
 # needed up to 565 KB of shared memory at 3 stages (OutOfResources on any GPU).
 COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
-# Rows per program = 64, one wgmma M tile (a full tensor-core tile on sm_80 too). BLOCK_D: 16 at 128
-# columns (BLOCK_D = 32: 256 B/thread of spills for fp32 on sm_80; 64: spills for fp32 on both
-# archs) with 8 warps (4 spilled 48-144 B for fp32 with given logits under Triton 3.6), 32 up to
-# 64 columns. 3 stages keep two copies in flight under each dot. Every entry is compiled for
+# The streaming form's configs. Rows per tile = 128 (two wgmma M tiles), so one read of the map from
+# L2 serves 128 rows (issue 21), except fp32 at 128 columns: 128 rows spilled 32 B/thread there
+# (sm_90, Triton 3.9), so 64, with 2 stages (3 spilled 8 B in the persistent loop). BLOCK_D: 16 at
+# 128 columns (BLOCK_D = 32: 256 B/thread of spills for fp32 on sm_80; 64: spills for fp32 on both
+# archs) with 8 warps (4 spilled 48-144 B for fp32 with given logits under Triton 3.6), 32 up to 64
+# columns. 3 stages keep two copies in flight under each dot. Every entry is compiled for
 # sm_80/sm_90 with its shared memory, registers and spills checked (tests/test_triton_aot.py).
 CONFIGS = {
-    "narrow": [Config(64, 32, 4, 3)],
-    "mid": [Config(64, 16, 8, 3)],
+    "narrow": [Config(128, 32, 8, 3)],
+    "mid": [Config(128, 16, 8, 3)],
+    "mid_fp32": [Config(64, 16, 8, 2)],
 }
 
 
@@ -69,9 +79,11 @@ def class_block(c_pad: int, s_pad: int) -> int:
     return max(1, min(c_pad, COLUMNS_PER_PROGRAM // s_pad))
 
 
-def config_class(columns: int) -> str:
+def config_class(columns: int, dtype: torch.dtype) -> str:
     """Which config list serves a program of ``columns`` accumulator columns (see CONFIGS)."""
-    return "narrow" if columns <= 64 else "mid"
+    if columns <= 64:
+        return "narrow"
+    return "mid_fp32" if dtype == torch.float32 else "mid"
 
 
 @triton.jit
@@ -115,36 +127,16 @@ def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constex
 
 
 @triton.jit
-def lelp_targets_kernel(
-    h_ptr, stride_h, sub_hi_ptr, sub_lo_ptr, sub_scale_ptr, sub_bias_ptr,
-    head_hi_ptr, head_lo_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z, out_ptr, stride_out,
-    N, D, C, S, inv_beta, inv_tau,
-    HAS_LOGITS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    C_PAD: tl.constexpr, S_PAD: tl.constexpr, C_BLOCK: tl.constexpr, EXACT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    KP: tl.constexpr = C_PAD * S_PAD  # the map's row length
-    KW: tl.constexpr = C_BLOCK * S_PAD  # this program's columns: classes [group * C_BLOCK, +C_BLOCK)
-    GROUPS: tl.constexpr = C_PAD // C_BLOCK
-    pid = tl.program_id(0)
-    group = pid % GROUPS  # a row tile's class groups are neighbours: their h re-reads hit L2
-    rows = (pid // GROUPS) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
+              out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS: tl.constexpr, S_PAD: tl.constexpr,
+              C_BLOCK: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Both segmented log-softmaxes of one row tile's accumulators (u: this group's subclass columns,
+    z: the head's 16 columns), stored into ``out``."""
+    KW: tl.constexpr = C_BLOCK * S_PAD
     row_ok = rows < N
     rows64 = rows.to(tl.int64)  # row offsets can pass 2**31 elements
     k_cols = group * KW + tl.arange(0, KW)
     h_cols = tl.arange(0, 16)
-
-    u = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
-    z = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d_idx = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d_idx < D
-        h = tl.load(h_ptr + rows64[:, None] * stride_h + d_idx[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        u = _accumulate(h, sub_hi_ptr, sub_lo_ptr, d_idx, k_cols, KP, d_ok, u, SPLIT, PRECISION)
-        if not HAS_LOGITS:
-            z = _accumulate(h, head_hi_ptr, head_lo_ptr, d_idx, h_cols, 16, d_ok, z, SPLIT, PRECISION)
-
     # Class log-probabilities log p_c = log_softmax(z / tau)_c of this group's classes, (BLOCK_N, C_BLOCK).
     c_idx = group * C_BLOCK + tl.arange(0, C_BLOCK)
     c_ok = (c_idx < C)[None, :]
@@ -174,6 +166,101 @@ def lelp_targets_kernel(
         cols3 = c_idx[None, :, None] * S + s_idx[None, None, :]
         mask3 = row_ok[:, None, None] & c_ok[:, :, None] & s_ok
         tl.store(out_ptr + rows64[:, None, None] * stride_out + cols3, out3, mask=mask3)
+
+
+@triton.jit
+def lelp_targets_kernel(
+    h_ptr, stride_h, sub_hi_ptr, sub_lo_ptr, sub_scale_ptr, sub_bias_ptr,
+    head_hi_ptr, head_lo_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z, out_ptr, stride_out,
+    N, D, C, S, inv_beta, inv_tau,
+    HAS_LOGITS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    C_PAD: tl.constexpr, S_PAD: tl.constexpr, C_BLOCK: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Streaming form, for maps too large to stay in shared memory: a persistent program loops over
+    row tiles of its class group and streams the map's BLOCK_D slices from L2 once per tile, so each
+    map read serves BLOCK_N rows."""
+    KP: tl.constexpr = C_PAD * S_PAD  # the map's row length
+    KW: tl.constexpr = C_BLOCK * S_PAD  # this program's columns: classes [group * C_BLOCK, +C_BLOCK)
+    GROUPS: tl.constexpr = C_PAD // C_BLOCK
+    pid = tl.program_id(0)
+    group = pid % GROUPS  # a row tile's class groups are neighbours: their h re-reads hit L2
+    k_cols = group * KW + tl.arange(0, KW)
+    h_cols = tl.arange(0, 16)
+    for tile in range(pid // GROUPS, tl.cdiv(N, BLOCK_N), tl.num_programs(0) // GROUPS):
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        rows64 = rows.to(tl.int64)
+        u = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
+        z = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d_idx = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d_idx < D
+            h = tl.load(h_ptr + rows64[:, None] * stride_h + d_idx[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            u = _accumulate(h, sub_hi_ptr, sub_lo_ptr, d_idx, k_cols, KP, d_ok, u, SPLIT, PRECISION)
+            if not HAS_LOGITS:
+                z = _accumulate(h, head_hi_ptr, head_lo_ptr, d_idx, h_cols, 16, d_ok, z, SPLIT, PRECISION)
+        _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
+                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
+
+
+@triton.jit
+def _map_chunks(hi_ptr, lo_ptr, cols, ld, D, SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (D, ld) map's ``cols`` as N_CHUNKS (BLOCK_D, len(cols)) hi parts and lo parts, loaded once:
+    used as dot operands inside the row-tile loop, they stay in shared memory across it."""
+    hi = ()
+    lo = ()
+    for j in tl.static_range(N_CHUNKS):
+        d_idx = j * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs = d_idx[:, None] * ld + cols[None, :]
+        hi = hi + (tl.load(hi_ptr + offs, mask=(d_idx < D)[:, None], other=0.0),)
+        if SPLIT:
+            lo = lo + (tl.load(lo_ptr + offs, mask=(d_idx < D)[:, None], other=0.0),)
+    return hi, lo
+
+
+@triton.jit
+def lelp_targets_resident_kernel(
+    h_ptr, stride_h, sub_hi_ptr, sub_lo_ptr, sub_scale_ptr, sub_bias_ptr,
+    head_hi_ptr, head_lo_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z, out_ptr, stride_out,
+    N, D, C, S, inv_beta, inv_tau,
+    HAS_LOGITS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    C_PAD: tl.constexpr, S_PAD: tl.constexpr, C_BLOCK: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CHUNKS: tl.constexpr,
+):
+    """Resident form, for maps that fit shared memory (``resident_map_bytes``): a persistent program
+    loads its columns of the map once (N_CHUNKS = cdiv(D, BLOCK_D) slices, unrolled) and loops over
+    row tiles, so the map is read once per program however many rows it takes."""
+    KP: tl.constexpr = C_PAD * S_PAD
+    KW: tl.constexpr = C_BLOCK * S_PAD
+    GROUPS: tl.constexpr = C_PAD // C_BLOCK
+    pid = tl.program_id(0)
+    group = pid % GROUPS
+    sub_hi, sub_lo = _map_chunks(sub_hi_ptr, sub_lo_ptr, group * KW + tl.arange(0, KW), KP, D, SPLIT, N_CHUNKS,
+                                 BLOCK_D)
+    if not HAS_LOGITS:
+        head_hi, head_lo = _map_chunks(head_hi_ptr, head_lo_ptr, tl.arange(0, 16), 16, D, SPLIT, N_CHUNKS, BLOCK_D)
+    for tile in range(pid // GROUPS, tl.cdiv(N, BLOCK_N), tl.num_programs(0) // GROUPS):
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        rows64 = rows.to(tl.int64)
+        u = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
+        z = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+        # One row pointer per tile and constant slice offsets, no mask along d (D = N_CHUNKS * BLOCK_D):
+        # per-slice addresses and masks were hoisted out of the tile loop, 24 slices spilled 88 B.
+        h_tile = h_ptr + rows64[:, None] * stride_h + tl.arange(0, BLOCK_D)[None, :]
+        for j in tl.static_range(N_CHUNKS):
+            h = tl.load(h_tile + j * BLOCK_D, mask=row_ok[:, None], other=0.0)
+            u = tl.dot(h, sub_hi[j], u, input_precision=PRECISION)
+            if SPLIT:
+                u = tl.dot(h, sub_lo[j], u, input_precision=PRECISION)
+            if not HAS_LOGITS:
+                z = tl.dot(h, head_hi[j], z, input_precision=PRECISION)
+                if SPLIT:
+                    z = tl.dot(h, head_lo[j], z, input_precision=PRECISION)
+        _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
+                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
 
 
 _autotuned = {
@@ -285,62 +372,156 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# The resident form (lelp_targets_resident_kernel): 128 rows x 64 map rows per slice, 8 warps, one
+# stage (the slices of h are loaded whole; with more stages Triton gave every unrolled slice its own
+# pipeline buffers: 458-655 KB of shared memory). BLOCK_D = 128 spilled 88 B on sm_90 (Triton 3.9).
+RESIDENT_CONFIG = Config(128, 64, 8, 1)
+# A map (hi + lo parts, subclass and head columns) this large or smaller stays in shared memory:
+# with one 128 x 64 slice of h it takes <= 114,688 B, under sm_80's 166,912 B opt-in limit and two
+# programs per sm_90 SM. K = 16 with a head at d = 768 is 98,304 B. fp32 inputs always stream: their
+# tf32x3 dots split the resident map again inside the kernel (twice the shared memory) and spilled
+# 1-2.4 KB per thread at every block shape tried (sm_90, Triton 3.9).
+RESIDENT_MAP_BYTES = 98_304
+RESIDENT_COLUMNS = 64  # wider programs spill with the 128-row accumulator; they stream
+# Unrolled slices at most (d <= 768): 24 slices spilled 16-40 B per thread on sm_90 (Triton 3.9).
+RESIDENT_SLICES = 12
+# Persistent grids: this many programs per SM and class group (each loops over row tiles); under the
+# interpreter a fixed, small number, so the tests run the loop over several tiles per program.
+PROGRAMS_PER_SM = 2
+INTERPRETER_PROGRAMS = 2
+
+
+def resident_map_bytes(d: int, columns: int, dtype: torch.dtype, with_head: bool) -> int:
+    """Shared memory the resident form's map takes: its d rows of this program's ``columns`` and the
+    head's 16, in hi + lo parts of ``dtype``."""
+    return d * (columns + (HEAD_PAD if with_head else 0)) * 2 * dtype.itemsize
+
+
+def is_resident(d: int, columns: int, dtype: torch.dtype, with_head: bool) -> bool:
+    """Whether the launcher takes the resident form (see RESIDENT_MAP_BYTES): 16-bit inputs whose width
+    is whole slices (the kernel does not mask along d) and whose map fits."""
+    return (dtype != torch.float32 and columns <= RESIDENT_COLUMNS and d % RESIDENT_CONFIG.block_d == 0
+            and d // RESIDENT_CONFIG.block_d <= RESIDENT_SLICES
+            and resident_map_bytes(d, columns, dtype, with_head) <= RESIDENT_MAP_BYTES)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def row_programs(n_tiles: int, device: torch.device) -> int:
+    """Programs per class group of a persistent launch: enough to fill the device, never more than tiles."""
+    if device.type != "cuda":
+        return max(1, min(n_tiles, INTERPRETER_PROGRAMS))
+    return max(1, min(n_tiles, PROGRAMS_PER_SM * _sm_count(device.index or torch.cuda.current_device())))
+
+
+class Plan(NamedTuple):
+    """What ``targets_triton`` launches for a shape: the kernel, its config and constexprs, and the
+    class groups (programs per row tile)."""
+
+    kernel: str
+    config: Config
+    constexprs: dict
+    groups: int
+
+
+def plan(d: int, num_classes: int, n_subclasses: int, dtype: torch.dtype, with_head: bool) -> Plan:
+    """The launch for embeddings of width ``d`` and ``dtype``: resident when its map fits
+    (``is_resident``), else streaming with the config list of its width."""
+    c_pad, s_pad = padded_grid(num_classes, n_subclasses)
+    c_block = class_block(c_pad, s_pad)
+    columns = c_block * s_pad
+    exact = (c_pad, s_pad) == (num_classes, n_subclasses)
+    if is_resident(d, columns, dtype, with_head):
+        cfg = RESIDENT_CONFIG
+        constexprs = {**_constexprs(dtype, c_pad, s_pad, not with_head, exact, cfg),
+                      "N_CHUNKS": triton.cdiv(d, cfg.block_d)}
+        return Plan("lelp_targets_resident_kernel", cfg, constexprs, c_pad // c_block)
+    cfg = CONFIGS[config_class(columns, dtype)][0]  # the autotuner's choice on a GPU; the only one so far
+    return Plan("lelp_targets_kernel", cfg, _constexprs(dtype, c_pad, s_pad, not with_head, exact, cfg),
+                c_pad // c_block)
+
+
 def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out):
     """Launches the kernel; ``weight``/``bias`` are the fused ``[A | Wᵀ]``, ``[e | b]`` (any float dtype
     and device: their split is made on the embeddings' device once, see ``cached_split_map``)."""
     n, d = embeddings.shape
-    why = limits.targets_unsupported(num_classes, n_subclasses, with_head=teacher_logits is None)
+    with_head = teacher_logits is None
+    why = limits.targets_unsupported(num_classes, n_subclasses, with_head=with_head)
     if why:
         raise ValueError(f"the triton targets kernel cannot run: {why}")
-    split = cached_split_map(weight, bias, num_classes, n_subclasses, embeddings.dtype, teacher_logits is None,
-                             embeddings.device)
-    c_block = class_block(split.c_pad, split.s_pad)
-    groups = split.c_pad // c_block
+    split = cached_split_map(weight, bias, num_classes, n_subclasses, embeddings.dtype, with_head, embeddings.device)
     z = teacher_logits if teacher_logits is not None else embeddings
     head = [split.head_hi, split.head_lo, split.head_scale, split.head_bias]
     head = [t if t is not None else split.sub_bias for t in head]  # unused pointers when logits are given
     args = (embeddings, embeddings.stride(0), split.sub_hi, split.sub_lo, split.sub_scale, split.sub_bias, *head,
             z, z.stride(0), out, out.stride(0), n, d, num_classes, n_subclasses, 1.0 / beta, 1.0 / tau)
-    constexprs = dict(HAS_LOGITS=teacher_logits is not None, SPLIT=embeddings.dtype != torch.float32,
-                      PRECISION="tf32x3" if embeddings.dtype == torch.float32 else "ieee",
-                      C_PAD=split.c_pad, S_PAD=split.s_pad, C_BLOCK=c_block,
-                      EXACT=(split.c_pad, split.s_pad) == (num_classes, n_subclasses))
-    name = config_class(c_block * split.s_pad)
-    if _interpreting():  # the autotuner times configs on a GPU; the interpreter takes the first one
-        cfg = CONFIGS[name][0]
-        grid = (triton.cdiv(n, cfg.block_n) * groups,)
-        lelp_targets_kernel[grid](*args, **constexprs, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+    p = plan(d, num_classes, n_subclasses, embeddings.dtype, with_head)
+    cfg = p.config
+    if p.kernel == "lelp_targets_resident_kernel":
+        grid = (row_programs(triton.cdiv(n, cfg.block_n), embeddings.device) * p.groups,)
+        lelp_targets_resident_kernel[grid](*args, **p.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif _interpreting():  # the autotuner times configs on a GPU; the interpreter takes the first one
+        grid = (row_programs(triton.cdiv(n, cfg.block_n), embeddings.device) * p.groups,)
+        lelp_targets_kernel[grid](*args, **p.constexprs)
     else:
-        _autotuned[name][lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * groups,)](*args, **constexprs)
+        tuned = {k: v for k, v in p.constexprs.items() if k not in ("BLOCK_N", "BLOCK_D")}
+        tuner = _autotuned[config_class(p.constexprs["C_BLOCK"] * p.constexprs["S_PAD"], embeddings.dtype)]
+        grid = lambda meta: (row_programs(triton.cdiv(n, meta["BLOCK_N"]), embeddings.device) * p.groups,)  # noqa: E731
+        tuner[grid](*args, **tuned)
     return out
 
 
-# The padded grids each config list is compiled at: its widest program (registers, shared memory
-# and spills grow with the columns) with a head (C <= 16), and for "mid" also one of several class
-# groups with given logits (512 classes: the chunked class logsumexp, group offsets).
-VARIANT_GRIDS = {"narrow": [(4, 16)], "mid": [(8, 16), (512, 1)]}
+# The padded grids each streaming config list is compiled at: its widest program (registers,
+# shared memory and spills grow with the columns) with a head (C <= 16), and for "mid" also one of
+# several class groups with given logits (512 classes: the chunked class logsumexp, group offsets).
+VARIANT_GRIDS = {"narrow": [(4, 16)], "mid": [(16, 8), (512, 1)], "mid_fp32": [(16, 8), (512, 1)]}
+# The resident form at the widest program it takes (64 columns and the head, 4 slices: d <= 256)
+# and at the deepest (12 slices, d = 768: K = 16 with the head, and with given logits).
+RESIDENT_GRIDS = [(4, 16, True, 4), (4, 4, True, 12), (4, 4, False, 12)]  # (C_PAD, S_PAD, with head, N_CHUNKS)
+
+
+def _constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg) -> dict:
+    return dict(HAS_LOGITS=has_logits, SPLIT=dtype != torch.float32,
+                PRECISION="tf32x3" if dtype == torch.float32 else "ieee", C_PAD=c_pad, S_PAD=s_pad,
+                C_BLOCK=class_block(c_pad, s_pad), EXACT=exact, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
 
 
 def _variants() -> List[dict]:
-    """Every constexpr combination ``targets_triton`` can launch, at the grids of VARIANT_GRIDS."""
+    """Every constexpr combination ``targets_triton`` can launch, at the grids of VARIANT_GRIDS and
+    RESIDENT_GRIDS; ``kernel`` names the kernel function."""
     variants = []
     for name, configs in CONFIGS.items():
         for (c_pad, s_pad), cfg in itertools.product(VARIANT_GRIDS[name], configs):
             heads = (False, True) if c_pad <= HEAD_PAD else (True,)
-            for dtype, has_logits, exact in itertools.product(_TL_DTYPES, heads, (False, True)):
-                variants.append(dict(
-                    dtype=_TL_DTYPES[dtype], config=cfg,
-                    constexprs=dict(HAS_LOGITS=has_logits, SPLIT=dtype != torch.float32,
-                                    PRECISION="tf32x3" if dtype == torch.float32 else "ieee",
-                                    C_PAD=c_pad, S_PAD=s_pad, C_BLOCK=class_block(c_pad, s_pad), EXACT=exact,
-                                    BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)))
+            dtypes = [t for t in _TL_DTYPES if name == "narrow" or (t == torch.float32) == (name == "mid_fp32")]
+            for dtype, has_logits, exact in itertools.product(dtypes, heads, (False, True)):
+                variants.append(dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg,
+                                     constexprs=_constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg)))
+    cfg = RESIDENT_CONFIG
+    for (c_pad, s_pad, with_head, chunks), dtype, exact in itertools.product(
+            RESIDENT_GRIDS, (torch.bfloat16, torch.float16), (False, True)):
+        assert is_resident(chunks * cfg.block_d, class_block(c_pad, s_pad) * s_pad, dtype, with_head)
+        variants.append(dict(kernel="lelp_targets_resident_kernel", dtype=_TL_DTYPES[dtype], config=cfg,
+                             constexprs={**_constexprs(dtype, c_pad, s_pad, not with_head, exact, cfg),
+                                         "N_CHUNKS": chunks}))
+    for (c, s), dtype, with_head in itertools.product(COST_SHAPES, (torch.bfloat16, torch.float32), (True, False)):
+        p = plan(COST_D, c, s, dtype, with_head)
+        v = dict(kernel=p.kernel, dtype=_TL_DTYPES[dtype], config=p.config, constexprs=p.constexprs)
+        if v not in variants:
+            variants.append(v)
     return variants
 
 
+# The shapes of the cost model (issue 21: targets of 4 M x 768 at K = 16 and 128), as launched.
+COST_D = 768
+COST_SHAPES = [(4, 4), (16, 8)]
 VARIANTS = _variants()
 
 
-def signature(dtype: str, out_dtype: str = "fp32") -> dict:
+def signature(dtype: str, out_dtype: str = "fp32", resident: bool = False) -> dict:
     """The kernel's argument types for ahead-of-time compilation (``triton.compile``)."""
     return {
         "h_ptr": f"*{dtype}", "stride_h": "i64", "sub_hi_ptr": f"*{dtype}", "sub_lo_ptr": f"*{dtype}",
@@ -350,6 +531,7 @@ def signature(dtype: str, out_dtype: str = "fp32") -> dict:
         "inv_beta": "fp32", "inv_tau": "fp32",
         **{name: "constexpr" for name in ("HAS_LOGITS", "SPLIT", "PRECISION", "C_PAD", "S_PAD", "C_BLOCK",
                                           "EXACT", "BLOCK_N", "BLOCK_D")},
+        **({"N_CHUNKS": "constexpr"} if resident else {}),
     }
 
 
