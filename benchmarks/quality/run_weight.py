@@ -13,6 +13,9 @@ and writes results/weight-<stage>.json.
 real: any real task's table (the fractions and students of its ``lelp-fast bench quality`` run) with KD,
 LELP at λ = 1 and at smaller λ (``--methods``), every cell written to results/weight-<dataset>.json as
 soon as it is done.
+digits-variants: issue 22's LELP variants (spectral S, GMM, entropy β, annealed β) on digits, at the default
+λ, with KD, the default and the oracle (results/variants-digits.json); real tasks: ``--stage real --tag
+variants-linear --methods KD LELP "LELP spectral S" ... oracle``; variants-summary prints them all.
 summary: every results/weight-*.json as one table: each λ minus KD and λ = 0.1 minus λ = 1, paired, with the
 95 % t-interval ("below": the interval lies under 0).
 """
@@ -70,6 +73,57 @@ def run_digits() -> dict:
             data[name] = per_seed
             print_table(name, shares(per_seed, "vanilla KD"))
     return data
+
+
+def run_digits_variants() -> dict:
+    """Issue 22's LELP variants (lelp_fast.methods.subclass_variants) on the digits protocol, at the
+    library's default λ, with KD, the default LELP and the oracle on the same seeds."""
+    from lelp_fast.methods.subclass_variants import VARIANTS
+    from lelp_fast.quality import QualityConfig, run_quality
+
+    methods = ["vanilla KD", "LELP", *VARIANTS, "oracle"]
+    data = {}
+    for task in ("digits-parity", "digits-low"):
+        for hidden in (0, 32):
+            cfg = QualityConfig(dataset=task, seeds=5, n_teachers=1, validation_fraction=0.0, student_hidden=hidden,
+                                beta=0.25, subclass_weight=None)
+            runs = run_quality(cfg, methods, progress=False)["per_seed"]
+            name = f"{task} {'linear' if hidden == 0 else 'mlp'}"
+            data[name] = {m: [seed[m]["accuracy"] for seed in runs] for m in methods}
+            print_table(name, shares(data[name], "vanilla KD"))
+    return data
+
+
+def variants_summary() -> None:
+    """Every results/variants-*.json cell: KD, the default, each variant and the oracle; each minus KD and
+    each variant minus the default, paired (mean ± sd, 95 % t-interval, wins), and the oracle's share."""
+    import glob
+
+    from lelp_fast.methods.subclass_variants import VARIANTS
+    from lelp_fast.paired import paired_interval
+
+    def text(a, b):
+        st = paired_interval(a, b)
+        lo, hi = st["interval"]
+        flag = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
+        return (f"{100 * st['mean']:+.2f} ± {100 * st['sd']:.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                f"({st['wins']}/{st['seeds']}){flag}")
+
+    for path in sorted(glob.glob(os.path.join(RESULTS, "variants-*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        for name, cell in data.get("cells", data).items():
+            m = cell.get("per_seed", cell)
+            kd = m.get("KD", m.get("vanilla KD"))
+            oracle = float(np.mean(m["oracle"]) - np.mean(kd)) if "oracle" in m else None
+            print(f"\n{name} ({os.path.basename(path)}): KD {100 * np.mean(kd):.2f} %, oracle − KD "
+                  + (f"{100 * oracle:+.2f}" if oracle is not None else "—"))
+            print("| method | minus KD | minus LELP default | oracle share |\n|---|---|---|---|")
+            for method in ["LELP", *VARIANTS, "oracle"]:
+                if method in m:
+                    share = f"{100 * (np.mean(m[method]) - np.mean(kd)) / oracle:.0f} %" if oracle else "—"
+                    vs = text(m[method], m["LELP"]) if method != "LELP" else "—"
+                    print(f"| {method} | {text(m[method], kd)} | {vs} | {share} |")
 
 
 def run_fashion(students, fraction: float, seeds: int, cache_dir) -> dict:
@@ -173,7 +227,8 @@ def summary() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("digits", "fashion", "real", "summary"), required=True)
+    parser.add_argument("--stage", choices=("digits", "digits-variants", "fashion", "real", "summary",
+                                            "variants-summary"), required=True)
     parser.add_argument("--dataset", default="fashion-mnist-coarse")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--methods", nargs="+", default=REAL_WEIGHT_METHODS)
@@ -181,14 +236,22 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--cache-dir")
+    parser.add_argument("--tag", default="weight", help="stage real writes results/<tag>-<dataset>.json")
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     if args.stage == "summary":
         summary()
         return
+    if args.stage == "variants-summary":
+        variants_summary()
+        return
+    if args.stage == "digits-variants":
+        with open(os.path.join(RESULTS, "variants-digits.json"), "w") as f:
+            json.dump(run_digits_variants(), f, indent=1)
+        return
     if args.stage == "real":
         run_real(args.dataset, args.students, args.fractions, args.seeds, args.methods, args.cache_dir,
-                 os.path.join(RESULTS, f"weight-{args.dataset}.json"))
+                 os.path.join(RESULTS, f"{args.tag}-{args.dataset}.json"))
         return
     data = run_digits() if args.stage == "digits" else run_fashion(args.students, args.fraction, args.seeds,
                                                                     args.cache_dir)
