@@ -95,35 +95,79 @@ def run_digits_variants() -> dict:
 
 
 def variants_summary() -> None:
-    """Every results/variants-*.json cell: KD, the default, each variant and the oracle; each minus KD and
-    each variant minus the default, paired (mean ± sd, 95 % t-interval, wins), and the oracle's share."""
+    """Every results/variants-*.json cell as two tables: each method minus KD (mean ± sd, seeds won) with
+    the oracle's share for the default and the GMM; each variant minus the default LELP, with its paired
+    95 % t-interval (bold where it excludes 0)."""
     import glob
 
     from lelp_fast.methods.subclass_variants import VARIANTS
     from lelp_fast.paired import paired_interval
 
-    def text(a, b):
-        st = paired_interval(a, b)
-        lo, hi = st["interval"]
-        flag = " **below**" if hi < 0 else (" **above**" if lo > 0 else "")
-        return (f"{100 * st['mean']:+.2f} ± {100 * st['sd']:.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
-                f"({st['wins']}/{st['seeds']}){flag}")
-
+    cells = []
     for path in sorted(glob.glob(os.path.join(RESULTS, "variants-*.json"))):
         with open(path) as f:
             data = json.load(f)
         for name, cell in data.get("cells", data).items():
-            m = cell.get("per_seed", cell)
-            kd = m.get("KD", m.get("vanilla KD"))
-            oracle = float(np.mean(m["oracle"]) - np.mean(kd)) if "oracle" in m else None
-            print(f"\n{name} ({os.path.basename(path)}): KD {100 * np.mean(kd):.2f} %, oracle − KD "
-                  + (f"{100 * oracle:+.2f}" if oracle is not None else "—"))
-            print("| method | minus KD | minus LELP default | oracle share |\n|---|---|---|---|")
-            for method in ["LELP", *VARIANTS, "oracle"]:
-                if method in m:
-                    share = f"{100 * (np.mean(m[method]) - np.mean(kd)) / oracle:.0f} %" if oracle else "—"
-                    vs = text(m[method], m["LELP"]) if method != "LELP" else "—"
-                    print(f"| {method} | {text(m[method], kd)} | {vs} | {share} |")
+            m = dict(cell.get("per_seed", cell))
+            m["KD"] = m.pop("vanilla KD", None) or m["KD"]
+            cells.append((name, m))
+
+    def diff(a, b):  # "below": the paired 95 % interval lies under 0 (below KD beyond noise)
+        st = paired_interval(a, b)
+        below = " **below**" if st["interval"][1] < 0 else ""
+        return f"{100 * st['mean']:+.2f} ± {100 * st['sd']:.2f} ({st['wins']}/{st['seeds']}){below}"
+
+    def interval(a, b):
+        st = paired_interval(a, b)
+        lo, hi = st["interval"]
+        text = f"{100 * st['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+        return f"**{text}**" if lo > 0 or hi < 0 else text
+
+    def share(m, method):
+        gain = float(np.mean(m["oracle"]) - np.mean(m["KD"])) if "oracle" in m else 0.0
+        if gain < 0.03 or method not in m:  # the share is quoted where the oracle is worth >= 3 points
+            return "—"
+        return f"{100 * float(np.mean(m[method]) - np.mean(m['KD'])) / gain:.0f} %"
+
+    methods = ["LELP", *VARIANTS, "oracle"]
+    print("| cell | KD (%) | " + " | ".join(methods) + " | share: default, GMM |")
+    print("|---" * (len(methods) + 3) + "|")
+    for name, m in cells:
+        cols = [diff(m[k], m["KD"]) if k in m else "not run" for k in methods]
+        print(f"| {name} | {100 * np.mean(m['KD']):.2f} | " + " | ".join(cols)
+              + f" | {share(m, 'LELP')}, {share(m, 'LELP GMM')} |")
+    print("\n| cell | " + " | ".join(f"{v} − default" for v in VARIANTS) + " |")
+    print("|---" * (len(VARIANTS) + 1) + "|")
+    for name, m in cells:
+        print(f"| {name} | " + " | ".join(interval(m[v], m["LELP"]) if v in m else "not run" for v in VARIANTS) + " |")
+
+
+def variants_diagnostics(cache_dir) -> None:
+    """What each variant chose, fitted as the runs fit it: per class S_c (spectral), β_c (entropy) and the
+    mean normalised entropy of the GMM's split over the class's own rows; the digits per seed."""
+    import torch
+
+    from lelp_fast.methods.subclass_variants import SubclassVariant, split_entropy
+    from lelp_fast.quality import REAL_TASKS
+    from lelp_fast.quality.runner import QualityConfig, _Context
+
+    def line(name, h, y, c, w, seed):
+        spectral, gmm, ent = (SubclassVariant(v, h, y, c, 4, w, seed=seed) for v in
+                              ("LELP spectral S", "LELP GMM", "LELP entropy β"))
+        e = split_entropy(gmm.project(h), 4, 1.0)
+        print(f"| {name} | {spectral.coordinates.subclass_counts.tolist()} | "
+              f"{[round(float(b), 3) for b in ent.betas]} | {[round(float(e[y == k, k].mean()), 2) for k in range(c)]} |")
+
+    print("| task | S_c (spectral, share 0.8, at most 8) | β_c (entropy 0.35) | GMM split entropy / log S |")
+    print("|---|---|---|---|")
+    for dataset in ("fashion-mnist-mixed", "fashion-mnist-coarse", "fashion-mnist-parity", "trump-tweets"):
+        t = REAL_TASKS[dataset](cache_dir) if cache_dir else REAL_TASKS[dataset]()
+        line(dataset, t.h[t.train], t.y[t.train], t.num_classes, t.head["head_weight"], 0)
+    for task in ("digits-parity", "digits-low"):
+        for seed in range(5):
+            ctx = _Context(seed, QualityConfig(dataset=task, n_teachers=1, validation_fraction=0.0))
+            line(f"{task} seed {seed}", ctx.emb[0][ctx.train], ctx.y[ctx.train], ctx.num_classes,
+                 ctx.teachers[0].head.weight.detach(), seed)
 
 
 def run_fashion(students, fraction: float, seeds: int, cache_dir) -> dict:
@@ -244,6 +288,7 @@ def main() -> None:
         return
     if args.stage == "variants-summary":
         variants_summary()
+        variants_diagnostics(args.cache_dir)
         return
     if args.stage == "digits-variants":
         with open(os.path.join(RESULTS, "variants-digits.json"), "w") as f:
