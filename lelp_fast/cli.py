@@ -609,6 +609,7 @@ def _add_capture(sub) -> None:
 
 
 def _add_bench(sub) -> None:
+    from .methods.subclass_variants import VARIANTS
     from .quality import DATASETS, METHODS, REAL_METHODS, REAL_TASKS, STUDENT_KINDS
 
     bench = sub.add_parser("bench", help="benchmarks that ship with the package (quality)")
@@ -622,9 +623,9 @@ def _add_bench(sub) -> None:
     )
     quality.add_argument("--dataset", choices=tuple(DATASETS) + tuple(REAL_TASKS), default="digits-parity",
                          help=f"real data (a CNN or WordLlama teacher, several students): {', '.join(REAL_TASKS)}")
-    quality.add_argument("--methods", nargs="+", choices=tuple(dict.fromkeys(METHODS + REAL_METHODS)),
+    quality.add_argument("--methods", nargs="+", choices=tuple(dict.fromkeys(METHODS + REAL_METHODS + VARIANTS)),
                          metavar="METHOD", help=f"rows to run (default all): {', '.join(METHODS)}; on real data: "
-                         f"{', '.join(REAL_METHODS)}")
+                         f"{', '.join(REAL_METHODS)}; issue 22's LELP variants, when named: {', '.join(VARIANTS)}")
     quality.add_argument("--seeds", type=positive_int, help="default 5")
     quality.add_argument("--subclasses", type=positive_int, help="S (default 4)")
     quality.add_argument("--beta", type=positive_float,

@@ -19,6 +19,15 @@ def test_every_method_runs_and_reports_metrics():
     assert rows["LELP tuned"]["chosen"][0].startswith("S=")
 
 
+def test_the_subclass_variants_run_on_the_toy_tasks_when_named():
+    from lelp_fast.methods.subclass_variants import VARIANTS
+
+    cfg = QualityConfig(dataset="hierarchical", seeds=1, n_teachers=1, teacher_epochs=10, student_epochs=10,
+                        subclass_weight=None)
+    rows = {r["method"]: r for r in run_quality(cfg, list(VARIANTS), progress=False)["rows"]}
+    assert all(0.0 <= rows[m]["accuracy_mean"] <= 1.0 for m in VARIANTS) and not set(VARIANTS) & set(METHODS)
+
+
 def test_hierarchical_generator_is_deterministic_and_documented_shape():
     x, y, sub = hierarchical(n=500, num_classes=3, subclasses=2, dim=7, seed=4)
     x2, y2, sub2 = hierarchical(n=500, num_classes=3, subclasses=2, dim=7, seed=4)

@@ -51,6 +51,17 @@ def test_every_method_runs_per_student_and_the_summary_is_paired():
     assert "| oracle |" in text and "wins" in text
 
 
+def test_the_subclass_variants_run_when_named_and_not_by_default():
+    from lelp_fast.methods.subclass_variants import VARIANTS
+
+    task = small_task()
+    cfg = real_config("fashion-mnist-coarse", fractions=(0.2,), seeds=1, steps=4, tune_subclasses=(2,))
+    methods = ["KD", "LELP", *VARIANTS]
+    cell = run_cell(task, "linear", 0.2, cfg, methods, real_runner._fits(task, cfg, methods), progress=False)
+    assert set(cell["per_seed"]) == set(methods) and all(0.0 <= v[0] <= 1.0 for v in cell["per_seed"].values())
+    assert not set(VARIANTS) & set(REAL_METHODS)
+
+
 def test_the_gpu_preset_runs_its_cnn_student_and_tau_grid_on_any_device():
     task = small_task()
     cfg = real_config("fashion-mnist-coarse", "gpu", device="cpu", steps=4, seeds=1, fractions=(0.2,),

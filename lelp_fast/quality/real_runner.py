@@ -22,6 +22,7 @@ from torch import nn
 from ..loss import LELPLoss
 from ..methods import AnnealingKD, KDLoss, KMeansSubclasses, RandomProjectionSubclasses, oracle_coordinates
 from ..methods import subclass_log_targets
+from ..methods.subclass_variants import VARIANTS, SubclassVariant
 from ..projector import DEFAULT_BETA, LELPProjector
 from ..reference import class_logits, resolve_subclass_weight
 from .real_data import DEFAULT_CACHE, REAL_TASKS, RealTask
@@ -35,6 +36,8 @@ REAL_METHODS = ("hard labels", "KD", "annealing KD", "LELP", "LELP tuned", "LELP
 # "LELP λ=w": the default targets with the subclass part of the KL weighted by w (1: LELP). λ = 0 is
 # KD's class-level loss on the C·S-output student pooled by logsumexp: the control that separates
 # what the subclass targets add from what the pooled architecture adds.
+# VARIANTS (methods.subclass_variants, issue 22): the default's S, β, τ and λ, each with one change; they
+# run when named, not by default.
 SUBCLASS_WEIGHTS = {"LELP λ=1": 1.0, "LELP λ=0.5": 0.5, "LELP λ=0.25": 0.25, "LELP λ=0.1": 0.1, "LELP λ=0 (pooled KD)": 0.0}
 STUDENT_KINDS = ("linear", "mlp", "cnn")
 
@@ -174,6 +177,20 @@ class Cell:
         u = self.fits[(name, s)].project(self.task.h)
         return self.subclass_targets(seed, rows, subclass_log_targets(u, self.task.z, s, cfg.beta, cfg.tau), s, cfg.tau)
 
+    def subclass_variant(self, seed, rows, name: str):
+        """One of ``VARIANTS`` at the "LELP" row's λ; its targets are made per batch (β may change by step)."""
+        cfg, c = self.cfg, self.task.num_classes
+        variant = self.fits[(name, cfg.n_subclasses)]
+        u, z = variant.project(self.task.h), self.task.z
+        loss = LELPLoss(num_classes=c, n_subclasses=variant.n_subclasses, tau=cfg.tau,
+                        subclass_weight=cfg.subclass_weight)
+
+        def loss_fn(out, i, step):
+            i = i.cpu()
+            return loss(out, variant.log_targets(u[i], z[i], step, cfg.steps, cfg.beta, cfg.tau).to(out.device))
+
+        return self.train(seed, rows, c * variant.n_subclasses, loss_fn), cfg.tau
+
     def oracle(self, seed, rows):
         t, cfg = self.task, self.cfg
         u = oracle_coordinates(t.sub, t.y, t.num_classes, t.hidden_subclasses)
@@ -192,6 +209,10 @@ def _fits(task: RealTask, cfg: RealQualityConfig, methods: Sequence[str]) -> Dic
         fits[("random projections", cfg.n_subclasses)] = RandomProjectionSubclasses(cfg.n_subclasses).fit(h, y, c)
     if "k-means" in methods:
         fits[("k-means", cfg.n_subclasses)] = KMeansSubclasses(cfg.n_subclasses).fit(h, y, c)
+    for name in VARIANTS:
+        if name in methods:
+            fits[(name, cfg.n_subclasses)] = SubclassVariant(name, h, y, c, cfg.n_subclasses,
+                                                             task.head["head_weight"])
     return fits
 
 
@@ -257,7 +278,9 @@ def _run_method(cell: Cell, method: str, seed: int, rows: torch.Tensor, tuned: D
         return cell.variant(seed, rows, method)
     if method == "oracle":
         return cell.oracle(seed, rows)
-    raise ValueError(f"unknown method {method!r}; choose from {REAL_METHODS}")
+    if method in VARIANTS:
+        return cell.subclass_variant(seed, rows, method)
+    raise ValueError(f"unknown method {method!r}; choose from {REAL_METHODS + VARIANTS}")
 
 
 def paired_summary(per_seed: Dict[str, List[float]], baseline: str = "KD") -> Dict[str, Dict]:

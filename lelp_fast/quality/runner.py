@@ -22,6 +22,7 @@ from ..methods import (AnnealingKD, InstanceTeacherWeights, KDLoss, KMeansSubcla
                        ReinforcedTeacherSelector, fixed_weights, oracle_coordinates, subclass_log_targets,
                        uniform_weights)
 from ..methods.multi_teacher import per_row_ce
+from ..methods.subclass_variants import VARIANTS, SubclassVariant
 from ..metrics import agreement, predictive_kl
 from ..ops import distill_loss
 from ..projector import LELPProjector
@@ -34,6 +35,7 @@ METHODS = (
     "random projections", "k-means", "oracle", "multi-teacher uniform", "multi-teacher fixed",
     "multi-teacher AMTML", "multi-teacher RL",
 )
+# Issue 22's LELP variants run when named (``--methods "LELP GMM"``), not by default: none is a default.
 TUNING_GRID = [(s, b) for s in (2, 4, 8) for b in (0.5, 1.0, 2.0)]
 
 
@@ -143,6 +145,21 @@ def _variant(ctx: _Context, maker) -> torch.nn.Module:
     return _distil(ctx, subclass_log_targets(u, ctx.logits[0][rows], s, ctx.cfg.beta, ctx.cfg.tau), s)
 
 
+def _subclass_variant(ctx: _Context, name: str):
+    """One of issue 22's ``VARIANTS`` at the LELP row's λ; targets per step (β may change by step)."""
+    cfg, rows, head = ctx.cfg, ctx.student_rows, ctx.teachers[0].head
+    variant = SubclassVariant(name, ctx.emb[0][ctx.train], ctx.y[ctx.train], ctx.num_classes, cfg.n_subclasses,
+                              head.weight.detach(), seed=ctx.seed)
+    u, z = variant.project(ctx.emb[0][rows]), ctx.logits[0][rows]
+    student = _student(ctx, ctx.num_classes * variant.n_subclasses)
+    loss = LELPLoss(num_classes=ctx.num_classes, n_subclasses=variant.n_subclasses, tau=cfg.tau,
+                    subclass_weight=cfg.subclass_weight)
+    _train(student, ctx.x[rows],
+           lambda out, step: loss(out, variant.log_targets(u, z, step, cfg.student_epochs, cfg.beta, cfg.tau)),
+           cfg.student_epochs)
+    return student
+
+
 def _multi_teacher_targets(ctx: _Context):
     rows = ctx.student_rows
     projectors = [ctx.projector(m) for m in range(ctx.cfg.n_teachers)]
@@ -186,10 +203,12 @@ def run_method(ctx: _Context, method: str):
         h = ctx.hidden_subclasses
         u = oracle_coordinates(ctx.sub[rows], ys, c, h)
         student = _distil(ctx, subclass_log_targets(u, ctx.logits[0][rows], h, cfg.beta, cfg.tau), h)
+    elif method in VARIANTS:
+        student = _subclass_variant(ctx, method)
     elif method.startswith("multi-teacher"):
         student = _multi_teacher(ctx, method.split()[-1])
     else:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS + VARIANTS}")
     return student, {}
 
 
@@ -230,11 +249,12 @@ def _multi_teacher(ctx: _Context, kind: str):
 
 
 def checked_methods(methods: Optional[Sequence[str]], known: Sequence[str]) -> List[str]:
-    """``methods`` as a list (all of ``known`` when None); an unknown name is a one-line error."""
+    """``methods`` as a list (all of ``known`` when None; issue 22's ``VARIANTS`` only when named); an
+    unknown name is a one-line error."""
     methods = list(known if methods is None else methods)
     for method in methods:
-        if method not in known:
-            raise ValueError(f"unknown method {method!r}; choose from {tuple(known)}")
+        if method not in known and method not in VARIANTS:
+            raise ValueError(f"unknown method {method!r}; choose from {tuple(known) + VARIANTS}")
     return methods
 
 
