@@ -11,7 +11,11 @@ reduction's scale (``scale_ptr``: 1/rows for the mean), so no N x K pass follows
 Exponentials and logarithms are ``exp2``/``log2`` (one MUFU op each) on inputs scaled once by
 log2(e)/τ; a plain KL row costs two ``exp2`` per element (the student's softmax and the
 teacher's probabilities) and one ``log2`` per row (its log-partition; the KL is summed as
-``Σ t (log t - v ln 2) + log Z · Σ t`` with ``v = (s - max s) log2(e)/τ``).
+``Σ t (log t - v ln 2) + log Z · Σ t`` with ``v = (s - max s) log2(e)/τ``). The hard-label term
+(α ≠ 0, ``HARD``) reuses the softmax's exponentials, taken against the labelled class's own max
+inside that class: at τ = 1 they are its exp(s - max), at τ = 2 their squares; any other τ takes
+one more ``exp2`` per element. One pass either way; the class log-sum-exp comes from the same
+exponentials summed per class, so it never underflows against the row max.
 
 Rows are whole in registers. K = C·S, S and the block's column pieces are compile-time
 constants: the first piece is BLOCK_K columns (a power of two), an optional second piece the
@@ -61,10 +65,11 @@ def block_shape(k: int, divergence: int = 0, has_labels: bool = False):
     BLOCK_K2 = BLOCK_K/4 or BLOCK_K/2 columns after it (K = 40: 32 + 8; 36: 32 + 8, 4 padded; 48:
     32 + 16); otherwise (and below 8 columns) one piece of next_pow2(K). Two sizes of second piece,
     not every power of two: each is one more shape to compile (``VARIANTS``). 4 warps. Rows: the
-    plain KL step holds 1.25 x ELEMENTS_PER_PROGRAM elements rounded down to a power of two of
-    rows (ELEMENTS_PER_PROGRAM // BLOCK_K for one piece and for 32 + 8; 128 + 64 at 24 values per
-    thread spilled on sm_80); the other divergences and the hard-label term, with more live
-    arrays, half as many (at 16 values per thread JS, TVD and KL with labels spilled 8-16 B under
+    KL step (with or without the hard-label term) holds 1.25 x ELEMENTS_PER_PROGRAM elements
+    rounded down to a power of two of rows (ELEMENTS_PER_PROGRAM // BLOCK_K for one piece and for
+    32 + 8), and with a half-width second piece (``_half_piece``) 1024 / BLOCK_K2 rows, so that
+    its chunks fill the 128 threads (24 values per thread); the other divergences, with more live
+    arrays, half as many (at 16 values per thread JS and TVD with labels spilled 8-16 B under
     Triton 3.6 or on sm_80)."""
     k1 = _prev_pow2(max(2, k))
     if k == k1 or k1 < 8 or k - k1 > k1 // 2:
@@ -73,7 +78,18 @@ def block_shape(k: int, divergence: int = 0, has_labels: bool = False):
         block_k, block_k2 = k1, max(k1 // 4, triton.next_power_of_2(k - k1))
     elements = ELEMENTS_PER_PROGRAM if _plain(divergence, has_labels) else ELEMENTS_PER_PROGRAM // 2
     block_n = min(_prev_pow2(elements * 5 // 4 // (block_k + block_k2)), MAX_ROWS_PER_PROGRAM)
+    if _half_piece(block_k, block_k2, divergence):
+        block_n = min(8 * 32 * 4 // block_k2, MAX_ROWS_PER_PROGRAM)
     return block_n, block_k, block_k2, 4
+
+
+def _half_piece(block_k: int, block_k2: int, divergence: int) -> bool:
+    """A KL row of a power of two and a half (K = 24, 48, 96, 192, 384): held as chunks of
+    BLOCK_K2 columns (8 bf16 or 2 x 4 fp32 per thread and chunk: 24 values of a row per thread), so
+    both pieces have the same layout. As (BLOCK_N, W) pieces their rows fell in different threads
+    and Triton 3.9 recomputed the first piece's exponentials in the second's layout (3.33 MUFU
+    and 38 instructions per bf16 element at K = 48, 42 at K = 384)."""
+    return _plain(divergence, False) and block_k2 >= 8 and block_k2 * 2 == block_k
 
 
 def hard_mode(alpha: float, tau: float, has_labels: bool) -> int:
@@ -105,10 +121,16 @@ def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0, has_
     so that each thread holds up to 16 elements of one row in 16-byte vectors and a row of W >= 16
     columns is shared by W/16 threads. As (BLOCK_N, W), 16-byte vectors spread a row over
     W·itemsize/16 threads: 32 for fp32 at K = 128, whose five shuffle levels per row reduction (four
-    reductions) cost 10 of the 42 instructions per element the cost model read. Two pieces stay
-    (BLOCK_N, W) (J = 1): chunked, their rows fell in different threads and the compiler recomputed
-    exponentials in the other piece's layout (3.6 MUFU per element at K = 40, bf16). Only the plain
-    KL step is chunked: JS with labels, chunked, spilled 8 B on sm_80 (ptxas kept to 80 registers)."""
+    reductions) cost 10 of the 42 instructions per element the cost model read. Two pieces with a
+    quarter-width second piece stay (BLOCK_N, W) (J = 1): chunked, their rows fell in different
+    threads and the compiler recomputed exponentials in the other piece's layout (3.6 MUFU per
+    element at K = 40, bf16); a half-width second piece is chunked in chunks of its own width
+    (``_half_piece``), which gives both pieces one layout. Only the KL step (with or without the
+    hard-label term) is chunked: JS with labels, chunked, spilled 8 B on sm_80 (ptxas kept to 80
+    registers)."""
+    if _half_piece(block_k, block_k2, divergence):
+        j2 = max(1, itemsize // 2)
+        return 2 * j2, j2
     if block_k2 or not _plain(divergence, has_labels):
         return 1, 1
     return max(1, min(block_k, 16) * itemsize // 16), 1
@@ -480,35 +502,39 @@ def scale_unless_one(x, scale):
 # KL (no weights, no labels: the distillation step the cost model of docs/benchmarks.md reads) at
 # K = 16 and 128, and every other block shape block_shape gives for K = 2 .. 512 (the flags are
 # what changes the code; each dtype's chunking, chunk_constexprs, comes with the dtype compiled).
+# With labels, the hard-label term at any τ (HARD = 3: the most live values); KL with it at τ = 1
+# (HARD = 1) at the cost model's K, and at τ = 2 at K = 128 (the gates of tests/test_triton_aot.py).
 FULL_SHAPES = [(40, 20), (512, 32)]
 DIVERGENCE_SHAPES = [(2, 1), (128, 16), (200, 8)]
 COST_SHAPES = [(16, 8), (128, 16)]
 # The K of the cost model's table (docs/benchmarks.md) and of its gate (tests/test_triton_aot.py)
 COST_KS = (16, 40, 128, 512)
+HARD_SHAPES = {1: [(16, 8), (40, 20), (128, 16), (512, 32)], 2: [(128, 16)]}
 
 
 def _variants() -> List[dict]:
-    combos = [(shape, div, has_w, has_y) for shape, div, has_w, has_y
+    combos = [(shape, div, has_w, has_y, 3 * has_y) for shape, div, has_w, has_y
               in itertools.product(FULL_SHAPES, range(5), (False, True), (False, True))]
-    combos += [(shape, div, False, True) for shape, div in itertools.product(DIVERGENCE_SHAPES, range(5))]
-    combos += [(shape, 0, False, False) for shape in COST_SHAPES]
+    combos += [(shape, div, False, True, 3) for shape, div in itertools.product(DIVERGENCE_SHAPES, range(5))]
+    combos += [(shape, 0, False, False, 0) for shape in COST_SHAPES]
+    combos += [(shape, 0, False, True, hard) for hard, shapes in HARD_SHAPES.items() for shape in shapes]
     # every other block shape for K = 2 .. 512: as the plain step (KL, chunked rows) and as JS with
     # labels (the most live arrays; the other divergences and flags share its shape)
     # (the K of each that has the most aligned rows: 20 for 16 + 4 columns, not 17)
-    covered = {(block_shape(k, div, has_y), _plain(div, has_y)) for (k, _), div, _, has_y in combos}
+    covered = {(block_shape(k, div, has_y), _plain(div, has_y)) for (k, _), div, _, has_y, _ in combos}
     for div, has_y in ((0, False), (2, True)):
         best = {}
         for k in range(2, limits.MAX_LOSS_K + 1):
             key = (block_shape(k, div, has_y), _plain(div, has_y))
             if key not in covered and (k & -k) > (best.get(key, 0) & -best.get(key, 0)):
                 best[key] = k
-        combos += [((k, 1), div, False, has_y) for k in sorted(best.values())]
+        combos += [((k, 1), div, False, has_y, 3 * has_y) for k in sorted(best.values())]
     variants = []
-    for (k, s), div, has_w, has_y in combos:
+    for (k, s), div, has_w, has_y, hard in combos:
         block_n, block_k, block_k2, num_warps = block_shape(k, div, has_y)
         variants.append(dict(num_warps=num_warps, constexprs=dict(
-            K=k, S=s, DIVERGENCE=div, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=3 if has_y else 0, BLOCK_N=block_n, BLOCK_K=block_k,
-            BLOCK_K2=block_k2)))
+            K=k, S=s, DIVERGENCE=div, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=hard, BLOCK_N=block_n,
+            BLOCK_K=block_k, BLOCK_K2=block_k2)))
     return variants
 
 
