@@ -100,11 +100,12 @@ def test_triton_multi_teacher_and_huge_logits():
 
 
 @pytest.mark.parametrize("divergence", ["kl", "js", "mse"])
-@pytest.mark.parametrize("k_shape", [(3, 3), (11, 1), (3, 8), (5, 8), (6, 8), (2, 100), (4, 81)])
+@pytest.mark.parametrize("k_shape", [(3, 3), (11, 1), (3, 8), (5, 8), (6, 8), (2, 100), (4, 81), (3, 7), (5, 9)])
 def test_triton_loss_column_pieces(divergence, k_shape):
     """Rows that are not a power of two wide are one piece of a power of two and a second of a quarter
     or a half of it (K = 9: 8 + 2, 11: 8 + 4, 24: 16 + 8, 40: 32 + 8, 48: 32 + 16, 324: 256 + 128 with
-    60 columns masked; 200 is one piece of 256), with the hard-label term and an ignored row."""
+    60 columns masked; 200 is one piece of 256; odd K = 21 and 45 in the chunked layout of a
+    half-width piece: 16 + 8 and 32 + 16, masked), with the hard-label term and an ignored row."""
     num_classes, s = k_shape
     student, log_t, labels = make_inputs(19, num_classes, s, seed=num_classes * s)
     labels[2] = -100
