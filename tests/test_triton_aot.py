@@ -135,8 +135,8 @@ def test_every_launch_configuration_is_a_case():
         widest = max(k for k in widths if targets_kernels.config_class(k) == name)
         for cfg in configs:
             assert (widest, cfg) in compiled, f"targets config {cfg} is never compiled at {widest} columns"
-    def plain(c):  # the plain KL step has its own block shapes and chunked rows
-        return c["DIVERGENCE"] == 0 and not c["HAS_LABELS"]
+    def plain(c):  # the KL step (with or without labels) has its own block shapes and chunked rows
+        return loss_kernels._plain(c["DIVERGENCE"], c["HAS_LABELS"])
 
     loss_shapes = {tuple(v["constexprs"][name] for name in ("BLOCK_N", "BLOCK_K", "BLOCK_K2")) + (v["num_warps"],
                    plain(v["constexprs"])) for v in loss_kernels.VARIANTS}

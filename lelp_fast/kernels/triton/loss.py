@@ -560,6 +560,6 @@ def signature(dtype: str, target_dtype: str) -> dict:
         "s_ptr": f"*{dtype}", "t_ptr": f"*{target_dtype}", "w_ptr": "*fp32", "y_ptr": "*i64", "scale_ptr": "*fp32",
         "loss_ptr": "*fp32", "hard_ptr": "*fp32", "grad_ptr": f"*{dtype}", "N": "i32", "M": "i32", "jsd_beta": "fp32",
         "tau": "fp32", "alpha": "fp32", "ignore_index": "i32",
-        **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "HARD", "BLOCK_N", "BLOCK_K",
-                                          "BLOCK_K2", "J1", "J2", "ROW_AXIS")},
+        **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "HARD", "BLOCK_N",
+                                          "BLOCK_K", "BLOCK_K2", "J1", "J2", "ROW_AXIS")},
     }
