@@ -55,7 +55,8 @@ def _prev_pow2(x: int) -> int:
 
 
 def _plain(divergence: int, has_labels: bool) -> bool:
-    """The distillation step the cost model gates (KL, no hard-label term): chunked rows, full tiles."""
+    """The KL step, with or without the hard-label term (``has_labels`` no longer changes it):
+    chunked rows, full tiles. The other divergences hold half as many rows, unchunked."""
     return divergence == 0
 
 
