@@ -511,9 +511,6 @@ COST_SHAPES = [(16, 8), (128, 16)]
 # The K of the cost model's table (docs/benchmarks.md) and of its gate (tests/test_triton_aot.py)
 COST_KS = (16, 40, 128, 512)
 HARD_SHAPES = {1: [(16, 8), (40, 20), (128, 16), (512, 32)], 2: [(128, 16)]}
-# An odd K (rows not 16-byte aligned: scalar loads, the most registers: 152 at K = 41 with labels,
-# one class per column), KL with the hard-label term at any τ, for the spill and shared-memory gates
-ODD_SHAPES = [(41, 1)]
 
 
 def _variants() -> List[dict]:
@@ -533,7 +530,6 @@ def _variants() -> List[dict]:
             if key not in covered and (k & -k) > (best.get(key, 0) & -best.get(key, 0)):
                 best[key] = k
         combos += [((k, 1), div, False, has_y, 3 * has_y) for k in sorted(best.values())]
-    combos += [(shape, 0, False, True, 3) for shape in ODD_SHAPES]  # after: its block shape is K = 48's
     variants = []
     for (k, s), div, has_w, has_y, hard in combos:
         block_n, block_k, block_k2, num_warps = block_shape(k, div, has_y)
