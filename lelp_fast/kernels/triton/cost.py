@@ -4,8 +4,8 @@ element from its SASS (``aot.kernel_facts``), global-memory bytes per element fr
 under a dispatch mode), held against budgets derived from the H100/H200 bandwidth and issue rate.
 
 Modelled, not measured: the static SASS count is what each thread issues once (the kernel is
-straight-line code apart from the M-teacher loop and the alpha != 0 branch), and the device
-figures are datasheet leads. docs/benchmarks.md quotes the table ``python -m
+straight-line code apart from the M-teacher loop; the hard-label term is a compile-time
+variant, ``HARD``), and the device figures are datasheet leads. docs/benchmarks.md quotes the table ``python -m
 lelp_fast.kernels.triton.cost FACTS.json`` prints from ``aot``'s facts.
 """
 
