@@ -146,11 +146,12 @@ def test_triton_multi_teacher_and_huge_logits():
 
 
 @pytest.mark.parametrize("divergence", ["kl", "js", "mse"])
-@pytest.mark.parametrize("k_shape", [(3, 3), (11, 1), (3, 8), (5, 8), (6, 8), (2, 100), (4, 81)])
+@pytest.mark.parametrize("k_shape", [(3, 3), (11, 1), (3, 8), (5, 8), (6, 8), (2, 100), (4, 81), (3, 7), (5, 9)])
 def test_triton_loss_column_pieces(divergence, k_shape):
     """Rows that are not a power of two wide are one piece of a power of two and a second of a quarter
     or a half of it (K = 9: 8 + 2, 11: 8 + 4, 24: 16 + 8, 40: 32 + 8, 48: 32 + 16, 324: 256 + 128 with
-    60 columns masked; 200 is one piece of 256), with the hard-label term and an ignored row."""
+    60 columns masked; 200 is one piece of 256; odd K = 21 and 45 in the chunked layout of a
+    half-width piece: 16 + 8 and 32 + 16, masked), with the hard-label term and an ignored row."""
     num_classes, s = k_shape
     student, log_t, labels = make_inputs(19, num_classes, s, seed=num_classes * s)
     labels[2] = -100
@@ -281,6 +282,53 @@ def test_triton_nan_input_never_gives_a_finite_loss(divergence, where):
 @pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")
 def test_triton_nan_teacher_weight_never_gives_a_finite_loss():
     test_ops_loss.test_nan_teacher_weight_never_gives_a_finite_loss("triton")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tau", [1.0, 2.0, 0.7])
+@pytest.mark.parametrize("shape", [(70, 2, 64), (21, 5, 8)])
+def test_triton_kl_alpha_paths(dtype, tau, shape):
+    """The hard-label term from the softmax's own exponentials (HARD = 1 at τ = 1, 2 at τ = 2, 3
+    otherwise; one piece and two), with the labelled class 400 and 100 below the row max (against
+    its own max, its sum never underflows), a target with zeros and an ignored row."""
+    test_ops_loss.test_kl_alpha_paths_match_reference("triton", dtype, tau, shape)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")
+def test_triton_hard_label_far_below_the_max():
+    test_ops_loss.test_hard_label_term_when_the_true_class_is_far_below_the_max("triton")
+
+
+@pytest.mark.parametrize("divergence", ["kl", "js"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_triton_hard_term_with_a_class_as_ignore_index_and_nan(divergence, tau):
+    """ignore_index may be a class (here 1): its rows are left out, not given a class-1 hard term;
+    a NaN student logit in a kept row makes that row's loss and gradient NaN."""
+    student, log_t, labels = make_inputs(12, 3, 4, seed=21)
+    labels[:4] = torch.tensor([1, 0, 2, 1])
+    kw = dict(num_classes=3, n_subclasses=4, tau=tau, alpha=0.5, ignore_index=1, reduction="none")
+    x = student.float().to(DEVICE).requires_grad_(True)
+    loss = distill_loss(x, log_t.float().to(DEVICE), labels.to(DEVICE), divergence=divergence, backend="triton", **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    want, want_grad = reference_loss_and_grad(x.detach().cpu(), log_t.float(), labels,
+                                              divergence_kind=divergence, **kw)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(loss.detach().cpu().double(), want, atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, atol=atol * 2, rtol=rtol * 10)
+    student[2, 5] = float("nan")
+    x = student.float().to(DEVICE).requires_grad_(True)
+    loss = distill_loss(x, log_t.float().to(DEVICE), labels.to(DEVICE), divergence=divergence, backend="triton",
+                        check_inputs=False, **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all() and torch.isfinite(loss[[0, 1, 3]]).all()
+
+
+def test_triton_hard_mode_follows_alpha_and_tau():
+    from lelp_fast.kernels.triton.loss import hard_mode
+
+    assert [hard_mode(0.0, 1.0, True), hard_mode(0.3, 1.0, False)] == [0, 0]
+    assert [hard_mode(0.3, 1.0, True), hard_mode(0.3, 2.0, True), hard_mode(0.3, 1.5, True)] == [1, 2, 3]
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the shared tests build CPU tensors")

@@ -4,8 +4,8 @@ element from its SASS (``aot.kernel_facts``), global-memory bytes per element fr
 under a dispatch mode), held against budgets derived from the H100/H200 bandwidth and issue rate.
 
 Modelled, not measured: the static SASS count is what each thread issues once (the kernel is
-straight-line code apart from the M-teacher loop and the alpha != 0 branch), and the device
-figures are datasheet leads. docs/benchmarks.md quotes the table ``python -m
+straight-line code apart from the M-teacher loop; the hard-label term is a compile-time
+variant, ``HARD``), and the device figures are datasheet leads. docs/benchmarks.md quotes the table ``python -m
 lelp_fast.kernels.triton.cost FACTS.json`` prints from ``aot``'s facts.
 """
 
@@ -32,6 +32,11 @@ BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 # (37 instructions, 4.6 MUFU per element) up to rounding, with room for the per-row work.
 MAX_INSTRUCTIONS_PER_ELEMENT = 40
 MAX_MUFU_PER_ELEMENT = 3
+# With the hard-label term (issue 21's bound on every loss kernel): modelled time over the floor on
+# both devices; at τ other than 1 and 2 three exponentials per element (s/τ, t, s) are the
+# minimum, and the per-row ones (the class share, log Z) come on top: 0.06-0.12 per element.
+MAX_LOSS_OVER_FLOOR = 1.5
+MAX_MUFU_PER_ELEMENT_ANY_TAU = 3.25
 
 
 def budgets(floor_bytes: float) -> Dict[str, Dict[str, float]]:
@@ -118,31 +123,48 @@ def loss_step_bytes(dtype: torch.dtype, n: int = 64, num_classes: int = 5, n_sub
     return step_bytes_per_element(step, n, k)
 
 
+# The hard-label term of a loss variant (the kernel's HARD), as docs/benchmarks.md names it
+HARD_NAMES = {0: "no", 1: "τ = 1", 2: "τ = 2", 3: "other τ"}
+
+
+def gated(constexprs: dict) -> bool:
+    """The KL variants without teacher weights that the table shows and tests/test_triton_aot.py
+    holds to the budgets: with the hard-label term at the cost model's K; without it at every
+    compiled K >= 16 whose rows take 16-byte vectors (K a multiple of 8)."""
+    from . import loss
+
+    c = constexprs
+    if c["DIVERGENCE"] != 0 or c["HAS_WEIGHTS"] or c["K"] < 16 or c["K"] % 8:
+        return False
+    return c["HARD"] > 0 and c["K"] in loss.COST_KS if c["HAS_LABELS"] else True
+
+
 def loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
-    """The Markdown table of docs/benchmarks.md from ``aot``'s facts: the KL loss variants at K >= 16
-    without teacher weights, without labels (alpha = 0) and with them (the alpha != 0 branch counted)."""
+    """The Markdown table of docs/benchmarks.md from ``aot``'s facts: the ``gated`` KL loss variants,
+    without the hard-label term and with it (by the τ the kernel is specialised for)."""
     from . import loss
 
     with open(facts_json) as f:
         facts = json.load(f)
-    lines = ["| Triton | arch | dtype | K | labels | BLOCK_N x BLOCK_K, warps | SASS / element "
+    lines = ["| Triton | arch | dtype | K | α term | BLOCK_N x BLOCK_K, warps | SASS / element "
              "| MUFU.EX2+LG2 / element | bytes / element (floor) | modelled / floor H100 | H200 |", "|" + "---|" * 11]
+    rows = []
     for row in facts["cases"]:
         op, i, arch, dts = row["case"]
-        if op != "loss" or row["error"]:
+        if op != "loss" or row["error"] or not gated(loss.VARIANTS[i]["constexprs"]):
             continue
         v = loss.VARIANTS[i]
         c = v["constexprs"]
-        if c["DIVERGENCE"] != 0 or c["HAS_WEIGHTS"] or c["K"] not in loss.COST_KS:
-            continue
+        hard = c["HARD"] if c["HAS_LABELS"] else 0
         e = per_element(row["facts"], c["BLOCK_N"], c["K"], v["num_warps"])
         moved, floor = (bytes_bf16, 6) if dts[0] == "bf16" else (bytes_fp32, 12)
         ratios = [modelled_ratio(e["instructions"], e["mufu"], moved, floor, d) for d in ("H100", "H200")]
         columns = f"({c['BLOCK_K']} + {c['BLOCK_K2']})" if c.get("BLOCK_K2") else f"{c['BLOCK_K']}"
-        lines.append(f"| {facts['triton']} | sm_{arch} | {dts[0]} | {c['K']} | {'yes' if c['HAS_LABELS'] else 'no'} "
-                     f"| {c['BLOCK_N']} x {columns}, "
-                     f"{v['num_warps']} | {e['instructions']:.0f} | {e['mufu']:.2f} | {moved:.0f} ({floor}) | "
-                     f"{ratios[0]:.2f} | {ratios[1]:.2f} |")
+        rows.append(((hard > 0, c["K"], hard, arch, dts[0]),
+                     f"| {facts['triton']} | sm_{arch} | {dts[0]} | {c['K']} | {HARD_NAMES[hard]} "
+                     f"| {c['BLOCK_N']} x {columns}, {v['num_warps']} | {e['instructions']:.0f} | {e['mufu']:.2f} "
+                     f"| {moved:.0f} ({floor}) | {ratios[0]:.2f} | {ratios[1]:.2f} |"))
+    lines += [line for _, line in sorted(rows)]
     return "\n".join(lines)
 
 

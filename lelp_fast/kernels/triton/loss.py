@@ -11,7 +11,11 @@ reduction's scale (``scale_ptr``: 1/rows for the mean), so no N x K pass follows
 Exponentials and logarithms are ``exp2``/``log2`` (one MUFU op each) on inputs scaled once by
 log2(e)/τ; a plain KL row costs two ``exp2`` per element (the student's softmax and the
 teacher's probabilities) and one ``log2`` per row (its log-partition; the KL is summed as
-``Σ t (log t - v ln 2) + log Z · Σ t`` with ``v = (s - max s) log2(e)/τ``).
+``Σ t (log t - v ln 2) + log Z · Σ t`` with ``v = (s - max s) log2(e)/τ``). The hard-label term
+(α ≠ 0, ``HARD``) reuses the softmax's exponentials, taken against the labelled class's own max
+inside that class: at τ = 1 they are its exp(s - max), at τ = 2 their squares; any other τ takes
+one more ``exp2`` per element. One pass either way; the class log-sum-exp comes from the same
+exponentials summed per class, so it never underflows against the row max.
 
 Rows are whole in registers. K = C·S, S and the block's column pieces are compile-time
 constants: the first piece is BLOCK_K columns (a power of two), an optional second piece the
@@ -51,8 +55,9 @@ def _prev_pow2(x: int) -> int:
 
 
 def _plain(divergence: int, has_labels: bool) -> bool:
-    """The distillation step the cost model gates (KL, no hard-label term): chunked rows, full tiles."""
-    return divergence == 0 and not has_labels
+    """The KL step, with or without the hard-label term (``has_labels`` no longer changes it):
+    chunked rows, full tiles. The other divergences hold half as many rows, unchunked."""
+    return divergence == 0
 
 
 def block_shape(k: int, divergence: int = 0, has_labels: bool = False):
@@ -61,10 +66,11 @@ def block_shape(k: int, divergence: int = 0, has_labels: bool = False):
     BLOCK_K2 = BLOCK_K/4 or BLOCK_K/2 columns after it (K = 40: 32 + 8; 36: 32 + 8, 4 padded; 48:
     32 + 16); otherwise (and below 8 columns) one piece of next_pow2(K). Two sizes of second piece,
     not every power of two: each is one more shape to compile (``VARIANTS``). 4 warps. Rows: the
-    plain KL step holds 1.25 x ELEMENTS_PER_PROGRAM elements rounded down to a power of two of
-    rows (ELEMENTS_PER_PROGRAM // BLOCK_K for one piece and for 32 + 8; 128 + 64 at 24 values per
-    thread spilled on sm_80); the other divergences and the hard-label term, with more live
-    arrays, half as many (at 16 values per thread JS, TVD and KL with labels spilled 8-16 B under
+    KL step (with or without the hard-label term) holds 1.25 x ELEMENTS_PER_PROGRAM elements
+    rounded down to a power of two of rows (ELEMENTS_PER_PROGRAM // BLOCK_K for one piece and for
+    32 + 8), and with a half-width second piece (``_half_piece``) 1024 / BLOCK_K2 rows, so that
+    its chunks fill the 128 threads (24 values per thread); the other divergences, with more live
+    arrays, half as many (at 16 values per thread JS and TVD with labels spilled 8-16 B under
     Triton 3.6 or on sm_80)."""
     k1 = _prev_pow2(max(2, k))
     if k == k1 or k1 < 8 or k - k1 > k1 // 2:
@@ -73,7 +79,27 @@ def block_shape(k: int, divergence: int = 0, has_labels: bool = False):
         block_k, block_k2 = k1, max(k1 // 4, triton.next_power_of_2(k - k1))
     elements = ELEMENTS_PER_PROGRAM if _plain(divergence, has_labels) else ELEMENTS_PER_PROGRAM // 2
     block_n = min(_prev_pow2(elements * 5 // 4 // (block_k + block_k2)), MAX_ROWS_PER_PROGRAM)
+    if _half_piece(block_k, block_k2, divergence):
+        block_n = min(8 * 32 * 4 // block_k2, MAX_ROWS_PER_PROGRAM)
     return block_n, block_k, block_k2, 4
+
+
+def _half_piece(block_k: int, block_k2: int, divergence: int) -> bool:
+    """A KL row of a power of two and a half (K = 24, 48, 96, 192, 384): held as chunks of
+    BLOCK_K2 columns (8 bf16 or 2 x 4 fp32 per thread and chunk: 24 values of a row per thread), so
+    both pieces have the same layout. As (BLOCK_N, W) pieces their rows fell in different threads
+    and Triton 3.9 recomputed the first piece's exponentials in the second's layout (3.33 MUFU
+    and 38 instructions per bf16 element at K = 48, 42 at K = 384)."""
+    return _plain(divergence, False) and block_k2 >= 8 and block_k2 * 2 == block_k
+
+
+def hard_mode(alpha: float, tau: float, has_labels: bool) -> int:
+    """The kernel's HARD: 0 without the hard-label term (no labels, or alpha = 0); else how it gets
+    exp(s - max) from the softmax's 2^((s - max) log2(e)/τ): 1 the same value (τ = 1), 2 its
+    square (τ = 2), 3 another exp2 per element (any other τ)."""
+    if not has_labels or float(alpha) == 0.0:
+        return 0
+    return {1.0: 1, 2.0: 2}.get(float(tau), 3)
 
 
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -96,10 +122,16 @@ def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0, has_
     so that each thread holds up to 16 elements of one row in 16-byte vectors and a row of W >= 16
     columns is shared by W/16 threads. As (BLOCK_N, W), 16-byte vectors spread a row over
     W·itemsize/16 threads: 32 for fp32 at K = 128, whose five shuffle levels per row reduction (four
-    reductions) cost 10 of the 42 instructions per element the cost model read. Two pieces stay
-    (BLOCK_N, W) (J = 1): chunked, their rows fell in different threads and the compiler recomputed
-    exponentials in the other piece's layout (3.6 MUFU per element at K = 40, bf16). Only the plain
-    KL step is chunked: JS with labels, chunked, spilled 8 B on sm_80 (ptxas kept to 80 registers)."""
+    reductions) cost 10 of the 42 instructions per element the cost model read. Two pieces with a
+    quarter-width second piece stay (BLOCK_N, W) (J = 1): chunked, their rows fell in different
+    threads and the compiler recomputed exponentials in the other piece's layout (3.6 MUFU per
+    element at K = 40, bf16); a half-width second piece is chunked in chunks of its own width
+    (``_half_piece``), which gives both pieces one layout. Only the KL step (with or without the
+    hard-label term) is chunked: JS with labels, chunked, spilled 8 B on sm_80 (ptxas kept to 80
+    registers)."""
+    if _half_piece(block_k, block_k2, divergence):
+        j2 = max(1, itemsize // 2)
+        return 2 * j2, j2
     if block_k2 or not _plain(divergence, has_labels):
         return 1, 1
     return max(1, min(block_k, 16) * itemsize // 16), 1
@@ -121,6 +153,15 @@ def _bc(r, ROW_AXIS: tl.constexpr):
         return r[:, None, None]
     else:
         return r[None, :, None]
+
+
+@triton.jit
+def _el(x, IS_ROW: tl.constexpr, ROW_AXIS: tl.constexpr):
+    """x, a scalar or (when IS_ROW) a per-row vector, as a factor of a piece's elements."""
+    if IS_ROW:
+        return _bc(x, ROW_AXIS)
+    else:
+        return x
 
 
 @triton.jit
@@ -204,15 +245,40 @@ def _terms(log_t, t, v, e, lz, jsd_beta, r_z, DIVERGENCE: tl.constexpr, ROW_AXIS
 
 @triton.jit
 def _in_class(y, C0: tl.constexpr, W: tl.constexpr, J: tl.constexpr, S: tl.constexpr, ROW_AXIS: tl.constexpr):
-    """Whether each element of the piece belongs to class y (padding columns never do: y < C)."""
+    """Whether each element of the piece belongs to class y (padding columns never do: y < C; nor
+    does any column when y = -1)."""
     return (_cols(C0, W, J, ROW_AXIS) // S) == _bc(y, ROW_AXIS)
 
 
 @triton.jit
-def _hard_exp(s, in_y, row_max, sy_max, ROW_AXIS: tl.constexpr):
-    """exp(s - r), r the row's max outside class y and the class's own max inside it: one
-    exponential per element, and class y's share does not underflow against the row max."""
-    return tl.exp2((s - tl.where(in_y, _bc(sy_max, ROW_AXIS), _bc(row_max, ROW_AXIS))) * LOG2E)
+def _class_max(s, in_y, ROW_AXIS: tl.constexpr):
+    return _rmax(tl.where(in_y, s, NEG_INF), ROW_AXIS)
+
+
+@triton.jit
+def _split_sums(e, in_y, ROW_AXIS: tl.constexpr):
+    """(Σ over class y, Σ over the other columns) of a piece, per row."""
+    return _rsum(tl.where(in_y, e, 0.0), ROW_AXIS), _rsum(tl.where(in_y, 0.0, e), ROW_AXIS)
+
+
+@triton.jit
+def _hard_exp(s, e, in_y, row_max, sy_max, HARD: tl.constexpr, ROW_AXIS: tl.constexpr):
+    """f = exp(s - r), r the row's max outside class y and the class's own max inside it (so class
+    y's share never underflows against the row max), from the softmax's e = 2^((s - r) log2(e)/τ):
+    e itself at τ = 1, e² at τ = 2, another exp2 at any other τ."""
+    if HARD == 1:
+        f = e
+    elif HARD == 2:
+        f = e * e
+    else:
+        f = tl.exp2((s - tl.where(in_y, _bc(sy_max, ROW_AXIS), _bc(row_max, ROW_AXIS))) * LOG2E)
+    return f
+
+
+@triton.jit
+def _select(in_y, a_in, a_out, ROW_AXIS: tl.constexpr):
+    """Per element: the row's a_in inside class y, a_out outside it."""
+    return tl.where(in_y, _bc(a_in, ROW_AXIS), _bc(a_out, ROW_AXIS))
 
 
 @triton.jit
@@ -220,8 +286,8 @@ def lelp_loss_kernel(
     s_ptr, t_ptr, w_ptr, y_ptr, scale_ptr, loss_ptr, hard_ptr, grad_ptr,
     N, M, jsd_beta, tau, alpha, ignore_index,
     K: tl.constexpr, S: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    HAS_LABELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
-    J1: tl.constexpr, J2: tl.constexpr, ROW_AXIS: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_K2: tl.constexpr, J1: tl.constexpr, J2: tl.constexpr, ROW_AXIS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -229,7 +295,14 @@ def lelp_loss_kernel(
     rows64 = rows.to(tl.int64)
     c1 = LOG2E / tau
     scale = tl.load(scale_ptr)  # the reduction's (1/rows for the mean), folded into the gradient
+    if HAS_LABELS:
+        y = tl.load(y_ptr + rows64, mask=row_ok, other=ignore_index)
+        keep = y != ignore_index
+        # an ignored row's gradient is 0 (NaN when its inputs are, as in the reference): a per-row
+        # factor, not a select per element (which the compiler moved past the cast to 16 bits)
+        scale = tl.where(keep, scale, 0.0)
     c_tau = scale * tau
+    ct = _el(c_tau, HAS_LABELS, ROW_AXIS)
 
     s1, lt1, t1 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, 0, BLOCK_K, J1, HAS_WEIGHTS, ROW_AXIS)
     row_max = _rmax(s1, ROW_AXIS)
@@ -240,13 +313,62 @@ def lelp_loss_kernel(
     # v = (s - max s) log2(e)/τ <= 0 (one FFMA): the softmax of s/τ is 2^v / Σ 2^v.
     mu = _bc(row_max * c1, ROW_AXIS)
     v1 = s1 * c1 - mu
-    e1 = tl.exp2(v1)
-    z = _rsum(e1, ROW_AXIS)
     if BLOCK_K2 > 0:
         v2 = s2 * c1 - mu
-        e2 = tl.exp2(v2)
-        z += _rsum(e2, ROW_AXIS)
+    if HARD > 0:
+        # alpha CE(y, logsumexp-pool(s)) = alpha (lse(s) - lse over class y), from the softmax's own
+        # exponentials: e = 2^u with u = (s - r) log2(e)/τ, r = the row max outside class y and the
+        # class's max inside it (an ignored row has no class y: y = -1), so Σ over class y >= 1 and
+        # its log never underflows; Z = Σ_not y e + 2^gap Σ_y e, gap = (max_y - max) log2(e)/τ.
+        in_y1 = _in_class(tl.where(keep, y, -1), 0, BLOCK_K, J1, S, ROW_AXIS)
+        sy_max = _class_max(s1, in_y1, ROW_AXIS)
+        if BLOCK_K2 > 0:
+            in_y2 = _in_class(tl.where(keep, y, -1), BLOCK_K, BLOCK_K2, J2, S, ROW_AXIS)
+            sy_max = tl.maximum(sy_max, _class_max(s2, in_y2, ROW_AXIS))
+        sy_max = tl.where(keep, sy_max, row_max)
+        share = tl.exp2((sy_max - row_max) * c1)
+        e1 = tl.exp2(s1 * c1 - _select(in_y1, sy_max * c1, row_max * c1, ROW_AXIS))
+        zy, zn = _split_sums(e1, in_y1, ROW_AXIS)
+        if BLOCK_K2 > 0:
+            e2 = tl.exp2(s2 * c1 - _select(in_y2, sy_max * c1, row_max * c1, ROW_AXIS))
+            zy2, zn2 = _split_sums(e2, in_y2, ROW_AXIS)
+            zy += zy2
+            zn += zn2
+        z = zn + share * zy
+    else:
+        e1 = tl.exp2(v1)
+        z = _rsum(e1, ROW_AXIS)
+        if BLOCK_K2 > 0:
+            e2 = tl.exp2(v2)
+            z += _rsum(e2, ROW_AXIS)
     lz = tl.log2(z)
+
+    if HARD > 0:
+        # exp(s - r) and its sums, in the row max's scale outside class y and the class max's inside
+        f1 = _hard_exp(s1, e1, in_y1, row_max, sy_max, HARD, ROW_AXIS)
+        if BLOCK_K2 > 0:
+            f2 = _hard_exp(s2, e2, in_y2, row_max, sy_max, HARD, ROW_AXIS)
+        if HARD == 1:  # the softmax's sums are the hard term's
+            hy, z_all, lz_all, share_h = zy, z, lz, share
+        else:
+            hy, hn = _split_sums(f1, in_y1, ROW_AXIS)
+            if BLOCK_K2 > 0:
+                hy2, hn2 = _split_sums(f2, in_y2, ROW_AXIS)
+                hy += hy2
+                hn += hn2
+            if HARD == 2:
+                share_h = share * share
+            else:
+                share_h = tl.exp2((sy_max - row_max) * LOG2E)
+            z_all = hn + share_h * hy
+            lz_all = tl.log2(z_all)
+        hy = tl.where(keep, hy, 1.0)
+        ce = tl.where(keep, alpha * ((row_max - sy_max) + (lz_all - tl.log2(hy)) * LN2), 0.0)
+        # d ce / ds = alpha (softmax(s) - the softmax over class y), from f
+        h_in = scale * alpha * (share_h / z_all - 1.0 / hy)
+        h_out = scale * alpha / z_all
+        # the softmax part reads e; inside class y, e is 2^-gap times 2^v
+        e_in = share
 
     if DIVERGENCE == 0:
         # KL(t || q) = Σ t (log t - v ln 2) + ln Z Σ t; grad τ (q Σt - t), not τ (q - t): low-precision
@@ -257,10 +379,20 @@ def lelp_loss_kernel(
             sum_t += _rsum(t2, ROW_AXIS)
             d += _rsum(tl.where(t2 == 0.0, 0.0, t2 * (lt2 - v2 * LN2)), ROW_AXIS)
         d += lz * LN2 * sum_t
-        a = _bc(c_tau * sum_t / z, ROW_AXIS)
-        g1 = e1 * a - t1 * c_tau
-        if BLOCK_K2 > 0:
-            g2 = e2 * a - t2 * c_tau
+        a = c_tau * sum_t / z
+        if HARD == 0:
+            g1 = e1 * _bc(a, ROW_AXIS) - t1 * ct
+            if BLOCK_K2 > 0:
+                g2 = e2 * _bc(a, ROW_AXIS) - t2 * ct
+        elif HARD == 1:  # f = e: one coefficient per element
+            g1 = e1 * _select(in_y1, a * e_in + h_in, a + h_out, ROW_AXIS) - t1 * ct
+            if BLOCK_K2 > 0:
+                g2 = e2 * _select(in_y2, a * e_in + h_in, a + h_out, ROW_AXIS) - t2 * ct
+        else:
+            g1 = e1 * _select(in_y1, a * e_in, a, ROW_AXIS) + f1 * _select(in_y1, h_in, h_out, ROW_AXIS) - t1 * ct
+            if BLOCK_K2 > 0:
+                g2 = (e2 * _select(in_y2, a * e_in, a, ROW_AXIS) + f2 * _select(in_y2, h_in, h_out, ROW_AXIS)
+                      - t2 * ct)
     elif DIVERGENCE == 4:  # MSE of the centred logits s/τ and log t (log q - mean log q = (v - mean v) ln 2)
         ok1 = _cols(0, BLOCK_K, J1, ROW_AXIS) < K
         v1 = tl.where(ok1, v1, 0.0)
@@ -277,13 +409,17 @@ def lelp_loss_kernel(
         mean_t = _bc(mean_t / K, ROW_AXIS)
         err1 = tl.where(ok1, (v1 - mean_v) * LN2 - (lt1 - mean_t), 0.0)
         d = _rsum(err1 * err1, ROW_AXIS)
-        g1 = (2.0 / K) * c_tau * err1
+        g1 = (2.0 / K) * ct * err1
         if BLOCK_K2 > 0:
             err2 = tl.where(ok2, (v2 - mean_v) * LN2 - (lt2 - mean_t), 0.0)
             d += _rsum(err2 * err2, ROW_AXIS)
-            g2 = (2.0 / K) * c_tau * err2
+            g2 = (2.0 / K) * ct * err2
         d = d / K
     else:
+        if HARD > 0:  # back to e = 2^v inside class y
+            e1 = e1 * tl.where(in_y1, _bc(e_in, ROW_AXIS), 1.0)
+            if BLOCK_K2 > 0:
+                e2 = e2 * tl.where(in_y2, _bc(e_in, ROW_AXIS), 1.0)
         r_z = 1.0 / z
         d1, a1, q1 = _terms(lt1, t1, v1, e1, lz, jsd_beta, r_z, DIVERGENCE, ROW_AXIS)
         d = _rsum(d1, ROW_AXIS)
@@ -292,43 +428,20 @@ def lelp_loss_kernel(
             d2, a2, q2 = _terms(lt2, t2, v2, e2, lz, jsd_beta, r_z, DIVERGENCE, ROW_AXIS)
             d += _rsum(d2, ROW_AXIS)
             qa += _rsum(q2 * a2, ROW_AXIS)
-        g1 = c_tau * q1 * (a1 - _bc(qa, ROW_AXIS))
+        g1 = ct * q1 * (a1 - _bc(qa, ROW_AXIS))
         if BLOCK_K2 > 0:
-            g2 = c_tau * q2 * (a2 - _bc(qa, ROW_AXIS))
+            g2 = ct * q2 * (a2 - _bc(qa, ROW_AXIS))
+    if HARD > 0 and DIVERGENCE != 0:
+        g1 += f1 * _select(in_y1, h_in, h_out, ROW_AXIS)
+        if BLOCK_K2 > 0:
+            g2 += f2 * _select(in_y2, h_in, h_out, ROW_AXIS)
     loss = tau * tau * d
 
     if HAS_LABELS:
-        y = tl.load(y_ptr + rows64, mask=row_ok, other=ignore_index)
-        keep = y != ignore_index
-        if alpha != 0.0:  # α CE(y, logsumexp-pool(s)) = α (lse(s) - lse over class y), one exp per element
-            in_y1 = _in_class(y, 0, BLOCK_K, J1, S, ROW_AXIS)
-            sy_max = _rmax(tl.where(in_y1, s1, NEG_INF), ROW_AXIS)
-            if BLOCK_K2 > 0:
-                in_y2 = _in_class(y, BLOCK_K, BLOCK_K2, J2, S, ROW_AXIS)
-                sy_max = tl.maximum(sy_max, _rmax(tl.where(in_y2, s2, NEG_INF), ROW_AXIS))
-            sy_max = tl.where(keep, sy_max, row_max)
-            f1 = _hard_exp(s1, in_y1, row_max, sy_max, ROW_AXIS)
-            sum_y = _rsum(tl.where(in_y1, f1, 0.0), ROW_AXIS)
-            sum_not_y = _rsum(tl.where(in_y1, 0.0, f1), ROW_AXIS)
-            if BLOCK_K2 > 0:
-                f2 = _hard_exp(s2, in_y2, row_max, sy_max, ROW_AXIS)
-                sum_y += _rsum(tl.where(in_y2, f2, 0.0), ROW_AXIS)
-                sum_not_y += _rsum(tl.where(in_y2, 0.0, f2), ROW_AXIS)
-            share_y = tl.exp2((sy_max - row_max) * LOG2E)  # class y's exponentials in the row max's scale
-            z_all = sum_not_y + share_y * sum_y
-            ce = tl.where(keep, alpha * ((row_max - sy_max) + (tl.log2(z_all) - tl.log2(sum_y)) * LN2), 0.0)
-            # softmax(s) - the softmax over class y, from the one exponential f
-            in_scale = _bc(scale * alpha * (share_y / z_all - 1.0 / sum_y), ROW_AXIS)
-            out_scale = _bc(scale * alpha / z_all, ROW_AXIS)
-            g1 += f1 * tl.where(in_y1, in_scale, out_scale)
-            if BLOCK_K2 > 0:
-                g2 += f2 * tl.where(in_y2, in_scale, out_scale)
+        if HARD > 0:
             loss += ce
             tl.store(hard_ptr + rows64, ce, mask=row_ok)
         loss = tl.where(keep, loss, 0.0)
-        g1 = tl.where(_bc(keep, ROW_AXIS), g1, 0.0)
-        if BLOCK_K2 > 0:
-            g2 = tl.where(_bc(keep, ROW_AXIS), g2, 0.0)
 
     tl.store(loss_ptr + rows64, loss, mask=row_ok)
     _store_piece(grad_ptr, g1, rows64, row_ok, K, 0, BLOCK_K, J1, ROW_AXIS)
@@ -351,11 +464,12 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
     has_labels = labels is not None
     block_n, block_k, block_k2, num_warps = block_shape(k, divergence, has_labels)
     j1, j2 = chunks(block_k, block_k2, student.element_size(), divergence, has_labels)
+    hard = hard_mode(alpha, tau, has_labels)
     grid = (triton.cdiv(n, block_n),)
     lelp_loss_kernel[grid](
         student, log_targets, weights if weights is not None else student, labels if labels is not None else student,
         grad_scale, loss_rows, hard_rows, grad, n, m, float(jsd_beta), float(tau), float(alpha), int(ignore_index),
-        K=k, S=n_subclasses, DIVERGENCE=divergence, HAS_WEIGHTS=weights is not None, HAS_LABELS=labels is not None,
+        K=k, S=n_subclasses, DIVERGENCE=divergence, HAS_WEIGHTS=weights is not None, HAS_LABELS=has_labels, HARD=hard,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K2=block_k2, J1=j1, J2=j2, ROW_AXIS=ROW_AXIS,
         num_warps=num_warps,
     )
@@ -389,35 +503,39 @@ def scale_unless_one(x, scale):
 # KL (no weights, no labels: the distillation step the cost model of docs/benchmarks.md reads) at
 # K = 16 and 128, and every other block shape block_shape gives for K = 2 .. 512 (the flags are
 # what changes the code; each dtype's chunking, chunk_constexprs, comes with the dtype compiled).
+# With labels, the hard-label term at any τ (HARD = 3: the most live values); KL with it at τ = 1
+# (HARD = 1) at the cost model's K, and at τ = 2 at K = 128 (the gates of tests/test_triton_aot.py).
 FULL_SHAPES = [(40, 20), (512, 32)]
 DIVERGENCE_SHAPES = [(2, 1), (128, 16), (200, 8)]
 COST_SHAPES = [(16, 8), (128, 16)]
 # The K of the cost model's table (docs/benchmarks.md) and of its gate (tests/test_triton_aot.py)
 COST_KS = (16, 40, 128, 512)
+HARD_SHAPES = {1: [(16, 8), (40, 20), (128, 16), (512, 32)], 2: [(128, 16)]}
 
 
 def _variants() -> List[dict]:
-    combos = [(shape, div, has_w, has_y) for shape, div, has_w, has_y
+    combos = [(shape, div, has_w, has_y, 3 * has_y) for shape, div, has_w, has_y
               in itertools.product(FULL_SHAPES, range(5), (False, True), (False, True))]
-    combos += [(shape, div, False, True) for shape, div in itertools.product(DIVERGENCE_SHAPES, range(5))]
-    combos += [(shape, 0, False, False) for shape in COST_SHAPES]
+    combos += [(shape, div, False, True, 3) for shape, div in itertools.product(DIVERGENCE_SHAPES, range(5))]
+    combos += [(shape, 0, False, False, 0) for shape in COST_SHAPES]
+    combos += [(shape, 0, False, True, hard) for hard, shapes in HARD_SHAPES.items() for shape in shapes]
     # every other block shape for K = 2 .. 512: as the plain step (KL, chunked rows) and as JS with
     # labels (the most live arrays; the other divergences and flags share its shape)
     # (the K of each that has the most aligned rows: 20 for 16 + 4 columns, not 17)
-    covered = {(block_shape(k, div, has_y), _plain(div, has_y)) for (k, _), div, _, has_y in combos}
+    covered = {(block_shape(k, div, has_y), _plain(div, has_y)) for (k, _), div, _, has_y, _ in combos}
     for div, has_y in ((0, False), (2, True)):
         best = {}
         for k in range(2, limits.MAX_LOSS_K + 1):
             key = (block_shape(k, div, has_y), _plain(div, has_y))
             if key not in covered and (k & -k) > (best.get(key, 0) & -best.get(key, 0)):
                 best[key] = k
-        combos += [((k, 1), div, False, has_y) for k in sorted(best.values())]
+        combos += [((k, 1), div, False, has_y, 3 * has_y) for k in sorted(best.values())]
     variants = []
-    for (k, s), div, has_w, has_y in combos:
+    for (k, s), div, has_w, has_y, hard in combos:
         block_n, block_k, block_k2, num_warps = block_shape(k, div, has_y)
         variants.append(dict(num_warps=num_warps, constexprs=dict(
-            K=k, S=s, DIVERGENCE=div, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, BLOCK_N=block_n, BLOCK_K=block_k,
-            BLOCK_K2=block_k2)))
+            K=k, S=s, DIVERGENCE=div, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=hard, BLOCK_N=block_n,
+            BLOCK_K=block_k, BLOCK_K2=block_k2)))
     return variants
 
 
@@ -439,6 +557,6 @@ def signature(dtype: str, target_dtype: str) -> dict:
         "s_ptr": f"*{dtype}", "t_ptr": f"*{target_dtype}", "w_ptr": "*fp32", "y_ptr": "*i64", "scale_ptr": "*fp32",
         "loss_ptr": "*fp32", "hard_ptr": "*fp32", "grad_ptr": f"*{dtype}", "N": "i32", "M": "i32", "jsd_beta": "fp32",
         "tau": "fp32", "alpha": "fp32", "ignore_index": "i32",
-        **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "BLOCK_N", "BLOCK_K",
-                                          "BLOCK_K2", "J1", "J2", "ROW_AXIS")},
+        **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "HARD", "BLOCK_N",
+                                          "BLOCK_K", "BLOCK_K2", "J1", "J2", "ROW_AXIS")},
     }
