@@ -13,7 +13,6 @@
 #include "cpu/sketch.h"
 #include "cpu/loss.h"
 #include "cpu/targets.h"
-#include "lelp/row_math.h"
 #include "make_args.h"
 
 namespace py = pybind11;

@@ -333,6 +333,38 @@ def test_cpu_kernel_writes_the_gradient_once_in_the_student_dtype(dtype, reducti
     torch.testing.assert_close(x.grad.double(), 3.0 * want_grad, atol=atol * 6 / n, rtol=rtol * 10)
 
 
+def test_an_extension_built_before_the_fold_takes_the_old_path(monkeypatch):
+    """An older build of lelp_fast._C (A/B benchmarks load one beside the new) has no
+    ``loss_folds_grad`` and takes no keyword arguments: the Python layer passes the row flags by
+    position and scales and casts the fp32 gradient itself."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the compiled extension")
+    real = _dispatch.extension()
+
+    class Older:
+        def loss(self, *args):  # positional only, as the two old overloads were
+            return real.loss(*args)
+
+        def __getattr__(self, name):
+            if name == "loss_folds_grad":
+                raise AttributeError(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(_dispatch, "extension", lambda: Older())
+    student, log_t, labels = make_inputs(33, 3, 4, seed=5)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = student.to(dtype).requires_grad_(True)
+        loss = distill_loss(x, log_t.to(dtype), labels, num_classes=3, n_subclasses=4, tau=2.0, alpha=0.1,
+                            backend="cpu")  # check_inputs=True: the row flags by position
+        loss.backward()
+        want, want_grad = reference_loss_and_grad(x, log_t.to(dtype), labels, num_classes=3, n_subclasses=4,
+                                                  tau=2.0, alpha=0.1)
+        atol, rtol = TOL[dtype]
+        assert x.grad.dtype == dtype
+        torch.testing.assert_close(loss.double(), want, atol=atol, rtol=rtol)
+        torch.testing.assert_close(x.grad.double(), want_grad, atol=atol * 2 / 33, rtol=rtol * 10)
+
+
 def test_second_backward_is_refused_not_wrong():
     if "cpu" not in BACKENDS:
         pytest.skip("needs the compiled extension")

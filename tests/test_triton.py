@@ -359,6 +359,7 @@ def test_triton_targets_split_the_map_once_per_weight_and_version(monkeypatch):
     """The hi + lo split was redone on every call (~55 small kernels per teacher per step on a GPU);
     it is cached per weight tensor, dtype and device, and redone after the weight changes in place
     or a refit makes new tensors."""
+    from lelp_fast._derived import cached_count
     from lelp_fast.kernels.triton import targets as triton_targets
 
     calls = []
@@ -378,8 +379,12 @@ def test_triton_targets_split_the_map_once_per_weight_and_version(monkeypatch):
     weight.mul_(1.5)  # in place: the version counter moves
     run_and_check()
     assert len(calls) == 2
+    assert cached_count(weight) == 1  # the new version replaces the old split (it was kept beside it before)
+    bias.add_(0.25)
+    run_and_check()
+    assert len(calls) == 3 and cached_count(weight) == 1
     lelp_targets(h.half(), weight, bias, 3, 4, beta=0.8, tau=1.3, backend="triton")  # another dtype
-    assert len(calls) == 3
+    assert len(calls) == 4 and cached_count(weight) == 2
     weight, bias = weight.clone(), bias.clone()  # a refit: new tensors
     run_and_check()
-    assert len(calls) == 4
+    assert len(calls) == 5

@@ -208,8 +208,6 @@ def _gated(case):
     """The KL steps the cost model holds to budgets (``cost.gated``): without the hard-label term at
     every compiled K >= 16 that takes 16-byte vectors (K = 24, 48, 96, 192, 384 included), with it
     at the cost model's K (16, 40, 128, 512), specialised for τ = 1, τ = 2 or any τ."""
-    from lelp_fast.kernels.triton import cost
-
     return case[0] == "loss" and cost.gated(loss_kernels.VARIANTS[case[1]]["constexprs"])
 
 
@@ -227,8 +225,6 @@ def test_loss_kernel_instructions_per_element_within_budget(compiled, case):
     (at τ other than 1 and 2, three exponentials per element are the minimum: s/τ, t and s; the
     per-row ones come on top, cost.MAX_MUFU_PER_ELEMENT_ANY_TAU). Before: 62-101 instructions,
     up to 5.5 MUFU per element, up to 1.92 x the floor on the H200."""
-    from lelp_fast.kernels.triton import cost
-
     v = loss_kernels.VARIANTS[case[1]]
     c = v["constexprs"]
     e = cost.per_element(_facts(compiled, case), c["BLOCK_N"], c["K"], v["num_warps"])

@@ -98,6 +98,9 @@ def _loss_rows(
                     student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
                     num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index)
                 return loss_rows, _folded(grad, grad_scale, student.dtype), hard_rows, suspect
+            if folded and not _extension_folds():  # the compiled fallback writes fp32; folded below
+                kernel_folds = False
+                grad = torch.empty(n, k, dtype=torch.float32, device=student.device)
     if log_targets is not None:
         n_teachers = 1 if log_targets.ndim == 2 else log_targets.shape[1]
         log_targets = log_targets if log_targets.is_contiguous() else log_targets.contiguous()
@@ -120,7 +123,7 @@ def _loss_rows(
         student.data_ptr(), _DTYPE_CODES[student.dtype], student.stride(0), n, num_classes, n_subclasses,
         *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(jsd_beta), float(tau),
         float(alpha), loss_rows.data_ptr(), hard_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
-        **({"suspect": suspect.data_ptr()} if check else {}),
+        *((suspect.data_ptr(),) if check else ()),  # by position: an extension built before takes no keywords
         **({"grad_dtype": _DTYPE_CODES[grad.dtype], "grad_scale": grad_scale.data_ptr()} if kernel_folds else {}),
     )
     return loss_rows, grad if kernel_folds else _folded(grad, grad_scale, student.dtype), hard_rows, suspect

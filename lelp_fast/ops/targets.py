@@ -6,12 +6,12 @@ GEMM gives the subclass coordinates and, when no teacher logits are passed, the 
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
 
 from .. import reference
+from .._derived import derived
 from .._checks import check_finite, check_float, check_matrix, check_positive, first_nonfinite_row
 from . import _dispatch
 
@@ -65,27 +65,10 @@ def cuda_tile_split(weight: torch.Tensor, dtype: torch.dtype, device: torch.devi
     return parts[0], parts[1]
 
 
-# Split maps by the weight tensor they were made from, held weakly (a refit's new tensors miss, and
-# an entry goes with its weight); the version counter catches an in-place change. Before the
-# cache the tile split the map on every step of every tile (issue 21 items 7 and 10).
-_CUDA_SPLITS: dict = {}
-
-
 def cached_cuda_tile_split(weight: torch.Tensor, dtype: torch.dtype, device: torch.device):
-    """``cuda_tile_split``, computed once per (weight, its version, dtype, device)."""
-    try:
-        version = weight._version
-    except RuntimeError:  # inference-mode tensors have no version counter: not cached
-        return cuda_tile_split(weight, dtype, device)
-    entry = _CUDA_SPLITS.get(id(weight))
-    if entry is None or entry[0]() is not weight:
-        key = id(weight)
-        entry = (weakref.ref(weight, lambda _, key=key: _CUDA_SPLITS.pop(key, None)), {})
-        _CUDA_SPLITS[key] = entry
-    hit = entry[1].get((dtype, str(device)))
-    if hit is None or hit[0] != version:  # one split per dtype and device: the newest version's
-        hit = entry[1][(dtype, str(device))] = (version, cuda_tile_split(weight, dtype, device))
-    return hit[1]
+    """``cuda_tile_split``, made once per (weight, its version, dtype, device). Before the cache the
+    tile split the map on every step of every tile (issue 21 items 7 and 10)."""
+    return derived(weight, ("cuda_tile", dtype, str(device)), lambda: cuda_tile_split(weight, dtype, device))
 
 
 def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, device, check_inputs):

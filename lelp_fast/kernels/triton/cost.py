@@ -1,12 +1,13 @@
-"""A cost model of the Triton loss kernel, read without a GPU: instructions and MUFU.EX2/LG2 per
+"""A cost model of the Triton loss and targets kernels, read without a GPU (the targets' part is in
+its own section below). The loss: instructions and MUFU.EX2/LG2 per
 element from its SASS (``aot.kernel_facts``), global-memory bytes per element from the launcher
 (every N x K tensor an op of the whole forward + backward step reads or writes, counted on the CPU
 under a dispatch mode), held against budgets derived from the H100/H200 bandwidth and issue rate.
 
 Modelled, not measured: the static SASS count is what each thread issues once (the kernel is
 straight-line code apart from the M-teacher loop; the hard-label term is a compile-time
-variant, ``HARD``), and the device figures are datasheet leads. docs/benchmarks.md quotes the table ``python -m
-lelp_fast.kernels.triton.cost FACTS.json`` prints from ``aot``'s facts.
+variant, ``HARD``), and the device figures are datasheet leads. docs/benchmarks.md quotes the
+tables ``python -m lelp_fast.kernels.triton.cost FACTS.json`` prints from ``aot``'s facts.
 """
 
 from __future__ import annotations
@@ -168,24 +169,6 @@ def loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="The loss kernel's modelled cost from aot's facts (no GPU).")
-    p.add_argument("facts", help="JSON written by python -m lelp_fast.kernels.triton.aot --out")
-    args = p.parse_args(argv)
-    os.environ["TRITON_INTERPRET"] = "1"  # the launcher's bytes are counted on CPU tensors: the interpreter runs it
-    bf16, _ = loss_step_bytes(torch.bfloat16, backend="triton")
-    fp32, _ = loss_step_bytes(torch.float32, backend="triton")
-    for name, floor in (("bf16", 6), ("fp32", 12)):
-        b = budgets(floor)
-        print(f"budgets at the {name} floor ({floor} B/element): " + "; ".join(
-            f"{d} {v['instructions']:.0f} instructions, {v['mufu']:.1f} MUFU" for d, v in b.items()))
-    print(f"launcher bytes per element: bf16 {bf16:.1f}, fp32 {fp32:.1f}")
-    print(loss_table(args.facts, bf16, fp32))
-    print(targets_table(args.facts))
-    return 0
-
-
-
 # ---- The targets kernel (issue 21 item 4) ----------------------------------------------------------
 # Dense tensor-core FLOP per SM per clock on Hopper: the H100 SXM datasheet's 989.4 (bf16/fp16) and
 # 494.7 (tf32) dense TFLOP/s are 132 SMs x 4096 / 2048 x 1.83 GHz; taken here at CLOCK_HZ like the
@@ -311,6 +294,23 @@ def targets_table(facts_json: str) -> str:
                      f"| {b['h']:.0f} + {b['map']:.0f} + {b['logits']:.0f} + {b['out']:.0f}"
                      f" ({b['floor']:.0f}) | {per_element:.0f} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="The loss and targets kernels' modelled cost from aot's facts (no GPU).")
+    p.add_argument("facts", help="JSON written by python -m lelp_fast.kernels.triton.aot --out")
+    args = p.parse_args(argv)
+    os.environ["TRITON_INTERPRET"] = "1"  # the launcher's bytes are counted on CPU tensors: the interpreter runs it
+    bf16, _ = loss_step_bytes(torch.bfloat16, backend="triton")
+    fp32, _ = loss_step_bytes(torch.float32, backend="triton")
+    for name, floor in (("bf16", 6), ("fp32", 12)):
+        b = budgets(floor)
+        print(f"budgets at the {name} floor ({floor} B/element): " + "; ".join(
+            f"{d} {v['instructions']:.0f} instructions, {v['mufu']:.1f} MUFU" for d, v in b.items()))
+    print(f"launcher bytes per element: bf16 {bf16:.1f}, fp32 {fp32:.1f}")
+    print(loss_table(args.facts, bf16, fp32))
+    print(targets_table(args.facts))
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import weakref
 from typing import List, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ..._derived import derived
 from . import limits
 from .limits import padded_grid
 
@@ -325,47 +325,16 @@ def split_map(weight: torch.Tensor, bias: torch.Tensor, num_classes: int, n_subc
     return SplitMap(sub_hi, sub_lo, sub_scale, sub_bias, *head, c_pad, s_pad)
 
 
-# Split maps by the weight tensor they were made from, held weakly (a refit's new tensors miss and
-# an entry goes with its weight); the version counters catch in-place changes. Splitting costs about
-# 55 small fp64 kernels (~0.1 ms on a GPU), per call and teacher before the cache (issue 21 item 7).
-# Keyed by id() with a weak reference that removes the entry (a WeakKeyDictionary would compare
-# tensors with ==, which is elementwise).
-_SPLITS: dict = {}
-
-
-def _splits_of(weight: torch.Tensor) -> dict:
-    entry = _SPLITS.get(id(weight))
-    if entry is None or entry[0]() is not weight:
-        key = id(weight)
-        entry = (weakref.ref(weight, lambda _, key=key: _SPLITS.pop(key, None)), {})
-        _SPLITS[key] = entry
-    return entry[1]
-
-
-def _version(t: torch.Tensor) -> Optional[int]:
-    try:
-        return t._version
-    except RuntimeError:  # inference-mode tensors have no version counter: not cached
-        return None
-
-
 def cached_split_map(weight: torch.Tensor, bias: torch.Tensor, num_classes: int, n_subclasses: int,
                      dtype: torch.dtype, with_head: bool, device: torch.device) -> SplitMap:
-    """``split_map`` of the fp32 ``weight``/``bias`` on ``device``, computed once per (weight, bias,
-    their versions, shape, dtype, device)."""
-    versions = (_version(weight), _version(bias))
-    if None in versions:
+    """``split_map`` of the fp32 ``weight``/``bias`` on ``device``, made once per (weight, bias, their
+    versions, shape, dtype, device): splitting costs about 55 small fp64 kernels (~0.1 ms on a GPU),
+    per call and teacher before the cache (issue 21 item 7). See :func:`lelp_fast._derived.derived`."""
+    def make():
         return split_map(weight.to(device, torch.float32), bias.to(device, torch.float32), num_classes,
                          n_subclasses, dtype, with_head)
-    key = (*versions, id(bias), num_classes, n_subclasses, dtype, with_head, str(device))
-    per_weight = _splits_of(weight)
-    hit = per_weight.get(key)
-    if hit is not None and hit[0]() is bias:
-        return hit[1]
-    split = split_map(weight.to(device, torch.float32), bias.to(device, torch.float32), num_classes, n_subclasses,
-                      dtype, with_head)
-    per_weight[key] = (weakref.ref(bias), split)
-    return split
+
+    return derived(weight, ("triton", num_classes, n_subclasses, dtype, with_head, str(device)), make, bias)
 
 
 def _interpreting() -> bool:
@@ -414,7 +383,7 @@ def row_programs(n_tiles: int, device: torch.device) -> int:
     """Programs per class group of a persistent launch: enough to fill the device, never more than tiles."""
     if device.type != "cuda":
         return max(1, min(n_tiles, INTERPRETER_PROGRAMS))
-    return max(1, min(n_tiles, PROGRAMS_PER_SM * _sm_count(device.index or torch.cuda.current_device())))
+    return max(1, min(n_tiles, PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())))
 
 
 class Plan(NamedTuple):
