@@ -91,7 +91,6 @@ int64_t block_rows(int64_t K) {
   return rows;
 }
 
-
 // The folded gradient of a block (n values from row r0): scaled by *grad_scale (if any) while the
 // block is in cache and stored in grad_dtype, so no backward pass reads or writes it again.
 __attribute__((always_inline)) inline void store_folded_grad(const LossArgs& a, float* grad, int64_t r0, int64_t n) {
