@@ -54,13 +54,13 @@ def _prev_pow2(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
 
 
-def _plain(divergence: int, has_labels: bool) -> bool:
-    """The KL step, with or without the hard-label term (``has_labels`` no longer changes it):
-    chunked rows, full tiles. The other divergences hold half as many rows, unchunked."""
+def _plain(divergence: int) -> bool:
+    """The KL step, with or without the hard-label term: chunked rows, full tiles. The other
+    divergences hold half as many rows, unchunked."""
     return divergence == 0
 
 
-def block_shape(k: int, divergence: int = 0, has_labels: bool = False):
+def block_shape(k: int, divergence: int = 0):
     """(BLOCK_N, BLOCK_K, BLOCK_K2, num_warps): the whole row in registers as a power-of-two piece
     of BLOCK_K columns and, when K is not a power of two but at most 1.5 BLOCK_K, a second piece of
     BLOCK_K2 = BLOCK_K/4 or BLOCK_K/2 columns after it (K = 40: 32 + 8; 36: 32 + 8, 4 padded; 48:
@@ -77,7 +77,7 @@ def block_shape(k: int, divergence: int = 0, has_labels: bool = False):
         block_k, block_k2 = (k1 if k == k1 else 2 * k1), 0
     else:
         block_k, block_k2 = k1, max(k1 // 4, triton.next_power_of_2(k - k1))
-    elements = ELEMENTS_PER_PROGRAM if _plain(divergence, has_labels) else ELEMENTS_PER_PROGRAM // 2
+    elements = ELEMENTS_PER_PROGRAM if _plain(divergence) else ELEMENTS_PER_PROGRAM // 2
     block_n = min(_prev_pow2(elements * 5 // 4 // (block_k + block_k2)), MAX_ROWS_PER_PROGRAM)
     if _half_piece(block_k, block_k2, divergence):
         block_n = min(8 * 32 * 4 // block_k2, MAX_ROWS_PER_PROGRAM)
@@ -90,7 +90,7 @@ def _half_piece(block_k: int, block_k2: int, divergence: int) -> bool:
     both pieces have the same layout. As (BLOCK_N, W) pieces their rows fell in different threads
     and Triton 3.9 recomputed the first piece's exponentials in the second's layout (3.33 MUFU
     and 38 instructions per bf16 element at K = 48, 42 at K = 384)."""
-    return _plain(divergence, False) and block_k2 >= 8 and block_k2 * 2 == block_k
+    return _plain(divergence) and block_k2 >= 8 and block_k2 * 2 == block_k
 
 
 def hard_mode(alpha: float, tau: float, has_labels: bool) -> int:
@@ -117,7 +117,7 @@ def _row_axis() -> int:
 ROW_AXIS = _row_axis()  # of the Triton this process imported
 
 
-def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0, has_labels: bool = False):
+def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0):
     """(J1, J2): a piece of W columns is held as J chunks of W/J columns side by side in each thread,
     so that each thread holds up to 16 elements of one row in 16-byte vectors and a row of W >= 16
     columns is shared by W/16 threads. As (BLOCK_N, W), 16-byte vectors spread a row over
@@ -132,7 +132,7 @@ def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0, has_
     if _half_piece(block_k, block_k2, divergence):
         j2 = max(1, itemsize // 2)
         return 2 * j2, j2
-    if block_k2 or not _plain(divergence, has_labels):
+    if block_k2 or not _plain(divergence):
         return 1, 1
     return max(1, min(block_k, 16) * itemsize // 16), 1
 
@@ -462,8 +462,8 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
         grad_scale = torch.ones(1, dtype=torch.float32, device=student.device)
     m = 1 if log_targets.ndim == 2 else log_targets.shape[1]
     has_labels = labels is not None
-    block_n, block_k, block_k2, num_warps = block_shape(k, divergence, has_labels)
-    j1, j2 = chunks(block_k, block_k2, student.element_size(), divergence, has_labels)
+    block_n, block_k, block_k2, num_warps = block_shape(k, divergence)
+    j1, j2 = chunks(block_k, block_k2, student.element_size(), divergence)
     hard = hard_mode(alpha, tau, has_labels)
     grid = (triton.cdiv(n, block_n),)
     lelp_loss_kernel[grid](
@@ -522,17 +522,17 @@ def _variants() -> List[dict]:
     # every other block shape for K = 2 .. 512: as the plain step (KL, chunked rows) and as JS with
     # labels (the most live arrays; the other divergences and flags share its shape)
     # (the K of each that has the most aligned rows: 20 for 16 + 4 columns, not 17)
-    covered = {(block_shape(k, div, has_y), _plain(div, has_y)) for (k, _), div, _, has_y, _ in combos}
+    covered = {(block_shape(k, div), _plain(div)) for (k, _), div, _, _, _ in combos}
     for div, has_y in ((0, False), (2, True)):
         best = {}
         for k in range(2, limits.MAX_LOSS_K + 1):
-            key = (block_shape(k, div, has_y), _plain(div, has_y))
+            key = (block_shape(k, div), _plain(div))
             if key not in covered and (k & -k) > (best.get(key, 0) & -best.get(key, 0)):
                 best[key] = k
         combos += [((k, 1), div, False, has_y, 3 * has_y) for k in sorted(best.values())]
     variants = []
     for (k, s), div, has_w, has_y, hard in combos:
-        block_n, block_k, block_k2, num_warps = block_shape(k, div, has_y)
+        block_n, block_k, block_k2, num_warps = block_shape(k, div)
         variants.append(dict(num_warps=num_warps, constexprs=dict(
             K=k, S=s, DIVERGENCE=div, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=hard, BLOCK_N=block_n,
             BLOCK_K=block_k, BLOCK_K2=block_k2)))

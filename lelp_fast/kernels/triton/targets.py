@@ -383,7 +383,8 @@ def row_programs(n_tiles: int, device: torch.device) -> int:
     """Programs per class group of a persistent launch: enough to fill the device, never more than tiles."""
     if device.type != "cuda":
         return max(1, min(n_tiles, INTERPRETER_PROGRAMS))
-    return max(1, min(n_tiles, PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(n_tiles, PROGRAMS_PER_SM * _sm_count(index)))
 
 
 class Plan(NamedTuple):
