@@ -354,6 +354,18 @@ def test_triton_subclass_weight(weight):
     test_ops_loss.test_subclass_weight_matches_the_reference("triton", torch.float32, weight, "mean")
 
 
+def test_persistent_grid_takes_the_sm_count_of_the_tensors_device(monkeypatch):
+    """cuda:0 took the current device's SM count (``device.index or current_device()``: index 0 is falsy)."""
+    from lelp_fast.kernels.triton import targets as triton_targets
+
+    seen = []
+    monkeypatch.setattr(triton_targets, "_sm_count", lambda index: seen.append(index) or 10)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    triton_targets.row_programs(10**6, torch.device("cuda", 0))
+    triton_targets.row_programs(10**6, torch.device("cuda"))
+    assert seen == [0, 1]
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts the host-side splits under the interpreter")
 def test_triton_targets_split_the_map_once_per_weight_and_version(monkeypatch):
     """The hi + lo split was redone on every call (~55 small kernels per teacher per step on a GPU);
