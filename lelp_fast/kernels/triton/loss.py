@@ -140,8 +140,7 @@ def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0):
 def chunk_constexprs(constexprs: dict, dtype: str) -> dict:
     """The kernel's J1, J2 and ROW_AXIS for a variant and the student's dtype (``ITEMSIZE`` key),
     under the Triton that imports this module."""
-    j1, j2 = chunks(constexprs["BLOCK_K"], constexprs["BLOCK_K2"], ITEMSIZE[dtype], constexprs["DIVERGENCE"],
-                    constexprs["HAS_LABELS"])
+    j1, j2 = chunks(constexprs["BLOCK_K"], constexprs["BLOCK_K2"], ITEMSIZE[dtype], constexprs["DIVERGENCE"])
     return dict(J1=j1, J2=j2, ROW_AXIS=ROW_AXIS)
 
 
