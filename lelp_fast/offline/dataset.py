@@ -12,6 +12,7 @@ import os
 from collections import OrderedDict
 from typing import Any, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torch.utils.data import default_collate
@@ -69,7 +70,7 @@ class TargetsDataset(Dataset):
             mf.verify_shard(self.directory, entry, checksums=False)
         self.dataset, self.beta, self.tau, self.verify = dataset, beta, tau, bool(verify)
         self._starts = [e["rows"][0] for e in self.shards]
-        self._starts_tensor = torch.tensor(self._starts, dtype=torch.int64)
+        self._starts_array = np.array(self._starts, dtype=np.int64)
         self._verified: set = set()
         self._cache: OrderedDict = OrderedDict()
 
@@ -107,26 +108,38 @@ class TargetsDataset(Dataset):
         return self._gather(_row_index(indices, self.n_rows))
 
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """:meth:`targets` of checked row numbers. The rows are grouped by shard with one stable sort,
-        so a batch costs a few tensor ops per shard it touches (a batch within one shard: one gather)."""
+        """:meth:`targets` of checked row numbers, grouped by shard in NumPy (a few microseconds a
+        batch, where the same grouping in torch ops cost ~0.25 ms at 256 rows over four shards);
+        stored log-targets are copied out of each mapped shard with one NumPy take."""
         k = self.settings["K"]
         stored = self.settings.get("kind", "lelp") == "lelp" and not self.settings["compact"]
         dtype = shards.DTYPES[self.settings["dtype"]] if stored else torch.float32  # else computed in fp32
+        out = torch.empty(idx.numel(), k, dtype=dtype)
         if idx.numel() == 0:
-            return torch.empty(0, k, dtype=dtype)
-        shard_of = torch.searchsorted(self._starts_tensor, idx, right=True) - 1
+            return out
+        for s, rows, local in self._by_shard(idx.numpy()):
+            tensors = self._shard(s)
+            if stored and tensors["log_targets"].dtype == dtype:
+                _bits(out)[rows] = _bits(tensors["log_targets"])[local]
+            else:
+                rows = rows if isinstance(rows, slice) else torch.from_numpy(rows)
+                out[rows] = self._log_targets(tensors, torch.from_numpy(local)).to(dtype)
+        return out
+
+    def _by_shard(self, idx: np.ndarray) -> Iterator[tuple]:
+        """(shard, positions in ``idx``, rows within the shard) for each shard ``idx`` touches;
+        positions are a slice when every row is in one shard."""
+        shard_of = np.searchsorted(self._starts_array, idx, side="right") - 1
         first, last = int(shard_of.min()), int(shard_of.max())
         if first == last:
-            return self._log_targets(self._shard(first), idx - self._starts[first]).to(dtype)
-        out = torch.empty(idx.numel(), k, dtype=dtype)
-        order = torch.argsort(shard_of, stable=True)
-        end = 0
-        for s, count in enumerate(torch.bincount(shard_of - first).tolist(), start=first):
-            if count:
-                rows = order[end:end + count]
-                out[rows] = self._log_targets(self._shard(s), idx[rows] - self._starts[s])
-                end += count
-        return out
+            yield first, slice(None), idx - self._starts[first]
+            return
+        order = np.argsort(shard_of, kind="stable")
+        bounds = np.cumsum(np.bincount(shard_of - first))
+        for s, (start, end) in enumerate(zip(np.concatenate(([0], bounds[:-1])), bounds), start=first):
+            if end > start:
+                rows = order[start:end]
+                yield s, rows, idx[rows] - self._starts[s]
 
     def _log_targets(self, tensors: dict, local: torch.Tensor) -> torch.Tensor:
         """One shard's rows as log-targets, from whatever the store holds."""
@@ -175,6 +188,12 @@ class TargetsDataset(Dataset):
         return [(self.dataset[i], t[j]) for j, i in enumerate(indices)]
 
 
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of ``t``'s bytes as integers of its element size (bfloat16 has no NumPy dtype;
+    a gather moves bits, so any dtype of the same size does)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).numpy()
+
+
 def _numpy(t: torch.Tensor):
     """A shard field for Arrow: the mapped array itself, bfloat16 widened to float32 (Arrow has none)."""
     return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
@@ -199,11 +218,16 @@ def _check_temperatures(settings: dict, beta, tau) -> None:
 
 
 def _row_index(indices, n_rows: int) -> torch.Tensor:
-    """Row numbers as an int64 tensor, negative ones counted from the end; out of range is an error."""
-    idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-    if idx.numel() and (int(idx.min()) < -n_rows or int(idx.max()) >= n_rows):
+    """Row numbers as an int64 tensor, negative ones counted from the end; out of range is an error.
+    The checks run in NumPy on the tensor's memory: per batch they cost microseconds, not torch ops."""
+    idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).cpu()
+    rows = idx.numpy()
+    if not rows.size:
+        return idx
+    low, high = rows.min(), rows.max()
+    if low < -n_rows or high >= n_rows:
         raise IndexError(f"row index out of range for {n_rows} rows")
-    return torch.where(idx < 0, idx + n_rows, idx)
+    return torch.where(idx < 0, idx + n_rows, idx) if low < 0 else idx
 
 
 def gather_rows(dataset, idx: torch.Tensor) -> Any:
