@@ -321,3 +321,34 @@ def test_subclass_weight_reaches_the_loss_of_stored_targets(stored, tmp_path):
     assert paper["history"][0]["train_soft"] == pytest.approx(at[1.0], rel=1e-5)
     with pytest.raises(ValueError, match="train.subclass_weight must be a finite number >= 0"):
         TrainSettings(subclass_weight=-0.5).check()
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the values read back to the host (``item``/``float`` of a tensor: a GPU sync) by the
+    training loop's own code, not by the loss (its CPU-only input check), the data or torch."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            import traceback
+
+            machinery = [os.path.join("torch", name) for name in ("_compile.py", "_ops.py", "utils")]
+            machinery.append(os.path.join("torch", "_dynamo", "eval_frame.py"))
+            frames = [f.filename for f in traceback.extract_stack()[:-1]
+                      if not any(m in f.filename for m in machinery)]
+            if os.path.join("lelp_fast", "train") in frames[-1]:  # the line that asked for the value
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_loop_reads_no_loss_back_per_step(stored, tmp_path):
+    """Reading the loss (``float(loss)``) each step stalls a GPU until the step's kernels finish:
+    the loop keeps its running sums on the device and reads them once an epoch (was 3 per step)."""
+    reads = _HostReads()
+    with reads:
+        report = _run(stored, str(tmp_path / "sync"), epochs=2, batch_size=16)  # 32 steps an epoch
+    assert report["history"][-1]["train_loss"] > 0
+    assert reads.count <= 2 * 8, f"{reads.count} host reads in 64 steps"

@@ -283,8 +283,11 @@ class _Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=st.mixed_precision == "fp16"
                                            and self.device.type == "cuda")
         self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
-        self.last = (float("nan"),) * 3  # the last batch's loss, soft and hard parts
-        self.partial = torch.zeros(4, dtype=torch.float64)  # this epoch so far: loss, soft, hard (x rows), rows
+        # The last batch's loss, soft and hard parts, and this epoch's sums so far (loss, soft, hard,
+        # each x rows, then rows), kept on the device: reading them back would stall a GPU every
+        # step, so they are read only where they are printed or logged.
+        self.last = torch.full((3,), float("nan"), dtype=torch.float64, device=self.device)
+        self.partial = torch.zeros(4, dtype=torch.float64, device=self.device)
         self.best, self.best_state = {"epoch": None, "accuracy": -1.0}, None
         self.writer = _tensorboard(out_dir) if st.tensorboard and self.lead else None
         self._restore()
@@ -328,9 +331,8 @@ class _Run:
                 self.batch = b + 1
                 if self.batch % st.grad_accumulation == 0 or self.batch == len(loader):
                     self._optimizer_step(mid_epoch=self.batch < len(loader))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"loss {self.last[0]:.4f}")
+            if bar is not None and bar.update(1):  # True when the bar redraws (at most ~10 times a second)
+                bar.set_postfix_str(f"loss {float(self.last[0]):.4f}")
         if bar is not None:
             bar.close()
         loss, soft, hard, rows = self.parallel.sum(self.partial.clone()).tolist()
@@ -349,9 +351,9 @@ class _Run:
         # gradient is the mean over all its rows, however they are split into batches and ranks.
         weight = self.parallel.loss_weight(y.shape[0], rows) * rows / self._step_rows(self.batch)
         self.scaler.scale(loss if weight == 1.0 else loss * weight).backward()  # one op less per step
-        n = y.shape[0]
-        self.last = (float(loss.detach()), float(soft), float(hard))  # soft τ²·D, hard α·CE: one kernel pass
-        self.partial += torch.tensor([self.last[0] * n, self.last[1] * n, self.last[2] * n, n], dtype=torch.float64)
+        self.last = torch.stack((loss.detach(), soft, hard)).to(torch.float64)  # soft τ²·D, hard α·CE
+        self.partial[:3].add_(self.last, alpha=y.shape[0])
+        self.partial[3] += y.shape[0]
 
     def _step_rows(self, b: int) -> int:
         """Rows of the optimiser step that batch ``b`` belongs to (its group of accumulated batches)."""
@@ -370,7 +372,7 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         if st.log_every_steps and self.step % st.log_every_steps == 0 and self.writer is not None:
-            for name, value in zip(("loss", "soft", "hard"), self.last):
+            for name, value in zip(("loss", "soft", "hard"), self.last.tolist()):
                 self.writer.add_scalar(f"step/{name}", value, self.step)
             self.writer.add_scalar("step/lr", self.schedule.get_last_lr()[0], self.step)
         if mid_epoch and st.checkpoint_every_steps and self.step % st.checkpoint_every_steps == 0:
@@ -397,7 +399,7 @@ class _Run:
     def _state(self) -> dict:
         return {"student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
-                "batch": self.batch, "step": self.step, "partial": self.partial, "history": self.history,
+                "batch": self.batch, "step": self.step, "partial": self.partial.cpu(), "history": self.history,
                 "best": self.best, "best_state": self.best_state, "rng": torch.get_rng_state(),
                 "made_from": self.made_from}
 
@@ -426,7 +428,8 @@ class _Run:
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
-        self.partial, self.history, self.best = state["partial"], state["history"], state["best"]
+        self.partial = state["partial"].to(self.device)
+        self.history, self.best = state["history"], state["best"]
         self.best_state = state["best_state"]
         torch.set_rng_state(state["rng"])
 
