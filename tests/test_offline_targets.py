@@ -461,6 +461,19 @@ def test_batches_are_gathered_and_equal_the_rows_of_a_dataloader(problem, tmp_pa
     for bad in (0, -2, 1.5):
         with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
             batch_loader(ds, bad)
+    from lelp_fast.offline.dataset import GatheredBatches  # distill's loader: batch_loader's batches, no DataLoader
+
+    for generator in (torch.Generator().manual_seed(7), None):
+        torch.manual_seed(13)
+        want = list(batch_loader(ds, 64, shuffle=True, generator=generator))
+        after, state = torch.rand(2), generator.get_state() if generator else None
+        torch.manual_seed(13)
+        generator = generator.manual_seed(7) if generator else None
+        got = GatheredBatches(ds, 64, shuffle=True, generator=generator)
+        assert len(got) == len(want) == 8
+        for ((a_x, a_y), a_t), ((b_x, b_y), b_t) in zip(want, got, strict=True):
+            assert torch.equal(a_x, b_x) and torch.equal(a_y, b_y) and torch.equal(a_t, b_t)
+        assert torch.equal(torch.rand(2), after) and (state is None or torch.equal(generator.get_state(), state))
     want = projector.targets(h.double(), out_dtype=torch.float64, backend="torch")
     assert ds.targets([]).shape == (0, want.shape[1]) and ds.targets([]).dtype == torch.float16
     rows = [449, -1, 0, -450, 5, 5, 200, 97, 96]  # across shards, unordered, negative, repeated

@@ -32,7 +32,8 @@ from .._checks import check_choice, check_count, check_nonnegative, check_positi
 from ..io.integrity import load_checked, save_checked, seal, unseal
 from ..io.locks import ExclusiveLock
 from ..metrics import agreement, predictive_kl
-from ..offline import TargetsDataset, batch_loader, provenance, shards
+from ..offline import TargetsDataset, provenance, shards
+from ..offline.dataset import GatheredBatches
 from ..offline.manifest import MANIFEST, projector_digest
 from ..ops.loss import distill_loss
 from ..reference import canonical_divergence, class_logits, require_kl_for_subclass_weight, resolve_subclass_weight
@@ -323,7 +324,7 @@ class _Run:
         order = torch.Generator().manual_seed(st.seed + self.epoch)
         # Gathered batches (slices of the mapped shards and of tensor inputs), in the order a
         # DataLoader(shuffle=True, generator=order) gives: resumed runs see the same batches.
-        loader = batch_loader(self.data, st.batch_size, shuffle=True, generator=order)
+        loader = GatheredBatches(self.data, st.batch_size, shuffle=True, generator=order)
         bar = _bar(progress and self.lead, len(loader), self.epoch + 1)
         for b, ((x, y), info) in enumerate(loader):
             if b >= self.batch:  # batches before it were trained before a mid-epoch checkpoint
