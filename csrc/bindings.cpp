@@ -23,7 +23,7 @@ void loss_binding(uintptr_t student, int student_dtype, int64_t student_stride, 
                   uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
                   double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows, uintptr_t grad,
                   const std::vector<lelp::OnlineTeacher>& teachers, bool on_cuda, uintptr_t stream,
-                  uintptr_t suspect, int grad_dtype, uintptr_t grad_scale) {
+                  uintptr_t suspect, int grad_dtype, uintptr_t grad_scale, double subclass_weight) {
   const std::vector<lelp::TargetsArgs> online = lelp::make_online_teachers(teachers, n, C, S, tau, n_teachers);
   lelp::LossArgs a = lelp::make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets,
                                           targets_dtype, targets_stride, n_teachers, weights, labels, ignore_index,
@@ -31,6 +31,9 @@ void loss_binding(uintptr_t student, int student_dtype, int64_t student_stride, 
                                           online.empty() ? nullptr : online.data());
   a.grad_dtype = grad_dtype;
   a.grad_scale = reinterpret_cast<const float*>(grad_scale);
+  a.subclass_weight = static_cast<float>(subclass_weight);
+  if (a.subclass_weight != 1.f && (divergence != 0 || on_cuda))
+    throw std::invalid_argument("loss: subclass_weight != 1 needs divergence KL and the CPU kernel");
   if (on_cuda) {
 #ifdef LELP_WITH_CUDA
     if (suspect != 0) throw std::invalid_argument("loss: the fused input check is CPU only");
@@ -92,15 +95,17 @@ PYBIND11_MODULE(_C, m) {
         "cudaStream_t handle); targets precomputed, or online from M teachers (a list of (emb, dtype, stride, d, "
         "weight, bias, J, logits, dtype, stride, beta)). `suspect` (CPU only: N uint8 flags) takes the input "
         "check's row flags from the same pass; with `grad_dtype` and `grad_scale` (the address of one fp32, "
-        "host or device memory like the tensors) `grad` holds grad_scale * dL/ds in that dtype. See "
+        "host or device memory like the tensors) `grad` holds grad_scale * dL/ds in that dtype; `subclass_weight` "
+        "(KL, CPU) weights the subclass part of KL(t||q). See "
         "lelp_fast.ops.loss.",
         py::arg("student"), py::arg("student_dtype"), py::arg("student_stride"), py::arg("n"), py::arg("C"),
         py::arg("S"), py::arg("log_targets"), py::arg("targets_dtype"), py::arg("targets_stride"),
         py::arg("n_teachers"), py::arg("weights"), py::arg("labels"), py::arg("ignore_index"), py::arg("divergence"),
         py::arg("jsd_beta"), py::arg("tau"), py::arg("alpha"), py::arg("loss_rows"), py::arg("hard_rows"),
         py::arg("grad"), py::arg("teachers"), py::arg("on_cuda"), py::arg("stream"), py::arg("suspect") = 0,
-        py::arg("grad_dtype") = 0, py::arg("grad_scale") = 0);
+        py::arg("grad_dtype") = 0, py::arg("grad_scale") = 0, py::arg("subclass_weight") = 1.0);
   m.attr("loss_folds_grad") = true;  // the Python layer asks before passing grad_scale
+  m.attr("loss_subclass_weight") = true;  // the CPU kernel takes lambda (KL): one pass, not two calls
   m.def(
       "scale_rows",
       [](uintptr_t grad, uintptr_t rows, int64_t n, int64_t K, int dtype, uintptr_t out) {

@@ -777,6 +777,62 @@ def test_subclass_weight_takes_mixed_and_online_targets(backend):
           reference_online_mix(teachers[:1], torch.ones(n, 1), k, s, [0.5], tau))
 
 
+class _KernelCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.lelp_fast.loss_rows.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled CPU extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["plain", "one row", "odd K", "long classes", "huge logits", "empty class",
+                                  "sharp targets", "alpha"])
+def test_cpu_kernel_takes_the_subclass_weight_in_one_pass(dtype, case):
+    """λ ≠ 1 on the CPU: one kernel call (it was two, plus torch's pooling and its backward), equal
+    to the fp64 formula written from its parts, loss and gradient, at the edges too: a class whose
+    logits are ~200 below the row's (its q underflows), a class with no target mass, near one-hot
+    targets, the hard-label term."""
+    n, c, s = {"one row": (1, 2, 4), "odd K": (19, 5, 3), "long classes": (11, 2, 64)}.get(case, (29, 3, 4))
+    student, log_t, labels = make_inputs(n, c, s, seed=len(case))
+    if case == "huge logits":
+        student[:, s:2 * s] -= 200.0  # class 1 far below: its unnormalised q is 0 in fp32
+    if case == "empty class":
+        log_t = log_t.view(n, c, s).clone()
+        log_t[:, 1] = -float("inf")
+        log_t = torch.log_softmax(log_t.view(n, c * s), -1)
+    if case == "sharp targets":
+        log_t = torch.log_softmax(log_t * 40.0, -1)
+    alpha = 0.3 if case == "alpha" else 0.0
+    x = student.to(dtype).requires_grad_(True)
+    with _KernelCalls() as kernel:
+        loss, soft, hard = distill_loss(x, log_t.float(), labels, num_classes=c, n_subclasses=s, tau=1.3, alpha=alpha,
+                                        subclass_weight=0.1, backend="cpu", return_components=True)
+        (grad,) = torch.autograd.grad(loss, x)
+    assert kernel.calls == 1
+    ref = x.detach().double().requires_grad_(True)
+    want_soft = reference.subclass_weighted_kl(ref, log_t.float().double(), c, s, 1.3, 0.1).mean()
+    want = want_soft + alpha * reference.hard_label_rows(ref, labels, c, s).mean()
+    (want_grad,) = torch.autograd.grad(want, ref)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(loss.double(), want.detach(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(soft.double(), want_soft.detach(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad.double(), want_grad.to(dtype).double(), atol=atol * 2 if dtype == torch.float32
+                               else 1e-2 / n, rtol=rtol * 10 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled CPU extension")
+def test_cpu_kernel_subclass_weight_propagates_nan():
+    student, log_t, labels = make_inputs(6, 2, 4, seed=2)
+    student[3, 1] = float("nan")
+    loss = distill_loss(student.float(), log_t.float(), labels, num_classes=2, n_subclasses=4, subclass_weight=0.1,
+                        backend="cpu", check_inputs=False, reduction="none")
+    assert torch.isnan(loss[3]) and torch.isfinite(loss[[0, 1, 2, 4, 5]]).all()
+
+
 def test_subclass_weight_none_is_the_library_default_and_s1_ignores_it():
     student, log_t, labels = make_inputs(19, 2, 3, seed=4)
     kw = dict(num_classes=2, n_subclasses=3, tau=1.3)

@@ -139,7 +139,7 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
     float* grad = a.grad_dtype == kFloat32 ? a.grad + r0 * K : grad_tile;
     block_loss_grad(rows, s_blk, t_blk, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
                     a.labels != nullptr ? labels : nullptr, work, grad, a.loss_rows + r0,
-                    a.hard_rows != nullptr ? a.hard_rows + r0 : nullptr);
+                    a.hard_rows != nullptr ? a.hard_rows + r0 : nullptr, a.subclass_weight);
     if (a.labels != nullptr) {  // ignored rows contribute nothing
       for (int64_t r = 0; r < rows; ++r) {
         if (a.labels[r0 + r] == a.ignore_index) {

@@ -59,6 +59,7 @@ def _loss_rows(
     fall_back: bool,
     check: bool = False,
     grad_scale: Optional[Tensor] = None,
+    subclass_weight: float = 1.0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Compiled kernel: (loss per row (N,) fp32, dL_row/ds (N, K) fp32, the α·CE part of each row's
     loss (N,) fp32, the input check's row flags (N,) uint8 or (0,) without ``check``), from the same
@@ -68,7 +69,11 @@ def _loss_rows(
     :func:`_raise_on_suspect_rows` looks closer. ``grad_scale`` (a 1-element fp32 tensor on the
     student's device; the Triton, CUDA and CPU kernels fold it in, CUDA reading it on the device):
     the gradient comes as ``grad_scale · dL_row/ds`` in the student's dtype instead (the torch
-    fallback, or an extension built before, scales and casts it here: one more pass)."""
+    fallback, or an extension built before, scales and casts it here: one more pass). ``subclass_weight``
+    λ ≠ 1 (KL, the CPU kernel only; :func:`distill_loss` sends other backends to
+    :func:`subclass_weighted_loss`): ``τ² [λ KL(t‖q) + (1 − λ) KL(p‖Q)]`` in the same pass."""
+    if subclass_weight != 1.0 and (use_triton or student.device.type != "cpu"):
+        raise ValueError("subclass_weight != 1 is computed by the CPU kernel only")
     n, k = student.shape
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     hard_rows = torch.zeros(n, dtype=torch.float32, device=student.device)
@@ -125,6 +130,7 @@ def _loss_rows(
         float(alpha), loss_rows.data_ptr(), hard_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
         *((suspect.data_ptr(),) if check else ()),  # by position: an extension built before takes no keywords
         **({"grad_dtype": _DTYPE_CODES[grad.dtype], "grad_scale": grad_scale.data_ptr()} if kernel_folds else {}),
+        **({"subclass_weight": float(subclass_weight)} if subclass_weight != 1.0 else {}),
     )
     return loss_rows, grad if kernel_folds else _folded(grad, grad_scale, student.dtype), hard_rows, suspect
 
@@ -183,7 +189,7 @@ def _loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused
 @_loss_rows.register_fake
 def _(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
       num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, use_triton, fall_back,
-      check=False, grad_scale=None):
+      check=False, grad_scale=None, subclass_weight=1.0):
     n, k = student.shape
     grad_dtype = torch.float32 if grad_scale is None else student.dtype
     return (student.new_empty(n, dtype=torch.float32), student.new_empty(n, k, dtype=grad_dtype),
@@ -348,19 +354,24 @@ def distill_loss(
     """
     divergence = reference.canonical_divergence(divergence)  # "jsd" (TRL's and Liger's name) is "js"
     subclass_weight = reference.resolve_subclass_weight(subclass_weight, divergence)
-    if subclass_weight != 1.0 and n_subclasses > 1:
-        return subclass_weighted_loss(
-            student_logits, log_targets, labels, subclass_weight=subclass_weight, num_classes=num_classes,
-            n_subclasses=n_subclasses, divergence=divergence, embeddings=embeddings, teacher_weights=teacher_weights,
-            fused_weight=fused_weight, fused_bias=fused_bias, teacher_logits=teacher_logits, beta=beta,
-            tau=tau, alpha=alpha, reduction=reduction, ignore_index=ignore_index, backend=backend,
-            check_inputs=check_inputs, return_components=return_components)
+    weighted = subclass_weight != 1.0 and n_subclasses > 1
+    if weighted:
+        _check_subclass_weight(subclass_weight, divergence)
     _check_settings(divergence, jsd_beta, reduction, alpha, labels)
+    given = dict(embeddings=embeddings, fused_weight=fused_weight, fused_bias=fused_bias,
+                 teacher_logits=teacher_logits, beta=beta)
     embeddings, fused_weight, fused_bias, teacher_logits, beta = _check_shapes(
         student_logits, log_targets, labels, teacher_weights, embeddings, fused_weight, fused_bias, teacher_logits,
         beta, num_classes, n_subclasses)
     chosen = _choose_backend(backend, student_logits, log_targets, embeddings, teacher_logits, num_classes,
                              n_subclasses)
+    if weighted and not (chosen == "cpu" and _extension_weights_subclasses()):
+        # The CPU kernel takes λ in its one pass; the GPU kernels and torch get two fused calls.
+        return subclass_weighted_loss(
+            student_logits, log_targets, labels, subclass_weight=subclass_weight, num_classes=num_classes,
+            n_subclasses=n_subclasses, divergence=divergence, teacher_weights=teacher_weights, tau=tau, alpha=alpha,
+            reduction=reduction, ignore_index=ignore_index, backend=backend, check_inputs=check_inputs,
+            return_components=return_components, **given)
     # CPU eager only: on a GPU the check would synchronise, and under torch.compile it would break the graph.
     # The CPU kernel flags suspect rows of the logits and log-targets in its own pass (fused_check):
     # no extra pass over N x K here, and only flagged rows are inspected after it.
@@ -386,6 +397,7 @@ def distill_loss(
             teacher_logits, num_classes, n_subclasses, _divergence_code(divergence, jsd_beta), float(jsd_beta),
             float(tau), float(alpha), beta, int(ignore_index), chosen == "triton", _dispatch.falls_back(backend),
             fused_check, _reduction_scale(student_logits, labels, ignore_index, reduction) if fold else None,
+            float(subclass_weight) if weighted else 1.0,
         )
         if fused_check:
             _raise_on_suspect_rows(suspect, student_logits, log_targets)
@@ -410,7 +422,8 @@ def subclass_weighted_loss(student_logits: Tensor, log_targets: Optional[Tensor]
                            teacher_logits=None, beta: Union[float, Sequence[float]] = 1.0, tau: float = 1.0,
                            alpha: float = 0.0, reduction: str = "mean", ignore_index: int = -100,
                            backend: str = "auto", check_inputs: bool = True, return_components: bool = False):
-    """``τ² [KL(p‖Q) + λ Σ_c p_c KL(r_c‖ρ_c)] + α CE`` as two calls of the fused loss, no new kernel:
+    """``τ² [KL(p‖Q) + λ Σ_c p_c KL(r_c‖ρ_c)] + α CE`` as two calls of the fused loss (the GPU
+    kernels and torch; the CPU kernel takes λ in its own pass, ``kl_row_subclass_weighted``):
     ``λ · τ² KL(t‖q) + (1 − λ) · τ² KL(p‖Q)``, since ``KL(t‖q) = KL(p‖Q) + Σ_c p_c KL(r_c‖ρ_c)``.
     ``KL(p‖Q)`` is the S = 1 loss of the pooled logits ``τ·logsumexp(s/τ)`` (their softmax at τ is
     Q) against ``log p = logsumexp_s log t`` (subclass targets sum to the teacher's class
@@ -418,11 +431,7 @@ def subclass_weighted_loss(student_logits: Tensor, log_targets: Optional[Tensor]
     teachers (embeddings with their fused maps) are first made into one (N, K) log-target tensor in
     torch, without gradient, as the torch backend computes them; the two calls then take it. Tested
     against :func:`reference.subclass_weighted_kl` (fp64)."""
-    if divergence != "kl":
-        raise ValueError(f"subclass_weight needs divergence='kl' (the split into class and subclass KL is exact "
-                         f"only for KL), got divergence={divergence!r}")
-    if not subclass_weight >= 0.0:
-        raise ValueError(f"subclass_weight must be >= 0 (0: KD, 1: LELP), got {subclass_weight!r}")
+    _check_subclass_weight(subclass_weight, divergence)
     _check_settings(divergence, 0.5, reduction, alpha, labels)
     online = _check_shapes(student_logits, log_targets, labels, teacher_weights, embeddings, fused_weight, fused_bias,
                            teacher_logits, beta, num_classes, n_subclasses)  # the plain loss's errors
@@ -452,6 +461,19 @@ def subclass_weighted_loss(student_logits: Tensor, log_targets: Optional[Tensor]
     if not return_components:
         return loss
     return loss, loss.detach() - hard, hard
+
+
+def _check_subclass_weight(subclass_weight: float, divergence: str) -> None:
+    if divergence != "kl":
+        raise ValueError(f"subclass_weight needs divergence='kl' (the split into class and subclass KL is exact "
+                         f"only for KL), got divergence={divergence!r}")
+    if not subclass_weight >= 0.0:
+        raise ValueError(f"subclass_weight must be >= 0 (0: KD, 1: LELP), got {subclass_weight!r}")
+
+
+def _extension_weights_subclasses() -> bool:
+    """Whether the compiled CPU loss takes the subclass weight λ (an extension built before could not)."""
+    return getattr(_dispatch.extension(), "loss_subclass_weight", False)
 
 
 def _one_teachers_targets(student, log_targets, weights, embeddings, fused_weight, fused_bias, teacher_logits,

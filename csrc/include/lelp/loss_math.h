@@ -51,6 +51,41 @@ LELP_HD float divergence_term(int divergence, float jsd_beta, float log_b, float
   return 0.5f * fabsf(t - q);
 }
 
+// The subclass weight lambda of the KL loss on one row (KL only; S > 1), from the row's unnormalised
+// q (qu = exp(s/tau - max), its log lq = s/tau - max, row_log = log sum qu) and targets t:
+//   L = tau^2 [lambda KL(t||q) + (1 - lambda) KL(p||Q)],  p_c = sum_{k in c} t_k,  Q_c = sum_{k in c} q_k,
+//   dL/ds_k = tau [q_k sum t - lambda t_k - (1 - lambda) p_c q_k / Q_c]   (k in class c),
+// the class term reaching s through the pooling tau * logsumexp(s / tau), whose softmax at tau is Q.
+// grad (K) comes in holding tau (q_k sum t - lambda t_k); the class term is subtracted here. Returns
+// the row's loss given d_sub = sum t (log t - log q). A class whose qu all underflow (its logits
+// ~87 tau below the row's max) is summed again from its own max.
+LELP_HD float kl_row_subclass_weighted(const float* qu, const float* lq, const float* t, int C, int S, float tau,
+                                       float lambda, float row_log, float d_sub, float* grad) {
+  float d_class = 0.f;
+  for (int c = 0; c < C; ++c) {
+    const int k0 = c * S;
+    float p = 0.f, qc = 0.f;
+    for (int j = 0; j < S; ++j) {
+      p += t[k0 + j];
+      qc += qu[k0 + j];
+    }
+    const float w = (1.f - lambda) * tau * p;  // times q_k / Q_c = qu_k / qc
+    if (qc > 1e-30f) {
+      d_class += xlogx_ratio(p, logf(p), logf(qc) - row_log);
+      const float f = w / qc;
+      for (int j = 0; j < S; ++j) grad[k0 + j] -= f * qu[k0 + j];
+      continue;
+    }
+    float m = -INFINITY, acc = 0.f;
+    for (int j = 0; j < S; ++j) m = fmax_(m, lq[k0 + j]);
+    for (int j = 0; j < S; ++j) acc += fast_exp(lq[k0 + j] - m);
+    const float log_qc = m + logf(acc);
+    d_class += xlogx_ratio(p, logf(p), log_qc - row_log);
+    for (int j = 0; j < S; ++j) grad[k0 + j] -= w * fast_exp(lq[k0 + j] - log_qc);
+  }
+  return tau * tau * (lambda * d_sub + (1.f - lambda) * d_class);
+}
+
 // Scratch floats block_loss_grad needs for R rows of K outputs.
 LELP_HD int64_t loss_scratch_floats(int64_t R, int64_t K) { return 3 * R * K + 4 * R; }
 
@@ -60,7 +95,7 @@ LELP_HD int64_t loss_scratch_floats(int64_t R, int64_t K) { return 3 * R * K + 4
 // nullptr). Elementwise work runs over the whole block, so short rows (K = 16) still vectorise.
 LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int C, int S, int divergence,
                              float jsd_beta, float tau, float alpha, const int64_t* labels, float* work,
-                             float* grad, float* loss, float* hard) {
+                             float* grad, float* loss, float* hard, float subclass_weight = 1.f) {
   const int64_t K = static_cast<int64_t>(C) * S, RK = R * K;
   const float inv_tau = 1.f / tau;
   float* log_q = work;
@@ -74,6 +109,7 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
   // folded into its uses) for KL, so that the alpha term can reuse it (below). Loops that write and
   // reduce in one go keep the block in cache for fewer passes.
   const bool kl = divergence == kKL;
+  const bool weighted = kl && subclass_weight != 1.f && S > 1;
   for (int64_t r = 0; r < R; ++r) {
     float m = -INFINITY;
     LELP_SIMD_MAX(m)
@@ -132,14 +168,17 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
         sum_t += tk;
       }
       const float cq = tau * sum_t * row_inv[r], lr = row_log[r];
+      const float ct = weighted ? subclass_weight * tau : tau;  // the subclass weight scales the t term
       float d = 0.f;
       LELP_SIMD_SUM(d)
       for (int64_t k = 0; k < K; ++k) {
         const int64_t i = r * K + k;
-        grad[i] = cq * q[i] - tau * t[i];
+        grad[i] = cq * q[i] - ct * t[i];
         d += xlogx_ratio(t[i], log_t[i], log_q[i] - lr);
       }
-      loss[r] = tau * tau * d;
+      loss[r] = weighted ? kl_row_subclass_weighted(q + r * K, log_q + r * K, t + r * K, C, S, tau, subclass_weight,
+                                                    lr, d, grad + r * K)
+                         : tau * tau * d;
     }
   } else {
     // a = dD/dq; then the softmax Jacobian: grad_k = tau q_k (a_k - sum_j q_j a_j).
