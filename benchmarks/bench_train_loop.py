@@ -6,7 +6,7 @@ Setup (issue 23): an MLP student 768 -> 256 -> 16 (C = 4, S = 4), targets stored
 shards by ``generate_targets``, inputs a ``TensorDataset`` of fp32 rows, AdamW, the fused loss
 (KL, tau = 1, the library's default subclass weight λ in both), batch 1024. The peer is the loop a user writes by hand: the targets read into one
 in-memory tensor first, a seeded permutation, slices, ``distill_loss``, backward, step. Both run
-the same number of epochs from the same initial weights.
+the same number of epochs from the same initial weights, taking turns within each repeat.
 
 ``distill`` also writes a checkpoint per epoch and a report (with a plot) at the end; the per-epoch
 figure is the difference between an E-epoch and a 1-epoch run divided by E - 1, so fixed costs
@@ -95,20 +95,28 @@ def data_epoch(x, y, log_t, targets: str, batch: int, how: str) -> float:
         loader = ((x[i], y[i], log_t[i]) for i in torch.randperm(x.shape[0], generator=g).split(batch))
     elif how == "rows":  # what distill did before the rework: rows, then default_collate
         loader = DataLoader(ds, batch_size=batch, shuffle=True, generator=g, collate_fn=default_collate)
-    else:
+    else:  # what distill draws from: GatheredBatches, or batch_loader before it
         from lelp_fast.offline import batch_loader
+        from lelp_fast.offline import dataset
 
-        loader = batch_loader(ds, batch, shuffle=True, generator=g)
+        gathered = getattr(dataset, "GatheredBatches", batch_loader)
+        loader = gathered(ds, batch, shuffle=True, generator=g)
     start = time.perf_counter()
     for _ in loader:
         pass
     return time.perf_counter() - start
 
 
-def per_epoch(fn, epochs: int, repeats: int) -> list:
-    """Seconds per epoch without fixed costs: (t(E) - t(1)) / (E - 1), one value per repeat."""
-    fn(1)  # warm-up: first-touch of the mapped shards, allocator, kernel dispatch
-    return [(fn(epochs) - fn(1)) / (epochs - 1) for _ in range(repeats)]
+def per_epoch(fns: dict, epochs: int, repeats: int) -> dict:
+    """Seconds per epoch without fixed costs, (t(E) - t(1)) / (E - 1), one value per repeat for each
+    loop; the loops take turns within each repeat, so a slow spell of the machine hits both."""
+    for fn in fns.values():
+        fn(1)  # warm-up: first-touch of the mapped shards, allocator, kernel dispatch
+    out = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            out[name].append((fn(epochs) - fn(1)) / (epochs - 1))
+    return out
 
 
 def quantiles(values: list) -> tuple:
@@ -135,8 +143,10 @@ def main() -> None:
         log_t = TargetsDataset(targets).targets(range(args.rows))  # the peer reads the store once, up front
         data = {how: [data_epoch(x, y, log_t, targets, args.batch, how) for _ in range(args.repeats + 1)][1:]
                 for how in ("plain", "rows", "gathered") if how != "gathered" or _has_batch_loader()}
-        plain = per_epoch(lambda e: plain_loop(x, y, log_t, e, args.batch), args.epochs, args.repeats)
-        ours = per_epoch(lambda e: library_loop(x, y, targets, e, args.batch, workdir), args.epochs, args.repeats)
+        times = per_epoch({"plain": lambda e: plain_loop(x, y, log_t, e, args.batch),
+                           "ours": lambda e: library_loop(x, y, targets, e, args.batch, workdir)},
+                          args.epochs, args.repeats)
+        plain, ours = times["plain"], times["ours"]
     finally:
         shutil.rmtree(workdir)
     report(args, plain, ours, data)
@@ -157,7 +167,10 @@ def report(args, plain: list, ours: list, data: dict) -> None:
     print("|---|---|---|---|---|")
     print(f"| plain PyTorch (targets in memory) | {p[0]:.3f} | {p[1]:.3f} | {p[2]:.3f} | 1.00 |")
     print(f"| lelp_fast distill | {o[0]:.3f} | {o[1]:.3f} | {o[2]:.3f} | {o[0] / p[0]:.2f} |")
-    names = {"plain": "in-memory slices", "rows": "DataLoader rows + default_collate", "gathered": "batch_loader"}
+    paired = sorted(b / a for a, b in zip(plain, ours))  # each repeat's ratio: the loops ran back to back
+    print(f"| distill / plain per repeat (min, max; median) | | {paired[0]:.2f} | {paired[-1]:.2f} | "
+          f"{statistics.median(paired):.2f} |")
+    names = {"plain": "in-memory slices", "rows": "DataLoader rows + default_collate", "gathered": "distill's gathered batches"}
     for how, values in data.items():
         d = quantiles(values)
         print(f"| batches only: {names[how]} | {d[0]:.3f} | {d[1]:.3f} | {d[2]:.3f} | |")
