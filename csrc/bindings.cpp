@@ -32,8 +32,8 @@ void loss_binding(uintptr_t student, int student_dtype, int64_t student_stride, 
   a.grad_dtype = grad_dtype;
   a.grad_scale = reinterpret_cast<const float*>(grad_scale);
   a.subclass_weight = static_cast<float>(subclass_weight);
-  if (a.subclass_weight != 1.f && (divergence != 0 || on_cuda))
-    throw std::invalid_argument("loss: subclass_weight != 1 needs divergence KL and the CPU kernel");
+  if (a.subclass_weight != 1.f && divergence != 0)
+    throw std::invalid_argument("loss: subclass_weight != 1 needs divergence KL");
   if (on_cuda) {
 #ifdef LELP_WITH_CUDA
     if (suspect != 0) throw std::invalid_argument("loss: the fused input check is CPU only");
@@ -96,7 +96,7 @@ PYBIND11_MODULE(_C, m) {
         "weight, bias, J, logits, dtype, stride, beta)). `suspect` (CPU only: N uint8 flags) takes the input "
         "check's row flags from the same pass; with `grad_dtype` and `grad_scale` (the address of one fp32, "
         "host or device memory like the tensors) `grad` holds grad_scale * dL/ds in that dtype; `subclass_weight` "
-        "(KL, CPU) weights the subclass part of KL(t||q). See "
+        "(KL) weights the subclass part of KL(t||q). See "
         "lelp_fast.ops.loss.",
         py::arg("student"), py::arg("student_dtype"), py::arg("student_stride"), py::arg("n"), py::arg("C"),
         py::arg("S"), py::arg("log_targets"), py::arg("targets_dtype"), py::arg("targets_stride"),
@@ -105,7 +105,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad"), py::arg("teachers"), py::arg("on_cuda"), py::arg("stream"), py::arg("suspect") = 0,
         py::arg("grad_dtype") = 0, py::arg("grad_scale") = 0, py::arg("subclass_weight") = 1.0);
   m.attr("loss_folds_grad") = true;  // the Python layer asks before passing grad_scale
-  m.attr("loss_subclass_weight") = true;  // the CPU kernel takes lambda (KL): one pass, not two calls
+  m.attr("loss_subclass_weight") = true;  // the CPU and CUDA kernels take lambda (KL): one pass, not two calls
   m.def(
       "scale_rows",
       [](uintptr_t grad, uintptr_t rows, int64_t n, int64_t K, int dtype, uintptr_t out) {

@@ -788,11 +788,13 @@ class _KernelCalls(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled CPU extension")
+@pytest.mark.parametrize("backend", ["cpu", "cuda_emu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["plain", "one row", "odd K", "long classes", "huge logits", "empty class",
                                   "sharp targets", "alpha"])
-def test_cpu_kernel_takes_the_subclass_weight_in_one_pass(dtype, case):
-    """λ ≠ 1 on the CPU: one kernel call (it was two, plus torch's pooling and its backward), equal
+def test_kernel_takes_the_subclass_weight_in_one_pass(backend, dtype, case):
+    """λ ≠ 1 in the CPU and CUDA kernels (the CUDA one's body on the host): one kernel call (it was
+    two, plus torch's pooling and its backward), equal
     to the fp64 formula written from its parts, loss and gradient, at the edges too: a class whose
     logits are ~200 below the row's (its q underflows), a class with no target mass, near one-hot
     targets, the hard-label term."""
@@ -810,7 +812,7 @@ def test_cpu_kernel_takes_the_subclass_weight_in_one_pass(dtype, case):
     x = student.to(dtype).requires_grad_(True)
     with _KernelCalls() as kernel:
         loss, soft, hard = distill_loss(x, log_t.float(), labels, num_classes=c, n_subclasses=s, tau=1.3, alpha=alpha,
-                                        subclass_weight=0.1, backend="cpu", return_components=True)
+                                        subclass_weight=0.1, backend=backend, return_components=True)
         (grad,) = torch.autograd.grad(loss, x)
     assert kernel.calls == 1
     ref = x.detach().double().requires_grad_(True)
@@ -825,11 +827,12 @@ def test_cpu_kernel_takes_the_subclass_weight_in_one_pass(dtype, case):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled CPU extension")
-def test_cpu_kernel_subclass_weight_propagates_nan():
+@pytest.mark.parametrize("backend", ["cpu", "cuda_emu"])
+def test_kernel_subclass_weight_propagates_nan(backend):
     student, log_t, labels = make_inputs(6, 2, 4, seed=2)
     student[3, 1] = float("nan")
     loss = distill_loss(student.float(), log_t.float(), labels, num_classes=2, n_subclasses=4, subclass_weight=0.1,
-                        backend="cpu", check_inputs=False, reduction="none")
+                        backend=backend, check_inputs=False, reduction="none")
     assert torch.isnan(loss[3]) and torch.isfinite(loss[[0, 1, 2, 4, 5]]).all()
 
 

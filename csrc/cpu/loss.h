@@ -39,7 +39,7 @@ struct LossArgs {
   // written once, in the student's dtype, and the backward has no N x K pass.
   int grad_dtype = 0;
   const float* grad_scale = nullptr;
-  // KL only (CPU kernel): the weight lambda of the subclass part, KL(t||q) = KL(p||Q) + sum_c p_c
+  // KL only (CPU and CUDA kernels): the weight lambda of the subclass part, KL(t||q) = KL(p||Q) + sum_c p_c
   // KL(r_c||rho_c); 1 is the plain KL (see kl_row_subclass_weighted in lelp/loss_math.h).
   float subclass_weight = 1.f;
 };

@@ -70,10 +70,10 @@ def _loss_rows(
     student's device; the Triton, CUDA and CPU kernels fold it in, CUDA reading it on the device):
     the gradient comes as ``grad_scale · dL_row/ds`` in the student's dtype instead (the torch
     fallback, or an extension built before, scales and casts it here: one more pass). ``subclass_weight``
-    λ ≠ 1 (KL, the CPU kernel only; :func:`distill_loss` sends other backends to
+    λ ≠ 1 (KL; the CPU and CUDA kernels, :func:`distill_loss` sends Triton and torch to
     :func:`subclass_weighted_loss`): ``τ² [λ KL(t‖q) + (1 − λ) KL(p‖Q)]`` in the same pass."""
-    if subclass_weight != 1.0 and (use_triton or student.device.type != "cpu"):
-        raise ValueError("subclass_weight != 1 is computed by the CPU kernel only")
+    if subclass_weight != 1.0 and use_triton:
+        raise ValueError("subclass_weight != 1 is computed by the CPU and CUDA kernels, not Triton")
     n, k = student.shape
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     hard_rows = torch.zeros(n, dtype=torch.float32, device=student.device)
@@ -365,8 +365,8 @@ def distill_loss(
         beta, num_classes, n_subclasses)
     chosen = _choose_backend(backend, student_logits, log_targets, embeddings, teacher_logits, num_classes,
                              n_subclasses)
-    if weighted and not (chosen == "cpu" and _extension_weights_subclasses()):
-        # The CPU kernel takes λ in its one pass; the GPU kernels and torch get two fused calls.
+    if weighted and not (chosen in ("cpu", "cuda") and _extension_weights_subclasses()):
+        # The CPU and CUDA kernels take λ in their one pass; Triton and torch get two fused calls.
         return subclass_weighted_loss(
             student_logits, log_targets, labels, subclass_weight=subclass_weight, num_classes=num_classes,
             n_subclasses=n_subclasses, divergence=divergence, teacher_weights=teacher_weights, tau=tau, alpha=alpha,
@@ -421,8 +421,8 @@ def subclass_weighted_loss(student_logits: Tensor, log_targets: Optional[Tensor]
                            teacher_logits=None, beta: Union[float, Sequence[float]] = 1.0, tau: float = 1.0,
                            alpha: float = 0.0, reduction: str = "mean", ignore_index: int = -100,
                            backend: str = "auto", check_inputs: bool = True, return_components: bool = False):
-    """``τ² [KL(p‖Q) + λ Σ_c p_c KL(r_c‖ρ_c)] + α CE`` as two calls of the fused loss (the GPU
-    kernels and torch; the CPU kernel takes λ in its own pass, ``kl_row_subclass_weighted``):
+    """``τ² [KL(p‖Q) + λ Σ_c p_c KL(r_c‖ρ_c)] + α CE`` as two calls of the fused loss (Triton and
+    torch; the CPU and CUDA kernels take λ in their own pass, ``kl_row_subclass_weighted``):
     ``λ · τ² KL(t‖q) + (1 − λ) · τ² KL(p‖Q)``, since ``KL(t‖q) = KL(p‖Q) + Σ_c p_c KL(r_c‖ρ_c)``.
     ``KL(p‖Q)`` is the S = 1 loss of the pooled logits ``τ·logsumexp(s/τ)`` (their softmax at τ is
     Q) against ``log p = logsumexp_s log t`` (subclass targets sum to the teacher's class
@@ -471,7 +471,7 @@ def _check_subclass_weight(subclass_weight: float, divergence: str) -> None:
 
 
 def _extension_weights_subclasses() -> bool:
-    """Whether the compiled CPU loss takes the subclass weight λ (an extension built before could not)."""
+    """Whether the compiled loss (CPU and CUDA) takes the subclass weight λ (an extension built before could not)."""
     return getattr(_dispatch.extension(), "loss_subclass_weight", False)
 
 

@@ -79,7 +79,7 @@ PYBIND11_MODULE(lelp_cuda_emu, m) {
                    uintptr_t weights, uintptr_t labels, int64_t ignore_index, int divergence, double jsd_beta,
                    double tau, double alpha, uintptr_t loss_rows, uintptr_t hard_rows, uintptr_t grad,
                    const std::vector<lelp::OnlineTeacher>& teachers, bool /*on_cuda*/, uintptr_t /*stream*/,
-                   uintptr_t suspect, int grad_dtype, uintptr_t grad_scale) {
+                   uintptr_t suspect, int grad_dtype, uintptr_t grad_scale, double subclass_weight) {
     const auto online = lelp::make_online_teachers(teachers, n, C, S, tau, n_teachers);
     auto a = lelp::make_loss_args(student, student_dtype, student_stride, n, C, S, log_targets, targets_dtype,
                                         targets_stride, n_teachers, weights, labels, ignore_index, divergence,
@@ -87,6 +87,7 @@ PYBIND11_MODULE(lelp_cuda_emu, m) {
                                         online.empty() ? nullptr : online.data());
     a.grad_dtype = grad_dtype;
     a.grad_scale = reinterpret_cast<const float*>(grad_scale);
+    a.subclass_weight = static_cast<float>(subclass_weight);
     py::gil_scoped_release release;
     if (suspect != 0) flag_rows(a, reinterpret_cast<uint8_t*>(suspect));
     lelp::emu::loss(a);
@@ -95,5 +96,5 @@ PYBIND11_MODULE(lelp_cuda_emu, m) {
      py::arg("weights"), py::arg("labels"), py::arg("ignore_index"), py::arg("divergence"), py::arg("jsd_beta"),
      py::arg("tau"), py::arg("alpha"), py::arg("loss_rows"), py::arg("hard_rows"), py::arg("grad"),
      py::arg("teachers"), py::arg("on_cuda"), py::arg("stream"), py::arg("suspect") = 0,
-     py::arg("grad_dtype") = 0, py::arg("grad_scale") = 0);
+     py::arg("grad_dtype") = 0, py::arg("grad_scale") = 0, py::arg("subclass_weight") = 1.0);
 }

@@ -147,6 +147,45 @@ LELP_DEV void lane_log_targets(const Warp& w, const LossArgs& a, const OnlineTea
   }
 }
 
+// KL(p||Q) of one row, p_c and Q_c the class sums of t and q (lq: the normalised log q), for the
+// subclass weight lambda (lelp/loss_math.h, kl_row_subclass_weighted); adds the class term's gradient
+// -(1 - lambda) tau p_c q_k / Q_c to gr. One class at a time, by the row's group (warp-uniform loop);
+// Q_c is summed from the class's own max, so a class far below the row's max stays exact.
+template <class Warp, int CH>
+LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* lq, const float* t, float* gr) {
+  constexpr int W = Warp::kWidth, P = CH * kVec;
+  const int g = w.lane() % W, C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S;
+  const float f = (1.f - a.subclass_weight) * a.tau;
+  float d = 0.f;
+  for (int c = 0; c < C; ++c) {
+    float p = 0.f, m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int k = element<W>(g, i);
+      if (k < K && k / S == c) {
+        p += t[i];
+        m = fmax_(m, lq[i]);
+      }
+    }
+    p = w.sum(p);
+    m = w.max(m);
+    float acc = 0.f;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int k = element<W>(g, i);
+      if (k < K && k / S == c) acc += expf(lq[i] - m);
+    }
+    const float log_qc = m + logf(w.sum(acc));
+    d += xlogx_ratio(p, logf(p), log_qc);
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int k = element<W>(g, i);
+      if (k < K && k / S == c) gr[i] -= f * p * expf(lq[i] - log_qc);
+    }
+  }
+  return d;
+}
+
 // tau^2 D(t, q) of one row and its gradient into gr (lanes' slots; absent elements masked).
 template <class Warp, int CH>
 LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, const float* lt, float* gr) {
@@ -200,12 +239,16 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
       st += t[i];
     }
     st = w.sum(st);
+    const bool weighted = a.subclass_weight != 1.f && a.S > 1;
+    const float lambda = weighted ? a.subclass_weight : 1.f;  // the subclass weight scales the t term
 #pragma unroll
     for (int i = 0; i < P; ++i) {
-      gr[i] = tau * (q[i] * st - t[i]);
+      gr[i] = tau * (q[i] * st - lambda * t[i]);
       if (element<W>(g, i) < K) d += xlogx_ratio(t[i], lt[i], lq[i]);
     }
-    return tau * tau * w.sum(d);
+    d = w.sum(d);
+    if (!weighted) return tau * tau * d;
+    return tau * tau * (lambda * d + (1.f - lambda) * row_class_kl<Warp, CH>(w, a, lq, t, gr));
   }
   const float log_b = logf(a.jsd_beta), log_1mb = logf(1.f - a.jsd_beta);
   float qa = 0.f;
