@@ -7,26 +7,15 @@ Forward and backward, ``.grad = None`` before each call, KL, τ = 1, labels, the
 check; median of 200 calls at N <= 1024, of 7 at N = 262 144; two rounds, the columns interleaved.
 """
 
-import time
-
 import torch
 
 from lelp_fast.ops import distill_loss
 from lelp_fast.ops.loss import subclass_weighted_loss
 
+from _timing import median_seconds
+
 SHAPES = [(256, 4, 4, torch.float32), (1024, 4, 4, torch.float32), (262144, 4, 4, torch.float32),
           (262144, 2, 64, torch.float32), (262144, 16, 8, torch.bfloat16)]
-
-
-def median_ms(fn, calls: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def main() -> None:
@@ -53,7 +42,7 @@ def main() -> None:
                                           backend="cpu"))
         calls = 200 if n <= 1024 else 7
         for _ in range(2):
-            row = [median_ms(fn, calls) for fn in (two, one, plain)]
+            row = [1e3 * median_seconds(fn, calls, warmup=3) for fn in (two, one, plain)]
             print(f"| {n} | {c} x {s} | {str(dtype)[6:]} | " + " | ".join(f"{v:.2f}" for v in row) + " |", flush=True)
 
 
