@@ -420,6 +420,29 @@ def test_a_flipped_byte_in_a_targets_shard_is_refused_where_it_is_read(problem, 
         assert not torch.equal(unchecked, clean)
 
 
+@pytest.mark.parametrize("dtype,compact", [("float16", False), ("bfloat16", False), ("float32", True)])
+def test_targets_read_into_memory_serve_the_same_batches(problem, tmp_path, dtype, compact):
+    """distill reads stores up to 1 GiB into one tensor: every batch equals the mapped shards' (any
+    dtype, compact targets computed on read), a store over the budget stays mapped, and a flipped
+    byte is refused by the read (the checksum is still verified)."""
+    h, y, projector = problem
+    generate_targets(projector, h, str(tmp_path), chunk_bytes=CHUNK, dtype=dtype, compact=compact)
+    temps = dict(beta=0.5, tau=1.0) if compact else {}
+    mapped, loaded = TargetsDataset(str(tmp_path), **temps), TargetsDataset(str(tmp_path), **temps)
+    assert not loaded.read_into_memory(max_bytes=100) and loaded._in_memory is None
+    assert loaded.read_into_memory()
+    for rows in ([449, -1, 0, 5, 5, 200, 97, 96], torch.randperm(450)[:64], []):
+        assert torch.equal(loaded.targets(rows), mapped.targets(rows))
+    manifest = json.load(open(os.path.join(str(tmp_path), "manifest.json")))
+    first = next(iter(manifest["shards"][1]["files"].values()))["file"]
+    path = os.path.join(str(tmp_path), first)
+    data = bytearray(open(path, "rb").read())
+    data[-3] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        TargetsDataset(str(tmp_path), **temps).read_into_memory()
+
+
 def test_batches_are_gathered_and_equal_the_rows_of_a_dataloader(problem, tmp_path):
     from lelp_fast.offline import batch_loader
 

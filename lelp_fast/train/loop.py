@@ -227,6 +227,7 @@ def _training_data(train_data, targets, num_classes: int, n_subclasses: int, st:
     data = TargetsDataset(targets, train_data, beta=beta, tau=tau)
     _check_shape(f"the targets in {targets}", data.settings["num_classes"], data.settings["n_subclasses"],
                  num_classes, n_subclasses)
+    data.read_into_memory()  # up to 1 GiB: a batch is then one index, as in a hand-written loop
 
     def offline(out, log_t, y):
         return distill_loss(out, log_t.to(out.device), y, num_classes=num_classes, n_subclasses=n_subclasses,
