@@ -411,7 +411,10 @@ def distill_loss(
         loss = reference.reduce_rows(per_row, labels, ignore_index, reduction)
     if not return_components:
         return loss
-    hard = reference.reduce_rows(hard_rows.detach(), labels, ignore_index, reduction)
+    if alpha == 0.0 or labels is None:  # no hard-label term: a zero, not a masked reduction of zeros
+        hard = torch.zeros_like(loss.detach())
+    else:
+        hard = reference.reduce_rows(hard_rows.detach(), labels, ignore_index, reduction)
     return loss, loss.detach() - hard, hard  # the reductions are linear: soft needs no second one
 
 
