@@ -100,6 +100,8 @@ def data_epoch(x, y, log_t, targets: str, batch: int, how: str) -> float:
         from lelp_fast.offline import dataset
 
         gathered = getattr(dataset, "GatheredBatches", batch_loader)
+        if hasattr(ds, "read_into_memory"):
+            ds.read_into_memory()  # as distill does for a store of this size
         loader = gathered(ds, batch, shuffle=True, generator=g)
     start = time.perf_counter()
     for _ in loader:

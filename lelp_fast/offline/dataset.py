@@ -179,7 +179,11 @@ class TargetsDataset(Dataset):
     def batch(self, indices: Sequence[int]) -> Any:
         """``log_t`` (B, K) of the rows, or ``(inputs, log_t)`` with the joined dataset's rows gathered
         as one batch (:func:`gather_rows`)."""
-        idx = _row_index(indices, self.n_rows)
+        return self.sampled_batch(_row_index(indices, self.n_rows))
+
+    def sampled_batch(self, idx: torch.Tensor) -> Any:
+        """:meth:`batch` of rows known to be valid (an int64 CPU tensor of row numbers in range, as a
+        sampler draws them): no check, which in a training step costs more than the gather."""
         t = self._gather(idx)
         return t if self.dataset is None else (gather_rows(self.dataset, idx), t)
 
@@ -338,8 +342,9 @@ class GatheredBatches:
         # A DataLoader draws its workers' base seed before the sampler's permutation; the same draw
         # here keeps the random streams, and so a resumed run's batches, as they were.
         torch.empty((), dtype=torch.int64).random_(generator=self.sampler.generator)
+        take = getattr(self.dataset, "sampled_batch", self.dataset.batch)  # the sampler's rows are valid
         for rows in self.sampler:
-            yield self.dataset.batch(rows)
+            yield take(rows)
 
 
 def collate_with_targets(batch: List[Any]):
