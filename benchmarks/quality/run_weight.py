@@ -12,7 +12,8 @@ method the mean test accuracy, the paired difference from KD and the share of th
 and writes results/weight-<stage>.json.
 real: any real task's table (the fractions and students of its ``lelp-fast bench quality`` run) with KD,
 LELP at λ = 1 and at smaller λ (``--methods``), every cell written to results/weight-<dataset>.json as
-soon as it is done.
+soon as it is done. ``--methods KD "LELP library" --library-defaults --tag choice``: the library's choice
+(``lelp_fast.tune.search`` with its default grid on the first seed's rows, then trained on every seed).
 digits-variants: issue 22's LELP variants (spectral S, GMM, entropy β, annealed β) on digits, at the default
 λ, with KD, the default and the oracle (results/variants-digits.json); real tasks: ``--stage real --tag
 variants-linear --methods KD LELP "LELP spectral S" ... oracle``; variants-summary prints them all.
@@ -194,7 +195,8 @@ def run_fashion(students, fraction: float, seeds: int, cache_dir) -> dict:
 REAL_WEIGHT_METHODS = ["KD", "LELP λ=1", "LELP λ=0.1", "LELP λ=0.25"]
 
 
-def run_real(dataset: str, students, fractions, seeds: int, methods, cache_dir, out_path: str, beta=None) -> dict:
+def run_real(dataset: str, students, fractions, seeds: int, methods, cache_dir, out_path: str, beta=None,
+             library_defaults: bool = False) -> dict:
     """One process, one teacher (trained with torch's threads, then students on one thread), cell by cell."""
     import time
 
@@ -205,7 +207,7 @@ def run_real(dataset: str, students, fractions, seeds: int, methods, cache_dir, 
 
     overrides = {"cache_dir": cache_dir} if cache_dir else {}
     cfg = real_config(dataset, students=tuple(students), fractions=tuple(fractions), seeds=seeds, beta=beta,
-                      **overrides)
+                      library_defaults=library_defaults, **overrides)
     start = time.perf_counter()
     task = REAL_TASKS[dataset](cfg.cache_dir)
     methods = [m for m in methods if not (m == "oracle" and task.sub is None)]
@@ -222,7 +224,8 @@ def run_real(dataset: str, students, fractions, seeds: int, methods, cache_dir, 
             data["cells"][name] = {"per_seed": cell["per_seed"], "tuned": cell["tuned"], "seconds": cell["seconds"]}
             with open(out_path, "w") as f:
                 json.dump(data, f, indent=1)
-            print(f"KD tau {cell['tuned']['kd_tau']}; {cell['seconds']:.0f} s")
+            library = f"; library: {cell['tuned']['library']['reason']}" if "library" in cell["tuned"] else ""
+            print(f"KD tau {cell['tuned']['kd_tau']}{library}; {cell['seconds']:.0f} s")
             if "KD" in methods:  # the paired table needs its baseline
                 print_table(name, shares(cell["per_seed"], "KD") if "oracle" in methods else
                             {m: {**v, "share": float("nan")} for m, v in _paired(cell["per_seed"]).items()})
@@ -289,6 +292,8 @@ def main() -> None:
     parser.add_argument("--cache-dir")
     parser.add_argument("--tag", default="weight", help="stage real writes results/<tag>-<dataset>.json")
     parser.add_argument("--beta", type=float, help="stage real: the LELP rows' β (default: the library's)")
+    parser.add_argument("--library-defaults", action="store_true",
+                        help="stage real: 'LELP library' runs lelp_fast.tune.search with its default grid")
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     if args.stage == "summary":
@@ -304,7 +309,7 @@ def main() -> None:
         return
     if args.stage == "real":
         run_real(args.dataset, args.students, args.fractions, args.seeds, args.methods, args.cache_dir,
-                 os.path.join(RESULTS, f"{args.tag}-{args.dataset}.json"), args.beta)
+                 os.path.join(RESULTS, f"{args.tag}-{args.dataset}.json"), args.beta, args.library_defaults)
         return
     data = run_digits() if args.stage == "digits" else run_fashion(args.students, args.fraction, args.seeds,
                                                                     args.cache_dir)
