@@ -331,9 +331,11 @@ def choice_summary() -> None:
 
     from lelp_fast.paired import paired_interval
 
-    print("| cell | KD (%) | library − KD | 95 % interval | choice | tuner's validation gain (LELP − KD) |")
+    print("| cell | KD (%), τ | library − KD | 95 % interval | choice | tuner's validation gain (LELP − KD) |")
     print("|---|---|---|---|---|---|")
     for path in sorted(glob.glob(os.path.join(RESULTS, "choice-*.json"))):
+        if not os.path.getsize(path):  # a run still going (digits-choice writes at the end)
+            continue
         with open(path) as f:
             data = json.load(f)
         for name, cell in data.get("cells", data).items():
@@ -347,8 +349,9 @@ def choice_summary() -> None:
             reason = lib["reason"]
             gain = reason.split("validation ", 1)[1].split(":")[0] if "validation " in reason else reason
             below = " **below**" if hi < 0 else ""
-            print(f"| {name} | {100 * np.mean(m['KD']):.2f} | {100 * st['mean']:+.2f} ± {100 * st['sd']:.2f} "
-                  f"({st['wins']}/{st['seeds']}) | {100 * lo:+.2f} to {100 * hi:+.2f}{below} | {choice} | {gain} |")
+            kd_tau = cell.get("tuned", {}).get("kd_tau", 1.0)  # digits: vanilla KD at τ = 1
+            print(f"| {name} | {100 * np.mean(m['KD']):.2f}, {kd_tau:g} | "
+                  f"{100 * st['mean']:+.2f} ± {100 * st['sd']:.2f} ({st['wins']}/{st['seeds']}) | {100 * lo:+.2f} to {100 * hi:+.2f}{below} | {choice} | {gain} |")
 
 
 def main() -> None:
