@@ -106,8 +106,11 @@ def run_digits_choice() -> dict:
     from lelp_fast.quality import QualityConfig, run_quality
     from lelp_fast.quality.models import MLP
     from lelp_fast.quality.runner import _Context
+    import torch
+
     from lelp_fast.tune import ProxySettings, TeacherOutputs, TuneGrid, search
 
+    torch.set_num_threads(1)  # tiny full-batch steps: a second thread only waits on a shared machine
     data = {}
     for task in ("digits-parity", "digits-low"):
         for hidden in (0, 32):
@@ -386,8 +389,9 @@ def main() -> None:
             json.dump(run_digits_variants(), f, indent=1)
         return
     if args.stage == "digits-choice":
+        data = run_digits_choice()
         with open(os.path.join(RESULTS, "choice-digits.json"), "w") as f:
-            json.dump(run_digits_choice(), f, indent=1)
+            json.dump(data, f, indent=1)
         return
     if args.stage == "real":
         run_real(args.dataset, args.students, args.fractions, args.seeds, args.methods, args.cache_dir,
