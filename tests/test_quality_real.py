@@ -184,3 +184,29 @@ def test_the_new_variants_train_students_with_the_default_number_of_outputs():
     assert set(result["per_seed"]) == set(methods)
     library = result["tuned"]["library"]
     assert library["subclasses"] in (1, 2) and "LELP minus KD" in library["reason"]
+
+
+def test_the_library_choice_can_run_the_tuner_with_its_own_defaults(monkeypatch):
+    import lelp_fast.tune as tune
+
+    grids = []
+
+    def fake_search(teacher, train, val, make_student, settings, grid, **_):
+        grids.append((grid, settings))
+        best = {"subclasses": 4 if grid.subclasses == (2, 4, 8, 16) else 2, "beta": 0.05, "tau": 4.0,
+                "subclass_weight": 0.1}
+        return {"best": best, "lelp": best, "skipped": [], "decision": {"reason": "LELP minus KD on validation"}}
+
+    monkeypatch.setattr(tune, "search", fake_search)
+    task = small_task()
+    methods = ["KD", "LELP library"]
+    for defaults in (False, True):
+        cfg = real_config("fashion-mnist-coarse", steps=2, seeds=1, tune_subclasses=(2,), library_defaults=defaults)
+        fits = real_runner._fits(task, cfg, methods)
+        result = run_cell(task, "linear", 0.2, cfg, methods, fits, progress=False)
+        assert result["tuned"]["library"]["subclasses"] == (4 if defaults else 2)
+        assert len(result["per_seed"]["LELP library"]) == 1
+    (small, _), (default, settings) = grids
+    assert small.subclasses == (2,) and small.steps == 1  # the benchmark's grid: a fifth of the steps
+    assert default == tune.TuneGrid() and (settings.lr, settings.batch_size) == (cfg.lr, cfg.batch_size)
+    assert ("pca", 8) not in fits  # 12-dimensional embeddings: S = 8 and 16 are skipped, not a crash

@@ -12,10 +12,14 @@ method the mean test accuracy, the paired difference from KD and the share of th
 and writes results/weight-<stage>.json.
 real: any real task's table (the fractions and students of its ``lelp-fast bench quality`` run) with KD,
 LELP at λ = 1 and at smaller λ (``--methods``), every cell written to results/weight-<dataset>.json as
-soon as it is done.
+soon as it is done. ``--methods KD "LELP library" --library-defaults --tag choice``: the library's choice
+(``lelp_fast.tune.search`` with its default grid on the first seed's rows, then trained on every seed).
 digits-variants: issue 22's LELP variants (spectral S, GMM, entropy β, annealed β) on digits, at the default
 λ, with KD, the default and the oracle (results/variants-digits.json); real tasks: ``--stage real --tag
 variants-linear --methods KD LELP "LELP spectral S" ... oracle``; variants-summary prints them all.
+digits-choice: the library's choice on digits (``lelp_fast.tune.search``'s default grid; validation: the
+training rows no student sees), paired against KD (results/choice-digits.json); choice-summary prints every
+results/choice-*.json cell.
 summary: every results/weight-*.json as one table: each λ minus KD and λ = 0.1 minus λ = 1, paired, with the
 95 % t-interval ("below": the interval lies under 0).
 """
@@ -91,6 +95,51 @@ def run_digits_variants() -> dict:
             name = f"{task} {'linear' if hidden == 0 else 'mlp'}"
             data[name] = {m: [seed[m]["accuracy"] for seed in runs] for m in methods}
             print_table(name, shares(data[name], "vanilla KD"))
+    return data
+
+
+def run_digits_choice() -> dict:
+    """The library's choice on digits: ``lelp_fast.tune.search`` with its default grid on seed 0's student rows,
+    validated on the training rows that no student sees (the teacher trained on them; the students' rows, the
+    teacher and the fits are those of the other columns), then trained on every seed with the digits protocol,
+    paired against vanilla KD (τ = 1) on the same seeds."""
+    from lelp_fast.quality import QualityConfig, run_quality
+    from lelp_fast.quality.models import MLP
+    from lelp_fast.quality.runner import _Context
+    import torch
+
+    from lelp_fast.tune import ProxySettings, TeacherOutputs, TuneGrid, search
+
+    torch.set_num_threads(1)  # tiny full-batch steps: a second thread only waits on a shared machine
+    data = {}
+    for task in ("digits-parity", "digits-low"):
+        for hidden in (0, 32):
+            base = QualityConfig(dataset=task, seeds=5, n_teachers=1, validation_fraction=0.0, student_hidden=hidden,
+                                 beta=0.25)
+            ctx = _Context(0, base)
+            rows, val = ctx.student_rows, ctx.train[len(ctx.student_rows):]
+            head = ctx.teacher.head
+            teacher = TeacherOutputs(ctx.emb[0][rows], ctx.logits[0][rows], ctx.y[rows],
+                                     (head.weight.detach(), head.bias.detach()))
+            settings = ProxySettings(lr=1e-2, weight_decay=1e-4, batch_size=len(rows))  # the protocol's full batch
+            best = search(teacher, (ctx.x[rows], ctx.y[rows]), (ctx.x[val], ctx.y[val]),
+                          lambda k: MLP(ctx.x.shape[1], hidden, k), settings, TuneGrid(), log=lambda _: None)
+            choice, reason = best["best"], best["decision"]["reason"]
+            if choice["subclasses"] == 1:
+                cfg, method = replace(base, tau=choice["tau"]), "vanilla KD"
+            else:
+                cfg, method = replace(base, n_subclasses=choice["subclasses"], beta=choice["beta"],
+                                      tau=choice["tau"], subclass_weight=choice["subclass_weight"]), "LELP"
+            kd = run_quality(base, ["vanilla KD"], progress=False)["per_seed"]
+            chosen = run_quality(cfg, [method], progress=False)["per_seed"]
+            per_seed = {"KD": [r["vanilla KD"]["accuracy"] for r in kd],
+                        "LELP library": [r[method]["accuracy"] for r in chosen]}
+            name = f"{task} {'linear' if hidden == 0 else 'mlp'}"
+            data[name] = {"per_seed": per_seed, "library": {**{k: choice[k] for k in ("subclasses", "beta", "tau",
+                                                                                     "subclass_weight")},
+                                                            "reason": reason, "validation_rows": len(val)}}
+            print(f"{name}: library {data[name]['library']}")
+            print_table(name, {m: {**v, "share": float("nan")} for m, v in _paired(per_seed).items()})
     return data
 
 
@@ -194,7 +243,8 @@ def run_fashion(students, fraction: float, seeds: int, cache_dir) -> dict:
 REAL_WEIGHT_METHODS = ["KD", "LELP λ=1", "LELP λ=0.1", "LELP λ=0.25"]
 
 
-def run_real(dataset: str, students, fractions, seeds: int, methods, cache_dir, out_path: str, beta=None) -> dict:
+def run_real(dataset: str, students, fractions, seeds: int, methods, cache_dir, out_path: str, beta=None,
+             library_defaults: bool = False) -> dict:
     """One process, one teacher (trained with torch's threads, then students on one thread), cell by cell."""
     import time
 
@@ -205,7 +255,7 @@ def run_real(dataset: str, students, fractions, seeds: int, methods, cache_dir, 
 
     overrides = {"cache_dir": cache_dir} if cache_dir else {}
     cfg = real_config(dataset, students=tuple(students), fractions=tuple(fractions), seeds=seeds, beta=beta,
-                      **overrides)
+                      library_defaults=library_defaults, **overrides)
     start = time.perf_counter()
     task = REAL_TASKS[dataset](cfg.cache_dir)
     methods = [m for m in methods if not (m == "oracle" and task.sub is None)]
@@ -222,7 +272,8 @@ def run_real(dataset: str, students, fractions, seeds: int, methods, cache_dir, 
             data["cells"][name] = {"per_seed": cell["per_seed"], "tuned": cell["tuned"], "seconds": cell["seconds"]}
             with open(out_path, "w") as f:
                 json.dump(data, f, indent=1)
-            print(f"KD tau {cell['tuned']['kd_tau']}; {cell['seconds']:.0f} s")
+            library = f"; library: {cell['tuned']['library']['reason']}" if "library" in cell["tuned"] else ""
+            print(f"KD tau {cell['tuned']['kd_tau']}{library}; {cell['seconds']:.0f} s")
             if "KD" in methods:  # the paired table needs its baseline
                 print_table(name, shares(cell["per_seed"], "KD") if "oracle" in methods else
                             {m: {**v, "share": float("nan")} for m, v in _paired(cell["per_seed"]).items()})
@@ -276,10 +327,40 @@ def summary() -> None:
         print(f"| {name} | {100 * np.mean(kd):.2f} | " + " | ".join(cols) + " |")
 
 
+def choice_summary() -> None:
+    """Every results/choice-*.json cell: the library's choice minus KD on the same seeds (mean ± sd, seeds won,
+    95 % paired t-interval; "below": it lies under 0) and what the tuner chose on the first seed's rows."""
+    import glob
+
+    from lelp_fast.paired import paired_interval
+
+    print("| cell | KD (%), τ | library − KD | 95 % interval | choice | tuner's validation gain (LELP − KD) |")
+    print("|---|---|---|---|---|---|")
+    for path in sorted(glob.glob(os.path.join(RESULTS, "choice-*.json"))):
+        if not os.path.getsize(path):  # a run still going (digits-choice writes at the end)
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        for name, cell in data.get("cells", data).items():
+            m, lib = cell["per_seed"], cell.get("library") or cell["tuned"]["library"]
+            st = paired_interval(m["LELP library"], m["KD"])
+            lo, hi = st["interval"]
+            point = lib.get("lelp") or lib  # the LELP point the tuner weighed against KD
+            lelp = (f"S = {point['subclasses']}, β = {point['beta']:g}, τ = {point['tau']:g}, "
+                    f"λ = {point['subclass_weight']:g}")
+            choice = f"KD, τ = {lib['tau']:g} (against {lelp})" if lib["subclasses"] == 1 else lelp
+            reason = lib["reason"]
+            gain = reason.split("validation ", 1)[1].split(":")[0] if "validation " in reason else reason
+            below = " **below**" if hi < 0 else ""
+            kd_tau = cell.get("tuned", {}).get("kd_tau", 1.0)  # digits: vanilla KD at τ = 1
+            print(f"| {name} | {100 * np.mean(m['KD']):.2f}, {kd_tau:g} | "
+                  f"{100 * st['mean']:+.2f} ± {100 * st['sd']:.2f} ({st['wins']}/{st['seeds']}) | {100 * lo:+.2f} to {100 * hi:+.2f}{below} | {choice} | {gain} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("digits", "digits-variants", "fashion", "real", "summary",
-                                            "variants-summary"), required=True)
+    parser.add_argument("--stage", choices=("digits", "digits-variants", "digits-choice", "fashion", "real",
+                                            "summary", "variants-summary", "choice-summary"), required=True)
     parser.add_argument("--dataset", default="fashion-mnist-coarse")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--methods", nargs="+", default=REAL_WEIGHT_METHODS)
@@ -289,10 +370,15 @@ def main() -> None:
     parser.add_argument("--cache-dir")
     parser.add_argument("--tag", default="weight", help="stage real writes results/<tag>-<dataset>.json")
     parser.add_argument("--beta", type=float, help="stage real: the LELP rows' β (default: the library's)")
+    parser.add_argument("--library-defaults", action="store_true",
+                        help="stage real: 'LELP library' runs lelp_fast.tune.search with its default grid")
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     if args.stage == "summary":
         summary()
+        return
+    if args.stage == "choice-summary":
+        choice_summary()
         return
     if args.stage == "variants-summary":
         variants_summary()
@@ -302,9 +388,14 @@ def main() -> None:
         with open(os.path.join(RESULTS, "variants-digits.json"), "w") as f:
             json.dump(run_digits_variants(), f, indent=1)
         return
+    if args.stage == "digits-choice":
+        data = run_digits_choice()
+        with open(os.path.join(RESULTS, "choice-digits.json"), "w") as f:
+            json.dump(data, f, indent=1)
+        return
     if args.stage == "real":
         run_real(args.dataset, args.students, args.fractions, args.seeds, args.methods, args.cache_dir,
-                 os.path.join(RESULTS, f"{args.tag}-{args.dataset}.json"), args.beta)
+                 os.path.join(RESULTS, f"{args.tag}-{args.dataset}.json"), args.beta, args.library_defaults)
         return
     data = run_digits() if args.stage == "digits" else run_fashion(args.students, args.fraction, args.seeds,
                                                                     args.cache_dir)

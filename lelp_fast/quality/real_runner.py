@@ -61,6 +61,9 @@ class RealQualityConfig:
     tune_taus: Sequence[float] = (1.0,)
     device: str = "cpu"
     cache_dir: str = DEFAULT_CACHE
+    # "LELP library": False, the benchmark's small grid (tune_subclasses x tune_betas x τ {1, 2}, proxies of a
+    # fifth of the steps); True, lelp_fast.tune's own defaults (TuneGrid()), as `lelp-fast tune` runs it
+    library_defaults: bool = False
 
 
 MODES = {
@@ -205,6 +208,12 @@ def _fits(task: RealTask, cfg: RealQualityConfig, methods: Sequence[str]) -> Dic
     extra = {cfg.n_subclasses // 2} if "LELP both signs" in methods else set()
     for s in sorted(set(cfg.tune_subclasses) | {cfg.n_subclasses} | extra):
         fits[("pca", s)] = LELPProjector(s, beta=cfg.beta, tau=cfg.tau, seed=0).fit(h, y, **task.head)
+    if "LELP library" in methods:  # every other S the tuner may choose, where the pool supports it (it skips the rest)
+        for s in sorted(set(_library_grid(cfg).subclasses) - {k[1] for k in fits}):
+            try:
+                fits[("pca", s)] = LELPProjector(s, beta=cfg.beta, tau=cfg.tau, seed=0).fit(h, y, **task.head)
+            except ValueError:  # e.g. a class whose embeddings span fewer than S directions
+                pass
     if "random projections" in methods:
         fits[("random projections", cfg.n_subclasses)] = RandomProjectionSubclasses(cfg.n_subclasses).fit(h, y, c)
     if "k-means" in methods:
@@ -235,25 +244,36 @@ def _tune(cell: Cell, methods: Sequence[str]) -> Dict:
     return tuned
 
 
+def _library_grid(cfg: RealQualityConfig):
+    """The tuner's grid for "LELP library" (see ``RealQualityConfig.library_defaults``)."""
+    from ..tune import TuneGrid
+
+    if cfg.library_defaults:
+        return TuneGrid()
+    return TuneGrid(subclasses=cfg.tune_subclasses, betas=cfg.tune_betas, taus=(1.0, 2.0),
+                    steps=max(1, cfg.steps // 5), evals=5, seeds=3)
+
+
 def _library_choice(cell: Cell, rows: torch.Tensor) -> Dict:
-    """``lelp_fast.tune.search`` on the first seed's rows (proxies: the cell's student, a fifth of the steps,
-    3 seeds; KD and LELP at τ ∈ {1, 2}); returns its choice and the decision's reason."""
-    from ..tune import ProxySettings, TeacherOutputs, TuneGrid, search
+    """``lelp_fast.tune.search`` on the first seed's rows, its proxies the cell's student with the cell's lr and
+    batch (as ``lelp-fast tune`` takes the run config's); returns its choice and the decision's reason."""
+    from ..tune import ProxySettings, TeacherOutputs, search
 
     cfg, t = cell.cfg, cell.task
     head = (t.head["head_weight"].detach(), t.head["head_bias"].detach())
     teacher = TeacherOutputs(t.h[rows], t.z[rows], t.y[rows], head)
-    grid = TuneGrid(subclasses=cfg.tune_subclasses, betas=cfg.tune_betas, taus=(1.0, 2.0),
-                    steps=max(1, cfg.steps // 5), evals=5, seeds=3)
 
     def student(k):  # search seeds the global generator; the runner's factory takes the seed itself
         return make_student(cell.kind, t.x, k, torch.initial_seed()).to(cfg.device)
 
     summary = search(teacher, (cell.x[rows], cell.y[rows]), (cell.x[cell.val], cell.y[cell.val]), student,
-                     ProxySettings(lr=cfg.lr, batch_size=cfg.batch_size), grid, log=lambda _: None)
-    best = summary["best"]
+                     ProxySettings(lr=cfg.lr, batch_size=cfg.batch_size), _library_grid(cfg), log=lambda _: None)
+    best, decision = summary["best"], summary["decision"]
+    gain = decision.get("gain") or {}
     return {"subclasses": best["subclasses"], "beta": best["beta"], "tau": best["tau"],
-            "subclass_weight": best["subclass_weight"], "reason": summary["decision"]["reason"]}
+            "subclass_weight": best["subclass_weight"], "reason": decision["reason"],
+            "lelp": summary["lelp"], "validation_gain": gain.get("mean"), "validation_interval": gain.get("interval"),
+            "skipped": summary["skipped"]}
 
 
 def _run_method(cell: Cell, method: str, seed: int, rows: torch.Tensor, tuned: Dict):
