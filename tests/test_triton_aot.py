@@ -9,7 +9,8 @@ never show in the PTX); the targets kernels use tensor cores and 16-byte copies,
 form loads its map before the row-tile loop, and the targets' modelled time at the issue's shapes
 is within 1.25x the floor (cost.py); the loss kernel loads and stores rows in vectors. The compiles
 run in a process pool, once per session and Triton version (the oldest one in a subprocess,
-installed once into a cache directory).
+installed once into a cache directory); the SASS of each arch's kernels comes from a few nvdisasm
+runs over their instructions laid end to end (aot.disassemble), not one run per kernel.
 """
 
 import itertools

@@ -6,11 +6,12 @@ accepts the code (the interpreter runs Python that the compiler refuses), what t
 (tensor-core ``mma``/``wgmma``, 16-byte copies), and what the GPU would refuse or run slowly:
 the shared memory a launch needs against the device's opt-in limit, and the registers, stack
 frame and local-memory (spill) instructions that ptxas made — spills exist only in the CUBIN,
-never in the PTX. Read with the ``cuobjdump``/``nvdisasm`` that ship inside Triton's package.
+never in the PTX. Read with the ``cuobjdump``/``nvdisasm`` that ship inside Triton's package;
+``compile_all`` disassembles many kernels per nvdisasm run (``disassemble``).
 
 ``python -m lelp_fast.kernels.triton.aot --out facts.json`` compiles every case and writes the
-facts; ``tests/test_triton_aot.py`` runs it under the installed Triton (in process) and under
-the oldest supported one (in a subprocess, see ``tests/test_triton_aot_oldest.py``).
+facts; ``tests/test_triton_aot.py`` runs it under the installed Triton (in its own process) and
+under the oldest supported one (in a subprocess that imports it first).
 """
 
 from __future__ import annotations
