@@ -9,20 +9,24 @@ never show in the PTX); the targets kernels use tensor cores and 16-byte copies,
 form loads its map before the row-tile loop, and the targets' modelled time at the issue's shapes
 is within 1.25x the floor (cost.py); the loss kernel loads and stores rows in vectors. The compiles
 run in a process pool, once per session and Triton version (the oldest one in a subprocess,
-installed once into a cache directory).
+installed once into a cache directory); the SASS of each arch's kernels comes from a few nvdisasm
+runs over their instructions laid end to end (aot.disassemble), not one run per kernel.
 """
 
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia")
+tl = pytest.importorskip("triton.language")
 
 from lelp_fast.kernels.triton import aot  # noqa: E402
 from lelp_fast.kernels.triton import cost  # noqa: E402
@@ -258,3 +262,55 @@ def test_targets_modelled_time_within_budget(compiled, case, request):
     v = targets_kernels.VARIANTS[case[1]]
     ratios = {d: cost.targets_model(_facts(compiled, case), v, targets_kernels.COST_D, c, s, d) for d in cost.BANDWIDTH}
     assert all(m["over_floor"] <= cost.TARGETS_MAX_OVER_FLOOR for m in ratios.values()), ratios
+
+
+def _summed(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """A kernel with a run-time loop (a backward branch) and global loads in it."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        acc += tl.load(x_ptr + start + offs, mask=start + offs < n, other=0.0)
+    tl.store(out_ptr + offs, acc)
+
+
+def _elf_listing(cubin):
+    """[(address, opcode, branch target address or None)] of a CUBIN disassembled on its own, the
+    ELF way (``nvdisasm -c``: branch targets as labels), NOPs left out."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([aot._tool("nvdisasm"), "-c", f.name], check=True, capture_output=True, text=True).stdout
+    labels = {label: int(address, 16)
+              for label, address in re.findall(r"^(\.L_x_\d+):\s*\n\s*/\*([0-9a-f]+)\*/", text, re.M)}
+    ops = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*)", text)
+    targets = [re.search(r"`\((\.L_x_\d+)\)", rest) if op.startswith("BRA") else None for _, op, rest in ops]
+    return [(int(at, 16), op, labels[t.group(1)] if t else None) for (at, op, _), t in zip(ops, targets) if op != "NOP"]
+
+
+@pytest.mark.parametrize("arch", aot.ARCHS)
+def test_kernels_disassembled_together_read_as_each_alone(arch, monkeypatch):
+    """compile_all disassembles many kernels' instructions in one nvdisasm run: each kernel's share
+    of the listing has the opcodes and branch targets of its own CUBIN disassembled alone, and
+    sass_loops finds its loop (with the loads) from the addresses."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    kernel = triton.runtime.jit.JITFunction(_summed)  # not triton.jit: the interpreter may be on here
+    signature = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
+    cubins = [aot.compile_kernel(kernel, signature, {"BLOCK": b}, arch).asm["cubin"] for b in (256, 128)]
+    texts = [aot.text_section(c) for c in cubins]
+    together = aot.disassemble(arch, texts)
+    start = 0
+    for cubin, text, sass in zip(cubins, texts, together):
+        ops = [m for _, line in sass if (m := aot._INSTRUCTION.search(line)) and m.group(1) != "NOP"]
+        targets = [re.search(r"\b0x([0-9a-f]+)\s*;", m.group(2)) if m.group(1).startswith("BRA") else None
+                   for m in ops]
+        alone = _elf_listing(cubin)
+        assert [(m.group(1), int(t.group(1), 16) - start if t else None) for m, t in zip(ops, targets)] == \
+            [(op, target) for _, op, target in alone]
+        assert sass[0][0] == start and sass[-1][0] == start + len(text) - 16
+        # each backward branch's loop: the instructions from its target to it
+        loops = sorted(sum(target <= a <= at for a, _, _ in alone) for at, _, target in alone
+                       if target is not None and target < at)
+        found = aot.sass_facts(sass, loops=True)["loops"]
+        assert [loop["instructions"] for loop in found] == loops and found[0]["loads"] > 0, found
+        start += len(text)

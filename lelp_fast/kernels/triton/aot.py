@@ -6,20 +6,24 @@ accepts the code (the interpreter runs Python that the compiler refuses), what t
 (tensor-core ``mma``/``wgmma``, 16-byte copies), and what the GPU would refuse or run slowly:
 the shared memory a launch needs against the device's opt-in limit, and the registers, stack
 frame and local-memory (spill) instructions that ptxas made — spills exist only in the CUBIN,
-never in the PTX. Read with the ``cuobjdump``/``nvdisasm`` that ship inside Triton's package.
+never in the PTX. Read with the ``cuobjdump``/``nvdisasm`` that ship inside Triton's package;
+``compile_all`` disassembles many kernels per nvdisasm run (``disassemble``).
 
 ``python -m lelp_fast.kernels.triton.aot --out facts.json`` compiles every case and writes the
-facts; ``tests/test_triton_aot.py`` runs it under the installed Triton (in process) and under
-the oldest supported one (in a subprocess, see ``tests/test_triton_aot_oldest.py``).
+facts; ``tests/test_triton_aot.py`` runs it under the installed Triton (in its own process) and
+under the oldest supported one (in a subprocess that imports it first).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
 import json
 import multiprocessing
 import os
 import re
+import struct
 import subprocess
 import tempfile
 from collections import Counter
@@ -79,42 +83,69 @@ def _tool(name: str) -> str:
     return path
 
 
-def sass_opcodes(cubin: bytes) -> Counter:
-    """Static count of each SASS opcode (with its modifiers, e.g. ``MUFU.EX2``), NOPs left out."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
+def text_section(cubin: bytes) -> bytes:
+    """The instructions of the one kernel in a Triton CUBIN: its ELF64 ``.text.<kernel>`` section."""
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    entsize, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * entsize) for i in range(count)]
+    strtab = headers[names][4]
+    texts = [cubin[h[4]:h[4] + h[5]] for h in headers
+             if cubin[strtab + h[0]:cubin.index(b"\0", strtab + h[0])].startswith(b".text.")]
+    if len(texts) != 1:
+        raise ValueError(f"{len(texts)} .text sections in the CUBIN, expected one kernel")
+    return texts[0]
+
+
+def disassemble(arch: int, texts: List[bytes]) -> List[List[Tuple[int, str]]]:
+    """Each kernel's SASS as (address, line) pairs, from one ``nvdisasm`` run over all the kernels'
+    instructions laid end to end: nvdisasm spends about 0.3 s of CPU starting up (its tables for
+    the arch), more than most kernels take to disassemble, and it reads one file per run. Branch
+    targets print as addresses in the concatenation, as the instruction addresses do."""
+    with tempfile.NamedTemporaryFile(suffix=".bin") as f:
+        f.write(b"".join(texts))
         f.flush()
-        text = subprocess.run([_tool("nvdisasm"), "-c", f.name], check=True, capture_output=True, text=True).stdout
+        # sm_90 code is compiled for sm_90a (wgmma), which a plain SM90 decoder does not take
+        text = subprocess.run([_tool("nvdisasm"), "--binary", "SM90a" if arch == 90 else f"SM{arch}", f.name],
+                              check=True, capture_output=True, text=True).stdout
+    starts = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=0))
+    kernels = [[] for _ in texts]
+    for line in text.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/", line)
+        if m:
+            address = int(m.group(1), 16)
+            kernels[bisect.bisect_right(starts, address) - 1].append((address, line))
+    return kernels
+
+
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*)")
+
+
+def sass_opcodes(sass: List[Tuple[int, str]]) -> Counter:
+    """Static count of each SASS opcode (with its modifiers, e.g. ``MUFU.EX2``), NOPs left out."""
     ops = Counter()
-    for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", text):
-        if m.group(1) != "NOP":
+    for _, line in sass:
+        m = _INSTRUCTION.search(line)
+        if m and m.group(1) != "NOP":
             ops[m.group(1)] += 1
     return ops
 
 
-def sass_loops(cubin: bytes) -> List[Dict[str, int]]:
+def sass_loops(sass: List[Tuple[int, str]]) -> List[Dict[str, int]]:
     """The SASS's loops, innermost (shortest) first: for each backward branch, the instructions from
-    its target label to it (NOPs left out), how many of them are tensor-core MMAs (``HMMA``/``HGMMA``)
+    its target to it (NOPs left out), how many of them are tensor-core MMAs (``HMMA``/``HGMMA``)
     and global loads (``LDG``), and the global loads before the loop.
     A persistent kernel's row-tile loop is the longest; a streamed reduction loop holds the MMAs."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([_tool("nvdisasm"), "-c", f.name], check=True, capture_output=True, text=True).stdout
-    labels, ops, loops = {}, [], []
-    for line in text.splitlines():
-        label = re.match(r"^(\.L_x_\d+):", line.strip())
-        if label:
-            labels[label.group(1)] = len(ops)
-            continue
-        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+    at, ops, loops = {}, [], []  # at: address -> instructions (NOPs left out) before it
+    for address, line in sass:
+        at[address] = len(ops)
+        m = _INSTRUCTION.search(line)
         if m is None or m.group(1) == "NOP":
             continue
         ops.append(m.group(1))
-        target = re.search(r"`\((\.L_x_\d+)\)", m.group(2)) if m.group(1).startswith("BRA") else None
-        if target and labels.get(target.group(1), len(ops)) < len(ops) - 1:  # backward, not onto itself
-            body = ops[labels[target.group(1)]:]
-            before = ops[:labels[target.group(1)]]
+        target = re.search(r"\b0x([0-9a-f]+)\s*;", m.group(2)) if m.group(1).startswith("BRA") else None
+        start = at.get(int(target.group(1), 16)) if target else None
+        if start is not None and start < len(ops) - 1:  # backward, not onto itself
+            body, before = ops[start:], ops[:start]
             loops.append({"instructions": len(body), "mma": sum(op.startswith(("HMMA", "HGMMA")) for op in body),
                           "loads": sum(op.startswith("LDG") for op in body),
                           "loads_before": sum(op.startswith("LDG") for op in before)})
@@ -134,19 +165,32 @@ def cubin_resources(cubin: bytes) -> Dict[str, int]:
     return {"registers": int(found.group(1)), "stack": int(found.group(2))}
 
 
-def kernel_facts(compiled) -> Dict[str, object]:
-    """Everything the gates read from one compiled kernel."""
-    ops = sass_opcodes(compiled.asm["cubin"])
-    return {
-        **ptx_facts(compiled.asm["ptx"]),
-        **cubin_resources(compiled.asm["cubin"]),
-        "shared": int(compiled.metadata.shared),
+def sass_facts(sass: List[Tuple[int, str]], loops: bool = False) -> Dict[str, object]:
+    """What the gates read from a kernel's SASS (``disassemble``); its loops on request."""
+    ops = sass_opcodes(sass)
+    facts = {
         # local-memory loads/stores in the SASS: ptxas's spills (or a run-time indexed array)
         "local_ops": sum(n for op, n in ops.items() if op.startswith(("LDL", "STL"))),
         "sass": sum(ops.values()),
         "mufu_ex2_lg2": sum(n for op, n in ops.items() if op in ("MUFU.EX2", "MUFU.LG2")),
         "mufu": sum(n for op, n in ops.items() if op.startswith("MUFU")),
     }
+    return {**facts, "loops": sass_loops(sass)} if loops else facts
+
+
+def build_facts(compiled) -> Dict[str, object]:
+    """What the gates read from one compiled kernel that needs no disassembly."""
+    return {
+        **ptx_facts(compiled.asm["ptx"]),
+        **cubin_resources(compiled.asm["cubin"]),
+        "shared": int(compiled.metadata.shared),
+    }
+
+
+def kernel_facts(compiled, loops: bool = False) -> Dict[str, object]:
+    """Everything the gates read from one compiled kernel (``compile_all`` disassembles many at once)."""
+    sass = disassemble(compiled.metadata.target.arch, [text_section(compiled.asm["cubin"])])[0]
+    return {**build_facts(compiled), **sass_facts(sass, loops)}
 
 
 def cases() -> List[Case]:
@@ -178,7 +222,7 @@ def case_id(case: Case) -> str:
 
 
 def compile_case(case: Case):
-    """(facts, None) or (None, error text)."""
+    """(facts but the SASS's, the kernel's instructions, None) or (None, None, error text)."""
     from . import loss, targets
 
     op, i, arch, dts = case
@@ -196,25 +240,48 @@ def compile_case(case: Case):
             v = loss.VARIANTS[i]
             constexprs = {**v["constexprs"], **loss.chunk_constexprs(v["constexprs"], dts[0])}
             compiled = compile_kernel(loss.lelp_loss_kernel, loss.signature(*dts), constexprs, arch, v["num_warps"])
-        facts = kernel_facts(compiled)
-        if op == "targets":  # the cost model counts a row tile's instructions from its loops
-            facts["loops"] = sass_loops(compiled.asm["cubin"])
-        return facts, None
+        return build_facts(compiled), text_section(compiled.asm["cubin"]), None
     except Exception as exc:  # noqa: BLE001 - reported per case by the tests
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, None, f"{type(exc).__name__}: {exc}"
+
+
+def disassembled_facts(arch: int, texts: List[bytes], loops: List[bool]) -> List[tuple]:
+    """(sass_facts, None) per kernel of one arch, or (None, error text) for all if nvdisasm fails."""
+    try:
+        return [(sass_facts(sass, with_loops), None) for sass, with_loops in zip(disassemble(arch, texts), loops)]
+    except Exception as exc:  # noqa: BLE001 - reported per case by the tests
+        return [(None, f"{type(exc).__name__}: {exc}")] * len(texts)
 
 
 def compile_all(selected: List[Case], workers: int) -> Dict[Case, tuple]:
-    """Compiles in fresh (spawned) processes without TRITON_INTERPRET: under the interpreter the
-    kernels are interpreter functions that cannot be compiled."""
+    """{case: (facts, None) or (None, error)}. Compiles in fresh (spawned) processes without
+    TRITON_INTERPRET: under the interpreter the kernels are interpreter functions that cannot be
+    compiled. Then disassembles the kernels in one nvdisasm run per worker and arch."""
     saved = os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return dict(zip(selected, pool.map(compile_case, selected, chunksize=2)))
+            built = dict(zip(selected, pool.map(compile_case, selected, chunksize=2)))
+            batches = [(arch, part) for arch in ARCHS for part in _split(
+                [c for c in selected if c[2] == arch and built[c][2] is None], workers)]
+            disassembled = pool.map(disassembled_facts, [arch for arch, _ in batches],
+                                    [[built[c][1] for c in part] for _, part in batches],
+                                    # the cost model counts a targets row tile's instructions from its loops
+                                    [[c[0] == "targets" for c in part] for _, part in batches])
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
+    results = {c: (None, built[c][2]) for c in selected}
+    for (_, part), facts in zip(batches, disassembled):
+        for c, (sass, error) in zip(part, facts):
+            results[c] = ({**built[c][0], **sass}, None) if error is None else (None, error)
+    return results
+
+
+def _split(items: list, n: int) -> List[list]:
+    """``items`` in at most ``n`` non-empty runs of nearly equal length."""
+    size = -(-len(items) // max(1, n)) if items else 1
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def main(argv=None) -> int:
