@@ -26,7 +26,6 @@ import pytest
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia")
-tl = pytest.importorskip("triton.language")
 
 from lelp_fast.kernels.triton import aot  # noqa: E402
 from lelp_fast.kernels.triton import cost  # noqa: E402
@@ -264,13 +263,39 @@ def test_targets_modelled_time_within_budget(compiled, case, request):
     assert all(m["over_floor"] <= cost.TARGETS_MAX_OVER_FLOOR for m in ratios.values()), ratios
 
 
-def _summed(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """A kernel with a run-time loop (a backward branch) and global loads in it."""
+_SUMMED = """
+import pickle, sys
+import triton
+import triton.language as tl
+from lelp_fast.kernels.triton import aot
+
+@triton.jit
+def summed(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    # a run-time loop (a backward branch) with global loads in it
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
         acc += tl.load(x_ptr + start + offs, mask=start + offs < n, other=0.0)
     tl.store(out_ptr + offs, acc)
+
+signature = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
+cubins = [aot.compile_kernel(summed, signature, {"BLOCK": b}, int(sys.argv[1])).asm["cubin"] for b in (256, 128)]
+sys.stdout.buffer.write(pickle.dumps(cubins))
+"""
+
+
+def _summed_cubins(arch: int, tmp_path) -> list:
+    """Two CUBINs of a small looping kernel, compiled in a fresh process: in this one, tests run
+    earlier may have left Triton's language patched for the interpreter."""
+    import pickle
+
+    script = tmp_path / "summed.py"
+    script.write_text(_SUMMED)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, str(script), str(arch)], capture_output=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return pickle.loads(done.stdout)
 
 
 def _elf_listing(cubin):
@@ -288,15 +313,11 @@ def _elf_listing(cubin):
 
 
 @pytest.mark.parametrize("arch", aot.ARCHS)
-def test_kernels_disassembled_together_read_as_each_alone(arch, monkeypatch):
+def test_kernels_disassembled_together_read_as_each_alone(arch, tmp_path):
     """compile_all disassembles many kernels' instructions in one nvdisasm run: each kernel's share
     of the listing has the opcodes and branch targets of its own CUBIN disassembled alone, and
     sass_loops finds its loop (with the loads) from the addresses."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-    kernel = triton.runtime.jit.JITFunction(_summed)  # not triton.jit: the interpreter may be on here
-    signature = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
-    cubins = [aot.compile_kernel(kernel, signature, {"BLOCK": b}, arch).asm["cubin"] for b in (256, 128)]
+    cubins = _summed_cubins(arch, tmp_path)
     texts = [aot.text_section(c) for c in cubins]
     together = aot.disassemble(arch, texts)
     start = 0
