@@ -123,10 +123,13 @@ class TargetsDataset(Dataset):
             self._in_memory = self._gather(torch.arange(self.n_rows))
         return True
 
+    def _holds_log_targets(self) -> bool:
+        """Whether the shards hold the log-targets as served (else they are computed on read)."""
+        return self.settings.get("kind", "lelp") == "lelp" and not self.settings["compact"]
+
     def _dtype(self) -> torch.dtype:
         """The dtype of the log-targets served: the stored one, or fp32 for those computed on read."""
-        stored = self.settings.get("kind", "lelp") == "lelp" and not self.settings["compact"]
-        return shards.DTYPES[self.settings["dtype"]] if stored else torch.float32
+        return shards.DTYPES[self.settings["dtype"]] if self._holds_log_targets() else torch.float32
 
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
         """:meth:`targets` of checked row numbers, grouped by shard in NumPy, whose calls on a few
@@ -134,8 +137,7 @@ class TargetsDataset(Dataset):
         ~140 us with torch ops); stored log-targets are copied out of each mapped shard as NumPy takes."""
         if self._in_memory is not None:
             return self._in_memory[idx]
-        stored = self.settings.get("kind", "lelp") == "lelp" and not self.settings["compact"]
-        dtype = self._dtype()
+        stored, dtype = self._holds_log_targets(), self._dtype()
         out = torch.empty(idx.numel(), self.settings["K"], dtype=dtype)
         if idx.numel() == 0:
             return out
