@@ -372,7 +372,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.work_dir:
         cfg.work_dir = args.work_dir
     tune(cfg, TuneGrid(subclasses=args.subclasses, betas=args.betas, taus=args.taus, steps=args.steps,
-                       evals=args.evals, seeds=args.seeds, fraction=args.fraction,
+                       final_steps=args.final_steps, evals=args.evals, seeds=args.seeds, fraction=args.fraction,
                        subclass_weights=args.subclass_weights or (None,)), capture_dir=args.capture)
     return 0
 
@@ -664,6 +664,9 @@ def _add_tune(sub) -> None:
     tune.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5, 1.0])
     tune.add_argument("--taus", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     tune.add_argument("--steps", type=positive_int, default=500, help="optimiser steps per proxy student")
+    tune.add_argument("--final-steps", type=positive_int, default=None,
+                      help="optimiser steps of the finals (KD's tau, then LELP against KD, each on fresh seeds); "
+                      "default: the student's own, train.epochs x batches per epoch")
     tune.add_argument("--evals", type=positive_int, default=10,
                       help="validation evaluations per proxy; it is scored at the best one")
     tune.add_argument("--seeds", type=positive_int, default=3,

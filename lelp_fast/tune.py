@@ -6,9 +6,13 @@ trains proxies (the config's student) for a fixed number of optimiser steps, on 
 and scores each proxy at its best validation evaluation (``distill`` keeps its best epoch too). The
 grid includes KD (S = 1, its τ tuned): S = 1 targets are exactly the KD targets.
 
-The decision: the best LELP point and the best KD τ are trained again on fresh seeds (so the noise
-that picked them does not also judge them), and LELP is chosen only when the paired 95 % interval
-of its validation gain over KD lies above 0. Ties on the grid are listed, and the rule that broke
+The finals train for the student's own budget (``final_steps``; ``lelp-fast tune`` takes the run
+config's epochs x batches), each on fresh seeds, so the noise that picked a point does not also
+judge it. KD's τ is chosen again there, among every τ of the grid: short proxies can prefer another
+τ than the trained student does (on a real text task, 500-step proxies chose τ = 1 where 1 500-step
+students take τ = 4, and the student kept at τ = 1 lost 2.2 points to KD at τ = 4). Then the best
+LELP point of the proxies and that KD are trained on a second set of fresh seeds, and LELP is
+chosen only when the paired 95 % interval of its validation gain over KD lies above 0. Ties on the grid are listed, and the rule that broke
 them is stated; S values a class is too small for are skipped with a note. The whole curve is
 written to ``work_dir/tune`` (``tune.json``, ``tune.md``, ``tune.png``). Nothing is tuned on the
 test split.
@@ -38,6 +42,9 @@ class TuneGrid:
     betas: Sequence[float] = (0.05, 0.1, 0.25, 0.5, 1.0)
     taus: Sequence[float] = (1.0, 2.0, 4.0)
     steps: int = 500  # optimiser steps per proxy, whatever the number of rows
+    # optimiser steps of the finals (KD's τ and LELP against KD): the student's own budget;
+    # None: ``steps`` in ``search``, the run config's epochs x batches per epoch in ``tune``
+    final_steps: Optional[int] = None
     evals: int = 10  # validation evaluations per proxy, evenly spaced; the best one scores it
     seeds: int = 3  # proxies per grid point; as many fresh seeds judge LELP against KD
     fraction: float = 1.0  # of the training rows the proxies see
@@ -50,6 +57,8 @@ class TuneGrid:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"grid.{name} must be a positive integer, got {value!r}")
+        if self.final_steps is not None and (not isinstance(self.final_steps, int) or self.final_steps < 1):
+            raise ValueError(f"grid.final_steps must be a positive integer or None, got {self.final_steps!r}")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"grid.fraction must lie in (0, 1], got {self.fraction!r}")
         if any(not isinstance(s, int) or s < 2 for s in self.subclasses):
@@ -184,15 +193,25 @@ class _Search:
         # λ = 0 reads only the class marginals logsumexp_s(log t), which β does not change.
         return reference.log_targets(self.coords[s], z, s, 1.0 if beta is None else beta, tau).float()
 
+    @property
+    def final_steps(self) -> int:
+        return self.grid.final_steps or self.grid.steps
+
+    def seed_block(self, block: int) -> List[int]:
+        """The grid's seeds (block 0), the decision's (1), KD's finals' (2): disjoint sets."""
+        first = self.settings.seed + block * self.grid.seeds
+        return list(range(first, first + self.grid.seeds))
+
     def scores(self, s: int, beta: Optional[float], tau: float, seeds: Sequence[int],
-               weight: float = 1.0) -> List[float]:
-        """Each seed's proxy at its best validation evaluation."""
+               weight: float = 1.0, steps: Optional[int] = None) -> List[float]:
+        """Each seed's proxy, trained ``steps`` (default: the grid's), at its best validation evaluation."""
         log_t = self.log_targets(s, beta, tau)
         return [max(proxy_curve(self.make_student, self.x, self.y, log_t, self.val_x, self.val_y, self.c, s, tau,
-                                self.settings, self.grid.steps, self.grid.evals, seed, weight)) for seed in seeds]
+                                self.settings, steps or self.grid.steps, self.grid.evals, seed, weight))
+                for seed in seeds]
 
     def point(self, s: int, beta: Optional[float], tau: float, weight: float = 1.0) -> dict:
-        seeds = [self.settings.seed + i for i in range(self.grid.seeds)]
+        seeds = self.seed_block(0)
         per_seed = self.scores(s, beta, tau, seeds, weight)
         record = {"subclasses": s, "beta": beta, "tau": tau, "subclass_weight": weight,
                   "val_accuracy": sum(per_seed) / len(per_seed), "per_seed": per_seed}
@@ -217,16 +236,34 @@ def best_with_ties(records: Sequence[dict]) -> Tuple[Optional[dict], List[dict]]
     return ties[0], ties
 
 
+def _final_kd(search: _Search, kd_proxy: dict) -> Tuple[dict, List[dict]]:
+    """KD's τ chosen by students trained for the final budget on fresh seeds (the proxies' choice when
+    the budgets are equal); returns the chosen record and every τ's."""
+    steps = search.final_steps
+    if steps == search.grid.steps:
+        return kd_proxy, []
+    seeds = search.seed_block(2)
+    finals = []
+    for tau in search.grid.taus:
+        per_seed = search.scores(1, None, tau, seeds, steps=steps)
+        finals.append({"subclasses": 1, "beta": None, "tau": tau, "subclass_weight": 1.0, "steps": steps,
+                       "val_accuracy": sum(per_seed) / len(per_seed), "per_seed": per_seed, "seeds": seeds})
+        search.log(f"[tune] KD tau={tau}, {steps} steps: validation accuracy {finals[-1]['val_accuracy']:.4f} "
+                   f"(mean of {len(seeds)} fresh seeds)")
+    chosen, _ = best_with_ties(finals)
+    return chosen, finals
+
+
 def _decide(search: _Search, kd: dict, lelp: Optional[dict]) -> dict:
-    """LELP only when its paired validation gain over KD, on fresh seeds, is above 0 with 95 % confidence."""
+    """LELP only when its paired validation gain over KD, trained for the final budget on fresh seeds, is
+    above 0 with 95 % confidence."""
     from .paired import format_difference, paired_interval
 
     if lelp is None:
         return {"choice": "KD", "reason": "no S of the grid could be fitted"}
-    grid, first = search.grid, search.settings.seed + search.grid.seeds
-    seeds = list(range(first, first + grid.seeds))  # fresh: the seeds that chose them do not judge them
-    kd_scores = search.scores(1, None, kd["tau"], seeds)
-    lelp_scores = search.scores(lelp["subclasses"], lelp["beta"], lelp["tau"], seeds, lelp["subclass_weight"])
+    seeds, steps = search.seed_block(1), search.final_steps  # fresh: the seeds that chose them do not judge them
+    kd_scores = search.scores(1, None, kd["tau"], seeds, steps=steps)
+    lelp_scores = search.scores(lelp["subclasses"], lelp["beta"], lelp["tau"], seeds, lelp["subclass_weight"], steps)
     stats = paired_interval(lelp_scores, kd_scores)
     win = stats["interval"] is not None and stats["interval"][0] > 0
     text = format_difference(stats)
@@ -236,8 +273,8 @@ def _decide(search: _Search, kd: dict, lelp: Optional[dict]) -> dict:
         reason = f"LELP minus KD on validation {text}: the interval is above 0"
     else:
         reason = f"LELP minus KD on validation {text}: the interval includes 0 or less, KD kept"
-    return {"choice": "LELP" if win else "KD", "reason": reason, "seeds": seeds, "kd_per_seed": kd_scores,
-            "lelp_per_seed": lelp_scores, "gain": stats}
+    return {"choice": "LELP" if win else "KD", "reason": reason, "seeds": seeds, "steps": steps,
+            "kd_per_seed": kd_scores, "lelp_per_seed": lelp_scores, "gain": stats}
 
 
 def search(teacher: TeacherOutputs, train, val, make_student: Callable, settings: ProxySettings = ProxySettings(),
@@ -262,15 +299,17 @@ def search(teacher: TeacherOutputs, train, val, make_student: Callable, settings
         for weight in weights:
             betas = grid.betas if weight > 0 else [None]
             results += [state.point(s, beta, tau, weight) for beta in betas for tau in grid.taus]
-    kd, kd_ties = best_with_ties([r for r in results if r["subclasses"] == 1])
+    kd_proxy, kd_ties = best_with_ties([r for r in results if r["subclasses"] == 1])
     lelp, lelp_ties = best_with_ties([r for r in results if r["subclasses"] > 1])
+    kd, kd_finals = _final_kd(state, kd_proxy)
     decision = _decide(state, kd, lelp)
     best = lelp if decision["choice"] == "LELP" else kd
     ties = {"kd": kd_ties if len(kd_ties) > 1 else [], "lelp": lelp_ties if len(lelp_ties) > 1 else [],
             "rule": "among tied points, the one closest to KD: fewest subclasses, then lowest lambda, then largest "
                     "beta, then lowest tau"}
-    summary = {"best": best, "kd": kd, "lelp": lelp, "decision": decision, "ties": ties, "skipped": skipped,
-               "results": results, "grid": dataclasses.asdict(grid)}
+    summary = {"best": best, "kd": kd, "kd_proxy": kd_proxy, "kd_finals": kd_finals, "lelp": lelp,
+               "decision": decision, "ties": ties, "skipped": skipped, "results": results,
+               "grid": dataclasses.asdict(grid)}
     for line in summary_lines(summary):
         log(f"[tune] {line}")
     return summary
@@ -294,6 +333,11 @@ def summary_lines(summary: dict) -> List[str]:
     setting = (f"S={best['subclasses']}, beta={best['beta']}, tau={best['tau']}, lambda={best['subclass_weight']}"
                if best["subclasses"] > 1 else f"KD (S=1), tau={best['tau']}")
     lines = [f"choice: {setting} (validation accuracy {best['val_accuracy']:.4f}); {d['reason']}"]
+    if summary.get("kd_finals"):
+        taus = ", ".join(f"tau={r['tau']} {r['val_accuracy']:.4f}" for r in summary["kd_finals"])
+        lines.append(f"KD's tau from students trained {summary['kd']['steps']} steps on fresh seeds: {taus}; "
+                     f"tau={summary['kd']['tau']} kept (the {summary['grid']['steps']}-step proxies preferred "
+                     f"tau={summary['kd_proxy']['tau']})")
     for arm in ("kd", "lelp"):
         if summary["ties"][arm]:
             points = "; ".join(f"S={r['subclasses']} beta={r['beta']} tau={r['tau']} lambda={r['subclass_weight']}"
@@ -331,6 +375,8 @@ def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
     source = CaptureSource(capture_dir)
     t = source.tensors()
     teacher = TeacherOutputs(t["embeddings"], t["teacher_logits"], t["labels"], source.head())
+    if grid.final_steps is None:  # the finals train as long as `lelp-fast run` will train the student
+        grid = dataclasses.replace(grid, final_steps=run_steps(cfg.train, len(task.train)))
     summary = search(teacher, _tensors(task.train), _tensors(task.val), task.make_student,
                      ProxySettings.from_train(cfg.train), grid, fit_seed=cfg.fit.seed, log=log)
     _write(os.path.join(cfg.work_dir, "tune"), summary)
@@ -340,6 +386,11 @@ def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
               else "fit.subclasses: 1 (KD)")
     log(f"[tune] set {advice}, fit.tau and train.tau: {best['tau']} in the config")
     return summary
+
+
+def run_steps(train, n_rows: int) -> int:
+    """The batches ``distill`` trains on: epochs x batches per epoch (early stopping may stop it sooner)."""
+    return train.epochs * math.ceil(n_rows / train.batch_size)
 
 
 def _write(out_dir: str, summary: dict) -> None:
@@ -353,6 +404,12 @@ def _write(out_dir: str, summary: dict) -> None:
               f"{r['subclass_weight']} | "
               f"{r['val_accuracy']:.4f} | {', '.join(f'{v:.4f}' for v in r['per_seed'])} |"
               for r in summary["results"]]
+    if summary["kd_finals"]:
+        lines += ["", f"KD trained {summary['kd']['steps']} steps (the student's budget) on fresh seeds "
+                  f"{summary['kd']['seeds']}:", "", "| τ | validation accuracy (mean over seeds) | per seed |",
+                  "|---|---|---|"]
+        lines += [f"| {r['tau']} | {r['val_accuracy']:.4f} | {', '.join(f'{v:.4f}' for v in r['per_seed'])} |"
+                  for r in summary["kd_finals"]]
     shards.write_atomically(os.path.join(out_dir, "tune.md"), ("\n".join(lines) + "\n").encode())
     _plot(summary, os.path.join(out_dir, "tune.png"))
     shards.write_atomically(os.path.join(out_dir, "tune.json"),
@@ -368,7 +425,7 @@ def _plot(summary: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    tau = (summary["lelp"] or summary["kd"])["tau"]
+    tau = (summary["lelp"] or summary["kd_proxy"])["tau"]
     with_beta = [r for r in summary["results"] if r["subclasses"] > 1 and r["beta"] is not None]
     lelp = summary["lelp"]
     weight = (lelp["subclass_weight"] if lelp and lelp["beta"] is not None  # a λ = 0 point has no β axis
@@ -379,7 +436,7 @@ def _plot(summary: dict, path: str) -> None:
                      if r["subclasses"] == s and r["beta"] is not None and r["tau"] == tau
                      and r["subclass_weight"] == weight)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"S = {s}")
-    kd = summary["kd"]
+    kd = summary["kd_proxy"]  # at the proxies' budget, as the lines are
     ax.axhline(kd["val_accuracy"], color="k", linestyle="--", label=f"KD (τ = {kd['tau']})")
     ax.set(xscale="log", xlabel="β", ylabel="validation accuracy", title=f"proxy students, τ = {tau}, λ = {weight}")
     ax.grid(alpha=0.3)

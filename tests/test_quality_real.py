@@ -195,7 +195,9 @@ def test_the_library_choice_can_run_the_tuner_with_its_own_defaults(monkeypatch)
         grids.append((grid, settings))
         best = {"subclasses": 4 if grid.subclasses == (2, 4, 8, 16) else 2, "beta": 0.05, "tau": 4.0,
                 "subclass_weight": 0.1}
-        return {"best": best, "lelp": best, "skipped": [], "decision": {"reason": "LELP minus KD on validation"}}
+        kd = {"subclasses": 1, "beta": None, "tau": 2.0, "subclass_weight": 1.0}
+        return {"best": best, "lelp": best, "kd": kd, "kd_proxy": kd, "kd_finals": [], "skipped": [],
+                "decision": {"reason": "LELP minus KD on validation"}}
 
     monkeypatch.setattr(tune, "search", fake_search)
     task = small_task()
@@ -208,5 +210,7 @@ def test_the_library_choice_can_run_the_tuner_with_its_own_defaults(monkeypatch)
         assert len(result["per_seed"]["LELP library"]) == 1
     (small, _), (default, settings) = grids
     assert small.subclasses == (2,) and small.steps == 1  # the benchmark's grid: a fifth of the steps
-    assert default == tune.TuneGrid() and (settings.lr, settings.batch_size) == (cfg.lr, cfg.batch_size)
+    # the tuner's own grid, its finals at the cell's budget (as `lelp-fast tune` takes the config's)
+    assert default == tune.TuneGrid(final_steps=2) and small.final_steps == 2
+    assert (settings.lr, settings.batch_size) == (cfg.lr, cfg.batch_size)
     assert ("pca", 8) not in fits  # 12-dimensional embeddings: S = 8 and 16 are skipped, not a crash

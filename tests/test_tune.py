@@ -236,3 +236,56 @@ def test_the_grid_can_search_the_subclass_weight():
     with pytest.raises(ValueError, match="grid.subclass_weights"):
         search(xor_teacher(x, y), (x, y), (x, y), lambda k: nn.Linear(2, k), SETTINGS,
                TuneGrid(subclass_weights=(-1.0,)))
+
+
+def test_kd_keeps_the_tau_students_of_the_final_budget_score_best(monkeypatch):
+    """Short proxies can prefer another τ than the trained student does (issue 22: tweets, MLP, 10 %:
+    500-step proxies chose τ = 1, KD kept at τ = 1 lost 2.2 points to KD at τ = 4 with 1 500-step
+    students). Here a score that prefers τ = 1 at the proxies' budget and τ = 4 at the finals': KD is
+    kept at τ = 4, and the decision trains both arms for the final budget on seeds of its own."""
+    import lelp_fast.tune as tune_module
+
+    calls = []
+
+    def scores(self, s, beta, tau, seeds, weight=1.0, steps=None):
+        steps = steps or self.grid.steps
+        calls.append((s, tau, steps, tuple(seeds)))
+        best_tau = 1.0 if steps == self.grid.steps else 4.0
+        return [0.8 + (0.1 if tau == best_tau else 0.0) + 0.001 * k for k in range(len(seeds))]
+
+    monkeypatch.setattr(tune_module._Search, "scores", scores)
+    x, y = xor_blobs(40, 0)
+    lines = []
+    summary = search(xor_teacher(x, y), (x, y), xor_blobs(40, 1), lambda k: nn.Linear(2, k), SETTINGS,
+                     TuneGrid(subclasses=(2,), betas=(0.25,), taus=(1.0, 2.0, 4.0), steps=5, final_steps=15,
+                              seeds=2), log=lines.append)
+    assert summary["kd_proxy"]["tau"] == 1.0
+    assert summary["kd"]["tau"] == 4.0 and summary["kd"]["steps"] == 15
+    assert summary["best"]["subclasses"] == 1 and summary["best"]["tau"] == 4.0
+    grid_seeds, decision_seeds, final_seeds = (0, 1), (2, 3), (4, 5)
+    assert {(tau, seeds) for s, tau, steps, seeds in calls if s == 1 and steps == 15} == \
+        {(1.0, final_seeds), (2.0, final_seeds), (4.0, final_seeds), (4.0, decision_seeds)}
+    assert {seeds for s, _, steps, seeds in calls if steps == 5} == {grid_seeds}
+    assert [steps for s, _, steps, seeds in calls if s == 2 and seeds == decision_seeds] == [15]
+    assert any("KD's tau from students trained 15 steps" in line and "preferred tau=1.0" in line for line in lines)
+
+
+def test_the_finals_train_the_run_configs_budget(tmp_path):
+    """`lelp-fast tune` on a config: finals of epochs x batches per epoch (3 x ceil(200 / 64) = 12 steps)."""
+    cfg = parse_config({"work_dir": str(tmp_path / "run"), "task": {"factory": "test_tune:tiny_task"},
+                        "capture": {"dtype": "float32", "batch_size": 64},
+                        "train": {"lr": 0.05, "batch_size": 64, "epochs": 3}})
+    cfg.task.factory = "test_tune:counting_task"
+    CountingStudent.calls = []
+    summary = tune(cfg, TuneGrid(subclasses=(2,), betas=(0.25,), taus=(1.0, 2.0), steps=7, evals=1, seeds=2),
+                   log=lambda _: None)
+    steps = sorted({s.steps for s in CountingStudent.calls})
+    assert steps == [7, 12] and summary["kd"]["steps"] == 12
+    md = open(os.path.join(cfg.work_dir, "tune", "tune.md")).read()
+    assert "KD trained 12 steps" in md
+
+
+def counting_task(work_dir):
+    task = tiny_task(work_dir)
+    task.make_student = CountingStudent
+    return task

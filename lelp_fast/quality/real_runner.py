@@ -248,10 +248,10 @@ def _library_grid(cfg: RealQualityConfig):
     """The tuner's grid for "LELP library" (see ``RealQualityConfig.library_defaults``)."""
     from ..tune import TuneGrid
 
-    if cfg.library_defaults:
-        return TuneGrid()
+    if cfg.library_defaults:  # the finals train the cell's budget, as `lelp-fast tune` takes the config's
+        return TuneGrid(final_steps=cfg.steps)
     return TuneGrid(subclasses=cfg.tune_subclasses, betas=cfg.tune_betas, taus=(1.0, 2.0),
-                    steps=max(1, cfg.steps // 5), evals=5, seeds=3)
+                    steps=max(1, cfg.steps // 5), final_steps=cfg.steps, evals=5, seeds=3)
 
 
 def _library_choice(cell: Cell, rows: torch.Tensor) -> Dict:
@@ -273,7 +273,8 @@ def _library_choice(cell: Cell, rows: torch.Tensor) -> Dict:
     return {"subclasses": best["subclasses"], "beta": best["beta"], "tau": best["tau"],
             "subclass_weight": best["subclass_weight"], "reason": decision["reason"],
             "lelp": summary["lelp"], "validation_gain": gain.get("mean"), "validation_interval": gain.get("interval"),
-            "skipped": summary["skipped"]}
+            "skipped": summary["skipped"], "kd_tau": summary["kd"]["tau"],
+            "kd_proxy_tau": summary["kd_proxy"]["tau"], "kd_finals": summary["kd_finals"]}
 
 
 def _run_method(cell: Cell, method: str, seed: int, rows: torch.Tensor, tuned: Dict):
