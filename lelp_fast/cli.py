@@ -372,7 +372,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.work_dir:
         cfg.work_dir = args.work_dir
     tune(cfg, TuneGrid(subclasses=args.subclasses, betas=args.betas, taus=args.taus, steps=args.steps,
-                       final_steps=args.final_steps, evals=args.evals, seeds=args.seeds, fraction=args.fraction,
+                       final_steps=args.final_steps, keep=args.keep, evals=args.evals, seeds=args.seeds, fraction=args.fraction,
                        subclass_weights=args.subclass_weights or (None,)), capture_dir=args.capture)
     return 0
 
@@ -667,6 +667,9 @@ def _add_tune(sub) -> None:
     tune.add_argument("--final-steps", type=positive_int, default=None,
                       help="optimiser steps of the finals (KD's tau, then LELP against KD, each on fresh seeds); "
                       "default: the student's own, train.epochs x batches per epoch")
+    tune.add_argument("--keep", choices=("best", "last"), default="best",
+                      help="score each proxy at its best validation evaluation (as `distill` keeps its best epoch) "
+                      "or its last (for a student kept as it ends)")
     tune.add_argument("--evals", type=positive_int, default=10,
                       help="validation evaluations per proxy; it is scored at the best one")
     tune.add_argument("--seeds", type=positive_int, default=3,

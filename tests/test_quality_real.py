@@ -211,6 +211,7 @@ def test_the_library_choice_can_run_the_tuner_with_its_own_defaults(monkeypatch)
     (small, _), (default, settings) = grids
     assert small.subclasses == (2,) and small.steps == 1  # the benchmark's grid: a fifth of the steps
     # the tuner's own grid, its finals at the cell's budget (as `lelp-fast tune` takes the config's)
-    assert default == tune.TuneGrid(final_steps=2) and small.final_steps == 2
+    # and scored as Cell.train keeps its students: at the last step
+    assert default == tune.TuneGrid(final_steps=2, keep="last") and (small.final_steps, small.keep) == (2, "last")
     assert (settings.lr, settings.batch_size) == (cfg.lr, cfg.batch_size)
     assert ("pca", 8) not in fits  # 12-dimensional embeddings: S = 8 and 16 are skipped, not a crash

@@ -248,10 +248,12 @@ def _library_grid(cfg: RealQualityConfig):
     """The tuner's grid for "LELP library" (see ``RealQualityConfig.library_defaults``)."""
     from ..tune import TuneGrid
 
-    if cfg.library_defaults:  # the finals train the cell's budget, as `lelp-fast tune` takes the config's
-        return TuneGrid(final_steps=cfg.steps)
+    # The finals train the cell's budget, as `lelp-fast tune` takes the config's; proxies are scored at
+    # their last evaluation, as Cell.train keeps its students (distill keeps the best epoch instead).
+    if cfg.library_defaults:
+        return TuneGrid(final_steps=cfg.steps, keep="last")
     return TuneGrid(subclasses=cfg.tune_subclasses, betas=cfg.tune_betas, taus=(1.0, 2.0),
-                    steps=max(1, cfg.steps // 5), final_steps=cfg.steps, evals=5, seeds=3)
+                    steps=max(1, cfg.steps // 5), final_steps=cfg.steps, keep="last", evals=5, seeds=3)
 
 
 def _library_choice(cell: Cell, rows: torch.Tensor) -> Dict:
