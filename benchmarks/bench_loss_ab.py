@@ -21,7 +21,7 @@ from _timing import load_build, median_seconds
 from bench_loss import eager_loss, loss_inputs
 
 from lelp_fast._checks import check_finite, check_log_probabilities
-from lelp_fast.ops import _dispatch, distill_loss
+from lelp_fast.ops import _dispatch, _reused_buffers, distill_loss
 
 
 def main():
@@ -35,6 +35,9 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--check", choices=["both", "on", "off"], default="both",
                     help="time lelp_fast with check_inputs on, off or both")
+    ap.add_argument("--fresh-grad-too", action="store_true",
+                    help="also time the installed kernel writing a fresh gradient each step (no reused "
+                    "buffer), as the base always does: it separates the kernel's gain from the buffer's")
     ap.add_argument("--accumulate", action="store_true",
                     help="add each step's gradient into the existing .grad (default: .grad = None before each "
                          "step, as optimizer.zero_grad() leaves it)")
@@ -51,13 +54,16 @@ def main():
             dtype = getattr(torch, dtype_name)
             s, log_t, y = loss_inputs(args.n, k, c, dtype)
 
-            def ours(ext, check):
+            def ours(ext, check, reuse=True):
                 # An older build takes no row-flag pointer: its check is the former one, in Python
-                # before the kernel (check_finite + check_log_probabilities), as it shipped.
+                # before the kernel (check_finite + check_log_probabilities), as it shipped. The base
+                # writes a fresh gradient each step, as the package did before ops/_reused_buffers.py.
                 old_check = check and ext is not new_ext
+                min_bytes = _reused_buffers.MIN_BYTES if reuse and ext is new_ext else float("inf")
 
                 def run():
                     _dispatch._C = ext
+                    saved, _reused_buffers.MIN_BYTES = _reused_buffers.MIN_BYTES, min_bytes
                     try:
                         if old_check:
                             check_finite("student_logits", s.detach())
@@ -66,6 +72,7 @@ def main():
                                      check_inputs=check and not old_check).backward()
                     finally:
                         _dispatch._C = new_ext
+                        _reused_buffers.MIN_BYTES = saved
                 return run
 
             contenders = {"eager": lambda: eager_loss(s, log_t, y, c, s_, 2.0, 0.1).backward()}
@@ -79,6 +86,8 @@ def main():
                 if base_ext is not None:
                     contenders["base" + tag] = ours(base_ext, check)
                 contenders["new" + tag] = ours(new_ext, check)
+                if args.fresh_grad_too:
+                    contenders["new fresh-grad" + tag] = ours(new_ext, check, reuse=False)
             if not args.accumulate:
                 contenders = {name: _from_no_grad(s, fn) for name, fn in contenders.items()}
             for fn in contenders.values():  # warm-up (compilation)

@@ -791,13 +791,14 @@ class _KernelCalls(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("backend", ["cpu", "cuda_emu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["plain", "one row", "odd K", "long classes", "huge logits", "empty class",
-                                  "sharp targets", "alpha"])
+                                  "sharp targets", "alpha", "alpha tau 1", "alpha tau 2", "alpha, label far below"])
 def test_kernel_takes_the_subclass_weight_in_one_pass(backend, dtype, case):
     """λ ≠ 1 in the CPU and CUDA kernels (the CUDA one's body on the host): one kernel call (it was
     two, plus torch's pooling and its backward), equal
     to the fp64 formula written from its parts, loss and gradient, at the edges too: a class whose
     logits are ~200 below the row's (its q underflows), a class with no target mass, near one-hot
-    targets, the hard-label term."""
+    targets, the hard-label term (at tau = 1 and 2 the CPU kernel adds it in the KL pass, with a
+    row whose labelled class is 400 below the rest taking the exact path)."""
     n, c, s = {"one row": (1, 2, 4), "odd K": (19, 5, 3), "long classes": (11, 2, 64)}.get(case, (29, 3, 4))
     student, log_t, labels = make_inputs(n, c, s, seed=len(case))
     if case == "huge logits":
@@ -808,15 +809,18 @@ def test_kernel_takes_the_subclass_weight_in_one_pass(backend, dtype, case):
         log_t = torch.log_softmax(log_t.view(n, c * s), -1)
     if case == "sharp targets":
         log_t = torch.log_softmax(log_t * 40.0, -1)
-    alpha = 0.3 if case == "alpha" else 0.0
+    if case == "alpha, label far below":
+        student[1, labels[1] * s:(labels[1] + 1) * s] -= 400.0
+    alpha = 0.3 if case.startswith("alpha") else 0.0
+    tau = {"alpha tau 1": 1.0, "alpha tau 2": 2.0, "alpha, label far below": 2.0}.get(case, 1.3)
     x = student.to(dtype).requires_grad_(True)
     with _KernelCalls() as kernel:
-        loss, soft, hard = distill_loss(x, log_t.float(), labels, num_classes=c, n_subclasses=s, tau=1.3, alpha=alpha,
+        loss, soft, hard = distill_loss(x, log_t.float(), labels, num_classes=c, n_subclasses=s, tau=tau, alpha=alpha,
                                         subclass_weight=0.1, backend=backend, return_components=True)
         (grad,) = torch.autograd.grad(loss, x)
     assert kernel.calls == 1
     ref = x.detach().double().requires_grad_(True)
-    want_soft = reference.subclass_weighted_kl(ref, log_t.float().double(), c, s, 1.3, 0.1).mean()
+    want_soft = reference.subclass_weighted_kl(ref, log_t.float().double(), c, s, tau, 0.1).mean()
     want = want_soft + alpha * reference.hard_label_rows(ref, labels, c, s).mean()
     (want_grad,) = torch.autograd.grad(want, ref)
     atol, rtol = TOL[torch.float32]

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import reference
 from .._checks import (check_finite, check_integer_labels, check_log_probabilities, check_nonnegative,
                        check_row_weights)
-from . import _dispatch
+from . import _dispatch, _reused_buffers
 
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "js": 2, "tvd": 3, "mse": 4}
 _DTYPE_CODES = _dispatch.DTYPE_CODES
@@ -79,7 +79,9 @@ def _loss_rows(
     hard_rows = torch.zeros(n, dtype=torch.float32, device=student.device)
     folded = grad_scale is not None
     kernel_folds = folded and (use_triton or _extension_folds())
-    grad = torch.empty(n, k, dtype=student.dtype if kernel_folds else torch.float32, device=student.device)
+    # a large CPU gradient reuses memory already mapped (ops/_reused_buffers.py: its first write is
+    # otherwise a third of the step)
+    grad = _reused_buffers.empty((n, k), student.dtype if kernel_folds else torch.float32, student.device)
     suspect = torch.zeros(n if check else 0, dtype=torch.uint8, device=student.device)
     if n == 0:
         return loss_rows, grad.to(student.dtype) if folded else grad, hard_rows, suspect

@@ -86,6 +86,148 @@ LELP_HD float kl_row_subclass_weighted(const float* qu, const float* lq, const f
   return tau * tau * (lambda * d_sub + (1.f - lambda) * d_class);
 }
 
+// The alpha term: pooled class logits p_c = logsumexp_s s_{c,s} (at tau = 1); CE = logsumexp_c p_c - p_y
+// and dCE/ds_k = softmax(s)_k - [class(k) = y] softmax_within_y(s)_k. With e = exp(s - max s) over
+// the row (given as x, e = x or x^2), the gradient adds alpha e_k / sum e and subtracts
+// alpha e_k / sum_{k in y} e in class y. hard_label_weights returns those two factors and adds the
+// row's CE to *loss and *hard, or returns false when class y underflows against the row's max (a
+// gap of more than ~87): then hard_label_row_exact adds the row's term from the class's own max.
+LELP_HD bool hard_label_weights(const float* x, bool square, float sum_e, int64_t y, int S, float alpha,
+                                float* loss, float* hard, float* w_all, float* w_y) {
+  float sum_y = 0.f;
+  LELP_SIMD_SUM(sum_y)
+  for (int64_t k = y * S; k < (y + 1) * S; ++k) sum_y += square ? x[k] * x[k] : x[k];
+  *w_all = *w_y = 0.f;
+  if (!(sum_y > 1e-30f)) return false;
+  const float ce = alpha * logf(sum_e / sum_y);
+  *loss += ce;
+  if (hard != nullptr) *hard = ce;
+  *w_all = alpha / sum_e;
+  *w_y = alpha / sum_y;
+  return true;
+}
+
+LELP_HD void hard_label_row_exact(const float* s, int64_t K, int64_t y, int S, float alpha, float row_max, float sum_e,
+                                  float* loss, float* hard, float* g) {
+  float my = -INFINITY, sum_c = 0.f;
+  for (int64_t k = y * S; k < (y + 1) * S; ++k) my = fmax_(my, s[k]);
+  for (int64_t k = y * S; k < (y + 1) * S; ++k) sum_c += fast_exp(s[k] - my);
+  const float lse_all = row_max + logf(sum_e), p_y = my + logf(sum_c);
+  *loss += alpha * (lse_all - p_y);
+  if (hard != nullptr) *hard = alpha * (lse_all - p_y);
+  for (int64_t k = 0; k < K; ++k) g[k] += alpha * fast_exp(s[k] - lse_all);
+  for (int64_t k = y * S; k < (y + 1) * S; ++k) g[k] -= alpha * fast_exp(s[k] - p_y);
+}
+
+// KL's unnormalised q = exp((s - max s) / tau) is e = exp(s - max s) at tau = 1 and its square root
+// at tau = 2: there the KL pass adds the alpha term to the gradient with no exp and no pass of its own.
+LELP_HD bool hard_label_folds(float tau) { return tau == 1.f || tau == 2.f; }
+
+// The alpha term of a block of rows (see hard_label_weights) where it does not fold into the KL
+// pass: e = exp(s - max s) with one more exp per element, kept in e_buf (R x K).
+LELP_HD void hard_label_term(int64_t R, const float* s, int C, int S, float alpha, const int64_t* labels,
+                             float* e_buf, float* row_max, float* w_all, float* w_y, float* grad, float* loss,
+                             float* hard) {
+  const int64_t K = static_cast<int64_t>(C) * S;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* sr = s + r * K;
+    float m = -INFINITY;
+    LELP_SIMD_MAX(m)
+    for (int64_t k = 0; k < K; ++k) m = fmax_(m, sr[k]);
+    row_max[r] = m;
+    float* e = e_buf + r * K;
+    for (int64_t k = 0; k < K; ++k) e[k] = fast_exp(sr[k] - m);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t y = labels[r];
+    w_all[r] = w_y[r] = 0.f;
+    if (hard != nullptr) hard[r] = 0.f;
+    if (y < 0 || y >= C) continue;  // no hard label (ignored rows; invalid ones are rejected upstream)
+    const float* e = e_buf + r * K;
+    float sum_e = 0.f;
+    LELP_SIMD_SUM(sum_e)
+    for (int64_t k = 0; k < K; ++k) sum_e += e[k];
+    if (!hard_label_weights(e, false, sum_e, y, S, alpha, loss + r, hard ? hard + r : nullptr, w_all + r, w_y + r))
+      hard_label_row_exact(s + r * K, K, y, S, alpha, row_max[r], sum_e, loss + r, hard ? hard + r : nullptr,
+                           grad + r * K);
+  }
+  // Two plain loops (all columns, then the label's class) rather than one with a range select,
+  // which GCC left scalar: ~20 % of the CPU kernel's time at C = 2, S = 64 (perf, issue 21).
+  for (int64_t r = 0; r < R; ++r) {
+    float* __restrict__ g = grad + r * K;
+    const float* __restrict__ e = e_buf + r * K;
+    const float wa = w_all[r], wy = w_y[r];
+    if (wa == 0.f) continue;  // no term, or added exactly above
+    for (int64_t k = 0; k < K; ++k) g[k] += e[k] * wa;
+    for (int64_t k = labels[r] * S; k < (labels[r] + 1) * S; ++k) g[k] -= e[k] * wy;
+  }
+}
+
+// The KL rows of block_loss_grad (see there for the arrays; q and log_q unnormalised, times row_inv
+// and minus row_log): targets t = exp(log t), then in one pass grad = tau (q sum t - lambda t), the
+// alpha term when it folds (tau = 1 or 2; row_max = max s for its exact fallback) and the row's KL.
+LELP_HD void kl_rows(int64_t R, const float* s, const float* log_t, int C, int S, float tau, float alpha,
+                     const int64_t* labels, float subclass_weight, const float* q, const float* log_q, float* t,
+                     const float* row_inv, const float* row_log, const float* row_max, float* grad, float* loss,
+                     float* hard) {
+  const int64_t K = static_cast<int64_t>(C) * S;
+  const bool weighted = subclass_weight != 1.f && S > 1;
+  const bool fold = alpha != 0.f && labels != nullptr && hard_label_folds(tau);
+  const bool square = tau == 2.f;  // e = q^2
+  const float ct = weighted ? subclass_weight * tau : tau;  // the subclass weight scales the t term
+  for (int64_t r = 0; r < R; ++r) {
+    const float* __restrict__ qr = q + r * K;
+    const float* __restrict__ lt = log_t + r * K;
+    const float* __restrict__ lq = log_q + r * K;
+    float* __restrict__ tr = t + r * K;
+    float* __restrict__ g = grad + r * K;
+    float sum_t = 0.f;
+    LELP_SIMD_SUM(sum_t)
+    for (int64_t k = 0; k < K; ++k) {
+      tr[k] = fast_exp(lt[k]);
+      sum_t += tr[k];
+    }
+    loss[r] = 0.f;
+    const int64_t y = fold ? labels[r] : -1;
+    float w_all = 0.f, w_y = 0.f, sum_e = 0.f;  // grad += w_all e - [k in y] w_y e
+    bool exact = false;
+    if (fold) {
+      if (hard != nullptr) hard[r] = 0.f;
+      if (y >= 0 && y < C) {
+        if (square) {
+          LELP_SIMD_SUM(sum_e)
+          for (int64_t k = 0; k < K; ++k) sum_e += qr[k] * qr[k];
+        } else {
+          sum_e = 1.f / row_inv[r];
+        }
+        exact = !hard_label_weights(qr, square, sum_e, y, S, alpha, loss + r, hard ? hard + r : nullptr, &w_all,
+                                    &w_y);
+      }
+    }
+    const float cq = tau * sum_t * row_inv[r], lr = row_log[r];
+    float d = 0.f;
+    if (square) {
+      LELP_SIMD_SUM(d)
+      for (int64_t k = 0; k < K; ++k) {
+        g[k] = qr[k] * (cq + w_all * qr[k]) - ct * tr[k];
+        d += xlogx_ratio(tr[k], lt[k], lq[k] - lr);
+      }
+    } else {
+      const float cqa = cq + w_all;  // e = q
+      LELP_SIMD_SUM(d)
+      for (int64_t k = 0; k < K; ++k) {
+        g[k] = cqa * qr[k] - ct * tr[k];
+        d += xlogx_ratio(tr[k], lt[k], lq[k] - lr);
+      }
+    }
+    if (w_y != 0.f)
+      for (int64_t k = y * S; k < (y + 1) * S; ++k) g[k] -= w_y * (square ? qr[k] * qr[k] : qr[k]);
+    if (exact)
+      hard_label_row_exact(s + r * K, K, y, S, alpha, row_max[r], sum_e, loss + r, hard ? hard + r : nullptr, g);
+    loss[r] += weighted ? kl_row_subclass_weighted(qr, lq, tr, C, S, tau, subclass_weight, lr, d, g) : tau * tau * d;
+  }
+}
+
 // Scratch floats block_loss_grad needs for R rows of K outputs.
 LELP_HD int64_t loss_scratch_floats(int64_t R, int64_t K) { return 3 * R * K + 4 * R; }
 
@@ -157,29 +299,9 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
       for (int64_t k = 0; k < K; ++k) log_q[r * K + k] = k == 0 ? d / static_cast<float>(K) : 0.f;
     }
   } else if (kl) {
-    // grad = tau (q sum_j t_j - t) with q = q_unnormalised * row_inv; the KL terms t (log t - log q)
-    // with log q = log_q_unnormalised - row_log, summed per row in the same loop.
-    for (int64_t r = 0; r < R; ++r) {
-      float sum_t = 0.f;
-      LELP_SIMD_SUM(sum_t)
-      for (int64_t k = 0; k < K; ++k) {
-        const float tk = fast_exp(log_t[r * K + k]);
-        t[r * K + k] = tk;
-        sum_t += tk;
-      }
-      const float cq = tau * sum_t * row_inv[r], lr = row_log[r];
-      const float ct = weighted ? subclass_weight * tau : tau;  // the subclass weight scales the t term
-      float d = 0.f;
-      LELP_SIMD_SUM(d)
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t i = r * K + k;
-        grad[i] = cq * q[i] - ct * t[i];
-        d += xlogx_ratio(t[i], log_t[i], log_q[i] - lr);
-      }
-      loss[r] = weighted ? kl_row_subclass_weighted(q + r * K, log_q + r * K, t + r * K, C, S, tau, subclass_weight,
-                                                    lr, d, grad + r * K)
-                         : tau * tau * d;
-    }
+    for (int64_t r = 0; r < R; ++r) row_m[r] *= tau;  // max s, for the alpha term's exact fallback
+    kl_rows(R, s, log_t, C, S, tau, alpha, labels, subclass_weight, q, log_q, t, row_inv, row_log, row_m, grad, loss,
+            hard);
   } else {
     // a = dD/dq; then the softmax Jacobian: grad_k = tau q_k (a_k - sum_j q_j a_j).
     const float log_b = logf(jsd_beta), log_1mb = logf(1.f - jsd_beta);
@@ -204,70 +326,8 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
     loss[r] = tau * tau * d;
   }
 
-  if (alpha != 0.f && labels != nullptr) {
-    // Pooled class logits p_c = logsumexp_s s_{c,s}; CE = logsumexp_c p_c - p_y and
-    // dCE/ds_k = softmax(s)_k - [class(k) = y] softmax_within_y(s)_k. Vectorised over the block
-    // with one max per row; a row whose class y underflows against that max (a gap of more
-    // than ~87) takes the per-row path with the class's own max.
-    // e = exp(s - max s): for KL at tau = 1 that is the unnormalised q already computed, at tau = 2
-    // its square (q = exp((s - max s) / 2)); otherwise one more exp per element.
-    float* e = t;              // the targets are no longer needed
-    float* inv_all = row_inv;  // alpha / sum_k e, or 0 for rows without the term
-    float* inv_y = row_log;    // alpha / sum_{k in y} e
-    for (int64_t r = 0; r < R; ++r) row_m[r] *= tau;  // max s: exact for tau = 1, 2; recomputed otherwise
-    if (kl && tau == 1.f) {
-      e = q;
-    } else if (kl && tau == 2.f) {
-      for (int64_t i = 0; i < RK; ++i) e[i] = q[i] * q[i];
-    } else {
-      for (int64_t r = 0; r < R; ++r) {
-        float m = -INFINITY;
-        LELP_SIMD_MAX(m)
-        for (int64_t k = 0; k < K; ++k) m = fmax_(m, s[r * K + k]);
-        row_m[r] = m;
-      }
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t k = 0; k < K; ++k) e[r * K + k] = fast_exp(s[r * K + k] - row_m[r]);
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t y = labels[r];
-      inv_all[r] = inv_y[r] = 0.f;
-      if (hard != nullptr) hard[r] = 0.f;
-      if (y < 0 || y >= C) continue;  // no hard label (ignored rows; invalid ones are rejected upstream)
-      float sum = 0.f, sum_y = 0.f;
-      LELP_SIMD_SUM(sum)
-      for (int64_t k = 0; k < K; ++k) sum += e[r * K + k];
-      LELP_SIMD_SUM(sum_y)
-      for (int64_t k = y * S; k < (y + 1) * S; ++k) sum_y += e[r * K + k];
-      if (sum_y > 1e-30f) {
-        loss[r] += alpha * logf(sum / sum_y);
-        if (hard != nullptr) hard[r] = alpha * logf(sum / sum_y);
-        inv_all[r] = alpha / sum;
-        inv_y[r] = alpha / sum_y;
-        continue;
-      }
-      const float* sr = s + r * K;
-      float my = -INFINITY, sum_c = 0.f;
-      for (int64_t k = y * S; k < (y + 1) * S; ++k) my = fmax_(my, sr[k]);
-      for (int64_t k = y * S; k < (y + 1) * S; ++k) sum_c += fast_exp(sr[k] - my);
-      const float lse_all = row_m[r] + logf(sum), p_y = my + logf(sum_c);
-      loss[r] += alpha * (lse_all - p_y);
-      if (hard != nullptr) hard[r] = alpha * (lse_all - p_y);
-      float* g = grad + r * K;
-      for (int64_t k = 0; k < K; ++k) g[k] += alpha * fast_exp(sr[k] - lse_all);
-      for (int64_t k = y * S; k < (y + 1) * S; ++k) g[k] -= alpha * fast_exp(sr[k] - p_y);
-    }
-    // Two plain loops (all columns, then the label's class) rather than one with a range select,
-    // which GCC left scalar: ~20 % of the CPU kernel's time at C = 2, S = 64 (perf, issue 21).
-    for (int64_t r = 0; r < R; ++r) {
-      float* __restrict__ g = grad + r * K;
-      const float* __restrict__ er = e + r * K;
-      const float w_all = inv_all[r], w_y = inv_y[r];
-      for (int64_t k = 0; k < K; ++k) g[k] += er[k] * w_all;
-      if (labels[r] < 0 || labels[r] >= C) continue;
-      for (int64_t k = labels[r] * S; k < (labels[r] + 1) * S; ++k) g[k] -= er[k] * w_y;
-    }
-  }
+  if (alpha != 0.f && labels != nullptr && !(kl && hard_label_folds(tau)))  // t, row_inv, row_log are free now
+    hard_label_term(R, s, C, S, alpha, labels, t, row_m, row_inv, row_log, grad, loss, hard);
 }
 
 }  // namespace lelp
