@@ -371,9 +371,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.work_dir:
         cfg.work_dir = args.work_dir
-    tune(cfg, TuneGrid(subclasses=args.subclasses, betas=args.betas, taus=args.taus, steps=args.steps,
-                       final_steps=args.final_steps, keep=args.keep, evals=args.evals, seeds=args.seeds, fraction=args.fraction,
-                       subclass_weights=args.subclass_weights or (None,)), capture_dir=args.capture)
+    grid = TuneGrid(subclasses=args.subclasses, betas=args.betas, taus=args.taus, steps=args.steps,
+                    final_steps=args.final_steps, keep=args.keep, evals=args.evals, seeds=args.seeds,
+                    fraction=args.fraction, subclass_weights=args.subclass_weights or (None,))
+    tune(cfg, grid, capture_dir=args.capture)
     return 0
 
 
@@ -666,14 +667,15 @@ def _add_tune(sub) -> None:
     tune.add_argument("--steps", type=positive_int, default=500, help="optimiser steps per proxy student")
     tune.add_argument("--final-steps", type=positive_int, default=None,
                       help="optimiser steps of the finals (KD's tau, then LELP against KD, each on fresh seeds); "
-                      "default: the student's own, train.epochs x batches per epoch")
+                      "default: the student's own, train.epochs x batches per epoch (of the --fraction rows)")
     tune.add_argument("--keep", choices=("best", "last"), default="best",
                       help="score each proxy at its best validation evaluation (as `distill` keeps its best epoch) "
                       "or its last (for a student kept as it ends)")
     tune.add_argument("--evals", type=positive_int, default=10,
-                      help="validation evaluations per proxy; it is scored at the best one")
+                      help="validation evaluations per proxy; it is scored at the best or the last (--keep)")
     tune.add_argument("--seeds", type=positive_int, default=3,
-                      help="proxies per grid point, and fresh seeds for the paired LELP-vs-KD decision")
+                      help="proxies per grid point, and as many fresh seeds for KD's finals and for the paired "
+                      "LELP-vs-KD decision")
     tune.add_argument("--fraction", type=float, default=1.0, help="training rows the proxies see")
     tune.add_argument("--subclass-weights", type=float, nargs="+", default=None,
                       help="lambda values (1: the paper's LELP; 0: KD on the pooled C*S-output student, beta moot; "

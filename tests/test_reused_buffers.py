@@ -3,6 +3,7 @@ segments: a fresh 128 MiB gradient's first write was a third of the step), and n
 gradient that is still alive."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -48,19 +49,51 @@ def test_small_or_bounded_kept_blocks():
     assert len(_reused_buffers._blocks) <= _reused_buffers.MAX_BLOCKS
 
 
-def test_concurrent_callers_get_distinct_blocks():
-    got, barrier = [], threading.Barrier(4)
+def test_unused_blocks_beyond_the_bound_go_on_the_next_call():
+    """Four gradients alive at once, then freed: the next call keeps at most MAX_BLOCKS."""
+    held = [_reused_buffers.empty(BIG, torch.float32, torch.device("cpu")) for _ in range(4)]
+    assert len(_reused_buffers._blocks) == 4
+    del held
+    again = _reused_buffers.empty(BIG, torch.float32, torch.device("cpu"))
+    assert len(_reused_buffers._blocks) == _reused_buffers.MAX_BLOCKS
+    assert again.data_ptr() in {b.ctypes.data + (-b.ctypes.data) % 64 for b in _reused_buffers._blocks}
+
+
+def test_too_large_or_switched_off_is_a_plain_tensor(monkeypatch):
+    monkeypatch.setattr(_reused_buffers, "MAX_BLOCK_BYTES", _reused_buffers.MIN_BYTES - 1)
+    _reused_buffers.empty(BIG, torch.float32, torch.device("cpu"))
+    assert _reused_buffers.kept_bytes() == 0
+    monkeypatch.undo()
+    monkeypatch.setattr(_reused_buffers, "ENABLED", False)
+    _reused_buffers.empty(BIG, torch.float32, torch.device("cpu"))
+    assert _reused_buffers.kept_bytes() == 0
+    assert _reused_buffers.ENABLED is False and _reused_buffers._counts_hold()  # this Python counts as assumed
+
+
+def test_concurrent_callers_get_distinct_blocks(monkeypatch):
+    """Threads that yield inside the search for an unused block (where a race would be): no two live
+    tensors share memory (without the lock, two threads take the same block)."""
+    unused = _reused_buffers._unused
+
+    def slow_unused(index):
+        answer = unused(index)
+        time.sleep(0.001)  # let another thread run between the check and the taking
+        return answer
+
+    monkeypatch.setattr(_reused_buffers, "_unused", slow_unused)
+    held, barrier = [], threading.Barrier(4)
+    _reused_buffers.empty(BIG, torch.float32, torch.device("cpu"))  # one unused block for all to find
 
     def take():
         barrier.wait()
-        got.append(_reused_buffers.empty(BIG, torch.float32, torch.device("cpu")))
+        held.append(_reused_buffers.empty(BIG, torch.float32, torch.device("cpu")))
 
     threads = [threading.Thread(target=take) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len({t.data_ptr() for t in got}) == 4
+    assert len({t.data_ptr() for t in held}) == 4
 
 
 @pytest.mark.skipif(not _dispatch.available("cpu", torch.device("cpu")), reason="needs the compiled CPU extension")

@@ -331,3 +331,22 @@ def test_the_choice_is_judged_on_validation_rows_it_was_not_chosen_on(monkeypatc
     assert all(c == choose for c in calls[:4]) and all(c == judge for c in calls[4:])
     assert not choose & judge and len(choose | judge) == 101 and abs(len(choose) - len(judge)) <= 1
     assert summary["decision"]["seeds"] == [2, 3]
+
+
+def test_validation_halves_split_each_class_evenly_and_small_halves_warn():
+    from lelp_fast.tune import split_validation
+
+    y = torch.tensor([0] * 7 + [1] * 10 + [2] * 1 + [3] * 3)
+    x = torch.arange(len(y), dtype=torch.float32).unsqueeze(1)
+    (xa, ya), (xb, yb) = split_validation((x, y), seed=0)
+    assert sorted(xa.flatten().tolist() + xb.flatten().tolist()) == x.flatten().tolist()
+    for label in range(4):
+        assert abs(int((ya == label).sum()) - int((yb == label).sum())) <= 1
+    assert abs(len(ya) - len(yb)) <= 1
+    lines = []
+    x, y = xor_blobs(60, 0)
+    search(xor_teacher(x, y), (x, y), xor_blobs(60, 1), lambda k: nn.Linear(2, k), SETTINGS,
+           TuneGrid(subclasses=(2,), betas=(0.25,), taus=(1.0,), steps=5, final_steps=7, evals=1, seeds=2),
+           log=lines.append)
+    assert any("30 choose, 30 judge; finals: 6 students of 7 steps" in line for line in lines)
+    assert any("warning: 30 validation rows judge" in line for line in lines)

@@ -248,10 +248,9 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
   float* row_log = row_inv + R;
   float* row_qa = row_log + R;
   // log_softmax(s / tau) and softmax, sharing one exp per element; q stays unnormalised (row_inv
-  // folded into its uses) for KL, so that the alpha term can reuse it (below). Loops that write and
+  // folded into its uses) for KL, so that the alpha term can reuse it (kl_rows). Loops that write and
   // reduce in one go keep the block in cache for fewer passes.
   const bool kl = divergence == kKL;
-  const bool weighted = kl && subclass_weight != 1.f && S > 1;
   for (int64_t r = 0; r < R; ++r) {
     float m = -INFINITY;
     LELP_SIMD_MAX(m)
