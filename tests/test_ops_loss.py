@@ -56,11 +56,12 @@ def test_loss_forward_backward_match_reference(backend, dtype, divergence, shape
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tau", [1.0, 2.0, 0.7])
-@pytest.mark.parametrize("shape", [(70, 2, 64), (9, 2, 256), (33, 16, 8), (21, 5, 8)])
+@pytest.mark.parametrize("shape", [(70, 2, 64), (9, 2, 256), (33, 16, 8), (21, 5, 8), (83, 3, 5)])
 def test_kl_alpha_paths_match_reference(backend, dtype, tau, shape):
     """Issue 21 item 12: the KL kernel reuses its softmax exponentials for the alpha term at tau = 1
     and 2 (another exp otherwise), with block sizes by K; rows whose labelled class underflows
-    against the row max (gap > 88 / 176) take the per-row path."""
+    against the row max (gap > 88 / 176) take the per-row path. K = 15: the CPU kernel holds the
+    rows padded to 16 columns of -inf (more than one block of rows)."""
     n, num_classes, s = shape
     student, log_t, labels = make_inputs(n, num_classes, s, seed=n + s)
     student[1, labels[1] * s:(labels[1] + 1) * s] -= 400.0

@@ -91,6 +91,26 @@ int64_t block_rows(int64_t K) {
   return rows;
 }
 
+// Row stride of the block buffers. A KL row whose width is not a whole number of 8-float vectors
+// (K = 15: one vector and 7 scalar iterations in every per-row loop) is held padded to the next
+// multiple of 8 with -inf logits and targets, which leave the loss and the real columns'
+// gradient unchanged (block_loss_grad): when the rows are copied into the block anyway (16-bit or
+// mixed inputs), or when at most a fifth of the padded row is padding (fp32 rows are otherwise
+// read in place; at K = 10 the copy cost more than the padding saved). Online targets are made
+// K wide, so they are not padded. Measured in docs/benchmarks.md (issue 21, odd K).
+int64_t row_stride(const LossArgs& a) {
+  const int64_t K = a.C * a.S, padded = (K + 7) / 8 * 8;
+  if (a.divergence != kKL || a.online != nullptr || K == padded || K > 64) return K;
+  const bool copied = a.student_dtype != kFloat32 || a.targets_dtype != kFloat32 || a.n_teachers != 1 ||
+                      a.weights != nullptr || a.student_stride != K || a.targets_stride != K;
+  return copied || (padded - K) * 4 <= K ? padded : K;
+}
+
+// Columns [K, ld) of a block's rows: -inf, so that they hold no probability.
+inline void pad_rows(float* x, int64_t rows, int64_t K, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) std::fill(x + r * ld + K, x + (r + 1) * ld, -INFINITY);
+}
+
 // The folded gradient of a block (n values from row r0): scaled by *grad_scale (if any) while the
 // block is in cache and stored in grad_dtype, so no backward pass reads or writes it again.
 __attribute__((always_inline)) inline void store_folded_grad(const LossArgs& a, float* grad, int64_t r0, int64_t n) {
@@ -101,21 +121,37 @@ __attribute__((always_inline)) inline void store_folded_grad(const LossArgs& a, 
     cpu::store_row(grad, n, a.grad_dtype, reinterpret_cast<char*>(a.grad) + r0 * a.C * a.S * cpu::dtype_size(a.grad_dtype));
 }
 
+// The same for a block held with row stride ld > K: row by row, the first K columns of each.
+__attribute__((always_inline)) inline void store_padded_grad(const LossArgs& a, float* grad, int64_t r0, int64_t rows,
+                                                             int64_t K, int64_t ld) {
+  const float scale = a.grad_scale != nullptr ? *a.grad_scale : 1.f;
+  const int64_t size = cpu::dtype_size(a.grad_dtype);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* g = grad + r * ld;
+    if (scale != 1.f)
+      for (int64_t k = 0; k < K; ++k) g[k] *= scale;
+    if (a.grad_dtype == kFloat32)
+      std::memcpy(a.grad + (r0 + r) * K, g, K * sizeof(float));
+    else
+      cpu::store_row(g, K, a.grad_dtype, reinterpret_cast<char*>(a.grad) + (r0 + r) * K * size);
+  }
+}
+
 // Tiles [t_begin, t_end) of the loss. Inlined into a generic and an AVX2/FMA build of the same loops.
 __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t t_begin, int64_t t_end,
                                                       int64_t tile, TargetsWorkspace* ws, float* buf,
                                                       int64_t* labels) {
-  const int64_t K = a.C * a.S;
-  float* s = buf;                      // tile x K student logits (fp32)
-  float* log_t = s + tile * K;         // tile x K targets
-  float* scratch = log_t + tile * K;   // tile x K, for mixing teachers
-  float* work = scratch + tile * K;    // loss_scratch_floats(tile, K)
-  float* grad_tile = work + loss_scratch_floats(tile, K);  // tile x K, for a gradient stored in 16 bits
+  const int64_t K = a.C * a.S, ld = row_stride(a);
+  float* s = buf;                       // tile x ld student logits (fp32)
+  float* log_t = s + tile * ld;         // tile x ld targets
+  float* scratch = log_t + tile * ld;   // tile x ld, for mixing teachers
+  float* work = scratch + tile * ld;    // loss_scratch_floats(tile, ld)
+  float* grad_tile = work + loss_scratch_floats(tile, ld);  // tile x ld, for a gradient stored in 16 bits or padded
   const int64_t student_row_bytes = a.student_stride * cpu::dtype_size(a.student_dtype);
-  // Contiguous fp32 inputs are read in place (no copy into the block buffers).
-  const bool s_direct = a.student_dtype == kFloat32 && a.student_stride == K;
+  // Contiguous fp32 inputs are read in place (no copy into the block buffers) unless padded.
+  const bool s_direct = a.student_dtype == kFloat32 && a.student_stride == K && ld == K;
   const bool t_direct = ws == nullptr && a.targets_dtype == kFloat32 && a.n_teachers == 1 &&
-                        a.weights == nullptr && a.targets_stride == K;
+                        a.weights == nullptr && a.targets_stride == K && ld == K;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t r0 = t * tile;
     const int64_t rows = std::min(tile, a.n - r0);
@@ -129,27 +165,34 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
       if (t_direct)
         t_suspect = check && log_probabilities_suspect(t_blk + r * K, K);
       else if (ws == nullptr)
-        t_suspect = mix_row(a, row, scratch, log_t + r * K, check);
+        t_suspect = mix_row(a, row, scratch, log_t + r * ld, check);
       if (!s_direct)
-        cpu::load_row(static_cast<const char*>(a.student) + row * student_row_bytes, a.student_dtype, K, s + r * K);
-      if (check) a.suspect[row] = static_cast<uint8_t>(row_sum_nonfinite(s_blk + r * K, K) | (t_suspect << 1));
+        cpu::load_row(static_cast<const char*>(a.student) + row * student_row_bytes, a.student_dtype, K, s + r * ld);
+      if (check) a.suspect[row] = static_cast<uint8_t>(row_sum_nonfinite(s_blk + r * ld, K) | (t_suspect << 1));
       labels[r] = a.labels != nullptr ? a.labels[row] : -1;
       if (a.labels != nullptr && labels[r] == a.ignore_index) labels[r] = -1;
     }
-    float* grad = a.grad_dtype == kFloat32 ? a.grad + r0 * K : grad_tile;
+    if (ld != K) {
+      pad_rows(s, rows, K, ld);
+      pad_rows(log_t, rows, K, ld);
+    }
+    float* grad = a.grad_dtype == kFloat32 && ld == K ? a.grad + r0 * K : grad_tile;
     block_loss_grad(rows, s_blk, t_blk, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
                     a.labels != nullptr ? labels : nullptr, work, grad, a.loss_rows + r0,
-                    a.hard_rows != nullptr ? a.hard_rows + r0 : nullptr, a.subclass_weight);
+                    a.hard_rows != nullptr ? a.hard_rows + r0 : nullptr, a.subclass_weight, ld);
     if (a.labels != nullptr) {  // ignored rows contribute nothing
       for (int64_t r = 0; r < rows; ++r) {
         if (a.labels[r0 + r] == a.ignore_index) {
           a.loss_rows[r0 + r] = 0.f;
           if (a.hard_rows != nullptr) a.hard_rows[r0 + r] = 0.f;
-          std::fill(grad + r * K, grad + (r + 1) * K, 0.f);
+          std::fill(grad + r * ld, grad + r * ld + K, 0.f);
         }
       }
     }
-    if (a.grad_scale != nullptr || a.grad_dtype != kFloat32) store_folded_grad(a, grad, r0, rows * K);
+    if (ld != K)
+      store_padded_grad(a, grad, r0, rows, K, ld);
+    else if (a.grad_scale != nullptr || a.grad_dtype != kFloat32)
+      store_folded_grad(a, grad, r0, rows * K);
   }
 }
 
@@ -250,8 +293,8 @@ const char* loss_isa() {
 }
 
 void loss_cpu(const LossArgs& a) {
-  const int64_t K = a.C * a.S;
-  const int64_t tile = block_rows(K);
+  const int64_t K = a.C * a.S, ld = row_stride(a);
+  const int64_t tile = block_rows(ld);
   const int64_t n_tiles = (a.n + tile - 1) / tile;
   // Chunks of about 64 K elements handed out dynamically: on a shared machine a thread that loses
   // its core leaves its remaining chunks to the others instead of holding the barrier (a static
@@ -269,7 +312,7 @@ void loss_cpu(const LossArgs& a) {
   const bool split_static = schedule != nullptr && std::strcmp(schedule, "static") == 0;
 #pragma omp parallel if (n_chunks > 1)
   {
-    std::vector<float> buf(4 * tile * K + loss_scratch_floats(tile, K));
+    std::vector<float> buf(4 * tile * ld + loss_scratch_floats(tile, ld));
     std::vector<int64_t> labels(tile);
     std::vector<TargetsWorkspace> workspaces;  // one per online teacher
     if (a.online != nullptr)

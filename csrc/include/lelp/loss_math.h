@@ -125,10 +125,9 @@ LELP_HD bool hard_label_folds(float tau) { return tau == 1.f || tau == 2.f; }
 
 // The alpha term of a block of rows (see hard_label_weights) where it does not fold into the KL
 // pass: e = exp(s - max s) with one more exp per element, kept in e_buf (R x K).
-LELP_HD void hard_label_term(int64_t R, const float* s, int C, int S, float alpha, const int64_t* labels,
+LELP_HD void hard_label_term(int64_t R, int64_t K, const float* s, int C, int S, float alpha, const int64_t* labels,
                              float* e_buf, float* row_max, float* w_all, float* w_y, float* grad, float* loss,
                              float* hard) {
-  const int64_t K = static_cast<int64_t>(C) * S;
   for (int64_t r = 0; r < R; ++r) {
     const float* sr = s + r * K;
     float m = -INFINITY;
@@ -166,11 +165,10 @@ LELP_HD void hard_label_term(int64_t R, const float* s, int C, int S, float alph
 // The KL rows of block_loss_grad (see there for the arrays; q and log_q unnormalised, times row_inv
 // and minus row_log): targets t = exp(log t), then in one pass grad = tau (q sum t - lambda t), the
 // alpha term when it folds (tau = 1 or 2; row_max = max s for its exact fallback) and the row's KL.
-LELP_HD void kl_rows(int64_t R, const float* s, const float* log_t, int C, int S, float tau, float alpha,
+LELP_HD void kl_rows(int64_t R, int64_t K, const float* s, const float* log_t, int C, int S, float tau, float alpha,
                      const int64_t* labels, float subclass_weight, const float* q, const float* log_q, float* t,
                      const float* row_inv, const float* row_log, const float* row_max, float* grad, float* loss,
                      float* hard) {
-  const int64_t K = static_cast<int64_t>(C) * S;
   const bool weighted = subclass_weight != 1.f && S > 1;
   const bool fold = alpha != 0.f && labels != nullptr && hard_label_folds(tau);
   const bool square = tau == 2.f;  // e = q^2
@@ -231,14 +229,17 @@ LELP_HD void kl_rows(int64_t R, const float* s, const float* log_t, int C, int S
 // Scratch floats block_loss_grad needs for R rows of K outputs.
 LELP_HD int64_t loss_scratch_floats(int64_t R, int64_t K) { return 3 * R * K + 4 * R; }
 
-// Loss of a block of R rows (row-major R x K arrays); writes dL/ds into grad (R x K), the
+// Loss of a block of R rows (row-major R x K arrays, K = C*S or, for KL, a wider row_stride whose
+// extra columns hold -inf logits and targets: q = t = 0 there, the loss and the real columns'
+// gradient unchanged, the extra columns' gradient 0); writes dL/ds into grad (R x K), the
 // per-row loss into loss (R) and, when hard != nullptr, its alpha * CE part into hard (R; written
 // only when the hard-label term is computed: alpha != 0 and labels given). labels[r] < 0 means no hard-label term for that row (labels may be
 // nullptr). Elementwise work runs over the whole block, so short rows (K = 16) still vectorise.
 LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int C, int S, int divergence,
                              float jsd_beta, float tau, float alpha, const int64_t* labels, float* work,
-                             float* grad, float* loss, float* hard, float subclass_weight = 1.f) {
-  const int64_t K = static_cast<int64_t>(C) * S, RK = R * K;
+                             float* grad, float* loss, float* hard, float subclass_weight = 1.f,
+                             int64_t row_stride = 0) {
+  const int64_t K = row_stride > 0 ? row_stride : static_cast<int64_t>(C) * S, RK = R * K;
   const float inv_tau = 1.f / tau;
   float* log_q = work;
   float* q = work + RK;
@@ -299,8 +300,8 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
     }
   } else if (kl) {
     for (int64_t r = 0; r < R; ++r) row_m[r] *= tau;  // max s, for the alpha term's exact fallback
-    kl_rows(R, s, log_t, C, S, tau, alpha, labels, subclass_weight, q, log_q, t, row_inv, row_log, row_m, grad, loss,
-            hard);
+    kl_rows(R, K, s, log_t, C, S, tau, alpha, labels, subclass_weight, q, log_q, t, row_inv, row_log, row_m, grad,
+            loss, hard);
   } else {
     // a = dD/dq; then the softmax Jacobian: grad_k = tau q_k (a_k - sum_j q_j a_j).
     const float log_b = logf(jsd_beta), log_1mb = logf(1.f - jsd_beta);
@@ -326,7 +327,7 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
   }
 
   if (alpha != 0.f && labels != nullptr && !(kl && hard_label_folds(tau)))  // t, row_inv, row_log are free now
-    hard_label_term(R, s, C, S, alpha, labels, t, row_m, row_inv, row_log, grad, loss, hard);
+    hard_label_term(R, K, s, C, S, alpha, labels, t, row_m, row_inv, row_log, grad, loss, hard);
 }
 
 }  // namespace lelp
