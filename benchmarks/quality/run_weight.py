@@ -122,8 +122,10 @@ def run_digits_choice() -> dict:
             teacher = TeacherOutputs(ctx.emb[0][rows], ctx.logits[0][rows], ctx.y[rows],
                                      (head.weight.detach(), head.bias.detach()))
             settings = ProxySettings(lr=1e-2, weight_decay=1e-4, batch_size=len(rows))  # the protocol's full batch
+            # the finals train the protocol's budget, scored at the last step, as its students are kept
+            grid = TuneGrid(final_steps=base.student_epochs, keep="last")
             best = search(teacher, (ctx.x[rows], ctx.y[rows]), (ctx.x[val], ctx.y[val]),
-                          lambda k: MLP(ctx.x.shape[1], hidden, k), settings, TuneGrid(), log=lambda _: None)
+                          lambda k: MLP(ctx.x.shape[1], hidden, k), settings, grid, log=lambda _: None)
             choice, reason = best["best"], best["decision"]["reason"]
             if choice["subclasses"] == 1:
                 cfg, method = replace(base, tau=choice["tau"]), "vanilla KD"
