@@ -139,7 +139,8 @@ def run_digits_choice() -> dict:
             name = f"{task} {'linear' if hidden == 0 else 'mlp'}"
             data[name] = {"per_seed": per_seed, "library": {**{k: choice[k] for k in ("subclasses", "beta", "tau",
                                                                                      "subclass_weight")},
-                                                            "reason": reason, "validation_rows": len(val)}}
+                                                            "reason": reason, "validation_rows": len(val),
+                                                            "lelp": best["lelp"]}}
             print(f"{name}: library {data[name]['library']}")
             print_table(name, {m: {**v, "share": float("nan")} for m, v in _paired(per_seed).items()})
     return data
@@ -347,10 +348,11 @@ def choice_summary() -> None:
             m, lib = cell["per_seed"], cell.get("library") or cell["tuned"]["library"]
             st = paired_interval(m["LELP library"], m["KD"])
             lo, hi = st["interval"]
-            point = lib.get("lelp") or lib  # the LELP point the tuner weighed against KD
+            point = lib.get("lelp") or lib  # the LELP point the tuner weighed against KD (digits: not kept)
             lelp = (f"S = {point['subclasses']}, β = {point['beta']:g}, τ = {point['tau']:g}, "
-                    f"λ = {point['subclass_weight']:g}")
-            choice = f"KD, τ = {lib['tau']:g} (against {lelp})" if lib["subclasses"] == 1 else lelp
+                    f"λ = {point['subclass_weight']:g}" if point["subclasses"] > 1 else None)
+            choice = (lelp if lib["subclasses"] > 1 else
+                      f"KD, τ = {lib['tau']:g}" + (f" (against {lelp})" if lelp else ""))
             reason = lib["reason"]
             gain = reason.split("validation ", 1)[1].split(":")[0] if "validation " in reason else reason
             below = " **below**" if hi < 0 else ""
