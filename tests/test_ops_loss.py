@@ -854,3 +854,34 @@ def test_subclass_weight_none_is_the_library_default_and_s1_ignores_it():
         assert torch.equal(distill_loss(student[:, :2].float(), z, labels, num_classes=2, n_subclasses=1, tau=3.0,
                                         subclass_weight=weight),
                            distill_loss(student[:, :2].float(), z, labels, num_classes=2, n_subclasses=1, tau=3.0))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled CPU extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "strided student", "strided targets"])
+def test_padded_rows_of_odd_width_match_reference(dtype, layout):
+    """K = 15 (3 x 5) KL rows are held padded to 16 columns in the CPU kernel: converted per block and
+    spread when the input is contiguous, row by row when its rows are strided; the gradient packed
+    back per block. Several blocks of rows, the mean's scale, labels with an ignored row."""
+    n, c, s = 150, 3, 5
+    student, log_t, labels = make_inputs(n, c, s, seed=77)
+    labels[5] = -100
+    x = student.to(dtype)
+    if layout == "strided student":  # rows of 15 values 20 apart
+        wide = torch.zeros(n, 20, dtype=dtype)
+        wide[:, :15] = x
+        x = wide[:, :15].detach()
+        assert x.stride(0) == 20
+    t = log_t.to(dtype)
+    if layout == "strided targets":
+        wide_t = torch.zeros(n, 21, dtype=dtype)
+        wide_t[:, 3:18] = t
+        t = wide_t[:, 3:18]
+    x.requires_grad_(True)
+    kw = dict(num_classes=c, n_subclasses=s, tau=2.0, alpha=0.2)
+    loss = distill_loss(x, t, labels, backend="cpu", **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    want, want_grad = reference_loss_and_grad(x, t, labels, divergence_kind="kl", **kw)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), want, atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad.double(), want_grad, atol=atol, rtol=rtol * 10)

@@ -121,20 +121,22 @@ __attribute__((always_inline)) inline void store_folded_grad(const LossArgs& a, 
     cpu::store_row(grad, n, a.grad_dtype, reinterpret_cast<char*>(a.grad) + r0 * a.C * a.S * cpu::dtype_size(a.grad_dtype));
 }
 
-// The same for a block held with row stride ld > K: row by row, the first K columns of each.
+// The same for a block held with row stride ld > K: its rows packed to stride K in place (row r
+// moves down from r * ld to r * K), then stored as one contiguous block (one vectorised scale and
+// conversion, not one call per short row).
 __attribute__((always_inline)) inline void store_padded_grad(const LossArgs& a, float* grad, int64_t r0, int64_t rows,
                                                              int64_t K, int64_t ld) {
-  const float scale = a.grad_scale != nullptr ? *a.grad_scale : 1.f;
-  const int64_t size = cpu::dtype_size(a.grad_dtype);
-  for (int64_t r = 0; r < rows; ++r) {
-    float* g = grad + r * ld;
-    if (scale != 1.f)
-      for (int64_t k = 0; k < K; ++k) g[k] *= scale;
-    if (a.grad_dtype == kFloat32)
-      std::memcpy(a.grad + (r0 + r) * K, g, K * sizeof(float));
-    else
-      cpu::store_row(g, K, a.grad_dtype, reinterpret_cast<char*>(a.grad) + (r0 + r) * K * size);
-  }
+  for (int64_t r = 1; r < rows; ++r) std::memmove(grad + r * K, grad + r * ld, K * sizeof(float));
+  store_folded_grad(a, grad, r0, rows * K);  // scales; converts and stores unless fp32
+  if (a.grad_dtype == kFloat32) std::memcpy(a.grad + r0 * K, grad, rows * K * sizeof(float));
+}
+
+// Rows [r0, r0 + rows) of a contiguous (stride K) input in `dtype`, converted to fp32 with one call
+// for the block, then spread to row stride ld in place (row r moves up from r * K to r * ld).
+__attribute__((always_inline)) inline void load_spread(const void* src, int dtype, int64_t r0, int64_t rows, int64_t K,
+                                                       int64_t ld, float* dst) {
+  cpu::load_row(static_cast<const char*>(src) + r0 * K * cpu::dtype_size(dtype), dtype, rows * K, dst);
+  for (int64_t r = rows - 1; r > 0; --r) std::memmove(dst + r * ld, dst + r * K, K * sizeof(float));
 }
 
 // Tiles [t_begin, t_end) of the loss. Inlined into a generic and an AVX2/FMA build of the same loops.
@@ -152,21 +154,26 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
   const bool s_direct = a.student_dtype == kFloat32 && a.student_stride == K && ld == K;
   const bool t_direct = ws == nullptr && a.targets_dtype == kFloat32 && a.n_teachers == 1 &&
                         a.weights == nullptr && a.targets_stride == K && ld == K;
+  // Padded rows of a contiguous input are converted per block, then spread (load_spread).
+  const bool s_spread = ld != K && a.student_stride == K;
+  const bool t_spread = ld != K && ws == nullptr && a.n_teachers == 1 && a.weights == nullptr && a.targets_stride == K;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t r0 = t * tile;
     const int64_t rows = std::min(tile, a.n - r0);
     const float* s_blk = s_direct ? static_cast<const float*>(a.student) + r0 * K : s;
     const float* t_blk = t_direct ? static_cast<const float*>(a.log_targets) + r0 * K : log_t;
     if (ws != nullptr) online_rows(a, r0, rows, ws, scratch, log_t);
+    if (s_spread) load_spread(a.student, a.student_dtype, r0, rows, K, ld, s);
+    if (t_spread) load_spread(a.log_targets, a.targets_dtype, r0, rows, K, ld, log_t);
     const bool check = a.suspect != nullptr;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = r0 + r;
       bool t_suspect = false;
-      if (t_direct)
-        t_suspect = check && log_probabilities_suspect(t_blk + r * K, K);
+      if (t_direct || t_spread)
+        t_suspect = check && log_probabilities_suspect(t_blk + r * ld, K);
       else if (ws == nullptr)
         t_suspect = mix_row(a, row, scratch, log_t + r * ld, check);
-      if (!s_direct)
+      if (!s_direct && !s_spread)
         cpu::load_row(static_cast<const char*>(a.student) + row * student_row_bytes, a.student_dtype, K, s + r * ld);
       if (check) a.suspect[row] = static_cast<uint8_t>(row_sum_nonfinite(s_blk + r * ld, K) | (t_suspect << 1));
       labels[r] = a.labels != nullptr ? a.labels[row] : -1;
