@@ -132,11 +132,13 @@ __attribute__((always_inline)) inline void store_padded_grad(const LossArgs& a, 
 }
 
 // Rows [r0, r0 + rows) of a contiguous (stride K) input in `dtype`, converted to fp32 with one call
-// for the block, then spread to row stride ld in place (row r moves up from r * K to r * ld).
+// for the block, then spread to row stride ld in place (row r moves up from r * K to r * ld; nothing
+// moves when ld = K).
 __attribute__((always_inline)) inline void load_spread(const void* src, int dtype, int64_t r0, int64_t rows, int64_t K,
                                                        int64_t ld, float* dst) {
   cpu::load_row(static_cast<const char*>(src) + r0 * K * cpu::dtype_size(dtype), dtype, rows * K, dst);
-  for (int64_t r = rows - 1; r > 0; --r) std::memmove(dst + r * ld, dst + r * K, K * sizeof(float));
+  if (ld != K)
+    for (int64_t r = rows - 1; r > 0; --r) std::memmove(dst + r * ld, dst + r * K, K * sizeof(float));
 }
 
 // Tiles [t_begin, t_end) of the loss. Inlined into a generic and an AVX2/FMA build of the same loops.
@@ -154,9 +156,10 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
   const bool s_direct = a.student_dtype == kFloat32 && a.student_stride == K && ld == K;
   const bool t_direct = ws == nullptr && a.targets_dtype == kFloat32 && a.n_teachers == 1 &&
                         a.weights == nullptr && a.targets_stride == K && ld == K;
-  // Padded rows of a contiguous input are converted per block, then spread (load_spread).
-  const bool s_spread = ld != K && a.student_stride == K;
-  const bool t_spread = ld != K && ws == nullptr && a.n_teachers == 1 && a.weights == nullptr && a.targets_stride == K;
+  // Other contiguous inputs (16-bit, or padded) are converted once per block, then spread to the
+  // row stride (load_spread); strided rows and mixed teachers go row by row.
+  const bool s_spread = !s_direct && a.student_stride == K;
+  const bool t_spread = !t_direct && ws == nullptr && a.n_teachers == 1 && a.weights == nullptr && a.targets_stride == K;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t r0 = t * tile;
     const int64_t rows = std::min(tile, a.n - r0);
