@@ -1,5 +1,7 @@
 """The targets op: every available backend against the fp64 reference."""
 
+import math
+
 import pytest
 import torch
 
@@ -295,6 +297,26 @@ def test_overflowing_projection_is_an_error_not_nan_targets(backend):
     h[4] = 3e38
     with pytest.raises(ValueError, match="row 4 .*overflows"):
         lelp_targets(h, (weight * 100).float(), bias.float(), 2, 3, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_bias_is_a_subclass_of_target_zero_not_an_overflow(backend):
+    """A −inf bias (a class with fewer subclasses than S, issue 22's per-class S) gives that subclass
+    target 0 and the others the class's whole mass; the CPU kernel took it for an overflow. An
+    overflowing row is still named."""
+    h, weight, bias, logits = random_map(29, 7, 3, 4, False, seed=23)
+    dead = [3, 6, 7, 11]  # class 0 has 3 subclasses, class 1 two, class 2 three
+    weight[:, dead], bias[dead] = 0.0, -math.inf
+    got = lelp_targets(h.float(), weight.float(), bias.float(), 3, 4, teacher_logits=logits.float(), beta=0.3,
+                       backend=backend)
+    want = fp64_reference(h.float(), weight, bias, logits.float(), 3, 4, beta=0.3, tau=1.0)
+    assert torch.isneginf(got[:, dead]).all() and torch.isfinite(want[:, [0, 1, 2, 4, 5, 8, 9, 10]]).all()
+    keep = [j for j in range(12) if j not in dead]
+    torch.testing.assert_close(got.double()[:, keep], want[:, keep], atol=ATOL[torch.float32], rtol=0)
+    h = h.float()
+    h[4] = 3e38
+    with pytest.raises(ValueError, match="row 4 .*overflows"):
+        lelp_targets(h, (weight * 100).float(), bias.float(), 3, 4, teacher_logits=logits.float(), backend=backend)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.int32, torch.int64, torch.bool])

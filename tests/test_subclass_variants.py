@@ -91,6 +91,37 @@ def test_gmm_subclasses_find_separated_clusters_in_whitened_principal_coordinate
         assert all(len(gr) == 1 for gr in groups) and len(set.union(*groups)) == 4
 
 
+def test_tied_gmm_map_gives_the_mixture_posteriors_and_full_has_none():
+    """The tied mixture's affine map, log-softmaxed per class, is its posterior (scikit-learn's
+    predict_proba on the same whitened coordinates); a full-covariance mixture has no affine map."""
+    h, y = _classes([3, 4], n=300)
+    head = torch.randn(2, h.shape[1], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    fitted = GMMSubclasses(4, seed=1).fit(h, y, 2, head_weight=head)
+    u = fitted.subclass_map().project(h).view(-1, 2, 4)
+    torch.testing.assert_close(torch.log_softmax(u, -1), fitted.project(h).view(-1, 2, 4), rtol=0, atol=1e-8)
+    from sklearn.mixture import GaussianMixture
+
+    a, mean = fitted.coords[1]
+    x = ((h @ reference.null_space_projector(head) - mean) @ a).numpy()
+    gmm = GaussianMixture(4, covariance_type="tied", random_state=2).fit(x[(y == 1).numpy()])
+    torch.testing.assert_close(torch.softmax(u[:, 1], -1), torch.from_numpy(gmm.predict_proba(x)), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="quadratic"):
+        GMMSubclasses(4, covariance="full").fit(h, y, 2).subclass_map()
+    full = SubclassVariant("LELP GMM full", h, y, 2, 4)
+    with pytest.raises(ValueError, match="cannot run 'LELP GMM full'"):
+        full.targets(h.float(), torch.zeros(len(h), 2), 0, 10, 0.25, backend="cpu")
+    torch.testing.assert_close(full.targets(h, torch.zeros(len(h), 2), 0, 10, 0.25, backend="torch"),
+                               full.log_targets(full.project(h), torch.zeros(len(h), 2), 0, 10, 0.25))
+
+
+def test_spectral_map_is_the_spectral_coordinates():
+    h, y = _classes([1, 4])
+    fitted = SpectralSubclasses(max_subclasses=6, share=0.95, seed=2).fit(h, y, 2)
+    u, mapped = fitted.project(h), fitted.subclass_map().project(h)
+    assert torch.equal(torch.isneginf(u), torch.isneginf(mapped)) and torch.isneginf(u).sum() == len(h) * 7
+    torch.testing.assert_close(mapped[torch.isfinite(u)], u[torch.isfinite(u)], rtol=0, atol=TOL)
+
+
 def test_entropy_matched_betas_hit_the_target_entropy():
     g = torch.Generator().manual_seed(0)
     u = torch.randn(300, 2 * 4, generator=g, dtype=torch.float64) * torch.tensor([1.0] * 4 + [3.0] * 4)
@@ -126,9 +157,69 @@ def test_annealed_beta_is_geometric_from_start_to_beta_then_constant():
 def test_variant_targets_keep_the_teacher_class_probabilities():
     h, y = _classes([2, 3])
     z = torch.randn(len(h), 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    for name, outputs in (("LELP spectral S", 6), ("LELP GMM", 3), ("LELP entropy β", 3), ("LELP annealed β", 3)):
+    for name, outputs in (("LELP spectral S", 6), ("LELP GMM", 3), ("LELP entropy β", 3), ("LELP annealed β", 3),
+                          ("LELP GMM full", 3)):
         variant = SubclassVariant(name, h, y, 2, 3)
         assert variant.n_subclasses == outputs
         log_t = variant.log_targets(variant.project(h[:50]), z[:50], step=10, steps=100, beta=0.25).double()
         torch.testing.assert_close(torch.logsumexp(log_t.view(50, 2, -1), -1), torch.log_softmax(z[:50], -1),
                                    rtol=0, atol=1e-5)  # fp32 targets
+
+
+# -- every variant on every backend: the affine map through the library's ops against the fp64 reference --
+
+from lelp_fast.methods.subclass_variants import VARIANTS, both_signs_map  # noqa: E402
+from lelp_fast.ops import distill_loss  # noqa: E402
+from test_ops_targets import BACKENDS  # noqa: E402
+
+MAPPED = [v for v in VARIANTS if v != "LELP GMM full"] + ["LELP both signs"]
+
+
+def _fitted(name, h, y, head):
+    """(its map, β at a step, its targets on a backend, its fp64 reference targets), the last three
+    as functions of the step."""
+    steps, beta, tau = 100, 0.25, 1.5
+    if name == "LELP both signs":
+        from lelp_fast import LELPProjector
+
+        m = both_signs_map(LELPProjector(2, beta=beta, tau=tau, seed=3).fit(h, y, head_weight=head))
+        return (m, lambda step: beta, lambda hh, z, step, backend: m.targets(hh, z, beta, tau, backend),
+                lambda hh, z, step: reference.log_targets(m.project(hh), z.double(), 4, beta, tau))
+    v = SubclassVariant(name, h, y, 2, 4, head, seed=3)
+    return (v.map, lambda step: v.beta_at(step, steps, beta),
+            lambda hh, z, step, backend: v.targets(hh, z, step, steps, beta, tau, backend),
+            lambda hh, z, step: v.log_targets(v.project(hh), z, step, steps, beta, tau).double())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", MAPPED)
+def test_variant_targets_and_loss_on_every_backend_match_the_reference(backend, name, device="cpu"):
+    """Each variant's targets from the targets op, and the loss on them (λ = 0.1) offline and online (the
+    map inside the loss), against the variant's direct fp64 computation; 61 rows. tests/test_triton.py
+    runs it on Triton (``device`` "cuda" there on a GPU)."""
+    h, y = _classes([3, 5], n=120, d=12)
+    head = torch.randn(2, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    m, beta_at, ours, ref = _fitted(name, h, y, head)
+    rows = torch.arange(1, 240, 3)[:61]
+    h32, z32 = h[rows].float(), (h[rows] @ head.T).float()
+    for step in (0, 40, 99):
+        got = ours(h32.to(device), z32.to(device), step, backend).cpu()
+        want = ref(h32.double(), z32.double(), step)
+        assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got.double()[finite], want[finite], atol=2e-4, rtol=1e-5)
+
+    s = m.n_subclasses
+    student = torch.randn(61, 2 * s, generator=torch.Generator().manual_seed(2))
+    s64 = student.double().requires_grad_(True)
+    want_loss = reference.subclass_weighted_kl(s64, want, 2, s, 1.5, 0.1)
+    (want_grad,) = torch.autograd.grad(want_loss.sum(), s64)
+    student = student.to(device).requires_grad_(True)
+    kw = dict(num_classes=2, n_subclasses=s, tau=1.5, subclass_weight=0.1, reduction="none", backend=backend)
+    online = dict(embeddings=h32.to(device), fused_weight=m.weight.float().to(device),
+                  fused_bias=m.bias.float().to(device), teacher_logits=z32.to(device), beta=beta_at(99))
+    for targets in (dict(log_targets=got.to(device)), online):
+        loss = distill_loss(student, labels=y[rows].to(device), **targets, **kw)
+        (grad,) = torch.autograd.grad(loss.sum(), student)
+        torch.testing.assert_close(loss.double().cpu(), want_loss.detach(), atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(grad.double().cpu(), want_grad, atol=2e-5, rtol=1e-4)

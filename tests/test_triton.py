@@ -21,6 +21,7 @@ from test_ops_targets import fp64_reference, random_map  # noqa: E402
 from test_ops_loss import TOL, make_inputs, reference_loss_and_grad  # noqa: E402
 import test_ops_loss  # noqa: E402
 import test_ops_targets  # noqa: E402
+import test_subclass_variants  # noqa: E402
 from lelp_fast.kernels.triton import limits  # noqa: E402
 from lelp_fast.ops import _dispatch  # noqa: E402
 
@@ -250,6 +251,13 @@ def test_triton_online_targets(with_logits):
 @pytest.mark.parametrize("n", [1, 67])
 def test_triton_online_multi_teacher(dtype, n):
     test_ops_loss.test_online_multi_teacher_mixed_inside_the_kernel("triton", dtype, n)
+
+
+@pytest.mark.parametrize("name", test_subclass_variants.MAPPED)
+def test_triton_runs_every_lelp_variant(name):
+    """Issue 22's variants (per-class S with −inf biases, tied GMM, β per class, annealed β, both signs):
+    targets and the loss on them, offline and online, against the fp64 reference."""
+    test_subclass_variants.test_variant_targets_and_loss_on_every_backend_match_the_reference("triton", name, DEVICE)
 
 
 def test_auto_never_picks_a_backend_that_cannot_run_the_call(monkeypatch):

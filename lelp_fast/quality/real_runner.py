@@ -22,7 +22,7 @@ from torch import nn
 from ..loss import LELPLoss
 from ..methods import AnnealingKD, KDLoss, KMeansSubclasses, RandomProjectionSubclasses, oracle_coordinates
 from ..methods import subclass_log_targets
-from ..methods.subclass_variants import VARIANTS, SubclassVariant
+from ..methods.subclass_variants import VARIANTS, SubclassVariant, both_signs_map
 from ..projector import DEFAULT_BETA, LELPProjector
 from ..reference import class_logits, resolve_subclass_weight
 from .real_data import DEFAULT_CACHE, REAL_TASKS, RealTask
@@ -162,11 +162,9 @@ class Cell:
         """2·(S/2) subclasses from S/2 directions: each direction's two halves (u and −u), so the
         student has as many outputs as the default's."""
         cfg, t = self.cfg, self.task
-        half = cfg.n_subclasses // 2
-        u = self.fits[("pca", half)].project(t.h).view(-1, t.num_classes, half)
-        u = torch.cat([u, -u], -1).reshape(u.shape[0], -1)
-        return self.subclass_targets(seed, rows, subclass_log_targets(u, t.z, 2 * half, cfg.beta, cfg.tau),
-                                     2 * half, cfg.tau)
+        signs = both_signs_map(self.fits[("pca", cfg.n_subclasses // 2)])
+        return self.subclass_targets(seed, rows, signs.targets(t.h, t.z, cfg.beta, cfg.tau), signs.n_subclasses,
+                                     cfg.tau)
 
     def library_choice(self, seed, rows, choice):
         """What ``lelp-fast tune`` chose on the first seed's rows: LELP (S, β, τ) or KD (τ)."""
@@ -181,16 +179,17 @@ class Cell:
         return self.subclass_targets(seed, rows, subclass_log_targets(u, self.task.z, s, cfg.beta, cfg.tau), s, cfg.tau)
 
     def subclass_variant(self, seed, rows, name: str):
-        """One of ``VARIANTS`` at the "LELP" row's λ; its targets are made per batch (β may change by step)."""
+        """One of ``VARIANTS`` at the "LELP" row's λ; its targets are made per batch by the library's targets
+        op (β may change by step)."""
         cfg, c = self.cfg, self.task.num_classes
         variant = self.fits[(name, cfg.n_subclasses)]
-        u, z = variant.project(self.task.h), self.task.z
+        h, z = self.task.h, self.task.z
         loss = LELPLoss(num_classes=c, n_subclasses=variant.n_subclasses, tau=cfg.tau,
                         subclass_weight=cfg.subclass_weight)
 
         def loss_fn(out, i, step):
             i = i.cpu()
-            return loss(out, variant.log_targets(u[i], z[i], step, cfg.steps, cfg.beta, cfg.tau).to(out.device))
+            return loss(out, variant.targets(h[i], z[i], step, cfg.steps, cfg.beta, cfg.tau).to(out.device))
 
         return self.train(seed, rows, c * variant.n_subclasses, loss_fn), cfg.tau
 

@@ -150,12 +150,12 @@ def _subclass_variant(ctx: _Context, name: str):
     cfg, rows, head = ctx.cfg, ctx.student_rows, ctx.teachers[0].head
     variant = SubclassVariant(name, ctx.emb[0][ctx.train], ctx.y[ctx.train], ctx.num_classes, cfg.n_subclasses,
                               head.weight.detach(), seed=ctx.seed)
-    u, z = variant.project(ctx.emb[0][rows]), ctx.logits[0][rows]
+    h, z = ctx.emb[0][rows], ctx.logits[0][rows]
     student = _student(ctx, ctx.num_classes * variant.n_subclasses)
     loss = LELPLoss(num_classes=ctx.num_classes, n_subclasses=variant.n_subclasses, tau=cfg.tau,
                     subclass_weight=cfg.subclass_weight)
     _train(student, ctx.x[rows],
-           lambda out, step: loss(out, variant.log_targets(u, z, step, cfg.student_epochs, cfg.beta, cfg.tau)),
+           lambda out, step: loss(out, variant.targets(h, z, step, cfg.student_epochs, cfg.beta, cfg.tau)),
            cfg.student_epochs)
     return student
 
