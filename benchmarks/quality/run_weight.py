@@ -79,13 +79,13 @@ def run_digits() -> dict:
     return data
 
 
-def run_digits_variants() -> dict:
+def run_digits_variants(methods=None) -> dict:
     """Issue 22's LELP variants (lelp_fast.methods.subclass_variants) on the digits protocol, at the
-    library's default λ, with KD, the default LELP and the oracle on the same seeds."""
+    library's default λ, with KD, the default LELP and the oracle on the same seeds (or ``methods``)."""
     from lelp_fast.methods.subclass_variants import VARIANTS
     from lelp_fast.quality import QualityConfig, run_quality
 
-    methods = ["vanilla KD", "LELP", *VARIANTS, "oracle"]
+    methods = methods or ["vanilla KD", "LELP", *VARIANTS, "oracle"]
     data = {}
     for task in ("digits-parity", "digits-low"):
         for hidden in (0, 32):
@@ -155,14 +155,26 @@ def variants_summary() -> None:
     from lelp_fast.methods.subclass_variants import VARIANTS
     from lelp_fast.paired import paired_interval
 
-    cells = []
+    # Per cell and method: (its accuracies, KD's and the default's from the same run). A later file (the
+    # tied GMM's, variants-tied-*) adds methods; its KD must equal the earlier run's to borrow its default.
+    cells = {}
     for path in sorted(glob.glob(os.path.join(RESULTS, "variants-*.json"))):
         with open(path) as f:
             data = json.load(f)
         for name, cell in data.get("cells", data).items():
             m = dict(cell.get("per_seed", cell))
             m["KD"] = m.pop("vanilla KD", None) or m["KD"]
-            cells.append((name, m))
+            earlier = cells.setdefault(name, {})
+            same_students = "KD" in earlier and earlier["KD"][0] == m["KD"]
+            if earlier and not same_students:
+                print(f"note: {name}: KD in {os.path.basename(path)} differs from the earlier run's by up to "
+                      f"{100 * max(abs(a - b) for a, b in zip(m['KD'], earlier['KD'][0])):.2f} points on a seed "
+                      "(thread order); its methods are paired with its own KD and default only")
+            lelp = m.get("LELP") or (earlier["LELP"][0] if same_students and "LELP" in earlier else None)
+            for key, values in m.items():
+                if key not in earlier or key not in ("KD", "LELP", "oracle"):
+                    earlier[key] = (values, m["KD"], lelp)
+    cells = list(cells.items())
 
     def diff(a, b):  # "below": the paired 95 % interval lies under 0 (below KD beyond noise)
         st = paired_interval(a, b)
@@ -176,23 +188,25 @@ def variants_summary() -> None:
         return f"**{text}**" if lo > 0 or hi < 0 else text
 
     def share(m, method):
-        gain = float(np.mean(m["oracle"]) - np.mean(m["KD"])) if "oracle" in m else 0.0
+        gain = float(np.mean(m["oracle"][0]) - np.mean(m["KD"][0])) if "oracle" in m else 0.0
         if gain < 0.03 or method not in m:  # the share is quoted where the oracle is worth >= 3 points
             return "—"
+        values, kd, _ = m[method]
         # + 1e-9: 87.5 % prints as 88 % (as docs/results.md rounds it), not as 0.87499999... -> 87 %
-        return f"{round(100 * float(np.mean(m[method]) - np.mean(m['KD'])) / gain + 1e-9)} %"
+        return f"{round(100 * float(np.mean(values) - np.mean(kd)) / gain + 1e-9)} %"
 
     methods = ["LELP", *VARIANTS, "oracle"]
-    print("| cell | KD (%) | " + " | ".join(methods) + " | share: default, GMM |")
+    print("| cell | KD (%) | " + " | ".join(methods) + " | share: default, GMM, GMM full |")
     print("|---" * (len(methods) + 3) + "|")
     for name, m in cells:
-        cols = [diff(m[k], m["KD"]) if k in m else "not run" for k in methods]
-        print(f"| {name} | {100 * np.mean(m['KD']):.2f} | " + " | ".join(cols)
-              + f" | {share(m, 'LELP')}, {share(m, 'LELP GMM')} |")
+        cols = [diff(m[k][0], m[k][1]) if k in m else "not run" for k in methods]
+        print(f"| {name} | {100 * np.mean(m['KD'][0]):.2f} | " + " | ".join(cols)
+              + f" | {share(m, 'LELP')}, {share(m, 'LELP GMM')}, {share(m, 'LELP GMM full')} |")
     print("\n| cell | " + " | ".join(f"{v} − default" for v in VARIANTS) + " |")
     print("|---" * (len(VARIANTS) + 1) + "|")
     for name, m in cells:
-        print(f"| {name} | " + " | ".join(interval(m[v], m["LELP"]) if v in m else "not run" for v in VARIANTS) + " |")
+        print(f"| {name} | " + " | ".join(interval(m[v][0], m[v][2]) if v in m and m[v][2] else "not run"
+                                         for v in VARIANTS) + " |")
 
 
 def variants_diagnostics(cache_dir) -> None:
@@ -214,7 +228,7 @@ def variants_diagnostics(cache_dir) -> None:
         print(f"| {name} | {spectral.coordinates.subclass_counts.tolist()} | "
               f"{[round(float(b), 3) for b in ent.betas]} | {own(gmm.project(h), 1.0)} | {own(ent.project(h), 0.25)} |")
 
-    print("| task | S_c (spectral, share 0.8, at most 8) | β_c (entropy 0.35) | GMM split entropy / log S | "
+    print("| task | S_c (spectral, share 0.8, at most 8) | β_c (entropy 0.35) | GMM (tied) split entropy / log S | "
           "default's (β = 0.25) |")
     print("|---|---|---|---|---|")
     for dataset in ("fashion-mnist-mixed", "fashion-mnist-coarse", "fashion-mnist-parity", "trump-tweets"):
@@ -388,9 +402,11 @@ def main() -> None:
         variants_summary()
         variants_diagnostics(args.cache_dir)
         return
-    if args.stage == "digits-variants":
-        with open(os.path.join(RESULTS, "variants-digits.json"), "w") as f:
-            json.dump(run_digits_variants(), f, indent=1)
+    if args.stage == "digits-variants":  # every variant, or --methods (KD is "vanilla KD" here) into --tag's file
+        methods = args.methods if args.methods != REAL_WEIGHT_METHODS else None
+        tag = args.tag if args.tag != "weight" else "variants"
+        with open(os.path.join(RESULTS, f"{tag}-digits.json"), "w") as f:
+            json.dump(run_digits_variants(methods), f, indent=1)
         return
     if args.stage == "digits-choice":
         data = run_digits_choice()
