@@ -405,8 +405,9 @@ def main() -> None:
     if args.stage == "digits-variants":  # every variant, or --methods (KD is "vanilla KD" here) into --tag's file
         methods = args.methods if args.methods != REAL_WEIGHT_METHODS else None
         tag = args.tag if args.tag != "weight" else "variants"
+        data = run_digits_variants(methods)  # before the file is opened: a failed run leaves the old one
         with open(os.path.join(RESULTS, f"{tag}-digits.json"), "w") as f:
-            json.dump(run_digits_variants(methods), f, indent=1)
+            json.dump(data, f, indent=1)
         return
     if args.stage == "digits-choice":
         data = run_digits_choice()
