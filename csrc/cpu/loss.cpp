@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "lane_loss.h"
 #include "lelp/loss_math.h"
 
 namespace lelp {
@@ -98,9 +99,14 @@ int64_t block_rows(int64_t K) {
 // mixed inputs), or when at most a fifth of the padded row is padding (fp32 rows are otherwise
 // read in place; at K = 10 the copy cost more than the padding saved). Online targets are made
 // K wide, so they are not padded. Measured in docs/benchmarks.md (issue 21, odd K).
+// KL rows short enough for the lane layout (lane_loss.h); lambda != 1 with S > 1 stays row-major.
+bool lanes_cover(const LossArgs& a) {
+  return a.divergence == kKL && a.C * a.S <= cpu::kLaneMaxK && (a.subclass_weight == 1.f || a.S == 1);
+}
+
 int64_t row_stride(const LossArgs& a) {
   const int64_t K = a.C * a.S, padded = (K + 7) / 8 * 8;
-  if (a.divergence != kKL || a.online != nullptr || K == padded || K > 64) return K;
+  if (lanes_cover(a) || a.divergence != kKL || a.online != nullptr || K == padded || K > 64) return K;
   const bool copied = a.student_dtype != kFloat32 || a.targets_dtype != kFloat32 || a.n_teachers != 1 ||
                       a.weights != nullptr || a.student_stride != K || a.targets_stride != K;
   return copied || (padded - K) * 4 <= K ? padded : K;
@@ -141,6 +147,42 @@ __attribute__((always_inline)) inline void load_spread(const void* src, int dtyp
     for (int64_t r = rows - 1; r > 0; --r) std::memmove(dst + r * ld, dst + r * K, K * sizeof(float));
 }
 
+// block_loss_grad for KL rows that lanes_cover: rows [0, rows) of a block (row stride K) in
+// groups of kLanes, transposed into G and the gradient transposed back; a row that needs the
+// alpha term's exact fallback is redone row-major (work: loss_scratch_floats(1, K)).
+__attribute__((always_inline)) inline void lanes_block(const LossArgs& a, int64_t rows, const float* s,
+                                                       const float* lt, const int64_t* labels, float* grad,
+                                                       float* loss, float* hard, float* work, cpu::LaneGroup& G) {
+  constexpr int L = cpu::kLanes;
+  const int K = static_cast<int>(a.C * a.S), C = static_cast<int>(a.C), S = static_cast<int>(a.S);
+  const bool term = a.alpha != 0.f && labels != nullptr;
+  for (int64_t r0 = 0; r0 < rows; r0 += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, rows - r0));
+    const float* sr = s + r0 * K;
+    const float* tr = lt + r0 * K;
+    for (int k = 0; k < K; ++k)
+      for (int l = 0; l < L; ++l) {
+        G.s[k * L + l] = l < n ? sr[l * K + k] : 0.f;  // unused lanes: finite, discarded
+        G.lt[k * L + l] = l < n ? tr[l * K + k] : 0.f;
+      }
+    for (int l = 0; l < L; ++l) {
+      const int64_t y = l < n && labels != nullptr ? labels[r0 + l] : -1;
+      G.y[l] = y >= 0 && y < C ? static_cast<int32_t>(y) : -1;
+    }
+    cpu::kl_lanes(G, K, S, a.tau, a.alpha, labels != nullptr);
+    float* gr = grad + r0 * K;
+    for (int l = 0; l < n; ++l)
+      for (int k = 0; k < K; ++k) gr[l * K + k] = G.g[k * L + l];
+    for (int l = 0; l < n; ++l) {
+      loss[r0 + l] = G.loss[l];
+      if (term && hard != nullptr) hard[r0 + l] = G.hard[l];
+      if (G.exact[l])
+        block_loss_grad(1, sr + l * K, tr + l * K, C, S, kKL, a.jsd_beta, a.tau, a.alpha, labels + r0 + l, work,
+                        gr + l * K, loss + r0 + l, hard != nullptr ? hard + r0 + l : nullptr, a.subclass_weight, K);
+    }
+  }
+}
+
 // Tiles [t_begin, t_end) of the loss. Inlined into a generic and an AVX2/FMA build of the same loops.
 __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t t_begin, int64_t t_end,
                                                       int64_t tile, TargetsWorkspace* ws, float* buf,
@@ -151,6 +193,8 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
   float* scratch = log_t + tile * ld;   // tile x ld, for mixing teachers
   float* work = scratch + tile * ld;    // loss_scratch_floats(tile, ld)
   float* grad_tile = work + loss_scratch_floats(tile, ld);  // tile x ld, for a gradient stored in 16 bits or padded
+  const bool lanes = lanes_cover(a);
+  cpu::LaneGroup lane_group;  // only used when lanes
   const int64_t student_row_bytes = a.student_stride * cpu::dtype_size(a.student_dtype);
   // Contiguous fp32 inputs are read in place (no copy into the block buffers) unless padded.
   const bool s_direct = a.student_dtype == kFloat32 && a.student_stride == K && ld == K;
@@ -187,7 +231,11 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
       pad_rows(log_t, rows, K, ld);
     }
     float* grad = a.grad_dtype == kFloat32 && ld == K ? a.grad + r0 * K : grad_tile;
-    block_loss_grad(rows, s_blk, t_blk, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
+    if (lanes)
+      lanes_block(a, rows, s_blk, t_blk, a.labels != nullptr ? labels : nullptr, grad, a.loss_rows + r0,
+                  a.hard_rows != nullptr ? a.hard_rows + r0 : nullptr, work, lane_group);
+    else
+      block_loss_grad(rows, s_blk, t_blk, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
                     a.labels != nullptr ? labels : nullptr, work, grad, a.loss_rows + r0,
                     a.hard_rows != nullptr ? a.hard_rows + r0 : nullptr, a.subclass_weight, ld);
     if (a.labels != nullptr) {  // ignored rows contribute nothing
@@ -315,7 +363,7 @@ void loss_cpu(const LossArgs& a) {
 #ifdef LELP_HAVE_AVX2_LOSS
   // AVX-512 only where rows are whole 16-float vectors and long: an A/B here (docs/benchmarks.md,
   // issue 21) had it 0.87-0.97x the AVX2 build at K = 16 and 40 (per-row remainder loops) and 1.15x at K = 128.
-  if (range == loss_range_avx512 && (K % 16 != 0 || K < 64)) range = loss_range_avx2;
+  if (range == loss_range_avx512 && (K % 16 != 0 || K < 64) && !lanes_cover(a)) range = loss_range_avx2;
 #endif
   // LELP_FAST_LOSS_SCHEDULE=static: the former split (contiguous halves), kept for A/B runs.
   const char* schedule = std::getenv("LELP_FAST_LOSS_SCHEDULE");
