@@ -138,5 +138,23 @@ LELP_HD void kl_lanes(LaneGroup& G, int K, int S, float tau, float alpha, bool l
   if (term && !fold) lanes_hard_label_term(G, K, S, alpha, s_max);
 }
 
+// The input check's row flags of a group's n rows (the row-major kernel's, from the column sums):
+// bit 0 the logits' sum is not finite; with check_t, bit 1 the log-targets' sum is not <= 0,
+// otherwise bit 1 is kept as the caller set it.
+LELP_HD void check_lanes(const LaneGroup& G, int K, int n, bool check_t, uint8_t* flags) {
+  float sum_s[kLanes] = {}, sum_t[kLanes] = {};
+  for (int k = 0; k < K; ++k) {
+    LELP_LANES
+    for (int l = 0; l < kLanes; ++l) {
+      sum_s[l] += G.s[k * kLanes + l];
+      sum_t[l] += G.lt[k * kLanes + l];
+    }
+  }
+  for (int l = 0; l < n; ++l) {
+    const int t_bit = check_t ? !(sum_t[l] <= 0.f) : (flags[l] >> 1) & 1;
+    flags[l] = static_cast<uint8_t>(!std::isfinite(sum_s[l]) | (t_bit << 1));
+  }
+}
+
 }  // namespace cpu
 }  // namespace lelp

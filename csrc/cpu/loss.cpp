@@ -147,38 +147,49 @@ __attribute__((always_inline)) inline void load_spread(const void* src, int dtyp
     for (int64_t r = rows - 1; r > 0; --r) std::memmove(dst + r * ld, dst + r * K, K * sizeof(float));
 }
 
-// block_loss_grad for KL rows that lanes_cover: rows [0, rows) of a block (row stride K) in
-// groups of kLanes, transposed into G and the gradient transposed back; a row that needs the
-// alpha term's exact fallback is redone row-major (work: loss_scratch_floats(1, K)).
-__attribute__((always_inline)) inline void lanes_block(const LossArgs& a, int64_t rows, const float* s,
-                                                       const float* lt, const int64_t* labels, float* grad,
-                                                       float* loss, float* hard, float* work, cpu::LaneGroup& G) {
+// Rows [r0, r0 + rows) of the loss for KL rows that lanes_cover (s, lt: the block's rows, stride
+// K), in groups of kLanes transposed into G: the loss, the gradient (times *grad_scale, 0 for an
+// ignored row) transposed back into grad, and the input check's bit 0 (the logits) and, with
+// check_t, bit 1 (the log-targets) from the same column sums (otherwise bit 1 is the row loop's).
+// A row that needs the alpha term's exact fallback is redone by block_loss_grad (work:
+// loss_scratch_floats(1, K)).
+__attribute__((always_inline)) inline void lanes_block(const LossArgs& a, int64_t r0, int64_t rows, const float* s,
+                                                       const float* lt, bool check_t, float* grad, float* work,
+                                                       cpu::LaneGroup& G) {
   constexpr int L = cpu::kLanes;
   const int K = static_cast<int>(a.C * a.S), C = static_cast<int>(a.C), S = static_cast<int>(a.S);
-  const bool term = a.alpha != 0.f && labels != nullptr;
-  for (int64_t r0 = 0; r0 < rows; r0 += L) {
-    const int n = static_cast<int>(std::min<int64_t>(L, rows - r0));
-    const float* sr = s + r0 * K;
-    const float* tr = lt + r0 * K;
+  const bool term = a.alpha != 0.f && a.labels != nullptr;
+  const float scale = a.grad_scale != nullptr ? *a.grad_scale : 1.f;
+  for (int64_t i0 = 0; i0 < rows; i0 += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, rows - i0));
+    const float* sr = s + i0 * K;
+    const float* tr = lt + i0 * K;
     for (int k = 0; k < K; ++k)
       for (int l = 0; l < L; ++l) {
         G.s[k * L + l] = l < n ? sr[l * K + k] : 0.f;  // unused lanes: finite, discarded
         G.lt[k * L + l] = l < n ? tr[l * K + k] : 0.f;
       }
+    bool ignored[L];
     for (int l = 0; l < L; ++l) {
-      const int64_t y = l < n && labels != nullptr ? labels[r0 + l] : -1;
-      G.y[l] = y >= 0 && y < C ? static_cast<int32_t>(y) : -1;
+      const int64_t y = l < n && a.labels != nullptr ? a.labels[r0 + i0 + l] : -1;
+      ignored[l] = a.labels != nullptr && l < n && y == a.ignore_index;  // contributes nothing
+      G.y[l] = !ignored[l] && y >= 0 && y < C ? static_cast<int32_t>(y) : -1;
     }
-    cpu::kl_lanes(G, K, S, a.tau, a.alpha, labels != nullptr);
-    float* gr = grad + r0 * K;
+    cpu::kl_lanes(G, K, S, a.tau, a.alpha, a.labels != nullptr);
+    if (a.suspect != nullptr) cpu::check_lanes(G, K, n, check_t, a.suspect + r0 + i0);
+    float* gr = grad + i0 * K;
     for (int l = 0; l < n; ++l)
-      for (int k = 0; k < K; ++k) gr[l * K + k] = G.g[k * L + l];
+      for (int k = 0; k < K; ++k) gr[l * K + k] = ignored[l] ? 0.f : G.g[k * L + l] * scale;
     for (int l = 0; l < n; ++l) {
-      loss[r0 + l] = G.loss[l];
-      if (term && hard != nullptr) hard[r0 + l] = G.hard[l];
-      if (G.exact[l])
-        block_loss_grad(1, sr + l * K, tr + l * K, C, S, kKL, a.jsd_beta, a.tau, a.alpha, labels + r0 + l, work,
-                        gr + l * K, loss + r0 + l, hard != nullptr ? hard + r0 + l : nullptr, a.subclass_weight, K);
+      const int64_t row = r0 + i0 + l;
+      a.loss_rows[row] = ignored[l] ? 0.f : G.loss[l];
+      if (term && a.hard_rows != nullptr) a.hard_rows[row] = ignored[l] ? 0.f : G.hard[l];
+      if (!G.exact[l]) continue;
+      const int64_t y = G.y[l];
+      float* g = gr + l * K;
+      block_loss_grad(1, sr + l * K, tr + l * K, C, S, kKL, a.jsd_beta, a.tau, a.alpha, &y, work, g,
+                      a.loss_rows + row, a.hard_rows != nullptr ? a.hard_rows + row : nullptr, a.subclass_weight, K);
+      for (int k = 0; k < K; ++k) g[k] *= scale;
     }
   }
 }
@@ -213,16 +224,19 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
     if (s_spread) load_spread(a.student, a.student_dtype, r0, rows, K, ld, s);
     if (t_spread) load_spread(a.log_targets, a.targets_dtype, r0, rows, K, ld, log_t);
     const bool check = a.suspect != nullptr;
-    for (int64_t r = 0; r < rows; ++r) {
+    // The lane layout checks the logits and a single offline teacher's rows itself (lanes_block).
+    const bool rows_loop = !lanes || !(s_direct || s_spread) || !(t_direct || t_spread);
+    for (int64_t r = 0; r < rows && rows_loop; ++r) {
       const int64_t row = r0 + r;
       bool t_suspect = false;
       if (t_direct || t_spread)
-        t_suspect = check && log_probabilities_suspect(t_blk + r * ld, K);
+        t_suspect = check && !lanes && log_probabilities_suspect(t_blk + r * ld, K);
       else if (ws == nullptr)
         t_suspect = mix_row(a, row, scratch, log_t + r * ld, check);
       if (!s_direct && !s_spread)
         cpu::load_row(static_cast<const char*>(a.student) + row * student_row_bytes, a.student_dtype, K, s + r * ld);
-      if (check) a.suspect[row] = static_cast<uint8_t>(row_sum_nonfinite(s_blk + r * ld, K) | (t_suspect << 1));
+      if (check)
+        a.suspect[row] = static_cast<uint8_t>((!lanes && row_sum_nonfinite(s_blk + r * ld, K)) | (t_suspect << 1));
       labels[r] = a.labels != nullptr ? a.labels[row] : -1;
       if (a.labels != nullptr && labels[r] == a.ignore_index) labels[r] = -1;
     }
@@ -231,11 +245,14 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
       pad_rows(log_t, rows, K, ld);
     }
     float* grad = a.grad_dtype == kFloat32 && ld == K ? a.grad + r0 * K : grad_tile;
-    if (lanes)
-      lanes_block(a, rows, s_blk, t_blk, a.labels != nullptr ? labels : nullptr, grad, a.loss_rows + r0,
-                  a.hard_rows != nullptr ? a.hard_rows + r0 : nullptr, work, lane_group);
-    else
-      block_loss_grad(rows, s_blk, t_blk, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
+    if (lanes) {  // scaled, ignored rows zeroed; stored here unless fp32
+      lanes_block(a, r0, rows, s_blk, t_blk, t_direct || t_spread, grad, work, lane_group);
+      if (a.grad_dtype != kFloat32)
+        cpu::store_row(grad, rows * K, a.grad_dtype,
+                       reinterpret_cast<char*>(a.grad) + r0 * K * cpu::dtype_size(a.grad_dtype));
+      continue;
+    }
+    block_loss_grad(rows, s_blk, t_blk, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
                     a.labels != nullptr ? labels : nullptr, work, grad, a.loss_rows + r0,
                     a.hard_rows != nullptr ? a.hard_rows + r0 : nullptr, a.subclass_weight, ld);
     if (a.labels != nullptr) {  // ignored rows contribute nothing
