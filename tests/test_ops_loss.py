@@ -885,3 +885,50 @@ def test_padded_rows_of_odd_width_match_reference(dtype, layout):
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(loss.double(), want, atol=atol, rtol=rtol)
     torch.testing.assert_close(grad.double(), want_grad, atol=atol, rtol=rtol * 10)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled CPU extension")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tau", [1.0, 2.0, 0.7])
+@pytest.mark.parametrize("shape", [(10, 1), (5, 2), (3, 5), (2, 8)])
+def test_lane_layout_rows_match_reference(dtype, tau, shape):
+    """KL rows of K <= 16 run with 16 rows across the vector lanes in the CPU kernel (csrc/cpu/lane_loss.h):
+    141 rows (blocks of 64 rows, then a group of 13 and 3 unused lanes), ignored rows, a labelled class
+    underflowing against the row max (the α term's exact fallback, redone row-major) in a full group and
+    in the tail, a target of exactly 0; α at τ = 1, 2 (folded into the KL pass) and 0.7 (a pass of its
+    own); per-row losses, their α·CE parts, the mean's scale folded into the gradient; strided rows; a
+    NaN row stays NaN; the fused check names a bad row in the tail."""
+    c, s = shape
+    n, k = 141, c * s
+    student, log_t, labels = make_inputs(n, c, s, seed=k + 7)
+    labels[[4, 130]] = -100
+    for row, gap in ((1, 400.0), (135, 400.0), (2, 100.0)):
+        student[row, labels[row] * s:(labels[row] + 1) * s] -= gap
+    log_t[133, 0] = float("-inf")
+    log_t[133] = torch.log_softmax(log_t[133], 0)
+    x = student.to(dtype).requires_grad_(True)
+    t = log_t.to(dtype)
+    kw = dict(num_classes=c, n_subclasses=s, tau=tau, alpha=0.3)
+    atol, rtol = TOL[dtype]
+    loss, _, hard = distill_loss(x, t, labels, backend="cpu", reduction="none", return_components=True, **kw)
+    want = reference.distillation_loss(x.detach().double(), t.double(), labels, reduction="none", **kw)
+    want_hard = 0.3 * reference.hard_label_rows(x.detach().double(), labels, c, s)
+    want_hard[labels == -100] = 0.0
+    torch.testing.assert_close(loss.double(), want, atol=atol * 4, rtol=rtol)
+    torch.testing.assert_close(hard.double(), want_hard, atol=atol * 4, rtol=rtol)
+    for strided in (False, True):
+        xs = torch.zeros(n, k + 3, dtype=dtype)[:, 1:k + 1] if strided else torch.empty(n, k, dtype=dtype)
+        xs = xs.copy_(x.detach()).requires_grad_(True)
+        (grad,) = torch.autograd.grad(distill_loss(xs, t, labels, backend="cpu", **kw), xs)
+        _, want_grad = reference_loss_and_grad(xs, t, labels, divergence_kind="kl", **kw)
+        torch.testing.assert_close(grad.double(), want_grad, atol=atol * 2 / n, rtol=rtol * 10)
+    bad = x.detach().clone()
+    bad[137, k // 2] = float("nan")
+    per_row = distill_loss(bad, t, labels, backend="cpu", reduction="none", check_inputs=False, **kw)
+    assert torch.isnan(per_row[137]) and torch.isfinite(per_row[torch.arange(n) != 137]).all()
+    with pytest.raises(ValueError, match=r"student_logits row 137 contains NaN or Inf"):
+        distill_loss(bad, t, labels, backend="cpu", **kw)
+    bad_t = t.clone()
+    bad_t[139, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"log_targets row 139 contains NaN or \+Inf"):
+        distill_loss(x.detach(), bad_t, labels, backend="cpu", **kw)
