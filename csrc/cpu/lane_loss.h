@@ -22,7 +22,9 @@ namespace lelp {
 namespace cpu {
 
 constexpr int kLanes = 16;
-constexpr int kLaneMaxK = 16;
+// Up to 32 columns: an A/B had the lane layout ahead of the row-major kernel at K = 16 and 20 and level
+// to ahead at K = 32 (docs/benchmarks.md); a group's six arrays (12 KiB at K = 32) stay in L1.
+constexpr int kLaneMaxK = 32;
 
 // One group of rows: inputs s and lt (fp32 logits and log-targets), outputs g (dL/ds), loss and
 // hard (alpha * CE, written when the term is computed), all column by column; y: the label per

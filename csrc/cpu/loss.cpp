@@ -92,18 +92,20 @@ int64_t block_rows(int64_t K) {
   return rows;
 }
 
+// KL rows short enough for the lane layout (lane_loss.h: 16 rows across the vector lanes, no per-row
+// loops); lambda != 1 with S > 1 stays row-major. Measured in docs/benchmarks.md (issue 21, K = 10).
+bool lanes_cover(const LossArgs& a) {
+  return a.divergence == kKL && a.C * a.S <= cpu::kLaneMaxK && (a.subclass_weight == 1.f || a.S == 1);
+}
+
 // Row stride of the block buffers. A KL row whose width is not a whole number of 8-float vectors
 // (K = 15: one vector and 7 scalar iterations in every per-row loop) is held padded to the next
 // multiple of 8 with -inf logits and targets, which leave the loss and the real columns'
 // gradient unchanged (block_loss_grad): when the rows are copied into the block anyway (16-bit or
 // mixed inputs), or when at most a fifth of the padded row is padding (fp32 rows are otherwise
 // read in place; at K = 10 the copy cost more than the padding saved). Online targets are made
-// K wide, so they are not padded. Measured in docs/benchmarks.md (issue 21, odd K).
-// KL rows short enough for the lane layout (lane_loss.h); lambda != 1 with S > 1 stays row-major.
-bool lanes_cover(const LossArgs& a) {
-  return a.divergence == kKL && a.C * a.S <= cpu::kLaneMaxK && (a.subclass_weight == 1.f || a.S == 1);
-}
-
+// K wide, so they are not padded. Measured in docs/benchmarks.md (issue 21, odd K). KL rows of
+// K <= 32 take the lane layout instead (lanes_cover), which needs no padding.
 int64_t row_stride(const LossArgs& a) {
   const int64_t K = a.C * a.S, padded = (K + 7) / 8 * 8;
   if (lanes_cover(a) || a.divergence != kKL || a.online != nullptr || K == padded || K > 64) return K;
@@ -380,6 +382,7 @@ void loss_cpu(const LossArgs& a) {
 #ifdef LELP_HAVE_AVX2_LOSS
   // AVX-512 only where rows are whole 16-float vectors and long: an A/B here (docs/benchmarks.md,
   // issue 21) had it 0.87-0.97x the AVX2 build at K = 16 and 40 (per-row remainder loops) and 1.15x at K = 128.
+  // The lane layout's 16 rows fill one AVX-512 vector per column (two AVX2 ones), so it keeps AVX-512.
   if (range == loss_range_avx512 && (K % 16 != 0 || K < 64) && !lanes_cover(a)) range = loss_range_avx2;
 #endif
   // LELP_FAST_LOSS_SCHEDULE=static: the former split (contiguous halves), kept for A/B runs.
