@@ -89,8 +89,9 @@ LELP_HD void kl_lanes(LaneGroup& G, int K, int S, float tau, float alpha, bool l
   }
   LELP_LANES
   for (int l = 0; l < kLanes; ++l) row_m[l] = s_max[l] * inv_tau;
-  // q (unnormalised), log q, t and their sums; with the folded term, e = q or q^2 and its sums.
-  float sum_q[kLanes] = {}, sum_t[kLanes] = {}, sum_e2[kLanes] = {}, sum_y[kLanes] = {};
+  // q (unnormalised), log q, t and their sums; for the folded term, e = q or q^2 summed over the
+  // label's class (sum_y) and, at tau = 2, over the row (sum_qq; at tau = 1 it is sum_q).
+  float sum_q[kLanes] = {}, sum_t[kLanes] = {}, sum_qq[kLanes] = {}, sum_y[kLanes] = {};
   for (int k = 0; k < K; ++k) {
     const int cls = k / S;
     LELP_LANES
@@ -103,9 +104,8 @@ LELP_HD void kl_lanes(LaneGroup& G, int K, int S, float tau, float alpha, bool l
       G.t[i] = t;
       sum_q[l] += q;
       sum_t[l] += t;
-      const float e = square ? q * q : q;
-      sum_e2[l] += q * q;
-      sum_y[l] += G.y[l] == cls ? e : 0.f;
+      sum_qq[l] += q * q;
+      sum_y[l] += G.y[l] == cls ? (square ? q * q : q) : 0.f;
     }
   }
   float row_inv[kLanes], row_log[kLanes], cq[kLanes], w_all[kLanes], w_y[kLanes];
@@ -113,7 +113,7 @@ LELP_HD void kl_lanes(LaneGroup& G, int K, int S, float tau, float alpha, bool l
   for (int l = 0; l < kLanes; ++l) {
     row_inv[l] = 1.f / sum_q[l];
     row_log[l] = logf(sum_q[l]);
-    const float sum_e = square ? sum_e2[l] : 1.f / row_inv[l];
+    const float sum_e = square ? sum_qq[l] : 1.f / row_inv[l];  // as kl_rows
     const bool has = fold && G.y[l] >= 0, ok = sum_y[l] > 1e-30f;
     G.exact[l] = has && !ok;
     const float ce = has && ok ? alpha * logf(sum_e / sum_y[l]) : 0.f;
