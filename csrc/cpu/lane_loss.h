@@ -8,6 +8,7 @@
 // time in per-row loops of 10 values (docs/benchmarks.md, issue 21).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "lelp/loss_math.h"
@@ -153,8 +154,9 @@ LELP_HD void check_lanes(const LaneGroup& G, int K, int n, bool check_t, uint8_t
     }
   }
   for (int l = 0; l < n; ++l) {
-    const int t_bit = check_t ? !(sum_t[l] <= 0.f) : (flags[l] >> 1) & 1;
-    flags[l] = static_cast<uint8_t>(!std::isfinite(sum_s[l]) | (t_bit << 1));
+    const int s_bit = std::isfinite(sum_s[l]) ? 0 : 1;
+    const int t_bit = check_t ? (sum_t[l] <= 0.f ? 0 : 1) : (flags[l] >> 1) & 1;
+    flags[l] = static_cast<uint8_t>(s_bit | (t_bit << 1));
   }
 }
 
