@@ -2,7 +2,7 @@
 PyTorch and torch.compile, interleaved round by round in one process so that load hits them alike.
 
 Run: python benchmarks/bench_loss_ab.py --base /path/to/old/_C.so [--n 262144] [--shapes 2x64 16x8 ...]
-     [--dtypes float32 bfloat16] [--rounds 5] [--repeats 3] [--accumulate]
+     [--dtypes float32 bfloat16] [--rounds 5] [--repeats 3] [--accumulate] [--base-isa avx2]
 Each round times every contender (median of --repeats calls, forward + backward, KL, tau = 2,
 alpha = 0.1, offline targets); the table gives the median over rounds and the [min, max] of the
 per-round ratios, with the load average before and after.
@@ -38,14 +38,22 @@ def main():
     ap.add_argument("--fresh-grad-too", action="store_true",
                     help="also time the installed kernel writing a fresh gradient each step (no reused "
                     "buffer), as the base always does: it separates the kernel's gain from the buffer's")
+    ap.add_argument("--base-isa", choices=["avx2", "portable"],
+                    help="cap the base build's instruction set (LELP_FAST_CPU_ISA, read at a build's first loss "
+                    "call, after the installed build has chosen): with a copy of the installed build as --base, "
+                    "an A/B of its instruction sets")
     ap.add_argument("--accumulate", action="store_true",
                     help="add each step's gradient into the existing .grad (default: .grad = None before each "
                          "step, as optimizer.zero_grad() leaves it)")
     args = ap.parse_args()
     new_ext = _dispatch.extension()
+    isa = new_ext.loss_isa() if hasattr(new_ext, "loss_isa") else "?"  # the installed build chooses now
+    if args.base_isa:
+        os.environ["LELP_FAST_CPU_ISA"] = args.base_isa
     base_ext = load_build(args.base, "base") if args.base else None
     load0 = os.getloadavg()
-    print(f"isa {new_ext.loss_isa() if hasattr(new_ext, 'loss_isa') else '?'}; torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, KL, tau=2, alpha=0.1, "
+    base_isa = f", base capped to {args.base_isa}" if args.base_isa else ""
+    print(f"isa {isa}{base_isa}; torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, KL, tau=2, alpha=0.1, "
           f"{args.rounds} rounds x median of {args.repeats}; load average before {load0[0]:.1f}")
     for shape in args.shapes:
         c, s_ = (int(v) for v in shape.split("x"))

@@ -60,8 +60,8 @@ def test_loss_forward_backward_match_reference(backend, dtype, divergence, shape
 def test_kl_alpha_paths_match_reference(backend, dtype, tau, shape):
     """Issue 21 item 12: the KL kernel reuses its softmax exponentials for the alpha term at tau = 1
     and 2 (another exp otherwise), with block sizes by K; rows whose labelled class underflows
-    against the row max (gap > 88 / 176) take the per-row path. K = 15: the CPU kernel holds the
-    rows padded to 16 columns of -inf (more than one block of rows)."""
+    against the row max (gap > 88 / 176) take the per-row path. K = 15: the CPU kernel's lane layout
+    (16 rows across the vector lanes; more than one block of rows)."""
     n, num_classes, s = shape
     student, log_t, labels = make_inputs(n, num_classes, s, seed=n + s)
     student[1, labels[1] * s:(labels[1] + 1) * s] -= 400.0
@@ -82,7 +82,8 @@ def test_kl_alpha_paths_match_reference(backend, dtype, tau, shape):
 
 @pytest.mark.parametrize("isa", ["portable", "avx2"])
 def test_loss_forced_down_to_each_instruction_set(isa):
-    """LELP_FAST_CPU_ISA caps the CPU loss kernel (the AVX-512 build is the default where the CPU has it)."""
+    """LELP_FAST_CPU_ISA caps the CPU loss kernel (the AVX-512 build is the default where the CPU has it);
+    K = 10 KL rows run the lane layout in each build."""
     import os
     import subprocess
     import sys
@@ -98,13 +99,15 @@ g = torch.Generator().manual_seed(3)
 s = torch.randn(45, 128, generator=g, dtype=torch.float64) * 3
 y = torch.randint(0, 2, (45,), generator=g)
 t = torch.log_softmax(torch.randn(45, 128, generator=g, dtype=torch.float64) * 3, -1)
-for div in ("kl", "js", "tvd"):
+cases = [(div, s, t, 2, 64) for div in ("kl", "js", "tvd")]
+cases.append(("kl", s[:, :10].clone(), torch.log_softmax(t[:, :10], -1), 5, 2))  # K = 10: the lane layout
+for div, s_in, t_in, c, sub in cases:
     for tau in (1.0, 2.0, 1.3):
-        kw = dict(num_classes=2, n_subclasses=64, tau=tau, alpha=0.2)
-        x, xr = s.float().requires_grad_(True), s.clone().requires_grad_(True)
-        got = distill_loss(x, t.float(), y, divergence=div, backend="cpu", **kw)
+        kw = dict(num_classes=c, n_subclasses=sub, tau=tau, alpha=0.2)
+        x, xr = s_in.float().requires_grad_(True), s_in.clone().requires_grad_(True)
+        got = distill_loss(x, t_in.float(), y, divergence=div, backend="cpu", **kw)
         got.backward()
-        ref = reference.distillation_loss(xr, t, y, divergence_kind=div, **kw)
+        ref = reference.distillation_loss(xr, t_in, y, divergence_kind=div, **kw)
         ref.backward()
         torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-3)
@@ -860,23 +863,24 @@ def test_subclass_weight_none_is_the_library_default_and_s1_ignores_it():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "strided student", "strided targets"])
 def test_padded_rows_of_odd_width_match_reference(dtype, layout):
-    """K = 15 (3 x 5) KL rows are held padded to 16 columns in the CPU kernel: converted per block and
+    """K = 39 (3 x 13) KL rows are held padded to 40 columns in the CPU kernel: converted per block and
     spread when the input is contiguous, row by row when its rows are strided; the gradient packed
-    back per block. Several blocks of rows, the mean's scale, labels with an ignored row."""
-    n, c, s = 150, 3, 5
+    back per block. Several blocks of rows, the mean's scale, labels with an ignored row. (K = 15 ran
+    here before the lane layout took KL rows of K <= 32.)"""
+    n, c, s = 150, 3, 13
     student, log_t, labels = make_inputs(n, c, s, seed=77)
     labels[5] = -100
     x = student.to(dtype)
-    if layout == "strided student":  # rows of 15 values 20 apart
-        wide = torch.zeros(n, 20, dtype=dtype)
-        wide[:, :15] = x
-        x = wide[:, :15].detach()
-        assert x.stride(0) == 20
+    if layout == "strided student":  # rows of 39 values 44 apart
+        wide = torch.zeros(n, 44, dtype=dtype)
+        wide[:, :39] = x
+        x = wide[:, :39].detach()
+        assert x.stride(0) == 44
     t = log_t.to(dtype)
     if layout == "strided targets":
-        wide_t = torch.zeros(n, 21, dtype=dtype)
-        wide_t[:, 3:18] = t
-        t = wide_t[:, 3:18]
+        wide_t = torch.zeros(n, 45, dtype=dtype)
+        wide_t[:, 3:42] = t
+        t = wide_t[:, 3:42]
     x.requires_grad_(True)
     kw = dict(num_classes=c, n_subclasses=s, tau=2.0, alpha=0.2)
     loss = distill_loss(x, t, labels, backend="cpu", **kw)
@@ -885,3 +889,50 @@ def test_padded_rows_of_odd_width_match_reference(dtype, layout):
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(loss.double(), want, atol=atol, rtol=rtol)
     torch.testing.assert_close(grad.double(), want_grad, atol=atol, rtol=rtol * 10)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled CPU extension")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tau", [1.0, 2.0, 0.7])
+@pytest.mark.parametrize("shape", [(10, 1), (5, 2), (3, 5), (2, 8), (4, 8)])
+def test_lane_layout_rows_match_reference(dtype, tau, shape):
+    """KL rows of K <= 32 run with 16 rows across the vector lanes in the CPU kernel (csrc/cpu/lane_loss.h):
+    141 rows (blocks of 64 rows, then a group of 13 and 3 unused lanes), ignored rows, a labelled class
+    underflowing against the row max (the α term's exact fallback, redone row-major) in a full group and
+    in the tail, a target of exactly 0; α at τ = 1, 2 (folded into the KL pass) and 0.7 (a pass of its
+    own); per-row losses, their α·CE parts, the mean's scale folded into the gradient; strided rows; a
+    NaN row stays NaN; the fused check names a bad row in the tail."""
+    c, s = shape
+    n, k = 141, c * s
+    student, log_t, labels = make_inputs(n, c, s, seed=k + 7)
+    labels[[4, 130]] = -100
+    for row, gap in ((1, 400.0), (135, 400.0), (2, 100.0)):
+        student[row, labels[row] * s:(labels[row] + 1) * s] -= gap
+    log_t[133, 0] = float("-inf")
+    log_t[133] = torch.log_softmax(log_t[133], 0)
+    x = student.to(dtype).requires_grad_(True)
+    t = log_t.to(dtype)
+    kw = dict(num_classes=c, n_subclasses=s, tau=tau, alpha=0.3)
+    atol, rtol = TOL[dtype]
+    loss, _, hard = distill_loss(x, t, labels, backend="cpu", reduction="none", return_components=True, **kw)
+    want = reference.distillation_loss(x.detach().double(), t.double(), labels, reduction="none", **kw)
+    want_hard = 0.3 * reference.hard_label_rows(x.detach().double(), labels, c, s)
+    want_hard[labels == -100] = 0.0
+    torch.testing.assert_close(loss.double(), want, atol=atol * 4, rtol=rtol)
+    torch.testing.assert_close(hard.double(), want_hard, atol=atol * 4, rtol=rtol)
+    for strided in (False, True):
+        xs = torch.zeros(n, k + 3, dtype=dtype)[:, 1:k + 1] if strided else torch.empty(n, k, dtype=dtype)
+        xs = xs.copy_(x.detach()).requires_grad_(True)
+        (grad,) = torch.autograd.grad(distill_loss(xs, t, labels, backend="cpu", **kw), xs)
+        _, want_grad = reference_loss_and_grad(xs, t, labels, divergence_kind="kl", **kw)
+        torch.testing.assert_close(grad.double(), want_grad, atol=atol * 2 / n, rtol=rtol * 10)
+    bad = x.detach().clone()
+    bad[137, k // 2] = float("nan")
+    per_row = distill_loss(bad, t, labels, backend="cpu", reduction="none", check_inputs=False, **kw)
+    assert torch.isnan(per_row[137]) and torch.isfinite(per_row[torch.arange(n) != 137]).all()
+    with pytest.raises(ValueError, match=r"student_logits row 137 contains NaN or Inf"):
+        distill_loss(bad, t, labels, backend="cpu", **kw)
+    bad_t = t.clone()
+    bad_t[139, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"log_targets row 139 contains NaN or \+Inf"):
+        distill_loss(x.detach(), bad_t, labels, backend="cpu", **kw)

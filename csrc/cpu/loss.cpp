@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "lane_loss.h"
 #include "lelp/loss_math.h"
 
 namespace lelp {
@@ -91,16 +92,23 @@ int64_t block_rows(int64_t K) {
   return rows;
 }
 
+// KL rows short enough for the lane layout (lane_loss.h: 16 rows across the vector lanes, no per-row
+// loops); lambda != 1 with S > 1 stays row-major. Measured in docs/benchmarks.md (issue 21, K = 10).
+bool lanes_cover(const LossArgs& a) {
+  return a.divergence == kKL && a.C * a.S <= cpu::kLaneMaxK && (a.subclass_weight == 1.f || a.S == 1);
+}
+
 // Row stride of the block buffers. A KL row whose width is not a whole number of 8-float vectors
 // (K = 15: one vector and 7 scalar iterations in every per-row loop) is held padded to the next
 // multiple of 8 with -inf logits and targets, which leave the loss and the real columns'
 // gradient unchanged (block_loss_grad): when the rows are copied into the block anyway (16-bit or
 // mixed inputs), or when at most a fifth of the padded row is padding (fp32 rows are otherwise
 // read in place; at K = 10 the copy cost more than the padding saved). Online targets are made
-// K wide, so they are not padded. Measured in docs/benchmarks.md (issue 21, odd K).
+// K wide, so they are not padded. Measured in docs/benchmarks.md (issue 21, odd K). KL rows of
+// K <= 32 take the lane layout instead (lanes_cover), which needs no padding.
 int64_t row_stride(const LossArgs& a) {
   const int64_t K = a.C * a.S, padded = (K + 7) / 8 * 8;
-  if (a.divergence != kKL || a.online != nullptr || K == padded || K > 64) return K;
+  if (lanes_cover(a) || a.divergence != kKL || a.online != nullptr || K == padded || K > 64) return K;
   const bool copied = a.student_dtype != kFloat32 || a.targets_dtype != kFloat32 || a.n_teachers != 1 ||
                       a.weights != nullptr || a.student_stride != K || a.targets_stride != K;
   return copied || (padded - K) * 4 <= K ? padded : K;
@@ -141,6 +149,53 @@ __attribute__((always_inline)) inline void load_spread(const void* src, int dtyp
     for (int64_t r = rows - 1; r > 0; --r) std::memmove(dst + r * ld, dst + r * K, K * sizeof(float));
 }
 
+// Rows [r0, r0 + rows) of the loss for KL rows that lanes_cover (s, lt: the block's rows, stride
+// K), in groups of kLanes transposed into G: the loss, the gradient (times *grad_scale, 0 for an
+// ignored row) transposed back into grad, and the input check's bit 0 (the logits) and, with
+// check_t, bit 1 (the log-targets) from the same column sums (otherwise bit 1 is the row loop's).
+// A row that needs the alpha term's exact fallback is redone by block_loss_grad (work:
+// loss_scratch_floats(1, K)).
+__attribute__((always_inline)) inline void lanes_block(const LossArgs& a, int64_t r0, int64_t rows, const float* s,
+                                                       const float* lt, bool check_t, float* grad, float* work,
+                                                       cpu::LaneGroup& G) {
+  constexpr int L = cpu::kLanes;
+  const int K = static_cast<int>(a.C * a.S), C = static_cast<int>(a.C), S = static_cast<int>(a.S);
+  const bool term = a.alpha != 0.f && a.labels != nullptr;
+  const float scale = a.grad_scale != nullptr ? *a.grad_scale : 1.f;
+  for (int64_t i0 = 0; i0 < rows; i0 += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, rows - i0));
+    const float* sr = s + i0 * K;
+    const float* tr = lt + i0 * K;
+    for (int k = 0; k < K; ++k)
+      for (int l = 0; l < L; ++l) {
+        G.s[k * L + l] = l < n ? sr[l * K + k] : 0.f;  // unused lanes: finite, discarded
+        G.lt[k * L + l] = l < n ? tr[l * K + k] : 0.f;
+      }
+    bool ignored[L];
+    for (int l = 0; l < L; ++l) {
+      const int64_t y = l < n && a.labels != nullptr ? a.labels[r0 + i0 + l] : -1;
+      ignored[l] = a.labels != nullptr && l < n && y == a.ignore_index;  // contributes nothing
+      G.y[l] = !ignored[l] && y >= 0 && y < C ? static_cast<int32_t>(y) : -1;
+    }
+    cpu::kl_lanes(G, K, S, a.tau, a.alpha, a.labels != nullptr);
+    if (a.suspect != nullptr) cpu::check_lanes(G, K, n, check_t, a.suspect + r0 + i0);
+    float* gr = grad + i0 * K;
+    for (int l = 0; l < n; ++l)
+      for (int k = 0; k < K; ++k) gr[l * K + k] = ignored[l] ? 0.f : G.g[k * L + l] * scale;
+    for (int l = 0; l < n; ++l) {
+      const int64_t row = r0 + i0 + l;
+      a.loss_rows[row] = ignored[l] ? 0.f : G.loss[l];
+      if (term && a.hard_rows != nullptr) a.hard_rows[row] = ignored[l] ? 0.f : G.hard[l];
+      if (!G.exact[l]) continue;
+      const int64_t y = G.y[l];
+      float* g = gr + l * K;
+      block_loss_grad(1, sr + l * K, tr + l * K, C, S, kKL, a.jsd_beta, a.tau, a.alpha, &y, work, g,
+                      a.loss_rows + row, a.hard_rows != nullptr ? a.hard_rows + row : nullptr, a.subclass_weight, K);
+      for (int k = 0; k < K; ++k) g[k] *= scale;
+    }
+  }
+}
+
 // Tiles [t_begin, t_end) of the loss. Inlined into a generic and an AVX2/FMA build of the same loops.
 __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t t_begin, int64_t t_end,
                                                       int64_t tile, TargetsWorkspace* ws, float* buf,
@@ -151,6 +206,8 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
   float* scratch = log_t + tile * ld;   // tile x ld, for mixing teachers
   float* work = scratch + tile * ld;    // loss_scratch_floats(tile, ld)
   float* grad_tile = work + loss_scratch_floats(tile, ld);  // tile x ld, for a gradient stored in 16 bits or padded
+  const bool lanes = lanes_cover(a);
+  cpu::LaneGroup lane_group;  // only used when lanes
   const int64_t student_row_bytes = a.student_stride * cpu::dtype_size(a.student_dtype);
   // Contiguous fp32 inputs are read in place (no copy into the block buffers) unless padded.
   const bool s_direct = a.student_dtype == kFloat32 && a.student_stride == K && ld == K;
@@ -169,16 +226,19 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
     if (s_spread) load_spread(a.student, a.student_dtype, r0, rows, K, ld, s);
     if (t_spread) load_spread(a.log_targets, a.targets_dtype, r0, rows, K, ld, log_t);
     const bool check = a.suspect != nullptr;
-    for (int64_t r = 0; r < rows; ++r) {
+    // The lane layout checks the logits and a single offline teacher's rows itself (lanes_block).
+    const bool rows_loop = !lanes || !(s_direct || s_spread) || !(t_direct || t_spread);
+    for (int64_t r = 0; r < rows && rows_loop; ++r) {
       const int64_t row = r0 + r;
       bool t_suspect = false;
       if (t_direct || t_spread)
-        t_suspect = check && log_probabilities_suspect(t_blk + r * ld, K);
+        t_suspect = check && !lanes && log_probabilities_suspect(t_blk + r * ld, K);
       else if (ws == nullptr)
         t_suspect = mix_row(a, row, scratch, log_t + r * ld, check);
       if (!s_direct && !s_spread)
         cpu::load_row(static_cast<const char*>(a.student) + row * student_row_bytes, a.student_dtype, K, s + r * ld);
-      if (check) a.suspect[row] = static_cast<uint8_t>(row_sum_nonfinite(s_blk + r * ld, K) | (t_suspect << 1));
+      if (check)
+        a.suspect[row] = static_cast<uint8_t>((!lanes && row_sum_nonfinite(s_blk + r * ld, K)) | (t_suspect << 1));
       labels[r] = a.labels != nullptr ? a.labels[row] : -1;
       if (a.labels != nullptr && labels[r] == a.ignore_index) labels[r] = -1;
     }
@@ -187,6 +247,13 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
       pad_rows(log_t, rows, K, ld);
     }
     float* grad = a.grad_dtype == kFloat32 && ld == K ? a.grad + r0 * K : grad_tile;
+    if (lanes) {  // scaled, ignored rows zeroed; stored here unless fp32
+      lanes_block(a, r0, rows, s_blk, t_blk, t_direct || t_spread, grad, work, lane_group);
+      if (a.grad_dtype != kFloat32)
+        cpu::store_row(grad, rows * K, a.grad_dtype,
+                       reinterpret_cast<char*>(a.grad) + r0 * K * cpu::dtype_size(a.grad_dtype));
+      continue;
+    }
     block_loss_grad(rows, s_blk, t_blk, static_cast<int>(a.C), static_cast<int>(a.S), a.divergence, a.jsd_beta, a.tau, a.alpha,
                     a.labels != nullptr ? labels : nullptr, work, grad, a.loss_rows + r0,
                     a.hard_rows != nullptr ? a.hard_rows + r0 : nullptr, a.subclass_weight, ld);
@@ -315,7 +382,8 @@ void loss_cpu(const LossArgs& a) {
 #ifdef LELP_HAVE_AVX2_LOSS
   // AVX-512 only where rows are whole 16-float vectors and long: an A/B here (docs/benchmarks.md,
   // issue 21) had it 0.87-0.97x the AVX2 build at K = 16 and 40 (per-row remainder loops) and 1.15x at K = 128.
-  if (range == loss_range_avx512 && (K % 16 != 0 || K < 64)) range = loss_range_avx2;
+  // The lane layout's 16 rows fill one AVX-512 vector per column (two AVX2 ones), so it keeps AVX-512.
+  if (range == loss_range_avx512 && (K % 16 != 0 || K < 64) && !lanes_cover(a)) range = loss_range_avx2;
 #endif
   // LELP_FAST_LOSS_SCHEDULE=static: the former split (contiguous halves), kept for A/B runs.
   const char* schedule = std::getenv("LELP_FAST_LOSS_SCHEDULE");
