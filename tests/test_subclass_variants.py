@@ -1,6 +1,8 @@
 """Issue 22's LELP variants (lelp_fast.methods.subclass_variants) against direct fp64 computations.
 
-Everything is fp64 on both sides, so the tolerance is fp64 round-off over a few dozen operations: 1e-9.
+The fits and maps are fp64 on both sides, so their tolerance is fp64 round-off over a few dozen
+operations: 1e-9. The last test runs each map through the library's fp32 ops on every backend
+(tolerances as in tests/test_ops_targets.py and tests/test_ops_loss.py).
 """
 
 import math
@@ -182,9 +184,15 @@ def _fitted(name, h, y, head):
     if name == "LELP both signs":
         from lelp_fast import LELPProjector
 
-        m = both_signs_map(LELPProjector(2, beta=beta, tau=tau, seed=3).fit(h, y, head_weight=head))
+        p = LELPProjector(2, beta=beta, tau=tau, seed=3).fit(h, y, head_weight=head)
+        m = both_signs_map(p)
+
+        def signs(hh):  # directly: per class, the projector's two coordinates and their negatives
+            u = p.project(hh.double()).view(-1, 2, 2)
+            return torch.cat([u, -u], -1).reshape(len(hh), 8)
+
         return (m, lambda step: beta, lambda hh, z, step, backend: m.targets(hh, z, beta, tau, backend),
-                lambda hh, z, step: reference.log_targets(m.project(hh), z.double(), 4, beta, tau))
+                lambda hh, z, step: reference.log_targets(signs(hh), z.double(), 4, beta, tau))
     v = SubclassVariant(name, h, y, 2, 4, head, seed=3)
     return (v.map, lambda step: v.beta_at(step, steps, beta),
             lambda hh, z, step, backend: v.targets(hh, z, step, steps, beta, tau, backend),
@@ -194,9 +202,10 @@ def _fitted(name, h, y, head):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", MAPPED)
 def test_variant_targets_and_loss_on_every_backend_match_the_reference(backend, name, device="cpu"):
-    """Each variant's targets from the targets op, and the loss on them (λ = 0.1) offline and online (the
-    map inside the loss), against the variant's direct fp64 computation; 61 rows. tests/test_triton.py
-    runs it on Triton (``device`` "cuda" there on a GPU)."""
+    """Each variant's targets from the targets op, and the loss on them offline and online (the map
+    inside the loss), at λ = 0.1 and at λ = 1 with the hard-label term (the CPU kernel's lane layout,
+    Triton's fused online loss), against the variant's direct fp64 computation; 61 rows.
+    tests/test_triton.py runs it on Triton (``device`` "cuda" there on a GPU)."""
     h, y = _classes([3, 5], n=120, d=12)
     head = torch.randn(2, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     m, beta_at, ours, ref = _fitted(name, h, y, head)
@@ -212,14 +221,20 @@ def test_variant_targets_and_loss_on_every_backend_match_the_reference(backend, 
     s = m.n_subclasses
     student = torch.randn(61, 2 * s, generator=torch.Generator().manual_seed(2))
     s64 = student.double().requires_grad_(True)
-    want_loss = reference.subclass_weighted_kl(s64, want, 2, s, 1.5, 0.1)
-    (want_grad,) = torch.autograd.grad(want_loss.sum(), s64)
-    student = student.to(device).requires_grad_(True)
-    kw = dict(num_classes=2, n_subclasses=s, tau=1.5, subclass_weight=0.1, reduction="none", backend=backend)
     online = dict(embeddings=h32.to(device), fused_weight=m.weight.float().to(device),
                   fused_bias=m.bias.float().to(device), teacher_logits=z32.to(device), beta=beta_at(99))
-    for targets in (dict(log_targets=got.to(device)), online):
-        loss = distill_loss(student, labels=y[rows].to(device), **targets, **kw)
-        (grad,) = torch.autograd.grad(loss.sum(), student)
-        torch.testing.assert_close(loss.double().cpu(), want_loss.detach(), atol=2e-4, rtol=1e-4)
-        torch.testing.assert_close(grad.double().cpu(), want_grad, atol=2e-5, rtol=1e-4)
+    for weight, alpha in ((0.1, 0.0), (1.0, 0.2)):
+        if weight == 1.0:
+            want_loss = reference.distillation_loss(s64, want, y[rows], num_classes=2, n_subclasses=s, tau=1.5,
+                                                    alpha=alpha, reduction="none")
+        else:
+            want_loss = reference.subclass_weighted_kl(s64, want, 2, s, 1.5, weight)
+        (want_grad,) = torch.autograd.grad(want_loss.sum(), s64)
+        x = student.to(device).requires_grad_(True)
+        kw = dict(num_classes=2, n_subclasses=s, tau=1.5, subclass_weight=weight, alpha=alpha, reduction="none",
+                  backend=backend)
+        for targets in (dict(log_targets=got.to(device)), online):
+            loss = distill_loss(x, labels=y[rows].to(device), **targets, **kw)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+            torch.testing.assert_close(loss.double().cpu(), want_loss.detach(), atol=2e-4, rtol=1e-4)
+            torch.testing.assert_close(grad.double().cpu(), want_grad, atol=2e-5, rtol=1e-4)

@@ -381,12 +381,14 @@ def main() -> None:
                                             "summary", "variants-summary", "choice-summary"), required=True)
     parser.add_argument("--dataset", default="fashion-mnist-coarse")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
-    parser.add_argument("--methods", nargs="+", default=REAL_WEIGHT_METHODS)
+    parser.add_argument("--methods", nargs="+", help="stage real: default REAL_WEIGHT_METHODS; digits-variants: "
+                        "default KD, LELP, every variant and the oracle")
     parser.add_argument("--students", nargs="+", default=["linear"])
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--cache-dir")
-    parser.add_argument("--tag", default="weight", help="stage real writes results/<tag>-<dataset>.json")
+    parser.add_argument("--tag", help="stage real writes results/<tag>-<dataset>.json (default tag: weight), "
+                        "digits-variants results/<tag>-digits.json (default: variants)")
     parser.add_argument("--beta", type=float, help="stage real: the LELP rows' β (default: the library's)")
     parser.add_argument("--library-defaults", action="store_true",
                         help="stage real: 'LELP library' runs lelp_fast.tune.search with its default grid")
@@ -403,9 +405,8 @@ def main() -> None:
         variants_diagnostics(args.cache_dir)
         return
     if args.stage == "digits-variants":  # every variant, or --methods (KD is "vanilla KD" here) into --tag's file
-        methods = args.methods if args.methods != REAL_WEIGHT_METHODS else None
-        tag = args.tag if args.tag != "weight" else "variants"
-        data = run_digits_variants(methods)  # before the file is opened: a failed run leaves the old one
+        tag = args.tag or "variants"
+        data = run_digits_variants(args.methods)  # before the file is opened: a failed run leaves the old one
         with open(os.path.join(RESULTS, f"{tag}-digits.json"), "w") as f:
             json.dump(data, f, indent=1)
         return
@@ -415,8 +416,9 @@ def main() -> None:
             json.dump(data, f, indent=1)
         return
     if args.stage == "real":
-        run_real(args.dataset, args.students, args.fractions, args.seeds, args.methods, args.cache_dir,
-                 os.path.join(RESULTS, f"{args.tag}-{args.dataset}.json"), args.beta, args.library_defaults)
+        run_real(args.dataset, args.students, args.fractions, args.seeds, args.methods or REAL_WEIGHT_METHODS,
+                 args.cache_dir, os.path.join(RESULTS, f"{args.tag or 'weight'}-{args.dataset}.json"), args.beta,
+                 args.library_defaults)
         return
     data = run_digits() if args.stage == "digits" else run_fashion(args.students, args.fraction, args.seeds,
                                                                     args.cache_dir)

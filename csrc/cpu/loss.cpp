@@ -99,13 +99,13 @@ bool lanes_cover(const LossArgs& a) {
 }
 
 // Row stride of the block buffers. A KL row whose width is not a whole number of 8-float vectors
-// (K = 15: one vector and 7 scalar iterations in every per-row loop) is held padded to the next
+// (K = 39: four vectors and 7 scalar iterations in every per-row loop) is held padded to the next
 // multiple of 8 with -inf logits and targets, which leave the loss and the real columns'
 // gradient unchanged (block_loss_grad): when the rows are copied into the block anyway (16-bit or
 // mixed inputs), or when at most a fifth of the padded row is padding (fp32 rows are otherwise
 // read in place; at K = 10 the copy cost more than the padding saved). Online targets are made
 // K wide, so they are not padded. Measured in docs/benchmarks.md (issue 21, odd K). KL rows of
-// K <= 32 take the lane layout instead (lanes_cover), which needs no padding.
+// K <= 32 with lambda = 1 or S = 1 take the lane layout instead (lanes_cover), which needs no padding.
 int64_t row_stride(const LossArgs& a) {
   const int64_t K = a.C * a.S, padded = (K + 7) / 8 * 8;
   if (lanes_cover(a) || a.divergence != kKL || a.online != nullptr || K == padded || K > 64) return K;

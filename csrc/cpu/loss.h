@@ -49,7 +49,8 @@ void loss_cpu(const LossArgs& a);
 // and cast to the student's dtype in one pass.
 void scale_rows_cpu(const float* grad, const float* rows, int64_t n, int64_t K, int dtype, void* out);
 // "avx512", "avx2" or "portable": the loss kernel this process runs on CPU ("avx512" runs where K is a
-// multiple of 16 and >= 64, and for KL rows of K <= 32 (the lane layout); AVX2 otherwise).
+// multiple of 16 and >= 64, and for KL rows of K <= 32 at lambda = 1 or S = 1 (the lane layout);
+// AVX2 otherwise).
 const char* loss_isa();
 #ifdef LELP_WITH_CUDA
 void loss_cuda(const LossArgs& a, void* stream);

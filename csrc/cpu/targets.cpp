@@ -239,10 +239,11 @@ __attribute__((always_inline)) inline void targets_tile_impl(const TargetsArgs& 
     }
     if (a.nonfinite != nullptr) {
       // A NaN/Inf embedding makes every projection NaN or Inf (0 * Inf is NaN too), so J sums
-      // flag the row; the caller re-checks flagged rows exactly (a sum can also overflow). A column
-      // whose bias is -inf (a subclass given target 0, e.g. a class with fewer subclasses) is left out.
+      // flag the row; the caller re-checks flagged rows exactly (a sum can also overflow). A -inf
+      // projection from a -inf bias (a subclass given target 0, e.g. a class with fewer subclasses)
+      // is left out; any other value of such a column (NaN, +inf) still flags the row.
       float sum = 0.f;
-      for (int64_t j = 0; j < a.J; ++j) sum += ws.bias[j] == -INFINITY ? 0.f : u[j];
+      for (int64_t j = 0; j < a.J; ++j) sum += (ws.bias[j] == -INFINITY && u[j] == -INFINITY) ? 0.f : u[j];
       if (a.logits != nullptr)
         for (int64_t c = 0; c < a.C; ++c) sum += zr[c];
       a.nonfinite[row] = !std::isfinite(sum);

@@ -38,6 +38,7 @@ class SubclassMap:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, n_subclasses: int):
         self.weight, self.bias, self.n_subclasses = weight.double(), bias.double(), n_subclasses
         self.num_classes = weight.shape[1] // n_subclasses
+        self._fp32 = {}  # device -> (weight, bias) in fp32: one copy per device, not one per step
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         return h.double() @ self.weight + self.bias
@@ -47,9 +48,11 @@ class SubclassMap:
         """Log targets from the library's targets op (``backend`` as in :func:`lelp_fast.ops.lelp_targets`)."""
         from ..ops import lelp_targets
 
-        return lelp_targets(h, self.weight.float().to(h.device), self.bias.float().to(h.device), self.num_classes,
-                            self.n_subclasses, teacher_logits=teacher_logits, beta=beta, tau=tau, backend=backend,
-                            out_dtype=out_dtype)
+        if h.device not in self._fp32:  # the same tensors each step also keep the CUDA tile's split cached
+            self._fp32[h.device] = (self.weight.float().to(h.device), self.bias.float().to(h.device))
+        weight, bias = self._fp32[h.device]
+        return lelp_targets(h, weight, bias, self.num_classes, self.n_subclasses, teacher_logits=teacher_logits,
+                            beta=beta, tau=tau, backend=backend, out_dtype=out_dtype)
 
 
 def _null_space_embeddings(h: torch.Tensor, head_weight: Optional[torch.Tensor]) -> torch.Tensor:
@@ -117,8 +120,8 @@ class SpectralSubclasses:
 
 def gmm_log_posteriors(x: torch.Tensor, weights: torch.Tensor, means: torch.Tensor,
                        covariances: torch.Tensor) -> torch.Tensor:
-    """``log p(s | x)`` of a full-covariance Gaussian mixture, fp64: (N, S) from x (N, P), weights (S,),
-    means (S, P), covariances (S, P, P)."""
+    """``log p(s | x)`` of a Gaussian mixture, fp64: (N, S) from x (N, P), weights (S,), means (S, P),
+    covariances (S, P, P) (a tied mixture's repeated)."""
     x = x.double()
     dist = torch.distributions.MultivariateNormal(means.double(), covariance_matrix=covariances.double())
     joint = dist.log_prob(x.unsqueeze(1)) + weights.double().log()
