@@ -147,25 +147,36 @@ def _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, he
     else:
         z = (z * tl.load(head_scale_ptr + h_cols)[None, :] + tl.load(head_bias_ptr + h_cols)[None, :]) * inv_tau
         lse_c = _masked_lse(z, (h_cols < C)[None, :], 1)
-        pick = h_cols[None, None, :] == c_idx[None, :, None]  # (1, C_BLOCK, 16): column c of the head
-        zc = tl.sum(tl.where(pick, z[:, None, :], 0.0), axis=2)
+        # this group's C_BLOCK head columns: the group-th run of the 16 (C_PAD <= 16 with a head), picked
+        # on a (rows, 16 / C_BLOCK, C_BLOCK) view; a (rows, C_BLOCK, 16) one-hot pick held 16x the values
+        z3 = tl.reshape(z, (BLOCK_N, 16 // C_BLOCK, C_BLOCK))
+        runs = tl.arange(0, 16 // C_BLOCK)
+        zc = tl.sum(tl.where((runs == group)[None, :, None], z3, 0.0), axis=1)
     log_p = zc - lse_c[:, None]
 
     # Subclass log-softmax per class on the (rows, class, subclass) view; log p_c added after it, so
     # a huge u / beta cannot cancel log p_c away.
     u = (u * tl.load(sub_scale_ptr + k_cols)[None, :] + tl.load(sub_bias_ptr + k_cols)[None, :]) * inv_beta
-    u3 = tl.reshape(u, (BLOCK_N, C_BLOCK, S_PAD))
-    s_idx = tl.arange(0, S_PAD)
-    s_ok = (s_idx < S)[None, None, :]
-    lse_u = _masked_lse(u3, s_ok, 2)
-    out3 = ((u3 - lse_u[:, :, None]) + log_p[:, :, None]).to(out_ptr.dtype.element_ty)
+    if S_PAD == 1:  # S = 1: the log-softmax of one value u is u - u (0, NaN where u is not finite)
+        out = ((u - u) + log_p).to(out_ptr.dtype.element_ty)
+    else:
+        u3 = tl.reshape(u, (BLOCK_N, C_BLOCK, S_PAD))
+        s_ok = (tl.arange(0, S_PAD) < S)[None, None, :]
+        lse_u = _masked_lse(u3, s_ok, 2)
+        out3 = (u3 - lse_u[:, :, None]) + log_p[:, :, None]
+        out = tl.reshape(out3, (BLOCK_N, KW)).to(out_ptr.dtype.element_ty)
     if EXACT:  # C = C_PAD and S = S_PAD: whole contiguous column ranges, so the stores vectorise
         out_offs = rows64[:, None] * stride_out + k_cols[None, :]
-        tl.store(out_ptr + out_offs, tl.reshape(out3, (BLOCK_N, KW)), mask=row_ok[:, None])
-    else:
-        cols3 = c_idx[None, :, None] * S + s_idx[None, None, :]
-        mask3 = row_ok[:, None, None] & c_ok[:, :, None] & s_ok
-        tl.store(out_ptr + rows64[:, None, None] * stride_out + cols3, out3, mask=mask3)
+        tl.store(out_ptr + out_offs, out, mask=row_ok[:, None])
+    else:  # padded grid column k = c * S_PAD + s is output column c * S + s, stored on the 2-D tile as above
+        local = tl.arange(0, KW)
+        s_col = local % S_PAD
+        c_col = group * C_BLOCK + local // S_PAD
+        # S <= S_PAD = 1 is 1: columns k, affine in the program's column index (a runtime S * c per
+        # column held 32 offsets per thread across the row-tile loop: spills under Triton 3.6)
+        cols = c_col * S + s_col if S_PAD > 1 else c_col
+        mask = row_ok[:, None] & ((c_col < C) & (s_col < S))[None, :]
+        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], out, mask=mask)
 
 
 @triton.jit
