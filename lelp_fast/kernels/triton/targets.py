@@ -69,6 +69,8 @@ COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
 # sm_80/sm_90 with its shared memory, registers and spills checked (tests/test_triton_aot.py).
 CONFIGS = {
     "narrow": [Config(128, 32, 8, 3)],
+    # fp32 up to 64 columns: 2 stages (3 spilled 8 B on sm_80 under Triton 3.6 at K = 16 with given logits)
+    "narrow_fp32": [Config(128, 32, 8, 2)],
     "mid": [Config(128, 16, 8, 3)],
     "mid_fp32": [Config(64, 16, 8, 2)],
 }
@@ -81,9 +83,8 @@ def class_block(c_pad: int, s_pad: int) -> int:
 
 def config_class(columns: int, dtype: torch.dtype) -> str:
     """Which config list serves a program of ``columns`` accumulator columns (see CONFIGS)."""
-    if columns <= 64:
-        return "narrow"
-    return "mid_fp32" if dtype == torch.float32 else "mid"
+    name = "narrow" if columns <= 64 else "mid"
+    return name + "_fp32" if dtype == torch.float32 else name
 
 
 @triton.jit
@@ -458,7 +459,8 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
 # The padded grids each streaming config list is compiled at: its widest program (registers,
 # shared memory and spills grow with the columns) with a head (C <= 16), and for "mid" also one of
 # several class groups with given logits (512 classes: the chunked class logsumexp, group offsets).
-VARIANT_GRIDS = {"narrow": [(4, 16)], "mid": [(16, 8), (512, 1)], "mid_fp32": [(16, 8), (512, 1)]}
+VARIANT_GRIDS = {"narrow": [(4, 16)], "narrow_fp32": [(4, 16)], "mid": [(16, 8), (512, 1)],
+                 "mid_fp32": [(16, 8), (512, 1)]}
 # The resident form at the widest program it takes (64 columns and the head, 4 slices: d <= 256)
 # and at the deepest (12 slices, d = 768: K = 16 with the head, and with given logits).
 RESIDENT_GRIDS = [(4, 16, True, 4), (4, 4, True, 12), (4, 4, False, 12)]  # (C_PAD, S_PAD, with head, N_CHUNKS)
@@ -477,7 +479,7 @@ def _variants() -> List[dict]:
     for name, configs in CONFIGS.items():
         for (c_pad, s_pad), cfg in itertools.product(VARIANT_GRIDS[name], configs):
             heads = (False, True) if c_pad <= HEAD_PAD else (True,)
-            dtypes = [t for t in _TL_DTYPES if name == "narrow" or (t == torch.float32) == (name == "mid_fp32")]
+            dtypes = [t for t in _TL_DTYPES if (t == torch.float32) == name.endswith("_fp32")]
             for dtype, has_logits, exact in itertools.product(dtypes, heads, (False, True)):
                 variants.append(dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg,
                                      constexprs=_constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg)))
