@@ -218,18 +218,24 @@ def lelp_targets_kernel(
 
 
 @triton.jit
-def _map_chunks(hi_ptr, lo_ptr, cols, ld, D, SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The (D, ld) map's ``cols`` as N_CHUNKS (BLOCK_D, len(cols)) hi parts and lo parts, loaded once:
-    used as dot operands inside the row-tile loop, they stay in shared memory across it."""
-    hi = ()
-    lo = ()
+def _map_chunks(hi_ptr, lo_ptr, cols, ld, D, W: tl.constexpr, N_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (D, ld) map's W ``cols`` as N_CHUNKS (BLOCK_D, 2 W) slices, hi and lo parts interleaved
+    column by column, loaded once: dot operands inside the row-tile loop, they stay in shared memory."""
+    parts = ()
     for j in tl.static_range(N_CHUNKS):
         d_idx = j * BLOCK_D + tl.arange(0, BLOCK_D)
         offs = d_idx[:, None] * ld + cols[None, :]
-        hi = hi + (tl.load(hi_ptr + offs, mask=(d_idx < D)[:, None], other=0.0),)
-        if SPLIT:
-            lo = lo + (tl.load(lo_ptr + offs, mask=(d_idx < D)[:, None], other=0.0),)
-    return hi, lo
+        hi = tl.load(hi_ptr + offs, mask=(d_idx < D)[:, None], other=0.0)
+        lo = tl.load(lo_ptr + offs, mask=(d_idx < D)[:, None], other=0.0)
+        parts = parts + (tl.reshape(tl.join(hi, lo), (BLOCK_D, 2 * W)),)
+    return parts
+
+
+@triton.jit
+def _hi_plus_lo(acc, BLOCK_N: tl.constexpr, W: tl.constexpr):
+    """(BLOCK_N, W): the sums of an accumulator's interleaved hi and lo columns."""
+    hi, lo = tl.split(tl.reshape(acc, (BLOCK_N, W, 2)))
+    return hi + lo
 
 
 @triton.jit
@@ -241,36 +247,34 @@ def lelp_targets_resident_kernel(
     C_PAD: tl.constexpr, S_PAD: tl.constexpr, C_BLOCK: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CHUNKS: tl.constexpr,
 ):
-    """Resident form, for maps that fit shared memory (``resident_map_bytes``): a persistent program
-    loads its columns of the map once (N_CHUNKS = cdiv(D, BLOCK_D) slices, unrolled) and loops over
-    row tiles, so the map is read once per program however many rows it takes."""
+    """Resident form, for 16-bit maps that fit shared memory (``resident_map_bytes``): a persistent
+    program loads its columns of the map once (N_CHUNKS = cdiv(D, BLOCK_D) slices, unrolled, hi and lo
+    interleaved: one dot per slice and part of the map) and loops over row tiles, so the map is read
+    once per program however many rows it takes."""
     KP: tl.constexpr = C_PAD * S_PAD
     KW: tl.constexpr = C_BLOCK * S_PAD
     GROUPS: tl.constexpr = C_PAD // C_BLOCK
     pid = tl.program_id(0)
     group = pid % GROUPS
-    sub_hi, sub_lo = _map_chunks(sub_hi_ptr, sub_lo_ptr, group * KW + tl.arange(0, KW), KP, D, SPLIT, N_CHUNKS,
-                                 BLOCK_D)
+    sub = _map_chunks(sub_hi_ptr, sub_lo_ptr, group * KW + tl.arange(0, KW), KP, D, KW, N_CHUNKS, BLOCK_D)
     if not HAS_LOGITS:
-        head_hi, head_lo = _map_chunks(head_hi_ptr, head_lo_ptr, tl.arange(0, 16), 16, D, SPLIT, N_CHUNKS, BLOCK_D)
+        head = _map_chunks(head_hi_ptr, head_lo_ptr, tl.arange(0, 16), 16, D, 16, N_CHUNKS, BLOCK_D)
     for tile in range(pid // GROUPS, tl.cdiv(N, BLOCK_N), tl.num_programs(0) // GROUPS):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows64 = rows.to(tl.int64)
-        u = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
-        z = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+        u2 = tl.zeros((BLOCK_N, 2 * KW), dtype=tl.float32)
+        z2 = tl.zeros((BLOCK_N, 32), dtype=tl.float32)
         # One row pointer per tile and constant slice offsets, no mask along d (D = N_CHUNKS * BLOCK_D):
         # per-slice addresses and masks were hoisted out of the tile loop, 24 slices spilled 88 B.
         h_tile = h_ptr + rows64[:, None] * stride_h + tl.arange(0, BLOCK_D)[None, :]
         for j in tl.static_range(N_CHUNKS):
             h = tl.load(h_tile + j * BLOCK_D, mask=row_ok[:, None], other=0.0)
-            u = tl.dot(h, sub_hi[j], u, input_precision=PRECISION)
-            if SPLIT:
-                u = tl.dot(h, sub_lo[j], u, input_precision=PRECISION)
+            u2 = tl.dot(h, sub[j], u2, input_precision=PRECISION)
             if not HAS_LOGITS:
-                z = tl.dot(h, head_hi[j], z, input_precision=PRECISION)
-                if SPLIT:
-                    z = tl.dot(h, head_lo[j], z, input_precision=PRECISION)
+                z2 = tl.dot(h, head[j], z2, input_precision=PRECISION)
+        u = _hi_plus_lo(u2, BLOCK_N, KW)
+        z = _hi_plus_lo(z2, BLOCK_N, 16)
         _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
                   out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
 
