@@ -69,9 +69,7 @@ COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
 # sm_80/sm_90 with its shared memory, registers and spills checked (tests/test_triton_aot.py).
 CONFIGS = {
     "narrow": [Config(128, 32, 8, 3)],
-    # fp32 up to 64 columns: 2 stages (3 spilled 8 B on sm_80 under Triton 3.6 at K = 16 with given logits)
-    "narrow_fp32": [Config(128, 32, 8, 2)],
-    "mid": [Config(128, 16, 8, 3)],
+    "mid": [Config(128, 16, 8, 2)],
     "mid_fp32": [Config(64, 16, 8, 2)],
 }
 
@@ -83,8 +81,9 @@ def class_block(c_pad: int, s_pad: int) -> int:
 
 def config_class(columns: int, dtype: torch.dtype) -> str:
     """Which config list serves a program of ``columns`` accumulator columns (see CONFIGS)."""
-    name = "narrow" if columns <= 64 else "mid"
-    return name + "_fp32" if dtype == torch.float32 else name
+    if columns <= 64:
+        return "narrow"
+    return "mid_fp32" if dtype == torch.float32 else "mid"
 
 
 @triton.jit
@@ -110,13 +109,14 @@ def _masked_lse(x, ok, axis: tl.constexpr):
 
 
 @triton.jit
-def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constexpr):
-    """logsumexp_c(z_c / tau) over all C given logits, 64 classes at a time (online rescaling), so a
-    program whose class group is narrow never holds all C logits."""
+def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr):
+    """logsumexp_c(z_c / tau) over all C given logits, up to 64 classes at a time (online rescaling), so
+    a program whose class group is narrow never holds all C logits, and a narrow C_PAD no 64."""
+    CHUNK: tl.constexpr = 64 if C_PAD > 64 else C_PAD
     m = tl.full((BLOCK_N,), NEG_INF, dtype=tl.float32)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for c0 in range(0, C, 64):
-        c = c0 + tl.arange(0, 64)
+    for c0 in range(0, C, CHUNK):
+        c = c0 + tl.arange(0, CHUNK)
         ok = row_ok[:, None] & (c < C)[None, :]
         z = tl.load(z_ptr + rows64[:, None] * stride_z + c[None, :], mask=ok, other=0.0).to(tl.float32) * inv_tau
         z = tl.where((c < C)[None, :], z, NEG_INF)
@@ -130,7 +130,7 @@ def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constex
 @triton.jit
 def _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
               out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS: tl.constexpr, S_PAD: tl.constexpr,
-              C_BLOCK: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr):
+              C_BLOCK: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr):
     """Both segmented log-softmaxes of one row tile's accumulators (u: this group's subclass columns,
     z: the head's 16 columns), stored into ``out``."""
     KW: tl.constexpr = C_BLOCK * S_PAD
@@ -144,7 +144,7 @@ def _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, he
     if HAS_LOGITS:
         zc = tl.load(z_ptr + rows64[:, None] * stride_z + c_idx[None, :], mask=row_ok[:, None] & c_ok,
                      other=0.0).to(tl.float32) * inv_tau
-        lse_c = _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N)
+        lse_c = _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N, C_PAD)
     else:
         z = (z * tl.load(head_scale_ptr + h_cols)[None, :] + tl.load(head_bias_ptr + h_cols)[None, :]) * inv_tau
         lse_c = _masked_lse(z, (h_cols < C)[None, :], 1)
@@ -214,7 +214,8 @@ def lelp_targets_kernel(
             if not HAS_LOGITS:
                 z = _accumulate(h, head_hi_ptr, head_lo_ptr, d_idx, h_cols, 16, d_ok, z, SPLIT, PRECISION)
         _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
-                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
+                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N,
+                  C_PAD)
 
 
 @triton.jit
@@ -276,7 +277,8 @@ def lelp_targets_resident_kernel(
         u = _hi_plus_lo(u2, BLOCK_N, KW)
         z = _hi_plus_lo(z2, BLOCK_N, 16)
         _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
-                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
+                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N,
+                  C_PAD)
 
 
 _autotuned = {
@@ -463,8 +465,7 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
 # The padded grids each streaming config list is compiled at: its widest program (registers,
 # shared memory and spills grow with the columns) with a head (C <= 16), and for "mid" also one of
 # several class groups with given logits (512 classes: the chunked class logsumexp, group offsets).
-VARIANT_GRIDS = {"narrow": [(4, 16)], "narrow_fp32": [(4, 16)], "mid": [(16, 8), (512, 1)],
-                 "mid_fp32": [(16, 8), (512, 1)]}
+VARIANT_GRIDS = {"narrow": [(4, 16)], "mid": [(16, 8), (512, 1)], "mid_fp32": [(16, 8), (512, 1)]}
 # The resident form at the widest program it takes (64 columns and the head, 4 slices: d <= 256)
 # and at the deepest (12 slices, d = 768: K = 16 with the head, and with given logits).
 RESIDENT_GRIDS = [(4, 16, True, 4), (4, 4, True, 12), (4, 4, False, 12)]  # (C_PAD, S_PAD, with head, N_CHUNKS)
@@ -483,7 +484,7 @@ def _variants() -> List[dict]:
     for name, configs in CONFIGS.items():
         for (c_pad, s_pad), cfg in itertools.product(VARIANT_GRIDS[name], configs):
             heads = (False, True) if c_pad <= HEAD_PAD else (True,)
-            dtypes = [t for t in _TL_DTYPES if (t == torch.float32) == name.endswith("_fp32")]
+            dtypes = [t for t in _TL_DTYPES if name == "narrow" or (t == torch.float32) == (name == "mid_fp32")]
             for dtype, has_logits, exact in itertools.product(dtypes, heads, (False, True)):
                 variants.append(dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg,
                                      constexprs=_constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg)))
