@@ -101,16 +101,11 @@ def test_variant_fits_the_devices_shared_memory(compiled, case):
     assert facts["shared"] <= limit, f"needs {facts['shared']} B of shared memory, sm_{case[2]} allows {limit} B"
 
 
-# Launches that spill under the oldest supported Triton (3.6.0) and not under 3.9.0: the resident form
-# at K = 16 with the head, d = 768, on sm_90, 400-408 B per thread: loop invariants (stored once before
-# the row-tile loop, reloaded in it; every 64- and 128-row configuration tried under 3.6 spilled there).
-# Held as strict xfails, so that a fix shows (docs/benchmarks.md, targets cost section). Until
-# 2026-12-02 also the streaming form's 16-bit programs of 128 padded columns (8-24 B), the fp32 one at
-# 512 x 1 with logits (8 B) and sm_80's fp32 K = 16 with logits (8 B): fixed by the epilogue's live
-# registers and two stages for fp32 up to 64 columns.
-SPILLS_UNDER_OLDEST = {
-    f"targets-sm90-{dt}-n128d64w8s1-4x4-head-{fit}-resident12" for dt in ("bf16", "fp16") for fit in ("pad", "exact")
-}
+# Launches that spill under the oldest supported Triton (3.6.0) and not under 3.9.0, held as strict
+# xfails so that a fix shows. None since 2026-12-02; before, 14 (docs/benchmarks.md, targets cost
+# section): the streaming form's 16-bit programs of 128 padded columns (8-24 B per thread), two fp32
+# ones (8 B) and the resident form at K = 16 with the head, d = 768, on sm_90 (400-504 B).
+SPILLS_UNDER_OLDEST = set()
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

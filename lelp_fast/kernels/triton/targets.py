@@ -8,8 +8,9 @@ program's rows; otherwise the streaming form reads it from L2 once per tile. Bot
 ``BLOCK_D`` slices through tensor-core dots in the input dtype. The fp32 map is split on the host
 (``split_map``, cached) into a ``hi`` and a ``lo`` part of that dtype, per-column power-of-two
 scaled so fp16 neither overflows nor underflows: ``h @ A = (h @ hi + h @ lo) · col_scale`` keeps
-fp32-like accuracy at bf16/fp16 speed (two chained dots into one fp32 accumulator); fp32 inputs take
-one ``tf32x3`` dot instead.
+fp32-like accuracy at bf16/fp16 speed (two chained dots into one fp32 accumulator; the resident
+form interleaves hi and lo columns in one operand, one dot, and adds the halves after the slices);
+fp32 inputs take one ``tf32x3`` dot instead.
 The subclass columns are laid out as a padded ``C_PAD x S_PAD`` grid, so the epilogue reshapes
 the accumulator to (rows, class, subclass) and takes every class's log-softmax with one
 reduction; the teacher head (when no logits are given) is a second, 16-column dot. A program
@@ -62,15 +63,18 @@ class Config(NamedTuple):
 COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
 # The streaming form's configs. Rows per tile = 128 (two wgmma M tiles), so one read of the map from
 # L2 serves 128 rows (issue 21), except fp32 at 128 columns: 128 rows spilled 32 B/thread there
-# (sm_90, Triton 3.9), so 64, with 2 stages (3 spilled 8 B in the persistent loop). BLOCK_D: 16 at
+# (sm_90, Triton 3.9), so 64 (with 2 stages ptxas kept 128 registers on sm_80 and spilled a word
+# under Triton 3.6 at 16 x 8 with logits; 3 spill under neither). BLOCK_D: 16 at
 # 128 columns (BLOCK_D = 32: 256 B/thread of spills for fp32 on sm_80; 64: spills for fp32 on both
 # archs) with 8 warps (4 spilled 48-144 B for fp32 with given logits under Triton 3.6), 32 up to 64
-# columns. 3 stages keep two copies in flight under each dot. Every entry is compiled for
-# sm_80/sm_90 with its shared memory, registers and spills checked (tests/test_triton_aot.py).
+# columns. 3 stages keep two copies in flight under each dot, except at 128 16-bit columns: 2
+# (3 spilled 48 B at 512 x 1 with given logits on sm_90 under Triton 3.9; 2 spill under neither
+# 3.6 nor 3.9). Every entry is compiled for sm_80/sm_90 under both, with its shared memory,
+# registers and spills checked (tests/test_triton_aot.py).
 CONFIGS = {
     "narrow": [Config(128, 32, 8, 3)],
     "mid": [Config(128, 16, 8, 2)],
-    "mid_fp32": [Config(64, 16, 8, 2)],
+    "mid_fp32": [Config(64, 16, 8, 3)],
 }
 
 
@@ -110,9 +114,10 @@ def _masked_lse(x, ok, axis: tl.constexpr):
 
 @triton.jit
 def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr):
-    """logsumexp_c(z_c / tau) over all C given logits, up to 64 classes at a time (online rescaling), so
-    a program whose class group is narrow never holds all C logits, and a narrow C_PAD no 64."""
-    CHUNK: tl.constexpr = 64 if C_PAD > 64 else C_PAD
+    """logsumexp_c(z_c / tau) over all C given logits, 64 classes at a time (online rescaling), so a
+    program whose class group is narrow never holds all C logits; 8 at a time for fewer than 16
+    padded classes (64-wide chunks of 4 classes spilled on sm_80, 4-wide ones under Triton 3.6)."""
+    CHUNK: tl.constexpr = 64 if C_PAD >= 16 else 8
     m = tl.full((BLOCK_N,), NEG_INF, dtype=tl.float32)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c0 in range(0, C, CHUNK):
