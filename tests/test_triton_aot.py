@@ -104,7 +104,7 @@ def test_variant_fits_the_devices_shared_memory(compiled, case):
 # Launches that spill under the oldest supported Triton (3.6.0) and not under 3.9.0, held as strict
 # xfails so that a fix shows. None since 2026-12-02; before, 14 (docs/benchmarks.md, targets cost
 # section): the streaming form's 16-bit programs of 128 padded columns (8-24 B per thread), two fp32
-# ones (8 B) and the resident form at K = 16 with the head, d = 768, on sm_90 (400-504 B).
+# ones (8-24 B) and the resident form at K = 16 with the head, d = 768, on sm_90 (424-504 B).
 SPILLS_UNDER_OLDEST = set()
 
 
