@@ -178,8 +178,8 @@ def _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, he
         local = tl.arange(0, KW)
         s_col = local % S_PAD
         c_col = group * C_BLOCK + local // S_PAD
-        # S <= S_PAD = 1 is 1: columns k, affine in the program's column index (a runtime S * c per
-        # column held 32 offsets per thread across the row-tile loop: spills under Triton 3.6)
+        # S <= S_PAD = 1 is 1: columns k, affine in the program's column index (a run-time S * c per
+        # column, a loop invariant of each thread's columns, spilled at 512 x 1 under Triton 3.6)
         cols = c_col * S + s_col if S_PAD > 1 else c_col
         mask = row_ok[:, None] & ((c_col < C) & (s_col < S))[None, :]
         tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], out, mask=mask)
