@@ -63,7 +63,7 @@ class Config(NamedTuple):
 COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
 # The streaming form's configs. Rows per tile = 128 (two wgmma M tiles), so one read of the map from
 # L2 serves 128 rows (issue 21), except fp32 at 128 columns: 128 rows spilled 32 B/thread there
-# (sm_90, Triton 3.9), so 64 (with 2 stages ptxas kept 128 registers on sm_80 and spilled a word
+# (sm_90, Triton 3.9), so 64 (with 2 stages ptxas kept 128 registers on sm_80 and spilled 8 B
 # under Triton 3.6 at 16 x 8 with logits; 3 spill under neither). BLOCK_D: 16 at
 # 128 columns (BLOCK_D = 32: 256 B/thread of spills for fp32 on sm_80; 64: spills for fp32 on both
 # archs) with 8 warps (4 spilled 48-144 B for fp32 with given logits under Triton 3.6), 32 up to 64
@@ -260,6 +260,7 @@ def lelp_targets_resident_kernel(
     KP: tl.constexpr = C_PAD * S_PAD
     KW: tl.constexpr = C_BLOCK * S_PAD
     GROUPS: tl.constexpr = C_PAD // C_BLOCK
+    tl.static_assert(SPLIT, "the resident form takes 16-bit maps (hi + lo parts)")
     pid = tl.program_id(0)
     group = pid % GROUPS
     sub = _map_chunks(sub_hi_ptr, sub_lo_ptr, group * KW + tl.arange(0, KW), KP, D, KW, N_CHUNKS, BLOCK_D)
