@@ -101,17 +101,11 @@ def test_variant_fits_the_devices_shared_memory(compiled, case):
     assert facts["shared"] <= limit, f"needs {facts['shared']} B of shared memory, sm_{case[2]} allows {limit} B"
 
 
-# Launches that spill under the oldest supported Triton (3.6.0) and not under 3.9.0 since the targets
-# kernels became persistent (2026-12-01): 8-24 B per thread for the streaming form's 16-bit programs
-# of 128 padded columns and two fp32 ones, 424-504 B for the resident form at K = 16 with the head,
-# d = 768, on sm_90 (every 64- and 128-row configuration tried under 3.6 spilled there). Held as
-# strict xfails, so that a fix shows; not yet fixed (docs/benchmarks.md, targets cost section).
-SPILLS_UNDER_OLDEST = {
-    f"targets-sm{arch}-{dt}-n128d16w8s3-{grid}-pad" for arch in (80, 90) for dt in ("bf16", "fp16")
-    for grid in ("16x8-head", "512x1-logits")
-} | {
-    f"targets-sm90-{dt}-n128d64w8s1-4x4-head-{fit}-resident12" for dt in ("bf16", "fp16") for fit in ("pad", "exact")
-} | {"targets-sm90-fp32-n64d16w8s2-512x1-logits-pad", "targets-sm80-fp32-n128d32w8s3-4x4-logits-exact"}
+# Launches that spill under the oldest supported Triton (3.6.0) and not under 3.9.0, held as strict
+# xfails so that a fix shows. None since 2026-12-02; before, 14 (docs/benchmarks.md, targets cost
+# section): the streaming form's 16-bit programs of 128 padded columns (8-24 B per thread), two fp32
+# ones (8-24 B) and the resident form at K = 16 with the head, d = 768, on sm_90 (424-504 B).
+SPILLS_UNDER_OLDEST = set()
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

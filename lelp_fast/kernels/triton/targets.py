@@ -8,8 +8,9 @@ program's rows; otherwise the streaming form reads it from L2 once per tile. Bot
 ``BLOCK_D`` slices through tensor-core dots in the input dtype. The fp32 map is split on the host
 (``split_map``, cached) into a ``hi`` and a ``lo`` part of that dtype, per-column power-of-two
 scaled so fp16 neither overflows nor underflows: ``h @ A = (h @ hi + h @ lo) · col_scale`` keeps
-fp32-like accuracy at bf16/fp16 speed (two chained dots into one fp32 accumulator); fp32 inputs take
-one ``tf32x3`` dot instead.
+fp32-like accuracy at bf16/fp16 speed (two chained dots into one fp32 accumulator; the resident
+form interleaves hi and lo columns in one operand, one dot, and adds the halves after the slices);
+fp32 inputs take one ``tf32x3`` dot instead.
 The subclass columns are laid out as a padded ``C_PAD x S_PAD`` grid, so the epilogue reshapes
 the accumulator to (rows, class, subclass) and takes every class's log-softmax with one
 reduction; the teacher head (when no logits are given) is a second, 16-column dot. A program
@@ -62,15 +63,18 @@ class Config(NamedTuple):
 COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
 # The streaming form's configs. Rows per tile = 128 (two wgmma M tiles), so one read of the map from
 # L2 serves 128 rows (issue 21), except fp32 at 128 columns: 128 rows spilled 32 B/thread there
-# (sm_90, Triton 3.9), so 64, with 2 stages (3 spilled 8 B in the persistent loop). BLOCK_D: 16 at
+# (sm_90, Triton 3.9), so 64 (with 2 stages ptxas kept 128 registers on sm_80 and spilled 8 B
+# under Triton 3.6 at 16 x 8 with logits; 3 spill under neither). BLOCK_D: 16 at
 # 128 columns (BLOCK_D = 32: 256 B/thread of spills for fp32 on sm_80; 64: spills for fp32 on both
 # archs) with 8 warps (4 spilled 48-144 B for fp32 with given logits under Triton 3.6), 32 up to 64
-# columns. 3 stages keep two copies in flight under each dot. Every entry is compiled for
-# sm_80/sm_90 with its shared memory, registers and spills checked (tests/test_triton_aot.py).
+# columns. 3 stages keep two copies in flight under each dot, except at 128 16-bit columns: 2
+# (3 spilled 48 B at 512 x 1 with given logits on sm_90 under Triton 3.9; 2 spill under neither
+# 3.6 nor 3.9). Every entry is compiled for sm_80/sm_90 under both, with its shared memory,
+# registers and spills checked (tests/test_triton_aot.py).
 CONFIGS = {
     "narrow": [Config(128, 32, 8, 3)],
-    "mid": [Config(128, 16, 8, 3)],
-    "mid_fp32": [Config(64, 16, 8, 2)],
+    "mid": [Config(128, 16, 8, 2)],
+    "mid_fp32": [Config(64, 16, 8, 3)],
 }
 
 
@@ -109,13 +113,15 @@ def _masked_lse(x, ok, axis: tl.constexpr):
 
 
 @triton.jit
-def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constexpr):
+def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr):
     """logsumexp_c(z_c / tau) over all C given logits, 64 classes at a time (online rescaling), so a
-    program whose class group is narrow never holds all C logits."""
+    program whose class group is narrow never holds all C logits; 8 at a time for fewer than 16
+    padded classes (64-wide chunks of 4 classes spilled on sm_80, 4-wide ones under Triton 3.6)."""
+    CHUNK: tl.constexpr = 64 if C_PAD >= 16 else 8
     m = tl.full((BLOCK_N,), NEG_INF, dtype=tl.float32)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for c0 in range(0, C, 64):
-        c = c0 + tl.arange(0, 64)
+    for c0 in range(0, C, CHUNK):
+        c = c0 + tl.arange(0, CHUNK)
         ok = row_ok[:, None] & (c < C)[None, :]
         z = tl.load(z_ptr + rows64[:, None] * stride_z + c[None, :], mask=ok, other=0.0).to(tl.float32) * inv_tau
         z = tl.where((c < C)[None, :], z, NEG_INF)
@@ -129,7 +135,7 @@ def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constex
 @triton.jit
 def _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
               out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS: tl.constexpr, S_PAD: tl.constexpr,
-              C_BLOCK: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr):
+              C_BLOCK: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr):
     """Both segmented log-softmaxes of one row tile's accumulators (u: this group's subclass columns,
     z: the head's 16 columns), stored into ``out``."""
     KW: tl.constexpr = C_BLOCK * S_PAD
@@ -143,29 +149,40 @@ def _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, he
     if HAS_LOGITS:
         zc = tl.load(z_ptr + rows64[:, None] * stride_z + c_idx[None, :], mask=row_ok[:, None] & c_ok,
                      other=0.0).to(tl.float32) * inv_tau
-        lse_c = _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N)
+        lse_c = _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N, C_PAD)
     else:
         z = (z * tl.load(head_scale_ptr + h_cols)[None, :] + tl.load(head_bias_ptr + h_cols)[None, :]) * inv_tau
         lse_c = _masked_lse(z, (h_cols < C)[None, :], 1)
-        pick = h_cols[None, None, :] == c_idx[None, :, None]  # (1, C_BLOCK, 16): column c of the head
-        zc = tl.sum(tl.where(pick, z[:, None, :], 0.0), axis=2)
+        # this group's C_BLOCK head columns: the group-th run of the 16 (C_PAD <= 16 with a head), picked
+        # on a (rows, 16 / C_BLOCK, C_BLOCK) view; a (rows, C_BLOCK, 16) one-hot pick held 16x the values
+        z3 = tl.reshape(z, (BLOCK_N, 16 // C_BLOCK, C_BLOCK))
+        runs = tl.arange(0, 16 // C_BLOCK)
+        zc = tl.sum(tl.where((runs == group)[None, :, None], z3, 0.0), axis=1)
     log_p = zc - lse_c[:, None]
 
     # Subclass log-softmax per class on the (rows, class, subclass) view; log p_c added after it, so
     # a huge u / beta cannot cancel log p_c away.
     u = (u * tl.load(sub_scale_ptr + k_cols)[None, :] + tl.load(sub_bias_ptr + k_cols)[None, :]) * inv_beta
-    u3 = tl.reshape(u, (BLOCK_N, C_BLOCK, S_PAD))
-    s_idx = tl.arange(0, S_PAD)
-    s_ok = (s_idx < S)[None, None, :]
-    lse_u = _masked_lse(u3, s_ok, 2)
-    out3 = ((u3 - lse_u[:, :, None]) + log_p[:, :, None]).to(out_ptr.dtype.element_ty)
+    if S_PAD == 1:  # S = 1: the log-softmax of one value u is u - u (0, NaN where u is not finite)
+        out = ((u - u) + log_p).to(out_ptr.dtype.element_ty)
+    else:
+        u3 = tl.reshape(u, (BLOCK_N, C_BLOCK, S_PAD))
+        s_ok = (tl.arange(0, S_PAD) < S)[None, None, :]
+        lse_u = _masked_lse(u3, s_ok, 2)
+        out3 = (u3 - lse_u[:, :, None]) + log_p[:, :, None]
+        out = tl.reshape(out3, (BLOCK_N, KW)).to(out_ptr.dtype.element_ty)
     if EXACT:  # C = C_PAD and S = S_PAD: whole contiguous column ranges, so the stores vectorise
         out_offs = rows64[:, None] * stride_out + k_cols[None, :]
-        tl.store(out_ptr + out_offs, tl.reshape(out3, (BLOCK_N, KW)), mask=row_ok[:, None])
-    else:
-        cols3 = c_idx[None, :, None] * S + s_idx[None, None, :]
-        mask3 = row_ok[:, None, None] & c_ok[:, :, None] & s_ok
-        tl.store(out_ptr + rows64[:, None, None] * stride_out + cols3, out3, mask=mask3)
+        tl.store(out_ptr + out_offs, out, mask=row_ok[:, None])
+    else:  # padded grid column k = c * S_PAD + s is output column c * S + s, stored on the 2-D tile as above
+        local = tl.arange(0, KW)
+        s_col = local % S_PAD
+        c_col = group * C_BLOCK + local // S_PAD
+        # S <= S_PAD = 1 is 1: columns k, affine in the program's column index (a run-time S * c per
+        # column, a loop invariant of each thread's columns, spilled at 512 x 1 under Triton 3.6)
+        cols = c_col * S + s_col if S_PAD > 1 else c_col
+        mask = row_ok[:, None] & ((c_col < C) & (s_col < S))[None, :]
+        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], out, mask=mask)
 
 
 @triton.jit
@@ -202,22 +219,29 @@ def lelp_targets_kernel(
             if not HAS_LOGITS:
                 z = _accumulate(h, head_hi_ptr, head_lo_ptr, d_idx, h_cols, 16, d_ok, z, SPLIT, PRECISION)
         _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
-                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
+                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N,
+                  C_PAD)
 
 
 @triton.jit
-def _map_chunks(hi_ptr, lo_ptr, cols, ld, D, SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The (D, ld) map's ``cols`` as N_CHUNKS (BLOCK_D, len(cols)) hi parts and lo parts, loaded once:
-    used as dot operands inside the row-tile loop, they stay in shared memory across it."""
-    hi = ()
-    lo = ()
+def _map_chunks(hi_ptr, lo_ptr, cols, ld, D, W: tl.constexpr, N_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (D, ld) map's W ``cols`` as N_CHUNKS (BLOCK_D, 2 W) slices, hi and lo parts interleaved
+    column by column, loaded once: dot operands inside the row-tile loop, they stay in shared memory."""
+    parts = ()
     for j in tl.static_range(N_CHUNKS):
         d_idx = j * BLOCK_D + tl.arange(0, BLOCK_D)
         offs = d_idx[:, None] * ld + cols[None, :]
-        hi = hi + (tl.load(hi_ptr + offs, mask=(d_idx < D)[:, None], other=0.0),)
-        if SPLIT:
-            lo = lo + (tl.load(lo_ptr + offs, mask=(d_idx < D)[:, None], other=0.0),)
-    return hi, lo
+        hi = tl.load(hi_ptr + offs, mask=(d_idx < D)[:, None], other=0.0)
+        lo = tl.load(lo_ptr + offs, mask=(d_idx < D)[:, None], other=0.0)
+        parts = parts + (tl.reshape(tl.join(hi, lo), (BLOCK_D, 2 * W)),)
+    return parts
+
+
+@triton.jit
+def _hi_plus_lo(acc, BLOCK_N: tl.constexpr, W: tl.constexpr):
+    """(BLOCK_N, W): the sums of an accumulator's interleaved hi and lo columns."""
+    hi, lo = tl.split(tl.reshape(acc, (BLOCK_N, W, 2)))
+    return hi + lo
 
 
 @triton.jit
@@ -229,38 +253,38 @@ def lelp_targets_resident_kernel(
     C_PAD: tl.constexpr, S_PAD: tl.constexpr, C_BLOCK: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CHUNKS: tl.constexpr,
 ):
-    """Resident form, for maps that fit shared memory (``resident_map_bytes``): a persistent program
-    loads its columns of the map once (N_CHUNKS = cdiv(D, BLOCK_D) slices, unrolled) and loops over
-    row tiles, so the map is read once per program however many rows it takes."""
+    """Resident form, for 16-bit maps that fit shared memory (``resident_map_bytes``): a persistent
+    program loads its columns of the map once (N_CHUNKS = cdiv(D, BLOCK_D) slices, unrolled, hi and lo
+    interleaved: one dot per slice and part of the map) and loops over row tiles, so the map is read
+    once per program however many rows it takes."""
     KP: tl.constexpr = C_PAD * S_PAD
     KW: tl.constexpr = C_BLOCK * S_PAD
     GROUPS: tl.constexpr = C_PAD // C_BLOCK
+    tl.static_assert(SPLIT, "the resident form takes 16-bit maps (hi + lo parts)")
     pid = tl.program_id(0)
     group = pid % GROUPS
-    sub_hi, sub_lo = _map_chunks(sub_hi_ptr, sub_lo_ptr, group * KW + tl.arange(0, KW), KP, D, SPLIT, N_CHUNKS,
-                                 BLOCK_D)
+    sub = _map_chunks(sub_hi_ptr, sub_lo_ptr, group * KW + tl.arange(0, KW), KP, D, KW, N_CHUNKS, BLOCK_D)
     if not HAS_LOGITS:
-        head_hi, head_lo = _map_chunks(head_hi_ptr, head_lo_ptr, tl.arange(0, 16), 16, D, SPLIT, N_CHUNKS, BLOCK_D)
+        head = _map_chunks(head_hi_ptr, head_lo_ptr, tl.arange(0, 16), 16, D, 16, N_CHUNKS, BLOCK_D)
     for tile in range(pid // GROUPS, tl.cdiv(N, BLOCK_N), tl.num_programs(0) // GROUPS):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows64 = rows.to(tl.int64)
-        u = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
-        z = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+        u2 = tl.zeros((BLOCK_N, 2 * KW), dtype=tl.float32)
+        z2 = tl.zeros((BLOCK_N, 32), dtype=tl.float32)
         # One row pointer per tile and constant slice offsets, no mask along d (D = N_CHUNKS * BLOCK_D):
         # per-slice addresses and masks were hoisted out of the tile loop, 24 slices spilled 88 B.
         h_tile = h_ptr + rows64[:, None] * stride_h + tl.arange(0, BLOCK_D)[None, :]
         for j in tl.static_range(N_CHUNKS):
             h = tl.load(h_tile + j * BLOCK_D, mask=row_ok[:, None], other=0.0)
-            u = tl.dot(h, sub_hi[j], u, input_precision=PRECISION)
-            if SPLIT:
-                u = tl.dot(h, sub_lo[j], u, input_precision=PRECISION)
+            u2 = tl.dot(h, sub[j], u2, input_precision=PRECISION)
             if not HAS_LOGITS:
-                z = tl.dot(h, head_hi[j], z, input_precision=PRECISION)
-                if SPLIT:
-                    z = tl.dot(h, head_lo[j], z, input_precision=PRECISION)
+                z2 = tl.dot(h, head[j], z2, input_precision=PRECISION)
+        u = _hi_plus_lo(u2, BLOCK_N, KW)
+        z = _hi_plus_lo(z2, BLOCK_N, 16)
         _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
-                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
+                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N,
+                  C_PAD)
 
 
 _autotuned = {
