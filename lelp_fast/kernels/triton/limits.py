@@ -11,8 +11,10 @@ MAX_SUBCLASS_COLUMNS = 512  # C_PAD * S_PAD, taken by up to 4 programs per row t
 MAX_SUBCLASSES_PER_PROGRAM = 128
 MAX_LOSS_K = 512  # the loss kernel holds a whole row (next_pow2(K)) in registers
 # The subclass weight λ ≠ 1 in the loss kernel's one pass: its C classes are a static loop of masked
-# row reductions and selects, about 9 instructions per element and class, so past a few classes the
-# pass is issue-bound; above this the launcher keeps two calls of the λ = 1 kernel (ops/loss.py).
+# row reductions and selects (at K = 128 about 17 bf16 / 32 fp32 SASS instructions per element and
+# class), so the pass is issue-bound. At C = 8 it is modelled at <= 5.8x the floor (bf16) and 5.1x
+# (fp32), under the 13.7x / 6.7x that the two calls' bytes alone take; at C = 16 fp32 would not be
+# (docs/benchmarks.md). Above this the launcher keeps two calls of the λ = 1 kernel (ops/loss.py).
 MAX_FUSED_WEIGHTED_CLASSES = 8
 
 
@@ -51,5 +53,6 @@ def weighted_loss_unfused(num_classes: int, n_subclasses: int, divergence: int =
     if divergence != 0:
         return "the subclass weight splits KL only"
     if num_classes > MAX_FUSED_WEIGHTED_CLASSES:
-        return f"it takes the subclass weight in one pass for C <= {MAX_FUSED_WEIGHTED_CLASSES} classes (got {num_classes})"
+        return (f"it takes the subclass weight in one pass for C <= {MAX_FUSED_WEIGHTED_CLASSES} classes "
+                f"(got {num_classes})")
     return None

@@ -16,6 +16,8 @@ teacher's probabilities) and one ``log2`` per row (its log-partition; the KL is 
 inside that class: at τ = 1 they are its exp(s - max), at τ = 2 their squares; any other τ takes
 one more ``exp2`` per element. One pass either way; the class log-sum-exp comes from the same
 exponentials summed per class, so it never underflows against the row max.
+The KL step at a subclass weight λ ≠ 1 (the library's default loss, λ = 0.1) is one pass too for
+up to ``limits.MAX_FUSED_WEIGHTED_CLASSES`` classes (``SUBCLASS_WEIGHTED``, ``_weighted_kl_block``).
 
 Rows are whole in registers. K = C·S, S and the block's column pieces are compile-time
 constants: the first piece is BLOCK_K columns (a power of two), an optional second piece the
@@ -689,20 +691,35 @@ def _variants() -> List[dict]:
     return variants
 
 
-# KL at a subclass weight λ ≠ 1 (SUBCLASS_WEIGHTED): each flag and hard-label mode at C = 3, S = 4
-# (one piece, padded: 12 of 16 columns) and at the widest class loop, C = MAX_FUSED_WEIGHTED_CLASSES,
-# on two pieces (K = 40, 8 x 5) and at K = 512 (8 x 64); the cost model's K = 16 (2 x 8) and 128 (8 x 16).
-WEIGHTED_SHAPES = [(12, 4), (40, 5), (512, 64)]
-WEIGHTED_COST_SHAPES = [(16, 8), (128, 16)]
+# KL at a subclass weight λ ≠ 1 (SUBCLASS_WEIGHTED): at C = 3, S = 4 (two pieces, 8 + 4 columns, a
+# class across them) each hard-label mode, with and without teacher weights; the cost model's
+# K = 16 (2 x 8) and 128 (8 x 16) and K = 40 (8 x 5), 512 (8 x 64) without labels and at τ = 1, 2;
+# then every other block shape the launcher gives it for K = 4 .. 512, with the most live values
+# (teacher weights, the hard-label term at any τ) and the widest class loop the shape's K allows
+# (C <= limits.MAX_FUSED_WEIGHTED_CLASSES: the loop is unrolled, so C changes the code).
+WEIGHTED_COST_SHAPES = [(16, 8), (40, 5), (128, 16), (512, 64)]
+
+
+def _widest_classes(k: int):
+    """(K, S) with the most classes (at most MAX_FUSED_WEIGHTED_CLASSES, S >= 2) for this K, or None."""
+    c = max((c for c in range(2, limits.MAX_FUSED_WEIGHTED_CLASSES + 1) if k % c == 0 and k // c >= 2), default=0)
+    return (k, k // c) if c else None
 
 
 def _weighted_combos():
-    combos = [(shape, 0, has_w, has_y, hard) for shape in WEIGHTED_SHAPES for has_w in (False, True)
-              for has_y, hard in ((False, 0), (True, 0), (True, 3))]
-    combos += [((12, 4), 0, False, True, hard) for hard in (1, 2)]
+    combos = [((12, 4), 0, has_w, has_y, hard) for has_w, has_y, hard
+              in itertools.product((False, True), (True,), (0, 3))]
+    combos += [((12, 4), 0, False, has_y, hard) for has_y, hard in ((False, 0), (True, 1), (True, 2))]
     combos += [(shape, 0, False, has_y, hard) for shape in WEIGHTED_COST_SHAPES
                for has_y, hard in ((False, 0), (True, 1), (True, 2))]
-    return combos
+    covered = {block_shape(k, 0, True) for (k, _), *_ in combos}
+    widest = {}
+    for k in range(4, limits.MAX_LOSS_K + 1):
+        key, shape = block_shape(k, 0, True), _widest_classes(k)
+        classes = widest[key][0] // widest[key][1] if key in widest else 0
+        if key not in covered and shape and k // shape[1] >= classes:
+            widest[key] = shape
+    return combos + [(shape, 0, True, True, 3) for shape in widest.values()]
 
 
 VARIANTS = _variants()
