@@ -484,6 +484,16 @@ def test_triton_subclass_weight_mean_mixed_online_and_nan(loss_launches):
     (grad,) = torch.autograd.grad(loss.sum(), x)
     assert torch.isnan(loss[5]) and torch.isnan(grad[5]).all()
     assert torch.isfinite(loss[:5]).all() and torch.isfinite(grad[:5]).all()
+    del loss_launches[:]  # no labels (every row kept), the sum
+    x = student.float().to(DEVICE).requires_grad_(True)
+    loss = distill_loss(x[:5], log_t[:5].float().to(DEVICE), num_classes=4, n_subclasses=3, tau=1.3,
+                        subclass_weight=0.1, backend="triton", reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    assert len(loss_launches) == 1
+    want, want_grad = _weighted_reference(x[:5], log_t[:5].float(), torch.zeros(5, dtype=torch.long), 4, 3, 1.3,
+                                          0.1, 0.0)
+    torch.testing.assert_close(loss.detach().cpu().double(), want.sum(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad[:5].cpu().double(), want_grad, atol=4e-5, rtol=1e-3)
     c = limits.MAX_FUSED_WEIGHTED_CLASSES + 1
     student, log_t, labels = make_inputs(7, c, 2, seed=c)
     del loss_launches[:]
