@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+from lelp_fast import reference
 from lelp_fast.ops import _dispatch, distill_loss, lelp_targets
 from lelp_fast.ops import loss as loss_op
 from lelp_fast.ops import targets as targets_op
@@ -139,3 +140,25 @@ def test_targets_launch_out_of_resources_falls_back_with_one_warning(monkeypatch
     torch.testing.assert_close(again, got)
     with pytest.raises(ValueError, match="launch failed for resources"):  # forced: no silent fallback
         lelp_targets(h, weight, bias, 10, 16, teacher_logits=logits, beta=0.8, tau=1.3, backend="triton")
+
+
+@pytest.mark.parametrize("nxt", ["cpu", "torch"])
+def test_subclass_weighted_loss_launch_out_of_resources_falls_back(monkeypatch, triton_that_cannot_launch, nxt):
+    """λ ≠ 1 is one Triton launch (C <= 8); when it fails for resources the next backend computes the
+    same weighted loss (torch: the fp64-formula path of ``_loss_torch``), not the plain λ = 1 loss."""
+    _next_backend(monkeypatch, nxt)
+    student, log_t, labels = make_inputs(13, 3, 4, seed=6)
+    labels[2] = -100
+    x = student.float().requires_grad_(True)
+    kw = dict(num_classes=3, n_subclasses=4, tau=1.5, alpha=0.2, subclass_weight=0.1)
+    with pytest.warns(RuntimeWarning, match="triton kernel cannot launch the loss at K = 12"):
+        loss = distill_loss(x, log_t.float(), labels, backend="auto", **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert len(triton_that_cannot_launch) == 1
+    ref = x.detach().double().requires_grad_(True)
+    rows = reference.subclass_weighted_kl(ref, log_t.float().double(), 3, 4, 1.5, 0.1)
+    rows = rows + 0.2 * reference.hard_label_rows(ref, labels, 3, 4)
+    want = reference.reduce_rows(torch.where(labels != -100, rows, torch.zeros_like(rows)), labels, -100, "mean")
+    (want_grad,) = torch.autograd.grad(want, ref)
+    torch.testing.assert_close(loss.double(), want.detach(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad.double(), want_grad, atol=4e-5, rtol=1e-3)

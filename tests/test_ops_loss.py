@@ -692,7 +692,8 @@ def test_jsd_is_an_alias_of_js(backend):
         distill_loss(s, log_t.float(), labels, num_classes=3, n_subclasses=4, divergence="jensen")
 
 
-# The subclass weight λ: two calls of the fused loss against the fp64 formula written from its parts.
+# The subclass weight λ (one kernel pass, or two calls of the fused loss on torch) against the fp64
+# formula written from its parts.
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight", [0.0, 0.3, 2.0])
@@ -753,7 +754,8 @@ def test_subclass_weight_refuses_what_it_cannot_split():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_subclass_weight_takes_mixed_and_online_targets(backend):
     """λ ≠ 1 with (N, M, K) targets and teacher weights, or online teachers (one, or several mixed):
-    the targets are made in torch, then the two fused calls; the fp64 formula on the mixed targets."""
+    the CPU/CUDA kernels and Triton (C <= 8) take them in one pass, torch makes the targets first,
+    then two fused calls; the fp64 formula on the mixed targets."""
     n, num_classes, s, tau = 23, 3, 4, 1.5
     k = num_classes * s
     student, log_t, labels = make_inputs(n, num_classes, s, seed=8, m=2)

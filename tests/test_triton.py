@@ -408,3 +408,100 @@ def test_triton_targets_split_the_map_once_per_weight_and_version(monkeypatch):
     weight, bias = weight.clone(), bias.clone()  # a refit: new tensors
     run_and_check()
     assert len(calls) == 5
+
+
+# The subclass weight λ ≠ 1 in the loss kernel's own pass (SUBCLASS_WEIGHTED; issue 21: it was two
+# calls of the λ = 1 kernel, one on torch-pooled class logits).
+def _weighted_inputs(n, c, s, seed):
+    student, log_t, labels = make_inputs(n, c, s, seed=seed)
+    student[1, s:2 * s] -= 300.0  # class 1 of row 1 ~300 below the row max: its q underflows in fp32
+    student[3, labels[3] * s:(labels[3] + 1) * s] -= 200.0  # the labelled class far below (the alpha term)
+    log_t[4, :s] = float("-inf")  # a class with no target mass
+    log_t[4] = torch.log_softmax(log_t[4], 0)
+    labels[2] = -100
+    return student, log_t, labels
+
+
+def _weighted_reference(x, log_t, labels, c, s, tau, weight, alpha):
+    ref = x.detach().cpu().double().requires_grad_(True)
+    rows = reference.subclass_weighted_kl(ref, log_t.double(), c, s, tau, weight)
+    rows = rows + alpha * reference.hard_label_rows(ref, labels, c, s)
+    rows = torch.where(labels != -100, rows, torch.zeros_like(rows))
+    (grad,) = torch.autograd.grad(rows.sum(), ref)
+    return rows.detach(), grad
+
+
+@pytest.fixture
+def loss_launches(monkeypatch):
+    """Counts the loss kernel's launches (``_loss_rows_triton`` imports the launcher at each call)."""
+    from lelp_fast.kernels.triton import loss as triton_loss
+
+    calls = []
+    real = triton_loss.loss_triton
+    monkeypatch.setattr(triton_loss, "loss_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(21, 3, 5), (9, 2, 20)])
+@pytest.mark.parametrize("tau", [1.0, 2.0, 0.7])
+def test_triton_subclass_weight_in_one_launch(loss_launches, dtype, shape, tau):
+    """λ in {0, 0.1, 0.3, 2}, with and without the hard-label term (τ = 1 and 2 reuse the softmax's
+    exponentials, 0.7 takes its own), odd K (3 x 5: 8 + 4 columns with 3 padded, a class across the
+    two pieces; 2 x 20: 32 + 8): one launch, loss and gradient against the fp64 formula, with an
+    ignored row, a class whose q underflows against the row max (exact: its share of the class
+    term is taken against its own max), a labelled class 200 below the rest, a class with no target
+    mass. Before: two launches (the λ = 1 kernel on the full and on the pooled logits)."""
+    n, c, s = shape
+    student, log_t, labels = _weighted_inputs(n, c, s, seed=n + s)
+    atol, rtol = TOL[dtype]
+    for weight in (0.0, 0.1, 0.3, 2.0):
+        for alpha in (0.0, 0.3):
+            x = student.to(dtype).to(DEVICE).requires_grad_(True)
+            del loss_launches[:]
+            loss = distill_loss(x, log_t.to(dtype).to(DEVICE), labels.to(DEVICE), num_classes=c, n_subclasses=s,
+                                tau=tau, alpha=alpha, subclass_weight=weight, backend="triton", reduction="none")
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+            assert len(loss_launches) == 1, (weight, alpha)
+            want, want_grad = _weighted_reference(x, log_t.to(dtype), labels, c, s, tau, weight, alpha)
+            torch.testing.assert_close(loss.detach().cpu().double(), want, atol=atol * 4, rtol=rtol)
+            torch.testing.assert_close(grad.cpu().double(), want_grad, atol=atol * 2, rtol=rtol * 10)
+
+
+def test_triton_subclass_weight_mean_mixed_online_and_nan(loss_launches):
+    """The folded mean (the gradient written once in the student's dtype), mixed teachers and online
+    teachers (the shared test: each one launch now) and a NaN row (NaN loss and gradient in that row
+    only); more classes than MAX_FUSED_WEIGHTED_CLASSES keep the two calls."""
+    test_ops_loss.test_subclass_weight_matches_the_reference("triton", torch.bfloat16, 0.3, "mean")
+    assert len(loss_launches) == 1
+    test_ops_loss.test_subclass_weight_takes_mixed_and_online_targets("triton")
+    assert len(loss_launches) == 4
+    student, log_t, labels = _weighted_inputs(6, 4, 3, seed=2)
+    student[5, 7] = float("nan")
+    x = student.float().to(DEVICE).requires_grad_(True)
+    loss = distill_loss(x, log_t.float().to(DEVICE), labels.to(DEVICE), num_classes=4, n_subclasses=3, alpha=0.3,
+                        tau=2.0, subclass_weight=0.1, backend="triton", check_inputs=False, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.isnan(loss[5]) and torch.isnan(grad[5]).all()
+    assert torch.isfinite(loss[:5]).all() and torch.isfinite(grad[:5]).all()
+    del loss_launches[:]  # no labels (every row kept), the sum
+    x = student.float().to(DEVICE).requires_grad_(True)
+    loss = distill_loss(x[:5], log_t[:5].float().to(DEVICE), num_classes=4, n_subclasses=3, tau=1.3,
+                        subclass_weight=0.1, backend="triton", reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    assert len(loss_launches) == 1
+    want, want_grad = _weighted_reference(x[:5], log_t[:5].float(), torch.zeros(5, dtype=torch.long), 4, 3, 1.3,
+                                          0.1, 0.0)
+    torch.testing.assert_close(loss.detach().cpu().double(), want.sum(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad[:5].cpu().double(), want_grad, atol=4e-5, rtol=1e-3)
+    c = limits.MAX_FUSED_WEIGHTED_CLASSES + 1
+    student, log_t, labels = make_inputs(7, c, 2, seed=c)
+    del loss_launches[:]
+    x = student.float().to(DEVICE).requires_grad_(True)
+    loss = distill_loss(x, log_t.float().to(DEVICE), labels.to(DEVICE), num_classes=c, n_subclasses=2, tau=1.5,
+                        subclass_weight=0.1, backend="triton", reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert len(loss_launches) == 2
+    want, want_grad = _weighted_reference(x, log_t.float(), labels, c, 2, 1.5, 0.1, 0.0)
+    torch.testing.assert_close(loss.detach().cpu().double(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, atol=4e-5, rtol=1e-3)

@@ -163,11 +163,16 @@ def test_every_launch_configuration_is_a_case():
     one or two column pieces) at every K from 2 to 512."""
     _targets_launches_are_cases()
     # The KL step (with or without labels) has its own block shapes and chunked rows; labels change neither.
+    # KL at a subclass weight λ ≠ 1 is its own code (SUBCLASS_WEIGHTED) on the unchunked shapes.
     loss_shapes = {tuple(v["constexprs"][name] for name in ("BLOCK_N", "BLOCK_K", "BLOCK_K2")) + (v["num_warps"],
-                   loss_kernels._plain(v["constexprs"]["DIVERGENCE"])) for v in loss_kernels.VARIANTS}
+                   loss_kernels._plain(v["constexprs"]["DIVERGENCE"], v["constexprs"]["SUBCLASS_WEIGHTED"]),
+                   v["constexprs"]["SUBCLASS_WEIGHTED"]) for v in loss_kernels.VARIANTS}
     for k, div in itertools.product(range(2, 513), range(5)):
-        shape = loss_kernels.block_shape(k, div) + (loss_kernels._plain(div),)
+        shape = loss_kernels.block_shape(k, div) + (loss_kernels._plain(div), False)
         assert shape in loss_shapes, f"the loss block shape at K = {k} (divergence {div}) is never compiled"
+    for k in range(4, 513):
+        shape = loss_kernels.block_shape(k, 0, True) + (False, True)
+        assert shape in loss_shapes, f"the λ ≠ 1 loss block shape at K = {k} is never compiled"
 
 
 def _targets_launches_are_cases():

@@ -70,10 +70,9 @@ def _loss_rows(
     student's device; the Triton, CUDA and CPU kernels fold it in, CUDA reading it on the device):
     the gradient comes as ``grad_scale · dL_row/ds`` in the student's dtype instead (the torch
     fallback, or an extension built before, scales and casts it here: one more pass). ``subclass_weight``
-    λ ≠ 1 (KL; the CPU and CUDA kernels, :func:`distill_loss` sends Triton and torch to
-    :func:`subclass_weighted_loss`): ``τ² [λ KL(t‖q) + (1 − λ) KL(p‖Q)]`` in the same pass."""
-    if subclass_weight != 1.0 and use_triton:
-        raise ValueError("subclass_weight != 1 is computed by the CPU and CUDA kernels, not Triton")
+    λ ≠ 1 (KL; the CPU and CUDA kernels, and Triton up to ``limits.MAX_FUSED_WEIGHTED_CLASSES``
+    classes: :func:`distill_loss` sends the rest to :func:`subclass_weighted_loss`):
+    ``τ² [λ KL(t‖q) + (1 − λ) KL(p‖Q)]`` in the same pass."""
     n, k = student.shape
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     hard_rows = torch.zeros(n, dtype=torch.float32, device=student.device)
@@ -92,7 +91,7 @@ def _loss_rows(
         try:
             _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
                               teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
-                              ignore_index, loss_rows, hard_rows, grad, grad_scale)
+                              ignore_index, loss_rows, hard_rows, grad, grad_scale, subclass_weight)
             return loss_rows, grad, hard_rows, suspect
         except Exception as exc:
             if not (fall_back and _dispatch.is_out_of_resources(exc)):
@@ -103,7 +102,7 @@ def _loss_rows(
             if _dispatch.resolve("auto", student.device, limits) == "torch":
                 loss_rows, grad, hard_rows = _loss_rows_by_torch(
                     student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
-                    num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index)
+                    num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, subclass_weight)
                 return loss_rows, _folded(grad, grad_scale, student.dtype), hard_rows, suspect
             if folded and not _extension_folds():  # the compiled fallback writes fp32; folded below
                 kernel_folds = False
@@ -151,7 +150,7 @@ def _folded(grad: Tensor, grad_scale: Optional[Tensor], dtype: torch.dtype) -> T
 
 def _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
                       num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, loss_rows,
-                      hard_rows, grad, grad_scale=None):
+                      hard_rows, grad, grad_scale=None, subclass_weight=1.0):
     """The Triton path; online teachers' targets go through the targets kernel into an fp32 buffer
     first (N x M x K: a small fraction of the embeddings' bytes), then the loss kernel mixes them."""
     from ..kernels.triton.loss import loss_triton
@@ -168,12 +167,12 @@ def _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_w
         if len(embeddings) == 1:
             log_targets = log_targets[:, 0]
     loss_triton(student, log_targets.contiguous(), weights, labels, num_classes, n_subclasses, divergence, jsd_beta,
-                tau, alpha, ignore_index, loss_rows, hard_rows, grad, grad_scale)
+                tau, alpha, ignore_index, loss_rows, hard_rows, grad, grad_scale, subclass_weight)
 
 
 def _loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
                         teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
-                        ignore_index):
+                        ignore_index, subclass_weight=1.0):
     """The custom op's outputs from the torch path (a compiled launch failed). Autograd does not
     record inside a custom op, so the per-row gradient comes from ``torch.func.vjp`` (rows are
     independent: a vector of ones gives each row's own gradient)."""
@@ -181,7 +180,8 @@ def _loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused
 
     def rows(s):
         return _loss_torch(s, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
-                           num_classes, n_subclasses, name, jsd_beta, tau, alpha, beta, ignore_index)
+                           num_classes, n_subclasses, name, jsd_beta, tau, alpha, beta, ignore_index,
+                           subclass_weight)
 
     per_row, pullback, hard_rows = torch.func.vjp(rows, student, has_aux=True)
     (grad,) = pullback(torch.ones_like(per_row))
@@ -367,8 +367,9 @@ def distill_loss(
         beta, num_classes, n_subclasses)
     chosen = _choose_backend(backend, student_logits, log_targets, embeddings, teacher_logits, num_classes,
                              n_subclasses)
-    if weighted and not (chosen in ("cpu", "cuda") and _extension_weights_subclasses()):
-        # The CPU and CUDA kernels take λ in their one pass; Triton and torch get two fused calls.
+    if weighted and not _kernel_weights_subclasses(chosen, num_classes, n_subclasses):
+        # The CPU and CUDA kernels, and Triton for few classes, take λ in their one pass; the others
+        # get two fused calls.
         return subclass_weighted_loss(
             student_logits, log_targets, labels, subclass_weight=subclass_weight, num_classes=num_classes,
             n_subclasses=n_subclasses, divergence=divergence, teacher_weights=teacher_weights, tau=tau, alpha=alpha,
@@ -426,8 +427,9 @@ def subclass_weighted_loss(student_logits: Tensor, log_targets: Optional[Tensor]
                            teacher_logits=None, beta: Union[float, Sequence[float]] = 1.0, tau: float = 1.0,
                            alpha: float = 0.0, reduction: str = "mean", ignore_index: int = -100,
                            backend: str = "auto", check_inputs: bool = True, return_components: bool = False):
-    """``τ² [KL(p‖Q) + λ Σ_c p_c KL(r_c‖ρ_c)] + α CE`` as two calls of the fused loss (Triton and
-    torch; the CPU and CUDA kernels take λ in their own pass, ``kl_row_subclass_weighted``):
+    """``τ² [KL(p‖Q) + λ Σ_c p_c KL(r_c‖ρ_c)] + α CE`` as two calls of the fused loss (torch, and
+    Triton above ``limits.MAX_FUSED_WEIGHTED_CLASSES`` classes; the CPU and CUDA kernels take λ in
+    their own pass, ``kl_row_subclass_weighted``, and so does Triton's up to that many classes):
     ``λ · τ² KL(t‖q) + (1 − λ) · τ² KL(p‖Q)``, since ``KL(t‖q) = KL(p‖Q) + Σ_c p_c KL(r_c‖ρ_c)``.
     ``KL(p‖Q)`` is the S = 1 loss of the pooled logits ``τ·logsumexp(s/τ)`` (their softmax at τ is
     Q) against ``log p = logsumexp_s log t`` (subclass targets sum to the teacher's class
@@ -473,6 +475,15 @@ def _check_subclass_weight(subclass_weight: float, divergence: str) -> None:
                          f"only for KL), got divergence={divergence!r}")
     if not subclass_weight >= 0.0:
         raise ValueError(f"subclass_weight must be >= 0 (0: KD, 1: LELP), got {subclass_weight!r}")
+
+
+def _kernel_weights_subclasses(chosen: str, num_classes: int, n_subclasses: int) -> bool:
+    """Whether the backend chosen takes the subclass weight λ in its own pass at this shape."""
+    if chosen == "triton":
+        from ..kernels.triton import limits
+
+        return limits.weighted_loss_unfused(num_classes, n_subclasses) is None
+    return chosen in ("cpu", "cuda") and _extension_weights_subclasses()
 
 
 def _extension_weights_subclasses() -> bool:
@@ -656,8 +667,9 @@ def _online_teachers(n, k, num_classes, embeddings, fused_weight, fused_bias, te
 
 
 def _loss_torch(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
-                num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index):
-    """(per-row loss, its α·CE part) in fp32 (fp64 for fp64 logits)."""
+                num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, subclass_weight=1.0):
+    """(per-row loss, its α·CE part) in fp32 (fp64 for fp64 logits); ``subclass_weight`` λ ≠ 1 (KL):
+    the soft part is :func:`reference.subclass_weighted_kl` (the fallback of a fused λ launch)."""
     compute = torch.float64 if student.dtype == torch.float64 else torch.float32
     if embeddings:
         log_t = _online_log_targets(embeddings, fused_weight, fused_bias, teacher_logits, beta, weights, n_subclasses,
@@ -666,11 +678,20 @@ def _loss_torch(student, log_targets, weights, labels, embeddings, fused_weight,
         log_t = reference.mix_log_targets(log_targets.to(compute), weights.to(compute))
     else:
         log_t = log_targets.to(compute)
-    per_row = reference.distillation_loss(
-        student.to(compute), log_t.detach(), labels, num_classes=num_classes, n_subclasses=n_subclasses,
-        divergence_kind=divergence, jsd_beta=jsd_beta, tau=tau, alpha=alpha, reduction="none",
-        ignore_index=ignore_index,
-    )
+    if subclass_weight != 1.0:
+        per_row = reference.subclass_weighted_kl(student.to(compute), log_t.detach(), num_classes, n_subclasses, tau,
+                                                 subclass_weight)
+        if alpha != 0.0 and labels is not None:
+            per_row = per_row + alpha * reference.hard_label_rows(student.to(compute), labels, num_classes,
+                                                                  n_subclasses, ignore_index)
+        if labels is not None:
+            per_row = torch.where(labels != ignore_index, per_row, torch.zeros_like(per_row))
+    else:
+        per_row = reference.distillation_loss(
+            student.to(compute), log_t.detach(), labels, num_classes=num_classes, n_subclasses=n_subclasses,
+            divergence_kind=divergence, jsd_beta=jsd_beta, tau=tau, alpha=alpha, reduction="none",
+            ignore_index=ignore_index,
+        )
     hard_rows = torch.zeros_like(per_row.detach())
     if alpha != 0.0 and labels is not None:
         with torch.no_grad():

@@ -103,13 +103,14 @@ def step_bytes_per_element(step: Callable[[], None], n: int, k: int):
 
 
 def loss_step_bytes(dtype: torch.dtype, n: int = 64, num_classes: int = 5, n_subclasses: int = 8,
-                    backend: str = "cpu"):
+                    backend: str = "cpu", subclass_weight: float = 1.0):
     """Bytes per element of one distillation step (loss forward + backward into the student's
     gradient) with student logits and targets in ``dtype``, through ``ops.distill_loss``'s
     launcher (one custom op for the kernel, whichever backend runs it). The Triton kernel writes
     the gradient in the student's dtype with the mean folded in; the CPU kernel writes it in fp32
     for the backward to scale and cast. ``backend="triton"`` on CPU tensors needs
-    ``TRITON_INTERPRET=1`` before the kernels are imported."""
+    ``TRITON_INTERPRET=1`` before the kernels are imported. ``subclass_weight`` λ ≠ 1: the weighted
+    KL (one pass, or two calls where the backend keeps them)."""
     from ...ops import distill_loss
 
     k = num_classes * n_subclasses
@@ -119,7 +120,7 @@ def loss_step_bytes(dtype: torch.dtype, n: int = 64, num_classes: int = 5, n_sub
 
     def step():
         distill_loss(student, log_t, num_classes=num_classes, n_subclasses=n_subclasses, tau=2.0,
-                     backend=backend, check_inputs=False).backward()
+                     backend=backend, check_inputs=False, subclass_weight=subclass_weight).backward()
 
     return step_bytes_per_element(step, n, k)
 
@@ -135,7 +136,7 @@ def gated(constexprs: dict) -> bool:
     from . import loss
 
     c = constexprs
-    if c["DIVERGENCE"] != 0 or c["HAS_WEIGHTS"] or c["K"] < 16 or c["K"] % 8:
+    if c["DIVERGENCE"] != 0 or c["HAS_WEIGHTS"] or c["SUBCLASS_WEIGHTED"] or c["K"] < 16 or c["K"] % 8:
         return False
     return c["HARD"] > 0 and c["K"] in loss.COST_KS if c["HAS_LABELS"] else True
 
@@ -165,6 +166,52 @@ def loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
                      f"| {facts['triton']} | sm_{arch} | {dts[0]} | {c['K']} | {HARD_NAMES[hard]} "
                      f"| {c['BLOCK_N']} x {columns}, {v['num_warps']} | {e['instructions']:.0f} | {e['mufu']:.2f} "
                      f"| {moved:.0f} ({floor}) | {ratios[0]:.2f} | {ratios[1]:.2f} |"))
+    lines += [line for _, line in sorted(rows)]
+    return "\n".join(lines)
+
+
+def weighted_loss_bytes(dtype: torch.dtype, num_classes: int = 5):
+    """(one pass, two calls): bytes per element of the λ = 0.1 step on the Triton backend, in the
+    kernel's own pass and as the two calls of the λ = 1 kernel that larger C keep."""
+    from . import limits
+
+    one, _ = loss_step_bytes(dtype, num_classes=num_classes, backend="triton", subclass_weight=0.1)
+    kept = limits.MAX_FUSED_WEIGHTED_CLASSES
+    limits.MAX_FUSED_WEIGHTED_CLASSES = 0
+    try:
+        two, _ = loss_step_bytes(dtype, num_classes=num_classes, backend="triton", subclass_weight=0.1)
+    finally:
+        limits.MAX_FUSED_WEIGHTED_CLASSES = kept
+    return one, two
+
+
+def weighted_loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
+    """The subclass-weighted KL variants (``SUBCLASS_WEIGHTED``, no teacher weights) like
+    :func:`loss_table`: modelled time over the floor of the plain step's bytes."""
+    from . import loss
+
+    with open(facts_json) as f:
+        facts = json.load(f)
+    lines = ["| Triton | arch | dtype | K (C x S) | α term | BLOCK_N x BLOCK_K, warps | SASS / element "
+             "| MUFU.EX2+LG2 / element | modelled / floor H100 | H200 |", "|" + "---|" * 10]
+    rows = []
+    for row in facts["cases"]:
+        op, i, arch, dts = row["case"]
+        c = loss.VARIANTS[i]["constexprs"] if op == "loss" else {}
+        if not c.get("SUBCLASS_WEIGHTED") or row["error"] or c["HAS_WEIGHTS"]:
+            continue
+        v = loss.VARIANTS[i]
+        hard = c["HARD"] if c["HAS_LABELS"] else 0
+        if c["HAS_LABELS"] and not hard:
+            continue
+        e = per_element(row["facts"], c["BLOCK_N"], c["K"], v["num_warps"])
+        moved, floor = (bytes_bf16, 6) if dts[0] == "bf16" else (bytes_fp32, 12)
+        ratios = [modelled_ratio(e["instructions"], e["mufu"], moved, floor, d) for d in ("H100", "H200")]
+        columns = f"({c['BLOCK_K']} + {c['BLOCK_K2']})" if c.get("BLOCK_K2") else f"{c['BLOCK_K']}"
+        rows.append(((c["K"], hard, arch, dts[0]),
+                     f"| {facts['triton']} | sm_{arch} | {dts[0]} | {c['K']} ({c['K'] // c['S']} x {c['S']}) "
+                     f"| {HARD_NAMES[hard]} | {c['BLOCK_N']} x {columns}, {v['num_warps']} | {e['instructions']:.0f} "
+                     f"| {e['mufu']:.2f} | {ratios[0]:.2f} | {ratios[1]:.2f} |"))
     lines += [line for _, line in sorted(rows)]
     return "\n".join(lines)
 
@@ -309,6 +356,10 @@ def main(argv=None) -> int:
             f"{d} {v['instructions']:.0f} instructions, {v['mufu']:.1f} MUFU" for d, v in b.items()))
     print(f"launcher bytes per element: bf16 {bf16:.1f}, fp32 {fp32:.1f}")
     print(loss_table(args.facts, bf16, fp32))
+    weighted = {name: weighted_loss_bytes(dtype) for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    print("subclass weight λ = 0.1, launcher bytes per element (one pass, two calls): " + "; ".join(
+        f"{name} {one:.1f}, {two:.1f}" for name, (one, two) in weighted.items()))
+    print(weighted_loss_table(args.facts, weighted["bf16"][0], weighted["fp32"][0]))
     print(targets_table(args.facts))
     return 0
 

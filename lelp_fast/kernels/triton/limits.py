@@ -10,6 +10,12 @@ MAX_SUBCLASS_COLUMNS = 512  # C_PAD * S_PAD, taken by up to 4 programs per row t
 # (tests/test_triton_aot.py), so a class of more than 128 (padded) subclasses goes to the next backend.
 MAX_SUBCLASSES_PER_PROGRAM = 128
 MAX_LOSS_K = 512  # the loss kernel holds a whole row (next_pow2(K)) in registers
+# The subclass weight λ ≠ 1 in the loss kernel's one pass: its C classes are a static loop of masked
+# row reductions and selects (at K = 128 about 17 bf16 / 32 fp32 SASS instructions per element and
+# class), so the pass is issue-bound. At C = 8 it is modelled at <= 5.8x the floor (bf16) and 5.1x
+# (fp32), under the 13.7x / 6.7x that the two calls' bytes alone take; at C = 16 fp32 would not be
+# (docs/benchmarks.md). Above this the launcher keeps two calls of the λ = 1 kernel (ops/loss.py).
+MAX_FUSED_WEIGHTED_CLASSES = 8
 
 
 def _next_pow2(x: int) -> int:
@@ -40,3 +46,13 @@ def loss_unsupported(num_classes: int, n_subclasses: int) -> Optional[str]:
     """Why the Triton loss kernel cannot take this shape, or None."""
     k = num_classes * n_subclasses
     return f"it takes K = C*S <= {MAX_LOSS_K} (got {k})" if k > MAX_LOSS_K else None
+
+
+def weighted_loss_unfused(num_classes: int, n_subclasses: int, divergence: int = 0) -> Optional[str]:
+    """Why the loss kernel cannot take the subclass weight λ ≠ 1 in its own pass, or None."""
+    if divergence != 0:
+        return "the subclass weight splits KL only"
+    if num_classes > MAX_FUSED_WEIGHTED_CLASSES:
+        return (f"it takes the subclass weight in one pass for C <= {MAX_FUSED_WEIGHTED_CLASSES} classes "
+                f"(got {num_classes})")
+    return None

@@ -16,6 +16,8 @@ teacher's probabilities) and one ``log2`` per row (its log-partition; the KL is 
 inside that class: at τ = 1 they are its exp(s - max), at τ = 2 their squares; any other τ takes
 one more ``exp2`` per element. One pass either way; the class log-sum-exp comes from the same
 exponentials summed per class, so it never underflows against the row max.
+The KL step at a subclass weight λ ≠ 1 (the library's default loss, λ = 0.1) is one pass too for
+up to ``limits.MAX_FUSED_WEIGHTED_CLASSES`` classes (``SUBCLASS_WEIGHTED``, ``_weighted_kl_block``).
 
 Rows are whole in registers. K = C·S, S and the block's column pieces are compile-time
 constants: the first piece is BLOCK_K columns (a power of two), an optional second piece the
@@ -54,13 +56,14 @@ def _prev_pow2(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
 
 
-def _plain(divergence: int) -> bool:
+def _plain(divergence: int, weighted: bool = False) -> bool:
     """The KL step, with or without the hard-label term: chunked rows, full tiles. The other
-    divergences hold half as many rows, unchunked."""
-    return divergence == 0
+    divergences, and KL at a subclass weight λ ≠ 1 (more live arrays: each element's class max,
+    class scale and p_c/F_c), hold half as many rows, unchunked."""
+    return divergence == 0 and not weighted
 
 
-def block_shape(k: int, divergence: int = 0):
+def block_shape(k: int, divergence: int = 0, weighted: bool = False):
     """(BLOCK_N, BLOCK_K, BLOCK_K2, num_warps): the whole row in registers as a power-of-two piece
     of BLOCK_K columns and, when K is not a power of two but at most 1.5 BLOCK_K, a second piece of
     BLOCK_K2 = BLOCK_K/4 or BLOCK_K/2 columns after it (K = 40: 32 + 8; 36: 32 + 8, 4 padded; 48:
@@ -77,20 +80,20 @@ def block_shape(k: int, divergence: int = 0):
         block_k, block_k2 = (k1 if k == k1 else 2 * k1), 0
     else:
         block_k, block_k2 = k1, max(k1 // 4, triton.next_power_of_2(k - k1))
-    elements = ELEMENTS_PER_PROGRAM if _plain(divergence) else ELEMENTS_PER_PROGRAM // 2
+    elements = ELEMENTS_PER_PROGRAM if _plain(divergence, weighted) else ELEMENTS_PER_PROGRAM // 2
     block_n = min(_prev_pow2(elements * 5 // 4 // (block_k + block_k2)), MAX_ROWS_PER_PROGRAM)
-    if _half_piece(block_k, block_k2, divergence):
+    if _half_piece(block_k, block_k2, divergence, weighted):
         block_n = min(8 * 32 * 4 // block_k2, MAX_ROWS_PER_PROGRAM)
     return block_n, block_k, block_k2, 4
 
 
-def _half_piece(block_k: int, block_k2: int, divergence: int) -> bool:
+def _half_piece(block_k: int, block_k2: int, divergence: int, weighted: bool = False) -> bool:
     """A KL row of a power of two and a half (K = 24, 48, 96, 192, 384): held as chunks of
     BLOCK_K2 columns (8 bf16 or 2 x 4 fp32 per thread and chunk: 24 values of a row per thread), so
     both pieces have the same layout. As (BLOCK_N, W) pieces their rows fell in different threads
     and Triton 3.9 recomputed the first piece's exponentials in the second's layout (3.33 MUFU
     and 38 instructions per bf16 element at K = 48, 42 at K = 384)."""
-    return _plain(divergence) and block_k2 >= 8 and block_k2 * 2 == block_k
+    return _plain(divergence, weighted) and block_k2 >= 8 and block_k2 * 2 == block_k
 
 
 def hard_mode(alpha: float, tau: float, has_labels: bool) -> int:
@@ -117,7 +120,7 @@ def _row_axis() -> int:
 ROW_AXIS = _row_axis()  # of the Triton this process imported
 
 
-def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0):
+def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0, weighted: bool = False):
     """(J1, J2): a piece of W columns is held as J chunks of W/J columns side by side in each thread,
     so that each thread holds up to 16 elements of one row in 16-byte vectors and a row of W >= 16
     columns is shared by W/16 threads. As (BLOCK_N, W), 16-byte vectors spread a row over
@@ -129,10 +132,10 @@ def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0):
     (``_half_piece``), which gives both pieces one layout. Only the KL step (with or without the
     hard-label term) is chunked: JS with labels, chunked, spilled 8 B on sm_80 (ptxas kept to 80
     registers)."""
-    if _half_piece(block_k, block_k2, divergence):
+    if _half_piece(block_k, block_k2, divergence, weighted):
         j2 = max(1, itemsize // 2)
         return 2 * j2, j2
-    if block_k2 or not _plain(divergence):
+    if block_k2 or not _plain(divergence, weighted):
         return 1, 1
     return max(1, min(block_k, 16) * itemsize // 16), 1
 
@@ -140,7 +143,8 @@ def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0):
 def chunk_constexprs(constexprs: dict, dtype: str) -> dict:
     """The kernel's J1, J2 and ROW_AXIS for a variant and the student's dtype (``ITEMSIZE`` key),
     under the Triton that imports this module."""
-    j1, j2 = chunks(constexprs["BLOCK_K"], constexprs["BLOCK_K2"], ITEMSIZE[dtype], constexprs["DIVERGENCE"])
+    j1, j2 = chunks(constexprs["BLOCK_K"], constexprs["BLOCK_K2"], ITEMSIZE[dtype], constexprs["DIVERGENCE"],
+                    constexprs["SUBCLASS_WEIGHTED"])
     return dict(J1=j1, J2=j2, ROW_AXIS=ROW_AXIS)
 
 
@@ -281,12 +285,150 @@ def _select(in_y, a_in, a_out, ROW_AXIS: tl.constexpr):
 
 
 @triton.jit
+def _class_scales(cls, c: tl.constexpr, mc, ec, sh, en, ROW_AXIS: tl.constexpr):
+    """Class c's max logit mc and 2^((mc - max) log2(e)/τ) ec written into the elements of class c."""
+    in_c = cls == c
+    return tl.where(in_c, _bc(mc, ROW_AXIS), sh), tl.where(in_c, _bc(ec, ROW_AXIS), en)
+
+
+@triton.jit
+def _class_sum(x, cls, c: tl.constexpr, ROW_AXIS: tl.constexpr):
+    return _rsum(tl.where(cls == c, x, 0.0), ROW_AXIS)
+
+
+@triton.jit
+def _hard_parts(s, f, en, sh, rm, HARD: tl.constexpr):
+    """exp(s - m_c) and exp(m_c - max) per element (m_c the element's class max) from the softmax's
+    f = 2^((s - m_c) log2(e)/τ) and en = 2^((m_c - max) log2(e)/τ): themselves at τ = 1, squared at
+    τ = 2, one exp2 each at any other τ."""
+    if HARD == 1:
+        return f, en
+    elif HARD == 2:
+        return f * f, en * en
+    else:
+        return tl.exp2((s - sh) * LOG2E), tl.exp2((sh - rm) * LOG2E)
+
+
+@triton.jit
+def _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64, row_ok, M, tau, alpha, lam, scale,
+                       c_tau, keep, y, K: tl.constexpr, S: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                       HAS_LABELS: tl.constexpr, HARD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
+                       J1: tl.constexpr, J2: tl.constexpr, ROW_AXIS: tl.constexpr):
+    """The KL step at subclass weight λ ≠ 1 (``SUBCLASS_WEIGHTED``), one pass over the block's rows:
+    ``τ² [λ KL(t‖q) + (1 − λ) KL(p‖Q)]`` (p_c, Q_c the class sums of t and q) and its gradient
+    ``τ [q Σt − λ t − (1 − λ) p_c q / Q_c]``, plus the hard-label term when HARD > 0. The softmax's
+    exponentials are taken against each class's own max, f = 2^((s − m_c) log2(e)/τ), so a class's
+    sum F_c >= 1 and q/Q_c = f/F_c never underflows (a class far below the row max: its q is 0, its
+    share of the class term is not); q = f en / Z with en = 2^((m_c − max) log2(e)/τ) per class and
+    Z = Σ f en. The C = K // S classes are a static loop of masked row reductions and selects (at
+    K = 128 about 17 bf16 / 32 fp32 SASS instructions per element and class, hence
+    ``limits.MAX_FUSED_WEIGHTED_CLASSES``)."""
+    C: tl.constexpr = K // S
+    c1 = LOG2E / tau
+    ct = _el(c_tau, HAS_LABELS, ROW_AXIS)
+    s1, lt1, t1 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, 0, BLOCK_K, J1, HAS_WEIGHTS, ROW_AXIS)
+    cls1 = _cols(0, BLOCK_K, J1, ROW_AXIS) // S  # padding columns: cls >= C, in no class
+    row_max = _rmax(s1, ROW_AXIS)
+    if BLOCK_K2 > 0:
+        s2, lt2, t2 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, BLOCK_K, BLOCK_K2, J2, HAS_WEIGHTS,
+                                  ROW_AXIS)
+        cls2 = _cols(BLOCK_K, BLOCK_K2, J2, ROW_AXIS) // S
+        row_max = tl.maximum(row_max, _rmax(s2, ROW_AXIS))
+    rm = _bc(row_max, ROW_AXIS)
+    # each element's class max m_c (the row max in padding: finite shifts there) and 2^((m_c - max) log2(e)/τ)
+    sh1 = tl.zeros(s1.shape, dtype=tl.float32) + rm
+    en1 = tl.zeros(s1.shape, dtype=tl.float32)
+    if BLOCK_K2 > 0:
+        sh2 = tl.zeros(s2.shape, dtype=tl.float32) + rm
+        en2 = tl.zeros(s2.shape, dtype=tl.float32)
+    for c in tl.static_range(C):
+        mc = _rmax(tl.where(cls1 == c, s1, NEG_INF), ROW_AXIS)
+        if BLOCK_K2 > 0:
+            mc = tl.maximum(mc, _rmax(tl.where(cls2 == c, s2, NEG_INF), ROW_AXIS))
+        ec = tl.exp2((mc - row_max) * c1)
+        sh1, en1 = _class_scales(cls1, c, mc, ec, sh1, en1, ROW_AXIS)
+        if BLOCK_K2 > 0:
+            sh2, en2 = _class_scales(cls2, c, mc, ec, sh2, en2, ROW_AXIS)
+    f1 = tl.exp2(s1 * c1 - sh1 * c1)
+    e1 = f1 * en1  # 2^v, v = (s - max) log2(e)/τ: the plain softmax's numerator
+    z = _rsum(e1, ROW_AXIS)
+    sum_t = _rsum(t1, ROW_AXIS)
+    mu = rm * c1
+    # Σ t (log t - v ln 2) for KL(t‖q); Σ t μ_c (μ_c = (m_c - max) log2(e)/τ = log2 en) for KL(p‖Q)
+    d = _rsum(tl.where(t1 == 0.0, 0.0, t1 * (lt1 - (s1 * c1 - mu) * LN2)), ROW_AXIS)
+    tmu = _rsum(t1 * (sh1 * c1 - mu), ROW_AXIS)
+    if BLOCK_K2 > 0:
+        f2 = tl.exp2(s2 * c1 - sh2 * c1)
+        e2 = f2 * en2
+        z += _rsum(e2, ROW_AXIS)
+        sum_t += _rsum(t2, ROW_AXIS)
+        d += _rsum(tl.where(t2 == 0.0, 0.0, t2 * (lt2 - (s2 * c1 - mu) * LN2)), ROW_AXIS)
+        tmu += _rsum(t2 * (sh2 * c1 - mu), ROW_AXIS)
+    lz = tl.log2(z)
+    # per class: F_c = Σ f, p_c = Σ t; Σ p_c log2(p_c / F_c); r = p_c / F_c (= p_c q / Q_c / f) per element
+    r1 = tl.zeros(s1.shape, dtype=tl.float32)
+    if BLOCK_K2 > 0:
+        r2 = tl.zeros(s2.shape, dtype=tl.float32)
+    pf = tl.zeros(row_max.shape, dtype=tl.float32)
+    for c in tl.static_range(C):
+        fc = _class_sum(f1, cls1, c, ROW_AXIS)
+        pc = _class_sum(t1, cls1, c, ROW_AXIS)
+        if BLOCK_K2 > 0:
+            fc += _class_sum(f2, cls2, c, ROW_AXIS)
+            pc += _class_sum(t2, cls2, c, ROW_AXIS)
+        pf += tl.where(pc == 0.0, 0.0, pc * (tl.log2(pc) - tl.log2(fc)))
+        r1 = tl.where(cls1 == c, _bc(pc / fc, ROW_AXIS), r1)
+        if BLOCK_K2 > 0:
+            r2 = tl.where(cls2 == c, _bc(pc / fc, ROW_AXIS), r2)
+    # KL(t‖q) = d + ln Z Σt; KL(p‖Q) = Σ p_c (ln p_c - ln Q_c), ln Q_c = (log2 F_c + μ_c - log2 Z) ln 2
+    kl_sub = d + lz * LN2 * sum_t
+    kl_cls = (pf - tmu + lz * sum_t) * LN2
+    loss = tau * tau * (lam * kl_sub + (1.0 - lam) * kl_cls)
+    a = _bc(c_tau * sum_t / z, ROW_AXIS)
+    g1 = f1 * (en1 * a - (1.0 - lam) * ct * r1) - lam * ct * t1
+    if BLOCK_K2 > 0:
+        g2 = f2 * (en2 * a - (1.0 - lam) * ct * r2) - lam * ct * t2
+    if HARD > 0:
+        # alpha (lse(s) - lse over class y) from exp(s - m_c) = h, exp(m_c - max) = eh: its sums are
+        # Zh = Σ h eh >= 1 and Hy = Σ_y h >= 1 (never underflow); d/ds = alpha h (eh / Zh - [y] / Hy)
+        yy = tl.where(keep, y, -1)
+        in_y1 = cls1 == _bc(yy, ROW_AXIS)
+        h1, eh1 = _hard_parts(s1, f1, en1, sh1, rm, HARD)
+        zh = _rsum(h1 * eh1, ROW_AXIS)
+        hy = _rsum(tl.where(in_y1, h1, 0.0), ROW_AXIS)
+        my = _rmax(tl.where(in_y1, sh1, NEG_INF), ROW_AXIS)
+        if BLOCK_K2 > 0:
+            in_y2 = cls2 == _bc(yy, ROW_AXIS)
+            h2, eh2 = _hard_parts(s2, f2, en2, sh2, rm, HARD)
+            zh += _rsum(h2 * eh2, ROW_AXIS)
+            hy += _rsum(tl.where(in_y2, h2, 0.0), ROW_AXIS)
+            my = tl.maximum(my, _rmax(tl.where(in_y2, sh2, NEG_INF), ROW_AXIS))
+        hy = tl.where(keep, hy, 1.0)
+        my = tl.where(keep, my, row_max)
+        ce = tl.where(keep, alpha * ((row_max - my) + (tl.log2(zh) - tl.log2(hy)) * LN2), 0.0)
+        w_all = _bc(scale * alpha / zh, ROW_AXIS)
+        g1 += h1 * (eh1 * w_all - _select(in_y1, scale * alpha / hy, 0.0 * hy, ROW_AXIS))
+        if BLOCK_K2 > 0:
+            g2 += h2 * (eh2 * w_all - _select(in_y2, scale * alpha / hy, 0.0 * hy, ROW_AXIS))
+    if HAS_LABELS:
+        if HARD > 0:
+            loss += ce
+            tl.store(hard_ptr + rows64, ce, mask=row_ok)
+        loss = tl.where(keep, loss, 0.0)
+    tl.store(loss_ptr + rows64, loss, mask=row_ok)
+    _store_piece(grad_ptr, g1, rows64, row_ok, K, 0, BLOCK_K, J1, ROW_AXIS)
+    if BLOCK_K2 > 0:
+        _store_piece(grad_ptr, g2, rows64, row_ok, K, BLOCK_K, BLOCK_K2, J2, ROW_AXIS)
+
+
+@triton.jit
 def lelp_loss_kernel(
     s_ptr, t_ptr, w_ptr, y_ptr, scale_ptr, loss_ptr, hard_ptr, grad_ptr,
-    N, M, jsd_beta, tau, alpha, ignore_index,
+    N, M, jsd_beta, tau, alpha, ignore_index, subclass_weight,
     K: tl.constexpr, S: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     HAS_LABELS: tl.constexpr, HARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_K2: tl.constexpr, J1: tl.constexpr, J2: tl.constexpr, ROW_AXIS: tl.constexpr,
+    SUBCLASS_WEIGHTED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -294,6 +436,7 @@ def lelp_loss_kernel(
     rows64 = rows.to(tl.int64)
     c1 = LOG2E / tau
     scale = tl.load(scale_ptr)  # the reduction's (1/rows for the mean), folded into the gradient
+    keep, y = row_ok, rows  # no labels: every row kept (y unused)
     if HAS_LABELS:
         y = tl.load(y_ptr + rows64, mask=row_ok, other=ignore_index)
         keep = y != ignore_index
@@ -303,173 +446,183 @@ def lelp_loss_kernel(
     c_tau = scale * tau
     ct = _el(c_tau, HAS_LABELS, ROW_AXIS)
 
-    s1, lt1, t1 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, 0, BLOCK_K, J1, HAS_WEIGHTS, ROW_AXIS)
-    row_max = _rmax(s1, ROW_AXIS)
-    if BLOCK_K2 > 0:
-        s2, lt2, t2 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, BLOCK_K, BLOCK_K2, J2, HAS_WEIGHTS,
-                                  ROW_AXIS)
-        row_max = tl.maximum(row_max, _rmax(s2, ROW_AXIS))
-    # v = (s - max s) log2(e)/τ <= 0 (one FFMA): the softmax of s/τ is 2^v / Σ 2^v.
-    mu = _bc(row_max * c1, ROW_AXIS)
-    v1 = s1 * c1 - mu
-    if BLOCK_K2 > 0:
-        v2 = s2 * c1 - mu
-    if HARD > 0:
-        # alpha CE(y, logsumexp-pool(s)) = alpha (lse(s) - lse over class y), from the softmax's own
-        # exponentials: e = 2^u with u = (s - r) log2(e)/τ, r = the row max outside class y and the
-        # class's max inside it (an ignored row has no class y: y = -1), so Σ over class y >= 1 and
-        # its log never underflows; Z = Σ_not y e + 2^gap Σ_y e, gap = (max_y - max) log2(e)/τ.
-        in_y1 = _in_class(tl.where(keep, y, -1), 0, BLOCK_K, J1, S, ROW_AXIS)
-        sy_max = _class_max(s1, in_y1, ROW_AXIS)
-        if BLOCK_K2 > 0:
-            in_y2 = _in_class(tl.where(keep, y, -1), BLOCK_K, BLOCK_K2, J2, S, ROW_AXIS)
-            sy_max = tl.maximum(sy_max, _class_max(s2, in_y2, ROW_AXIS))
-        sy_max = tl.where(keep, sy_max, row_max)
-        share = tl.exp2((sy_max - row_max) * c1)
-        e1 = tl.exp2(s1 * c1 - _select(in_y1, sy_max * c1, row_max * c1, ROW_AXIS))
-        zy, zn = _split_sums(e1, in_y1, ROW_AXIS)
-        if BLOCK_K2 > 0:
-            e2 = tl.exp2(s2 * c1 - _select(in_y2, sy_max * c1, row_max * c1, ROW_AXIS))
-            zy2, zn2 = _split_sums(e2, in_y2, ROW_AXIS)
-            zy += zy2
-            zn += zn2
-        z = zn + share * zy
+    if SUBCLASS_WEIGHTED:
+        _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64, row_ok, M, tau, alpha,
+                           subclass_weight, scale, c_tau, keep, y, K, S, HAS_WEIGHTS, HAS_LABELS, HARD, BLOCK_K,
+                           BLOCK_K2, J1, J2, ROW_AXIS)
     else:
-        e1 = tl.exp2(v1)
-        z = _rsum(e1, ROW_AXIS)
+        s1, lt1, t1 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, 0, BLOCK_K, J1, HAS_WEIGHTS, ROW_AXIS)
+        row_max = _rmax(s1, ROW_AXIS)
         if BLOCK_K2 > 0:
-            e2 = tl.exp2(v2)
-            z += _rsum(e2, ROW_AXIS)
-    lz = tl.log2(z)
-
-    if HARD > 0:
-        # exp(s - r) and its sums, in the row max's scale outside class y and the class max's inside
-        f1 = _hard_exp(s1, e1, in_y1, row_max, sy_max, HARD, ROW_AXIS)
+            s2, lt2, t2 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, BLOCK_K, BLOCK_K2, J2, HAS_WEIGHTS,
+                                      ROW_AXIS)
+            row_max = tl.maximum(row_max, _rmax(s2, ROW_AXIS))
+        # v = (s - max s) log2(e)/τ <= 0 (one FFMA): the softmax of s/τ is 2^v / Σ 2^v.
+        mu = _bc(row_max * c1, ROW_AXIS)
+        v1 = s1 * c1 - mu
         if BLOCK_K2 > 0:
-            f2 = _hard_exp(s2, e2, in_y2, row_max, sy_max, HARD, ROW_AXIS)
-        if HARD == 1:  # the softmax's sums are the hard term's
-            hy, z_all, lz_all, share_h = zy, z, lz, share
-        else:
-            hy, hn = _split_sums(f1, in_y1, ROW_AXIS)
-            if BLOCK_K2 > 0:
-                hy2, hn2 = _split_sums(f2, in_y2, ROW_AXIS)
-                hy += hy2
-                hn += hn2
-            if HARD == 2:
-                share_h = share * share
-            else:
-                share_h = tl.exp2((sy_max - row_max) * LOG2E)
-            z_all = hn + share_h * hy
-            lz_all = tl.log2(z_all)
-        hy = tl.where(keep, hy, 1.0)
-        ce = tl.where(keep, alpha * ((row_max - sy_max) + (lz_all - tl.log2(hy)) * LN2), 0.0)
-        # d ce / ds = alpha (softmax(s) - the softmax over class y), from f
-        h_in = scale * alpha * (share_h / z_all - 1.0 / hy)
-        h_out = scale * alpha / z_all
-        # the softmax part reads e; inside class y, e is 2^-gap times 2^v
-        e_in = share
-
-    if DIVERGENCE == 0:
-        # KL(t || q) = Σ t (log t - v ln 2) + ln Z Σ t; grad τ (q Σt - t), not τ (q - t): low-precision
-        # targets need not sum to 1. Per element: two exp2, no log.
-        sum_t = _rsum(t1, ROW_AXIS)
-        d = _rsum(tl.where(t1 == 0.0, 0.0, t1 * (lt1 - v1 * LN2)), ROW_AXIS)
-        if BLOCK_K2 > 0:
-            sum_t += _rsum(t2, ROW_AXIS)
-            d += _rsum(tl.where(t2 == 0.0, 0.0, t2 * (lt2 - v2 * LN2)), ROW_AXIS)
-        d += lz * LN2 * sum_t
-        a = c_tau * sum_t / z
-        if HARD == 0:
-            g1 = e1 * _bc(a, ROW_AXIS) - t1 * ct
-            if BLOCK_K2 > 0:
-                g2 = e2 * _bc(a, ROW_AXIS) - t2 * ct
-        elif HARD == 1:  # f = e: one coefficient per element
-            g1 = e1 * _select(in_y1, a * e_in + h_in, a + h_out, ROW_AXIS) - t1 * ct
-            if BLOCK_K2 > 0:
-                g2 = e2 * _select(in_y2, a * e_in + h_in, a + h_out, ROW_AXIS) - t2 * ct
-        else:
-            g1 = e1 * _select(in_y1, a * e_in, a, ROW_AXIS) + f1 * _select(in_y1, h_in, h_out, ROW_AXIS) - t1 * ct
-            if BLOCK_K2 > 0:
-                g2 = (e2 * _select(in_y2, a * e_in, a, ROW_AXIS) + f2 * _select(in_y2, h_in, h_out, ROW_AXIS)
-                      - t2 * ct)
-    elif DIVERGENCE == 4:  # MSE of the centred logits s/τ and log t (log q - mean log q = (v - mean v) ln 2)
-        ok1 = _cols(0, BLOCK_K, J1, ROW_AXIS) < K
-        v1 = tl.where(ok1, v1, 0.0)
-        lt1 = tl.where(ok1, lt1, 0.0)
-        mean_v = _rsum(v1, ROW_AXIS)
-        mean_t = _rsum(lt1, ROW_AXIS)
-        if BLOCK_K2 > 0:
-            ok2 = _cols(BLOCK_K, BLOCK_K2, J2, ROW_AXIS) < K
-            v2 = tl.where(ok2, v2, 0.0)
-            lt2 = tl.where(ok2, lt2, 0.0)
-            mean_v += _rsum(v2, ROW_AXIS)
-            mean_t += _rsum(lt2, ROW_AXIS)
-        mean_v = _bc(mean_v / K, ROW_AXIS)
-        mean_t = _bc(mean_t / K, ROW_AXIS)
-        err1 = tl.where(ok1, (v1 - mean_v) * LN2 - (lt1 - mean_t), 0.0)
-        d = _rsum(err1 * err1, ROW_AXIS)
-        g1 = (2.0 / K) * ct * err1
-        if BLOCK_K2 > 0:
-            err2 = tl.where(ok2, (v2 - mean_v) * LN2 - (lt2 - mean_t), 0.0)
-            d += _rsum(err2 * err2, ROW_AXIS)
-            g2 = (2.0 / K) * ct * err2
-        d = d / K
-    else:
-        if HARD > 0:  # back to e = 2^v inside class y
-            e1 = e1 * tl.where(in_y1, _bc(e_in, ROW_AXIS), 1.0)
-            if BLOCK_K2 > 0:
-                e2 = e2 * tl.where(in_y2, _bc(e_in, ROW_AXIS), 1.0)
-        r_z = 1.0 / z
-        d1, a1, q1 = _terms(lt1, t1, v1, e1, lz, jsd_beta, r_z, DIVERGENCE, ROW_AXIS)
-        d = _rsum(d1, ROW_AXIS)
-        qa = _rsum(q1 * a1, ROW_AXIS)
-        if BLOCK_K2 > 0:
-            d2, a2, q2 = _terms(lt2, t2, v2, e2, lz, jsd_beta, r_z, DIVERGENCE, ROW_AXIS)
-            d += _rsum(d2, ROW_AXIS)
-            qa += _rsum(q2 * a2, ROW_AXIS)
-        g1 = ct * q1 * (a1 - _bc(qa, ROW_AXIS))
-        if BLOCK_K2 > 0:
-            g2 = ct * q2 * (a2 - _bc(qa, ROW_AXIS))
-    if HARD > 0 and DIVERGENCE != 0:
-        g1 += f1 * _select(in_y1, h_in, h_out, ROW_AXIS)
-        if BLOCK_K2 > 0:
-            g2 += f2 * _select(in_y2, h_in, h_out, ROW_AXIS)
-    loss = tau * tau * d
-
-    if HAS_LABELS:
+            v2 = s2 * c1 - mu
         if HARD > 0:
-            loss += ce
-            tl.store(hard_ptr + rows64, ce, mask=row_ok)
-        loss = tl.where(keep, loss, 0.0)
+            # alpha CE(y, logsumexp-pool(s)) = alpha (lse(s) - lse over class y), from the softmax's own
+            # exponentials: e = 2^u with u = (s - r) log2(e)/τ, r = the row max outside class y and the
+            # class's max inside it (an ignored row has no class y: y = -1), so Σ over class y >= 1 and
+            # its log never underflows; Z = Σ_not y e + 2^gap Σ_y e, gap = (max_y - max) log2(e)/τ.
+            in_y1 = _in_class(tl.where(keep, y, -1), 0, BLOCK_K, J1, S, ROW_AXIS)
+            sy_max = _class_max(s1, in_y1, ROW_AXIS)
+            if BLOCK_K2 > 0:
+                in_y2 = _in_class(tl.where(keep, y, -1), BLOCK_K, BLOCK_K2, J2, S, ROW_AXIS)
+                sy_max = tl.maximum(sy_max, _class_max(s2, in_y2, ROW_AXIS))
+            sy_max = tl.where(keep, sy_max, row_max)
+            share = tl.exp2((sy_max - row_max) * c1)
+            e1 = tl.exp2(s1 * c1 - _select(in_y1, sy_max * c1, row_max * c1, ROW_AXIS))
+            zy, zn = _split_sums(e1, in_y1, ROW_AXIS)
+            if BLOCK_K2 > 0:
+                e2 = tl.exp2(s2 * c1 - _select(in_y2, sy_max * c1, row_max * c1, ROW_AXIS))
+                zy2, zn2 = _split_sums(e2, in_y2, ROW_AXIS)
+                zy += zy2
+                zn += zn2
+            z = zn + share * zy
+        else:
+            e1 = tl.exp2(v1)
+            z = _rsum(e1, ROW_AXIS)
+            if BLOCK_K2 > 0:
+                e2 = tl.exp2(v2)
+                z += _rsum(e2, ROW_AXIS)
+        lz = tl.log2(z)
 
-    tl.store(loss_ptr + rows64, loss, mask=row_ok)
-    _store_piece(grad_ptr, g1, rows64, row_ok, K, 0, BLOCK_K, J1, ROW_AXIS)
-    if BLOCK_K2 > 0:
-        _store_piece(grad_ptr, g2, rows64, row_ok, K, BLOCK_K, BLOCK_K2, J2, ROW_AXIS)
+        if HARD > 0:
+            # exp(s - r) and its sums, in the row max's scale outside class y and the class max's inside
+            f1 = _hard_exp(s1, e1, in_y1, row_max, sy_max, HARD, ROW_AXIS)
+            if BLOCK_K2 > 0:
+                f2 = _hard_exp(s2, e2, in_y2, row_max, sy_max, HARD, ROW_AXIS)
+            if HARD == 1:  # the softmax's sums are the hard term's
+                hy, z_all, lz_all, share_h = zy, z, lz, share
+            else:
+                hy, hn = _split_sums(f1, in_y1, ROW_AXIS)
+                if BLOCK_K2 > 0:
+                    hy2, hn2 = _split_sums(f2, in_y2, ROW_AXIS)
+                    hy += hy2
+                    hn += hn2
+                if HARD == 2:
+                    share_h = share * share
+                else:
+                    share_h = tl.exp2((sy_max - row_max) * LOG2E)
+                z_all = hn + share_h * hy
+                lz_all = tl.log2(z_all)
+            hy = tl.where(keep, hy, 1.0)
+            ce = tl.where(keep, alpha * ((row_max - sy_max) + (lz_all - tl.log2(hy)) * LN2), 0.0)
+            # d ce / ds = alpha (softmax(s) - the softmax over class y), from f
+            h_in = scale * alpha * (share_h / z_all - 1.0 / hy)
+            h_out = scale * alpha / z_all
+            # the softmax part reads e; inside class y, e is 2^-gap times 2^v
+            e_in = share
+
+        if DIVERGENCE == 0:
+            # KL(t || q) = Σ t (log t - v ln 2) + ln Z Σ t; grad τ (q Σt - t), not τ (q - t): low-precision
+            # targets need not sum to 1. Per element: two exp2, no log.
+            sum_t = _rsum(t1, ROW_AXIS)
+            d = _rsum(tl.where(t1 == 0.0, 0.0, t1 * (lt1 - v1 * LN2)), ROW_AXIS)
+            if BLOCK_K2 > 0:
+                sum_t += _rsum(t2, ROW_AXIS)
+                d += _rsum(tl.where(t2 == 0.0, 0.0, t2 * (lt2 - v2 * LN2)), ROW_AXIS)
+            d += lz * LN2 * sum_t
+            a = c_tau * sum_t / z
+            if HARD == 0:
+                g1 = e1 * _bc(a, ROW_AXIS) - t1 * ct
+                if BLOCK_K2 > 0:
+                    g2 = e2 * _bc(a, ROW_AXIS) - t2 * ct
+            elif HARD == 1:  # f = e: one coefficient per element
+                g1 = e1 * _select(in_y1, a * e_in + h_in, a + h_out, ROW_AXIS) - t1 * ct
+                if BLOCK_K2 > 0:
+                    g2 = e2 * _select(in_y2, a * e_in + h_in, a + h_out, ROW_AXIS) - t2 * ct
+            else:
+                g1 = e1 * _select(in_y1, a * e_in, a, ROW_AXIS) + f1 * _select(in_y1, h_in, h_out, ROW_AXIS) - t1 * ct
+                if BLOCK_K2 > 0:
+                    g2 = (e2 * _select(in_y2, a * e_in, a, ROW_AXIS) + f2 * _select(in_y2, h_in, h_out, ROW_AXIS)
+                          - t2 * ct)
+        elif DIVERGENCE == 4:  # MSE of the centred logits s/τ and log t (log q - mean log q = (v - mean v) ln 2)
+            ok1 = _cols(0, BLOCK_K, J1, ROW_AXIS) < K
+            v1 = tl.where(ok1, v1, 0.0)
+            lt1 = tl.where(ok1, lt1, 0.0)
+            mean_v = _rsum(v1, ROW_AXIS)
+            mean_t = _rsum(lt1, ROW_AXIS)
+            if BLOCK_K2 > 0:
+                ok2 = _cols(BLOCK_K, BLOCK_K2, J2, ROW_AXIS) < K
+                v2 = tl.where(ok2, v2, 0.0)
+                lt2 = tl.where(ok2, lt2, 0.0)
+                mean_v += _rsum(v2, ROW_AXIS)
+                mean_t += _rsum(lt2, ROW_AXIS)
+            mean_v = _bc(mean_v / K, ROW_AXIS)
+            mean_t = _bc(mean_t / K, ROW_AXIS)
+            err1 = tl.where(ok1, (v1 - mean_v) * LN2 - (lt1 - mean_t), 0.0)
+            d = _rsum(err1 * err1, ROW_AXIS)
+            g1 = (2.0 / K) * ct * err1
+            if BLOCK_K2 > 0:
+                err2 = tl.where(ok2, (v2 - mean_v) * LN2 - (lt2 - mean_t), 0.0)
+                d += _rsum(err2 * err2, ROW_AXIS)
+                g2 = (2.0 / K) * ct * err2
+            d = d / K
+        else:
+            if HARD > 0:  # back to e = 2^v inside class y
+                e1 = e1 * tl.where(in_y1, _bc(e_in, ROW_AXIS), 1.0)
+                if BLOCK_K2 > 0:
+                    e2 = e2 * tl.where(in_y2, _bc(e_in, ROW_AXIS), 1.0)
+            r_z = 1.0 / z
+            d1, a1, q1 = _terms(lt1, t1, v1, e1, lz, jsd_beta, r_z, DIVERGENCE, ROW_AXIS)
+            d = _rsum(d1, ROW_AXIS)
+            qa = _rsum(q1 * a1, ROW_AXIS)
+            if BLOCK_K2 > 0:
+                d2, a2, q2 = _terms(lt2, t2, v2, e2, lz, jsd_beta, r_z, DIVERGENCE, ROW_AXIS)
+                d += _rsum(d2, ROW_AXIS)
+                qa += _rsum(q2 * a2, ROW_AXIS)
+            g1 = ct * q1 * (a1 - _bc(qa, ROW_AXIS))
+            if BLOCK_K2 > 0:
+                g2 = ct * q2 * (a2 - _bc(qa, ROW_AXIS))
+        if HARD > 0 and DIVERGENCE != 0:
+            g1 += f1 * _select(in_y1, h_in, h_out, ROW_AXIS)
+            if BLOCK_K2 > 0:
+                g2 += f2 * _select(in_y2, h_in, h_out, ROW_AXIS)
+        loss = tau * tau * d
+
+        if HAS_LABELS:
+            if HARD > 0:
+                loss += ce
+                tl.store(hard_ptr + rows64, ce, mask=row_ok)
+            loss = tl.where(keep, loss, 0.0)
+
+        tl.store(loss_ptr + rows64, loss, mask=row_ok)
+        _store_piece(grad_ptr, g1, rows64, row_ok, K, 0, BLOCK_K, J1, ROW_AXIS)
+        if BLOCK_K2 > 0:
+            _store_piece(grad_ptr, g2, rows64, row_ok, K, BLOCK_K, BLOCK_K2, J2, ROW_AXIS)
 
 
 def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha,
-                ignore_index, loss_rows, hard_rows, grad, grad_scale=None):
+                ignore_index, loss_rows, hard_rows, grad, grad_scale=None, subclass_weight=1.0):
     """Launches the kernel on contiguous inputs; fills ``loss_rows`` (N,), ``grad`` (N, K, in its own
     dtype: ``grad_scale`` (a 1-element fp32 tensor, 1 if None) · dL_row/ds) and, when the hard-label
-    term is on, its part ``hard_rows`` (N,) (fp32)."""
+    term is on, its part ``hard_rows`` (N,) (fp32). ``subclass_weight`` λ ≠ 1 (KL, S > 1, at most
+    ``limits.MAX_FUSED_WEIGHTED_CLASSES`` classes): ``τ² [λ KL(t‖q) + (1 − λ) KL(p‖Q)]`` in the same pass."""
     n, k = student.shape
     why = limits.loss_unsupported(num_classes, n_subclasses)
+    weighted = float(subclass_weight) != 1.0 and n_subclasses > 1
+    if weighted:
+        why = why or limits.weighted_loss_unfused(num_classes, n_subclasses, divergence)
     if why:
         raise ValueError(f"the triton loss kernel cannot run: {why}")
     if grad_scale is None:
         grad_scale = torch.ones(1, dtype=torch.float32, device=student.device)
     m = 1 if log_targets.ndim == 2 else log_targets.shape[1]
     has_labels = labels is not None
-    block_n, block_k, block_k2, num_warps = block_shape(k, divergence)
-    j1, j2 = chunks(block_k, block_k2, student.element_size(), divergence)
+    block_n, block_k, block_k2, num_warps = block_shape(k, divergence, weighted)
+    j1, j2 = chunks(block_k, block_k2, student.element_size(), divergence, weighted)
     hard = hard_mode(alpha, tau, has_labels)
     grid = (triton.cdiv(n, block_n),)
     lelp_loss_kernel[grid](
         student, log_targets, weights if weights is not None else student, labels if labels is not None else student,
         grad_scale, loss_rows, hard_rows, grad, n, m, float(jsd_beta), float(tau), float(alpha), int(ignore_index),
-        K=k, S=n_subclasses, DIVERGENCE=divergence, HAS_WEIGHTS=weights is not None, HAS_LABELS=has_labels, HARD=hard,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K2=block_k2, J1=j1, J2=j2, ROW_AXIS=ROW_AXIS,
+        float(subclass_weight), K=k, S=n_subclasses, DIVERGENCE=divergence, HAS_WEIGHTS=weights is not None,
+        HAS_LABELS=has_labels, HARD=hard, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K2=block_k2, J1=j1, J2=j2,
+        ROW_AXIS=ROW_AXIS, SUBCLASS_WEIGHTED=weighted,
         num_warps=num_warps,
     )
 
@@ -530,12 +683,44 @@ def _variants() -> List[dict]:
                 best[key] = k
         combos += [((k, 1), div, False, has_y, 3 * has_y) for k in sorted(best.values())]
     variants = []
-    for (k, s), div, has_w, has_y, hard in combos:
-        block_n, block_k, block_k2, num_warps = block_shape(k, div)
+    weighted = [(combo, True) for combo in _weighted_combos()]
+    for ((k, s), div, has_w, has_y, hard), lam in [(combo, False) for combo in combos] + weighted:
+        block_n, block_k, block_k2, num_warps = block_shape(k, div, lam)
         variants.append(dict(num_warps=num_warps, constexprs=dict(
             K=k, S=s, DIVERGENCE=div, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=hard, BLOCK_N=block_n,
-            BLOCK_K=block_k, BLOCK_K2=block_k2)))
+            BLOCK_K=block_k, BLOCK_K2=block_k2, SUBCLASS_WEIGHTED=lam)))
     return variants
+
+
+# KL at a subclass weight λ ≠ 1 (SUBCLASS_WEIGHTED): at C = 3, S = 4 (two pieces, 8 + 4 columns, a
+# class across them) each hard-label mode, with and without teacher weights; the cost model's
+# K = 16 (2 x 8) and 128 (8 x 16) and K = 40 (8 x 5), 512 (8 x 64) without labels and at τ = 1, 2;
+# then every other block shape the launcher gives it for K = 4 .. 512, with the most live values
+# (teacher weights, the hard-label term at any τ) and the widest class loop the shape's K allows
+# (C <= limits.MAX_FUSED_WEIGHTED_CLASSES: the loop is unrolled, so C changes the code).
+WEIGHTED_COST_SHAPES = [(16, 8), (40, 5), (128, 16), (512, 64)]
+
+
+def _widest_classes(k: int):
+    """(K, S) with the most classes (at most MAX_FUSED_WEIGHTED_CLASSES, S >= 2) for this K, or None."""
+    c = max((c for c in range(2, limits.MAX_FUSED_WEIGHTED_CLASSES + 1) if k % c == 0 and k // c >= 2), default=0)
+    return (k, k // c) if c else None
+
+
+def _weighted_combos():
+    combos = [((12, 4), 0, has_w, has_y, hard) for has_w, has_y, hard
+              in itertools.product((False, True), (True,), (0, 3))]
+    combos += [((12, 4), 0, False, has_y, hard) for has_y, hard in ((False, 0), (True, 1), (True, 2))]
+    combos += [(shape, 0, False, has_y, hard) for shape in WEIGHTED_COST_SHAPES
+               for has_y, hard in ((False, 0), (True, 1), (True, 2))]
+    covered = {block_shape(k, 0, True) for (k, _), *_ in combos}
+    widest = {}
+    for k in range(4, limits.MAX_LOSS_K + 1):
+        key, shape = block_shape(k, 0, True), _widest_classes(k)
+        classes = widest[key][0] // widest[key][1] if key in widest else 0
+        if key not in covered and shape and k // shape[1] >= classes:
+            widest[key] = shape
+    return combos + [(shape, 0, True, True, 3) for shape in widest.values()]
 
 
 VARIANTS = _variants()
@@ -555,7 +740,7 @@ def signature(dtype: str, target_dtype: str) -> dict:
     return {
         "s_ptr": f"*{dtype}", "t_ptr": f"*{target_dtype}", "w_ptr": "*fp32", "y_ptr": "*i64", "scale_ptr": "*fp32",
         "loss_ptr": "*fp32", "hard_ptr": "*fp32", "grad_ptr": f"*{dtype}", "N": "i32", "M": "i32", "jsd_beta": "fp32",
-        "tau": "fp32", "alpha": "fp32", "ignore_index": "i32",
+        "tau": "fp32", "alpha": "fp32", "ignore_index": "i32", "subclass_weight": "fp32",
         **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "HARD", "BLOCK_N",
-                                          "BLOCK_K", "BLOCK_K2", "J1", "J2", "ROW_AXIS")},
+                                          "BLOCK_K", "BLOCK_K2", "J1", "J2", "ROW_AXIS", "SUBCLASS_WEIGHTED")},
     }
