@@ -249,14 +249,6 @@ ENTROPY_TARGET = 0.35  # the mean, over the real tasks' classes, of the default'
 ANNEAL_START = 4.0  # β at the first step: a nearly flat split, close to KD on the pooled student
 
 
-class _Affine:
-    def __init__(self, a: torch.Tensor, e: torch.Tensor):
-        self.a, self.e = a, e
-
-    def project(self, h: torch.Tensor) -> torch.Tensor:
-        return h.double() @ self.a + self.e
-
-
 class SubclassVariant:
     """A fitted variant: subclass coordinates (``project``), the outputs per class it needs, its β at each
     training step, and its targets two ways: :meth:`log_targets` (fp64 torch, the reference) and
@@ -279,7 +271,7 @@ class SubclassVariant:
             self.map = self.coordinates.subclass_map() if covariance == "tied" else None
         else:  # the default LELP coordinates (the fp64 reference fit), with another β
             a, e = reference.fit_reference(h, labels, num_classes, n_subclasses, head_weight=head_weight, seed=seed)
-            self.coordinates, self.map = _Affine(a, e), SubclassMap(a, e, n_subclasses)
+            self.coordinates = self.map = SubclassMap(a, e, n_subclasses)
             if name == "LELP entropy β":
                 self.betas = entropy_matched_betas(self.project(h), labels, num_classes, n_subclasses, ENTROPY_TARGET)
                 self.map = per_class_beta_map(a, e, self.betas)  # at β = 1
