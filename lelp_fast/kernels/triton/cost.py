@@ -141,19 +141,17 @@ def gated(constexprs: dict) -> bool:
     return c["HARD"] > 0 and c["K"] in loss.COST_KS if c["HAS_LABELS"] else True
 
 
-def loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
-    """The Markdown table of docs/benchmarks.md from ``aot``'s facts: the ``gated`` KL loss variants,
-    without the hard-label term and with it (by the τ the kernel is specialised for)."""
+def _loss_rows(facts_json: str, bytes_bf16: float, bytes_fp32: float, keep):
+    """(Triton version, [(constexprs, variant, α mode, arch, dtype, per-element facts, bytes, floor bytes,
+    H100 and H200 ratios, columns)]) for the compiled loss variants whose constexprs ``keep`` accepts."""
     from . import loss
 
     with open(facts_json) as f:
         facts = json.load(f)
-    lines = ["| Triton | arch | dtype | K | α term | BLOCK_N x BLOCK_K, warps | SASS / element "
-             "| MUFU.EX2+LG2 / element | bytes / element (floor) | modelled / floor H100 | H200 |", "|" + "---|" * 11]
-    rows = []
+    out = []
     for row in facts["cases"]:
         op, i, arch, dts = row["case"]
-        if op != "loss" or row["error"] or not gated(loss.VARIANTS[i]["constexprs"]):
+        if op != "loss" or row["error"] or not keep(loss.VARIANTS[i]["constexprs"]):
             continue
         v = loss.VARIANTS[i]
         c = v["constexprs"]
@@ -162,10 +160,21 @@ def loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
         moved, floor = (bytes_bf16, 6) if dts[0] == "bf16" else (bytes_fp32, 12)
         ratios = [modelled_ratio(e["instructions"], e["mufu"], moved, floor, d) for d in ("H100", "H200")]
         columns = f"({c['BLOCK_K']} + {c['BLOCK_K2']})" if c.get("BLOCK_K2") else f"{c['BLOCK_K']}"
-        rows.append(((hard > 0, c["K"], hard, arch, dts[0]),
-                     f"| {facts['triton']} | sm_{arch} | {dts[0]} | {c['K']} | {HARD_NAMES[hard]} "
-                     f"| {c['BLOCK_N']} x {columns}, {v['num_warps']} | {e['instructions']:.0f} | {e['mufu']:.2f} "
-                     f"| {moved:.0f} ({floor}) | {ratios[0]:.2f} | {ratios[1]:.2f} |"))
+        out.append((c, v, hard, arch, dts[0], e, moved, floor, ratios, columns))
+    return facts["triton"], out
+
+
+def loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
+    """The Markdown table of docs/benchmarks.md from ``aot``'s facts: the ``gated`` KL loss variants,
+    without the hard-label term and with it (by the τ the kernel is specialised for)."""
+    version, cases = _loss_rows(facts_json, bytes_bf16, bytes_fp32, gated)
+    lines = ["| Triton | arch | dtype | K | α term | BLOCK_N x BLOCK_K, warps | SASS / element "
+             "| MUFU.EX2+LG2 / element | bytes / element (floor) | modelled / floor H100 | H200 |", "|" + "---|" * 11]
+    rows = [((hard > 0, c["K"], hard, arch, dt),
+             f"| {version} | sm_{arch} | {dt} | {c['K']} | {HARD_NAMES[hard]} "
+             f"| {c['BLOCK_N']} x {columns}, {v['num_warps']} | {e['instructions']:.0f} | {e['mufu']:.2f} "
+             f"| {moved:.0f} ({floor}) | {ratios[0]:.2f} | {ratios[1]:.2f} |")
+            for c, v, hard, arch, dt, e, moved, floor, ratios, columns in cases]
     lines += [line for _, line in sorted(rows)]
     return "\n".join(lines)
 
@@ -188,30 +197,17 @@ def weighted_loss_bytes(dtype: torch.dtype, num_classes: int = 5):
 def weighted_loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
     """The subclass-weighted KL variants (``SUBCLASS_WEIGHTED``, no teacher weights) like
     :func:`loss_table`: modelled time over the floor of the plain step's bytes."""
-    from . import loss
+    def keep(c):  # with labels only the α variants (the plain KL step is the no-label row)
+        return c.get("SUBCLASS_WEIGHTED") and not c["HAS_WEIGHTS"] and (not c["HAS_LABELS"] or c["HARD"] > 0)
 
-    with open(facts_json) as f:
-        facts = json.load(f)
+    version, cases = _loss_rows(facts_json, bytes_bf16, bytes_fp32, keep)
     lines = ["| Triton | arch | dtype | K (C x S) | α term | BLOCK_N x BLOCK_K, warps | SASS / element "
              "| MUFU.EX2+LG2 / element | modelled / floor H100 | H200 |", "|" + "---|" * 10]
-    rows = []
-    for row in facts["cases"]:
-        op, i, arch, dts = row["case"]
-        c = loss.VARIANTS[i]["constexprs"] if op == "loss" else {}
-        if not c.get("SUBCLASS_WEIGHTED") or row["error"] or c["HAS_WEIGHTS"]:
-            continue
-        v = loss.VARIANTS[i]
-        hard = c["HARD"] if c["HAS_LABELS"] else 0
-        if c["HAS_LABELS"] and not hard:
-            continue
-        e = per_element(row["facts"], c["BLOCK_N"], c["K"], v["num_warps"])
-        moved, floor = (bytes_bf16, 6) if dts[0] == "bf16" else (bytes_fp32, 12)
-        ratios = [modelled_ratio(e["instructions"], e["mufu"], moved, floor, d) for d in ("H100", "H200")]
-        columns = f"({c['BLOCK_K']} + {c['BLOCK_K2']})" if c.get("BLOCK_K2") else f"{c['BLOCK_K']}"
-        rows.append(((c["K"], hard, arch, dts[0]),
-                     f"| {facts['triton']} | sm_{arch} | {dts[0]} | {c['K']} ({c['K'] // c['S']} x {c['S']}) "
-                     f"| {HARD_NAMES[hard]} | {c['BLOCK_N']} x {columns}, {v['num_warps']} | {e['instructions']:.0f} "
-                     f"| {e['mufu']:.2f} | {ratios[0]:.2f} | {ratios[1]:.2f} |"))
+    rows = [((c["K"], hard, arch, dt),
+             f"| {version} | sm_{arch} | {dt} | {c['K']} ({c['K'] // c['S']} x {c['S']}) "
+             f"| {HARD_NAMES[hard]} | {c['BLOCK_N']} x {columns}, {v['num_warps']} | {e['instructions']:.0f} "
+             f"| {e['mufu']:.2f} | {ratios[0]:.2f} | {ratios[1]:.2f} |")
+            for c, v, hard, arch, dt, e, _, _, ratios, columns in cases]
     lines += [line for _, line in sorted(rows)]
     return "\n".join(lines)
 
