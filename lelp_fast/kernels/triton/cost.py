@@ -141,7 +141,7 @@ def gated(constexprs: dict) -> bool:
     return c["HARD"] > 0 and c["K"] in loss.COST_KS if c["HAS_LABELS"] else True
 
 
-def _loss_rows(facts_json: str, bytes_bf16: float, bytes_fp32: float, keep):
+def _compiled_loss_cases(facts_json: str, bytes_bf16: float, bytes_fp32: float, keep):
     """(Triton version, [(constexprs, variant, α mode, arch, dtype, per-element facts, bytes, floor bytes,
     H100 and H200 ratios, columns)]) for the compiled loss variants whose constexprs ``keep`` accepts."""
     from . import loss
@@ -167,7 +167,7 @@ def _loss_rows(facts_json: str, bytes_bf16: float, bytes_fp32: float, keep):
 def loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
     """The Markdown table of docs/benchmarks.md from ``aot``'s facts: the ``gated`` KL loss variants,
     without the hard-label term and with it (by the τ the kernel is specialised for)."""
-    version, cases = _loss_rows(facts_json, bytes_bf16, bytes_fp32, gated)
+    version, cases = _compiled_loss_cases(facts_json, bytes_bf16, bytes_fp32, gated)
     lines = ["| Triton | arch | dtype | K | α term | BLOCK_N x BLOCK_K, warps | SASS / element "
              "| MUFU.EX2+LG2 / element | bytes / element (floor) | modelled / floor H100 | H200 |", "|" + "---|" * 11]
     rows = [((hard > 0, c["K"], hard, arch, dt),
@@ -200,7 +200,7 @@ def weighted_loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -
     def keep(c):  # with labels only the α variants (the plain KL step is the no-label row)
         return c.get("SUBCLASS_WEIGHTED") and not c["HAS_WEIGHTS"] and (not c["HAS_LABELS"] or c["HARD"] > 0)
 
-    version, cases = _loss_rows(facts_json, bytes_bf16, bytes_fp32, keep)
+    version, cases = _compiled_loss_cases(facts_json, bytes_bf16, bytes_fp32, keep)
     lines = ["| Triton | arch | dtype | K (C x S) | α term | BLOCK_N x BLOCK_K, warps | SASS / element "
              "| MUFU.EX2+LG2 / element | modelled / floor H100 | H200 |", "|" + "---|" * 10]
     rows = [((c["K"], hard, arch, dt),
