@@ -754,7 +754,7 @@ def test_subclass_weight_refuses_what_it_cannot_split():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_subclass_weight_takes_mixed_and_online_targets(backend):
     """λ ≠ 1 with (N, M, K) targets and teacher weights, or online teachers (one, or several mixed):
-    the CPU/CUDA kernels and Triton (C <= 8) take them in one pass, torch makes the targets first,
+    the CPU/CUDA kernels and Triton (C <= 16) take them in one pass, torch makes the targets first,
     then two fused calls; the fp64 formula on the mixed targets."""
     n, num_classes, s, tau = 23, 3, 4, 1.5
     k = num_classes * s

@@ -443,12 +443,13 @@ def loss_launches(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(21, 3, 5), (9, 2, 20)])
+@pytest.mark.parametrize("shape", [(21, 3, 5), (9, 2, 20), (13, 3, 4), (7, 2, 8), (6, 16, 2), (8, 11, 3)])
 @pytest.mark.parametrize("tau", [1.0, 2.0, 0.7])
 def test_triton_subclass_weight_in_one_launch(loss_launches, dtype, shape, tau):
     """λ in {0, 0.1, 0.3, 2}, with and without the hard-label term (τ = 1 and 2 reuse the softmax's
-    exponentials, 0.7 takes its own), odd K (3 x 5: 8 + 4 columns with 3 padded, a class across the
-    two pieces; 2 x 20: 32 + 8): one launch, loss and gradient against the fp64 formula, with an
+    exponentials, 0.7 takes its own), each form of the class tile: S a power of two (contiguous rows:
+    3 x 4 with a padded class, 2 x 8, 16 x 2 the most classes) and not (gathered classes: 3 x 5,
+    2 x 20, 11 x 3): one launch, loss and gradient against the fp64 formula, with an
     ignored row, a class whose q underflows against the row max (exact: its share of the class
     term is taken against its own max), a labelled class 200 below the rest, a class with no target
     mass. Before: two launches (the λ = 1 kernel on the full and on the pooled logits)."""
@@ -468,6 +469,65 @@ def test_triton_subclass_weight_in_one_launch(loss_launches, dtype, shape, tau):
             torch.testing.assert_close(grad.cpu().double(), want_grad, atol=atol * 2, rtol=rtol * 10)
 
 
+@pytest.mark.parametrize("layout", ["installed", "other"])
+@pytest.mark.parametrize("shape", [(21, 3, 5), (8, 11, 3)])
+def test_triton_subclass_weight_gathered_tile_layouts_and_teachers(monkeypatch, loss_launches, layout, shape):
+    """The gathered class tile (S not a power of two) as the launcher lays it out under the installed
+    Triton and under the other (ROW_AXIS flipped: Triton 3.6 puts the classes on the first axis and
+    transposes the tile, which the interpreter of 3.9 does not otherwise run), with the α term at
+    any τ, and with two teachers mixed by per-row weights in the kernel: loss and gradient against
+    the fp64 formula, one launch each."""
+    from lelp_fast.kernels.triton import loss as triton_loss
+
+    if layout == "other":
+        monkeypatch.setattr(triton_loss, "ROW_AXIS", 1 - triton_loss.ROW_AXIS)
+    n, c, s = shape
+    student, log_t, labels = _weighted_inputs(n, c, s, seed=n)
+    student, log_t = student.float(), log_t.float()
+    kw = dict(num_classes=c, n_subclasses=s, tau=0.7, alpha=0.3, subclass_weight=0.1, backend="triton",
+              reduction="none")
+    x = student.to(DEVICE).requires_grad_(True)
+    loss = distill_loss(x, log_t.to(DEVICE), labels.to(DEVICE), **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert len(loss_launches) == 1
+    want, want_grad = _weighted_reference(x, log_t, labels, c, s, 0.7, 0.1, 0.3)
+    torch.testing.assert_close(loss.detach().cpu().double(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, atol=4e-5, rtol=1e-3)
+    g = torch.Generator().manual_seed(s)
+    two = torch.stack([log_t, torch.log_softmax(torch.randn(n, c * s, generator=g), -1)], 1)
+    weights = torch.rand(n, 2, generator=g)
+    weights = weights / weights.sum(1, keepdim=True)
+    del loss_launches[:]
+    x = student.to(DEVICE).requires_grad_(True)
+    loss = distill_loss(x, two.to(DEVICE), labels.to(DEVICE), teacher_weights=weights.to(DEVICE), **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert len(loss_launches) == 1
+    mixed = reference.mix_log_targets(two.double(), weights.double()).float()
+    want, want_grad = _weighted_reference(x, mixed, labels, c, s, 0.7, 0.1, 0.3)
+    torch.testing.assert_close(loss.detach().cpu().double(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, atol=4e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (3, 5)])
+def test_triton_subclass_weight_one_row_huge_logits(loss_launches, shape):
+    """One row (one program, the rest of its tile masked), logits of ±1e4 (every class but the top
+    one underflows against the row max; each class's share is exact against its own max) at τ = 2
+    with the α term: one launch, against the fp64 formula."""
+    c, s = shape
+    g = torch.Generator().manual_seed(c * s)
+    student = torch.randn(1, c * s, generator=g) * 1e4
+    log_t = torch.log_softmax(torch.randn(1, c * s, generator=g) * 3, -1)
+    labels = torch.tensor([c - 1])
+    x = student.to(DEVICE).requires_grad_(True)
+    loss = distill_loss(x, log_t.to(DEVICE), labels.to(DEVICE), num_classes=c, n_subclasses=s, tau=2.0, alpha=0.3,
+                        subclass_weight=0.1, backend="triton", reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert len(loss_launches) == 1
+    want, want_grad = _weighted_reference(x, log_t, labels, c, s, 2.0, 0.1, 0.3)
+    torch.testing.assert_close(loss.detach().cpu().double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, atol=1e-5, rtol=1e-4)
+
+
 def test_triton_subclass_weight_mean_mixed_online_and_nan(loss_launches):
     """The folded mean (the gradient written once in the student's dtype), mixed teachers and online
     teachers (the shared test: each one launch now) and a NaN row (NaN loss and gradient in that row
@@ -476,14 +536,16 @@ def test_triton_subclass_weight_mean_mixed_online_and_nan(loss_launches):
     assert len(loss_launches) == 1
     test_ops_loss.test_subclass_weight_takes_mixed_and_online_targets("triton")
     assert len(loss_launches) == 4
+    for s in (3, 4):  # gathered classes, contiguous rows
+        student, log_t, labels = _weighted_inputs(6, 4, s, seed=2)
+        student[5, 7] = float("nan")
+        x = student.float().to(DEVICE).requires_grad_(True)
+        loss = distill_loss(x, log_t.float().to(DEVICE), labels.to(DEVICE), num_classes=4, n_subclasses=s, alpha=0.3,
+                            tau=2.0, subclass_weight=0.1, backend="triton", check_inputs=False, reduction="none")
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        assert torch.isnan(loss[5]) and torch.isnan(grad[5]).all()
+        assert torch.isfinite(loss[:5]).all() and torch.isfinite(grad[:5]).all()
     student, log_t, labels = _weighted_inputs(6, 4, 3, seed=2)
-    student[5, 7] = float("nan")
-    x = student.float().to(DEVICE).requires_grad_(True)
-    loss = distill_loss(x, log_t.float().to(DEVICE), labels.to(DEVICE), num_classes=4, n_subclasses=3, alpha=0.3,
-                        tau=2.0, subclass_weight=0.1, backend="triton", check_inputs=False, reduction="none")
-    (grad,) = torch.autograd.grad(loss.sum(), x)
-    assert torch.isnan(loss[5]) and torch.isnan(grad[5]).all()
-    assert torch.isfinite(loss[:5]).all() and torch.isfinite(grad[:5]).all()
     del loss_launches[:]  # no labels (every row kept), the sum
     x = student.float().to(DEVICE).requires_grad_(True)
     loss = distill_loss(x[:5], log_t[:5].float().to(DEVICE), num_classes=4, n_subclasses=3, tau=1.3,

@@ -141,6 +141,17 @@ def gated(constexprs: dict) -> bool:
     return c["HARD"] > 0 and c["K"] in loss.COST_KS if c["HAS_LABELS"] else True
 
 
+def weighted_gated(constexprs: dict) -> bool:
+    """The λ ≠ 1 KL variants (``SUBCLASS_WEIGHTED``) that its table shows and tests/test_triton_aot.py
+    holds to the loss's budget: the cost model's (C, S) (``loss.WEIGHTED_COST_SHAPES``), without
+    teacher weights, with no labels or with the hard-label term."""
+    from . import loss
+
+    c = constexprs
+    return bool(c["SUBCLASS_WEIGHTED"] and not c["HAS_WEIGHTS"] and (not c["HAS_LABELS"] or c["HARD"] > 0)
+                and (c["K"] // c["S"], c["S"]) in loss.WEIGHTED_COST_SHAPES)
+
+
 def _compiled_loss_cases(facts_json: str, bytes_bf16: float, bytes_fp32: float, keep):
     """(Triton version, [(constexprs, variant, α mode, arch, dtype, per-element facts, bytes, floor bytes,
     H100 and H200 ratios, columns)]) for the compiled loss variants whose constexprs ``keep`` accepts."""
@@ -197,10 +208,7 @@ def weighted_loss_bytes(dtype: torch.dtype, num_classes: int = 5):
 def weighted_loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
     """The subclass-weighted KL variants (``SUBCLASS_WEIGHTED``, no teacher weights) like
     :func:`loss_table`: modelled time over the floor of the plain step's bytes."""
-    def keep(c):  # with labels only the α variants (the plain KL step is the no-label row)
-        return c.get("SUBCLASS_WEIGHTED") and not c["HAS_WEIGHTS"] and (not c["HAS_LABELS"] or c["HARD"] > 0)
-
-    version, cases = _compiled_loss_cases(facts_json, bytes_bf16, bytes_fp32, keep)
+    version, cases = _compiled_loss_cases(facts_json, bytes_bf16, bytes_fp32, weighted_gated)
     lines = ["| Triton | arch | dtype | K (C x S) | α term | BLOCK_N x BLOCK_K, warps | SASS / element "
              "| MUFU.EX2+LG2 / element | modelled / floor H100 | H200 |", "|" + "---|" * 10]
     rows = [((c["K"], hard, arch, dt),

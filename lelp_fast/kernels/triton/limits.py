@@ -10,12 +10,12 @@ MAX_SUBCLASS_COLUMNS = 512  # C_PAD * S_PAD, taken by up to 4 programs per row t
 # (tests/test_triton_aot.py), so a class of more than 128 (padded) subclasses goes to the next backend.
 MAX_SUBCLASSES_PER_PROGRAM = 128
 MAX_LOSS_K = 512  # the loss kernel holds a whole row (next_pow2(K)) in registers
-# The subclass weight λ ≠ 1 in the loss kernel's one pass: its C classes are a static loop of masked
-# row reductions and selects (at K = 128 about 17 bf16 / 32 fp32 SASS instructions per element and
-# class), so the pass is issue-bound. At C = 8 it is modelled at <= 5.8x the floor (bf16) and 5.1x
-# (fp32), under the 13.7x / 6.7x that the two calls' bytes alone take; at C = 16 fp32 would not be
-# (docs/benchmarks.md). Above this the launcher keeps two calls of the λ = 1 kernel (ops/loss.py).
-MAX_FUSED_WEIGHTED_CLASSES = 8
+# The subclass weight λ ≠ 1 in the loss kernel's one pass (rows as (C_PAD, S_PAD) class tiles: the
+# per-class work is done once per class, not per element and class): up to this many classes, the
+# "few classes" the library targets. tests/test_triton_aot.py compiles and gates one launch per
+# (C_PAD, S_PAD) tile, so the limit bounds that count; above it, and at one class (no tile is
+# compiled for it), the launcher keeps two calls of the λ = 1 kernel (ops/loss.py).
+MAX_FUSED_WEIGHTED_CLASSES = 16
 
 
 def _next_pow2(x: int) -> int:
@@ -52,6 +52,8 @@ def weighted_loss_unfused(num_classes: int, n_subclasses: int, divergence: int =
     """Why the loss kernel cannot take the subclass weight λ ≠ 1 in its own pass, or None."""
     if divergence != 0:
         return "the subclass weight splits KL only"
+    if num_classes < 2:
+        return "its one-pass tiles start at two classes"
     if num_classes > MAX_FUSED_WEIGHTED_CLASSES:
         return (f"it takes the subclass weight in one pass for C <= {MAX_FUSED_WEIGHTED_CLASSES} classes "
                 f"(got {num_classes})")

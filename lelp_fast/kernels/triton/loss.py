@@ -17,7 +17,8 @@ inside that class: at τ = 1 they are its exp(s - max), at τ = 2 their squares;
 one more ``exp2`` per element. One pass either way; the class log-sum-exp comes from the same
 exponentials summed per class, so it never underflows against the row max.
 The KL step at a subclass weight λ ≠ 1 (the library's default loss, λ = 0.1) is one pass too for
-up to ``limits.MAX_FUSED_WEIGHTED_CLASSES`` classes (``SUBCLASS_WEIGHTED``, ``_weighted_kl_block``).
+up to ``limits.MAX_FUSED_WEIGHTED_CLASSES`` classes (``SUBCLASS_WEIGHTED``, ``_weighted_kl_block``: the rows
+as (C_PAD, S_PAD) class tiles, ``weighted_block_shape``).
 
 Rows are whole in registers. K = C·S, S and the block's column pieces are compile-time
 constants: the first piece is BLOCK_K columns (a power of two), an optional second piece the
@@ -32,17 +33,24 @@ reference; ``VARIANTS`` is compiled ahead of time for sm_80/sm_90 (``tests/test_
 from __future__ import annotations
 
 import itertools
+import os
 from typing import List
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from . import limits
+
+# The interpreter (the CPU tests) has no libdevice: there the fast functions below are tl's.
+FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "").lower() not in ("1", "true", "on", "yes"))
+
 
 NEG_INF = tl.constexpr(float("-inf"))
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # the smallest normal fp32: the fast log2 flushes below it
 # Elements of the first column piece per program: 16 fp32 values per thread and array at 4 warps.
 # 4096 (32 per thread) spilled at K = 40 (JS with weights and labels, fp32) and K = 512 (TVD: 24 B
 # under Triton 3.9; about 11 KB under 3.6, as read from the CUBINs by tests/test_triton_aot.py).
@@ -56,14 +64,14 @@ def _prev_pow2(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
 
 
-def _plain(divergence: int, weighted: bool = False) -> bool:
+def _plain(divergence: int) -> bool:
     """The KL step, with or without the hard-label term: chunked rows, full tiles. The other
-    divergences, and KL at a subclass weight λ ≠ 1 (more live arrays: each element's class max,
-    class scale and p_c/F_c), hold half as many rows, unchunked."""
-    return divergence == 0 and not weighted
+    divergences hold half as many rows, unchunked; KL at a subclass weight λ ≠ 1 has its own tiles
+    (``weighted_block_shape``)."""
+    return divergence == 0
 
 
-def block_shape(k: int, divergence: int = 0, weighted: bool = False):
+def block_shape(k: int, divergence: int = 0):
     """(BLOCK_N, BLOCK_K, BLOCK_K2, num_warps): the whole row in registers as a power-of-two piece
     of BLOCK_K columns and, when K is not a power of two but at most 1.5 BLOCK_K, a second piece of
     BLOCK_K2 = BLOCK_K/4 or BLOCK_K/2 columns after it (K = 40: 32 + 8; 36: 32 + 8, 4 padded; 48:
@@ -80,20 +88,34 @@ def block_shape(k: int, divergence: int = 0, weighted: bool = False):
         block_k, block_k2 = (k1 if k == k1 else 2 * k1), 0
     else:
         block_k, block_k2 = k1, max(k1 // 4, triton.next_power_of_2(k - k1))
-    elements = ELEMENTS_PER_PROGRAM if _plain(divergence, weighted) else ELEMENTS_PER_PROGRAM // 2
+    elements = ELEMENTS_PER_PROGRAM if _plain(divergence) else ELEMENTS_PER_PROGRAM // 2
     block_n = min(_prev_pow2(elements * 5 // 4 // (block_k + block_k2)), MAX_ROWS_PER_PROGRAM)
-    if _half_piece(block_k, block_k2, divergence, weighted):
+    if _half_piece(block_k, block_k2, divergence):
         block_n = min(8 * 32 * 4 // block_k2, MAX_ROWS_PER_PROGRAM)
     return block_n, block_k, block_k2, 4
 
 
-def _half_piece(block_k: int, block_k2: int, divergence: int, weighted: bool = False) -> bool:
+# Elements (padded) of the λ ≠ 1 step's tile per program: 16 per thread and array at 4 warps
+# (4096 spilled with teacher weights and the α term; 1024 took 5-12 % more instructions per element).
+WEIGHTED_ELEMENTS_PER_PROGRAM = 2048
+
+
+def weighted_block_shape(num_classes: int, n_subclasses: int):
+    """(BLOCK_N, BLOCK_K, S_PAD, num_warps) of the KL step at a subclass weight λ ≠ 1: rows as
+    (C_PAD, S_PAD) tiles of powers of two, one class per segment (``_weighted_kl_block``);
+    BLOCK_K = C_PAD · S_PAD <= 1024 for K <= 512."""
+    s_pad = triton.next_power_of_2(n_subclasses)
+    block_k = triton.next_power_of_2(num_classes) * s_pad
+    return max(1, min(WEIGHTED_ELEMENTS_PER_PROGRAM // block_k, MAX_ROWS_PER_PROGRAM)), block_k, s_pad, 4
+
+
+def _half_piece(block_k: int, block_k2: int, divergence: int) -> bool:
     """A KL row of a power of two and a half (K = 24, 48, 96, 192, 384): held as chunks of
     BLOCK_K2 columns (8 bf16 or 2 x 4 fp32 per thread and chunk: 24 values of a row per thread), so
     both pieces have the same layout. As (BLOCK_N, W) pieces their rows fell in different threads
     and Triton 3.9 recomputed the first piece's exponentials in the second's layout (3.33 MUFU
     and 38 instructions per bf16 element at K = 48, 42 at K = 384)."""
-    return _plain(divergence, weighted) and block_k2 >= 8 and block_k2 * 2 == block_k
+    return _plain(divergence) and block_k2 >= 8 and block_k2 * 2 == block_k
 
 
 def hard_mode(alpha: float, tau: float, has_labels: bool) -> int:
@@ -120,7 +142,7 @@ def _row_axis() -> int:
 ROW_AXIS = _row_axis()  # of the Triton this process imported
 
 
-def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0, weighted: bool = False):
+def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0):
     """(J1, J2): a piece of W columns is held as J chunks of W/J columns side by side in each thread,
     so that each thread holds up to 16 elements of one row in 16-byte vectors and a row of W >= 16
     columns is shared by W/16 threads. As (BLOCK_N, W), 16-byte vectors spread a row over
@@ -132,10 +154,10 @@ def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0, weig
     (``_half_piece``), which gives both pieces one layout. Only the KL step (with or without the
     hard-label term) is chunked: JS with labels, chunked, spilled 8 B on sm_80 (ptxas kept to 80
     registers)."""
-    if _half_piece(block_k, block_k2, divergence, weighted):
+    if _half_piece(block_k, block_k2, divergence):
         j2 = max(1, itemsize // 2)
         return 2 * j2, j2
-    if block_k2 or not _plain(divergence, weighted):
+    if block_k2 or not _plain(divergence):
         return 1, 1
     return max(1, min(block_k, 16) * itemsize // 16), 1
 
@@ -143,9 +165,28 @@ def chunks(block_k: int, block_k2: int, itemsize: int, divergence: int = 0, weig
 def chunk_constexprs(constexprs: dict, dtype: str) -> dict:
     """The kernel's J1, J2 and ROW_AXIS for a variant and the student's dtype (``ITEMSIZE`` key),
     under the Triton that imports this module."""
-    j1, j2 = chunks(constexprs["BLOCK_K"], constexprs["BLOCK_K2"], ITEMSIZE[dtype], constexprs["DIVERGENCE"],
-                    constexprs["SUBCLASS_WEIGHTED"])
+    j1, j2 = (1, 1) if constexprs["SUBCLASS_WEIGHTED"] else chunks(
+        constexprs["BLOCK_K"], constexprs["BLOCK_K2"], ITEMSIZE[dtype], constexprs["DIVERGENCE"])
     return dict(J1=j1, J2=j2, ROW_AXIS=ROW_AXIS)
+
+
+@triton.jit
+def _fast_log2(x):
+    """log2 in one MUFU op (``lg2.approx.ftz``: inputs below FLT_MIN flush to 0); tl.log2 is
+    libdevice's accurate log2f, about 20 instructions."""
+    if FAST_MATH:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _fast_div(x, y):
+    """x / y as x · rcp(y) (``div.approx``, 2 ulp); tl.fdiv also checks the range around it."""
+    if FAST_MATH:
+        return libdevice.fast_dividef(x, y)
+    else:
+        return tl.fdiv(x, y)
 
 
 @triton.jit
@@ -191,12 +232,19 @@ def _cols(C0: tl.constexpr, W: tl.constexpr, J: tl.constexpr, ROW_AXIS: tl.const
 @triton.jit
 def _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K: tl.constexpr, C0: tl.constexpr, W: tl.constexpr,
                 J: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ROW_AXIS: tl.constexpr):
-    """Columns C0 .. C0 + W of the block's rows as (J, BLOCK_N, W/J), fp32: s, log t and t; masked
-    elements are s = -inf, log t = -inf, t = 0 (no exponential, no term, no gradient). Mixed
-    teachers: t = Σ_m w_m t_m (a negative or NaN weight gives NaN, a zero weight drops its
-    teacher), log t = log2(t) ln 2."""
+    """Columns C0 .. C0 + W of the block's rows as (J, BLOCK_N, W/J), fp32: s, log t and t (``_load_cols``)."""
     cols = _cols(C0, W, J, ROW_AXIS)
-    ok = _bc(row_ok, ROW_AXIS) & (cols < K)
+    return _load_cols(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, cols, cols < K, HAS_WEIGHTS, ROW_AXIS)
+
+
+@triton.jit
+def _load_cols(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K: tl.constexpr, cols, in_row, HAS_WEIGHTS: tl.constexpr,
+               ROW_AXIS: tl.constexpr):
+    """The block's rows at the columns ``cols`` (a 3-d tile, rows on axis ROW_AXIS), fp32: s, log t
+    and t; elements outside the rows or ``in_row`` are s = -inf, log t = -inf, t = 0 (no
+    exponential, no term, no gradient). Mixed teachers: t = Σ_m w_m t_m (a negative or NaN weight
+    gives NaN, a zero weight drops its teacher), log t = log2(t) ln 2."""
+    ok = _bc(row_ok, ROW_AXIS) & in_row
     s = tl.load(s_ptr + _bc(rows64, ROW_AXIS) * K + cols, mask=ok, other=NEG_INF).to(tl.float32)
     if HAS_WEIGHTS:
         t = tl.zeros(s.shape, dtype=tl.float32)
@@ -217,8 +265,13 @@ def _store_piece(grad_ptr, g, rows64, row_ok, K: tl.constexpr, C0: tl.constexpr,
                  ROW_AXIS: tl.constexpr):
     """Columns C0 .. C0 + W of the gradient, in the dtype of ``grad_ptr``."""
     cols = _cols(C0, W, J, ROW_AXIS)
+    _store_cols(grad_ptr, g, rows64, row_ok, K, cols, cols < K, ROW_AXIS)
+
+
+@triton.jit
+def _store_cols(grad_ptr, g, rows64, row_ok, K: tl.constexpr, cols, in_row, ROW_AXIS: tl.constexpr):
     tl.store(grad_ptr + _bc(rows64, ROW_AXIS) * K + cols, g.to(grad_ptr.dtype.element_ty),
-             mask=_bc(row_ok, ROW_AXIS) & (cols < K))
+             mask=_bc(row_ok, ROW_AXIS) & in_row)
 
 
 @triton.jit
@@ -285,140 +338,137 @@ def _select(in_y, a_in, a_out, ROW_AXIS: tl.constexpr):
 
 
 @triton.jit
-def _class_scales(cls, c: tl.constexpr, mc, ec, sh, en, ROW_AXIS: tl.constexpr):
-    """Class c's max logit mc and 2^((mc - max) log2(e)/τ) ec written into the elements of class c."""
-    in_c = cls == c
-    return tl.where(in_c, _bc(mc, ROW_AXIS), sh), tl.where(in_c, _bc(ec, ROW_AXIS), en)
+def _load_classes(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
+                  HAS_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_AXIS: tl.constexpr):
+    """s, log t, t of the block's rows as (S_PAD, BLOCK_N, C_PAD) tiles, C_PAD = BLOCK_K // S_PAD:
+    subclass j of class c at [j, row, c]. S a power of two: the row's contiguous columns (16-byte
+    vectors), reshaped. Otherwise gathered at columns c S + (S - 1 - j), padded subclasses and
+    classes masked, so that each thread holds whole classes (a class's sum or max is then a
+    reduction within the thread): reversed, the compiler sees no contiguity along j, so its layout
+    spreads the threads over the axis it takes first among equals, the last under Triton 3.9 and
+    the first under 3.6 (``_row_axis``); the classes are put on that axis, the subclasses on the
+    other end. Also returns the columns and their mask, for the gradient's store (``_store_classes``)."""
+    if S == S_PAD:
+        cols = tl.arange(0, BLOCK_K)[None, None, :]
+        in_row = cols < K
+        s, lt, t = _load_cols(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, cols, in_row, HAS_WEIGHTS, 0)
+        s = tl.permute(tl.reshape(s, (BLOCK_N, BLOCK_K // S_PAD, S_PAD)), (2, 0, 1))
+        lt = tl.permute(tl.reshape(lt, (BLOCK_N, BLOCK_K // S_PAD, S_PAD)), (2, 0, 1))
+        t = tl.permute(tl.reshape(t, (BLOCK_N, BLOCK_K // S_PAD, S_PAD)), (2, 0, 1))
+    elif ROW_AXIS == 1:  # Triton 3.9: classes on the last axis
+        sub = (S - 1) - tl.arange(0, S_PAD)[:, None, None]
+        cls = tl.arange(0, BLOCK_K // S_PAD)[None, None, :]
+        cols = cls * S + sub
+        in_row = (sub >= 0) & (cls < K // S)
+        s, lt, t = _load_cols(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, cols, in_row, HAS_WEIGHTS, 1)
+    else:  # Triton 3.6: classes on the first axis, then the tile transposed
+        sub = (S - 1) - tl.arange(0, S_PAD)[None, None, :]
+        cls = tl.arange(0, BLOCK_K // S_PAD)[:, None, None]
+        cols = cls * S + sub
+        in_row = (sub >= 0) & (cls < K // S)
+        s, lt, t = _load_cols(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, cols, in_row, HAS_WEIGHTS, 1)
+        s, lt, t = tl.permute(s, (2, 1, 0)), tl.permute(lt, (2, 1, 0)), tl.permute(t, (2, 1, 0))
+    return s, lt, t, cols, in_row
 
 
 @triton.jit
-def _class_sum(x, cls, c: tl.constexpr, ROW_AXIS: tl.constexpr):
-    return _rsum(tl.where(cls == c, x, 0.0), ROW_AXIS)
-
-
-@triton.jit
-def _hard_parts(s, f, en, sh, rm, HARD: tl.constexpr):
-    """exp(s - m_c) and exp(m_c - max) per element (m_c the element's class max) from the softmax's
-    f = 2^((s - m_c) log2(e)/τ) and en = 2^((m_c - max) log2(e)/τ): themselves at τ = 1, squared at
-    τ = 2, one exp2 each at any other τ."""
-    if HARD == 1:
-        return f, en
-    elif HARD == 2:
-        return f * f, en * en
+def _store_classes(grad_ptr, g, rows64, row_ok, K: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, cols, in_row,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_AXIS: tl.constexpr):
+    """The gradient's (S_PAD, BLOCK_N, C_PAD) tile at the columns ``_load_classes`` read."""
+    if S == S_PAD:
+        g = tl.reshape(tl.permute(g, (1, 2, 0)), (BLOCK_N, 1, BLOCK_K))
+        _store_cols(grad_ptr, g, rows64, row_ok, K, cols, in_row, 0)
+    elif ROW_AXIS == 1:
+        _store_cols(grad_ptr, g, rows64, row_ok, K, cols, in_row, 1)
     else:
-        return tl.exp2((s - sh) * LOG2E), tl.exp2((sh - rm) * LOG2E)
+        _store_cols(grad_ptr, tl.permute(g, (2, 1, 0)), rows64, row_ok, K, cols, in_row, 1)
+
+
+@triton.jit
+def _class_el(x, IS_ROW: tl.constexpr):
+    """x, a scalar or (when IS_ROW) a per-row vector, as a factor of a (BLOCK_N, C_PAD) per-class value."""
+    if IS_ROW:
+        return x[:, None]
+    else:
+        return x
 
 
 @triton.jit
 def _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64, row_ok, M, tau, alpha, lam, scale,
-                       c_tau, keep, y, K: tl.constexpr, S: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                       HAS_LABELS: tl.constexpr, HARD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
-                       J1: tl.constexpr, J2: tl.constexpr, ROW_AXIS: tl.constexpr):
+                       c_tau, keep, y, K: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
+                       HAS_WEIGHTS: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_AXIS: tl.constexpr):
     """The KL step at subclass weight λ ≠ 1 (``SUBCLASS_WEIGHTED``), one pass over the block's rows:
     ``τ² [λ KL(t‖q) + (1 − λ) KL(p‖Q)]`` (p_c, Q_c the class sums of t and q) and its gradient
-    ``τ [q Σt − λ t − (1 − λ) p_c q / Q_c]``, plus the hard-label term when HARD > 0. The softmax's
-    exponentials are taken against each class's own max, f = 2^((s − m_c) log2(e)/τ), so a class's
-    sum F_c >= 1 and q/Q_c = f/F_c never underflows (a class far below the row max: its q is 0, its
-    share of the class term is not); q = f en / Z with en = 2^((m_c − max) log2(e)/τ) per class and
-    Z = Σ f en. The C = K // S classes are a static loop of masked row reductions and selects (at
-    K = 128 about 17 bf16 / 32 fp32 SASS instructions per element and class, hence
-    ``limits.MAX_FUSED_WEIGHTED_CLASSES``)."""
+    ``τ [q Σt − λ t − (1 − λ) p_c q / Q_c]``, plus the hard-label term when HARD > 0.
+
+    The rows are (S_PAD, BLOCK_N, C_PAD) tiles (``_load_classes``): per-class values are
+    (BLOCK_N, C_PAD), computed once per class, not once per element and class (a loop over the
+    classes with masked row reductions cost about 17 bf16 / 32 fp32 SASS instructions per element
+    and class at K = 128). The softmax's exponentials are taken against each class's own max,
+    f = 2^((s − m_c) log2(e)/τ), so a class's sum F_c >= 1 and q/Q_c = f/F_c never underflows (a
+    class far below the row max: its q is 0, its share of the class term is not); q = f en / Z with
+    en = 2^((m_c − max) log2(e)/τ) per class and Z = Σ_c F_c en_c. Padded classes take the row max
+    as their shift (finite: F_c = p_c = 0, no term)."""
     C: tl.constexpr = K // S
     c1 = LOG2E / tau
-    ct = _el(c_tau, HAS_LABELS, ROW_AXIS)
-    s1, lt1, t1 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, 0, BLOCK_K, J1, HAS_WEIGHTS, ROW_AXIS)
-    cls1 = _cols(0, BLOCK_K, J1, ROW_AXIS) // S  # padding columns: cls >= C, in no class
-    row_max = _rmax(s1, ROW_AXIS)
-    if BLOCK_K2 > 0:
-        s2, lt2, t2 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, BLOCK_K, BLOCK_K2, J2, HAS_WEIGHTS,
-                                  ROW_AXIS)
-        cls2 = _cols(BLOCK_K, BLOCK_K2, J2, ROW_AXIS) // S
-        row_max = tl.maximum(row_max, _rmax(s2, ROW_AXIS))
-    rm = _bc(row_max, ROW_AXIS)
-    # each element's class max m_c (the row max in padding: finite shifts there) and 2^((m_c - max) log2(e)/τ)
-    sh1 = tl.zeros(s1.shape, dtype=tl.float32) + rm
-    en1 = tl.zeros(s1.shape, dtype=tl.float32)
-    if BLOCK_K2 > 0:
-        sh2 = tl.zeros(s2.shape, dtype=tl.float32) + rm
-        en2 = tl.zeros(s2.shape, dtype=tl.float32)
-    for c in tl.static_range(C):
-        mc = _rmax(tl.where(cls1 == c, s1, NEG_INF), ROW_AXIS)
-        if BLOCK_K2 > 0:
-            mc = tl.maximum(mc, _rmax(tl.where(cls2 == c, s2, NEG_INF), ROW_AXIS))
-        ec = tl.exp2((mc - row_max) * c1)
-        sh1, en1 = _class_scales(cls1, c, mc, ec, sh1, en1, ROW_AXIS)
-        if BLOCK_K2 > 0:
-            sh2, en2 = _class_scales(cls2, c, mc, ec, sh2, en2, ROW_AXIS)
-    f1 = tl.exp2(s1 * c1 - sh1 * c1)
-    e1 = f1 * en1  # 2^v, v = (s - max) log2(e)/τ: the plain softmax's numerator
-    z = _rsum(e1, ROW_AXIS)
-    sum_t = _rsum(t1, ROW_AXIS)
-    mu = rm * c1
-    # Σ t (log t - v ln 2) for KL(t‖q); Σ t μ_c (μ_c = (m_c - max) log2(e)/τ = log2 en) for KL(p‖Q)
-    d = _rsum(tl.where(t1 == 0.0, 0.0, t1 * (lt1 - (s1 * c1 - mu) * LN2)), ROW_AXIS)
-    tmu = _rsum(t1 * (sh1 * c1 - mu), ROW_AXIS)
-    if BLOCK_K2 > 0:
-        f2 = tl.exp2(s2 * c1 - sh2 * c1)
-        e2 = f2 * en2
-        z += _rsum(e2, ROW_AXIS)
-        sum_t += _rsum(t2, ROW_AXIS)
-        d += _rsum(tl.where(t2 == 0.0, 0.0, t2 * (lt2 - (s2 * c1 - mu) * LN2)), ROW_AXIS)
-        tmu += _rsum(t2 * (sh2 * c1 - mu), ROW_AXIS)
-    lz = tl.log2(z)
-    # per class: F_c = Σ f, p_c = Σ t; Σ p_c log2(p_c / F_c); r = p_c / F_c (= p_c q / Q_c / f) per element
-    r1 = tl.zeros(s1.shape, dtype=tl.float32)
-    if BLOCK_K2 > 0:
-        r2 = tl.zeros(s2.shape, dtype=tl.float32)
-    pf = tl.zeros(row_max.shape, dtype=tl.float32)
-    for c in tl.static_range(C):
-        fc = _class_sum(f1, cls1, c, ROW_AXIS)
-        pc = _class_sum(t1, cls1, c, ROW_AXIS)
-        if BLOCK_K2 > 0:
-            fc += _class_sum(f2, cls2, c, ROW_AXIS)
-            pc += _class_sum(t2, cls2, c, ROW_AXIS)
-        pf += tl.where(pc == 0.0, 0.0, pc * (tl.log2(pc) - tl.log2(fc)))
-        r1 = tl.where(cls1 == c, _bc(pc / fc, ROW_AXIS), r1)
-        if BLOCK_K2 > 0:
-            r2 = tl.where(cls2 == c, _bc(pc / fc, ROW_AXIS), r2)
-    # KL(t‖q) = d + ln Z Σt; KL(p‖Q) = Σ p_c (ln p_c - ln Q_c), ln Q_c = (log2 F_c + μ_c - log2 Z) ln 2
-    kl_sub = d + lz * LN2 * sum_t
-    kl_cls = (pf - tmu + lz * sum_t) * LN2
-    loss = tau * tau * (lam * kl_sub + (1.0 - lam) * kl_cls)
-    a = _bc(c_tau * sum_t / z, ROW_AXIS)
-    g1 = f1 * (en1 * a - (1.0 - lam) * ct * r1) - lam * ct * t1
-    if BLOCK_K2 > 0:
-        g2 = f2 * (en2 * a - (1.0 - lam) * ct * r2) - lam * ct * t2
+    # the label's class (-1 for ignored rows) as 32 bits: the 64-bit label, kept to the end for the
+    # comparisons, spilled on sm_80 (8 B, one C = 8, S = 5 launch with teacher weights)
+    y_class = tl.where(keep, y, -1).to(tl.int32)
+    s, lt, t, cols, in_row = _load_classes(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, S, S_PAD, HAS_WEIGHTS, BLOCK_N,
+                                           BLOCK_K, ROW_AXIS)
+    real = tl.arange(0, BLOCK_K // S_PAD)[None, :] < C  # (1, C_PAD): not a padded class
+    m = tl.max(s, axis=0)
+    row_max = tl.max(m, axis=1)
+    rm = row_max[:, None]
+    sh = tl.where(real, m, rm)  # each class's max m_c; the row max in padding
+    en = tl.exp2((sh - rm) * c1)
+    f = tl.exp2(s * c1 - (sh * c1)[None, :, :])
+    fc = tl.sum(f, axis=0)  # F_c >= 1
+    pc = tl.sum(t, axis=0)
+    z = tl.sum(fc * en, axis=1)
+    sum_t = tl.sum(pc, axis=1)
+    lz = _fast_log2(z)  # Z >= 1
+    mu = (row_max * c1)[:, None]
+    # per class: Σ t (log t - v ln 2) for KL(t‖q), v = (s - max) log2(e)/τ; and p_c (log2 r_c - μ_c) for
+    # KL(p‖Q), r_c = p_c / F_c, μ_c = log2 en_c. An r_c below FLT_MIN (p_c < 2^-126 F_c, F_c <= S <= 256)
+    # has a term below 2^-110 and is left out. Then one row sum of both (each row sum is shuffles).
+    d = tl.sum(tl.where(t == 0.0, 0.0, t * (lt - (s * c1 - mu[None, :, :]) * LN2)), axis=0)
+    r = tl.where(real, _fast_div(pc, fc), 0.0)  # F_c >= 1: the fast division's 2 ulp are enough
+    pf = tl.where(r < FLT_MIN, 0.0, pc * _fast_log2(r)) - pc * (sh * c1 - mu)
+    # KL(t‖q) = Σ_c d_c + ln Z Σt; KL(p‖Q) = Σ_c p_c (ln p_c - ln Q_c) = (Σ_c pf_c + log2 Z Σt) ln 2
+    loss = tau * tau * (tl.sum(lam * d + ((1.0 - lam) * LN2) * pf, axis=1) + LN2 * lz * sum_t)
+    ct = _el(c_tau, HAS_LABELS, 1)
+    coef = en * _fast_div(c_tau * sum_t, z)[:, None] - (1.0 - lam) * _class_el(c_tau, HAS_LABELS) * r  # per class
     if HARD > 0:
-        # alpha (lse(s) - lse over class y) from exp(s - m_c) = h, exp(m_c - max) = eh: its sums are
-        # Zh = Σ h eh >= 1 and Hy = Σ_y h >= 1 (never underflow); d/ds = alpha h (eh / Zh - [y] / Hy)
-        yy = tl.where(keep, y, -1)
-        in_y1 = cls1 == _bc(yy, ROW_AXIS)
-        h1, eh1 = _hard_parts(s1, f1, en1, sh1, rm, HARD)
-        zh = _rsum(h1 * eh1, ROW_AXIS)
-        hy = _rsum(tl.where(in_y1, h1, 0.0), ROW_AXIS)
-        my = _rmax(tl.where(in_y1, sh1, NEG_INF), ROW_AXIS)
-        if BLOCK_K2 > 0:
-            in_y2 = cls2 == _bc(yy, ROW_AXIS)
-            h2, eh2 = _hard_parts(s2, f2, en2, sh2, rm, HARD)
-            zh += _rsum(h2 * eh2, ROW_AXIS)
-            hy += _rsum(tl.where(in_y2, h2, 0.0), ROW_AXIS)
-            my = tl.maximum(my, _rmax(tl.where(in_y2, sh2, NEG_INF), ROW_AXIS))
-        hy = tl.where(keep, hy, 1.0)
-        my = tl.where(keep, my, row_max)
-        ce = tl.where(keep, alpha * ((row_max - my) + (tl.log2(zh) - tl.log2(hy)) * LN2), 0.0)
-        w_all = _bc(scale * alpha / zh, ROW_AXIS)
-        g1 += h1 * (eh1 * w_all - _select(in_y1, scale * alpha / hy, 0.0 * hy, ROW_AXIS))
-        if BLOCK_K2 > 0:
-            g2 += h2 * (eh2 * w_all - _select(in_y2, scale * alpha / hy, 0.0 * hy, ROW_AXIS))
+        # alpha (lse(s) - lse over class y) from h = exp(s - m_c) and eh = exp(m_c - max): its sums are
+        # Zh = Σ_c H_c eh_c >= 1 and H_y >= 1 (never underflow); d/ds = alpha h (eh / Zh - [y] / H_y)
+        in_y = tl.arange(0, BLOCK_K // S_PAD)[None, :] == y_class[:, None]
+        if HARD == 1:  # h = f, eh = en
+            hc, eh = fc, en
+        elif HARD == 2:  # h = f², eh = en²
+            h = f * f
+            hc, eh = tl.sum(h, axis=0), en * en
+        else:
+            h = tl.exp2((s - sh[None, :, :]) * LOG2E)
+            hc, eh = tl.sum(h, axis=0), tl.exp2((sh - rm) * LOG2E)
+        zh = tl.sum(hc * eh, axis=1)
+        hy = tl.where(keep, tl.sum(tl.where(in_y, hc, 0.0), axis=1), 1.0)
+        my = tl.where(keep, tl.max(tl.where(in_y, sh, NEG_INF), axis=1), row_max)
+        ce = tl.where(keep, alpha * ((row_max - my) + _fast_log2(_fast_div(zh, hy)) * LN2), 0.0)
+        hcoef = eh * _fast_div(scale * alpha, zh)[:, None] - tl.where(in_y, _fast_div(scale * alpha, hy)[:, None], 0.0)
+        if HARD == 1:
+            coef += hcoef
+    g = f * coef[None, :, :] - lam * ct * t
+    if HARD > 1:
+        g += h * hcoef[None, :, :]
     if HAS_LABELS:
         if HARD > 0:
             loss += ce
             tl.store(hard_ptr + rows64, ce, mask=row_ok)
         loss = tl.where(keep, loss, 0.0)
     tl.store(loss_ptr + rows64, loss, mask=row_ok)
-    _store_piece(grad_ptr, g1, rows64, row_ok, K, 0, BLOCK_K, J1, ROW_AXIS)
-    if BLOCK_K2 > 0:
-        _store_piece(grad_ptr, g2, rows64, row_ok, K, BLOCK_K, BLOCK_K2, J2, ROW_AXIS)
+    _store_classes(grad_ptr, g, rows64, row_ok, K, S, S_PAD, cols, in_row, BLOCK_N, BLOCK_K, ROW_AXIS)
 
 
 @triton.jit
@@ -428,13 +478,12 @@ def lelp_loss_kernel(
     K: tl.constexpr, S: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     HAS_LABELS: tl.constexpr, HARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_K2: tl.constexpr, J1: tl.constexpr, J2: tl.constexpr, ROW_AXIS: tl.constexpr,
-    SUBCLASS_WEIGHTED: tl.constexpr,
+    SUBCLASS_WEIGHTED: tl.constexpr, S_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    c1 = LOG2E / tau
     scale = tl.load(scale_ptr)  # the reduction's (1/rows for the mean), folded into the gradient
     keep, y = row_ok, rows  # no labels: every row kept (y unused)
     if HAS_LABELS:
@@ -444,13 +493,14 @@ def lelp_loss_kernel(
         # factor, not a select per element (which the compiler moved past the cast to 16 bits)
         scale = tl.where(keep, scale, 0.0)
     c_tau = scale * tau
-    ct = _el(c_tau, HAS_LABELS, ROW_AXIS)
 
     if SUBCLASS_WEIGHTED:
         _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64, row_ok, M, tau, alpha,
-                           subclass_weight, scale, c_tau, keep, y, K, S, HAS_WEIGHTS, HAS_LABELS, HARD, BLOCK_K,
-                           BLOCK_K2, J1, J2, ROW_AXIS)
+                           subclass_weight, scale, c_tau, keep, y, K, S, S_PAD, HAS_WEIGHTS, HAS_LABELS, HARD,
+                           BLOCK_N, BLOCK_K, ROW_AXIS)
     else:
+        c1 = LOG2E / tau
+        ct = _el(c_tau, HAS_LABELS, ROW_AXIS)
         s1, lt1, t1 = _load_piece(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, 0, BLOCK_K, J1, HAS_WEIGHTS, ROW_AXIS)
         row_max = _rmax(s1, ROW_AXIS)
         if BLOCK_K2 > 0:
@@ -613,8 +663,11 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
         grad_scale = torch.ones(1, dtype=torch.float32, device=student.device)
     m = 1 if log_targets.ndim == 2 else log_targets.shape[1]
     has_labels = labels is not None
-    block_n, block_k, block_k2, num_warps = block_shape(k, divergence, weighted)
-    j1, j2 = chunks(block_k, block_k2, student.element_size(), divergence, weighted)
+    if weighted:
+        (block_n, block_k, s_pad, num_warps), block_k2 = weighted_block_shape(num_classes, n_subclasses), 0
+    else:
+        (block_n, block_k, block_k2, num_warps), s_pad = block_shape(k, divergence), 1
+    j1, j2 = (1, 1) if weighted else chunks(block_k, block_k2, student.element_size(), divergence)
     hard = hard_mode(alpha, tau, has_labels)
     grid = (triton.cdiv(n, block_n),)
     lelp_loss_kernel[grid](
@@ -622,7 +675,7 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
         grad_scale, loss_rows, hard_rows, grad, n, m, float(jsd_beta), float(tau), float(alpha), int(ignore_index),
         float(subclass_weight), K=k, S=n_subclasses, DIVERGENCE=divergence, HAS_WEIGHTS=weights is not None,
         HAS_LABELS=has_labels, HARD=hard, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K2=block_k2, J1=j1, J2=j2,
-        ROW_AXIS=ROW_AXIS, SUBCLASS_WEIGHTED=weighted,
+        ROW_AXIS=ROW_AXIS, SUBCLASS_WEIGHTED=weighted, S_PAD=s_pad,
         num_warps=num_warps,
     )
 
@@ -682,45 +735,52 @@ def _variants() -> List[dict]:
             if key not in covered and (k & -k) > (best.get(key, 0) & -best.get(key, 0)):
                 best[key] = k
         combos += [((k, 1), div, False, has_y, 3 * has_y) for k in sorted(best.values())]
-    variants = []
-    weighted = [(combo, True) for combo in _weighted_combos()]
-    for ((k, s), div, has_w, has_y, hard), lam in [(combo, False) for combo in combos] + weighted:
-        block_n, block_k, block_k2, num_warps = block_shape(k, div, lam)
+    variants = [dict(num_warps=num_warps, constexprs=dict(
+        K=k, S=s, DIVERGENCE=div, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=hard, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_K2=block_k2, SUBCLASS_WEIGHTED=False, S_PAD=1))
+        for (k, s), div, has_w, has_y, hard in combos
+        for block_n, block_k, block_k2, num_warps in [block_shape(k, div)]]
+    for (c, s), has_w, has_y, hard in _weighted_combos():
+        block_n, block_k, s_pad, num_warps = weighted_block_shape(c, s)
         variants.append(dict(num_warps=num_warps, constexprs=dict(
-            K=k, S=s, DIVERGENCE=div, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=hard, BLOCK_N=block_n,
-            BLOCK_K=block_k, BLOCK_K2=block_k2, SUBCLASS_WEIGHTED=lam)))
+            K=c * s, S=s, DIVERGENCE=0, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=hard, BLOCK_N=block_n,
+            BLOCK_K=block_k, BLOCK_K2=0, SUBCLASS_WEIGHTED=True, S_PAD=s_pad)))
     return variants
 
 
-# KL at a subclass weight λ ≠ 1 (SUBCLASS_WEIGHTED): at C = 3, S = 4 (two pieces, 8 + 4 columns, a
-# class across them) each hard-label mode, with and without teacher weights; the cost model's
-# K = 16 (2 x 8) and 128 (8 x 16) and K = 40 (8 x 5), 512 (8 x 64) without labels and at τ = 1, 2;
-# then every other block shape the launcher gives it for K = 4 .. 512, with the most live values
-# (teacher weights, the hard-label term at any τ) and the widest class loop the shape's K allows
-# (C <= limits.MAX_FUSED_WEIGHTED_CLASSES: the loop is unrolled, so C changes the code).
-WEIGHTED_COST_SHAPES = [(16, 8), (40, 5), (128, 16), (512, 64)]
+# KL at a subclass weight λ ≠ 1 (SUBCLASS_WEIGHTED), as (C, S): at 3 x 4 (a padded class) each
+# hard-label mode, with and without teacher weights; the cost model's shapes (the widest classes
+# at S = 5, 8, 16 and 64, 16 classes, and 12 x 10: padded classes and subclasses, 256 slots for 120
+# elements) without labels and at τ = 1, 2; then every tile the launcher gives for K <= 512 and
+# C <= limits.MAX_FUSED_WEIGHTED_CLASSES (its C_PAD x S_PAD, and whether S is a power of two:
+# contiguous rows or gathered classes), with the most live values (teacher weights, the
+# hard-label term at any τ).
+WEIGHTED_COST_SHAPES = [(2, 8), (8, 5), (8, 16), (8, 64), (16, 8), (12, 10)]
 
 
-def _widest_classes(k: int):
-    """(K, S) with the most classes (at most MAX_FUSED_WEIGHTED_CLASSES, S >= 2) for this K, or None."""
-    c = max((c for c in range(2, limits.MAX_FUSED_WEIGHTED_CLASSES + 1) if k % c == 0 and k // c >= 2), default=0)
-    return (k, k // c) if c else None
+def weighted_tile(num_classes: int, n_subclasses: int):
+    """What the λ ≠ 1 step's code depends on besides the flags: (block shape, S a power of two)."""
+    return weighted_block_shape(num_classes, n_subclasses), n_subclasses & (n_subclasses - 1) == 0
+
+
+def weighted_shapes():
+    """Every (C, S) the launcher sends to the λ ≠ 1 step (``limits.weighted_loss_unfused``)."""
+    return [(c, s) for c in range(2, limits.MAX_FUSED_WEIGHTED_CLASSES + 1)
+            for s in range(2, limits.MAX_LOSS_K // c + 1)]
 
 
 def _weighted_combos():
-    combos = [((12, 4), 0, has_w, has_y, hard) for has_w, has_y, hard
-              in itertools.product((False, True), (True,), (0, 3))]
-    combos += [((12, 4), 0, False, has_y, hard) for has_y, hard in ((False, 0), (True, 1), (True, 2))]
-    combos += [(shape, 0, False, has_y, hard) for shape in WEIGHTED_COST_SHAPES
+    combos = [((3, 4), has_w, True, hard) for has_w, hard in itertools.product((False, True), (0, 3))]
+    combos += [((3, 4), False, has_y, hard) for has_y, hard in ((False, 0), (True, 1), (True, 2))]
+    combos += [(shape, False, has_y, hard) for shape in WEIGHTED_COST_SHAPES
                for has_y, hard in ((False, 0), (True, 1), (True, 2))]
-    covered = {block_shape(k, 0, True) for (k, _), *_ in combos}
-    widest = {}
-    for k in range(4, limits.MAX_LOSS_K + 1):
-        key, shape = block_shape(k, 0, True), _widest_classes(k)
-        classes = widest[key][0] // widest[key][1] if key in widest else 0
-        if key not in covered and shape and k // shape[1] >= classes:
-            widest[key] = shape
-    return combos + [(shape, 0, True, True, 3) for shape in widest.values()]
+    covered = {weighted_tile(*shape) for shape, has_w, has_y, hard in combos if has_w and has_y and hard == 3}
+    widest = {}  # per tile, the (C, S) with the most elements
+    for c, s in weighted_shapes():
+        key = weighted_tile(c, s)
+        if key not in covered and c * s > widest.get(key, (0, 0))[0] * widest.get(key, (0, 0))[1]:
+            widest[key] = (c, s)
+    return combos + [(shape, True, True, 3) for shape in widest.values()]
 
 
 VARIANTS = _variants()
@@ -742,5 +802,6 @@ def signature(dtype: str, target_dtype: str) -> dict:
         "loss_ptr": "*fp32", "hard_ptr": "*fp32", "grad_ptr": f"*{dtype}", "N": "i32", "M": "i32", "jsd_beta": "fp32",
         "tau": "fp32", "alpha": "fp32", "ignore_index": "i32", "subclass_weight": "fp32",
         **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "HARD", "BLOCK_N",
-                                          "BLOCK_K", "BLOCK_K2", "J1", "J2", "ROW_AXIS", "SUBCLASS_WEIGHTED")},
+                                          "BLOCK_K", "BLOCK_K2", "J1", "J2", "ROW_AXIS", "SUBCLASS_WEIGHTED",
+                                          "S_PAD")},
     }
