@@ -144,7 +144,7 @@ def test_targets_launch_out_of_resources_falls_back_with_one_warning(monkeypatch
 
 @pytest.mark.parametrize("nxt", ["cpu", "torch"])
 def test_subclass_weighted_loss_launch_out_of_resources_falls_back(monkeypatch, triton_that_cannot_launch, nxt):
-    """λ ≠ 1 is one Triton launch (C <= 8); when it fails for resources the next backend computes the
+    """λ ≠ 1 is one Triton launch (C <= 16); when it fails for resources the next backend computes the
     same weighted loss (torch: the fp64-formula path of ``_loss_torch``), not the plain λ = 1 loss."""
     _next_backend(monkeypatch, nxt)
     student, log_t, labels = make_inputs(13, 3, 4, seed=6)
@@ -162,3 +162,20 @@ def test_subclass_weighted_loss_launch_out_of_resources_falls_back(monkeypatch, 
     (want_grad,) = torch.autograd.grad(want, ref)
     torch.testing.assert_close(loss.double(), want.detach(), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(grad.double(), want_grad, atol=4e-5, rtol=1e-3)
+
+
+def test_failed_weighted_launch_is_remembered_apart_from_the_plain_one(monkeypatch, triton_that_cannot_launch):
+    """The λ ≠ 1 one pass and the λ = 1 kernel are different code (other registers and shared
+    memory), remembered apart when a launch fails for resources: after the λ ≠ 1 pass failed, a
+    λ = 1 call of that shape still tries Triton. Before, one key held both, so the λ = 1 kernel went
+    to the next backend untried."""
+    _next_backend(monkeypatch, "torch")
+    student, log_t, labels = make_inputs(9, 5, 3, seed=8)
+    student, log_t = student.float(), log_t.float()
+    kw = dict(num_classes=5, n_subclasses=3, tau=1.5)
+    with pytest.warns(RuntimeWarning, match="λ ≠ 1 in one pass"):
+        distill_loss(student, log_t, labels, backend="auto", subclass_weight=0.1, **kw)
+    assert len(triton_that_cannot_launch) == 1
+    with pytest.warns(RuntimeWarning, match=r"K = 15 \(C = 5, S = 3\), float32 logits on"):
+        distill_loss(student, log_t, labels, backend="auto", subclass_weight=1.0, **kw)
+    assert len(triton_that_cannot_launch) == 2

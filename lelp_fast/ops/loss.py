@@ -96,9 +96,9 @@ def _loss_rows(
         except Exception as exc:
             if not (fall_back and _dispatch.is_out_of_resources(exc)):
                 raise
-            shape = _shape_key(student, num_classes, n_subclasses, embeddings)
+            shape = _shape_key(student, num_classes, n_subclasses, embeddings, subclass_weight)
             _dispatch.record_launch_failure("triton", shape, exc)
-            limits = _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits)
+            limits = _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits, subclass_weight)
             if _dispatch.resolve("auto", student.device, limits) == "torch":
                 loss_rows, grad, hard_rows = _loss_rows_by_torch(
                     student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
@@ -366,7 +366,7 @@ def distill_loss(
         student_logits, log_targets, labels, teacher_weights, embeddings, fused_weight, fused_bias, teacher_logits,
         beta, num_classes, n_subclasses)
     chosen = _choose_backend(backend, student_logits, log_targets, embeddings, teacher_logits, num_classes,
-                             n_subclasses)
+                             n_subclasses, subclass_weight)
     if weighted and not _kernel_weights_subclasses(chosen, num_classes, n_subclasses):
         # The CPU and CUDA kernels, and Triton for few classes, take λ in their one pass; the others
         # get two fused calls.
@@ -560,10 +560,10 @@ def _check_shapes(student_logits, log_targets, labels, teacher_weights, embeddin
 
 
 def _choose_backend(backend, student_logits, log_targets, embeddings, teacher_logits, num_classes,
-                    n_subclasses) -> str:
+                    n_subclasses, subclass_weight=1.0) -> str:
     """The backend that runs this call: auto skips one that cannot take its shape or dtypes."""
-    chosen = _dispatch.resolve(backend, student_logits.device,
-                               _shape_limits(student_logits, num_classes, n_subclasses, embeddings, teacher_logits))
+    limits = _shape_limits(student_logits, num_classes, n_subclasses, embeddings, teacher_logits, subclass_weight)
+    chosen = _dispatch.resolve(backend, student_logits.device, limits)
     dtypes = [t.dtype for t in (student_logits, log_targets, *embeddings, *teacher_logits) if t is not None]
     if chosen != "torch" and not all(dt in _DTYPE_CODES for dt in dtypes):
         if backend != "auto":
@@ -612,14 +612,18 @@ def _raise_on_suspect_rows(suspect: Tensor, student: Tensor, log_targets: Option
         check_log_probabilities("log_targets", log_targets, suspects=rows)
 
 
-def _shape_key(student, num_classes, n_subclasses, embeddings) -> str:
-    """The shape as a launch sees it (a failed launch is remembered under it and named in the warning)."""
+def _shape_key(student, num_classes, n_subclasses, embeddings, subclass_weight=1.0) -> str:
+    """The shape as a launch sees it (a failed launch is remembered under it and named in the warning):
+    the subclass weight λ ≠ 1 in Triton's one pass is its own code, with its own resources."""
     online = f", online targets from {len(embeddings)} teacher(s)" if embeddings else ""
+    one_pass = subclass_weight != 1.0 and n_subclasses > 1 and _kernel_weights_subclasses("triton", num_classes,
+                                                                                          n_subclasses)
+    weighted = ", λ ≠ 1 in one pass" if one_pass else ""
     return (f"the loss at K = {num_classes * n_subclasses} (C = {num_classes}, S = {n_subclasses}), "
-            f"{str(student.dtype).replace('torch.', '')} logits{online}")
+            f"{str(student.dtype).replace('torch.', '')} logits{online}{weighted}")
 
 
-def _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits):
+def _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits, subclass_weight=1.0):
     """{backend: why} for the backends that cannot take this call: the Triton and CUDA kernels'
     widths, and launches that already failed for resources at this shape."""
     from ..kernels.triton import limits
@@ -631,7 +635,8 @@ def _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits
     cuda_why = _dispatch.cuda_unsupported(num_classes, n_subclasses)
     if cuda_why:
         out["cuda"] = cuda_why
-    return {**out, **_dispatch.launch_failures(lambda: _shape_key(student, num_classes, n_subclasses, embeddings))}
+    return {**out, **_dispatch.launch_failures(
+        lambda: _shape_key(student, num_classes, n_subclasses, embeddings, subclass_weight))}
 
 
 def _online_teachers(n, k, num_classes, embeddings, fused_weight, fused_bias, teacher_logits, beta, weights):
