@@ -670,6 +670,7 @@ def lelp_loss_kernel(
                           scale, c_tau, keep, y, K, S, DIVERGENCE, HAS_WEIGHTS, HAS_LABELS, HARD, BLOCK_K, BLOCK_K2,
                           J1, J2, ROW_AXIS)
 
+
 def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha,
                 ignore_index, loss_rows, hard_rows, grad, grad_scale=None, subclass_weight=1.0):
     """Launches the kernel on contiguous inputs; fills ``loss_rows`` (N,), ``grad`` (N, K, in its own
