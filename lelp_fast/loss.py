@@ -39,7 +39,7 @@ class LELPLoss(nn.Module):
         subclass_weight: λ, the weight of the subclass part of KL(t‖q) (0: KD on the pooled student,
             1: the paper's LELP; KL only). Default (None): ``reference.DEFAULT_SUBCLASS_WEIGHT`` (0.1)
             with KL, 1 with another divergence; docs/results.md has the evidence. λ ≠ 1 is one pass
-            of the CPU or CUDA kernel, and of the Triton kernel up to 16 classes; above that, on
+            of the CPU or CUDA kernel, and of the Triton kernel for 2 to 16 classes; otherwise, on
             Triton, mixed or online targets are computed in torch first, then two fused calls
             (``ops.loss.subclass_weighted_loss``). No effect at S = 1.
         backend: "auto" (fused kernel for the tensor's device, else torch), "torch", "cpu", "cuda".

@@ -167,8 +167,8 @@ def test_subclass_weighted_loss_launch_out_of_resources_falls_back(monkeypatch, 
 def test_failed_weighted_launch_is_remembered_apart_from_the_plain_one(monkeypatch, triton_that_cannot_launch):
     """The λ ≠ 1 one pass and the λ = 1 kernel are different code (other registers and shared
     memory), remembered apart when a launch fails for resources: after the λ ≠ 1 pass failed, a
-    λ = 1 call of that shape still tries Triton. Before, one key held both, so the λ = 1 kernel went
-    to the next backend untried."""
+    λ = 1 call of that shape still tries Triton, and a λ ≠ 1 call does not retry the pass. Before,
+    one key held both, so the λ = 1 kernel went to the next backend untried."""
     _next_backend(monkeypatch, "torch")
     student, log_t, labels = make_inputs(9, 5, 3, seed=8)
     student, log_t = student.float(), log_t.float()
@@ -179,3 +179,8 @@ def test_failed_weighted_launch_is_remembered_apart_from_the_plain_one(monkeypat
     with pytest.warns(RuntimeWarning, match=r"K = 15 \(C = 5, S = 3\), float32 logits on"):
         distill_loss(student, log_t, labels, backend="auto", subclass_weight=1.0, **kw)
     assert len(triton_that_cannot_launch) == 2
+    # λ ≠ 1 again: the one pass is not retried; the call makes the two λ = 1 calls (the full KL, whose
+    # launch failed above, and the pooled class KL at K = 5, a shape not tried yet)
+    with pytest.warns(RuntimeWarning, match=r"K = 5 \(C = 5, S = 1\)"):
+        distill_loss(student, log_t, labels, backend="auto", subclass_weight=0.1, **kw)
+    assert len(triton_that_cannot_launch) == 3

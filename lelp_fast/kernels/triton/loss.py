@@ -779,7 +779,7 @@ def _variants() -> List[dict]:
 # elements) without labels and at τ = 1, 2; then every tile the launcher gives for K <= 512 and
 # C <= limits.MAX_FUSED_WEIGHTED_CLASSES (its C_PAD x S_PAD, and whether S is a power of two:
 # contiguous rows or gathered classes), with the most live values (teacher weights, the
-# hard-label term at any τ).
+# hard-label term at any τ), and C = 8, S = 5 with them.
 WEIGHTED_COST_SHAPES = [(2, 8), (8, 5), (8, 16), (8, 64), (16, 8), (12, 10)]
 
 
@@ -799,14 +799,14 @@ def _weighted_combos():
     combos += [((3, 4), False, has_y, hard) for has_y, hard in ((False, 0), (True, 1), (True, 2))]
     combos += [(shape, False, has_y, hard) for shape in WEIGHTED_COST_SHAPES
                for has_y, hard in ((False, 0), (True, 1), (True, 2))]
-    combos.append(((8, 5), True, True, 3))  # its 64-bit label once spilled 8 B on sm_80 (Triton 3.9)
     covered = {weighted_tile(*shape) for shape, has_w, has_y, hard in combos if has_w and has_y and hard == 3}
     widest = {}  # per tile, the (C, S) with the most elements
     for c, s in weighted_shapes():
         key = weighted_tile(c, s)
         if key not in covered and c * s > widest.get(key, (0, 0))[0] * widest.get(key, (0, 0))[1]:
             widest[key] = (c, s)
-    return combos + [(shape, True, True, 3) for shape in widest.values()]
+    # and C = 8, S = 5 with them too: its 64-bit label once spilled 8 B on sm_80 (Triton 3.9)
+    return combos + [(shape, True, True, 3) for shape in [*widest.values(), (8, 5)]]
 
 
 VARIANTS = _variants()
