@@ -394,6 +394,19 @@ def _class_el(x, IS_ROW: tl.constexpr):
 
 
 @triton.jit
+def _store_row_losses(loss_ptr, hard_ptr, loss, ce, rows64, row_ok, keep, HAS_LABELS: tl.constexpr,
+                      HARD: tl.constexpr):
+    """Each row's loss (plus the hard-label term ``ce`` when HARD > 0, stored apart too); an ignored
+    row's is 0."""
+    if HAS_LABELS:
+        if HARD > 0:
+            loss += ce
+            tl.store(hard_ptr + rows64, ce, mask=row_ok)
+        loss = tl.where(keep, loss, 0.0)
+    tl.store(loss_ptr + rows64, loss, mask=row_ok)
+
+
+@triton.jit
 def _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64, row_ok, M, tau, alpha, lam, scale,
                        c_tau, keep, y, K: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
                        HAS_WEIGHTS: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
@@ -440,6 +453,7 @@ def _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64
     loss = tau * tau * (tl.sum(lam * d + ((1.0 - lam) * LN2) * pf, axis=1) + LN2 * lz * sum_t)
     ct = _el(c_tau, HAS_LABELS, 1)
     coef = en * _fast_div(c_tau * sum_t, z)[:, None] - (1.0 - lam) * _class_el(c_tau, HAS_LABELS) * r  # per class
+    ce = 0.0  # the hard-label term's loss per row (HARD > 0)
     if HARD > 0:
         # alpha (lse(s) - lse over class y) from h = exp(s - m_c) and eh = exp(m_c - max): its sums are
         # Zh = Σ_c H_c eh_c >= 1 and H_y >= 1 (never underflow); d/ds = alpha h (eh / Zh - [y] / H_y)
@@ -462,12 +476,7 @@ def _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64
     g = f * coef[None, :, :] - lam * ct * t
     if HARD > 1:
         g += h * hcoef[None, :, :]
-    if HAS_LABELS:
-        if HARD > 0:
-            loss += ce
-            tl.store(hard_ptr + rows64, ce, mask=row_ok)
-        loss = tl.where(keep, loss, 0.0)
-    tl.store(loss_ptr + rows64, loss, mask=row_ok)
+    _store_row_losses(loss_ptr, hard_ptr, loss, ce, rows64, row_ok, keep, HAS_LABELS, HARD)
     _store_classes(grad_ptr, g, rows64, row_ok, K, S, S_PAD, cols, in_row, BLOCK_N, BLOCK_K, ROW_AXIS)
 
 
@@ -549,6 +558,7 @@ def _divergence_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64,
             z += _rsum(e2, ROW_AXIS)
     lz = tl.log2(z)
 
+    ce = 0.0  # the hard-label term's loss per row (HARD > 0)
     if HARD > 0:
         # exp(s - r) and its sums, in the row max's scale outside class y and the class max's inside
         f1 = _hard_exp(s1, e1, in_y1, row_max, sy_max, HARD, ROW_AXIS)
@@ -624,15 +634,7 @@ def _divergence_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64,
         g1 += f1 * _select(in_y1, h_in, h_out, ROW_AXIS)
         if BLOCK_K2 > 0:
             g2 += f2 * _select(in_y2, h_in, h_out, ROW_AXIS)
-    loss = tau * tau * d
-
-    if HAS_LABELS:
-        if HARD > 0:
-            loss += ce
-            tl.store(hard_ptr + rows64, ce, mask=row_ok)
-        loss = tl.where(keep, loss, 0.0)
-
-    tl.store(loss_ptr + rows64, loss, mask=row_ok)
+    _store_row_losses(loss_ptr, hard_ptr, tau * tau * d, ce, rows64, row_ok, keep, HAS_LABELS, HARD)
     _store_piece(grad_ptr, g1, rows64, row_ok, K, 0, BLOCK_K, J1, ROW_AXIS)
     if BLOCK_K2 > 0:
         _store_piece(grad_ptr, g2, rows64, row_ok, K, BLOCK_K, BLOCK_K2, J2, ROW_AXIS)
