@@ -164,6 +164,36 @@ def test_subclass_weighted_loss_launch_out_of_resources_falls_back(monkeypatch, 
     torch.testing.assert_close(grad.double(), want_grad, atol=4e-5, rtol=1e-3)
 
 
+@pytest.mark.skipif(not HAS_CPU, reason="the compiled CPU backend is not built")
+def test_failed_weighted_launch_falls_back_past_an_extension_without_the_weight(monkeypatch,
+                                                                                 triton_that_cannot_launch):
+    """When the λ ≠ 1 one pass fails for resources and the next backend's extension was built before
+    it took λ, the call computes the weighted loss by the torch formula. Before, the subclass weight
+    went to that extension's loss as a keyword it does not take (a TypeError in the user's step)."""
+    _next_backend(monkeypatch, "cpu")
+    real = _dispatch.extension()
+
+    def loss_without_weight(*args, **kwargs):
+        if "subclass_weight" in kwargs:
+            raise TypeError("loss(): incompatible function arguments")
+        return real.loss(*args, **kwargs)
+
+    old_build = types.SimpleNamespace(loss=loss_without_weight, loss_subclass_weight=False)
+    monkeypatch.setattr(_dispatch, "extension", lambda: old_build)
+    student, log_t, labels = make_inputs(11, 4, 3, seed=9)
+    x = student.float().requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match="λ ≠ 1 in one pass"):
+        loss = distill_loss(x, log_t.float(), labels, num_classes=4, n_subclasses=3, tau=1.5, subclass_weight=0.1,
+                            backend="auto", check_inputs=False)
+    (grad,) = torch.autograd.grad(loss, x)
+    ref = x.detach().double().requires_grad_(True)
+    rows = reference.subclass_weighted_kl(ref, log_t.float().double(), 4, 3, 1.5, 0.1)
+    want = reference.reduce_rows(torch.where(labels != -100, rows, torch.zeros_like(rows)), labels, -100, "mean")
+    (want_grad,) = torch.autograd.grad(want, ref)
+    torch.testing.assert_close(loss.double(), want.detach(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad.double(), want_grad, atol=4e-5, rtol=1e-3)
+
+
 def test_failed_weighted_launch_is_remembered_apart_from_the_plain_one(monkeypatch, triton_that_cannot_launch):
     """The λ ≠ 1 one pass and the λ = 1 kernel are different code (other registers and shared
     memory), remembered apart when a launch fails for resources: after the λ ≠ 1 pass failed, a
