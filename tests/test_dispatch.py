@@ -155,9 +155,15 @@ def test_subclass_weighted_loss_launch_out_of_resources_falls_back(monkeypatch, 
         loss = distill_loss(x, log_t.float(), labels, backend="auto", **kw)
     (grad,) = torch.autograd.grad(loss, x)
     assert len(triton_that_cannot_launch) == 1
+    _check_weighted_mean(loss, grad, x, log_t, labels, 3, 4, tau=1.5, weight=0.1, alpha=0.2)
+
+
+def _check_weighted_mean(loss, grad, x, log_t, labels, c, s, tau, weight, alpha=0.0):
+    """The mean λ-weighted loss and its gradient against the fp64 formula (ignored rows: 0)."""
     ref = x.detach().double().requires_grad_(True)
-    rows = reference.subclass_weighted_kl(ref, log_t.float().double(), 3, 4, 1.5, 0.1)
-    rows = rows + 0.2 * reference.hard_label_rows(ref, labels, 3, 4)
+    rows = reference.subclass_weighted_kl(ref, log_t.float().double(), c, s, tau, weight)
+    if alpha:
+        rows = rows + alpha * reference.hard_label_rows(ref, labels, c, s)
     want = reference.reduce_rows(torch.where(labels != -100, rows, torch.zeros_like(rows)), labels, -100, "mean")
     (want_grad,) = torch.autograd.grad(want, ref)
     torch.testing.assert_close(loss.double(), want.detach(), atol=2e-5, rtol=1e-4)
@@ -186,12 +192,7 @@ def test_failed_weighted_launch_falls_back_past_an_extension_without_the_weight(
         loss = distill_loss(x, log_t.float(), labels, num_classes=4, n_subclasses=3, tau=1.5, subclass_weight=0.1,
                             backend="auto", check_inputs=False)
     (grad,) = torch.autograd.grad(loss, x)
-    ref = x.detach().double().requires_grad_(True)
-    rows = reference.subclass_weighted_kl(ref, log_t.float().double(), 4, 3, 1.5, 0.1)
-    want = reference.reduce_rows(torch.where(labels != -100, rows, torch.zeros_like(rows)), labels, -100, "mean")
-    (want_grad,) = torch.autograd.grad(want, ref)
-    torch.testing.assert_close(loss.double(), want.detach(), atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(grad.double(), want_grad, atol=4e-5, rtol=1e-3)
+    _check_weighted_mean(loss, grad, x, log_t, labels, 4, 3, tau=1.5, weight=0.1)
 
 
 def test_failed_weighted_launch_is_remembered_apart_from_the_plain_one(monkeypatch, triton_that_cannot_launch):

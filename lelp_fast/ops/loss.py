@@ -99,9 +99,10 @@ def _loss_rows(
             shape = _shape_key(student, num_classes, n_subclasses, embeddings, subclass_weight)
             _dispatch.record_launch_failure("triton", shape, exc)
             limits = _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits, subclass_weight)
-            # an extension built before λ could be passed to it takes the torch formula instead
-            stale = subclass_weight != 1.0 and not _extension_weights_subclasses()
-            if stale or _dispatch.resolve("auto", student.device, limits) == "torch":
+            nxt = _dispatch.resolve("auto", student.device, limits)
+            # λ ≠ 1 on a compiled kernel that does not take it (an extension built before): the torch formula
+            if nxt == "torch" or (subclass_weight != 1.0 and not _kernel_weights_subclasses(nxt, num_classes,
+                                                                                          n_subclasses)):
                 loss_rows, grad, hard_rows = _loss_rows_by_torch(
                     student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
                     num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, subclass_weight)
