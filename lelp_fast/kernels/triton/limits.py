@@ -10,11 +10,11 @@ MAX_SUBCLASS_COLUMNS = 512  # C_PAD * S_PAD, taken by up to 4 programs per row t
 # (tests/test_triton_aot.py), so a class of more than 128 (padded) subclasses goes to the next backend.
 MAX_SUBCLASSES_PER_PROGRAM = 128
 MAX_LOSS_K = 512  # the loss kernel holds a whole row (next_pow2(K)) in registers
-# The subclass weight λ ≠ 1 in the loss kernel's one pass (rows as (C_PAD, S_PAD) class tiles: the
-# per-class work is done once per class, not per element and class): up to this many classes, the
-# "few classes" the library targets. tests/test_triton_aot.py compiles and gates one launch per
-# (C_PAD, S_PAD) tile, so the limit bounds that count; above it, and at one class (no tile is
-# compiled for it), the launcher keeps two calls of the λ = 1 kernel (ops/loss.py).
+# The subclass weight λ ≠ 1 in the loss kernel's one pass (rows as class tiles, each thread holding
+# whole classes: the per-class work is done once per class, not per element and class): up to this
+# many classes, the "few classes" the library targets. tests/test_triton_aot.py compiles and gates
+# one launch per tile (loss.weighted_tile), so the limit bounds that count; above it, and at one
+# class (no tile is compiled for it), the launcher keeps two calls of the λ = 1 kernel (ops/loss.py).
 MAX_FUSED_WEIGHTED_CLASSES = 16
 
 

@@ -18,7 +18,7 @@ one more ``exp2`` per element. One pass either way; the class log-sum-exp comes 
 exponentials summed per class, so it never underflows against the row max.
 The KL step at a subclass weight λ ≠ 1 (the library's default loss, λ = 0.1) is one pass too for
 up to ``limits.MAX_FUSED_WEIGHTED_CLASSES`` classes (``SUBCLASS_WEIGHTED``, ``_weighted_kl_block``: the rows
-as (C_PAD, S_PAD) class tiles, ``weighted_block_shape``).
+as class tiles, each thread holding whole classes, ``weighted_block_shape``).
 
 Rows are whole in registers. K = C·S, S and the block's column pieces are compile-time
 constants: the first piece is BLOCK_K columns (a power of two), an optional second piece the
@@ -101,13 +101,49 @@ def block_shape(k: int, divergence: int = 0):
 WEIGHTED_ELEMENTS_PER_PROGRAM = 2048
 
 
-def weighted_block_shape(num_classes: int, n_subclasses: int):
-    """(BLOCK_N, BLOCK_K, S_PAD, num_warps) of the KL step at a subclass weight λ ≠ 1: rows as
-    (C_PAD, S_PAD) tiles of powers of two, one class per segment (``_weighted_kl_block``);
-    BLOCK_K = C_PAD · S_PAD <= 1024 for K <= 512."""
+# Real elements of the classes one thread holds in a gathered tile (``class_groups``), and their
+# padded slots: more classes per thread share the per-row work and its shuffles among more elements.
+# With teacher weights (the teachers mixed in the kernel), 30 elements per thread spilled 16-152 B
+# at 255 registers (Triton 3.6 and 3.9, sm_80 and sm_90), so those launches hold fewer.
+MAX_GROUP_ELEMENTS = {False: 32, True: 20}  # by whether the launch mixes teachers
+MAX_GROUP_SLOTS = 64
+
+
+def class_groups(num_classes: int, n_subclasses: int, has_weights: bool = False):
+    """(T, G): a row's classes over T threads (a power of two), G whole classes each (class
+    c = t G + g), for the gathered tile (S not a power of two, S <= 16): the fewest class slots
+    T G (padded classes cost a thread's work; padded subclasses and G_PAD - G classes within a
+    thread cost nothing), then the most classes per thread, within MAX_GROUP_ELEMENTS elements and
+    MAX_GROUP_SLOTS slots. Other tiles: one class per thread, T = C_PAD, G = 1."""
     s_pad = triton.next_power_of_2(n_subclasses)
-    block_k = triton.next_power_of_2(num_classes) * s_pad
-    return max(1, min(WEIGHTED_ELEMENTS_PER_PROGRAM // block_k, MAX_ROWS_PER_PROGRAM)), block_k, s_pad, 4
+    c_pad = triton.next_power_of_2(num_classes)
+    if s_pad == n_subclasses or s_pad > 16:
+        return c_pad, 1
+    fits = []
+    t = 1
+    while t <= c_pad:
+        g = -(-num_classes // t)
+        if (g * n_subclasses <= MAX_GROUP_ELEMENTS[bool(has_weights)]
+                and triton.next_power_of_2(g) * s_pad <= MAX_GROUP_SLOTS):
+            fits.append((t * g, -g, t))
+        t *= 2
+    _, minus_g, t = min(fits)
+    return t, -minus_g
+
+
+def weighted_block_shape(num_classes: int, n_subclasses: int, has_weights: bool = False):
+    """(BLOCK_N, BLOCK_K, S_PAD, G_PAD, num_warps) of the KL step at a subclass weight λ ≠ 1: rows as
+    class tiles of powers of two (``_weighted_kl_block``), T threads per row holding G of its
+    classes each (``class_groups``; G_PAD = next_pow2(G)), BLOCK_K = T · G_PAD · S_PAD slots per row
+    (C_PAD · S_PAD at G = 1; <= 1024 for K <= 512). G > 1: one row per T threads (BLOCK_N = 128 / T);
+    G = 1: WEIGHTED_ELEMENTS_PER_PROGRAM slots per program."""
+    s_pad = triton.next_power_of_2(n_subclasses)
+    t, g = class_groups(num_classes, n_subclasses, has_weights)
+    g_pad = triton.next_power_of_2(g)
+    block_k = t * g_pad * s_pad
+    if g > 1:
+        return 128 // t, block_k, s_pad, g_pad, 4
+    return max(1, min(WEIGHTED_ELEMENTS_PER_PROGRAM // block_k, MAX_ROWS_PER_PROGRAM)), block_k, s_pad, 1, 4
 
 
 def _half_piece(block_k: int, block_k2: int, divergence: int) -> bool:
@@ -192,12 +228,17 @@ def _fast_div(x, y):
 
 @triton.jit
 def _bc(r, ROW_AXIS: tl.constexpr):
-    """A per-row vector (BLOCK_N,) broadcast against a piece (rows on axis ROW_AXIS, chunks on the
-    other of axes 0 and 1, the chunk's columns on axis 2)."""
+    """A per-row vector (BLOCK_N,) broadcast against a piece (ROW_AXIS 0 or 1: rows on that axis,
+    chunks on the other of axes 0 and 1, the chunk's columns on axis 2) or against a gathered class
+    tile (2: rows on axis 2 of four, 3: on axis 1 of four, ``_load_groups``)."""
     if ROW_AXIS == 0:
         return r[:, None, None]
-    else:
+    elif ROW_AXIS == 1:
         return r[None, :, None]
+    elif ROW_AXIS == 2:  # a class tile (S_PAD, G_PAD, BLOCK_N, T)
+        return r[None, None, :, None]
+    else:  # 3: a class tile as Triton 3.6 loads it, (T, BLOCK_N, G_PAD, S_PAD)
+        return r[None, :, None, None]
 
 
 @triton.jit
@@ -386,12 +427,86 @@ def _store_classes(grad_ptr, g, rows64, row_ok, K: tl.constexpr, S: tl.constexpr
 
 
 @triton.jit
-def _class_el(x, IS_ROW: tl.constexpr):
-    """x, a scalar or (when IS_ROW) a per-row vector, as a factor of a (BLOCK_N, C_PAD) per-class value."""
+def _class_el(x, IS_ROW: tl.constexpr, GROUPED: tl.constexpr):
+    """x, a scalar or (when IS_ROW) a per-row vector, as a factor of a per-class value."""
     if IS_ROW:
-        return x[:, None]
+        return _cls_row(x, GROUPED)
     else:
         return x
+
+
+@triton.jit
+def _load_groups(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
+                 G_PAD: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_K: tl.constexpr, ROW_AXIS: tl.constexpr):
+    """``_load_classes`` with G classes per thread (``class_groups``; S not a power of two): s, log t,
+    t as (S_PAD, G_PAD, BLOCK_N, T) tiles, T = BLOCK_K // (S_PAD G_PAD), subclass j of class
+    c = t G + g at [j, g, row, t], gathered at columns c S + (S - 1 - j). The threads along the
+    classes go on the axis the compiler fills first, the rows next to it, the subclasses and class
+    slots (within a thread) on the other end (Triton 3.6's tile is then transposed)."""
+    C: tl.constexpr = K // S
+    T: tl.constexpr = BLOCK_K // (S_PAD * G_PAD)
+    G: tl.constexpr = (C + T - 1) // T
+    if ROW_AXIS == 1:  # Triton 3.9: the threads along the classes on the last axis
+        sub = (S - 1) - tl.arange(0, S_PAD)[:, None, None, None]
+        g = tl.arange(0, G_PAD)[None, :, None, None]
+        cls = tl.arange(0, T)[None, None, None, :] * G + g
+        cols = cls * S + sub
+        in_row = (sub >= 0) & (g < G) & (cls < C)
+        s, lt, t = _load_cols(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, cols, in_row, HAS_WEIGHTS, 2)
+    else:  # Triton 3.6: on the first axis, then the tile transposed
+        sub = (S - 1) - tl.arange(0, S_PAD)[None, None, None, :]
+        g = tl.arange(0, G_PAD)[None, None, :, None]
+        cls = tl.arange(0, T)[:, None, None, None] * G + g
+        cols = cls * S + sub
+        in_row = (sub >= 0) & (g < G) & (cls < C)
+        s, lt, t = _load_cols(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, cols, in_row, HAS_WEIGHTS, 3)
+        s, lt, t = tl.permute(s, (3, 2, 1, 0)), tl.permute(lt, (3, 2, 1, 0)), tl.permute(t, (3, 2, 1, 0))
+    return s, lt, t, cols, in_row
+
+
+@triton.jit
+def _store_groups(grad_ptr, g, rows64, row_ok, K: tl.constexpr, cols, in_row, ROW_AXIS: tl.constexpr):
+    """The gradient's (S_PAD, G_PAD, BLOCK_N, T) tile at the columns ``_load_groups`` read."""
+    if ROW_AXIS == 1:
+        _store_cols(grad_ptr, g, rows64, row_ok, K, cols, in_row, 2)
+    else:
+        _store_cols(grad_ptr, tl.permute(g, (3, 2, 1, 0)), rows64, row_ok, K, cols, in_row, 3)
+
+
+@triton.jit
+def _cls_row(r, GROUPED: tl.constexpr):
+    """A per-row vector (BLOCK_N,) as a factor of a per-class value: (BLOCK_N, C_PAD), or
+    (G_PAD, BLOCK_N, T) when GROUPED."""
+    if GROUPED:
+        return r[None, :, None]
+    else:
+        return r[:, None]
+
+
+@triton.jit
+def _cls_el(x, GROUPED: tl.constexpr):
+    """A per-class value as a factor of the class tile's elements."""
+    if GROUPED:
+        return x[None, :, :, :]
+    else:
+        return x[None, :, :]
+
+
+@triton.jit
+def _cls_rsum(x, GROUPED: tl.constexpr):
+    """Row sums of a per-class value (GROUPED: within each thread, then over its T threads)."""
+    if GROUPED:
+        return tl.sum(tl.sum(x, axis=0), axis=1)
+    else:
+        return tl.sum(x, axis=1)
+
+
+@triton.jit
+def _cls_rmax(x, GROUPED: tl.constexpr):
+    if GROUPED:
+        return tl.max(tl.max(x, axis=0), axis=1)
+    else:
+        return tl.max(x, axis=1)
 
 
 @triton.jit
@@ -409,76 +524,97 @@ def _store_row_losses(loss_ptr, hard_ptr, loss, ce, rows64, row_ok, keep, HAS_LA
 
 @triton.jit
 def _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64, row_ok, M, tau, alpha, lam, scale,
-                       c_tau, keep, y, K: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
+                       c_tau, keep, y, K: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, G_PAD: tl.constexpr,
                        HAS_WEIGHTS: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_AXIS: tl.constexpr):
     """The KL step at subclass weight λ ≠ 1 (``SUBCLASS_WEIGHTED``), one pass over the block's rows:
     ``τ² [λ KL(t‖q) + (1 − λ) KL(p‖Q)]`` (p_c, Q_c the class sums of t and q) and its gradient
     ``τ [q Σt − λ t − (1 − λ) p_c q / Q_c]``, plus the hard-label term when HARD > 0.
 
-    The rows are (S_PAD, BLOCK_N, C_PAD) tiles (``_load_classes``): per-class values are
-    (BLOCK_N, C_PAD), computed once per class, not once per element and class (a loop over the
-    classes with masked row reductions cost about 17 bf16 / 32 fp32 SASS instructions per element
-    and class at K = 128). The softmax's exponentials are taken against each class's own max,
+    The rows are (S_PAD, BLOCK_N, C_PAD) tiles, one class per thread (``_load_classes``), or
+    (S_PAD, G_PAD, BLOCK_N, T) tiles, G classes per thread (GROUPED, ``_load_groups``): per-class
+    values are (BLOCK_N, C_PAD) or (G_PAD, BLOCK_N, T), computed once per class, not once per
+    element and class (a loop over the classes with masked row reductions cost about 17 bf16 /
+    32 fp32 SASS instructions per element and class at K = 128). The softmax's exponentials are taken against each class's own max,
     f = 2^((s − m_c) log2(e)/τ), so a class's sum F_c >= 1 and q/Q_c = f/F_c never underflows (a
     class far below the row max: its q is 0, its share of the class term is not); q = f en / Z with
     en = 2^((m_c − max) log2(e)/τ) per class and Z = Σ_c F_c en_c. Padded classes take the row max
     as their shift (finite: F_c = p_c = 0, no term)."""
     C: tl.constexpr = K // S
+    GROUPED: tl.constexpr = G_PAD > 1
     c1 = LOG2E / tau
     # the label's class (-1 for ignored rows) as 32 bits: the 64-bit label, kept to the end for the
     # comparisons, spilled on sm_80 (8 B, one C = 8, S = 5 launch with teacher weights)
     y_class = tl.where(keep, y, -1).to(tl.int32)
-    s, lt, t, cols, in_row = _load_classes(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, S, S_PAD, HAS_WEIGHTS, BLOCK_N,
-                                           BLOCK_K, ROW_AXIS)
-    real = tl.arange(0, BLOCK_K // S_PAD)[None, :] < C  # (1, C_PAD): not a padded class
+    if GROUPED:
+        T: tl.constexpr = BLOCK_K // (S_PAD * G_PAD)
+        G: tl.constexpr = (C + T - 1) // T
+        s, lt, t, cols, in_row = _load_groups(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, S, S_PAD, G_PAD, HAS_WEIGHTS,
+                                              BLOCK_K, ROW_AXIS)
+        g = tl.arange(0, G_PAD)[:, None, None]
+        cls = tl.arange(0, T)[None, None, :] * G + g  # (G_PAD, 1, T): each class slot's class
+        real = (g < G) & (cls < C)  # not a padded class
+        in_y = (cls == y_class[None, :, None]) & (g < G)  # a thread's padded slots name the next thread's classes
+    else:
+        s, lt, t, cols, in_row = _load_classes(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K, S, S_PAD, HAS_WEIGHTS,
+                                               BLOCK_N, BLOCK_K, ROW_AXIS)
+        cls = tl.arange(0, BLOCK_K // S_PAD)[None, :]  # (1, C_PAD)
+        real = cls < C  # not a padded class
+        in_y = cls == y_class[:, None]
     m = tl.max(s, axis=0)
-    row_max = tl.max(m, axis=1)
-    rm = row_max[:, None]
+    row_max = _cls_rmax(m, GROUPED)
+    rm = _cls_row(row_max, GROUPED)
     sh = tl.where(real, m, rm)  # each class's max m_c; the row max in padding
     en = tl.exp2((sh - rm) * c1)
-    f = tl.exp2(s * c1 - (sh * c1)[None, :, :])
+    f = tl.exp2(s * c1 - _cls_el(sh * c1, GROUPED))
     fc = tl.sum(f, axis=0)  # F_c >= 1
     pc = tl.sum(t, axis=0)
-    z = tl.sum(fc * en, axis=1)
-    sum_t = tl.sum(pc, axis=1)
+    z = _cls_rsum(fc * en, GROUPED)
+    sum_t = _cls_rsum(pc, GROUPED)
     lz = _fast_log2(z)  # Z >= 1
-    mu = (row_max * c1)[:, None]
+    mu = _cls_row(row_max * c1, GROUPED)
     # per class: Σ t (log t - v ln 2) for KL(t‖q), v = (s - max) log2(e)/τ; and p_c (log2 r_c - μ_c) for
     # KL(p‖Q), r_c = p_c / F_c, μ_c = log2 en_c. An r_c below FLT_MIN (p_c < 2^-126 F_c, F_c <= S <= 256)
     # has a term below 2^-110 and is left out. Then one row sum of both (each row sum is shuffles).
-    d = tl.sum(tl.where(t == 0.0, 0.0, t * (lt - (s * c1 - mu[None, :, :]) * LN2)), axis=0)
+    d = tl.sum(tl.where(t == 0.0, 0.0, t * (lt - (s * c1 - _cls_el(mu, GROUPED)) * LN2)), axis=0)
     r = tl.where(real, _fast_div(pc, fc), 0.0)  # F_c >= 1: the fast division's 2 ulp are enough
     pf = tl.where(r < FLT_MIN, 0.0, pc * _fast_log2(r)) - pc * (sh * c1 - mu)
     # KL(t‖q) = Σ_c d_c + ln Z Σt; KL(p‖Q) = Σ_c p_c (ln p_c - ln Q_c) = (Σ_c pf_c + log2 Z Σt) ln 2
-    loss = tau * tau * (tl.sum(lam * d + ((1.0 - lam) * LN2) * pf, axis=1) + LN2 * lz * sum_t)
-    ct = _el(c_tau, HAS_LABELS, 1)
-    coef = en * _fast_div(c_tau * sum_t, z)[:, None] - (1.0 - lam) * _class_el(c_tau, HAS_LABELS) * r  # per class
+    loss = tau * tau * (_cls_rsum(lam * d + ((1.0 - lam) * LN2) * pf, GROUPED) + LN2 * lz * sum_t)
+    if GROUPED:
+        ct = _el(c_tau, HAS_LABELS, 2)
+    else:
+        ct = _el(c_tau, HAS_LABELS, 1)
+    coef = (en * _cls_row(_fast_div(c_tau * sum_t, z), GROUPED)
+            - (1.0 - lam) * _class_el(c_tau, HAS_LABELS, GROUPED) * r)  # per class
     ce = 0.0  # the hard-label term's loss per row (HARD > 0)
     if HARD > 0:
         # alpha (lse(s) - lse over class y) from h = exp(s - m_c) and eh = exp(m_c - max): its sums are
         # Zh = Σ_c H_c eh_c >= 1 and H_y >= 1 (never underflow); d/ds = alpha h (eh / Zh - [y] / H_y)
-        in_y = tl.arange(0, BLOCK_K // S_PAD)[None, :] == y_class[:, None]
         if HARD == 1:  # h = f, eh = en
             hc, eh = fc, en
         elif HARD == 2:  # h = f², eh = en²
             h = f * f
             hc, eh = tl.sum(h, axis=0), en * en
         else:
-            h = tl.exp2((s - sh[None, :, :]) * LOG2E)
+            h = tl.exp2((s - _cls_el(sh, GROUPED)) * LOG2E)
             hc, eh = tl.sum(h, axis=0), tl.exp2((sh - rm) * LOG2E)
-        zh = tl.sum(hc * eh, axis=1)
-        hy = tl.where(keep, tl.sum(tl.where(in_y, hc, 0.0), axis=1), 1.0)
-        my = tl.where(keep, tl.max(tl.where(in_y, sh, NEG_INF), axis=1), row_max)
+        zh = _cls_rsum(hc * eh, GROUPED)
+        hy = tl.where(keep, _cls_rsum(tl.where(in_y, hc, 0.0), GROUPED), 1.0)
+        my = tl.where(keep, _cls_rmax(tl.where(in_y, sh, NEG_INF), GROUPED), row_max)
         ce = tl.where(keep, alpha * ((row_max - my) + _fast_log2(_fast_div(zh, hy)) * LN2), 0.0)
-        hcoef = eh * _fast_div(scale * alpha, zh)[:, None] - tl.where(in_y, _fast_div(scale * alpha, hy)[:, None], 0.0)
+        hcoef = (eh * _cls_row(_fast_div(scale * alpha, zh), GROUPED)
+                 - tl.where(in_y, _cls_row(_fast_div(scale * alpha, hy), GROUPED), 0.0))
         if HARD == 1:
             coef += hcoef
-    g = f * coef[None, :, :] - lam * ct * t
+    grad = f * _cls_el(coef, GROUPED) - lam * ct * t
     if HARD > 1:
-        g += h * hcoef[None, :, :]
+        grad += h * _cls_el(hcoef, GROUPED)
     _store_row_losses(loss_ptr, hard_ptr, loss, ce, rows64, row_ok, keep, HAS_LABELS, HARD)
-    _store_classes(grad_ptr, g, rows64, row_ok, K, S, S_PAD, cols, in_row, BLOCK_N, BLOCK_K, ROW_AXIS)
+    if GROUPED:
+        _store_groups(grad_ptr, grad, rows64, row_ok, K, cols, in_row, ROW_AXIS)
+    else:
+        _store_classes(grad_ptr, grad, rows64, row_ok, K, S, S_PAD, cols, in_row, BLOCK_N, BLOCK_K, ROW_AXIS)
 
 
 @triton.jit
@@ -648,7 +784,7 @@ def lelp_loss_kernel(
     K: tl.constexpr, S: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     HAS_LABELS: tl.constexpr, HARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_K2: tl.constexpr, J1: tl.constexpr, J2: tl.constexpr, ROW_AXIS: tl.constexpr,
-    SUBCLASS_WEIGHTED: tl.constexpr, S_PAD: tl.constexpr,
+    SUBCLASS_WEIGHTED: tl.constexpr, S_PAD: tl.constexpr, G_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -666,7 +802,7 @@ def lelp_loss_kernel(
 
     if SUBCLASS_WEIGHTED:
         _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64, row_ok, M, tau, alpha,
-                           subclass_weight, scale, c_tau, keep, y, K, S, S_PAD, HAS_WEIGHTS, HAS_LABELS, HARD,
+                           subclass_weight, scale, c_tau, keep, y, K, S, S_PAD, G_PAD, HAS_WEIGHTS, HAS_LABELS, HARD,
                            BLOCK_N, BLOCK_K, ROW_AXIS)
     else:
         _divergence_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64, row_ok, M, jsd_beta, tau, alpha,
@@ -692,9 +828,10 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
     m = 1 if log_targets.ndim == 2 else log_targets.shape[1]
     has_labels = labels is not None
     if weighted:
-        (block_n, block_k, s_pad, num_warps), block_k2 = weighted_block_shape(num_classes, n_subclasses), 0
+        shape = weighted_block_shape(num_classes, n_subclasses, weights is not None)
+        (block_n, block_k, s_pad, g_pad, num_warps), block_k2 = shape, 0
     else:
-        (block_n, block_k, block_k2, num_warps), s_pad = block_shape(k, divergence), 1
+        (block_n, block_k, block_k2, num_warps), s_pad, g_pad = block_shape(k, divergence), 1, 1
     j1, j2 = (1, 1) if weighted else chunks(block_k, block_k2, student.element_size(), divergence)
     hard = hard_mode(alpha, tau, has_labels)
     grid = (triton.cdiv(n, block_n),)
@@ -703,7 +840,7 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
         grad_scale, loss_rows, hard_rows, grad, n, m, float(jsd_beta), float(tau), float(alpha), int(ignore_index),
         float(subclass_weight), K=k, S=n_subclasses, DIVERGENCE=divergence, HAS_WEIGHTS=weights is not None,
         HAS_LABELS=has_labels, HARD=hard, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K2=block_k2, J1=j1, J2=j2,
-        ROW_AXIS=ROW_AXIS, SUBCLASS_WEIGHTED=weighted, S_PAD=s_pad,
+        ROW_AXIS=ROW_AXIS, SUBCLASS_WEIGHTED=weighted, S_PAD=s_pad, G_PAD=g_pad,
         num_warps=num_warps,
     )
 
@@ -765,30 +902,30 @@ def _variants() -> List[dict]:
         combos += [((k, 1), div, False, has_y, 3 * has_y) for k in sorted(best.values())]
     variants = [dict(num_warps=num_warps, constexprs=dict(
         K=k, S=s, DIVERGENCE=div, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=hard, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_K2=block_k2, SUBCLASS_WEIGHTED=False, S_PAD=1))
+        BLOCK_K2=block_k2, SUBCLASS_WEIGHTED=False, S_PAD=1, G_PAD=1))
         for (k, s), div, has_w, has_y, hard in combos
         for block_n, block_k, block_k2, num_warps in [block_shape(k, div)]]
     for (c, s), has_w, has_y, hard in _weighted_combos():
-        block_n, block_k, s_pad, num_warps = weighted_block_shape(c, s)
+        block_n, block_k, s_pad, g_pad, num_warps = weighted_block_shape(c, s, has_w)
         variants.append(dict(num_warps=num_warps, constexprs=dict(
             K=c * s, S=s, DIVERGENCE=0, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=hard, BLOCK_N=block_n,
-            BLOCK_K=block_k, BLOCK_K2=0, SUBCLASS_WEIGHTED=True, S_PAD=s_pad)))
+            BLOCK_K=block_k, BLOCK_K2=0, SUBCLASS_WEIGHTED=True, S_PAD=s_pad, G_PAD=g_pad)))
     return variants
 
 
 # KL at a subclass weight λ ≠ 1 (SUBCLASS_WEIGHTED), as (C, S): at 3 x 4 (a padded class) each
 # hard-label mode, with and without teacher weights; the cost model's shapes (the widest classes
-# at S = 5, 8, 16 and 64, 16 classes, and 12 x 10: padded classes and subclasses, 256 slots for 120
-# elements) without labels and at τ = 1, 2; then every tile the launcher gives for K <= 512 and
-# C <= limits.MAX_FUSED_WEIGHTED_CLASSES (its C_PAD x S_PAD, and whether S is a power of two:
-# contiguous rows or gathered classes), with the most live values (teacher weights, the
+# at S = 5, 8, 16 and 64, 16 classes at S = 8 and 5, and 12 x 10: three classes of 10 in 4 x 16
+# slots per thread) without labels and at τ = 1, 2; then every tile the launcher gives for
+# K <= 512 and C <= limits.MAX_FUSED_WEIGHTED_CLASSES (its block shape, and whether S is a power
+# of two: contiguous rows or gathered classes), with the most live values (teacher weights, the
 # hard-label term at any τ), and C = 8, S = 5 with them.
-WEIGHTED_COST_SHAPES = [(2, 8), (8, 5), (8, 16), (8, 64), (16, 8), (12, 10)]
+WEIGHTED_COST_SHAPES = [(2, 8), (8, 5), (8, 16), (8, 64), (16, 8), (12, 10), (16, 5)]
 
 
-def weighted_tile(num_classes: int, n_subclasses: int):
+def weighted_tile(num_classes: int, n_subclasses: int, has_weights: bool = False):
     """What the λ ≠ 1 step's code depends on besides the flags: (block shape, S a power of two)."""
-    return weighted_block_shape(num_classes, n_subclasses), n_subclasses & (n_subclasses - 1) == 0
+    return weighted_block_shape(num_classes, n_subclasses, has_weights), n_subclasses & (n_subclasses - 1) == 0
 
 
 def weighted_shapes():
@@ -802,14 +939,20 @@ def _weighted_combos():
     combos += [((3, 4), False, has_y, hard) for has_y, hard in ((False, 0), (True, 1), (True, 2))]
     combos += [(shape, False, has_y, hard) for shape in WEIGHTED_COST_SHAPES
                for has_y, hard in ((False, 0), (True, 1), (True, 2))]
-    covered = {weighted_tile(*shape) for shape, has_w, has_y, hard in combos if has_w and has_y and hard == 3}
-    widest = {}  # per tile, the (C, S) with the most elements
-    for c, s in weighted_shapes():
-        key = weighted_tile(c, s)
-        if key not in covered and c * s > widest.get(key, (0, 0))[0] * widest.get(key, (0, 0))[1]:
-            widest[key] = (c, s)
-    # and C = 8, S = 5 with them too: its 64-bit label once spilled 8 B on sm_80 (Triton 3.9)
-    return combos + [(shape, True, True, 3) for shape in [*widest.values(), (8, 5)]]
+    # a tile compiled with teacher weights covers its launches without them (fewer live values); the
+    # tiles only launched without weights (more classes per thread, ``class_groups``) are compiled
+    # with the hard-label term at any τ
+    covered = {weighted_tile(*shape, True) for shape, has_w, has_y, hard in combos if has_w and has_y and hard == 3}
+    widest = {True: {}, False: {}}  # per tile, the (C, S) with the most elements
+    for has_w, (c, s) in itertools.product((True, False), weighted_shapes()):
+        key = weighted_tile(c, s, has_w)
+        if key in covered or (not has_w and key in widest[True]):
+            continue
+        if c * s > widest[has_w].get(key, (0, 0))[0] * widest[has_w].get(key, (0, 0))[1]:
+            widest[has_w][key] = (c, s)
+    # and C = 8, S = 5 with weights too: its 64-bit label once spilled 8 B on sm_80 (Triton 3.9)
+    return (combos + [(shape, True, True, 3) for shape in [*widest[True].values(), (8, 5)]]
+            + [(shape, False, True, 3) for shape in widest[False].values()])
 
 
 VARIANTS = _variants()
@@ -832,5 +975,5 @@ def signature(dtype: str, target_dtype: str) -> dict:
         "tau": "fp32", "alpha": "fp32", "ignore_index": "i32", "subclass_weight": "fp32",
         **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "HARD", "BLOCK_N",
                                           "BLOCK_K", "BLOCK_K2", "J1", "J2", "ROW_AXIS", "SUBCLASS_WEIGHTED",
-                                          "S_PAD")},
+                                          "S_PAD", "G_PAD")},
     }
