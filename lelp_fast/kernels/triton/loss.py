@@ -33,7 +33,6 @@ reference; ``VARIANTS`` is compiled ahead of time for sm_80/sm_90 (``tests/test_
 from __future__ import annotations
 
 import itertools
-import os
 from typing import List
 
 import torch
@@ -41,10 +40,10 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from . import limits
+from . import interpreting, limits
 
 # The interpreter (the CPU tests) has no libdevice: there the fast functions below are tl's.
-FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "").lower() not in ("1", "true", "on", "yes"))
+FAST_MATH = tl.constexpr(not interpreting())
 
 
 NEG_INF = tl.constexpr(float("-inf"))
@@ -141,9 +140,10 @@ def weighted_block_shape(num_classes: int, n_subclasses: int, has_weights: bool 
     t, g = class_groups(num_classes, n_subclasses, has_weights)
     g_pad = triton.next_power_of_2(g)
     block_k = t * g_pad * s_pad
+    num_warps = 4
     if g > 1:
-        return 128 // t, block_k, s_pad, g_pad, 4
-    return max(1, min(WEIGHTED_ELEMENTS_PER_PROGRAM // block_k, MAX_ROWS_PER_PROGRAM)), block_k, s_pad, 1, 4
+        return 32 * num_warps // t, block_k, s_pad, g_pad, num_warps
+    return max(1, min(WEIGHTED_ELEMENTS_PER_PROGRAM // block_k, MAX_ROWS_PER_PROGRAM)), block_k, s_pad, 1, num_warps
 
 
 def _half_piece(block_k: int, block_k2: int, divergence: int) -> bool:
@@ -503,6 +503,7 @@ def _cls_rsum(x, GROUPED: tl.constexpr):
 
 @triton.jit
 def _cls_rmax(x, GROUPED: tl.constexpr):
+    """Row maxima of a per-class value."""
     if GROUPED:
         return tl.max(tl.max(x, axis=0), axis=1)
     else:
@@ -535,8 +536,8 @@ def _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64
     (S_PAD, G_PAD, BLOCK_N, T) tiles, G classes per thread (GROUPED, ``_load_groups``): per-class
     values are (BLOCK_N, C_PAD) or (G_PAD, BLOCK_N, T), computed once per class, not once per
     element and class (a loop over the classes with masked row reductions cost about 17 bf16 /
-    32 fp32 SASS instructions per element and class at K = 128). The softmax's exponentials are taken against each class's own max,
-    f = 2^((s − m_c) log2(e)/τ), so a class's sum F_c >= 1 and q/Q_c = f/F_c never underflows (a
+    32 fp32 SASS instructions per element and class at K = 128). The softmax's exponentials are
+    taken against each class's own max, f = 2^((s − m_c) log2(e)/τ), so a class's sum F_c >= 1 and q/Q_c = f/F_c never underflows (a
     class far below the row max: its q is 0, its share of the class term is not); q = f en / Z with
     en = 2^((m_c − max) log2(e)/τ) per class and Z = Σ_c F_c en_c. Padded classes take the row max
     as their shift (finite: F_c = p_c = 0, no term)."""
@@ -924,8 +925,16 @@ WEIGHTED_COST_SHAPES = [(2, 8), (8, 5), (8, 16), (8, 64), (16, 8), (12, 10), (16
 
 
 def weighted_tile(num_classes: int, n_subclasses: int, has_weights: bool = False):
-    """What the λ ≠ 1 step's code depends on besides the flags: (block shape, S a power of two)."""
+    """The λ ≠ 1 step's layout: (block shape, S a power of two). Launches of one layout differ in
+    their flags and in how many of its slots hold elements (``weighted_load``)."""
     return weighted_block_shape(num_classes, n_subclasses, has_weights), n_subclasses & (n_subclasses - 1) == 0
+
+
+def weighted_load(num_classes: int, n_subclasses: int, has_weights: bool = False) -> int:
+    """Elements of a row that one thread of a tile holds, what its registers grow with within the tile:
+    G·S with G classes per thread, else the row's C·S (compared only within one tile)."""
+    _, g = class_groups(num_classes, n_subclasses, has_weights)
+    return g * n_subclasses if g > 1 else num_classes * n_subclasses
 
 
 def weighted_shapes():
@@ -939,20 +948,20 @@ def _weighted_combos():
     combos += [((3, 4), False, has_y, hard) for has_y, hard in ((False, 0), (True, 1), (True, 2))]
     combos += [(shape, False, has_y, hard) for shape in WEIGHTED_COST_SHAPES
                for has_y, hard in ((False, 0), (True, 1), (True, 2))]
-    # a tile compiled with teacher weights covers its launches without them (fewer live values); the
-    # tiles only launched without weights (more classes per thread, ``class_groups``) are compiled
-    # with the hard-label term at any τ
-    covered = {weighted_tile(*shape, True) for shape, has_w, has_y, hard in combos if has_w and has_y and hard == 3}
-    widest = {True: {}, False: {}}  # per tile, the (C, S) with the most elements
+    # per tile, the launch with the most elements per thread (``weighted_load``) with the hard-label term
+    # at any τ, with teacher weights; and without them where a launch holds more (up to 32 elements per
+    # thread against 20, ``class_groups``)
+    widest = {True: {}, False: {}}
     for has_w, (c, s) in itertools.product((True, False), weighted_shapes()):
-        key = weighted_tile(c, s, has_w)
-        if key in covered or (not has_w and key in widest[True]):
-            continue
-        if c * s > widest[has_w].get(key, (0, 0))[0] * widest[has_w].get(key, (0, 0))[1]:
+        key, load = weighted_tile(c, s, has_w), weighted_load(c, s, has_w)
+        held = [weighted_load(*widest[True][key], True)] if key in widest[True] else []
+        held += [weighted_load(*widest[has_w][key], has_w)] if key in widest[has_w] else []
+        if load > max(held, default=0):
             widest[has_w][key] = (c, s)
-    # and C = 8, S = 5 with weights too: its 64-bit label once spilled 8 B on sm_80 (Triton 3.9)
-    return (combos + [(shape, True, True, 3) for shape in [*widest[True].values(), (8, 5)]]
-            + [(shape, False, True, 3) for shape in widest[False].values()])
+    # and C = 8, S = 5 with weights: its 64-bit label once spilled 8 B on sm_80 (Triton 3.9)
+    combos += [(shape, True, True, 3) for shape in [*widest[True].values(), (8, 5)]]
+    combos += [(shape, False, True, 3) for shape in widest[False].values()]
+    return list(dict.fromkeys(combos))
 
 
 VARIANTS = _variants()
