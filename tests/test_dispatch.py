@@ -215,3 +215,17 @@ def test_failed_weighted_launch_is_remembered_apart_from_the_plain_one(monkeypat
     with pytest.warns(RuntimeWarning, match=r"K = 5 \(C = 5, S = 1\)"):
         distill_loss(student, log_t, labels, backend="auto", subclass_weight=0.1, **kw)
     assert len(triton_that_cannot_launch) == 3
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("ON", True), ("yes", True), ("y", True),
+                                       ("0", False), ("false", False), ("", False)])
+def test_triton_interpreter_flag_read_as_triton_reads_it(monkeypatch, value, on):
+    """TRITON_INTERPRET=true (or on, yes, y) runs Triton's interpreter as =1 does; the dispatcher and
+    the targets launcher read only "1" (Triton on CPU tensors refused, the autotuner asked to time
+    configs on a GPU). Now both read the flag as Triton does."""
+    pytest.importorskip("triton")
+    from lelp_fast.kernels.triton import targets as triton_targets
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _dispatch.available("triton", torch.device("cpu")) is on
+    assert triton_targets._interpreting() is on

@@ -3,7 +3,7 @@
 ``backend="auto"`` honours the ``LELP_FAST_BACKEND`` environment variable, then picks the
 compiled kernels for the device (``triton``, then ``cuda`` for CUDA tensors; ``cpu`` for CPU
 tensors) and falls back to the ``torch`` reference path when none is available or none takes the
-call's shape. Triton runs on CPU tensors only when forced and ``TRITON_INTERPRET=1`` (the
+call's shape. Triton runs on CPU tensors only when forced and ``TRITON_INTERPRET`` is on (the
 interpreter, for tests). A GPU launch that fails for resources (Triton's ``OutOfResources``) under
 ``auto`` is recorded with one warning naming the shape, and that shape goes to the next backend.
 """
@@ -16,6 +16,8 @@ from types import MappingProxyType
 from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
+
+from ..kernels.triton import interpreting as triton_interpreting
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 
@@ -103,7 +105,7 @@ def available(backend: str, device: torch.device) -> bool:
     if backend == "triton":
         if device.type == "cuda":
             return _triton_importable()
-        return os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable()
+        return triton_interpreting() and _triton_importable()
     if _C is None:
         return False
     if backend == "cpu":

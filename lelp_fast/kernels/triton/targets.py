@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -35,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ..._derived import derived
-from . import limits
+from . import interpreting, limits
 from .limits import padded_grid
 
 NEG_INF = tl.constexpr(float("-inf"))
@@ -362,7 +361,7 @@ def cached_split_map(weight: torch.Tensor, bias: torch.Tensor, num_classes: int,
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return interpreting()
 
 
 # The resident form (lelp_targets_resident_kernel): 128 rows x 64 map rows per slice, 8 warps, one
