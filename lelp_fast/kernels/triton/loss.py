@@ -102,9 +102,10 @@ WEIGHTED_ELEMENTS_PER_PROGRAM = 2048
 
 # Real elements of the classes one thread holds in a gathered tile (``class_groups``), and their
 # padded slots: more classes per thread share the per-row work and its shuffles among more elements.
-# With teacher weights (the teachers mixed in the kernel), 30 elements per thread spilled 16-152 B
-# at 255 registers (Triton 3.6 and 3.9, sm_80 and sm_90), so those launches hold fewer.
-MAX_GROUP_ELEMENTS = {False: 32, True: 20}  # by whether the launch mixes teachers
+# With teacher weights (the teachers mixed in the kernel) 30 elements per thread spilled 16-152 B at
+# 255 registers and 20 spilled 8 B once (13 x 5, Triton 3.6, sm_90); at 16 none of the 60 such
+# launches does (each compiled for sm_80 bf16 and sm_90 bf16/fp32 under Triton 3.6 and 3.9).
+MAX_GROUP_ELEMENTS = {False: 32, True: 16}  # by whether the launch mixes teachers
 MAX_GROUP_SLOTS = 64
 
 
