@@ -209,10 +209,10 @@ def weighted_loss_bytes(dtype: torch.dtype, num_classes: int = 5):
 
 def _class_groups(c: dict) -> str:
     """' (T x G)' when a λ ≠ 1 tile holds G classes per thread on T threads a row (``loss.class_groups``)."""
-    if c.get("G_PAD", 1) == 1:
-        return ""
-    t = c["BLOCK_K"] // (c["S_PAD"] * c["G_PAD"])
-    return f" ({t} x {-(-(c['K'] // c['S']) // t)})"
+    from . import loss
+
+    t, g = loss.class_groups(c["K"] // c["S"], c["S"], c["HAS_WEIGHTS"])
+    return f" ({t} x {g})" if g > 1 else ""
 
 
 def weighted_loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:

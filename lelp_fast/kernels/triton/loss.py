@@ -538,10 +538,10 @@ def _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64
     values are (BLOCK_N, C_PAD) or (G_PAD, BLOCK_N, T), computed once per class, not once per
     element and class (a loop over the classes with masked row reductions cost about 17 bf16 /
     32 fp32 SASS instructions per element and class at K = 128). The softmax's exponentials are
-    taken against each class's own max, f = 2^((s − m_c) log2(e)/τ), so a class's sum F_c >= 1 and q/Q_c = f/F_c never underflows (a
-    class far below the row max: its q is 0, its share of the class term is not); q = f en / Z with
-    en = 2^((m_c − max) log2(e)/τ) per class and Z = Σ_c F_c en_c. Padded classes take the row max
-    as their shift (finite: F_c = p_c = 0, no term)."""
+    taken against each class's own max, f = 2^((s − m_c) log2(e)/τ), so a class's sum F_c >= 1 and
+    q/Q_c = f/F_c never underflows (a class far below the row max: its q is 0, its share of the class
+    term is not); q = f en / Z with en = 2^((m_c − max) log2(e)/τ) per class and Z = Σ_c F_c en_c.
+    Padded classes take the row max as their shift (finite: F_c = p_c = 0, no term)."""
     C: tl.constexpr = K // S
     GROUPED: tl.constexpr = G_PAD > 1
     c1 = LOG2E / tau
