@@ -201,11 +201,12 @@ def _fitted(name, h, y, head):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", MAPPED)
-def test_variant_targets_and_loss_on_every_backend_match_the_reference(backend, name, device="cpu"):
+def test_variant_targets_and_loss_on_every_backend_match_the_reference(backend, name, device="cpu", rtol=1e-5):
     """Each variant's targets from the targets op, and the loss on them offline and online (the map
     inside the loss), at λ = 0.1 and at λ = 1 with the hard-label term (the CPU kernel's lane layout,
     Triton's fused online loss), against the variant's direct fp64 computation; 61 rows.
-    tests/test_triton.py runs it on Triton (``device`` "cuda" there on a GPU)."""
+    tests/test_triton.py runs it on Triton (``device`` "cuda" there on a GPU). ``rtol``: the targets'
+    (the loss's gradient on them, offline and online, to an absolute 2 rtol)."""
     h, y = _classes([3, 5], n=120, d=12)
     head = torch.randn(2, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     m, beta_at, ours, ref = _fitted(name, h, y, head)
@@ -216,7 +217,7 @@ def test_variant_targets_and_loss_on_every_backend_match_the_reference(backend, 
         want = ref(h32.double(), z32.double(), step)
         assert torch.equal(torch.isneginf(got), torch.isneginf(want))
         finite = torch.isfinite(want)
-        torch.testing.assert_close(got.double()[finite], want[finite], atol=2e-4, rtol=1e-5)
+        torch.testing.assert_close(got.double()[finite], want[finite], atol=2e-4, rtol=rtol)
 
     s = m.n_subclasses
     student = torch.randn(61, 2 * s, generator=torch.Generator().manual_seed(2))
@@ -237,4 +238,4 @@ def test_variant_targets_and_loss_on_every_backend_match_the_reference(backend, 
             loss = distill_loss(x, labels=y[rows].to(device), **targets, **kw)
             (grad,) = torch.autograd.grad(loss.sum(), x)
             torch.testing.assert_close(loss.double().cpu(), want_loss.detach(), atol=2e-4, rtol=1e-4)
-            torch.testing.assert_close(grad.double().cpu(), want_grad, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(grad.double().cpu(), want_grad, atol=2 * rtol, rtol=1e-4)

@@ -97,13 +97,14 @@ def test_triton_targets_persistent_loop_matches_reference(one_program_per_group,
 def test_triton_targets_persistent_loop_huge_logits_tiny_beta_and_nan_rows(one_program_per_group, dtype):
     """Huge projections (|log t| ~ 1e6) with beta = 0.01, and NaN rows in the last tile: each row's
     targets come from its own tile's accumulators (a NaN row gives NaN targets in that row only).
-    bf16's hi + lo map carries 16 bits of each column: errors up to ~2^-16 of the largest |log t|."""
+    The hi + lo map carries 16 bits of each column, and fp32 h is split into two bf16 parts: errors up
+    to ~2^-16 of the largest |log t| (fp32: 1.2e-5 of it, bf16: 2.8e-6, measured)."""
     h, weight, bias, _ = test_ops_targets.random_map(300, 64, 2, 4, True, seed=3, scale=1e3)
     h = h.to(dtype)
     weight, bias = (weight * 10).float(), bias.float()
     got = lelp_targets(h, weight, bias, 2, 4, beta=0.01, backend="triton")
     want = fp64_reference(h, weight.double(), bias.double(), None, 2, 4, 0.01, 1.0)
-    atol = 1.0 if dtype == torch.float32 else 2.0**-16 * float(want.abs().max())
+    atol = 2.0**-16 * float(want.abs().max())
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want, atol=atol, rtol=1e-4)
     h[[0, 290]] = float("nan")
@@ -256,8 +257,12 @@ def test_triton_online_multi_teacher(dtype, n):
 @pytest.mark.parametrize("name", test_subclass_variants.MAPPED)
 def test_triton_runs_every_lelp_variant(name):
     """Issue 22's variants (per-class S with −inf biases, tied GMM, β per class, annealed β, both signs):
-    targets and the loss on them, offline and online, against the fp64 reference."""
-    test_subclass_variants.test_variant_targets_and_loss_on_every_backend_match_the_reference("triton", name, DEVICE)
+    targets and the loss on them, offline and online, against the fp64 reference. The targets to a
+    relative 1e-4 (the other backends: 1e-5) and the loss's gradient on them to 2e-4: the kernels
+    split fp32 h and the map into bf16 parts (up to 8.5e-5 relative and 5.6e-5 absolute here,
+    measured under the interpreter)."""
+    test_subclass_variants.test_variant_targets_and_loss_on_every_backend_match_the_reference("triton", name, DEVICE,
+                                                                                               rtol=1e-4)
 
 
 def test_auto_never_picks_a_backend_that_cannot_run_the_call(monkeypatch):

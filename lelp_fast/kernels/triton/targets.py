@@ -1,16 +1,18 @@
 """Triton kernel of the targets op: projection + both segmented log-softmaxes, one pass.
 
 The kernels are persistent: about two programs per SM (per class group), each looping over row
-tiles of ``BLOCK_N`` rows (128; 64 for fp32 at 128 columns), so the map is read once per program
+tiles of ``BLOCK_N`` rows (128), so the map is read once per program
 or once per tile, never once per 64 rows. Where a 16-bit map fits in shared memory (at most 96 KiB:
 K = 16 with the head at d = 768) the resident form loads it once and keeps it for all of the
 program's rows; otherwise the streaming form reads it from L2 once per tile. Both stream h in
-``BLOCK_D`` slices through tensor-core dots in the input dtype. The fp32 map is split on the host
-(``split_map``, cached) into a ``hi`` and a ``lo`` part of that dtype, per-column power-of-two
-scaled so fp16 neither overflows nor underflows: ``h @ A = (h @ hi + h @ lo) · col_scale`` keeps
-fp32-like accuracy at bf16/fp16 speed (two chained dots into one fp32 accumulator; the resident
-form interleaves hi and lo columns in one operand, one dot, and adds the halves after the slices);
-fp32 inputs take one ``tf32x3`` dot instead.
+``BLOCK_D`` slices through 16-bit tensor-core dots. The fp32 map is split on the host
+(``split_map``, cached) into a ``hi`` and a ``lo`` part of the input dtype (bf16 for fp32 inputs),
+per-column power-of-two scaled so fp16 neither overflows nor underflows: ``h @ A = (h @ hi + h @ lo)
+· col_scale`` keeps fp32-like accuracy (16 bits of each column) at bf16/fp16 speed (two chained dots
+into one fp32 accumulator; the resident form interleaves hi and lo columns in one operand, one dot,
+and adds the halves after the slices). fp32 h is split in the kernel into bf16 hi + lo: three dots,
+h_lo @ lo left out (errors up to ~2^-16 of a row's largest |log t|; the ``tf32x3`` dots before,
+with the map re-split in every tile, were modelled at 4.8x the H200's floor at K = 128).
 The subclass columns are laid out as a padded ``C_PAD x S_PAD`` grid, so the epilogue reshapes
 the accumulator to (rows, class, subclass) and takes every class's log-softmax with one
 reduction; the teacher head (when no logits are given) is a second, 16-column dot. A program
@@ -41,8 +43,15 @@ NEG_INF = tl.constexpr(float("-inf"))
 HEAD_PAD = limits.MAX_HEAD_CLASSES  # the smallest tensor-core N tile: the head dot has 16 columns
 # Extra bits carried by the lo part: hi's rounding error is < 2^-(mantissa + 1) of a scaled
 # entry (|x| <= 1), so hi · 2^shift stays exact and lo = error · 2^shift stays a normal number.
-LO_SHIFT = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 0}
+LO_SHIFT = {torch.bfloat16: 8, torch.float16: 11}
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TORCH_DTYPES = {name: dtype for dtype, name in _TL_DTYPES.items()}
+
+
+def map_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the map's hi and lo parts for embeddings of ``dtype``: their own for 16-bit
+    inputs; bf16 for fp32 ones, whose h the kernels split into bf16 parts too (``_split_h``)."""
+    return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
 class Config(NamedTuple):
@@ -61,19 +70,18 @@ class Config(NamedTuple):
 # needed up to 565 KB of shared memory at 3 stages (OutOfResources on any GPU).
 COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
 # The streaming form's configs. Rows per tile = 128 (two wgmma M tiles), so one read of the map from
-# L2 serves 128 rows (issue 21), except fp32 at 128 columns: 128 rows spilled 32 B/thread there
-# (sm_90, Triton 3.9), so 64 (with 2 stages ptxas kept 128 registers on sm_80 and spilled 8 B
-# under Triton 3.6 at 16 x 8 with logits; 3 spill under neither). BLOCK_D: 16 at
-# 128 columns (BLOCK_D = 32: 256 B/thread of spills for fp32 on sm_80; 64: spills for fp32 on both
-# archs) with 8 warps (4 spilled 48-144 B for fp32 with given logits under Triton 3.6), 32 up to 64
-# columns. 3 stages keep two copies in flight under each dot, except at 128 16-bit columns: 2
-# (3 spilled 48 B at 512 x 1 with given logits on sm_90 under Triton 3.9; 2 spill under neither
-# 3.6 nor 3.9). Every entry is compiled for sm_80/sm_90 under both, with its shared memory,
+# L2 serves 128 rows (issue 21). BLOCK_D: 32 up to 64 columns; 16 at 128 (32 spilled for fp32: 104 B
+# per thread at 16 x 8 with the head on sm_90, 24-48 B on sm_80, Triton 3.9; 64 spilled on both
+# archs), with 8 warps (4 spilled 48-144 B for fp32 with given logits under Triton 3.6). 3 stages
+# keep two copies in flight under each dot, except at 128 columns: 2 (3 spilled 48 B at 512 x 1 with
+# given logits on sm_90 under Triton 3.9; for fp32, 40-48 B on sm_80 with 64-logit chunks).
+# fp32 inputs take the same configs, their h split into bf16 parts (``_split_h``); under the tf32x3
+# dots they had before, 128 rows spilled 32 B per thread at 128 columns and they took 64-row tiles.
+# Every entry is compiled for sm_80/sm_90 under Triton 3.6 and 3.9, with its shared memory,
 # registers and spills checked (tests/test_triton_aot.py).
 CONFIGS = {
     "narrow": [Config(128, 32, 8, 3)],
     "mid": [Config(128, 16, 8, 2)],
-    "mid_fp32": [Config(64, 16, 8, 3)],
 }
 
 
@@ -82,23 +90,35 @@ def class_block(c_pad: int, s_pad: int) -> int:
     return max(1, min(c_pad, COLUMNS_PER_PROGRAM // s_pad))
 
 
-def config_class(columns: int, dtype: torch.dtype) -> str:
+def config_class(columns: int) -> str:
     """Which config list serves a program of ``columns`` accumulator columns (see CONFIGS)."""
-    if columns <= 64:
-        return "narrow"
-    return "mid_fp32" if dtype == torch.float32 else "mid"
+    return "narrow" if columns <= 64 else "mid"
 
 
 @triton.jit
-def _accumulate(h, hi_ptr, lo_ptr, d_idx, cols, ld, d_ok, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += h @ hi (+ h @ lo) over one BLOCK_D slice of a (D, ld) map."""
+def _accumulate(h, hi_ptr, lo_ptr, d_idx, cols, ld, d_ok, acc):
+    """acc += h @ (hi + lo) over one BLOCK_D slice of a (D, ld) 16-bit map. fp32 h is split here into
+    bf16 hi + lo parts (``_split_h``): three bf16 dots, h_lo @ lo (under 2^-17 of a term) left out."""
     offs = d_idx[:, None] * ld + cols[None, :]
     hi = tl.load(hi_ptr + offs, mask=d_ok[:, None], other=0.0)
-    acc = tl.dot(h, hi, acc, input_precision=PRECISION)
-    if SPLIT:
-        lo = tl.load(lo_ptr + offs, mask=d_ok[:, None], other=0.0)
-        acc = tl.dot(h, lo, acc, input_precision=PRECISION)
+    lo = tl.load(lo_ptr + offs, mask=d_ok[:, None], other=0.0)
+    if h.dtype == tl.float32:
+        h_hi, h_lo = _split_h(h)
+        acc = tl.dot(h_hi, hi, acc)
+        acc = tl.dot(h_hi, lo, acc)
+        acc = tl.dot(h_lo, hi, acc)
+    else:
+        acc = tl.dot(h, hi, acc)
+        acc = tl.dot(h, lo, acc)
     return acc
+
+
+@triton.jit
+def _split_h(h):
+    """fp32 h as bf16 hi + lo (h - hi is exact in fp32; lo keeps 8 more bits): h = hi + lo to ~2^-17
+    of |h|. bf16 has fp32's exponent range, so no scaling is needed (unlike the map's fp16 parts)."""
+    h_hi = h.to(tl.bfloat16)
+    return h_hi, (h - h_hi.to(tl.float32)).to(tl.bfloat16)
 
 
 @triton.jit
@@ -113,10 +133,11 @@ def _masked_lse(x, ok, axis: tl.constexpr):
 
 @triton.jit
 def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr):
-    """logsumexp_c(z_c / tau) over all C given logits, 64 classes at a time (online rescaling), so a
-    program whose class group is narrow never holds all C logits; 8 at a time for fewer than 16
-    padded classes (64-wide chunks of 4 classes spilled on sm_80, 4-wide ones under Triton 3.6)."""
-    CHUNK: tl.constexpr = 64 if C_PAD >= 16 else 8
+    """logsumexp_c(z_c / tau) over all C given logits, 32 classes at a time (online rescaling), so a
+    program whose class group is narrow never holds all C logits (64 at a time spilled 24 B for fp32
+    at 512 x 1 on sm_80); 8 at a time for fewer than 16 padded classes (64-wide chunks of 4 classes
+    spilled on sm_80, 4-wide ones under Triton 3.6)."""
+    CHUNK: tl.constexpr = 32 if C_PAD >= 16 else 8
     m = tl.full((BLOCK_N,), NEG_INF, dtype=tl.float32)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c0 in range(0, C, CHUNK):
@@ -189,7 +210,7 @@ def lelp_targets_kernel(
     h_ptr, stride_h, sub_hi_ptr, sub_lo_ptr, sub_scale_ptr, sub_bias_ptr,
     head_hi_ptr, head_lo_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z, out_ptr, stride_out,
     N, D, C, S, inv_beta, inv_tau,
-    HAS_LOGITS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LOGITS: tl.constexpr,
     C_PAD: tl.constexpr, S_PAD: tl.constexpr, C_BLOCK: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -214,9 +235,9 @@ def lelp_targets_kernel(
             d_ok = d_idx < D
             h = tl.load(h_ptr + rows64[:, None] * stride_h + d_idx[None, :], mask=row_ok[:, None] & d_ok[None, :],
                         other=0.0)
-            u = _accumulate(h, sub_hi_ptr, sub_lo_ptr, d_idx, k_cols, KP, d_ok, u, SPLIT, PRECISION)
+            u = _accumulate(h, sub_hi_ptr, sub_lo_ptr, d_idx, k_cols, KP, d_ok, u)
             if not HAS_LOGITS:
-                z = _accumulate(h, head_hi_ptr, head_lo_ptr, d_idx, h_cols, 16, d_ok, z, SPLIT, PRECISION)
+                z = _accumulate(h, head_hi_ptr, head_lo_ptr, d_idx, h_cols, 16, d_ok, z)
         _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
                   out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N,
                   C_PAD)
@@ -248,7 +269,7 @@ def lelp_targets_resident_kernel(
     h_ptr, stride_h, sub_hi_ptr, sub_lo_ptr, sub_scale_ptr, sub_bias_ptr,
     head_hi_ptr, head_lo_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z, out_ptr, stride_out,
     N, D, C, S, inv_beta, inv_tau,
-    HAS_LOGITS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LOGITS: tl.constexpr,
     C_PAD: tl.constexpr, S_PAD: tl.constexpr, C_BLOCK: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CHUNKS: tl.constexpr,
 ):
@@ -259,7 +280,6 @@ def lelp_targets_resident_kernel(
     KP: tl.constexpr = C_PAD * S_PAD
     KW: tl.constexpr = C_BLOCK * S_PAD
     GROUPS: tl.constexpr = C_PAD // C_BLOCK
-    tl.static_assert(SPLIT, "the resident form takes 16-bit maps (hi + lo parts)")
     pid = tl.program_id(0)
     group = pid % GROUPS
     sub = _map_chunks(sub_hi_ptr, sub_lo_ptr, group * KW + tl.arange(0, KW), KP, D, KW, N_CHUNKS, BLOCK_D)
@@ -276,9 +296,9 @@ def lelp_targets_resident_kernel(
         h_tile = h_ptr + rows64[:, None] * stride_h + tl.arange(0, BLOCK_D)[None, :]
         for j in tl.static_range(N_CHUNKS):
             h = tl.load(h_tile + j * BLOCK_D, mask=row_ok[:, None], other=0.0)
-            u2 = tl.dot(h, sub[j], u2, input_precision=PRECISION)
+            u2 = tl.dot(h, sub[j], u2)
             if not HAS_LOGITS:
-                z2 = tl.dot(h, head[j], z2, input_precision=PRECISION)
+                z2 = tl.dot(h, head[j], z2)
         u = _hi_plus_lo(u2, BLOCK_N, KW)
         z = _hi_plus_lo(z2, BLOCK_N, 16)
         _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
@@ -289,7 +309,7 @@ def lelp_targets_resident_kernel(
 _autotuned = {
     name: triton.autotune([triton.Config({"BLOCK_N": c.block_n, "BLOCK_D": c.block_d}, num_warps=c.num_warps,
                                          num_stages=c.num_stages) for c in configs],
-                          key=["D", "C_PAD", "S_PAD", "HAS_LOGITS", "SPLIT", "EXACT"])(lelp_targets_kernel)
+                          key=["D", "C_PAD", "S_PAD", "HAS_LOGITS", "EXACT"])(lelp_targets_kernel)
     for name, configs in CONFIGS.items()
 }
 
@@ -318,8 +338,6 @@ def _split_columns(m: torch.Tensor, dtype: torch.dtype):
     unit = torch.exp2(exponent)  # |m / unit| <= 1
     scaled = m / unit
     hi = scaled.to(dtype)
-    if dtype == torch.float32:
-        return hi, hi, unit.to(torch.float32)
     lo = ((scaled - hi.to(torch.float64)) * 2.0**shift).to(dtype)
     hi = (hi.to(torch.float64) * 2.0**shift).to(dtype)  # exact: a power-of-two scaling
     return hi.contiguous(), lo.contiguous(), (unit * 2.0**-shift).to(torch.float32)
@@ -370,9 +388,9 @@ def _interpreting() -> bool:
 RESIDENT_CONFIG = Config(128, 64, 8, 1)
 # A map (hi + lo parts, subclass and head columns) this large or smaller stays in shared memory:
 # with one 128 x 64 slice of h it takes <= 114,688 B, under sm_80's 166,912 B opt-in limit and two
-# programs per sm_90 SM. K = 16 with a head at d = 768 is 98,304 B. fp32 inputs always stream: their
-# tf32x3 dots split the resident map again inside the kernel (twice the shared memory) and spilled
-# 1-2.4 KB per thread at every block shape tried (sm_90, Triton 3.9).
+# programs per sm_90 SM. K = 16 with a head at d = 768 is 98,304 B. fp32 inputs stream: with their h
+# split into bf16 parts here, the programs with the head spilled 88-360 B per thread on sm_90
+# (Triton 3.9; 216-360 B at K = 16, d = 768); under the tf32x3 dots they had before, 1-2.4 KB.
 RESIDENT_MAP_BYTES = 98_304
 RESIDENT_COLUMNS = 64  # wider programs spill with the 128-row accumulator; they stream
 # Unrolled slices at most (d <= 768): 24 slices spilled 16-40 B per thread on sm_90 (Triton 3.9).
@@ -432,7 +450,7 @@ def plan(d: int, num_classes: int, n_subclasses: int, dtype: torch.dtype, with_h
         constexprs = {**_constexprs(dtype, c_pad, s_pad, not with_head, exact, cfg),
                       "N_CHUNKS": triton.cdiv(d, cfg.block_d)}
         return Plan("lelp_targets_resident_kernel", cfg, constexprs, c_pad // c_block)
-    cfg = CONFIGS[config_class(columns, dtype)][0]  # the autotuner's choice on a GPU; the only one so far
+    cfg = CONFIGS[config_class(columns)][0]  # the autotuner's choice on a GPU; the only one so far
     return Plan("lelp_targets_kernel", cfg, _constexprs(dtype, c_pad, s_pad, not with_head, exact, cfg),
                 c_pad // c_block)
 
@@ -445,7 +463,8 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
     why = limits.targets_unsupported(num_classes, n_subclasses, with_head=with_head)
     if why:
         raise ValueError(f"the triton targets kernel cannot run: {why}")
-    split = cached_split_map(weight, bias, num_classes, n_subclasses, embeddings.dtype, with_head, embeddings.device)
+    split = cached_split_map(weight, bias, num_classes, n_subclasses, map_dtype(embeddings.dtype), with_head,
+                             embeddings.device)
     z = teacher_logits if teacher_logits is not None else embeddings
     head = [split.head_hi, split.head_lo, split.head_scale, split.head_bias]
     head = [t if t is not None else split.sub_bias for t in head]  # unused pointers when logits are given
@@ -461,7 +480,7 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
         lelp_targets_kernel[grid](*args, **p.constexprs)
     else:
         tuned = {k: v for k, v in p.constexprs.items() if k not in ("BLOCK_N", "BLOCK_D")}
-        tuner = _autotuned[config_class(p.constexprs["C_BLOCK"] * p.constexprs["S_PAD"], embeddings.dtype)]
+        tuner = _autotuned[config_class(p.constexprs["C_BLOCK"] * p.constexprs["S_PAD"])]
         grid = lambda meta: (row_programs(triton.cdiv(n, meta["BLOCK_N"]), embeddings.device) * p.groups,)  # noqa: E731
         tuner[grid](*args, **tuned)
     return out
@@ -470,15 +489,14 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
 # The padded grids each streaming config list is compiled at: its widest program (registers,
 # shared memory and spills grow with the columns) with a head (C <= 16), and for "mid" also one of
 # several class groups with given logits (512 classes: the chunked class logsumexp, group offsets).
-VARIANT_GRIDS = {"narrow": [(4, 16)], "mid": [(16, 8), (512, 1)], "mid_fp32": [(16, 8), (512, 1)]}
+VARIANT_GRIDS = {"narrow": [(4, 16)], "mid": [(16, 8), (512, 1)]}
 # The resident form at the widest program it takes (64 columns and the head, 4 slices: d <= 256)
 # and at the deepest (12 slices, d = 768: K = 16 with the head, and with given logits).
 RESIDENT_GRIDS = [(4, 16, True, 4), (4, 4, True, 12), (4, 4, False, 12)]  # (C_PAD, S_PAD, with head, N_CHUNKS)
 
 
 def _constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg) -> dict:
-    return dict(HAS_LOGITS=has_logits, SPLIT=dtype != torch.float32,
-                PRECISION="tf32x3" if dtype == torch.float32 else "ieee", C_PAD=c_pad, S_PAD=s_pad,
+    return dict(HAS_LOGITS=has_logits, C_PAD=c_pad, S_PAD=s_pad,
                 C_BLOCK=class_block(c_pad, s_pad), EXACT=exact, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
 
 
@@ -489,8 +507,7 @@ def _variants() -> List[dict]:
     for name, configs in CONFIGS.items():
         for (c_pad, s_pad), cfg in itertools.product(VARIANT_GRIDS[name], configs):
             heads = (False, True) if c_pad <= HEAD_PAD else (True,)
-            dtypes = [t for t in _TL_DTYPES if name == "narrow" or (t == torch.float32) == (name == "mid_fp32")]
-            for dtype, has_logits, exact in itertools.product(dtypes, heads, (False, True)):
+            for dtype, has_logits, exact in itertools.product(_TL_DTYPES, heads, (False, True)):
                 variants.append(dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg,
                                      constexprs=_constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg)))
     cfg = RESIDENT_CONFIG
@@ -516,14 +533,14 @@ VARIANTS = _variants()
 
 def signature(dtype: str, out_dtype: str = "fp32", resident: bool = False) -> dict:
     """The kernel's argument types for ahead-of-time compilation (``triton.compile``)."""
+    part = _TL_DTYPES[map_dtype(_TORCH_DTYPES[dtype])]
     return {
-        "h_ptr": f"*{dtype}", "stride_h": "i64", "sub_hi_ptr": f"*{dtype}", "sub_lo_ptr": f"*{dtype}",
-        "sub_scale_ptr": "*fp32", "sub_bias_ptr": "*fp32", "head_hi_ptr": f"*{dtype}", "head_lo_ptr": f"*{dtype}",
+        "h_ptr": f"*{dtype}", "stride_h": "i64", "sub_hi_ptr": f"*{part}", "sub_lo_ptr": f"*{part}",
+        "sub_scale_ptr": "*fp32", "sub_bias_ptr": "*fp32", "head_hi_ptr": f"*{part}", "head_lo_ptr": f"*{part}",
         "head_scale_ptr": "*fp32", "head_bias_ptr": "*fp32", "z_ptr": f"*{dtype}", "stride_z": "i64",
         "out_ptr": f"*{out_dtype}", "stride_out": "i64", "N": "i32", "D": "i32", "C": "i32", "S": "i32",
         "inv_beta": "fp32", "inv_tau": "fp32",
-        **{name: "constexpr" for name in ("HAS_LOGITS", "SPLIT", "PRECISION", "C_PAD", "S_PAD", "C_BLOCK",
-                                          "EXACT", "BLOCK_N", "BLOCK_D")},
+        **{name: "constexpr" for name in ("HAS_LOGITS", "C_PAD", "S_PAD", "C_BLOCK", "EXACT", "BLOCK_N", "BLOCK_D")},
         **({"N_CHUNKS": "constexpr"} if resident else {}),
     }
 
