@@ -134,6 +134,16 @@ def test_targets_kernel_uses_tensor_cores_and_wide_copies(compiled, case):
         assert facts["vector_stores"] > 0, f"whole-row stores not vectorised: {facts}"
 
 
+@pytest.mark.parametrize("case", TARGETS, ids=[aot.case_id(c) for c in TARGETS])
+def test_targets_exponentials_and_logs_are_one_mufu_op(compiled, case):
+    """The epilogue's exponentials and logarithms take the FTZ forms (``_exp``/``_log``). Until
+    2026-12-02 they were tl.exp's plain ``ex2.approx.f32``, which ptxas wraps in a range check and two
+    multiplies, and tl.log's libdevice logf, about 20 instructions: 125 SASS per element at bf16
+    K = 128 with the head, 1.27 x the H200's floor in issue time (now 109, Triton 3.9)."""
+    facts = _facts(compiled, case)
+    assert facts["ex2_plain"] == 0 and facts["ex2_ftz"] > 0 and facts["lg2_ftz"] > 0, facts
+
+
 RESIDENT = [c for c in TARGETS if "N_CHUNKS" in targets_kernels.VARIANTS[c[1]]["constexprs"]]
 
 
@@ -303,6 +313,21 @@ def test_targets_modelled_time_within_budget(compiled, case, request):
     v = targets_kernels.VARIANTS[case[1]]
     ratios = {d: cost.targets_model(_facts(compiled, case), v, targets_kernels.COST_D, c, s, d) for d in cost.BANDWIDTH}
     assert all(m["over_floor"] <= cost.TARGETS_MAX_OVER_FLOOR for m in ratios.values()), ratios
+
+
+@pytest.mark.parametrize("case", TARGETS_COST_CASES, ids=[aot.case_id(c) for c in TARGETS_COST_CASES])
+def test_targets_over_budget_only_by_the_map_stream(compiled, case):
+    """Whatever is over the budget at the cost shapes is the map's stream from L2 (TARGETS_OVER_BUDGET,
+    counted at the DRAM's bandwidth): the SASS per row at the issue rate and the tensor-core work are
+    within cost.TARGETS_MAX_OVER_FLOOR x the floor on H100 and H200. Until 2026-12-02 fp32 inputs took
+    tf32x3 dots that split the map again in every tile: at K = 128, 833 SASS per element and three
+    tf32 products, 4.8 x (issue) and 1.9 x (tensor cores) the H200's floor."""
+    c, s = TARGETS_COST[case[1]]
+    v = targets_kernels.VARIANTS[case[1]]
+    for device in cost.BANDWIDTH:
+        m = cost.targets_model(_facts(compiled, case), v, targets_kernels.COST_D, c, s, device)
+        for term in ("issue", "mma"):
+            assert m[term] <= cost.TARGETS_MAX_OVER_FLOOR * m["floor"], (device, term, m)
 
 
 _SUMMED = """

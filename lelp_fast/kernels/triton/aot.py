@@ -72,6 +72,11 @@ def ptx_facts(ptx: str) -> Dict[str, int]:
         "vector_loads": len(re.findall(r"\bld\.global(?:\.[\w:]+)*\.v[248]\.", ptx)),
         "vector_stores": len(re.findall(r"\bst\.global(?:\.[\w:]+)*\.v[248]\.", ptx)),
         "scalar_stores": len(re.findall(r"\bst\.global(?:\.[\w:]+)*\.b(?:16|32)\b", ptx)),
+        # exponentials and logarithms: one MUFU op each in the FTZ forms; ptxas wraps the plain
+        # ``ex2.approx.f32`` in a range check and two multiplies (libdevice's accurate logf has no lg2)
+        "ex2_ftz": len(re.findall(r"\bex2\.approx\.ftz\.f32\b", ptx)),
+        "ex2_plain": len(re.findall(r"\bex2\.approx\.f32\b", ptx)),
+        "lg2_ftz": len(re.findall(r"\blg2\.approx\.ftz\.f32\b", ptx)),
     }
 
 

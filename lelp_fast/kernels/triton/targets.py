@@ -34,12 +34,15 @@ from typing import List, NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from ..._derived import derived
 from . import interpreting, limits
 from .limits import padded_grid
 
 NEG_INF = tl.constexpr(float("-inf"))
+# The interpreter (the CPU tests) has no libdevice: there ``_exp``/``_log`` are tl's.
+FAST_MATH = tl.constexpr(not interpreting())
 HEAD_PAD = limits.MAX_HEAD_CLASSES  # the smallest tensor-core N tile: the head dot has 16 columns
 # Extra bits carried by the lo part: hi's rounding error is < 2^-(mantissa + 1) of a scaled
 # entry (|x| <= 1), so hi · 2^shift stays exact and lo = error · 2^shift stays a normal number.
@@ -122,22 +125,49 @@ def _split_h(h):
 
 
 @triton.jit
-def _masked_lse(x, ok, axis: tl.constexpr):
-    """logsumexp over ``axis`` of the ``ok`` entries; -inf (never NaN) where none is ok."""
-    x = tl.where(ok, x, NEG_INF)
+def _exp(x):
+    """e^x as ``ex2.approx.ftz`` of x·log2(e): one MUFU op and a multiply. tl.exp's non-FTZ ``ex2``
+    adds a range check and two multiplies; the results it flushes (below 2^-126) are softmax terms
+    next to the maximum's 1."""
+    if FAST_MATH:
+        return libdevice.fast_expf(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _log(x):
+    """ln x as ``lg2.approx.ftz`` (about 2^-22 absolute error) times ln 2, for sums of exponentials
+    (>= 1, or 0 where every term is -inf); tl.log is libdevice's accurate logf, about 20 instructions."""
+    if FAST_MATH:
+        return libdevice.fast_logf(x)
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def _lse(x, axis: tl.constexpr):
+    """logsumexp over ``axis``; -inf (never NaN) where every entry is -inf."""
     m = tl.max(x, axis=axis)
     m_safe = tl.where(m == NEG_INF, 0.0, m)
-    m_b = tl.expand_dims(m_safe, axis)
-    return m_safe + tl.log(tl.sum(tl.where(ok, tl.exp(x - m_b), 0.0), axis=axis))
+    return m_safe + _log(tl.sum(_exp(x - tl.expand_dims(m_safe, axis)), axis=axis))
+
+
+@triton.jit
+def _masked_lse(x, ok, axis: tl.constexpr):
+    """logsumexp over ``axis`` of the ``ok`` entries; -inf (never NaN) where none is ok."""
+    return _lse(tl.where(ok, x, NEG_INF), axis)
 
 
 @triton.jit
 def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr):
-    """logsumexp_c(z_c / tau) over all C given logits, 32 classes at a time (online rescaling), so a
-    program whose class group is narrow never holds all C logits (64 at a time spilled 24 B for fp32
-    at 512 x 1 on sm_80); 8 at a time for fewer than 16 padded classes (64-wide chunks of 4 classes
-    spilled on sm_80, 4-wide ones under Triton 3.6)."""
-    CHUNK: tl.constexpr = 32 if C_PAD >= 16 else 8
+    """logsumexp_c(z_c / tau) over all C given logits, CHUNK classes at a time (online rescaling), so
+    a program whose class group is narrow never holds all C logits. The chunks are what compiled
+    without spills for fp32 programs of 128 rows x 128 columns (at 255 registers the allocation is
+    fragile; sm_90, Triton 3.9): 32 from 128 padded classes (64 spilled 24 B at 512 x 1 on sm_80,
+    16 spilled 8 B on sm_90), 16 from 16 (32 spilled 8 B at 16 x 8 with a padded grid); 8 below 16
+    (64-wide chunks of 4 classes spilled on sm_80, 4-wide ones under Triton 3.6)."""
+    CHUNK: tl.constexpr = 32 if C_PAD >= 128 else (16 if C_PAD >= 16 else 8)
     m = tl.full((BLOCK_N,), NEG_INF, dtype=tl.float32)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c0 in range(0, C, CHUNK):
@@ -147,9 +177,9 @@ def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constex
         z = tl.where((c < C)[None, :], z, NEG_INF)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        total = total * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        total = total * _exp(m - m_safe) + tl.sum(_exp(z - m_safe[:, None]), axis=1)
         m = m_new
-    return tl.where(m == NEG_INF, NEG_INF, m + tl.log(total))
+    return tl.where(m == NEG_INF, NEG_INF, m + _log(total))
 
 
 @triton.jit
@@ -187,8 +217,11 @@ def _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, he
         out = ((u - u) + log_p).to(out_ptr.dtype.element_ty)
     else:
         u3 = tl.reshape(u, (BLOCK_N, C_BLOCK, S_PAD))
-        s_ok = (tl.arange(0, S_PAD) < S)[None, None, :]
-        lse_u = _masked_lse(u3, s_ok, 2)
+        if EXACT:  # every slot is a subclass: no masks (2 instructions per element at 128 x 16 x 8)
+            lse_u = _lse(u3, 2)
+        else:
+            s_ok = (tl.arange(0, S_PAD) < S)[None, None, :]
+            lse_u = _masked_lse(u3, s_ok, 2)
         out3 = (u3 - lse_u[:, :, None]) + log_p[:, :, None]
         out = tl.reshape(out3, (BLOCK_N, KW)).to(out_ptr.dtype.element_ty)
     if EXACT:  # C = C_PAD and S = S_PAD: whole contiguous column ranges, so the stores vectorise
