@@ -412,9 +412,9 @@ def main() -> int:
         print("no GPU: run with --device cpu under TRITON_INTERPRET=1 for a logic check", file=sys.stderr)
         return 2
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from lelp_fast.kernels.triton.interpreter_fix import patch_bf16_dot
+        from lelp_fast.kernels.triton.interpreter_fix import patch_interpreter
 
-        patch_bf16_dot()
+        patch_interpreter()
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
     print(f"device: {name}; torch {torch.__version__}; lelp_fast {__version__}; "
           f"{datetime.date.today().isoformat()}", flush=True)

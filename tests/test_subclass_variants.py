@@ -205,8 +205,9 @@ def test_variant_targets_and_loss_on_every_backend_match_the_reference(backend, 
     """Each variant's targets from the targets op, and the loss on them offline and online (the map
     inside the loss), at λ = 0.1 and at λ = 1 with the hard-label term (the CPU kernel's lane layout,
     Triton's fused online loss), against the variant's direct fp64 computation; 61 rows.
-    tests/test_triton.py runs it on Triton (``device`` "cuda" there on a GPU). ``rtol``: the targets'
-    (the loss's gradient on them, offline and online, to an absolute 2 rtol)."""
+    tests/test_triton.py runs it on Triton (``device`` "cuda" there on a GPU). ``rtol`` is the
+    targets' relative tolerance; the loss's gradient on them (offline and online) is held to an
+    absolute 2 · rtol."""
     h, y = _classes([3, 5], n=120, d=12)
     head = torch.randn(2, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     m, beta_at, ours, ref = _fitted(name, h, y, head)

@@ -10,10 +10,10 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from lelp_fast.kernels.triton.interpreter_fix import patch_bf16_dot  # noqa: E402
+from lelp_fast.kernels.triton.interpreter_fix import patch_interpreter  # noqa: E402
 
 if not torch.cuda.is_available():
-    patch_bf16_dot()
+    patch_interpreter()
 
 from lelp_fast import reference  # noqa: E402
 from lelp_fast.ops import distill_loss, lelp_targets  # noqa: E402
@@ -82,6 +82,27 @@ def one_program_per_group(monkeypatch):
 PERSISTENT_SHAPES = [(1, 64, 3, 5, True), (261, 128, 2, 8, False), (261, 37, 3, 5, True), (130, 64, 4, 16, False)]
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's cast")
+def test_interpreter_rounds_fp32_to_bf16_as_a_gpu_does():
+    """Triton's interpreter truncated fp32 -> bf16 where a GPU rounds to nearest even, so the fp32
+    targets' bf16 split (``targets._split_h``) erred 4x more on the CPU than on a GPU. Patched
+    (``interpreter_fix``): bit for bit as torch rounds, ties to even, overflow to inf, NaN kept."""
+    import triton.language as tl
+
+    @triton.jit
+    def cast(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n).to(tl.bfloat16), mask=offs < n)
+
+    g = torch.Generator().manual_seed(0)
+    edges = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.39e38, 3.4e38, float("inf"), -float("inf"), 1e-40, 0.0, -0.0]
+    x = torch.cat([torch.randn(1000, generator=g) * 1e3, torch.tensor(edges), torch.tensor([float("nan")])])
+    y = torch.empty(len(x), dtype=torch.bfloat16)
+    cast[(1,)](x, y, len(x), BLOCK=2048)
+    want = x.to(torch.bfloat16)
+    assert torch.equal(y[:-1].view(torch.int16), want[:-1].view(torch.int16)) and y[-1].isnan()
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="forces the interpreter's grid")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", PERSISTENT_SHAPES)
@@ -98,7 +119,7 @@ def test_triton_targets_persistent_loop_huge_logits_tiny_beta_and_nan_rows(one_p
     """Huge projections (|log t| ~ 1e6) with beta = 0.01, and NaN rows in the last tile: each row's
     targets come from its own tile's accumulators (a NaN row gives NaN targets in that row only).
     The hi + lo map carries 16 bits of each column, and fp32 h is split into two bf16 parts: errors up
-    to ~2^-16 of the largest |log t| (fp32: 1.2e-5 of it, bf16: 2.8e-6, measured)."""
+    to ~2^-16 of the largest |log t| (measured: fp32 5.2e-6 of it, bf16 2.8e-6)."""
     h, weight, bias, _ = test_ops_targets.random_map(300, 64, 2, 4, True, seed=3, scale=1e3)
     h = h.to(dtype)
     weight, bias = (weight * 10).float(), bias.float()
@@ -257,12 +278,11 @@ def test_triton_online_multi_teacher(dtype, n):
 @pytest.mark.parametrize("name", test_subclass_variants.MAPPED)
 def test_triton_runs_every_lelp_variant(name):
     """Issue 22's variants (per-class S with −inf biases, tied GMM, β per class, annealed β, both signs):
-    targets and the loss on them, offline and online, against the fp64 reference. The targets to a
-    relative 1e-4 (the other backends: 1e-5) and the loss's gradient on them to 2e-4: the kernels
-    split fp32 h and the map into bf16 parts (up to 8.5e-5 relative and 5.6e-5 absolute here,
-    measured under the interpreter)."""
+    targets and the loss on them, offline and online, against the fp64 reference. The kernels split
+    fp32 h and the map into bf16 parts: at the other backends' rtol = 1e-5 the loss's gradient on the
+    annealed-β targets is 2.3e-5 off (its bound 2 rtol; measured under the interpreter), so 3e-5."""
     test_subclass_variants.test_variant_targets_and_loss_on_every_backend_match_the_reference("triton", name, DEVICE,
-                                                                                               rtol=1e-4)
+                                                                                               rtol=3e-5)
 
 
 def test_auto_never_picks_a_backend_that_cannot_run_the_call(monkeypatch):

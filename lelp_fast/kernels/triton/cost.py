@@ -231,11 +231,10 @@ def weighted_loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -
 
 
 # ---- The targets kernel (issue 21 item 4) ----------------------------------------------------------
-# Dense tensor-core FLOP per SM per clock on Hopper: the H100 SXM datasheet's 989.4 (bf16/fp16) and
-# 494.7 (tf32) dense TFLOP/s are 132 SMs x 4096 / 2048 x 1.83 GHz; taken here at CLOCK_HZ like the
-# issue rate. A 16-bit input's hi + lo map takes two products; fp32 inputs, split into bf16 hi + lo,
-# three when streaming (h_lo @ lo left out) and four in the resident form (one interleaved operand).
-MMA_FLOP_PER_SM_CLOCK = {"bf16": 4096, "fp16": 4096, "tf32": 2048}
+# Dense tensor-core FLOP per SM per clock on Hopper: the H100 SXM datasheet's 989.4 (bf16/fp16) dense
+# TFLOP/s are 132 SMs x 4096 x 1.83 GHz; taken here at CLOCK_HZ like the issue rate. A 16-bit input's
+# hi + lo map takes two products; fp32 inputs, split into bf16 hi + lo, three (h_lo @ lo left out).
+MMA_FLOP_PER_SM_CLOCK = {"bf16": 4096, "fp16": 4096}
 MMA_PASSES = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("bf16", 3)}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TARGETS_MAX_OVER_FLOOR = 1.25  # issue 21's goal for the targets, on H100 and H200
@@ -265,7 +264,7 @@ def targets_bytes_per_row(v: dict, d: int, num_classes: int, n_subclasses: int, 
     resident = "N_CHUNKS" in c
     map_rows = c["N_CHUNKS"] * c["BLOCK_D"] if resident else d
     columns = c["C_BLOCK"] * c["S_PAD"] + (0 if c["HAS_LOGITS"] else 16)
-    map_read = map_rows * columns * 2 * targets.map_dtype(targets._TORCH_DTYPES[v["dtype"]]).itemsize  # hi + lo
+    map_read = map_rows * columns * 2 * targets.map_dtype(targets.TORCH_DTYPES[v["dtype"]]).itemsize  # hi + lo
     rows_per_read = n / targets_row_programs(n, c["BLOCK_N"]) if resident else c["BLOCK_N"]
     h, logits = d * item, (num_classes * item if c["HAS_LOGITS"] else 0)
     out = num_classes * n_subclasses * out_bytes
@@ -292,7 +291,6 @@ def targets_flops_per_row(v: dict, d: int) -> Tuple[str, float]:
     """(tensor-core type, FLOP per row): every group's columns and its head, each map part."""
     c = v["constexprs"]
     kind, passes = MMA_PASSES[v["dtype"]]
-    passes += v["dtype"] == "fp32" and "N_CHUNKS" in c
     map_rows = c["N_CHUNKS"] * c["BLOCK_D"] if "N_CHUNKS" in c else -(-d // c["BLOCK_D"]) * c["BLOCK_D"]
     groups = c["C_PAD"] // c["C_BLOCK"]
     columns = groups * (c["C_BLOCK"] * c["S_PAD"] + (0 if c["HAS_LOGITS"] else 16))

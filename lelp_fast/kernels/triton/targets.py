@@ -48,7 +48,7 @@ HEAD_PAD = limits.MAX_HEAD_CLASSES  # the smallest tensor-core N tile: the head 
 # entry (|x| <= 1), so hi · 2^shift stays exact and lo = error · 2^shift stays a normal number.
 LO_SHIFT = {torch.bfloat16: 8, torch.float16: 11}
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_TORCH_DTYPES = {name: dtype for dtype, name in _TL_DTYPES.items()}
+TORCH_DTYPES = {name: dtype for dtype, name in _TL_DTYPES.items()}  # "bf16" -> torch.bfloat16
 
 
 def map_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,11 +73,12 @@ class Config(NamedTuple):
 # needed up to 565 KB of shared memory at 3 stages (OutOfResources on any GPU).
 COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
 # The streaming form's configs. Rows per tile = 128 (two wgmma M tiles), so one read of the map from
-# L2 serves 128 rows (issue 21). BLOCK_D: 32 up to 64 columns; 16 at 128 (32 spilled for fp32: 104 B
-# per thread at 16 x 8 with the head on sm_90, 24-48 B on sm_80, Triton 3.9; 64 spilled on both
-# archs), with 8 warps (4 spilled 48-144 B for fp32 with given logits under Triton 3.6). 3 stages
-# keep two copies in flight under each dot, except at 128 columns: 2 (3 spilled 48 B at 512 x 1 with
-# given logits on sm_90 under Triton 3.9; for fp32, 40-48 B on sm_80 with 64-logit chunks).
+# L2 serves 128 rows (issue 21). BLOCK_D: 32 up to 64 columns; 16 at 128 (32 spilled on padded
+# grids and at 512 x 1: fp32 16-256 B per thread, 16-bit 8-208 B, sm_80/sm_90, Triton 3.9; 64 spilled
+# on both archs), with 8 warps (4 spilled 48-144 B for fp32 with given logits under Triton 3.6,
+# under the tf32x3 dots fp32 took before). 3 stages keep two copies in flight under each dot,
+# except at 128 columns: 2 (3 spilled 48 B at 512 x 1 with given logits on sm_90 under Triton 3.9;
+# for fp32, 40-48 B on sm_80 with 64-logit chunks).
 # fp32 inputs take the same configs, their h split into bf16 parts (``_split_h``); under the tf32x3
 # dots they had before, 128 rows spilled 32 B per thread at 128 columns and they took 64-row tiles.
 # Every entry is compiled for sm_80/sm_90 under Triton 3.6 and 3.9, with its shared memory,
@@ -162,11 +163,12 @@ def _masked_lse(x, ok, axis: tl.constexpr):
 @triton.jit
 def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr):
     """logsumexp_c(z_c / tau) over all C given logits, CHUNK classes at a time (online rescaling), so
-    a program whose class group is narrow never holds all C logits. The chunks are what compiled
-    without spills for fp32 programs of 128 rows x 128 columns (at 255 registers the allocation is
-    fragile; sm_90, Triton 3.9): 32 from 128 padded classes (64 spilled 24 B at 512 x 1 on sm_80,
-    16 spilled 8 B on sm_90), 16 from 16 (32 spilled 8 B at 16 x 8 with a padded grid); 8 below 16
-    (64-wide chunks of 4 classes spilled on sm_80, 4-wide ones under Triton 3.6)."""
+    a program whose class group is narrow never holds all C logits."""
+    # The chunks that compiled without spills for fp32 programs of 128 rows x 128 columns, where the
+    # allocation is fragile at 255 registers (sm_90, Triton 3.9): 32 from 128 padded classes (64
+    # spilled 24 B at 512 x 1 on sm_80, 16 spilled 8 B on sm_90), 16 from 16 (32 spilled 8 B at
+    # 16 x 8 on a padded grid); 8 below 16 (64-wide chunks of 4 classes spilled on sm_80, 4-wide
+    # ones under Triton 3.6).
     CHUNK: tl.constexpr = 32 if C_PAD >= 128 else (16 if C_PAD >= 16 else 8)
     m = tl.full((BLOCK_N,), NEG_INF, dtype=tl.float32)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -313,6 +315,7 @@ def lelp_targets_resident_kernel(
     KP: tl.constexpr = C_PAD * S_PAD
     KW: tl.constexpr = C_BLOCK * S_PAD
     GROUPS: tl.constexpr = C_PAD // C_BLOCK
+    tl.static_assert(h_ptr.dtype.element_ty != tl.float32, "the resident form takes 16-bit embeddings")
     pid = tl.program_id(0)
     group = pid % GROUPS
     sub = _map_chunks(sub_hi_ptr, sub_lo_ptr, group * KW + tl.arange(0, KW), KP, D, KW, N_CHUNKS, BLOCK_D)
@@ -350,7 +353,7 @@ _autotuned = {
 class SplitMap(NamedTuple):
     """The fused map laid out for the kernel (see ``split_map``)."""
 
-    sub_hi: torch.Tensor  # (d, C_PAD * S_PAD) input dtype
+    sub_hi: torch.Tensor  # (d, C_PAD * S_PAD) in map_dtype(input dtype)
     sub_lo: torch.Tensor
     sub_scale: torch.Tensor  # (C_PAD * S_PAD,) fp32: undoes the column scaling and 2^shift
     sub_bias: torch.Tensor  # (C_PAD * S_PAD,) fp32
@@ -566,7 +569,7 @@ VARIANTS = _variants()
 
 def signature(dtype: str, out_dtype: str = "fp32", resident: bool = False) -> dict:
     """The kernel's argument types for ahead-of-time compilation (``triton.compile``)."""
-    part = _TL_DTYPES[map_dtype(_TORCH_DTYPES[dtype])]
+    part = _TL_DTYPES[map_dtype(TORCH_DTYPES[dtype])]
     return {
         "h_ptr": f"*{dtype}", "stride_h": "i64", "sub_hi_ptr": f"*{part}", "sub_lo_ptr": f"*{part}",
         "sub_scale_ptr": "*fp32", "sub_bias_ptr": "*fp32", "head_hi_ptr": f"*{part}", "head_lo_ptr": f"*{part}",
