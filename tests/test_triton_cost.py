@@ -87,8 +87,8 @@ def _interpreted_step_bytes(dtype, subclass_weight=1.0):
 def test_targets_map_is_read_once_per_program_or_per_128_rows():
     """The targets' bytes per row at the issue's shapes, as launched (``targets.plan``): h once, the
     output once, and the map's bytes over the rows one read of it serves: all of a program's rows
-    where it stays in shared memory (16-bit inputs, K = 16 at d = 768: 98,304 B), else one 128-row
-    tile, fp32 included (its map in bf16 hi + lo parts, 4 B per entry). Before, each 64-row program
+    where it stays in shared memory (16-bit inputs, K = 16 at d = 768: 98,304 B), else one row tile,
+    fp32 included (its map in bf16 hi + lo parts, 4 B per entry): 256 rows at K = 16, 128 at 128. Before, each 64-row program
     read the whole map: 1,536 B per row at K = 16, 6,912 B at K = 128 in bf16; and until 2026-12-02
     fp32 read its map once per 64 rows at K = 128."""
     from lelp_fast.kernels.triton import targets
@@ -104,9 +104,10 @@ def test_targets_map_is_read_once_per_program_or_per_128_rows():
             assert b["rows_per_map_read"] == rows / (2 * cost.SMS)  # 2 programs per SM
             assert b["map"] < 0.01 * b["floor"], b
         else:
-            assert b["rows_per_map_read"] >= 128, (v, b)
+            rows_per_tile = v["constexprs"]["BLOCK_N"]
+            assert b["rows_per_map_read"] == rows_per_tile >= (256 if c * s <= 16 else 128), (v, b)
             columns = c * s + (0 if v["constexprs"]["HAS_LOGITS"] else 16)
-            assert b["map"] == 768 * columns * 4 / 128, (v, b)
+            assert b["map"] == 768 * columns * 4 / rows_per_tile, (v, b)
 
 
 def test_targets_k16_bf16_bytes_at_the_floor():

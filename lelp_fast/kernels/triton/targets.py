@@ -1,7 +1,7 @@
 """Triton kernel of the targets op: projection + both segmented log-softmaxes, one pass.
 
 The kernels are persistent: about two programs per SM (per class group), each looping over row
-tiles of ``BLOCK_N`` rows (128), so the map is read once per program
+tiles of ``BLOCK_N`` rows (128, or 256 at most 16 columns), so the map is read once per program
 or once per tile, never once per 64 rows. Where a 16-bit map fits in shared memory (at most 96 KiB:
 K = 16 with the head at d = 768) the resident form loads it once and keeps it for all of the
 program's rows; otherwise the streaming form reads it from L2 once per tile. Both stream h in
@@ -73,7 +73,10 @@ class Config(NamedTuple):
 # needed up to 565 KB of shared memory at 3 stages (OutOfResources on any GPU).
 COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
 # The streaming form's configs. Rows per tile = 128 (two wgmma M tiles), so one read of the map from
-# L2 serves 128 rows (issue 21). BLOCK_D: 32 up to 64 columns; 16 at 128 (32 spilled on padded
+# L2 serves 128 rows (issue 21); 256 for programs of at most 16 columns (at 32 columns 256 rows
+# spilled 8 B for 16-bit inputs with the head on a padded grid, sm_90, Triton 3.9; at 64, 72-104 B),
+# which halves the map's bytes per row there (fp32 K = 16 at d = 768: 1.24 -> 1.12x the floor).
+# BLOCK_D: 32 up to 64 columns; 16 at 128 (32 spilled on padded
 # grids and at 512 x 1: fp32 16-256 B per thread, 16-bit 8-208 B, sm_80/sm_90, Triton 3.9; 64 spilled
 # on both archs), with 8 warps (4 spilled 48-144 B for fp32 with given logits under Triton 3.6,
 # under the tf32x3 dots fp32 took before). 3 stages keep two copies in flight under each dot,
@@ -84,6 +87,7 @@ COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
 # Every entry is compiled for sm_80/sm_90 under Triton 3.6 and 3.9, with its shared memory,
 # registers and spills checked (tests/test_triton_aot.py).
 CONFIGS = {
+    "thin": [Config(256, 32, 8, 3)],
     "narrow": [Config(128, 32, 8, 3)],
     "mid": [Config(128, 16, 8, 2)],
 }
@@ -96,7 +100,7 @@ def class_block(c_pad: int, s_pad: int) -> int:
 
 def config_class(columns: int) -> str:
     """Which config list serves a program of ``columns`` accumulator columns (see CONFIGS)."""
-    return "narrow" if columns <= 64 else "mid"
+    return "thin" if columns <= 16 else ("narrow" if columns <= 64 else "mid")
 
 
 @triton.jit
@@ -525,7 +529,7 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
 # The padded grids each streaming config list is compiled at: its widest program (registers,
 # shared memory and spills grow with the columns) with a head (C <= 16), and for "mid" also one of
 # several class groups with given logits (512 classes: the chunked class logsumexp, group offsets).
-VARIANT_GRIDS = {"narrow": [(4, 16)], "mid": [(16, 8), (512, 1)]}
+VARIANT_GRIDS = {"thin": [(4, 4)], "narrow": [(4, 16)], "mid": [(16, 8), (512, 1)]}
 # The resident form at the widest program it takes (64 columns and the head, 4 slices: d <= 256)
 # and at the deepest (12 slices, d = 768: K = 16 with the head, and with given logits).
 RESIDENT_GRIDS = [(4, 16, True, 4), (4, 4, True, 12), (4, 4, False, 12)]  # (C_PAD, S_PAD, with head, N_CHUNKS)
