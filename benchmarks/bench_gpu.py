@@ -411,7 +411,9 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no GPU: run with --device cpu under TRITON_INTERPRET=1 for a logic check", file=sys.stderr)
         return 2
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from lelp_fast.kernels.triton import interpreting
+
+    if interpreting():  # TRITON_INTERPRET as Triton reads it (1/true/on/yes/y)
         from lelp_fast.kernels.triton.interpreter_fix import patch_interpreter
 
         patch_interpreter()
