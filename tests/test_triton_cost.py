@@ -84,13 +84,13 @@ def _interpreted_step_bytes(dtype, subclass_weight=1.0):
     return ast.literal_eval(done.stdout.strip().splitlines()[-1])
 
 
-def test_targets_map_is_read_once_per_program_or_per_128_rows():
+def test_targets_map_is_read_once_per_program_or_per_row_tile():
     """The targets' bytes per row at the issue's shapes, as launched (``targets.plan``): h once, the
     output once, and the map's bytes over the rows one read of it serves: all of a program's rows
     where it stays in shared memory (16-bit inputs, K = 16 at d = 768: 98,304 B), else one row tile,
-    fp32 included (its map in bf16 hi + lo parts, 4 B per entry): 256 rows at K = 16, 128 at 128. Before, each 64-row program
-    read the whole map: 1,536 B per row at K = 16, 6,912 B at K = 128 in bf16; and until 2026-12-02
-    fp32 read its map once per 64 rows at K = 128."""
+    fp32 included (its map in bf16 hi + lo parts, 4 B per entry): 256 rows at K = 16, 128 at 128.
+    Before, each 64-row program read the whole map: 1,536 B per row at K = 16, 6,912 B at K = 128 in
+    bf16; and until 2026-12-02 fp32 read its map once per 64 rows at K = 128."""
     from lelp_fast.kernels.triton import targets
 
     rows = cost.TARGETS_ROWS

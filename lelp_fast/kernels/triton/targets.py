@@ -527,9 +527,11 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
 
 
 # The padded grids each streaming config list is compiled at: its widest program (registers,
-# shared memory and spills grow with the columns) with a head (C <= 16), and for "mid" also one of
-# several class groups with given logits (512 classes: the chunked class logsumexp, group offsets).
-VARIANT_GRIDS = {"thin": [(4, 4)], "narrow": [(4, 16)], "mid": [(16, 8), (512, 1)]}
+# shared memory and spills grow with the columns) with a head (C <= 16); one subclass per class
+# (S_PAD = 1: its own store path, and wider chunks of the given logits' log-partition), for "mid"
+# as one of several class groups (512 classes: group offsets); and for "thin" one class of 16
+# subclasses (the head's other view).
+VARIANT_GRIDS = {"thin": [(4, 4), (16, 1), (1, 16)], "narrow": [(4, 16), (64, 1)], "mid": [(16, 8), (512, 1)]}
 # The resident form at the widest program it takes (64 columns and the head, 4 slices: d <= 256)
 # and at the deepest (12 slices, d = 768: K = 16 with the head, and with given logits).
 RESIDENT_GRIDS = [(4, 16, True, 4), (4, 4, True, 12), (4, 4, False, 12)]  # (C_PAD, S_PAD, with head, N_CHUNKS)
