@@ -40,10 +40,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from . import interpreting, limits
-
-# The interpreter (the CPU tests) has no libdevice: there the fast functions below are tl's.
-FAST_MATH = tl.constexpr(not interpreting())
+from . import limits
+from .fast_math import FAST_MATH
 
 
 NEG_INF = tl.constexpr(float("-inf"))

@@ -38,11 +38,10 @@ from triton.language.extra.cuda import libdevice
 
 from ..._derived import derived
 from . import interpreting, limits
+from .fast_math import FAST_MATH
 from .limits import padded_grid
 
 NEG_INF = tl.constexpr(float("-inf"))
-# The interpreter (the CPU tests) has no libdevice: there ``_exp``/``_log`` are tl's.
-FAST_MATH = tl.constexpr(not interpreting())
 HEAD_PAD = limits.MAX_HEAD_CLASSES  # the smallest tensor-core N tile: the head dot has 16 columns
 # Extra bits carried by the lo part: hi's rounding error is < 2^-(mantissa + 1) of a scaled
 # entry (|x| <= 1), so hi · 2^shift stays exact and lo = error · 2^shift stays a normal number.
