@@ -7,6 +7,7 @@ AddressSanitizer then run the same bodies to find shared-memory accesses that no
 and out-of-bounds accesses.
 """
 
+import shutil
 import subprocess
 
 import pytest
@@ -21,12 +22,26 @@ pytestmark = pytest.mark.skipif(not _dispatch.available("cpu", torch.device("cpu
 BF16 = 2  # csrc/include/lelp/row_math.h: enum DType
 
 
+# (C, S) whose K = C * S take each of the 14 lane layouts (W, CH) of warp::loss_shape.
+LANE_LAYOUT_SHAPES = [(3, 1), (2, 4), (3, 4), (2, 8), (2, 12), (2, 16), (5, 8), (2, 32), (3, 30), (4, 25), (4, 40),
+                      (2, 100), (2, 128), (3, 100), (5, 80)]
+
+
+def test_lane_layout_shapes_cover_every_layout():
+    cuda_cost = pytest.importorskip("cuda_cost")
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    shapes = cuda_cost.shapes_of(sorted({c * s for c, s in LANE_LAYOUT_SHAPES}))
+    layouts = {(1, 1), (1, 2), (1, 3), (1, 4)} | {(w, ch) for w in (2, 4, 8, 16, 32) for ch in (3, 4)}
+    assert set(shapes.values()) == layouts
+
+
 @pytest.mark.parametrize("backend", ["cuda_emu"])
-@pytest.mark.parametrize("num_classes,s", [(3, 1), (2, 4), (3, 4), (2, 12), (2, 32), (4, 25), (2, 100), (2, 128),
-                                           (5, 80)])
+@pytest.mark.parametrize("num_classes,s", LANE_LAYOUT_SHAPES)
 @pytest.mark.parametrize("divergence", ["kl", "js", "mse"])
 def test_loss_at_every_lane_layout(backend, num_classes, s, divergence):
-    """K = 3 ... 400: one lane per row up to 32 lanes with 1, 2 and 4 chunks each; odd K loads by element."""
+    """K = 3 ... 400: every (W, CH) of warp::loss_shape (one lane a row with 1-4 chunks, 2 ... 32
+    lanes with 3 or 4); odd K loads by element."""
     g = torch.Generator().manual_seed(num_classes * 1000 + s)
     n, k = 45, num_classes * s
     student = (torch.randn(n, k, generator=g) * 3).requires_grad_(True)

@@ -17,8 +17,13 @@ namespace {
 constexpr int kThreads = 128;  // 4 warps per block
 constexpr int kWarpsPerBlock = kThreads / 32;
 
+// Blocks per SM the register budget allows: 4 (<= 128 registers), or 3 (<= 168) for 16 values per
+// lane, whose kernels spilled 4-16 B at 128 registers (sm_90, nvcc 13.0).
+template <int CH>
+constexpr int kMinBlocks = CH >= 4 ? 3 : 4;
+
 template <int W, int CH>
-__global__ void __launch_bounds__(kThreads, 4) loss_kernel(LossArgs a, warp::OnlineTeachers online, bool vec) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<CH>) loss_kernel(LossArgs a, warp::OnlineTeachers online, bool vec) {
   extern __shared__ float smem[];  // online targets: each warp's rows' projections
   const int warp_in_block = threadIdx.x / 32;
   const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp_in_block;

@@ -36,6 +36,7 @@ struct DeviceWarp {
     for (int o = W / 2; o > 0; o >>= 1) v = fmax_(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
   }
+  __device__ __forceinline__ bool any(bool p) const { return __any_sync(0xffffffffu, p); }  // over the warp
   __device__ __forceinline__ void sync() const { __syncwarp(); }
   static __device__ __forceinline__ float load(const void* p, int dtype, int64_t i) { return cuda::load(p, dtype, i); }
   // Four consecutive elements from an aligned address (the caller checked the alignment).

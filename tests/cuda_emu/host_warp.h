@@ -42,6 +42,14 @@ struct HostWarp {
   }
   float sum(float v) const { return butterfly(v, [](float a, float b) { return a + b; }); }
   float max(float v) const { return butterfly(v, [](float a, float b) { return fmax_(a, b); }); }
+  bool any(bool p) const {  // over the warp, like __any_sync
+    state->slot[lane_] = p ? 1.f : 0.f;
+    state->bar.arrive_and_wait();
+    bool out = false;
+    for (int l = 0; l < 32; ++l) out = out || state->slot[l] != 0.f;
+    state->bar.arrive_and_wait();
+    return out;
+  }
   void sync() const { state->bar.arrive_and_wait(); }
 
   static float load(const void* p, int dtype, int64_t i) {

@@ -35,6 +35,32 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 LELP_HD float fmax_(float a, float b) { return a > b ? a : b; }
 
+// 2^x and log2(x) in the GPU's one-instruction forms (ex2/lg2.approx.ftz: about 2 ulp, results and
+// arguments below 2^-126 flushed to 0), as the Triton kernels take them; exp2f/log2f on the host.
+// The CUDA loss feeds them pre-scaled arguments (x log2(e)), so an exponential is one MUFU op
+// where expf is about eight instructions.
+constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+
+LELP_HD float exp2_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
+LELP_HD float log2_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return log2f(x);
+#endif
+}
+
 // exp for the CPU loops: a branch-free Cephes-style polynomial that GCC vectorises (libm's expf
 // does not vectorise without -ffast-math, which would break the NaN/Inf handling). Relative error
 // about 2e-7; exactly 0 below -87.3 (so 0 * log 0 stays 0) and +inf above 88.7. CUDA uses expf.

@@ -1,12 +1,13 @@
 // The CUDA loss kernel's body: a group of W lanes per row (W = 1 ... 32, so 32 / W rows per warp),
 // each lane holding CH chunks of 4 consecutive elements of its row in registers, reductions as
-// butterflies over the group. Short rows (K = 16) share a warp; K = 512 gives each lane 16 values.
+// butterflies over the group. A lane holds up to 16 values before a row takes more lanes (loss_shape):
+// K = 16 is one lane a row, 32 rows a warp; K = 512 is 32 lanes of 16 values.
 //
 // Written against a Warp type instead of CUDA intrinsics: csrc/cuda/warp.cuh supplies shuffles and
 // 16-byte loads on the GPU; tests/cuda_emu/ supplies 32 host threads and a barrier, so the kernel's
 // indexing and numerics are tested against the fp64 reference on a CPU. A Warp provides
-//   kWidth (W), lane() (0..31), sum(v) / max(v) over the lane's group, sync() (a warp barrier with
-//   memory ordering), and static load(p, dtype, i), load4(p, dtype, i, v), store(p, dtype, i, v),
+//   kWidth (W), lane() (0..31), sum(v) / max(v) over the lane's group, any(p) over the warp, sync() (a
+//   warp barrier with memory ordering), and static load(p, dtype, i), load4(p, dtype, i, v), store(p, dtype, i, v),
 //   store4(p, dtype, i, v).
 // The math is that of lelp/loss_math.h (docs/algorithm.md).
 #pragma once
@@ -52,8 +53,13 @@ LELP_DEV void load_row(const void* p, int dtype, int64_t base, int K, int g, boo
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
     const int k0 = (c * Warp::kWidth + g) * kVec;
-    if (vec && k0 + kVec <= K) {
-      Warp::load4(p, dtype, base + k0, v + c * kVec);
+    if (vec) {  // K % 4 == 0: a chunk is whole or past the end
+      if (k0 < K) {
+        Warp::load4(p, dtype, base + k0, v + c * kVec);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) v[c * kVec + e] = fill;
+      }
     } else {
 #pragma unroll
       for (int e = 0; e < kVec; ++e) v[c * kVec + e] = k0 + e < K ? Warp::load(p, dtype, base + k0 + e) : fill;
@@ -186,7 +192,8 @@ LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* lq, c
   return d;
 }
 
-// tau^2 D(t, q) of one row and its gradient into gr (lanes' slots; absent elements masked).
+// tau^2 D(t, q) of one row and its gradient into gr (lanes' slots; absent elements masked), for the
+// divergences other than KL (row_kl).
 template <class Warp, int CH>
 LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, const float* lt, float* gr) {
   constexpr int W = Warp::kWidth, P = CH * kVec;
@@ -231,25 +238,6 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
     }
     return tau * tau * w.sum(d) / static_cast<float>(K);
   }
-  if (a.divergence == kKL) {
-    float t[P], st = 0.f;
-#pragma unroll
-    for (int i = 0; i < P; ++i) {
-      t[i] = element<W>(g, i) < K ? expf(lt[i]) : 0.f;
-      st += t[i];
-    }
-    st = w.sum(st);
-    const bool weighted = a.subclass_weight != 1.f && a.S > 1;
-    const float lambda = weighted ? a.subclass_weight : 1.f;  // the subclass weight scales the t term
-#pragma unroll
-    for (int i = 0; i < P; ++i) {
-      gr[i] = tau * (q[i] * st - lambda * t[i]);
-      if (element<W>(g, i) < K) d += xlogx_ratio(t[i], lt[i], lq[i]);
-    }
-    d = w.sum(d);
-    if (!weighted) return tau * tau * d;
-    return tau * tau * (lambda * d + (1.f - lambda) * row_class_kl<Warp, CH>(w, a, lq, t, gr));
-  }
   const float log_b = logf(a.jsd_beta), log_1mb = logf(1.f - a.jsd_beta);
   float qa = 0.f;
 #pragma unroll
@@ -265,6 +253,61 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
 #pragma unroll
   for (int i = 0; i < P; ++i) gr[i] = tau * q[i] * (gr[i] - qa);
   return tau * tau * w.sum(d);
+}
+
+// tau^2 KL(t||q) of one row and its gradient into gr, in base 2 so that each exponential is one MUFU
+// op (exp2_approx of an argument scaled once): x2 = (s - max s) log2(e) / tau is log2 of q's
+// unnormalised value qu, so log q = (x2 - log2 sum qu) ln 2. A t of 0 adds 0 to the loss (its log t
+// may be -inf); a NaN anywhere in the row reaches the loss and the gradient. e: exp(s - max s) for
+// the hard-label term when want_e (qu itself at tau = 1, its square at tau = 2), else left alone.
+template <class Warp, int CH>
+LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const float* lt, float* gr, bool want_e,
+                      float* e) {
+  constexpr int W = Warp::kWidth, P = CH * kVec;
+  const int g = w.lane() % W, K = static_cast<int>(a.C * a.S);
+  const float tau = a.tau, scale2 = kLog2e / tau;
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < P; ++i)
+    if (element<W>(g, i) < K) mx = fmax_(mx, s[i]);
+  mx = w.max(mx);
+  const float m2 = mx * scale2;
+  float qu[P], t[P], sum = 0.f, st = 0.f;  // x2 is recomputed where needed: 16 fewer registers
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const bool in = element<W>(g, i) < K;
+    qu[i] = in ? exp2_approx(s[i] * scale2 - m2) : 0.f;
+    t[i] = in ? exp2_approx(lt[i] * kLog2e) : 0.f;
+    sum += qu[i];
+    st += t[i];
+  }
+  sum = w.sum(sum);
+  st = w.sum(st);
+  const float log2_sum = log2_approx(sum);
+  const bool weighted = a.subclass_weight != 1.f && a.S > 1;
+  const float lambda = weighted ? a.subclass_weight : 1.f;  // the subclass weight scales the t term
+  const float gq = tau * st * exp2_approx(-log2_sum), gt = tau * lambda;
+  float d = 0.f;
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const float u = lt[i] - kLn2 * ((s[i] * scale2 - m2) - log2_sum);  // log t - log q
+    d = t[i] == 0.f ? d : t[i] * u + d;
+    gr[i] = gq * qu[i] - gt * t[i];
+  }
+  if (want_e) {
+    const int hard_tau = tau == 1.f ? 1 : (tau == 2.f ? 2 : 0);
+#pragma unroll
+    for (int i = 0; i < P; ++i)
+      e[i] = hard_tau == 1 ? qu[i]
+             : hard_tau == 2 ? qu[i] * qu[i]
+                             : (element<W>(g, i) < K ? exp2_approx((s[i] - mx) * kLog2e) : 0.f);
+  }
+  d = w.sum(d);
+  if (!weighted) return tau * tau * d;
+  float lq[P];
+#pragma unroll
+  for (int i = 0; i < P; ++i) lq[i] = ((s[i] * scale2 - m2) - log2_sum) * kLn2;
+  return tau * tau * (lambda * d + (1.f - lambda) * row_class_kl<Warp, CH>(w, a, lq, t, gr));
 }
 
 // alpha * CE(y, pooled class logits) of one row; adds its gradient to gr. Class logits
@@ -302,6 +345,36 @@ LELP_DEV float row_hard_label(const Warp& w, const LossArgs& a, const float* s, 
   return a.alpha * (lse_all - p_y);
 }
 
+// The hard-label term of row_hard_label from e = exp(s - max s) (0 in absent slots), which the KL
+// step has already computed: CE = ln(sum e / sum_{k in y} e), dCE/ds_k = e_k / sum e - [k in y]
+// e_k / sum_{k in y} e; no exponential per element. If class y's share is below 2^-90 of the row
+// (its logits some 60 below the row's max) e loses it, and the warp takes row_hard_label's exact
+// sums (warp-uniform: every lane of the warp takes part in its reductions).
+template <class Warp, int CH>
+LELP_DEV float row_hard_label_from_exp(const Warp& w, const LossArgs& a, const float* s, const float* e, int64_t y,
+                                       float* gr) {
+  constexpr int W = Warp::kWidth, P = CH * kVec;
+  const int g = w.lane() % W;
+  const bool valid = y >= 0 && y < a.C;
+  const int lo = valid ? static_cast<int>(y * a.S) : 0, S = static_cast<int>(a.S);
+  float e_all = 0.f, e_y = 0.f;
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    e_all += e[i];
+    e_y += static_cast<unsigned>(element<W>(g, i) - lo) < static_cast<unsigned>(S) ? e[i] : 0.f;
+  }
+  e_all = w.sum(e_all);
+  e_y = w.sum(e_y);
+  if (w.any(valid && !(e_y >= 0x1p-90f))) return row_hard_label<Warp, CH>(w, a, s, y, gr);
+  if (!valid) return 0.f;
+  const float log2_all = log2_approx(e_all), log2_y = log2_approx(e_y);
+  const float f_all = a.alpha * exp2_approx(-log2_all), f_y = a.alpha * exp2_approx(-log2_y);
+#pragma unroll
+  for (int i = 0; i < P; ++i)
+    gr[i] += e[i] * (static_cast<unsigned>(element<W>(g, i) - lo) < static_cast<unsigned>(S) ? f_all - f_y : f_all);
+  return a.alpha * kLn2 * (log2_all - log2_y);
+}
+
 // Stores one row's outputs (zeros for an ignored row); the gradient times `scale` in a.grad_dtype.
 template <class Warp, int CH>
 LELP_DEV void store_row(const LossArgs& a, int64_t row, int g, bool vec, bool ignored, float loss, float hard,
@@ -315,8 +388,8 @@ LELP_DEV void store_row(const LossArgs& a, int64_t row, int g, bool vec, bool ig
 #pragma unroll
     for (int e = 0; e < kVec; ++e) v[e] = ignored ? 0.f : v[e] * scale;
     const int k0 = (c * W + g) * kVec;
-    if (vec && k0 + kVec <= K) {
-      Warp::store4(a.grad, a.grad_dtype, base + k0, v);
+    if (vec) {  // K % 4 == 0: a chunk is whole or past the end
+      if (k0 < K) Warp::store4(a.grad, a.grad_dtype, base + k0, v);
     } else {
 #pragma unroll
       for (int e = 0; e < kVec; ++e)
@@ -350,11 +423,17 @@ LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& o
 #pragma unroll
     for (int i = 0; i < P; ++i) s[i] = lt[i] = 0.f;
   }
-  float loss = row_divergence<Warp, CH>(w, a, s, lt, gr), hard = 0.f;
-  if (a.alpha != 0.f && a.labels != nullptr) {
-    hard = row_hard_label<Warp, CH>(w, a, s, ignored ? -1 : y, gr);
-    loss += hard;
+  const bool hard_term = a.alpha != 0.f && a.labels != nullptr;
+  float loss, hard = 0.f;
+  if (a.divergence == kKL) {
+    float e[P];  // exp(s - max s) for the hard-label term
+    loss = row_kl<Warp, CH>(w, a, s, lt, gr, hard_term, e);
+    if (hard_term) hard = row_hard_label_from_exp<Warp, CH>(w, a, s, e, ignored ? -1 : y, gr);
+  } else {
+    loss = row_divergence<Warp, CH>(w, a, s, lt, gr);
+    if (hard_term) hard = row_hard_label<Warp, CH>(w, a, s, ignored ? -1 : y, gr);
   }
+  loss += hard;
   if (active) store_row<Warp, CH>(a, row, g, vec, ignored, loss, hard, scale, gr);
 }
 
@@ -371,16 +450,16 @@ LELP_DEV void loss_rows(const Warp& w, const LossArgs& a, const OnlineTeachers& 
     loss_row<Warp, CH>(w, a, online, u, base + slot, vec, scale);
 }
 
-// The group width and chunks per lane for K: (W, CH) with W * CH * 4 >= K, W a power of two <= 32
-// and CH in {1, 2, 4}; K <= 512.
+// The group width and chunks per lane for K: CH chunks of 4 per lane, up to 4 (16 values: the row's
+// per-lane work, its reductions and their shuffles, are then shared by 16 elements), then W lanes
+// per row, a power of two <= 32, with CH = ceil(chunks / W) so that at most W - 1 chunks of a row
+// are padding (K = 40: 4 lanes x 3 chunks, 48 slots). K <= 512.
 LELP_HD void loss_shape(int K, int* width, int* chunks) {
   const int need = (K + kVec - 1) / kVec;  // chunks of the row
   int w = 1;
-  while (w < need && w < 32) w *= 2;
-  int ch = 1;
-  while (w * ch < need) ch *= 2;
+  while (w < 32 && (need + w - 1) / w > 4) w *= 2;
   *width = w;
-  *chunks = ch;
+  *chunks = (need + w - 1) / w;
 }
 
 // Calls f(std::integral_constant<int, W>{}, std::integral_constant<int, CH>{}) with loss_shape(K)'s
@@ -390,15 +469,23 @@ inline void with_loss_shape(int K, F&& f) {
   int width, chunks;
   loss_shape(K, &width, &chunks);
   using std::integral_constant;
-  switch (width * 8 + chunks) {
-    case 1 * 8 + 1: return f(integral_constant<int, 1>{}, integral_constant<int, 1>{});
-    case 2 * 8 + 1: return f(integral_constant<int, 2>{}, integral_constant<int, 1>{});
-    case 4 * 8 + 1: return f(integral_constant<int, 4>{}, integral_constant<int, 1>{});
-    case 8 * 8 + 1: return f(integral_constant<int, 8>{}, integral_constant<int, 1>{});
-    case 16 * 8 + 1: return f(integral_constant<int, 16>{}, integral_constant<int, 1>{});
-    case 32 * 8 + 1: return f(integral_constant<int, 32>{}, integral_constant<int, 1>{});
-    case 32 * 8 + 2: return f(integral_constant<int, 32>{}, integral_constant<int, 2>{});
-    default: return f(integral_constant<int, 32>{}, integral_constant<int, 4>{});
+  const auto one = [&](auto w) {  // W > 1 takes 3 or 4 chunks (loss_shape)
+    if (chunks == 3) return f(w, integral_constant<int, 3>{});
+    return f(w, integral_constant<int, 4>{});
+  };
+  switch (width) {
+    case 1:
+      switch (chunks) {
+        case 1: return f(integral_constant<int, 1>{}, integral_constant<int, 1>{});
+        case 2: return f(integral_constant<int, 1>{}, integral_constant<int, 2>{});
+        case 3: return f(integral_constant<int, 1>{}, integral_constant<int, 3>{});
+        default: return f(integral_constant<int, 1>{}, integral_constant<int, 4>{});
+      }
+    case 2: return one(integral_constant<int, 2>{});
+    case 4: return one(integral_constant<int, 4>{});
+    case 8: return one(integral_constant<int, 8>{});
+    case 16: return one(integral_constant<int, 16>{});
+    default: return one(integral_constant<int, 32>{});
   }
 }
 

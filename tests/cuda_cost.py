@@ -1,0 +1,204 @@
+"""A cost model of the CUDA loss kernel (csrc/cuda/loss.cu), read from its SASS without a GPU.
+
+The production kernel is one template per lane layout (W lanes per row, CH chunks of 4 values per
+lane) whose divergence, dtypes, labels and subclass weight are runtime arguments, so its loop holds
+every path. The model compiles the same body (lelp/warp_loss.h with csrc/cuda/warp.cuh) once per
+modelled path, with that path's arguments fixed in the kernel (the KL divergence, one dtype,
+precomputed targets of one teacher, 16-byte rows; labels and λ as the path says), so the compiler
+drops the other paths. C, S, τ and α stay runtime values, as in production. What the production
+kernel runs on that path besides: the uniform branches that skip the other paths, a few per row.
+
+Instructions per element: the row loop's static SASS (every instruction between the loop's head and
+its backward branch: both sides of a branch inside are counted) issued once per warp for its 32 / W
+rows, times 32 threads, over the rows' K elements; the λ ≠ 1 class loop counts C times. Held against
+the budgets of lelp_fast/kernels/triton/cost.py (the same H100/H200 figures and floor bytes).
+
+``python tests/cuda_cost.py`` prints the table docs/benchmarks.md quotes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Dict, List, NamedTuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NVCC = shutil.which("nvcc")
+DTYPES = {"fp32": 0, "bf16": 2}  # lelp::DType codes
+FLOOR_BYTES = {"fp32": 12, "bf16": 6}  # read s and t, write the gradient, in the student's dtype
+
+
+class Path(NamedTuple):
+    num_classes: int
+    n_subclasses: int
+    dtype: str
+    labels: bool  # the hard-label term (α ≠ 0 with labels)
+    weighted: bool  # the subclass weight λ ≠ 1
+    tau: int = 0  # τ fixed in the kernel (the hard-label term's exponentials depend on it); 0: runtime
+
+    @property
+    def k(self) -> int:
+        return self.num_classes * self.n_subclasses
+
+    @property
+    def name(self) -> str:
+        return f"K{self.k}_C{self.num_classes}_{self.dtype}_{'alpha' if self.labels else 'plain'}" \
+               f"{'_lambda' if self.weighted else ''}"
+
+
+SOURCE_HEAD = """
+#include <cuda_runtime.h>
+#include "cpu/loss.h"
+#include "lelp/warp_loss.h"
+#include "cuda/warp.cuh"
+namespace lelp {
+// The path where the hard-label class share is at least 2^-90 of the row: the warp's exact fallback
+// (row_hard_label) is dropped from the count.
+template <int W>
+struct CostWarp : cuda::DeviceWarp<W> {
+  __device__ __forceinline__ bool any(bool) const { return false; }
+};
+template <int W, int CH, int DT, bool LABELS, bool WEIGHTED, int TAU>
+__global__ void __launch_bounds__(128, CH >= 4 ? 3 : 4) kl_path(LossArgs a) {  // as loss.cu's kMinBlocks
+  a.divergence = kKL;
+  if (TAU > 0) a.tau = TAU;
+  a.student_dtype = a.targets_dtype = a.grad_dtype = DT;
+  a.weights = nullptr;
+  a.online = nullptr;
+  a.n_teachers = 1;
+  if (!LABELS) a.labels = nullptr, a.alpha = 0.f;
+  if (!WEIGHTED) a.subclass_weight = 1.f;
+  warp::OnlineTeachers online{};
+  online.m = 0;
+  const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  warp::loss_rows<CostWarp<W>, CH>(CostWarp<W>{}, a, online, nullptr, warp_id,
+                                          static_cast<int64_t>(gridDim.x) * 4, true);
+}
+"""
+
+
+def path_source(paths: List[Path], shapes: Dict[int, tuple]) -> str:
+    lines = [SOURCE_HEAD]
+    for p in paths:
+        w, ch = shapes[p.k]
+        lines.append(f"template __global__ void kl_path<{w}, {ch}, {DTYPES[p.dtype]}, {str(p.labels).lower()}, "
+                     f"{str(p.weighted).lower()}, {p.tau}>(LossArgs);")
+    lines.append("}  // namespace lelp")
+    return "\n".join(lines)
+
+
+def kernel_key(p: Path, w: int, ch: int) -> str:
+    """The mangled-name part of one instantiation: kl_pathILi<W>ELi<CH>ELi<DT>ELb<0|1>ELb<0|1>ELi<TAU>E."""
+    return f"kl_pathILi{w}ELi{ch}ELi{DTYPES[p.dtype]}ELb{int(p.labels)}ELb{int(p.weighted)}ELi{p.tau}E"
+
+
+def shapes_of(ks) -> Dict[int, tuple]:
+    """{K: (W, CH)} by the header's own ``loss_shape``, compiled for the host."""
+    gxx = shutil.which("g++")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "shape.cpp")
+        with open(src, "w") as f:
+            f.write('#include <cstdio>\n#include "lelp/warp_loss.h"\nint main() {\n')
+            for k in ks:
+                f.write(f'  {{ int w, ch; lelp::warp::loss_shape({k}, &w, &ch); std::printf("%d %d %d\\n", {k}, w, ch); }}\n')
+            f.write("}\n")
+        exe = os.path.join(tmp, "shape")
+        subprocess.run([gxx, "-std=c++17", "-I", os.path.join(ROOT, "csrc/include"), "-I", os.path.join(ROOT, "csrc"),
+                        src, "-o", exe], check=True, capture_output=True)
+        out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+    return {int(k): (int(w), int(ch)) for k, w, ch in (line.split() for line in out.splitlines())}
+
+
+def nvdisasm_sass(cubin: str) -> Dict[str, List[tuple]]:
+    """{kernel name: [(address, instruction)]} from cuobjdump -sass (Triton ships it)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    text = subprocess.run([tool, "-sass", cubin], check=True, capture_output=True, text=True).stdout
+    out = {}
+    for chunk in re.split(r"\n\s*Function : ", text)[1:]:
+        name = chunk.split("\n", 1)[0].strip()
+        out[name] = [(int(m.group(1), 16), m.group(2).strip())
+                     for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", chunk)]
+    return out
+
+
+def opcode(instruction: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0]
+
+
+def loops(instructions: List[tuple]) -> List[tuple]:
+    """(head, branch address) of every backward branch, widest first."""
+    out = []
+    for addr, ins in instructions:
+        m = re.search(r"\bBRA(?:\.\w+)*\s+(?:\w+,\s*)?(0x[0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < addr:
+            out.append((int(m.group(1), 16), addr))
+    return sorted(out, key=lambda span: span[0] - span[1])
+
+
+def row_loop_facts(instructions: List[tuple], inner_trips: int) -> Dict[str, float]:
+    """Static instructions and MUFU.EX2/LG2 of the row loop (the widest backward branch), with each
+    loop nested in it counted ``inner_trips`` times."""
+    spans = loops(instructions)
+    head, tail = spans[0]
+    inner = [(h, t) for h, t in spans[1:] if head <= h and t < tail]
+    total, mufu = 0.0, 0.0
+    for addr, ins in instructions:
+        if not head <= addr <= tail:
+            continue
+        times = inner_trips if any(h <= addr <= t for h, t in inner) else 1
+        total += times
+        if opcode(ins) in ("MUFU.EX2", "MUFU.LG2"):
+            mufu += times
+    return {"instructions": total, "mufu": mufu, "inner_loops": len(inner)}
+
+
+def model(paths: List[Path], arch: int = 90) -> Dict[Path, Dict[str, float]]:
+    """{path: {W, CH, instructions and mufu per element, registers, over-floor ratios}}."""
+    from lelp_fast.kernels.triton import cost
+
+    shapes = shapes_of(sorted({p.k for p in paths}))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "paths.cu")
+        with open(src, "w") as f:
+            f.write(path_source(paths, shapes))
+        cubin = os.path.join(tmp, "paths.cubin")
+        subprocess.run([NVCC, f"-arch=sm_{arch}", "-std=c++17", "-O3", "-I", os.path.join(ROOT, "csrc/include"),
+                        "-I", os.path.join(ROOT, "csrc"), "-cubin", src, "-o", cubin], check=True, capture_output=True)
+        sass = nvdisasm_sass(cubin)
+    out = {}
+    for p in paths:
+        w, ch = shapes[p.k]
+        key = kernel_key(p, w, ch)
+        (name,) = [n for n in sass if key in n]
+        facts = row_loop_facts(sass[name], p.num_classes if p.weighted else 1)
+        elements = (32 // w) * p.k  # per warp and iteration
+        e = {"W": w, "CH": ch, "instructions": facts["instructions"] * 32 / elements,
+             "mufu": facts["mufu"] * 32 / elements}
+        floor = FLOOR_BYTES[p.dtype]
+        for device in ("H100", "H200"):
+            e[device] = cost.modelled_ratio(e["instructions"], e["mufu"], floor, floor, device)
+        out[p] = e
+    return out
+
+
+COST_PATHS = [Path(c, s, dt, labels, False, 2 if labels else 0) for (c, s) in ((2, 8), (5, 8), (16, 8), (16, 32))
+              for dt in ("bf16", "fp32") for labels in (False, True)]
+
+
+def table(results: Dict[Path, Dict[str, float]]) -> str:
+    lines = ["| K (C x S) | dtype | α term | W x CH | SASS / element | MUFU.EX2+LG2 / element "
+             "| modelled / floor H100 | H200 |", "|" + "---|" * 8]
+    for p, e in results.items():
+        lines.append(f"| {p.k} ({p.num_classes} x {p.n_subclasses}) | {p.dtype} | {'yes' if p.labels else 'no'} "
+                     f"| {e['W']} x {e['CH']} | {e['instructions']:.0f} | {e['mufu']:.2f} | {e['H100']:.2f} "
+                     f"| {e['H200']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(model(COST_PATHS)))
