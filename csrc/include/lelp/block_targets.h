@@ -231,7 +231,7 @@ template <class Warp>
 LELP_DEV void targets_rows(const Warp& w, const TargetsArgs& a, float* u, int64_t warp_id, int64_t n_warps) {
   const int C = static_cast<int>(a.C), S = static_cast<int>(a.S);
   for (int64_t row = warp_id; row < a.n; row += n_warps) {  // warp-uniform
-    warp::group_row_targets(w, a, row, true, C, S, u);
+    warp::group_row_targets(w, a, row, C, S, u);
     for (int k = w.lane(); k < C * S; k += 32) Warp::store(a.out, a.out_dtype, row * a.out_stride + k, u[k]);
     w.sync();  // the next row overwrites u
   }

@@ -91,20 +91,18 @@ LELP_DEV void group_log_targets(const Warp& w, float* u, int C, int S, float inv
 
 // One row of log-targets from a teacher's embeddings, computed by the row's group into u (K + C
 // floats of shared memory): u = h [A | W^T] + [e | b], then the log-softmaxes. Every lane of the
-// warp must call it (it synchronises); rows past the end compute garbage.
+// warp must call it (it synchronises).
 template <class Warp>
-LELP_DEV void group_row_targets(const Warp& w, const TargetsArgs& t, int64_t row, bool active, int C, int S,
-                                float* u) {
+LELP_DEV void group_row_targets(const Warp& w, const TargetsArgs& t, int64_t row, int C, int S, float* u) {
   constexpr int W = Warp::kWidth;
   const int g = w.lane() % W, K = C * S, J = static_cast<int>(t.J);
   for (int j = g; j < J; j += W) {
     float acc = t.bias[j];
-    if (active)
-      for (int64_t k = 0; k < t.d; ++k) acc += Warp::load(t.embeddings, t.emb_dtype, row * t.emb_stride + k) * t.weight[k * J + j];
+    for (int64_t k = 0; k < t.d; ++k) acc += Warp::load(t.embeddings, t.emb_dtype, row * t.emb_stride + k) * t.weight[k * J + j];
     u[j] = acc;
   }
   if (t.logits != nullptr)
-    for (int c = g; c < C; c += W) u[K + c] = active ? Warp::load(t.logits, t.logits_dtype, row * t.logits_stride + c) : 0.f;
+    for (int c = g; c < C; c += W) u[K + c] = Warp::load(t.logits, t.logits_dtype, row * t.logits_stride + c);
   w.sync();
   group_log_targets(w, u, C, S, t.inv_beta, t.inv_tau);
 }
@@ -113,7 +111,7 @@ LELP_DEV void group_row_targets(const Warp& w, const TargetsArgs& t, int64_t row
 // online (u: the row's shared-memory scratch). Absent elements get -inf.
 template <class Warp, int CH>
 LELP_DEV void lane_log_targets(const Warp& w, const LossArgs& a, const OnlineTeachers& online, float* u, int64_t row,
-                               bool active, bool vec, float* lt) {
+                               bool vec, float* lt) {
   constexpr int W = Warp::kWidth, P = CH * kVec;
   const int g = w.lane() % W, C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S;
   const bool mixed = a.weights != nullptr;
@@ -121,8 +119,8 @@ LELP_DEV void lane_log_targets(const Warp& w, const LossArgs& a, const OnlineTea
   for (int i = 0; i < P; ++i) lt[i] = -INFINITY;
   if (online.m > 0) {
     for (int m = 0; m < online.m; ++m) {  // warp-uniform: group_row_targets synchronises
-      const float wt = mixed && active ? a.weights[row * a.n_teachers + m] : 1.f;
-      group_row_targets(w, online.t[m], row, active, C, S, u);
+      const float wt = mixed ? a.weights[row * a.n_teachers + m] : 1.f;
+      group_row_targets(w, online.t[m], row, C, S, u);
       if (wt != 0.f) {  // NaN or negative weights give NaN, never a finite loss
         const float log_w = logf(wt);
 #pragma unroll
@@ -136,7 +134,6 @@ LELP_DEV void lane_log_targets(const Warp& w, const LossArgs& a, const OnlineTea
     }
     return;
   }
-  if (!active) return;
   const int64_t base = row * a.targets_stride;
   if (!mixed) {
     load_row<Warp, CH>(a.log_targets, a.targets_dtype, base, K, g, vec, -INFINITY, lt);
@@ -263,21 +260,18 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
 template <class Warp, int CH>
 LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const float* lt, float* gr, bool want_e,
                       float* e) {
-  constexpr int W = Warp::kWidth, P = CH * kVec;
-  const int g = w.lane() % W, K = static_cast<int>(a.C * a.S);
+  constexpr int P = CH * kVec;
   const float tau = a.tau, scale2 = kLog2e / tau;
   float mx = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < P; ++i)
-    if (element<W>(g, i) < K) mx = fmax_(mx, s[i]);
+  for (int i = 0; i < P; ++i) mx = fmax_(mx, s[i]);  // absent slots hold -inf (loss_row)
   mx = w.max(mx);
   const float m2 = mx * scale2;
   float qu[P], t[P], sum = 0.f, st = 0.f;  // x2 is recomputed where needed: 16 fewer registers
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    const bool in = element<W>(g, i) < K;
-    qu[i] = in ? exp2_approx(s[i] * scale2 - m2) : 0.f;
-    t[i] = in ? exp2_approx(lt[i] * kLog2e) : 0.f;
+    qu[i] = exp2_approx(s[i] * scale2 - m2);  // 0 in absent slots
+    t[i] = exp2_approx(lt[i] * kLog2e);
     sum += qu[i];
     st += t[i];
   }
@@ -300,7 +294,7 @@ LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const fl
     for (int i = 0; i < P; ++i)
       e[i] = hard_tau == 1 ? qu[i]
              : hard_tau == 2 ? qu[i] * qu[i]
-                             : (element<W>(g, i) < K ? exp2_approx((s[i] - mx) * kLog2e) : 0.f);
+                             : exp2_approx((s[i] - mx) * kLog2e);
   }
   d = w.sum(d);
   if (!weighted) return tau * tau * d;
@@ -357,11 +351,12 @@ LELP_DEV float row_hard_label_from_exp(const Warp& w, const LossArgs& a, const f
   const int g = w.lane() % W;
   const bool valid = y >= 0 && y < a.C;
   const int lo = valid ? static_cast<int>(y * a.S) : 0, S = static_cast<int>(a.S);
-  float e_all = 0.f, e_y = 0.f;
+  float ey[P], e_all = 0.f, e_y = 0.f;  // ey: e in class y's slots, else 0
 #pragma unroll
   for (int i = 0; i < P; ++i) {
+    ey[i] = static_cast<unsigned>(element<W>(g, i) - lo) < static_cast<unsigned>(S) ? e[i] : 0.f;
     e_all += e[i];
-    e_y += static_cast<unsigned>(element<W>(g, i) - lo) < static_cast<unsigned>(S) ? e[i] : 0.f;
+    e_y += ey[i];
   }
   e_all = w.sum(e_all);
   e_y = w.sum(e_y);
@@ -370,8 +365,7 @@ LELP_DEV float row_hard_label_from_exp(const Warp& w, const LossArgs& a, const f
   const float log2_all = log2_approx(e_all), log2_y = log2_approx(e_y);
   const float f_all = a.alpha * exp2_approx(-log2_all), f_y = a.alpha * exp2_approx(-log2_y);
 #pragma unroll
-  for (int i = 0; i < P; ++i)
-    gr[i] += e[i] * (static_cast<unsigned>(element<W>(g, i) - lo) < static_cast<unsigned>(S) ? f_all - f_y : f_all);
+  for (int i = 0; i < P; ++i) gr[i] += e[i] * f_all - ey[i] * f_y;
   return a.alpha * kLn2 * (log2_all - log2_y);
 }
 
@@ -402,27 +396,25 @@ LELP_DEV void store_row(const LossArgs& a, int64_t row, int g, bool vec, bool ig
   }
 }
 
-// One row (row >= n: the lanes only take part in the group's reductions).
+// One row. Lanes past the last row (row >= n) compute the last row again, without branches around
+// the loads, only to take part in the warp's reductions; they store nothing. Absent slots hold
+// -inf in s and log t, which the KL step's exponentials turn into 0 without masks.
 template <class Warp, int CH>
 LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& online, float* u, int64_t row, bool vec,
                        float scale) {
   constexpr int P = CH * kVec;
   const int g = w.lane() % Warp::kWidth, K = static_cast<int>(a.C * a.S);
   const bool active = row < a.n;
+  const int64_t r = active ? row : a.n - 1;  // n >= 1 (loss_cuda returns early on n = 0)
   int64_t y = -1;  // no hard-label term
   bool ignored = false;
-  if (active && a.labels != nullptr) {
-    y = a.labels[row];
+  if (a.labels != nullptr) {
+    y = a.labels[r];
     ignored = y == a.ignore_index;
   }
   float lt[P], s[P], gr[P];
-  lane_log_targets<Warp, CH>(w, a, online, u, row, active, vec, lt);
-  if (active) {
-    load_row<Warp, CH>(a.student, a.student_dtype, row * a.student_stride, K, g, vec, 0.f, s);
-  } else {
-#pragma unroll
-    for (int i = 0; i < P; ++i) s[i] = lt[i] = 0.f;
-  }
+  lane_log_targets<Warp, CH>(w, a, online, u, r, vec, lt);
+  load_row<Warp, CH>(a.student, a.student_dtype, r * a.student_stride, K, g, vec, -INFINITY, s);
   const bool hard_term = a.alpha != 0.f && a.labels != nullptr;
   float loss, hard = 0.f;
   if (a.divergence == kKL) {
