@@ -40,6 +40,11 @@ class Path(NamedTuple):
     tau: int = 0  # τ fixed in the kernel (the hard-label term's exponentials depend on it); 0: runtime
 
     @property
+    def fixed_s(self) -> int:
+        """S fixed in the kernel at λ ≠ 1, where it picks how the class sums are taken (0: runtime)."""
+        return self.n_subclasses if self.weighted else 0
+
+    @property
     def k(self) -> int:
         return self.num_classes * self.n_subclasses
 
@@ -61,10 +66,11 @@ template <int W>
 struct CostWarp : cuda::DeviceWarp<W> {
   __device__ __forceinline__ bool any(bool) const { return false; }
 };
-template <int W, int CH, int DT, bool LABELS, bool WEIGHTED, int TAU>
+template <int W, int CH, int DT, bool LABELS, bool WEIGHTED, int TAU, int S>
 __global__ void __launch_bounds__(128, CH >= 4 ? 3 : 4) kl_path(LossArgs a) {  // as loss.cu's kMinBlocks
   a.divergence = kKL;
   if (TAU > 0) a.tau = TAU;
+  if (S > 0) a.S = S;
   a.student_dtype = a.targets_dtype = a.grad_dtype = DT;
   a.weights = nullptr;
   a.online = nullptr;
@@ -73,8 +79,10 @@ __global__ void __launch_bounds__(128, CH >= 4 ? 3 : 4) kl_path(LossArgs a) {  /
   if (!WEIGHTED) a.subclass_weight = 1.f;
   warp::OnlineTeachers online{};
   online.m = 0;
+  extern __shared__ float smem[];  // the class sums' scratch at λ ≠ 1 (loss.cu sizes it)
   const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
-  warp::loss_rows<CostWarp<W>, CH>(CostWarp<W>{}, a, online, nullptr, warp_id,
+  float* scratch = WEIGHTED ? smem + (threadIdx.x / 32) * (32 / W) * warp::loss_row_scratch_floats(a, false) : nullptr;
+  warp::loss_rows<CostWarp<W>, CH>(CostWarp<W>{}, a, online, scratch, warp_id,
                                           static_cast<int64_t>(gridDim.x) * 4, true);
 }
 """
@@ -82,17 +90,21 @@ __global__ void __launch_bounds__(128, CH >= 4 ? 3 : 4) kl_path(LossArgs a) {  /
 
 def path_source(paths: List[Path], shapes: Dict[int, tuple]) -> str:
     lines = [SOURCE_HEAD]
+    seen = set()
     for p in paths:
         w, ch = shapes[p.k]
+        if kernel_key(p, w, ch) in seen:  # one kernel serves every K of the same layout
+            continue
+        seen.add(kernel_key(p, w, ch))
         lines.append(f"template __global__ void kl_path<{w}, {ch}, {DTYPES[p.dtype]}, {str(p.labels).lower()}, "
-                     f"{str(p.weighted).lower()}, {p.tau}>(LossArgs);")
+                     f"{str(p.weighted).lower()}, {p.tau}, {p.fixed_s}>(LossArgs);")
     lines.append("}  // namespace lelp")
     return "\n".join(lines)
 
 
 def kernel_key(p: Path, w: int, ch: int) -> str:
-    """The mangled-name part of one instantiation: kl_pathILi<W>ELi<CH>ELi<DT>ELb<0|1>ELb<0|1>ELi<TAU>E."""
-    return f"kl_pathILi{w}ELi{ch}ELi{DTYPES[p.dtype]}ELb{int(p.labels)}ELb{int(p.weighted)}ELi{p.tau}E"
+    """The mangled-name part of one instantiation: kl_pathILi<W>ELi<CH>ELi<DT>ELb<0|1>ELb<0|1>ELi<TAU>ELi<S>E."""
+    return f"kl_pathILi{w}ELi{ch}ELi{DTYPES[p.dtype]}ELb{int(p.labels)}ELb{int(p.weighted)}ELi{p.tau}ELi{p.fixed_s}E"
 
 
 def shapes_of(ks) -> Dict[int, tuple]:
@@ -130,29 +142,116 @@ def opcode(instruction: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0]
 
 
-def loops(instructions: List[tuple]) -> List[tuple]:
-    """(head, branch address) of every backward branch, widest first."""
+def _successors(instructions: List[tuple]) -> List[List[int]]:
+    """Per instruction, the indices control may pass to: the next instruction unless an unpredicated
+    BRA, EXIT or RET ends it, and a branch's target. A BRA.DIV's target (the shuffles' path for a
+    diverged warp, which these kernels never take) is left out, so code only it reaches is in no loop."""
+    index = {addr: i for i, (addr, _) in enumerate(instructions)}
     out = []
-    for addr, ins in instructions:
+    for i, (_, ins) in enumerate(instructions):
+        op = opcode(ins)
+        nxt = [i + 1] if i + 1 < len(instructions) else []
         m = re.search(r"\bBRA(?:\.\w+)*\s+(?:\w+,\s*)?(0x[0-9a-f]+)", ins)
-        if m and int(m.group(1), 16) < addr:
-            out.append((int(m.group(1), 16), addr))
-    return sorted(out, key=lambda span: span[0] - span[1])
+        if op.startswith("BRA.DIV"):
+            out.append(nxt)
+        elif op.startswith("BRA") and m:
+            target = [index[int(m.group(1), 16)]]
+            out.append(target + nxt if ins.startswith("@") else target)
+        elif op.startswith(("EXIT", "RET", "BPT")) and not ins.startswith("@"):
+            out.append([])
+        else:
+            out.append(nxt)
+    return out
 
 
-def row_loop_facts(instructions: List[tuple], inner_trips: int) -> Dict[str, float]:
-    """Static instructions and MUFU.EX2/LG2 of the row loop (the widest backward branch), with each
-    loop nested in it counted ``inner_trips`` times."""
-    spans = loops(instructions)
-    head, tail = spans[0]
-    inner = [(h, t) for h, t in spans[1:] if head <= h and t < tail]
+def _immediate_dominators(succ: List[List[int]]) -> List[int]:
+    """idom of each instruction reachable from the first (Cooper, Harvey and Kennedy's iteration over
+    reverse postorder); -1 where unreachable."""
+    order, seen, stack = [], {0}, [(0, iter(succ[0]))]
+    while stack:  # postorder, iteratively
+        node, it = stack[-1]
+        nxt = next((j for j in it if j not in seen), None)
+        if nxt is None:
+            order.append(node)
+            stack.pop()
+        else:
+            seen.add(nxt)
+            stack.append((nxt, iter(succ[nxt])))
+    rank = {node: r for r, node in enumerate(order)}  # postorder number
+    pred = [[] for _ in succ]
+    for i, targets in enumerate(succ):
+        for j in targets:
+            pred[j].append(i)
+    idom = [-1] * len(succ)
+    idom[0] = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(order[:-1]):
+            done = [p for p in pred[node] if idom[p] != -1]
+            new = done[0]
+            for p in done[1:]:
+                a, b = p, new
+                while a != b:
+                    while rank[a] < rank[b]:
+                        a = idom[a]
+                    while rank[b] < rank[a]:
+                        b = idom[b]
+                new = a
+            if idom[node] != new:
+                idom[node] = new
+                changed = True
+    return idom
+
+
+def _dominates(idom: List[int], a: int, b: int) -> bool:
+    while b != a and b != 0 and idom[b] != -1:
+        b = idom[b]
+    return b == a
+
+
+def loops(instructions: List[tuple]) -> List[set]:
+    """The natural loops (sets of instruction indices), largest first: per loop head (the target of
+    an edge from an instruction it dominates), every instruction that reaches one of those edges
+    without passing the head. (A branch back to a lower address that its target does not dominate,
+    such as an out-of-line block's return, makes no loop.)"""
+    succ = _successors(instructions)
+    idom = _immediate_dominators(succ)
+    pred = [[] for _ in succ]
+    tails = {}
+    for i, targets in enumerate(succ):
+        for j in targets:
+            pred[j].append(i)
+            if idom[i] != -1 and _dominates(idom, j, i):
+                tails.setdefault(j, []).append(i)
+    out = []
+    for head, ends in tails.items():
+        body, stack = {head, *ends}, list(ends)
+        while stack:
+            for j in pred[stack.pop()]:
+                if j not in body and idom[j] != -1:
+                    body.add(j)
+                    stack.append(j)
+        out.append(body)
+    return sorted(out, key=len, reverse=True)
+
+
+def row_loop_facts(instructions: List[tuple], trips=()) -> Dict[str, float]:
+    """Static instructions and MUFU.EX2/LG2 of the row loop (the largest loop); an instruction in
+    d of the loops nested in it runs trips[0] * ... * trips[d - 1] times per row."""
+    found = loops(instructions)
+    row = found[0]
+    inner = [body for body in found[1:] if body < row]
     total, mufu = 0.0, 0.0
-    for addr, ins in instructions:
-        if not head <= addr <= tail:
-            continue
-        times = inner_trips if any(h <= addr <= t for h, t in inner) else 1
+    for i in row:
+        depth = sum(1 for body in inner if i in body)
+        if depth > len(trips):
+            raise ValueError(f"a loop {depth} deep at {instructions[i][0]:#x}, trips given for {len(trips)}")
+        times = 1.0
+        for n in trips[:depth]:
+            times *= n
         total += times
-        if opcode(ins) in ("MUFU.EX2", "MUFU.LG2"):
+        if opcode(instructions[i][1]) in ("MUFU.EX2", "MUFU.LG2"):
             mufu += times
     return {"instructions": total, "mufu": mufu, "inner_loops": len(inner)}
 
@@ -175,7 +274,9 @@ def model(paths: List[Path], arch: int = 90) -> Dict[Path, Dict[str, float]]:
         w, ch = shapes[p.k]
         key = kernel_key(p, w, ch)
         (name,) = [n for n in sass if key in n]
-        facts = row_loop_facts(sass[name], p.num_classes if p.weighted else 1)
+        # λ ≠ 1: a lane's classes (the busiest lane's count), each of S elements (row_class_kl)
+        trips = (-(-p.num_classes // w), p.n_subclasses) if p.weighted else ()
+        facts = row_loop_facts(sass[name], trips)
         elements = (32 // w) * p.k  # per warp and iteration
         e = {"W": w, "CH": ch, "instructions": facts["instructions"] * 32 / elements,
              "mufu": facts["mufu"] * 32 / elements}
@@ -186,19 +287,25 @@ def model(paths: List[Path], arch: int = 90) -> Dict[Path, Dict[str, float]]:
     return out
 
 
+# The Triton loss's cost shapes (lelp_fast/kernels/triton/loss.py: COST_KS, WEIGHTED_COST_SHAPES); τ = 2
+# with the hard-label term.
 COST_PATHS = [Path(c, s, dt, labels, False, 2 if labels else 0) for (c, s) in ((2, 8), (5, 8), (16, 8), (16, 32))
               for dt in ("bf16", "fp32") for labels in (False, True)]
+WEIGHTED_COST_PATHS = [Path(c, s, dt, labels, True, 2 if labels else 0)
+                       for (c, s) in ((2, 8), (8, 5), (8, 16), (8, 64), (16, 8), (12, 10), (16, 5))
+                       for dt in ("bf16", "fp32") for labels in (False, True)]
 
 
 def table(results: Dict[Path, Dict[str, float]]) -> str:
-    lines = ["| K (C x S) | dtype | α term | W x CH | SASS / element | MUFU.EX2+LG2 / element "
-             "| modelled / floor H100 | H200 |", "|" + "---|" * 8]
+    lines = ["| K (C x S) | dtype | λ | α term | W x CH | SASS / element | MUFU.EX2+LG2 / element "
+             "| modelled / floor H100 | H200 |", "|" + "---|" * 9]
     for p, e in results.items():
-        lines.append(f"| {p.k} ({p.num_classes} x {p.n_subclasses}) | {p.dtype} | {'yes' if p.labels else 'no'} "
+        lines.append(f"| {p.k} ({p.num_classes} x {p.n_subclasses}) | {p.dtype} | {'≠ 1' if p.weighted else '1'} "
+                     f"| {'yes' if p.labels else 'no'} "
                      f"| {e['W']} x {e['CH']} | {e['instructions']:.0f} | {e['mufu']:.2f} | {e['H100']:.2f} "
                      f"| {e['H200']:.2f} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(table(model(COST_PATHS)))
+    print(table(model(COST_PATHS + WEIGHTED_COST_PATHS)))

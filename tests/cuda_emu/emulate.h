@@ -27,7 +27,7 @@ void loss_emulated(const LossArgs& a, const warp::OnlineTeachers& online) {
   const bool vec = warp::vector_loads_ok(a);
   for (int wid = 0; wid < kEmulatedWarps; ++wid) {
     WarpState state;
-    std::vector<float> smem(online.m > 0 ? (32 / W) * warp::online_row_floats(a.C, a.S) : 0);
+    std::vector<float> smem((32 / W) * warp::loss_row_scratch_floats(a, online.m > 0));
     run_warp([&](int lane) {
       warp::loss_rows<HostWarp<W>, CH>(HostWarp<W>{&state, lane}, a, online, smem.empty() ? nullptr : smem.data(), wid,
                                        kEmulatedWarps, vec);

@@ -27,7 +27,7 @@ struct HostWarp {
 
   int lane() const { return lane_; }
   template <class Op>
-  float butterfly(float v, Op op) const {
+  float butterfly(float v, Op op, int n = W) const {  // levels with offset < n only (n <= W)
     state->slot[lane_] = v;
     state->bar.arrive_and_wait();
     float vals[32];
@@ -35,13 +35,14 @@ struct HostWarp {
     state->bar.arrive_and_wait();  // every lane has read the slots before any lane writes again
     for (int o = W / 2; o > 0; o >>= 1) {
       float next[32];
-      for (int l = 0; l < 32; ++l) next[l] = op(vals[l], vals[l ^ o]);
+      for (int l = 0; l < 32; ++l) next[l] = o < n ? op(vals[l], vals[l ^ o]) : vals[l];
       for (int l = 0; l < 32; ++l) vals[l] = next[l];
     }
     return vals[lane_];
   }
   float sum(float v) const { return butterfly(v, [](float a, float b) { return a + b; }); }
   float max(float v) const { return butterfly(v, [](float a, float b) { return fmax_(a, b); }); }
+  float sum_within(float v, int n) const { return butterfly(v, [](float a, float b) { return a + b; }, n); }
   bool any(bool p) const {  // over the warp, like __any_sync
     state->slot[lane_] = p ? 1.f : 0.f;
     state->bar.arrive_and_wait();

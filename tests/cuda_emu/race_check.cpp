@@ -4,7 +4,8 @@
 // reported as a data race -- the class of GPU bug that matching the reference cannot show.
 // AddressSanitizer: every buffer (shared memory included) is an exact-size heap allocation, so a
 // read or write past one is reported, as compute-sanitizer's memcheck would on a GPU.
-// Covers each loss lane layout (precomputed, mixed and online targets, hard labels) and the targets
+// Covers each loss lane layout (precomputed, mixed and online targets, hard labels; KL at a subclass
+// weight lambda != 1 with its class sums in registers and in shared memory) and the targets
 // tile in all three precisions plus the row kernel. Prints "ok" when it finishes.
 #include <cstdio>
 #include <random>
@@ -51,7 +52,7 @@ lelp::TargetsArgs teacher(int64_t n, int64_t d, int64_t C, int64_t S, bool head,
   return t;
 }
 
-void check_loss(int64_t C, int64_t S, int teachers, bool online) {
+void check_loss(int64_t C, int64_t S, int teachers, bool online, int divergence = lelp::kJS, float lambda = 1.f) {
   const int64_t n = 41, K = C * S, d = 13;
   auto student = randn(n * K, 3.f), log_t = randn(n * teachers * K), grad = std::vector<float>(n * K);
   auto loss = std::vector<float>(n), hard = std::vector<float>(n), weights = std::vector<float>(n * teachers, 0.5f);
@@ -71,6 +72,8 @@ void check_loss(int64_t C, int64_t S, int teachers, bool online) {
                    teachers * K, teachers, teachers > 1 ? weights.data() : nullptr,
                    online ? online_args.data() : nullptr, labels.data(), -100, lelp::kJS, 0.5f, 2.f, 0.1f,
                    loss.data(), hard.data(), grad.data()};
+  a.divergence = divergence;
+  a.subclass_weight = lambda;  // KL at lambda != 1: the class sums in registers or shared memory
   lelp::emu::loss(a);
 }
 
@@ -100,12 +103,21 @@ void check_targets(int64_t C, int64_t S, int dtype, bool head) {
 }  // namespace
 
 int main() {
-  const int64_t shapes[][2] = {{3, 1}, {2, 4}, {2, 12}, {2, 32}, {2, 100}, {4, 100}};  // every (W, CH)
+  // every (W, CH) of warp::loss_shape (tests/test_cuda_emulated.py: LANE_LAYOUT_SHAPES)
+  const int64_t shapes[][2] = {{3, 1}, {2, 4}, {3, 4}, {2, 8}, {2, 12}, {2, 16}, {5, 8}, {2, 32},
+                               {3, 30}, {4, 25}, {4, 40}, {2, 100}, {2, 128}, {3, 100}, {5, 80}};
   for (const auto& cs : shapes) {
     check_loss(cs[0], cs[1], 1, false);
     check_loss(cs[0], cs[1], 2, false);
     check_loss(cs[0], cs[1], 1, true);
     check_loss(cs[0], cs[1], 2, true);
+  }
+  // lambda != 1: classes of whole chunks (S = 4, 8, 32, 16: in registers) and the others (S = 12, 25,
+  // 80: through shared memory, which online targets share)
+  const int64_t weighted[][2] = {{2, 4}, {5, 8}, {2, 32}, {5, 16}, {2, 12}, {4, 25}, {5, 80}};
+  for (const auto& cs : weighted) {
+    check_loss(cs[0], cs[1], 1, false, lelp::kKL, 0.1f);
+    check_loss(cs[0], cs[1], 1, true, lelp::kKL, 0.1f);
   }
   for (int dtype : {lelp::kFloat32, lelp::kFloat16, lelp::kBFloat16}) {
     check_targets(3, 5, dtype, true);

@@ -6,8 +6,8 @@
 // Written against a Warp type instead of CUDA intrinsics: csrc/cuda/warp.cuh supplies shuffles and
 // 16-byte loads on the GPU; tests/cuda_emu/ supplies 32 host threads and a barrier, so the kernel's
 // indexing and numerics are tested against the fp64 reference on a CPU. A Warp provides
-//   kWidth (W), lane() (0..31), sum(v) / max(v) over the lane's group, any(p) over the warp, sync() (a
-//   warp barrier with memory ordering), and static load(p, dtype, i), load4(p, dtype, i, v), store(p, dtype, i, v),
+//   kWidth (W), lane() (0..31), sum(v) / max(v) over the lane's group, sum_within(v, n) over aligned runs
+//   of n of its lanes, any(p) over the warp, sync() (a warp barrier with memory ordering), and static load(p, dtype, i), load4(p, dtype, i, v), store(p, dtype, i, v),
 //   store4(p, dtype, i, v).
 // The math is that of lelp/loss_math.h (docs/algorithm.md).
 #pragma once
@@ -150,43 +150,142 @@ LELP_DEV void lane_log_targets(const Warp& w, const LossArgs& a, const OnlineTea
   }
 }
 
-// KL(p||Q) of one row, p_c and Q_c the class sums of t and q (lq: the normalised log q), for the
-// subclass weight lambda (lelp/loss_math.h, kl_row_subclass_weighted); adds the class term's gradient
-// -(1 - lambda) tau p_c q_k / Q_c to gr. One class at a time, by the row's group (warp-uniform loop);
-// Q_c is summed from the class's own max, so a class far below the row's max stays exact.
+// Whether the loss takes the subclass weight lambda (KL only, S > 1): then each row needs
+// loss_row_scratch_floats of shared memory for its class sums (row_class_kl).
+LELP_HD bool subclass_weighted(const LossArgs& a) { return a.divergence == kKL && a.subclass_weight != 1.f && a.S > 1; }
+
+// Floats of shared memory one row of the loss needs: the online teachers' projections (K + C), or
+// the class term's three rows of K (row_class_kl), whichever is more; 0 if neither.
+LELP_HD int64_t loss_row_scratch_floats(const LossArgs& a, bool online) {
+  const int64_t need = subclass_weighted(a) ? 3 * a.C * a.S : 0;
+  return online ? (need > online_row_floats(a.C, a.S) ? need : online_row_floats(a.C, a.S)) : need;
+}
+
+// Class c's part of the weighted KL when its sums hold (p = sum of t, q = sum of qu over the class;
+// log2 of q given): the divergence term p (log p - log Q_c), and each element's gradient factor
+// (1 - lambda) tau p q_k / Q_c = r qu_k written over qu in uq.
+LELP_DEV float class_term(float p, float log2_q, float log2_sum, float f, float* uq, int j0, int S) {
+  const float r = p == 0.f ? 0.f : f * p * exp2_approx(-log2_q);
+#pragma unroll 1
+  for (int j = j0; j < j0 + S; ++j) uq[j] *= r;
+  return xlogx_ratio(p, kLn2 * log2_approx(p), kLn2 * (log2_q - log2_sum));
+}
+
+// KL(p||Q) of one row, p_c and Q_c the class sums of t and q, for the subclass weight lambda
+// (lelp/loss_math.h, kl_row_subclass_weighted); adds the class term's gradient
+// -(1 - lambda) tau p_c q_k / Q_c to gr. The lanes write qu = 2^x2, t and x2 (x2 = log2 of q's
+// unnormalised value, log2_sum that of its sum) to the row's scratch u (3K floats of shared memory);
+// lane g of the group then takes classes g, g + W, ... one element after another, and each lane
+// reads its slots' gradient back. A class whose share of qu is below 2^-90 (its logits some 60
+// below the row's max) loses precision in qu; if any class of the warp does, the warp sums every
+// class from its own max instead (one more exponential per element; warp-uniform).
 template <class Warp, int CH>
-LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* lq, const float* t, float* gr) {
+LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, float scale2, float m2, float log2_sum,
+                            const float* qu, const float* t, float* u, float* gr) {
   constexpr int W = Warp::kWidth, P = CH * kVec;
   const int g = w.lane() % W, C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S;
-  const float f = (1.f - a.subclass_weight) * a.tau;
-  float d = 0.f;
-  for (int c = 0; c < C; ++c) {
-    float p = 0.f, m = -INFINITY;
+  float *uq = u, *ut = u + K, *ux = u + 2 * K;
 #pragma unroll
-    for (int i = 0; i < P; ++i) {
-      const int k = element<W>(g, i);
-      if (k < K && k / S == c) {
-        p += t[i];
-        m = fmax_(m, lq[i]);
-      }
-    }
-    p = w.sum(p);
-    m = w.max(m);
-    float acc = 0.f;
-#pragma unroll
-    for (int i = 0; i < P; ++i) {
-      const int k = element<W>(g, i);
-      if (k < K && k / S == c) acc += expf(lq[i] - m);
-    }
-    const float log_qc = m + logf(w.sum(acc));
-    d += xlogx_ratio(p, logf(p), log_qc);
-#pragma unroll
-    for (int i = 0; i < P; ++i) {
-      const int k = element<W>(g, i);
-      if (k < K && k / S == c) gr[i] -= f * p * expf(lq[i] - log_qc);
+  for (int i = 0; i < P; ++i) {
+    const int k = element<W>(g, i);
+    if (k < K) {
+      uq[k] = qu[i];
+      ut[k] = t[i];
+      ux[k] = s[i] * scale2 - m2;
     }
   }
-  return d;
+  w.sync();
+  const float f = (1.f - a.subclass_weight) * a.tau;
+  float d = 0.f;
+  bool inexact = false;
+#pragma unroll 1
+  for (int c = g; c < C; c += W) {
+    float p = 0.f, q = 0.f;
+#pragma unroll 1
+    for (int j = c * S; j < (c + 1) * S; ++j) {
+      p += ut[j];
+      q += uq[j];
+    }
+    inexact = inexact || (p > 0.f && !(q >= 0x1p-90f));
+    d += class_term(p, log2_approx(q), log2_sum, f, uq, c * S, S);
+  }
+  if (w.any(inexact)) {  // every class again, from its own max (x2 and t are intact)
+    d = 0.f;
+    for (int c = g; c < C; c += W) {
+      float p = 0.f, m = -INFINITY, acc = 0.f;
+      for (int j = c * S; j < (c + 1) * S; ++j) {
+        p += ut[j];
+        m = fmax_(m, ux[j]);
+      }
+      for (int j = c * S; j < (c + 1) * S; ++j) acc += exp2_approx(ux[j] - m);
+      const float log2_q = m + log2_approx(acc);
+      for (int j = c * S; j < (c + 1) * S; ++j) uq[j] = exp2_approx(ux[j] - m);
+      d += class_term(p, log2_q - m, log2_sum - m, f, uq, c * S, S);
+    }
+  }
+  w.sync();
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const int k = element<W>(g, i);
+    if (k < K) gr[i] -= uq[k];
+  }
+  w.sync();  // the next row overwrites u
+  return w.sum(d);
+}
+
+// Whether row_class_kl_chunked takes the rows: they move in 16-byte chunks (vec: K % 4 == 0) and a
+// class is a power-of-two number of whole chunks (S % 4 == 0, S / 4 a power of two).
+LELP_HD bool classes_in_chunks(const LossArgs& a, bool vec) {
+  const int64_t sc = a.S / 4;
+  return vec && a.S % 4 == 0 && (sc & (sc - 1)) == 0;
+}
+
+// row_class_kl in registers, for rows whose classes are whole chunks (classes_in_chunks). Chunk slot
+// c of lane g is row chunk c W + g, of class (c W + g) / Sc (Sc = S / 4 chunks a class): with
+// Sc <= W a class is one slot of an aligned run of Sc lanes (a butterfly over them), with Sc > W
+// it is G = Sc / W neighbouring slots of every lane of the group (their sum, then the group's).
+// Every lane then has its slots' class sums p (of t) and q (of qu); a class's first chunk adds its
+// divergence term. Returns false, leaving gr alone, if a class of the warp has a share of qu below
+// 2^-90 (row_class_kl then sums the warp's classes exactly).
+template <class Warp, int CH>
+LELP_DEV bool row_class_kl_chunked(const Warp& w, const LossArgs& a, float log2_sum, const float* qu, const float* t,
+                                   float* gr, float* d_out) {
+  constexpr int W = Warp::kWidth;
+  const int g = w.lane() % W, K = static_cast<int>(a.C * a.S), sc = static_cast<int>(a.S) / kVec;
+  const int group = sc > W ? sc / W : 1, run = sc < W ? sc : W;
+  const float f = (1.f - a.subclass_weight) * a.tau;
+  float p[CH], q[CH];
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const int i = c * kVec;
+    p[c] = (t[i] + t[i + 1]) + (t[i + 2] + t[i + 3]);
+    q[c] = (qu[i] + qu[i + 1]) + (qu[i + 2] + qu[i + 3]);
+  }
+  float r[CH], d = 0.f;
+  bool inexact = false;
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    float pc = 0.f, qc = 0.f;  // the lane's part of slot c's class, then the class's
+#pragma unroll
+    for (int c2 = 0; c2 < CH; ++c2)
+      if (c2 / group == c / group) pc += p[c2], qc += q[c2];
+    pc = w.sum_within(pc, run);
+    qc = w.sum_within(qc, run);
+    const int j = c * W + g;
+    const float log2_q = log2_approx(qc);
+    r[c] = pc == 0.f ? 0.f : f * pc * exp2_approx(-log2_q);
+    if (j * kVec < K && j % sc == 0) {  // the class's first chunk
+      d += xlogx_ratio(pc, kLn2 * log2_approx(pc), kLn2 * (log2_q - log2_sum));
+      inexact = inexact || (pc > 0.f && !(qc >= 0x1p-90f));
+    }
+  }
+  if (w.any(inexact)) return false;
+#pragma unroll
+  for (int c = 0; c < CH; ++c)
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) gr[c * kVec + e] -= r[c] * qu[c * kVec + e];
+  *d_out = w.sum(d);
+  return true;
 }
 
 // tau^2 D(t, q) of one row and its gradient into gr (lanes' slots; absent elements masked), for the
@@ -258,8 +357,8 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
 // may be -inf); a NaN anywhere in the row reaches the loss and the gradient. e: exp(s - max s) for
 // the hard-label term when want_e (qu itself at tau = 1, its square at tau = 2), else left alone.
 template <class Warp, int CH>
-LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const float* lt, float* gr, bool want_e,
-                      float* e) {
+LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const float* lt, float* u, bool vec,
+                      float* gr, bool want_e, float* e) {
   constexpr int P = CH * kVec;
   const float tau = a.tau, scale2 = kLog2e / tau;
   float mx = -INFINITY;
@@ -278,7 +377,7 @@ LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const fl
   sum = w.sum(sum);
   st = w.sum(st);
   const float log2_sum = log2_approx(sum);
-  const bool weighted = a.subclass_weight != 1.f && a.S > 1;
+  const bool weighted = subclass_weighted(a);
   const float lambda = weighted ? a.subclass_weight : 1.f;  // the subclass weight scales the t term
   const float gq = tau * st * exp2_approx(-log2_sum), gt = tau * lambda;
   float d = 0.f;
@@ -298,10 +397,10 @@ LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const fl
   }
   d = w.sum(d);
   if (!weighted) return tau * tau * d;
-  float lq[P];
-#pragma unroll
-  for (int i = 0; i < P; ++i) lq[i] = ((s[i] * scale2 - m2) - log2_sum) * kLn2;
-  return tau * tau * (lambda * d + (1.f - lambda) * row_class_kl<Warp, CH>(w, a, lq, t, gr));
+  float d_class;
+  if (!classes_in_chunks(a, vec) || !row_class_kl_chunked<Warp, CH>(w, a, log2_sum, qu, t, gr, &d_class))
+    d_class = row_class_kl<Warp, CH>(w, a, s, scale2, m2, log2_sum, qu, t, u, gr);
+  return tau * tau * (lambda * d + (1.f - lambda) * d_class);
 }
 
 // alpha * CE(y, pooled class logits) of one row; adds its gradient to gr. Class logits
@@ -419,7 +518,7 @@ LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& o
   float loss, hard = 0.f;
   if (a.divergence == kKL) {
     float e[P];  // exp(s - max s) for the hard-label term
-    loss = row_kl<Warp, CH>(w, a, s, lt, gr, hard_term, e);
+    loss = row_kl<Warp, CH>(w, a, s, lt, u, vec, gr, hard_term, e);
     if (hard_term) hard = row_hard_label_from_exp<Warp, CH>(w, a, s, e, ignored ? -1 : y, gr);
   } else {
     loss = row_divergence<Warp, CH>(w, a, s, lt, gr);
@@ -430,13 +529,13 @@ LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& o
 }
 
 // The rows of one warp, grid-stride: warp `warp_id` of `n_warps` takes rows base .. base + 32/W - 1.
-// smem: the warp's online scratch (32/W rows of online_row_floats), or nullptr for precomputed targets.
+// smem: the warp's scratch, 32/W rows of loss_row_scratch_floats (nullptr if that is 0).
 template <class Warp, int CH>
 LELP_DEV void loss_rows(const Warp& w, const LossArgs& a, const OnlineTeachers& online, float* smem, int64_t warp_id,
                         int64_t n_warps, bool vec) {
   constexpr int R = 32 / Warp::kWidth;
   const int slot = w.lane() / Warp::kWidth;
-  float* u = smem == nullptr ? nullptr : smem + slot * online_row_floats(a.C, a.S);
+  float* u = smem == nullptr ? nullptr : smem + slot * loss_row_scratch_floats(a, online.m > 0);
   const float scale = a.grad_scale == nullptr ? 1.f : *a.grad_scale;  // read once: no host sync
   for (int64_t base = warp_id * R; base < a.n; base += n_warps * R)  // warp-uniform
     loss_row<Warp, CH>(w, a, online, u, base + slot, vec, scale);
