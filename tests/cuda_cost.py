@@ -4,14 +4,20 @@ The production kernel is one template per lane layout (W lanes per row, CH chunk
 lane) whose divergence, dtypes, labels and subclass weight are runtime arguments, so its loop holds
 every path. The model compiles the same body (lelp/warp_loss.h with csrc/cuda/warp.cuh) once per
 modelled path, with that path's arguments fixed in the kernel (the KL divergence, one dtype,
-precomputed targets of one teacher, 16-byte rows; labels and λ as the path says), so the compiler
-drops the other paths. C, S, τ and α stay runtime values, as in production. What the production
-kernel runs on that path besides: the uniform branches that skip the other paths, a few per row.
+precomputed targets of one teacher, 16-byte rows; labels and λ as the path says; τ = 2 with the
+hard-label term, whose exponentials depend on τ), so the compiler drops the other paths. C, S, α,
+λ and τ without labels stay runtime values, as in production. At λ ≠ 1 the class-sum form the
+kernel picks by S (``warp::ClassSumsForm``) is forced, so only it is counted. Not counted: the
+uniform branches that skip the other paths (a few per row), and the warps' exact fallbacks when a
+class holds less than 2^-90 of a row's q (``CostWarp::any`` is false).
 
-Instructions per element: the row loop's static SASS (every instruction between the loop's head and
-its backward branch: both sides of a branch inside are counted) issued once per warp for its 32 / W
-rows, times 32 threads, over the rows' K elements; the λ ≠ 1 class loop counts C times. Held against
-the budgets of lelp_fast/kernels/triton/cost.py (the same H100/H200 figures and floor bytes).
+Instructions per element: the static SASS of the row loop (the largest natural loop of the
+control-flow graph, with the blocks the compiler placed after its back edge; code that only a
+``BRA.DIV`` or a ``CALL`` reaches is not in it; both sides of a branch inside are counted), issued
+once per warp for its 32 / W rows, times 32 threads, over the rows' K elements. At λ ≠ 1 through
+shared memory a lane's class loop runs ceil(C / W) times a row and its element loops S times a
+class. Held against the budgets of lelp_fast/kernels/triton/cost.py (the same H100/H200 figures and
+floor bytes).
 
 ``python tests/cuda_cost.py`` prints the table docs/benchmarks.md quotes.
 """
@@ -40,9 +46,13 @@ class Path(NamedTuple):
     tau: int = 0  # τ fixed in the kernel (the hard-label term's exponentials depend on it); 0: runtime
 
     @property
-    def fixed_s(self) -> int:
-        """S fixed in the kernel at λ ≠ 1, where it picks how the class sums are taken (0: runtime)."""
-        return self.n_subclasses if self.weighted else 0
+    def class_sums(self) -> int:
+        """At λ ≠ 1 the class-sum form the kernel takes for this S (``warp::ClassSumsForm``: 1 in
+        registers when S / 4 is a power of two, 2 through shared memory); 0 at λ = 1."""
+        if not self.weighted:
+            return 0
+        chunks = self.n_subclasses // 4
+        return 1 if self.n_subclasses % 4 == 0 and chunks & (chunks - 1) == 0 else 2
 
     @property
     def k(self) -> int:
@@ -60,17 +70,23 @@ SOURCE_HEAD = """
 #include "lelp/warp_loss.h"
 #include "cuda/warp.cuh"
 namespace lelp {
-// The path where the hard-label class share is at least 2^-90 of the row: the warp's exact fallback
-// (row_hard_label) is dropped from the count.
-template <int W>
+// The path where no class of a row holds less than 2^-90 of its q: the warps' exact fallbacks
+// (row_hard_label, and row_class_kl's own max per class) are dropped from the count. FORM: the
+// class-sum form at lambda != 1 (warp::ClassSumsForm: 1 in registers, 2 through shared memory).
+template <int W, int FORM>
 struct CostWarp : cuda::DeviceWarp<W> {
   __device__ __forceinline__ bool any(bool) const { return false; }
 };
-template <int W, int CH, int DT, bool LABELS, bool WEIGHTED, int TAU, int S>
+namespace warp {
+template <int W, int FORM>
+struct ClassSumsForm<CostWarp<W, FORM>> {
+  static constexpr int value = FORM;
+};
+}  // namespace warp
+template <int W, int CH, int DT, bool LABELS, bool WEIGHTED, int TAU, int FORM>
 __global__ void __launch_bounds__(128, CH >= 4 ? 3 : 4) kl_path(LossArgs a) {  // as loss.cu's kMinBlocks
   a.divergence = kKL;
   if (TAU > 0) a.tau = TAU;
-  if (S > 0) a.S = S;
   a.student_dtype = a.targets_dtype = a.grad_dtype = DT;
   a.weights = nullptr;
   a.online = nullptr;
@@ -82,7 +98,7 @@ __global__ void __launch_bounds__(128, CH >= 4 ? 3 : 4) kl_path(LossArgs a) {  /
   extern __shared__ float smem[];  // the class sums' scratch at λ ≠ 1 (loss.cu sizes it)
   const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
   float* scratch = WEIGHTED ? smem + (threadIdx.x / 32) * (32 / W) * warp::loss_row_scratch_floats(a, false) : nullptr;
-  warp::loss_rows<CostWarp<W>, CH>(CostWarp<W>{}, a, online, scratch, warp_id,
+  warp::loss_rows<CostWarp<W, FORM>, CH>(CostWarp<W, FORM>{}, a, online, scratch, warp_id,
                                           static_cast<int64_t>(gridDim.x) * 4, true);
 }
 """
@@ -97,14 +113,14 @@ def path_source(paths: List[Path], shapes: Dict[int, tuple]) -> str:
             continue
         seen.add(kernel_key(p, w, ch))
         lines.append(f"template __global__ void kl_path<{w}, {ch}, {DTYPES[p.dtype]}, {str(p.labels).lower()}, "
-                     f"{str(p.weighted).lower()}, {p.tau}, {p.fixed_s}>(LossArgs);")
+                     f"{str(p.weighted).lower()}, {p.tau}, {p.class_sums}>(LossArgs);")
     lines.append("}  // namespace lelp")
     return "\n".join(lines)
 
 
 def kernel_key(p: Path, w: int, ch: int) -> str:
-    """The mangled-name part of one instantiation: kl_pathILi<W>ELi<CH>ELi<DT>ELb<0|1>ELb<0|1>ELi<TAU>ELi<S>E."""
-    return f"kl_pathILi{w}ELi{ch}ELi{DTYPES[p.dtype]}ELb{int(p.labels)}ELb{int(p.weighted)}ELi{p.tau}ELi{p.fixed_s}E"
+    """The mangled-name part of one instantiation: kl_pathILi<W>ELi<CH>ELi<DT>ELb<0|1>ELb<0|1>ELi<TAU>ELi<FORM>E."""
+    return f"kl_pathILi{w}ELi{ch}ELi{DTYPES[p.dtype]}ELb{int(p.labels)}ELb{int(p.weighted)}ELi{p.tau}ELi{p.class_sums}E"
 
 
 def shapes_of(ks) -> Dict[int, tuple]:
@@ -236,8 +252,13 @@ def loops(instructions: List[tuple]) -> List[set]:
     return sorted(out, key=len, reverse=True)
 
 
+# The MUFU operations counted: the exponentials and logarithms the Triton model counts, and the
+# reciprocals this kernel takes per class (rcp.approx): the same unit, 16 operations per SM and clock.
+MUFU_COUNTED = ("MUFU.EX2", "MUFU.LG2", "MUFU.RCP")
+
+
 def row_loop_facts(instructions: List[tuple], trips=()) -> Dict[str, float]:
-    """Static instructions and MUFU.EX2/LG2 of the row loop (the largest loop); an instruction in
+    """Static instructions and MUFU operations of the row loop (the largest loop); an instruction in
     d of the loops nested in it runs trips[0] * ... * trips[d - 1] times per row."""
     found = loops(instructions)
     row = found[0]
@@ -251,7 +272,7 @@ def row_loop_facts(instructions: List[tuple], trips=()) -> Dict[str, float]:
         for n in trips[:depth]:
             times *= n
         total += times
-        if opcode(instructions[i][1]) in ("MUFU.EX2", "MUFU.LG2"):
+        if opcode(instructions[i][1]) in MUFU_COUNTED:
             mufu += times
     return {"instructions": total, "mufu": mufu, "inner_loops": len(inner)}
 
@@ -297,7 +318,7 @@ WEIGHTED_COST_PATHS = [Path(c, s, dt, labels, True, 2 if labels else 0)
 
 
 def table(results: Dict[Path, Dict[str, float]]) -> str:
-    lines = ["| K (C x S) | dtype | λ | α term | W x CH | SASS / element | MUFU.EX2+LG2 / element "
+    lines = ["| K (C x S) | dtype | λ | α term | W x CH | SASS / element | MUFU.EX2+LG2+RCP / element "
              "| modelled / floor H100 | H200 |", "|" + "---|" * 9]
     for p, e in results.items():
         lines.append(f"| {p.k} ({p.num_classes} x {p.n_subclasses}) | {p.dtype} | {'≠ 1' if p.weighted else '1'} "

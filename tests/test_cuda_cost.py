@@ -1,7 +1,7 @@
 """The CUDA loss kernel's modelled time (tests/cuda_cost.py), held to issue 21's loss budgets: at most
 1.5x the floor on the H100 and H200, and at most 3 MUFU.EX2/LG2 per element. Runs wherever nvcc is
 (no GPU needed). The kernel before the base-2 rewrite (one lane per 4 values, expf and logf) was
-modelled at 1.4-12x the H200's floor on the λ = 1 paths and 2.9-51x on the λ ≠ 1 ones."""
+modelled at 1.1-12x the H200's floor on the λ = 1 paths and 2.9-51x on the λ ≠ 1 ones."""
 
 import os
 import shutil
@@ -19,14 +19,12 @@ pytestmark = pytest.mark.skipif(cuda_cost.NVCC is None or shutil.which("g++") is
 
 # λ ≠ 1 paths over the budget (modelled 2026-12-02, nvcc 13.0, sm_90; were 2.9-51x the H200's floor
 # with a warp-wide pass over every class): S = 5 and 10 (the class sums through shared memory, a
-# lane's classes one element at a time: 2.0-2.6x on the H200 in bf16, 3.2-3.6 MUFU per element), and
-# the hard-label term on top of the class sums in registers (S = 8, 16, 64: 1.56-1.66x in bf16, 3.12
-# MUFU per element, fp32 included).
-WEIGHTED_OVER_BUDGET = {(8, 5, "bf16", False), (8, 5, "bf16", True), (8, 5, "fp32", False), (8, 5, "fp32", True),
-                        (8, 16, "bf16", True), (8, 16, "fp32", True), (8, 64, "bf16", True), (8, 64, "fp32", True),
-                        (12, 10, "bf16", False), (12, 10, "bf16", True), (16, 5, "bf16", False),
-                        (16, 5, "bf16", True), (16, 5, "fp32", False), (16, 5, "fp32", True), (16, 8, "bf16", True),
-                        (16, 8, "fp32", True)}
+# lane's classes one element at a time: 2.0-2.6x on the H200 in bf16, and 3.4 MUFU per element with
+# the hard-label term at S = 5), and in bf16 the hard-label term on top of the class sums in
+# registers (S = 16 and 64, and 8 at K = 128: 1.73-1.83x on the H200).
+WEIGHTED_OVER_BUDGET = {(8, 5, "bf16", False), (8, 5, "bf16", True), (8, 5, "fp32", True), (8, 16, "bf16", True),
+                        (8, 64, "bf16", True), (12, 10, "bf16", False), (12, 10, "bf16", True),
+                        (16, 5, "bf16", False), (16, 5, "bf16", True), (16, 5, "fp32", True), (16, 8, "bf16", True)}
 
 
 @pytest.fixture(scope="module")

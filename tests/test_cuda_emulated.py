@@ -243,3 +243,29 @@ def test_subclass_weighted_loss_at_each_class_layout(backend, num_classes, s, fa
     assert torch.isfinite(loss).all()
     torch.testing.assert_close(loss.double(), want.detach(), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(grad.double(), want_grad, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+@pytest.mark.parametrize("num_classes,s", [(4, 8), (3, 5), (4, 25), (2, 12)])
+def test_subclass_weighted_row_does_not_depend_on_its_warp(backend, num_classes, s):
+    """λ ≠ 1: a class whose student logits and targets are all -inf has q = p = 0 and a zero gradient,
+    also when another row of the warp has a class far below its max, so that the warp sums every
+    class from its own max (the fallback took that class's max as -inf and gave NaN gradients)."""
+    g = torch.Generator().manual_seed(s)
+    k = num_classes * s
+    student = torch.randn(2, k, generator=g) * 3
+    log_t = torch.randn(2, k, generator=g)
+    student[0, :s] = float("-inf")
+    log_t[0, :s] = float("-inf")
+    log_t = torch.log_softmax(log_t, -1)
+    student[1, s:2 * s] -= 200.0
+    kw = dict(num_classes=num_classes, n_subclasses=s, tau=2.0, subclass_weight=0.1, reduction="none",
+              check_inputs=False)
+    grads = []
+    for rows in (slice(0, 1), slice(0, 2)):  # row 0 alone, then beside row 1
+        x = student[rows].clone().requires_grad_(True)
+        loss = distill_loss(x, log_t[rows], backend=backend, **kw)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        grads.append(grad[0])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)

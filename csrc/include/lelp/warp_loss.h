@@ -161,14 +161,20 @@ LELP_HD int64_t loss_row_scratch_floats(const LossArgs& a, bool online) {
   return online ? (need > online_row_floats(a.C, a.S) ? need : online_row_floats(a.C, a.S)) : need;
 }
 
-// Class c's part of the weighted KL when its sums hold (p = sum of t, q = sum of qu over the class;
-// log2 of q given): the divergence term p (log p - log Q_c), and each element's gradient factor
-// (1 - lambda) tau p q_k / Q_c = r qu_k written over qu in uq.
-LELP_DEV float class_term(float p, float log2_q, float log2_sum, float f, float* uq, int j0, int S) {
-  const float r = p == 0.f ? 0.f : f * p * exp2_approx(-log2_q);
+// Class c's part of the weighted KL from its sums p (of t) and q (of qu, in any scale; log2_sum: log2
+// of the row's sum of qu in the same scale): the divergence term p (log p - log Q_c) with
+// Q_c = q / sum, and each element's gradient factor (1 - lambda) tau p q_k / Q_c = r qu_k written over
+// qu in uq. p / q is kept from 2^-126 (its logarithm's argument): a term that small is below 1e-34.
+LELP_DEV float class_divergence(float p, float inv_q, float log2_sum) {
+  const float ratio = p * inv_q;
+  return p == 0.f ? 0.f : p * kLn2 * (log2_approx(ratio < 0x1p-126f ? 0x1p-126f : ratio) + log2_sum);
+}
+
+LELP_DEV float class_term(float p, float q, float log2_sum, float f, float* uq, int j0, int S) {
+  const float inv_q = rcp_approx(q), r = p == 0.f ? 0.f : f * p * inv_q;
 #pragma unroll 1
   for (int j = j0; j < j0 + S; ++j) uq[j] *= r;
-  return xlogx_ratio(p, kLn2 * log2_approx(p), kLn2 * (log2_q - log2_sum));
+  return class_divergence(p, inv_q, log2_sum);
 }
 
 // KL(p||Q) of one row, p_c and Q_c the class sums of t and q, for the subclass weight lambda
@@ -207,7 +213,7 @@ LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, fl
       q += uq[j];
     }
     inexact = inexact || (p > 0.f && !(q >= 0x1p-90f));
-    d += class_term(p, log2_approx(q), log2_sum, f, uq, c * S, S);
+    d += class_term(p, q, log2_sum, f, uq, c * S, S);
   }
   if (w.any(inexact)) {  // every class again, from its own max (x2 and t are intact)
     d = 0.f;
@@ -217,10 +223,11 @@ LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, fl
         p += ut[j];
         m = fmax_(m, ux[j]);
       }
-      for (int j = c * S; j < (c + 1) * S; ++j) acc += exp2_approx(ux[j] - m);
-      const float log2_q = m + log2_approx(acc);
-      for (int j = c * S; j < (c + 1) * S; ++j) uq[j] = exp2_approx(ux[j] - m);
-      d += class_term(p, log2_q - m, log2_sum - m, f, uq, c * S, S);
+      for (int j = c * S; j < (c + 1) * S; ++j) {
+        uq[j] = m == -INFINITY ? 0.f : exp2_approx(ux[j] - m);  // a class of -inf logits has q = 0
+        acc += uq[j];
+      }
+      d += class_term(p, acc, log2_sum - m, f, uq, c * S, S);  // qu and its sums scaled by 2^-m
     }
   }
   w.sync();
@@ -233,12 +240,20 @@ LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, fl
   return w.sum(d);
 }
 
-// Whether row_class_kl_chunked takes the rows: they move in 16-byte chunks (vec: K % 4 == 0) and a
-// class is a power-of-two number of whole chunks (S % 4 == 0, S / 4 a power of two).
-LELP_HD bool classes_in_chunks(const LossArgs& a, bool vec) {
+// Whether row_class_kl_chunked takes the rows: a class is a power-of-two number of whole chunks of 4
+// (S % 4 == 0, S / 4 a power of two), however the chunks were loaded.
+LELP_HD bool classes_in_chunks(const LossArgs& a) {
   const int64_t sc = a.S / 4;
-  return vec && a.S % 4 == 0 && (sc & (sc - 1)) == 0;
+  return a.S % 4 == 0 && (sc & (sc - 1)) == 0;
 }
+
+// Which class-sum form row_kl takes at lambda != 1: by the row's shape (0), or always in registers
+// (1) or through shared memory (2). Only the cost model (tests/cuda_cost.py) forces one, so that it
+// counts one form with S a runtime value, as the kernel has it.
+template <class Warp>
+struct ClassSumsForm {
+  static constexpr int value = 0;
+};
 
 // row_class_kl in registers, for rows whose classes are whole chunks (classes_in_chunks). Chunk slot
 // c of lane g is row chunk c W + g, of class (c W + g) / Sc (Sc = S / 4 chunks a class): with
@@ -252,7 +267,7 @@ LELP_DEV bool row_class_kl_chunked(const Warp& w, const LossArgs& a, float log2_
                                    float* gr, float* d_out) {
   constexpr int W = Warp::kWidth;
   const int g = w.lane() % W, K = static_cast<int>(a.C * a.S), sc = static_cast<int>(a.S) / kVec;
-  const int group = sc > W ? sc / W : 1, run = sc < W ? sc : W;
+  const int group = sc > W ? sc / W : 1, run = sc < W ? sc : W;  // powers of two
   const float f = (1.f - a.subclass_weight) * a.tau;
   float p[CH], q[CH];
 #pragma unroll
@@ -268,14 +283,14 @@ LELP_DEV bool row_class_kl_chunked(const Warp& w, const LossArgs& a, float log2_
     float pc = 0.f, qc = 0.f;  // the lane's part of slot c's class, then the class's
 #pragma unroll
     for (int c2 = 0; c2 < CH; ++c2)
-      if (c2 / group == c / group) pc += p[c2], qc += q[c2];
+      if ((c2 ^ c) < group) pc += p[c2], qc += q[c2];  // c2 / group == c / group
     pc = w.sum_within(pc, run);
     qc = w.sum_within(qc, run);
     const int j = c * W + g;
-    const float log2_q = log2_approx(qc);
-    r[c] = pc == 0.f ? 0.f : f * pc * exp2_approx(-log2_q);
-    if (j * kVec < K && j % sc == 0) {  // the class's first chunk
-      d += xlogx_ratio(pc, kLn2 * log2_approx(pc), kLn2 * (log2_q - log2_sum));
+    const float inv_q = rcp_approx(qc);
+    r[c] = pc == 0.f ? 0.f : f * pc * inv_q;
+    if (j * kVec < K && (j & (sc - 1)) == 0) {  // the class's first chunk
+      d += class_divergence(pc, inv_q, log2_sum);
       inexact = inexact || (pc > 0.f && !(qc >= 0x1p-90f));
     }
   }
@@ -357,8 +372,8 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
 // may be -inf); a NaN anywhere in the row reaches the loss and the gradient. e: exp(s - max s) for
 // the hard-label term when want_e (qu itself at tau = 1, its square at tau = 2), else left alone.
 template <class Warp, int CH>
-LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const float* lt, float* u, bool vec,
-                      float* gr, bool want_e, float* e) {
+LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const float* lt, float* u, float* gr,
+                      bool want_e, float* e) {
   constexpr int P = CH * kVec;
   const float tau = a.tau, scale2 = kLog2e / tau;
   float mx = -INFINITY;
@@ -383,8 +398,8 @@ LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const fl
   float d = 0.f;
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    const float u = lt[i] - kLn2 * ((s[i] * scale2 - m2) - log2_sum);  // log t - log q
-    d = t[i] == 0.f ? d : t[i] * u + d;
+    const float log_ratio = lt[i] - kLn2 * ((s[i] * scale2 - m2) - log2_sum);  // log t - log q
+    d = t[i] == 0.f ? d : t[i] * log_ratio + d;
     gr[i] = gq * qu[i] - gt * t[i];
   }
   if (want_e) {
@@ -398,7 +413,9 @@ LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const fl
   d = w.sum(d);
   if (!weighted) return tau * tau * d;
   float d_class;
-  if (!classes_in_chunks(a, vec) || !row_class_kl_chunked<Warp, CH>(w, a, log2_sum, qu, t, gr, &d_class))
+  constexpr int form = ClassSumsForm<Warp>::value;
+  const bool chunked = form == 0 ? classes_in_chunks(a) : form == 1;
+  if (!chunked || !row_class_kl_chunked<Warp, CH>(w, a, log2_sum, qu, t, gr, &d_class))
     d_class = row_class_kl<Warp, CH>(w, a, s, scale2, m2, log2_sum, qu, t, u, gr);
   return tau * tau * (lambda * d + (1.f - lambda) * d_class);
 }
@@ -518,7 +535,7 @@ LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& o
   float loss, hard = 0.f;
   if (a.divergence == kKL) {
     float e[P];  // exp(s - max s) for the hard-label term
-    loss = row_kl<Warp, CH>(w, a, s, lt, u, vec, gr, hard_term, e);
+    loss = row_kl<Warp, CH>(w, a, s, lt, u, gr, hard_term, e);
     if (hard_term) hard = row_hard_label_from_exp<Warp, CH>(w, a, s, e, ignored ? -1 : y, gr);
   } else {
     loss = row_divergence<Warp, CH>(w, a, s, lt, gr);
