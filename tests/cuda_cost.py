@@ -131,7 +131,8 @@ def shapes_of(ks) -> Dict[int, tuple]:
         with open(src, "w") as f:
             f.write('#include <cstdio>\n#include "lelp/warp_loss.h"\nint main() {\n')
             for k in ks:
-                f.write(f'  {{ int w, ch; lelp::warp::loss_shape({k}, &w, &ch); std::printf("%d %d %d\\n", {k}, w, ch); }}\n')
+                f.write(f'  {{ int w, ch; lelp::warp::loss_shape({k}, &w, &ch); '
+                        f'std::printf("%d %d %d\\n", {k}, w, ch); }}\n')
             f.write("}\n")
         exe = os.path.join(tmp, "shape")
         subprocess.run([gxx, "-std=c++17", "-I", os.path.join(ROOT, "csrc/include"), "-I", os.path.join(ROOT, "csrc"),
@@ -140,7 +141,7 @@ def shapes_of(ks) -> Dict[int, tuple]:
     return {int(k): (int(w), int(ch)) for k, w, ch in (line.split() for line in out.splitlines())}
 
 
-def nvdisasm_sass(cubin: str) -> Dict[str, List[tuple]]:
+def cubin_sass(cubin: str) -> Dict[str, List[tuple]]:
     """{kernel name: [(address, instruction)]} from cuobjdump -sass (Triton ships it)."""
     import triton
 
@@ -289,7 +290,7 @@ def model(paths: List[Path], arch: int = 90) -> Dict[Path, Dict[str, float]]:
         cubin = os.path.join(tmp, "paths.cubin")
         subprocess.run([NVCC, f"-arch=sm_{arch}", "-std=c++17", "-O3", "-I", os.path.join(ROOT, "csrc/include"),
                         "-I", os.path.join(ROOT, "csrc"), "-cubin", src, "-o", cubin], check=True, capture_output=True)
-        sass = nvdisasm_sass(cubin)
+        sass = cubin_sass(cubin)
     out = {}
     for p in paths:
         w, ch = shapes[p.k]

@@ -23,7 +23,8 @@ template <int CH>
 constexpr int kMinBlocks = CH >= 4 ? 3 : 4;
 
 template <int W, int CH>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<CH>) loss_kernel(LossArgs a, warp::OnlineTeachers online, bool vec) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<CH>)
+    loss_kernel(LossArgs a, warp::OnlineTeachers online, bool vec) {
   extern __shared__ float smem[];  // per row: the online projections and/or the class sums (loss_row_scratch_floats)
   const int warp_in_block = threadIdx.x / 32;
   const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp_in_block;

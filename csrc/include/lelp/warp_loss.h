@@ -6,9 +6,9 @@
 // Written against a Warp type instead of CUDA intrinsics: csrc/cuda/warp.cuh supplies shuffles and
 // 16-byte loads on the GPU; tests/cuda_emu/ supplies 32 host threads and a barrier, so the kernel's
 // indexing and numerics are tested against the fp64 reference on a CPU. A Warp provides
-//   kWidth (W), lane() (0..31), sum(v) / max(v) over the lane's group, sum_within(v, n) over aligned runs
-//   of n of its lanes, any(p) over the warp, sync() (a warp barrier with memory ordering), and static load(p, dtype, i), load4(p, dtype, i, v), store(p, dtype, i, v),
-//   store4(p, dtype, i, v).
+//   kWidth (W), lane() (0..31), sum(v) / max(v) over the lane's group, sum_within(v, n) over aligned
+//   runs of n of its lanes, any(p) over the warp, sync() (a warp barrier with memory ordering), and
+//   static load(p, dtype, i), load4(p, dtype, i, v), store(p, dtype, i, v), store4(p, dtype, i, v).
 // The math is that of lelp/loss_math.h (docs/algorithm.md).
 #pragma once
 
@@ -98,7 +98,8 @@ LELP_DEV void group_row_targets(const Warp& w, const TargetsArgs& t, int64_t row
   const int g = w.lane() % W, K = C * S, J = static_cast<int>(t.J);
   for (int j = g; j < J; j += W) {
     float acc = t.bias[j];
-    for (int64_t k = 0; k < t.d; ++k) acc += Warp::load(t.embeddings, t.emb_dtype, row * t.emb_stride + k) * t.weight[k * J + j];
+    for (int64_t k = 0; k < t.d; ++k)
+      acc += Warp::load(t.embeddings, t.emb_dtype, row * t.emb_stride + k) * t.weight[k * J + j];
     u[j] = acc;
   }
   if (t.logits != nullptr)
