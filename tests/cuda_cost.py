@@ -15,8 +15,8 @@ Instructions per element: the static SASS of the row loop (the largest natural l
 control-flow graph, with the blocks the compiler placed after its back edge; code that only a
 ``BRA.DIV`` or a ``CALL`` reaches is not in it; both sides of a branch inside are counted), issued
 once per warp for its 32 / W rows, times 32 threads, over the rows' K elements. At λ ≠ 1 through
-shared memory a lane's class loop runs ceil(C / W) times a row and its element loops S times a
-class. Held against the budgets of lelp_fast/kernels/triton/cost.py (the same H100/H200 figures and
+shared memory a lane's class loop runs ceil(C / W) times a row, and its loop over a class's chunks
+floor((S + 2) / 4) times at most. Held against the budgets of lelp_fast/kernels/triton/cost.py (the same H100/H200 figures and
 floor bytes).
 
 ``python tests/cuda_cost.py`` prints the table docs/benchmarks.md quotes.
@@ -296,8 +296,9 @@ def model(paths: List[Path], arch: int = 90) -> Dict[Path, Dict[str, float]]:
         w, ch = shapes[p.k]
         key = kernel_key(p, w, ch)
         (name,) = [n for n in sass if key in n]
-        # λ ≠ 1: a lane's classes (the busiest lane's count), each of S elements (row_class_kl)
-        trips = (-(-p.num_classes // w), p.n_subclasses) if p.weighted else ()
+        # λ ≠ 1 through shared memory (row_class_kl): the busiest lane's classes, and per class the
+        # chunks after its first (at most floor((S + 2) / 4), with its first chunk's offset up to 3)
+        trips = (-(-p.num_classes // w), (p.n_subclasses + 2) // 4) if p.class_sums == 2 else ()
         facts = row_loop_facts(sass[name], trips)
         elements = (32 // w) * p.k  # per warp and iteration
         e = {"W": w, "CH": ch, "instructions": facts["instructions"] * 32 / elements,

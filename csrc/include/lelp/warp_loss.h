@@ -162,41 +162,29 @@ LELP_HD int64_t loss_row_scratch_floats(const LossArgs& a, bool online) {
   return online ? (need > online_row_floats(a.C, a.S) ? need : online_row_floats(a.C, a.S)) : need;
 }
 
-// Class c's part of the weighted KL from its sums p (of t) and q (of qu, in any scale; log2_sum: log2
-// of the row's sum of qu in the same scale): the divergence term p (log p - log Q_c) with
-// Q_c = q / sum, and each element's gradient factor (1 - lambda) tau p q_k / Q_c = r qu_k written over
-// qu in uq. p / q is kept from 2^-126 (its logarithm's argument): a term that small is below 1e-34.
+// Class c's divergence term p (log p - log Q_c) of the weighted KL, from its sums p (of t) and q (of
+// qu, in any scale; inv_q = 1 / q, log2_sum: log2 of the row's sum of qu in the same scale), so that
+// Q_c = q / sum. p / q is kept from 2^-126 (its logarithm's argument): a term that small is below 1e-34.
 LELP_DEV float class_divergence(float p, float inv_q, float log2_sum) {
   const float ratio = p * inv_q;
   return p == 0.f ? 0.f : p * kLn2 * (log2_approx(ratio < 0x1p-126f ? 0x1p-126f : ratio) + log2_sum);
 }
 
-LELP_DEV float class_term(float p, float q, float log2_sum, float f, float* uq, int j0, int S) {
-  const float inv_q = rcp_approx(q), r = p == 0.f ? 0.f : f * p * inv_q;
-#pragma unroll 1
-  for (int j = j0; j < j0 + S; ++j) uq[j] *= r;
-  return class_divergence(p, inv_q, log2_sum);
-}
-
-// KL(p||Q) of one row, p_c and Q_c the class sums of t and q, for the subclass weight lambda
-// (lelp/loss_math.h, kl_row_subclass_weighted); adds the class term's gradient
-// -(1 - lambda) tau p_c q_k / Q_c to gr. The lanes write qu = 2^x2, t and x2 (x2 = log2 of q's
-// unnormalised value, log2_sum that of its sum) to the row's scratch u (3K floats of shared memory);
-// lane g of the group then takes classes g, g + W, ... one element after another, and each lane
-// reads its slots' gradient back. A class whose share of qu is below 2^-90 (its logits some 60
-// below the row's max) loses precision in qu; if any class of the warp does, the warp sums every
-// class from its own max instead (one more exponential per element; warp-uniform).
+// row_class_kl with every class summed from its own max (x2 = log2 of q's unnormalised value, log2_sum
+// that of its sum): exact when a class holds less than 2^-90 of the row's q. The lanes write qu, t
+// and x2 to the row's scratch u (3K floats); lane g takes classes g, g + W, ..., and each lane reads
+// its slots' gradient back. Every lane of the warp must call it.
 template <class Warp, int CH>
-LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, float scale2, float m2, float log2_sum,
-                            const float* qu, const float* t, float* u, float* gr) {
+LELP_DEV float row_class_kl_exact(const Warp& w, const LossArgs& a, const float* s, float scale2, float m2,
+                                  float log2_sum, const float* qu, const float* t, float* u, float* gr) {
   constexpr int W = Warp::kWidth, P = CH * kVec;
   const int g = w.lane() % W, C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S;
   float *uq = u, *ut = u + K, *ux = u + 2 * K;
+  w.sync();  // the caller's reads of u are done
 #pragma unroll
   for (int i = 0; i < P; ++i) {
     const int k = element<W>(g, i);
     if (k < K) {
-      uq[k] = qu[i];
       ut[k] = t[i];
       ux[k] = s[i] * scale2 - m2;
     }
@@ -204,38 +192,96 @@ LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, fl
   w.sync();
   const float f = (1.f - a.subclass_weight) * a.tau;
   float d = 0.f;
-  bool inexact = false;
-#pragma unroll 1
   for (int c = g; c < C; c += W) {
-    float p = 0.f, q = 0.f;
-#pragma unroll 1
+    float p = 0.f, m = -INFINITY, acc = 0.f;
     for (int j = c * S; j < (c + 1) * S; ++j) {
       p += ut[j];
-      q += uq[j];
+      m = fmax_(m, ux[j]);
     }
-    inexact = inexact || (p > 0.f && !(q >= 0x1p-90f));
-    d += class_term(p, q, log2_sum, f, uq, c * S, S);
-  }
-  if (w.any(inexact)) {  // every class again, from its own max (x2 and t are intact)
-    d = 0.f;
-    for (int c = g; c < C; c += W) {
-      float p = 0.f, m = -INFINITY, acc = 0.f;
-      for (int j = c * S; j < (c + 1) * S; ++j) {
-        p += ut[j];
-        m = fmax_(m, ux[j]);
-      }
-      for (int j = c * S; j < (c + 1) * S; ++j) {
-        uq[j] = m == -INFINITY ? 0.f : exp2_approx(ux[j] - m);  // a class of -inf logits has q = 0
-        acc += uq[j];
-      }
-      d += class_term(p, acc, log2_sum - m, f, uq, c * S, S);  // qu and its sums scaled by 2^-m
+    for (int j = c * S; j < (c + 1) * S; ++j) {
+      uq[j] = m == -INFINITY ? 0.f : exp2_approx(ux[j] - m);  // a class of -inf logits has q = 0
+      acc += uq[j];
     }
+    const float inv_q = rcp_approx(acc), r = p == 0.f ? 0.f : f * p * inv_q;  // qu and its sums scaled by 2^-m
+    for (int j = c * S; j < (c + 1) * S; ++j) uq[j] *= r;
+    d += class_divergence(p, inv_q, log2_sum - m);
   }
   w.sync();
 #pragma unroll
   for (int i = 0; i < P; ++i) {
     const int k = element<W>(g, i);
     if (k < K) gr[i] -= uq[k];
+  }
+  w.sync();  // the next row overwrites u
+  return w.sum(d);
+}
+
+// KL(p||Q) of one row, p_c and Q_c the class sums of t and q, for the subclass weight lambda
+// (lelp/loss_math.h, kl_row_subclass_weighted); adds the class term's gradient
+// -(1 - lambda) tau p_c q_k / Q_c to gr; for any S (row_class_kl_chunked takes classes of whole
+// chunks in registers). A chunk of 4 holds the end of one class and the start of the next at most
+// (S >= 2): each lane splits its chunks' sums of t and qu at the class boundary and writes the four
+// parts to the row's scratch u; lane g then sums classes g, g + W, ... from their chunks' parts and
+// writes each class's gradient factor r_c = (1 - lambda) tau p_c / q_c; each lane reads the factors
+// of its chunks' two classes back. If a class of the warp holds less than 2^-90 of its row's q, the
+// warp sums every class exactly instead (row_class_kl_exact).
+template <class Warp, int CH>
+LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, float scale2, float m2, float log2_sum,
+                            const float* qu, const float* t, float* u, float* gr) {
+  constexpr int W = Warp::kWidth;
+  const int g = w.lane() % W, C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S;
+  const float inv_s = 1.f / static_cast<float>(S);
+  float* part = u;                               // per chunk: p of its first class, of its second, q likewise
+  float* fac = u + 4 * ((K + kVec - 1) / kVec);  // per class, and a 0 after the last
+  int first[CH], split[CH];  // per slot: its chunk's first class, and how many of its 4 elements are in it
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const int j = c * W + g, k0 = j * kVec;
+    first[c] = static_cast<int>((static_cast<float>(k0) + 0.5f) * inv_s);  // k0 / S (exact for K <= 512)
+    split[c] = (first[c] + 1) * S - k0;
+    float p1 = 0.f, p2 = 0.f, q1 = 0.f, q2 = 0.f;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const bool in_first = e < split[c];
+      p1 += in_first ? t[c * kVec + e] : 0.f;
+      p2 += in_first ? 0.f : t[c * kVec + e];
+      q1 += in_first ? qu[c * kVec + e] : 0.f;
+      q2 += in_first ? 0.f : qu[c * kVec + e];
+    }
+    if (k0 < K) {
+      part[4 * j] = p1;
+      part[4 * j + 1] = p2;
+      part[4 * j + 2] = q1;
+      part[4 * j + 3] = q2;
+    }
+  }
+  if (g == 0) fac[C] = 0.f;
+  w.sync();
+  const float f = (1.f - a.subclass_weight) * a.tau;
+  float d = 0.f;
+  bool inexact = false;
+#pragma unroll 1
+  for (int c = g; c < C; c += W) {
+    const int j0 = (c * S) >> 2, j1 = (c * S + S - 1) >> 2, second = 4 * j0 < c * S;  // j0 starts in c - 1
+    float p = part[4 * j0 + second], q = part[4 * j0 + 2 + second];
+#pragma unroll 1
+    for (int j = j0 + 1; j <= j1; ++j) {  // chunks that start in class c
+      p += part[4 * j];
+      q += part[4 * j + 2];
+    }
+    inexact = inexact || (p > 0.f && !(q >= 0x1p-90f));
+    const float inv_q = rcp_approx(q);
+    fac[c] = p == 0.f ? 0.f : f * p * inv_q;
+    d += class_divergence(p, inv_q, log2_sum);
+  }
+  if (w.any(inexact)) return row_class_kl_exact<Warp, CH>(w, a, s, scale2, m2, log2_sum, qu, t, u, gr);
+  w.sync();
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    if ((c * W + g) * kVec >= K) continue;
+    const float r1 = fac[first[c]], r2 = fac[first[c] + 1];
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) gr[c * kVec + e] -= (e < split[c] ? r1 : r2) * qu[c * kVec + e];
   }
   w.sync();  // the next row overwrites u
   return w.sum(d);
