@@ -16,8 +16,8 @@ control-flow graph, with the blocks the compiler placed after its back edge; cod
 ``BRA.DIV`` or a ``CALL`` reaches is not in it; both sides of a branch inside are counted), issued
 once per warp for its 32 / W rows, times 32 threads, over the rows' K elements. At λ ≠ 1 through
 shared memory a lane's class loop runs ceil(C / W) times a row, and its loop over a class's chunks
-floor((S + 2) / 4) times at most. Held against the budgets of lelp_fast/kernels/triton/cost.py (the same H100/H200 figures and
-floor bytes).
+after the first as often as a class can span them (``Path.chunks_after_first``). Held against the
+budgets of lelp_fast/kernels/triton/cost.py (the same H100/H200 figures and floor bytes).
 
 ``python tests/cuda_cost.py`` prints the table docs/benchmarks.md quotes.
 """
@@ -53,6 +53,13 @@ class Path(NamedTuple):
             return 0
         chunks = self.n_subclasses // 4
         return 1 if self.n_subclasses % 4 == 0 and chunks & (chunks - 1) == 0 else 2
+
+    @property
+    def chunks_after_first(self) -> int:
+        """The most chunks of 4 a class spans after its first one (classes start at c S)."""
+        s = self.n_subclasses
+        r = {0: 0, 2: 2}.get(s % 4, 3)  # the largest c S mod 4 over c
+        return (s - 1 + r) // 4
 
     @property
     def k(self) -> int:
@@ -297,8 +304,8 @@ def model(paths: List[Path], arch: int = 90) -> Dict[Path, Dict[str, float]]:
         key = kernel_key(p, w, ch)
         (name,) = [n for n in sass if key in n]
         # λ ≠ 1 through shared memory (row_class_kl): the busiest lane's classes, and per class the
-        # chunks after its first (at most floor((S + 2) / 4), with its first chunk's offset up to 3)
-        trips = (-(-p.num_classes // w), (p.n_subclasses + 2) // 4) if p.class_sums == 2 else ()
+        # chunks after its first: (S - 1 + r) // 4 at most, r the largest offset c S mod 4 of a class's start
+        trips = (-(-p.num_classes // w), p.chunks_after_first) if p.class_sums == 2 else ()
         facts = row_loop_facts(sass[name], trips)
         elements = (32 // w) * p.k  # per warp and iteration
         e = {"W": w, "CH": ch, "instructions": facts["instructions"] * 32 / elements,

@@ -1,6 +1,6 @@
 """The CUDA loss kernel's modelled time (tests/cuda_cost.py), held to issue 21's loss budgets: at most
-1.5x the floor on the H100 and H200, and at most 3 MUFU.EX2/LG2 per element. Runs wherever nvcc is
-(no GPU needed). The kernel before the base-2 rewrite (one lane per 4 values, expf and logf) was
+1.5x the floor on the H100 and H200, and at most 3 MUFU operations (EX2, LG2, RCP) per element. Runs
+wherever nvcc is (no GPU needed). The kernel before the base-2 rewrite (one lane per 4 values, expf and logf) was
 modelled at 1.1-12x the H200's floor on the λ = 1 paths and 2.9-51x on the λ ≠ 1 ones."""
 
 import os

@@ -52,9 +52,13 @@ lelp::TargetsArgs teacher(int64_t n, int64_t d, int64_t C, int64_t S, bool head,
   return t;
 }
 
-void check_loss(int64_t C, int64_t S, int teachers, bool online, int divergence = lelp::kJS, float lambda = 1.f) {
+void check_loss(int64_t C, int64_t S, int teachers, bool online, int divergence = lelp::kJS, float lambda = 1.f,
+                bool far = false) {
   const int64_t n = 41, K = C * S, d = 13;
   auto student = randn(n * K, 3.f), log_t = randn(n * teachers * K), grad = std::vector<float>(n * K);
+  if (far)  // class 0 of every third row far below the rest: the warps' exact class sums
+    for (int64_t i = 0; i < n; i += 3)
+      for (int64_t k = 0; k < S; ++k) student[i * K + k] -= 300.f;
   auto loss = std::vector<float>(n), hard = std::vector<float>(n), weights = std::vector<float>(n * teachers, 0.5f);
   std::vector<int64_t> labels(n);
   for (int64_t i = 0; i < n; ++i) labels[i] = i % 7 == 3 ? -100 : i % C;
@@ -113,12 +117,15 @@ int main() {
     check_loss(cs[0], cs[1], 2, true);
   }
   // lambda != 1: classes of whole chunks (S = 4, 8, 32, 16: in registers) and the others (S = 12, 25,
-  // 80: through shared memory, which online targets share)
-  const int64_t weighted[][2] = {{2, 4}, {5, 8}, {2, 32}, {5, 16}, {2, 12}, {4, 25}, {5, 80}};
-  for (const auto& cs : weighted) {
-    check_loss(cs[0], cs[1], 1, false, lelp::kKL, 0.1f);
-    check_loss(cs[0], cs[1], 1, true, lelp::kKL, 0.1f);
-  }
+  // 80, and K not a multiple of 4: through shared memory, which online targets share; C = 1, S = 2
+  // fills the scratch exactly), each also with a class far below its row (the exact class sums)
+  const int64_t weighted[][2] = {{2, 4}, {5, 8}, {2, 32}, {5, 16}, {2, 12}, {4, 25}, {5, 80},
+                                 {1, 2}, {3, 3}, {3, 5}, {9, 7}, {170, 3}};
+  for (const auto& cs : weighted)
+    for (bool far : {false, true}) {
+      check_loss(cs[0], cs[1], 1, false, lelp::kKL, 0.1f, far);
+      check_loss(cs[0], cs[1], 1, true, lelp::kKL, 0.1f, far);
+    }
   for (int dtype : {lelp::kFloat32, lelp::kFloat16, lelp::kBFloat16}) {
     check_targets(3, 5, dtype, true);
     check_targets(2, 64, dtype, false);  // 8 fragments: every warp takes 4

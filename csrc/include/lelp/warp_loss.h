@@ -152,11 +152,14 @@ LELP_DEV void lane_log_targets(const Warp& w, const LossArgs& a, const OnlineTea
 }
 
 // Whether the loss takes the subclass weight lambda (KL only, S > 1): then each row needs
-// loss_row_scratch_floats of shared memory for its class sums (row_class_kl).
-LELP_HD bool subclass_weighted(const LossArgs& a) { return a.divergence == kKL && a.subclass_weight != 1.f && a.S > 1; }
+// loss_row_scratch_floats of shared memory for its class sums.
+LELP_HD bool subclass_weighted(const LossArgs& a) {
+  return a.divergence == kKL && a.subclass_weight != 1.f && a.S > 1;
+}
 
 // Floats of shared memory one row of the loss needs: the online teachers' projections (K + C), or
-// the class term's three rows of K (row_class_kl), whichever is more; 0 if neither.
+// the class sums' three rows of K (row_class_kl_exact; row_class_kl's 4 ceil(K / 4) + C + 1 fit in
+// them since S >= 2), whichever is more; 0 if neither.
 LELP_HD int64_t loss_row_scratch_floats(const LossArgs& a, bool online) {
   const int64_t need = subclass_weighted(a) ? 3 * a.C * a.S : 0;
   return online ? (need > online_row_floats(a.C, a.S) ? need : online_row_floats(a.C, a.S)) : need;
@@ -164,7 +167,8 @@ LELP_HD int64_t loss_row_scratch_floats(const LossArgs& a, bool online) {
 
 // Class c's divergence term p (log p - log Q_c) of the weighted KL, from its sums p (of t) and q (of
 // qu, in any scale; inv_q = 1 / q, log2_sum: log2 of the row's sum of qu in the same scale), so that
-// Q_c = q / sum. p / q is kept from 2^-126 (its logarithm's argument): a term that small is below 1e-34.
+// Q_c = q / sum. p / q is kept from 2^-126 (lg2.approx.ftz's argument): where that acts p < 2^-117 and
+// the term changes by less than 1e-34.
 LELP_DEV float class_divergence(float p, float inv_q, float log2_sum) {
   const float ratio = p * inv_q;
   return p == 0.f ? 0.f : p * kLn2 * (log2_approx(ratio < 0x1p-126f ? 0x1p-126f : ratio) + log2_sum);
@@ -237,7 +241,7 @@ LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, fl
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
     const int j = c * W + g, k0 = j * kVec;
-    first[c] = static_cast<int>((static_cast<float>(k0) + 0.5f) * inv_s);  // k0 / S (exact for K <= 512)
+    first[c] = static_cast<int>((static_cast<float>(k0) + 0.5f) * inv_s);  // k0 / S, exact (K <= 512)
     split[c] = (first[c] + 1) * S - k0;
     float p1 = 0.f, p2 = 0.f, q1 = 0.f, q2 = 0.f;
 #pragma unroll
