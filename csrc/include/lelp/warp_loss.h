@@ -532,7 +532,7 @@ LELP_DEV float row_hard_label_from_exp(const Warp& w, const LossArgs& a, const f
   const float log2_all = log2_approx(e_all), log2_y = log2_approx(e_y);
   const float f_all = a.alpha * exp2_approx(-log2_all), f_y = a.alpha * exp2_approx(-log2_y);
 #pragma unroll
-  for (int i = 0; i < P; ++i) gr[i] += e[i] * f_all - ey[i] * f_y;
+  for (int i = 0; i < P; ++i) gr[i] = fmaf(e[i], f_all, fmaf(-ey[i], f_y, gr[i]));  // two FMAs
   return a.alpha * kLn2 * (log2_all - log2_y);
 }
 
