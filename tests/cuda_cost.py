@@ -38,6 +38,7 @@ FLOOR_BYTES = {"fp32": 12, "bf16": 6}  # read s and t, write the gradient, in th
 
 
 class Path(NamedTuple):
+    """One modelled path of the KL step: its shape, dtype, and which of the optional terms it takes."""
     num_classes: int
     n_subclasses: int
     dtype: str
@@ -78,7 +79,7 @@ SOURCE_HEAD = """
 #include "cuda/warp.cuh"
 namespace lelp {
 // The path where no class of a row holds less than 2^-90 of its q: the warps' exact fallbacks
-// (row_hard_label, and row_class_kl's own max per class) are dropped from the count. FORM: the
+// (row_hard_label, row_class_kl_exact) are dropped from the count. FORM: the
 // class-sum form at lambda != 1 (warp::ClassSumsForm: 1 in registers, 2 through shared memory).
 template <int W, int FORM>
 struct CostWarp : cuda::DeviceWarp<W> {
@@ -104,7 +105,8 @@ __global__ void __launch_bounds__(128, CH >= 4 ? 3 : 4) kl_path(LossArgs a) {  /
   online.m = 0;
   extern __shared__ float smem[];  // the class sums' scratch at λ ≠ 1 (loss.cu sizes it)
   const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
-  float* scratch = WEIGHTED ? smem + (threadIdx.x / 32) * (32 / W) * warp::loss_row_scratch_floats(a, false) : nullptr;
+  const int64_t row_floats = warp::loss_row_scratch_floats(a, false);
+  float* scratch = WEIGHTED ? smem + (threadIdx.x / 32) * (32 / W) * row_floats : nullptr;
   warp::loss_rows<CostWarp<W, FORM>, CH>(CostWarp<W, FORM>{}, a, online, scratch, warp_id,
                                           static_cast<int64_t>(gridDim.x) * 4, true);
 }
@@ -126,8 +128,10 @@ def path_source(paths: List[Path], shapes: Dict[int, tuple]) -> str:
 
 
 def kernel_key(p: Path, w: int, ch: int) -> str:
-    """The mangled-name part of one instantiation: kl_pathILi<W>ELi<CH>ELi<DT>ELb<0|1>ELb<0|1>ELi<TAU>ELi<FORM>E."""
-    return f"kl_pathILi{w}ELi{ch}ELi{DTYPES[p.dtype]}ELb{int(p.labels)}ELb{int(p.weighted)}ELi{p.tau}ELi{p.class_sums}E"
+    """The mangled-name part of one instantiation (template arguments W, CH, DT, LABELS, WEIGHTED, TAU,
+    FORM): kl_pathILi<W>ELi<CH>ELi<DT>ELb<0|1>ELb<0|1>ELi<TAU>ELi<FORM>E."""
+    return (f"kl_pathILi{w}ELi{ch}ELi{DTYPES[p.dtype]}ELb{int(p.labels)}ELb{int(p.weighted)}"
+            f"ELi{p.tau}ELi{p.class_sums}E")
 
 
 def shapes_of(ks) -> Dict[int, tuple]:
