@@ -192,7 +192,15 @@ def _successors(instructions: List[tuple]) -> List[List[int]]:
     return out
 
 
-def _immediate_dominators(succ: List[List[int]]) -> List[int]:
+def _predecessors(succ: List[List[int]]) -> List[List[int]]:
+    pred = [[] for _ in succ]
+    for i, targets in enumerate(succ):
+        for j in targets:
+            pred[j].append(i)
+    return pred
+
+
+def _immediate_dominators(succ: List[List[int]], pred: List[List[int]]) -> List[int]:
     """idom of each instruction reachable from the first (Cooper, Harvey and Kennedy's iteration over
     reverse postorder); -1 where unreachable."""
     order, seen, stack = [], {0}, [(0, iter(succ[0]))]
@@ -206,10 +214,6 @@ def _immediate_dominators(succ: List[List[int]]) -> List[int]:
             seen.add(nxt)
             stack.append((nxt, iter(succ[nxt])))
     rank = {node: r for r, node in enumerate(order)}  # postorder number
-    pred = [[] for _ in succ]
-    for i, targets in enumerate(succ):
-        for j in targets:
-            pred[j].append(i)
     idom = [-1] * len(succ)
     idom[0] = 0
     changed = True
@@ -244,12 +248,11 @@ def loops(instructions: List[tuple]) -> List[set]:
     without passing the head. (A branch back to a lower address that its target does not dominate,
     such as an out-of-line block's return, makes no loop.)"""
     succ = _successors(instructions)
-    idom = _immediate_dominators(succ)
-    pred = [[] for _ in succ]
+    pred = _predecessors(succ)
+    idom = _immediate_dominators(succ, pred)
     tails = {}
     for i, targets in enumerate(succ):
         for j in targets:
-            pred[j].append(i)
             if idom[i] != -1 and _dominates(idom, j, i):
                 tails.setdefault(j, []).append(i)
     out = []
