@@ -121,11 +121,13 @@ def kernels_named(listing: dict, part: str) -> dict:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_targets_tile_runs_on_tensor_cores(sass, arch):
-    """The tile kernels multiply with HMMA (WMMA lowers to mma.sync on sm_80 and sm_90): bf16 and fp16
-    16x8x16, fp32 as TF32 16x8x4; each stages its embeddings and the split map with asynchronous
-    16-byte copies (cp.async.cg: LDGSTS.E.BYPASS.128; issue 21 item 10: the loads were synchronous)."""
-    tiles = kernels_named(sass[("csrc/cuda/targets.cu", arch)], "targets_tile_kernel")
+@pytest.mark.parametrize("form", ["targets_tile_kernel", "targets_resident_kernel"])
+def test_targets_tile_runs_on_tensor_cores(sass, arch, form):
+    """The tile kernels (streaming and resident) multiply with HMMA (WMMA lowers to mma.sync on sm_80
+    and sm_90): bf16 and fp16 16x8x16, fp32 as TF32 16x8x4; each stages its embeddings and the split
+    map with asynchronous 16-byte copies (cp.async.cg: LDGSTS.E.BYPASS.128; issue 21 item 10: the
+    loads were synchronous)."""
+    tiles = kernels_named(sass[("csrc/cuda/targets.cu", arch)], form)
     want = {"HalfMmaI13__nv_bfloat16": r"HMMA\.16816\.F32\.BF16", "HalfMmaI6__half": r"HMMA\.16816\.F32\b",
             "Tf32Mma": r"HMMA\.1684\.F32\.TF32"}
     assert len(tiles) == len(want)

@@ -2,7 +2,7 @@
 
 tests/test_ops_loss.py and tests/test_ops_targets.py run their reference cases on the "cuda_emu"
 backend too; these add the shapes that pick each kernel variant: every (lanes per row, chunks per
-lane) of the loss, and both sides of the targets tile's width limit. ThreadSanitizer and
+lane) of the loss, and both sides of the targets tile's width limit, in both of its forms. ThreadSanitizer and
 AddressSanitizer then run the same bodies to find shared-memory accesses that no barrier orders
 and out-of-bounds accesses.
 """
@@ -60,10 +60,24 @@ def test_loss_at_every_lane_layout(backend, num_classes, s, divergence):
     assert loss[5].item() == 0.0 and torch.equal(grad[5], torch.zeros(k))
 
 
+# The dynamic shared memory a block may opt in to (CUDA C Programming Guide, compute capabilities).
+SMEM_OPT_IN = {80: 166_912, 90: 232_448}
+
+
+@pytest.fixture(params=["resident", "streaming"])
+def tile_form(request, cuda_emulator):
+    """The targets tile's form under emulation: resident (the emulated device has sm_90's shared
+    memory, so every small test map fits) or streaming (a limit of 0)."""
+    before = cuda_emulator.smem_optin_bytes()
+    cuda_emulator.set_smem_optin_bytes(SMEM_OPT_IN[90] if request.param == "resident" else 0)
+    yield request.param
+    cuda_emulator.set_smem_optin_bytes(before)
+
+
 @pytest.mark.parametrize("backend", ["cuda_emu"])
 @pytest.mark.parametrize("num_classes,s,tile", [(2, 127, True), (2, 128, False), (16, 8, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_targets_tile_width_limit(backend, cuda_emulator, num_classes, s, tile, dtype):
+def test_targets_tile_width_limit(backend, cuda_emulator, tile_form, num_classes, s, tile, dtype):
     """J = 256 is the widest map the tensor-core tile takes (bf16/fp16 with a split map, fp32 as split
     TF32); J = 258 goes to the row kernel."""
     k = num_classes * s
@@ -150,10 +164,6 @@ def test_cuda_tile_rule_and_split_layout_match_the_kernel(cuda_emulator):
         assert hi.shape == lo.shape == (rows, cols), (d, j)
 
 
-# The dynamic shared memory a block may opt in to (CUDA C Programming Guide, compute capabilities).
-SMEM_OPT_IN = {80: 166_912, 90: 232_448}
-
-
 def test_cuda_targets_tile_fits_shared_memory(cuda_emulator):
     """Every map the tile takes (J up to 256 padded columns; bf16/fp16 stages of 2 bytes, fp32 of
     4) fits the smallest opt-in limit: two stages of 64 x 32 embeddings and 32 x (J + 8) of each
@@ -195,9 +205,41 @@ def test_cuda_targets_split_the_map_once_per_weight(backend, monkeypatch):
     assert made == [torch.float32, torch.bfloat16, torch.float32]
 
 
+def test_cuda_targets_resident_form_at_the_cost_shapes(cuda_emulator):
+    """Issue 21 item 4 (CUDA): the streaming tile read the whole split map from L2 once per 64 rows
+    (1,536 B a row at K = 16 with the head, d = 768, bf16: 1.96x the floor by the map alone). The
+    resident form copies it into shared memory once per block: the map, 6 embedding stages and the
+    projections fit sm_80's and sm_90's opt-in limits in bf16/fp16 at K = 16 with the head; fp32's
+    map (TF32 hi + lo, 4 bytes an entry) and K = 128's do not, and stream."""
+    k16 = (768, 18, 4, 4)  # d, J, C, S
+    assert cuda_emulator.resident_smem_bytes(2, *k16) == 2 * (2 * 768 * 40 + 6 * 64 * 40) + 4 * 64 * 33
+    assert cuda_emulator.resident_smem_bytes(2, *k16) <= min(SMEM_OPT_IN.values())
+    assert cuda_emulator.resident_smem_bytes(4, *k16) > max(SMEM_OPT_IN.values())
+    assert cuda_emulator.resident_smem_bytes(2, 768, 144, 16, 8) > max(SMEM_OPT_IN.values())
+
+
 @pytest.mark.parametrize("backend", ["cuda_emu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_targets_tile_edges(backend, dtype):
+@pytest.mark.parametrize("n,d", [(300, 200), (330, 70), (129, 33)])
+def test_cuda_targets_tile_over_several_tiles(backend, tile_form, dtype, n, d):
+    """The emulated grid of 2 blocks takes 2-3 tiles each: the resident form's pipeline of 6 stages
+    runs across tiles (d = 70: 3 steps a tile, so the next tile's steps are in flight during an
+    epilogue; d = 200: 7 steps, the stages wrap within a tile; d = 33: a partial step), and a
+    block's last tile is partial (n = 129, 330)."""
+    g = torch.Generator().manual_seed(n + d)
+    num_classes, s = 3, 5
+    j = num_classes * s + num_classes
+    h = torch.randn(n, d, generator=g).to(dtype)
+    weight, bias = torch.randn(d, j, generator=g) / d**0.5, torch.randn(j, generator=g)
+    got = lelp_targets(h, weight, bias, num_classes, s, beta=0.5, tau=1.5, backend=backend)
+    proj = h.double() @ weight.double() + bias.double()
+    want = reference.log_targets(proj[:, :15], proj[:, 15:], s, 0.5, 1.5)
+    torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_targets_tile_edges(backend, tile_form, dtype):
     """One row; d of 13 (rows not 16-byte aligned: the copies go element by element; one partial
     step) and 70 (three steps: the double buffer wraps); a small beta; a NaN row stays NaN
     (check_inputs off) and leaves its neighbours alone. (Huge logits: test_ops_targets.py.)"""

@@ -1,5 +1,6 @@
-// CUDA fused targets: a tensor-core tile (bf16/fp16 with a split map, fp32 as split TF32), a warp
-// per row for wider maps (lelp/block_targets.h; the epilogue's math is lelp/row_math.h's).
+// CUDA fused targets: a tensor-core tile (bf16/fp16 with a split map, fp32 as split TF32; resident
+// in shared memory and persistent when the map fits), a warp per row for wider maps
+// (lelp/block_targets.h; the epilogue's math is lelp/row_math.h's).
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -94,6 +95,12 @@ __global__ void __launch_bounds__(tile::kThreads, Mma::kMinBlocks) targets_tile_
   tile::targets_tiles<DeviceBlock, Mma>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x, vec);
 }
 
+template <class Mma>
+__global__ void __launch_bounds__(tile::kThreads, Mma::kMinBlocks) targets_resident_kernel(TargetsArgs a, bool vec) {
+  extern __shared__ __align__(128) char smem[];
+  tile::targets_tiles_resident<DeviceBlock, Mma>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x, vec);
+}
+
 __global__ void __launch_bounds__(128, 4) targets_row_kernel(TargetsArgs a) {
   extern __shared__ float row_smem[];  // K + C floats per warp
   const int warp_in_block = threadIdx.x / 32;
@@ -102,23 +109,55 @@ __global__ void __launch_bounds__(128, 4) targets_row_kernel(TargetsArgs a) {
                      static_cast<int64_t>(gridDim.x) * 4);
 }
 
-template <class Mma>
-void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
-  const int64_t smem = tile::smem_bytes(a, sizeof(typename Mma::Stage));
-  auto kernel = targets_tile_kernel<Mma>;
-  // More than 48 KB of shared memory needs an opt-in (the widest fp32 map takes 152 KB). It is set
-  // once per device for the largest size needed, so that a CUDA-graph capture after a warm-up run
-  // makes no such call.
-  static int opted_in[64] = {};
+void check(cudaError_t err) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("cuda targets: ") + cudaGetErrorString(err));
+}
+
+int device_attribute(cudaDeviceAttr what) {
+  int device = 0, value = 0;
+  check(cudaGetDevice(&device));
+  check(cudaDeviceGetAttribute(&value, what, device));
+  return value;
+}
+
+// More than 48 KB of shared memory needs an opt-in (the widest fp32 map takes 152 KB). It is set
+// once per kernel and device for the largest size needed, so that a CUDA-graph capture after a
+// warm-up run makes no such call. opted_in: the kernel's sizes so far, per device.
+template <class Kernel>
+void opt_in(Kernel kernel, int64_t smem, int* opted_in) {
   int device = 0;
-  cudaGetDevice(&device);
+  check(cudaGetDevice(&device));
   if (smem > 48 * 1024 && (device >= 64 || opted_in[device] < smem)) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) throw std::runtime_error(std::string("cuda targets: ") + cudaGetErrorString(err));
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     if (device < 64) opted_in[device] = static_cast<int>(smem);
   }
-  const int64_t blocks = std::min<int64_t>((a.n + tile::kRows - 1) / tile::kRows, int64_t{1} << 20);
-  kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a, tile::tile_vector_loads(a));
+}
+
+// The resident form when the map fits the device's shared memory (a persistent grid: as many blocks
+// as the SMs hold, each looping over its tiles), else the streaming tile.
+template <class Mma>
+void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
+  constexpr int stage_bytes = sizeof(typename Mma::Stage);
+  const int64_t tiles = (a.n + tile::kRows - 1) / tile::kRows;
+  const bool vec = tile::tile_vector_loads(a);
+  if (tile::resident_takes(a, stage_bytes, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {
+    static int opted_in[64] = {};
+    const int64_t smem = tile::resident_smem_bytes(a, stage_bytes);
+    auto kernel = targets_resident_kernel<Mma>;
+    opt_in(kernel, smem, opted_in);
+    int per_sm = 0;
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, tile::kThreads, static_cast<size_t>(smem)));
+    const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+    const int64_t blocks = std::min<int64_t>(tiles, std::max(per_sm, 1) * sms);
+    kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a, vec);
+    return;
+  }
+  static int opted_in[64] = {};
+  const int64_t smem = tile::smem_bytes(a, stage_bytes);
+  auto kernel = targets_tile_kernel<Mma>;
+  opt_in(kernel, smem, opted_in);
+  const int64_t blocks = std::min<int64_t>(tiles, int64_t{1} << 20);
+  kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a, vec);
 }
 
 }  // namespace

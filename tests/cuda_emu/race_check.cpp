@@ -6,7 +6,7 @@
 // read or write past one is reported, as compute-sanitizer's memcheck would on a GPU.
 // Covers each loss lane layout (precomputed, mixed and online targets, hard labels; KL at a subclass
 // weight lambda != 1 with its class sums in registers and in shared memory) and the targets
-// tile in all three precisions plus the row kernel. Prints "ok" when it finishes.
+// tile in all three precisions (resident and streaming) plus the row kernel. Prints "ok" when it finishes.
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -81,8 +81,8 @@ void check_loss(int64_t C, int64_t S, int teachers, bool online, int divergence 
   lelp::emu::loss(a);
 }
 
-void check_targets(int64_t C, int64_t S, int dtype, bool head) {
-  const int64_t n = 70, d = 40, K = C * S, J = K + (head ? C : 0);
+void check_targets(int64_t C, int64_t S, int dtype, bool head, int64_t n = 70, int64_t d = 40) {
+  const int64_t K = C * S, J = K + (head ? C : 0);
   auto x = randn(n * d), weight = randn(d * J), bias = randn(J), z = randn(n * C), out = std::vector<float>(n * K);
   auto bits = as_bits(x, dtype);
   lelp::TargetsArgs a = teacher(n, d, C, S, head, x, weight, bias, z);
@@ -126,11 +126,16 @@ int main() {
       check_loss(cs[0], cs[1], 1, false, lelp::kKL, 0.1f, far);
       check_loss(cs[0], cs[1], 1, true, lelp::kKL, 0.1f, far);
     }
-  for (int dtype : {lelp::kFloat32, lelp::kFloat16, lelp::kBFloat16}) {
-    check_targets(3, 5, dtype, true);
-    check_targets(2, 64, dtype, false);  // 8 fragments: every warp takes 4
+  // the tile's resident form (the map fits sm_90's shared memory), then its streaming form
+  for (int64_t optin : {int64_t{232448}, int64_t{0}}) {
+    lelp::emu::smem_optin_bytes = optin;
+    for (int dtype : {lelp::kFloat32, lelp::kFloat16, lelp::kBFloat16}) {
+      check_targets(3, 5, dtype, true);
+      check_targets(2, 64, dtype, false);  // 8 fragments: every warp takes 4
+    }
+    check_targets(5, 40, lelp::kFloat32, true);  // J = 205: 13 fragments; 40 (row, class) pairs a warp
+    check_targets(3, 5, lelp::kBFloat16, true, 300, 200);  // 3 tiles a block, 7 steps a tile
   }
-  check_targets(5, 40, lelp::kFloat32, true);  // J = 205: 13 fragments; 40 (row, class) pairs a warp
   check_targets(2, 256, lelp::kBFloat16, true);  // the row kernel
   std::printf("ok\n");
   return 0;

@@ -13,6 +13,11 @@
 // The projections land in shared memory (over the stages), where each warp runs the segmented
 // log-softmaxes of its 8 rows (lanes over (row, class) pairs; lelp::row_log_targets' math) and
 // stores them.
+// Resident form (when the split map and kResidentStages embedding stages fit a block's shared
+// memory, e.g. d = 768 with 32 padded columns in bf16/fp16): the map is copied into shared memory
+// once per block and only the embeddings stream, in a pipeline that runs across the block's tiles;
+// the launcher starts as many blocks as the SMs hold, so the map is read once per few thousand rows
+// instead of once per 64.
 // Row kernel (wider maps): a warp per row, lanes over the map's columns.
 //
 // Written against Block and Mma types as lelp/warp_loss.h is against Warp: csrc/cuda/ supplies
@@ -70,6 +75,22 @@ LELP_HD int64_t smem_bytes(const TargetsArgs& a, int stage_bytes) {
   return stages > u ? stages : u;
 }
 
+// The resident form (targets_tiles_resident): embedding stages in flight across tiles.
+constexpr int kResidentStages = 6;
+
+// Shared-memory bytes of the resident form: the split map (hi and lo, split_rows(d) x ld_w each),
+// kResidentStages embedding stages, then the projections and each row's class log-sum-exp.
+LELP_HD int64_t resident_smem_bytes(const TargetsArgs& a, int stage_bytes) {
+  const int64_t map = 2 * split_rows(a.d) * ld_w(a), stages = static_cast<int64_t>(kResidentStages) * kRows * kLdX;
+  return stage_bytes * (map + stages) + 4 * static_cast<int64_t>(kRows) * (ld_u(a) + 1);
+}
+
+// Whether the tile takes this call in the resident form: the map and stages fit a block's
+// shared memory (optin_bytes: the device's opt-in limit, 232,448 B on sm_90, 166,912 on sm_80).
+LELP_HD bool resident_takes(const TargetsArgs& a, int stage_bytes, int64_t optin_bytes) {
+  return a.d > 0 && resident_smem_bytes(a, stage_bytes) <= optin_bytes;
+}
+
 // Whether the tensor-core tile takes this call.
 inline bool tile_takes(const TargetsArgs& a) {
   return pad16(a.J) <= kMaxTileCols && a.C * a.S + a.C <= kMaxTileCols;
@@ -81,11 +102,10 @@ inline bool tile_vector_loads(const TargetsArgs& a) {
   return reinterpret_cast<uintptr_t>(a.embeddings) % 16 == 0 && (a.emb_stride * elem) % 16 == 0;
 }
 
-// Issues the copies of step k0 into stage x (64 x 32 embeddings; zeros outside) and wh / wl (32 map
-// rows, every column), and commits them as this thread's group.
+// Issues the copies of the embeddings' step k0 into x (64 x 32; zeros outside).
 template <class Block, class Mma>
-LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, bool vec,
-                         typename Mma::Stage* x) {
+LELP_DEV void stage_embeddings(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, bool vec,
+                               typename Mma::Stage* x) {
   using Stage = typename Mma::Stage;
   constexpr int V = Mma::kVec;
   const Stage* emb = static_cast<const Stage*>(a.embeddings);  // raw words: Stage is the embeddings' type
@@ -99,27 +119,43 @@ LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int
     }
     for (int e = 0; e < V; ++e) at[e] = row < a.n && col + e < a.d ? emb[row * a.emb_stride + col + e] : Stage{0};
   }
+}
+
+// Issues the copies of map rows k0 .. k0 + rows - 1 (every column, hi and lo) into wh / wl (leading dimension ld_w).
+template <class Block, class Mma>
+LELP_DEV void stage_map(const Block& b, const TargetsArgs& a, int64_t k0, int64_t rows, typename Mma::Stage* wh,
+                        typename Mma::Stage* wl) {
+  using Stage = typename Mma::Stage;
+  constexpr int V = Mma::kVec;
   const int cols = split_cols(a.J), ldw = ld_w(a), chunks = cols / V;
-  Stage* wh = x + kRows * kLdX;
-  Stage* wl = wh + kStepK * ldw;
   const Stage* hi = static_cast<const Stage*>(a.w_hi) + k0 * cols;
   const Stage* lo = static_cast<const Stage*>(a.w_lo) + k0 * cols;
-  for (int i = b.thread(); i < kStepK * chunks; i += kThreads) {
-    const int k = i / chunks, c = i % chunks * V;
+  for (int64_t i = b.thread(); i < rows * chunks; i += kThreads) {
+    const int64_t k = i / chunks;
+    const int c = static_cast<int>(i % chunks) * V;
     b.copy16(wh + k * ldw + c, hi + k * cols + c);
     b.copy16(wl + k * ldw + c, lo + k * cols + c);
   }
+}
+
+// Issues the copies of step k0 into stage x (the embeddings, then the map's 32 rows hi and lo) and
+// commits them as this thread's group.
+template <class Block, class Mma>
+LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, bool vec,
+                         typename Mma::Stage* x) {
+  typename Mma::Stage* wh = x + kRows * kLdX;
+  stage_embeddings<Block, Mma>(b, a, row0, k0, vec, x);
+  stage_map<Block, Mma>(b, a, k0, kStepK, wh, wh + kStepK * ld_w(a));
   b.commit();
 }
 
-// The staged step's products into the warp's accumulators: fragment i is map columns
-// 16 (set + 2 i) .. + 15 (those below the padded map's width are live).
+// A step's products into the warp's accumulators: x the staged embeddings, wh / wl the step's 32 map
+// rows (leading dimension ld_w); fragment i is map columns 16 (set + 2 i) .. + 15 (those below the
+// padded map's width are live).
 template <class Mma>
-LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::Stage* x, typename Mma::Acc* acc) {
-  using Stage = typename Mma::Stage;
+LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::Stage* x, const typename Mma::Stage* wh,
+                            const typename Mma::Stage* wl, typename Mma::Acc* acc) {
   const int ldw = ld_w(a), frags = split_cols(a.J) / 16, set = warp / 4;
-  const Stage* wh = x + kRows * kLdX;
-  const Stage* wl = wh + kStepK * ldw;
 #pragma unroll 1  // the k slices one after another: unrolled, their fragments outgrow the registers
   for (int kk = 0; kk < kStepK; kk += Mma::kK) {
     typename Mma::A ah, al;
@@ -139,13 +175,24 @@ LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::
   }
 }
 
+// The warp's accumulators into u (64 x ld_u floats): the tile's projections without the bias, columns [0, pad16(J)).
+template <class Block, class Mma>
+LELP_DEV void store_projections(const Block& b, const TargetsArgs& a, typename Mma::Acc* acc, float* u) {
+  const int warp = b.thread() / 32, frags = split_cols(a.J) / 16;
+#pragma unroll
+  for (int i = 0; i < kMaxFrags; ++i) {
+    const int f = warp / 4 + 2 * i;
+    if (f < frags) Mma::store(b.warp(), u + (warp % 4) * 16 * ld_u(a) + f * 16, acc[i], ld_u(a));
+  }
+}
+
 // u (64 x ld_u floats, over the stages) = the tile's projections without the bias, columns [0, pad16(J)).
 // The embeddings stream once: step s + 1's copies are in flight while step s multiplies.
 template <class Block, class Mma>
 LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row0, bool vec,
                                typename Mma::Stage* stages, float* u) {
   using Stage = typename Mma::Stage;
-  const int warp = b.thread() / 32, frags = split_cols(a.J) / 16;
+  const int warp = b.thread() / 32;
   const int64_t elems = stage_elems(a), steps = (a.d + kStepK - 1) / kStepK;
   typename Mma::Acc acc[kMaxFrags];
 #pragma unroll
@@ -160,14 +207,11 @@ LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row
       b.template wait<0>();
     }
     b.sync();
-    step_products<Mma>(a, warp, x, acc);
+    const Stage* wh = x + kRows * kLdX;
+    step_products<Mma>(a, warp, x, wh, wh + kStepK * ld_w(a), acc);
     b.sync();  // the next step's copies overwrite this stage (and u overwrites both)
   }
-#pragma unroll
-  for (int i = 0; i < kMaxFrags; ++i) {
-    const int f = warp / 4 + 2 * i;
-    if (f < frags) Mma::store(b.warp(), u + (warp % 4) * 16 * ld_u(a) + f * 16, acc[i], ld_u(a));
-  }
+  store_projections<Block, Mma>(b, a, acc, u);
   b.sync();
 }
 
@@ -224,6 +268,62 @@ LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, in
     tile_epilogue(b, a, row0, u, lse);
     b.sync();  // the next tile's copies overwrite u
   }
+}
+
+// The resident form's body: the whole split map in shared memory, copied once per block (before
+// its first tile), and only the embeddings streaming, through kResidentStages stages that run on
+// across the block's tiles (the next tile's first steps are in flight during this tile's
+// epilogue). A block should be persistent (a grid of the SMs' resident blocks): 4 M rows read a
+// d = 768 map of 32 columns once per 30,000 rows instead of once per 64. smem:
+// resident_smem_bytes(a, sizeof(Stage)), 128-byte aligned; needs a.d > 0.
+template <class Block, class Mma>
+LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char* smem, int64_t block,
+                                     int64_t n_blocks, bool vec) {
+  using Stage = typename Mma::Stage;
+  constexpr int P = kResidentStages;
+  const int64_t map_elems = split_rows(a.d) * ld_w(a), stage = static_cast<int64_t>(kRows) * kLdX;
+  Stage* map_hi = reinterpret_cast<Stage*>(smem);
+  Stage* map_lo = map_hi + map_elems;
+  Stage* stages = map_lo + map_elems;
+  float* u = reinterpret_cast<float*>(stages + P * stage);
+  float* lse = u + kRows * ld_u(a);
+  const int64_t steps = (a.d + kStepK - 1) / kStepK, tiles = (a.n + kRows - 1) / kRows;
+  const int64_t mine = block < tiles ? (tiles - block + n_blocks - 1) / n_blocks : 0;  // this block's tiles
+  // The copies run P - 1 steps ahead of the products, across tiles: (tile, step) = (it, is), into
+  // stage slot. Every step commits a group, empty past the block's last step, so that wait<P - 2>
+  // always means "the oldest step in flight has landed".
+  int64_t it = 0, is = 0;
+  int slot = 0;
+  auto issue = [&]() {
+    if (it < mine)
+      stage_embeddings<Block, Mma>(b, a, (block + it * n_blocks) * kRows, is * kStepK, vec, stages + slot * stage);
+    b.commit();
+    slot = slot + 1 == P ? 0 : slot + 1;
+    if (++is == steps) is = 0, ++it;
+  };
+  stage_map<Block, Mma>(b, a, 0, split_rows(a.d), map_hi, map_lo);
+  b.commit();  // older than every step: the first step's wait covers it
+  for (int i = 0; i < P - 1; ++i) issue();
+  const int warp = b.thread() / 32;
+  int ready = 0;  // the stage slot of the step being multiplied
+  for (int64_t t = 0; t < mine; ++t) {  // block-uniform
+    typename Mma::Acc acc[kMaxFrags];
+#pragma unroll
+    for (int i = 0; i < kMaxFrags; ++i) Mma::fill(acc[i], 0.f);
+    for (int64_t s = 0; s < steps; ++s) {
+      b.template wait<P - 2>();
+      b.sync();  // this step is visible, and every warp is done with the previous step's stage, which this overwrites:
+      issue();
+      const int64_t k0 = s * kStepK * ld_w(a);
+      step_products<Mma>(a, warp, stages + ready * stage, map_hi + k0, map_lo + k0, acc);
+      ready = ready + 1 == P ? 0 : ready + 1;
+    }
+    store_projections<Block, Mma>(b, a, acc, u);
+    b.sync();
+    tile_epilogue(b, a, (block + t * n_blocks) * kRows, u, lse);
+    // the next tile's projections land in u after its steps' barriers: every warp is done reading u
+  }
+  b.template wait<0>();  // no copy outlives the block (the groups past the last step are empty)
 }
 
 // The row kernel's body: a warp per row (grid-stride); u: the warp's K + C floats of shared memory.
