@@ -49,6 +49,12 @@ constexpr int kLdX = kStepK + 8;    // shared-memory leading dimension of the em
                                     // padded against bank conflicts and a multiple of 8 so that
                                     // every fragment pointer is 32-byte aligned as WMMA requires
 
+#if defined(__CUDACC__)
+#define LELP_COLD __device__ __noinline__
+#else
+#define LELP_COLD inline
+#endif
+
 LELP_HD int pad16(int64_t j) { return static_cast<int>((j + 15) / 16 * 16); }
 
 // The caller's split map: split_rows(d) x split_cols(J) per part, zero-padded (no bounds in the copy).
@@ -103,6 +109,14 @@ inline bool tile_vector_loads(const TargetsArgs& a) {
 }
 
 // Issues the copies of the embeddings' step k0 into x (64 x 32; zeros outside).
+// A chunk of V embeddings that is not one 16-byte copy (past the last row or column, or rows not
+// 16-byte aligned), element by element; zeros outside. Out of line: the copy loop stays short.
+template <class Stage, int V>
+LELP_COLD void stage_elements(const Stage* emb, int64_t n, int64_t d, int64_t stride, int64_t row, int64_t col,
+                              Stage* at) {
+  for (int e = 0; e < V; ++e) at[e] = row < n && col + e < d ? emb[row * stride + col + e] : Stage{0};
+}
+
 template <class Block, class Mma>
 LELP_DEV void stage_embeddings(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, bool vec,
                                typename Mma::Stage* x) {
@@ -113,11 +127,8 @@ LELP_DEV void stage_embeddings(const Block& b, const TargetsArgs& a, int64_t row
     const int r = i / (kStepK / V), k = i % (kStepK / V) * V;
     const int64_t row = row0 + r, col = k0 + k;
     Stage* at = x + r * kLdX + k;
-    if (vec && row < a.n && col + V <= a.d) {
-      b.copy16(at, emb + row * a.emb_stride + col);
-      continue;
-    }
-    for (int e = 0; e < V; ++e) at[e] = row < a.n && col + e < a.d ? emb[row * a.emb_stride + col + e] : Stage{0};
+    if (vec && row < a.n && col + V <= a.d) b.copy16(at, emb + row * a.emb_stride + col);
+    else stage_elements<Stage, V>(emb, a.n, a.d, a.emb_stride, row, col, at);
   }
 }
 
@@ -215,9 +226,11 @@ LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row
   b.sync();
 }
 
-// Bias, class logits and log-softmaxes of the warp's 8 rows of u; stores them. The subclass
-// log-softmaxes, the epilogue's bulk, take the lanes over (row, class) pairs: 8 C of them per warp,
-// so small C keeps the lanes busy (one row at a time used C of 32). lse: the block's kRows floats.
+// Bias, class logits and log-softmaxes of the warp's 8 rows of u; stores them. Every step takes
+// the lanes over the warp's rows as a whole (one row at a time used C of 32 lanes, and two
+// butterflies a row): the bias and the given logits over (column, row), each row's class
+// log-sum-exp on a lane of its own, the subclass log-softmaxes over (row, class) pairs.
+// lse: the block's kRows floats.
 template <class Block>
 LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, float* u, float* lse) {
   using Warp = typename Block::Warp;
@@ -225,23 +238,26 @@ LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, 
   const Warp w = b.warp();
   const int warp = b.thread() / 32, lane = w.lane(), ldu = ld_u(a), r0 = warp * R;
   const int C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S, J = static_cast<int>(a.J);
-  for (int r = r0; r < r0 + R; ++r) {  // warp-uniform: bias, logits, the class log-sum-exp
-    const int64_t row = row0 + r;
-    float* ur = u + r * ldu;
-    for (int j = lane; j < J; j += 32) ur[j] += a.bias[j];
-    if (a.logits != nullptr)
-      for (int c = lane; c < C; c += 32)
-        ur[K + c] = row < a.n ? Warp::load(a.logits, a.logits_dtype, row * a.logits_stride + c) : 0.f;
-    w.sync();
-    float m = -INFINITY;
-    for (int c = lane; c < C; c += 32) m = fmax_(m, ur[K + c] * a.inv_tau);
-    m = w.max(m);
-    float sum = 0.f;
-    for (int c = lane; c < C; c += 32) sum += expf(ur[K + c] * a.inv_tau - m);
-    sum = w.sum(sum);
-    if (lane == 0) lse[r] = m + logf(sum);
+  float* uw = u + r0 * ldu;  // the warp's rows
+  // Lane-strided loops: not unrolled (at the usual K <= 32 they take one trip or none).
+#pragma unroll 1
+  for (int j = lane; j < J; j += 32) {
+    const float bias = a.bias[j];
+#pragma unroll
+    for (int r = 0; r < R; ++r) uw[r * ldu + j] += bias;
   }
+  if (a.logits != nullptr)
+#pragma unroll 1
+    for (int c = lane; c < C; c += 32)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = row0 + r0 + r;
+        uw[r * ldu + K + c] = row < a.n ? Warp::load(a.logits, a.logits_dtype, row * a.logits_stride + c) : 0.f;
+      }
   w.sync();
+  if (lane < R) lse[r0 + lane] = scaled_logsumexp(uw + lane * ldu + K, C, 1, a.inv_tau);
+  w.sync();
+#pragma unroll 1
   for (int i = lane; i < R * C; i += 32) {  // lelp::row_log_targets' order of operations
     const int r = r0 + i / C, c = i % C;
     float* uc = u + r * ldu + c * S;
@@ -251,6 +267,7 @@ LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, 
   for (int r = r0; r < r0 + R; ++r) {
     const int64_t row = row0 + r;
     if (row < a.n)
+#pragma unroll 1
       for (int k = lane; k < K; k += 32) Warp::store(a.out, a.out_dtype, row * a.out_stride + k, u[r * ldu + k]);
   }
 }
