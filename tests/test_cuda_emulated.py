@@ -208,24 +208,29 @@ def test_cuda_targets_split_the_map_once_per_weight(backend, monkeypatch):
 def test_cuda_targets_resident_form_at_the_cost_shapes(cuda_emulator):
     """Issue 21 item 4 (CUDA): the streaming tile read the whole split map from L2 once per 64 rows
     (1,536 B a row at K = 16 with the head, d = 768, bf16: 1.96x the floor by the map alone). The
-    resident form copies it into shared memory once per block: the map, 6 embedding stages and the
-    projections fit sm_80's and sm_90's opt-in limits in bf16/fp16 at K = 16 with the head; fp32's
-    map (TF32 hi + lo, 4 bytes an entry) and K = 128's do not, and stream."""
-    k16 = (768, 18, 4, 4)  # d, J, C, S
-    assert cuda_emulator.resident_smem_bytes(2, *k16) == 2 * (2 * 768 * 40 + 6 * 64 * 40) + 4 * 64 * 33
-    assert cuda_emulator.resident_smem_bytes(2, *k16) <= min(SMEM_OPT_IN.values())
-    assert cuda_emulator.resident_smem_bytes(4, *k16) > max(SMEM_OPT_IN.values())
-    assert cuda_emulator.resident_smem_bytes(2, 768, 144, 16, 8) > max(SMEM_OPT_IN.values())
+    resident form copies it into shared memory once per block: the map (768 rows of 32 + 8 columns,
+    hi and lo), 4 stages of 64 x (64 + 8) embeddings and the projections fit sm_90's opt-in limit
+    in bf16/fp16 at K = 16 with the head (not sm_80's: there it streams); fp32 with given logits
+    (16 columns) fits sm_90 too; fp32 with the head (TF32 hi + lo, 4 bytes an entry) and K = 128's
+    map do not, and stream."""
+    k16 = (768, 20, 4, 4)  # d, J, C, S
+    assert cuda_emulator.resident_smem_bytes(2, *k16) == 2 * (2 * 768 * 40 + 4 * 64 * 72) + 4 * 64 * 33
+    assert SMEM_OPT_IN[80] < cuda_emulator.resident_smem_bytes(2, *k16) <= SMEM_OPT_IN[90]
+    assert cuda_emulator.resident_smem_bytes(2, 512, 20, 4, 4) <= SMEM_OPT_IN[80]
+    assert cuda_emulator.resident_smem_bytes(4, 768, 16, 4, 4) <= SMEM_OPT_IN[90]
+    assert cuda_emulator.resident_smem_bytes(4, *k16) > SMEM_OPT_IN[90]
+    assert cuda_emulator.resident_smem_bytes(2, 768, 144, 16, 8) > SMEM_OPT_IN[90]
 
 
 @pytest.mark.parametrize("backend", ["cuda_emu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n,d", [(300, 200), (330, 70), (129, 33)])
 def test_cuda_targets_tile_over_several_tiles(backend, tile_form, dtype, n, d):
-    """The emulated grid of 2 blocks takes 2-3 tiles each: the resident form's pipeline of 6 stages
-    runs across tiles (d = 70: 3 steps a tile, so the next tile's steps are in flight during an
-    epilogue; d = 200: 7 steps, the stages wrap within a tile; d = 33: a partial step), and a
-    block's last tile is partial (n = 129, 330)."""
+    """The emulated grid of 2 blocks takes 2-3 tiles each: the resident form's pipeline of 4 stages
+    of 64 columns runs across tiles (d = 70, 33: 2 and 1 steps a tile, so the next tile's steps are
+    in flight during an epilogue; d = 200: 4 steps, the stages wrap within a tile), its last step
+    partial (zero map rows past split_rows(d) at d = 70, 200), and a block's last tile is partial
+    (n = 129, 330)."""
     g = torch.Generator().manual_seed(n + d)
     num_classes, s = 3, 5
     j = num_classes * s + num_classes

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "../cpu/targets.h"
 #include "lelp/block_targets.h"
@@ -41,7 +42,10 @@ struct HalfMma {
   using Stage = uint16_t;
   static constexpr int kK = 16, kVec = 8;
   static constexpr bool kSplitX = false;
-  static constexpr int kMinBlocks = 2;  // per SM: 128 registers a thread
+  // Blocks per SM the streaming tile declares: fp16 2 (128 registers a thread); bf16 1, since WMMA
+  // loads bf16 fragments through generic addresses (LD + MOVM, where fp16 takes LDSM), which needs
+  // more registers: at 128 the bf16 tile spilled 8-24 B.
+  static constexpr int kMinBlocks = std::is_same_v<T, __half> ? 2 : 1;
   using A = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
   using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
@@ -89,16 +93,19 @@ struct Tf32Mma {
   }
 };
 
-template <class Mma>
-__global__ void __launch_bounds__(tile::kThreads, Mma::kMinBlocks) targets_tile_kernel(TargetsArgs a, bool vec) {
+template <class Mma, bool kVec>
+__global__ void __launch_bounds__(tile::kThreads, Mma::kMinBlocks) targets_tile_kernel(TargetsArgs a) {
   extern __shared__ __align__(128) char smem[];
-  tile::targets_tiles<DeviceBlock, Mma>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x, vec);
+  tile::targets_tiles<DeviceBlock, Mma, kVec>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x);
 }
 
-template <class Mma>
-__global__ void __launch_bounds__(tile::kThreads, Mma::kMinBlocks) targets_resident_kernel(TargetsArgs a, bool vec) {
+// One block per SM: the map alone takes more than half of an SM's shared memory (the form is taken
+// for maps of about 50 KB and up), so the registers may take the whole file (at 2 blocks' 128 a
+// thread, the bf16 form spilled 40 B on sm_90).
+template <class Mma, bool kVec>
+__global__ void __launch_bounds__(tile::kThreads, 1) targets_resident_kernel(TargetsArgs a) {
   extern __shared__ __align__(128) char smem[];
-  tile::targets_tiles_resident<DeviceBlock, Mma>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x, vec);
+  tile::targets_tiles_resident<DeviceBlock, Mma, kVec>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x);
 }
 
 __global__ void __launch_bounds__(128, 4) targets_row_kernel(TargetsArgs a) {
@@ -134,30 +141,35 @@ void opt_in(Kernel kernel, int64_t smem, int* opted_in) {
 }
 
 // The resident form when the map fits the device's shared memory (a persistent grid: as many blocks
-// as the SMs hold, each looping over its tiles), else the streaming tile.
-template <class Mma>
+// as the SMs hold, each looping over its tiles), else the streaming tile. kVec: tile_vector_loads.
+template <class Mma, bool kVec>
 void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
   constexpr int stage_bytes = sizeof(typename Mma::Stage);
   const int64_t tiles = (a.n + tile::kRows - 1) / tile::kRows;
-  const bool vec = tile::tile_vector_loads(a);
   if (tile::resident_takes(a, stage_bytes, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {
     static int opted_in[64] = {};
     const int64_t smem = tile::resident_smem_bytes(a, stage_bytes);
-    auto kernel = targets_resident_kernel<Mma>;
+    auto kernel = targets_resident_kernel<Mma, kVec>;
     opt_in(kernel, smem, opted_in);
     int per_sm = 0;
     check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, tile::kThreads, static_cast<size_t>(smem)));
     const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
     const int64_t blocks = std::min<int64_t>(tiles, std::max(per_sm, 1) * sms);
-    kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a, vec);
+    kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a);
     return;
   }
   static int opted_in[64] = {};
   const int64_t smem = tile::smem_bytes(a, stage_bytes);
-  auto kernel = targets_tile_kernel<Mma>;
+  auto kernel = targets_tile_kernel<Mma, kVec>;
   opt_in(kernel, smem, opted_in);
   const int64_t blocks = std::min<int64_t>(tiles, int64_t{1} << 20);
-  kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a, vec);
+  kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a);
+}
+
+template <class Mma>
+void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
+  if (tile::tile_vector_loads(a)) launch_tile<Mma, true>(a, stream);
+  else launch_tile<Mma, false>(a, stream);
 }
 
 }  // namespace

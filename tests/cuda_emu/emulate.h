@@ -5,6 +5,7 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <deque>
 #include <stdexcept>
@@ -147,25 +148,31 @@ struct HostTf32Mma : HostTiles<HostTf32Mma, float, 8> {
 // streaming form where the resident form would take the call).
 inline int64_t smem_optin_bytes = 232448;
 
-template <class Mma>
+template <class Mma, bool kVec>
 void targets_tile_emulated(const TargetsArgs& a) {
   constexpr int stage_bytes = sizeof(typename Mma::Stage);
-  const bool vec = tile::tile_vector_loads(a), resident = tile::resident_takes(a, stage_bytes, smem_optin_bytes);
+  const bool resident = tile::resident_takes(a, stage_bytes, smem_optin_bytes);
   const int64_t bytes = resident ? tile::resident_smem_bytes(a, stage_bytes) : tile::smem_bytes(a, stage_bytes);
   for (int blk = 0; blk < kEmulatedBlocks; ++blk) {
     BlockState state;
-    std::vector<float> smem((bytes + 3) / 4);
+    std::vector<float> smem((bytes + 3) / 4, NAN);  // poisoned: a slot read before it is written shows
     std::vector<PendingCopies> copies(tile::kThreads);
     std::vector<std::thread> threads;
     for (int t = 0; t < tile::kThreads; ++t)
       threads.emplace_back([&, t] {
         const HostBlock b{&state, t, &copies[t]};
         char* s = reinterpret_cast<char*>(smem.data());
-        if (resident) tile::targets_tiles_resident<HostBlock, Mma>(b, a, s, blk, kEmulatedBlocks, vec);
-        else tile::targets_tiles<HostBlock, Mma>(b, a, s, blk, kEmulatedBlocks, vec);
+        if (resident) tile::targets_tiles_resident<HostBlock, Mma, kVec>(b, a, s, blk, kEmulatedBlocks);
+        else tile::targets_tiles<HostBlock, Mma, kVec>(b, a, s, blk, kEmulatedBlocks);
       });
     for (auto& th : threads) th.join();
   }
+}
+
+template <class Mma>
+void targets_tile_emulated(const TargetsArgs& a) {
+  if (tile::tile_vector_loads(a)) targets_tile_emulated<Mma, true>(a);
+  else targets_tile_emulated<Mma, false>(a);
 }
 
 inline void targets_rows_emulated(const TargetsArgs& a) {

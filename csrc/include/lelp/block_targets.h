@@ -49,12 +49,6 @@ constexpr int kLdX = kStepK + 8;    // shared-memory leading dimension of the em
                                     // padded against bank conflicts and a multiple of 8 so that
                                     // every fragment pointer is 32-byte aligned as WMMA requires
 
-#if defined(__CUDACC__)
-#define LELP_COLD __device__ __noinline__
-#else
-#define LELP_COLD inline
-#endif
-
 LELP_HD int pad16(int64_t j) { return static_cast<int>((j + 15) / 16 * 16); }
 
 // The caller's split map: split_rows(d) x split_cols(J) per part, zero-padded (no bounds in the copy).
@@ -81,13 +75,21 @@ LELP_HD int64_t smem_bytes(const TargetsArgs& a, int stage_bytes) {
   return stages > u ? stages : u;
 }
 
-// The resident form (targets_tiles_resident): embedding stages in flight across tiles.
-constexpr int kResidentStages = 6;
+// The resident form (targets_tiles_resident): steps of 64 embedding columns (the per-step
+// barrier, wait and copy bookkeeping over twice the products of a streaming step), 4 of them in
+// flight across tiles.
+constexpr int kResidentStepK = 64;
+constexpr int kLdXResident = kResidentStepK + 8;  // as kLdX
+constexpr int kResidentStages = 4;
 
-// Shared-memory bytes of the resident form: the split map (hi and lo, split_rows(d) x ld_w each),
-// kResidentStages embedding stages, then the projections and each row's class log-sum-exp.
+// Map rows held by the resident form: whole steps (the rows past split_rows(d) are zeros).
+LELP_HD int64_t resident_map_rows(int64_t d) { return (d + kResidentStepK - 1) / kResidentStepK * kResidentStepK; }
+
+// Shared-memory bytes of the resident form: the split map (hi and lo, resident_map_rows(d) x ld_w
+// each), kResidentStages embedding stages, then the projections and each row's class log-sum-exp.
 LELP_HD int64_t resident_smem_bytes(const TargetsArgs& a, int stage_bytes) {
-  const int64_t map = 2 * split_rows(a.d) * ld_w(a), stages = static_cast<int64_t>(kResidentStages) * kRows * kLdX;
+  const int64_t map = 2 * resident_map_rows(a.d) * ld_w(a);
+  const int64_t stages = static_cast<int64_t>(kResidentStages) * kRows * kLdXResident;
   return stage_bytes * (map + stages) + 4 * static_cast<int64_t>(kRows) * (ld_u(a) + 1);
 }
 
@@ -105,30 +107,30 @@ inline bool tile_takes(const TargetsArgs& a) {
 // Whether every embedding row starts 16-byte aligned, so that the stage can copy 16 bytes at a time.
 inline bool tile_vector_loads(const TargetsArgs& a) {
   const int64_t elem = a.emb_dtype == kFloat32 ? 4 : 2;
-  return reinterpret_cast<uintptr_t>(a.embeddings) % 16 == 0 && (a.emb_stride * elem) % 16 == 0;
+  return reinterpret_cast<uintptr_t>(a.embeddings) % 16 == 0 && (a.emb_stride * elem) % 16 == 0 &&
+         (a.d * elem) % 16 == 0;
 }
 
-// Issues the copies of the embeddings' step k0 into x (64 x 32; zeros outside).
-// A chunk of V embeddings that is not one 16-byte copy (past the last row or column, or rows not
-// 16-byte aligned), element by element; zeros outside. Out of line: the copy loop stays short.
-template <class Stage, int V>
-LELP_COLD void stage_elements(const Stage* emb, int64_t n, int64_t d, int64_t stride, int64_t row, int64_t col,
-                              Stage* at) {
-  for (int e = 0; e < V; ++e) at[e] = row < n && col + e < d ? emb[row * stride + col + e] : Stage{0};
-}
-
-template <class Block, class Mma>
-LELP_DEV void stage_embeddings(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, bool vec,
+// Issues the copies of the embeddings' columns k0 .. k0 + kStep - 1 into x (64 rows, leading
+// dimension kLd; zeros outside). kVec (tile_vector_loads): a chunk of V is one 16-byte copy or
+// zeros, so the loop has no element-by-element path; otherwise element by element.
+template <class Block, class Mma, bool kVec, int kStep = kStepK, int kLd = kLdX>
+LELP_DEV void stage_embeddings(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0,
                                typename Mma::Stage* x) {
   using Stage = typename Mma::Stage;
   constexpr int V = Mma::kVec;
   const Stage* emb = static_cast<const Stage*>(a.embeddings);  // raw words: Stage is the embeddings' type
-  for (int i = b.thread(); i < kRows * kStepK / V; i += kThreads) {
-    const int r = i / (kStepK / V), k = i % (kStepK / V) * V;
+  for (int i = b.thread(); i < kRows * kStep / V; i += kThreads) {
+    const int r = i / (kStep / V), k = i % (kStep / V) * V;
     const int64_t row = row0 + r, col = k0 + k;
-    Stage* at = x + r * kLdX + k;
-    if (vec && row < a.n && col + V <= a.d) b.copy16(at, emb + row * a.emb_stride + col);
-    else stage_elements<Stage, V>(emb, a.n, a.d, a.emb_stride, row, col, at);
+    Stage* at = x + r * kLd + k;
+    if constexpr (kVec) {
+      if (row < a.n && col < a.d) b.copy16(at, emb + row * a.emb_stride + col);
+      else
+        for (int e = 0; e < V; ++e) at[e] = Stage{0};
+    } else {
+      for (int e = 0; e < V; ++e) at[e] = row < a.n && col + e < a.d ? emb[row * a.emb_stride + col + e] : Stage{0};
+    }
   }
 }
 
@@ -151,26 +153,25 @@ LELP_DEV void stage_map(const Block& b, const TargetsArgs& a, int64_t k0, int64_
 
 // Issues the copies of step k0 into stage x (the embeddings, then the map's 32 rows hi and lo) and
 // commits them as this thread's group.
-template <class Block, class Mma>
-LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, bool vec,
-                         typename Mma::Stage* x) {
+template <class Block, class Mma, bool kVec>
+LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, typename Mma::Stage* x) {
   typename Mma::Stage* wh = x + kRows * kLdX;
-  stage_embeddings<Block, Mma>(b, a, row0, k0, vec, x);
+  stage_embeddings<Block, Mma, kVec>(b, a, row0, k0, x);
   stage_map<Block, Mma>(b, a, k0, kStepK, wh, wh + kStepK * ld_w(a));
   b.commit();
 }
 
-// A step's products into the warp's accumulators: x the staged embeddings, wh / wl the step's 32 map
-// rows (leading dimension ld_w); fragment i is map columns 16 (set + 2 i) .. + 15 (those below the
+// A step's products into the warp's accumulators: x the staged embeddings (leading dimension kLd),
+// wh / wl the step's kStep map rows (leading dimension ld_w); fragment i is map columns 16 (set + 2 i) .. + 15 (those below the
 // padded map's width are live).
-template <class Mma>
+template <class Mma, int kStep = kStepK, int kLd = kLdX>
 LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::Stage* x, const typename Mma::Stage* wh,
                             const typename Mma::Stage* wl, typename Mma::Acc* acc) {
   const int ldw = ld_w(a), frags = split_cols(a.J) / 16, set = warp / 4;
 #pragma unroll 1  // the k slices one after another: unrolled, their fragments outgrow the registers
-  for (int kk = 0; kk < kStepK; kk += Mma::kK) {
+  for (int kk = 0; kk < kStep; kk += Mma::kK) {
     typename Mma::A ah, al;
-    Mma::load_a(ah, x + (warp % 4) * 16 * kLdX + kk, kLdX);
+    Mma::load_a(ah, x + (warp % 4) * 16 * kLd + kk, kLd);
     if constexpr (Mma::kSplitX) Mma::split_a(ah, al);
 #pragma unroll
     for (int i = 0; i < kMaxFrags; ++i) {
@@ -199,20 +200,20 @@ LELP_DEV void store_projections(const Block& b, const TargetsArgs& a, typename M
 
 // u (64 x ld_u floats, over the stages) = the tile's projections without the bias, columns [0, pad16(J)).
 // The embeddings stream once: step s + 1's copies are in flight while step s multiplies.
-template <class Block, class Mma>
-LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row0, bool vec,
-                               typename Mma::Stage* stages, float* u) {
+template <class Block, class Mma, bool kVec>
+LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row0, typename Mma::Stage* stages,
+                               float* u) {
   using Stage = typename Mma::Stage;
   const int warp = b.thread() / 32;
   const int64_t elems = stage_elems(a), steps = (a.d + kStepK - 1) / kStepK;
   typename Mma::Acc acc[kMaxFrags];
 #pragma unroll
   for (int i = 0; i < kMaxFrags; ++i) Mma::fill(acc[i], 0.f);
-  if (steps > 0) stage_step<Block, Mma>(b, a, row0, 0, vec, stages);
+  if (steps > 0) stage_step<Block, Mma, kVec>(b, a, row0, 0, stages);
   for (int64_t s = 0; s < steps; ++s) {  // block-uniform
     Stage* x = stages + (s & 1) * elems;
     if (s + 1 < steps) {
-      stage_step<Block, Mma>(b, a, row0, (s + 1) * kStepK, vec, stages + ((s + 1) & 1) * elems);
+      stage_step<Block, Mma, kVec>(b, a, row0, (s + 1) * kStepK, stages + ((s + 1) & 1) * elems);
       b.template wait<1>();  // step s has landed; s + 1 stays in flight
     } else {
       b.template wait<0>();
@@ -273,15 +274,15 @@ LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, 
 }
 
 // The tensor-core kernel's body: the block's tiles, grid-stride. smem: smem_bytes(a, sizeof(Stage)),
-// 128-byte aligned; vec: tile_vector_loads(a).
-template <class Block, class Mma>
-LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, int64_t block, int64_t n_blocks, bool vec) {
+// 128-byte aligned; kVec: tile_vector_loads(a).
+template <class Block, class Mma, bool kVec>
+LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, int64_t block, int64_t n_blocks) {
   using Stage = typename Mma::Stage;
   Stage* stages = reinterpret_cast<Stage*>(smem);
   float* u = reinterpret_cast<float*>(smem);  // written once the last step's products are done
   float* lse = u + kRows * ld_u(a);
   for (int64_t row0 = block * kRows; row0 < a.n; row0 += n_blocks * kRows) {  // block-uniform
-    tile_projections<Block, Mma>(b, a, row0, vec, stages, u);
+    tile_projections<Block, Mma, kVec>(b, a, row0, stages, u);
     tile_epilogue(b, a, row0, u, lse);
     b.sync();  // the next tile's copies overwrite u
   }
@@ -291,20 +292,22 @@ LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, in
 // its first tile), and only the embeddings streaming, through kResidentStages stages that run on
 // across the block's tiles (the next tile's first steps are in flight during this tile's
 // epilogue). A block should be persistent (a grid of the SMs' resident blocks): 4 M rows read a
-// d = 768 map of 32 columns once per 30,000 rows instead of once per 64. smem:
-// resident_smem_bytes(a, sizeof(Stage)), 128-byte aligned; needs a.d > 0.
-template <class Block, class Mma>
+// d = 768 map of 32 columns once per 30,000 rows instead of once per 64. Steps of kResidentStepK
+// columns. smem: resident_smem_bytes(a, sizeof(Stage)), 128-byte aligned; needs a.d > 0; kVec:
+// tile_vector_loads(a).
+template <class Block, class Mma, bool kVec>
 LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char* smem, int64_t block,
-                                     int64_t n_blocks, bool vec) {
+                                     int64_t n_blocks) {
   using Stage = typename Mma::Stage;
-  constexpr int P = kResidentStages;
-  const int64_t map_elems = split_rows(a.d) * ld_w(a), stage = static_cast<int64_t>(kRows) * kLdX;
+  constexpr int P = kResidentStages, kStep = kResidentStepK, kLd = kLdXResident;
+  const int ldw = ld_w(a), cols = split_cols(a.J);
+  const int64_t map_rows = resident_map_rows(a.d), map_elems = map_rows * ldw, stage = int64_t{kRows} * kLd;
   Stage* map_hi = reinterpret_cast<Stage*>(smem);
   Stage* map_lo = map_hi + map_elems;
   Stage* stages = map_lo + map_elems;
   float* u = reinterpret_cast<float*>(stages + P * stage);
   float* lse = u + kRows * ld_u(a);
-  const int64_t steps = (a.d + kStepK - 1) / kStepK, tiles = (a.n + kRows - 1) / kRows;
+  const int64_t steps = map_rows / kStep, tiles = (a.n + kRows - 1) / kRows;
   const int64_t mine = block < tiles ? (tiles - block + n_blocks - 1) / n_blocks : 0;  // this block's tiles
   // The copies run P - 1 steps ahead of the products, across tiles: (tile, step) = (it, is), into
   // stage slot. Every step commits a group, empty past the block's last step, so that wait<P - 2>
@@ -313,12 +316,18 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
   int slot = 0;
   auto issue = [&]() {
     if (it < mine)
-      stage_embeddings<Block, Mma>(b, a, (block + it * n_blocks) * kRows, is * kStepK, vec, stages + slot * stage);
+      stage_embeddings<Block, Mma, kVec, kStep, kLd>(b, a, (block + it * n_blocks) * kRows, is * kStep,
+                                                     stages + slot * stage);
     b.commit();
     slot = slot + 1 == P ? 0 : slot + 1;
     if (++is == steps) is = 0, ++it;
   };
-  stage_map<Block, Mma>(b, a, 0, split_rows(a.d), map_hi, map_lo);
+  const int64_t split = split_rows(a.d);
+  stage_map<Block, Mma>(b, a, 0, split, map_hi, map_lo);
+  for (int64_t i = b.thread(); i < (map_rows - split) * cols; i += kThreads) {  // the last step's rows past the map
+    const int64_t at = (split + i / cols) * ldw + i % cols;
+    map_hi[at] = map_lo[at] = Stage{0};
+  }
   b.commit();  // older than every step: the first step's wait covers it
   for (int i = 0; i < P - 1; ++i) issue();
   const int warp = b.thread() / 32;
@@ -331,8 +340,8 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
       b.template wait<P - 2>();
       b.sync();  // this step is visible, and every warp is done with the previous step's stage, which this overwrites:
       issue();
-      const int64_t k0 = s * kStepK * ld_w(a);
-      step_products<Mma>(a, warp, stages + ready * stage, map_hi + k0, map_lo + k0, acc);
+      const int64_t k0 = s * kStep * ldw;
+      step_products<Mma, kStep, kLd>(a, warp, stages + ready * stage, map_hi + k0, map_lo + k0, acc);
       ready = ready + 1 == P ? 0 : ready + 1;
     }
     store_projections<Block, Mma>(b, a, acc, u);
