@@ -14,10 +14,10 @@
 // log-softmaxes of its 8 rows (lanes over (row, class) pairs; lelp::row_log_targets' math) and
 // stores them.
 // Resident form (when the split map and kResidentStages embedding stages fit a block's shared
-// memory, e.g. d = 768 with 32 padded columns in bf16/fp16): the map is copied into shared memory
-// once per block and only the embeddings stream, in a pipeline that runs across the block's tiles;
-// the launcher starts as many blocks as the SMs hold, so the map is read once per few thousand rows
-// instead of once per 64.
+// memory, e.g. d = 768 with 32 padded columns in bf16/fp16 on sm_90): the map is copied into
+// shared memory once per block and only the embeddings stream, in steps of 64 columns through a
+// pipeline that runs across the block's tiles; the launcher starts as many blocks as the SMs hold,
+// so the map is read once per few thousand rows instead of once per 64.
 // Row kernel (wider maps): a warp per row, lanes over the map's columns.
 //
 // Written against Block and Mma types as lelp/warp_loss.h is against Warp: csrc/cuda/ supplies
@@ -164,11 +164,13 @@ LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int
 // A step's products into the warp's accumulators: x the staged embeddings (leading dimension kLd),
 // wh / wl the step's kStep map rows (leading dimension ld_w); fragment i is map columns 16 (set + 2 i) .. + 15 (those below the
 // padded map's width are live).
-template <class Mma, int kStep = kStepK, int kLd = kLdX>
+template <class Mma, int kStep = kStepK, int kLd = kLdX, int kUnroll = 1>
 LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::Stage* x, const typename Mma::Stage* wh,
                             const typename Mma::Stage* wl, typename Mma::Acc* acc) {
   const int ldw = ld_w(a), frags = split_cols(a.J) / 16, set = warp / 4;
-#pragma unroll 1  // the k slices one after another: unrolled, their fragments outgrow the registers
+  // The k slices: one after another in the streaming tile (unrolled, its fragments outgrew 128
+  // registers); unrolled in the resident form (one block per SM, the whole register file).
+#pragma unroll kUnroll
   for (int kk = 0; kk < kStep; kk += Mma::kK) {
     typename Mma::A ah, al;
     Mma::load_a(ah, x + (warp % 4) * 16 * kLd + kk, kLd);
@@ -341,7 +343,7 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
       b.sync();  // this step is visible, and every warp is done with the previous step's stage, which this overwrites:
       issue();
       const int64_t k0 = s * kStep * ldw;
-      step_products<Mma, kStep, kLd>(a, warp, stages + ready * stage, map_hi + k0, map_lo + k0, acc);
+      step_products<Mma, kStep, kLd, kStep / Mma::kK>(a, warp, stages + ready * stage, map_hi + k0, map_lo + k0, acc);
       ready = ready + 1 == P ? 0 : ready + 1;
     }
     store_projections<Block, Mma>(b, a, acc, u);
