@@ -143,6 +143,7 @@ LELP_DEV void stage_map(const Block& b, const TargetsArgs& a, int64_t k0, int64_
   const int cols = split_cols(a.J), ldw = ld_w(a), chunks = cols / V;
   const Stage* hi = static_cast<const Stage*>(a.w_hi) + k0 * cols;
   const Stage* lo = static_cast<const Stage*>(a.w_lo) + k0 * cols;
+#pragma unroll 1  // a few copies a thread per step (all of the map's once in the resident form)
   for (int64_t i = b.thread(); i < rows * chunks; i += kThreads) {
     const int64_t k = i / chunks;
     const int c = static_cast<int>(i % chunks) * V;

@@ -1,0 +1,295 @@
+"""A cost model of the CUDA targets tile (csrc/cuda/targets.cu), read from its SASS without a GPU.
+
+Each modelled path is the production body (lelp/block_targets.h: the resident form where the
+launcher takes it on sm_90, else the streaming tile) compiled with its shape fixed in the kernel
+(d, C, S, the head or given logits, 16-byte rows, fp32 out) and as warp 0 of its block (the busiest
+for the products: its column set holds ceil(fragments / 2)), so that the compiler drops the
+fragments and branches this shape never takes. Per row, on H100 and H200 (the constants of
+lelp_fast/kernels/triton/cost.py):
+
+* bytes: h read once, the given logits, the output written once (fp32), and the split map's bytes
+  (hi + lo, ``split_rows(d)`` x ``pad16(J)`` of the stage type) once per row tile (streaming), or
+  once per block over the rows a block takes (resident: a persistent grid of the blocks the SMs hold);
+* instructions: the SASS of the row-tile loop (the largest natural loop), each instruction times the
+  trips of the loops nested in the tile loop that hold it, issued by the block's 256 threads for
+  its 64 rows; the code outside the tile loop over the tiles a block takes. A nested loop's trips
+  come from its source line (``-lineinfo``: the line of its back edge, matched in ``trips_of``); a
+  loop whose line is not there fails the model. A loop the compiler unrolled in part would be
+  counted several times over, so the kernel's lane- and thread-strided loops are ``#pragma unroll 1``
+  (the loops over the fixed shape unroll whole). Both sides of a branch are counted; code that only
+  a ``CALL`` or ``BRA.DIV`` reaches is not;
+* tensor-core time: ``2 split_rows(d) pad16(J)`` FLOP per row per product (bf16/fp16 hi and lo: 2
+  at 4,096 FLOP per SM and clock; fp32 as TF32 hi*hi + hi*lo + lo*hi: 3 at 2,048).
+
+Modelled time = the slowest of memory, issue, MUFU and tensor cores; the budget is 1.25x the floor
+(h, the logits and the output moved once). ``python tests/cuda_targets_cost.py`` prints the table
+docs/benchmarks.md quotes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Dict, List, NamedTuple
+
+import cuda_cost  # noqa: E402 (tests/ is on sys.path under pytest and as a script)
+
+ROOT = cuda_cost.ROOT
+NVCC = cuda_cost.NVCC
+D = 768  # the issue's embedding width
+ROWS = 4 * 2**20  # the issue's rows
+THREADS, ROWS_PER_TILE, STEP_K, RESIDENT_STEP_K = 256, 64, 32, 64  # tile::kThreads, kRows, kStepK, kResidentStepK
+SMEM_OPT_IN_SM90 = 232_448
+SMEM_PER_SM = 233_472  # Hopper: 228 KB of shared memory per SM, 1 KB of it reserved per block
+TYPES = {"bf16": ("HalfMma<__nv_bfloat16>", 2, 2, "bf16", 4096, 2), "fp32": ("Tf32Mma", 4, 4, "tf32", 2048, 3)}
+#         dtype: (Mma, h bytes, stage bytes, MMA kind, FLOP per SM and clock, products)
+
+
+class TargetsPath(NamedTuple):
+    dtype: str
+    num_classes: int
+    n_subclasses: int
+    head: bool  # the teacher's logits from the map's head columns (else given)
+
+    @property
+    def k(self) -> int:
+        return self.num_classes * self.n_subclasses
+
+    @property
+    def j(self) -> int:
+        return self.k + (self.num_classes if self.head else 0)
+
+    @property
+    def key(self) -> str:
+        """The mangled-name part of the path's kernel (targets_path<Mma, D, C, S, HEAD, RESIDENT>)."""
+        return f"ELi{D}ELi{self.num_classes}ELi{self.n_subclasses}ELb{int(self.head)}ELb"
+
+
+COST_PATHS = [TargetsPath(dt, c, s, head) for (c, s) in ((4, 4), (16, 8)) for dt in ("bf16", "fp32")
+              for head in (True, False)]
+
+SOURCE_HEAD = """
+#include "cuda/targets.cu"
+namespace lelp {
+// Warp 0 of the block (tile::kThreads threads), with the kernel's shape fixed.
+struct CostBlock : DeviceBlock {
+  __device__ __forceinline__ int thread() const { return threadIdx.x & 31; }
+};
+template <class Mma, int D, int C, int S, bool HEAD, bool RESIDENT>
+__global__ void __launch_bounds__(tile::kThreads, Mma::kMinBlocks) targets_path(TargetsArgs a) {
+  extern __shared__ __align__(128) char smem[];
+  a.d = D, a.C = C, a.S = S, a.J = C * S + (HEAD ? C : 0);
+  if (HEAD) a.logits = nullptr;
+  a.out_dtype = kFloat32;
+  a.logits_dtype = a.emb_dtype;
+  if (RESIDENT) tile::targets_tiles_resident<CostBlock, Mma, true>(CostBlock{}, a, smem, blockIdx.x, gridDim.x);
+  else tile::targets_tiles<CostBlock, Mma, true>(CostBlock{}, a, smem, blockIdx.x, gridDim.x);
+}
+"""
+
+
+def layouts(paths: List[TargetsPath]) -> Dict[TargetsPath, dict]:
+    """Per path, from the header's own functions compiled for the host: whether the launcher takes
+    the resident form on sm_90, the form's shared memory, split_rows(d) and pad16(J)."""
+    gxx = shutil.which("g++")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "layout.cpp")
+        with open(src, "w") as f:
+            f.write('#include <cstdio>\n#include "lelp/block_targets.h"\nint main() {\n  using namespace lelp::tile;\n')
+            for p in paths:
+                stage = TYPES[p.dtype][2]
+                f.write(f"  {{ lelp::TargetsArgs a{{}}; a.d = {D}; a.C = {p.num_classes}; a.S = {p.n_subclasses}; "
+                        f"a.J = {p.j}; const bool r = resident_takes(a, {stage}, {SMEM_OPT_IN_SM90}); "
+                        f'std::printf("%d %lld %lld %d\\n", r, (long long)(r ? resident_smem_bytes(a, {stage}) '
+                        f": smem_bytes(a, {stage})), (long long)split_rows(a.d), split_cols(a.J)); }}\n")
+            f.write("}\n")
+        exe = os.path.join(tmp, "layout")
+        subprocess.run([gxx, "-std=c++17", "-I", os.path.join(ROOT, "csrc/include"), "-I", os.path.join(ROOT, "csrc"),
+                        src, "-o", exe], check=True, capture_output=True)
+        out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout.split("\n")
+    return {p: dict(zip(("resident", "smem", "map_rows", "map_cols"), map(int, line.split())))
+            for p, line in zip(paths, out)}
+
+
+def path_source(paths: List[TargetsPath], forms: Dict[TargetsPath, dict]) -> str:
+    lines = [SOURCE_HEAD]
+    for p in paths:
+        lines.append(f"template __global__ void targets_path<{TYPES[p.dtype][0]}, {D}, {p.num_classes}, "
+                     f"{p.n_subclasses}, {str(p.head).lower()}, {str(bool(forms[p]['resident'])).lower()}>"
+                     "(TargetsArgs);")
+    lines.append("}  // namespace lelp")
+    return "\n".join(lines)
+
+
+def source_lines(cubin: str) -> Dict[str, Dict[int, tuple]]:
+    """{kernel: {address: (file, line)}} from nvdisasm -g (Triton ships it)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    text = subprocess.run([tool, "-g", "-c", cubin], check=True, capture_output=True, text=True).stdout
+    out, kernel, where = {}, None, None
+    for line in text.splitlines():
+        m = re.match(r"\s*\.text\.(\S+):", line)
+        if m:
+            kernel = out.setdefault(m.group(1), {})
+            continue
+        m = re.match(r'\s*//## File "([^"]+)", line (\d+)', line)
+        if m:
+            where = (m.group(1), int(m.group(2)))
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/", line)
+        if m and kernel is not None:
+            kernel[int(m.group(1), 16)] = where
+    return out
+
+
+def trips_of(statement: str, p: TargetsPath, resident: bool) -> int:
+    """Trips of the loop whose back edge is on this source statement, at path p (warp 0, lane 0)."""
+    step = RESIDENT_STEP_K if resident else STEP_K
+    C, S, K, J = p.num_classes, p.n_subclasses, p.k, p.j
+    vec = 8 if TYPES[p.dtype][2] == 2 else 4  # Mma::kVec
+    kk = 16 if p.dtype == "bf16" else 8  # Mma::kK
+    R = ROWS_PER_TILE // (THREADS // 32)
+    table = {
+        "for (int64_t s = 0; s < steps; ++s)": -(-D // step),
+        "for (int kk = 0; kk < kStep; kk += Mma::kK)": step // kk,
+        "for (int i = b.thread(); i < kRows * kStep / V; i += kThreads)": ROWS_PER_TILE * step // vec // THREADS,
+        "for (int e = 0; e < V; ++e)": vec,
+        "for (int64_t i = b.thread(); i < rows * chunks; i += kThreads)":
+            -(-STEP_K * (-(-J // 16) * 16 // vec) // THREADS),  # the streaming form's step of the map
+        "for (int r = r0; r < r0 + R; ++r)": R,
+        "for (int j = lane; j < J; j += 32)": -(-J // 32),
+        "for (int c = lane; c < C; c += 32)": -(-C // 32),
+        "for (int i = lane; i < R * C; i += 32)": -(-R * C // 32),
+        "for (int k = lane; k < K; k += 32)": -(-K // 32),
+        "for (int i = 0; i < n; ++i)": S,  # subclass_log_softmax over a class's S values
+    }
+    for key, trips in table.items():
+        if key in statement:
+            return trips
+    raise ValueError(f"no trip count for the loop at: {statement.strip()}")
+
+
+def loops_with_back_edges(instructions: List[tuple]) -> List[tuple]:
+    """[(body, back-edge instruction indices)], largest body first (cuda_cost.loops, with the edges)."""
+    succ = cuda_cost._successors(instructions)
+    pred = cuda_cost._predecessors(succ)
+    idom = cuda_cost._immediate_dominators(succ, pred)
+    tails = {}
+    for i, targets in enumerate(succ):
+        for j in targets:
+            if idom[i] != -1 and cuda_cost._dominates(idom, j, i):
+                tails.setdefault(j, []).append(i)
+    out = []
+    for head, ends in tails.items():
+        body, stack = {head, *ends}, list(ends)
+        while stack:
+            for j in pred[stack.pop()]:
+                if j not in body and idom[j] != -1:
+                    body.add(j)
+                    stack.append(j)
+        out.append((body, ends))
+    return sorted(out, key=lambda x: len(x[0]), reverse=True)
+
+
+def statement(where: tuple) -> str:
+    path, line = where
+    with open(path) as f:
+        return f.readlines()[line - 1]
+
+
+def tile_facts(instructions: List[tuple], lines: Dict[int, tuple], p: TargetsPath, resident: bool) -> dict:
+    """Per thread: instructions and MUFU operations of one row tile (the tile loop, with its nested
+    loops' trips) and of the code outside it (once per block); the statements of the loops nested
+    in the tile loop and of those outside it."""
+    found = loops_with_back_edges(instructions)
+    tile_loop = found[0][0]
+    weight = [1.0] * len(instructions)
+    facts = {"tile": 0.0, "tile_mufu": 0.0, "tile_copies": 0.0, "outside": 0.0, "inner_loops": [], "outer_loops": []}
+    for body, ends in found[1:]:
+        where = statement(lines[instructions[ends[0]][0]]).strip()
+        if not body < tile_loop:
+            facts["outer_loops"].append(where)
+            continue
+        trips = trips_of(where, p, resident)
+        facts["inner_loops"].append(where)
+        for i in body:
+            weight[i] *= trips
+    for i, (_, ins) in enumerate(instructions):
+        if i in tile_loop:
+            facts["tile"] += weight[i]
+            facts["tile_mufu"] += weight[i] * (cuda_cost.opcode(ins) in cuda_cost.MUFU_COUNTED)
+            facts["tile_copies"] += weight[i] * cuda_cost.opcode(ins).startswith("LDGSTS.E.BYPASS.128")
+        else:
+            facts["outside"] += 1
+    return facts
+
+
+def model(paths: List[TargetsPath] = COST_PATHS, arch: int = 90) -> Dict[TargetsPath, Dict[str, float]]:
+    """{path: {form, bytes per row (h, logits, out, map, floor), instructions per row, over-floor per device}}."""
+    from lelp_fast.kernels.triton import cost
+
+    forms = layouts(paths)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "paths.cu")
+        with open(src, "w") as f:
+            f.write(path_source(paths, forms))
+        cubin = os.path.join(tmp, "paths.cubin")
+        subprocess.run([NVCC, f"-arch=sm_{arch}", "-std=c++17", "-O3", "-lineinfo", "-I",
+                        os.path.join(ROOT, "csrc/include"), "-I", os.path.join(ROOT, "csrc"), "-cubin", src, "-o",
+                        cubin], check=True, capture_output=True)
+        sass, lines = cuda_cost.cubin_sass(cubin), source_lines(cubin)
+    out = {}
+    for p in paths:
+        form = forms[p]
+        mma, h_item, stage, kind, flop_rate, products = TYPES[p.dtype]
+        (name,) = [n for n in sass if "targets_path" in n and p.key + str(form["resident"]) + "E" in n
+                   and ("Tf32Mma" in n) == (p.dtype == "fp32")]
+        facts = tile_facts(sass[name], lines[name], p, bool(form["resident"]))
+        tiles = -(-ROWS // ROWS_PER_TILE)
+        if form["resident"]:  # the blocks the SMs' shared memory holds (a block of 8 warps is not limited by more)
+            blocks = min(tiles, max(1, min(SMEM_PER_SM // (form["smem"] + 1024), 8)) * cost.SMS)
+        else:
+            blocks = tiles  # a block per tile (up to 2^20 blocks)
+        map_bytes = 2 * form["map_rows"] * form["map_cols"] * stage
+        moved = {"h": D * h_item, "logits": 0 if p.head else p.num_classes * h_item, "out": 4 * p.k,
+                 "map": map_bytes / (ROWS / blocks if form["resident"] else ROWS_PER_TILE)}
+        floor = moved["h"] + moved["logits"] + moved["out"]
+        per_tile = facts["tile"] + facts["outside"] * blocks / tiles
+        instructions = per_tile * THREADS / ROWS_PER_TILE
+        mufu = facts["tile_mufu"] * THREADS / ROWS_PER_TILE
+        flops = 2.0 * form["map_rows"] * form["map_cols"] * products
+        e = {"form": "resident" if form["resident"] else "streaming", **moved, "floor": floor,
+             "instructions": instructions, "mufu": mufu, "flops": flops, "smem": form["smem"],
+             "inner_loops": facts["inner_loops"], "outer_loops": facts["outer_loops"],
+             "copied_per_row": facts["tile_copies"] * 16 * THREADS / ROWS_PER_TILE}
+        for device, bandwidth in cost.BANDWIDTH.items():
+            times = {"memory": sum(moved.values()) / bandwidth,
+                     "issue": instructions / cost.THREAD_INSTRUCTIONS_PER_S,
+                     "mufu": mufu / cost.MUFU_PER_S,
+                     "mma": flops / (cost.SMS * flop_rate * cost.CLOCK_HZ)}
+            e[device] = {k: v / (floor / bandwidth) for k, v in times.items()}
+            e[device]["over_floor"] = max(e[device].values())
+        out[p] = e
+    return out
+
+
+def table(results: Dict[TargetsPath, Dict[str, float]]) -> str:
+    lines = ["| dtype | K (C x S) | logits | form, shared memory | bytes / row: h + map + logits + out (floor) "
+             "| SASS / row | H100: memory, issue, MMA / floor | H200 |", "|" + "---|" * 8]
+    for p, e in results.items():
+        cells = []
+        for device in ("H100", "H200"):
+            d = e[device]
+            cells.append(f"{d['memory']:.2f}, {d['issue']:.2f}, {d['mma']:.2f} → **{d['over_floor']:.2f}**")
+        lines.append(f"| {p.dtype} | {p.k} ({p.num_classes} x {p.n_subclasses}) | {'no' if p.head else 'yes'} "
+                     f"| {e['form']}, {e['smem']:,} B | {e['h']:.0f} + {e['map']:.0f} + {e['logits']:.0f} + "
+                     f"{e['out']:.0f} ({e['floor']:.0f}) | {e['instructions']:.0f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(model()))
