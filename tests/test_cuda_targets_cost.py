@@ -1,8 +1,8 @@
 """The CUDA targets tile's modelled time (tests/cuda_targets_cost.py), held to issue 21's targets
 budget: at most 1.25x the floor on the H100 and H200 at the cost shapes (4 M x 768 rows, K = 16 and
 128, bf16 and fp32, with the head and with given logits, fp32 out). Runs wherever nvcc is (no GPU
-needed). Before the resident form (2026-12-02, the streaming tile of ee47aba) the model put K = 16
-at 3.3-4.4x the H200's floor (1.96-1.98x by the map re-read alone) and K = 128 at 4.8-10x."""
+needed). Before the resident form (the streaming tile of ee47aba, every shape's) the map's re-reads
+alone put K = 16 at 1.96-1.98x the floor and K = 128 at 4.38-4.86x (bytes by arithmetic)."""
 
 import os
 import shutil
