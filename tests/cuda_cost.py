@@ -134,22 +134,28 @@ def kernel_key(p: Path, w: int, ch: int) -> str:
             f"ELi{p.tau}ELi{p.class_sums}E")
 
 
-def shapes_of(ks) -> Dict[int, tuple]:
-    """{K: (W, CH)} by the header's own ``loss_shape``, compiled for the host."""
+def host_program_output(header: str, statements: List[str]) -> List[str]:
+    """The lines a host program prints that includes ``header`` (from csrc/include) and runs
+    ``statements`` in main(): the headers' own functions, compiled by g++."""
     gxx = shutil.which("g++")
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "shape.cpp")
+        src = os.path.join(tmp, "main.cpp")
         with open(src, "w") as f:
-            f.write('#include <cstdio>\n#include "lelp/warp_loss.h"\nint main() {\n')
-            for k in ks:
-                f.write(f'  {{ int w, ch; lelp::warp::loss_shape({k}, &w, &ch); '
-                        f'std::printf("%d %d %d\\n", {k}, w, ch); }}\n')
+            f.write(f'#include <cstdio>\n#include "{header}"\nint main() {{\n')
+            f.writelines(f"  {statement}\n" for statement in statements)
             f.write("}\n")
-        exe = os.path.join(tmp, "shape")
+        exe = os.path.join(tmp, "main")
         subprocess.run([gxx, "-std=c++17", "-I", os.path.join(ROOT, "csrc/include"), "-I", os.path.join(ROOT, "csrc"),
                         src, "-o", exe], check=True, capture_output=True)
-        out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
-    return {int(k): (int(w), int(ch)) for k, w, ch in (line.split() for line in out.splitlines())}
+        return subprocess.run([exe], check=True, capture_output=True, text=True).stdout.splitlines()
+
+
+def shapes_of(ks) -> Dict[int, tuple]:
+    """{K: (W, CH)} by the header's own ``loss_shape``, compiled for the host."""
+    out = host_program_output("lelp/warp_loss.h", [
+        f'{{ int w, ch; lelp::warp::loss_shape({k}, &w, &ch); std::printf("%d %d %d\\n", {k}, w, ch); }}'
+        for k in ks])
+    return {int(k): (int(w), int(ch)) for k, w, ch in (line.split() for line in out)}
 
 
 def cubin_sass(cubin: str) -> Dict[str, List[tuple]]:
@@ -242,11 +248,11 @@ def _dominates(idom: List[int], a: int, b: int) -> bool:
     return b == a
 
 
-def loops(instructions: List[tuple]) -> List[set]:
-    """The natural loops (sets of instruction indices), largest first: per loop head (the target of
-    an edge from an instruction it dominates), every instruction that reaches one of those edges
-    without passing the head. (A branch back to a lower address that its target does not dominate,
-    such as an out-of-line block's return, makes no loop.)"""
+def natural_loops(instructions: List[tuple]) -> List[tuple]:
+    """The natural loops as (body, back-edge tails): instruction index sets, largest first. Per loop
+    head (the target of an edge from an instruction it dominates), every instruction that reaches one
+    of those edges without passing the head. (A branch back to a lower address that its target does
+    not dominate, such as an out-of-line block's return, makes no loop.)"""
     succ = _successors(instructions)
     pred = _predecessors(succ)
     idom = _immediate_dominators(succ, pred)
@@ -263,8 +269,13 @@ def loops(instructions: List[tuple]) -> List[set]:
                 if j not in body and idom[j] != -1:
                     body.add(j)
                     stack.append(j)
-        out.append(body)
-    return sorted(out, key=len, reverse=True)
+        out.append((body, ends))
+    return sorted(out, key=lambda loop: len(loop[0]), reverse=True)
+
+
+def loops(instructions: List[tuple]) -> List[set]:
+    """The natural loops' bodies, largest first (natural_loops)."""
+    return [body for body, _ in natural_loops(instructions)]
 
 
 # The MUFU operations counted: the exponentials and logarithms the Triton model counts, and the

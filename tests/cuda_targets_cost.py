@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from typing import Dict, List, NamedTuple
@@ -94,22 +93,15 @@ __global__ void __launch_bounds__(tile::kThreads, Mma::kMinBlocks) targets_path(
 def layouts(paths: List[TargetsPath]) -> Dict[TargetsPath, dict]:
     """Per path, from the header's own functions compiled for the host: whether the launcher takes
     the resident form on sm_90, the form's shared memory, split_rows(d) and pad16(J)."""
-    gxx = shutil.which("g++")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "layout.cpp")
-        with open(src, "w") as f:
-            f.write('#include <cstdio>\n#include "lelp/block_targets.h"\nint main() {\n  using namespace lelp::tile;\n')
-            for p in paths:
-                stage = TYPES[p.dtype][2]
-                f.write(f"  {{ lelp::TargetsArgs a{{}}; a.d = {D}; a.C = {p.num_classes}; a.S = {p.n_subclasses}; "
-                        f"a.J = {p.j}; const bool r = resident_takes(a, {stage}, {SMEM_OPT_IN_SM90}); "
-                        f'std::printf("%d %lld %lld %d\\n", r, (long long)(r ? resident_smem_bytes(a, {stage}) '
-                        f": smem_bytes(a, {stage})), (long long)split_rows(a.d), split_cols(a.J)); }}\n")
-            f.write("}\n")
-        exe = os.path.join(tmp, "layout")
-        subprocess.run([gxx, "-std=c++17", "-I", os.path.join(ROOT, "csrc/include"), "-I", os.path.join(ROOT, "csrc"),
-                        src, "-o", exe], check=True, capture_output=True)
-        out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout.split("\n")
+    statements = []
+    for p in paths:
+        stage = TYPES[p.dtype][2]
+        statements.append(
+            f"{{ lelp::TargetsArgs a{{}}; a.d = {D}; a.C = {p.num_classes}; a.S = {p.n_subclasses}; a.J = {p.j}; "
+            f"using namespace lelp::tile; const bool r = resident_takes(a, {stage}, {SMEM_OPT_IN_SM90}); "
+            f'std::printf("%d %lld %lld %d\\n", r, (long long)(r ? resident_smem_bytes(a, {stage}) '
+            f': smem_bytes(a, {stage})), (long long)split_rows(a.d), split_cols(a.J)); }}')
+    out = cuda_cost.host_program_output("lelp/block_targets.h", statements)
     return {p: dict(zip(("resident", "smem", "map_rows", "map_cols"), map(int, line.split())))
             for p, line in zip(paths, out)}
 
@@ -173,28 +165,6 @@ def trips_of(statement: str, p: TargetsPath, resident: bool) -> int:
     raise ValueError(f"no trip count for the loop at: {statement.strip()}")
 
 
-def loops_with_back_edges(instructions: List[tuple]) -> List[tuple]:
-    """[(body, back-edge instruction indices)], largest body first (cuda_cost.loops, with the edges)."""
-    succ = cuda_cost._successors(instructions)
-    pred = cuda_cost._predecessors(succ)
-    idom = cuda_cost._immediate_dominators(succ, pred)
-    tails = {}
-    for i, targets in enumerate(succ):
-        for j in targets:
-            if idom[i] != -1 and cuda_cost._dominates(idom, j, i):
-                tails.setdefault(j, []).append(i)
-    out = []
-    for head, ends in tails.items():
-        body, stack = {head, *ends}, list(ends)
-        while stack:
-            for j in pred[stack.pop()]:
-                if j not in body and idom[j] != -1:
-                    body.add(j)
-                    stack.append(j)
-        out.append((body, ends))
-    return sorted(out, key=lambda x: len(x[0]), reverse=True)
-
-
 def statement(where: tuple) -> str:
     path, line = where
     with open(path) as f:
@@ -205,7 +175,7 @@ def tile_facts(instructions: List[tuple], lines: Dict[int, tuple], p: TargetsPat
     """Per thread: instructions and MUFU operations of one row tile (the tile loop, with its nested
     loops' trips) and of the code outside it (once per block); the statements of the loops nested
     in the tile loop and of those outside it."""
-    found = loops_with_back_edges(instructions)
+    found = cuda_cost.natural_loops(instructions)
     tile_loop = found[0][0]
     weight = [1.0] * len(instructions)
     facts = {"tile": 0.0, "tile_mufu": 0.0, "tile_copies": 0.0, "outside": 0.0, "inner_loops": [], "outer_loops": []}
