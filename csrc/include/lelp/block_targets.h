@@ -163,8 +163,9 @@ LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int
 }
 
 // A step's products into the warp's accumulators: x the staged embeddings (leading dimension kLd),
-// wh / wl the step's kStep map rows (leading dimension ld_w); fragment i is map columns 16 (set + 2 i) .. + 15 (those below the
-// padded map's width are live).
+// wh / wl the step's kStep map rows (leading dimension ld_w); fragment i is map columns
+// 16 (set + 2 i) .. + 15 (those below the padded map's width are live). kUnroll: the k slices
+// unrolled (1: one after another).
 template <class Mma, int kStep = kStepK, int kLd = kLdX, int kUnroll = 1>
 LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::Stage* x, const typename Mma::Stage* wh,
                             const typename Mma::Stage* wl, typename Mma::Acc* acc) {
