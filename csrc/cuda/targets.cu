@@ -99,13 +99,13 @@ __global__ void __launch_bounds__(tile::kThreads, Mma::kMinBlocks) targets_tile_
   tile::targets_tiles<DeviceBlock, Mma, kVec>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x);
 }
 
-// One block per SM: the map alone takes more than half of an SM's shared memory (the form is taken
-// for maps of about 50 KB and up), so the registers may take the whole file (at 2 blocks' 128 a
-// thread, the bf16 form spilled 40 B on sm_90).
-template <class Mma, bool kVec>
+// One block per SM, so that the registers may take the whole file (199-255 a thread; at 2 blocks'
+// 128 the bf16 form spilled 40 B on sm_90): at the maps the form is for (d = 768, 32 columns) its
+// shared memory leaves no room for a second block anyway. Smaller maps run 8 warps an SM too.
+template <class Mma, bool kVec, int kCols>
 __global__ void __launch_bounds__(tile::kThreads, 1) targets_resident_kernel(TargetsArgs a) {
   extern __shared__ __align__(128) char smem[];
-  tile::targets_tiles_resident<DeviceBlock, Mma, kVec>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x);
+  tile::targets_tiles_resident<DeviceBlock, Mma, kVec, kCols>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x);
 }
 
 __global__ void __launch_bounds__(128, 4) targets_row_kernel(TargetsArgs a) {
@@ -120,48 +120,75 @@ void check(cudaError_t err) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("cuda targets: ") + cudaGetErrorString(err));
 }
 
-int device_attribute(cudaDeviceAttr what) {
-  int device = 0, value = 0;
+int current_device() {
+  int device = 0;
   check(cudaGetDevice(&device));
-  check(cudaDeviceGetAttribute(&value, what, device));
-  return value;
+  return device;
+}
+
+// The device's opt-in shared-memory limit and SM count, read once per device (kept for the first 64).
+struct DeviceFacts {
+  int smem_optin = 0, sms = 0;
+};
+
+DeviceFacts device_facts(int device) {
+  static DeviceFacts known[64];
+  if (device < 64 && known[device].sms > 0) return known[device];
+  DeviceFacts f;
+  check(cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  check(cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, device));
+  if (device < 64) known[device] = f;
+  return f;
 }
 
 // More than 48 KB of shared memory needs an opt-in (the widest fp32 map takes 152 KB). It is set
 // once per kernel and device for the largest size needed, so that a CUDA-graph capture after a
 // warm-up run makes no such call. opted_in: the kernel's sizes so far, per device.
 template <class Kernel>
-void opt_in(Kernel kernel, int64_t smem, int* opted_in) {
-  int device = 0;
-  check(cudaGetDevice(&device));
+void opt_in(Kernel kernel, int device, int64_t smem, int* opted_in) {
   if (smem > 48 * 1024 && (device >= 64 || opted_in[device] < smem)) {
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     if (device < 64) opted_in[device] = static_cast<int>(smem);
   }
 }
 
-// The resident form when the map fits the device's shared memory (a persistent grid: as many blocks
-// as the SMs hold, each looping over its tiles), else the streaming tile. kVec: tile_vector_loads.
+// The resident form: a persistent grid of as many blocks as the SMs hold (the occupancy read once
+// per device and size), each looping over its tiles.
+template <class Mma, bool kVec, int kCols>
+void launch_resident(const TargetsArgs& a, int device, int64_t tiles, cudaStream_t stream) {
+  static int opted_in[64] = {};
+  static int64_t sized[64] = {};  // the shared memory per_sm was read for
+  static int per_sm[64] = {};
+  const int64_t smem = tile::resident_smem_bytes(a, sizeof(typename Mma::Stage));
+  auto kernel = targets_resident_kernel<Mma, kVec, kCols>;
+  opt_in(kernel, device, smem, opted_in);
+  int blocks_per_sm = device < 64 && sized[device] == smem ? per_sm[device] : 0;
+  if (blocks_per_sm == 0) {
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, tile::kThreads, static_cast<size_t>(smem)));
+    blocks_per_sm = std::max(blocks_per_sm, 1);
+    if (device < 64) sized[device] = smem, per_sm[device] = blocks_per_sm;
+  }
+  const int64_t blocks = std::min<int64_t>(tiles, int64_t{blocks_per_sm} * device_facts(device).sms);
+  kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a);
+}
+
+// The resident form when the map fits the device's shared memory, else the streaming tile (a
+// block per tile). kVec: tile_vector_loads.
 template <class Mma, bool kVec>
 void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
   constexpr int stage_bytes = sizeof(typename Mma::Stage);
   const int64_t tiles = (a.n + tile::kRows - 1) / tile::kRows;
-  if (tile::resident_takes(a, stage_bytes, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {
-    static int opted_in[64] = {};
-    const int64_t smem = tile::resident_smem_bytes(a, stage_bytes);
-    auto kernel = targets_resident_kernel<Mma, kVec>;
-    opt_in(kernel, smem, opted_in);
-    int per_sm = 0;
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, tile::kThreads, static_cast<size_t>(smem)));
-    const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
-    const int64_t blocks = std::min<int64_t>(tiles, std::max(per_sm, 1) * sms);
-    kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a);
+  const int device = current_device();
+  if (tile::resident_takes(a, stage_bytes, device_facts(device).smem_optin)) {
+    tile::with_resident_cols(a, [&](auto cols) {
+      launch_resident<Mma, kVec, decltype(cols)::value>(a, device, tiles, stream);
+    });
     return;
   }
   static int opted_in[64] = {};
   const int64_t smem = tile::smem_bytes(a, stage_bytes);
   auto kernel = targets_tile_kernel<Mma, kVec>;
-  opt_in(kernel, smem, opted_in);
+  opt_in(kernel, device, smem, opted_in);
   const int64_t blocks = std::min<int64_t>(tiles, int64_t{1} << 20);
   kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a);
 }

@@ -33,6 +33,8 @@
 //          Stage*, ld); mma(acc, a, b) (acc += a b); store(warp, float*, acc, ld)
 #pragma once
 
+#include <type_traits>
+
 #include "cpu/targets.h"
 #include "lelp/warp_loss.h"
 
@@ -99,6 +101,35 @@ LELP_HD bool resident_takes(const TargetsArgs& a, int stage_bytes, int64_t optin
   return a.d > 0 && resident_smem_bytes(a, stage_bytes) <= optin_bytes;
 }
 
+// The map width (padded columns) the resident form is compiled for: 16 or 32 (K = 16 with given
+// logits or the head), so that its fragment addresses and accumulators are constants; 0: any
+// width, read at run time.
+LELP_HD int resident_cols(const TargetsArgs& a) {
+  const int cols = split_cols(a.J);
+  return cols == 16 || cols == 32 ? cols : 0;
+}
+
+// The padded map width: kCols, or split_cols(J) when kCols is 0.
+template <int kCols>
+LELP_HD int tile_cols(const TargetsArgs& a) {
+  return kCols > 0 ? kCols : split_cols(a.J);
+}
+
+// Accumulator fragments a warp holds at kCols (warps take every other 16 columns): 1 at 16 or 32.
+template <int kCols>
+constexpr int kFragsPerWarp = kCols > 0 ? (kCols / 16 + 1) / 2 : kMaxFrags;
+
+// Calls f(std::integral_constant<int, resident_cols(a)>{}): the one place that maps a call to a
+// resident-form instantiation (the CUDA launch and the tests' host run).
+template <class F>
+void with_resident_cols(const TargetsArgs& a, F&& f) {
+  switch (resident_cols(a)) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
 // Whether the tensor-core tile takes this call.
 inline bool tile_takes(const TargetsArgs& a) {
   return pad16(a.J) <= kMaxTileCols && a.C * a.S + a.C <= kMaxTileCols;
@@ -120,6 +151,7 @@ LELP_DEV void stage_embeddings(const Block& b, const TargetsArgs& a, int64_t row
   using Stage = typename Mma::Stage;
   constexpr int V = Mma::kVec;
   const Stage* emb = static_cast<const Stage*>(a.embeddings);  // raw words: Stage is the embeddings' type
+#pragma unroll 1  // a few chunks a thread (tests/cuda_targets_cost.py counts a loop's body once per trip)
   for (int i = b.thread(); i < kRows * kStep / V; i += kThreads) {
     const int r = i / (kStep / V), k = i % (kStep / V) * V;
     const int64_t row = row0 + r, col = k0 + k;
@@ -165,20 +197,25 @@ LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int
 // A step's products into the warp's accumulators: x the staged embeddings (leading dimension kLd),
 // wh / wl the step's kStep map rows (leading dimension ld_w); fragment i is map columns
 // 16 (set + 2 i) .. + 15 (those below the padded map's width are live). kUnroll: the k slices
-// unrolled (1: one after another).
-template <class Mma, int kStep = kStepK, int kLd = kLdX, int kUnroll = 1>
+// unrolled (1: one after another); kCols: the padded map width as a constant (0: at run time).
+template <class Mma, int kStep = kStepK, int kLd = kLdX, int kUnroll = 1, int kCols = 0>
 LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::Stage* x, const typename Mma::Stage* wh,
                             const typename Mma::Stage* wl, typename Mma::Acc* acc) {
-  const int ldw = ld_w(a), frags = split_cols(a.J) / 16, set = warp / 4;
+  constexpr int kFrags = kFragsPerWarp<kCols>;
+  // (warp / 4) & 1 is warp / 4 for the block's 8 warps, and lets the compiler drop the fragment
+  // guards that always hold (set + 2 i < frags)
+  static_assert(kWarps == 8, "4 row groups x 2 column sets");
+  const int cols = tile_cols<kCols>(a), ldw = cols + 8, frags = cols / 16, set = (warp / 4) & 1;
+  if (kFrags == 1 && set >= frags) return;  // a 16-column map: the second column set has no fragment
   // The k slices: one after another in the streaming tile (unrolled, its fragments outgrew 128
   // registers); unrolled in the resident form (one block per SM, the whole register file).
 #pragma unroll kUnroll
   for (int kk = 0; kk < kStep; kk += Mma::kK) {
     typename Mma::A ah, al;
-    Mma::load_a(ah, x + (warp % 4) * 16 * kLd + kk, kLd);
+    Mma::load_a(ah, x + (warp & 3) * 16 * kLd + kk, kLd);
     if constexpr (Mma::kSplitX) Mma::split_a(ah, al);
 #pragma unroll
-    for (int i = 0; i < kMaxFrags; ++i) {
+    for (int i = 0; i < kFrags; ++i) {
       const int f = set + 2 * i;
       if (f >= frags) continue;
       typename Mma::B bh, bl;
@@ -192,13 +229,13 @@ LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::
 }
 
 // The warp's accumulators into u (64 x ld_u floats): the tile's projections without the bias, columns [0, pad16(J)).
-template <class Block, class Mma>
+template <class Block, class Mma, int kCols = 0>
 LELP_DEV void store_projections(const Block& b, const TargetsArgs& a, typename Mma::Acc* acc, float* u) {
-  const int warp = b.thread() / 32, frags = split_cols(a.J) / 16;
+  const int warp = b.thread() / 32, frags = tile_cols<kCols>(a) / 16;
 #pragma unroll
-  for (int i = 0; i < kMaxFrags; ++i) {
-    const int f = warp / 4 + 2 * i;
-    if (f < frags) Mma::store(b.warp(), u + (warp % 4) * 16 * ld_u(a) + f * 16, acc[i], ld_u(a));
+  for (int i = 0; i < kFragsPerWarp<kCols>; ++i) {
+    const int f = ((warp / 4) & 1) + 2 * i;
+    if (f < frags) Mma::store(b.warp(), u + (warp & 3) * 16 * ld_u(a) + f * 16, acc[i], ld_u(a));
   }
 }
 
@@ -298,13 +335,14 @@ LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, in
 // epilogue). A block should be persistent (a grid of the SMs' resident blocks): 4 M rows read a
 // d = 768 map of 32 columns once per 30,000 rows instead of once per 64. Steps of kResidentStepK
 // columns. smem: resident_smem_bytes(a, sizeof(Stage)), 128-byte aligned; needs a.d > 0; kVec:
-// tile_vector_loads(a).
-template <class Block, class Mma, bool kVec>
+// tile_vector_loads(a); kCols: resident_cols(a) (a small map's kernel has constant fragment
+// addresses and none of a wide map's fragments, not even as skipped branches).
+template <class Block, class Mma, bool kVec, int kCols>
 LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char* smem, int64_t block,
                                      int64_t n_blocks) {
   using Stage = typename Mma::Stage;
-  constexpr int P = kResidentStages, kStep = kResidentStepK, kLd = kLdXResident;
-  const int ldw = ld_w(a), cols = split_cols(a.J);
+  constexpr int P = kResidentStages, kStep = kResidentStepK, kLd = kLdXResident, kFrags = kFragsPerWarp<kCols>;
+  const int cols = tile_cols<kCols>(a), ldw = cols + 8;
   const int64_t map_rows = resident_map_rows(a.d), map_elems = map_rows * ldw, stage = int64_t{kRows} * kLd;
   Stage* map_hi = reinterpret_cast<Stage*>(smem);
   Stage* map_lo = map_hi + map_elems;
@@ -318,10 +356,30 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
   // always means "the oldest step in flight has landed".
   int64_t it = 0, is = 0;
   int slot = 0;
+  // With 16-byte rows, this thread's Q chunks of a step sit at the same (row, column) offsets in
+  // every step: their sources are set once per tile and move kStep columns a step.
+  constexpr int V = Mma::kVec, Q = kRows * kStep / V / kThreads;
+  const Stage* src[Q];
+  bool row_in[Q];
   auto issue = [&]() {
-    if (it < mine)
+    if (it < mine && kVec) {
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        const int i = b.thread() + q * kThreads, r = i / (kStep / V), k = i % (kStep / V) * V;
+        if (is == 0) {
+          const int64_t row = (block + it * n_blocks) * kRows + r;
+          row_in[q] = row < a.n;
+          src[q] = static_cast<const Stage*>(a.embeddings) + (row_in[q] ? row : 0) * a.emb_stride + k;
+        }
+        Stage* at = stages + slot * stage + r * kLd + k;
+        if (row_in[q] && is * kStep + k < a.d) b.copy16(at, src[q] + is * kStep);
+        else
+          for (int e = 0; e < V; ++e) at[e] = Stage{0};
+      }
+    } else if (it < mine) {
       stage_embeddings<Block, Mma, kVec, kStep, kLd>(b, a, (block + it * n_blocks) * kRows, is * kStep,
                                                      stages + slot * stage);
+    }
     b.commit();
     slot = slot + 1 == P ? 0 : slot + 1;
     if (++is == steps) is = 0, ++it;
@@ -337,18 +395,19 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
   const int warp = b.thread() / 32;
   int ready = 0;  // the stage slot of the step being multiplied
   for (int64_t t = 0; t < mine; ++t) {  // block-uniform
-    typename Mma::Acc acc[kMaxFrags];
+    typename Mma::Acc acc[kFrags];
 #pragma unroll
-    for (int i = 0; i < kMaxFrags; ++i) Mma::fill(acc[i], 0.f);
+    for (int i = 0; i < kFrags; ++i) Mma::fill(acc[i], 0.f);
     for (int64_t s = 0; s < steps; ++s) {
       b.template wait<P - 2>();
       b.sync();  // this step is visible, and every warp is done with the previous step's stage, which this overwrites:
       issue();
       const int64_t k0 = s * kStep * ldw;
-      step_products<Mma, kStep, kLd, kStep / Mma::kK>(a, warp, stages + ready * stage, map_hi + k0, map_lo + k0, acc);
+      step_products<Mma, kStep, kLd, kStep / Mma::kK, kCols>(a, warp, stages + ready * stage, map_hi + k0,
+                                                            map_lo + k0, acc);
       ready = ready + 1 == P ? 0 : ready + 1;
     }
-    store_projections<Block, Mma>(b, a, acc, u);
+    store_projections<Block, Mma, kCols>(b, a, acc, u);
     b.sync();
     tile_epilogue(b, a, (block + t * n_blocks) * kRows, u, lse);
     // the next tile's projections land in u after its steps' barriers: every warp is done reading u

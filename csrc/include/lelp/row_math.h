@@ -10,11 +10,15 @@
 #if defined(__CUDACC__)
 #define LELP_HD __host__ __device__ __forceinline__
 #include <math.h>
+// Device loops over a run-time count of a class's values: not unrolled (the CUDA tile runs them once
+// per row; tests/cuda_targets_cost.py counts a loop's body once per trip). The CPU loops vectorise.
+#define LELP_DEVICE_UNROLL_1 _Pragma("unroll 1")
 #else
 // always_inline: the CPU kernels inline this math into an AVX2/FMA-targeted and a generic
 // function; only inlined code is compiled (and vectorised) for the caller's target.
 #define LELP_HD __attribute__((always_inline)) inline
 #include <cmath>
+#define LELP_DEVICE_UNROLL_1
 #endif
 
 // Per-row reductions over short rows (K = 16) are the loss's bottleneck when compiled as serial
@@ -101,8 +105,10 @@ LELP_HD float fast_exp(float x) {
 // logits (±1e4 / 0.01) neither overflow nor lose the largest term.
 LELP_HD float scaled_logsumexp(const float* x, int n, int stride, float scale) {
   float m = -INFINITY;
+  LELP_DEVICE_UNROLL_1
   for (int i = 0; i < n; ++i) m = fmax_(m, x[i * stride] * scale);
   float acc = 0.f;
+  LELP_DEVICE_UNROLL_1
   for (int i = 0; i < n; ++i) acc += fast_exp(x[i * stride] * scale - m);
   return m + logf(acc);
 }
@@ -114,10 +120,13 @@ LELP_HD float scaled_logsumexp(const float* x, int n, int stride, float scale) {
 // cancel log p_c away when |u|/beta is huge (S = 1, u/beta = 1e6).
 LELP_HD void subclass_log_softmax(const float* x, int n, float scale, float offset, float* out) {
   float m = -INFINITY;
+  LELP_DEVICE_UNROLL_1
   for (int i = 0; i < n; ++i) m = fmax_(m, x[i]);
   float acc = 0.f;
+  LELP_DEVICE_UNROLL_1
   for (int i = 0; i < n; ++i) acc += fast_exp((x[i] - m) * scale);
   const float lse = logf(acc);
+  LELP_DEVICE_UNROLL_1
   for (int i = 0; i < n; ++i) out[i] = ((x[i] - m) * scale - lse) + offset;
 }
 
