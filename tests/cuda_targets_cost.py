@@ -1,11 +1,10 @@
 """A cost model of the CUDA targets tile (csrc/cuda/targets.cu), read from its SASS without a GPU.
 
-Each modelled path is the production body (lelp/block_targets.h: the resident form where the
-launcher takes it on sm_90, else the streaming tile) compiled with its shape fixed in the kernel
-(d, C, S, the head or given logits, 16-byte rows, fp32 out) and as warp 0 of its block (the busiest
-for the products: its column set holds ceil(fragments / 2)), so that the compiler drops the
-fragments and branches this shape never takes. Per row, on H100 and H200 (the constants of
-lelp_fast/kernels/triton/cost.py):
+The model compiles csrc/cuda/targets.cu itself (``-lineinfo``) and reads, per modelled path, the
+production kernel the launcher takes on sm_90 for it: the resident form where the map fits
+(``targets_resident_kernel``, instantiated for the map's padded width at 16 or 32 columns, so that
+its fragment addresses are constants), else the streaming tile; both for 16-byte rows. Per row,
+on H100 and H200 (the constants of lelp_fast/kernels/triton/cost.py):
 
 * bytes: h read once, the given logits, the output written once (fp32), and the split map's bytes
   (hi + lo, ``split_rows(d)`` x ``pad16(J)`` of the stage type) once per row tile (streaming), or
@@ -13,11 +12,12 @@ lelp_fast/kernels/triton/cost.py):
 * instructions: the SASS of the row-tile loop (the largest natural loop), each instruction times the
   trips of the loops nested in the tile loop that hold it, issued by the block's 256 threads for
   its 64 rows; the code outside the tile loop over the tiles a block takes. A nested loop's trips
-  come from its source line (``-lineinfo``: the line of its back edge, matched in ``trips_of``); a
-  loop whose line is not there fails the model. A loop the compiler unrolled in part would be
-  counted several times over, so the kernel's lane- and thread-strided loops are ``#pragma unroll 1``
-  (the loops over the fixed shape unroll whole). Both sides of a branch are counted; code that only
-  a ``CALL`` or ``BRA.DIV`` reaches is not;
+  come from its source line (the line of its back edge, matched in ``trips_of``) at the path's
+  shape; a loop whose line is not there fails the model. A loop the compiler unrolled in part would
+  be counted several times over, so the kernel's lane- and thread-strided loops are ``#pragma
+  unroll 1``. Every branch inside is counted on both sides (the shape, the warp's fragments, the
+  dtypes and the edge rows are run-time values here, as in production): an upper bound of what a
+  warp issues; code that only a ``CALL`` or ``BRA.DIV`` reaches is not counted;
 * tensor-core time: ``2 split_rows(d) pad16(J)`` FLOP per row per product (bf16/fp16 hi and lo: 2
   at 4,096 FLOP per SM and clock; fp32 as TF32 hi*hi + hi*lo + lo*hi: 3 at 2,048).
 
@@ -61,59 +61,35 @@ class TargetsPath(NamedTuple):
     def j(self) -> int:
         return self.k + (self.num_classes if self.head else 0)
 
-    @property
-    def key(self) -> str:
-        """The mangled-name part of the path's kernel (targets_path<Mma, D, C, S, HEAD, RESIDENT>)."""
-        return f"ELi{D}ELi{self.num_classes}ELi{self.n_subclasses}ELb{int(self.head)}ELb"
 
 
 COST_PATHS = [TargetsPath(dt, c, s, head) for (c, s) in ((4, 4), (16, 8)) for dt in ("bf16", "fp32")
               for head in (True, False)]
 
-SOURCE_HEAD = """
-#include "cuda/targets.cu"
-namespace lelp {
-// Warp 0 of the block (tile::kThreads threads), with the kernel's shape fixed.
-struct CostBlock : DeviceBlock {
-  __device__ __forceinline__ int thread() const { return threadIdx.x & 31; }
-};
-template <class Mma, int D, int C, int S, bool HEAD, bool RESIDENT>
-__global__ void __launch_bounds__(tile::kThreads, Mma::kMinBlocks) targets_path(TargetsArgs a) {
-  extern __shared__ __align__(128) char smem[];
-  a.d = D, a.C = C, a.S = S, a.J = C * S + (HEAD ? C : 0);
-  if (HEAD) a.logits = nullptr;
-  a.out_dtype = kFloat32;
-  a.logits_dtype = a.emb_dtype;
-  if (RESIDENT) tile::targets_tiles_resident<CostBlock, Mma, true>(CostBlock{}, a, smem, blockIdx.x, gridDim.x);
-  else tile::targets_tiles<CostBlock, Mma, true>(CostBlock{}, a, smem, blockIdx.x, gridDim.x);
-}
-"""
+
+def kernel_name_parts(p: TargetsPath, form: dict) -> List[str]:
+    """Parts of the mangled name of the kernel the launcher takes for p (16-byte rows)."""
+    mma = "Tf32MmaE" if p.dtype == "fp32" else "HalfMmaI13__nv_bfloat16EE"
+    if form["resident"]:
+        return ["targets_resident_kernel", mma + f"Lb1ELi{form['cols']}E"]
+    return ["targets_tile_kernel", mma + "Lb1E"]
 
 
 def layouts(paths: List[TargetsPath]) -> Dict[TargetsPath, dict]:
     """Per path, from the header's own functions compiled for the host: whether the launcher takes
-    the resident form on sm_90, the form's shared memory, split_rows(d) and pad16(J)."""
+    the resident form on sm_90, the form's shared memory, split_rows(d), pad16(J) and the width the
+    resident form is instantiated for (resident_cols)."""
     statements = []
     for p in paths:
         stage = TYPES[p.dtype][2]
         statements.append(
             f"{{ lelp::TargetsArgs a{{}}; a.d = {D}; a.C = {p.num_classes}; a.S = {p.n_subclasses}; a.J = {p.j}; "
             f"using namespace lelp::tile; const bool r = resident_takes(a, {stage}, {SMEM_OPT_IN_SM90}); "
-            f'std::printf("%d %lld %lld %d\\n", r, (long long)(r ? resident_smem_bytes(a, {stage}) '
-            f': smem_bytes(a, {stage})), (long long)split_rows(a.d), split_cols(a.J)); }}')
+            f'std::printf("%d %lld %lld %d %d\\n", r, (long long)(r ? resident_smem_bytes(a, {stage}) '
+            f': smem_bytes(a, {stage})), (long long)split_rows(a.d), split_cols(a.J), resident_cols(a)); }}')
     out = cuda_cost.host_program_output("lelp/block_targets.h", statements)
-    return {p: dict(zip(("resident", "smem", "map_rows", "map_cols"), map(int, line.split())))
+    return {p: dict(zip(("resident", "smem", "map_rows", "map_cols", "cols"), map(int, line.split())))
             for p, line in zip(paths, out)}
-
-
-def path_source(paths: List[TargetsPath], forms: Dict[TargetsPath, dict]) -> str:
-    lines = [SOURCE_HEAD]
-    for p in paths:
-        lines.append(f"template __global__ void targets_path<{TYPES[p.dtype][0]}, {D}, {p.num_classes}, "
-                     f"{p.n_subclasses}, {str(p.head).lower()}, {str(bool(forms[p]['resident'])).lower()}>"
-                     "(TargetsArgs);")
-    lines.append("}  // namespace lelp")
-    return "\n".join(lines)
 
 
 def source_lines(cubin: str) -> Dict[str, Dict[int, tuple]]:
@@ -148,7 +124,7 @@ def trips_of(statement: str, p: TargetsPath, resident: bool) -> int:
     table = {
         "for (int64_t s = 0; s < steps; ++s)": -(-D // step),
         "for (int kk = 0; kk < kStep; kk += Mma::kK)": step // kk,
-        "for (int i = b.thread(); i < kRows * kStep / V; i += kThreads)": ROWS_PER_TILE * step // vec // THREADS,
+        "for (int i = b.thread(); i < kRows * kStep / V; i += kThreads)": -(-ROWS_PER_TILE * step // vec // THREADS),
         "for (int e = 0; e < V; ++e)": vec,
         "for (int64_t i = b.thread(); i < rows * chunks; i += kThreads)":
             -(-STEP_K * (-(-J // 16) * 16 // vec) // THREADS),  # the streaming form's step of the map
@@ -157,10 +133,16 @@ def trips_of(statement: str, p: TargetsPath, resident: bool) -> int:
         "for (int c = lane; c < C; c += 32)": -(-C // 32),
         "for (int i = lane; i < R * C; i += 32)": -(-R * C // 32),
         "for (int k = lane; k < K; k += 32)": -(-K // 32),
-        "for (int i = 0; i < n; ++i)": S,  # subclass_log_softmax over a class's S values
+        # lelp/row_math.h: scaled_logsumexp over a row's C class logits, subclass_log_softmax over a class's S
+        "for (int i = 0; i < n; ++i) m = fmax_(m, x[i * stride] * scale);": C,
+        "for (int i = 0; i < n; ++i) acc += fast_exp(x[i * stride] * scale - m);": C,
+        "for (int i = 0; i < n; ++i) m = fmax_(m, x[i]);": S,
+        "for (int i = 0; i < n; ++i) acc += fast_exp((x[i] - m) * scale);": S,
+        "for (int i = 0; i < n; ++i) out[i] = ((x[i] - m) * scale - lse) + offset;": S,
     }
     for key, trips in table.items():
         if key in statement:
+            assert trips >= 1, (statement, trips)
             return trips
     raise ValueError(f"no trip count for the loop at: {statement.strip()}")
 
@@ -204,23 +186,19 @@ def model(paths: List[TargetsPath] = COST_PATHS, arch: int = 90) -> Dict[Targets
 
     forms = layouts(paths)
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "paths.cu")
-        with open(src, "w") as f:
-            f.write(path_source(paths, forms))
-        cubin = os.path.join(tmp, "paths.cubin")
+        cubin = os.path.join(tmp, "targets.cubin")
         subprocess.run([NVCC, f"-arch=sm_{arch}", "-std=c++17", "-O3", "-lineinfo", "-I",
-                        os.path.join(ROOT, "csrc/include"), "-I", os.path.join(ROOT, "csrc"), "-cubin", src, "-o",
-                        cubin], check=True, capture_output=True)
+                        os.path.join(ROOT, "csrc/include"), "-I", os.path.join(ROOT, "csrc"), "-cubin",
+                        os.path.join(ROOT, "csrc/cuda/targets.cu"), "-o", cubin], check=True, capture_output=True)
         sass, lines = cuda_cost.cubin_sass(cubin), source_lines(cubin)
     out = {}
     for p in paths:
         form = forms[p]
         mma, h_item, stage, kind, flop_rate, products = TYPES[p.dtype]
-        (name,) = [n for n in sass if "targets_path" in n and p.key + str(form["resident"]) + "E" in n
-                   and ("Tf32Mma" in n) == (p.dtype == "fp32")]
+        (name,) = [n for n in sass if all(part in n for part in kernel_name_parts(p, form))]
         facts = tile_facts(sass[name], lines[name], p, bool(form["resident"]))
         tiles = -(-ROWS // ROWS_PER_TILE)
-        if form["resident"]:  # the blocks the SMs' shared memory holds (a block of 8 warps is not limited by more)
+        if form["resident"]:  # one block per SM at these shapes: its shared memory (and registers) hold no second
             blocks = min(tiles, max(1, min(SMEM_PER_SM // (form["smem"] + 1024), 8)) * cost.SMS)
         else:
             blocks = tiles  # a block per tile (up to 2^20 blocks)

@@ -88,6 +88,9 @@ def test_targets_tile_width_limit(backend, cuda_emulator, tile_form, num_classes
     h = torch.randn(n, d, generator=g).to(dtype)
     weight, bias = torch.randn(d, j, generator=g) / d**0.5, torch.randn(j, generator=g)
     got = lelp_targets(h, weight, bias, num_classes, s, beta=0.5, tau=1.5, backend=backend)
+    stage_bytes = 4 if dtype == torch.float32 else 2
+    fits = cuda_emulator.resident_smem_bytes(stage_bytes, d, j, num_classes, s) <= cuda_emulator.smem_optin_bytes()
+    assert cuda_emulator.last_targets_form() == ("rows" if not tile else "resident" if fits else "streaming")
     proj = h.double() @ weight.double() + bias.double()
     want = reference.log_targets(proj[:, :k], proj[:, k:], s, 0.5, 1.5)
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
@@ -225,26 +228,35 @@ def test_cuda_targets_resident_form_at_the_cost_shapes(cuda_emulator):
 @pytest.mark.parametrize("backend", ["cuda_emu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n,d", [(300, 200), (330, 70), (129, 33)])
-def test_cuda_targets_tile_over_several_tiles(backend, tile_form, dtype, n, d):
+@pytest.mark.parametrize("num_classes,s,with_head", [(3, 5, True), (4, 4, False), (7, 9, True)])
+def test_cuda_targets_tile_over_several_tiles(backend, cuda_emulator, tile_form, dtype, n, d, num_classes, s,
+                                              with_head):
     """The emulated grid of 2 blocks takes 2-3 tiles each: the resident form's pipeline of 4 stages
     of 64 columns runs across tiles (d = 70, 33: 2 and 1 steps a tile, so the next tile's steps are
     in flight during an epilogue; d = 200: 4 steps, the stages wrap within a tile), its last step
     partial (zero map rows past split_rows(d) at d = 70, 200), and a block's last tile is partial
-    (n = 129, 330)."""
+    (n = 129, 330). The resident form's instantiations: 32 padded columns (3 x 5 with the head), 16
+    (4 x 4 with given logits: the second column set of warps holds no fragment) and any (7 x 9 with
+    the head, 80 columns)."""
     g = torch.Generator().manual_seed(n + d)
-    num_classes, s = 3, 5
-    j = num_classes * s + num_classes
+    k = num_classes * s
+    j = k + (num_classes if with_head else 0)
     h = torch.randn(n, d, generator=g).to(dtype)
     weight, bias = torch.randn(d, j, generator=g) / d**0.5, torch.randn(j, generator=g)
-    got = lelp_targets(h, weight, bias, num_classes, s, beta=0.5, tau=1.5, backend=backend)
+    z = None if with_head else torch.randn(n, num_classes, generator=g).to(dtype)
+    got = lelp_targets(h, weight, bias, num_classes, s, teacher_logits=z, beta=0.5, tau=1.5, backend=backend)
+    stage_bytes = 4 if dtype == torch.float32 else 2
+    fits = cuda_emulator.resident_smem_bytes(stage_bytes, d, j, num_classes, s) <= cuda_emulator.smem_optin_bytes()
+    assert cuda_emulator.last_targets_form() == ("resident" if fits else "streaming")
+    assert fits or tile_form == "streaming" or (dtype, j, d) == (torch.float32, 70, 200)  # that one: 274,688 B
     proj = h.double() @ weight.double() + bias.double()
-    want = reference.log_targets(proj[:, :15], proj[:, 15:], s, 0.5, 1.5)
+    want = reference.log_targets(proj[:, :k], proj[:, k:] if with_head else z.double(), s, 0.5, 1.5)
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["cuda_emu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_targets_tile_edges(backend, tile_form, dtype):
+def test_cuda_targets_tile_edges(backend, cuda_emulator, tile_form, dtype):
     """One row; d of 13 (rows not 16-byte aligned: the copies go element by element; one partial
     step) and 70 (three steps: the double buffer wraps); a small beta; a NaN row stays NaN
     (check_inputs off) and leaves its neighbours alone. (Huge logits: test_ops_targets.py.)"""
@@ -255,6 +267,7 @@ def test_cuda_targets_tile_edges(backend, tile_form, dtype):
         weight = torch.randn(d, num_classes * s + num_classes, generator=g) / d**0.5
         bias = torch.randn(num_classes * s + num_classes, generator=g)
         got = lelp_targets(h, weight, bias, num_classes, s, beta=0.05, tau=0.5, backend=backend)
+        assert cuda_emulator.last_targets_form() == tile_form
         proj = h.double() @ weight.double() + bias.double()
         want = reference.log_targets(proj[:, :24], proj[:, 24:], s, 0.05, 0.5)
         # the split map (bf16/fp16 hi + lo: 2^-16 of |w|; fp32 as TF32 x 3) amplified by 1/beta

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
 
 #include "emulate.h"
 #include "make_args.h"
@@ -69,6 +70,7 @@ PYBIND11_MODULE(lelp_cuda_emu, m) {
   // The emulated device's opt-in shared-memory limit, which picks the tile's form (0: always streaming).
   m.def("set_smem_optin_bytes", [](int64_t bytes) { lelp::emu::smem_optin_bytes = bytes; });
   m.def("smem_optin_bytes", [] { return lelp::emu::smem_optin_bytes; });
+  m.def("last_targets_form", [] { return std::string(lelp::emu::last_targets_form); });
   m.def("split_layout", [](int64_t d, int64_t J) { return std::make_pair(lelp::tile::split_rows(d), lelp::tile::split_cols(J)); });
   // targets_cuda's signature: w_hi, w_lo are the caller's split map for the tile (0 for the row kernel).
   m.def("targets", [](uintptr_t emb, int emb_dtype, int64_t emb_stride, int64_t n, int64_t d, uintptr_t weight,

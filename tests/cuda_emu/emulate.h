@@ -59,6 +59,14 @@ struct PendingCopies {
   std::deque<std::vector<Copy>> groups;
 };
 
+// When a cp.async copy lands: at the wait that covers it (the latest a GPU may: a read before the
+// wait sees old bytes), or at issue (the earliest: under ThreadSanitizer, a copy into a stage that
+// another thread may still read is a reported race). race_check.cpp runs both.
+inline bool copies_land_at_issue = false;
+
+// The form the last emulated targets call took: "resident", "streaming" or "rows".
+inline const char* last_targets_form = "";
+
 struct HostBlock {
   using Warp = HostWarp<32>;
   BlockState* state;
@@ -67,7 +75,10 @@ struct HostBlock {
   int thread() const { return t; }
   void sync() const { state->bar.arrive_and_wait(); }
   Warp warp() const { return Warp{&state->warps[t / 32], t % 32}; }
-  void copy16(void* shared, const void* global) const { copies->open.push_back({shared, global}); }
+  void copy16(void* shared, const void* global) const {
+    if (copies_land_at_issue) std::memcpy(shared, global, 16);
+    else copies->open.push_back({shared, global});
+  }
   void commit() const {
     copies->groups.push_back(std::move(copies->open));
     copies->open.clear();
@@ -152,18 +163,24 @@ template <class Mma, bool kVec>
 void targets_tile_emulated(const TargetsArgs& a) {
   constexpr int stage_bytes = sizeof(typename Mma::Stage);
   const bool resident = tile::resident_takes(a, stage_bytes, smem_optin_bytes);
+  last_targets_form = resident ? "resident" : "streaming";
   const int64_t bytes = resident ? tile::resident_smem_bytes(a, stage_bytes) : tile::smem_bytes(a, stage_bytes);
   for (int blk = 0; blk < kEmulatedBlocks; ++blk) {
     BlockState state;
-    std::vector<float> smem((bytes + 3) / 4, NAN);  // poisoned: a slot read before it is written shows
+    std::vector<float> smem((bytes + 3) / 4);
+    std::memset(smem.data(), 0xff, smem.size() * 4);  // NaN as fp32, bf16 and fp16: a slot read unwritten shows
     std::vector<PendingCopies> copies(tile::kThreads);
     std::vector<std::thread> threads;
     for (int t = 0; t < tile::kThreads; ++t)
       threads.emplace_back([&, t] {
         const HostBlock b{&state, t, &copies[t]};
         char* s = reinterpret_cast<char*>(smem.data());
-        if (resident) tile::targets_tiles_resident<HostBlock, Mma, kVec>(b, a, s, blk, kEmulatedBlocks);
-        else tile::targets_tiles<HostBlock, Mma, kVec>(b, a, s, blk, kEmulatedBlocks);
+        if (resident)
+          tile::with_resident_cols(a, [&](auto cols) {
+            tile::targets_tiles_resident<HostBlock, Mma, kVec, decltype(cols)::value>(b, a, s, blk, kEmulatedBlocks);
+          });
+        else
+          tile::targets_tiles<HostBlock, Mma, kVec>(b, a, s, blk, kEmulatedBlocks);
       });
     for (auto& th : threads) th.join();
   }
@@ -176,6 +193,7 @@ void targets_tile_emulated(const TargetsArgs& a) {
 }
 
 inline void targets_rows_emulated(const TargetsArgs& a) {
+  last_targets_form = "rows";
   for (int wid = 0; wid < kEmulatedWarps; ++wid) {
     WarpState state;
     std::vector<float> u(warp::online_row_floats(a.C, a.S));

@@ -126,16 +126,23 @@ int main() {
       check_loss(cs[0], cs[1], 1, false, lelp::kKL, 0.1f, far);
       check_loss(cs[0], cs[1], 1, true, lelp::kKL, 0.1f, far);
     }
-  // the tile's resident form (the map fits sm_90's shared memory), then its streaming form
-  for (int64_t optin : {int64_t{232448}, int64_t{0}}) {
-    lelp::emu::smem_optin_bytes = optin;
-    for (int dtype : {lelp::kFloat32, lelp::kFloat16, lelp::kBFloat16}) {
-      check_targets(3, 5, dtype, true);
-      check_targets(2, 64, dtype, false);  // 8 fragments: every warp takes 4
+  // the tile's resident form (the map fits sm_90's shared memory), then its streaming form; copies
+  // landing at their wait, then at issue (a copy into a stage another thread still reads races)
+  for (bool at_issue : {false, true})
+    for (int64_t optin : {int64_t{232448}, int64_t{0}}) {
+      lelp::emu::copies_land_at_issue = at_issue;
+      lelp::emu::smem_optin_bytes = optin;
+      for (int dtype : {lelp::kFloat32, lelp::kFloat16, lelp::kBFloat16}) {
+        check_targets(3, 5, dtype, true);
+        check_targets(2, 64, dtype, false);  // 8 fragments: every warp takes 4
+      }
+      check_targets(5, 40, lelp::kFloat32, true);  // J = 205: 13 fragments; 40 (row, class) pairs a warp
+      // 3 tiles a block, 4 steps a tile resident (7 streaming), the last partial; then whole steps and
+      // tiles (d, n multiples of 64: every chunk a copy, none zeroed)
+      check_targets(3, 5, lelp::kBFloat16, true, 300, 200);
+      check_targets(3, 5, lelp::kBFloat16, true, 256, 128);
     }
-    check_targets(5, 40, lelp::kFloat32, true);  // J = 205: 13 fragments; 40 (row, class) pairs a warp
-    check_targets(3, 5, lelp::kBFloat16, true, 300, 200);  // 3 tiles a block, 7 steps a tile
-  }
+  lelp::emu::copies_land_at_issue = false;
   check_targets(2, 256, lelp::kBFloat16, true);  // the row kernel
   std::printf("ok\n");
   return 0;
