@@ -87,7 +87,11 @@ def layouts(paths: List[TargetsPath]) -> Dict[TargetsPath, dict]:
             f"using namespace lelp::tile; const bool r = resident_takes(a, {stage}, {SMEM_OPT_IN_SM90}); "
             f'std::printf("%d %lld %lld %d %d\\n", r, (long long)(r ? resident_smem_bytes(a, {stage}) '
             f': smem_bytes(a, {stage})), (long long)split_rows(a.d), split_cols(a.J), resident_cols(a)); }}')
+    statements.append('std::printf("%d %d %d %d\\n", lelp::tile::kThreads, lelp::tile::kRows, lelp::tile::kStepK, '
+                      "lelp::tile::kResidentStepK);")
     out = cuda_cost.host_program_output("lelp/block_targets.h", statements)
+    constants = tuple(map(int, out.pop().split()))  # the trip table's constants are the header's
+    assert constants == (THREADS, ROWS_PER_TILE, STEP_K, RESIDENT_STEP_K), constants
     return {p: dict(zip(("resident", "smem", "map_rows", "map_cols", "cols"), map(int, line.split())))
             for p, line in zip(paths, out)}
 

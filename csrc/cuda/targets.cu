@@ -164,7 +164,8 @@ void launch_resident(const TargetsArgs& a, int device, int64_t tiles, cudaStream
   opt_in(kernel, device, smem, opted_in);
   int blocks_per_sm = device < 64 && sized[device] == smem ? per_sm[device] : 0;
   if (blocks_per_sm == 0) {
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, tile::kThreads, static_cast<size_t>(smem)));
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, tile::kThreads,
+                                                        static_cast<size_t>(smem)));
     blocks_per_sm = std::max(blocks_per_sm, 1);
     if (device < 64) sized[device] = smem, per_sm[device] = blocks_per_sm;
   }
