@@ -11,7 +11,7 @@ on H100 and H200 (the constants of lelp_fast/kernels/triton/cost.py):
   once per block over the rows a block takes (resident: a persistent grid of the blocks the SMs hold);
 * instructions: the SASS of the row-tile loop (the largest natural loop), each instruction times the
   trips of the loops nested in the tile loop that hold it, issued by the block's 256 threads for
-  its 64 rows; the code outside the tile loop over the tiles a block takes. A nested loop's trips
+  its 64 rows (128 in the resident form at 16 or 32 columns in 16 bits); the code outside the tile loop over the tiles a block takes. A nested loop's trips
   come from its source line (the line of its back edge, matched in ``trips_of``) at the path's
   shape; a loop whose line is not there fails the model. A loop the compiler unrolled in part would
   be counted several times over, so the kernel's lane- and thread-strided loops are ``#pragma
@@ -85,14 +85,15 @@ def layouts(paths: List[TargetsPath]) -> Dict[TargetsPath, dict]:
         statements.append(
             f"{{ lelp::TargetsArgs a{{}}; a.d = {D}; a.C = {p.num_classes}; a.S = {p.n_subclasses}; a.J = {p.j}; "
             f"using namespace lelp::tile; const bool r = resident_takes(a, {stage}, {SMEM_OPT_IN_SM90}); "
-            f'std::printf("%d %lld %lld %d %d\\n", r, (long long)(r ? resident_smem_bytes(a, {stage}) '
-            f': smem_bytes(a, {stage})), (long long)split_rows(a.d), split_cols(a.J), resident_cols(a)); }}')
+            f'std::printf("%d %lld %lld %d %d %d\\n", r, (long long)(r ? resident_smem_bytes(a, {stage}) '
+            f': smem_bytes(a, {stage})), (long long)split_rows(a.d), split_cols(a.J), resident_cols(a), '
+            f'r ? kRows * resident_row_frags(a, {stage}) : kRows); }}')
     statements.append('std::printf("%d %d %d %d\\n", lelp::tile::kThreads, lelp::tile::kRows, lelp::tile::kStepK, '
                       "lelp::tile::kResidentStepK);")
     out = cuda_cost.host_program_output("lelp/block_targets.h", statements)
     constants = tuple(map(int, out.pop().split()))  # the trip table's constants are the header's
     assert constants == (THREADS, ROWS_PER_TILE, STEP_K, RESIDENT_STEP_K), constants
-    return {p: dict(zip(("resident", "smem", "map_rows", "map_cols", "cols"), map(int, line.split())))
+    return {p: dict(zip(("resident", "smem", "map_rows", "map_cols", "cols", "tile_rows"), map(int, line.split())))
             for p, line in zip(paths, out)}
 
 
@@ -118,24 +119,26 @@ def source_lines(cubin: str) -> Dict[str, Dict[int, tuple]]:
     return out
 
 
-def trips_of(statement: str, p: TargetsPath, resident: bool) -> int:
-    """Trips of the loop whose back edge is on this source statement, at path p (warp 0, lane 0)."""
+def trips_of(statement: str, p: TargetsPath, resident: bool, tile_rows: int = ROWS_PER_TILE) -> int:
+    """Trips of the loop whose back edge is on this source statement, at path p (lane 0 of a warp of
+    the first column set), in the form and tile rows the launcher takes."""
     step = RESIDENT_STEP_K if resident else STEP_K
     C, S, K, J = p.num_classes, p.n_subclasses, p.k, p.j
     vec = 8 if TYPES[p.dtype][2] == 2 else 4  # Mma::kVec
     kk = 16 if p.dtype == "bf16" else 8  # Mma::kK
-    R = ROWS_PER_TILE // (THREADS // 32)
+    R = tile_rows // (THREADS // 32)
     table = {
         "for (int64_t s = 0; s < steps; ++s)": -(-D // step),
         "for (int kk = 0; kk < kStep; kk += Mma::kK)": step // kk,
-        "for (int i = b.thread(); i < kRows * kStep / V; i += kThreads)": -(-ROWS_PER_TILE * step // vec // THREADS),
+        "for (int i = b.thread(); i < kTileRows * kStep / V; i += kThreads)": -(-tile_rows * step // vec // THREADS),
         "for (int e = 0; e < V; ++e)": vec,
         "for (int64_t i = b.thread(); i < rows * chunks; i += kThreads)":
             -(-STEP_K * (-(-J // 16) * 16 // vec) // THREADS),  # the streaming form's step of the map
         "for (int r = r0; r < r0 + R; ++r)": R,
         "for (int j = lane; j < J; j += 32)": -(-J // 32),
         "for (int c = lane; c < C; c += 32)": -(-C // 32),
-        "for (int i = lane; i < R * C; i += 32)": -(-R * C // 32),
+        "for (LanePairs p(lane, C); p.r < R; p.next())": -(-R * C // 32),
+        "for (LanePairs p(lane, K); p.r < R; p.next())": -(-R * K // 32),
         "for (int k = lane; k < K; k += 32)": -(-K // 32),
         # lelp/row_math.h: scaled_logsumexp over a row's C class logits, subclass_log_softmax over a class's S
         "for (int i = 0; i < n; ++i) m = fmax_(m, x[i * stride] * scale);": C,
@@ -157,7 +160,8 @@ def statement(where: tuple) -> str:
         return f.readlines()[line - 1]
 
 
-def tile_facts(instructions: List[tuple], lines: Dict[int, tuple], p: TargetsPath, resident: bool) -> dict:
+def tile_facts(instructions: List[tuple], lines: Dict[int, tuple], p: TargetsPath, resident: bool,
+               tile_rows: int = ROWS_PER_TILE) -> dict:
     """Per thread: instructions and MUFU operations of one row tile (the tile loop, with its nested
     loops' trips) and of the code outside it (once per block); the statements of the loops nested
     in the tile loop and of those outside it."""
@@ -170,7 +174,7 @@ def tile_facts(instructions: List[tuple], lines: Dict[int, tuple], p: TargetsPat
         if not body < tile_loop:
             facts["outer_loops"].append(where)
             continue
-        trips = trips_of(where, p, resident)
+        trips = trips_of(where, p, resident, tile_rows)
         facts["inner_loops"].append(where)
         for i in body:
             weight[i] *= trips
@@ -200,24 +204,25 @@ def model(paths: List[TargetsPath] = COST_PATHS, arch: int = 90) -> Dict[Targets
         form = forms[p]
         mma, h_item, stage, kind, flop_rate, products = TYPES[p.dtype]
         (name,) = [n for n in sass if all(part in n for part in kernel_name_parts(p, form))]
-        facts = tile_facts(sass[name], lines[name], p, bool(form["resident"]))
-        tiles = -(-ROWS // ROWS_PER_TILE)
+        facts = tile_facts(sass[name], lines[name], p, bool(form["resident"]), form["tile_rows"])
+        rows = form["tile_rows"]
+        tiles = -(-ROWS // rows)
         if form["resident"]:  # one block per SM at these shapes: its shared memory (and registers) hold no second
             blocks = min(tiles, max(1, min(SMEM_PER_SM // (form["smem"] + 1024), 8)) * cost.SMS)
         else:
             blocks = tiles  # a block per tile (up to 2^20 blocks)
         map_bytes = 2 * form["map_rows"] * form["map_cols"] * stage
         moved = {"h": D * h_item, "logits": 0 if p.head else p.num_classes * h_item, "out": 4 * p.k,
-                 "map": map_bytes / (ROWS / blocks if form["resident"] else ROWS_PER_TILE)}
+                 "map": map_bytes / (ROWS / blocks if form["resident"] else rows)}
         floor = moved["h"] + moved["logits"] + moved["out"]
         per_tile = facts["tile"] + facts["outside"] * blocks / tiles
-        instructions = per_tile * THREADS / ROWS_PER_TILE
-        mufu = facts["tile_mufu"] * THREADS / ROWS_PER_TILE
+        instructions = per_tile * THREADS / rows
+        mufu = facts["tile_mufu"] * THREADS / rows
         flops = 2.0 * form["map_rows"] * form["map_cols"] * products
         e = {"form": "resident" if form["resident"] else "streaming", **moved, "floor": floor,
              "instructions": instructions, "mufu": mufu, "flops": flops, "smem": form["smem"],
              "inner_loops": facts["inner_loops"], "outer_loops": facts["outer_loops"],
-             "copied_per_row": facts["tile_copies"] * 16 * THREADS / ROWS_PER_TILE}
+             "copied_per_row": facts["tile_copies"] * 16 * THREADS / rows, "tile_rows": rows}
         for device, bandwidth in cost.BANDWIDTH.items():
             times = {"memory": sum(moved.values()) / bandwidth,
                      "issue": instructions / cost.THREAD_INSTRUCTIONS_PER_S,

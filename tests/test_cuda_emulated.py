@@ -212,14 +212,16 @@ def test_cuda_targets_resident_form_at_the_cost_shapes(cuda_emulator):
     """Issue 21 item 4 (CUDA): the streaming tile read the whole split map from L2 once per 64 rows
     (1,536 B a row at K = 16 with the head, d = 768, bf16: 1.96x the floor by the map alone). The
     resident form copies it into shared memory once per block: the map (768 rows of 32 + 8 columns,
-    hi and lo), 4 stages of 64 x (64 + 8) embeddings and the projections fit sm_90's opt-in limit
-    in bf16/fp16 at K = 16 with the head (not sm_80's: there it streams); fp32 with given logits
-    (16 columns) fits sm_90 too; fp32 with the head (TF32 hi + lo, 4 bytes an entry) and K = 128's
-    map do not, and stream."""
+    hi and lo), 4 stages of 128 x (64 + 8) embeddings (128-row tiles at 16 or 32 columns in 16 bits)
+    and the projections fit sm_90's opt-in limit in bf16/fp16 at K = 16 with the head (not sm_80's:
+    there it streams), and sm_80's with given logits (16 columns); fp32 with given logits (64-row
+    tiles) fits sm_90; fp32 with the head (TF32 hi + lo, 4 bytes an entry) and K = 128's map do not,
+    and stream."""
     k16 = (768, 20, 4, 4)  # d, J, C, S
-    assert cuda_emulator.resident_smem_bytes(2, *k16) == 2 * (2 * 768 * 40 + 4 * 64 * 72) + 4 * 64 * 33
+    assert cuda_emulator.resident_smem_bytes(2, *k16) == 2 * (2 * 768 * 40 + 4 * 128 * 72) + 4 * 128 * 33
     assert SMEM_OPT_IN[80] < cuda_emulator.resident_smem_bytes(2, *k16) <= SMEM_OPT_IN[90]
-    assert cuda_emulator.resident_smem_bytes(2, 512, 20, 4, 4) <= SMEM_OPT_IN[80]
+    assert cuda_emulator.resident_smem_bytes(2, 768, 16, 4, 4) <= SMEM_OPT_IN[80]
+    assert cuda_emulator.resident_smem_bytes(4, 768, 16, 4, 4) == 4 * (2 * 768 * 24 + 4 * 64 * 72) + 4 * 64 * 25
     assert cuda_emulator.resident_smem_bytes(4, 768, 16, 4, 4) <= SMEM_OPT_IN[90]
     assert cuda_emulator.resident_smem_bytes(4, *k16) > SMEM_OPT_IN[90]
     assert cuda_emulator.resident_smem_bytes(2, 768, 144, 16, 8) > SMEM_OPT_IN[90]

@@ -155,7 +155,9 @@ void opt_in(Kernel kernel, int device, int64_t smem, int* opted_in) {
 // The resident form: a persistent grid of as many blocks as the SMs hold (the occupancy read once
 // per device and size), each looping over its tiles.
 template <class Mma, bool kVec, int kCols>
-void launch_resident(const TargetsArgs& a, int device, int64_t tiles, cudaStream_t stream) {
+void launch_resident(const TargetsArgs& a, int device, cudaStream_t stream) {
+  const int64_t rows = int64_t{tile::kRows} * tile::resident_row_frags(a, sizeof(typename Mma::Stage));
+  const int64_t tiles = (a.n + rows - 1) / rows;
   static int opted_in[64] = {};
   static int64_t sized[64] = {};  // the shared memory per_sm was read for
   static int per_sm[64] = {};
@@ -178,11 +180,10 @@ void launch_resident(const TargetsArgs& a, int device, int64_t tiles, cudaStream
 template <class Mma, bool kVec>
 void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
   constexpr int stage_bytes = sizeof(typename Mma::Stage);
-  const int64_t tiles = (a.n + tile::kRows - 1) / tile::kRows;
   const int device = current_device();
   if (tile::resident_takes(a, stage_bytes, device_facts(device).smem_optin)) {
     tile::with_resident_cols(a, [&](auto cols) {
-      launch_resident<Mma, kVec, decltype(cols)::value>(a, device, tiles, stream);
+      launch_resident<Mma, kVec, decltype(cols)::value>(a, device, stream);
     });
     return;
   }
@@ -190,7 +191,7 @@ void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
   const int64_t smem = tile::smem_bytes(a, stage_bytes);
   auto kernel = targets_tile_kernel<Mma, kVec>;
   opt_in(kernel, device, smem, opted_in);
-  const int64_t blocks = std::min<int64_t>(tiles, int64_t{1} << 20);
+  const int64_t blocks = std::min<int64_t>((a.n + tile::kRows - 1) / tile::kRows, int64_t{1} << 20);
   kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a);
 }
 

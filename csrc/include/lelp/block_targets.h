@@ -84,23 +84,6 @@ constexpr int kResidentStepK = 64;
 constexpr int kLdXResident = kResidentStepK + 8;  // as kLdX
 constexpr int kResidentStages = 4;
 
-// Map rows held by the resident form: whole steps (the rows past split_rows(d) are zeros).
-LELP_HD int64_t resident_map_rows(int64_t d) { return (d + kResidentStepK - 1) / kResidentStepK * kResidentStepK; }
-
-// Shared-memory bytes of the resident form: the split map (hi and lo, resident_map_rows(d) x ld_w
-// each), kResidentStages embedding stages, then the projections and each row's class log-sum-exp.
-LELP_HD int64_t resident_smem_bytes(const TargetsArgs& a, int stage_bytes) {
-  const int64_t map = 2 * resident_map_rows(a.d) * ld_w(a);
-  const int64_t stages = static_cast<int64_t>(kResidentStages) * kRows * kLdXResident;
-  return stage_bytes * (map + stages) + 4 * static_cast<int64_t>(kRows) * (ld_u(a) + 1);
-}
-
-// Whether the tile takes this call in the resident form: the map and stages fit a block's
-// shared memory (optin_bytes: the device's opt-in limit, 232,448 B on sm_90, 166,912 on sm_80).
-LELP_HD bool resident_takes(const TargetsArgs& a, int stage_bytes, int64_t optin_bytes) {
-  return a.d > 0 && resident_smem_bytes(a, stage_bytes) <= optin_bytes;
-}
-
 // The map width (padded columns) the resident form is compiled for: 16 or 32 (K = 16 with given
 // logits or the head), so that its fragment addresses and accumulators are constants; 0: any
 // width, read at run time.
@@ -118,6 +101,31 @@ LELP_HD int tile_cols(const TargetsArgs& a) {
 // Accumulator fragments a warp holds at kCols (warps take every other 16 columns): 1 at 16 or 32.
 template <int kCols>
 constexpr int kFragsPerWarp = kCols > 0 ? (kCols / 16 + 1) / 2 : kMaxFrags;
+
+// Row fragments a warp of the resident form takes: 2 (128-row tiles, each map fragment loaded once
+// for two row fragments, and a step's fixed work over twice the rows) for 16-bit inputs at 16 or
+// 32 columns; else 1 (64-row tiles: the accumulators of a wide map, or fp32's stages, leave no room).
+LELP_HD int resident_row_frags(const TargetsArgs& a, int stage_bytes) {
+  return resident_cols(a) > 0 && stage_bytes == 2 ? 2 : 1;
+}
+
+// Map rows held by the resident form: whole steps (the rows past split_rows(d) are zeros).
+LELP_HD int64_t resident_map_rows(int64_t d) { return (d + kResidentStepK - 1) / kResidentStepK * kResidentStepK; }
+
+// Shared-memory bytes of the resident form: the split map (hi and lo, resident_map_rows(d) x ld_w
+// each), kResidentStages embedding stages of a tile's rows, then the tile's projections and each
+// row's class log-sum-exp.
+LELP_HD int64_t resident_smem_bytes(const TargetsArgs& a, int stage_bytes) {
+  const int64_t rows = int64_t{kRows} * resident_row_frags(a, stage_bytes);
+  const int64_t map = 2 * resident_map_rows(a.d) * ld_w(a), stages = int64_t{kResidentStages} * rows * kLdXResident;
+  return stage_bytes * (map + stages) + 4 * rows * (ld_u(a) + 1);
+}
+
+// Whether the tile takes this call in the resident form: the map and stages fit a block's
+// shared memory (optin_bytes: the device's opt-in limit, 232,448 B on sm_90, 166,912 on sm_80).
+LELP_HD bool resident_takes(const TargetsArgs& a, int stage_bytes, int64_t optin_bytes) {
+  return a.d > 0 && resident_smem_bytes(a, stage_bytes) <= optin_bytes;
+}
 
 // Calls f(std::integral_constant<int, resident_cols(a)>{}): the one place that maps a call to a
 // resident-form instantiation (the CUDA launch and the tests' host run).
@@ -142,17 +150,17 @@ inline bool tile_vector_loads(const TargetsArgs& a) {
          (a.d * elem) % 16 == 0;
 }
 
-// Issues the copies of the embeddings' columns k0 .. k0 + kStep - 1 into x (64 rows, leading
+// Issues the copies of the embeddings' columns k0 .. k0 + kStep - 1 into x (kTileRows rows, leading
 // dimension kLd; zeros outside). kVec (tile_vector_loads): a chunk of V is one 16-byte copy or
 // zeros, so the loop has no element-by-element path; otherwise element by element.
-template <class Block, class Mma, bool kVec, int kStep = kStepK, int kLd = kLdX>
+template <class Block, class Mma, bool kVec, int kStep = kStepK, int kLd = kLdX, int kTileRows = kRows>
 LELP_DEV void stage_embeddings(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0,
                                typename Mma::Stage* x) {
   using Stage = typename Mma::Stage;
   constexpr int V = Mma::kVec;
   const Stage* emb = static_cast<const Stage*>(a.embeddings);  // raw words: Stage is the embeddings' type
 #pragma unroll 1  // a few chunks a thread (tests/cuda_targets_cost.py counts a loop's body once per trip)
-  for (int i = b.thread(); i < kRows * kStep / V; i += kThreads) {
+  for (int i = b.thread(); i < kTileRows * kStep / V; i += kThreads) {
     const int r = i / (kStep / V), k = i % (kStep / V) * V;
     const int64_t row = row0 + r, col = k0 + k;
     Stage* at = x + r * kLd + k;
@@ -198,7 +206,7 @@ LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int
 // wh / wl the step's kStep map rows (leading dimension ld_w); fragment i is map columns
 // 16 (set + 2 i) .. + 15 (those below the padded map's width are live). kUnroll: the k slices
 // unrolled (1: one after another); kCols: the padded map width as a constant (0: at run time).
-template <class Mma, int kStep = kStepK, int kLd = kLdX, int kUnroll = 1, int kCols = 0>
+template <class Mma, int kStep = kStepK, int kLd = kLdX, int kUnroll = 1, int kCols = 0, int kRowFrags = 1>
 LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::Stage* x, const typename Mma::Stage* wh,
                             const typename Mma::Stage* wl, typename Mma::Acc* acc) {
   constexpr int kFrags = kFragsPerWarp<kCols>;
@@ -211,9 +219,12 @@ LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::
   // registers); unrolled in the resident form (one block per SM, the whole register file).
 #pragma unroll kUnroll
   for (int kk = 0; kk < kStep; kk += Mma::kK) {
-    typename Mma::A ah, al;
-    Mma::load_a(ah, x + (warp & 3) * 16 * kLd + kk, kLd);
-    if constexpr (Mma::kSplitX) Mma::split_a(ah, al);
+    typename Mma::A ah[kRowFrags], al[kRowFrags];
+#pragma unroll
+    for (int r = 0; r < kRowFrags; ++r) {
+      Mma::load_a(ah[r], x + ((warp & 3) * kRowFrags + r) * 16 * kLd + kk, kLd);
+      if constexpr (Mma::kSplitX) Mma::split_a(ah[r], al[r]);
+    }
 #pragma unroll
     for (int i = 0; i < kFrags; ++i) {
       const int f = set + 2 * i;
@@ -221,22 +232,30 @@ LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::
       typename Mma::B bh, bl;
       Mma::load_b(bh, wh + kk * ldw + f * 16, ldw);
       Mma::load_b(bl, wl + kk * ldw + f * 16, ldw);
-      Mma::mma(acc[i], ah, bh);
-      Mma::mma(acc[i], ah, bl);
-      if constexpr (Mma::kSplitX) Mma::mma(acc[i], al, bh);  // x_lo * w_lo is below fp32's resolution
+#pragma unroll
+      for (int r = 0; r < kRowFrags; ++r) {
+        Mma::mma(acc[r * kFrags + i], ah[r], bh);
+        Mma::mma(acc[r * kFrags + i], ah[r], bl);
+        if constexpr (Mma::kSplitX) Mma::mma(acc[r * kFrags + i], al[r], bh);  // x_lo * w_lo is below fp32's resolution
+      }
     }
   }
 }
 
-// The warp's accumulators into u (64 x ld_u floats): the tile's projections without the bias, columns [0, pad16(J)).
-template <class Block, class Mma, int kCols = 0>
+// The warp's accumulators into u (the tile's rows x ld_u floats): the tile's projections without the
+// bias, columns [0, pad16(J)); warp w's row fragments are (w % 4) kRowFrags + r.
+template <class Block, class Mma, int kCols = 0, int kRowFrags = 1>
 LELP_DEV void store_projections(const Block& b, const TargetsArgs& a, typename Mma::Acc* acc, float* u) {
+  constexpr int kFrags = kFragsPerWarp<kCols>;
   const int warp = b.thread() / 32, frags = tile_cols<kCols>(a) / 16;
 #pragma unroll
-  for (int i = 0; i < kFragsPerWarp<kCols>; ++i) {
-    const int f = ((warp / 4) & 1) + 2 * i;
-    if (f < frags) Mma::store(b.warp(), u + (warp & 3) * 16 * ld_u(a) + f * 16, acc[i], ld_u(a));
-  }
+  for (int r = 0; r < kRowFrags; ++r)
+#pragma unroll
+    for (int i = 0; i < kFrags; ++i) {
+      const int f = ((warp / 4) & 1) + 2 * i;
+      if (f < frags)
+        Mma::store(b.warp(), u + ((warp & 3) * kRowFrags + r) * 16 * ld_u(a) + f * 16, acc[r * kFrags + i], ld_u(a));
+    }
 }
 
 // u (64 x ld_u floats, over the stages) = the tile's projections without the bias, columns [0, pad16(J)).
@@ -268,15 +287,29 @@ LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row
   b.sync();
 }
 
-// Bias, class logits and log-softmaxes of the warp's 8 rows of u; stores them. Every step takes
-// the lanes over the warp's rows as a whole (one row at a time used C of 32 lanes, and two
-// butterflies a row): the bias and the given logits over (column, row), each row's class
-// log-sum-exp on a lane of its own, the subclass log-softmaxes over (row, class) pairs.
-// lse: the block's kRows floats.
-template <class Block>
+// The (row, column) pairs of rows of n columns that a lane takes, lane-strided (lane, lane + 32, ...
+// in row-major order), without a division a pair.
+struct LanePairs {
+  int r, c, dr, dc, n;
+  LELP_DEV LanePairs(int lane, int columns) : r(lane / columns), c(lane % columns), dr(32 / columns),
+                                              dc(32 % columns), n(columns) {}
+  LELP_DEV void next() {
+    r += dr;
+    c += dc;
+    if (c >= n) c -= n, ++r;
+  }
+};
+
+// Bias, class logits and log-softmaxes of the warp's kTileRows / 8 rows of u; stores them. Every
+// step takes the lanes over the warp's rows as a whole (one row at a time used C of 32 lanes, and
+// two butterflies a row): the bias over (column, row), the given logits over (row, class) pairs,
+// each row's class log-sum-exp on a lane of its own, the subclass log-softmaxes over (row, class)
+// pairs, the stores over (row, element) pairs. lse: the block's kTileRows floats.
+template <class Block, int kTileRows = kRows>
 LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, float* u, float* lse) {
   using Warp = typename Block::Warp;
-  constexpr int R = kRows / kWarps;
+  constexpr int R = kTileRows / kWarps;
+  static_assert(R <= 32, "a lane per row for the class log-sum-exps");
   const Warp w = b.warp();
   const int warp = b.thread() / 32, lane = w.lane(), ldu = ld_u(a), r0 = warp * R;
   const int C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S, J = static_cast<int>(a.J);
@@ -290,27 +323,23 @@ LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, 
   }
   if (a.logits != nullptr)
 #pragma unroll 1
-    for (int c = lane; c < C; c += 32)
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int64_t row = row0 + r0 + r;
-        uw[r * ldu + K + c] = row < a.n ? Warp::load(a.logits, a.logits_dtype, row * a.logits_stride + c) : 0.f;
-      }
+    for (LanePairs p(lane, C); p.r < R; p.next()) {  // (row, class) pairs
+      const int64_t row = row0 + r0 + p.r;
+      uw[p.r * ldu + K + p.c] = row < a.n ? Warp::load(a.logits, a.logits_dtype, row * a.logits_stride + p.c) : 0.f;
+    }
   w.sync();
   if (lane < R) lse[r0 + lane] = scaled_logsumexp(uw + lane * ldu + K, C, 1, a.inv_tau);
   w.sync();
 #pragma unroll 1
-  for (int i = lane; i < R * C; i += 32) {  // lelp::row_log_targets' order of operations
-    const int r = r0 + i / C, c = i % C;
-    float* uc = u + r * ldu + c * S;
-    subclass_log_softmax(uc, S, a.inv_beta, u[r * ldu + K + c] * a.inv_tau - lse[r], uc);
+  for (LanePairs p(lane, C); p.r < R; p.next()) {  // lelp::row_log_targets' order of operations
+    float* uc = uw + p.r * ldu + p.c * S;
+    subclass_log_softmax(uc, S, a.inv_beta, uw[p.r * ldu + K + p.c] * a.inv_tau - lse[r0 + p.r], uc);
   }
   w.sync();
-  for (int r = r0; r < r0 + R; ++r) {
-    const int64_t row = row0 + r;
-    if (row < a.n)
 #pragma unroll 1
-      for (int k = lane; k < K; k += 32) Warp::store(a.out, a.out_dtype, row * a.out_stride + k, u[r * ldu + k]);
+  for (LanePairs p(lane, K); p.r < R; p.next()) {  // (row, element) pairs: a row of K < 32 leaves no lane idle
+    const int64_t row = row0 + r0 + p.r;
+    if (row < a.n) Warp::store(a.out, a.out_dtype, row * a.out_stride + p.c, uw[p.r * ldu + p.c]);
   }
 }
 
@@ -342,14 +371,16 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
                                      int64_t n_blocks) {
   using Stage = typename Mma::Stage;
   constexpr int P = kResidentStages, kStep = kResidentStepK, kLd = kLdXResident, kFrags = kFragsPerWarp<kCols>;
+  constexpr int kRowFrags = kCols > 0 && sizeof(Stage) == 2 ? 2 : 1;  // resident_row_frags
+  constexpr int kTileRows = kRows * kRowFrags;
   const int cols = tile_cols<kCols>(a), ldw = cols + 8;
-  const int64_t map_rows = resident_map_rows(a.d), map_elems = map_rows * ldw, stage = int64_t{kRows} * kLd;
+  const int64_t map_rows = resident_map_rows(a.d), map_elems = map_rows * ldw, stage = int64_t{kTileRows} * kLd;
   Stage* map_hi = reinterpret_cast<Stage*>(smem);
   Stage* map_lo = map_hi + map_elems;
   Stage* stages = map_lo + map_elems;
   float* u = reinterpret_cast<float*>(stages + P * stage);
-  float* lse = u + kRows * ld_u(a);
-  const int64_t steps = map_rows / kStep, tiles = (a.n + kRows - 1) / kRows;
+  float* lse = u + kTileRows * ld_u(a);
+  const int64_t steps = map_rows / kStep, tiles = (a.n + kTileRows - 1) / kTileRows;
   const int64_t mine = block < tiles ? (tiles - block + n_blocks - 1) / n_blocks : 0;  // this block's tiles
   // The copies run P - 1 steps ahead of the products, across tiles: (tile, step) = (it, is), into
   // stage slot. Every step commits a group, empty past the block's last step, so that wait<P - 2>
@@ -358,27 +389,32 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
   int slot = 0;
   // With 16-byte rows, this thread's Q chunks of a step sit at the same (row, column) offsets in
   // every step: their sources are set once per tile and move kStep columns a step.
-  constexpr int V = Mma::kVec, Q = kRows * kStep / V / kThreads;
+  constexpr int V = Mma::kVec, Q = kTileRows * kStep / V / kThreads;
+  // this thread's rows in the tile being copied and their sources (read only below a.n), moved on to
+  // the block's next tile after each tile's last step
+  const int64_t rows_apart = int64_t{n_blocks} * kTileRows;
+  int64_t row[Q];
   const Stage* src[Q];
-  bool row_in[Q];
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    const int i = b.thread() + q * kThreads;
+    row[q] = block * kTileRows + i / (kStep / V);
+    src[q] = static_cast<const Stage*>(a.embeddings) + row[q] * a.emb_stride + i % (kStep / V) * V;
+  }
   auto issue = [&]() {
     if (it < mine && kVec) {
 #pragma unroll
       for (int q = 0; q < Q; ++q) {
         const int i = b.thread() + q * kThreads, r = i / (kStep / V), k = i % (kStep / V) * V;
-        if (is == 0) {
-          const int64_t row = (block + it * n_blocks) * kRows + r;
-          row_in[q] = row < a.n;
-          src[q] = static_cast<const Stage*>(a.embeddings) + (row_in[q] ? row : 0) * a.emb_stride + k;
-        }
         Stage* at = stages + slot * stage + r * kLd + k;
-        if (row_in[q] && is * kStep + k < a.d) b.copy16(at, src[q] + is * kStep);
+        if (row[q] < a.n && is * kStep + k < a.d) b.copy16(at, src[q] + is * kStep);
         else
           for (int e = 0; e < V; ++e) at[e] = Stage{0};
+        if (is == steps - 1) row[q] += rows_apart, src[q] += rows_apart * a.emb_stride;
       }
     } else if (it < mine) {
-      stage_embeddings<Block, Mma, kVec, kStep, kLd>(b, a, (block + it * n_blocks) * kRows, is * kStep,
-                                                     stages + slot * stage);
+      stage_embeddings<Block, Mma, kVec, kStep, kLd, kTileRows>(b, a, (block + it * n_blocks) * kTileRows,
+                                                                is * kStep, stages + slot * stage);
     }
     b.commit();
     slot = slot + 1 == P ? 0 : slot + 1;
@@ -395,21 +431,21 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
   const int warp = b.thread() / 32;
   int ready = 0;  // the stage slot of the step being multiplied
   for (int64_t t = 0; t < mine; ++t) {  // block-uniform
-    typename Mma::Acc acc[kFrags];
+    typename Mma::Acc acc[kRowFrags * kFrags];
 #pragma unroll
-    for (int i = 0; i < kFrags; ++i) Mma::fill(acc[i], 0.f);
+    for (int i = 0; i < kRowFrags * kFrags; ++i) Mma::fill(acc[i], 0.f);
     for (int64_t s = 0; s < steps; ++s) {
       b.template wait<P - 2>();
       b.sync();  // this step is visible, and every warp is done with the previous step's stage, which this overwrites:
       issue();
       const int64_t k0 = s * kStep * ldw;
-      step_products<Mma, kStep, kLd, kStep / Mma::kK, kCols>(a, warp, stages + ready * stage, map_hi + k0,
-                                                            map_lo + k0, acc);
+      step_products<Mma, kStep, kLd, kStep / Mma::kK, kCols, kRowFrags>(a, warp, stages + ready * stage,
+                                                                       map_hi + k0, map_lo + k0, acc);
       ready = ready + 1 == P ? 0 : ready + 1;
     }
-    store_projections<Block, Mma, kCols>(b, a, acc, u);
+    store_projections<Block, Mma, kCols, kRowFrags>(b, a, acc, u);
     b.sync();
-    tile_epilogue(b, a, (block + t * n_blocks) * kRows, u, lse);
+    tile_epilogue<Block, kTileRows>(b, a, (block + t * n_blocks) * kTileRows, u, lse);
     // the next tile's projections land in u after its steps' barriers: every warp is done reading u
   }
   b.template wait<0>();  // no copy outlives the block (the groups past the last step are empty)
