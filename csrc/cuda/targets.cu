@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "../cpu/targets.h"
 #include "lelp/block_targets.h"
@@ -42,10 +41,7 @@ struct HalfMma {
   using Stage = uint16_t;
   static constexpr int kK = 16, kVec = 8;
   static constexpr bool kSplitX = false;
-  // Blocks per SM the streaming tile declares: fp16 2 (128 registers a thread); bf16 1, since WMMA
-  // loads bf16 fragments through generic addresses (LD + MOVM, where fp16 takes LDSM), which needs
-  // more registers: at 128 the bf16 tile spilled 8-24 B.
-  static constexpr int kMinBlocks = std::is_same_v<T, __half> ? 2 : 1;
+  static constexpr int kMinBlocks = 2;  // per SM: 128 registers a thread
   using A = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
   using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
@@ -99,9 +95,9 @@ __global__ void __launch_bounds__(tile::kThreads, Mma::kMinBlocks) targets_tile_
   tile::targets_tiles<DeviceBlock, Mma, kVec>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x);
 }
 
-// One block per SM, so that the registers may take the whole file (199-255 a thread; at 2 blocks'
-// 128 the bf16 form spilled 40 B on sm_90): at the maps the form is for (d = 768, 32 columns) its
-// shared memory leaves no room for a second block anyway. Smaller maps run 8 warps an SM too.
+// One block per SM, so that the registers may take the whole file (up to 255 a thread at any map
+// width; at 2 blocks' 128 the bf16 form spilled 40 B on sm_90): at the maps the form is for
+// (d = 768, 16 or 32 columns) its shared memory leaves no room for a second block anyway.
 template <class Mma, bool kVec, int kCols>
 __global__ void __launch_bounds__(tile::kThreads, 1) targets_resident_kernel(TargetsArgs a) {
   extern __shared__ __align__(128) char smem[];

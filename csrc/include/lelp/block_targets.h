@@ -16,8 +16,9 @@
 // Resident form (when the split map and kResidentStages embedding stages fit a block's shared
 // memory, e.g. d = 768 with 32 padded columns in bf16/fp16 on sm_90): the map is copied into
 // shared memory once per block and only the embeddings stream, in steps of 64 columns through a
-// pipeline that runs across the block's tiles; the launcher starts as many blocks as the SMs hold,
-// so the map is read once per few thousand rows instead of once per 64.
+// pipeline that runs across the block's tiles (of 128 rows for 16-bit maps of 16 or 32 columns,
+// each warp taking two row fragments, else 64); the launcher starts as many blocks as the SMs
+// hold, so the map is read once per few thousand rows instead of once per 64.
 // Row kernel (wider maps): a warp per row, lanes over the map's columns.
 //
 // Written against Block and Mma types as lelp/warp_loss.h is against Warp: csrc/cuda/ supplies
@@ -363,7 +364,7 @@ LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, in
 // across the block's tiles (the next tile's first steps are in flight during this tile's
 // epilogue). A block should be persistent (a grid of the SMs' resident blocks): 4 M rows read a
 // d = 768 map of 32 columns once per 30,000 rows instead of once per 64. Steps of kResidentStepK
-// columns. smem: resident_smem_bytes(a, sizeof(Stage)), 128-byte aligned; needs a.d > 0; kVec:
+// columns, tiles of 64 kRowFrags rows. smem: resident_smem_bytes(a, sizeof(Stage)), 128-byte aligned; needs a.d > 0; kVec:
 // tile_vector_loads(a); kCols: resident_cols(a) (a small map's kernel has constant fragment
 // addresses and none of a wide map's fragments, not even as skipped branches).
 template <class Block, class Mma, bool kVec, int kCols>
