@@ -5,7 +5,6 @@
 #pragma once
 
 #include <array>
-#include <cmath>
 #include <cstring>
 #include <deque>
 #include <stdexcept>

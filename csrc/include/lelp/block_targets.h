@@ -389,10 +389,9 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
   int64_t it = 0, is = 0;
   int slot = 0;
   // With 16-byte rows, this thread's Q chunks of a step sit at the same (row, column) offsets in
-  // every step: their sources are set once per tile and move kStep columns a step.
+  // every step: their rows and sources (read only below a.n) move kStep columns a step, and on to
+  // the block's next tile after each tile's last step.
   constexpr int V = Mma::kVec, Q = kTileRows * kStep / V / kThreads;
-  // this thread's rows in the tile being copied and their sources (read only below a.n), moved on to
-  // the block's next tile after each tile's last step
   const int64_t rows_apart = int64_t{n_blocks} * kTileRows;
   int64_t row[Q];
   const Stage* src[Q];
