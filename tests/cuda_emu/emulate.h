@@ -5,8 +5,11 @@
 #pragma once
 
 #include <array>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <stdexcept>
 #include <thread>
 #include <type_traits>
@@ -66,6 +69,16 @@ inline bool copies_land_at_issue = false;
 // The form the last emulated targets call took: "resident", "streaming" or "rows".
 inline const char* last_targets_form = "";
 
+// Pointers a GPU would fault on or misread: a WMMA fragment's (32-byte aligned, as load_matrix_sync
+// and store_matrix_sync require) and a cp.async copy's two ends (16 bytes). Counted by the emulated
+// operations, reported after the block's threads end (emulated shared memory is 128-byte aligned, as
+// the kernels' extern __shared__ is).
+inline std::atomic<int> misaligned{0};
+
+inline void check_aligned(const void* p, uintptr_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) misaligned.fetch_add(1);
+}
+
 struct HostBlock {
   using Warp = HostWarp<32>;
   BlockState* state;
@@ -75,6 +88,8 @@ struct HostBlock {
   void sync() const { state->bar.arrive_and_wait(); }
   Warp warp() const { return Warp{&state->warps[t / 32], t % 32}; }
   void copy16(void* shared, const void* global) const {
+    check_aligned(shared, 16);
+    check_aligned(global, 16);
     if (copies_land_at_issue) std::memcpy(shared, global, 16);
     else copies->open.push_back({shared, global});
   }
@@ -98,10 +113,12 @@ struct HostTiles {
   using Acc = std::array<float, 256>;
   static void fill(Acc& c, float v) { c.fill(v); }
   static void load_a(A& f, const Stage* p, int ld) {
+    check_aligned(p, 32);
     for (int i = 0; i < 16; ++i)
       for (int k = 0; k < kKDim; ++k) f[i * kKDim + k] = Derived::value(p[i * ld + k]);
   }
   static void load_b(B& f, const Stage* p, int ld) {
+    check_aligned(p, 32);
     for (int k = 0; k < kKDim; ++k)
       for (int j = 0; j < 16; ++j) f[k * 16 + j] = Derived::value(p[k * ld + j]);
   }
@@ -114,6 +131,7 @@ struct HostTiles {
       }
   }
   static void store(const HostWarp<32>& w, float* p, const Acc& c, int ld) {
+    check_aligned(p, 32);
     if (w.lane() != 0) return;
     for (int i = 0; i < 16; ++i)
       for (int j = 0; j < 16; ++j) p[i * ld + j] = c[i * 16 + j];
@@ -166,14 +184,15 @@ void targets_tile_emulated(const TargetsArgs& a) {
   const int64_t bytes = resident ? tile::resident_smem_bytes(a, stage_bytes) : tile::smem_bytes(a, stage_bytes);
   for (int blk = 0; blk < kEmulatedBlocks; ++blk) {
     BlockState state;
-    std::vector<float> smem((bytes + 3) / 4);
-    std::memset(smem.data(), 0xff, smem.size() * 4);  // NaN as fp32, bf16 and fp16: a slot read unwritten shows
+    std::unique_ptr<float[], void (*)(void*)> smem(
+        static_cast<float*>(std::aligned_alloc(128, (bytes + 127) / 128 * 128)), std::free);
+    std::memset(smem.get(), 0xff, bytes);  // NaN as fp32, bf16 and fp16: a slot read unwritten shows
     std::vector<PendingCopies> copies(tile::kThreads);
     std::vector<std::thread> threads;
     for (int t = 0; t < tile::kThreads; ++t)
       threads.emplace_back([&, t] {
         const HostBlock b{&state, t, &copies[t]};
-        char* s = reinterpret_cast<char*>(smem.data());
+        char* s = reinterpret_cast<char*>(smem.get());
         if (resident)
           tile::with_resident_cols(a, [&](auto cols) {
             tile::targets_tiles_resident<HostBlock, Mma, kVec, decltype(cols)::value>(b, a, s, blk, kEmulatedBlocks);
@@ -183,6 +202,8 @@ void targets_tile_emulated(const TargetsArgs& a) {
       });
     for (auto& th : threads) th.join();
   }
+  if (misaligned.exchange(0) != 0)
+    throw std::runtime_error("emulated targets tile: a misaligned WMMA or cp.async pointer");
 }
 
 template <class Mma>
