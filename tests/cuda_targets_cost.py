@@ -11,13 +11,14 @@ on H100 and H200 (the constants of lelp_fast/kernels/triton/cost.py):
   once per block over the rows a block takes (resident: a persistent grid of the blocks the SMs hold);
 * instructions: the SASS of the row-tile loop (the largest natural loop), each instruction times the
   trips of the loops nested in the tile loop that hold it, issued by the block's 256 threads for
-  its 64 rows (128 in the resident form at 16 or 32 columns in 16 bits); the code outside the tile loop over the tiles a block takes. A nested loop's trips
-  come from its source line (the line of its back edge, matched in ``trips_of``) at the path's
-  shape; a loop whose line is not there fails the model. A loop the compiler unrolled in part would
-  be counted several times over, so the kernel's lane- and thread-strided loops are ``#pragma
-  unroll 1``. Every branch inside is counted on both sides (the shape, the warp's fragments, the
-  dtypes and the edge rows are run-time values here, as in production): an upper bound of what a
-  warp issues; code that only a ``CALL`` or ``BRA.DIV`` reaches is not counted;
+  its 64 rows (128 in the resident form at 16 or 32 columns in 16 bits); the code outside the tile
+  loop over the tiles a block takes. A nested loop's trips come from its source line (the line of
+  its back edge, matched in ``trips_of``) at the path's shape; a loop whose line is not there
+  fails the model. A loop the compiler unrolled in part would be counted several times over, so the
+  kernel's lane- and thread-strided loops are ``#pragma unroll 1``. Every branch inside is counted
+  on both sides (the shape, the warp's fragments, the dtypes and the edge rows are run-time values
+  here, as in production): an upper bound of what a warp issues; code that only a ``CALL`` or
+  ``BRA.DIV`` reaches is not counted;
 * tensor-core time: ``2 split_rows(d) pad16(J)`` FLOP per row per product (bf16/fp16 hi and lo: 2
   at 4,096 FLOP per SM and clock; fp32 as TF32 hi*hi + hi*lo + lo*hi: 3 at 2,048).
 
@@ -43,8 +44,18 @@ ROWS = 4 * 2**20  # the issue's rows
 THREADS, ROWS_PER_TILE, STEP_K, RESIDENT_STEP_K = 256, 64, 32, 64  # tile::kThreads, kRows, kStepK, kResidentStepK
 SMEM_OPT_IN_SM90 = 232_448
 SMEM_PER_SM = 233_472  # Hopper: 228 KB of shared memory per SM, 1 KB of it reserved per block
-TYPES = {"bf16": ("HalfMma<__nv_bfloat16>", 2, 2, "bf16", 4096, 2), "fp32": ("Tf32Mma", 4, 4, "tf32", 2048, 3)}
-#         dtype: (Mma, h bytes, stage bytes, MMA kind, FLOP per SM and clock, products)
+
+
+class InputType(NamedTuple):
+    """What a dtype of the embeddings takes in the tile (csrc/cuda/targets.cu)."""
+    mma: str  # the Mma type's part of the kernels' mangled names
+    h_bytes: int
+    stage_bytes: int  # of a staged element (Mma::Stage)
+    flop_per_sm_clock: int  # of its tensor-core products
+    products: int  # per map entry: bf16 hi, lo; TF32 hi*hi, hi*lo, lo*hi
+
+
+TYPES = {"bf16": InputType("HalfMmaI13__nv_bfloat16EE", 2, 2, 4096, 2), "fp32": InputType("Tf32MmaE", 4, 4, 2048, 3)}
 
 
 class TargetsPath(NamedTuple):
@@ -62,14 +73,13 @@ class TargetsPath(NamedTuple):
         return self.k + (self.num_classes if self.head else 0)
 
 
-
 COST_PATHS = [TargetsPath(dt, c, s, head) for (c, s) in ((4, 4), (16, 8)) for dt in ("bf16", "fp32")
               for head in (True, False)]
 
 
 def kernel_name_parts(p: TargetsPath, form: dict) -> List[str]:
     """Parts of the mangled name of the kernel the launcher takes for p (16-byte rows)."""
-    mma = "Tf32MmaE" if p.dtype == "fp32" else "HalfMmaI13__nv_bfloat16EE"
+    mma = TYPES[p.dtype].mma
     if form["resident"]:
         return ["targets_resident_kernel", mma + f"Lb1ELi{form['cols']}E"]
     return ["targets_tile_kernel", mma + "Lb1E"]
@@ -81,7 +91,7 @@ def layouts(paths: List[TargetsPath]) -> Dict[TargetsPath, dict]:
     resident form is instantiated for (resident_cols)."""
     statements = []
     for p in paths:
-        stage = TYPES[p.dtype][2]
+        stage = TYPES[p.dtype].stage_bytes
         statements.append(
             f"{{ lelp::TargetsArgs a{{}}; a.d = {D}; a.C = {p.num_classes}; a.S = {p.n_subclasses}; a.J = {p.j}; "
             f"using namespace lelp::tile; const bool r = resident_takes(a, {stage}, {SMEM_OPT_IN_SM90}); "
@@ -124,7 +134,7 @@ def trips_of(statement: str, p: TargetsPath, resident: bool, tile_rows: int = RO
     the first column set), in the form and tile rows the launcher takes."""
     step = RESIDENT_STEP_K if resident else STEP_K
     C, S, K, J = p.num_classes, p.n_subclasses, p.k, p.j
-    vec = 8 if TYPES[p.dtype][2] == 2 else 4  # Mma::kVec
+    vec = 16 // TYPES[p.dtype].stage_bytes  # Mma::kVec
     kk = 16 if p.dtype == "bf16" else 8  # Mma::kK
     R = tile_rows // (THREADS // 32)
     table = {
@@ -202,7 +212,7 @@ def model(paths: List[TargetsPath] = COST_PATHS, arch: int = 90) -> Dict[Targets
     out = {}
     for p in paths:
         form = forms[p]
-        mma, h_item, stage, kind, flop_rate, products = TYPES[p.dtype]
+        h_item, stage = TYPES[p.dtype].h_bytes, TYPES[p.dtype].stage_bytes
         (name,) = [n for n in sass if all(part in n for part in kernel_name_parts(p, form))]
         facts = tile_facts(sass[name], lines[name], p, bool(form["resident"]), form["tile_rows"])
         rows = form["tile_rows"]
@@ -218,7 +228,7 @@ def model(paths: List[TargetsPath] = COST_PATHS, arch: int = 90) -> Dict[Targets
         per_tile = facts["tile"] + facts["outside"] * blocks / tiles
         instructions = per_tile * THREADS / rows
         mufu = facts["tile_mufu"] * THREADS / rows
-        flops = 2.0 * form["map_rows"] * form["map_cols"] * products
+        flops = 2.0 * form["map_rows"] * form["map_cols"] * TYPES[p.dtype].products
         e = {"form": "resident" if form["resident"] else "streaming", **moved, "floor": floor,
              "instructions": instructions, "mufu": mufu, "flops": flops, "smem": form["smem"],
              "inner_loops": facts["inner_loops"], "outer_loops": facts["outer_loops"],
@@ -227,7 +237,7 @@ def model(paths: List[TargetsPath] = COST_PATHS, arch: int = 90) -> Dict[Targets
             times = {"memory": sum(moved.values()) / bandwidth,
                      "issue": instructions / cost.THREAD_INSTRUCTIONS_PER_S,
                      "mufu": mufu / cost.MUFU_PER_S,
-                     "mma": flops / (cost.SMS * flop_rate * cost.CLOCK_HZ)}
+                     "mma": flops / (cost.SMS * TYPES[p.dtype].flop_per_sm_clock * cost.CLOCK_HZ)}
             e[device] = {k: v / (floor / bandwidth) for k, v in times.items()}
             e[device]["over_floor"] = max(e[device].values())
         out[p] = e

@@ -364,9 +364,9 @@ LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, in
 // across the block's tiles (the next tile's first steps are in flight during this tile's
 // epilogue). A block should be persistent (a grid of the SMs' resident blocks): 4 M rows read a
 // d = 768 map of 32 columns once per 30,000 rows instead of once per 64. Steps of kResidentStepK
-// columns, tiles of 64 kRowFrags rows. smem: resident_smem_bytes(a, sizeof(Stage)), 128-byte aligned; needs a.d > 0; kVec:
-// tile_vector_loads(a); kCols: resident_cols(a) (a small map's kernel has constant fragment
-// addresses and none of a wide map's fragments, not even as skipped branches).
+// columns, tiles of 64 kRowFrags rows. smem: resident_smem_bytes(a, sizeof(Stage)), 128-byte
+// aligned; needs a.d > 0; kVec: tile_vector_loads(a); kCols: resident_cols(a) (a small map's kernel
+// has constant fragment addresses and none of a wide map's fragments, not even as skipped branches).
 template <class Block, class Mma, bool kVec, int kCols>
 LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char* smem, int64_t block,
                                      int64_t n_blocks) {
@@ -402,19 +402,21 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
     src[q] = static_cast<const Stage*>(a.embeddings) + row[q] * a.emb_stride + i % (kStep / V) * V;
   }
   auto issue = [&]() {
-    if (it < mine && kVec) {
+    if (it < mine) {
+      if constexpr (kVec) {
 #pragma unroll
-      for (int q = 0; q < Q; ++q) {
-        const int i = b.thread() + q * kThreads, r = i / (kStep / V), k = i % (kStep / V) * V;
-        Stage* at = stages + slot * stage + r * kLd + k;
-        if (row[q] < a.n && is * kStep + k < a.d) b.copy16(at, src[q] + is * kStep);
-        else
-          for (int e = 0; e < V; ++e) at[e] = Stage{0};
-        if (is == steps - 1) row[q] += rows_apart, src[q] += rows_apart * a.emb_stride;
+        for (int q = 0; q < Q; ++q) {
+          const int i = b.thread() + q * kThreads, r = i / (kStep / V), k = i % (kStep / V) * V;
+          Stage* at = stages + slot * stage + r * kLd + k;
+          if (row[q] < a.n && is * kStep + k < a.d) b.copy16(at, src[q] + is * kStep);
+          else
+            for (int e = 0; e < V; ++e) at[e] = Stage{0};
+          if (is == steps - 1) row[q] += rows_apart, src[q] += rows_apart * a.emb_stride;
+        }
+      } else {
+        stage_embeddings<Block, Mma, kVec, kStep, kLd, kTileRows>(b, a, (block + it * n_blocks) * kTileRows,
+                                                                  is * kStep, stages + slot * stage);
       }
-    } else if (it < mine) {
-      stage_embeddings<Block, Mma, kVec, kStep, kLd, kTileRows>(b, a, (block + it * n_blocks) * kTileRows,
-                                                                is * kStep, stages + slot * stage);
     }
     b.commit();
     slot = slot + 1 == P ? 0 : slot + 1;
