@@ -7,7 +7,7 @@ its fragment addresses are constants), else the streaming tile; both for 16-byte
 on H100 and H200 (the constants of lelp_fast/kernels/triton/cost.py):
 
 * bytes: h read once, the given logits, the output written once (fp32), and the split map's bytes
-  (hi + lo, ``split_rows(d)`` x ``pad16(J)`` of the stage type) once per row tile (streaming), or
+  (hi + lo, ``split_rows(d)`` x ``pad16(J)`` of 16 bits) once per row tile (streaming), or
   once per block over the rows a block takes (resident: a persistent grid of the blocks the SMs hold);
 * instructions: the SASS of the row-tile loop (the largest natural loop), each instruction times the
   trips of the loops nested in the tile loop that hold it, issued by the block's 256 threads for
@@ -19,8 +19,9 @@ on H100 and H200 (the constants of lelp_fast/kernels/triton/cost.py):
   on both sides (the shape, the warp's fragments, the dtypes and the edge rows are run-time values
   here, as in production): an upper bound of what a warp issues; code that only a ``CALL`` or
   ``BRA.DIV`` reaches is not counted;
-* tensor-core time: ``2 split_rows(d) pad16(J)`` FLOP per row per product (bf16/fp16 hi and lo: 2
-  at 4,096 FLOP per SM and clock; fp32 as TF32 hi*hi + hi*lo + lo*hi: 3 at 2,048).
+* tensor-core time: ``2 split_rows(d) pad16(J)`` FLOP per row per product at bf16's 4,096 FLOP per
+  SM and clock (bf16/fp16: h times the map's hi and lo, 2; fp32, h split into bf16 hi + lo too:
+  hi*hi + hi*lo + lo*hi, 3).
 
 Modelled time = the slowest of memory, issue, MUFU and tensor cores; the budget is 1.25x the floor
 (h, the logits and the output moved once). ``python tests/cuda_targets_cost.py`` prints the table
@@ -49,13 +50,14 @@ SMEM_PER_SM = 233_472  # Hopper: 228 KB of shared memory per SM, 1 KB of it rese
 class InputType(NamedTuple):
     """What a dtype of the embeddings takes in the tile (csrc/cuda/targets.cu)."""
     mma: str  # the Mma type's part of the kernels' mangled names
-    h_bytes: int
-    stage_bytes: int  # of a staged element (Mma::Stage)
-    flop_per_sm_clock: int  # of its tensor-core products
-    products: int  # per map entry: bf16 hi, lo; TF32 hi*hi, hi*lo, lo*hi
+    h_bytes: int  # an embedding (Mma::Raw), as read and staged
+    products: int  # per map entry: bf16 h * hi, h * lo; fp32 h_hi * hi, h_hi * lo, h_lo * hi
 
 
-TYPES = {"bf16": InputType("HalfMmaI13__nv_bfloat16EE", 2, 2, 4096, 2), "fp32": InputType("Tf32MmaE", 4, 4, 2048, 3)}
+TYPES = {"bf16": InputType("HalfMmaI13__nv_bfloat16EE", 2, 2), "fp32": InputType("SplitFloatMmaE", 4, 3)}
+MAP_BYTES = 2  # a map part's entry (Mma::Stage, tile::kMapBytes)
+MMA_FLOP_PER_SM_CLOCK = 4096  # bf16/fp16 dense tensor-core rate on sm_90
+MMA_K = 16  # Mma::kK
 
 
 class TargetsPath(NamedTuple):
@@ -91,18 +93,18 @@ def layouts(paths: List[TargetsPath]) -> Dict[TargetsPath, dict]:
     resident form is instantiated for (resident_cols)."""
     statements = []
     for p in paths:
-        stage = TYPES[p.dtype].stage_bytes
+        stage = TYPES[p.dtype].h_bytes
         statements.append(
             f"{{ lelp::TargetsArgs a{{}}; a.d = {D}; a.C = {p.num_classes}; a.S = {p.n_subclasses}; a.J = {p.j}; "
             f"using namespace lelp::tile; const bool r = resident_takes(a, {stage}, {SMEM_OPT_IN_SM90}); "
             f'std::printf("%d %lld %lld %d %d %d\\n", r, (long long)(r ? resident_smem_bytes(a, {stage}) '
             f': smem_bytes(a, {stage})), (long long)split_rows(a.d), split_cols(a.J), resident_cols(a), '
             f'r ? kRows * resident_row_frags(a, {stage}) : kRows); }}')
-    statements.append('std::printf("%d %d %d %d\\n", lelp::tile::kThreads, lelp::tile::kRows, lelp::tile::kStepK, '
-                      "lelp::tile::kResidentStepK);")
+    statements.append('std::printf("%d %d %d %d %d\\n", lelp::tile::kThreads, lelp::tile::kRows, lelp::tile::kStepK, '
+                      "lelp::tile::kResidentStepK, lelp::tile::kMapBytes);")
     out = cuda_cost.host_program_output("lelp/block_targets.h", statements)
     constants = tuple(map(int, out.pop().split()))  # the trip table's constants are the header's
-    assert constants == (THREADS, ROWS_PER_TILE, STEP_K, RESIDENT_STEP_K), constants
+    assert constants == (THREADS, ROWS_PER_TILE, STEP_K, RESIDENT_STEP_K, MAP_BYTES), constants
     return {p: dict(zip(("resident", "smem", "map_rows", "map_cols", "cols", "tile_rows"), map(int, line.split())))
             for p, line in zip(paths, out)}
 
@@ -134,16 +136,16 @@ def trips_of(statement: str, p: TargetsPath, resident: bool, tile_rows: int = RO
     the first column set), in the form and tile rows the launcher takes."""
     step = RESIDENT_STEP_K if resident else STEP_K
     C, S, K, J = p.num_classes, p.n_subclasses, p.k, p.j
-    vec = 16 // TYPES[p.dtype].stage_bytes  # Mma::kVec
-    kk = 16 if p.dtype == "bf16" else 8  # Mma::kK
+    vec = 16 // TYPES[p.dtype].h_bytes  # Mma::kVec (embeddings a 16-byte copy)
+    map_vec = 16 // MAP_BYTES
     R = tile_rows // (THREADS // 32)
     table = {
         "for (int64_t s = 0; s < steps; ++s)": -(-D // step),
-        "for (int kk = 0; kk < kStep; kk += Mma::kK)": step // kk,
+        "for (int kk = 0; kk < kStep; kk += Mma::kK)": step // MMA_K,
         "for (int i = b.thread(); i < kTileRows * kStep / V; i += kThreads)": -(-tile_rows * step // vec // THREADS),
         "for (int e = 0; e < V; ++e)": vec,
         "for (int64_t i = b.thread(); i < rows * chunks; i += kThreads)":
-            -(-STEP_K * (-(-J // 16) * 16 // vec) // THREADS),  # the streaming form's step of the map
+            -(-STEP_K * (-(-J // 16) * 16 // map_vec) // THREADS),  # the streaming form's step of the map
         "for (int r = r0; r < r0 + R; ++r)": R,
         "for (int j = lane; j < J; j += 32)": -(-J // 32),
         "for (int c = lane; c < C; c += 32)": -(-C // 32),
@@ -212,7 +214,7 @@ def model(paths: List[TargetsPath] = COST_PATHS, arch: int = 90) -> Dict[Targets
     out = {}
     for p in paths:
         form = forms[p]
-        h_item, stage = TYPES[p.dtype].h_bytes, TYPES[p.dtype].stage_bytes
+        h_item = TYPES[p.dtype].h_bytes
         (name,) = [n for n in sass if all(part in n for part in kernel_name_parts(p, form))]
         facts = tile_facts(sass[name], lines[name], p, bool(form["resident"]), form["tile_rows"])
         rows = form["tile_rows"]
@@ -221,7 +223,7 @@ def model(paths: List[TargetsPath] = COST_PATHS, arch: int = 90) -> Dict[Targets
             blocks = min(tiles, max(1, min(SMEM_PER_SM // (form["smem"] + 1024), 8)) * cost.SMS)
         else:
             blocks = tiles  # a block per tile (up to 2^20 blocks)
-        map_bytes = 2 * form["map_rows"] * form["map_cols"] * stage
+        map_bytes = 2 * form["map_rows"] * form["map_cols"] * MAP_BYTES
         moved = {"h": D * h_item, "logits": 0 if p.head else p.num_classes * h_item, "out": 4 * p.k,
                  "map": map_bytes / (ROWS / blocks if form["resident"] else rows)}
         floor = moved["h"] + moved["logits"] + moved["out"]
@@ -237,7 +239,7 @@ def model(paths: List[TargetsPath] = COST_PATHS, arch: int = 90) -> Dict[Targets
             times = {"memory": sum(moved.values()) / bandwidth,
                      "issue": instructions / cost.THREAD_INSTRUCTIONS_PER_S,
                      "mufu": mufu / cost.MUFU_PER_S,
-                     "mma": flops / (cost.SMS * TYPES[p.dtype].flop_per_sm_clock * cost.CLOCK_HZ)}
+                     "mma": flops / (cost.SMS * MMA_FLOP_PER_SM_CLOCK * cost.CLOCK_HZ)}
             e[device] = {k: v / (floor / bandwidth) for k, v in times.items()}
             e[device]["over_floor"] = max(e[device].values())
         out[p] = e

@@ -124,12 +124,13 @@ def kernels_named(listing: dict, part: str) -> dict:
 @pytest.mark.parametrize("form", ["targets_tile_kernel", "targets_resident_kernel"])
 def test_targets_tile_runs_on_tensor_cores(sass, arch, form):
     """The tile kernels (streaming and resident) multiply with HMMA (WMMA lowers to mma.sync on sm_80
-    and sm_90): bf16 and fp16 16x8x16, fp32 as TF32 16x8x4; each stages its embeddings and the split
-    map with asynchronous 16-byte copies (cp.async.cg: LDGSTS.E.BYPASS.128; issue 21 item 10: the
-    loads were synchronous)."""
+    and sm_90): bf16 and fp16 16x8x16, fp32 as bf16 16x8x16 too (its embeddings split into bf16 hi +
+    lo in shared memory; TF32 16x8x4 before); each stages its embeddings and the split map with
+    asynchronous 16-byte copies (cp.async.cg: LDGSTS.E.BYPASS.128; issue 21 item 10: the loads were
+    synchronous)."""
     tiles = kernels_named(sass[("csrc/cuda/targets.cu", arch)], form)
     want = {"HalfMmaI13__nv_bfloat16": r"HMMA\.16816\.F32\.BF16", "HalfMmaI6__half": r"HMMA\.16816\.F32\b",
-            "Tf32Mma": r"HMMA\.1684\.F32\.TF32"}
+            "SplitFloatMma": r"HMMA\.16816\.F32\.BF16"}
     # with 16-byte rows (kVec) and without; the resident form also at 16, 32 and any padded columns
     per_dtype = 2 if form == "targets_tile_kernel" else 6
     assert len(tiles) == per_dtype * len(want)

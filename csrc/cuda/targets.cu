@@ -1,4 +1,4 @@
-// CUDA fused targets: a tensor-core tile (bf16/fp16 with a split map, fp32 as split TF32; resident
+// CUDA fused targets: a tensor-core tile (bf16/fp16 with a split map, fp32 split into bf16 too; resident
 // in shared memory and persistent when the map fits), a warp per row for wider maps
 // (lelp/block_targets.h; the epilogue's math is lelp/row_math.h's).
 #include <cuda_runtime.h>
@@ -39,6 +39,7 @@ struct DeviceBlock {
 template <class T>
 struct HalfMma {
   using Stage = uint16_t;
+  using Raw = Stage;
   static constexpr int kK = 16, kVec = 8;
   static constexpr bool kSplitX = false;
   static constexpr int kMinBlocks = 2;  // per SM: 128 registers a thread
@@ -58,34 +59,27 @@ struct HalfMma {
   }
 };
 
-// fp32 embeddings: WMMA 16 x 16 x 8 on TF32, both sides split into TF32 hi + lo (3 products); the
-// map comes split, the embeddings are split in registers after each fragment load.
-struct Tf32Mma {
-  using Stage = float;
-  static constexpr int kK = 8, kVec = 4;
+// fp32 embeddings: staged as fp32, each landed step split in shared memory into bf16 hi + lo
+// (split8), three bf16 products against the map's bf16 hi + lo parts (block_targets.h).
+struct SplitFloatMma : HalfMma<__nv_bfloat16> {
+  using Raw = float;
+  static constexpr int kVec = 4;
   static constexpr bool kSplitX = true;
-  // One block per SM: the split fragments need more than 128 registers a thread (it spilled at 2),
-  // and the widest map's two stages take 152 KB of shared memory anyway.
-  static constexpr int kMinBlocks = 1;
-  using A = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using B = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
-  static __device__ __forceinline__ void fill(Acc& c, float v) { wmma::fill_fragment(c, v); }
-  static __device__ __forceinline__ void load_a(A& f, const Stage* p, int ld) { wmma::load_matrix_sync(f, p, ld); }
-  // The map's parts are TF32 values already (the caller rounded them), so B needs no conversion.
-  static __device__ __forceinline__ void load_b(B& f, const Stage* p, int ld) { wmma::load_matrix_sync(f, p, ld); }
-  // hi = tf32(x), lo = tf32(x - hi): every lane splits the fragment elements it holds.
-  static __device__ __forceinline__ void split_a(A& hi, A& lo) {
+  static constexpr int kMinBlocks = 2;  // per SM: 128 registers a thread
+  // hi = bf16(x), lo = bf16(x - hi) (x - hi is exact in fp32), for 8 values: two 16-byte loads,
+  // one 16-byte store a part.
+  static __device__ __forceinline__ void split8(const float* x, Stage* hi, Stage* lo) {
+    const float4 v[2] = {reinterpret_cast<const float4*>(x)[0], reinterpret_cast<const float4*>(x)[1]};
+    const float* f = reinterpret_cast<const float*>(v);
+    __nv_bfloat162 h[4], l[4];
 #pragma unroll
-    for (int i = 0; i < hi.num_elements; ++i) {
-      const float x = hi.x[i];
-      hi.x[i] = wmma::__float_to_tf32(x);
-      lo.x[i] = wmma::__float_to_tf32(x - hi.x[i]);
+    for (int i = 0; i < 4; ++i) {
+      h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+      const float2 back = __bfloat1622float2(h[i]);
+      l[i] = __floats2bfloat162_rn(f[2 * i] - back.x, f[2 * i + 1] - back.y);
     }
-  }
-  static __device__ __forceinline__ void mma(Acc& c, const A& a, const B& b) { wmma::mma_sync(c, a, b, c); }
-  static __device__ __forceinline__ void store(const cuda::DeviceWarp<32>&, float* p, const Acc& c, int ld) {
-    wmma::store_matrix_sync(p, c, ld, wmma::mem_row_major);
+    *reinterpret_cast<uint4*>(hi) = *reinterpret_cast<const uint4*>(h);
+    *reinterpret_cast<uint4*>(lo) = *reinterpret_cast<const uint4*>(l);
   }
 };
 
@@ -137,7 +131,7 @@ DeviceFacts device_facts(int device) {
   return f;
 }
 
-// More than 48 KB of shared memory needs an opt-in (the widest fp32 map takes 152 KB). It is set
+// More than 48 KB of shared memory needs an opt-in (the resident form takes up to the device's limit). It is set
 // once per kernel and device for the largest size needed, so that a CUDA-graph capture after a
 // warm-up run makes no such call. opted_in: the kernel's sizes so far, per device.
 template <class Kernel>
@@ -152,12 +146,12 @@ void opt_in(Kernel kernel, int device, int64_t smem, int* opted_in) {
 // per device and size), each looping over its tiles.
 template <class Mma, bool kVec, int kCols>
 void launch_resident(const TargetsArgs& a, int device, cudaStream_t stream) {
-  const int64_t rows = int64_t{tile::kRows} * tile::resident_row_frags(a, sizeof(typename Mma::Stage));
+  const int64_t rows = int64_t{tile::kRows} * tile::resident_row_frags(a, sizeof(typename Mma::Raw));
   const int64_t tiles = (a.n + rows - 1) / rows;
   static int opted_in[64] = {};
   static int64_t sized[64] = {};  // the shared memory per_sm was read for
   static int per_sm[64] = {};
-  const int64_t smem = tile::resident_smem_bytes(a, sizeof(typename Mma::Stage));
+  const int64_t smem = tile::resident_smem_bytes(a, sizeof(typename Mma::Raw));
   auto kernel = targets_resident_kernel<Mma, kVec, kCols>;
   opt_in(kernel, device, smem, opted_in);
   int blocks_per_sm = device < 64 && sized[device] == smem ? per_sm[device] : 0;
@@ -175,16 +169,16 @@ void launch_resident(const TargetsArgs& a, int device, cudaStream_t stream) {
 // block per tile). kVec: tile_vector_loads.
 template <class Mma, bool kVec>
 void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
-  constexpr int stage_bytes = sizeof(typename Mma::Stage);
+  constexpr int emb_bytes = sizeof(typename Mma::Raw);
   const int device = current_device();
-  if (tile::resident_takes(a, stage_bytes, device_facts(device).smem_optin)) {
+  if (tile::resident_takes(a, emb_bytes, device_facts(device).smem_optin)) {
     tile::with_resident_cols(a, [&](auto cols) {
       launch_resident<Mma, kVec, decltype(cols)::value>(a, device, stream);
     });
     return;
   }
   static int opted_in[64] = {};
-  const int64_t smem = tile::smem_bytes(a, stage_bytes);
+  const int64_t smem = tile::smem_bytes(a, emb_bytes);
   auto kernel = targets_tile_kernel<Mma, kVec>;
   opt_in(kernel, device, smem, opted_in);
   const int64_t blocks = std::min<int64_t>((a.n + tile::kRows - 1) / tile::kRows, int64_t{1} << 20);
@@ -207,7 +201,7 @@ void targets_cuda(const TargetsArgs& a, void* stream_handle) {
     if (a.w_hi == nullptr || a.w_lo == nullptr) throw std::invalid_argument("cuda targets: the tile needs the split map");
     if (a.emb_dtype == kBFloat16) launch_tile<HalfMma<__nv_bfloat16>>(a, stream);
     else if (a.emb_dtype == kFloat16) launch_tile<HalfMma<__half>>(a, stream);
-    else launch_tile<Tf32Mma>(a, stream);
+    else launch_tile<SplitFloatMma>(a, stream);
   } else {
     const int64_t blocks = std::min<int64_t>((a.n + 3) / 4, int64_t{1} << 20);
     const size_t smem = sizeof(float) * 4 * warp::online_row_floats(a.C, a.S);

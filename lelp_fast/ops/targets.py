@@ -41,23 +41,14 @@ def cuda_tile_takes(j: int, num_classes: int, n_subclasses: int) -> bool:
     return pad <= CUDA_TILE_MAX_COLS and num_classes * n_subclasses + num_classes <= CUDA_TILE_MAX_COLS
 
 
-def _tf32(x: torch.Tensor) -> torch.Tensor:
-    """fp32 rounded to TF32 as ``cvt.rna.tf32.f32`` rounds (10 mantissa bits, ties away from zero)."""
-    bits = x.contiguous().view(torch.int32)
-    finite = (bits & 0x7F800000) != 0x7F800000
-    return torch.where(finite, (bits + 0x1000) & -0x2000, bits).view(torch.float32)
-
-
 def cuda_tile_split(weight: torch.Tensor, dtype: torch.dtype, device: torch.device):
     """The fused map as the CUDA tile reads it: hi + lo parts (fp32 ≈ hi + lo) of the embeddings'
-    ``dtype`` (TF32-rounded fp32 for fp32 embeddings), zero-padded to whole steps and fragments."""
+    ``dtype`` (bf16 for fp32 embeddings, which the tile splits into bf16 parts too), zero-padded to
+    whole steps and fragments."""
     w = weight.detach().to(device=device, dtype=torch.float32)
-    if dtype == torch.float32:
-        hi = _tf32(w)
-        lo = _tf32(w - hi)
-    else:
-        hi = w.to(dtype)
-        lo = (w - hi.to(torch.float32)).to(dtype)
+    dtype = torch.bfloat16 if dtype == torch.float32 else dtype
+    hi = w.to(dtype)
+    lo = (w - hi.to(torch.float32)).to(dtype)
     d, j = w.shape
     rows, cols = -(-d // CUDA_SPLIT_ROWS) * CUDA_SPLIT_ROWS, -(-j // CUDA_SPLIT_COLS) * CUDA_SPLIT_COLS
     parts = torch.zeros(2, rows, cols, dtype=dtype, device=device)

@@ -52,20 +52,20 @@ PYBIND11_MODULE(lelp_cuda_emu, m) {
     a.S = S;
     return lelp::tile::tile_takes(a);
   });
-  m.def("tile_smem_bytes", [](int stage_bytes, int64_t J, int64_t C, int64_t S) {
+  m.def("tile_smem_bytes", [](int emb_bytes, int64_t J, int64_t C, int64_t S) {
     lelp::TargetsArgs a{};
     a.J = J;
     a.C = C;
     a.S = S;
-    return lelp::tile::smem_bytes(a, stage_bytes);
+    return lelp::tile::smem_bytes(a, emb_bytes);
   });
-  m.def("resident_smem_bytes", [](int stage_bytes, int64_t d, int64_t J, int64_t C, int64_t S) {
+  m.def("resident_smem_bytes", [](int emb_bytes, int64_t d, int64_t J, int64_t C, int64_t S) {
     lelp::TargetsArgs a{};
     a.d = d;
     a.J = J;
     a.C = C;
     a.S = S;
-    return lelp::tile::resident_smem_bytes(a, stage_bytes);
+    return lelp::tile::resident_smem_bytes(a, emb_bytes);
   });
   // The emulated device's opt-in shared-memory limit, which picks the tile's form (0: always streaming).
   m.def("set_smem_optin_bytes", [](int64_t bytes) { lelp::emu::smem_optin_bytes = bytes; });

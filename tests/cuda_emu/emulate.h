@@ -142,32 +142,26 @@ struct HostTiles {
 template <int kDtype>
 struct HostHalfMma : HostTiles<HostHalfMma<kDtype>, uint16_t, 16> {
   using Stage = uint16_t;
+  using Raw = Stage;
   static constexpr int kK = 16, kVec = 8;
   static constexpr bool kSplitX = false;
   static float value(uint16_t b) { return kDtype == kFloat16 ? cpu::half_bits_to_float(b) : bf16_bits_to_float(b); }
   static uint16_t bits(float v) { return kDtype == kFloat16 ? cpu::float_to_half_bits(v) : float_to_bf16_bits(v); }
 };
 
-// fp32: both sides split into TF32 hi + lo (the map by the caller, the embeddings' fragments here),
-// as csrc/cuda/targets.cu's Tf32Mma.
-struct HostTf32Mma : HostTiles<HostTf32Mma, float, 8> {
-  using Stage = float;
-  static constexpr int kK = 8, kVec = 4;
+// fp32: the map as bf16 hi + lo parts (by the caller), each landed step of the embeddings split
+// into bf16 hi + lo, as csrc/cuda/targets.cu's SplitFloatMma.
+struct HostSplitFloatMma : HostHalfMma<kBFloat16> {
+  using Raw = float;
+  static constexpr int kVec = 4;
   static constexpr bool kSplitX = true;
-  // cvt.rna.tf32.f32: 10 mantissa bits, round to nearest with ties away from zero.
-  static float tf32(float v) {
-    uint32_t b;
-    std::memcpy(&b, &v, 4);
-    if ((b & 0x7f800000u) != 0x7f800000u) b = (b + 0x1000u) & 0xffffe000u;
-    std::memcpy(&v, &b, 4);
-    return v;
-  }
-  static float value(float v) { return v; }
-  static void split_a(A& hi, A& lo) {
-    for (size_t i = 0; i < hi.size(); ++i) {
-      const float x = hi[i];
-      hi[i] = tf32(x);
-      lo[i] = tf32(x - hi[i]);
+  static void split8(const float* x, uint16_t* hi, uint16_t* lo) {
+    check_aligned(x, 16);
+    check_aligned(hi, 16);
+    check_aligned(lo, 16);
+    for (int e = 0; e < 8; ++e) {
+      hi[e] = float_to_bf16_bits(x[e]);
+      lo[e] = float_to_bf16_bits(x[e] - bf16_bits_to_float(hi[e]));
     }
   }
 };
@@ -178,10 +172,10 @@ inline int64_t smem_optin_bytes = 232448;
 
 template <class Mma, bool kVec>
 void targets_tile_emulated(const TargetsArgs& a) {
-  constexpr int stage_bytes = sizeof(typename Mma::Stage);
-  const bool resident = tile::resident_takes(a, stage_bytes, smem_optin_bytes);
+  constexpr int emb_bytes = sizeof(typename Mma::Raw);
+  const bool resident = tile::resident_takes(a, emb_bytes, smem_optin_bytes);
   last_targets_form = resident ? "resident" : "streaming";
-  const int64_t bytes = resident ? tile::resident_smem_bytes(a, stage_bytes) : tile::smem_bytes(a, stage_bytes);
+  const int64_t bytes = resident ? tile::resident_smem_bytes(a, emb_bytes) : tile::smem_bytes(a, emb_bytes);
   for (int blk = 0; blk < kEmulatedBlocks; ++blk) {
     BlockState state;
     std::unique_ptr<float[], void (*)(void*)> smem(
@@ -222,7 +216,7 @@ inline void targets_rows_emulated(const TargetsArgs& a) {
 }
 
 // The tile's split map for race_check.cpp (the Python module gets lelp_fast.ops.targets' split):
-// hi + lo parts of the stage type, tile::split_rows(d) x tile::split_cols(J), zero-padded.
+// hi + lo parts of the stage type (bf16 for fp32 embeddings), tile::split_rows(d) x tile::split_cols(J), zero-padded.
 template <class Mma>
 void split_map(const TargetsArgs& a, std::vector<typename Mma::Stage>* hi, std::vector<typename Mma::Stage>* lo) {
   const int64_t rows = tile::split_rows(a.d), cols = tile::split_cols(a.J);
@@ -231,13 +225,8 @@ void split_map(const TargetsArgs& a, std::vector<typename Mma::Stage>* hi, std::
   for (int64_t k = 0; k < a.d; ++k)
     for (int64_t j = 0; j < a.J; ++j) {
       const float w = a.weight[k * a.J + j];
-      if constexpr (std::is_same_v<typename Mma::Stage, float>) {
-        (*hi)[k * cols + j] = HostTf32Mma::tf32(w);
-        (*lo)[k * cols + j] = HostTf32Mma::tf32(w - (*hi)[k * cols + j]);
-      } else {
-        (*hi)[k * cols + j] = Mma::bits(w);
-        (*lo)[k * cols + j] = Mma::bits(w - Mma::value((*hi)[k * cols + j]));
-      }
+      (*hi)[k * cols + j] = Mma::bits(w);
+      (*lo)[k * cols + j] = Mma::bits(w - Mma::value((*hi)[k * cols + j]));
     }
 }
 
@@ -247,7 +236,7 @@ inline void targets(const TargetsArgs& a) {
     if (a.w_hi == nullptr || a.w_lo == nullptr) throw std::invalid_argument("cuda targets: the tile needs the split map");
     if (a.emb_dtype == kBFloat16) targets_tile_emulated<HostHalfMma<kBFloat16>>(a);
     else if (a.emb_dtype == kFloat16) targets_tile_emulated<HostHalfMma<kFloat16>>(a);
-    else targets_tile_emulated<HostTf32Mma>(a);
+    else targets_tile_emulated<HostSplitFloatMma>(a);
   } else {
     targets_rows_emulated(a);
   }

@@ -91,16 +91,10 @@ void check_targets(int64_t C, int64_t S, int dtype, bool head, int64_t n = 70, i
   a.out = out.data();
   a.out_dtype = lelp::kFloat32;
   a.out_stride = K;
-  std::vector<float> hi32, lo32;
-  std::vector<uint16_t> hi16, lo16;
-  if (dtype == lelp::kFloat32) {
-    lelp::emu::split_map<lelp::emu::HostTf32Mma>(a, &hi32, &lo32);
-    a.w_hi = hi32.data(), a.w_lo = lo32.data();
-  } else {
-    if (dtype == lelp::kFloat16) lelp::emu::split_map<lelp::emu::HostHalfMma<lelp::kFloat16>>(a, &hi16, &lo16);
-    else lelp::emu::split_map<lelp::emu::HostHalfMma<lelp::kBFloat16>>(a, &hi16, &lo16);
-    a.w_hi = hi16.data(), a.w_lo = lo16.data();
-  }
+  std::vector<uint16_t> hi, lo;
+  if (dtype == lelp::kFloat16) lelp::emu::split_map<lelp::emu::HostHalfMma<lelp::kFloat16>>(a, &hi, &lo);
+  else lelp::emu::split_map<lelp::emu::HostHalfMma<lelp::kBFloat16>>(a, &hi, &lo);  // fp32 embeddings: bf16 too
+  a.w_hi = hi.data(), a.w_lo = lo.data();
   lelp::emu::targets(a);
 }
 

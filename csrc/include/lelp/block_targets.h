@@ -7,18 +7,21 @@
 // per projector in lelp_fast/ops/targets.py), so every step is a plain copy: asynchronous, two
 // stages in flight (the next step's copies overlap this step's products). Products accumulate in fp32:
 //   bf16/fp16 embeddings: the fp32 map as hi + lo parts of the embeddings' dtype, two 16x16x16 MMAs
-//     per step (the embeddings are exact in their dtype);
-//   fp32 embeddings: both sides as TF32 hi + lo (the embeddings split in registers after the
-//     fragment load), three 16x16x8 MMAs (hi*hi + hi*lo + lo*hi), fp32-like error with fp32's range.
+//     per k slice (the embeddings are exact in their dtype);
+//   fp32 embeddings: the map as bf16 hi + lo parts, and each step's embeddings, once landed, split
+//     in shared memory into bf16 hi + lo (Mma::split8), three 16x16x16 MMAs (hi*hi + hi*lo +
+//     lo*hi; lo*lo is below 2^-16 of a term): errors of ~2^-16 of a product's terms, as the Triton
+//     kernel's fp32 path, at bf16's tensor-core rate and 2 bytes a map entry (the TF32 hi + lo form
+//     before took 4, and twice the k slices).
 // The projections land in shared memory (over the stages), where each warp runs the segmented
 // log-softmaxes of its 8 rows (lanes over (row, class) pairs; lelp::row_log_targets' math) and
 // stores them.
 // Resident form (when the split map and kResidentStages embedding stages fit a block's shared
-// memory, e.g. d = 768 with 32 padded columns in bf16/fp16 on sm_90): the map is copied into
-// shared memory once per block and only the embeddings stream, in steps of 64 columns through a
-// pipeline that runs across the block's tiles (of 128 rows for 16-bit maps of 16 or 32 columns,
-// each warp taking two row fragments, else 64); the launcher starts as many blocks as the SMs
-// hold, so the map is read once per few thousand rows instead of once per 64.
+// memory, e.g. d = 768 with 32 padded columns on sm_90, in bf16, fp16 and fp32): the map is copied
+// into shared memory once per block and only the embeddings stream, in steps of 64 columns through
+// a pipeline that runs across the block's tiles (of 128 rows for 16-bit embeddings at maps of 16 or
+// 32 columns, each warp taking two row fragments, else 64); the launcher starts as many blocks as
+// the SMs hold, so the map is read once per few thousand rows instead of once per 64.
 // Row kernel (wider maps): a warp per row, lanes over the map's columns.
 //
 // Written against Block and Mma types as lelp/warp_loss.h is against Warp: csrc/cuda/ supplies
@@ -28,10 +31,11 @@
 //          thread's); copy16(void* shared, const void* global) (16 bytes, asynchronous),
 //          commit() (closes this thread's group of copies), wait<N>() (all but the N newest
 //          groups have landed; a sync() after it makes them visible to the block)
-//   Mma:   Stage (shared-memory element: 16-bit words or float), kK (the MMA's k), kSplitX (the
-//          embeddings are split too: split_a(raw, hi, lo) on a loaded A fragment), kVec (elements
-//          per 16 bytes); fragment types A, B, Acc; fill(acc, v); load_a / load_b(frag, const
-//          Stage*, ld); mma(acc, a, b) (acc += a b); store(warp, float*, acc, ld)
+//   Mma:   Raw (the embeddings' element, as read and staged: 16-bit words or float), Stage (the
+//          map's and the products' 16-bit element), kK (the MMA's k), kVec (Raw elements per 16
+//          bytes), kSplitX (fp32 embeddings: split8(const Raw*, Stage* hi, Stage* lo) splits 8
+//          values, every pointer 16-byte aligned); fragment types A, B, Acc; fill(acc, v);
+//          load_a / load_b(frag, const Stage*, ld); mma(acc, a, b) (acc += a b); store(warp, float*, acc, ld)
 #pragma once
 
 #include <type_traits>
@@ -67,14 +71,24 @@ LELP_HD int ld_u(const TargetsArgs& a) {
   return static_cast<int>((need + 7) / 8 * 8);
 }
 
-// Elements of one stage (embeddings, then the map's hi and lo parts); every part is a multiple of 32 bytes.
-LELP_HD int64_t stage_elems(const TargetsArgs& a) { return static_cast<int64_t>(kRows) * kLdX + 2 * kStepK * ld_w(a); }
+constexpr int kMapBytes = 2;  // a map entry's part (Mma::Stage: bf16 or fp16)
 
-// Shared-memory bytes of the tile: two stages, or the projections (fp32) and each row's class
-// log-sum-exp that take their place after the last step, whichever is larger. stage_bytes: 2
-// (bf16/fp16) or 4 (fp32).
-LELP_HD int64_t smem_bytes(const TargetsArgs& a, int stage_bytes) {
-  const int64_t stages = 2 * stage_bytes * stage_elems(a), u = 4 * static_cast<int64_t>(kRows) * (ld_u(a) + 1);
+// Bytes of one stage: the embeddings (emb_bytes an element: 2 for bf16/fp16, 4 for fp32), then the
+// map's hi and lo parts; every part is a multiple of 32 bytes.
+LELP_HD int64_t stage_bytes(const TargetsArgs& a, int emb_bytes) {
+  return int64_t{kRows} * kLdX * emb_bytes + 2 * kMapBytes * int64_t{kStepK} * ld_w(a);
+}
+
+// Bytes of the hi and lo parts fp32 embeddings (emb_bytes 4) are split into, a step of rows x ld; 0 otherwise.
+LELP_HD int64_t split_bytes(int64_t rows, int ld, int emb_bytes) {
+  return emb_bytes == 4 ? 2 * kMapBytes * rows * ld : 0;
+}
+
+// Shared-memory bytes of the tile: two stages (and fp32's split step), or the projections (fp32)
+// and each row's class log-sum-exp that take their place after the last step, whichever is larger.
+LELP_HD int64_t smem_bytes(const TargetsArgs& a, int emb_bytes) {
+  const int64_t stages = 2 * stage_bytes(a, emb_bytes) + split_bytes(kRows, kLdX, emb_bytes);
+  const int64_t u = 4 * static_cast<int64_t>(kRows) * (ld_u(a) + 1);
   return stages > u ? stages : u;
 }
 
@@ -106,26 +120,27 @@ constexpr int kFragsPerWarp = kCols > 0 ? (kCols / 16 + 1) / 2 : kMaxFrags;
 // Row fragments a warp of the resident form takes: 2 (128-row tiles, each map fragment loaded once
 // for two row fragments, and a step's fixed work over twice the rows) for 16-bit inputs at 16 or
 // 32 columns; else 1 (64-row tiles: the accumulators of a wide map, or fp32's stages, leave no room).
-LELP_HD int resident_row_frags(const TargetsArgs& a, int stage_bytes) {
-  return resident_cols(a) > 0 && stage_bytes == 2 ? 2 : 1;
+LELP_HD int resident_row_frags(const TargetsArgs& a, int emb_bytes) {
+  return resident_cols(a) > 0 && emb_bytes == 2 ? 2 : 1;
 }
 
 // Map rows held by the resident form: whole steps (the rows past split_rows(d) are zeros).
 LELP_HD int64_t resident_map_rows(int64_t d) { return (d + kResidentStepK - 1) / kResidentStepK * kResidentStepK; }
 
 // Shared-memory bytes of the resident form: the split map (hi and lo, resident_map_rows(d) x ld_w
-// each), kResidentStages embedding stages of a tile's rows, then the tile's projections and each
-// row's class log-sum-exp.
-LELP_HD int64_t resident_smem_bytes(const TargetsArgs& a, int stage_bytes) {
-  const int64_t rows = int64_t{kRows} * resident_row_frags(a, stage_bytes);
-  const int64_t map = 2 * resident_map_rows(a.d) * ld_w(a), stages = int64_t{kResidentStages} * rows * kLdXResident;
-  return stage_bytes * (map + stages) + 4 * rows * (ld_u(a) + 1);
+// each), kResidentStages embedding stages of a tile's rows (and fp32's split step), then the tile's
+// projections and each row's class log-sum-exp.
+LELP_HD int64_t resident_smem_bytes(const TargetsArgs& a, int emb_bytes) {
+  const int64_t rows = int64_t{kRows} * resident_row_frags(a, emb_bytes);
+  const int64_t map = 2 * kMapBytes * resident_map_rows(a.d) * ld_w(a);
+  const int64_t stages = int64_t{kResidentStages} * rows * kLdXResident * emb_bytes;
+  return map + stages + split_bytes(rows, kLdXResident, emb_bytes) + 4 * rows * (ld_u(a) + 1);
 }
 
 // Whether the tile takes this call in the resident form: the map and stages fit a block's
 // shared memory (optin_bytes: the device's opt-in limit, 232,448 B on sm_90, 166,912 on sm_80).
-LELP_HD bool resident_takes(const TargetsArgs& a, int stage_bytes, int64_t optin_bytes) {
-  return a.d > 0 && resident_smem_bytes(a, stage_bytes) <= optin_bytes;
+LELP_HD bool resident_takes(const TargetsArgs& a, int emb_bytes, int64_t optin_bytes) {
+  return a.d > 0 && resident_smem_bytes(a, emb_bytes) <= optin_bytes;
 }
 
 // Calls f(std::integral_constant<int, resident_cols(a)>{}): the one place that maps a call to a
@@ -156,21 +171,21 @@ inline bool tile_vector_loads(const TargetsArgs& a) {
 // zeros, so the loop has no element-by-element path; otherwise element by element.
 template <class Block, class Mma, bool kVec, int kStep = kStepK, int kLd = kLdX, int kTileRows = kRows>
 LELP_DEV void stage_embeddings(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0,
-                               typename Mma::Stage* x) {
-  using Stage = typename Mma::Stage;
+                               typename Mma::Raw* x) {
+  using Raw = typename Mma::Raw;
   constexpr int V = Mma::kVec;
-  const Stage* emb = static_cast<const Stage*>(a.embeddings);  // raw words: Stage is the embeddings' type
+  const Raw* emb = static_cast<const Raw*>(a.embeddings);  // raw words of the embeddings' type
 #pragma unroll 1  // a few chunks a thread (tests/cuda_targets_cost.py counts a loop's body once per trip)
   for (int i = b.thread(); i < kTileRows * kStep / V; i += kThreads) {
     const int r = i / (kStep / V), k = i % (kStep / V) * V;
     const int64_t row = row0 + r, col = k0 + k;
-    Stage* at = x + r * kLd + k;
+    Raw* at = x + r * kLd + k;
     if constexpr (kVec) {
       if (row < a.n && col < a.d) b.copy16(at, emb + row * a.emb_stride + col);
       else
-        for (int e = 0; e < V; ++e) at[e] = Stage{0};
+        for (int e = 0; e < V; ++e) at[e] = Raw{0};
     } else {
-      for (int e = 0; e < V; ++e) at[e] = row < a.n && col + e < a.d ? emb[row * a.emb_stride + col + e] : Stage{0};
+      for (int e = 0; e < V; ++e) at[e] = row < a.n && col + e < a.d ? emb[row * a.emb_stride + col + e] : Raw{0};
     }
   }
 }
@@ -180,7 +195,7 @@ template <class Block, class Mma>
 LELP_DEV void stage_map(const Block& b, const TargetsArgs& a, int64_t k0, int64_t rows, typename Mma::Stage* wh,
                         typename Mma::Stage* wl) {
   using Stage = typename Mma::Stage;
-  constexpr int V = Mma::kVec;
+  constexpr int V = 16 / sizeof(Stage);
   const int cols = split_cols(a.J), ldw = ld_w(a), chunks = cols / V;
   const Stage* hi = static_cast<const Stage*>(a.w_hi) + k0 * cols;
   const Stage* lo = static_cast<const Stage*>(a.w_lo) + k0 * cols;
@@ -193,22 +208,45 @@ LELP_DEV void stage_map(const Block& b, const TargetsArgs& a, int64_t k0, int64_
   }
 }
 
+// The map's hi part in a stage of the streaming tile (after the embeddings); its lo part follows.
+template <class Mma>
+LELP_DEV typename Mma::Stage* stage_map_hi(char* stage) {
+  return reinterpret_cast<typename Mma::Stage*>(stage + kRows * kLdX * sizeof(typename Mma::Raw));
+}
+
 // Issues the copies of step k0 into stage x (the embeddings, then the map's 32 rows hi and lo) and
 // commits them as this thread's group.
 template <class Block, class Mma, bool kVec>
-LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, typename Mma::Stage* x) {
-  typename Mma::Stage* wh = x + kRows * kLdX;
-  stage_embeddings<Block, Mma, kVec>(b, a, row0, k0, x);
+LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, char* stage) {
+  typename Mma::Stage* wh = stage_map_hi<Mma>(stage);
+  stage_embeddings<Block, Mma, kVec>(b, a, row0, k0, reinterpret_cast<typename Mma::Raw*>(stage));
   stage_map<Block, Mma>(b, a, k0, kStepK, wh, wh + kStepK * ld_w(a));
   b.commit();
 }
 
-// A step's products into the warp's accumulators: x the staged embeddings (leading dimension kLd),
-// wh / wl the step's kStep map rows (leading dimension ld_w); fragment i is map columns
-// 16 (set + 2 i) .. + 15 (those below the padded map's width are live). kUnroll: the k slices
-// unrolled (1: one after another); kCols: the padded map width as a constant (0: at run time).
+// fp32 embeddings (Mma::kSplitX): a landed step x (kTileRows x kStep, leading dimension kLd) into
+// its 16-bit hi and lo parts (the same layout), 8 values a thread at a time, so that the products
+// load 16-bit fragments.
+template <class Block, class Mma, int kStep, int kLd, int kTileRows>
+LELP_DEV void split_step(const Block& b, const typename Mma::Raw* x, typename Mma::Stage* hi,
+                         typename Mma::Stage* lo) {
+  constexpr int kChunks = kTileRows * kStep / 8, Q = kChunks / kThreads;
+  static_assert(kChunks % kThreads == 0, "whole chunks a thread");
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    const int i = b.thread() + q * kThreads, r = i / (kStep / 8), k = i % (kStep / 8) * 8;
+    Mma::split8(x + r * kLd + k, hi + r * kLd + k, lo + r * kLd + k);
+  }
+}
+
+// A step's products into the warp's accumulators: xh the staged embeddings (leading dimension kLd;
+// fp32's hi part, xl its lo part), wh / wl the step's kStep map rows (leading dimension ld_w);
+// fragment i is map columns 16 (set + 2 i) .. + 15 (those below the padded map's width are live).
+// kUnroll: the k slices unrolled (1: one after another); kCols: the padded map width as a constant
+// (0: at run time).
 template <class Mma, int kStep = kStepK, int kLd = kLdX, int kUnroll = 1, int kCols = 0, int kRowFrags = 1>
-LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::Stage* x, const typename Mma::Stage* wh,
+LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::Stage* xh,
+                            const typename Mma::Stage* xl, const typename Mma::Stage* wh,
                             const typename Mma::Stage* wl, typename Mma::Acc* acc) {
   constexpr int kFrags = kFragsPerWarp<kCols>;
   // (warp / 4) & 1 is warp / 4 for the block's 8 warps, and lets the compiler drop the fragment
@@ -216,15 +254,18 @@ LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::
   static_assert(kWarps == 8, "4 row groups x 2 column sets");
   const int cols = tile_cols<kCols>(a), ldw = cols + 8, frags = cols / 16, set = (warp / 4) & 1;
   if (kFrags == 1 && set >= frags) return;  // a 16-column map: the second column set has no fragment
-  // The k slices: one after another in the streaming tile (unrolled, its fragments outgrew 128
+  // The k slices: one after another in the streaming tile (up to 8 fragments a warp at 128
   // registers); unrolled in the resident form (one block per SM, the whole register file).
 #pragma unroll kUnroll
   for (int kk = 0; kk < kStep; kk += Mma::kK) {
     typename Mma::A ah[kRowFrags], al[kRowFrags];
 #pragma unroll
     for (int r = 0; r < kRowFrags; ++r) {
-      Mma::load_a(ah[r], x + ((warp & 3) * kRowFrags + r) * 16 * kLd + kk, kLd);
-      if constexpr (Mma::kSplitX) Mma::split_a(ah[r], al[r]);
+      // (pointer + row) + kk: kk stays a constant offset of the load (pointer + (row + kk) costs an
+      // address computation a slice)
+      const int row = ((warp & 3) * kRowFrags + r) * 16 * kLd;
+      Mma::load_a(ah[r], xh + row + kk, kLd);
+      if constexpr (Mma::kSplitX) Mma::load_a(al[r], xl + row + kk, kLd);
     }
 #pragma unroll
     for (int i = 0; i < kFrags; ++i) {
@@ -262,27 +303,34 @@ LELP_DEV void store_projections(const Block& b, const TargetsArgs& a, typename M
 // u (64 x ld_u floats, over the stages) = the tile's projections without the bias, columns [0, pad16(J)).
 // The embeddings stream once: step s + 1's copies are in flight while step s multiplies.
 template <class Block, class Mma, bool kVec>
-LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row0, typename Mma::Stage* stages,
-                               float* u) {
+LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row0, char* stages, float* u) {
   using Stage = typename Mma::Stage;
+  using Raw = typename Mma::Raw;
   const int warp = b.thread() / 32;
-  const int64_t elems = stage_elems(a), steps = (a.d + kStepK - 1) / kStepK;
+  const int64_t bytes = stage_bytes(a, sizeof(Raw)), steps = (a.d + kStepK - 1) / kStepK;
+  Stage* split_hi = reinterpret_cast<Stage*>(stages + 2 * bytes);  // fp32 embeddings' parts of a step
+  Stage* split_lo = split_hi + kRows * kLdX;
   typename Mma::Acc acc[kMaxFrags];
 #pragma unroll
   for (int i = 0; i < kMaxFrags; ++i) Mma::fill(acc[i], 0.f);
   if (steps > 0) stage_step<Block, Mma, kVec>(b, a, row0, 0, stages);
   for (int64_t s = 0; s < steps; ++s) {  // block-uniform
-    Stage* x = stages + (s & 1) * elems;
+    char* x = stages + (s & 1) * bytes;
     if (s + 1 < steps) {
-      stage_step<Block, Mma, kVec>(b, a, row0, (s + 1) * kStepK, stages + ((s + 1) & 1) * elems);
+      stage_step<Block, Mma, kVec>(b, a, row0, (s + 1) * kStepK, stages + ((s + 1) & 1) * bytes);
       b.template wait<1>();  // step s has landed; s + 1 stays in flight
     } else {
       b.template wait<0>();
     }
     b.sync();
-    const Stage* wh = x + kRows * kLdX;
-    step_products<Mma>(a, warp, x, wh, wh + kStepK * ld_w(a), acc);
-    b.sync();  // the next step's copies overwrite this stage (and u overwrites both)
+    const Stage *wh = stage_map_hi<Mma>(x), *xh = reinterpret_cast<const Stage*>(x), *xl = nullptr;
+    if constexpr (Mma::kSplitX) {
+      split_step<Block, Mma, kStepK, kLdX, kRows>(b, reinterpret_cast<const Raw*>(x), split_hi, split_lo);
+      b.sync();
+      xh = split_hi, xl = split_lo;
+    }
+    step_products<Mma>(a, warp, xh, xl, wh, wh + kStepK * ld_w(a), acc);
+    b.sync();  // the next step's copies overwrite this stage, its split parts the split (and u overwrites all)
   }
   store_projections<Block, Mma>(b, a, acc, u);
   b.sync();
@@ -344,16 +392,14 @@ LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, 
   }
 }
 
-// The tensor-core kernel's body: the block's tiles, grid-stride. smem: smem_bytes(a, sizeof(Stage)),
+// The tensor-core kernel's body: the block's tiles, grid-stride. smem: smem_bytes(a, sizeof(Raw)),
 // 128-byte aligned; kVec: tile_vector_loads(a).
 template <class Block, class Mma, bool kVec>
 LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, int64_t block, int64_t n_blocks) {
-  using Stage = typename Mma::Stage;
-  Stage* stages = reinterpret_cast<Stage*>(smem);
   float* u = reinterpret_cast<float*>(smem);  // written once the last step's products are done
   float* lse = u + kRows * ld_u(a);
   for (int64_t row0 = block * kRows; row0 < a.n; row0 += n_blocks * kRows) {  // block-uniform
-    tile_projections<Block, Mma, kVec>(b, a, row0, stages, u);
+    tile_projections<Block, Mma, kVec>(b, a, row0, smem, u);
     tile_epilogue(b, a, row0, u, lse);
     b.sync();  // the next tile's copies overwrite u
   }
@@ -364,22 +410,25 @@ LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, in
 // across the block's tiles (the next tile's first steps are in flight during this tile's
 // epilogue). A block should be persistent (a grid of the SMs' resident blocks): 4 M rows read a
 // d = 768 map of 32 columns once per 30,000 rows instead of once per 64. Steps of kResidentStepK
-// columns, tiles of 64 kRowFrags rows. smem: resident_smem_bytes(a, sizeof(Stage)), 128-byte
+// columns, tiles of 64 kRowFrags rows. smem: resident_smem_bytes(a, sizeof(Raw)), 128-byte
 // aligned; needs a.d > 0; kVec: tile_vector_loads(a); kCols: resident_cols(a) (a small map's kernel
 // has constant fragment addresses and none of a wide map's fragments, not even as skipped branches).
 template <class Block, class Mma, bool kVec, int kCols>
 LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char* smem, int64_t block,
                                      int64_t n_blocks) {
   using Stage = typename Mma::Stage;
+  using Raw = typename Mma::Raw;
   constexpr int P = kResidentStages, kStep = kResidentStepK, kLd = kLdXResident, kFrags = kFragsPerWarp<kCols>;
-  constexpr int kRowFrags = kCols > 0 && sizeof(Stage) == 2 ? 2 : 1;  // resident_row_frags
+  constexpr int kRowFrags = kCols > 0 && sizeof(Raw) == 2 ? 2 : 1;  // resident_row_frags
   constexpr int kTileRows = kRows * kRowFrags;
   const int cols = tile_cols<kCols>(a), ldw = cols + 8;
   const int64_t map_rows = resident_map_rows(a.d), map_elems = map_rows * ldw, stage = int64_t{kTileRows} * kLd;
   Stage* map_hi = reinterpret_cast<Stage*>(smem);
   Stage* map_lo = map_hi + map_elems;
-  Stage* stages = map_lo + map_elems;
-  float* u = reinterpret_cast<float*>(stages + P * stage);
+  Raw* stages = reinterpret_cast<Raw*>(map_lo + map_elems);
+  Stage* split_hi = reinterpret_cast<Stage*>(stages + P * stage);  // fp32 embeddings' parts of a step
+  Stage* split_lo = split_hi + stage;
+  float* u = reinterpret_cast<float*>(reinterpret_cast<char*>(split_hi) + split_bytes(kTileRows, kLd, sizeof(Raw)));
   float* lse = u + kTileRows * ld_u(a);
   const int64_t steps = map_rows / kStep, tiles = (a.n + kTileRows - 1) / kTileRows;
   const int64_t mine = block < tiles ? (tiles - block + n_blocks - 1) / n_blocks : 0;  // this block's tiles
@@ -394,12 +443,12 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
   constexpr int V = Mma::kVec, Q = kTileRows * kStep / V / kThreads;
   const int64_t rows_apart = int64_t{n_blocks} * kTileRows;
   int64_t row[Q];
-  const Stage* src[Q];
+  const Raw* src[Q];
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
     const int i = b.thread() + q * kThreads;
     row[q] = block * kTileRows + i / (kStep / V);
-    src[q] = static_cast<const Stage*>(a.embeddings) + row[q] * a.emb_stride + i % (kStep / V) * V;
+    src[q] = static_cast<const Raw*>(a.embeddings) + row[q] * a.emb_stride + i % (kStep / V) * V;
   }
   auto issue = [&]() {
     if (it < mine) {
@@ -407,10 +456,10 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
 #pragma unroll
         for (int q = 0; q < Q; ++q) {
           const int i = b.thread() + q * kThreads, r = i / (kStep / V), k = i % (kStep / V) * V;
-          Stage* at = stages + slot * stage + r * kLd + k;
+          Raw* at = stages + slot * stage + r * kLd + k;
           if (row[q] < a.n && is * kStep + k < a.d) b.copy16(at, src[q] + is * kStep);
           else
-            for (int e = 0; e < V; ++e) at[e] = Stage{0};
+            for (int e = 0; e < V; ++e) at[e] = Raw{0};
           if (is == steps - 1) row[q] += rows_apart, src[q] += rows_apart * a.emb_stride;
         }
       } else {
@@ -440,9 +489,16 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
       b.template wait<P - 2>();
       b.sync();  // this step is visible, and every warp is done with the previous step's stage, which this overwrites:
       issue();
+      const Raw* x = stages + ready * stage;
+      const Stage *xh = reinterpret_cast<const Stage*>(x), *xl = nullptr;
+      if constexpr (Mma::kSplitX) {  // the previous step's products are done with the split (the barrier above)
+        split_step<Block, Mma, kStep, kLd, kTileRows>(b, x, split_hi, split_lo);
+        b.sync();
+        xh = split_hi, xl = split_lo;
+      }
       const int64_t k0 = s * kStep * ldw;
-      step_products<Mma, kStep, kLd, kStep / Mma::kK, kCols, kRowFrags>(a, warp, stages + ready * stage,
-                                                                       map_hi + k0, map_lo + k0, acc);
+      step_products<Mma, kStep, kLd, kStep / Mma::kK, kCols, kRowFrags>(a, warp, xh, xl, map_hi + k0, map_lo + k0,
+                                                                       acc);
       ready = ready + 1 == P ? 0 : ready + 1;
     }
     store_projections<Block, Mma, kCols, kRowFrags>(b, a, acc, u);
