@@ -6,8 +6,9 @@ every path. The model compiles the same body (lelp/warp_loss.h with csrc/cuda/wa
 modelled path, with that path's arguments fixed in the kernel (the KL divergence, one dtype,
 precomputed targets of one teacher, 16-byte rows; labels and λ as the path says; τ = 2 with the
 hard-label term, whose exponentials depend on τ), so the compiler drops the other paths. C, S, α,
-λ and τ without labels stay runtime values, as in production. At λ ≠ 1 the class-sum form the
-kernel picks by S (``warp::ClassSumsForm``) is forced, so only it is counted. Not counted: the
+λ and τ without labels stay runtime values, as in production. The class-wise form the kernel picks
+by S (``warp::ClassSumsForm``: classes of whole chunks or not, which decides the class sums' form at
+λ ≠ 1 and the hard-label term's) is forced, so only it is counted. Not counted: the
 uniform branches that skip the other paths (a few per row), and the warps' exact fallbacks when a
 class holds less than 2^-90 of a row's q (``CostWarp::any`` is false).
 
@@ -48,10 +49,10 @@ class Path(NamedTuple):
 
     @property
     def class_sums(self) -> int:
-        """At λ ≠ 1 the class-sum form the kernel takes for this S (``warp::ClassSumsForm``: 1 in
-        registers when S / 4 is a power of two, 2 through shared memory); 0 at λ = 1."""
-        if not self.weighted:
-            return 0
+        """The class-wise form the kernel takes for this S (``warp::ClassSumsForm``: 1, classes of
+        whole chunks, when S / 4 is a power of two: the class sums at λ ≠ 1 in registers, the
+        hard-label term a chunk at a time; 2 otherwise: the class sums through shared memory, the
+        hard-label term element by element)."""
         chunks = self.n_subclasses // 4
         return 1 if self.n_subclasses % 4 == 0 and chunks & (chunks - 1) == 0 else 2
 
@@ -79,8 +80,8 @@ SOURCE_HEAD = """
 #include "cuda/warp.cuh"
 namespace lelp {
 // The path where no class of a row holds less than 2^-90 of its q: the warps' exact fallbacks
-// (row_hard_label, row_class_kl_exact) are dropped from the count. FORM: the
-// class-sum form at lambda != 1 (warp::ClassSumsForm: 1 in registers, 2 through shared memory).
+// (row_hard_label, row_class_kl_exact) are dropped from the count. FORM: the class-wise form
+// (warp::ClassSumsForm: 1 classes of whole chunks, 2 any).
 template <int W, int FORM>
 struct CostWarp : cuda::DeviceWarp<W> {
   __device__ __forceinline__ bool any(bool) const { return false; }
@@ -323,7 +324,7 @@ def model(paths: List[Path], arch: int = 90) -> Dict[Path, Dict[str, float]]:
         (name,) = [n for n in sass if key in n]
         # λ ≠ 1 through shared memory (row_class_kl): the busiest lane's classes, and per class the
         # chunks after its first: (S - 1 + r) // 4 at most, r the largest offset c S mod 4 of a class's start
-        trips = (-(-p.num_classes // w), p.chunks_after_first) if p.class_sums == 2 else ()
+        trips = (-(-p.num_classes // w), p.chunks_after_first) if p.weighted and p.class_sums == 2 else ()
         facts = row_loop_facts(sass[name], trips)
         elements = (32 // w) * p.k  # per warp and iteration
         e = {"W": w, "CH": ch, "instructions": facts["instructions"] * 32 / elements,

@@ -21,10 +21,13 @@ pytestmark = pytest.mark.skipif(cuda_cost.NVCC is None or shutil.which("g++") is
 # with a warp-wide pass over every class): S = 5 and 10 (the class sums through shared memory, from
 # each chunk's sums split at a class boundary: 1.8-2.5x on the H200 in bf16, and 3.4 MUFU per element
 # with the hard-label term at S = 5), and in bf16 the hard-label term on top of the class sums in
-# registers (S = 16 and 64, and 8 at K = 128: 1.70-1.81x on the H200).
-WEIGHTED_OVER_BUDGET = {(8, 5, "bf16", False), (8, 5, "bf16", True), (8, 5, "fp32", True), (8, 16, "bf16", True),
-                        (8, 64, "bf16", True), (12, 10, "bf16", False), (12, 10, "bf16", True),
-                        (16, 5, "bf16", False), (16, 5, "bf16", True), (16, 5, "fp32", True), (16, 8, "bf16", True)}
+# registers at K = 512 (S = 64: 1.58x on the H200; its 32 lanes a row take 5 shuffles a reduction).
+# K = 128 in bf16 with the hard-label term (S = 8 and 16) came within it later on 2026-12-02
+# (1.70 -> 1.48x): the hard-label term a chunk at a time, the slots' class sums by a butterfly, the
+# ignored rows' zero a factor of the row, one reduction for the KL and class terms.
+WEIGHTED_OVER_BUDGET = {(8, 5, "bf16", False), (8, 5, "bf16", True), (8, 5, "fp32", True), (8, 64, "bf16", True),
+                        (12, 10, "bf16", False), (12, 10, "bf16", True), (16, 5, "bf16", False), (16, 5, "bf16", True),
+                        (16, 5, "fp32", True)}
 
 
 @pytest.fixture(scope="module")

@@ -298,13 +298,24 @@ LELP_HD bool classes_in_chunks(const LossArgs& a) {
   return a.S % 4 == 0 && (sc & (sc - 1)) == 0;
 }
 
-// Which class-sum form row_kl takes at lambda != 1: by the row's shape (0), or always in registers
-// (1) or through shared memory (2). Only the cost model (tests/cuda_cost.py) forces one, so that it
-// counts one form with S a runtime value, as the kernel has it.
+// Which class-wise form a row takes (row_kl's class sums at lambda != 1, the hard-label term): by
+// the row's shape (0), or always classes of whole chunks (1: in registers) or any classes (2: the
+// sums through shared memory, the hard-label term element by element). Only the cost model
+// (tests/cuda_cost.py) forces one, so that it counts one form with S a runtime value, as the
+// kernel has it.
 template <class Warp>
 struct ClassSumsForm {
   static constexpr int value = 0;
 };
+
+// Whether the row's classes are whole chunks, by its shape or as ClassSumsForm forces: row_kl then
+// takes a lambda != 1 row's class sums in registers (row_class_kl_chunked), and loss_row the
+// hard-label term a chunk at a time (row_hard_label_from_exp_chunks).
+template <class Warp>
+LELP_HD bool classes_are_whole_chunks(const LossArgs& a) {
+  constexpr int form = ClassSumsForm<Warp>::value;
+  return form == 0 ? classes_in_chunks(a) : form == 1;
+}
 
 // row_class_kl in registers, for rows whose classes are whole chunks (classes_in_chunks). Chunk slot
 // c of lane g is row chunk c W + g, of class (c W + g) / Sc (Sc = S / 4 chunks a class): with
@@ -327,14 +338,23 @@ LELP_DEV bool row_class_kl_chunked(const Warp& w, const LossArgs& a, float log2_
     p[c] = (t[i] + t[i + 1]) + (t[i + 2] + t[i + 3]);
     q[c] = (qu[i] + qu[i + 1]) + (qu[i + 2] + qu[i + 3]);
   }
+  // Each slot's part of its class: the sum over its aligned G slots, a butterfly over the slots (G
+  // is a run-time value; summing every slot with a mask took CH^2 selects and adds)
+#pragma unroll
+  for (int h = 1; h < CH; h *= 2)
+    if (h < group)  // warp-uniform
+#pragma unroll
+      for (int c = 0; c < CH; ++c)
+        if ((c & h) == 0 && (c | h) < CH) {
+          const float sp = p[c] + p[c | h], sq = q[c] + q[c | h];
+          p[c] = p[c | h] = sp;
+          q[c] = q[c | h] = sq;
+        }
   float r[CH], d = 0.f;
   bool inexact = false;
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
-    float pc = 0.f, qc = 0.f;  // the lane's part of slot c's class, then the class's
-#pragma unroll
-    for (int c2 = 0; c2 < CH; ++c2)
-      if ((c2 ^ c) < group) pc += p[c2], qc += q[c2];  // c2 / group == c / group
+    float pc = p[c], qc = q[c];  // the lane's part of slot c's class, then the class's
     pc = w.sum_within(pc, run);
     qc = w.sum_within(qc, run);
     const int j = c * W + g;
@@ -350,7 +370,7 @@ LELP_DEV bool row_class_kl_chunked(const Warp& w, const LossArgs& a, float log2_
   for (int c = 0; c < CH; ++c)
 #pragma unroll
     for (int e = 0; e < kVec; ++e) gr[c * kVec + e] -= r[c] * qu[c * kVec + e];
-  *d_out = w.sum(d);
+  *d_out = d;  // the lane's part: row_kl reduces it with the KL's
   return true;
 }
 
@@ -461,14 +481,19 @@ LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const fl
              : hard_tau == 2 ? qu[i] * qu[i]
                              : exp2_approx((s[i] - mx) * kLog2e);
   }
-  d = w.sum(d);
-  if (!weighted) return tau * tau * d;
-  float d_class;
-  constexpr int form = ClassSumsForm<Warp>::value;
-  const bool chunked = form == 0 ? classes_in_chunks(a) : form == 1;
-  if (!chunked || !row_class_kl_chunked<Warp, CH>(w, a, log2_sum, qu, t, gr, &d_class))
-    d_class = row_class_kl<Warp, CH>(w, a, s, scale2, m2, log2_sum, qu, t, u, gr);
-  return tau * tau * (lambda * d + (1.f - lambda) * d_class);
+  // One reduction for the KL and, in registers, the class term: the lane's parts; d_row: a class
+  // term already summed over the row.
+  float d_lane = d, d_row = 0.f;
+  if (weighted) {
+    float d_class;
+    if (classes_are_whole_chunks<Warp>(a) && row_class_kl_chunked<Warp, CH>(w, a, log2_sum, qu, t, gr, &d_class)) {
+      d_lane = lambda * d + (1.f - lambda) * d_class;
+    } else {
+      d_lane = lambda * d;
+      d_row = (1.f - lambda) * row_class_kl<Warp, CH>(w, a, s, scale2, m2, log2_sum, qu, t, u, gr);
+    }
+  }
+  return tau * tau * (w.sum(d_lane) + d_row);
 }
 
 // alpha * CE(y, pooled class logits) of one row; adds its gradient to gr. Class logits
@@ -536,18 +561,59 @@ LELP_DEV float row_hard_label_from_exp(const Warp& w, const LossArgs& a, const f
   return a.alpha * kLn2 * (log2_all - log2_y);
 }
 
-// Stores one row's outputs (zeros for an ignored row); the gradient times `scale` in a.grad_dtype.
+// row_hard_label_from_exp for rows whose classes are whole chunks (S % 4 == 0; loss_row takes it
+// where classes_are_whole_chunks): class y's slots are whole chunks, so its mask, its sum and the
+// gradient's factor take a chunk at a time (one compare, one select a chunk, one FMA an element;
+// the element-wise form takes a compare and a select an element, and two FMAs).
+template <class Warp, int CH>
+LELP_DEV float row_hard_label_from_exp_chunks(const Warp& w, const LossArgs& a, const float* s, const float* e,
+                                              int64_t y, float* gr) {
+  constexpr int W = Warp::kWidth;
+  const int g = w.lane() % W, sc = static_cast<int>(a.S) / kVec;
+  const bool valid = y >= 0 && y < a.C;
+  const int first = valid ? static_cast<int>(y) * sc : 0;  // class y's first chunk of the row
+  float e_all = 0.f, e_y = 0.f;
+  bool in_y[CH];
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const float* ec = e + c * kVec;
+    const float chunk = (ec[0] + ec[1]) + (ec[2] + ec[3]);
+    in_y[c] = static_cast<unsigned>(c * W + g - first) < static_cast<unsigned>(sc);
+    e_all += chunk;
+    e_y += in_y[c] ? chunk : 0.f;
+  }
+  e_all = w.sum(e_all);
+  e_y = w.sum(e_y);
+  if (w.any(valid && !(e_y >= 0x1p-90f))) return row_hard_label<Warp, CH>(w, a, s, y, gr);
+  if (!valid) return 0.f;
+  const float log2_all = log2_approx(e_all), log2_y = log2_approx(e_y);
+  const float f_all = a.alpha * exp2_approx(-log2_all), f_y = a.alpha * exp2_approx(-log2_y);
+  const float f_in = f_all - f_y;  // dCE/ds_k / e_k in class y
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const float f = in_y[c] ? f_in : f_all;
+#pragma unroll
+    for (int i = c * kVec; i < (c + 1) * kVec; ++i) gr[i] = fmaf(e[i], f, gr[i]);
+  }
+  return a.alpha * kLn2 * (log2_all - log2_y);
+}
+
+// Stores one row's outputs (an ignored row's loss 0, its gradient times 0); the gradient times
+// `scale` in a.grad_dtype.
 template <class Warp, int CH>
 LELP_DEV void store_row(const LossArgs& a, int64_t row, int g, bool vec, bool ignored, float loss, float hard,
                         float scale, float* gr) {
   constexpr int W = Warp::kWidth;
   const int K = static_cast<int>(a.C * a.S);
   const int64_t base = row * K;
+  // an ignored row's gradient is 0 (NaN where its inputs are, as in the reference and the Triton
+  // kernel): a factor of the row, not a select an element
+  const float factor = ignored ? 0.f : scale;
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
     float* v = gr + c * kVec;
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) v[e] = ignored ? 0.f : v[e] * scale;
+    for (int e = 0; e < kVec; ++e) v[e] *= factor;
     const int k0 = (c * W + g) * kVec;
     if (vec) {  // K % 4 == 0: a chunk is whole or past the end
       if (k0 < K) Warp::store4(a.grad, a.grad_dtype, base + k0, v);
@@ -587,7 +653,10 @@ LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& o
   if (a.divergence == kKL) {
     float e[P];  // exp(s - max s) for the hard-label term
     loss = row_kl<Warp, CH>(w, a, s, lt, u, gr, hard_term, e);
-    if (hard_term) hard = row_hard_label_from_exp<Warp, CH>(w, a, s, e, ignored ? -1 : y, gr);
+    // classes of whole chunks (as row_kl's class sums in registers at lambda != 1)
+    if (hard_term && classes_are_whole_chunks<Warp>(a))
+      hard = row_hard_label_from_exp_chunks<Warp, CH>(w, a, s, e, ignored ? -1 : y, gr);
+    else if (hard_term) hard = row_hard_label_from_exp<Warp, CH>(w, a, s, e, ignored ? -1 : y, gr);
   } else {
     loss = row_divergence<Warp, CH>(w, a, s, lt, gr);
     if (hard_term) hard = row_hard_label<Warp, CH>(w, a, s, ignored ? -1 : y, gr);
