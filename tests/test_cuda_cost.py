@@ -48,6 +48,38 @@ def test_cuda_loss_modelled_time_within_budget(modelled, path, request):
     assert max(e["H100"], e["H200"]) <= cost.MAX_LOSS_OVER_FLOOR, e
 
 
+# SASS per element of every path, modelled 2026-12-02 (later session, nvcc 13.0, sm_90): a change that
+# adds more than 3 % to a path fails test_cuda_loss_does_not_regress, even where the path stays at
+# the floor (the ratios above are clamped at 1.00, so they miss it; e.g. the row max as fmaxf took
+# K = 512 at lambda = 1 from 29 to 33). Update a figure when it falls.
+RECORDED_SASS_PER_ELEMENT = {"K16_C2_bf16_plain": 25.81, "K16_C2_bf16_alpha": 36.50, "K16_C2_fp32_plain": 22.12,
+                             "K16_C2_fp32_alpha": 33.00, "K40_C5_bf16_plain": 38.00, "K40_C5_bf16_alpha": 46.90,
+                             "K40_C5_fp32_plain": 33.90, "K40_C5_fp32_alpha": 42.90, "K128_C16_bf16_plain": 33.69,
+                             "K128_C16_bf16_alpha": 41.00, "K128_C16_fp32_plain": 30.50,
+                             "K128_C16_fp32_alpha": 37.25, "K512_C16_bf16_plain": 29.38,
+                             "K512_C16_bf16_alpha": 42.38, "K512_C16_fp32_plain": 25.38,
+                             "K512_C16_fp32_alpha": 38.62, "K16_C2_bf16_plain_lambda": 38.19,
+                             "K16_C2_bf16_alpha_lambda": 45.38, "K16_C2_fp32_plain_lambda": 34.69,
+                             "K16_C2_fp32_alpha_lambda": 41.75, "K40_C8_bf16_plain_lambda": 73.90,
+                             "K40_C8_bf16_alpha_lambda": 90.40, "K40_C8_fp32_plain_lambda": 70.10,
+                             "K40_C8_fp32_alpha_lambda": 85.90, "K128_C8_bf16_plain_lambda": 45.75,
+                             "K128_C8_bf16_alpha_lambda": 54.81, "K128_C8_fp32_plain_lambda": 42.25,
+                             "K128_C8_fp32_alpha_lambda": 50.88, "K512_C8_bf16_plain_lambda": 48.88,
+                             "K512_C8_bf16_alpha_lambda": 58.31, "K512_C8_fp32_plain_lambda": 45.31,
+                             "K512_C8_fp32_alpha_lambda": 54.12, "K128_C16_bf16_plain_lambda": 45.75,
+                             "K128_C16_bf16_alpha_lambda": 54.81, "K128_C16_fp32_plain_lambda": 42.25,
+                             "K128_C16_fp32_alpha_lambda": 50.88, "K120_C12_bf16_plain_lambda": 66.40,
+                             "K120_C12_bf16_alpha_lambda": 79.33, "K120_C12_fp32_plain_lambda": 62.60,
+                             "K120_C12_fp32_alpha_lambda": 75.53, "K80_C16_bf16_plain_lambda": 75.00,
+                             "K80_C16_bf16_alpha_lambda": 91.90, "K80_C16_fp32_plain_lambda": 71.20,
+                             "K80_C16_fp32_alpha_lambda": 87.40}
+
+
+@pytest.mark.parametrize("path", cuda_cost.COST_PATHS + cuda_cost.WEIGHTED_COST_PATHS, ids=_case_id)
+def test_cuda_loss_does_not_regress(modelled, path):
+    assert modelled[path]["instructions"] <= 1.03 * RECORDED_SASS_PER_ELEMENT[path.name], modelled[path]
+
+
 def test_cuda_loss_takes_16_values_per_lane():
     """K >= 16 puts 12-16 values in each lane, so that a row's reductions and per-row work are shared
     by that many elements (4 per lane before: K = 128 on 32 lanes took 110 instructions per bf16
