@@ -71,7 +71,7 @@ struct SplitFloatMma : HalfMma<__nv_bfloat16> {
   static __device__ __forceinline__ void split8(const float* x, Stage* hi, Stage* lo) {
     const float4 v[2] = {reinterpret_cast<const float4*>(x)[0], reinterpret_cast<const float4*>(x)[1]};
     const float* f = reinterpret_cast<const float*>(v);
-    __nv_bfloat162 h[4], l[4];
+    __align__(16) __nv_bfloat162 h[4], l[4];  // read back as one 16-byte word each
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);

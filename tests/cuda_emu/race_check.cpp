@@ -134,6 +134,7 @@ int main() {
       // 3 tiles a block, 4 steps a tile resident (7 streaming), the last partial; then whole steps and
       // tiles (d, n multiples of 64: every chunk a copy, none zeroed)
       check_targets(3, 5, lelp::kBFloat16, true, 300, 200);
+      check_targets(3, 5, lelp::kFloat32, true, 300, 200);  // fp32's split step across steps and tiles
       check_targets(3, 5, lelp::kBFloat16, true, 256, 128);
     }
   lelp::emu::copies_land_at_issue = false;

@@ -278,7 +278,8 @@ LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::
       for (int r = 0; r < kRowFrags; ++r) {
         Mma::mma(acc[r * kFrags + i], ah[r], bh);
         Mma::mma(acc[r * kFrags + i], ah[r], bl);
-        if constexpr (Mma::kSplitX) Mma::mma(acc[r * kFrags + i], al[r], bh);  // x_lo * w_lo is below fp32's resolution
+        // x_lo * w_lo (about 2^-16 of the term) is left out
+        if constexpr (Mma::kSplitX) Mma::mma(acc[r * kFrags + i], al[r], bh);
       }
     }
   }
