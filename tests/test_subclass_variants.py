@@ -208,6 +208,9 @@ def test_variant_targets_and_loss_on_every_backend_match_the_reference(backend, 
     tests/test_triton.py runs it on Triton (``device`` "cuda" there on a GPU). ``rtol`` is the
     targets' relative tolerance; the loss's gradient on them (offline and online) is held to an
     absolute 2 · rtol."""
+    if backend in ("cuda", "cuda_emu"):
+        # the CUDA tile splits fp32 h and the map into bf16 parts, as Triton does (test_triton.py: 3e-5)
+        rtol = max(rtol, 3e-5)
     h, y = _classes([3, 5], n=120, d=12)
     head = torch.randn(2, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     m, beta_at, ours, ref = _fitted(name, h, y, head)

@@ -131,9 +131,9 @@ DeviceFacts device_facts(int device) {
   return f;
 }
 
-// More than 48 KB of shared memory needs an opt-in (the resident form takes up to the device's limit). It is set
-// once per kernel and device for the largest size needed, so that a CUDA-graph capture after a
-// warm-up run makes no such call. opted_in: the kernel's sizes so far, per device.
+// More than 48 KB of shared memory needs an opt-in (the resident form takes up to the device's
+// limit). It is set once per kernel and device for the largest size needed, so that a CUDA-graph
+// capture after a warm-up run makes no such call. opted_in: the kernel's sizes so far, per device.
 template <class Kernel>
 void opt_in(Kernel kernel, int device, int64_t smem, int* opted_in) {
   if (smem > 48 * 1024 && (device >= 64 || opted_in[device] < smem)) {

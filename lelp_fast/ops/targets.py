@@ -46,12 +46,12 @@ def cuda_tile_split(weight: torch.Tensor, dtype: torch.dtype, device: torch.devi
     ``dtype`` (bf16 for fp32 embeddings, which the tile splits into bf16 parts too), zero-padded to
     whole steps and fragments."""
     w = weight.detach().to(device=device, dtype=torch.float32)
-    dtype = torch.bfloat16 if dtype == torch.float32 else dtype
-    hi = w.to(dtype)
-    lo = (w - hi.to(torch.float32)).to(dtype)
+    part = torch.bfloat16 if dtype == torch.float32 else dtype
+    hi = w.to(part)
+    lo = (w - hi.to(torch.float32)).to(part)
     d, j = w.shape
     rows, cols = -(-d // CUDA_SPLIT_ROWS) * CUDA_SPLIT_ROWS, -(-j // CUDA_SPLIT_COLS) * CUDA_SPLIT_COLS
-    parts = torch.zeros(2, rows, cols, dtype=dtype, device=device)
+    parts = torch.zeros(2, rows, cols, dtype=part, device=device)
     parts[0, :d, :j], parts[1, :d, :j] = hi, lo
     return parts[0], parts[1]
 
