@@ -531,6 +531,24 @@ LELP_DEV float row_hard_label(const Warp& w, const LossArgs& a, const float* s, 
   return a.alpha * (lse_all - p_y);
 }
 
+// The hard-label term's row factors from a lane's parts of sum e (e_all) and of class y's (e_y):
+// f_all = alpha / sum e, f_y = alpha / sum_y e, and the term alpha CE. False where class y's share is
+// below 2^-90 of the row in some row of the warp (the caller then takes row_hard_label's exact sums).
+struct HardLabelFactors {
+  float f_all, f_y, loss;
+};
+
+template <class Warp>
+LELP_DEV bool hard_label_factors(const Warp& w, const LossArgs& a, bool valid, float e_all, float e_y,
+                                 HardLabelFactors* h) {
+  e_all = w.sum(e_all);
+  e_y = w.sum(e_y);
+  if (w.any(valid && !(e_y >= 0x1p-90f))) return false;
+  const float log2_all = log2_approx(e_all), log2_y = log2_approx(e_y);
+  *h = {a.alpha * exp2_approx(-log2_all), a.alpha * exp2_approx(-log2_y), a.alpha * kLn2 * (log2_all - log2_y)};
+  return true;
+}
+
 // The hard-label term of row_hard_label from e = exp(s - max s) (0 in absent slots), which the KL
 // step has already computed: CE = ln(sum e / sum_{k in y} e), dCE/ds_k = e_k / sum e - [k in y]
 // e_k / sum_{k in y} e; no exponential per element. If class y's share is below 2^-90 of the row
@@ -550,15 +568,13 @@ LELP_DEV float row_hard_label_from_exp(const Warp& w, const LossArgs& a, const f
     e_all += e[i];
     e_y += ey[i];
   }
-  e_all = w.sum(e_all);
-  e_y = w.sum(e_y);
-  if (w.any(valid && !(e_y >= 0x1p-90f))) return row_hard_label<Warp, CH>(w, a, s, y, gr);
+  HardLabelFactors h;
+  if (!hard_label_factors(w, a, valid, e_all, e_y, &h)) return row_hard_label<Warp, CH>(w, a, s, y, gr);
   if (!valid) return 0.f;
-  const float log2_all = log2_approx(e_all), log2_y = log2_approx(e_y);
-  const float f_all = a.alpha * exp2_approx(-log2_all), f_y = a.alpha * exp2_approx(-log2_y);
+  const float f_all = h.f_all, f_y = h.f_y;
 #pragma unroll
   for (int i = 0; i < P; ++i) gr[i] = fmaf(e[i], f_all, fmaf(-ey[i], f_y, gr[i]));  // two FMAs
-  return a.alpha * kLn2 * (log2_all - log2_y);
+  return h.loss;
 }
 
 // row_hard_label_from_exp for rows whose classes are whole chunks (S % 4 == 0; loss_row takes it
@@ -582,12 +598,10 @@ LELP_DEV float row_hard_label_from_exp_chunks(const Warp& w, const LossArgs& a, 
     e_all += chunk;
     e_y += in_y[c] ? chunk : 0.f;
   }
-  e_all = w.sum(e_all);
-  e_y = w.sum(e_y);
-  if (w.any(valid && !(e_y >= 0x1p-90f))) return row_hard_label<Warp, CH>(w, a, s, y, gr);
+  HardLabelFactors h;
+  if (!hard_label_factors(w, a, valid, e_all, e_y, &h)) return row_hard_label<Warp, CH>(w, a, s, y, gr);
   if (!valid) return 0.f;
-  const float log2_all = log2_approx(e_all), log2_y = log2_approx(e_y);
-  const float f_all = a.alpha * exp2_approx(-log2_all), f_y = a.alpha * exp2_approx(-log2_y);
+  const float f_all = h.f_all, f_y = h.f_y;
   const float f_in = f_all - f_y;  // dCE/ds_k / e_k in class y
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
@@ -595,7 +609,7 @@ LELP_DEV float row_hard_label_from_exp_chunks(const Warp& w, const LossArgs& a, 
 #pragma unroll
     for (int i = c * kVec; i < (c + 1) * kVec; ++i) gr[i] = fmaf(e[i], f, gr[i]);
   }
-  return a.alpha * kLn2 * (log2_all - log2_y);
+  return h.loss;
 }
 
 // Stores one row's outputs (an ignored row's loss 0, its gradient times 0); the gradient times
