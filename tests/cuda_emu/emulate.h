@@ -12,7 +12,6 @@
 #include <memory>
 #include <stdexcept>
 #include <thread>
-#include <type_traits>
 #include <vector>
 
 #include "host_warp.h"
