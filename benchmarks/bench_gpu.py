@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import itertools
 import os
 import sys
 import time
@@ -112,37 +113,47 @@ def check_targets(device, failures):
                                         f"max error {err:.3g} > {tol:.3g}")
 
 
+def loss_check_cases(dtypes, seed):
+    """Every (dtype, divergence, teachers) of a loss check shape on a GPU; under the Triton
+    interpreter each divergence once, with a dtype and teacher count that turn with the shape, so
+    that the CPU logic run takes seconds, not minutes (tests/test_triton.py covers the product there)."""
+    from lelp_fast.kernels.triton import interpreting
+
+    cases = list(itertools.product(dtypes, DIVERGENCES, (None, 3)))
+    if not interpreting():
+        return cases
+    return [(dtypes[(seed + i) % len(dtypes)], div, (None, 3)[(seed + i) % 2]) for i, div in enumerate(DIVERGENCES)]
+
+
 def check_loss(device, failures):
     tol = {torch.float32: 5e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
     for backend in gpu_backends(device):
         for n, c, s in [(1, 2, 1), (37, 2, 8), (1031, 5, 8), (9, 3, 13), (64, 2, 256), (33, 4, 10)]:
-            for dtype in tol:
-                for div in DIVERGENCES:
-                    for m in (None, 3):
-                        g = torch.Generator().manual_seed(n * s + c)
-                        k = c * s
-                        student = (torch.randn(n, k, generator=g, dtype=torch.float64) * 3).to(dtype)
-                        shape = (n, k) if m is None else (n, m, k)
-                        log_t = torch.log_softmax(torch.randn(*shape, generator=g, dtype=torch.float64) * 3, -1)
-                        w = None if m is None else torch.softmax(torch.randn(n, m, generator=g), 1)
-                        y = torch.randint(0, c, (n,), generator=g)
-                        x = student.to(device, copy=True).requires_grad_(True)
-                        loss = distill_loss(x, log_t.float().to(device), y.to(device), num_classes=c, n_subclasses=s,
-                                            divergence=div, tau=1.7, alpha=0.3, backend=backend,
-                                            teacher_weights=None if w is None else w.to(device))
-                        loss.backward()
-                        ref_t = log_t.float().double()
-                        if m is not None:
-                            ref_t = torch.log((w.double().unsqueeze(-1) * ref_t.exp()).sum(1))
-                        s64 = student.detach().double().requires_grad_(True)
-                        want = reference.distillation_loss(s64, ref_t, y, num_classes=c, n_subclasses=s,
-                                                           divergence_kind=div, tau=1.7, alpha=0.3)
-                        want.backward()
-                        e_loss = abs(loss.item() - want.item())
-                        e_grad = (x.grad.double().cpu() - s64.grad).abs().max().item()
-                        if not (e_loss <= tol[dtype] * max(1.0, abs(want.item())) and e_grad <= 2 * tol[dtype]):
-                            failures.append(f"loss {backend} {dtype} {div} n={n} C={c} S={s} M={m}: "
-                                            f"errors {e_loss:.3g} / {e_grad:.3g}")
+            for dtype, div, m in loss_check_cases(list(tol), n + c + s):
+                g = torch.Generator().manual_seed(n * s + c)
+                k = c * s
+                student = (torch.randn(n, k, generator=g, dtype=torch.float64) * 3).to(dtype)
+                shape = (n, k) if m is None else (n, m, k)
+                log_t = torch.log_softmax(torch.randn(*shape, generator=g, dtype=torch.float64) * 3, -1)
+                w = None if m is None else torch.softmax(torch.randn(n, m, generator=g), 1)
+                y = torch.randint(0, c, (n,), generator=g)
+                x = student.to(device, copy=True).requires_grad_(True)
+                loss = distill_loss(x, log_t.float().to(device), y.to(device), num_classes=c, n_subclasses=s,
+                                    divergence=div, tau=1.7, alpha=0.3, backend=backend,
+                                    teacher_weights=None if w is None else w.to(device))
+                loss.backward()
+                ref_t = log_t.float().double()
+                if m is not None:
+                    ref_t = torch.log((w.double().unsqueeze(-1) * ref_t.exp()).sum(1))
+                s64 = student.detach().double().requires_grad_(True)
+                want = reference.distillation_loss(s64, ref_t, y, num_classes=c, n_subclasses=s,
+                                                   divergence_kind=div, tau=1.7, alpha=0.3)
+                want.backward()
+                e_loss = abs(loss.item() - want.item())
+                e_grad = (x.grad.double().cpu() - s64.grad).abs().max().item()
+                if not (e_loss <= tol[dtype] * max(1.0, abs(want.item())) and e_grad <= 2 * tol[dtype]):
+                    failures.append(f"loss {backend} {dtype} {div} n={n} C={c} S={s} M={m}: "
+                                    f"errors {e_loss:.3g} / {e_grad:.3g}")
 
 
 def check_online_loss(device, failures):
