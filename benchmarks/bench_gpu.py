@@ -6,7 +6,7 @@ Without a GPU (logic only, tiny sizes, Triton interpreter):
 ``--check loss`` runs that check alone and exits (``--check none``: the tables alone);
 benchmarks/gpu_session.sh runs each check in its own process so one crash cannot hide the rest.
 
-1. Checks: targets and loss (4 divergences, precomputed / M teachers / online from one or three
+1. Checks: targets and loss (5 divergences, precomputed / M teachers / online from one or three
    teachers, 3 dtypes, odd shapes, K up to 512, logits ±1e4, and on a GPU tensors past 2^31
    elements) on each GPU backend against the fp64 reference, outputs poisoned with NaN first. A
    check that raises counts as failed and the others still run; any failure is printed and the
@@ -119,10 +119,9 @@ def loss_check_cases(dtypes, seed):
     that the CPU logic run takes seconds, not minutes (tests/test_triton.py covers the product there)."""
     from lelp_fast.kernels.triton import interpreting
 
-    cases = list(itertools.product(dtypes, DIVERGENCES, (None, 3)))
-    if not interpreting():
-        return cases
-    return [(dtypes[(seed + i) % len(dtypes)], div, (None, 3)[(seed + i) % 2]) for i, div in enumerate(DIVERGENCES)]
+    if interpreting():
+        return [(dtypes[(seed + i) % len(dtypes)], div, (None, 3)[(seed + i) % 2]) for i, div in enumerate(DIVERGENCES)]
+    return list(itertools.product(dtypes, DIVERGENCES, (None, 3)))
 
 
 def check_loss(device, failures):
