@@ -28,8 +28,9 @@ def test_bench_gpu_quick_run_on_the_cpu(tmp_path):
 
 def test_loss_check_takes_the_whole_product_on_a_gpu_and_a_cross_section_interpreted(monkeypatch):
     """The interpreter ran all 30 (dtype, divergence, teachers) cases of each loss check shape (205 s of
-    this file's 254 s on 2026-12-03); it now runs each divergence once, turning the dtype and the
-    teacher count with the shape, and a GPU still runs the product."""
+    this file's 254 s on 2026-12-03), then each divergence once a shape (46 s); it now runs one case a
+    shape, turning with it, so that the 6 shapes take every divergence, dtype and teacher count; a GPU
+    still runs the product."""
     pytest.importorskip("triton")
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     import bench_gpu
@@ -38,8 +39,24 @@ def test_loss_check_takes_the_whole_product_on_a_gpu_and_a_cross_section_interpr
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert len(set(bench_gpu.loss_check_cases(dtypes, 0))) == len(dtypes) * len(bench_gpu.DIVERGENCES) * 2
     monkeypatch.setenv("TRITON_INTERPRET", "true")
-    per_shape = [bench_gpu.loss_check_cases(dtypes, seed) for seed in range(6)]
-    for cases in per_shape:
-        assert sorted(d for _, d, _ in cases) == sorted(bench_gpu.DIVERGENCES)
+    per_shape = [bench_gpu.loss_check_cases(dtypes, i) for i in range(6)]
+    assert all(len(cases) == 1 for cases in per_shape)
     seen = [case for cases in per_shape for case in cases]
-    assert {d for d, _, _ in seen} == set(dtypes) and {m for _, _, m in seen} == {None, 3}
+    assert {t for t, _, _ in seen} == set(dtypes) and {m for _, _, m in seen} == {None, 3}
+    assert {d for _, d, _ in seen} == set(bench_gpu.DIVERGENCES)
+
+
+def test_targets_check_takes_the_whole_product_on_a_gpu_and_a_cross_section_interpreted(monkeypatch):
+    """The interpreter ran the 6 (dtype, head or given logits) cases of each of the 10 targets check
+    shapes (55 s on 2026-12-03); it now runs one a shape, turning with it, and a GPU still runs the 6."""
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_gpu
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    product = bench_gpu.targets_check_cases(0)
+    assert len(set(product)) == 6
+    monkeypatch.setenv("TRITON_INTERPRET", "true")
+    per_shape = [bench_gpu.targets_check_cases(i) for i in range(10)]
+    assert all(len(cases) == 1 for cases in per_shape)
+    assert {case for cases in per_shape for case in cases} == set(product)
