@@ -6,8 +6,10 @@
 // read or write past one is reported, as compute-sanitizer's memcheck would on a GPU.
 // Covers each loss lane layout (precomputed, mixed and online targets, hard labels; KL at a subclass
 // weight lambda != 1 with its class sums in registers and in shared memory) and the targets
-// tile in all three precisions (resident and streaming) plus the row kernel. Prints "ok" when it finishes.
+// tile in all three precisions (resident and streaming) plus the row kernel. Prints "ok: ran R of N checks" when it finishes.
+// `race_check PART PARTS` runs every PARTS-th check from the PART-th (0-based) alone.
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -16,6 +18,16 @@
 namespace {
 
 std::mt19937 rng(7);
+
+// This process's share of the checks (race_check PART PARTS): tests/test_cuda_emulated.py runs the
+// parts side by side, one a core.
+int part = 0, parts = 1, calls = 0, ran = 0;
+
+bool mine() {
+  const bool is_mine = calls++ % parts == part;
+  ran += is_mine;
+  return is_mine;
+}
 
 std::vector<float> randn(size_t n, float scale = 1.f) {
   std::normal_distribution<float> dist(0.f, scale);
@@ -54,6 +66,7 @@ lelp::TargetsArgs teacher(int64_t n, int64_t d, int64_t C, int64_t S, bool head,
 
 void check_loss(int64_t C, int64_t S, int teachers, bool online, int divergence = lelp::kJS, float lambda = 1.f,
                 bool far = false) {
+  if (!mine()) return;
   const int64_t n = 41, K = C * S, d = 13;
   auto student = randn(n * K, 3.f), log_t = randn(n * teachers * K), grad = std::vector<float>(n * K);
   if (far)  // class 0 of every third row far below the rest: the warps' exact class sums
@@ -82,6 +95,7 @@ void check_loss(int64_t C, int64_t S, int teachers, bool online, int divergence 
 }
 
 void check_targets(int64_t C, int64_t S, int dtype, bool head, int64_t n = 70, int64_t d = 40) {
+  if (!mine()) return;
   const int64_t K = C * S, J = K + (head ? C : 0);
   auto x = randn(n * d), weight = randn(d * J), bias = randn(J), z = randn(n * C), out = std::vector<float>(n * K);
   auto bits = as_bits(x, dtype);
@@ -100,7 +114,8 @@ void check_targets(int64_t C, int64_t S, int dtype, bool head, int64_t n = 70, i
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc == 3) part = std::atoi(argv[1]), parts = std::atoi(argv[2]);
   // every (W, CH) of warp::loss_shape (tests/test_cuda_emulated.py: LANE_LAYOUT_SHAPES)
   const int64_t shapes[][2] = {{3, 1}, {2, 4}, {3, 4}, {2, 8}, {2, 12}, {2, 16}, {5, 8}, {2, 32},
                                {3, 30}, {4, 25}, {4, 40}, {2, 100}, {2, 128}, {3, 100}, {5, 80}};
@@ -139,6 +154,6 @@ int main() {
     }
   lelp::emu::copies_land_at_issue = false;
   check_targets(2, 256, lelp::kBFloat16, true);  // the row kernel
-  std::printf("ok\n");
+  std::printf("ok: ran %d of %d checks\n", ran, calls);
   return 0;
 }
