@@ -114,8 +114,9 @@ def sanitizer_builds():
     2026-12-03; the line tables of -g1 are what a report's stack needs, and take 56 and 18 s)."""
 
     def build(sanitizer):
+        flags = ["-O1", "-g1", *SANITIZERS[sanitizer]]
         try:
-            binary = build_emulation("race_check.cpp", f"race_check_{sanitizer}", ["-O1", "-g1", *SANITIZERS[sanitizer]])
+            binary = build_emulation("race_check.cpp", f"race_check_{sanitizer}", flags)
         except subprocess.CalledProcessError as exc:
             return f"no {sanitizer} sanitizer build here: {exc.stderr.decode()[-300:]}"
         return binary or "needs g++"
@@ -136,12 +137,17 @@ def test_kernel_bodies_under_sanitizers(sanitizer_builds, sanitizer):
     running = [subprocess.Popen([binary, str(part), str(parts)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True) for part in range(parts)]
     ran = []
-    for process in running:
-        stdout, stderr = process.communicate(timeout=300)
-        assert "Sanitizer" not in stderr and "runtime error" not in stderr, stderr[-4000:]
-        done = re.fullmatch(r"ok: ran (\d+) of (\d+) checks", stdout.strip())
-        assert process.returncode == 0 and done, stdout + stderr[-2000:]
-        ran.append((int(done.group(1)), int(done.group(2))))
+    try:
+        for process in running:
+            stdout, stderr = process.communicate(timeout=300)
+            assert "Sanitizer" not in stderr and "runtime error" not in stderr, stderr[-4000:]
+            done = re.fullmatch(r"ok: ran (\d+) of (\d+) checks", stdout.strip())
+            assert process.returncode == 0 and done, stdout + stderr[-2000:]
+            ran.append((int(done.group(1)), int(done.group(2))))
+    finally:
+        for process in running:  # a failed part leaves none of the others running
+            process.kill()
+            process.wait()
     total = ran[0][1]
     assert total > 100 and all(n == total for _, n in ran) and sum(r for r, _ in ran) == total, ran
 

@@ -6,8 +6,8 @@
 // read or write past one is reported, as compute-sanitizer's memcheck would on a GPU.
 // Covers each loss lane layout (precomputed, mixed and online targets, hard labels; KL at a subclass
 // weight lambda != 1 with its class sums in registers and in shared memory) and the targets
-// tile in all three precisions (resident and streaming) plus the row kernel. Prints "ok: ran R of N checks" when it finishes.
-// `race_check PART PARTS` runs every PARTS-th check from the PART-th (0-based) alone.
+// tile in all three precisions (resident and streaming) plus the row kernel. Prints "ok: ran R of N
+// checks" when it finishes; `race_check PART PARTS` runs every PARTS-th check from the PART-th (0-based).
 #include <cstdio>
 #include <cstdlib>
 #include <random>
