@@ -115,27 +115,26 @@ def check_targets(device, failures):
 TARGETS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def targets_check_cases(seed):
-    """Every (dtype, head or given logits) of a targets check shape on a GPU; under the Triton
-    interpreter one, turning with the shape, so that the 10 shapes take each of the 6 once at least
-    (the product took 55 s of the CPU logic run; tests/test_triton.py covers it there)."""
+def check_cases(seed, *axes):
+    """Every combination of the axes on a GPU; under the Triton interpreter one, turning with the
+    check shape's index ``seed``, so that the shapes take every value of each axis between them
+    (the products took 205 s (loss) and 55 s (targets) of the CPU logic run; tests/test_triton.py
+    covers them there)."""
     from lelp_fast.kernels.triton import interpreting
 
     if interpreting():
-        return [(TARGETS_DTYPES[seed % 3], (True, False)[seed % 2])]
-    return list(itertools.product(TARGETS_DTYPES, (True, False)))
+        return [tuple(axis[seed % len(axis)] for axis in axes)]
+    return list(itertools.product(*axes))
+
+
+def targets_check_cases(seed):
+    """(dtype, with the head) of a targets check shape: 6 on a GPU, 1 interpreted."""
+    return check_cases(seed, TARGETS_DTYPES, (True, False))
 
 
 def loss_check_cases(dtypes, seed):
-    """Every (dtype, divergence, teachers) of a loss check shape on a GPU; under the Triton
-    interpreter one, turning with the shape, so that the 6 shapes take every divergence, dtype and
-    teacher count (the product took 205 s of the CPU logic run, each divergence once a shape 46 s;
-    tests/test_triton.py covers the product there)."""
-    from lelp_fast.kernels.triton import interpreting
-
-    if interpreting():
-        return [(dtypes[seed % len(dtypes)], DIVERGENCES[seed % len(DIVERGENCES)], (None, 3)[seed % 2])]
-    return list(itertools.product(dtypes, DIVERGENCES, (None, 3)))
+    """(dtype, divergence, teachers) of a loss check shape: 30 on a GPU, 1 interpreted."""
+    return check_cases(seed, dtypes, DIVERGENCES, (None, 3))
 
 
 def check_loss(device, failures):

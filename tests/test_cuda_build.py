@@ -46,6 +46,12 @@ def parse_report(text: str) -> dict:
     return report
 
 
+def side_by_side(fn, items) -> list:
+    """[fn(item) for item in items], one at a time a core (nvcc and nvdisasm are single-threaded)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(items), os.cpu_count() or 1))) as pool:
+        return list(pool.map(fn, items))
+
+
 @pytest.fixture(scope="module")
 def cubins(tmp_path_factory):
     """{(source, arch): (cubin path, ptxas report)}, each source compiled once per architecture, the
@@ -53,9 +59,8 @@ def cubins(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nvcc")
     keys = [(src, arch) for src in SOURCES for arch in ARCHS]
     paths = {(src, arch): tmp / f"{os.path.basename(src)}.{arch}.cubin" for src, arch in keys}
-    with ThreadPoolExecutor(max_workers=max(1, min(len(keys), os.cpu_count() or 1))) as pool:
-        reports = pool.map(lambda key: compile_cubin(*key, paths[key]), keys)
-        return {key: (paths[key], parse_report(text)) for key, text in zip(keys, reports)}
+    reports = side_by_side(lambda key: compile_cubin(*key, paths[key]), keys)
+    return {key: (paths[key], parse_report(text)) for key, text in zip(keys, reports)}
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +118,7 @@ def sass(cubins):
                 kernels[name].append(line)
         return {k: "\n".join(v) for k, v in kernels.items()}
 
-    with ThreadPoolExecutor(max_workers=max(1, min(len(cubins), os.cpu_count() or 1))) as pool:
-        return dict(zip(cubins, pool.map(listing, [cubin for cubin, _ in cubins.values()])))
+    return dict(zip(cubins, side_by_side(listing, [cubin for cubin, _ in cubins.values()])))
 
 
 def kernels_named(listing: dict, part: str) -> dict:
