@@ -7,8 +7,8 @@ modelled path, with that path's arguments fixed in the kernel (the KL divergence
 precomputed targets of one teacher, 16-byte rows; labels and λ as the path says; τ = 2 with the
 hard-label term, whose exponentials depend on τ), so the compiler drops the other paths. C, S, α,
 λ and τ without labels stay runtime values, as in production. The class-wise form the kernel picks
-by S (``warp::ClassSumsForm``: classes of whole chunks or not, which decides the class sums' form at
-λ ≠ 1 and the hard-label term's) is forced, so only it is counted. Not counted: the
+by S (``warp::ClassSumsForm``: classes of whole chunks, reduce-scattered or by slot, or not, which
+decides the class sums' form at λ ≠ 1 and the hard-label term's) is forced, so only it is counted. Not counted: the
 uniform branches that skip the other paths (a few per row), and the warps' exact fallbacks when a
 class holds less than 2^-90 of a row's q (``CostWarp::any`` is false).
 
@@ -47,14 +47,16 @@ class Path(NamedTuple):
     weighted: bool  # the subclass weight λ ≠ 1
     tau: int = 0  # τ fixed in the kernel (the hard-label term's exponentials depend on it); 0: runtime
 
-    @property
-    def class_sums(self) -> int:
-        """The class-wise form the kernel takes for this S (``warp::ClassSumsForm``: 1, classes of
-        whole chunks, when S / 4 is a power of two: the class sums at λ ≠ 1 in registers, the
-        hard-label term a chunk at a time; 2 otherwise: the class sums through shared memory, the
-        hard-label term element by element)."""
+    def class_sums(self, w: int, ch: int) -> int:
+        """The class-wise form the kernel takes for this S on W lanes of CH chunks (``warp::class_sums_form``):
+        when S / 4 is a power of two, classes of whole chunks, the class sums at λ ≠ 1 in registers
+        and the hard-label term a chunk at a time: reduce-scattered (3) where a class is one slot of
+        8 or more lanes of 4 chunks, else by slot (1); otherwise (2) the class sums through shared
+        memory, the hard-label term element by element."""
         chunks = self.n_subclasses // 4
-        return 1 if self.n_subclasses % 4 == 0 and chunks & (chunks - 1) == 0 else 2
+        if not (self.n_subclasses % 4 == 0 and chunks & (chunks - 1) == 0):
+            return 2
+        return 3 if ch == 4 and 8 <= chunks <= w else 1
 
     @property
     def chunks_after_first(self) -> int:
@@ -81,7 +83,7 @@ SOURCE_HEAD = """
 namespace lelp {
 // The path where no class of a row holds less than 2^-90 of its q: the warps' exact fallbacks
 // (row_hard_label, row_class_kl_exact) are dropped from the count. FORM: the class-wise form
-// (warp::ClassSumsForm: 1 classes of whole chunks, 2 any).
+// (warp::ClassSums: 1 classes of whole chunks by slot, 3 reduce-scattered, 2 any).
 template <int W, int FORM>
 struct CostWarp : cuda::DeviceWarp<W> {
   __device__ __forceinline__ bool any(bool) const { return false; }
@@ -123,7 +125,7 @@ def path_source(paths: List[Path], shapes: Dict[int, tuple]) -> str:
             continue
         seen.add(kernel_key(p, w, ch))
         lines.append(f"template __global__ void kl_path<{w}, {ch}, {DTYPES[p.dtype]}, {str(p.labels).lower()}, "
-                     f"{str(p.weighted).lower()}, {p.tau}, {p.class_sums}>(LossArgs);")
+                     f"{str(p.weighted).lower()}, {p.tau}, {p.class_sums(w, ch)}>(LossArgs);")
     lines.append("}  // namespace lelp")
     return "\n".join(lines)
 
@@ -132,7 +134,7 @@ def kernel_key(p: Path, w: int, ch: int) -> str:
     """The mangled-name part of one instantiation (template arguments W, CH, DT, LABELS, WEIGHTED, TAU,
     FORM): kl_pathILi<W>ELi<CH>ELi<DT>ELb<0|1>ELb<0|1>ELi<TAU>ELi<FORM>E."""
     return (f"kl_pathILi{w}ELi{ch}ELi{DTYPES[p.dtype]}ELb{int(p.labels)}ELb{int(p.weighted)}"
-            f"ELi{p.tau}ELi{p.class_sums}E")
+            f"ELi{p.tau}ELi{p.class_sums(w, ch)}E")
 
 
 def host_program_output(header: str, statements: List[str]) -> List[str]:
@@ -324,7 +326,7 @@ def model(paths: List[Path], arch: int = 90) -> Dict[Path, Dict[str, float]]:
         (name,) = [n for n in sass if key in n]
         # λ ≠ 1 through shared memory (row_class_kl): the busiest lane's classes, and per class the
         # chunks after its first: (S - 1 + r) // 4 at most, r the largest offset c S mod 4 of a class's start
-        trips = (-(-p.num_classes // w), p.chunks_after_first) if p.weighted and p.class_sums == 2 else ()
+        trips = (-(-p.num_classes // w), p.chunks_after_first) if p.weighted and p.class_sums(w, ch) == 2 else ()
         facts = row_loop_facts(sass[name], trips)
         elements = (32 // w) * p.k  # per warp and iteration
         e = {"W": w, "CH": ch, "instructions": facts["instructions"] * 32 / elements,

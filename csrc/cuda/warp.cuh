@@ -46,6 +46,8 @@ struct DeviceWarp {
     }
     return v;
   }
+  __device__ __forceinline__ float xor_lane(float v, int o) const { return __shfl_xor_sync(0xffffffffu, v, o); }
+  __device__ __forceinline__ float from_lane(float v, int l) const { return __shfl_sync(0xffffffffu, v, l); }
   __device__ __forceinline__ bool any(bool p) const { return __any_sync(0xffffffffu, p); }  // over the warp
   __device__ __forceinline__ void sync() const { __syncwarp(); }
   static __device__ __forceinline__ float load(const void* p, int dtype, int64_t i) { return cuda::load(p, dtype, i); }

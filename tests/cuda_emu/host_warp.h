@@ -43,6 +43,14 @@ struct HostWarp {
   float sum(float v) const { return butterfly(v, [](float a, float b) { return a + b; }); }
   float max(float v) const { return butterfly(v, [](float a, float b) { return fmax_(a, b); }); }
   float sum_within(float v, int n) const { return butterfly(v, [](float a, float b) { return a + b; }, n); }
+  float from_lane(float v, int l) const {  // lane l's v, like __shfl_sync
+    state->slot[lane_] = v;
+    state->bar.arrive_and_wait();
+    const float x = state->slot[l];
+    state->bar.arrive_and_wait();
+    return x;
+  }
+  float xor_lane(float v, int o) const { return from_lane(v, lane_ ^ o); }
   bool any(bool p) const {  // over the warp, like __any_sync
     state->slot[lane_] = p ? 1.f : 0.f;
     state->bar.arrive_and_wait();

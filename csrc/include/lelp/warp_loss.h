@@ -7,7 +7,8 @@
 // 16-byte loads on the GPU; tests/cuda_emu/ supplies 32 host threads and a barrier, so the kernel's
 // indexing and numerics are tested against the fp64 reference on a CPU. A Warp provides
 //   kWidth (W), lane() (0..31), sum(v) / max(v) over the lane's group, sum_within(v, n) over aligned
-//   runs of n of its lanes, any(p) over the warp, sync() (a warp barrier with memory ordering), and
+//   runs of n of its lanes, xor_lane(v, o) / from_lane(v, l) (lane ^ o's v, lane l's v), any(p) over
+//   the warp, sync() (a warp barrier with memory ordering), and
 //   static load(p, dtype, i), load4(p, dtype, i, v), store(p, dtype, i, v), store4(p, dtype, i, v).
 // The math is that of lelp/loss_math.h (docs/algorithm.md).
 #pragma once
@@ -299,44 +300,117 @@ LELP_HD bool classes_in_chunks(const LossArgs& a) {
 }
 
 // Which class-wise form a row takes (row_kl's class sums at lambda != 1, the hard-label term): by
-// the row's shape (0), or always classes of whole chunks (1: in registers) or any classes (2: the
-// sums through shared memory, the hard-label term element by element). Only the cost model
-// (tests/cuda_cost.py) forces one, so that it counts one form with S a runtime value, as the
-// kernel has it.
+// the row's shape (0), or always one of these (ClassSums): classes of whole chunks, a class's sums
+// in registers by its slots (kChunks) or reduce-scattered over its run of lanes (kScattered), or any
+// classes (kShared: the sums through shared memory, the hard-label term element by element). Only
+// the cost model (tests/cuda_cost.py) forces one, so that it counts one form with S a runtime value,
+// as the kernel has it.
+enum ClassSums { kByShape = 0, kChunks = 1, kShared = 2, kScattered = 3 };
+
 template <class Warp>
 struct ClassSumsForm {
-  static constexpr int value = 0;
+  static constexpr int value = kByShape;
 };
 
-// Whether the row's classes are whole chunks, by its shape or as ClassSumsForm forces: row_kl then
-// takes a lambda != 1 row's class sums in registers (row_class_kl_chunked), and loss_row the
-// hard-label term a chunk at a time (row_hard_label_from_exp_chunks).
-template <class Warp>
-LELP_HD bool classes_are_whole_chunks(const LossArgs& a) {
-  constexpr int form = ClassSumsForm<Warp>::value;
-  return form == 0 ? classes_in_chunks(a) : form == 1;
+// The form a row takes, by its shape or as ClassSumsForm forces: classes of whole chunks, reduce-
+// scattered where a class is one slot of an aligned run of 8 or more of the group's lanes and each
+// lane holds 4 chunks (class_factors_scattered), else by slots (class_factors_by_slot); other classes
+// through shared memory (row_class_kl).
+template <class Warp, int CH>
+LELP_HD int class_sums_form(const LossArgs& a) {
+  constexpr int forced = ClassSumsForm<Warp>::value;
+  if (forced != kByShape) return forced;
+  if (!classes_in_chunks(a)) return kShared;
+  const int64_t sc = a.S / kVec;
+  return CH == 4 && sc >= 8 && sc <= Warp::kWidth ? kScattered : kChunks;
 }
 
-// row_class_kl in registers, for rows whose classes are whole chunks (classes_in_chunks). Chunk slot
-// c of lane g is row chunk c W + g, of class (c W + g) / Sc (Sc = S / 4 chunks a class): with
-// Sc <= W a class is one slot of an aligned run of Sc lanes (a butterfly over them), with Sc > W
-// it is G = Sc / W neighbouring slots of every lane of the group (their sum, then the group's).
-// Every lane then has its slots' class sums p (of t) and q (of qu); a class's first chunk adds its
-// divergence term. Returns false, leaving gr alone, if a class of the warp has a share of qu below
-// 2^-90 (row_class_kl then sums the warp's classes exactly).
+// Whether the row's classes are whole chunks: row_kl then takes a lambda != 1 row's class sums in
+// registers (row_class_kl_chunked), and loss_row the hard-label term a chunk at a time
+// (row_hard_label_from_exp_chunks).
 template <class Warp, int CH>
-LELP_DEV bool row_class_kl_chunked(const Warp& w, const LossArgs& a, float log2_sum, const float* qu, const float* t,
-                                   float* gr, float* d_out) {
+LELP_HD bool classes_are_whole_chunks(const LossArgs& a) {
+  return class_sums_form<Warp, CH>(a) != kShared;
+}
+
+// Per slot c of the lane, its class's gradient factor r[c] = (1 - lambda) tau p / q from its part of
+// the class sums p[c] (of t) and q[c] (of qu), where a class is one slot of an aligned run of `run`
+// lanes: each slot's sums a butterfly over the run; a class's first chunk adds its divergence term
+// to *d. Returns whether a class of the lane has a share of qu below 2^-90.
+template <class Warp, int CH>
+LELP_DEV bool class_factors_by_slot(const Warp& w, int K, int sc, int run, float f, float log2_sum, const float* p,
+                                    const float* q, float* r, float* d) {
   constexpr int W = Warp::kWidth;
-  const int g = w.lane() % W, K = static_cast<int>(a.C * a.S), sc = static_cast<int>(a.S) / kVec;
-  const int group = sc > W ? sc / W : 1, run = sc < W ? sc : W;  // powers of two
-  const float f = (1.f - a.subclass_weight) * a.tau;
-  float p[CH], q[CH];
+  const int g = w.lane() % W;
+  bool inexact = false;
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
-    const int i = c * kVec;
-    p[c] = (t[i] + t[i + 1]) + (t[i + 2] + t[i + 3]);
-    q[c] = (qu[i] + qu[i + 1]) + (qu[i + 2] + qu[i + 3]);
+    const float pc = w.sum_within(p[c], run), qc = w.sum_within(q[c], run);
+    const int j = c * W + g;
+    const float inv_q = rcp_approx(qc);
+    r[c] = pc == 0.f ? 0.f : f * pc * inv_q;
+    if (j * kVec < K && (j & (sc - 1)) == 0) {  // the class's first chunk
+      *d += class_divergence(pc, inv_q, log2_sum);
+      inexact = inexact || (pc > 0.f && !(qc >= 0x1p-90f));
+    }
+  }
+  return inexact;
+}
+
+// class_factors_by_slot for 4 slots a lane and runs of 8 or more lanes (kScattered): the run's 8
+// sums (p and q of 4 slots) are reduce-scattered, halved at each of 3 butterfly levels (offsets
+// run / 2, / 4, / 8), so that each lane adds one of them over the remaining levels, and exchanges
+// it with the lane run / 2 away (p with q). Each lane then has one class's p and q, computes its
+// factor, and takes its 4 slots' factors from the lanes that hold them: 12-13 shuffles a lane where
+// by slot takes 40 (32 lanes), one reciprocal instead of 4.
+template <class Warp>
+LELP_DEV bool class_factors_scattered(const Warp& w, int K, int run, float f, float log2_sum, const float* p,
+                                      const float* q, float* r, float* d) {
+  constexpr int W = Warp::kWidth;
+  const int g = w.lane() % W, in_run = g & (run - 1), half = run / 2, quarter = run / 4, eighth = run / 8;
+  float v[8] = {p[0], p[1], p[2], p[3], q[0], q[1], q[2], q[3]};
+  // Level by level the lane keeps the half of its values whose index has its lane bit, and adds the
+  // partner's part of them: after the three, value (q?, slot bits) = (in_run & half, & quarter, & eighth).
+  const bool upper = in_run & half, mid = in_run & quarter, low = in_run & eighth;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float keep = upper ? v[i + 4] : v[i], give = upper ? v[i] : v[i + 4];
+    v[i] = keep + w.xor_lane(give, half);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float keep = mid ? v[i + 2] : v[i], give = mid ? v[i] : v[i + 2];
+    v[i] = keep + w.xor_lane(give, quarter);
+  }
+  float total = (low ? v[1] : v[0]) + w.xor_lane(low ? v[0] : v[1], eighth);
+#pragma unroll
+  for (int o = W / 16; o > 0; o >>= 1) {  // over the lanes that hold the same value (offsets below run / 8)
+    const float x = w.xor_lane(total, o);
+    if (o < eighth) total += x;
+  }
+  const float other = w.xor_lane(total, half);
+  const float pc = upper ? other : total, qc = upper ? total : other;
+  const int slot = (mid ? 2 : 0) + (low ? 1 : 0);
+  const float inv_q = rcp_approx(qc);
+  const float mine = pc == 0.f ? 0.f : f * pc * inv_q;
+  const bool counts = (in_run & (half | (eighth - 1))) == 0 && (slot * W + g) * kVec < K;  // one lane a class
+  if (counts) *d += class_divergence(pc, inv_q, log2_sum);
+  const int base = w.lane() - in_run;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) r[c] = w.from_lane(mine, base + (c >> 1) * quarter + (c & 1) * eighth);
+  return counts && pc > 0.f && !(qc >= 0x1p-90f);
+}
+
+// The factors r and the divergence terms of row_class_kl_chunked from the slots' chunk sums p and q
+// (overwritten): reduce-scattered (kScattered) or by slot, after summing a class's G slots in the lane.
+template <class Warp, int CH>
+LELP_DEV bool class_factors(const Warp& w, const LossArgs& a, int K, int sc, float log2_sum, float* p, float* q,
+                            float* r, float* d) {
+  constexpr int W = Warp::kWidth;
+  const int group = sc > W ? sc / W : 1, run = sc < W ? sc : W;  // powers of two
+  const float f = (1.f - a.subclass_weight) * a.tau;
+  if constexpr (CH == 4) {
+    if (class_sums_form<Warp, CH>(a) == kScattered) return class_factors_scattered(w, K, run, f, log2_sum, p, q, r, d);
   }
   // Each slot's part of its class: the sum over its aligned G slots, a butterfly over the slots (G
   // is a run-time value; summing every slot with a mask took CH^2 selects and adds)
@@ -350,21 +424,29 @@ LELP_DEV bool row_class_kl_chunked(const Warp& w, const LossArgs& a, float log2_
           p[c] = p[c | h] = sp;
           q[c] = q[c | h] = sq;
         }
-  float r[CH], d = 0.f;
-  bool inexact = false;
+  return class_factors_by_slot<Warp, CH>(w, K, sc, run, f, log2_sum, p, q, r, d);
+}
+
+// row_class_kl in registers, for rows whose classes are whole chunks (classes_in_chunks). Chunk slot
+// c of lane g is row chunk c W + g, of class (c W + g) / Sc (Sc = S / 4 chunks a class): with
+// Sc <= W a class is one slot of an aligned run of Sc lanes (a butterfly over them, or reduce-
+// scattered), with Sc > W it is G = Sc / W neighbouring slots of every lane of the group (their sum,
+// then the group's). Every lane then has its slots' class sums p (of t) and q (of qu); a class's
+// first chunk adds its divergence term. Returns false, leaving gr alone, if a class of the warp has
+// a share of qu below 2^-90 (row_class_kl then sums the warp's classes exactly).
+template <class Warp, int CH>
+LELP_DEV bool row_class_kl_chunked(const Warp& w, const LossArgs& a, float log2_sum, const float* qu, const float* t,
+                                   float* gr, float* d_out) {
+  const int K = static_cast<int>(a.C * a.S), sc = static_cast<int>(a.S) / kVec;
+  float p[CH], q[CH];
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
-    float pc = p[c], qc = q[c];  // the lane's part of slot c's class, then the class's
-    pc = w.sum_within(pc, run);
-    qc = w.sum_within(qc, run);
-    const int j = c * W + g;
-    const float inv_q = rcp_approx(qc);
-    r[c] = pc == 0.f ? 0.f : f * pc * inv_q;
-    if (j * kVec < K && (j & (sc - 1)) == 0) {  // the class's first chunk
-      d += class_divergence(pc, inv_q, log2_sum);
-      inexact = inexact || (pc > 0.f && !(qc >= 0x1p-90f));
-    }
+    const int i = c * kVec;
+    p[c] = (t[i] + t[i + 1]) + (t[i + 2] + t[i + 3]);
+    q[c] = (qu[i] + qu[i + 1]) + (qu[i + 2] + qu[i + 3]);
   }
+  float r[CH], d = 0.f;
+  const bool inexact = class_factors<Warp, CH>(w, a, K, sc, log2_sum, p, q, r, &d);
   if (w.any(inexact)) return false;
 #pragma unroll
   for (int c = 0; c < CH; ++c)
@@ -486,7 +568,7 @@ LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const fl
   float d_lane = d, d_row = 0.f;
   if (weighted) {
     float d_class;
-    if (classes_are_whole_chunks<Warp>(a) && row_class_kl_chunked<Warp, CH>(w, a, log2_sum, qu, t, gr, &d_class)) {
+    if (classes_are_whole_chunks<Warp, CH>(a) && row_class_kl_chunked<Warp, CH>(w, a, log2_sum, qu, t, gr, &d_class)) {
       d_lane = lambda * d + (1.f - lambda) * d_class;
     } else {
       d_lane = lambda * d;
@@ -668,7 +750,7 @@ LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& o
     float e[P];  // exp(s - max s) for the hard-label term
     loss = row_kl<Warp, CH>(w, a, s, lt, u, gr, hard_term, e);
     // classes of whole chunks (as row_kl's class sums in registers at lambda != 1)
-    if (hard_term && classes_are_whole_chunks<Warp>(a))
+    if (hard_term && classes_are_whole_chunks<Warp, CH>(a))
       hard = row_hard_label_from_exp_chunks<Warp, CH>(w, a, s, e, ignored ? -1 : y, gr);
     else if (hard_term) hard = row_hard_label_from_exp<Warp, CH>(w, a, s, e, ignored ? -1 : y, gr);
   } else {
