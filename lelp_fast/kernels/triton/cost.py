@@ -154,6 +154,18 @@ def weighted_gated(constexprs: dict) -> bool:
                 and (c["K"] // c["S"], c["S"]) in loss.WEIGHTED_COST_SHAPES)
 
 
+def weighted_time_gated(constexprs: dict) -> bool:
+    """The λ ≠ 1 variants at the class groups' limits (``loss.WEIGHTED_GROUP_SHAPES``, the hard-label term
+    at τ = 2) that tests/test_triton_aot.py holds to the loss's time budget. Not to the MUFU budget:
+    with 3-12 elements a class, the class's own exponential, reciprocal and logarithm put them at
+    up to 3.5 MUFU operations per element."""
+    from . import loss
+
+    c = constexprs
+    return bool(c["SUBCLASS_WEIGHTED"] and not c["HAS_WEIGHTS"] and c["HAS_LABELS"] and c["HARD"] == 2
+                and (c["K"] // c["S"], c["S"]) in loss.WEIGHTED_GROUP_SHAPES)
+
+
 def _compiled_loss_cases(facts_json: str, bytes_bf16: float, bytes_fp32: float, keep):
     """(Triton version, [(constexprs, variant, α mode, arch, dtype, per-element facts, bytes, floor bytes,
     H100 and H200 ratios, columns)]) for the compiled loss variants whose constexprs ``keep`` accepts."""

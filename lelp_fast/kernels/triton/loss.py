@@ -103,7 +103,14 @@ WEIGHTED_ELEMENTS_PER_PROGRAM = 2048
 # With teacher weights (the teachers mixed in the kernel) 30 elements per thread spilled 16-152 B at
 # 255 registers and 20 spilled 8 B once (13 x 5, Triton 3.6, sm_90); at 16 none of the 60 such
 # launches does (each compiled for sm_80 bf16 and sm_90 bf16/fp32 under Triton 3.6 and 3.9).
-MAX_GROUP_ELEMENTS = {False: 32, True: 16}  # by whether the launch mixes teachers
+# Without them 36 (was 32: 5 x 12 then took 4 threads of 2 classes, 8 class slots for 5, 1.53-1.58x
+# the H200's floor with the α term at τ = 2; 3 classes on 2 threads: 1.12-1.26x) and at most 11
+# classes a thread (11 x 3 in one thread: up to 1.62 -> 1.12-1.20x, 168-232 registers; 12 x 3 in one
+# took all 255, so it keeps 2 threads of 6). The 31 launches these limits changed, each compiled
+# with the α term at any τ for sm_80 bf16 and sm_90 bf16/fp32 under Triton 3.6 and 3.9, have no
+# stack (2026-12-03).
+MAX_GROUP_ELEMENTS = {False: 36, True: 16}  # by whether the launch mixes teachers
+MAX_GROUP_CLASSES = 11
 MAX_GROUP_SLOTS = 64
 
 
@@ -111,8 +118,9 @@ def class_groups(num_classes: int, n_subclasses: int, has_weights: bool = False)
     """(T, G): a row's classes over T threads (a power of two), G whole classes each (class
     c = t G + g), for the gathered tile (S not a power of two, S <= 16): the fewest class slots
     T G (padded classes cost a thread's work; padded subclasses and G_PAD - G classes within a
-    thread cost nothing), then the most classes per thread, within MAX_GROUP_ELEMENTS elements and
-    MAX_GROUP_SLOTS slots. Other tiles: one class per thread, T = C_PAD, G = 1."""
+    thread cost nothing), then the most classes per thread, within MAX_GROUP_ELEMENTS elements,
+    MAX_GROUP_CLASSES classes and MAX_GROUP_SLOTS slots. Other tiles: one class per thread, T = C_PAD,
+    G = 1."""
     s_pad = triton.next_power_of_2(n_subclasses)
     c_pad = triton.next_power_of_2(num_classes)
     if s_pad == n_subclasses or s_pad > 16:
@@ -121,7 +129,7 @@ def class_groups(num_classes: int, n_subclasses: int, has_weights: bool = False)
     t = 1
     while t <= c_pad:
         g = -(-num_classes // t)
-        if (g * n_subclasses <= MAX_GROUP_ELEMENTS[bool(has_weights)]
+        if (g * n_subclasses <= MAX_GROUP_ELEMENTS[bool(has_weights)] and g <= MAX_GROUP_CLASSES
                 and triton.next_power_of_2(g) * s_pad <= MAX_GROUP_SLOTS):
             fits.append((t * g, -g, t))
         t *= 2
@@ -921,6 +929,9 @@ def _variants() -> List[dict]:
 # of two: contiguous rows or gathered classes), with the most live values (teacher weights, the
 # hard-label term at any τ), and C = 8, S = 5 with them.
 WEIGHTED_COST_SHAPES = [(2, 8), (8, 5), (8, 16), (8, 64), (16, 8), (12, 10), (16, 5)]
+# And at the class groups' limits (``class_groups``: 3 classes of 12 a thread, 11 of 3 in one), with
+# the hard-label term at τ = 2, held to the loss's time budget (cost.weighted_time_gated).
+WEIGHTED_GROUP_SHAPES = [(5, 12), (11, 3)]
 
 
 def weighted_tile(num_classes: int, n_subclasses: int, has_weights: bool = False):
@@ -947,6 +958,7 @@ def _weighted_combos():
     combos += [((3, 4), False, has_y, hard) for has_y, hard in ((False, 0), (True, 1), (True, 2))]
     combos += [(shape, False, has_y, hard) for shape in WEIGHTED_COST_SHAPES
                for has_y, hard in ((False, 0), (True, 1), (True, 2))]
+    combos += [(shape, False, True, 2) for shape in WEIGHTED_GROUP_SHAPES]
     # per tile, the launch with the most elements per thread (``weighted_load``) with the hard-label term
     # at any τ, with teacher weights; and without them where a launch holds more (up to 32 elements per
     # thread against 20, ``class_groups``)
