@@ -361,7 +361,7 @@ LELP_DEV bool class_factors_by_slot(const Warp& w, int K, int sc, int run, float
 // sums (p and q of 4 slots) are reduce-scattered, halved at each of 3 butterfly levels (offsets
 // run / 2, / 4, / 8), so that each lane adds one of them over the remaining levels, and exchanges
 // it with the lane run / 2 away (p with q). Each lane then has one class's p and q, computes its
-// factor, and takes its 4 slots' factors from the lanes that hold them: 12-13 shuffles a lane where
+// factor, and takes its 4 slots' factors from the lanes that hold them: 13-14 shuffles a lane where
 // by slot takes 40 (32 lanes), one reciprocal instead of 4.
 template <class Warp>
 LELP_DEV bool class_factors_scattered(const Warp& w, int K, int run, float f, float log2_sum, const float* p,
