@@ -7,7 +7,7 @@ modelled path, with that path's arguments fixed in the kernel (the KL divergence
 precomputed targets of one teacher, 16-byte rows; labels and λ as the path says; τ = 2 with the
 hard-label term, whose exponentials depend on τ), so the compiler drops the other paths. C, S, α,
 λ and τ without labels stay runtime values, as in production. The class-wise form the kernel picks
-by S (``warp::ClassSumsForm``: classes of whole chunks, reduce-scattered or by slot, or not, which
+by S and the lane layout (``warp::ClassSumsForm``: classes of whole chunks, reduce-scattered or by slot, or not, which
 decides the class sums' form at λ ≠ 1 and the hard-label term's) is forced, so only it is counted. Not counted: the
 uniform branches that skip the other paths (a few per row), and the warps' exact fallbacks when a
 class holds less than 2^-90 of a row's q (``CostWarp::any`` is false).

@@ -320,13 +320,14 @@ def test_cuda_targets_tile_edges(backend, cuda_emulator, tile_form, dtype):
 
 @pytest.mark.parametrize("backend", ["cuda_emu"])
 @pytest.mark.parametrize("num_classes,s", [(4, 5), (3, 8), (2, 12), (2, 32), (5, 16), (3, 64), (16, 8), (16, 32),
-                                           (8, 64), (4, 128), (4, 64), (1, 2), (7, 2), (5, 3), (31, 3), (9, 7),
-                                           (11, 13)])
+                                           (8, 64), (4, 128), (4, 64), (4, 32), (8, 32), (7, 32), (1, 2), (7, 2),
+                                           (5, 3), (31, 3), (9, 7), (11, 13)])
 @pytest.mark.parametrize("far", [False, True])
 def test_subclass_weighted_loss_at_each_class_layout(backend, num_classes, s, far):
     """λ ≠ 1: classes as whole 16-byte chunks summed in registers (S = 8, 16, 32, 64, 128: a class in
-    one slot of 2-32 lanes, reduce-scattered over 8-32 lanes of 4 chunks at K = 256 and 512, or in
-    2-4 slots of every lane), other S through shared memory (S = 2, 3, 5, 7,
+    one slot of 2-32 lanes, reduce-scattered over runs of 8-32 lanes of 4 chunks on 8, 16 and 32
+    lanes: 4 x 32, 8 x 32, 7 x 32 (a run past K), 16 x 32, 4 x 64, 8 x 64, 4 x 128; or in 2-4 slots
+    of every lane), other S through shared memory (S = 2, 3, 5, 7,
     12, 13; K = 14, 15, 63, 93, 143 not a multiple of 4, C = 1);
     far: class 1 some 200 below the row's max (its share of q underflows), so the warp sums every
     class exactly. With the hard-label term at τ = 2."""

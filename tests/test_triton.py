@@ -469,7 +469,7 @@ def loss_launches(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(21, 3, 5), (9, 2, 20), (13, 3, 4), (7, 2, 8), (6, 16, 2), (8, 11, 3),
-                                   (5, 12, 10), (6, 16, 5), (9, 9, 7), (7, 5, 12)])
+                                   (5, 12, 10), (6, 16, 5), (9, 9, 7), (7, 5, 12), (6, 9, 9)])
 @pytest.mark.parametrize("tau", [1.0, 2.0, 0.7])
 def test_triton_subclass_weight_in_one_launch(loss_launches, dtype, shape, tau):
     """λ in {0, 0.1, 0.3, 2}, with and without the hard-label term (τ = 1 and 2 reuse the softmax's
@@ -477,8 +477,8 @@ def test_triton_subclass_weight_in_one_launch(loss_launches, dtype, shape, tau):
     3 x 4 with a padded class, 2 x 8, 16 x 2 the most classes) and not (gathered classes, each
     thread holding G of them: 3 x 5 a whole row per thread, 2 x 20 one class per thread, 11 x 3 a
     whole row of 11 classes in 16 slots per thread, 12 x 10 three in 4 slots on 4 threads, 16 x 5
-    four on 4, 9 x 7 three on 4, the last holding only padding, 5 x 12 three on 2, one padded class
-    on the second): one launch, loss and gradient against the fp64 formula, with an
+    four on 4, 9 x 7 five on 2, 5 x 12 three on 2 (one padded class on the second of each), 9 x 9
+    three on 4, the last holding only padding): one launch, loss and gradient against the fp64 formula, with an
     ignored row, a class whose q underflows against the row max (exact: its share of the class
     term is taken against its own max), a labelled class 200 below the rest, a class with no target
     mass. Before: two launches (the λ = 1 kernel on the full and on the pooled logits)."""

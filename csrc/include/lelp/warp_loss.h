@@ -402,7 +402,7 @@ LELP_DEV bool class_factors_scattered(const Warp& w, int K, int run, float f, fl
 }
 
 // The factors r and the divergence terms of row_class_kl_chunked from the slots' chunk sums p and q
-// (overwritten): reduce-scattered (kScattered) or by slot, after summing a class's G slots in the lane.
+// (by slot: overwritten): reduce-scattered (kScattered) or by slot, after summing a class's G slots in the lane.
 template <class Warp, int CH>
 LELP_DEV bool class_factors(const Warp& w, const LossArgs& a, int K, int sc, float log2_sum, float* p, float* q,
                             float* r, float* d) {

@@ -960,8 +960,8 @@ def _weighted_combos():
                for has_y, hard in ((False, 0), (True, 1), (True, 2))]
     combos += [(shape, False, True, 2) for shape in WEIGHTED_GROUP_SHAPES]
     # per tile, the launch with the most elements per thread (``weighted_load``) with the hard-label term
-    # at any τ, with teacher weights; and without them where a launch holds more (up to 32 elements per
-    # thread against 20, ``class_groups``)
+    # at any τ, with teacher weights; and without them where a launch holds more (up to 36 elements per
+    # thread against 16, ``class_groups``)
     widest = {True: {}, False: {}}
     for has_w, (c, s) in itertools.product((True, False), weighted_shapes()):
         key, load = weighted_tile(c, s, has_w), weighted_load(c, s, has_w)
