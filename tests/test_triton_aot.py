@@ -245,6 +245,17 @@ def _gated(case):
 COST = [c for c in CASES if _gated(c)]
 
 
+def _loss_model(compiled, case):
+    """A loss case's SASS instructions and MUFU.EX2/LG2 per element, its modelled time over the floor
+    per device, and the floor's bytes per element (the step's bytes are the floor's:
+    tests/test_triton_cost.py)."""
+    v = loss_kernels.VARIANTS[case[1]]
+    c = v["constexprs"]
+    e = cost.per_element(_facts(compiled, case), c["BLOCK_N"], c["K"], v["num_warps"])
+    floor = 6 if case[3][0] == "bf16" else 12
+    return e, {d: cost.modelled_ratio(e["instructions"], e["mufu"], floor, floor, d) for d in cost.BANDWIDTH}, floor
+
+
 @pytest.mark.parametrize("case", COST, ids=[aot.case_id(c) for c in COST])
 def test_loss_kernel_instructions_per_element_within_budget(compiled, case):
     """Without labels: at most cost.MAX_INSTRUCTIONS_PER_ELEMENT SASS instructions and
@@ -256,14 +267,11 @@ def test_loss_kernel_instructions_per_element_within_budget(compiled, case):
     (at τ other than 1 and 2, three exponentials per element are the minimum: s/τ, t and s; the
     per-row ones come on top, cost.MAX_MUFU_PER_ELEMENT_ANY_TAU). Before: 62-101 instructions,
     up to 5.5 MUFU per element, up to 1.92 x the floor on the H200."""
-    v = loss_kernels.VARIANTS[case[1]]
-    c = v["constexprs"]
-    e = cost.per_element(_facts(compiled, case), c["BLOCK_N"], c["K"], v["num_warps"])
+    c = loss_kernels.VARIANTS[case[1]]["constexprs"]
+    e, ratios, _ = _loss_model(compiled, case)
     if not c["HAS_LABELS"]:
         assert e["instructions"] <= cost.MAX_INSTRUCTIONS_PER_ELEMENT and e["mufu"] <= cost.MAX_MUFU_PER_ELEMENT, e
         return
-    floor = 6 if case[3][0] == "bf16" else 12  # the step's bytes are the floor's (tests/test_triton_cost.py)
-    ratios = {d: cost.modelled_ratio(e["instructions"], e["mufu"], floor, floor, d) for d in cost.BANDWIDTH}
     mufu = cost.MAX_MUFU_PER_ELEMENT_ANY_TAU if c["HARD"] == 3 else cost.MAX_MUFU_PER_ELEMENT
     assert max(ratios.values()) <= cost.MAX_LOSS_OVER_FLOOR and e["mufu"] <= mufu, (e, ratios)
 
@@ -280,11 +288,7 @@ def test_weighted_loss_modelled_time_within_budget(compiled, case):
     masked row reductions): 62-377 SASS instructions per element, 1.0-5.8 x the floor; with one
     class per thread, bf16 8 x 5 at τ = 2 and 12 x 10 were 1.31-1.77 x the H200's floor (strict
     xfails until the gathered tiles held several classes per thread, ``loss.class_groups``)."""
-    v = loss_kernels.VARIANTS[case[1]]
-    c = v["constexprs"]
-    e = cost.per_element(_facts(compiled, case), c["BLOCK_N"], c["K"], v["num_warps"])
-    floor = 6 if case[3][0] == "bf16" else 12
-    ratios = {d: cost.modelled_ratio(e["instructions"], e["mufu"], floor, floor, d) for d in cost.BANDWIDTH}
+    e, ratios, floor = _loss_model(compiled, case)
     mufu = cost.MAX_MUFU_PER_ELEMENT * floor / 6
     assert max(ratios.values()) <= cost.MAX_LOSS_OVER_FLOOR and e["mufu"] <= mufu, (e, ratios)
 
@@ -300,11 +304,7 @@ def test_weighted_loss_at_the_class_group_limits_within_time_budget(compiled, ca
     x the floor on the H100 and H200. With at most 32 elements a thread (2026-12-02) 5 x 12 took 4
     threads of 2 classes, 8 class slots for 5: 1.53-1.58 x the H200's floor; 11 x 3 on 2 threads of 6
     classes 1.62 x on sm_90 under Triton 3.9."""
-    v = loss_kernels.VARIANTS[case[1]]
-    c = v["constexprs"]
-    e = cost.per_element(_facts(compiled, case), c["BLOCK_N"], c["K"], v["num_warps"])
-    floor = 6 if case[3][0] == "bf16" else 12
-    ratios = {d: cost.modelled_ratio(e["instructions"], e["mufu"], floor, floor, d) for d in cost.BANDWIDTH}
+    e, ratios, _ = _loss_model(compiled, case)
     assert max(ratios.values()) <= cost.MAX_LOSS_OVER_FLOOR, (e, ratios)
 
 

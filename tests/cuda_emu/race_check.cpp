@@ -125,10 +125,11 @@ int main(int argc, char** argv) {
     check_loss(cs[0], cs[1], 1, true);
     check_loss(cs[0], cs[1], 2, true);
   }
-  // lambda != 1: classes of whole chunks (S = 4, 8, 32, 16: in registers) and the others (S = 12, 25,
-  // 80, and K not a multiple of 4: through shared memory, which online targets share; C = 1, S = 2
-  // fills the scratch exactly), each also with a class far below its row (the exact class sums)
-  const int64_t weighted[][2] = {{2, 4}, {5, 8}, {2, 32}, {5, 16}, {2, 12}, {4, 25}, {5, 80},
+  // lambda != 1: classes of whole chunks (S = 4, 8, 32, 16: in registers; 4 x 32 reduce-scattered over
+  // runs of 8 lanes) and the others (S = 12, 25, 80, and K not a multiple of 4: through shared memory,
+  // which online targets share; C = 1, S = 2 fills the scratch exactly), each also with a class far
+  // below its row (the exact class sums)
+  const int64_t weighted[][2] = {{2, 4}, {5, 8}, {2, 32}, {5, 16}, {4, 32}, {2, 12}, {4, 25}, {5, 80},
                                  {1, 2}, {3, 3}, {3, 5}, {9, 7}, {170, 3}};
   for (const auto& cs : weighted)
     for (bool far : {false, true}) {
