@@ -47,16 +47,16 @@ class Path(NamedTuple):
     weighted: bool  # the subclass weight λ ≠ 1
     tau: int = 0  # τ fixed in the kernel (the hard-label term's exponentials depend on it); 0: runtime
 
-    def class_sums(self, w: int, ch: int) -> int:
-        """The class-wise form the kernel takes for this S on W lanes of CH chunks (``warp::class_sums_form``):
-        when S / 4 is a power of two, classes of whole chunks, the class sums at λ ≠ 1 in registers
+    def class_sums(self, w: int, ch: int, v: int) -> int:
+        """The class-wise form the kernel takes for this S on W lanes of CH chunks of V (``warp::class_sums_form``):
+        when S / V is a power of two, classes of whole chunks, the class sums at λ ≠ 1 in registers
         and the hard-label term a chunk at a time: reduce-scattered (3) where a class is one slot of
-        8 or more lanes of 4 chunks, else by slot (1); otherwise (2) the class sums through shared
+        8 or more lanes of 4 chunks of 4, else by slot (1); otherwise (2) the class sums through shared
         memory, the hard-label term element by element."""
-        chunks = self.n_subclasses // 4
-        if not (self.n_subclasses % 4 == 0 and chunks & (chunks - 1) == 0):
+        chunks = self.n_subclasses // v
+        if not (self.n_subclasses % v == 0 and chunks & (chunks - 1) == 0):
             return 2
-        return 3 if ch == 4 and 8 <= chunks <= w else 1
+        return 3 if v == 4 and ch == 4 and 8 <= chunks <= w else 1
 
     @property
     def chunks_after_first(self) -> int:
@@ -94,7 +94,7 @@ struct ClassSumsForm<CostWarp<W, FORM>> {
   static constexpr int value = FORM;
 };
 }  // namespace warp
-template <int W, int CH, int DT, bool LABELS, bool WEIGHTED, int TAU, int FORM>
+template <int W, int CH, int V, int DT, bool LABELS, bool WEIGHTED, int TAU, int FORM>
 __global__ void __launch_bounds__(128, CH >= 4 ? 3 : 4) kl_path(LossArgs a) {  // as loss.cu's kMinBlocks
   a.divergence = kKL;
   if (TAU > 0) a.tau = TAU;
@@ -110,31 +110,31 @@ __global__ void __launch_bounds__(128, CH >= 4 ? 3 : 4) kl_path(LossArgs a) {  /
   const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
   const int64_t row_floats = warp::loss_row_scratch_floats(a, false);
   float* scratch = WEIGHTED ? smem + (threadIdx.x / 32) * (32 / W) * row_floats : nullptr;
-  warp::loss_rows<CostWarp<W, FORM>, CH>(CostWarp<W, FORM>{}, a, online, scratch, warp_id,
-                                          static_cast<int64_t>(gridDim.x) * 4, true);
+  warp::loss_rows<CostWarp<W, FORM>, CH, V>(CostWarp<W, FORM>{}, a, online, scratch, warp_id,
+                                             static_cast<int64_t>(gridDim.x) * 4, V == warp::kVec);
 }
 """
 
 
-def path_source(paths: List[Path], shapes: Dict[int, tuple]) -> str:
+def path_source(paths: List[Path], layouts: Dict[Path, tuple]) -> str:
     lines = [SOURCE_HEAD]
     seen = set()
     for p in paths:
-        w, ch = shapes[p.k]
-        if kernel_key(p, w, ch) in seen:  # one kernel serves every K of the same layout
+        w, ch, v = layouts[p]
+        if kernel_key(p, w, ch, v) in seen:  # one kernel serves every K of the same layout
             continue
-        seen.add(kernel_key(p, w, ch))
-        lines.append(f"template __global__ void kl_path<{w}, {ch}, {DTYPES[p.dtype]}, {str(p.labels).lower()}, "
-                     f"{str(p.weighted).lower()}, {p.tau}, {p.class_sums(w, ch)}>(LossArgs);")
+        seen.add(kernel_key(p, w, ch, v))
+        lines.append(f"template __global__ void kl_path<{w}, {ch}, {v}, {DTYPES[p.dtype]}, {str(p.labels).lower()}, "
+                     f"{str(p.weighted).lower()}, {p.tau}, {p.class_sums(w, ch, v)}>(LossArgs);")
     lines.append("}  // namespace lelp")
     return "\n".join(lines)
 
 
-def kernel_key(p: Path, w: int, ch: int) -> str:
-    """The mangled-name part of one instantiation (template arguments W, CH, DT, LABELS, WEIGHTED, TAU,
-    FORM): kl_pathILi<W>ELi<CH>ELi<DT>ELb<0|1>ELb<0|1>ELi<TAU>ELi<FORM>E."""
-    return (f"kl_pathILi{w}ELi{ch}ELi{DTYPES[p.dtype]}ELb{int(p.labels)}ELb{int(p.weighted)}"
-            f"ELi{p.tau}ELi{p.class_sums(w, ch)}E")
+def kernel_key(p: Path, w: int, ch: int, v: int) -> str:
+    """The mangled-name part of one instantiation (template arguments W, CH, V, DT, LABELS, WEIGHTED,
+    TAU, FORM): kl_pathILi<W>ELi<CH>ELi<V>ELi<DT>ELb<0|1>ELb<0|1>ELi<TAU>ELi<FORM>E."""
+    return (f"kl_pathILi{w}ELi{ch}ELi{v}ELi{DTYPES[p.dtype]}ELb{int(p.labels)}ELb{int(p.weighted)}"
+            f"ELi{p.tau}ELi{p.class_sums(w, ch, v)}E")
 
 
 def host_program_output(header: str, statements: List[str]) -> List[str]:
@@ -154,11 +154,25 @@ def host_program_output(header: str, statements: List[str]) -> List[str]:
 
 
 def shapes_of(ks) -> Dict[int, tuple]:
-    """{K: (W, CH)} by the header's own ``loss_shape``, compiled for the host."""
+    """{K: (W, CH)} in chunks of 4 by the header's own ``loss_shape``, compiled for the host."""
     out = host_program_output("lelp/warp_loss.h", [
-        f'{{ int w, ch; lelp::warp::loss_shape({k}, &w, &ch); std::printf("%d %d %d\\n", {k}, w, ch); }}'
+        f'{{ int w, ch; lelp::warp::loss_shape({k}, 4, &w, &ch); std::printf("%d %d %d\\n", {k}, w, ch); }}'
         for k in ks])
     return {int(k): (int(w), int(ch)) for k, w, ch in (line.split() for line in out)}
+
+
+def layouts_of(paths: List[Path]) -> Dict[Path, tuple]:
+    """{path: (W, CH, V)} by the header's own ``loss_layout`` (the KL of one precomputed teacher, with
+    labels and α = 0.1 where the path has the hard-label term, λ = 0.5 where it is weighted)."""
+    statements = ["static int64_t y = 0;"]
+    for p in paths:
+        statements.append(
+            f"{{ lelp::LossArgs a{{}}; a.C = {p.num_classes}; a.S = {p.n_subclasses}; a.divergence = lelp::kKL; "
+            f"a.tau = 2.f; a.subclass_weight = {0.5 if p.weighted else 1.0}f; "
+            f"a.alpha = {0.1 if p.labels else 0.0}f; a.labels = {'&y' if p.labels else 'nullptr'}; "
+            f"int w, ch, v; lelp::warp::loss_layout(a, &w, &ch, &v); std::printf(\"%d %d %d\\n\", w, ch, v); }}")
+    out = host_program_output("lelp/warp_loss.h", statements)
+    return {p: tuple(int(x) for x in line.split()) for p, line in zip(paths, out)}
 
 
 def cubin_sass(cubin: str) -> Dict[str, List[tuple]]:
@@ -310,26 +324,26 @@ def model(paths: List[Path], arch: int = 90) -> Dict[Path, Dict[str, float]]:
     """{path: {W, CH, instructions and mufu per element, registers, over-floor ratios}}."""
     from lelp_fast.kernels.triton import cost
 
-    shapes = shapes_of(sorted({p.k for p in paths}))
+    layouts = layouts_of(paths)
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "paths.cu")
         with open(src, "w") as f:
-            f.write(path_source(paths, shapes))
+            f.write(path_source(paths, layouts))
         cubin = os.path.join(tmp, "paths.cubin")
         subprocess.run([NVCC, f"-arch=sm_{arch}", "-std=c++17", "-O3", "-I", os.path.join(ROOT, "csrc/include"),
                         "-I", os.path.join(ROOT, "csrc"), "-cubin", src, "-o", cubin], check=True, capture_output=True)
         sass = cubin_sass(cubin)
     out = {}
     for p in paths:
-        w, ch = shapes[p.k]
-        key = kernel_key(p, w, ch)
+        w, ch, v = layouts[p]
+        key = kernel_key(p, w, ch, v)
         (name,) = [n for n in sass if key in n]
         # λ ≠ 1 through shared memory (row_class_kl): the busiest lane's classes, and per class the
         # chunks after its first: (S - 1 + r) // 4 at most, r the largest offset c S mod 4 of a class's start
-        trips = (-(-p.num_classes // w), p.chunks_after_first) if p.weighted and p.class_sums(w, ch) == 2 else ()
+        trips = (-(-p.num_classes // w), p.chunks_after_first) if p.weighted and p.class_sums(w, ch, v) == 2 else ()
         facts = row_loop_facts(sass[name], trips)
         elements = (32 // w) * p.k  # per warp and iteration
-        e = {"W": w, "CH": ch, "instructions": facts["instructions"] * 32 / elements,
+        e = {"W": w, "CH": ch, "V": v, "instructions": facts["instructions"] * 32 / elements,
              "mufu": facts["mufu"] * 32 / elements}
         floor = FLOOR_BYTES[p.dtype]
         for device in ("H100", "H200"):
@@ -348,12 +362,12 @@ WEIGHTED_COST_PATHS = [Path(c, s, dt, labels, True, 2 if labels else 0)
 
 
 def table(results: Dict[Path, Dict[str, float]]) -> str:
-    lines = ["| K (C x S) | dtype | λ | α term | W x CH | SASS / element | MUFU.EX2+LG2+RCP / element "
+    lines = ["| K (C x S) | dtype | λ | α term | W x CH x V | SASS / element | MUFU.EX2+LG2+RCP / element "
              "| modelled / floor H100 | H200 |", "|" + "---|" * 9]
     for p, e in results.items():
         lines.append(f"| {p.k} ({p.num_classes} x {p.n_subclasses}) | {p.dtype} | {'≠ 1' if p.weighted else '1'} "
                      f"| {'yes' if p.labels else 'no'} "
-                     f"| {e['W']} x {e['CH']} | {e['instructions']:.0f} | {e['mufu']:.2f} | {e['H100']:.2f} "
+                     f"| {e['W']} x {e['CH']} x {e['V']} | {e['instructions']:.0f} | {e['mufu']:.2f} | {e['H100']:.2f} "
                      f"| {e['H200']:.2f} |")
     return "\n".join(lines)
 

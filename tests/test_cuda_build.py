@@ -151,13 +151,18 @@ def test_targets_tile_runs_on_tensor_cores(sass, arch, form):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_loss_reduces_with_shuffles_and_loads_16_bytes(sass, arch):
-    """Every loss kernel reduces with warp shuffles; the row kernels load fp32 rows 16 bytes at a time
-    and store the gradient 16 (fp32) or 8 (bf16/fp16) bytes at a time."""
+    """Every loss kernel reduces with warp shuffles; the row kernels in chunks of 4 load fp32 rows 16
+    bytes at a time and store the gradient 16 (fp32) or 8 (bf16/fp16) bytes at a time (those in
+    chunks of 5, element by element)."""
     kernels = kernels_named(sass[("csrc/cuda/loss.cu", arch)], "loss_kernel")
-    assert len(kernels) == 14  # W = 1 with 1-4 chunks, W = 2 ... 32 with 3 or 4 (warp::loss_shape)
+    # chunks of 4: W = 1 with 1-4 chunks, W = 2 ... 32 with 3 or 4 (warp::loss_shape); chunks of 5:
+    # W = 1 with 2 or 4, W = 2, 4, 8 with 3 or 4 (warp::loss_layout)
+    fours = {name: code for name, code in kernels.items() if re.search(r"loss_kernelILi\d+ELi\d+ELi4E", name)}
+    assert len(fours) == 14 and len(kernels) == 14 + 8
     for name, code in kernels.items():
         if "loss_kernelILi1E" not in name:  # W = 1: one lane per row, nothing to shuffle
             assert "SHFL.BFLY" in code, f"{name}: no shuffle reduction"
+    for name, code in fours.items():
         assert "LDG.E.128" in code and "STG.E.128" in code, f"{name}: no 16-byte loads/stores"
         # bf16/fp16 students: the folded gradient in their dtype, 4 elements a store (issue 21 item 3)
         assert "STG.E.64" in code, f"{name}: no 8-byte gradient stores"

@@ -27,9 +27,11 @@ pytestmark = pytest.mark.skipif(cuda_cost.NVCC is None or shutil.which("g++") is
 # 2026-12-03 (1.58 -> 1.40x, 58.3 -> 51.7 SASS per element): a class's sums over its 16 lanes
 # reduce-scattered (class_factors_scattered) instead of a 5-level butterfly for each of 8 sums. fp32
 # S = 5 with the hard-label term (3.4 MUFU per element, 1.16-1.18x the floor) is within the MUFU
-# budget counted per element of the bf16 floor's time, as the Triton gate of λ ≠ 1 counts it.
-WEIGHTED_OVER_BUDGET = {(8, 5, "bf16", False), (8, 5, "bf16", True), (12, 10, "bf16", False), (12, 10, "bf16", True),
-                        (16, 5, "bf16", False), (16, 5, "bf16", True)}
+# budget counted per element of the bf16 floor's time, as the Triton gate of λ ≠ 1 counts it. S = 5
+# and 10 in bf16 (1.8-2.5x on 2026-12-02) on 2026-12-03 (later session): 1.10-1.35x, 66-92 -> 41-50
+# SASS per element, in chunks of 5 (warp::chunk_width) that hold whole classes, so that a class's sums
+# stay in registers as at S = 8.
+WEIGHTED_OVER_BUDGET = set()
 
 
 @pytest.fixture(scope="module")
@@ -53,31 +55,31 @@ def test_cuda_loss_modelled_time_within_budget(modelled, path, request):
     assert max(e["H100"], e["H200"]) <= cost.MAX_LOSS_OVER_FLOOR, e
 
 
-# SASS per element of every path, modelled 2026-12-02 (later session, nvcc 13.0, sm_90): a change that
+# SASS per element of every path, modelled 2026-12-02 (later session, nvcc 13.0, sm_90; S = 5 and 10
+# at λ ≠ 1 in chunks of 5, and those that fell by 0.1-1.1 %, on 2026-12-03): a change that
 # adds more than 3 % to a path fails test_cuda_loss_does_not_regress, even where the path stays at
 # the floor (the ratios above are clamped at 1.00, so they miss it; e.g. the row max as fmaxf took
 # K = 512 at lambda = 1 from 29 to 33). Update a figure when it falls.
-RECORDED_SASS_PER_ELEMENT = {"K16_C2_bf16_plain": 25.81, "K16_C2_bf16_alpha": 36.50, "K16_C2_fp32_plain": 22.12,
-                             "K16_C2_fp32_alpha": 33.00, "K40_C5_bf16_plain": 38.00, "K40_C5_bf16_alpha": 46.90,
-                             "K40_C5_fp32_plain": 33.90, "K40_C5_fp32_alpha": 42.90, "K128_C16_bf16_plain": 33.69,
-                             "K128_C16_bf16_alpha": 41.00, "K128_C16_fp32_plain": 30.50,
-                             "K128_C16_fp32_alpha": 37.25, "K512_C16_bf16_plain": 29.38,
-                             "K512_C16_bf16_alpha": 42.38, "K512_C16_fp32_plain": 25.38,
+RECORDED_SASS_PER_ELEMENT = {"K16_C2_bf16_plain": 25.81, "K16_C2_bf16_alpha": 36.38, "K16_C2_fp32_plain": 22.12,
+                             "K16_C2_fp32_alpha": 32.88, "K40_C5_bf16_plain": 38.00, "K40_C5_bf16_alpha": 46.70,
+                             "K40_C5_fp32_plain": 33.90, "K40_C5_fp32_alpha": 42.60, "K128_C16_bf16_plain": 33.69,
+                             "K128_C16_bf16_alpha": 41.00, "K128_C16_fp32_plain": 30.50, "K128_C16_fp32_alpha": 37.25,
+                             "K512_C16_bf16_plain": 29.38, "K512_C16_bf16_alpha": 42.38, "K512_C16_fp32_plain": 25.38,
                              "K512_C16_fp32_alpha": 38.62, "K16_C2_bf16_plain_lambda": 38.19,
-                             "K16_C2_bf16_alpha_lambda": 45.38, "K16_C2_fp32_plain_lambda": 34.69,
-                             "K16_C2_fp32_alpha_lambda": 41.75, "K40_C8_bf16_plain_lambda": 73.90,
-                             "K40_C8_bf16_alpha_lambda": 90.40, "K40_C8_fp32_plain_lambda": 70.10,
-                             "K40_C8_fp32_alpha_lambda": 85.90, "K128_C8_bf16_plain_lambda": 45.75,
+                             "K16_C2_bf16_alpha_lambda": 45.12, "K16_C2_fp32_plain_lambda": 34.69,
+                             "K16_C2_fp32_alpha_lambda": 41.62, "K40_C8_bf16_plain_lambda": 40.35,
+                             "K40_C8_bf16_alpha_lambda": 47.90, "K40_C8_fp32_plain_lambda": 37.15,
+                             "K40_C8_fp32_alpha_lambda": 44.65, "K128_C8_bf16_plain_lambda": 45.75,
                              "K128_C8_bf16_alpha_lambda": 54.81, "K128_C8_fp32_plain_lambda": 42.25,
                              "K128_C8_fp32_alpha_lambda": 50.88, "K512_C8_bf16_plain_lambda": 41.19,
-                             "K512_C8_bf16_alpha_lambda": 51.69, "K512_C8_fp32_plain_lambda": 37.56,
-                             "K512_C8_fp32_alpha_lambda": 46.94, "K128_C16_bf16_plain_lambda": 45.75,
+                             "K512_C8_bf16_alpha_lambda": 51.12, "K512_C8_fp32_plain_lambda": 37.56,
+                             "K512_C8_fp32_alpha_lambda": 46.75, "K128_C16_bf16_plain_lambda": 45.75,
                              "K128_C16_bf16_alpha_lambda": 54.81, "K128_C16_fp32_plain_lambda": 42.25,
-                             "K128_C16_fp32_alpha_lambda": 50.88, "K120_C12_bf16_plain_lambda": 66.40,
-                             "K120_C12_bf16_alpha_lambda": 79.33, "K120_C12_fp32_plain_lambda": 62.60,
-                             "K120_C12_fp32_alpha_lambda": 75.53, "K80_C16_bf16_plain_lambda": 75.00,
-                             "K80_C16_bf16_alpha_lambda": 91.90, "K80_C16_fp32_plain_lambda": 71.20,
-                             "K80_C16_fp32_alpha_lambda": 87.40}
+                             "K128_C16_fp32_alpha_lambda": 50.88, "K120_C12_bf16_plain_lambda": 40.87,
+                             "K120_C12_bf16_alpha_lambda": 49.67, "K120_C12_fp32_plain_lambda": 37.73,
+                             "K120_C12_fp32_alpha_lambda": 46.40, "K80_C16_bf16_plain_lambda": 41.75,
+                             "K80_C16_bf16_alpha_lambda": 49.40, "K80_C16_fp32_plain_lambda": 38.45,
+                             "K80_C16_fp32_alpha_lambda": 46.15}
 
 
 @pytest.mark.parametrize("path", cuda_cost.COST_PATHS + cuda_cost.WEIGHTED_COST_PATHS, ids=_case_id)
@@ -91,6 +93,18 @@ def test_cuda_loss_takes_16_values_per_lane():
     element, 2.98x the H200's floor)."""
     shapes = cuda_cost.shapes_of([16, 40, 128, 512])
     assert shapes == {16: (1, 4), 40: (4, 3), 128: (8, 4), 512: (32, 4)}
+
+
+def test_class_wise_rows_of_5_subclasses_take_chunks_of_5():
+    """λ ≠ 1 or the hard-label term at S = 5 2^j: chunks of 5, each part of one class (chunks of 4
+    split classes at their boundaries, and their sums went through shared memory: 74-92 SASS per
+    element at S = 5 and 10 in bf16); the plain KL keeps 16-byte chunks, and so do rows of more than
+    32 chunks of 5 (the layouts compiled)."""
+    Path = cuda_cost.Path
+    layouts = cuda_cost.layouts_of([Path(8, 5, "bf16", False, True), Path(8, 5, "bf16", True, False),
+                                    Path(12, 10, "bf16", False, True), Path(8, 5, "bf16", False, False),
+                                    Path(33, 5, "bf16", False, True), Path(4, 20, "bf16", True, True)])
+    assert list(layouts.values()) == [(2, 4, 5), (2, 4, 5), (8, 3, 5), (4, 3, 4), (16, 3, 4), (4, 4, 5)]
 
 
 def test_row_loop_counts_nested_loops_by_their_trips():

@@ -155,10 +155,13 @@ def test_kernel_bodies_under_sanitizers(sanitizer_builds, sanitizer):
 @pytest.mark.parametrize("backend", ["cuda_emu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_cuda_loss_writes_the_folded_gradient_once(backend, monkeypatch, dtype, reduction):
+@pytest.mark.parametrize("num_classes,s", [(5, 8), (8, 5)])
+def test_cuda_loss_writes_the_folded_gradient_once(backend, monkeypatch, dtype, reduction, num_classes, s):
     """Issue 21 item 3: the CUDA kernel writes dloss/ds itself, in the student's dtype with the
     reduction's scale (a device tensor) folded in, as Triton does; fp16 and reduction="none" keep
-    the fp32 gradient that the backward scales and casts. Was: fp32 always, then more N x K passes."""
+    the fp32 gradient that the backward scales and casts. Was: fp32 always, then more N x K passes.
+    In chunks of 4 (16-byte loads and stores) and of 5 (8 x 5 with the hard-label term: element by
+    element)."""
     ext = _dispatch.extension()
     kernel, calls = ext.loss, []
 
@@ -168,7 +171,7 @@ def test_cuda_loss_writes_the_folded_gradient_once(backend, monkeypatch, dtype, 
 
     monkeypatch.setattr(ext, "loss", loss)
     g = torch.Generator().manual_seed(3)
-    n, num_classes, s = 37, 5, 8
+    n = 37
     student = (torch.randn(n, num_classes * s, generator=g) * 4).to(dtype).requires_grad_(True)
     log_t = torch.log_softmax(torch.randn(n, num_classes * s, generator=g) * 3, dim=-1)
     labels = torch.randint(0, num_classes, (n,), generator=g)
@@ -318,17 +321,36 @@ def test_cuda_targets_tile_edges(backend, cuda_emulator, tile_form, dtype):
     assert torch.isnan(got[5]).all() and torch.isfinite(got[[4, 6]]).all()
 
 
+# (C, S) of S = 5 2^j that take each layout in chunks of 5 (W, CH: warp::loss_layout), and one past
+# its 32 chunks (34 x 5: chunks of 4, the class sums through shared memory).
+CLASS_CHUNK_SHAPES = [(1, 5), (2, 5), (3, 5), (4, 5), (2, 10), (6, 5), (3, 10), (7, 5), (8, 5), (4, 10), (2, 20),
+                      (12, 5), (16, 5), (4, 20), (12, 10), (8, 20), (4, 40), (2, 80), (34, 5)]
+
+
+def test_class_chunk_shapes_cover_every_layout():
+    cuda_cost = pytest.importorskip("cuda_cost")
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    paths = [cuda_cost.Path(c, s, "fp32", True, True) for c, s in CLASS_CHUNK_SHAPES]
+    layouts = cuda_cost.layouts_of(paths)
+    fives = {(1, 2), (1, 4)} | {(w, ch) for w in (2, 4, 8) for ch in (3, 4)}
+    assert {(w, ch) for w, ch, v in layouts.values() if v == 5} == fives
+    assert layouts[paths[-1]][2] == 4  # K = 170: more than 32 chunks of 5
+
+
 @pytest.mark.parametrize("backend", ["cuda_emu"])
-@pytest.mark.parametrize("num_classes,s", [(4, 5), (3, 8), (2, 12), (2, 32), (5, 16), (3, 64), (16, 8), (16, 32),
+@pytest.mark.parametrize("num_classes,s", [(3, 8), (2, 12), (2, 32), (5, 16), (3, 64), (16, 8), (16, 32),
                                            (8, 64), (4, 128), (4, 64), (4, 32), (8, 32), (7, 32), (1, 2), (7, 2),
-                                           (5, 3), (31, 3), (9, 7), (11, 13)])
+                                           (5, 3), (31, 3), (9, 7), (11, 13)] + CLASS_CHUNK_SHAPES)
 @pytest.mark.parametrize("far", [False, True])
 def test_subclass_weighted_loss_at_each_class_layout(backend, num_classes, s, far):
     """λ ≠ 1: classes as whole 16-byte chunks summed in registers (S = 8, 16, 32, 64, 128: a class in
     one slot of 2-32 lanes, reduce-scattered over runs of 8-32 lanes of 4 chunks on 8, 16 and 32
     lanes: 4 x 32, 8 x 32, 7 x 32 (a run past K), 16 x 32, 4 x 64, 8 x 64, 4 x 128; or in 2-4 slots
-    of every lane), other S through shared memory (S = 2, 3, 5, 7,
-    12, 13; K = 14, 15, 63, 93, 143 not a multiple of 4, C = 1);
+    of every lane), S = 5 2^j as whole chunks of 5 (CLASS_CHUNK_SHAPES: a class in one slot, in a
+    run of 2-8 lanes, or in 2 slots of every lane at 2 x 80; padded chunks at 1 x 5, 3 x 5, 7 x 5),
+    other S through shared memory (S = 2, 3, 7, 12, 13, and 5 at 34 x 5; K = 14, 15, 63, 93, 143
+    not a multiple of 4, C = 1);
     far: class 1 some 200 below the row's max (its share of q underflows), so the warp sums every
     class exactly. With the hard-label term at τ = 2."""
     g = torch.Generator().manual_seed(num_classes * 100 + s)

@@ -24,23 +24,23 @@ namespace emu {
 constexpr int kEmulatedWarps = 3;  // fewer warps (and blocks) than rows: the grid-stride loops are exercised
 constexpr int kEmulatedBlocks = 2;
 
-template <int W, int CH>
+template <int W, int CH, int V>
 void loss_emulated(const LossArgs& a, const warp::OnlineTeachers& online) {
   const bool vec = warp::vector_loads_ok(a);
   for (int wid = 0; wid < kEmulatedWarps; ++wid) {
     WarpState state;
     std::vector<float> smem((32 / W) * warp::loss_row_scratch_floats(a, online.m > 0));
     run_warp([&](int lane) {
-      warp::loss_rows<HostWarp<W>, CH>(HostWarp<W>{&state, lane}, a, online, smem.empty() ? nullptr : smem.data(), wid,
-                                       kEmulatedWarps, vec);
+      warp::loss_rows<HostWarp<W>, CH, V>(HostWarp<W>{&state, lane}, a, online,
+                                          smem.empty() ? nullptr : smem.data(), wid, kEmulatedWarps, vec);
     });
   }
 }
 
 inline void loss(const LossArgs& a) {
   const warp::OnlineTeachers online = warp::online_teachers(a);
-  warp::with_loss_shape(static_cast<int>(a.C * a.S), [&](auto width, auto chunks) {
-    loss_emulated<decltype(width)::value, decltype(chunks)::value>(a, online);
+  warp::with_loss_layout(a, [&](auto width, auto chunks, auto vec) {
+    loss_emulated<decltype(width)::value, decltype(chunks)::value, decltype(vec)::value>(a, online);
   });
 }
 

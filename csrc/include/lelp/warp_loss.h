@@ -1,7 +1,8 @@
 // The CUDA loss kernel's body: a group of W lanes per row (W = 1 ... 32, so 32 / W rows per warp),
-// each lane holding CH chunks of 4 consecutive elements of its row in registers, reductions as
-// butterflies over the group. A lane holds up to 16 values before a row takes more lanes (loss_shape):
-// K = 16 is one lane a row, 32 rows a warp; K = 512 is 32 lanes of 16 values.
+// each lane holding CH chunks of V consecutive elements of its row in registers, reductions as
+// butterflies over the group. V is 4 (16-byte loads), or 5 where classes of S = 5 2^j take the
+// class-wise work (chunk_width). A lane holds up to 4 chunks before a row takes more lanes
+// (loss_shape): K = 16 is one lane a row, 32 rows a warp; K = 512 is 32 lanes of 16 values.
 //
 // Written against a Warp type instead of CUDA intrinsics: csrc/cuda/warp.cuh supplies shuffles and
 // 16-byte loads on the GPU; tests/cuda_emu/ supplies 32 host threads and a barrier, so the kernel's
@@ -29,6 +30,10 @@ namespace lelp {
 namespace warp {
 
 constexpr int kVec = 4;  // elements per chunk: one 16-byte fp32 load, 8 bytes in bf16/fp16
+// Elements per chunk where classes of S = 5 2^j subclasses take the class-wise work (chunk_width):
+// each chunk part of one class, loaded element by element.
+constexpr int kClassVec = 5;
+constexpr int kMaxClassVecChunks = 32;  // chunks of 5 a row at most (the layouts compiled: W <= 8)
 constexpr int kMaxOnlineTeachers = 8;
 
 // The online teachers' projections, passed by value as a kernel parameter (m = 0: precomputed).
@@ -40,30 +45,37 @@ struct OnlineTeachers {
 // Floats of shared memory one row needs for online targets: its K + C projections.
 LELP_HD int64_t online_row_floats(int64_t C, int64_t S) { return C * S + C; }
 
-// The row element that slot i of lane g holds: chunk i / 4 of the lane, chunks of a group interleaved
+// The row element that slot i of lane g holds: chunk i / V of the lane, chunks of a group interleaved
 // so that each load instruction of the group reads one contiguous span of the row.
-template <int W>
+template <int W, int V>
 LELP_DEV int element(int g, int i) {
-  return ((i / kVec) * W + g) * kVec + i % kVec;
+  return ((i / V) * W + g) * V + i % V;
 }
 
-// Loads the lane's 4 * CH elements of one row starting at `base` (absent elements get `fill`).
-// vec: the row start is 16-byte aligned for fp32 (8 for 16-bit) and K % 4 == 0.
-template <class Warp, int CH>
+// Loads the lane's V * CH elements of one row starting at `base` (absent elements get `fill`).
+// V = 4: vec, the row start is 16-byte aligned for fp32 (8 for 16-bit) and K % 4 == 0. V = 5 loads
+// element by element, and a chunk is whole or past the end (K % 5 == 0: chunk_width).
+template <class Warp, int CH, int V>
 LELP_DEV void load_row(const void* p, int dtype, int64_t base, int K, int g, bool vec, float fill, float* v) {
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
-    const int k0 = (c * Warp::kWidth + g) * kVec;
-    if (vec) {  // K % 4 == 0: a chunk is whole or past the end
-      if (k0 < K) {
-        Warp::load4(p, dtype, base + k0, v + c * kVec);
+    const int k0 = (c * Warp::kWidth + g) * V;
+    if constexpr (V == kVec) {
+      if (vec) {  // K % 4 == 0: a chunk is whole or past the end
+        if (k0 < K) {
+          Warp::load4(p, dtype, base + k0, v + c * V);
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; ++e) v[c * V + e] = fill;
+        }
       } else {
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) v[c * kVec + e] = fill;
+        for (int e = 0; e < V; ++e) v[c * V + e] = k0 + e < K ? Warp::load(p, dtype, base + k0 + e) : fill;
       }
     } else {
+      const bool whole = k0 < K;
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) v[c * kVec + e] = k0 + e < K ? Warp::load(p, dtype, base + k0 + e) : fill;
+      for (int e = 0; e < V; ++e) v[c * V + e] = whole ? Warp::load(p, dtype, base + k0 + e) : fill;
     }
   }
 }
@@ -111,11 +123,15 @@ LELP_DEV void group_row_targets(const Warp& w, const TargetsArgs& t, int64_t row
 
 // The lane's log-targets of one row: precomputed (one teacher, or M mixed by the row's weights) or
 // online (u: the row's shared-memory scratch). Absent elements get -inf.
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV void lane_log_targets(const Warp& w, const LossArgs& a, const OnlineTeachers& online, float* u, int64_t row,
                                bool vec, float* lt) {
-  constexpr int W = Warp::kWidth, P = CH * kVec;
+  constexpr int W = Warp::kWidth, P = CH * V;
   const int g = w.lane() % W, C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S;
+  if constexpr (V != kVec) {  // chunks of 5 take one precomputed teacher (chunk_width)
+    load_row<Warp, CH, V>(a.log_targets, a.targets_dtype, row * a.targets_stride, K, g, vec, -INFINITY, lt);
+    return;
+  }
   const bool mixed = a.weights != nullptr;
 #pragma unroll
   for (int i = 0; i < P; ++i) lt[i] = -INFINITY;
@@ -127,7 +143,7 @@ LELP_DEV void lane_log_targets(const Warp& w, const LossArgs& a, const OnlineTea
         const float log_w = logf(wt);
 #pragma unroll
         for (int i = 0; i < P; ++i) {
-          const int k = element<W>(g, i);
+          const int k = element<W, V>(g, i);
           const float v = k < K ? u[k] : -INFINITY;
           lt[i] = mixed ? logaddexp_(lt[i], log_w + v) : v;
         }
@@ -138,7 +154,7 @@ LELP_DEV void lane_log_targets(const Warp& w, const LossArgs& a, const OnlineTea
   }
   const int64_t base = row * a.targets_stride;
   if (!mixed) {
-    load_row<Warp, CH>(a.log_targets, a.targets_dtype, base, K, g, vec, -INFINITY, lt);
+    load_row<Warp, CH, V>(a.log_targets, a.targets_dtype, base, K, g, vec, -INFINITY, lt);
     return;
   }
   float v[P];
@@ -146,7 +162,7 @@ LELP_DEV void lane_log_targets(const Warp& w, const LossArgs& a, const OnlineTea
     const float wt = a.weights[row * a.n_teachers + m];
     if (wt == 0.f) continue;
     const float log_w = logf(wt);
-    load_row<Warp, CH>(a.log_targets, a.targets_dtype, base + m * K, K, g, vec, -INFINITY, v);
+    load_row<Warp, CH, V>(a.log_targets, a.targets_dtype, base + m * K, K, g, vec, -INFINITY, v);
 #pragma unroll
     for (int i = 0; i < P; ++i) lt[i] = logaddexp_(lt[i], log_w + v[i]);
   }
@@ -179,16 +195,16 @@ LELP_DEV float class_divergence(float p, float inv_q, float log2_sum) {
 // that of its sum): exact when a class holds less than 2^-90 of the row's q. The lanes write qu, t
 // and x2 to the row's scratch u (3K floats); lane g takes classes g, g + W, ..., and each lane reads
 // its slots' gradient back. Every lane of the warp must call it.
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV float row_class_kl_exact(const Warp& w, const LossArgs& a, const float* s, float scale2, float m2,
                                   float log2_sum, const float* qu, const float* t, float* u, float* gr) {
-  constexpr int W = Warp::kWidth, P = CH * kVec;
+  constexpr int W = Warp::kWidth, P = CH * V;
   const int g = w.lane() % W, C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S;
   float *uq = u, *ut = u + K, *ux = u + 2 * K;
   w.sync();  // the caller's reads of u are done
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    const int k = element<W>(g, i);
+    const int k = element<W, V>(g, i);
     if (k < K) {
       ut[k] = t[i];
       ux[k] = s[i] * scale2 - m2;
@@ -214,7 +230,7 @@ LELP_DEV float row_class_kl_exact(const Warp& w, const LossArgs& a, const float*
   w.sync();
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    const int k = element<W>(g, i);
+    const int k = element<W, V>(g, i);
     if (k < K) gr[i] -= uq[k];
   }
   w.sync();  // the next row overwrites u
@@ -230,9 +246,10 @@ LELP_DEV float row_class_kl_exact(const Warp& w, const LossArgs& a, const float*
 // writes each class's gradient factor r_c = (1 - lambda) tau p_c / q_c; each lane reads the factors
 // of its chunks' two classes back. If a class of the warp holds less than 2^-90 of its row's q, the
 // warp sums every class exactly instead (row_class_kl_exact).
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, float scale2, float m2, float log2_sum,
                             const float* qu, const float* t, float* u, float* gr) {
+  static_assert(V == kVec, "chunks of 5 hold whole classes (row_class_kl_chunked)");
   constexpr int W = Warp::kWidth;
   const int g = w.lane() % W, C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S;
   const float inv_s = 1.f / static_cast<float>(S);
@@ -279,7 +296,7 @@ LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, fl
     fac[c] = p == 0.f ? 0.f : f * p * inv_q;
     d += class_divergence(p, inv_q, log2_sum);
   }
-  if (w.any(inexact)) return row_class_kl_exact<Warp, CH>(w, a, s, scale2, m2, log2_sum, qu, t, u, gr);
+  if (w.any(inexact)) return row_class_kl_exact<Warp, CH, V>(w, a, s, scale2, m2, log2_sum, qu, t, u, gr);
   w.sync();
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
@@ -292,11 +309,11 @@ LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, fl
   return w.sum(d);
 }
 
-// Whether row_class_kl_chunked takes the rows: a class is a power-of-two number of whole chunks of 4
-// (S % 4 == 0, S / 4 a power of two), however the chunks were loaded.
-LELP_HD bool classes_in_chunks(const LossArgs& a) {
-  const int64_t sc = a.S / 4;
-  return a.S % 4 == 0 && (sc & (sc - 1)) == 0;
+// Whether row_class_kl_chunked takes the rows: a class is a power-of-two number of whole chunks of V
+// (S % V == 0, S / V a power of two), however the chunks were loaded.
+LELP_HD bool classes_in_chunks(const LossArgs& a, int V) {
+  const int64_t sc = a.S / V;
+  return a.S % V == 0 && (sc & (sc - 1)) == 0;
 }
 
 // Which class-wise form a row takes (row_kl's class sums at lambda != 1, the hard-label term): by
@@ -316,28 +333,28 @@ struct ClassSumsForm {
 // scattered where a class is one slot of an aligned run of 8 or more of the group's lanes and each
 // lane holds 4 chunks (class_factors_scattered), else by slots (class_factors_by_slot); other classes
 // through shared memory (row_class_kl).
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_HD int class_sums_form(const LossArgs& a) {
   constexpr int forced = ClassSumsForm<Warp>::value;
   if (forced != kByShape) return forced;
-  if (!classes_in_chunks(a)) return kShared;
-  const int64_t sc = a.S / kVec;
-  return CH == 4 && sc >= 8 && sc <= Warp::kWidth ? kScattered : kChunks;
+  if (!classes_in_chunks(a, V)) return kShared;
+  const int64_t sc = a.S / V;
+  return V == kVec && CH == 4 && sc >= 8 && sc <= Warp::kWidth ? kScattered : kChunks;
 }
 
 // Whether the row's classes are whole chunks: row_kl then takes a lambda != 1 row's class sums in
 // registers (row_class_kl_chunked), and loss_row the hard-label term a chunk at a time
 // (row_hard_label_from_exp_chunks).
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_HD bool classes_are_whole_chunks(const LossArgs& a) {
-  return class_sums_form<Warp, CH>(a) != kShared;
+  return class_sums_form<Warp, CH, V>(a) != kShared;
 }
 
 // Per slot c of the lane, its class's gradient factor r[c] = (1 - lambda) tau p / q from its part of
 // the class sums p[c] (of t) and q[c] (of qu), where a class is one slot of an aligned run of `run`
 // lanes: each slot's sums a butterfly over the run; a class's first chunk adds its divergence term
 // to *d. Returns whether a class of the lane has a share of qu below 2^-90.
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV bool class_factors_by_slot(const Warp& w, int K, int sc, int run, float f, float log2_sum, const float* p,
                                     const float* q, float* r, float* d) {
   constexpr int W = Warp::kWidth;
@@ -349,7 +366,7 @@ LELP_DEV bool class_factors_by_slot(const Warp& w, int K, int sc, int run, float
     const int j = c * W + g;
     const float inv_q = rcp_approx(qc);
     r[c] = pc == 0.f ? 0.f : f * pc * inv_q;
-    if (j * kVec < K && (j & (sc - 1)) == 0) {  // the class's first chunk
+    if (j * V < K && (j & (sc - 1)) == 0) {  // the class's first chunk
       *d += class_divergence(pc, inv_q, log2_sum);
       inexact = inexact || (pc > 0.f && !(qc >= 0x1p-90f));
     }
@@ -403,14 +420,15 @@ LELP_DEV bool class_factors_scattered(const Warp& w, int K, int run, float f, fl
 
 // The factors r and the divergence terms of row_class_kl_chunked from the slots' chunk sums p and q
 // (by slot: overwritten): reduce-scattered (kScattered) or by slot, after summing a class's G slots in the lane.
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV bool class_factors(const Warp& w, const LossArgs& a, int K, int sc, float log2_sum, float* p, float* q,
                             float* r, float* d) {
   constexpr int W = Warp::kWidth;
   const int group = sc > W ? sc / W : 1, run = sc < W ? sc : W;  // powers of two
   const float f = (1.f - a.subclass_weight) * a.tau;
-  if constexpr (CH == 4) {
-    if (class_sums_form<Warp, CH>(a) == kScattered) return class_factors_scattered(w, K, run, f, log2_sum, p, q, r, d);
+  if constexpr (CH == 4 && V == kVec) {
+    if (class_sums_form<Warp, CH, V>(a) == kScattered)
+      return class_factors_scattered(w, K, run, f, log2_sum, p, q, r, d);
   }
   // Each slot's part of its class: the sum over its aligned G slots, a butterfly over the slots (G
   // is a run-time value; summing every slot with a mask took CH^2 selects and adds)
@@ -424,56 +442,64 @@ LELP_DEV bool class_factors(const Warp& w, const LossArgs& a, int K, int sc, flo
           p[c] = p[c | h] = sp;
           q[c] = q[c | h] = sq;
         }
-  return class_factors_by_slot<Warp, CH>(w, K, sc, run, f, log2_sum, p, q, r, d);
+  return class_factors_by_slot<Warp, CH, V>(w, K, sc, run, f, log2_sum, p, q, r, d);
+}
+
+// The sum of one chunk's V values, pairwise.
+template <int V>
+LELP_DEV float chunk_sum(const float* x) {
+  static_assert(V == kVec || V == kClassVec, "a chunk holds 4 or 5 values");
+  const float four = (x[0] + x[1]) + (x[2] + x[3]);
+  if constexpr (V == kVec) return four;
+  else return four + x[4];
 }
 
 // row_class_kl in registers, for rows whose classes are whole chunks (classes_in_chunks). Chunk slot
-// c of lane g is row chunk c W + g, of class (c W + g) / Sc (Sc = S / 4 chunks a class): with
+// c of lane g is row chunk c W + g, of class (c W + g) / Sc (Sc = S / V chunks a class): with
 // Sc <= W a class is one slot of an aligned run of Sc lanes (a butterfly over them, or reduce-
 // scattered), with Sc > W it is G = Sc / W neighbouring slots of every lane of the group (their sum,
 // then the group's). Every lane then has its slots' class sums p (of t) and q (of qu); a class's
 // first chunk adds its divergence term. Returns false, leaving gr alone, if a class of the warp has
 // a share of qu below 2^-90 (row_class_kl then sums the warp's classes exactly).
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV bool row_class_kl_chunked(const Warp& w, const LossArgs& a, float log2_sum, const float* qu, const float* t,
                                    float* gr, float* d_out) {
-  const int K = static_cast<int>(a.C * a.S), sc = static_cast<int>(a.S) / kVec;
+  const int K = static_cast<int>(a.C * a.S), sc = static_cast<int>(a.S) / V;
   float p[CH], q[CH];
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
-    const int i = c * kVec;
-    p[c] = (t[i] + t[i + 1]) + (t[i + 2] + t[i + 3]);
-    q[c] = (qu[i] + qu[i + 1]) + (qu[i + 2] + qu[i + 3]);
+    p[c] = chunk_sum<V>(t + c * V);
+    q[c] = chunk_sum<V>(qu + c * V);
   }
   float r[CH], d = 0.f;
-  const bool inexact = class_factors<Warp, CH>(w, a, K, sc, log2_sum, p, q, r, &d);
+  const bool inexact = class_factors<Warp, CH, V>(w, a, K, sc, log2_sum, p, q, r, &d);
   if (w.any(inexact)) return false;
 #pragma unroll
   for (int c = 0; c < CH; ++c)
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) gr[c * kVec + e] -= r[c] * qu[c * kVec + e];
+    for (int e = 0; e < V; ++e) gr[c * V + e] -= r[c] * qu[c * V + e];
   *d_out = d;  // the lane's part: row_kl reduces it with the KL's
   return true;
 }
 
 // tau^2 D(t, q) of one row and its gradient into gr (lanes' slots; absent elements masked), for the
 // divergences other than KL (row_kl).
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, const float* lt, float* gr) {
-  constexpr int W = Warp::kWidth, P = CH * kVec;
+  constexpr int W = Warp::kWidth, P = CH * V;
   const int g = w.lane() % W, K = static_cast<int>(a.C * a.S);
   const float tau = a.tau, inv_tau = 1.f / tau;
   float q[P], lq[P];
   float mx = -INFINITY;
 #pragma unroll
   for (int i = 0; i < P; ++i)
-    if (element<W>(g, i) < K) mx = fmax_(mx, s[i]);
+    if (element<W, V>(g, i) < K) mx = fmax_(mx, s[i]);
   mx = w.max(mx) * inv_tau;
   float sum = 0.f;
 #pragma unroll
   for (int i = 0; i < P; ++i) {
     lq[i] = s[i] * inv_tau - mx;
-    q[i] = element<W>(g, i) < K ? expf(lq[i]) : 0.f;
+    q[i] = element<W, V>(g, i) < K ? expf(lq[i]) : 0.f;
     sum += q[i];
   }
   sum = w.sum(sum);
@@ -488,7 +514,7 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
     float ms = 0.f, mt = 0.f;
 #pragma unroll
     for (int i = 0; i < P; ++i)
-      if (element<W>(g, i) < K) {
+      if (element<W, V>(g, i) < K) {
         ms += s[i] * inv_tau;
         mt += lt[i];
       }
@@ -498,7 +524,7 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
     for (int i = 0; i < P; ++i) {
       const float e = (s[i] * inv_tau - ms) - (lt[i] - mt);
       gr[i] = 2.f * tau * e / static_cast<float>(K);
-      if (element<W>(g, i) < K) d += e * e;
+      if (element<W, V>(g, i) < K) d += e * e;
     }
     return tau * tau * w.sum(d) / static_cast<float>(K);
   }
@@ -506,7 +532,7 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
   float qa = 0.f;
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    if (element<W>(g, i) >= K) {
+    if (element<W, V>(g, i) >= K) {
       gr[i] = 0.f;
       continue;
     }
@@ -524,10 +550,10 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
 // unnormalised value qu, so log q = (x2 - log2 sum qu) ln 2. A t of 0 adds 0 to the loss (its log t
 // may be -inf); a NaN anywhere in the row reaches the loss and the gradient. e: exp(s - max s) for
 // the hard-label term when want_e (qu itself at tau = 1, its square at tau = 2), else left alone.
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const float* lt, float* u, float* gr,
                       bool want_e, float* e) {
-  constexpr int P = CH * kVec;
+  constexpr int P = CH * V;
   const float tau = a.tau, scale2 = kLog2e / tau;
   float mx = -INFINITY;
 #pragma unroll
@@ -555,7 +581,24 @@ LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const fl
     d = t[i] == 0.f ? d : t[i] * log_ratio + d;
     gr[i] = gq * qu[i] - gt * t[i];
   }
-  if (want_e) {
+  // One reduction for the KL and, in registers, the class term: the lane's parts; d_row: a class
+  // term already summed over the row.
+  float d_lane = d, d_row = 0.f;
+  if (weighted) {
+    float d_class;
+    if (classes_are_whole_chunks<Warp, CH, V>(a) &&
+        row_class_kl_chunked<Warp, CH, V>(w, a, log2_sum, qu, t, gr, &d_class)) {
+      d_lane = lambda * d + (1.f - lambda) * d_class;
+    } else {
+      d_lane = lambda * d;
+      if constexpr (V == kVec) {
+        d_row = (1.f - lambda) * row_class_kl<Warp, CH, V>(w, a, s, scale2, m2, log2_sum, qu, t, u, gr);
+      } else {  // chunks of 5 hold whole classes (chunk_width): only the exact sums are left
+        d_row = (1.f - lambda) * row_class_kl_exact<Warp, CH, V>(w, a, s, scale2, m2, log2_sum, qu, t, u, gr);
+      }
+    }
+  }
+  if (want_e) {  // after the class sums, so that e and the sums' registers are not live at once
     const int hard_tau = tau == 1.f ? 1 : (tau == 2.f ? 2 : 0);
 #pragma unroll
     for (int i = 0; i < P; ++i)
@@ -563,32 +606,20 @@ LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const fl
              : hard_tau == 2 ? qu[i] * qu[i]
                              : exp2_approx((s[i] - mx) * kLog2e);
   }
-  // One reduction for the KL and, in registers, the class term: the lane's parts; d_row: a class
-  // term already summed over the row.
-  float d_lane = d, d_row = 0.f;
-  if (weighted) {
-    float d_class;
-    if (classes_are_whole_chunks<Warp, CH>(a) && row_class_kl_chunked<Warp, CH>(w, a, log2_sum, qu, t, gr, &d_class)) {
-      d_lane = lambda * d + (1.f - lambda) * d_class;
-    } else {
-      d_lane = lambda * d;
-      d_row = (1.f - lambda) * row_class_kl<Warp, CH>(w, a, s, scale2, m2, log2_sum, qu, t, u, gr);
-    }
-  }
   return tau * tau * (w.sum(d_lane) + d_row);
 }
 
 // alpha * CE(y, pooled class logits) of one row; adds its gradient to gr. Class logits
 // p_c = logsumexp_s s_{c,s}: CE = logsumexp(s) - p_y, dCE/ds_k = softmax(s)_k - [k in y] softmax_y(s)_k.
 // y outside [0, C) (no label, ignored rows): returns 0 and leaves gr alone.
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV float row_hard_label(const Warp& w, const LossArgs& a, const float* s, int64_t y, float* gr) {
-  constexpr int W = Warp::kWidth, P = CH * kVec;
+  constexpr int W = Warp::kWidth, P = CH * V;
   const int g = w.lane() % W, S = static_cast<int>(a.S), K = static_cast<int>(a.C * a.S);
   float m_all = -INFINITY, m_y = -INFINITY;
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    const int k = element<W>(g, i);
+    const int k = element<W, V>(g, i);
     if (k < K) m_all = fmax_(m_all, s[i]);
     if (k < K && k / S == y) m_y = fmax_(m_y, s[i]);
   }
@@ -597,7 +628,7 @@ LELP_DEV float row_hard_label(const Warp& w, const LossArgs& a, const float* s, 
   float e_all = 0.f, e_y = 0.f;
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    const int k = element<W>(g, i);
+    const int k = element<W, V>(g, i);
     if (k < K) e_all += expf(s[i] - m_all);
     if (k < K && k / S == y) e_y += expf(s[i] - m_y);
   }
@@ -607,7 +638,7 @@ LELP_DEV float row_hard_label(const Warp& w, const LossArgs& a, const float* s, 
   const float lse_all = m_all + logf(e_all), p_y = m_y + logf(e_y);
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    const int k = element<W>(g, i);
+    const int k = element<W, V>(g, i);
     gr[i] += a.alpha * (expf(s[i] - lse_all) - (k / S == y ? expf(s[i] - p_y) : 0.f));
   }
   return a.alpha * (lse_all - p_y);
@@ -636,22 +667,22 @@ LELP_DEV bool hard_label_factors(const Warp& w, const LossArgs& a, bool valid, f
 // e_k / sum_{k in y} e; no exponential per element. If class y's share is below 2^-90 of the row
 // (its logits some 60 below the row's max) e loses it, and the warp takes row_hard_label's exact
 // sums (warp-uniform: every lane of the warp takes part in its reductions).
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV float row_hard_label_from_exp(const Warp& w, const LossArgs& a, const float* s, const float* e, int64_t y,
                                        float* gr) {
-  constexpr int W = Warp::kWidth, P = CH * kVec;
+  constexpr int W = Warp::kWidth, P = CH * V;
   const int g = w.lane() % W;
   const bool valid = y >= 0 && y < a.C;
   const int lo = valid ? static_cast<int>(y * a.S) : 0, S = static_cast<int>(a.S);
   float ey[P], e_all = 0.f, e_y = 0.f;  // ey: e in class y's slots, else 0
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    ey[i] = static_cast<unsigned>(element<W>(g, i) - lo) < static_cast<unsigned>(S) ? e[i] : 0.f;
+    ey[i] = static_cast<unsigned>(element<W, V>(g, i) - lo) < static_cast<unsigned>(S) ? e[i] : 0.f;
     e_all += e[i];
     e_y += ey[i];
   }
   HardLabelFactors h;
-  if (!hard_label_factors(w, a, valid, e_all, e_y, &h)) return row_hard_label<Warp, CH>(w, a, s, y, gr);
+  if (!hard_label_factors(w, a, valid, e_all, e_y, &h)) return row_hard_label<Warp, CH, V>(w, a, s, y, gr);
   if (!valid) return 0.f;
   const float f_all = h.f_all, f_y = h.f_y;
 #pragma unroll
@@ -659,29 +690,28 @@ LELP_DEV float row_hard_label_from_exp(const Warp& w, const LossArgs& a, const f
   return h.loss;
 }
 
-// row_hard_label_from_exp for rows whose classes are whole chunks (S % 4 == 0; loss_row takes it
+// row_hard_label_from_exp for rows whose classes are whole chunks (S % V == 0; loss_row takes it
 // where classes_are_whole_chunks): class y's slots are whole chunks, so its mask, its sum and the
 // gradient's factor take a chunk at a time (one compare, one select a chunk, one FMA an element;
 // the element-wise form takes a compare and a select an element, and two FMAs).
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV float row_hard_label_from_exp_chunks(const Warp& w, const LossArgs& a, const float* s, const float* e,
                                               int64_t y, float* gr) {
   constexpr int W = Warp::kWidth;
-  const int g = w.lane() % W, sc = static_cast<int>(a.S) / kVec;
+  const int g = w.lane() % W, sc = static_cast<int>(a.S) / V;
   const bool valid = y >= 0 && y < a.C;
   const int first = valid ? static_cast<int>(y) * sc : 0;  // class y's first chunk of the row
   float e_all = 0.f, e_y = 0.f;
   bool in_y[CH];
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
-    const float* ec = e + c * kVec;
-    const float chunk = (ec[0] + ec[1]) + (ec[2] + ec[3]);
+    const float chunk = chunk_sum<V>(e + c * V);
     in_y[c] = static_cast<unsigned>(c * W + g - first) < static_cast<unsigned>(sc);
     e_all += chunk;
     e_y += in_y[c] ? chunk : 0.f;
   }
   HardLabelFactors h;
-  if (!hard_label_factors(w, a, valid, e_all, e_y, &h)) return row_hard_label<Warp, CH>(w, a, s, y, gr);
+  if (!hard_label_factors(w, a, valid, e_all, e_y, &h)) return row_hard_label<Warp, CH, V>(w, a, s, y, gr);
   if (!valid) return 0.f;
   const float f_all = h.f_all, f_y = h.f_y;
   const float f_in = f_all - f_y;  // dCE/ds_k / e_k in class y
@@ -689,14 +719,14 @@ LELP_DEV float row_hard_label_from_exp_chunks(const Warp& w, const LossArgs& a, 
   for (int c = 0; c < CH; ++c) {
     const float f = in_y[c] ? f_in : f_all;
 #pragma unroll
-    for (int i = c * kVec; i < (c + 1) * kVec; ++i) gr[i] = fmaf(e[i], f, gr[i]);
+    for (int i = c * V; i < (c + 1) * V; ++i) gr[i] = fmaf(e[i], f, gr[i]);
   }
   return h.loss;
 }
 
 // Stores one row's outputs (an ignored row's loss 0, its gradient times 0); the gradient times
 // `scale` in a.grad_dtype.
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV void store_row(const LossArgs& a, int64_t row, int g, bool vec, bool ignored, float loss, float hard,
                         float scale, float* gr) {
   constexpr int W = Warp::kWidth;
@@ -707,15 +737,19 @@ LELP_DEV void store_row(const LossArgs& a, int64_t row, int g, bool vec, bool ig
   const float factor = ignored ? 0.f : scale;
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
-    float* v = gr + c * kVec;
+    float* v = gr + c * V;
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) v[e] *= factor;
-    const int k0 = (c * W + g) * kVec;
-    if (vec) {  // K % 4 == 0: a chunk is whole or past the end
+    for (int e = 0; e < V; ++e) v[e] *= factor;
+    const int k0 = (c * W + g) * V;
+    if constexpr (V != kVec) {  // chunks of 5: K % 5 == 0 (chunk_width), a chunk is whole or past the end
+      if (k0 < K)
+#pragma unroll
+        for (int e = 0; e < V; ++e) Warp::store(a.grad, a.grad_dtype, base + k0 + e, v[e]);
+    } else if (vec) {  // K % 4 == 0: a chunk is whole or past the end
       if (k0 < K) Warp::store4(a.grad, a.grad_dtype, base + k0, v);
     } else {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e)
+      for (int e = 0; e < V; ++e)
         if (k0 + e < K) Warp::store(a.grad, a.grad_dtype, base + k0 + e, v[e]);
     }
   }
@@ -728,10 +762,10 @@ LELP_DEV void store_row(const LossArgs& a, int64_t row, int g, bool vec, bool ig
 // One row. Lanes past the last row (row >= n) compute the last row again, without branches around
 // the loads, only to take part in the warp's reductions; they store nothing. Absent slots hold
 // -inf in s and log t, which the KL step's exponentials turn into 0 without masks.
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& online, float* u, int64_t row, bool vec,
                        float scale) {
-  constexpr int P = CH * kVec;
+  constexpr int P = CH * V;
   const int g = w.lane() % Warp::kWidth, K = static_cast<int>(a.C * a.S);
   const bool active = row < a.n;
   const int64_t r = active ? row : a.n - 1;  // n >= 1 (loss_cuda returns early on n = 0)
@@ -742,28 +776,31 @@ LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& o
     ignored = y == a.ignore_index;
   }
   float lt[P], s[P], gr[P];
-  lane_log_targets<Warp, CH>(w, a, online, u, r, vec, lt);
-  load_row<Warp, CH>(a.student, a.student_dtype, r * a.student_stride, K, g, vec, -INFINITY, s);
+  lane_log_targets<Warp, CH, V>(w, a, online, u, r, vec, lt);
+  load_row<Warp, CH, V>(a.student, a.student_dtype, r * a.student_stride, K, g, vec, -INFINITY, s);
   const bool hard_term = a.alpha != 0.f && a.labels != nullptr;
-  float loss, hard = 0.f;
+  float loss = 0.f, hard = 0.f;
   if (a.divergence == kKL) {
     float e[P];  // exp(s - max s) for the hard-label term
-    loss = row_kl<Warp, CH>(w, a, s, lt, u, gr, hard_term, e);
-    // classes of whole chunks (as row_kl's class sums in registers at lambda != 1)
-    if (hard_term && classes_are_whole_chunks<Warp, CH>(a))
-      hard = row_hard_label_from_exp_chunks<Warp, CH>(w, a, s, e, ignored ? -1 : y, gr);
-    else if (hard_term) hard = row_hard_label_from_exp<Warp, CH>(w, a, s, e, ignored ? -1 : y, gr);
-  } else {
-    loss = row_divergence<Warp, CH>(w, a, s, lt, gr);
-    if (hard_term) hard = row_hard_label<Warp, CH>(w, a, s, ignored ? -1 : y, gr);
+    loss = row_kl<Warp, CH, V>(w, a, s, lt, u, gr, hard_term, e);
+    // classes of whole chunks (as row_kl's class sums in registers at lambda != 1), as chunks of 5
+    // always are (chunk_width)
+    if (hard_term && (V != kVec || classes_are_whole_chunks<Warp, CH, V>(a)))
+      hard = row_hard_label_from_exp_chunks<Warp, CH, V>(w, a, s, e, ignored ? -1 : y, gr);
+    else if constexpr (V == kVec) {
+      if (hard_term) hard = row_hard_label_from_exp<Warp, CH, V>(w, a, s, e, ignored ? -1 : y, gr);
+    }
+  } else if constexpr (V == kVec) {  // chunks of 5 take the KL only (chunk_width)
+    loss = row_divergence<Warp, CH, V>(w, a, s, lt, gr);
+    if (hard_term) hard = row_hard_label<Warp, CH, V>(w, a, s, ignored ? -1 : y, gr);
   }
   loss += hard;
-  if (active) store_row<Warp, CH>(a, row, g, vec, ignored, loss, hard, scale, gr);
+  if (active) store_row<Warp, CH, V>(a, row, g, vec, ignored, loss, hard, scale, gr);
 }
 
 // The rows of one warp, grid-stride: warp `warp_id` of `n_warps` takes rows base .. base + 32/W - 1.
 // smem: the warp's scratch, 32/W rows of loss_row_scratch_floats (nullptr if that is 0).
-template <class Warp, int CH>
+template <class Warp, int CH, int V>
 LELP_DEV void loss_rows(const Warp& w, const LossArgs& a, const OnlineTeachers& online, float* smem, int64_t warp_id,
                         int64_t n_warps, bool vec) {
   constexpr int R = 32 / Warp::kWidth;
@@ -771,42 +808,81 @@ LELP_DEV void loss_rows(const Warp& w, const LossArgs& a, const OnlineTeachers& 
   float* u = smem == nullptr ? nullptr : smem + slot * loss_row_scratch_floats(a, online.m > 0);
   const float scale = a.grad_scale == nullptr ? 1.f : *a.grad_scale;  // read once: no host sync
   for (int64_t base = warp_id * R; base < a.n; base += n_warps * R)  // warp-uniform
-    loss_row<Warp, CH>(w, a, online, u, base + slot, vec, scale);
+    loss_row<Warp, CH, V>(w, a, online, u, base + slot, vec, scale);
 }
 
-// The group width and chunks per lane for K: CH chunks of 4 per lane, up to 4 (16 values: the row's
-// per-lane work, its reductions and their shuffles, are then shared by 16 elements), then W lanes
-// per row, a power of two <= 32, with CH = ceil(chunks / W) so that at most W - 1 chunks of a row
-// are padding (K = 40: 4 lanes x 3 chunks, 48 slots). K <= 512.
-LELP_HD void loss_shape(int K, int* width, int* chunks) {
-  const int need = (K + kVec - 1) / kVec;  // chunks of the row
+// The group width and chunks per lane for K in chunks of V: CH chunks per lane, up to 4 (16 or 20
+// values: the row's per-lane work, its reductions and their shuffles, are then shared by them), then
+// W lanes per row, a power of two <= 32, with CH = ceil(chunks / W) so that at most W - 1 chunks of a
+// row are padding (K = 40 in chunks of 4: 4 lanes x 3 chunks, 48 slots). K <= 512.
+LELP_HD void loss_shape(int K, int V, int* width, int* chunks) {
+  const int need = (K + V - 1) / V;  // chunks of the row
   int w = 1;
   while (w < 32 && (need + w - 1) / w > 4) w *= 2;
   *width = w;
   *chunks = (need + w - 1) / w;
 }
 
-// Calls f(std::integral_constant<int, W>{}, std::integral_constant<int, CH>{}) with loss_shape(K)'s
-// (W, CH): the one place that maps K to a kernel instantiation (the CUDA launch and the tests' host run).
+// The elements per chunk of a row (kVec or kClassVec): 5 where the KL's class-wise work (lambda != 1,
+// the hard-label term) meets classes of S = 5 2^j subclasses, which chunks of 4 split at class
+// boundaries (their sums then go through shared memory, row_class_kl), and the row has at most
+// kMaxClassVecChunks chunks of 5; otherwise 4.
+LELP_HD int chunk_width(const LossArgs& a) {
+  const bool class_wise = a.divergence == kKL && (subclass_weighted(a) || (a.alpha != 0.f && a.labels != nullptr));
+  const bool one_teacher = a.online == nullptr && a.weights == nullptr;  // precomputed, not mixed
+  const bool fits = a.C * a.S <= kClassVec * kMaxClassVecChunks;
+  return class_wise && one_teacher && fits && classes_in_chunks(a, kClassVec) ? kClassVec : kVec;
+}
+
+// The kernel instantiation (W lanes, CH chunks of V) that takes the rows of `a`: loss_shape's in
+// chunks of chunk_width(a); in chunks of 5 one lane a row takes 2 or 4 chunks (so that 8 layouts
+// serve them: W = 1, 2, 4, 8).
+LELP_HD void loss_layout(const LossArgs& a, int* width, int* chunks, int* vec) {
+  *vec = chunk_width(a);
+  loss_shape(static_cast<int>(a.C * a.S), *vec, width, chunks);
+  if (*vec == kClassVec && *width == 1) *chunks = *chunks <= 2 ? 2 : 4;
+}
+
+// Calls f(integral_constant<int, W>{}, integral_constant<int, CH>{}, integral_constant<int, V>{})
+// with loss_layout(a)'s (W, CH, V): the one place that maps a shape to a kernel instantiation (the
+// CUDA launch and the tests' host run).
 template <class F>
-inline void with_loss_shape(int K, F&& f) {
-  int width, chunks;
-  loss_shape(K, &width, &chunks);
+inline void with_loss_layout(const LossArgs& a, F&& f) {
+  int width, chunks, vec;
+  loss_layout(a, &width, &chunks, &vec);
   using std::integral_constant;
+  using I1 = integral_constant<int, 1>;
+  using I2 = integral_constant<int, 2>;
+  using I3 = integral_constant<int, 3>;
+  using I4 = integral_constant<int, 4>;
+  if (vec == kClassVec) {
+    const integral_constant<int, kClassVec> v;
+    const auto one = [&](auto w) {  // W > 1 takes 3 or 4 chunks (loss_shape)
+      if (chunks == 3) return f(w, I3{}, v);
+      return f(w, I4{}, v);
+    };
+    switch (width) {
+      case 1: return chunks == 2 ? f(I1{}, I2{}, v) : f(I1{}, I4{}, v);
+      case 2: return one(I2{});
+      case 4: return one(I4{});
+      default: return one(integral_constant<int, 8>{});  // at most 32 chunks (chunk_width)
+    }
+  }
+  const integral_constant<int, kVec> v;
   const auto one = [&](auto w) {  // W > 1 takes 3 or 4 chunks (loss_shape)
-    if (chunks == 3) return f(w, integral_constant<int, 3>{});
-    return f(w, integral_constant<int, 4>{});
+    if (chunks == 3) return f(w, I3{}, v);
+    return f(w, I4{}, v);
   };
   switch (width) {
     case 1:
       switch (chunks) {
-        case 1: return f(integral_constant<int, 1>{}, integral_constant<int, 1>{});
-        case 2: return f(integral_constant<int, 1>{}, integral_constant<int, 2>{});
-        case 3: return f(integral_constant<int, 1>{}, integral_constant<int, 3>{});
-        default: return f(integral_constant<int, 1>{}, integral_constant<int, 4>{});
+        case 1: return f(I1{}, I1{}, v);
+        case 2: return f(I1{}, I2{}, v);
+        case 3: return f(I1{}, I3{}, v);
+        default: return f(I1{}, I4{}, v);
       }
-    case 2: return one(integral_constant<int, 2>{});
-    case 4: return one(integral_constant<int, 4>{});
+    case 2: return one(I2{});
+    case 4: return one(I4{});
     case 8: return one(integral_constant<int, 8>{});
     case 16: return one(integral_constant<int, 16>{});
     default: return one(integral_constant<int, 32>{});
