@@ -1,10 +1,11 @@
 """A cost model of the CUDA loss kernel (csrc/cuda/loss.cu), read from its SASS without a GPU.
 
-The production kernel is one template per lane layout (W lanes per row, CH chunks of 4 values per
-lane) whose divergence, dtypes, labels and subclass weight are runtime arguments, so its loop holds
-every path. The model compiles the same body (lelp/warp_loss.h with csrc/cuda/warp.cuh) once per
-modelled path, with that path's arguments fixed in the kernel (the KL divergence, one dtype,
-precomputed targets of one teacher, 16-byte rows; labels and λ as the path says; τ = 2 with the
+The production kernel is one template per lane layout (W lanes per row, CH chunks of V = 4 or 5
+values per lane: ``warp::loss_layout``) whose divergence, dtypes, labels and subclass weight are
+runtime arguments, so its loop holds every path. The model compiles the same body (lelp/warp_loss.h
+with csrc/cuda/warp.cuh) once per modelled path, in the layout the kernel takes for it, with that
+path's arguments fixed in the kernel (the KL divergence, one dtype, precomputed targets of one
+teacher, 16-byte rows in chunks of 4; labels and λ as the path says; τ = 2 with the
 hard-label term, whose exponentials depend on τ), so the compiler drops the other paths. C, S, α,
 λ and τ without labels stay runtime values, as in production. The class-wise form the kernel picks
 by S and the lane layout (``warp::ClassSumsForm``: classes of whole chunks, reduce-scattered or by slot, or not, which
@@ -353,9 +354,10 @@ def model(paths: List[Path], arch: int = 90) -> Dict[Path, Dict[str, float]]:
 
 
 # The Triton loss's cost shapes (lelp_fast/kernels/triton/loss.py: COST_KS, WEIGHTED_COST_SHAPES); τ = 2
-# with the hard-label term.
+# with the hard-label term. At λ = 1 also 8 x 5 with it, which takes chunks of 5 (warp::chunk_width).
 COST_PATHS = [Path(c, s, dt, labels, False, 2 if labels else 0) for (c, s) in ((2, 8), (5, 8), (16, 8), (16, 32))
-              for dt in ("bf16", "fp32") for labels in (False, True)]
+              for dt in ("bf16", "fp32") for labels in (False, True)] + [
+              Path(8, 5, dt, True, False, 2) for dt in ("bf16", "fp32")]
 WEIGHTED_COST_PATHS = [Path(c, s, dt, labels, True, 2 if labels else 0)
                        for (c, s) in ((2, 8), (8, 5), (8, 16), (8, 64), (16, 8), (12, 10), (16, 5))
                        for dt in ("bf16", "fp32") for labels in (False, True)]

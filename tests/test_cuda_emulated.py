@@ -25,8 +25,10 @@ pytestmark = pytest.mark.skipif(not _dispatch.available("cpu", torch.device("cpu
 BF16 = 2  # csrc/include/lelp/row_math.h: enum DType
 
 
-# (C, S) whose K = C * S take each of the 14 lane layouts (W, CH) of warp::loss_shape.
-LANE_LAYOUT_SHAPES = [(3, 1), (2, 4), (3, 4), (2, 8), (2, 12), (2, 16), (5, 8), (2, 32), (3, 30), (4, 25), (4, 40),
+# (C, S) whose K = C * S take each of the 14 lane layouts (W, CH) of warp::loss_shape in chunks of 4,
+# for every divergence (no S = 5 2^j below 32 chunks of 5: the KL with the hard-label term would take
+# chunks of 5, CLASS_CHUNK_SHAPES).
+LANE_LAYOUT_SHAPES = [(3, 1), (2, 4), (3, 4), (2, 8), (2, 12), (2, 16), (5, 8), (2, 32), (3, 30), (4, 25), (5, 32),
                       (2, 100), (2, 128), (3, 100), (5, 80)]
 
 
@@ -37,6 +39,9 @@ def test_lane_layout_shapes_cover_every_layout():
     shapes = cuda_cost.shapes_of(sorted({c * s for c, s in LANE_LAYOUT_SHAPES}))
     layouts = {(1, 1), (1, 2), (1, 3), (1, 4)} | {(w, ch) for w in (2, 4, 8, 16, 32) for ch in (3, 4)}
     assert set(shapes.values()) == layouts
+    # the KL with the hard-label term (test_loss_at_every_lane_layout) takes them too, in chunks of 4
+    with_labels = cuda_cost.layouts_of([cuda_cost.Path(c, s, "fp32", True, False) for c, s in LANE_LAYOUT_SHAPES])
+    assert {(w, ch) for w, ch, v in with_labels.values() if v == 4} == layouts
 
 
 @pytest.mark.parametrize("backend", ["cuda_emu"])
@@ -161,7 +166,7 @@ def test_cuda_loss_writes_the_folded_gradient_once(backend, monkeypatch, dtype, 
     reduction's scale (a device tensor) folded in, as Triton does; fp16 and reduction="none" keep
     the fp32 gradient that the backward scales and casts. Was: fp32 always, then more N x K passes.
     In chunks of 4 (16-byte loads and stores) and of 5 (8 x 5 with the hard-label term: element by
-    element)."""
+    element; the layout is test_cuda_cost.py's test_class_wise_rows_of_5_subclasses_take_chunks_of_5)."""
     ext = _dispatch.extension()
     kernel, calls = ext.loss, []
 
@@ -321,10 +326,13 @@ def test_cuda_targets_tile_edges(backend, cuda_emulator, tile_form, dtype):
     assert torch.isnan(got[5]).all() and torch.isfinite(got[[4, 6]]).all()
 
 
-# (C, S) of S = 5 2^j that take each layout in chunks of 5 (W, CH: warp::loss_layout), and one past
-# its 32 chunks (34 x 5: chunks of 4, the class sums through shared memory).
-CLASS_CHUNK_SHAPES = [(1, 5), (2, 5), (3, 5), (4, 5), (2, 10), (6, 5), (3, 10), (7, 5), (8, 5), (4, 10), (2, 20),
-                      (12, 5), (16, 5), (4, 20), (12, 10), (8, 20), (4, 40), (2, 80), (34, 5)]
+# (C, S) of S = 5 2^j that take each layout in chunks of 5 (W, CH: warp::loss_layout), classes of 1-32
+# chunks (in one slot, in a run of lanes, or in 2 or 4 slots of every lane: 2 x 80, 1 x 20, 1 x 160),
+# padded chunks (1 x 5, 3 x 5, 7 x 5, 9 x 5, 5 x 10), and one past the 32 chunks (34 x 5: chunks of 4,
+# the class sums through shared memory).
+CLASS_CHUNK_SHAPES = [(1, 5), (2, 5), (3, 5), (4, 5), (2, 10), (1, 20), (6, 5), (3, 10), (7, 5), (8, 5), (4, 10),
+                      (2, 20), (9, 5), (5, 10), (12, 5), (16, 5), (4, 20), (12, 10), (8, 20), (4, 40), (2, 80),
+                      (1, 160), (34, 5)]
 
 
 def test_class_chunk_shapes_cover_every_layout():
@@ -348,7 +356,7 @@ def test_subclass_weighted_loss_at_each_class_layout(backend, num_classes, s, fa
     one slot of 2-32 lanes, reduce-scattered over runs of 8-32 lanes of 4 chunks on 8, 16 and 32
     lanes: 4 x 32, 8 x 32, 7 x 32 (a run past K), 16 x 32, 4 x 64, 8 x 64, 4 x 128; or in 2-4 slots
     of every lane), S = 5 2^j as whole chunks of 5 (CLASS_CHUNK_SHAPES: a class in one slot, in a
-    run of 2-8 lanes, or in 2 slots of every lane at 2 x 80; padded chunks at 1 x 5, 3 x 5, 7 x 5),
+    run of 2-8 lanes, or in 2 or 4 slots of every lane; padded chunks),
     other S through shared memory (S = 2, 3, 7, 12, 13, and 5 at 34 x 5; K = 14, 15, 63, 93, 143
     not a multiple of 4, C = 1);
     far: class 1 some 200 below the row's max (its share of q underflows), so the warp sums every

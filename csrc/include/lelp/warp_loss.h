@@ -31,7 +31,7 @@ namespace warp {
 
 constexpr int kVec = 4;  // elements per chunk: one 16-byte fp32 load, 8 bytes in bf16/fp16
 // Elements per chunk where classes of S = 5 2^j subclasses take the class-wise work (chunk_width):
-// each chunk part of one class, loaded element by element.
+// each chunk part of one class, a class a power-of-two number of them, loaded element by element.
 constexpr int kClassVec = 5;
 constexpr int kMaxClassVecChunks = 32;  // chunks of 5 a row at most (the layouts compiled: W <= 8)
 constexpr int kMaxOnlineTeachers = 8;
@@ -824,9 +824,10 @@ LELP_HD void loss_shape(int K, int V, int* width, int* chunks) {
 }
 
 // The elements per chunk of a row (kVec or kClassVec): 5 where the KL's class-wise work (lambda != 1,
-// the hard-label term) meets classes of S = 5 2^j subclasses, which chunks of 4 split at class
-// boundaries (their sums then go through shared memory, row_class_kl), and the row has at most
-// kMaxClassVecChunks chunks of 5; otherwise 4.
+// the hard-label term) meets classes of S = 5 2^j subclasses, which are not a power-of-two number of
+// chunks of 4 (S = 5, 10: split at class boundaries; 20, 40, ...: 5 2^(j-2) chunks), so that their
+// sums would go through shared memory (row_class_kl), and the row has at most kMaxClassVecChunks
+// chunks of 5; otherwise 4.
 LELP_HD int chunk_width(const LossArgs& a) {
   const bool class_wise = a.divergence == kKL && (subclass_weighted(a) || (a.alpha != 0.f && a.labels != nullptr));
   const bool one_teacher = a.online == nullptr && a.weights == nullptr;  // precomputed, not mixed
