@@ -127,9 +127,10 @@ int main(int argc, char** argv) {
   }
   // lambda != 1: classes of whole chunks (S = 4, 8, 32, 16: in registers; 4 x 32 reduce-scattered over
   // runs of 8 lanes; S = 5, 10, 80 with one precomputed teacher and at most 32 chunks of 5, at each of
-  // their 8 layouts: 2 x 5, 3 x 5, 6 x 5, 8 x 5, 12 x 5, 16 x 5, 12 x 10, 2 x 80) and the others (S = 12, 25, 80, 5 at 34 x 5 and with online targets, and
-  // K not a multiple of 4: through shared memory, which online targets share; C = 1, S = 2 fills the
-  // scratch exactly), each also with a class far below its row (the exact class sums)
+  // their 8 layouts: 2 x 5, 3 x 5, 6 x 5, 8 x 5, 12 x 5, 16 x 5, 12 x 10, 2 x 80) and the others
+  // (S = 12, 25, 80, 5 at 34 x 5 and with online targets, and K not a multiple of 4: through shared
+  // memory, which online targets share; C = 1, S = 2 fills the scratch exactly), each also with a
+  // class far below its row (the exact class sums)
   const int64_t weighted[][2] = {{2, 4}, {5, 8}, {2, 32}, {5, 16}, {4, 32}, {2, 12}, {4, 25}, {5, 80},
                                  {1, 2}, {3, 3}, {34, 5}, {9, 7}, {170, 3}, {2, 5}, {3, 5}, {6, 5}, {8, 5},
                                  {12, 5}, {16, 5}, {12, 10}, {2, 80}};

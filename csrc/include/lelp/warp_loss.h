@@ -331,12 +331,13 @@ struct ClassSumsForm {
 
 // The form a row takes, by its shape or as ClassSumsForm forces: classes of whole chunks, reduce-
 // scattered where a class is one slot of an aligned run of 8 or more of the group's lanes and each
-// lane holds 4 chunks (class_factors_scattered), else by slots (class_factors_by_slot); other classes
-// through shared memory (row_class_kl).
+// lane holds 4 chunks of 4 (class_factors_scattered), else by slots (class_factors_by_slot); other
+// classes through shared memory (row_class_kl). Chunks of 5 hold whole classes (chunk_width).
 template <class Warp, int CH, int V>
 LELP_HD int class_sums_form(const LossArgs& a) {
   constexpr int forced = ClassSumsForm<Warp>::value;
   if (forced != kByShape) return forced;
+  if (V != kVec) return kChunks;
   if (!classes_in_chunks(a, V)) return kShared;
   const int64_t sc = a.S / V;
   return V == kVec && CH == 4 && sc >= 8 && sc <= Warp::kWidth ? kScattered : kChunks;
@@ -783,11 +784,10 @@ LELP_DEV void loss_row(const Warp& w, const LossArgs& a, const OnlineTeachers& o
   if (a.divergence == kKL) {
     float e[P];  // exp(s - max s) for the hard-label term
     loss = row_kl<Warp, CH, V>(w, a, s, lt, u, gr, hard_term, e);
-    // classes of whole chunks (as row_kl's class sums in registers at lambda != 1), as chunks of 5
-    // always are (chunk_width)
-    if (hard_term && (V != kVec || classes_are_whole_chunks<Warp, CH, V>(a)))
+    // classes of whole chunks (as row_kl's class sums in registers at lambda != 1)
+    if (hard_term && classes_are_whole_chunks<Warp, CH, V>(a))
       hard = row_hard_label_from_exp_chunks<Warp, CH, V>(w, a, s, e, ignored ? -1 : y, gr);
-    else if constexpr (V == kVec) {
+    else if constexpr (V == kVec) {  // chunks of 5 are always whole classes (class_sums_form)
       if (hard_term) hard = row_hard_label_from_exp<Warp, CH, V>(w, a, s, e, ignored ? -1 : y, gr);
     }
   } else if constexpr (V == kVec) {  // chunks of 5 take the KL only (chunk_width)
@@ -856,24 +856,20 @@ inline void with_loss_layout(const LossArgs& a, F&& f) {
   using I2 = integral_constant<int, 2>;
   using I3 = integral_constant<int, 3>;
   using I4 = integral_constant<int, 4>;
-  if (vec == kClassVec) {
-    const integral_constant<int, kClassVec> v;
-    const auto one = [&](auto w) {  // W > 1 takes 3 or 4 chunks (loss_shape)
-      if (chunks == 3) return f(w, I3{}, v);
-      return f(w, I4{}, v);
-    };
-    switch (width) {
-      case 1: return chunks == 2 ? f(I1{}, I2{}, v) : f(I1{}, I4{}, v);
-      case 2: return one(I2{});
-      case 4: return one(I4{});
-      default: return one(integral_constant<int, 8>{});  // at most 32 chunks (chunk_width)
-    }
-  }
-  const integral_constant<int, kVec> v;
-  const auto one = [&](auto w) {  // W > 1 takes 3 or 4 chunks (loss_shape)
+  const auto one = [&](auto w, auto v) {  // W > 1 takes 3 or 4 chunks (loss_shape)
     if (chunks == 3) return f(w, I3{}, v);
     return f(w, I4{}, v);
   };
+  if (vec == kClassVec) {
+    const integral_constant<int, kClassVec> v;
+    switch (width) {
+      case 1: return chunks == 2 ? f(I1{}, I2{}, v) : f(I1{}, I4{}, v);
+      case 2: return one(I2{}, v);
+      case 4: return one(I4{}, v);
+      default: return one(integral_constant<int, 8>{}, v);  // at most 32 chunks (chunk_width)
+    }
+  }
+  const integral_constant<int, kVec> v;
   switch (width) {
     case 1:
       switch (chunks) {
@@ -882,11 +878,11 @@ inline void with_loss_layout(const LossArgs& a, F&& f) {
         case 3: return f(I1{}, I3{}, v);
         default: return f(I1{}, I4{}, v);
       }
-    case 2: return one(I2{});
-    case 4: return one(I4{});
-    case 8: return one(integral_constant<int, 8>{});
-    case 16: return one(integral_constant<int, 16>{});
-    default: return one(integral_constant<int, 32>{});
+    case 2: return one(I2{}, v);
+    case 4: return one(I4{}, v);
+    case 8: return one(integral_constant<int, 8>{}, v);
+    case 16: return one(integral_constant<int, 16>{}, v);
+    default: return one(integral_constant<int, 32>{}, v);
   }
 }
 
