@@ -381,6 +381,58 @@ def test_subclass_weighted_loss_at_each_class_layout(backend, num_classes, s, fa
     torch.testing.assert_close(grad.double(), want_grad, atol=2e-5, rtol=1e-4)
 
 
+# λ ≠ 1 with 16-bit students: one shape per chunk-of-5 layout (1 x 2, 1 x 4, 2 x 3, 2 x 4, 4 x 3,
+# 4 x 4, 8 x 3, 8 x 4; padded chunks at 3 x 5, 7 x 5, 9 x 5), chunks of 4 summed in registers
+# (16 x 8, 4 x 32, 8 x 64) and through shared memory (2 x 12, 34 x 5).
+SIXTEEN_BIT_CLASS_SHAPES = [(1, 5), (3, 5), (6, 5), (7, 5), (9, 5), (16, 5), (12, 10), (2, 80), (16, 8), (4, 32),
+                            (8, 64), (2, 12), (34, 5)]
+
+
+def test_sixteen_bit_class_shapes_cover_every_chunk_of_5_layout():
+    cuda_cost = pytest.importorskip("cuda_cost")
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    paths = [cuda_cost.Path(c, s, "bf16", True, True) for c, s in SIXTEEN_BIT_CLASS_SHAPES]
+    fives = {(1, 2), (1, 4)} | {(w, ch) for w in (2, 4, 8) for ch in (3, 4)}
+    assert {(w, ch) for w, ch, v in cuda_cost.layouts_of(paths).values() if v == 5} == fives
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("num_classes,s", SIXTEEN_BIT_CLASS_SHAPES)
+def test_subclass_weighted_loss_in_16_bits(backend, dtype, reduction, num_classes, s):
+    """λ ≠ 1 (the default loss) on bf16 and fp16 students, as the cost gate's paths run it: 16-bit
+    loads, element by element in chunks of 5, and (bf16, mean) the gradient written once in the
+    student's dtype with the mean folded in. Against the fp64 formula on the same 16-bit values."""
+    g = torch.Generator().manual_seed(num_classes * 100 + s)
+    n, k = 37, num_classes * s
+    student = (torch.randn(n, k, generator=g) * 3).to(dtype)
+    student[::4, :s] -= 40.0  # a class far below its row (the exact sums' fallback)
+    x = student.requires_grad_(True)
+    log_t = torch.log_softmax(torch.randn(n, k, generator=g, dtype=torch.float64) * 2, -1).float()
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    labels[3] = -100
+    loss = distill_loss(x, log_t, labels, num_classes=num_classes, n_subclasses=s, tau=2.0, alpha=0.2,
+                        subclass_weight=0.1, backend=backend, reduction=reduction)
+    (grad,) = torch.autograd.grad(3.0 * loss.sum(), x)
+    ref = x.detach().double().requires_grad_(True)
+    keep = labels != -100
+    per_row = (reference.subclass_weighted_kl(ref, log_t.double(), num_classes, s, 2.0, 0.1)
+               + 0.2 * reference.hard_label_rows(ref, labels, num_classes, s))
+    want = reference.reduce_rows(torch.where(keep, per_row, torch.zeros_like(per_row)), labels, -100, reduction)
+    (want_grad,) = torch.autograd.grad(3.0 * want.sum(), ref)
+    assert grad.dtype == dtype and torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.double(), want.detach(), atol=2e-5, rtol=1e-4)
+    # the gradient rounded to the student's dtype (half an ulp: 2^-8 bf16, 2^-11 fp16) once, or
+    # twice where the kernel writes it in bf16 and the backward scales it in place (the 3.0 above),
+    # plus the fp32 kernel's own error near a rounding midpoint
+    roundings = 2 if dtype == torch.bfloat16 and reduction == "mean" else 1
+    rtol = roundings * (2 ** -8 if dtype == torch.bfloat16 else 2 ** -11) + 1e-4
+    torch.testing.assert_close(grad.double(), want_grad, atol=1e-6 * want_grad.abs().max().item(), rtol=rtol)
+    assert torch.equal(grad[3], torch.zeros(k, dtype=dtype))
+
+
 @pytest.mark.parametrize("backend", ["cuda_emu"])
 @pytest.mark.parametrize("num_classes,s", [(4, 8), (3, 5), (4, 25), (2, 12)])
 def test_subclass_weighted_row_does_not_depend_on_its_warp(backend, num_classes, s):
