@@ -168,6 +168,29 @@ def test_two_ranks_under_torchrun_equal_one_process(problem, tmp_path):
     assert len(json.loads(_tree(tmp_path / "one")["manifest.json"])["shards"]) == 5
 
 
+def test_bad_rows_are_named_when_the_targets_op_does_not_check(problem, tmp_path, monkeypatch):
+    """On a GPU the targets op checks nothing (a sync a step, issue 21 item 5); the pipeline, whose
+    rows come back to the host anyway, names the bad row itself instead of writing NaN targets."""
+    import lelp_fast.projector as projector_module
+
+    unchecked = projector_module.lelp_targets
+    monkeypatch.setattr(projector_module, "lelp_targets",
+                        lambda *args, **kwargs: unchecked(*args, **kwargs, check_inputs=False))
+    h, _, projector = problem
+    bad = h.clone()
+    bad[300, 3] = float("nan")
+    with pytest.raises(ValueError, match="embeddings row 300 contains NaN or Inf"):
+        generate_targets(projector, bad, str(tmp_path / "nan"), chunk_bytes=CHUNK)
+    z = torch.randn(450, 3)
+    z[305, 1] = float("inf")
+    with pytest.raises(ValueError, match="teacher_logits row 305 contains NaN or Inf"):
+        generate_targets(projector, ArraySource(h, teacher_logits=z), str(tmp_path / "nanz"), chunk_bytes=CHUNK)
+    big = h.clone()
+    big[301] = 3e38
+    with pytest.raises(ValueError, match="embeddings row 301 is finite but its targets are not"):
+        generate_targets(projector, big, str(tmp_path / "big"), chunk_bytes=CHUNK)
+
+
 def test_bad_input_gives_clear_errors(problem, tmp_path):
     h, _, projector = problem
     bad = h.clone()

@@ -198,7 +198,23 @@ def _compute_rows(projector, chunk: Chunk, h, z, settings: dict, backend: str) -
     else:
         tensors = {"log_targets": projector.targets(h, z, beta=settings["beta"], tau=settings["tau"],
                                                     out_dtype=out_dtype, backend=backend)}
-    return {name: t.to(out_dtype).cpu() for name, t in tensors.items()}
+    out = {name: t.to(out_dtype).cpu() for name, t in tensors.items()}
+    if "log_targets" in out:
+        _check_target_rows(out["log_targets"], h, z, chunk.start_row)
+    return out
+
+
+def _check_target_rows(log_targets: torch.Tensor, h: torch.Tensor, z, start_row: int) -> None:
+    """Names the bad input row behind a NaN or +Inf target (-inf is a target of 0). The targets op
+    checks CPU inputs itself, but not GPU ones (a sync a step); here the rows are on the host anyway."""
+    suspects = torch.nonzero((torch.isnan(log_targets) | torch.isposinf(log_targets)).any(1)).flatten()
+    if not suspects.numel():
+        return
+    check_finite("embeddings", h, suspects.to(h.device))
+    if z is not None:
+        check_finite("teacher_logits", z, suspects.to(z.device))
+    raise ValueError(f"embeddings row {start_row + int(suspects[0])} is finite but its targets are not: its projection "
+                     "overflows float32; rescale the embeddings or check the projector")
 
 
 class _ShardWriter:
