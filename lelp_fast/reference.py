@@ -371,9 +371,8 @@ def reduce_rows(
     if reduction == "sum":
         return per_row.sum()
     if reduction == "mean":
-        if labels is not None:
-            count = (labels != ignore_index).sum()
-        else:
-            count = torch.tensor(per_row.shape[0], device=per_row.device)
+        if labels is None:  # the row count, a host number: a device tensor of it was a copy and a sync a call
+            return per_row.sum() / max(per_row.shape[0], 1)
+        count = (labels != ignore_index).sum()
         return per_row.sum() / count.clamp(min=1).to(per_row.dtype)
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -311,6 +311,35 @@ class _OpsOnShape(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+class _HostTensors(TorchDispatchMode):
+    """Counts tensors made from host values (``torch.tensor``: ``aten.lift_fresh``), which on a GPU are
+    a copy from the host and a synchronisation."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.made += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mean_without_labels_makes_no_tensor_from_host_values(backend):
+    """The default reduction without labels divided by ``torch.tensor(n, device=...)``: on a GPU a
+    copy and a stream synchronisation every call, and not capturable in a CUDA graph (issue 21 item 5)."""
+    student, log_t, _ = make_inputs(9, 2, 3, seed=4)
+    x = student.float().requires_grad_(True)
+    with _HostTensors() as seen:
+        loss = distill_loss(x, log_t.float(), num_classes=2, n_subclasses=3, tau=2.0, backend=backend,
+                            check_inputs=False)
+        loss.backward()
+    assert seen.made == 0
+    want, want_grad = reference_loss_and_grad(student, log_t, None, num_classes=2, n_subclasses=3, tau=2.0)
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), want_grad, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("shape", [(300, 2, 64), (1000, 5, 8), (1, 2, 3)])

@@ -184,7 +184,8 @@ def lelp_targets(
     # CPU eager only: on a GPU the check would read the inputs once more and synchronise (issue 21
     # item 9: +2.1 ms at 4 M x 768), under torch.compile it would break the graph; there a NaN row's
     # targets are NaN. The CPU kernel flags non-finite rows itself, inside its pass.
-    if check_inputs and chosen != "cpu" and embeddings.device.type == "cpu" and not torch.compiler.is_compiling():
+    on_cpu = embeddings.device.type == "cpu"
+    if check_inputs and chosen != "cpu" and on_cpu and not torch.compiler.is_compiling():
         check_finite("embeddings", embeddings)
         if teacher_logits is not None:
             check_finite("teacher_logits", teacher_logits)
