@@ -41,3 +41,12 @@ def cached_count(owner: torch.Tensor) -> int:
     """How many values are held for ``owner`` (tests: an in-place edit replaces, never adds)."""
     entry = _ENTRIES.get(id(owner))
     return 0 if entry is None or entry[0]() is not owner else len(entry[1])
+
+
+def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: ``t`` itself when it is there, else a copy made once per version of ``t``.
+    A projector kept on the CPU and used on a GPU every step is copied once, not per step, so the
+    kernels' caches keyed on the copy (the split map) hit too."""
+    if t.device == device:
+        return t
+    return derived(t, ("on", str(device)), lambda: t.to(device))

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import reference
 from ._checks import check_choice, check_count, check_nonnegative, check_positive
+from ._derived import on_device
 from .ops import _dispatch
 from .ops.loss import distill_loss
 from .projector import LELPProjector
@@ -186,8 +187,8 @@ class LELPLoss(nn.Module):
             if h.ndim != 2 or h.shape[1] != p.dim:
                 raise ValueError(f"{name} must have shape (N, {p.dim}), got {tuple(h.shape)}")
             w, b = p.fused_map(with_head=z is None)
-            weights.append(w.to(h.device))
-            biases.append(b.to(h.device))
+            weights.append(on_device(w, h.device))
+            biases.append(on_device(b, h.device))
             betas.append(p.beta if self.beta is None else self.beta)
         return dict(embeddings=embeddings, fused_weight=weights, fused_bias=biases, teacher_logits=teacher_logits,
                     beta=betas)

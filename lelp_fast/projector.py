@@ -19,6 +19,7 @@ from ._checks import (
     check_matrix,
     check_positive,
 )
+from ._derived import on_device
 from .io.integrity import publish_mode, remove_stale_temps, temp_prefix, tensors_sha256
 from .io.sources import DEFAULT_CHUNK_BYTES, ArraySource, EmbeddingSource, SourceLike, as_source
 from .ops.targets import lelp_targets
@@ -280,8 +281,8 @@ class LELPProjector:
         weight, bias = self.fused_map(with_head=z is None)
         return lelp_targets(
             h,
-            weight.to(h.device),
-            bias.to(h.device),
+            on_device(weight, h.device),
+            on_device(bias, h.device),
             self.num_classes,
             self.n_subclasses,
             teacher_logits=z,

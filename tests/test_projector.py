@@ -277,3 +277,33 @@ def test_a_huge_embedding_value_is_named_with_the_right_advice():
         huge[205, 3] = 1e10
         with pytest.raises(ValueError, match="rows hold huge values: look for outliers"):
             LELPProjector(4, method=method).fit(huge, y, head_weight=w, head_bias=b)
+
+
+def test_a_projector_is_copied_to_another_device_once(monkeypatch):
+    """Issue 21 items 4 and 7: the projector stays on the CPU (where load() puts it) and its map was
+    copied with ``.to(h.device)`` on every call, a new tensor each time, so the split-map cache keyed
+    on that tensor missed: every training step copied and split the map again. Now one copy per device
+    and version of the map, the same object each call. The meta device stands in for a GPU."""
+    import lelp_fast.projector as projector_module
+    from lelp_fast import LELPLoss
+    from lelp_fast._derived import on_device
+
+    h, w, b, y = make_problem(n=300, d=12, num_classes=2, seed=16)
+    p = LELPProjector(2).fit(h, y, head_weight=w, head_bias=b)
+    passed = []
+    monkeypatch.setattr(projector_module, "lelp_targets",
+                        lambda h, weight, bias, *a, **k: passed.append((weight, bias)))
+    on_meta = h.float().to("meta")
+    p.targets(on_meta)
+    p.targets(on_meta)
+    assert passed[0][0].device.type == "meta" and all(x is y for x, y in zip(passed[0], passed[1]))
+    loss_fn = LELPLoss(p)
+    first, second = (loss_fn._online_arguments(on_meta, None) for _ in range(2))
+    assert first["fused_weight"][0] is second["fused_weight"][0] is passed[0][0]
+    assert first["fused_bias"][0] is second["fused_bias"][0] is passed[0][1]
+    # an in-place edit (an optimiser step, load_state_dict) makes a new copy, then keeps it
+    t = torch.ones(3)
+    copy = on_device(t, torch.device("meta"))
+    t.add_(1.0)
+    again = on_device(t, torch.device("meta"))
+    assert again is not copy and on_device(t, torch.device("meta")) is again and on_device(t, t.device) is t
