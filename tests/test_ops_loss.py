@@ -277,6 +277,28 @@ def test_online_multi_teacher_mixed_inside_the_kernel(backend, dtype, n):
                                rtol=TOL[dtype][1] * 10)
 
 
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+def test_more_online_teachers_than_the_cuda_kernel_takes(backend, monkeypatch):
+    """The CUDA loss takes at most 8 online teachers and threw past them, also under auto (Triton
+    absent, or its launch failed for resources): auto now skips it, and forcing it names the limit."""
+    n, num_classes, s, m = 7, 2, 3, 9
+    teachers = make_online_teachers(n, [5] * m, num_classes, s, seed=9)
+    weights = torch.softmax(torch.randn(n, m, generator=torch.Generator().manual_seed(9)), 1)
+    x = torch.randn(n, num_classes * s, generator=torch.Generator().manual_seed(10)).requires_grad_(True)
+    kw = dict(num_classes=num_classes, n_subclasses=s, tau=1.5, embeddings=[t[0] for t in teachers],
+              fused_weight=[t[1] for t in teachers], fused_bias=[t[2] for t in teachers],
+              teacher_logits=[t[3] for t in teachers], teacher_weights=weights)
+    with pytest.raises(ValueError, match="at most 8 online teachers"):
+        distill_loss(x, None, backend=backend, **kw)
+    monkeypatch.setattr(_dispatch, "auto_candidates", lambda device: ("cuda",))  # a GPU without Triton
+    loss = distill_loss(x, None, backend="auto", **kw)
+    loss.backward()
+    log_t = reference_online_mix(teachers, weights, num_classes * s, s, [1.0] * m, tau=1.5)
+    want, want_grad = reference_loss_and_grad(x, log_t, None, num_classes=num_classes, n_subclasses=s, tau=1.5)
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(x.grad.double(), want_grad, atol=1e-6, rtol=1e-4)
+
+
 def test_online_multi_teacher_bad_arguments():
     n, num_classes, s = 6, 2, 3
     (e1, w1, b1, _), (e2, w2, b2, z2) = make_online_teachers(n, [5, 8], num_classes, s, seed=3)

@@ -37,12 +37,19 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # csrc/cuda/targets.cu and csrc/cuda/loss.cu hold a row of K = C*S values per warp (16 per lane at
 # most) and throw beyond it; auto sends wider rows to the next backend.
 CUDA_MAX_K = 512
+# csrc/include/lelp/warp_loss.h: kMaxOnlineTeachers (the teachers' maps are a kernel parameter).
+CUDA_MAX_ONLINE_TEACHERS = 8
 
 
-def cuda_unsupported(num_classes: int, n_subclasses: int) -> Optional[str]:
-    """Why the CUDA kernels cannot take this shape, or None."""
+def cuda_unsupported(num_classes: int, n_subclasses: int, online_teachers: int = 0) -> Optional[str]:
+    """Why the CUDA kernels cannot take this shape (or this many online teachers), or None."""
     k = num_classes * n_subclasses
-    return f"it takes K = C*S <= {CUDA_MAX_K} (got {k})" if k > CUDA_MAX_K else None
+    if k > CUDA_MAX_K:
+        return f"it takes K = C*S <= {CUDA_MAX_K} (got {k})"
+    if online_teachers > CUDA_MAX_ONLINE_TEACHERS:
+        return (f"it takes at most {CUDA_MAX_ONLINE_TEACHERS} online teachers (got {online_teachers}; "
+                "precomputed targets take any number)")
+    return None
 
 
 # (backend, shape description) -> why: launches that failed for resources in this process.

@@ -635,7 +635,7 @@ def _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits
     for z in teacher_logits if embeddings else ():
         why = why or limits.targets_unsupported(num_classes, n_subclasses, with_head=z is None)
     out = {"triton": why} if why else {}
-    cuda_why = _dispatch.cuda_unsupported(num_classes, n_subclasses)
+    cuda_why = _dispatch.cuda_unsupported(num_classes, n_subclasses, len(embeddings) if embeddings else 0)
     if cuda_why:
         out["cuda"] = cuda_why
     return {**out, **_dispatch.launch_failures(
