@@ -142,6 +142,39 @@ def test_targets_launch_out_of_resources_falls_back_with_one_warning(monkeypatch
         lelp_targets(h, weight, bias, 10, 16, teacher_logits=logits, beta=0.8, tau=1.3, backend="triton")
 
 
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+def test_cuda_launch_out_of_resources_falls_back_with_one_warning(backend, cuda_emulator, monkeypatch):
+    """Issue 21 item 2: a CUDA kernel whose launch the device refuses (cudaErrorLaunchOutOfResources,
+    as csrc/cuda's launchers report it) raised through the user's step; now, as for Triton, auto
+    records it with one warning naming the shape and the call goes to the next backend (torch)."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("cuda loss launch failed: too many resources requested for launch")
+
+    monkeypatch.setattr(cuda_emulator, "loss", refuse)
+    monkeypatch.setattr(cuda_emulator, "targets", refuse)
+    monkeypatch.setattr(_dispatch, "auto_candidates", lambda device: ("cuda",))  # a GPU without Triton
+    monkeypatch.delenv("LELP_FAST_BACKEND", raising=False)
+    with pytest.warns(RuntimeWarning, match=r"cuda kernel cannot launch the loss at K = 40 \(C = 5, S = 8\)"):
+        loss, grad, want_loss, want_grad = _loss_and_grad("auto")
+    torch.testing.assert_close(loss.double(), want_loss, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad.double(), want_grad, atol=4e-5, rtol=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call: no second warning, no second failed launch
+        _loss_and_grad("auto")
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="launch failed for resources"):  # forced: no silent fallback
+        _loss_and_grad(backend)
+    h, weight, bias, logits = (t.float() for t in random_map(33, 40, 10, 16, False, seed=7))
+    want = fp64_reference(h, weight, bias, logits, 10, 16, beta=0.8, tau=1.3)
+    with pytest.warns(RuntimeWarning, match=r"cuda kernel cannot launch the targets at K = 160"):
+        got = lelp_targets(h, weight, bias, 10, 16, teacher_logits=logits, beta=0.8, tau=1.3)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("nxt", ["cpu", "torch"])
 def test_subclass_weighted_loss_launch_out_of_resources_falls_back(monkeypatch, triton_that_cannot_launch, nxt):
     """λ ≠ 1 is one Triton launch (C <= 16); when it fails for resources the next backend computes the

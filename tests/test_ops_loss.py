@@ -657,11 +657,11 @@ def test_kernel_row_flags():
         s, t = student.to(dtype), log_t.to(dtype)
         s[2, 3], s[7, 0] = float("nan"), float("inf")
         t[7, 1], t[9], t[10, :] = float("nan"), 0.5, float("-inf")  # row 9: probabilities
-        out = _loss_rows(s, t, None, labels, [], [], [], [], 3, 7, 0, 0.5, 1.0, 0.0, [], -100, False, False, True)
+        out = _loss_rows(s, t, None, labels, [], [], [], [], 3, 7, 0, 0.5, 1.0, 0.0, [], -100, "cpu", False, True)
         want = torch.zeros(11, dtype=torch.uint8)
         want[2], want[7], want[9] = 1, 3, 2
         assert torch.equal(out[3], want), dtype
-        assert _loss_rows(s, t, None, labels, [], [], [], [], 3, 7, 0, 0.5, 1.0, 0.0, [], -100, False, False)[3].numel() == 0
+        assert _loss_rows(s, t, None, labels, [], [], [], [], 3, 7, 0, 0.5, 1.0, 0.0, [], -100, "cpu", False)[3].numel() == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

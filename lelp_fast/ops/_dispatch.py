@@ -4,8 +4,9 @@
 compiled kernels for the device (``triton``, then ``cuda`` for CUDA tensors; ``cpu`` for CPU
 tensors) and falls back to the ``torch`` reference path when none is available or none takes the
 call's shape. Triton runs on CPU tensors only when forced and ``TRITON_INTERPRET`` is on (the
-interpreter, for tests). A GPU launch that fails for resources (Triton's ``OutOfResources``) under
-``auto`` is recorded with one warning naming the shape, and that shape goes to the next backend.
+interpreter, for tests). A GPU launch that fails for resources (Triton's ``OutOfResources``, CUDA's
+``cudaErrorLaunchOutOfResources``) under ``auto`` is recorded with one warning naming the shape, and
+that shape goes to the next backend.
 """
 
 from __future__ import annotations
@@ -56,10 +57,16 @@ def cuda_unsupported(num_classes: int, n_subclasses: int, online_teachers: int =
 _LAUNCH_FAILURES: Dict[Tuple[str, str], str] = {}
 
 
+# cudaErrorLaunchOutOfResources as csrc/cuda's launchers report it (cudaGetErrorString's text).
+CUDA_OUT_OF_RESOURCES = "too many resources requested for launch"
+
+
 def is_out_of_resources(exc: BaseException) -> bool:
     """Triton's OutOfResources (shared memory or registers over the device's limit), matched by
-    name so this module imports without triton."""
-    return type(exc).__name__ == "OutOfResources"
+    name so this module imports without triton; or a CUDA kernel's launch refused for its registers
+    or threads (cudaErrorLaunchOutOfResources)."""
+    return type(exc).__name__ == "OutOfResources" or (isinstance(exc, RuntimeError)
+                                                       and CUDA_OUT_OF_RESOURCES in str(exc))
 
 
 def record_launch_failure(backend: str, shape: str, exc: BaseException) -> None:

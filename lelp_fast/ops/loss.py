@@ -55,7 +55,7 @@ def _loss_rows(
     alpha: float,
     beta: List[float],
     ignore_index: int,
-    use_triton: bool,
+    compiled: str,
     fall_back: bool,
     check: bool = False,
     grad_scale: Optional[Tensor] = None,
@@ -63,8 +63,9 @@ def _loss_rows(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Compiled kernel: (loss per row (N,) fp32, dL_row/ds (N, K) fp32, the α·CE part of each row's
     loss (N,) fp32, the input check's row flags (N,) uint8 or (0,) without ``check``), from the same
-    pass. With ``fall_back`` (backend auto), a Triton launch that fails for resources is recorded and
-    the call goes to the next backend that takes it. ``check`` (CPU kernel only): bit 0 flags a
+    pass, by the ``compiled`` backend ("triton", "cuda" or "cpu"). With ``fall_back`` (backend auto), a
+    Triton or CUDA launch that fails for resources is recorded and the call goes to the next backend
+    that takes it. ``check`` (CPU kernel only): bit 0 flags a
     student row whose sum is not finite, bit 1 an offline log-target row whose sum is not <= 0;
     :func:`_raise_on_suspect_rows` looks closer. ``grad_scale`` (a 1-element fp32 tensor on the
     student's device; the Triton, CUDA and CPU kernels fold it in, CUDA reading it on the device):
@@ -77,7 +78,7 @@ def _loss_rows(
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     hard_rows = torch.zeros(n, dtype=torch.float32, device=student.device)
     folded = grad_scale is not None
-    kernel_folds = folded and (use_triton or _extension_folds())
+    kernel_folds = folded and (compiled == "triton" or _extension_folds())
     # a large CPU gradient reuses memory already mapped (ops/_reused_buffers.py: its first write is
     # otherwise a third of the step)
     grad = _reused_buffers.empty((n, k), student.dtype if kernel_folds else torch.float32, student.device)
@@ -87,7 +88,7 @@ def _loss_rows(
     student = _dispatch.rows_contiguous(student)
     weights = None if weights is None else weights.to(torch.float32).contiguous()
     labels = None if labels is None else labels.to(torch.int64).contiguous()
-    if use_triton:
+    if compiled == "triton":
         try:
             _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
                               teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
@@ -99,7 +100,7 @@ def _loss_rows(
             shape = _shape_key(student, num_classes, n_subclasses, embeddings, subclass_weight)
             _dispatch.record_launch_failure("triton", shape, exc)
             limits = _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits, subclass_weight)
-            nxt = _dispatch.resolve("auto", student.device, limits)
+            nxt = compiled = _dispatch.resolve("auto", student.device, limits)
             # λ ≠ 1 on a compiled kernel that does not take it (an extension built before): the torch formula
             if nxt == "torch" or (subclass_weight != 1.0 and not _kernel_weights_subclasses(nxt, num_classes,
                                                                                           n_subclasses)):
@@ -128,14 +129,24 @@ def _loss_rows(
         ))
     on_cuda = student.device.type == "cuda"
     stream = torch.cuda.current_stream(student.device).cuda_stream if on_cuda else 0
-    _dispatch.extension().loss(
-        student.data_ptr(), _DTYPE_CODES[student.dtype], student.stride(0), n, num_classes, n_subclasses,
-        *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(jsd_beta), float(tau),
-        float(alpha), loss_rows.data_ptr(), hard_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
-        *((suspect.data_ptr(),) if check else ()),  # by position: an extension built before takes no keywords
-        **({"grad_dtype": _DTYPE_CODES[grad.dtype], "grad_scale": grad_scale.data_ptr()} if kernel_folds else {}),
-        **({"subclass_weight": float(subclass_weight)} if subclass_weight != 1.0 else {}),
-    )
+    try:
+        _dispatch.extension().loss(
+            student.data_ptr(), _DTYPE_CODES[student.dtype], student.stride(0), n, num_classes, n_subclasses,
+            *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(jsd_beta), float(tau),
+            float(alpha), loss_rows.data_ptr(), hard_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
+            *((suspect.data_ptr(),) if check else ()),  # by position: an extension built before takes no keywords
+            **({"grad_dtype": _DTYPE_CODES[grad.dtype], "grad_scale": grad_scale.data_ptr()} if kernel_folds else {}),
+            **({"subclass_weight": float(subclass_weight)} if subclass_weight != 1.0 else {}),
+        )
+    except Exception as exc:
+        if not (fall_back and compiled == "cuda" and _dispatch.is_out_of_resources(exc)):
+            raise
+        _dispatch.record_launch_failure(
+            "cuda", _shape_key(student, num_classes, n_subclasses, embeddings, subclass_weight), exc)
+        loss_rows, grad, hard_rows = _loss_rows_by_torch(
+            student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
+            num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, subclass_weight)
+        return loss_rows, _folded(grad, grad_scale, student.dtype), hard_rows, suspect
     return loss_rows, grad if kernel_folds else _folded(grad, grad_scale, student.dtype), hard_rows, suspect
 
 
@@ -193,7 +204,7 @@ def _loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused
 
 @_loss_rows.register_fake
 def _(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
-      num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, use_triton, fall_back,
+      num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, compiled, fall_back,
       check=False, grad_scale=None, subclass_weight=1.0):
     n, k = student.shape
     grad_dtype = torch.float32 if grad_scale is None else student.dtype
@@ -401,7 +412,7 @@ def distill_loss(
         loss_rows, grad, hard_rows, suspect = _loss_rows(
             student_logits.detach(), log_targets, teacher_weights, labels, embeddings, fused_weight, fused_bias,
             teacher_logits, num_classes, n_subclasses, _divergence_code(divergence, jsd_beta), float(jsd_beta),
-            float(tau), float(alpha), beta, int(ignore_index), chosen == "triton", _dispatch.falls_back(backend),
+            float(tau), float(alpha), beta, int(ignore_index), chosen, _dispatch.falls_back(backend),
             fused_check, _reduction_scale(student_logits, labels, ignore_index, reduction) if fold else None,
             float(subclass_weight) if weighted else 1.0,
         )

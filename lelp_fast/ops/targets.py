@@ -227,14 +227,15 @@ def _(embeddings, weight, bias, teacher_logits, num_classes, n_subclasses, beta,
 
 def _fill(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out, chosen, backend,
           check_inputs):
-    """Writes the targets into ``out`` with the compiled backend ``chosen`` (Triton falling back under auto)."""
+    """Writes the targets into ``out`` with the compiled backend ``chosen`` (Triton, then CUDA, falling
+    back under auto when a launch fails for resources)."""
     if chosen == "triton":
         chosen = _run_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau,
                              out.dtype, out, backend)
         if chosen == "triton":
             _check_projection(out, check_inputs)
             return out
-    if chosen == "torch":  # a Triton launch failed for resources and nothing else takes the shape
+    if chosen == "torch":  # a Triton or CUDA launch failed for resources and nothing else takes the shape
         out.copy_(_targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau,
                                  out.dtype))
         _check_projection(out, check_inputs)
@@ -242,8 +243,16 @@ def _fill(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, b
     # The kernels read rows by stride but need each row's features contiguous.
     emb = _dispatch.rows_contiguous(embeddings)
     logits = _dispatch.rows_contiguous(teacher_logits)
-    return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, chosen,
-                             check_inputs)
+    try:
+        return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, chosen,
+                                 check_inputs)
+    except Exception as exc:
+        if not (chosen == "cuda" and _dispatch.falls_back(backend) and _dispatch.is_out_of_resources(exc)):
+            raise
+        _dispatch.record_launch_failure("cuda", _shape_key(embeddings, teacher_logits, num_classes, n_subclasses),
+                                        exc)
+        return _fill(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out, "torch",
+                     backend, check_inputs)
 
 
 def _shape_key(embeddings, teacher_logits, num_classes, n_subclasses) -> str:
