@@ -6,6 +6,7 @@ the CPU: the GPU backends' availability and the Triton launchers are stood in fo
 of the fallen-back calls are compared with the fp64 reference.
 """
 
+import contextlib
 import types
 import warnings
 
@@ -262,3 +263,37 @@ def test_triton_interpreter_flag_read_as_triton_reads_it(monkeypatch, value, on)
     monkeypatch.setenv("TRITON_INTERPRET", value)
     assert _dispatch.available("triton", torch.device("cpu")) is on
     assert triton_targets._interpreting() is on
+
+
+def test_launch_device_is_the_tensors_gpu():
+    """Triton and the CUDA kernels launch on the current device: a tensor on cuda:1 needs cuda:1 made
+    current for its launch (issue 21 item 5: tensors on any device)."""
+    on_second = _dispatch.launch_device(types.SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(on_second, torch.cuda.device) and on_second.idx == 1
+    assert not isinstance(_dispatch.launch_device(torch.zeros(1)), torch.cuda.device)
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+def test_every_compiled_launch_runs_on_its_tensors_device(backend, cuda_emulator, monkeypatch):
+    """The CUDA kernels' loss and targets run inside launch_device of their tensors (before: on
+    whatever device was current)."""
+    entered = []
+
+    @contextlib.contextmanager
+    def recording(t):
+        entered.append(t.device)
+        yield
+
+    def inside(kernel):
+        def run(*args, **kwargs):
+            assert entered, "a kernel launched outside launch_device"
+            return kernel(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(_dispatch, "launch_device", recording)
+    monkeypatch.setattr(cuda_emulator, "loss", inside(cuda_emulator.loss))
+    monkeypatch.setattr(cuda_emulator, "targets", inside(cuda_emulator.targets))
+    _loss_and_grad(backend)
+    h, weight, bias, logits = (t.float() for t in random_map(9, 12, 3, 4, False, seed=8))
+    lelp_targets(h, weight, bias, 3, 4, teacher_logits=logits, backend=backend)
+    assert entered == [torch.device("cpu")] * 2

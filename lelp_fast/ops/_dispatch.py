@@ -11,6 +11,7 @@ that shape goes to the next backend.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from types import MappingProxyType
@@ -92,6 +93,13 @@ def launch_failures(shape: Union[str, Callable[[], str]]) -> Dict[str, str]:
         return {}
     key = shape() if callable(shape) else shape
     return {backend: why for (backend, failed), why in _LAUNCH_FAILURES.items() if failed == key}
+
+
+def launch_device(t: torch.Tensor):
+    """A context in which ``t``'s GPU is the current device: Triton and the CUDA kernels launch on the
+    current device, so a tensor on another GPU (``cuda:1`` while ``cuda:0`` is current) would be read
+    by the wrong one. Nothing for tensors off the GPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def rows_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -90,9 +90,10 @@ def _loss_rows(
     labels = None if labels is None else labels.to(torch.int64).contiguous()
     if compiled == "triton":
         try:
-            _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
-                              teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
-                              ignore_index, loss_rows, hard_rows, grad, grad_scale, subclass_weight)
+            with _dispatch.launch_device(student):
+                _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
+                                  teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
+                                  ignore_index, loss_rows, hard_rows, grad, grad_scale, subclass_weight)
             return loss_rows, grad, hard_rows, suspect
         except Exception as exc:
             if not (fall_back and _dispatch.is_out_of_resources(exc)):
@@ -130,14 +131,16 @@ def _loss_rows(
     on_cuda = student.device.type == "cuda"
     stream = torch.cuda.current_stream(student.device).cuda_stream if on_cuda else 0
     try:
-        _dispatch.extension().loss(
-            student.data_ptr(), _DTYPE_CODES[student.dtype], student.stride(0), n, num_classes, n_subclasses,
-            *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(jsd_beta), float(tau),
-            float(alpha), loss_rows.data_ptr(), hard_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
-            *((suspect.data_ptr(),) if check else ()),  # by position: an extension built before takes no keywords
-            **({"grad_dtype": _DTYPE_CODES[grad.dtype], "grad_scale": grad_scale.data_ptr()} if kernel_folds else {}),
-            **({"subclass_weight": float(subclass_weight)} if subclass_weight != 1.0 else {}),
-        )
+        with _dispatch.launch_device(student):
+            _dispatch.extension().loss(
+                student.data_ptr(), _DTYPE_CODES[student.dtype], student.stride(0), n, num_classes, n_subclasses,
+                *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(jsd_beta), float(tau),
+                float(alpha), loss_rows.data_ptr(), hard_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
+                *((suspect.data_ptr(),) if check else ()),  # by position: an extension built before takes no keywords
+                **({"grad_dtype": _DTYPE_CODES[grad.dtype], "grad_scale": grad_scale.data_ptr()}
+                   if kernel_folds else {}),
+                **({"subclass_weight": float(subclass_weight)} if subclass_weight != 1.0 else {}),
+            )
     except Exception as exc:
         if not (fall_back and compiled == "cuda" and _dispatch.is_out_of_resources(exc)):
             raise
@@ -264,7 +267,8 @@ def _scale_unless_one(grad: Tensor, scale: Tensor) -> None:
         except ImportError:  # the CUDA backend without Triton: one N x K pass, still no host sync
             grad.mul_(scale.reshape(()))
             return
-        scale_unless_one(grad, scale.reshape(1).to(torch.float32))
+        with _dispatch.launch_device(grad):
+            scale_unless_one(grad, scale.reshape(1).to(torch.float32))
     elif float(scale) != 1.0:
         grad.mul_(scale)
 

@@ -230,8 +230,9 @@ def _fill(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, b
     """Writes the targets into ``out`` with the compiled backend ``chosen`` (Triton, then CUDA, falling
     back under auto when a launch fails for resources)."""
     if chosen == "triton":
-        chosen = _run_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau,
-                             out.dtype, out, backend)
+        with _dispatch.launch_device(embeddings):
+            chosen = _run_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau,
+                                 out.dtype, out, backend)
         if chosen == "triton":
             _check_projection(out, check_inputs)
             return out
@@ -244,8 +245,9 @@ def _fill(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, b
     emb = _dispatch.rows_contiguous(embeddings)
     logits = _dispatch.rows_contiguous(teacher_logits)
     try:
-        return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, chosen,
-                                 check_inputs)
+        with _dispatch.launch_device(emb):
+            return _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta, tau, out, chosen,
+                                     check_inputs)
     except Exception as exc:
         if not (chosen == "cuda" and _dispatch.falls_back(backend) and _dispatch.is_out_of_resources(exc)):
             raise
