@@ -46,7 +46,11 @@ def cached_count(owner: torch.Tensor) -> int:
 def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``: ``t`` itself when it is there, else a copy made once per version of ``t``.
     A projector kept on the CPU and used on a GPU every step is copied once, not per step, so the
-    kernels' caches keyed on the copy (the split map) hit too."""
+    kernels' caches keyed on the copy (the split map) hit too. Under inference mode or a fake-tensor
+    trace the copy is made and not kept: it would be an inference or fake tensor, handed back to
+    every later call."""
     if t.device == device:
         return t
-    return derived(t, ("on", str(device)), lambda: t.to(device))
+    if torch.is_inference_mode_enabled() or torch._guards.detect_fake_mode() is not None:
+        return t.to(device)
+    return derived(t, ("on", str(device)), lambda: t.detach().to(device))

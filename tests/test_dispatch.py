@@ -277,16 +277,20 @@ def test_launch_device_is_the_tensors_gpu():
 def test_every_compiled_launch_runs_on_its_tensors_device(backend, cuda_emulator, monkeypatch):
     """The CUDA kernels' loss and targets run inside launch_device of their tensors (before: on
     whatever device was current)."""
-    entered = []
+    entered, depth = [], [0]
 
     @contextlib.contextmanager
     def recording(t):
         entered.append(t.device)
-        yield
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
 
     def inside(kernel):
         def run(*args, **kwargs):
-            assert entered, "a kernel launched outside launch_device"
+            assert depth[0] > 0, "a kernel launched outside launch_device"
             return kernel(*args, **kwargs)
         return run
 

@@ -307,3 +307,10 @@ def test_a_projector_is_copied_to_another_device_once(monkeypatch):
     t.add_(1.0)
     again = on_device(t, torch.device("meta"))
     assert again is not copy and on_device(t, torch.device("meta")) is again and on_device(t, t.device) is t
+    # a first call under inference mode (a validation pass) keeps nothing: the copy kept later is a
+    # plain tensor with a version counter, so the caches keyed on it work
+    fresh = torch.ones(3)
+    with torch.inference_mode():
+        on_device(fresh, torch.device("meta"))
+    kept = on_device(fresh, torch.device("meta"))
+    assert not kept.is_inference() and on_device(fresh, torch.device("meta")) is kept

@@ -199,14 +199,19 @@ def _compute_rows(projector, chunk: Chunk, h, z, settings: dict, backend: str) -
         tensors = {"log_targets": projector.targets(h, z, beta=settings["beta"], tau=settings["tau"],
                                                     out_dtype=out_dtype, backend=backend)}
     out = {name: t.to(out_dtype).cpu() for name, t in tensors.items()}
-    if "log_targets" in out:
+    if "log_targets" in out and not _targets_op_checks(h):
         _check_target_rows(out["log_targets"], h, z, chunk.start_row)
     return out
 
 
+def _targets_op_checks(h: torch.Tensor) -> bool:
+    """Whether the targets op checked these inputs itself (CPU tensors; on a GPU a check is a sync)."""
+    return h.device.type == "cpu"
+
+
 def _check_target_rows(log_targets: torch.Tensor, h: torch.Tensor, z, start_row: int) -> None:
-    """Names the bad input row behind a NaN or +Inf target (-inf is a target of 0). The targets op
-    checks CPU inputs itself, but not GPU ones (a sync a step); here the rows are on the host anyway."""
+    """Names the bad input row behind a NaN or +Inf target (-inf is a target of 0), for inputs the
+    targets op did not check: here the rows are on the host anyway."""
     suspects = torch.nonzero((torch.isnan(log_targets) | torch.isposinf(log_targets)).any(1)).flatten()
     if not suspects.numel():
         return
