@@ -333,16 +333,15 @@ class _OpsOnShape(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-class _HostTensors(TorchDispatchMode):
-    """Counts tensors made from host values (``torch.tensor``: ``aten.lift_fresh``), which on a GPU are
-    a copy from the host and a synchronisation."""
+class _OpCount(TorchDispatchMode):
+    """How many times ``op`` runs while the mode is active."""
 
-    def __init__(self):
+    def __init__(self, op):
         super().__init__()
-        self.made = 0
+        self.op, self.count = op, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.made += func is torch.ops.aten.lift_fresh.default
+        self.count += func is self.op
         return func(*args, **(kwargs or {}))
 
 
@@ -352,11 +351,11 @@ def test_mean_without_labels_makes_no_tensor_from_host_values(backend):
     copy and a stream synchronisation every call, and not capturable in a CUDA graph (issue 21 item 5)."""
     student, log_t, _ = make_inputs(9, 2, 3, seed=4)
     x = student.float().requires_grad_(True)
-    with _HostTensors() as seen:
+    with _OpCount(torch.ops.aten.lift_fresh.default) as made:  # torch.tensor: a tensor from host values
         loss = distill_loss(x, log_t.float(), num_classes=2, n_subclasses=3, tau=2.0, backend=backend,
                             check_inputs=False)
         loss.backward()
-    assert seen.made == 0
+    assert made.count == 0
     want, want_grad = reference_loss_and_grad(student, log_t, None, num_classes=2, n_subclasses=3, tau=2.0)
     torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad.double(), want_grad, atol=1e-6, rtol=1e-4)
@@ -834,16 +833,6 @@ def test_subclass_weight_takes_mixed_and_online_targets(backend):
           reference_online_mix(teachers[:1], torch.ones(n, 1), k, s, [0.5], tau))
 
 
-class _KernelCalls(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func is torch.ops.lelp_fast.loss_rows.default
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled CPU extension")
 @pytest.mark.parametrize("backend", ["cpu", "cuda_emu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -871,11 +860,11 @@ def test_kernel_takes_the_subclass_weight_in_one_pass(backend, dtype, case):
     alpha = 0.3 if case.startswith("alpha") else 0.0
     tau = {"alpha tau 1": 1.0, "alpha tau 2": 2.0, "alpha, label far below": 2.0}.get(case, 1.3)
     x = student.to(dtype).requires_grad_(True)
-    with _KernelCalls() as kernel:
+    with _OpCount(torch.ops.lelp_fast.loss_rows.default) as kernel:
         loss, soft, hard = distill_loss(x, log_t.float(), labels, num_classes=c, n_subclasses=s, tau=tau, alpha=alpha,
                                         subclass_weight=0.1, backend=backend, return_components=True)
         (grad,) = torch.autograd.grad(loss, x)
-    assert kernel.calls == 1
+    assert kernel.count == 1
     ref = x.detach().double().requires_grad_(True)
     want_soft = reference.subclass_weighted_kl(ref, log_t.float().double(), c, s, tau, 0.1).mean()
     want = want_soft + alpha * reference.hard_label_rows(ref, labels, c, s).mean()
