@@ -338,9 +338,9 @@ LELP_HD int class_sums_form(const LossArgs& a) {
   constexpr int forced = ClassSumsForm<Warp>::value;
   if (forced != kByShape) return forced;
   if (V != kVec) return kChunks;
-  if (!classes_in_chunks(a, V)) return kShared;
-  const int64_t sc = a.S / V;
-  return V == kVec && CH == 4 && sc >= 8 && sc <= Warp::kWidth ? kScattered : kChunks;
+  if (!classes_in_chunks(a, kVec)) return kShared;
+  const int64_t sc = a.S / kVec;
+  return CH == 4 && sc >= 8 && sc <= Warp::kWidth ? kScattered : kChunks;
 }
 
 // Whether the row's classes are whole chunks: row_kl then takes a lambda != 1 row's class sums in
