@@ -150,10 +150,16 @@ def check_loss(device, failures):
                 w = None if m is None else torch.softmax(torch.randn(n, m, generator=g), 1)
                 y = torch.randint(0, c, (n,), generator=g)
                 x = student.to(device, copy=True).requires_grad_(True)
-                loss = distill_loss(x, log_t.float().to(device), y.to(device), num_classes=c, n_subclasses=s,
-                                    divergence=div, tau=1.7, alpha=0.3, backend=backend,
-                                    teacher_weights=None if w is None else w.to(device))
+
+                def call():
+                    return distill_loss(x, log_t.float().to(device), y.to(device), num_classes=c, n_subclasses=s,
+                                        divergence=div, tau=1.7, alpha=0.3, backend=backend,
+                                        teacher_weights=None if w is None else w.to(device))
+
+                loss = call()
                 loss.backward()
+                with torch.no_grad():  # forward only (no gradient computed or written): the same loss
+                    e_forward = abs(call().item() - loss.item())
                 ref_t = log_t.float().double()
                 if m is not None:
                     ref_t = torch.log((w.double().unsqueeze(-1) * ref_t.exp()).sum(1))
@@ -163,9 +169,10 @@ def check_loss(device, failures):
                 want.backward()
                 e_loss = abs(loss.item() - want.item())
                 e_grad = (x.grad.double().cpu() - s64.grad).abs().max().item()
-                if not (e_loss <= tol[dtype] * max(1.0, abs(want.item())) and e_grad <= 2 * tol[dtype]):
+                scale = max(1.0, abs(want.item()))
+                if not (e_loss <= tol[dtype] * scale and e_grad <= 2 * tol[dtype] and e_forward <= 1e-5 * scale):
                     failures.append(f"loss {backend} {dtype} {div} n={n} C={c} S={s} M={m}: "
-                                    f"errors {e_loss:.3g} / {e_grad:.3g}")
+                                    f"errors {e_loss:.3g} / {e_grad:.3g}, forward only {e_forward:.3g}")
 
 
 def check_online_loss(device, failures):

@@ -96,7 +96,7 @@ PYBIND11_MODULE(_C, m) {
         "weight, bias, J, logits, dtype, stride, beta)). `suspect` (CPU only: N uint8 flags) takes the input "
         "check's row flags from the same pass; with `grad_dtype` and `grad_scale` (the address of one fp32, "
         "host or device memory like the tensors) `grad` holds grad_scale * dL/ds in that dtype; `subclass_weight` "
-        "(KL) weights the subclass part of KL(t||q). See "
+        "(KL) weights the subclass part of KL(t||q); on CPU `grad` = 0 runs it forward only (no gradient). See "
         "lelp_fast.ops.loss.",
         py::arg("student"), py::arg("student_dtype"), py::arg("student_stride"), py::arg("n"), py::arg("C"),
         py::arg("S"), py::arg("log_targets"), py::arg("targets_dtype"), py::arg("targets_stride"),
@@ -105,6 +105,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad"), py::arg("teachers"), py::arg("on_cuda"), py::arg("stream"), py::arg("suspect") = 0,
         py::arg("grad_dtype") = 0, py::arg("grad_scale") = 0, py::arg("subclass_weight") = 1.0);
   m.attr("loss_folds_grad") = true;  // the Python layer asks before passing grad_scale
+  m.attr("loss_forward_only") = true;  // grad = 0 on CPU: forward only, no gradient written
   m.attr("loss_subclass_weight") = true;  // the CPU and CUDA kernels take lambda (KL): one pass, not two calls
   m.def(
       "scale_rows",

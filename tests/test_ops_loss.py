@@ -361,6 +361,92 @@ def test_mean_without_labels_makes_no_tensor_from_host_values(backend):
     torch.testing.assert_close(x.grad.double(), want_grad, atol=1e-6, rtol=1e-4)
 
 
+class _GradientAddresses:
+    """The ``grad`` address each compiled loss call is given (0: forward only), around the extension in use."""
+
+    def __init__(self, real):
+        self._real, self.addresses = real, []
+
+    def loss(self, *args, **kwargs):
+        self.addresses.append(args[19])  # the gradient's address, by position as ops/loss.py passes it
+        return self._real.loss(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+FORWARD_ONLY_CASES = {
+    "kl-alpha-mean": dict(alpha=0.3, tau=2.0),
+    "js-rows": dict(divergence="js", reduction="none"),
+    "kl-lambda": dict(subclass_weight=0.1, alpha=0.2, reduction="sum"),
+    "mixed-teachers": dict(teachers=2, tau=1.5),
+    "online-teacher": dict(online=True, alpha=0.1),
+    "kl-padded-rows": dict(shape=(3, 13), alpha=0.1),  # K = 39: the CPU kernel's rows padded to 40
+}
+
+
+def _forward_only_call(case, dtype, backend, requires_grad=True, device="cpu"):
+    """(loss, x) of one FORWARD_ONLY_CASES call, at C = 3, S = 4 unless it says (online: a 6-d teacher)."""
+    kw = dict(FORWARD_ONLY_CASES[case])
+    teachers, online, (c, s) = kw.pop("teachers", None), kw.pop("online", False), kw.pop("shape", (3, 4))
+    student, log_t, labels = make_inputs(41, c, s, seed=9, m=teachers)
+    labels[2] = -100
+    x, labels = student.to(dtype).to(device).requires_grad_(requires_grad), labels.to(device)
+    if teachers:
+        kw["teacher_weights"] = torch.softmax(torch.randn(41, teachers, generator=torch.Generator().manual_seed(3)), 1)
+    if online:
+        g = torch.Generator().manual_seed(4)
+        kw.update(embeddings=torch.randn(41, 6, generator=g), fused_weight=torch.randn(6, c * s + c, generator=g),
+                  fused_bias=torch.randn(c * s + c, generator=g))
+        log_t = None
+    else:
+        log_t = log_t.to(dtype)
+    kw = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in kw.items()}
+    return distill_loss(x, log_t if log_t is None else log_t.to(device), labels, num_classes=c, n_subclasses=s,
+                        backend=backend, **kw), x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(FORWARD_ONLY_CASES))
+def test_loss_without_a_gradient_wanted_runs_forward_only(monkeypatch, backend, dtype, case):
+    """Under ``torch.no_grad()`` (an evaluation loop), or for logits that need no gradient, the
+    compiled kernels wrote the N x K gradient all the same: on a GPU half again the bytes of the
+    forward pass (issue 21 item 3, "when a gradient is needed"). Now they are given no gradient
+    address and the op returns none; the loss is the one the training call computes. The CUDA kernel
+    (emulated) is given scratch: a branch around its stores cost every path 1-2 SASS instructions per
+    element (ops/loss.py)."""
+    kernel = _GradientAddresses(_dispatch.extension())
+    if backend != "torch":
+        monkeypatch.setattr(_dispatch, "extension", lambda: kernel)
+    want, _ = _forward_only_call(case, dtype, backend)
+    trained = len(kernel.addresses)
+    with torch.no_grad(), _OpOutputs(torch.ops.lelp_fast.loss_rows.default) as calls:
+        got, _ = _forward_only_call(case, dtype, backend)
+    frozen, _ = _forward_only_call(case, dtype, backend, requires_grad=False)
+    assert not got.requires_grad and not frozen.requires_grad
+    torch.testing.assert_close(got, want.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(frozen, want.detach(), atol=0, rtol=0)
+    assert all(out[1].numel() == 0 for out in calls.outputs), [tuple(out[1].shape) for out in calls.outputs]
+    assert len(calls.outputs) == (backend != "torch")
+    assert len(kernel.addresses) == 3 * trained and all(kernel.addresses[:trained])
+    assert all((address == 0) == (backend == "cpu") for address in kernel.addresses[trained:])
+
+
+class _OpOutputs(TorchDispatchMode):
+    """The outputs of every call of ``op`` while the mode is active."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.outputs = op, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is self.op:
+            self.outputs.append(out)
+        return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("shape", [(300, 2, 64), (1000, 5, 8), (1, 2, 3)])
@@ -390,17 +476,19 @@ def test_cpu_kernel_writes_the_gradient_once_in_the_student_dtype(dtype, reducti
 def test_an_extension_built_before_the_fold_takes_the_old_path(monkeypatch):
     """An older build of lelp_fast._C (A/B benchmarks load one beside the new) has no
     ``loss_folds_grad`` and takes no keyword arguments: the Python layer passes the row flags by
-    position and scales and casts the fp32 gradient itself."""
+    position and scales and casts the fp32 gradient itself; nor ``loss_forward_only``: under
+    ``torch.no_grad()`` it is given scratch to write its gradient into, not a null address."""
     if "cpu" not in BACKENDS:
         pytest.skip("needs the compiled extension")
     real = _dispatch.extension()
 
     class Older:
         def loss(self, *args):  # positional only, as the two old overloads were
+            assert args[19] != 0, "an older build writes its gradient: it needs an address"
             return real.loss(*args)
 
         def __getattr__(self, name):
-            if name == "loss_folds_grad":
+            if name in ("loss_folds_grad", "loss_forward_only"):
                 raise AttributeError(name)
             return getattr(real, name)
 
@@ -417,6 +505,9 @@ def test_an_extension_built_before_the_fold_takes_the_old_path(monkeypatch):
         assert x.grad.dtype == dtype
         torch.testing.assert_close(loss.double(), want, atol=atol, rtol=rtol)
         torch.testing.assert_close(x.grad.double(), want_grad, atol=atol * 2 / 33, rtol=rtol * 10)
+        with torch.no_grad():
+            torch.testing.assert_close(distill_loss(x, log_t.to(dtype), labels, num_classes=3, n_subclasses=4,
+                                                    tau=2.0, alpha=0.1, backend="cpu"), loss.detach(), atol=0, rtol=0)
 
 
 def test_second_backward_is_refused_not_wrong():
@@ -445,7 +536,7 @@ def test_non_contiguous_student_logits(backend):
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
 
 
-def test_torch_compile_traces_the_fused_loss():
+def test_torch_compile_traces_the_fused_loss(monkeypatch):
     if "cpu" not in BACKENDS:
         pytest.skip("needs the compiled extension")
     student, log_t, labels = make_inputs(16, 2, 4, seed=8)
@@ -462,6 +553,11 @@ def test_torch_compile_traces_the_fused_loss():
     eager.backward()
     torch.testing.assert_close(loss, eager)
     torch.testing.assert_close(x.grad, x2.grad)
+    kernel = _GradientAddresses(_dispatch.extension())
+    monkeypatch.setattr(_dispatch, "extension", lambda: kernel)
+    with torch.no_grad():  # traced again, forward only
+        torch.testing.assert_close(compiled(x, log_t.float(), labels), eager.detach())
+    assert kernel.addresses == [0]
 
 
 def test_bad_arguments():

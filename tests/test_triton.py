@@ -209,6 +209,33 @@ def test_triton_folded_gradient_follows_the_incoming_gradient(dtype, reduction):
                                    rtol=rtol * 10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(test_ops_loss.FORWARD_ONLY_CASES))
+def test_triton_loss_without_a_gradient_wanted_runs_forward_only(monkeypatch, dtype, case):
+    """Under ``torch.no_grad()`` or for logits that need no gradient, the kernel is launched without
+    one (``WITH_GRAD`` off: its arithmetic and N x K stores compiled out); the loss is the training call's."""
+    import lelp_fast.kernels.triton.loss as triton_loss
+
+    given, launch = [], triton_loss.loss_triton
+
+    def recording(*args, **kwargs):
+        given.append(args[13])  # the gradient buffer, or None
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_loss, "loss_triton", recording)
+    call = test_ops_loss._forward_only_call
+    want, _ = call(case, dtype, "triton", device=DEVICE)
+    trained = len(given)
+    with torch.no_grad():
+        got, _ = call(case, dtype, "triton", device=DEVICE)
+    frozen, _ = call(case, dtype, "triton", requires_grad=False, device=DEVICE)
+    assert trained >= 1 and all(g is not None for g in given[:trained]) and given[trained:] == [None] * 2 * trained
+    # the same arithmetic; compiled without the gradient, a GPU may contract other products into FMAs
+    tol = dict(atol=0, rtol=0) if DEVICE == "cpu" else dict(atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got, want.detach(), **tol)
+    torch.testing.assert_close(frozen, want.detach(), **tol)
+
+
 def test_triton_second_backward_is_refused_not_wrong():
     """The folded gradient is handed on to autograd, not copied: a second backward through the same
     loss would hand on the same tensor again, so it raises."""

@@ -170,7 +170,24 @@ ALIGNED_LOSS = [c for c in CASES if c[0] == "loss" and _contiguous_rows(loss_ker
 @pytest.mark.parametrize("case", ALIGNED_LOSS, ids=[aot.case_id(c) for c in ALIGNED_LOSS])
 def test_loss_kernel_loads_rows_in_vectors(compiled, case):
     facts = _facts(compiled, case)
-    assert facts["vector_loads"] > 0 and facts["vector_stores"] > 0, f"scalar row loads/stores: {facts}"
+    with_grad = loss_kernels.VARIANTS[case[1]]["constexprs"]["WITH_GRAD"]  # forward only: no rows stored
+    assert facts["vector_loads"] > 0 and (facts["vector_stores"] > 0) == with_grad, f"scalar row loads/stores: {facts}"
+
+
+FORWARD_ONLY = [c for c in CASES if c[0] == "loss" and not loss_kernels.VARIANTS[c[1]]["constexprs"]["WITH_GRAD"]]
+
+
+@pytest.mark.parametrize("case", FORWARD_ONLY, ids=[aot.case_id(c) for c in FORWARD_ONLY])
+def test_forward_only_loss_kernel_has_no_gradient_in_it(compiled, case):
+    """The loss launched where no gradient is wanted (``WITH_GRAD`` off) against its twin that writes
+    one: no vector (row) stores, fewer SASS instructions and stores, no more registers. When it
+    landed (Triton 3.9.0): 5.9-26.9 % fewer instructions; 72 registers against 142 for λ ≠ 1 at 3 x 4
+    with every flag on sm_80."""
+    v = loss_kernels.VARIANTS[case[1]]
+    twin = loss_kernels.VARIANTS.index(dict(v, constexprs={**v["constexprs"], "WITH_GRAD": True}))
+    facts, trained = _facts(compiled, case), _facts(compiled, (case[0], twin) + case[2:])
+    assert facts["vector_stores"] == 0 and facts["scalar_stores"] < trained["scalar_stores"], (facts, trained)
+    assert facts["sass"] < trained["sass"] and facts["registers"] <= trained["registers"], (facts, trained)
 
 
 def test_every_launch_configuration_is_a_case():

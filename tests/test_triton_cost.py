@@ -58,15 +58,31 @@ def test_loss_step_moves_only_the_floor_bytes(dtype, floor, subclass_weight):
     assert moved <= floor, f"{moved} B/element against the floor's {floor}: {ops}"
 
 
+@pytest.mark.parametrize("backend", ["triton", BACKEND])
+@pytest.mark.parametrize("dtype, floor", [(torch.bfloat16, 4), (torch.float32, 8)])
+def test_forward_only_loss_moves_only_the_read_floor(backend, dtype, floor):
+    """Under ``torch.no_grad()`` the launchers read s and t and write no gradient: at the floor of an
+    evaluation step. They wrote the (folded) gradient all the same: 6 B/element for bf16 and 12 for
+    fp32 on both."""
+    if backend == "triton":
+        if not _dispatch.available("triton", torch.device("cpu")):
+            pytest.skip("the Triton interpreter is not available")
+        moved, ops = _interpreted_step_bytes(dtype, forward_only=True)
+    else:
+        moved, ops = cost.loss_step_bytes(dtype, backend=backend, forward_only=True)
+    assert moved <= floor, f"{moved} B/element against the floor's {floor}: {ops}"
+
+
 _STEP = """
 import sys, torch
 from lelp_fast.kernels.triton import cost
-moved, ops = cost.loss_step_bytes(getattr(torch, sys.argv[1]), backend="triton", subclass_weight=float(sys.argv[2]))
+moved, ops = cost.loss_step_bytes(getattr(torch, sys.argv[1]), backend="triton", subclass_weight=float(sys.argv[2]),
+                                  forward_only=sys.argv[3] == "True")
 print(repr((moved, ops)))
 """
 
 
-def _interpreted_step_bytes(dtype, subclass_weight=1.0):
+def _interpreted_step_bytes(dtype, subclass_weight=1.0, forward_only=False):
     """``cost.loss_step_bytes`` through the Triton launcher in a fresh process under the interpreter:
     in this one the kernels may have been imported without it (tests/test_triton_aot.py collected
     first in the same session), and then they launch on a driver that a CPU machine lacks."""
@@ -77,7 +93,7 @@ def _interpreted_step_bytes(dtype, subclass_weight=1.0):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    args = [str(dtype).removeprefix("torch."), str(subclass_weight)]
+    args = [str(dtype).removeprefix("torch."), str(subclass_weight), str(forward_only)]
     done = subprocess.run([sys.executable, "-c", _STEP, *args], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -246,10 +246,12 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
       pad_rows(s, rows, K, ld);
       pad_rows(log_t, rows, K, ld);
     }
-    float* grad = a.grad_dtype == kFloat32 && ld == K ? a.grad + r0 * K : grad_tile;
+    // forward only (a.grad == nullptr): the gradient goes to the tile's scratch and is not stored
+    const bool store = a.grad != nullptr;
+    float* grad = store && a.grad_dtype == kFloat32 && ld == K ? a.grad + r0 * K : grad_tile;
     if (lanes) {  // scaled, ignored rows zeroed; stored here unless fp32
       lanes_block(a, r0, rows, s_blk, t_blk, t_direct || t_spread, grad, work, lane_group);
-      if (a.grad_dtype != kFloat32)
+      if (store && a.grad_dtype != kFloat32)
         cpu::store_row(grad, rows * K, a.grad_dtype,
                        reinterpret_cast<char*>(a.grad) + r0 * K * cpu::dtype_size(a.grad_dtype));
       continue;
@@ -266,6 +268,8 @@ __attribute__((always_inline)) inline void loss_range(const LossArgs& a, int64_t
         }
       }
     }
+    if (!store)
+      continue;
     if (ld != K)
       store_padded_grad(a, grad, r0, rows, K, ld);
     else if (a.grad_scale != nullptr || a.grad_dtype != kFloat32)

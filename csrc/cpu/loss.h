@@ -29,7 +29,8 @@ struct LossArgs {
   float* loss_rows;         // N fp32 (0 for ignored rows)
   float* hard_rows;         // N fp32: the alpha * CE part of loss_rows, or nullptr
   float* grad;              // N x K, contiguous: fp32, or grad_dtype. Ignored rows: 0 (the CPU kernel), or
-                            // 0 times the row's values (the CUDA and Triton kernels: NaN where they are)
+                            // 0 times the row's values (the CUDA and Triton kernels: NaN where they are).
+                            // nullptr (CPU kernel only): forward only, no gradient written (no_grad)
   // Optional N flags for the input check, filled in the same pass (CPU only): bit 0 the student
   // row's fp32 sum is not finite, bit 1 an offline teacher's log-target row sum is not <= 0 (NaN,
   // +Inf or a value > 0 in it). Flagged rows are re-checked exactly by the caller (a sum of finite

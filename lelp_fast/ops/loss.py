@@ -7,7 +7,8 @@ kernel) or computed in-kernel from teacher embeddings, then reduces with ordinar
 The compiled kernels are registered as ``torch.library`` custom ops with fake implementations, so
 the loss traces under ``torch.compile`` and has no host synchronisation (no ``.item()``, no
 data-dependent shapes): the gradient is produced in the forward pass and scaled by the incoming
-gradient in the backward pass.
+gradient in the backward pass. Where no gradient is wanted (``torch.no_grad()``, logits that do not
+require one) the kernels run forward only and write none.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def _loss_rows(
     check: bool = False,
     grad_scale: Optional[Tensor] = None,
     subclass_weight: float = 1.0,
+    need_grad: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Compiled kernel: (loss per row (N,) fp32, dL_row/ds (N, K) fp32, the α·CE part of each row's
     loss (N,) fp32, the input check's row flags (N,) uint8 or (0,) without ``check``), from the same
@@ -73,15 +75,18 @@ def _loss_rows(
     fallback, or an extension built before, scales and casts it here: one more pass). ``subclass_weight``
     λ ≠ 1 (KL; the CPU and CUDA kernels, and Triton up to ``limits.MAX_FUSED_WEIGHTED_CLASSES``
     classes: :func:`distill_loss` sends the rest to :func:`subclass_weighted_loss`):
-    ``τ² [λ KL(t‖q) + (1 − λ) KL(p‖Q)]`` in the same pass."""
+    ``τ² [λ KL(t‖q) + (1 − λ) KL(p‖Q)]`` in the same pass. Without ``need_grad`` (no gradient
+    wanted) the kernels run forward only: no gradient is computed or written, and the second output
+    is (0, K)."""
     n, k = student.shape
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     hard_rows = torch.zeros(n, dtype=torch.float32, device=student.device)
-    folded = grad_scale is not None
+    folded = grad_scale is not None and need_grad
     kernel_folds = folded and (compiled == "triton" or _extension_folds())
     # a large CPU gradient reuses memory already mapped (ops/_reused_buffers.py: its first write is
     # otherwise a third of the step)
-    grad = _reused_buffers.empty((n, k), student.dtype if kernel_folds else torch.float32, student.device)
+    grad = (_reused_buffers.empty((n, k), student.dtype if kernel_folds else torch.float32, student.device)
+            if need_grad else torch.empty(0, k, dtype=torch.float32, device=student.device))
     suspect = torch.zeros(n if check else 0, dtype=torch.uint8, device=student.device)
     if n == 0:
         return loss_rows, grad.to(student.dtype) if folded else grad, hard_rows, suspect
@@ -93,7 +98,8 @@ def _loss_rows(
             with _dispatch.launch_device(student):
                 _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
                                   teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
-                                  ignore_index, loss_rows, hard_rows, grad, grad_scale, subclass_weight)
+                                  ignore_index, loss_rows, hard_rows, grad if need_grad else None, grad_scale,
+                                  subclass_weight)
             return loss_rows, grad, hard_rows, suspect
         except Exception as exc:
             if not (fall_back and _dispatch.is_out_of_resources(exc)):
@@ -107,11 +113,24 @@ def _loss_rows(
                                                                                           n_subclasses)):
                 loss_rows, grad, hard_rows = _loss_rows_by_torch(
                     student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
-                    num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, subclass_weight)
+                    num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, subclass_weight,
+                    need_grad)
                 return loss_rows, _folded(grad, grad_scale, student.dtype), hard_rows, suspect
             if folded and not _extension_folds():  # the compiled fallback writes fp32; folded below
                 kernel_folds = False
                 grad = torch.empty(n, k, dtype=torch.float32, device=student.device)
+    if need_grad:
+        grad_address = grad.data_ptr()
+    elif compiled == "cpu" and _extension_forward_only():
+        grad_address = 0  # forward only: the CPU kernel keeps the gradient in its tile's scratch
+    else:
+        # The CUDA kernel (and an extension built before) writes a gradient all the same: scratch, alive
+        # until the call returns. A branch around its stores cost 1-2 SASS instructions per element
+        # (tests/cuda_cost.py: K = 128 at λ ≠ 1 in bf16 with the hard-label term from 1.49 to 1.51-1.53x
+        # the H200's floor) and a second set of kernels would double their compile time; Triton, the
+        # GPU's default backend, compiles the gradient out.
+        scratch = torch.empty(n, k, dtype=torch.float32, device=student.device)
+        grad_address = scratch.data_ptr()
     if log_targets is not None:
         n_teachers = 1 if log_targets.ndim == 2 else log_targets.shape[1]
         log_targets = log_targets if log_targets.is_contiguous() else log_targets.contiguous()
@@ -135,7 +154,7 @@ def _loss_rows(
             _dispatch.extension().loss(
                 student.data_ptr(), _DTYPE_CODES[student.dtype], student.stride(0), n, num_classes, n_subclasses,
                 *targets_args, _ptr(weights), _ptr(labels), ignore_index, divergence, float(jsd_beta), float(tau),
-                float(alpha), loss_rows.data_ptr(), hard_rows.data_ptr(), grad.data_ptr(), online, on_cuda, stream,
+                float(alpha), loss_rows.data_ptr(), hard_rows.data_ptr(), grad_address, online, on_cuda, stream,
                 *((suspect.data_ptr(),) if check else ()),  # by position: an extension built before takes no keywords
                 **({"grad_dtype": _DTYPE_CODES[grad.dtype], "grad_scale": grad_scale.data_ptr()}
                    if kernel_folds else {}),
@@ -148,9 +167,14 @@ def _loss_rows(
             "cuda", _shape_key(student, num_classes, n_subclasses, embeddings, subclass_weight), exc)
         loss_rows, grad, hard_rows = _loss_rows_by_torch(
             student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
-            num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, subclass_weight)
+            num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, subclass_weight, need_grad)
         return loss_rows, _folded(grad, grad_scale, student.dtype), hard_rows, suspect
     return loss_rows, grad if kernel_folds else _folded(grad, grad_scale, student.dtype), hard_rows, suspect
+
+
+def _extension_forward_only() -> bool:
+    """Whether the CPU loss takes no gradient address (forward only; an extension built before could not)."""
+    return getattr(_dispatch.extension(), "loss_forward_only", False)
 
 
 def _extension_folds() -> bool:
@@ -189,10 +213,10 @@ def _loss_rows_triton(student, log_targets, weights, labels, embeddings, fused_w
 
 def _loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias,
                         teacher_logits, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta,
-                        ignore_index, subclass_weight=1.0):
+                        ignore_index, subclass_weight=1.0, need_grad=True):
     """The custom op's outputs from the torch path (a compiled launch failed). Autograd does not
     record inside a custom op, so the per-row gradient comes from ``torch.func.vjp`` (rows are
-    independent: a vector of ones gives each row's own gradient)."""
+    independent: a vector of ones gives each row's own gradient); without ``need_grad``, none."""
     name = {code: div for div, code in DIVERGENCE_CODES.items()}[divergence]
 
     def rows(s):
@@ -200,6 +224,9 @@ def _loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused
                            num_classes, n_subclasses, name, jsd_beta, tau, alpha, beta, ignore_index,
                            subclass_weight)
 
+    if not need_grad:
+        per_row, hard_rows = rows(student)
+        return per_row.float(), student.new_empty(0, student.shape[1], dtype=torch.float32), hard_rows.float()
     per_row, pullback, hard_rows = torch.func.vjp(rows, student, has_aux=True)
     (grad,) = pullback(torch.ones_like(per_row))
     return per_row.float(), grad.float(), hard_rows.float()
@@ -208,10 +235,10 @@ def _loss_rows_by_torch(student, log_targets, weights, labels, embeddings, fused
 @_loss_rows.register_fake
 def _(student, log_targets, weights, labels, embeddings, fused_weight, fused_bias, teacher_logits,
       num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, compiled, fall_back,
-      check=False, grad_scale=None, subclass_weight=1.0):
+      check=False, grad_scale=None, subclass_weight=1.0, need_grad=True):
     n, k = student.shape
-    grad_dtype = torch.float32 if grad_scale is None else student.dtype
-    return (student.new_empty(n, dtype=torch.float32), student.new_empty(n, k, dtype=grad_dtype),
+    grad_dtype = torch.float32 if grad_scale is None or not need_grad else student.dtype
+    return (student.new_empty(n, dtype=torch.float32), student.new_empty(n if need_grad else 0, k, dtype=grad_dtype),
             student.new_empty(n, dtype=torch.float32), student.new_empty(n if check else 0, dtype=torch.uint8))
 
 
@@ -404,9 +431,12 @@ def distill_loss(
         if check_inputs and divergence == "mse" and log_targets is not None:
             check_finite("log_targets (divergence='mse' compares logits: a target of exactly 0 has none)",
                          log_targets)
+    # No gradient wanted (torch.no_grad(), inference mode, logits that do not require one, as in an
+    # evaluation loop): the compiled kernels run forward only and write no N x K gradient.
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     # The compiled kernels fold τ, the reduction's scale and the cast into the gradient they write:
     # the loss step moves s and t once and the gradient once (issue 21).
-    fold = (reduction != "none" and student_logits.dtype in _FOLDED_DTYPES
+    fold = (need_grad and reduction != "none" and student_logits.dtype in _FOLDED_DTYPES
             and (chosen == "triton" or (chosen in ("cpu", "cuda") and _extension_folds())))
     if chosen == "torch":
         per_row, hard_rows = _loss_torch(student_logits, log_targets, teacher_weights, labels, embeddings,
@@ -418,7 +448,7 @@ def distill_loss(
             teacher_logits, num_classes, n_subclasses, _divergence_code(divergence, jsd_beta), float(jsd_beta),
             float(tau), float(alpha), beta, int(ignore_index), chosen, _dispatch.falls_back(backend),
             fused_check, _reduction_scale(student_logits, labels, ignore_index, reduction) if fold else None,
-            float(subclass_weight) if weighted else 1.0,
+            float(subclass_weight) if weighted else 1.0, need_grad,
         )
         if fused_check:
             _raise_on_suspect_rows(suspect, student_logits, log_targets)
@@ -427,7 +457,7 @@ def distill_loss(
             loss = _ReducedWithGrad.apply(student_logits,
                                           reference.reduce_rows(loss_rows, labels, ignore_index, reduction), grad)
         else:
-            per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad)
+            per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad) if need_grad else loss_rows
     if not fold:
         loss = reference.reduce_rows(per_row, labels, ignore_index, reduction)
     if not return_components:

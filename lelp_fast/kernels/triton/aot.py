@@ -224,7 +224,8 @@ def case_id(case: Case) -> str:
     c = v["constexprs"]
     return (f"loss-sm{arch}-{dts[0]}-K{c['K']}-n{c['BLOCK_N']}w{v['num_warps']}-div{c['DIVERGENCE']}-"
             f"{'w' if c['HAS_WEIGHTS'] else 'nw'}-{'y' if c['HAS_LABELS'] else 'ny'}"
-            + (f"-S{c['S']}g{c['G_PAD']}-lam-h{c['HARD']}" if c["SUBCLASS_WEIGHTED"] else ""))
+            + (f"-S{c['S']}g{c['G_PAD']}-lam-h{c['HARD']}" if c["SUBCLASS_WEIGHTED"] else "")
+            + ("" if c["WITH_GRAD"] else "-fwd"))
 
 
 def compile_case(case: Case):

@@ -103,14 +103,15 @@ def step_bytes_per_element(step: Callable[[], None], n: int, k: int):
 
 
 def loss_step_bytes(dtype: torch.dtype, n: int = 64, num_classes: int = 5, n_subclasses: int = 8,
-                    backend: str = "cpu", subclass_weight: float = 1.0):
+                    backend: str = "cpu", subclass_weight: float = 1.0, forward_only: bool = False):
     """Bytes per element of one distillation step (loss forward + backward into the student's
     gradient) with student logits and targets in ``dtype``, through ``ops.distill_loss``'s
     launcher (one custom op for the kernel, whichever backend runs it). The Triton kernel writes
     the gradient in the student's dtype with the mean folded in; the CPU kernel writes it in fp32
     for the backward to scale and cast. ``backend="triton"`` on CPU tensors needs
     ``TRITON_INTERPRET=1`` before the kernels are imported. ``subclass_weight`` λ ≠ 1: the weighted
-    KL (one pass, or two calls where the backend keeps them)."""
+    KL (one pass, or two calls where the backend keeps them). ``forward_only``: the loss under
+    ``torch.no_grad()``, no backward (an evaluation step)."""
     from ...ops import distill_loss
 
     k = num_classes * n_subclasses
@@ -119,9 +120,14 @@ def loss_step_bytes(dtype: torch.dtype, n: int = 64, num_classes: int = 5, n_sub
     log_t = torch.log_softmax(torch.randn(n, k, generator=g), -1).to(dtype)
 
     def step():
-        distill_loss(student, log_t, num_classes=num_classes, n_subclasses=n_subclasses, tau=2.0,
-                     backend=backend, check_inputs=False, subclass_weight=subclass_weight).backward()
+        loss = distill_loss(student, log_t, num_classes=num_classes, n_subclasses=n_subclasses, tau=2.0,
+                            backend=backend, check_inputs=False, subclass_weight=subclass_weight)
+        if not forward_only:
+            loss.backward()
 
+    if forward_only:
+        with torch.no_grad():
+            return step_bytes_per_element(step, n, k)
     return step_bytes_per_element(step, n, k)
 
 
@@ -136,7 +142,8 @@ def gated(constexprs: dict) -> bool:
     from . import loss
 
     c = constexprs
-    if c["DIVERGENCE"] != 0 or c["HAS_WEIGHTS"] or c["SUBCLASS_WEIGHTED"] or c["K"] < 16 or c["K"] % 8:
+    if (not c["WITH_GRAD"] or c["DIVERGENCE"] != 0 or c["HAS_WEIGHTS"] or c["SUBCLASS_WEIGHTED"] or c["K"] < 16
+            or c["K"] % 8):
         return False
     return c["HARD"] > 0 and c["K"] in loss.COST_KS if c["HAS_LABELS"] else True
 
@@ -150,7 +157,8 @@ def weighted_gated(constexprs: dict) -> bool:
     from . import loss
 
     c = constexprs
-    return bool(c["SUBCLASS_WEIGHTED"] and not c["HAS_WEIGHTS"] and (not c["HAS_LABELS"] or c["HARD"] in (1, 2))
+    return bool(c["SUBCLASS_WEIGHTED"] and c["WITH_GRAD"] and not c["HAS_WEIGHTS"]
+                and (not c["HAS_LABELS"] or c["HARD"] in (1, 2))
                 and (c["K"] // c["S"], c["S"]) in loss.WEIGHTED_COST_SHAPES)
 
 
@@ -162,8 +170,8 @@ def weighted_time_gated(constexprs: dict) -> bool:
     from . import loss
 
     c = constexprs
-    return bool(c["SUBCLASS_WEIGHTED"] and not c["HAS_WEIGHTS"] and c["HAS_LABELS"] and c["HARD"] == 2
-                and (c["K"] // c["S"], c["S"]) in loss.WEIGHTED_GROUP_SHAPES)
+    return bool(c["SUBCLASS_WEIGHTED"] and c["WITH_GRAD"] and not c["HAS_WEIGHTS"] and c["HAS_LABELS"]
+                and c["HARD"] == 2 and (c["K"] // c["S"], c["S"]) in loss.WEIGHTED_GROUP_SHAPES)
 
 
 def _compiled_loss_cases(facts_json: str, bytes_bf16: float, bytes_fp32: float, keep):
@@ -201,6 +209,36 @@ def loss_table(facts_json: str, bytes_bf16: float, bytes_fp32: float) -> str:
              f"| {moved:.0f} ({floor}) | {ratios[0]:.2f} | {ratios[1]:.2f} |")
             for c, v, hard, arch, dt, e, moved, floor, ratios, columns in cases]
     lines += [line for _, line in sorted(rows)]
+    return "\n".join(lines)
+
+
+def forward_only_table(facts_json: str) -> str:
+    """The forward-only twins (``WITH_GRAD`` off) of the plain KL the cost model reads (no labels, no
+    teacher weights): modelled time over their floor (s and t read: 4 B a bf16 element, 8 fp32), and
+    the same launch with the gradient written (what a no_grad call ran before) over that floor."""
+    from . import loss
+
+    with open(facts_json) as f:
+        facts = json.load(f)
+    cases = {(tuple(r["case"][:3]), tuple(r["case"][3])): r for r in facts["cases"] if r["case"][0] == "loss"}
+    lines = ["| Triton | arch | dtype | K | SASS / element, forward only (with gradient) | floor (B / element) "
+             "| forward only / floor H100 | H200 | with gradient / the same floor H100 | H200 |", "|" + "---|" * 10]
+    for (op_i_arch, dts), row in sorted(cases.items()):
+        v = loss.VARIANTS[op_i_arch[1]]
+        c = v["constexprs"]
+        if row["error"] or c["WITH_GRAD"] or c["SUBCLASS_WEIGHTED"] or c["HAS_LABELS"] or c["HAS_WEIGHTS"]:
+            continue
+        twin = cases[(("loss", loss.VARIANTS.index(dict(v, constexprs={**c, "WITH_GRAD": True})), op_i_arch[2]),
+                      dts)]
+        if twin["error"]:
+            continue
+        floor = 4 if dts[0] == "bf16" else 8
+        e, et = (per_element(r["facts"], c["BLOCK_N"], c["K"], v["num_warps"]) for r in (row, twin))
+        ratios = [modelled_ratio(e["instructions"], e["mufu"], floor, floor, d) for d in ("H100", "H200")]
+        before = [modelled_ratio(et["instructions"], et["mufu"], floor * 3 / 2, floor, d) for d in ("H100", "H200")]
+        lines.append(f"| {facts['triton']} | sm_{op_i_arch[2]} | {dts[0]} | {c['K']} | {e['instructions']:.1f} "
+                     f"({et['instructions']:.1f}) | {floor} | {ratios[0]:.2f} | {ratios[1]:.2f} | {before[0]:.2f} "
+                     f"| {before[1]:.2f} |")
     return "\n".join(lines)
 
 
@@ -387,6 +425,10 @@ def main(argv=None) -> int:
     print("subclass weight λ = 0.1, launcher bytes per element (one pass, two calls): " + "; ".join(
         f"{name} {one:.1f}, {two:.1f}" for name, (one, two) in weighted.items()))
     print(weighted_loss_table(args.facts, weighted["bf16"][0], weighted["fp32"][0]))
+    print("forward only (no gradient wanted), launcher bytes per element: " + "; ".join(
+        f"{name} {loss_step_bytes(dtype, backend='triton', forward_only=True)[0]:.1f}"
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))))
+    print(forward_only_table(args.facts))
     print(targets_table(args.facts))
     return 0
 

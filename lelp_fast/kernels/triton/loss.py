@@ -8,6 +8,8 @@ buffer (``ops/loss.py``), so the loss reads the student once and writes the grad
 At the floor (issue 21): one pass reads s and t and writes the gradient, in the dtype of the
 pointer it is given (the student's, from ``ops/loss.py``), already multiplied by τ and by the
 reduction's scale (``scale_ptr``: 1/rows for the mean), so no N x K pass follows in the backward.
+Where no gradient is wanted (``torch.no_grad()``, logits that do not require it) the kernel is
+compiled without it (``WITH_GRAD``): it reads s and t and writes the row losses only.
 Exponentials and logarithms are ``exp2``/``log2`` (one MUFU op each) on inputs scaled once by
 log2(e)/τ; a plain KL row costs two ``exp2`` per element (the student's softmax and the
 teacher's probabilities) and one ``log2`` per row (its log-partition; the KL is summed as
@@ -534,7 +536,7 @@ def _store_row_losses(loss_ptr, hard_ptr, loss, ce, rows64, row_ok, keep, HAS_LA
 def _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64, row_ok, M, tau, alpha, lam, scale,
                        c_tau, keep, y, K: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, G_PAD: tl.constexpr,
                        HAS_WEIGHTS: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_AXIS: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_AXIS: tl.constexpr, WITH_GRAD: tl.constexpr):
     """The KL step at subclass weight λ ≠ 1 (``SUBCLASS_WEIGHTED``), one pass over the block's rows:
     ``τ² [λ KL(t‖q) + (1 − λ) KL(p‖Q)]`` (p_c, Q_c the class sums of t and q) and its gradient
     ``τ [q Σt − λ t − (1 − λ) p_c q / Q_c]``, plus the hard-label term when HARD > 0.
@@ -619,10 +621,11 @@ def _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64
     if HARD > 1:
         grad += h * _cls_el(hcoef, GROUPED)
     _store_row_losses(loss_ptr, hard_ptr, loss, ce, rows64, row_ok, keep, HAS_LABELS, HARD)
-    if GROUPED:
-        _store_groups(grad_ptr, grad, rows64, row_ok, K, cols, in_row, ROW_AXIS)
-    else:
-        _store_classes(grad_ptr, grad, rows64, row_ok, K, S, S_PAD, cols, in_row, BLOCK_N, BLOCK_K, ROW_AXIS)
+    if WITH_GRAD:  # forward only (no gradient wanted): its arithmetic is dead code, compiled out
+        if GROUPED:
+            _store_groups(grad_ptr, grad, rows64, row_ok, K, cols, in_row, ROW_AXIS)
+        else:
+            _store_classes(grad_ptr, grad, rows64, row_ok, K, S, S_PAD, cols, in_row, BLOCK_N, BLOCK_K, ROW_AXIS)
 
 
 @triton.jit
@@ -658,7 +661,8 @@ def _mse_step(v1, lt1, v2, lt2, ct, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOC
 def _divergence_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64, row_ok, M, jsd_beta, tau, alpha, scale,
                       c_tau, keep, y, K: tl.constexpr, S: tl.constexpr, DIVERGENCE: tl.constexpr,
                       HAS_WEIGHTS: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_K2: tl.constexpr, J1: tl.constexpr, J2: tl.constexpr, ROW_AXIS: tl.constexpr):
+                      BLOCK_K2: tl.constexpr, J1: tl.constexpr, J2: tl.constexpr, ROW_AXIS: tl.constexpr,
+                      WITH_GRAD: tl.constexpr):
     """The step of any divergence (KL at λ = 1) over the block's rows, held as one or two column
     pieces: the student's softmax, the hard-label term when HARD > 0, the divergence's loss and
     gradient, stored once."""
@@ -780,9 +784,10 @@ def _divergence_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64,
         if BLOCK_K2 > 0:
             g2 += f2 * _select(in_y2, h_in, h_out, ROW_AXIS)
     _store_row_losses(loss_ptr, hard_ptr, tau * tau * d, ce, rows64, row_ok, keep, HAS_LABELS, HARD)
-    _store_piece(grad_ptr, g1, rows64, row_ok, K, 0, BLOCK_K, J1, ROW_AXIS)
-    if BLOCK_K2 > 0:
-        _store_piece(grad_ptr, g2, rows64, row_ok, K, BLOCK_K, BLOCK_K2, J2, ROW_AXIS)
+    if WITH_GRAD:  # forward only (no gradient wanted): its arithmetic is dead code, compiled out
+        _store_piece(grad_ptr, g1, rows64, row_ok, K, 0, BLOCK_K, J1, ROW_AXIS)
+        if BLOCK_K2 > 0:
+            _store_piece(grad_ptr, g2, rows64, row_ok, K, BLOCK_K, BLOCK_K2, J2, ROW_AXIS)
 
 
 @triton.jit
@@ -792,7 +797,7 @@ def lelp_loss_kernel(
     K: tl.constexpr, S: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     HAS_LABELS: tl.constexpr, HARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_K2: tl.constexpr, J1: tl.constexpr, J2: tl.constexpr, ROW_AXIS: tl.constexpr,
-    SUBCLASS_WEIGHTED: tl.constexpr, S_PAD: tl.constexpr, G_PAD: tl.constexpr,
+    SUBCLASS_WEIGHTED: tl.constexpr, S_PAD: tl.constexpr, G_PAD: tl.constexpr, WITH_GRAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -811,18 +816,19 @@ def lelp_loss_kernel(
     if SUBCLASS_WEIGHTED:
         _weighted_kl_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64, row_ok, M, tau, alpha,
                            subclass_weight, scale, c_tau, keep, y, K, S, S_PAD, G_PAD, HAS_WEIGHTS, HAS_LABELS, HARD,
-                           BLOCK_N, BLOCK_K, ROW_AXIS)
+                           BLOCK_N, BLOCK_K, ROW_AXIS, WITH_GRAD)
     else:
         _divergence_block(s_ptr, t_ptr, w_ptr, loss_ptr, hard_ptr, grad_ptr, rows64, row_ok, M, jsd_beta, tau, alpha,
                           scale, c_tau, keep, y, K, S, DIVERGENCE, HAS_WEIGHTS, HAS_LABELS, HARD, BLOCK_K, BLOCK_K2,
-                          J1, J2, ROW_AXIS)
+                          J1, J2, ROW_AXIS, WITH_GRAD)
 
 
 def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha,
                 ignore_index, loss_rows, hard_rows, grad, grad_scale=None, subclass_weight=1.0):
     """Launches the kernel on contiguous inputs; fills ``loss_rows`` (N,), ``grad`` (N, K, in its own
-    dtype: ``grad_scale`` (a 1-element fp32 tensor, 1 if None) · dL_row/ds) and, when the hard-label
-    term is on, its part ``hard_rows`` (N,) (fp32). ``subclass_weight`` λ ≠ 1 (KL, S > 1, at most
+    dtype: ``grad_scale`` (a 1-element fp32 tensor, 1 if None) · dL_row/ds; None: the forward-only
+    kernel, which neither computes nor writes a gradient) and, when the hard-label term is on, its
+    part ``hard_rows`` (N,) (fp32). ``subclass_weight`` λ ≠ 1 (KL, S > 1, at most
     ``limits.MAX_FUSED_WEIGHTED_CLASSES`` classes): ``τ² [λ KL(t‖q) + (1 − λ) KL(p‖Q)]`` in the same pass."""
     n, k = student.shape
     why = limits.loss_unsupported(num_classes, n_subclasses)
@@ -845,10 +851,11 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
     grid = (triton.cdiv(n, block_n),)
     lelp_loss_kernel[grid](
         student, log_targets, weights if weights is not None else student, labels if labels is not None else student,
-        grad_scale, loss_rows, hard_rows, grad, n, m, float(jsd_beta), float(tau), float(alpha), int(ignore_index),
-        float(subclass_weight), K=k, S=n_subclasses, DIVERGENCE=divergence, HAS_WEIGHTS=weights is not None,
-        HAS_LABELS=has_labels, HARD=hard, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K2=block_k2, J1=j1, J2=j2,
-        ROW_AXIS=ROW_AXIS, SUBCLASS_WEIGHTED=weighted, S_PAD=s_pad, G_PAD=g_pad,
+        grad_scale, loss_rows, hard_rows, loss_rows if grad is None else grad, n, m, float(jsd_beta), float(tau),
+        float(alpha), int(ignore_index), float(subclass_weight), K=k, S=n_subclasses, DIVERGENCE=divergence,
+        HAS_WEIGHTS=weights is not None, HAS_LABELS=has_labels, HARD=hard, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_K2=block_k2, J1=j1, J2=j2, ROW_AXIS=ROW_AXIS, SUBCLASS_WEIGHTED=weighted, S_PAD=s_pad, G_PAD=g_pad,
+        WITH_GRAD=grad is not None,
         num_warps=num_warps,
     )
 
@@ -910,15 +917,29 @@ def _variants() -> List[dict]:
         combos += [((k, 1), div, False, has_y, 3 * has_y) for k in sorted(best.values())]
     variants = [dict(num_warps=num_warps, constexprs=dict(
         K=k, S=s, DIVERGENCE=div, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=hard, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_K2=block_k2, SUBCLASS_WEIGHTED=False, S_PAD=1, G_PAD=1))
+        BLOCK_K2=block_k2, SUBCLASS_WEIGHTED=False, S_PAD=1, G_PAD=1, WITH_GRAD=True))
         for (k, s), div, has_w, has_y, hard in combos
         for block_n, block_k, block_k2, num_warps in [block_shape(k, div)]]
     for (c, s), has_w, has_y, hard in _weighted_combos():
         block_n, block_k, s_pad, g_pad, num_warps = weighted_block_shape(c, s, has_w)
         variants.append(dict(num_warps=num_warps, constexprs=dict(
             K=c * s, S=s, DIVERGENCE=0, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=hard, BLOCK_N=block_n,
-            BLOCK_K=block_k, BLOCK_K2=0, SUBCLASS_WEIGHTED=True, S_PAD=s_pad, G_PAD=g_pad)))
-    return variants
+            BLOCK_K=block_k, BLOCK_K2=0, SUBCLASS_WEIGHTED=True, S_PAD=s_pad, G_PAD=g_pad, WITH_GRAD=True)))
+    return variants + [dict(v, constexprs={**v["constexprs"], "WITH_GRAD": False})
+                       for v in variants if _forward_only_twin(v["constexprs"])]
+
+
+def _forward_only_twin(c: dict) -> bool:
+    """The variants also compiled forward only (``WITH_GRAD`` off: the gradient's arithmetic and
+    stores compiled out, so fewer live values than the twin's): every divergence at the widest
+    rows (``FULL_SHAPES``) with teacher weights and labels, the cost model's plain KL
+    (``COST_SHAPES``), and λ ≠ 1 at 16 x 8 and at 3 x 4 with every flag."""
+    shape = (c["K"] // c["S"], c["S"]) if c["SUBCLASS_WEIGHTED"] else (c["K"], c["S"])
+    if c["SUBCLASS_WEIGHTED"]:
+        return (shape == (16, 8) and not c["HAS_LABELS"]) or (shape == (3, 4) and c["HAS_WEIGHTS"] and c["HARD"] == 3)
+    if shape in FULL_SHAPES:
+        return c["HAS_WEIGHTS"] and c["HAS_LABELS"]
+    return shape in COST_SHAPES and c["DIVERGENCE"] == 0 and not (c["HAS_WEIGHTS"] or c["HAS_LABELS"])
 
 
 # KL at a subclass weight λ ≠ 1 (SUBCLASS_WEIGHTED), as (C, S): at 3 x 4 (a padded class) each
@@ -995,5 +1016,5 @@ def signature(dtype: str, target_dtype: str) -> dict:
         "tau": "fp32", "alpha": "fp32", "ignore_index": "i32", "subclass_weight": "fp32",
         **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "HARD", "BLOCK_N",
                                           "BLOCK_K", "BLOCK_K2", "J1", "J2", "ROW_AXIS", "SUBCLASS_WEIGHTED",
-                                          "S_PAD", "G_PAD")},
+                                          "S_PAD", "G_PAD", "WITH_GRAD")},
     }
