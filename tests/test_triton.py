@@ -15,6 +15,8 @@ from lelp_fast.kernels.triton.interpreter_fix import patch_interpreter  # noqa: 
 if not torch.cuda.is_available():
     patch_interpreter()
 
+import triton.language as tl  # noqa: E402
+
 from lelp_fast import reference  # noqa: E402
 from lelp_fast.ops import distill_loss, lelp_targets  # noqa: E402
 from test_ops_targets import fp64_reference, random_map  # noqa: E402
@@ -55,6 +57,17 @@ def test_triton_targets_over_several_class_groups(dtype, shape, with_head):
     given logits, whose log-partition is taken 64 at a time; a padded class group fully masked);
     before, one program held up to 512 columns and could not launch on a GPU (shared memory)."""
     test_triton_targets_match_reference(dtype, shape, with_head)
+
+
+def test_the_targets_autotuner_never_times_a_launch():
+    """Issue 21 item 5 (autotune warmed outside graph capture): each targets config list has one
+    entry, so Triton's autotuner launches it without timing (``Autotuner.run`` benchmarks only when
+    it holds more than one config, under 3.6 and 3.9 alike), and a first launch inside a CUDA-graph
+    capture records the kernel, not a benchmark's launches and synchronisations. A second config
+    would need its autotune warmed before any capture."""
+    from lelp_fast.kernels.triton import targets as triton_targets
+
+    assert all(len(tuner.configs) == 1 for tuner in triton_targets._autotuned.values())
 
 
 def test_triton_targets_refuse_classes_wider_than_a_program():
@@ -168,6 +181,36 @@ def test_triton_multi_teacher_and_huge_logits():
     torch.testing.assert_close(x.grad.cpu().double(), want_grad, atol=1e-3, rtol=1e-4)
 
 
+@triton.jit
+def _flushing_log2(x):
+    """log2 that flushes inputs below FLT_MIN to 0, as the GPU's ``lg2.approx.ftz`` does."""
+    return tl.log2(tl.where(x < 1.1754943508222875e-38, 0.0, x))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="emulates the GPU's flushing log2 in the interpreter")
+@pytest.mark.parametrize("divergence", ["kl", "js"])
+@pytest.mark.parametrize("subclass_weight", [1.0, 0.1])
+def test_mixed_targets_below_flt_min_survive_a_flushing_log2(monkeypatch, divergence, subclass_weight):
+    """On a GPU the kernel's log2 is one MUFU op (``lg2.approx.ftz``), which flushes inputs below
+    FLT_MIN to 0: a mixed target (or JS's mixture) that is subnormal would get log t = -inf and
+    t (log t - log q) = -inf. ``_log2_probability`` scales its inputs up first. Emulated here: the
+    interpreter's log2 replaced by one that flushes as the GPU's does."""
+    import lelp_fast.kernels.triton.loss as triton_loss
+
+    monkeypatch.setattr(triton_loss, "_fast_log2", _flushing_log2)
+    student, log_t, labels = make_inputs(7, 3, 4, seed=6, m=2)
+    log_t[:, 1, :5] = -95.0  # e^-95 = 5.5e-42: subnormal in fp32
+    log_t[:, 1] = torch.log_softmax(log_t[:, 1], -1)
+    w = torch.tensor([[0.0, 1.0]] * 4 + [[1e-3, 1 - 1e-3]] * 3)
+    x = student.float().requires_grad_(True)
+    kw = dict(num_classes=3, n_subclasses=4, divergence=divergence, teacher_weights=w, tau=2.0,
+              subclass_weight=subclass_weight if divergence == "kl" else 1.0)
+    loss = distill_loss(x, log_t.float(), labels, backend="triton", reduction="none", **kw)
+    want = distill_loss(student, log_t, labels, backend="torch", reduction="none", **kw)  # fp64
+    assert torch.isfinite(loss).all(), loss
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("divergence", ["kl", "js", "mse"])
 @pytest.mark.parametrize("k_shape", [(3, 3), (11, 1), (3, 8), (5, 8), (6, 8), (2, 100), (4, 81), (3, 7), (5, 9)])
 def test_triton_loss_column_pieces(divergence, k_shape):
@@ -234,6 +277,30 @@ def test_triton_loss_without_a_gradient_wanted_runs_forward_only(monkeypatch, dt
     tol = dict(atol=0, rtol=0) if DEVICE == "cpu" else dict(atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got, want.detach(), **tol)
     torch.testing.assert_close(frozen, want.detach(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_online_launch_dtypes_are_compiled_ahead_of_time(monkeypatch, dtype):
+    """The online loss launches the loss kernel on a 16-bit student against the fp32 buffer its
+    teachers' targets go to: dtypes that tests/test_triton_aot.py compiles (``aot.MIXED_DTYPES``)."""
+    import lelp_fast.kernels.triton.loss as triton_loss
+    from lelp_fast.kernels.triton import aot
+
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    launched, launch = [], triton_loss.loss_triton
+
+    def recording(student, log_targets, *args, **kwargs):
+        launched.append((names[student.dtype], names[log_targets.dtype], names[args[11].dtype]))
+        return launch(student, log_targets, *args, **kwargs)
+
+    monkeypatch.setattr(triton_loss, "loss_triton", recording)
+    x = torch.randn(9, 12, dtype=dtype, device=DEVICE).requires_grad_(True)
+    g = torch.Generator().manual_seed(2)
+    emb, w, b = torch.randn(9, 6, generator=g), torch.randn(6, 15, generator=g), torch.randn(15, generator=g)
+    distill_loss(x, None, num_classes=3, n_subclasses=4, embeddings=emb.to(DEVICE), fused_weight=w.to(DEVICE),
+                 fused_bias=b.to(DEVICE), backend="triton").backward()
+    compiled = {*aot.MIXED_DTYPES[90], *((s, t, s) for s, t in aot.LOSS_DTYPES[90])}
+    assert launched and all(dts in compiled for dts in launched), launched
 
 
 def test_triton_second_backward_is_refused_not_wrong():

@@ -45,6 +45,10 @@ OLDEST_TRITON = "3.6.0"
 SHARED_OPTIN = {80: 166_912, 90: 232_448}
 # (student, targets) dtypes of the loss per arch: bf16 on both; fp32 (the other load width) on sm_90.
 LOSS_DTYPES = {80: [("bf16", "bf16")], 90: [("bf16", "bf16"), ("fp32", "fp32")]}
+# (student, targets, gradient) of the online path, a 16-bit student against the fp32 targets buffer
+# (bf16: the gradient folded into bf16; fp16: kept in fp32), on sm_90 for each KL tile's heaviest
+# variant (``loss.mixed_dtype_variants``).
+MIXED_DTYPES = {90: [("bf16", "fp32", "bf16"), ("fp16", "fp32", "fp32")]}
 
 Case = Tuple[str, int, int, Optional[Tuple[str, str]]]  # (op, index into VARIANTS, arch, loss dtypes)
 
@@ -205,6 +209,8 @@ def cases() -> List[Case]:
     return ([("targets", i, arch, None) for i in range(len(targets.VARIANTS)) for arch in ARCHS]
             + [("loss", i, arch, dts) for i in range(len(loss.VARIANTS)) for arch in ARCHS
                for dts in LOSS_DTYPES[arch]]
+            + [("loss", i, arch, dts) for arch, combos in MIXED_DTYPES.items() for dts in combos
+               for i in loss.mixed_dtype_variants()]
             + [("scale", i, arch, None) for i in range(len(loss.SCALE_VARIANTS)) for arch in ARCHS])
 
 
@@ -224,8 +230,9 @@ def case_id(case: Case) -> str:
     c = v["constexprs"]
     return (f"loss-sm{arch}-{dts[0]}-K{c['K']}-n{c['BLOCK_N']}w{v['num_warps']}-div{c['DIVERGENCE']}-"
             f"{'w' if c['HAS_WEIGHTS'] else 'nw'}-{'y' if c['HAS_LABELS'] else 'ny'}"
-            + (f"-S{c['S']}g{c['G_PAD']}-lam-h{c['HARD']}" if c["SUBCLASS_WEIGHTED"] else "")
-            + ("" if c["WITH_GRAD"] else "-fwd"))
+            + (f"-S{c['S']}g{c['G_PAD']}-lam-h{c['HARD']}" if c["SUBCLASS_WEIGHTED"] else
+               f"-h{c['HARD']}" if c["HAS_LABELS"] else "")
+            + ("" if c["WITH_GRAD"] else "-fwd") + (f"-t{dts[1]}-g{dts[2]}" if len(dts) > 2 else ""))
 
 
 def compile_case(case: Case):

@@ -184,7 +184,7 @@ def _compiled_loss_cases(facts_json: str, bytes_bf16: float, bytes_fp32: float, 
     out = []
     for row in facts["cases"]:
         op, i, arch, dts = row["case"]
-        if op != "loss" or row["error"] or not keep(loss.VARIANTS[i]["constexprs"]):
+        if op != "loss" or row["error"] or len(dts) > 2 or not keep(loss.VARIANTS[i]["constexprs"]):
             continue
         v = loss.VARIANTS[i]
         c = v["constexprs"]

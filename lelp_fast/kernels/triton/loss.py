@@ -227,6 +227,17 @@ def _fast_log2(x):
 
 
 @triton.jit
+def _log2_probability(x):
+    """log2 x of a probability (0 <= x <= 2^100), subnormals included, in one MUFU op:
+    ``lg2.approx.ftz`` flushes an input below FLT_MIN to 0 (log -inf, and t (log t - log q) = -inf
+    for a subnormal target), so every input is scaled by 2^24 first (exact, no select) and 24 taken
+    off after: about 2e-6 absolute error in the log. 0 gives -inf, NaN stays NaN. libdevice's
+    accurate log2f per element took about 20 instructions and, at λ ≠ 1 with mixed targets, spilled
+    8 B under Triton 3.6 (sm_90, bf16 student and fp32 targets, K = 510 and 511)."""
+    return _fast_log2(x * 16777216.0) - 24.0
+
+
+@triton.jit
 def _fast_div(x, y):
     """x / y as x · rcp(y) (``div.approx``, 2 ulp); tl.fdiv also checks the range around it."""
     if FAST_MATH:
@@ -304,7 +315,7 @@ def _load_cols(s_ptr, t_ptr, w_ptr, rows64, row_ok, M, K: tl.constexpr, cols, in
             w = tl.where(w >= 0.0, w, tl.sqrt(w))  # the square root of a negative weight is NaN
             lt_m = tl.load(t_ptr + _bc(rows64, ROW_AXIS) * (M * K) + m * K + cols, mask=ok, other=NEG_INF)
             t += _bc(w, ROW_AXIS) * tl.exp2(lt_m.to(tl.float32) * LOG2E)
-        log_t = tl.log2(t) * LN2
+        log_t = _log2_probability(t) * LN2
     else:
         log_t = tl.load(t_ptr + _bc(rows64, ROW_AXIS) * K + cols, mask=ok, other=NEG_INF).to(tl.float32)
         t = tl.exp2(log_t * LOG2E)
@@ -341,7 +352,7 @@ def _terms(log_t, t, v, e, lz, jsd_beta, r_z, DIVERGENCE: tl.constexpr, ROW_AXIS
         d = _xlogx_ratio(q, log_q, log_t)
         a = tl.where(q == 0.0, 0.0, log_q - log_t)
     elif DIVERGENCE == 2:  # generalised JSD: m = b t + (1 - b) q (b = 1/2: JS)
-        log_m = tl.log2(jsd_beta * t + (1.0 - jsd_beta) * q) * LN2
+        log_m = _log2_probability(jsd_beta * t + (1.0 - jsd_beta) * q) * LN2
         d = jsd_beta * _xlogx_ratio(t, log_t, log_m) + (1.0 - jsd_beta) * _xlogx_ratio(q, log_q, log_m)
         a = tl.where(q == 0.0, 0.0, (1.0 - jsd_beta) * (log_q - log_m))
     else:  # TVD
@@ -942,6 +953,25 @@ def _forward_only_twin(c: dict) -> bool:
     return shape in COST_SHAPES and c["DIVERGENCE"] == 0 and not (c["HAS_WEIGHTS"] or c["HAS_LABELS"])
 
 
+def mixed_dtype_variants() -> List[int]:
+    """Indices into ``VARIANTS`` compiled again in the dtypes of the online path (``aot.MIXED_DTYPES``:
+    a 16-bit student against the fp32 targets buffer the online teachers fill): per KL tile (block
+    shape, warps, contiguous or gathered classes) the variant with the most live values (teacher
+    weights, the hard-label term at any τ, labels, the widest row). Registers and the stack depend on
+    the loads' widths; the tile and its shared memory do not."""
+    best = {}
+    for i, v in enumerate(VARIANTS):
+        c = v["constexprs"]
+        if not c["WITH_GRAD"] or c["DIVERGENCE"] != 0:
+            continue
+        tile = (c["SUBCLASS_WEIGHTED"], c["BLOCK_N"], c["BLOCK_K"], c["BLOCK_K2"], c["S_PAD"], c["G_PAD"],
+                v["num_warps"], c["S"] == c["S_PAD"])
+        rank = (c["HAS_WEIGHTS"], c["HARD"] == 3, c["HAS_LABELS"], c["K"])
+        if tile not in best or rank > best[tile][0]:
+            best[tile] = (rank, i)
+    return sorted(i for _, i in best.values())
+
+
 # KL at a subclass weight λ ≠ 1 (SUBCLASS_WEIGHTED), as (C, S): at 3 x 4 (a padded class) each
 # hard-label mode, with and without teacher weights; the cost model's shapes (the widest classes
 # at S = 5, 8, 16 and 64, 16 classes at S = 8 and 5, and 12 x 10: three classes of 10 in 4 x 16
@@ -1007,12 +1037,13 @@ def scale_signature(dtype: str) -> dict:
     return {"x_ptr": f"*{dtype}", "scale_ptr": "*fp32", "numel": "i64", "BLOCK": "constexpr"}
 
 
-def signature(dtype: str, target_dtype: str) -> dict:
+def signature(dtype: str, target_dtype: str, grad_dtype: str = None) -> dict:
     """The kernel's argument types for ahead-of-time compilation (``triton.compile``): the gradient
-    in the student's dtype, as ``ops/loss.py`` allocates it on the folded path."""
+    in the student's dtype, as ``ops/loss.py`` allocates it on the folded path, unless ``grad_dtype``
+    says (fp32 for fp16 students, whose gradient is not folded)."""
     return {
         "s_ptr": f"*{dtype}", "t_ptr": f"*{target_dtype}", "w_ptr": "*fp32", "y_ptr": "*i64", "scale_ptr": "*fp32",
-        "loss_ptr": "*fp32", "hard_ptr": "*fp32", "grad_ptr": f"*{dtype}", "N": "i32", "M": "i32", "jsd_beta": "fp32",
+        "loss_ptr": "*fp32", "hard_ptr": "*fp32", "grad_ptr": f"*{grad_dtype or dtype}", "N": "i32", "M": "i32", "jsd_beta": "fp32",
         "tau": "fp32", "alpha": "fp32", "ignore_index": "i32", "subclass_weight": "fp32",
         **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "HARD", "BLOCK_N",
                                           "BLOCK_K", "BLOCK_K2", "J1", "J2", "ROW_AXIS", "SUBCLASS_WEIGHTED",
