@@ -18,6 +18,19 @@ def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(contenders: dict, rounds: int, repeats: int) -> dict:
+    """{name: [median of ``repeats`` calls, one per round]}: every contender is called twice first
+    (compilation), then each round times them all in turn, so that a slow spell of a shared machine
+    falls on all of them."""
+    for fn in contenders.values():
+        fn(), fn()
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            times[name].append(median_seconds(fn, repeats, warmup=0))
+    return times
+
+
 def read_once(path: str, chunk_bytes: int) -> None:
     """Reads every byte of ``path`` once, chunk by chunk, into one reused buffer (the read floor)."""
     buf = bytearray(chunk_bytes)

@@ -13,7 +13,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from _timing import median_seconds
+from _timing import interleaved_medians, median_seconds
 
 from lelp_fast.ops import distill_loss
 
@@ -85,19 +85,13 @@ def _row(args, k: int, dtype_name: str) -> str:
             f"{times['compile'] * 1e3:.1f} | {times['eager'] / t:.2f}x | {times['compile'] / t:.2f}x |")
 
 
-
 def _forward_only_row(args, k: int, dtype_name: str, floor: float, calls: dict) -> str:
     """The loss under torch.no_grad() against the same fused call that computes its gradient, eager and
-    compile: ``--rounds`` rounds of each contender's median of ``--repeats`` calls, interleaved, so that
-    a slow spell of a shared machine falls on all of them; each ratio as its median over the rounds [range]."""
+    compile: ``--rounds`` interleaved rounds of each contender's median of ``--repeats`` calls; each
+    ratio as its median over the rounds [range]."""
     contenders = {name: torch.no_grad()(fn) for name, fn in calls.items()}
     contenders["with gradient"] = calls["ours"]
-    for fn in contenders.values():  # warm-up (compilation)
-        fn(), fn()
-    times = {name: [] for name in contenders}
-    for _ in range(args.rounds):
-        for name, fn in contenders.items():
-            times[name].append(median_seconds(fn, args.repeats, warmup=0))
+    times = interleaved_medians(contenders, args.rounds, args.repeats)
 
     def ratio(peer):
         r = [tp / t for tp, t in zip(times[peer], times["ours"])]

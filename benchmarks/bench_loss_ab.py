@@ -17,7 +17,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from _timing import load_build, median_seconds
+from _timing import interleaved_medians, load_build
 from bench_loss import eager_loss, loss_inputs
 
 from lelp_fast._checks import check_finite, check_log_probabilities
@@ -98,12 +98,7 @@ def main():
                     contenders["new fresh-grad" + tag] = ours(new_ext, check, reuse=False)
             if not args.accumulate:
                 contenders = {name: _from_no_grad(s, fn) for name, fn in contenders.items()}
-            for fn in contenders.values():  # warm-up (compilation)
-                fn(), fn()
-            times = {name: [] for name in contenders}
-            for _ in range(args.rounds):
-                for name, fn in contenders.items():
-                    times[name].append(median_seconds(fn, args.repeats, warmup=0))
+            times = interleaved_medians(contenders, args.rounds, args.repeats)
             peers = [p for p in ("eager", "compile") if p in times]
             cells = []
             for name, ts in times.items():
