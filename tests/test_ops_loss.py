@@ -333,16 +333,22 @@ class _OpsOnShape(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-class _OpCount(TorchDispatchMode):
-    """How many times ``op`` runs while the mode is active."""
+class _OpCalls(TorchDispatchMode):
+    """The outputs of every call of ``op`` while the mode is active (``count`` of them)."""
 
     def __init__(self, op):
         super().__init__()
-        self.op, self.count = op, 0
+        self.op, self.outputs = op, []
+
+    @property
+    def count(self) -> int:
+        return len(self.outputs)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is self.op
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func is self.op:
+            self.outputs.append(out)
+        return out
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -351,7 +357,7 @@ def test_mean_without_labels_makes_no_tensor_from_host_values(backend):
     copy and a stream synchronisation every call, and not capturable in a CUDA graph (issue 21 item 5)."""
     student, log_t, _ = make_inputs(9, 2, 3, seed=4)
     x = student.float().requires_grad_(True)
-    with _OpCount(torch.ops.aten.lift_fresh.default) as made:  # torch.tensor: a tensor from host values
+    with _OpCalls(torch.ops.aten.lift_fresh.default) as made:  # torch.tensor: a tensor from host values
         loss = distill_loss(x, log_t.float(), num_classes=2, n_subclasses=3, tau=2.0, backend=backend,
                             check_inputs=False)
         loss.backward()
@@ -361,6 +367,9 @@ def test_mean_without_labels_makes_no_tensor_from_host_values(backend):
     torch.testing.assert_close(x.grad.double(), want_grad, atol=1e-6, rtol=1e-4)
 
 
+GRAD_ARG = 19  # the position of the gradient's address in the extension's loss, as ops/loss.py passes it
+
+
 class _GradientAddresses:
     """The ``grad`` address each compiled loss call is given (0: forward only), around the extension in use."""
 
@@ -368,7 +377,7 @@ class _GradientAddresses:
         self._real, self.addresses = real, []
 
     def loss(self, *args, **kwargs):
-        self.addresses.append(args[19])  # the gradient's address, by position as ops/loss.py passes it
+        self.addresses.append(args[GRAD_ARG])
         return self._real.loss(*args, **kwargs)
 
     def __getattr__(self, name):
@@ -420,8 +429,8 @@ def test_loss_without_a_gradient_wanted_runs_forward_only(monkeypatch, backend, 
     if backend != "torch":
         monkeypatch.setattr(_dispatch, "extension", lambda: kernel)
     want, _ = _forward_only_call(case, dtype, backend)
-    trained = len(kernel.addresses)
-    with torch.no_grad(), _OpOutputs(torch.ops.lelp_fast.loss_rows.default) as calls:
+    calls_with_grad = len(kernel.addresses)
+    with torch.no_grad(), _OpCalls(torch.ops.lelp_fast.loss_rows.default) as calls:
         got, _ = _forward_only_call(case, dtype, backend)
     frozen, _ = _forward_only_call(case, dtype, backend, requires_grad=False)
     assert not got.requires_grad and not frozen.requires_grad
@@ -429,22 +438,8 @@ def test_loss_without_a_gradient_wanted_runs_forward_only(monkeypatch, backend, 
     torch.testing.assert_close(frozen, want.detach(), atol=0, rtol=0)
     assert all(out[1].numel() == 0 for out in calls.outputs), [tuple(out[1].shape) for out in calls.outputs]
     assert len(calls.outputs) == (backend != "torch")
-    assert len(kernel.addresses) == 3 * trained and all(kernel.addresses[:trained])
-    assert all((address == 0) == (backend == "cpu") for address in kernel.addresses[trained:])
-
-
-class _OpOutputs(TorchDispatchMode):
-    """The outputs of every call of ``op`` while the mode is active."""
-
-    def __init__(self, op):
-        super().__init__()
-        self.op, self.outputs = op, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is self.op:
-            self.outputs.append(out)
-        return out
+    assert len(kernel.addresses) == 3 * calls_with_grad and all(kernel.addresses[:calls_with_grad])
+    assert all((address == 0) == (backend == "cpu") for address in kernel.addresses[calls_with_grad:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -484,7 +479,7 @@ def test_an_extension_built_before_the_fold_takes_the_old_path(monkeypatch):
 
     class Older:
         def loss(self, *args):  # positional only, as the two old overloads were
-            assert args[19] != 0, "an older build writes its gradient: it needs an address"
+            assert args[GRAD_ARG] != 0, "an older build writes its gradient: it needs an address"
             return real.loss(*args)
 
         def __getattr__(self, name):
@@ -956,7 +951,7 @@ def test_kernel_takes_the_subclass_weight_in_one_pass(backend, dtype, case):
     alpha = 0.3 if case.startswith("alpha") else 0.0
     tau = {"alpha tau 1": 1.0, "alpha tau 2": 2.0, "alpha, label far below": 2.0}.get(case, 1.3)
     x = student.to(dtype).requires_grad_(True)
-    with _OpCount(torch.ops.lelp_fast.loss_rows.default) as kernel:
+    with _OpCalls(torch.ops.lelp_fast.loss_rows.default) as kernel:
         loss, soft, hard = distill_loss(x, log_t.float(), labels, num_classes=c, n_subclasses=s, tau=tau, alpha=alpha,
                                         subclass_weight=0.1, backend=backend, return_components=True)
         (grad,) = torch.autograd.grad(loss, x)

@@ -188,19 +188,20 @@ def _flushing_log2(x):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="emulates the GPU's flushing log2 in the interpreter")
-@pytest.mark.parametrize("divergence", ["kl", "js"])
-@pytest.mark.parametrize("subclass_weight", [1.0, 0.1])
+@pytest.mark.parametrize("divergence, subclass_weight", [("kl", 1.0), ("kl", 0.1), ("js", 1.0)])
 def test_mixed_targets_below_flt_min_survive_a_flushing_log2(monkeypatch, divergence, subclass_weight):
     """On a GPU the kernel's log2 is one MUFU op (``lg2.approx.ftz``), which flushes inputs below
-    FLT_MIN to 0: a mixed target (or JS's mixture) that is subnormal would get log t = -inf and
-    t (log t - log q) = -inf. ``_log2_probability`` scales its inputs up first. Emulated here: the
-    interpreter's log2 replaced by one that flushes as the GPU's does."""
+    FLT_MIN to 0: a mixed target, or JS's mixture m of a target and a student probability both
+    that small, would get log t = -inf and t (log t - log q) = -inf. ``_log2_probability`` scales
+    its inputs up first. Emulated here: the interpreter's log2 replaced by one that flushes as the
+    GPU's does."""
     import lelp_fast.kernels.triton.loss as triton_loss
 
     monkeypatch.setattr(triton_loss, "_fast_log2", _flushing_log2)
     student, log_t, labels = make_inputs(7, 3, 4, seed=6, m=2)
     log_t[:, 1, :5] = -95.0  # e^-95 = 5.5e-42: subnormal in fp32
     log_t[:, 1] = torch.log_softmax(log_t[:, 1], -1)
+    student[:, :5] -= 200.0  # q = e^-100 there at τ = 2: JS's m = (t + q) / 2 subnormal too
     w = torch.tensor([[0.0, 1.0]] * 4 + [[1e-3, 1 - 1e-3]] * 3)
     x = student.float().requires_grad_(True)
     kw = dict(num_classes=3, n_subclasses=4, divergence=divergence, teacher_weights=w, tau=2.0,
@@ -261,18 +262,21 @@ def test_triton_loss_without_a_gradient_wanted_runs_forward_only(monkeypatch, dt
 
     given, launch = [], triton_loss.loss_triton
 
-    def recording(*args, **kwargs):
-        given.append(args[13])  # the gradient buffer, or None
-        return launch(*args, **kwargs)
+    def recording(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, jsd_beta, tau,
+                  alpha, ignore_index, loss_rows, hard_rows, grad, *args, **kwargs):
+        given.append(grad)  # the gradient buffer, or None
+        return launch(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, jsd_beta, tau,
+                      alpha, ignore_index, loss_rows, hard_rows, grad, *args, **kwargs)
 
     monkeypatch.setattr(triton_loss, "loss_triton", recording)
     call = test_ops_loss._forward_only_call
     want, _ = call(case, dtype, "triton", device=DEVICE)
-    trained = len(given)
+    with_grad = len(given)
     with torch.no_grad():
         got, _ = call(case, dtype, "triton", device=DEVICE)
     frozen, _ = call(case, dtype, "triton", requires_grad=False, device=DEVICE)
-    assert trained >= 1 and all(g is not None for g in given[:trained]) and given[trained:] == [None] * 2 * trained
+    assert with_grad >= 1 and all(g is not None for g in given[:with_grad])
+    assert given[with_grad:] == [None] * 2 * with_grad
     # the same arithmetic; compiled without the gradient, a GPU may contract other products into FMAs
     tol = dict(atol=0, rtol=0) if DEVICE == "cpu" else dict(atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got, want.detach(), **tol)

@@ -61,9 +61,10 @@ def test_loss_step_moves_only_the_floor_bytes(dtype, floor, subclass_weight):
 @pytest.mark.parametrize("backend", ["triton", BACKEND])
 @pytest.mark.parametrize("dtype, floor", [(torch.bfloat16, 4), (torch.float32, 8)])
 def test_forward_only_loss_moves_only_the_read_floor(backend, dtype, floor):
-    """Under ``torch.no_grad()`` the launchers read s and t and write no gradient: at the floor of an
-    evaluation step. They wrote the (folded) gradient all the same: 6 B/element for bf16 and 12 for
-    fp32 on both."""
+    """Under ``torch.no_grad()`` the launchers move s and t and no gradient through the op's
+    boundary: at the floor of an evaluation step. They returned the (folded) gradient all the same:
+    6 B/element for bf16 and 12 for fp32 on both. (The counter sees the op's tensors only: that no
+    kernel writes one inside is tested in test_ops_loss.py and test_triton.py.)"""
     if backend == "triton":
         if not _dispatch.available("triton", torch.device("cpu")):
             pytest.skip("the Triton interpreter is not available")

@@ -79,9 +79,10 @@ def _loss_rows(
     wanted) the kernels run forward only: no gradient is computed or written, and the second output
     is (0, K)."""
     n, k = student.shape
+    grad_scale = grad_scale if need_grad else None  # forward only: no gradient to fold a scale into
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     hard_rows = torch.zeros(n, dtype=torch.float32, device=student.device)
-    folded = grad_scale is not None and need_grad
+    folded = grad_scale is not None
     kernel_folds = folded and (compiled == "triton" or _extension_folds())
     # a large CPU gradient reuses memory already mapped (ops/_reused_buffers.py: its first write is
     # otherwise a third of the step)
@@ -119,18 +120,8 @@ def _loss_rows(
             if folded and not _extension_folds():  # the compiled fallback writes fp32; folded below
                 kernel_folds = False
                 grad = torch.empty(n, k, dtype=torch.float32, device=student.device)
-    if need_grad:
-        grad_address = grad.data_ptr()
-    elif compiled == "cpu" and _extension_forward_only():
-        grad_address = 0  # forward only: the CPU kernel keeps the gradient in its tile's scratch
-    else:
-        # The CUDA kernel (and an extension built before) writes a gradient all the same: scratch, alive
-        # until the call returns. A branch around its stores cost 1-2 SASS instructions per element
-        # (tests/cuda_cost.py: K = 128 at λ ≠ 1 in bf16 with the hard-label term from 1.49 to 1.51-1.53x
-        # the H200's floor) and a second set of kernels would double their compile time; Triton, the
-        # GPU's default backend, compiles the gradient out.
-        scratch = torch.empty(n, k, dtype=torch.float32, device=student.device)
-        grad_address = scratch.data_ptr()
+    # scratch (or None) must outlive the launch below
+    grad_address, scratch = _grad_address(grad, need_grad, compiled, n, k, student.device)
     if log_targets is not None:
         n_teachers = 1 if log_targets.ndim == 2 else log_targets.shape[1]
         log_targets = log_targets if log_targets.is_contiguous() else log_targets.contiguous()
@@ -170,6 +161,22 @@ def _loss_rows(
             num_classes, n_subclasses, divergence, jsd_beta, tau, alpha, beta, ignore_index, subclass_weight, need_grad)
         return loss_rows, _folded(grad, grad_scale, student.dtype), hard_rows, suspect
     return loss_rows, grad if kernel_folds else _folded(grad, grad_scale, student.dtype), hard_rows, suspect
+
+
+def _grad_address(grad: Tensor, need_grad: bool, compiled: str, n: int, k: int, device: torch.device):
+    """(the gradient's address for the compiled loss, scratch to keep alive until it returns, or None).
+    Forward only, the CPU kernel takes no address (it keeps the gradient in its tile's scratch); the
+    CUDA kernel, and an extension built before, write a gradient all the same, into scratch. A branch
+    around the CUDA kernel's stores cost 1-2 SASS instructions per element (tests/cuda_cost.py: K = 128
+    at λ ≠ 1 in bf16 with the hard-label term from 1.49 to 1.51-1.53x the H200's floor) and a second
+    set of kernels would double their compile time; Triton, the GPU's default backend, compiles the
+    gradient out."""
+    if need_grad:
+        return grad.data_ptr(), None
+    if compiled == "cpu" and _extension_forward_only():
+        return 0, None
+    scratch = torch.empty(n, k, dtype=torch.float32, device=device)
+    return scratch.data_ptr(), scratch
 
 
 def _extension_forward_only() -> bool:

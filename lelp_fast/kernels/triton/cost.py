@@ -228,8 +228,7 @@ def forward_only_table(facts_json: str) -> str:
         c = v["constexprs"]
         if row["error"] or c["WITH_GRAD"] or c["SUBCLASS_WEIGHTED"] or c["HAS_LABELS"] or c["HAS_WEIGHTS"]:
             continue
-        twin = cases[(("loss", loss.VARIANTS.index(dict(v, constexprs={**c, "WITH_GRAD": True})), op_i_arch[2]),
-                      dts)]
+        twin = cases[(("loss", loss.twin_index(op_i_arch[1]), op_i_arch[2]), dts)]
         if twin["error"]:
             continue
         floor = 4 if dts[0] == "bf16" else 8

@@ -35,7 +35,7 @@ reference; ``VARIANTS`` is compiled ahead of time for sm_80/sm_90 (``tests/test_
 from __future__ import annotations
 
 import itertools
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
@@ -231,7 +231,8 @@ def _log2_probability(x):
     """log2 x of a probability (0 <= x <= 2^100), subnormals included, in one MUFU op:
     ``lg2.approx.ftz`` flushes an input below FLT_MIN to 0 (log -inf, and t (log t - log q) = -inf
     for a subnormal target), so every input is scaled by 2^24 first (exact, no select) and 24 taken
-    off after: about 2e-6 absolute error in the log. 0 gives -inf, NaN stays NaN. libdevice's
+    off after: at most about 3e-6 absolute error in the log, whatever x (about 1e-6 measured in the
+    interpreter near x = 1, where libdevice's log2f was accurate to 5e-10). 0 gives -inf, NaN stays NaN. libdevice's
     accurate log2f per element took about 20 instructions and, at λ ≠ 1 with mixed targets, spilled
     8 B under Triton 3.6 (sm_90, bf16 student and fp32 targets, K = 510 and 511)."""
     return _fast_log2(x * 16777216.0) - 24.0
@@ -937,10 +938,16 @@ def _variants() -> List[dict]:
             K=c * s, S=s, DIVERGENCE=0, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=hard, BLOCK_N=block_n,
             BLOCK_K=block_k, BLOCK_K2=0, SUBCLASS_WEIGHTED=True, S_PAD=s_pad, G_PAD=g_pad, WITH_GRAD=True)))
     return variants + [dict(v, constexprs={**v["constexprs"], "WITH_GRAD": False})
-                       for v in variants if _forward_only_twin(v["constexprs"])]
+                       for v in variants if _has_forward_only_twin(v["constexprs"])]
 
 
-def _forward_only_twin(c: dict) -> bool:
+def twin_index(i: int) -> int:
+    """The index in ``VARIANTS`` of variant ``i`` with the gradient (``WITH_GRAD`` on)."""
+    v = VARIANTS[i]
+    return VARIANTS.index(dict(v, constexprs={**v["constexprs"], "WITH_GRAD": True}))
+
+
+def _has_forward_only_twin(c: dict) -> bool:
     """The variants also compiled forward only (``WITH_GRAD`` off: the gradient's arithmetic and
     stores compiled out, so fewer live values than the twin's): every divergence at the widest
     rows (``FULL_SHAPES``) with teacher weights and labels, the cost model's plain KL
@@ -956,9 +963,10 @@ def _forward_only_twin(c: dict) -> bool:
 def mixed_dtype_variants() -> List[int]:
     """Indices into ``VARIANTS`` compiled again in the dtypes of the online path (``aot.MIXED_DTYPES``:
     a 16-bit student against the fp32 targets buffer the online teachers fill): per KL tile (block
-    shape, warps, contiguous or gathered classes) the variant with the most live values (teacher
-    weights, the hard-label term at any τ, labels, the widest row). Registers and the stack depend on
-    the loads' widths; the tile and its shared memory do not."""
+    shape, warps, and at λ ≠ 1 whether S is a power of two) the variant with the most live values
+    (teacher weights, the hard-label term at any τ, labels, the widest row). A heuristic, not a
+    proof: ptxas's register allocation is not monotonic in the live values (tests/test_triton_aot.py,
+    SPILLS_UNDER_OLDEST); registers and the stack depend on the loads' widths, the tile does not."""
     best = {}
     for i, v in enumerate(VARIANTS):
         c = v["constexprs"]
@@ -1037,13 +1045,14 @@ def scale_signature(dtype: str) -> dict:
     return {"x_ptr": f"*{dtype}", "scale_ptr": "*fp32", "numel": "i64", "BLOCK": "constexpr"}
 
 
-def signature(dtype: str, target_dtype: str, grad_dtype: str = None) -> dict:
+def signature(dtype: str, target_dtype: str, grad_dtype: Optional[str] = None) -> dict:
     """The kernel's argument types for ahead-of-time compilation (``triton.compile``): the gradient
     in the student's dtype, as ``ops/loss.py`` allocates it on the folded path, unless ``grad_dtype``
     says (fp32 for fp16 students, whose gradient is not folded)."""
     return {
         "s_ptr": f"*{dtype}", "t_ptr": f"*{target_dtype}", "w_ptr": "*fp32", "y_ptr": "*i64", "scale_ptr": "*fp32",
-        "loss_ptr": "*fp32", "hard_ptr": "*fp32", "grad_ptr": f"*{grad_dtype or dtype}", "N": "i32", "M": "i32", "jsd_beta": "fp32",
+        "loss_ptr": "*fp32", "hard_ptr": "*fp32", "grad_ptr": f"*{grad_dtype or dtype}", "N": "i32", "M": "i32",
+        "jsd_beta": "fp32",
         "tau": "fp32", "alpha": "fp32", "ignore_index": "i32", "subclass_weight": "fp32",
         **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "HARD", "BLOCK_N",
                                           "BLOCK_K", "BLOCK_K2", "J1", "J2", "ROW_AXIS", "SUBCLASS_WEIGHTED",
