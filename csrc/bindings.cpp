@@ -37,6 +37,8 @@ void loss_binding(uintptr_t student, int student_dtype, int64_t student_stride, 
   if (on_cuda) {
 #ifdef LELP_WITH_CUDA
     if (suspect != 0) throw std::invalid_argument("loss: the fused input check is CPU only");
+    // the CUDA kernel stores its gradient unconditionally (a branch cost every path; ops/loss.py)
+    if (grad == 0) throw std::invalid_argument("loss: grad = 0 (forward only) is CPU only; pass scratch");
     lelp::loss_cuda(a, reinterpret_cast<void*>(stream));
     return;
 #else

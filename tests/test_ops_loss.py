@@ -468,6 +468,21 @@ def test_cpu_kernel_writes_the_gradient_once_in_the_student_dtype(dtype, reducti
     torch.testing.assert_close(x.grad.double(), 3.0 * want_grad, atol=atol * 6 / n, rtol=rtol * 10)
 
 
+def test_the_cuda_kernel_refuses_a_null_gradient():
+    """Forward only is the CPU kernel's (``grad = 0``); the CUDA kernel stores its gradient always, so
+    the extension refuses a null address there instead of launching a kernel that writes through it
+    (ops/loss.py passes it scratch)."""
+    ext = _dispatch.extension()
+    if ext is None or not getattr(ext, "has_cuda", False):
+        pytest.skip("needs the extension built with CUDA")
+    s, t, _ = make_inputs(4, 2, 3, seed=1)
+    s, t = s.float(), t.float()
+    out = torch.empty(4)
+    with pytest.raises(ValueError, match="forward only"):  # raised before any CUDA call: no GPU needed
+        ext.loss(s.data_ptr(), 0, 6, 4, 2, 3, t.data_ptr(), 0, 6, 1, 0, 0, -100, 0, 0.5, 1.0, 0.0, out.data_ptr(),
+                 out.data_ptr(), 0, [], True, 0)
+
+
 def test_an_extension_built_before_the_fold_takes_the_old_path(monkeypatch):
     """An older build of lelp_fast._C (A/B benchmarks load one beside the new) has no
     ``loss_folds_grad`` and takes no keyword arguments: the Python layer passes the row flags by
