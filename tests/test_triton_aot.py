@@ -254,11 +254,17 @@ def _targets_launches_are_cases():
             assert w <= widest and (widest, p.config, names[dtype]) in streamed, (c, s, d, dtype, p.config)
 
 
+def _one_dtype_loss(case) -> bool:
+    """A loss case in one dtype (``aot.LOSS_DTYPES``), whose floor the cost model's budgets are
+    counted at; not the online path's mixed dtypes (``aot.MIXED_DTYPES``), gated for resources only."""
+    return case[0] == "loss" and len(case[3]) == 2
+
+
 def _gated(case):
     """The KL steps the cost model holds to budgets (``cost.gated``): without the hard-label term at
     every compiled K >= 16 that takes 16-byte vectors (K = 24, 48, 96, 192, 384 included), with it
     at the cost model's K (16, 40, 128, 512), specialised for τ = 1, τ = 2 or any τ."""
-    return case[0] == "loss" and len(case[3]) == 2 and cost.gated(loss_kernels.VARIANTS[case[1]]["constexprs"])
+    return _one_dtype_loss(case) and cost.gated(loss_kernels.VARIANTS[case[1]]["constexprs"])
 
 
 COST = [c for c in CASES if _gated(c)]
@@ -295,8 +301,8 @@ def test_loss_kernel_instructions_per_element_within_budget(compiled, case):
     assert max(ratios.values()) <= cost.MAX_LOSS_OVER_FLOOR and e["mufu"] <= mufu, (e, ratios)
 
 
-WEIGHTED_COST = [c for c in CASES if c[0] == "loss" and len(c[3]) == 2
-                 and cost.weighted_gated(loss_kernels.VARIANTS[c[1]]["constexprs"])]
+WEIGHTED_COST = [c for c in CASES
+                 if _one_dtype_loss(c) and cost.weighted_gated(loss_kernels.VARIANTS[c[1]]["constexprs"])]
 
 @pytest.mark.parametrize("case", WEIGHTED_COST, ids=[aot.case_id(c) for c in WEIGHTED_COST])
 def test_weighted_loss_modelled_time_within_budget(compiled, case):
@@ -313,8 +319,8 @@ def test_weighted_loss_modelled_time_within_budget(compiled, case):
     assert max(ratios.values()) <= cost.MAX_LOSS_OVER_FLOOR and e["mufu"] <= mufu, (e, ratios)
 
 
-WEIGHTED_GROUPS = [c for c in CASES if c[0] == "loss" and len(c[3]) == 2
-                   and cost.weighted_time_gated(loss_kernels.VARIANTS[c[1]]["constexprs"])]
+WEIGHTED_GROUPS = [c for c in CASES
+                   if _one_dtype_loss(c) and cost.weighted_time_gated(loss_kernels.VARIANTS[c[1]]["constexprs"])]
 
 
 @pytest.mark.parametrize("case", WEIGHTED_GROUPS, ids=[aot.case_id(c) for c in WEIGHTED_GROUPS])

@@ -50,7 +50,8 @@ LOSS_DTYPES = {80: [("bf16", "bf16")], 90: [("bf16", "bf16"), ("fp32", "fp32")]}
 # variant (``loss.mixed_dtype_variants``).
 MIXED_DTYPES = {90: [("bf16", "fp32", "bf16"), ("fp16", "fp32", "fp32")]}
 
-Case = Tuple[str, int, int, Optional[Tuple[str, str]]]  # (op, index into VARIANTS, arch, loss dtypes)
+# (op, index into VARIANTS, arch, loss dtypes: (student, targets), or (student, targets, gradient))
+Case = Tuple[str, int, int, Optional[Tuple[str, ...]]]
 
 
 def compile_kernel(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object], arch: int,

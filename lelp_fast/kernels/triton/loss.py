@@ -1052,8 +1052,7 @@ def signature(dtype: str, target_dtype: str, grad_dtype: Optional[str] = None) -
     return {
         "s_ptr": f"*{dtype}", "t_ptr": f"*{target_dtype}", "w_ptr": "*fp32", "y_ptr": "*i64", "scale_ptr": "*fp32",
         "loss_ptr": "*fp32", "hard_ptr": "*fp32", "grad_ptr": f"*{grad_dtype or dtype}", "N": "i32", "M": "i32",
-        "jsd_beta": "fp32",
-        "tau": "fp32", "alpha": "fp32", "ignore_index": "i32", "subclass_weight": "fp32",
+        "jsd_beta": "fp32", "tau": "fp32", "alpha": "fp32", "ignore_index": "i32", "subclass_weight": "fp32",
         **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "HARD", "BLOCK_N",
                                           "BLOCK_K", "BLOCK_K2", "J1", "J2", "ROW_AXIS", "SUBCLASS_WEIGHTED",
                                           "S_PAD", "G_PAD", "WITH_GRAD")},
