@@ -108,8 +108,12 @@ def test_variant_fits_the_devices_shared_memory(compiled, case):
 # the online path's dtypes were first compiled (aot.MIXED_DTYPES): λ ≠ 1 at 2 x 255 with teacher
 # weights and the hard-label term at any τ, a bf16 student against fp32 targets, 8 B and 2 LDL/STL
 # at 72 registers (ptxas keeps one 32-bit value in local memory, an 8 B frame; before the one-MUFU
-# log of mixed targets, 3 x 170 and 7 x 73 spilled 8 B at 64 registers instead).
-SPILLS_UNDER_OLDEST = {"loss-sm90-bf16-K510-n4w4-div0-w-y-S255g1-lam-h3-tfp32-gbf16"}
+# log of mixed targets, 3 x 170 and 7 x 73 spilled 8 B at 64 registers instead). Since the gates
+# compile every width the launcher pairs (2026-12-03, aot.MIXED_DTYPES), also λ ≠ 1 at 4 x 127, the
+# same flags, an fp16 student against fp16 targets with an fp32 gradient: 8 B, one STL and one LDL
+# of a thread-index value at 72 registers, no register cap in the PTX (ptxas's own trade).
+SPILLS_UNDER_OLDEST = {"loss-sm90-bf16-K510-n4w4-div0-w-y-S255g1-lam-h3-tfp32-gbf16",
+                       "loss-sm90-fp16-K508-n4w4-div0-w-y-S127g1-lam-h3-tfp16-gfp32"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -342,7 +346,7 @@ TARGETS_OVER_BUDGET = {
     # 64 rows) against the 2,048-2,560 B of h and the output.
     (16, 8): "the K = 128 map streams from L2 once per row tile: counted at the DRAM's bandwidth, 2-4x the floor",
 }
-TARGETS_COST_CASES = [c for c in TARGETS if c[2] == 90 and c[1] in TARGETS_COST]
+TARGETS_COST_CASES = [c for c in TARGETS if c[2] == 90 and c[1] in TARGETS_COST and c[3] is None]
 
 
 @pytest.mark.parametrize("case", TARGETS_COST_CASES, ids=[aot.case_id(c) for c in TARGETS_COST_CASES])

@@ -45,13 +45,34 @@ OLDEST_TRITON = "3.6.0"
 SHARED_OPTIN = {80: 166_912, 90: 232_448}
 # (student, targets) dtypes of the loss per arch: bf16 on both; fp32 (the other load width) on sm_90.
 LOSS_DTYPES = {80: [("bf16", "bf16")], 90: [("bf16", "bf16"), ("fp32", "fp32")]}
-# (student, targets, gradient) of the online path, a 16-bit student against the fp32 targets buffer
-# (bf16: the gradient folded into bf16; fp16: kept in fp32), on sm_90 for each KL tile's heaviest
-# variant (``loss.mixed_dtype_variants``).
-MIXED_DTYPES = {90: [("bf16", "fp32", "bf16"), ("fp16", "fp32", "fp32")]}
+# (student, targets, gradient) beyond LOSS_DTYPES, on sm_90 for each KL tile's heaviest variant
+# (``loss.mixed_dtype_variants``): the online path, a 16-bit student against the fp32 targets buffer
+# (bf16: the gradient folded into bf16; fp16: kept in fp32); an fp16 student (never folded) or
+# reduction="none" against 16-bit targets (fp32 gradient); an fp32 student against 16-bit targets.
+# With LOSS_DTYPES that is every width (16 or 32 bits) of the three pointers the launcher can pair:
+# registers and the stack follow the loads' and stores' widths (tests/test_triton.py checks the
+# launcher's pairs against ``widths``).
+MIXED_DTYPES = {90: [("bf16", "fp32", "bf16"), ("fp16", "fp32", "fp32"), ("fp16", "fp16", "fp32"),
+                     ("fp32", "bf16", "fp32")]}
+# (embeddings, teacher logits, output) beyond the variant's own (logits in the embeddings' dtype, an
+# fp32 output), on sm_90 for every targets variant with bf16 or fp32 embeddings (fp16's widths are
+# bf16's): with them every width of the three pointers the launcher can pair (a head's variants
+# read no logits, so only the output's width varies).
+TARGETS_DTYPES = {
+    90: {("bf16", True): [("bf16", "fp32", "fp16"), ("bf16", "bf16", "bf16"), ("bf16", "fp32", "fp32")],
+         ("fp32", True): [("fp32", "bf16", "fp32"), ("fp32", "bf16", "bf16"), ("fp32", "fp32", "fp16")],
+         ("bf16", False): [("bf16", "bf16", "bf16")],
+         ("fp32", False): [("fp32", "fp32", "bf16")]},
+}
 
-# (op, index into VARIANTS, arch, loss dtypes: (student, targets), or (student, targets, gradient))
+# (op, index into VARIANTS, arch, dtypes: the loss's (student, targets) or (student, targets,
+# gradient); the targets' None (their variant's own) or (embeddings, teacher logits, output))
 Case = Tuple[str, int, int, Optional[Tuple[str, ...]]]
+
+
+def widths(dtypes) -> Tuple[int, ...]:
+    """The bits of each dtype name: what the loads' and stores' vectors, and so the registers, follow."""
+    return tuple(32 if name == "fp32" else 16 for name in dtypes)
 
 
 def compile_kernel(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object], arch: int,
@@ -208,6 +229,9 @@ def cases() -> List[Case]:
     from . import loss, targets
 
     return ([("targets", i, arch, None) for i in range(len(targets.VARIANTS)) for arch in ARCHS]
+            + [("targets", i, arch, dts) for arch, combos in TARGETS_DTYPES.items()
+               for i, v in enumerate(targets.VARIANTS)
+               for dts in combos.get((v["dtype"], v["constexprs"]["HAS_LOGITS"]), [])]
             + [("loss", i, arch, dts) for i in range(len(loss.VARIANTS)) for arch in ARCHS
                for dts in LOSS_DTYPES[arch]]
             + [("loss", i, arch, dts) for arch, combos in MIXED_DTYPES.items() for dts in combos
@@ -226,7 +250,8 @@ def case_id(case: Case) -> str:
         c = v["constexprs"]
         return (f"targets-sm{arch}-{v['dtype']}-n{c['BLOCK_N']}d{c['BLOCK_D']}w{v['config'].num_warps}"
                 f"s{v['config'].num_stages}-{c['C_PAD']}x{c['S_PAD']}-{'logits' if c['HAS_LOGITS'] else 'head'}-"
-                f"{'exact' if c['EXACT'] else 'pad'}" + (f"-resident{c['N_CHUNKS']}" if "N_CHUNKS" in c else ""))
+                f"{'exact' if c['EXACT'] else 'pad'}" + (f"-resident{c['N_CHUNKS']}" if "N_CHUNKS" in c else "")
+                + (f"-z{dts[1]}-o{dts[2]}" if dts else ""))
     v = loss.VARIANTS[i]
     c = v["constexprs"]
     return (f"loss-sm{arch}-{dts[0]}-K{c['K']}-n{c['BLOCK_N']}w{v['num_warps']}-div{c['DIVERGENCE']}-"
@@ -245,7 +270,8 @@ def compile_case(case: Case):
         if op == "targets":
             v = targets.VARIANTS[i]
             compiled = compile_kernel(getattr(targets, v["kernel"]),
-                                      targets.signature(v["dtype"], resident="N_CHUNKS" in v["constexprs"]),
+                                      targets.signature(*(dts or (v["dtype"],)),
+                                                        resident="N_CHUNKS" in v["constexprs"]),
                                       v["constexprs"], arch, v["config"].num_warps, v["config"].num_stages)
         elif op == "scale":
             v = loss.SCALE_VARIANTS[i]

@@ -572,13 +572,15 @@ COST_SHAPES = [(4, 4), (16, 8)]
 VARIANTS = _variants()
 
 
-def signature(dtype: str, out_dtype: str = "fp32", resident: bool = False) -> dict:
-    """The kernel's argument types for ahead-of-time compilation (``triton.compile``)."""
+def signature(dtype: str, logits_dtype: Optional[str] = None, out_dtype: str = "fp32",
+              resident: bool = False) -> dict:
+    """The kernel's argument types for ahead-of-time compilation (``triton.compile``): embeddings of
+    ``dtype``, teacher logits of ``logits_dtype`` (default: ``dtype``), output of ``out_dtype``."""
     part = _TL_DTYPES[map_dtype(TORCH_DTYPES[dtype])]
     return {
         "h_ptr": f"*{dtype}", "stride_h": "i64", "sub_hi_ptr": f"*{part}", "sub_lo_ptr": f"*{part}",
         "sub_scale_ptr": "*fp32", "sub_bias_ptr": "*fp32", "head_hi_ptr": f"*{part}", "head_lo_ptr": f"*{part}",
-        "head_scale_ptr": "*fp32", "head_bias_ptr": "*fp32", "z_ptr": f"*{dtype}", "stride_z": "i64",
+        "head_scale_ptr": "*fp32", "head_bias_ptr": "*fp32", "z_ptr": f"*{logits_dtype or dtype}", "stride_z": "i64",
         "out_ptr": f"*{out_dtype}", "stride_out": "i64", "N": "i32", "D": "i32", "C": "i32", "S": "i32",
         "inv_beta": "fp32", "inv_tau": "fp32",
         **{name: "constexpr" for name in ("HAS_LOGITS", "C_PAD", "S_PAD", "C_BLOCK", "EXACT", "BLOCK_N", "BLOCK_D")},
