@@ -126,6 +126,31 @@ def test_variant_has_no_spills(compiled, case, request):
         f"{facts['registers']} registers")
 
 
+OLDEST_SPILLERS = [c for c in CASES if aot.case_id(c) in SPILLS_UNDER_OLDEST]
+
+
+@pytest.mark.parametrize("case", OLDEST_SPILLERS, ids=[aot.case_id(c) for c in OLDEST_SPILLERS])
+def test_spills_under_the_oldest_triton_are_one_value_outside_every_loop(compiled, case):
+    """What the strict xfails above cost: ptxas keeps one 32-bit value in an 8 B frame, stored and
+    loaded once (one STL, one LDL per thread) outside every loop: two of the kernel's 984-1,000 SASS
+    instructions, each run once per thread and program (under 3.6.0; none under the installed Triton).
+    With a register cap (``maxnreg`` 96 or more) ptxas takes 95-106 registers and no stack instead:
+    it trades the spill for occupancy (72 registers: 7 programs of 4 warps an SM, 104: 4)."""
+    facts = _facts(compiled, case)
+    assert facts["stack"] <= 8 and facts["local_ops"] <= 2 and facts["local_ops_in_a_loop"] == 0, facts
+
+
+def test_local_ops_in_a_loop_are_told_from_those_outside():
+    """The fact the test above reads: an LDL inside a backward branch's range counts, an STL before
+    it does not."""
+    listing = [(0x00, "/*0000*/ STL [R1], R2 ;"), (0x10, "/*0010*/ FADD R3, R3, R4 ;"),
+               (0x20, "/*0020*/ LDL R2, [R1] ;"), (0x30, "/*0030*/ @P0 BRA 0x10 ;"), (0x40, "/*0040*/ EXIT ;")]
+    assert {k: aot.sass_facts(listing)[k] for k in ("local_ops", "local_ops_in_a_loop")} == {
+        "local_ops": 2, "local_ops_in_a_loop": 1}
+    outside = listing[:2] + listing[3:4] + [(0x38, "/*0038*/ LDL R2, [R1] ;")] + listing[4:]
+    assert aot.sass_facts(outside)["local_ops_in_a_loop"] == 0
+
+
 TARGETS = [c for c in CASES if c[0] == "targets"]
 
 

@@ -163,8 +163,8 @@ def sass_opcodes(sass: List[Tuple[int, str]]) -> Counter:
 
 def sass_loops(sass: List[Tuple[int, str]]) -> List[Dict[str, int]]:
     """The SASS's loops, innermost (shortest) first: for each backward branch, the instructions from
-    its target to it (NOPs left out), how many of them are tensor-core MMAs (``HMMA``/``HGMMA``)
-    and global loads (``LDG``), and the global loads before the loop.
+    its target to it (NOPs left out), how many of them are tensor-core MMAs (``HMMA``/``HGMMA``),
+    global loads (``LDG``) and local loads/stores (``LDL``/``STL``), and the global loads before the loop.
     A persistent kernel's row-tile loop is the longest; a streamed reduction loop holds the MMAs."""
     at, ops, loops = {}, [], []  # at: address -> instructions (NOPs left out) before it
     for address, line in sass:
@@ -179,6 +179,7 @@ def sass_loops(sass: List[Tuple[int, str]]) -> List[Dict[str, int]]:
             body, before = ops[start:], ops[:start]
             loops.append({"instructions": len(body), "mma": sum(op.startswith(("HMMA", "HGMMA")) for op in body),
                           "loads": sum(op.startswith("LDG") for op in body),
+                          "local_ops": sum(op.startswith(("LDL", "STL")) for op in body),
                           "loads_before": sum(op.startswith("LDG") for op in before)})
     return sorted(loops, key=lambda loop: loop["instructions"])
 
@@ -198,15 +199,17 @@ def cubin_resources(cubin: bytes) -> Dict[str, int]:
 
 def sass_facts(sass: List[Tuple[int, str]], loops: bool = False) -> Dict[str, object]:
     """What the gates read from a kernel's SASS (``disassemble``); its loops on request."""
-    ops = sass_opcodes(sass)
+    ops, found = sass_opcodes(sass), sass_loops(sass)
     facts = {
         # local-memory loads/stores in the SASS: ptxas's spills (or a run-time indexed array)
         "local_ops": sum(n for op, n in ops.items() if op.startswith(("LDL", "STL"))),
+        # ... in the loop that holds the most of them (0: each runs once per program)
+        "local_ops_in_a_loop": max((loop["local_ops"] for loop in found), default=0),
         "sass": sum(ops.values()),
         "mufu_ex2_lg2": sum(n for op, n in ops.items() if op in ("MUFU.EX2", "MUFU.LG2")),
         "mufu": sum(n for op, n in ops.items() if op.startswith("MUFU")),
     }
-    return {**facts, "loops": sass_loops(sass)} if loops else facts
+    return {**facts, "loops": found} if loops else facts
 
 
 def build_facts(compiled) -> Dict[str, object]:
