@@ -283,6 +283,9 @@ def test_triton_loss_without_a_gradient_wanted_runs_forward_only(monkeypatch, dt
     torch.testing.assert_close(frozen, want.detach(), **tol)
 
 
+NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_online_launch_dtypes_are_compiled_ahead_of_time(monkeypatch, dtype):
     """The online loss launches the loss kernel on a 16-bit student against the fp32 buffer its
@@ -290,11 +293,10 @@ def test_online_launch_dtypes_are_compiled_ahead_of_time(monkeypatch, dtype):
     import lelp_fast.kernels.triton.loss as triton_loss
     from lelp_fast.kernels.triton import aot
 
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     launched, launch = [], triton_loss.loss_triton
 
     def recording(student, log_targets, *args, **kwargs):
-        launched.append((names[student.dtype], names[log_targets.dtype], names[args[11].dtype]))
+        launched.append((NAMES[student.dtype], NAMES[log_targets.dtype], NAMES[args[11].dtype]))
         return launch(student, log_targets, *args, **kwargs)
 
     monkeypatch.setattr(triton_loss, "loss_triton", recording)
@@ -307,23 +309,14 @@ def test_online_launch_dtypes_are_compiled_ahead_of_time(monkeypatch, dtype):
     assert launched and all(dts in compiled for dts in launched), launched
 
 
-NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def _targets_widths(dtype: str, has_logits: bool, logits_dtype: str, out_dtype: str) -> tuple:
-    """A targets launch's pointer widths: the embeddings', the logits' when it reads them, the output's."""
-    from lelp_fast.kernels.triton import aot
-
-    return aot.widths([dtype, *([logits_dtype] if has_logits else []), out_dtype])
-
-
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("target_dtype", list(NAMES), ids=list(NAMES.values()))
 @pytest.mark.parametrize("dtype", list(NAMES), ids=list(NAMES.values()))
 def test_loss_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dtype, target_dtype, reduction):
     """Each (student, targets, gradient) the loss launcher pairs has its widths (16 or 32 bits: what
     the kernel's loads, stores and registers follow) among those tests/test_triton_aot.py compiles
-    for sm_90 (``aot.LOSS_DTYPES``, ``aot.MIXED_DTYPES``). Until 2026-12-03 an fp16 student or
+    for sm_90 (``aot.LOSS_DTYPES``; ``aot.MIXED_DTYPES`` at each divergence's tiles; the forward-only
+    launch has no gradient pointer to widen and is not recorded). Until 2026-12-03 an fp16 student or
     reduction="none" against 16-bit targets (fp32 gradient) and an fp32 student against 16-bit
     targets were launched in widths never compiled."""
     import lelp_fast.kernels.triton.loss as triton_loss
@@ -340,7 +333,7 @@ def test_loss_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dtype,
     x = student.to(dtype).to(DEVICE).requires_grad_(True)
     distill_loss(x, log_t.to(target_dtype).to(DEVICE), labels.to(DEVICE), num_classes=3, n_subclasses=4,
                  reduction=reduction, backend="triton").sum().backward()
-    compiled = {aot.widths(dts) for dts in [*aot.MIXED_DTYPES[90], *((s, t, s) for s, t in aot.LOSS_DTYPES[90])]}
+    compiled = aot.compiled_widths("loss", 90)
     assert launched and all(aot.widths(dts) in compiled for dts in launched), (launched, compiled)
 
 
@@ -358,8 +351,8 @@ def test_targets_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dty
     launched, launch = [], triton_targets.targets_triton
 
     def recording(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out):
-        z = teacher_logits if teacher_logits is not None else embeddings  # as the launcher passes it
-        launched.append((NAMES[embeddings.dtype], teacher_logits is not None, NAMES[z.dtype], NAMES[out.dtype]))
+        read = [embeddings] + ([teacher_logits] if teacher_logits is not None else []) + [out]
+        launched.append(aot.widths([NAMES[t.dtype] for t in read]))
         return launch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out)
 
     monkeypatch.setattr(triton_targets, "targets_triton", recording)
@@ -367,11 +360,8 @@ def test_targets_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dty
     lelp_targets(h.to(dtype).to(DEVICE), weight.float().to(DEVICE), bias.float().to(DEVICE), 2, 8,
                  teacher_logits=None if logits is None else logits.to(logits_dtype).to(DEVICE), out_dtype=out_dtype,
                  backend="triton")
-    compiled = {_targets_widths(v["dtype"], v["constexprs"]["HAS_LOGITS"], v["dtype"], "fp32")
-                for v in triton_targets.VARIANTS}
-    compiled |= {_targets_widths(h_, has_logits, z, out) for (_, has_logits), combos in aot.TARGETS_DTYPES[90].items()
-                 for h_, z, out in combos}
-    assert launched and all(_targets_widths(*dts) in compiled for dts in launched), (launched, compiled)
+    compiled = aot.compiled_widths("targets", 90)
+    assert launched and all(w in compiled for w in launched), (launched, compiled)
 
 
 def test_triton_second_backward_is_refused_not_wrong():

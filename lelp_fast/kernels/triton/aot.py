@@ -43,15 +43,15 @@ OLDEST_TRITON = "3.6.0"
 # a block may use this much shared memory once the launcher opts in; Triton raises OutOfResources
 # above it at the first launch.
 SHARED_OPTIN = {80: 166_912, 90: 232_448}
-# (student, targets) dtypes of the loss per arch: bf16 on both; fp32 (the other load width) on sm_90.
-LOSS_DTYPES = {80: [("bf16", "bf16")], 90: [("bf16", "bf16"), ("fp32", "fp32")]}
+# (student, targets) dtypes of the loss per arch: bf16 and fp32 (the two load widths) on both.
+LOSS_DTYPES = {80: [("bf16", "bf16"), ("fp32", "fp32")], 90: [("bf16", "bf16"), ("fp32", "fp32")]}
 # (student, targets, gradient) beyond LOSS_DTYPES, on sm_90 for each KL tile's heaviest variant
 # (``loss.mixed_dtype_variants``): the online path, a 16-bit student against the fp32 targets buffer
 # (bf16: the gradient folded into bf16; fp16: kept in fp32); an fp16 student (never folded) or
 # reduction="none" against 16-bit targets (fp32 gradient); an fp32 student against 16-bit targets.
 # With LOSS_DTYPES that is every width (16 or 32 bits) of the three pointers the launcher can pair:
 # registers and the stack follow the loads' and stores' widths (tests/test_triton.py checks the
-# launcher's pairs against ``widths``).
+# launcher's pairs against ``compiled_widths``).
 MIXED_DTYPES = {90: [("bf16", "fp32", "bf16"), ("fp16", "fp32", "fp32"), ("fp16", "fp16", "fp32"),
                      ("fp32", "bf16", "fp32")]}
 # (embeddings, teacher logits, output) beyond the variant's own (logits in the embeddings' dtype, an
@@ -64,6 +64,10 @@ TARGETS_DTYPES = {
          ("bf16", False): [("bf16", "bf16", "bf16")],
          ("fp32", False): [("fp32", "fp32", "bf16")]},
 }
+# Each combination starts with its variant's dtype; a head's variants are passed the embeddings as logits.
+assert all(h == dtype and (has_logits or z == h)
+           for combos in TARGETS_DTYPES.values() for (dtype, has_logits), triples in combos.items()
+           for h, z, _ in triples)
 
 # (op, index into VARIANTS, arch, dtypes: the loss's (student, targets) or (student, targets,
 # gradient); the targets' None (their variant's own) or (embeddings, teacher logits, output))
@@ -242,6 +246,25 @@ def cases() -> List[Case]:
             + [("scale", i, arch, None) for i in range(len(loss.SCALE_VARIANTS)) for arch in ARCHS])
 
 
+def compiled_widths(op: str, arch: int) -> set:
+    """The pointer widths (``widths``) ``cases()`` compiles ``op`` in for sm_``arch``: the loss's
+    (student, targets, gradient), the targets' (embeddings, logits, output), or (embeddings, output)
+    for a head's variants, which read no logits."""
+    from . import targets
+
+    found = set()
+    for kind, i, case_arch, dts in cases():
+        if kind != op or case_arch != arch:
+            continue
+        if op == "loss":
+            found.add(widths(dts if len(dts) == 3 else (*dts, dts[0])))
+        elif op == "targets":
+            v = targets.VARIANTS[i]
+            h, z, out = dts or (v["dtype"], v["dtype"], "fp32")
+            found.add(widths((h, z, out) if v["constexprs"]["HAS_LOGITS"] else (h, out)))
+    return found
+
+
 def case_id(case: Case) -> str:
     from . import loss, targets
 
@@ -273,7 +296,8 @@ def compile_case(case: Case):
         if op == "targets":
             v = targets.VARIANTS[i]
             compiled = compile_kernel(getattr(targets, v["kernel"]),
-                                      targets.signature(*(dts or (v["dtype"],)),
+                                      targets.signature(v["dtype"], logits_dtype=dts and dts[1],
+                                                        out_dtype=dts[2] if dts else "fp32",
                                                         resident="N_CHUNKS" in v["constexprs"]),
                                       v["constexprs"], arch, v["config"].num_warps, v["config"].num_stages)
         elif op == "scale":

@@ -961,19 +961,21 @@ def _has_forward_only_twin(c: dict) -> bool:
 
 
 def mixed_dtype_variants() -> List[int]:
-    """Indices into ``VARIANTS`` compiled again in the dtypes of the online path (``aot.MIXED_DTYPES``:
-    a 16-bit student against the fp32 targets buffer the online teachers fill): per KL tile (block
-    shape, warps, and at λ ≠ 1 whether S is a power of two) the variant with the most live values
-    (teacher weights, the hard-label term at any τ, labels, the widest row). A heuristic, not a
-    proof: ptxas's register allocation is not monotonic in the live values (tests/test_triton_aot.py,
-    SPILLS_UNDER_OLDEST); registers and the stack depend on the loads' widths, the tile does not."""
+    """Indices into ``VARIANTS`` compiled again in the other dtype pairs the launcher makes
+    (``aot.MIXED_DTYPES``: a 16-bit student against the fp32 targets buffer the online teachers
+    fill, fp32 gradients of 16-bit students, an fp32 student against 16-bit targets): per divergence
+    and tile (block shape, warps, and at λ ≠ 1 whether S is a power of two) the variant with the
+    most live values (teacher weights, the hard-label term at any τ, labels, the widest row). A
+    heuristic, not a proof: ptxas's register allocation is not monotonic in the live values
+    (tests/test_triton_aot.py, _parks_one_value); registers and the stack depend on the loads'
+    widths, the tile does not."""
     best = {}
     for i, v in enumerate(VARIANTS):
         c = v["constexprs"]
-        if not c["WITH_GRAD"] or c["DIVERGENCE"] != 0:
+        if not c["WITH_GRAD"]:
             continue
-        tile = (c["SUBCLASS_WEIGHTED"], c["BLOCK_N"], c["BLOCK_K"], c["BLOCK_K2"], c["S_PAD"], c["G_PAD"],
-                v["num_warps"], c["S"] == c["S_PAD"])
+        tile = (c["DIVERGENCE"], c["SUBCLASS_WEIGHTED"], c["BLOCK_N"], c["BLOCK_K"], c["BLOCK_K2"], c["S_PAD"],
+                c["G_PAD"], v["num_warps"], c["S"] == c["S_PAD"])
         rank = (c["HAS_WEIGHTS"], c["HARD"] == 3, c["HAS_LABELS"], c["K"])
         if tile not in best or rank > best[tile][0]:
             best[tile] = (rank, i)

@@ -572,7 +572,7 @@ COST_SHAPES = [(4, 4), (16, 8)]
 VARIANTS = _variants()
 
 
-def signature(dtype: str, logits_dtype: Optional[str] = None, out_dtype: str = "fp32",
+def signature(dtype: str, *, logits_dtype: Optional[str] = None, out_dtype: str = "fp32",
               resident: bool = False) -> dict:
     """The kernel's argument types for ahead-of-time compilation (``triton.compile``): embeddings of
     ``dtype``, teacher logits of ``logits_dtype`` (default: ``dtype``), output of ``out_dtype``."""
