@@ -416,7 +416,7 @@ def _forward_only_call(case, dtype, backend, requires_grad=True, device="cpu"):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", list(FORWARD_ONLY_CASES))
 def test_loss_without_a_gradient_wanted_runs_forward_only(monkeypatch, backend, dtype, case):
     """Under ``torch.no_grad()`` (an evaluation loop), or for logits that need no gradient, the

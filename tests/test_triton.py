@@ -253,7 +253,7 @@ def test_triton_folded_gradient_follows_the_incoming_gradient(dtype, reduction):
                                    rtol=rtol * 10)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", list(test_ops_loss.FORWARD_ONLY_CASES))
 def test_triton_loss_without_a_gradient_wanted_runs_forward_only(monkeypatch, dtype, case):
     """Under ``torch.no_grad()`` or for logits that need no gradient, the kernel is launched without

@@ -135,6 +135,9 @@ def test_local_ops_in_a_loop_are_told_from_those_outside():
         "local_ops": 2, "local_ops_in_a_loop": 1}
     outside = listing[:2] + listing[3:4] + [(0x38, "/*0038*/ LDL R2, [R1] ;")] + listing[4:]
     assert aot.sass_facts(outside)["local_ops_in_a_loop"] == 0
+    assert _parks_one_value(aot.sass_facts(outside) | {"stack": 8})
+    assert not _parks_one_value(aot.sass_facts(listing) | {"stack": 8})  # reloaded in the loop
+    assert not _parks_one_value(aot.sass_facts(outside) | {"stack": 16})  # more than one value
 
 
 TARGETS = [c for c in CASES if c[0] == "targets"]
