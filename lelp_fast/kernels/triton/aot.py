@@ -45,8 +45,8 @@ OLDEST_TRITON = "3.6.0"
 SHARED_OPTIN = {80: 166_912, 90: 232_448}
 # (student, targets) dtypes of the loss per arch: bf16 and fp32 (the two load widths) on both.
 LOSS_DTYPES = {80: [("bf16", "bf16"), ("fp32", "fp32")], 90: [("bf16", "bf16"), ("fp32", "fp32")]}
-# (student, targets, gradient) beyond LOSS_DTYPES, on sm_90 for each KL tile's heaviest variant
-# (``loss.mixed_dtype_variants``): the online path, a 16-bit student against the fp32 targets buffer
+# (student, targets, gradient) beyond LOSS_DTYPES, on sm_90 for each divergence's tiles' heaviest
+# variant (``loss.mixed_dtype_variants``): the online path, a 16-bit student against the fp32 targets buffer
 # (bf16: the gradient folded into bf16; fp16: kept in fp32); an fp16 student (never folded) or
 # reduction="none" against 16-bit targets (fp32 gradient); an fp32 student against 16-bit targets.
 # With LOSS_DTYPES that is every width (16 or 32 bits) of the three pointers the launcher can pair:
