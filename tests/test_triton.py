@@ -315,7 +315,7 @@ def test_online_launch_dtypes_are_compiled_ahead_of_time(monkeypatch, dtype):
 def test_loss_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dtype, target_dtype, reduction):
     """Each (student, targets, gradient) the loss launcher pairs has its widths (16 or 32 bits: what
     the kernel's loads, stores and registers follow) among those tests/test_triton_aot.py compiles
-    for sm_90 (``aot.LOSS_DTYPES``; ``aot.MIXED_DTYPES`` at each divergence's tiles; the forward-only
+    for sm_80 and sm_90 (``aot.LOSS_DTYPES``; ``aot.MIXED_DTYPES`` at each divergence's tiles; the forward-only
     launch has no gradient pointer to widen and is not recorded). Until 2026-12-03 an fp16 student or
     reduction="none" against 16-bit targets (fp32 gradient) and an fp32 student against 16-bit
     targets were launched in widths never compiled."""
@@ -333,8 +333,9 @@ def test_loss_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dtype,
     x = student.to(dtype).to(DEVICE).requires_grad_(True)
     distill_loss(x, log_t.to(target_dtype).to(DEVICE), labels.to(DEVICE), num_classes=3, n_subclasses=4,
                  reduction=reduction, backend="triton").sum().backward()
-    compiled = aot.compiled_widths("loss", 90)
-    assert launched and all(aot.widths(dts) in compiled for dts in launched), (launched, compiled)
+    for arch in aot.ARCHS:
+        compiled = aot.compiled_widths("loss", arch)
+        assert launched and all(aot.widths(dts) in compiled for dts in launched), (arch, launched, compiled)
 
 
 @pytest.mark.parametrize("out_dtype", list(NAMES), ids=list(NAMES.values()))
@@ -342,7 +343,7 @@ def test_loss_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dtype,
 @pytest.mark.parametrize("dtype", list(NAMES), ids=list(NAMES.values()))
 def test_targets_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dtype, logits_dtype, out_dtype):
     """Each (embeddings, teacher logits, output) the targets launcher pairs has its widths among
-    those tests/test_triton_aot.py compiles for sm_90 (each variant in its own dtype with an fp32
+    those tests/test_triton_aot.py compiles for sm_80 and sm_90 (each variant in its own dtype with an fp32
     output, and ``aot.TARGETS_DTYPES``). Until 2026-12-03 only the variant's own were: 16-bit
     outputs and logits in another width than the embeddings were launched, never compiled."""
     import lelp_fast.kernels.triton.targets as triton_targets
@@ -360,8 +361,9 @@ def test_targets_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dty
     lelp_targets(h.to(dtype).to(DEVICE), weight.float().to(DEVICE), bias.float().to(DEVICE), 2, 8,
                  teacher_logits=None if logits is None else logits.to(logits_dtype).to(DEVICE), out_dtype=out_dtype,
                  backend="triton")
-    compiled = aot.compiled_widths("targets", 90)
-    assert launched and all(w in compiled for w in launched), (launched, compiled)
+    for arch in aot.ARCHS:
+        compiled = aot.compiled_widths("targets", arch)
+        assert launched and all(w in compiled for w in launched), (arch, launched, compiled)
 
 
 def test_triton_second_backward_is_refused_not_wrong():

@@ -110,14 +110,36 @@ def _parks_one_value(facts) -> bool:
     return facts["stack"] <= 8 and facts["local_ops"] <= 2 and facts["local_ops_in_a_loop"] == 0
 
 
+# Launches that spill more than ``_parks_one_value`` allows, per Triton ("installed": 3.9.0, "oldest":
+# 3.6.0), held as strict xfails so that a fix shows; all found on 2026-12-03 when the dtype pairs were
+# first compiled for sm_80 (aot.MIXED_DTYPES, aot.TARGETS_DTYPES), none on sm_90. The targets' "thin"
+# config, fp32 embeddings and logits, an fp16 output, one class of 16: 8 B, one local load in the
+# row-tile loop. The "mid" config at 16 x 8 (padded), fp32 embeddings against bf16 logits: 240-248 B,
+# 112-122 local operations in the loop, 255 registers. λ ≠ 1 at 2 x 255, fp32 against bf16 targets: two
+# values parked (16 B, 4 local operations, none in a loop).
+SPILLS = {
+    "installed": {"targets-sm80-fp32-n256d32w8s3-1x16-logits-exact-zfp32-ofp16"},
+    "oldest": {"targets-sm80-fp32-n128d16w8s2-16x8-logits-pad-zbf16-ofp32",
+               "targets-sm80-fp32-n128d16w8s2-16x8-logits-pad-zbf16-obf16",
+               "loss-sm80-fp32-K510-n4w4-div0-w-y-S255g1-lam-h3-tbf16-gfp32"},
+}
+
+
+def test_every_spill_held_as_an_xfail_is_a_case():
+    """A renamed or removed launch would drop out of the xfails unseen."""
+    assert set().union(*SPILLS.values()) <= set(IDS)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_variant_has_no_spills(compiled, case):
+def test_variant_has_no_spills(compiled, case, request):
     """No stack and no local loads or stores: ptxas's spills, which never show in the PTX. A loss
-    kernel may park one value outside its loops (``_parks_one_value``): on 2026-12-03 five loss
-    launches did under Triton 3.6.0 (λ ≠ 1 at 2 x 255 and 4 x 127 with teacher weights and the α
-    term, 16-bit students against fp32 / fp16 targets, sm_90; fp32 at K = 512, 4 and 40 on sm_80)
-    and one under 3.9.0 (fp32 λ ≠ 1 at 3 x 4 on sm_80), 56-80 registers. Until then two of them were
-    strict xfails. The targets kernels may not spill at all (issue 21: no spills for K up to 512)."""
+    kernel may park one value outside its loops (``_parks_one_value``): on 2026-12-03, 12 loss
+    launches did under Triton 3.6.0 (two on sm_90: λ ≠ 1 at 2 x 255 and 4 x 127 with teacher weights
+    and the α term, 16-bit students against fp32 / fp16 targets; until then strict xfails) and 16
+    under 3.9.0, all on sm_80, at 48-80 registers. The targets kernels may not spill at all (issue 21:
+    no spills for K up to 512)."""
+    if aot.case_id(case) in SPILLS[request.node.callspec.params["compiled"]]:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="spills: SPILLS"))
     facts = _facts(compiled, case)
     if case[0] == "loss" and _parks_one_value(facts):
         return

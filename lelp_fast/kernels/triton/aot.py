@@ -45,24 +45,25 @@ OLDEST_TRITON = "3.6.0"
 SHARED_OPTIN = {80: 166_912, 90: 232_448}
 # (student, targets) dtypes of the loss per arch: bf16 and fp32 (the two load widths) on both.
 LOSS_DTYPES = {80: [("bf16", "bf16"), ("fp32", "fp32")], 90: [("bf16", "bf16"), ("fp32", "fp32")]}
-# (student, targets, gradient) beyond LOSS_DTYPES, on sm_90 for each divergence's tiles' heaviest
+# (student, targets, gradient) beyond LOSS_DTYPES, on both archs for each divergence's tiles' heaviest
 # variant (``loss.mixed_dtype_variants``): the online path, a 16-bit student against the fp32 targets buffer
 # (bf16: the gradient folded into bf16; fp16: kept in fp32); an fp16 student (never folded) or
 # reduction="none" against 16-bit targets (fp32 gradient); an fp32 student against 16-bit targets.
 # With LOSS_DTYPES that is every width (16 or 32 bits) of the three pointers the launcher can pair:
 # registers and the stack follow the loads' and stores' widths (tests/test_triton.py checks the
 # launcher's pairs against ``compiled_widths``).
-MIXED_DTYPES = {90: [("bf16", "fp32", "bf16"), ("fp16", "fp32", "fp32"), ("fp16", "fp16", "fp32"),
-                     ("fp32", "bf16", "fp32")]}
+MIXED_DTYPES = {arch: [("bf16", "fp32", "bf16"), ("fp16", "fp32", "fp32"), ("fp16", "fp16", "fp32"),
+                       ("fp32", "bf16", "fp32")] for arch in ARCHS}
 # (embeddings, teacher logits, output) beyond the variant's own (logits in the embeddings' dtype, an
-# fp32 output), on sm_90 for every targets variant with bf16 or fp32 embeddings (fp16's widths are
+# fp32 output), on both archs for every targets variant with bf16 or fp32 embeddings (fp16's widths are
 # bf16's): with them every width of the three pointers the launcher can pair (a head's variants
 # read no logits, so only the output's width varies).
 TARGETS_DTYPES = {
-    90: {("bf16", True): [("bf16", "fp32", "fp16"), ("bf16", "bf16", "bf16"), ("bf16", "fp32", "fp32")],
-         ("fp32", True): [("fp32", "bf16", "fp32"), ("fp32", "bf16", "bf16"), ("fp32", "fp32", "fp16")],
-         ("bf16", False): [("bf16", "bf16", "bf16")],
-         ("fp32", False): [("fp32", "fp32", "bf16")]},
+    arch: {("bf16", True): [("bf16", "fp32", "fp16"), ("bf16", "bf16", "bf16"), ("bf16", "fp32", "fp32")],
+           ("fp32", True): [("fp32", "bf16", "fp32"), ("fp32", "bf16", "bf16"), ("fp32", "fp32", "fp16")],
+           ("bf16", False): [("bf16", "bf16", "bf16")],
+           ("fp32", False): [("fp32", "fp32", "bf16")]}
+    for arch in ARCHS
 }
 # Each combination starts with its variant's dtype; a head's variants are passed the embeddings as logits.
 assert all(h == dtype and (has_logits or z == h)
