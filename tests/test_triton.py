@@ -305,8 +305,9 @@ def test_online_launch_dtypes_are_compiled_ahead_of_time(monkeypatch, dtype):
     emb, w, b = torch.randn(9, 6, generator=g), torch.randn(6, 15, generator=g), torch.randn(15, generator=g)
     distill_loss(x, None, num_classes=3, n_subclasses=4, embeddings=emb.to(DEVICE), fused_weight=w.to(DEVICE),
                  fused_bias=b.to(DEVICE), backend="triton").backward()
-    compiled = {*aot.MIXED_DTYPES[90], *((s, t, s) for s, t in aot.LOSS_DTYPES[90])}
-    assert launched and all(dts in compiled for dts in launched), launched
+    for arch in aot.ARCHS:
+        compiled = {*aot.MIXED_DTYPES[arch], *((s, t, s) for s, t in aot.LOSS_DTYPES[arch])}
+        assert launched and all(dts in compiled for dts in launched), (arch, launched)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
