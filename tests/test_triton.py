@@ -286,12 +286,9 @@ def test_triton_loss_without_a_gradient_wanted_runs_forward_only(monkeypatch, dt
 NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_online_launch_dtypes_are_compiled_ahead_of_time(monkeypatch, dtype):
-    """The online loss launches the loss kernel on a 16-bit student against the fp32 buffer its
-    teachers' targets go to: dtypes that tests/test_triton_aot.py compiles (``aot.MIXED_DTYPES``)."""
+def _record_loss_launches(monkeypatch) -> list:
+    """The (student, targets, gradient) dtype names of each Triton loss launch from now on, filled as they run."""
     import lelp_fast.kernels.triton.loss as triton_loss
-    from lelp_fast.kernels.triton import aot
 
     launched, launch = [], triton_loss.loss_triton
 
@@ -300,6 +297,16 @@ def test_online_launch_dtypes_are_compiled_ahead_of_time(monkeypatch, dtype):
         return launch(student, log_targets, *args, **kwargs)
 
     monkeypatch.setattr(triton_loss, "loss_triton", recording)
+    return launched
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_online_launch_dtypes_are_compiled_ahead_of_time(monkeypatch, dtype):
+    """The online loss launches the loss kernel on a 16-bit student against the fp32 buffer its
+    teachers' targets go to: dtypes that tests/test_triton_aot.py compiles (``aot.MIXED_DTYPES``)."""
+    from lelp_fast.kernels.triton import aot
+
+    launched = _record_loss_launches(monkeypatch)
     x = torch.randn(9, 12, dtype=dtype, device=DEVICE).requires_grad_(True)
     g = torch.Generator().manual_seed(2)
     emb, w, b = torch.randn(9, 6, generator=g), torch.randn(6, 15, generator=g), torch.randn(15, generator=g)
@@ -320,16 +327,9 @@ def test_loss_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dtype,
     launch has no gradient pointer to widen and is not recorded). Until 2026-12-03 an fp16 student or
     reduction="none" against 16-bit targets (fp32 gradient) and an fp32 student against 16-bit
     targets were launched in widths never compiled."""
-    import lelp_fast.kernels.triton.loss as triton_loss
     from lelp_fast.kernels.triton import aot
 
-    launched, launch = [], triton_loss.loss_triton
-
-    def recording(student, log_targets, *args, **kwargs):
-        launched.append((NAMES[student.dtype], NAMES[log_targets.dtype], NAMES[args[11].dtype]))
-        return launch(student, log_targets, *args, **kwargs)
-
-    monkeypatch.setattr(triton_loss, "loss_triton", recording)
+    launched = _record_loss_launches(monkeypatch)
     student, log_t, labels = make_inputs(5, 3, 4, seed=4)
     x = student.to(dtype).to(DEVICE).requires_grad_(True)
     distill_loss(x, log_t.to(target_dtype).to(DEVICE), labels.to(DEVICE), num_classes=3, n_subclasses=4,
