@@ -54,7 +54,7 @@ def test_triton_targets_match_reference(dtype, shape, with_head):
                                               ((5, 20, 300, 1), False), ((4, 24, 3, 100), True)])
 def test_triton_targets_over_several_class_groups(dtype, shape, with_head):
     """Padded grids wider than one program's 128 columns (2 to 4 class groups per row tile; 300
-    given logits, whose log-partition is taken 64 at a time; a padded class group fully masked);
+    given logits, whose log-partition is taken 128 at a time; a padded class group fully masked);
     before, one program held up to 512 columns and could not launch on a GPU (shared memory)."""
     test_triton_targets_match_reference(dtype, shape, with_head)
 

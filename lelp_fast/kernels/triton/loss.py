@@ -967,7 +967,7 @@ def mixed_dtype_variants() -> List[int]:
     and tile (block shape, warps, and at λ ≠ 1 whether S is a power of two) the variant with the
     most live values (teacher weights, the hard-label term at any τ, labels, the widest row). A
     heuristic, not a proof: ptxas's register allocation is not monotonic in the live values
-    (tests/test_triton_aot.py, _parks_one_value); registers and the stack depend on the loads'
+    (tests/test_triton_aot.py, _parks_values_outside_loops); registers and the stack depend on the loads'
     widths, the tile does not."""
     best = {}
     for i, v in enumerate(VARIANTS):

@@ -165,14 +165,11 @@ def _masked_lse(x, ok, axis: tl.constexpr):
 
 @triton.jit
 def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr):
-    """logsumexp_c(z_c / tau) over all C given logits, CHUNK classes at a time (online rescaling), so
-    a program whose class group is narrow never holds all C logits."""
-    # The chunks that compiled without spills for fp32 programs of 128 rows x 128 columns, where the
-    # allocation is fragile at 255 registers (sm_90, Triton 3.9): 32 from 128 padded classes (64
-    # spilled 24 B at 512 x 1 on sm_80, 16 spilled 8 B on sm_90), 16 from 16 (32 spilled 8 B at
-    # 16 x 8 on a padded grid); 8 below 16 (64-wide chunks of 4 classes spilled on sm_80, 4-wide
-    # ones under Triton 3.6).
-    CHUNK: tl.constexpr = 32 if C_PAD >= 128 else (16 if C_PAD >= 16 else 8)
+    """logsumexp_c(z_c / tau) over all C given logits, at most 128 classes at a time (online rescaling).
+    Taken before a tile's dots (``_tile_logits_lse``), while no accumulator is live: in the epilogue,
+    beside the 128-column accumulator, its loads had to come in chunks of 8-32 classes, and fp32 h
+    against bf16 logits at 16 x 8 still spilled 240-248 B in the row-tile loop (sm_80, Triton 3.6)."""
+    CHUNK: tl.constexpr = min(C_PAD, 128)
     m = tl.full((BLOCK_N,), NEG_INF, dtype=tl.float32)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c0 in range(0, C, CHUNK):
@@ -188,7 +185,18 @@ def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
+def _tile_logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, HAS_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     C_PAD: tl.constexpr):
+    """A row tile's class log-partition from the given logits (``_logits_lse``; zeros with the head,
+    whose is taken in the epilogue), before the tile's dots: no accumulator is live yet."""
+    if HAS_LOGITS:
+        return _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N, C_PAD)
+    else:
+        return tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+
+@triton.jit
+def _epilogue(u, z, lse_z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
               out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS: tl.constexpr, S_PAD: tl.constexpr,
               C_BLOCK: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr):
     """Both segmented log-softmaxes of one row tile's accumulators (u: this group's subclass columns,
@@ -204,7 +212,7 @@ def _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, he
     if HAS_LOGITS:
         zc = tl.load(z_ptr + rows64[:, None] * stride_z + c_idx[None, :], mask=row_ok[:, None] & c_ok,
                      other=0.0).to(tl.float32) * inv_tau
-        lse_c = _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N, C_PAD)
+        lse_c = lse_z
     else:
         z = (z * tl.load(head_scale_ptr + h_cols)[None, :] + tl.load(head_bias_ptr + h_cols)[None, :]) * inv_tau
         lse_c = _masked_lse(z, (h_cols < C)[None, :], 1)
@@ -266,6 +274,7 @@ def lelp_targets_kernel(
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows64 = rows.to(tl.int64)
+        lse_z = _tile_logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, HAS_LOGITS, BLOCK_N, C_PAD)
         u = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
         z = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -276,7 +285,7 @@ def lelp_targets_kernel(
             u = _accumulate(h, sub_hi_ptr, sub_lo_ptr, d_idx, k_cols, KP, d_ok, u)
             if not HAS_LOGITS:
                 z = _accumulate(h, head_hi_ptr, head_lo_ptr, d_idx, h_cols, 16, d_ok, z)
-        _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
+        _epilogue(u, z, lse_z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
                   out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N,
                   C_PAD)
 
@@ -328,6 +337,7 @@ def lelp_targets_resident_kernel(
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows64 = rows.to(tl.int64)
+        lse_z = _tile_logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, HAS_LOGITS, BLOCK_N, C_PAD)
         u2 = tl.zeros((BLOCK_N, 2 * KW), dtype=tl.float32)
         z2 = tl.zeros((BLOCK_N, 32), dtype=tl.float32)
         # One row pointer per tile and constant slice offsets, no mask along d (D = N_CHUNKS * BLOCK_D):
@@ -340,7 +350,7 @@ def lelp_targets_resident_kernel(
                 z2 = tl.dot(h, head[j], z2)
         u = _hi_plus_lo(u2, BLOCK_N, KW)
         z = _hi_plus_lo(z2, BLOCK_N, 16)
-        _epilogue(u, z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
+        _epilogue(u, z, lse_z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
                   out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N,
                   C_PAD)
 
