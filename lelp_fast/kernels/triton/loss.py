@@ -902,6 +902,7 @@ def scale_unless_one(x, scale):
 # what changes the code; each dtype's chunking, chunk_constexprs, comes with the dtype compiled).
 # With labels, the hard-label term at any τ (HARD = 3: the most live values); KL with it at τ = 1
 # (HARD = 1) at the cost model's K, and at τ = 2 at K = 128 (the gates of tests/test_triton_aot.py).
+# Each also forward only (WITH_GRAD off: what a call that wants no gradient launches).
 FULL_SHAPES = [(40, 20), (512, 32)]
 DIVERGENCE_SHAPES = [(2, 1), (128, 16), (200, 8)]
 COST_SHAPES = [(16, 8), (128, 16)]
@@ -937,49 +938,13 @@ def _variants() -> List[dict]:
         variants.append(dict(num_warps=num_warps, constexprs=dict(
             K=c * s, S=s, DIVERGENCE=0, HAS_WEIGHTS=has_w, HAS_LABELS=has_y, HARD=hard, BLOCK_N=block_n,
             BLOCK_K=block_k, BLOCK_K2=0, SUBCLASS_WEIGHTED=True, S_PAD=s_pad, G_PAD=g_pad, WITH_GRAD=True)))
-    return variants + [dict(v, constexprs={**v["constexprs"], "WITH_GRAD": False})
-                       for v in variants if _has_forward_only_twin(v["constexprs"])]
+    return variants + [dict(v, constexprs={**v["constexprs"], "WITH_GRAD": False}) for v in variants]
 
 
 def twin_index(i: int) -> int:
     """The index in ``VARIANTS`` of variant ``i`` with the gradient (``WITH_GRAD`` on)."""
     v = VARIANTS[i]
     return VARIANTS.index(dict(v, constexprs={**v["constexprs"], "WITH_GRAD": True}))
-
-
-def _has_forward_only_twin(c: dict) -> bool:
-    """The variants also compiled forward only (``WITH_GRAD`` off: the gradient's arithmetic and
-    stores compiled out, so fewer live values than the twin's): every divergence at the widest
-    rows (``FULL_SHAPES``) with teacher weights and labels, the cost model's plain KL
-    (``COST_SHAPES``), and λ ≠ 1 at 16 x 8 and at 3 x 4 with every flag."""
-    shape = (c["K"] // c["S"], c["S"]) if c["SUBCLASS_WEIGHTED"] else (c["K"], c["S"])
-    if c["SUBCLASS_WEIGHTED"]:
-        return (shape == (16, 8) and not c["HAS_LABELS"]) or (shape == (3, 4) and c["HAS_WEIGHTS"] and c["HARD"] == 3)
-    if shape in FULL_SHAPES:
-        return c["HAS_WEIGHTS"] and c["HAS_LABELS"]
-    return shape in COST_SHAPES and c["DIVERGENCE"] == 0 and not (c["HAS_WEIGHTS"] or c["HAS_LABELS"])
-
-
-def mixed_dtype_variants() -> List[int]:
-    """Indices into ``VARIANTS`` compiled again in the other dtype pairs the launcher makes
-    (``aot.MIXED_DTYPES``: a 16-bit student against the fp32 targets buffer the online teachers
-    fill, fp32 gradients of 16-bit students, an fp32 student against 16-bit targets): per divergence
-    and tile (block shape, warps, and at λ ≠ 1 whether S is a power of two) the variant with the
-    most live values (teacher weights, the hard-label term at any τ, labels, the widest row). A
-    heuristic, not a proof: ptxas's register allocation is not monotonic in the live values
-    (tests/test_triton_aot.py, _parks_values_outside_loops); registers and the stack depend on the loads'
-    widths, the tile does not."""
-    best = {}
-    for i, v in enumerate(VARIANTS):
-        c = v["constexprs"]
-        if not c["WITH_GRAD"]:
-            continue
-        tile = (c["DIVERGENCE"], c["SUBCLASS_WEIGHTED"], c["BLOCK_N"], c["BLOCK_K"], c["BLOCK_K2"], c["S_PAD"],
-                c["G_PAD"], v["num_warps"], c["S"] == c["S_PAD"])
-        rank = (c["HAS_WEIGHTS"], c["HARD"] == 3, c["HAS_LABELS"], c["K"])
-        if tile not in best or rank > best[tile][0]:
-            best[tile] = (rank, i)
-    return sorted(i for _, i in best.values())
 
 
 # KL at a subclass weight λ ≠ 1 (SUBCLASS_WEIGHTED), as (C, S): at 3 x 4 (a padded class) each
