@@ -287,13 +287,15 @@ NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _record_loss_launches(monkeypatch) -> list:
-    """The (student, targets, gradient) dtype names of each Triton loss launch from now on, filled as they run."""
+    """The (student, targets, gradient) dtype names of each Triton loss launch from now on, filled as
+    they run (gradient None: the forward-only kernel)."""
     import lelp_fast.kernels.triton.loss as triton_loss
 
     launched, launch = [], triton_loss.loss_triton
 
     def recording(student, log_targets, *args, **kwargs):
-        launched.append((NAMES[student.dtype], NAMES[log_targets.dtype], NAMES[args[11].dtype]))
+        grad = args[11]
+        launched.append((NAMES[student.dtype], NAMES[log_targets.dtype], None if grad is None else NAMES[grad.dtype]))
         return launch(student, log_targets, *args, **kwargs)
 
     monkeypatch.setattr(triton_loss, "loss_triton", recording)
@@ -323,8 +325,8 @@ def test_online_launch_dtypes_are_compiled_ahead_of_time(monkeypatch, dtype):
 def test_loss_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dtype, target_dtype, reduction):
     """Each (student, targets, gradient) the loss launcher pairs has its widths (16 or 32 bits: what
     the kernel's loads, stores and registers follow) among those tests/test_triton_aot.py compiles
-    for sm_80 and sm_90 (``aot.LOSS_DTYPES``; ``aot.MIXED_DTYPES`` at each divergence's tiles; the forward-only
-    launch has no gradient pointer to widen and is not recorded). Until 2026-12-03 an fp16 student or
+    for sm_80 and sm_90 (``aot.LOSS_DTYPES``; ``aot.MIXED_DTYPES`` for every variant that writes the
+    gradient; forward-only launches: the next test). Until 2026-12-03 an fp16 student or
     reduction="none" against 16-bit targets (fp32 gradient) and an fp32 student against 16-bit
     targets were launched in widths never compiled."""
     from lelp_fast.kernels.triton import aot
@@ -337,6 +339,25 @@ def test_loss_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dtype,
     for arch in aot.ARCHS:
         compiled = aot.compiled_widths("loss", arch)
         assert launched and all(aot.widths(dts) in compiled for dts in launched), (arch, launched, compiled)
+
+
+@pytest.mark.parametrize("target_dtype", list(NAMES), ids=list(NAMES.values()))
+@pytest.mark.parametrize("dtype", list(NAMES), ids=list(NAMES.values()))
+def test_forward_only_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dtype, target_dtype):
+    """A call that wants no gradient launches the forward-only kernel (its gradient pointer dead
+    code): its (student, targets) widths are among those tests/test_triton_aot.py compiles forward
+    only (``aot.LOSS_DTYPES``, ``aot.FORWARD_DTYPES``). Until 2026-12-04, 16 against 32 bits and 32
+    against 16 were launched and not compiled."""
+    from lelp_fast.kernels.triton import aot
+
+    launched = _record_loss_launches(monkeypatch)
+    student, log_t, labels = make_inputs(5, 3, 4, seed=4)
+    distill_loss(student.to(dtype).to(DEVICE), log_t.to(target_dtype).to(DEVICE), labels.to(DEVICE), num_classes=3,
+                 n_subclasses=4, backend="triton")
+    assert launched and all(grad is None for *_, grad in launched), launched
+    for arch in aot.ARCHS:
+        compiled = aot.compiled_widths("loss-forward", arch)
+        assert all(aot.widths(dts[:2]) in compiled for dts in launched), (arch, launched, compiled)
 
 
 @pytest.mark.parametrize("out_dtype", list(NAMES), ids=list(NAMES.values()))

@@ -51,10 +51,15 @@ LOSS_DTYPES = {80: [("bf16", "bf16"), ("fp32", "fp32")], 90: [("bf16", "bf16"), 
 # 16-bit targets (fp32 gradient); an fp32 student against 16-bit targets. With LOSS_DTYPES that is
 # every width (16 or 32 bits) of the three pointers the launcher can pair: registers and the stack
 # follow the loads' and stores' widths (tests/test_triton.py checks the launcher's pairs against
-# ``compiled_widths``). Forward-only variants (WITH_GRAD off) are compiled in LOSS_DTYPES only: their
-# gradient pointer is dead code, and their twin with the gradient is compiled in every pair.
+# ``compiled_widths``).
 MIXED_DTYPES = {arch: [("bf16", "fp32", "bf16"), ("fp16", "fp32", "fp32"), ("fp16", "fp16", "fp32"),
                        ("fp32", "bf16", "fp32")] for arch in ARCHS}
+# (student, targets, gradient) of the forward-only variants (WITH_GRAD off) beyond LOSS_DTYPES: their
+# gradient pointer is dead code, so what varies is the (student, targets) widths, here 16 against 32
+# and 32 against 16 bits (16 against 16 is LOSS_DTYPES' bf16); each pair is in MIXED_DTYPES, where
+# the twin that writes the gradient is compiled.
+FORWARD_DTYPES = {arch: [("bf16", "fp32", "bf16"), ("fp32", "bf16", "fp32")] for arch in ARCHS}
+assert all(set(FORWARD_DTYPES[arch]) <= set(MIXED_DTYPES[arch]) for arch in ARCHS)
 # (embeddings, teacher logits, output) beyond the variant's own (logits in the embeddings' dtype, an
 # fp32 output), on both archs for every targets variant with bf16 or fp32 embeddings (fp16's widths are
 # bf16's): with them every width of the three pointers the launcher can pair (a head's variants
@@ -94,9 +99,10 @@ def compile_kernel(kernel: triton.JITFunction, signature: Dict[str, str], conste
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-# A PTX instruction's opcode with its modifiers (``ld.global.v4.b32``), one a line, after an optional
-# guard predicate (``@%p1``, ``@!%p2``).
-_PTX_OPCODE = re.compile(r"^[ \t]*(?:@!?%\w+[ \t]+)?([a-z][\w.:]*)", re.M)
+# A PTX instruction's opcode with its modifiers (``ld.global.v4.b32``): at a line's start, after a
+# label, a ``;`` or a ``{`` (several instructions a line, inline-asm blocks), after an optional guard
+# predicate (``@%p1``, ``@!p``).
+_PTX_OPCODE = re.compile(r"(?:^|[;{]|[\w$]:)[ \t]*(?:@!?%?\w+[ \t]+)?([a-z][\w.:]*)", re.M)
 # Opcodes counted by their leading parts: tensor-core MMAs, 16-byte asynchronous copies (the pipelined
 # dot operands), and the exponentials and logarithms: one MUFU op each in the FTZ forms; ptxas wraps
 # the plain ``ex2.approx.f32`` in a range check and two multiplies (libdevice's accurate logf has no lg2).
@@ -258,22 +264,26 @@ def cases() -> List[Case]:
                for dts in LOSS_DTYPES[arch]]
             + [("loss", i, arch, dts) for arch, combos in MIXED_DTYPES.items() for dts in combos
                for i, v in enumerate(loss.VARIANTS) if v["constexprs"]["WITH_GRAD"]]
+            + [("loss", i, arch, dts) for arch, combos in FORWARD_DTYPES.items() for dts in combos
+               for i, v in enumerate(loss.VARIANTS) if not v["constexprs"]["WITH_GRAD"]]
             + [("scale", i, arch, None) for i in range(len(loss.SCALE_VARIANTS)) for arch in ARCHS])
 
 
 def compiled_widths(op: str, arch: int) -> set:
     """The pointer widths (``widths``) ``cases()`` compiles ``op`` in for sm_``arch``: the loss's
-    (student, targets, gradient), the targets' (embeddings, logits, output), or (embeddings, output)
-    for a head's variants, which read no logits."""
-    from . import targets
+    (student, targets, gradient) where it writes the gradient, "loss-forward" its (student, targets)
+    where it does not (the gradient pointer is dead code), the targets' (embeddings, logits, output),
+    or (embeddings, output) for a head's variants, which read no logits."""
+    from . import loss, targets
 
     found = set()
     for kind, i, case_arch, dts in cases():
-        if kind != op or case_arch != arch:
+        if case_arch != arch:
             continue
-        if op == "loss":
-            found.add(widths(dts if len(dts) == 3 else (*dts, dts[0])))
-        elif op == "targets":
+        if kind == "loss" and op in ("loss", "loss-forward"):
+            if loss.VARIANTS[i]["constexprs"]["WITH_GRAD"] == (op == "loss"):
+                found.add(widths(dts if len(dts) == 3 else (*dts, dts[0]))[:3 if op == "loss" else 2])
+        elif kind == "targets" and op == "targets":
             v = targets.VARIANTS[i]
             h, z, out = dts or (v["dtype"], v["dtype"], "fp32")
             found.add(widths((h, z, out) if v["constexprs"]["HAS_LOGITS"] else (h, out)))

@@ -226,7 +226,8 @@ def forward_only_table(facts_json: str) -> str:
     for (op_i_arch, dts), row in sorted(cases.items()):
         v = loss.VARIANTS[op_i_arch[1]]
         c = v["constexprs"]
-        if row["error"] or c["WITH_GRAD"] or c["SUBCLASS_WEIGHTED"] or c["HAS_LABELS"] or c["HAS_WEIGHTS"]:
+        if (row["error"] or len(dts) > 2 or c["WITH_GRAD"] or c["DIVERGENCE"] != 0 or c["SUBCLASS_WEIGHTED"]
+                or c["HAS_LABELS"] or c["HAS_WEIGHTS"] or (c["K"], c["S"]) not in loss.COST_SHAPES):
             continue
         twin = cases[(("loss", loss.twin_index(op_i_arch[1]), op_i_arch[2]), dts)]
         if twin["error"]:

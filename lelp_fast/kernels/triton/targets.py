@@ -187,8 +187,9 @@ def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constex
 @triton.jit
 def _tile_logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, HAS_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr,
                      C_PAD: tl.constexpr):
-    """A row tile's class log-partition from the given logits (``_logits_lse``; zeros with the head,
-    whose is taken in the epilogue), before the tile's dots: no accumulator is live yet."""
+    """A row tile's class log-partition from the given logits (``_logits_lse``), taken before the
+    tile's dots, while no accumulator is live; zeros with the head, whose log-partition the epilogue
+    takes from its accumulator."""
     if HAS_LOGITS:
         return _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N, C_PAD)
     else:
@@ -198,9 +199,10 @@ def _tile_logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, HAS_LOGITS: tl
 @triton.jit
 def _epilogue(u, z, lse_z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
               out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS: tl.constexpr, S_PAD: tl.constexpr,
-              C_BLOCK: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr):
+              C_BLOCK: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr):
     """Both segmented log-softmaxes of one row tile's accumulators (u: this group's subclass columns,
-    z: the head's 16 columns), stored into ``out``."""
+    z: the head's 16 columns), stored into ``out``; ``lse_z``: the given logits' log-partition
+    (``_tile_logits_lse``), unused with the head."""
     KW: tl.constexpr = C_BLOCK * S_PAD
     row_ok = rows < N
     rows64 = rows.to(tl.int64)  # row offsets can pass 2**31 elements
@@ -286,8 +288,7 @@ def lelp_targets_kernel(
             if not HAS_LOGITS:
                 z = _accumulate(h, head_hi_ptr, head_lo_ptr, d_idx, h_cols, 16, d_ok, z)
         _epilogue(u, z, lse_z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
-                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N,
-                  C_PAD)
+                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
 
 
 @triton.jit
@@ -351,8 +352,7 @@ def lelp_targets_resident_kernel(
         u = _hi_plus_lo(u2, BLOCK_N, KW)
         z = _hi_plus_lo(z2, BLOCK_N, 16)
         _epilogue(u, z, lse_z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
-                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N,
-                  C_PAD)
+                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
 
 
 _autotuned = {
