@@ -12,6 +12,16 @@ is within 1.25x the floor (cost.py); the loss kernel loads and stores rows in ve
 run in a process pool, once per session and Triton version (the oldest one in a subprocess,
 installed once into a cache directory); the SASS of each arch's kernels comes from a few nvdisasm
 runs over their instructions laid end to end (aot.disassemble), not one run per kernel.
+
+A launch whose facts are recorded in tests/triton_aot_facts (keyed by Triton's own cache key of the
+compile and the source of the code that reads the facts: aot.launch_key) is not compiled again,
+save a dozen chosen at random per version whose fresh facts must equal the recording's: a machine
+with an empty Triton cache compiles each launch in about 1.3 s of CPU, 8,600 launches in all. After
+an edit that changes kernels, record their facts (the test below says when):
+
+    python -m lelp_fast.kernels.triton.aot --record tests/triton_aot_facts
+    PYTHONPATH=~/.cache/lelp_fast/triton-3.6.0:. TRITON_CACHE_DIR=~/.cache/lelp_fast/triton-3.6.0-kernels \
+        python -m lelp_fast.kernels.triton.aot --record tests/triton_aot_facts
 """
 
 import itertools
@@ -37,10 +47,15 @@ from lelp_fast.kernels.triton import targets as targets_kernels  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = aot.cases()
 VERSIONS = ["installed", "oldest"]
+RECORDED = os.path.join(ROOT, "tests", "triton_aot_facts")
+WORKERS = max(1, min(4, os.cpu_count() or 1))
+SUMMARIES = {}  # per version: how many launches were recalled, compiled, checked (aot.recall_or_compile)
 
 
 def _compile_installed():
-    return aot.compile_all(CASES, max(1, min(4, os.cpu_count() or 1)))
+    results, summary = aot.recall_or_compile(CASES, WORKERS, aot.read_recording(RECORDED))
+    SUMMARIES["installed"] = {k: v for k, v in summary.items() if k != "keys"}
+    return results
 
 
 def _oldest_triton_dir():
@@ -71,11 +86,12 @@ def _compile_oldest(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([site, ROOT])
     env.setdefault("TRITON_CACHE_DIR", os.path.join(site, "..", f"triton-{aot.OLDEST_TRITON}-kernels"))
-    done = subprocess.run([sys.executable, "-m", "lelp_fast.kernels.triton.aot", "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=3000)
+    done = subprocess.run([sys.executable, "-m", "lelp_fast.kernels.triton.aot", "--out", str(out), "--recorded",
+                           RECORDED, "--workers", str(WORKERS)], env=env, capture_output=True, text=True, timeout=3000)
     assert done.returncode == 0, done.stderr[-2000:]
     facts = json.loads(out.read_text())
     assert facts["triton"] == aot.OLDEST_TRITON, f"the subprocess imported triton {facts['triton']}"
+    SUMMARIES["oldest"] = facts["summary"]
     return {tuple(r["case"][:3]) + ((tuple(r["case"][3]) if r["case"][3] else None),): (r["facts"], r["error"])
             for r in facts["cases"]}
 
@@ -93,6 +109,51 @@ def _facts(compiled, case):
 
 
 IDS = [aot.case_id(c) for c in CASES]
+
+
+def test_recording_holds_every_launch_and_no_other(compiled, request):
+    """Every launch's facts are recorded for this Triton and nothing else is, so that a machine with an
+    empty Triton cache compiles a dozen launches rather than 4,300 per version (about 1.3 s of CPU
+    each); the dozen recompiled at random matched the recording (else their gates fail). Record with
+    the commands in this module's docstring."""
+    summary = SUMMARIES[request.node.callspec.params["compiled"]]
+    assert summary["compiled"] == 0 and summary["stale"] == 0 and len(summary["checked"]) > 0, (
+        f"{summary['compiled']} launches compiled for want of a recording and {summary['stale']} recorded launches "
+        f"that are no case, under this Triton: record them (tests/test_triton_aot.py's docstring)")
+
+
+_KEY_MATCHES = """
+import sys
+from lelp_fast.kernels.triton import aot
+case = aot.cases()[int(sys.argv[1])]
+launch = aot._launch(case)
+assert aot.compile_kernel(*launch).hash == aot.triton_cache_key(*launch), aot.case_id(case)
+"""
+
+
+@pytest.mark.parametrize("op", ["targets", "loss", "scale"])
+def test_launch_key_is_the_key_triton_caches_the_compile_under(op, tmp_path):
+    """aot.triton_cache_key, computed without compiling, is the hash ``triton.compile`` gives the
+    kernel it compiles (in a fresh process: in this one the kernels may be the interpreter's)."""
+    index = next(i for i, c in enumerate(CASES)  # a dtype pair beyond the variant's own, where it has one
+                 if c[0] == op and (op == "scale" or c[3] not in (None, ("bf16", "bf16"))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _KEY_MATCHES, str(index)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_recalled_facts_that_differ_from_a_fresh_compile_fail_the_case():
+    """recall_or_compile compiles the recalled launches it checks and reports a difference as the
+    case's error; a launch with no recording is compiled."""
+    scale = [c for c in CASES if c[0] == "scale"]
+    fresh, summary = aot.recall_or_compile(scale, 1, {}, check=0)
+    assert summary["recalled"] == 0 and summary["compiled"] == len(scale) and all(e is None for _, e in fresh.values())
+    recording = {key: {"shared": -1} for key in summary["keys"].values()}
+    results, summary = aot.recall_or_compile(scale, 1, recording, check=len(scale))
+    assert summary["recalled"] == len(scale) and summary["compiled"] == 0
+    assert all(error and "differ from a fresh compile" in error for _, error in results.values()), results
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -11,17 +11,26 @@ never in the PTX. Read with the ``cuobjdump``/``nvdisasm`` that ship inside Trit
 
 ``python -m lelp_fast.kernels.triton.aot --out facts.json`` compiles every case and writes the
 facts; ``tests/test_triton_aot.py`` runs it under the installed Triton (in its own process) and
-under the oldest supported one (in a subprocess that imports it first).
+under the oldest supported one (in a subprocess that imports it first). With ``--recorded DIR`` it
+takes the facts of launches recorded in DIR (``recall_or_compile``: keyed by Triton's own cache key
+of the compile, ``launch_key``) and compiles the rest and a dozen recorded ones to check;
+``--record DIR`` writes every launch's facts there.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
+import functools
+import gzip
+import hashlib
+import inspect
 import itertools
 import json
 import multiprocessing
 import os
+import random
 import re
 import struct
 import subprocess
@@ -86,17 +95,38 @@ def widths(dtypes) -> Tuple[int, ...]:
     return tuple(32 if name == "fp32" else 16 for name in dtypes)
 
 
-def compile_kernel(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object], arch: int,
-                   num_warps: int = 4, num_stages: int = 3):
-    """``kernel`` specialised on ``constexprs`` for sm_``arch`` (``.asm``, ``.metadata``); raises what Triton raises."""
-    # What the JIT specialises on for aligned inputs: 16-byte pointers, strides and d divisible by 16.
-    # It turns on the multi-stage copy pipelines, so it changes the shared memory a config needs.
+def _source(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object]) -> ASTSource:
+    """The kernel as the JIT specialises it for aligned inputs: 16-byte pointers, strides and d
+    divisible by 16. That turns on the multi-stage copy pipelines, so it changes the shared memory a
+    config needs."""
     aligned = [i for i, (name, kind) in enumerate(signature.items())
                if kind.startswith("*") or name.startswith("stride") or name == "D"]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-    source = ASTSource(kernel, signature, constexprs=dict(constexprs), attrs=attrs)
+    return ASTSource(kernel, signature, constexprs=dict(constexprs), attrs=attrs)
+
+
+def compile_kernel(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object], arch: int,
+                   num_warps: int = 4, num_stages: int = 3):
+    """``kernel`` specialised on ``constexprs`` for sm_``arch`` (``.asm``, ``.metadata``); raises what Triton raises."""
     options = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(_source(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def triton_cache_key(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object], arch: int,
+                     num_warps: int = 4, num_stages: int = 3) -> str:
+    """The key ``triton.compile`` files this compile under in its cache (``CompiledKernel.hash``),
+    computed without compiling: the Triton build, the kernel's source and its dependencies' (with its
+    first line number), the specialisation, the backend (ptxas's version, the arch), the options and
+    the environment variables that change code."""
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.compiler import make_backend
+    from triton.runtime.cache import get_cache_key
+
+    source = _source(kernel, signature, constexprs)
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages, **source.parse_options()})
+    key = get_cache_key(source, backend, options, env_vars=get_cache_invalidating_env_vars())
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 # A PTX instruction's opcode with its modifiers (``ld.global.v4.b32``): at a line's start, after a
@@ -312,27 +342,29 @@ def case_id(case: Case) -> str:
             + ("" if c["WITH_GRAD"] else "-fwd") + (f"-t{dts[1]}-g{dts[2]}" if len(dts) > 2 else ""))
 
 
-def compile_case(case: Case):
-    """(facts but the SASS's, the kernel's instructions, None) or (None, None, error text)."""
+def _launch(case: Case) -> tuple:
+    """(kernel, signature, constexprs, arch, num_warps, num_stages) of a case, as the launcher passes them."""
     from . import loss, targets
 
     op, i, arch, dts = case
+    if op == "targets":
+        v = targets.VARIANTS[i]
+        signature = targets.signature(v["dtype"], logits_dtype=dts and dts[1], out_dtype=dts[2] if dts else "fp32",
+                                      resident="N_CHUNKS" in v["constexprs"])
+        return (getattr(targets, v["kernel"]), signature, v["constexprs"], arch, v["config"].num_warps,
+                v["config"].num_stages)
+    if op == "scale":
+        v = loss.SCALE_VARIANTS[i]
+        return loss.scale_unless_one_kernel, loss.scale_signature(v["dtype"]), v["constexprs"], arch, v["num_warps"], 3
+    v = loss.VARIANTS[i]
+    constexprs = {**v["constexprs"], **loss.chunk_constexprs(v["constexprs"], dts[0])}
+    return loss.lelp_loss_kernel, loss.signature(*dts), constexprs, arch, v["num_warps"], 3
+
+
+def compile_case(case: Case):
+    """(facts but the SASS's, the kernel's instructions, None) or (None, None, error text)."""
     try:
-        if op == "targets":
-            v = targets.VARIANTS[i]
-            compiled = compile_kernel(getattr(targets, v["kernel"]),
-                                      targets.signature(v["dtype"], logits_dtype=dts and dts[1],
-                                                        out_dtype=dts[2] if dts else "fp32",
-                                                        resident="N_CHUNKS" in v["constexprs"]),
-                                      v["constexprs"], arch, v["config"].num_warps, v["config"].num_stages)
-        elif op == "scale":
-            v = loss.SCALE_VARIANTS[i]
-            compiled = compile_kernel(loss.scale_unless_one_kernel, loss.scale_signature(v["dtype"]), v["constexprs"],
-                                      arch, v["num_warps"])
-        else:
-            v = loss.VARIANTS[i]
-            constexprs = {**v["constexprs"], **loss.chunk_constexprs(v["constexprs"], dts[0])}
-            compiled = compile_kernel(loss.lelp_loss_kernel, loss.signature(*dts), constexprs, arch, v["num_warps"])
+        compiled = compile_kernel(*_launch(case))
         return build_facts(compiled), text_section(compiled.asm["cubin"]), None
     except Exception as exc:  # noqa: BLE001 - reported per case by the tests
         return None, None, f"{type(exc).__name__}: {exc}"
@@ -346,29 +378,112 @@ def disassembled_facts(arch: int, texts: List[bytes], loops: List[bool]) -> List
         return [(None, f"{type(exc).__name__}: {exc}")] * len(texts)
 
 
-def compile_all(selected: List[Case], workers: int) -> Dict[Case, tuple]:
-    """{case: (facts, None) or (None, error)}. Compiles in fresh (spawned) processes without
-    TRITON_INTERPRET: under the interpreter the kernels are interpreter functions that cannot be
-    compiled. Then disassembles the kernels in one nvdisasm run per worker and arch."""
+@contextlib.contextmanager
+def _compiling_pool(workers: int):
+    """Fresh (spawned) processes without TRITON_INTERPRET: under the interpreter the kernels are
+    interpreter functions that cannot be compiled (nor keyed)."""
     saved = os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            built = dict(zip(selected, pool.map(compile_case, selected, chunksize=2)))
-            batches = [(arch, part) for arch in ARCHS for part in _split(
-                [c for c in selected if c[2] == arch and built[c][2] is None], workers)]
-            disassembled = pool.map(disassembled_facts, [arch for arch, _ in batches],
-                                    [[built[c][1] for c in part] for _, part in batches],
-                                    # the cost model counts a targets row tile's instructions from its loops
-                                    [[c[0] == "targets" for c in part] for _, part in batches])
+            yield pool
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
+
+
+def compile_all(selected: List[Case], workers: int) -> Dict[Case, tuple]:
+    """{case: (facts, None) or (None, error)}. Compiles in ``_compiling_pool``, then disassembles
+    the kernels in one nvdisasm run per worker and arch."""
+    with _compiling_pool(workers) as pool:
+        return _compile_in(pool, selected, workers)
+
+
+def _compile_in(pool, selected: List[Case], workers: int) -> Dict[Case, tuple]:
+    built = dict(zip(selected, pool.map(compile_case, selected, chunksize=2)))
+    batches = [(arch, part) for arch in ARCHS for part in _split(
+        [c for c in selected if c[2] == arch and built[c][2] is None], workers)]
+    disassembled = pool.map(disassembled_facts, [arch for arch, _ in batches],
+                            [[built[c][1] for c in part] for _, part in batches],
+                            # the cost model counts a targets row tile's instructions from its loops
+                            [[c[0] == "targets" for c in part] for _, part in batches])
     results = {c: (None, built[c][2]) for c in selected}
     for (_, part), facts in zip(batches, disassembled):
         for c, (sass, error) in zip(part, facts):
             results[c] = ({**built[c][0], **sass}, None) if error is None else (None, error)
     return results
+
+
+@functools.lru_cache(maxsize=None)
+def _fact_readers() -> str:
+    """The source of the code that turns a compiled kernel into facts: a recording made by other code
+    is not recalled."""
+    readers = (_source, compile_kernel, compile_case, ptx_facts, text_section, disassemble, sass_opcodes, sass_loops,
+               cubin_resources, sass_facts, build_facts, disassembled_facts, _compile_in)
+    return "".join(inspect.getsource(f) for f in readers) + _PTX_OPCODE.pattern + _INSTRUCTION.pattern
+
+
+def launch_key(case: Case) -> str:
+    """What a case's facts follow from: Triton's cache key of its compile (``triton_cache_key``) and
+    the source of the code that reads the facts from the kernel."""
+    return hashlib.sha256(f"{triton_cache_key(*_launch(case))}-{_fact_readers()}".encode("utf-8")).hexdigest()[:32]
+
+
+def launch_keys(selected: List[Case]) -> List[str]:
+    return [launch_key(c) for c in selected]
+
+
+def recording_path(directory: str) -> str:
+    """The recording of the installed Triton's facts in ``directory``."""
+    return os.path.join(directory, f"triton-{triton.__version__}.json.gz")
+
+
+def read_recording(directory: str) -> Dict[str, dict]:
+    """{launch_key: facts} recorded for the installed Triton ({} if none)."""
+    path = recording_path(directory)
+    if not os.path.exists(path):
+        return {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        recorded = json.load(f)
+    if recorded["triton"] != triton.__version__:
+        raise ValueError(f"{path}: recorded under triton {recorded['triton']}, not {triton.__version__}")
+    return {key: row["facts"] for key, row in recorded["launches"].items()}
+
+
+def write_recording(directory: str, results: Dict[Case, tuple], keys: Dict[Case, str]) -> str:
+    """Records the facts of every case that compiled (byte-identical for the same facts)."""
+    launches = {keys[c]: {"id": case_id(c), "facts": facts} for c, (facts, error) in results.items() if error is None}
+    body = json.dumps({"triton": triton.__version__, "launches": launches}, sort_keys=True, separators=(",", ":"))
+    os.makedirs(directory, exist_ok=True)
+    path = recording_path(directory)
+    with open(path + ".tmp", "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
+        f.write(body.encode("utf-8"))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def recall_or_compile(selected: List[Case], workers: int, recording: Dict[str, dict], check: int = 12,
+                      rng: Optional[random.Random] = None) -> Tuple[Dict[Case, tuple], Dict[str, object]]:
+    """``compile_all``'s results, taking the facts of a case whose ``launch_key`` is in
+    ``recording`` from it (a cold machine compiles each launch in about 1.3 s of CPU) and compiling
+    the rest, and ``check`` recalled cases chosen at random: one whose fresh facts differ from the
+    recording's gets that as its error. Also {"keys", "recalled", "compiled", "checked", "stale":
+    recorded launches that are no case}."""
+    rng = rng or random.Random()
+    with _compiling_pool(workers) as pool:
+        keys = dict(zip(selected, itertools.chain.from_iterable(
+            pool.map(launch_keys, _split(selected, workers)))))
+        recalled = [c for c in selected if keys[c] in recording]
+        checked = rng.sample(recalled, min(check, len(recalled)))
+        fresh = _compile_in(pool, [c for c in selected if keys[c] not in recording] + checked, workers)
+    fresh = {c: tuple(json.loads(json.dumps(result))) for c, result in fresh.items()}  # as a recording reads back
+    results = {c: fresh.get(c) or (recording[keys[c]], None) for c in selected}
+    for c in checked:
+        if fresh[c] != (recording[keys[c]], None):
+            results[c] = (None, f"the recorded facts {recording[keys[c]]} differ from a fresh compile's {fresh[c]}")
+    summary = {"keys": keys, "recalled": len(recalled), "compiled": len(fresh) - len(checked),
+               "checked": [case_id(c) for c in checked], "stale": len(set(recording) - set(keys.values()))}
+    return results, summary
 
 
 def _split(items: list, n: int) -> List[list]:
@@ -379,15 +494,32 @@ def _split(items: list, n: int) -> List[list]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Compile every Triton launch configuration; write the facts as JSON.")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="write every case's facts (or error) here as JSON")
     p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     p.add_argument("--only", metavar="REGEX", help="compile only the cases whose id (case_id) this matches")
+    p.add_argument("--recorded", metavar="DIR", help="take the facts of launches recorded in DIR for this "
+                   "Triton (recall_or_compile) and compile the rest")
+    p.add_argument("--check", type=int, default=12, help="recalled launches compiled again and compared (default 12)")
+    p.add_argument("--record", metavar="DIR", help="write the facts of every launch to DIR's recording for this Triton")
     args = p.parse_args(argv)
+    if args.out is None and args.record is None:
+        p.error("give --out, --record or both")
+    if args.record and args.only:
+        p.error("--record writes every launch: leave out --only")
     selected = [c for c in cases() if args.only is None or re.search(args.only, case_id(c))]
-    results = compile_all(selected, args.workers)
-    rows = [dict(case=list(c), id=case_id(c), facts=f, error=e) for c, (f, e) in results.items()]
-    with open(args.out, "w") as f:
-        json.dump(dict(triton=triton.__version__, cases=rows), f, indent=1)
+    recorded = args.recorded or args.record
+    results, summary = recall_or_compile(selected, args.workers, read_recording(recorded) if recorded else {},
+                                         args.check)
+    if args.record:
+        failed = [case_id(c) for c, (_, error) in results.items() if error is not None]
+        if failed:
+            raise SystemExit(f"not recorded: {len(failed)} launches failed to compile or check, e.g. {failed[:3]}")
+        print(write_recording(args.record, results, summary["keys"]), {k: v for k, v in summary.items() if k != "keys"})
+    if args.out:
+        rows = [dict(case=list(c), id=case_id(c), facts=f, error=e) for c, (f, e) in results.items()]
+        with open(args.out, "w") as f:
+            json.dump(dict(triton=triton.__version__, cases=rows,
+                           summary={k: v for k, v in summary.items() if k != "keys"}), f, indent=1)
     return 0
 
 
