@@ -13,14 +13,16 @@ run in a process pool, once per session and Triton version (the oldest one in a 
 installed once into a cache directory); the SASS of each arch's kernels comes from a few nvdisasm
 runs over their instructions laid end to end (aot.disassemble), not one run per kernel.
 
-A launch whose facts are recorded in tests/triton_aot_facts (keyed by Triton's own cache key of the
-compile and the source of the code that reads the facts: aot.launch_key) is not compiled again,
-save a dozen chosen at random per version whose fresh facts must equal the recording's: a machine
-with an empty Triton cache compiles each launch in about 1.3 s of CPU, 8,600 launches in all. After
-an edit that changes kernels, record their facts (the test below says when):
+A launch whose facts are recorded in tests/triton_aot_facts (aot_recording: keyed by Triton's own
+cache key of the compile and the code that reads the facts) is not compiled again, save a dozen
+chosen at random per version (LELP_AOT_CHECK_SEED fixes the choice), compiled afresh, whose facts
+must equal the recording's: a machine with an empty Triton cache compiles each launch in about 1.3 s
+of CPU, 8,600 launches in all. The recordings are of Triton 3.9.0 and 3.6.0 under CPython 3.11 on
+x86_64 (Triton's key hashes its binary); after an edit that changes kernels, record them again (the
+test below says when):
 
     python -m lelp_fast.kernels.triton.aot --record tests/triton_aot_facts
-    PYTHONPATH=~/.cache/lelp_fast/triton-3.6.0:. TRITON_CACHE_DIR=~/.cache/lelp_fast/triton-3.6.0-kernels \
+    PYTHONPATH=~/.cache/lelp_fast/triton-3.6.0:. TRITON_CACHE_DIR=~/.cache/lelp_fast/triton-3.6.0-kernels \\
         python -m lelp_fast.kernels.triton.aot --record tests/triton_aot_facts
 """
 
@@ -39,6 +41,7 @@ triton = pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia")
 
 from lelp_fast.kernels.triton import aot  # noqa: E402
+from lelp_fast.kernels.triton import aot_recording  # noqa: E402
 from lelp_fast.kernels.triton import cost  # noqa: E402
 from lelp_fast.kernels.triton import limits  # noqa: E402
 from lelp_fast.kernels.triton import loss as loss_kernels  # noqa: E402
@@ -52,9 +55,13 @@ WORKERS = max(1, min(4, os.cpu_count() or 1))
 SUMMARIES = {}  # per version: how many launches were recalled, compiled, checked (aot.recall_or_compile)
 
 
+SEED = os.environ.get("LELP_AOT_CHECK_SEED")
+
+
 def _compile_installed():
-    results, summary = aot.recall_or_compile(CASES, WORKERS, aot.read_recording(RECORDED))
-    SUMMARIES["installed"] = {k: v for k, v in summary.items() if k != "keys"}
+    results, _, summary = aot_recording.recall_or_compile(CASES, WORKERS, aot_recording.read_recording(RECORDED),
+                                                          seed=None if SEED is None else int(SEED))
+    SUMMARIES["installed"] = summary
     return results
 
 
@@ -86,8 +93,10 @@ def _compile_oldest(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([site, ROOT])
     env.setdefault("TRITON_CACHE_DIR", os.path.join(site, "..", f"triton-{aot.OLDEST_TRITON}-kernels"))
+    seed = [] if SEED is None else ["--seed", SEED]
     done = subprocess.run([sys.executable, "-m", "lelp_fast.kernels.triton.aot", "--out", str(out), "--recorded",
-                           RECORDED, "--workers", str(WORKERS)], env=env, capture_output=True, text=True, timeout=3000)
+                           RECORDED, "--workers", str(WORKERS), *seed], env=env, capture_output=True, text=True,
+                          timeout=3000)
     assert done.returncode == 0, done.stderr[-2000:]
     facts = json.loads(out.read_text())
     assert facts["triton"] == aot.OLDEST_TRITON, f"the subprocess imported triton {facts['triton']}"
@@ -112,14 +121,23 @@ IDS = [aot.case_id(c) for c in CASES]
 
 
 def test_recording_holds_every_launch_and_no_other(compiled, request):
-    """Every launch's facts are recorded for this Triton and nothing else is, so that a machine with an
-    empty Triton cache compiles a dozen launches rather than 4,300 per version (about 1.3 s of CPU
-    each); the dozen recompiled at random matched the recording (else their gates fail). Record with
-    the commands in this module's docstring."""
+    """Every launch's facts are recorded for this Triton build and nothing else is, so that a machine
+    with an empty Triton cache compiles a dozen launches rather than 4,300 per version (about 1.3 s of
+    CPU each); the dozen compiled afresh matched the recording. Record with the commands in this
+    module's docstring (a key also changes with the environment variables Triton keys on, e.g.
+    TRITON_DEFAULT_FP_FUSION other than 1, and with another Python or machine: a recording's name says
+    which)."""
     summary = SUMMARIES[request.node.callspec.params["compiled"]]
-    assert summary["compiled"] == 0 and summary["stale"] == 0 and len(summary["checked"]) > 0, (
-        f"{summary['compiled']} launches compiled for want of a recording and {summary['stale']} recorded launches "
-        f"that are no case, under this Triton: record them (tests/test_triton_aot.py's docstring)")
+    assert summary["check_failed"] == [] and len(summary["checked"]) > 0, (
+        f"recorded facts differ from a fresh compile's (seed {summary['seed']}): {summary['check_failed']}")
+    assert summary["unrecorded"] == 0 and summary["stale"] == 0, (
+        f"{summary['unrecorded']} launches compiled for want of a recording and {summary['stale']} recorded "
+        f"launches that are no case, under triton {compiled_version(request)}: record them "
+        "(tests/test_triton_aot.py's docstring)")
+
+
+def compiled_version(request) -> str:
+    return triton.__version__ if request.node.callspec.params["compiled"] == "installed" else aot.OLDEST_TRITON
 
 
 _KEY_MATCHES = """
@@ -131,28 +149,39 @@ assert aot.compile_kernel(*launch).hash == aot.triton_cache_key(*launch), aot.ca
 """
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("op", ["targets", "loss", "scale"])
-def test_launch_key_is_the_key_triton_caches_the_compile_under(op, tmp_path):
+def test_triton_cache_key_is_the_key_triton_caches_the_compile_under(op, version):
     """aot.triton_cache_key, computed without compiling, is the hash ``triton.compile`` gives the
-    kernel it compiles (in a fresh process: in this one the kernels may be the interpreter's)."""
+    kernel it compiles, under each Triton (in a fresh process: in this one the kernels may be the
+    interpreter's)."""
     index = next(i for i, c in enumerate(CASES)  # a dtype pair beyond the variant's own, where it has one
                  if c[0] == op and (op == "scale" or c[3] not in (None, ("bf16", "bf16"))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    if version == "oldest":
+        env["PYTHONPATH"] = os.pathsep.join([_oldest_triton_dir(), ROOT])
+        env["TRITON_CACHE_DIR"] = os.path.join(_oldest_triton_dir(), "..", f"triton-{aot.OLDEST_TRITON}-kernels")
     done = subprocess.run([sys.executable, "-c", _KEY_MATCHES, str(index)], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_recalled_facts_that_differ_from_a_fresh_compile_fail_the_case():
-    """recall_or_compile compiles the recalled launches it checks and reports a difference as the
-    case's error; a launch with no recording is compiled."""
+def test_recalled_facts_are_checked_against_a_fresh_compile():
+    """recall_or_compile compiles a launch with no recording, recalls a recorded one, and compiles
+    the checked ones afresh: those whose facts equal the recording's pass, those that differ get that
+    as their error."""
     scale = [c for c in CASES if c[0] == "scale"]
-    fresh, summary = aot.recall_or_compile(scale, 1, {}, check=0)
-    assert summary["recalled"] == 0 and summary["compiled"] == len(scale) and all(e is None for _, e in fresh.values())
-    recording = {key: {"shared": -1} for key in summary["keys"].values()}
-    results, summary = aot.recall_or_compile(scale, 1, recording, check=len(scale))
-    assert summary["recalled"] == len(scale) and summary["compiled"] == 0
+    fresh, keys, summary = aot_recording.recall_or_compile(scale, 1, {}, check=5)
+    assert summary["recalled"] == 0 and summary["unrecorded"] == len(scale) and summary["checked"] == []
+    assert all(error is None for _, error in fresh.values()), fresh
+    recording = {keys[c]: facts for c, (facts, _) in fresh.items()}
+    results, _, summary = aot_recording.recall_or_compile(scale, 1, recording, check=len(scale))
+    assert summary["recalled"] == len(scale) and summary["unrecorded"] == 0 and summary["check_failed"] == []
+    assert results == {c: aot_recording._as_read_back(r) for c, r in fresh.items()}
+    wrong = {key: {**facts, "shared": facts["shared"] + 1} for key, facts in recording.items()}
+    results, _, summary = aot_recording.recall_or_compile(scale, 1, wrong, check=len(scale))
+    assert len(summary["check_failed"]) == len(scale)
     assert all(error and "differ from a fresh compile" in error for _, error in results.values()), results
 
 
@@ -573,7 +602,7 @@ def _elf_listing(cubin):
 
 @pytest.mark.parametrize("arch", aot.ARCHS)
 def test_kernels_disassembled_together_read_as_each_alone(arch, tmp_path):
-    """compile_all disassembles many kernels' instructions in one nvdisasm run: each kernel's share
+    """compile_in disassembles many kernels' instructions in one nvdisasm run: each kernel's share
     of the listing has the opcodes and branch targets of its own CUBIN disassembled alone, and
     sass_loops finds its loop (with the loads) from the addresses."""
     cubins = _summed_cubins(arch, tmp_path)

@@ -7,14 +7,13 @@ accepts the code (the interpreter runs Python that the compiler refuses), what t
 the shared memory a launch needs against the device's opt-in limit, and the registers, stack
 frame and local-memory (spill) instructions that ptxas made — spills exist only in the CUBIN,
 never in the PTX. Read with the ``cuobjdump``/``nvdisasm`` that ship inside Triton's package;
-``compile_all`` disassembles many kernels per nvdisasm run (``disassemble``).
+``compile_in`` disassembles many kernels per nvdisasm run (``disassemble``).
 
 ``python -m lelp_fast.kernels.triton.aot --out facts.json`` compiles every case and writes the
 facts; ``tests/test_triton_aot.py`` runs it under the installed Triton (in its own process) and
 under the oldest supported one (in a subprocess that imports it first). With ``--recorded DIR`` it
-takes the facts of launches recorded in DIR (``recall_or_compile``: keyed by Triton's own cache key
-of the compile, ``launch_key``) and compiles the rest and a dozen recorded ones to check;
-``--record DIR`` writes every launch's facts there.
+takes the facts of launches recorded in DIR and compiles the rest and a dozen recorded ones afresh
+to check them; ``--record DIR`` writes every launch's facts there (``aot_recording``).
 """
 
 from __future__ import annotations
@@ -22,15 +21,11 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
-import functools
-import gzip
 import hashlib
-import inspect
 import itertools
 import json
 import multiprocessing
 import os
-import random
 import re
 import struct
 import subprocess
@@ -277,7 +272,7 @@ def build_facts(compiled) -> Dict[str, object]:
 
 
 def kernel_facts(compiled, loops: bool = False) -> Dict[str, object]:
-    """Everything the gates read from one compiled kernel (``compile_all`` disassembles many at once)."""
+    """Everything the gates read from one compiled kernel (``compile_in`` disassembles many at once)."""
     sass = disassemble(compiled.metadata.target.arch, [text_section(compiled.asm["cubin"])])[0]
     return {**build_facts(compiled), **sass_facts(sass, loops)}
 
@@ -361,13 +356,26 @@ def _launch(case: Case) -> tuple:
     return loss.lelp_loss_kernel, loss.signature(*dts), constexprs, arch, v["num_warps"], 3
 
 
-def compile_case(case: Case):
-    """(facts but the SASS's, the kernel's instructions, None) or (None, None, error text)."""
+def compile_case(case: Case, afresh: bool = False):
+    """(facts but the SASS's, the kernel's instructions, None) or (None, None, error text). ``afresh``:
+    compiled even where Triton's cache holds the kernel (TRITON_ALWAYS_COMPILE, which is not in its key)."""
+    saved = os.environ.get("TRITON_ALWAYS_COMPILE")
+    if afresh:
+        os.environ["TRITON_ALWAYS_COMPILE"] = "1"
     try:
         compiled = compile_kernel(*_launch(case))
         return build_facts(compiled), text_section(compiled.asm["cubin"]), None
     except Exception as exc:  # noqa: BLE001 - reported per case by the tests
         return None, None, f"{type(exc).__name__}: {exc}"
+    finally:
+        _restore("TRITON_ALWAYS_COMPILE", saved)
+
+
+def _restore(name: str, value: Optional[str]) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def disassembled_facts(arch: int, texts: List[bytes], loops: List[bool]) -> List[tuple]:
@@ -379,28 +387,25 @@ def disassembled_facts(arch: int, texts: List[bytes], loops: List[bool]) -> List
 
 
 @contextlib.contextmanager
-def _compiling_pool(workers: int):
-    """Fresh (spawned) processes without TRITON_INTERPRET: under the interpreter the kernels are
-    interpreter functions that cannot be compiled (nor keyed)."""
-    saved = os.environ.pop("TRITON_INTERPRET", None)
+def compiling_pool(workers: int):
+    """Fresh (spawned) processes without TRITON_INTERPRET (under the interpreter the kernels are
+    interpreter functions that cannot be compiled nor keyed) and with TRITON_DEFAULT_FP_FUSION set
+    (what the JIT does by default; it is in Triton's cache key when set)."""
+    saved = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             yield pool
     finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+        for name, value in saved.items():
+            _restore(name, value)
 
 
-def compile_all(selected: List[Case], workers: int) -> Dict[Case, tuple]:
-    """{case: (facts, None) or (None, error)}. Compiles in ``_compiling_pool``, then disassembles
-    the kernels in one nvdisasm run per worker and arch."""
-    with _compiling_pool(workers) as pool:
-        return _compile_in(pool, selected, workers)
-
-
-def _compile_in(pool, selected: List[Case], workers: int) -> Dict[Case, tuple]:
-    built = dict(zip(selected, pool.map(compile_case, selected, chunksize=2)))
+def compile_in(pool, selected: List[Case], workers: int, afresh: frozenset = frozenset()) -> Dict[Case, tuple]:
+    """{case: (facts, None) or (None, error)}, compiled in ``pool`` (``compiling_pool``; the cases in
+    ``afresh`` past Triton's cache), then disassembled in one nvdisasm run per worker and arch."""
+    built = dict(zip(selected, pool.map(compile_case, selected, [c in afresh for c in selected], chunksize=2)))
     batches = [(arch, part) for arch in ARCHS for part in _split(
         [c for c in selected if c[2] == arch and built[c][2] is None], workers)]
     disassembled = pool.map(disassembled_facts, [arch for arch, _ in batches],
@@ -414,78 +419,6 @@ def _compile_in(pool, selected: List[Case], workers: int) -> Dict[Case, tuple]:
     return results
 
 
-@functools.lru_cache(maxsize=None)
-def _fact_readers() -> str:
-    """The source of the code that turns a compiled kernel into facts: a recording made by other code
-    is not recalled."""
-    readers = (_source, compile_kernel, compile_case, ptx_facts, text_section, disassemble, sass_opcodes, sass_loops,
-               cubin_resources, sass_facts, build_facts, disassembled_facts, _compile_in)
-    return "".join(inspect.getsource(f) for f in readers) + _PTX_OPCODE.pattern + _INSTRUCTION.pattern
-
-
-def launch_key(case: Case) -> str:
-    """What a case's facts follow from: Triton's cache key of its compile (``triton_cache_key``) and
-    the source of the code that reads the facts from the kernel."""
-    return hashlib.sha256(f"{triton_cache_key(*_launch(case))}-{_fact_readers()}".encode("utf-8")).hexdigest()[:32]
-
-
-def launch_keys(selected: List[Case]) -> List[str]:
-    return [launch_key(c) for c in selected]
-
-
-def recording_path(directory: str) -> str:
-    """The recording of the installed Triton's facts in ``directory``."""
-    return os.path.join(directory, f"triton-{triton.__version__}.json.gz")
-
-
-def read_recording(directory: str) -> Dict[str, dict]:
-    """{launch_key: facts} recorded for the installed Triton ({} if none)."""
-    path = recording_path(directory)
-    if not os.path.exists(path):
-        return {}
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        recorded = json.load(f)
-    if recorded["triton"] != triton.__version__:
-        raise ValueError(f"{path}: recorded under triton {recorded['triton']}, not {triton.__version__}")
-    return {key: row["facts"] for key, row in recorded["launches"].items()}
-
-
-def write_recording(directory: str, results: Dict[Case, tuple], keys: Dict[Case, str]) -> str:
-    """Records the facts of every case that compiled (byte-identical for the same facts)."""
-    launches = {keys[c]: {"id": case_id(c), "facts": facts} for c, (facts, error) in results.items() if error is None}
-    body = json.dumps({"triton": triton.__version__, "launches": launches}, sort_keys=True, separators=(",", ":"))
-    os.makedirs(directory, exist_ok=True)
-    path = recording_path(directory)
-    with open(path + ".tmp", "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
-        f.write(body.encode("utf-8"))
-    os.replace(path + ".tmp", path)
-    return path
-
-
-def recall_or_compile(selected: List[Case], workers: int, recording: Dict[str, dict], check: int = 12,
-                      rng: Optional[random.Random] = None) -> Tuple[Dict[Case, tuple], Dict[str, object]]:
-    """``compile_all``'s results, taking the facts of a case whose ``launch_key`` is in
-    ``recording`` from it (a cold machine compiles each launch in about 1.3 s of CPU) and compiling
-    the rest, and ``check`` recalled cases chosen at random: one whose fresh facts differ from the
-    recording's gets that as its error. Also {"keys", "recalled", "compiled", "checked", "stale":
-    recorded launches that are no case}."""
-    rng = rng or random.Random()
-    with _compiling_pool(workers) as pool:
-        keys = dict(zip(selected, itertools.chain.from_iterable(
-            pool.map(launch_keys, _split(selected, workers)))))
-        recalled = [c for c in selected if keys[c] in recording]
-        checked = rng.sample(recalled, min(check, len(recalled)))
-        fresh = _compile_in(pool, [c for c in selected if keys[c] not in recording] + checked, workers)
-    fresh = {c: tuple(json.loads(json.dumps(result))) for c, result in fresh.items()}  # as a recording reads back
-    results = {c: fresh.get(c) or (recording[keys[c]], None) for c in selected}
-    for c in checked:
-        if fresh[c] != (recording[keys[c]], None):
-            results[c] = (None, f"the recorded facts {recording[keys[c]]} differ from a fresh compile's {fresh[c]}")
-    summary = {"keys": keys, "recalled": len(recalled), "compiled": len(fresh) - len(checked),
-               "checked": [case_id(c) for c in checked], "stale": len(set(recording) - set(keys.values()))}
-    return results, summary
-
-
 def _split(items: list, n: int) -> List[list]:
     """``items`` in at most ``n`` non-empty runs of nearly equal length."""
     size = -(-len(items) // max(1, n)) if items else 1
@@ -493,33 +426,36 @@ def _split(items: list, n: int) -> List[list]:
 
 
 def main(argv=None) -> int:
+    from . import aot_recording as recording
+
     p = argparse.ArgumentParser(description="Compile every Triton launch configuration; write the facts as JSON.")
     p.add_argument("--out", help="write every case's facts (or error) here as JSON")
     p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     p.add_argument("--only", metavar="REGEX", help="compile only the cases whose id (case_id) this matches")
-    p.add_argument("--recorded", metavar="DIR", help="take the facts of launches recorded in DIR for this "
-                   "Triton (recall_or_compile) and compile the rest")
-    p.add_argument("--check", type=int, default=12, help="recalled launches compiled again and compared (default 12)")
-    p.add_argument("--record", metavar="DIR", help="write the facts of every launch to DIR's recording for this Triton")
+    p.add_argument("--recorded", metavar="DIR", help="take the facts of launches recorded in DIR for this Triton "
+                   "build (aot_recording.recall_or_compile) and compile the rest")
+    p.add_argument("--check", type=int, default=12, choices=range(0, 100_000), metavar="N",
+                   help="recalled launches compiled afresh and compared with the recording (default 12)")
+    p.add_argument("--seed", type=int, help="of the choice of the checked launches (default: random)")
+    p.add_argument("--record", metavar="DIR", help="write every launch's facts to DIR's recording for this Triton "
+                   "build (all compiled, unless --recorded is given)")
     args = p.parse_args(argv)
     if args.out is None and args.record is None:
         p.error("give --out, --record or both")
     if args.record and args.only:
         p.error("--record writes every launch: leave out --only")
     selected = [c for c in cases() if args.only is None or re.search(args.only, case_id(c))]
-    recorded = args.recorded or args.record
-    results, summary = recall_or_compile(selected, args.workers, read_recording(recorded) if recorded else {},
-                                         args.check)
+    recorded = recording.read_recording(args.recorded) if args.recorded else {}
+    results, keys, summary = recording.recall_or_compile(selected, args.workers, recorded, args.check, args.seed)
     if args.record:
         failed = [case_id(c) for c, (_, error) in results.items() if error is not None]
         if failed:
             raise SystemExit(f"not recorded: {len(failed)} launches failed to compile or check, e.g. {failed[:3]}")
-        print(write_recording(args.record, results, summary["keys"]), {k: v for k, v in summary.items() if k != "keys"})
+        print(recording.write_recording(args.record, results, keys), summary)
     if args.out:
         rows = [dict(case=list(c), id=case_id(c), facts=f, error=e) for c, (f, e) in results.items()]
         with open(args.out, "w") as f:
-            json.dump(dict(triton=triton.__version__, cases=rows,
-                           summary={k: v for k, v in summary.items() if k != "keys"}), f, indent=1)
+            json.dump(dict(triton=triton.__version__, cases=rows, summary=summary), f, indent=1)
     return 0
 
 
