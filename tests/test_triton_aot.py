@@ -52,10 +52,8 @@ CASES = aot.cases()
 VERSIONS = ["installed", "oldest"]
 RECORDED = os.path.join(ROOT, "tests", "triton_aot_facts")
 WORKERS = max(1, min(4, os.cpu_count() or 1))
-SUMMARIES = {}  # per version: how many launches were recalled, compiled, checked (aot.recall_or_compile)
-
-
-SEED = os.environ.get("LELP_AOT_CHECK_SEED")
+SUMMARIES = {}  # per version: the launches recalled, compiled, checked (aot_recording.recall_or_compile)
+SEED = os.environ.get("LELP_AOT_CHECK_SEED")  # of the recalled launches compiled afresh (default: random)
 
 
 def _compile_installed():
@@ -132,11 +130,11 @@ def test_recording_holds_every_launch_and_no_other(compiled, request):
         f"recorded facts differ from a fresh compile's (seed {summary['seed']}): {summary['check_failed']}")
     assert summary["unrecorded"] == 0 and summary["stale"] == 0, (
         f"{summary['unrecorded']} launches compiled for want of a recording and {summary['stale']} recorded "
-        f"launches that are no case, under triton {compiled_version(request)}: record them "
+        f"launches that are no case, under triton {_version(request)}: record them "
         "(tests/test_triton_aot.py's docstring)")
 
 
-def compiled_version(request) -> str:
+def _version(request) -> str:
     return triton.__version__ if request.node.callspec.params["compiled"] == "installed" else aot.OLDEST_TRITON
 
 

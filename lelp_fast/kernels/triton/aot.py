@@ -425,6 +425,12 @@ def _split(items: list, n: int) -> List[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a whole number of launches from 0, not {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> int:
     from . import aot_recording as recording
 
@@ -434,7 +440,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", metavar="REGEX", help="compile only the cases whose id (case_id) this matches")
     p.add_argument("--recorded", metavar="DIR", help="take the facts of launches recorded in DIR for this Triton "
                    "build (aot_recording.recall_or_compile) and compile the rest")
-    p.add_argument("--check", type=int, default=12, choices=range(0, 100_000), metavar="N",
+    p.add_argument("--check", type=_count, default=12, metavar="N",
                    help="recalled launches compiled afresh and compared with the recording (default 12)")
     p.add_argument("--seed", type=int, help="of the choice of the checked launches (default: random)")
     p.add_argument("--record", metavar="DIR", help="write every launch's facts to DIR's recording for this Triton "
