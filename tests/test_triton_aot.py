@@ -82,15 +82,22 @@ def _oldest_triton_dir():
     return cache
 
 
+def _oldest_env() -> dict:
+    """This process's environment for a subprocess that imports the oldest supported Triton (and
+    compiles into its own kernel cache), without the interpreter."""
+    site = _oldest_triton_dir()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([site, ROOT])
+    env.setdefault("TRITON_CACHE_DIR", os.path.join(site, "..", f"triton-{aot.OLDEST_TRITON}-kernels"))
+    return env
+
+
 def _compile_oldest(tmp_path_factory):
     """The same cases compiled by the oldest supported Triton, in a subprocess that imports it first."""
     if triton.__version__ == aot.OLDEST_TRITON:
         pytest.skip(f"the installed Triton is the oldest supported ({aot.OLDEST_TRITON}): compiled above")
-    site = _oldest_triton_dir()
     out = tmp_path_factory.mktemp("aot_oldest") / "facts.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([site, ROOT])
-    env.setdefault("TRITON_CACHE_DIR", os.path.join(site, "..", f"triton-{aot.OLDEST_TRITON}-kernels"))
+    env = _oldest_env()
     seed = [] if SEED is None else ["--seed", SEED]
     done = subprocess.run([sys.executable, "-m", "lelp_fast.kernels.triton.aot", "--out", str(out), "--recorded",
                            RECORDED, "--workers", str(WORKERS), *seed], env=env, capture_output=True, text=True,
@@ -155,11 +162,8 @@ def test_triton_cache_key_is_the_key_triton_caches_the_compile_under(op, version
     interpreter's)."""
     index = next(i for i, c in enumerate(CASES)  # a dtype pair beyond the variant's own, where it has one
                  if c[0] == op and (op == "scale" or c[3] not in (None, ("bf16", "bf16"))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _oldest_env() if version == "oldest" else {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    if version == "oldest":
-        env["PYTHONPATH"] = os.pathsep.join([_oldest_triton_dir(), ROOT])
-        env["TRITON_CACHE_DIR"] = os.path.join(_oldest_triton_dir(), "..", f"triton-{aot.OLDEST_TRITON}-kernels")
     done = subprocess.run([sys.executable, "-c", _KEY_MATCHES, str(index)], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
