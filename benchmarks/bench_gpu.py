@@ -88,6 +88,8 @@ def check_targets(device, failures):
     for backend in gpu_backends(device):
         for i, (n, d, c, s) in enumerate(cases):
             for dtype, with_head in targets_check_cases(i):
+                if not SHARD.takes_next():
+                    continue
                 why = targets_unsupported(backend, c, s, with_head)
                 if why:  # auto sends it to the next backend (tests/test_dispatch.py)
                     print(f"  skip targets {backend} C={c} S={s} head={with_head}: {why}")
@@ -113,6 +115,25 @@ def check_targets(device, failures):
 
 
 TARGETS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Shard:
+    """``--shard I/N``: this process runs every N-th case of the targets and loss checks, from the
+    I-th. On a GPU the loss check compiles about 300 kernels one after another (1-2 s each), so
+    gpu_session.sh runs the shards side by side, in processes sharing Triton's cache."""
+
+    def __init__(self, spec: str = "0/1"):
+        index, _, count = spec.partition("/")
+        if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+            raise SystemExit(f"--shard takes I/N with 0 <= I < N, got {spec!r}")
+        self.index, self.count, self.seen = int(index), int(count), -1
+
+    def takes_next(self) -> bool:
+        self.seen += 1
+        return self.seen % self.count == self.index
+
+
+SHARD = Shard()
 
 
 def check_cases(seed, *axes):
@@ -142,6 +163,8 @@ def check_loss(device, failures):
     for backend in gpu_backends(device):
         for i, (n, c, s) in enumerate([(1, 2, 1), (37, 2, 8), (1031, 5, 8), (9, 3, 13), (64, 2, 256), (33, 4, 10)]):
             for dtype, div, m in loss_check_cases(list(tol), i):
+                if not SHARD.takes_next():
+                    continue
                 g = torch.Generator().manual_seed(n * s + c)
                 k = c * s
                 student = (torch.randn(n, k, generator=g, dtype=torch.float64) * 3).to(dtype)
@@ -236,7 +259,7 @@ def check_past_2_31(device, failures, n=(1 << 27) + 3):
     log_t = torch.log_softmax(torch.randn(n, k, device=device, generator=g), -1).bfloat16()
     y = torch.randint(0, c, (n,), device=device, generator=g)
     s64 = student[tail].double().requires_grad_(True)
-    want = reference.distillation_loss(s64, log_t[tail].double(), y[tail].cpu(), num_classes=c, n_subclasses=s,
+    want = reference.distillation_loss(s64, log_t[tail].double(), y[tail], num_classes=c, n_subclasses=s,
                                        tau=2.0, alpha=0.1, reduction="none")
     (want_grad,) = torch.autograd.grad(want.sum(), s64)
     for backend in gpu_backends(device):
@@ -421,14 +444,16 @@ def print_jobs(jobs):
 COLUMNS = ["op", "shape", "dtype", "floor", "triton", "cuda", "eager", "compile", "compile bf16"]
 
 
-def print_table(rows):
+def print_table_head():
     print("| " + " | ".join(COLUMNS) + " | best / floor | compile / best |")
-    print("|" + "---|" * (len(COLUMNS) + 2))
-    for r in rows:
-        ours = min([r[b] for b in ("triton", "cuda") if b in r] or [float("nan")])
-        peer = min([r[b] for b in ("compile", "compile bf16") if b in r] or [float("nan")])
-        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "—")) for c in COLUMNS]
-        print("| " + " | ".join(cells) + f" | {ours / r['floor']:.2f} | {peer / ours:.2f} |")
+    print("|" + "---|" * (len(COLUMNS) + 2), flush=True)
+
+
+def print_table_row(r):
+    ours = min([r[b] for b in ("triton", "cuda") if b in r] or [float("nan")])
+    peer = min([r[b] for b in ("compile", "compile bf16") if b in r] or [float("nan")])
+    cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "—")) for c in COLUMNS]
+    print("| " + " | ".join(cells) + f" | {ours / r['floor']:.2f} | {peer / ours:.2f} |", flush=True)
 
 
 def main() -> int:
@@ -439,7 +464,14 @@ def main() -> int:
     p.add_argument("--workdir", default="/tmp/lelp_bench_gpu", help="where the jobs' data file and outputs go")
     p.add_argument("--check", default=None,
                    help=f"run only these checks (comma-separated, of {','.join(CHECKS)}; 'none': tables only)")
+    p.add_argument("--shard", default="0/1", help="I/N: every N-th case of the targets and loss checks, from the I-th")
+    p.add_argument("--parts", default="kernels,jobs", help="which tables: kernels (targets, loss), jobs, or both")
     args = p.parse_args()
+    global SHARD
+    SHARD = Shard(args.shard)
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"kernels", "jobs"}:
+        raise SystemExit(f"--parts takes kernels, jobs or kernels,jobs, got {args.parts!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no GPU: run with --device cpu under TRITON_INTERPRET=1 for a logic check", file=sys.stderr)
         return 2
@@ -458,32 +490,53 @@ def main() -> int:
         return 1 if failures else 0
 
     big = not args.quick and args.device == "cuda"
-    bw = copy_bandwidth(args.device, (1 << 30) if big else (1 << 22))
-    print(f"copy bandwidth: {bw / 1e9:.3f} TB/s (read + write)" if args.device == "cuda"
+    if "kernels" in parts:
+        kernel_tables(args.device, big, RowWriter(args.csv, name))
+    if "jobs" in parts:
+        jobs = []
+        time_jobs(args.device, *((1_600_000, 768) if big else (20_000, 64)), args.workdir, jobs)
+        print_jobs(jobs)
+        if args.csv:
+            write_jobs_csv(os.path.splitext(args.csv)[0] + "_jobs.csv", jobs, name)
+    return 1 if failures else 0
+
+
+def kernel_tables(device, big, rows):
+    """The targets and loss tables, each row printed (and written) as soon as it is measured, so a
+    run stopped by its time limit keeps what it measured."""
+    bw = copy_bandwidth(device, (1 << 30) if big else (1 << 22))
+    print(f"copy bandwidth: {bw / 1e9:.3f} TB/s (read + write)" if device == "cuda"
           else f"copy bandwidth: {bw / 1e6:.2f} GB/s", flush=True)
     t_sizes = ([(4 << 20, 768, 2, 8), (4 << 20, 768, 5, 8), (4 << 20, 768, 8, 16), (1 << 20, 4096, 2, 8),
                 (1 << 20, 4096, 5, 8), (1 << 20, 4096, 8, 16)] if big else [(4096, 64, 2, 8), (1000, 40, 5, 8)])
     l_sizes = ([(4 << 20, c, s, dt) for (c, s) in ((2, 8), (2, 20), (8, 16), (16, 32), (2, 1))
                 for dt in (torch.bfloat16, torch.float32)]
                if big else [(4096, 2, 8, torch.bfloat16), (999, 2, 20, torch.float32)])
-    rows = []
-    time_targets(args.device, t_sizes, rows, bw)
-    time_loss(args.device, l_sizes, rows, bw)
-    print_table(rows)
-    jobs = []
-    time_jobs(args.device, *((1_600_000, 768) if big else (20_000, 64)), args.workdir, jobs)
-    print_jobs(jobs)
-    if args.csv:
-        write_jobs_csv(os.path.splitext(args.csv)[0] + "_jobs.csv", jobs, name)
-        fresh = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as f:
+    print_table_head()
+    time_targets(device, t_sizes, rows, bw)
+    time_loss(device, l_sizes, rows, bw)
+
+
+class RowWriter(list):
+    """The measured rows: each printed as a table line, and appended to the CSV file if one is named."""
+
+    def __init__(self, path, device_name):
+        super().__init__()
+        self.path, self.device_name = path, device_name
+
+    def append(self, row):
+        super().append(row)
+        print_table_row(row)
+        if not self.path:
+            return
+        fresh = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS + ["device", "torch", "lelp_fast", "date"])
             if fresh:
                 writer.writeheader()
-            for r in rows:
-                writer.writerow({**{c: r.get(c, "") for c in COLUMNS}, "device": name, "torch": torch.__version__,
-                                 "lelp_fast": __version__, "date": datetime.date.today().isoformat()})
-    return 1 if failures else 0
+            writer.writerow({**{c: row.get(c, "") for c in COLUMNS}, "device": self.device_name,
+                             "torch": torch.__version__, "lelp_fast": __version__,
+                             "date": datetime.date.today().isoformat()})
 
 
 def write_jobs_csv(path, jobs, device_name):

@@ -1,80 +1,103 @@
 #!/usr/bin/env bash
-# The device call(s) of a session lent a GPU (issues 12, 21): build with the CUDA kernels, validate
-# every GPU op against the fp64 reference (each bench_gpu.py check in its own process, so one crash
-# cannot hide the rest), run every backend's GPU tests (tests/test_triton.py included), then time
-# (bench_gpu.py's tables). python3 is the GPU image's Python. Not yet run on a GPU. The timeouts
-# (4 x 60 s checks, 2 x 120 s tests, 240 s tables, plus the build) can add up to more than one
-# 10-minute call: LELP_GPU_PARTS picks the parts of one call ("checks tests" in one, "tables" in
-# the next; default all three). Results go to $OUT (the device tool brings them back):
-# results.txt (every part's exit status, printed first), gpu.txt, build.log, check_<name>.txt,
-# gpu_tests.txt, bench_gpu.txt/.csv/_jobs.csv.
-#   bash benchmarks/gpu_session.sh                  # on the GPU machine
-#   LELP_GPU_DRY=1 bash benchmarks/gpu_session.sh   # logic check on a CPU machine (tiny sizes)
+# The device call of a session lent a GPU (issues 12, 21), sized for one call of a 15-minute lease:
+#  1. the extension with the CUDA kernels: a build carried from the developer's machine
+#     (LELP_GPU_EXT=path/to/_C.cpython-312-x86_64-linux-gnu.so, built with nvcc for sm_80/sm_90) if it
+#     imports with CUDA there, else `pip install --no-build-isolation --no-deps -e .`;
+#  2. side by side, each in its own process so one crash cannot hide the rest: every bench_gpu.py
+#     check against the fp64 reference (the targets and loss checks in shards, each shard compiling
+#     its own kernels into Triton's shared cache), every backend's GPU tests (tests/test_triton.py
+#     included), and one untimed pass over the tables that fills Triton's and Inductor's caches;
+#  3. alone on the GPU: the tables (bench_gpu.py's kernels, then its jobs), as long as time is left.
+# A part that ran out of time is recorded with rc=124. Results go to $OUT (the device tool brings
+# back at most 8 files): results.txt (every part's exit status), tables.txt, bench_gpu.csv,
+# bench_gpu_jobs.csv, logs.tar.gz (every part's full log), triton_cache.tar.gz (the kernels the JIT
+# compiled: metadata and cubins). The summary is printed last.
+#   LELP_GPU_EXT=.gpu_carry/_C.cpython-312-x86_64-linux-gnu.so bash benchmarks/gpu_session.sh
+#   LELP_GPU_DRY=1 bash benchmarks/gpu_session.sh    # logic check on a CPU machine (tiny sizes)
+# LELP_GPU_DEADLINE (s, default 500) bounds the whole script: give the device call more than that.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/lelp_gpu_session}"
+logs="$(mktemp -d)"
 mkdir -p "$out"
 dry="${LELP_GPU_DRY:-0}"
-parts=" ${LELP_GPU_PARTS:-checks tests tables} "
+deadline=$((SECONDS + ${LELP_GPU_DEADLINE:-500}))
+# The kernels the JIT compiled, brought back to hold against the facts the CPU gates recorded
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$logs/triton_cache}"
 : > "$out/results.txt"
-failed=0
 
-record() {  # record NAME RC: one line per part in results.txt
-  echo "$1: rc=$2" >> "$out/results.txt"
-  [ "$2" = 0 ] || failed=1
+left() {  # seconds left before the deadline, at most $1
+  local n=$((deadline - SECONDS))
+  ((n < $1)) && echo $((n > 1 ? n : 1)) || echo "$1"
 }
 
-{ nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$out/gpu.txt"
-if [ "$dry" != 1 ]; then
-  python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1
-  build_rc=$?
-  record build "$build_rc"
-  [ "$build_rc" = 0 ] || { tail -40 "$out/build.log"; cat "$out/results.txt"; exit 1; }
-fi
-python3 -c "import lelp_fast._C as c; print('extension has_cuda:', c.has_cuda)" | tee -a "$out/gpu.txt"
+part() {  # part NAME TIMEOUT CMD...: runs CMD into logs/NAME.txt, records its exit status
+  local name=$1 limit
+  limit=$(left "$2")
+  shift 2
+  timeout "$limit" "$@" > "$logs/$name.txt" 2>&1
+  echo "$name: rc=$?" >> "$out/results.txt"
+}
 
-# Timeouts (s): checks, tests, tables. The dry mode runs the Triton interpreter on a CPU: slower.
+{ date -u; nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; echo "cpus: $(nproc)"
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} | tee "$logs/machine.txt"
+
+# 1. The extension, imported from this tree.
+export PYTHONPATH="$PWD"
 if [ "$dry" = 1 ]; then
+  echo "extension: as installed (dry run)" | tee -a "$logs/machine.txt"
+elif [ -n "${LELP_GPU_EXT:-}" ] && cp "$LELP_GPU_EXT" lelp_fast/ \
+     && python3 -c "import lelp_fast._C as c; assert c.has_cuda" >> "$logs/machine.txt" 2>&1; then
+  echo "extension: carried $LELP_GPU_EXT" | tee -a "$logs/machine.txt"
+else
+  rm -f lelp_fast/_C.*.so
+  part build 300 python3 -m pip install --no-build-isolation --no-deps -e .
+  echo "extension: built here ($(tail -1 "$out/results.txt"))" | tee -a "$logs/machine.txt"
+fi
+python3 -c "import lelp_fast._C as c; print('extension has_cuda:', c.has_cuda, c.__file__)" 2>&1 | tee -a "$logs/machine.txt"
+
+if [ "$dry" = 1 ]; then  # the Triton interpreter on a CPU: slower, tiny sizes
   bench=(env TRITON_INTERPRET=1 python3 benchmarks/bench_gpu.py --device cpu --quick)
-  t_check=900; t_tests=900; t_tables=600
+  triton_tests=(--co tests/test_triton.py)  # under the interpreter only its collection is checked here
 else
   bench=(python3 benchmarks/bench_gpu.py)
-  t_check=60; t_tests=120; t_tables=240
+  triton_tests=(tests/test_triton.py)
 fi
+xdist=()
+python3 -c "import xdist" 2>/dev/null && xdist=(-n 4)
+targets_shards=3
+loss_shards=8
 
-# 1. The checks, each in its own process.
-if [[ "$parts" == *" checks "* ]]; then
-  for check in targets loss online_loss past_2_31; do
-    timeout "$t_check" "${bench[@]}" --check "$check" > "$out/check_$check.txt" 2>&1
-    record "check $check" $?
-  done
-fi
-
-# 2. The GPU tests of every backend (they skip without a GPU; -k also picks the cuda_emu cases,
-# which run anywhere). tests/test_triton.py is the default backend's: all of it runs on a GPU; in
-# the dry mode it runs under the interpreter, so only its collection is checked there.
-triton_tests=(tests/test_triton.py)
-[ "$dry" = 1 ] && triton_tests=(--co tests/test_triton.py)
-if [[ "$parts" == *" tests "* ]]; then
-  timeout "$t_tests" python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_ops_loss.py \
-    tests/test_ops_targets.py tests/test_device_copy.py tests/test_fit_streaming.py tests/test_offline_targets.py \
-    tests/test_gpu_graphs.py > "$out/gpu_tests.txt" 2>&1
-  record "gpu tests (cuda, gpu)" $?
-  timeout "$t_tests" python3 -m pytest -q -p no:cacheprovider "${triton_tests[@]}" >> "$out/gpu_tests.txt" 2>&1
-  record "gpu tests (triton)" $?
-fi
-
-# 3. The tables (no checks: they ran above).
-if [[ "$parts" == *" tables "* ]]; then
-  timeout "$t_tables" "${bench[@]}" --check none --csv "$out/bench_gpu.csv" > "$out/bench_gpu.txt" 2>&1
-  record "tables" $?
-fi
-
-# Results first, then the tables.
-echo "== results"; cat "$out/results.txt"
-for check in targets loss online_loss past_2_31; do
-  [ -f "$out/check_$check.txt" ] && grep -E "^checks|FAIL|Error" "$out/check_$check.txt" | head -20
+# 2. Side by side: the checks, the GPU tests, and a pass over the tables that warms the caches.
+for ((i = 0; i < targets_shards; i++)); do
+  part "check_targets_$i" 270 "${bench[@]}" --check targets --shard "$i/$targets_shards" &
 done
-[ -f "$out/gpu_tests.txt" ] && grep -E "passed|failed|error" "$out/gpu_tests.txt" | tail -4
-echo "== tables"; [ -f "$out/bench_gpu.txt" ] && tail -40 "$out/bench_gpu.txt"
-exit "$failed"
+for ((i = 0; i < loss_shards; i++)); do
+  part "check_loss_$i" 270 "${bench[@]}" --check loss --shard "$i/$loss_shards" &
+done
+part check_online_loss 270 "${bench[@]}" --check online_loss &
+part check_past_2_31 270 "${bench[@]}" --check past_2_31 &
+part tests_triton 270 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" "${triton_tests[@]}" &
+# -k also picks the cuda_emu cases, which run anywhere
+part tests_gpu 270 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "cuda or gpu" tests/test_ops_loss.py \
+  tests/test_ops_targets.py tests/test_device_copy.py tests/test_fit_streaming.py tests/test_offline_targets.py \
+  tests/test_gpu_graphs.py &
+part tables_warm 270 "${bench[@]}" --check none --parts kernels &
+wait
+
+# 3. Alone on the GPU: the tables, then the jobs.
+part tables 240 "${bench[@]}" --check none --parts kernels --csv "$out/bench_gpu.csv"
+part jobs 150 "${bench[@]}" --check none --parts jobs --csv "$out/bench_gpu.csv"
+cat "$logs/machine.txt" "$logs/tables.txt" "$logs/jobs.txt" > "$out/tables.txt" 2>/dev/null
+tar czf "$out/logs.tar.gz" -C "$logs" --exclude triton_cache .
+# the JIT's metadata and cubins (json alone if the two pass 15 MB)
+(cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name "*.json" -o -name "*.cubin" | tar czf "$out/triton_cache.tar.gz" -T - \
+  && { [ "$(stat -c %s "$out/triton_cache.tar.gz")" -lt 15000000 ] || find . -name "*.json" | tar czf "$out/triton_cache.tar.gz" -T -; })
+
+# The summary: every part's status, the checks' failures, the tests' counts, then the tables.
+echo "== results (${SECONDS} s)"; cat "$out/results.txt"
+grep -h -E "^checks|FAIL|Error" "$logs"/check_*.txt | sort | uniq -c | sort -rn | head -30
+grep -h -E "passed|failed|error" "$logs"/tests_*.txt | tail -6
+echo "== tables"; tail -30 "$logs/tables.txt"; tail -9 "$logs/jobs.txt" 2>/dev/null
+! grep -qv "rc=0$" "$out/results.txt"
