@@ -326,12 +326,13 @@ class _ReducedWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        (grad,) = ctx.saved_tensors  # scaled in place below: autograd's version counter catches a reuse
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():  # before the saved gradient is unpacked: on a GPU the
+            # first backward's in-place scale bumped its version, and autograd's own error would say less
             if getattr(ctx, "handed_on", False):
                 raise RuntimeError("lelp_fast: the fused loss's gradient was handed on by the first backward; "
                                    "backward through the same loss twice (retain_graph=True) is not supported")
             ctx.handed_on = True
+        (grad,) = ctx.saved_tensors  # scaled in place below: autograd's version counter catches a reuse
         if grad_output.device.type == "cpu" and not torch.compiler.is_compiling():
             if float(grad_output) != 1.0:  # no sync on the CPU; the common loss.backward() moves nothing
                 grad.mul_(grad_output)
