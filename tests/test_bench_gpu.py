@@ -60,3 +60,18 @@ def test_targets_check_takes_the_whole_product_on_a_gpu_and_a_cross_section_inte
     per_shape = [bench_gpu.targets_check_cases(i) for i in range(10)]
     assert all(len(cases) == 1 for cases in per_shape)
     assert {case for cases in per_shape for case in cases} == set(product)
+
+
+def test_targets_sweep_quick_run_on_the_cpu(tmp_path):
+    """benchmarks/sweep_targets_gpu.py (the H200's config sweep, 2026-12-04) runs end to end under the
+    interpreter: each config's error against the reference on the sampled rows, and the best ones."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "sweep_targets_gpu.py", "--device", "cpu", "--quick", "--csv",
+                          str(tmp_path / "sweep.csv")], cwd=os.path.join(ROOT, "benchmarks"), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    best = [line for line in out.stdout.splitlines() if line.startswith("best at ")]
+    assert len(best) == 2 and all("kernel 64/64/4/1/" in line for line in best), out.stdout
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and all(float(r.split(",")[-2]) < 1e-4 for r in rows[1:]), rows

@@ -90,8 +90,7 @@ def one_program_per_group(monkeypatch):
     return triton_targets
 
 
-# (n, d, C, S, with_head): d = 64 and 128 are whole 64-row slices, so 16-bit inputs take the
-# resident form (the map loaded once per program); d = 37 and fp32 inputs stream it per row tile.
+# (n, d, C, S, with_head): d = 37 is no whole number of BLOCK_D slices.
 PERSISTENT_SHAPES = [(1, 64, 3, 5, True), (261, 128, 2, 8, False), (261, 37, 3, 5, True), (130, 64, 4, 16, False)]
 
 
@@ -121,8 +120,6 @@ def test_interpreter_rounds_fp32_to_bf16_as_a_gpu_does():
 @pytest.mark.parametrize("shape", PERSISTENT_SHAPES)
 def test_triton_targets_persistent_loop_matches_reference(one_program_per_group, dtype, shape):
     n, d, num_classes, s, with_head = shape
-    form = one_program_per_group.plan(d, num_classes, s, dtype, with_head).kernel
-    assert (form == "lelp_targets_resident_kernel") == (dtype != torch.float32 and d % 64 == 0)
     test_triton_targets_match_reference(dtype, (n, d, num_classes, s), with_head)
 
 

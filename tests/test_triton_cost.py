@@ -101,40 +101,20 @@ def _interpreted_step_bytes(dtype, subclass_weight=1.0, forward_only=False):
     return ast.literal_eval(done.stdout.strip().splitlines()[-1])
 
 
-def test_targets_map_is_read_once_per_program_or_per_row_tile():
+def test_targets_map_is_read_once_per_row_tile():
     """The targets' bytes per row at the issue's shapes, as launched (``targets.plan``): h once, the
-    output once, and the map's bytes over the rows one read of it serves: all of a program's rows
-    where it stays in shared memory (16-bit inputs, K = 16 at d = 768: 98,304 B), else one row tile,
-    fp32 included (its map in bf16 hi + lo parts, 4 B per entry): 256 rows at K = 16, 128 at 128.
-    Before, each 64-row program read the whole map: 1,536 B per row at K = 16, 6,912 B at K = 128 in
-    bf16; and until 2026-12-02 fp32 read its map once per 64 rows at K = 128."""
+    output once, and the map's bytes over the rows of one tile (128), fp32 included (its map in bf16
+    hi + lo parts, 4 B per entry). Before the persistent kernel each 64-row program read the whole
+    map: 1,536 B per row at K = 16, 6,912 B at K = 128 in bf16. (Until 2026-12-04 a resident form
+    read a K = 16 16-bit map once per program; on the H200 it was the slower, and was removed.)"""
     from lelp_fast.kernels.triton import targets
 
-    rows = cost.TARGETS_ROWS
     for i, c, s in cost.targets_cost_variants():
         v = targets.VARIANTS[i]
         b = cost.targets_bytes_per_row(v, targets.COST_D, c, s)
         item = cost.DTYPE_BYTES[v["dtype"]]
         assert b["h"] == 768 * item and b["out"] == c * s * 4
-        if "N_CHUNKS" in v["constexprs"]:
-            assert v["dtype"] == "bf16" and c * s == 16
-            assert b["rows_per_map_read"] == rows / (2 * cost.SMS)  # 2 programs per SM
-            assert b["map"] < 0.01 * b["floor"], b
-        else:
-            rows_per_tile = v["constexprs"]["BLOCK_N"]
-            assert b["rows_per_map_read"] == rows_per_tile >= (256 if c * s <= 16 else 128), (v, b)
-            columns = c * s + (0 if v["constexprs"]["HAS_LOGITS"] else 16)
-            assert b["map"] == 768 * columns * 4 / rows_per_tile, (v, b)
-
-
-def test_targets_k16_bf16_bytes_at_the_floor():
-    """K = 16 with the head, bf16: 1,536 B of h + 64 of output per row, and the 98,304 B map read by
-    264 programs over 4 M rows: 6 B per row, 1.004 x the floor."""
-    from lelp_fast.kernels.triton import targets
-
-    p = targets.plan(768, 4, 4, torch.bfloat16, with_head=True)
-    assert p.kernel == "lelp_targets_resident_kernel"
-    v = dict(kernel=p.kernel, dtype="bf16", config=p.config, constexprs=p.constexprs)
-    b = cost.targets_bytes_per_row(v, 768, 4, 4)
-    assert b["floor"] == 1536 + 64 and b["map"] == pytest.approx(98_304 * 264 / cost.TARGETS_ROWS)
-    assert b["total"] / b["floor"] < 1.005
+        rows_per_tile = v["constexprs"]["BLOCK_N"]
+        assert b["rows_per_map_read"] == rows_per_tile >= 128, (v, b)
+        columns = c * s + (0 if v["constexprs"]["HAS_LOGITS"] else 16)
+        assert b["map"] == 768 * columns * 4 / rows_per_tile, (v, b)

@@ -326,8 +326,7 @@ def case_id(case: Case) -> str:
         c = v["constexprs"]
         return (f"targets-sm{arch}-{v['dtype']}-n{c['BLOCK_N']}d{c['BLOCK_D']}w{v['config'].num_warps}"
                 f"s{v['config'].num_stages}-{c['C_PAD']}x{c['S_PAD']}-{'logits' if c['HAS_LOGITS'] else 'head'}-"
-                f"{'exact' if c['EXACT'] else 'pad'}" + (f"-resident{c['N_CHUNKS']}" if "N_CHUNKS" in c else "")
-                + (f"-z{dts[1]}-o{dts[2]}" if dts else ""))
+                f"{'exact' if c['EXACT'] else 'pad'}" + (f"-z{dts[1]}-o{dts[2]}" if dts else ""))
     v = loss.VARIANTS[i]
     c = v["constexprs"]
     return (f"loss-sm{arch}-{dts[0]}-K{c['K']}-n{c['BLOCK_N']}w{v['num_warps']}-div{c['DIVERGENCE']}-"
@@ -344,8 +343,7 @@ def _launch(case: Case) -> tuple:
     op, i, arch, dts = case
     if op == "targets":
         v = targets.VARIANTS[i]
-        signature = targets.signature(v["dtype"], logits_dtype=dts and dts[1], out_dtype=dts[2] if dts else "fp32",
-                                      resident="N_CHUNKS" in v["constexprs"])
+        signature = targets.signature(v["dtype"], logits_dtype=dts and dts[1], out_dtype=dts[2] if dts else "fp32")
         return (getattr(targets, v["kernel"]), signature, v["constexprs"], arch, v["config"].num_warps,
                 v["config"].num_stages)
     if op == "scale":

@@ -304,18 +304,16 @@ def targets_bytes_per_row(v: dict, d: int, num_classes: int, n_subclasses: int, 
                           out_bytes: int = TARGETS_OUT_BYTES) -> Dict[str, float]:
     """Global-memory bytes per row of the launch ``v`` (an entry of ``targets.VARIANTS``): h read once
     per class group, the teacher logits, the output written once, and the map's bytes per program
-    divided by the rows that one read of it serves (the resident form: all the program's rows; the
-    streaming form: one row tile). ``floor`` reads h and the logits once and writes the output once."""
+    divided by the rows that one read of it serves (one row tile). ``floor`` reads h and the logits
+    once and writes the output once."""
     from . import targets
 
     c = v["constexprs"]
     item = DTYPE_BYTES[v["dtype"]]
     groups = c["C_PAD"] // c["C_BLOCK"]
-    resident = "N_CHUNKS" in c
-    map_rows = c["N_CHUNKS"] * c["BLOCK_D"] if resident else d
     columns = c["C_BLOCK"] * c["S_PAD"] + (0 if c["HAS_LOGITS"] else 16)
-    map_read = map_rows * columns * 2 * targets.map_dtype(targets.TORCH_DTYPES[v["dtype"]]).itemsize  # hi + lo
-    rows_per_read = n / targets_row_programs(n, c["BLOCK_N"]) if resident else c["BLOCK_N"]
+    map_read = d * columns * 2 * targets.map_dtype(targets.TORCH_DTYPES[v["dtype"]]).itemsize  # hi + lo
+    rows_per_read = c["BLOCK_N"]
     h, logits = d * item, (num_classes * item if c["HAS_LOGITS"] else 0)
     out = num_classes * n_subclasses * out_bytes
     moved = {"h": h * groups, "logits": logits * groups, "out": out, "map": groups * map_read / rows_per_read}
@@ -341,7 +339,7 @@ def targets_flops_per_row(v: dict, d: int) -> Tuple[str, float]:
     """(tensor-core type, FLOP per row): every group's columns and its head, each map part."""
     c = v["constexprs"]
     kind, passes = MMA_PASSES[v["dtype"]]
-    map_rows = c["N_CHUNKS"] * c["BLOCK_D"] if "N_CHUNKS" in c else -(-d // c["BLOCK_D"]) * c["BLOCK_D"]
+    map_rows = -(-d // c["BLOCK_D"]) * c["BLOCK_D"]
     groups = c["C_PAD"] // c["C_BLOCK"]
     columns = groups * (c["C_BLOCK"] * c["S_PAD"] + (0 if c["HAS_LOGITS"] else 16))
     return kind, 2.0 * map_rows * columns * passes
@@ -382,7 +380,7 @@ def targets_table(facts_json: str) -> str:
         facts = json.load(f)
     by_case = {(r["case"][1], r["case"][2]): r for r in facts["cases"]  # in the variant's own dtypes
                if r["case"][0] == "targets" and not r["case"][3]}
-    lines = ["| Triton | dtype | K (C x S) | logits | form, BLOCK_N x BLOCK_D, warps | rows / map read | bytes / row: "
+    lines = ["| Triton | dtype | K (C x S) | logits | BLOCK_N x BLOCK_D, warps | rows / map read | bytes / row: "
              "h + map + logits + out (floor) | SASS / element | H100: memory, issue, MMA / floor | H200 |",
              "|" + "---|" * 10]
     d = targets.COST_D
@@ -399,10 +397,9 @@ def targets_table(facts_json: str) -> str:
             m = targets_model(row["facts"], v, d, c, s, device)
             cells.append(f"{m['memory'] / m['floor']:.2f}, {m['issue'] / m['floor']:.2f}, {m['mma'] / m['floor']:.2f}"
                          f" → **{m['over_floor']:.2f}**")
-        form = "resident" if "N_CHUNKS" in ce else "streaming"
         logits = "yes" if ce["HAS_LOGITS"] else "no"
         lines.append(f"| {facts['triton']} | {v['dtype']} | {c * s} ({c} x {s}) | {logits} "
-                     f"| {form}, {ce['BLOCK_N']} x {ce['BLOCK_D']}, {v['config'].num_warps} "
+                     f"| {ce['BLOCK_N']} x {ce['BLOCK_D']}, {v['config'].num_warps} "
                      f"| {b['rows_per_map_read']:,.0f} "
                      f"| {b['h']:.0f} + {b['map']:.0f} + {b['logits']:.0f} + {b['out']:.0f}"
                      f" ({b['floor']:.0f}) | {per_element:.0f} | {cells[0]} | {cells[1]} |")

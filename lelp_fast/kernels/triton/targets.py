@@ -1,16 +1,14 @@
 """Triton kernel of the targets op: projection + both segmented log-softmaxes, one pass.
 
-The kernels are persistent: about two programs per SM (per class group), each looping over row
-tiles of ``BLOCK_N`` rows (128, or 256 at most 16 columns), so the map is read once per program
-or once per tile, never once per 64 rows. Where a 16-bit map fits in shared memory (at most 96 KiB:
-K = 16 with the head at d = 768) the resident form loads it once and keeps it for all of the
-program's rows; otherwise the streaming form reads it from L2 once per tile. Both stream h in
-``BLOCK_D`` slices through 16-bit tensor-core dots. The fp32 map is split on the host
+The kernel is persistent: about two programs per SM (per class group), each looping over row
+tiles of ``BLOCK_N`` rows and streaming the map from L2 once per tile, and h in ``BLOCK_D`` slices,
+through 16-bit tensor-core dots. (A resident form that kept a small 16-bit map in shared memory was
+removed on 2026-12-04: on the H200 it took 3.01 ms at its own shape, K = 16 with the head at d = 768,
+where this form takes 1.81 ms.) The fp32 map is split on the host
 (``split_map``, cached) into a ``hi`` and a ``lo`` part of the input dtype (bf16 for fp32 inputs),
 per-column power-of-two scaled so fp16 neither overflows nor underflows: ``h @ A = (h @ hi + h @ lo)
 · col_scale`` keeps fp32-like accuracy (16 bits of each column) at bf16/fp16 speed (two chained dots
-into one fp32 accumulator; the resident form interleaves hi and lo columns in one operand, one dot,
-and adds the halves after the slices). fp32 h is split in the kernel into bf16 hi + lo: three dots,
+into one fp32 accumulator). fp32 h is split in the kernel into bf16 hi + lo: three dots,
 h_lo @ lo left out (errors up to ~2^-16 of a row's largest |log t|; the ``tf32x3`` dots before,
 with the map re-split in every tile, were modelled at 4.8x the H200's floor at K = 128).
 The subclass columns are laid out as a padded ``C_PAD x S_PAD`` grid, so the epilogue reshapes
@@ -57,7 +55,7 @@ def map_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class Config(NamedTuple):
-    """One launch configuration; every one the launcher can produce is listed in CONFIGS."""
+    """One launch configuration; every one the launcher can produce is listed in CONFIGS or FP32_CONFIGS."""
 
     block_n: int
     block_d: int
@@ -71,24 +69,33 @@ class Config(NamedTuple):
 # 100-400 B/thread and 64 x 512 1.5-12 KB under every config tried (sm_80/sm_90, Triton 3.9), and
 # needed up to 565 KB of shared memory at 3 stages (OutOfResources on any GPU).
 COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
-# The streaming form's configs. Rows per tile = 128 (two wgmma M tiles), so one read of the map from
-# L2 serves 128 rows (issue 21); 256 for programs of at most 16 columns (at 32 columns 256 rows
-# spilled 8 B for 16-bit inputs with the head on a padded grid, sm_90, Triton 3.9; at 64, 72-104 B),
-# which halves the map's bytes per row there (fp32 K = 16 at d = 768: 1.24 -> 1.12x the floor).
-# BLOCK_D: 32 up to 64 columns; 16 at 128 (32 spilled on padded
-# grids and at 512 x 1: fp32 16-256 B per thread, 16-bit 8-208 B, sm_80/sm_90, Triton 3.9; 64 spilled
-# on both archs), with 8 warps (4 spilled 48-144 B for fp32 with given logits under Triton 3.6,
-# under the tf32x3 dots fp32 took before). 3 stages keep two copies in flight under each dot,
-# except at 128 columns: 2 (3 spilled 48 B at 512 x 1 with given logits on sm_90 under Triton 3.9;
-# for fp32, 40-48 B on sm_80 with 64-logit chunks).
-# fp32 inputs take the same configs, their h split into bf16 parts (``_split_h``); under the tf32x3
-# dots they had before, 128 rows spilled 32 B per thread at 128 columns and they took 64-row tiles.
+# The configs, measured on an H200 (2026-12-04, benchmarks/sweep_targets_gpu.py: 287 configs at
+# 4 M x 768 in bf16 with the head; docs/benchmarks.md): at 16 columns 128 x 64, 4 warps, 3 stages
+# took 1.81 ms (1.14x the copy floor; the 256 x 32 x 8 warps before: 2.71 ms, and the resident form
+# the launcher took there, 3.01 ms); at 64 columns 128 x 64, 8 warps, 3 stages 3.26 ms (128 x 32:
+# 4.63 ms); at 128 columns 128 x 32, 8 warps, 4 stages 5.15 ms (128 x 16, 2 stages: 14.9 ms). That
+# last one spills on padded grids and with given logits (8-360 B per thread on sm_80 or sm_90, under
+# Triton 3.6 or 3.9; so did 128 x 32 at 2 and 3 stages, 64 x 32 and 128 x 64 x 2), so it serves only
+# whole grids with the head ("mid-exact-head"), and other programs of 128 columns keep 128 x 16.
+# Configs measured faster still spill, or need more shared memory than an sm_80 block may have
+# (256 x 32 x 8 warps x 4 stages: 4.41 ms at 128 columns, 139,264 B in bf16); 64-row tiles were a
+# little faster at 64 and 128 columns (3.05, 4.96 ms) but read the map from L2 once per 64 rows.
 # Every entry is compiled for sm_80/sm_90 under Triton 3.6 and 3.9, with its shared memory,
 # registers and spills checked (tests/test_triton_aot.py).
 CONFIGS = {
+    "thin": [Config(128, 64, 4, 3)],
+    "narrow": [Config(128, 64, 8, 3)],
+    "mid": [Config(128, 16, 8, 2)],
+    "mid-exact-head": [Config(128, 32, 8, 4)],
+}
+# fp32 inputs keep the configs of 2026-12-02 (not measured on a GPU): with h split into bf16 parts
+# in the kernel (more registers), every new config above spilled somewhere on fp32 (16-120 B per
+# thread at 16 columns under Triton 3.9, on sm_80 and sm_90; up to 416 B at 128 columns).
+FP32_CONFIGS = {
     "thin": [Config(256, 32, 8, 3)],
     "narrow": [Config(128, 32, 8, 3)],
     "mid": [Config(128, 16, 8, 2)],
+    "mid-exact-head": [Config(128, 16, 8, 2)],
 }
 
 
@@ -97,9 +104,19 @@ def class_block(c_pad: int, s_pad: int) -> int:
     return max(1, min(c_pad, COLUMNS_PER_PROGRAM // s_pad))
 
 
-def config_class(columns: int) -> str:
-    """Which config list serves a program of ``columns`` accumulator columns (see CONFIGS)."""
-    return "thin" if columns <= 16 else ("narrow" if columns <= 64 else "mid")
+def config_class(columns: int, exact_head: bool = False) -> str:
+    """Which config list serves a program of ``columns`` accumulator columns (see CONFIGS);
+    ``exact_head``: a whole C x S grid (no padding) with the teacher's head, no given logits."""
+    if columns <= 16:
+        return "thin"
+    if columns <= 64:
+        return "narrow"
+    return "mid-exact-head" if exact_head else "mid"
+
+
+def config_table(dtype: torch.dtype) -> dict:
+    """The config lists for embeddings of ``dtype``: CONFIGS, or FP32_CONFIGS for fp32."""
+    return FP32_CONFIGS if dtype == torch.float32 else CONFIGS
 
 
 @triton.jit
@@ -291,75 +308,11 @@ def lelp_targets_kernel(
                   out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
 
 
-@triton.jit
-def _map_chunks(hi_ptr, lo_ptr, cols, ld, D, W: tl.constexpr, N_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The (D, ld) map's W ``cols`` as N_CHUNKS (BLOCK_D, 2 W) slices, hi and lo parts interleaved
-    column by column, loaded once: dot operands inside the row-tile loop, they stay in shared memory."""
-    parts = ()
-    for j in tl.static_range(N_CHUNKS):
-        d_idx = j * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs = d_idx[:, None] * ld + cols[None, :]
-        hi = tl.load(hi_ptr + offs, mask=(d_idx < D)[:, None], other=0.0)
-        lo = tl.load(lo_ptr + offs, mask=(d_idx < D)[:, None], other=0.0)
-        parts = parts + (tl.reshape(tl.join(hi, lo), (BLOCK_D, 2 * W)),)
-    return parts
-
-
-@triton.jit
-def _hi_plus_lo(acc, BLOCK_N: tl.constexpr, W: tl.constexpr):
-    """(BLOCK_N, W): the sums of an accumulator's interleaved hi and lo columns."""
-    hi, lo = tl.split(tl.reshape(acc, (BLOCK_N, W, 2)))
-    return hi + lo
-
-
-@triton.jit
-def lelp_targets_resident_kernel(
-    h_ptr, stride_h, sub_hi_ptr, sub_lo_ptr, sub_scale_ptr, sub_bias_ptr,
-    head_hi_ptr, head_lo_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z, out_ptr, stride_out,
-    N, D, C, S, inv_beta, inv_tau,
-    HAS_LOGITS: tl.constexpr,
-    C_PAD: tl.constexpr, S_PAD: tl.constexpr, C_BLOCK: tl.constexpr, EXACT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CHUNKS: tl.constexpr,
-):
-    """Resident form, for 16-bit maps that fit shared memory (``resident_map_bytes``): a persistent
-    program loads its columns of the map once (N_CHUNKS = cdiv(D, BLOCK_D) slices, unrolled, hi and lo
-    interleaved: one dot per slice and part of the map) and loops over row tiles, so the map is read
-    once per program however many rows it takes."""
-    KP: tl.constexpr = C_PAD * S_PAD
-    KW: tl.constexpr = C_BLOCK * S_PAD
-    GROUPS: tl.constexpr = C_PAD // C_BLOCK
-    tl.static_assert(h_ptr.dtype.element_ty != tl.float32, "the resident form takes 16-bit embeddings")
-    pid = tl.program_id(0)
-    group = pid % GROUPS
-    sub = _map_chunks(sub_hi_ptr, sub_lo_ptr, group * KW + tl.arange(0, KW), KP, D, KW, N_CHUNKS, BLOCK_D)
-    if not HAS_LOGITS:
-        head = _map_chunks(head_hi_ptr, head_lo_ptr, tl.arange(0, 16), 16, D, 16, N_CHUNKS, BLOCK_D)
-    for tile in range(pid // GROUPS, tl.cdiv(N, BLOCK_N), tl.num_programs(0) // GROUPS):
-        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        rows64 = rows.to(tl.int64)
-        lse_z = _tile_logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, HAS_LOGITS, BLOCK_N, C_PAD)
-        u2 = tl.zeros((BLOCK_N, 2 * KW), dtype=tl.float32)
-        z2 = tl.zeros((BLOCK_N, 32), dtype=tl.float32)
-        # One row pointer per tile and constant slice offsets, no mask along d (D = N_CHUNKS * BLOCK_D):
-        # per-slice addresses and masks were hoisted out of the tile loop, 24 slices spilled 88 B.
-        h_tile = h_ptr + rows64[:, None] * stride_h + tl.arange(0, BLOCK_D)[None, :]
-        for j in tl.static_range(N_CHUNKS):
-            h = tl.load(h_tile + j * BLOCK_D, mask=row_ok[:, None], other=0.0)
-            u2 = tl.dot(h, sub[j], u2)
-            if not HAS_LOGITS:
-                z2 = tl.dot(h, head[j], z2)
-        u = _hi_plus_lo(u2, BLOCK_N, KW)
-        z = _hi_plus_lo(z2, BLOCK_N, 16)
-        _epilogue(u, z, lse_z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
-                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
-
-
 _autotuned = {
-    name: triton.autotune([triton.Config({"BLOCK_N": c.block_n, "BLOCK_D": c.block_d}, num_warps=c.num_warps,
-                                         num_stages=c.num_stages) for c in configs],
-                          key=["D", "C_PAD", "S_PAD", "HAS_LOGITS", "EXACT"])(lelp_targets_kernel)
-    for name, configs in CONFIGS.items()
+    (name, table is FP32_CONFIGS): triton.autotune(
+        [triton.Config({"BLOCK_N": c.block_n, "BLOCK_D": c.block_d}, num_warps=c.num_warps, num_stages=c.num_stages)
+         for c in configs], key=["D", "C_PAD", "S_PAD", "HAS_LOGITS", "EXACT"])(lelp_targets_kernel)
+    for table in (CONFIGS, FP32_CONFIGS) for name, configs in table.items()
 }
 
 
@@ -431,37 +384,10 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-# The resident form (lelp_targets_resident_kernel): 128 rows x 64 map rows per slice, 8 warps, one
-# stage (the slices of h are loaded whole; with more stages Triton gave every unrolled slice its own
-# pipeline buffers: 458-655 KB of shared memory). BLOCK_D = 128 spilled 88 B on sm_90 (Triton 3.9).
-RESIDENT_CONFIG = Config(128, 64, 8, 1)
-# A map (hi + lo parts, subclass and head columns) this large or smaller stays in shared memory:
-# with one 128 x 64 slice of h it takes <= 114,688 B, under sm_80's 166,912 B opt-in limit and two
-# programs per sm_90 SM. K = 16 with a head at d = 768 is 98,304 B. fp32 inputs stream: with their h
-# split into bf16 parts here, the programs with the head spilled 88-360 B per thread on sm_90
-# (Triton 3.9; 216-360 B at K = 16, d = 768); under the tf32x3 dots they had before, 1-2.4 KB.
-RESIDENT_MAP_BYTES = 98_304
-RESIDENT_COLUMNS = 64  # wider programs spill with the 128-row accumulator; they stream
-# Unrolled slices at most (d <= 768): 24 slices spilled 16-40 B per thread on sm_90 (Triton 3.9).
-RESIDENT_SLICES = 12
 # Persistent grids: this many programs per SM and class group (each loops over row tiles); under the
 # interpreter a fixed, small number, so the tests run the loop over several tiles per program.
 PROGRAMS_PER_SM = 2
 INTERPRETER_PROGRAMS = 2
-
-
-def resident_map_bytes(d: int, columns: int, dtype: torch.dtype, with_head: bool) -> int:
-    """Shared memory the resident form's map takes: its d rows of this program's ``columns`` and the
-    head's 16, in hi + lo parts of ``dtype``."""
-    return d * (columns + (HEAD_PAD if with_head else 0)) * 2 * dtype.itemsize
-
-
-def is_resident(d: int, columns: int, dtype: torch.dtype, with_head: bool) -> bool:
-    """Whether the launcher takes the resident form (see RESIDENT_MAP_BYTES): 16-bit inputs whose width
-    is whole slices (the kernel does not mask along d) and whose map fits."""
-    return (dtype != torch.float32 and columns <= RESIDENT_COLUMNS and d % RESIDENT_CONFIG.block_d == 0
-            and d // RESIDENT_CONFIG.block_d <= RESIDENT_SLICES
-            and resident_map_bytes(d, columns, dtype, with_head) <= RESIDENT_MAP_BYTES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -488,18 +414,12 @@ class Plan(NamedTuple):
 
 
 def plan(d: int, num_classes: int, n_subclasses: int, dtype: torch.dtype, with_head: bool) -> Plan:
-    """The launch for embeddings of width ``d`` and ``dtype``: resident when its map fits
-    (``is_resident``), else streaming with the config list of its width."""
+    """The launch for embeddings of width ``d`` and ``dtype``: the config list of its program's width."""
     c_pad, s_pad = padded_grid(num_classes, n_subclasses)
     c_block = class_block(c_pad, s_pad)
-    columns = c_block * s_pad
     exact = (c_pad, s_pad) == (num_classes, n_subclasses)
-    if is_resident(d, columns, dtype, with_head):
-        cfg = RESIDENT_CONFIG
-        constexprs = {**_constexprs(dtype, c_pad, s_pad, not with_head, exact, cfg),
-                      "N_CHUNKS": triton.cdiv(d, cfg.block_d)}
-        return Plan("lelp_targets_resident_kernel", cfg, constexprs, c_pad // c_block)
-    cfg = CONFIGS[config_class(columns)][0]  # the autotuner's choice on a GPU; the only one so far
+    name = config_class(c_block * s_pad, exact and with_head)
+    cfg = config_table(dtype)[name][0]  # the autotuner's choice on a GPU; the only one so far
     return Plan("lelp_targets_kernel", cfg, _constexprs(dtype, c_pad, s_pad, not with_head, exact, cfg),
                 c_pad // c_block)
 
@@ -521,29 +441,27 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
             z, z.stride(0), out, out.stride(0), n, d, num_classes, n_subclasses, 1.0 / beta, 1.0 / tau)
     p = plan(d, num_classes, n_subclasses, embeddings.dtype, with_head)
     cfg = p.config
-    if p.kernel == "lelp_targets_resident_kernel":
-        grid = (row_programs(triton.cdiv(n, cfg.block_n), embeddings.device) * p.groups,)
-        lelp_targets_resident_kernel[grid](*args, **p.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    elif _interpreting():  # the autotuner times configs on a GPU; the interpreter takes the first one
+    if _interpreting():  # the autotuner times configs on a GPU; the interpreter takes the first one
         grid = (row_programs(triton.cdiv(n, cfg.block_n), embeddings.device) * p.groups,)
         lelp_targets_kernel[grid](*args, **p.constexprs)
     else:
         tuned = {k: v for k, v in p.constexprs.items() if k not in ("BLOCK_N", "BLOCK_D")}
-        tuner = _autotuned[config_class(p.constexprs["C_BLOCK"] * p.constexprs["S_PAD"])]
+        c = p.constexprs
+        name = config_class(c["C_BLOCK"] * c["S_PAD"], c["EXACT"] and not c["HAS_LOGITS"])
+        tuner = _autotuned[(name, embeddings.dtype == torch.float32)]
         grid = lambda meta: (row_programs(triton.cdiv(n, meta["BLOCK_N"]), embeddings.device) * p.groups,)  # noqa: E731
         tuner[grid](*args, **tuned)
     return out
 
 
-# The padded grids each streaming config list is compiled at: its widest program (registers,
+# The padded grids each config list is compiled at: its widest program (registers,
 # shared memory and spills grow with the columns) with a head (C <= 16); one subclass per class
 # (S_PAD = 1: its own store path, and wider chunks of the given logits' log-partition), for "mid"
 # as one of several class groups (512 classes: group offsets); and for "thin" one class of 16
-# subclasses (the head's other view).
-VARIANT_GRIDS = {"thin": [(4, 4), (16, 1), (1, 16)], "narrow": [(4, 16), (64, 1)], "mid": [(16, 8), (512, 1)]}
-# The resident form at the widest program it takes (64 columns and the head, 4 slices: d <= 256)
-# and at the deepest (12 slices, d = 768: K = 16 with the head, and with given logits).
-RESIDENT_GRIDS = [(4, 16, True, 4), (4, 4, True, 12), (4, 4, False, 12)]  # (C_PAD, S_PAD, with head, N_CHUNKS)
+# subclasses (the head's other view); "mid-exact-head" with the head on whole grids only, as 16
+# classes of 8 and as one class of 128.
+VARIANT_GRIDS = {"thin": [(4, 4), (16, 1), (1, 16)], "narrow": [(4, 16), (64, 1)], "mid": [(16, 8), (512, 1)],
+                 "mid-exact-head": [(16, 8), (1, 128)]}
 
 
 def _constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg) -> dict:
@@ -552,22 +470,20 @@ def _constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg) -> dict:
 
 
 def _variants() -> List[dict]:
-    """Every constexpr combination ``targets_triton`` can launch, at the grids of VARIANT_GRIDS and
-    RESIDENT_GRIDS; ``kernel`` names the kernel function."""
+    """Every constexpr combination ``targets_triton`` can launch, at the grids of VARIANT_GRIDS;
+    ``kernel`` names the kernel function."""
     variants = []
-    for name, configs in CONFIGS.items():
-        for (c_pad, s_pad), cfg in itertools.product(VARIANT_GRIDS[name], configs):
+    for dtype, name in itertools.product(_TL_DTYPES, CONFIGS):
+        for (c_pad, s_pad), cfg in itertools.product(VARIANT_GRIDS[name], config_table(dtype)[name]):
             heads = (False, True) if c_pad <= HEAD_PAD else (True,)
-            for dtype, has_logits, exact in itertools.product(_TL_DTYPES, heads, (False, True)):
-                variants.append(dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg,
-                                     constexprs=_constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg)))
-    cfg = RESIDENT_CONFIG
-    for (c_pad, s_pad, with_head, chunks), dtype, exact in itertools.product(
-            RESIDENT_GRIDS, (torch.bfloat16, torch.float16), (False, True)):
-        assert is_resident(chunks * cfg.block_d, class_block(c_pad, s_pad) * s_pad, dtype, with_head)
-        variants.append(dict(kernel="lelp_targets_resident_kernel", dtype=_TL_DTYPES[dtype], config=cfg,
-                             constexprs={**_constexprs(dtype, c_pad, s_pad, not with_head, exact, cfg),
-                                         "N_CHUNKS": chunks}))
+            exacts = (False, True)
+            if name == "mid-exact-head":
+                heads, exacts = (False,), (True,)
+            for has_logits, exact in itertools.product(heads, exacts):
+                v = dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg,
+                         constexprs=_constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg))
+                if v not in variants:  # fp32's "mid-exact-head" is its "mid"
+                    variants.append(v)
     for (c, s), dtype, with_head in itertools.product(COST_SHAPES, (torch.bfloat16, torch.float32), (True, False)):
         p = plan(COST_D, c, s, dtype, with_head)
         v = dict(kernel=p.kernel, dtype=_TL_DTYPES[dtype], config=p.config, constexprs=p.constexprs)
@@ -582,8 +498,7 @@ COST_SHAPES = [(4, 4), (16, 8)]
 VARIANTS = _variants()
 
 
-def signature(dtype: str, *, logits_dtype: Optional[str] = None, out_dtype: str = "fp32",
-              resident: bool = False) -> dict:
+def signature(dtype: str, *, logits_dtype: Optional[str] = None, out_dtype: str = "fp32") -> dict:
     """The kernel's argument types for ahead-of-time compilation (``triton.compile``): embeddings of
     ``dtype``, teacher logits of ``logits_dtype`` (default: ``dtype``), output of ``out_dtype``."""
     part = _TL_DTYPES[map_dtype(TORCH_DTYPES[dtype])]
@@ -594,7 +509,6 @@ def signature(dtype: str, *, logits_dtype: Optional[str] = None, out_dtype: str 
         "out_ptr": f"*{out_dtype}", "stride_out": "i64", "N": "i32", "D": "i32", "C": "i32", "S": "i32",
         "inv_beta": "fp32", "inv_tau": "fp32",
         **{name: "constexpr" for name in ("HAS_LOGITS", "C_PAD", "S_PAD", "C_BLOCK", "EXACT", "BLOCK_N", "BLOCK_D")},
-        **({"N_CHUNKS": "constexpr"} if resident else {}),
     }
 
 
