@@ -78,9 +78,8 @@ def gpu_backends(device):
 def check_targets(device, failures):
     # (65, 64, 2, 64): a 130-column map, 3 column groups of the CUDA tile; (17, 40, 2, 256): K = 512,
     # wider than the tile (CUDA's row kernel; Triton refuses S > 128 and is skipped); (9, 24, 10, 16)
-    # and (7, 24, 3, 100): 2 and 4 Triton class groups per row tile; (1000, 768, 2, 8) and (40000, 64,
-    # 4, 4): Triton's resident form for 16-bit inputs, the second with more 128-row tiles (313) than
-    # a persistent grid has programs (2 per SM). The CUDA tile's resident form (sm_90) takes every
+    # and (7, 24, 3, 100): 2 and 4 Triton class groups per row tile; (40000, 64, 4, 4): more 128-row
+    # tiles (313) than a persistent grid has programs (2 per SM). The CUDA tile's resident form (sm_90) takes every
     # case of up to 256 columns whose map fits: (40000, 64, 4, 4) runs 313 tiles of 128 rows on 132
     # blocks, so its copies run on across tiles; d = 77 and 5 take the rows without 16-byte loads
     cases = [(1, 5, 2, 1), (333, 77, 3, 5), (1000, 768, 2, 8), (257, 130, 8, 16), (65, 64, 2, 64), (129, 40, 16, 4),
@@ -465,13 +464,13 @@ def main() -> int:
     p.add_argument("--check", default=None,
                    help=f"run only these checks (comma-separated, of {','.join(CHECKS)}; 'none': tables only)")
     p.add_argument("--shard", default="0/1", help="I/N: every N-th case of the targets and loss checks, from the I-th")
-    p.add_argument("--parts", default="kernels,jobs", help="which tables: kernels (targets, loss), jobs, or both")
+    p.add_argument("--parts", default="targets,loss,jobs", help="which tables (comma-separated): targets, loss, jobs")
     args = p.parse_args()
     global SHARD
     SHARD = Shard(args.shard)
     parts = set(args.parts.split(","))
-    if not parts or parts - {"kernels", "jobs"}:
-        raise SystemExit(f"--parts takes kernels, jobs or kernels,jobs, got {args.parts!r}")
+    if not parts or parts - {"targets", "loss", "jobs"}:
+        raise SystemExit(f"--parts takes targets, loss and jobs, comma-separated, got {args.parts!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no GPU: run with --device cpu under TRITON_INTERPRET=1 for a logic check", file=sys.stderr)
         return 2
@@ -490,8 +489,8 @@ def main() -> int:
         return 1 if failures else 0
 
     big = not args.quick and args.device == "cuda"
-    if "kernels" in parts:
-        kernel_tables(args.device, big, RowWriter(args.csv, name))
+    if parts & {"targets", "loss"}:
+        kernel_tables(args.device, big, RowWriter(args.csv, name), parts)
     if "jobs" in parts:
         jobs = []
         time_jobs(args.device, *((1_600_000, 768) if big else (20_000, 64)), args.workdir, jobs)
@@ -501,9 +500,9 @@ def main() -> int:
     return 1 if failures else 0
 
 
-def kernel_tables(device, big, rows):
-    """The targets and loss tables, each row printed (and written) as soon as it is measured, so a
-    run stopped by its time limit keeps what it measured."""
+def kernel_tables(device, big, rows, parts):
+    """The targets and loss tables (those in ``parts``), each row printed (and written) as soon as it
+    is measured, so a run stopped by its time limit keeps what it measured."""
     bw = copy_bandwidth(device, (1 << 30) if big else (1 << 22))
     print(f"copy bandwidth: {bw / 1e9:.3f} TB/s (read + write)" if device == "cuda"
           else f"copy bandwidth: {bw / 1e6:.2f} GB/s", flush=True)
@@ -513,8 +512,10 @@ def kernel_tables(device, big, rows):
                 for dt in (torch.bfloat16, torch.float32)]
                if big else [(4096, 2, 8, torch.bfloat16), (999, 2, 20, torch.float32)])
     print_table_head()
-    time_targets(device, t_sizes, rows, bw)
-    time_loss(device, l_sizes, rows, bw)
+    if "targets" in parts:
+        time_targets(device, t_sizes, rows, bw)
+    if "loss" in parts:
+        time_loss(device, l_sizes, rows, bw)
 
 
 class RowWriter(list):

@@ -15,6 +15,8 @@
 #   LELP_GPU_EXT=.gpu_carry/_C.cpython-312-x86_64-linux-gnu.so bash benchmarks/gpu_session.sh
 #   LELP_GPU_DRY=1 bash benchmarks/gpu_session.sh    # logic check on a CPU machine (tiny sizes)
 # LELP_GPU_DEADLINE (s, default 500) bounds the whole script: give the device call more than that.
+# LELP_GPU_OPS (default "targets loss") picks the ops whose checks, tests and tables run (a session
+# that changed one op's kernels reruns its part); LELP_GPU_JOBS=0 leaves out the jobs' table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/lelp_gpu_session}"
@@ -66,29 +68,33 @@ else
 fi
 xdist=()
 python3 -c "import xdist" 2>/dev/null && xdist=(-n 4)
-targets_shards=3
-loss_shards=8
+ops=" ${LELP_GPU_OPS:-targets loss} "
+shards=()  # check:count
+[[ "$ops" == *" targets "* ]] && shards+=(targets:3)
+[[ "$ops" == *" loss "* ]] && shards+=(loss:8)
+tables=$(echo $ops | tr ' ' ,)  # bench_gpu.py --parts
+select=()  # the tests of the chosen ops alone
+[[ "$ops" == *" targets "* && "$ops" == *" loss "* ]] || select=(-k "$(echo $ops)")
 
 # 2. Side by side: the checks, the GPU tests, and a pass over the tables that warms the caches.
-for ((i = 0; i < targets_shards; i++)); do
-  part "check_targets_$i" 270 "${bench[@]}" --check targets --shard "$i/$targets_shards" &
-done
-for ((i = 0; i < loss_shards; i++)); do
-  part "check_loss_$i" 270 "${bench[@]}" --check loss --shard "$i/$loss_shards" &
+for spec in "${shards[@]}"; do
+  for ((i = 0; i < ${spec#*:}; i++)); do
+    part "check_${spec%:*}_$i" 270 "${bench[@]}" --check "${spec%:*}" --shard "$i/${spec#*:}" &
+  done
 done
 part check_online_loss 270 "${bench[@]}" --check online_loss &
 part check_past_2_31 270 "${bench[@]}" --check past_2_31 &
-part tests_triton 270 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" "${triton_tests[@]}" &
+part tests_triton 270 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" "${select[@]}" "${triton_tests[@]}" &
 # -k also picks the cuda_emu cases, which run anywhere
-part tests_gpu 270 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "cuda or gpu" tests/test_ops_loss.py \
-  tests/test_ops_targets.py tests/test_device_copy.py tests/test_fit_streaming.py tests/test_offline_targets.py \
-  tests/test_gpu_graphs.py &
-part tables_warm 270 "${bench[@]}" --check none --parts kernels &
+part tests_gpu 270 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "(cuda or gpu) ${select[1]:+and (${select[1]})}" \
+  tests/test_ops_loss.py tests/test_ops_targets.py tests/test_device_copy.py tests/test_fit_streaming.py \
+  tests/test_offline_targets.py tests/test_gpu_graphs.py &
+part tables_warm 270 "${bench[@]}" --check none --parts "$tables" &
 wait
 
 # 3. Alone on the GPU: the tables, then the jobs.
-part tables 240 "${bench[@]}" --check none --parts kernels --csv "$out/bench_gpu.csv"
-part jobs 150 "${bench[@]}" --check none --parts jobs --csv "$out/bench_gpu.csv"
+part tables 240 "${bench[@]}" --check none --parts "$tables" --csv "$out/bench_gpu.csv"
+[ "${LELP_GPU_JOBS:-1}" = 0 ] || part jobs 150 "${bench[@]}" --check none --parts jobs --csv "$out/bench_gpu.csv"
 cat "$logs/machine.txt" "$logs/tables.txt" "$logs/jobs.txt" > "$out/tables.txt" 2>/dev/null
 tar czf "$out/logs.tar.gz" -C "$logs" --exclude triton_cache .
 # the JIT's metadata and cubins (json alone if the two pass 15 MB)
