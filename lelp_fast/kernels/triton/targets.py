@@ -458,10 +458,12 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
 # shared memory and spills grow with the columns) with a head (C <= 16); one subclass per class
 # (S_PAD = 1: its own store path, and wider chunks of the given logits' log-partition), for "mid"
 # as one of several class groups (512 classes: group offsets); and for "thin" one class of 16
-# subclasses (the head's other view); "mid-exact-head" with the head on whole grids only, as 16
-# classes of 8 and as one class of 128.
-VARIANT_GRIDS = {"thin": [(4, 4), (16, 1), (1, 16)], "narrow": [(4, 16), (64, 1)], "mid": [(16, 8), (512, 1)],
-                 "mid-exact-head": [(16, 8), (1, 128)]}
+# subclasses (the head's other view); "narrow" and "mid" also as one and two wide classes (1 x 64,
+# 2 x 32, 1 x 128, 2 x 64: added 2026-12-04, when one class of 128 padded subclasses spilled 464-528 B
+# under "mid" where 16 classes of 8 did not; see SPILLS in tests/test_triton_aot.py);
+# "mid-exact-head" with the head on whole grids only.
+VARIANT_GRIDS = {"thin": [(4, 4), (16, 1), (1, 16)], "narrow": [(4, 16), (64, 1), (1, 64), (2, 32)],
+                 "mid": [(16, 8), (512, 1), (1, 128), (2, 64)], "mid-exact-head": [(16, 8), (1, 128), (2, 64)]}
 
 
 def _constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg) -> dict:
