@@ -23,6 +23,10 @@ out="${OUT:-/tmp/lelp_gpu_session}"
 logs="$(mktemp -d)"
 mkdir -p "$out"
 dry="${LELP_GPU_DRY:-0}"
+ops=" ${LELP_GPU_OPS:-targets loss} "
+for op in $ops; do
+  [[ "$op" == targets || "$op" == loss ]] || { echo "LELP_GPU_OPS: unknown op '$op' (targets, loss)"; exit 2; }
+done
 deadline=$((SECONDS + ${LELP_GPU_DEADLINE:-500}))
 # The kernels the JIT compiled, brought back to hold against the facts the CPU gates recorded
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$logs/triton_cache}"
@@ -68,7 +72,6 @@ else
 fi
 xdist=()
 python3 -c "import xdist" 2>/dev/null && xdist=(-n 4)
-ops=" ${LELP_GPU_OPS:-targets loss} "
 shards=()  # check:count
 [[ "$ops" == *" targets "* ]] && shards+=(targets:3)
 [[ "$ops" == *" loss "* ]] && shards+=(loss:8)

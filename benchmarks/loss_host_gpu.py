@@ -3,8 +3,8 @@
 for the Triton backend and torch.compile of the plain formula, with the host's time per call.
 
 The H200's first run (2026-12-04) measured the fused loss at 4 M rows at 0.75 ms for K = 16 and
-1.18 ms for K = 2, 8-100x the copy floor, level with torch.compile: this says whether that is the
-kernels or the launches.
+1.18 ms for K = 2, 8-100x the copy floor, 0.5-1.0x torch.compile's speed: this says whether that
+is the kernels or the launches.
     python benchmarks/loss_host_gpu.py [--profile]   # --profile: where the host time goes (cProfile)
 """
 

@@ -1,7 +1,7 @@
 """Times the Triton targets kernels under launch configurations other than the launcher's, on a GPU.
 
 The H200's first run (2026-12-04, docs/benchmarks.md) measured the targets at 1.8-10x the copy floor
-where the cost model read from the SASS predicted 1.15-1.4x: this sweep measures what each
+where the cost model read from the SASS predicted 1.00x (K = 16) to 2.7x (K = 128): this sweep measures what each
 (BLOCK_N, BLOCK_D, warps, stages, class block) costs at the table's shapes, with
 its registers, spills and shared memory as the driver reports them, and its error against the fp64
 reference on sampled rows. The launcher's own choice is marked ``*``.

@@ -75,3 +75,17 @@ def test_targets_sweep_quick_run_on_the_cpu(tmp_path):
     assert len(best) == 2 and all("kernel 64/64/4/1/" in line for line in best), out.stdout
     rows = (tmp_path / "sweep.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 and all(float(r.split(",")[-2]) < 1e-4 for r in rows[1:]), rows
+
+
+def test_check_shards_take_every_case_once(monkeypatch):
+    """``--shard I/N`` (gpu_session.sh runs the loss check in 8 processes): the N shards take every case
+    exactly once between them; a malformed spec is a one-line error."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_gpu
+
+    shards = [bench_gpu.Shard(f"{i}/3") for i in range(3)]
+    taken = [[shard.takes_next() for _ in range(10)] for shard in shards]
+    assert all(sum(column) == 1 for column in zip(*taken)), taken
+    for spec in ("3/3", "a/2", "1", "-1/2"):
+        with pytest.raises(SystemExit, match="--shard takes I/N"):
+            bench_gpu.Shard(spec)

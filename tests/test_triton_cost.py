@@ -103,8 +103,9 @@ def _interpreted_step_bytes(dtype, subclass_weight=1.0, forward_only=False):
 
 def test_targets_map_is_read_once_per_row_tile():
     """The targets' bytes per row at the issue's shapes, as launched (``targets.plan``): h once, the
-    output once, and the map's bytes over the rows of one tile (128), fp32 included (its map in bf16
-    hi + lo parts, 4 B per entry). Before the persistent kernel each 64-row program read the whole
+    output once, and the map's bytes over the rows of one tile (128; fp32 at 16 columns, 256), fp32
+    included (its map in bf16 hi + lo parts, 4 B per entry): bf16 K = 16 768 B a row with the head,
+    384 B with given logits; K = 128 3,456 and 3,072 B. Before the persistent kernel each 64-row program read the whole
     map: 1,536 B per row at K = 16, 6,912 B at K = 128 in bf16. (Until 2026-12-04 a resident form
     read a K = 16 16-bit map once per program; on the H200 it was the slower, and was removed.)"""
     from lelp_fast.kernels.triton import targets
@@ -118,3 +119,6 @@ def test_targets_map_is_read_once_per_row_tile():
         assert b["rows_per_map_read"] == rows_per_tile >= 128, (v, b)
         columns = c * s + (0 if v["constexprs"]["HAS_LOGITS"] else 16)
         assert b["map"] == 768 * columns * 4 / rows_per_tile, (v, b)
+        if v["dtype"] == "bf16":
+            want = {16: (768, 384), 128: (3456, 3072)}[c * s][v["constexprs"]["HAS_LOGITS"]]
+            assert b["map"] == want, (v, b)

@@ -300,7 +300,7 @@ def targets_row_programs(n: int, block_n: int) -> int:
     return max(1, min(-(-n // block_n), targets.PROGRAMS_PER_SM * SMS))
 
 
-def targets_bytes_per_row(v: dict, d: int, num_classes: int, n_subclasses: int, n: int = TARGETS_ROWS,
+def targets_bytes_per_row(v: dict, d: int, num_classes: int, n_subclasses: int,
                           out_bytes: int = TARGETS_OUT_BYTES) -> Dict[str, float]:
     """Global-memory bytes per row of the launch ``v`` (an entry of ``targets.VARIANTS``): h read once
     per class group, the teacher logits, the output written once, and the map's bytes per program

@@ -72,14 +72,15 @@ COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
 # The configs, measured on an H200 (2026-12-04, benchmarks/sweep_targets_gpu.py: 287 configs at
 # 4 M x 768 in bf16 with the head; docs/benchmarks.md): at 16 columns 128 x 64, 4 warps, 3 stages
 # took 1.81 ms (1.14x the copy floor; the 256 x 32 x 8 warps before: 2.71 ms, and the resident form
-# the launcher took there, 3.01 ms); at 64 columns 128 x 64, 8 warps, 3 stages 3.26 ms (128 x 32:
-# 4.63 ms); at 128 columns 128 x 32, 8 warps, 4 stages 5.15 ms (128 x 16, 2 stages: 14.9 ms). That
-# last one spills on padded grids and with given logits (8-360 B per thread on sm_80 or sm_90, under
-# Triton 3.6 or 3.9; so did 128 x 32 at 2 and 3 stages, 64 x 32 and 128 x 64 x 2), so it serves only
-# whole grids with the head ("mid-exact-head"), and other programs of 128 columns keep 128 x 16.
-# Configs measured faster still spill, or need more shared memory than an sm_80 block may have
-# (256 x 32 x 8 warps x 4 stages: 4.41 ms at 128 columns, 139,264 B in bf16); 64-row tiles were a
-# little faster at 64 and 128 columns (3.05, 4.96 ms) but read the map from L2 once per 64 rows.
+# the launcher took there, 3.01 ms; 4 stages, 1.73 ms, was not tried against the gates: chosen while
+# fp32 still shared these configs, whose h at 4 stages came within 3 KB of sm_80's shared memory);
+# at 64 columns 128 x 64, 8 warps, 3 stages 3.26 ms (128 x 32: 4.63 ms); at 128 columns 128 x 32,
+# 8 warps, 4 stages 5.15 ms (128 x 16, 2 stages: 14.9 ms). 128 x 32 x 8 x 4 spills on padded grids
+# and with given logits (8-360 B per thread on sm_80 or sm_90, under Triton 3.6 or 3.9; so did
+# 128 x 32 at 2 and 3 stages, 64 x 32 and 128 x 64 x 2), so it serves only whole grids with the head
+# ("mid-exact-head"), and other programs of 128 columns keep 128 x 16. Faster configs spill, or were
+# not tried against the gates (256 x 32 x 8 warps x 4 stages: 4.41 ms at 128 columns); 64-row tiles
+# were a little faster at 64 and 128 columns (3.05, 4.96 ms) but read the map once per 64 rows.
 # Every entry is compiled for sm_80/sm_90 under Triton 3.6 and 3.9, with its shared memory,
 # registers and spills checked (tests/test_triton_aot.py).
 CONFIGS = {
@@ -279,9 +280,8 @@ def lelp_targets_kernel(
     C_PAD: tl.constexpr, S_PAD: tl.constexpr, C_BLOCK: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Streaming form, for maps too large to stay in shared memory: a persistent program loops over
-    row tiles of its class group and streams the map's BLOCK_D slices from L2 once per tile, so each
-    map read serves BLOCK_N rows."""
+    """A persistent program loops over row tiles of its class group and streams the map's BLOCK_D
+    slices from L2 once per tile, so each map read serves BLOCK_N rows."""
     KP: tl.constexpr = C_PAD * S_PAD  # the map's row length
     KW: tl.constexpr = C_BLOCK * S_PAD  # this program's columns: classes [group * C_BLOCK, +C_BLOCK)
     GROUPS: tl.constexpr = C_PAD // C_BLOCK
@@ -308,7 +308,7 @@ def lelp_targets_kernel(
                   out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
 
 
-_autotuned = {
+_autotuned = {  # keyed as Plan.tuner: (config_class, fp32 inputs)
     (name, table is FP32_CONFIGS): triton.autotune(
         [triton.Config({"BLOCK_N": c.block_n, "BLOCK_D": c.block_d}, num_warps=c.num_warps, num_stages=c.num_stages)
          for c in configs], key=["D", "C_PAD", "S_PAD", "HAS_LOGITS", "EXACT"])(lelp_targets_kernel)
@@ -404,13 +404,14 @@ def row_programs(n_tiles: int, device: torch.device) -> int:
 
 
 class Plan(NamedTuple):
-    """What ``targets_triton`` launches for a shape: the kernel, its config and constexprs, and the
-    class groups (programs per row tile)."""
+    """What ``targets_triton`` launches for a shape: the kernel, its config and constexprs, the class
+    groups (programs per row tile), and the autotuner that holds the config (``_autotuned``'s key)."""
 
     kernel: str
     config: Config
     constexprs: dict
     groups: int
+    tuner: tuple
 
 
 def plan(d: int, num_classes: int, n_subclasses: int, dtype: torch.dtype, with_head: bool) -> Plan:
@@ -421,7 +422,7 @@ def plan(d: int, num_classes: int, n_subclasses: int, dtype: torch.dtype, with_h
     name = config_class(c_block * s_pad, exact and with_head)
     cfg = config_table(dtype)[name][0]  # the autotuner's choice on a GPU; the only one so far
     return Plan("lelp_targets_kernel", cfg, _constexprs(dtype, c_pad, s_pad, not with_head, exact, cfg),
-                c_pad // c_block)
+                c_pad // c_block, (name, dtype == torch.float32))
 
 
 def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out):
@@ -446,9 +447,7 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
         lelp_targets_kernel[grid](*args, **p.constexprs)
     else:
         tuned = {k: v for k, v in p.constexprs.items() if k not in ("BLOCK_N", "BLOCK_D")}
-        c = p.constexprs
-        name = config_class(c["C_BLOCK"] * c["S_PAD"], c["EXACT"] and not c["HAS_LOGITS"])
-        tuner = _autotuned[(name, embeddings.dtype == torch.float32)]
+        tuner = _autotuned[p.tuner]
         grid = lambda meta: (row_programs(triton.cdiv(n, meta["BLOCK_N"]), embeddings.device) * p.groups,)  # noqa: E731
         tuner[grid](*args, **tuned)
     return out
@@ -463,7 +462,9 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
 # under "mid" where 16 classes of 8 did not; see SPILLS in tests/test_triton_aot.py);
 # "mid-exact-head" with the head on whole grids only.
 VARIANT_GRIDS = {"thin": [(4, 4), (16, 1), (1, 16)], "narrow": [(4, 16), (64, 1), (1, 64), (2, 32)],
-                 "mid": [(16, 8), (512, 1), (1, 128), (2, 64)], "mid-exact-head": [(16, 8), (1, 128), (2, 64)]}
+                 "mid": [(16, 8), (512, 1), (1, 128), (2, 64), (16, 16), (16, 32), (4, 128)],
+                 "mid-exact-head": [(16, 8), (1, 128), (2, 64), (8, 16), (4, 32), (16, 16), (8, 32), (16, 32),
+                                    (2, 128), (4, 64), (4, 128), (8, 64)]}
 
 
 def _constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg) -> dict:
@@ -477,11 +478,11 @@ def _variants() -> List[dict]:
     variants = []
     for dtype, name in itertools.product(_TL_DTYPES, CONFIGS):
         for (c_pad, s_pad), cfg in itertools.product(VARIANT_GRIDS[name], config_table(dtype)[name]):
-            heads = (False, True) if c_pad <= HEAD_PAD else (True,)
+            logits_options = (False, True) if c_pad <= HEAD_PAD else (True,)  # a head takes C <= 16
             exacts = (False, True)
             if name == "mid-exact-head":
-                heads, exacts = (False,), (True,)
-            for has_logits, exact in itertools.product(heads, exacts):
+                logits_options, exacts = (False,), (True,)
+            for has_logits, exact in itertools.product(logits_options, exacts):
                 v = dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg,
                          constexprs=_constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg))
                 if v not in variants:  # fp32's "mid-exact-head" is its "mid"
