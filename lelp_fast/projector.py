@@ -164,8 +164,8 @@ class LELPProjector:
             progress: show a progress bar (rows/s, GB/s).
             backend: per-chunk kernels: ``"auto"``, ``"cpu"`` (C++) or ``"torch"``.
             device: where the statistics are accumulated. ``"cuda"`` copies each chunk to the
-                GPU and runs the bucketing and fp64 GEMMs there in torch (not yet run on a GPU:
-                none was lent to this work); the eigensolver runs on the CPU either way.
+                GPU and runs the bucketing and fp64 GEMMs there in torch (it matched the CPU fit on
+                an H200); the eigensolver runs on the CPU either way.
         Returns:
             self.
         """
