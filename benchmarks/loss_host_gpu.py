@@ -37,17 +37,29 @@ def host_ms(fn, calls=50):
     return host
 
 
-def profile(n=1 << 20, c=2, s=8, calls=100):
-    """The host's time in one fwd+bwd of the Triton loss at K = 16, by function (cProfile)."""
+def loss_steps(n, c, s, compiled=None) -> dict:
+    """{way: one fwd+bwd step} over the same bf16 inputs of n rows and K = c * s: the Triton loss, and
+    ``compiled`` (torch.compile of the plain formula) if given."""
     st = torch.randn(n, c * s, device="cuda").bfloat16().requires_grad_(True)
     log_t = torch.log_softmax(torch.randn(n, c * s, device="cuda"), -1).bfloat16()
     y = torch.randint(0, c, (n,), device="cuda")
+    ways = {"triton": lambda: distill_loss(st, log_t, y, num_classes=c, n_subclasses=s, tau=2.0, alpha=0.1,
+                                           backend="triton", check_inputs=False)}
+    if compiled is not None:
+        ways["compile"] = lambda: compiled(st, log_t, y, c, s)
 
-    def step():
-        st.grad = None
-        distill_loss(st, log_t, y, num_classes=c, n_subclasses=s, tau=2.0, alpha=0.1, backend="triton",
-                     check_inputs=False).backward()
+    def step_of(loss_fn):
+        def step():
+            st.grad = None
+            loss_fn().backward()
+        return step
 
+    return {name: step_of(loss_fn) for name, loss_fn in ways.items()}
+
+
+def profile(n=1 << 20, c=2, s=8, calls=100):
+    """The host's time in one fwd+bwd of the Triton loss at K = 16, by function (cProfile)."""
+    step = loss_steps(n, c, s)["triton"]
     for _ in range(5):
         step()
     torch.cuda.synchronize()
@@ -70,27 +82,15 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|", flush=True)
     compiled = torch.compile(eager_loss, dynamic=False)
     for n, c, s in SIZES:
-        k = c * s
-        st = torch.randn(n, k, device="cuda").bfloat16().requires_grad_(True)
-        log_t = torch.log_softmax(torch.randn(n, k, device="cuda"), -1).bfloat16()
-        y = torch.randint(0, c, (n,), device="cuda")
-        ways = {
-            "triton": lambda: distill_loss(st, log_t, y, num_classes=c, n_subclasses=s, tau=2.0, alpha=0.1,
-                                           backend="triton", check_inputs=False),
-            "compile": lambda: compiled(st, log_t, y, c, s),
-        }
-        for name, loss_fn in ways.items():
-            def step():
-                st.grad = None
-                loss_fn().backward()
-
+        for name, step in loss_steps(n, c, s, compiled).items():
             events = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
             try:
                 graph = triton.testing.do_bench_cudagraph(step, rep=100, return_mode="median")
                 graph = f"{graph:.3f}"
             except Exception as exc:  # noqa: BLE001 - a step that cannot be captured says so
                 graph = f"{type(exc).__name__}: {str(exc)[:50]}"
-            print(f"| {k} | {n} | bf16 | {name} fwd+bwd | {events:.3f} | {graph} | {host_ms(step):.3f} |", flush=True)
+            print(f"| {c * s} | {n} | bf16 | {name} fwd+bwd | {events:.3f} | {graph} | {host_ms(step):.3f} |",
+                  flush=True)
     return 0
 
 

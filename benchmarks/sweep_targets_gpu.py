@@ -34,7 +34,7 @@ QUICK = dict(block_n=(64,), block_d=(64,), warps=(4,), stages=(1,))
 
 
 def candidates(n, d, c, s, dtype, quick):
-    """(kernel, BLOCK_N, BLOCK_D, warps, stages, C_BLOCK, programs per SM) to try at this shape, at
+    """(kernel, BLOCK_N, BLOCK_D, warps, stages, C_BLOCK) to try at this shape, at
     the widest class block and at half of it. (The run of 2026-12-04 also timed a resident form, since
     removed: docs/benchmarks.md.)"""
     c_pad, s_pad = padded_grid(c, s)
@@ -44,31 +44,26 @@ def candidates(n, d, c, s, dtype, quick):
         for bn, bd, w, st in itertools.product(*(QUICK if quick else STREAMING).values()):
             if (bn == 256 and w == 4) or (bd == 128 and st == 4):  # too many registers / shared memory
                 continue
-            out.append(("lelp_targets_kernel", bn, bd, w, st, c_block, tt.PROGRAMS_PER_SM))
+            out.append(("lelp_targets_kernel", bn, bd, w, st, c_block))
     return out
 
 
 def launcher_choice(d, c, s, dtype):
     p = tt.plan(d, c, s, dtype, True)
     cfg = p.config
-    return (p.kernel, cfg.block_n, cfg.block_d, cfg.num_warps, cfg.num_stages, p.constexprs["C_BLOCK"],
-            tt.PROGRAMS_PER_SM)
+    return p.kernel, cfg.block_n, cfg.block_d, cfg.num_warps, cfg.num_stages, p.constexprs["C_BLOCK"]
 
 
-def launch(case, h, split, c, s, out, sms):
-    """One launch of ``case`` (see ``candidates``); returns the compiled kernel."""
-    kernel, bn, bd, warps, stages, c_block, per_sm = case
-    n, d = h.shape
+def launch(case, h, split, c, s, out):
+    """One launch of ``case`` (see ``candidates``) with the head, the launcher's persistent grid; returns
+    the compiled kernel."""
+    kernel, bn, bd, warps, stages, c_block = case
     c_pad, s_pad = split.c_pad, split.s_pad
-    exact = (c_pad, s_pad) == (c, s)
-    constexprs = dict(HAS_LOGITS=False, C_PAD=c_pad, S_PAD=s_pad, C_BLOCK=c_block, EXACT=exact, BLOCK_N=bn,
-                      BLOCK_D=bd)
-    fn = getattr(tt, kernel)
-    groups = c_pad // c_block
-    grid = (max(1, min(triton.cdiv(n, bn), per_sm * sms)) * groups,)
-    args = (h, h.stride(0), split.sub_hi, split.sub_lo, split.sub_scale, split.sub_bias, split.head_hi, split.head_lo,
-            split.head_scale, split.head_bias, h, h.stride(0), out, out.stride(0), n, d, c, s, 1 / 0.7, 1 / 1.3)
-    return fn[grid](*args, **constexprs, num_warps=warps, num_stages=stages)
+    constexprs = dict(HAS_LOGITS=False, C_PAD=c_pad, S_PAD=s_pad, C_BLOCK=c_block, EXACT=(c_pad, s_pad) == (c, s),
+                      BLOCK_N=bn, BLOCK_D=bd)
+    grid = (tt.row_programs(triton.cdiv(h.shape[0], bn), h.device) * (c_pad // c_block),)
+    args = tt.kernel_args(h, split, c, s, None, 0.7, 1.3, out)
+    return getattr(tt, kernel)[grid](*args, **constexprs, num_warps=warps, num_stages=stages)
 
 
 def problem(n, d, c, s, dtype, device, seed=0):
@@ -99,11 +94,10 @@ def main() -> int:
         patch_interpreter()
     dtype = torch.bfloat16
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if args.device == "cuda" else 1
     jobs = [(shape, case) for shape in shapes for case in candidates(*shape, dtype, args.quick)]
     if args.compile:
         index, count = (int(x) for x in args.compile.split("/"))
-        return compile_share(jobs[index::count], dtype, args.device, sms)
+        return compile_share(jobs[index::count], dtype, args.device)
     if args.device == "cuda":
         import triton.testing
 
@@ -118,7 +112,7 @@ def main() -> int:
           "| max err |")
     print("|" + "---|" * 13, flush=True)
     for shape, group in itertools.groupby(jobs, key=lambda j: j[0]):
-        rows_out += time_shape(shape, [case for _, case in group], dtype, args.device, sms, bw)
+        rows_out += time_shape(shape, [case for _, case in group], dtype, args.device, bw)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows_out[0]))
@@ -132,13 +126,13 @@ def main() -> int:
     return 0
 
 
-def compile_share(jobs, dtype, device, sms):
+def compile_share(jobs, dtype, device):
     for (n, d, c, s), case in jobs:
         h, w, b = problem(1024, d, c, s, dtype, device)
         split = tt.split_map(w, b, c, s, tt.map_dtype(dtype), True)
         out = torch.empty(1024, c * s, device=device)
         try:
-            launch(case, h, split, c, s, out, sms)
+            launch(case, h, split, c, s, out)
         except Exception as exc:  # noqa: BLE001 - out of resources: reported by the timing run
             print(f"{case}: {type(exc).__name__}", flush=True)
     if device == "cuda":
@@ -146,7 +140,7 @@ def compile_share(jobs, dtype, device, sms):
     return 0
 
 
-def time_shape(shape, cases, dtype, device, sms, bw):
+def time_shape(shape, cases, dtype, device, bw):
     n, d, c, s = shape
     k = c * s
     h, w, b = problem(n, d, c, s, dtype, device)
@@ -164,11 +158,11 @@ def time_shape(shape, cases, dtype, device, sms, bw):
                    ref_max=want.abs().max().item())
         try:
             out.fill_(float("nan"))
-            compiled = launch(case, h, split, c, s, out, sms)
+            compiled = launch(case, h, split, c, s, out)
             row["max_err"] = (out[rows].double() - want).abs().max().item()
             if compiled is not None:  # None under the interpreter
                 row.update(regs=compiled.n_regs, spills=compiled.n_spills, shared=compiled.metadata.shared)
-            row["ms"] = bench(lambda: launch(case, h, split, c, s, out, sms), device)
+            row["ms"] = bench(lambda: launch(case, h, split, c, s, out), device)
         except Exception as exc:  # noqa: BLE001 - out of resources, or a failed compile: one row says so
             row["ms"] = f"{type(exc).__name__}: {str(exc)[:60]}"
         results.append(row)

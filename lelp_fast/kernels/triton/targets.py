@@ -425,6 +425,17 @@ def plan(d: int, num_classes: int, n_subclasses: int, dtype: torch.dtype, with_h
                 c_pad // c_block, (name, dtype == torch.float32))
 
 
+def kernel_args(embeddings, split: SplitMap, num_classes, n_subclasses, teacher_logits, beta, tau, out) -> tuple:
+    """``lelp_targets_kernel``'s run-time arguments, in its order (the head's pointers stand in for
+    nothing when logits are given)."""
+    n, d = embeddings.shape
+    z = teacher_logits if teacher_logits is not None else embeddings
+    head = [split.head_hi, split.head_lo, split.head_scale, split.head_bias]
+    head = [t if t is not None else split.sub_bias for t in head]  # unused pointers when logits are given
+    return (embeddings, embeddings.stride(0), split.sub_hi, split.sub_lo, split.sub_scale, split.sub_bias, *head,
+            z, z.stride(0), out, out.stride(0), n, d, num_classes, n_subclasses, 1.0 / beta, 1.0 / tau)
+
+
 def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out):
     """Launches the kernel; ``weight``/``bias`` are the fused ``[A | Wᵀ]``, ``[e | b]`` (any float dtype
     and device: their split is made on the embeddings' device once, see ``cached_split_map``)."""
@@ -435,11 +446,7 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
         raise ValueError(f"the triton targets kernel cannot run: {why}")
     split = cached_split_map(weight, bias, num_classes, n_subclasses, map_dtype(embeddings.dtype), with_head,
                              embeddings.device)
-    z = teacher_logits if teacher_logits is not None else embeddings
-    head = [split.head_hi, split.head_lo, split.head_scale, split.head_bias]
-    head = [t if t is not None else split.sub_bias for t in head]  # unused pointers when logits are given
-    args = (embeddings, embeddings.stride(0), split.sub_hi, split.sub_lo, split.sub_scale, split.sub_bias, *head,
-            z, z.stride(0), out, out.stride(0), n, d, num_classes, n_subclasses, 1.0 / beta, 1.0 / tau)
+    args = kernel_args(embeddings, split, num_classes, n_subclasses, teacher_logits, beta, tau, out)
     p = plan(d, num_classes, n_subclasses, embeddings.dtype, with_head)
     cfg = p.config
     if _interpreting():  # the autotuner times configs on a GPU; the interpreter takes the first one
