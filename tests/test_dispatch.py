@@ -300,3 +300,48 @@ def test_every_compiled_launch_runs_on_its_tensors_device(backend, cuda_emulator
     h, weight, bias, logits = (t.float() for t in random_map(9, 12, 3, 4, False, seed=8))
     lelp_targets(h, weight, bias, 3, 4, teacher_logits=logits, backend=backend)
     assert entered == [torch.device("cpu")] * 2
+
+
+def _dispatched_ops(fn) -> set:
+    """The lelp_fast custom ops that went through torch's dispatcher while ``fn`` ran (the profiler
+    records each dispatched op; a call past the dispatcher records none)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("lelp_fast::")}
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="needs the compiled CPU extension")
+def test_eager_calls_skip_the_dispatcher():
+    """In eager mode on plain tensors the loss and targets call their custom ops' Python functions
+    directly: the dispatcher's layers took 0.05 ms of a small loss step's 0.19 ms on a CPU (issue 21:
+    the loss at small K was host-bound on the H200, about 1 ms of Python a step). The
+    ops stay for torch.compile and CUDA graphs (tests/test_ops_loss.py and test_ops_targets.py)."""
+    student, log_t, labels = make_inputs(64, 2, 8, seed=3)
+    x = student.float().requires_grad_(True)
+
+    def step():
+        distill_loss(x, log_t.float(), labels, num_classes=2, n_subclasses=8, tau=2.0, alpha=0.1,
+                     backend="cpu").backward()
+        h, w, b = torch.randn(64, 12), torch.randn(12, 18), torch.randn(18)
+        lelp_targets(h, w, b, 2, 8, backend="cpu")
+
+    assert _dispatched_ops(step) == set()
+
+
+def test_traced_and_wrapped_calls_keep_the_op():
+    """``eager`` hands back the op itself wherever the call is seen by something other than eager
+    autograd: fake tensors, a dispatch mode, a tensor subclass, a functorch transform."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    op = loss_op._loss_rows
+    plain = torch.zeros(2, 3)
+    assert _dispatch.eager(op, plain, None, [plain]) is not op
+    with FakeTensorMode() as mode:
+        assert _dispatch.eager(op, mode.from_tensor(plain)) is op
+    with TorchDispatchMode():
+        assert _dispatch.eager(op, plain) is op
+    assert _dispatch.eager(op, plain, [torch.nn.Parameter(plain)]) is op
+    seen = []
+    torch.func.vmap(lambda row: seen.append(_dispatch.eager(op, row)) or row)(plain)
+    assert seen == [op]

@@ -38,7 +38,7 @@ def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-@torch.library.custom_op("lelp_fast::loss_rows", mutates_args=())
+@_dispatch.custom_op("lelp_fast::loss_rows", mutates_args=())
 def _loss_rows(
     student: Tensor,
     log_targets: Optional[Tensor],
@@ -249,7 +249,7 @@ def _(student, log_targets, weights, labels, embeddings, fused_weight, fused_bia
             student.new_empty(n, dtype=torch.float32), student.new_empty(n if check else 0, dtype=torch.uint8))
 
 
-@torch.library.custom_op("lelp_fast::scale_rows", mutates_args=())
+@_dispatch.custom_op("lelp_fast::scale_rows", mutates_args=())
 def _scale_rows(grad: Tensor, rows: Tensor, dtype: torch.dtype) -> Tensor:
     """``(grad * rows[:, None]).to(dtype)`` in one pass on CPU (torch's mul into a bf16 ``out`` is a slow
     casting loop; mul then ``.to`` is two passes)."""
@@ -284,13 +284,13 @@ class _RowsWithGrad(torch.autograd.Function):
     def backward(ctx, grad_rows: Tensor):
         (grad,) = ctx.saved_tensors
         if ctx.student_dtype != grad.dtype:  # scaled and cast in one pass (fp32 read, bf16/fp16 write)
-            return _scale_rows(grad, grad_rows, ctx.student_dtype), None, None
+            return _dispatch.eager(_scale_rows, grad, grad_rows)(grad, grad_rows, ctx.student_dtype), None, None
         # In place: no second N x K buffer. A second backward (retain_graph=True) is refused by
         # autograd's version counter rather than silently scaled twice.
         return grad.mul_(grad_rows.unsqueeze(1)), None, None
 
 
-@torch.library.custom_op("lelp_fast::scale_unless_one", mutates_args=("grad",))
+@_dispatch.custom_op("lelp_fast::scale_unless_one", mutates_args=("grad",))
 def _scale_unless_one(grad: Tensor, scale: Tensor) -> None:
     """``grad *= scale`` in place unless ``scale`` (one element) is 1, decided on the device: on a
     GPU every program of the Triton kernel reads the scale and returns at once when it is 1 (no
@@ -337,7 +337,7 @@ class _ReducedWithGrad(torch.autograd.Function):
             if float(grad_output) != 1.0:  # no sync on the CPU; the common loss.backward() moves nothing
                 grad.mul_(grad_output)
         else:
-            _scale_unless_one(grad, grad_output)
+            _dispatch.eager(_scale_unless_one, grad, grad_output)(grad, grad_output)
         return grad, None, None
 
 
@@ -451,7 +451,9 @@ def distill_loss(
                                          fused_weight, fused_bias, teacher_logits, num_classes, n_subclasses,
                                          divergence, jsd_beta, tau, alpha, beta, ignore_index)
     else:
-        loss_rows, grad, hard_rows, suspect = _loss_rows(
+        op = _dispatch.eager(_loss_rows, student_logits, log_targets, teacher_weights, labels, embeddings,
+                             fused_weight, fused_bias, teacher_logits)
+        loss_rows, grad, hard_rows, suspect = op(
             student_logits.detach(), log_targets, teacher_weights, labels, embeddings, fused_weight, fused_bias,
             teacher_logits, num_classes, n_subclasses, _divergence_code(divergence, jsd_beta), float(jsd_beta),
             float(tau), float(alpha), beta, int(ignore_index), chosen, _dispatch.falls_back(backend),

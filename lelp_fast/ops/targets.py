@@ -200,15 +200,16 @@ def lelp_targets(
     if out is not None and not torch.compiler.is_compiling():
         return _fill(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out, chosen,
                      backend, check_inputs)
-    result = _targets_op(embeddings, weight, bias, teacher_logits, num_classes, n_subclasses, float(beta), float(tau),
-                         out_dtype, chosen, backend, check_inputs)
+    op = _dispatch.eager(_targets_op, embeddings, weight, bias, teacher_logits)
+    result = op(embeddings, weight, bias, teacher_logits, num_classes, n_subclasses, float(beta), float(tau), out_dtype,
+                chosen, backend, check_inputs)
     if out is None:
         return result
     out.copy_(result)
     return out
 
 
-@torch.library.custom_op("lelp_fast::targets", mutates_args=())
+@_dispatch.custom_op("lelp_fast::targets", mutates_args=())
 def _targets_op(embeddings: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 teacher_logits: Optional[torch.Tensor], num_classes: int, n_subclasses: int, beta: float, tau: float,
                 out_dtype: torch.dtype, chosen: str, backend: str, check_inputs: bool) -> torch.Tensor:
