@@ -94,6 +94,15 @@ def one_program_per_group(monkeypatch):
 PERSISTENT_SHAPES = [(1, 64, 3, 5, True), (261, 128, 2, 8, False), (261, 37, 3, 5, True), (130, 64, 4, 16, False)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 24, 100, 1), (9, 40, 40, 2)])
+def test_triton_targets_take_many_given_logits_in_chunks(dtype, shape):
+    """Given logits of more than 32 classes: their log-partition is taken 32 classes at a time with
+    online rescaling (``targets._logits_lse``; chunks of 128 spilled up to 2.5 KB per thread), over
+    4 chunks and a masked last one at C = 100, 2 at C = 40."""
+    test_triton_targets_match_reference(dtype, shape, with_head=False)
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's cast")
 def test_interpreter_rounds_fp32_to_bf16_as_a_gpu_does():
     """Triton's interpreter truncated fp32 -> bf16 where a GPU rounds to nearest even, so the fp32

@@ -1,6 +1,8 @@
 """Every Triton launch configuration the launchers can produce, compiled ahead of time for sm_80 and
 sm_90 on this (GPU-less) machine, under the installed Triton and under the oldest supported one,
-with the JIT's 16-byte alignment specialisation, and held against what the device takes.
+specialised as the JIT specialises a launch (aot._source: integers of 1 as constants, divisibility
+hints on the multiples of 16; the targets at d = 768 and at d = 50, see targets.LAYOUTS), and held
+against what the device takes.
 
 Gates: the kernel compiles (the interpreter, tests/test_triton.py, runs Python that real Triton
 refuses); its shared memory fits the device's opt-in limit (over it, Triton raises OutOfResources
@@ -17,7 +19,7 @@ A launch whose facts are recorded in tests/triton_aot_facts (aot_recording: keye
 cache key of the compile and the code that reads the facts) is not compiled again, save a dozen
 chosen at random per version (LELP_AOT_CHECK_SEED fixes the choice), compiled afresh, whose facts
 must equal the recording's: a machine with an empty Triton cache compiles each launch in about 1.3 s
-of CPU, 8,600 launches in all. The recordings are of Triton 3.9.0 and 3.6.0 under CPython 3.11 on
+of CPU, 11,096 launches in all. The recordings are of Triton 3.9.0 and 3.6.0 under CPython 3.11 on
 x86_64 (Triton's key hashes its binary); after an edit that changes kernels, record them again (the
 test below says when):
 
@@ -127,7 +129,7 @@ IDS = [aot.case_id(c) for c in CASES]
 
 def test_recording_holds_every_launch_and_no_other(compiled, request):
     """Every launch's facts are recorded for this Triton build and nothing else is, so that a machine
-    with an empty Triton cache compiles a dozen launches rather than 4,300 per version (about 1.3 s of
+    with an empty Triton cache compiles a dozen launches rather than 5,548 per version (about 1.3 s of
     CPU each); the dozen compiled afresh matched the recording. Record with the commands in this
     module's docstring (a key also changes with the environment variables Triton keys on, e.g.
     TRITON_DEFAULT_FP_FUSION other than 1, and with another Python or machine: a recording's name says
@@ -169,6 +171,123 @@ def test_triton_cache_key_is_the_key_triton_caches_the_compile_under(op, version
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+# Each case's source as aot._source specialises it, against the one Triton's JIT makes from the
+# arguments the launchers pass (its binder, runtime/jit.py): the targets' from kernel_args, the loss's
+# and the scale's captured from loss_triton and scale_unless_one (the kernel swapped for a recorder).
+# Rows are few; the JIT's view of N is set to the case's (4 M rows cannot be allocated here).
+_JIT_SOURCE_MATCHES = """
+import sys, torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+from lelp_fast.kernels.triton import aot, loss, targets
+
+def jit_source(kernel, args, kwargs):
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(kwargs, debug=False, instrumentation_mode="")
+    bound, spec, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
+    return ASTSource(kernel, signature, constexprs, attrs)
+
+class Recorder:  # stands in for the loss module's kernel ``name`` while ``call`` runs; keeps its arguments
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.args, self.kwargs = list(args), {k: v for k, v in kwargs.items() if k != "num_warps"}
+        return launch
+
+    def capture(self, call):
+        kernel = getattr(loss, self.name)
+        setattr(loss, self.name, self)
+        try:
+            call()
+        finally:
+            setattr(loss, self.name, kernel)
+        return kernel, self.args, self.kwargs
+
+def targets_launch(v, dts):
+    ce, values = v["constexprs"], targets.launch_values(v)
+    c, s, d = values["C"], values["S"], values["D"]
+    h_dt, z_dt, out_dt = (targets.TORCH_DTYPES[name] for name in (dts or (v["dtype"], v["dtype"], "fp32")))
+    h = torch.zeros(4, d, dtype=h_dt)
+    split = targets.split_map(torch.zeros(d, c * s + c), torch.zeros(c * s + c), c, s, targets.map_dtype(h_dt),
+                              not ce["HAS_LOGITS"])
+    z = torch.zeros(4, c, dtype=z_dt) if ce["HAS_LOGITS"] else None
+    args = list(targets.kernel_args(h, split, c, s, z, 0.7, 1.3, torch.zeros(4, c * s, dtype=out_dt)))
+    return targets.lelp_targets_kernel, args, 14, values["N"], ce
+
+def loss_launch(v, dts):
+    ce = v["constexprs"]
+    s_dt, t_dt = targets.TORCH_DTYPES[dts[0]], targets.TORCH_DTYPES[dts[1]]
+    g_dt = targets.TORCH_DTYPES[dts[2] if len(dts) > 2 else dts[0]]
+    k, m, c = ce["K"], loss.launch_values(ce)["M"], ce["K"] // ce["S"]
+    student = torch.zeros(4, k, dtype=s_dt)
+    log_t = torch.zeros(4, k, dtype=t_dt) if m == 1 else torch.zeros(4, m, k, dtype=t_dt)
+    weights = torch.full((4, m), 1.0 / m) if ce["HAS_WEIGHTS"] else None
+    labels = torch.zeros(4, dtype=torch.int64) if ce["HAS_LABELS"] else None
+    alpha, tau = {0: (0.0, 1.0), 1: (0.5, 1.0), 2: (0.5, 2.0), 3: (0.5, 3.0)}[ce["HARD"]]
+    grad = torch.zeros(4, k, dtype=g_dt) if ce["WITH_GRAD"] else None
+    kernel, args, kwargs = Recorder("lelp_loss_kernel").capture(lambda: loss.loss_triton(
+        student, log_t, weights, labels, c, ce["S"], ce["DIVERGENCE"], 0.5, tau, alpha, -100, torch.zeros(4),
+        torch.zeros(4), grad, None, 0.5 if ce["SUBCLASS_WEIGHTED"] else 1.0))
+    return kernel, args, 8, loss.launch_values(ce)["N"], kwargs
+
+def scale_launch(v, dts):
+    kernel, args, kwargs = Recorder("scale_unless_one_kernel").capture(lambda: loss.scale_unless_one(
+        torch.zeros(16, dtype=targets.TORCH_DTYPES[v["dtype"]]), torch.ones(1)))
+    return kernel, args, 2, loss.scale_launch_values()["numel"], kwargs
+
+for index in map(int, sys.argv[1:]):
+    case = aot.cases()[index]
+    op, i, arch, dts = case
+    variant = {"targets": targets.VARIANTS, "loss": loss.VARIANTS, "scale": loss.SCALE_VARIANTS}[op][i]
+    kernel, args, n_at, n, kwargs = {"targets": targets_launch, "loss": loss_launch, "scale": scale_launch}[op](
+        variant, dts)
+    args[n_at] = n
+    launch = aot._launch(case)
+    ours = aot._source(*launch[:4])
+    theirs = jit_source(kernel, args, {**kwargs, **{k: v for k, v in launch[2].items() if k not in kwargs}})
+    assert ours.hash() == theirs.hash(), (aot.case_id(case), ours.signature, theirs.signature, ours.attrs, theirs.attrs,
+                                          ours.constants, theirs.constants)
+"""
+
+
+def _jit_sample():
+    """Cases of each op whose specialisation differs: both layouts, the head and given logits, exact and
+    padded grids, S = 1 (a constant to the JIT); the loss with and without weights (one teacher is a
+    constant), labels and the gradient, the subclass weight; the scale."""
+    picked, seen = [], set()
+    for index, (op, i, arch, dts) in enumerate(CASES):
+        if op == "targets":
+            v = targets_kernels.VARIANTS[i]
+            ce = v["constexprs"]
+            key = (op, v["dtype"], v["layout"], ce["HAS_LOGITS"], ce["EXACT"], ce["S_PAD"] == 1, dts is None)
+        elif op == "loss":
+            ce = loss_kernels.VARIANTS[i]["constexprs"]
+            key = (op, ce["HAS_WEIGHTS"], ce["HAS_LABELS"], ce["WITH_GRAD"], ce["SUBCLASS_WEIGHTED"], len(dts))
+        else:
+            key = (op,)
+        if arch == 90 and key not in seen:
+            seen.add(key)
+            picked.append(index)
+    return picked
+
+
+def test_gates_compile_what_the_jit_compiles():
+    """The gates compile each launch as Triton's JIT specialises it from the launcher's own arguments:
+    the same source hash (the signature, the integers of 1 made constants, the divisibility hints).
+    Before 2026-12-04 they marked every stride and d divisible by 16 and no integer 1: the H200's JIT
+    compiled two targets kernels (S = 1, d = 24) with 1,528 and 1,864 B of stack that no gate compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _JIT_SOURCE_MATCHES, *map(str, _jit_sample())], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_recalled_facts_are_checked_against_a_fresh_compile():
     """recall_or_compile compiles a launch with no recording, recalls a recorded one, and compiles
     the checked ones afresh: those whose facts equal the recording's pass, those that differ get that
@@ -206,46 +325,23 @@ def _parks_values_outside_loops(facts) -> bool:
 
 
 # Launches that spill more than ``_parks_values_outside_loops`` allows, per Triton version, held as strict
-# xfails so that a fix shows. The targets' "mid" config at 16 x 8 (padded) on sm_80, fp32 embeddings
-# against bf16 logits, a bf16 output: 24 B, the thread's two 64-bit map addresses and a shared-memory
-# offset, reloaded once per row tile (3 LDL a tile). Found on 2026-12-03 when the dtype pairs were
-# first compiled for sm_80 (aot.MIXED_DTYPES, aot.TARGETS_DTYPES) at 240 B and 112 local operations
-# in the loop; the class log-partition taken before the tile's dots (2026-12-04) cut it to this, and
-# ended two other spills: the "thin" config's 8 B at 1 x 16 with an fp16 output under 3.9.0, and
-# this launch's 248 B with an fp32 output.
-# The targets programs of one padded class of 128 subclasses (grid 1 x 128: S = 65..127) spill under
-# the 128 x 16 x 8 warps x 2 stages config: 464-528 B on sm_90 under Triton 3.9, 8 B under 3.6 (fp32
-# with the head); two of 64 (2 x 64, padded) 32 B, fp32 with bf16 logits and output or fp32 logits
-# and an fp16 output. Found 2026-12-04, when the gates
-# took these grids (VARIANT_GRIDS had only many-class grids at 128 columns); on the H200 two of the
-# targets kernels the JIT compiled (checks, tests, tables) held 1,528 and 1,864 B of stack (8 warps,
-# 2 stages: this config; their shapes not recorded, and not found here). 64 x 32 x 8 warps x 2 stages spills at none of them (3.9)
-# but took 1.9x the 128 x 16 time at the 8 x 16 grid on the H200: which is faster here wants a GPU.
-SPILLS = {
-    "3.9.0": {
-        "targets-sm90-bf16-n128d16w8s2-1x128-head-pad",
-        "targets-sm90-bf16-n128d16w8s2-1x128-head-pad-zbf16-obf16",
-        "targets-sm90-bf16-n128d16w8s2-1x128-logits-pad",
-        "targets-sm90-bf16-n128d16w8s2-1x128-logits-pad-zbf16-obf16",
-        "targets-sm90-bf16-n128d16w8s2-1x128-logits-pad-zfp32-ofp16",
-        "targets-sm90-bf16-n128d16w8s2-1x128-logits-pad-zfp32-ofp32",
-        "targets-sm90-fp16-n128d16w8s2-1x128-head-pad",
-        "targets-sm90-fp16-n128d16w8s2-1x128-logits-pad",
-        "targets-sm90-fp32-n128d16w8s2-1x128-head-pad",
-        "targets-sm90-fp32-n128d16w8s2-1x128-head-pad-zfp32-obf16",
-        "targets-sm90-fp32-n128d16w8s2-1x128-logits-pad",
-        "targets-sm90-fp32-n128d16w8s2-1x128-logits-pad-zbf16-obf16",
-        "targets-sm90-fp32-n128d16w8s2-1x128-logits-pad-zbf16-ofp32",
-        "targets-sm90-fp32-n128d16w8s2-1x128-logits-pad-zfp32-ofp16",
-        "targets-sm90-fp32-n128d16w8s2-2x64-logits-pad-zbf16-obf16",
-        "targets-sm90-fp32-n128d16w8s2-2x64-logits-pad-zfp32-ofp16",
-    },
-    "3.6.0": {
-        "targets-sm80-fp32-n128d16w8s2-16x8-logits-pad-zbf16-obf16",
-        "targets-sm90-fp32-n128d16w8s2-1x128-head-pad",
-        "targets-sm90-fp32-n128d16w8s2-1x128-head-pad-zfp32-obf16",
-    },
-}
+# xfails so that a fix shows: tests/triton_aot_facts/spills.json, {version: [case id]}. What they are
+# (docs/benchmarks.md, "The gates compile what the JIT compiles"): since 2026-12-04 the gates specialise
+# each launch as the JIT does (aot._source), at realistic C x S and at d = 768 and 50; the targets then
+# spilled in 254 (Triton 3.6) and 288 (3.9) of 1,680 launches, up to 2.5 KB per thread, two of them the
+# 1,528 and 1,864 B kernels the H200's JIT made. Given logits' log-partition in chunks of 32 classes,
+# not 128, and a config table for d not a multiple of 16 (targets.UNALIGNED_CONFIGS) left those
+# listed: chiefly the "mid" config (128 x 16 x 8 warps x 2 stages) on padded grids of 128 columns (8 to
+# 160 B: 16 x 8, 2 x 64, 1 x 128, 512 x 1, 16 x 16 with C and S one under their pads, whose output
+# and logits strides are no multiple of 16), and 8-16 B of 128 x 32 x 8 warps at d = 50. Before the
+# specialisation, the launches held here were the 1 x 128 and 2 x 64 grids under "mid" (464-528 B
+# under 3.9) and one sm_80 launch of 24 B. 64 x 32 x 8 warps x 2 stages spilled less (8-56 B, mostly
+# sm_80 fp32) but took 1.9x the 128 x 16 time at the 8 x 16 grid on the H200: which is faster where
+# is for a GPU to show. Two loss launches joined them under 3.6 (sm_80, bf16, λ ≠ 1 at K = 256 with
+# teacher weights, labels and S = 16 or 64: 16 B with 6 local operations and 40 B, none in a loop)
+# when three teachers' M = 3 and the 4 M rows' hint replaced an unhinted M and N.
+with open(os.path.join(RECORDED, "spills.json")) as _f:
+    SPILLS = {version: set(ids) for version, ids in json.load(_f).items()}
 
 
 def test_every_spill_held_as_an_xfail_is_a_case():
@@ -260,8 +356,8 @@ def test_variant_has_no_spills(compiled, case, request):
     launches do, at 48-96 registers, is in docs/benchmarks.md): among them λ ≠ 1 at 2 x 255 and
     4 x 127 with teacher weights and the α term on sm_90 under Triton 3.6.0 (strict xfails until
     2026-12-03), and at 2 x 255, fp32 against bf16 targets, sm_80, two values (until 2026-12-04).
-    The targets kernels may not spill (issue 21: no spills for K up to 512), save the programs of one
-    or two wide padded classes held in SPILLS."""
+    The targets kernels may not spill (issue 21: no spills for K up to 512), save the launches held in
+    SPILLS (tests/triton_aot_facts/spills.json)."""
     installed = request.node.callspec.params["compiled"] == "installed"
     if aot.case_id(case) in SPILLS.get(triton.__version__ if installed else aot.OLDEST_TRITON, set()):
         request.applymarker(pytest.mark.xfail(strict=True, reason="spills: SPILLS"))
@@ -302,10 +398,13 @@ TARGETS = [c for c in CASES if c[0] == "targets"]
 
 @pytest.mark.parametrize("case", TARGETS, ids=[aot.case_id(c) for c in TARGETS])
 def test_targets_kernel_uses_tensor_cores_and_wide_copies(compiled, case):
+    """Tensor cores always; 16-byte async copies of the dot operands where d is a multiple of 16 (at
+    d = 50 no row of h starts 16-byte aligned, and Triton then stages neither operand asynchronously)."""
     facts = _facts(compiled, case)
     tensor_core = facts["wgmma"] if case[2] >= 90 else facts["mma"]
     assert tensor_core > 0, f"no tensor-core instruction for sm_{case[2]}: {facts}"
-    assert facts["async_copies"] > 0, f"dot operands not staged by 16-byte async copies: {facts}"
+    if targets_kernels.VARIANTS[case[1]]["layout"] == "aligned":
+        assert facts["async_copies"] > 0, f"dot operands not staged by 16-byte async copies: {facts}"
     if targets_kernels.VARIANTS[case[1]]["constexprs"]["EXACT"]:
         assert facts["vector_stores"] > 0, f"whole-row stores not vectorised: {facts}"
 
@@ -333,7 +432,13 @@ ALIGNED_LOSS = [c for c in CASES if c[0] == "loss" and _contiguous_rows(loss_ker
 def test_loss_kernel_loads_rows_in_vectors(compiled, case):
     facts = _facts(compiled, case)
     with_grad = loss_kernels.VARIANTS[case[1]]["constexprs"]["WITH_GRAD"]  # forward only: no rows stored
-    assert facts["vector_loads"] > 0 and (facts["vector_stores"] > 0) == with_grad, f"scalar row loads/stores: {facts}"
+    assert facts["vector_loads"] > 0 and (facts["vector_stores"] > 0 or not with_grad), f"scalar row loads/stores: {facts}"
+
+
+def _row_output_stores(constexprs: dict) -> int:
+    """Vector stores a loss launch may make without a gradient: its per-row losses and, with the
+    hard-label term, their hard part, each vectorised where N is a multiple of 16 (the JIT's hint)."""
+    return 1 + (constexprs["HARD"] != 0)
 
 
 FORWARD_ONLY = [c for c in CASES if c[0] == "loss" and not loss_kernels.VARIANTS[c[1]]["constexprs"]["WITH_GRAD"]]
@@ -342,7 +447,8 @@ FORWARD_ONLY = [c for c in CASES if c[0] == "loss" and not loss_kernels.VARIANTS
 @pytest.mark.parametrize("case", FORWARD_ONLY, ids=[aot.case_id(c) for c in FORWARD_ONLY])
 def test_forward_only_loss_kernel_has_no_gradient_in_it(compiled, case):
     """The loss launched where no gradient is wanted (``WITH_GRAD`` off) against its twin that writes
-    one in the same dtypes: no vector (row) stores, fewer stores, at most 2 % more SASS instructions
+    one in the same dtypes: no vector stores of gradient rows (those of the per-row outputs, where N is
+    a multiple of 16, are allowed: ``_row_output_stores``), fewer stores, at most 2 % more SASS instructions
     and at most one register allocation unit more (8 a thread: a warp's registers come in 256s). At
     01eda9a (Triton 3.9.0, the 14 twins compiled then): 5.9-26.9 % fewer instructions; 72 registers
     against 142 for λ ≠ 1 at 3 x 4 with every flag on sm_80. With every variant's twin in every width
@@ -351,7 +457,8 @@ def test_forward_only_loss_kernel_has_no_gradient_in_it(compiled, case):
     to 12) for 12-22 % fewer instructions, and one in fp32 against bf16 targets 1.0 % more instructions
     (λ ≠ 1 at 9 x 5 with teacher weights and labels, sm_90, 3.6.0: 1,119 against 1,108)."""
     facts, trained = _facts(compiled, case), _facts(compiled, (case[0], loss_kernels.twin_index(case[1])) + case[2:])
-    assert facts["vector_stores"] == 0 and facts["scalar_stores"] < trained["scalar_stores"], (facts, trained)
+    row_outputs = _row_output_stores(loss_kernels.VARIANTS[case[1]]["constexprs"])
+    assert facts["vector_stores"] <= row_outputs and facts["scalar_stores"] < trained["scalar_stores"], (facts, trained)
     assert facts["sass"] <= 1.02 * trained["sass"] and facts["registers"] <= trained["registers"] + 8, (
         facts, trained)
 
@@ -585,7 +692,7 @@ def summed(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, acc)
 
 signature = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
-cubins = [aot.compile_kernel(summed, signature, {"BLOCK": b}, int(sys.argv[1])).asm["cubin"] for b in (256, 128)]
+cubins = [aot.compile_kernel(summed, signature, {"BLOCK": b}, {"n": 1000}, int(sys.argv[1])).asm["cubin"] for b in (256, 128)]
 sys.stdout.buffer.write(pickle.dumps(cubins))
 """
 

@@ -90,25 +90,48 @@ def widths(dtypes) -> Tuple[int, ...]:
     return tuple(32 if name == "fp32" else 16 for name in dtypes)
 
 
-def _source(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object]) -> ASTSource:
-    """The kernel as the JIT specialises it for aligned inputs: 16-byte pointers, strides and d
-    divisible by 16. That turns on the multi-stage copy pipelines, so it changes the shared memory a
-    config needs."""
-    aligned = [i for i, (name, kind) in enumerate(signature.items())
-               if kind.startswith("*") or name.startswith("stride") or name == "D"]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-    return ASTSource(kernel, signature, constexprs=dict(constexprs), attrs=attrs)
+# The run-time integers Triton's JIT specialises on (runtime/jit.py, ``specialize_impl``): a value of 1
+# becomes a constant, a multiple of 16 gets a divisibility hint; it picks i64 past 32 bits.
+_DIVISIBLE = [["tt.divisibility", 16]]
 
 
-def compile_kernel(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object], arch: int,
-                   num_warps: int = 4, num_stages: int = 3):
-    """``kernel`` specialised on ``constexprs`` for sm_``arch`` (``.asm``, ``.metadata``); raises what Triton raises."""
+def _source(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object],
+            values: Dict[str, int]) -> ASTSource:
+    """The kernel as the JIT specialises it for a launch whose run-time integers are ``values``
+    (every one named): an integer of 1 is a constant, one divisible by 16 gets the hint (it turns on
+    the multi-stage copy pipelines and vector accesses, so it changes the shared memory, registers
+    and spills), pointers are 16-byte aligned (torch's allocations). The gates compiled every stride
+    and d as divisible and no integer as 1 before 2026-12-04: the H200's JIT then made two kernels
+    with 1.5-1.9 KB of stack (S = 1, a constant there) that no gate had compiled."""
+    signature, constexprs, attrs = dict(signature), dict(constexprs), {}
+    for i, (name, kind) in enumerate(list(signature.items())):
+        attrs[(i,)] = []  # as the JIT lists them (floats aside): the same source hash, so the same cache key
+        if kind.startswith("*"):
+            attrs[(i,)] = _DIVISIBLE
+        elif kind in ("i32", "i64"):
+            value = values[name]
+            if value == 1:
+                signature[name], constexprs[name] = "constexpr", 1
+                continue
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = _DIVISIBLE
+        elif kind != "constexpr":
+            del attrs[(i,)]
+    return ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+
+
+def compile_kernel(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object],
+                   values: Dict[str, int], arch: int, num_warps: int = 4, num_stages: int = 3):
+    """``kernel`` specialised on ``constexprs`` and ``values`` for sm_``arch`` (``.asm``, ``.metadata``);
+    raises what Triton raises."""
     options = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(_source(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(_source(kernel, signature, constexprs, values), target=GPUTarget("cuda", arch, 32),
+                          options=options)
 
 
-def triton_cache_key(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object], arch: int,
-                     num_warps: int = 4, num_stages: int = 3) -> str:
+def triton_cache_key(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object],
+                     values: Dict[str, int], arch: int, num_warps: int = 4, num_stages: int = 3) -> str:
     """The key ``triton.compile`` files this compile under in its cache (``CompiledKernel.hash``),
     computed without compiling: the Triton build, the kernel's source and its dependencies' (with its
     first line number), the specialisation, the backend (ptxas's version, the arch), the options and
@@ -117,7 +140,7 @@ def triton_cache_key(kernel: triton.JITFunction, signature: Dict[str, str], cons
     from triton.compiler import make_backend
     from triton.runtime.cache import get_cache_key
 
-    source = _source(kernel, signature, constexprs)
+    source = _source(kernel, signature, constexprs, values)
     backend = make_backend(GPUTarget("cuda", arch, 32))
     options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages, **source.parse_options()})
     key = get_cache_key(source, backend, options, env_vars=get_cache_invalidating_env_vars())
@@ -326,7 +349,8 @@ def case_id(case: Case) -> str:
         c = v["constexprs"]
         return (f"targets-sm{arch}-{v['dtype']}-n{c['BLOCK_N']}d{c['BLOCK_D']}w{v['config'].num_warps}"
                 f"s{v['config'].num_stages}-{c['C_PAD']}x{c['S_PAD']}-{'logits' if c['HAS_LOGITS'] else 'head'}-"
-                f"{'exact' if c['EXACT'] else 'pad'}" + (f"-z{dts[1]}-o{dts[2]}" if dts else ""))
+                f"{'exact' if c['EXACT'] else 'pad'}" + ("-d50" if v["layout"] == "unaligned" else "")
+                + (f"-z{dts[1]}-o{dts[2]}" if dts else ""))
     v = loss.VARIANTS[i]
     c = v["constexprs"]
     return (f"loss-sm{arch}-{dts[0]}-K{c['K']}-n{c['BLOCK_N']}w{v['num_warps']}-div{c['DIVERGENCE']}-"
@@ -337,21 +361,25 @@ def case_id(case: Case) -> str:
 
 
 def _launch(case: Case) -> tuple:
-    """(kernel, signature, constexprs, arch, num_warps, num_stages) of a case, as the launcher passes them."""
+    """(kernel, signature, constexprs, run-time integers, arch, num_warps, num_stages) of a case, as the
+    launcher passes them."""
     from . import loss, targets
 
     op, i, arch, dts = case
     if op == "targets":
         v = targets.VARIANTS[i]
-        signature = targets.signature(v["dtype"], logits_dtype=dts and dts[1], out_dtype=dts[2] if dts else "fp32")
-        return (getattr(targets, v["kernel"]), signature, v["constexprs"], arch, v["config"].num_warps,
-                v["config"].num_stages)
+        signature = targets.signature(v["dtype"], logits_dtype=dts and dts[1], out_dtype=dts[2] if dts else "fp32",
+                                      has_logits=v["constexprs"]["HAS_LOGITS"])
+        return (getattr(targets, v["kernel"]), signature, v["constexprs"], targets.launch_values(v), arch,
+                v["config"].num_warps, v["config"].num_stages)
     if op == "scale":
         v = loss.SCALE_VARIANTS[i]
-        return loss.scale_unless_one_kernel, loss.scale_signature(v["dtype"]), v["constexprs"], arch, v["num_warps"], 3
+        return (loss.scale_unless_one_kernel, loss.scale_signature(v["dtype"]), v["constexprs"],
+                loss.scale_launch_values(), arch, v["num_warps"], 3)
     v = loss.VARIANTS[i]
     constexprs = {**v["constexprs"], **loss.chunk_constexprs(v["constexprs"], dts[0])}
-    return loss.lelp_loss_kernel, loss.signature(*dts), constexprs, arch, v["num_warps"], 3
+    return (loss.lelp_loss_kernel, loss.signature(*dts, constexprs=v["constexprs"]), constexprs, loss.launch_values(v["constexprs"]), arch,
+            v["num_warps"], 3)
 
 
 def compile_case(case: Case, afresh: bool = False):

@@ -366,7 +366,7 @@ def targets_cost_variants():
     out = []
     for (c, s), name, with_head in itertools.product(targets.COST_SHAPES, dtypes, (True, False)):
         p = targets.plan(targets.COST_D, c, s, dtypes[name], with_head)
-        v = dict(kernel=p.kernel, dtype=name, config=p.config, constexprs=p.constexprs)
+        v = dict(kernel=p.kernel, dtype=name, config=p.config, layout="aligned", constexprs=p.constexprs)
         out.append((targets.VARIANTS.index(v), c, s))
     return out
 

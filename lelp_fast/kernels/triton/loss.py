@@ -1012,14 +1012,30 @@ def scale_signature(dtype: str) -> dict:
     return {"x_ptr": f"*{dtype}", "scale_ptr": "*fp32", "numel": "i64", "BLOCK": "constexpr"}
 
 
-def signature(dtype: str, target_dtype: str, grad_dtype: Optional[str] = None) -> dict:
+def scale_launch_values() -> dict:
+    """The run-time integers of the gates' scale launch (what the JIT specialises on): 4 M x 16 elements."""
+    return dict(numel=(4 << 20) * 16)
+
+
+def launch_values(constexprs: dict) -> dict:
+    """The run-time integers of the gates' launch of a loss variant (what the JIT specialises on, see
+    ``aot._source``): 4 M rows, one teacher (a constant 1 to the JIT) or three mixed by weights, and
+    the default ignore_index."""
+    return dict(N=4 << 20, M=3 if constexprs["HAS_WEIGHTS"] else 1, ignore_index=-100)
+
+
+def signature(dtype: str, target_dtype: str, grad_dtype: Optional[str] = None, constexprs: Optional[dict] = None) -> dict:
     """The kernel's argument types for ahead-of-time compilation (``triton.compile``): the gradient
     in the student's dtype, as ``ops/loss.py`` allocates it on the folded path, unless ``grad_dtype``
-    says (fp32 for fp16 students, whose gradient is not folded)."""
+    says (fp32 for fp16 students, whose gradient is not folded). With a variant's ``constexprs``, the
+    pointers it does not read are typed as ``loss_triton`` passes them (the student for absent weights
+    and labels, the fp32 row losses for the gradient of a forward-only launch)."""
+    flags = constexprs or dict(HAS_WEIGHTS=True, HAS_LABELS=True, WITH_GRAD=True)
     return {
-        "s_ptr": f"*{dtype}", "t_ptr": f"*{target_dtype}", "w_ptr": "*fp32", "y_ptr": "*i64", "scale_ptr": "*fp32",
-        "loss_ptr": "*fp32", "hard_ptr": "*fp32", "grad_ptr": f"*{grad_dtype or dtype}", "N": "i32", "M": "i32",
-        "jsd_beta": "fp32", "tau": "fp32", "alpha": "fp32", "ignore_index": "i32", "subclass_weight": "fp32",
+        "s_ptr": f"*{dtype}", "t_ptr": f"*{target_dtype}", "w_ptr": "*fp32" if flags["HAS_WEIGHTS"] else f"*{dtype}",
+        "y_ptr": "*i64" if flags["HAS_LABELS"] else f"*{dtype}", "scale_ptr": "*fp32", "loss_ptr": "*fp32",
+        "hard_ptr": "*fp32", "grad_ptr": f"*{grad_dtype or dtype}" if flags["WITH_GRAD"] else "*fp32", "N": "i32",
+        "M": "i32", "jsd_beta": "fp32", "tau": "fp32", "alpha": "fp32", "ignore_index": "i32", "subclass_weight": "fp32",
         **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "HARD", "BLOCK_N",
                                           "BLOCK_K", "BLOCK_K2", "J1", "J2", "ROW_AXIS", "SUBCLASS_WEIGHTED",
                                           "S_PAD", "G_PAD", "WITH_GRAD")},

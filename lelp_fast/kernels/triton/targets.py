@@ -115,9 +115,36 @@ def config_class(columns: int, exact_head: bool = False) -> str:
     return "mid-exact-head" if exact_head else "mid"
 
 
-def config_table(dtype: torch.dtype) -> dict:
-    """The config lists for embeddings of ``dtype``: CONFIGS, or FP32_CONFIGS for fp32."""
-    return FP32_CONFIGS if dtype == torch.float32 else CONFIGS
+# Embeddings whose width d is not a multiple of 16 (GloVe's 50 and 300): the JIT then specialises no
+# divisibility on d and the row stride, so h comes in without 16-byte copies, each element with its
+# own address and mask. Under the configs above that spilled 16-888 B per thread (both Triton
+# versions, sm_80 and sm_90: the gates' "unaligned" layout, 2026-12-04); 128 x 32 x 8 warps spilled at
+# none of the 16- and 64-column grids (bf16 and fp32). Not measured on a GPU.
+UNALIGNED_CONFIGS = {
+    "thin": [Config(128, 32, 8, 3)],
+    "narrow": [Config(128, 32, 8, 3)],
+    "mid": [Config(128, 16, 8, 2)],
+    "mid-exact-head": [Config(128, 16, 8, 2)],
+}
+_TABLES = {"16-bit": CONFIGS, "fp32": FP32_CONFIGS, "unaligned": UNALIGNED_CONFIGS}
+
+
+def aligned(d: int) -> bool:
+    """Whether embeddings of width ``d`` (rows contiguous) get the JIT's divisibility hints."""
+    return d % 16 == 0
+
+
+def config_table_name(dtype: torch.dtype, d_aligned: bool = True) -> str:
+    """Which table serves embeddings of ``dtype``: "unaligned" for a d that is not a multiple of 16,
+    else "fp32" or "16-bit"."""
+    if not d_aligned:
+        return "unaligned"
+    return "fp32" if dtype == torch.float32 else "16-bit"
+
+
+def config_table(dtype: torch.dtype, d_aligned: bool = True) -> dict:
+    """The config lists for embeddings of ``dtype`` (``config_table_name``)."""
+    return _TABLES[config_table_name(dtype, d_aligned)]
 
 
 @triton.jit
@@ -183,11 +210,14 @@ def _masked_lse(x, ok, axis: tl.constexpr):
 
 @triton.jit
 def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr):
-    """logsumexp_c(z_c / tau) over all C given logits, at most 128 classes at a time (online rescaling).
+    """logsumexp_c(z_c / tau) over all C given logits, 32 classes at a time (online rescaling).
     Taken before a tile's dots (``_tile_logits_lse``), while no accumulator is live: in the epilogue,
     beside the 128-column accumulator, its loads had to come in chunks of 8-32 classes, and fp32 h
-    against bf16 logits at 16 x 8 still spilled 240-248 B in the row-tile loop (sm_80, Triton 3.6)."""
-    CHUNK: tl.constexpr = min(C_PAD, 128)
+    against bf16 logits at 16 x 8 still spilled 240-248 B in the row-tile loop (sm_80, Triton 3.6).
+    Chunks of 128 classes spilled 1.2-2.5 KB per thread at 512 classes of one subclass and 80-544 B
+    at 64 when the logits' row stride is not a multiple of 16 (as it is not for C = 511 or 63): the
+    launches the H200 made with 1,528 and 1,864 B of stack; chunks of 32, 24-120 B at 512."""
+    CHUNK: tl.constexpr = min(C_PAD, 32)
     m = tl.full((BLOCK_N,), NEG_INF, dtype=tl.float32)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c0 in range(0, C, CHUNK):
@@ -308,11 +338,11 @@ def lelp_targets_kernel(
                   out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
 
 
-_autotuned = {  # keyed as Plan.tuner: (config_class, fp32 inputs)
-    (name, table is FP32_CONFIGS): triton.autotune(
+_autotuned = {  # keyed as Plan.tuner: (config_class, config_table_name)
+    (name, table_name): triton.autotune(
         [triton.Config({"BLOCK_N": c.block_n, "BLOCK_D": c.block_d}, num_warps=c.num_warps, num_stages=c.num_stages)
          for c in configs], key=["D", "C_PAD", "S_PAD", "HAS_LOGITS", "EXACT"])(lelp_targets_kernel)
-    for table in (CONFIGS, FP32_CONFIGS) for name, configs in table.items()
+    for table_name, table in _TABLES.items() for name, configs in table.items()
 }
 
 
@@ -420,9 +450,10 @@ def plan(d: int, num_classes: int, n_subclasses: int, dtype: torch.dtype, with_h
     c_block = class_block(c_pad, s_pad)
     exact = (c_pad, s_pad) == (num_classes, n_subclasses)
     name = config_class(c_block * s_pad, exact and with_head)
-    cfg = config_table(dtype)[name][0]  # the autotuner's choice on a GPU; the only one so far
+    table = config_table_name(dtype, aligned(d))
+    cfg = _TABLES[table][name][0]  # the autotuner's choice on a GPU; the only one so far
     return Plan("lelp_targets_kernel", cfg, _constexprs(dtype, c_pad, s_pad, not with_head, exact, cfg),
-                c_pad // c_block, (name, dtype == torch.float32))
+                c_pad // c_block, (name, table))
 
 
 def kernel_args(embeddings, split: SplitMap, num_classes, n_subclasses, teacher_logits, beta, tau, out) -> tuple:
@@ -480,26 +511,54 @@ def _constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg) -> dict:
 
 
 def _variants() -> List[dict]:
-    """Every constexpr combination ``targets_triton`` can launch, at the grids of VARIANT_GRIDS;
-    ``kernel`` names the kernel function."""
+    """Every constexpr combination ``targets_triton`` can launch, at the grids of VARIANT_GRIDS, in
+    each of the ``LAYOUTS``; ``kernel`` names the kernel function."""
     variants = []
-    for dtype, name in itertools.product(_TL_DTYPES, CONFIGS):
-        for (c_pad, s_pad), cfg in itertools.product(VARIANT_GRIDS[name], config_table(dtype)[name]):
+    for dtype, name, layout in itertools.product(_TL_DTYPES, CONFIGS, LAYOUTS):
+        table = config_table(dtype, layout == "aligned")
+        for (c_pad, s_pad), cfg in itertools.product(VARIANT_GRIDS[name], table[name]):
             logits_options = (False, True) if c_pad <= HEAD_PAD else (True,)  # a head takes C <= 16
             exacts = (False, True)
             if name == "mid-exact-head":
                 logits_options, exacts = (False,), (True,)
             for has_logits, exact in itertools.product(logits_options, exacts):
-                v = dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg,
+                v = dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg, layout=layout,
                          constexprs=_constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg))
-                if v not in variants:  # fp32's "mid-exact-head" is its "mid"
+                if v not in variants:  # fp32's and unaligned's "mid-exact-head" is their "mid"
                     variants.append(v)
     for (c, s), dtype, with_head in itertools.product(COST_SHAPES, (torch.bfloat16, torch.float32), (True, False)):
         p = plan(COST_D, c, s, dtype, with_head)
-        v = dict(kernel=p.kernel, dtype=_TL_DTYPES[dtype], config=p.config, constexprs=p.constexprs)
+        v = dict(kernel=p.kernel, dtype=_TL_DTYPES[dtype], config=p.config, layout="aligned", constexprs=p.constexprs)
         if v not in variants:
             variants.append(v)
     return variants
+
+
+# The rows and width of the two launches each variant is compiled for (``launch_values``): the JIT
+# specialises on whether N, d, C, S and the strides are multiples of 16 (and on a value of 1), and
+# the hints change the copy pipelines, registers and spills (on the H200 two kernels of S = 1 held
+# 1.5-1.9 KB of stack at d = 24 that the gates, compiling every d and stride as divisible, never
+# made). "aligned": 4 M rows of d = 768; "unaligned": 333 rows of d = 50 (GloVe's width).
+LAYOUTS = {"aligned": (4 << 20, 768), "unaligned": (333, 50)}
+
+
+def grid_shape(c_pad: int, s_pad: int, exact: bool):
+    """A (C, S) the launcher sends to the padded grid (C_PAD, S_PAD): the grid itself when ``exact``,
+    else each side one less than its pad where that keeps the pad (the padding masks on)."""
+    if exact:
+        return c_pad, s_pad
+    c, s = (c_pad - 1 if c_pad >= 4 else c_pad), (s_pad - 1 if s_pad >= 4 else s_pad)
+    assert padded_grid(c, s) == (c_pad, s_pad) and (c, s) != (c_pad, s_pad), (c_pad, s_pad)
+    return c, s
+
+
+def launch_values(variant: dict) -> dict:
+    """The run-time integers of a launch of ``variant`` in its layout, as ``targets_triton`` passes them
+    (contiguous rows; a head's launch passes the embeddings as the logits): what the JIT specialises on."""
+    n, d = LAYOUTS[variant["layout"]]
+    ce = variant["constexprs"]
+    c, s = grid_shape(ce["C_PAD"], ce["S_PAD"], ce["EXACT"])
+    return dict(stride_h=d, stride_z=c if ce["HAS_LOGITS"] else d, stride_out=c * s, N=n, D=d, C=c, S=s)
 
 
 # The shapes of the cost model (issue 21: targets of 4 M x 768 at K = 16 and 128), as launched.
@@ -508,15 +567,18 @@ COST_SHAPES = [(4, 4), (16, 8)]
 VARIANTS = _variants()
 
 
-def signature(dtype: str, *, logits_dtype: Optional[str] = None, out_dtype: str = "fp32") -> dict:
+def signature(dtype: str, *, logits_dtype: Optional[str] = None, out_dtype: str = "fp32",
+              has_logits: bool = False) -> dict:
     """The kernel's argument types for ahead-of-time compilation (``triton.compile``): embeddings of
-    ``dtype``, teacher logits of ``logits_dtype`` (default: ``dtype``), output of ``out_dtype``."""
+    ``dtype``, teacher logits of ``logits_dtype`` (default: ``dtype``), output of ``out_dtype``; with
+    ``has_logits`` the head's pointers are the fp32 bias that ``kernel_args`` passes for them."""
     part = _TL_DTYPES[map_dtype(TORCH_DTYPES[dtype])]
+    head = "fp32" if has_logits else part
     return {
-        "h_ptr": f"*{dtype}", "stride_h": "i64", "sub_hi_ptr": f"*{part}", "sub_lo_ptr": f"*{part}",
-        "sub_scale_ptr": "*fp32", "sub_bias_ptr": "*fp32", "head_hi_ptr": f"*{part}", "head_lo_ptr": f"*{part}",
-        "head_scale_ptr": "*fp32", "head_bias_ptr": "*fp32", "z_ptr": f"*{logits_dtype or dtype}", "stride_z": "i64",
-        "out_ptr": f"*{out_dtype}", "stride_out": "i64", "N": "i32", "D": "i32", "C": "i32", "S": "i32",
+        "h_ptr": f"*{dtype}", "stride_h": "i32", "sub_hi_ptr": f"*{part}", "sub_lo_ptr": f"*{part}",
+        "sub_scale_ptr": "*fp32", "sub_bias_ptr": "*fp32", "head_hi_ptr": f"*{head}", "head_lo_ptr": f"*{head}",
+        "head_scale_ptr": "*fp32", "head_bias_ptr": "*fp32", "z_ptr": f"*{logits_dtype or dtype}", "stride_z": "i32",
+        "out_ptr": f"*{out_dtype}", "stride_out": "i32", "N": "i32", "D": "i32", "C": "i32", "S": "i32",
         "inv_beta": "fp32", "inv_tau": "fp32",
         **{name: "constexpr" for name in ("HAS_LOGITS", "C_PAD", "S_PAD", "C_BLOCK", "EXACT", "BLOCK_N", "BLOCK_D")},
     }
