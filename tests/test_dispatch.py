@@ -313,7 +313,7 @@ def _dispatched_ops(fn) -> set:
 @pytest.mark.skipif(not HAS_CPU, reason="needs the compiled CPU extension")
 def test_eager_calls_skip_the_dispatcher():
     """In eager mode on plain tensors the loss and targets call their custom ops' Python functions
-    directly: the dispatcher's layers took 0.05 ms of a small loss step's 0.19 ms on a CPU (issue 21:
+    directly: the dispatcher's layers took 0.05 ms of a small loss step's 0.18 ms on a CPU (issue 21:
     the loss at small K was host-bound on the H200, about 1 ms of Python a step). The
     ops stay for torch.compile and CUDA graphs (tests/test_ops_loss.py and test_ops_targets.py)."""
     student, log_t, labels = make_inputs(64, 2, 8, seed=3)

@@ -52,7 +52,7 @@ def eager(op, *tensors) -> Callable:
     apart: eager mode, no dispatch mode active (fake tensors, tracing, a mode that watches calls) and
     plain tensors among ``tensors`` (lists of them too; no subclass, no functorch wrapper). The
     dispatcher's layers (the op's autograd and redispatch, the outputs' aliasing check) took 0.05 ms
-    of a small loss step's 0.19 ms on a 2-core CPU (fwd + bwd, 256 x 16; docs/benchmarks.md); the op
+    of a small loss step's 0.18 ms on a 2-core CPU (fwd + bwd, 256 x 16; docs/benchmarks.md); the op
     is there for ``torch.compile`` and CUDA graphs to see one call (issue 21: the loss's host time)."""
     if torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None:
         return op
