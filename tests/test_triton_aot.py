@@ -432,7 +432,8 @@ ALIGNED_LOSS = [c for c in CASES if c[0] == "loss" and _contiguous_rows(loss_ker
 def test_loss_kernel_loads_rows_in_vectors(compiled, case):
     facts = _facts(compiled, case)
     with_grad = loss_kernels.VARIANTS[case[1]]["constexprs"]["WITH_GRAD"]  # forward only: no rows stored
-    assert facts["vector_loads"] > 0 and (facts["vector_stores"] > 0 or not with_grad), f"scalar row loads/stores: {facts}"
+    assert facts["vector_loads"] > 0 and (facts["vector_stores"] > 0 or not with_grad), (
+        f"scalar row loads/stores: {facts}")
 
 
 def _row_output_stores(constexprs: dict) -> int:
@@ -692,7 +693,8 @@ def summed(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, acc)
 
 signature = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
-cubins = [aot.compile_kernel(summed, signature, {"BLOCK": b}, {"n": 1000}, int(sys.argv[1])).asm["cubin"] for b in (256, 128)]
+cubins = [aot.compile_kernel(summed, signature, {"BLOCK": b}, {"n": 1000}, int(sys.argv[1])).asm["cubin"]
+          for b in (256, 128)]
 sys.stdout.buffer.write(pickle.dumps(cubins))
 """
 

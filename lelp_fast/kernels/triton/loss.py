@@ -1024,7 +1024,8 @@ def launch_values(constexprs: dict) -> dict:
     return dict(N=4 << 20, M=3 if constexprs["HAS_WEIGHTS"] else 1, ignore_index=-100)
 
 
-def signature(dtype: str, target_dtype: str, grad_dtype: Optional[str] = None, constexprs: Optional[dict] = None) -> dict:
+def signature(dtype: str, target_dtype: str, grad_dtype: Optional[str] = None,
+              constexprs: Optional[dict] = None) -> dict:
     """The kernel's argument types for ahead-of-time compilation (``triton.compile``): the gradient
     in the student's dtype, as ``ops/loss.py`` allocates it on the folded path, unless ``grad_dtype``
     says (fp32 for fp16 students, whose gradient is not folded). With a variant's ``constexprs``, the
@@ -1035,7 +1036,8 @@ def signature(dtype: str, target_dtype: str, grad_dtype: Optional[str] = None, c
         "s_ptr": f"*{dtype}", "t_ptr": f"*{target_dtype}", "w_ptr": "*fp32" if flags["HAS_WEIGHTS"] else f"*{dtype}",
         "y_ptr": "*i64" if flags["HAS_LABELS"] else f"*{dtype}", "scale_ptr": "*fp32", "loss_ptr": "*fp32",
         "hard_ptr": "*fp32", "grad_ptr": f"*{grad_dtype or dtype}" if flags["WITH_GRAD"] else "*fp32", "N": "i32",
-        "M": "i32", "jsd_beta": "fp32", "tau": "fp32", "alpha": "fp32", "ignore_index": "i32", "subclass_weight": "fp32",
+        "M": "i32", "jsd_beta": "fp32", "tau": "fp32", "alpha": "fp32", "ignore_index": "i32",
+        "subclass_weight": "fp32",
         **{name: "constexpr" for name in ("K", "S", "DIVERGENCE", "HAS_WEIGHTS", "HAS_LABELS", "HARD", "BLOCK_N",
                                           "BLOCK_K", "BLOCK_K2", "J1", "J2", "ROW_AXIS", "SUBCLASS_WEIGHTED",
                                           "S_PAD", "G_PAD", "WITH_GRAD")},
