@@ -378,7 +378,7 @@ def _launch(case: Case) -> tuple:
                 loss.scale_launch_values(), arch, v["num_warps"], 3)
     v = loss.VARIANTS[i]
     constexprs = {**v["constexprs"], **loss.chunk_constexprs(v["constexprs"], dts[0])}
-    return (loss.lelp_loss_kernel, loss.signature(*dts, constexprs=v["constexprs"]), constexprs,
+    return (loss.lelp_loss_kernel, loss.signature(*dts, flags=v["constexprs"]), constexprs,
             loss.launch_values(v["constexprs"]), arch, v["num_warps"], 3)
 
 

@@ -1024,14 +1024,12 @@ def launch_values(constexprs: dict) -> dict:
     return dict(N=4 << 20, M=3 if constexprs["HAS_WEIGHTS"] else 1, ignore_index=-100)
 
 
-def signature(dtype: str, target_dtype: str, grad_dtype: Optional[str] = None,
-              constexprs: Optional[dict] = None) -> dict:
+def signature(dtype: str, target_dtype: str, grad_dtype: Optional[str] = None, *, flags: dict) -> dict:
     """The kernel's argument types for ahead-of-time compilation (``triton.compile``): the gradient
     in the student's dtype, as ``ops/loss.py`` allocates it on the folded path, unless ``grad_dtype``
-    says (fp32 for fp16 students, whose gradient is not folded). With a variant's ``constexprs``, the
-    pointers it does not read are typed as ``loss_triton`` passes them (the student for absent weights
-    and labels, the fp32 row losses for the gradient of a forward-only launch)."""
-    flags = constexprs or dict(HAS_WEIGHTS=True, HAS_LABELS=True, WITH_GRAD=True)
+    says (fp32 for fp16 students, whose gradient is not folded). The pointers a variant (its
+    constexprs, ``flags``) does not read are typed as ``loss_triton`` passes them: the student for
+    absent weights and labels, the fp32 row losses for the gradient of a forward-only launch."""
     return {
         "s_ptr": f"*{dtype}", "t_ptr": f"*{target_dtype}", "w_ptr": "*fp32" if flags["HAS_WEIGHTS"] else f"*{dtype}",
         "y_ptr": "*i64" if flags["HAS_LABELS"] else f"*{dtype}", "scale_ptr": "*fp32", "loss_ptr": "*fp32",
