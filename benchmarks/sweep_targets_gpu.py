@@ -38,7 +38,7 @@ def candidates(n, d, c, s, dtype, quick):
     the widest class block and at half of it. (The run of 2026-12-04 also timed a resident form, since
     removed: docs/benchmarks.md.)"""
     c_pad, s_pad = padded_grid(c, s)
-    widest = tt.class_block(c_pad, s_pad)
+    widest = tt.class_block(c_pad, s_pad, exact_head=True)
     out = []
     for c_block in [b for b in (widest, widest // 2) if b >= 1 and b * s_pad >= 16]:
         for bn, bd, w, st in itertools.product(*(QUICK if quick else STREAMING).values()):
@@ -61,7 +61,8 @@ def launch(case, h, split, c, s, out):
     c_pad, s_pad = split.c_pad, split.s_pad
     constexprs = dict(HAS_LOGITS=False, C_PAD=c_pad, S_PAD=s_pad, C_BLOCK=c_block, EXACT=(c_pad, s_pad) == (c, s),
                       BLOCK_N=bn, BLOCK_D=bd)
-    grid = (tt.row_programs(triton.cdiv(h.shape[0], bn), h.device) * (c_pad // c_block),)
+    groups = triton.cdiv(c, c_block)  # the class groups that hold a class
+    grid = (tt.row_programs(triton.cdiv(h.shape[0], bn), h.device) * groups,)
     args = tt.kernel_args(h, split, c, s, None, 0.7, 1.3, out)
     return getattr(tt, kernel)[grid](*args, **constexprs, num_warps=warps, num_stages=stages)
 

@@ -53,10 +53,46 @@ def test_triton_targets_match_reference(dtype, shape, with_head):
 @pytest.mark.parametrize("shape, with_head", [((9, 20, 10, 16), True), ((70, 20, 16, 16), False),
                                               ((5, 20, 300, 1), False), ((4, 24, 3, 100), True)])
 def test_triton_targets_over_several_class_groups(dtype, shape, with_head):
-    """Padded grids wider than one program's 128 columns (2 to 4 class groups per row tile; 300
-    given logits, whose log-partition is taken 128 at a time; a padded class group fully masked);
-    before, one program held up to 512 columns and could not launch on a GPU (shared memory)."""
+    """Grids wider than one program's columns (64, or 128 for a class of more than 64 subclasses: 2 to
+    5 class groups per row tile, only those that hold a class; 300 given logits, whose log-partition
+    is taken 32 at a time; S = 100 padded to 128); before, one program held up to 512 columns and
+    could not launch on a GPU (shared memory)."""
     test_triton_targets_match_reference(dtype, shape, with_head)
+
+
+def test_targets_programs_hold_64_columns_but_for_whole_grids_with_a_head_and_wide_classes():
+    """Programs of 128 columns only for a whole grid with the head ("mid-exact-head", the fastest
+    measured) and a class of 65-128 (padded) subclasses; every other grid in programs of at most 64
+    ("narrow": faster on the H200 and without the spills of "mid" on padded grids)."""
+    from lelp_fast.kernels.triton import targets as tt
+
+    def program(c, s, with_head):
+        p = tt.plan(768, c, s, torch.bfloat16, with_head)
+        return p.constexprs["C_BLOCK"] * p.constexprs["S_PAD"], p.tuner[0], p.groups
+
+    assert program(8, 16, True) == (128, "mid-exact-head", 1)
+    assert program(15, 7, True) == (64, "narrow", 2)  # padded 16 x 8
+    assert program(8, 16, False) == (64, "narrow", 2)  # given logits
+    assert program(300, 1, False) == (64, "narrow", 5)  # of 8 class groups, the 5 that hold a class
+    assert program(2, 50, True) == (64, "narrow", 2)  # two classes padded to 64 subclasses
+    assert program(3, 100, True) == (128, "mid", 3)  # a class padded to 128 subclasses; C_PAD = 4
+    assert program(4, 4, True) == (16, "thin", 1)
+
+
+def test_split_map_pads_subclass_slots_with_minus_inf():
+    """The kernel takes each class's log-partition over all S_PAD slots without a mask (a mask spilled
+    on padded grids), so a padded slot's bias is -inf and its u too; the real slots keep the map's
+    bias, padded classes' real slots 0."""
+    from lelp_fast.kernels.triton import targets as tt
+
+    c, s, d = 3, 5, 16
+    weight, bias = torch.randn(d, c * s + c), torch.randn(c * s + c)
+    split = tt.split_map(weight, bias, c, s, torch.bfloat16, with_head=True)
+    grid = split.sub_bias.view(split.c_pad, split.s_pad)
+    assert (split.c_pad, split.s_pad) == (4, 8)
+    assert torch.equal(grid[:c, :s], bias[:c * s].view(c, s))
+    assert torch.equal(grid[c:, :s], torch.zeros(split.c_pad - c, s))
+    assert (grid[:, s:] == float("-inf")).all()
 
 
 def test_the_targets_autotuner_never_times_a_launch():

@@ -102,19 +102,23 @@ def _interpreted_step_bytes(dtype, subclass_weight=1.0, forward_only=False):
 
 
 def test_targets_map_is_read_once_per_row_tile():
-    """The targets' bytes per row at the issue's shapes, as launched (``targets.plan``): h once, the
-    output once, and the map's bytes over the rows of one tile (128; fp32 at 16 columns, 256), fp32
-    included (its map in bf16 hi + lo parts, 4 B per entry): bf16 K = 16 768 B a row with the head,
-    384 B with given logits; K = 128 3,456 and 3,072 B. Before the persistent kernel each 64-row program read the whole
-    map: 1,536 B per row at K = 16, 6,912 B at K = 128 in bf16. (Until 2026-12-04 a resident form
-    read a K = 16 16-bit map once per program; on the H200 it was the slower, and was removed.)"""
+    """The targets' bytes per row at the issue's shapes, as launched (``targets.plan``): h once per class
+    group (once, but twice at K = 128 with given logits: two programs of 64 columns since 2026-12-04,
+    the second read counted as if it missed L2), the output once, and the map's bytes over the rows of
+    one tile (128; fp32 at 16 columns, 256), fp32 included (its map in bf16 hi + lo parts, 4 B per
+    entry): bf16 K = 16 768 B a row with the head, 384 B with given logits; K = 128 3,456 and 3,072 B.
+    Before the persistent kernel each 64-row program read the whole map: 1,536 B per row at K = 16,
+    6,912 B at K = 128 in bf16. (Until 2026-12-04 a resident form read a K = 16 16-bit map once per
+    program; on the H200 it was the slower, and was removed.)"""
     from lelp_fast.kernels.triton import targets
 
     for i, c, s in cost.targets_cost_variants():
         v = targets.VARIANTS[i]
         b = cost.targets_bytes_per_row(v, targets.COST_D, c, s)
         item = cost.DTYPE_BYTES[v["dtype"]]
-        assert b["h"] == 768 * item and b["out"] == c * s * 4
+        groups = 2 if c * s == 128 and v["constexprs"]["HAS_LOGITS"] else 1
+        assert -(-c // v["constexprs"]["C_BLOCK"]) == groups, v
+        assert b["h"] == 768 * item * groups and b["out"] == c * s * 4
         rows_per_tile = v["constexprs"]["BLOCK_N"]
         assert b["rows_per_map_read"] == rows_per_tile >= 128, (v, b)
         columns = c * s + (0 if v["constexprs"]["HAS_LOGITS"] else 16)

@@ -300,6 +300,12 @@ def targets_row_programs(n: int, block_n: int) -> int:
     return max(1, min(-(-n // block_n), targets.PROGRAMS_PER_SM * SMS))
 
 
+def targets_groups(v: dict, num_classes: int) -> int:
+    """Programs per row tile: the class groups that hold a class (``targets.plan``; padding groups
+    are not launched)."""
+    return -(-num_classes // v["constexprs"]["C_BLOCK"])
+
+
 def targets_bytes_per_row(v: dict, d: int, num_classes: int, n_subclasses: int,
                           out_bytes: int = TARGETS_OUT_BYTES) -> Dict[str, float]:
     """Global-memory bytes per row of the launch ``v`` (an entry of ``targets.VARIANTS``): h read once
@@ -310,7 +316,7 @@ def targets_bytes_per_row(v: dict, d: int, num_classes: int, n_subclasses: int,
 
     c = v["constexprs"]
     item = DTYPE_BYTES[v["dtype"]]
-    groups = c["C_PAD"] // c["C_BLOCK"]
+    groups = targets_groups(v, num_classes)
     columns = c["C_BLOCK"] * c["S_PAD"] + (0 if c["HAS_LOGITS"] else 16)
     map_read = d * columns * 2 * targets.map_dtype(targets.TORCH_DTYPES[v["dtype"]]).itemsize  # hi + lo
     rows_per_read = c["BLOCK_N"]
@@ -320,11 +326,12 @@ def targets_bytes_per_row(v: dict, d: int, num_classes: int, n_subclasses: int,
     return {**moved, "rows_per_map_read": rows_per_read, "total": sum(moved.values()), "floor": h + logits + out}
 
 
-def targets_instructions_per_row(facts: Dict[str, object], v: dict, d: int, n: int = TARGETS_ROWS) -> float:
+def targets_instructions_per_row(facts: Dict[str, object], v: dict, d: int, num_classes: int,
+                                  n: int = TARGETS_ROWS) -> float:
     """Thread instructions per row from the SASS: a row tile issues the row-tile loop's body once
     (the longest loop), plus the streamed reduction loop (the one with the MMAs) D / BLOCK_D - 1 more
     times; the code outside the row-tile loop runs once per program. Each of the program's
-    ``num_warps * 32`` threads issues them all, for BLOCK_N rows."""
+    ``num_warps * 32`` threads issues them all, for BLOCK_N rows, in each class group's program."""
     c = v["constexprs"]
     loops = facts["loops"]
     tile_loop = loops[-1]["instructions"]
@@ -332,16 +339,15 @@ def targets_instructions_per_row(facts: Dict[str, object], v: dict, d: int, n: i
     per_tile = tile_loop + (reduction[0]["instructions"] * (-(-d // c["BLOCK_D"]) - 1) if reduction else 0)
     tiles_per_program = -(-n // c["BLOCK_N"]) / targets_row_programs(n, c["BLOCK_N"])
     per_tile += (facts["sass"] - tile_loop) / tiles_per_program
-    return per_tile * v["config"].num_warps * 32 / c["BLOCK_N"]
+    return per_tile * v["config"].num_warps * 32 / c["BLOCK_N"] * targets_groups(v, num_classes)
 
 
-def targets_flops_per_row(v: dict, d: int) -> Tuple[str, float]:
-    """(tensor-core type, FLOP per row): every group's columns and its head, each map part."""
+def targets_flops_per_row(v: dict, d: int, num_classes: int) -> Tuple[str, float]:
+    """(tensor-core type, FLOP per row): every launched group's columns and its head, each map part."""
     c = v["constexprs"]
     kind, passes = MMA_PASSES[v["dtype"]]
     map_rows = -(-d // c["BLOCK_D"]) * c["BLOCK_D"]
-    groups = c["C_PAD"] // c["C_BLOCK"]
-    columns = groups * (c["C_BLOCK"] * c["S_PAD"] + (0 if c["HAS_LOGITS"] else 16))
+    columns = targets_groups(v, num_classes) * (c["C_BLOCK"] * c["S_PAD"] + (0 if c["HAS_LOGITS"] else 16))
     return kind, 2.0 * map_rows * columns * passes
 
 
@@ -350,9 +356,9 @@ def targets_model(facts: Dict[str, object], v: dict, d: int, num_classes: int, n
     """Modelled time per row (s) of memory, instruction issue and tensor-core issue, and the slowest
     of the three over the floor (the floor's bytes at the device's bandwidth)."""
     moved = targets_bytes_per_row(v, d, num_classes, n_subclasses)
-    kind, flops = targets_flops_per_row(v, d)
+    kind, flops = targets_flops_per_row(v, d, num_classes)
     times = {"memory": moved["total"] / BANDWIDTH[device],
-             "issue": targets_instructions_per_row(facts, v, d) / THREAD_INSTRUCTIONS_PER_S,
+             "issue": targets_instructions_per_row(facts, v, d, num_classes) / THREAD_INSTRUCTIONS_PER_S,
              "mma": flops / (SMS * MMA_FLOP_PER_SM_CLOCK[kind] * CLOCK_HZ)}
     floor = moved["floor"] / BANDWIDTH[device]
     return {**times, "floor": floor, "over_floor": max(times.values()) / floor}
@@ -391,7 +397,7 @@ def targets_table(facts_json: str) -> str:
         v = targets.VARIANTS[i]
         ce = v["constexprs"]
         b = targets_bytes_per_row(v, d, c, s)
-        per_element = targets_instructions_per_row(row["facts"], v, d) / (c * s)
+        per_element = targets_instructions_per_row(row["facts"], v, d, c) / (c * s)
         cells = []
         for device in ("H100", "H200"):
             m = targets_model(row["facts"], v, d, c, s, device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 MAX_HEAD_CLASSES = 16  # the targets kernel's head dot is one 16-column tensor-core tile
-MAX_SUBCLASS_COLUMNS = 512  # C_PAD * S_PAD, taken by up to 4 programs per row tile (one per class group)
+MAX_SUBCLASS_COLUMNS = 512  # C_PAD * S_PAD, taken by up to 8 programs per row tile (one per class group)
 # Columns one targets program holds (whole classes): 64 rows x 256 fp32 accumulator columns spilled
 # (tests/test_triton_aot.py), so a class of more than 128 (padded) subclasses goes to the next backend.
 MAX_SUBCLASSES_PER_PROGRAM = 128

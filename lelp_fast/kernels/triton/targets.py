@@ -14,8 +14,8 @@ with the map re-split in every tile, were modelled at 4.8x the H200's floor at K
 The subclass columns are laid out as a padded ``C_PAD x S_PAD`` grid, so the epilogue reshapes
 the accumulator to (rows, class, subclass) and takes every class's log-softmax with one
 reduction; the teacher head (when no logits are given) is a second, 16-column dot. A program
-holds at most 128 columns (``C_BLOCK`` whole classes); wider maps take several programs per row
-tile, each with the class log-partition over all C classes.
+holds at most 64 columns, ``C_BLOCK`` whole classes (128 for a whole grid with the head or a class of
+more than 64 subclasses); wider maps take several programs per row tile, those that hold a class.
 
 Numerics are tested on CPU under ``TRITON_INTERPRET=1`` against the fp64 reference; every entry
 of ``VARIANTS`` is compiled ahead of time for sm_80/sm_90, its PTX checked and its shared memory,
@@ -69,6 +69,13 @@ class Config(NamedTuple):
 # 100-400 B/thread and 64 x 512 1.5-12 KB under every config tried (sm_80/sm_90, Triton 3.9), and
 # needed up to 565 KB of shared memory at 3 stages (OutOfResources on any GPU).
 COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
+# ... but only a whole grid with the head ("mid-exact-head") or a class of more than 64 (padded)
+# subclasses takes 128: other programs hold at most 64 columns ("narrow"), two or more a row tile.
+# On the H200 (2026-12-04 sweep, 8 x 16 bf16 with the head) two programs of 64 columns at
+# 128 x 64 x 8 warps x 3 stages took 6.09 ms where one of 128 at "mid"'s 128 x 16 x 8 x 2 took
+# 14.9 ms; and "mid" spilled on padded grids (8-400 B a thread, 2026-12-04 gates) where "narrow"
+# does not. The h re-read of the second program comes from L2.
+NARROW_COLUMNS = 64
 # The configs, measured on an H200 (2026-12-04, benchmarks/sweep_targets_gpu.py: 287 configs at
 # 4 M x 768 in bf16 with the head; docs/benchmarks.md): at 16 columns 128 x 64, 4 warps, 3 stages
 # took 1.81 ms (1.14x the copy floor; the 256 x 32 x 8 warps before: 2.71 ms, and the resident form
@@ -78,7 +85,8 @@ COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
 # 8 warps, 4 stages 5.15 ms (128 x 16, 2 stages: 14.9 ms). 128 x 32 x 8 x 4 spills on padded grids
 # and with given logits (8-360 B per thread on sm_80 or sm_90, under Triton 3.6 or 3.9; so did
 # 128 x 32 at 2 and 3 stages, 64 x 32 and 128 x 64 x 2), so it serves only whole grids with the head
-# ("mid-exact-head"), and other programs of 128 columns keep 128 x 16. Faster configs spill, or were
+# ("mid-exact-head"), and the other programs of 128 columns (a class of 65-128 subclasses, padded to
+# 128) keep 128 x 16. Faster configs spill, or were
 # not tried against the gates (256 x 32 x 8 warps x 4 stages: 4.41 ms at 128 columns); 64-row tiles
 # were a little faster at 64 and 128 columns (3.05, 4.96 ms) but read the map once per 64 rows.
 # Every entry is compiled for sm_80/sm_90 under Triton 3.6 and 3.9, with its shared memory,
@@ -100,9 +108,16 @@ FP32_CONFIGS = {
 }
 
 
-def class_block(c_pad: int, s_pad: int) -> int:
-    """Classes per program: as many whole classes as fit COLUMNS_PER_PROGRAM columns."""
-    return max(1, min(c_pad, COLUMNS_PER_PROGRAM // s_pad))
+def class_block(c_pad: int, s_pad: int, exact_head: bool = False) -> int:
+    """Classes per program: as many whole classes as fit ``program_columns``; ``exact_head``: a whole
+    C x S grid (no padding) with the teacher's head."""
+    return max(1, min(c_pad, program_columns(s_pad, exact_head) // s_pad))
+
+
+def program_columns(s_pad: int, exact_head: bool = False) -> int:
+    """The most columns a program holds: COLUMNS_PER_PROGRAM for a whole grid with the head or a class
+    of more than NARROW_COLUMNS (padded) subclasses, else NARROW_COLUMNS."""
+    return COLUMNS_PER_PROGRAM if exact_head or s_pad > NARROW_COLUMNS else NARROW_COLUMNS
 
 
 def config_class(columns: int, exact_head: bool = False) -> str:
@@ -280,11 +295,9 @@ def _epilogue(u, z, lse_z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_
         out = ((u - u) + log_p).to(out_ptr.dtype.element_ty)
     else:
         u3 = tl.reshape(u, (BLOCK_N, C_BLOCK, S_PAD))
-        if EXACT:  # every slot is a subclass: no masks (2 instructions per element at 128 x 16 x 8)
-            lse_u = _lse(u3, 2)
-        else:
-            s_ok = (tl.arange(0, S_PAD) < S)[None, None, :]
-            lse_u = _masked_lse(u3, s_ok, 2)
+        # no mask: a padded subclass slot's bias is -inf (split_map), so is its u (a mask here spilled
+        # 16-400 B a thread on padded grids of 128 columns, sm_80/sm_90, Triton 3.6 and 3.9)
+        lse_u = _lse(u3, 2)
         out3 = (u3 - lse_u[:, :, None]) + log_p[:, :, None]
         out = tl.reshape(out3, (BLOCK_N, KW)).to(out_ptr.dtype.element_ty)
     if EXACT:  # C = C_PAD and S = S_PAD: whole contiguous column ranges, so the stores vectorise
@@ -314,12 +327,12 @@ def lelp_targets_kernel(
     slices from L2 once per tile, so each map read serves BLOCK_N rows."""
     KP: tl.constexpr = C_PAD * S_PAD  # the map's row length
     KW: tl.constexpr = C_BLOCK * S_PAD  # this program's columns: classes [group * C_BLOCK, +C_BLOCK)
-    GROUPS: tl.constexpr = C_PAD // C_BLOCK
+    groups = tl.cdiv(C, C_BLOCK)  # the class groups that hold a class: a group of padding is not launched
     pid = tl.program_id(0)
-    group = pid % GROUPS  # a row tile's class groups are neighbours: their h re-reads hit L2
+    group = pid % groups  # a row tile's class groups are neighbours: their h re-reads hit L2
     k_cols = group * KW + tl.arange(0, KW)
     h_cols = tl.arange(0, 16)
-    for tile in range(pid // GROUPS, tl.cdiv(N, BLOCK_N), tl.num_programs(0) // GROUPS):
+    for tile in range(pid // groups, tl.cdiv(N, BLOCK_N), tl.num_programs(0) // groups):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows64 = rows.to(tl.int64)
@@ -377,7 +390,8 @@ def _split_columns(m: torch.Tensor, dtype: torch.dtype):
 
 def split_map(weight: torch.Tensor, bias: torch.Tensor, num_classes: int, n_subclasses: int, dtype: torch.dtype,
               with_head: bool) -> SplitMap:
-    """Lays the fused ``[A | Wᵀ]``, ``[e | b]`` out for the kernel: padded grid, hi/lo parts of ``dtype``."""
+    """Lays the fused ``[A | Wᵀ]``, ``[e | b]`` out for the kernel: padded grid, hi/lo parts of ``dtype``;
+    a padded subclass slot (s >= S) has a bias of -inf, which the kernel's unmasked log-partition needs."""
     d, device = weight.shape[0], weight.device
     c_pad, s_pad = padded_grid(num_classes, n_subclasses)
     k = num_classes * n_subclasses
@@ -385,7 +399,10 @@ def split_map(weight: torch.Tensor, bias: torch.Tensor, num_classes: int, n_subc
                  + torch.arange(n_subclasses, device=device)[None, :]).flatten()
     sub = torch.zeros(d, c_pad * s_pad, dtype=torch.float64, device=device)
     sub[:, grid_cols] = weight[:, :k].to(torch.float64)
-    sub_bias = torch.zeros(c_pad * s_pad, dtype=torch.float32, device=device)
+    sub_bias = torch.zeros(c_pad, s_pad, dtype=torch.float32, device=device)
+    # a padded subclass slot's u is -inf: out of its class's log-partition without a mask in the kernel
+    sub_bias[:, n_subclasses:] = float("-inf")
+    sub_bias = sub_bias.flatten()
     sub_bias[grid_cols] = bias[:k].to(torch.float32)
     sub_hi, sub_lo, sub_scale = _split_columns(sub, dtype)
     head = (None,) * 4
@@ -447,13 +464,13 @@ class Plan(NamedTuple):
 def plan(d: int, num_classes: int, n_subclasses: int, dtype: torch.dtype, with_head: bool) -> Plan:
     """The launch for embeddings of width ``d`` and ``dtype``: the config list of its program's width."""
     c_pad, s_pad = padded_grid(num_classes, n_subclasses)
-    c_block = class_block(c_pad, s_pad)
     exact = (c_pad, s_pad) == (num_classes, n_subclasses)
+    c_block = class_block(c_pad, s_pad, exact and with_head)
     name = config_class(c_block * s_pad, exact and with_head)
     table = config_table_name(dtype, aligned(d))
     cfg = _TABLES[table][name][0]  # the autotuner's choice on a GPU; the only one so far
     return Plan("lelp_targets_kernel", cfg, _constexprs(dtype, c_pad, s_pad, not with_head, exact, cfg),
-                c_pad // c_block, (name, table))
+                triton.cdiv(num_classes, c_block), (name, table))
 
 
 def kernel_args(embeddings, split: SplitMap, num_classes, n_subclasses, teacher_logits, beta, tau, out) -> tuple:
@@ -493,21 +510,24 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
 
 # The padded grids each config list is compiled at: its widest program (registers,
 # shared memory and spills grow with the columns) with a head (C <= 16); one subclass per class
-# (S_PAD = 1: its own store path, and wider chunks of the given logits' log-partition), for "mid"
-# as one of several class groups (512 classes: group offsets); and for "thin" one class of 16
-# subclasses (the head's other view); "narrow" and "mid" also as one and two wide classes (1 x 64,
-# 2 x 32, 1 x 128, 2 x 64: added 2026-12-04, when one class of 128 padded subclasses spilled 464-528 B
-# under "mid" where 16 classes of 8 did not; see SPILLS in tests/test_triton_aot.py);
-# "mid-exact-head" with the head on whole grids only.
-VARIANT_GRIDS = {"thin": [(4, 4), (16, 1), (1, 16)], "narrow": [(4, 16), (64, 1), (1, 64), (2, 32)],
-                 "mid": [(16, 8), (512, 1), (1, 128), (2, 64), (16, 16), (16, 32), (4, 128)],
+# (S_PAD = 1: its own store path, and wider chunks of the given logits' log-partition), for
+# "narrow" also as one of several class groups (the grids wider than 64 columns that it takes in
+# programs of 64: group offsets, 512 classes of one subclass); for "thin" one class of 16 subclasses
+# (the head's other view); "narrow" and "mid" as one and two or more wide classes (1 x 64, 2 x 32,
+# 1 x 128, 4 x 128; one class of 128 padded subclasses spilled 464-528 B where 16 classes of 8 did
+# not, 2026-12-04); "mid-exact-head" with the head on whole grids only. ``_variants`` keeps the
+# launches ``plan`` sends to each list.
+VARIANT_GRIDS = {"thin": [(4, 4), (16, 1), (1, 16)],
+                 "narrow": [(4, 16), (64, 1), (1, 64), (2, 32), (16, 8), (512, 1), (2, 64), (16, 16), (16, 32)],
+                 "mid": [(1, 128), (4, 128)],
                  "mid-exact-head": [(16, 8), (1, 128), (2, 64), (8, 16), (4, 32), (16, 16), (8, 32), (16, 32),
                                     (2, 128), (4, 64), (4, 128), (8, 64)]}
 
 
 def _constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg) -> dict:
     return dict(HAS_LOGITS=has_logits, C_PAD=c_pad, S_PAD=s_pad,
-                C_BLOCK=class_block(c_pad, s_pad), EXACT=exact, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+                C_BLOCK=class_block(c_pad, s_pad, exact and not has_logits), EXACT=exact, BLOCK_N=cfg.block_n,
+                BLOCK_D=cfg.block_d)
 
 
 def _variants() -> List[dict]:
@@ -522,6 +542,9 @@ def _variants() -> List[dict]:
             if name == "mid-exact-head":
                 logits_options, exacts = (False,), (True,)
             for has_logits, exact in itertools.product(logits_options, exacts):
+                exact_head = exact and not has_logits
+                if config_class(class_block(c_pad, s_pad, exact_head) * s_pad, exact_head) != name:
+                    continue  # plan sends this launch to another config list
                 v = dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg, layout=layout,
                          constexprs=_constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg))
                 if v not in variants:  # fp32's and unaligned's "mid-exact-head" is their "mid"
