@@ -78,7 +78,7 @@ def gpu_backends(device):
 def check_targets(device, failures):
     # (65, 64, 2, 64): a 130-column map, 3 column groups of the CUDA tile; (17, 40, 2, 256): K = 512,
     # wider than the tile (CUDA's row kernel; Triton refuses S > 128 and is skipped); (9, 24, 10, 16)
-    # and (7, 24, 3, 100): 2 and 4 Triton class groups per row tile; (1000, 768, 2, 8): the tables'
+    # and (7, 24, 3, 100): 3 Triton class groups per row tile each; (1000, 768, 2, 8): the tables'
     # K = 16 at d = 768; (40000, 64, 4, 4): more 128-row tiles (313) than a persistent grid has
     # programs (2 per SM). The CUDA tile's resident form (sm_90) takes every case of up to 256 columns
     # whose map fits: (40000, 64, 4, 4) runs 313 tiles of 128 rows on 132

@@ -53,10 +53,10 @@ def test_triton_targets_match_reference(dtype, shape, with_head):
 @pytest.mark.parametrize("shape, with_head", [((9, 20, 10, 16), True), ((70, 20, 16, 16), False),
                                               ((5, 20, 300, 1), False), ((4, 24, 3, 100), True)])
 def test_triton_targets_over_several_class_groups(dtype, shape, with_head):
-    """Grids wider than one program's columns (64, or 128 for a class of more than 64 subclasses: 2 to
+    """Grids wider than one program's columns (64, or 128 for a class of more than 64 subclasses): 3 to
     5 class groups per row tile, only those that hold a class; 300 given logits, whose log-partition
-    is taken 32 at a time; S = 100 padded to 128); before, one program held up to 512 columns and
-    could not launch on a GPU (shared memory)."""
+    is taken 32 at a time; S = 100 padded to 128. Before, one program held up to 512 columns and could
+    not launch on a GPU (shared memory)."""
     test_triton_targets_match_reference(dtype, shape, with_head)
 
 
@@ -77,6 +77,22 @@ def test_targets_programs_hold_64_columns_but_for_whole_grids_with_a_head_and_wi
     assert program(2, 50, True) == (64, "narrow", 2)  # two classes padded to 64 subclasses
     assert program(3, 100, True) == (128, "mid", 3)  # a class padded to 128 subclasses; C_PAD = 4
     assert program(4, 4, True) == (16, "thin", 1)
+
+
+@pytest.mark.parametrize("beta", [1e50, float("inf")])
+def test_triton_targets_of_a_padded_grid_at_a_huge_beta(beta):
+    """A β whose 1/β is 0 in fp32 (the public API takes any finite β > 0; an online teacher's β is
+    checked only to be > 0): each class's subclasses equally likely, the reference's limit, not NaN
+    (a padded slot's -inf bias times a zero 1/β was NaN; found in review, 2026-12-04)."""
+    from lelp_fast.kernels.triton import targets as tt
+
+    c, s = 3, 5  # padded to 4 x 8
+    h, weight, bias, _ = random_map(33, 16, c, s, True, seed=5)
+    want = fp64_reference(h.float(), weight, bias, None, c, s, beta=beta, tau=1.3)
+    out = torch.full((33, c * s), float("nan"), device=DEVICE)  # poisoned
+    got = tt.targets_triton(h.float().to(DEVICE), weight.float().to(DEVICE), bias.float().to(DEVICE), c, s, None,
+                            beta, 1.3, out)
+    torch.testing.assert_close(got.cpu().double(), want, atol=2e-4, rtol=1e-4)
 
 
 def test_split_map_pads_subclass_slots_with_minus_inf():

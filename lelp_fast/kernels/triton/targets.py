@@ -85,7 +85,7 @@ NARROW_COLUMNS = 64
 # 8 warps, 4 stages 5.15 ms (128 x 16, 2 stages: 14.9 ms). 128 x 32 x 8 x 4 spills on padded grids
 # and with given logits (8-360 B per thread on sm_80 or sm_90, under Triton 3.6 or 3.9; so did
 # 128 x 32 at 2 and 3 stages, 64 x 32 and 128 x 64 x 2), so it serves only whole grids with the head
-# ("mid-exact-head"), and the other programs of 128 columns (a class of 65-128 subclasses, padded to
+# ("mid-exact-head"), and the other programs of 128 columns (a class of 65-128 subclasses, S_PAD =
 # 128) keep 128 x 16. Faster configs spill, or were
 # not tried against the gates (256 x 32 x 8 warps x 4 stages: 4.41 ms at 128 columns); 64-row tiles
 # were a little faster at 64 and 128 columns (3.05, 4.96 ms) but read the map once per 64 rows.
@@ -481,7 +481,13 @@ def kernel_args(embeddings, split: SplitMap, num_classes, n_subclasses, teacher_
     head = [split.head_hi, split.head_lo, split.head_scale, split.head_bias]
     head = [t if t is not None else split.sub_bias for t in head]  # unused pointers when logits are given
     return (embeddings, embeddings.stride(0), split.sub_hi, split.sub_lo, split.sub_scale, split.sub_bias, *head,
-            z, z.stride(0), out, out.stride(0), n, d, num_classes, n_subclasses, 1.0 / beta, 1.0 / tau)
+            z, z.stride(0), out, out.stride(0), n, d, num_classes, n_subclasses, inverse_beta(beta), 1.0 / tau)
+
+
+def inverse_beta(beta: float) -> float:
+    """1/β, at least fp32's smallest normal: a 1/β of 0 (β above ~1e45, or inf) would make the padded
+    slots' u = -inf * 0 = NaN; at 2^-126 every real u/β is ~0, the uniform subclasses of β -> inf."""
+    return max(1.0 / beta, 2.0**-126)
 
 
 def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out):
@@ -547,7 +553,7 @@ def _variants() -> List[dict]:
                     continue  # plan sends this launch to another config list
                 v = dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg, layout=layout,
                          constexprs=_constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg))
-                if v not in variants:  # fp32's and unaligned's "mid-exact-head" is their "mid"
+                if v not in variants:  # the same launch listed twice would compile twice
                     variants.append(v)
     for (c, s), dtype, with_head in itertools.product(COST_SHAPES, (torch.bfloat16, torch.float32), (True, False)):
         p = plan(COST_D, c, s, dtype, with_head)
