@@ -1,6 +1,7 @@
 """benchmarks/bench_gpu.py, the one GPU validation command, runs end to end on the CPU (--quick,
 Triton interpreter): its checks pass and it prints every table, so it works when a GPU is lent."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -75,6 +76,22 @@ def test_targets_sweep_quick_run_on_the_cpu(tmp_path):
     assert len(best) == 2 and all("kernel 64/64/4/1/" in line for line in best), out.stdout
     rows = (tmp_path / "sweep.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 and all(float(r.split(",")[-2]) < 1e-4 for r in rows[1:]), rows
+
+
+def test_targets_ab_quick_run_on_the_cpu(tmp_path):
+    """benchmarks/targets_ab_gpu.py (an earlier commit's targets against this tree's, 2026-12-04) runs
+    end to end under the interpreter, here with this tree's targets.py as the "before": both loaded,
+    each checked against the reference on sampled rows."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    before = os.path.join(ROOT, "lelp_fast", "kernels", "triton", "targets.py")
+    out = subprocess.run([sys.executable, "targets_ab_gpu.py", "--before", before, "--device", "cpu", "--quick",
+                          "--csv", str(tmp_path / "ab.csv")], cwd=os.path.join(ROOT, "benchmarks"), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with open(tmp_path / "ab.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 7 and all(float(r["before_err"]) < 1e-3 and float(r["after_err"]) < 1e-3 for r in rows), rows
 
 
 def test_check_shards_take_every_case_once(monkeypatch):
