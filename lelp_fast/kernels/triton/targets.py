@@ -548,9 +548,9 @@ def _variants() -> List[dict]:
             if name == "mid-exact-head":
                 logits_options, exacts = (False,), (True,)
             for has_logits, exact in itertools.product(logits_options, exacts):
-                exact_head = exact and not has_logits
-                if config_class(class_block(c_pad, s_pad, exact_head) * s_pad, exact_head) != name:
-                    continue  # plan sends this launch to another config list
+                c, s = grid_shape(c_pad, s_pad, exact)
+                if plan(LAYOUTS[layout][1], c, s, dtype, not has_logits).tuner[0] != name:
+                    continue  # the launcher sends this launch to another config list
                 v = dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg, layout=layout,
                          constexprs=_constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg))
                 if v not in variants:  # the same launch listed twice would compile twice
