@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import inspect
 import re
 import sys
 import tempfile
@@ -20,12 +21,14 @@ import torch
 
 from bench_gpu import copy_bandwidth
 from lelp_fast import reference
-from lelp_fast.kernels.triton import interpreting
+from lelp_fast.kernels.triton import interpreting, kd_targets, limits
 from lelp_fast.kernels.triton import targets as after
 
 # (C, S, teacher's head or given logits, dtype): padded grids and given logits of 128 columns and
 # more, which the change of 2026-12-04 took in programs of 64 columns; a class of 100 subclasses
 # (padded to 128, no mask in its log-partition); the table's whole grid with the head, unchanged.
+# 300 given logits of one subclass are vanilla KD since 2026-12-04 (kd_targets), which reads no h:
+# the floor counted here, with h, is above its own (the logits read and the targets written).
 SHAPES = [(15, 7, True, torch.bfloat16), (8, 16, False, torch.bfloat16), (300, 1, False, torch.bfloat16),
           (2, 50, True, torch.bfloat16), (3, 100, True, torch.bfloat16), (15, 7, True, torch.float32),
           (8, 16, True, torch.bfloat16)]
@@ -36,9 +39,9 @@ def load_before(path: str):
     """The targets module of an earlier commit, its relative imports made absolute (Triton's JIT reads
     the kernels' source, so it is loaded from a file)."""
     text = open(path).read()
-    text = re.sub(r"^from \.\.\.(\w*)", r"from lelp_fast.\1", text, flags=re.M)
-    text = re.sub(r"^from \. import", "from lelp_fast.kernels.triton import", text, flags=re.M)
-    text = re.sub(r"^from \.(\w+)", r"from lelp_fast.kernels.triton.\1", text, flags=re.M)
+    text = re.sub(r"^(\s*)from \.\.\.(\w*)", r"\1from lelp_fast.\2", text, flags=re.M)
+    text = re.sub(r"^(\s*)from \. import", r"\1from lelp_fast.kernels.triton import", text, flags=re.M)
+    text = re.sub(r"^(\s*)from \.(\w+)", r"\1from lelp_fast.kernels.triton.\2", text, flags=re.M)
     f = tempfile.NamedTemporaryFile("w", suffix="_targets_before.py", delete=False)
     f.write(text)
     f.close()
@@ -65,6 +68,9 @@ def sampled_error(out, h, w, b, z, c, s, rows) -> float:
 
 
 def program(module, d, c, s, with_head, dtype) -> str:
+    if limits.vanilla_kd(s, not with_head) and "kd_targets" in inspect.getsource(module.targets_triton):
+        c_pad, block_n = kd_targets.tile(c)
+        return f"KD: {block_n} rows x {c_pad} cols, {kd_targets.lanes(c, c_pad)} lanes, {kd_targets.NUM_WARPS} warp"
     p = module.plan(d, c, s, dtype, with_head)
     cfg = p.config
     return (f"{p.groups} x {p.constexprs['C_BLOCK'] * p.constexprs['S_PAD']} cols, "

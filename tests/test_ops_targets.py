@@ -383,3 +383,41 @@ def test_torch_compile_traces_the_targets_op(with_head):
     want = fp64_reference(h, w.double(), b.double(), z, 3, 4, beta=0.8, tau=1.3)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
     torch.library.opcheck(targets_op._targets_op, (h, w, b, z, 3, 4, 0.8, 1.3, torch.float32, "cpu", "cpu", True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_vanilla_kd_targets_read_no_embeddings(backend, out_dtype):
+    """S = 1 with given logits is vanilla KD, ``log_softmax(z / τ)``: the embeddings are not read, so
+    rows of NaN embeddings neither raise (the default check) nor reach the targets. Before, every
+    backend read h (to add a subclass term of u - u) and raised on them, or gave NaN rows unchecked."""
+    g = torch.Generator().manual_seed(8)
+    n, num_classes = 45, 7
+    h = torch.randn(n, 24, generator=g)
+    h[[0, 17]] = float("nan")
+    weight, bias = torch.randn(24, num_classes, generator=g), torch.randn(num_classes, generator=g)
+    z = torch.randn(n, num_classes, generator=g) * 4
+    want = torch.log_softmax(z.double() / 1.3, dim=1)
+    for check_inputs in (True, False):
+        got = lelp_targets(h, weight, bias, num_classes, 1, teacher_logits=z, beta=0.4, tau=1.3, backend=backend,
+                           out_dtype=out_dtype, check_inputs=check_inputs)
+        assert got.dtype == out_dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=torch.finfo(out_dtype).eps)
+    z[5, 2] = float("nan")  # the logits are still checked
+    with pytest.raises(ValueError, match="teacher_logits row 5 contains NaN or Inf"):
+        lelp_targets(h, weight, bias, num_classes, 1, teacher_logits=z, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vanilla_kd_targets_whose_logits_overflow_at_tau_are_named(backend):
+    """Finite logits whose z / τ overflows fp32 give NaN targets: with the default check on the CPU
+    that is an error naming the logits' row (not the embeddings', which vanilla KD does not read);
+    -inf targets of finite logits (a probability of 0) are no error."""
+    z = torch.randn(20, 3)
+    z[4, 1] = 3e38
+    h, w, b = torch.randn(20, 5), torch.randn(5, 3), torch.randn(3)
+    with pytest.raises(ValueError, match="teacher_logits row 4 is finite but its targets are not"):
+        lelp_targets(h, w, b, 3, 1, teacher_logits=z, tau=0.5, backend=backend)
+    z[4] = torch.tensor([-3e38, 3e38, 0.0])  # log t = -6e38 is -inf in fp32: a target of 0
+    got = lelp_targets(h, w, b, 3, 1, teacher_logits=z, tau=1.0, backend=backend)
+    assert torch.isneginf(got[4, 0]) and torch.isfinite(got[[i for i in range(20) if i != 4]]).all()

@@ -51,12 +51,13 @@ def test_triton_targets_match_reference(dtype, shape, with_head):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape, with_head", [((9, 20, 10, 16), True), ((70, 20, 16, 16), False),
-                                              ((5, 20, 300, 1), False), ((4, 24, 3, 100), True)])
+                                              ((5, 20, 150, 2), False), ((4, 24, 3, 100), True)])
 def test_triton_targets_over_several_class_groups(dtype, shape, with_head):
     """Grids wider than one program's columns (64, or 128 for a class of more than 64 subclasses): 3 to
-    5 class groups per row tile, only those that hold a class; 300 given logits, whose log-partition
+    5 class groups per row tile, only those that hold a class; 150 given logits, whose log-partition
     is taken 32 at a time; S = 100 padded to 128. Before, one program held up to 512 columns and could
-    not launch on a GPU (shared memory)."""
+    not launch on a GPU (shared memory). (300 given logits of one subclass, here until 2026-12-04, are
+    vanilla KD: ``kd_targets``.)"""
     test_triton_targets_match_reference(dtype, shape, with_head)
 
 
@@ -73,7 +74,7 @@ def test_targets_programs_hold_64_columns_but_for_whole_grids_with_a_head_and_wi
     assert program(8, 16, True) == (128, "mid-exact-head", 1)
     assert program(15, 7, True) == (64, "narrow", 2)  # padded 16 x 8
     assert program(8, 16, False) == (64, "narrow", 2)  # given logits
-    assert program(300, 1, False) == (64, "narrow", 5)  # of 8 class groups, the 5 that hold a class
+    assert program(150, 2, False) == (64, "narrow", 5)  # of 8 class groups, the 5 that hold a class
     assert program(2, 50, True) == (64, "narrow", 2)  # two classes padded to 64 subclasses
     assert program(3, 100, True) == (128, "mid", 3)  # a class padded to 128 subclasses; C_PAD = 4
     assert program(4, 4, True) == (16, "thin", 1)
@@ -147,7 +148,7 @@ PERSISTENT_SHAPES = [(1, 64, 3, 5, True), (261, 128, 2, 8, False), (261, 37, 3, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(37, 24, 100, 1), (9, 40, 40, 2)])
+@pytest.mark.parametrize("shape", [(37, 24, 100, 2), (9, 40, 40, 2)])
 def test_triton_targets_take_many_given_logits_in_chunks(dtype, shape):
     """Given logits of more than 32 classes: their log-partition is taken 32 classes at a time with
     online rescaling (``targets._logits_lse``; chunks of 128 spilled up to 2.5 KB per thread), over
@@ -842,3 +843,85 @@ def test_triton_subclass_weight_nan_rows_sum_and_many_classes(loss_launches):
     want, want_grad = _weighted_reference(x, log_t.float(), labels, c, 2, 1.5, 0.1, 0.0)
     torch.testing.assert_close(loss.detach().cpu().double(), want, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(grad.cpu().double(), want_grad, atol=4e-5, rtol=1e-3)
+
+
+# (rows, classes) of vanilla KD targets: one class and one row, rows of 2 to 512 classes whole or
+# not a power of two (C = 300: the H200's 9.1x-the-floor launch), more rows than one program holds.
+KD_SHAPES = [(1, 1), (1, 2), (37, 3), (130, 17), (9, 64), (33, 300), (5, 512), (3000, 2), (70, 127)]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", KD_SHAPES)
+def test_triton_vanilla_kd_targets_match_reference(shape, dtype, out_dtype):
+    """S = 1 with given logits: ``kd_targets``' kernel, from the logits alone (NaN embeddings, never
+    read, give finite targets; the LELP kernel read h and gave NaN rows), against the fp64 reference."""
+    n, c = shape
+    g = torch.Generator().manual_seed(n * 1000 + c)
+    z = (torch.randn(n, c, generator=g) * 4).to(dtype)
+    h = torch.full((n, 20), float("nan"), dtype=dtype, device=DEVICE)
+    weight, bias = torch.randn(20, c, generator=g).to(DEVICE), torch.randn(c, generator=g).to(DEVICE)
+    out = torch.full((n, c), float("nan"), dtype=out_dtype, device=DEVICE)  # poisoned
+    got = lelp_targets(h, weight, bias, c, 1, teacher_logits=z.to(DEVICE), beta=0.7, tau=1.3, backend="triton",
+                       out=out)
+    want = fp64_reference(torch.zeros(n, 20), weight.cpu().double(), bias.cpu().double(), z, c, 1, 0.7, 1.3)
+    assert got.data_ptr() == out.data_ptr() and torch.isfinite(got).all()
+    torch.testing.assert_close(got.cpu().double(), want, atol=1e-5, rtol=torch.finfo(out_dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_vanilla_kd_targets_at_the_edges(dtype):
+    """Huge logits (1e30) and a tiny τ, -inf logits (a target of 0: -inf), a row of -inf and a NaN row
+    (NaN rows, as the reference), the others untouched; rows 141 logits apart, not 130."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(40, 130, generator=g) * 3
+    z[3] *= 1e30
+    z[7, [0, 99]] = float("-inf")
+    z[11] = float("-inf")
+    z[12, 5] = float("nan")
+    wide = torch.zeros(40, 141)
+    wide[:, :130] = z
+    z_in = wide.to(dtype)[:, :130].to(DEVICE)  # rows 141 apart
+    for tau in (1.0, 1e-3):
+        got = lelp_targets(torch.zeros(40, 8, device=DEVICE), torch.zeros(8, 130, device=DEVICE),
+                           torch.zeros(130, device=DEVICE), 130, 1, teacher_logits=z_in, tau=tau, backend="triton",
+                           check_inputs=False).cpu().double()
+        want = torch.log_softmax(z_in.cpu().double() / tau, dim=1)
+        assert got[[11, 12]].isnan().all() and want[[11, 12]].isnan().all()
+        keep = [i for i in range(40) if i not in (11, 12)]
+        assert torch.equal(torch.isneginf(got[keep]), torch.isneginf(want[keep]))
+        # fp32 math: z / τ - lse errs by a few ulps of the row's largest |z / τ|
+        zt = z_in.cpu().double()[keep] / tau
+        scale = torch.where(torch.isfinite(zt), zt.abs(), 0.0).amax(dim=1, keepdim=True).clamp(min=1.0)
+        finite = torch.isfinite(want[keep])
+        assert ((got[keep] - want[keep]).abs() <= 2.0**-21 * scale)[finite].all()
+
+
+def test_triton_online_loss_of_vanilla_kd_reads_no_embeddings():
+    """The online loss (embeddings with given logits, S = 1) takes the KD targets kernel too: its loss
+    and gradient are those of the loss against ``log_softmax(z / τ)``, whatever the embeddings hold."""
+    g = torch.Generator().manual_seed(12)
+    n, c = 50, 5
+    s = torch.randn(n, c, generator=g)
+    z = torch.randn(n, c, generator=g) * 3
+    h = torch.full((n, 16), float("nan"))
+    w, b = torch.randn(16, c, generator=g), torch.randn(c, generator=g)
+    kw = dict(num_classes=c, n_subclasses=1, tau=2.0, backend="triton", check_inputs=False)
+    x = s.clone().to(DEVICE).requires_grad_(True)
+    loss = distill_loss(x, embeddings=h.to(DEVICE), fused_weight=w.to(DEVICE), fused_bias=b.to(DEVICE),
+                        teacher_logits=z.to(DEVICE), beta=0.5, **kw)
+    loss.backward()
+    y = s.clone().to(DEVICE).requires_grad_(True)
+    want = distill_loss(y, torch.log_softmax(z / 2.0, dim=1).to(DEVICE), **kw)
+    want.backward()
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_vanilla_kd_launches_compile_in_every_width():
+    """Every (logits, output) width pair the launcher can pass is among the KD variants the gates compile."""
+    from lelp_fast.kernels.triton import aot, kd_targets
+
+    compiled = {aot.widths((v["dtype"], v["out_dtype"])) for v in kd_targets.VARIANTS}
+    assert compiled == {(a, b) for a in (16, 32) for b in (16, 32)}

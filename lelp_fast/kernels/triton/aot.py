@@ -80,8 +80,9 @@ assert all(h == dtype and (has_logits or z == h)
            for combos in TARGETS_DTYPES.values() for (dtype, has_logits), triples in combos.items()
            for h, z, _ in triples)
 
-# (op, index into VARIANTS, arch, dtypes: the loss's (student, targets) or (student, targets,
-# gradient); the targets' None (their variant's own) or (embeddings, teacher logits, output))
+# (op: "targets", "loss", "scale" or "kd"; index into its VARIANTS; arch; dtypes: the loss's
+# (student, targets) or (student, targets, gradient); the targets' None (their variant's own) or
+# (embeddings, teacher logits, output); None for the scale and the KD targets, whose variants name theirs)
 Case = Tuple[str, int, int, Optional[Tuple[str, ...]]]
 
 
@@ -302,7 +303,7 @@ def kernel_facts(compiled, loops: bool = False) -> Dict[str, object]:
 
 def cases() -> List[Case]:
     """Every launch configuration the launchers can produce, per arch (and loss dtypes)."""
-    from . import loss, targets
+    from . import kd_targets, loss, targets
 
     return ([("targets", i, arch, None) for i in range(len(targets.VARIANTS)) for arch in ARCHS]
             + [("targets", i, arch, dts) for arch, combos in TARGETS_DTYPES.items()
@@ -314,7 +315,8 @@ def cases() -> List[Case]:
                for i, v in enumerate(loss.VARIANTS) if v["constexprs"]["WITH_GRAD"]]
             + [("loss", i, arch, dts) for arch, combos in FORWARD_DTYPES.items() for dts in combos
                for i, v in enumerate(loss.VARIANTS) if not v["constexprs"]["WITH_GRAD"]]
-            + [("scale", i, arch, None) for i in range(len(loss.SCALE_VARIANTS)) for arch in ARCHS])
+            + [("scale", i, arch, None) for i in range(len(loss.SCALE_VARIANTS)) for arch in ARCHS]
+            + [("kd", i, arch, None) for i in range(len(kd_targets.VARIANTS)) for arch in ARCHS])
 
 
 def compiled_widths(op: str, arch: int) -> set:
@@ -339,9 +341,12 @@ def compiled_widths(op: str, arch: int) -> set:
 
 
 def case_id(case: Case) -> str:
-    from . import loss, targets
+    from . import kd_targets, loss, targets
 
     op, i, arch, dts = case
+    if op == "kd":
+        v = kd_targets.VARIANTS[i]
+        return f"kd-sm{arch}-{v['dtype']}-C{v['C']}-n{v['constexprs']['BLOCK_N']}-o{v['out_dtype']}"
     if op == "scale":
         return f"scale-sm{arch}-{loss.SCALE_VARIANTS[i]['dtype']}"
     if op == "targets":
@@ -363,9 +368,13 @@ def case_id(case: Case) -> str:
 def _launch(case: Case) -> tuple:
     """(kernel, signature, constexprs, run-time integers, arch, num_warps, num_stages) of a case, as the
     launcher passes them."""
-    from . import loss, targets
+    from . import kd_targets, loss, targets
 
     op, i, arch, dts = case
+    if op == "kd":
+        v = kd_targets.VARIANTS[i]
+        return (kd_targets.kd_targets_kernel, kd_targets.signature(v), v["constexprs"], kd_targets.launch_values(v),
+                arch, v["num_warps"], 3)
     if op == "targets":
         v = targets.VARIANTS[i]
         signature = targets.signature(v["dtype"], logits_dtype=dts and dts[1], out_dtype=dts[2] if dts else "fp32",

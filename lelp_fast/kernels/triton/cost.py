@@ -412,6 +412,37 @@ def targets_table(facts_json: str) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- KD targets
+
+def kd_targets_model(facts: Dict[str, object], v: dict) -> Dict[str, float]:
+    """Modelled time over the floor per device of a ``kd_targets`` variant: it moves the floor's bytes
+    (each logit read once, each target written once), so only issue and MUFU can put it over."""
+    per = per_element(facts, v["constexprs"]["BLOCK_N"], v["C"], v["num_warps"])
+    floor = DTYPE_BYTES[v["dtype"]] + DTYPE_BYTES[v["out_dtype"]]
+    return {device: modelled_ratio(per["instructions"], per["mufu"], floor, floor, device) for device in BANDWIDTH}
+
+
+def kd_targets_table(facts_json: str) -> str:
+    """Markdown rows of every compiled ``kd_targets`` variant: SASS and MUFU per element, modelled/floor."""
+    from . import kd_targets
+
+    with open(facts_json) as f:
+        data = json.load(f)
+    lines = ["| Triton | arch | logits → out | C | BLOCK_N | SASS / element | MUFU / element | H100 | H200 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in data["cases"]:
+        op, i, arch, _ = row["case"]
+        if op != "kd" or row["facts"] is None:
+            continue
+        v = kd_targets.VARIANTS[i]
+        per = per_element(row["facts"], v["constexprs"]["BLOCK_N"], v["C"], v["num_warps"])
+        ratio = kd_targets_model(row["facts"], v)
+        lines.append(f"| {data['triton']} | sm_{arch} | {v['dtype']} → {v['out_dtype']} | {v['C']} | "
+                     f"{v['constexprs']['BLOCK_N']} | {per['instructions']:.1f} | {per['mufu']:.2f} | "
+                     f"{ratio['H100']:.2f} | {ratio['H200']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="The loss and targets kernels' modelled cost from aot's facts (no GPU).")
     p.add_argument("facts", help="JSON written by python -m lelp_fast.kernels.triton.aot --out")
@@ -434,6 +465,7 @@ def main(argv=None) -> int:
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))))
     print(forward_only_table(args.facts))
     print(targets_table(args.facts))
+    print(kd_targets_table(args.facts))
     return 0
 
 

@@ -29,6 +29,13 @@ def padded_grid(num_classes: int, n_subclasses: int):
     return c_pad, s_pad
 
 
+def vanilla_kd(n_subclasses: int, has_logits: bool) -> bool:
+    """Whether targets are vanilla KD: one subclass per class with the teacher's logits given. Their
+    subclass log-softmax is over one value (0), so ``log t = log_softmax(z / τ)`` and no backend reads
+    the embeddings (the Triton one launches ``kd_targets``' kernel)."""
+    return n_subclasses == 1 and has_logits
+
+
 def targets_unsupported(num_classes: int, n_subclasses: int, with_head: bool) -> Optional[str]:
     """Why the Triton targets kernel cannot take this shape, or None."""
     if with_head and num_classes > MAX_HEAD_CLASSES:

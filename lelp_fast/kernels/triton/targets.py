@@ -492,7 +492,12 @@ def inverse_beta(beta: float) -> float:
 
 def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out):
     """Launches the kernel; ``weight``/``bias`` are the fused ``[A | Wᵀ]``, ``[e | b]`` (any float dtype
-    and device: their split is made on the embeddings' device once, see ``cached_split_map``)."""
+    and device: their split is made on the embeddings' device once, see ``cached_split_map``). One
+    subclass per class with given logits is vanilla KD, ``kd_targets``' kernel, which reads no h."""
+    if limits.vanilla_kd(n_subclasses, teacher_logits is not None):  # vanilla KD: h is not read
+        from .kd_targets import kd_targets_triton
+
+        return kd_targets_triton(teacher_logits, tau, out)
     n, d = embeddings.shape
     with_head = teacher_logits is None
     why = limits.targets_unsupported(num_classes, n_subclasses, with_head=with_head)
@@ -515,16 +520,16 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
 
 
 # The padded grids each config list is compiled at: its widest program (registers,
-# shared memory and spills grow with the columns) with a head (C <= 16); one subclass per class
-# (S_PAD = 1: its own store path, and wider chunks of the given logits' log-partition), for
-# "narrow" also as one of several class groups (the grids wider than 64 columns that it takes in
-# programs of 64: group offsets, 512 classes of one subclass); for "thin" one class of 16 subclasses
+# shared memory and spills grow with the columns) with a head (C <= 16); one subclass per class with
+# the head (S_PAD = 1: its own store path; with given logits one subclass is ``kd_targets``' kernel),
+# for "narrow" also as one of several class groups (the grids wider than 64 columns that it takes in
+# programs of 64: group offsets); for "thin" one class of 16 subclasses
 # (the head's other view); "narrow" and "mid" as one and two or more wide classes (1 x 64, 2 x 32,
 # 1 x 128, 4 x 128; one class of 128 padded subclasses spilled 464-528 B where 16 classes of 8 did
 # not, 2026-12-04); "mid-exact-head" with the head on whole grids only. ``_variants`` keeps the
 # launches ``plan`` sends to each list.
 VARIANT_GRIDS = {"thin": [(4, 4), (16, 1), (1, 16)],
-                 "narrow": [(4, 16), (64, 1), (1, 64), (2, 32), (16, 8), (512, 1), (2, 64), (16, 16), (16, 32)],
+                 "narrow": [(4, 16), (1, 64), (2, 32), (16, 8), (2, 64), (16, 16), (16, 32)],
                  "mid": [(1, 128), (4, 128)],
                  "mid-exact-head": [(16, 8), (1, 128), (2, 64), (8, 16), (4, 32), (16, 16), (8, 32), (16, 32),
                                     (2, 128), (4, 64), (4, 128), (8, 64)]}
@@ -549,6 +554,8 @@ def _variants() -> List[dict]:
                 logits_options, exacts = (False,), (True,)
             for has_logits, exact in itertools.product(logits_options, exacts):
                 c, s = grid_shape(c_pad, s_pad, exact)
+                if limits.vanilla_kd(s, has_logits):
+                    continue  # vanilla KD: kd_targets' kernel
                 if plan(LAYOUTS[layout][1], c, s, dtype, not has_logits).tuner[0] != name:
                     continue  # the launcher sends this launch to another config list
                 v = dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg, layout=layout,
