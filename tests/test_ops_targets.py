@@ -403,9 +403,10 @@ def test_vanilla_kd_targets_read_no_embeddings(backend, out_dtype):
                            out_dtype=out_dtype, check_inputs=check_inputs)
         assert got.dtype == out_dtype and torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=torch.finfo(out_dtype).eps)
-    z[5, 2] = float("nan")  # the logits are still checked
-    with pytest.raises(ValueError, match="teacher_logits row 5 contains NaN or Inf"):
-        lelp_targets(h, weight, bias, num_classes, 1, teacher_logits=z, backend=backend)
+    for bad in (float("nan"), float("inf"), float("-inf")):  # the logits are still checked (from the targets)
+        z[5, 2], z[30, 0] = bad, bad
+        with pytest.raises(ValueError, match="teacher_logits row 5 contains NaN or Inf"):
+            lelp_targets(h, weight, bias, num_classes, 1, teacher_logits=z, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
