@@ -14,6 +14,9 @@ benchmarks/gpu_session.sh runs each check in its own process so one crash cannot
 2. Targets: triton / cuda / eager / torch.compile / "compile bf16" (the map cast to bf16, what a
    user writes), floor = read the embeddings + write the targets at the copy bandwidth measured
    in the same run.
+   Vanilla KD targets (one subclass, the teacher's logits given: ``log_softmax(z / tau)``, no
+   embeddings read): the same columns against ``log_softmax(z.float() / tau)``, floor = read the
+   logits + write the targets.
 3. Loss fwd+bwd (KL, tau = 2, alpha = 0.1): triton / cuda / eager / torch.compile, floor = read s
    and t + write the gradient at copy bandwidth.
 4. Jobs from an fp16 .npy in the page cache (1.6 M x 768, 2 classes, S = 8; --quick: 20 k x 64):
@@ -345,6 +348,31 @@ def time_targets(device, sizes, rows, bw):
             h = out = None  # free the inputs before the next size is allocated
 
 
+def eager_kd_targets(z, tau):
+    return F.log_softmax(z.float() / tau, dim=-1)
+
+
+def time_kd_targets(device, sizes, rows, bw, tau=2.0):
+    """Vanilla KD targets (S = 1 with given logits): the embeddings are not read (8 columns stand in)."""
+    for n, c in sizes:
+        z = (torch.randn(n, c, device=device) * 3).to(torch.bfloat16)
+        h = torch.empty(n, 8, device=device, dtype=torch.bfloat16)
+        w, b = torch.zeros(8, c, device=device), torch.zeros(c, device=device)
+        out = torch.empty(n, c, device=device)
+        floor = (z.numel() * z.element_size() + out.numel() * 4) / bw
+        row = dict(op="kd targets", shape=f"{n},C={c}", dtype="bfloat16", floor=floor)
+        for backend in gpu_backends(device):
+            row[backend] = bench(lambda: lelp_targets(h, w, b, c, 1, teacher_logits=z, tau=tau, backend=backend,
+                                                      out=out, check_inputs=False), device)
+        row["eager"] = bench(lambda: eager_kd_targets(z, tau), device)
+        if device == "cuda":
+            torch._dynamo.reset()
+            comp = torch.compile(eager_kd_targets, dynamic=False)
+            row["compile"] = bench(lambda: comp(z, tau), device)
+        rows.append(row)
+        z = h = out = None
+
+
 def time_loss(device, sizes, rows, bw):
     for n, c, s, dtype in sizes:
         k = c * s
@@ -518,6 +546,8 @@ def kernel_tables(device, big, rows, parts):
     print_table_head()
     if "targets" in parts:
         time_targets(device, t_sizes, rows, bw)
+        time_kd_targets(device, [(4 << 20, 2), (4 << 20, 10), (4 << 20, 300)] if big else [(4096, 10), (999, 300)],
+                        rows, bw)
     if "loss" in parts:
         time_loss(device, l_sizes, rows, bw)
 

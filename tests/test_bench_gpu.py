@@ -22,6 +22,7 @@ def test_bench_gpu_quick_run_on_the_cpu(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "checks targets,loss,online_loss,past_2_31: 0 failure(s)" in out.stdout
     assert "| targets | 4096x64,K=16 | bfloat16 |" in out.stdout and "| loss fwd+bwd |" in out.stdout
+    assert "| kd targets | 999,C=300 | bfloat16 |" in out.stdout
     for job in ("| fit exact | cpu |", "| fit nystrom | cpu |", "| offline targets | cpu |"):
         assert job in out.stdout
     assert (tmp_path / "gpu.csv").exists() and (tmp_path / "gpu_jobs.csv").exists()

@@ -27,7 +27,7 @@ from .fast_math import FAST_MATH
 
 NEG_INF = tl.constexpr(float("-inf"))
 # One warp a program, 32 values a thread: a row's reductions never leave the warp. With 4 warps
-# Triton 3.6 spread rows of 64-512 classes over the warps (through shared memory: 49-63 SASS
+# Triton 3.6 spread rows of 64-512 classes over the warps (through shared memory: 40-63 SASS
 # instructions an element at C = 63-300 where one warp takes 22-31; sm_90, 2026-12-04); 3.9 did not.
 # The widest row, 512 classes, is 2 rows a program.
 TILE_ELEMENTS = 1024
