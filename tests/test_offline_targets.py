@@ -580,3 +580,18 @@ def test_each_shard_is_hashed_once_even_when_its_mapping_is_dropped(problem, tmp
     for rows in (range(450), range(449, -1, -1), [0, 449, 100, 300]):
         torch.testing.assert_close(ds.targets(list(rows)).double(), want[list(rows)], atol=1e-5, rtol=1e-5)
     assert sorted(hashed) == [f"shard-{i:06d}.log_targets.npy" for i in range(5)]
+
+
+def test_gpu_chunk_check_names_the_logits_of_vanilla_kd_targets():
+    """On a GPU chunk the targets op checks nothing and the pipeline names the bad input row from the
+    NaN targets: for vanilla KD (S = 1, given logits) an overflow of z / τ is the logits' row, not the
+    embeddings' projection (which those targets do not depend on)."""
+    from lelp_fast.offline import pipeline
+
+    h, z = torch.randn(6, 4), torch.randn(6, 3)
+    log_t = torch.log_softmax(z, 1)
+    log_t[3] = float("nan")
+    with pytest.raises(ValueError, match="teacher_logits row 103 is finite but its targets are not"):
+        pipeline._check_target_rows(log_t, h, z, 100, vanilla_kd=True)
+    with pytest.raises(ValueError, match="embeddings row 103 is finite but its targets are not"):
+        pipeline._check_target_rows(log_t, h, z, 100, vanilla_kd=False)

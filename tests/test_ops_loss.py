@@ -1084,3 +1084,37 @@ def test_lane_layout_rows_match_reference(dtype, tau, shape):
     bad_t[139, 0] = float("inf")
     with pytest.raises(ValueError, match=r"log_targets row 139 contains NaN or \+Inf"):
         distill_loss(x.detach(), bad_t, labels, backend="cpu", **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("teachers", [1, 2])
+def test_online_vanilla_kd_teachers_read_no_embeddings(backend, teachers):
+    """Online teachers with S = 1 and their logits given are vanilla KD: their targets are
+    log_softmax(z / τ) whatever their embeddings hold, on every backend, and the default check names
+    their logits, not the embeddings (as lelp_targets). Before, the torch and CPU paths projected h
+    (NaN embeddings: NaN loss unchecked, an embeddings error checked) where Triton did not."""
+    g = torch.Generator().manual_seed(31)
+    n, c = 40, 3
+    s = torch.randn(n, c, generator=g)
+    zs = [torch.randn(n, c, generator=g) * 2 for _ in range(teachers)]
+    hs = [torch.full((n, 6), float("nan")) for _ in range(teachers)]
+    ws = [torch.randn(6, c, generator=g) for _ in range(teachers)]
+    bs = [torch.randn(c, generator=g) for _ in range(teachers)]
+    weights = torch.full((n, teachers), 1.0 / teachers) if teachers > 1 else None
+    one = teachers == 1
+    kw = dict(num_classes=c, n_subclasses=1, tau=1.7, teacher_weights=weights, backend=backend)
+    x = s.clone().requires_grad_(True)
+    loss = distill_loss(x, embeddings=hs[0] if one else hs, fused_weight=ws[0] if one else ws,
+                        fused_bias=bs[0] if one else bs, teacher_logits=zs[0] if one else zs, **kw)
+    loss.backward()
+    log_t = torch.stack([torch.log_softmax(z / 1.7, dim=1) for z in zs], 1)
+    y = s.clone().requires_grad_(True)
+    want = distill_loss(y, log_t[:, 0] if one else log_t, **kw)
+    want.backward()
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-7, rtol=1e-5)
+    zs[-1][7, 1] = float("nan")
+    with pytest.raises(ValueError, match=f"teacher_logits\\[{teachers - 1}\\] row 7 contains NaN"):
+        distill_loss(s, embeddings=hs[0] if one else hs, fused_weight=ws[0] if one else ws,
+                     fused_bias=bs[0] if one else bs, teacher_logits=zs[0] if one else zs, **kw)

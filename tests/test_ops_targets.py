@@ -68,12 +68,14 @@ def test_low_precision_outputs(backend, out_dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_subclass_with_huge_projection_keeps_the_class_probability(backend):
     """S = 1, beta = 0.01, u = 1e4: (log p_c + u/beta) - lse cancelled log p_c (gave -0.6875 twice
-    instead of log_softmax(z) = -0.6882, -0.6982); the subclass log-softmax must come first."""
+    instead of log_softmax(z) = -0.6882, -0.6982); the subclass log-softmax must come first. The class
+    logits come from the head (given logits at S = 1 are vanilla KD, which reads no projection)."""
     z = torch.tensor([[0.31, 0.30]])
     h = torch.tensor([[1.0]])
-    weight = torch.tensor([[1e4, 1e4]])  # u = 1e4 for both classes, S = 1
-    got = lelp_targets(h, weight, torch.zeros(2), 2, 1, teacher_logits=z, beta=0.01, backend=backend)
-    torch.testing.assert_close(got.double(), torch.log_softmax(z.double(), 1), atol=1e-6, rtol=0)
+    weight = torch.tensor([[1e4, 1e4, 0.31, 0.30]])  # u = 1e4 for both classes, S = 1; the head gives z
+    got = lelp_targets(h, weight, torch.zeros(4), 2, 1, beta=0.01, backend=backend)
+    # the head's projection errs by ~1e-6 on the CUDA tile (its bf16 hi + lo map); the bug, by 7e-4
+    torch.testing.assert_close(got.double(), torch.log_softmax(z.double(), 1), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -422,3 +424,20 @@ def test_vanilla_kd_targets_whose_logits_overflow_at_tau_are_named(backend):
     z[4] = torch.tensor([-3e38, 3e38, 0.0])  # log t = -6e38 is -inf in fp32: a target of 0
     got = lelp_targets(h, w, b, 3, 1, teacher_logits=z, tau=1.0, backend=backend)
     assert torch.isneginf(got[4, 0]) and torch.isfinite(got[[i for i in range(20) if i != 4]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vanilla_kd_targets_differentiate_on_the_torch_backend_only(backend):
+    """The torch backend's vanilla KD targets are the formula, differentiable in the logits (writing
+    them with an ``out=`` log-softmax broke their backward); the compiled backends' are not."""
+    g = torch.Generator().manual_seed(2)
+    z = (torch.randn(9, 4, generator=g) * 2).requires_grad_(True)
+    h, w, b = torch.randn(9, 3, generator=g), torch.randn(3, 4, generator=g), torch.randn(4, generator=g)
+    got = lelp_targets(h, w, b, 4, 1, teacher_logits=z, tau=1.5, backend=backend)
+    if backend != "torch":
+        assert not got.requires_grad
+        return
+    (grad,) = torch.autograd.grad((got * torch.arange(4.0)).sum(), z)
+    want = torch.log_softmax(z / 1.5, dim=1)
+    (want_grad,) = torch.autograd.grad((want * torch.arange(4.0)).sum(), z)
+    torch.testing.assert_close(grad, want_grad)

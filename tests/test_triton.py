@@ -919,9 +919,15 @@ def test_triton_online_loss_of_vanilla_kd_reads_no_embeddings():
     torch.testing.assert_close(x.grad, y.grad, atol=1e-7, rtol=1e-5)
 
 
-def test_vanilla_kd_launches_compile_in_every_width():
-    """Every (logits, output) width pair the launcher can pass is among the KD variants the gates compile."""
-    from lelp_fast.kernels.triton import aot, kd_targets
 
-    compiled = {aot.widths((v["dtype"], v["out_dtype"])) for v in kd_targets.VARIANTS}
-    assert compiled == {(a, b) for a in (16, 32) for b in (16, 32)}
+def test_triton_vanilla_kd_targets_in_several_launches(monkeypatch):
+    """More rows than one launch takes (``kd_targets.ROW_CHUNK``, 2**30: the kernel's row index is int32)
+    go in several launches, each from its first row; here 7 rows a launch, into a strided output."""
+    from lelp_fast.kernels.triton import kd_targets
+
+    monkeypatch.setattr(kd_targets, "ROW_CHUNK", 7)
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(50, 5, generator=g).to(DEVICE)
+    out = torch.full((50, 2, 5), float("nan"), device=DEVICE)[:, 1]  # rows 10 apart
+    kd_targets.kd_targets_triton(z, 1.3, out)
+    torch.testing.assert_close(out.cpu().double(), torch.log_softmax(z.cpu().double() / 1.3, 1), atol=1e-6, rtol=0)

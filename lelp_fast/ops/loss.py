@@ -21,6 +21,7 @@ from torch import Tensor
 from .. import reference
 from .._checks import (check_finite, check_integer_labels, check_log_probabilities, check_nonnegative,
                        check_row_weights)
+from ..kernels.triton import limits as triton_limits
 from . import _dispatch, _reused_buffers
 
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "js": 2, "tvd": 3, "mse": 4}
@@ -389,8 +390,9 @@ def distill_loss(
     projector's ``fused_weight``/``fused_bias`` (and optional ``teacher_logits``), computed
     in-kernel at temperatures ``beta``, ``tau``; or M teachers online: lists of M embeddings
     (each (N, d_m)), fused maps, teacher logits (or None) and betas, with ``teacher_weights``
-    (N, M), each teacher's targets computed and mixed in the kernel. Rows labelled
-    ``ignore_index`` contribute 0.
+    (N, M), each teacher's targets computed and mixed in the kernel. With S = 1 and every teacher's
+    logits given, online targets are vanilla KD's ``log_softmax(z/τ)``: the embeddings are neither
+    read nor checked. Rows labelled ``ignore_index`` contribute 0.
 
     A NaN input never gives a finite loss: it propagates to that row's loss and gradient (so
     anomaly detection and AMP scalers see it). With ``check_inputs`` (default) CPU tensors in eager
@@ -418,6 +420,9 @@ def distill_loss(
     embeddings, fused_weight, fused_bias, teacher_logits, beta = _check_shapes(
         student_logits, log_targets, labels, teacher_weights, embeddings, fused_weight, fused_bias, teacher_logits,
         beta, num_classes, n_subclasses)
+    if _vanilla_kd_teachers(n_subclasses, teacher_logits):  # the embeddings are not read: offline targets
+        log_targets = _vanilla_kd_log_targets(student_logits, teacher_logits, teacher_weights, tau, check_inputs)
+        embeddings, fused_weight, fused_bias, teacher_logits, beta = [], [], [], [], []
     chosen = _choose_backend(backend, student_logits, log_targets, embeddings, teacher_logits, num_classes,
                              n_subclasses, subclass_weight)
     if weighted and not _kernel_weights_subclasses(chosen, num_classes, n_subclasses):
@@ -577,6 +582,27 @@ def _online_log_targets(embeddings, fused_weight, fused_bias, teacher_logits, be
     if len(per_teacher) == 1:
         return per_teacher[0]
     return reference.mix_log_targets(torch.stack(per_teacher, 1), weights.to(compute))
+
+
+def _vanilla_kd_teachers(n_subclasses: int, teacher_logits: List[Optional[Tensor]]) -> bool:
+    """Online teachers (the lists of :func:`_check_shapes`) that are all vanilla KD: one subclass per
+    class, each teacher's logits given (``limits.vanilla_kd``)."""
+    return bool(teacher_logits) and all(triton_limits.vanilla_kd(n_subclasses, z is not None) for z in teacher_logits)
+
+
+def _vanilla_kd_log_targets(student: Tensor, teacher_logits: List[Tensor], weights: Optional[Tensor], tau: float,
+                            check_inputs: bool) -> Tensor:
+    """Vanilla KD teachers' log-targets ``log_softmax(z_m / τ)`` as offline ones: (N, K) for one teacher
+    without weights, else (N, M, K) for ``weights`` to mix; fp32 (fp64 for an fp64 student), without
+    gradient. Their logits are checked first (CPU eager, ``check_inputs``), named as passed: the
+    embeddings, which these targets do not depend on, are neither read nor checked (as ``lelp_targets``)."""
+    if check_inputs and student.device.type == "cpu" and not torch.compiler.is_compiling():
+        for i, z in enumerate(teacher_logits):
+            check_finite(f"teacher_logits[{i}]", z)
+    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        per_teacher = [torch.log_softmax(z.to(compute) / tau, dim=-1) for z in teacher_logits]
+    return per_teacher[0] if weights is None and len(per_teacher) == 1 else torch.stack(per_teacher, 1)
 
 
 def _check_settings(divergence, jsd_beta, reduction, alpha, labels) -> None:

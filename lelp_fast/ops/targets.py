@@ -25,7 +25,7 @@ def _targets_torch(emb, weight, bias, num_classes, n_subclasses, logits, beta, t
     if _vanilla_kd(n_subclasses, logits):  # the subclass term is 0: the embeddings are not read
         if out is None:
             out = torch.empty(logits.shape, dtype=out_dtype, device=logits.device)
-        return _kd_targets_torch(logits, tau, compute, out)
+        return _kd_targets_torch(logits, tau, torch.float64 if logits.dtype == torch.float64 else compute, out)
     k = num_classes * n_subclasses
     proj = emb.to(compute) @ weight.to(compute) + bias.to(compute)
     z = proj[:, k:] if logits is None else logits.to(compute)
@@ -37,11 +37,12 @@ def _kd_targets_torch(logits, tau, compute, out):
     """Vanilla KD's ``log_softmax(logits / tau)`` into ``out`` in ``compute`` precision: one copy of
     the logits, scaled in place, and the log-softmax written straight into ``out`` where it has the
     compute dtype (262,144 x 300 bf16 logits on 2 cores: 201 ms, against 347 ms for the plain formula
-    and a copy into ``out``; 2026-12-04)."""
+    and a copy into ``out``; 2026-12-04). Differentiable in the logits, as the formula (an ``out=``
+    op is not: then the formula and a copy)."""
     x = logits.to(compute, copy=True)
     if tau != 1.0:
         x.div_(tau)
-    if out.dtype == compute:
+    if out.dtype == compute and not (torch.is_grad_enabled() and logits.requires_grad):
         return torch.log_softmax(x, dim=1, out=out)
     return out.copy_(torch.log_softmax(x, dim=1))
 
@@ -301,7 +302,9 @@ def _fill(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, b
     # torch for vanilla KD off Triton (log_softmax of the logits), or where a Triton or CUDA launch
     # failed for resources and nothing else takes the shape
     if chosen == "torch" or _vanilla_kd(n_subclasses, teacher_logits):
-        _targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out.dtype, out)
+        with torch.no_grad():  # as the compiled kernels: no gradient to the logits
+            _targets_torch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out.dtype,
+                           out)
         _check_targets(out, check_inputs, teacher_logits, n_subclasses)
         return out
     # The kernels read rows by stride but need each row's features contiguous.
@@ -368,7 +371,8 @@ def _run_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_log
     resources is recorded (one warning naming the shape) and the next backend's name is returned."""
     from ..kernels.triton.targets import targets_triton
 
-    emb = _dispatch.rows_contiguous(embeddings)  # the kernel reads rows by stride, features contiguously
+    # the kernel reads rows by stride, features contiguously; vanilla KD reads no embeddings
+    emb = embeddings if _vanilla_kd(n_subclasses, teacher_logits) else _dispatch.rows_contiguous(embeddings)
     if emb.shape[0]:
         try:
             targets_triton(emb, weight, bias, num_classes, n_subclasses, _dispatch.rows_contiguous(teacher_logits),

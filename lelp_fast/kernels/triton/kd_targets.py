@@ -32,6 +32,9 @@ NEG_INF = tl.constexpr(float("-inf"))
 # The widest row, 512 classes, is 2 rows a program.
 TILE_ELEMENTS = 1024
 NUM_WARPS = 1
+# Rows a launch takes, so that the kernel's row index stays in int32 (in int64 it took 4 more SASS
+# instructions an element at C = 2, sm_90, 2026-12-04); more rows take several launches.
+ROW_CHUNK = 1 << 30
 
 
 def tile(num_classes: int):
@@ -72,14 +75,15 @@ def kd_targets_kernel(z_ptr, stride_z, out_ptr, stride_out, N, C, inv_tau, C_PAD
     i = tl.arange(0, C_PAD // LANES)[:, None, None]
     r = tl.arange(0, BLOCK_N)[None, :, None]
     cols = i * LANES + tl.arange(0, LANES)[None, None, :]
-    rows64 = (tl.program_id(0) * BLOCK_N + r).to(tl.int64)  # row offsets can pass 2**31 elements
+    # the row index in int32 (a launch takes fewer than 2**31 rows: ROW_CHUNK), its offset in int64
+    rows64 = (tl.program_id(0) * BLOCK_N + r).to(tl.int64)
     ok = (rows64 < N) & (cols < C)
     z = tl.load(z_ptr + rows64 * stride_z + cols, mask=ok, other=0.0).to(tl.float32) * inv_tau
     z = tl.where(cols < C, z, NEG_INF)
-    # each thread's own values first (axis 0), then across the lanes (axis 1 of what is left)
+    # each thread's own values first (axis 0), then across the lanes (axis 1 of what is left); a row
+    # of -inf logits gives NaN (z - m = -inf - -inf), as torch's log_softmax
     m = tl.max(tl.max(z, axis=0), axis=1)[None, :, None]
-    m_safe = tl.where(m == NEG_INF, 0.0, m)  # a row of -inf: its log-partition is -inf, not NaN
-    lse = m_safe + _log(tl.sum(tl.sum(_exp(z - m_safe), axis=0), axis=1))[None, :, None]
+    lse = m + _log(tl.sum(tl.sum(_exp(z - m), axis=0), axis=1))[None, :, None]
     out = (z - lse).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows64 * stride_out + cols, out, mask=ok)
 
@@ -105,26 +109,34 @@ def kd_targets_triton(teacher_logits: torch.Tensor, tau: float, out: torch.Tenso
     if num_classes > limits.MAX_SUBCLASS_COLUMNS:
         raise ValueError(f"the triton KD targets kernel takes at most {limits.MAX_SUBCLASS_COLUMNS} classes "
                          f"(got C={num_classes})")
-    if n:
-        c_pad, block_n = tile(num_classes)
-        kd_targets_kernel[(triton.cdiv(n, block_n),)](
-            teacher_logits, teacher_logits.stride(0), out, out.stride(0), n, num_classes, 1.0 / tau,
-            C_PAD=c_pad, BLOCK_N=block_n, LANES=lanes(num_classes, c_pad), num_warps=NUM_WARPS)
+    c_pad, block_n = tile(num_classes)
+    for start in range(0, n, ROW_CHUNK):
+        rows = min(ROW_CHUNK, n - start)
+        kd_targets_kernel[(triton.cdiv(rows, block_n),)](
+            teacher_logits[start:], teacher_logits.stride(0), out[start:], out.stride(0), rows, num_classes,
+            1.0 / tau, C_PAD=c_pad, BLOCK_N=block_n, LANES=lanes(num_classes, c_pad), num_warps=NUM_WARPS)
     return out
 
 
 # What the gates compile (tests/test_triton_aot.py): every tile the launcher makes (C_PAD 2 .. 512),
-# each with C = C_PAD (whole rows: 16-byte copies from 16 classes up), one class less (no divisibility
-# hints; C = 1, a constant to the JIT, at C_PAD = 2) and, from 64 columns, a multiple of 16 classes
-# under the pad (hinted, with a quarter row's lanes), in logits of 16 and 32 bits and an output of 32
-# bits (the offline targets' and the online loss's buffer) and of 16.
+# each launch it specialises apart (``_classes``), in logits of 16 and 32 bits and an output of 32
+# bits (the offline targets' buffer) and of 16.
 VARIANT_PADS = [1 << p for p in range(1, 10)]
 assert VARIANT_PADS[-1] == limits.MAX_SUBCLASS_COLUMNS
 ROWS = 4 << 20  # the rows of the gates' launch, as the targets' (what the JIT specialises on)
 
 
 def _classes(c_pad: int) -> List[int]:
-    return [c_pad, c_pad - 1] + ([c_pad - 16] if c_pad >= 64 else [])
+    """The C compiled at a tile: one of each launch the JIT specialises apart (C = 1 a constant, the
+    multiples of 16 hinted), each the fewest classes of its kind the tile takes (the most padding: the
+    most instructions per class the cost gate counts). At C_PAD = 4 and 8 every C is one launch."""
+    if c_pad == 2:
+        return [2, 1]
+    fewest = [c_pad // 2 + 1]  # no multiple of 16, nor 1
+    hinted = [c_pad] if c_pad >= 16 else []  # whole rows
+    if c_pad >= 64:
+        hinted.append((c_pad // 32 + 1) * 16)  # the fewest multiple of 16 classes, with a quarter row's lanes
+    return hinted + fewest
 
 
 def _variants() -> List[dict]:
