@@ -87,7 +87,8 @@ def check_targets(device, failures):
     # whose map fits: (40000, 64, 4, 4) runs 313 tiles of 128 rows on 132
     # blocks, so its copies run on across tiles; d = 77 and 5 take the rows without 16-byte loads
     cases = [(1, 5, 2, 1), (333, 77, 3, 5), (1000, 768, 2, 8), (257, 130, 8, 16), (65, 64, 2, 64), (129, 40, 16, 4),
-             (17, 40, 2, 256), (9, 24, 10, 16), (7, 24, 3, 100), (40000, 64, 4, 4)]
+             (17, 40, 2, 256), (9, 24, 10, 16), (7, 24, 3, 100), (40000, 64, 4, 4),
+             (3001, 16, 300, 1), (4099, 8, 17, 1)]  # S = 1 with given logits: vanilla KD's kernel
     for backend in gpu_backends(device):
         for i, (n, d, c, s) in enumerate(cases):
             for dtype, with_head in targets_check_cases(i):
