@@ -110,7 +110,7 @@ def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta
     if device == "cuda":
         stream = torch.cuda.current_stream(emb.device).cuda_stream if emb.is_cuda else 0  # 0: the tests' host run
         ext.targets_cuda(*args, stream, *((split[0].data_ptr(), split[1].data_ptr()) if split else (0, 0)))
-        _check_projection(out, check_inputs)  # nothing on a GPU tensor (a sync); the tests' host run checks
+        _check_targets(out, check_inputs, logits, n_subclasses)  # nothing on a GPU tensor; the tests' host run checks
         return out
     # On CPU the kernel flags rows with a non-finite projection: the NaN/Inf check costs no extra read.
     flags = torch.zeros(emb.shape[0], dtype=torch.uint8) if check_inputs else None
@@ -136,26 +136,22 @@ def _row_sums(out: torch.Tensor) -> torch.Tensor:
     return out.sum(dim=1, dtype=torch.float64 if out.dtype == torch.float64 else torch.float32)
 
 
-def _check_projection(out: torch.Tensor, check_inputs: bool) -> None:
-    """With finite inputs (checked before), a NaN target means the projection overflowed. CPU only:
-    on a GPU the check would synchronise (there the NaN reaches the loss, which stays NaN). Log-targets
+def _check_projection(out: torch.Tensor) -> None:
+    """With finite inputs (checked before), a NaN target means the projection overflowed. Log-targets
     are never +inf (an overflow gives inf - inf), and -inf is a target of 0, so a row holds NaN exactly
     when its sum is NaN: one reduction (the masked copy of -inf checked before took 3 passes and
     two N x K buffers)."""
-    if check_inputs and out.device.type == "cpu" and out.numel():
-        rows = torch.nonzero(torch.isnan(_row_sums(out))).flatten()
-        if rows.numel():
-            raise _overflow_error(int(rows[0]))
+    rows = torch.nonzero(torch.isnan(_row_sums(out))).flatten()
+    if rows.numel():
+        raise _overflow_error(int(rows[0]))
 
 
-def _check_kd_targets(out: torch.Tensor, logits: torch.Tensor, check_inputs: bool) -> None:
-    """The default check of vanilla KD's targets, from them (CPU only, as ``_check_projection``): a
-    NaN or infinite logit makes its row's sum of targets NaN or -inf, so only rows whose sum is not
-    finite are looked at (a -inf target of finite logits, a probability of 0, passes); a NaN row of
-    finite logits is z / τ overflowing. One row sum of the targets instead of one of the logits before
-    and one of the targets after (bf16 logits' row sums took 90 ms at 262,144 x 300 on 2 cores)."""
-    if not (check_inputs and out.device.type == "cpu" and out.numel()):
-        return
+def _check_kd_targets(out: torch.Tensor, logits: torch.Tensor) -> None:
+    """The check of vanilla KD's targets, from them: a NaN or infinite logit makes its row's sum of
+    targets NaN or -inf, so only rows whose sum is not finite are looked at (a -inf target of finite
+    logits, a probability of 0, passes); a NaN row of finite logits is z / τ overflowing. One row sum
+    of the targets instead of one of the logits before and one of the targets after (bf16 logits' row
+    sums took 90 ms at 262,144 x 300 on 2 cores)."""
     suspects = torch.nonzero(~torch.isfinite(_row_sums(out))).flatten()
     if suspects.numel():
         check_finite("teacher_logits", logits, suspects)
@@ -165,11 +161,14 @@ def _check_kd_targets(out: torch.Tensor, logits: torch.Tensor, check_inputs: boo
 
 
 def _check_targets(out, check_inputs, teacher_logits, n_subclasses) -> None:
-    """The default check of the targets written (``_check_kd_targets`` or ``_check_projection``)."""
+    """The default check of the targets written (``_check_kd_targets`` or ``_check_projection``). CPU
+    only: on a GPU the check would synchronise (there a NaN reaches the loss, which stays NaN)."""
+    if not (check_inputs and out.device.type == "cpu" and out.numel()):
+        return
     if _vanilla_kd(n_subclasses, teacher_logits):
-        _check_kd_targets(out, teacher_logits, check_inputs)
+        _check_kd_targets(out, teacher_logits)
     else:
-        _check_projection(out, check_inputs)
+        _check_projection(out)
 
 
 def lelp_targets(
