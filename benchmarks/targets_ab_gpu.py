@@ -69,8 +69,9 @@ def sampled_error(out, h, w, b, z, c, s, rows) -> float:
 
 def program(module, d, c, s, with_head, dtype) -> str:
     if limits.vanilla_kd(s, not with_head) and "kd_targets" in inspect.getsource(module.targets_triton):
-        c_pad, block_n = kd_targets.tile(c)
-        return f"KD: {block_n} rows x {c_pad} cols, {kd_targets.lanes(c, c_pad)} lanes, {kd_targets.NUM_WARPS} warp"
+        ce = kd_targets.launch_constexprs(c)
+        return (f"KD: {ce['BLOCK_N']} rows x {ce['C_PAD']} cols (tail {ce['TAIL']}), {ce['LANES']} lanes, "
+                f"{kd_targets.NUM_WARPS} warp")
     p = module.plan(d, c, s, dtype, with_head)
     cfg = p.config
     return (f"{p.groups} x {p.constexprs['C_BLOCK'] * p.constexprs['S_PAD']} cols, "

@@ -846,8 +846,11 @@ def test_triton_subclass_weight_nan_rows_sum_and_many_classes(loss_launches):
 
 
 # (rows, classes) of vanilla KD targets: one class and one row, rows of 2 to 512 classes whole or
-# not a power of two (C = 300: the H200's 9.1x-the-floor launch), more rows than one program holds.
-KD_SHAPES = [(1, 1), (1, 2), (37, 3), (130, 17), (9, 64), (33, 300), (5, 512), (3000, 2), (70, 127)]
+# not a power of two (C = 300: the H200's 9.1x-the-floor launch), more rows than one program holds;
+# rows as half their padded tile and a tail of 1, 2 and 4 chunks (kd_targets.tail: 5, 9, 17, 33, 65,
+# 161, 321), and as one piece (385).
+KD_SHAPES = [(1, 1), (1, 2), (37, 3), (130, 17), (9, 64), (33, 300), (5, 512), (3000, 2), (70, 127), (45, 5),
+             (19, 9), (21, 33), (10, 65), (6, 161), (4, 321), (3, 385)]
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -877,8 +880,10 @@ def test_triton_vanilla_kd_targets_at_the_edges(dtype):
     z = torch.randn(40, 130, generator=g) * 3
     z[3] *= 1e30
     z[7, [0, 99]] = float("-inf")
+    z[7, 128] = float("-inf")  # in the tail (kd_targets.tail: the first 128 columns, then one chunk of 32)
     z[11] = float("-inf")
     z[12, 5] = float("nan")
+    z[13, 129] = float("nan")
     wide = torch.zeros(40, 141)
     wide[:, :130] = z
     z_in = wide.to(dtype)[:, :130].to(DEVICE)  # rows 141 apart
@@ -887,8 +892,8 @@ def test_triton_vanilla_kd_targets_at_the_edges(dtype):
                            torch.zeros(130, device=DEVICE), 130, 1, teacher_logits=z_in, tau=tau, backend="triton",
                            check_inputs=False).cpu().double()
         want = torch.log_softmax(z_in.cpu().double() / tau, dim=1)
-        assert got[[11, 12]].isnan().all() and want[[11, 12]].isnan().all()
-        keep = [i for i in range(40) if i not in (11, 12)]
+        assert got[[11, 12, 13]].isnan().all() and want[[11, 12, 13]].isnan().all()
+        keep = [i for i in range(40) if i not in (11, 12, 13)]
         assert torch.equal(torch.isneginf(got[keep]), torch.isneginf(want[keep]))
         # fp32 math: z / τ - lse errs by a few ulps of the row's largest |z / τ|
         zt = z_in.cpu().double()[keep] / tau

@@ -6,10 +6,11 @@ all of h and took the class log-partition once per program of 64 classes: on an 
 bf16 launch with 300 given logits took 29.9 ms, 9.1x the floor of reading h, the logits and writing
 the output. This kernel reads each row of logits once and writes its targets once.
 
-A program takes ``BLOCK_N`` whole rows of ``C_PAD`` (the classes' next power of two) columns, about
-``TILE_ELEMENTS`` values: a row's maximum, log-partition and output in registers, no loop. Every
-entry of ``VARIANTS`` is compiled ahead of time for sm_80/sm_90 and gated like the other kernels
-(``tests/test_triton_aot.py``: shared memory, spills, modelled time against the floor).
+A program takes ``BLOCK_N`` whole rows (``TILE_ELEMENTS / C_PAD``) in registers: a
+row's maximum, log-partition and output, no loop. A row is padded to its first ``C_PAD / 2`` columns
+and ``TAIL`` chunks of ``LANES`` after them (``launch_constexprs``), not to ``C_PAD``: 17 classes take
+24 columns, not 32. Every entry of ``VARIANTS`` is compiled ahead of time for sm_80/sm_90 and gated like
+the other kernels (``tests/test_triton_aot.py``: shared memory, spills, modelled time against the floor).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from . import limits
 from .fast_math import FAST_MATH
 
 NEG_INF = tl.constexpr(float("-inf"))
-# One warp a program, 32 values a thread: a row's reductions never leave the warp. With 4 warps
+# One warp a program, at most 32 values a thread: a row's reductions never leave the warp. With 4 warps
 # Triton 3.6 spread rows of 64-512 classes over the warps (through shared memory: 40-63 SASS
 # instructions an element at C = 63-300 where one warp takes 22-31; sm_90, 2026-12-04); 3.9 did not.
 # The widest row, 512 classes, is 2 rows a program.
@@ -43,63 +44,121 @@ def tile(num_classes: int):
     return c_pad, max(1, TILE_ELEMENTS // c_pad)
 
 
-# This kernel's own exponential and log, as targets.py's: under Triton 3.6 a JIT function shared by
-# two kernels took part in the second kernel's cache key differently once the first's key had been
-# computed, so the gates' recorded keys depended on the order of the launches keyed (2026-12-04).
-@triton.jit
-def _exp(x):
-    """e^x as ``ex2.approx.ftz`` on a GPU (one MUFU op); tl.exp under the interpreter (no libdevice)."""
-    if FAST_MATH:
-        return libdevice.fast_expf(x)
-    else:
-        return tl.exp(x)
-
-
-@triton.jit
-def _log(x):
-    """ln x of a sum of exponentials (>= 1, or 0 where every logit is -inf) as ``lg2.approx.ftz``."""
-    if FAST_MATH:
-        return libdevice.fast_logf(x)
-    else:
-        return tl.log(x)
-
-
-@triton.jit
-def kd_targets_kernel(z_ptr, stride_z, out_ptr, stride_out, N, C, inv_tau, C_PAD: tl.constexpr,
-                      BLOCK_N: tl.constexpr, LANES: tl.constexpr):
-    """out[r] = z[r] / τ - logsumexp(z[r] / τ) for BLOCK_N rows: -inf where a logit is -inf, NaN in a
-    row with a NaN (as the fp64 reference). The tile is viewed as (C_PAD / LANES, BLOCK_N, LANES),
-    column ``i * LANES + lane`` (``lanes``): a row is spread over at most LANES threads, each holding
-    C_PAD / LANES of its values, so its maximum and sum are mostly a thread's own adds, then a few
-    shuffles (a 2-D tile spread a row over up to 128 threads and exchanged through shared memory)."""
-    i = tl.arange(0, C_PAD // LANES)[:, None, None]
-    r = tl.arange(0, BLOCK_N)[None, :, None]
-    cols = i * LANES + tl.arange(0, LANES)[None, None, :]
-    # the row index in int32 (a launch takes fewer than 2**31 rows: ROW_CHUNK), its offset in int64
-    rows64 = (tl.program_id(0) * BLOCK_N + r).to(tl.int64)
-    ok = (rows64 < N) & (cols < C)
-    z = tl.load(z_ptr + rows64 * stride_z + cols, mask=ok, other=0.0).to(tl.float32) * inv_tau
-    z = tl.where(cols < C, z, NEG_INF)
-    # each thread's own values first (axis 0), then across the lanes (axis 1 of what is left); a row
-    # of -inf logits gives NaN (z - m = -inf - -inf), as torch's log_softmax
-    m = tl.max(tl.max(z, axis=0), axis=1)[None, :, None]
-    lse = m + _log(tl.sum(tl.sum(_exp(z - m), axis=0), axis=1))[None, :, None]
-    out = (z - lse).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows64 * stride_out + cols, out, mask=ok)
-
-
 def lanes(num_classes: int, c_pad: int) -> int:
     """LANES of a launch: a quarter of the row, at least 2 and at most a warp, so each thread holds 4
     values of a row (more past 128 columns) and a warp's load instruction spans the rows of at most
     128 logits (2 or 4 cache lines of 16- or 32-bit logits; the L1 serves about one line a clock).
     Whole rows of 64 or more classes take LANES = C_PAD: their loads are 16-byte vectors. Compiled for
-    sm_90 (2026-12-04, one warp): under Triton 3.9 rows of 3-31 classes across C_PAD lanes took 38-47
-    SASS instructions an element, most of them the reductions' shuffles, and 20-31 with a quarter;
-    3.6 lays the loads out by their contiguity either way (38-47). At 512 whole classes the quarter
-    took 22 (3.6) and 18 (3.9), C_PAD 16.5 and 16.3."""
+    sm_90 (2026-12-04, one warp, Triton 3.9): rows of 3-31 classes across C_PAD lanes took 38-47 SASS
+    instructions an element, most of them the reductions' shuffles, and 20-31 with a quarter."""
     if num_classes == c_pad and c_pad >= 64:
         return c_pad
     return min(32, max(2, c_pad // 4))
+
+
+def tail(num_classes: int, c_pad: int, lanes_: int) -> int:
+    """TAIL of a launch: the chunks of ``lanes_`` columns a row takes past its first ``c_pad / 2`` (a
+    power of two, fewer than half the row's chunks), or 0 where the row is one piece of ``c_pad``."""
+    chunks = c_pad // lanes_
+    needed = -(-(num_classes - c_pad // 2) // lanes_)
+    if needed < 1:  # one class in two columns
+        return 0
+    fewest = 1 << (needed - 1).bit_length()
+    return fewest if fewest < chunks // 2 else 0
+
+
+def launch_constexprs(num_classes: int) -> dict:
+    """The kernel's compile-time values for rows of ``num_classes`` logits."""
+    c_pad, block_n = tile(num_classes)
+    lanes_ = lanes(num_classes, c_pad)
+    return dict(C_PAD=c_pad, BLOCK_N=block_n, LANES=lanes_, TAIL=tail(num_classes, c_pad, lanes_))
+
+
+# This kernel's own log, as targets.py's: under Triton 3.6 a JIT function shared by
+# two kernels took part in the second kernel's cache key differently once the first's key had been
+# computed, so the gates' recorded keys depended on the order of the launches keyed (2026-12-04).
+@triton.jit
+def _log2(x):
+    """log2 x of a sum of exponentials (>= 1, or 0 where every logit is -inf) as ``lg2.approx.ftz``
+    (one MUFU op); tl.log2 under the interpreter (no libdevice)."""
+    if FAST_MATH:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _chunks(z_ptr, stride_z, out_ptr, stride_out, N, C, FIRST: tl.constexpr, CHUNKS: tl.constexpr,
+            BLOCK_N: tl.constexpr, LANES: tl.constexpr, PADDED: tl.constexpr):
+    """(fp32 logits, output pointers, mask) of ``CHUNKS`` chunks of ``LANES`` columns from column
+    ``FIRST`` of the program's rows, as a (CHUNKS * BLOCK_N, LANES) tile, chunk-major: consecutive
+    threads take consecutive rows and a thread holds a row's chunks, so its reductions are mostly a
+    thread's own. (A 3-D tile's layout follows the loads' contiguity, whose tie between the rows and
+    the chunks Triton 3.6 and 3.9 break the other way: 3.6 spread a row over C_PAD lanes.) Padded
+    columns (``PADDED``: some column may be past C) load -inf; a row's pointer is computed once and its
+    columns are immediate offsets."""
+    m = tl.arange(0, CHUNKS * BLOCK_N)[:, None]
+    lane = tl.arange(0, LANES)[None, :]
+    chunk = FIRST + (m // BLOCK_N) * LANES
+    rows = tl.program_id(0) * BLOCK_N + m % BLOCK_N
+    rows64 = rows.to(tl.int64)  # the row index in int32 (ROW_CHUNK), its offset in int64
+    if PADDED:
+        ok = (rows < N) & (chunk + lane < C)
+    else:
+        ok = (rows < N) & (chunk + lane < FIRST + CHUNKS * LANES)  # (always true: the mask's shape)
+    z = tl.load((z_ptr + lane + rows64 * stride_z) + chunk, mask=ok, other=NEG_INF).to(tl.float32)
+    return z, (out_ptr + lane + rows64 * stride_out) + chunk, ok
+
+
+@triton.jit
+def _max_over_chunks(z, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr):
+    """Per row and lane of a ``_chunks`` tile: the maximum over its chunks (a thread's own values)."""
+    return tl.max(tl.reshape(z, (CHUNKS, BLOCK_N, LANES)), axis=0)
+
+
+@triton.jit
+def _exp2_sum(z, m, scale, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr):
+    """Per row and lane of a ``_chunks`` tile: the sum over its chunks of 2^((z - m) scale), m per row.
+    z - m is 0 for the row's maximum: z scale - m scale in one FFMA erred by half an ulp of m scale,
+    which past 2^31 (logits of 1e30 at a small τ) made 2^(...) overflow or vanish."""
+    v = (tl.reshape(z, (CHUNKS, BLOCK_N, LANES)) - m[None, :, None]) * scale
+    return tl.sum(tl.exp2(v), axis=0)
+
+
+@triton.jit
+def _store(z, out_p, ok, inv_tau, lse, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr):
+    """out = z / τ - lse on a ``_chunks`` tile, lse per row."""
+    lse = tl.reshape(tl.broadcast_to(lse[None, :, None], (CHUNKS, BLOCK_N, LANES)), (CHUNKS * BLOCK_N, LANES))
+    tl.store(out_p, (z * inv_tau - lse).to(out_p.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def kd_targets_kernel(z_ptr, stride_z, out_ptr, stride_out, N, C, inv_tau, C_PAD: tl.constexpr,
+                      BLOCK_N: tl.constexpr, LANES: tl.constexpr, TAIL: tl.constexpr):
+    """out[r] = z[r] / τ - logsumexp(z[r] / τ) for BLOCK_N rows: -inf where a logit is -inf, NaN in a
+    row with a NaN (as the fp64 reference). A row is its first C_PAD / 2 columns and TAIL chunks of
+    LANES after them (``tail``), or with TAIL = 0 all C_PAD columns as one piece. The maximum is taken
+    of z, unscaled (τ > 0), and the output is one FFMA an element."""
+    scale = inv_tau * 1.4426950408889634  # log2(e) / τ: exp2 is one MUFU op
+    if TAIL == 0:
+        ch: tl.constexpr = C_PAD // LANES
+        z, out_p, ok = _chunks(z_ptr, stride_z, out_ptr, stride_out, N, C, 0, ch, BLOCK_N, LANES, True)
+        m = tl.max(_max_over_chunks(z, ch, BLOCK_N, LANES), axis=1)
+        total = tl.sum(_exp2_sum(z, m, scale, ch, BLOCK_N, LANES), axis=1)
+        _store(z, out_p, ok, inv_tau, m * inv_tau + _log2(total) * 0.6931471805599453, ch, BLOCK_N, LANES)
+    else:
+        head: tl.constexpr = C_PAD // 2 // LANES
+        za, out_a, ok_a = _chunks(z_ptr, stride_z, out_ptr, stride_out, N, C, 0, head, BLOCK_N, LANES, False)
+        zb, out_b, ok_b = _chunks(z_ptr, stride_z, out_ptr, stride_out, N, C, C_PAD // 2, TAIL, BLOCK_N, LANES,
+                                  True)
+        # both pieces' per-lane partials in one layout, then one set of shuffles across the lanes
+        m = tl.max(tl.maximum(_max_over_chunks(za, head, BLOCK_N, LANES),
+                              _max_over_chunks(zb, TAIL, BLOCK_N, LANES)), axis=1)
+        total = tl.sum(_exp2_sum(za, m, scale, head, BLOCK_N, LANES)
+                       + _exp2_sum(zb, m, scale, TAIL, BLOCK_N, LANES), axis=1)
+        lse = m * inv_tau + _log2(total) * 0.6931471805599453
+        _store(za, out_a, ok_a, inv_tau, lse, head, BLOCK_N, LANES)
+        _store(zb, out_b, ok_b, inv_tau, lse, TAIL, BLOCK_N, LANES)
 
 
 def kd_targets_triton(teacher_logits: torch.Tensor, tau: float, out: torch.Tensor) -> torch.Tensor:
@@ -109,12 +168,12 @@ def kd_targets_triton(teacher_logits: torch.Tensor, tau: float, out: torch.Tenso
     if num_classes > limits.MAX_SUBCLASS_COLUMNS:
         raise ValueError(f"the triton KD targets kernel takes at most {limits.MAX_SUBCLASS_COLUMNS} classes "
                          f"(got C={num_classes})")
-    c_pad, block_n = tile(num_classes)
+    constexprs = launch_constexprs(num_classes)
     for start in range(0, n, ROW_CHUNK):
         rows = min(ROW_CHUNK, n - start)
-        kd_targets_kernel[(triton.cdiv(rows, block_n),)](
+        kd_targets_kernel[(triton.cdiv(rows, constexprs["BLOCK_N"]),)](
             teacher_logits[start:], teacher_logits.stride(0), out[start:], out.stride(0), rows, num_classes,
-            1.0 / tau, C_PAD=c_pad, BLOCK_N=block_n, LANES=lanes(num_classes, c_pad), num_warps=NUM_WARPS)
+            1.0 / tau, **constexprs, num_warps=NUM_WARPS)
     return out
 
 
@@ -127,25 +186,21 @@ ROWS = 4 << 20  # the rows of the gates' launch, as the targets' (what the JIT s
 
 
 def _classes(c_pad: int) -> List[int]:
-    """The C compiled at a tile: one of each launch the JIT specialises apart (C = 1 a constant, the
-    multiples of 16 hinted), each the fewest classes of its kind the tile takes (the most padding: the
-    most instructions per class the cost gate counts). At C_PAD = 4 and 8 every C is one launch."""
-    if c_pad == 2:
-        return [2, 1]
-    fewest = [c_pad // 2 + 1]  # no multiple of 16, nor 1
-    hinted = [c_pad] if c_pad >= 16 else []  # whole rows
-    if c_pad >= 64:
-        hinted.append((c_pad // 32 + 1) * 16)  # the fewest multiple of 16 classes, with a quarter row's lanes
-    return hinted + fewest
+    """The C compiled at a tile size: one of each launch the JIT specialises apart (its constexprs, C = 1
+    a constant, the multiples of 16 hinted), each the fewest classes of its kind (the most padding: the
+    most instructions per class the cost gate counts)."""
+    fewest = {}
+    for c in range(1 if c_pad == 2 else c_pad // 2 + 1, c_pad + 1):
+        fewest.setdefault((tuple(launch_constexprs(c).items()), c % 16 == 0, c == 1), c)
+    return sorted(fewest.values())
 
 
 def _variants() -> List[dict]:
     variants = []
     for c_pad, z_dtype, out_dtype in itertools.product(VARIANT_PADS, ("bf16", "fp32"), ("fp32", "bf16")):
         for c in _classes(c_pad):
-            assert tile(c) == tile(c_pad)
             variants.append(dict(dtype=z_dtype, out_dtype=out_dtype, C=c, num_warps=NUM_WARPS,
-                                 constexprs=dict(C_PAD=c_pad, BLOCK_N=tile(c)[1], LANES=lanes(c, c_pad))))
+                                 constexprs=launch_constexprs(c)))
     return variants
 
 
@@ -156,7 +211,7 @@ def signature(variant: dict) -> dict:
     """The kernel's argument types for ahead-of-time compilation (``triton.compile``)."""
     return {"z_ptr": f"*{variant['dtype']}", "stride_z": "i32", "out_ptr": f"*{variant['out_dtype']}",
             "stride_out": "i32", "N": "i32", "C": "i32", "inv_tau": "fp32", "C_PAD": "constexpr",
-            "BLOCK_N": "constexpr", "LANES": "constexpr"}
+            "BLOCK_N": "constexpr", "LANES": "constexpr", "TAIL": "constexpr"}
 
 
 def launch_values(variant: dict) -> dict:
