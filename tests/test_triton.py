@@ -848,9 +848,27 @@ def test_triton_subclass_weight_nan_rows_sum_and_many_classes(loss_launches):
 # (rows, classes) of vanilla KD targets: one class and one row, rows of 2 to 512 classes whole or
 # not a power of two (C = 300: the H200's 9.1x-the-floor launch), more rows than one program holds;
 # rows as half their padded tile and a tail of 1, 2 and 4 chunks (kd_targets.tail: 5, 9, 17, 33, 65,
-# 161, 321), and as one piece (385).
+# 161, 270, 321), and padded as one piece (7, 30, 200, 385).
 KD_SHAPES = [(1, 1), (1, 2), (37, 3), (130, 17), (9, 64), (33, 300), (5, 512), (3000, 2), (70, 127), (45, 5),
-             (19, 9), (21, 33), (10, 65), (6, 161), (4, 321), (3, 385)]
+             (19, 9), (21, 33), (10, 65), (6, 161), (5, 270), (4, 321), (3, 385), (11, 7), (5, 30), (3, 200)]
+
+
+def test_kd_targets_tiles_cover_every_row_once():
+    """For every C the launcher takes: the padded row covers the C classes, the first C_PAD / 2 columns
+    (loaded unmasked where there is a tail) are all classes, and the tail is the fewest chunks, in a
+    power of two, that hold the rest (fewer than half the row's chunks): its padding is under one chunk,
+    or half the tail."""
+    from lelp_fast.kernels.triton import kd_targets
+
+    for c in range(1, 513):
+        ce = kd_targets.launch_constexprs(c)
+        c_pad, lanes, tail = ce["C_PAD"], ce["LANES"], ce["TAIL"]
+        assert c_pad >= c and c_pad & (c_pad - 1) == 0 and c_pad % lanes == 0 and ce["BLOCK_N"] * c_pad <= 1024, c
+        if tail:
+            chunks = c_pad // lanes
+            assert tail & (tail - 1) == 0 and tail < chunks // 2, c
+            assert c_pad // 2 < c <= c_pad // 2 + tail * lanes, c
+            assert c_pad // 2 + tail * lanes - c < max(1, tail // 2) * lanes, c
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -900,6 +918,7 @@ def test_triton_vanilla_kd_targets_at_the_edges(dtype):
         scale = torch.where(torch.isfinite(zt), zt.abs(), 0.0).amax(dim=1, keepdim=True).clamp(min=1.0)
         finite = torch.isfinite(want[keep])
         assert ((got[keep] - want[keep]).abs() <= 2.0**-21 * scale)[finite].all()
+        assert (got[keep][finite] <= 0).all()  # a log-probability: z/τ - m/τ in one FFMA gave +1e26 on a GPU
 
 
 def test_triton_online_loss_of_vanilla_kd_reads_no_embeddings():

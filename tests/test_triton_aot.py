@@ -357,7 +357,7 @@ def _parks_values_outside_loops(facts) -> bool:
 # (3.6, up to 128 B) and 30 (3.9, up to 40 B) of 1,608 targets launches were left, classes padded to
 # 128 subclasses, one subclass per class with given logits (fp32 and d = 50 tables), d = 50 at 4 x 4.
 # Later still one subclass with given logits became vanilla KD's own kernel (kd_targets: of its 160
-# launches a version one parked 8 B until 2026-12-05, none since): 16 (3.6, 8-128 B) and 14 (3.9, 8-32 B)
+# launches a version one parked 8 B until late on 2026-12-04, none since): 16 (3.6, 8-128 B) and 14 (3.9, 8-32 B)
 # of the 1,392 targets launches are left, classes padded to 128 subclasses ("mid" at 1 x 128 and 4 x 128)
 # and d = 50 at 4 x 4.
 with open(os.path.join(RECORDED, "spills.json")) as _f:
@@ -376,7 +376,7 @@ def test_variant_has_no_spills(compiled, case, request):
     launches do, at 48-96 registers, is in docs/benchmarks.md): among them λ ≠ 1 at 2 x 255 and
     4 x 127 with teacher weights and the α term on sm_90 under Triton 3.6.0 (strict xfails until
     2026-12-03), and at 2 x 255, fp32 against bf16 targets, sm_80, two values (until 2026-12-04).
-    The KD targets kernel parked one (until 2026-12-05: one launch under Triton 3.6.0 on sm_90, 8 B)
+    The KD targets kernel parked one (until late on 2026-12-04: one launch under Triton 3.6.0 on sm_90, 8 B)
     and may not any more. The targets kernels may not spill (issue 21: no spills for K up to 512), save
     the launches held in SPILLS (tests/triton_aot_facts/spills.json)."""
     installed = request.node.callspec.params["compiled"] == "installed"
@@ -716,12 +716,12 @@ def test_targets_over_budget_only_by_the_map_stream(compiled, case):
 
 KD_COST_CASES = [c for c in CASES if c[0] == "kd" and c[2] == 90]
 # KD targets launches modelled over cost.TARGETS_MAX_OVER_FLOOR, per Triton version. Each is compiled at
-# the fewest classes its tile takes (kd_targets._classes: the most padding). Left: rows of 65-80 classes
-# into a 16-bit output (4 B an element to move: 25 instructions at the H200's issue rate), 1.31-1.32x on
-# the H200 by issue: 8 rows a thread, each a row across the warp (5 levels of shuffles for its maximum and
-# 5 for its sum). Until 2026-12-05 (the tiles padded to C_PAD and laid out as (C_PAD / LANES, BLOCK_N,
-# LANES), which 3.6 spread over C_PAD lanes) 22 launches under 3.6 (up to 3.26x, C = 17) and 8 under 3.9
-# (up to 1.62x) were over.
+# the fewest classes its tile takes (kd_targets._classes: the most padding). Left: the launch of rows of
+# 65-95 classes (80 aside) into a 16-bit output (4 B an element to move: 25 instructions at the H200's
+# issue rate), 1.29x on the H200 by issue at C = 65 (over 1.25x for C = 65-67): 8 rows a thread, each
+# across the warp (5 levels of shuffles for its maximum and 5 for its sum). Until late on 2026-12-04 (the
+# tiles padded to C_PAD and laid out as (C_PAD / LANES, BLOCK_N, LANES), which 3.6 spread over C_PAD
+# lanes) 22 launches under 3.6 (up to 3.26x, C = 17) and 8 under 3.9 (up to 1.62x) were over.
 KD_OVER_BUDGET = {
     "3.6.0": {"kd-sm90-bf16-C65-n8-obf16"},
     "3.9.0": {"kd-sm90-bf16-C65-n8-obf16"},

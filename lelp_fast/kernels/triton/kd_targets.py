@@ -45,10 +45,11 @@ def tile(num_classes: int):
 
 
 def lanes(num_classes: int, c_pad: int) -> int:
-    """LANES of a launch: a quarter of the row, at least 2 and at most a warp, so each thread holds 4
-    values of a row (more past 128 columns) and a warp's load instruction spans the rows of at most
-    128 logits (2 or 4 cache lines of 16- or 32-bit logits; the L1 serves about one line a clock).
-    Whole rows of 64 or more classes take LANES = C_PAD: their loads are 16-byte vectors. Compiled for
+    """LANES of a launch, the columns of a chunk: a quarter of the row, at least 2 and at most a warp,
+    so each thread holds 4 values of a row (more past 128 columns) and a warp's load instruction spans
+    the rows of at most 128 logits (2 or 4 cache lines of 16- or 32-bit logits; the L1 serves about one
+    line a clock). Whole rows of 64 or more classes take LANES = C_PAD, one chunk over the warp's 32
+    threads, several contiguous values each: their loads are 16-byte vectors. Compiled for
     sm_90 (2026-12-04, one warp, Triton 3.9): rows of 3-31 classes across C_PAD lanes took 38-47 SASS
     instructions an element, most of them the reductions' shuffles, and 20-31 with a quarter."""
     if num_classes == c_pad and c_pad >= 64:
@@ -79,7 +80,7 @@ def launch_constexprs(num_classes: int) -> dict:
 # computed, so the gates' recorded keys depended on the order of the launches keyed (2026-12-04).
 @triton.jit
 def _log2(x):
-    """log2 x of a sum of exponentials (>= 1, or 0 where every logit is -inf) as ``lg2.approx.ftz``
+    """log2 x of a sum of exponentials (>= 1; NaN in a row of -inf or NaN logits) as ``lg2.approx.ftz``
     (one MUFU op); tl.log2 under the interpreter (no libdevice)."""
     if FAST_MATH:
         return libdevice.fast_log2f(x)
@@ -91,23 +92,26 @@ def _log2(x):
 def _chunks(z_ptr, stride_z, out_ptr, stride_out, N, C, FIRST: tl.constexpr, CHUNKS: tl.constexpr,
             BLOCK_N: tl.constexpr, LANES: tl.constexpr, PADDED: tl.constexpr):
     """(fp32 logits, output pointers, mask) of ``CHUNKS`` chunks of ``LANES`` columns from column
-    ``FIRST`` of the program's rows, as a (CHUNKS * BLOCK_N, LANES) tile, chunk-major: consecutive
-    threads take consecutive rows and a thread holds a row's chunks, so its reductions are mostly a
-    thread's own. (A 3-D tile's layout follows the loads' contiguity, whose tie between the rows and
-    the chunks Triton 3.6 and 3.9 break the other way: 3.6 spread a row over C_PAD lanes.) Padded
-    columns (``PADDED``: some column may be past C) load -inf; a row's pointer is computed once and its
-    columns are immediate offsets."""
-    m = tl.arange(0, CHUNKS * BLOCK_N)[:, None]
+    ``FIRST`` of the program's rows, as a (CHUNKS * BLOCK_N, LANES) tile, chunk-major (slot = chunk *
+    BLOCK_N + row): the warp's threads go along the lanes, then the rows, and a thread holds all of its
+    lanes' chunks of a row, so a row's reductions are mostly a thread's own. (A 3-D tile's layout
+    follows the loads' contiguity, whose tie between the rows and the chunks Triton 3.6 and 3.9 break
+    the other way: 3.6 spread a row over C_PAD lanes.) ``PADDED``: some column may be past C, and loads
+    -inf there. A row's pointer is computed once and its chunks are immediate offsets from it."""
+    slot = tl.arange(0, CHUNKS * BLOCK_N)[:, None]
     lane = tl.arange(0, LANES)[None, :]
-    chunk = FIRST + (m // BLOCK_N) * LANES
-    rows = tl.program_id(0) * BLOCK_N + m % BLOCK_N
+    chunk = FIRST + (slot // BLOCK_N) * LANES
+    rows = tl.program_id(0) * BLOCK_N + slot % BLOCK_N
     rows64 = rows.to(tl.int64)  # the row index in int32 (ROW_CHUNK), its offset in int64
-    if PADDED:
-        ok = (rows < N) & (chunk + lane < C)
-    else:
-        ok = (rows < N) & (chunk + lane < FIRST + CHUNKS * LANES)  # (always true: the mask's shape)
+    ok = (rows < N) & (chunk + lane < C) if PADDED else rows < N
     z = tl.load((z_ptr + lane + rows64 * stride_z) + chunk, mask=ok, other=NEG_INF).to(tl.float32)
     return z, (out_ptr + lane + rows64 * stride_out) + chunk, ok
+
+
+@triton.jit
+def _per_row(x, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr):
+    """A value per row (BLOCK_N) on every slot of a ``_chunks`` tile."""
+    return tl.reshape(tl.broadcast_to(x[None, :, None], (CHUNKS, BLOCK_N, LANES)), (CHUNKS * BLOCK_N, LANES))
 
 
 @triton.jit
@@ -117,19 +121,16 @@ def _max_over_chunks(z, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.c
 
 
 @triton.jit
-def _exp2_sum(z, m, scale, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr):
-    """Per row and lane of a ``_chunks`` tile: the sum over its chunks of 2^((z - m) scale), m per row.
-    z - m is 0 for the row's maximum: z scale - m scale in one FFMA erred by half an ulp of m scale,
-    which past 2^31 (logits of 1e30 at a small τ) made 2^(...) overflow or vanish."""
-    v = (tl.reshape(z, (CHUNKS, BLOCK_N, LANES)) - m[None, :, None]) * scale
-    return tl.sum(tl.exp2(v), axis=0)
+def _exp2_sum(d, scale, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr):
+    """Per row and lane of a ``_chunks`` tile of d = z - m: the sum over its chunks of 2^(d scale)."""
+    return tl.sum(tl.exp2(tl.reshape(d, (CHUNKS, BLOCK_N, LANES)) * scale), axis=0)
 
 
 @triton.jit
-def _store(z, out_p, ok, inv_tau, lse, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr):
-    """out = z / τ - lse on a ``_chunks`` tile, lse per row."""
-    lse = tl.reshape(tl.broadcast_to(lse[None, :, None], (CHUNKS, BLOCK_N, LANES)), (CHUNKS * BLOCK_N, LANES))
-    tl.store(out_p, (z * inv_tau - lse).to(out_p.dtype.element_ty), mask=ok)
+def _store(d, out_p, ok, inv_tau, log_total, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr):
+    """out = d / τ - ln Σ on a ``_chunks`` tile of d = z - m (one FFMA), ln Σ per row."""
+    out = d * inv_tau - _per_row(log_total, CHUNKS, BLOCK_N, LANES)
+    tl.store(out_p, out.to(out_p.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -137,15 +138,17 @@ def kd_targets_kernel(z_ptr, stride_z, out_ptr, stride_out, N, C, inv_tau, C_PAD
                       BLOCK_N: tl.constexpr, LANES: tl.constexpr, TAIL: tl.constexpr):
     """out[r] = z[r] / τ - logsumexp(z[r] / τ) for BLOCK_N rows: -inf where a logit is -inf, NaN in a
     row with a NaN (as the fp64 reference). A row is its first C_PAD / 2 columns and TAIL chunks of
-    LANES after them (``tail``), or with TAIL = 0 all C_PAD columns as one piece. The maximum is taken
-    of z, unscaled (τ > 0), and the output is one FFMA an element."""
+    LANES after them (``tail``), or with TAIL = 0 all C_PAD columns as one piece. Everything follows
+    from d = z - m, m the row's maximum of z (τ > 0): 0 at the maximum, whose exponent is then exactly
+    0 and output exactly -ln Σ <= 0. (z/τ - m/τ in one FFMA errs by half an ulp of m/τ: logits of 1e30
+    at τ = 1e-3 then gave an exponent past 2^31, and a positive log-target.)"""
     scale = inv_tau * 1.4426950408889634  # log2(e) / τ: exp2 is one MUFU op
     if TAIL == 0:
         ch: tl.constexpr = C_PAD // LANES
         z, out_p, ok = _chunks(z_ptr, stride_z, out_ptr, stride_out, N, C, 0, ch, BLOCK_N, LANES, True)
-        m = tl.max(_max_over_chunks(z, ch, BLOCK_N, LANES), axis=1)
-        total = tl.sum(_exp2_sum(z, m, scale, ch, BLOCK_N, LANES), axis=1)
-        _store(z, out_p, ok, inv_tau, m * inv_tau + _log2(total) * 0.6931471805599453, ch, BLOCK_N, LANES)
+        d = z - _per_row(tl.max(_max_over_chunks(z, ch, BLOCK_N, LANES), axis=1), ch, BLOCK_N, LANES)
+        log_total = _log2(tl.sum(_exp2_sum(d, scale, ch, BLOCK_N, LANES), axis=1)) * 0.6931471805599453
+        _store(d, out_p, ok, inv_tau, log_total, ch, BLOCK_N, LANES)
     else:
         head: tl.constexpr = C_PAD // 2 // LANES
         za, out_a, ok_a = _chunks(z_ptr, stride_z, out_ptr, stride_out, N, C, 0, head, BLOCK_N, LANES, False)
@@ -154,11 +157,11 @@ def kd_targets_kernel(z_ptr, stride_z, out_ptr, stride_out, N, C, inv_tau, C_PAD
         # both pieces' per-lane partials in one layout, then one set of shuffles across the lanes
         m = tl.max(tl.maximum(_max_over_chunks(za, head, BLOCK_N, LANES),
                               _max_over_chunks(zb, TAIL, BLOCK_N, LANES)), axis=1)
-        total = tl.sum(_exp2_sum(za, m, scale, head, BLOCK_N, LANES)
-                       + _exp2_sum(zb, m, scale, TAIL, BLOCK_N, LANES), axis=1)
-        lse = m * inv_tau + _log2(total) * 0.6931471805599453
-        _store(za, out_a, ok_a, inv_tau, lse, head, BLOCK_N, LANES)
-        _store(zb, out_b, ok_b, inv_tau, lse, TAIL, BLOCK_N, LANES)
+        da, db = za - _per_row(m, head, BLOCK_N, LANES), zb - _per_row(m, TAIL, BLOCK_N, LANES)
+        total = tl.sum(_exp2_sum(da, scale, head, BLOCK_N, LANES) + _exp2_sum(db, scale, TAIL, BLOCK_N, LANES), axis=1)
+        log_total = _log2(total) * 0.6931471805599453
+        _store(da, out_a, ok_a, inv_tau, log_total, head, BLOCK_N, LANES)
+        _store(db, out_b, ok_b, inv_tau, log_total, TAIL, BLOCK_N, LANES)
 
 
 def kd_targets_triton(teacher_logits: torch.Tensor, tau: float, out: torch.Tensor) -> torch.Tensor:
