@@ -358,8 +358,9 @@ def _parks_values_outside_loops(facts) -> bool:
 # 128 subclasses, one subclass per class with given logits (fp32 and d = 50 tables), d = 50 at 4 x 4.
 # Later still one subclass with given logits became vanilla KD's own kernel (kd_targets: of its 160
 # launches a version one parked 8 B until late on 2026-12-04, none since): 16 (3.6, 8-128 B) and 14 (3.9, 8-32 B)
-# of the 1,392 targets launches are left, classes padded to 128 subclasses ("mid" at 1 x 128 and 4 x 128)
-# and d = 50 at 4 x 4.
+# of the 1,392 targets launches were left, classes padded to 128 subclasses ("mid" at 1 x 128 and 4 x 128)
+# and d = 50 at 4 x 4; late on 2026-12-04 "mid" became 64 x 16 x 8 warps x 3 stages and d = 50's
+# 16-column config 64 x 32 x 4 x 3, and no targets launch spills (the two loss launches above are left).
 with open(os.path.join(RECORDED, "spills.json")) as _f:
     SPILLS = {version: set(ids) for version, ids in json.load(_f).items()}
 

@@ -72,8 +72,8 @@ COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
 # ... but only a whole grid with the head ("mid-exact-head") or a class of more than 64 (padded)
 # subclasses takes 128: other programs hold at most 64 columns ("narrow"), two or more a row tile.
 # On the H200 (2026-12-04 sweep, 8 x 16 bf16 with the head) two programs of 64 columns at
-# 128 x 64 x 8 warps x 3 stages took 6.09 ms where one of 128 at "mid"'s 128 x 16 x 8 x 2 took
-# 14.9 ms; and "mid" spilled on padded grids (8-400 B a thread, 2026-12-04 gates) where "narrow"
+# 128 x 64 x 8 warps x 3 stages took 6.09 ms where one of 128 at 128 x 16 x 8 x 2 (then "mid") took
+# 14.9 ms; and that spilled on padded grids (8-400 B a thread, 2026-12-04 gates) where "narrow"
 # does not. The h re-read of the second program comes from L2.
 NARROW_COLUMNS = 64
 # The configs, measured on an H200 (2026-12-04, benchmarks/sweep_targets_gpu.py: 287 configs at
@@ -85,16 +85,16 @@ NARROW_COLUMNS = 64
 # 8 warps, 4 stages 5.15 ms (128 x 16, 2 stages: 14.9 ms). 128 x 32 x 8 x 4 spills on padded grids
 # and with given logits (8-360 B per thread on sm_80 or sm_90, under Triton 3.6 or 3.9; so did
 # 128 x 32 at 2 and 3 stages, 64 x 32 and 128 x 64 x 2), so it serves only whole grids with the head
-# ("mid-exact-head"), and the other programs of 128 columns (a class of 65-128 subclasses, S_PAD =
-# 128) keep 128 x 16. Faster configs spill, or were
-# not tried against the gates (256 x 32 x 8 warps x 4 stages: 4.41 ms at 128 columns); 64-row tiles
-# were a little faster at 64 and 128 columns (3.05, 4.96 ms) but read the map once per 64 rows.
-# Every entry is compiled for sm_80/sm_90 under Triton 3.6 and 3.9, with its shared memory,
-# registers and spills checked (tests/test_triton_aot.py).
+# ("mid-exact-head"). Other programs of 128 columns (a class of 65-128 subclasses) take 64 x 16 x 8 x 3:
+# spill-free at all 184 launches, both Tritons (128 x 16 x 8 x 2 until late on 2026-12-04 spilled up to
+# 128 B, in the d loop; docs/benchmarks.md), not measured on a GPU (64-row tiles were a little faster
+# at 64 and 128 columns in the sweep: 3.05, 4.96 ms). Faster configs spill, or were not tried against
+# the gates (256 x 32 x 8 warps x 4 stages: 4.41 ms at 128 columns). Every entry is compiled for
+# sm_80/sm_90 under Triton 3.6 and 3.9, its shared memory, registers and spills checked.
 CONFIGS = {
     "thin": [Config(128, 64, 4, 3)],
     "narrow": [Config(128, 64, 8, 3)],
-    "mid": [Config(128, 16, 8, 2)],
+    "mid": [Config(64, 16, 8, 3)],
     "mid-exact-head": [Config(128, 32, 8, 4)],
 }
 # fp32 inputs keep the configs of 2026-12-02 (not measured on a GPU): with h split into bf16 parts
@@ -103,7 +103,7 @@ CONFIGS = {
 FP32_CONFIGS = {
     "thin": [Config(256, 32, 8, 3)],
     "narrow": [Config(128, 32, 8, 3)],
-    "mid": [Config(128, 16, 8, 2)],
+    "mid": [Config(64, 16, 8, 3)],
     "mid-exact-head": [Config(128, 16, 8, 2)],
 }
 
@@ -132,13 +132,13 @@ def config_class(columns: int, exact_head: bool = False) -> str:
 
 # Embeddings whose width d is not a multiple of 16 (GloVe's 50 and 300): the JIT then specialises no
 # divisibility on d and the row stride, so h comes in without 16-byte copies, each element with its
-# own address and mask. Under the configs above that spilled 16-888 B per thread (both Triton
-# versions, sm_80 and sm_90: the gates' "unaligned" layout, 2026-12-04); 128 x 32 x 8 warps spilled at
-# none of the 16- and 64-column grids (bf16 and fp32). Not measured on a GPU.
+# own address and mask. Under the configs above that spilled 16-888 B per thread (both Tritons, sm_80
+# and sm_90, 2026-12-04): 128 x 32 x 8 warps spills at no 64-column grid, 64 x 32 x 4 x 3 at no
+# 16-column one (128 x 32 x 8 x 3 did, 8-16 B on sm_80; docs/benchmarks.md). Not measured on a GPU.
 UNALIGNED_CONFIGS = {
-    "thin": [Config(128, 32, 8, 3)],
+    "thin": [Config(64, 32, 4, 3)],
     "narrow": [Config(128, 32, 8, 3)],
-    "mid": [Config(128, 16, 8, 2)],
+    "mid": [Config(64, 16, 8, 3)],
     "mid-exact-head": [Config(128, 16, 8, 2)],
 }
 _TABLES = {"16-bit": CONFIGS, "fp32": FP32_CONFIGS, "unaligned": UNALIGNED_CONFIGS}
