@@ -921,6 +921,22 @@ def test_triton_vanilla_kd_targets_at_the_edges(dtype):
         assert (got[keep][finite] <= 0).all()  # a log-probability: z/τ - m/τ in one FFMA gave +1e26 on a GPU
 
 
+def test_triton_vanilla_kd_targets_take_float64_embeddings(monkeypatch):
+    """Vanilla KD's targets read no embeddings, so their dtype does not bar the Triton backend (fp64
+    embeddings were refused with backend="triton", and sent to torch under auto)."""
+    from lelp_fast.kernels.triton import kd_targets
+
+    launches, real = [], kd_targets.kd_targets_triton
+    monkeypatch.setattr(kd_targets, "kd_targets_triton", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(13)
+    z = (torch.randn(40, 7, generator=g) * 3).to(DEVICE)
+    h = torch.randn(40, 12, generator=g, dtype=torch.float64).to(DEVICE)
+    w, b = torch.randn(12, 7, generator=g).to(DEVICE), torch.randn(7, generator=g).to(DEVICE)
+    got = lelp_targets(h, w, b, 7, 1, teacher_logits=z, tau=1.5, backend="triton")
+    assert len(launches) == 1
+    torch.testing.assert_close(got.cpu().double(), torch.log_softmax(z.cpu().double() / 1.5, 1), atol=1e-6, rtol=0)
+
+
 def test_triton_online_loss_of_vanilla_kd_reads_no_embeddings():
     """The online loss (embeddings with given logits, S = 1) takes the KD targets kernel too: its loss
     and gradient are those of the loss against ``log_softmax(z / τ)``, whatever the embeddings hold."""

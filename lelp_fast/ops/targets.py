@@ -350,7 +350,7 @@ def _choose_backend(backend, embeddings, teacher_logits, num_classes, n_subclass
     chosen = _dispatch.resolve(backend, embeddings.device,
                                _shape_limits(embeddings, teacher_logits, num_classes, n_subclasses))
     compiled_ok = (
-        embeddings.dtype in _DTYPE_CODES
+        (embeddings.dtype in _DTYPE_CODES or _vanilla_kd(n_subclasses, teacher_logits))  # KD reads no embeddings
         and out_dtype in _DTYPE_CODES
         and (teacher_logits is None or teacher_logits.dtype in _DTYPE_CODES)
     )
