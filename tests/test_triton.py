@@ -892,8 +892,9 @@ def test_triton_vanilla_kd_targets_match_reference(shape, dtype, out_dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_vanilla_kd_targets_at_the_edges(dtype):
-    """Huge logits (1e30) and a tiny τ, -inf logits (a target of 0: -inf), a row of -inf and a NaN row
-    (NaN rows, as the reference), the others untouched; rows 141 logits apart, not 130."""
+    """Huge logits (1e30) and a tiny τ, -inf logits (a target of 0: -inf) in the first half and in the
+    tail, a row of -inf and NaNs in either piece (NaN rows, as the reference), the others untouched and
+    at most 0; rows 141 logits apart, not 130."""
     g = torch.Generator().manual_seed(4)
     z = torch.randn(40, 130, generator=g) * 3
     z[3] *= 1e30
