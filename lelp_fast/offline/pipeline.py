@@ -24,6 +24,8 @@ from ..io.device_copy import stage_ahead
 from ..io.locks import lock_rank_directory
 from ..io.prefetch import prefetch
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource, SourceLike, as_source
+from ..kernels.triton import limits
+from ..ops.targets import overflow_error
 from . import manifest as mf
 from . import shards
 
@@ -200,7 +202,8 @@ def _compute_rows(projector, chunk: Chunk, h, z, settings: dict, backend: str) -
                                                     out_dtype=out_dtype, backend=backend)}
     out = {name: t.to(out_dtype).cpu() for name, t in tensors.items()}
     if "log_targets" in out and not _targets_op_checks(h):
-        _check_target_rows(out["log_targets"], h, z, chunk.start_row, vanilla_kd=projector.n_subclasses == 1)
+        _check_target_rows(out["log_targets"], h, z, chunk.start_row,
+                           vanilla_kd=limits.vanilla_kd(projector.n_subclasses, z is not None))
     return out
 
 
@@ -211,15 +214,14 @@ def _targets_op_checks(h: torch.Tensor) -> bool:
 
 def _check_target_rows(log_targets: torch.Tensor, h: torch.Tensor, z, start_row: int, vanilla_kd: bool) -> None:
     """Names the bad input row behind a NaN or +Inf target (-inf is a target of 0), for inputs the
-    targets op did not check: here the rows are on the host anyway. ``vanilla_kd`` (S = 1): targets
-    of given logits depend on them alone."""
+    targets op did not check: here the rows are on the host anyway. ``vanilla_kd`` (S = 1 with given
+    logits): the targets depend on the logits alone."""
     suspects = torch.nonzero((torch.isnan(log_targets) | torch.isposinf(log_targets)).any(1)).flatten()
     if not suspects.numel():
         return
-    if z is not None and vanilla_kd:
+    if vanilla_kd:
         check_finite("teacher_logits", z, suspects.to(z.device))
-        raise ValueError(f"teacher_logits row {start_row + int(suspects[0])} is finite but its targets are not: "
-                         "logits / tau overflow float32; raise tau or rescale the logits")
+        raise overflow_error(start_row + int(suspects[0]), vanilla_kd=True)
     check_finite("embeddings", h, suspects.to(h.device))
     if z is not None:
         check_finite("teacher_logits", z, suspects.to(z.device))

@@ -120,11 +120,13 @@ def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta
         check_finite("embeddings", emb, suspects)
         if logits is not None:
             check_finite("teacher_logits", logits, suspects)
-        raise _overflow_error(int(suspects[0]))
+        raise overflow_error(int(suspects[0]))
     return out
 
 
-def _overflow_error(row: int, vanilla_kd: bool = False) -> ValueError:
+def overflow_error(row: int, vanilla_kd: bool = False) -> ValueError:
+    """The error for finite inputs whose targets are not (row ``row``): the projection, or with
+    ``vanilla_kd`` the logits / τ, overflowed float32. Also the offline pipeline's."""
     if vanilla_kd:
         return ValueError(f"teacher_logits row {row} is finite but its targets are not: logits / tau overflow "
                           "float32; raise tau or rescale the logits")
@@ -143,7 +145,7 @@ def _check_projection(out: torch.Tensor) -> None:
     two N x K buffers)."""
     rows = torch.nonzero(torch.isnan(_row_sums(out))).flatten()
     if rows.numel():
-        raise _overflow_error(int(rows[0]))
+        raise overflow_error(int(rows[0]))
 
 
 def _check_kd_targets(out: torch.Tensor, logits: torch.Tensor) -> None:
@@ -157,7 +159,7 @@ def _check_kd_targets(out: torch.Tensor, logits: torch.Tensor) -> None:
         check_finite("teacher_logits", logits, suspects)
         nan_rows = suspects[torch.isnan(out[suspects]).any(dim=1)]
         if nan_rows.numel():
-            raise _overflow_error(int(nan_rows[0]), vanilla_kd=True)
+            raise overflow_error(int(nan_rows[0]), vanilla_kd=True)
 
 
 def _check_targets(out, check_inputs, teacher_logits, n_subclasses) -> None:
