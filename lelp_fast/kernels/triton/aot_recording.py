@@ -1,5 +1,5 @@
 """The ahead-of-time gates' facts, recorded per Triton build, so that a machine with an empty Triton
-cache need not compile the 5,584 launches of each version again (0.4-0.6 s of CPU each on a quiet
+cache need not compile the 5,600 launches of each version again (0.4-0.6 s of CPU each on a quiet
 2-core machine, about 1.3 s under load).
 
 A launch's facts follow from what Triton keys its cache on (``aot.triton_cache_key``: the Triton

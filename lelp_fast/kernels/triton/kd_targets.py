@@ -45,16 +45,16 @@ def tile(num_classes: int):
 
 
 def lanes(num_classes: int, c_pad: int) -> int:
-    """LANES of a launch, the columns of a chunk: a quarter of the row, at least 2 and at most a warp,
-    so each thread holds 4 values of a row (more past 128 columns) and a warp's load instruction spans
-    the rows of at most 128 logits (2 or 4 cache lines of 16- or 32-bit logits; the L1 serves about one
-    line a clock). Whole rows of 64 or more classes take LANES = C_PAD, one chunk over the warp's 32
-    threads, several contiguous values each: their loads are 16-byte vectors. Compiled for
-    sm_90 (2026-12-04, one warp, Triton 3.9): rows of 3-31 classes across C_PAD lanes took 38-47 SASS
-    instructions an element, most of them the reductions' shuffles, and 20-31 with a quarter."""
+    """LANES of a launch, the columns of a chunk: a quarter of the row, at least 2 and at most a warp
+    (rows of 3-31 classes across C_PAD lanes took 38-47 SASS an element, sm_90, and 20-31 so). Whole
+    rows of 64 or more classes take LANES = C_PAD: 16-byte vector loads. Rows of 65-80 take 16, not 32:
+    a row over the warp took 5 levels of shuffles each for 8 rows (31.8 SASS a class at C = 65, 1.29x
+    the H200's floor by issue); on 16, 4 levels for two rows at once (22.2, 1.00x), while the 128-byte
+    lines its loads and stores touch, at one a clock per SM, take 0.88x the floor's time (0.63x on 32;
+    0.84x at C = 17, 8 lanes). docs/benchmarks.md: "KD rows of 65-80 classes on 16 lanes"."""
     if num_classes == c_pad and c_pad >= 64:
         return c_pad
-    return min(32, max(2, c_pad // 4))
+    return 16 if c_pad == 128 and num_classes <= 80 else min(32, max(2, c_pad // 4))
 
 
 def tail(num_classes: int, c_pad: int, lanes_: int) -> int:
