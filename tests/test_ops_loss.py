@@ -7,6 +7,7 @@ from torch.utils._pytree import tree_leaves
 
 from lelp_fast import reference
 from lelp_fast.ops import _dispatch, distill_loss
+from lelp_fast.ops import loss as loss_ops
 
 BACKENDS = ["torch"] + (["cpu", "cuda_emu"] if _dispatch.available("cpu", torch.device("cpu")) else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -364,6 +365,47 @@ def test_mean_without_labels_makes_no_tensor_from_host_values(backend):
     assert made.count == 0
     want, want_grad = reference_loss_and_grad(student, log_t, None, num_classes=2, n_subclasses=3, tau=2.0)
     torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), want_grad, atol=1e-6, rtol=1e-4)
+
+
+class _OpNames(TorchDispatchMode):
+    """The names of the ops that run while the mode is active, views and detaches left out (they launch
+    nothing on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func.__name__.startswith("detach")):
+            self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("reduction, labelled, want", [
+    ("mean", True, ["ne.Scalar", "sum.default", "clamp_.default", "reciprocal.default", "loss_rows.default",
+                    "sum.default", "div.Tensor"]),
+    ("mean", False, ["full.default", "loss_rows.default", "sum.default", "div.Tensor"]),
+    ("sum", True, ["full.default", "loss_rows.default", "sum.default"]),
+])
+def test_a_folded_loss_step_takes_the_reduction_once(monkeypatch, reduction, labelled, want):
+    """The forward of a loss whose kernel folds the reduction into the gradient, as a GPU runs it (no CPU
+    input check): the labels are counted once, for the kernel's scale and the loss alike, and the loss is
+    no copy. Each op is a kernel launch and about 5-10 us of host time on a GPU (issue 21: the small-K loss
+    is host-bound on the H200). Before 2026-12-05 the mean over labels took 13 ops: the count twice
+    (``_reduction_scale`` and ``reference.reduce_rows``), with casts, and a clone of the loss."""
+    monkeypatch.setattr(loss_ops, "_check_cpu_inputs", lambda *args, **kwargs: None)
+    student, log_t, labels = make_inputs(33, 2, 4, seed=7)
+    x, t = student.float().requires_grad_(True), log_t.float()
+    labels = labels if labelled else None
+    with _OpNames() as ops:
+        loss = distill_loss(x, t, labels, num_classes=2, n_subclasses=4, tau=2.0, backend="cpu",
+                            check_inputs=False, reduction=reduction)
+    assert ops.names == want
+    loss.backward()
+    want_loss, want_grad = reference_loss_and_grad(student, log_t, labels, num_classes=2, n_subclasses=4, tau=2.0,
+                                                   reduction=reduction)
+    torch.testing.assert_close(loss.double(), want_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad.double(), want_grad, atol=1e-6, rtol=1e-4)
 
 

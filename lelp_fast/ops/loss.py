@@ -321,9 +321,12 @@ class _ReducedWithGrad(torch.autograd.Function):
     keeps it as a leaf's ``.grad``), so a second backward through the same graph is refused."""
 
     @staticmethod
-    def forward(ctx, student: Tensor, loss: Tensor, grad: Tensor) -> Tensor:
+    def forward(ctx, student: Tensor, loss_rows: Tensor, divisor: Union[Tensor, float], grad: Tensor) -> Tensor:
+        """The rows' sum over the reduction's ``divisor`` (``_reduction_divisor``; the kernel folded its
+        reciprocal into ``grad``): the mean's row count is taken once a step, not again for the loss."""
         ctx.save_for_backward(grad)
-        return loss.clone()
+        total = loss_rows.sum()
+        return total if isinstance(divisor, float) and divisor == 1.0 else (total / divisor).reshape(())
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -339,18 +342,26 @@ class _ReducedWithGrad(torch.autograd.Function):
                 grad.mul_(grad_output)
         else:
             _dispatch.eager(_scale_unless_one, grad, grad_output)(grad, grad_output)
-        return grad, None, None
+        return grad, None, None, None
 
 
-def _reduction_scale(student: Tensor, labels: Optional[Tensor], ignore_index: int, reduction: str) -> Tensor:
-    """dloss/dloss_row of ``reference.reduce_rows`` (mean or sum) for every kept row, as a 1-element
-    fp32 tensor on the student's device (from the labels on the device: no host sync)."""
+def _reduction_divisor(student: Tensor, labels: Optional[Tensor], ignore_index: int,
+                       reduction: str) -> Union[Tensor, float]:
+    """What ``reference.reduce_rows`` divides the rows' sum by: 1 for the sum, the rows for the mean
+    without labels (host numbers), and with labels the rows kept, at least 1, as a 1-element fp32 tensor
+    on the labels' device (no host sync)."""
     if reduction == "sum":
-        return torch.ones(1, dtype=torch.float32, device=student.device)
+        return 1.0
     if labels is None:
-        return torch.full((1,), 1.0 / max(student.shape[0], 1), dtype=torch.float32, device=student.device)
-    count = (labels != ignore_index).sum().clamp(min=1)
-    return torch.reciprocal(count.to(torch.float32)).reshape(1)
+        return float(max(student.shape[0], 1))
+    return (labels != ignore_index).sum(dtype=torch.float32).clamp_(min=1).reshape(1)
+
+
+def _reciprocal(divisor: Union[Tensor, float], device: torch.device) -> Tensor:
+    """dloss/dloss_row of a kept row, as the kernels take it: a 1-element fp32 tensor on ``device``."""
+    if isinstance(divisor, Tensor):
+        return torch.reciprocal(divisor)
+    return torch.full((1,), 1.0 / divisor, dtype=torch.float32, device=device)
 
 
 # The student dtypes whose gradient the compiled kernels write with the reduction folded in. fp16 is
@@ -458,19 +469,19 @@ def distill_loss(
     else:
         op = _dispatch.eager(_loss_rows, student_logits, log_targets, teacher_weights, labels, embeddings,
                              fused_weight, fused_bias, teacher_logits)
+        divisor = _reduction_divisor(student_logits, labels, ignore_index, reduction) if fold else None
         loss_rows, grad, hard_rows, suspect = op(
             student_logits.detach(), log_targets, teacher_weights, labels, embeddings, fused_weight, fused_bias,
             teacher_logits, num_classes, n_subclasses, _divergence_code(divergence, jsd_beta), float(jsd_beta),
             float(tau), float(alpha), beta, int(ignore_index), chosen, _dispatch.falls_back(backend),
-            fused_check, _reduction_scale(student_logits, labels, ignore_index, reduction) if fold else None,
+            fused_check, None if divisor is None else _reciprocal(divisor, student_logits.device),
             float(subclass_weight) if weighted else 1.0, need_grad,
         )
         if fused_check:
             _raise_on_suspect_rows(suspect, student_logits, log_targets)
         if fold:
             per_row = loss_rows
-            loss = _ReducedWithGrad.apply(student_logits,
-                                          reference.reduce_rows(loss_rows, labels, ignore_index, reduction), grad)
+            loss = _ReducedWithGrad.apply(student_logits, loss_rows, divisor, grad)
         else:
             per_row = _RowsWithGrad.apply(student_logits, loss_rows, grad) if need_grad else loss_rows
     if not fold:
