@@ -88,7 +88,8 @@ def check_targets(device, failures):
     # blocks, so its copies run on across tiles; d = 77 and 5 take the rows without 16-byte loads
     cases = [(1, 5, 2, 1), (333, 77, 3, 5), (1000, 768, 2, 8), (257, 130, 8, 16), (65, 64, 2, 64), (129, 40, 16, 4),
              (17, 40, 2, 256), (9, 24, 10, 16), (7, 24, 3, 100), (40000, 64, 4, 4),
-             (3001, 16, 300, 1), (4099, 8, 17, 1)]  # S = 1 with given logits: vanilla KD's kernel
+             (3001, 16, 300, 1), (4099, 8, 17, 1), (1037, 8, 65, 1)]  # S = 1 with given logits: vanilla KD's
+    # kernel (65 classes: rows on 16 lanes, kd_targets.lanes)
     for backend in gpu_backends(device):
         for i, (n, d, c, s) in enumerate(cases):
             for dtype, with_head in targets_check_cases(i):
@@ -558,8 +559,8 @@ def kernel_tables(device, big, rows, parts):
     print_table_head()
     if "targets" in parts:
         time_targets(device, t_sizes, rows, bw)
-        time_kd_targets(device, [(4 << 20, 2), (4 << 20, 10), (4 << 20, 300)] if big else [(4096, 10), (999, 300)],
-                        rows, bw)
+        kd_sizes = [(4 << 20, 2), (4 << 20, 10), (4 << 20, 65), (4 << 20, 300)] if big else [(4096, 10), (999, 300)]
+        time_kd_targets(device, kd_sizes, rows, bw)
     if "loss" in parts:
         time_loss(device, l_sizes, rows, bw)
 
