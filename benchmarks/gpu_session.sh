@@ -17,6 +17,9 @@
 # LELP_GPU_DEADLINE (s, default 500) bounds the whole script: give the device call more than that.
 # LELP_GPU_OPS (default "targets loss") picks the ops whose checks, tests and tables run (a session
 # that changed one op's kernels reruns its part); LELP_GPU_JOBS=0 leaves out the jobs' table.
+# LELP_GPU_AB_BEFORE=benchmarks/_targets_before.py (an earlier commit's targets.py, `git show
+# <commit>:lelp_fast/kernels/triton/targets.py > benchmarks/_targets_before.py`) adds, after the
+# tables, benchmarks/targets_ab_gpu.py: those targets against this tree's, in one process (ab.csv).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/lelp_gpu_session}"
@@ -98,7 +101,12 @@ wait
 # 3. Alone on the GPU: the tables, then the jobs.
 part tables 240 "${bench[@]}" --check none --parts "$tables" --csv "$out/bench_gpu.csv"
 [ "${LELP_GPU_JOBS:-1}" = 0 ] || part jobs 150 "${bench[@]}" --check none --parts jobs --csv "$out/bench_gpu.csv"
-cat "$logs/machine.txt" "$logs/tables.txt" "$logs/jobs.txt" > "$out/tables.txt" 2>/dev/null
+if [ -n "${LELP_GPU_AB_BEFORE:-}" ]; then
+  ab=(python3 benchmarks/targets_ab_gpu.py --before "$LELP_GPU_AB_BEFORE" --csv "$out/ab.csv")
+  [ "$dry" = 1 ] && ab=(env TRITON_INTERPRET=1 "${ab[@]}" --device cpu --quick)
+  part targets_ab 150 "${ab[@]}"
+fi
+cat "$logs/machine.txt" "$logs/tables.txt" "$logs/jobs.txt" "$logs/targets_ab.txt" > "$out/tables.txt" 2>/dev/null
 tar czf "$out/logs.tar.gz" -C "$logs" --exclude triton_cache .
 # the library's kernels the JIT compiled, metadata and cubins (not Inductor's: with them the cubins
 # passed 15 MB on 2026-12-04; json alone if they still do)

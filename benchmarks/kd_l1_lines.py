@@ -1,10 +1,10 @@
 """The 128-byte lines a vanilla KD targets launch's loads and stores touch, per element, and the time
 they take at one line a clock per SM (the L1's tag stage) against the floor: what the SASS cost model
 (``cost.kd_targets_model``: issue and MUFU) does not count. Each launch is compiled for sm_90 with the
-installed Triton and its load and store layouts read from the TTGIR; a warp instruction is one
-register of every thread, whose addresses are walked over rows of C contiguous logits.
+installed Triton and its load and store layouts read from the TTGIR; a warp instruction is one vector
+of registers of every thread, whose addresses are walked over rows of C contiguous logits.
 
-    python benchmarks/kd_l1_lines.py 17 33 65 65:32 81 96
+    python benchmarks/kd_l1_lines.py 17 33 65:32 65 80:32 80 81 81:16   (the default)
 
 ``C:LANES`` compiles the launch of C classes on LANES lanes (with its tail) instead of the launcher's.
 """
@@ -31,8 +31,11 @@ def compiled_layouts(variant: dict):
     def layouts(op: str):
         out = []
         for name in re.findall(rf"tt.{op} [^\n]*, (#blocked\d*)> loc", ttgir):
-            fields = dict(re.findall(r"(\w+) = \[([\d, ]+)\]", blocked[name]))
-            out.append(tuple([int(x) for x in fields[f].split(",")] for f in ("sizePerThread", "threadsPerWarp")))
+            fields = {k: [int(x) for x in v.split(",")]
+                      for k, v in re.findall(r"(\w+) = \[([\d, ]+)\]", blocked[name])}
+            # the walk below assumes one warp and a thread's values along one row
+            assert fields["warpsPerCTA"] == [1, 1] and fields["sizePerThread"][0] == 1, fields
+            out.append((fields["sizePerThread"], fields["threadsPerWarp"]))
         return out
     return layouts("load"), layouts("store")
 
@@ -65,6 +68,7 @@ def lines_per_element(variant: dict, layouts, itemsize: int) -> float:
         pieces = [(0, ce["C_PAD"] // 2 // ce["LANES"]), (ce["C_PAD"] // 2, ce["TAIL"])]
     else:
         pieces = [(0, ce["C_PAD"] // ce["LANES"])]
+    assert len(layouts) == len(pieces), (layouts, pieces)  # a memory op in another layout kind was missed
     period = LINE // math.gcd(c * itemsize, LINE)
     lines = elements = 0
     for program in range(-(-period // ce["BLOCK_N"])):
@@ -99,4 +103,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:] or ["17", "33", "65:32", "65", "80:32", "80", "81"]))
+    raise SystemExit(main(sys.argv[1:] or ["17", "33", "65:32", "65", "80:32", "80", "81", "81:16"]))

@@ -383,25 +383,32 @@ class _OpNames(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("reduction, labelled, want", [
-    ("mean", True, ["ne.Scalar", "sum.default", "clamp_.default", "reciprocal.default", "loss_rows.default",
-                    "sum.default", "div.Tensor"]),
+    ("mean", True, ["ne.Scalar", "sum.default", "clamp_.default", "_to_copy.default", "reciprocal.default",
+                    "loss_rows.default", "sum.default", "div.Tensor"]),
+    ("mean", "all ignored", ["ne.Scalar", "sum.default", "clamp_.default", "_to_copy.default",
+                             "reciprocal.default", "loss_rows.default", "sum.default", "div.Tensor"]),
     ("mean", False, ["full.default", "loss_rows.default", "sum.default", "div.Tensor"]),
     ("sum", True, ["full.default", "loss_rows.default", "sum.default"]),
 ])
 def test_a_folded_loss_step_takes_the_reduction_once(monkeypatch, reduction, labelled, want):
     """The forward of a loss whose kernel folds the reduction into the gradient, as a GPU runs it (no CPU
     input check): the labels are counted once, for the kernel's scale and the loss alike, and the loss is
-    no copy. Each op is a kernel launch and about 5-10 us of host time on a GPU (issue 21: the small-K loss
-    is host-bound on the H200). Before 2026-12-05 the mean over labels took 13 ops: the count twice
-    (``_reduction_scale`` and ``reference.reduce_rows``), with casts, and a clone of the loss."""
+    no copy, yet bitwise the per-row losses reduced by ``reference.reduce_rows``. Each op is a kernel
+    launch and about 5-10 us of host time on a GPU (issue 21: the small-K loss is host-bound on the
+    H200). Before 2026-12-05 the mean over labels took 13 ops: the count twice (``_reduction_scale`` and
+    ``reference.reduce_rows``), with casts, and a clone of the loss."""
+    if "cpu" not in BACKENDS or not loss_ops._extension_folds():
+        pytest.skip("needs the compiled CPU kernel that folds the reduction")
     monkeypatch.setattr(loss_ops, "_check_cpu_inputs", lambda *args, **kwargs: None)
     student, log_t, labels = make_inputs(33, 2, 4, seed=7)
     x, t = student.float().requires_grad_(True), log_t.float()
-    labels = labels if labelled else None
+    labels = {True: labels, False: None, "all ignored": torch.full_like(labels, -100)}[labelled]
+    kw = dict(num_classes=2, n_subclasses=4, tau=2.0, backend="cpu", check_inputs=False)
     with _OpNames() as ops:
-        loss = distill_loss(x, t, labels, num_classes=2, n_subclasses=4, tau=2.0, backend="cpu",
-                            check_inputs=False, reduction=reduction)
+        loss = distill_loss(x, t, labels, reduction=reduction, **kw)
     assert ops.names == want
+    rows = distill_loss(x.detach(), t, labels, reduction="none", **kw)
+    assert torch.equal(loss.detach(), reference.reduce_rows(rows, labels, -100, reduction))
     loss.backward()
     want_loss, want_grad = reference_loss_and_grad(student, log_t, labels, num_classes=2, n_subclasses=4, tau=2.0,
                                                    reduction=reduction)

@@ -848,10 +848,10 @@ def test_triton_subclass_weight_nan_rows_sum_and_many_classes(loss_launches):
 # (rows, classes) of vanilla KD targets: one class and one row, rows of 2 to 512 classes whole or
 # not a power of two (C = 300: the H200's 9.1x-the-floor launch), more rows than one program holds;
 # rows as half their padded tile and a tail of 1, 2 and 4 chunks (kd_targets.tail: 5, 9, 17, 33, 65,
-# 161, 270, 321; 65 and 77 on 16 lanes), and padded as one piece (7, 30, 200, 385).
+# 161, 270, 321; 65 and 77 on 16 lanes, 90 on 32), and padded as one piece (7, 30, 200, 385).
 KD_SHAPES = [(1, 1), (1, 2), (37, 3), (130, 17), (9, 64), (33, 300), (5, 512), (3000, 2), (70, 127), (45, 5),
              (19, 9), (21, 33), (10, 65), (6, 161), (5, 270), (4, 321), (3, 385), (11, 7), (5, 30), (3, 200),
-             (13, 77)]
+             (13, 77), (7, 90)]
 
 
 def test_kd_targets_tiles_cover_every_row_once():

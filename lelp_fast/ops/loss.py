@@ -326,7 +326,7 @@ class _ReducedWithGrad(torch.autograd.Function):
         reciprocal into ``grad``): the mean's row count is taken once a step, not again for the loss."""
         ctx.save_for_backward(grad)
         total = loss_rows.sum()
-        return total if isinstance(divisor, float) and divisor == 1.0 else (total / divisor).reshape(())
+        return total if isinstance(divisor, float) and divisor == 1.0 else total / divisor
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -347,20 +347,21 @@ class _ReducedWithGrad(torch.autograd.Function):
 
 def _reduction_divisor(student: Tensor, labels: Optional[Tensor], ignore_index: int,
                        reduction: str) -> Union[Tensor, float]:
-    """What ``reference.reduce_rows`` divides the rows' sum by: 1 for the sum, the rows for the mean
-    without labels (host numbers), and with labels the rows kept, at least 1, as a 1-element fp32 tensor
-    on the labels' device (no host sync)."""
+    """What ``reference.reduce_rows`` divides the rows' sum by, and as it does: 1 for the sum, the rows
+    for the mean without labels (host numbers), and with labels the rows kept, at least 1, counted in
+    int64 and cast once, a 0-dim fp32 tensor on the labels' device (no host sync)."""
     if reduction == "sum":
         return 1.0
     if labels is None:
         return float(max(student.shape[0], 1))
-    return (labels != ignore_index).sum(dtype=torch.float32).clamp_(min=1).reshape(1)
+    return (labels != ignore_index).sum().clamp_(min=1).to(torch.float32)
 
 
 def _reciprocal(divisor: Union[Tensor, float], device: torch.device) -> Tensor:
-    """dloss/dloss_row of a kept row, as the kernels take it: a 1-element fp32 tensor on ``device``."""
+    """dloss/dloss_row of a kept row, as the kernels take it: a 1-element fp32 tensor, on the divisor's
+    device (a host number's on ``device``)."""
     if isinstance(divisor, Tensor):
-        return torch.reciprocal(divisor)
+        return torch.reciprocal(divisor).reshape(1)
     return torch.full((1,), 1.0 / divisor, dtype=torch.float32, device=device)
 
 
