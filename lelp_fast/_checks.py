@@ -131,8 +131,9 @@ def check_row_weights(name: str, weights: torch.Tensor, atol: float = 1e-3) -> N
 
 
 def _is_real(value) -> bool:
-    # math, not numpy: torch.compile traces math.isfinite on a Python float, numpy's it cannot
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a Python float is a symbolic
+    # float, which Dynamo compares (a guard) but cannot pass to math.isfinite (a graph break). NaN fails both.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and -math.inf < value < math.inf
 
 
 def check_positive(name: str, value: float) -> None:

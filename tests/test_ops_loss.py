@@ -619,6 +619,29 @@ def test_torch_compile_traces_the_fused_loss(monkeypatch):
     assert kernel.addresses == [0]
 
 
+def test_torch_compile_with_dynamic_shapes_and_floats_traces_the_fused_loss():
+    """``torch.compile(dynamic=True)`` makes the Python floats symbolic: the argument checks'
+    ``math.isfinite(alpha)`` broke the graph (an error under ``fullgraph=True``) until 2026-12-05; they
+    compare now. Two row counts run through the one dynamic graph."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the compiled extension")
+
+    def step(x, t, y, alpha):
+        return distill_loss(x, t, y, num_classes=2, n_subclasses=4, tau=2.0, alpha=alpha, backend="cpu",
+                            check_inputs=False)
+
+    compiled = torch.compile(step, dynamic=True, fullgraph=True, backend="aot_eager")
+    for n in (16, 23):
+        student, log_t, labels = make_inputs(n, 2, 4, seed=n)
+        x, x2 = student.float().requires_grad_(True), student.float().requires_grad_(True)
+        loss = compiled(x, log_t.float(), labels, 0.3)
+        loss.backward()
+        eager = step(x2, log_t.float(), labels, 0.3)
+        eager.backward()
+        torch.testing.assert_close(loss, eager)
+        torch.testing.assert_close(x.grad, x2.grad)
+
+
 def test_bad_arguments():
     student, log_t, labels = make_inputs(5, 2, 3, seed=9)
     x = student.float()
