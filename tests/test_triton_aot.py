@@ -744,6 +744,47 @@ def test_kd_targets_modelled_time_within_budget(compiled, case):
     assert max(ratios.values()) <= cost.TARGETS_MAX_OVER_FLOOR, ratios
 
 
+# One of each KD tile (kd_targets._classes), 16-bit logits to a 16-bit output: the fewest bytes (4 an
+# element) for the lines to hide under.
+KD_LINE_VARIANTS = [i for i, v in enumerate(kd_kernels.VARIANTS) if v["dtype"] == "bf16" and v["out_dtype"] == "bf16"]
+
+
+@pytest.fixture(scope="module")
+def kd_layouts():
+    """{variant index: (load layouts, store layouts)} from each launch's TTGIR under the installed Triton
+    (sm_90), compiled in processes of their own (the kernels may be the interpreter's here)."""
+    with aot.compiling_pool(WORKERS) as pool:
+        got = pool.map(aot.kd_memory_layouts, [kd_kernels.VARIANTS[i] for i in KD_LINE_VARIANTS])
+    return dict(zip(KD_LINE_VARIANTS, got))
+
+
+@pytest.mark.parametrize("i", KD_LINE_VARIANTS, ids=[f"C{kd_kernels.VARIANTS[i]['C']}" for i in KD_LINE_VARIANTS])
+def test_kd_targets_lines_within_budget(kd_layouts, i):
+    """The 128-byte lines a KD launch's loads and stores touch, at one a clock per SM (the L1's tag
+    stage; cost.kd_lines_model), take at most cost.TARGETS_MAX_OVER_FLOOR x the floor's time on H100 and
+    H200: what the SASS model does not count, and what fewer lanes a row cost (a warp's instruction then
+    spans more rows). Rows of 65-80 classes on 16 lanes (2026-12-05): 0.88x the H200's floor, 0.63x
+    on 32; C = 17 on 8 lanes 0.84x."""
+    v = kd_kernels.VARIANTS[i]
+    ratios = cost.kd_lines_model(v, *kd_layouts[i])
+    assert max(ratios.values()) <= cost.TARGETS_MAX_OVER_FLOOR, (v["C"], v["constexprs"], ratios)
+
+
+def test_kd_line_walk_counts_a_known_layout():
+    """The walk on layouts worked by hand: 64 bf16 classes a row (128-byte rows, line-aligned), 8 values
+    a thread (one 16-byte vector), 8 threads along a row and 4 rows a warp: an instruction touches 4
+    lines for 256 values. 65 classes on 32 lanes, one value a thread, an instruction a row's chunk: over
+    the 64 rows after which a row starts at the same offset in its line, the chunk of columns 0-31
+    starts at 2r mod 128 bytes and crosses into a second line for r = 33..63, that of columns 32-63 at
+    (2r + 64) mod 128 and crosses for r = 1..31; the one-value tail takes a line: 64 x 3 + 62 lines
+    for 64 x 65 values."""
+    v64 = dict(dtype="bf16", out_dtype="bf16", C=64, num_warps=1, constexprs=kd_kernels.launch_constexprs(64))
+    assert cost.kd_lines_per_element(v64, [([1, 8], [4, 8])], 2) == 4 / 256
+    ce = dict(kd_kernels.launch_constexprs(65), LANES=32, TAIL=1)
+    v65 = dict(dtype="bf16", out_dtype="bf16", C=65, num_warps=1, constexprs=ce)
+    assert cost.kd_lines_per_element(v65, [([1, 1], [1, 32])] * 2, 2) == (64 * 3 + 62) / (64 * 65)
+
+
 _SUMMED = """
 import pickle, sys
 import triton

@@ -301,6 +301,27 @@ def kernel_facts(compiled, loops: bool = False) -> Dict[str, object]:
     return {**build_facts(compiled), **sass_facts(sass, loops)}
 
 
+def kd_memory_layouts(variant: dict, arch: int = 90):
+    """([(sizePerThread, threadsPerWarp)] of each of a ``kd_targets`` variant's loads, in order; the same
+    of its stores), read from the TTGIR of its compile for sm_``arch``, as ``_launch`` launches it
+    (``cost.kd_lines_model``). Where the kernels are the interpreter's, run it in ``compiling_pool``.
+    Asserts one warp and a thread's values along one row, which the line walk assumes."""
+    from . import kd_targets
+
+    ttgir = compile_kernel(kd_targets.kd_targets_kernel, kd_targets.signature(variant), variant["constexprs"],
+                           kd_targets.launch_values(variant), arch, variant["num_warps"], 3).asm["ttgir"]
+    blocked = {m.group(1): m.group(2) for m in re.finditer(r"^(#blocked\d*) = #ttg.blocked<\{(.*)\}>", ttgir, re.M)}
+
+    def layouts(op: str):
+        out = []
+        for name in re.findall(rf"tt.{op} [^\n]*, (#blocked\d*)> loc", ttgir):
+            fields = {k: [int(x) for x in v.split(",")] for k, v in re.findall(r"(\w+) = \[([\d, ]+)\]", blocked[name])}
+            assert fields["warpsPerCTA"] == [1, 1] and fields["sizePerThread"][0] == 1, fields
+            out.append((fields["sizePerThread"], fields["threadsPerWarp"]))
+        return out
+    return layouts("load"), layouts("store")
+
+
 def cases() -> List[Case]:
     """Every launch configuration the launchers can produce, per arch (and loss dtypes)."""
     from . import kd_targets, loss, targets

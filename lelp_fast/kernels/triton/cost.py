@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 from typing import Callable, Dict, Tuple
 
@@ -420,6 +421,68 @@ def kd_targets_model(facts: Dict[str, object], v: dict) -> Dict[str, float]:
     per = per_element(facts, v["constexprs"]["BLOCK_N"], v["C"], v["num_warps"])
     floor = DTYPE_BYTES[v["dtype"]] + DTYPE_BYTES[v["out_dtype"]]
     return {device: modelled_ratio(per["instructions"], per["mufu"], floor, floor, device) for device in BANDWIDTH}
+
+
+# The L1's tag stage looks up about one 128-byte line a clock per SM (a lead, like the figures above): a
+# warp instruction whose threads' addresses span more lines takes that many clocks of it.
+LINE_BYTES, L1_LINES_PER_CLOCK = 128, 1
+
+
+def kd_pieces(constexprs: dict):
+    """(first column, chunks) of each piece of a ``kd_targets`` row, in the kernel's order."""
+    if constexprs["TAIL"]:
+        return [(0, constexprs["C_PAD"] // 2 // constexprs["LANES"]), (constexprs["C_PAD"] // 2, constexprs["TAIL"])]
+    return [(0, constexprs["C_PAD"] // constexprs["LANES"])]
+
+
+def _piece_lines(c: int, itemsize: int, first: int, chunks: int, block_n: int, lanes: int, layout, row0: int):
+    """(lines, elements) of one piece's warp instructions (``chunks`` chunks of ``lanes`` columns from
+    column ``first``) in the program whose first row is ``row0``; slot = chunk * block_n + row, as
+    ``kd_targets._chunks``. An instruction is one vector of registers of every thread: ``layout`` =
+    (sizePerThread, threadsPerWarp) of one warp, a thread's values along a row."""
+    (_, per_thread), (rows_a_warp, lanes_a_warp) = layout
+    vector = min(per_thread, 16 // itemsize) if c % 16 == 0 else 1  # the JIT's alignment: 16-byte rows only
+    lines = elements = 0
+    for slot0 in range(0, chunks * block_n, rows_a_warp):
+        for lane0 in range(0, lanes, per_thread * lanes_a_warp):
+            for v0 in range(0, per_thread, vector):
+                touched = set()
+                for slot in range(slot0, min(slot0 + rows_a_warp, chunks * block_n)):
+                    row, col0 = row0 + slot % block_n, first + (slot // block_n) * lanes
+                    for thread in range(lanes_a_warp):
+                        start = lane0 + thread * per_thread + v0
+                        for lane in range(start, min(start + vector, lanes)):
+                            if col0 + lane < c:
+                                touched.add((row * c + col0 + lane) * itemsize // LINE_BYTES)
+                                elements += 1
+                lines += len(touched)
+    return lines, elements
+
+
+def kd_lines_per_element(v: dict, layouts, itemsize: int) -> float:
+    """128-byte lines a ``kd_targets`` launch's loads (or stores) touch per element, rows of C contiguous
+    values, over enough programs that the rows' offsets within a line come round; ``layouts``: each
+    piece's (``aot.kd_memory_layouts``)."""
+    ce, c = v["constexprs"], v["C"]
+    pieces = kd_pieces(ce)
+    assert len(layouts) == len(pieces), (layouts, pieces)  # a memory op in another layout kind was missed
+    period = LINE_BYTES // math.gcd(c * itemsize, LINE_BYTES)
+    lines = elements = 0
+    for program in range(-(-period // ce["BLOCK_N"])):
+        for (first, chunks), layout in zip(pieces, layouts):
+            got = _piece_lines(c, itemsize, first, chunks, ce["BLOCK_N"], ce["LANES"], layout, program * ce["BLOCK_N"])
+            lines, elements = lines + got[0], elements + got[1]
+    return lines / elements
+
+
+def kd_lines_model(v: dict, load_layouts, store_layouts) -> Dict[str, float]:
+    """Per device, the time the lines of a ``kd_targets`` launch's loads and stores take at
+    L1_LINES_PER_CLOCK a clock per SM, over the floor (each logit read once, each target written once)."""
+    lines = (kd_lines_per_element(v, load_layouts, DTYPE_BYTES[v["dtype"]])
+             + kd_lines_per_element(v, store_layouts, DTYPE_BYTES[v["out_dtype"]]))
+    seconds = lines / (SMS * CLOCK_HZ * L1_LINES_PER_CLOCK)
+    floor = DTYPE_BYTES[v["dtype"]] + DTYPE_BYTES[v["out_dtype"]]
+    return {device: seconds / (floor / bandwidth) for device, bandwidth in BANDWIDTH.items()}
 
 
 def kd_targets_table(facts_json: str) -> str:
