@@ -428,13 +428,6 @@ def kd_targets_model(facts: Dict[str, object], v: dict) -> Dict[str, float]:
 LINE_BYTES, L1_LINES_PER_CLOCK = 128, 1
 
 
-def kd_pieces(constexprs: dict):
-    """(first column, chunks) of each piece of a ``kd_targets`` row, in the kernel's order."""
-    if constexprs["TAIL"]:
-        return [(0, constexprs["C_PAD"] // 2 // constexprs["LANES"]), (constexprs["C_PAD"] // 2, constexprs["TAIL"])]
-    return [(0, constexprs["C_PAD"] // constexprs["LANES"])]
-
-
 def _piece_lines(c: int, itemsize: int, first: int, chunks: int, block_n: int, lanes: int, layout, row0: int):
     """(lines, elements) of one piece's warp instructions (``chunks`` chunks of ``lanes`` columns from
     column ``first``) in the program whose first row is ``row0``; slot = chunk * block_n + row, as
@@ -463,8 +456,10 @@ def kd_lines_per_element(v: dict, layouts, itemsize: int) -> float:
     """128-byte lines a ``kd_targets`` launch's loads (or stores) touch per element, rows of C contiguous
     values, over enough programs that the rows' offsets within a line come round; ``layouts``: each
     piece's (``aot.kd_memory_layouts``)."""
+    from . import kd_targets
+
     ce, c = v["constexprs"], v["C"]
-    pieces = kd_pieces(ce)
+    pieces = kd_targets.pieces(ce)
     assert len(layouts) == len(pieces), (layouts, pieces)  # a memory op in another layout kind was missed
     period = LINE_BYTES // math.gcd(c * itemsize, LINE_BYTES)
     lines = elements = 0

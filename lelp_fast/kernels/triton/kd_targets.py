@@ -217,6 +217,14 @@ def signature(variant: dict) -> dict:
             "BLOCK_N": "constexpr", "LANES": "constexpr", "TAIL": "constexpr"}
 
 
+def pieces(constexprs: dict):
+    """(first column, chunks of LANES) of each piece of a row, in the kernel's order: the first C_PAD / 2
+    columns and the tail, or the whole row (``kd_targets_kernel``; the cost model's line walk)."""
+    if constexprs["TAIL"]:
+        return [(0, constexprs["C_PAD"] // 2 // constexprs["LANES"]), (constexprs["C_PAD"] // 2, constexprs["TAIL"])]
+    return [(0, constexprs["C_PAD"] // constexprs["LANES"])]
+
+
 def launch_values(variant: dict) -> dict:
     """The run-time integers of the gates' launch (contiguous rows of C logits and C targets)."""
     return dict(stride_z=variant["C"], stride_out=variant["C"], N=ROWS, C=variant["C"])
