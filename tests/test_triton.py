@@ -746,7 +746,8 @@ def test_triton_subclass_weight_gathered_tile_layouts_and_teachers(monkeypatch, 
     Triton and under the other (ROW_AXIS flipped: Triton 3.6 puts the classes on the first axis and
     transposes the tile, which the interpreter of 3.9 does not otherwise run), with the α term at
     any τ, and with two teachers mixed by per-row weights in the kernel: loss and gradient against
-    the fp64 formula, one launch each."""
+    the fp64 formula, one launch each (12 x 10 with two teachers takes a register cap,
+    ``loss.max_registers``: the launch passes ``maxnreg``)."""
     from lelp_fast.kernels.triton import loss as triton_loss
 
     if layout == "other":
@@ -772,6 +773,9 @@ def test_triton_subclass_weight_gathered_tile_layouts_and_teachers(monkeypatch, 
     loss = distill_loss(x, two.to(DEVICE), labels.to(DEVICE), teacher_weights=weights.to(DEVICE), **kw)
     (grad,) = torch.autograd.grad(loss.sum(), x)
     assert len(loss_launches) == 1
+    block_k = triton_loss.weighted_block_shape(c, s, True)[1]
+    capped = triton_loss.max_registers(dict(SUBCLASS_WEIGHTED=True, HAS_WEIGHTS=True, BLOCK_K=block_k))
+    assert (capped is not None) == (shape == (5, 12, 10))
     mixed = reference.mix_log_targets(two.double(), weights.double()).float()
     want, want_grad = _weighted_reference(x, mixed, labels, c, s, 0.7, 0.1, 0.3)
     torch.testing.assert_close(loss.detach().cpu().double(), want, atol=2e-5, rtol=1e-4)

@@ -122,17 +122,24 @@ def _source(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: D
     return ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
 
 
+def _options(num_warps: int, num_stages: int, maxnreg: Optional[int]) -> Dict[str, int]:
+    """A launch's compile options as the launcher passes them (``maxnreg`` None: ptxas's choice)."""
+    return {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+
+
 def compile_kernel(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object],
-                   values: Dict[str, int], arch: int, num_warps: int = 4, num_stages: int = 3):
+                   values: Dict[str, int], arch: int, num_warps: int = 4, num_stages: int = 3,
+                   maxnreg: Optional[int] = None):
     """``kernel`` specialised on ``constexprs`` and ``values`` for sm_``arch`` (``.asm``, ``.metadata``);
     raises what Triton raises."""
-    options = {"num_warps": num_warps, "num_stages": num_stages}
+    options = _options(num_warps, num_stages, maxnreg)
     return triton.compile(_source(kernel, signature, constexprs, values), target=GPUTarget("cuda", arch, 32),
                           options=options)
 
 
 def triton_cache_key(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object],
-                     values: Dict[str, int], arch: int, num_warps: int = 4, num_stages: int = 3) -> str:
+                     values: Dict[str, int], arch: int, num_warps: int = 4, num_stages: int = 3,
+                     maxnreg: Optional[int] = None) -> str:
     """The key ``triton.compile`` files this compile under in its cache (``CompiledKernel.hash``),
     computed without compiling: the Triton build, the kernel's source and its dependencies' (with its
     first line number), the specialisation, the backend (ptxas's version, the arch), the options and
@@ -143,7 +150,7 @@ def triton_cache_key(kernel: triton.JITFunction, signature: Dict[str, str], cons
 
     source = _source(kernel, signature, constexprs, values)
     backend = make_backend(GPUTarget("cuda", arch, 32))
-    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages, **source.parse_options()})
+    options = backend.parse_options({**_options(num_warps, num_stages, maxnreg), **source.parse_options()})
     key = get_cache_key(source, backend, options, env_vars=get_cache_invalidating_env_vars())
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
@@ -387,29 +394,29 @@ def case_id(case: Case) -> str:
 
 
 def _launch(case: Case) -> tuple:
-    """(kernel, signature, constexprs, run-time integers, arch, num_warps, num_stages) of a case, as the
-    launcher passes them."""
+    """(kernel, signature, constexprs, run-time integers, arch, num_warps, num_stages, maxnreg) of a
+    case, as the launcher passes them."""
     from . import kd_targets, loss, targets
 
     op, i, arch, dts = case
     if op == "kd":
         v = kd_targets.VARIANTS[i]
         return (kd_targets.kd_targets_kernel, kd_targets.signature(v), v["constexprs"], kd_targets.launch_values(v),
-                arch, v["num_warps"], 3)
+                arch, v["num_warps"], 3, None)
     if op == "targets":
         v = targets.VARIANTS[i]
         signature = targets.signature(v["dtype"], logits_dtype=dts and dts[1], out_dtype=dts[2] if dts else "fp32",
                                       has_logits=v["constexprs"]["HAS_LOGITS"])
         return (getattr(targets, v["kernel"]), signature, v["constexprs"], targets.launch_values(v), arch,
-                v["config"].num_warps, v["config"].num_stages)
+                v["config"].num_warps, v["config"].num_stages, None)
     if op == "scale":
         v = loss.SCALE_VARIANTS[i]
         return (loss.scale_unless_one_kernel, loss.scale_signature(v["dtype"]), v["constexprs"],
-                loss.scale_launch_values(), arch, v["num_warps"], 3)
+                loss.scale_launch_values(), arch, v["num_warps"], 3, None)
     v = loss.VARIANTS[i]
     constexprs = {**v["constexprs"], **loss.chunk_constexprs(v["constexprs"], dts[0])}
     return (loss.lelp_loss_kernel, loss.signature(*dts, flags=v["constexprs"]), constexprs,
-            loss.launch_values(v["constexprs"]), arch, v["num_warps"], 3)
+            loss.launch_values(v["constexprs"]), arch, v["num_warps"], 3, loss.max_registers(v["constexprs"]))
 
 
 def compile_case(case: Case, afresh: bool = False):

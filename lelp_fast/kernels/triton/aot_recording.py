@@ -37,9 +37,9 @@ RecordedFacts = Dict[str, dict]  # launch_key -> facts
 def _fact_readers() -> str:
     """The code that turns a compiled kernel into facts, and the module values it reads: a recording
     made by other code is not recalled."""
-    readers = (aot._source, aot.compile_kernel, aot.compile_case, aot._tool, aot.ptx_facts, aot.text_section,
-               aot.disassemble, aot.sass_opcodes, aot.sass_loops, aot.cubin_resources, aot.sass_facts,
-               aot.build_facts, aot.disassembled_facts, aot.compile_in)
+    readers = (aot._source, aot._options, aot.compile_kernel, aot.compile_case, aot._tool, aot.ptx_facts,
+               aot.text_section, aot.disassemble, aot.sass_opcodes, aot.sass_loops, aot.cubin_resources,
+               aot.sass_facts, aot.build_facts, aot.disassembled_facts, aot.compile_in)
     values = (aot._PTX_OPCODE, aot._PTX_HEADS, aot._INSTRUCTION)
     return "".join(inspect.getsource(f) for f in readers) + "".join(repr(v) for v in values)
 

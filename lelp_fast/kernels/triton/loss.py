@@ -835,6 +835,21 @@ def lelp_loss_kernel(
                           J1, J2, ROW_AXIS, WITH_GRAD)
 
 
+# The register cap (Triton's ``maxnreg``) of a λ ≠ 1 launch that mixes teachers, at 256 slots a row
+# or more. Without one, ptxas took 72 registers and parked up to 40 B on the stack (sm_80, Triton
+# 3.6: 2 x 128 and 4 x 64 with the α term at τ = 2, 16 local loads and stores outside the loops). With
+# a cap of 128 (4 programs of 4 warps an SM) none of the 380 such launches a version holds a stack,
+# sm_80 and sm_90, Triton 3.6 and 3.9, at 96-104 registers in the middle (2026-12-05).
+WEIGHTED_MAX_REGISTERS = 128
+
+
+def max_registers(constexprs: dict):
+    """The register cap of a loss launch (``maxnreg``), or None for ptxas's own choice."""
+    c = constexprs
+    capped = c["SUBCLASS_WEIGHTED"] and c["HAS_WEIGHTS"] and c["BLOCK_K"] >= 256
+    return WEIGHTED_MAX_REGISTERS if capped else None
+
+
 def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha,
                 ignore_index, loss_rows, hard_rows, grad, grad_scale=None, subclass_weight=1.0):
     """Launches the kernel on contiguous inputs; fills ``loss_rows`` (N,), ``grad`` (N, K, in its own
@@ -868,7 +883,8 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
         HAS_WEIGHTS=weights is not None, HAS_LABELS=has_labels, HARD=hard, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_K2=block_k2, J1=j1, J2=j2, ROW_AXIS=ROW_AXIS, SUBCLASS_WEIGHTED=weighted, S_PAD=s_pad, G_PAD=g_pad,
         WITH_GRAD=grad is not None,
-        num_warps=num_warps,
+        num_warps=num_warps, maxnreg=max_registers(
+            dict(SUBCLASS_WEIGHTED=weighted, HAS_WEIGHTS=weights is not None, BLOCK_K=block_k)),
     )
 
 
