@@ -20,6 +20,8 @@
 # LELP_GPU_AB_BEFORE=benchmarks/_targets_before.py (an earlier commit's targets.py, `git show
 # <commit>:lelp_fast/kernels/triton/targets.py > benchmarks/_targets_before.py`) adds, after the
 # tables, benchmarks/targets_ab_gpu.py: those targets against this tree's, in one process (ab.csv).
+# With the loss among the ops, benchmarks/loss_cap_ab_gpu.py comes last: the λ ≠ 1 loss with teachers
+# with its register cap and without (loss.max_registers), which ptxas's trade runs faster.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/lelp_gpu_session}"
@@ -106,7 +108,13 @@ if [ -n "${LELP_GPU_AB_BEFORE:-}" ]; then
   [ "$dry" = 1 ] && ab=(env TRITON_INTERPRET=1 "${ab[@]}" --device cpu --quick)
   part targets_ab 150 "${ab[@]}"
 fi
-cat "$logs/machine.txt" "$logs/tables.txt" "$logs/jobs.txt" "$logs/targets_ab.txt" > "$out/tables.txt" 2>/dev/null
+if [[ "$ops" == *" loss "* ]]; then
+  cap=(python3 benchmarks/loss_cap_ab_gpu.py)
+  [ "$dry" = 1 ] && cap=(env TRITON_INTERPRET=1 "${cap[@]}" --device cpu --quick)
+  part loss_cap_ab 90 "${cap[@]}"
+fi
+cat "$logs/machine.txt" "$logs/tables.txt" "$logs/jobs.txt" "$logs/targets_ab.txt" "$logs/loss_cap_ab.txt" \
+  > "$out/tables.txt" 2>/dev/null
 tar czf "$out/logs.tar.gz" -C "$logs" --exclude triton_cache .
 # the library's kernels the JIT compiled, metadata and cubins (not Inductor's: with them the cubins
 # passed 15 MB on 2026-12-04; json alone if they still do)

@@ -95,6 +95,21 @@ def test_targets_ab_quick_run_on_the_cpu(tmp_path):
     assert len(rows) == 7 and all(float(r["before_err"]) < 1e-3 and float(r["after_err"]) < 1e-3 for r in rows), rows
 
 
+def test_loss_cap_ab_quick_run_on_the_cpu(tmp_path):
+    """benchmarks/loss_cap_ab_gpu.py (the λ ≠ 1 loss with teachers, with the register cap and without,
+    2026-12-05) runs end to end under the interpreter, which takes the cap and ignores it: every output
+    written, the two launches equal."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "loss_cap_ab_gpu.py", "--device", "cpu", "--quick", "--csv",
+                          str(tmp_path / "cap.csv")], cwd=os.path.join(ROOT, "benchmarks"), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with open(tmp_path / "cap.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and all(r["bitwise"] == "True" for r in rows), rows
+
+
 def test_check_shards_take_every_case_once(monkeypatch):
     """``--shard I/N`` (gpu_session.sh runs the loss check in 8 processes): the N shards take every case
     exactly once between them; a malformed spec is a one-line error."""

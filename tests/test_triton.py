@@ -739,6 +739,19 @@ def test_triton_subclass_weight_in_one_launch(loss_launches, dtype, shape, tau):
             torch.testing.assert_close(grad.cpu().double(), want_grad, atol=atol * 2, rtol=rtol * 10)
 
 
+class _KeepsRegisterCaps:
+    """Stands in for the loss kernel: launches it, and keeps the register cap each launch passed."""
+
+    def __init__(self, kernel):
+        self.kernel, self.caps = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.caps.append(kwargs.get("maxnreg"))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 @pytest.mark.parametrize("layout", ["installed", "other"])
 @pytest.mark.parametrize("shape", [(21, 3, 5), (8, 11, 3), (5, 12, 10)])
 def test_triton_subclass_weight_gathered_tile_layouts_and_teachers(monkeypatch, loss_launches, layout, shape):
@@ -746,12 +759,14 @@ def test_triton_subclass_weight_gathered_tile_layouts_and_teachers(monkeypatch, 
     Triton and under the other (ROW_AXIS flipped: Triton 3.6 puts the classes on the first axis and
     transposes the tile, which the interpreter of 3.9 does not otherwise run), with the α term at
     any τ, and with two teachers mixed by per-row weights in the kernel: loss and gradient against
-    the fp64 formula, one launch each (12 x 10 with two teachers takes a register cap,
-    ``loss.max_registers``: the launch passes ``maxnreg``)."""
+    the fp64 formula, one launch each; 12 x 10 with two teachers passes a register cap (``maxnreg``,
+    ``loss.max_registers``), the others none."""
     from lelp_fast.kernels.triton import loss as triton_loss
 
     if layout == "other":
         monkeypatch.setattr(triton_loss, "ROW_AXIS", 1 - triton_loss.ROW_AXIS)
+    launched = _KeepsRegisterCaps(triton_loss.lelp_loss_kernel)
+    monkeypatch.setattr(triton_loss, "lelp_loss_kernel", launched)
     n, c, s = shape
     student, log_t, labels = _weighted_inputs(n, c, s, seed=n)
     student, log_t = student.float(), log_t.float()
@@ -773,9 +788,7 @@ def test_triton_subclass_weight_gathered_tile_layouts_and_teachers(monkeypatch, 
     loss = distill_loss(x, two.to(DEVICE), labels.to(DEVICE), teacher_weights=weights.to(DEVICE), **kw)
     (grad,) = torch.autograd.grad(loss.sum(), x)
     assert len(loss_launches) == 1
-    block_k = triton_loss.weighted_block_shape(c, s, True)[1]
-    capped = triton_loss.max_registers(dict(SUBCLASS_WEIGHTED=True, HAS_WEIGHTS=True, BLOCK_K=block_k))
-    assert (capped is not None) == (shape == (5, 12, 10))
+    assert launched.caps == [None, triton_loss.WEIGHTED_MAX_REGISTERS if shape == (5, 12, 10) else None]
     mixed = reference.mix_log_targets(two.double(), weights.double()).float()
     want, want_grad = _weighted_reference(x, mixed, labels, c, s, 0.7, 0.1, 0.3)
     torch.testing.assert_close(loss.detach().cpu().double(), want, atol=2e-5, rtol=1e-4)

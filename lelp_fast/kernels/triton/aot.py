@@ -124,7 +124,7 @@ def _source(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: D
 
 def _options(num_warps: int, num_stages: int, maxnreg: Optional[int]) -> Dict[str, int]:
     """A launch's compile options as the launcher passes them (``maxnreg`` None: ptxas's choice)."""
-    return {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return {"num_warps": num_warps, "num_stages": num_stages, **({} if maxnreg is None else {"maxnreg": maxnreg})}
 
 
 def compile_kernel(kernel: triton.JITFunction, signature: Dict[str, str], constexprs: Dict[str, object],

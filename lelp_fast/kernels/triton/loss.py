@@ -836,17 +836,19 @@ def lelp_loss_kernel(
 
 
 # The register cap (Triton's ``maxnreg``) of a λ ≠ 1 launch that mixes teachers, at 256 slots a row
-# or more. Without one, ptxas took 72 registers and parked up to 40 B on the stack (sm_80, Triton
-# 3.6: 2 x 128 and 4 x 64 with the α term at τ = 2, 16 local loads and stores outside the loops). With
-# a cap of 128 (4 programs of 4 warps an SM) none of the 380 such launches a version holds a stack,
-# sm_80 and sm_90, Triton 3.6 and 3.9, at 96-104 registers in the middle (2026-12-05).
+# or more. Without one, ptxas took 72 registers and parked 16 and 40 B on the stack (sm_80, Triton
+# 3.6: 16 x 16 and 4 x 64 with the α term at τ other than 1 and 2, 6 and 16 local loads and stores
+# outside the loops). 128 is the most registers any of these launches took without a cap, so the
+# cap leaves each the registers ptxas wanted (96 left a stack in 57-58 of them): with it none of the
+# 380 such launches a version holds a stack (sm_80 and sm_90, Triton 3.6 and 3.9; 96-104 registers
+# in the middle, 4-5 programs of 4 warps an SM where 72 allowed 7). Which trade runs faster is for a
+# GPU to show: benchmarks/loss_cap_ab_gpu.py.
 WEIGHTED_MAX_REGISTERS = 128
 
 
-def max_registers(constexprs: dict):
+def max_registers(constexprs: dict) -> Optional[int]:
     """The register cap of a loss launch (``maxnreg``), or None for ptxas's own choice."""
-    c = constexprs
-    capped = c["SUBCLASS_WEIGHTED"] and c["HAS_WEIGHTS"] and c["BLOCK_K"] >= 256
+    capped = constexprs["SUBCLASS_WEIGHTED"] and constexprs["HAS_WEIGHTS"] and constexprs["BLOCK_K"] >= 256
     return WEIGHTED_MAX_REGISTERS if capped else None
 
 
@@ -874,17 +876,17 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
     else:
         (block_n, block_k, block_k2, num_warps), s_pad, g_pad = block_shape(k, divergence), 1, 1
     j1, j2 = (1, 1) if weighted else chunks(block_k, block_k2, student.element_size(), divergence)
-    hard = hard_mode(alpha, tau, has_labels)
+    constexprs = dict(K=k, S=n_subclasses, DIVERGENCE=divergence, HAS_WEIGHTS=weights is not None,
+                      HAS_LABELS=has_labels, HARD=hard_mode(alpha, tau, has_labels), BLOCK_N=block_n, BLOCK_K=block_k,
+                      BLOCK_K2=block_k2, J1=j1, J2=j2, ROW_AXIS=ROW_AXIS, SUBCLASS_WEIGHTED=weighted, S_PAD=s_pad,
+                      G_PAD=g_pad, WITH_GRAD=grad is not None)
+    cap = max_registers(constexprs)  # passed only when set: Triton's AMD backend takes no maxnreg
     grid = (triton.cdiv(n, block_n),)
     lelp_loss_kernel[grid](
         student, log_targets, weights if weights is not None else student, labels if labels is not None else student,
         grad_scale, loss_rows, hard_rows, loss_rows if grad is None else grad, n, m, float(jsd_beta), float(tau),
-        float(alpha), int(ignore_index), float(subclass_weight), K=k, S=n_subclasses, DIVERGENCE=divergence,
-        HAS_WEIGHTS=weights is not None, HAS_LABELS=has_labels, HARD=hard, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_K2=block_k2, J1=j1, J2=j2, ROW_AXIS=ROW_AXIS, SUBCLASS_WEIGHTED=weighted, S_PAD=s_pad, G_PAD=g_pad,
-        WITH_GRAD=grad is not None,
-        num_warps=num_warps, maxnreg=max_registers(
-            dict(SUBCLASS_WEIGHTED=weighted, HAS_WEIGHTS=weights is not None, BLOCK_K=block_k)),
+        float(alpha), int(ignore_index), float(subclass_weight), **constexprs, num_warps=num_warps,
+        **({} if cap is None else {"maxnreg": cap}),
     )
 
 
