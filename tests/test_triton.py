@@ -752,6 +752,19 @@ class _KeepsRegisterCaps:
         return launch
 
 
+def test_no_register_cap_is_passed_on_amd_gpus(monkeypatch):
+    """Triton's AMD backend refuses ``maxnreg``: under a ROCm build of torch (``torch.version.hip``)
+    the launch that takes a cap on NVIDIA GPUs (12 x 10 with two teachers) passes none."""
+    from lelp_fast.kernels.triton import loss as triton_loss
+
+    ce = dict(SUBCLASS_WEIGHTED=True, HAS_WEIGHTS=True, BLOCK_K=triton_loss.weighted_block_shape(12, 10, True)[1])
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert triton_loss.register_cap_option(ce) == {"maxnreg": triton_loss.WEIGHTED_MAX_REGISTERS}
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    assert triton_loss.register_cap_option(ce) == {}
+    assert triton_loss.register_cap_option(dict(ce, HAS_WEIGHTS=False)) == {}
+
+
 @pytest.mark.parametrize("layout", ["installed", "other"])
 @pytest.mark.parametrize("shape", [(21, 3, 5), (8, 11, 3), (5, 12, 10)])
 def test_triton_subclass_weight_gathered_tile_layouts_and_teachers(monkeypatch, loss_launches, layout, shape):

@@ -852,6 +852,13 @@ def max_registers(constexprs: dict) -> Optional[int]:
     return WEIGHTED_MAX_REGISTERS if capped else None
 
 
+def register_cap_option(constexprs: dict) -> dict:
+    """The launch's ``maxnreg`` keyword where it has a cap, on NVIDIA GPUs only: Triton's AMD backend
+    (a ROCm build of torch, whose GPUs are "cuda" devices) refuses the keyword."""
+    cap = max_registers(constexprs)
+    return {} if cap is None or torch.version.hip else {"maxnreg": cap}
+
+
 def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses, divergence, jsd_beta, tau, alpha,
                 ignore_index, loss_rows, hard_rows, grad, grad_scale=None, subclass_weight=1.0):
     """Launches the kernel on contiguous inputs; fills ``loss_rows`` (N,), ``grad`` (N, K, in its own
@@ -880,13 +887,12 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
                       HAS_LABELS=has_labels, HARD=hard_mode(alpha, tau, has_labels), BLOCK_N=block_n, BLOCK_K=block_k,
                       BLOCK_K2=block_k2, J1=j1, J2=j2, ROW_AXIS=ROW_AXIS, SUBCLASS_WEIGHTED=weighted, S_PAD=s_pad,
                       G_PAD=g_pad, WITH_GRAD=grad is not None)
-    cap = max_registers(constexprs)  # passed only when set: Triton's AMD backend takes no maxnreg
     grid = (triton.cdiv(n, block_n),)
     lelp_loss_kernel[grid](
         student, log_targets, weights if weights is not None else student, labels if labels is not None else student,
         grad_scale, loss_rows, hard_rows, loss_rows if grad is None else grad, n, m, float(jsd_beta), float(tau),
         float(alpha), int(ignore_index), float(subclass_weight), **constexprs, num_warps=num_warps,
-        **({} if cap is None else {"maxnreg": cap}),
+        **register_cap_option(constexprs),
     )
 
 
