@@ -31,6 +31,17 @@ def interleaved_medians(contenders: dict, rounds: int, repeats: int) -> dict:
     return times
 
 
+def device_median_ms(fn, device: str) -> float:
+    """Milliseconds of ``fn()`` on a GPU (the median of ``triton.testing.do_bench``, CUDA events); on
+    another device ``fn`` runs once, untimed (the scripts' --quick logic checks), and this is NaN."""
+    if device != "cuda":
+        fn()
+        return float("nan")
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
 def read_once(path: str, chunk_bytes: int) -> None:
     """Reads every byte of ``path`` once, chunk by chunk, into one reused buffer (the read floor)."""
     buf = bytearray(chunk_bytes)

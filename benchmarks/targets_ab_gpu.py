@@ -19,6 +19,7 @@ import tempfile
 
 import torch
 
+from _timing import device_median_ms
 from bench_gpu import copy_bandwidth
 from lelp_fast import reference
 from lelp_fast.kernels.triton import interpreting, kd_targets, limits
@@ -78,15 +79,6 @@ def program(module, d, c, s, with_head, dtype) -> str:
             f"{cfg.block_n}/{cfg.block_d}/{cfg.num_warps}/{cfg.num_stages}")
 
 
-def bench(fn, device) -> float:
-    if device != "cuda":
-        fn()
-        return float("nan")
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", required=True, help="targets.py of the earlier commit")
@@ -120,7 +112,7 @@ def main() -> int:
             out.fill_(float("nan"))
             run()
             row[f"{name}_err"] = sampled_error(out, h, w, b, z, c, s, rows)
-            row[f"{name}_ms"] = bench(run, args.device)
+            row[f"{name}_ms"] = device_median_ms(run, args.device)
             row[f"{name}_program"] = program(module, d, c, s, with_head, dtype)
         rows_out.append(row)
         print(f"| {row['shape']} | {row['logits']} | {row['dtype']} | {row['floor_ms']:.3f} | {row['before_ms']:.3f} "

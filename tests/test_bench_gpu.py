@@ -64,15 +64,20 @@ def test_targets_check_takes_the_whole_product_on_a_gpu_and_a_cross_section_inte
     assert {case for cases in per_shape for case in cases} == set(product)
 
 
+def _quick_run(script: str, *args: str) -> subprocess.CompletedProcess:
+    """A GPU benchmark script of benchmarks/ run on the CPU (--quick, Triton's interpreter); it must exit 0."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, script, "--device", "cpu", "--quick", *args],
+                         cwd=os.path.join(ROOT, "benchmarks"), env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
 def test_targets_sweep_quick_run_on_the_cpu(tmp_path):
     """benchmarks/sweep_targets_gpu.py (the H200's config sweep, 2026-12-04) runs end to end under the
     interpreter: each config's error against the reference on the sampled rows, and the best ones."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "sweep_targets_gpu.py", "--device", "cpu", "--quick", "--csv",
-                          str(tmp_path / "sweep.csv")], cwd=os.path.join(ROOT, "benchmarks"), env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = _quick_run("sweep_targets_gpu.py", "--csv", str(tmp_path / "sweep.csv"))
     best = [line for line in out.stdout.splitlines() if line.startswith("best at ")]
     assert len(best) == 2 and all("kernel 64/64/4/1/" in line for line in best), out.stdout
     rows = (tmp_path / "sweep.csv").read_text().splitlines()
@@ -83,13 +88,8 @@ def test_targets_ab_quick_run_on_the_cpu(tmp_path):
     """benchmarks/targets_ab_gpu.py (an earlier commit's targets against this tree's, 2026-12-04) runs
     end to end under the interpreter, here with this tree's targets.py as the "before": both loaded,
     each checked against the reference on sampled rows."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
     before = os.path.join(ROOT, "lelp_fast", "kernels", "triton", "targets.py")
-    out = subprocess.run([sys.executable, "targets_ab_gpu.py", "--before", before, "--device", "cpu", "--quick",
-                          "--csv", str(tmp_path / "ab.csv")], cwd=os.path.join(ROOT, "benchmarks"), env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _quick_run("targets_ab_gpu.py", "--before", before, "--csv", str(tmp_path / "ab.csv"))
     with open(tmp_path / "ab.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 7 and all(float(r["before_err"]) < 1e-3 and float(r["after_err"]) < 1e-3 for r in rows), rows
@@ -99,12 +99,7 @@ def test_loss_cap_ab_quick_run_on_the_cpu(tmp_path):
     """benchmarks/loss_cap_ab_gpu.py (the λ ≠ 1 loss with teachers, with the register cap and without,
     2026-12-05) runs end to end under the interpreter, which takes the cap and ignores it: every output
     written, the two launches equal."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "loss_cap_ab_gpu.py", "--device", "cpu", "--quick", "--csv",
-                          str(tmp_path / "cap.csv")], cwd=os.path.join(ROOT, "benchmarks"), env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _quick_run("loss_cap_ab_gpu.py", "--csv", str(tmp_path / "cap.csv"))
     with open(tmp_path / "cap.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 and all(r["bitwise"] == "True" for r in rows), rows
