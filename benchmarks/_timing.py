@@ -1,5 +1,6 @@
 """Shared timing helper for the benchmark scripts."""
 
+import argparse
 import importlib.util
 import os
 import statistics
@@ -40,6 +41,25 @@ def device_median_ms(fn, device: str) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def gpu_ab_arguments(doc: str, add=None) -> argparse.Namespace:
+    """The command line of a GPU A/B script: --device, --quick (tiny sizes, for Triton's interpreter on
+    a CPU), --csv, and what ``add(parser)`` adds; under the interpreter its bf16 fixes are applied."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if add:
+        add(p)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (the interpreter on a CPU)")
+    p.add_argument("--csv")
+    args = p.parse_args()
+    from lelp_fast.kernels.triton import interpreting
+
+    if interpreting():
+        from lelp_fast.kernels.triton.interpreter_fix import patch_interpreter
+
+        patch_interpreter()
+    return args
 
 
 def read_once(path: str, chunk_bytes: int) -> None:

@@ -17,15 +17,13 @@ read once, the gradient and the rows written once.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 
 import torch
 
-from _timing import device_median_ms
+from _timing import device_median_ms, gpu_ab_arguments
 from bench_gpu import copy_bandwidth
-from lelp_fast.kernels.triton import interpreting
 from lelp_fast.kernels.triton import loss
 
 # (C, S, student dtype): the two launches that spilled (16 x 16, 4 x 64), a gathered tile (12 x 10),
@@ -90,15 +88,7 @@ def measure(c, s, dtype, n, bw, device) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (the interpreter on a CPU)")
-    p.add_argument("--csv")
-    args = p.parse_args()
-    if interpreting():
-        from lelp_fast.kernels.triton.interpreter_fix import patch_interpreter
-
-        patch_interpreter()
+    args = gpu_ab_arguments(__doc__)
     n = 37 if args.quick else 1 << 20
     bw = copy_bandwidth(args.device, (1 << 22) if args.quick else (1 << 30))
     print(f"{n} rows, {TEACHERS} teachers, λ = {LAMBDA}, α = {ALPHA}, τ = {TAU}; copy bandwidth {bw / 1e9:.3f} TB/s")

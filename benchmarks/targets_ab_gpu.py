@@ -9,7 +9,6 @@ programs a change moved: each checked against the fp64 reference on sampled rows
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import inspect
@@ -19,10 +18,10 @@ import tempfile
 
 import torch
 
-from _timing import device_median_ms
+from _timing import device_median_ms, gpu_ab_arguments
 from bench_gpu import copy_bandwidth
 from lelp_fast import reference
-from lelp_fast.kernels.triton import interpreting, kd_targets, limits
+from lelp_fast.kernels.triton import kd_targets, limits
 from lelp_fast.kernels.triton import targets as after
 
 # (C, S, teacher's head or given logits, dtype): padded grids and given logits of 128 columns and
@@ -80,16 +79,8 @@ def program(module, d, c, s, with_head, dtype) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--before", required=True, help="targets.py of the earlier commit")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (the interpreter on a CPU)")
-    p.add_argument("--csv")
-    args = p.parse_args()
-    if interpreting():
-        from lelp_fast.kernels.triton.interpreter_fix import patch_interpreter
-
-        patch_interpreter()
+    args = gpu_ab_arguments(__doc__, lambda p: p.add_argument("--before", required=True,
+                                                            help="targets.py of the earlier commit"))
     before = load_before(args.before)
     n, d = (300, 40) if args.quick else (4 << 20, 768)
     bw = copy_bandwidth(args.device, (1 << 22) if args.quick else (1 << 30))
