@@ -1,4 +1,5 @@
-"""Shared timing helper for the benchmark scripts."""
+"""Shared helpers for the benchmark scripts: timing (CPU wall clock, GPU events), the GPU A/B scripts' command
+line, the read floor, an older build loaded beside the installed one."""
 
 import argparse
 import importlib.util
