@@ -640,6 +640,74 @@ def test_persistent_grid_takes_the_sm_count_of_the_tensors_device(monkeypatch):
     assert seen == [0, 1]
 
 
+class _LoadedAddresses:
+    """Stands in for the interpreter's masked load: keeps the address of every element it reads."""
+
+    def __init__(self, real):
+        self.real, self.addresses = real, []
+
+    def __call__(self, builder, ptrs, mask, other, *args):
+        self.addresses.append(ptrs.data[mask.data.astype(bool)].ravel().copy())
+        return self.real(builder, ptrs, mask, other, *args)
+
+    def _inside(self, t: torch.Tensor):
+        import numpy as np
+
+        got = np.concatenate(self.addresses).astype(np.int64)
+        return (got >= t.data_ptr()) & (got < t.data_ptr() + t.numel() * t.element_size())
+
+    def reads_of(self, t: torch.Tensor) -> int:
+        """Elements read within ``t``'s storage (each read counted)."""
+        return int(self._inside(t).sum())
+
+    def all_inside(self, tensors) -> bool:
+        """Whether every read lies within one of ``tensors`` (none past a map's stored columns)."""
+        inside = self._inside(tensors[0])
+        for t in tensors[1:]:
+            inside |= self._inside(t)
+        return bool(inside.all())
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts the kernel's loads under the interpreter")
+@pytest.mark.parametrize("shape, with_head", [((5, 8), True), ((5, 8), False), ((3, 5), True), ((2, 8), True),
+                                              ((15, 7), True), ((4, 4), False), ((2, 64), True), ((7, 16), True)])
+def test_triton_targets_read_no_padding_class_of_the_map(monkeypatch, shape, with_head):
+    """The map streams from L2 once per row tile, the kernel's largest stream: each tile reads the
+    stored map once, the subclass columns of the real classes (``sub_width``: 40 of the 8 x 8 grid's
+    64 at 5 x 8; 24 of 32 at 3 x 5) and a head of 8 columns for at most 8 (padded) classes, not 16
+    (but on the grids taken in programs of 128 columns, here 2 x 64: its mask spilled there; 7 x 16,
+    padded to 8 x 16, takes programs of 64).
+    Before 2026-12-05 every tile read the whole padded grid and a 16-column head (the padding as
+    zeros): 1.9x the map's bytes at 5 x 8 with the head."""
+    from triton.runtime import interpreter
+    from lelp_fast.kernels.triton import targets as tt
+
+    splits = []
+    real_split = tt.split_map
+    monkeypatch.setattr(tt, "split_map", lambda *a, **kw: splits.append(real_split(*a, **kw)) or splits[-1])
+    loads = _LoadedAddresses(interpreter.InterpreterBuilder.create_masked_load)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load",
+                        lambda builder, *a: loads(builder, *a))
+    (c, s), n, d = shape, 300, 80
+    h, weight, bias, logits = random_map(n, d, c, s, with_head, seed=c * s)
+    h, z = h.bfloat16(), None if logits is None else logits.bfloat16()
+    got = lelp_targets(h, weight.float(), bias.float(), c, s, teacher_logits=z, beta=0.8, tau=1.3, backend="triton")
+    torch.testing.assert_close(got.double(), fp64_reference(h, weight, bias, z, c, s, 0.8, 1.3), atol=2e-4, rtol=1e-4)
+    (split,) = splits
+    assert loads.all_inside([t for t in (h, z, *split[:8]) if t is not None])
+    c_pad, s_pad = limits.padded_grid(c, s)
+    tiles = -(-n // tt.plan(d, c, s, torch.bfloat16, with_head).config.block_n)
+    width = tt.sub_width(c, s_pad)
+    assert split.sub_hi.shape == split.sub_lo.shape == (d, width) and width <= c_pad * s_pad
+    assert loads.reads_of(split.sub_hi) == loads.reads_of(split.sub_lo) == tiles * d * width
+    if with_head:
+        p = tt.plan(d, c, s, torch.bfloat16, with_head)
+        head = tt.head_width(c_pad, s_pad, (c_pad, s_pad) == (c, s))
+        assert head == (8 if shape in ((5, 8), (3, 5), (2, 8), (7, 16)) else 16)
+        assert split.head_hi.shape == (d, head)
+        assert loads.reads_of(split.head_hi) == tiles * p.groups * d * head
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts the host-side splits under the interpreter")
 def test_triton_targets_split_the_map_once_per_weight_and_version(monkeypatch):
     """The hi + lo split was redone on every call (~55 small kernels per teacher per step on a GPU);

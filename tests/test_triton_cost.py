@@ -102,14 +102,15 @@ def _interpreted_step_bytes(dtype, subclass_weight=1.0, forward_only=False):
 
 
 def test_targets_map_is_read_once_per_row_tile():
-    """The targets' bytes per row at the issue's shapes, as launched (``targets.plan``): h once per class
+    """The targets' bytes per row at the cost shapes, as launched (``targets.plan``): h once per class
     group (once, but twice at K = 128 with given logits: two programs of 64 columns since 2026-12-04,
-    the second read counted as if it missed L2), the output once, and the map's bytes over the rows of
-    one tile (128; fp32 at 16 columns, 256), fp32 included (its map in bf16 hi + lo parts, 4 B per
-    entry): bf16 K = 16 768 B a row with the head, 384 B with given logits; K = 128 3,456 and 3,072 B.
-    Before the persistent kernel each 64-row program read the whole map: 1,536 B per row at K = 16,
-    6,912 B at K = 128 in bf16. (Until 2026-12-04 a resident form read a K = 16 16-bit map once per
-    program; on the H200 it was the slower, and was removed.)"""
+    the second read counted at the HBM as if it missed L2), the output once, and the map's stored
+    columns over the rows of one tile (128; fp32 at 16 columns, 256), fp32 included (its map in bf16
+    hi + lo parts, 4 B per entry): bf16 K = 16 576 B a row with the head (16 subclass columns and a
+    head of 8), 384 B with given logits; K = 128 3,456 and 3,072 B; K = 40 (5 x 8 on an 8 x 8 grid)
+    1,152 and 960 B. Until 2026-12-05 the padding classes and a 16-column head were read too: 768 B
+    at K = 16 with the head, 1,920 and 1,536 B at K = 40. Before the persistent kernel each 64-row
+    program read the whole map: 1,536 B per row at K = 16, 6,912 B at K = 128 in bf16."""
     from lelp_fast.kernels.triton import targets
 
     for i, c, s in cost.targets_cost_variants():
@@ -119,10 +120,11 @@ def test_targets_map_is_read_once_per_row_tile():
         groups = 2 if c * s == 128 and v["constexprs"]["HAS_LOGITS"] else 1
         assert -(-c // v["constexprs"]["C_BLOCK"]) == groups, v
         assert b["h"] == 768 * item * groups and b["out"] == c * s * 4
+        assert b["l2"] == b["h"] + b["logits"] + b["map"] and b["dram"] == b["h"] + b["logits"] + b["out"]
         rows_per_tile = v["constexprs"]["BLOCK_N"]
         assert b["rows_per_map_read"] == rows_per_tile >= 128, (v, b)
-        columns = c * s + (0 if v["constexprs"]["HAS_LOGITS"] else 16)
+        columns = -(-c * s // 8) * 8 + (0 if v["constexprs"]["HAS_LOGITS"] else (8 if c <= 8 else 16))
         assert b["map"] == 768 * columns * 4 / rows_per_tile, (v, b)
         if v["dtype"] == "bf16":
-            want = {16: (768, 384), 128: (3456, 3072)}[c * s][v["constexprs"]["HAS_LOGITS"]]
+            want = {16: (576, 384), 128: (3456, 3072), 40: (1152, 960)}[c * s][v["constexprs"]["HAS_LOGITS"]]
             assert b["map"] == want, (v, b)

@@ -289,6 +289,14 @@ MMA_FLOP_PER_SM_CLOCK = {"bf16": 4096, "fp16": 4096}
 MMA_PASSES = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("bf16", 3)}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TARGETS_MAX_OVER_FLOOR = 1.25  # issue 21's goal for the targets, on H100 and H200
+# Reads from L2 into the SMs: the targets stream their map from L2 once per row tile (and h once more
+# per further class group). The H200's sweep of 2026-12-04 (docs/benchmarks.md) ran its fastest launches
+# at K = 16 and 40 with 5.59 and 5.72 TB/s of such reads (counted as targets_bytes_per_row counts them:
+# 2,304 B a row in 1.728 ms, 3,456 B in 2.533 ms, 4 M rows), above the HBM's 4.25 TB/s of copy; taken
+# as the rate on the H100 too (the same chip and L2; not measured there). Until 2026-12-05 the map's
+# stream was counted at the HBM's bandwidth: 1.48x the H200's floor modelled at K = 16 with the head,
+# where the launch measured 1.12-1.17x.
+L2_READ_RATE = 5.6e12
 # The issue's shapes: 4 M rows of d = 768, K = 16 and 128 (COST_SHAPES in targets.py), fp32 out.
 TARGETS_ROWS = 4 * 2**20
 TARGETS_OUT_BYTES = 4
@@ -307,24 +315,38 @@ def targets_groups(v: dict, num_classes: int) -> int:
     return -(-num_classes // v["constexprs"]["C_BLOCK"])
 
 
+def targets_map_columns(v: dict, num_classes: int) -> int:
+    """The map columns a row tile's programs load, all class groups together: the stored subclass
+    columns (``targets.sub_width``: no padding class) and each group's stored head columns."""
+    from . import targets
+
+    c = v["constexprs"]
+    head_columns = targets.head_width(c["C_PAD"], c["S_PAD"], c["EXACT"])
+    head = 0 if c["HAS_LOGITS"] else head_columns * targets_groups(v, num_classes)
+    return targets.sub_width(num_classes, c["S_PAD"]) + head
+
+
 def targets_bytes_per_row(v: dict, d: int, num_classes: int, n_subclasses: int,
                           out_bytes: int = TARGETS_OUT_BYTES) -> Dict[str, float]:
     """Global-memory bytes per row of the launch ``v`` (an entry of ``targets.VARIANTS``): h read once
-    per class group, the teacher logits, the output written once, and the map's bytes per program
-    divided by the rows that one read of it serves (one row tile). ``floor`` reads h and the logits
-    once and writes the output once."""
+    per class group, the teacher logits, the output written once, and the map's loaded columns
+    (``targets_map_columns``) divided by the rows that one read of them serves (one row tile).
+    ``dram``: what the HBM moves (h and the logits counted once per group, as if a second read missed
+    L2); ``l2``: what the SMs read from L2 (h, the logits and the map stream). ``floor`` reads h and the
+    logits once and writes the output once."""
     from . import targets
 
     c = v["constexprs"]
     item = DTYPE_BYTES[v["dtype"]]
     groups = targets_groups(v, num_classes)
-    columns = c["C_BLOCK"] * c["S_PAD"] + (0 if c["HAS_LOGITS"] else 16)
-    map_read = d * columns * 2 * targets.map_dtype(targets.TORCH_DTYPES[v["dtype"]]).itemsize  # hi + lo
+    map_read = d * targets_map_columns(v, num_classes) * 2 * targets.map_dtype(
+        targets.TORCH_DTYPES[v["dtype"]]).itemsize  # hi + lo
     rows_per_read = c["BLOCK_N"]
     h, logits = d * item, (num_classes * item if c["HAS_LOGITS"] else 0)
     out = num_classes * n_subclasses * out_bytes
-    moved = {"h": h * groups, "logits": logits * groups, "out": out, "map": groups * map_read / rows_per_read}
-    return {**moved, "rows_per_map_read": rows_per_read, "total": sum(moved.values()), "floor": h + logits + out}
+    moved = {"h": h * groups, "logits": logits * groups, "out": out, "map": map_read / rows_per_read}
+    return {**moved, "rows_per_map_read": rows_per_read, "dram": moved["h"] + moved["logits"] + out,
+            "l2": moved["h"] + moved["logits"] + moved["map"], "floor": h + logits + out}
 
 
 def targets_instructions_per_row(facts: Dict[str, object], v: dict, d: int, num_classes: int,
@@ -354,11 +376,12 @@ def targets_flops_per_row(v: dict, d: int, num_classes: int) -> Tuple[str, float
 
 def targets_model(facts: Dict[str, object], v: dict, d: int, num_classes: int, n_subclasses: int,
                   device: str) -> Dict[str, float]:
-    """Modelled time per row (s) of memory, instruction issue and tensor-core issue, and the slowest
-    of the three over the floor (the floor's bytes at the device's bandwidth)."""
+    """Modelled time per row (s) of the HBM's traffic, the reads from L2 (``L2_READ_RATE``),
+    instruction issue and tensor-core issue, and the slowest of the four over the floor (the floor's
+    bytes at the device's bandwidth)."""
     moved = targets_bytes_per_row(v, d, num_classes, n_subclasses)
     kind, flops = targets_flops_per_row(v, d, num_classes)
-    times = {"memory": moved["total"] / BANDWIDTH[device],
+    times = {"memory": moved["dram"] / BANDWIDTH[device], "l2": moved["l2"] / L2_READ_RATE,
              "issue": targets_instructions_per_row(facts, v, d, num_classes) / THREAD_INSTRUCTIONS_PER_S,
              "mma": flops / (SMS * MMA_FLOP_PER_SM_CLOCK[kind] * CLOCK_HZ)}
     floor = moved["floor"] / BANDWIDTH[device]
@@ -380,7 +403,8 @@ def targets_cost_variants():
 
 def targets_table(facts_json: str) -> str:
     """The Markdown table of docs/benchmarks.md: each cost-shape launch on sm_90, its bytes per row
-    against the floor, SASS per element, and the modelled time over the floor on H100 and H200."""
+    against the floor, SASS per element, and the modelled time over the floor on H100 and H200 (each
+    term: the HBM's bytes, the reads from L2, issue, tensor cores)."""
     from . import targets
 
     with open(facts_json) as f:
@@ -388,7 +412,7 @@ def targets_table(facts_json: str) -> str:
     by_case = {(r["case"][1], r["case"][2]): r for r in facts["cases"]  # in the variant's own dtypes
                if r["case"][0] == "targets" and not r["case"][3]}
     lines = ["| Triton | dtype | K (C x S) | logits | BLOCK_N x BLOCK_D, warps | rows / map read | bytes / row: "
-             "h + map + logits + out (floor) | SASS / element | H100: memory, issue, MMA / floor | H200 |",
+             "h + map + logits + out (floor) | SASS / element | H100: HBM, L2, issue, MMA / floor | H200 |",
              "|" + "---|" * 10]
     d = targets.COST_D
     for i, c, s in targets_cost_variants():
@@ -402,8 +426,8 @@ def targets_table(facts_json: str) -> str:
         cells = []
         for device in ("H100", "H200"):
             m = targets_model(row["facts"], v, d, c, s, device)
-            cells.append(f"{m['memory'] / m['floor']:.2f}, {m['issue'] / m['floor']:.2f}, {m['mma'] / m['floor']:.2f}"
-                         f" → **{m['over_floor']:.2f}**")
+            terms = ", ".join(f"{m[term] / m['floor']:.2f}" for term in ("memory", "l2", "issue", "mma"))
+            cells.append(f"{terms} → **{m['over_floor']:.2f}**")
         logits = "yes" if ce["HAS_LOGITS"] else "no"
         lines.append(f"| {facts['triton']} | {v['dtype']} | {c * s} ({c} x {s}) | {logits} "
                      f"| {ce['BLOCK_N']} x {ce['BLOCK_D']}, {v['config'].num_warps} "

@@ -163,12 +163,17 @@ def config_table(dtype: torch.dtype, d_aligned: bool = True) -> dict:
 
 
 @triton.jit
-def _accumulate(h, hi_ptr, lo_ptr, d_idx, cols, ld, d_ok, acc):
+def _accumulate(h, hi_ptr, lo_ptr, d_idx, cols, ld, d_ok, acc, MASK_COLS: tl.constexpr):
     """acc += h @ (hi + lo) over one BLOCK_D slice of a (D, ld) 16-bit map. fp32 h is split here into
-    bf16 hi + lo parts (``_split_h``): three bf16 dots, h_lo @ lo (under 2^-17 of a term) left out."""
+    bf16 hi + lo parts (``_split_h``): three bf16 dots, h_lo @ lo (under 2^-17 of a term) left out.
+    ``MASK_COLS``: the map stores ``ld`` columns, fewer than the dot's (``split_map`` keeps no padding
+    class); the others load as 0 and are not read (the map is the largest stream from L2)."""
     offs = d_idx[:, None] * ld + cols[None, :]
-    hi = tl.load(hi_ptr + offs, mask=d_ok[:, None], other=0.0)
-    lo = tl.load(lo_ptr + offs, mask=d_ok[:, None], other=0.0)
+    ok = d_ok[:, None]
+    if MASK_COLS:
+        ok = ok & (cols < ld)[None, :]
+    hi = tl.load(hi_ptr + offs, mask=ok, other=0.0)
+    lo = tl.load(lo_ptr + offs, mask=ok, other=0.0)
     if h.dtype == tl.float32:
         h_hi, h_lo = _split_h(h)
         acc = tl.dot(h_hi, hi, acc)
@@ -178,6 +183,16 @@ def _accumulate(h, hi_ptr, lo_ptr, d_idx, cols, ld, d_ok, acc):
         acc = tl.dot(h, hi, acc)
         acc = tl.dot(h, lo, acc)
     return acc
+
+
+@triton.jit
+def _sub_width(C, KP: tl.constexpr, S_PAD: tl.constexpr, EXACT: tl.constexpr):
+    """The subclass map's stored columns (``sub_width``): the C real classes' S_PAD slots rounded up to
+    8 (rows of 16 bytes, so the loads stay 16-byte copies); the whole grid where it has no padding."""
+    if EXACT:
+        return KP
+    else:
+        return tl.cdiv(C * S_PAD, 8) * 8
 
 
 @triton.jit
@@ -325,8 +340,10 @@ def lelp_targets_kernel(
 ):
     """A persistent program loops over row tiles of its class group and streams the map's BLOCK_D
     slices from L2 once per tile, so each map read serves BLOCK_N rows."""
-    KP: tl.constexpr = C_PAD * S_PAD  # the map's row length
+    KP: tl.constexpr = C_PAD * S_PAD  # the padded grid's columns
     KW: tl.constexpr = C_BLOCK * S_PAD  # this program's columns: classes [group * C_BLOCK, +C_BLOCK)
+    # the head's stored columns (head_width): 16 on the grids the launcher takes in programs of 128 columns
+    HEAD_LD: tl.constexpr = 16 if C_PAD * S_PAD > 64 and (EXACT or S_PAD > 64) else max(8, C_PAD)
     groups = tl.cdiv(C, C_BLOCK)  # the class groups that hold a class: a group of padding is not launched
     pid = tl.program_id(0)
     group = pid % groups  # a row tile's class groups are neighbours: their h re-reads hit L2
@@ -344,9 +361,10 @@ def lelp_targets_kernel(
             d_ok = d_idx < D
             h = tl.load(h_ptr + rows64[:, None] * stride_h + d_idx[None, :], mask=row_ok[:, None] & d_ok[None, :],
                         other=0.0)
-            u = _accumulate(h, sub_hi_ptr, sub_lo_ptr, d_idx, k_cols, KP, d_ok, u)
+            u = _accumulate(h, sub_hi_ptr, sub_lo_ptr, d_idx, k_cols, _sub_width(C, KP, S_PAD, EXACT), d_ok, u,
+                            not EXACT)
             if not HAS_LOGITS:
-                z = _accumulate(h, head_hi_ptr, head_lo_ptr, d_idx, h_cols, 16, d_ok, z)
+                z = _accumulate(h, head_hi_ptr, head_lo_ptr, d_idx, h_cols, HEAD_LD, d_ok, z, HEAD_LD < 16)
         _epilogue(u, z, lse_z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
                   out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
 
@@ -362,11 +380,11 @@ _autotuned = {  # keyed as Plan.tuner: (config_class, config_table_name)
 class SplitMap(NamedTuple):
     """The fused map laid out for the kernel (see ``split_map``)."""
 
-    sub_hi: torch.Tensor  # (d, C_PAD * S_PAD) in map_dtype(input dtype)
+    sub_hi: torch.Tensor  # (d, sub_width) in map_dtype(input dtype): the grid's columns of real classes
     sub_lo: torch.Tensor
     sub_scale: torch.Tensor  # (C_PAD * S_PAD,) fp32: undoes the column scaling and 2^shift
     sub_bias: torch.Tensor  # (C_PAD * S_PAD,) fp32
-    head_hi: Optional[torch.Tensor]  # (d, 16) or None when logits are given
+    head_hi: Optional[torch.Tensor]  # (d, head_width) or None when logits are given
     head_lo: Optional[torch.Tensor]
     head_scale: Optional[torch.Tensor]
     head_bias: Optional[torch.Tensor]
@@ -388,10 +406,26 @@ def _split_columns(m: torch.Tensor, dtype: torch.dtype):
     return hi.contiguous(), lo.contiguous(), (unit * 2.0**-shift).to(torch.float32)
 
 
+def sub_width(num_classes: int, s_pad: int) -> int:
+    """Columns of the stored subclass map (the kernel's ``_sub_width``): the padded grid's columns of the
+    real classes, rounded up to 8 (16-byte rows); no padding class is stored, so none is streamed."""
+    return -(-num_classes * s_pad // 8) * 8
+
+
+def head_width(c_pad: int, s_pad: int, exact: bool) -> int:
+    """Columns of the stored head (the kernel's ``HEAD_LD``), a function of the grid alone, as the
+    split map is: 8 for at most 8 (padded) classes, else 16, and 16 on the grids the launcher takes
+    in programs of more than NARROW_COLUMNS columns (``class_block``, with the head). The head's dot
+    takes 16 columns (the smallest tensor-core tile); the rest load as 0. Programs of 128 columns
+    keep 16: the mask cost the 1 x 128 grid's launch 8 B of stack on sm_80 under Triton 3.9."""
+    return 16 if class_block(c_pad, s_pad, exact) * s_pad > NARROW_COLUMNS else max(8, c_pad)
+
+
 def split_map(weight: torch.Tensor, bias: torch.Tensor, num_classes: int, n_subclasses: int, dtype: torch.dtype,
               with_head: bool) -> SplitMap:
-    """Lays the fused ``[A | Wᵀ]``, ``[e | b]`` out for the kernel: padded grid, hi/lo parts of ``dtype``;
-    a padded subclass slot (s >= S) has a bias of -inf, which the kernel's unmasked log-partition needs."""
+    """Lays the fused ``[A | Wᵀ]``, ``[e | b]`` out for the kernel: padded grid, hi/lo parts of ``dtype``
+    stored for the real classes only (``sub_width``, ``head_width``: the kernel masks the rest); a
+    padded subclass slot (s >= S) has a bias of -inf, which the kernel's unmasked log-partition needs."""
     d, device = weight.shape[0], weight.device
     c_pad, s_pad = padded_grid(num_classes, n_subclasses)
     k = num_classes * n_subclasses
@@ -404,14 +438,17 @@ def split_map(weight: torch.Tensor, bias: torch.Tensor, num_classes: int, n_subc
     sub_bias[:, n_subclasses:] = float("-inf")
     sub_bias = sub_bias.flatten()
     sub_bias[grid_cols] = bias[:k].to(torch.float32)
-    sub_hi, sub_lo, sub_scale = _split_columns(sub, dtype)
+    sub_hi, sub_lo, sub_scale = _split_columns(sub[:, :sub_width(num_classes, s_pad)], dtype)
+    sub_scale = torch.cat([sub_scale, sub_scale.new_ones(c_pad * s_pad - sub_scale.numel())])
     head = (None,) * 4
     if with_head:
-        w = torch.zeros(d, HEAD_PAD, dtype=torch.float64, device=device)
+        exact = (c_pad, s_pad) == (num_classes, n_subclasses)
+        w = torch.zeros(d, head_width(c_pad, s_pad, exact), dtype=torch.float64, device=device)
         w[:, :num_classes] = weight[:, k:].to(torch.float64)
         b = torch.zeros(HEAD_PAD, dtype=torch.float32, device=device)
         b[:num_classes] = bias[k:].to(torch.float32)
-        head = (*_split_columns(w, dtype), b)
+        hi, lo, scale = _split_columns(w, dtype)
+        head = (hi, lo, torch.cat([scale, scale.new_ones(HEAD_PAD - scale.numel())]), b)
     return SplitMap(sub_hi, sub_lo, sub_scale, sub_bias, *head, c_pad, s_pad)
 
 
@@ -597,9 +634,10 @@ def launch_values(variant: dict) -> dict:
     return dict(stride_h=d, stride_z=c if ce["HAS_LOGITS"] else d, stride_out=c * s, N=n, D=d, C=c, S=s)
 
 
-# The shapes of the cost model (issue 21: targets of 4 M x 768 at K = 16 and 128), as launched.
+# The shapes of the cost model (issue 21: targets of 4 M x 768 at K = 16 and 128; and bench_gpu.py's
+# K = 40, five classes of 8 on a padded 8 x 8 grid), as launched.
 COST_D = 768
-COST_SHAPES = [(4, 4), (16, 8)]
+COST_SHAPES = [(4, 4), (16, 8), (5, 8)]
 VARIANTS = _variants()
 
 
