@@ -668,17 +668,30 @@ class _LoadedAddresses:
         return bool(inside.all())
 
 
+# (C, S, with the head): the stored columns of the subclass map and of the head (None: given logits),
+# worked out by hand from the padded grid (limits.padded_grid) and the launcher's programs.
+STORED_MAP_COLUMNS = {
+    (5, 8, True): (40, 8), (5, 8, False): (40, None),  # an 8 x 8 grid: 64 columns, 24 of padding
+    (3, 5, True): (24, 8),  # 4 x 8: 32
+    (5, 3, True): (24, 8),  # 8 x 4: 32; 20 real columns rounded up to 8
+    (3, 1, True): (8, 16),  # 16 x 1 (a full tensor-core tile): 16; its 16 padded classes keep a 16-column head
+    (9, 7, True): (80, 16),  # 16 x 8 in two programs of 64: 72 real columns rounded up to 16
+    (7, 16, True): (112, 8),  # 8 x 16 in programs of 64 (padded: not a whole grid)
+    (2, 8, True): (16, 8), (4, 4, False): (16, None),  # whole grids: nothing to drop but the head's columns
+    (2, 64, True): (128, 16), (15, 7, True): (128, 16),  # a 128-column program; 120 real columns rounded to 16
+}
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts the kernel's loads under the interpreter")
-@pytest.mark.parametrize("shape, with_head", [((5, 8), True), ((5, 8), False), ((3, 5), True), ((2, 8), True),
-                                              ((15, 7), True), ((4, 4), False), ((2, 64), True), ((7, 16), True)])
-def test_triton_targets_read_no_padding_class_of_the_map(monkeypatch, shape, with_head):
+@pytest.mark.parametrize("grid", list(STORED_MAP_COLUMNS), ids=[f"{c}x{s}-{'head' if h else 'logits'}"
+                                                                 for c, s, h in STORED_MAP_COLUMNS])
+def test_triton_targets_read_no_padding_class_of_the_map(monkeypatch, grid):
     """The map streams from L2 once per row tile, the kernel's largest stream: each tile reads the
     stored map once, the subclass columns of the real classes (``sub_width``: 40 of the 8 x 8 grid's
-    64 at 5 x 8; 24 of 32 at 3 x 5) and a head of 8 columns for at most 8 (padded) classes, not 16
-    (but on the grids taken in programs of 128 columns, here 2 x 64: its mask spilled there; 7 x 16,
-    padded to 8 x 16, takes programs of 64).
-    Before 2026-12-05 every tile read the whole padded grid and a 16-column head (the padding as
-    zeros): 1.9x the map's bytes at 5 x 8 with the head."""
+    64 at 5 x 8; rounded up to 16 beyond 64 columns, where two programs read a row) and a head of 8
+    columns for at most 8 (padded) classes, not 16 (but on the grids taken in programs of 128 columns,
+    here 2 x 64: its mask spilled there). Before 2026-12-05 every tile read the whole padded grid and a
+    16-column head (the padding as zeros): 1.67x the map's bytes at 5 x 8 with the head."""
     from triton.runtime import interpreter
     from lelp_fast.kernels.triton import targets as tt
 
@@ -688,24 +701,21 @@ def test_triton_targets_read_no_padding_class_of_the_map(monkeypatch, shape, wit
     loads = _LoadedAddresses(interpreter.InterpreterBuilder.create_masked_load)
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load",
                         lambda builder, *a: loads(builder, *a))
-    (c, s), n, d = shape, 300, 80
+    (c, s, with_head), n, d = grid, 300, 80
+    width, head = STORED_MAP_COLUMNS[grid]
     h, weight, bias, logits = random_map(n, d, c, s, with_head, seed=c * s)
     h, z = h.bfloat16(), None if logits is None else logits.bfloat16()
     got = lelp_targets(h, weight.float(), bias.float(), c, s, teacher_logits=z, beta=0.8, tau=1.3, backend="triton")
     torch.testing.assert_close(got.double(), fp64_reference(h, weight, bias, z, c, s, 0.8, 1.3), atol=2e-4, rtol=1e-4)
     (split,) = splits
     assert loads.all_inside([t for t in (h, z, *split[:8]) if t is not None])
-    c_pad, s_pad = limits.padded_grid(c, s)
-    tiles = -(-n // tt.plan(d, c, s, torch.bfloat16, with_head).config.block_n)
-    width = tt.sub_width(c, s_pad)
-    assert split.sub_hi.shape == split.sub_lo.shape == (d, width) and width <= c_pad * s_pad
+    p = tt.plan(d, c, s, torch.bfloat16, with_head)
+    tiles = -(-n // p.config.block_n)
+    assert split.sub_hi.shape == split.sub_lo.shape == (d, width)
     assert loads.reads_of(split.sub_hi) == loads.reads_of(split.sub_lo) == tiles * d * width
     if with_head:
-        p = tt.plan(d, c, s, torch.bfloat16, with_head)
-        head = tt.head_width(c_pad, s_pad, (c_pad, s_pad) == (c, s))
-        assert head == (8 if shape in ((5, 8), (3, 5), (2, 8), (7, 16)) else 16)
-        assert split.head_hi.shape == (d, head)
-        assert loads.reads_of(split.head_hi) == tiles * p.groups * d * head
+        assert split.head_hi.shape == split.head_lo.shape == (d, head)
+        assert loads.reads_of(split.head_hi) == loads.reads_of(split.head_lo) == tiles * p.groups * d * head
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts the host-side splits under the interpreter")

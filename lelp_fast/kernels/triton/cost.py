@@ -294,10 +294,11 @@ TARGETS_MAX_OVER_FLOOR = 1.25  # issue 21's goal for the targets, on H100 and H2
 # at K = 16 and 40 with 5.59 and 5.72 TB/s of such reads (counted as targets_bytes_per_row counts them:
 # 2,304 B a row in 1.728 ms, 3,456 B in 2.533 ms, 4 M rows), above the HBM's 4.25 TB/s of copy; taken
 # as the rate on the H100 too (the same chip and L2; not measured there). Until 2026-12-05 the map's
-# stream was counted at the HBM's bandwidth: 1.48x the H200's floor modelled at K = 16 with the head,
-# where the launch measured 1.12-1.17x.
+# stream was counted at the HBM's bandwidth: 1.48x the H200's floor (at 4.8 TB/s) modelled at K = 16
+# with the head, where the launch measured 1.28-1.33x of that floor (1.12-1.17x of the copy rate's).
 L2_READ_RATE = 5.6e12
-# The issue's shapes: 4 M rows of d = 768, K = 16 and 128 (COST_SHAPES in targets.py), fp32 out.
+# The issue's shapes: 4 M rows of d = 768, K = 16 and 128, and bench_gpu.py's K = 40 (COST_SHAPES in
+# targets.py), fp32 out.
 TARGETS_ROWS = 4 * 2**20
 TARGETS_OUT_BYTES = 4
 

@@ -187,12 +187,15 @@ def _accumulate(h, hi_ptr, lo_ptr, d_idx, cols, ld, d_ok, acc, MASK_COLS: tl.con
 
 @triton.jit
 def _sub_width(C, KP: tl.constexpr, S_PAD: tl.constexpr, EXACT: tl.constexpr):
-    """The subclass map's stored columns (``sub_width``): the C real classes' S_PAD slots rounded up to
-    8 (rows of 16 bytes, so the loads stay 16-byte copies); the whole grid where it has no padding."""
+    """The subclass map's stored columns (``sub_width``); the whole grid where it has no padding."""
     if EXACT:
         return KP
     else:
-        return tl.cdiv(C * S_PAD, 8) * 8
+        # rounded up to 8, or to 16 beyond 64 (several class groups may read a row); without a branch,
+        # which took the multiple of 8 from the loads' alignment (half their 16-byte copies, 2026-12-05)
+        columns = C * S_PAD
+        by_8 = tl.cdiv(columns, 8) * 8
+        return by_8 + (tl.cdiv(columns, 16) * 16 - by_8) * (columns > 64).to(tl.int32)
 
 
 @triton.jit
@@ -408,8 +411,12 @@ def _split_columns(m: torch.Tensor, dtype: torch.dtype):
 
 def sub_width(num_classes: int, s_pad: int) -> int:
     """Columns of the stored subclass map (the kernel's ``_sub_width``): the padded grid's columns of the
-    real classes, rounded up to 8 (16-byte rows); no padding class is stored, so none is streamed."""
-    return -(-num_classes * s_pad // 8) * 8
+    real classes, rounded up to 8 (16-byte rows, so the loads stay 16-byte copies); no padding class is
+    stored, so none is streamed. Beyond NARROW_COLUMNS, where several class groups may each read a run
+    of a row, rounded up to 16: rows of 32-byte multiples keep each group's run of 128 bytes on whole
+    32-byte sectors (rows of 240 bytes had every other row's boundary sector read by both groups)."""
+    columns = num_classes * s_pad
+    return -(-columns // 16) * 16 if columns > NARROW_COLUMNS else -(-columns // 8) * 8
 
 
 def head_width(c_pad: int, s_pad: int, exact: bool) -> int:
