@@ -30,12 +30,12 @@ from lelp_fast.kernels.triton import targets as after
 # 300 given logits of one subclass are vanilla KD since 2026-12-04 (kd_targets), which reads no h:
 # the floor counted here, with h, is above its own (the logits read and the targets written).
 # Since 2026-12-05 the map stores no padding class and a head of 8 columns for at most 8 (padded)
-# classes: bench_gpu.py's K = 40 (5 x 8 on an 8 x 8 grid, with the head and with given logits) and a
-# binary head (2 x 8) read less of it per row tile.
+# classes: bench_gpu.py's K = 40 (5 x 8 on an 8 x 8 grid, with the head and with given logits), a
+# binary head (2 x 8) and two class groups (9 x 7: 80 of 128 columns) read less of it per row tile.
 SHAPES = [(15, 7, True, torch.bfloat16), (8, 16, False, torch.bfloat16), (300, 1, False, torch.bfloat16),
           (2, 50, True, torch.bfloat16), (3, 100, True, torch.bfloat16), (15, 7, True, torch.float32),
           (8, 16, True, torch.bfloat16), (5, 8, True, torch.bfloat16), (5, 8, False, torch.bfloat16),
-          (2, 8, True, torch.bfloat16)]
+          (2, 8, True, torch.bfloat16), (9, 7, True, torch.bfloat16)]
 BETA, TAU = 0.7, 1.3
 
 
