@@ -395,9 +395,11 @@ class SplitMap(NamedTuple):
     s_pad: int
 
 
-def _split_columns(m: torch.Tensor, dtype: torch.dtype):
-    """hi, lo (dtype) and an fp32 column scale with m ≈ (hi + lo) * scale, to ~2^-16 of each column's max."""
-    m = m.to(torch.float64)
+def _split_columns(m: torch.Tensor, dtype: torch.dtype, stored: int):
+    """hi, lo (dtype) of m's first ``stored`` columns, the ones the kernel reads, and an fp32 scale of
+    all of m's columns (1 beyond ``stored``) with m ≈ (hi + lo) * scale, to ~2^-16 of each column's max."""
+    padding = m.shape[1] - stored
+    m = m[:, :stored].to(torch.float64)
     col_max = m.abs().amax(0)
     exponent = torch.where(col_max > 0, torch.ceil(torch.log2(col_max.clamp_min(1e-300))), torch.zeros_like(col_max))
     shift = LO_SHIFT[dtype]
@@ -406,7 +408,8 @@ def _split_columns(m: torch.Tensor, dtype: torch.dtype):
     hi = scaled.to(dtype)
     lo = ((scaled - hi.to(torch.float64)) * 2.0**shift).to(dtype)
     hi = (hi.to(torch.float64) * 2.0**shift).to(dtype)  # exact: a power-of-two scaling
-    return hi.contiguous(), lo.contiguous(), (unit * 2.0**-shift).to(torch.float32)
+    scale = (unit * 2.0**-shift).to(torch.float32)
+    return hi.contiguous(), lo.contiguous(), torch.cat([scale, scale.new_ones(padding)])
 
 
 def sub_width(num_classes: int, s_pad: int) -> int:
@@ -445,17 +448,15 @@ def split_map(weight: torch.Tensor, bias: torch.Tensor, num_classes: int, n_subc
     sub_bias[:, n_subclasses:] = float("-inf")
     sub_bias = sub_bias.flatten()
     sub_bias[grid_cols] = bias[:k].to(torch.float32)
-    sub_hi, sub_lo, sub_scale = _split_columns(sub[:, :sub_width(num_classes, s_pad)], dtype)
-    sub_scale = torch.cat([sub_scale, sub_scale.new_ones(c_pad * s_pad - sub_scale.numel())])
+    sub_hi, sub_lo, sub_scale = _split_columns(sub, dtype, sub_width(num_classes, s_pad))
     head = (None,) * 4
     if with_head:
         exact = (c_pad, s_pad) == (num_classes, n_subclasses)
-        w = torch.zeros(d, head_width(c_pad, s_pad, exact), dtype=torch.float64, device=device)
+        w = torch.zeros(d, HEAD_PAD, dtype=torch.float64, device=device)
         w[:, :num_classes] = weight[:, k:].to(torch.float64)
         b = torch.zeros(HEAD_PAD, dtype=torch.float32, device=device)
         b[:num_classes] = bias[k:].to(torch.float32)
-        hi, lo, scale = _split_columns(w, dtype)
-        head = (hi, lo, torch.cat([scale, scale.new_ones(HEAD_PAD - scale.numel())]), b)
+        head = (*_split_columns(w, dtype, head_width(c_pad, s_pad, exact)), b)
     return SplitMap(sub_hi, sub_lo, sub_scale, sub_bias, *head, c_pad, s_pad)
 
 
