@@ -8,10 +8,14 @@ on H100 and H200 (the constants of lelp_fast/kernels/triton/cost.py):
 
 * bytes: h read once, the given logits, the output written once (fp32), and the split map's bytes
   (hi + lo, ``split_rows(d)`` x ``pad16(J)`` of 16 bits) once per row tile (streaming), or
-  once per block over the rows a block takes (resident: a persistent grid of the blocks the SMs hold);
+  once per block over the rows a block takes (resident: a persistent grid of the blocks the SMs hold).
+  The HBM moves h, the logits and the output (at the device's bandwidth); the SMs read h, the logits
+  and the map from L2 (at ``cost.L2_READ_RATE``, as the Triton targets' model takes them; until
+  2026-12-05 the map was counted at the HBM's bandwidth);
 * instructions: the SASS of the row-tile loop (the largest natural loop), each instruction times the
   trips of the loops nested in the tile loop that hold it, issued by the block's 256 threads for
-  its 64 rows (128 in the resident form at 16 or 32 columns in 16 bits); the code outside the tile
+  its 64 rows (128 in 16 bits: the resident form at 16 or 32 columns, the streaming form up to 160,
+  ``streaming_row_frags``); the code outside the tile
   loop over the tiles a block takes. A nested loop's trips come from its source line (the line of
   its back edge, matched in ``trips_of``) at the path's shape; a loop whose line is not there
   fails the model. A loop the compiler unrolled in part would be counted several times over, so the
@@ -23,7 +27,7 @@ on H100 and H200 (the constants of lelp_fast/kernels/triton/cost.py):
   SM and clock (bf16/fp16: h times the map's hi and lo, 2; fp32, h split into bf16 hi + lo too:
   hi*hi + hi*lo + lo*hi, 3).
 
-Modelled time = the slowest of memory, issue, MUFU and tensor cores; the budget is 1.25x the floor
+Modelled time = the slowest of the HBM, L2, issue, MUFU and tensor cores; the budget is 1.25x the floor
 (h, the logits and the output moved once). ``python tests/cuda_targets_cost.py`` prints the table
 docs/benchmarks.md quotes.
 """
@@ -84,7 +88,7 @@ def kernel_name_parts(p: TargetsPath, form: dict) -> List[str]:
     mma = TYPES[p.dtype].mma
     if form["resident"]:
         return ["targets_resident_kernel", mma + f"Lb1ELi{form['cols']}E"]
-    return ["targets_tile_kernel", mma + "Lb1E"]
+    return ["targets_tile_kernel", mma + f"Lb1ELi{form['row_frags']}ELi{form['frags']}E"]
 
 
 def layouts(paths: List[TargetsPath]) -> Dict[TargetsPath, dict]:
@@ -97,15 +101,18 @@ def layouts(paths: List[TargetsPath]) -> Dict[TargetsPath, dict]:
         statements.append(
             f"{{ lelp::TargetsArgs a{{}}; a.d = {D}; a.C = {p.num_classes}; a.S = {p.n_subclasses}; a.J = {p.j}; "
             f"using namespace lelp::tile; const bool r = resident_takes(a, {stage}, {SMEM_OPT_IN_SM90}); "
-            f'std::printf("%d %lld %lld %d %d %d\\n", r, (long long)(r ? resident_smem_bytes(a, {stage}) '
-            f': smem_bytes(a, {stage})), (long long)split_rows(a.d), split_cols(a.J), resident_cols(a), '
-            f'r ? kRows * resident_row_frags(a, {stage}) : kRows); }}')
+            f'std::printf("%d %lld %lld %d %d %d %d %d\\n", r, (long long)(r ? resident_smem_bytes(a, {stage}) '
+            f': smem_bytes(a, {stage}, true)), (long long)split_rows(a.d), split_cols(a.J), resident_cols(a), '
+            f'r ? kRows * resident_row_frags(a, {stage}) : kRows * streaming_row_frags(a, {stage}, true), '
+            f'streaming_row_frags(a, {stage}, true), '
+            f'streaming_row_frags(a, {stage}, true) == 2 ? kPairedFrags : kMaxFrags); }}')
     statements.append('std::printf("%d %d %d %d %d\\n", lelp::tile::kThreads, lelp::tile::kRows, lelp::tile::kStepK, '
                       "lelp::tile::kResidentStepK, lelp::tile::kMapBytes);")
     out = cuda_cost.host_program_output("lelp/block_targets.h", statements)
     constants = tuple(map(int, out.pop().split()))  # the trip table's constants are the header's
     assert constants == (THREADS, ROWS_PER_TILE, STEP_K, RESIDENT_STEP_K, MAP_BYTES), constants
-    return {p: dict(zip(("resident", "smem", "map_rows", "map_cols", "cols", "tile_rows"), map(int, line.split())))
+    return {p: dict(zip(("resident", "smem", "map_rows", "map_cols", "cols", "tile_rows", "row_frags", "frags"),
+                        map(int, line.split())))
             for p, line in zip(paths, out)}
 
 
@@ -140,11 +147,12 @@ def trips_of(statement: str, p: TargetsPath, resident: bool, tile_rows: int = RO
     map_vec = 16 // MAP_BYTES
     R = tile_rows // (THREADS // 32)
     table = {
-        "for (int64_t s = 0; s < steps; ++s)": -(-D // step),
+        "for (int64_t s = 0; s < steps; ++s)": -(-D // step),  # the resident form's
+        "for (int s = 0; s < steps; ++s)": -(-D // step),  # the streaming form's
         "for (int kk = 0; kk < kStep; kk += Mma::kK)": step // MMA_K,
         "for (int i = b.thread(); i < kTileRows * kStep / V; i += kThreads)": -(-tile_rows * step // vec // THREADS),
         "for (int e = 0; e < V; ++e)": vec,
-        "for (int64_t i = b.thread(); i < rows * chunks; i += kThreads)":
+        "for (MapChunks m(b.thread(), chunks); m.k < rows; m.next(chunks))":
             -(-STEP_K * (-(-J // 16) * 16 // map_vec) // THREADS),  # the streaming form's step of the map
         "for (int r = r0; r < r0 + R; ++r)": R,
         "for (int j = lane; j < J; j += 32)": -(-J // 32),
@@ -236,7 +244,10 @@ def model(paths: List[TargetsPath] = COST_PATHS, arch: int = 90) -> Dict[Targets
              "inner_loops": facts["inner_loops"], "outer_loops": facts["outer_loops"],
              "copied_per_row": facts["tile_copies"] * 16 * THREADS / rows, "tile_rows": rows}
         for device, bandwidth in cost.BANDWIDTH.items():
-            times = {"memory": sum(moved.values()) / bandwidth,
+            # the HBM moves h, the logits and the output; the SMs read h, the logits and the map's
+            # stream from L2, at the rate the Triton model takes (cost.L2_READ_RATE)
+            times = {"memory": (moved["h"] + moved["logits"] + moved["out"]) / bandwidth,
+                     "l2": (moved["h"] + moved["logits"] + moved["map"]) / cost.L2_READ_RATE,
                      "issue": instructions / cost.THREAD_INSTRUCTIONS_PER_S,
                      "mufu": mufu / cost.MUFU_PER_S,
                      "mma": flops / (cost.SMS * MMA_FLOP_PER_SM_CLOCK * cost.CLOCK_HZ)}
@@ -248,12 +259,13 @@ def model(paths: List[TargetsPath] = COST_PATHS, arch: int = 90) -> Dict[Targets
 
 def table(results: Dict[TargetsPath, Dict[str, float]]) -> str:
     lines = ["| dtype | K (C x S) | logits | form, shared memory | bytes / row: h + map + logits + out (floor) "
-             "| SASS / row | H100: memory, issue, MMA / floor | H200 |", "|" + "---|" * 8]
+             "| SASS / row | H100: HBM, L2, issue, MMA / floor | H200 |", "|" + "---|" * 8]
     for p, e in results.items():
         cells = []
         for device in ("H100", "H200"):
             d = e[device]
-            cells.append(f"{d['memory']:.2f}, {d['issue']:.2f}, {d['mma']:.2f} → **{d['over_floor']:.2f}**")
+            terms = ", ".join(f"{d[term]:.2f}" for term in ("memory", "l2", "issue", "mma"))
+            cells.append(f"{terms} → **{d['over_floor']:.2f}**")
         lines.append(f"| {p.dtype} | {p.k} ({p.num_classes} x {p.n_subclasses}) | {'no' if p.head else 'yes'} "
                      f"| {e['form']}, {e['smem']:,} B | {e['h']:.0f} + {e['map']:.0f} + {e['logits']:.0f} + "
                      f"{e['out']:.0f} ({e['floor']:.0f}) | {e['instructions']:.0f} | {cells[0]} | {cells[1]} |")

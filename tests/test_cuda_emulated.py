@@ -211,9 +211,9 @@ def test_cuda_tile_rule_and_split_layout_match_the_kernel(cuda_emulator):
 
 def test_cuda_targets_tile_fits_shared_memory(cuda_emulator):
     """Every map the tile takes (J up to 256 padded columns; embeddings of 2 bytes, or 4 in fp32)
-    fits the smallest opt-in limit: two stages of 64 x 32 embeddings and 32 x (J + 8) of each map
-    part (bf16 for fp32 embeddings, as for bf16), fp32's step split into bf16 hi and lo, or the
-    projections over them (launch_tile sets the opt-in)."""
+    fits the smallest opt-in limit: two stages of 64 x 32 embeddings (128 x 32 in 16 bits up to 160
+    columns) and 32 x (J + 8) of each map part (bf16 for fp32 embeddings, as for bf16), fp32's step
+    split into bf16 hi and lo, or the projections over them (launch_tile sets the opt-in)."""
     for emb_bytes in (2, 4):
         for j, c, s in [(256, 2, 128), (256, 16, 15), (241, 1, 240), (16, 2, 8)]:
             if targets_op.cuda_tile_takes(j, c, s):
@@ -302,6 +302,53 @@ def test_cuda_targets_tile_over_several_tiles(backend, cuda_emulator, tile_form,
     proj = h.double() @ weight.double() + bias.double()
     want = reference.log_targets(proj[:, :k], proj[:, k:] if with_head else z.double(), s, 0.5, 1.5)
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+
+
+# (C, S, head, d): maps of 16 to 160 padded columns take the streaming tile's 128-row form in 16 bits
+# (every fragment of both column sets at 10 x 15 with the head, 160; 144 the cost shape's 16 x 8),
+# past 160 (11 x 15 with the head, 176) and with 16-byte rows only: d = 104 (208 B rows) pairs,
+# d = 100 (200 B, copied by element) does not.
+PAIRED_CASES = [(16, 8, True, 104, 128), (10, 15, True, 104, 128), (3, 5, False, 104, 128), (11, 15, True, 104, 64),
+                (16, 8, True, 100, 64)]
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("num_classes,s,with_head,d,rows", PAIRED_CASES)
+def test_cuda_streaming_tile_pairs_row_fragments(backend, cuda_emulator, dtype, num_classes, s, with_head, d, rows):
+    """Issue 21 item 10 (CUDA, K = 128): the streaming tile took 64 rows a block and streamed the whole
+    split map once per 64 rows (6,912 B a row at K = 128 with the head, d = 768, bf16). At 16-bit
+    embeddings in 16-byte rows and maps of up to 160 padded columns each warp now takes two row
+    fragments, so a block's tile is 128 rows and a step's map serves twice the rows; fp32 (split
+    embeddings) keeps 64. n = 333: 3 tiles of 128 (the last partial) over the 2 emulated blocks, 6 of 64."""
+    before = cuda_emulator.smem_optin_bytes()
+    cuda_emulator.set_smem_optin_bytes(0)  # the streaming tile for every map
+    try:
+        g = torch.Generator().manual_seed(num_classes * s + d)
+        n, k = 333, num_classes * s
+        j = k + (num_classes if with_head else 0)
+        h = torch.randn(n, d, generator=g).to(dtype)
+        weight, bias = torch.randn(d, j, generator=g) / d**0.5, torch.randn(j, generator=g)
+        z = None if with_head else torch.randn(n, num_classes, generator=g).to(dtype)
+        got = lelp_targets(h, weight, bias, num_classes, s, teacher_logits=z, beta=0.5, tau=1.5, backend=backend)
+        assert cuda_emulator.last_targets_form() == "streaming"
+        assert cuda_emulator.last_tile_rows() == (64 if dtype == torch.float32 else rows)
+    finally:
+        cuda_emulator.set_smem_optin_bytes(before)
+    proj = h.double() @ weight.double() + bias.double()
+    want = reference.log_targets(proj[:, :k], proj[:, k:] if with_head else z.double(), s, 0.5, 1.5)
+    torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+
+
+def test_cuda_streaming_tile_of_128_rows_fits_two_blocks_an_sm(cuda_emulator):
+    """The 128-row form's shared memory at its widest map (160 columns, 16-bit): the projections
+    (128 rows of 160 + 1 floats) over two stages of 128 x 40 embeddings and 32 x 168 of each map
+    part; two blocks fit an SM on sm_80 and sm_90 (228 KB on sm_90, 164 KB on sm_80, 1 KB a block
+    reserved). Rows copied by element keep the 64-row form, whose two stages outweigh its projections."""
+    paired = cuda_emulator.tile_smem_bytes(2, 160, 10, 15)
+    assert paired == 4 * 128 * 161 > 2 * (128 * 40 * 2 + 2 * 2 * 32 * 168)
+    assert 2 * (paired + 1024) <= 164 * 1024
+    assert cuda_emulator.tile_smem_bytes(2, 160, 10, 15, vec=False) == 2 * (64 * 40 * 2 + 2 * 2 * 32 * 168)
 
 
 @pytest.mark.parametrize("backend", ["cuda_emu"])

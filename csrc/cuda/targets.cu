@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "../cpu/targets.h"
 #include "lelp/block_targets.h"
@@ -32,6 +33,17 @@ struct DeviceBlock {
   template <int N>
   __device__ __forceinline__ void wait() const {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+  }
+};
+
+// The 128-row streaming tile's block: the thread index read at each use, not one value kept live
+// across the kernel (at the 128 registers of two blocks an SM, bf16's spilled it on sm_80; the
+// other kernels keep DeviceBlock's, whose reads once cost them nothing).
+struct TidAtUseBlock : DeviceBlock {
+  __device__ __forceinline__ int thread() const {
+    int t;
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+    return t;
   }
 };
 
@@ -83,10 +95,11 @@ struct SplitFloatMma : HalfMma<__nv_bfloat16> {
   }
 };
 
-template <class Mma, bool kVec>
+template <class Mma, bool kVec, int kRowFrags, int kFrags>
 __global__ void __launch_bounds__(tile::kThreads, Mma::kMinBlocks) targets_tile_kernel(TargetsArgs a) {
   extern __shared__ __align__(128) char smem[];
-  tile::targets_tiles<DeviceBlock, Mma, kVec>(DeviceBlock{}, a, smem, blockIdx.x, gridDim.x);
+  using Block = std::conditional_t<kRowFrags == 2, TidAtUseBlock, DeviceBlock>;
+  tile::targets_tiles<Block, Mma, kVec, kRowFrags, kFrags>(Block{}, a, smem, blockIdx.x, gridDim.x);
 }
 
 // One block per SM, so that the registers may take the whole file (up to 255 a thread at any map
@@ -177,12 +190,15 @@ void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
     });
     return;
   }
-  static int opted_in[64] = {};
-  const int64_t smem = tile::smem_bytes(a, emb_bytes);
-  auto kernel = targets_tile_kernel<Mma, kVec>;
-  opt_in(kernel, device, smem, opted_in);
-  const int64_t blocks = std::min<int64_t>((a.n + tile::kRows - 1) / tile::kRows, int64_t{1} << 20);
-  kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a);
+  tile::with_streaming_layout<emb_bytes, kVec>(a, [&](auto row_frags, auto frags) {
+    constexpr int kRowFrags = decltype(row_frags)::value;
+    static int opted_in[64] = {};
+    const int64_t smem = tile::smem_bytes(a, emb_bytes, kVec), rows = int64_t{tile::kRows} * kRowFrags;
+    auto kernel = targets_tile_kernel<Mma, kVec, kRowFrags, decltype(frags)::value>;
+    opt_in(kernel, device, smem, opted_in);
+    const int64_t blocks = std::min<int64_t>((a.n + rows - 1) / rows, int64_t{1} << 20);
+    kernel<<<static_cast<unsigned>(blocks), tile::kThreads, smem, stream>>>(a);
+  });
 }
 
 template <class Mma>

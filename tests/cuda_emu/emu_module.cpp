@@ -52,13 +52,17 @@ PYBIND11_MODULE(lelp_cuda_emu, m) {
     a.S = S;
     return lelp::tile::tile_takes(a);
   });
-  m.def("tile_smem_bytes", [](int emb_bytes, int64_t J, int64_t C, int64_t S) {
-    lelp::TargetsArgs a{};
-    a.J = J;
-    a.C = C;
-    a.S = S;
-    return lelp::tile::smem_bytes(a, emb_bytes);
-  });
+  m.def(
+      "tile_smem_bytes",
+      [](int emb_bytes, int64_t J, int64_t C, int64_t S, bool vec) {
+        lelp::TargetsArgs a{};
+        a.J = J;
+        a.C = C;
+        a.S = S;
+        return lelp::tile::smem_bytes(a, emb_bytes, vec);
+      },
+      pybind11::arg("emb_bytes"), pybind11::arg("J"), pybind11::arg("C"), pybind11::arg("S"),
+      pybind11::arg("vec") = true);
   m.def("resident_smem_bytes", [](int emb_bytes, int64_t d, int64_t J, int64_t C, int64_t S) {
     lelp::TargetsArgs a{};
     a.d = d;
@@ -71,6 +75,7 @@ PYBIND11_MODULE(lelp_cuda_emu, m) {
   m.def("set_smem_optin_bytes", [](int64_t bytes) { lelp::emu::smem_optin_bytes = bytes; });
   m.def("smem_optin_bytes", [] { return lelp::emu::smem_optin_bytes; });
   m.def("last_targets_form", [] { return std::string(lelp::emu::last_targets_form); });
+  m.def("last_tile_rows", [] { return lelp::emu::last_tile_rows; });
   m.def("split_layout", [](int64_t d, int64_t J) { return std::make_pair(lelp::tile::split_rows(d), lelp::tile::split_cols(J)); });
   // targets_cuda's signature: w_hi, w_lo are the caller's split map for the tile (0 for the row kernel).
   m.def("targets", [](uintptr_t emb, int emb_dtype, int64_t emb_stride, int64_t n, int64_t d, uintptr_t weight,

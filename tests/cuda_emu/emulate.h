@@ -65,8 +65,9 @@ struct PendingCopies {
 // another thread may still read is a reported race). race_check.cpp runs both.
 inline bool copies_land_at_issue = false;
 
-// The form the last emulated targets call took: "resident", "streaming" or "rows".
+// The form the last emulated targets call took: "resident", "streaming" or "rows", and its tile's rows.
 inline const char* last_targets_form = "";
+inline int last_tile_rows = 0;
 
 // Pointers a GPU would fault on or misread: a WMMA fragment's (32-byte aligned, as load_matrix_sync
 // and store_matrix_sync require) and a cp.async copy's two ends (16 bytes). Counted by the emulated
@@ -174,7 +175,9 @@ void targets_tile_emulated(const TargetsArgs& a) {
   constexpr int emb_bytes = sizeof(typename Mma::Raw);
   const bool resident = tile::resident_takes(a, emb_bytes, smem_optin_bytes);
   last_targets_form = resident ? "resident" : "streaming";
-  const int64_t bytes = resident ? tile::resident_smem_bytes(a, emb_bytes) : tile::smem_bytes(a, emb_bytes);
+  last_tile_rows = tile::kRows * (resident ? tile::resident_row_frags(a, emb_bytes)
+                                           : tile::streaming_row_frags(a, emb_bytes, kVec));
+  const int64_t bytes = resident ? tile::resident_smem_bytes(a, emb_bytes) : tile::smem_bytes(a, emb_bytes, kVec);
   for (int blk = 0; blk < kEmulatedBlocks; ++blk) {
     BlockState state;
     std::unique_ptr<float[], void (*)(void*)> smem(
@@ -191,7 +194,10 @@ void targets_tile_emulated(const TargetsArgs& a) {
             tile::targets_tiles_resident<HostBlock, Mma, kVec, decltype(cols)::value>(b, a, s, blk, kEmulatedBlocks);
           });
         else
-          tile::targets_tiles<HostBlock, Mma, kVec>(b, a, s, blk, kEmulatedBlocks);
+          tile::with_streaming_layout<emb_bytes, kVec>(a, [&](auto row_frags, auto frags) {
+            tile::targets_tiles<HostBlock, Mma, kVec, decltype(row_frags)::value, decltype(frags)::value>(
+                b, a, s, blk, kEmulatedBlocks);
+          });
       });
     for (auto& th : threads) th.join();
   }

@@ -155,6 +155,9 @@ int main(int argc, char** argv) {
       check_targets(3, 5, lelp::kBFloat16, true, 300, 200);
       check_targets(3, 5, lelp::kFloat32, true, 300, 200);  // fp32's split step across steps and tiles
       check_targets(3, 5, lelp::kBFloat16, true, 256, 128);
+      // the streaming form's 128-row tiles at their widest (16 x 8 with the head: 144 columns, 5
+      // fragments a warp in each row fragment), 3 tiles over the 2 blocks
+      check_targets(16, 8, lelp::kBFloat16, true, 300, 64);
     }
   lelp::emu::copies_land_at_issue = false;
   check_targets(2, 256, lelp::kBFloat16, true);  // the row kernel

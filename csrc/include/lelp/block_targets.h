@@ -1,11 +1,13 @@
 // The CUDA targets kernels' bodies (docs/algorithm.md: log t = segmented log-softmaxes of h [A | W^T] + [e | b]).
 //
-// Tensor-core tile (maps up to kMaxTileCols columns): a block of 8 warps takes 64 rows and streams
-// their embeddings once, in steps of 32 columns, against the whole map (every column's accumulator
-// stays live: warp w takes rows 16 (w % 4) .. + 15 and every other 16-column fragment, so at most 8
-// fragments per warp). The map comes split once by the caller (TargetsArgs::w_hi / w_lo, cached
-// per projector in lelp_fast/ops/targets.py), so every step is a plain copy: asynchronous, two
-// stages in flight (the next step's copies overlap this step's products). Products accumulate in fp32:
+// Tensor-core tile (maps up to kMaxTileCols columns): a block of 8 warps takes 64 rows (128 for
+// 16-bit embeddings in 16-byte rows at maps of up to kPairedMaxCols columns) and streams their
+// embeddings once, in steps of 32 columns, against the whole map (every column's accumulator stays
+// live: warp w takes row fragment w % 4 (or 2 (w % 4) and the next) and every other 16-column
+// fragment, so at most 8 fragments per warp, 2 x 5 in 128-row tiles). The map comes split once by
+// the caller (TargetsArgs::w_hi / w_lo, cached per projector in lelp_fast/ops/targets.py), so every
+// step is a plain copy: asynchronous, two stages in flight (the next step's copies overlap this
+// step's products). Products accumulate in fp32:
 //   bf16/fp16 embeddings: the fp32 map as hi + lo parts of the embeddings' dtype, two 16x16x16 MMAs
 //     per k slice (the embeddings are exact in their dtype);
 //   fp32 embeddings: the map as bf16 hi + lo parts, and each step's embeddings, once landed, split
@@ -14,8 +16,8 @@
 //     kernel's fp32 path, at bf16's tensor-core rate and 2 bytes a map entry (the TF32 hi + lo form
 //     before took 4, and twice the k slices).
 // The projections land in shared memory (over the stages), where each warp runs the segmented
-// log-softmaxes of its 8 rows (lanes over (row, class) pairs; lelp::row_log_targets' math) and
-// stores them.
+// log-softmaxes of its 8 (or 16) rows (lanes over (row, class) pairs; lelp::row_log_targets' math)
+// and stores them.
 // Resident form (when the split map and kResidentStages embedding stages fit a block's shared
 // memory, e.g. d = 768 with 32 padded columns on sm_90, in bf16, fp16 and fp32): the map is copied
 // into shared memory once per block and only the embeddings stream, in steps of 64 columns through
@@ -73,10 +75,26 @@ LELP_HD int ld_u(const TargetsArgs& a) {
 
 constexpr int kMapBytes = 2;  // a map entry's part (Mma::Stage: bf16 or fp16)
 
-// Bytes of one stage: the embeddings (emb_bytes an element: 2 for bf16/fp16, 4 for fp32), then the
-// map's hi and lo parts; every part is a multiple of 32 bytes.
-LELP_HD int64_t stage_bytes(const TargetsArgs& a, int emb_bytes) {
-  return int64_t{kRows} * kLdX * emb_bytes + 2 * kMapBytes * int64_t{kStepK} * ld_w(a);
+// The streaming tile's accumulator fragments a warp holds: kPairedFrags for each of its two row
+// fragments (128-row tiles) at 16-bit embeddings in 16-byte rows and maps of up to kPairedMaxCols
+// padded columns, else kMaxFrags for its one (64-row tiles). Two row fragments load each map
+// fragment once for 32 rows, and a step's map serves 128 rows: at K = 128 with the head (144
+// columns) the map's stream is half of the 64-row tile's. Their 80 accumulator registers leave room
+// for two blocks an SM (128 registers a thread); fp32's split embeddings (a second A fragment a row
+// fragment), 8 fragments of a wider map, or rows copied element by element (132 registers in bf16
+// on sm_90) do not.
+constexpr int kPairedFrags = 5;
+constexpr int kPairedMaxCols = 2 * 16 * kPairedFrags;
+
+// Row fragments a warp of the streaming tile takes (its tiles are 64 x that rows); vec: tile_vector_loads.
+LELP_HD int streaming_row_frags(const TargetsArgs& a, int emb_bytes, bool vec) {
+  return emb_bytes == 2 && vec && split_cols(a.J) <= kPairedMaxCols ? 2 : 1;
+}
+
+// Bytes of one stage of a tile of tile_rows: the embeddings (emb_bytes an element: 2 for
+// bf16/fp16, 4 for fp32), then the map's hi and lo parts; every part is a multiple of 32 bytes.
+LELP_HD int64_t stage_bytes(const TargetsArgs& a, int emb_bytes, int64_t tile_rows) {
+  return tile_rows * kLdX * emb_bytes + 2 * kMapBytes * int64_t{kStepK} * ld_w(a);
 }
 
 // Bytes of the hi and lo parts fp32 embeddings (emb_bytes 4) are split into, a step of rows x ld; 0 otherwise.
@@ -86,9 +104,10 @@ LELP_HD int64_t split_bytes(int64_t rows, int ld, int emb_bytes) {
 
 // Shared-memory bytes of the tile: two stages (and fp32's split step), or the projections (fp32)
 // and each row's class log-sum-exp that take their place after the last step, whichever is larger.
-LELP_HD int64_t smem_bytes(const TargetsArgs& a, int emb_bytes) {
-  const int64_t stages = 2 * stage_bytes(a, emb_bytes) + split_bytes(kRows, kLdX, emb_bytes);
-  const int64_t u = 4 * static_cast<int64_t>(kRows) * (ld_u(a) + 1);
+LELP_HD int64_t smem_bytes(const TargetsArgs& a, int emb_bytes, bool vec) {
+  const int64_t rows = int64_t{kRows} * streaming_row_frags(a, emb_bytes, vec);
+  const int64_t stages = 2 * stage_bytes(a, emb_bytes, rows) + split_bytes(rows, kLdX, emb_bytes);
+  const int64_t u = 4 * rows * (ld_u(a) + 1);
   return stages > u ? stages : u;
 }
 
@@ -154,6 +173,17 @@ void with_resident_cols(const TargetsArgs& a, F&& f) {
   }
 }
 
+// Calls f(std::integral_constant<int, row fragments>{}, std::integral_constant<int, fragments>{}):
+// the one place that maps a call with embeddings of kEmbBytes to a streaming-tile instantiation
+// (streaming_row_frags; fp32's, and rows copied by element, have one).
+template <int kEmbBytes, bool kVec, class F>
+void with_streaming_layout(const TargetsArgs& a, F&& f) {
+  if constexpr (kEmbBytes == 2 && kVec)
+    if (streaming_row_frags(a, kEmbBytes, kVec) == 2)
+      return f(std::integral_constant<int, 2>{}, std::integral_constant<int, kPairedFrags>{});
+  return f(std::integral_constant<int, 1>{}, std::integral_constant<int, kMaxFrags>{});
+}
+
 // Whether the tensor-core tile takes this call.
 inline bool tile_takes(const TargetsArgs& a) {
   return pad16(a.J) <= kMaxTileCols && a.C * a.S + a.C <= kMaxTileCols;
@@ -190,36 +220,50 @@ LELP_DEV void stage_embeddings(const Block& b, const TargetsArgs& a, int64_t row
   }
 }
 
-// Issues the copies of map rows k0 .. k0 + rows - 1 (every column, hi and lo) into wh / wl (leading dimension ld_w).
+// A thread's 16-byte chunks of the map's rows (chunks = split_cols(J) / 8 a row, row-major): chunk
+// thread + q kThreads at (row k, chunk c), walked without a division a chunk (two divisions a
+// step: kept across the steps, its registers spilled in the 128-row streaming tile).
+struct MapChunks {
+  int k, c, dk;
+  LELP_HD MapChunks(int thread, int chunks) : k(thread / chunks), c(thread % chunks), dk(kThreads / chunks) {}
+  LELP_HD void next(int chunks) {
+    k += dk;
+    c += kThreads - dk * chunks;
+    if (c >= chunks) c -= chunks, ++k;
+  }
+};
+
+// Issues the copies of map rows k0 .. k0 + rows - 1 (every column, hi and lo) into wh / wl (leading
+// dimension ld_w).
 template <class Block, class Mma>
-LELP_DEV void stage_map(const Block& b, const TargetsArgs& a, int64_t k0, int64_t rows, typename Mma::Stage* wh,
+LELP_DEV void stage_map(const Block& b, const TargetsArgs& a, int64_t k0, int rows, typename Mma::Stage* wh,
                         typename Mma::Stage* wl) {
   using Stage = typename Mma::Stage;
-  constexpr int V = 16 / sizeof(Stage);
-  const int cols = split_cols(a.J), ldw = ld_w(a), chunks = cols / V;
+  static_assert(sizeof(Stage) == 2, "8 map entries a 16-byte chunk (MapChunks)");
+  const int cols = split_cols(a.J), ldw = ld_w(a), chunks = cols / 8;
   const Stage* hi = static_cast<const Stage*>(a.w_hi) + k0 * cols;
   const Stage* lo = static_cast<const Stage*>(a.w_lo) + k0 * cols;
 #pragma unroll 1  // a few copies a thread per step (all of the map's once in the resident form)
-  for (int64_t i = b.thread(); i < rows * chunks; i += kThreads) {
-    const int64_t k = i / chunks;
-    const int c = static_cast<int>(i % chunks) * V;
-    b.copy16(wh + k * ldw + c, hi + k * cols + c);
-    b.copy16(wl + k * ldw + c, lo + k * cols + c);
+  for (MapChunks m(b.thread(), chunks); m.k < rows; m.next(chunks)) {
+    const int dst = m.k * ldw + m.c * 8, src = m.k * cols + m.c * 8;
+    b.copy16(wh + dst, hi + src);
+    b.copy16(wl + dst, lo + src);
   }
 }
 
-// The map's hi part in a stage of the streaming tile (after the embeddings); its lo part follows.
-template <class Mma>
+// The map's hi part in a stage of the streaming tile of kTileRows (after the embeddings); its lo part follows.
+template <class Mma, int kTileRows>
 LELP_DEV typename Mma::Stage* stage_map_hi(char* stage) {
-  return reinterpret_cast<typename Mma::Stage*>(stage + kRows * kLdX * sizeof(typename Mma::Raw));
+  return reinterpret_cast<typename Mma::Stage*>(stage + kTileRows * kLdX * sizeof(typename Mma::Raw));
 }
 
-// Issues the copies of step k0 into stage x (the embeddings, then the map's 32 rows hi and lo) and
-// commits them as this thread's group.
-template <class Block, class Mma, bool kVec>
+// Issues the copies of step k0 into stage x (the tile's embeddings, then the map's 32 rows hi and lo)
+// and commits them as this thread's group.
+template <class Block, class Mma, bool kVec, int kTileRows>
 LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, char* stage) {
-  typename Mma::Stage* wh = stage_map_hi<Mma>(stage);
-  stage_embeddings<Block, Mma, kVec>(b, a, row0, k0, reinterpret_cast<typename Mma::Raw*>(stage));
+  typename Mma::Stage* wh = stage_map_hi<Mma, kTileRows>(stage);
+  stage_embeddings<Block, Mma, kVec, kStepK, kLdX, kTileRows>(b, a, row0, k0,
+                                                              reinterpret_cast<typename Mma::Raw*>(stage));
   stage_map<Block, Mma>(b, a, k0, kStepK, wh, wh + kStepK * ld_w(a));
   b.commit();
 }
@@ -243,19 +287,19 @@ LELP_DEV void split_step(const Block& b, const typename Mma::Raw* x, typename Mm
 // fp32's hi part, xl its lo part), wh / wl the step's kStep map rows (leading dimension ld_w);
 // fragment i is map columns 16 (set + 2 i) .. + 15 (those below the padded map's width are live).
 // kUnroll: the k slices unrolled (1: one after another); kCols: the padded map width as a constant
-// (0: at run time).
-template <class Mma, int kStep = kStepK, int kLd = kLdX, int kUnroll = 1, int kCols = 0, int kRowFrags = 1>
+// (0: at run time); kRowFrags row fragments a warp, each with kFrags accumulators (at most).
+template <class Mma, int kStep = kStepK, int kLd = kLdX, int kUnroll = 1, int kCols = 0, int kRowFrags = 1,
+          int kFrags = kFragsPerWarp<kCols>>
 LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::Stage* xh,
                             const typename Mma::Stage* xl, const typename Mma::Stage* wh,
                             const typename Mma::Stage* wl, typename Mma::Acc* acc) {
-  constexpr int kFrags = kFragsPerWarp<kCols>;
   // (warp / 4) & 1 is warp / 4 for the block's 8 warps, and lets the compiler drop the fragment
   // guards that always hold (set + 2 i < frags)
   static_assert(kWarps == 8, "4 row groups x 2 column sets");
   const int cols = tile_cols<kCols>(a), ldw = cols + 8, frags = cols / 16, set = (warp / 4) & 1;
   if (kFrags == 1 && set >= frags) return;  // a 16-column map: the second column set has no fragment
-  // The k slices: one after another in the streaming tile (up to 8 fragments a warp at 128
-  // registers); unrolled in the resident form (one block per SM, the whole register file).
+  // The k slices: one after another in the streaming tile (up to 8 fragments a warp, or 2 x 5, at
+  // 128 registers); unrolled in the resident form (one block per SM, the whole register file).
 #pragma unroll kUnroll
   for (int kk = 0; kk < kStep; kk += Mma::kK) {
     typename Mma::A ah[kRowFrags], al[kRowFrags];
@@ -271,12 +315,15 @@ LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::
     for (int i = 0; i < kFrags; ++i) {
       const int f = set + 2 * i;
       if (f >= frags) continue;
+      // the hi part's products before the lo part is loaded: one B fragment live at a time where
+      // two row fragments share it (each accumulator still adds hi, lo, then fp32's lo * hi)
       typename Mma::B bh, bl;
       Mma::load_b(bh, wh + kk * ldw + f * 16, ldw);
+#pragma unroll
+      for (int r = 0; r < kRowFrags; ++r) Mma::mma(acc[r * kFrags + i], ah[r], bh);
       Mma::load_b(bl, wl + kk * ldw + f * 16, ldw);
 #pragma unroll
       for (int r = 0; r < kRowFrags; ++r) {
-        Mma::mma(acc[r * kFrags + i], ah[r], bh);
         Mma::mma(acc[r * kFrags + i], ah[r], bl);
         // x_lo * w_lo (about 2^-16 of the term) is left out
         if constexpr (Mma::kSplitX) Mma::mma(acc[r * kFrags + i], al[r], bh);
@@ -287,53 +334,56 @@ LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::
 
 // The warp's accumulators into u (the tile's rows x ld_u floats): the tile's projections without the
 // bias, columns [0, pad16(J)); warp w's row fragments are (w % 4) kRowFrags + r.
-template <class Block, class Mma, int kCols = 0, int kRowFrags = 1>
+template <class Block, class Mma, int kCols = 0, int kRowFrags = 1, int kFrags = kFragsPerWarp<kCols>>
 LELP_DEV void store_projections(const Block& b, const TargetsArgs& a, typename Mma::Acc* acc, float* u) {
-  constexpr int kFrags = kFragsPerWarp<kCols>;
-  const int warp = b.thread() / 32, frags = tile_cols<kCols>(a) / 16;
+  const int warp = b.thread() / 32, frags = tile_cols<kCols>(a) / 16, set = (warp / 4) & 1, ldu = ld_u(a);
 #pragma unroll
-  for (int r = 0; r < kRowFrags; ++r)
+  for (int r = 0; r < kRowFrags; ++r) {
+    // one address a row fragment, its fragments at constant offsets (an address each, kept across
+    // the tile loop, spilled at 2 x 5 fragments in bf16)
+    float* row = u + ((warp & 3) * kRowFrags + r) * 16 * ldu + set * 16;
 #pragma unroll
-    for (int i = 0; i < kFrags; ++i) {
-      const int f = ((warp / 4) & 1) + 2 * i;
-      if (f < frags)
-        Mma::store(b.warp(), u + ((warp & 3) * kRowFrags + r) * 16 * ld_u(a) + f * 16, acc[r * kFrags + i], ld_u(a));
-    }
+    for (int i = 0; i < kFrags; ++i)
+      if (set + 2 * i < frags) Mma::store(b.warp(), row + 32 * i, acc[r * kFrags + i], ldu);
+  }
 }
 
-// u (64 x ld_u floats, over the stages) = the tile's projections without the bias, columns [0, pad16(J)).
-// The embeddings stream once: step s + 1's copies are in flight while step s multiplies.
-template <class Block, class Mma, bool kVec>
+// u (the tile's 64 kRowFrags rows x ld_u floats, over the stages) = the tile's projections without the
+// bias, columns [0, pad16(J)); kFrags: accumulators a row fragment (with_streaming_layout). The
+// embeddings stream once: step s + 1's copies are in flight while step s multiplies.
+template <class Block, class Mma, bool kVec, int kRowFrags, int kFrags>
 LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row0, char* stages, float* u) {
   using Stage = typename Mma::Stage;
   using Raw = typename Mma::Raw;
+  constexpr int kTileRows = kRows * kRowFrags;
   const int warp = b.thread() / 32;
-  const int64_t bytes = stage_bytes(a, sizeof(Raw)), steps = (a.d + kStepK - 1) / kStepK;
+  const int bytes = static_cast<int>(stage_bytes(a, sizeof(Raw), kTileRows));  // a stage of shared memory
+  const int steps = static_cast<int>((a.d + kStepK - 1) / kStepK);
   Stage* split_hi = reinterpret_cast<Stage*>(stages + 2 * bytes);  // fp32 embeddings' parts of a step
-  Stage* split_lo = split_hi + kRows * kLdX;
-  typename Mma::Acc acc[kMaxFrags];
+  Stage* split_lo = split_hi + kTileRows * kLdX;
+  typename Mma::Acc acc[kRowFrags * kFrags];
 #pragma unroll
-  for (int i = 0; i < kMaxFrags; ++i) Mma::fill(acc[i], 0.f);
-  if (steps > 0) stage_step<Block, Mma, kVec>(b, a, row0, 0, stages);
-  for (int64_t s = 0; s < steps; ++s) {  // block-uniform
+  for (int i = 0; i < kRowFrags * kFrags; ++i) Mma::fill(acc[i], 0.f);
+  if (steps > 0) stage_step<Block, Mma, kVec, kTileRows>(b, a, row0, 0, stages);
+  for (int s = 0; s < steps; ++s) {  // block-uniform
     char* x = stages + (s & 1) * bytes;
     if (s + 1 < steps) {
-      stage_step<Block, Mma, kVec>(b, a, row0, (s + 1) * kStepK, stages + ((s + 1) & 1) * bytes);
+      stage_step<Block, Mma, kVec, kTileRows>(b, a, row0, (s + 1) * kStepK, stages + ((s + 1) & 1) * bytes);
       b.template wait<1>();  // step s has landed; s + 1 stays in flight
     } else {
       b.template wait<0>();
     }
     b.sync();
-    const Stage *wh = stage_map_hi<Mma>(x), *xh = reinterpret_cast<const Stage*>(x), *xl = nullptr;
+    const Stage *wh = stage_map_hi<Mma, kTileRows>(x), *xh = reinterpret_cast<const Stage*>(x), *xl = nullptr;
     if constexpr (Mma::kSplitX) {
-      split_step<Block, Mma, kStepK, kLdX, kRows>(b, reinterpret_cast<const Raw*>(x), split_hi, split_lo);
+      split_step<Block, Mma, kStepK, kLdX, kTileRows>(b, reinterpret_cast<const Raw*>(x), split_hi, split_lo);
       b.sync();
       xh = split_hi, xl = split_lo;
     }
-    step_products<Mma>(a, warp, xh, xl, wh, wh + kStepK * ld_w(a), acc);
+    step_products<Mma, kStepK, kLdX, 1, 0, kRowFrags, kFrags>(a, warp, xh, xl, wh, wh + kStepK * ld_w(a), acc);
     b.sync();  // the next step's copies overwrite this stage, its split parts the split (and u overwrites all)
   }
-  store_projections<Block, Mma>(b, a, acc, u);
+  store_projections<Block, Mma, 0, kRowFrags, kFrags>(b, a, acc, u);
   b.sync();
 }
 
@@ -393,15 +443,16 @@ LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, 
   }
 }
 
-// The tensor-core kernel's body: the block's tiles, grid-stride. smem: smem_bytes(a, sizeof(Raw)),
-// 128-byte aligned; kVec: tile_vector_loads(a).
-template <class Block, class Mma, bool kVec>
+// The streaming tile's body: the block's tiles of 64 kRowFrags rows, grid-stride. smem: smem_bytes(a,
+// sizeof(Raw), kVec), 128-byte aligned; kVec: tile_vector_loads(a); kRowFrags, kFrags: with_streaming_layout.
+template <class Block, class Mma, bool kVec, int kRowFrags, int kFrags>
 LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, int64_t block, int64_t n_blocks) {
+  constexpr int kTileRows = kRows * kRowFrags;
   float* u = reinterpret_cast<float*>(smem);  // written once the last step's products are done
-  float* lse = u + kRows * ld_u(a);
-  for (int64_t row0 = block * kRows; row0 < a.n; row0 += n_blocks * kRows) {  // block-uniform
-    tile_projections<Block, Mma, kVec>(b, a, row0, smem, u);
-    tile_epilogue(b, a, row0, u, lse);
+  float* lse = u + kTileRows * ld_u(a);
+  for (int64_t row0 = block * kTileRows; row0 < a.n; row0 += n_blocks * kTileRows) {  // block-uniform
+    tile_projections<Block, Mma, kVec, kRowFrags, kFrags>(b, a, row0, smem, u);
+    tile_epilogue<Block, kTileRows>(b, a, row0, u, lse);
     b.sync();  // the next tile's copies overwrite u
   }
 }
@@ -473,7 +524,7 @@ LELP_DEV void targets_tiles_resident(const Block& b, const TargetsArgs& a, char*
     if (++is == steps) is = 0, ++it;
   };
   const int64_t split = split_rows(a.d);
-  stage_map<Block, Mma>(b, a, 0, split, map_hi, map_lo);
+  stage_map<Block, Mma>(b, a, 0, static_cast<int>(split), map_hi, map_lo);
   for (int64_t i = b.thread(); i < (map_rows - split) * cols; i += kThreads) {  // the last step's rows past the map
     const int64_t at = (split + i / cols) * ldw + i % cols;
     map_hi[at] = map_lo[at] = Stage{0};
