@@ -86,10 +86,12 @@ def check_targets(device, failures):
     # programs (2 per SM). The CUDA tile's resident form (sm_90) takes every case of up to 256 columns
     # whose map fits: (40000, 64, 4, 4) runs 313 tiles of 128 rows on 132
     # blocks, so its copies run on across tiles; d = 77 and 5 take the rows without 16-byte loads;
-    # (300, 768, 16, 8): the tables' K = 128, whose map fits no block's shared memory, so the CUDA tile
-    # streams it: 128-row tiles in 16 bits (144 and 128 columns, 2 x 5 fragments a warp), 64 in fp32
+    # (300, 768, 16, 8) and (1, 768, 16, 8): the tables' K = 128, whose map fits no block's shared memory,
+    # so the CUDA tile streams it: 128-row tiles in 16 bits (144 and 128 columns, 2 x 5 fragments a
+    # warp), 64 in fp32
     cases = [(1, 5, 2, 1), (333, 77, 3, 5), (1000, 768, 2, 8), (257, 130, 8, 16), (65, 64, 2, 64), (129, 40, 16, 4),
              (17, 40, 2, 256), (9, 24, 10, 16), (7, 24, 3, 100), (40000, 64, 4, 4), (300, 768, 16, 8),
+             (1, 768, 16, 8),
              (3001, 16, 300, 1), (4099, 8, 17, 1), (1037, 8, 65, 1)]  # S = 1 with given logits: vanilla KD's
     # kernel (65 classes: rows on 16 lanes, kd_targets.lanes)
     for backend in gpu_backends(device):

@@ -101,11 +101,10 @@ def layouts(paths: List[TargetsPath]) -> Dict[TargetsPath, dict]:
         statements.append(
             f"{{ lelp::TargetsArgs a{{}}; a.d = {D}; a.C = {p.num_classes}; a.S = {p.n_subclasses}; a.J = {p.j}; "
             f"using namespace lelp::tile; const bool r = resident_takes(a, {stage}, {SMEM_OPT_IN_SM90}); "
+            f"const int rf = streaming_row_frags(a, {stage}, true, kSm90SmemPerSm); "
             f'std::printf("%d %lld %lld %d %d %d %d %d\\n", r, (long long)(r ? resident_smem_bytes(a, {stage}) '
-            f': smem_bytes(a, {stage}, true)), (long long)split_rows(a.d), split_cols(a.J), resident_cols(a), '
-            f'r ? kRows * resident_row_frags(a, {stage}) : kRows * streaming_row_frags(a, {stage}, true), '
-            f'streaming_row_frags(a, {stage}, true), '
-            f'streaming_row_frags(a, {stage}, true) == 2 ? kPairedFrags : kMaxFrags); }}')
+            f': smem_bytes(a, {stage}, rf)), (long long)split_rows(a.d), split_cols(a.J), resident_cols(a), '
+            f'r ? kRows * resident_row_frags(a, {stage}) : kRows * rf, rf, rf == 2 ? kPairedFrags : kMaxFrags); }}')
     statements.append('std::printf("%d %d %d %d %d\\n", lelp::tile::kThreads, lelp::tile::kRows, lelp::tile::kStepK, '
                       "lelp::tile::kResidentStepK, lelp::tile::kMapBytes);")
     out = cuda_cost.host_program_output("lelp/block_targets.h", statements)

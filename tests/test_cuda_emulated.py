@@ -304,51 +304,91 @@ def test_cuda_targets_tile_over_several_tiles(backend, cuda_emulator, tile_form,
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
 
 
-# (C, S, head, d): maps of 16 to 160 padded columns take the streaming tile's 128-row form in 16 bits
-# (every fragment of both column sets at 10 x 15 with the head, 160; 144 the cost shape's 16 x 8),
-# past 160 (11 x 15 with the head, 176) and with 16-byte rows only: d = 104 (208 B rows) pairs,
-# d = 100 (200 B, copied by element) does not.
-PAIRED_CASES = [(16, 8, True, 104, 128), (10, 15, True, 104, 128), (3, 5, False, 104, 128), (11, 15, True, 104, 64),
-                (16, 8, True, 100, 64)]
+# (C, S, head, d, n, rows): maps of 16 to 160 padded columns take the streaming tile's 128-row form
+# in 16 bits (every fragment of both column sets at 10 x 15 with the head, 160; 144 the cost shape's
+# 16 x 8; given logits where K + C passes the map's width, 20 x 8: projections of 184 columns), past
+# 160 (11 x 15 with the head, 176) and with 16-byte rows only: d = 104 (208 B rows) pairs, d = 100
+# (200 B, copied by element) does not; nor 80 x 2 with given logits (240 columns of projections: two
+# 128-row blocks would not fit an SM). n = 333: 3 tiles of 128 (the last partial) over the 2 emulated
+# blocks; 1, 128 and 129 rows at 16 x 8.
+PAIRED_CASES = [(16, 8, True, 104, 333, 128), (10, 15, True, 104, 333, 128), (3, 5, False, 104, 333, 128),
+                (20, 8, False, 104, 333, 128), (11, 15, True, 104, 333, 64), (16, 8, True, 100, 333, 64),
+                (80, 2, False, 104, 333, 64), (16, 8, True, 104, 1, 128), (16, 8, True, 104, 128, 128),
+                (16, 8, False, 104, 129, 128)]
 
 
-@pytest.mark.parametrize("backend", ["cuda_emu"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("num_classes,s,with_head,d,rows", PAIRED_CASES)
-def test_cuda_streaming_tile_pairs_row_fragments(backend, cuda_emulator, dtype, num_classes, s, with_head, d, rows):
-    """Issue 21 item 10 (CUDA, K = 128): the streaming tile took 64 rows a block and streamed the whole
-    split map once per 64 rows (6,912 B a row at K = 128 with the head, d = 768, bf16). At 16-bit
-    embeddings in 16-byte rows and maps of up to 160 padded columns each warp now takes two row
-    fragments, so a block's tile is 128 rows and a step's map serves twice the rows; fp32 (split
-    embeddings) keeps 64. n = 333: 3 tiles of 128 (the last partial) over the 2 emulated blocks, 6 of 64."""
+def _streaming_targets(cuda_emulator, backend, dtype, num_classes, s, with_head, d, n, seed):
+    """lelp_targets through the emulated streaming tile (a shared-memory opt-in of 0), its reference
+    and the emulated tile's rows."""
     before = cuda_emulator.smem_optin_bytes()
     cuda_emulator.set_smem_optin_bytes(0)  # the streaming tile for every map
     try:
-        g = torch.Generator().manual_seed(num_classes * s + d)
-        n, k = 333, num_classes * s
+        g = torch.Generator().manual_seed(seed)
+        k = num_classes * s
         j = k + (num_classes if with_head else 0)
         h = torch.randn(n, d, generator=g).to(dtype)
         weight, bias = torch.randn(d, j, generator=g) / d**0.5, torch.randn(j, generator=g)
         z = None if with_head else torch.randn(n, num_classes, generator=g).to(dtype)
         got = lelp_targets(h, weight, bias, num_classes, s, teacher_logits=z, beta=0.5, tau=1.5, backend=backend)
         assert cuda_emulator.last_targets_form() == "streaming"
-        assert cuda_emulator.last_tile_rows() == (64 if dtype == torch.float32 else rows)
+        rows = cuda_emulator.last_tile_rows()
     finally:
         cuda_emulator.set_smem_optin_bytes(before)
     proj = h.double() @ weight.double() + bias.double()
     want = reference.log_targets(proj[:, :k], proj[:, k:] if with_head else z.double(), s, 0.5, 1.5)
+    return got, want, rows
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("num_classes,s,with_head,d,n,rows", PAIRED_CASES)
+def test_cuda_streaming_tile_pairs_row_fragments(backend, cuda_emulator, dtype, num_classes, s, with_head, d, n,
+                                                 rows):
+    """Issue 21 item 10 (CUDA, K = 128): the streaming tile took 64 rows a block and streamed the whole
+    split map once per 64 rows (6,912 B a row at K = 128 with the head, d = 768, bf16). At 16-bit
+    embeddings in 16-byte rows and maps of up to 160 padded columns each warp now takes two row
+    fragments, so a block's tile is 128 rows and a step's map serves twice the rows; fp32 (split
+    embeddings) keeps 64. The rows are the instantiation the emulator ran."""
+    got, want, tile_rows = _streaming_targets(cuda_emulator, backend, dtype, num_classes, s, with_head, d, n,
+                                              num_classes * s + d + n)
+    assert tile_rows == (64 if dtype == torch.float32 else rows)
+    torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+def test_cuda_streaming_tile_keeps_64_rows_where_two_128_row_blocks_do_not_fit(backend, cuda_emulator):
+    """On an SM of 100 KB of shared memory (sm_86/89) two blocks of the 128-row form at 16 x 8 with the
+    head (74,240 B each) do not fit, where two of the 64-row form (49,152 B) do: it keeps 64 rows."""
+    before = cuda_emulator.smem_per_sm_bytes()
+    cuda_emulator.set_smem_per_sm_bytes(100 * 1024)
+    try:
+        got, want, tile_rows = _streaming_targets(cuda_emulator, backend, torch.bfloat16, 16, 8, True, 104, 200, 3)
+    finally:
+        cuda_emulator.set_smem_per_sm_bytes(before)
+    assert tile_rows == 64
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
 
 
 def test_cuda_streaming_tile_of_128_rows_fits_two_blocks_an_sm(cuda_emulator):
-    """The 128-row form's shared memory at its widest map (160 columns, 16-bit): the projections
-    (128 rows of 160 + 1 floats) over two stages of 128 x 40 embeddings and 32 x 168 of each map
-    part; two blocks fit an SM on sm_80 and sm_90 (228 KB on sm_90, 164 KB on sm_80, 1 KB a block
-    reserved). Rows copied by element keep the 64-row form, whose two stages outweigh its projections."""
+    """The 128-row form's shared memory: at its widest map with the head (160 columns, 16-bit) the
+    projections (128 rows of 160 + 1 floats) over two stages of 128 x 40 embeddings and 32 x 168 of
+    each map part; two blocks fit an SM on sm_80 and sm_90 (228 KB on sm_90, 164 KB on sm_80, 1 KB a
+    block reserved). Given logits can widen the projections past the map (K + C columns): 20 x 8
+    (184) pairs on sm_90, not on sm_80; 80 x 2 (240) on neither, and would need 123,392 B (over a
+    99 KB card's opt-in). Rows copied by element keep the 64-row form, whose two stages outweigh its
+    projections."""
+    sm80, sm90 = 164 * 1024, 228 * 1024
     paired = cuda_emulator.tile_smem_bytes(2, 160, 10, 15)
     assert paired == 4 * 128 * 161 > 2 * (128 * 40 * 2 + 2 * 2 * 32 * 168)
-    assert 2 * (paired + 1024) <= 164 * 1024
+    assert 2 * (paired + 1024) <= sm80 and cuda_emulator.tile_smem_bytes(2, 160, 10, 15, smem_per_sm=sm80) == paired
     assert cuda_emulator.tile_smem_bytes(2, 160, 10, 15, vec=False) == 2 * (64 * 40 * 2 + 2 * 2 * 32 * 168)
+    assert cuda_emulator.tile_smem_bytes(2, 160, 20, 8) == 4 * 128 * 185  # given logits: K + C = 180 -> 184
+    assert cuda_emulator.tile_smem_bytes(2, 160, 20, 8, smem_per_sm=sm80) == 2 * (64 * 40 * 2 + 2 * 2 * 32 * 168)
+    assert cuda_emulator.tile_smem_bytes(2, 160, 80, 2, smem_per_sm=sm90) == 4 * 64 * 241
+    for c, s, head in [(16, 8, True), (10, 15, True), (20, 8, False), (80, 2, False), (4, 4, True)]:
+        j = c * s + (c if head else 0)
+        for smem_per_sm in (sm80, sm90):
+            assert 2 * (cuda_emulator.tile_smem_bytes(2, j, c, s, smem_per_sm=smem_per_sm) + 1024) <= smem_per_sm
 
 
 @pytest.mark.parametrize("backend", ["cuda_emu"])

@@ -129,9 +129,10 @@ int current_device() {
   return device;
 }
 
-// The device's opt-in shared-memory limit and SM count, read once per device (kept for the first 64).
+// The device's opt-in shared-memory limit, shared memory per SM and SM count, read once per device
+// (kept for the first 64).
 struct DeviceFacts {
-  int smem_optin = 0, sms = 0;
+  int smem_optin = 0, smem_per_sm = 0, sms = 0;
 };
 
 DeviceFacts device_facts(int device) {
@@ -139,6 +140,7 @@ DeviceFacts device_facts(int device) {
   if (device < 64 && known[device].sms > 0) return known[device];
   DeviceFacts f;
   check(cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  check(cudaDeviceGetAttribute(&f.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
   check(cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, device));
   if (device < 64) known[device] = f;
   return f;
@@ -190,10 +192,11 @@ void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
     });
     return;
   }
-  tile::with_streaming_layout<emb_bytes, kVec>(a, [&](auto row_frags, auto frags) {
-    constexpr int kRowFrags = decltype(row_frags)::value;
+  const int row_frags = tile::streaming_row_frags(a, emb_bytes, kVec, device_facts(device).smem_per_sm);
+  tile::with_streaming_layout<emb_bytes, kVec>(row_frags, [&](auto row_frags_c, auto frags) {
+    constexpr int kRowFrags = decltype(row_frags_c)::value;
     static int opted_in[64] = {};
-    const int64_t smem = tile::smem_bytes(a, emb_bytes, kVec), rows = int64_t{tile::kRows} * kRowFrags;
+    const int64_t smem = tile::smem_bytes(a, emb_bytes, kRowFrags), rows = int64_t{tile::kRows} * kRowFrags;
     auto kernel = targets_tile_kernel<Mma, kVec, kRowFrags, decltype(frags)::value>;
     opt_in(kernel, device, smem, opted_in);
     const int64_t blocks = std::min<int64_t>((a.n + rows - 1) / rows, int64_t{1} << 20);

@@ -54,15 +54,15 @@ PYBIND11_MODULE(lelp_cuda_emu, m) {
   });
   m.def(
       "tile_smem_bytes",
-      [](int emb_bytes, int64_t J, int64_t C, int64_t S, bool vec) {
+      [](int emb_bytes, int64_t J, int64_t C, int64_t S, bool vec, int64_t smem_per_sm) {
         lelp::TargetsArgs a{};
         a.J = J;
         a.C = C;
         a.S = S;
-        return lelp::tile::smem_bytes(a, emb_bytes, vec);
+        return lelp::tile::smem_bytes(a, emb_bytes, lelp::tile::streaming_row_frags(a, emb_bytes, vec, smem_per_sm));
       },
       pybind11::arg("emb_bytes"), pybind11::arg("J"), pybind11::arg("C"), pybind11::arg("S"),
-      pybind11::arg("vec") = true);
+      pybind11::arg("vec") = true, pybind11::arg("smem_per_sm") = lelp::tile::kSm90SmemPerSm);
   m.def("resident_smem_bytes", [](int emb_bytes, int64_t d, int64_t J, int64_t C, int64_t S) {
     lelp::TargetsArgs a{};
     a.d = d;
@@ -76,6 +76,9 @@ PYBIND11_MODULE(lelp_cuda_emu, m) {
   m.def("smem_optin_bytes", [] { return lelp::emu::smem_optin_bytes; });
   m.def("last_targets_form", [] { return std::string(lelp::emu::last_targets_form); });
   m.def("last_tile_rows", [] { return lelp::emu::last_tile_rows; });
+  // The emulated device's shared memory per SM (sm_90's), which the streaming tile's 128-row form must fit twice.
+  m.def("set_smem_per_sm_bytes", [](int64_t bytes) { lelp::emu::smem_per_sm_bytes = bytes; });
+  m.def("smem_per_sm_bytes", [] { return lelp::emu::smem_per_sm_bytes; });
   m.def("split_layout", [](int64_t d, int64_t J) { return std::make_pair(lelp::tile::split_rows(d), lelp::tile::split_cols(J)); });
   // targets_cuda's signature: w_hi, w_lo are the caller's split map for the tile (0 for the row kernel).
   m.def("targets", [](uintptr_t emb, int emb_dtype, int64_t emb_stride, int64_t n, int64_t d, uintptr_t weight,

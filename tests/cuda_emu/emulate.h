@@ -167,17 +167,20 @@ struct HostSplitFloatMma : HostHalfMma<kBFloat16> {
 };
 
 // The opt-in shared-memory limit the emulated device has (sm_90's; tests set 0 to run the tile's
-// streaming form where the resident form would take the call).
+// streaming form where the resident form would take the call), and its shared memory per SM (sm_90's:
+// two blocks of the streaming tile's 128-row form must fit it).
 inline int64_t smem_optin_bytes = 232448;
+inline int64_t smem_per_sm_bytes = tile::kSm90SmemPerSm;
 
 template <class Mma, bool kVec>
 void targets_tile_emulated(const TargetsArgs& a) {
   constexpr int emb_bytes = sizeof(typename Mma::Raw);
   const bool resident = tile::resident_takes(a, emb_bytes, smem_optin_bytes);
   last_targets_form = resident ? "resident" : "streaming";
-  last_tile_rows = tile::kRows * (resident ? tile::resident_row_frags(a, emb_bytes)
-                                           : tile::streaming_row_frags(a, emb_bytes, kVec));
-  const int64_t bytes = resident ? tile::resident_smem_bytes(a, emb_bytes) : tile::smem_bytes(a, emb_bytes, kVec);
+  const int row_frags = tile::streaming_row_frags(a, emb_bytes, kVec, smem_per_sm_bytes);
+  const int64_t bytes =
+      resident ? tile::resident_smem_bytes(a, emb_bytes) : tile::smem_bytes(a, emb_bytes, row_frags);
+  if (resident) last_tile_rows = tile::kRows * tile::resident_row_frags(a, emb_bytes);
   for (int blk = 0; blk < kEmulatedBlocks; ++blk) {
     BlockState state;
     std::unique_ptr<float[], void (*)(void*)> smem(
@@ -194,9 +197,11 @@ void targets_tile_emulated(const TargetsArgs& a) {
             tile::targets_tiles_resident<HostBlock, Mma, kVec, decltype(cols)::value>(b, a, s, blk, kEmulatedBlocks);
           });
         else
-          tile::with_streaming_layout<emb_bytes, kVec>(a, [&](auto row_frags, auto frags) {
-            tile::targets_tiles<HostBlock, Mma, kVec, decltype(row_frags)::value, decltype(frags)::value>(
-                b, a, s, blk, kEmulatedBlocks);
+          tile::with_streaming_layout<emb_bytes, kVec>(row_frags, [&](auto row_frags_c, auto frags) {
+            constexpr int kRowFrags = decltype(row_frags_c)::value;
+            if (t == 0) last_tile_rows = tile::kRows * kRowFrags;  // the instantiation that ran
+            tile::targets_tiles<HostBlock, Mma, kVec, kRowFrags, decltype(frags)::value>(b, a, s, blk,
+                                                                                          kEmulatedBlocks);
           });
       });
     for (auto& th : threads) th.join();

@@ -86,10 +86,10 @@ constexpr int kMapBytes = 2;  // a map entry's part (Mma::Stage: bf16 or fp16)
 constexpr int kPairedFrags = 5;
 constexpr int kPairedMaxCols = 2 * 16 * kPairedFrags;
 
-// Row fragments a warp of the streaming tile takes (its tiles are 64 x that rows); vec: tile_vector_loads.
-LELP_HD int streaming_row_frags(const TargetsArgs& a, int emb_bytes, bool vec) {
-  return emb_bytes == 2 && vec && split_cols(a.J) <= kPairedMaxCols ? 2 : 1;
-}
+// Shared memory an SM has for blocks (sm_90's 228 KB; sm_80's 164 KB, sm_86/89's 100 KB), and what
+// the driver keeps of it for each block.
+constexpr int64_t kSm90SmemPerSm = 233472;
+constexpr int64_t kSmemReservedPerBlock = 1024;
 
 // Bytes of one stage of a tile of tile_rows: the embeddings (emb_bytes an element: 2 for
 // bf16/fp16, 4 for fp32), then the map's hi and lo parts; every part is a multiple of 32 bytes.
@@ -102,13 +102,23 @@ LELP_HD int64_t split_bytes(int64_t rows, int ld, int emb_bytes) {
   return emb_bytes == 4 ? 2 * kMapBytes * rows * ld : 0;
 }
 
-// Shared-memory bytes of the tile: two stages (and fp32's split step), or the projections (fp32)
-// and each row's class log-sum-exp that take their place after the last step, whichever is larger.
-LELP_HD int64_t smem_bytes(const TargetsArgs& a, int emb_bytes, bool vec) {
-  const int64_t rows = int64_t{kRows} * streaming_row_frags(a, emb_bytes, vec);
+// Shared-memory bytes of the streaming tile, whose warps take row_frags row fragments: two stages
+// (and fp32's split step), or the projections (fp32) and each row's class log-sum-exp that take
+// their place after the last step, whichever is larger.
+LELP_HD int64_t smem_bytes(const TargetsArgs& a, int emb_bytes, int row_frags) {
+  const int64_t rows = int64_t{kRows} * row_frags;
   const int64_t stages = 2 * stage_bytes(a, emb_bytes, rows) + split_bytes(rows, kLdX, emb_bytes);
   const int64_t u = 4 * rows * (ld_u(a) + 1);
   return stages > u ? stages : u;
+}
+
+// Row fragments a warp of the streaming tile takes (its tiles are 64 x that rows): 2 where the
+// embeddings and map allow it (kPairedFrags above; vec: tile_vector_loads) and two blocks of the
+// 128-row tile still fit the SM's smem_per_sm bytes of shared memory (its projections grow with
+// ld_u: with given logits K + C may pass the map's width), else 1.
+LELP_HD int streaming_row_frags(const TargetsArgs& a, int emb_bytes, bool vec, int64_t smem_per_sm) {
+  const bool fits = 2 * (smem_bytes(a, emb_bytes, 2) + kSmemReservedPerBlock) <= smem_per_sm;
+  return emb_bytes == 2 && vec && split_cols(a.J) <= kPairedMaxCols && fits ? 2 : 1;
 }
 
 // The resident form (targets_tiles_resident): steps of 64 embedding columns (the per-step
@@ -174,13 +184,12 @@ void with_resident_cols(const TargetsArgs& a, F&& f) {
 }
 
 // Calls f(std::integral_constant<int, row fragments>{}, std::integral_constant<int, fragments>{}):
-// the one place that maps a call with embeddings of kEmbBytes to a streaming-tile instantiation
-// (streaming_row_frags; fp32's, and rows copied by element, have one).
+// the one place that maps row_frags (streaming_row_frags) of a call with embeddings of kEmbBytes to
+// a streaming-tile instantiation (fp32's, and rows copied by element, have one).
 template <int kEmbBytes, bool kVec, class F>
-void with_streaming_layout(const TargetsArgs& a, F&& f) {
+void with_streaming_layout(int row_frags, F&& f) {
   if constexpr (kEmbBytes == 2 && kVec)
-    if (streaming_row_frags(a, kEmbBytes, kVec) == 2)
-      return f(std::integral_constant<int, 2>{}, std::integral_constant<int, kPairedFrags>{});
+    if (row_frags == 2) return f(std::integral_constant<int, 2>{}, std::integral_constant<int, kPairedFrags>{});
   return f(std::integral_constant<int, 1>{}, std::integral_constant<int, kMaxFrags>{});
 }
 
@@ -241,6 +250,7 @@ LELP_DEV void stage_map(const Block& b, const TargetsArgs& a, int64_t k0, int ro
   using Stage = typename Mma::Stage;
   static_assert(sizeof(Stage) == 2, "8 map entries a 16-byte chunk (MapChunks)");
   const int cols = split_cols(a.J), ldw = ld_w(a), chunks = cols / 8;
+  if (chunks == 0) return;  // no map (J = 0): MapChunks would divide by 0
   const Stage* hi = static_cast<const Stage*>(a.w_hi) + k0 * cols;
   const Stage* lo = static_cast<const Stage*>(a.w_lo) + k0 * cols;
 #pragma unroll 1  // a few copies a thread per step (all of the map's once in the resident form)
@@ -444,7 +454,7 @@ LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, 
 }
 
 // The streaming tile's body: the block's tiles of 64 kRowFrags rows, grid-stride. smem: smem_bytes(a,
-// sizeof(Raw), kVec), 128-byte aligned; kVec: tile_vector_loads(a); kRowFrags, kFrags: with_streaming_layout.
+// sizeof(Raw), kRowFrags), 128-byte aligned; kVec: tile_vector_loads(a); kRowFrags, kFrags: with_streaming_layout.
 template <class Block, class Mma, bool kVec, int kRowFrags, int kFrags>
 LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, int64_t block, int64_t n_blocks) {
   constexpr int kTileRows = kRows * kRowFrags;
