@@ -153,6 +153,20 @@ def test_targets_tile_runs_on_tensor_cores(sass, arch, form):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_targets_tile_loads_fragments_from_shared_memory_with_ldmatrix(sass, arch):
+    """Every tile kernel loads its WMMA fragments with LDSM (ldmatrix), one instruction a fragment.
+    nvcc 13's bf16 load_matrix_sync (bf16 and fp32 embeddings: their fragments are bf16) took a
+    generic address: 4 LD.E a fragment, and 4 MOVM more for a row-major B; the kernels now emit the
+    same PTX wmma.load with the .shared state space (csrc/cuda/targets.cu: load_bf16_shared), as
+    fp16's inferred address space already did."""
+    listing = sass[("csrc/cuda/targets.cu", arch)]
+    tiles = {**kernels_named(listing, "targets_tile_kernel"), **kernels_named(listing, "targets_resident_kernel")}
+    for name, code in tiles.items():
+        assert "LDSM.16.M88.4" in code and "LDSM.16.MT88.4" in code, f"{name}: no ldmatrix fragment loads"
+        assert not re.search(r"\b(LD\.E|MOVM)\b", code), f"{name}: generic fragment loads"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_loss_reduces_with_shuffles_and_loads_16_bytes(sass, arch):
     """Every loss kernel reduces with warp shuffles; the row kernels in chunks of 4 load fp32 rows 16
     bytes at a time and store the gradient 16 (fp32) or 8 (bf16/fp16) bytes at a time (those in

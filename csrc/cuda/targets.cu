@@ -47,6 +47,22 @@ struct TidAtUseBlock : DeviceBlock {
   }
 };
 
+// A bf16 WMMA fragment (A or B, row-major, 16 x 16 x 16: four 32-bit registers) loaded from shared
+// memory: the PTX wmma.load that wmma::load_matrix_sync emits, with the .shared state space. nvcc 13
+// emits bf16's with a generic address, which ptxas lowers to 4 LD.E (and 4 MOVM for B) a fragment;
+// with .shared it takes one LDSM, as fp16's inferred address space already does. The instruction
+// (shape, layout, type) fixes the fragment's contents; the state space only says where p points.
+template <char kMatrix>
+__device__ __forceinline__ void load_bf16_shared(unsigned (&r)[4], const void* p, int ld) {
+  const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  if constexpr (kMatrix == 'a')
+    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at), "r"(ld) : "memory");
+  else
+    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at), "r"(ld) : "memory");
+}
+
 // bf16/fp16 embeddings: WMMA 16 x 16 x 16 on T, the map split into hi + lo parts of T.
 template <class T>
 struct HalfMma {
@@ -59,11 +75,15 @@ struct HalfMma {
   using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
   static __device__ __forceinline__ void fill(Acc& c, float v) { wmma::fill_fragment(c, v); }
+  static_assert(!std::is_same_v<T, __nv_bfloat16> || (sizeof(A) == 16 && sizeof(B) == 16),
+                "a bf16 fragment in four 32-bit registers (load_bf16_shared)");
   static __device__ __forceinline__ void load_a(A& f, const Stage* p, int ld) {
-    wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) load_bf16_shared<'a'>(reinterpret_cast<unsigned(&)[4]>(f), p, ld);
+    else wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
   }
   static __device__ __forceinline__ void load_b(B& f, const Stage* p, int ld) {
-    wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) load_bf16_shared<'b'>(reinterpret_cast<unsigned(&)[4]>(f), p, ld);
+    else wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
   }
   static __device__ __forceinline__ void mma(Acc& c, const A& a, const B& b) { wmma::mma_sync(c, a, b, c); }
   static __device__ __forceinline__ void store(const cuda::DeviceWarp<32>&, float* p, const Acc& c, int ld) {
