@@ -288,20 +288,27 @@ def test_cuda_targets_tile_over_several_tiles(backend, cuda_emulator, tile_form,
     (n = 129, 330). The resident form's instantiations: 32 padded columns (3 x 5 with the head), 16
     (4 x 4 with given logits: the second column set of warps holds no fragment) and any (7 x 9 with
     the head, 80 columns)."""
-    g = torch.Generator().manual_seed(n + d)
+    got, want = _targets_and_reference(backend, dtype, num_classes, s, with_head, d, n, n + d)
+    emb_bytes = 4 if dtype == torch.float32 else 2
+    j = num_classes * s + (num_classes if with_head else 0)
+    fits = cuda_emulator.resident_smem_bytes(emb_bytes, d, j, num_classes, s) <= cuda_emulator.smem_optin_bytes()
+    assert cuda_emulator.last_targets_form() == ("resident" if fits else "streaming")
+    assert fits or tile_form == "streaming"
+    torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+
+
+def _targets_and_reference(backend, dtype, num_classes, s, with_head, d, n, seed):
+    """lelp_targets of random embeddings and map (with the head's columns, or given logits) on
+    ``backend``, and the fp64 reference's (β = 0.5, τ = 1.5)."""
+    g = torch.Generator().manual_seed(seed)
     k = num_classes * s
     j = k + (num_classes if with_head else 0)
     h = torch.randn(n, d, generator=g).to(dtype)
     weight, bias = torch.randn(d, j, generator=g) / d**0.5, torch.randn(j, generator=g)
     z = None if with_head else torch.randn(n, num_classes, generator=g).to(dtype)
     got = lelp_targets(h, weight, bias, num_classes, s, teacher_logits=z, beta=0.5, tau=1.5, backend=backend)
-    emb_bytes = 4 if dtype == torch.float32 else 2
-    fits = cuda_emulator.resident_smem_bytes(emb_bytes, d, j, num_classes, s) <= cuda_emulator.smem_optin_bytes()
-    assert cuda_emulator.last_targets_form() == ("resident" if fits else "streaming")
-    assert fits or tile_form == "streaming"
     proj = h.double() @ weight.double() + bias.double()
-    want = reference.log_targets(proj[:, :k], proj[:, k:] if with_head else z.double(), s, 0.5, 1.5)
-    torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+    return got, reference.log_targets(proj[:, :k], proj[:, k:] if with_head else z.double(), s, 0.5, 1.5)
 
 
 # (C, S, head, d, n, rows): maps of 16 to 160 padded columns take the streaming tile's 128-row form
@@ -323,20 +330,11 @@ def _streaming_targets(cuda_emulator, backend, dtype, num_classes, s, with_head,
     before = cuda_emulator.smem_optin_bytes()
     cuda_emulator.set_smem_optin_bytes(0)  # the streaming tile for every map
     try:
-        g = torch.Generator().manual_seed(seed)
-        k = num_classes * s
-        j = k + (num_classes if with_head else 0)
-        h = torch.randn(n, d, generator=g).to(dtype)
-        weight, bias = torch.randn(d, j, generator=g) / d**0.5, torch.randn(j, generator=g)
-        z = None if with_head else torch.randn(n, num_classes, generator=g).to(dtype)
-        got = lelp_targets(h, weight, bias, num_classes, s, teacher_logits=z, beta=0.5, tau=1.5, backend=backend)
+        got, want = _targets_and_reference(backend, dtype, num_classes, s, with_head, d, n, seed)
         assert cuda_emulator.last_targets_form() == "streaming"
-        rows = cuda_emulator.last_tile_rows()
+        return got, want, cuda_emulator.last_tile_rows()
     finally:
         cuda_emulator.set_smem_optin_bytes(before)
-    proj = h.double() @ weight.double() + bias.double()
-    want = reference.log_targets(proj[:, :k], proj[:, k:] if with_head else z.double(), s, 0.5, 1.5)
-    return got, want, rows
 
 
 @pytest.mark.parametrize("backend", ["cuda_emu"])
