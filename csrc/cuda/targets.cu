@@ -78,12 +78,16 @@ struct HalfMma {
   static_assert(!std::is_same_v<T, __nv_bfloat16> || (sizeof(A) == 16 && sizeof(B) == 16),
                 "a bf16 fragment in four 32-bit registers (load_bf16_shared)");
   static __device__ __forceinline__ void load_a(A& f, const Stage* p, int ld) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) load_bf16_shared<'a'>(reinterpret_cast<unsigned(&)[4]>(f), p, ld);
-    else wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)
+      load_bf16_shared<'a'>(reinterpret_cast<unsigned(&)[4]>(f), p, ld);
+    else
+      wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
   }
   static __device__ __forceinline__ void load_b(B& f, const Stage* p, int ld) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) load_bf16_shared<'b'>(reinterpret_cast<unsigned(&)[4]>(f), p, ld);
-    else wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)
+      load_bf16_shared<'b'>(reinterpret_cast<unsigned(&)[4]>(f), p, ld);
+    else
+      wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
   }
   static __device__ __forceinline__ void mma(Acc& c, const A& a, const B& b) { wmma::mma_sync(c, a, b, c); }
   static __device__ __forceinline__ void store(const cuda::DeviceWarp<32>&, float* p, const Acc& c, int ld) {

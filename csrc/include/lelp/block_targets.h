@@ -230,8 +230,8 @@ LELP_DEV void stage_embeddings(const Block& b, const TargetsArgs& a, int64_t row
 }
 
 // A thread's 16-byte chunks of the map's rows (chunks = split_cols(J) / 8 a row, row-major): chunk
-// thread + q kThreads at (row k, chunk c), walked without a division a chunk (two divisions a
-// step: kept across the steps, its registers spilled in the 128-row streaming tile).
+// thread + q kThreads at (row k, chunk c), walked without a division a chunk. It is made at each
+// step (two 32-bit divisions): kept across the steps, its registers spilled in the 128-row tile.
 struct MapChunks {
   int k, c, dk;
   LELP_HD MapChunks(int thread, int chunks) : k(thread / chunks), c(thread % chunks), dk(kThreads / chunks) {}
@@ -349,8 +349,8 @@ LELP_DEV void store_projections(const Block& b, const TargetsArgs& a, typename M
   const int warp = b.thread() / 32, frags = tile_cols<kCols>(a) / 16, set = (warp / 4) & 1, ldu = ld_u(a);
 #pragma unroll
   for (int r = 0; r < kRowFrags; ++r) {
-    // one address a row fragment, its fragments at constant offsets (an address each, kept across
-    // the tile loop, spilled at 2 x 5 fragments in bf16)
+    // one address a row fragment, its fragments at constant offsets from it (an address a fragment,
+    // kept across the tile loop, spilled at 2 x 5 fragments in bf16)
     float* row = u + ((warp & 3) * kRowFrags + r) * 16 * ldu + set * 16;
 #pragma unroll
     for (int i = 0; i < kFrags; ++i)
@@ -454,7 +454,8 @@ LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, 
 }
 
 // The streaming tile's body: the block's tiles of 64 kRowFrags rows, grid-stride. smem: smem_bytes(a,
-// sizeof(Raw), kRowFrags), 128-byte aligned; kVec: tile_vector_loads(a); kRowFrags, kFrags: with_streaming_layout.
+// sizeof(Raw), kRowFrags), 128-byte aligned; kVec: tile_vector_loads(a); kRowFrags, kFrags:
+// with_streaming_layout.
 template <class Block, class Mma, bool kVec, int kRowFrags, int kFrags>
 LELP_DEV void targets_tiles(const Block& b, const TargetsArgs& a, char* smem, int64_t block, int64_t n_blocks) {
   constexpr int kTileRows = kRows * kRowFrags;
