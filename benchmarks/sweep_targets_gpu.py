@@ -38,7 +38,7 @@ def candidates(n, d, c, s, dtype, quick):
     the widest class block and at half of it. (The run of 2026-12-04 also timed a resident form, since
     removed: docs/benchmarks.md.)"""
     c_pad, s_pad = padded_grid(c, s)
-    widest = tt.class_block(c_pad, s_pad, exact_head=True)
+    widest = tt.class_block(c_pad, s_pad, whole=True)
     out = []
     for c_block in [b for b in (widest, widest // 2) if b >= 1 and b * s_pad >= 16]:
         for bn, bd, w, st in itertools.product(*(QUICK if quick else STREAMING).values()):

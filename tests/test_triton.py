@@ -61,10 +61,12 @@ def test_triton_targets_over_several_class_groups(dtype, shape, with_head):
     test_triton_targets_match_reference(dtype, shape, with_head)
 
 
-def test_targets_programs_hold_64_columns_but_for_whole_grids_with_a_head_and_wide_classes():
+def test_targets_programs_hold_64_columns_but_for_whole_grids_and_wide_classes():
     """Programs of 128 columns only for a whole grid with the head ("mid-exact-head", the fastest
-    measured) and a class of 65-128 (padded) subclasses; every other grid in programs of at most 64
-    ("narrow": faster on the H200 and without the spills of "mid" on padded grids)."""
+    measured), a whole grid of 128 columns with given logits ("mid-exact-logits", since 2026-12-05: one
+    program reads h once where two of 64 read it twice) and a class of 65-128 (padded) subclasses;
+    every other grid in programs of at most 64 ("narrow": faster on the H200 and without the spills of
+    "mid" on padded grids)."""
     from lelp_fast.kernels.triton import targets as tt
 
     def program(c, s, with_head):
@@ -73,7 +75,11 @@ def test_targets_programs_hold_64_columns_but_for_whole_grids_with_a_head_and_wi
 
     assert program(8, 16, True) == (128, "mid-exact-head", 1)
     assert program(15, 7, True) == (64, "narrow", 2)  # padded 16 x 8
-    assert program(8, 16, False) == (64, "narrow", 2)  # given logits
+    assert program(8, 16, False) == (128, "mid-exact-logits", 1)  # given logits (two of 64 until 2026-12-05)
+    assert tt.plan(768, 8, 16, torch.float32, False).groups == 2  # fp32 keeps two (FP32_CONFIGS)
+    assert program(64, 2, False) == (128, "mid-exact-logits", 1)
+    assert program(8, 32, False) == (64, "narrow", 4)  # given logits, 256 columns
+    assert program(15, 8, False) == (64, "narrow", 2)  # given logits, padded 16 x 8
     assert program(150, 2, False) == (64, "narrow", 5)  # of 8 class groups, the 5 that hold a class
     assert program(2, 50, True) == (64, "narrow", 2)  # two classes padded to 64 subclasses
     assert program(3, 100, True) == (128, "mid", 3)  # a class padded to 128 subclasses; C_PAD = 4
@@ -183,6 +189,24 @@ def test_interpreter_rounds_fp32_to_bf16_as_a_gpu_does():
 def test_triton_targets_persistent_loop_matches_reference(one_program_per_group, dtype, shape):
     n, d, num_classes, s, with_head = shape
     test_triton_targets_match_reference(dtype, (n, d, num_classes, s), with_head)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="forces the interpreter's grid")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(261, 48, 16, 8), (130, 64, 8, 16), (70, 32, 64, 2), (33, 37, 4, 32)])
+def test_triton_targets_whole_128_column_grid_with_given_logits(one_program_per_group, dtype, shape):
+    """A whole grid of 128 columns with given logits and 16-bit embeddings of a 16-aligned width is one
+    program a row tile ("mid-exact-logits", since 2026-12-05; two of 64 columns before, each reading
+    h); fp32 and an unaligned width (d = 37) keep two: the targets match the reference over several
+    row tiles, 64 given logits taken 32 at a time."""
+    from lelp_fast.kernels.triton import targets as tt
+
+    n, d, num_classes, s = shape
+    p = tt.plan(d, num_classes, s, dtype, with_head=False)
+    whole = dtype != torch.float32 and d % 16 == 0
+    want = ("mid-exact-logits", 1, 128) if whole else ("narrow", 2, 64)
+    assert (p.tuner[0], p.groups, p.constexprs["C_BLOCK"] * p.constexprs["S_PAD"]) == want
+    test_triton_targets_match_reference(dtype, (n, d, num_classes, s), False)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="forces the interpreter's grid")

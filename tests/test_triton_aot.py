@@ -595,18 +595,23 @@ def _targets_launches_are_cases():
     def width(v):
         return v["constexprs"]["C_BLOCK"] * v["constexprs"]["S_PAD"]
 
-    streamed = {(width(v), v["config"], v["dtype"]) for v in targets_kernels.VARIANTS}
+    def served(v):  # a config serves a dtype and layout (one Config may serve two lists: fp32's "narrow"
+        return v["config"], v["dtype"], v["layout"]  # is 16-bit's "mid-exact-logits")
+
+    streamed = {(width(v), *served(v)) for v in targets_kernels.VARIANTS}
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-    for c, s, d, dtype in itertools.product((1, 2, 3, 4, 8, 16, 17, 64, 300, 512), (1, 2, 4, 5, 8, 16, 64, 128),
-                                            (64, 256, 384, 768, 1024, 4096), names):
-        if not 16 <= c * s <= 512 or limits.targets_unsupported(c, s, with_head=False):
+    for c, s, d, dtype, with_head in itertools.product((1, 2, 3, 4, 8, 16, 17, 64, 300, 512),
+                                                       (1, 2, 4, 5, 8, 16, 64, 128),
+                                                       (50, 64, 256, 384, 768, 1024, 4096), names, (True, False)):
+        if not 16 <= c * s <= 512 or limits.targets_unsupported(c, s, with_head=with_head):
             continue
-        if limits.vanilla_kd(s, has_logits=c > 16):
+        if limits.vanilla_kd(s, has_logits=not with_head):
             continue  # kd_targets' kernel (_kd_launches_are_cases)
-        p = targets_kernels.plan(d, c, s, dtype, with_head=c <= 16)
+        p = targets_kernels.plan(d, c, s, dtype, with_head=with_head)
         w = p.constexprs["C_BLOCK"] * p.constexprs["S_PAD"]
-        widest = max(width(v) for v in targets_kernels.VARIANTS if v["config"] == p.config)
-        assert w <= widest and (widest, p.config, names[dtype]) in streamed, (c, s, d, dtype, p.config)
+        key = (p.config, names[dtype], "aligned" if targets_kernels.aligned(d) else "unaligned")
+        widest = max(width(v) for v in targets_kernels.VARIANTS if served(v) == key)
+        assert w <= widest and (widest, *key) in streamed, (c, s, d, dtype, with_head, p.config)
 
 
 def _kd_launches_are_cases():
@@ -709,10 +714,10 @@ TARGETS_COST = {i: (c, s) for i, c, s in cost.targets_cost_variants()}
 TARGETS_OVER_BUDGET = {
     # K = 128: the map (hi + lo, 128 columns and the head) is 442 KB at d = 768, over any SM's shared
     # memory, so it streams from L2 once per row tile: 3,456 B per row at 128 rows against the 2,048 B
-    # of h and the output (bf16, with the head). With given logits (since 2026-12-04, evening) two
-    # programs of 64 columns a row tile each read h, the second from L2 (counted at the HBM as well).
-    (16, 8): "the K = 128 map streams from L2 once per 128-row tile (3,072-3,456 B a row; with given "
-             "logits h is read by two programs): 1.6-2.6x the H200's floor at the L2's read rate; "
+    # of h and the output (bf16, with the head). With given logits, 16-bit embeddings take the whole
+    # grid in one program since 2026-12-05 (2.56x before); fp32's two programs of 64 columns each read h.
+    (16, 8): "the K = 128 map streams from L2 once per 128-row tile (3,072-3,456 B a row; fp32 with "
+             "given logits reads h in two programs): 1.6-2.2x the H200's floor at the L2's read rate; "
              "bf16 with the head measured 2.49-2.57x on the H200 (2026-12-04)",
     # K = 40 (five classes of 8, bench_gpu.py's shape): since 2026-12-05 the map stores 40 columns
     # and a head of 8, not the 8 x 8 grid's 64 and 16 (1,920 B a row with the head, 1.75x).

@@ -69,12 +69,12 @@ class Config(NamedTuple):
 # 100-400 B/thread and 64 x 512 1.5-12 KB under every config tried (sm_80/sm_90, Triton 3.9), and
 # needed up to 565 KB of shared memory at 3 stages (OutOfResources on any GPU).
 COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
-# ... but only a whole grid with the head ("mid-exact-head") or a class of more than 64 (padded)
-# subclasses takes 128: other programs hold at most 64 columns ("narrow"), two or more a row tile.
-# On the H200 (2026-12-04 sweep, 8 x 16 bf16 with the head) two programs of 64 columns at
-# 128 x 64 x 8 warps x 3 stages took 6.09 ms where one of 128 at 128 x 16 x 8 x 2 (then "mid") took
-# 14.9 ms; and that spilled on padded grids (8-400 B a thread, 2026-12-04 gates) where "narrow"
-# does not. The h re-read of the second program comes from L2.
+# ... but only a whole grid (whole_grid: with the head, "mid-exact-head"; of 128 columns with given
+# logits, "mid-exact-logits") or a class of more than 64 (padded) subclasses takes 128: other programs
+# hold at most 64 columns ("narrow"), two or more a row tile, each reading h (the second from L2). On
+# the H200 (2026-12-04 sweep, 8 x 16 bf16 with the head) two programs of 64 at 128 x 64 x 8 warps x
+# 3 stages took 6.09 ms, one of 128 at 128 x 32 x 8 x 4 5.15 ms, at 128 x 16 x 8 x 2 (then "mid")
+# 14.9 ms, which spilled on padded grids (8-400 B a thread, 2026-12-04 gates) where "narrow" does not.
 NARROW_COLUMNS = 64
 # The configs, measured on an H200 (2026-12-04, benchmarks/sweep_targets_gpu.py: 287 configs at
 # 4 M x 768 in bf16 with the head; docs/benchmarks.md): at 16 columns 128 x 64, 4 warps, 3 stages
@@ -82,24 +82,26 @@ NARROW_COLUMNS = 64
 # the launcher took there, 3.01 ms; 4 stages, 1.73 ms, was not tried against the gates: chosen while
 # fp32 still shared these configs, whose h at 4 stages came within 3 KB of sm_80's shared memory);
 # at 64 columns 128 x 64, 8 warps, 3 stages 3.26 ms (128 x 32: 4.63 ms); at 128 columns 128 x 32,
-# 8 warps, 4 stages 5.15 ms (128 x 16, 2 stages: 14.9 ms). 128 x 32 x 8 x 4 spills on padded grids
-# and with given logits (8-360 B per thread on sm_80 or sm_90, under Triton 3.6 or 3.9; so did
-# 128 x 32 at 2 and 3 stages, 64 x 32 and 128 x 64 x 2), so it serves only whole grids with the head
-# ("mid-exact-head"). Other programs of 128 columns (a class of 65-128 subclasses) take 64 x 16 x 8 x 3:
-# spill-free at all 184 launches, both Tritons (128 x 16 x 8 x 2 until late on 2026-12-04 spilled up to
-# 128 B, in the d loop; docs/benchmarks.md), not measured on a GPU (64-row tiles were a little faster
-# at 64 and 128 columns in the sweep: 3.05, 4.96 ms). Faster configs spill, or were not tried against
-# the gates (256 x 32 x 8 warps x 4 stages: 4.41 ms at 128 columns). Every entry is compiled for
-# sm_80/sm_90 under Triton 3.6 and 3.9, its shared memory, registers and spills checked.
+# 8 warps, 4 stages 5.15 ms. That spills with given logits (24-48 B on sm_80, both Tritons) and on
+# padded grids; at 3 stages it spills at no whole 128-column grid with given logits (2026-12-05; 40 B
+# at 8 x 32, 256 columns, under 3.6 on sm_80), not measured on a GPU: "mid-exact-logits". Other
+# programs of 128 columns (a class of 65-128 subclasses) take 64 x 16 x 8 x 3: spill-free at all 184
+# launches, both Tritons, not measured on a GPU (64-row tiles were a little faster at 64 and 128
+# columns in the sweep: 3.05, 4.96 ms). Faster configs spill, or were not tried against the gates
+# (256 x 32 x 8 x 4: 4.41 ms at 128 columns). Every entry is compiled for sm_80/sm_90 under Triton
+# 3.6 and 3.9, its shared memory, registers and spills checked.
 CONFIGS = {
     "thin": [Config(128, 64, 4, 3)],
     "narrow": [Config(128, 64, 8, 3)],
     "mid": [Config(64, 16, 8, 3)],
     "mid-exact-head": [Config(128, 32, 8, 4)],
+    "mid-exact-logits": [Config(128, 32, 8, 3)],
 }
 # fp32 inputs keep the configs of 2026-12-02 (not measured on a GPU): with h split into bf16 parts
 # in the kernel (more registers), every new config above spilled somewhere on fp32 (16-120 B per
-# thread at 16 columns under Triton 3.9, on sm_80 and sm_90; up to 416 B at 128 columns).
+# thread at 16 columns under Triton 3.9, on sm_80 and sm_90; up to 416 B at 128 columns). Whole grids
+# with given logits keep "narrow" here (whole_grid), as with unaligned d: the head's 128 x 16 x 8 x 2
+# spills nowhere with them, but took 14.9 ms in bf16 on the H200 where two programs of 64 took 6.09.
 FP32_CONFIGS = {
     "thin": [Config(256, 32, 8, 3)],
     "narrow": [Config(128, 32, 8, 3)],
@@ -108,33 +110,31 @@ FP32_CONFIGS = {
 }
 
 
-def class_block(c_pad: int, s_pad: int, exact_head: bool = False) -> int:
-    """Classes per program: as many whole classes as fit ``program_columns``; ``exact_head``: a whole
-    C x S grid (no padding) with the teacher's head."""
-    return max(1, min(c_pad, program_columns(s_pad, exact_head) // s_pad))
+def class_block(c_pad: int, s_pad: int, whole: bool = False) -> int:
+    """Classes per program: as many whole classes as fit ``program_columns``; ``whole``: a whole C x S
+    grid (no padding) the launcher takes in programs of 128 columns (``whole_grid``)."""
+    return max(1, min(c_pad, program_columns(s_pad, whole) // s_pad))
 
 
-def program_columns(s_pad: int, exact_head: bool = False) -> int:
-    """The most columns a program holds: COLUMNS_PER_PROGRAM for a whole grid with the head or a class
-    of more than NARROW_COLUMNS (padded) subclasses, else NARROW_COLUMNS."""
-    return COLUMNS_PER_PROGRAM if exact_head or s_pad > NARROW_COLUMNS else NARROW_COLUMNS
+def program_columns(s_pad: int, whole: bool = False) -> int:
+    """The most columns a program holds: COLUMNS_PER_PROGRAM for a ``whole`` grid (``whole_grid``) or a
+    class of more than NARROW_COLUMNS (padded) subclasses, else NARROW_COLUMNS."""
+    return COLUMNS_PER_PROGRAM if whole or s_pad > NARROW_COLUMNS else NARROW_COLUMNS
 
 
-def config_class(columns: int, exact_head: bool = False) -> str:
-    """Which config list serves a program of ``columns`` accumulator columns (see CONFIGS);
-    ``exact_head``: a whole C x S grid (no padding) with the teacher's head, no given logits."""
+def config_class(columns: int, whole: bool = False, with_head: bool = True) -> str:
+    """Which config list serves a program of ``columns`` accumulator columns (see CONFIGS); ``whole``:
+    a whole grid (``whole_grid``), with the teacher's head or given logits (``with_head`` False)."""
     if columns <= 16:
         return "thin"
     if columns <= 64:
         return "narrow"
-    return "mid-exact-head" if exact_head else "mid"
+    return "mid" if not whole else "mid-exact-head" if with_head else "mid-exact-logits"
 
 
-# Embeddings whose width d is not a multiple of 16 (GloVe's 50 and 300): the JIT then specialises no
-# divisibility on d and the row stride, so h comes in without 16-byte copies, each element with its
-# own address and mask. Under the configs above that spilled 16-888 B per thread (both Tritons, sm_80
-# and sm_90, 2026-12-04): 128 x 32 x 8 warps spills at no 64-column grid, 64 x 32 x 4 x 3 at no
-# 16-column one (128 x 32 x 8 x 3 did, 8-16 B on sm_80; docs/benchmarks.md). Not measured on a GPU.
+# Embeddings whose width d is not a multiple of 16 (GloVe's 50 and 300): no divisibility hints, so h
+# comes in without 16-byte copies. Under the configs above that spilled 16-888 B per thread (both
+# Tritons, sm_80 and sm_90, 2026-12-04); these spill nowhere (docs/benchmarks.md). Not measured on a GPU.
 UNALIGNED_CONFIGS = {
     "thin": [Config(64, 32, 4, 3)],
     "narrow": [Config(128, 32, 8, 3)],
@@ -506,15 +506,25 @@ class Plan(NamedTuple):
     tuner: tuple
 
 
+def whole_grid(c_pad: int, s_pad: int, exact: bool, with_head: bool, table: str) -> bool:
+    """Whether the launcher takes a grid whole, in programs of up to 128 columns (``class_block``): a
+    grid without padding (``exact``) with the teacher's head, or of 128 columns with given logits and
+    16-bit embeddings of an aligned width (``table``, ``config_table_name``): one program a row tile,
+    which reads h once where two of 64 read it twice. Wider grids with given logits keep programs of 64
+    (the config spilled 40 B at 8 x 32 under Triton 3.6 on sm_80), as do fp32 and unaligned d (FP32_CONFIGS)."""
+    return exact and (with_head or (c_pad * s_pad == COLUMNS_PER_PROGRAM and table == "16-bit"))
+
+
 def plan(d: int, num_classes: int, n_subclasses: int, dtype: torch.dtype, with_head: bool) -> Plan:
     """The launch for embeddings of width ``d`` and ``dtype``: the config list of its program's width."""
     c_pad, s_pad = padded_grid(num_classes, n_subclasses)
     exact = (c_pad, s_pad) == (num_classes, n_subclasses)
-    c_block = class_block(c_pad, s_pad, exact and with_head)
-    name = config_class(c_block * s_pad, exact and with_head)
     table = config_table_name(dtype, aligned(d))
+    whole = whole_grid(c_pad, s_pad, exact, with_head, table)
+    c_block = class_block(c_pad, s_pad, whole)
+    name = config_class(c_block * s_pad, whole, with_head)
     cfg = _TABLES[table][name][0]  # the autotuner's choice on a GPU; the only one so far
-    return Plan("lelp_targets_kernel", cfg, _constexprs(dtype, c_pad, s_pad, not with_head, exact, cfg),
+    return Plan("lelp_targets_kernel", cfg, _constexprs(c_pad, s_pad, not with_head, exact, cfg, table),
                 triton.cdiv(num_classes, c_block), (name, table))
 
 
@@ -571,19 +581,22 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
 # programs of 64: group offsets); for "thin" one class of 16 subclasses
 # (the head's other view); "narrow" and "mid" as one and two or more wide classes (1 x 64, 2 x 32,
 # 1 x 128, 4 x 128; one class of 128 padded subclasses spilled 464-528 B where 16 classes of 8 did
-# not, 2026-12-04); "mid-exact-head" with the head on whole grids only. ``_variants`` keeps the
-# launches ``plan`` sends to each list.
+# not, 2026-12-04); "mid-exact-head" with the head on whole grids only, "mid-exact-logits" with
+# given logits on every whole grid of 128 columns (``whole_grid``). ``_variants`` keeps the launches
+# ``plan`` sends to each list.
 VARIANT_GRIDS = {"thin": [(4, 4), (16, 1), (1, 16)],
                  "narrow": [(4, 16), (1, 64), (2, 32), (16, 8), (2, 64), (16, 16), (16, 32)],
                  "mid": [(1, 128), (4, 128)],
                  "mid-exact-head": [(16, 8), (1, 128), (2, 64), (8, 16), (4, 32), (16, 16), (8, 32), (16, 32),
-                                    (2, 128), (4, 64), (4, 128), (8, 64)]}
+                                    (2, 128), (4, 64), (4, 128), (8, 64)],
+                 "mid-exact-logits": [(16, 8), (2, 64), (8, 16), (4, 32), (32, 4), (64, 2)]}
 
 
-def _constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg) -> dict:
-    return dict(HAS_LOGITS=has_logits, C_PAD=c_pad, S_PAD=s_pad,
-                C_BLOCK=class_block(c_pad, s_pad, exact and not has_logits), EXACT=exact, BLOCK_N=cfg.block_n,
-                BLOCK_D=cfg.block_d)
+def _constexprs(c_pad, s_pad, has_logits, exact, cfg, table) -> dict:
+    """The kernel's constexprs for a grid launched with ``cfg`` from config table ``table``."""
+    whole = whole_grid(c_pad, s_pad, exact, not has_logits, table)
+    return dict(HAS_LOGITS=has_logits, C_PAD=c_pad, S_PAD=s_pad, C_BLOCK=class_block(c_pad, s_pad, whole),
+                EXACT=exact, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
 
 
 def _variants() -> List[dict]:
@@ -591,12 +604,13 @@ def _variants() -> List[dict]:
     each of the ``LAYOUTS``; ``kernel`` names the kernel function."""
     variants = []
     for dtype, name, layout in itertools.product(_TL_DTYPES, CONFIGS, LAYOUTS):
-        table = config_table(dtype, layout == "aligned")
-        for (c_pad, s_pad), cfg in itertools.product(VARIANT_GRIDS[name], table[name]):
+        table_name = config_table_name(dtype, layout == "aligned")
+        configs = config_table(dtype, layout == "aligned").get(name, [])  # "mid-exact-logits": 16-bit only
+        for (c_pad, s_pad), cfg in itertools.product(VARIANT_GRIDS[name], configs):
             logits_options = (False, True) if c_pad <= HEAD_PAD else (True,)  # a head takes C <= 16
             exacts = (False, True)
-            if name == "mid-exact-head":
-                logits_options, exacts = (False,), (True,)
+            if name.startswith("mid-exact"):  # whole grids, with the head or with given logits
+                logits_options, exacts = (name == "mid-exact-logits",), (True,)
             for has_logits, exact in itertools.product(logits_options, exacts):
                 c, s = grid_shape(c_pad, s_pad, exact)
                 if limits.vanilla_kd(s, has_logits):
@@ -604,7 +618,7 @@ def _variants() -> List[dict]:
                 if plan(LAYOUTS[layout][1], c, s, dtype, not has_logits).tuner[0] != name:
                     continue  # the launcher sends this launch to another config list
                 v = dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg, layout=layout,
-                         constexprs=_constexprs(dtype, c_pad, s_pad, has_logits, exact, cfg))
+                         constexprs=_constexprs(c_pad, s_pad, has_logits, exact, cfg, table_name))
                 if v not in variants:  # the same launch listed twice would compile twice
                     variants.append(v)
     for (c, s), dtype, with_head in itertools.product(COST_SHAPES, (torch.bfloat16, torch.float32), (True, False)):
