@@ -193,18 +193,19 @@ def test_triton_targets_persistent_loop_matches_reference(one_program_per_group,
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="forces the interpreter's grid")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(261, 48, 16, 8), (130, 64, 8, 16), (70, 32, 64, 2), (33, 37, 4, 32)])
+@pytest.mark.parametrize("shape", [(261, 48, 16, 8), (130, 64, 8, 16), (70, 32, 64, 2), (40, 32, 1, 128),
+                                   (33, 37, 4, 32)])
 def test_triton_targets_whole_128_column_grid_with_given_logits(one_program_per_group, dtype, shape):
     """A whole grid of 128 columns with given logits and 16-bit embeddings of a 16-aligned width is one
     program a row tile ("mid-exact-logits", since 2026-12-05; two of 64 columns before, each reading
-    h); fp32 and an unaligned width (d = 37) keep two: the targets match the reference over several
-    row tiles, 64 given logits taken 32 at a time."""
+    h); fp32 and an unaligned width (d = 37) keep two (1 x 128: one of "mid"): the targets match the
+    reference over several row tiles, 64 given logits taken 32 at a time."""
     from lelp_fast.kernels.triton import targets as tt
 
     n, d, num_classes, s = shape
     p = tt.plan(d, num_classes, s, dtype, with_head=False)
     whole = dtype != torch.float32 and d % 16 == 0
-    want = ("mid-exact-logits", 1, 128) if whole else ("narrow", 2, 64)
+    want = ("mid-exact-logits", 1, 128) if whole else ("mid", 1, 128) if s > 64 else ("narrow", 2, 64)
     assert (p.tuner[0], p.groups, p.constexprs["C_BLOCK"] * p.constexprs["S_PAD"]) == want
     test_triton_targets_match_reference(dtype, (n, d, num_classes, s), False)
 

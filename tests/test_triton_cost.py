@@ -108,8 +108,9 @@ def test_targets_map_is_read_once_per_row_tile():
     one since 2026-12-05), the output once, and the map's stored columns over the rows of one tile
     (128; fp32 at 16 columns, 256), fp32 included (its map in bf16 hi + lo parts, 4 B per entry): bf16
     K = 16 576 B a row with the head (16 subclass columns and a head of 8), 384 B with given logits;
-    K = 128 3,456 and 3,072 B; K = 40 (5 x 8 on an 8 x 8 grid) 1,152 and 960 B. Until 2026-12-05 the padding classes and a 16-column head were read too: 768 B
-    at K = 16 with the head, 1,920 and 1,536 B at K = 40. Before the persistent kernel each 64-row
+    K = 128 3,456 and 3,072 B; K = 40 (5 x 8 on an 8 x 8 grid) 1,152 and 960 B. Until 2026-12-05 the
+    padding classes and a 16-column head were read too: 768 B at K = 16 with the head, 1,920 and
+    1,536 B at K = 40. Before the persistent kernel each 64-row
     program read the whole map: 1,536 B per row at K = 16, 6,912 B at K = 128 in bf16."""
     from lelp_fast.kernels.triton import targets
 

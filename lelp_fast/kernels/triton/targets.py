@@ -13,9 +13,9 @@ h_lo @ lo left out (errors up to ~2^-16 of a row's largest |log t|; the ``tf32x3
 with the map re-split in every tile, were modelled at 4.8x the H200's floor at K = 128).
 The subclass columns are laid out as a padded ``C_PAD x S_PAD`` grid, so the epilogue reshapes
 the accumulator to (rows, class, subclass) and takes every class's log-softmax with one
-reduction; the teacher head (when no logits are given) is a second, 16-column dot. A program
-holds at most 64 columns, ``C_BLOCK`` whole classes (128 for a whole grid with the head or a class of
-more than 64 subclasses); wider maps take several programs per row tile, those that hold a class.
+reduction; the teacher head (when no logits are given) is a second, 16-column dot. A program holds
+at most 64 columns, ``C_BLOCK`` whole classes (128 for a class of more than 64 subclasses and for
+``whole_grid``'s grids); wider maps take several programs per row tile, those that hold a class.
 
 Numerics are tested on CPU under ``TRITON_INTERPRET=1`` against the fp64 reference; every entry
 of ``VARIANTS`` is compiled ahead of time for sm_80/sm_90, its PTX checked and its shared memory,
@@ -82,9 +82,9 @@ NARROW_COLUMNS = 64
 # the launcher took there, 3.01 ms; 4 stages, 1.73 ms, was not tried against the gates: chosen while
 # fp32 still shared these configs, whose h at 4 stages came within 3 KB of sm_80's shared memory);
 # at 64 columns 128 x 64, 8 warps, 3 stages 3.26 ms (128 x 32: 4.63 ms); at 128 columns 128 x 32,
-# 8 warps, 4 stages 5.15 ms. That spills with given logits (24-48 B on sm_80, both Tritons) and on
-# padded grids; at 3 stages it spills at no whole 128-column grid with given logits (2026-12-05; 40 B
-# at 8 x 32, 256 columns, under 3.6 on sm_80), not measured on a GPU: "mid-exact-logits". Other
+# 8 warps, 4 stages 5.15 ms. That spills with given logits (8-48 B on sm_80, both Tritons; one-off
+# compiles of 2026-12-05) and on padded grids; at 3 stages at no whole 128-column grid with given
+# logits (40 B at 8 x 32, 256 columns, under 3.6 on sm_80), not measured on a GPU: "mid-exact-logits". Other
 # programs of 128 columns (a class of 65-128 subclasses) take 64 x 16 x 8 x 3: spill-free at all 184
 # launches, both Tritons, not measured on a GPU (64-row tiles were a little faster at 64 and 128
 # columns in the sweep: 3.05, 4.96 ms). Faster configs spill, or were not tried against the gates
@@ -589,7 +589,7 @@ VARIANT_GRIDS = {"thin": [(4, 4), (16, 1), (1, 16)],
                  "mid": [(1, 128), (4, 128)],
                  "mid-exact-head": [(16, 8), (1, 128), (2, 64), (8, 16), (4, 32), (16, 16), (8, 32), (16, 32),
                                     (2, 128), (4, 64), (4, 128), (8, 64)],
-                 "mid-exact-logits": [(16, 8), (2, 64), (8, 16), (4, 32), (32, 4), (64, 2)]}
+                 "mid-exact-logits": [(16, 8), (1, 128), (2, 64), (8, 16), (4, 32), (32, 4), (64, 2)]}
 
 
 def _constexprs(c_pad, s_pad, has_logits, exact, cfg, table) -> dict:
