@@ -100,8 +100,8 @@ CONFIGS = {
 # fp32 inputs keep the configs of 2026-12-02 (not measured on a GPU): with h split into bf16 parts
 # in the kernel (more registers), every new config above spilled somewhere on fp32 (16-120 B per
 # thread at 16 columns under Triton 3.9, on sm_80 and sm_90; up to 416 B at 128 columns). Whole grids
-# with given logits keep "narrow" here (whole_grid), as with unaligned d: the head's 128 x 16 x 8 x 2
-# spills nowhere with them, but took 14.9 ms in bf16 on the H200 where two programs of 64 took 6.09.
+# with given logits keep their programs here (whole_grid), as with unaligned d: the head's 128 x 16 x 8
+# x 2 spills nowhere with them, but took 14.9 ms in bf16 on the H200 where two programs of 64 took 6.09.
 FP32_CONFIGS = {
     "thin": [Config(256, 32, 8, 3)],
     "narrow": [Config(128, 32, 8, 3)],
