@@ -139,8 +139,8 @@ def test_targets_tile_runs_on_tensor_cores(sass, arch, form):
     want = {"HalfMmaI13__nv_bfloat16": r"HMMA\.16816\.F32\.BF16", "HalfMmaI6__half": r"HMMA\.16816\.F32\b",
             "SplitFloatMma": r"HMMA\.16816\.F32\.BF16"}
     # with 16-byte rows (kVec) and without; the resident form also at 16, 32 and any padded columns; the
-    # streaming form of 16-bit embeddings in 16-byte rows also in 128-row tiles (2 row fragments a warp)
-    per_dtype = {"HalfMmaI13__nv_bfloat16": 3, "HalfMmaI6__half": 3, "SplitFloatMma": 2}
+    # streaming form with 16-byte rows also in 128-row tiles (2 row fragments a warp)
+    per_dtype = {"HalfMmaI13__nv_bfloat16": 3, "HalfMmaI6__half": 3, "SplitFloatMma": 3}
     if form == "targets_resident_kernel":
         per_dtype = dict.fromkeys(want, 6)
     assert len(tiles) == sum(per_dtype.values())

@@ -312,14 +312,14 @@ def _targets_and_reference(backend, dtype, num_classes, s, with_head, d, n, seed
 
 
 # (C, S, head, d, n, rows): maps of 16 to 160 padded columns take the streaming tile's 128-row form
-# in 16 bits (every fragment of both column sets at 10 x 15 with the head, 160; 144 the cost shape's
-# 16 x 8; given logits where K + C passes the map's width, 20 x 8: projections of 184 columns), past
-# 160 (11 x 15 with the head, 176) and with 16-byte rows only: d = 104 (208 B rows) pairs, d = 100
-# (200 B, copied by element) does not; nor 80 x 2 with given logits (240 columns of projections: two
-# 128-row blocks would not fit an SM). n = 333: 3 tiles of 128 (the last partial) over the 2 emulated
-# blocks; 1, 128 and 129 rows at 16 x 8.
+# (every fragment of both column sets at 10 x 15 with the head, 160; 144 the cost shape's 16 x 8;
+# given logits where K + C passes the map's width, 20 x 8: projections of 184 columns), past 160
+# (11 x 15 with the head, 176) and with 16-byte rows only: d = 104 (208 B rows in 16 bits, 416 in
+# fp32) pairs, d = 101 (202 B, 404 B: copied by element) does not; nor 80 x 2 with given logits (240
+# columns of projections: two 128-row blocks would not fit an SM). n = 333: 3 tiles of 128 (the last
+# partial) over the 2 emulated blocks; 1, 128 and 129 rows at 16 x 8.
 PAIRED_CASES = [(16, 8, True, 104, 333, 128), (10, 15, True, 104, 333, 128), (3, 5, False, 104, 333, 128),
-                (20, 8, False, 104, 333, 128), (11, 15, True, 104, 333, 64), (16, 8, True, 100, 333, 64),
+                (20, 8, False, 104, 333, 128), (11, 15, True, 104, 333, 64), (16, 8, True, 101, 333, 64),
                 (80, 2, False, 104, 333, 64), (16, 8, True, 104, 1, 128), (16, 8, True, 104, 128, 128),
                 (16, 8, False, 104, 129, 128)]
 
@@ -343,13 +343,13 @@ def _streaming_targets(cuda_emulator, backend, dtype, num_classes, s, with_head,
 def test_cuda_streaming_tile_pairs_row_fragments(backend, cuda_emulator, dtype, num_classes, s, with_head, d, n,
                                                  rows):
     """Issue 21 item 10 (CUDA, K = 128): the streaming tile took 64 rows a block and streamed the whole
-    split map once per 64 rows (6,912 B a row at K = 128 with the head, d = 768, bf16). At 16-bit
-    embeddings in 16-byte rows and maps of up to 160 padded columns each warp now takes two row
-    fragments, so a block's tile is 128 rows and a step's map serves twice the rows; fp32 (split
-    embeddings) keeps 64. The rows are the instantiation the emulator ran."""
+    split map once per 64 rows (6,912 B a row at K = 128 with the head, d = 768, bf16). For embeddings
+    in 16-byte rows (bf16, fp16 and fp32) and maps of up to 160 padded columns each warp now takes two
+    row fragments, so a block's tile is 128 rows and a step's map serves twice the rows. The rows are
+    the instantiation the emulator ran."""
     got, want, tile_rows = _streaming_targets(cuda_emulator, backend, dtype, num_classes, s, with_head, d, n,
                                               num_classes * s + d + n)
-    assert tile_rows == (64 if dtype == torch.float32 else rows)
+    assert tile_rows == rows
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
 
 
@@ -383,6 +383,12 @@ def test_cuda_streaming_tile_of_128_rows_fits_two_blocks_an_sm(cuda_emulator):
     assert cuda_emulator.tile_smem_bytes(2, 160, 20, 8) == 4 * 128 * 185  # given logits: K + C = 180 -> 184
     assert cuda_emulator.tile_smem_bytes(2, 160, 20, 8, smem_per_sm=sm80) == 2 * (64 * 40 * 2 + 2 * 2 * 32 * 168)
     assert cuda_emulator.tile_smem_bytes(2, 160, 80, 2, smem_per_sm=sm90) == 4 * 64 * 241
+    # fp32 (4-byte embeddings, each step split into bf16 hi + lo): its stages outweigh the projections;
+    # two 128-row blocks fit sm_90, not sm_80 (64 rows there)
+    fp32_paired = 2 * (128 * 40 * 4 + 2 * 2 * 32 * 152) + 2 * 2 * 128 * 40
+    assert cuda_emulator.tile_smem_bytes(4, 144, 16, 8) == fp32_paired == 100_352
+    fp32_64_rows = 2 * (64 * 40 * 4 + 2 * 2 * 32 * 152) + 2 * 2 * 64 * 40
+    assert cuda_emulator.tile_smem_bytes(4, 144, 16, 8, smem_per_sm=sm80) == fp32_64_rows
     for c, s, head in [(16, 8, True), (10, 15, True), (20, 8, False), (80, 2, False), (4, 4, True)]:
         j = c * s + (c if head else 0)
         for smem_per_sm in (sm80, sm90):

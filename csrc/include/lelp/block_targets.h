@@ -1,7 +1,7 @@
 // The CUDA targets kernels' bodies (docs/algorithm.md: log t = segmented log-softmaxes of h [A | W^T] + [e | b]).
 //
 // Tensor-core tile (maps up to kMaxTileCols columns): a block of 8 warps takes 64 rows (128 for
-// 16-bit embeddings in 16-byte rows at maps of up to kPairedMaxCols columns) and streams their
+// embeddings in 16-byte rows at maps of up to kPairedMaxCols columns) and streams their
 // embeddings once, in steps of 32 columns, against the whole map (every column's accumulator stays
 // live: warp w takes row fragment w % 4 (or 2 (w % 4) and the next) and every other 16-column
 // fragment, so at most 8 fragments per warp, 2 x 5 in 128-row tiles). The map comes split once by
@@ -76,13 +76,13 @@ LELP_HD int ld_u(const TargetsArgs& a) {
 constexpr int kMapBytes = 2;  // a map entry's part (Mma::Stage: bf16 or fp16)
 
 // The streaming tile's accumulator fragments a warp holds: kPairedFrags for each of its two row
-// fragments (128-row tiles) at 16-bit embeddings in 16-byte rows and maps of up to kPairedMaxCols
-// padded columns, else kMaxFrags for its one (64-row tiles). Two row fragments load each map
-// fragment once for 32 rows, and a step's map serves 128 rows: at K = 128 with the head (144
-// columns) the map's stream is half of the 64-row tile's. Their 80 accumulator registers leave room
-// for two blocks an SM (128 registers a thread); fp32's split embeddings (a second A fragment a row
-// fragment), 8 fragments of a wider map, or rows copied element by element (132 registers in bf16
-// on sm_90) do not.
+// fragments (128-row tiles) at embeddings in 16-byte rows and maps of up to kPairedMaxCols padded
+// columns, else kMaxFrags for its one (64-row tiles). Two row fragments load each map fragment once
+// for 32 rows, and a step's map serves 128 rows: at K = 128 with the head (144 columns) the map's
+// stream is half of the 64-row tile's. Their 80 accumulator registers leave room for two blocks an
+// SM (128 registers a thread; fp32's split embeddings, a second A fragment a row fragment, too since
+// its fragments load by ldmatrix); 8 fragments of a wider map, or rows copied element by element
+// (132 registers in bf16 on sm_90), do not.
 constexpr int kPairedFrags = 5;
 constexpr int kPairedMaxCols = 2 * 16 * kPairedFrags;
 
@@ -113,12 +113,12 @@ LELP_HD int64_t smem_bytes(const TargetsArgs& a, int emb_bytes, int row_frags) {
 }
 
 // Row fragments a warp of the streaming tile takes (its tiles are 64 x that rows): 2 where the
-// embeddings and map allow it (kPairedFrags above; vec: tile_vector_loads) and two blocks of the
+// rows and map allow it (kPairedFrags above; vec: tile_vector_loads) and two blocks of the
 // 128-row tile still fit the SM's smem_per_sm bytes of shared memory (its projections grow with
 // ld_u: with given logits K + C may pass the map's width), else 1.
 LELP_HD int streaming_row_frags(const TargetsArgs& a, int emb_bytes, bool vec, int64_t smem_per_sm) {
   const bool fits = 2 * (smem_bytes(a, emb_bytes, 2) + kSmemReservedPerBlock) <= smem_per_sm;
-  return emb_bytes == 2 && vec && split_cols(a.J) <= kPairedMaxCols && fits ? 2 : 1;
+  return vec && split_cols(a.J) <= kPairedMaxCols && fits ? 2 : 1;
 }
 
 // The resident form (targets_tiles_resident): steps of 64 embedding columns (the per-step
@@ -184,11 +184,11 @@ void with_resident_cols(const TargetsArgs& a, F&& f) {
 }
 
 // Calls f(std::integral_constant<int, row fragments>{}, std::integral_constant<int, fragments>{}):
-// the one place that maps row_frags (streaming_row_frags) of a call with embeddings of kEmbBytes to
-// a streaming-tile instantiation (fp32's, and rows copied by element, have one).
-template <int kEmbBytes, bool kVec, class F>
+// the one place that maps row_frags (streaming_row_frags) of a call to a streaming-tile instantiation
+// (rows copied by element, kVec false, have one).
+template <bool kVec, class F>
 void with_streaming_layout(int row_frags, F&& f) {
-  if constexpr (kEmbBytes == 2 && kVec)
+  if constexpr (kVec)
     if (row_frags == 2) return f(std::integral_constant<int, 2>{}, std::integral_constant<int, kPairedFrags>{});
   return f(std::integral_constant<int, 1>{}, std::integral_constant<int, kMaxFrags>{});
 }
