@@ -83,7 +83,7 @@ def test_resident_form_reads_the_map_once_per_block(modelled):
             assert e["h"] + e["map"] <= e["copied_per_row"] <= 1.34 * (e["h"] + e["map"]), e
 
 
-def test_streaming_tile_reads_the_map_once_per_128_rows_in_16_bits(modelled):
+def test_streaming_tile_reads_the_map_once_per_128_rows(modelled):
     """Issue 21 item 10 (CUDA, K = 128): the streaming tile read the 442 KB split map (768 x 144
     columns, hi + lo) once per 64 rows, 6,912 B a row with the head in bf16. With two row fragments a
     warp (16-byte rows, maps of up to 160 columns, two blocks an SM in sm_90's shared memory) a tile is
