@@ -140,13 +140,11 @@ def test_targets_tile_runs_on_tensor_cores(sass, arch, form):
             "SplitFloatMma": r"HMMA\.16816\.F32\.BF16"}
     # with 16-byte rows (kVec) and without; the resident form also at 16, 32 and any padded columns; the
     # streaming form with 16-byte rows also in 128-row tiles (2 row fragments a warp)
-    per_dtype = {"HalfMmaI13__nv_bfloat16": 3, "HalfMmaI6__half": 3, "SplitFloatMma": 3}
-    if form == "targets_resident_kernel":
-        per_dtype = dict.fromkeys(want, 6)
-    assert len(tiles) == sum(per_dtype.values())
+    per_dtype = 3 if form == "targets_tile_kernel" else 6
+    assert len(tiles) == per_dtype * len(want)
     for part, mma in want.items():
         found = [(n, c) for n, c in tiles.items() if part in n]
-        assert len(found) == per_dtype[part], part
+        assert len(found) == per_dtype, part
         for name, code in found:
             assert re.search(mma, code), f"{name}: no {mma}"
             assert "LDGSTS.E.BYPASS.128" in code, f"{name}: no asynchronous 16-byte copies"

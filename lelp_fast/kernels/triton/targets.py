@@ -524,8 +524,9 @@ def plan(d: int, num_classes: int, n_subclasses: int, dtype: torch.dtype, with_h
     c_block = class_block(c_pad, s_pad, whole)
     name = config_class(c_block * s_pad, whole, with_head)
     cfg = _TABLES[table][name][0]  # the autotuner's choice on a GPU; the only one so far
-    return Plan("lelp_targets_kernel", cfg, _constexprs(c_pad, s_pad, not with_head, exact, cfg, table),
-                triton.cdiv(num_classes, c_block), (name, table))
+    constexprs = dict(HAS_LOGITS=not with_head, C_PAD=c_pad, S_PAD=s_pad, C_BLOCK=c_block, EXACT=exact,
+                      BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+    return Plan("lelp_targets_kernel", cfg, constexprs, triton.cdiv(num_classes, c_block), (name, table))
 
 
 def kernel_args(embeddings, split: SplitMap, num_classes, n_subclasses, teacher_logits, beta, tau, out) -> tuple:
@@ -592,19 +593,11 @@ VARIANT_GRIDS = {"thin": [(4, 4), (16, 1), (1, 16)],
                  "mid-exact-logits": [(16, 8), (1, 128), (2, 64), (8, 16), (4, 32), (32, 4), (64, 2)]}
 
 
-def _constexprs(c_pad, s_pad, has_logits, exact, cfg, table) -> dict:
-    """The kernel's constexprs for a grid launched with ``cfg`` from config table ``table``."""
-    whole = whole_grid(c_pad, s_pad, exact, not has_logits, table)
-    return dict(HAS_LOGITS=has_logits, C_PAD=c_pad, S_PAD=s_pad, C_BLOCK=class_block(c_pad, s_pad, whole),
-                EXACT=exact, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
-
-
 def _variants() -> List[dict]:
     """Every constexpr combination ``targets_triton`` can launch, at the grids of VARIANT_GRIDS, in
     each of the ``LAYOUTS``; ``kernel`` names the kernel function."""
     variants = []
     for dtype, name, layout in itertools.product(_TL_DTYPES, CONFIGS, LAYOUTS):
-        table_name = config_table_name(dtype, layout == "aligned")
         configs = config_table(dtype, layout == "aligned").get(name, [])  # "mid-exact-logits": 16-bit only
         for (c_pad, s_pad), cfg in itertools.product(VARIANT_GRIDS[name], configs):
             logits_options = (False, True) if c_pad <= HEAD_PAD else (True,)  # a head takes C <= 16
@@ -615,10 +608,12 @@ def _variants() -> List[dict]:
                 c, s = grid_shape(c_pad, s_pad, exact)
                 if limits.vanilla_kd(s, has_logits):
                     continue  # vanilla KD: kd_targets' kernel
-                if plan(LAYOUTS[layout][1], c, s, dtype, not has_logits).tuner[0] != name:
+                p = plan(LAYOUTS[layout][1], c, s, dtype, not has_logits)
+                if p.tuner[0] != name:
                     continue  # the launcher sends this launch to another config list
+                constexprs = {**p.constexprs, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d}  # plan takes the first
                 v = dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg, layout=layout,
-                         constexprs=_constexprs(c_pad, s_pad, has_logits, exact, cfg, table_name))
+                         constexprs=constexprs)
                 if v not in variants:  # the same launch listed twice would compile twice
                     variants.append(v)
     for (c, s), dtype, with_head in itertools.product(COST_SHAPES, (torch.bfloat16, torch.float32), (True, False)):
