@@ -14,8 +14,8 @@ on H100 and H200 (the constants of lelp_fast/kernels/triton/cost.py):
   2026-12-05 the map was counted at the HBM's bandwidth);
 * instructions: the SASS of the row-tile loop (the largest natural loop), each instruction times the
   trips of the loops nested in the tile loop that hold it, issued by the block's 256 threads for
-  its 64 rows (128 in 16 bits: the resident form at 16 or 32 columns, the streaming form up to 160,
-  ``streaming_row_frags``); the code outside the tile
+  its 64 rows (128: the resident form at 16 or 32 columns in 16 bits, the streaming form up to 160
+  columns, ``streaming_row_frags``); the code outside the tile
   loop over the tiles a block takes. A nested loop's trips come from its source line (the line of
   its back edge, matched in ``trips_of``) at the path's shape; a loop whose line is not there
   fails the model. A loop the compiler unrolled in part would be counted several times over, so the
