@@ -34,6 +34,7 @@ docs/benchmarks.md quotes.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import subprocess
@@ -143,7 +144,6 @@ def trips_of(statement: str, p: TargetsPath, resident: bool, tile_rows: int = RO
     step = RESIDENT_STEP_K if resident else STEP_K
     C, S, K, J = p.num_classes, p.n_subclasses, p.k, p.j
     vec = 16 // TYPES[p.dtype].h_bytes  # Mma::kVec (embeddings a 16-byte copy)
-    map_vec = 16 // MAP_BYTES
     R = tile_rows // (THREADS // 32)
     table = {
         "for (int64_t s = 0; s < steps; ++s)": -(-D // step),  # the resident form's
@@ -151,13 +151,12 @@ def trips_of(statement: str, p: TargetsPath, resident: bool, tile_rows: int = RO
         "for (int kk = 0; kk < kStep; kk += Mma::kK)": step // MMA_K,
         "for (int i = b.thread(); i < kTileRows * kStep / V; i += kThreads)": -(-tile_rows * step // vec // THREADS),
         "for (int e = 0; e < V; ++e)": vec,
-        "for (MapChunks m(b.thread(), chunks); m.k < rows; m.next(chunks))":
-            -(-STEP_K * (-(-J // 16) * 16 // map_vec) // THREADS),  # the streaming form's step of the map
+        "for (int q = 0; q < kStepK / kWarps; ++q)": STEP_K // (THREADS // 32),  # the streaming step's map rows a warp
         "for (int r = r0; r < r0 + R; ++r)": R,
         "for (int j = lane; j < J; j += 32)": -(-J // 32),
         "for (int c = lane; c < C; c += 32)": -(-C // 32),
         "for (LanePairs p(lane, C); p.r < R; p.next())": -(-R * C // 32),
-        "for (LanePairs p(lane, K); p.r < R; p.next())": -(-R * K // 32),
+        "while (p.r < rows) {": -(-R * K // 32),  # the (row, element) pairs stored: every row below n
         "for (int k = lane; k < K; k += 32)": -(-K // 32),
         # lelp/row_math.h: scaled_logsumexp over a row's C class logits, subclass_log_softmax over a class's S
         "for (int i = 0; i < n; ++i) m = fmax_(m, x[i * stride] * scale);": C,
@@ -187,7 +186,8 @@ def tile_facts(instructions: List[tuple], lines: Dict[int, tuple], p: TargetsPat
     found = cuda_cost.natural_loops(instructions)
     tile_loop = found[0][0]
     weight = [1.0] * len(instructions)
-    facts = {"tile": 0.0, "tile_mufu": 0.0, "tile_copies": 0.0, "outside": 0.0, "inner_loops": [], "outer_loops": []}
+    facts = {"tile": 0.0, "tile_mufu": 0.0, "tile_copies": 0.0, "outside": 0.0, "inner_loops": [], "outer_loops": [],
+             "loop_opcodes": {}}
     for body, ends in found[1:]:
         where = statement(lines[instructions[ends[0]][0]]).strip()
         if not body < tile_loop:
@@ -195,6 +195,8 @@ def tile_facts(instructions: List[tuple], lines: Dict[int, tuple], p: TargetsPat
             continue
         trips = trips_of(where, p, resident, tile_rows)
         facts["inner_loops"].append(where)
+        # each nested loop's body once, by opcode (the innermost loop of a statement, if several)
+        facts["loop_opcodes"][where] = collections.Counter(cuda_cost.opcode(instructions[i][1]) for i in body)
         for i in body:
             weight[i] *= trips
     for i, (_, ins) in enumerate(instructions):
@@ -241,6 +243,7 @@ def model(paths: List[TargetsPath] = COST_PATHS, arch: int = 90) -> Dict[Targets
         e = {"form": "resident" if form["resident"] else "streaming", **moved, "floor": floor,
              "instructions": instructions, "mufu": mufu, "flops": flops, "smem": form["smem"],
              "inner_loops": facts["inner_loops"], "outer_loops": facts["outer_loops"],
+             "loop_opcodes": facts["loop_opcodes"],
              "copied_per_row": facts["tile_copies"] * 16 * THREADS / rows, "tile_rows": rows}
         for device, bandwidth in cost.BANDWIDTH.items():
             # the HBM moves h, the logits and the output; the SMs read h, the logits and the map's

@@ -63,6 +63,22 @@ __device__ __forceinline__ void load_bf16_shared(unsigned (&r)[4], const void* p
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at), "r"(ld) : "memory");
 }
 
+// The shared-memory address this lane gives ldmatrix for a bf16 B fragment (row-major, 16 x 16 x
+// 16) at p: row lane % 16, columns 8 (lane / 16) .. + 7, as ptxas addresses the one LDSM (.x4.trans)
+// it makes of wmma.load.b above. ptxas recomputed that lane offset from %laneid and ld for every
+// fragment (eight instructions a load, at the 128 registers of two blocks an SM); taken once a step
+// (HalfMma::b_at), a step's fragments load at constant offsets from it.
+__device__ __forceinline__ unsigned bf16_b_lane_address(const void* p, int ld) {
+  unsigned lane;
+  asm("mov.u32 %0, %%laneid;" : "=r"(lane));
+  return static_cast<unsigned>(__cvta_generic_to_shared(p)) + 2 * ((lane % 16) * ld + lane / 16 * 8);
+}
+
+__device__ __forceinline__ void load_bf16_b_ldmatrix(unsigned (&r)[4], unsigned at) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at) : "memory");
+}
+
 // bf16/fp16 embeddings: WMMA 16 x 16 x 16 on T, the map split into hi + lo parts of T.
 template <class T>
 struct HalfMma {
@@ -83,11 +99,18 @@ struct HalfMma {
     else
       wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
   }
-  static __device__ __forceinline__ void load_b(B& f, const Stage* p, int ld) {
+  // B fragments at b_at(p, ld) + offset elements (block_targets.h): bf16's at this lane's ldmatrix
+  // address, fp16's at the pointer wmma::load_matrix_sync takes (with ld).
+  using BAt = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, unsigned, const Stage*>;
+  static __device__ __forceinline__ BAt b_at(const Stage* p, int ld) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) return bf16_b_lane_address(p, ld);
+    else return p;
+  }
+  static __device__ __forceinline__ void load_b(B& f, BAt at, int offset, int ld) {
     if constexpr (std::is_same_v<T, __nv_bfloat16>)
-      load_bf16_shared<'b'>(reinterpret_cast<unsigned(&)[4]>(f), p, ld);
+      load_bf16_b_ldmatrix(reinterpret_cast<unsigned(&)[4]>(f), at + 2 * offset);
     else
-      wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
+      wmma::load_matrix_sync(f, reinterpret_cast<const T*>(at + offset), ld);
   }
   static __device__ __forceinline__ void mma(Acc& c, const A& a, const B& b) { wmma::mma_sync(c, a, b, c); }
   static __device__ __forceinline__ void store(const cuda::DeviceWarp<32>&, float* p, const Acc& c, int ld) {

@@ -122,6 +122,10 @@ struct HostTiles {
     for (int k = 0; k < kKDim; ++k)
       for (int j = 0; j < 16; ++j) f[k * 16 + j] = Derived::value(p[k * ld + j]);
   }
+  // A B fragment's address as the loads take it (csrc/cuda/targets.cu's HalfMma::b_at), and a load offset elements on.
+  using BAt = const Stage*;
+  static BAt b_at(const Stage* p, int) { return p; }
+  static void load_b(B& f, BAt at, int offset, int ld) { load_b(f, at + offset, ld); }
   static void mma(Acc& c, const A& a, const B& b) {
     for (int i = 0; i < 16; ++i)
       for (int j = 0; j < 16; ++j) {

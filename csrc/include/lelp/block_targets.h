@@ -37,7 +37,9 @@
 //          map's and the products' 16-bit element), kK (the MMA's k), kVec (Raw elements per 16
 //          bytes), kSplitX (fp32 embeddings: split8(const Raw*, Stage* hi, Stage* lo) splits 8
 //          values, every pointer 16-byte aligned); fragment types A, B, Acc; fill(acc, v);
-//          load_a / load_b(frag, const Stage*, ld); mma(acc, a, b) (acc += a b); store(warp, float*, acc, ld)
+//          load_a(frag, const Stage*, ld); BAt b_at(const Stage*, ld) (a B fragment's address as
+//          the loads take it, made once a step) and load_b(frag, BAt, offset, ld) (offset elements on);
+//          mma(acc, a, b) (acc += a b); store(warp, float*, acc, ld)
 #pragma once
 
 #include <type_traits>
@@ -230,8 +232,8 @@ LELP_DEV void stage_embeddings(const Block& b, const TargetsArgs& a, int64_t row
 }
 
 // A thread's 16-byte chunks of the map's rows (chunks = split_cols(J) / 8 a row, row-major): chunk
-// thread + q kThreads at (row k, chunk c), walked without a division a chunk. It is made at each
-// step (two 32-bit divisions): kept across the steps, its registers spilled in the 128-row tile.
+// thread + q kThreads at (row k, chunk c), walked without a division a chunk (the resident form's
+// copy of the whole map: every lane busy at any width).
 struct MapChunks {
   int k, c, dk;
   LELP_HD MapChunks(int thread, int chunks) : k(thread / chunks), c(thread % chunks), dk(kThreads / chunks) {}
@@ -243,7 +245,7 @@ struct MapChunks {
 };
 
 // Issues the copies of map rows k0 .. k0 + rows - 1 (every column, hi and lo) into wh / wl (leading
-// dimension ld_w).
+// dimension ld_w): the resident form's, once a block.
 template <class Block, class Mma>
 LELP_DEV void stage_map(const Block& b, const TargetsArgs& a, int64_t k0, int rows, typename Mma::Stage* wh,
                         typename Mma::Stage* wl) {
@@ -253,11 +255,37 @@ LELP_DEV void stage_map(const Block& b, const TargetsArgs& a, int64_t k0, int ro
   if (chunks == 0) return;  // no map (J = 0): MapChunks would divide by 0
   const Stage* hi = static_cast<const Stage*>(a.w_hi) + k0 * cols;
   const Stage* lo = static_cast<const Stage*>(a.w_lo) + k0 * cols;
-#pragma unroll 1  // a few copies a thread per step (all of the map's once in the resident form)
+#pragma unroll 1
   for (MapChunks m(b.thread(), chunks); m.k < rows; m.next(chunks)) {
     const int dst = m.k * ldw + m.c * 8, src = m.k * cols + m.c * 8;
     b.copy16(wh + dst, hi + src);
     b.copy16(wl + dst, lo + src);
+  }
+}
+
+// Issues the copies of a streaming step's kStepK map rows from k0 (every column, hi and lo) into wh /
+// wl (leading dimension ld_w): warp w takes rows w, w + kWarps, ..., lane c the row's 16-byte chunk c
+// (a row has at most kMaxTileCols / 8 = 32). No division (MapChunks took two a step); lanes past
+// the row's chunks idle. kUnroll: the rows unrolled (kStepK / kWarps: in the 128-row tile) or one
+// at a time (1: the 64-row tile, whose 8 fp16 accumulators left the unrolled addresses no room:
+// 128 registers on sm_80).
+template <class Block, class Mma, int kUnroll>
+LELP_DEV void stage_map_step(const Block& b, const TargetsArgs& a, int64_t k0, typename Mma::Stage* wh,
+                             typename Mma::Stage* wl) {
+  using Stage = typename Mma::Stage;
+  static_assert(sizeof(Stage) == 2 && kMaxTileCols / 8 <= 32, "a row's 16-byte chunks across a warp's lanes");
+  static_assert(kStepK % kWarps == 0, "whole rows a warp");
+  const int cols = split_cols(a.J), ldw = ld_w(a), lane = b.thread() % 32, warp = b.thread() / 32;
+  if (lane >= cols / 8) return;
+  // 32-bit offsets from the parts' starts (split_rows(d) x cols < 2^31 entries): a 64-bit address a
+  // copy, not a pointer a row kept live
+  const int src = static_cast<int>(k0 + warp) * cols + lane * 8, dst = warp * ldw + lane * 8;
+  const Stage* hi = static_cast<const Stage*>(a.w_hi);
+  const Stage* lo = static_cast<const Stage*>(a.w_lo);
+#pragma unroll kUnroll
+  for (int q = 0; q < kStepK / kWarps; ++q) {
+    b.copy16(wh + dst + q * kWarps * ldw, hi + (src + q * kWarps * cols));
+    b.copy16(wl + dst + q * kWarps * ldw, lo + (src + q * kWarps * cols));
   }
 }
 
@@ -274,7 +302,7 @@ LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int
   typename Mma::Stage* wh = stage_map_hi<Mma, kTileRows>(stage);
   stage_embeddings<Block, Mma, kVec, kStepK, kLdX, kTileRows>(b, a, row0, k0,
                                                               reinterpret_cast<typename Mma::Raw*>(stage));
-  stage_map<Block, Mma>(b, a, k0, kStepK, wh, wh + kStepK * ld_w(a));
+  stage_map_step<Block, Mma, kTileRows == kRows ? 1 : kStepK / kWarps>(b, a, k0, wh, wh + kStepK * ld_w(a));
   b.commit();
 }
 
@@ -310,6 +338,8 @@ LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::
   if (kFrags == 1 && set >= frags) return;  // a 16-column map: the second column set has no fragment
   // The k slices: one after another in the streaming tile (up to 8 fragments a warp, or 2 x 5, at
   // 128 registers); unrolled in the resident form (one block per SM, the whole register file).
+  // the B fragments' addresses, once a step: fragment i of k slice kk at constant offsets from them
+  const typename Mma::BAt bh_at = Mma::b_at(wh + set * 16, ldw), bl_at = Mma::b_at(wl + set * 16, ldw);
 #pragma unroll kUnroll
   for (int kk = 0; kk < kStep; kk += Mma::kK) {
     typename Mma::A ah[kRowFrags], al[kRowFrags];
@@ -328,10 +358,10 @@ LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::
       // the hi part's products before the lo part is loaded: one B fragment live at a time where
       // two row fragments share it (each accumulator still adds hi, lo, then fp32's lo * hi)
       typename Mma::B bh, bl;
-      Mma::load_b(bh, wh + kk * ldw + f * 16, ldw);
+      Mma::load_b(bh, bh_at, kk * ldw + 32 * i, ldw);
 #pragma unroll
       for (int r = 0; r < kRowFrags; ++r) Mma::mma(acc[r * kFrags + i], ah[r], bh);
-      Mma::load_b(bl, wl + kk * ldw + f * 16, ldw);
+      Mma::load_b(bl, bl_at, kk * ldw + 32 * i, ldw);
 #pragma unroll
       for (int r = 0; r < kRowFrags; ++r) {
         Mma::mma(acc[r * kFrags + i], ah[r], bl);
@@ -403,10 +433,14 @@ struct LanePairs {
   int r, c, dr, dc, n;
   LELP_DEV LanePairs(int lane, int columns) : r(lane / columns), c(lane % columns), dr(32 / columns),
                                               dc(32 % columns), n(columns) {}
-  LELP_DEV void next() {
+  LELP_DEV void next() { step(); }
+  // next(), saying whether the column wrapped to the next row
+  LELP_DEV bool step() {
     r += dr;
     c += dc;
-    if (c >= n) c -= n, ++r;
+    if (c < n) return false;
+    c -= n, ++r;
+    return true;
   }
 };
 
@@ -446,10 +480,20 @@ LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, 
     subclass_log_softmax(uc, S, a.inv_beta, uw[p.r * ldu + K + p.c] * a.inv_tau - lse[r0 + p.r], uc);
   }
   w.sync();
+  // (row, element) pairs, a row of K < 32 leaving no lane idle; row-major, so the rows past n end the walk
+  const int64_t rows_left = a.n - (row0 + r0);
+  const int rows = rows_left < R ? static_cast<int>(rows_left) : R;
+  LanePairs p(lane, K);
+  // the pair's output element and u's float, moved with the walk (no 64-bit product a pair)
+  int64_t at = (row0 + r0 + p.r) * a.out_stride + p.c;
+  int from = p.r * ldu + p.c;
+  const int64_t at_step = p.dr * a.out_stride + p.dc, at_wrap = a.out_stride - K;
+  const int from_step = p.dr * ldu + p.dc, from_wrap = ldu - K;
 #pragma unroll 1
-  for (LanePairs p(lane, K); p.r < R; p.next()) {  // (row, element) pairs: a row of K < 32 leaves no lane idle
-    const int64_t row = row0 + r0 + p.r;
-    if (row < a.n) Warp::store(a.out, a.out_dtype, row * a.out_stride + p.c, uw[p.r * ldu + p.c]);
+  while (p.r < rows) {
+    Warp::store(a.out, a.out_dtype, at, uw[from]);
+    at += at_step, from += from_step;
+    if (p.step()) at += at_wrap, from += from_wrap;
   }
 }
 
