@@ -277,15 +277,16 @@ LELP_DEV void stage_map_step(const Block& b, const TargetsArgs& a, int64_t k0, t
   static_assert(kStepK % kWarps == 0, "whole rows a warp");
   const int cols = split_cols(a.J), ldw = ld_w(a), lane = b.thread() % 32, warp = b.thread() / 32;
   if (lane >= cols / 8) return;
-  // 32-bit offsets from the parts' starts (split_rows(d) x cols < 2^31 entries): a 64-bit address a
-  // copy, not a pointer a row kept live
-  const int src = static_cast<int>(k0 + warp) * cols + lane * 8, dst = warp * ldw + lane * 8;
-  const Stage* hi = static_cast<const Stage*>(a.w_hi);
-  const Stage* lo = static_cast<const Stage*>(a.w_lo);
+  // the lane's chunk of the warp's first row, and the others at 32-bit offsets from it (a pointer a
+  // row kept live took registers the accumulators need)
+  const int64_t src = (k0 + warp) * cols + lane * 8;
+  const Stage* hi = static_cast<const Stage*>(a.w_hi) + src;
+  const Stage* lo = static_cast<const Stage*>(a.w_lo) + src;
+  const int dst = warp * ldw + lane * 8;
 #pragma unroll kUnroll
   for (int q = 0; q < kStepK / kWarps; ++q) {
-    b.copy16(wh + dst + q * kWarps * ldw, hi + (src + q * kWarps * cols));
-    b.copy16(wl + dst + q * kWarps * ldw, lo + (src + q * kWarps * cols));
+    b.copy16(wh + dst + q * kWarps * ldw, hi + q * kWarps * cols);
+    b.copy16(wl + dst + q * kWarps * ldw, lo + q * kWarps * cols);
   }
 }
 
