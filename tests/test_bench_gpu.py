@@ -92,7 +92,7 @@ def test_targets_ab_quick_run_on_the_cpu(tmp_path):
     _quick_run("targets_ab_gpu.py", "--before", before, "--csv", str(tmp_path / "ab.csv"))
     with open(tmp_path / "ab.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 11 and all(float(r["before_err"]) < 1e-3 and float(r["after_err"]) < 1e-3 for r in rows), rows
+    assert len(rows) == 12 and all(float(r["before_err"]) < 1e-3 and float(r["after_err"]) < 1e-3 for r in rows), rows
 
 
 def test_loss_cap_ab_quick_run_on_the_cpu(tmp_path):

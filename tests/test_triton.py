@@ -62,8 +62,8 @@ def test_triton_targets_over_several_class_groups(dtype, shape, with_head):
 
 
 def test_targets_programs_hold_64_columns_but_for_whole_grids_and_wide_classes():
-    """Programs of 128 columns only for a whole grid with the head ("mid-exact-head", the fastest
-    measured), a whole grid of 128 columns with given logits ("mid-exact-logits", since 2026-12-05: one
+    """Programs of 128 columns only for a whole 16-bit grid with the head ("mid-exact-head", the fastest
+    measured), a whole 16-bit grid of 128 columns with given logits ("mid-exact-logits", since 2026-12-05: one
     program reads h once where two of 64 read it twice) and a class of 65-128 (padded) subclasses;
     every other grid in programs of at most 64 ("narrow": faster on the H200 and without the spills of
     "mid" on padded grids)."""
@@ -77,6 +77,12 @@ def test_targets_programs_hold_64_columns_but_for_whole_grids_and_wide_classes()
     assert program(15, 7, True) == (64, "narrow", 2)  # padded 16 x 8
     assert program(8, 16, False) == (128, "mid-exact-logits", 1)  # given logits (two of 64 until 2026-12-05)
     assert tt.plan(768, 8, 16, torch.float32, False).groups == 2  # fp32 keeps two (FP32_CONFIGS)
+    # fp32 and unaligned d take no whole grid, with the head either (since session 54: their
+    # 128-column config measured slower on the H200 than two programs of 64, FP32_CONFIGS)
+    for dtype, d in ((torch.float32, 768), (torch.bfloat16, 50), (torch.float32, 300)):
+        for c, s, groups in ((16, 8, 2), (8, 16, 2), (2, 64, 2), (16, 16, 4)):
+            p = tt.plan(d, c, s, dtype, True)
+            assert (p.groups, p.tuner[0], p.config.block_d) == (groups, "narrow", 32), (dtype, d, c, s, p)
     assert program(64, 2, False) == (128, "mid-exact-logits", 1)
     assert program(8, 32, False) == (64, "narrow", 4)  # given logits, 256 columns
     assert program(15, 8, False) == (64, "narrow", 2)  # given logits, padded 16 x 8
@@ -208,6 +214,24 @@ def test_triton_targets_whole_128_column_grid_with_given_logits(one_program_per_
     want = ("mid-exact-logits", 1, 128) if whole else ("mid", 1, 128) if s > 64 else ("narrow", 2, 64)
     assert (p.tuner[0], p.groups, p.constexprs["C_BLOCK"] * p.constexprs["S_PAD"]) == want
     test_triton_targets_match_reference(dtype, (n, d, num_classes, s), False)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="forces the interpreter's grid")
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 48), (torch.float32, 37), (torch.bfloat16, 37),
+                                      (torch.float16, 50)])
+@pytest.mark.parametrize("shape", [(261, 16, 8), (130, 8, 16), (33, 2, 64), (9, 16, 16)])
+def test_triton_targets_whole_grid_with_the_head_in_fp32_or_unaligned_takes_programs_of_64(
+        one_program_per_group, dtype, d, shape):
+    """A whole grid with the teacher's head in fp32, or of an unaligned width, takes programs of 64
+    columns, each reading h and the head's columns (since session 54; before, one program of 128 at
+    128 x 16 x 8 x 2, the config that took 18.0 ms at 15 x 7 in fp32 on the H200 where two of 64
+    took 10.0): the targets match the reference over several row tiles."""
+    from lelp_fast.kernels.triton import targets as tt
+
+    n, num_classes, s = shape
+    p = tt.plan(d, num_classes, s, dtype, with_head=True)
+    assert (p.tuner[0], p.groups, p.constexprs["C_BLOCK"] * p.constexprs["S_PAD"]) == ("narrow", num_classes * s // 64, 64)
+    test_triton_targets_match_reference(dtype, (n, d, num_classes, s), True)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="forces the interpreter's grid")

@@ -103,9 +103,10 @@ def _interpreted_step_bytes(dtype, subclass_weight=1.0, forward_only=False):
 
 def test_targets_map_is_read_once_per_row_tile():
     """The targets' bytes per row at the cost shapes, as launched (``targets.plan``): h once per class
-    group (once, but twice at K = 128 with given logits in fp32: two programs of 64 columns, the
-    second read counted at the HBM as if it missed L2; 16-bit embeddings take the whole 16 x 8 grid in
-    one since 2026-12-05), the output once, and the map's stored columns over the rows of one tile
+    group (once, but twice at K = 128 in fp32: two programs of 64 columns, the second read counted
+    at the HBM as if it missed L2, each reading the head's columns with the head; 16-bit embeddings
+    take the whole 16 x 8 grid in one, with given logits since 2026-12-05; fp32 with the head did
+    until session 54), the output once, and the map's stored columns over the rows of one tile
     (128; fp32 at 16 columns, 256), fp32 included (its map in bf16 hi + lo parts, 4 B per entry): bf16
     K = 16 576 B a row with the head (16 subclass columns and a head of 8), 384 B with given logits;
     K = 128 3,456 and 3,072 B; K = 40 (5 x 8 on an 8 x 8 grid) 1,152 and 960 B. Until 2026-12-05 the
@@ -118,13 +119,13 @@ def test_targets_map_is_read_once_per_row_tile():
         v = targets.VARIANTS[i]
         b = cost.targets_bytes_per_row(v, targets.COST_D, c, s)
         item = cost.DTYPE_BYTES[v["dtype"]]
-        groups = 2 if c * s == 128 and v["constexprs"]["HAS_LOGITS"] and v["dtype"] == "fp32" else 1
+        groups = 2 if c * s == 128 and v["dtype"] == "fp32" else 1
         assert -(-c // v["constexprs"]["C_BLOCK"]) == groups, v
         assert b["h"] == 768 * item * groups and b["out"] == c * s * 4
         assert b["l2"] == b["h"] + b["logits"] + b["map"] and b["dram"] == b["h"] + b["logits"] + b["out"]
         rows_per_tile = v["constexprs"]["BLOCK_N"]
         assert b["rows_per_map_read"] == rows_per_tile >= 128, (v, b)
-        columns = -(-c * s // 8) * 8 + (0 if v["constexprs"]["HAS_LOGITS"] else (8 if c <= 8 else 16))
+        columns = -(-c * s // 8) * 8 + (0 if v["constexprs"]["HAS_LOGITS"] else (8 if c <= 8 else 16) * groups)
         assert b["map"] == 768 * columns * 4 / rows_per_tile, (v, b)
         if v["dtype"] == "bf16":
             want = {16: (576, 384), 128: (3456, 3072), 40: (1152, 960)}[c * s][v["constexprs"]["HAS_LOGITS"]]

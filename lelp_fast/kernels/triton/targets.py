@@ -69,8 +69,8 @@ class Config(NamedTuple):
 # 100-400 B/thread and 64 x 512 1.5-12 KB under every config tried (sm_80/sm_90, Triton 3.9), and
 # needed up to 565 KB of shared memory at 3 stages (OutOfResources on any GPU).
 COLUMNS_PER_PROGRAM = limits.MAX_SUBCLASSES_PER_PROGRAM
-# ... but only a whole grid (whole_grid: with the head, "mid-exact-head"; of 128 columns with given
-# logits, "mid-exact-logits") or a class of more than 64 (padded) subclasses takes 128: other programs
+# ... but only a whole 16-bit grid (whole_grid: with the head, "mid-exact-head"; of 128 columns with
+# given logits, "mid-exact-logits") or a class of more than 64 (padded) subclasses takes 128: others
 # hold at most 64 columns ("narrow"), two or more a row tile, each reading h (the second from L2). On
 # the H200 (2026-12-04 sweep, 8 x 16 bf16 with the head) two programs of 64 at 128 x 64 x 8 warps x
 # 3 stages took 6.09 ms, one of 128 at 128 x 32 x 8 x 4 5.15 ms, at 128 x 16 x 8 x 2 (then "mid")
@@ -99,14 +99,14 @@ CONFIGS = {
 }
 # fp32 inputs keep the configs of 2026-12-02 (not measured on a GPU): with h split into bf16 parts
 # in the kernel (more registers), every new config above spilled somewhere on fp32 (16-120 B per
-# thread at 16 columns under Triton 3.9, on sm_80 and sm_90; up to 416 B at 128 columns). Whole grids
-# with given logits keep their programs here (whole_grid), as with unaligned d: the head's 128 x 16 x 8
-# x 2 spills nowhere with them, but took 14.9 ms in bf16 on the H200 where two programs of 64 took 6.09.
+# thread at 16 columns under Triton 3.9, on sm_80 and sm_90; up to 416 B at 128 columns). No whole
+# grid here (whole_grid; with the head until session 54), nor with unaligned d: their spill-free
+# 128-column config, 128 x 16 x 8 x 2, took 14.9 ms in bf16 on the H200 where two programs of 64 took
+# 6.09, and 18.0 ms at 15 x 7 in fp32 with the head where two of 64 took 10.0 (2026-12-04).
 FP32_CONFIGS = {
     "thin": [Config(256, 32, 8, 3)],
     "narrow": [Config(128, 32, 8, 3)],
     "mid": [Config(64, 16, 8, 3)],
-    "mid-exact-head": [Config(128, 16, 8, 2)],
 }
 
 
@@ -134,12 +134,12 @@ def config_class(columns: int, whole: bool = False, with_head: bool = True) -> s
 
 # Embeddings whose width d is not a multiple of 16 (GloVe's 50 and 300): no divisibility hints, so h
 # comes in without 16-byte copies. Under the configs above that spilled 16-888 B per thread (both
-# Tritons, sm_80 and sm_90, 2026-12-04); these spill nowhere (docs/benchmarks.md). Not measured on a GPU.
+# Tritons, sm_80 and sm_90, 2026-12-04); these spill nowhere (docs/benchmarks.md). Not measured on a
+# GPU. No whole grid (as fp32 above).
 UNALIGNED_CONFIGS = {
     "thin": [Config(64, 32, 4, 3)],
     "narrow": [Config(128, 32, 8, 3)],
     "mid": [Config(64, 16, 8, 3)],
-    "mid-exact-head": [Config(128, 16, 8, 2)],
 }
 _TABLES = {"16-bit": CONFIGS, "fp32": FP32_CONFIGS, "unaligned": UNALIGNED_CONFIGS}
 
@@ -507,12 +507,13 @@ class Plan(NamedTuple):
 
 
 def whole_grid(c_pad: int, s_pad: int, exact: bool, with_head: bool, table: str) -> bool:
-    """Whether the launcher takes a grid whole, in programs of up to 128 columns (``class_block``): a
-    grid without padding (``exact``) with the teacher's head, or of 128 columns with given logits and
-    16-bit embeddings of an aligned width (``table``, ``config_table_name``): one program a row tile,
+    """Whether the launcher takes a grid whole, in programs of up to 128 columns (``class_block``): 16-bit
+    embeddings of an aligned width (``table``, ``config_table_name``) on a grid without padding
+    (``exact``), with the teacher's head, or of 128 columns with given logits: one program a row tile,
     which reads h once where two of 64 read it twice. Wider grids with given logits keep programs of 64
-    (the config spilled 40 B at 8 x 32 under Triton 3.6 on sm_80), as do fp32 and unaligned d (FP32_CONFIGS)."""
-    return exact and (with_head or (c_pad * s_pad == COLUMNS_PER_PROGRAM and table == "16-bit"))
+    (the config spilled 40 B at 8 x 32 under Triton 3.6 on sm_80), as do fp32 and unaligned d, whose
+    128-column config was the slower on the H200 (FP32_CONFIGS)."""
+    return exact and table == "16-bit" and (with_head or c_pad * s_pad == COLUMNS_PER_PROGRAM)
 
 
 def plan(d: int, num_classes: int, n_subclasses: int, dtype: torch.dtype, with_head: bool) -> Plan:
