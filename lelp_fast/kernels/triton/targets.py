@@ -102,7 +102,7 @@ CONFIGS = {
 # thread at 16 columns under Triton 3.9, on sm_80 and sm_90; up to 416 B at 128 columns). No whole
 # grid here (whole_grid; with the head until session 54), nor with unaligned d: their spill-free
 # 128-column config, 128 x 16 x 8 x 2, took 14.9 ms in bf16 on the H200 where two programs of 64 took
-# 6.09, and 18.0 ms at 15 x 7 in fp32 with the head where two of 64 took 10.0 (2026-12-04).
+# 6.09, and 18.0 ms at 15 x 7 fp32 (padded, masked, spilling) where two of 64 took 10.0 (12-04).
 FP32_CONFIGS = {
     "thin": [Config(256, 32, 8, 3)],
     "narrow": [Config(128, 32, 8, 3)],
@@ -424,9 +424,11 @@ def sub_width(num_classes: int, s_pad: int) -> int:
 
 def head_width(c_pad: int, s_pad: int, exact: bool) -> int:
     """Columns of the stored head (the kernel's ``HEAD_LD``), a function of the grid alone, as the
-    split map is: 8 for at most 8 (padded) classes, else 16, and 16 on the grids the launcher takes
-    in programs of more than NARROW_COLUMNS columns (``class_block``, with the head). The head's dot
-    takes 16 columns (the smallest tensor-core tile); the rest load as 0. Programs of 128 columns
+    split map is: 8 for at most 8 (padded) classes, else 16, and 16 on the grids a 16-bit launch takes
+    in programs of more than NARROW_COLUMNS columns (``class_block``, whole grids with the head), fp32
+    and unaligned d included, which take programs of 64 since session 54 (each group then reads 8
+    columns of zeros: left so, as the kernel's ``HEAD_LD`` and the recorded launches are). The head's
+    dot takes 16 columns (the smallest tensor-core tile); the rest load as 0. Programs of 128 columns
     keep 16: the mask cost the 1 x 128 grid's launch 8 B of stack on sm_80 under Triton 3.9."""
     return 16 if class_block(c_pad, s_pad, exact) * s_pad > NARROW_COLUMNS else max(8, c_pad)
 
