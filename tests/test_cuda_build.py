@@ -155,8 +155,9 @@ def test_targets_tile_loads_fragments_from_shared_memory_with_ldmatrix(sass, arc
     """Every tile kernel loads its WMMA fragments with LDSM (ldmatrix), one instruction a fragment.
     nvcc 13's bf16 load_matrix_sync (bf16 and fp32 embeddings: their fragments are bf16) took a
     generic address: 4 LD.E a fragment, and 4 MOVM more for a row-major B; the kernels now emit the
-    same PTX wmma.load with the .shared state space (csrc/cuda/targets.cu: load_bf16_shared), as
-    fp16's inferred address space already did."""
+    same PTX wmma.load with the .shared state space for A (csrc/cuda/targets.cu: load_bf16_a_shared)
+    and, since session 54, the ldmatrix ptxas made of it for B (load_bf16_b_ldmatrix), as fp16's
+    inferred address space already did."""
     listing = sass[("csrc/cuda/targets.cu", arch)]
     tiles = {**kernels_named(listing, "targets_tile_kernel"), **kernels_named(listing, "targets_resident_kernel")}
     for name, code in tiles.items():

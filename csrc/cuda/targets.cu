@@ -47,27 +47,24 @@ struct TidAtUseBlock : DeviceBlock {
   }
 };
 
-// A bf16 WMMA fragment (A or B, row-major, 16 x 16 x 16: four 32-bit registers) loaded from shared
-// memory: the PTX wmma.load that wmma::load_matrix_sync emits, with the .shared state space. nvcc 13
-// emits bf16's with a generic address, which ptxas lowers to 4 LD.E (and 4 MOVM for B) a fragment;
+// A bf16 WMMA A fragment (row-major, 16 x 16 x 16: four 32-bit registers) loaded from shared memory:
+// the PTX wmma.load that wmma::load_matrix_sync emits, with the .shared state space. nvcc 13 emits
+// bf16's with a generic address, which ptxas lowers to 4 LD.E a fragment (and 4 MOVM more for a B);
 // with .shared it takes one LDSM, as fp16's inferred address space already does. The instruction
 // (shape, layout, type) fixes the fragment's contents; the state space only says where p points.
-template <char kMatrix>
-__device__ __forceinline__ void load_bf16_shared(unsigned (&r)[4], const void* p, int ld) {
+__device__ __forceinline__ void load_bf16_a_shared(unsigned (&r)[4], const void* p, int ld) {
   const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  if constexpr (kMatrix == 'a')
-    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at), "r"(ld) : "memory");
-  else
-    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at), "r"(ld) : "memory");
+  asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at), "r"(ld) : "memory");
 }
 
 // The shared-memory address this lane gives ldmatrix for a bf16 B fragment (row-major, 16 x 16 x
-// 16) at p: row lane % 16, columns 8 (lane / 16) .. + 7, as ptxas addresses the one LDSM (.x4.trans)
-// it makes of wmma.load.b above. ptxas recomputed that lane offset from %laneid and ld for every
-// fragment (eight instructions a load, at the 128 registers of two blocks an SM); taken once a step
-// (HalfMma::b_at), a step's fragments load at constant offsets from it.
+// 16) at p: row lane % 16, columns 8 (lane / 16) .. + 7. That is how ptxas addresses the one LDSM
+// (.x4.trans) it makes of "wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16" (the B loads' form
+// until session 54, as load_bf16_a_shared's for A), into the same four registers; but it recomputed
+// the lane offset from %laneid and ld for every fragment (eight instructions a load, at the 128
+// registers of two blocks an SM). Taken once a step (HalfMma::b_at), a step's fragments load at
+// constant offsets from it.
 __device__ __forceinline__ unsigned bf16_b_lane_address(const void* p, int ld) {
   unsigned lane;
   asm("mov.u32 %0, %%laneid;" : "=r"(lane));
@@ -92,10 +89,10 @@ struct HalfMma {
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
   static __device__ __forceinline__ void fill(Acc& c, float v) { wmma::fill_fragment(c, v); }
   static_assert(!std::is_same_v<T, __nv_bfloat16> || (sizeof(A) == 16 && sizeof(B) == 16),
-                "a bf16 fragment in four 32-bit registers (load_bf16_shared)");
+                "a bf16 fragment in four 32-bit registers (load_bf16_a_shared, load_bf16_b_ldmatrix)");
   static __device__ __forceinline__ void load_a(A& f, const Stage* p, int ld) {
     if constexpr (std::is_same_v<T, __nv_bfloat16>)
-      load_bf16_shared<'a'>(reinterpret_cast<unsigned(&)[4]>(f), p, ld);
+      load_bf16_a_shared(reinterpret_cast<unsigned(&)[4]>(f), p, ld);
     else
       wmma::load_matrix_sync(f, reinterpret_cast<const T*>(p), ld);
   }

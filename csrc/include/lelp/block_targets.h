@@ -337,10 +337,10 @@ LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::
   static_assert(kWarps == 8, "4 row groups x 2 column sets");
   const int cols = tile_cols<kCols>(a), ldw = cols + 8, frags = cols / 16, set = (warp / 4) & 1;
   if (kFrags == 1 && set >= frags) return;  // a 16-column map: the second column set has no fragment
-  // The k slices: one after another in the streaming tile (up to 8 fragments a warp, or 2 x 5, at
-  // 128 registers); unrolled in the resident form (one block per SM, the whole register file).
   // the B fragments' addresses, once a step: fragment i of k slice kk at constant offsets from them
   const typename Mma::BAt bh_at = Mma::b_at(wh + set * 16, ldw), bl_at = Mma::b_at(wl + set * 16, ldw);
+  // The k slices: one after another in the streaming tile (up to 8 fragments a warp, or 2 x 5, at
+  // 128 registers); unrolled in the resident form (one block per SM, the whole register file).
 #pragma unroll kUnroll
   for (int kk = 0; kk < kStep; kk += Mma::kK) {
     typename Mma::A ah[kRowFrags], al[kRowFrags];
