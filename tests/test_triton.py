@@ -224,8 +224,8 @@ def test_triton_targets_whole_grid_with_the_head_in_fp32_or_unaligned_takes_prog
         one_program_per_group, dtype, d, shape):
     """A whole grid with the teacher's head in fp32, or of an unaligned width, takes programs of 64
     columns, each reading h and the head's columns (since session 54; before, one program of 128 at
-    128 x 16 x 8 x 2, the config that took 18.0 ms at 15 x 7 in fp32 on the H200 where two of 64
-    took 10.0): the targets match the reference over several row tiles."""
+    128 x 16 x 8 x 2, a config each H200 measurement found slower than two programs of 64:
+    targets.FP32_CONFIGS): the targets match the reference over several row tiles."""
     from lelp_fast.kernels.triton import targets as tt
 
     n, num_classes, s = shape
