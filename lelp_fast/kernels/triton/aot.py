@@ -335,7 +335,7 @@ def cases() -> List[Case]:
 
     return ([("targets", i, arch, None) for i in range(len(targets.VARIANTS)) for arch in ARCHS]
             + [("targets", i, arch, dts) for arch, combos in TARGETS_DTYPES.items()
-               for i, v in enumerate(targets.VARIANTS)
+               for i, v in enumerate(targets.VARIANTS) if targets.first_of_its_set(v)
                for dts in combos.get((v["dtype"], v["constexprs"]["HAS_LOGITS"]), [])]
             + [("loss", i, arch, dts) for i in range(len(loss.VARIANTS)) for arch in ARCHS
                for dts in LOSS_DTYPES[arch]]
@@ -383,7 +383,7 @@ def case_id(case: Case) -> str:
         return (f"targets-sm{arch}-{v['dtype']}-n{c['BLOCK_N']}d{c['BLOCK_D']}w{v['config'].num_warps}"
                 f"s{v['config'].num_stages}-{c['C_PAD']}x{c['S_PAD']}-{'logits' if c['HAS_LOGITS'] else 'head'}-"
                 f"{'exact' if c['EXACT'] else 'pad'}" + ("-d50" if v["layout"] == "unaligned" else "")
-                + (f"-z{dts[1]}-o{dts[2]}" if dts else ""))
+                + ("" if targets.first_of_its_set(v) else "-C{}S{}".format(*v["shape"])) + (f"-z{dts[1]}-o{dts[2]}" if dts else ""))
     v = loss.VARIANTS[i]
     c = v["constexprs"]
     return (f"loss-sm{arch}-{dts[0]}-K{c['K']}-n{c['BLOCK_N']}w{v['num_warps']}-div{c['DIVERGENCE']}-"

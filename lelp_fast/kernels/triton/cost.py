@@ -397,8 +397,7 @@ def targets_cost_variants():
     out = []
     for (c, s), name, with_head in itertools.product(targets.COST_SHAPES, dtypes, (True, False)):
         p = targets.plan(targets.COST_D, c, s, dtypes[name], with_head)
-        v = dict(kernel=p.kernel, dtype=name, config=p.config, layout="aligned", constexprs=p.constexprs)
-        out.append((targets.VARIANTS.index(v), c, s))
+        out.append((targets.variant_index(name, "aligned", p, c, s), c, s))
     return out
 
 

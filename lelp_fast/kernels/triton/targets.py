@@ -578,53 +578,64 @@ def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_
     return out
 
 
-# The padded grids each config list is compiled at: its widest program (registers,
-# shared memory and spills grow with the columns) with a head (C <= 16); one subclass per class with
-# the head (S_PAD = 1: its own store path; with given logits one subclass is ``kd_targets``' kernel),
-# for "narrow" also as one of several class groups (the grids wider than 64 columns that it takes in
-# programs of 64: group offsets); for "thin" one class of 16 subclasses
-# (the head's other view); "narrow" and "mid" as one and two or more wide classes (1 x 64, 2 x 32,
-# 1 x 128, 4 x 128; one class of 128 padded subclasses spilled 464-528 B where 16 classes of 8 did
-# not, 2026-12-04); "mid-exact-head" with the head on whole grids only, "mid-exact-logits" with
-# given logits on every whole grid of 128 columns (``whole_grid``). ``_variants`` keeps the launches
-# ``plan`` sends to each list.
-VARIANT_GRIDS = {"thin": [(4, 4), (16, 1), (1, 16)],
-                 "narrow": [(4, 16), (1, 64), (2, 32), (16, 8), (2, 64), (16, 16), (16, 32)],
-                 "mid": [(1, 128), (4, 128)],
-                 "mid-exact-head": [(16, 8), (1, 128), (2, 64), (8, 16), (4, 32), (16, 16), (8, 32), (16, 32),
-                                    (2, 128), (4, 64), (4, 128), (8, 64)],
-                 "mid-exact-logits": [(16, 8), (1, 128), (2, 64), (8, 16), (4, 32), (32, 4), (64, 2)]}
+def launchable_shapes():
+    """Every (C, S, with_head) ``targets_triton`` launches ``lelp_targets_kernel`` for (one subclass per
+    class with given logits is ``kd_targets``' kernel)."""
+    for c in range(1, limits.MAX_SUBCLASS_COLUMNS + 1):
+        for s in range(1, limits.MAX_SUBCLASS_COLUMNS // c + 1):
+            for with_head in (True, False):
+                if not limits.targets_unsupported(c, s, with_head) and not limits.vanilla_kd(s, not with_head):
+                    yield c, s, with_head
+
+
+def _jit_class(x: int) -> str:
+    """How Triton's JIT specialises a run-time integer: a constant 1, a multiple of 16 (a divisibility
+    hint), or neither."""
+    return "1" if x == 1 else "16" if x % 16 == 0 else "-"
+
+
+def jit_key(num_classes: int, n_subclasses: int) -> tuple:
+    """What a launch's compile takes from its shape beyond the constexprs (the layout fixes N, d and
+    h's row stride): C, S and the output's row stride C·S (the given logits' row stride is C). On the
+    H200 two kernels of one constexpr set held stacks the gates' launch of it did not (2026-12-04)."""
+    return _jit_class(num_classes), _jit_class(n_subclasses), _jit_class(num_classes * n_subclasses)
 
 
 def _variants() -> List[dict]:
-    """Every constexpr combination ``targets_triton`` can launch, at the grids of VARIANT_GRIDS, in
-    each of the ``LAYOUTS``; ``kernel`` names the kernel function."""
+    """Every launch ``targets_triton`` can make, in each of the ``LAYOUTS``: each constexpr set (config
+    included) once per ``jit_key`` its shapes take, at ``shape`` (C, S): ``grid_shape``'s first (the
+    launch the gates compiled alone until session 55), then the smallest C with another key.
+    ``kernel`` names the kernel function."""
+    launches = {}  # (dtype, layout, config, constexprs) -> {jit_key: (C, S)}
+    for dtype, layout in itertools.product(_TL_DTYPES, LAYOUTS):
+        for c, s, with_head in launchable_shapes():
+            p = plan(LAYOUTS[layout][1], c, s, dtype, with_head)
+            shapes = launches.setdefault((_TL_DTYPES[dtype], layout, p.config, tuple(p.constexprs.items())), {})
+            shapes.setdefault(jit_key(c, s), (c, s))
     variants = []
-    for dtype, name, layout in itertools.product(_TL_DTYPES, CONFIGS, LAYOUTS):
-        configs = config_table(dtype, layout == "aligned").get(name, [])  # "mid-exact-logits": 16-bit only
-        for (c_pad, s_pad), cfg in itertools.product(VARIANT_GRIDS[name], configs):
-            logits_options = (False, True) if c_pad <= HEAD_PAD else (True,)  # a head takes C <= 16
-            exacts = (False, True)
-            if name.startswith("mid-exact"):  # whole grids, with the head or with given logits
-                logits_options, exacts = (name == "mid-exact-logits",), (True,)
-            for has_logits, exact in itertools.product(logits_options, exacts):
-                c, s = grid_shape(c_pad, s_pad, exact)
-                if limits.vanilla_kd(s, has_logits):
-                    continue  # vanilla KD: kd_targets' kernel
-                p = plan(LAYOUTS[layout][1], c, s, dtype, not has_logits)
-                if p.tuner[0] != name:
-                    continue  # the launcher sends this launch to another config list
-                constexprs = {**p.constexprs, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d}  # plan takes the first
-                v = dict(kernel="lelp_targets_kernel", dtype=_TL_DTYPES[dtype], config=cfg, layout=layout,
-                         constexprs=constexprs)
-                if v not in variants:  # the same launch listed twice would compile twice
-                    variants.append(v)
-    for (c, s), dtype, with_head in itertools.product(COST_SHAPES, (torch.bfloat16, torch.float32), (True, False)):
-        p = plan(COST_D, c, s, dtype, with_head)
-        v = dict(kernel=p.kernel, dtype=_TL_DTYPES[dtype], config=p.config, layout="aligned", constexprs=p.constexprs)
-        if v not in variants:
-            variants.append(v)
+    for (name, layout, config, constexprs), shapes in launches.items():
+        constexprs = dict(constexprs)
+        first = grid_shape(constexprs["C_PAD"], constexprs["S_PAD"], constexprs["EXACT"])
+        for shape in dict.fromkeys([first, *(s for k, s in shapes.items() if k != jit_key(*first))]):
+            variants.append(dict(kernel="lelp_targets_kernel", dtype=name, config=config, layout=layout,
+                                 constexprs=constexprs, shape=shape))
     return variants
+
+
+def first_of_its_set(variant: dict) -> bool:
+    """Whether ``variant`` is its constexpr set's first launch (``grid_shape``'s; the gates compile it in
+    every width of logits and output, ``aot.TARGETS_DTYPES``, the others in their own dtypes)."""
+    ce = variant["constexprs"]
+    return variant["shape"] == grid_shape(ce["C_PAD"], ce["S_PAD"], ce["EXACT"])
+
+
+def variant_index(dtype: str, layout: str, p: Plan, num_classes: int, n_subclasses: int) -> int:
+    """The index in ``VARIANTS`` of the launch of plan ``p`` for C x S embeddings of ``dtype`` in ``layout``."""
+    for i, v in enumerate(VARIANTS):
+        if (v["dtype"], v["layout"], v["config"], v["constexprs"]) == (dtype, layout, p.config, p.constexprs) \
+                and jit_key(*v["shape"]) == jit_key(num_classes, n_subclasses):
+            return i
+    raise KeyError(f"no variant for {dtype} {layout} C={num_classes} S={n_subclasses}")
 
 
 # The rows and width of the two launches each variant is compiled for (``launch_values``): the JIT
@@ -649,9 +660,9 @@ def launch_values(variant: dict) -> dict:
     """The run-time integers of a launch of ``variant`` in its layout, as ``targets_triton`` passes them
     (contiguous rows; a head's launch passes the embeddings as the logits): what the JIT specialises on."""
     n, d = LAYOUTS[variant["layout"]]
-    ce = variant["constexprs"]
-    c, s = grid_shape(ce["C_PAD"], ce["S_PAD"], ce["EXACT"])
-    return dict(stride_h=d, stride_z=c if ce["HAS_LOGITS"] else d, stride_out=c * s, N=n, D=d, C=c, S=s)
+    c, s = variant["shape"]
+    has_logits = variant["constexprs"]["HAS_LOGITS"]
+    return dict(stride_h=d, stride_z=c if has_logits else d, stride_out=c * s, N=n, D=d, C=c, S=s)
 
 
 # The shapes of the cost model (issue 21: targets of 4 M x 768 at K = 16 and 128; and bench_gpu.py's
