@@ -1,8 +1,9 @@
 """Every Triton launch configuration the launchers can produce, compiled ahead of time for sm_80 and
 sm_90 on this (GPU-less) machine, under the installed Triton and under the oldest supported one,
 specialised as the JIT specialises a launch (aot._source: integers of 1 as constants, divisibility
-hints on the multiples of 16; the targets at d = 768 and at d = 50, see targets.LAYOUTS), and held
-against what the device takes.
+hints on the multiples of 16; every targets launch the launcher makes, once per kind of N, C, S and
+C·S the JIT tells apart, at d = 768 and at d = 50, see targets.VARIANTS), and held against what the
+device takes.
 
 Gates: the kernel compiles (the interpreter, tests/test_triton.py, runs Python that real Triton
 refuses); its shared memory fits the device's opt-in limit (over it, Triton raises OutOfResources
@@ -19,7 +20,7 @@ A launch whose facts are recorded in tests/triton_aot_facts (aot_recording: keye
 cache key of the compile and the code that reads the facts) is not compiled again, save a dozen
 chosen at random per version (LELP_AOT_CHECK_SEED fixes the choice), compiled afresh, whose facts
 must equal the recording's: a machine with an empty Triton cache compiles each launch in about 1.3 s
-of CPU, 11,200 launches in all. The recordings are of Triton 3.9.0 and 3.6.0 under CPython 3.11 on
+of CPU, 28,360 launches in all. The recordings are of Triton 3.9.0 and 3.6.0 under CPython 3.11 on
 x86_64 (Triton's key hashes its binary); after an edit that changes kernels, record them again (the
 test below says when):
 
@@ -286,7 +287,7 @@ def _jit_sample():
             v = targets_kernels.VARIANTS[i]
             ce = v["constexprs"]
             key = (op, v["dtype"], v["layout"], ce["HAS_LOGITS"], ce["EXACT"], ce["S_PAD"] == 1, dts is None,
-                   targets_kernels.jit_key(*v["shape"]))
+                   targets_kernels.jit_key(v["rows"], *v["shape"]))
         elif op == "loss":
             ce = loss_kernels.VARIANTS[i]["constexprs"]
             key = (op, ce["HAS_WEIGHTS"], ce["HAS_LABELS"], ce["WITH_GRAD"], ce["SUBCLASS_WEIGHTED"], len(dts),
@@ -378,11 +379,12 @@ def _parks_values_outside_loops(facts) -> bool:
 # and d = 50 at 4 x 4; late on 2026-12-04 "mid" became 64 x 16 x 8 warps x 3 stages and d = 50's
 # 16-column config 64 x 32 x 4 x 3, and no targets launch spills (the two loss launches above are left).
 # In session 55 the gates came to compile every targets launch the launcher makes, once per JIT key
-# (targets.jit_key), not one launch at representative grids: 36 (3.6) and 13 (3.9) of 4,764 targets
-# launches a version spill, all on sm_80, 8-16 B with 1-4 local operations in a loop. Most are ptxas's
-# own trade for occupancy (64-168 registers without a cap; with maxnreg 255 it takes 160-213 and no
-# stack); under 3.6, 16-bit "narrow" with given logits on padded grids of 2 subclasses (C_PAD 32-256)
-# spills 16 B at 255 registers, cap or not. Neither is changed without an A100 to time them on.
+# (targets.jit_key: the kinds of N, C, S and C·S), not one launch at representative grids: 59 (3.6) and
+# 16 (3.9) of 9,972 targets launches a version spill, all on sm_80, 8-16 B with up to 4 local operations
+# in a loop. Most are ptxas's own trade for occupancy (128 or 168 registers without a cap; with maxnreg
+# 255 it takes 160-213 and no stack); under 3.6, 16-bit "narrow" with given logits on padded grids of 2
+# subclasses (C_PAD 32-256) spills 16 B at 255 registers, cap or not. Neither is changed without an
+# A100 to time them on (docs/benchmarks.md, "The gates compile every targets launch the JIT makes").
 with open(os.path.join(RECORDED, "spills.json")) as _f:
     SPILLS = {version: set(ids) for version, ids in json.load(_f).items()}
 
@@ -597,14 +599,15 @@ def test_every_launch_configuration_is_a_case():
 
 def _targets_launches_are_cases():
     """Every launch of the targets kernel is compiled as the JIT would compile it: for every C and S the
-    kernel takes, with the head and with given logits, each dtype and widths d of both layouts, the
-    launcher's constexprs and config at the shape's JIT key (``targets.jit_key``: C, S, C·S a constant
-    1, a multiple of 16 or neither). Until session 55 the gates compiled one launch of each of 300
-    constexpr sets, at representative grids; the launcher makes 756, and 1,302 with their JIT keys."""
+    kernel takes, with the head and with given logits, each dtype, widths d of both layouts and rows of
+    each kind, the launcher's constexprs and config at the launch's JIT key (``targets.jit_key``: N, C,
+    S, C·S a constant 1, a multiple of 16 or neither). Until session 55 the gates compiled one launch
+    of each of 300 constexpr sets, at representative grids; the launcher makes 756, and 3,906 launches
+    with their JIT keys."""
     import torch
 
     compiled = {(v["dtype"], v["layout"], v["config"], tuple(sorted(v["constexprs"].items())),
-                 targets_kernels.jit_key(*v["shape"])) for v in targets_kernels.VARIANTS}
+                 targets_kernels.jit_key(v["rows"], *v["shape"])) for v in targets_kernels.VARIANTS}
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     for d, dtype, c, with_head in itertools.product((37, 50, 64, 768, 4096), names, range(1, 513), (True, False)):
         for s in range(1, 513):
@@ -614,8 +617,10 @@ def _targets_launches_are_cases():
                 continue  # kd_targets' kernel (_kd_launches_are_cases)
             p = targets_kernels.plan(d, c, s, dtype, with_head=with_head)
             layout = "aligned" if targets_kernels.aligned(d) else "unaligned"
-            launch = (names[dtype], layout, p.config, tuple(sorted(p.constexprs.items())), targets_kernels.jit_key(c, s))
-            assert launch in compiled, (c, s, d, names[dtype], with_head, p.config, p.constexprs)
+            for n in (1, 333, 4096):
+                launch = (names[dtype], layout, p.config, tuple(sorted(p.constexprs.items())),
+                          targets_kernels.jit_key(n, c, s))
+                assert launch in compiled, (n, c, s, d, names[dtype], with_head, p.config, p.constexprs)
 
 
 def _kd_launches_are_cases():

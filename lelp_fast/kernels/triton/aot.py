@@ -383,7 +383,8 @@ def case_id(case: Case) -> str:
         return (f"targets-sm{arch}-{v['dtype']}-n{c['BLOCK_N']}d{c['BLOCK_D']}w{v['config'].num_warps}"
                 f"s{v['config'].num_stages}-{c['C_PAD']}x{c['S_PAD']}-{'logits' if c['HAS_LOGITS'] else 'head'}-"
                 f"{'exact' if c['EXACT'] else 'pad'}" + ("-d50" if v["layout"] == "unaligned" else "")
-                + ("" if targets.first_of_its_set(v) else "-C{}S{}".format(*v["shape"])) + (f"-z{dts[1]}-o{dts[2]}" if dts else ""))
+                + ("" if v["shape"] == targets.grid_shape(c["C_PAD"], c["S_PAD"], c["EXACT"]) else "-C{}S{}".format(*v["shape"]))
+                + ("" if v["rows"] == targets.LAYOUTS[v["layout"]][0] else f"-N{v['rows']}") + (f"-z{dts[1]}-o{dts[2]}" if dts else ""))
     v = loss.VARIANTS[i]
     c = v["constexprs"]
     return (f"loss-sm{arch}-{dts[0]}-K{c['K']}-n{c['BLOCK_N']}w{v['num_warps']}-div{c['DIVERGENCE']}-"

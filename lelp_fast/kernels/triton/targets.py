@@ -594,51 +594,63 @@ def _jit_class(x: int) -> str:
     return "1" if x == 1 else "16" if x % 16 == 0 else "-"
 
 
-def jit_key(num_classes: int, n_subclasses: int) -> tuple:
-    """What a launch's compile takes from its shape beyond the constexprs (the layout fixes N, d and
-    h's row stride): C, S and the output's row stride C·S (the given logits' row stride is C). On the
-    H200 two kernels of one constexpr set held stacks the gates' launch of it did not (2026-12-04)."""
-    return _jit_class(num_classes), _jit_class(n_subclasses), _jit_class(num_classes * n_subclasses)
+def jit_key(rows: int, num_classes: int, n_subclasses: int) -> tuple:
+    """What a launch's compile takes from its shape beyond the constexprs and the layout (d, h's row
+    stride): N, C, S and the output's row stride C·S (the given logits' row stride is C). On the H200
+    two kernels of one constexpr set held stacks the gates' launch of it did not (2026-12-04); N's class
+    changed the registers of 25 of 40 launches sampled (session 55)."""
+    return tuple(_jit_class(x) for x in (rows, num_classes, n_subclasses, num_classes * n_subclasses))
+
+
+# The row counts each launch is also compiled at: one of each JIT class of N, so a batch of one row (a
+# constant) and one of no multiple of 16 rows (most last batches) are compiled as well as the layout's.
+ROW_COUNTS = (4 << 20, 333, 1)
 
 
 def _variants() -> List[dict]:
     """Every launch ``targets_triton`` can make, in each of the ``LAYOUTS``: each constexpr set (config
-    included) once per ``jit_key`` its shapes take, at ``shape`` (C, S): ``grid_shape``'s first (the
-    launch the gates compiled alone until session 55), then the smallest C with another key.
-    ``kernel`` names the kernel function."""
-    launches = {}  # (dtype, layout, config, constexprs) -> {jit_key: (C, S)}
+    included) once per ``jit_key``, at ``shape`` (C, S) and ``rows``: ``grid_shape``'s shape first, then
+    the smallest C of each other key of C and S; each at the layout's rows (the launch the gates
+    compiled alone until session 55), then the other ``ROW_COUNTS``. ``kernel`` names the kernel function."""
+    launches = {}  # (dtype, layout, config, constexprs) -> {jit_key of C and S: (C, S)}
     for dtype, layout in itertools.product(_TL_DTYPES, LAYOUTS):
         for c, s, with_head in launchable_shapes():
             p = plan(LAYOUTS[layout][1], c, s, dtype, with_head)
             shapes = launches.setdefault((_TL_DTYPES[dtype], layout, p.config, tuple(p.constexprs.items())), {})
-            shapes.setdefault(jit_key(c, s), (c, s))
+            shapes.setdefault(jit_key(1, c, s)[1:], (c, s))
     variants = []
     for (name, layout, config, constexprs), shapes in launches.items():
         constexprs = dict(constexprs)
         first = grid_shape(constexprs["C_PAD"], constexprs["S_PAD"], constexprs["EXACT"])
-        for shape in dict.fromkeys([first, *(s for k, s in shapes.items() if k != jit_key(*first))]):
+        others = (s for k, s in shapes.items() if k != jit_key(1, *first)[1:])
+        for shape, rows in itertools.product(dict.fromkeys([first, *others]),
+                                             dict.fromkeys([LAYOUTS[layout][0], *ROW_COUNTS])):
             variants.append(dict(kernel="lelp_targets_kernel", dtype=name, config=config, layout=layout,
-                                 constexprs=constexprs, shape=shape))
+                                 constexprs=constexprs, shape=shape, rows=rows))
     return variants
 
 
 def first_of_its_set(variant: dict) -> bool:
-    """Whether ``variant`` is its constexpr set's first launch (``grid_shape``'s; the gates compile it in
-    every width of logits and output, ``aot.TARGETS_DTYPES``, the others in their own dtypes)."""
+    """Whether ``variant`` is its constexpr set's first launch (``grid_shape``'s shape at the layout's rows;
+    the gates compile it in every width of logits and output, ``aot.TARGETS_DTYPES``, the others in their
+    own dtypes)."""
     ce = variant["constexprs"]
-    return variant["shape"] == grid_shape(ce["C_PAD"], ce["S_PAD"], ce["EXACT"])
+    return (variant["shape"] == grid_shape(ce["C_PAD"], ce["S_PAD"], ce["EXACT"])
+            and variant["rows"] == LAYOUTS[variant["layout"]][0])
 
 
 def variant_index(dtype: str, layout: str, p: Plan, num_classes: int, n_subclasses: int) -> int:
-    """The index in ``VARIANTS`` of the launch of plan ``p`` for C x S embeddings of ``dtype`` in ``layout``."""
+    """The index in ``VARIANTS`` of the launch of plan ``p`` for the layout's rows of C x S embeddings of
+    ``dtype`` in ``layout``."""
+    rows = LAYOUTS[layout][0]
     for i, v in enumerate(VARIANTS):
         if (v["dtype"], v["layout"], v["config"], v["constexprs"]) == (dtype, layout, p.config, p.constexprs) \
-                and jit_key(*v["shape"]) == jit_key(num_classes, n_subclasses):
+                and jit_key(v["rows"], *v["shape"]) == jit_key(rows, num_classes, n_subclasses):
             return i
     raise KeyError(f"no variant for {dtype} {layout} C={num_classes} S={n_subclasses}")
 
 
-# The rows and width of the two launches each variant is compiled for (``launch_values``): the JIT
+# The rows and width of the two layouts each variant is compiled in (``launch_values``): the JIT
 # specialises on whether N, d, C, S and the strides are multiples of 16 (and on a value of 1), and
 # the hints change the copy pipelines, registers and spills (on the H200 two kernels of S = 1 held
 # 1.5-1.9 KB of stack at d = 24 that the gates, compiling every d and stride as divisible, never
@@ -659,7 +671,7 @@ def grid_shape(c_pad: int, s_pad: int, exact: bool):
 def launch_values(variant: dict) -> dict:
     """The run-time integers of a launch of ``variant`` in its layout, as ``targets_triton`` passes them
     (contiguous rows; a head's launch passes the embeddings as the logits): what the JIT specialises on."""
-    n, d = LAYOUTS[variant["layout"]]
+    n, d = variant["rows"], LAYOUTS[variant["layout"]][1]
     c, s = variant["shape"]
     has_logits = variant["constexprs"]["HAS_LOGITS"]
     return dict(stride_h=d, stride_z=c if has_logits else d, stride_out=c * s, N=n, D=d, C=c, S=s)
