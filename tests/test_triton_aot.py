@@ -1,9 +1,9 @@
 """Every Triton launch configuration the launchers can produce, compiled ahead of time for sm_80 and
 sm_90 on this (GPU-less) machine, under the installed Triton and under the oldest supported one,
 specialised as the JIT specialises a launch (aot._source: integers of 1 as constants, divisibility
-hints on the multiples of 16; every targets launch the launcher makes, once per kind of N, C, S and
-C·S the JIT tells apart, at d = 768 and at d = 50, see targets.VARIANTS), and held against what the
-device takes.
+hints on the multiples of 16; every targets launch the launcher makes of contiguous rows, once per
+kind of N, C, S and C·S the JIT tells apart, at d = 768 and at d = 50, see targets.VARIANTS), and held
+against what the device takes.
 
 Gates: the kernel compiles (the interpreter, tests/test_triton.py, runs Python that real Triton
 refuses); its shared memory fits the device's opt-in limit (over it, Triton raises OutOfResources
@@ -382,7 +382,7 @@ def _parks_values_outside_loops(facts) -> bool:
 # (targets.jit_key: the kinds of N, C, S and C·S), not one launch at representative grids: 59 (3.6) and
 # 16 (3.9) of 9,972 targets launches a version spill, all on sm_80, 8-16 B with up to 4 local operations
 # in a loop. Most are ptxas's own trade for occupancy (128 or 168 registers without a cap; with maxnreg
-# 255 it takes 160-213 and no stack); under 3.6, 16-bit "narrow" with given logits on padded grids of 2
+# 255 it takes 142-213 and no stack); under 3.6, 16-bit "narrow" with given logits on padded grids of 2
 # subclasses (C_PAD 32-256) spills 16 B at 255 registers, cap or not. Neither is changed without an
 # A100 to time them on (docs/benchmarks.md, "The gates compile every targets launch the JIT makes").
 with open(os.path.join(RECORDED, "spills.json")) as _f:
@@ -563,9 +563,9 @@ def test_ptx_facts_match_the_per_count_searches():
 
 
 def test_every_launch_configuration_is_a_case():
-    """The gates cover what the launchers pick: each targets config at the widest program it serves
-    (shared memory and registers grow with a program's columns), and the loss's block shape (its
-    one or two column pieces) at every K from 2 to 512."""
+    """The gates cover what the launchers pick: every targets launch of contiguous rows
+    (``_targets_launches_are_cases``), every KD targets launch, and the loss's block shape (its one or
+    two column pieces) at every K from 2 to 512."""
     _targets_launches_are_cases()
     _kd_launches_are_cases()
     # The KL step (with or without labels) has its own block shapes and chunked rows; labels change neither.

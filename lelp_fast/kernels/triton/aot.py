@@ -380,11 +380,14 @@ def case_id(case: Case) -> str:
     if op == "targets":
         v = targets.VARIANTS[i]
         c = v["constexprs"]
+        # a set's launches beyond its first: another kind of C, S or C·S (targets.jit_key), other rows
+        first_shape = targets.grid_shape(c["C_PAD"], c["S_PAD"], c["EXACT"])
+        shape = "" if v["shape"] == first_shape else "-C{}S{}".format(*v["shape"])
+        rows = "" if v["rows"] == targets.LAYOUTS[v["layout"]][0] else f"-N{v['rows']}"
         return (f"targets-sm{arch}-{v['dtype']}-n{c['BLOCK_N']}d{c['BLOCK_D']}w{v['config'].num_warps}"
                 f"s{v['config'].num_stages}-{c['C_PAD']}x{c['S_PAD']}-{'logits' if c['HAS_LOGITS'] else 'head'}-"
                 f"{'exact' if c['EXACT'] else 'pad'}" + ("-d50" if v["layout"] == "unaligned" else "")
-                + ("" if v["shape"] == targets.grid_shape(c["C_PAD"], c["S_PAD"], c["EXACT"]) else "-C{}S{}".format(*v["shape"]))
-                + ("" if v["rows"] == targets.LAYOUTS[v["layout"]][0] else f"-N{v['rows']}") + (f"-z{dts[1]}-o{dts[2]}" if dts else ""))
+                + shape + rows + (f"-z{dts[1]}-o{dts[2]}" if dts else ""))
     v = loss.VARIANTS[i]
     c = v["constexprs"]
     return (f"loss-sm{arch}-{dts[0]}-K{c['K']}-n{c['BLOCK_N']}w{v['num_warps']}-div{c['DIVERGENCE']}-"

@@ -608,7 +608,9 @@ ROW_COUNTS = (4 << 20, 333, 1)
 
 
 def _variants() -> List[dict]:
-    """Every launch ``targets_triton`` can make, in each of the ``LAYOUTS``: each constexpr set (config
+    """Every launch ``targets_triton`` can make of contiguous rows at 16-byte aligned pointers (strided
+    views, e.g. the online loss's per-teacher slices of its targets buffer, are not compiled), in each
+    of the ``LAYOUTS``: each constexpr set (config
     included) once per ``jit_key``, at ``shape`` (C, S) and ``rows``: ``grid_shape``'s shape first, then
     the smallest C of each other key of C and S; each at the layout's rows (the launch the gates
     compiled alone until session 55), then the other ``ROW_COUNTS``. ``kernel`` names the kernel function."""
@@ -650,7 +652,7 @@ def variant_index(dtype: str, layout: str, p: Plan, num_classes: int, n_subclass
     raise KeyError(f"no variant for {dtype} {layout} C={num_classes} S={n_subclasses}")
 
 
-# The rows and width of the two layouts each variant is compiled in (``launch_values``): the JIT
+# The first rows and the width of the two layouts, a variant's ``layout`` (``launch_values``): the JIT
 # specialises on whether N, d, C, S and the strides are multiples of 16 (and on a value of 1), and
 # the hints change the copy pipelines, registers and spills (on the H200 two kernels of S = 1 held
 # 1.5-1.9 KB of stack at d = 24 that the gates, compiling every d and stride as divisible, never
