@@ -32,6 +32,7 @@ test below says when):
 import itertools
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -314,6 +315,51 @@ def test_gates_compile_what_the_jit_compiles():
     done = subprocess.run([sys.executable, "-c", _JIT_SOURCE_MATCHES, *map(str, _jit_sample())], env=env,
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+# A random launch of the targets kernel (C, S, head, dtype, d and N), its source as Triton's JIT makes it
+# from the launcher's arguments against the one the gates compile for its JIT key (targets.jit_key).
+_JIT_KEY_MATCHES = _JIT_SOURCE_MATCHES.split("for index in")[0] + """
+import random
+rng = random.Random(int(sys.argv[1]))
+names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+def key(v):
+    return (v["dtype"], v["layout"], v["config"], tuple(sorted(v["constexprs"].items())),
+            targets.jit_key(v["rows"], *v["shape"]))
+index = {key(v): i for i, v in enumerate(targets.VARIANTS)}
+shapes = list(targets.launchable_shapes())
+for _ in range(int(sys.argv[2])):
+    (c, s, with_head), dtype = rng.choice(shapes), rng.choice(list(names))
+    d, n = rng.choice([24, 37, 50, 64, 768, 4096]), rng.choice([1, 2, 16, 333, 4096, 4 << 20])
+    p = targets.plan(d, c, s, names[dtype], with_head)
+    layout = "aligned" if targets.aligned(d) else "unaligned"
+    launch = dict(kernel=p.kernel, dtype=dtype, config=p.config, layout=layout, constexprs=p.constexprs,
+                  shape=(c, s), rows=n)
+    i = index[key(launch)]
+    h = torch.zeros(4, d, dtype=names[dtype])
+    split = targets.split_map(torch.zeros(d, c * s + c), torch.zeros(c * s + c), c, s,
+                              targets.map_dtype(names[dtype]), with_head)
+    z = None if with_head else torch.zeros(4, c, dtype=names[dtype])
+    args = list(targets.kernel_args(h, split, c, s, z, 0.7, 1.3, torch.zeros(4, c * s)))
+    args[14] = n  # N: the JIT's view of the rows (4 are allocated)
+    ours = aot._source(*aot._launch(("targets", i, 90, None))[:4])
+    theirs = jit_source(targets.lelp_targets_kernel, args, p.constexprs)
+    assert ours.hash() == theirs.hash(), (c, s, with_head, dtype, d, n, aot.case_id(("targets", i, 90, None)),
+                                          ours.attrs, theirs.attrs, ours.constants, theirs.constants)
+"""
+
+
+def test_jit_keys_tell_apart_what_the_jit_does():
+    """Any launch of the targets kernel (random C, S, head, dtype, d and N, contiguous rows) is compiled by
+    the JIT as the gates compile the launch of its constexprs and JIT key: ``targets.jit_key`` tells
+    apart every specialisation the JIT makes of N, C, S and the strides, and the two layouts stand for
+    every d of their kind. LELP_AOT_CHECK_SEED fixes the draw."""
+    seed = int(SEED) if SEED else random.randrange(2 ** 32)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _JIT_KEY_MATCHES, str(seed), "120"], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, (seed, done.stderr[-3000:])
 
 
 def test_recalled_facts_are_checked_against_a_fresh_compile():
