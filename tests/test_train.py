@@ -280,6 +280,9 @@ def _ddp_worker(rank, world, init_file, targets, out_dir):
         train = _toy_train()
         distill(student(), train, targets, out_dir, num_classes=2, n_subclasses=2, log=lambda line: None,
                 settings=TrainSettings(epochs=3, batch_size=64, lr=3e-2, tensorboard=False, device="cpu"))
+        # both ranks done before either tears gloo down: a CI run of 2026-12-05 lost rank 1 to SIGABRT
+        # ("terminate called without an active exception") here, once in seven runs
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
