@@ -323,10 +323,7 @@ _JIT_KEY_MATCHES = _JIT_SOURCE_MATCHES.split("for index in")[0] + """
 import random
 rng = random.Random(int(sys.argv[1]))
 names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-def key(v):
-    return (v["dtype"], v["layout"], v["config"], tuple(sorted(v["constexprs"].items())),
-            targets.jit_key(v["rows"], *v["shape"]))
-index = {key(v): i for i, v in enumerate(targets.VARIANTS)}
+index = {targets.variant_key(v): i for i, v in enumerate(targets.VARIANTS)}
 shapes = list(targets.launchable_shapes())
 for _ in range(int(sys.argv[2])):
     (c, s, with_head), dtype = rng.choice(shapes), rng.choice(list(names))
@@ -335,7 +332,7 @@ for _ in range(int(sys.argv[2])):
     layout = "aligned" if targets.aligned(d) else "unaligned"
     launch = dict(kernel=p.kernel, dtype=dtype, config=p.config, layout=layout, constexprs=p.constexprs,
                   shape=(c, s), rows=n)
-    i = index[key(launch)]
+    i = index[targets.variant_key(launch)]
     h = torch.zeros(4, d, dtype=names[dtype])
     split = targets.split_map(torch.zeros(d, c * s + c), torch.zeros(c * s + c), c, s,
                               targets.map_dtype(names[dtype]), with_head)
@@ -652,8 +649,7 @@ def _targets_launches_are_cases():
     with their JIT keys."""
     import torch
 
-    compiled = {(v["dtype"], v["layout"], v["config"], tuple(sorted(v["constexprs"].items())),
-                 targets_kernels.jit_key(v["rows"], *v["shape"])) for v in targets_kernels.VARIANTS}
+    compiled = {targets_kernels.variant_key(v) for v in targets_kernels.VARIANTS}
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     for d, dtype, c, with_head in itertools.product((37, 50, 64, 768, 4096), names, range(1, 513), (True, False)):
         for s in range(1, 513):
@@ -664,9 +660,10 @@ def _targets_launches_are_cases():
             p = targets_kernels.plan(d, c, s, dtype, with_head=with_head)
             layout = "aligned" if targets_kernels.aligned(d) else "unaligned"
             for n in (1, 333, 4096):
-                launch = (names[dtype], layout, p.config, tuple(sorted(p.constexprs.items())),
-                          targets_kernels.jit_key(n, c, s))
-                assert launch in compiled, (n, c, s, d, names[dtype], with_head, p.config, p.constexprs)
+                launch = dict(dtype=names[dtype], layout=layout, config=p.config, constexprs=p.constexprs,
+                              shape=(c, s), rows=n)
+                assert targets_kernels.variant_key(launch) in compiled, (n, c, s, d, names[dtype], with_head,
+                                                                         p.config, p.constexprs)
 
 
 def _kd_launches_are_cases():

@@ -594,12 +594,24 @@ def _jit_class(x: int) -> str:
     return "1" if x == 1 else "16" if x % 16 == 0 else "-"
 
 
+def _shape_key(num_classes: int, n_subclasses: int) -> tuple:
+    """The kinds of C, S and the output's row stride C·S (the given logits' row stride is C)."""
+    return tuple(_jit_class(x) for x in (num_classes, n_subclasses, num_classes * n_subclasses))
+
+
 def jit_key(rows: int, num_classes: int, n_subclasses: int) -> tuple:
     """What a launch's compile takes from its shape beyond the constexprs and the layout (d, h's row
-    stride): N, C, S and the output's row stride C·S (the given logits' row stride is C). On the H200
-    two kernels of one constexpr set held stacks the gates' launch of it did not (2026-12-04); N's class
-    changed the registers of 25 of 40 launches sampled (session 55)."""
-    return tuple(_jit_class(x) for x in (rows, num_classes, n_subclasses, num_classes * n_subclasses))
+    stride): the kinds of N, C, S and C·S. On the H200 two kernels of one constexpr set held stacks the
+    gates' launch of it did not (2026-12-04); N's class changed the registers of 25 of 40 launches
+    sampled (session 55)."""
+    return (_jit_class(rows), *_shape_key(num_classes, n_subclasses))
+
+
+def variant_key(variant: dict) -> tuple:
+    """What tells a launch (an entry of ``VARIANTS``, or one made alike) apart from the others: its
+    dtype, layout, config, constexprs and ``jit_key``."""
+    return (variant["dtype"], variant["layout"], variant["config"], tuple(sorted(variant["constexprs"].items())),
+            jit_key(variant["rows"], *variant["shape"]))
 
 
 # The row counts each launch is also compiled at: one of each JIT class of N, so a batch of one row (a
@@ -610,21 +622,21 @@ ROW_COUNTS = (4 << 20, 333, 1)
 def _variants() -> List[dict]:
     """Every launch ``targets_triton`` can make of contiguous rows at 16-byte aligned pointers (strided
     views, e.g. the online loss's per-teacher slices of its targets buffer, are not compiled), in each
-    of the ``LAYOUTS``: each constexpr set (config
-    included) once per ``jit_key``, at ``shape`` (C, S) and ``rows``: ``grid_shape``'s shape first, then
-    the smallest C of each other key of C and S; each at the layout's rows (the launch the gates
-    compiled alone until session 55), then the other ``ROW_COUNTS``. ``kernel`` names the kernel function."""
-    launches = {}  # (dtype, layout, config, constexprs) -> {jit_key of C and S: (C, S)}
+    of the ``LAYOUTS``: each constexpr set (config included) once per ``jit_key``, at ``shape`` (C, S)
+    and ``rows``: ``grid_shape``'s shape first, then the smallest C of each other kind of C and S; each
+    at the layout's rows (the launch the gates compiled alone until session 55), then the other
+    ``ROW_COUNTS``. ``kernel`` names the kernel function."""
+    launches = {}  # (dtype, layout, config, constexprs) -> {_shape_key: (C, S)}
     for dtype, layout in itertools.product(_TL_DTYPES, LAYOUTS):
         for c, s, with_head in launchable_shapes():
             p = plan(LAYOUTS[layout][1], c, s, dtype, with_head)
             shapes = launches.setdefault((_TL_DTYPES[dtype], layout, p.config, tuple(p.constexprs.items())), {})
-            shapes.setdefault(jit_key(1, c, s)[1:], (c, s))
+            shapes.setdefault(_shape_key(c, s), (c, s))
     variants = []
     for (name, layout, config, constexprs), shapes in launches.items():
         constexprs = dict(constexprs)
         first = grid_shape(constexprs["C_PAD"], constexprs["S_PAD"], constexprs["EXACT"])
-        others = (s for k, s in shapes.items() if k != jit_key(1, *first)[1:])
+        others = (s for k, s in shapes.items() if k != _shape_key(*first))
         for shape, rows in itertools.product(dict.fromkeys([first, *others]),
                                              dict.fromkeys([LAYOUTS[layout][0], *ROW_COUNTS])):
             variants.append(dict(kernel="lelp_targets_kernel", dtype=name, config=config, layout=layout,
@@ -644,12 +656,12 @@ def first_of_its_set(variant: dict) -> bool:
 def variant_index(dtype: str, layout: str, p: Plan, num_classes: int, n_subclasses: int) -> int:
     """The index in ``VARIANTS`` of the launch of plan ``p`` for the layout's rows of C x S embeddings of
     ``dtype`` in ``layout``."""
-    rows = LAYOUTS[layout][0]
-    for i, v in enumerate(VARIANTS):
-        if (v["dtype"], v["layout"], v["config"], v["constexprs"]) == (dtype, layout, p.config, p.constexprs) \
-                and jit_key(v["rows"], *v["shape"]) == jit_key(rows, num_classes, n_subclasses):
-            return i
-    raise KeyError(f"no variant for {dtype} {layout} C={num_classes} S={n_subclasses}")
+    launch = dict(dtype=dtype, layout=layout, config=p.config, constexprs=p.constexprs,
+                  shape=(num_classes, n_subclasses), rows=LAYOUTS[layout][0])
+    found = next((i for i, v in enumerate(VARIANTS) if variant_key(v) == variant_key(launch)), None)
+    if found is None:
+        raise KeyError(f"no variant for {dtype} {layout} C={num_classes} S={n_subclasses}")
+    return found
 
 
 # The first rows and the width of the two layouts, a variant's ``layout`` (``launch_values``): the JIT
