@@ -623,14 +623,35 @@ def test_triton_hard_label_far_below_the_max():
     test_ops_loss.test_hard_label_term_when_the_true_class_is_far_below_the_max("triton")
 
 
+def _record_kernel_ignore_index(monkeypatch) -> list:
+    """The ignore_index each Triton loss launch passes its kernel from now on."""
+    import lelp_fast.kernels.triton.loss as triton_loss
+
+    given, kernel = [], triton_loss.lelp_loss_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                given.append(args[13])  # ignore_index
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_loss, "lelp_loss_kernel", Recording())
+    return given
+
+
 @pytest.mark.parametrize("divergence", ["kl", "js"])
 @pytest.mark.parametrize("tau", [1.0, 2.0])
-def test_triton_hard_term_with_a_class_as_ignore_index_and_nan(divergence, tau):
-    """ignore_index may be a class (here 1): its rows are left out, not given a class-1 hard term;
-    a NaN student logit in a kept row makes that row's loss and gradient NaN."""
+@pytest.mark.parametrize("ignore_index", [1, 0, 2])
+def test_triton_hard_term_with_a_class_as_ignore_index_and_nan(monkeypatch, divergence, tau, ignore_index):
+    """ignore_index may be a class (here 1, 0 or 2): its rows are left out, not given a hard term; a NaN
+    student logit in a kept row makes that row's loss and gradient NaN. The kernel is given -100 with
+    those rows' labels set to it (1 and 0 the JIT would compile apart, a constant and a multiple of 16:
+    launches the gates never compiled) or the class itself (2)."""
+    given = _record_kernel_ignore_index(monkeypatch)
     student, log_t, labels = make_inputs(12, 3, 4, seed=21)
     labels[:4] = torch.tensor([1, 0, 2, 1])
-    kw = dict(num_classes=3, n_subclasses=4, tau=tau, alpha=0.5, ignore_index=1, reduction="none")
+    kw = dict(num_classes=3, n_subclasses=4, tau=tau, alpha=0.5, ignore_index=ignore_index, reduction="none")
     x = student.float().to(DEVICE).requires_grad_(True)
     loss = distill_loss(x, log_t.float().to(DEVICE), labels.to(DEVICE), divergence=divergence, backend="triton", **kw)
     (grad,) = torch.autograd.grad(loss.sum(), x)
@@ -639,12 +660,14 @@ def test_triton_hard_term_with_a_class_as_ignore_index_and_nan(divergence, tau):
     atol, rtol = TOL[torch.float32]
     torch.testing.assert_close(loss.detach().cpu().double(), want, atol=atol, rtol=rtol)
     torch.testing.assert_close(grad.cpu().double(), want_grad, atol=atol * 2, rtol=rtol * 10)
-    student[2, 5] = float("nan")
+    nan_row, *kept = [row for row in (2, 0, 1, 3) if labels[row] != ignore_index]
+    student[nan_row, 5] = float("nan")
     x = student.float().to(DEVICE).requires_grad_(True)
     loss = distill_loss(x, log_t.float().to(DEVICE), labels.to(DEVICE), divergence=divergence, backend="triton",
                         check_inputs=False, **kw)
     (grad,) = torch.autograd.grad(loss.sum(), x)
-    assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all() and torch.isfinite(loss[[0, 1, 3]]).all()
+    assert torch.isnan(loss[nan_row]) and torch.isnan(grad[nan_row]).all() and torch.isfinite(loss[kept]).all()
+    assert given and set(given) == {-100 if ignore_index in (0, 1) else ignore_index}, given
 
 
 def test_triton_hard_mode_follows_alpha_and_tau():
@@ -1130,3 +1153,183 @@ def test_triton_vanilla_kd_targets_in_several_launches(monkeypatch):
     out = torch.full((50, 2, 5), float("nan"), device=DEVICE)[:, 1]  # rows 10 apart
     kd_targets.kd_targets_triton(z, 1.3, out)
     torch.testing.assert_close(out.cpu().double(), torch.log_softmax(z.cpu().double() / 1.3, 1), atol=1e-6, rtol=0)
+
+
+def _record_launch_arguments(monkeypatch, module, name: str) -> list:
+    """The positional arguments of each launch of ``module``'s kernel ``name`` from now on (the
+    interpreter's launches: the kernel is called directly there)."""
+    given, kernel = [], getattr(module, name)
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                given.append(args)
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, name, Recording())
+    return given
+
+
+def _off_16_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a view with contiguous rows whose first element is one element past 16 bytes."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+    return flat.view(t.shape).copy_(t)
+
+
+def _rows_of(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t``'s values in a view whose rows lie ``width`` elements apart (a slice of a wider buffer)."""
+    wide = torch.full((t.shape[0], width), float("nan"), dtype=t.dtype, device=t.device)
+    wide[:, :t.shape[1]] = t
+    return wide[:, :t.shape[1]]
+
+
+def _kinds_as_gated(args, strides) -> bool:
+    """Whether a launch passed every tensor on 16 bytes and each (stride position, columns) a row
+    stride of the kind of contiguous rows of that many columns (what the gates compile)."""
+    aligned = all(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
+    return aligned and all(limits.jit_kind(args[i]) == limits.jit_kind(columns) for i, columns in strides)
+
+
+# (embeddings view, teacher logits view, output view): views whose launch Triton's JIT compiles apart
+# from contiguous rows' (a pointer off 16 bytes, a row stride of another kind), and one it does not (rows
+# 53 apart at d = 50: no multiple of 16 either way).
+TARGETS_VIEWS = [("off", None, None), ("wide", None, None), (None, "off", None), (None, "wide16", None),
+                 (None, None, "off"), (None, None, "teacher"), ("wide", "wide16", "teacher")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 50])
+@pytest.mark.parametrize("with_head, views", [(head, vs) for head in (True, False) for vs in TARGETS_VIEWS
+                                              if not (head and vs[1])],
+                         ids=[f"{'head' if head else 'logits'}-" + "-".join(str(v) for v in vs)
+                              for head in (True, False) for vs in TARGETS_VIEWS if not (head and vs[1])])
+def test_triton_targets_of_views_launch_as_gated(monkeypatch, dtype, d, with_head, views):
+    """Embeddings, logits and outputs given as views (a pointer off 16 bytes, rows of a wider buffer, the
+    online loss's slice of one teacher of two at K = 40) give the targets of contiguous inputs, bit for
+    bit, and the kernel is launched only as the gates compile it: every pointer on 16 bytes, every row
+    stride of contiguous rows' kind (``gated``). Before, the views went to the kernel as they were:
+    kernels Triton's JIT compiles apart, which no gate compiled (one spilled 64 B on sm_80 in a one-off
+    compile, with its output off 16 bytes)."""
+    from lelp_fast.kernels.triton import targets as tt
+
+    n, c, s = 37, 5, 8
+    h, weight, bias, logits = random_map(n, d, c, s, with_head, seed=d + c)
+    h, z = h.to(dtype).to(DEVICE), None if logits is None else logits.to(dtype).to(DEVICE)
+    w, b = weight.float().to(DEVICE), bias.float().to(DEVICE)
+    want = torch.full((n, c * s), float("nan"), device=DEVICE)
+    tt.targets_triton(h, w, b, c, s, z, 0.8, 1.3, want)
+    h_view, z_view, out_view = views
+    h_in = {"off": _off_16_bytes, "wide": lambda t: _rows_of(t, d + 3)}.get(h_view, lambda t: t)(h)
+    z_in = z if z is None else {"off": _off_16_bytes, "wide16": lambda t: _rows_of(t, 16)}.get(z_view, lambda t: t)(z)
+    buffer = torch.full((n, 2, c * s), float("nan"), device=DEVICE)
+    out = {"off": lambda: _off_16_bytes(want.clone().fill_(float("nan"))), "teacher": lambda: buffer[:, 1]}.get(
+        out_view, lambda: torch.full_like(want, float("nan")))()
+    given = _record_launch_arguments(monkeypatch, tt, "lelp_targets_kernel")
+    got = tt.targets_triton(h_in, w, b, c, s, z_in, 0.8, 1.3, out)
+    assert got is out and torch.equal(out, want)
+    assert torch.isnan(buffer[:, 0]).all()  # the other teacher's slice is left as it was
+    z_columns = c if z is not None else d
+    for args in given:  # 32 rows and a tail of 5 (limits.row_pieces)
+        assert _kinds_as_gated(args, [(1, d), (11, z_columns), (13, c * s)]), [
+            (a.data_ptr() % 16, a.stride()) if isinstance(a, torch.Tensor) else a for a in args[:14]]
+    assert [args[14] for args in given] == [32, 5]
+
+
+@pytest.mark.parametrize("views", [("off", None), ("wide16", None), (None, "off"), (None, "wide16")])
+def test_triton_kd_targets_of_views_launch_as_gated(monkeypatch, views):
+    """Vanilla KD targets of logits and into outputs given as views: the targets of contiguous rows, bit
+    for bit, launched only as the gates compile the kernel (``gated``)."""
+    from lelp_fast.kernels.triton import kd_targets
+
+    n, c = 37, 5
+    z = torch.randn(n, c, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    want = kd_targets.kd_targets_triton(z, 1.3, torch.full((n, c), float("nan"), device=DEVICE))
+    z_view, out_view = views
+    view = {"off": _off_16_bytes, "wide16": lambda t: _rows_of(t, 16)}
+    z_in = view.get(z_view, lambda t: t)(z)
+    out = view.get(out_view, lambda t: t)(torch.full((n, c), float("nan"), device=DEVICE))
+    given = _record_launch_arguments(monkeypatch, kd_targets, "kd_targets_kernel")
+    assert kd_targets.kd_targets_triton(z_in, 1.3, out) is out and torch.equal(out, want)
+    assert [args[4] for args in given] == [32, 5] and all(_kinds_as_gated(args, [(1, c), (3, c)]) for args in given)
+
+
+def test_triton_loss_of_views_launches_as_gated(monkeypatch):
+    """A loss whose student logits, targets, teacher weights and labels are contiguous views off 16 bytes:
+    the loss and gradient of fresh tensors, bit for bit, each pointer the kernel gets on 16 bytes."""
+    import lelp_fast.kernels.triton.loss as triton_loss
+
+    student, log_t, labels = make_inputs(29, 3, 4, seed=5)
+    log_t = torch.stack([log_t, log_t.roll(1, 0)], 1)
+    weights = torch.rand(29, 2, generator=torch.Generator().manual_seed(6))
+    weights = weights / weights.sum(1, keepdim=True)
+    kw = dict(num_classes=3, n_subclasses=4, tau=2.0, alpha=0.5, reduction="none", backend="triton")
+
+    def loss_and_grad(s, t, w, y):
+        x = s.float().to(DEVICE).requires_grad_(True)
+        loss = distill_loss(x, t.float().to(DEVICE), y.to(DEVICE), teacher_weights=w.to(DEVICE), **kw)
+        return loss.detach(), torch.autograd.grad(loss.sum(), x)[0]
+
+    want = loss_and_grad(student, log_t, weights, labels)
+    given = _record_launch_arguments(monkeypatch, triton_loss, "lelp_loss_kernel")
+    got = loss_and_grad(*(_off_16_bytes(t.float() if t.is_floating_point() else t)
+                          for t in (student, log_t, weights, labels)))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert given and all(_kinds_as_gated(args, []) for args in given)
+
+
+def test_triton_targets_loss_and_scale_in_several_launches(monkeypatch):
+    """Rows go in launches of a multiple of 16 rows and a tail of fewer (``limits.row_pieces``: the kernel
+    the JIT compiles for other counts runs at most 15 rows), each at most ``limits.ROW_CHUNK`` (2**30:
+    past 2**31 the JIT would take N as a 64-bit integer, a kernel no gate compiles): here 37 rows as 32
+    and 5, then with 16 rows a launch (16 elements for the scale). The results are those of one launch:
+    bit for bit but for the targets, whose tile products the interpreter takes from numpy's matmul over
+    other row counts (2e-6)."""
+    from lelp_fast.kernels.triton import loss as triton_loss, targets as tt
+
+    n, d, c, s = 37, 24, 3, 4
+    h, weight, bias, _ = random_map(n, d, c, s, True, seed=2)
+    h, w, b = h.float().to(DEVICE), weight.float().to(DEVICE), bias.float().to(DEVICE)
+    student, log_t, labels = make_inputs(n, c, s, seed=3)
+    student, log_t, labels = student.float().to(DEVICE), log_t.float().to(DEVICE), labels.to(DEVICE)
+
+    def run():
+        targets = tt.targets_triton(h, w, b, c, s, None, 0.8, 1.3, torch.full((n, c * s), float("nan"), device=DEVICE))
+        rows, hard, grad = (torch.full(shape, float("nan"), device=DEVICE) for shape in ((n,), (n,), (n, c * s)))
+        triton_loss.loss_triton(student, log_t, None, labels, c, s, 0, 0.5, 2.0, 0.5, -100, rows, hard, grad)
+        scaled = grad.clone()
+        triton_loss.scale_unless_one(scaled, torch.full((1,), 0.5, device=DEVICE))
+        return targets, rows, hard, grad, scaled
+
+    def counts(launches):
+        return {name: [args[at] for args in launches[name]] for name, at in (
+            ("lelp_targets_kernel", 14), ("lelp_loss_kernel", 8), ("scale_unless_one_kernel", 2))}
+
+    kernels = ((tt, "lelp_targets_kernel"), (triton_loss, "lelp_loss_kernel"), (triton_loss, "scale_unless_one_kernel"))
+    launches = {name: _record_launch_arguments(monkeypatch, module, name) for module, name in kernels}
+    want = run()
+    assert counts(launches) == {"lelp_targets_kernel": [32, 5], "lelp_loss_kernel": [32, 5],
+                                "scale_unless_one_kernel": [432, 12]}, counts(launches)
+    for module in (tt, triton_loss):
+        monkeypatch.setattr(module, "ROW_CHUNK", 16)
+    launches = {name: _record_launch_arguments(monkeypatch, module, name) for module, name in kernels}
+    got = run()
+    torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(got[1:], want[1:]))
+    assert counts(launches) == {"lelp_targets_kernel": [16, 16, 5], "lelp_loss_kernel": [16, 16, 5],
+                                "scale_unless_one_kernel": [16] * 27 + [12]}, counts(launches)
+
+
+def test_triton_targets_refuse_one_feature():
+    """Embeddings of one feature (d = 1) would be a constant to the JIT, a kernel no gate compiles: the
+    Triton targets refuse them with the reason, and auto takes another backend (vanilla KD, which reads
+    no embeddings, still runs)."""
+    h, weight, bias, logits = random_map(5, 1, 2, 3, False, seed=4)
+    h, weight, bias, logits = (t.float().to(DEVICE) for t in (h, weight, bias, logits))
+    with pytest.raises(ValueError, match=r"at least 2 features \(got d = 1\)"):
+        lelp_targets(h, weight, bias, 2, 3, teacher_logits=logits, backend="triton")
+    got = lelp_targets(h, weight, bias, 2, 3, teacher_logits=logits, backend="auto")
+    torch.testing.assert_close(got.cpu().double(), fp64_reference(h.cpu(), weight.cpu(), bias.cpu(), logits.cpu(), 2, 3,
+                                                                  beta=1.0, tau=1.0), atol=1e-5, rtol=1e-5)
+    kd = lelp_targets(h, weight[:, :2], bias[:2], 2, 1, teacher_logits=logits, backend="triton")
+    torch.testing.assert_close(kd.cpu().double(), torch.log_softmax(logits.cpu().double(), 1), atol=1e-6, rtol=0)

@@ -232,11 +232,11 @@ def targets_launch(v, dts):
     args = list(targets.kernel_args(h, split, c, s, z, 0.7, 1.3, torch.zeros(4, c * s, dtype=out_dt)))
     return targets.lelp_targets_kernel, args, 14, values["N"], ce, None  # its options: the autotuner's
 
-def loss_launch(v, dts):
+def loss_launch(v, dts, ignore_index):
     ce = v["constexprs"]
     s_dt, t_dt = targets.TORCH_DTYPES[dts[0]], targets.TORCH_DTYPES[dts[1]]
     g_dt = targets.TORCH_DTYPES[dts[2] if len(dts) > 2 else dts[0]]
-    k, m, c = ce["K"], loss.launch_values(ce)["M"], ce["K"] // ce["S"]
+    k, m, c = ce["K"], loss.launch_values(v)["M"], ce["K"] // ce["S"]
     student = torch.zeros(4, k, dtype=s_dt)
     log_t = torch.zeros(4, k, dtype=t_dt) if m == 1 else torch.zeros(4, m, k, dtype=t_dt)
     weights = torch.full((4, m), 1.0 / m) if ce["HAS_WEIGHTS"] else None
@@ -244,14 +244,14 @@ def loss_launch(v, dts):
     alpha, tau = {0: (0.0, 1.0), 1: (0.5, 1.0), 2: (0.5, 2.0), 3: (0.5, 3.0)}[ce["HARD"]]
     grad = torch.zeros(4, k, dtype=g_dt) if ce["WITH_GRAD"] else None
     kernel, args, kwargs, options = Recorder("lelp_loss_kernel").capture(lambda: loss.loss_triton(
-        student, log_t, weights, labels, c, ce["S"], ce["DIVERGENCE"], 0.5, tau, alpha, -100, torch.zeros(4),
+        student, log_t, weights, labels, c, ce["S"], ce["DIVERGENCE"], 0.5, tau, alpha, ignore_index, torch.zeros(4),
         torch.zeros(4), grad, None, 0.5 if ce["SUBCLASS_WEIGHTED"] else 1.0))
-    return kernel, args, 8, loss.launch_values(ce)["N"], kwargs, options
+    return kernel, args, 8, loss.launch_values(v)["N"], kwargs, options
 
 def scale_launch(v, dts):
     kernel, args, kwargs, options = Recorder("scale_unless_one_kernel").capture(lambda: loss.scale_unless_one(
         torch.zeros(16, dtype=targets.TORCH_DTYPES[v["dtype"]]), torch.ones(1)))
-    return kernel, args, 2, loss.scale_launch_values()["numel"], kwargs, options
+    return kernel, args, 2, loss.scale_launch_values(v)["numel"], kwargs, options
 
 def kd_launch(v, dts):
     z_dt, out_dt = targets.TORCH_DTYPES[v["dtype"]], targets.TORCH_DTYPES[v["out_dtype"]]
@@ -265,8 +265,10 @@ for index in map(int, sys.argv[1:]):
     op, i, arch, dts = case
     variant = {"targets": targets.VARIANTS, "loss": loss.VARIANTS, "scale": loss.SCALE_VARIANTS,
                "kd": kd_targets.VARIANTS}[op][i]
-    kernel, args, n_at, n, kwargs, options = {"targets": targets_launch, "loss": loss_launch, "scale": scale_launch,
-                                              "kd": kd_launch}[op](variant, dts)
+    # the loss's ignore_index: 0 or 1 where the gates compile -100 (not specialised, so the same source)
+    launcher = {"targets": targets_launch, "loss": lambda v, dts: loss_launch(v, dts, index % 2),
+                "scale": scale_launch, "kd": kd_launch}[op]
+    kernel, args, n_at, n, kwargs, options = launcher(variant, dts)
     args[n_at] = n
     launch = aot._launch(case)
     assert options is None or options == {"num_warps": launch[5], "maxnreg": launch[7]}, (aot.case_id(case), options)
@@ -280,8 +282,9 @@ for index in map(int, sys.argv[1:]):
 def _jit_sample():
     """Cases of each op whose specialisation differs: both layouts, the head and given logits, exact and
     padded grids, S = 1 (a constant to the JIT); the loss with and without weights (one teacher is a
-    constant), labels and the gradient, the subclass weight, a register cap or none; the scale; the KD
-    targets' whole rows (a multiple of 16), rows of one class (a constant) and others, in both widths."""
+    constant), labels and the gradient, the subclass weight, a register cap or none, at each row and
+    teacher count; the scale at each element count; the KD targets' whole rows (a multiple of 16), rows
+    of one class (a constant) and others, in both widths, at each row count."""
     picked, seen = [], set()
     for index, (op, i, arch, dts) in enumerate(CASES):
         if op == "targets":
@@ -290,14 +293,15 @@ def _jit_sample():
             key = (op, v["dtype"], v["layout"], ce["HAS_LOGITS"], ce["EXACT"], ce["S_PAD"] == 1, dts is None,
                    targets_kernels.jit_key(v["rows"], *v["shape"]))
         elif op == "loss":
-            ce = loss_kernels.VARIANTS[i]["constexprs"]
+            v = loss_kernels.VARIANTS[i]
+            ce = v["constexprs"]
             key = (op, ce["HAS_WEIGHTS"], ce["HAS_LABELS"], ce["WITH_GRAD"], ce["SUBCLASS_WEIGHTED"], len(dts),
-                   ce["BLOCK_K"] >= 256, loss_kernels.max_registers(ce))
+                   ce["BLOCK_K"] >= 256, loss_kernels.max_registers(ce), v["rows"], v["teachers"])
         elif op == "kd":
             v = kd_kernels.VARIANTS[i]
-            key = (op, v["C"] % 16 == 0, v["C"] == 1, v["dtype"], v["out_dtype"])
+            key = (op, v["C"] % 16 == 0, v["C"] == 1, v["dtype"], v["out_dtype"], v["rows"])
         else:
-            key = (op,)
+            key = (op, loss_kernels.SCALE_VARIANTS[i]["numel"])
         if arch == 90 and key not in seen:
             seen.add(key)
             picked.append(index)
@@ -355,6 +359,57 @@ def test_jit_keys_tell_apart_what_the_jit_does():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     done = subprocess.run([sys.executable, "-c", _JIT_KEY_MATCHES, str(seed), "120"], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, (seed, done.stderr[-3000:])
+
+
+# A random launch of the loss (a compiled constexpr set at random N, M where weights mix teachers, and
+# ignore_index) or of the KD targets (random C and N), its source as Triton's JIT makes it from the
+# launcher's arguments against the one the gates compile for it (loss.variant_index; the KD variant of
+# its constexprs and kinds of C and N).
+_LOSS_JIT_KEY_MATCHES = _JIT_SOURCE_MATCHES.split("for index in")[0] + """
+import random
+from lelp_fast.kernels.triton import limits
+rng = random.Random(int(sys.argv[1]))
+firsts = [v for v in loss.VARIANTS if loss.first_launch(v)]
+for _ in range(int(sys.argv[2])):
+    v = rng.choice(firsts)
+    n = rng.choice([1, 2, 16, 333, 4096, 4 << 20])
+    m = rng.choice([1, 2, 3, 16, 48]) if v["constexprs"]["HAS_WEIGHTS"] else 1
+    i = loss.variant_index(v["constexprs"], n, m)
+    dts = rng.choice(aot.LOSS_DTYPES[90])
+    kernel, args, n_at, _, kwargs, _ = loss_launch(dict(v, teachers=m), dts, rng.choice([-100, -1, 0, 1, 16, 255]))
+    args[n_at] = n
+    ours = aot._source(*aot._launch(("loss", i, 90, dts))[:4])
+    theirs = jit_source(kernel, args, {**kwargs, **{k: x for k, x in aot._launch(("loss", i, 90, dts))[2].items()
+                                                    if k not in kwargs}})
+    assert ours.hash() == theirs.hash(), (n, m, aot.case_id(("loss", i, 90, dts)), ours.attrs, theirs.attrs,
+                                          ours.constants, theirs.constants)
+    c = rng.randint(1, limits.MAX_SUBCLASS_COLUMNS)
+    n = rng.choice([1, 2, 16, 333, 4096, 4 << 20])
+    z, out = rng.choice(["bf16", "fp32"]), rng.choice(["bf16", "fp32"])
+    kd = next(j for j, w in enumerate(kd_targets.VARIANTS) if (w["constexprs"], w["dtype"], w["out_dtype"]) ==
+              (kd_targets.launch_constexprs(c), z, out) and limits.jit_kind(w["C"]) == limits.jit_kind(c)
+              and limits.jit_kind(w["rows"]) == limits.jit_kind(n))
+    kernel, args, n_at, _, kwargs, _ = kd_launch(dict(kd_targets.VARIANTS[kd], C=c), None)
+    args[n_at] = n
+    launch = aot._launch(("kd", kd, 90, None))
+    ours = aot._source(*launch[:4])
+    theirs = jit_source(kernel, args, {**kwargs, **{k: x for k, x in launch[2].items() if k not in kwargs}})
+    assert ours.hash() == theirs.hash(), (c, n, aot.case_id(("kd", kd, 90, None)), ours.attrs, theirs.attrs,
+                                          ours.constants, theirs.constants)
+"""
+
+
+def test_loss_and_kd_jit_keys_tell_apart_what_the_jit_does():
+    """Any launch of the loss (random rows, teachers, ignore_index, dtype) or the KD targets (random C,
+    rows, dtypes) is compiled by the JIT as the gates compile the launch ``loss.variant_index`` (the KD
+    variant of its kinds) finds: the gates' rows and teacher counts stand for every N and M of their
+    kind, and ignore_index is not specialised. LELP_AOT_CHECK_SEED fixes the draw."""
+    seed = int(SEED) if SEED else random.randrange(2 ** 32)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _LOSS_JIT_KEY_MATCHES, str(seed), "80"], env=env,
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, (seed, done.stderr[-3000:])
 
@@ -607,10 +662,11 @@ def test_ptx_facts_match_the_per_count_searches():
 
 def test_every_launch_configuration_is_a_case():
     """The gates cover what the launchers pick: every targets launch of contiguous rows
-    (``_targets_launches_are_cases``), every KD targets launch, and the loss's block shape (its one or
-    two column pieces) at every K from 2 to 512."""
+    (``_targets_launches_are_cases``), every KD targets launch, each loss launch at every kind of N and
+    M, and the loss's block shape (its one or two column pieces) at every K from 2 to 512."""
     _targets_launches_are_cases()
     _kd_launches_are_cases()
+    _loss_launches_are_cases()
     # The KL step (with or without labels) has its own block shapes and chunked rows; labels change neither.
     # KL at a subclass weight λ ≠ 1 is its own code (SUBCLASS_WEIGHTED): a class tile, contiguous rows
     # when S is a power of two, gathered classes otherwise (several per thread, fewer with teacher
@@ -667,20 +723,35 @@ def _targets_launches_are_cases():
 
 
 def _kd_launches_are_cases():
-    """Each KD targets launch (C = 1 to 512): its compile-time values (tile, lanes and tail) compiled, as
-    the JIT specialises it (C = 1 a constant; rows of a multiple of 16 classes hinted), in each width of
-    logits and output."""
-    compiled = {(tuple(v["constexprs"].items()), v["C"] % 16 == 0, v["C"] == 1, v["dtype"], v["out_dtype"])
-                for v in kd_kernels.VARIANTS}
-    for c, z, out in itertools.product(range(1, limits.MAX_SUBCLASS_COLUMNS + 1), ("bf16", "fp32"), ("bf16", "fp32")):
-        launch = (tuple(kd_kernels.launch_constexprs(c).items()), c % 16 == 0, c == 1, z, out)
-        assert launch in compiled, f"the KD targets launch at C = {c} ({z} logits, {out} output) is never compiled"
+    """Each KD targets launch (C = 1 to 512, N of each kind): its compile-time values (tile, lanes and
+    tail) compiled, as the JIT specialises it (C = 1 a constant; rows of a multiple of 16 classes hinted;
+    N likewise), in each width of logits and output."""
+    compiled = {(tuple(v["constexprs"].items()), limits.jit_kind(v["C"]), limits.jit_kind(v["rows"]), v["dtype"],
+                 v["out_dtype"]) for v in kd_kernels.VARIANTS}
+    for c, z, out, n in itertools.product(range(1, limits.MAX_SUBCLASS_COLUMNS + 1), ("bf16", "fp32"),
+                                          ("bf16", "fp32"), (1, 2, 16, 333, 4096, 4 << 20)):
+        launch = (tuple(kd_kernels.launch_constexprs(c).items()), limits.jit_kind(c), limits.jit_kind(n), z, out)
+        assert launch in compiled, f"the KD targets launch at C = {c}, N = {n} ({z} logits, {out} output) is never compiled"
+
+
+def _loss_launches_are_cases():
+    """Each loss constexpr set at every kind of N, and of M where teacher weights mix several
+    (``loss.variant_index``); N and M of each kind land on a launch of that kind."""
+    for i, v in enumerate(loss_kernels.VARIANTS):
+        if not loss_kernels.first_launch(v):
+            continue
+        teachers = (1, 2, 3, 16, 48) if v["constexprs"]["HAS_WEIGHTS"] else (1,)
+        for n, m in itertools.product((1, 2, 16, 333, 4096, 4 << 20), teachers):
+            found = loss_kernels.VARIANTS[loss_kernels.variant_index(v["constexprs"], n, m)]
+            assert (limits.jit_kind(found["rows"]), limits.jit_kind(found["teachers"])) == (
+                limits.jit_kind(n), limits.jit_kind(m)), (i, n, m, found)
 
 
 def _one_dtype_loss(case) -> bool:
-    """A loss case in one dtype (``aot.LOSS_DTYPES``), whose floor the cost model's budgets are
-    counted at; not the other dtype pairs (``aot.MIXED_DTYPES``), gated for resources only."""
-    return case[0] == "loss" and len(case[3]) == 2
+    """A loss case in one dtype (``aot.LOSS_DTYPES``) at its set's first launch (``loss.first_launch``:
+    4 M rows), whose floor the cost model's budgets are counted at; not the other dtype pairs
+    (``aot.MIXED_DTYPES``), rows or teachers, gated for resources only."""
+    return case[0] == "loss" and len(case[3]) == 2 and loss_kernels.first_launch(loss_kernels.VARIANTS[case[1]])
 
 
 def _gated(case):
@@ -824,7 +895,8 @@ def test_targets_over_budget_only_by_the_map_stream(compiled, case):
             assert m[term] <= cost.TARGETS_MAX_OVER_FLOOR * m["floor"], (device, term, m)
 
 
-KD_COST_CASES = [c for c in CASES if c[0] == "kd" and c[2] == 90]
+# At the gates' first rows: a launch of another kind of N runs at most 15 rows (limits.row_pieces).
+KD_COST_CASES = [c for c in CASES if c[0] == "kd" and c[2] == 90 and kd_kernels.VARIANTS[c[1]]["rows"] == kd_kernels.ROWS]
 # Each KD launch is compiled at the fewest classes its tile takes (kd_targets._classes: the most padding).
 # Until 2026-12-05 the launch of rows of 65-95 classes (80 aside) into a 16-bit output was 1.29x the
 # H200's floor by issue at C = 65 under both Tritons (strict xfails): each of 8 rows across the warp, 5
@@ -848,7 +920,8 @@ def test_kd_targets_modelled_time_within_budget(compiled, case):
 
 # One of each KD tile (kd_targets._classes), 16-bit logits to a 16-bit output: the fewest bytes (4 an
 # element) for the lines to hide under.
-KD_LINE_VARIANTS = [i for i, v in enumerate(kd_kernels.VARIANTS) if v["dtype"] == "bf16" and v["out_dtype"] == "bf16"]
+KD_LINE_VARIANTS = [i for i, v in enumerate(kd_kernels.VARIANTS)
+                    if v["dtype"] == "bf16" and v["out_dtype"] == "bf16" and v["rows"] == kd_kernels.ROWS]
 
 
 @pytest.fixture(scope="module")

@@ -206,7 +206,9 @@ def lelp_targets(
             and Triton-interpreter paths). On a GPU nothing is checked, as in ``distill_loss``: the
             check would synchronise and read the inputs again; a NaN row's targets are NaN.
         out: optional preallocated (N, C*S) output whose rows are contiguous; its dtype wins
-            over ``out_dtype``.
+            over ``out_dtype``. On the Triton backend a view whose first element is not on 16 bytes,
+            or whose row stride is of another kind than C*S (a multiple of 16 or not), is written
+            through a buffer (one more pass; as embeddings and logits of that kind are copied).
     """
     check_matrix("embeddings", embeddings)
     check_float("embeddings", embeddings)
@@ -337,7 +339,8 @@ def _shape_limits(embeddings, teacher_logits, num_classes, n_subclasses):
     from ..kernels.triton import limits
 
     out = {}
-    why = limits.targets_unsupported(num_classes, n_subclasses, with_head=teacher_logits is None)
+    d = None if _vanilla_kd(n_subclasses, teacher_logits) else embeddings.shape[1]  # KD reads no embeddings
+    why = limits.targets_unsupported(num_classes, n_subclasses, with_head=teacher_logits is None, d=d)
     if why:
         out["triton"] = why
     cuda_why = _dispatch.cuda_unsupported(num_classes, n_subclasses)

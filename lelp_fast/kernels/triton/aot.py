@@ -340,9 +340,9 @@ def cases() -> List[Case]:
             + [("loss", i, arch, dts) for i in range(len(loss.VARIANTS)) for arch in ARCHS
                for dts in LOSS_DTYPES[arch]]
             + [("loss", i, arch, dts) for arch, combos in MIXED_DTYPES.items() for dts in combos
-               for i, v in enumerate(loss.VARIANTS) if v["constexprs"]["WITH_GRAD"]]
+               for i, v in enumerate(loss.VARIANTS) if v["constexprs"]["WITH_GRAD"] and loss.first_launch(v)]
             + [("loss", i, arch, dts) for arch, combos in FORWARD_DTYPES.items() for dts in combos
-               for i, v in enumerate(loss.VARIANTS) if not v["constexprs"]["WITH_GRAD"]]
+               for i, v in enumerate(loss.VARIANTS) if not v["constexprs"]["WITH_GRAD"] and loss.first_launch(v)]
             + [("scale", i, arch, None) for i in range(len(loss.SCALE_VARIANTS)) for arch in ARCHS]
             + [("kd", i, arch, None) for i in range(len(kd_targets.VARIANTS)) for arch in ARCHS])
 
@@ -374,9 +374,11 @@ def case_id(case: Case) -> str:
     op, i, arch, dts = case
     if op == "kd":
         v = kd_targets.VARIANTS[i]
-        return f"kd-sm{arch}-{v['dtype']}-C{v['C']}-n{v['constexprs']['BLOCK_N']}-o{v['out_dtype']}"
+        return (f"kd-sm{arch}-{v['dtype']}-C{v['C']}-n{v['constexprs']['BLOCK_N']}-o{v['out_dtype']}"
+                + _rows_suffix(v["rows"]))
     if op == "scale":
-        return f"scale-sm{arch}-{loss.SCALE_VARIANTS[i]['dtype']}"
+        v = loss.SCALE_VARIANTS[i]
+        return f"scale-sm{arch}-{v['dtype']}" + ("" if v["numel"] == loss.SCALE_VARIANTS[0]["numel"] else f"-n{v['numel']}")
     if op == "targets":
         v = targets.VARIANTS[i]
         c = v["constexprs"]
@@ -394,7 +396,15 @@ def case_id(case: Case) -> str:
             f"{'w' if c['HAS_WEIGHTS'] else 'nw'}-{'y' if c['HAS_LABELS'] else 'ny'}"
             + (f"-S{c['S']}g{c['G_PAD']}-lam-h{c['HARD']}" if c["SUBCLASS_WEIGHTED"] else
                f"-h{c['HARD']}" if c["HAS_LABELS"] else "")
-            + ("" if c["WITH_GRAD"] else "-fwd") + (f"-t{dts[1]}-g{dts[2]}" if len(dts) > 2 else ""))
+            + ("" if c["WITH_GRAD"] else "-fwd") + (f"-t{dts[1]}-g{dts[2]}" if len(dts) > 2 else "")
+            + ("" if loss.first_launch(v) else _rows_suffix(v["rows"]) + f"-M{v['teachers']}"))
+
+
+def _rows_suffix(rows: int) -> str:
+    """A launch's rows in its id where they are not the gates' first (``limits.ROW_COUNTS``)."""
+    from . import limits
+
+    return "" if rows == limits.ROW_COUNTS[0] else f"-N{rows}"
 
 
 def _launch(case: Case) -> tuple:
@@ -416,11 +426,11 @@ def _launch(case: Case) -> tuple:
     if op == "scale":
         v = loss.SCALE_VARIANTS[i]
         return (loss.scale_unless_one_kernel, loss.scale_signature(v["dtype"]), v["constexprs"],
-                loss.scale_launch_values(), arch, v["num_warps"], 3, None)
+                loss.scale_launch_values(v), arch, v["num_warps"], 3, None)
     v = loss.VARIANTS[i]
     constexprs = {**v["constexprs"], **loss.chunk_constexprs(v["constexprs"], dts[0])}
     return (loss.lelp_loss_kernel, loss.signature(*dts, flags=v["constexprs"]), constexprs,
-            loss.launch_values(v["constexprs"]), arch, v["num_warps"], 3, loss.max_registers(v["constexprs"]))
+            loss.launch_values(v), arch, v["num_warps"], 3, loss.max_registers(v["constexprs"]))
 
 
 def compile_case(case: Case, afresh: bool = False):

@@ -185,7 +185,8 @@ def _compiled_loss_cases(facts_json: str, bytes_bf16: float, bytes_fp32: float, 
     out = []
     for row in facts["cases"]:
         op, i, arch, dts = row["case"]
-        if op != "loss" or row["error"] or len(dts) > 2 or not keep(loss.VARIANTS[i]["constexprs"]):
+        if (op != "loss" or row["error"] or len(dts) > 2 or not loss.first_launch(loss.VARIANTS[i])
+                or not keep(loss.VARIANTS[i]["constexprs"])):
             continue
         v = loss.VARIANTS[i]
         c = v["constexprs"]
@@ -227,7 +228,8 @@ def forward_only_table(facts_json: str) -> str:
     for (op_i_arch, dts), row in sorted(cases.items()):
         v = loss.VARIANTS[op_i_arch[1]]
         c = v["constexprs"]
-        if (row["error"] or len(dts) > 2 or c["WITH_GRAD"] or c["DIVERGENCE"] != 0 or c["SUBCLASS_WEIGHTED"]
+        if (row["error"] or len(dts) > 2 or not loss.first_launch(v) or c["WITH_GRAD"] or c["DIVERGENCE"] != 0
+                or c["SUBCLASS_WEIGHTED"]
                 or c["HAS_LABELS"] or c["HAS_WEIGHTS"] or (c["K"], c["S"]) not in loss.COST_SHAPES):
             continue
         twin = cases[(("loss", loss.twin_index(op_i_arch[1]), op_i_arch[2]), dts)]
@@ -514,7 +516,7 @@ def kd_targets_table(facts_json: str) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for row in data["cases"]:
         op, i, arch, _ = row["case"]
-        if op != "kd" or row["facts"] is None:
+        if op != "kd" or row["facts"] is None or kd_targets.VARIANTS[i]["rows"] != kd_targets.ROWS:
             continue
         v = kd_targets.VARIANTS[i]
         per = per_element(row["facts"], v["constexprs"]["BLOCK_N"], v["C"], v["num_warps"])

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from . import limits
+from . import gated, limits
 from .fast_math import FAST_MATH
 
 NEG_INF = tl.constexpr(float("-inf"))
@@ -35,7 +35,7 @@ TILE_ELEMENTS = 1024
 NUM_WARPS = 1
 # Rows a launch takes, so that the kernel's row index stays in int32 (in int64 it took 4 more SASS
 # instructions an element at C = 2, sm_90, 2026-12-04); more rows take several launches.
-ROW_CHUNK = 1 << 30
+ROW_CHUNK = limits.ROW_CHUNK
 
 
 def tile(num_classes: int):
@@ -172,12 +172,13 @@ def kd_targets_triton(teacher_logits: torch.Tensor, tau: float, out: torch.Tenso
         raise ValueError(f"the triton KD targets kernel takes at most {limits.MAX_SUBCLASS_COLUMNS} classes "
                          f"(got C={num_classes})")
     constexprs = launch_constexprs(num_classes)
-    for start in range(0, n, ROW_CHUNK):
-        rows = min(ROW_CHUNK, n - start)
-        kd_targets_kernel[(triton.cdiv(rows, constexprs["BLOCK_N"]),)](
-            teacher_logits[start:], teacher_logits.stride(0), out[start:], out.stride(0), rows, num_classes,
-            1.0 / tau, **constexprs, num_warps=NUM_WARPS)
-    return out
+    # views the gates compile no kernel for are copied (``gated``); the pieces start on 16 rows' boundaries
+    teacher_logits, written = gated.gated_input(teacher_logits, num_classes), gated.gated_output(out, num_classes)
+    for start, stop in limits.row_pieces(n, ROW_CHUNK):  # a multiple of 16 rows but in a short tail
+        kd_targets_kernel[(triton.cdiv(stop - start, constexprs["BLOCK_N"]),)](
+            teacher_logits[start:], teacher_logits.stride(0), written[start:], written.stride(0), stop - start,
+            num_classes, 1.0 / tau, **constexprs, num_warps=NUM_WARPS)
+    return gated.finish_output(written, out)
 
 
 # What the gates compile (tests/test_triton_aot.py): every tile the launcher makes (C_PAD 2 .. 512),
@@ -185,7 +186,7 @@ def kd_targets_triton(teacher_logits: torch.Tensor, tau: float, out: torch.Tenso
 # bits (the offline targets' buffer) and of 16.
 VARIANT_PADS = [1 << p for p in range(1, 10)]
 assert VARIANT_PADS[-1] == limits.MAX_SUBCLASS_COLUMNS
-ROWS = 4 << 20  # the rows of the gates' launch, as the targets' (what the JIT specialises on)
+ROWS = limits.ROW_COUNTS[0]  # the rows of the gates' first launch, as the targets' (what the JIT specialises on)
 
 
 def _classes(c_pad: int) -> List[int]:
@@ -199,11 +200,15 @@ def _classes(c_pad: int) -> List[int]:
 
 
 def _variants() -> List[dict]:
+    """Each launch at the gates' first rows (``ROWS``; the cost model's), then all of them at each other
+    of ``limits.ROW_COUNTS``: the kinds of N the JIT compiles apart (``kd_targets_triton`` launches
+    pieces of a multiple of 16 rows, at most ``ROW_CHUNK``, and a tail of fewer: ``limits.row_pieces``)."""
     variants = []
-    for c_pad, z_dtype, out_dtype in itertools.product(VARIANT_PADS, ("bf16", "fp32"), ("fp32", "bf16")):
-        for c in _classes(c_pad):
-            variants.append(dict(dtype=z_dtype, out_dtype=out_dtype, C=c, num_warps=NUM_WARPS,
-                                 constexprs=launch_constexprs(c)))
+    for rows in limits.ROW_COUNTS:
+        for c_pad, z_dtype, out_dtype in itertools.product(VARIANT_PADS, ("bf16", "fp32"), ("fp32", "bf16")):
+            for c in _classes(c_pad):
+                variants.append(dict(dtype=z_dtype, out_dtype=out_dtype, C=c, num_warps=NUM_WARPS,
+                                     constexprs=launch_constexprs(c), rows=rows))
     return variants
 
 
@@ -227,4 +232,4 @@ def pieces(constexprs: dict):
 
 def launch_values(variant: dict) -> dict:
     """The run-time integers of the gates' launch (contiguous rows of C logits and C targets)."""
-    return dict(stride_z=variant["C"], stride_out=variant["C"], N=ROWS, C=variant["C"])
+    return dict(stride_z=variant["C"], stride_out=variant["C"], N=variant["rows"], C=variant["C"])

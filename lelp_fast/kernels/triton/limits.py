@@ -16,6 +16,33 @@ MAX_LOSS_K = 512  # the loss kernel holds a whole row (next_pow2(K)) in register
 # one launch per tile (loss.weighted_tile), so the limit bounds that count; above it, and at one
 # class (no tile is compiled for it), the launcher keeps two calls of the λ = 1 kernel (ops/loss.py).
 MAX_FUSED_WEIGHTED_CLASSES = 16
+# The row counts the gates compile each Triton launch at (tests/test_triton_aot.py): the first is the
+# one the cost model reads (4 M rows, a multiple of 16); then one of each other kind Triton's JIT
+# specialises a row count apart, a constant 1 (a batch of one row) and no multiple of 16 (most last
+# batches).
+ROW_COUNTS = (4 << 20, 333, 1)
+# Rows a launch takes: past 2^31 the JIT would take N as a 64-bit integer, a kernel no gate compiles;
+# more rows take several launches, each on 2^30 rows' boundary (their pointers stay on 16 bytes).
+ROW_CHUNK = 1 << 30
+
+
+def row_pieces(n: int, chunk: int = ROW_CHUNK):
+    """(start, stop) of each launch over ``n`` rows: at most ``chunk`` each, and a count of no multiple of
+    16 only in a last piece of fewer than 16 rows. So the kernels the JIT compiles for such counts, and
+    for one row, run at most 15 rows; every larger launch is the one the cost gates model (a multiple of
+    16 rows; ``ROW_COUNTS[0]``)."""
+    pieces = []
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        body = start + (stop - start) // 16 * 16
+        pieces += [(a, b) for a, b in ((start, body), (body, stop)) if b > a]
+    return pieces
+
+
+def jit_kind(x: int) -> str:
+    """How Triton's JIT specialises a run-time integer: a constant 1, a multiple of 16 (a divisibility
+    hint), or neither."""
+    return "1" if x == 1 else "16" if x % 16 == 0 else "-"
 
 
 def _next_pow2(x: int) -> int:
@@ -36,8 +63,11 @@ def vanilla_kd(n_subclasses: int, has_logits: bool) -> bool:
     return n_subclasses == 1 and has_logits
 
 
-def targets_unsupported(num_classes: int, n_subclasses: int, with_head: bool) -> Optional[str]:
-    """Why the Triton targets kernel cannot take this shape, or None."""
+def targets_unsupported(num_classes: int, n_subclasses: int, with_head: bool, d: Optional[int] = None) -> Optional[str]:
+    """Why the Triton targets kernel cannot take this shape (with embeddings of width ``d``), or None.
+    Vanilla KD (``vanilla_kd``) reads no embeddings: its ``d`` is not asked about."""
+    if d == 1:  # the JIT would make d a constant, a kernel no gate compiles (tests/test_triton_aot.py)
+        return "it takes embeddings of at least 2 features (got d = 1)"
     if with_head and num_classes > MAX_HEAD_CLASSES:
         return f"its head dot takes at most {MAX_HEAD_CLASSES} classes (got C={num_classes})"
     c_pad, s_pad = padded_grid(num_classes, n_subclasses)

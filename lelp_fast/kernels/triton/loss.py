@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from . import limits
+from . import gated, limits
 from .fast_math import FAST_MATH
 
 
@@ -887,13 +887,16 @@ def loss_triton(student, log_targets, weights, labels, num_classes, n_subclasses
                       HAS_LABELS=has_labels, HARD=hard_mode(alpha, tau, has_labels), BLOCK_N=block_n, BLOCK_K=block_k,
                       BLOCK_K2=block_k2, J1=j1, J2=j2, ROW_AXIS=ROW_AXIS, SUBCLASS_WEIGHTED=weighted, S_PAD=s_pad,
                       G_PAD=g_pad, WITH_GRAD=grad is not None)
-    grid = (triton.cdiv(n, block_n),)
-    lelp_loss_kernel[grid](
-        student, log_targets, weights if weights is not None else student, labels if labels is not None else student,
-        grad_scale, loss_rows, hard_rows, loss_rows if grad is None else grad, n, m, float(jsd_beta), float(tau),
-        float(alpha), int(ignore_index), float(subclass_weight), **constexprs, num_warps=num_warps,
-        **register_cap_option(constexprs),
-    )
+    labels, ignore_index = gated_ignore_index(labels, ignore_index)
+    student, log_targets, weights, labels = (gated.gated_input(t) for t in (student, log_targets, weights, labels))
+    grad = loss_rows if grad is None else grad  # a forward-only launch is passed the row losses (not written)
+    for start, stop in limits.row_pieces(n, ROW_CHUNK):  # N a 32-bit multiple of 16 but in a short tail
+        rows = slice(start, stop)
+        s, w, y = student[rows], None if weights is None else weights[rows], None if labels is None else labels[rows]
+        lelp_loss_kernel[(triton.cdiv(stop - start, block_n),)](
+            s, log_targets[rows], s if w is None else w, s if y is None else y, grad_scale, loss_rows[rows],
+            hard_rows[rows], grad[rows], stop - start, m, float(jsd_beta), float(tau), float(alpha), ignore_index,
+            float(subclass_weight), **constexprs, num_warps=num_warps, **register_cap_option(constexprs))
 
 
 @triton.jit
@@ -914,9 +917,10 @@ SCALE_BLOCK = 4096
 def scale_unless_one(x, scale):
     """``x.mul_(scale)`` on a contiguous tensor unless the one-element fp32 ``scale`` is 1, decided
     on the device."""
-    n = x.numel()
-    if n:
-        scale_unless_one_kernel[(triton.cdiv(n, SCALE_BLOCK),)](x, scale, n, BLOCK=SCALE_BLOCK, num_warps=4)
+    flat, scale = x.view(-1), gated.gated_input(scale)  # x: the loss's own gradient; the scale may be a view
+    for start, stop in limits.row_pieces(flat.numel(), ROW_CHUNK):  # a 32-bit multiple of 16 but in a short tail
+        scale_unless_one_kernel[(triton.cdiv(stop - start, SCALE_BLOCK),)](flat[start:stop], scale, stop - start,
+                                                                           BLOCK=SCALE_BLOCK, num_warps=4)
 
 
 # What the AOT test compiles: every flag combination at a row width that is not a power of two and
@@ -1025,27 +1029,85 @@ def _weighted_combos():
     return list(dict.fromkeys(combos))
 
 
-VARIANTS = _variants()
+# The teacher counts a launch with teacher weights is compiled at: the gates' first (three, no multiple
+# of 16), then one (a constant to the JIT: (N, 1, K) targets with weights) and 16 (hinted). Without
+# weights M is 1. ignore_index is -100 or another of its kind (``gated_ignore_index``).
+TEACHER_COUNTS = (3, 1, 16)
+
+
+def _teacher_counts(constexprs: dict):
+    return TEACHER_COUNTS if constexprs["HAS_WEIGHTS"] else (1,)
+
+
+def first_launch(variant: dict) -> bool:
+    """Whether ``variant`` is its constexpr set's first launch: ``limits.ROW_COUNTS[0]`` rows and its first
+    teacher count (what the cost model reads; the gates compile it in every dtype pair, the others in
+    ``aot.LOSS_DTYPES``)."""
+    return (variant["rows"] == limits.ROW_COUNTS[0]
+            and variant["teachers"] == _teacher_counts(variant["constexprs"])[0])
+
+
+def _launches(variants: List[dict]) -> List[dict]:
+    """Each constexpr set's first launch, in ``variants``' order (their indices are the cases' of before),
+    then each at every other pair of the JIT's kinds of N (``limits.ROW_COUNTS``) and M."""
+    every = [dict(v, rows=n, teachers=m) for v in variants
+             for n, m in itertools.product(limits.ROW_COUNTS, _teacher_counts(v["constexprs"]))]
+    return [v for v in every if first_launch(v)] + [v for v in every if not first_launch(v)]
+
+
+VARIANTS = _launches(_variants())
+
+
+def variant_index(constexprs: dict, rows: int, teachers: int) -> int:
+    """The index in ``VARIANTS`` of the launch the JIT compiles a launch of ``constexprs`` at ``rows`` and
+    ``teachers`` as: the one of the same constexprs and the same kinds of N and M (``limits.jit_kind``)."""
+    kinds = (limits.jit_kind(rows), limits.jit_kind(teachers))
+    found = next((i for i, v in enumerate(VARIANTS) if v["constexprs"] == constexprs
+                  and (limits.jit_kind(v["rows"]), limits.jit_kind(v["teachers"])) == kinds), None)
+    if found is None:
+        raise KeyError(f"no loss variant at {rows} rows and {teachers} teachers of {constexprs}")
+    return found
+
+
+# The ignore_index the gates compile the loss at (``launch_values``). Triton's JIT compiles an integer of
+# 1, a multiple of 16 (0 included) or one past 32 bits apart: such an ignore_index is passed as this.
+GATED_IGNORE_INDEX = -100
+ROW_CHUNK = limits.ROW_CHUNK  # the most rows a launch takes
+
+
+def gated_ignore_index(labels, ignore_index: int):
+    """(labels, ignore_index) as the kernel takes them: as given where ``ignore_index`` is a 32-bit integer
+    of ``GATED_IGNORE_INDEX``'s JIT kind (the same kernel), else ``GATED_IGNORE_INDEX`` with the ignored
+    rows' labels set to it (one pass over the labels; a label of -100 is outside the classes either way)."""
+    ignore_index = int(ignore_index)
+    if labels is None or ignore_index == GATED_IGNORE_INDEX:
+        return labels, GATED_IGNORE_INDEX
+    if limits.jit_kind(ignore_index) == "-" and -2 ** 31 <= ignore_index < 2 ** 31:
+        return labels, ignore_index
+    return torch.where(labels == ignore_index, GATED_IGNORE_INDEX, labels), GATED_IGNORE_INDEX
 
 
 # The backward's conditional scale, per gradient dtype the folded path writes (ops/loss.py).
-SCALE_VARIANTS = [dict(dtype=dtype, num_warps=4, constexprs=dict(BLOCK=SCALE_BLOCK)) for dtype in ("bf16", "fp32")]
+# Each at 4 M x 16 elements, then at a count of no multiple of 16 (333 rows of 17), the JIT's other kind
+# (a gradient has at least two elements: never the constant 1).
+SCALE_VARIANTS = [dict(dtype=dtype, num_warps=4, constexprs=dict(BLOCK=SCALE_BLOCK), numel=numel)
+                  for numel in ((4 << 20) * 16, 333 * 17) for dtype in ("bf16", "fp32")]
 
 
 def scale_signature(dtype: str) -> dict:
     return {"x_ptr": f"*{dtype}", "scale_ptr": "*fp32", "numel": "i64", "BLOCK": "constexpr"}
 
 
-def scale_launch_values() -> dict:
-    """The run-time integers of the gates' scale launch (what the JIT specialises on): 4 M x 16 elements."""
-    return dict(numel=(4 << 20) * 16)
+def scale_launch_values(variant: dict) -> dict:
+    """The run-time integers of a scale launch (what the JIT specialises on): its element count."""
+    return dict(numel=variant["numel"])
 
 
-def launch_values(constexprs: dict) -> dict:
-    """The run-time integers of the gates' launch of a loss variant (what the JIT specialises on, see
-    ``aot._source``): 4 M rows, one teacher (a constant 1 to the JIT) or three mixed by weights, and
-    the default ignore_index."""
-    return dict(N=4 << 20, M=3 if constexprs["HAS_WEIGHTS"] else 1, ignore_index=-100)
+def launch_values(variant: dict) -> dict:
+    """The run-time integers of a launch of ``variant`` (what the JIT specialises on, see ``aot._source``):
+    its rows and teachers, and -100 as ignore_index (every value the launcher passes is of its kind,
+    ``gated_ignore_index``)."""
+    return dict(N=variant["rows"], M=variant["teachers"], ignore_index=GATED_IGNORE_INDEX)
 
 
 def signature(dtype: str, target_dtype: str, grad_dtype: Optional[str] = None, *, flags: dict) -> dict:

@@ -35,7 +35,7 @@ import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
 from ..._derived import derived
-from . import interpreting, limits
+from . import gated, interpreting, limits
 from .fast_math import FAST_MATH
 from .limits import padded_grid
 
@@ -552,30 +552,41 @@ def inverse_beta(beta: float) -> float:
 def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out):
     """Launches the kernel; ``weight``/``bias`` are the fused ``[A | Wᵀ]``, ``[e | b]`` (any float dtype
     and device: their split is made on the embeddings' device once, see ``cached_split_map``). One
-    subclass per class with given logits is vanilla KD, ``kd_targets``' kernel, which reads no h."""
+    subclass per class with given logits is vanilla KD, ``kd_targets``' kernel, which reads no h. Views
+    the gates compile no kernel for (``gated``: a pointer off 16 bytes, a row stride of another kind than
+    contiguous rows', e.g. the online loss's teacher slices at K = 40 of two teachers) are copied."""
     if limits.vanilla_kd(n_subclasses, teacher_logits is not None):  # vanilla KD: h is not read
         from .kd_targets import kd_targets_triton
 
         return kd_targets_triton(teacher_logits, tau, out)
     n, d = embeddings.shape
     with_head = teacher_logits is None
-    why = limits.targets_unsupported(num_classes, n_subclasses, with_head=with_head)
+    why = limits.targets_unsupported(num_classes, n_subclasses, with_head=with_head, d=d)
     if why:
         raise ValueError(f"the triton targets kernel cannot run: {why}")
     split = cached_split_map(weight, bias, num_classes, n_subclasses, map_dtype(embeddings.dtype), with_head,
                              embeddings.device)
-    args = kernel_args(embeddings, split, num_classes, n_subclasses, teacher_logits, beta, tau, out)
+    embeddings, z = gated.gated_input(embeddings, d), gated.gated_input(teacher_logits, num_classes)
+    written = gated.gated_output(out, num_classes * n_subclasses)
     p = plan(d, num_classes, n_subclasses, embeddings.dtype, with_head)
-    cfg = p.config
+    for start, stop in limits.row_pieces(n, ROW_CHUNK):  # N a 32-bit multiple of 16 but in a short tail
+        rows = slice(start, stop)
+        args = kernel_args(embeddings[rows], split, num_classes, n_subclasses, None if z is None else z[rows], beta,
+                           tau, written[rows])
+        _launch(args, p, stop - start, embeddings.device)
+    return gated.finish_output(written, out)
+
+
+def _launch(args: tuple, p: Plan, n: int, device: torch.device) -> None:
+    """``lelp_targets_kernel`` on ``args`` (``kernel_args``) by plan ``p``: through its autotuner, or
+    under the interpreter at the plan's config."""
     if _interpreting():  # the autotuner times configs on a GPU; the interpreter takes the first one
-        grid = (row_programs(triton.cdiv(n, cfg.block_n), embeddings.device) * p.groups,)
+        grid = (row_programs(triton.cdiv(n, p.config.block_n), device) * p.groups,)
         lelp_targets_kernel[grid](*args, **p.constexprs)
     else:
         tuned = {k: v for k, v in p.constexprs.items() if k not in ("BLOCK_N", "BLOCK_D")}
-        tuner = _autotuned[p.tuner]
-        grid = lambda meta: (row_programs(triton.cdiv(n, meta["BLOCK_N"]), embeddings.device) * p.groups,)  # noqa: E731
-        tuner[grid](*args, **tuned)
-    return out
+        grid = lambda meta: (row_programs(triton.cdiv(n, meta["BLOCK_N"]), device) * p.groups,)  # noqa: E731
+        _autotuned[p.tuner][grid](*args, **tuned)
 
 
 def launchable_shapes():
@@ -588,15 +599,9 @@ def launchable_shapes():
                     yield c, s, with_head
 
 
-def _jit_class(x: int) -> str:
-    """How Triton's JIT specialises a run-time integer: a constant 1, a multiple of 16 (a divisibility
-    hint), or neither."""
-    return "1" if x == 1 else "16" if x % 16 == 0 else "-"
-
-
 def _shape_key(num_classes: int, n_subclasses: int) -> tuple:
     """The kinds of C, S and the output's row stride C·S (the given logits' row stride is C)."""
-    return tuple(_jit_class(x) for x in (num_classes, n_subclasses, num_classes * n_subclasses))
+    return tuple(limits.jit_kind(x) for x in (num_classes, n_subclasses, num_classes * n_subclasses))
 
 
 def jit_key(rows: int, num_classes: int, n_subclasses: int) -> tuple:
@@ -604,7 +609,7 @@ def jit_key(rows: int, num_classes: int, n_subclasses: int) -> tuple:
     stride): the kinds of N, C, S and C·S. On the H200 two kernels of one constexpr set held stacks the
     gates' launch of it did not (2026-12-04); N's class changed the registers of 25 of 40 launches
     sampled (session 55)."""
-    return (_jit_class(rows), *_shape_key(num_classes, n_subclasses))
+    return (limits.jit_kind(rows), *_shape_key(num_classes, n_subclasses))
 
 
 def variant_key(variant: dict) -> tuple:
@@ -614,18 +619,16 @@ def variant_key(variant: dict) -> tuple:
             jit_key(variant["rows"], *variant["shape"]))
 
 
-# The row counts each launch is also compiled at: one of each JIT class of N, so a batch of one row (a
-# constant) and one of no multiple of 16 rows (most last batches) are compiled as well as the layout's.
-ROW_COUNTS = (4 << 20, 333, 1)
+ROW_COUNTS = limits.ROW_COUNTS  # one row count of each kind the JIT compiles apart: 4 M, 333, 1
+ROW_CHUNK = limits.ROW_CHUNK  # the most rows a launch takes
 
 
 def _variants() -> List[dict]:
-    """Every launch ``targets_triton`` can make of contiguous rows at 16-byte aligned pointers (strided
-    views, e.g. the online loss's per-teacher slices of its targets buffer, are not compiled), in each
-    of the ``LAYOUTS``: each constexpr set (config included) once per ``jit_key``, at ``shape`` (C, S)
-    and ``rows``: ``grid_shape``'s shape first, then the smallest C of each other kind of C and S; each
-    at the layout's rows (the launch the gates compiled alone until session 55), then the other
-    ``ROW_COUNTS``. ``kernel`` names the kernel function."""
+    """Every launch ``targets_triton`` can make (of contiguous rows at 16-byte aligned pointers: it passes
+    other views as copies, ``gated``), in each of the ``LAYOUTS``: each constexpr set (config included)
+    once per ``jit_key``, at ``shape`` (C, S) and ``rows``: ``grid_shape``'s shape first, then the
+    smallest C of each other kind of C and S; each at the layout's rows (the launch the gates compiled
+    alone until session 55), then the other ``ROW_COUNTS``. ``kernel`` names the kernel function."""
     launches = {}  # (dtype, layout, config, constexprs) -> {_shape_key: (C, S)}
     for dtype, layout in itertools.product(_TL_DTYPES, LAYOUTS):
         for c, s, with_head in launchable_shapes():
