@@ -24,8 +24,8 @@ HAS_CPU = _dispatch.available("cpu", torch.device("cpu"))
 
 
 def _on_cuda(dtype=torch.float32):
-    """What the backend choice reads of a CUDA tensor (its device and dtype), without a GPU."""
-    return types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
+    """What the backend choice reads of a CUDA tensor (its device, dtype and shape), without a GPU."""
+    return types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(4, 8))
 
 
 @pytest.fixture

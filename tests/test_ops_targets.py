@@ -71,8 +71,8 @@ def test_one_subclass_with_huge_projection_keeps_the_class_probability(backend):
     instead of log_softmax(z) = -0.6882, -0.6982); the subclass log-softmax must come first. The class
     logits come from the head (given logits at S = 1 are vanilla KD, which reads no projection)."""
     z = torch.tensor([[0.31, 0.30]])
-    h = torch.tensor([[1.0]])
-    weight = torch.tensor([[1e4, 1e4, 0.31, 0.30]])  # u = 1e4 for both classes, S = 1; the head gives z
+    h = torch.tensor([[1.0, 0.0]])  # two features: the Triton targets take no d = 1 (limits.targets_unsupported)
+    weight = torch.tensor([[1e4, 1e4, 0.31, 0.30], [0.0, 0.0, 0.0, 0.0]])  # u = 1e4 for both classes, S = 1; the head gives z
     got = lelp_targets(h, weight, torch.zeros(4), 2, 1, beta=0.01, backend=backend)
     # the head's projection errs by ~1e-6 on the CUDA tile (its bf16 hi + lo map); the bug, by 7e-4
     torch.testing.assert_close(got.double(), torch.log_softmax(z.double(), 1), atol=1e-5, rtol=0)

@@ -285,6 +285,9 @@ def _ddp_worker(rank, world, init_file, targets, out_dir):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # ... and again with the barrier (session 56): gloo's threads can abort at the interpreter's
+    # finalisation (pytorch/pytorch PR 179291), after the work is done and written; skip it
+    os._exit(0)
 
 
 def test_two_gloo_ranks_train_the_student_of_one_process(stored, tmp_path):

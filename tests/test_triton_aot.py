@@ -371,41 +371,86 @@ _LOSS_JIT_KEY_MATCHES = _JIT_SOURCE_MATCHES.split("for index in")[0] + """
 import random
 from lelp_fast.kernels.triton import limits
 rng = random.Random(int(sys.argv[1]))
+cases = set(aot.cases())
+
+class Launches:  # stands in for ``module``'s kernel ``name`` while ``call`` runs; keeps every launch's arguments
+    def __init__(self, name, module):
+        self.name, self.module, self.launches = name, module, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((list(args), {k: x for k, x in kwargs.items() if k not in ("num_warps", "maxnreg")}))
+        return launch
+
+    def capture(self, call):
+        kernel = getattr(self.module, self.name)
+        setattr(self.module, self.name, self)
+        try:
+            call()
+        finally:
+            setattr(self.module, self.name, kernel)
+        return kernel, self.launches
+
+def check(kernel, args, kwargs, case):
+    assert case in cases, ("not compiled by the gates", aot.case_id(case))
+    launch = aot._launch(case)
+    ours = aot._source(*launch[:4])
+    theirs = jit_source(kernel, args, {**kwargs, **{k: x for k, x in launch[2].items() if k not in kwargs}})
+    assert ours.hash() == theirs.hash(), (aot.case_id(case), ours.attrs, theirs.attrs, ours.constants, theirs.constants)
+
+def loss_call(v, dts, n, m, ignore_index):
+    ce, torch_dt = v["constexprs"], targets.TORCH_DTYPES
+    k, c = ce["K"], ce["K"] // ce["S"]
+    log_t = torch.zeros(n, k, dtype=torch_dt[dts[1]]) if m == 1 and not ce["HAS_WEIGHTS"] else torch.zeros(
+        n, m, k, dtype=torch_dt[dts[1]])
+    weights = torch.full((n, m), 1.0 / m) if ce["HAS_WEIGHTS"] else None
+    labels = torch.randint(0, c, (n,)) if ce["HAS_LABELS"] else None
+    alpha, tau = {0: (0.0, 1.0), 1: (0.5, 1.0), 2: (0.5, 2.0), 3: (0.5, 3.0)}[ce["HARD"]]
+    grad = torch.zeros(n, k, dtype=torch_dt[dts[2] if len(dts) > 2 else dts[0]]) if ce["WITH_GRAD"] else None
+    return lambda: loss.loss_triton(torch.zeros(n, k, dtype=torch_dt[dts[0]]), log_t, weights, labels, c, ce["S"],
+                                    ce["DIVERGENCE"], 0.5, tau, alpha, ignore_index, torch.zeros(n), torch.zeros(n), grad,
+                                    None, 0.5 if ce["SUBCLASS_WEIGHTED"] else 1.0)
+
+pairs = {True: aot.LOSS_DTYPES[90] + aot.MIXED_DTYPES[90], False: aot.LOSS_DTYPES[90] + aot.FORWARD_DTYPES[90]}
 firsts = [v for v in loss.VARIANTS if loss.first_launch(v)]
 for _ in range(int(sys.argv[2])):
     v = rng.choice(firsts)
-    n = rng.choice([1, 2, 16, 333, 4096, 4 << 20])
-    m = rng.choice([1, 2, 3, 16, 48]) if v["constexprs"]["HAS_WEIGHTS"] else 1
-    i = loss.variant_index(v["constexprs"], n, m)
-    dts = rng.choice(aot.LOSS_DTYPES[90])
-    kernel, args, n_at, _, kwargs, _ = loss_launch(dict(v, teachers=m), dts, rng.choice([-100, -1, 0, 1, 16, 255]))
-    args[n_at] = n
-    ours = aot._source(*aot._launch(("loss", i, 90, dts))[:4])
-    theirs = jit_source(kernel, args, {**kwargs, **{k: x for k, x in aot._launch(("loss", i, 90, dts))[2].items()
-                                                    if k not in kwargs}})
-    assert ours.hash() == theirs.hash(), (n, m, aot.case_id(("loss", i, 90, dts)), ours.attrs, theirs.attrs,
-                                          ours.constants, theirs.constants)
-    c = rng.randint(1, limits.MAX_SUBCLASS_COLUMNS)
-    n = rng.choice([1, 2, 16, 333, 4096, 4 << 20])
+    ce = v["constexprs"]
+    m = rng.choice([1, 2, 3, 16, 32]) if ce["HAS_WEIGHTS"] else 1
+    n = rng.choice([1, 2, 15, 16, 17, 333, 4096])
+    n = n if n * m * ce["K"] <= 1 << 22 else 17
+    dts = rng.choice(pairs[ce["WITH_GRAD"]])
+    kernel, launches = Launches("lelp_loss_kernel", loss).capture(
+        loss_call(v, dts, n, m, rng.choice([-100, -1, 0, 1, 16, 255, 2 ** 40])))
+    assert [a[8] for a, _ in launches] == [b - a for a, b in limits.row_pieces(n)], (n, launches)
+    for args, kwargs in launches:
+        check(kernel, args, kwargs, ("loss", loss.variant_index(ce, args[8], args[9]), 90, dts))
+    c, n = rng.randint(1, limits.MAX_SUBCLASS_COLUMNS), rng.choice([1, 2, 15, 16, 17, 333, 4096])
     z, out = rng.choice(["bf16", "fp32"]), rng.choice(["bf16", "fp32"])
-    kd = next(j for j, w in enumerate(kd_targets.VARIANTS) if (w["constexprs"], w["dtype"], w["out_dtype"]) ==
-              (kd_targets.launch_constexprs(c), z, out) and limits.jit_kind(w["C"]) == limits.jit_kind(c)
-              and limits.jit_kind(w["rows"]) == limits.jit_kind(n))
-    kernel, args, n_at, _, kwargs, _ = kd_launch(dict(kd_targets.VARIANTS[kd], C=c), None)
-    args[n_at] = n
-    launch = aot._launch(("kd", kd, 90, None))
-    ours = aot._source(*launch[:4])
-    theirs = jit_source(kernel, args, {**kwargs, **{k: x for k, x in launch[2].items() if k not in kwargs}})
-    assert ours.hash() == theirs.hash(), (c, n, aot.case_id(("kd", kd, 90, None)), ours.attrs, theirs.attrs,
-                                          ours.constants, theirs.constants)
+    kernel, launches = Launches("kd_targets_kernel", kd_targets).capture(lambda: kd_targets.kd_targets_triton(
+        torch.zeros(n, c, dtype=targets.TORCH_DTYPES[z]), 1.3, torch.zeros(n, c, dtype=targets.TORCH_DTYPES[out])))
+    for args, kwargs in launches:
+        kd = next(j for j, w in enumerate(kd_targets.VARIANTS) if (w["constexprs"], w["dtype"], w["out_dtype"]) ==
+                  (kd_targets.launch_constexprs(c), z, out) and limits.jit_kind(w["C"]) == limits.jit_kind(c)
+                  and limits.jit_kind(w["rows"]) == limits.jit_kind(args[4]))
+        check(kernel, args, kwargs, ("kd", kd, 90, None))
+    numel, dtype = rng.choice([1, 2, 17, 33, 4096, 333 * 17]), rng.choice(["bf16", "fp32"])
+    kernel, launches = Launches("scale_unless_one_kernel", loss).capture(lambda: loss.scale_unless_one(
+        torch.zeros(numel, dtype=targets.TORCH_DTYPES[dtype]), torch.ones(1)))
+    for args, kwargs in launches:
+        i = next(j for j, w in enumerate(loss.SCALE_VARIANTS)
+                 if w["dtype"] == dtype and limits.jit_kind(w["numel"]) == limits.jit_kind(args[2]))
+        check(kernel, args, kwargs, ("scale", i, 90, None))
 """
 
 
-def test_loss_and_kd_jit_keys_tell_apart_what_the_jit_does():
-    """Any launch of the loss (random rows, teachers, ignore_index, dtype) or the KD targets (random C,
-    rows, dtypes) is compiled by the JIT as the gates compile the launch ``loss.variant_index`` (the KD
-    variant of its kinds) finds: the gates' rows and teacher counts stand for every N and M of their
-    kind, and ignore_index is not specialised. LELP_AOT_CHECK_SEED fixes the draw."""
+def test_loss_kd_and_scale_launches_are_the_gates():
+    """Every launch the loss launcher makes (a compiled constexpr set at random rows, teachers, ignore_index
+    and any dtype pair the gates compile), the KD targets' (random C, rows and dtypes) and the scale's
+    (random sizes), in their row pieces (``limits.row_pieces``), is a case of the gates whose source hash
+    is the one Triton's binder makes from the launch's own arguments: the gates' rows and teacher counts
+    stand for every N and M of their kind, and ignore_index is passed in -100's kind. LELP_AOT_CHECK_SEED
+    fixes the draw."""
     seed = int(SEED) if SEED else random.randrange(2 ** 32)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
@@ -735,16 +780,15 @@ def _kd_launches_are_cases():
 
 
 def _loss_launches_are_cases():
-    """Each loss constexpr set at every kind of N, and of M where teacher weights mix several
-    (``loss.variant_index``); N and M of each kind land on a launch of that kind."""
-    for i, v in enumerate(loss_kernels.VARIANTS):
-        if not loss_kernels.first_launch(v):
-            continue
-        teachers = (1, 2, 3, 16, 48) if v["constexprs"]["HAS_WEIGHTS"] else (1,)
+    """Each loss constexpr set compiled at every kind of N, and of M where teacher weights mix several, in
+    every dtype pair it is compiled in at all."""
+    compiled = {(tuple(sorted(loss_kernels.VARIANTS[i]["constexprs"].items())), dts,
+                 limits.jit_kind(loss_kernels.VARIANTS[i]["rows"]), limits.jit_kind(loss_kernels.VARIANTS[i]["teachers"]))
+                for op, i, arch, dts in CASES if op == "loss"}
+    for ce, dts, _, _ in list(compiled):
+        teachers = (1, 2, 3, 16, 48) if dict(ce)["HAS_WEIGHTS"] else (1,)
         for n, m in itertools.product((1, 2, 16, 333, 4096, 4 << 20), teachers):
-            found = loss_kernels.VARIANTS[loss_kernels.variant_index(v["constexprs"], n, m)]
-            assert (limits.jit_kind(found["rows"]), limits.jit_kind(found["teachers"])) == (
-                limits.jit_kind(n), limits.jit_kind(m)), (i, n, m, found)
+            assert (ce, dts, limits.jit_kind(n), limits.jit_kind(m)) in compiled, (dict(ce), dts, n, m)
 
 
 def _one_dtype_loss(case) -> bool:

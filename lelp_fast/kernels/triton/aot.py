@@ -340,9 +340,9 @@ def cases() -> List[Case]:
             + [("loss", i, arch, dts) for i in range(len(loss.VARIANTS)) for arch in ARCHS
                for dts in LOSS_DTYPES[arch]]
             + [("loss", i, arch, dts) for arch, combos in MIXED_DTYPES.items() for dts in combos
-               for i, v in enumerate(loss.VARIANTS) if v["constexprs"]["WITH_GRAD"] and loss.first_launch(v)]
+               for i, v in enumerate(loss.VARIANTS) if v["constexprs"]["WITH_GRAD"]]
             + [("loss", i, arch, dts) for arch, combos in FORWARD_DTYPES.items() for dts in combos
-               for i, v in enumerate(loss.VARIANTS) if not v["constexprs"]["WITH_GRAD"] and loss.first_launch(v)]
+               for i, v in enumerate(loss.VARIANTS) if not v["constexprs"]["WITH_GRAD"]]
             + [("scale", i, arch, None) for i in range(len(loss.SCALE_VARIANTS)) for arch in ARCHS]
             + [("kd", i, arch, None) for i in range(len(kd_targets.VARIANTS)) for arch in ARCHS])
 

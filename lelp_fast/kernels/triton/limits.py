@@ -31,6 +31,7 @@ def row_pieces(n: int, chunk: int = ROW_CHUNK):
     16 only in a last piece of fewer than 16 rows. So the kernels the JIT compiles for such counts, and
     for one row, run at most 15 rows; every larger launch is the one the cost gates model (a multiple of
     16 rows; ``ROW_COUNTS[0]``)."""
+    assert chunk % 16 == 0, chunk  # every piece starts on 16 rows: its pointers stay on 16 bytes
     pieces = []
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)

@@ -1041,8 +1041,7 @@ def _teacher_counts(constexprs: dict):
 
 def first_launch(variant: dict) -> bool:
     """Whether ``variant`` is its constexpr set's first launch: ``limits.ROW_COUNTS[0]`` rows and its first
-    teacher count (what the cost model reads; the gates compile it in every dtype pair, the others in
-    ``aot.LOSS_DTYPES``)."""
+    teacher count (what the cost model reads)."""
     return (variant["rows"] == limits.ROW_COUNTS[0]
             and variant["teachers"] == _teacher_counts(variant["constexprs"])[0])
 
@@ -1078,20 +1077,22 @@ ROW_CHUNK = limits.ROW_CHUNK  # the most rows a launch takes
 def gated_ignore_index(labels, ignore_index: int):
     """(labels, ignore_index) as the kernel takes them: as given where ``ignore_index`` is a 32-bit integer
     of ``GATED_IGNORE_INDEX``'s JIT kind (the same kernel), else ``GATED_IGNORE_INDEX`` with the ignored
-    rows' labels set to it (one pass over the labels; a label of -100 is outside the classes either way)."""
+    rows' labels set to it and labels of -100 to -101 (kept, as before: both outside the classes, of one
+    JIT kind); one pass over the labels."""
     ignore_index = int(ignore_index)
     if labels is None or ignore_index == GATED_IGNORE_INDEX:
         return labels, GATED_IGNORE_INDEX
     if limits.jit_kind(ignore_index) == "-" and -2 ** 31 <= ignore_index < 2 ** 31:
         return labels, ignore_index
-    return torch.where(labels == ignore_index, GATED_IGNORE_INDEX, labels), GATED_IGNORE_INDEX
+    kept = torch.where(labels == GATED_IGNORE_INDEX, GATED_IGNORE_INDEX - 1, labels)
+    return torch.where(labels == ignore_index, GATED_IGNORE_INDEX, kept), GATED_IGNORE_INDEX
 
 
 # The backward's conditional scale, per gradient dtype the folded path writes (ops/loss.py).
-# Each at 4 M x 16 elements, then at a count of no multiple of 16 (333 rows of 17), the JIT's other kind
-# (a gradient has at least two elements: never the constant 1).
+# Each at 4 M x 16 elements, then at the JIT's other kinds of a count: of no multiple of 16 (333 rows of
+# 17) and 1 (a tail of one element, ``limits.row_pieces``).
 SCALE_VARIANTS = [dict(dtype=dtype, num_warps=4, constexprs=dict(BLOCK=SCALE_BLOCK), numel=numel)
-                  for numel in ((4 << 20) * 16, 333 * 17) for dtype in ("bf16", "fp32")]
+                  for numel in ((4 << 20) * 16, 333 * 17, 1) for dtype in ("bf16", "fp32")]
 
 
 def scale_signature(dtype: str) -> dict:
