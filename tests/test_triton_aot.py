@@ -212,14 +212,17 @@ class Recorder:  # stands in for ``module``'s kernel ``name`` while ``call`` run
             self.args, self.kwargs = list(args), kwargs
         return launch
 
-    def capture(self, call):
+    def stand_in(self, call):  # runs ``call`` with this object as the kernel; returns the kernel
         kernel = getattr(self.module, self.name)
         setattr(self.module, self.name, self)
         try:
             call()
         finally:
             setattr(self.module, self.name, kernel)
-        return kernel, self.args, self.kwargs, self.options
+        return kernel
+
+    def capture(self, call):
+        return self.stand_in(call), self.args, self.kwargs, self.options
 
 def targets_launch(v, dts):
     ce, values = v["constexprs"], targets.launch_values(v)
@@ -355,10 +358,15 @@ def test_jit_keys_tell_apart_what_the_jit_does():
     the JIT as the gates compile the launch of its constexprs and JIT key: ``targets.jit_key`` tells
     apart every specialisation the JIT makes of N, C, S and the strides, and the two layouts stand for
     every d of their kind. LELP_AOT_CHECK_SEED fixes the draw."""
+    _run_random_launches(_JIT_KEY_MATCHES, 120)
+
+
+def _run_random_launches(script: str, draws: int) -> None:
+    """Runs ``script`` (its draws seeded by LELP_AOT_CHECK_SEED, else at random) off the interpreter."""
     seed = int(SEED) if SEED else random.randrange(2 ** 32)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    done = subprocess.run([sys.executable, "-c", _JIT_KEY_MATCHES, str(seed), "120"], env=env,
+    done = subprocess.run([sys.executable, "-c", script, str(seed), str(draws)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, (seed, done.stderr[-3000:])
 
@@ -373,9 +381,10 @@ from lelp_fast.kernels.triton import limits
 rng = random.Random(int(sys.argv[1]))
 cases = set(aot.cases())
 
-class Launches:  # stands in for ``module``'s kernel ``name`` while ``call`` runs; keeps every launch's arguments
+class Launches(Recorder):  # keeps every launch's arguments, not the last one's only
     def __init__(self, name, module):
-        self.name, self.module, self.launches = name, module, []
+        super().__init__(name, module)
+        self.launches = []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -383,13 +392,7 @@ class Launches:  # stands in for ``module``'s kernel ``name`` while ``call`` run
         return launch
 
     def capture(self, call):
-        kernel = getattr(self.module, self.name)
-        setattr(self.module, self.name, self)
-        try:
-            call()
-        finally:
-            setattr(self.module, self.name, kernel)
-        return kernel, self.launches
+        return self.stand_in(call), self.launches
 
 def check(kernel, args, kwargs, case):
     assert case in cases, ("not compiled by the gates", aot.case_id(case))
@@ -451,12 +454,7 @@ def test_loss_kd_and_scale_launches_are_the_gates():
     is the one Triton's binder makes from the launch's own arguments: the gates' rows and teacher counts
     stand for every N and M of their kind, and ignore_index is passed in -100's kind. LELP_AOT_CHECK_SEED
     fixes the draw."""
-    seed = int(SEED) if SEED else random.randrange(2 ** 32)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    done = subprocess.run([sys.executable, "-c", _LOSS_JIT_KEY_MATCHES, str(seed), "80"], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, (seed, done.stderr[-3000:])
+    _run_random_launches(_LOSS_JIT_KEY_MATCHES, 80)
 
 
 def test_recalled_facts_are_checked_against_a_fresh_compile():
