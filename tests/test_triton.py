@@ -640,23 +640,6 @@ def test_triton_loss_ignore_index_of_another_jit_kind_is_passed_as_minus_100():
     assert gated_ignore_index(None, 0) == (None, -100)
 
 
-def _record_kernel_ignore_index(monkeypatch) -> list:
-    """The ignore_index each Triton loss launch passes its kernel from now on."""
-    import lelp_fast.kernels.triton.loss as triton_loss
-
-    given, kernel = [], triton_loss.lelp_loss_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                given.append(args[13])  # ignore_index
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(triton_loss, "lelp_loss_kernel", Recording())
-    return given
-
-
 @pytest.mark.parametrize("divergence", ["kl", "js"])
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 @pytest.mark.parametrize("ignore_index", [1, 0, 2])
@@ -665,7 +648,9 @@ def test_triton_hard_term_with_a_class_as_ignore_index_and_nan(monkeypatch, dive
     student logit in a kept row makes that row's loss and gradient NaN. The kernel is given -100 with
     those rows' labels set to it (1 and 0 the JIT would compile apart, a constant and a multiple of 16:
     launches the gates never compiled) or the class itself (2)."""
-    given = _record_kernel_ignore_index(monkeypatch)
+    import lelp_fast.kernels.triton.loss as triton_loss
+
+    launches = _record_launch_arguments(monkeypatch, triton_loss, "lelp_loss_kernel")
     student, log_t, labels = make_inputs(12, 3, 4, seed=21)
     labels[:4] = torch.tensor([1, 0, 2, 1])
     kw = dict(num_classes=3, n_subclasses=4, tau=tau, alpha=0.5, ignore_index=ignore_index, reduction="none")
@@ -684,6 +669,7 @@ def test_triton_hard_term_with_a_class_as_ignore_index_and_nan(monkeypatch, dive
                         check_inputs=False, **kw)
     (grad,) = torch.autograd.grad(loss.sum(), x)
     assert torch.isnan(loss[nan_row]) and torch.isnan(grad[nan_row]).all() and torch.isfinite(loss[kept]).all()
+    given = [args[13] for args in launches]  # the ignore_index each launch passed its kernel
     assert given and set(given) == {-100 if ignore_index in (0, 1) else ignore_index}, given
 
 
