@@ -335,7 +335,7 @@ def cases() -> List[Case]:
 
     return ([("targets", i, arch, None) for i in range(len(targets.VARIANTS)) for arch in ARCHS]
             + [("targets", i, arch, dts) for arch, combos in TARGETS_DTYPES.items()
-               for i, v in enumerate(targets.VARIANTS) if targets.first_of_its_set(v)
+               for i, v in enumerate(targets.VARIANTS)
                for dts in combos.get((v["dtype"], v["constexprs"]["HAS_LOGITS"]), [])]
             + [("loss", i, arch, dts) for i in range(len(loss.VARIANTS)) for arch in ARCHS
                for dts in LOSS_DTYPES[arch]]

@@ -648,9 +648,8 @@ def _variants() -> List[dict]:
 
 
 def first_of_its_set(variant: dict) -> bool:
-    """Whether ``variant`` is its constexpr set's first launch (``grid_shape``'s shape at the layout's rows;
-    the gates compile it in every width of logits and output, ``aot.TARGETS_DTYPES``, the others in their
-    own dtypes)."""
+    """Whether ``variant`` is its constexpr set's first launch: ``grid_shape``'s shape at the layout's rows
+    (the launch the cost model reads, and the one a padded grid's whole twin is compared with)."""
     ce = variant["constexprs"]
     return (variant["shape"] == grid_shape(ce["C_PAD"], ce["S_PAD"], ce["EXACT"])
             and variant["rows"] == LAYOUTS[variant["layout"]][0])
