@@ -726,8 +726,7 @@ def _shape_limits(student, num_classes, n_subclasses, embeddings, teacher_logits
 
     why = limits.loss_unsupported(num_classes, n_subclasses)
     for emb, z in zip(embeddings, teacher_logits) if embeddings else ():
-        d = None if limits.vanilla_kd(n_subclasses, z is not None) else emb.shape[-1]  # KD reads no embeddings
-        why = why or limits.targets_unsupported(num_classes, n_subclasses, with_head=z is None, d=d)
+        why = why or limits.targets_unsupported(num_classes, n_subclasses, with_head=z is None, d=emb.shape[-1])
     out = {"triton": why} if why else {}
     cuda_why = _dispatch.cuda_unsupported(num_classes, n_subclasses, len(embeddings) if embeddings else 0)
     if cuda_why:

@@ -339,8 +339,8 @@ def _shape_limits(embeddings, teacher_logits, num_classes, n_subclasses):
     from ..kernels.triton import limits
 
     out = {}
-    d = None if _vanilla_kd(n_subclasses, teacher_logits) else embeddings.shape[1]  # KD reads no embeddings
-    why = limits.targets_unsupported(num_classes, n_subclasses, with_head=teacher_logits is None, d=d)
+    why = limits.targets_unsupported(num_classes, n_subclasses, with_head=teacher_logits is None,
+                                     d=embeddings.shape[1])
     if why:
         out["triton"] = why
     cuda_why = _dispatch.cuda_unsupported(num_classes, n_subclasses)

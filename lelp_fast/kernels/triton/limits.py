@@ -66,8 +66,9 @@ def vanilla_kd(n_subclasses: int, has_logits: bool) -> bool:
 
 def targets_unsupported(num_classes: int, n_subclasses: int, with_head: bool, d: Optional[int] = None) -> Optional[str]:
     """Why the Triton targets kernel cannot take this shape (with embeddings of width ``d``), or None.
-    Vanilla KD (``vanilla_kd``) reads no embeddings: its ``d`` is not asked about."""
-    if d == 1:  # the JIT would make d a constant, a kernel no gate compiles (tests/test_triton_aot.py)
+    Vanilla KD (``vanilla_kd``) reads no embeddings: its ``d`` does not matter."""
+    if d == 1 and not vanilla_kd(n_subclasses, not with_head):  # the JIT would make d a constant: a kernel
+        # no gate compiles (tests/test_triton_aot.py)
         return "it takes embeddings of at least 2 features (got d = 1)"
     if with_head and num_classes > MAX_HEAD_CLASSES:
         return f"its head dot takes at most {MAX_HEAD_CLASSES} classes (got C={num_classes})"
