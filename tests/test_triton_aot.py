@@ -224,15 +224,18 @@ class Recorder:  # stands in for ``module``'s kernel ``name`` while ``call`` run
     def capture(self, call):
         return self.stand_in(call), self.args, self.kwargs, self.options
 
+def targets_args(c, s, d, has_logits, dtypes):  # the kernel's arguments for 4 rows in (embeddings, logits, out)
+    h_dt, z_dt, out_dt = (targets.TORCH_DTYPES[name] for name in dtypes)
+    split = targets.split_map(torch.zeros(d, c * s + c), torch.zeros(c * s + c), c, s, targets.map_dtype(h_dt),
+                              not has_logits)
+    z = torch.zeros(4, c, dtype=z_dt) if has_logits else None
+    return list(targets.kernel_args(torch.zeros(4, d, dtype=h_dt), split, c, s, z, 0.7, 1.3,
+                                    torch.zeros(4, c * s, dtype=out_dt)))
+
 def targets_launch(v, dts):
     ce, values = v["constexprs"], targets.launch_values(v)
-    c, s, d = values["C"], values["S"], values["D"]
-    h_dt, z_dt, out_dt = (targets.TORCH_DTYPES[name] for name in (dts or (v["dtype"], v["dtype"], "fp32")))
-    h = torch.zeros(4, d, dtype=h_dt)
-    split = targets.split_map(torch.zeros(d, c * s + c), torch.zeros(c * s + c), c, s, targets.map_dtype(h_dt),
-                              not ce["HAS_LOGITS"])
-    z = torch.zeros(4, c, dtype=z_dt) if ce["HAS_LOGITS"] else None
-    args = list(targets.kernel_args(h, split, c, s, z, 0.7, 1.3, torch.zeros(4, c * s, dtype=out_dt)))
+    args = targets_args(values["C"], values["S"], values["D"], ce["HAS_LOGITS"],
+                        dts or (v["dtype"], v["dtype"], "fp32"))
     return targets.lelp_targets_kernel, args, 14, values["N"], ce, None  # its options: the autotuner's
 
 def loss_launch(v, dts, ignore_index):
@@ -263,6 +266,16 @@ def kd_launch(v, dts):
         torch.zeros(4, v["C"], dtype=z_dt), 1.3, torch.zeros(4, v["C"], dtype=out_dt)))
     return kernel, args, 4, kd_targets.launch_values(v)["N"], kwargs, options
 
+cases = set(aot.cases())
+
+def check(kernel, args, kwargs, case):  # a launch is a case of the gates, with the source hash they compile
+    assert case in cases, ("not compiled by the gates", aot.case_id(case))
+    launch = aot._launch(case)
+    ours = aot._source(*launch[:4])
+    theirs = jit_source(kernel, args, {**kwargs, **{k: x for k, x in launch[2].items() if k not in kwargs}})
+    assert ours.hash() == theirs.hash(), (aot.case_id(case), ours.signature, theirs.signature, ours.attrs, theirs.attrs,
+                                          ours.constants, theirs.constants)
+
 for index in map(int, sys.argv[1:]):
     case = aot.cases()[index]
     op, i, arch, dts = case
@@ -275,10 +288,7 @@ for index in map(int, sys.argv[1:]):
     args[n_at] = n
     launch = aot._launch(case)
     assert options is None or options == {"num_warps": launch[5], "maxnreg": launch[7]}, (aot.case_id(case), options)
-    ours = aot._source(*launch[:4])
-    theirs = jit_source(kernel, args, {**kwargs, **{k: v for k, v in launch[2].items() if k not in kwargs}})
-    assert ours.hash() == theirs.hash(), (aot.case_id(case), ours.signature, theirs.signature, ours.attrs, theirs.attrs,
-                                          ours.constants, theirs.constants)
+    check(kernel, args, kwargs, case)
 """
 
 
@@ -331,7 +341,6 @@ import random
 rng = random.Random(int(sys.argv[1]))
 names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 index = {targets.variant_key(v): i for i, v in enumerate(targets.VARIANTS)}
-cases = set(aot.cases())
 shapes = list(targets.launchable_shapes())
 for _ in range(int(sys.argv[2])):
     (c, s, with_head), dtype = rng.choice(shapes), rng.choice(list(names))
@@ -343,19 +352,9 @@ for _ in range(int(sys.argv[2])):
     i = index[targets.variant_key(launch)]
     # the variant's own widths, or another (embeddings, logits, output) the gates compile for its dtype
     dts = rng.choice([None, *aot.TARGETS_DTYPES[90].get((dtype, not with_head), [])])
-    h_dt, z_dt, out_dt = (names[x] for x in (dts or (dtype, dtype, "fp32")))
-    h = torch.zeros(4, d, dtype=h_dt)
-    split = targets.split_map(torch.zeros(d, c * s + c), torch.zeros(c * s + c), c, s,
-                              targets.map_dtype(names[dtype]), with_head)
-    z = None if with_head else torch.zeros(4, c, dtype=z_dt)
-    args = list(targets.kernel_args(h, split, c, s, z, 0.7, 1.3, torch.zeros(4, c * s, dtype=out_dt)))
+    args = targets_args(c, s, d, not with_head, dts or (dtype, dtype, "fp32"))
     args[14] = n  # N: the JIT's view of the rows (4 are allocated)
-    case = ("targets", i, 90, dts)
-    assert case in cases, ("not compiled by the gates", c, s, with_head, d, n, aot.case_id(case))
-    ours = aot._source(*aot._launch(case)[:4])
-    theirs = jit_source(targets.lelp_targets_kernel, args, p.constexprs)
-    assert ours.hash() == theirs.hash(), (c, s, with_head, dtype, d, n, aot.case_id(case),
-                                          ours.attrs, theirs.attrs, ours.constants, theirs.constants)
+    check(targets.lelp_targets_kernel, args, p.constexprs, ("targets", i, 90, dts))
 """
 
 
@@ -387,7 +386,6 @@ _LOSS_JIT_KEY_MATCHES = _JIT_SOURCE_MATCHES.split("for index in")[0] + """
 import random
 from lelp_fast.kernels.triton import limits
 rng = random.Random(int(sys.argv[1]))
-cases = set(aot.cases())
 
 class Launches(Recorder):  # keeps every launch's arguments, not the last one's only
     def __init__(self, name, module):
@@ -401,13 +399,6 @@ class Launches(Recorder):  # keeps every launch's arguments, not the last one's 
 
     def capture(self, call):
         return self.stand_in(call), self.launches
-
-def check(kernel, args, kwargs, case):
-    assert case in cases, ("not compiled by the gates", aot.case_id(case))
-    launch = aot._launch(case)
-    ours = aot._source(*launch[:4])
-    theirs = jit_source(kernel, args, {**kwargs, **{k: x for k, x in launch[2].items() if k not in kwargs}})
-    assert ours.hash() == theirs.hash(), (aot.case_id(case), ours.attrs, theirs.attrs, ours.constants, theirs.constants)
 
 def loss_call(v, dts, n, m, ignore_index):
     ce, torch_dt = v["constexprs"], targets.TORCH_DTYPES
