@@ -185,16 +185,43 @@ def _fit_source(args: argparse.Namespace):
     raise SystemExit(f"error: --embeddings {path}: unknown extension {ext!r} (use .npy, .safetensors or .parquet)")
 
 
+_STARTED_GROUP = False  # whether _process_group started the default group (main() ends it)
+
+
 def _process_group(device: Optional[str]):
     """The default group when launched by torchrun (WORLD_SIZE > 1), else None: NCCL for a GPU
     device (it takes only GPU tensors), gloo for the CPU."""
+    global _STARTED_GROUP
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if (device or "cpu").startswith("cuda") else "gloo")
+        _STARTED_GROUP = True
     return dist.group.WORLD
+
+
+def _end_process_group(finished: bool) -> None:
+    """Destroys the group ``_process_group`` started, while the interpreter is whole: a group left to
+    the interpreter's finalisation can abort the process (SIGABRT from gloo's threads, pytorch/pytorch
+    PR 179291) after its work is written. A rank that finished waits for the others first, so none
+    tears its links down while another still uses them."""
+    global _STARTED_GROUP
+    if not _STARTED_GROUP:
+        return
+    import torch.distributed as dist
+
+    _STARTED_GROUP = False
+    if not dist.is_initialized():
+        return
+    try:
+        if finished:
+            dist.barrier()
+    except RuntimeError:  # another rank failed and left: nothing more to wait for
+        pass
+    finally:
+        dist.destroy_process_group()
 
 
 def _rank_device(device: Optional[str]) -> Optional[str]:
@@ -733,14 +760,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    finished = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        finished = True
+        return code
     except (ValueError, RuntimeError, OSError) as exc:  # one line, never a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: what was finished is kept; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        _end_process_group(finished)
 
 
 if __name__ == "__main__":  # pragma: no cover

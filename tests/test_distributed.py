@@ -87,3 +87,68 @@ def test_ranks_resuming_in_different_passes_are_refused(tmp_path):
     for rank in range(2):
         assert "resume in different passes ([0, 1]" in (tmp_path / f"error{rank}.txt").read_text()
         assert not (tmp_path / f"resumed{rank}.safetensors").exists()
+
+
+def _cli_worker(rank, world, ports, out_dir):
+    """One torchrun rank of ``lelp-fast fit`` then ``lelp-fast targets``, as torchrun's environment
+    starts them; records each command's exit code and whether it left the default group behind."""
+    import json
+
+    from lelp_fast.cli import main
+
+    h, w, b, y = _data()
+    ran = []
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    for port, argv in zip(ports, (
+            ["fit", "--embeddings", os.path.join(out_dir, "E.npy"), "--labels", os.path.join(out_dir, "y.npy"),
+             "--head-weight", os.path.join(out_dir, "W.npy"), "--head-bias", os.path.join(out_dir, "b.npy"),
+             "--subclasses", "3", "--method", "exact", "--chunk-mb", str(CHUNK_BYTES / (1 << 20)), "--quiet",
+             "--out", os.path.join(out_dir, "ddp.safetensors")],
+            ["targets", "--projector", os.path.join(out_dir, "ddp.safetensors"), "--embeddings",
+             os.path.join(out_dir, "E.npy"), "--dtype", "float32", "--chunk-mb", str(CHUNK_BYTES / (1 << 20)),
+             "--quiet", "--out", os.path.join(out_dir, "targets")])):
+        os.environ["MASTER_PORT"] = str(port)
+        ran.append([main(argv), dist.is_initialized()])
+    with open(os.path.join(out_dir, f"cli{rank}.json"), "w") as f:
+        json.dump(ran, f)
+    os._exit(0)  # what is checked is written; the interpreter's finalisation is not under test
+
+
+def _free_ports(count):
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_cli_under_torchrun_shards_and_ends_its_process_group(tmp_path):
+    """``lelp-fast fit`` and ``targets`` with torchrun's environment (WORLD_SIZE = 2, gloo): the fit equals
+    the single-process fit, the targets cover every row once, and each command destroys the default
+    group it started before returning. Until session 58 the group was left to the interpreter's
+    finalisation, where gloo's threads can abort the process after its work is written
+    (pytorch/pytorch PR 179291)."""
+    import json
+
+    import numpy as np
+
+    from lelp_fast import TargetsDataset
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    h, w, b, y = _data()
+    for name, arr in {"E": h.numpy(), "y": y.numpy(), "W": w.float().numpy(), "b": b.float().numpy()}.items():
+        np.save(tmp_path / f"{name}.npy", arr)
+    mp.spawn(_cli_worker, args=(2, _free_ports(2), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"cli{rank}.json").read_text()) == [[0, False], [0, False]], rank
+    single = LELPProjector(3, method="exact").fit(h, y, head_weight=w, head_bias=b, chunk_bytes=CHUNK_BYTES)
+    got = LELPProjector.load(tmp_path / "ddp.safetensors")
+    torch.testing.assert_close(got.A, single.A, atol=1e-6, rtol=0)
+    targets = TargetsDataset(str(tmp_path / "targets"))
+    assert len(targets) == len(h)
+    torch.testing.assert_close(targets.targets(range(len(h))), got.targets(h, backend="torch"), atol=1e-5, rtol=1e-5)
