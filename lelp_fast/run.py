@@ -199,12 +199,14 @@ def _temperatures(cfg: RunConfig, projector: LELPProjector) -> tuple:
 def _train_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
     projector = state["projector"]
     settings = {"task": cfg.task.model_dump(), "train": _section(cfg, "train")}
+    compact = _temperatures(cfg, projector) if cfg.targets.compact else None
+    if compact:  # applied as the loop reads compact targets: not in the targets' manifest, so not its input
+        settings["compact_temperatures"] = {"beta": compact[0], "tau": compact[1]}
     inputs = {"targets": stages.output("targets"), "capture": stages.output("capture")["val"]}
     torch.manual_seed(cfg.train.seed)  # the initialisation seed the KD baseline's student gets too
     student = task.make_student(projector.n_outputs)
     if stages.needed("train", settings, inputs, [paths["student"]]):
         val_logits = _val_teacher_logits(paths, state)
-        compact = _temperatures(cfg, projector) if cfg.targets.compact else None
         distill(student, task.train, paths["targets"], paths["student"], num_classes=projector.num_classes,
                 n_subclasses=projector.n_subclasses, val_data=task.val, val_teacher_logits=val_logits,
                 settings=TrainSettings(**cfg.train.model_dump()), compact_temperatures=compact, progress=progress,

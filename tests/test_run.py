@@ -180,6 +180,22 @@ def test_compact_targets_report_the_beta_they_were_read_at(tmp_path):
     assert "beta=1.0" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_compact_targets_retrain_when_their_temperatures_change(tmp_path):
+    """Compact targets store u and the teacher logits; β and τ are applied as the loop reads them, so the
+    targets' manifest does not change with them. Until session 58 the student trained at β = 1 was kept
+    (train skipped as unchanged) under a report that named the new β."""
+    compact = {"targets": {"compact": True, "beta": 1.0}, "report": {"kd_baseline": False}}
+    _run_logged(_tiny_config(tmp_path, **compact))
+    first = _bytes(tmp_path, "student/student.safetensors")
+    compact["targets"]["beta"] = 0.5
+    report, said = _run_logged(_tiny_config(tmp_path, **compact))
+    assert said["targets"] == "redone: targets.beta 1.0 -> 0.5"
+    assert said["train"] == "redone: compact_temperatures.beta 1.0 -> 0.5"
+    assert _bytes(tmp_path, "student/student.safetensors") != first and report["targets_beta"] == 0.5
+    _, said = _run_logged(_tiny_config(tmp_path, **compact))
+    assert said["train"] == "skipped (unchanged)"
+
+
 def test_a_config_with_a_section_twice_is_refused(tmp_path):
     path = tmp_path / "twice.yaml"
     path.write_text("work_dir: x\ntask: {factory: 'a:b'}\ntrain: {epochs: 2}\ntrain: {epochs: 3}\n")
