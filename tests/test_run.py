@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from lelp_fast.cli import main
 from lelp_fast.config import ConfigError, load_config, parse_config
@@ -37,6 +38,25 @@ def test_fashion_mnist_end_to_end_and_rerun_skips_finished_stages(tmp_path, caps
     assert main(["run", SMALL, "--work-dir", work, "--quiet"]) == 0  # every stage finished: nothing redone
     assert capsys.readouterr().out.count("skipped (unchanged)") == 6
     assert before == {p: open(os.path.join(work, p), "rb").read() for p in before}
+
+
+@needs_data
+def test_fashion_mnist_task_trains_its_teacher_again_for_other_settings(tmp_path):
+    """The task caches its teacher in the work_dir. Until session 58 it loaded that file whatever
+    n_train, teacher_epochs or seed had made it, so an edit of those kwargs redid the capture with the
+    old teacher."""
+    def teacher(**kwargs):
+        made = fashion_mnist.task(str(tmp_path), n_val=50, n_test=50, **{"n_train": 300, "teacher_epochs": 1, **kwargs})
+        return {k: v.clone() for k, v in made.teacher.state_dict().items()}
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    first = teacher()
+    assert same(teacher(), first)  # the cached one
+    for edit in ({"teacher_epochs": 2}, {"seed": 1}, {"n_train": 200}):
+        assert not same(teacher(**edit), first), edit
+        assert same(teacher(**edit), teacher(**edit)), edit  # cached again under the new settings
 
 
 def test_config_errors_name_the_key(tmp_path, capsys):

@@ -2,8 +2,9 @@
 
 The data come from the Debian package ``dataset-fashion-mnist`` (gzipped IDX files under
 ``/usr/share/datasets/fashion-mnist/``; nothing is downloaded). :func:`task` builds what
-``lelp-fast run`` needs: a small CNN teacher trained on the coarse labels (trained once, then
-loaded from ``<work_dir>/teacher.safetensors``), the train / validation / test splits, and the
+``lelp-fast run`` needs: a small CNN teacher trained on the coarse labels (trained once per
+n_train, teacher_epochs and seed, then loaded from ``<work_dir>/teacher.safetensors``), the
+train / validation / test splits, and the
 student (linear on the pixels, or a small MLP).
 """
 
@@ -118,12 +119,26 @@ def task(work_dir: str, n_train: int = 10000, n_val: int = 2000, n_test: Optiona
     n_test = xt.shape[0] if n_test is None else n_test
     test = TensorDataset(xt[:n_test], coarse(ft[:n_test]))
     path = os.path.join(work_dir, "teacher.safetensors")
-    if os.path.exists(path):
+    # what the teacher is trained from: a cached one made from other settings is trained again
+    made_from = {"n_train": str(n_train), "teacher_epochs": str(teacher_epochs), "seed": str(seed),
+                 "data_dir": os.path.abspath(data_dir)}
+    if _metadata(path) == made_from:
         teacher = CNN()
         teacher.load_state_dict(load_file(path))
         teacher.eval()
     else:
         teacher = train_teacher(train, teacher_epochs, seed)
         os.makedirs(work_dir, exist_ok=True)
-        shards.write_atomically(path, save({k: v.contiguous() for k, v in teacher.state_dict().items()}))
+        shards.write_atomically(path, save({k: v.contiguous() for k, v in teacher.state_dict().items()},
+                                           metadata=made_from))
     return Task(teacher, train, val, test, 2, lambda k: make_student(student, k))
+
+
+def _metadata(path: str) -> Optional[dict]:
+    """A safetensors file's metadata; None when there is no such file."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        return None
+    with safe_open(path, framework="pt") as f:
+        return f.metadata()
