@@ -250,6 +250,38 @@ def test_changed_source_and_corrupt_shards_are_refused(problem, tmp_path):
         TargetsDataset(partial)
 
 
+def test_other_teacher_logits_or_labels_are_a_changed_source(problem, tmp_path):
+    """The fingerprint a manifest (and a fit's checkpoint) keeps of its source covers the teacher logits
+    and labels given with the embeddings. Until session 58 it covered the embeddings only, so targets
+    rerun into a finished directory with other teacher logits were kept as they were, silently."""
+    from safetensors.torch import save_file
+
+    from lelp_fast.io import NpySource, SafetensorsSource
+
+    h, y, projector = problem
+    z = torch.randn(len(h), projector.num_classes, generator=torch.Generator().manual_seed(3))
+    paths = {name: str(tmp_path / f"{name}.npy") for name in ("h", "z", "other_z", "y", "other_y")}
+    for name, arr in (("h", h), ("z", z), ("other_z", z.flip(0)), ("y", y), ("other_y", y.flip(0))):
+        np.save(paths[name], arr.numpy())
+    out = str(tmp_path / "out")
+    generate_targets(projector, NpySource(paths["h"], teacher_logits=paths["z"]), out, chunk_bytes=CHUNK)
+    generate_targets(projector, NpySource(paths["h"], teacher_logits=paths["z"]), out, chunk_bytes=CHUNK)  # the same
+    for other in (NpySource(paths["h"], teacher_logits=paths["other_z"]), NpySource(paths["h"])):
+        with pytest.raises(ValueError, match="the source changed since these targets were written"):
+            generate_targets(projector, other, out, chunk_bytes=CHUNK)
+
+    in_memory = {ArraySource(h, teacher_logits=logits).fingerprint() for logits in (z, z.flip(0), None)}
+    assert len(in_memory) == 3
+    labelled = {NpySource(paths["h"], labels).fingerprint() for labels in (paths["y"], paths["other_y"], paths["y"])}
+    assert len(labelled) == 2
+    stored = str(tmp_path / "h.safetensors")
+    save_file({"embeddings": h.contiguous(), "teacher_logits": z, "logits_b": z.flip(0).contiguous()}, stored)
+    found = {SafetensorsSource(stored).fingerprint(), SafetensorsSource(stored, logits_key="logits_b").fingerprint(),
+             SafetensorsSource(stored, teacher_logits=z.numpy()).fingerprint(),
+             SafetensorsSource(stored, teacher_logits=z.flip(0).numpy()).fingerprint()}
+    assert len(found) == 4
+
+
 def test_disk_full_leaves_nothing_half_written(problem, tmp_path, monkeypatch):
     h, _, projector = problem
     calls = {"n": 0}

@@ -155,10 +155,37 @@ class ArraySource(EmbeddingSource):
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"{self.name}:{self.n_rows}x{self.dim}".encode())
         # Sample a few rows rather than hashing gigabytes: catches a replaced or rewritten file.
-        for r in sorted({0, self.n_rows // 2, self.n_rows - 1}):
-            if 0 <= r < self.n_rows:
-                h.update(_row_bytes(self.embeddings[r : r + 1]))
+        for r in _sampled_rows(self.n_rows):
+            h.update(_row_bytes(self.embeddings[r : r + 1]))
+        _hash_companions(h, {"labels": self.labels, "teacher_logits": self.teacher_logits}, self.n_rows)
         return h.hexdigest()[:16]
+
+
+def _sampled_rows(n_rows: int) -> List[int]:
+    return [r for r in sorted({0, n_rows // 2, n_rows - 1}) if 0 <= r < n_rows]
+
+
+def _hash_companions(h, arrays: dict, n_rows: int) -> None:
+    """Adds the labels and teacher logits given with the embeddings to a fingerprint: each one's name,
+    shape and sampled rows, and for a memory-mapped file its path, size and time. (Nothing for those
+    not given, so the fingerprint of embeddings alone is what it was before session 58.)"""
+    for name, arr in arrays.items():
+        if arr is None:
+            continue
+        h.update(f"{name}:{tuple(arr.shape)}".encode())
+        for r in _sampled_rows(n_rows):
+            h.update(_row_bytes(arr[r : r + 1]))
+        filename = getattr(arr, "filename", None)
+        if filename:
+            st = os.stat(filename)
+            h.update(f"{filename}:{st.st_size}:{st.st_mtime_ns}".encode())
+
+
+def _default_names(names: dict, embeddings: str, labels: str, logits: Optional[str]) -> dict:
+    """``names`` (what is read of a file, by what) as the defaults name them, absent ones left absent:
+    a fingerprint adds the names only where they differ, so one made before session 58 still holds."""
+    defaults = {"embeddings": embeddings, "labels": labels, "teacher_logits": logits}
+    return {what: None if names[what] is None else defaults[what] for what in names}
 
 
 def _row_bytes(rows) -> bytes:
@@ -304,7 +331,11 @@ class SafetensorsSource(EmbeddingSource):
 
     def fingerprint(self) -> str:
         st = os.stat(self.path)
-        return hashlib.sha256(f"{self.path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        h = hashlib.sha256(f"{self.path}:{st.st_size}:{st.st_mtime_ns}".encode())
+        if self.keys != _default_names(self.keys, "embeddings", "labels", "teacher_logits"):
+            h.update(repr(sorted(self.keys.items())).encode())  # other tensors of the file are read
+        _hash_companions(h, self.external, self.n_rows)
+        return h.hexdigest()[:16]
 
 
 class ParquetSource(EmbeddingSource):
@@ -398,7 +429,10 @@ class ParquetSource(EmbeddingSource):
 
     def fingerprint(self) -> str:
         st = os.stat(self.path)
-        return hashlib.sha256(f"{self.path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        h = hashlib.sha256(f"{self.path}:{st.st_size}:{st.st_mtime_ns}".encode())
+        if self.columns != _default_names(self.columns, "embeddings", "labels", None):
+            h.update(repr(sorted(self.columns.items())).encode())  # other columns of the file are read
+        return h.hexdigest()[:16]
 
 
 class IterableSource(EmbeddingSource):
