@@ -65,6 +65,24 @@ def test_capture_command_reads_a_saved_model_and_a_text_column(saved, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_a_capture_of_other_text_or_tokenisation_is_refused(saved, tmp_path):
+    """capture_text records a fingerprint of its rows (texts, labels, tokenizer, max_length, batch_size):
+    a rerun into the same directory with any of them changed is refused, the same rerun keeps the
+    capture. Until session 58 another --data file or --max-length returned the old capture as it was."""
+    cap = str(tmp_path / "cap")
+    kwargs = dict(dtype="float32", batch_size=16, max_length=16)
+    first = capture_text(str(saved / "teacher"), str(saved / "data.csv"), cap, **kwargs)
+    assert capture_text(str(saved / "teacher"), str(saved / "data.csv"), cap, **kwargs) == first
+    rows = (saved / "data.csv").read_text().splitlines()
+    fewer = tmp_path / "fewer.csv"
+    fewer.write_text("\n".join(rows[:-1]) + "\n")
+    for data, edit in ((fewer, {}), (saved / "data.csv", {"max_length": 4}), (saved / "data.csv", {"batch_size": 8})):
+        with pytest.raises(ValueError, match="written with other settings .*data"):
+            capture_text(str(saved / "teacher"), str(data), cap, **{**kwargs, **edit})
+    assert main(["capture", "--model", str(saved / "teacher"), "--data", str(fewer), "--batch-size", "16",
+                 "--max-length", "16", "--dtype", "float32", "--out", cap, "--quiet"]) == 2
+
+
 def test_lelp_trainer_keeps_the_targets_column_and_trains(saved, tmp_path):
     from transformers import TrainingArguments
 

@@ -103,6 +103,7 @@ def capture(
     autocast: Optional[str] = None,
     process_group=None,
     progress: bool = False,
+    data: Optional[str] = None,
 ) -> dict:
     """Runs ``model`` over ``loader`` and writes embeddings, teacher logits and labels to ``out_dir``.
 
@@ -125,6 +126,10 @@ def capture(
         device: where the teacher runs; ``autocast``: "float16"/"bfloat16" runs it under autocast.
         process_group: torch.distributed group (shard i on rank i % world; one manifest).
         progress: a progress bar (batches).
+        data: a fingerprint of the rows and how they are batched (``capture_text`` gives one of its
+            table, tokenizer, max_length and batch_size); a capture of other data in ``out_dir``, finished
+            or not, is then refused. Without it the loader's rows are not checked (a loader cannot be
+            hashed without running it).
     Returns:
         the manifest (dict).
     """
@@ -142,6 +147,8 @@ def capture(
     settings = {"model_sha256": tensors_sha256(model.state_dict()), "layer": layer, "head": _describe(head_module),
                 "forward": None if forward is None else getattr(forward, "__qualname__", repr(forward)),
                 "dtype": dtype, "batches_per_shard": batches_per_shard, "autocast": autocast}
+    if data is not None:  # absent otherwise, so a capture recorded before the key existed still matches
+        settings["data"] = data
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     with lock_rank_directory(out_dir, rank, world, f"capture directory {out_dir}"):

@@ -9,6 +9,8 @@ the head's ``W, b`` are stored. ``lelp-fast capture`` is its command line.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import List, Optional, Tuple
 
@@ -110,4 +112,21 @@ def capture_text(model_dir: str, data_path: str, out_dir: str, *, tokenizer_dir:
     model, tokenizer = load_classifier(model_dir, tokenizer_dir)
     texts, labels = read_text_table(data_path, text_column, label_column)
     batches = TextBatches(tokenizer, texts, labels, batch_size, max_length)
-    return capture(model, batches, out_dir, **capture_kwargs)
+    data = rows_fingerprint(texts, labels, tokenizer, batch_size=batch_size, max_length=max_length)
+    return capture(model, batches, out_dir, data=data, **capture_kwargs)
+
+
+def rows_fingerprint(texts: List[str], labels: torch.Tensor, tokenizer, **batching) -> str:
+    """What the captured rows are made from: the texts and labels, the tokenizer (its class, vocabulary
+    and settings) and the batching (``max_length``, ``batch_size``: shards are runs of batches)."""
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    h.update(labels.to(torch.int64).numpy().tobytes())
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer: its whole pipeline
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    settings = {k: v for k, v in tokenizer.init_kwargs.items() if k not in ("name_or_path", "vocab_file", "tokenizer_file")}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(json.dumps(batching, sort_keys=True).encode())
+    return h.hexdigest()[:16]
