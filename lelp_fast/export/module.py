@@ -9,10 +9,12 @@ TorchScript (deprecated by PyTorch, kept for runtimes that still load it).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import warnings
-from typing import Any, Tuple
+import zipfile
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
@@ -96,9 +98,22 @@ def _save_onnx(model: nn.Module, path: str, example) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, not the user's
             torch.onnx.export(model, example, path, dynamo=True, input_names=names, output_names=["class_logits"],
-                              dynamic_shapes=_dynamic_batch(example), verbose=False)
+                              dynamic_shapes=_dynamic_batch(example), verbose=False, **_one_file(model))
     finally:
         quiet.setLevel(level)
+
+
+def _one_file(model: nn.Module) -> dict:
+    """The exporter's keyword for weights inside the .onnx file, not beside it in a .onnx.data file a
+    user copying the model would leave behind: where this torch takes it, and the weights fit
+    protobuf's 2 GB."""
+    if "external_data" not in inspect.signature(torch.onnx.export).parameters:
+        return {}
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return {"external_data": weights >= ONNX_INLINE_LIMIT}
+
+
+ONNX_INLINE_LIMIT = 1 << 30  # bytes of weights kept inside the .onnx file (protobuf caps it at 2 GB)
 
 
 def _save_torchscript(model: nn.Module, path: str, example) -> None:
@@ -107,13 +122,32 @@ def _save_torchscript(model: nn.Module, path: str, example) -> None:
         torch.jit.trace(model, example).save(path)
 
 
-def load_exported(path: str, format: str = "torch-export"):
+def load_exported(path: str, format: Optional[str] = None):
     """A callable that maps inputs to class logits, from a file :func:`export_module` wrote (not ONNX:
-    use onnxruntime there)."""
+    use onnxruntime there). ``format``: "torch-export" or "torchscript"; by default, the file's own."""
+    if format is None:
+        format = exported_format(path)
     if format == "torch-export":
         return torch.export.load(path).module()
     if format == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
             return torch.jit.load(path)
+    if format == "onnx":
+        raise ValueError(f"{path} is an ONNX model: load it with onnxruntime (pip install 'lelp_fast[export]')")
     raise ValueError(f"load_exported reads 'torch-export' or 'torchscript' files, got {format!r}")
+
+
+def exported_format(path: str) -> str:
+    """Which of :data:`FORMATS` wrote ``path``: a torch.export archive records its format
+    (``archive_format``), a TorchScript archive holds its code; ONNX is a protobuf, not a zip."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"exported model {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        return "onnx"
+    names = zipfile.ZipFile(path).namelist()
+    if any(name.endswith("/archive_format") for name in names):
+        return "torch-export"
+    if any("/code/" in name for name in names):
+        return "torchscript"
+    raise ValueError(f"{path} is neither a torch.export nor a TorchScript archive")
