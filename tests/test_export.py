@@ -202,6 +202,25 @@ def test_hf_export_loads_without_lelp_fast_through_remote_code(hf_student, tmp_p
     assert result.stdout.strip().endswith("True")
 
 
+def test_hf_export_of_a_student_saved_without_a_tokenizer_saves_none(hf_student, tmp_path):
+    """A student directory without tokenizer files: until session 58 transformers built a tokenizer from
+    its config alone (5 special tokens, every word [UNK]) and the export shipped it, so pipeline() gave
+    every text the same score. Now none is saved, with a warning naming the directory and the fix; a
+    tokenizer given is saved."""
+    from transformers import AutoTokenizer
+
+    from lelp_fast.export.hf import export_hf
+
+    _, student, tokenizer = hf_student
+    bare = str(tmp_path / "bare")
+    student.save_pretrained(bare)
+    with pytest.warns(UserWarning, match="bare holds no tokenizer: .*pass tokenizer="):
+        export_hf(bare, str(tmp_path / "cls"), n_subclasses=S)
+    assert not [name for name in os.listdir(tmp_path / "cls") if "tok" in name or "vocab" in name]
+    export_hf(bare, str(tmp_path / "given"), n_subclasses=S, tokenizer=tokenizer)
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "given")).get_vocab() == tokenizer.get_vocab()
+
+
 def test_hf_export_refuses_labels_that_do_not_fit(hf_student, tmp_path):
     from lelp_fast.export.hf import export_hf
 

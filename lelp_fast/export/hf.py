@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from typing import Optional, Sequence
 
 from .._checks import check_positive
@@ -89,9 +90,26 @@ def _save_tokenizer(tokenizer, source_dir: Optional[str], out_dir: str) -> None:
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
     elif tokenizer is None and source_dir is not None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source_dir)
-        except (OSError, ValueError):  # a student saved without its tokenizer: pass tokenizer=
-            tokenizer = None
+        tokenizer = _saved_tokenizer(source_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+# What save_pretrained writes of a tokenizer (one of them at least, by its kind).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def _saved_tokenizer(directory: str):
+    """The tokenizer saved in a student's directory, or None (with a warning) where none is: transformers
+    builds one from the model's config alone, with no vocabulary, that maps every word to [UNK]."""
+    from transformers import AutoTokenizer
+
+    if any(os.path.exists(os.path.join(directory, name)) for name in TOKENIZER_FILES):
+        try:
+            return AutoTokenizer.from_pretrained(directory)
+        except (OSError, ValueError):
+            pass
+    warnings.warn(f"{directory} holds no tokenizer: the classifier is saved without one; pass tokenizer= "
+                  "(lelp-fast export --tokenizer DIR) for pipeline() to read text", UserWarning, stacklevel=3)
+    return None
