@@ -112,9 +112,16 @@ def _report(result: dict, markdown: str, out: Optional[str]) -> int:
     return 0
 
 
+def _check_report_out(out: Optional[str]) -> None:
+    """The table's ``--out``, checked before the runs that fill it, not after them."""
+    if out:
+        _check_writable(out, "--out")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_markdown, run_demo
 
+    _check_report_out(args.out)
     cfg = DemoConfig(seeds=args.seeds, n_subclasses=args.subclasses, tau=args.tau)
     if args.beta is not None:
         cfg.beta = args.beta
@@ -125,6 +132,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench_quality(args: argparse.Namespace) -> int:
     from .quality import REAL_TASKS, QualityConfig, format_markdown, run_quality
 
+    _check_report_out(args.out)
     if args.dataset in REAL_TASKS:
         return _bench_real_quality(args)
     if args.students or args.fractions or args.steps or args.mode or args.device:
@@ -337,6 +345,9 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     from .offline import generate_targets
     from .projector import LELPProjector
 
+    if args.compact and (args.beta is not None or args.tau is not None):
+        raise SystemExit("error: --beta and --tau are chosen when --compact targets are read (TargetsDataset(dir, "
+                         "beta=, tau=), the run config's targets.beta/tau), not stored; drop them here")
     if not os.path.exists(args.projector):
         raise SystemExit(f"error: --projector {args.projector}: no such file")
     projector = LELPProjector.load(args.projector)
@@ -366,12 +377,15 @@ def _cmd_teacher_outputs(args: argparse.Namespace) -> int:
     for flag, path in (("--logits", args.logits), ("--capture", args.capture)):
         if path is not None and not os.path.exists(path):
             raise SystemExit(f"error: {flag} {path}: no such file or directory")
+    if args.tau is not None and not args.top_k:
+        raise SystemExit("error: --tau is the temperature of --top-k's log-probabilities; plain logits are stored "
+                         "as they are (the loss applies its own tau)")
     source = _load_npy(args.logits, "logits") if args.logits else args.capture
     manifest = store_teacher_outputs(
-        source, args.out, top_k=args.top_k, tau=args.tau if args.top_k else 1.0, format=args.format,
+        source, args.out, top_k=args.top_k, tau=args.tau or 1.0, format=args.format,
         dtype=args.dtype, chunk_bytes=int(args.chunk_mb * (1 << 20)), progress=not args.quiet,
         verify=not args.no_verify)
-    what = f"top-{args.top_k} log-probabilities at tau={args.tau} and indices" if args.top_k else "logits"
+    what = f"top-{args.top_k} log-probabilities at tau={args.tau or 1.0} and indices" if args.top_k else "logits"
     print(f"wrote {args.out}: {manifest['n_rows']} rows of teacher {what} ({manifest['settings']['K']} classes), "
           f"{len(manifest['shards'])} {args.format} shards, manifest.json")
     return 0
@@ -380,14 +394,16 @@ def _cmd_teacher_outputs(args: argparse.Namespace) -> int:
 def _cmd_capture(args: argparse.Namespace) -> int:
     from .capture.text import capture_text
 
+    group = _process_group(args.device)
     manifest = capture_text(
         args.model, args.data, args.out, tokenizer_dir=args.tokenizer, text_column=args.text_column,
         label_column=args.label_column, batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype,
         batches_per_shard=args.batches_per_shard, device=args.device, autocast=args.autocast,
-        process_group=_process_group(args.device), progress=not args.quiet,
+        process_group=group, progress=not args.quiet,
     )
-    print(f"wrote {args.out}: {manifest['n_rows']} rows in {len(manifest['shards'])} shards (embeddings, teacher "
-          f"logits, labels) and the head, manifest.json")
+    if group is None or torch.distributed.get_rank() == 0:  # once under torchrun
+        print(f"wrote {args.out}: {manifest['n_rows']} rows in {len(manifest['shards'])} shards (embeddings, "
+              f"teacher logits, labels) and the head, manifest.json")
     return 0
 
 
@@ -430,6 +446,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         if args.subclasses is None:
             raise SystemExit("error: --hf-model needs --subclasses (S, the student's outputs per class)")
+        if args.format is not None:
+            raise SystemExit("error: --format is for a run CONFIG's student; --hf-model writes a transformers "
+                             "directory (save_pretrained)")
         model = export_hf(args.hf_model, args.out, n_subclasses=args.subclasses, tau=args.tau or 1.0,
                           labels=args.labels, tokenizer=args.tokenizer)
         names = ", ".join(model.config.id2label[i] for i in range(model.config.num_labels))
@@ -445,8 +464,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.work_dir:
         cfg.work_dir = args.work_dir
-    model = export_run(cfg, args.out, args.format)
-    print(f"wrote {args.out}: {args.format}, inputs -> {model.num_classes} class logits "
+    fmt = args.format or "torch-export"
+    model = export_run(cfg, args.out, fmt)
+    print(f"wrote {args.out}: {fmt}, inputs -> {model.num_classes} class logits "
           f"(S={model.n_subclasses} pooled at tau={model.tau})")
     return 0
 
@@ -462,7 +482,7 @@ def _add_export(sub) -> None:
         "saved as a classifier whose config and pipeline answer with the C labels.",
     )
     exp.add_argument("config", nargs="?", help="YAML run config whose student was trained")
-    exp.add_argument("--format", choices=FORMATS, default="torch-export",
+    exp.add_argument("--format", choices=FORMATS, default=None,
                      help="for a run CONFIG (default torch-export)")
     exp.add_argument("--work-dir", help="override the config's work_dir")
     exp.add_argument("--hf-model", help="save_pretrained directory of a transformers student with C*S labels")
@@ -599,7 +619,8 @@ def _add_teacher_outputs(sub) -> None:
     cmd.add_argument("--logits", help="(N, C) .npy of teacher logits (memory-mapped)")
     cmd.add_argument("--capture", help="a capture directory (its stored teacher logits)")
     cmd.add_argument("--top-k", type=positive_int, help="store only the k most probable classes")
-    cmd.add_argument("--tau", type=positive_float, default=1.0, help="temperature of the top-k log-probabilities")
+    cmd.add_argument("--tau", type=positive_float, help="temperature of the top-k log-probabilities (--top-k; "
+                     "default 1)")
     cmd.add_argument("--format", choices=("npy", "safetensors", "parquet"), default="npy")
     cmd.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     cmd.add_argument("--chunk-mb", type=chunk_mib, default=64, help="MiB of logits per shard (default 64)")
@@ -685,7 +706,7 @@ def _add_tune(sub) -> None:
         description="Captures if needed, fits one projector per S, and trains the config's student for a fixed "
         "number of steps on several seeds for KD (S = 1, each tau) and every (S, beta, tau), each proxy scored at "
         "its best validation evaluation. LELP is chosen over KD only when its paired validation gain on fresh "
-        "seeds has a 95 %% interval above 0; ties and skipped S values are reported. Curve in work_dir/tune/.",
+        "seeds has a 95 % interval above 0; ties and skipped S values are reported. Curve in work_dir/tune/.",
     )
     tune.add_argument("config", help="YAML run config")
     tune.add_argument("--subclasses", type=positive_int, nargs="+", default=[2, 4, 8, 16])
@@ -765,6 +786,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         code = args.func(args)
         finished = True
         return code
+    except BrokenPipeError:  # the reader stopped (`| head`): nothing to say, and no one to say it to
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit fails else
+        return 1
     except (ValueError, RuntimeError, OSError) as exc:  # one line, never a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -164,6 +164,48 @@ def test_missing_or_unwritable_files_are_named_before_the_fit(npy_inputs, capsys
         main(fit + ["--out", str(tmp / "p.safetensors"), "--checkpoint", str(tmp / "no-such-dir" / "c")])
 
 
+def test_flags_that_would_be_ignored_or_checked_late_are_refused_first(npy_inputs, capsys, tmp_path):
+    """Until session 58 each of these ran: demo and bench with an --out they could not write failed only
+    after their whole run; --beta/--tau with --compact, teacher-outputs' --tau without --top-k and
+    export --hf-model's --format were accepted and ignored."""
+    paths, tmp = npy_inputs
+    cases = [
+        (["demo", "--out", str(tmp_path / "missing" / "t.md")], "--out .*t.md: cannot write there"),
+        (["bench", "quality", "--dataset", "digits-low", "--out", str(tmp_path / "missing" / "q.json")],
+         "--out .*q.json: cannot write there"),
+        (["targets", "--projector", "p.safetensors", "--embeddings", paths["E"], "--out", str(tmp_path / "t"),
+          "--compact", "--beta", "0.5"], "--beta and --tau are chosen when --compact targets are read"),
+        (["teacher-outputs", "--logits", paths["z"], "--tau", "2", "--out", str(tmp_path / "kd")],
+         "--tau is the temperature of --top-k's log-probabilities"),
+        (["export", "--hf-model", str(tmp_path / "student"), "--subclasses", "2", "--format", "onnx",
+          "--out", str(tmp_path / "cls")], "--format is for a run CONFIG's student"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            main(argv)
+    assert not os.path.exists(tmp_path / "t") and not os.path.exists(tmp_path / "kd")
+    help_text = subprocess.run([sys.executable, "-m", "lelp_fast", "tune", "--help"], capture_output=True,
+                               text=True).stdout
+    assert "95 % interval" in " ".join(help_text.split())
+
+
+def test_a_reader_that_stops_early_is_no_error(npy_inputs, tmp_path):
+    """``lelp-fast inspect P | head -1``: once the reader has gone, the command stops without a word.
+    Until session 58 it printed "error: [Errno 32] Broken pipe" and exited with 2."""
+    paths, _ = npy_inputs
+    projector = str(tmp_path / "p.safetensors")
+    LELPProjector(3).fit(torch.from_numpy(np.load(paths["E"])), torch.from_numpy(np.load(paths["y"]))).save(projector)
+    script = ("import os, sys\n"
+              "read, write = os.pipe()\n"
+              "os.close(read)  # the reader has gone\n"
+              "sys.stdout = os.fdopen(write, 'w', buffering=1)\n"
+              "from lelp_fast.cli import main\n"
+              f"code = main(['inspect', {projector!r}])\n"
+              "sys.stderr.write('exit %d\\n' % code)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().splitlines() == ["exit 1"], done.stderr
+
+
 def test_a_second_fit_on_one_out_is_refused(npy_inputs, capsys):
     from lelp_fast.io.locks import ExclusiveLock
 
