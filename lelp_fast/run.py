@@ -271,7 +271,8 @@ def _report(cfg, task, projector, student, paths: dict, kd_student=None) -> dict
     md = (f"# lelp_fast run: {cfg.work_dir}\n\n"
           f"| model | test accuracy | agreement | predictive KL |\n|---|---|---|---|\n"
           f"| teacher | {teacher_acc:.4f} | 1 | 0 |\n"
-          f"| student (LELP, S={projector.n_subclasses}, beta={beta}, tau={tau}, lambda={weight}) | {student_test['accuracy']:.4f} | "
+          f"| student (LELP, S={projector.n_subclasses}, beta={beta}, targets tau={tau}, loss tau={cfg.train.tau}, "
+          f"lambda={weight}) | {student_test['accuracy']:.4f} | "
           f"{student_test['agreement']:.4f} | {student_test['predictive_kl']:.4f} |\n")
     if kd_student is not None:
         from .train.baseline import baseline_markdown, compare_with_kd

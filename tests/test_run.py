@@ -200,6 +200,13 @@ def test_compact_targets_report_the_beta_they_were_read_at(tmp_path):
     assert "beta=1.0" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_the_report_row_names_the_targets_tau_and_the_loss_tau(tmp_path):
+    """Until session 58 the row said tau= with the targets' τ alone, which a reader took for the loss's
+    (the one the student trains and is pooled at)."""
+    _run_logged(_tiny_config(tmp_path, targets={"tau": 2.0}, train={"tau": 3.0}, report={"kd_baseline": False}))
+    assert "targets tau=2.0, loss tau=3.0" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_compact_targets_retrain_when_their_temperatures_change(tmp_path):
     """Compact targets store u and the teacher logits; β and τ are applied as the loop reads them, so the
     targets' manifest does not change with them. Until session 58 the student trained at β = 1 was kept
