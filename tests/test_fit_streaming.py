@@ -565,3 +565,24 @@ def test_fit_on_bf16_tensors():
     p = LELPProjector(2).fit(h.to(torch.bfloat16), y)
     q = LELPProjector(2).fit(h.to(torch.bfloat16).float(), y)
     torch.testing.assert_close(p.A, q.A)
+
+
+def test_parquet_chunks_are_writable_copies_without_a_warning(tmp_path):
+    """Arrow's buffers reach numpy read-only: torch shared them (a write would fault) and warned with a
+    UserWarning on the first read of every session, until session 58."""
+    import warnings
+
+    from lelp_fast.io import ParquetSource
+
+    rng = np.random.default_rng(2)
+    rows = [rng.standard_normal(8).astype(np.float32).tolist() for _ in range(40)]
+    path = _parquet(tmp_path, rows, [0, 1] * 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chunks = list(ParquetSource(path).chunks())
+    for chunk in chunks:
+        for t in (chunk.embeddings, chunk.labels):
+            assert t.numpy().flags.writeable
+        chunk.embeddings += 1
+    assert torch.equal(torch.cat([c.embeddings for c in chunks]), torch.tensor(rows) + 1)
+    assert torch.equal(torch.cat([c.embeddings for c in ParquetSource(path).chunks()]), torch.tensor(rows))

@@ -188,6 +188,12 @@ def _default_names(names: dict, embeddings: str, labels: str, logits: Optional[s
     return {what: None if names[what] is None else defaults[what] for what in names}
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor of ``array``'s values that may be written: Arrow hands out read-only views of its
+    buffers, which torch would share (and warn about) and a write would fault on."""
+    return torch.from_numpy(np.require(array, requirements=["C", "W"]))
+
+
 def _row_bytes(rows) -> bytes:
     """The raw bytes of a few rows of an array or tensor (bf16 and CUDA tensors too: numpy has no bf16)."""
     if isinstance(rows, torch.Tensor):
@@ -397,14 +403,14 @@ class ParquetSource(EmbeddingSource):
             raise ValueError(f"{self.path}: column {self.columns[what]!r} row {first_row + row} has {got}, "
                              f"expected {width}")
         flat = col.flatten().to_numpy(zero_copy_only=False)
-        return torch.from_numpy(np.ascontiguousarray(flat.reshape(len(col), width)))
+        return _tensor(flat.reshape(len(col), width))
 
     def _labels(self, column, first_row: int) -> torch.Tensor:
         """Labels as stored: nulls named here, float labels refused by the fit's one label rule."""
         if column.null_count:
             row = int(np.nonzero(column.is_null().to_numpy(zero_copy_only=False))[0][0])
             raise ValueError(f"{self.path}: column {self.columns['labels']!r} row {first_row + row} is null")
-        return torch.from_numpy(np.ascontiguousarray(column.to_numpy(zero_copy_only=False)))
+        return _tensor(column.to_numpy(zero_copy_only=False))
 
     def chunks(self, chunk_bytes=DEFAULT_CHUNK_BYTES, *, skip=0, rank=0, world=1, every=1):
         import pyarrow.parquet as pq
