@@ -73,7 +73,8 @@ def test_errors_name_the_argument(npy_inputs, capsys):
     assert "labels has 3 rows but embeddings has 700" in capsys.readouterr().err
     assert main(["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--subclasses", "50",
                  "--quiet", "--out", str(tmp / "x.safetensors")]) == 2
-    assert "exceeds d - rank(W)" in capsys.readouterr().err
+    # no head, so nothing is projected out: the message names d (until session 58 it named d - rank(W))
+    assert "n_subclasses=50 exceeds the embeddings' dimension d = 20" in capsys.readouterr().err
 
 
 def test_fit_safetensors_and_parquet_then_inspect(npy_inputs, capsys):

@@ -356,12 +356,12 @@ def _accumulate(source, settings, head_weight, head_bias, projector, process_gro
     dim = reader.dim if reader.dim is not None else source.dim
     c = settings.num_classes
     # Each class needs S directions of its own; C·S may exceed d (classes share directions).
-    null_dim = dim - (0 if head_weight is None or projector is None else int(torch.linalg.matrix_rank(head_weight)))
+    projected = head_weight is not None and projector is not None
+    null_dim = dim - (int(torch.linalg.matrix_rank(head_weight)) if projected else 0)
     if settings.n_subclasses > null_dim:
-        raise ValueError(
-            f"n_subclasses={settings.n_subclasses} exceeds d - rank(W) = {null_dim}, the dimension left after the "
-            "null-space projection; lower n_subclasses"
-        )
+        left = (f"d - rank(W) = {null_dim}, the dimension left after the null-space projection" if projected
+                else f"the embeddings' dimension d = {dim}")
+        raise ValueError(f"n_subclasses={settings.n_subclasses} exceeds {left}; lower n_subclasses")
     shift = _shift_from(first[1], first[2], c, settings.backend) if first is not None else torch.zeros(c, dim, dtype=torch.float64)
     if process_group is not None:  # on the fit's device: NCCL groups take only GPU tensors
         shift_on_device = shift.to(device)
