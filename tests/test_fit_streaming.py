@@ -468,7 +468,7 @@ def test_one_shot_iterator_cannot_do_several_passes():
 
 def test_missing_num_classes_for_plain_iterables():
     h, _, _, y = make_problem(n=300, d=10, num_classes=2, seed=13)
-    with pytest.raises(ValueError, match="num_classes is required"):
+    with pytest.raises(ValueError, match=r"num_classes \(lelp-fast fit --num-classes\) is required"):
         LELPProjector(2).fit([(h.float(), y)])
 
 

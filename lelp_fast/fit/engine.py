@@ -187,7 +187,8 @@ class _ChunkReader:
         if self.s.num_classes is None:
             if z is None:
                 raise ValueError(
-                    "num_classes is required when neither a head, teacher logits nor in-memory labels give it"
+                    "num_classes (lelp-fast fit --num-classes) is required when neither a head, teacher logits "
+                    "nor in-memory labels give it"
                 )
             self.s.num_classes = z.shape[1]
         c = self.s.num_classes
