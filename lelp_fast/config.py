@@ -156,7 +156,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
         raise ConfigError(f"config {path}: expected a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         _override(raw, item)
-    return parse_config(raw, path)
+    set_keys = [item.partition("=")[0].strip() for item in overrides]
+    return parse_config(raw, f"config {path}", set_keys)
 
 
 def _override(raw: dict, item: str) -> None:
@@ -197,10 +198,18 @@ def _unique_keys_loader():
     return UniqueKeyLoader
 
 
-def parse_config(raw: dict, where: str = "config") -> RunConfig:
+def parse_config(raw: dict, where: str = "config", set_keys: Sequence[str] = ()) -> RunConfig:
+    """``raw`` validated; ``set_keys``: those given by ``--set``, which an error names as such."""
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors())
+        problems = "; ".join(_problem(e, set_keys) for e in exc.errors())
         raise ConfigError(f"{where}: {problems}") from None
+
+
+def _problem(error: dict, set_keys: Sequence[str]) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{key}{' (--set)' if key in set_keys else ''}: {message}"

@@ -65,8 +65,11 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert main(["run", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "train.epochs: value must be an integer >= 1, got 0" in err
-    with pytest.raises(ConfigError, match="fit.betta: Extra inputs are not permitted"):
+    with pytest.raises(ConfigError, match="fit.betta: unknown key"):  # pydantic's "Extra inputs are not permitted"
         parse_config({"work_dir": "x", "task": {"factory": "a:b"}, "fit": {"betta": 1}})
+    # a value from --set is named as such, and the file as "config PATH" (until session 58: the path alone)
+    with pytest.raises(ConfigError, match=r"^config .*fashion_mnist_small.yaml: train.epochs \(--set\): value must be"):
+        load_config(SMALL, ["train.epochs=0"])
     with pytest.raises(ConfigError, match="task.factory: String should match pattern"):
         parse_config({"work_dir": "x", "task": {"factory": "no colon"}})
     with pytest.raises(ConfigError, match="config .*missing.yaml: no such file"):
@@ -249,7 +252,7 @@ def test_set_overrides_and_print_config(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["epochs"] == 3 and printed["fit"]["beta"] == 0.1 and printed["fit"]["subclasses"] == 4
     assert main(["run", SMALL, "--set", "train.epochs=0"]) == 2
-    assert "train.epochs: value must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert "train.epochs (--set): value must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 # ---- issue 22: the subclass weight λ has one default, documented, in the API, the config and the CLI ----
