@@ -59,6 +59,16 @@ def test_fashion_mnist_task_trains_its_teacher_again_for_other_settings(tmp_path
         assert same(teacher(**edit), teacher(**edit)), edit  # cached again under the new settings
 
 
+@needs_data
+def test_a_bad_student_kind_is_named_before_any_stage_runs(tmp_path, capsys):
+    """Until session 58 the task's student kind was first read by the train stage, after the capture,
+    fit and targets had run (minutes at full size)."""
+    work = tmp_path / "run"
+    assert main(["run", SMALL, "--work-dir", str(work), "--quiet", "--set", "task.kwargs.student=cnn"]) == 2
+    assert "task.kwargs.student must be 'linear' or 'mlp', got 'cnn'" in capsys.readouterr().err
+    assert not (work / "capture").exists()
+
+
 def test_config_errors_name_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("work_dir: x\ntask: {factory: 'lelp_fast.examples.fashion_mnist:task'}\ntrain: {epochs: 0}\n")

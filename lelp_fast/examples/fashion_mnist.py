@@ -72,7 +72,7 @@ def make_student(kind: str, n_outputs: int) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.Linear(784, n_outputs))
     if kind == "mlp":
         return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, n_outputs))
-    raise ValueError(f"task.student must be 'linear' or 'mlp', got {kind!r}")
+    raise ValueError(f"task.kwargs.student must be 'linear' or 'mlp', got {kind!r}")
 
 
 def train_teacher(train: TensorDataset, epochs: int, seed: int = 0) -> CNN:
@@ -109,6 +109,7 @@ def task(work_dir: str, n_train: int = 10000, n_val: int = 2000, n_test: Optiona
 
     from ..offline import shards
 
+    make_student(student, 2)  # a bad kind is named now, not after the capture, fit and targets have run
     x, fine = load("train", data_dir)
     if n_train + n_val > x.shape[0]:
         raise ValueError(f"task.n_train + task.n_val must be <= {x.shape[0]}, got {n_train + n_val}")
