@@ -411,7 +411,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from .config import load_config
     from .tune import TuneGrid, tune
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     if args.work_dir:
         cfg.work_dir = args.work_dir
     grid = TuneGrid(subclasses=args.subclasses, betas=args.betas, taus=args.taus, steps=args.steps,
@@ -446,9 +446,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         if args.subclasses is None:
             raise SystemExit("error: --hf-model needs --subclasses (S, the student's outputs per class)")
-        if args.format is not None:
-            raise SystemExit("error: --format is for a run CONFIG's student; --hf-model writes a transformers "
-                             "directory (save_pretrained)")
+        if args.format is not None or args.set:
+            raise SystemExit("error: --format and --set are for a run CONFIG's student; --hf-model writes a "
+                             "transformers directory (save_pretrained)")
         model = export_hf(args.hf_model, args.out, n_subclasses=args.subclasses, tau=args.tau or 1.0,
                           labels=args.labels, tokenizer=args.tokenizer)
         names = ", ".join(model.config.id2label[i] for i in range(model.config.num_labels))
@@ -461,7 +461,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.subclasses or args.tau or args.labels or args.tokenizer:
         raise SystemExit("error: --subclasses, --tau, --labels and --tokenizer are for --hf-model; a run CONFIG "
                          "takes them from its training report")
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     if args.work_dir:
         cfg.work_dir = args.work_dir
     fmt = args.format or "torch-export"
@@ -469,6 +469,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {fmt}, inputs -> {model.num_classes} class logits "
           f"(S={model.n_subclasses} pooled at tau={model.tau})")
     return 0
+
+
+def _add_set(parser: argparse.ArgumentParser, why: str = "") -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=3 --set fit.beta=0.1 (repeatable)"
+                        + (f"; {why}" if why else ""))
 
 
 def _add_export(sub) -> None:
@@ -485,6 +491,7 @@ def _add_export(sub) -> None:
     exp.add_argument("--format", choices=FORMATS, default=None,
                      help="for a run CONFIG (default torch-export)")
     exp.add_argument("--work-dir", help="override the config's work_dir")
+    _add_set(exp, "as the run was given them")
     exp.add_argument("--hf-model", help="save_pretrained directory of a transformers student with C*S labels")
     exp.add_argument("--subclasses", type=positive_int, help="S (--hf-model)")
     exp.add_argument("--tau", type=positive_float, help="the loss's tau (--hf-model; default 1)")
@@ -709,6 +716,7 @@ def _add_tune(sub) -> None:
         "seeds has a 95 % interval above 0; ties and skipped S values are reported. Curve in work_dir/tune/.",
     )
     tune.add_argument("config", help="YAML run config")
+    _add_set(tune, "as the run was given them, so its capture is reused")
     tune.add_argument("--subclasses", type=positive_int, nargs="+", default=[2, 4, 8, 16])
     tune.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5, 1.0])
     tune.add_argument("--taus", type=float, nargs="+", default=[1.0, 2.0, 4.0])
@@ -755,8 +763,7 @@ def _add_config_commands(sub) -> None:
         cmd.add_argument("--redo", choices=STAGES, help="redo this stage and every stage after it, even if "
                          "unchanged (a stage whose settings or input changed is redone anyway)")
         cmd.add_argument("--work-dir", help="override the config's work_dir (relative paths: to the current directory)")
-        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config key, e.g. --set train.epochs=3 --set fit.beta=0.1 (repeatable)")
+        _add_set(cmd)
         cmd.add_argument("--print-config", action="store_true",
                          help="print the validated config (defaults and --set applied) and exit")
         cmd.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -775,7 +782,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command's user reads it: what happened, without the library's source line."""
+    return f"warning: {message}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -179,7 +179,7 @@ def test_flags_that_would_be_ignored_or_checked_late_are_refused_first(npy_input
         (["teacher-outputs", "--logits", paths["z"], "--tau", "2", "--out", str(tmp_path / "kd")],
          "--tau is the temperature of --top-k's log-probabilities"),
         (["export", "--hf-model", str(tmp_path / "student"), "--subclasses", "2", "--format", "onnx",
-          "--out", str(tmp_path / "cls")], "--format is for a run CONFIG's student"),
+          "--out", str(tmp_path / "cls")], "--format and --set are for a run CONFIG's student"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
@@ -188,6 +188,27 @@ def test_flags_that_would_be_ignored_or_checked_late_are_refused_first(npy_input
     help_text = subprocess.run([sys.executable, "-m", "lelp_fast", "tune", "--help"], capture_output=True,
                                text=True).stdout
     assert "95 % interval" in " ".join(help_text.split())
+
+
+def test_warnings_are_one_line_naming_what_happened(npy_inputs, tmp_path):
+    """A corrupt shard in finished targets is rewritten with a warning. Until session 58 the command
+    printed it as Python does: the library's file and line, the category, then the echoed source line."""
+    paths, _ = npy_inputs
+    projector, out = str(tmp_path / "p.safetensors"), str(tmp_path / "t")
+    LELPProjector(3).fit(torch.from_numpy(np.load(paths["E"])), torch.from_numpy(np.load(paths["y"])),
+                         head_weight=np.load(paths["W"]), head_bias=np.load(paths["b"])).save(projector)
+    argv = [sys.executable, "-m", "lelp_fast", "targets", "--projector", projector, "--embeddings", paths["E"],
+            "--out", out, "--chunk-mb", "0.01", "--quiet"]
+    assert subprocess.run(argv, capture_output=True, timeout=300).returncode == 0
+    shard = sorted(p for p in os.listdir(out) if p.startswith("shard-"))[1]
+    with open(os.path.join(out, shard), "r+b") as f:
+        f.seek(200)
+        f.write(b"\xff")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0
+    assert done.stderr.splitlines() == [f"warning: {out}: 1 shard(s) missing or corrupt (shard file "
+                                        f"{os.path.join(out, shard)} is corrupt: its xxh3_128 checksum does not "
+                                        "match the record); rewriting them"], done.stderr
 
 
 def test_a_reader_that_stops_early_is_no_error(npy_inputs, tmp_path):

@@ -117,6 +117,12 @@ def test_export_command_writes_a_run_configs_student(tmp_path, capsys):
     torch.testing.assert_close(got.double(), reference(trained, x, 3.0), atol=ATOL, rtol=RTOL)
     with pytest.raises(SystemExit, match="are for --hf-model"):
         main(["export", str(tmp_path / "run.yaml"), "--labels", "a", "--out", out])
+    # --set as the run was given it (until session 58 export and tune took none)
+    (tmp_path / "elsewhere.yaml").write_text(f"work_dir: {tmp_path / 'none'}\ntask: {{factory: 'test_export:tiny_task'}}\n")
+    assert main(["export", str(tmp_path / "elsewhere.yaml"), "--set", f"work_dir={work}", "--out", out]) == 0
+    from lelp_fast.cli import build_parser
+
+    assert build_parser().parse_args(["tune", "x.yaml", "--set", "train.epochs=2"]).set == ["train.epochs=2"]
 
 
 def test_export_command_needs_exactly_one_source(tmp_path, capsys):
