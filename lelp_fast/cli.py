@@ -790,13 +790,13 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     import warnings
 
-    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    finished = False
+    finished, formatwarning = False, warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         code = args.func(args)
         finished = True
@@ -812,6 +812,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     finally:
         _end_process_group(finished)
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":  # pragma: no cover
