@@ -126,7 +126,10 @@ def rows_fingerprint(texts: List[str], labels: torch.Tensor, tokenizer, **batchi
     h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer: its whole pipeline
     h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    settings = {k: v for k, v in tokenizer.init_kwargs.items() if k not in ("name_or_path", "vocab_file", "tokenizer_file")}
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    # plain settings only (lower-casing, padding side, ...): an object's repr may hold its address
+    settings = {k: v for k, v in tokenizer.init_kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))
+                and k not in ("name_or_path", "vocab_file", "tokenizer_file")}
+    settings.update(padding_side=tokenizer.padding_side, truncation_side=tokenizer.truncation_side)
+    h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(json.dumps(batching, sort_keys=True).encode())
     return h.hexdigest()[:16]
