@@ -472,18 +472,20 @@ def test_forward_only_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch
 @pytest.mark.parametrize("logits_dtype", [None, *NAMES], ids=["head", *NAMES.values()])
 @pytest.mark.parametrize("dtype", list(NAMES), ids=list(NAMES.values()))
 def test_targets_launch_dtype_widths_are_compiled_ahead_of_time(monkeypatch, dtype, logits_dtype, out_dtype):
-    """Each (embeddings, teacher logits, output) the targets launcher pairs has its widths among
-    those tests/test_triton_aot.py compiles for sm_80 and sm_90 (each variant in its own dtype with an fp32
-    output, and ``aot.TARGETS_DTYPES``). Until 2026-12-03 only the variant's own were: 16-bit
-    outputs and logits in another width than the embeddings were launched, never compiled."""
+    """Each (embeddings, teacher logits, output) the targets launcher pairs is among those
+    tests/test_triton_aot.py compiles for sm_80 and sm_90 (each variant in its own dtype with an fp32
+    output, and ``aot.TARGETS_DTYPES``): the embeddings' dtype, the logits' and output's widths. Until
+    2026-12-03 only the variant's own were: 16-bit outputs and logits in another width than the
+    embeddings were launched, never compiled; until session 58 fp16 embeddings were compiled in their
+    own widths only (fp32 logits or a 16-bit output stood for by bf16's kernel)."""
     import lelp_fast.kernels.triton.targets as triton_targets
     from lelp_fast.kernels.triton import aot
 
     launched, launch = [], triton_targets.targets_triton
 
     def recording(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out):
-        read = [embeddings] + ([teacher_logits] if teacher_logits is not None else []) + [out]
-        launched.append(aot.widths([NAMES[t.dtype] for t in read]))
+        read = ([teacher_logits] if teacher_logits is not None else []) + [out]
+        launched.append((NAMES[embeddings.dtype], *aot.widths([NAMES[t.dtype] for t in read])))
         return launch(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out)
 
     monkeypatch.setattr(triton_targets, "targets_triton", recording)

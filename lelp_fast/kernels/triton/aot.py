@@ -65,13 +65,16 @@ MIXED_DTYPES = {arch: [("bf16", "fp32", "bf16"), ("fp16", "fp32", "fp32"), ("fp1
 FORWARD_DTYPES = {arch: [("bf16", "fp32", "bf16"), ("fp32", "bf16", "fp32")] for arch in ARCHS}
 assert all(set(FORWARD_DTYPES[arch]) <= set(MIXED_DTYPES[arch]) for arch in ARCHS)
 # (embeddings, teacher logits, output) beyond the variant's own (logits in the embeddings' dtype, an
-# fp32 output), on both archs for every targets variant with bf16 or fp32 embeddings (fp16's widths are
-# bf16's): with them every width of the three pointers the launcher can pair (a head's variants
-# read no logits, so only the output's width varies).
+# fp32 output), on both archs for every targets variant: with them every width of the logits and the
+# output the launcher can pair with each dtype of the embeddings (a head's variants read no logits, so
+# only the output's width varies). The embeddings' dtype is kept, not only its width: fp16's dots and
+# map parts are not bf16's (until session 58 fp16 was compiled in its own widths only).
 TARGETS_DTYPES = {
     arch: {("bf16", True): [("bf16", "fp32", "fp16"), ("bf16", "bf16", "bf16"), ("bf16", "fp32", "fp32")],
+           ("fp16", True): [("fp16", "fp32", "bf16"), ("fp16", "fp16", "fp16"), ("fp16", "fp32", "fp32")],
            ("fp32", True): [("fp32", "bf16", "fp32"), ("fp32", "bf16", "bf16"), ("fp32", "fp32", "fp16")],
            ("bf16", False): [("bf16", "bf16", "bf16")],
+           ("fp16", False): [("fp16", "fp16", "fp16")],
            ("fp32", False): [("fp32", "fp32", "bf16")]}
     for arch in ARCHS
 }
@@ -351,7 +354,8 @@ def compiled_widths(op: str, arch: int) -> set:
     """The pointer widths (``widths``) ``cases()`` compiles ``op`` in for sm_``arch``: the loss's
     (student, targets, gradient) where it writes the gradient, "loss-forward" its (student, targets)
     where it does not (the gradient pointer is dead code), the targets' (embeddings, logits, output),
-    or (embeddings, output) for a head's variants, which read no logits."""
+    or (embeddings, output) for a head's variants, which read no logits; the targets' embeddings by
+    their dtype's name, not width (fp16's dots and map parts are not bf16's)."""
     from . import loss, targets
 
     found = set()
@@ -364,7 +368,7 @@ def compiled_widths(op: str, arch: int) -> set:
         elif kind == "targets" and op == "targets":
             v = targets.VARIANTS[i]
             h, z, out = dts or (v["dtype"], v["dtype"], "fp32")
-            found.add(widths((h, z, out) if v["constexprs"]["HAS_LOGITS"] else (h, out)))
+            found.add((h, *widths((z, out) if v["constexprs"]["HAS_LOGITS"] else (out,))))
     return found
 
 
