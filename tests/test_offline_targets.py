@@ -272,6 +272,10 @@ def test_other_teacher_logits_or_labels_are_a_changed_source(problem, tmp_path):
 
     in_memory = {ArraySource(h, teacher_logits=logits).fingerprint() for logits in (z, z.flip(0), None)}
     assert len(in_memory) == 3
+    # the KD store's source: its logits are its embeddings, hashed once (its stores of before still match)
+    assert ArraySource(z, None, z).fingerprint() == ArraySource(z).fingerprint()
+    assert ArraySource(h, teacher_logits=np.load(paths["z"])).fingerprint() == ArraySource(
+        h, teacher_logits=np.load(paths["z"], mmap_mode="r")).fingerprint()
     labelled = {NpySource(paths["h"], labels).fingerprint() for labels in (paths["y"], paths["other_y"], paths["y"])}
     assert len(labelled) == 2
     stored = str(tmp_path / "h.safetensors")

@@ -157,7 +157,8 @@ class ArraySource(EmbeddingSource):
         # Sample a few rows rather than hashing gigabytes: catches a replaced or rewritten file.
         for r in _sampled_rows(self.n_rows):
             h.update(_row_bytes(self.embeddings[r : r + 1]))
-        _hash_companions(h, {"labels": self.labels, "teacher_logits": self.teacher_logits}, self.n_rows)
+        companions = {"labels": self.labels, "teacher_logits": self.teacher_logits}
+        _hash_companions(h, {k: v for k, v in companions.items() if v is not self.embeddings}, self.n_rows)
         return h.hexdigest()[:16]
 
 
@@ -167,18 +168,21 @@ def _sampled_rows(n_rows: int) -> List[int]:
 
 def _hash_companions(h, arrays: dict, n_rows: int) -> None:
     """Adds the labels and teacher logits given with the embeddings to a fingerprint: each one's name,
-    shape and sampled rows, and for a memory-mapped file its path, size and time. (Nothing for those
-    not given, so the fingerprint of embeddings alone is what it was before session 58.)"""
+    shape and sampled rows. (Nothing for those not given, nor for logits that are the embeddings
+    themselves, as the KD store's are: a fingerprint made before session 58 of such a source holds.)"""
     for name, arr in arrays.items():
         if arr is None:
             continue
         h.update(f"{name}:{tuple(arr.shape)}".encode())
         for r in _sampled_rows(n_rows):
             h.update(_row_bytes(arr[r : r + 1]))
-        filename = getattr(arr, "filename", None)
-        if filename:
-            st = os.stat(filename)
-            h.update(f"{filename}:{st.st_size}:{st.st_mtime_ns}".encode())
+
+
+def _hash_files(h, paths) -> None:
+    """Adds each file's path, size and modification time (a rewritten file between the sampled rows)."""
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
 
 
 def _default_names(names: dict, embeddings: str, labels: str, logits: Optional[str]) -> dict:
@@ -220,6 +224,8 @@ class NpySource(ArraySource):
 
     def __init__(self, path: str, labels=None, teacher_logits=None, *, bf16: bool = False):
         emb = _load_npy(path, "embeddings")
+        given = (labels, teacher_logits)
+        self.companion_files = [os.path.abspath(p) for p in given if isinstance(p, (str, os.PathLike))]
         if isinstance(labels, (str, os.PathLike)):
             labels = _load_npy(os.fspath(labels), "labels")
         if isinstance(teacher_logits, (str, os.PathLike)):
@@ -266,7 +272,9 @@ class NpySource(ArraySource):
 
     def fingerprint(self) -> str:
         st = os.stat(self.name)
-        return hashlib.sha256(f"{super().fingerprint()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        h = hashlib.sha256(f"{super().fingerprint()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        _hash_files(h, self.companion_files)
+        return h.hexdigest()[:16]
 
 
 class SafetensorsSource(EmbeddingSource):
