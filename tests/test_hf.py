@@ -1,5 +1,8 @@
 """transformers: capture a saved classifier over a local text table, then train with LELPTrainer."""
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -81,6 +84,15 @@ def test_a_capture_of_other_text_or_tokenisation_is_refused(saved, tmp_path):
             capture_text(str(saved / "teacher"), str(data), cap, **{**kwargs, **edit})
     assert main(["capture", "--model", str(saved / "teacher"), "--data", str(fewer), "--batch-size", "16",
                  "--max-length", "16", "--dtype", "float32", "--out", cap, "--quiet"]) == 2
+    # a capture recorded before the fingerprint existed is kept (its rows cannot be checked), with a warning
+    manifest = os.path.join(cap, "manifest.json")
+    record = json.loads(open(manifest).read())
+    del record["settings"]["data"]
+    with open(manifest, "w") as f:
+        json.dump(record, f)
+    with pytest.warns(UserWarning, match="captured before captures recorded a fingerprint of their rows"):
+        kept = capture_text(str(saved / "teacher"), str(fewer), cap, **kwargs)
+    assert kept["shards"] == first["shards"]
 
 
 def test_lelp_trainer_keeps_the_targets_column_and_trains(saved, tmp_path):

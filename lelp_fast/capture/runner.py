@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from typing import Callable, Iterable, Optional, Tuple, Union
 
 import torch
@@ -147,11 +148,10 @@ def capture(
     settings = {"model_sha256": tensors_sha256(model.state_dict()), "layer": layer, "head": _describe(head_module),
                 "forward": None if forward is None else getattr(forward, "__qualname__", repr(forward)),
                 "dtype": dtype, "batches_per_shard": batches_per_shard, "autocast": autocast}
-    if data is not None:  # absent otherwise, so a capture recorded before the key existed still matches
-        settings["data"] = data
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     with lock_rank_directory(out_dir, rank, world, f"capture directory {out_dir}"):
+        _add_data(settings, data, out_dir)
         existing = mf.finished_run(out_dir, settings, True, rank, process_group, KIND)
         if existing is not None:
             return existing
@@ -172,6 +172,19 @@ def capture(
             result = mf.write_manifest(out_dir, {**settings, "n_rows": None}, _renumber(done), kind=KIND)
         barrier(process_group)
         return result if rank == 0 else mf.read_manifest(out_dir, KIND)
+
+
+def _add_data(settings: dict, data: Optional[str], out_dir: str) -> None:
+    """``data`` into the settings a capture is checked against, but for a capture recorded before its
+    rows had a fingerprint (session 58), which is kept, with a warning, rather than refused."""
+    if data is None:
+        return
+    recorded = mf.recorded_settings(out_dir, KIND)
+    if recorded is not None and "data" not in recorded:
+        warnings.warn(f"{out_dir} was captured before captures recorded a fingerprint of their rows: its rows "
+                      "are not checked against the data given now", UserWarning, stacklevel=3)
+        return
+    settings["data"] = data
 
 
 def _capture_batches(model, loader, out_dir, settings, run, checks, device, autocast, rank, world, progress) -> None:

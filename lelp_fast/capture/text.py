@@ -117,19 +117,19 @@ def capture_text(model_dir: str, data_path: str, out_dir: str, *, tokenizer_dir:
 
 
 def rows_fingerprint(texts: List[str], labels: torch.Tensor, tokenizer, **batching) -> str:
-    """What the captured rows are made from: the texts and labels, the tokenizer (its class, vocabulary
-    and settings) and the batching (``max_length``, ``batch_size``: shards are runs of batches)."""
+    """What the captured rows are made from: the texts and labels, the tokenizer (its vocabulary and plain
+    settings: what a library upgrade keeps, unlike its class name or serialised pipeline) and the batching
+    (``max_length``, ``batch_size``: shards are runs of batches)."""
     h = hashlib.sha256()
     for text in texts:
         h.update(text.encode("utf-8", "surrogatepass") + b"\0")
     h.update(labels.to(torch.int64).numpy().tobytes())
-    h.update(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer: its whole pipeline
-    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     # plain settings only (lower-casing, padding side, ...): an object's repr may hold its address
     settings = {k: v for k, v in tokenizer.init_kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))
                 and k not in ("name_or_path", "vocab_file", "tokenizer_file")}
-    settings.update(padding_side=tokenizer.padding_side, truncation_side=tokenizer.truncation_side)
+    settings.update(padding_side=getattr(tokenizer, "padding_side", None),
+                    truncation_side=getattr(tokenizer, "truncation_side", None))
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(json.dumps(batching, sort_keys=True).encode())
     return h.hexdigest()[:16]

@@ -165,6 +165,16 @@ def own_progress(directory: str, rank: int, kind: str = KIND) -> List[dict]:
     return _load(path, kind)["shards"] if os.path.exists(path) else []
 
 
+def recorded_settings(directory: str, kind: str = KIND) -> Optional[dict]:
+    """The settings a finished or partial run recorded in ``directory`` (its manifest's, else a progress
+    file's), or None where there is no run."""
+    paths = [os.path.join(directory, MANIFEST)] + sorted(glob.glob(os.path.join(directory, "progress-rank*.json")))
+    for path in paths:
+        if os.path.exists(path):
+            return _load(path, kind)["settings"]
+    return None
+
+
 def read_manifest(directory: str, kind: str = KIND) -> Optional[dict]:
     path = os.path.join(directory, MANIFEST)
     return _load(path, kind) if os.path.exists(path) else None
