@@ -53,6 +53,23 @@ def test_saved_program_takes_any_batch_and_equals_the_reference(tmp_path, fmt, s
     assert torch.equal(by_itself, got)
 
 
+def test_the_format_is_read_from_torch_exports_of_older_layouts(tmp_path):
+    """torch < 2.8 wrote .pt2 archives without ``archive_format``; they are torch.export files too (a first
+    form of session 58 took only the new layout for one)."""
+    import zipfile
+
+    from lelp_fast.export.module import exported_format
+
+    path = str(tmp_path / "student.pt2")
+    export_module(mlp(), path, torch.randn(2, 10), num_classes=C, n_subclasses=S, format="torch-export")
+    older = str(tmp_path / "older.pt2")
+    with zipfile.ZipFile(path) as new, zipfile.ZipFile(older, "w") as old:
+        for name in new.namelist():
+            if not name.endswith("/archive_format"):
+                old.writestr(name, new.read(name))
+    assert exported_format(path) == exported_format(older) == "torch-export"
+
+
 def test_onnx_export_is_one_file(tmp_path):
     """The weights go inside the .onnx file: until session 58 they went to a student.onnx.data beside it,
     which no message named, so a copied student.onnx could not be loaded elsewhere."""
@@ -60,7 +77,7 @@ def test_onnx_export_is_one_file(tmp_path):
     path = str(tmp_path / "student.onnx")
     export_module(mlp(), path, torch.randn(2, 10), num_classes=C, n_subclasses=S, tau=2.0, format="onnx")
     assert os.listdir(tmp_path) == ["student.onnx"]
-    with pytest.raises(ValueError, match="is an ONNX model: load it with onnxruntime"):
+    with pytest.raises(ValueError, match=r"is not a zip archive \(an ONNX model\?\): load ONNX with onnxruntime"):
         load_exported(path)
 
 
@@ -120,9 +137,16 @@ def test_export_command_writes_a_run_configs_student(tmp_path, capsys):
     # --set as the run was given it (until session 58 export and tune took none)
     (tmp_path / "elsewhere.yaml").write_text(f"work_dir: {tmp_path / 'none'}\ntask: {{factory: 'test_export:tiny_task'}}\n")
     assert main(["export", str(tmp_path / "elsewhere.yaml"), "--set", f"work_dir={work}", "--out", out]) == 0
-    from lelp_fast.cli import build_parser
 
-    assert build_parser().parse_args(["tune", "x.yaml", "--set", "train.epochs=2"]).set == ["train.epochs=2"]
+def test_tune_takes_set_as_run_does(tmp_path, monkeypatch):
+    """tune read the YAML alone until session 58, so it redid a capture that run had made with --set."""
+    import lelp_fast.tune
+
+    seen = []
+    monkeypatch.setattr(lelp_fast.tune, "tune", lambda cfg, grid, capture_dir=None: seen.append(cfg))
+    (tmp_path / "run.yaml").write_text(f"work_dir: {tmp_path}\ntask: {{factory: 'test_export:tiny_task'}}\n")
+    assert main(["tune", str(tmp_path / "run.yaml"), "--set", "train.epochs=2", "--set", "fit.beta=0.5"]) == 0
+    assert seen[0].train.epochs == 2 and seen[0].fit.beta == 0.5
 
 
 def test_export_command_needs_exactly_one_source(tmp_path, capsys):

@@ -111,5 +111,5 @@ def _saved_tokenizer(directory: str):
         except (OSError, ValueError):
             pass
     warnings.warn(f"{directory} holds no tokenizer: the classifier is saved without one; pass tokenizer= "
-                  "(lelp-fast export --tokenizer DIR) for pipeline() to read text", UserWarning, stacklevel=3)
+                  "(lelp-fast export --tokenizer DIR) for pipeline() to read text", UserWarning, stacklevel=4)
     return None

@@ -134,20 +134,17 @@ def load_exported(path: str, format: Optional[str] = None):
             warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
             return torch.jit.load(path)
     if format == "onnx":
-        raise ValueError(f"{path} is an ONNX model: load it with onnxruntime (pip install 'lelp_fast[export]')")
+        raise ValueError(f"{path} is not a zip archive (an ONNX model?): load ONNX with onnxruntime "
+                         "(pip install 'lelp_fast[export]')")
     raise ValueError(f"load_exported reads 'torch-export' or 'torchscript' files, got {format!r}")
 
 
 def exported_format(path: str) -> str:
-    """Which of :data:`FORMATS` wrote ``path``: a torch.export archive records its format
-    (``archive_format``), a TorchScript archive holds its code; ONNX is a protobuf, not a zip."""
+    """Which of :data:`FORMATS` wrote ``path``: a TorchScript archive holds its code (``code/``), a
+    torch.export one (of any torch version) does not; ONNX is a protobuf, not a zip archive."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"exported model {path} does not exist")
     if not zipfile.is_zipfile(path):
         return "onnx"
-    names = zipfile.ZipFile(path).namelist()
-    if any(name.endswith("/archive_format") for name in names):
-        return "torch-export"
-    if any("/code/" in name for name in names):
-        return "torchscript"
-    raise ValueError(f"{path} is neither a torch.export nor a TorchScript archive")
+    with zipfile.ZipFile(path) as archive:
+        return "torchscript" if any("/code/" in name for name in archive.namelist()) else "torch-export"
