@@ -182,6 +182,9 @@ def _fit_source(args: argparse.Namespace):
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
         return NpySource(path, args.labels, args.teacher_logits, bf16=args.bf16)
+    if ext in (".parquet", ".pq") and (args.labels or args.teacher_logits):
+        raise SystemExit(f"error: --embeddings {path}: a Parquet file's labels and logits are its columns "
+                         "(--labels-key, --logits-key), not --labels/--teacher-logits files")
     labels = None if args.labels is None else np.load(args.labels, mmap_mode="r")
     logits = None if args.teacher_logits is None else np.load(args.teacher_logits, mmap_mode="r")
     if ext == ".safetensors":
@@ -205,7 +208,10 @@ def _process_group(device: Optional[str]):
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if (device or "cpu").startswith("cuda") else "gloo")
+        on_gpu = (device or "cpu").startswith("cuda")
+        # NCCL's collectives (the closing barrier too) run on the rank's own GPU, not one they guess
+        bound = torch.device(device) if on_gpu and torch.device(device).index is not None else None
+        dist.init_process_group("nccl" if on_gpu else "gloo", **({"device_id": bound} if bound else {}))
         _STARTED_GROUP = True
     return dist.group.WORLD
 
@@ -394,11 +400,12 @@ def _cmd_teacher_outputs(args: argparse.Namespace) -> int:
 def _cmd_capture(args: argparse.Namespace) -> int:
     from .capture.text import capture_text
 
-    group = _process_group(args.device)
+    device = _rank_device(args.device)  # under torchrun each rank on its own GPU
+    group = _process_group(device)
     manifest = capture_text(
         args.model, args.data, args.out, tokenizer_dir=args.tokenizer, text_column=args.text_column,
         label_column=args.label_column, batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype,
-        batches_per_shard=args.batches_per_shard, device=args.device, autocast=args.autocast,
+        batches_per_shard=args.batches_per_shard, device=device or "cpu", autocast=args.autocast,
         process_group=group, progress=not args.quiet,
     )
     if group is None or torch.distributed.get_rank() == 0:  # once under torchrun
@@ -782,6 +789,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_gone() -> bool:
+    """Whether standard output's reader has gone; if so, it is pointed at /dev/null, where Python's
+    flush at exit cannot fail."""
+    try:
+        sys.stdout.flush()
+        return False
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return True
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """A warning as the command's user reads it: what happened, without the library's source line."""
     return f"warning: {message}\n"
@@ -801,9 +821,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         code = args.func(args)
         finished = True
         return code
-    except BrokenPipeError:  # the reader stopped (`| head`): nothing to say, and no one to say it to
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit fails else
-        return 1
+    except BrokenPipeError as exc:
+        if not _stdout_gone():
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 1  # the reader stopped (`| head`): nothing to say, and no one to say it to
     except (ValueError, RuntimeError, OSError) as exc:  # one line, never a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -212,4 +212,5 @@ def _problem(error: dict, set_keys: Sequence[str]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
-    return f"{key}{' (--set)' if key in set_keys else ''}: {message}"
+    from_set = any(key == k or key.startswith(k + ".") for k in set_keys)
+    return f"{key}{' (--set)' if from_set else ''}: {message}"

@@ -3,7 +3,7 @@
 The data come from the Debian package ``dataset-fashion-mnist`` (gzipped IDX files under
 ``/usr/share/datasets/fashion-mnist/``; nothing is downloaded). :func:`task` builds what
 ``lelp-fast run`` needs: a small CNN teacher trained on the coarse labels (trained once per
-n_train, teacher_epochs and seed, then loaded from ``<work_dir>/teacher.safetensors``), the
+n_train, teacher_epochs, seed and data_dir, then loaded from ``<work_dir>/teacher.safetensors``), the
 train / validation / test splits, and the
 student (linear on the pixels, or a small MLP).
 """
@@ -65,6 +65,9 @@ class CNN(nn.Module):
         return self.head(self.features(x))
 
 
+STUDENTS = ("linear", "mlp")
+
+
 def make_student(kind: str, n_outputs: int) -> nn.Module:
     """"linear" (the pixels straight to C*S logits) or "mlp" (one hidden layer of 32)."""
     torch.manual_seed(0)
@@ -109,7 +112,8 @@ def task(work_dir: str, n_train: int = 10000, n_val: int = 2000, n_test: Optiona
 
     from ..offline import shards
 
-    make_student(student, 2)  # a bad kind is named now, not after the capture, fit and targets have run
+    if student not in STUDENTS:  # named now, not after the capture, fit and targets have run
+        raise ValueError(f"task.kwargs.student must be 'linear' or 'mlp', got {student!r}")
     x, fine = load("train", data_dir)
     if n_train + n_val > x.shape[0]:
         raise ValueError(f"task.n_train + task.n_val must be <= {x.shape[0]}, got {n_train + n_val}")
@@ -120,7 +124,8 @@ def task(work_dir: str, n_train: int = 10000, n_val: int = 2000, n_test: Optiona
     n_test = xt.shape[0] if n_test is None else n_test
     test = TensorDataset(xt[:n_test], coarse(ft[:n_test]))
     path = os.path.join(work_dir, "teacher.safetensors")
-    # what the teacher is trained from: a cached one made from other settings is trained again
+    # what the teacher is trained from: a cached one made from other settings (or one written before
+    # session 58, which recorded none) is trained again
     made_from = {"n_train": str(n_train), "teacher_epochs": str(teacher_epochs), "seed": str(seed),
                  "data_dir": os.path.abspath(data_dir)}
     if _metadata(path) == made_from:
