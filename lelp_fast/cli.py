@@ -387,10 +387,13 @@ def _cmd_teacher_outputs(args: argparse.Namespace) -> int:
         raise SystemExit("error: --tau is the temperature of --top-k's log-probabilities; plain logits are stored "
                          "as they are (the loss applies its own tau)")
     source = _load_npy(args.logits, "logits") if args.logits else args.capture
+    group = _process_group(None)  # under torchrun the shards are shared, as the targets' are
     manifest = store_teacher_outputs(
         source, args.out, top_k=args.top_k, tau=args.tau or 1.0, format=args.format,
-        dtype=args.dtype, chunk_bytes=int(args.chunk_mb * (1 << 20)), progress=not args.quiet,
+        dtype=args.dtype, chunk_bytes=int(args.chunk_mb * (1 << 20)), process_group=group, progress=not args.quiet,
         verify=not args.no_verify)
+    if group is not None and torch.distributed.get_rank() != 0:
+        return 0
     what = f"top-{args.top_k} log-probabilities at tau={args.tau or 1.0} and indices" if args.top_k else "logits"
     print(f"wrote {args.out}: {manifest['n_rows']} rows of teacher {what} ({manifest['settings']['K']} classes), "
           f"{len(manifest['shards'])} {args.format} shards, manifest.json")

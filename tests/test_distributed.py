@@ -90,8 +90,10 @@ def test_ranks_resuming_in_different_passes_are_refused(tmp_path):
 
 
 def _cli_worker(rank, world, ports, out_dir):
-    """One torchrun rank of ``lelp-fast fit`` then ``lelp-fast targets``, as torchrun's environment
+    """One torchrun rank of ``lelp-fast fit``, ``targets`` and ``teacher-outputs``, as torchrun's environment
     starts them; records each command's exit code and whether it left the default group behind."""
+    import contextlib
+    import io
     import json
 
     from lelp_fast.cli import main
@@ -106,9 +108,13 @@ def _cli_worker(rank, world, ports, out_dir):
              "--out", os.path.join(out_dir, "ddp.safetensors")],
             ["targets", "--projector", os.path.join(out_dir, "ddp.safetensors"), "--embeddings",
              os.path.join(out_dir, "E.npy"), "--dtype", "float32", "--chunk-mb", str(CHUNK_BYTES / (1 << 20)),
-             "--quiet", "--out", os.path.join(out_dir, "targets")])):
+             "--quiet", "--out", os.path.join(out_dir, "targets")],
+            ["teacher-outputs", "--logits", os.path.join(out_dir, "Z.npy"), "--dtype", "float32", "--chunk-mb",
+             str(3 * 4 * 90 / (1 << 20)), "--quiet", "--out", os.path.join(out_dir, "kd")])):
         os.environ["MASTER_PORT"] = str(port)
-        ran.append([main(argv), dist.is_initialized()])
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            code = main(argv)
+        ran.append([code, dist.is_initialized(), printed.getvalue().startswith("wrote")])
     with open(os.path.join(out_dir, f"cli{rank}.json"), "w") as f:
         json.dump(ran, f)
     os._exit(0)  # what is checked is written; the interpreter's finalisation is not under test
@@ -127,8 +133,9 @@ def _free_ports(count):
 
 
 def test_cli_under_torchrun_shards_and_ends_its_process_group(tmp_path):
-    """``lelp-fast fit`` and ``targets`` with torchrun's environment (WORLD_SIZE = 2, gloo): the fit equals
-    the single-process fit, the targets cover every row once, and each command destroys the default
+    """``lelp-fast fit``, ``targets`` and ``teacher-outputs`` with torchrun's environment (WORLD_SIZE = 2,
+    gloo): the fit equals the single-process fit, the targets and the KD store cover every row once, and
+    each command destroys the default
     group it started before returning. Until session 58 the group was left to the interpreter's
     finalisation, where gloo's threads can abort the process after its work is written
     (pytorch/pytorch PR 179291)."""
@@ -141,14 +148,19 @@ def test_cli_under_torchrun_shards_and_ends_its_process_group(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     h, w, b, y = _data()
-    for name, arr in {"E": h.numpy(), "y": y.numpy(), "W": w.float().numpy(), "b": b.float().numpy()}.items():
+    z = (h.double() @ w.T + b).float()
+    for name, arr in {"E": h.numpy(), "y": y.numpy(), "W": w.float().numpy(), "b": b.float().numpy(),
+                      "Z": z.numpy()}.items():
         np.save(tmp_path / f"{name}.npy", arr)
-    mp.spawn(_cli_worker, args=(2, _free_ports(2), str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        assert json.loads((tmp_path / f"cli{rank}.json").read_text()) == [[0, False], [0, False]], rank
+    mp.spawn(_cli_worker, args=(2, _free_ports(3), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):  # each command: its exit code, the group left alive, and "wrote ..." (rank 0 only)
+        assert json.loads((tmp_path / f"cli{rank}.json").read_text()) == [[0, False, rank == 0]] * 3, rank
     single = LELPProjector(3, method="exact").fit(h, y, head_weight=w, head_bias=b, chunk_bytes=CHUNK_BYTES)
     got = LELPProjector.load(tmp_path / "ddp.safetensors")
     torch.testing.assert_close(got.A, single.A, atol=1e-6, rtol=0)
     targets = TargetsDataset(str(tmp_path / "targets"))
     assert len(targets) == len(h)
     torch.testing.assert_close(targets.targets(range(len(h))), got.targets(h, backend="torch"), atol=1e-5, rtol=1e-5)
+    # the KD store's shards shared by the ranks (until session 58 each rank wrote the whole store, and said so)
+    kd = json.loads((tmp_path / "kd" / "manifest.json").read_text())
+    assert kd["n_rows"] == len(h) and len(kd["shards"]) == 10
