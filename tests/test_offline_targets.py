@@ -286,6 +286,27 @@ def test_other_teacher_logits_or_labels_are_a_changed_source(problem, tmp_path):
     assert len(found) == 4
 
 
+def test_a_run_that_fails_before_writing_leaves_no_directory_it_made(problem, tmp_path):
+    """Until session 58 a run refused at its first chunk (a NaN row here; a backend not on this machine
+    in a user's report) left an empty output directory behind. One the user made is kept, as is
+    everything a partial run wrote."""
+    h, _, projector = problem
+    bad = h.clone()
+    bad[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="row 3"):
+        generate_targets(projector, bad, str(tmp_path / "new"), chunk_bytes=CHUNK)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ValueError, match="row 3"):
+        generate_targets(projector, bad, str(tmp_path / "mine"), chunk_bytes=CHUNK)
+    assert (tmp_path / "mine").is_dir()
+    late = h.clone()
+    late[-1, 0] = float("nan")  # the last chunk's: the shards before it are kept, to resume from
+    with pytest.raises(ValueError, match=f"row {len(h) - 1}"):
+        generate_targets(projector, late, str(tmp_path / "partial"), chunk_bytes=CHUNK)
+    assert any(name.startswith("shard-") for name in os.listdir(tmp_path / "partial"))
+
+
 def test_disk_full_leaves_nothing_half_written(problem, tmp_path, monkeypatch):
     h, _, projector = problem
     calls = {"n": 0}

@@ -81,13 +81,31 @@ def generate_targets(
         raise ValueError(f"the source has d={src.dim} but the projector was fitted with d={projector.dim}")
     rank, world = rank_world(process_group)
     settings = _settings(projector, src, format, dtype, compact, beta, tau, chunk_bytes)
-    out_dir = _prepare_directory(out_dir, rank)
-    with lock_rank_directory(out_dir, rank, world, f"output directory {out_dir}"):
-        def compute(chunk, h, z):
-            return _compute(projector, chunk, h, z, settings, backend)
 
-        return _generate(compute, src, out_dir, settings, chunk_bytes, device, process_group, rank, world, progress,
-                         verify)
+    def compute(chunk, h, z):
+        return _compute(projector, chunk, h, z, settings, backend)
+
+    return run_in_directory(out_dir, compute, src, settings, chunk_bytes, device, process_group, rank, world,
+                            progress, verify)
+
+
+def run_in_directory(out_dir, compute, src, settings, chunk_bytes, device, process_group, rank, world, progress,
+                     verify) -> dict:
+    """``_generate`` in ``out_dir``, locked; a directory this run made and left empty (it failed before
+    writing anything: a bad backend, say) is removed, where a partial run is kept to be resumed."""
+    made = not os.path.exists(out_dir)
+    out_dir = _prepare_directory(out_dir, rank)
+    try:
+        with lock_rank_directory(out_dir, rank, world, f"output directory {out_dir}"):
+            return _generate(compute, src, out_dir, settings, chunk_bytes, device, process_group, rank, world,
+                             progress, verify)
+    except BaseException:
+        if made:
+            try:
+                os.rmdir(out_dir)  # fails, as it should, on anything written (or another rank's lock)
+            except OSError:
+                pass
+        raise
 
 
 def _generate(compute, src, out_dir, settings, chunk_bytes, device, process_group, rank, world, progress,

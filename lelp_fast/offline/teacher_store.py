@@ -23,7 +23,6 @@ import torch
 
 from .._checks import check_finite, check_positive
 from .._dist import rank_world
-from ..io.locks import lock_rank_directory
 from ..io.sources import DEFAULT_CHUNK_BYTES, ArraySource, EmbeddingSource, as_source
 from . import pipeline, shards
 
@@ -47,14 +46,12 @@ def store_teacher_outputs(source, out_dir: str, *, top_k: Optional[int] = None, 
         raise ValueError(f"top_k={top_k} is more than the teacher's {num_classes} classes")
     rank, world = rank_world(process_group)
     settings = _settings(src, num_classes, top_k, tau, format, dtype, chunk_bytes)
-    out_dir = pipeline._prepare_directory(out_dir, rank)
 
     def compute(chunk, h, z):
         return _outputs(chunk, z, settings)
 
-    with lock_rank_directory(out_dir, rank, world, f"output directory {out_dir}"):
-        return pipeline._generate(compute, src, out_dir, settings, chunk_bytes, None, process_group, rank, world,
-                                  progress, verify)
+    return pipeline.run_in_directory(out_dir, compute, src, settings, chunk_bytes, None, process_group, rank, world,
+                                     progress, verify)
 
 
 def _check_arguments(format, dtype, top_k, tau) -> None:
