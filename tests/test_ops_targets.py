@@ -441,3 +441,62 @@ def test_vanilla_kd_targets_differentiate_on_the_torch_backend_only(backend):
     want = torch.log_softmax(z / 1.5, dim=1)
     (want_grad,) = torch.autograd.grad((want * torch.arange(4.0)).sum(), z)
     torch.testing.assert_close(grad, want_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_head", [True, False])
+@pytest.mark.parametrize("z_row, tau", [([5e2, 5e2, 5e2 - 7e-3], 0.01), ([1.0, 1.0, 0.3], 1e-6),
+                                        ([1e5, 1e5, 1e5 - 0.7], 1.0)])
+def test_class_log_softmax_of_huge_scaled_logits_stays_normalised(backend, with_head, z_row, tau):
+    """The compiled kernels took log p_c = z_c/τ − (max + log Σ): at z/τ of 5e4–1e6 the log-sum was
+    rounded away (at z = [1, 1, 0.3], τ = 1e-6: log p = −0.6875 for −0.6931), so the class
+    probabilities summed to 1 ± 2e-3 and a log-target passed 0. Now the logits are shifted by their
+    max before scaling and the log-sum subtracted from the shifted value."""
+    h, weight, bias, _ = random_map(4, 6, 3, 2, with_head, seed=31)
+    z = torch.tensor([z_row] * 4, dtype=torch.float64)
+    if with_head:  # the head's logits are its bias: the embeddings' columns of the head are zero
+        weight[:, 6:], bias[6:] = 0.0, z[0]
+    logits = None if with_head else z.float()
+    got = lelp_targets(h.float(), weight.float(), bias.float(), 3, 2, teacher_logits=logits, beta=0.7, tau=tau,
+                       backend=backend).double()
+    want = fp64_reference(h.float(), weight, bias, logits, 3, 2, beta=0.7, tau=tau)
+    assert got.max() <= 0.0
+    torch.testing.assert_close(got.exp().sum(dim=1), torch.ones(4, dtype=torch.float64), atol=1e-5, rtol=0)
+    # the fp32 logits hold z / τ to an ulp (5e4: 4e-3): only the shift that reaches log p is compared
+    class_got = torch.logsumexp(got.reshape(4, 3, 2), dim=2)
+    class_want = torch.logsumexp(want.reshape(4, 3, 2), dim=2)
+    ulp = (z.float()[0].abs().max() / tau) * 2.0**-23
+    torch.testing.assert_close(class_got, class_want, atol=float(ulp) * 4 + 1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_logits_whose_scaled_value_overflows_give_targets(backend):
+    """z = [3e38, 1, 0] at τ = 0.5: z / τ overflows float32, but the class log-softmax does not (it is
+    [0, −inf, −inf] in fp32). The CPU kernel gave NaN targets with no error, the torch backend an
+    error; the online CPU loss on them was NaN."""
+    h, weight, bias, _ = random_map(3, 5, 3, 2, False, seed=32)
+    z = torch.randn(3, 3)
+    z[1] = torch.tensor([3e38, 1.0, 0.0])
+    got = lelp_targets(h.float(), weight.float(), bias.float(), 3, 2, teacher_logits=z, beta=0.9, tau=0.5,
+                       backend=backend).double()
+    want = fp64_reference(h.float(), weight, bias, z, 3, 2, beta=0.9, tau=0.5)  # finite in fp64
+    assert not torch.isnan(got).any()
+    assert torch.isneginf(got[1, 2:]).all() and torch.isfinite(got[1, :2]).all()
+    torch.testing.assert_close(got[1, :2], want[1, :2], atol=ATOL[torch.float32], rtol=0)
+    torch.testing.assert_close(got[[0, 2]], want[[0, 2]], atol=ATOL[torch.float32], rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_names_the_overflowing_row_not_a_row_whose_sum_overflows(backend):
+    """The CPU kernel flags a row by the sum of its projections and logits, which finite values can
+    overflow (z = [2e38] * 3): that row was refused as an overflow ("embeddings row 1"), although
+    its targets are finite, and with a real overflow below it the error named row 1, not it."""
+    h, weight, bias, _ = random_map(5, 6, 3, 2, False, seed=33)
+    h, weight, bias = h.float(), weight.float(), bias.float()
+    z = torch.randn(5, 3)
+    z[1] = 2e38
+    got = lelp_targets(h, weight, bias, 3, 2, teacher_logits=z, backend=backend)
+    torch.testing.assert_close(got[1].double().exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+    h[3] = 3e38
+    with pytest.raises(ValueError, match="embeddings row 3 is finite but its projection"):
+        lelp_targets(h, weight * 100, bias, 3, 2, teacher_logits=z, backend=backend)

@@ -229,8 +229,8 @@ __attribute__((always_inline)) inline void targets_tile_impl(const TargetsArgs& 
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = r0 + r;
-    const float* u = &ws.acc[r * ws.jp];
-    const float* zr = u + K;  // class logits from the head follow the K projections
+    float* u = &ws.acc[r * ws.jp];
+    float* zr = u + K;  // class logits from the head follow the K projections (the row math shifts them)
     if (a.logits != nullptr) {
       const char* lp =
           static_cast<const char*>(a.logits) + row * a.logits_stride * cpu::dtype_size(a.logits_dtype);

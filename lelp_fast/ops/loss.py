@@ -23,6 +23,7 @@ from .._checks import (check_finite, check_integer_labels, check_log_probabiliti
                        check_row_weights)
 from ..kernels.triton import limits as triton_limits
 from . import _dispatch, _reused_buffers
+from .targets import projected_log_targets
 
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "js": 2, "tvd": 3, "mse": 4}
 _DTYPE_CODES = _dispatch.DTYPE_CODES
@@ -588,9 +589,7 @@ def _online_log_targets(embeddings, fused_weight, fused_bias, teacher_logits, be
     logits when none are given), mixed by ``weights`` when there are several, in ``compute``."""
     per_teacher = []
     for emb, w, b, z, teacher_beta in zip(embeddings, fused_weight, fused_bias, teacher_logits, beta):
-        proj = emb.to(compute) @ w.to(compute) + b.to(compute)
-        z = proj[:, k:] if z is None else z.to(compute)
-        per_teacher.append(reference.log_targets(proj[:, :k], z, n_subclasses, teacher_beta, tau))
+        per_teacher.append(projected_log_targets(emb, w, b, k, z, n_subclasses, teacher_beta, tau, compute))
     if len(per_teacher) == 1:
         return per_teacher[0]
     return reference.mix_log_targets(torch.stack(per_teacher, 1), weights.to(compute))

@@ -27,10 +27,19 @@ def _targets_torch(emb, weight, bias, num_classes, n_subclasses, logits, beta, t
             out = torch.empty(logits.shape, dtype=out_dtype, device=logits.device)
         return _kd_targets_torch(logits, tau, torch.float64 if logits.dtype == torch.float64 else compute, out)
     k = num_classes * n_subclasses
+    result = projected_log_targets(emb, weight, bias, k, logits, n_subclasses, beta, tau, compute).to(out_dtype)
+    return result if out is None else out.copy_(result)
+
+
+def projected_log_targets(emb, weight, bias, k, logits, n_subclasses, beta, tau, compute):
+    """The (N, k) log-targets of ``h @ W + b`` (k subclass logits, then the class logits when
+    ``logits`` is None) by torch ops in ``compute``: the torch backend's, offline and online."""
     proj = emb.to(compute) @ weight.to(compute) + bias.to(compute)
     z = proj[:, k:] if logits is None else logits.to(compute)
-    result = reference.log_targets(proj[:, :k], z, n_subclasses, beta, tau).to(out_dtype)
-    return result if out is None else out.copy_(result)
+    # shifted by the row's max (detached: log_softmax does not depend on it), as the compiled kernels
+    # do, so that a finite z whose z / tau overflows gives its targets, not NaN
+    z = z - z.amax(dim=1, keepdim=True).detach()
+    return reference.log_targets(proj[:, :k], z, n_subclasses, beta, tau)
 
 
 def _kd_targets_torch(logits, tau, compute, out):
@@ -116,12 +125,20 @@ def _targets_compiled(emb, weight, bias, num_classes, n_subclasses, logits, beta
     flags = torch.zeros(emb.shape[0], dtype=torch.uint8) if check_inputs else None
     ext.targets_cpu(*args, 0 if flags is None else flags.data_ptr())
     if flags is not None and bool(flags.any()):
-        suspects = torch.nonzero(flags).flatten()
-        check_finite("embeddings", emb, suspects)
-        if logits is not None:
-            check_finite("teacher_logits", logits, suspects)
-        raise overflow_error(int(suspects[0]))
+        _check_flagged_rows(torch.nonzero(flags).flatten(), emb, logits, out)
     return out
+
+
+def _check_flagged_rows(suspects, emb, logits, out) -> None:
+    """The flag is a row sum of the projections and logits, which finite values can overflow too:
+    with finite inputs, a flagged row is an error only where its targets hold NaN (an infinite
+    projection), as ``_check_projection`` decides on the other backends."""
+    check_finite("embeddings", emb, suspects)
+    if logits is not None:
+        check_finite("teacher_logits", logits, suspects)
+    bad = suspects[torch.isnan(_row_sums(out[suspects]))]
+    if bad.numel():
+        raise overflow_error(int(bad[0]))
 
 
 def overflow_error(row: int, vanilla_kd: bool = False) -> ValueError:

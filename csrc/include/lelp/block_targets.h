@@ -473,12 +473,12 @@ LELP_DEV void tile_epilogue(const Block& b, const TargetsArgs& a, int64_t row0, 
       uw[p.r * ldu + K + p.c] = row < a.n ? Warp::load(a.logits, a.logits_dtype, row * a.logits_stride + p.c) : 0.f;
     }
   w.sync();
-  if (lane < R) lse[r0 + lane] = scaled_logsumexp(uw + lane * ldu + K, C, 1, a.inv_tau);
+  if (lane < R) lse[r0 + lane] = shift_class_logits(uw + lane * ldu + K, C, 1, a.inv_tau);  // the logits shifted
   w.sync();
 #pragma unroll 1
   for (LanePairs p(lane, C); p.r < R; p.next()) {  // lelp::row_log_targets' order of operations
     float* uc = uw + p.r * ldu + p.c * S;
-    subclass_log_softmax(uc, S, a.inv_beta, uw[p.r * ldu + K + p.c] * a.inv_tau - lse[r0 + p.r], uc);
+    subclass_log_softmax(uc, S, a.inv_beta, uw[p.r * ldu + K + p.c] - lse[r0 + p.r], uc);
   }
   w.sync();
   // (row, element) pairs, a row of K < 32 leaving no lane idle; row-major, so the rows past n end the walk

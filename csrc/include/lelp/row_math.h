@@ -101,16 +101,20 @@ LELP_HD float fast_exp(float x) {
 #endif
 }
 
-// log(sum(exp(x[i * stride] * scale))) over n entries, max-shifted so huge
-// logits (±1e4 / 0.01) neither overflow nor lose the largest term.
-LELP_HD float scaled_logsumexp(const float* x, int n, int stride, float scale) {
+// The class log-softmax's first half, in place: x[i * stride] (n class logits) becomes
+// (x - max x) * scale, and the return is log(sum(exp(that))), so log p_c = x'[c] - return. The
+// logits are shifted by their unscaled max before scaling (as subclass_log_softmax does), and the
+// log-sum subtracted from the shifted value, not added to the max first: with m + log(sum) taken
+// first a huge z / tau (1e4, or 1 / 1e-6) rounded the log-sum away (class probabilities summing to
+// 1 +- 2e-3, log t > 0), and a finite z whose z / tau overflows float32 gave NaN.
+LELP_HD float shift_class_logits(float* x, int n, int stride, float scale) {
   float m = -INFINITY;
   LELP_DEVICE_UNROLL_1
-  for (int i = 0; i < n; ++i) m = fmax_(m, x[i * stride] * scale);
+  for (int i = 0; i < n; ++i) m = fmax_(m, x[i * stride]);
   float acc = 0.f;
   LELP_DEVICE_UNROLL_1
-  for (int i = 0; i < n; ++i) acc += fast_exp(x[i * stride] * scale - m);
-  return m + logf(acc);
+  for (int i = 0; i < n; ++i) acc += fast_exp(x[i * stride] = (x[i * stride] - m) * scale);  // stored, then summed
+  return logf(acc);
 }
 
 // out[s] = log_softmax(x * scale)[s] + offset over n values (x and out may alias). The values are
@@ -130,16 +134,12 @@ LELP_HD void subclass_log_softmax(const float* x, int n, float scale, float offs
   for (int i = 0; i < n; ++i) out[i] = ((x[i] - m) * scale - lse) + offset;
 }
 
-// u: K = C*S subclass projections (class-major), z: C teacher class logits.
-// Writes K log-targets (fp32) into out.
-LELP_HD void row_log_targets(const float* u, const float* z, int C, int S,
+// u: K = C*S subclass projections (class-major), z: C teacher class logits (overwritten: see
+// shift_class_logits). Writes K log-targets (fp32) into out.
+LELP_HD void row_log_targets(const float* u, float* z, int C, int S,
                              float inv_beta, float inv_tau, float* out) {
-  const float lse_z = scaled_logsumexp(z, C, 1, inv_tau);
-  for (int c = 0; c < C; ++c) {
-    const float* uc = u + c * S;
-    const float log_pc = z[c] * inv_tau - lse_z;
-    subclass_log_softmax(uc, S, inv_beta, log_pc, out + c * S);
-  }
+  const float log_sum = shift_class_logits(z, C, 1, inv_tau);
+  for (int c = 0; c < C; ++c) subclass_log_softmax(u + c * S, S, inv_beta, z[c] - log_sum, out + c * S);
 }
 
 // bf16 <-> fp32 by bit manipulation (round to nearest even; NaN kept quiet).

@@ -87,18 +87,17 @@ template <class Warp>
 LELP_DEV void group_log_targets(const Warp& w, float* u, int C, int S, float inv_beta, float inv_tau) {
   constexpr int W = Warp::kWidth;
   const int g = w.lane() % W, K = C * S;
-  const float* z = u + K;
+  float* z = u + K;  // shifted in place, each lane its own classes (lelp::shift_class_logits)
   float m = -INFINITY;
-  for (int c = g; c < C; c += W) m = fmax_(m, z[c] * inv_tau);
+  for (int c = g; c < C; c += W) m = fmax_(m, z[c]);
   m = w.max(m);
   float sum = 0.f;
-  for (int c = g; c < C; c += W) sum += expf(z[c] * inv_tau - m);
-  const float lse_z = m + logf(w.sum(sum));
   for (int c = g; c < C; c += W) {
-    float* uc = u + c * S;
-    const float log_pc = z[c] * inv_tau - lse_z;
-    subclass_log_softmax(uc, S, inv_beta, log_pc, uc);
+    z[c] = (z[c] - m) * inv_tau;
+    sum += expf(z[c]);
   }
+  const float log_sum = logf(w.sum(sum));
+  for (int c = g; c < C; c += W) subclass_log_softmax(u + c * S, S, inv_beta, z[c] - log_sum, u + c * S);
   w.sync();
 }
 
