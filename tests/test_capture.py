@@ -281,6 +281,35 @@ def test_a_flipped_byte_in_a_capture_shard_is_refused_where_it_is_read(tmp_path)
     assert main(["fit", "--embeddings", cap, "--out", str(tmp_path / "p.safetensors"), "--quiet", "--no-verify"]) == 0
 
 
+def test_a_flipped_bit_in_the_stored_head_is_refused_where_it_is_read_and_a_rerun_repairs_it(tmp_path):
+    """The head file had no checksum: a flipped bit of W was fitted into the projector (its null space)
+    and the targets, silently. Now the manifest records it, every read checks it, and rerunning the
+    capture rewrites it."""
+    model = tiny_teacher()
+    dl, _, _ = loader()
+    cap = str(tmp_path / "cap")
+    capture(model, dl, cap, dtype="float32")
+    head = tmp_path / "cap" / "head.safetensors"
+    intact = head.read_bytes()
+    raw = bytearray(intact)
+    raw[-3] ^= 0x40  # a byte of b's last value: the file still parses
+    head.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="head.safetensors is corrupt.*rerun the capture"):
+        CaptureSource(cap).head()
+    with pytest.raises(ValueError, match="head.safetensors is corrupt"):
+        LELPProjector(2).fit(cap)
+    assert CaptureSource(cap, verify=False).head() is not None  # the explicit opt-out
+    with pytest.warns(RuntimeWarning, match="head.safetensors is corrupt.*rewriting it"):
+        capture(model, dl, cap, dtype="float32")
+    assert head.read_bytes() == intact
+    head.unlink()
+    with pytest.raises(FileNotFoundError, match="head.safetensors is recorded as written but is missing"):
+        CaptureSource(cap)
+    with pytest.warns(RuntimeWarning, match="missing; rewriting it"):
+        capture(model, dl, cap, dtype="float32")
+    assert torch.equal(CaptureSource(cap).head()[0], model[2].weight.detach())
+
+
 def test_fit_of_a_capture_uses_its_stored_head(tmp_path):
     model = tiny_teacher()
     dl, _, _ = loader()

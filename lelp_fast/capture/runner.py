@@ -154,6 +154,8 @@ def capture(
         _add_data(settings, data, out_dir)
         existing = mf.finished_run(out_dir, settings, True, rank, process_group, KIND)
         if existing is not None:
+            if rank == 0 and isinstance(head_module, nn.Linear):
+                _repair_head(out_dir, existing, head_module)
             return existing
         shards.remove_stale_temp_files(out_dir, rank)
         run = forward or _HookedForward(model, layer, head_module)
@@ -166,10 +168,11 @@ def capture(
         barrier(process_group)
         result = None
         if rank == 0:
-            if isinstance(head_module, nn.Linear):  # after the batches, which check it is the head
-                _write_head(out_dir, head_module)
+            # after the batches, which check it is the head; its checksum goes into the manifest
+            head = _write_head(out_dir, head_module) if isinstance(head_module, nn.Linear) else None
             done = mf.finished_shards(out_dir, settings, checksums=False, kind=KIND)
-            result = mf.write_manifest(out_dir, {**settings, "n_rows": None}, _renumber(done), kind=KIND)
+            result = mf.write_manifest(out_dir, {**settings, "n_rows": None}, _renumber(done), kind=KIND,
+                                       extra=None if head is None else {"head": head})
         barrier(process_group)
         return result if rank == 0 else mf.read_manifest(out_dir, KIND)
 
@@ -322,12 +325,36 @@ def _renumber(done: dict) -> dict:
     return out
 
 
-def _write_head(out_dir: str, head: nn.Linear) -> None:
+def _write_head(out_dir: str, head: nn.Linear) -> dict:
+    """Writes the head's ``W, b``; returns the record of the file (size and checksums) for the manifest."""
     from safetensors.torch import save
 
     w = head.weight.detach().float().cpu().contiguous()
     b = (head.bias.detach().float().cpu() if head.bias is not None else torch.zeros(w.shape[0])).contiguous()
-    shards.write_atomically(os.path.join(out_dir, HEAD_FILE), save({"weight": w, "bias": b}))
+    blob = save({"weight": w, "bias": b})
+    shards.write_atomically(os.path.join(out_dir, HEAD_FILE), blob)
+    return {"file": HEAD_FILE, "bytes": len(blob), **checksum.record(blob)}
+
+
+def head_problem(out_dir: str, record: dict) -> Optional[str]:
+    """Why the head file a finished capture recorded is not intact (missing, resized, altered), or None."""
+    path = os.path.join(out_dir, record["file"])
+    if not os.path.exists(path):
+        return f"{path} is recorded as written but is missing"
+    if os.path.getsize(path) != record["bytes"]:
+        return f"{path} is truncated or corrupt: {os.path.getsize(path)} bytes, expected {record['bytes']}"
+    failed = checksum.file_mismatch(path, record)
+    return f"{path} is corrupt: its {failed} checksum does not match the manifest" if failed else None
+
+
+def _repair_head(out_dir: str, manifest: dict, head: nn.Linear) -> None:
+    """A finished capture's damaged head file rewritten from the teacher (the settings matched, so the
+    same teacher: the same bytes); captures recorded before the head had a checksum are left as they are."""
+    problem = head_problem(out_dir, manifest["head"]) if "head" in manifest else None
+    if problem:
+        warnings.warn(f"{problem}; rewriting it from the teacher", RuntimeWarning, stacklevel=3)
+        if _write_head(out_dir, head) != manifest["head"]:
+            raise RuntimeError(f"the head rewritten in {out_dir} differs from the one the manifest records")
 
 
 def _module_name(model: nn.Module, module: Optional[nn.Module]) -> str:

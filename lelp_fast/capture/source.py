@@ -11,10 +11,12 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ..io import mapped
+from ..io import checksum, mapped
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource, register_directory_source, wanted
 from ..offline import manifest as mf
-from .runner import HEAD_FILE, KIND
+from .runner import HEAD_FILE, KIND, head_problem
+
+REPAIR_HINT = "; rerun the capture (it rewrites damaged files) or remove the directory"
 
 
 class CaptureSource(EmbeddingSource):
@@ -34,6 +36,9 @@ class CaptureSource(EmbeddingSource):
             raise ValueError(f"{self.directory} has no {mf.MANIFEST}: the capture did not finish; rerun it")
         for entry in manifest["shards"]:
             mf.verify_shard(self.directory, entry, checksums=False)  # sizes now, checksums when read
+        self._head = manifest.get("head")  # the head file's record (captures before session 59: none)
+        if self._head is not None and not os.path.exists(os.path.join(self.directory, self._head["file"])):
+            raise FileNotFoundError(head_problem(self.directory, self._head) + REPAIR_HINT)
         self.verify, self._verified = verify, set()
         self.shards = manifest["shards"]
         self.n_rows = manifest["n_rows"]
@@ -54,8 +59,7 @@ class CaptureSource(EmbeddingSource):
         """Shard ``s``'s tensors as views of its mapping; the first read with ``verify`` hashes that
         mapping (no second pass, no copy)."""
         info = self.shards[s]["files"]["capture"] if self.verify and s not in self._verified else None
-        arrays = mapped.safetensors_arrays(self._path(s), info, "; rerun the capture (it rewrites damaged shards) "
-                                                                "or remove the directory")
+        arrays = mapped.safetensors_arrays(self._path(s), info, REPAIR_HINT)
         self._verified.add(s)
         with warnings.catch_warnings():  # a read-only map: the tensors are only ever read
             warnings.simplefilter("ignore", UserWarning)
@@ -90,9 +94,13 @@ class CaptureSource(EmbeddingSource):
         path = os.path.join(self.directory, HEAD_FILE)
         if not os.path.exists(path):
             return None
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        t = load_file(path)
+        with open(path, "rb") as f:
+            blob = f.read()
+        if self.verify:  # the bytes read are the bytes used: one read, hashed (a few KB)
+            checksum.check(blob, self._head, path, REPAIR_HINT)
+        t = load(blob)
         return t["weight"], t["bias"]
 
     def rows(self, indices) -> dict:

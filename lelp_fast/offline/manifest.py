@@ -180,8 +180,10 @@ def read_manifest(directory: str, kind: str = KIND) -> Optional[dict]:
     return _load(path, kind) if os.path.exists(path) else None
 
 
-def write_manifest(directory: str, settings: dict, entries: Dict[int, dict], kind: str = KIND) -> dict:
-    """The final manifest; every chunk 0..n-1 must be present, rows contiguous."""
+def write_manifest(directory: str, settings: dict, entries: Dict[int, dict], kind: str = KIND,
+                   extra: Optional[dict] = None) -> dict:
+    """The final manifest; every chunk 0..n-1 must be present, rows contiguous. ``extra``: more
+    top-level records (a capture's head file)."""
     ordered = [entries[i] for i in sorted(entries)]
     row = 0
     for i, entry in enumerate(ordered):
@@ -191,7 +193,7 @@ def write_manifest(directory: str, settings: dict, entries: Dict[int, dict], kin
     if settings.get("n_rows") is not None and row != settings["n_rows"]:
         raise RuntimeError(f"the shards cover {row} rows, the source has {settings['n_rows']}")
     manifest = {"kind": kind, "version": VERSION, "status": "complete", "settings": settings, "n_rows": row,
-                "shards": ordered}
+                "shards": ordered, **(extra or {})}
     shards.write_atomically(os.path.join(directory, MANIFEST), _dumps(manifest))
     for path in glob.glob(os.path.join(directory, "progress-rank*.json")):
         os.unlink(path)
