@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Dict, Literal, Optional, Sequence
 
+import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ._checks import check_count, check_nonnegative, check_positive
@@ -29,6 +30,17 @@ def _shared(check):
     return BeforeValidator(validate)
 
 
+def _check_device(name, value):
+    """A device string torch reads ("cpu", "cuda", "cuda:1"): refused when the config is read, not after
+    the stages before the one that uses it have run."""
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {value!r}") from None
+
+
+Device = Annotated[str, _shared(_check_device)]
+AutoDevice = Annotated[str, _shared(lambda name, value: value == "auto" or _check_device(name, value))]
 Count = Annotated[int, _shared(check_count)]
 NonNegativeCount = Annotated[int, _shared(lambda name, v: check_count(name, v, minimum=0))]
 Positive = Annotated[float, _shared(check_positive)]
@@ -54,7 +66,7 @@ class CaptureConfig(_Section):
     batches_per_shard: Count = 16
     layer: Optional[str] = None
     head: Optional[str] = "auto"
-    device: str = "cpu"
+    device: Device = "cpu"
     autocast: Optional[Literal["float16", "bfloat16"]] = None
 
 
@@ -74,7 +86,7 @@ class FitConfig(_Section):
     nan_policy: Literal["raise", "skip"] = "raise"
     chunk_mb: float = Field(64.0, ge=1 / 1024)
     checkpoint_every: Count = 16
-    device: str = "cpu"
+    device: Device = "cpu"
 
 
 class TargetsConfig(_Section):
@@ -85,7 +97,7 @@ class TargetsConfig(_Section):
     tau: Optional[Positive] = None
     compact: bool = False  # store u and the teacher logits; beta/tau applied when training
     chunk_mb: float = Field(64.0, ge=1 / 1024)
-    device: Optional[str] = None
+    device: Optional[Device] = None
 
 
 class TrainConfig(_Section):
@@ -99,7 +111,7 @@ class TrainConfig(_Section):
     alpha: NonNegative = 0.0
     patience: Optional[Count] = None
     seed: int = 0
-    device: str = "auto"  # this rank's GPU when there is one, else the CPU
+    device: AutoDevice = "auto"  # this rank's GPU when there is one, else the CPU
     tensorboard: bool = True
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     grad_accumulation: Count = 1

@@ -8,7 +8,9 @@ capture (``capture/train``, ``capture/val``) -> fit (``projector.safetensors``) 
 Each stage records in ``work_dir/.stages/<stage>.json`` the settings its output was made from and
 the digests of its inputs (the previous stages' outputs). A rerun skips a stage whose record
 matches, and redoes one whose settings or inputs changed, printing what changed; a redone stage's
-new output changes the input of the stages after it, so they are redone too.
+new output changes the input of the stages after it, so they are redone too. A finished output
+whose files were removed or cut, or that a later stage found corrupt where it read it, is repaired
+(capture, targets: the damaged shards rewritten) or made again by the next run.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ from .io.locks import ExclusiveLock
 from .offline import generate_targets, provenance, shards
 from .offline.manifest import MANIFEST, projector_digest
 from .projector import LELPProjector
-from .reference import resolve_subclass_weight
 from .train import TrainSettings, distill, evaluate, load_student
-from .train.loop import EXECUTION_ONLY as TRAIN_EXECUTION_ONLY
+from .train.loop import EXECUTION_ONLY as TRAIN_EXECUTION_ONLY, trained_subclass_weight
 
 
 def load_task(cfg: RunConfig):
@@ -57,13 +58,20 @@ EXECUTION_ONLY = {"capture": ("device",), "fit": ("chunk_mb", "checkpoint_every"
                   "train": TRAIN_EXECUTION_ONLY}
 
 
+# Stages whose function, run over its finished output, verifies every file and rewrites the damaged
+# ones (capture, generate_targets); the other stages' damaged outputs are made again.
+REPAIRS_IN_PLACE = ("capture", "targets")
+
+
 class StageLog:
     """Per stage: skip it when its settings and inputs are those its output was made from, else
-    (re)do it, saying why ("redone: fit.beta 0.25 -> 0.05"); records each finished output's digest."""
+    (re)do it, saying why ("redone: fit.beta 0.25 -> 0.05"); records each finished output's digest
+    and its files' sizes, so that a skipped stage whose files were removed or cut is made again."""
 
     def __init__(self, work_dir: str, log: Callable[[str], None], redo_from: Optional[str] = None):
-        self.directory, self.log = os.path.join(work_dir, RECORDS), log
+        self.work_dir, self.directory, self.log = work_dir, os.path.join(work_dir, RECORDS), log
         self.forced = set(STAGES[STAGES.index(redo_from):]) if redo_from else set()
+        self.outputs: dict = {}
 
     def _path(self, stage: str) -> str:
         return os.path.join(self.directory, stage + ".json")
@@ -85,21 +93,81 @@ class StageLog:
             why = "resumed"  # a killed run: the stage continues its own partial output
         elif not all(os.path.exists(p) for p in outputs):
             why = "redone: its output is missing"
+        elif stored.get("damaged") or self._damage(stored):
+            problem = stored.get("damaged") or self._damage(stored)
+            why = f"{'repaired' if stage in REPAIRS_IN_PLACE else 'redone'}: {problem}"
         else:
             self.log(f"[{stage}] skipped (unchanged)")
             return False
         if why.startswith("redone"):
             _remove([*outputs, *scratch])
+        self.outputs[stage] = outputs
         provenance.write(self._path(stage), {"made_from": wanted, "done": False})
         self.log(f"[{stage}] {why}")
         return True
 
+    def _damage(self, stored: dict) -> Optional[str]:
+        """Why a finished output's files are not those its stage wrote (one removed, or of another
+        size), or None; a cheap look (no file is read: checksums are checked where files are read)."""
+        for name, size in stored.get("files", {}).items():  # records before session 59 have none
+            path = os.path.join(self.work_dir, name)
+            if not os.path.isfile(path):
+                return f"{path} is missing"
+            if os.path.getsize(path) != size:
+                return f"{path} has {os.path.getsize(path)} bytes, {size} when it was written"
+        return None
+
     def finish(self, stage: str, output_digest) -> None:
         stored = provenance.read(self._path(stage))
-        provenance.write(self._path(stage), {**stored, "done": True, "output": output_digest})
+        provenance.write(self._path(stage), {**stored, "done": True, "output": output_digest,
+                                             "files": self._listing(self.outputs.get(stage, ()))})
+
+    def _listing(self, outputs: Sequence[str]) -> dict:
+        """Sizes of the files of ``outputs`` (files, or directories walked), by path under work_dir;
+        hidden files (locks) left out."""
+        paths = []
+        for output in outputs:
+            if os.path.isfile(output):
+                paths.append(output)
+            for root, dirs, files in os.walk(output):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                paths += [os.path.join(root, f) for f in files if not f.startswith(".")]
+        return {os.path.relpath(p, self.work_dir): os.path.getsize(p) for p in sorted(paths)}
+
+    def mark_damaged(self, error: str) -> Optional[str]:
+        """Where ``error`` (a reader's message) names a file of a finished stage's output, records that
+        output as damaged, so that the next run repairs or redoes its stage; returns that stage."""
+        for stage in STAGES:
+            stored = provenance.read(self._path(stage))
+            for name in (stored or {}).get("files", {}) if (stored or {}).get("done") else ():
+                path = os.path.join(self.work_dir, name)
+                if path in error or os.path.abspath(path) in error:
+                    provenance.write(self._path(stage), {**stored, "damaged": f"{path} was found damaged"})
+                    return stage
+        return None
 
     def output(self, stage: str):
         return provenance.read(self._path(stage))["output"]
+
+
+class DamagedOutputError(ValueError):
+    """A stage read a damaged file of an earlier stage's output; the next run repairs or redoes that stage."""
+
+
+def _run_stage(step, cfg, task, stages: StageLog, paths, state, progress) -> None:
+    """Runs one stage; a damaged file of an earlier stage's output that it reads (a checksum that
+    fails, a shard removed) is recorded against that stage, and the error says the next run mends it
+    (a reader's own advice, to rerun the command that wrote the file, is for outside a run)."""
+    try:
+        step(cfg, task, stages, paths, state, progress)
+    except (ValueError, OSError) as exc:
+        damaged = isinstance(exc, FileNotFoundError) or any(w in str(exc) for w in ("corrupt", "missing", "truncated"))
+        stage = stages.mark_damaged(str(exc)) if damaged else None
+        if stage is None:
+            raise
+        problem = str(exc).split("; rerun")[0].split("; remove")[0]
+        fix = "repairs" if stage in REPAIRS_IN_PLACE else "redoes"
+        raise DamagedOutputError(f"{problem}; run `lelp-fast run` again: it {fix} the {stage} stage") from exc
 
 
 def _remove(paths: Sequence[str]) -> None:
@@ -125,6 +193,8 @@ def run(cfg: RunConfig, *, until: str = "report", progress: bool = False, redo: 
         if value is not None and value not in STAGES:
             raise ValueError(f"{name} must be one of {STAGES}, got {value!r}")
     last = STAGES.index(until)
+    if redo is not None and STAGES.index(redo) > last:
+        raise ValueError(f"redo {redo!r} comes after until {until!r}: that stage would not run")
     os.makedirs(cfg.work_dir, exist_ok=True)
     with ExclusiveLock(os.path.join(cfg.work_dir, ".lock-run"), f"work_dir {cfg.work_dir}"):
         log(f"[task] {cfg.task.factory}: building the teacher, data and student (a task may train its teacher now)")
@@ -136,7 +206,7 @@ def run(cfg: RunConfig, *, until: str = "report", progress: bool = False, redo: 
         steps = (_capture_stage, _fit_stage, _targets_stage, _train_stage, _baseline_stage, _report_stage)
         state: dict = {}
         for step in steps[:last + 1]:
-            step(cfg, task, stages, paths, state, progress)
+            _run_stage(step, cfg, task, stages, paths, state, progress)
         return state.get("report")
 
 
@@ -174,7 +244,10 @@ def _fit_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
 
 def _targets_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
     inputs = {"fit": stages.output("fit"), "capture": stages.output("capture")["train"]}
-    if stages.needed("targets", {"targets": _section(cfg, "targets")}, inputs, [paths["targets"]]):
+    settings = _section(cfg, "targets")
+    if cfg.targets.compact:  # compact targets hold u and the logits: β and τ are the train stage's settings
+        settings.update(beta=None, tau=None)  # (as unset, so work_dirs of the default are not redone)
+    if stages.needed("targets", {"targets": settings}, inputs, [paths["targets"]]):
         t = cfg.targets
         generate_targets(state["projector"], os.path.join(paths["capture"], "train"), paths["targets"],
                          format=t.format, dtype=t.dtype, compact=t.compact, beta=t.beta, tau=t.tau,
@@ -225,7 +298,8 @@ def _baseline_stage(cfg, task, stages: StageLog, paths, state, progress) -> None
         stages.log("[baseline] off (report.kd_baseline: false)")
         return
     projector = state["projector"]
-    settings = {"task": cfg.task.model_dump(), "train": _section(cfg, "train"), "tau": _temperatures(cfg, projector)[1]}
+    train = {**_section(cfg, "train"), "subclass_weight": None}  # no subclasses at S = 1: recorded as unset
+    settings = {"task": cfg.task.model_dump(), "train": train, "tau": _temperatures(cfg, projector)[1]}
     inputs = {"capture": stages.output("capture")}
     student_dir = os.path.join(paths["baseline"], "student")
     if stages.needed("baseline", settings, inputs, [paths["baseline"]]):
@@ -263,7 +337,7 @@ def _report(cfg, task, projector, student, paths: dict, kd_student=None) -> dict
     labels = [int(y) for _, y in task.test]
     teacher_acc = sum(int(p == y) for p, y in zip(test_teacher.argmax(1).tolist(), labels)) / max(len(labels), 1)
     beta, tau = _temperatures(cfg, projector)
-    weight = resolve_subclass_weight(cfg.train.subclass_weight, cfg.train.divergence)
+    weight = trained_subclass_weight(TrainSettings(**cfg.train.model_dump()), projector.n_subclasses)
     report = {"config": cfg.model_dump(), "teacher_test_accuracy": teacher_acc, "student_test": student_test,
               "targets_beta": beta, "targets_tau": tau, "subclass_weight": weight,
               "best_epoch": trained["best"], "epochs_run": trained["epochs_run"],

@@ -88,6 +88,16 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert cfg.fit.subclasses == 4 and cfg.train.epochs == 4
 
 
+@pytest.mark.parametrize("section", ["capture", "fit", "targets", "train"])
+def test_a_bad_device_is_refused_when_the_config_is_read(section):
+    """A device string torch cannot read failed only at the stage that used it (after the stages
+    before it ran, a changed capture.device having removed the old capture), without naming the key."""
+    with pytest.raises(ConfigError, match=rf"{section}.device: value must be a torch device .* got 'gpu7'"):
+        parse_config({"work_dir": "x", "task": {"factory": "a:b"}, section: {"device": "gpu7"}})
+    assert getattr(parse_config({"work_dir": "x", "task": {"factory": "a:b"}, section: {"device": "cuda:1"}}),
+                   section).device == "cuda:1"
+
+
 def test_jsd_is_accepted_as_the_divergence_of_a_config():
     from lelp_fast.train import TrainSettings
 
@@ -97,6 +107,15 @@ def test_jsd_is_accepted_as_the_divergence_of_a_config():
         parse_config({"work_dir": "x", "task": {"factory": "a:b"}, "train": {"divergence": "jensen"}})
     with pytest.raises(ValueError, match="train.divergence must be one of"):
         TrainSettings(divergence="jensen").check()
+
+
+@pytest.mark.parametrize("kwargs, key", [({"n_test": 0}, "n_test"), ({"n_train": 0}, "n_train"),
+                                         ({"n_train": -5}, "n_train"), ({"n_val": 0}, "n_val")])
+def test_the_example_task_names_a_bad_split_size_before_anything_runs(tmp_path, kwargs, key):
+    """n_test = 0 ran every stage and failed in the report (torch.cat of no tensors); n_train = -5
+    trained the teacher on 59,995 rows; n_train = 0 or n_val = 0 failed in a loader, naming no key."""
+    with pytest.raises(ValueError, match=rf"task.kwargs.{key} must be an integer >= 1"):
+        fashion_mnist.task(str(tmp_path), data_dir=str(tmp_path / "nowhere"), **kwargs)
 
 
 def test_missing_dataset_says_how_to_install(tmp_path):
@@ -185,6 +204,56 @@ def test_a_rerun_after_a_config_edit_redoes_exactly_the_changed_stages(tmp_path)
     assert said["capture"] == "redone: task.kwargs.student <unset> -> mlp" and said["train"].startswith("redone")
 
 
+def test_a_damaged_output_is_repaired_or_made_again_by_the_next_run(tmp_path):
+    """A finished stage was skipped whenever its directory existed: a cut or removed file of its output
+    failed the next stage on every rerun, whose error advised a command the run never reran. Now a
+    skip looks at the files' sizes, a reader's checksum failure is recorded against the stage that
+    wrote the file, and the next run repairs capture and targets in place and redoes the others."""
+    from lelp_fast.run import DamagedOutputError
+
+    cfg = _tiny_config(tmp_path, report={"kd_baseline": False})
+    _run_logged(cfg)
+    shard = tmp_path / "run" / "targets" / "shard-000000.log_targets.npy"
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:-4])
+    _, said = _run_logged(cfg)
+    assert said["targets"].startswith("repaired: ") and "shard-000000.log_targets.npy has" in said["targets"]
+    assert shard.read_bytes() == intact and said["train"] == "skipped (unchanged)"
+
+    raw = bytearray(intact)
+    raw[-3] ^= 0x01  # the same size: found where the student's training reads it
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DamagedOutputError, match=r"shard-000000.log_targets.npy is corrupt.*"
+                                                 r"run `lelp-fast run` again: it repairs the targets stage"):
+        _run_logged(cfg, redo="train")
+    _, said = _run_logged(cfg)
+    assert said["targets"].startswith("repaired: ") and shard.read_bytes() == intact
+
+    head = tmp_path / "run" / "capture" / "train" / "head.safetensors"
+    raw = bytearray(head.read_bytes())
+    raw[-3] ^= 0x40
+    head.write_bytes(bytes(raw))
+    with pytest.raises(DamagedOutputError, match="head.safetensors is corrupt.*it repairs the capture stage"):
+        _run_logged(cfg, redo="fit")
+    with pytest.warns(RuntimeWarning, match="head.safetensors is corrupt"):
+        _, said = _run_logged(cfg)
+    assert said["capture"].startswith("repaired: ") and said["fit"] == "resumed"
+
+    (tmp_path / "run" / "student" / "student.safetensors").unlink()
+    _, said = _run_logged(cfg)
+    assert said["train"].startswith("redone: ") and "student.safetensors is missing" in said["train"]
+    assert (tmp_path / "run" / "student" / "student.safetensors").exists()
+
+
+def test_redo_of_a_stage_after_until_is_refused(tmp_path):
+    """``--until train --redo report`` ran up to train and redid nothing, silently."""
+    from lelp_fast.run import run
+
+    with pytest.raises(ValueError, match="redo 'report' comes after until 'train'"):
+        run(_tiny_config(tmp_path), until="train", redo="report", log=lambda line: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_execution_only_settings_reuse_the_outputs_and_redo_forces(tmp_path):
     _run_logged(_tiny_config(tmp_path))
     _, said = _run_logged(_tiny_config(tmp_path, fit={"chunk_mb": 8}, targets={"chunk_mb": 8}))
@@ -229,11 +298,23 @@ def test_compact_targets_retrain_when_their_temperatures_change(tmp_path):
     first = _bytes(tmp_path, "student/student.safetensors")
     compact["targets"]["beta"] = 0.5
     report, said = _run_logged(_tiny_config(tmp_path, **compact))
-    assert said["targets"] == "redone: targets.beta 1.0 -> 0.5"
+    assert said["targets"] == "skipped (unchanged)"  # the same u and logits (regenerated until session 59)
     assert said["train"] == "redone: compact_temperatures.beta 1.0 -> 0.5"
     assert _bytes(tmp_path, "student/student.safetensors") != first and report["targets_beta"] == 0.5
     _, said = _run_logged(_tiny_config(tmp_path, **compact))
     assert said["train"] == "skipped (unchanged)"
+
+
+def test_the_kd_baseline_is_kept_when_only_lambda_changes_and_the_report_states_the_lambda_that_trained(tmp_path):
+    """λ weights the subclass part, which KD (S = 1) has none of: the baseline was retrained when it
+    changed. And at S = 1 the report said lambda=0.1 where the student trained (and said) 1."""
+    _run_logged(_tiny_config(tmp_path))
+    _, said = _run_logged(_tiny_config(tmp_path, train={"subclass_weight": 1.0}))
+    assert said["train"].startswith("redone: train.subclass_weight") and said["baseline"] == "skipped (unchanged)"
+    report, _ = _run_logged(_tiny_config(tmp_path, fit={"subclasses": 1}, report={"kd_baseline": False}))
+    trained = json.loads((tmp_path / "run" / "student" / "report.json").read_text())
+    assert report["subclass_weight"] == 1.0 == trained["subclass_weight"]
+    assert "lambda=1.0" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_a_config_with_a_section_twice_is_refused(tmp_path):

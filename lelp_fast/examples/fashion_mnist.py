@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .._checks import check_count
+
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "install it with: apt-get install dataset-fashion-mnist (Debian/Ubuntu)"
 
@@ -114,9 +116,12 @@ def task(work_dir: str, n_train: int = 10000, n_val: int = 2000, n_test: Optiona
 
     if student not in STUDENTS:  # named now, not after the capture, fit and targets have run
         raise ValueError(f"task.kwargs.student must be 'linear' or 'mlp', got {student!r}")
+    for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("teacher_epochs", teacher_epochs)):
+        if value is not None:  # each split is used (the test split by the report, after every stage)
+            check_count(f"task.kwargs.{name}", value)
     x, fine = load("train", data_dir)
     if n_train + n_val > x.shape[0]:
-        raise ValueError(f"task.n_train + task.n_val must be <= {x.shape[0]}, got {n_train + n_val}")
+        raise ValueError(f"task.kwargs.n_train + task.kwargs.n_val must be <= {x.shape[0]}, got {n_train + n_val}")
     y = coarse(fine)
     train = TensorDataset(x[:n_train], y[:n_train])
     val = TensorDataset(x[n_train:n_train + n_val], y[n_train:n_train + n_val])
