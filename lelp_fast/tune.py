@@ -70,20 +70,23 @@ class TuneGrid:
         for name in ("steps", "evals", "seeds"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"grid.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"grid.{name} (--{name}) must be a positive integer, got {value!r}")
         if self.final_steps is not None and (not isinstance(self.final_steps, int) or self.final_steps < 1):
-            raise ValueError(f"grid.final_steps must be a positive integer or None, got {self.final_steps!r}")
+            raise ValueError(f"grid.final_steps (--final-steps) must be a positive integer or None, "
+                             f"got {self.final_steps!r}")
         if self.keep not in ("best", "last"):
-            raise ValueError(f"grid.keep must be 'best' or 'last', got {self.keep!r}")
+            raise ValueError(f"grid.keep (--keep) must be 'best' or 'last', got {self.keep!r}")
         if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"grid.fraction must lie in (0, 1], got {self.fraction!r}")
+            raise ValueError(f"grid.fraction (--fraction) must lie in (0, 1], got {self.fraction!r}")
         if any(not isinstance(s, int) or s < 2 for s in self.subclasses):
-            raise ValueError(f"grid.subclasses must be integers >= 2 (S = 1 is the KD arm, always run), "
+            raise ValueError(f"grid.subclasses (--subclasses) must be integers >= 2 (S = 1 is the KD arm, always run), "
                              f"got {list(self.subclasses)}")
-        if not self.taus or any(not t > 0 for t in self.taus) or any(not b > 0 for b in self.betas):
-            raise ValueError("grid.taus and grid.betas must be positive (and taus non-empty)")
+        for name, values in (("taus", self.taus), ("betas", self.betas)):
+            if (name == "taus" and not values) or any(not v > 0 for v in values):
+                raise ValueError(f"grid.{name} (--{name}) must be positive (taus non-empty), got {list(values)}")
         if not self.subclass_weights or any(w is not None and not w >= 0 for w in self.subclass_weights):
-            raise ValueError(f"grid.subclass_weights must be non-empty and >= 0, got {list(self.subclass_weights)}")
+            raise ValueError(f"grid.subclass_weights (--subclass-weights) must be non-empty and >= 0, "
+                             f"got {list(self.subclass_weights)}")
 
 
 @dataclasses.dataclass

@@ -203,6 +203,16 @@ def test_targets_of_another_c_and_s_are_refused(stored, tmp_path):
                 settings=TrainSettings(epochs=1, tensorboard=False))
 
 
+def test_loading_into_another_student_is_one_line_naming_the_file(stored, tmp_path):
+    """torch's size-mismatch error came through as many lines (lelp-fast export with a config whose
+    student differs from the trained one)."""
+    _run(stored, str(tmp_path / "run"), epochs=1)
+    with pytest.raises(ValueError, match=r"student.safetensors holds the weights of another student \(size mismatch") \
+            as caught:
+        load_student(nn.Linear(10, 3), str(tmp_path / "run"))
+    assert "\n" not in str(caught.value)
+
+
 def test_a_flipped_byte_in_the_student_is_refused(stored, tmp_path):
     out = tmp_path / "run"
     _run(stored, str(out), epochs=1)

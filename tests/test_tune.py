@@ -232,8 +232,12 @@ def test_a_teacher_reading_other_inputs_through_a_capture(tmp_path):
 
 def test_bad_grid_values_name_the_field():
     x, y = xor_blobs(40, 0)
-    for grid, field in ((TuneGrid(steps=0), "grid.steps"), (TuneGrid(subclasses=(1, 2)), "grid.subclasses"),
-                        (TuneGrid(fraction=0.0), "grid.fraction")):
+    # the CLI's flag and the bad values named too (until session 59: "grid.taus and grid.betas must be positive")
+    for grid, field in ((TuneGrid(steps=0), r"grid.steps \(--steps\)"),
+                        (TuneGrid(subclasses=(1, 2)), r"grid.subclasses \(--subclasses\)"),
+                        (TuneGrid(fraction=0.0), r"grid.fraction \(--fraction\)"),
+                        (TuneGrid(betas=(0.5, -1.0)), r"grid.betas \(--betas\) must be positive.*got \[0.5, -1.0\]"),
+                        (TuneGrid(taus=()), r"grid.taus \(--taus\) must be positive \(taus non-empty\), got \[\]")):
         with pytest.raises(ValueError, match=field):
             search(xor_teacher(x, y), (x, y), (x, y), lambda k: nn.Linear(2, k), SETTINGS, grid)
 

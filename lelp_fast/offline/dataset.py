@@ -94,9 +94,10 @@ class TargetsDataset(Dataset):
         entry = self.shards[s]
         files = {k: v["file"] for k, v in entry["files"].items()}
         checksums = entry["files"] if self.verify and s not in self._verified else None
+        writer = ("teacher-outputs command (store_teacher_outputs)" if self.settings.get("kind", "lelp") != "lelp"
+                  else "targets command (generate_targets)")
         tensors = shards.read(self.settings["format"], self.directory, files, self.settings["dtype"], checksums,
-                              hint="; rerun the targets command (generate_targets) with the same arguments to "
-                                   "rewrite it")
+                              hint=f"; rerun the {writer} with the same arguments to rewrite it")
         self._verified.add(s)
         n = entry["rows"][1] - entry["rows"][0]
         for name, t in tensors.items():

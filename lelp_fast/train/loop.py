@@ -466,7 +466,13 @@ def _bar(enabled: bool, total: int, epoch: int):
 def load_student(student: nn.Module, out_dir: str) -> nn.Module:
     """Loads the trained weights ``distill`` wrote into ``student`` (same architecture), after
     checking their sha256 (a flipped byte is an error naming the file, not a wrong student)."""
-    student.load_state_dict(load_checked(os.path.join(os.fspath(out_dir), STUDENT)))
+    path = os.path.join(os.fspath(out_dir), STUDENT)
+    try:
+        student.load_state_dict(load_checked(path))
+    except RuntimeError as exc:  # torch's message lists every mismatched tensor, one a line
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise ValueError(f"{path} holds the weights of another student ({first}): the student given must be the "
+                         "one trained (in a config, the same task and task.kwargs)") from None
     return student
 
 
