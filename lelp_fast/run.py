@@ -18,8 +18,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -94,9 +95,13 @@ class StageLog:
         elif not all(os.path.exists(p) for p in outputs):
             why = "redone: its output is missing"
         elif stored.get("damaged") or self._damage(stored):
-            problem = stored.get("damaged") or self._damage(stored)
-            why = f"{'repaired' if stage in REPAIRS_IN_PLACE else 'redone'}: {problem}"
+            path, problem = stored.get("damaged") or self._damage(stored)
+            # an unreadable manifest is no finished output to repair: the stage starts over
+            repair = stage in REPAIRS_IN_PLACE and os.path.basename(path) != MANIFEST
+            why = f"{'repaired' if repair else 'redone'}: {problem}"
         else:
+            if "files" not in stored:  # a record from before session 59: its files listed from now on
+                provenance.write(self._path(stage), {**stored, "files": self._listing(outputs)})
             self.log(f"[{stage}] skipped (unchanged)")
             return False
         if why.startswith("redone"):
@@ -106,15 +111,16 @@ class StageLog:
         self.log(f"[{stage}] {why}")
         return True
 
-    def _damage(self, stored: dict) -> Optional[str]:
-        """Why a finished output's files are not those its stage wrote (one removed, or of another
-        size), or None; a cheap look (no file is read: checksums are checked where files are read)."""
-        for name, size in stored.get("files", {}).items():  # records before session 59 have none
+    def _damage(self, stored: dict) -> Optional[Tuple[str, str]]:
+        """The first file of a finished output that is not as its stage wrote it (removed, or of
+        another size) and why, or None; a cheap look (no file is read: checksums are checked where
+        files are read)."""
+        for name, size in stored.get("files", {}).items():
             path = os.path.join(self.work_dir, name)
             if not os.path.isfile(path):
-                return f"{path} is missing"
+                return path, f"{path} is missing"
             if os.path.getsize(path) != size:
-                return f"{path} has {os.path.getsize(path)} bytes, {size} when it was written"
+                return path, f"{path} has {os.path.getsize(path)} bytes, {size} when it was written"
         return None
 
     def finish(self, stage: str, output_digest) -> None:
@@ -141,8 +147,8 @@ class StageLog:
             stored = provenance.read(self._path(stage))
             for name in (stored or {}).get("files", {}) if (stored or {}).get("done") else ():
                 path = os.path.join(self.work_dir, name)
-                if path in error or os.path.abspath(path) in error:
-                    provenance.write(self._path(stage), {**stored, "damaged": f"{path} was found damaged"})
+                if _names(error, path) or _names(error, os.path.abspath(path)):
+                    provenance.write(self._path(stage), {**stored, "damaged": [path, f"{path} was found damaged"]})
                     return stage
         return None
 
@@ -150,24 +156,39 @@ class StageLog:
         return provenance.read(self._path(stage))["output"]
 
 
+def _names(error: str, path: str) -> bool:
+    """Whether ``error`` names ``path`` itself, not a longer path ending in it (a work_dir named
+    "baseline" holds baseline/baseline/student/..., which ends in baseline/student/...)."""
+    return re.search(r"(?<![\w./-])" + re.escape(path) + r"(?![\w/-]|\.\w)", error) is not None
+
+
 class DamagedOutputError(ValueError):
     """A stage read a damaged file of an earlier stage's output; the next run repairs or redoes that stage."""
 
 
+def damaged_output_error(stages: StageLog, exc: Exception) -> Optional[DamagedOutputError]:
+    """Where ``exc`` (a reader's error) is about a damaged file of a finished stage's output: that is
+    recorded against the stage, and the error to raise says the next run mends it (the reader's own
+    advice, to rerun the command that wrote the file, is for outside a run); else None."""
+    damaged = isinstance(exc, FileNotFoundError) or any(w in str(exc) for w in ("corrupt", "missing", "truncated"))
+    stage = stages.mark_damaged(str(exc)) if damaged else None
+    if stage is None:
+        return None
+    problem = str(exc).split("; rerun")[0].split("; remove")[0]
+    fix = "repairs" if stage in REPAIRS_IN_PLACE else "redoes"
+    return DamagedOutputError(f"{problem}; run `lelp-fast run` again: it {fix} the {stage} stage")
+
+
 def _run_stage(step, cfg, task, stages: StageLog, paths, state, progress) -> None:
     """Runs one stage; a damaged file of an earlier stage's output that it reads (a checksum that
-    fails, a shard removed) is recorded against that stage, and the error says the next run mends it
-    (a reader's own advice, to rerun the command that wrote the file, is for outside a run)."""
+    fails, a shard removed) is recorded against that stage (``damaged_output_error``)."""
     try:
         step(cfg, task, stages, paths, state, progress)
     except (ValueError, OSError) as exc:
-        damaged = isinstance(exc, FileNotFoundError) or any(w in str(exc) for w in ("corrupt", "missing", "truncated"))
-        stage = stages.mark_damaged(str(exc)) if damaged else None
-        if stage is None:
+        error = damaged_output_error(stages, exc)
+        if error is None:
             raise
-        problem = str(exc).split("; rerun")[0].split("; remove")[0]
-        fix = "repairs" if stage in REPAIRS_IN_PLACE else "redoes"
-        raise DamagedOutputError(f"{problem}; run `lelp-fast run` again: it {fix} the {stage} stage") from exc
+        raise error from exc
 
 
 def _remove(paths: Sequence[str]) -> None:

@@ -83,7 +83,8 @@ class TuneGrid:
                              f"got {list(self.subclasses)}")
         for name, values in (("taus", self.taus), ("betas", self.betas)):
             if (name == "taus" and not values) or any(not v > 0 for v in values):
-                raise ValueError(f"grid.{name} (--{name}) must be positive (taus non-empty), got {list(values)}")
+                empty = " and non-empty" if name == "taus" else ""
+                raise ValueError(f"grid.{name} (--{name}) must be positive{empty}, got {list(values)}")
         if not self.subclass_weights or any(w is not None and not w >= 0 for w in self.subclass_weights):
             raise ValueError(f"grid.subclass_weights (--subclass-weights) must be non-empty and >= 0, "
                              f"got {list(self.subclass_weights)}")
@@ -413,6 +414,23 @@ def _tensors(data):
     return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys)
 
 
+def _teacher_outputs(cfg, capture_dir: Optional[str], log) -> "TeacherOutputs":
+    """The capture's rows and head; a damaged file of the config's own capture is recorded against its
+    stage, so that the next run (or tune) repairs it, as inside ``lelp-fast run``."""
+    from .capture import CaptureSource
+    from .run import StageLog, damaged_output_error
+
+    try:
+        source = CaptureSource(capture_dir or os.path.join(cfg.work_dir, "capture/train"))
+        t = source.tensors()
+        return TeacherOutputs(t["embeddings"], t["teacher_logits"], t["labels"], source.head())
+    except (ValueError, OSError) as exc:
+        error = None if capture_dir else damaged_output_error(StageLog(cfg.work_dir, log), exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
 def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
          log: Callable[[str], None] = print) -> dict:
     """Tunes a run config on its validation split; returns the summary (see :func:`search`).
@@ -422,16 +440,12 @@ def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
     (e.g. text for a transformer teacher) of the same rows, in order, as ``task.train``, whose items
     are the student's inputs.
     """
-    from .capture import CaptureSource
     from .run import load_task, run
 
     if capture_dir is None:
         run(cfg, until="capture", log=log)
-        capture_dir = os.path.join(cfg.work_dir, "capture/train")
     task = load_task(cfg)
-    source = CaptureSource(capture_dir)
-    t = source.tensors()
-    teacher = TeacherOutputs(t["embeddings"], t["teacher_logits"], t["labels"], source.head())
+    teacher = _teacher_outputs(cfg, capture_dir, log)
     if grid.final_steps is None:  # as many epochs as `lelp-fast run` trains, over the proxies' rows
         rows = max(1, int(grid.fraction * len(task.train)))
         grid = dataclasses.replace(grid, final_steps=run_steps(cfg.train, rows))

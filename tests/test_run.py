@@ -244,6 +244,47 @@ def test_a_damaged_output_is_repaired_or_made_again_by_the_next_run(tmp_path):
     assert said["train"].startswith("redone: ") and "student.safetensors is missing" in said["train"]
     assert (tmp_path / "run" / "student" / "student.safetensors").exists()
 
+    manifest = tmp_path / "run" / "targets" / "manifest.json"  # no finished output to repair: made again
+    manifest.write_bytes(manifest.read_bytes()[:-2])
+    _, said = _run_logged(cfg)
+    assert said["targets"].startswith("redone: ") and "manifest.json has" in said["targets"]
+    assert said["train"] == "skipped (unchanged)"  # the same targets again
+
+
+def test_a_damaged_file_is_held_against_the_stage_that_wrote_it(tmp_path):
+    """A path was matched as a substring: under a work_dir named "baseline", the KD baseline's
+    baseline/baseline/student/student.safetensors was taken for the student's, and train redone."""
+    from lelp_fast.offline import provenance
+    from lelp_fast.run import StageLog
+
+    work_dir = str(tmp_path / "baseline")
+    stages = StageLog(work_dir, log=lambda line: None)
+    for stage, name in (("train", "student/student.safetensors"), ("baseline", "baseline/student/student.safetensors")):
+        provenance.write(stages._path(stage), {"made_from": {}, "done": True, "files": {name: 1}})
+    error = f"{work_dir}/baseline/student/student.safetensors fails its sha256 checksum (corrupt)"
+    assert stages.mark_damaged(error) == "baseline"
+    assert stages.mark_damaged(f"'{work_dir}/student/student.safetensors' is corrupt") == "train"
+    assert stages.mark_damaged(f"{work_dir}/student/student.safetensors.tmp1 is corrupt") is None
+
+
+def test_tune_holds_a_damaged_capture_against_the_capture_stage(tmp_path):
+    """tune reads the capture itself, outside the run's stages: a corrupt head failed every tune and
+    run, as the capture stage was skipped as unchanged."""
+    from lelp_fast.run import DamagedOutputError, run
+    from lelp_fast.tune import TuneGrid, tune
+
+    cfg = _tiny_config(tmp_path)
+    run(cfg, until="capture", log=lambda line: None)
+    head = tmp_path / "run" / "capture" / "train" / "head.safetensors"
+    raw = bytearray(head.read_bytes())
+    raw[-3] ^= 0x40
+    head.write_bytes(bytes(raw))
+    with pytest.raises(DamagedOutputError, match="head.safetensors is corrupt.*it repairs the capture stage"):
+        tune(cfg, TuneGrid(), log=lambda line: None)
+    with pytest.warns(RuntimeWarning, match="head.safetensors is corrupt"):
+        _, said = _run_logged(cfg, until="capture")
+    assert said["capture"].startswith("repaired: ")
+
 
 def test_redo_of_a_stage_after_until_is_refused(tmp_path):
     """``--until train --redo report`` ran up to train and redid nothing, silently."""

@@ -237,7 +237,7 @@ def test_bad_grid_values_name_the_field():
                         (TuneGrid(subclasses=(1, 2)), r"grid.subclasses \(--subclasses\)"),
                         (TuneGrid(fraction=0.0), r"grid.fraction \(--fraction\)"),
                         (TuneGrid(betas=(0.5, -1.0)), r"grid.betas \(--betas\) must be positive.*got \[0.5, -1.0\]"),
-                        (TuneGrid(taus=()), r"grid.taus \(--taus\) must be positive \(taus non-empty\), got \[\]")):
+                        (TuneGrid(taus=()), r"grid.taus \(--taus\) must be positive and non-empty, got \[\]")):
         with pytest.raises(ValueError, match=field):
             search(xor_teacher(x, y), (x, y), (x, y), lambda k: nn.Linear(2, k), SETTINGS, grid)
 

@@ -156,6 +156,7 @@ def capture(
         if existing is not None:
             if rank == 0 and isinstance(head_module, nn.Linear):
                 _repair_head(out_dir, existing, head_module)
+            barrier(process_group)  # no rank reads the head before it is repaired
             return existing
         shards.remove_stale_temp_files(out_dir, rank)
         run = forward or _HookedForward(model, layer, head_module)
@@ -325,15 +326,20 @@ def _renumber(done: dict) -> dict:
     return out
 
 
-def _write_head(out_dir: str, head: nn.Linear) -> dict:
-    """Writes the head's ``W, b``; returns the record of the file (size and checksums) for the manifest."""
+def _head_file(head: nn.Linear) -> Tuple[bytes, dict]:
+    """The head's ``W, b`` as a safetensors file, and its record (size and checksums) for the manifest."""
     from safetensors.torch import save
 
     w = head.weight.detach().float().cpu().contiguous()
     b = (head.bias.detach().float().cpu() if head.bias is not None else torch.zeros(w.shape[0])).contiguous()
     blob = save({"weight": w, "bias": b})
+    return blob, {"file": HEAD_FILE, "bytes": len(blob), **checksum.record(blob)}
+
+
+def _write_head(out_dir: str, head: nn.Linear) -> dict:
+    blob, record = _head_file(head)
     shards.write_atomically(os.path.join(out_dir, HEAD_FILE), blob)
-    return {"file": HEAD_FILE, "bytes": len(blob), **checksum.record(blob)}
+    return record
 
 
 def head_problem(out_dir: str, record: dict) -> Optional[str]:
@@ -352,9 +358,12 @@ def _repair_head(out_dir: str, manifest: dict, head: nn.Linear) -> None:
     same teacher: the same bytes); captures recorded before the head had a checksum are left as they are."""
     problem = head_problem(out_dir, manifest["head"]) if "head" in manifest else None
     if problem:
+        blob, record = _head_file(head)
+        if record != manifest["head"]:  # e.g. another safetensors' layout: nothing is overwritten
+            raise ValueError(f"{problem}, and the teacher's head does not serialise to the recorded bytes; "
+                             f"remove {out_dir} to capture again")
         warnings.warn(f"{problem}; rewriting it from the teacher", RuntimeWarning, stacklevel=3)
-        if _write_head(out_dir, head) != manifest["head"]:
-            raise RuntimeError(f"the head rewritten in {out_dir} differs from the one the manifest records")
+        shards.write_atomically(os.path.join(out_dir, HEAD_FILE), blob)
 
 
 def _module_name(model: nn.Module, module: Optional[nn.Module]) -> str:
