@@ -251,6 +251,23 @@ def test_hf_export_of_a_student_saved_without_a_tokenizer_saves_none(hf_student,
     assert AutoTokenizer.from_pretrained(str(tmp_path / "given")).get_vocab() == tokenizer.get_vocab()
 
 
+def test_hf_export_of_a_tokenizer_directory_that_is_not_one_writes_nothing(hf_student, tmp_path):
+    """--tokenizer nope asked the hub for 'nope' (no network: "couldn't connect to huggingface.co")
+    after the model had been written, leaving an export without a tokenizer. Found by a walkthrough."""
+    from lelp_fast.cli import main
+    from lelp_fast.export.hf import export_hf
+
+    _, student, _ = hf_student
+    student.save_pretrained(str(tmp_path / "student"))
+    (tmp_path / "empty").mkdir()
+    for name in ("nope", "empty"):
+        with pytest.raises(FileNotFoundError, match=rf"tokenizer .*{name} \(--tokenizer\): not a directory holding"):
+            export_hf(str(tmp_path / "student"), str(tmp_path / "out"), n_subclasses=S, tokenizer=str(tmp_path / name))
+        assert not (tmp_path / "out").exists()
+    assert main(["export", "--hf-model", str(tmp_path / "student"), "--subclasses", str(S), "--tokenizer",
+                 str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+
+
 def test_hf_export_refuses_labels_that_do_not_fit(hf_student, tmp_path):
     from lelp_fast.export.hf import export_hf
 

@@ -137,6 +137,38 @@ def test_text_table_errors_name_the_file_and_column(saved, tmp_path):
     assert len(TextBatches(None, ["a"] * 33, torch.zeros(33, dtype=torch.long), batch_size=16)) == 3
 
 
+def test_a_teacher_without_its_head_or_tokenizer_is_refused_naming_the_directory(saved, tmp_path):
+    """A base model saved without its classifier was captured with a head drawn at random (a rerun then
+    failed: another random head, another model_sha256); a folder without tokenizer files was captured
+    with every word [UNK]; a tokenizer larger than the model's vocabulary ended in an IndexError
+    traceback, and a max_length past the position table in a tensor-size error. Found by a walkthrough."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    teacher = BertForSequenceClassification.from_pretrained(str(saved / "teacher"))
+    teacher.bert.save_pretrained(str(tmp_path / "base"))
+    AutoTokenizer.from_pretrained(str(saved / "teacher")).save_pretrained(str(tmp_path / "base"))
+    with pytest.raises(ValueError, match=r"model directory .*base lacks weights of the classifier \(classifier"):
+        load_classifier(str(tmp_path / "base"))
+    teacher.save_pretrained(str(tmp_path / "no_tokenizer"))
+    with pytest.raises(FileNotFoundError, match=r"tokenizer directory .*no_tokenizer holds no tokenizer"):
+        load_classifier(str(tmp_path / "no_tokenizer"))
+    model, tokenizer = load_classifier(str(tmp_path / "no_tokenizer"), str(saved / "teacher"))  # --tokenizer
+    assert len(tokenizer) == model.config.vocab_size
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"w{i}" for i in range(30)]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(str(tmp_path / "big"))
+    with pytest.raises(ValueError, match=r"the tokenizer in .*big has 47 tokens, the model in .* a vocabulary of 17"):
+        load_classifier(str(saved / "teacher"), str(tmp_path / "big"))
+    long = tmp_path / "long.csv"
+    long.write_text("text,label\ngood movie,1\n" + " ".join(["bad"] * 40) + ",0\n")
+    with pytest.raises(ValueError, match=r"text row 1 is 42 tokens at max_length=64, more than the model's 32 "
+                                         r"positions: pass max_length \(--max-length\) <= 32"):
+        capture_text(str(saved / "teacher"), str(long), str(tmp_path / "cap"), max_length=64)
+    assert main(["capture", "--model", str(tmp_path / "base"), "--data", str(saved / "data.csv"),
+                 "--out", str(tmp_path / "cap2"), "--quiet"]) == 2
+
+
 def test_fit_and_targets_commands_take_the_capture_directory(saved, tmp_path):
     cap = str(saved / "cap3")
     capture_text(str(saved / "teacher"), str(saved / "data.csv"), cap, dtype="float32", batch_size=16)

@@ -78,9 +78,9 @@ class TextBatches:
     """Re-iterable tokenised batches ``(encoding dict, labels)`` in file order."""
 
     def __init__(self, tokenizer, texts: List[str], labels: torch.Tensor, batch_size: int = 32,
-                 max_length: int = 128):
+                 max_length: int = 128, positions: Optional[int] = None):
         self.tokenizer, self.texts, self.labels = tokenizer, texts, labels
-        self.batch_size, self.max_length = batch_size, max_length
+        self.batch_size, self.max_length, self.positions = batch_size, max_length, positions
 
     def __len__(self) -> int:
         return (len(self.texts) + self.batch_size - 1) // self.batch_size
@@ -90,18 +90,52 @@ class TextBatches:
             stop = start + self.batch_size
             enc = self.tokenizer(self.texts[start:stop], padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
+            if self.positions is not None and enc["input_ids"].shape[1] > self.positions:
+                self._too_long(start, enc)
             yield dict(enc), self.labels[start:stop]
+
+    def _too_long(self, start: int, enc) -> None:
+        """A text longer than the model's position table (it failed deep in the forward, naming no row)."""
+        lengths = enc["attention_mask"].sum(dim=1) if "attention_mask" in enc else None
+        row = start + (int(torch.nonzero(lengths > self.positions)[0]) if lengths is not None else 0)
+        raise ValueError(f"text row {row} is {enc['input_ids'].shape[1]} tokens at max_length={self.max_length}, more "
+                         f"than the model's {self.positions} positions: pass max_length (--max-length) <= "
+                         f"{self.positions}")
 
 
 def load_classifier(model_dir: str, tokenizer_dir: Optional[str] = None):
-    """(model, tokenizer) from local ``save_pretrained`` directories (never the hub)."""
+    """(model, tokenizer) from local ``save_pretrained`` directories (never the hub). Refused, naming
+    the directory: a model whose weights are not all in it (a base model saved without its classifier:
+    transformers would draw the missing ones at random), a directory without tokenizer files
+    (transformers would build one from the config alone, every word [UNK]), and a tokenizer with more
+    tokens than the model's vocabulary (not its tokenizer: the embedding lookup would fail)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    for flag, path in (("model", model_dir), ("tokenizer", tokenizer_dir or model_dir)):
+    from ..export.hf import TOKENIZER_FILES
+
+    tokenizer_dir = tokenizer_dir or model_dir
+    for flag, path in (("model", model_dir), ("tokenizer", tokenizer_dir)):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{flag} directory {path} does not exist")
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, local_files_only=True)
+    if not any(os.path.exists(os.path.join(tokenizer_dir, name)) for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"tokenizer directory {tokenizer_dir} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): "
+                                "save the teacher's tokenizer there or pass tokenizer_dir= (--tokenizer DIR)")
+    model, info = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True,
+                                                                     output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ValueError(f"model directory {model_dir} lacks weights of the classifier ({', '.join(missing[:4])}"
+                         f"{', ...' if len(missing) > 4 else ''}), which would be drawn at random: save the "
+                         "fine-tuned sequence classifier itself with save_pretrained")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"tokenizer directory {tokenizer_dir} cannot be read as a tokenizer ({first})") from None
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, the model in {model_dir} "
+                         f"a vocabulary of {vocab}: it is not the model's tokenizer")
     return model, tokenizer
 
 
@@ -111,7 +145,8 @@ def capture_text(model_dir: str, data_path: str, out_dir: str, *, tokenizer_dir:
     """Captures a local transformers classifier over a text table; returns the manifest."""
     model, tokenizer = load_classifier(model_dir, tokenizer_dir)
     texts, labels = read_text_table(data_path, text_column, label_column)
-    batches = TextBatches(tokenizer, texts, labels, batch_size, max_length)
+    batches = TextBatches(tokenizer, texts, labels, batch_size, max_length,
+                          getattr(model.config, "max_position_embeddings", None))
     data = rows_fingerprint(texts, labels, tokenizer, batch_size=batch_size, max_length=max_length)
     return capture(model, batches, out_dir, data=data, **capture_kwargs)
 

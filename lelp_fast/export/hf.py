@@ -28,7 +28,7 @@ def _load_student(student):
 
     if not os.path.isdir(student):
         raise FileNotFoundError(f"student {student}: no such directory (a save_pretrained output)")
-    return AutoModelForSequenceClassification.from_pretrained(os.fspath(student))
+    return AutoModelForSequenceClassification.from_pretrained(os.fspath(student), local_files_only=True)
 
 
 def _class_names(labels: Optional[Sequence[str]], k: int, n_subclasses: int) -> list:
@@ -68,6 +68,7 @@ def export_hf(student, out_dir: str, *, n_subclasses: int, tau: float = 1.0,
     check_positive("tau", tau)
     source_dir = os.fspath(student) if isinstance(student, (str, os.PathLike)) else None
     model = _load_student(student)
+    tokenizer = _resolve_tokenizer(tokenizer, source_dir)
     names = _class_names(labels, model.config.num_labels, n_subclasses)
     config = LELPPooledConfig(student_config=model.config, n_subclasses=n_subclasses, tau=tau,
                               id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
@@ -80,19 +81,29 @@ def export_hf(student, out_dir: str, *, n_subclasses: int, tau: float = 1.0,
     pooled.save_pretrained(out_dir)
     if remote_code:
         shutil.copyfile(hf_pooled.__file__, os.path.join(out_dir, "hf_pooled.py"))
-    _save_tokenizer(tokenizer, source_dir, out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
     return pooled.eval()
 
 
-def _save_tokenizer(tokenizer, source_dir: Optional[str], out_dir: str) -> None:
+def _resolve_tokenizer(tokenizer, source_dir: Optional[str]):
+    """The tokenizer to save beside the classifier, read before anything is written: a directory given
+    (--tokenizer) must hold one (a missing one went to the hub, after the model was written)."""
     from transformers import AutoTokenizer
 
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
-    elif tokenizer is None and source_dir is not None:
-        tokenizer = _saved_tokenizer(source_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        path = os.fspath(tokenizer)
+        if not os.path.isdir(path) or not any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES):
+            raise FileNotFoundError(f"tokenizer {path} (--tokenizer): not a directory holding a saved tokenizer "
+                                    f"({', '.join(TOKENIZER_FILES)})")
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"tokenizer {path} (--tokenizer) cannot be read as a tokenizer ({first})") from None
+    if tokenizer is None and source_dir is not None:
+        return _saved_tokenizer(source_dir)
+    return tokenizer
 
 
 # What save_pretrained writes of a tokenizer (one of them at least, by its kind).
