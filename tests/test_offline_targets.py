@@ -70,7 +70,10 @@ def test_compact_form_chooses_beta_and_tau_at_training_time(problem, tmp_path, f
     want = projector.targets(h.double(), beta=0.2, tau=3.0, out_dtype=torch.float64, backend="torch")
     torch.testing.assert_close(ds.targets([449, 0, 200, 97]).double(), want[[449, 0, 200, 97]], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="stored compact .*pass beta and tau"):
-        TargetsDataset(str(tmp_path))
+        TargetsDataset(str(tmp_path), beta=0.2)
+    with pytest.raises(ValueError, match="stored compact .*pass beta and tau to read targets"):
+        TargetsDataset(str(tmp_path)).targets([0])
+    assert TargetsDataset(str(tmp_path)).to_hf_dataset().num_rows == h.shape[0]  # the stored fields need neither
 
 
 def test_outputs_are_deterministic_and_a_finished_run_is_not_redone(problem, tmp_path):

@@ -38,8 +38,13 @@ def test_stored_logits_give_kd_targets_at_the_tau_chosen_when_reading(logits, tm
     got = TargetsDataset(str(tmp_path), tau=2.5).targets(range(230))
     want = torch.log_softmax(logits.double() / 2.5, dim=-1)
     torch.testing.assert_close(got.double(), want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
-    with pytest.raises(ValueError, match="pass tau"):
-        TargetsDataset(str(tmp_path))
+    with pytest.raises(ValueError, match="stored teacher logits: pass tau"):
+        TargetsDataset(str(tmp_path)).targets([0])
+    with pytest.raises(ValueError, match="they take tau .*not beta"):
+        TargetsDataset(str(tmp_path), beta=1.0, tau=2.0)
+    # the stored logits as a datasets.Dataset need no τ (until session 59 TargetsDataset(dir) refused,
+    # saying "pass tau ..., not beta" though no beta was passed)
+    assert TargetsDataset(str(tmp_path)).to_hf_dataset().num_rows == 230
 
 
 @pytest.mark.parametrize("fmt", ["npy", "safetensors", "parquet"])

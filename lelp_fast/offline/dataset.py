@@ -166,8 +166,16 @@ class TargetsDataset(Dataset):
                 rows = order[start:end]
                 yield s, rows, idx[rows] - self._starts[s]
 
+    def require_temperatures(self) -> None:
+        """Raises where reading targets needs a temperature this dataset was not given (the stored
+        fields, ``to_hf_dataset``, need none; training calls this before its first step)."""
+        missing = _missing_temperatures(self.settings, self.beta, self.tau)
+        if missing:
+            raise ValueError(missing)
+
     def _log_targets(self, tensors: dict, local: torch.Tensor) -> torch.Tensor:
         """One shard's rows as log-targets, from whatever the store holds."""
+        self.require_temperatures()
         kind = self.settings.get("kind", "lelp")
         if kind == "teacher_logits":  # vanilla KD targets at the τ chosen now
             return torch.log_softmax(tensors["teacher_logits"][local].float() / self.tau, dim=-1)
@@ -229,14 +237,15 @@ def _numpy(t: torch.Tensor):
 
 
 def _check_temperatures(settings: dict, beta, tau) -> None:
+    """The temperatures given, against what the store holds; one that reading targets needs but was not
+    given is ``_missing_temperatures``' (the stored fields, e.g. ``to_hf_dataset``, need none)."""
     kind, compact = settings.get("kind", "lelp"), settings["compact"]
-    if kind == "teacher_logits":
-        if tau is None or beta is not None:
-            raise ValueError("these are stored teacher logits: pass tau (the KD temperature), not beta")
+    if kind == "teacher_logits" and beta is not None:
+        raise ValueError("these are stored teacher logits: they take tau (the KD temperature), not beta")
     elif kind == "teacher_topk" and (beta is not None or tau is not None):
         raise ValueError(f"these top-k log-probabilities were stored at tau={settings['tau']}; pass neither beta "
                          "nor tau")
-    elif compact and (beta is None or tau is None):
+    elif compact and (beta is None) != (tau is None):
         raise ValueError("these targets are stored compact (u and teacher logits): pass beta and tau")
     elif kind == "lelp" and not compact and (beta is not None or tau is not None):
         raise ValueError(f"these targets were written at beta={settings['beta']}, tau={settings['tau']}; "
@@ -244,6 +253,15 @@ def _check_temperatures(settings: dict, beta, tau) -> None:
     for name, value in (("beta", beta), ("tau", tau)):
         if value is not None and not value > 0:
             raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _missing_temperatures(settings: dict, beta, tau) -> Optional[str]:
+    """Why targets cannot be read from the store without more temperatures, or None."""
+    if settings.get("kind", "lelp") == "teacher_logits" and tau is None:
+        return "these are stored teacher logits: pass tau (the KD temperature) to read targets from them"
+    if settings["compact"] and (beta is None or tau is None):
+        return "these targets are stored compact (u and teacher logits): pass beta and tau to read targets from them"
+    return None
 
 
 def _row_index(indices, n_rows: int) -> torch.Tensor:

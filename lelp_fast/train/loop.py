@@ -225,6 +225,7 @@ def _training_data(train_data, targets, num_classes: int, n_subclasses: int, st:
         return _online_data(train_data, targets, num_classes, n_subclasses, st)
     beta, tau = compact_temperatures or (None, None)
     data = TargetsDataset(targets, train_data, beta=beta, tau=tau)
+    data.require_temperatures()
     _check_shape(f"the targets in {targets}", data.settings["num_classes"], data.settings["n_subclasses"],
                  num_classes, n_subclasses)
     data.read_into_memory()  # up to 1 GiB: a batch is then one index, as in a hand-written loop
