@@ -96,9 +96,7 @@ class StageLog:
             why = "redone: its output is missing"
         elif stored.get("damaged") or self._damage(stored):
             path, problem = stored.get("damaged") or self._damage(stored)
-            # an unreadable manifest is no finished output to repair: the stage starts over
-            repair = stage in REPAIRS_IN_PLACE and os.path.basename(path) != MANIFEST
-            why = f"{'repaired' if repair else 'redone'}: {problem}"
+            why = f"{'repaired' if _repairable(stage, path) else 'redone'}: {problem}"
         else:
             if "files" not in stored:  # a record from before session 59: its files listed from now on
                 provenance.write(self._path(stage), {**stored, "files": self._listing(outputs)})
@@ -156,6 +154,12 @@ class StageLog:
         return provenance.read(self._path(stage))["output"]
 
 
+def _repairable(stage: str, path: str) -> bool:
+    """Whether the next run repairs ``stage``'s output in place for its damaged file ``path``; an
+    unreadable manifest is no finished output to repair: the stage starts over."""
+    return stage in REPAIRS_IN_PLACE and os.path.basename(path) != MANIFEST
+
+
 def _names(error: str, path: str) -> bool:
     """Whether ``error`` names ``path`` itself, not a longer path ending in it (a work_dir named
     "baseline" holds baseline/baseline/student/..., which ends in baseline/student/...)."""
@@ -175,7 +179,8 @@ def damaged_output_error(stages: StageLog, exc: Exception) -> Optional[DamagedOu
     if stage is None:
         return None
     problem = str(exc).split("; rerun")[0].split("; remove")[0]
-    fix = "repairs" if stage in REPAIRS_IN_PLACE else "redoes"
+    path = provenance.read(stages._path(stage))["damaged"][0]
+    fix = "repairs" if _repairable(stage, path) else "redoes"
     return DamagedOutputError(f"{problem}; run `lelp-fast run` again: it {fix} the {stage} stage")
 
 

@@ -245,10 +245,16 @@ def test_a_damaged_output_is_repaired_or_made_again_by_the_next_run(tmp_path):
     assert (tmp_path / "run" / "student" / "student.safetensors").exists()
 
     manifest = tmp_path / "run" / "targets" / "manifest.json"  # no finished output to repair: made again
-    manifest.write_bytes(manifest.read_bytes()[:-2])
+    intact = manifest.read_bytes()
+    manifest.write_bytes(intact[:-2])
     _, said = _run_logged(cfg)
     assert said["targets"].startswith("redone: ") and "manifest.json has" in said["targets"]
     assert said["train"] == "skipped (unchanged)"  # the same targets again
+    manifest.write_bytes(intact.replace(b'"rows"', b'"rows:', 1))  # the same size: found where it is read
+    with pytest.raises(DamagedOutputError, match="manifest.json is corrupt.*it redoes the targets stage"):
+        _run_logged(cfg, redo="train")
+    _, said = _run_logged(cfg)
+    assert said["targets"].startswith("redone: ") and manifest.read_bytes() == intact
 
 
 def test_a_damaged_file_is_held_against_the_stage_that_wrote_it(tmp_path):

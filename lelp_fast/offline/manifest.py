@@ -55,7 +55,8 @@ def _load(path: str, kind: str = KIND) -> dict:
         with open(path, "rb") as f:
             record = json.loads(f.read())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a readable lelp_fast record ({exc}); remove the directory to start over") from exc
+        raise ValueError(f"{path} is corrupt or not a lelp_fast record ({exc}); remove the directory to start "
+                         "over") from exc
     if record.get("kind") != kind or record.get("version") != VERSION:
         raise ValueError(f"{path} is not a {kind} record of version {VERSION}")
     return record
