@@ -94,8 +94,8 @@ class StageLog:
             why = "resumed"  # a killed run: the stage continues its own partial output
         elif not all(os.path.exists(p) for p in outputs):
             why = "redone: its output is missing"
-        elif stored.get("damaged") or self._damage(stored):
-            path, problem = stored.get("damaged") or self._damage(stored)
+        elif damage := stored.get("damaged") or self._damage(stored):
+            path, problem = damage
             why = f"{'repaired' if _repairable(stage, path) else 'redone'}: {problem}"
         else:
             if "files" not in stored:  # a record from before session 59: its files listed from now on

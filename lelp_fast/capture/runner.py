@@ -342,21 +342,10 @@ def _write_head(out_dir: str, head: nn.Linear) -> dict:
     return record
 
 
-def head_problem(out_dir: str, record: dict) -> Optional[str]:
-    """Why the head file a finished capture recorded is not intact (missing, resized, altered), or None."""
-    path = os.path.join(out_dir, record["file"])
-    if not os.path.exists(path):
-        return f"{path} is recorded as written but is missing"
-    if os.path.getsize(path) != record["bytes"]:
-        return f"{path} is truncated or corrupt: {os.path.getsize(path)} bytes, expected {record['bytes']}"
-    failed = checksum.file_mismatch(path, record)
-    return f"{path} is corrupt: its {failed} checksum does not match the manifest" if failed else None
-
-
 def _repair_head(out_dir: str, manifest: dict, head: nn.Linear) -> None:
     """A finished capture's damaged head file rewritten from the teacher (the settings matched, so the
     same teacher: the same bytes); captures recorded before the head had a checksum are left as they are."""
-    problem = head_problem(out_dir, manifest["head"]) if "head" in manifest else None
+    problem = mf.file_problem(out_dir, manifest["head"]) if "head" in manifest else None
     if problem:
         blob, record = _head_file(head)
         if record != manifest["head"]:  # e.g. another safetensors' layout: nothing is overwritten

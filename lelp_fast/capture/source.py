@@ -14,7 +14,7 @@ import torch
 from ..io import checksum, mapped
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource, register_directory_source, wanted
 from ..offline import manifest as mf
-from .runner import HEAD_FILE, KIND, head_problem
+from .runner import HEAD_FILE, KIND
 
 REPAIR_HINT = "; rerun the capture (it rewrites damaged files) or remove the directory"
 
@@ -38,7 +38,7 @@ class CaptureSource(EmbeddingSource):
             mf.verify_shard(self.directory, entry, checksums=False)  # sizes now, checksums when read
         self._head = manifest.get("head")  # the head file's record (captures before session 59: none)
         if self._head is not None and not os.path.exists(os.path.join(self.directory, self._head["file"])):
-            raise FileNotFoundError(head_problem(self.directory, self._head) + REPAIR_HINT)
+            raise FileNotFoundError(mf.file_problem(self.directory, self._head, checksums=False) + REPAIR_HINT)
         self.verify, self._verified = verify, set()
         self.shards = manifest["shards"]
         self.n_rows = manifest["n_rows"]

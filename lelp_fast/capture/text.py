@@ -109,15 +109,15 @@ def load_classifier(model_dir: str, tokenizer_dir: Optional[str] = None):
     transformers would draw the missing ones at random), a directory without tokenizer files
     (transformers would build one from the config alone, every word [UNK]), and a tokenizer with more
     tokens than the model's vocabulary (not its tokenizer: the embedding lookup would fail)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    from ..export.hf import TOKENIZER_FILES
+    from ..export.hf import TOKENIZER_FILES, holds_tokenizer, read_tokenizer
 
     tokenizer_dir = tokenizer_dir or model_dir
     for flag, path in (("model", model_dir), ("tokenizer", tokenizer_dir)):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{flag} directory {path} does not exist")
-    if not any(os.path.exists(os.path.join(tokenizer_dir, name)) for name in TOKENIZER_FILES):
+    if not holds_tokenizer(tokenizer_dir):
         raise FileNotFoundError(f"tokenizer directory {tokenizer_dir} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): "
                                 "save the teacher's tokenizer there or pass tokenizer_dir= (--tokenizer DIR)")
     model, info = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True,
@@ -127,11 +127,7 @@ def load_classifier(model_dir: str, tokenizer_dir: Optional[str] = None):
         raise ValueError(f"model directory {model_dir} lacks weights of the classifier ({', '.join(missing[:4])}"
                          f"{', ...' if len(missing) > 4 else ''}), which would be drawn at random: save the "
                          "fine-tuned sequence classifier itself with save_pretrained")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"tokenizer directory {tokenizer_dir} cannot be read as a tokenizer ({first})") from None
+    tokenizer = read_tokenizer(tokenizer_dir, f"tokenizer directory {tokenizer_dir}")
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, the model in {model_dir} "

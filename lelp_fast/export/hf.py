@@ -89,18 +89,12 @@ def export_hf(student, out_dir: str, *, n_subclasses: int, tau: float = 1.0,
 def _resolve_tokenizer(tokenizer, source_dir: Optional[str]):
     """The tokenizer to save beside the classifier, read before anything is written: a directory given
     (--tokenizer) must hold one (a missing one went to the hub, after the model was written)."""
-    from transformers import AutoTokenizer
-
     if isinstance(tokenizer, (str, os.PathLike)):
         path = os.fspath(tokenizer)
-        if not os.path.isdir(path) or not any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES):
+        if not os.path.isdir(path) or not holds_tokenizer(path):
             raise FileNotFoundError(f"tokenizer {path} (--tokenizer): not a directory holding a saved tokenizer "
                                     f"({', '.join(TOKENIZER_FILES)})")
-        try:
-            return AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"tokenizer {path} (--tokenizer) cannot be read as a tokenizer ({first})") from None
+        return read_tokenizer(path, f"tokenizer {path} (--tokenizer)")
     if tokenizer is None and source_dir is not None:
         return _saved_tokenizer(source_dir)
     return tokenizer
@@ -111,12 +105,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "sentencepiece.bpe.model", "tokenizer.model")
 
 
+def holds_tokenizer(directory: str) -> bool:
+    """Whether ``directory`` holds a saved tokenizer's files (without them transformers builds one from
+    a model's config alone, with no vocabulary)."""
+    return any(os.path.exists(os.path.join(directory, name)) for name in TOKENIZER_FILES)
+
+
+def read_tokenizer(directory: str, what: str):
+    """The tokenizer saved in ``directory``, never from the hub; an unreadable one is one line naming ``what``."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{what} cannot be read as a tokenizer ({first})") from None
+
+
 def _saved_tokenizer(directory: str):
     """The tokenizer saved in a student's directory, or None (with a warning) where none is: transformers
     builds one from the model's config alone, with no vocabulary, that maps every word to [UNK]."""
     from transformers import AutoTokenizer
 
-    if any(os.path.exists(os.path.join(directory, name)) for name in TOKENIZER_FILES):
+    if holds_tokenizer(directory):
         try:
             return AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError):

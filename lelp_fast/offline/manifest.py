@@ -77,19 +77,25 @@ def check_settings(path: str, found: dict, wanted: dict) -> None:
     raise ValueError(f"{path}: {why} ({details}); write to a new output directory or remove this one")
 
 
+def file_problem(directory: str, info: dict, checksums: bool = True) -> Optional[str]:
+    """Why a recorded file (``{"file", "bytes", checksums}``: a shard's, a capture's head) is not intact
+    (missing, of the wrong size, or with another checksum when ``checksums``), or None."""
+    path = os.path.join(directory, info["file"])
+    if not os.path.exists(path):
+        return f"{path} is recorded as written but is missing"
+    size = os.path.getsize(path)
+    if size != info["bytes"]:
+        return f"{path} is truncated or corrupt: {size} bytes, expected {info['bytes']}"
+    failed = checksums and checksum.file_mismatch(path, info)
+    return f"{path} is corrupt: its {failed} checksum does not match the record" if failed else None
+
+
 def shard_problem(directory: str, entry: dict, checksums: bool = True) -> Optional[str]:
-    """Why a recorded shard is not intact (a file missing, of the wrong size, or with another
-    checksum when ``checksums``), or None."""
+    """Why a recorded shard is not intact (``file_problem`` of its first damaged file), or None."""
     for info in entry["files"].values():
-        path = os.path.join(directory, info["file"])
-        if not os.path.exists(path):
-            return f"shard file {path} is recorded as written but is missing"
-        size = os.path.getsize(path)
-        if size != info["bytes"]:
-            return f"shard file {path} is truncated or corrupt: {size} bytes, expected {info['bytes']}"
-        failed = checksums and checksum.file_mismatch(path, info)
-        if failed:
-            return f"shard file {path} is corrupt: its {failed} checksum does not match the record"
+        problem = file_problem(directory, info, checksums)
+        if problem:
+            return f"shard file {problem}"
     return None
 
 
