@@ -24,6 +24,10 @@ from .io.integrity import publish_mode, remove_stale_temps, temp_prefix, tensors
 from .io.sources import DEFAULT_CHUNK_BYTES, ArraySource, EmbeddingSource, SourceLike, as_source
 from .ops.targets import lelp_targets
 
+# Heads of one teacher stored in different dtypes (a capture in bf16, a fit from an fp32 one) differ by
+# the rounding, under 2^-8 of the head's largest value; another teacher's head differs by about its size.
+SAME_HEAD_TOLERANCE = 1e-2
+
 __version__ = "0.1.0"
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -291,6 +295,26 @@ class LELPProjector:
             out_dtype=out_dtype,
             backend=backend,
         )
+
+    def require_same_teacher(self, source: EmbeddingSource) -> None:
+        """Refuses a source whose stored teacher head (a capture's) is not the head this projector was
+        fitted with: its embeddings are another teacher's, where the directions mean nothing, though
+        the widths agree. A head is the teacher's, the same on every split of its data."""
+        stored = source.head() if self.head_weight is not None and hasattr(source, "head") else None
+        if stored is None:
+            return
+        w, b = (torch.as_tensor(t).to(torch.float32) for t in stored)
+        if w.shape == self.head_weight.shape and b.shape == self.head_bias.shape:
+            scale = max(float(self.head_weight.abs().max()), float(self.head_bias.abs().max()), 1e-30)
+            gap = max(float((w - self.head_weight).abs().max()), float((b - self.head_bias).abs().max()))
+            if gap <= SAME_HEAD_TOLERANCE * scale:
+                return
+            found = f"differs from the projector's by up to {gap:.3g}"
+        else:
+            found = f"is {tuple(w.shape)}, the projector's {tuple(self.head_weight.shape)}"
+        where = getattr(source, "directory", "the source")
+        raise ValueError(f"{where}: its teacher head {found}, so its embeddings are another teacher's; fit a "
+                         "projector on this teacher's capture")
 
     def captured_variance(self) -> torch.Tensor:
         """Per class, the fraction of total variance along the top-S directions (C,)."""

@@ -359,3 +359,41 @@ def test_the_documented_imports_and_no_import_circle():
                 assert "capture" not in (node.module or ""), f"{path.name} imports {node.module}"
     with pytest.raises(ValueError, match="is not a finished capture"):
         as_source(str(io_dir))  # a directory that is not a capture
+
+
+def test_targets_refuse_a_projector_fitted_on_another_teachers_capture(tmp_path):
+    """A projector fitted on teacher A's capture gave targets from teacher B's capture of the same
+    width without an error (a session-59 walkthrough). The stored heads tell the teachers apart; a
+    capture of the same teacher on another split is taken, even with its head in bf16."""
+    dl, _, _ = loader(n=200, batch=50)
+    for name, seed in (("a", 0), ("b", 5)):
+        capture(tiny_teacher(hidden=16, seed=seed), dl, str(tmp_path / name), dtype="float32")
+    projector = LELPProjector(2).fit(str(tmp_path / "a"))
+    refused = r"/b: its teacher head differs from the projector's by up to .*another teacher's; fit a projector"
+    with pytest.raises(ValueError, match=refused):
+        generate_targets(projector, str(tmp_path / "b"), str(tmp_path / "targets-b"), dtype="float32")
+    assert not os.path.exists(tmp_path / "targets-b")
+    other_split, _, _ = loader(n=120, batch=40, seed=9)
+    teacher = tiny_teacher(hidden=16, seed=0)
+    capture(teacher, other_split, str(tmp_path / "a-test"), dtype="float32")
+    assert generate_targets(projector, str(tmp_path / "a-test"), str(tmp_path / "t"), dtype="float32")["n_rows"] == 120
+    capture(teacher.to(torch.bfloat16), other_split, str(tmp_path / "a-bf16"), dtype="float32",
+            forward=lambda m, b: (m[1](m[0](b[0].bfloat16())).float(), m(b[0].bfloat16()).float(), b[1]))
+    assert generate_targets(projector, str(tmp_path / "a-bf16"), str(tmp_path / "t16"), dtype="float32")["n_rows"] == 120
+
+
+def test_labels_out_of_the_teachers_range_are_refused_at_the_batch_that_holds_them(tmp_path):
+    """Labels 1..C (or any outside [0, C)) were captured and refused only by the fit, after the whole
+    teacher pass; -100 (an unlabelled row, as the loss's ignore_index) is kept."""
+    dl, x, y = loader()
+    shifted = y.clone()
+    shifted[64] = 3  # three classes: 0, 1, 2
+    with pytest.raises(ValueError, match=r"label 3 of dataset row 64 \(batch 6\) is outside \[0, 2\]"):
+        capture(tiny_teacher(), DataLoader(TensorDataset(x, shifted), batch_size=10), str(tmp_path / "bad"),
+                dtype="float32")
+    assert not os.path.exists(tmp_path / "bad" / "manifest.json")
+    unlabelled = y.clone()
+    unlabelled[5] = -100
+    manifest = capture(tiny_teacher(), DataLoader(TensorDataset(x, unlabelled), batch_size=10),
+                       str(tmp_path / "ok"), dtype="float32")
+    assert manifest["n_rows"] == 103

@@ -135,6 +135,19 @@ def test_online_training_from_the_captured_embeddings(stored, tmp_path):
 
 # ---- issue 20: a rerun keeps its promises -------------------------------------------------------
 
+def test_online_targets_refuse_a_projector_of_another_teacher(stored, tmp_path):
+    """As generate_targets does (tests/test_capture.py): the capture's head against the projector's."""
+    from lelp_fast.train import OnlineTargets
+
+    cap = str(stored["tmp"] / "cap")
+    w, b = CaptureSource(cap).head()
+    g = torch.Generator().manual_seed(3)
+    projector = LELPProjector(2).fit(cap, head_weight=torch.randn(w.shape, generator=g), head_bias=b)
+    with pytest.raises(ValueError, match="its teacher head differs from the projector's"):
+        distill(student(), stored["train"], OnlineTargets(projector, cap), str(tmp_path / "online"), num_classes=2,
+                n_subclasses=2, settings=TrainSettings(epochs=1, tensorboard=False))
+
+
 def test_rerun_over_a_finished_run_loads_its_weights_into_the_student_passed_in(stored, tmp_path):
     out = str(tmp_path / "run")
     _run(stored, out)

@@ -251,6 +251,7 @@ class _BatchChecks:
                              f"{tuple(logits.shape)}, labels {tuple(labels.shape)}; expected (B, d), (B, C), (B,)")
         if labels.dtype.is_floating_point:
             raise ValueError(f"batch {batch}: labels must be integers, got {labels.dtype}")
+        _check_labels(labels, logits.shape[1], batch, rows_before)
         widths = (emb.shape[1], logits.shape[1])
         if self.widths is None:
             self.widths = widths
@@ -268,6 +269,20 @@ class _BatchChecks:
                                  "that row") from None
         _check_range(emb, self.dtype, batch, rows_before)
         return emb, logits, labels.detach().to(torch.int64).cpu()
+
+
+UNLABELLED = -100  # a row without a label: the loss's ignore_index (lelp_fast.ops.distill_loss)
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, batch: int, rows_before: Optional[int]) -> None:
+    """Labels in [0, C) or UNLABELLED: others (1..C, say) would be refused only by the fit, after the
+    whole teacher pass."""
+    bad = torch.nonzero((labels != UNLABELLED) & ((labels < 0) | (labels >= num_classes))).flatten()
+    if bad.numel():
+        row = int(bad[0])
+        raise ValueError(f"label {int(labels[row])} of {_where(row, rows_before, batch)} is outside [0, "
+                         f"{num_classes - 1}] (the teacher's {num_classes} classes; {UNLABELLED} marks a row without "
+                         "a label)")
 
 
 def _check_range(emb: torch.Tensor, dtype: torch.dtype, batch: int, rows_before: Optional[int]) -> None:

@@ -79,6 +79,7 @@ def generate_targets(
     src = as_source(source)
     if src.dim is not None and src.dim != projector.dim:
         raise ValueError(f"the source has d={src.dim} but the projector was fitted with d={projector.dim}")
+    projector.require_same_teacher(src)
     rank, world = rank_world(process_group)
     settings = _settings(projector, src, format, dtype, compact, beta, tau, chunk_bytes)
 

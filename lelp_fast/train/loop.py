@@ -253,6 +253,7 @@ def _online_data(train_data, targets: "OnlineTargets", num_classes: int, n_subcl
         return loss(out, labels=y, embeddings=h, teacher_logits=z, return_components=True)
 
     data = CaptureDataset(targets.capture_dir, train_data)
+    projector.require_same_teacher(data.source)
     digest = {"projector": projector_digest(projector), "capture": data.source.fingerprint()}
     return data, online, digest
 
