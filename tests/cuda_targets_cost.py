@@ -160,9 +160,9 @@ def trips_of(statement: str, p: TargetsPath, resident: bool, tile_rows: int = RO
         "for (int k = lane; k < K; k += 32)": -(-K // 32),
         # lelp/row_math.h: shift_class_logits over a row's C class logits, subclass_log_softmax over a class's S
         "for (int i = 0; i < n; ++i) m = fmax_(m, x[i * stride]);": C,
-        "for (int i = 0; i < n; ++i) acc += fast_exp(x[i * stride] = (x[i * stride] - m) * scale);": C,
+        "for (int i = 0; i < n; ++i) acc += softmax_exp(x[i * stride] = (x[i * stride] - m) * scale);": C,
         "for (int i = 0; i < n; ++i) m = fmax_(m, x[i]);": S,
-        "for (int i = 0; i < n; ++i) acc += fast_exp((x[i] - m) * scale);": S,
+        "for (int i = 0; i < n; ++i) acc += softmax_exp((x[i] - m) * scale);": S,
         "for (int i = 0; i < n; ++i) out[i] = ((x[i] - m) * scale - lse) + offset;": S,
     }
     for key, trips in table.items():
