@@ -379,7 +379,8 @@ def test_targets_refuse_a_projector_fitted_on_another_teachers_capture(tmp_path)
     assert generate_targets(projector, str(tmp_path / "a-test"), str(tmp_path / "t"), dtype="float32")["n_rows"] == 120
     capture(teacher.to(torch.bfloat16), other_split, str(tmp_path / "a-bf16"), dtype="float32",
             forward=lambda m, b: (m[1](m[0](b[0].bfloat16())).float(), m(b[0].bfloat16()).float(), b[1]))
-    assert generate_targets(projector, str(tmp_path / "a-bf16"), str(tmp_path / "t16"), dtype="float32")["n_rows"] == 120
+    manifest = generate_targets(projector, str(tmp_path / "a-bf16"), str(tmp_path / "t16"), dtype="float32")
+    assert manifest["n_rows"] == 120
 
 
 def test_labels_out_of_the_teachers_range_are_refused_at_the_batch_that_holds_them(tmp_path):
