@@ -42,6 +42,7 @@
 //          mma(acc, a, b) (acc += a b); store(warp, float*, acc, ld)
 #pragma once
 
+#include <cstring>
 #include <type_traits>
 
 #include "cpu/targets.h"
@@ -207,25 +208,47 @@ inline bool tile_vector_loads(const TargetsArgs& a) {
          (a.d * elem) % 16 == 0;
 }
 
+// 16 zero bytes at p (16-byte aligned): one 16-byte store on the GPU.
+template <class T>
+LELP_HD void zero16(T* p) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<uint4*>(p) = make_uint4(0, 0, 0, 0);
+#else
+  std::memset(p, 0, 16);
+#endif
+}
+
 // Issues the copies of the embeddings' columns k0 .. k0 + kStep - 1 into x (kTileRows rows, leading
-// dimension kLd; zeros outside). kVec (tile_vector_loads): a chunk of V is one 16-byte copy or
-// zeros, so the loop has no element-by-element path; otherwise element by element.
+// dimension kLd; zeros outside). kVec (tile_vector_loads): a chunk of V is one 16-byte copy or 16
+// zero bytes; a thread's chunks lie kRowsApart rows apart in one column, so one source and one
+// destination are worked out a step and the rest sit at constant offsets from them (a division, a
+// row check and a 64-bit product a chunk before, in a loop). Otherwise element by element.
 template <class Block, class Mma, bool kVec, int kStep = kStepK, int kLd = kLdX, int kTileRows = kRows>
 LELP_DEV void stage_embeddings(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0,
                                typename Mma::Raw* x) {
   using Raw = typename Mma::Raw;
-  constexpr int V = Mma::kVec;
+  constexpr int V = Mma::kVec, kChunksPerRow = kStep / V;
   const Raw* emb = static_cast<const Raw*>(a.embeddings);  // raw words of the embeddings' type
-#pragma unroll 1  // a few chunks a thread (tests/cuda_targets_cost.py counts a loop's body once per trip)
-  for (int i = b.thread(); i < kTileRows * kStep / V; i += kThreads) {
-    const int r = i / (kStep / V), k = i % (kStep / V) * V;
-    const int64_t row = row0 + r, col = k0 + k;
+  if constexpr (kVec) {
+    static_assert(kThreads % kChunksPerRow == 0 && kTileRows * kChunksPerRow % kThreads == 0, "whole rows of chunks");
+    constexpr int kRowsApart = kThreads / kChunksPerRow, Q = kTileRows * kChunksPerRow / kThreads;
+    const int r = b.thread() / kChunksPerRow, k = b.thread() % kChunksPerRow * V;
+    const bool in_columns = k0 + k < a.d;  // d is a multiple of V
+    const int64_t rows_left = a.n - (row0 + r);
+    const Raw* src = emb + (row0 + r) * a.emb_stride + k0 + k;
     Raw* at = x + r * kLd + k;
-    if constexpr (kVec) {
-      if (row < a.n && col < a.d) b.copy16(at, emb + row * a.emb_stride + col);
-      else
-        for (int e = 0; e < V; ++e) at[e] = Raw{0};
-    } else {
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      Raw* to = at + q * kRowsApart * kLd;
+      if (in_columns && q * kRowsApart < rows_left) b.copy16(to, src + q * kRowsApart * a.emb_stride);
+      else zero16(to);
+    }
+  } else {
+#pragma unroll 1  // a few chunks a thread (tests/cuda_targets_cost.py counts a loop's body once per trip)
+    for (int i = b.thread(); i < kTileRows * kStep / V; i += kThreads) {
+      const int r = i / kChunksPerRow, k = i % kChunksPerRow * V;
+      const int64_t row = row0 + r, col = k0 + k;
+      Raw* at = x + r * kLd + k;
       for (int e = 0; e < V; ++e) at[e] = row < a.n && col + e < a.d ? emb[row * a.emb_stride + col + e] : Raw{0};
     }
   }
