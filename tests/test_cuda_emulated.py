@@ -370,8 +370,8 @@ def test_cuda_streaming_tile_keeps_64_rows_where_two_128_row_blocks_do_not_fit(b
 def test_cuda_streaming_tile_of_128_rows_fits_two_blocks_an_sm(cuda_emulator):
     """The 128-row form's shared memory: at its widest map with the head (160 columns, 16-bit) the
     projections (128 rows of 160 + 1 floats) over two stages of 128 x 40 embeddings and 32 x 168 of
-    each map part; two blocks fit an SM on sm_80 and sm_90 (228 KB on sm_90, 164 KB on sm_80, 1 KB a
-    block reserved). Given logits can widen the projections past the map (K + C columns): 20 x 8
+    each map part (the 128-row form's map stage is 168 wide at any map: tile::kPairedLdW); two blocks
+    fit an SM on sm_80 and sm_90 (228 KB on sm_90, 164 KB on sm_80, 1 KB a block reserved). Given logits can widen the projections past the map (K + C columns): 20 x 8
     (184) pairs on sm_90, not on sm_80; 80 x 2 (240) on neither, and would need 123,392 B (over a
     99 KB card's opt-in). Rows copied by element keep the 64-row form, whose two stages outweigh its
     projections."""
@@ -385,8 +385,8 @@ def test_cuda_streaming_tile_of_128_rows_fits_two_blocks_an_sm(cuda_emulator):
     assert cuda_emulator.tile_smem_bytes(2, 160, 80, 2, smem_per_sm=sm90) == 4 * 64 * 241
     # fp32 (4-byte embeddings, each step split into bf16 hi + lo): its stages outweigh the projections;
     # two 128-row blocks fit sm_90, not sm_80 (64 rows there)
-    fp32_paired = 2 * (128 * 40 * 4 + 2 * 2 * 32 * 152) + 2 * 2 * 128 * 40
-    assert cuda_emulator.tile_smem_bytes(4, 144, 16, 8) == fp32_paired == 100_352
+    fp32_paired = 2 * (128 * 40 * 4 + 2 * 2 * 32 * 168) + 2 * 2 * 128 * 40  # the 128-row form's map: 168 a row
+    assert cuda_emulator.tile_smem_bytes(4, 144, 16, 8) == fp32_paired == 104_448
     fp32_64_rows = 2 * (64 * 40 * 4 + 2 * 2 * 32 * 152) + 2 * 2 * 64 * 40
     assert cuda_emulator.tile_smem_bytes(4, 144, 16, 8, smem_per_sm=sm80) == fp32_64_rows
     for c, s, head in [(16, 8, True), (10, 15, True), (20, 8, False), (80, 2, False), (4, 4, True)]:

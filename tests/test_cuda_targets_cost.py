@@ -32,6 +32,8 @@ OVER_BUDGET = {("bf16", 16, 8, True), ("bf16", 16, 8, False), ("fp32", 16, 8, Tr
 # The modelled (H100, H200) time over the floor at 2026-12-06 (session 60): a change that makes a path
 # slower by more than 3 % fails test_cuda_targets_cost_does_not_regress (update the figures when it
 # is faster). The rows below fail the earlier sets:
+# * session 60's second (the 128-row tile's map stage at the map's own leading dimension, ld_w): K = 128
+#   bf16 (1.621, 2.323), (1.589, 2.277), fp32 (1.177, 1.687), (1.152, 1.651);
 # * session 60's first (the embeddings' chunks staged in a loop, a division and a row check each):
 #   K = 128 bf16 (1.717, 2.460), (1.683, 2.412), fp32 (1.297, 1.859), (1.270, 1.820);
 # * session 54's (the log-softmaxes' expf and logf): K = 128 bf16 (1.788, 2.562) with the head, (1.753,
@@ -45,8 +47,8 @@ OVER_BUDGET = {("bf16", 16, 8, True), ("bf16", 16, 8, False), ("fp32", 16, 8, Tr
 #   fp32 (4.096, 5.869), (3.831, 5.489).
 RECORDED = {("bf16", 4, 4, True): (1.000, 1.000), ("bf16", 4, 4, False): (1.000, 1.000),
             ("fp32", 4, 4, True): (1.000, 1.000), ("fp32", 4, 4, False): (1.000, 1.000),
-            ("bf16", 16, 8, True): (1.621, 2.323), ("bf16", 16, 8, False): (1.589, 2.277),
-            ("fp32", 16, 8, True): (1.177, 1.687), ("fp32", 16, 8, False): (1.152, 1.651)}
+            ("bf16", 16, 8, True): (1.525, 2.185), ("bf16", 16, 8, False): (1.494, 2.140),
+            ("fp32", 16, 8, True): (1.125, 1.612), ("fp32", 16, 8, False): (1.101, 1.577)}
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +158,16 @@ def test_streaming_k_slice_loads_b_fragments_at_constant_offsets(modelled):
     %laneid and the leading dimension again (ptxas's expansion of wmma.load.b, rematerialised at 128
     registers): 10.2 (bf16) and 10.8 (fp32) instructions besides the HMMAs and LDSMs per B fragment in
     the k-slice loop. The lane's address is now made once a step (Mma::b_at) and each fragment loads
-    at an offset from it: 5.1 and 5.3."""
+    at an offset from it: 5.1 and 5.3; and since session 60 the 128-row tile's map stage has a constant
+    leading dimension (tile::kPairedLdW), so the offsets are immediates: 4.4 and 4.6 (what is left is
+    chiefly the guards of the fragments past the map's width)."""
     for path in model.COST_PATHS:
         e = modelled[path]
         if e["form"] == "streaming":
             opcodes = _streaming_loop(e, "for (int kk = 0; kk < kStep; kk += Mma::kK)")
             b_loads = opcodes["LDSM.16.MT88.4"]
             other = sum(n for op, n in opcodes.items() if not op.startswith(("HMMA", "LDSM")))
-            assert b_loads == 10 and other <= 7 * b_loads, opcodes
+            assert b_loads == 10 and other <= 4.8 * b_loads, opcodes
 
 
 def test_a_loop_without_a_trip_count_fails_the_model():

@@ -88,6 +88,16 @@ constexpr int kMapBytes = 2;  // a map entry's part (Mma::Stage: bf16 or fp16)
 // (132 registers in bf16 on sm_90), do not.
 constexpr int kPairedFrags = 5;
 constexpr int kPairedMaxCols = 2 * 16 * kPairedFrags;
+// The 128-row tile's map stage has a constant leading dimension, its widest map's: the step's B
+// fragments and map copies then sit at constant offsets (immediates of their loads and copies),
+// where a run-time ld_w cost an address computation each (about 5 % of the tile's instructions at
+// K = 128). 168 elements (84 words) a row keep ldmatrix's 8 rows on distinct banks.
+constexpr int kPairedLdW = kPairedMaxCols + 8;
+
+// The leading dimension of the streaming tile's map stage at tile_rows rows a tile.
+LELP_HD int stage_ld_w(const TargetsArgs& a, int64_t tile_rows) {
+  return tile_rows == 2 * kRows ? kPairedLdW : ld_w(a);
+}
 
 // Shared memory an SM has for blocks (sm_90's 228 KB; sm_80's 164 KB, sm_86/89's 100 KB), and what
 // the driver keeps of it for each block.
@@ -97,7 +107,7 @@ constexpr int64_t kSmemReservedPerBlock = 1024;
 // Bytes of one stage of a tile of tile_rows: the embeddings (emb_bytes an element: 2 for
 // bf16/fp16, 4 for fp32), then the map's hi and lo parts; every part is a multiple of 32 bytes.
 LELP_HD int64_t stage_bytes(const TargetsArgs& a, int emb_bytes, int64_t tile_rows) {
-  return tile_rows * kLdX * emb_bytes + 2 * kMapBytes * int64_t{kStepK} * ld_w(a);
+  return tile_rows * kLdX * emb_bytes + 2 * kMapBytes * int64_t{kStepK} * stage_ld_w(a, tile_rows);
 }
 
 // Bytes of the hi and lo parts fp32 embeddings (emb_bytes 4) are split into, a step of rows x ld; 0 otherwise.
@@ -291,14 +301,14 @@ LELP_DEV void stage_map(const Block& b, const TargetsArgs& a, int64_t k0, int ro
 // (a row has at most kMaxTileCols / 8 = 32). No division (MapChunks took two a step); lanes past
 // the row's chunks idle. kUnroll: the rows unrolled (kStepK / kWarps: in the 128-row tile) or one
 // at a time (1: the 64-row tile, whose 8 fp16 accumulators left the unrolled addresses no room:
-// 128 registers on sm_80).
-template <class Block, class Mma, int kUnroll>
+// 128 registers on sm_80). kLdW: the stage's leading dimension (0: ld_w(a), at run time).
+template <class Block, class Mma, int kUnroll, int kLdW = 0>
 LELP_DEV void stage_map_step(const Block& b, const TargetsArgs& a, int64_t k0, typename Mma::Stage* wh,
                              typename Mma::Stage* wl) {
   using Stage = typename Mma::Stage;
   static_assert(sizeof(Stage) == 2 && kMaxTileCols / 8 <= 32, "a row's 16-byte chunks across a warp's lanes");
   static_assert(kStepK % kWarps == 0, "whole rows a warp");
-  const int cols = split_cols(a.J), ldw = ld_w(a), lane = b.thread() % 32, warp = b.thread() / 32;
+  const int cols = split_cols(a.J), ldw = kLdW > 0 ? kLdW : ld_w(a), lane = b.thread() % 32, warp = b.thread() / 32;
   if (lane >= cols / 8) return;
   // the lane's chunk of the warp's first row, and the others at 32-bit offsets from it (a pointer a
   // row kept live took registers the accumulators need)
@@ -323,10 +333,12 @@ LELP_DEV typename Mma::Stage* stage_map_hi(char* stage) {
 // and commits them as this thread's group.
 template <class Block, class Mma, bool kVec, int kTileRows>
 LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, char* stage) {
+  constexpr bool kPaired = kTileRows == 2 * kRows;
   typename Mma::Stage* wh = stage_map_hi<Mma, kTileRows>(stage);
   stage_embeddings<Block, Mma, kVec, kStepK, kLdX, kTileRows>(b, a, row0, k0,
                                                               reinterpret_cast<typename Mma::Raw*>(stage));
-  stage_map_step<Block, Mma, kTileRows == kRows ? 1 : kStepK / kWarps>(b, a, k0, wh, wh + kStepK * ld_w(a));
+  stage_map_step<Block, Mma, kPaired ? kStepK / kWarps : 1, kPaired ? kPairedLdW : 0>(
+      b, a, k0, wh, wh + kStepK * stage_ld_w(a, kTileRows));
   b.commit();
 }
 
@@ -346,19 +358,20 @@ LELP_DEV void split_step(const Block& b, const typename Mma::Raw* x, typename Mm
 }
 
 // A step's products into the warp's accumulators: xh the staged embeddings (leading dimension kLd;
-// fp32's hi part, xl its lo part), wh / wl the step's kStep map rows (leading dimension ld_w);
+// fp32's hi part, xl its lo part), wh / wl the step's kStep map rows (leading dimension kLdW, or ld_w);
 // fragment i is map columns 16 (set + 2 i) .. + 15 (those below the padded map's width are live).
 // kUnroll: the k slices unrolled (1: one after another); kCols: the padded map width as a constant
-// (0: at run time); kRowFrags row fragments a warp, each with kFrags accumulators (at most).
+// (0: at run time); kRowFrags row fragments a warp, each with kFrags accumulators (at most); kLdW:
+// wh's and wl's leading dimension (0: the padded map width plus 8, at run time where kCols is 0).
 template <class Mma, int kStep = kStepK, int kLd = kLdX, int kUnroll = 1, int kCols = 0, int kRowFrags = 1,
-          int kFrags = kFragsPerWarp<kCols>>
+          int kFrags = kFragsPerWarp<kCols>, int kLdW = 0>
 LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::Stage* xh,
                             const typename Mma::Stage* xl, const typename Mma::Stage* wh,
                             const typename Mma::Stage* wl, typename Mma::Acc* acc) {
   // (warp / 4) & 1 is warp / 4 for the block's 8 warps, and lets the compiler drop the fragment
   // guards that always hold (set + 2 i < frags)
   static_assert(kWarps == 8, "4 row groups x 2 column sets");
-  const int cols = tile_cols<kCols>(a), ldw = cols + 8, frags = cols / 16, set = (warp / 4) & 1;
+  const int cols = tile_cols<kCols>(a), ldw = kLdW > 0 ? kLdW : cols + 8, frags = cols / 16, set = (warp / 4) & 1;
   if (kFrags == 1 && set >= frags) return;  // a 16-column map: the second column set has no fragment
   // the B fragments' addresses, once a step: fragment i of k slice kk at constant offsets from them
   const typename Mma::BAt bh_at = Mma::b_at(wh + set * 16, ldw), bl_at = Mma::b_at(wl + set * 16, ldw);
@@ -444,7 +457,9 @@ LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row
       b.sync();
       xh = split_hi, xl = split_lo;
     }
-    step_products<Mma, kStepK, kLdX, 1, 0, kRowFrags, kFrags>(a, warp, xh, xl, wh, wh + kStepK * ld_w(a), acc);
+    constexpr int kLdW = kRowFrags == 2 ? kPairedLdW : 0;  // stage_ld_w
+    step_products<Mma, kStepK, kLdX, 1, 0, kRowFrags, kFrags, kLdW>(a, warp, xh, xl, wh,
+                                                                    wh + kStepK * stage_ld_w(a, kTileRows), acc);
     b.sync();  // the next step's copies overwrite this stage, its split parts the split (and u overwrites all)
   }
   store_projections<Block, Mma, 0, kRowFrags, kFrags>(b, a, acc, u);
