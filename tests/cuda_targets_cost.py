@@ -23,9 +23,10 @@ on H100 and H200 (the constants of lelp_fast/kernels/triton/cost.py):
   on both sides (the shape, the warp's fragments, the dtypes and the edge rows are run-time values
   here, as in production): an upper bound of what a warp issues; code that only a ``CALL`` or
   ``BRA.DIV`` reaches is not counted;
-* tensor-core time: ``2 split_rows(d) pad16(J)`` FLOP per row per product at bf16's 4,096 FLOP per
-  SM and clock (bf16/fp16: h times the map's hi and lo, 2; fp32, h split into bf16 hi + lo too:
-  hi*hi + hi*lo + lo*hi, 3).
+* tensor-core time: ``2 split_rows(d) pad16(J)`` FLOP per row per product (the 128-row streaming
+  tile's 2 x 16 x paired_frags columns, 160 at J = 144) at bf16's 4,096 FLOP per SM and clock
+  (bf16/fp16: h times the map's hi and lo, 2; fp32, h split into bf16 hi + lo too: hi*hi + hi*lo +
+  lo*hi, 3).
 
 Modelled time = the slowest of the HBM, L2, issue, MUFU and tensor cores; the budget is 1.25x the floor
 (h, the logits and the output moved once). ``python tests/cuda_targets_cost.py`` prints the table
@@ -105,7 +106,7 @@ def layouts(paths: List[TargetsPath]) -> Dict[TargetsPath, dict]:
             f"const int rf = streaming_row_frags(a, {stage}, true, kSm90SmemPerSm); "
             f'std::printf("%d %lld %lld %d %d %d %d %d\\n", r, (long long)(r ? resident_smem_bytes(a, {stage}) '
             f': smem_bytes(a, {stage}, rf)), (long long)split_rows(a.d), split_cols(a.J), resident_cols(a), '
-            f'r ? kRows * resident_row_frags(a, {stage}) : kRows * rf, rf, rf == 2 ? kPairedFrags : kMaxFrags); }}')
+            f'r ? kRows * resident_row_frags(a, {stage}) : kRows * rf, rf, rf == 2 ? paired_frags(a) : kMaxFrags); }}')
     statements.append('std::printf("%d %d %d %d %d\\n", lelp::tile::kThreads, lelp::tile::kRows, lelp::tile::kStepK, '
                       "lelp::tile::kResidentStepK, lelp::tile::kMapBytes);")
     out = cuda_cost.host_program_output("lelp/block_targets.h", statements)
@@ -239,7 +240,10 @@ def model(paths: List[TargetsPath] = COST_PATHS, arch: int = 90) -> Dict[Targets
         per_tile = facts["tile"] + facts["outside"] * blocks / tiles
         instructions = per_tile * THREADS / rows
         mufu = facts["tile_mufu"] * THREADS / rows
-        flops = 2.0 * form["map_rows"] * form["map_cols"] * TYPES[p.dtype].products
+        # the columns the MMAs take: the 128-row streaming tile computes all its 2 x 16 x frags columns
+        # (those past the map's width are not stored: block_targets.h's step_products)
+        mma_cols = 2 * 16 * form["frags"] if not form["resident"] and form["row_frags"] == 2 else form["map_cols"]
+        flops = 2.0 * form["map_rows"] * mma_cols * TYPES[p.dtype].products
         e = {"form": "resident" if form["resident"] else "streaming", **moved, "floor": floor,
              "instructions": instructions, "mufu": mufu, "flops": flops, "smem": form["smem"],
              "inner_loops": facts["inner_loops"], "outer_loops": facts["outer_loops"],

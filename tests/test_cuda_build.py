@@ -139,8 +139,9 @@ def test_targets_tile_runs_on_tensor_cores(sass, arch, form):
     want = {"HalfMmaI13__nv_bfloat16": r"HMMA\.16816\.F32\.BF16", "HalfMmaI6__half": r"HMMA\.16816\.F32\b",
             "SplitFloatMma": r"HMMA\.16816\.F32\.BF16"}
     # with 16-byte rows (kVec) and without; the resident form also at 16, 32 and any padded columns; the
-    # streaming form with 16-byte rows also in 128-row tiles (2 row fragments a warp)
-    per_dtype = 3 if form == "targets_tile_kernel" else 6
+    # streaming form with 16-byte rows also in 128-row tiles (2 row fragments a warp), one for each
+    # count of fragments a warp takes there (tile::paired_frags, 1 to 5)
+    per_dtype = 7 if form == "targets_tile_kernel" else 6
     assert len(tiles) == per_dtype * len(want)
     for part, mma in want.items():
         found = [(n, c) for n, c in tiles.items() if part in n]

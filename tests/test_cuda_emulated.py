@@ -321,7 +321,10 @@ def _targets_and_reference(backend, dtype, num_classes, s, with_head, d, n, seed
 PAIRED_CASES = [(16, 8, True, 104, 333, 128), (10, 15, True, 104, 333, 128), (3, 5, False, 104, 333, 128),
                 (20, 8, False, 104, 333, 128), (11, 15, True, 104, 333, 64), (16, 8, True, 101, 333, 64),
                 (80, 2, False, 104, 333, 64), (16, 8, True, 104, 1, 128), (16, 8, True, 104, 128, 128),
-                (16, 8, False, 104, 129, 128)]
+                (16, 8, False, 104, 129, 128),
+                # the 128-row tile's narrower instantiations (tile::paired_frags 2, 3 and 4), each with a
+                # fragment past the map's width (3, 5 and 7 of 16 columns), computed and not stored
+                (4, 8, True, 104, 200, 128), (8, 8, True, 104, 333, 128), (14, 8, False, 104, 333, 128)]
 
 
 def _streaming_targets(cuda_emulator, backend, dtype, num_classes, s, with_head, d, n, seed):

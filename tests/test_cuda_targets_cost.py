@@ -32,6 +32,8 @@ OVER_BUDGET = {("bf16", 16, 8, True), ("bf16", 16, 8, False), ("fp32", 16, 8, Tr
 # The modelled (H100, H200) time over the floor at 2026-12-06 (session 60): a change that makes a path
 # slower by more than 3 % fails test_cuda_targets_cost_does_not_regress (update the figures when it
 # is faster). The rows below fail the earlier sets:
+# * session 60's third (a run-time guard a fragment in the k slice, every tile 5 fragments a warp):
+#   K = 128 bf16 (1.525, 2.185), (1.494, 2.140), fp32 (1.125, 1.612), (1.101, 1.577);
 # * session 60's second (the 128-row tile's map stage at the map's own leading dimension, ld_w): K = 128
 #   bf16 (1.621, 2.323), (1.589, 2.277), fp32 (1.177, 1.687), (1.152, 1.651);
 # * session 60's first (the embeddings' chunks staged in a loop, a division and a row check each):
@@ -47,8 +49,8 @@ OVER_BUDGET = {("bf16", 16, 8, True), ("bf16", 16, 8, False), ("fp32", 16, 8, Tr
 #   fp32 (4.096, 5.869), (3.831, 5.489).
 RECORDED = {("bf16", 4, 4, True): (1.000, 1.000), ("bf16", 4, 4, False): (1.000, 1.000),
             ("fp32", 4, 4, True): (1.000, 1.000), ("fp32", 4, 4, False): (1.000, 1.000),
-            ("bf16", 16, 8, True): (1.525, 2.185), ("bf16", 16, 8, False): (1.494, 2.140),
-            ("fp32", 16, 8, True): (1.125, 1.612), ("fp32", 16, 8, False): (1.101, 1.577)}
+            ("bf16", 16, 8, True): (1.458, 2.089), ("bf16", 16, 8, False): (1.334, 1.912),
+            ("fp32", 16, 8, True): (1.090, 1.561), ("fp32", 16, 8, False): (1.018, 1.459)}
 
 
 @pytest.fixture(scope="module")
@@ -158,16 +160,18 @@ def test_streaming_k_slice_loads_b_fragments_at_constant_offsets(modelled):
     %laneid and the leading dimension again (ptxas's expansion of wmma.load.b, rematerialised at 128
     registers): 10.2 (bf16) and 10.8 (fp32) instructions besides the HMMAs and LDSMs per B fragment in
     the k-slice loop. The lane's address is now made once a step (Mma::b_at) and each fragment loads
-    at an offset from it: 5.1 and 5.3; and since session 60 the 128-row tile's map stage has a constant
-    leading dimension (tile::kPairedLdW), so the offsets are immediates: 4.4 and 4.6 (what is left is
-    chiefly the guards of the fragments past the map's width)."""
+    at an offset from it: 5.1 and 5.3. Since session 60 the 128-row tile's map stage has a constant
+    leading dimension (tile::kPairedLdW), so the offsets are immediates (4.4 and 4.6), and a warp
+    computes all the fragments of its instantiation (tile::paired_frags) without a run-time guard
+    each, whose warp-synchronous branches were most of what was left: 9 (bf16) and 11 (fp32)
+    instructions a k slice now, for its 8 or 10 B fragments."""
     for path in model.COST_PATHS:
         e = modelled[path]
         if e["form"] == "streaming":
             opcodes = _streaming_loop(e, "for (int kk = 0; kk < kStep; kk += Mma::kK)")
             b_loads = opcodes["LDSM.16.MT88.4"]
             other = sum(n for op, n in opcodes.items() if not op.startswith(("HMMA", "LDSM")))
-            assert b_loads == 10 and other <= 4.8 * b_loads, opcodes
+            assert b_loads == 2 * ((path.j + 31) // 32) and other <= 12 and opcodes["WARPSYNC.ALL"] == 0, opcodes
 
 
 def test_a_loop_without_a_trip_count_fails_the_model():

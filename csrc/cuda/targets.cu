@@ -237,7 +237,7 @@ void launch_tile(const TargetsArgs& a, cudaStream_t stream) {
     return;
   }
   const int row_frags = tile::streaming_row_frags(a, emb_bytes, kVec, device_facts(device).smem_per_sm);
-  tile::with_streaming_layout<kVec>(row_frags, [&](auto row_frags_c, auto frags) {
+  tile::with_streaming_layout<kVec>(a, row_frags, [&](auto row_frags_c, auto frags) {
     constexpr int kRowFrags = decltype(row_frags_c)::value;
     static int opted_in[64] = {};
     const int64_t smem = tile::smem_bytes(a, emb_bytes, kRowFrags), rows = int64_t{tile::kRows} * kRowFrags;

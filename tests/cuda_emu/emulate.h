@@ -201,7 +201,7 @@ void targets_tile_emulated(const TargetsArgs& a) {
             tile::targets_tiles_resident<HostBlock, Mma, kVec, decltype(cols)::value>(b, a, s, blk, kEmulatedBlocks);
           });
         else
-          tile::with_streaming_layout<kVec>(row_frags, [&](auto row_frags_c, auto frags) {
+          tile::with_streaming_layout<kVec>(a, row_frags, [&](auto row_frags_c, auto frags) {
             constexpr int kRowFrags = decltype(row_frags_c)::value;
             if (t == 0) last_tile_rows = tile::kRows * kRowFrags;  // the instantiation that ran
             tile::targets_tiles<HostBlock, Mma, kVec, kRowFrags, decltype(frags)::value>(b, a, s, blk,

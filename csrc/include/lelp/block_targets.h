@@ -85,7 +85,9 @@ constexpr int kMapBytes = 2;  // a map entry's part (Mma::Stage: bf16 or fp16)
 // stream is half of the 64-row tile's. Their 80 accumulator registers leave room for two blocks an
 // SM (128 registers a thread; fp32's split embeddings, a second A fragment a row fragment, too since
 // its fragments load by ldmatrix); 8 fragments of a wider map, or rows copied element by element
-// (132 registers in bf16 on sm_90), do not.
+// (132 registers in bf16 on sm_90), do not. A map of fewer columns takes the instantiation of its
+// own count, paired_frags: without a run-time guard a fragment (step_products), each warp computes
+// all its kFrags, one past the map's width at most.
 constexpr int kPairedFrags = 5;
 constexpr int kPairedMaxCols = 2 * 16 * kPairedFrags;
 // The 128-row tile's map stage has a constant leading dimension, its widest map's: the step's B
@@ -196,14 +198,25 @@ void with_resident_cols(const TargetsArgs& a, F&& f) {
   }
 }
 
+// The fragments a warp of the 128-row tile takes a row fragment: half the map's 16-column fragments,
+// rounded up (1 to kPairedFrags).
+LELP_HD int paired_frags(const TargetsArgs& a) { return (split_cols(a.J) / 16 + 1) / 2; }
+
 // Calls f(std::integral_constant<int, row fragments>{}, std::integral_constant<int, fragments>{}):
 // the one place that maps row_frags (streaming_row_frags) of a call to a streaming-tile instantiation
-// (rows copied by element, kVec false, have one).
+// (rows copied by element, kVec false, have one; the 128-row tile one a paired_frags).
 template <bool kVec, class F>
-void with_streaming_layout(int row_frags, F&& f) {
+void with_streaming_layout(const TargetsArgs& a, int row_frags, F&& f) {
+  using std::integral_constant;
   if constexpr (kVec)
-    if (row_frags == 2) return f(std::integral_constant<int, 2>{}, std::integral_constant<int, kPairedFrags>{});
-  return f(std::integral_constant<int, 1>{}, std::integral_constant<int, kMaxFrags>{});
+    if (row_frags == 2) switch (paired_frags(a)) {
+        case 1: return f(integral_constant<int, 2>{}, integral_constant<int, 1>{});
+        case 2: return f(integral_constant<int, 2>{}, integral_constant<int, 2>{});
+        case 3: return f(integral_constant<int, 2>{}, integral_constant<int, 3>{});
+        case 4: return f(integral_constant<int, 2>{}, integral_constant<int, 4>{});
+        default: return f(integral_constant<int, 2>{}, integral_constant<int, kPairedFrags>{});
+      }
+  return f(integral_constant<int, 1>{}, integral_constant<int, kMaxFrags>{});
 }
 
 // Whether the tensor-core tile takes this call.
@@ -390,8 +403,14 @@ LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::
     }
 #pragma unroll
     for (int i = 0; i < kFrags; ++i) {
+      // The 128-row tile (a constant leading dimension, kPairedLdW, with room for 2 kFrags
+      // fragments; kFrags = paired_frags) computes a fragment past the map's width too (one at
+      // most), from whatever the stage holds past the copied columns: column j of a product reads
+      // column j of B alone, and those accumulators are never stored (store_projections). A
+      // run-time guard cost the k slice a warp-synchronous branch a fragment (4 of the 10
+      // instructions besides its loads and MMAs).
       const int f = set + 2 * i;
-      if (f >= frags) continue;
+      if (kLdW == 0 && f >= frags) continue;
       // the hi part's products before the lo part is loaded: one B fragment live at a time where
       // two row fragments share it (each accumulator still adds hi, lo, then fp32's lo * hi)
       typename Mma::B bh, bl;
