@@ -8,8 +8,8 @@ against what the device takes.
 Gates: the kernel compiles (the interpreter, tests/test_triton.py, runs Python that real Triton
 refuses); its shared memory fits the device's opt-in limit (over it, Triton raises OutOfResources
 at the first launch); ptxas left no spills (a stack frame and LDL/STL in the CUBIN's SASS: spills
-never show in the PTX), save one value a loss kernel may park outside its loops (and the strict
-xfails of ``SPILLS``); the targets kernels use tensor cores and 16-byte copies, and the targets'
+never show in the PTX), save one value a loss kernel may park outside its loops (and the launches
+listed in ``SPILLS``, which must spill); the targets kernels use tensor cores and 16-byte copies, and the targets'
 modelled time at the issue's shapes is within 1.25x the floor (cost.py; save ``TARGETS_OVER_BUDGET``);
 the loss kernel loads and stores rows in vectors. The compiles run in a process pool, once per
 session and Triton version (the oldest one in a subprocess, installed once into a cache directory);
@@ -528,8 +528,9 @@ def _parks_values_outside_loops(facts) -> bool:
     return facts["stack"] <= 16 and facts["local_ops"] <= 4 and facts["local_ops_in_a_loop"] == 0
 
 
-# Launches that spill more than ``_parks_values_outside_loops`` allows, per Triton version, held as strict
-# xfails so that a fix shows: tests/triton_aot_facts/spills.json, {version: [case id]}. What they are
+# Launches that spill more than ``_parks_values_outside_loops`` allows, per Triton version, held so that a
+# fix shows (a listed launch must spill; strict xfails until session 60): tests/triton_aot_facts/spills.json,
+# {version: [case id]}. What they are
 # (docs/benchmarks.md, "The gates compile what the JIT compiles"): since 2026-12-04 the gates specialise
 # each launch as the JIT does (aot._source), at realistic C x S and at d = 768 and 50; the targets then
 # spilled in 254 (Triton 3.6) and 288 (3.9) of 1,680 launches, up to 2.5 KB per thread, two of them the
