@@ -25,7 +25,7 @@ from .io.sources import DEFAULT_CHUNK_BYTES, ArraySource, EmbeddingSource, Sourc
 from .ops.targets import lelp_targets
 
 # Heads of one teacher stored in different dtypes (a capture in bf16, a fit from an fp32 one) differ by
-# the rounding, under 2^-8 of the head's largest value; another teacher's head differs by about its size.
+# the rounding, under 2^-8 of the weight's largest value; another teacher's head differs by about its size.
 SAME_HEAD_TOLERANCE = 1e-2
 
 __version__ = "0.1.0"
@@ -303,18 +303,21 @@ class LELPProjector:
         stored = source.head() if self.head_weight is not None and hasattr(source, "head") else None
         if stored is None:
             return
-        w, b = (torch.as_tensor(t).to(torch.float32) for t in stored)
-        if w.shape == self.head_weight.shape and b.shape == self.head_bias.shape:
-            scale = max(float(self.head_weight.abs().max()), float(self.head_bias.abs().max()), 1e-30)
-            gap = max(float((w - self.head_weight).abs().max()), float((b - self.head_bias).abs().max()))
-            if gap <= SAME_HEAD_TOLERANCE * scale:
-                return
-            found = f"differs from the projector's by up to {gap:.3g}"
-        else:
-            found = f"is {tuple(w.shape)}, the projector's {tuple(self.head_weight.shape)}"
+        w, b = (torch.as_tensor(t).detach().cpu().to(torch.float32) for t in stored)
+        fitted_w, fitted_b = self.head_weight.cpu(), self.head_bias.cpu()
         where = getattr(source, "directory", "the source")
-        raise ValueError(f"{where}: its teacher head {found}, so its embeddings are another teacher's; fit a "
-                         "projector on this teacher's capture")
+        if w.shape != fitted_w.shape or b.shape != fitted_b.shape:
+            raise ValueError(f"{where}: its teacher head is {tuple(w.shape)}, the projector's {tuple(fitted_w.shape)}: "
+                             "its embeddings are another teacher's; fit a projector on this teacher's capture")
+        scale = max(float(fitted_w.abs().max()), 1e-30)  # the bias is held to the weight's scale too
+        gap_w, gap_b = float((w - fitted_w).abs().max()), float((b - fitted_b).abs().max())
+        if gap_w > SAME_HEAD_TOLERANCE * scale:
+            raise ValueError(f"{where}: its teacher head's weight differs from the projector's by up to {gap_w:.3g}, "
+                             "so its embeddings are another teacher's; fit a projector on this teacher's capture")
+        if gap_b > SAME_HEAD_TOLERANCE * max(scale, float(fitted_b.abs().max())):
+            raise ValueError(f"{where}: its teacher head's bias differs from the projector's by up to {gap_b:.3g} (the "
+                             "weights agree): fit the projector with this head's bias (a fit given --head-weight "
+                             "without --head-bias takes a zero bias)")
 
     def captured_variance(self) -> torch.Tensor:
         """Per class, the fraction of total variance along the top-S directions (C,)."""

@@ -369,7 +369,7 @@ def test_targets_refuse_a_projector_fitted_on_another_teachers_capture(tmp_path)
     for name, seed in (("a", 0), ("b", 5)):
         capture(tiny_teacher(hidden=16, seed=seed), dl, str(tmp_path / name), dtype="float32")
     projector = LELPProjector(2).fit(str(tmp_path / "a"))
-    refused = r"/b: its teacher head differs from the projector's by up to .*another teacher's; fit a projector"
+    refused = r"/b: its teacher head's weight differs from the projector's by up to .*another teacher's; fit a"
     with pytest.raises(ValueError, match=refused):
         generate_targets(projector, str(tmp_path / "b"), str(tmp_path / "targets-b"), dtype="float32")
     assert not os.path.exists(tmp_path / "targets-b")
@@ -381,6 +381,10 @@ def test_targets_refuse_a_projector_fitted_on_another_teachers_capture(tmp_path)
             forward=lambda m, b: (m[1](m[0](b[0].bfloat16())).float(), m(b[0].bfloat16()).float(), b[1]))
     manifest = generate_targets(projector, str(tmp_path / "a-bf16"), str(tmp_path / "t16"), dtype="float32")
     assert manifest["n_rows"] == 120
+    w, b = CaptureSource(str(tmp_path / "a")).head()  # the same weights, the bias left out of the fit
+    without_bias = LELPProjector(2).fit(str(tmp_path / "a"), head_weight=w)
+    with pytest.raises(ValueError, match=r"/a-test: its teacher head's bias differs .*without --head-bias"):
+        generate_targets(without_bias, str(tmp_path / "a-test"), str(tmp_path / "t0"), dtype="float32")
 
 
 def test_labels_out_of_the_teachers_range_are_refused_at_the_batch_that_holds_them(tmp_path):
@@ -398,3 +402,11 @@ def test_labels_out_of_the_teachers_range_are_refused_at_the_batch_that_holds_th
     manifest = capture(tiny_teacher(), DataLoader(TensorDataset(x, unlabelled), batch_size=10),
                        str(tmp_path / "ok"), dtype="float32")
     assert manifest["n_rows"] == 103
+    with pytest.raises(ValueError, match=r'= -100 is out of range.*fit with assign="teacher"'):
+        LELPProjector(2).fit(str(tmp_path / "ok"))
+    assert LELPProjector(2, assign="teacher").fit(str(tmp_path / "ok")).fit_info["rows"] == 103
+    as_bytes = y.to(torch.uint8)
+    as_bytes[3] = 156  # -100 as a uint8: a label out of range, not a row without one
+    with pytest.raises(ValueError, match=r"label 156 of dataset row 3 \(batch 0\)"):
+        capture(tiny_teacher(), DataLoader(TensorDataset(x, as_bytes), batch_size=10), str(tmp_path / "u8"),
+                dtype="float32")

@@ -370,11 +370,30 @@ def test_cuda_streaming_tile_keeps_64_rows_where_two_128_row_blocks_do_not_fit(b
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["cuda_emu"])
+@pytest.mark.parametrize("num_classes,s,with_head", [(2, 8, False), (4, 8, True), (8, 8, True)])
+def test_cuda_streaming_tile_of_a_small_map_keeps_128_rows_on_a_100_kb_sm(backend, cuda_emulator, num_classes, s,
+                                                                        with_head):
+    """The 128-row tile's map stage is as wide as its instantiation's fragments (tile::paired_ld_w):
+    at one width for all (168, session 60's first form) a small map's block took 63,488 B and two no
+    longer fit an SM of 100 KB (sm_86/89), which then fell to 64-row tiles (a review's finding)."""
+    before = cuda_emulator.smem_per_sm_bytes()
+    cuda_emulator.set_smem_per_sm_bytes(100 * 1024)
+    try:
+        got, want, tile_rows = _streaming_targets(cuda_emulator, backend, torch.bfloat16, num_classes, s, with_head,
+                                                  104, 200, 5)
+    finally:
+        cuda_emulator.set_smem_per_sm_bytes(before)
+    assert tile_rows == 128
+    torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+
+
 def test_cuda_streaming_tile_of_128_rows_fits_two_blocks_an_sm(cuda_emulator):
     """The 128-row form's shared memory: at its widest map with the head (160 columns, 16-bit) the
     projections (128 rows of 160 + 1 floats) over two stages of 128 x 40 embeddings and 32 x 168 of
-    each map part (the 128-row form's map stage is 168 wide at any map: tile::kPairedLdW); two blocks
-    fit an SM on sm_80 and sm_90 (228 KB on sm_90, 164 KB on sm_80, 1 KB a block reserved). Given logits can widen the projections past the map (K + C columns): 20 x 8
+    each map part (the 128-row form's map stage is 32 kFrags + 8 wide, 168 at 9 or 10 fragments:
+    tile::paired_ld_w); two blocks fit an SM on sm_80 and sm_90 (228 KB on sm_90, 164 KB on sm_80,
+    1 KB a block reserved). Given logits can widen the projections past the map (K + C columns): 20 x 8
     (184) pairs on sm_90, not on sm_80; 80 x 2 (240) on neither, and would need 123,392 B (over a
     99 KB card's opt-in). Rows copied by element keep the 64-row form, whose two stages outweigh its
     projections."""

@@ -20,7 +20,9 @@ class LabelOutOfRange(ValueError):
     """A label outside ``[0, num_classes)``; ``row`` is its index in the chunk."""
 
     def __init__(self, row: int, value: int, num_classes: int):
-        super().__init__(f"labels[{row}] = {value} is out of range: labels must lie in [0, {num_classes - 1}]")
+        # -100: a row without a label (capture keeps it); a fit by the teacher's classes takes it
+        hint = ' (a row without a label: fit with assign="teacher" to take it)' if value == -100 else ""
+        super().__init__(f"labels[{row}] = {value} is out of range: labels must lie in [0, {num_classes - 1}]{hint}")
         self.row = row
 
 

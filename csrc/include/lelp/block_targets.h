@@ -90,15 +90,21 @@ constexpr int kMapBytes = 2;  // a map entry's part (Mma::Stage: bf16 or fp16)
 // all its kFrags, one past the map's width at most.
 constexpr int kPairedFrags = 5;
 constexpr int kPairedMaxCols = 2 * 16 * kPairedFrags;
-// The 128-row tile's map stage has a constant leading dimension, its widest map's: the step's B
-// fragments and map copies then sit at constant offsets (immediates of their loads and copies),
-// where a run-time ld_w cost an address computation each (about 5 % of the tile's instructions at
-// K = 128). 168 elements (84 words) a row keep ldmatrix's 8 rows on distinct banks.
-constexpr int kPairedLdW = kPairedMaxCols + 8;
+// The fragments a warp of the 128-row tile takes a row fragment: half the map's 16-column fragments,
+// rounded up (1 to kPairedFrags).
+LELP_HD int paired_frags(const TargetsArgs& a) { return (split_cols(a.J) / 16 + 1) / 2; }
+
+// The 128-row tile's map stage has a leading dimension fixed by its instantiation (frags fragments a
+// warp: the 32 frags columns its warps compute, plus 8): the step's B fragments and map copies then sit
+// at constant offsets (immediates of their loads and copies), where a run-time ld_w cost an address
+// computation each (about 5 % of the tile's instructions at K = 128). 40, 72, 104, 136 and 168
+// elements (20 + 16 i words) a row keep ldmatrix's 8 rows on distinct banks. One width for every
+// instantiation (168) made small maps' blocks 63 KB: on 100 KB SMs (sm_86/89) two no longer fit.
+LELP_HD constexpr int paired_ld_w(int frags) { return 32 * frags + 8; }
 
 // The leading dimension of the streaming tile's map stage at tile_rows rows a tile.
 LELP_HD int stage_ld_w(const TargetsArgs& a, int64_t tile_rows) {
-  return tile_rows == 2 * kRows ? kPairedLdW : ld_w(a);
+  return tile_rows == 2 * kRows ? paired_ld_w(paired_frags(a)) : ld_w(a);
 }
 
 // Shared memory an SM has for blocks (sm_90's 228 KB; sm_80's 164 KB, sm_86/89's 100 KB), and what
@@ -108,8 +114,12 @@ constexpr int64_t kSmemReservedPerBlock = 1024;
 
 // Bytes of one stage of a tile of tile_rows: the embeddings (emb_bytes an element: 2 for
 // bf16/fp16, 4 for fp32), then the map's hi and lo parts; every part is a multiple of 32 bytes.
+LELP_HD int64_t stage_bytes_at(int64_t tile_rows, int emb_bytes, int ldw) {
+  return tile_rows * kLdX * emb_bytes + 2 * kMapBytes * int64_t{kStepK} * ldw;
+}
+
 LELP_HD int64_t stage_bytes(const TargetsArgs& a, int emb_bytes, int64_t tile_rows) {
-  return tile_rows * kLdX * emb_bytes + 2 * kMapBytes * int64_t{kStepK} * stage_ld_w(a, tile_rows);
+  return stage_bytes_at(tile_rows, emb_bytes, stage_ld_w(a, tile_rows));
 }
 
 // Bytes of the hi and lo parts fp32 embeddings (emb_bytes 4) are split into, a step of rows x ld; 0 otherwise.
@@ -197,10 +207,6 @@ void with_resident_cols(const TargetsArgs& a, F&& f) {
     default: return f(std::integral_constant<int, 0>{});
   }
 }
-
-// The fragments a warp of the 128-row tile takes a row fragment: half the map's 16-column fragments,
-// rounded up (1 to kPairedFrags).
-LELP_HD int paired_frags(const TargetsArgs& a) { return (split_cols(a.J) / 16 + 1) / 2; }
 
 // Calls f(std::integral_constant<int, row fragments>{}, std::integral_constant<int, fragments>{}):
 // the one place that maps row_frags (streaming_row_frags) of a call to a streaming-tile instantiation
@@ -342,16 +348,15 @@ LELP_DEV typename Mma::Stage* stage_map_hi(char* stage) {
   return reinterpret_cast<typename Mma::Stage*>(stage + kTileRows * kLdX * sizeof(typename Mma::Raw));
 }
 
-// Issues the copies of step k0 into stage x (the tile's embeddings, then the map's 32 rows hi and lo)
-// and commits them as this thread's group.
-template <class Block, class Mma, bool kVec, int kTileRows>
+// Issues the copies of step k0 into stage x (the tile's embeddings, then the map's 32 rows hi and lo,
+// leading dimension kLdW, or ld_w(a) where it is 0) and commits them as this thread's group.
+template <class Block, class Mma, bool kVec, int kTileRows, int kLdW>
 LELP_DEV void stage_step(const Block& b, const TargetsArgs& a, int64_t row0, int64_t k0, char* stage) {
-  constexpr bool kPaired = kTileRows == 2 * kRows;
   typename Mma::Stage* wh = stage_map_hi<Mma, kTileRows>(stage);
   stage_embeddings<Block, Mma, kVec, kStepK, kLdX, kTileRows>(b, a, row0, k0,
                                                               reinterpret_cast<typename Mma::Raw*>(stage));
-  stage_map_step<Block, Mma, kPaired ? kStepK / kWarps : 1, kPaired ? kPairedLdW : 0>(
-      b, a, k0, wh, wh + kStepK * stage_ld_w(a, kTileRows));
+  const int ldw = kLdW > 0 ? kLdW : ld_w(a);
+  stage_map_step<Block, Mma, kTileRows == 2 * kRows ? kStepK / kWarps : 1, kLdW>(b, a, k0, wh, wh + kStepK * ldw);
   b.commit();
 }
 
@@ -403,7 +408,7 @@ LELP_DEV void step_products(const TargetsArgs& a, int warp, const typename Mma::
     }
 #pragma unroll
     for (int i = 0; i < kFrags; ++i) {
-      // The 128-row tile (a constant leading dimension, kPairedLdW, with room for 2 kFrags
+      // The 128-row tile (a constant leading dimension, paired_ld_w(kFrags), with room for 2 kFrags
       // fragments; kFrags = paired_frags) computes a fragment past the map's width too (one at
       // most), from whatever the stage holds past the copied columns: column j of a product reads
       // column j of B alone, and those accumulators are never stored (store_projections). A
@@ -453,18 +458,21 @@ LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row
   using Raw = typename Mma::Raw;
   constexpr int kTileRows = kRows * kRowFrags;
   const int warp = b.thread() / 32;
-  const int bytes = static_cast<int>(stage_bytes(a, sizeof(Raw), kTileRows));  // a stage of shared memory
+  // the map stage's leading dimension: the 128-row tile's fixed by its fragments (stage_ld_w)
+  constexpr int kLdW = kRowFrags == 2 ? paired_ld_w(kFrags) : 0;
+  const int ldw = kLdW > 0 ? kLdW : ld_w(a);
+  const int bytes = static_cast<int>(stage_bytes_at(kTileRows, sizeof(Raw), ldw));  // a stage of shared memory
   const int steps = static_cast<int>((a.d + kStepK - 1) / kStepK);
   Stage* split_hi = reinterpret_cast<Stage*>(stages + 2 * bytes);  // fp32 embeddings' parts of a step
   Stage* split_lo = split_hi + kTileRows * kLdX;
   typename Mma::Acc acc[kRowFrags * kFrags];
 #pragma unroll
   for (int i = 0; i < kRowFrags * kFrags; ++i) Mma::fill(acc[i], 0.f);
-  if (steps > 0) stage_step<Block, Mma, kVec, kTileRows>(b, a, row0, 0, stages);
+  if (steps > 0) stage_step<Block, Mma, kVec, kTileRows, kLdW>(b, a, row0, 0, stages);
   for (int s = 0; s < steps; ++s) {  // block-uniform
     char* x = stages + (s & 1) * bytes;
     if (s + 1 < steps) {
-      stage_step<Block, Mma, kVec, kTileRows>(b, a, row0, (s + 1) * kStepK, stages + ((s + 1) & 1) * bytes);
+      stage_step<Block, Mma, kVec, kTileRows, kLdW>(b, a, row0, (s + 1) * kStepK, stages + ((s + 1) & 1) * bytes);
       b.template wait<1>();  // step s has landed; s + 1 stays in flight
     } else {
       b.template wait<0>();
@@ -476,9 +484,7 @@ LELP_DEV void tile_projections(const Block& b, const TargetsArgs& a, int64_t row
       b.sync();
       xh = split_hi, xl = split_lo;
     }
-    constexpr int kLdW = kRowFrags == 2 ? kPairedLdW : 0;  // stage_ld_w
-    step_products<Mma, kStepK, kLdX, 1, 0, kRowFrags, kFrags, kLdW>(a, warp, xh, xl, wh,
-                                                                    wh + kStepK * stage_ld_w(a, kTileRows), acc);
+    step_products<Mma, kStepK, kLdX, 1, 0, kRowFrags, kFrags, kLdW>(a, warp, xh, xl, wh, wh + kStepK * ldw, acc);
     b.sync();  // the next step's copies overwrite this stage, its split parts the split (and u overwrites all)
   }
   store_projections<Block, Mma, 0, kRowFrags, kFrags>(b, a, acc, u);
