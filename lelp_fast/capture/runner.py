@@ -276,8 +276,8 @@ UNLABELLED = -100  # a row without a label: the loss's ignore_index (lelp_fast.o
 
 def _check_labels(labels: torch.Tensor, num_classes: int, batch: int, rows_before: Optional[int]) -> None:
     """Labels in [0, C) or UNLABELLED: others (1..C, say) would be refused only by the fit, after the
-    whole teacher pass. UNLABELLED rows are kept for a fit that assigns classes by the teacher
-    (assign="teacher") and for the loss, which leaves them out of its hard-label term."""
+    whole teacher pass. UNLABELLED rows are kept: a fit that assigns classes by the teacher
+    (assign="teacher") takes them, and the loss leaves them out (its ignore_index)."""
     labels = labels.to(torch.int64)  # uint8's 156 is not -100
     bad = torch.nonzero((labels != UNLABELLED) & ((labels < 0) | (labels >= num_classes))).flatten()
     if bad.numel():
