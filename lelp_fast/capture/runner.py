@@ -251,6 +251,7 @@ class _BatchChecks:
                              f"{tuple(logits.shape)}, labels {tuple(labels.shape)}; expected (B, d), (B, C), (B,)")
         if labels.dtype.is_floating_point:
             raise ValueError(f"batch {batch}: labels must be integers, got {labels.dtype}")
+        labels = labels.detach().to(torch.int64)  # as stored; uint8's 156 is no -100
         _check_labels(labels, logits.shape[1], batch, rows_before)
         widths = (emb.shape[1], logits.shape[1])
         if self.widths is None:
@@ -268,17 +269,16 @@ class _BatchChecks:
                 raise ValueError(f"{name} {_where(exc.row, rows_before, batch)} contains NaN or Inf; repair or drop "
                                  "that row") from None
         _check_range(emb, self.dtype, batch, rows_before)
-        return emb, logits, labels.detach().to(torch.int64).cpu()
+        return emb, logits, labels.cpu()
 
 
 UNLABELLED = -100  # a row without a label: the loss's ignore_index (lelp_fast.ops.distill_loss)
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, batch: int, rows_before: Optional[int]) -> None:
-    """Labels in [0, C) or UNLABELLED: others (1..C, say) would be refused only by the fit, after the
-    whole teacher pass. UNLABELLED rows are kept: a fit that assigns classes by the teacher
+    """int64 labels in [0, C) or UNLABELLED: others (1..C, say) would be refused only by the fit, after
+    the whole teacher pass. UNLABELLED rows are kept: a fit that assigns classes by the teacher
     (assign="teacher") takes them, and the loss leaves them out (its ignore_index)."""
-    labels = labels.to(torch.int64)  # uint8's 156 is not -100
     bad = torch.nonzero((labels != UNLABELLED) & ((labels < 0) | (labels >= num_classes))).flatten()
     if bad.numel():
         row = int(bad[0])

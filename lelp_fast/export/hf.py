@@ -125,12 +125,10 @@ def read_tokenizer(directory: str, what: str):
 def _saved_tokenizer(directory: str):
     """The tokenizer saved in a student's directory, or None (with a warning) where none is: transformers
     builds one from the model's config alone, with no vocabulary, that maps every word to [UNK]."""
-    from transformers import AutoTokenizer
-
     if holds_tokenizer(directory):
         try:
-            return AutoTokenizer.from_pretrained(directory)
-        except (OSError, ValueError):
+            return read_tokenizer(directory, directory)
+        except ValueError:
             pass
     warnings.warn(f"{directory} holds no tokenizer: the classifier is saved without one; pass tokenizer= "
                   "(lelp-fast export --tokenizer DIR) for pipeline() to read text", UserWarning, stacklevel=4)
