@@ -182,11 +182,24 @@ def log_targets(
 
     Subclass probabilities of class c sum to the teacher's class probability; S = 1 gives
     exactly the vanilla KD targets ``log_softmax(z/τ)``.
+
+    z and each class's u are shifted by their max before the division by τ or β, as the compiled
+    kernels do (the same math; the shift is detached, a log-softmax does not depend on it). It
+    matters to the fp32 callers (the torch backend, compact stores, the tuner): a finite z whose
+    z/τ overflows then gives its targets, not NaN, and at u/β of 1e6 (β = 1e-6) the subclass
+    log-softmax is not that of u/β rounded to 0.06 (0.019 off the fp64 targets until session 61).
     """
     n, num_classes = teacher_logits.shape
-    log_class = F.log_softmax(teacher_logits / tau, dim=-1)
-    log_sub = F.log_softmax(u.reshape(n, num_classes, n_subclasses) / beta, dim=-1)
+    u = u.reshape(n, num_classes, n_subclasses)
+    log_class = F.log_softmax((teacher_logits - _max_or_zero(teacher_logits, -1)) / tau, dim=-1)
+    log_sub = F.log_softmax((u - _max_or_zero(u, -1)) / beta, dim=-1)
     return (log_class.unsqueeze(-1) + log_sub).reshape(n, num_classes * n_subclasses)
+
+
+def _max_or_zero(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x's max over ``dim`` (kept, detached), 0 where every entry is -inf (such a slice stays -inf)."""
+    m = x.amax(dim=dim, keepdim=True).detach()
+    return m.masked_fill(m == float("-inf"), 0.0)
 
 
 def mix_log_targets(log_targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -443,11 +443,13 @@ def test_vanilla_kd_targets_differentiate_on_the_torch_backend_only(backend):
     torch.testing.assert_close(grad, want_grad)
 
 
+HUGE_SCALED_LOGITS = [([5e2, 5e2, 5e2 - 7e-3], 0.01), ([1.0, 1.0, 0.3], 1e-6), ([1e5, 1e5, 1e5 - 0.7], 1.0)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_head", [True, False])
-@pytest.mark.parametrize("z_row, tau", [([5e2, 5e2, 5e2 - 7e-3], 0.01), ([1.0, 1.0, 0.3], 1e-6),
-                                        ([1e5, 1e5, 1e5 - 0.7], 1.0)])
-def test_class_log_softmax_of_huge_scaled_logits_stays_normalised(backend, with_head, z_row, tau):
+@pytest.mark.parametrize("z_row, tau", HUGE_SCALED_LOGITS)
+def test_class_log_softmax_of_huge_scaled_logits_stays_normalised(backend, with_head, z_row, tau, device="cpu"):
     """The compiled kernels took log p_c = z_c/τ − (max + log Σ): at z/τ of 5e4–1e6 the log-sum was
     rounded away (at z = [1, 1, 0.3], τ = 1e-6: log p = −0.6875 for −0.6931), so the class
     probabilities summed to 1 ± 2e-3 and a log-target passed 0. Now the logits are shifted by their
@@ -457,8 +459,8 @@ def test_class_log_softmax_of_huge_scaled_logits_stays_normalised(backend, with_
     if with_head:  # the head's logits are its bias: the embeddings' columns of the head are zero
         weight[:, 6:], bias[6:] = 0.0, z[0]
     logits = None if with_head else z.float()
-    got = lelp_targets(h.float(), weight.float(), bias.float(), 3, 2, teacher_logits=logits, beta=0.7, tau=tau,
-                       backend=backend).double()
+    got = lelp_targets(*_on(device, h.float(), weight.float(), bias.float()), 3, 2,
+                       teacher_logits=_on(device, logits)[0], beta=0.7, tau=tau, backend=backend).cpu().double()
     want = fp64_reference(h.float(), weight, bias, logits, 3, 2, beta=0.7, tau=tau)
     assert got.max() <= 0.0
     torch.testing.assert_close(got.exp().sum(dim=1), torch.ones(4, dtype=torch.float64), atol=1e-5, rtol=0)
@@ -470,20 +472,44 @@ def test_class_log_softmax_of_huge_scaled_logits_stays_normalised(backend, with_
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_finite_logits_whose_scaled_value_overflows_give_targets(backend):
+@pytest.mark.parametrize("with_head", [True, False])
+def test_subclass_log_softmax_at_tiny_beta_stays_normalised(backend, with_head, device="cpu"):
+    """The subclass log-softmax at u / β of about 1e6 (β = 1e-6). The torch backend divided by β
+    before its log-softmax's shift: u / β rounded to 0.06, its targets were 0.019 off the fp64
+    reference's (until 2026-12-06). It now shifts u by its class's unscaled max, then scales, as the
+    C++ kernels do (row_math.h)."""
+    h, weight, bias, logits = random_map(4, 6, 3, 2, with_head, seed=34)
+    weight[:, :6] = 0.0  # the subclass projections are the biases: u = [1, 1 - 7e-7] in every class
+    bias[:6] = torch.tensor([1.0, 1.0 - 7e-7] * 3, dtype=torch.float32).double()
+    got = lelp_targets(*_on(device, h.float(), weight.float(), bias.float()), 3, 2,
+                       teacher_logits=_on(device, None if logits is None else logits.float())[0], beta=1e-6,
+                       tau=1.3, backend=backend).cpu().double()
+    want = fp64_reference(h.float(), weight, bias, None if logits is None else logits.float(), 3, 2, beta=1e-6,
+                          tau=1.3)
+    torch.testing.assert_close(got.exp().sum(dim=1), torch.ones(4, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_logits_whose_scaled_value_overflows_give_targets(backend, device="cpu"):
     """z = [3e38, 1, 0] at τ = 0.5: z / τ overflows float32, but the class log-softmax does not (it is
     [0, −inf, −inf] in fp32). The CPU kernel gave NaN targets with no error, the torch backend an
     error; the online CPU loss on them was NaN."""
     h, weight, bias, _ = random_map(3, 5, 3, 2, False, seed=32)
     z = torch.randn(3, 3)
     z[1] = torch.tensor([3e38, 1.0, 0.0])
-    got = lelp_targets(h.float(), weight.float(), bias.float(), 3, 2, teacher_logits=z, beta=0.9, tau=0.5,
-                       backend=backend).double()
+    got = lelp_targets(*_on(device, h.float(), weight.float(), bias.float()), 3, 2, teacher_logits=_on(device, z)[0],
+                       beta=0.9, tau=0.5, backend=backend).cpu().double()
     want = fp64_reference(h.float(), weight, bias, z, 3, 2, beta=0.9, tau=0.5)  # finite in fp64
     assert not torch.isnan(got).any()
     assert torch.isneginf(got[1, 2:]).all() and torch.isfinite(got[1, :2]).all()
     torch.testing.assert_close(got[1, :2], want[1, :2], atol=ATOL[torch.float32], rtol=0)
     torch.testing.assert_close(got[[0, 2]], want[[0, 2]], atol=ATOL[torch.float32], rtol=1e-4)
+
+
+def _on(device, *tensors):
+    """The tensors on ``device`` (None stays None), for a backend whose tensors live on a GPU."""
+    return [None if t is None else t.to(device) for t in tensors]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -69,6 +69,21 @@ def test_target_invariants():
     torch.testing.assert_close(kd, torch.log_softmax(z / 2.0, -1))
 
 
+def test_targets_in_fp32_shift_before_scaling():
+    """log_targets in fp32 (the torch backend's, compact stores', the tuner's) divided z by τ and u by β
+    before the log-softmax's shift: z = 3e38 at τ = 0.5 overflowed to NaN targets, and u/β ≈ 1e6
+    (β = 1e-6) rounded to 0.06, 0.019 off the fp64 targets. Each is now shifted by its max first."""
+    u = torch.tensor([[1.0, 1.0 - 7e-7] * 3, [0.5, -0.25] * 3])
+    z = torch.tensor([[3e38, 1.0, 0.0], [0.3, -1.0, 2.0]])
+    got = reference.log_targets(u, z, 2, beta=1e-6, tau=0.5).double()
+    want = reference.log_targets(u.double(), z.double(), 2, beta=1e-6, tau=0.5)
+    assert not got.isnan().any() and torch.isneginf(got[0, 2:]).all()  # -6e38 in fp64
+    torch.testing.assert_close(got[0, :2], want[0, :2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-6)  # log t of -7.5e5: fp32 holds 0.06
+    padded = torch.tensor([[0.0, float("-inf")] * 3])  # a padded subclass slot's -inf bias: its target is 0
+    assert torch.isneginf(reference.log_targets(padded, z[1:], 2, beta=0.1)[0, 1::2]).all()
+
+
 def test_rotation_keeps_the_subspace():
     h, _, _, y = make_problem(n=300, d=12, num_classes=2, seed=2)
     _, _, covs = reference.class_moments(h, y, 2)
