@@ -21,12 +21,17 @@ from ._checks import (
 )
 from ._derived import on_device
 from .io.integrity import publish_mode, remove_stale_temps, temp_prefix, tensors_sha256
-from .io.sources import DEFAULT_CHUNK_BYTES, ArraySource, EmbeddingSource, SourceLike, as_source
+from .io.sources import DEFAULT_CHUNK_BYTES, ArraySource, EmbeddingSource, IterableSource, SourceLike, as_source
 from .ops.targets import lelp_targets
 
 # Heads of one teacher stored in different dtypes (a capture in bf16, a fit from an fp32 one) differ by
 # the rounding, under 2^-8 of the weight's largest value; another teacher's head differs by about its size.
 SAME_HEAD_TOLERANCE = 1e-2
+# A source with no stored head is checked on its first rows' logits, to the tolerance capture holds a
+# head it finds to with low-precision tensors (capture.runner.check_head_matches), plus the rounding of
+# the embeddings to their stored dtype.
+LOGITS_CHECK_ROWS = 256
+HEAD_LOGITS_TOLERANCE = 3e-2
 
 __version__ = "0.1.0"
 
@@ -299,9 +304,14 @@ class LELPProjector:
     def require_same_teacher(self, source: EmbeddingSource) -> None:
         """Refuses a source whose stored teacher head (a capture's) is not the head this projector was
         fitted with: its embeddings are another teacher's, where the directions mean nothing, though
-        the widths agree. A head is the teacher's, the same on every split of its data."""
-        stored = source.head() if self.head_weight is not None and hasattr(source, "head") else None
+        the widths agree. A head is the teacher's, the same on every split of its data. A source
+        with no stored head (a capture made with ``forward=``, arrays, Parquet) is held to its
+        teacher logits instead (``_require_logits_of_head``)."""
+        if self.head_weight is None:
+            return
+        stored = source.head() if hasattr(source, "head") else None
         if stored is None:
+            self._require_logits_of_head(source)
             return
         w, b = (torch.as_tensor(t).detach().cpu().to(torch.float32) for t in stored)
         fitted_w, fitted_b = self.head_weight.cpu(), self.head_bias.cpu()
@@ -318,6 +328,44 @@ class LELPProjector:
             raise ValueError(f"{where}: its teacher head's bias differs from the projector's by up to {gap_b:.3g} (the "
                              "weights agree): fit the projector with this head's bias (a fit given --head-weight "
                              "without --head-bias takes a zero bias)")
+
+    def _require_logits_of_head(self, source: EmbeddingSource) -> None:
+        """Refuses a source whose teacher logits are not the fitted head applied to its embeddings, on
+        its first chunk's first rows (up to LOGITS_CHECK_ROWS): another teacher's rows of the same
+        widths, which the head check of a capture with no stored head let through. The gap is taken
+        up to a constant a row (the targets' softmax ignores it: log-probabilities pass) and a
+        constant a class (the bias: with the logits given, the targets do not use the head's)."""
+        if isinstance(source, IterableSource) or not source.rereadable:
+            return  # its first chunk may be a teacher's forward pass, or the targets' only one
+        chunks = iter(source.chunks(LOGITS_CHECK_ROWS * max(self.dim, 1) * 4))
+        chunk = next(chunks, None)
+        getattr(chunks, "close", lambda: None)()  # a generator's reader (a mapped file) let go now
+        h = None if chunk is None else chunk.embeddings
+        z = None if chunk is None else chunk.teacher_logits
+        if (z is None or z.ndim != 2 or h.ndim != 2 or z.shape[1] != self.num_classes
+                or h.shape[1] != self.head_weight.shape[1]):
+            return  # shapes are checked, and named, where the rows are read
+        eps = torch.finfo(h.dtype).eps if h.dtype.is_floating_point else 0.0
+        h = h[:LOGITS_CHECK_ROWS].detach().cpu().to(torch.float32)
+        z = z[:LOGITS_CHECK_ROWS].detach().cpu().to(torch.float32)
+        w = self.head_weight.detach().cpu().to(torch.float32)
+        gap = torch.nn.functional.linear(h, w) - z
+        finite = gap.isfinite().all(dim=1)  # a bad row is named where it is read
+        if not finite.any():
+            return
+        gap, z, h = gap[finite], z[finite], h[finite]
+        gap = gap - gap.mean(dim=1, keepdim=True)
+        gap = float((gap - gap.mean(dim=0, keepdim=True)).abs().max())
+        # the capture's tolerance for a head it finds, and the embeddings' rounding to their stored dtype
+        rounding = 4 * eps * float((h.abs() @ w.abs().T).max())
+        tolerance = HEAD_LOGITS_TOLERANCE * (1.0 + float(z.abs().max())) + rounding
+        if gap > tolerance:
+            where = next((n for n in (getattr(source, a, None) for a in ("directory", "path", "name")) if n),
+                         "the source")
+            raise ValueError(f"{where}: its teacher logits are not the projector's head applied to its embeddings "
+                             f"(off by up to {gap:.3g} in its first {len(z)} rows, beyond {tolerance:.3g}, a constant "
+                             "a row or a class aside), so its rows are another teacher's, or the head given to the "
+                             "fit is not this teacher's (or its logits are scaled); fit a projector on these rows")
 
     def captured_variance(self) -> torch.Tensor:
         """Per class, the fraction of total variance along the top-S directions (C,)."""

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lelp_fast import LELPProjector
 from lelp_fast.capture import CaptureSource, capture
 from lelp_fast.io.locks import ExclusiveLock
+from lelp_fast.io.sources import ArraySource
 from lelp_fast.offline import generate_targets
 
 
@@ -385,6 +386,74 @@ def test_targets_refuse_a_projector_fitted_on_another_teachers_capture(tmp_path)
     without_bias = LELPProjector(2).fit(str(tmp_path / "a"), head_weight=w)
     with pytest.raises(ValueError, match=r"/a-test: its teacher head's bias differs .*without --head-bias"):
         generate_targets(without_bias, str(tmp_path / "a-test"), str(tmp_path / "t0"), dtype="float32")
+
+
+def test_targets_refuse_rows_with_no_stored_head_whose_logits_are_another_teachers(tmp_path):
+    """The head check passed any source with no stored head: a capture made with ``forward=`` (head
+    None), arrays, Parquet. A projector fitted with teacher A's head then gave targets from teacher
+    B's rows of the same widths (session 60 left this). Such a source is now held to its logits: the
+    fitted head applied to its first rows must give them, up to a constant a row (log-probabilities
+    pass) and a class (a fit without the head's bias passes); A's own rows pass, stored in bf16 too."""
+    dl, _, _ = loader(n=200, batch=50)
+    headless = dict(dtype="float32", forward=lambda m, b: (m[1](m[0](b[0])), m(b[0]), b[1]))
+    teachers = {name: tiny_teacher(hidden=16, seed=seed) for name, seed in (("a", 0), ("b", 5))}
+    for name, teacher in teachers.items():
+        capture(teacher, dl, str(tmp_path / name), **headless)
+    assert CaptureSource(str(tmp_path / "b")).head() is None
+    head = teachers["a"][2]
+    projector = LELPProjector(2).fit(str(tmp_path / "a"), head_weight=head.weight.detach(),
+                                     head_bias=head.bias.detach())
+    refused = r"/b: its teacher logits are not the projector's head applied to its embeddings \(off by up to"
+    with pytest.raises(ValueError, match=refused):
+        generate_targets(projector, str(tmp_path / "b"), str(tmp_path / "targets-b"), dtype="float32")
+    assert not os.path.exists(tmp_path / "targets-b")
+    assert generate_targets(projector, str(tmp_path / "a"), str(tmp_path / "t"), dtype="float32")["n_rows"] == 200
+    capture(teachers["a"], dl, str(tmp_path / "a-bf16"), dtype="bfloat16", forward=headless["forward"])
+    assert generate_targets(projector, str(tmp_path / "a-bf16"), str(tmp_path / "t16"))["n_rows"] == 200
+    rows = {name: next(iter(CaptureSource(str(tmp_path / name)).chunks())) for name in ("a", "b")}
+    b = rows["b"]
+    arrays = ArraySource(b.embeddings.numpy(), b.labels.numpy(), b.teacher_logits.numpy(), name="b.npy")
+    with pytest.raises(ValueError, match="b.npy: its teacher logits are not the projector's head"):
+        generate_targets(projector, arrays, str(tmp_path / "targets-npy"), dtype="float32")
+    a = rows["a"]
+    log_probs = ArraySource(a.embeddings, a.labels, torch.log_softmax(a.teacher_logits, dim=1))
+    assert generate_targets(projector, log_probs, str(tmp_path / "t-log"), dtype="float32")["n_rows"] == 200
+    without_bias = LELPProjector(2).fit(str(tmp_path / "a"), head_weight=head.weight.detach())
+    assert generate_targets(without_bias, str(tmp_path / "a"), str(tmp_path / "t-nb"), dtype="float32")["n_rows"] == 200
+
+
+def test_a_refused_capture_rerun_says_what_its_data_fingerprint_is():
+    """A rerun refused for its rows' fingerprint alone named two hashes ("written with other settings
+    (data: '1c0e…' there, '9a4b…' now)"), and the same when no fingerprint was given now."""
+    from lelp_fast.offline import manifest as mf
+
+    with pytest.raises(ValueError, match=r"cap: the rows captured there are not the rows given now .*covers the texts"):
+        mf.check_settings("cap", {"data": "1c0e", "dtype": "float32"}, {"data": "9a4b", "dtype": "float32"})
+    with pytest.raises(ValueError, match=r"recorded a fingerprint of its rows and none was given now \(pass the same"):
+        mf.check_settings("cap", {"data": "1c0e", "dtype": "float32"}, {"dtype": "float32"})
+    with pytest.raises(ValueError, match="written with other settings .*dtype"):  # with another setting: as before
+        mf.check_settings("cap", {"data": "1c0e", "dtype": "float32"}, {"data": "9a4b", "dtype": "bfloat16"})
+
+
+def test_a_capture_refused_before_writing_leaves_no_directory_it_made(tmp_path):
+    """A capture refused at its first batch (a NaN row here) left an empty directory behind (session
+    59's walkthrough), as targets did until session 58. One the user made is kept, as is a partial
+    capture's shards, to be resumed."""
+    _, x, y = loader()
+    x = x.clone()
+    x[3] = float("nan")
+    nan_first = DataLoader(TensorDataset(x, y), batch_size=10)
+    for out in (tmp_path / "new", tmp_path / "made"):
+        if out.name == "made":
+            out.mkdir()
+        with pytest.raises(ValueError, match="dataset row 3 .* contains NaN or Inf"):
+            capture(tiny_teacher(), nan_first, str(out), dtype="float32")
+        assert os.path.exists(out) == (out.name == "made")
+    x[3], x[64] = 0.0, float("nan")
+    with pytest.raises(ValueError, match="dataset row 64"):
+        capture(tiny_teacher(), DataLoader(TensorDataset(x, y), batch_size=10), str(tmp_path / "partial"),
+                dtype="float32", batches_per_shard=2)
+    assert "shard-000000.safetensors" in os.listdir(tmp_path / "partial")
 
 
 def test_labels_out_of_the_teachers_range_are_refused_at_the_batch_that_holds_them(tmp_path):

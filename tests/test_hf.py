@@ -71,7 +71,9 @@ def test_capture_command_reads_a_saved_model_and_a_text_column(saved, capsys):
 def test_a_capture_of_other_text_or_tokenisation_is_refused(saved, tmp_path):
     """capture_text records a fingerprint of its rows (texts, labels, tokenizer, max_length, batch_size):
     a rerun into the same directory with any of them changed is refused, the same rerun keeps the
-    capture. Until session 58 another --data file or --max-length returned the old capture as it was."""
+    capture. Until session 58 another --data file or --max-length returned the old capture as it was;
+    until session 61 the refusal named only the two fingerprints ("written with other settings (data:
+    '1c0e…' there, '9a4b…' now)"), not what they cover."""
     cap = str(tmp_path / "cap")
     kwargs = dict(dtype="float32", batch_size=16, max_length=16)
     first = capture_text(str(saved / "teacher"), str(saved / "data.csv"), cap, **kwargs)
@@ -80,7 +82,7 @@ def test_a_capture_of_other_text_or_tokenisation_is_refused(saved, tmp_path):
     fewer = tmp_path / "fewer.csv"
     fewer.write_text("\n".join(rows[:-1]) + "\n")
     for data, edit in ((fewer, {}), (saved / "data.csv", {"max_length": 4}), (saved / "data.csv", {"batch_size": 8})):
-        with pytest.raises(ValueError, match="written with other settings .*data"):
+        with pytest.raises(ValueError, match="rows captured there are not the rows given now .* covers the texts"):
             capture_text(str(saved / "teacher"), str(data), cap, **{**kwargs, **edit})
     assert main(["capture", "--model", str(saved / "teacher"), "--data", str(fewer), "--batch-size", "16",
                  "--max-length", "16", "--dtype", "float32", "--out", cap, "--quiet"]) == 2

@@ -186,7 +186,7 @@ def test_bad_rows_are_named_when_the_targets_op_does_not_check(problem, tmp_path
     bad[300, 3] = float("nan")
     with pytest.raises(ValueError, match="embeddings row 300 contains NaN or Inf"):
         generate_targets(projector, bad, str(tmp_path / "nan"), chunk_bytes=CHUNK)
-    z = torch.randn(450, 3)
+    z = torch.nn.functional.linear(h, projector.head_weight, projector.head_bias)  # the teacher's logits
     z[305, 1] = float("inf")
     with pytest.raises(ValueError, match="teacher_logits row 305 contains NaN or Inf"):
         generate_targets(projector, ArraySource(h, teacher_logits=z), str(tmp_path / "nanz"), chunk_bytes=CHUNK)
@@ -203,7 +203,7 @@ def test_bad_input_gives_clear_errors(problem, tmp_path):
     for compact in (False, True):
         with pytest.raises(ValueError, match="embeddings row 300 contains NaN or Inf"):
             generate_targets(projector, bad, str(tmp_path / f"nan{compact}"), chunk_bytes=CHUNK, compact=compact)
-    z = torch.randn(450, 3)
+    z = torch.nn.functional.linear(h, projector.head_weight, projector.head_bias)  # the teacher's logits
     z[5, 0] = float("nan")
     with pytest.raises(ValueError, match="teacher_logits row 5 contains NaN or Inf"):
         generate_targets(projector, ArraySource(h, teacher_logits=z), str(tmp_path / "nanz"), chunk_bytes=CHUNK)
@@ -262,9 +262,11 @@ def test_other_teacher_logits_or_labels_are_a_changed_source(problem, tmp_path):
     from lelp_fast.io import NpySource, SafetensorsSource
 
     h, y, projector = problem
-    z = torch.randn(len(h), projector.num_classes, generator=torch.Generator().manual_seed(3))
+    # the teacher's logits (its head applied to h: the projector holds a source to them), and another
+    # teacher's close enough to pass that check, whose bytes differ
+    z = torch.nn.functional.linear(h, projector.head_weight, projector.head_bias)
     paths = {name: str(tmp_path / f"{name}.npy") for name in ("h", "z", "other_z", "y", "other_y")}
-    for name, arr in (("h", h), ("z", z), ("other_z", z.flip(0)), ("y", y), ("other_y", y.flip(0))):
+    for name, arr in (("h", h), ("z", z), ("other_z", z * 1.001), ("y", y), ("other_y", y.flip(0))):
         np.save(paths[name], arr.numpy())
     out = str(tmp_path / "out")
     generate_targets(projector, NpySource(paths["h"], teacher_logits=paths["z"]), out, chunk_bytes=CHUNK)

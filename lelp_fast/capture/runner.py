@@ -149,8 +149,7 @@ def capture(
                 "forward": None if forward is None else getattr(forward, "__qualname__", repr(forward)),
                 "dtype": dtype, "batches_per_shard": batches_per_shard, "autocast": autocast}
     out_dir = os.path.abspath(os.fspath(out_dir))
-    os.makedirs(out_dir, exist_ok=True)
-    with lock_rank_directory(out_dir, rank, world, f"capture directory {out_dir}"):
+    with _made_for_this_run(out_dir), lock_rank_directory(out_dir, rank, world, f"capture directory {out_dir}"):
         _add_data(settings, data, out_dir)
         existing = mf.finished_run(out_dir, settings, True, rank, process_group, KIND)
         if existing is not None:
@@ -176,6 +175,24 @@ def capture(
                                        extra=None if head is None else {"head": head})
         barrier(process_group)
         return result if rank == 0 else mf.read_manifest(out_dir, KIND)
+
+
+@contextlib.contextmanager
+def _made_for_this_run(out_dir: str):
+    """Makes ``out_dir`` if it is missing; if this run made it and fails before writing anything there
+    (its first batch refused, say), removes it again: it left an empty directory behind. A partial
+    capture's shards (or another rank's lock) keep it, to be resumed."""
+    made = not os.path.exists(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if made:
+            try:
+                os.rmdir(out_dir)  # fails, as it should, on anything written
+            except OSError:
+                pass
+        raise
 
 
 def _add_data(settings: dict, data: Optional[str], out_dir: str) -> None:

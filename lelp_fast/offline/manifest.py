@@ -71,6 +71,11 @@ def check_settings(path: str, found: dict, wanted: dict) -> None:
         why = "the source changed since these targets were written"
     elif "projector_sha256" in differ:
         why = "they were written with another projector"
+    elif differ == ["data"] and wanted.get("data") is None:  # a capture's fingerprint of its rows
+        why = "the capture there recorded a fingerprint of its rows and none was given now (pass the same data=)"
+    elif differ == ["data"]:  # the two hashes alone said nothing
+        why = ("the rows captured there are not the rows given now (their fingerprint, data, differs; a text "
+               "capture's covers the texts, labels, tokenizer, max_length and batch size)")
     else:
         why = "they were written with other settings"
     details = ", ".join(f"{k}: {found.get(k)!r} there, {wanted.get(k)!r} now" for k in differ)
