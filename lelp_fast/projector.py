@@ -330,42 +330,14 @@ class LELPProjector:
                              "without --head-bias takes a zero bias)")
 
     def _require_logits_of_head(self, source: EmbeddingSource) -> None:
-        """Refuses a source whose teacher logits are not the fitted head applied to its embeddings, on
-        its first chunk's first rows (up to LOGITS_CHECK_ROWS): another teacher's rows of the same
-        widths, which the head check of a capture with no stored head let through. The gap is taken
-        up to a constant a row (the targets' softmax ignores it: log-probabilities pass) and a
-        constant a class (the bias: with the logits given, the targets do not use the head's)."""
-        if isinstance(source, IterableSource) or not source.rereadable:
-            return  # its first chunk may be a teacher's forward pass, or the targets' only one
-        chunks = iter(source.chunks(LOGITS_CHECK_ROWS * max(self.dim, 1) * 4))
-        chunk = next(chunks, None)
-        getattr(chunks, "close", lambda: None)()  # a generator's reader (a mapped file) let go now
-        h = None if chunk is None else chunk.embeddings
-        z = None if chunk is None else chunk.teacher_logits
-        if (z is None or z.ndim != 2 or h.ndim != 2 or z.shape[1] != self.num_classes
-                or h.shape[1] != self.head_weight.shape[1]):
-            return  # shapes are checked, and named, where the rows are read
-        eps = torch.finfo(h.dtype).eps if h.dtype.is_floating_point else 0.0
-        h = h[:LOGITS_CHECK_ROWS].detach().cpu().to(torch.float32)
-        z = z[:LOGITS_CHECK_ROWS].detach().cpu().to(torch.float32)
-        w = self.head_weight.detach().cpu().to(torch.float32)
-        gap = torch.nn.functional.linear(h, w) - z
-        finite = gap.isfinite().all(dim=1)  # a bad row is named where it is read
-        if not finite.any():
-            return
-        gap, z, h = gap[finite], z[finite], h[finite]
-        gap = gap - gap.mean(dim=1, keepdim=True)
-        gap = float((gap - gap.mean(dim=0, keepdim=True)).abs().max())
-        # the capture's tolerance for a head it finds, and the embeddings' rounding to their stored dtype
-        rounding = 4 * eps * float((h.abs() @ w.abs().T).max())
-        tolerance = HEAD_LOGITS_TOLERANCE * (1.0 + float(z.abs().max())) + rounding
-        if gap > tolerance:
-            where = next((n for n in (getattr(source, a, None) for a in ("directory", "path", "name")) if n),
-                         "the source")
-            raise ValueError(f"{where}: its teacher logits are not the projector's head applied to its embeddings "
-                             f"(off by up to {gap:.3g} in its first {len(z)} rows, beyond {tolerance:.3g}, a constant "
-                             "a row or a class aside), so its rows are another teacher's, or the head given to the "
-                             "fit is not this teacher's (or its logits are scaled); fit a projector on these rows")
+        """Refuses a source whose teacher logits are not the fitted head applied to its embeddings
+        (``head_logits_gap``): another teacher's rows of the same widths, which the head check of a
+        capture with no stored head let through."""
+        found = head_logits_gap(source, self.head_weight)
+        if found is not None:
+            raise ValueError(f"{_source_name(source)}: its teacher logits are not the projector's head applied to its "
+                             f"embeddings ({found}), so its rows are another teacher's, or the head given to the fit "
+                             "is not this teacher's (or its logits are scaled); fit a projector on these rows")
 
     def captured_variance(self) -> torch.Tensor:
         """Per class, the fraction of total variance along the top-S directions (C,)."""
@@ -497,6 +469,45 @@ class LELPProjector:
         )
 
 
+def head_logits_gap(source: EmbeddingSource, head_weight: torch.Tensor) -> Optional[str]:
+    """Where a source's teacher logits are not ``head_weight`` applied to its embeddings, on its first
+    chunk's first rows (up to LOGITS_CHECK_ROWS), how far off (a phrase for an error), else None.
+    The gap is taken up to a constant a row (the targets' softmax ignores it: log-probabilities pass)
+    and a constant a class (the bias: with the logits given, the targets do not use the head's).
+    Iterable sources are not read (their first chunk may be a teacher's forward pass)."""
+    if isinstance(source, IterableSource) or not source.rereadable:
+        return None
+    chunks = iter(source.chunks(LOGITS_CHECK_ROWS * head_weight.shape[1] * 4))
+    chunk = next(chunks, None)
+    getattr(chunks, "close", lambda: None)()  # a generator's reader (a mapped file) let go now
+    h = None if chunk is None else chunk.embeddings
+    z = None if chunk is None else chunk.teacher_logits
+    if (z is None or z.ndim != 2 or h.ndim != 2 or z.shape[1] != head_weight.shape[0]
+            or h.shape[1] != head_weight.shape[1]):
+        return None  # shapes are checked, and named, where the rows are read
+    eps = torch.finfo(h.dtype).eps if h.dtype.is_floating_point else 0.0
+    h = h[:LOGITS_CHECK_ROWS].detach().cpu().to(torch.float32)
+    z = z[:LOGITS_CHECK_ROWS].detach().cpu().to(torch.float32)
+    w = head_weight.detach().cpu().to(torch.float32)
+    gap = torch.nn.functional.linear(h, w) - z
+    finite = gap.isfinite().all(dim=1)  # a bad row is named where it is read
+    if not finite.any():
+        return None
+    gap, z, h = gap[finite], z[finite], h[finite]
+    gap = gap - gap.mean(dim=1, keepdim=True)
+    gap = float((gap - gap.mean(dim=0, keepdim=True)).abs().max())
+    # the capture's tolerance for a head it finds, and the embeddings' rounding to their stored dtype
+    rounding = 4 * eps * float((h.abs() @ w.abs().T).max())
+    tolerance = HEAD_LOGITS_TOLERANCE * (1.0 + float(z.abs().max())) + rounding
+    if gap <= tolerance:
+        return None
+    return f"off by up to {gap:.3g} in its first {len(z)} rows, beyond {tolerance:.3g}, a constant a row or a class aside"
+
+
+def _source_name(source: EmbeddingSource) -> str:
+    return next((n for n in (getattr(source, a, None) for a in ("directory", "path", "name")) if n), "the source")
+
+
 def _checked_head(head_weight, head_bias, source: EmbeddingSource):
     """The teacher head as fp64 ``(W (C x d), b (C,))``, or ``(None, None)``; without one given, the
     head a capture directory stored. A transposed ``W`` is named as such."""
@@ -522,6 +533,11 @@ def _checked_head(head_weight, head_bias, source: EmbeddingSource):
                     if w.ndim == 2 and b.shape == (w.shape[1],) else "")
             raise ValueError(f"head_bias must have shape ({w.shape[0]},), got {tuple(b.shape)}{hint}")
         check_finite("head_bias", b.reshape(-1, 1))
+    found = head_logits_gap(source, w)  # before the fit's pass, not at the targets after it
+    if found is not None:
+        raise ValueError(f"{_source_name(source)}: its teacher logits are not head_weight applied to its embeddings "
+                         f"({found}): pass this teacher's head (W as (C, d), e.g. head.weight), or these rows' "
+                         "teacher's logits")
     return w, b
 
 

@@ -142,7 +142,9 @@ def test_online_targets_refuse_a_projector_of_another_teacher(stored, tmp_path):
     cap = str(stored["tmp"] / "cap")
     w, b = CaptureSource(cap).head()
     g = torch.Generator().manual_seed(3)
-    projector = LELPProjector(2).fit(cap, head_weight=torch.randn(w.shape, generator=g), head_bias=b)
+    rows = next(iter(CaptureSource(cap).chunks()))  # without their logits: a fit with them refuses this head
+    projector = LELPProjector(2).fit(rows.embeddings.float(), rows.labels, head_weight=torch.randn(w.shape, generator=g),
+                                     head_bias=b)
     with pytest.raises(ValueError, match="its teacher head's weight differs from the projector's"):
         distill(student(), stored["train"], OnlineTargets(projector, cap), str(tmp_path / "online"), num_classes=2,
                 n_subclasses=2, settings=TrainSettings(epochs=1, tensorboard=False))
