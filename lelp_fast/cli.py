@@ -270,8 +270,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     source = _fit_source(args)
     head_w = _load_npy(args.head_weight, "head-weight") if args.head_weight else None
     head_b = _load_npy(args.head_bias, "head-bias") if args.head_bias else None
-    if head_w is None and head_b is None and hasattr(source, "head") and source.head() is not None:
-        head_w, head_b = source.head()  # the head stored by the capture
     projector = _projector_from_args(args)
     device = _rank_device(args.device)
     group = _process_group(device)

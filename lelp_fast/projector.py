@@ -158,7 +158,8 @@ class LELPProjector:
                 iterable of chunks ``(embeddings, labels[, teacher_logits])`` (then ``labels``
                 and ``teacher_logits`` must be None here).
             labels: (N,) integer class labels (needed unless ``assign="teacher"``).
-            teacher_logits: (N, C) class logits, when no head is given.
+            teacher_logits: (N, C) class logits, when no head is given; given with a head, the head's
+                weight must give them (up to a constant a row and a class: ``head_logits_gap``).
             head_weight, head_bias: the teacher head ``W`` (C, d) and ``b`` (C,). With a head,
                 class logits are ``h Wᵀ + b`` and the null-space projection is on by default.
                 Not given, a capture directory's stored head is used (``null_space=False`` fits
@@ -475,23 +476,24 @@ def head_logits_gap(source: EmbeddingSource, head_weight: torch.Tensor) -> Optio
     The gap is taken up to a constant a row (the targets' softmax ignores it: log-probabilities pass)
     and a constant a class (the bias: with the logits given, the targets do not use the head's).
     Iterable sources are not read (their first chunk may be a teacher's forward pass)."""
-    if isinstance(source, IterableSource) or not source.rereadable:
+    if (isinstance(source, IterableSource) or not source.rereadable
+            or (isinstance(source, ArraySource) and source.teacher_logits is None)):
         return None
-    chunks = iter(source.chunks(LOGITS_CHECK_ROWS * head_weight.shape[1] * 4))
+    chunks = iter(source.chunks(LOGITS_CHECK_ROWS * max(head_weight.shape[1], 1) * 8))
     chunk = next(chunks, None)
     getattr(chunks, "close", lambda: None)()  # a generator's reader (a mapped file) let go now
     h = None if chunk is None else chunk.embeddings
     z = None if chunk is None else chunk.teacher_logits
     if (z is None or z.ndim != 2 or h.ndim != 2 or z.shape[1] != head_weight.shape[0]
-            or h.shape[1] != head_weight.shape[1]):
-        return None  # shapes are checked, and named, where the rows are read
-    eps = torch.finfo(h.dtype).eps if h.dtype.is_floating_point else 0.0
+            or h.shape[1] != head_weight.shape[1] or not h.dtype.is_floating_point):
+        return None  # shapes and dtypes are checked, and named, where the rows are read
+    eps = torch.finfo(h.dtype).eps
     h = h[:LOGITS_CHECK_ROWS].detach().cpu().to(torch.float32)
     z = z[:LOGITS_CHECK_ROWS].detach().cpu().to(torch.float32)
     w = head_weight.detach().cpu().to(torch.float32)
     gap = torch.nn.functional.linear(h, w) - z
     finite = gap.isfinite().all(dim=1)  # a bad row is named where it is read
-    if not finite.any():
+    if int(finite.sum()) < 2:  # one row's gap is all a constant of its row and of each class
         return None
     gap, z, h = gap[finite], z[finite], h[finite]
     gap = gap - gap.mean(dim=1, keepdim=True)
@@ -501,7 +503,8 @@ def head_logits_gap(source: EmbeddingSource, head_weight: torch.Tensor) -> Optio
     tolerance = HEAD_LOGITS_TOLERANCE * (1.0 + float(z.abs().max())) + rounding
     if gap <= tolerance:
         return None
-    return f"off by up to {gap:.3g} in its first {len(z)} rows, beyond {tolerance:.3g}, a constant a row or a class aside"
+    return (f"off by up to {gap:.3g} over {len(z)} finite rows of its first chunk, beyond {tolerance:.3g}, a constant "
+            "a row or a class aside")
 
 
 def _source_name(source: EmbeddingSource) -> str:
@@ -511,6 +514,7 @@ def _source_name(source: EmbeddingSource) -> str:
 def _checked_head(head_weight, head_bias, source: EmbeddingSource):
     """The teacher head as fp64 ``(W (C x d), b (C,))``, or ``(None, None)``; without one given, the
     head a capture directory stored. A transposed ``W`` is named as such."""
+    stored = None
     if head_weight is None:
         if head_bias is not None:
             raise ValueError("head_bias was given without head_weight; pass both or neither")
@@ -534,10 +538,13 @@ def _checked_head(head_weight, head_bias, source: EmbeddingSource):
             raise ValueError(f"head_bias must have shape ({w.shape[0]},), got {tuple(b.shape)}{hint}")
         check_finite("head_bias", b.reshape(-1, 1))
     found = head_logits_gap(source, w)  # before the fit's pass, not at the targets after it
+    if found is not None and stored is not None:  # checked against the logits when captured
+        raise ValueError(f"{_source_name(source)}: its stored head no longer gives its teacher logits ({found}): a "
+                         "shard may be damaged (read it with verify=True) or rerun the capture")
     if found is not None:
         raise ValueError(f"{_source_name(source)}: its teacher logits are not head_weight applied to its embeddings "
-                         f"({found}): pass this teacher's head (W as (C, d), e.g. head.weight), or these rows' "
-                         "teacher's logits")
+                         f"({found}): pass this teacher's head (W as (C, d), e.g. head.weight) with its logits "
+                         "unscaled (not divided by a temperature)")
     return w, b
 
 

@@ -123,7 +123,8 @@ def test_a_damaged_first_capture_shard_is_refused_where_it_is_read(stores, tmp_p
     where it is read, like every other shard's."""
     cap, _ = stores
     _, infos = _entries(cap)
-    _flip_last_byte(os.path.join(cap, infos[0]["file"]))
+    unchecked = LELPProjector(2).fit(CaptureSource(cap, verify=False))  # before the damage: a fit of the damaged
+    _flip_last_byte(os.path.join(cap, infos[0]["file"]))  # rows refuses its head, whose logits they no longer are
     source = CaptureSource(cap)
     assert (source.dim, source.num_classes) == (8, 2)
     message = f"{infos[0]['file']} is corrupt: its xxh3_128 checksum does not match"
@@ -132,4 +133,6 @@ def test_a_damaged_first_capture_shard_is_refused_where_it_is_read(stores, tmp_p
     with pytest.raises(ValueError, match=message):
         LELPProjector(2).fit(cap)
     with pytest.raises(ValueError, match=message):
-        generate_targets(LELPProjector(2).fit(CaptureSource(cap, verify=False)), cap, str(tmp_path / "t2"))
+        generate_targets(unchecked, cap, str(tmp_path / "t2"))
+    with pytest.raises(ValueError, match="its stored head no longer gives its teacher logits .*a shard may be damaged"):
+        LELPProjector(2).fit(CaptureSource(cap, verify=False))  # its last logit's top byte flipped
