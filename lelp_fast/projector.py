@@ -470,12 +470,15 @@ class LELPProjector:
         )
 
 
-def head_logits_gap(source: EmbeddingSource, head_weight: torch.Tensor) -> Optional[str]:
+def head_logits_gap(source: EmbeddingSource, head_weight: torch.Tensor,
+                    head_bias: Optional[torch.Tensor] = None) -> Optional[str]:
     """Where a source's teacher logits are not ``head_weight`` applied to its embeddings, on its first
     chunk's first rows (up to LOGITS_CHECK_ROWS), how far off (a phrase for an error), else None.
     The gap is taken up to a constant a row (the targets' softmax ignores it: log-probabilities pass)
     and a constant a class (the bias: with the logits given, the targets do not use the head's).
-    Iterable sources are not read (their first chunk may be a teacher's forward pass)."""
+    With ``head_bias``, the class constants must be that bias too, up to one constant (targets from
+    rows without logits take their class logits from it). Iterable sources are not read (their first
+    chunk may be a teacher's forward pass)."""
     if (isinstance(source, IterableSource) or not source.rereadable
             or (isinstance(source, ArraySource) and source.teacher_logits is None)):
         return None
@@ -497,14 +500,21 @@ def head_logits_gap(source: EmbeddingSource, head_weight: torch.Tensor) -> Optio
         return None
     gap, z, h = gap[finite], z[finite], h[finite]
     gap = gap - gap.mean(dim=1, keepdim=True)
-    gap = float((gap - gap.mean(dim=0, keepdim=True)).abs().max())
+    class_constants = gap.mean(dim=0)  # -(the logits' bias - its mean)
+    weight_gap = float((gap - class_constants).abs().max())
     # the capture's tolerance for a head it finds, and the embeddings' rounding to their stored dtype
     rounding = 4 * eps * float((h.abs() @ w.abs().T).max())
     tolerance = HEAD_LOGITS_TOLERANCE * (1.0 + float(z.abs().max())) + rounding
-    if gap <= tolerance:
+    rows = f"over {len(z)} finite rows of its first chunk, beyond {tolerance:.3g}"
+    if weight_gap > tolerance:
+        return f"off by up to {weight_gap:.3g} {rows}, a constant a row or a class aside"
+    if head_bias is None:
         return None
-    return (f"off by up to {gap:.3g} over {len(z)} finite rows of its first chunk, beyond {tolerance:.3g}, a constant "
-            "a row or a class aside")
+    b = head_bias.detach().cpu().to(torch.float32)
+    bias_gap = float((b - b.mean() + class_constants).abs().max())
+    if bias_gap > tolerance:
+        return f"the weight agrees, but the bias is off by up to {bias_gap:.3g} {rows}, a constant aside"
+    return None
 
 
 def _source_name(source: EmbeddingSource) -> str:
@@ -537,14 +547,15 @@ def _checked_head(head_weight, head_bias, source: EmbeddingSource):
                     if w.ndim == 2 and b.shape == (w.shape[1],) else "")
             raise ValueError(f"head_bias must have shape ({w.shape[0]},), got {tuple(b.shape)}{hint}")
         check_finite("head_bias", b.reshape(-1, 1))
-    found = head_logits_gap(source, w)  # before the fit's pass, not at the targets after it
+    # before the fit's pass, not at the targets after it; a bias given (or stored) is held to the logits too
+    found = head_logits_gap(source, w, None if head_bias is None else b)
     if found is not None and stored is not None:  # checked against the logits when captured
         raise ValueError(f"{_source_name(source)}: its stored head no longer gives its teacher logits ({found}): a "
                          "shard may be damaged (read it with verify=True) or rerun the capture")
     if found is not None:
-        raise ValueError(f"{_source_name(source)}: its teacher logits are not head_weight applied to its embeddings "
-                         f"({found}): pass this teacher's head (W as (C, d), e.g. head.weight) with its logits "
-                         "unscaled (not divided by a temperature)")
+        raise ValueError(f"{_source_name(source)}: its teacher logits are not head_weight and head_bias applied to "
+                         f"its embeddings ({found}): pass this teacher's head (W as (C, d), e.g. head.weight, and "
+                         "its bias) with its logits unscaled (not divided by a temperature)")
     return w, b
 
 

@@ -319,11 +319,16 @@ def test_a_projector_is_copied_to_another_device_once(monkeypatch):
 def test_fit_refuses_a_head_that_does_not_give_the_rows_logits():
     """A fit given rows with their teacher logits and another teacher's head_weight took the wrong
     null space without a word (the targets now refuse such a projector, but only after the fit). The
-    head is now held to the logits before the fit's pass, up to a constant a row and a class."""
+    head is now held to the logits before the fit's pass, up to a constant a row and a class, and a
+    bias given to the logits' bias, up to a constant."""
     h, w, b, y = make_problem(n=300, d=24, num_classes=3, seed=5)
     z = h @ w.T + b
     _, other_w, _, _ = make_problem(n=300, d=24, num_classes=3, seed=6)
-    with pytest.raises(ValueError, match=r"its teacher logits are not head_weight applied to its embeddings \(off by"):
+    with pytest.raises(ValueError, match=r"its teacher logits are not head_weight and head_bias applied to its embeddings \(off by"):
         LELPProjector(2).fit(h, y, teacher_logits=z, head_weight=other_w, head_bias=b)
     LELPProjector(2).fit(h, y, teacher_logits=torch.log_softmax(z, dim=1), head_weight=w)  # log-probs, no bias
     LELPProjector(2).fit(h.float(), y, teacher_logits=z.bfloat16().float(), head_weight=w, head_bias=b)
+    # a bias given is held to the logits' too (targets from rows without logits take it), up to a constant
+    LELPProjector(2).fit(h, y, teacher_logits=torch.log_softmax(z, dim=1), head_weight=w, head_bias=b + 3.0)
+    with pytest.raises(ValueError, match=r"the weight agrees, but the bias is off by up to"):
+        LELPProjector(2).fit(h, y, teacher_logits=z, head_weight=w, head_bias=b + torch.tensor([0.0, 0.0, 2.0]))
