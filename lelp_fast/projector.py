@@ -158,8 +158,9 @@ class LELPProjector:
                 iterable of chunks ``(embeddings, labels[, teacher_logits])`` (then ``labels``
                 and ``teacher_logits`` must be None here).
             labels: (N,) integer class labels (needed unless ``assign="teacher"``).
-            teacher_logits: (N, C) class logits, when no head is given; given with a head, the head's
-                weight must give them (up to a constant a row and a class: ``head_logits_gap``).
+            teacher_logits: (N, C) class logits, when no head is given; given with a head, the head
+                must give them (its weight up to a constant a row and a class, its bias when given up
+                to one constant: ``head_logits_gap``).
             head_weight, head_bias: the teacher head ``W`` (C, d) and ``b`` (C,). With a head,
                 class logits are ``h Wᵀ + b`` and the null-space projection is on by default.
                 Not given, a capture directory's stored head is used (``null_space=False`` fits
