@@ -191,9 +191,15 @@ def log_targets(
     """
     n, num_classes = teacher_logits.shape
     u = u.reshape(n, num_classes, n_subclasses)
-    log_class = F.log_softmax((teacher_logits - _max_or_zero(teacher_logits, -1)) / tau, dim=-1)
-    log_sub = F.log_softmax((u - _max_or_zero(u, -1)) / beta, dim=-1)
+    log_class = scaled_log_softmax(teacher_logits, tau)
+    log_sub = scaled_log_softmax(u, beta)
     return (log_class.unsqueeze(-1) + log_sub).reshape(n, num_classes * n_subclasses)
+
+
+def scaled_log_softmax(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """``log_softmax(x/τ)`` over the last axis, shifted by x's max before the division: x/τ can
+    overflow where x does not (x = 2e38 at τ = 0.5)."""
+    return F.log_softmax((x - _max_or_zero(x, -1)) / tau, dim=-1)
 
 
 def _max_or_zero(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -226,7 +232,8 @@ def class_logits(student_logits: torch.Tensor, num_classes: int, n_subclasses: i
     grouped = student_logits.reshape(*shape, num_classes, n_subclasses)
     if tau == 1.0:
         return torch.logsumexp(grouped, dim=-1)
-    return tau * torch.logsumexp(grouped / tau, dim=-1)
+    m = _max_or_zero(grouped, -1)  # shifted before scaling: s/τ can overflow where s does not
+    return m.squeeze(-1) + tau * torch.logsumexp((grouped - m) / tau, dim=-1)
 
 
 def canonical_divergence(name: str, argument: str = "divergence") -> str:
@@ -321,13 +328,15 @@ def subclass_weighted_kl(
     (``subclass_weight``) weights the second: 0 is vanilla KD on the pooled student, 1 is LELP.
     """
     shape = (*student_logits.shape[:-1], num_classes, n_subclasses)
-    log_q = F.log_softmax(student_logits / tau, dim=-1).reshape(shape)
+    # Q and ρ from each class's own max, not from log q: a class far below the row's max (its log q
+    # all about -1e6 in fp32, -1e38 in fp64) keeps the differences within it.
+    log_rho = scaled_log_softmax(student_logits.reshape(shape), tau)
+    log_big_q = scaled_log_softmax(class_logits(student_logits, num_classes, n_subclasses, tau), tau)
     log_t = log_targets_.reshape(shape)
-    log_p, log_big_q = torch.logsumexp(log_t, -1), torch.logsumexp(log_q, -1)
+    log_p = torch.logsumexp(log_t, -1)
     p = log_p.exp()
     class_kl = _plogp_ratio(p, log_p, log_big_q).sum(-1)
     log_r = log_t - log_p.unsqueeze(-1)
-    log_rho = log_q - log_big_q.unsqueeze(-1)
     r = torch.where(p.unsqueeze(-1) == 0, torch.zeros_like(log_r), log_r.exp())  # an empty class has no split
     sub_kl = _plogp_ratio(r, torch.where(r == 0, torch.zeros_like(log_r), log_r), log_rho).sum(-1)
     return tau * tau * (class_kl + subclass_weight * (p * sub_kl).sum(-1))
@@ -352,7 +361,7 @@ def distillation_loss(
     Rows whose label equals ``ignore_index`` contribute zero and are left out of the mean; when
     every row is ignored the mean is 0. ``mean`` divides by the number of kept rows (batchmean).
     """
-    log_q = F.log_softmax(student_logits / tau, dim=-1)
+    log_q = scaled_log_softmax(student_logits, tau)
     per_row = tau * tau * divergence(log_targets_, log_q, divergence_kind, jsd_beta)
     if labels is not None:
         keep = labels != ignore_index

@@ -168,6 +168,75 @@ def test_huge_logits_and_tiny_beta(backend, divergence):
     torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-4, atol=1e-3)
 
 
+# (row, column or None for the whole row, value, tau): student logits whose value times log2(e)/tau
+# (or over tau) overflows fp32, while the loss does not (a whole row takes values 1 % apart)
+NEAR_FLOAT_MAX = {
+    "top logit at tau 1": (3, 5, 3.0e38, 1.0),
+    "row near +max at tau 0.5": (0, None, 1.8e38, 0.5),
+    "row near -max at tau 1": (5, None, -3.0e38, 1.0),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(NEAR_FLOAT_MAX))
+@pytest.mark.parametrize("terms", ["kl", "kl alpha", "kl lambda", "kl lambda alpha", "reverse_kl", "jsd"])
+def test_student_logits_near_the_float_max_give_the_references_loss(backend, case, terms, device="cpu"):
+    """A student logit s with s log2(e)/tau past FLT_MAX (finite in fp32, and passed by the input
+    check): each log-softmax shifts by its unscaled max before scaling, so the loss and gradient are
+    the fp64 reference's, per row, not NaN (the Triton loss took s log2(e)/tau first: NaN at
+    s = 2.4e38, tau = 1)."""
+    row, col, value, tau = NEAR_FLOAT_MAX[case]
+    c, s = 2, 4
+    student, log_t, labels = make_inputs(7, c, s, seed=71)
+    if col is None:
+        student[row] = value * (1.0 + 0.01 * torch.rand(c * s, generator=torch.Generator().manual_seed(5)))
+    else:
+        student[row, col] = value
+    x = student.float().to(device).requires_grad_(True)
+    lt = log_t.float().to(device)
+    divergence = terms.split()[0]
+    alpha = 0.3 if "alpha" in terms else 0.0
+    lam = 0.1 if "lambda" in terms else 1.0
+    per_row = distill_loss(x, lt, labels.to(device), num_classes=c, n_subclasses=s, tau=tau, alpha=alpha,
+                           divergence=divergence, subclass_weight=lam, reduction="none", backend=backend)
+    (grad,) = torch.autograd.grad(per_row.sum(), x)
+    ref = x.detach().cpu().double().requires_grad_(True)
+    if lam == 1.0:
+        soft = reference.distillation_loss(ref, lt.cpu().double(), None, num_classes=c, n_subclasses=s, tau=tau,
+                                           divergence_kind=divergence, reduction="none")
+    else:
+        soft = reference.subclass_weighted_kl(ref, lt.cpu().double(), c, s, tau, lam)
+    want = soft + alpha * reference.hard_label_rows(ref, labels, c, s)
+    (want_grad,) = torch.autograd.grad(want.sum(), ref)
+    assert torch.isfinite(per_row).all() and torch.isfinite(grad).all(), (per_row, grad)
+    torch.testing.assert_close(per_row.cpu().double(), want, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gap", [1e4, 1e6, 1e8])
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_subclass_weight_keeps_the_split_of_a_class_far_below(backend, gap, tau, device="cpu"):
+    """λ ≠ 1 with one class ``gap`` below the row's max: its q underflows, but its split ρ_c weighs
+    (1 - λ) p_c in the gradient. Summed from the class's own max it is the fp64 reference's; the
+    CPU and CUDA kernels took it from (s - max)/τ, which keeps ulp(gap) of the differences within the
+    class: at gap 1e6 the gradient was 8.9e-4 off, at 1e8 0.064."""
+    c, s = 2, 4
+    student, log_t, labels = make_inputs(9, c, s, seed=19)
+    student[2, 5] = gap  # class 1 holds the max, class 0 is ~gap below it
+    student[6, 1] = gap  # and the other way round
+    x = student.float().to(device).requires_grad_(True)
+    lt = log_t.float().to(device)
+    per_row = distill_loss(x, lt, None, num_classes=c, n_subclasses=s, tau=tau, subclass_weight=0.1,
+                           reduction="none", backend=backend)
+    (grad,) = torch.autograd.grad(per_row.sum(), x)
+    ref = x.detach().cpu().double().requires_grad_(True)
+    want = reference.subclass_weighted_kl(ref, lt.cpu().double(), c, s, tau, 0.1)
+    (want_grad,) = torch.autograd.grad(want.sum(), ref)
+    torch.testing.assert_close(per_row.cpu().double(), want, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hard_label_term_when_the_true_class_is_far_below_the_max(backend):
     """α CE with the labelled class 1e3..1e4 below the top logit (its softmax underflows in fp32)

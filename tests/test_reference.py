@@ -84,6 +84,16 @@ def test_targets_in_fp32_shift_before_scaling():
     assert torch.isneginf(reference.log_targets(padded, z[1:], 2, beta=0.1)[0, 1::2]).all()
 
 
+def test_class_logits_in_fp32_shift_before_scaling():
+    """class_logits (the pooled prediction, τ·logsumexp(s/τ)) in fp32 divided s by τ first: logits
+    near 1.8e38 at τ = 0.5 gave +inf class logits. Now the fp64 values, shifted by each class's max."""
+    s = torch.tensor([[1.8e38, 1.79e38, 1.0, 0.5], [0.3, -1.0, 2.0, 1.5]])
+    got = reference.class_logits(s, 2, 2, tau=0.5).double()
+    want = reference.class_logits(s.double(), 2, 2, tau=0.5)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_rotation_keeps_the_subspace():
     h, _, _, y = make_problem(n=300, d=12, num_classes=2, seed=2)
     _, _, covs = reference.class_moments(h, y, 2)

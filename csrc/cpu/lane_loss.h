@@ -81,15 +81,13 @@ LELP_HD void kl_lanes(LaneGroup& G, int K, int S, float tau, float alpha, bool l
   const float inv_tau = 1.f / tau;
   const bool term = alpha != 0.f && labels;
   const bool fold = term && hard_label_folds(tau), square = tau == 2.f;
-  float s_max[kLanes], row_m[kLanes];
+  float s_max[kLanes];
   LELP_LANES
   for (int l = 0; l < kLanes; ++l) s_max[l] = -INFINITY;
   for (int k = 0; k < K; ++k) {
     LELP_LANES
     for (int l = 0; l < kLanes; ++l) s_max[l] = fmax_(s_max[l], G.s[k * kLanes + l]);
   }
-  LELP_LANES
-  for (int l = 0; l < kLanes; ++l) row_m[l] = s_max[l] * inv_tau;
   // q (unnormalised), log q, t and their sums; for the folded term, e = q or q^2 summed over the
   // label's class (sum_y) and, at tau = 2, over the row (sum_qq; at tau = 1 it is sum_q).
   float sum_q[kLanes] = {}, sum_t[kLanes] = {}, sum_qq[kLanes] = {}, sum_y[kLanes] = {};
@@ -98,7 +96,7 @@ LELP_HD void kl_lanes(LaneGroup& G, int K, int S, float tau, float alpha, bool l
     LELP_LANES
     for (int l = 0; l < kLanes; ++l) {
       const int i = k * kLanes + l;
-      const float lq = G.s[i] * inv_tau - row_m[l];
+      const float lq = (G.s[i] - s_max[l]) * inv_tau;  // shifted first: s / tau can overflow
       const float q = fast_exp(lq), t = fast_exp(G.lt[i]);
       G.lq[i] = lq;
       G.q[i] = q;

@@ -51,16 +51,18 @@ LELP_HD float divergence_term(int divergence, float jsd_beta, float log_b, float
   return 0.5f * fabsf(t - q);
 }
 
-// The subclass weight lambda of the KL loss on one row (KL only; S > 1), from the row's unnormalised
-// q (qu = exp(s/tau - max), its log lq = s/tau - max, row_log = log sum qu) and targets t:
+// The subclass weight lambda of the KL loss on one row (KL only; S > 1), from the row's logits s, its
+// unnormalised q (qu = exp((s - max) / tau), row_log = log sum qu) and targets t:
 //   L = tau^2 [lambda KL(t||q) + (1 - lambda) KL(p||Q)],  p_c = sum_{k in c} t_k,  Q_c = sum_{k in c} q_k,
 //   dL/ds_k = tau [q_k sum t - lambda t_k - (1 - lambda) p_c q_k / Q_c]   (k in class c),
 // the class term reaching s through the pooling tau * logsumexp(s / tau), whose softmax at tau is Q.
 // grad (K) comes in holding tau (q_k sum t - lambda t_k); the class term is subtracted here. Returns
 // the row's loss given d_sub = sum t (log t - log q). A class whose qu all underflow (its logits
-// ~87 tau below the row's max) is summed again from its own max.
-LELP_HD float kl_row_subclass_weighted(const float* qu, const float* lq, const float* t, int C, int S, float tau,
-                                       float lambda, float row_log, float d_sub, float* grad) {
+// ~87 tau below the row's max) is summed again from s and its own max, not from (s - max) / tau,
+// which keeps only ulp(max - s) of the differences within it (a class 1e6 below: 8.9e-4 off).
+LELP_HD float kl_row_subclass_weighted(const float* s, const float* qu, const float* t, int C, int S, float tau,
+                                       float lambda, float row_max, float row_log, float d_sub, float* grad) {
+  const float inv_tau = 1.f / tau;
   float d_class = 0.f;
   for (int c = 0; c < C; ++c) {
     const int k0 = c * S;
@@ -77,11 +79,11 @@ LELP_HD float kl_row_subclass_weighted(const float* qu, const float* lq, const f
       continue;
     }
     float m = -INFINITY, acc = 0.f;
-    for (int j = 0; j < S; ++j) m = fmax_(m, lq[k0 + j]);
-    for (int j = 0; j < S; ++j) acc += fast_exp(lq[k0 + j] - m);
-    const float log_qc = m + logf(acc);
-    d_class += xlogx_ratio(p, logf(p), log_qc - row_log);
-    for (int j = 0; j < S; ++j) grad[k0 + j] -= w * fast_exp(lq[k0 + j] - log_qc);
+    for (int j = 0; j < S; ++j) m = fmax_(m, s[k0 + j]);
+    for (int j = 0; j < S; ++j) acc += fast_exp((s[k0 + j] - m) * inv_tau);
+    const float log_acc = logf(acc);  // log Q_c = (m - row_max) / tau + log_acc - row_log
+    d_class += xlogx_ratio(p, logf(p), (m - row_max) * inv_tau + log_acc - row_log);
+    for (int j = 0; j < S; ++j) grad[k0 + j] -= w * fast_exp((s[k0 + j] - m) * inv_tau - log_acc);
   }
   return tau * tau * (lambda * d_sub + (1.f - lambda) * d_class);
 }
@@ -222,7 +224,8 @@ LELP_HD void kl_rows(int64_t R, int64_t K, const float* s, const float* log_t, i
       for (int64_t k = y * S; k < (y + 1) * S; ++k) g[k] -= w_y * (square ? qr[k] * qr[k] : qr[k]);
     if (exact)
       hard_label_row_exact(s + r * K, K, y, S, alpha, row_max[r], sum_e, loss + r, hard ? hard + r : nullptr, g);
-    loss[r] += weighted ? kl_row_subclass_weighted(qr, lq, tr, C, S, tau, subclass_weight, lr, d, g) : tau * tau * d;
+    loss[r] += weighted ? kl_row_subclass_weighted(s + r * K, qr, tr, C, S, tau, subclass_weight, row_max[r], lr, d, g)
+                        : tau * tau * d;
   }
 }
 
@@ -256,14 +259,14 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
     float m = -INFINITY;
     LELP_SIMD_MAX(m)
     for (int64_t k = 0; k < K; ++k) m = fmax_(m, s[r * K + k]);
-    row_m[r] = m * inv_tau;
+    row_m[r] = m;
   }
   for (int64_t r = 0; r < R; ++r) {
     const float mr = row_m[r];
     float sum = 0.f;
     LELP_SIMD_SUM(sum)
     for (int64_t k = 0; k < K; ++k) {
-      const float lq = s[r * K + k] * inv_tau - mr;
+      const float lq = (s[r * K + k] - mr) * inv_tau;  // shifted first: s / tau can overflow
       const float e = fast_exp(lq);
       log_q[r * K + k] = lq;
       q[r * K + k] = e;
@@ -282,24 +285,23 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
   }
 
   if (divergence == kMSE) {
-    for (int64_t r = 0; r < R; ++r) {
+    for (int64_t r = 0; r < R; ++r) {  // s / tau centred, from the shifted log q
       float mean_s = 0.f, mean_t = 0.f;
       for (int64_t k = 0; k < K; ++k) {
-        mean_s += s[r * K + k] * inv_tau;
+        mean_s += log_q[r * K + k];
         mean_t += log_t[r * K + k];
       }
       mean_s /= static_cast<float>(K);
       mean_t /= static_cast<float>(K);
       float d = 0.f;
       for (int64_t k = 0; k < K; ++k) {
-        const float e = (s[r * K + k] * inv_tau - mean_s) - (log_t[r * K + k] - mean_t);
+        const float e = (log_q[r * K + k] - mean_s) - (log_t[r * K + k] - mean_t);
         grad[r * K + k] = 2.f * tau * e / static_cast<float>(K);
         d += e * e;
       }
       for (int64_t k = 0; k < K; ++k) log_q[r * K + k] = k == 0 ? d / static_cast<float>(K) : 0.f;
     }
   } else if (kl) {
-    for (int64_t r = 0; r < R; ++r) row_m[r] *= tau;  // max s, for the alpha term's exact fallback
     kl_rows(R, K, s, log_t, C, S, tau, alpha, labels, subclass_weight, q, log_q, t, row_inv, row_log, row_m, grad,
             loss, hard);
   } else {

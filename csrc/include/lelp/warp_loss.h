@@ -190,12 +190,22 @@ LELP_DEV float class_divergence(float p, float inv_q, float log2_sum) {
   return p == 0.f ? 0.f : p * kLn2 * (log2_approx(ratio < 0x1p-126f ? 0x1p-126f : ratio) + log2_sum);
 }
 
-// row_class_kl with every class summed from its own max (x2 = log2 of q's unnormalised value, log2_sum
-// that of its sum): exact when a class holds less than 2^-90 of the row's q. The lanes write qu, t
-// and x2 to the row's scratch u (3K floats); lane g takes classes g, g + W, ..., and each lane reads
-// its slots' gradient back. Every lane of the warp must call it.
+// class_divergence with the rest of log(p / Q_c) given in natural units (ln_rest = ln of the row's sum
+// minus the class max's offset (m_c - max) / tau): its log2 form overflows for offsets past
+// FLT_MAX / log2(e).
+LELP_DEV float class_divergence_ln(float p, float inv_q, float ln_rest) {
+  const float ratio = p * inv_q;
+  return p == 0.f ? 0.f : p * (kLn2 * log2_approx(ratio < 0x1p-126f ? 0x1p-126f : ratio) + ln_rest);
+}
+
+// row_class_kl with every class summed from its own max m_c (log2_sum: log2 of the row's sum of
+// qu = 2^((s - mx) scale2)): exact when a class holds less than 2^-90 of the row's q. The class's
+// exponentials are 2^((s - m_c) scale2), from s itself: (s - mx) keeps only ulp(mx - s) of the
+// differences within a class far below mx. The lanes write t and s to the row's scratch u (3K
+// floats); lane g takes classes g, g + W, ..., and each lane reads its slots' gradient back. Every
+// lane of the warp must call it.
 template <class Warp, int CH, int V>
-LELP_DEV float row_class_kl_exact(const Warp& w, const LossArgs& a, const float* s, float scale2, float m2,
+LELP_DEV float row_class_kl_exact(const Warp& w, const LossArgs& a, const float* s, float scale2, float mx,
                                   float log2_sum, const float* qu, const float* t, float* u, float* gr) {
   constexpr int W = Warp::kWidth, P = CH * V;
   const int g = w.lane() % W, C = static_cast<int>(a.C), S = static_cast<int>(a.S), K = C * S;
@@ -206,11 +216,11 @@ LELP_DEV float row_class_kl_exact(const Warp& w, const LossArgs& a, const float*
     const int k = element<W, V>(g, i);
     if (k < K) {
       ut[k] = t[i];
-      ux[k] = s[i] * scale2 - m2;
+      ux[k] = s[i];
     }
   }
   w.sync();
-  const float f = (1.f - a.subclass_weight) * a.tau;
+  const float f = (1.f - a.subclass_weight) * a.tau, inv_tau = 1.f / a.tau, log_sum = kLn2 * log2_sum;
   float d = 0.f;
   for (int c = g; c < C; c += W) {
     float p = 0.f, m = -INFINITY, acc = 0.f;
@@ -219,12 +229,12 @@ LELP_DEV float row_class_kl_exact(const Warp& w, const LossArgs& a, const float*
       m = fmax_(m, ux[j]);
     }
     for (int j = c * S; j < (c + 1) * S; ++j) {
-      uq[j] = m == -INFINITY ? 0.f : exp2_approx(ux[j] - m);  // a class of -inf logits has q = 0
+      uq[j] = m == -INFINITY ? 0.f : exp2_approx((ux[j] - m) * scale2);  // a class of -inf logits has q = 0
       acc += uq[j];
     }
-    const float inv_q = rcp_approx(acc), r = p == 0.f ? 0.f : f * p * inv_q;  // qu and its sums scaled by 2^-m
+    const float inv_q = rcp_approx(acc), r = p == 0.f ? 0.f : f * p * inv_q;  // sums in the scale of the class max
     for (int j = c * S; j < (c + 1) * S; ++j) uq[j] *= r;
-    d += class_divergence(p, inv_q, log2_sum - m);
+    d += class_divergence_ln(p, inv_q, log_sum - (m - mx) * inv_tau);
   }
   w.sync();
 #pragma unroll
@@ -246,7 +256,7 @@ LELP_DEV float row_class_kl_exact(const Warp& w, const LossArgs& a, const float*
 // of its chunks' two classes back. If a class of the warp holds less than 2^-90 of its row's q, the
 // warp sums every class exactly instead (row_class_kl_exact).
 template <class Warp, int CH, int V>
-LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, float scale2, float m2, float log2_sum,
+LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, float scale2, float mx, float log2_sum,
                             const float* qu, const float* t, float* u, float* gr) {
   static_assert(V == kVec, "chunks of 5 hold whole classes (row_class_kl_chunked)");
   constexpr int W = Warp::kWidth;
@@ -295,7 +305,7 @@ LELP_DEV float row_class_kl(const Warp& w, const LossArgs& a, const float* s, fl
     fac[c] = p == 0.f ? 0.f : f * p * inv_q;
     d += class_divergence(p, inv_q, log2_sum);
   }
-  if (w.any(inexact)) return row_class_kl_exact<Warp, CH, V>(w, a, s, scale2, m2, log2_sum, qu, t, u, gr);
+  if (w.any(inexact)) return row_class_kl_exact<Warp, CH, V>(w, a, s, scale2, mx, log2_sum, qu, t, u, gr);
   w.sync();
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
@@ -494,11 +504,11 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
 #pragma unroll
   for (int i = 0; i < P; ++i)
     if (element<W, V>(g, i) < K) mx = fmax_(mx, s[i]);
-  mx = w.max(mx) * inv_tau;
+  mx = w.max(mx);
   float sum = 0.f;
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    lq[i] = s[i] * inv_tau - mx;
+    lq[i] = (s[i] - mx) * inv_tau;  // shifted first: s / tau can overflow
     q[i] = element<W, V>(g, i) < K ? expf(lq[i]) : 0.f;
     sum += q[i];
   }
@@ -510,19 +520,19 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
     lq[i] -= log_sum;
   }
   float d = 0.f;
-  if (a.divergence == kMSE) {
+  if (a.divergence == kMSE) {  // s / tau centred, from the shifted log q
     float ms = 0.f, mt = 0.f;
 #pragma unroll
     for (int i = 0; i < P; ++i)
       if (element<W, V>(g, i) < K) {
-        ms += s[i] * inv_tau;
+        ms += lq[i];
         mt += lt[i];
       }
     ms = w.sum(ms) / static_cast<float>(K);
     mt = w.sum(mt) / static_cast<float>(K);
 #pragma unroll
     for (int i = 0; i < P; ++i) {
-      const float e = (s[i] * inv_tau - ms) - (lt[i] - mt);
+      const float e = (lq[i] - ms) - (lt[i] - mt);
       gr[i] = 2.f * tau * e / static_cast<float>(K);
       if (element<W, V>(g, i) < K) d += e * e;
     }
@@ -550,20 +560,20 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
 // unnormalised value qu, so log q = (x2 - log2 sum qu) ln 2. A t of 0 adds 0 to the loss (its log t
 // may be -inf); a NaN anywhere in the row reaches the loss and the gradient. e: exp(s - max s) for
 // the hard-label term when want_e (qu itself at tau = 1, its square at tau = 2), else left alone.
-template <class Warp, int CH, int V>
-LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const float* lt, float* u, float* gr,
-                      bool want_e, float* e) {
+// log q is taken in natural units, s / tau - (max s / tau + ln sum): the log2 one overflows where a
+// value is more than FLT_MAX / log2(e) below the max. Where max s log2(e) / tau itself overflows
+// (|max s| > 2.4e38 tau; rare, warp-uniform), x2 and log q are shifted before they are scaled
+// (kShiftFirst), which costs an instruction per element more in each; the common rows keep x2 one FFMA.
+// mx: the row's max s (row_kl).
+template <class Warp, int CH, int V, bool kShiftFirst>
+LELP_DEV float row_kl_from_max(const Warp& w, const LossArgs& a, const float* s, float mx, const float* lt, float* u,
+                               float* gr, bool want_e, float* e) {
   constexpr int P = CH * V;
-  const float tau = a.tau, scale2 = kLog2e / tau;
-  float mx = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < P; ++i) mx = fmax_(mx, s[i]);  // absent slots hold -inf (loss_row)
-  mx = w.max(mx);
-  const float m2 = mx * scale2;
+  const float tau = a.tau, scale2 = kLog2e / tau, m2 = kShiftFirst ? 0.f : mx * scale2;
   float qu[P], t[P], sum = 0.f, st = 0.f;  // x2 is recomputed where needed: 16 fewer registers
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    qu[i] = exp2_approx(s[i] * scale2 - m2);  // 0 in absent slots
+    qu[i] = exp2_approx(kShiftFirst ? (s[i] - mx) * scale2 : s[i] * scale2 - m2);  // 0 in absent slots
     t[i] = exp2_approx(lt[i] * kLog2e);
     sum += qu[i];
     st += t[i];
@@ -574,10 +584,12 @@ LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const fl
   const bool weighted = subclass_weighted(a);
   const float lambda = weighted ? a.subclass_weight : 1.f;  // the subclass weight scales the t term
   const float gq = tau * st * exp2_approx(-log2_sum), gt = tau * lambda;
+  const float inv_tau = 1.f / tau, log_sum = kLn2 * log2_sum, log_rest = mx * inv_tau + log_sum;
   float d = 0.f;
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    const float log_ratio = lt[i] - kLn2 * ((s[i] * scale2 - m2) - log2_sum);  // log t - log q
+    const float log_ratio = kShiftFirst ? (lt[i] + log_sum) - (s[i] - mx) * inv_tau  // log t - log q
+                                        : (lt[i] - s[i] * inv_tau) + log_rest;
     d = t[i] == 0.f ? d : t[i] * log_ratio + d;
     gr[i] = gq * qu[i] - gt * t[i];
   }
@@ -592,9 +604,9 @@ LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const fl
     } else {
       d_lane = lambda * d;
       if constexpr (V == kVec) {
-        d_row = (1.f - lambda) * row_class_kl<Warp, CH, V>(w, a, s, scale2, m2, log2_sum, qu, t, u, gr);
+        d_row = (1.f - lambda) * row_class_kl<Warp, CH, V>(w, a, s, scale2, mx, log2_sum, qu, t, u, gr);
       } else {  // chunks of 5 hold whole classes (chunk_width): only the exact sums are left
-        d_row = (1.f - lambda) * row_class_kl_exact<Warp, CH, V>(w, a, s, scale2, m2, log2_sum, qu, t, u, gr);
+        d_row = (1.f - lambda) * row_class_kl_exact<Warp, CH, V>(w, a, s, scale2, mx, log2_sum, qu, t, u, gr);
       }
     }
   }
@@ -607,6 +619,20 @@ LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const fl
                              : exp2_approx((s[i] - mx) * kLog2e);
   }
   return tau * tau * (w.sum(d_lane) + d_row);
+}
+
+// row_kl_from_max after the row's max, in the form that max takes (the cost model's CostWarp::any is
+// false: it counts the common form only, as a row takes one or the other).
+template <class Warp, int CH, int V>
+LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const float* lt, float* u, float* gr,
+                      bool want_e, float* e) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < CH * V; ++i) mx = fmax_(mx, s[i]);  // absent slots hold -inf (loss_row)
+  mx = w.max(mx);
+  if (w.any(!(fabsf(mx * (kLog2e / a.tau)) <= 0x1.fffffep+127f)))  // a NaN row too: it stays NaN
+    return row_kl_from_max<Warp, CH, V, true>(w, a, s, mx, lt, u, gr, want_e, e);
+  return row_kl_from_max<Warp, CH, V, false>(w, a, s, mx, lt, u, gr, want_e, e);
 }
 
 // alpha * CE(y, pooled class logits) of one row; adds its gradient to gr. Class logits
