@@ -508,7 +508,8 @@ def head_logits_gap(source: EmbeddingSource, head_weight: torch.Tensor,
     tolerance = HEAD_LOGITS_TOLERANCE * (1.0 + float(z.abs().max())) + rounding
     rows = f"over {len(z)} finite rows of its first chunk, beyond {tolerance:.3g}"
     if weight_gap > tolerance:
-        return f"off by up to {weight_gap:.3g} {rows}, a constant a row or a class aside"
+        return f"off by up to {weight_gap:.3g} {rows}, a constant a row or a class aside" + _scale_hint(
+            torch.nn.functional.linear(h, w), z, tolerance)
     if head_bias is None:
         return None
     b = head_bias.detach().cpu().to(torch.float32)
@@ -516,6 +517,24 @@ def head_logits_gap(source: EmbeddingSource, head_weight: torch.Tensor,
     if bias_gap > tolerance:
         return f"the weight agrees, but the bias is off by up to {bias_gap:.3g} {rows}, a constant aside"
     return None
+
+
+def _scale_hint(projected: torch.Tensor, z: torch.Tensor, tolerance: float) -> str:
+    """A clause for logits that are the head's times a factor (divided by a temperature, say), up to
+    the constants head_logits_gap allows; "" if no factor fits them either."""
+    def centred(x):
+        x = x - x.mean(dim=1, keepdim=True)
+        return x - x.mean(dim=0)
+
+    p, zc = centred(projected.double()), centred(z.double())
+    norm = float((p * p).sum())
+    if norm == 0.0:
+        return ""
+    factor = float((p * zc).sum()) / norm
+    if factor <= 0.0 or float((zc - factor * p).abs().max()) > tolerance:
+        return ""
+    return (f"; they are its logits times {factor:.3g}, as if divided by a temperature of {1 / factor:.3g}: give "
+            "the unscaled logits, the loss applies its own tau")
 
 
 def _source_name(source: EmbeddingSource) -> str:

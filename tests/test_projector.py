@@ -332,3 +332,17 @@ def test_fit_refuses_a_head_that_does_not_give_the_rows_logits():
     LELPProjector(2).fit(h, y, teacher_logits=torch.log_softmax(z, dim=1), head_weight=w, head_bias=b + 3.0)
     with pytest.raises(ValueError, match=r"the weight agrees, but the bias is off by up to"):
         LELPProjector(2).fit(h, y, teacher_logits=z, head_weight=w, head_bias=b + torch.tensor([0.0, 0.0, 2.0]))
+
+
+def test_a_refused_head_names_the_factor_of_scaled_logits():
+    """Logits stored divided by a temperature are refused by the head check as another teacher's; the
+    error now says they are the head's logits times a factor, and asks for the unscaled ones. Another
+    teacher's head gets no such clause."""
+    h, w, b, y = make_problem(n=300, d=24, num_classes=3, seed=5)
+    z = h @ w.T + b
+    with pytest.raises(ValueError, match=r"times 0\.5, as if divided by a temperature of 2: give the unscaled logits"):
+        LELPProjector(2).fit(h, y, teacher_logits=z / 2, head_weight=w)
+    _, other_w, _, _ = make_problem(n=300, d=24, num_classes=3, seed=6)
+    with pytest.raises(ValueError, match="off by up to") as refused:
+        LELPProjector(2).fit(h, y, teacher_logits=z, head_weight=other_w)
+    assert "as if divided by" not in str(refused.value)
