@@ -4,7 +4,7 @@ PyTorch and torch.compile, interleaved round by round in one process so that loa
 Run: python benchmarks/bench_loss_ab.py --base /path/to/old/_C.so [--n 262144] [--shapes 2x64 16x8 ...]
      [--dtypes float32 bfloat16] [--rounds 5] [--repeats 3] [--accumulate] [--base-isa avx2]
 Each round times every contender (median of --repeats calls, forward + backward, KL, tau = 2,
-alpha = 0.1, offline targets); the table gives the median over rounds and the [min, max] of the
+alpha = 0.1, offline targets; --tau another τ); the table gives the median over rounds and the [min, max] of the
 per-round ratios, with the load average before and after.
 """
 
@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--n", type=int, default=262144)
     ap.add_argument("--shapes", nargs="+", default=["2x64", "16x8", "2x20", "5x8"], help="CxS")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--tau", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true")
@@ -53,7 +54,7 @@ def main():
     base_ext = load_build(args.base, "base") if args.base else None
     load0 = os.getloadavg()
     base_isa = f", base capped to {args.base_isa}" if args.base_isa else ""
-    print(f"isa {isa}{base_isa}; torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, KL, tau=2, alpha=0.1, "
+    print(f"isa {isa}{base_isa}; torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, KL, tau={args.tau:g}, alpha=0.1, "
           f"{args.rounds} rounds x median of {args.repeats}; load average before {load0[0]:.1f}")
     for shape in args.shapes:
         c, s_ = (int(v) for v in shape.split("x"))
@@ -76,18 +77,18 @@ def main():
                         if old_check:
                             check_finite("student_logits", s.detach())
                             check_log_probabilities("log_targets", log_t)
-                        distill_loss(s, log_t, y, num_classes=c, n_subclasses=s_, tau=2.0, alpha=0.1, backend="cpu",
+                        distill_loss(s, log_t, y, num_classes=c, n_subclasses=s_, tau=args.tau, alpha=0.1, backend="cpu",
                                      check_inputs=check and not old_check).backward()
                     finally:
                         _dispatch._C = new_ext
                         _reused_buffers.MIN_BYTES = saved
                 return run
 
-            contenders = {"eager": lambda: eager_loss(s, log_t, y, c, s_, 2.0, 0.1).backward()}
+            contenders = {"eager": lambda: eager_loss(s, log_t, y, c, s_, args.tau, 0.1).backward()}
             if not args.no_compile:
                 torch._dynamo.reset()
                 compiled_fn = torch.compile(eager_loss, dynamic=False)
-                contenders["compile"] = lambda: compiled_fn(s, log_t, y, c, s_, 2.0, 0.1).backward()
+                contenders["compile"] = lambda: compiled_fn(s, log_t, y, c, s_, args.tau, 0.1).backward()
             checks = {"both": (True, False), "on": (True,), "off": (False,)}[args.check]
             for check in checks:
                 tag = "" if check else " nocheck"

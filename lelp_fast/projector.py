@@ -528,7 +528,7 @@ def _scale_hint(projected: torch.Tensor, z: torch.Tensor, tolerance: float) -> s
 
     p, zc = centred(projected.double()), centred(z.double())
     norm = float((p * p).sum())
-    if norm == 0.0:
+    if norm == 0.0 or float(zc.abs().max()) <= tolerance:  # a factor of 0 fits: near-constant logits
         return ""
     factor = float((p * zc).sum()) / norm
     if factor <= 0.0 or float((zc - factor * p).abs().max()) > tolerance:

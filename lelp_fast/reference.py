@@ -191,15 +191,21 @@ def log_targets(
     """
     n, num_classes = teacher_logits.shape
     u = u.reshape(n, num_classes, n_subclasses)
-    log_class = scaled_log_softmax(teacher_logits, tau)
-    log_sub = scaled_log_softmax(u, beta)
+    log_class = F.log_softmax((teacher_logits - _max_or_zero(teacher_logits, -1)) / tau, dim=-1)
+    log_sub = F.log_softmax((u - _max_or_zero(u, -1)) / beta, dim=-1)
     return (log_class.unsqueeze(-1) + log_sub).reshape(n, num_classes * n_subclasses)
 
 
 def scaled_log_softmax(x: torch.Tensor, tau: float) -> torch.Tensor:
-    """``log_softmax(x/τ)`` over the last axis, shifted by x's max before the division: x/τ can
-    overflow where x does not (x = 2e38 at τ = 0.5)."""
-    return F.log_softmax((x - _max_or_zero(x, -1)) / tau, dim=-1)
+    """The student's ``log_softmax(x/τ)`` over the last axis, as the compiled losses take it
+    (``scaled_gap`` in lelp/row_math.h). At τ < 1 x is shifted by its max before the division (x/τ
+    can overflow where x does not: x = 1.8e38 at τ = 0.5); at τ >= 1 it is not (x/τ cannot, but
+    x - max can: a row spanning more than FLT_MAX)."""
+    empty = (x == float("-inf")).all(dim=-1, keepdim=True)  # a class of -inf logits: -inf, no NaN
+    x = x.masked_fill(empty, 0.0)
+    if tau >= 1.0:
+        return F.log_softmax(x / tau, dim=-1).masked_fill(empty, float("-inf"))
+    return F.log_softmax((x - _max_or_zero(x, -1)) / tau, dim=-1).masked_fill(empty, float("-inf"))
 
 
 def _max_or_zero(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -230,10 +236,16 @@ def class_logits(student_logits: torch.Tensor, num_classes: int, n_subclasses: i
                          "was trained with")
     shape = student_logits.shape[:-1]
     grouped = student_logits.reshape(*shape, num_classes, n_subclasses)
+    empty = (grouped == float("-inf")).all(dim=-1)  # a class of -inf logits: -inf, and no NaN gradient
+    grouped = grouped.masked_fill(empty.unsqueeze(-1), 0.0)
     if tau == 1.0:
-        return torch.logsumexp(grouped, dim=-1)
-    m = _max_or_zero(grouped, -1)  # shifted before scaling: s/τ can overflow where s does not
-    return m.squeeze(-1) + tau * torch.logsumexp((grouped - m) / tau, dim=-1)
+        pooled = torch.logsumexp(grouped, dim=-1)
+    elif tau > 1.0:
+        pooled = tau * torch.logsumexp(grouped / tau, dim=-1)
+    else:
+        m = _max_or_zero(grouped, -1)  # shifted before scaling: s/τ can overflow where s does not
+        pooled = m.squeeze(-1) + tau * torch.logsumexp((grouped - m) / tau, dim=-1)
+    return pooled.masked_fill(empty, float("-inf"))
 
 
 def canonical_divergence(name: str, argument: str = "divergence") -> str:

@@ -168,12 +168,15 @@ def test_huge_logits_and_tiny_beta(backend, divergence):
     torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-4, atol=1e-3)
 
 
-# (row, column or None for the whole row, value, tau): student logits whose value times log2(e)/tau
-# (or over tau) overflows fp32, while the loss does not (a whole row takes values 1 % apart)
+# (row, a value its logits take 1 % apart or None, (column, value) or None, tau): student logits whose
+# value times log2(e)/tau (or over tau), or whose gap to the row's max, overflows fp32, while the loss
+# does not
 NEAR_FLOAT_MAX = {
-    "top logit at tau 1": (3, 5, 3.0e38, 1.0),
-    "row near +max at tau 0.5": (0, None, 1.8e38, 0.5),
-    "row near -max at tau 1": (5, None, -3.0e38, 1.0),
+    "top logit at tau 1": (3, None, (5, 3.0e38), 1.0),
+    "row near +max at tau 0.5": (0, 1.8e38, None, 0.5),
+    "row near -max at tau 1": (5, -3.0e38, None, 1.0),
+    "row near -1e38 and one at -1.75e38 at tau 0.5": (2, -1.0e38, (3, -1.75e38), 0.5),
+    "row spanning past FLT_MAX at tau 2": (4, 3.0e38, (2, -1.0e38), 2.0),
 }
 
 
@@ -182,16 +185,17 @@ NEAR_FLOAT_MAX = {
 @pytest.mark.parametrize("terms", ["kl", "kl alpha", "kl lambda", "kl lambda alpha", "reverse_kl", "jsd"])
 def test_student_logits_near_the_float_max_give_the_references_loss(backend, case, terms, device="cpu"):
     """A student logit s with s log2(e)/tau past FLT_MAX (finite in fp32, and passed by the input
-    check): each log-softmax shifts by its unscaled max before scaling, so the loss and gradient are
-    the fp64 reference's, per row, not NaN (the Triton loss took s log2(e)/tau first: NaN at
-    s = 2.4e38, tau = 1)."""
-    row, col, value, tau = NEAR_FLOAT_MAX[case]
+    check): at tau < 1 each log-softmax shifts by its unscaled max before scaling (scaled_gap), so the
+    loss and gradient are the fp64 reference's, per row, not NaN or inf; at tau >= 1 it scales first,
+    so that a row spanning more than FLT_MAX keeps its finite loss. (The Triton loss, not changed,
+    takes s log2(e)/tau first: NaN at s = 2.4e38, tau = 1.)"""
+    row, spread, one, tau = NEAR_FLOAT_MAX[case]
     c, s = 2, 4
     student, log_t, labels = make_inputs(7, c, s, seed=71)
-    if col is None:
-        student[row] = value * (1.0 + 0.01 * torch.rand(c * s, generator=torch.Generator().manual_seed(5)))
-    else:
-        student[row, col] = value
+    if spread is not None:
+        student[row] = spread * (1.0 + 0.01 * torch.rand(c * s, generator=torch.Generator().manual_seed(5)))
+    if one is not None:
+        student[row, one[0]] = one[1]
     x = student.float().to(device).requires_grad_(True)
     lt = log_t.float().to(device)
     divergence = terms.split()[0]
@@ -235,6 +239,27 @@ def test_subclass_weight_keeps_the_split_of_a_class_far_below(backend, gap, tau,
     (want_grad,) = torch.autograd.grad(want.sum(), ref)
     torch.testing.assert_close(per_row.cpu().double(), want, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_subclass_weight_with_a_class_of_minus_inf_logits(backend, tau):
+    """λ ≠ 1, the input check off, one row's class 0 all -inf with no target mass there: a finite
+    loss and a gradient of 0 in that class on every backend (the CPU kernel and the torch backend
+    gave NaN there, the CUDA kernel 0)."""
+    c, s = 2, 4
+    student, log_t, _ = make_inputs(5, c, s, seed=23)
+    student[1, :s] = -float("inf")
+    log_t[1, :s] = -float("inf")
+    log_t[1] = torch.log_softmax(log_t[1], 0)
+    x = student.float().requires_grad_(True)
+    per_row = distill_loss(x, log_t.float(), None, num_classes=c, n_subclasses=s, tau=tau, subclass_weight=0.1,
+                           reduction="none", check_inputs=False, backend=backend)
+    (grad,) = torch.autograd.grad(per_row.sum(), x)
+    assert torch.isfinite(per_row).all() and torch.isfinite(grad).all(), (per_row, grad)
+    assert torch.equal(grad[1, :s], torch.zeros(s))
+    want = reference.subclass_weighted_kl(student[[0, 2, 3, 4]], log_t[[0, 2, 3, 4]], c, s, tau, 0.1)
+    torch.testing.assert_close(per_row[[0, 2, 3, 4]].double(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -346,3 +346,9 @@ def test_a_refused_head_names_the_factor_of_scaled_logits():
     with pytest.raises(ValueError, match="off by up to") as refused:
         LELPProjector(2).fit(h, y, teacher_logits=z, head_weight=other_w)
     assert "as if divided by" not in str(refused.value)
+    flat = 10.0 + 0.01 * torch.randn(z.shape, generator=torch.Generator().manual_seed(3), dtype=z.dtype)
+    for seed in range(10):  # near-constant logits: a factor near 0 fits them, which says nothing
+        _, random_w, _, _ = make_problem(n=300, d=24, num_classes=3, seed=10 + seed)
+        with pytest.raises(ValueError, match="off by up to") as refused:
+            LELPProjector(2).fit(h, y, teacher_logits=flat, head_weight=random_w)
+        assert "as if divided by" not in str(refused.value)

@@ -80,10 +80,14 @@ LELP_HD float kl_row_subclass_weighted(const float* s, const float* qu, const fl
     }
     float m = -INFINITY, acc = 0.f;
     for (int j = 0; j < S; ++j) m = fmax_(m, s[k0 + j]);
-    for (int j = 0; j < S; ++j) acc += fast_exp((s[k0 + j] - m) * inv_tau);
+    if (m == -INFINITY) {  // a class of -inf logits: Q_c = 0, no gradient (as the CUDA kernel)
+      d_class += p > 0.f ? INFINITY : 0.f;
+      continue;
+    }
+    for (int j = 0; j < S; ++j) acc += fast_exp(scaled_gap(s[k0 + j], m, inv_tau));
     const float log_acc = logf(acc);  // log Q_c = (m - row_max) / tau + log_acc - row_log
-    d_class += xlogx_ratio(p, logf(p), (m - row_max) * inv_tau + log_acc - row_log);
-    for (int j = 0; j < S; ++j) grad[k0 + j] -= w * fast_exp((s[k0 + j] - m) * inv_tau - log_acc);
+    d_class += xlogx_ratio(p, logf(p), scaled_gap(m, row_max, inv_tau) + log_acc - row_log);
+    for (int j = 0; j < S; ++j) grad[k0 + j] -= w * fast_exp(scaled_gap(s[k0 + j], m, inv_tau) - log_acc);
   }
   return tau * tau * (lambda * d_sub + (1.f - lambda) * d_class);
 }
@@ -266,7 +270,7 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
     float sum = 0.f;
     LELP_SIMD_SUM(sum)
     for (int64_t k = 0; k < K; ++k) {
-      const float lq = (s[r * K + k] - mr) * inv_tau;  // shifted first: s / tau can overflow
+      const float lq = scaled_gap(s[r * K + k], mr, inv_tau);  // not s / tau - max / tau: they can overflow
       const float e = fast_exp(lq);
       log_q[r * K + k] = lq;
       q[r * K + k] = e;

@@ -39,6 +39,14 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 LELP_HD float fmax_(float a, float b) { return a > b ? a : b; }
 
+// (x - m) * scale (scale = 1 / tau, or log2(e) / tau) without an intermediate that overflows where the
+// result is finite: at scale <= 1, x * scale and m * scale cannot overflow, while x - m can (a row
+// spanning more than FLT_MAX); at scale > 1, x * scale can, and x - m overflows only where the result
+// would too.
+LELP_HD float scaled_gap(float x, float m, float scale) {
+  return scale <= 1.f ? x * scale - m * scale : (x - m) * scale;
+}
+
 // 2^x and log2(x) in the GPU's one-instruction forms (ex2/lg2.approx.ftz: about 2 ulp, results and
 // arguments below 2^-126 flushed to 0), as the Triton kernels take them; exp2f/log2f on the host.
 // The CUDA loss feeds them pre-scaled arguments (x log2(e)), so an exponential is one MUFU op

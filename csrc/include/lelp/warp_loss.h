@@ -229,12 +229,12 @@ LELP_DEV float row_class_kl_exact(const Warp& w, const LossArgs& a, const float*
       m = fmax_(m, ux[j]);
     }
     for (int j = c * S; j < (c + 1) * S; ++j) {
-      uq[j] = m == -INFINITY ? 0.f : exp2_approx((ux[j] - m) * scale2);  // a class of -inf logits has q = 0
+      uq[j] = m == -INFINITY ? 0.f : exp2_approx(scaled_gap(ux[j], m, scale2));  // a class of -inf logits: q = 0
       acc += uq[j];
     }
     const float inv_q = rcp_approx(acc), r = p == 0.f ? 0.f : f * p * inv_q;  // sums in the scale of the class max
     for (int j = c * S; j < (c + 1) * S; ++j) uq[j] *= r;
-    d += class_divergence_ln(p, inv_q, log_sum - (m - mx) * inv_tau);
+    d += class_divergence_ln(p, inv_q, log_sum - scaled_gap(m, mx, inv_tau));
   }
   w.sync();
 #pragma unroll
@@ -508,7 +508,7 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
   float sum = 0.f;
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    lq[i] = (s[i] - mx) * inv_tau;  // shifted first: s / tau can overflow
+    lq[i] = scaled_gap(s[i], mx, inv_tau);  // not s / tau - max / tau: they can overflow
     q[i] = element<W, V>(g, i) < K ? expf(lq[i]) : 0.f;
     sum += q[i];
   }
@@ -560,10 +560,11 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
 // unnormalised value qu, so log q = (x2 - log2 sum qu) ln 2. A t of 0 adds 0 to the loss (its log t
 // may be -inf); a NaN anywhere in the row reaches the loss and the gradient. e: exp(s - max s) for
 // the hard-label term when want_e (qu itself at tau = 1, its square at tau = 2), else left alone.
-// log q is taken in natural units, s / tau - (max s / tau + ln sum): the log2 one overflows where a
-// value is more than FLT_MAX / log2(e) below the max. Where max s log2(e) / tau itself overflows
-// (|max s| > 2.4e38 tau; rare, warp-uniform), x2 and log q are shifted before they are scaled
-// (kShiftFirst), which costs an instruction per element more in each; the common rows keep x2 one FFMA.
+// log q is taken in natural units, s / tau - (max s / tau + ln sum), with s / tau inside an FFMA (its
+// product not rounded): it stays finite wherever log q is, where the log2 form overflowed with
+// |s| log2(e) / tau. Where max s log2(e) / tau itself overflows (|max s| > 2.4e38 tau; rare,
+// warp-uniform), x2 and log q are shifted before they are scaled (kShiftFirst, scaled_gap), which
+// costs an instruction per element more in each; the common rows keep x2 one FFMA.
 // mx: the row's max s (row_kl).
 template <class Warp, int CH, int V, bool kShiftFirst>
 LELP_DEV float row_kl_from_max(const Warp& w, const LossArgs& a, const float* s, float mx, const float* lt, float* u,
@@ -573,7 +574,7 @@ LELP_DEV float row_kl_from_max(const Warp& w, const LossArgs& a, const float* s,
   float qu[P], t[P], sum = 0.f, st = 0.f;  // x2 is recomputed where needed: 16 fewer registers
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    qu[i] = exp2_approx(kShiftFirst ? (s[i] - mx) * scale2 : s[i] * scale2 - m2);  // 0 in absent slots
+    qu[i] = exp2_approx(kShiftFirst ? scaled_gap(s[i], mx, scale2) : s[i] * scale2 - m2);  // 0 in absent slots
     t[i] = exp2_approx(lt[i] * kLog2e);
     sum += qu[i];
     st += t[i];
@@ -588,8 +589,9 @@ LELP_DEV float row_kl_from_max(const Warp& w, const LossArgs& a, const float* s,
   float d = 0.f;
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    const float log_ratio = kShiftFirst ? (lt[i] + log_sum) - (s[i] - mx) * inv_tau  // log t - log q
-                                        : (lt[i] - s[i] * inv_tau) + log_rest;
+    // log t - log q; the FFMA's product is not rounded, so s / tau does not overflow on its own
+    const float log_ratio = kShiftFirst ? (lt[i] + log_sum) - scaled_gap(s[i], mx, inv_tau)
+                                        : fmaf(-s[i], inv_tau, lt[i] + log_rest);
     d = t[i] == 0.f ? d : t[i] * log_ratio + d;
     gr[i] = gq * qu[i] - gt * t[i];
   }
