@@ -96,7 +96,7 @@ LELP_HD void kl_lanes(LaneGroup& G, int K, int S, float tau, float alpha, bool l
     LELP_LANES
     for (int l = 0; l < kLanes; ++l) {
       const int i = k * kLanes + l;
-      const float lq = scaled_gap(G.s[i], s_max[l], inv_tau);  // not s / tau - max / tau: they can overflow
+      const float lq = scaled_gap(G.s[i], s_max[l], inv_tau);  // shifted first at tau < 1: s / tau can overflow
       const float q = fast_exp(lq), t = fast_exp(G.lt[i]);
       G.lq[i] = lq;
       G.q[i] = q;

@@ -270,7 +270,7 @@ LELP_HD void block_loss_grad(int64_t R, const float* s, const float* log_t, int 
     float sum = 0.f;
     LELP_SIMD_SUM(sum)
     for (int64_t k = 0; k < K; ++k) {
-      const float lq = scaled_gap(s[r * K + k], mr, inv_tau);  // not s / tau - max / tau: they can overflow
+      const float lq = scaled_gap(s[r * K + k], mr, inv_tau);  // shifted first at tau < 1: s / tau can overflow
       const float e = fast_exp(lq);
       log_q[r * K + k] = lq;
       q[r * K + k] = e;

@@ -508,7 +508,7 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
   float sum = 0.f;
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    lq[i] = scaled_gap(s[i], mx, inv_tau);  // not s / tau - max / tau: they can overflow
+    lq[i] = scaled_gap(s[i], mx, inv_tau);  // shifted first at tau < 1: s / tau can overflow
     q[i] = element<W, V>(g, i) < K ? expf(lq[i]) : 0.f;
     sum += q[i];
   }
