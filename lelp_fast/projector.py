@@ -495,11 +495,12 @@ def head_logits_gap(source: EmbeddingSource, head_weight: torch.Tensor,
     h = h[:LOGITS_CHECK_ROWS].detach().cpu().to(torch.float32)
     z = z[:LOGITS_CHECK_ROWS].detach().cpu().to(torch.float32)
     w = head_weight.detach().cpu().to(torch.float32)
-    gap = torch.nn.functional.linear(h, w) - z
+    projected = torch.nn.functional.linear(h, w)
+    gap = projected - z
     finite = gap.isfinite().all(dim=1)  # a bad row is named where it is read
     if int(finite.sum()) < 2:  # one row's gap is all a constant of its row and of each class
         return None
-    gap, z, h = gap[finite], z[finite], h[finite]
+    gap, z, h, projected = gap[finite], z[finite], h[finite], projected[finite]
     gap = gap - gap.mean(dim=1, keepdim=True)
     class_constants = gap.mean(dim=0)  # -(the logits' bias - its mean)
     weight_gap = float((gap - class_constants).abs().max())
@@ -509,7 +510,7 @@ def head_logits_gap(source: EmbeddingSource, head_weight: torch.Tensor,
     rows = f"over {len(z)} finite rows of its first chunk, beyond {tolerance:.3g}"
     if weight_gap > tolerance:
         return f"off by up to {weight_gap:.3g} {rows}, a constant a row or a class aside" + _scale_hint(
-            torch.nn.functional.linear(h, w), z, tolerance)
+            projected, z, tolerance)
     if head_bias is None:
         return None
     b = head_bias.detach().cpu().to(torch.float32)

@@ -196,16 +196,21 @@ def log_targets(
     return (log_class.unsqueeze(-1) + log_sub).reshape(n, num_classes * n_subclasses)
 
 
-def scaled_log_softmax(x: torch.Tensor, tau: float) -> torch.Tensor:
-    """The student's ``log_softmax(x/τ)`` over the last axis, as the compiled losses take it
-    (``scaled_gap`` in lelp/row_math.h). At τ < 1 x is shifted by its max before the division (x/τ
-    can overflow where x does not: x = 1.8e38 at τ = 0.5); at τ >= 1 it is not (x/τ cannot, but
-    x - max can: a row spanning more than FLT_MAX)."""
-    empty = (x == float("-inf")).all(dim=-1, keepdim=True)  # a class of -inf logits: -inf, no NaN
+def _scaling_shift(x: torch.Tensor, tau: float):
+    """(x with all -inf slices of the last axis set to 0, their mask, the shift taken off x before it
+    is divided by τ), as the compiled losses take it (``scaled_gap`` in lelp/row_math.h): at τ < 1
+    x's max (detached), since x/τ can overflow where x does not (x = 1.8e38 at τ = 0.5); at τ >= 1
+    nothing, since x/τ cannot, but x - max can (a row spanning more than FLT_MAX). The all -inf
+    slices (a class of -inf logits) give -inf and no NaN gradient."""
+    empty = (x == float("-inf")).all(dim=-1, keepdim=True)
     x = x.masked_fill(empty, 0.0)
-    if tau >= 1.0:
-        return F.log_softmax(x / tau, dim=-1).masked_fill(empty, float("-inf"))
-    return F.log_softmax((x - _max_or_zero(x, -1)) / tau, dim=-1).masked_fill(empty, float("-inf"))
+    return x, empty, (0.0 if tau >= 1.0 else _max_or_zero(x, -1))
+
+
+def scaled_log_softmax(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """The student's ``log_softmax(x/τ)`` over the last axis (shifted as ``_scaling_shift`` says)."""
+    x, empty, shift = _scaling_shift(x, tau)
+    return F.log_softmax((x - shift) / tau, dim=-1).masked_fill(empty, float("-inf"))
 
 
 def _max_or_zero(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -235,17 +240,9 @@ def class_logits(student_logits: torch.Tensor, num_classes: int, n_subclasses: i
                          f"n_subclasses={n_subclasses} = {num_classes * n_subclasses}; pass the C and S the student "
                          "was trained with")
     shape = student_logits.shape[:-1]
-    grouped = student_logits.reshape(*shape, num_classes, n_subclasses)
-    empty = (grouped == float("-inf")).all(dim=-1)  # a class of -inf logits: -inf, and no NaN gradient
-    grouped = grouped.masked_fill(empty.unsqueeze(-1), 0.0)
-    if tau == 1.0:
-        pooled = torch.logsumexp(grouped, dim=-1)
-    elif tau > 1.0:
-        pooled = tau * torch.logsumexp(grouped / tau, dim=-1)
-    else:
-        m = _max_or_zero(grouped, -1)  # shifted before scaling: s/τ can overflow where s does not
-        pooled = m.squeeze(-1) + tau * torch.logsumexp((grouped - m) / tau, dim=-1)
-    return pooled.masked_fill(empty, float("-inf"))
+    grouped, empty, shift = _scaling_shift(student_logits.reshape(*shape, num_classes, n_subclasses), tau)
+    pooled = shift + tau * torch.logsumexp((grouped - shift) / tau, dim=-1, keepdim=True)
+    return pooled.masked_fill(empty, float("-inf")).squeeze(-1)
 
 
 def canonical_divergence(name: str, argument: str = "divergence") -> str:
