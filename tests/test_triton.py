@@ -1341,3 +1341,24 @@ def test_triton_targets_refuse_one_feature():
                                                                   beta=1.0, tau=1.0), atol=1e-5, rtol=1e-5)
     kd = lelp_targets(h, weight[:, :2], bias[:2], 2, 1, teacher_logits=logits, backend="triton")
     torch.testing.assert_close(kd.cpu().double(), torch.log_softmax(logits.cpu().double(), 1), atol=1e-6, rtol=0)
+
+
+# The class and subclass log-softmaxes at huge scaled values (x / τ or u / β of 5e4-1e6): the kernel
+# took x / τ - (max + log Σ), which rounded the log-sum away. Measured under the interpreter before
+# 2026-12-06: a row's targets summed to 1.0010 (z = 500, τ = 0.01), 1.0057 (z = 1, τ = 1e-6), 1.00024
+# (z = 1e5, τ = 1) and 1.0297 (u = 1, β = 1e-6); z = [3e38, 1, 0] at τ = 0.5 gave NaN targets, which
+# the input check refused as an overflow. Now each is shifted by its unscaled max, then scaled.
+@pytest.mark.parametrize("with_head", [True, False])
+@pytest.mark.parametrize("z_row, tau", test_ops_targets.HUGE_SCALED_LOGITS)
+def test_triton_class_log_softmax_of_huge_scaled_logits_stays_normalised(with_head, z_row, tau):
+    test_ops_targets.test_class_log_softmax_of_huge_scaled_logits_stays_normalised("triton", with_head, z_row, tau,
+                                                                                   DEVICE)
+
+
+@pytest.mark.parametrize("with_head", [True, False])
+def test_triton_subclass_log_softmax_at_tiny_beta_stays_normalised(with_head):
+    test_ops_targets.test_subclass_log_softmax_at_tiny_beta_stays_normalised("triton", with_head, DEVICE)
+
+
+def test_triton_finite_logits_whose_scaled_value_overflows_give_targets():
+    test_ops_targets.test_finite_logits_whose_scaled_value_overflows_give_targets("triton", DEVICE)

@@ -228,62 +228,59 @@ def _log(x):
 
 
 @triton.jit
-def _lse(x, axis: tl.constexpr):
-    """logsumexp over ``axis``; -inf (never NaN) where every entry is -inf."""
+def _shifted(x, scale, axis: tl.constexpr):
+    """(x - max x) * scale over ``axis``, the max unscaled (0 where every entry is -inf, so such a
+    slice stays -inf, never NaN): its exponentials sum to at least 1 and nothing overflows."""
     m = tl.max(x, axis=axis)
-    m_safe = tl.where(m == NEG_INF, 0.0, m)
-    return m_safe + _log(tl.sum(_exp(x - tl.expand_dims(m_safe, axis)), axis=axis))
-
-
-@triton.jit
-def _masked_lse(x, ok, axis: tl.constexpr):
-    """logsumexp over ``axis`` of the ``ok`` entries; -inf (never NaN) where none is ok."""
-    return _lse(tl.where(ok, x, NEG_INF), axis)
+    return (x - tl.expand_dims(tl.where(m == NEG_INF, 0.0, m), axis)) * scale
 
 
 @triton.jit
 def _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr):
-    """logsumexp_c(z_c / tau) over all C given logits, 32 classes at a time (online rescaling).
-    Taken before a tile's dots (``_tile_logits_lse``), while no accumulator is live: in the epilogue,
-    beside the 128-column accumulator, its loads had to come in chunks of 8-32 classes, and fp32 h
-    against bf16 logits at 16 x 8 still spilled 240-248 B in the row-tile loop (sm_80, Triton 3.6).
-    Chunks of 128 classes spilled 1.2-2.5 KB per thread at 512 classes of one subclass and 80-544 B
-    at 64 when the logits' row stride is not a multiple of 16 (as it is not for C = 511 or 63): the
-    launches the H200 made with 1,528 and 1,864 B of stack; chunks of 32, 24-120 B at 512."""
+    """The class log-partition of all C given logits as (m, log Σ_c exp((z_c - m) / tau)), m the
+    unscaled max (0 where every logit is -inf), 32 classes at a time (online rescaling); kept apart
+    because m / tau + log Σ rounded the log-sum away at z / tau of 5e4-1e6. Taken before a tile's
+    dots (``_tile_logits_lse``), while no accumulator is live: in the epilogue, beside the 128-column
+    accumulator, chunks of 8-32 classes still spilled 240-248 B (fp32 h, bf16 logits, 16 x 8, sm_80,
+    Triton 3.6), and chunks of 128 classes 1.2-2.5 KB a thread at 512 classes of one subclass."""
     CHUNK: tl.constexpr = min(C_PAD, 32)
     m = tl.full((BLOCK_N,), NEG_INF, dtype=tl.float32)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c0 in range(0, C, CHUNK):
         c = c0 + tl.arange(0, CHUNK)
         ok = row_ok[:, None] & (c < C)[None, :]
-        z = tl.load(z_ptr + rows64[:, None] * stride_z + c[None, :], mask=ok, other=0.0).to(tl.float32) * inv_tau
+        z = tl.load(z_ptr + rows64[:, None] * stride_z + c[None, :], mask=ok, other=0.0).to(tl.float32)
         z = tl.where((c < C)[None, :], z, NEG_INF)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        total = total * _exp(m - m_safe) + tl.sum(_exp(z - m_safe[:, None]), axis=1)
+        total = total * _exp((m - m_safe) * inv_tau) + tl.sum(_exp((z - m_safe[:, None]) * inv_tau), axis=1)
         m = m_new
-    return tl.where(m == NEG_INF, NEG_INF, m + _log(total))
+    return tl.where(m == NEG_INF, 0.0, m), _log(total)
 
 
 @triton.jit
 def _tile_logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, HAS_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr,
                      C_PAD: tl.constexpr):
-    """A row tile's class log-partition from the given logits (``_logits_lse``), taken before the
-    tile's dots, while no accumulator is live; zeros with the head, whose log-partition the epilogue
-    takes from its accumulator."""
+    """A row tile's class log-partition (m, log-sum) from the given logits (``_logits_lse``), taken
+    before the tile's dots, while no accumulator is live; zeros with the head, whose log-partition
+    the epilogue takes from its accumulator."""
     if HAS_LOGITS:
         return _logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, BLOCK_N, C_PAD)
     else:
-        return tl.zeros((BLOCK_N,), dtype=tl.float32)
+        return tl.zeros((BLOCK_N,), dtype=tl.float32), tl.zeros((BLOCK_N,), dtype=tl.float32)
 
 
 @triton.jit
-def _epilogue(u, z, lse_z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
-              out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS: tl.constexpr, S_PAD: tl.constexpr,
-              C_BLOCK: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr):
+def _epilogue(u, z, z_max, z_log_sum, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr,
+              stride_z, out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS: tl.constexpr,
+              S_PAD: tl.constexpr, C_BLOCK: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr):
     """Both segmented log-softmaxes of one row tile's accumulators (u: this group's subclass columns,
-    z: the head's 16 columns), stored into ``out``; ``lse_z``: the given logits' log-partition
-    (``_tile_logits_lse``), unused with the head."""
+    z: the head's 16 columns), stored into ``out``; ``z_max``, ``z_log_sum``: the given logits'
+    log-partition (``_tile_logits_lse``), unused with the head. Each log-softmax shifts its values
+    by their unscaled max, scales, and subtracts the log-sum from the shifted value (as the C++
+    kernels' row_math.h): x / tau - (max / tau + log Σ) rounded the log-sum away at x / tau of
+    5e4-1e6 (tau = 1e-6: class probabilities summing to 1.0057), and a finite x whose x / tau
+    overflows float32 gave NaN."""
     KW: tl.constexpr = C_BLOCK * S_PAD
     row_ok = rows < N
     rows64 = rows.to(tl.int64)  # row offsets can pass 2**31 elements
@@ -294,29 +291,28 @@ def _epilogue(u, z, lse_z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_
     c_ok = (c_idx < C)[None, :]
     if HAS_LOGITS:
         zc = tl.load(z_ptr + rows64[:, None] * stride_z + c_idx[None, :], mask=row_ok[:, None] & c_ok,
-                     other=0.0).to(tl.float32) * inv_tau
-        lse_c = lse_z
+                     other=0.0).to(tl.float32)
+        log_p = (zc - z_max[:, None]) * inv_tau - z_log_sum[:, None]
     else:
-        z = (z * tl.load(head_scale_ptr + h_cols)[None, :] + tl.load(head_bias_ptr + h_cols)[None, :]) * inv_tau
-        lse_c = _masked_lse(z, (h_cols < C)[None, :], 1)
+        z = z * tl.load(head_scale_ptr + h_cols)[None, :] + tl.load(head_bias_ptr + h_cols)[None, :]
+        z = _shifted(tl.where((h_cols < C)[None, :], z, NEG_INF), inv_tau, 1)
+        log_sum = _log(tl.sum(_exp(z), axis=1))
         # this group's C_BLOCK head columns: the group-th run of the 16 (C_PAD <= 16 with a head), picked
         # on a (rows, 16 / C_BLOCK, C_BLOCK) view; a (rows, C_BLOCK, 16) one-hot pick held 16x the values
         z3 = tl.reshape(z, (BLOCK_N, 16 // C_BLOCK, C_BLOCK))
         runs = tl.arange(0, 16 // C_BLOCK)
-        zc = tl.sum(tl.where((runs == group)[None, :, None], z3, 0.0), axis=1)
-    log_p = zc - lse_c[:, None]
+        log_p = tl.sum(tl.where((runs == group)[None, :, None], z3, 0.0), axis=1) - log_sum[:, None]
 
     # Subclass log-softmax per class on the (rows, class, subclass) view; log p_c added after it, so
     # a huge u / beta cannot cancel log p_c away.
-    u = (u * tl.load(sub_scale_ptr + k_cols)[None, :] + tl.load(sub_bias_ptr + k_cols)[None, :]) * inv_beta
+    u = u * tl.load(sub_scale_ptr + k_cols)[None, :] + tl.load(sub_bias_ptr + k_cols)[None, :]
     if S_PAD == 1:  # S = 1: the log-softmax of one value u is u - u (0, NaN where u is not finite)
         out = ((u - u) + log_p).to(out_ptr.dtype.element_ty)
     else:
-        u3 = tl.reshape(u, (BLOCK_N, C_BLOCK, S_PAD))
         # no mask: a padded subclass slot's bias is -inf (split_map), so is its u (a mask here spilled
         # 16-400 B a thread on padded grids of 128 columns, sm_80/sm_90, Triton 3.6 and 3.9)
-        lse_u = _lse(u3, 2)
-        out3 = (u3 - lse_u[:, :, None]) + log_p[:, :, None]
+        u3 = _shifted(tl.reshape(u, (BLOCK_N, C_BLOCK, S_PAD)), inv_beta, 2)
+        out3 = (u3 - _log(tl.sum(_exp(u3), axis=2))[:, :, None]) + log_p[:, :, None]
         out = tl.reshape(out3, (BLOCK_N, KW)).to(out_ptr.dtype.element_ty)
     if EXACT:  # C = C_PAD and S = S_PAD: whole contiguous column ranges, so the stores vectorise
         out_offs = rows64[:, None] * stride_out + k_cols[None, :]
@@ -356,7 +352,7 @@ def lelp_targets_kernel(
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows64 = rows.to(tl.int64)
-        lse_z = _tile_logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, HAS_LOGITS, BLOCK_N, C_PAD)
+        z_max, z_log_sum = _tile_logits_lse(z_ptr, stride_z, rows64, row_ok, C, inv_tau, HAS_LOGITS, BLOCK_N, C_PAD)
         u = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
         z = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -368,8 +364,9 @@ def lelp_targets_kernel(
                             not EXACT)
             if not HAS_LOGITS:
                 z = _accumulate(h, head_hi_ptr, head_lo_ptr, d_idx, h_cols, HEAD_LD, d_ok, z, HEAD_LD < 16)
-        _epilogue(u, z, lse_z, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr, z_ptr, stride_z,
-                  out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT, BLOCK_N)
+        _epilogue(u, z, z_max, z_log_sum, rows, group, sub_scale_ptr, sub_bias_ptr, head_scale_ptr, head_bias_ptr,
+                  z_ptr, stride_z, out_ptr, stride_out, N, C, S, inv_beta, inv_tau, HAS_LOGITS, S_PAD, C_BLOCK, EXACT,
+                  BLOCK_N)
 
 
 _autotuned = {  # keyed as Plan.tuner: (config_class, config_table_name)
