@@ -472,6 +472,28 @@ def test_class_log_softmax_of_huge_scaled_logits_stays_normalised(backend, with_
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_scaled_logits_of_many_classes_stay_normalised(backend, device="cpu"):
+    """40 given logits at τ = 1e-6, their max in the second of the Triton kernel's 32-class chunks
+    (its log-partition rescales online from chunk to chunk): the class probabilities sum to 1 and
+    are the fp64 reference's. Before the shift, the Triton kernel's summed to 1.0199 (found in review,
+    2026-12-06)."""
+    c = 40
+    h, weight, bias, _ = random_map(4, 16, c, 2, False, seed=9)
+    z = torch.full((4, c), -5.0)
+    z[:, 35], z[:, 36], z[:, 3], z[:, 38] = 1.0, 1.0, 1.0 - 7e-7, 0.3
+    got = lelp_targets(*_on(device, h.float(), weight.float(), bias.float()), c, 2, teacher_logits=_on(device, z)[0],
+                       beta=0.9, tau=1e-6, backend=backend).cpu().double()
+    want = fp64_reference(h.float(), weight, bias, z, c, 2, beta=0.9, tau=1e-6)
+    torch.testing.assert_close(got.exp().sum(dim=1), torch.ones(4, dtype=torch.float64), atol=1e-5, rtol=0)
+    class_got = torch.logsumexp(got.reshape(4, c, 2), dim=2)
+    class_want = torch.logsumexp(want.reshape(4, c, 2), dim=2)
+    finite = torch.isfinite(class_want)
+    assert torch.equal(torch.isfinite(class_got), finite)
+    # z holds 1 - 7e-7 to an ulp (6e-8), 0.06 once divided by τ; a class at -6e6 is held to fp32's ulps
+    torch.testing.assert_close(class_got[finite], class_want[finite], atol=0.1, rtol=2.4e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_head", [True, False])
 def test_subclass_log_softmax_at_tiny_beta_stays_normalised(backend, with_head, device="cpu"):
     """The subclass log-softmax at u / β of about 1e6 (β = 1e-6). The torch backend divided by β
@@ -505,6 +527,24 @@ def test_finite_logits_whose_scaled_value_overflows_give_targets(backend, device
     assert torch.isneginf(got[1, 2:]).all() and torch.isfinite(got[1, :2]).all()
     torch.testing.assert_close(got[1, :2], want[1, :2], atol=ATOL[torch.float32], rtol=0)
     torch.testing.assert_close(got[[0, 2]], want[[0, 2]], atol=ATOL[torch.float32], rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_head", [True, False])
+@pytest.mark.parametrize("s", [2, 1])
+@pytest.mark.parametrize("tau", [1e38, 1e46])
+def test_a_tau_whose_inverse_is_no_normal_float_gives_uniform_classes(backend, with_head, s, tau, device="cpu"):
+    """τ of 1e38 (1/τ subnormal in fp32, which a GPU's FTZ arithmetic takes as 0) and 1e46 (1/τ rounds
+    to 0); the public API takes any finite τ > 0. The classes come out equally likely, the reference's
+    limit. The Triton targets kernel multiplied its padded head columns and padded logits (-inf) by a
+    1/τ of 0: NaN targets, which the input check then blamed on the embeddings (found in review,
+    2026-12-06)."""
+    h, weight, bias, logits = random_map(5, 6, 3, s, with_head, seed=35)
+    logits = None if logits is None else logits.float()
+    got = lelp_targets(*_on(device, h.float(), weight.float(), bias.float()), 3, s,
+                       teacher_logits=_on(device, logits)[0], beta=0.8, tau=tau, backend=backend).cpu().double()
+    want = fp64_reference(h.float(), weight, bias, logits, 3, s, beta=0.8, tau=tau)
+    torch.testing.assert_close(got, want, atol=ATOL[torch.float32], rtol=1e-4)
 
 
 def _on(device, *tensors):

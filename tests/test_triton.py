@@ -1355,6 +1355,10 @@ def test_triton_class_log_softmax_of_huge_scaled_logits_stays_normalised(with_he
                                                                                    DEVICE)
 
 
+def test_triton_huge_scaled_logits_of_many_classes_stay_normalised():
+    test_ops_targets.test_huge_scaled_logits_of_many_classes_stay_normalised("triton", DEVICE)
+
+
 @pytest.mark.parametrize("with_head", [True, False])
 def test_triton_subclass_log_softmax_at_tiny_beta_stays_normalised(with_head):
     test_ops_targets.test_subclass_log_softmax_at_tiny_beta_stays_normalised("triton", with_head, DEVICE)
@@ -1362,3 +1366,11 @@ def test_triton_subclass_log_softmax_at_tiny_beta_stays_normalised(with_head):
 
 def test_triton_finite_logits_whose_scaled_value_overflows_give_targets():
     test_ops_targets.test_finite_logits_whose_scaled_value_overflows_give_targets("triton", DEVICE)
+
+
+@pytest.mark.parametrize("with_head", [True, False])
+@pytest.mark.parametrize("s", [2, 1])
+@pytest.mark.parametrize("tau", [1e38, 1e46])
+def test_triton_a_tau_whose_inverse_is_no_normal_float_gives_uniform_classes(with_head, s, tau):
+    test_ops_targets.test_a_tau_whose_inverse_is_no_normal_float_gives_uniform_classes("triton", with_head, s, tau,
+                                                                                       DEVICE)

@@ -177,7 +177,7 @@ def kd_targets_triton(teacher_logits: torch.Tensor, tau: float, out: torch.Tenso
     for start, stop in limits.row_pieces(n, ROW_CHUNK):  # a multiple of 16 rows but in a short tail
         kd_targets_kernel[(triton.cdiv(stop - start, constexprs["BLOCK_N"]),)](
             teacher_logits[start:], teacher_logits.stride(0), written[start:], written.stride(0), stop - start,
-            num_classes, 1.0 / tau, **constexprs, num_warps=NUM_WARPS)
+            num_classes, limits.inverse_temperature(tau), **constexprs, num_warps=NUM_WARPS)
     return gated.finish_output(written, out)
 
 

@@ -26,6 +26,14 @@ ROW_COUNTS = (4 << 20, 333, 1)
 ROW_CHUNK = 1 << 30
 
 
+def inverse_temperature(t: float) -> float:
+    """1/t (τ or β) as a kernel's fp32 argument, at least fp32's smallest normal: above t of about 1e45
+    1/t is 0 in fp32 (above 8.5e37 subnormal, which a GPU's FTZ arithmetic takes as 0), and a padded
+    slot's -inf times 0 is NaN. At 2^-126 a row's (x - max) / t is about 0 (under 1e-8 where its values
+    spread by less than 1e30): the uniform classes or subclasses that t -> inf tends to."""
+    return max(1.0 / t, 2.0**-126)
+
+
 def row_pieces(n: int, chunk: int = ROW_CHUNK):
     """(start, stop) of each launch over ``n`` rows: at most ``chunk`` each, and a count of no multiple of
     16 only in a last piece of fewer than 16 rows. So the kernels the JIT compiles for such counts, and

@@ -537,13 +537,8 @@ def kernel_args(embeddings, split: SplitMap, num_classes, n_subclasses, teacher_
     head = [split.head_hi, split.head_lo, split.head_scale, split.head_bias]
     head = [t if t is not None else split.sub_bias for t in head]  # unused pointers when logits are given
     return (embeddings, embeddings.stride(0), split.sub_hi, split.sub_lo, split.sub_scale, split.sub_bias, *head,
-            z, z.stride(0), out, out.stride(0), n, d, num_classes, n_subclasses, inverse_beta(beta), 1.0 / tau)
-
-
-def inverse_beta(beta: float) -> float:
-    """1/β, at least fp32's smallest normal: a 1/β of 0 (β above ~1e45, or inf) would make the padded
-    slots' u = -inf * 0 = NaN; at 2^-126 every real u/β is ~0, the uniform subclasses of β -> inf."""
-    return max(1.0 / beta, 2.0**-126)
+            z, z.stride(0), out, out.stride(0), n, d, num_classes, n_subclasses, limits.inverse_temperature(beta),
+            limits.inverse_temperature(tau))
 
 
 def targets_triton(embeddings, weight, bias, num_classes, n_subclasses, teacher_logits, beta, tau, out):
