@@ -474,6 +474,24 @@ def test_recalled_facts_are_checked_against_a_fresh_compile():
     assert all(error and "differ from a fresh compile" in error for _, error in results.values()), results
 
 
+def test_compiles_in_chunks_give_the_facts_of_one_batch(monkeypatch):
+    """recall_or_compile compiles and disassembles COMPILE_CHUNK launches at a time (one batch of a
+    whole version was killed for memory); the facts do not depend on the chunks."""
+    scale = [c for c in CASES if c[0] == "scale"]
+    whole, _, _ = aot_recording.recall_or_compile(scale, 1, {}, check=0)
+    sizes, compile_in = [], aot.compile_in
+
+    def counted(pool, part, *args, **kwargs):
+        sizes.append(len(part))
+        return compile_in(pool, part, *args, **kwargs)
+
+    monkeypatch.setattr(aot, "compile_in", counted)
+    monkeypatch.setattr(aot_recording, "COMPILE_CHUNK", 2)
+    chunked, _, _ = aot_recording.recall_or_compile(scale, 1, {}, check=0)
+    assert len(scale) > 2 and max(sizes) == 2 and sum(sizes) == len(scale)
+    assert chunked == whole
+
+
 def _launch_problems(compiled, cases, problem) -> list:
     """'<launch>: <what is wrong>' for each of the cases that failed to compile or whose facts
     problem(compiled, case, facts) finds at fault (it returns a message, or None where all is well).

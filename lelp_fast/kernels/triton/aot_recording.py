@@ -94,6 +94,11 @@ def _as_read_back(result: tuple) -> tuple:
     return tuple(json.loads(json.dumps(result)))
 
 
+# Launches compiled and disassembled at a time: the 24,768 targets launches of a version in one go held
+# 4.4 GB per worker's nvdisasm run and 7.3 GB per worker, and were killed for memory at 23 GB (2026-12-06).
+COMPILE_CHUNK = 3000
+
+
 def recall_or_compile(selected: List[aot.Case], workers: int, recording: RecordedFacts, check: int = 12,
                       seed: Optional[int] = None) -> Tuple[Dict[aot.Case, tuple], Dict[aot.Case, str], dict]:
     """({case: (facts, None) or (None, error)}, {case: launch_key}, summary). The facts of a case
@@ -108,7 +113,9 @@ def recall_or_compile(selected: List[aot.Case], workers: int, recording: Recorde
         recalled = [c for c in selected if keys[c] in recording]
         checked = random.Random(seed).sample(recalled, min(check, len(recalled)))
         unrecorded = [c for c in selected if keys[c] not in recording]
-        compiled = aot.compile_in(pool, unrecorded + checked, workers, afresh=frozenset(checked))
+        todo, compiled, afresh = unrecorded + checked, {}, frozenset(checked)
+        for start in range(0, len(todo), COMPILE_CHUNK):
+            compiled.update(aot.compile_in(pool, todo[start:start + COMPILE_CHUNK], workers, afresh=afresh))
     results = {c: _as_read_back(compiled[c]) if c in compiled else (recording[keys[c]], None) for c in selected}
     failed = []
     for c in checked:
