@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_positive
 from .reference import class_logits
 
 
 def _class_level(student_logits: torch.Tensor, num_classes: int, tau: float = 1.0) -> torch.Tensor:
+    check_positive("tau", tau)  # also where the student has one output a class and τ is not used
     k = student_logits.shape[-1]
     if k == num_classes:
         return student_logits

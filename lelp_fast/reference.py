@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_positive
+
 DIVERGENCES = ("kl", "reverse_kl", "js", "tvd", "mse")
 # Names other libraries use for the same divergence (TRL's GKD and Liger-Kernel say "jsd").
 DIVERGENCE_ALIASES = {"jsd": "js"}
@@ -235,6 +237,7 @@ def class_logits(student_logits: torch.Tensor, num_classes: int, n_subclasses: i
     τ = 1, can pick another class at τ = 4), and the factor τ keeps the scale of the teacher's
     logits for the fidelity metrics.
     """
+    check_positive("tau", tau)  # at τ < 0 the pooling is a soft minimum
     if student_logits.shape[-1] != num_classes * n_subclasses:
         raise ValueError(f"student_logits have {student_logits.shape[-1]} outputs, but num_classes={num_classes} x "
                          f"n_subclasses={n_subclasses} = {num_classes * n_subclasses}; pass the C and S the student "

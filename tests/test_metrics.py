@@ -52,3 +52,17 @@ def test_pooling_at_the_loss_tau_follows_the_trained_distribution():
     teacher = torch.tensor([[0.0, 1.0]])
     assert agreement(teacher, s, tau=4.0) == 1.0 and agreement(teacher, s) == 0.0
     assert LELPLoss(num_classes=2, n_subclasses=2, tau=4.0).class_logits(s).argmax(1).item() == 1
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_temperature_that_is_not_a_positive_number_is_refused(tau):
+    """τ ≤ 0 or NaN pooled silently: at τ = -1 ``τ·logsumexp(s/τ)`` is a soft *min*, and the metrics
+    passed such a τ on unread where the student has one output a class."""
+    s = torch.tensor([[0.0, 0.0, 5.0, -9.0], [3.0, -9.0, 0.0, 0.0]])  # C=2, S=2
+    t = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    with pytest.raises(ValueError, match="tau must be a positive finite number"):
+        class_logits(s, 2, 2, tau=tau)
+    for metric in (agreement, predictive_kl):
+        for student in (s, t):
+            with pytest.raises(ValueError, match="tau must be a positive finite number"):
+                metric(t, student, tau=tau)

@@ -1284,3 +1284,20 @@ def test_online_vanilla_kd_teachers_read_no_embeddings(backend, teachers):
     with pytest.raises(ValueError, match=f"teacher_logits\\[{teachers - 1}\\] row 7 contains NaN"):
         distill_loss(s, embeddings=hs[0] if one else hs, fused_weight=ws[0] if one else ws,
                      fused_bias=bs[0] if one else bs, teacher_logits=zs[0] if one else zs, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_temperature_that_is_not_a_positive_number_is_refused(backend, tau):
+    """ops.distill_loss took any τ: 0 and NaN gave a NaN loss, -1 a finite loss of the wrong sign of
+    logits, with no error (LELPLoss and the targets op already refused them)."""
+    student, log_t, labels = make_inputs(5, 2, 3, seed=19)
+    online = dict(embeddings=torch.randn(5, 8), fused_weight=torch.randn(8, 8), fused_bias=torch.zeros(8))
+    calls = [dict(log_targets=log_t.float()), dict(log_targets=None, **online),
+             dict(log_targets=log_t.float(), subclass_weight=0.5),
+             dict(log_targets=None, teacher_logits=torch.randn(5, 2), n_subclasses=1)]
+    for call in calls:
+        kw = dict(num_classes=2, n_subclasses=3, labels=labels, alpha=0.1, backend=backend, tau=tau) | call
+        x = student[:, :2 * kw["n_subclasses"]].float()
+        with pytest.raises(ValueError, match="tau must be a positive finite number"):
+            distill_loss(x, **kw)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import reference
 from .._checks import (check_finite, check_integer_labels, check_log_probabilities, check_nonnegative,
-                       check_row_weights)
+                       check_positive, check_row_weights)
 from ..kernels.triton import limits as triton_limits
 from . import _dispatch, _reused_buffers
 from .targets import projected_log_targets
@@ -427,7 +427,7 @@ def distill_loss(
     weighted = subclass_weight != 1.0 and n_subclasses > 1
     if weighted:
         _check_subclass_weight(subclass_weight, divergence)
-    _check_settings(divergence, jsd_beta, reduction, alpha, labels)
+    _check_settings(divergence, jsd_beta, reduction, tau, alpha, labels)
     given = dict(embeddings=embeddings, fused_weight=fused_weight, fused_bias=fused_bias,
                  teacher_logits=teacher_logits, beta=beta)
     embeddings, fused_weight, fused_bias, teacher_logits, beta = _check_shapes(
@@ -514,7 +514,7 @@ def subclass_weighted_loss(student_logits: Tensor, log_targets: Optional[Tensor]
     torch, without gradient, as the torch backend computes them; the two calls then take it. Tested
     against :func:`reference.subclass_weighted_kl` (fp64)."""
     _check_subclass_weight(subclass_weight, divergence)
-    _check_settings(divergence, 0.5, reduction, alpha, labels)
+    _check_settings(divergence, 0.5, reduction, tau, alpha, labels)
     online = _check_shapes(student_logits, log_targets, labels, teacher_weights, embeddings, fused_weight, fused_bias,
                            teacher_logits, beta, num_classes, n_subclasses)  # the plain loss's errors
     eager_cpu = student_logits.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -616,7 +616,7 @@ def _vanilla_kd_log_targets(student: Tensor, teacher_logits: List[Tensor], weigh
     return per_teacher[0] if weights is None and len(per_teacher) == 1 else torch.stack(per_teacher, 1)
 
 
-def _check_settings(divergence, jsd_beta, reduction, alpha, labels) -> None:
+def _check_settings(divergence, jsd_beta, reduction, tau, alpha, labels) -> None:
     if divergence not in DIVERGENCE_CODES:
         raise ValueError(f"divergence must be one of {tuple(DIVERGENCE_CODES)}, got {divergence!r}")
     if not 0.0 <= jsd_beta <= 1.0:
@@ -625,6 +625,7 @@ def _check_settings(divergence, jsd_beta, reduction, alpha, labels) -> None:
         raise ValueError(f"reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
     if labels is not None:
         check_integer_labels("labels", labels)
+    check_positive("tau", tau)
     check_nonnegative("alpha", alpha)
     if alpha != 0.0 and labels is None:
         raise ValueError("labels are required when alpha != 0 (the hard-label term needs them)")
