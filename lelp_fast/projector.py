@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -163,6 +163,8 @@ class LELPProjector:
                 to one constant: ``head_logits_gap``).
             head_weight, head_bias: the teacher head ``W`` (C, d) and ``b`` (C,). With a head,
                 class logits are ``h Wᵀ + b`` and the null-space projection is on by default.
+                ``head_bias`` not given: the bias the rows' teacher logits show (up to one
+                constant), or zero where none are read (no logits; iterable sources).
                 Not given, a capture directory's stored head is used (``null_space=False`` fits
                 without it).
             num_classes: C, when neither the head, the logits nor in-memory labels give it.
@@ -322,14 +324,17 @@ class LELPProjector:
             raise ValueError(f"{where}: its teacher head is {tuple(w.shape)}, the projector's {tuple(fitted_w.shape)}: "
                              "its embeddings are another teacher's; fit a projector on this teacher's capture")
         scale = max(float(fitted_w.abs().max()), 1e-30)  # the bias is held to the weight's scale too
-        gap_w, gap_b = float((w - fitted_w).abs().max()), float((b - fitted_b).abs().max())
+        # the bias up to one constant, which no softmax sees (a fit's bias taken from logits is centred)
+        gap_b = float(((b - b.mean()) - (fitted_b - fitted_b.mean())).abs().max())
+        gap_w = float((w - fitted_w).abs().max())
         if gap_w > SAME_HEAD_TOLERANCE * scale:
             raise ValueError(f"{where}: its teacher head's weight differs from the projector's by up to {gap_w:.3g}, "
                              "so its embeddings are another teacher's; fit a projector on this teacher's capture")
         if gap_b > SAME_HEAD_TOLERANCE * max(scale, float(fitted_b.abs().max())):
             raise ValueError(f"{where}: its teacher head's bias differs from the projector's by up to {gap_b:.3g} (the "
-                             "weights agree): fit the projector with this head's bias (a fit given --head-weight "
-                             "without --head-bias takes a zero bias)")
+                             "weights agree; a constant aside): fit the projector with this head's bias (a fit given "
+                             "--head-weight without --head-bias takes the bias of the rows' logits, or zero without "
+                             "logits)")
 
     def _require_logits_of_head(self, source: EmbeddingSource) -> None:
         """Refuses a source whose teacher logits are not the fitted head applied to its embeddings
@@ -471,15 +476,34 @@ class LELPProjector:
         )
 
 
-def head_logits_gap(source: EmbeddingSource, head_weight: torch.Tensor,
-                    head_bias: Optional[torch.Tensor] = None) -> Optional[str]:
-    """Where a source's teacher logits are not ``head_weight`` applied to its embeddings, on its first
-    chunk's first rows (up to LOGITS_CHECK_ROWS), how far off (a phrase for an error), else None.
-    The gap is taken up to a constant a row (the targets' softmax ignores it: log-probabilities pass)
-    and a constant a class (the bias: with the logits given, the targets do not use the head's).
-    With ``head_bias``, the class constants must be that bias too, up to one constant (targets from
-    rows without logits take their class logits from it). Iterable sources are not read (their first
-    chunk may be a teacher's forward pass)."""
+class _LogitsOfHead(NamedTuple):
+    """How a head's weight fits a source's first rows' logits (``_fit_to_logits``)."""
+    class_constants: torch.Tensor  # (C,): b's mean - b, for the logits' bias b
+    weight_gap: float              # the largest gap beyond a constant a row and a class
+    tolerance: float
+    rows: str                      # the rows compared, and the tolerance, as a phrase
+    projected: torch.Tensor        # h Wᵀ and the logits, for the scale hint
+    logits: torch.Tensor
+
+    def gap(self, head_bias: Optional[torch.Tensor]) -> Optional[str]:
+        """How far off the logits are (a phrase for an error), else None; ``head_bias`` (when given)
+        must be their bias up to one constant."""
+        if self.weight_gap > self.tolerance:
+            return (f"off by up to {self.weight_gap:.3g} {self.rows}, a constant a row or a class aside"
+                    + _scale_hint(self.projected, self.logits, self.tolerance))
+        if head_bias is None:
+            return None
+        b = head_bias.detach().cpu().to(torch.float32)
+        bias_gap = float((b - b.mean() + self.class_constants).abs().max())
+        if bias_gap > self.tolerance:
+            return f"the weight agrees, but the bias is off by up to {bias_gap:.3g} {self.rows}, a constant aside"
+        return None
+
+
+def _fit_to_logits(source: EmbeddingSource, head_weight: torch.Tensor) -> Optional[_LogitsOfHead]:
+    """``head_weight`` against the teacher logits of a source's first chunk's first rows (up to
+    LOGITS_CHECK_ROWS finite ones, at least two), or None where there are none to read. Iterable
+    sources are not read (their first chunk may be a teacher's forward pass)."""
     if (isinstance(source, IterableSource) or not source.rereadable
             or (isinstance(source, ArraySource) and source.teacher_logits is None)):
         return None
@@ -503,21 +527,23 @@ def head_logits_gap(source: EmbeddingSource, head_weight: torch.Tensor,
     gap, z, h, projected = gap[finite], z[finite], h[finite], projected[finite]
     gap = gap - gap.mean(dim=1, keepdim=True)
     class_constants = gap.mean(dim=0)  # -(the logits' bias - its mean)
-    weight_gap = float((gap - class_constants).abs().max())
     # the capture's tolerance for a head it finds, and the embeddings' rounding to their stored dtype
     rounding = 4 * eps * float((h.abs() @ w.abs().T).max())
     tolerance = HEAD_LOGITS_TOLERANCE * (1.0 + float(z.abs().max())) + rounding
-    rows = f"over {len(z)} finite rows of its first chunk, beyond {tolerance:.3g}"
-    if weight_gap > tolerance:
-        return f"off by up to {weight_gap:.3g} {rows}, a constant a row or a class aside" + _scale_hint(
-            projected, z, tolerance)
-    if head_bias is None:
-        return None
-    b = head_bias.detach().cpu().to(torch.float32)
-    bias_gap = float((b - b.mean() + class_constants).abs().max())
-    if bias_gap > tolerance:
-        return f"the weight agrees, but the bias is off by up to {bias_gap:.3g} {rows}, a constant aside"
-    return None
+    return _LogitsOfHead(class_constants, float((gap - class_constants).abs().max()), tolerance,
+                         f"over {len(z)} finite rows of its first chunk, beyond {tolerance:.3g}", projected, z)
+
+
+def head_logits_gap(source: EmbeddingSource, head_weight: torch.Tensor,
+                    head_bias: Optional[torch.Tensor] = None) -> Optional[str]:
+    """Where a source's teacher logits are not ``head_weight`` applied to its embeddings, on its first
+    chunk's first rows (up to LOGITS_CHECK_ROWS), how far off (a phrase for an error), else None.
+    The gap is taken up to a constant a row (the targets' softmax ignores it: log-probabilities pass)
+    and a constant a class (the bias: with the logits given, the targets do not use the head's).
+    With ``head_bias``, the class constants must be that bias too, up to one constant (targets from
+    rows without logits take their class logits from it). Iterable sources are not read."""
+    fit = _fit_to_logits(source, head_weight)
+    return None if fit is None else fit.gap(head_bias)
 
 
 def _scale_hint(projected: torch.Tensor, z: torch.Tensor, tolerance: float) -> str:
@@ -569,7 +595,8 @@ def _checked_head(head_weight, head_bias, source: EmbeddingSource):
             raise ValueError(f"head_bias must have shape ({w.shape[0]},), got {tuple(b.shape)}{hint}")
         check_finite("head_bias", b.reshape(-1, 1))
     # before the fit's pass, not at the targets after it; a bias given (or stored) is held to the logits too
-    found = head_logits_gap(source, w, None if head_bias is None else b)
+    fit = _fit_to_logits(source, w)
+    found = None if fit is None else fit.gap(None if head_bias is None else b)
     if found is not None and stored is not None:  # checked against the logits when captured
         raise ValueError(f"{_source_name(source)}: its stored head no longer gives its teacher logits ({found}): a "
                          "shard may be damaged (read it with verify=True) or rerun the capture")
@@ -577,6 +604,8 @@ def _checked_head(head_weight, head_bias, source: EmbeddingSource):
         raise ValueError(f"{_source_name(source)}: its teacher logits are not head_weight and head_bias applied to "
                          f"its embeddings ({found}): pass this teacher's head (W as (C, d), e.g. head.weight, and "
                          "its bias) with its logits unscaled (not divided by a temperature)")
+    if head_bias is None and fit is not None:  # the logits' bias, up to one constant: rows without logits need it
+        b = -fit.class_constants.to(torch.float64)
     return w, b
 
 

@@ -382,10 +382,15 @@ def test_targets_refuse_a_projector_fitted_on_another_teachers_capture(tmp_path)
             forward=lambda m, b: (m[1](m[0](b[0].bfloat16())).float(), m(b[0].bfloat16()).float(), b[1]))
     manifest = generate_targets(projector, str(tmp_path / "a-bf16"), str(tmp_path / "t16"), dtype="float32")
     assert manifest["n_rows"] == 120
-    w, b = CaptureSource(str(tmp_path / "a")).head()  # the same weights, the bias left out of the fit
-    without_bias = LELPProjector(2).fit(str(tmp_path / "a"), head_weight=w)
+    w, b = CaptureSource(str(tmp_path / "a")).head()  # the same weights, the bias left out of the fit:
+    without_bias = LELPProjector(2).fit(str(tmp_path / "a"), head_weight=w)  # the logits' bias, centred
+    done = generate_targets(without_bias, str(tmp_path / "a-test"), str(tmp_path / "t0"), dtype="float32")
+    assert done["n_rows"] == 120
+    rows = next(iter(CaptureSource(str(tmp_path / "a")).chunks()))  # no logits: the bias given is taken
+    other_bias = LELPProjector(2).fit(rows.embeddings, rows.labels, head_weight=w,
+                                      head_bias=b + torch.tensor([0.0, 0.0, 2.0]))
     with pytest.raises(ValueError, match=r"/a-test: its teacher head's bias differs .*without --head-bias"):
-        generate_targets(without_bias, str(tmp_path / "a-test"), str(tmp_path / "t0"), dtype="float32")
+        generate_targets(other_bias, str(tmp_path / "a-test"), str(tmp_path / "t1"), dtype="float32")
 
 
 def test_targets_refuse_rows_with_no_stored_head_whose_logits_are_another_teachers(tmp_path):

@@ -352,3 +352,27 @@ def test_a_refused_head_names_the_factor_of_scaled_logits():
         with pytest.raises(ValueError, match="off by up to") as refused:
             LELPProjector(2).fit(h, y, teacher_logits=flat, head_weight=random_w)
         assert "as if divided by" not in str(refused.value)
+
+
+def test_a_fit_given_logits_and_no_bias_takes_the_bias_the_logits_show():
+    """A fit given a head's weight and the rows' logits but no bias stored a zero bias: the head
+    check let the logits' bias pass (a constant a class), and targets from embeddings alone (the
+    online loss, rows without logits) then took class logits h Wᵀ without it. The fit now takes the
+    bias from the logits' per-class constants (up to one constant, which no softmax sees); with no
+    logits to read, zero as before. A capture of the same teacher, whose stored bias differs from
+    the estimate by that constant, is still this teacher's."""
+    from types import SimpleNamespace
+
+    h, w, b, y = make_problem(n=300, d=24, num_classes=3, seed=5)
+    b = b + torch.tensor([2.0, -1.0, 0.5], dtype=b.dtype)  # a bias a softmax sees
+    z = h @ w.T + b
+    given = LELPProjector(2).fit(h, y, teacher_logits=z, head_weight=w, head_bias=b)
+    for logits in (z, torch.log_softmax(z, dim=1), z.float()):
+        p = LELPProjector(2).fit(h, y, teacher_logits=logits, head_weight=w)
+        torch.testing.assert_close(p.targets(h[:64]), given.targets(h[:64]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(p.targets(h[:64]), p.targets(h[:64], teacher_logits=z[:64]), atol=1e-4, rtol=1e-4)
+        p.require_same_teacher(SimpleNamespace(head=lambda: (w, b), directory="capture"))
+        with pytest.raises(ValueError, match="bias differs from the projector's"):
+            p.require_same_teacher(SimpleNamespace(head=lambda: (w, b + torch.tensor([0.0, 0.0, 2.0])),
+                                                   directory="capture"))
+    assert float(LELPProjector(2).fit(h, y, head_weight=w).head_bias.abs().max()) == 0.0  # no logits
