@@ -38,6 +38,16 @@ Run 'lelp-fast COMMAND --help' for each command's options.
 """
 
 
+class CommandError(SystemExit):
+    """A command's own argument error, "error: ..." (a missing file, flags that go together): exits 2, as
+    argparse's errors and the library's do (``main`` prints the message once), where a plain
+    ``SystemExit("...")`` exits 1. Its str() is the message."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
 def _argument_type(convert, check):
     """An argparse type from the API's own check (``lelp_fast._checks``), so the CLI and the
     Python API accept and refuse the same values; argparse names the flag in its one-line error."""
@@ -84,20 +94,20 @@ def _check_writable(path: str, flag: str) -> None:
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
-        raise SystemExit(f"error: {flag} {path}: cannot write there ({exc.strerror})") from None
+        raise CommandError(f"error: {flag} {path}: cannot write there ({exc.strerror})") from None
 
 
 def _load_npy(path: str, name: str) -> np.ndarray:
     """Memory-maps a .npy file so that large inputs are streamed, not loaded."""
     if not os.path.exists(path):
-        raise SystemExit(f"error: --{name} {path}: no such file")
+        raise CommandError(f"error: --{name} {path}: no such file")
     try:
         try:
             return np.load(path, mmap_mode="r")
         except ValueError:
             return np.load(path)  # object arrays etc. cannot be memory-mapped
     except Exception as exc:  # noqa: BLE001 - reported with the argument's name
-        raise SystemExit(f"error: --{name} {path}: not a readable .npy file ({exc})") from None
+        raise CommandError(f"error: --{name} {path}: not a readable .npy file ({exc})") from None
 
 
 def _report(result: dict, markdown: str, out: Optional[str]) -> int:
@@ -136,7 +146,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     if args.dataset in REAL_TASKS:
         return _bench_real_quality(args)
     if args.students or args.fractions or args.steps or args.mode or args.device:
-        raise SystemExit(f"error: --students, --fractions, --steps, --mode and --device are for the real-data "
+        raise CommandError(f"error: --students, --fractions, --steps, --mode and --device are for the real-data "
                          f"datasets {tuple(REAL_TASKS)}, not {args.dataset}")
     cfg = QualityConfig(dataset=args.dataset, seeds=args.seeds or 5, n_subclasses=args.subclasses or 4,
                         beta=args.beta or 1.0, tau=args.tau or 1.0, student_fraction=args.student_fraction,
@@ -144,7 +154,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     try:
         result = run_quality(cfg, args.methods, progress=not args.quiet)
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        raise CommandError(f"error: {exc}") from exc
     return _report(result, format_markdown(result), args.out)
 
 
@@ -158,7 +168,7 @@ def _bench_real_quality(args: argparse.Namespace) -> int:
         cfg = real_config(args.dataset, args.mode or "cpu", **{k: v for k, v in given.items() if v is not None})
         result = run_real_quality(cfg, args.methods, progress=not args.quiet)
     except (ValueError, FileNotFoundError, ImportError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        raise CommandError(f"error: {exc}") from exc
     return _report(result, format_real_markdown(result), args.out)
 
 
@@ -168,22 +178,22 @@ def _fit_source(args: argparse.Namespace):
 
     path = args.embeddings
     if not os.path.exists(path):
-        raise SystemExit(f"error: --embeddings {path}: no such file")
+        raise CommandError(f"error: --embeddings {path}: no such file")
     for name in ("labels", "teacher_logits"):
         extra = getattr(args, name)
         if extra and not os.path.exists(extra):
-            raise SystemExit(f"error: --{name.replace('_', '-')} {extra}: no such file")
+            raise CommandError(f"error: --{name.replace('_', '-')} {extra}: no such file")
     if os.path.isdir(path):  # a capture directory: labels and teacher logits are inside it
         from .capture import CaptureSource
 
         if args.labels or args.teacher_logits:
-            raise SystemExit(f"error: --embeddings {path} is a capture directory: drop --labels/--teacher-logits")
+            raise CommandError(f"error: --embeddings {path} is a capture directory: drop --labels/--teacher-logits")
         return CaptureSource(path, verify=not args.no_verify)
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
         return NpySource(path, args.labels, args.teacher_logits, bf16=args.bf16)
     if ext in (".parquet", ".pq") and (args.labels or args.teacher_logits):
-        raise SystemExit(f"error: --embeddings {path}: a Parquet file's labels and logits are its columns "
+        raise CommandError(f"error: --embeddings {path}: a Parquet file's labels and logits are its columns "
                          "(--labels-key, --logits-key), not --labels/--teacher-logits files")
     labels = None if args.labels is None else np.load(args.labels, mmap_mode="r")
     logits = None if args.teacher_logits is None else np.load(args.teacher_logits, mmap_mode="r")
@@ -193,7 +203,7 @@ def _fit_source(args: argparse.Namespace):
     if ext in (".parquet", ".pq"):
         return ParquetSource(path, embeddings_column=args.embeddings_key, labels_column=args.labels_key,
                              logits_column=args.logits_key if args.logits_key != "teacher_logits" else None)
-    raise SystemExit(f"error: --embeddings {path}: unknown extension {ext!r} (use .npy, .safetensors or .parquet)")
+    raise CommandError(f"error: --embeddings {path}: unknown extension {ext!r} (use .npy, .safetensors or .parquet)")
 
 
 _STARTED_GROUP = False  # whether _process_group started the default group (main() ends it)
@@ -300,7 +310,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .projector import LELPProjector
 
     if not os.path.exists(args.projector):
-        raise SystemExit(f"error: projector {args.projector}: no such file")
+        raise CommandError(f"error: projector {args.projector}: no such file")
     p = LELPProjector.load(args.projector)
     meta = p.metadata()
     print(f"{args.projector}: {p}")
@@ -350,10 +360,10 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     from .projector import LELPProjector
 
     if args.compact and (args.beta is not None or args.tau is not None):
-        raise SystemExit("error: --beta and --tau are chosen when --compact targets are read (TargetsDataset(dir, "
+        raise CommandError("error: --beta and --tau are chosen when --compact targets are read (TargetsDataset(dir, "
                          "beta=, tau=), the run config's targets.beta/tau), not stored; drop them here")
     if not os.path.exists(args.projector):
-        raise SystemExit(f"error: --projector {args.projector}: no such file")
+        raise CommandError(f"error: --projector {args.projector}: no such file")
     projector = LELPProjector.load(args.projector)
     source = _fit_source(args)
     device = _rank_device(args.device)
@@ -365,7 +375,7 @@ def _cmd_targets(args: argparse.Namespace) -> int:
             device=device, process_group=group, progress=not args.quiet, verify=not args.no_verify,
         )
     except (ValueError, OSError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        raise CommandError(f"error: {exc}") from exc
     if group is None or torch.distributed.get_rank() == 0:
         what = "u + teacher logits (compact)" if args.compact else "log-targets"
         print(f"wrote {args.out}: {manifest['n_rows']} rows x {manifest['settings']['K']} {what}, "
@@ -377,12 +387,12 @@ def _cmd_teacher_outputs(args: argparse.Namespace) -> int:
     from .offline import store_teacher_outputs
 
     if (args.logits is None) == (args.capture is None):
-        raise SystemExit("error: give --logits FILE.npy or --capture DIR (one of the two)")
+        raise CommandError("error: give --logits FILE.npy or --capture DIR (one of the two)")
     for flag, path in (("--logits", args.logits), ("--capture", args.capture)):
         if path is not None and not os.path.exists(path):
-            raise SystemExit(f"error: {flag} {path}: no such file or directory")
+            raise CommandError(f"error: {flag} {path}: no such file or directory")
     if args.tau is not None and not args.top_k:
-        raise SystemExit("error: --tau is the temperature of --top-k's log-probabilities; plain logits are stored "
+        raise CommandError("error: --tau is the temperature of --top-k's log-probabilities; plain logits are stored "
                          "as they are (the loss applies its own tau)")
     source = _load_npy(args.logits, "logits") if args.logits else args.capture
     group = _process_group(None)  # under torchrun the shards are shared, as the targets' are
@@ -448,14 +458,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     if (args.config is None) == (args.hf_model is None):
-        raise SystemExit("error: give a run CONFIG or --hf-model DIR (one of the two)")
+        raise CommandError("error: give a run CONFIG or --hf-model DIR (one of the two)")
     if args.hf_model is not None:
         from .export.hf import export_hf
 
         if args.subclasses is None:
-            raise SystemExit("error: --hf-model needs --subclasses (S, the student's outputs per class)")
+            raise CommandError("error: --hf-model needs --subclasses (S, the student's outputs per class)")
         if args.format is not None or args.set:
-            raise SystemExit("error: --format and --set are for a run CONFIG's student; --hf-model writes a "
+            raise CommandError("error: --format and --set are for a run CONFIG's student; --hf-model writes a "
                              "transformers directory (save_pretrained)")
         model = export_hf(args.hf_model, args.out, n_subclasses=args.subclasses, tau=args.tau or 1.0,
                           labels=args.labels, tokenizer=args.tokenizer)
@@ -467,7 +477,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export.from_run import export_run
 
     if args.subclasses or args.tau or args.labels or args.tokenizer:
-        raise SystemExit("error: --subclasses, --tau, --labels and --tokenizer are for --hf-model; a run CONFIG "
+        raise CommandError("error: --subclasses, --tau, --labels and --tokenizer are for --hf-model; a run CONFIG "
                          "takes them from its training report")
     cfg = load_config(args.config, args.set)
     if args.work_dir:
@@ -522,7 +532,7 @@ def _add_demo(sub) -> None:
     demo.add_argument("--subclasses", type=int, default=4, help="S, pseudo-subclasses per class (default 4)")
     demo.add_argument("--beta", type=positive_float, help="subclass temperature (default: the library's, "
                       "lelp_fast.projector.DEFAULT_BETA)")
-    demo.add_argument("--tau", type=float, default=1.0, help="class temperature (default 1)")
+    demo.add_argument("--tau", type=positive_float, default=1.0, help="class temperature (default 1)")
     demo.add_argument("--out", help="also write the table: .md for Markdown, else JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
@@ -539,7 +549,8 @@ def _add_fit(sub) -> None:
                      ".parquet, or a capture directory (labels, logits and head inside)")
     fit.add_argument("--labels", help="(N,) integer .npy of class labels (else read from the file when it has them)")
     fit.add_argument("--head-weight", help="(C, d) .npy, the teacher head W (enables the null-space projection)")
-    fit.add_argument("--head-bias", help="(C,) .npy, the teacher head bias b")
+    fit.add_argument("--head-bias", help="(C,) .npy, the teacher head bias b (default: the bias the rows' "
+                     "teacher logits show, else 0)")
     fit.add_argument("--teacher-logits", help="(N, C) .npy of teacher logits, when no head is given")
     fit.add_argument("--num-classes", type=positive_int, help="C, when neither a head nor the logits give it")
     fit.add_argument("--embeddings-key", default="embeddings", help="tensor/column name of the embeddings")
@@ -603,8 +614,8 @@ def _add_targets(sub) -> None:
     tgt.add_argument("--embeddings-key", default="embeddings", help="tensor/column name of the embeddings")
     tgt.add_argument("--logits-key", default="teacher_logits", help="tensor/column name of the teacher logits")
     tgt.add_argument("--bf16", action="store_true", help="the .npy holds bf16 bits as uint16")
-    tgt.add_argument("--beta", type=float, default=None, help="subclass temperature (default: the projector's)")
-    tgt.add_argument("--tau", type=float, default=None, help="class temperature (default: the projector's)")
+    tgt.add_argument("--beta", type=positive_float, default=None, help="subclass temperature (default: the projector's)")
+    tgt.add_argument("--tau", type=positive_float, default=None, help="class temperature (default: the projector's)")
     tgt.add_argument("--format", choices=("npy", "safetensors", "parquet"), default="npy",
                      help="shard format (default npy, memory-mappable)")
     tgt.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=TARGETS_DTYPE,
@@ -822,6 +833,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         code = args.func(args)
         finished = True
         return code
+    except CommandError as exc:
+        print(exc, file=sys.stderr)
+        raise
     except BrokenPipeError as exc:
         if not _stdout_gone():
             print(f"error: {exc}", file=sys.stderr)

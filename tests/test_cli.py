@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -137,6 +138,9 @@ def test_console_script_help():
     (["targets", "--chunk-mb", "0"], "--chunk-mb"),
     (["fit", "--num-classes", "-1"], "--num-classes"),
     (["demo", "--seeds", "0"], "--seeds"),
+    (["demo", "--tau", "0"], "--tau"),  # these three: refused by the library, without the flag's name
+    (["targets", "--tau", "-1"], "--tau"),
+    (["targets", "--beta", "nan"], "--beta"),
 ])
 def test_bad_flags_are_one_line_errors_naming_the_flag(npy_inputs, capsys, argv, flag):
     """These gave ZeroDivisionError, KeyError or a late traceback."""
@@ -265,3 +269,25 @@ def test_cli_and_config_refuse_what_the_api_refuses():
             parse_config({"work_dir": "x", "task": {"factory": "a:b"}, "fit": {"subclasses": bad}})
     with pytest.raises(ConfigError, match="train.alpha: value must be a finite number >= 0, got nan"):
         parse_config({"work_dir": "x", "task": {"factory": "a:b"}, "train": {"alpha": float("nan")}})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "--embeddings", "{tmp}/missing.npy", "--out", "{tmp}/p"], "--embeddings {tmp}/missing.npy: no such file"),
+    (["targets", "--projector", "{tmp}/missing.safetensors", "--embeddings", "{E}", "--out", "{tmp}/t"],
+     "--projector {tmp}/missing.safetensors: no such file"),
+    (["teacher-outputs", "--out", "{tmp}/o"], "give --logits FILE.npy or --capture DIR (one of the two)"),
+    (["export", "--out", "{tmp}/x"], "give a run CONFIG or --hf-model DIR (one of the two)"),
+])
+def test_argument_errors_of_the_commands_exit_2_as_argparse_does(npy_inputs, capsys, argv, message):
+    """The commands' own argument errors (a missing file, flags that go together) left by
+    SystemExit("error: ...") with status 1, where argparse's errors and the library's exit 2: a
+    script could not tell a bad argument from a failed run. Now 2, with the one-line message
+    printed once."""
+    paths, tmp = npy_inputs
+    argv = [a.format(tmp=tmp, E=paths["E"]) for a in argv]
+    message = "error: " + message.format(tmp=tmp)
+    with pytest.raises(SystemExit, match=re.escape(message)) as exc:
+        main(argv)
+    assert exc.value.code == 2 and capsys.readouterr().err.strip() == message
+    done = subprocess.run([sys.executable, "-m", "lelp_fast", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip() == message, (done.returncode, done.stderr)
