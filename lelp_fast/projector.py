@@ -163,8 +163,9 @@ class LELPProjector:
                 to one constant: ``head_logits_gap``).
             head_weight, head_bias: the teacher head ``W`` (C, d) and ``b`` (C,). With a head,
                 class logits are ``h Wᵀ + b`` and the null-space projection is on by default.
-                ``head_bias`` not given: the bias the rows' teacher logits show (up to one
-                constant), or zero where none are read (no logits; iterable sources).
+                ``head_bias`` not given: a capture's stored bias where its weight is the one given,
+                else the bias the rows' teacher logits show (up to one constant), else zero (no
+                logits read: none given, iterable sources, under two finite rows in the first chunk).
                 Not given, a capture directory's stored head is used (``null_space=False`` fits
                 without it).
             num_classes: C, when neither the head, the logits nor in-memory labels give it.
@@ -187,7 +188,7 @@ class LELPProjector:
         check_choice("nan_policy", nan_policy, ("raise", "skip"))
         checkpoint_every = check_count("checkpoint_every", checkpoint_every)
         source = as_source(embeddings, labels, teacher_logits)
-        w, b = _checked_head(head_weight, head_bias, source)
+        w, b, bias_tolerance = _checked_head(head_weight, head_bias, source)
         setting = self._null_space_setting
         use_null_space = setting if setting is not None else w is not None
         if use_null_space and w is None:
@@ -198,6 +199,8 @@ class LELPProjector:
                             process_group=process_group, checkpoint=None if checkpoint is None else os.fspath(checkpoint),
                             checkpoint_every=checkpoint_every, resume=resume, progress=progress)
         self._set_fitted(result, w, b, projector is not None, settings.num_classes)
+        if bias_tolerance is not None:  # how closely the logits showed the bias: require_same_teacher holds it so
+            self.fit_info["head_bias_from_logits"] = bias_tolerance
         return self
 
     def _fit_settings(self, source, w, num_classes, nan_policy, chunk_bytes, backend, device):
@@ -330,11 +333,12 @@ class LELPProjector:
         if gap_w > SAME_HEAD_TOLERANCE * scale:
             raise ValueError(f"{where}: its teacher head's weight differs from the projector's by up to {gap_w:.3g}, "
                              "so its embeddings are another teacher's; fit a projector on this teacher's capture")
-        if gap_b > SAME_HEAD_TOLERANCE * max(scale, float(fitted_b.abs().max())):
+        estimated = self.fit_info.get("head_bias_from_logits", 0.0)  # known only as closely as the logits showed it
+        if gap_b > max(SAME_HEAD_TOLERANCE * max(scale, float(fitted_b.abs().max())), estimated):
             raise ValueError(f"{where}: its teacher head's bias differs from the projector's by up to {gap_b:.3g} (the "
                              "weights agree; a constant aside): fit the projector with this head's bias (a fit given "
-                             "--head-weight without --head-bias takes the bias of the rows' logits, or zero without "
-                             "logits)")
+                             "--head-weight without --head-bias takes a capture's stored bias, else the one its rows' "
+                             "logits show, else zero)")
 
     def _require_logits_of_head(self, source: EmbeddingSource) -> None:
         """Refuses a source whose teacher logits are not the fitted head applied to its embeddings
@@ -569,34 +573,26 @@ def _source_name(source: EmbeddingSource) -> str:
 
 
 def _checked_head(head_weight, head_bias, source: EmbeddingSource):
-    """The teacher head as fp64 ``(W (C x d), b (C,))``, or ``(None, None)``; without one given, the
-    head a capture directory stored. A transposed ``W`` is named as such."""
+    """The teacher head as fp64 ``(W (C x d), b (C,), tolerance)``, or ``(None, None, None)``; without
+    one given, the head a capture directory stored. A weight given without its bias takes the
+    capture's stored bias where the weights agree, else the bias the rows' logits show (up to one
+    constant; ``tolerance``: how closely they show it, None for a bias given or stored), else zero.
+    A transposed ``W`` is named as such."""
     stored = None
     if head_weight is None:
         if head_bias is not None:
             raise ValueError("head_bias was given without head_weight; pass both or neither")
         stored = source.head()
         if stored is None:
-            return None, None
+            return None, None, None
         head_weight, head_bias = stored
-    w = as_tensor("head_weight", head_weight).to(torch.float64)
-    check_matrix("head_weight", w)
-    check_finite("head_weight", w)
-    dim = source.dim
-    if dim is not None and w.shape[1] != dim:
-        hint = " (it looks transposed: pass W as (C, d), e.g. head.weight)" if w.shape[0] == dim else ""
-        raise ValueError(f"head_weight has shape {tuple(w.shape)} but the embeddings have d={dim} columns{hint}")
-    b = torch.zeros(w.shape[0], dtype=torch.float64)
-    if head_bias is not None:
-        b = as_tensor("head_bias", head_bias).to(torch.float64)
-        if b.shape != (w.shape[0],):
-            hint = (" (head_weight looks transposed: pass W as (C, d), e.g. head.weight)"
-                    if w.ndim == 2 and b.shape == (w.shape[1],) else "")
-            raise ValueError(f"head_bias must have shape ({w.shape[0]},), got {tuple(b.shape)}{hint}")
-        check_finite("head_bias", b.reshape(-1, 1))
+    w = _checked_weight(head_weight, source)
+    if head_bias is None:
+        head_bias = _stored_bias_of(source, w)
+    b = None if head_bias is None else _checked_bias(head_bias, w)
     # before the fit's pass, not at the targets after it; a bias given (or stored) is held to the logits too
     fit = _fit_to_logits(source, w)
-    found = None if fit is None else fit.gap(None if head_bias is None else b)
+    found = None if fit is None else fit.gap(b)
     if found is not None and stored is not None:  # checked against the logits when captured
         raise ValueError(f"{_source_name(source)}: its stored head no longer gives its teacher logits ({found}): a "
                          "shard may be damaged (read it with verify=True) or rerun the capture")
@@ -604,9 +600,45 @@ def _checked_head(head_weight, head_bias, source: EmbeddingSource):
         raise ValueError(f"{_source_name(source)}: its teacher logits are not head_weight and head_bias applied to "
                          f"its embeddings ({found}): pass this teacher's head (W as (C, d), e.g. head.weight, and "
                          "its bias) with its logits unscaled (not divided by a temperature)")
-    if head_bias is None and fit is not None:  # the logits' bias, up to one constant: rows without logits need it
-        b = -fit.class_constants.to(torch.float64)
-    return w, b
+    if b is not None:
+        return w, b, None
+    if fit is not None:  # the logits' bias, up to one constant: rows without logits need it
+        return w, -fit.class_constants.to(torch.float64), fit.tolerance
+    return w, torch.zeros(w.shape[0], dtype=torch.float64), None
+
+
+def _checked_weight(head_weight, source: EmbeddingSource) -> torch.Tensor:
+    w = as_tensor("head_weight", head_weight).to(torch.float64)
+    check_matrix("head_weight", w)
+    check_finite("head_weight", w)
+    dim = source.dim
+    if dim is not None and w.shape[1] != dim:
+        hint = " (it looks transposed: pass W as (C, d), e.g. head.weight)" if w.shape[0] == dim else ""
+        raise ValueError(f"head_weight has shape {tuple(w.shape)} but the embeddings have d={dim} columns{hint}")
+    return w
+
+
+def _checked_bias(head_bias, w: torch.Tensor) -> torch.Tensor:
+    b = as_tensor("head_bias", head_bias).to(torch.float64)
+    if b.shape != (w.shape[0],):
+        hint = (" (head_weight looks transposed: pass W as (C, d), e.g. head.weight)"
+                if w.ndim == 2 and b.shape == (w.shape[1],) else "")
+        raise ValueError(f"head_bias must have shape ({w.shape[0]},), got {tuple(b.shape)}{hint}")
+    check_finite("head_bias", b.reshape(-1, 1))
+    return b
+
+
+def _stored_bias_of(source: EmbeddingSource, w: torch.Tensor) -> Optional[torch.Tensor]:
+    """A capture's stored bias where its stored weight is ``w`` (to ``require_same_teacher``'s
+    tolerance), else None: exact, where the logits of a bf16 forward show the bias to a few hundredths."""
+    stored = source.head()
+    if stored is None:
+        return None
+    stored_w, stored_b = (torch.as_tensor(t).detach().cpu().to(torch.float64) for t in stored)
+    scale = max(float(w.abs().max()), 1e-30)
+    if stored_w.shape != w.shape or float((stored_w - w).abs().max()) > SAME_HEAD_TOLERANCE * scale:
+        return None
+    return stored_b
 
 
 def _infer_num_classes(source: EmbeddingSource, head_weight, num_classes: Optional[int]) -> Optional[int]:

@@ -484,3 +484,35 @@ def test_labels_out_of_the_teachers_range_are_refused_at_the_batch_that_holds_th
     with pytest.raises(ValueError, match=r"label 156 of dataset row 3 \(batch 0\)"):
         capture(tiny_teacher(), DataLoader(TensorDataset(x, as_bytes), batch_size=10), str(tmp_path / "u8"),
                 dtype="float32")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_fit_given_the_weight_alone_takes_the_bias_of_a_bf16_teachers_capture(tmp_path, bias):
+    """A fit given --head-weight without its bias took the bias its rows' logits showed; from a bf16
+    forward (autocast) they show it to about 0.03 at logits of 36, and the same teacher's capture was
+    then refused as holding another bias (a review of session 64's first form; targets held the bias
+    to 1 % of the weight). A capture's stored bias is now taken where its weight is the one given,
+    and a bias taken from logits (arrays in bf16) is held only as closely as they showed it."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(32, 256), nn.ReLU())
+    head = nn.Linear(256, 10, bias=bias)
+    with torch.no_grad():  # logits of about 36
+        body[0].weight.mul_(4.0)
+        head.weight.mul_(8.0)
+        if bias:
+            head.bias.copy_(torch.randn(10))
+    teacher = nn.Sequential(body, head)
+    for name, seed in (("a", 1), ("b", 2)):
+        g = torch.Generator().manual_seed(seed)
+        rows = TensorDataset(torch.randn(256, 32, generator=g), torch.randint(0, 10, (256,), generator=g))
+        capture(teacher, DataLoader(rows, batch_size=64), str(tmp_path / name), dtype="float16", autocast="bfloat16")
+    w, b = CaptureSource(str(tmp_path / "a")).head()
+    p = LELPProjector(2).fit(str(tmp_path / "a"), head_weight=w)
+    assert torch.equal(p.head_bias, b.float()) and "head_bias_from_logits" not in p.fit_info
+    assert generate_targets(p, str(tmp_path / "b"), str(tmp_path / "t"), dtype="float32")["n_rows"] == 256
+    chunk = next(iter(CaptureSource(str(tmp_path / "a")).chunks()))  # the same rows as arrays: no stored head
+    arrays = LELPProjector(2).fit(chunk.embeddings, chunk.labels, teacher_logits=chunk.teacher_logits, head_weight=w)
+    assert arrays.fit_info["head_bias_from_logits"] > 0
+    arrays.save(tmp_path / "p.safetensors")
+    again = LELPProjector.load(tmp_path / "p.safetensors")
+    assert generate_targets(again, str(tmp_path / "b"), str(tmp_path / "t2"), dtype="float32")["n_rows"] == 256
