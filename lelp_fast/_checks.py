@@ -136,16 +136,20 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and -math.inf < value < math.inf
 
 
+def _not_a_tensor(value) -> str:
+    return " (a Python or numpy number, not a tensor: pass float(t))" if isinstance(value, torch.Tensor) else ""
+
+
 def check_positive(name: str, value: float) -> None:
-    """A finite number > 0 (numpy scalars too; bools, NaN and Inf refused)."""
+    """A finite number > 0 (numpy scalars too; bools, tensors, NaN and Inf refused)."""
     if not (_is_real(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise ValueError(f"{name} must be a positive finite number{_not_a_tensor(value)}, got {value!r}")
 
 
 def check_nonnegative(name: str, value: float) -> None:
-    """A finite number >= 0 (numpy scalars too; bools, NaN and Inf refused)."""
+    """A finite number >= 0 (numpy scalars too; bools, tensors, NaN and Inf refused)."""
     if not (_is_real(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number >= 0{_not_a_tensor(value)}, got {value!r}")
 
 
 def check_count(name: str, value, minimum: int = 1) -> int:

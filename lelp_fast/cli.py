@@ -103,11 +103,14 @@ def _load_npy(path: str, name: str) -> np.ndarray:
         raise CommandError(f"error: --{name} {path}: no such file")
     try:
         try:
-            return np.load(path, mmap_mode="r")
+            arr = np.load(path, mmap_mode="r")
         except ValueError:
-            return np.load(path)  # object arrays etc. cannot be memory-mapped
+            arr = np.load(path)  # object arrays etc. cannot be memory-mapped
     except Exception as exc:  # noqa: BLE001 - reported with the argument's name
         raise CommandError(f"error: --{name} {path}: not a readable .npy file ({exc})") from None
+    if arr.dtype.kind not in "biufc":  # text: torch cannot take it
+        raise CommandError(f"error: --{name} {path}: holds {arr.dtype} values, not numbers")
+    return arr
 
 
 def _report(result: dict, markdown: str, out: Optional[str]) -> int:
@@ -549,8 +552,8 @@ def _add_fit(sub) -> None:
                      ".parquet, or a capture directory (labels, logits and head inside)")
     fit.add_argument("--labels", help="(N,) integer .npy of class labels (else read from the file when it has them)")
     fit.add_argument("--head-weight", help="(C, d) .npy, the teacher head W (enables the null-space projection)")
-    fit.add_argument("--head-bias", help="(C,) .npy, the teacher head bias b (default: the bias the rows' "
-                     "teacher logits show, else 0)")
+    fit.add_argument("--head-bias", help="(C,) .npy, the teacher head bias b (default: a capture's, else the "
+                     "one the rows' teacher logits show, else 0)")
     fit.add_argument("--teacher-logits", help="(N, C) .npy of teacher logits, when no head is given")
     fit.add_argument("--num-classes", type=positive_int, help="C, when neither a head nor the logits give it")
     fit.add_argument("--embeddings-key", default="embeddings", help="tensor/column name of the embeddings")
@@ -737,8 +740,8 @@ def _add_tune(sub) -> None:
     tune.add_argument("config", help="YAML run config")
     _add_set(tune, "as the run was given them, so its capture is reused")
     tune.add_argument("--subclasses", type=positive_int, nargs="+", default=[2, 4, 8, 16])
-    tune.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5, 1.0])
-    tune.add_argument("--taus", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    tune.add_argument("--betas", type=positive_float, nargs="+", default=[0.05, 0.1, 0.25, 0.5, 1.0])
+    tune.add_argument("--taus", type=positive_float, nargs="+", default=[1.0, 2.0, 4.0])
     tune.add_argument("--steps", type=positive_int, default=500, help="optimiser steps per proxy student")
     tune.add_argument("--final-steps", type=positive_int, default=None,
                       help="optimiser steps of the finals (KD's tau, then LELP against KD, each on fresh seeds); "

@@ -82,9 +82,9 @@ class TuneGrid:
             raise ValueError(f"grid.subclasses (--subclasses) must be integers >= 2 (S = 1 is the KD arm, always run), "
                              f"got {list(self.subclasses)}")
         for name, values in (("taus", self.taus), ("betas", self.betas)):
-            if (name == "taus" and not values) or any(not v > 0 for v in values):
+            if (name == "taus" and not values) or any(not 0 < v < math.inf for v in values):
                 empty = " and non-empty" if name == "taus" else ""
-                raise ValueError(f"grid.{name} (--{name}) must be positive{empty}, got {list(values)}")
+                raise ValueError(f"grid.{name} (--{name}) must be positive finite numbers{empty}, got {list(values)}")
         if not self.subclass_weights or any(w is not None and not w >= 0 for w in self.subclass_weights):
             raise ValueError(f"grid.subclass_weights (--subclass-weights) must be non-empty and >= 0, "
                              f"got {list(self.subclass_weights)}")

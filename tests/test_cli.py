@@ -141,12 +141,14 @@ def test_console_script_help():
     (["demo", "--tau", "0"], "--tau"),  # these three: refused by the library, without the flag's name
     (["targets", "--tau", "-1"], "--tau"),
     (["targets", "--beta", "nan"], "--beta"),
+    (["tune", "--taus", "1", "inf"], "--taus"),  # refused at the first proxy's loss, unnamed
 ])
 def test_bad_flags_are_one_line_errors_naming_the_flag(npy_inputs, capsys, argv, flag):
     """These gave ZeroDivisionError, KeyError or a late traceback."""
     paths, tmp = npy_inputs
     base = {"fit": ["--embeddings", paths["E"], "--labels", paths["y"], "--out", str(tmp / "p.safetensors")],
-            "targets": ["--projector", "p", "--embeddings", paths["E"], "--out", str(tmp / "t")], "demo": []}
+            "targets": ["--projector", "p", "--embeddings", paths["E"], "--out", str(tmp / "t")], "demo": [],
+            "tune": []}
     with pytest.raises(SystemExit) as exc:
         main(argv[:1] + base[argv[0]] + argv[1:])
     assert exc.value.code == 2
@@ -291,3 +293,23 @@ def test_argument_errors_of_the_commands_exit_2_as_argparse_does(npy_inputs, cap
     assert exc.value.code == 2 and capsys.readouterr().err.strip() == message
     done = subprocess.run([sys.executable, "-m", "lelp_fast", *argv], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.strip() == message, (done.returncode, done.stderr)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "--embeddings", "{text}", "--labels", "{y}", "--out", "{tmp}/p"], "embeddings file {text} holds <U1"),
+    (["fit", "--embeddings", "{E}", "--labels", "{text1}", "--out", "{tmp}/p"], "labels file {text1} holds <U1"),
+    (["teacher-outputs", "--logits", "{text}", "--out", "{tmp}/o"], "--logits {text}: holds <U1"),
+])
+def test_a_npy_of_text_is_a_one_line_error_naming_the_file(npy_inputs, capsys, argv, message):
+    """A .npy of strings reached torch.from_numpy: a TypeError's traceback, exit status 1."""
+    paths, tmp = npy_inputs
+    text, text1 = str(tmp / "text.npy"), str(tmp / "text1.npy")
+    np.save(text, np.array([["a"] * 20] * 700))
+    np.save(text1, np.array(["a"] * 700))
+    names = dict(tmp=tmp, text=text, text1=text1, y=paths["y"], E=paths["E"])
+    try:  # the library's errors return 2, the commands' own raise SystemExit(2)
+        code = main([a.format(**names) for a in argv] + ["--quiet"] * (argv[0] == "fit"))
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: " + message.format(**names)), err

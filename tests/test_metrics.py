@@ -66,3 +66,13 @@ def test_a_temperature_that_is_not_a_positive_number_is_refused(tau):
         for student in (s, t):
             with pytest.raises(ValueError, match="tau must be a positive finite number"):
                 metric(t, student, tau=tau)
+
+
+def test_a_tensor_temperature_is_refused_saying_so():
+    """A 0-d tensor τ was taken by the loss (synchronising a GPU for float(τ)) and refused by
+    LELPLoss; each check now says to pass a number."""
+    s = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match=r"tau must be a positive finite number \(a Python or numpy number, not a "
+                                         r"tensor: pass float\(t\)\), got tensor\(2\.\)"):
+        class_logits(s, 2, 2, tau=torch.tensor(2.0))
+    assert class_logits(s, 2, 2, tau=np.float32(2.0)).shape == (2, 2)

@@ -237,7 +237,10 @@ def test_bad_grid_values_name_the_field():
                         (TuneGrid(subclasses=(1, 2)), r"grid.subclasses \(--subclasses\)"),
                         (TuneGrid(fraction=0.0), r"grid.fraction \(--fraction\)"),
                         (TuneGrid(betas=(0.5, -1.0)), r"grid.betas \(--betas\) must be positive.*got \[0.5, -1.0\]"),
-                        (TuneGrid(taus=()), r"grid.taus \(--taus\) must be positive and non-empty, got \[\]")):
+                        (TuneGrid(taus=()), r"grid.taus \(--taus\) must be positive finite numbers and non-empty, "
+                                            r"got \[\]"),
+                        (TuneGrid(taus=(1.0, float("inf"))), r"grid.taus \(--taus\) must be positive finite.*inf"),
+                        (TuneGrid(betas=(float("inf"),)), r"grid.betas \(--betas\) must be positive finite.*inf")):
         with pytest.raises(ValueError, match=field):
             search(xor_teacher(x, y), (x, y), (x, y), lambda k: nn.Linear(2, k), SETTINGS, grid)
 

@@ -92,6 +92,13 @@ def _rows_per_chunk(dim: int, itemsize: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // max(1, dim * itemsize))
 
 
+def check_numeric(what: str, arr) -> None:
+    """Refuses a numpy array of strings or objects (a .npy of text), which torch cannot take."""
+    dtype = getattr(arr, "dtype", None)
+    if isinstance(dtype, np.dtype) and dtype.kind not in "biufc":
+        raise ValueError(f"{what} holds {dtype} values, not numbers")
+
+
 class ArraySource(EmbeddingSource):
     """Row-indexable arrays: numpy (memory-mapped too) or torch tensors, read slice by slice."""
 
@@ -104,6 +111,8 @@ class ArraySource(EmbeddingSource):
         for arg, arr in (("labels", labels), ("teacher_logits", teacher_logits)):
             if arr is not None and len(arr) != n:
                 raise ValueError(f"{arg} has {len(arr)} rows but embeddings has {n}")
+        for arg, arr in (("embeddings", embeddings), ("labels", labels), ("teacher_logits", teacher_logits)):
+            check_numeric(arg, arr)
         self.embeddings, self.labels, self.teacher_logits = embeddings, labels, teacher_logits
         self.bf16 = bf16
         self.n_rows = n
@@ -216,6 +225,7 @@ def _load_npy(path: str, what: str) -> np.ndarray:
     header_and_data = arr.nbytes + getattr(arr, "offset", 0)
     if os.path.getsize(path) < header_and_data:
         raise ValueError(f"{what} file {path} is truncated: {os.path.getsize(path)} bytes, needs {header_and_data}")
+    check_numeric(f"{what} file {path}", arr)
     return arr
 
 
