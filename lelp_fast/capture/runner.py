@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from .._checks import NonFiniteRowError, check_finite
 from .._dist import barrier, rank_world
@@ -140,6 +141,7 @@ def capture(
         raise ValueError(f"batches_per_shard must be a positive integer, got {batches_per_shard!r}")
     if autocast not in (None, "float16", "bfloat16"):
         raise ValueError(f"autocast must be None, 'float16' or 'bfloat16', got {autocast!r}")
+    _check_in_order(loader)
     rank, world = rank_world(process_group)
     device = torch.device(device)
     model = model.to(device).eval()
@@ -206,6 +208,19 @@ def _add_data(settings: dict, data: Optional[str], out_dir: str) -> None:
                       "are not checked against the data given now", UserWarning, stacklevel=3)
         return
     settings["data"] = data
+
+
+def _check_in_order(loader) -> None:
+    """Refuses a DataLoader whose sampler draws rows at random: the targets made from the capture are
+    matched to the training data row by row (``distill``, ``TargetsDataset``), and a resumed capture
+    to its own shards, so the order must be the data's own and the same on every run."""
+    samplers = (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+    for sampler in samplers:
+        if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)) or (
+                isinstance(sampler, DistributedSampler) and sampler.shuffle):
+            raise ValueError(f"loader draws its rows at random ({type(sampler).__name__}): the captured rows must "
+                             "keep the data's order, which the targets are matched to row by row; pass a DataLoader "
+                             "with shuffle=False (a DistributedSampler with shuffle=False)")
 
 
 def _capture_batches(model, loader, out_dir, settings, run, checks, device, autocast, rank, world, progress) -> None:
