@@ -383,3 +383,25 @@ def test_the_loop_reads_no_loss_back_per_step(stored, tmp_path):
         report = _run(stored, str(tmp_path / "sync"), epochs=2, batch_size=16)  # 32 steps an epoch
     assert report["history"][-1]["train_loss"] > 0
     assert reads.count <= 2 * 8, f"{reads.count} host reads in 64 steps"
+
+
+def test_validation_labels_outside_the_classes_are_refused(stored, tmp_path):
+    """Validation labels of another range (y + 3) gave accuracy 0.0 every epoch without a word, where
+    training labels out of range are refused (a session-64 walkthrough). A TensorDataset's are now
+    checked before training, any other dataset's where evaluate reads them, naming the row."""
+    x, y = stored["val"].tensors
+    shifted = TensorDataset(x, y + 3)
+    with pytest.raises(ValueError, match=r"val_data row 0 has label [34], outside the student's classes \[0, 1\]"):
+        distill(student(), stored["train"], stored["targets"], str(tmp_path / "run"), num_classes=2, n_subclasses=2,
+                val_data=shifted, settings=TrainSettings(epochs=1, tensorboard=False))
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+    class Rows(torch.utils.data.Dataset):  # not a TensorDataset: its labels are read by evaluate
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return x[i], y[i] + 3 * (i == 7)
+    with pytest.raises(ValueError, match=r"data row 7 has label [34], outside the student's classes \[0, 1\]"):
+        evaluate(student(), Rows(), 2, 2)
+    assert 0.0 <= evaluate(student(), stored["val"], 2, 2)["accuracy"] <= 1.0

@@ -26,9 +26,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
-from .._checks import check_choice, check_count, check_nonnegative, check_positive
+from .._checks import check_choice, check_count, check_integer_labels, check_nonnegative, check_positive
 from ..io.integrity import load_checked, save_checked, seal, unseal
 from ..io.locks import ExclusiveLock
 from ..metrics import agreement, predictive_kl
@@ -103,12 +103,24 @@ def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, t
             labels.append(torch.as_tensor(y))
     s = torch.cat(outs)
     y = torch.cat(labels)
+    check_class_labels("data", y, num_classes)
     pooled = class_logits(s, num_classes, n_subclasses, tau)
     result = {"accuracy": float((pooled.argmax(1) == y).double().mean())}
     if teacher_logits is not None:
         result["agreement"] = agreement(teacher_logits, s, tau)
         result["predictive_kl"] = predictive_kl(teacher_logits, s, tau)
     return result
+
+
+def check_class_labels(what: str, y: torch.Tensor, num_classes: int) -> None:
+    """Labels an accuracy can count: integers in [0, C). A label outside is never predicted, so the
+    accuracy would fall without a word (-100, the loss's ignore_index, has no place here either)."""
+    check_integer_labels(f"{what} labels", y)
+    bad = torch.nonzero((y < 0) | (y >= num_classes)).flatten()
+    if bad.numel():
+        row = int(bad[0])
+        raise ValueError(f"{what} row {row} has label {int(y[row])}, outside the student's classes "
+                         f"[0, {num_classes - 1}]")
 
 
 @dataclasses.dataclass
@@ -148,6 +160,8 @@ def distill(
     """
     settings = settings or TrainSettings()
     settings.check()
+    if isinstance(val_data, TensorDataset) and len(val_data.tensors) == 2:  # at once; others where evaluate reads them
+        check_class_labels("val_data", val_data.tensors[1], num_classes)
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     parallel = steps.DataParallel()  # under torchrun: rank 0 writes, every rank trains its share
