@@ -83,9 +83,13 @@ class LELPLoss(nn.Module):
                 raise ValueError(f"projector[{i}] has C={p.num_classes}, S={p.n_subclasses}; "
                                  f"projector[0] has C={first.num_classes}, S={first.n_subclasses}")
         if projectors:
-            num_classes = projectors[0].num_classes if num_classes is None else num_classes
-            n_subclasses = projectors[0].n_subclasses if n_subclasses is None else n_subclasses
-            tau = projectors[0].tau if tau is None else tau
+            first = projectors[0]
+            if (num_classes not in (None, first.num_classes)) or (n_subclasses not in (None, first.n_subclasses)):
+                raise ValueError(f"num_classes={num_classes}, n_subclasses={n_subclasses}, but the projector has "
+                                 f"C={first.num_classes}, S={first.n_subclasses}; drop num_classes/n_subclasses or "
+                                 "pass those")
+            num_classes, n_subclasses = first.num_classes, first.n_subclasses
+            tau = first.tau if tau is None else tau
         if num_classes is None or n_subclasses is None:
             raise ValueError("pass a fitted projector, or num_classes and n_subclasses")
         tau = 1.0 if tau is None else tau

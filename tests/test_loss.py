@@ -191,3 +191,17 @@ def test_jsd_is_accepted_as_js_by_the_module_and_kd(fitted):
     torch.testing.assert_close(kd, KDLoss(2, divergence="js", tau=2.0)(s[:, :2], z))
     with pytest.raises(ValueError, match="divergence must be one of"):
         LELPLoss(proj, divergence="JSD")
+
+
+def test_a_class_or_subclass_count_that_contradicts_the_projector_is_refused(fitted):
+    """LELPLoss(projector, n_subclasses=3) with a projector of S = 4 was built as asked, and failed at
+    the first online call on an internal shape ("fused_weight[0]/fused_bias[0] must have shapes"); an
+    offline call trained C x S of the caller's against targets of the projector's (a session-64
+    walkthrough). Counts that agree with the projector are taken."""
+    proj = fitted[0]  # C = 2, S = 3
+    for kw in (dict(n_subclasses=4), dict(num_classes=3), dict(num_classes=1, n_subclasses=6)):
+        with pytest.raises(ValueError, match=r"the projector has C=2, S=3; drop num_classes/n_subclasses or pass "
+                                             r"those"):
+            LELPLoss(proj, **kw)
+    loss = LELPLoss(proj, num_classes=2, n_subclasses=3)
+    assert (loss.num_classes, loss.n_subclasses) == (2, 3)
