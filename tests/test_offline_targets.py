@@ -657,3 +657,47 @@ def test_gpu_chunk_check_names_the_logits_of_vanilla_kd_targets():
         pipeline._check_target_rows(log_t, h, z, 100, vanilla_kd=True)
     with pytest.raises(ValueError, match="embeddings row 103 is finite but its targets are not"):
         pipeline._check_target_rows(log_t, h, z, 100, vanilla_kd=False)
+
+
+def test_an_edited_in_memory_array_is_a_changed_source(problem, tmp_path):
+    """An array or tensor given in memory was fingerprinted by three of its rows (0, n/2, n - 1): an
+    edit anywhere else, or to its labels or logits, kept the finished targets of the old rows as
+    they were, silently (a session-64 walkthrough: row 100 of the targets 56.8 off the projector's).
+    Every byte of an in-memory source now counts; a .npy file keeps its sampled rows, size and
+    modification time (no read of the whole file to fingerprint it)."""
+    from lelp_fast.io import NpySource
+
+    h, y, projector = problem
+    out = str(tmp_path / "out")
+    generate_targets(projector, h.numpy(), out, chunk_bytes=CHUNK)
+    generate_targets(projector, h.numpy().copy(), out, chunk_bytes=CHUNK)  # the same bytes: kept
+    edited = h.clone()
+    edited[100, 3] += 5.0
+    for other in (edited, edited.numpy(), ArraySource(h, y.clone().index_fill_(0, torch.tensor([7]), 0))):
+        with pytest.raises(ValueError, match="the source changed since these targets were written"):
+            generate_targets(projector, other, out, chunk_bytes=CHUNK)
+    assert ArraySource(h.bfloat16()).fingerprint() != ArraySource(edited.bfloat16()).fingerprint()
+    path = str(tmp_path / "h.npy")
+    np.save(path, h.numpy())
+    read = []
+    source = NpySource(path)
+    source.embeddings = _Recording(source.embeddings, read)
+    source.fingerprint()
+    assert len(read) <= 3, read  # the sampled rows only
+
+
+class _Recording:
+    """An array whose row reads are recorded (slices as (start, stop))."""
+
+    def __init__(self, arr, read):
+        self._arr, self._read = arr, read
+
+    def __getattr__(self, name):
+        return getattr(self._arr, name)
+
+    def __len__(self):
+        return len(self._arr)
+
+    def __getitem__(self, index):
+        self._read.append((index.start, index.stop) if isinstance(index, slice) else index)
+        return self._arr[index]

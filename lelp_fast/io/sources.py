@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+import xxhash
 
 from .._checks import as_tensor
 
@@ -162,13 +163,26 @@ class ArraySource(EmbeddingSource):
             )
 
     def fingerprint(self) -> str:
+        """Every byte of the arrays (read at memory speed, XXH3): an edit to any row is a changed source."""
+        h = hashlib.sha256(self._sampled_fingerprint().encode())
+        for arr in self._arrays().values():
+            h.update(_content_digest(arr))
+        return h.hexdigest()[:16]
+
+    def _sampled_fingerprint(self) -> str:
+        """Names, shapes and a few rows: with a file's size and modification time (NpySource), enough
+        to notice a replaced or rewritten file without reading gigabytes."""
         h = hashlib.sha256(f"{self.name}:{self.n_rows}x{self.dim}".encode())
-        # Sample a few rows rather than hashing gigabytes: catches a replaced or rewritten file.
         for r in _sampled_rows(self.n_rows):
             h.update(_row_bytes(self.embeddings[r : r + 1]))
-        companions = {"labels": self.labels, "teacher_logits": self.teacher_logits}
-        _hash_companions(h, {k: v for k, v in companions.items() if v is not self.embeddings}, self.n_rows)
+        _hash_companions(h, {k: v for k, v in self._arrays().items() if k != "embeddings"}, self.n_rows)
         return h.hexdigest()[:16]
+
+    def _arrays(self) -> dict:
+        """The arrays given, logits that are the embeddings themselves (the KD store's) counted once."""
+        companions = {"labels": self.labels, "teacher_logits": self.teacher_logits}
+        return {"embeddings": self.embeddings,
+                **{k: v for k, v in companions.items() if v is not None and v is not self.embeddings}}
 
 
 def _sampled_rows(n_rows: int) -> List[int]:
@@ -185,6 +199,23 @@ def _hash_companions(h, arrays: dict, n_rows: int) -> None:
         h.update(f"{name}:{tuple(arr.shape)}".encode())
         for r in _sampled_rows(n_rows):
             h.update(_row_bytes(arr[r : r + 1]))
+
+
+def _content_digest(arr, block_bytes: int = 64 << 20) -> bytes:
+    """XXH3-128 of an array's bytes (a tensor on any device, bf16 too), block by block of rows."""
+    digest = xxhash.xxh3_128()
+    row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * _itemsize(arr))
+    rows = max(1, block_bytes // row_bytes)
+    for start in range(0, len(arr), rows):
+        block = arr[start : start + rows]
+        if isinstance(block, torch.Tensor):
+            block = block.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        digest.update(np.ascontiguousarray(block).reshape(-1).view(np.uint8))  # its buffer: no copy to bytes
+    return digest.digest()
+
+
+def _itemsize(arr) -> int:
+    return arr.element_size() if isinstance(arr, torch.Tensor) else np.dtype(arr.dtype).itemsize
 
 
 def _hash_files(h, paths) -> None:
@@ -282,7 +313,7 @@ class NpySource(ArraySource):
 
     def fingerprint(self) -> str:
         st = os.stat(self.name)
-        h = hashlib.sha256(f"{super().fingerprint()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h = hashlib.sha256(f"{self._sampled_fingerprint()}:{st.st_size}:{st.st_mtime_ns}".encode())
         _hash_files(h, self.companion_files)
         return h.hexdigest()[:16]
 
