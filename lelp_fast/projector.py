@@ -649,8 +649,12 @@ def _infer_num_classes(source: EmbeddingSource, head_weight, num_classes: Option
         return head_weight.shape[0]
     if num_classes is not None:
         return int(num_classes)
+    top = source.max_label()
     if isinstance(source, ArraySource) and source.teacher_logits is not None:
         if getattr(source.teacher_logits, "ndim", 0) == 2:
-            return int(source.teacher_logits.shape[1])
-    top = source.max_label()
+            c = int(source.teacher_logits.shape[1])
+            if top is not None and top >= c:  # else reported as a label out of range, where the logits are short
+                raise ValueError(f"teacher_logits have {c} columns (C = {c}), but the labels go up to {top}: give the "
+                                 "logits of every class (or num_classes=)")
+            return c
     return None if top is None else top + 1

@@ -376,3 +376,14 @@ def test_a_fit_given_logits_and_no_bias_takes_the_bias_the_logits_show():
             p.require_same_teacher(SimpleNamespace(head=lambda: (w, b + torch.tensor([0.0, 0.0, 2.0])),
                                                    directory="capture"))
     assert float(LELPProjector(2).fit(h, y, head_weight=w).head_bias.abs().max()) == 0.0  # no logits
+
+
+def test_teacher_logits_of_fewer_classes_than_the_labels_are_named():
+    """C is taken from the teacher logits' width when no head or num_classes is given; logits of too
+    few columns were then reported as a label out of range ("labels[1] = 2 is out of range: labels
+    must lie in [0, 1]"), the labels being right (a session-64 walkthrough)."""
+    h, w, b, y = make_problem(n=300, d=16, num_classes=3, seed=1)
+    z = h @ w.T + b
+    with pytest.raises(ValueError, match=r"teacher_logits have 2 columns \(C = 2\), but the labels go up to 2"):
+        LELPProjector(2).fit(h, y, teacher_logits=z[:, :2])
+    assert LELPProjector(2).fit(h, y, teacher_logits=z).num_classes == 3
