@@ -313,3 +313,20 @@ def test_a_npy_of_text_is_a_one_line_error_naming_the_file(npy_inputs, capsys, a
         code = exc.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: " + message.format(**names)), err
+
+
+def test_fit_errors_give_the_flags_a_command_user_types(npy_inputs, capsys):
+    """The fit's errors named Python spellings only (nan_policy='skip', assign="teacher"), and a fit
+    without --labels asked for --num-classes first, then, given it, for the labels (a session-64
+    walkthrough). The flags are now named, and the missing labels first."""
+    paths, tmp = npy_inputs
+    h = np.load(paths["E"]).astype(np.float32)
+    h[5, 0] = np.nan
+    np.save(tmp / "nan.npy", h)
+    out = ["--out", str(tmp / "p.safetensors"), "--quiet"]
+    assert main(["fit", "--embeddings", str(tmp / "nan.npy"), "--labels", paths["y"], *out]) == 2
+    assert "--nan-policy skip" in capsys.readouterr().err
+    for extra in ([], ["--num-classes", "3"]):
+        assert main(["fit", "--embeddings", paths["E"], *extra, *out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "labels are required (--labels)" in err and "--assign teacher" in err, err

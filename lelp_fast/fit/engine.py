@@ -184,6 +184,9 @@ class _ChunkReader:
             raise ValueError(f"embeddings ({where}, row {chunk.start_row}) have d={h.shape[1]}, earlier chunks had d={self.dim}")
         if self.w is not None and h.shape[1] != self.w.shape[1]:
             raise ValueError(f"embeddings have d={h.shape[1]} but head_weight has d={self.w.shape[1]}")
+        if y is None and self.s.assign == "label":
+            raise ValueError('labels are required (--labels), or assign="teacher" (--assign teacher) to fit by the '
+                             "teacher's classes")
         if self.s.num_classes is None:
             if z is None:
                 raise ValueError(
@@ -204,8 +207,6 @@ class _ChunkReader:
             if z is None:
                 raise ValueError('assign="teacher" needs head_weight or teacher_logits to read predictions from')
             y = z.argmax(dim=1)
-        elif y is None:
-            raise ValueError('labels are required (or use assign="teacher")')
         if y.ndim != 1 or y.shape[0] != h.shape[0]:
             raise ValueError(f"labels ({where}) must be 1-D with one entry per row, got shape {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype == torch.bool:
@@ -218,7 +219,7 @@ class _ChunkReader:
             first = int(torch.nonzero(bad)[0, 0])
             raise ValueError(
                 f"{what} row {chunk.start_row + first} contains NaN or Inf; drop it, or pass "
-                "nan_policy='skip' to skip and count such rows"
+                "nan_policy='skip' (--nan-policy skip) to skip and count such rows"
             )
         self.skipped += int(bad.sum())
         keep = ~bad
