@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -137,6 +138,16 @@ def test_export_command_writes_a_run_configs_student(tmp_path, capsys):
     # --set as the run was given it (until session 58 export and tune took none)
     (tmp_path / "elsewhere.yaml").write_text(f"work_dir: {tmp_path / 'none'}\ntask: {{factory: 'test_export:tiny_task'}}\n")
     assert main(["export", str(tmp_path / "elsewhere.yaml"), "--set", f"work_dir={work}", "--out", out]) == 0
+    # a config edited since the run: the trained student is exported, and the warning says so (until
+    # session 64 without a word; a walkthrough)
+    with pytest.warns(UserWarning, match=r"holds the student trained with S=4, tau=3.0; the config now says "
+                                         r"fit.subclasses=8, train.tau=3.0: exporting the trained one"):
+        assert main(["export", str(tmp_path / "run.yaml"), "--set", "fit.subclasses=8", "--set", "train.tau=3",
+                     "--out", out]) == 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*holds the student")
+        assert main(["export", str(tmp_path / "run.yaml"), "--set", "fit.subclasses=4", "--set", "train.tau=3",
+                     "--out", out]) == 0
 
 def test_tune_takes_set_as_run_does(tmp_path, monkeypatch):
     """tune read the YAML alone until session 58, so it redid a capture that run had made with --set."""

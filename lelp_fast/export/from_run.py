@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 from .module import export_module
 
@@ -24,6 +25,10 @@ def export_run(cfg, out: str, format: str = "torch-export"):
     with open(report_path) as f:
         report = json.load(f)
     c, s, tau = report["num_classes"], report["n_subclasses"], report["settings"]["tau"]
+    if (s, float(tau)) != (cfg.fit.subclasses, float(cfg.train.tau)):
+        warnings.warn(f"{student_dir} holds the student trained with S={s}, tau={tau}; the config now says "
+                      f"fit.subclasses={cfg.fit.subclasses}, train.tau={cfg.train.tau}: exporting the trained one "
+                      "(lelp-fast run CONFIG trains the config's)", stacklevel=2)
     task = load_task(cfg)
     student = load_student(task.make_student(c * s), student_dir).eval()
     x = task.train[0][0]  # one training input: its shape is what the exported graph takes
