@@ -25,12 +25,15 @@ def agreement(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: f
     """Top-1 agreement: the fraction of rows where student and teacher predict the same class.
 
     ``student_logits`` may carry C*S subclass outputs; they are pooled to classes by
-    ``τ·logsumexp(s/τ)`` (:func:`~lelp_fast.class_logits`; pass the loss's τ).
+    ``τ·logsumexp(s/τ)`` (:func:`~lelp_fast.class_logits`; pass the loss's τ). A row of NaN logits
+    makes it NaN, as it does :func:`predictive_kl`.
     """
     if teacher_logits.shape[0] != student_logits.shape[0]:
         raise ValueError("teacher_logits and student_logits must have the same number of rows")
     s = _class_level(student_logits, teacher_logits.shape[-1], tau)
-    return float((teacher_logits.argmax(-1) == s.argmax(-1)).double().mean())
+    hits = (teacher_logits.argmax(-1) == s.argmax(-1)).double()
+    unknown = teacher_logits.isnan().any(-1) | s.isnan().any(-1)  # argmax takes NaN for the largest
+    return float(hits.masked_fill(unknown, float("nan")).mean())
 
 
 def predictive_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: float = 1.0) -> float:
