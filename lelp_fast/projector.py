@@ -187,6 +187,8 @@ class LELPProjector:
 
         check_choice("nan_policy", nan_policy, ("raise", "skip"))
         checkpoint_every = check_count("checkpoint_every", checkpoint_every)
+        if resume and checkpoint is None:
+            raise ValueError("resume=True (--resume) continues a checkpoint: pass checkpoint= (--checkpoint FILE)")
         source = as_source(embeddings, labels, teacher_logits)
         w, b, bias_tolerance = _checked_head(head_weight, head_bias, source)
         setting = self._null_space_setting
@@ -289,7 +291,7 @@ class LELPProjector:
             teacher_logits: (N, C) class logits; computed from the stored head when omitted.
             beta, tau: temperatures (default: the projector's).
             out_dtype: float32, float16 or bfloat16.
-            backend: "auto", "torch", "cpu" or "cuda".
+            backend: "auto", "torch", "cpu", "cuda" or "triton" (as :func:`lelp_fast.ops.lelp_targets`).
         """
         self._require_fitted()
         h = as_tensor("embeddings", embeddings)
@@ -404,6 +406,8 @@ class LELPProjector:
                                          sort_keys=True)}
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):  # else the error names the temporary file
+            raise FileNotFoundError(f"{path}: its directory {directory} does not exist")
         remove_stale_temps(path)
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=directory)
         os.close(fd)

@@ -387,3 +387,16 @@ def test_teacher_logits_of_fewer_classes_than_the_labels_are_named():
     with pytest.raises(ValueError, match=r"teacher_logits have 2 columns \(C = 2\), but the labels go up to 2"):
         LELPProjector(2).fit(h, y, teacher_logits=z[:, :2])
     assert LELPProjector(2).fit(h, y, teacher_logits=z).num_classes == 3
+
+
+def test_a_save_into_a_missing_directory_and_a_resume_without_a_checkpoint_are_named(tmp_path):
+    """save('nodir/p.safetensors') failed naming its temporary file ('.tmp-p.safetensors-fhupun15');
+    fit(resume=True) without checkpoint= (lelp-fast fit --resume without --checkpoint) was taken
+    without a word (a session-64 walkthrough)."""
+    h, w, b, y = make_problem(n=200, d=12, num_classes=2, seed=3)
+    p = LELPProjector(2).fit(h, y)
+    missing = tmp_path / "nodir" / "p.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"nodir/p.safetensors: its directory .*nodir does not exist$"):
+        p.save(missing)
+    with pytest.raises(ValueError, match=r"resume=True \(--resume\) continues a checkpoint: pass checkpoint="):
+        LELPProjector(2).fit(h, y, resume=True)

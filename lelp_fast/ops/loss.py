@@ -335,7 +335,8 @@ class _ReducedWithGrad(torch.autograd.Function):
             # first backward's in-place scale bumped its version, and autograd's own error would say less
             if getattr(ctx, "handed_on", False):
                 raise RuntimeError("lelp_fast: the fused loss's gradient was handed on by the first backward; "
-                                   "backward through the same loss twice (retain_graph=True) is not supported")
+                                   "backward through the same loss twice (retain_graph=True) is not supported "
+                                   "(backend='torch' supports it)")
             ctx.handed_on = True
         (grad,) = ctx.saved_tensors  # scaled in place below: autograd's version counter catches a reuse
         if grad_output.device.type == "cpu" and not torch.compiler.is_compiling():
