@@ -69,8 +69,11 @@ def test_the_baseline_is_kd_trained_by_the_same_loop(tmp_path, captured):
 
     train, capture_dir = captured
     settings = TrainSettings(epochs=2, batch_size=64, lr=0.01, seed=3, tensorboard=False)
+    lines = []
     out = kd_baseline(lambda k: nn.Linear(3, k), train, capture_dir, str(tmp_path / "kd"), num_classes=2,
-                      settings=settings)
+                      settings=settings, log=lines.append)
+    # its epochs are the baseline's in the log, not the LELP student's "[train]" (a session-64 walkthrough)
+    assert [line.split(":")[0] for line in lines] == ["[baseline] epoch 1/2", "[baseline] epoch 2/2"], lines
     torch.manual_seed(3)
     by_hand = nn.Linear(3, 2)
     distill(by_hand, train, str(tmp_path / "kd" / "targets"), str(tmp_path / "by-hand"), num_classes=2,

@@ -54,7 +54,7 @@ def kd_baseline(make_student: Callable[[int], nn.Module], train_data, capture_di
     student_dir = os.path.join(out_dir, "student")
     summary = distill(student, train_data, targets_dir, student_dir, num_classes=num_classes, n_subclasses=1,
                       val_data=val_data, val_teacher_logits=val_teacher_logits, settings=settings, progress=progress,
-                      log=log)
+                      log=lambda line: log(line.replace("[train]", "[baseline]", 1)))  # not the LELP student's
     load_student(student, student_dir)  # the best epoch's weights, also when the stage had finished before
     return {**summary, "student": student, "targets_tau": float(tau)}
 
