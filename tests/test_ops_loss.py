@@ -746,7 +746,7 @@ def test_bad_arguments():
         distill_loss(x[:, :5], log_t.float(), num_classes=2, n_subclasses=3)
     with pytest.raises(ValueError, match="exactly one of log_targets"):
         distill_loss(x, None, num_classes=2, n_subclasses=3)
-    with pytest.raises(ValueError, match="teacher_weights must have shape"):
+    with pytest.raises(ValueError, match=r"per-row weights teacher_weights of shape \(\d+, 2\) are needed"):
         distill_loss(x, log_t.float().unsqueeze(1).repeat(1, 2, 1), num_classes=2, n_subclasses=3)
     bad = labels.clone()
     bad[2] = 5
@@ -1302,3 +1302,14 @@ def test_a_temperature_that_is_not_a_positive_number_is_refused(backend, tau):
         x = student[:, :2 * kw["n_subclasses"]].float()
         with pytest.raises(ValueError, match="tau must be a positive finite number"):
             distill_loss(x, **kw)
+
+
+def test_three_dimensional_targets_without_weights_say_what_they_are_taken_for():
+    """(N, 1, K) targets without teacher_weights were refused as "teacher_weights must have shape
+    (64, 1) for M teachers", which did not say that a 3-D tensor is read as M teachers' targets, nor
+    what one teacher's shape is (a session-64 walkthrough)."""
+    student, log_t, _ = make_inputs(64, 2, 2, seed=20)
+    with pytest.raises(ValueError, match=r"log_targets of shape \(64, 1, 4\) are M = 1 teachers' targets, whose "
+                                         r"per-row weights teacher_weights of shape \(64, 1\) are needed \(none were "
+                                         r"given\); one teacher's are \(64, 4\)"):
+        distill_loss(student.float(), log_t.float().unsqueeze(1), num_classes=2, n_subclasses=2)

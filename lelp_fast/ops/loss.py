@@ -650,7 +650,10 @@ def _check_shapes(student_logits, log_targets, labels, teacher_weights, embeddin
     if log_targets.shape[0] != n or log_targets.shape[-1] != k or log_targets.ndim not in (2, 3):
         raise ValueError(f"log_targets must have shape ({n}, {k}) or ({n}, M, {k}), got {tuple(log_targets.shape)}")
     if multi and (teacher_weights is None or teacher_weights.shape != log_targets.shape[:2]):
-        raise ValueError(f"teacher_weights must have shape {tuple(log_targets.shape[:2])} for M teachers")
+        given = "none were given" if teacher_weights is None else f"got {tuple(teacher_weights.shape)}"
+        raise ValueError(f"log_targets of shape {tuple(log_targets.shape)} are M = {log_targets.shape[1]} teachers' "
+                         f"targets, whose per-row weights teacher_weights of shape {tuple(log_targets.shape[:2])} "
+                         f"are needed ({given}); one teacher's are ({n}, {k})")
     if not multi and teacher_weights is not None:
         raise ValueError("teacher_weights needs log_targets of shape (N, M, K)")
     return [], [], [], [], []  # no online teachers
