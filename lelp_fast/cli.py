@@ -675,7 +675,8 @@ def _add_capture(sub) -> None:
     cap.add_argument("--text-column", default="text")
     cap.add_argument("--label-column", default="label")
     cap.add_argument("--batch-size", type=positive_int, default=32)
-    cap.add_argument("--max-length", type=positive_int, default=128, help="tokens per text (truncated)")
+    cap.add_argument("--max-length", type=positive_int, help="tokens per text (truncated; default 128, or the "
+                     "model's positions if fewer)")
     cap.add_argument("--batches-per-shard", type=positive_int, default=16)
     cap.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                      help="storage dtype of the embeddings")

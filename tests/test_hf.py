@@ -167,6 +167,12 @@ def test_a_teacher_without_its_head_or_tokenizer_is_refused_naming_the_directory
     with pytest.raises(ValueError, match=r"text row 1 is 42 tokens at max_length=64, more than the model's 32 "
                                          r"positions: pass max_length \(--max-length\) <= 32"):
         capture_text(str(saved / "teacher"), str(long), str(tmp_path / "cap"), max_length=64)
+    # not given, max_length is 128 or the model's positions if fewer: the 32-position model's default was
+    # refused for any text past 32 tokens (a session-64 walkthrough)
+    assert capture_text(str(saved / "teacher"), str(long), str(tmp_path / "cap-default"),
+                        dtype="float32")["n_rows"] == 2
+    assert capture_text(str(saved / "teacher"), str(long), str(tmp_path / "cap-default"), max_length=32,
+                        dtype="float32")["n_rows"] == 2  # the same rows: the default was 32
     assert main(["capture", "--model", str(tmp_path / "base"), "--data", str(saved / "data.csv"),
                  "--out", str(tmp_path / "cap2"), "--quiet"]) == 2
 

@@ -135,14 +135,20 @@ def load_classifier(model_dir: str, tokenizer_dir: Optional[str] = None):
     return model, tokenizer
 
 
+DEFAULT_MAX_LENGTH = 128
+
+
 def capture_text(model_dir: str, data_path: str, out_dir: str, *, tokenizer_dir: Optional[str] = None,
                  text_column: str = "text", label_column: str = "label", batch_size: int = 32,
-                 max_length: int = 128, **capture_kwargs) -> dict:
-    """Captures a local transformers classifier over a text table; returns the manifest."""
+                 max_length: Optional[int] = None, **capture_kwargs) -> dict:
+    """Captures a local transformers classifier over a text table; returns the manifest. ``max_length``
+    (tokens a text keeps): by default 128, or the model's positions where it has fewer."""
     model, tokenizer = load_classifier(model_dir, tokenizer_dir)
     texts, labels = read_text_table(data_path, text_column, label_column)
-    batches = TextBatches(tokenizer, texts, labels, batch_size, max_length,
-                          getattr(model.config, "max_position_embeddings", None))
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if max_length is None:
+        max_length = DEFAULT_MAX_LENGTH if positions is None else min(DEFAULT_MAX_LENGTH, positions)
+    batches = TextBatches(tokenizer, texts, labels, batch_size, max_length, positions)
     data = rows_fingerprint(texts, labels, tokenizer, batch_size=batch_size, max_length=max_length)
     return capture(model, batches, out_dir, data=data, **capture_kwargs)
 
