@@ -211,16 +211,22 @@ def _add_data(settings: dict, data: Optional[str], out_dir: str) -> None:
 
 
 def _check_in_order(loader) -> None:
-    """Refuses a DataLoader whose sampler draws rows at random: the targets made from the capture are
-    matched to the training data row by row (``distill``, ``TargetsDataset``), and a resumed capture
-    to its own shards, so the order must be the data's own and the same on every run."""
+    """Refuses a DataLoader that does not give every row in the data's order: one whose sampler draws
+    rows at random, or a DistributedSampler of several ranks (each rank would see its share only;
+    capture shares the shards among ranks itself). The targets made from the capture are matched to
+    the training data row by row (``distill``, ``TargetsDataset``), and a resumed capture to its own
+    shards."""
     samplers = (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
     for sampler in samplers:
         if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)) or (
                 isinstance(sampler, DistributedSampler) and sampler.shuffle):
             raise ValueError(f"loader draws its rows at random ({type(sampler).__name__}): the captured rows must "
                              "keep the data's order, which the targets are matched to row by row; pass a DataLoader "
-                             "with shuffle=False (a DistributedSampler with shuffle=False)")
+                             "with shuffle=False")
+        if isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1:
+            raise ValueError(f"loader gives this rank 1/{sampler.num_replicas} of the rows (DistributedSampler): every "
+                             "rank must read the whole loader in order, since capture shares the shards among the "
+                             "ranks itself; pass a DataLoader with shuffle=False and no DistributedSampler")
 
 
 def _capture_batches(model, loader, out_dir, settings, run, checks, device, autocast, rank, world, progress) -> None:
