@@ -211,7 +211,7 @@ class LELPProjector:
         if num_classes is not None:
             num_classes = check_count("num_classes", num_classes)
         return FitSettings(
-            num_classes=_infer_num_classes(source, w, num_classes), n_subclasses=self.n_subclasses,
+            num_classes=_infer_num_classes(source, w, num_classes, self.assign), n_subclasses=self.n_subclasses,
             method=self.method, oversampling=self.oversampling, passes=self.passes,
             iteration_sample=self.iteration_sample, seed=self.seed, assign=self.assign, nan_policy=nan_policy,
             chunk_bytes=check_count("chunk_bytes", chunk_bytes), backend=backend, device=str(torch.device(device)))
@@ -645,8 +645,10 @@ def _stored_bias_of(source: EmbeddingSource, w: torch.Tensor) -> Optional[torch.
     return stored_b
 
 
-def _infer_num_classes(source: EmbeddingSource, head_weight, num_classes: Optional[int]) -> Optional[int]:
-    """C from the head, the caller, in-memory teacher logits or the source's labels, in that order."""
+def _infer_num_classes(source: EmbeddingSource, head_weight, num_classes: Optional[int],
+                       assign: str = "label") -> Optional[int]:
+    """C from the head, the caller, in-memory teacher logits or the source's labels, in that order
+    (``assign="teacher"`` reads no labels: the fit takes the teacher's classes)."""
     if head_weight is not None:
         if num_classes is not None and num_classes != head_weight.shape[0]:
             raise ValueError(f"num_classes={num_classes} but head_weight has {head_weight.shape[0]} rows")
@@ -657,8 +659,8 @@ def _infer_num_classes(source: EmbeddingSource, head_weight, num_classes: Option
     if isinstance(source, ArraySource) and source.teacher_logits is not None:
         if getattr(source.teacher_logits, "ndim", 0) == 2:
             c = int(source.teacher_logits.shape[1])
-            if top is not None and top >= c:  # else reported as a label out of range, where the logits are short
+            if assign == "label" and top is not None and top >= c:  # else named as a label out of range
                 raise ValueError(f"teacher_logits have {c} columns (C = {c}), but the labels go up to {top}: give the "
-                                 "logits of every class (or num_classes=)")
+                                 "logits of every class")
             return c
     return None if top is None else top + 1

@@ -387,6 +387,9 @@ def test_teacher_logits_of_fewer_classes_than_the_labels_are_named():
     with pytest.raises(ValueError, match=r"teacher_logits have 2 columns \(C = 2\), but the labels go up to 2"):
         LELPProjector(2).fit(h, y, teacher_logits=z[:, :2])
     assert LELPProjector(2).fit(h, y, teacher_logits=z).num_classes == 3
+    # by the teacher's classes the labels are not read (a review: labels of a larger set were refused)
+    z_y = torch.nn.functional.one_hot(y, 3).double() * 4 + z * 1e-3  # the teacher predicts the labels
+    assert LELPProjector(2, assign="teacher").fit(h, y + 5, teacher_logits=z_y).num_classes == 3
 
 
 def test_a_save_into_a_missing_directory_and_a_resume_without_a_checkpoint_are_named(tmp_path):
