@@ -387,21 +387,39 @@ def test_the_loop_reads_no_loss_back_per_step(stored, tmp_path):
 
 def test_validation_labels_outside_the_classes_are_refused(stored, tmp_path):
     """Validation labels of another range (y + 3) gave accuracy 0.0 every epoch without a word, where
-    training labels out of range are refused (a session-64 walkthrough). A TensorDataset's are now
-    checked before training, any other dataset's where evaluate reads them, naming the row."""
+    training labels out of range are refused (a session-64 walkthrough). They are now refused before
+    training (a TensorDataset's all, another dataset's first batch) and by evaluate, naming the row.
+    -100 marks a row without a label, left out of the accuracy (a review: the first form refused it),
+    and whole-number float labels are taken as before."""
     x, y = stored["val"].tensors
-    shifted = TensorDataset(x, y + 3)
-    with pytest.raises(ValueError, match=r"val_data row 0 has label [34], outside the student's classes \[0, 1\]"):
-        distill(student(), stored["train"], stored["targets"], str(tmp_path / "run"), num_classes=2, n_subclasses=2,
-                val_data=shifted, settings=TrainSettings(epochs=1, tensorboard=False))
-    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+    settings = TrainSettings(epochs=1, tensorboard=False)
 
-    class Rows(torch.utils.data.Dataset):  # not a TensorDataset: its labels are read by evaluate
+    class Rows(torch.utils.data.Dataset):  # not a TensorDataset
+        def __init__(self, labels):
+            self.labels = labels
+
         def __len__(self):
             return len(y)
 
         def __getitem__(self, i):
-            return x[i], y[i] + 3 * (i == 7)
-    with pytest.raises(ValueError, match=r"data row 7 has label [34], outside the student's classes \[0, 1\]"):
-        evaluate(student(), Rows(), 2, 2)
-    assert 0.0 <= evaluate(student(), stored["val"], 2, 2)["accuracy"] <= 1.0
+            return x[i], self.labels[i]
+    for val, row in ((TensorDataset(x, y + 3), 0), (Rows(y + 3), 0)):
+        with pytest.raises(ValueError, match=rf"val_data row {row} has label [34], outside the student's classes "
+                                             r"\[0, 1\] \(or -100: no label\)"):
+            distill(student(), stored["train"], stored["targets"], str(tmp_path / "run"), num_classes=2,
+                    n_subclasses=2, val_data=val, settings=settings)
+        assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+    late = y.clone()
+    late[70] = 5  # past evaluate's first batch of 16
+    with pytest.raises(ValueError, match=r"data row 70 has label 5, outside"):
+        evaluate(student(), Rows(late), 2, 2, batch_size=16)
+    trained = student()
+    full = evaluate(trained, stored["val"], 2, 2)["accuracy"]
+    unlabelled = y.clone()
+    unlabelled[:50] = -100
+    part = evaluate(trained, TensorDataset(x, unlabelled), 2, 2)["accuracy"]
+    want = evaluate(trained, TensorDataset(x[50:], y[50:]), 2, 2)["accuracy"]
+    assert part == pytest.approx(want) and 0.0 <= full <= 1.0
+    assert evaluate(trained, TensorDataset(x, y.double()), 2, 2)["accuracy"] == pytest.approx(full)
+    with pytest.raises(ValueError, match="has no labelled row"):
+        evaluate(trained, TensorDataset(x, torch.full_like(y, -100)), 2, 2)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .._checks import check_choice, check_count, check_integer_labels, check_nonnegative, check_positive
+from .._checks import check_choice, check_count, check_nonnegative, check_positive
 from ..io.integrity import load_checked, save_checked, seal, unseal
 from ..io.locks import ExclusiveLock
 from ..metrics import agreement, predictive_kl
@@ -92,35 +92,53 @@ class TrainSettings:
 
 
 def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, teacher_logits=None,
-             tau: float = 1.0, batch_size: int = 512, device="cpu") -> dict:
-    """Accuracy of the class logits pooled at the loss's ``tau`` on ``data`` ((x, y) items); with the
-    teacher's logits for the same rows, also top-1 agreement and predictive KL(teacher ‖ student)."""
+             tau: float = 1.0, batch_size: int = 512, device="cpu", name: str = "data") -> dict:
+    """Accuracy of the class logits pooled at the loss's ``tau`` on ``data`` ((x, y) items) over its
+    labelled rows (-100 marks a row without a label); with the teacher's logits for the same rows,
+    also top-1 agreement and predictive KL(teacher ‖ student). ``name`` names ``data`` in errors."""
     student.eval()
     outs, labels = [], []
     with torch.no_grad():
         for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
+            labels.append(class_labels(name, torch.as_tensor(y), num_classes, first_row=len(labels) * batch_size))
             outs.append(student(x.to(device)).float().cpu())
-            labels.append(torch.as_tensor(y))
     s = torch.cat(outs)
     y = torch.cat(labels)
-    check_class_labels("data", y, num_classes)
+    labelled = y != IGNORE_INDEX
+    if not bool(labelled.any()):
+        raise ValueError(f"{name} has no labelled row (every label is {IGNORE_INDEX}): no accuracy to measure")
     pooled = class_logits(s, num_classes, n_subclasses, tau)
-    result = {"accuracy": float((pooled.argmax(1) == y).double().mean())}
+    result = {"accuracy": float((pooled.argmax(1) == y)[labelled].double().mean())}
     if teacher_logits is not None:
         result["agreement"] = agreement(teacher_logits, s, tau)
         result["predictive_kl"] = predictive_kl(teacher_logits, s, tau)
     return result
 
 
-def check_class_labels(what: str, y: torch.Tensor, num_classes: int) -> None:
-    """Labels an accuracy can count: integers in [0, C). A label outside is never predicted, so the
-    accuracy would fall without a word (-100, the loss's ignore_index, has no place here either)."""
-    check_integer_labels(f"{what} labels", y)
-    bad = torch.nonzero((y < 0) | (y >= num_classes)).flatten()
+IGNORE_INDEX = -100  # a row without a label, as capture and the loss take it
+
+
+def class_labels(what: str, y: torch.Tensor, num_classes: int, first_row: int = 0) -> torch.Tensor:
+    """``y`` as int64 class indices an accuracy can count: in [0, C), or IGNORE_INDEX. A label outside
+    is never predicted, so the accuracy would fall without a word; a float label must be a whole
+    number. ``first_row``: the data's row of y[0], for the error."""
+    whole = y.round() == y if y.dtype.is_floating_point else torch.ones_like(y, dtype=torch.bool)
+    bad = torch.nonzero(~whole | ((y != IGNORE_INDEX) & ((y < 0) | (y >= num_classes)))).flatten()
     if bad.numel():
         row = int(bad[0])
-        raise ValueError(f"{what} row {row} has label {int(y[row])}, outside the student's classes "
-                         f"[0, {num_classes - 1}]")
+        raise ValueError(f"{what} row {first_row + row} has label {y[row].item()}, outside the student's classes "
+                         f"[0, {num_classes - 1}] (or {IGNORE_INDEX}: no label)")
+    return y.long()
+
+
+def check_val_labels(val_data, num_classes: int) -> None:
+    """Before training: a TensorDataset's labels, else the first batch's (a systematic error shows
+    there; evaluate checks every row after each epoch)."""
+    if isinstance(val_data, TensorDataset) and len(val_data.tensors) == 2:
+        class_labels("val_data", val_data.tensors[1], num_classes)
+    elif val_data is not None:
+        _, y = next(iter(DataLoader(val_data, batch_size=512, shuffle=False)))
+        class_labels("val_data", torch.as_tensor(y), num_classes)
 
 
 @dataclasses.dataclass
@@ -160,8 +178,7 @@ def distill(
     """
     settings = settings or TrainSettings()
     settings.check()
-    if isinstance(val_data, TensorDataset) and len(val_data.tensors) == 2:  # at once; others where evaluate reads them
-        check_class_labels("val_data", val_data.tensors[1], num_classes)
+    check_val_labels(val_data, num_classes)
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     parallel = steps.DataParallel()  # under torchrun: rank 0 writes, every rank trains its share
@@ -318,7 +335,7 @@ class _Run:
             record = {"epoch": self.epoch + 1, **self._train_epoch(progress)}
             if self.val_data is not None:
                 val = evaluate(self.student, self.val_data, self.c, self.s, teacher_logits=self.val_teacher_logits,
-                               tau=self.settings.tau, device=self.device)
+                               tau=self.settings.tau, device=self.device, name="val_data")
                 record.update({f"val_{k}": v for k, v in val.items()})
                 if val["accuracy"] > self.best["accuracy"]:
                     self.best = {"epoch": record["epoch"], "accuracy": val["accuracy"]}
