@@ -249,3 +249,22 @@ def test_trainer_example_from_the_store_runs(tmp_path):
                          capture_output=True, text=True, timeout=300).stdout
     assert "plain KD (jsd) from stored logits" in out and "LELP (S=2) from stored targets" in out
     assert "exported classifier: [{'label': '" in out
+
+
+def test_a_roberta_teachers_positions_less_its_padding_offset_bound_the_texts(saved, tmp_path):
+    """RoBERTa-family embeddings number positions from padding_idx + 1: 34 positions hold 32 tokens.
+    The default max_length (the model's positions, where fewer than 128) then ran past the table, an
+    IndexError traceback deep in the forward (a review of session 64's default)."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=2, max_position_embeddings=34, pad_token_id=1)
+    RobertaForSequenceClassification(cfg).save_pretrained(str(tmp_path / "roberta"))
+    AutoTokenizer.from_pretrained(str(saved / "teacher")).save_pretrained(str(tmp_path / "roberta"))
+    long = tmp_path / "long.csv"
+    long.write_text("text,label\ngood movie,1\n" + " ".join(["bad"] * 40) + ",0\n")
+    model = str(tmp_path / "roberta")
+    assert capture_text(model, str(long), str(tmp_path / "cap"), dtype="float32")["n_rows"] == 2
+    with pytest.raises(ValueError, match=r"more than the model's 32 positions: pass max_length \(--max-length\) <= 32"):
+        capture_text(model, str(long), str(tmp_path / "cap2"), max_length=40)

@@ -145,12 +145,22 @@ def capture_text(model_dir: str, data_path: str, out_dir: str, *, tokenizer_dir:
     (tokens a text keeps): by default 128, or the model's positions where it has fewer."""
     model, tokenizer = load_classifier(model_dir, tokenizer_dir)
     texts, labels = read_text_table(data_path, text_column, label_column)
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = _usable_positions(model)
     if max_length is None:
         max_length = DEFAULT_MAX_LENGTH if positions is None else min(DEFAULT_MAX_LENGTH, positions)
     batches = TextBatches(tokenizer, texts, labels, batch_size, max_length, positions)
     data = rows_fingerprint(texts, labels, tokenizer, batch_size=batch_size, max_length=max_length)
     return capture(model, batches, out_dir, data=data, **capture_kwargs)
+
+
+def _usable_positions(model) -> Optional[int]:
+    """Tokens a text may have: the position table's size, less the ids below padding_idx + 1 that
+    RoBERTa-family embeddings skip (34 positions hold 32 tokens there); None where unknown."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    table = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
+    offset = getattr(table, "padding_idx", None)
+    return positions if positions is None or offset is None else positions - (offset + 1)
 
 
 def rows_fingerprint(texts: List[str], labels: torch.Tensor, tokenizer, **batching) -> str:
