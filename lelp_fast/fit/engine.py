@@ -372,8 +372,8 @@ def _accumulate(source, settings, head_weight, head_bias, projector, process_gro
 
     stats, method, n_passes, stride = _new_statistics(settings, source, head_weight, projector, dim, null_dim,
                                                       shift, device)
-    key = _settings_key(settings, method, source, rank, world,
-                        f"{head_weight is not None}:{projector is not None}:{device.type}")
+    key = None if checkpoint is None else _settings_key(  # the source's fingerprint may read every byte
+        settings, method, source, rank, world, f"{head_weight is not None}:{projector is not None}:{device.type}")
 
     start_pass, skip = _restore(checkpoint, resume, key, shift, stats, reader, source)
     if checkpoint is not None and world > 1:

@@ -68,8 +68,9 @@ def check_settings(path: str, found: dict, wanted: dict) -> None:
     if not differ:
         return
     if "source_fingerprint" in differ:
-        why = ("the source changed since these targets were written (a file's fingerprint covers its size and "
-               "modification time, an array's every byte)")
+        why = ("the source changed since these targets were written (a .npy, safetensors or Parquet source's "
+               "fingerprint covers its size and modification time; arrays', teacher-outputs --logits included, "
+               "every byte)")
     elif "projector_sha256" in differ:
         why = "they were written with another projector"
     elif differ == ["data"] and wanted.get("data") is None:  # a capture's fingerprint of its rows
