@@ -403,3 +403,16 @@ def test_a_save_into_a_missing_directory_and_a_resume_without_a_checkpoint_are_n
         p.save(missing)
     with pytest.raises(ValueError, match=r"resume=True \(--resume\) continues a checkpoint: pass checkpoint="):
         LELPProjector(2).fit(h, y, resume=True)
+
+
+def test_a_fit_without_a_checkpoint_reads_no_fingerprint_of_its_source(monkeypatch):
+    """An array's fingerprint hashes every byte (a memmap not in the page cache: one more read of the
+    file); only a checkpoint needs it (a review of session 64)."""
+    from lelp_fast.io.sources import ArraySource
+
+    calls = []
+    original = ArraySource.fingerprint
+    monkeypatch.setattr(ArraySource, "fingerprint", lambda self: calls.append(1) or original(self))
+    h, w, b, y = make_problem(n=200, d=12, num_classes=2, seed=3)
+    LELPProjector(2).fit(h, y)
+    assert calls == []
