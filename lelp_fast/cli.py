@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ._checks import check_count, check_positive
+from .io.sources import check_numeric
 from .offline.shards import DEFAULT_DTYPE as TARGETS_DTYPE
 from .projector import DEFAULT_BETA
 from .reference import DEFAULT_SUBCLASS_WEIGHT
@@ -108,8 +109,7 @@ def _load_npy(path: str, name: str) -> np.ndarray:
             arr = np.load(path)  # object arrays etc. cannot be memory-mapped
     except Exception as exc:  # noqa: BLE001 - reported with the argument's name
         raise CommandError(f"error: --{name} {path}: not a readable .npy file ({exc})") from None
-    if arr.dtype.kind not in "biufc":  # text: torch cannot take it
-        raise CommandError(f"error: --{name} {path}: holds {arr.dtype} values, not numbers")
+    check_numeric(f"--{name} {path}:", arr)
     return arr
 
 

@@ -328,13 +328,13 @@ class LELPProjector:
         if w.shape != fitted_w.shape or b.shape != fitted_b.shape:
             raise ValueError(f"{where}: its teacher head is {tuple(w.shape)}, the projector's {tuple(fitted_w.shape)}: "
                              "its embeddings are another teacher's; fit a projector on this teacher's capture")
+        gap_w = _weight_gap(w, fitted_w)
+        if gap_w is not None:
+            raise ValueError(f"{where}: its teacher head's weight differs from the projector's by up to {gap_w:.3g}, "
+                             "so its embeddings are another teacher's; fit a projector on this teacher's capture")
         scale = max(float(fitted_w.abs().max()), 1e-30)  # the bias is held to the weight's scale too
         # the bias up to one constant, which no softmax sees (a fit's bias taken from logits is centred)
         gap_b = float(((b - b.mean()) - (fitted_b - fitted_b.mean())).abs().max())
-        gap_w = float((w - fitted_w).abs().max())
-        if gap_w > SAME_HEAD_TOLERANCE * scale:
-            raise ValueError(f"{where}: its teacher head's weight differs from the projector's by up to {gap_w:.3g}, "
-                             "so its embeddings are another teacher's; fit a projector on this teacher's capture")
         estimated = self.fit_info.get("head_bias_from_logits", 0.0)  # known only as closely as the logits showed it
         if gap_b > max(SAME_HEAD_TOLERANCE * max(scale, float(fitted_b.abs().max())), estimated):
             raise ValueError(f"{where}: its teacher head's bias differs from the projector's by up to {gap_b:.3g} (the "
@@ -639,10 +639,17 @@ def _stored_bias_of(source: EmbeddingSource, w: torch.Tensor) -> Optional[torch.
     if stored is None:
         return None
     stored_w, stored_b = (torch.as_tensor(t).detach().cpu().to(torch.float64) for t in stored)
-    scale = max(float(w.abs().max()), 1e-30)
-    if stored_w.shape != w.shape or float((stored_w - w).abs().max()) > SAME_HEAD_TOLERANCE * scale:
+    if stored_w.shape != w.shape or _weight_gap(stored_w, w) is not None:
         return None
     return stored_b
+
+
+def _weight_gap(w: torch.Tensor, reference: torch.Tensor) -> Optional[float]:
+    """The largest difference of two heads' weights (of one shape) where it is more than one teacher's
+    heads differ by (SAME_HEAD_TOLERANCE of the reference's largest value: another dtype's rounding),
+    else None."""
+    gap = float((w - reference).abs().max())
+    return gap if gap > SAME_HEAD_TOLERANCE * max(float(reference.abs().max()), 1e-30) else None
 
 
 def _infer_num_classes(source: EmbeddingSource, head_weight, num_classes: Optional[int],

@@ -207,10 +207,7 @@ def _content_digest(arr, block_bytes: int = 64 << 20) -> bytes:
     row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * _itemsize(arr))
     rows = max(1, block_bytes // row_bytes)
     for start in range(0, len(arr), rows):
-        block = arr[start : start + rows]
-        if isinstance(block, torch.Tensor):
-            block = block.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        digest.update(np.ascontiguousarray(block).reshape(-1).view(np.uint8))  # its buffer: no copy to bytes
+        digest.update(_byte_view(arr[start : start + rows]))  # its buffer: no copy to bytes
     return digest.digest()
 
 
@@ -239,11 +236,15 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def _row_bytes(rows) -> bytes:
-    """The raw bytes of a few rows of an array or tensor (bf16 and CUDA tensors too: numpy has no bf16)."""
+    """The raw bytes of a few rows of an array or tensor."""
+    return _byte_view(rows).tobytes()
+
+
+def _byte_view(rows) -> np.ndarray:
+    """Rows of an array or tensor as C-ordered uint8 (bf16 and CUDA tensors too: numpy has no bf16)."""
     if isinstance(rows, torch.Tensor):
-        rows = rows.detach().cpu().contiguous()
-        return rows.reshape(-1).view(torch.uint8).numpy().tobytes()
-    return np.asarray(rows).tobytes()
+        return rows.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
 
 
 def _load_npy(path: str, what: str) -> np.ndarray:
