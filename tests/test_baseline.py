@@ -112,3 +112,29 @@ def test_the_paired_difference_counts_rows_and_its_interval_is_the_paired_one():
     assert text.startswith("| KD baseline (S=1, same rows, settings, seed) | 0.9000 | — | — |")
     assert "+10.00 points" in text and "10 rows right only for LELP, 0 only for KD" in text
     assert "LELP is ahead" in text
+
+
+def test_the_paired_difference_leaves_out_rows_without_a_label():
+    """-100 marks a test row without a label: evaluate's accuracies leave it out, so the paired
+    difference must too. It counted such rows as a miss for both students (a difference of 0): with
+    half the rows unlabelled, +5.00 points over 100 rows where the accuracies differ by 10."""
+    n = 100
+    x = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+    y = (torch.arange(n) < 50).long()
+    y[50:] = -100  # rows 50..99 have no label
+    test = TensorDataset(x, y)
+    lelp = Fixed(range(0, 50), 4)  # right on every labelled row
+    kd = Fixed(range(0, 45), 2)  # wrong on rows 45..49
+    cmp = compare_with_kd(lelp, kd, test, num_classes=2, n_subclasses=2)
+    d = cmp["difference"]
+    assert cmp["lelp"]["accuracy"] == 1.0 and cmp["kd"]["accuracy"] == 0.9
+    assert d["accuracy"] == pytest.approx(cmp["lelp"]["accuracy"] - cmp["kd"]["accuracy"])
+    assert (d["lelp_only"], d["kd_only"], d["rows"]) == (5, 0, 50)
+    assert "over the 50 test rows" in baseline_markdown(cmp)
+
+
+def test_a_test_label_outside_the_classes_is_refused_by_name():
+    x = torch.zeros(4, 1)
+    test = TensorDataset(x, torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"test_data row 2 has label 2"):
+        compare_with_kd(Fixed([], 4), Fixed([], 2), test, num_classes=2, n_subclasses=2)

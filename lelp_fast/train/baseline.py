@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..reference import class_logits
-from .loop import TrainSettings, distill, evaluate, load_student
+from .loop import IGNORE_INDEX, TrainSettings, distill, evaluate, load_student
+from .loop import class_labels as class_labels_of
 
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile: the test rows are thousands, t ≈ normal
 
@@ -60,21 +61,24 @@ def kd_baseline(make_student: Callable[[int], nn.Module], train_data, capture_di
 
 
 def _correct(student: nn.Module, data, num_classes: int, n_subclasses: int, tau: float) -> torch.Tensor:
-    """Per row of ``data``: 1.0 where the pooled class prediction equals the label."""
+    """Per labelled row of ``data``: 1.0 where the pooled class prediction equals the label. Rows
+    without a label (-100) are left out, as ``evaluate``'s accuracy leaves them out."""
     student.eval()
     hits = []
     with torch.no_grad():
         for x, y in DataLoader(data, batch_size=512, shuffle=False):
+            y = class_labels_of("test_data", torch.as_tensor(y), num_classes, first_row=len(hits) * 512)
             pooled = class_logits(student(x).float(), num_classes, n_subclasses, tau)
-            hits.append((pooled.argmax(1) == torch.as_tensor(y)).double())
+            hits.append((pooled.argmax(1) == y).double()[y != IGNORE_INDEX])
     return torch.cat(hits)
 
 
 def compare_with_kd(lelp_student: nn.Module, kd_student: nn.Module, test_data, *, num_classes: int,
                     n_subclasses: int, tau: float = 1.0, teacher_logits: Optional[torch.Tensor] = None) -> dict:
     """Both students' test metrics and LELP − KD accuracy, paired per test row, with its 95 % interval."""
-    lelp = evaluate(lelp_student, test_data, num_classes, n_subclasses, teacher_logits=teacher_logits, tau=tau)
-    kd = evaluate(kd_student, test_data, num_classes, 1, teacher_logits=teacher_logits, tau=tau)
+    lelp = evaluate(lelp_student, test_data, num_classes, n_subclasses, teacher_logits=teacher_logits, tau=tau,
+                    name="test_data")
+    kd = evaluate(kd_student, test_data, num_classes, 1, teacher_logits=teacher_logits, tau=tau, name="test_data")
     d = _correct(lelp_student, test_data, num_classes, n_subclasses, tau) - _correct(kd_student, test_data,
                                                                                      num_classes, 1, tau)
     n = d.numel()
