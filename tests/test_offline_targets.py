@@ -686,6 +686,37 @@ def test_an_edited_in_memory_array_is_a_changed_source(problem, tmp_path):
     assert len(read) <= 3, read  # the sampled rows only
 
 
+def test_labels_or_logits_edited_in_memory_beside_a_file_are_a_changed_source(problem, tmp_path):
+    """Labels or teacher logits given as arrays beside a .npy or safetensors file of embeddings were
+    fingerprinted by three rows: an edit to any other row (a relabelled row) kept the finished targets
+    and fit checkpoints of the old ones, silently. Such arrays now count by every byte; the file's
+    own fingerprint (sampled rows, size, modification time) is as before."""
+    from safetensors.numpy import save_file as save_numpy
+
+    from lelp_fast.io import NpySource, SafetensorsSource
+
+    h, y, projector = problem
+    z = torch.nn.functional.linear(h, projector.head_weight, projector.head_bias)  # the teacher's own logits
+    path = str(tmp_path / "h.npy")
+    np.save(path, h.numpy())
+    out = str(tmp_path / "out")
+    generate_targets(projector, NpySource(path, teacher_logits=z.numpy()), out, chunk_bytes=CHUNK)
+    generate_targets(projector, NpySource(path, teacher_logits=z.numpy().copy()), out, chunk_bytes=CHUNK)  # kept
+    edited = z.clone()
+    edited[100, 1] += 0.01  # not a sampled row (0, n/2, n - 1); within the same-teacher check
+    with pytest.raises(ValueError, match="the source changed since these targets were written"):
+        generate_targets(projector, NpySource(path, teacher_logits=edited.numpy()), out, chunk_bytes=CHUNK)
+    relabelled = y.clone()
+    relabelled[7] = 1 - relabelled[7]
+    assert NpySource(path, y.numpy()).fingerprint() != NpySource(path, relabelled.numpy()).fingerprint()
+    stored = str(tmp_path / "h.safetensors")
+    save_numpy({"embeddings": h.numpy()}, stored)
+    assert SafetensorsSource(stored, labels=y.numpy()).fingerprint() != SafetensorsSource(
+        stored, labels=relabelled.numpy()).fingerprint()
+    assert SafetensorsSource(stored, teacher_logits=z.numpy()).fingerprint() != SafetensorsSource(
+        stored, teacher_logits=edited.numpy()).fingerprint()
+
+
 class _Recording:
     """An array whose row reads are recorded (slices as (start, stop))."""
 

@@ -201,6 +201,15 @@ def _hash_companions(h, arrays: dict, n_rows: int) -> None:
             h.update(_row_bytes(arr[r : r + 1]))
 
 
+def _hash_in_full(h, arrays: dict) -> None:
+    """Adds every byte of the labels and logits given in memory beside a file: no file's size or
+    modification time tells an edit of them. (Nothing when none is given, so the fingerprint of a
+    file source alone, or with companion files, is as before session 65.)"""
+    for name, arr in arrays.items():
+        if arr is not None:
+            h.update(name.encode() + _content_digest(arr))
+
+
 def _content_digest(arr, block_bytes: int = 64 << 20) -> bytes:
     """XXH3-128 of an array's bytes (a tensor on any device, bf16 too), block by block of rows."""
     digest = xxhash.xxh3_128()
@@ -266,8 +275,9 @@ class NpySource(ArraySource):
 
     def __init__(self, path: str, labels=None, teacher_logits=None, *, bf16: bool = False):
         emb = _load_npy(path, "embeddings")
-        given = (labels, teacher_logits)
-        self.companion_files = [os.path.abspath(p) for p in given if isinstance(p, (str, os.PathLike))]
+        given = {"labels": labels, "teacher_logits": teacher_logits}
+        self.companion_files = [os.path.abspath(p) for p in given.values() if isinstance(p, (str, os.PathLike))]
+        self.companions_in_memory = {k: v for k, v in given.items() if not isinstance(v, (str, os.PathLike))}
         if isinstance(labels, (str, os.PathLike)):
             labels = _load_npy(os.fspath(labels), "labels")
         if isinstance(teacher_logits, (str, os.PathLike)):
@@ -316,6 +326,7 @@ class NpySource(ArraySource):
         st = os.stat(self.name)
         h = hashlib.sha256(f"{self._sampled_fingerprint()}:{st.st_size}:{st.st_mtime_ns}".encode())
         _hash_files(h, self.companion_files)
+        _hash_in_full(h, self.companions_in_memory)
         return h.hexdigest()[:16]
 
 
@@ -391,6 +402,7 @@ class SafetensorsSource(EmbeddingSource):
         if self.keys != _default_names(self.keys, "embeddings", "labels", "teacher_logits"):
             h.update(repr(sorted(self.keys.items())).encode())  # other tensors of the file are read
         _hash_companions(h, self.external, self.n_rows)
+        _hash_in_full(h, self.external)
         return h.hexdigest()[:16]
 
 
