@@ -127,6 +127,47 @@ def test_lelp_trainer_keeps_the_targets_column_and_trains(saved, tmp_path):
     assert metrics["eval_loss"] > 0
 
 
+def test_lelp_trainer_with_gradient_accumulation_takes_the_step_of_the_whole_batch(tmp_path):
+    """Batches of 4 accumulated twice give the update and logged loss of one batch of 8. The loss is
+    a per-batch mean, but Trainer took it as scaled for accumulation already (BERT's forward takes
+    **kwargs): the update and the logged loss were 2x (a walkthrough of session 65)."""
+    from transformers import TrainingArguments
+
+    from lelp_fast.train.hf import LELPTrainer, WithTargets
+
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    y = torch.randint(0, 2, (n,), generator=g)
+    h = torch.randn(n, 6, generator=g) + 2.0 * y[:, None]
+    projector = LELPProjector(4).fit(h, y, head_weight=torch.randn(2, 6, generator=g), head_bias=torch.zeros(2))
+    generate_targets(projector, h, str(tmp_path / "targets"))
+    ids = torch.randint(5, 5 + len(WORDS), (n, 8), generator=g)
+    rows = [{"input_ids": ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": y[i]} for i in range(n)]
+
+    def one_step(batch, accumulation):
+        student = tiny_bert(projector.n_outputs, seed=1)
+        for module in student.modules():  # no dropout: the two runs see the same function
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        before = [p.detach().clone() for p in student.parameters()]
+        args = TrainingArguments(output_dir=str(tmp_path / f"out{batch}"), per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.1,
+                                 optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1,
+                                 report_to=[], save_strategy="no", use_cpu=True, seed=1, data_seed=1)
+        trainer = LELPTrainer(model=student, args=args, train_dataset=WithTargets(rows, str(tmp_path / "targets")),
+                              lelp_loss=LELPLoss(projector))
+        trainer.train()
+        step = torch.cat([(p.detach() - b).flatten() for p, b in zip(student.parameters(), before)])
+        return step, next(h for h in trainer.state.log_history if "loss" in h)
+
+    whole, logged_whole = one_step(8, 1)
+    accumulated, logged_accumulated = one_step(4, 2)
+    assert float(whole.norm()) > 0
+    torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-6)
+    assert logged_accumulated["loss"] == pytest.approx(logged_whole["loss"], rel=1e-3)
+    assert logged_accumulated["loss"] == pytest.approx(logged_accumulated["loss_soft"], rel=1e-3)  # alpha = 0
+
+
 def test_text_table_errors_name_the_file_and_column(saved, tmp_path):
     with pytest.raises(ValueError, match="no column 'words' \\(text_column\\)"):
         read_text_table(str(saved / "data.csv"), text_column="words")

@@ -71,10 +71,17 @@ class LELPTrainer(Trainer):
     Trainer's own column removal would drop the targets column before the collator; instead the
     data collator (yours, e.g. ``DataCollatorWithPadding``, or the default) is wrapped in a
     :class:`TargetsCollator` that keeps the targets apart and drops what ``forward`` does not take,
-    so ``args.remove_unused_columns`` is turned off (as TRL's trainers do)."""
+    so ``args.remove_unused_columns`` is turned off (as TRL's trainers do).
+
+    ``compute_loss`` returns the batch's mean, so Trainer must divide it by the gradient accumulation
+    steps: a model whose ``forward`` takes ``**kwargs`` (BERT's does) made it take the loss as
+    scaled already, and the update was G times too large."""
+
+    loss_is_scaled_for_ga = False  # transformers >= 5: the loss is a per-batch mean
 
     def __init__(self, *args, lelp_loss: LELPLoss, targets_key: str = TARGETS_KEY, **kwargs):
         super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # transformers 4.46-4.x: not scaled by num_items_in_batch
         self.lelp_loss, self.targets_key = lelp_loss, targets_key
         self._parts = {"loss_soft": [], "loss_hard": []}
         keep = None
