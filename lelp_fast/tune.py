@@ -1,6 +1,6 @@
 """``lelp-fast tune``: choose S, β and τ on the validation split, or keep KD when LELP does not win.
 
-One projector fit per S; for each S the compact targets (the coordinates ``u`` and the teacher's
+One projector fit per S (with the run config's other fit settings); for each S the compact targets (the coordinates ``u`` and the teacher's
 logits ``z``) are computed once, so every (β, τ) only re-runs the two log-softmaxes. Each grid point
 trains proxies (the config's student) for a fixed number of optimiser steps, on ``seeds`` seeds,
 and scores each proxy at its best validation evaluation, as ``distill`` keeps its best epoch
@@ -180,8 +180,10 @@ def split_validation(val, seed: int):
 
 
 def infeasible(labels: torch.Tensor, num_classes: int, s: int) -> Optional[str]:
-    """Why S cannot be fitted on these labels (a class with at most S rows), or None."""
-    counts = torch.bincount(labels.long(), minlength=num_classes)
+    """Why S cannot be fitted on these classes of the rows (a class with at most S rows), or None.
+    Rows without a class (-100) are not counted."""
+    labels = labels.long()
+    counts = torch.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes)
     small = int(counts.argmin())
     if int(counts[small]) < s + 1:
         return f"class {small} has {int(counts[small])} rows, S = {s} needs at least {s + 1}"
@@ -200,7 +202,7 @@ class _Search:
     """The grid's shared state: the proxies' rows, the subclass coordinates per S, the seeds."""
 
     def __init__(self, teacher: TeacherOutputs, train, val, make_student, settings: ProxySettings,
-                 grid: TuneGrid, fit_seed: int, log: Callable[[str], None]):
+                 grid: TuneGrid, fit_seed: int, fit_options: dict, log: Callable[[str], None]):
         self.teacher, self.make_student, self.settings, self.grid, self.log = teacher, make_student, settings, grid, log
         x, y = train
         self.choose_val, self.judge_val = split_validation(val, settings.seed)
@@ -209,18 +211,20 @@ class _Search:
         self.rows = rows[:max(1, int(grid.fraction * n))]
         self.x, self.y = x[self.rows], y[self.rows]
         self.c = int(teacher.logits.shape[1])
-        self.fit_seed = fit_seed
+        self.fit_seed, self.fit_options = fit_seed, fit_options
+        # the classes the fit splits: the labels, or the teacher's argmax with assign="teacher"
+        self.classes = teacher.logits.argmax(1) if fit_options.get("assign") == "teacher" else teacher.labels
         self.coords = {}  # S -> the proxies' rows' subclass coordinates u (N_rows, C*S)
 
     def fit(self, s: int) -> Optional[str]:
         """Fits the projector for S (keeps its coordinates); returns why S is infeasible, or None."""
         t = self.teacher
-        why = infeasible(t.labels, self.c, s)
+        why = infeasible(self.classes, self.c, s)
         if why is None:
             w, b = t.head if t.head is not None else (None, None)
             try:
-                projector = LELPProjector(s, seed=self.fit_seed).fit(t.embeddings, t.labels, head_weight=w,
-                                                                     head_bias=b, num_classes=self.c)
+                projector = LELPProjector(s, seed=self.fit_seed, **self.fit_options).fit(
+                    t.embeddings, t.labels, teacher_logits=t.logits, head_weight=w, head_bias=b, num_classes=self.c)
             except ValueError as exc:  # e.g. a class whose embeddings span fewer than S directions
                 return str(exc)
             self.coords[s] = projector.project(t.embeddings[self.rows])
@@ -310,7 +314,8 @@ def _decide(search: _Search, kd: dict, lelp: Optional[dict]) -> dict:
                                 judge=True)
     stats = paired_interval(lelp_scores, kd_scores)
     win = stats["interval"] is not None and stats["interval"][0] > 0
-    text = format_difference(stats)
+    text = (f"({point_name(lelp)} against KD tau={kd['tau']}, {len(seeds)} fresh seeds, {steps} steps) "
+            f"{format_difference(stats)}")
     if stats["interval"] is None:
         reason = f"LELP minus KD on validation {text}: one seed cannot separate a gain from noise, KD kept"
     elif win:
@@ -322,15 +327,21 @@ def _decide(search: _Search, kd: dict, lelp: Optional[dict]) -> dict:
 
 
 def search(teacher: TeacherOutputs, train, val, make_student: Callable, settings: ProxySettings = ProxySettings(),
-           grid: TuneGrid = TuneGrid(), *, fit_seed: int = 0, log: Callable[[str], None] = print) -> dict:
+           grid: TuneGrid = TuneGrid(), *, fit_seed: int = 0, fit_options: Optional[dict] = None,
+           log: Callable[[str], None] = print) -> dict:
     """The grid with its KD arm, the ties and the decision, on in-memory tensors.
 
     ``train`` / ``val`` are the student's ``(inputs, labels)``; ``teacher`` holds the teacher's
     outputs for the same training rows, in order (its inputs may differ from the student's).
+    ``fit_options``: the projector's other settings (``LELPProjector``'s ``rotate``, ``null_space``,
+    ``standardize``, ``assign``, ``method``...), as the run that trains the choice will fit it.
     """
     grid.check()
+    fit_options = dict(fit_options or {})
     _check_rows(teacher, *train)
-    state = _Search(teacher, train, val, make_student, settings, grid, fit_seed, log)
+    if fit_options.get("assign", "label") == "label":
+        _check_labels(teacher.labels, int(teacher.logits.shape[1]))
+    state = _Search(teacher, train, val, make_student, settings, grid, fit_seed, fit_options, log)
     _announce(state, log)
     results = [state.point(1, None, tau) for tau in grid.taus]
     skipped = []
@@ -381,6 +392,25 @@ def _check_rows(teacher: TeacherOutputs, x: torch.Tensor, y: torch.Tensor) -> No
         row = int(differ[0, 0])
         raise ValueError(f"teacher.labels[{row}] = {int(teacher.labels[row])} but the student's label is "
                          f"{int(y[row])}: the teacher's outputs must be for the student's rows, in order")
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """A fit by label needs a class for every row: named here, before any proxy trains."""
+    bad = torch.nonzero((labels.long() < 0) | (labels.long() >= num_classes)).flatten()
+    if bad.numel():
+        row = int(bad[0])
+        hint = " (a row without a label: set fit.assign: teacher to fit by the teacher's classes)" \
+            if int(labels[row]) == -100 else ""
+        raise ValueError(f"teacher.labels[{row}] = {int(labels[row])} is out of range: a fit by label needs "
+                         f"labels in [0, {num_classes - 1}]{hint}")
+
+
+def point_name(r: dict) -> str:
+    """A grid point as the log and advice name it."""
+    if r["subclasses"] == 1:
+        return f"KD (S=1) tau={r['tau']}"
+    beta = "" if r["beta"] is None else f" beta={r['beta']}"
+    return f"S={r['subclasses']}{beta} tau={r['tau']} lambda={r['subclass_weight']}"
 
 
 def summary_lines(summary: dict) -> List[str]:
@@ -442,6 +472,7 @@ def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
     """
     from .run import load_task, run
 
+    grid.check()  # before the teacher is trained and captured
     if capture_dir is None:
         run(cfg, until="capture", log=log)
     task = load_task(cfg)
@@ -450,14 +481,28 @@ def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
         rows = max(1, int(grid.fraction * len(task.train)))
         grid = dataclasses.replace(grid, final_steps=run_steps(cfg.train, rows))
     summary = search(teacher, _tensors(task.train), _tensors(task.val), task.make_student,
-                     ProxySettings.from_train(cfg.train), grid, fit_seed=cfg.fit.seed, log=log)
+                     ProxySettings.from_train(cfg.train), grid, fit_seed=cfg.fit.seed, fit_options=fit_options(cfg.fit),
+                     log=log)
     _write(os.path.join(cfg.work_dir, "tune"), summary)
-    best = summary["best"]
-    advice = (f"fit.subclasses: {best['subclasses']}, fit.beta: {best['beta']}, "
-              f"train.subclass_weight: {best['subclass_weight']}" if best["subclasses"] > 1
-              else "fit.subclasses: 1 (KD)")
-    log(f"[tune] set {advice}, fit.tau and train.tau: {best['tau']} in the config")
+    log(f"[tune] set {advice(summary['best'])} in the config")
     return summary
+
+
+def fit_options(fit) -> dict:
+    """The config's fit settings, other than S, β, τ and the seed, that shape the projector: the
+    proxies' projectors are fitted as ``lelp-fast run`` will fit the chosen one."""
+    names = ("null_space", "rotate", "standardize", "assign", "method", "oversampling", "passes", "iteration_sample")
+    return {name: getattr(fit, name) for name in names}
+
+
+def advice(best: dict) -> str:
+    """The config's settings for the chosen point. A λ = 0 point has no β (it reads only the class
+    marginals), so ``fit.beta`` is left as it is."""
+    if best["subclasses"] == 1:
+        return f"fit.subclasses: 1 (KD), fit.tau and train.tau: {best['tau']}"
+    beta = "" if best["beta"] is None else f"fit.beta: {best['beta']}, "
+    return (f"fit.subclasses: {best['subclasses']}, {beta}train.subclass_weight: {best['subclass_weight']}, "
+            f"fit.tau and train.tau: {best['tau']}")
 
 
 def run_steps(train, n_rows: int) -> int:

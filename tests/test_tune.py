@@ -357,3 +357,69 @@ def test_validation_halves_split_each_class_evenly_and_small_halves_warn():
            log=lines.append)
     assert any("30 choose, 30 judge; finals: 6 students of 7 steps" in line for line in lines)
     assert any("warning: 30 validation rows judge" in line for line in lines)
+
+
+def test_the_proxies_projectors_take_the_configs_fit_settings(tmp_path, monkeypatch):
+    """tune fitted every S with LELPProjector's defaults, whatever the config's fit section said
+    (rotate, null_space, standardize, assign, method...), so it tuned another projector than the one
+    `lelp-fast run` trains with (a session-65 walkthrough: four configs, one validation accuracy)."""
+    import lelp_fast.tune as tune_module
+
+    made = []
+    real = tune_module.LELPProjector
+
+    def recording(*args, **kwargs):
+        made.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "LELPProjector", recording)
+    cfg = _config(tmp_path)
+    cfg.fit.rotate, cfg.fit.standardize, cfg.fit.null_space, cfg.fit.method = False, False, False, "exact"
+    tune(cfg, TuneGrid(subclasses=(2,), betas=(0.25,), taus=(1.0,), steps=10, evals=1, seeds=2), log=lambda _: None)
+    assert made and all(m["rotate"] is False and m["standardize"] is False and m["null_space"] is False
+                        and m["method"] == "exact" for m in made), made
+    x, y = xor_blobs(200, 0)
+    teacher = TeacherOutputs(x.clone(), torch.randn(200, 2, generator=torch.Generator().manual_seed(0)), y.clone())
+    coords = []
+    for options in ({}, {"rotate": False}):
+        state = tune_module._Search(teacher, (x, y), xor_blobs(100, 1), lambda k: nn.Linear(2, k), SETTINGS,
+                                    TuneGrid(), 0, options, lambda _: None)
+        assert state.fit(2) is None
+        coords.append(state.coords[2])
+    assert not torch.allclose(coords[0], coords[1])  # the setting reaches the targets the proxies see
+
+
+def test_a_training_row_without_a_label_is_named_before_any_proxy_trains():
+    """-100 (capture's row without a label) crashed the tuner in torch.bincount; a fit by label
+    needs a class for every row, so it is named, with the way to fit by the teacher's classes."""
+    x, y = xor_blobs(200, 0)
+    y[5] = -100
+    teacher = xor_teacher(x, y.clamp(min=0))
+    teacher.labels = y.clone()
+    grid = TuneGrid(subclasses=(2,), betas=(0.25,), taus=(1.0,), steps=5, evals=1, seeds=2)
+    with pytest.raises(ValueError, match=r"teacher.labels\[5\] = -100 is out of range.*fit.assign: teacher"):
+        search(teacher, (x, y), xor_blobs(100, 1), lambda k: nn.Linear(2, k), SETTINGS, grid, log=lambda _: None)
+    summary = search(teacher, (x, y), xor_blobs(100, 1), lambda k: nn.Linear(2, k), SETTINGS, grid,
+                     fit_options={"assign": "teacher"}, log=lambda _: None)
+    assert not summary["skipped"]
+
+
+def test_a_bad_grid_is_refused_before_the_teacher_is_trained_or_captured(tmp_path):
+    cfg = _config(tmp_path)
+    with pytest.raises(ValueError, match=r"grid.fraction \(--fraction\)"):
+        tune(cfg, TuneGrid(fraction=2.0), log=lambda _: None)
+    assert not os.path.exists(os.path.join(cfg.work_dir, "capture"))
+
+
+def test_the_decision_names_the_points_it_judged_and_a_lambda_0_choice_advises_no_beta():
+    from lelp_fast.tune import advice
+
+    x, y = xor_blobs(200, 0)
+    summary = search(xor_teacher(x, y), (x, y), xor_blobs(100, 1), lambda k: nn.Linear(2, k), SETTINGS,
+                     TuneGrid(subclasses=(2,), betas=(0.25,), taus=(1.0,), steps=20, evals=1, seeds=2),
+                     log=lambda _: None)
+    assert "(S=2 beta=0.25 tau=1.0 lambda=" in summary["decision"]["reason"]
+    assert "against KD tau=1.0, 2 fresh seeds, 20 steps)" in summary["decision"]["reason"]
+    pooled = {"subclasses": 4, "beta": None, "tau": 2.0, "subclass_weight": 0.0}
+    assert advice(pooled) == "fit.subclasses: 4, train.subclass_weight: 0.0, fit.tau and train.tau: 2.0"
+    assert "None" not in advice(pooled)
