@@ -160,6 +160,23 @@ def check_count(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def require_device(name: str, device) -> torch.device:
+    """``device`` as a torch.device this machine has: a CUDA device on a machine (or a torch build)
+    without one is named here, not by an assertion deep inside torch at the first copy."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name} is {str(device)!r}, but torch.cuda.is_available() is False (torch "
+                             f"{torch.__version__}); use 'cpu'")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"{name} is {str(device)!r}, but this machine has {count} CUDA device(s)")
+    return parsed
+
+
 def check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")

@@ -244,7 +244,7 @@ def test_cuda_device_without_a_gpu_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     h, y = decaying_problem(n=200, d=8, num_classes=2, seed=1)
-    with pytest.raises(ValueError, match=r"device='cuda' but torch.cuda.is_available\(\) is False"):
+    with pytest.raises(ValueError, match=r"device is 'cuda', but torch.cuda.is_available\(\) is False"):
         LELPProjector(2).fit(h.float(), y, device="cuda")
 
 

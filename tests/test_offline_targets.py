@@ -732,3 +732,24 @@ class _Recording:
     def __getitem__(self, index):
         self._read.append((index.start, index.stop) if isinstance(index, slice) else index)
         return self._arr[index]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="names a CUDA device this machine lacks")
+def test_a_cuda_device_on_a_machine_without_one_is_named(problem, tmp_path):
+    """generate_targets(device="cuda") failed inside torch ("torch.cuda.Stream requires CUDA
+    support"), capture with an AssertionError ("Torch not compiled with CUDA enabled"); both now
+    name the argument, as the fit did."""
+    from torch import nn
+
+    from lelp_fast.capture import capture
+
+    h, y, projector = problem
+    with pytest.raises(ValueError, match=r"^device is 'cuda:0', but torch.cuda.is_available\(\) is False"):
+        generate_targets(projector, h, str(tmp_path / "out"), device="cuda:0")
+    loader = DataLoader(TensorDataset(h, y), batch_size=64)
+    with pytest.raises(ValueError, match=r"^device is 'cuda', but torch.cuda.is_available\(\) is False"):
+        capture(nn.Sequential(nn.Linear(h.shape[1], 4), nn.Linear(4, 3)), loader, str(tmp_path / "cap"),
+                device="cuda")
+    with pytest.raises(ValueError, match=r"^device is 'cuda', but"):
+        LELPProjector(2).fit(h, y, device="cuda")
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "cap")

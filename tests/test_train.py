@@ -423,3 +423,32 @@ def test_validation_labels_outside_the_classes_are_refused(stored, tmp_path):
     assert evaluate(trained, TensorDataset(x, y.double()), 2, 2)["accuracy"] == pytest.approx(full)
     with pytest.raises(ValueError, match="has no labelled row"):
         evaluate(trained, TensorDataset(x, torch.full_like(y, -100)), 2, 2)
+
+
+def test_training_labels_teacher_logits_and_device_are_checked_before_training(stored, tmp_path):
+    """A session-65 walkthrough: a training label out of range was named by its place in a shuffled
+    batch ("labels[127]") after training had started; validation teacher logits of the wrong width
+    gave a silently wrong agreement (the metrics take C from their width), of the wrong rows an
+    error from the metrics after the first epoch; train.device="cuda" without a GPU an
+    AssertionError from inside torch. Each is now named before training."""
+    x, y = stored["train"].tensors
+    settings = TrainSettings(epochs=1, tensorboard=False)
+    out = str(tmp_path / "run")
+    bad = y.clone()
+    bad[377] = 2
+    with pytest.raises(ValueError, match=r"train_data row 377 has label 2, outside the student's classes"):
+        distill(student(), TensorDataset(x, bad), stored["targets"], out, num_classes=2, n_subclasses=2,
+                settings=settings)
+    z = stored["val_logits"]
+    for logits, shape in ((torch.zeros(len(z), 4), rf"\({len(z)}, 4\)"), (z[:-1], rf"\({len(z) - 1}, 2\)")):
+        with pytest.raises(ValueError, match=rf"val_teacher_logits has shape {shape}; expected \({len(z)}, 2\)"):
+            distill(student(), stored["train"], stored["targets"], out, num_classes=2, n_subclasses=2,
+                    val_data=stored["val"], val_teacher_logits=logits, settings=settings)
+        with pytest.raises(ValueError, match=rf"data's teacher_logits has shape {shape}"):
+            evaluate(student(), stored["val"], 2, 2, teacher_logits=logits)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"train.device \(TrainSettings.device\) is 'cuda', but "
+                                             r"torch.cuda.is_available\(\) is False"):
+            distill(student(), stored["train"], stored["targets"], out, num_classes=2, n_subclasses=2,
+                    settings=TrainSettings(epochs=1, tensorboard=False, device="cuda"))
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))

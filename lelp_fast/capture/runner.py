@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
-from .._checks import NonFiniteRowError, check_finite
+from .._checks import NonFiniteRowError, check_finite, require_device
 from .._dist import barrier, rank_world
 from ..io import checksum
 from ..io.integrity import tensors_sha256
@@ -143,7 +143,7 @@ def capture(
         raise ValueError(f"autocast must be None, 'float16' or 'bfloat16', got {autocast!r}")
     _check_in_order(loader)
     rank, world = rank_world(process_group)
-    device = torch.device(device)
+    device = require_device("device", device)
     model = model.to(device).eval()
     head_module = find_head(model, head) if forward is None or head not in (None, "auto") else None
     # model_sha256: a changed teacher is noticed; every key here that differs refuses a finished capture.

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from .._checks import require_device
 from .._dist import rank_world
 from ..io.device_copy import stage_ahead
 from ..io.integrity import publish_mode, remove_stale_temps, temp_prefix, tensors_sha256
@@ -321,9 +322,7 @@ def accumulate(
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {settings.nan_policy!r}")
     if settings.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {settings.method!r}")
-    device = torch.device(settings.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={settings.device!r} but torch.cuda.is_available() is False; use device='cpu'")
+    device = require_device("device", settings.device)
     rank, world = rank_world(process_group)
     if checkpoint is not None and world > 1:
         checkpoint = f"{checkpoint}.rank{rank}"

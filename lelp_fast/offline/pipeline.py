@@ -17,7 +17,7 @@ from typing import Deque, Optional
 
 import torch
 
-from .._checks import NonFiniteRowError, check_finite
+from .._checks import NonFiniteRowError, check_finite, require_device
 from .._dist import barrier, rank_world
 from ..io import checksum
 from ..io.device_copy import stage_ahead
@@ -75,6 +75,8 @@ def generate_targets(
     is free again (the kernel drops it with its process).
     """
     shards.check_format(format, dtype)
+    if device is not None:
+        require_device("device", device)
     projector._require_fitted()
     src = as_source(source)
     if src.dim is not None and src.dim != projector.dim:

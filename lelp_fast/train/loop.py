@@ -104,6 +104,8 @@ def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, t
             outs.append(student(x.to(device)).float().cpu())
     s = torch.cat(outs)
     y = torch.cat(labels)
+    if teacher_logits is not None:
+        check_teacher_logits(f"{name}'s teacher_logits", teacher_logits, len(s), num_classes)
     labelled = y != IGNORE_INDEX
     if not bool(labelled.any()):
         raise ValueError(f"{name} has no labelled row (every label is {IGNORE_INDEX}): no accuracy to measure")
@@ -131,14 +133,24 @@ def class_labels(what: str, y: torch.Tensor, num_classes: int, first_row: int = 
     return y.long()
 
 
-def check_val_labels(val_data, num_classes: int) -> None:
+def check_labels(name: str, data, num_classes: int) -> None:
     """Before training: a TensorDataset's labels, else the first batch's (a systematic error shows
-    there; evaluate checks every row after each epoch)."""
-    if isinstance(val_data, TensorDataset) and len(val_data.tensors) == 2:
-        class_labels("val_data", val_data.tensors[1], num_classes)
-    elif val_data is not None:
-        _, y = next(iter(DataLoader(val_data, batch_size=512, shuffle=False)))
-        class_labels("val_data", torch.as_tensor(y), num_classes)
+    there; evaluate checks every validation row after each epoch, the loss every training row)."""
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        class_labels(name, data.tensors[1], num_classes)
+    elif data is not None:
+        _, y = next(iter(DataLoader(data, batch_size=512, shuffle=False)))
+        class_labels(name, torch.as_tensor(y), num_classes)
+
+
+def check_teacher_logits(name: str, teacher_logits, n_rows: Optional[int], num_classes: int) -> None:
+    """The teacher's class logits of the validation rows: one row per row, one column per class. The
+    metrics take C from their width, so K-wide logits gave an agreement of the unpooled student."""
+    shape = tuple(teacher_logits.shape)
+    if len(shape) != 2 or shape[1] != num_classes or (n_rows is not None and shape[0] != n_rows):
+        rows = "N" if n_rows is None else n_rows
+        raise ValueError(f"{name} has shape {shape}; expected ({rows}, {num_classes}): the teacher's class "
+                         "logits, one row per validation row")
 
 
 @dataclasses.dataclass
@@ -178,7 +190,12 @@ def distill(
     """
     settings = settings or TrainSettings()
     settings.check()
-    check_val_labels(val_data, num_classes)
+    steps.resolve_device(settings.device)  # a device this machine lacks, named before any work
+    check_labels("train_data", train_data, num_classes)
+    check_labels("val_data", val_data, num_classes)
+    if val_teacher_logits is not None:
+        check_teacher_logits("val_teacher_logits", val_teacher_logits,
+                             len(val_data) if hasattr(val_data, "__len__") else None, num_classes)
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     parallel = steps.DataParallel()  # under torchrun: rank 0 writes, every rank trains its share

@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .._checks import require_device
+
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,7 +27,7 @@ PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_device(device: str) -> torch.device:
     """``"auto"``: this rank's GPU when there is one (``LOCAL_RANK`` under torchrun), else the CPU."""
     if device != "auto":
-        return torch.device(device)
+        return require_device("train.device (TrainSettings.device)", device)
     if not torch.cuda.is_available():
         return torch.device("cpu")
     import os
