@@ -753,3 +753,52 @@ def test_a_cuda_device_on_a_machine_without_one_is_named(problem, tmp_path):
     with pytest.raises(ValueError, match=r"^device is 'cuda', but"):
         LELPProjector(2).fit(h, y, device="cuda")
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "cap")
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors", "parquet"])
+def test_a_dataset_in_another_order_than_its_targets_is_refused(problem, tmp_path, fmt):
+    """Targets hold no labels, so a training set shuffled or filtered after the targets were written
+    trained every row on another row's targets without a word (a session-65 walkthrough: test
+    accuracy 0.47, below chance, against 0.82). Targets written from a source with labels now store
+    them (int16, 2 bytes a row), and a dataset joined to them whose labels differ is refused, naming
+    the row; rows without a label on either side (-100) are not compared."""
+    h, y, projector = problem
+    out = str(tmp_path / "t")
+    generate_targets(projector, ArraySource(h, y), out, format=fmt, dtype="float32", chunk_bytes=CHUNK)
+    perm = torch.randperm(len(h), generator=torch.Generator().manual_seed(0))
+    shuffled = TensorDataset(h[perm], y[perm])
+    first_wrong = int(torch.nonzero(y[perm] != y).flatten()[0])
+    for make in (lambda ds: TargetsDataset(out, ds).batch(torch.arange(len(h))),
+                 lambda ds: TargetsDataset(out, ds)[first_wrong],
+                 lambda ds: _read_all(TargetsDataset(out, ds))):
+        with pytest.raises(ValueError, match=rf"row {first_wrong} of the dataset has label {int(y[perm][first_wrong])}, "
+                                             rf"but the targets in .* hold label {int(y[first_wrong])} for that row"):
+            make(shuffled)
+        make(TensorDataset(h, y))  # in order: taken
+    unlabelled = y.clone()
+    unlabelled[first_wrong] = -100
+    TargetsDataset(out, TensorDataset(h, unlabelled))[first_wrong]  # -100: not compared
+    TargetsDataset(out, TensorDataset(h[perm], y[perm]), check_labels=False)[first_wrong]
+    TargetsDataset(out, TensorDataset(h, y.double())).batch(torch.arange(5))  # whole-number float labels
+    TargetsDataset(out, h[perm]).batch(torch.arange(5))  # a tensor of inputs holds no labels: nothing compared
+    stored = shards.read(fmt, out, {"*": f"shard-000000.{fmt}"} if fmt != "npy" else
+                         {"labels": "shard-000000.labels.npy"}, "float32")["labels"]
+    assert stored.dtype == torch.int16 and torch.equal(stored.long(), y[:len(stored)])
+    if fmt == "npy":
+        no_labels = str(tmp_path / "no_labels")  # as written before session 65, or from a source without labels
+        generate_targets(projector, ArraySource(h), no_labels, chunk_bytes=CHUNK)
+        assert not any("labels" in name for name in os.listdir(no_labels))
+        TargetsDataset(no_labels, shuffled).batch(torch.arange(len(h)))
+
+
+def _read_all(dataset):
+    return list(DataLoader(dataset, batch_size=64))
+
+
+def test_stored_labels_are_not_a_column_of_the_hf_dataset(problem, tmp_path):
+    """to_hf_dataset is joined to the user's tokenised dataset, which has its own labels column."""
+    pytest.importorskip("datasets")
+    h, y, projector = problem
+    out = str(tmp_path / "t")
+    generate_targets(projector, ArraySource(h, y), out, chunk_bytes=CHUNK)
+    assert TargetsDataset(out).to_hf_dataset().column_names == ["log_targets"]

@@ -452,3 +452,23 @@ def test_training_labels_teacher_logits_and_device_are_checked_before_training(s
             distill(student(), stored["train"], stored["targets"], out, num_classes=2, n_subclasses=2,
                     settings=TrainSettings(epochs=1, tensorboard=False, device="cuda"))
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
+def test_training_rows_in_another_order_than_the_targets_are_refused(stored, tmp_path):
+    """distill trained a shuffled copy of the training set on the targets of the rows in capture
+    order, offline and online alike, without a word (a session-65 walkthrough: test accuracy 0.47,
+    below chance, against 0.82 in order). The stored labels (targets written from a capture; the
+    capture itself for the online loss) now name the first row that differs."""
+    from lelp_fast.train import OnlineTargets
+
+    x, y = stored["train"].tensors
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(3))
+    shuffled = TensorDataset(x[perm], y[perm])
+    w, b = CaptureSource(str(stored["tmp"] / "cap")).head()
+    fitted = LELPProjector(2, beta=0.5).fit(str(stored["tmp"] / "cap"), head_weight=w, head_bias=b)
+    settings = TrainSettings(epochs=1, batch_size=64, tensorboard=False)
+    for targets in (stored["targets"], OnlineTargets(fitted, str(stored["tmp"] / "cap"))):
+        with pytest.raises(ValueError, match=r"row \d+ of the dataset has label \d, but the (targets in|capture) "
+                                             r".* label \d for that row: the dataset must hold the rows"):
+            distill(student(), shuffled, targets, str(tmp_path / "run"), num_classes=2, n_subclasses=2,
+                    settings=settings)

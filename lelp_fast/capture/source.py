@@ -169,16 +169,25 @@ class CaptureDataset(torch.utils.data.Dataset):
         return self.__getitems__([i])[0]
 
     def batch(self, indices):
-        """``(inputs, (embeddings, teacher_logits))`` of the rows, each gathered as one batch."""
-        from ..offline.dataset import gather_rows
+        """``(inputs, (embeddings, teacher_logits))`` of the rows, each gathered as one batch; the
+        inputs' labels checked against the captured ones (``TargetsDataset``'s ``check_labels``)."""
+        from ..offline.dataset import batch_labels, gather_rows, require_same_rows
 
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         rows = self.source.rows(idx)
-        return gather_rows(self.dataset, idx), (rows["embeddings"], rows["teacher_logits"])
+        inputs = gather_rows(self.dataset, idx)
+        holder = f"the capture {self.source.directory} holds"
+        require_same_rows(batch_labels(inputs), rows["labels"].long(), idx, holder)
+        return inputs, (rows["embeddings"], rows["teacher_logits"])
 
     def __getitems__(self, indices):
+        from ..offline.dataset import _item_labels, require_same_rows
+
         rows = self.source.rows(indices)
-        return [(self.dataset[i], (rows["embeddings"][j], rows["teacher_logits"][j])) for j, i in enumerate(indices)]
+        items = [self.dataset[i] for i in indices]
+        require_same_rows(_item_labels(items), rows["labels"].long(), torch.as_tensor(indices, dtype=torch.int64),
+                          f"the capture {self.source.directory} holds")
+        return [(item, (rows["embeddings"][j], rows["teacher_logits"][j])) for j, item in enumerate(items)]
 
 
 def _is_capture(path: str) -> bool:

@@ -51,10 +51,16 @@ class TargetsDataset(Dataset):
             are read from (one pass over each file, during training rather than before it); a
             mismatch is an error naming the file. ``verify=False`` skips the hashes; sizes are
             always checked.
+        check_labels: where the targets store their source's labels (written since session 65
+            from a source with labels: a capture, arrays with labels), compare them with the
+            labels of the ``dataset`` rows joined to them (``(inputs, label, ...)`` items, or dicts
+            with ``"labels"``/``"label"``): a dataset in another order, or filtered, is refused
+            naming the row instead of training each row on another row's targets. Pass False
+            when an item's second element is not its label.
     """
 
     def __init__(self, directory: str, dataset: Optional[Sequence] = None, *, beta: Optional[float] = None,
-                 tau: Optional[float] = None, verify: bool = True):
+                 tau: Optional[float] = None, verify: bool = True, check_labels: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
         if not os.path.isdir(self.directory):
             raise FileNotFoundError(f"targets directory {self.directory} does not exist")
@@ -71,11 +77,14 @@ class TargetsDataset(Dataset):
         for entry in self.shards:  # sizes now (a stat per file); each checksum when the shard is first read
             mf.verify_shard(self.directory, entry, checksums=False)
         self.dataset, self.beta, self.tau, self.verify = dataset, beta, tau, bool(verify)
+        self.check_labels = bool(check_labels)
+        self._holder = f"the targets in {self.directory} hold"  # for require_same_rows
         self._starts = [e["rows"][0] for e in self.shards]
         self._starts_array = np.array(self._starts, dtype=np.int64)
         self._verified: set = set()
         self._cache: OrderedDict = OrderedDict()
         self._in_memory: Optional[torch.Tensor] = None  # every row's log-targets, once read_into_memory ran
+        self._labels_in_memory: Optional[torch.Tensor] = None  # and their stored labels (-100: none)
 
     def __len__(self) -> int:
         return self.n_rows
@@ -121,7 +130,10 @@ class TargetsDataset(Dataset):
             row_bytes = self.settings["K"] * self._dtype().itemsize
             if self.n_rows * row_bytes > max_bytes:
                 return False
-            self._in_memory = self._gather(torch.arange(self.n_rows))
+            every_row = torch.arange(self.n_rows)
+            self._in_memory = self._gather(every_row)
+            labels = self._gather_labels(every_row)
+            self._labels_in_memory = torch.full((self.n_rows,), IGNORE_INDEX) if labels is None else labels
         return True
 
     def _holds_log_targets(self) -> bool:
@@ -150,6 +162,22 @@ class TargetsDataset(Dataset):
                 rows = rows if isinstance(rows, slice) else torch.from_numpy(rows)
                 out[rows] = self._log_targets(tensors, torch.from_numpy(local)).to(dtype)
         return out
+
+    def _gather_labels(self, idx: torch.Tensor) -> Optional[torch.Tensor]:
+        """The source's label of each row as stored beside its targets (-100 where its shard holds
+        none: targets written before session 65, or from a source without labels); None when no
+        shard of the rows holds labels."""
+        if self._labels_in_memory is not None:
+            return self._labels_in_memory[idx]
+        if idx.numel() == 0:
+            return None
+        out, found = torch.full((idx.numel(),), IGNORE_INDEX), False
+        for s, rows, local in self._by_shard(idx.numpy()):
+            labels = self._shard(s).get(shards.LABELS)
+            if labels is not None:
+                found = True
+                out[rows if isinstance(rows, slice) else torch.from_numpy(rows)] = labels[torch.from_numpy(local)].long()
+        return out if found else None
 
     def _by_shard(self, idx: np.ndarray) -> Iterator[tuple]:
         """(shard, positions in ``idx``, rows within the shard) for each shard ``idx`` touches;
@@ -196,7 +224,12 @@ class TargetsDataset(Dataset):
         """:meth:`batch` of rows known to be valid (an int64 CPU tensor of row numbers in range, as a
         sampler draws them): no check, which in a training step costs more than the gather."""
         t = self._gather(idx)
-        return t if self.dataset is None else (gather_rows(self.dataset, idx), t)
+        if self.dataset is None:
+            return t
+        inputs = gather_rows(self.dataset, idx)
+        if self.check_labels:
+            require_same_rows(batch_labels(inputs), self._gather_labels(idx), idx, self._holder)
+        return inputs, t
 
     def to_hf_dataset(self):
         """The stored fields as a ``datasets.Dataset``, one row per target row (``log_targets``, or
@@ -208,21 +241,24 @@ class TargetsDataset(Dataset):
         order = shards.fields(self.settings["compact"], self.settings.get("kind", "lelp"))  # the written order
         tables = []
         for s in range(len(self.shards)):
-            tensors = self._shard(s)
+            tensors = {k: v for k, v in self._shard(s).items() if k != shards.LABELS}  # the dataset's own column
             names = sorted(tensors, key=lambda n: (order.index(n) if n in order else len(order), n))
             tables.append(table({name: _numpy(tensors[name]) for name in names}))
         return hf_dataset(tables)
 
     def __getitem__(self, i: int) -> Any:
-        t = self.targets([i])[0]
-        return t if self.dataset is None else (self.dataset[i], t)
+        return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: List[int]) -> List[Any]:
         # A DataLoader with automatic batching wants a list of rows; batch_loader avoids building it.
-        t = self.targets(indices)
+        idx = _row_index(indices, self.n_rows)
+        t = self._gather(idx)
         if self.dataset is None:
             return list(t)
-        return [(self.dataset[i], t[j]) for j, i in enumerate(indices)]
+        items = [self.dataset[i] for i in indices]
+        if self.check_labels:
+            require_same_rows(_item_labels(items), self._gather_labels(idx), idx, self._holder)
+        return [(item, t[j]) for j, item in enumerate(items)]
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -275,6 +311,52 @@ def _row_index(indices, n_rows: int) -> torch.Tensor:
     if low < -n_rows or high >= n_rows:
         raise IndexError(f"row index out of range for {n_rows} rows")
     return torch.where(idx < 0, idx + n_rows, idx) if low < 0 else idx
+
+
+IGNORE_INDEX = -100  # a row without a label
+
+
+def require_same_rows(labels: Optional[torch.Tensor], stored: Optional[torch.Tensor], idx: torch.Tensor,
+                      what: str) -> None:
+    """Refuses a dataset's rows whose labels differ from those stored for the same row numbers
+    (``what``: who stores them, with its verb: "the targets in DIR hold"): the dataset is not the
+    rows they were made from, in that order (a shuffled or filtered copy pairs
+    every row with another row's targets: a walkthrough's student fell below chance, silently).
+    Rows where either side has no label (-100) are not compared."""
+    if labels is None or stored is None or labels.shape != stored.shape:
+        return
+    differ = torch.nonzero((labels != stored) & (labels != IGNORE_INDEX) & (stored != IGNORE_INDEX)).flatten()
+    if differ.numel():
+        j = int(differ[0])
+        raise ValueError(f"row {int(idx[j])} of the dataset has label {int(labels[j])}, but {what} label "
+                         f"{int(stored[j])} for that row: the dataset must hold the rows they were made from, in the "
+                         "same order (not shuffled, filtered or re-split)")
+
+
+def batch_labels(batch) -> Optional[torch.Tensor]:
+    """The labels of a collated batch of (inputs, labels) or of dicts with "labels"/"label", as int64
+    on the CPU; None where there are none to compare (or they are on a GPU: no sync for a check)."""
+    if isinstance(batch, dict):
+        y = batch.get("labels", batch.get("label"))
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        y = batch[1]
+    else:
+        return None
+    if not torch.is_tensor(y) or y.ndim != 1 or y.device.type != "cpu" or y.dtype == torch.bool:
+        return None
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        return None
+    return y.long()
+
+
+def _item_labels(items: List[Any]) -> Optional[torch.Tensor]:
+    """:func:`batch_labels` of single rows (each label a number or a 0-d tensor)."""
+    labels = [it.get("labels", it.get("label")) if isinstance(it, dict)
+              else it[1] if isinstance(it, (tuple, list)) and len(it) >= 2 else None for it in items]
+    try:
+        return batch_labels((None, torch.as_tensor([float(y) for y in labels], dtype=torch.float64)))
+    except (TypeError, ValueError, RuntimeError):  # None, a string, a tensor of several values
+        return None
 
 
 def gather_rows(dataset, idx: torch.Tensor) -> Any:

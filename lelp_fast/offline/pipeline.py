@@ -135,6 +135,8 @@ def _generate(compute, src, out_dir, settings, chunk_bytes, device, process_grou
             todo = stage_ahead(todo, device)  # reusable pinned buffers; chunk i + 1's copy overlaps chunk i
         for chunk, (h, z) in todo:
             tensors = compute(chunk, h, z)
+            if chunk.labels is not None:  # a reader joining a dataset checks its rows against them
+                tensors[shards.LABELS] = shards.row_labels(chunk.labels)
             writer.submit(chunk, tensors)
             if bar is not None:
                 read_bytes += chunk.embeddings.numel() * chunk.embeddings.element_size()

@@ -2,7 +2,9 @@
 
 A shard holds the rows of one source chunk. Its fields are ``log_targets`` (N x K), or in the
 compact form ``u`` (N x K subclass coordinates) and ``teacher_logits`` (N x C), from which the
-targets can be recomputed at any β, τ at training time. Formats:
+targets can be recomputed at any β, τ at training time; and, where the source has labels,
+``labels`` (N,), so that a reader joining the targets to a dataset can tell that the dataset's rows
+are the rows the targets were made from, in order (since session 65). Formats:
 
 - ``npy``: one ``.npy`` per field (memory-mappable; bfloat16 is stored as its uint16 bits);
 - ``safetensors``: one file per shard, every field a tensor (bfloat16 native);
@@ -35,6 +37,16 @@ DEFAULT_DTYPE = "float16"
 
 # The fields of the stores of plain teacher outputs (offline/teacher_store.py), by settings["kind"].
 KIND_FIELDS = {"teacher_logits": ["teacher_logits"], "teacher_topk": ["topk_log_probs", "topk_indices"]}
+
+
+LABELS = "labels"  # the source's label of each row, stored beside its targets
+
+
+def row_labels(labels) -> torch.Tensor:
+    """The source's labels as a shard stores them: int16 where they fit (2 bytes a row), else int64."""
+    y = torch.as_tensor(labels).reshape(-1).cpu().long()
+    fits = y.numel() == 0 or (int(y.min()) >= -(1 << 15) and int(y.max()) < (1 << 15))
+    return y.to(torch.int16) if fits else y
 
 
 def check_format(format: str, dtype: str) -> None:
@@ -88,7 +100,7 @@ def encode(fmt: str, tensors: Dict[str, torch.Tensor], start_row: int) -> Dict[s
     columns = {"row": pa.array(np.arange(start_row, start_row + n, dtype=np.int64))}
     for name, t in tensors.items():
         flat = pa.array(_numpy(t).reshape(-1))
-        columns[name] = pa.FixedSizeListArray.from_arrays(flat, t.shape[1])
+        columns[name] = flat if t.ndim == 1 else pa.FixedSizeListArray.from_arrays(flat, t.shape[1])
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(columns), sink)
     return {"*": sink.getvalue().to_pybytes()}
@@ -166,6 +178,9 @@ def _parquet_arrays(path: str, checksums: Optional[dict], hint: str) -> Dict[str
         if name == "row":
             continue
         col = table.column(name).combine_chunks()
+        if not pa.types.is_fixed_size_list(col.type):  # labels: one value a row
+            out[name] = col.to_numpy(zero_copy_only=False)
+            continue
         values = col.values.to_numpy(zero_copy_only=False)
         out[name] = values.reshape(len(col), col.type.list_size)
     return out
