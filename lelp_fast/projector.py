@@ -20,7 +20,8 @@ from ._checks import (
     check_positive,
 )
 from ._derived import on_device
-from .io.integrity import publish_mode, remove_stale_temps, temp_prefix, tensors_sha256
+from .io.integrity import (check_metadata_checksum, publish_mode, remove_stale_temps, temp_prefix, tensors_sha256,
+                           with_metadata_checksum)
 from .io.sources import DEFAULT_CHUNK_BYTES, ArraySource, EmbeddingSource, IterableSource, SourceLike, as_source
 from .ops.targets import lelp_targets
 
@@ -402,7 +403,8 @@ class LELPProjector:
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         # One metadata key: safetensors writes its metadata map in hash order, so several keys would
         # make identical fits differ in bytes.
-        meta = {METADATA_KEY: json.dumps({**self.metadata(), "tensors_sha256": tensors_sha256(tensors)},
+        meta = {METADATA_KEY: json.dumps(with_metadata_checksum({**self.metadata(),
+                                                                 "tensors_sha256": tensors_sha256(tensors)}),
                                          sort_keys=True)}
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
@@ -440,6 +442,7 @@ class LELPProjector:
             raise ValueError(f"{path}: corrupt projector metadata ({exc})") from exc
         if meta.get("format") != FORMAT_NAME:
             raise ValueError(f"{path}: not a lelp_fast projector (format={meta.get('format')!r})")
+        meta = check_metadata_checksum(meta, path, "refit or restore it")
         stored = meta.pop("tensors_sha256", None)
         if stored is None:
             raise ValueError(f"{path}: projector has no tensor checksum (written before checksums); refit it")

@@ -74,13 +74,16 @@ def test_ranks_resuming_in_different_passes_are_refused(tmp_path):
     from safetensors.torch import save_file
     import json
 
+    from lelp_fast.io.integrity import with_metadata_checksum
+
     mp.spawn(_resume_worker, args=(2, str(tmp_path / "init1"), str(tmp_path), 2, False), nprocs=2, join=True)
     ckpt1 = str(tmp_path / "fit.ckpt.rank1")
     with safe_open(ckpt1, framework="pt") as f:  # rank 1 as if it had reached the next pass
         meta = json.loads(f.metadata()["meta"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta.update({"pass": 1, "next_chunk": 0})
-    save_file(tensors, ckpt1, metadata={"meta": json.dumps(meta, sort_keys=True)})
+    meta.pop("metadata_sha256")
+    meta.update({"pass": 1, "next_chunk": 0})  # a checkpoint rank 1 could have written: its checksum made anew
+    save_file(tensors, ckpt1, metadata={"meta": json.dumps(with_metadata_checksum(meta), sort_keys=True)})
     for rank in range(2):
         os.unlink(tmp_path / f"error{rank}.txt")
     mp.spawn(_resume_worker, args=(2, str(tmp_path / "init2"), str(tmp_path), None, True), nprocs=2, join=True)

@@ -376,6 +376,30 @@ def test_stale_checkpoint_is_refused(tmp_path):
         LELPProjector(2).fit(h.float(), y, head_weight=w, checkpoint=ckpt, resume=True, chunk_bytes=480)
 
 
+def test_a_flipped_bit_in_a_checkpoints_position_is_an_error(tmp_path):
+    """A fit checkpoint's sha256 covered its tensors, not its metadata: a flipped bit turning
+    next_chunk 2 into 3 resumed past a chunk, and the fit silently left its rows out."""
+    h, w, b, y = make_problem(n=600, d=12, num_classes=2, seed=8)
+    ckpt = tmp_path / "c.ckpt"
+    from lelp_fast.fit import engine
+
+    original = engine.accumulate
+    engine.accumulate = lambda *a, **k: original(*a, stop_after_chunks=2, **k)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            LELPProjector(2).fit(h.float(), y, head_weight=w, checkpoint=str(ckpt), checkpoint_every=1,
+                                 chunk_bytes=480)
+    finally:
+        engine.accumulate = original
+    data = ckpt.read_bytes()
+    at = data.index(b'next_chunk\\": 2') + len(b'next_chunk\\": ')
+    flipped = bytearray(data)
+    flipped[at] ^= 0x01  # "2" -> "3"
+    ckpt.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=r"c.ckpt: its metadata fails its sha256 checksum.*delete it to start over"):
+        LELPProjector(2).fit(h.float(), y, head_weight=w, checkpoint=str(ckpt), resume=True, chunk_bytes=480)
+
+
 # ------------------------------------------------------------------ bad input
 
 

@@ -81,6 +81,21 @@ def test_load_rejects_corrupt_and_foreign_files(tmp_path):
         LELPProjector.load(truncated)
 
 
+def test_a_flipped_bit_in_the_stored_temperatures_is_an_error(tmp_path):
+    """The sha256 of a projector covered its tensors, not its metadata: a flipped bit turning
+    beta 0.25 into 0.35 loaded without a word and wrote targets at 0.35 (a session-65 audit)."""
+    h, w, b, y = make_problem(n=200, d=10, num_classes=2, seed=16)
+    path = tmp_path / "p.safetensors"
+    LELPProjector(2, beta=0.25).fit(h, y, head_weight=w, head_bias=b).save(path)
+    data = path.read_bytes()
+    at = data.index(b'beta\\": 0.25') + len(b'beta\\": 0.2')
+    flipped = bytearray(data)
+    flipped[at] ^= 0x06  # "5" -> "3": still valid JSON, another beta
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=r"p.safetensors: its metadata fails its sha256 checksum"):
+        LELPProjector.load(path)
+
+
 def test_captured_variance_is_a_fraction():
     h, w, b, y = make_problem(n=400, d=10, num_classes=2, seed=17)
     cv = LELPProjector(3).fit(h, y, head_weight=w, head_bias=b).captured_variance()

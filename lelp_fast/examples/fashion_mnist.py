@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
 import os
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -21,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .._checks import check_count
+from ..io.integrity import tensors_sha256
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "install it with: apt-get install dataset-fashion-mnist (Debian/Ubuntu)"
@@ -110,7 +113,7 @@ def task(work_dir: str, n_train: int = 10000, n_val: int = 2000, n_test: Optiona
          teacher_epochs: int = 3, student: str = "linear", data_dir: str = DATA_DIR, seed: int = 0) -> Task:
     """Fashion-MNIST coarse: the first ``n_train`` training images for training, the next ``n_val`` for
     validation, the test set (or its first ``n_test``) for the final report."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     from ..offline import shards
 
@@ -133,23 +136,38 @@ def task(work_dir: str, n_train: int = 10000, n_val: int = 2000, n_test: Optiona
     # session 58, which recorded none) is trained again
     made_from = {"n_train": str(n_train), "teacher_epochs": str(teacher_epochs), "seed": str(seed),
                  "data_dir": os.path.abspath(data_dir)}
-    if _metadata(path) == made_from:
-        teacher = CNN()
-        teacher.load_state_dict(load_file(path))
-        teacher.eval()
-    else:
+    teacher = _cached_teacher(path, made_from)
+    if teacher is None:
         teacher = train_teacher(train, teacher_epochs, seed)
         os.makedirs(work_dir, exist_ok=True)
-        shards.write_atomically(path, save({k: v.contiguous() for k, v in teacher.state_dict().items()},
-                                           metadata=made_from))
+        tensors = {k: v.contiguous() for k, v in teacher.state_dict().items()}
+        # one metadata key (safetensors writes several in hash order): the same teacher, the same bytes
+        record = json.dumps({**made_from, "tensors_sha256": tensors_sha256(tensors)}, sort_keys=True)
+        shards.write_atomically(path, save(tensors, metadata={"teacher": record}))
     return Task(teacher, train, val, test, 2, lambda k: make_student(student, k))
 
 
-def _metadata(path: str) -> Optional[dict]:
-    """A safetensors file's metadata; None when there is no such file."""
+def _cached_teacher(path: str, made_from: dict) -> Optional[nn.Module]:
+    """The teacher cached at ``path`` when it was made from ``made_from`` and its tensors pass their
+    checksum; else None (it is trained again: a damaged cache warns)."""
     from safetensors import safe_open
 
     if not os.path.exists(path):
         return None
-    with safe_open(path, framework="pt") as f:
-        return f.metadata()
+    try:
+        with safe_open(path, framework="pt") as f:
+            record = json.loads((f.metadata() or {}).get("teacher", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types on a damaged file
+        warnings.warn(f"{path} is unreadable ({exc}); training the teacher again", RuntimeWarning, stacklevel=3)
+        return None
+    claimed = record.pop("tensors_sha256", None)
+    if record != made_from:  # other settings, or written before session 65 (no checksum): trained again
+        return None
+    if claimed != tensors_sha256(tensors):
+        warnings.warn(f"{path} fails its sha256 checksum (corrupt); training the teacher again", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    teacher = CNN()
+    teacher.load_state_dict(tensors)
+    return teacher.eval()

@@ -24,7 +24,8 @@ import torch
 from .._checks import require_device
 from .._dist import rank_world
 from ..io.device_copy import stage_ahead
-from ..io.integrity import publish_mode, remove_stale_temps, temp_prefix, tensors_sha256
+from ..io.integrity import (check_metadata_checksum, publish_mode, remove_stale_temps, temp_prefix, tensors_sha256,
+                            with_metadata_checksum)
 from ..io.locks import ExclusiveLock
 from ..io.prefetch import prefetch
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource
@@ -261,6 +262,10 @@ def _settings_key(settings: FitSettings, method: str, source: EmbeddingSource, r
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class StaleCheckpointError(ValueError):
+    """A checkpoint written for other data or settings (``chunk_bytes`` among them)."""
+
+
 def _save_checkpoint(path: str, stats, shift: torch.Tensor, meta: dict) -> None:
     from safetensors.torch import save_file
 
@@ -270,7 +275,7 @@ def _save_checkpoint(path: str, stats, shift: torch.Tensor, meta: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=directory)
     os.close(fd)
     try:
-        meta = {**meta, "tensors_sha256": tensors_sha256(tensors)}
+        meta = with_metadata_checksum({**meta, "tensors_sha256": tensors_sha256(tensors)})
         save_file(tensors, tmp, metadata={"meta": json.dumps(meta, sort_keys=True)})
         publish_mode(tmp)
         with open(tmp, "rb+") as f:
@@ -291,6 +296,7 @@ def _load_checkpoint(path: str):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"checkpoint {path} is unreadable or corrupt ({exc}); delete it to start over") from exc
+    meta = check_metadata_checksum(meta, f"checkpoint {path}", "delete it to start over")
     if meta.pop("tensors_sha256", None) != tensors_sha256(tensors):
         raise ValueError(f"checkpoint {path} fails its sha256 checksum (corrupt or written before checksums); "
                          "delete it to start over")
@@ -468,7 +474,7 @@ def _restore(checkpoint, resume, key, shift, stats, reader, source):
         raise ValueError(f"checkpoint {checkpoint} exists; pass resume=True (CLI: --resume) to continue it, or delete it")
     meta, saved_shift, state = _load_checkpoint(checkpoint)
     if meta.get("key") != key:
-        raise ValueError(
+        raise StaleCheckpointError(
             f"checkpoint {checkpoint} was written for other data or settings (the source changed since?); "
             "delete it to start over"
         )

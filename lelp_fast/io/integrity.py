@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import os
 import json
+import os
 import struct
 from typing import Dict, Mapping, Optional
 
@@ -75,6 +75,28 @@ def unseal(data: bytes, path: str) -> bytes:
 
 
 CHECKSUM_KEY = "tensors_sha256"
+METADATA_CHECKSUM_KEY = "metadata_sha256"
+
+
+def with_metadata_checksum(meta: dict) -> dict:
+    """``meta`` (JSON-able, its tensors' checksum included) with the sha256 of its own JSON: the
+    settings stored beside the tensors (a projector's β and τ, a checkpoint's position) are covered
+    too, so a flipped bit there is an error, not a silently other result."""
+    return {**meta, METADATA_CHECKSUM_KEY: _json_sha256(meta)}
+
+
+def check_metadata_checksum(meta: dict, path: str, advice: str) -> dict:
+    """``meta`` without its metadata checksum, after checking it; a file written before session 65
+    has none and is taken as it is."""
+    meta = dict(meta)
+    claimed = meta.pop(METADATA_CHECKSUM_KEY, None)
+    if claimed is not None and claimed != _json_sha256(meta):
+        raise ValueError(f"{path}: its metadata fails its sha256 checksum (corrupt file); {advice}")
+    return meta
+
+
+def _json_sha256(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def save_checked(tensors: Mapping[str, torch.Tensor], metadata: Optional[dict] = None) -> bytes:
