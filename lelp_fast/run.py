@@ -15,6 +15,7 @@ whose files were removed or cut, or that a later stage found corrupt where it re
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from .capture import CaptureSource, capture
 from .config import ConfigError, RunConfig
+from .fit.engine import StaleCheckpointError
 from .io.integrity import tensors_sha256
 from .io.locks import ExclusiveLock
 from .offline import generate_targets, provenance, shards
@@ -78,9 +80,12 @@ class StageLog:
         return os.path.join(self.directory, stage + ".json")
 
     def needed(self, stage: str, settings: dict, inputs: dict, outputs: Sequence[str],
-               scratch: Sequence[str] = ()) -> bool:
+               scratch: Sequence[str] = (), output_digest: Optional[Callable[[], object]] = None) -> bool:
         """True when ``stage`` must run; a changed or forced stage's old ``outputs`` and ``scratch``
-        files (a checkpoint a finished stage removes) are removed first."""
+        files (a checkpoint a finished stage removes) are removed first. ``output_digest`` gives the
+        digest of the output on disk now, as ``finish`` was given it: a finished output replaced or
+        edited since (a projector refitted by hand, another student copied in) is made again, not
+        taken with the record of the one it replaced."""
         wanted = provenance.record(settings, inputs)
         stored = provenance.read(self._path(stage))
         made_from = None if stored is None else stored.get("made_from")
@@ -97,6 +102,8 @@ class StageLog:
         elif damage := stored.get("damaged") or self._damage(stored):
             path, problem = damage
             why = f"{'repaired' if _repairable(stage, path) else 'redone'}: {problem}"
+        elif output_digest is not None and (replaced := _replaced(output_digest, stored.get("output"))):
+            why = f"redone: {replaced}"
         else:
             if "files" not in stored:  # a record from before session 59: its files listed from now on
                 provenance.write(self._path(stage), {**stored, "files": self._listing(outputs)})
@@ -152,6 +159,15 @@ class StageLog:
 
     def output(self, stage: str):
         return provenance.read(self._path(stage))["output"]
+
+
+def _replaced(output_digest: Callable[[], object], recorded) -> Optional[str]:
+    """Why the finished output on disk is not the one recorded (another digest, or unreadable), or None."""
+    try:
+        digest = output_digest()
+    except (ValueError, OSError, KeyError) as exc:
+        return f"its output cannot be read ({str(exc).split('; ')[0]})"
+    return None if digest == recorded else "its output is not the one recorded (replaced or edited since)"
 
 
 def _repairable(stage: str, path: str) -> bool:
@@ -239,30 +255,47 @@ def run(cfg: RunConfig, *, until: str = "report", progress: bool = False, redo: 
 def _capture_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
     settings = {"task": cfg.task.model_dump(), "capture": _section(cfg, "capture")}
     inputs = {"teacher": tensors_sha256(task.teacher.state_dict())}
-    if stages.needed("capture", settings, inputs, [paths["capture"]]):
+
+    def manifests():
+        return {split: provenance.file_digest(os.path.join(paths["capture"], split, MANIFEST))
+                for split in ("train", "val")}
+
+    if stages.needed("capture", settings, inputs, [paths["capture"]], output_digest=manifests):
         c = cfg.capture
         for split in ("train", "val"):
             capture(task.teacher, DataLoader(getattr(task, split), batch_size=c.batch_size, shuffle=False),
                     os.path.join(paths["capture"], split), layer=c.layer, head=c.head, dtype=c.dtype,
                     batches_per_shard=c.batches_per_shard, device=c.device, autocast=c.autocast, progress=progress)
-        stages.finish("capture", {split: provenance.file_digest(os.path.join(paths["capture"], split, MANIFEST))
-                                  for split in ("train", "val")})
+        stages.finish("capture", manifests())
 
 
 def _fit_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
     path = paths["projector.safetensors"]
     inputs = {"capture": stages.output("capture")["train"]}
-    if not stages.needed("fit", {"fit": _section(cfg, "fit")}, inputs, [path], scratch=[paths["fit.ckpt"]]):
+
+    def loaded():
         state["projector"] = LELPProjector.load(path)
+        return projector_digest(state["projector"])
+
+    if not stages.needed("fit", {"fit": _section(cfg, "fit")}, inputs, [path], scratch=[paths["fit.ckpt"]],
+                         output_digest=loaded):
         return
     f = cfg.fit
     source = CaptureSource(os.path.join(paths["capture"], "train"))
     projector = LELPProjector(f.subclasses, beta=f.beta, tau=f.tau, null_space=f.null_space, rotate=f.rotate,
                               standardize=f.standardize, seed=f.seed, assign=f.assign, method=f.method,
                               oversampling=f.oversampling, passes=f.passes, iteration_sample=f.iteration_sample)
-    projector.fit(source, chunk_bytes=int(f.chunk_mb * (1 << 20)), nan_policy=f.nan_policy, progress=progress,
-                  device=f.device, checkpoint=paths["fit.ckpt"], checkpoint_every=f.checkpoint_every,
-                  resume=True)  # a killed fit continues; the capture's stored head is used
+
+    def fit():  # a killed fit continues; the capture's stored head is used
+        projector.fit(source, chunk_bytes=int(f.chunk_mb * (1 << 20)), nan_policy=f.nan_policy, progress=progress,
+                      device=f.device, checkpoint=paths["fit.ckpt"], checkpoint_every=f.checkpoint_every, resume=True)
+
+    try:
+        fit()
+    except StaleCheckpointError:  # the same stage settings: an execution-only key (fit.chunk_mb) changed
+        stages.log(f"[fit] {paths['fit.ckpt']} was written with another fit.chunk_mb: starting the fit over")
+        os.unlink(paths["fit.ckpt"])
+        fit()
     projector.save(path)
     stages.finish("fit", projector_digest(projector))
     state["projector"] = projector
@@ -273,13 +306,28 @@ def _targets_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
     settings = _section(cfg, "targets")
     if cfg.targets.compact:  # compact targets hold u and the logits: β and τ are the train stage's settings
         settings.update(beta=None, tau=None)  # (as unset, so work_dirs of the default are not redone)
-    if stages.needed("targets", {"targets": settings}, inputs, [paths["targets"]]):
+    manifest = os.path.join(paths["targets"], MANIFEST)
+    if stages.needed("targets", {"targets": settings}, inputs, [paths["targets"]],
+                     output_digest=lambda: provenance.file_digest(manifest)):
         t = cfg.targets
+        chunk_bytes = _recorded_chunk_bytes(paths["targets"], int(t.chunk_mb * (1 << 20)))
         generate_targets(state["projector"], os.path.join(paths["capture"], "train"), paths["targets"],
                          format=t.format, dtype=t.dtype, compact=t.compact, beta=t.beta, tau=t.tau,
-                         chunk_bytes=int(t.chunk_mb * (1 << 20)), backend=t.backend, device=t.device,
-                         progress=progress)
-        stages.finish("targets", provenance.file_digest(os.path.join(paths["targets"], MANIFEST)))
+                         chunk_bytes=chunk_bytes, backend=t.backend, device=t.device, progress=progress)
+        stages.finish("targets", provenance.file_digest(manifest))
+
+
+def _recorded_chunk_bytes(directory: str, configured: int) -> int:
+    """The chunk size a partial or finished targets output was written with (a stage resumed or
+    repaired continues its own shards: targets.chunk_mb is execution-only, so an edit of it alone
+    does not redo the stage), else ``configured``."""
+    from .offline.manifest import recorded_settings
+
+    try:
+        recorded = recorded_settings(directory) if os.path.isdir(directory) else None
+    except ValueError:  # an unreadable record: generate_targets names it
+        recorded = None
+    return int(recorded.get("chunk_bytes", configured)) if recorded else configured
 
 
 def _val_teacher_logits(paths: dict, state: dict):
@@ -304,16 +352,19 @@ def _train_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
     inputs = {"targets": stages.output("targets"), "capture": stages.output("capture")["val"]}
     torch.manual_seed(cfg.train.seed)  # the initialisation seed the KD baseline's student gets too
     student = task.make_student(projector.n_outputs)
-    if stages.needed("train", settings, inputs, [paths["student"]]):
+
+    def loaded():  # into a copy: a student trained again starts from the seeded initialisation
+        state["student"] = load_student(copy.deepcopy(student), paths["student"])
+        return tensors_sha256(state["student"].state_dict())
+
+    if stages.needed("train", settings, inputs, [paths["student"]], output_digest=loaded):
         val_logits = _val_teacher_logits(paths, state)
         distill(student, task.train, paths["targets"], paths["student"], num_classes=projector.num_classes,
                 n_subclasses=projector.n_subclasses, val_data=task.val, val_teacher_logits=val_logits,
                 settings=TrainSettings(**cfg.train.model_dump()), compact_temperatures=compact, progress=progress,
                 log=stages.log)
         stages.finish("train", tensors_sha256(student.state_dict()))
-    else:
-        load_student(student, paths["student"])
-    state["student"] = student
+        state["student"] = student
 
 
 def _baseline_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
@@ -328,7 +379,12 @@ def _baseline_stage(cfg, task, stages: StageLog, paths, state, progress) -> None
     settings = {"task": cfg.task.model_dump(), "train": train, "tau": _temperatures(cfg, projector)[1]}
     inputs = {"capture": stages.output("capture")}
     student_dir = os.path.join(paths["baseline"], "student")
-    if stages.needed("baseline", settings, inputs, [paths["baseline"]]):
+
+    def loaded():
+        state["kd_student"] = load_student(task.make_student(projector.num_classes), student_dir)
+        return tensors_sha256(state["kd_student"].state_dict())
+
+    if stages.needed("baseline", settings, inputs, [paths["baseline"]], output_digest=loaded):
         val_logits = _val_teacher_logits(paths, state)
         trained = kd_baseline(task.make_student, task.train, os.path.join(paths["capture"], "train"),
                               paths["baseline"], num_classes=projector.num_classes,
@@ -336,27 +392,24 @@ def _baseline_stage(cfg, task, stages: StageLog, paths, state, progress) -> None
                               val_data=task.val, val_teacher_logits=val_logits, progress=progress, log=stages.log)
         state["kd_student"] = trained["student"]
         stages.finish("baseline", tensors_sha256(state["kd_student"].state_dict()))
-    else:
-        state["kd_student"] = load_student(task.make_student(projector.num_classes), student_dir)
 
 
 def _report_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
     inputs = {"train": stages.output("train"), "fit": stages.output("fit"),
               "baseline": stages.output("baseline") if cfg.report.kd_baseline else None}
     settings = {"task": cfg.task.model_dump(), "targets": _section(cfg, "targets"), "train": _section(cfg, "train")}
-    if stages.needed("report", settings, inputs, [paths["report.md"], paths["report.json"]]):
+    if stages.needed("report", settings, inputs, [paths["report.md"], paths["report.json"]],
+                     output_digest=lambda: provenance.file_digest(paths["report.json"])):
         state["report"] = _report(cfg, task, state["projector"], state["student"], paths, state.get("kd_student"))
         stages.finish("report", provenance.file_digest(paths["report.json"]))
     else:
-        with open(paths["report.json"]) as f:
-            state["report"] = json.load(f)
+        state["report"] = provenance.read_json(paths["report.json"])
 
 
 def _report(cfg, task, projector, student, paths: dict, kd_student=None) -> dict:
     """The student's and the teacher's test metrics (and KD's, with the difference), next to the
     training summary."""
-    with open(os.path.join(paths["student"], "report.json")) as f:
-        trained = json.load(f)
+    trained = provenance.read_json(os.path.join(paths["student"], "report.json"))
     test_teacher = _teacher_logits(task.teacher, task.test, cfg.capture.device)
     student_test = evaluate(student, task.test, projector.num_classes, projector.n_subclasses,
                             teacher_logits=test_teacher, tau=cfg.train.tau)

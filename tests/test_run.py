@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -57,6 +58,28 @@ def test_fashion_mnist_task_trains_its_teacher_again_for_other_settings(tmp_path
     for edit in ({"teacher_epochs": 2}, {"seed": 1}, {"n_train": 200}):
         assert not same(teacher(**edit), first), edit
         assert same(teacher(**edit), teacher(**edit)), edit  # cached again under the new settings
+
+
+@needs_data
+def test_a_damaged_cached_teacher_is_trained_again_and_the_cache_is_byte_stable(tmp_path):
+    """The example task loaded its cached teacher.safetensors without a checksum: a flipped bit became
+    the teacher of every stage (a session-65 audit). Its four metadata keys were written in hash
+    order, so the same teacher gave other bytes."""
+    def teacher(work_dir):
+        made = fashion_mnist.task(str(work_dir), n_train=300, n_val=50, n_test=50, teacher_epochs=1)
+        return {k: v.clone() for k, v in made.teacher.state_dict().items()}
+
+    first = teacher(tmp_path / "a")
+    teacher(tmp_path / "b")
+    cached = tmp_path / "a" / "teacher.safetensors"
+    assert cached.read_bytes() == (tmp_path / "b" / "teacher.safetensors").read_bytes()
+    raw = bytearray(cached.read_bytes())
+    raw[-5] ^= 0x10
+    cached.write_bytes(bytes(raw))
+    with pytest.warns(RuntimeWarning, match="teacher.safetensors fails its sha256 checksum"):
+        again = teacher(tmp_path / "a")
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    assert cached.read_bytes() == (tmp_path / "b" / "teacher.safetensors").read_bytes()
 
 
 @needs_data
@@ -250,11 +273,69 @@ def test_a_damaged_output_is_repaired_or_made_again_by_the_next_run(tmp_path):
     _, said = _run_logged(cfg)
     assert said["targets"].startswith("redone: ") and "manifest.json has" in said["targets"]
     assert said["train"] == "skipped (unchanged)"  # the same targets again
-    manifest.write_bytes(intact.replace(b'"rows"', b'"rows:', 1))  # the same size: found where it is read
-    with pytest.raises(DamagedOutputError, match="manifest.json is corrupt.*it redoes the targets stage"):
-        _run_logged(cfg, redo="train")
+    manifest.write_bytes(intact.replace(b'"rows"', b'"rows:', 1))  # the same size: not the recorded manifest
+    _, said = _run_logged(cfg, redo="train")
+    assert said["targets"].startswith("redone: its output is not the one recorded") and manifest.read_bytes() == intact
+
+
+def test_an_output_replaced_since_it_was_recorded_is_made_again(tmp_path):
+    """A skipped stage loaded whatever file was on disk, and the stages after it took the digest
+    recorded for the one it replaced (a session-65 audit): a projector refitted by hand at another
+    beta, or targets written by hand, were trained on under the config's name; another student
+    copied in was reported. A finished output is now checked against its recorded digest when its
+    stage is skipped, and made again when it differs."""
+    from lelp_fast import LELPProjector, generate_targets
+    from lelp_fast.io.integrity import load_checked, save_checked
+    from lelp_fast.offline import shards
+
+    cfg = _tiny_config(tmp_path, report={"kd_baseline": False})
+    _run_logged(cfg)
+    run_dir = tmp_path / "run"
+    first = _bytes(tmp_path, "projector.safetensors", "targets/manifest.json", "student/student.safetensors")
+
+    other = LELPProjector(2, beta=0.05).fit(str(run_dir / "capture" / "train"))
+    other.save(str(run_dir / "projector.safetensors"))
     _, said = _run_logged(cfg)
-    assert said["targets"].startswith("redone: ") and manifest.read_bytes() == intact
+    assert said["fit"] == "redone: its output is not the one recorded (replaced or edited since)"
+    assert _bytes(tmp_path, "projector.safetensors")["projector.safetensors"] == first["projector.safetensors"]
+    assert said["targets"] == "skipped (unchanged)"  # the projector made again is the recorded one
+
+    projector = LELPProjector.load(str(run_dir / "projector.safetensors"))
+    shutil.rmtree(run_dir / "targets")
+    generate_targets(projector, str(run_dir / "capture" / "train"), str(run_dir / "targets"), beta=0.05)
+    _, said = _run_logged(cfg)
+    assert said["targets"].startswith("redone: its output is not the one recorded")
+    assert _bytes(tmp_path, "targets/manifest.json")["targets/manifest.json"] == first["targets/manifest.json"]
+
+    student = run_dir / "student" / "student.safetensors"
+    weights = load_checked(str(student))
+    shards.write_atomically(str(student), save_checked({k: v + 0.5 for k, v in weights.items()}))
+    _, said = _run_logged(cfg)
+    assert said["train"].startswith("redone: its output is not the one recorded")
+    assert student.read_bytes() == first["student/student.safetensors"]
+    assert said["report"] == "skipped (unchanged)"  # the student made again is the one it reported
+
+    report = run_dir / "report.json"  # the same size, not JSON: made again, not an error on every rerun
+    report.write_bytes(b"#" + report.read_bytes()[1:])
+    _, said = _run_logged(cfg)
+    assert said["report"].startswith("redone: its output is not the one recorded")
+    json.loads(report.read_text())
+
+
+def test_a_damaged_student_report_names_the_file_and_the_next_run_redoes_its_stage(tmp_path):
+    """A student/report.json that did not parse failed every rerun with "Expecting value: line 1
+    column 1 (char 0)", naming no file."""
+    from lelp_fast.run import DamagedOutputError
+
+    cfg = _tiny_config(tmp_path, report={"kd_baseline": False})
+    _run_logged(cfg)
+    summary = tmp_path / "run" / "student" / "report.json"
+    summary.write_bytes(b"#" + summary.read_bytes()[1:])
+    with pytest.raises(DamagedOutputError, match=r"student/report.json is corrupt: not readable JSON.*"
+                                                 r"it redoes the train stage"):
+        _run_logged(cfg, redo="report")
+    _, said = _run_logged(cfg)
+    assert said["train"].startswith("redone: ") and json.loads(summary.read_text())["best"]
 
 
 def test_a_damaged_file_is_held_against_the_stage_that_wrote_it(tmp_path):
@@ -308,6 +389,38 @@ def test_execution_only_settings_reuse_the_outputs_and_redo_forces(tmp_path):
     _, said = _run_logged(_tiny_config(tmp_path), redo="targets")
     assert said["fit"] == "skipped (unchanged)" and said["targets"] == "redone: forced (--redo)"
     assert said["train"] == "redone: forced (--redo)"
+
+
+def test_an_execution_only_edit_does_not_stick_a_repair_or_a_resumed_fit(tmp_path, monkeypatch):
+    """fit.chunk_mb and targets.chunk_mb change how fast, not what: yet a targets repair after an edit
+    of targets.chunk_mb failed on every rerun ("written with other settings (chunk_bytes ...)"), and a
+    killed fit resumed after an edit of fit.chunk_mb failed ("checkpoint ... written for other data
+    or settings") until the edit was undone (a session-65 audit)."""
+    from lelp_fast.fit import engine
+
+    sections = {"report": {"kd_baseline": False}, "capture": {"batches_per_shard": 1}}
+    _run_logged(_tiny_config(tmp_path, targets={"chunk_mb": 0.01}, **sections))
+    shard = tmp_path / "run" / "targets" / "shard-000001.log_targets.npy"
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:100])
+    _, said = _run_logged(_tiny_config(tmp_path, targets={"chunk_mb": 0.02}, **sections))
+    assert said["targets"].startswith("repaired: ") and shard.read_bytes() == intact
+
+    killed = _tiny_config(tmp_path / "k", fit={"chunk_mb": 0.002, "checkpoint_every": 1}, **sections)
+    original = engine.accumulate
+    monkeypatch.setattr(engine, "accumulate", lambda *a, **k: original(*a, stop_after_chunks=2, **k))
+    with pytest.raises(KeyboardInterrupt):
+        _run_logged(killed, until="fit")
+    monkeypatch.setattr(engine, "accumulate", original)
+    assert (tmp_path / "k" / "run" / "fit.ckpt").exists()
+    lines = []
+    from lelp_fast.run import run
+
+    run(_tiny_config(tmp_path / "k", fit={"chunk_mb": 0.004, "checkpoint_every": 1}, **sections), until="fit",
+        log=lines.append)
+    assert "[fit] resumed" in lines and any("written with another fit.chunk_mb: starting the fit over" in line
+                                              for line in lines), lines
+    assert (tmp_path / "k" / "run" / "projector.safetensors").exists()
 
 
 def test_the_report_has_the_kd_baseline_and_a_switch_turns_it_off(tmp_path):

@@ -6,10 +6,10 @@ pooling is the one the student was trained with even when the config has been ed
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 
+from ..offline import provenance
 from .module import export_module
 
 
@@ -22,8 +22,7 @@ def export_run(cfg, out: str, format: str = "torch-export"):
     report_path = os.path.join(student_dir, "report.json")
     if not os.path.exists(report_path):
         raise FileNotFoundError(f"{report_path} does not exist: train the student first (lelp-fast train CONFIG)")
-    with open(report_path) as f:
-        report = json.load(f)
+    report = provenance.read_json(report_path)
     c, s, tau = report["num_classes"], report["n_subclasses"], report["settings"]["tau"]
     if (s, float(tau)) != (cfg.fit.subclasses, float(cfg.train.tau)):
         warnings.warn(f"{student_dir} holds the student trained with S={s}, tau={tau}; the config now says "

@@ -73,6 +73,17 @@ def read(path: str) -> Optional[dict]:
     return stored if isinstance(stored, dict) and stored.get("version") == VERSION else None
 
 
+def read_json(path: str):
+    """A JSON output file (a report); one that does not parse is named as corrupt, so that a run
+    records it against the stage that wrote it and makes it again."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    try:
+        return json.loads(blob)
+    except ValueError as exc:
+        raise ValueError(f"{path} is corrupt: not readable JSON ({exc})") from None
+
+
 def write(path: str, stored: dict) -> None:
     """Writes a record (atomically; read back by :func:`read`)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import math
 import shutil
@@ -250,8 +249,10 @@ def _reuse_finished(student: nn.Module, out_dir: str, made_from: dict, log, remo
     report_path = os.path.join(out_dir, "report.json")
     if not os.path.exists(report_path):
         return None
-    with open(report_path) as f:
-        report = json.load(f)
+    try:
+        report = provenance.read_json(report_path)
+    except ValueError:  # a damaged report: the run is made again
+        report = {}
     if report.get("made_from") == made_from:
         load_student(student, out_dir)
         return report
