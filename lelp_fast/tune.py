@@ -222,9 +222,11 @@ class _Search:
         why = infeasible(self.classes, self.c, s)
         if why is None:
             w, b = t.head if t.head is not None else (None, None)
+            # the logits only where the classes are the teacher's and no head gives them
+            logits = t.logits if w is None and self.fit_options.get("assign") == "teacher" else None
             try:
                 projector = LELPProjector(s, seed=self.fit_seed, **self.fit_options).fit(
-                    t.embeddings, t.labels, teacher_logits=t.logits, head_weight=w, head_bias=b, num_classes=self.c)
+                    t.embeddings, t.labels, teacher_logits=logits, head_weight=w, head_bias=b, num_classes=self.c)
             except ValueError as exc:  # e.g. a class whose embeddings span fewer than S directions
                 return str(exc)
             self.coords[s] = projector.project(t.embeddings[self.rows])
