@@ -175,6 +175,30 @@ def test_rerun_with_other_settings_trains_again(stored, tmp_path, capsys):
     assert (tmp_path / "run" / "student.safetensors").read_bytes() == (tmp_path / "fresh" / "student.safetensors").read_bytes()
 
 
+def test_other_training_or_validation_data_train_again(stored, tmp_path, capsys):
+    """distill's record covered its settings, targets and architecture, not its data: a second call
+    with other inputs (1 - x), or another validation set, returned the first student and report
+    without a word (two session-65 walkthroughs)."""
+    out = str(tmp_path / "run")
+    x, y = stored["train"].tensors
+    settings = TrainSettings(epochs=1, batch_size=64, tensorboard=False)
+
+    def train(data, val=None):
+        s = student()
+        report = distill(s, data, stored["targets"], out, num_classes=2, n_subclasses=2, val_data=val,
+                         settings=settings)
+        return s, report
+
+    first, _ = train(stored["train"])
+    again, _ = train(TensorDataset(x.clone(), y.clone()))  # the same bytes: reused
+    assert torch.equal(again.weight, first.weight) and "training again" not in capsys.readouterr().out
+    other, _ = train(TensorDataset(1 - x, y))
+    assert not torch.equal(other.weight, first.weight)
+    assert "input train_data changed" in capsys.readouterr().out
+    _, report = train(TensorDataset(1 - x, y), val=stored["val"])
+    assert report["best"]["epoch"] == 1 and "input val_data changed" in capsys.readouterr().out
+
+
 def _kill_after_first_checkpoint(stored, out, **kw):
     original = train_loop._Run._save
 

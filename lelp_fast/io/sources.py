@@ -166,7 +166,7 @@ class ArraySource(EmbeddingSource):
         """Every byte of the arrays (read at memory speed, XXH3): an edit to any row is a changed source."""
         h = hashlib.sha256(self._sampled_fingerprint().encode())
         for arr in self._arrays().values():
-            h.update(_content_digest(arr))
+            h.update(content_digest(arr))
         return h.hexdigest()[:16]
 
     def _sampled_fingerprint(self) -> str:
@@ -207,10 +207,10 @@ def _hash_in_full(h, arrays: dict) -> None:
     file source alone, or with companion files, is as before session 65.)"""
     for name, arr in arrays.items():
         if arr is not None:
-            h.update(name.encode() + _content_digest(arr))
+            h.update(name.encode() + content_digest(arr))
 
 
-def _content_digest(arr, block_bytes: int = 64 << 20) -> bytes:
+def content_digest(arr, block_bytes: int = 64 << 20) -> bytes:
     """XXH3-128 of an array's bytes (a tensor on any device, bf16 too), block by block of rows."""
     digest = xxhash.xxh3_128()
     row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * _itemsize(arr))

@@ -24,11 +24,13 @@ from contextlib import nullcontext
 from typing import Callable, Optional, Sequence
 
 import torch
+import xxhash
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .._checks import check_choice, check_count, check_nonnegative, check_positive
 from ..io.integrity import load_checked, save_checked, seal, unseal
+from ..io.sources import content_digest
 from ..io.locks import ExclusiveLock
 from ..metrics import agreement, predictive_kl
 from ..offline import TargetsDataset, provenance, shards
@@ -182,9 +184,9 @@ def distill(
     :class:`OnlineTargets` to compute them in the fused loss from a capture's embeddings.
     ``compact_temperatures`` = (β, τ) turns compact targets (``u`` and teacher logits) into log-targets.
 
-    A finished ``out_dir`` made with the same settings, targets and student architecture is not
-    trained again: its verified weights are loaded into ``student`` and its report returned. When
-    any of them changed, the old outputs are removed and the student is trained again (``log`` says
+    A finished ``out_dir`` made with the same settings, targets, student architecture and data
+    (:func:`data_digest`) is not trained again: its verified weights are loaded into ``student``
+    and its report returned. When any of them changed, the old outputs are removed and the student is trained again (``log`` says
     what changed); a checkpoint of a killed run is resumed only when it was made the same way.
     """
     settings = settings or TrainSettings()
@@ -204,8 +206,10 @@ def distill(
     with lock:
         data, loss_fn, targets_digest = _training_data(train_data, targets, num_classes, n_subclasses, settings,
                                                        compact_temperatures)
+        inputs = {"targets": targets_digest, "student": _architecture(student), "train_data": data_digest(train_data),
+                  "val_data": data_digest(val_data), "val_teacher_logits": data_digest(val_teacher_logits)}
         made_from = provenance.record(_result_settings(settings, num_classes, n_subclasses, compact_temperatures),
-                                      {"targets": targets_digest, "student": _architecture(student)})
+                                      inputs)
         finished = _reuse_finished(student, out_dir, made_from, log) if lead else None
         parallel.barrier()  # the lead has removed stale outputs, or found the finished run
         if not lead:
@@ -236,6 +240,21 @@ def _result_settings(settings: TrainSettings, num_classes: int, n_subclasses: in
     train["subclass_weight"] = trained_subclass_weight(settings, n_subclasses)
     return {"train": train, "num_classes": num_classes, "n_subclasses": n_subclasses,
             "compact_temperatures": None if compact is None else list(compact)}
+
+
+def data_digest(data) -> Optional[str]:
+    """What a finished run's data are recognised by: every byte of a TensorDataset's tensors, or of
+    a tensor (XXH3, ~0.04 s a GB); any other dataset by its type and length, as its items are not
+    read twice (a different dataset of the same length needs a new out_dir)."""
+    if data is None:
+        return None
+    tensors = data.tensors if isinstance(data, TensorDataset) else (data,) if torch.is_tensor(data) else None
+    if tensors is None:
+        return f"{type(data).__module__}.{type(data).__qualname__}:{len(data) if hasattr(data, '__len__') else '?'}"
+    digest = xxhash.xxh3_128()
+    for t in tensors:
+        digest.update(f"{tuple(t.shape)}:{t.dtype}:".encode() + content_digest(t))
+    return digest.hexdigest()
 
 
 def _architecture(student: nn.Module) -> dict:
