@@ -496,3 +496,16 @@ def test_training_rows_in_another_order_than_the_targets_are_refused(stored, tmp
                                              r".* label \d for that row: the dataset must hold the rows"):
             distill(student(), shuffled, targets, str(tmp_path / "run"), num_classes=2, n_subclasses=2,
                     settings=settings)
+
+
+def test_a_run_without_validation_data_says_which_weights_it_keeps(stored, tmp_path):
+    """Its report read "best validation accuracy -1.0000 at epoch None", and the empty validation
+    panel made matplotlib warn "No artists with labels found to put in legend"."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        distill(student(), stored["train"], stored["targets"], str(tmp_path / "run"), num_classes=2,
+                n_subclasses=2, settings=TrainSettings(epochs=1, batch_size=64, tensorboard=False))
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "no validation data: the last epoch's weights are kept" in md and "-1.0000" not in md

@@ -13,11 +13,12 @@ COLUMNS = ("epoch", "train_loss", "train_soft", "train_hard", "val_accuracy", "v
 def format_markdown(summary: dict) -> str:
     """The learning curves as a Markdown table, with the best epoch first."""
     best = summary.get("best") or {}
+    kept = (f"best validation accuracy {best.get('accuracy', float('nan')):.4f} at epoch {best['epoch']}"
+            if best.get("epoch") is not None else "no validation data: the last epoch's weights are kept")
     lines = ["# Distillation report", "",
              f"C = {summary['num_classes']}, S = {summary['n_subclasses']}"
              + (f", subclass weight λ = {summary['subclass_weight']}" if summary.get("n_subclasses", 1) > 1
-                and "subclass_weight" in summary else "") + f", epochs run: {summary['epochs_run']}; "
-             f"best validation accuracy {best.get('accuracy', float('nan')):.4f} at epoch {best.get('epoch')}", "",
+                and "subclass_weight" in summary else "") + f", epochs run: {summary['epochs_run']}; {kept}", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for record in summary["history"]:
         cells = [f"{record[c]:.4f}" if isinstance(record.get(c), float) else str(record.get(c, "")) for c in COLUMNS]
@@ -46,7 +47,8 @@ def plot_curves(summary: dict, path: str) -> bool:
     ax2.set(xlabel="epoch", ylabel="fraction", title="validation")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # no validation data: the right panel is empty
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
