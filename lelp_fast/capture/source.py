@@ -181,11 +181,11 @@ class CaptureDataset(torch.utils.data.Dataset):
         return inputs, (rows["embeddings"], rows["teacher_logits"])
 
     def __getitems__(self, indices):
-        from ..offline.dataset import _item_labels, require_same_rows
+        from ..offline.dataset import item_labels, require_same_rows
 
         rows = self.source.rows(indices)
         items = [self.dataset[i] for i in indices]
-        require_same_rows(_item_labels(items), rows["labels"].long(), torch.as_tensor(indices, dtype=torch.int64),
+        require_same_rows(item_labels(items), rows["labels"].long(), torch.as_tensor(indices, dtype=torch.int64),
                           f"the capture {self.source.directory} holds")
         return [(item, (rows["embeddings"][j], rows["teacher_logits"][j])) for j, item in enumerate(items)]
 

@@ -257,7 +257,7 @@ class TargetsDataset(Dataset):
             return list(t)
         items = [self.dataset[i] for i in indices]
         if self.check_labels:
-            require_same_rows(_item_labels(items), self._gather_labels(idx), idx, self._holder)
+            require_same_rows(item_labels(items), self._gather_labels(idx), idx, self._holder)
         return [(item, t[j]) for j, item in enumerate(items)]
 
 
@@ -349,7 +349,7 @@ def batch_labels(batch) -> Optional[torch.Tensor]:
     return y.long()
 
 
-def _item_labels(items: List[Any]) -> Optional[torch.Tensor]:
+def item_labels(items: List[Any]) -> Optional[torch.Tensor]:
     """:func:`batch_labels` of single rows (each label a number or a 0-d tensor)."""
     labels = [it.get("labels", it.get("label")) if isinstance(it, dict)
               else it[1] if isinstance(it, (tuple, list)) and len(it) >= 2 else None for it in items]
