@@ -38,7 +38,8 @@ __version__ = "0.1.0"
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 FORMAT_NAME = "lelp_fast.projector"
-FORMAT_VERSION = 2  # 2: one JSON metadata key holding the tensors_sha256 checksum
+# 2: one JSON metadata key holding the tensors_sha256 checksum; 3: and the metadata's own checksum
+FORMAT_VERSION = 3
 METADATA_KEY = "lelp_fast"
 
 
@@ -442,7 +443,7 @@ class LELPProjector:
             raise ValueError(f"{path}: corrupt projector metadata ({exc})") from exc
         if meta.get("format") != FORMAT_NAME:
             raise ValueError(f"{path}: not a lelp_fast projector (format={meta.get('format')!r})")
-        meta = check_metadata_checksum(meta, path, "refit or restore it")
+        meta = check_metadata_checksum(meta, path, "refit or restore it", required=meta.get("format_version", 0) >= 3)
         stored = meta.pop("tensors_sha256", None)
         if stored is None:
             raise ValueError(f"{path}: projector has no tensor checksum (written before checksums); refit it")

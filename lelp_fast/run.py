@@ -292,8 +292,9 @@ def _fit_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
 
     try:
         fit()
-    except StaleCheckpointError:  # the same stage settings: an execution-only key (fit.chunk_mb) changed
-        stages.log(f"[fit] {paths['fit.ckpt']} was written with another fit.chunk_mb: starting the fit over")
+    except StaleCheckpointError:  # the stage's settings and inputs are the record's: fit.chunk_mb, or the library
+        stages.log(f"[fit] {paths['fit.ckpt']} was written otherwise (another fit.chunk_mb, or another version): "
+                   "starting the fit over")
         os.unlink(paths["fit.ckpt"])
         fit()
     projector.save(path)

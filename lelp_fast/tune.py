@@ -1,7 +1,8 @@
 """``lelp-fast tune``: choose S, β and τ on the validation split, or keep KD when LELP does not win.
 
-One projector fit per S (with the run config's other fit settings); for each S the compact targets (the coordinates ``u`` and the teacher's
-logits ``z``) are computed once, so every (β, τ) only re-runs the two log-softmaxes. Each grid point
+One projector fit per S (with the run config's other fit settings); for each S the compact
+targets (the coordinates ``u`` and the teacher's logits ``z``) are computed once, so every (β, τ)
+only re-runs the two log-softmaxes. Each grid point
 trains proxies (the config's student) for a fixed number of optimiser steps, on ``seeds`` seeds,
 and scores each proxy at its best validation evaluation, as ``distill`` keeps its best epoch
 (``keep="last"`` scores the last one, for students kept as they end: the quality benchmark's). The
@@ -264,8 +265,7 @@ class _Search:
         per_seed = self.scores(s, beta, tau, seeds, weight)
         record = {"subclasses": s, "beta": beta, "tau": tau, "subclass_weight": weight,
                   "val_accuracy": sum(per_seed) / len(per_seed), "per_seed": per_seed}
-        name = "KD" if s == 1 else f"S={s} beta={beta}" + ("" if weight == 1.0 else f" lambda={weight}")
-        self.log(f"[tune] {name} tau={tau}: validation accuracy {record['val_accuracy']:.4f} "
+        self.log(f"[tune] {point_name(record)}: validation accuracy {record['val_accuracy']:.4f} "
                  f"(mean of {len(seeds)} seeds, each at its {self.grid.keep} evaluation)")
         return record
 
@@ -418,10 +418,8 @@ def point_name(r: dict) -> str:
 def summary_lines(summary: dict) -> List[str]:
     """The decision, its interval, the ties and the skipped S values, one sentence each."""
     best, d = summary["best"], summary["decision"]
-    setting = (f"S={best['subclasses']}, beta={best['beta']}, tau={best['tau']}, lambda={best['subclass_weight']}"
-               if best["subclasses"] > 1 else f"KD (S=1), tau={best['tau']}")
     budget = best.get("steps", summary["grid"]["steps"])
-    lines = [f"choice: {setting} (validation accuracy {best['val_accuracy']:.4f} on the choosing half, "
+    lines = [f"choice: {point_name(best)} (validation accuracy {best['val_accuracy']:.4f} on the choosing half, "
              f"{budget} steps); {d['reason']}"]
     if summary.get("kd_finals"):
         taus = ", ".join(f"tau={r['tau']} {r['val_accuracy']:.4f}" for r in summary["kd_finals"])
@@ -430,8 +428,7 @@ def summary_lines(summary: dict) -> List[str]:
                      f"tau={summary['kd_proxy']['tau']})")
     for arm in ("kd", "lelp"):
         if summary["ties"][arm]:
-            points = "; ".join(f"S={r['subclasses']} beta={r['beta']} tau={r['tau']} lambda={r['subclass_weight']}"
-                               for r in summary["ties"][arm])
+            points = "; ".join(point_name(r) for r in summary["ties"][arm])
             lines.append(f"tie ({arm.upper()}) at {summary['ties'][arm][0]['val_accuracy']:.4f} between {points}; "
                          f"{summary['ties']['rule']}")
     lines += [f"S={s['subclasses']} skipped: {s['reason']}" for s in summary["skipped"]]
@@ -474,7 +471,7 @@ def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
     """
     from .run import load_task, run
 
-    grid.check()  # before the teacher is trained and captured
+    grid.check()  # before the teacher is trained and captured (search checks it for its own callers)
     if capture_dir is None:
         run(cfg, until="capture", log=log)
     task = load_task(cfg)

@@ -771,16 +771,18 @@ def test_a_dataset_in_another_order_than_its_targets_is_refused(problem, tmp_pat
     for make in (lambda ds: TargetsDataset(out, ds).batch(torch.arange(len(h))),
                  lambda ds: TargetsDataset(out, ds)[first_wrong],
                  lambda ds: _read_all(TargetsDataset(out, ds))):
-        with pytest.raises(ValueError, match=rf"row {first_wrong} of the dataset has label {int(y[perm][first_wrong])}, "
-                                             rf"but the targets in .* hold label {int(y[first_wrong])} for that row"):
+        with pytest.raises(ValueError, match=rf"row {first_wrong} of the training data has label "
+                                             rf"{int(y[perm][first_wrong])}, but the targets in .* were made from a row "
+                                             rf"labelled {int(y[first_wrong])}: .* pass check_labels=False"):
             make(shuffled)
         make(TensorDataset(h, y))  # in order: taken
     unlabelled = y.clone()
     unlabelled[first_wrong] = -100
     TargetsDataset(out, TensorDataset(h, unlabelled))[first_wrong]  # -100: not compared
     TargetsDataset(out, TensorDataset(h[perm], y[perm]), check_labels=False)[first_wrong]
-    TargetsDataset(out, TensorDataset(h, y.double())).batch(torch.arange(5))  # whole-number float labels
-    TargetsDataset(out, h[perm]).batch(torch.arange(5))  # a tensor of inputs holds no labels: nothing compared
+    TargetsDataset(out, h[perm]).batch(torch.arange(len(h)))  # a tensor of inputs holds no labels: nothing compared
+    TargetsDataset(out, TensorDataset(h, torch.rand(len(h)))).batch(torch.arange(len(h)))  # float: weights, not labels
+    TargetsDataset(out, [{"x": h[i], "label": -1} for i in range(len(h))])[first_wrong]  # GLUE's "no label"
     stored = shards.read(fmt, out, {"*": f"shard-000000.{fmt}"} if fmt != "npy" else
                          {"labels": "shard-000000.labels.npy"}, "float32")["labels"]
     assert stored.dtype == torch.int16 and torch.equal(stored.long(), y[:len(stored)])

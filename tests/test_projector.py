@@ -94,6 +94,9 @@ def test_a_flipped_bit_in_the_stored_temperatures_is_an_error(tmp_path):
     path.write_bytes(bytes(flipped))
     with pytest.raises(ValueError, match=r"p.safetensors: its metadata fails its sha256 checksum"):
         LELPProjector.load(path)
+    path.write_bytes(bytes(flipped).replace(b"metadata_sha256", b"metadata_sha25X"))  # the checksum's key damaged
+    with pytest.raises(ValueError, match=r"p.safetensors: its metadata fails its sha256 checksum"):
+        LELPProjector.load(path)
 
 
 def test_captured_variance_is_a_fraction():

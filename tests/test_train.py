@@ -492,10 +492,14 @@ def test_training_rows_in_another_order_than_the_targets_are_refused(stored, tmp
     fitted = LELPProjector(2, beta=0.5).fit(str(stored["tmp"] / "cap"), head_weight=w, head_bias=b)
     settings = TrainSettings(epochs=1, batch_size=64, tensorboard=False)
     for targets in (stored["targets"], OnlineTargets(fitted, str(stored["tmp"] / "cap"))):
-        with pytest.raises(ValueError, match=r"row \d+ of the dataset has label \d, but the (targets in|capture) "
-                                             r".* label \d for that row: the dataset must hold the rows"):
+        with pytest.raises(ValueError, match=r"row \d+ of the training data has label \d, but the (targets in|capture) "
+                                             r".* were made from a row labelled \d: the data must be the rows"):
             distill(student(), shuffled, targets, str(tmp_path / "run"), num_classes=2, n_subclasses=2,
                     settings=settings)
+        noisy = y.clone()  # labels changed on purpose: the check is turned off where training is called
+        noisy[::5] = 1 - noisy[::5]
+        distill(student(), TensorDataset(x, noisy), targets, str(tmp_path / "noisy"), num_classes=2, n_subclasses=2,
+                settings=settings, check_labels=False)
 
 
 def test_a_run_without_validation_data_says_which_weights_it_keeps(stored, tmp_path):
@@ -509,3 +513,15 @@ def test_a_run_without_validation_data_says_which_weights_it_keeps(stored, tmp_p
                 n_subclasses=2, settings=TrainSettings(epochs=1, batch_size=64, tensorboard=False))
     md = (tmp_path / "run" / "report.md").read_text()
     assert "no validation data: the last epoch's weights are kept" in md and "-1.0000" not in md
+
+
+def test_a_subset_is_recognised_by_its_rows():
+    """random_split's Subsets of one dataset have the same type and length: their indices tell them apart."""
+    from torch.utils.data import Subset, random_split
+
+    from lelp_fast.train.loop import data_digest
+
+    ds = TensorDataset(torch.arange(10.0).unsqueeze(1), torch.zeros(10, dtype=torch.long))
+    a, _ = random_split(ds, [5, 5], generator=torch.Generator().manual_seed(0))
+    b, _ = random_split(ds, [5, 5], generator=torch.Generator().manual_seed(1))
+    assert data_digest(a) != data_digest(b) and data_digest(a) == data_digest(Subset(ds, list(a.indices)))

@@ -157,8 +157,8 @@ class CaptureDataset(torch.utils.data.Dataset):
     """``(dataset[i], (embedding_i, teacher_logits_i))``: training inputs joined by row index to the
     teacher outputs a capture stored for them (for the online loss: targets computed in the loss)."""
 
-    def __init__(self, directory: str, dataset):
-        self.source, self.dataset = CaptureSource(directory), dataset
+    def __init__(self, directory: str, dataset, *, check_labels: bool = True):
+        self.source, self.dataset, self.check_labels = CaptureSource(directory), dataset, bool(check_labels)
         if len(dataset) != self.source.n_rows:
             raise ValueError(f"dataset has {len(dataset)} rows but the capture {directory} has {self.source.n_rows}")
 
@@ -171,23 +171,25 @@ class CaptureDataset(torch.utils.data.Dataset):
     def batch(self, indices):
         """``(inputs, (embeddings, teacher_logits))`` of the rows, each gathered as one batch; the
         inputs' labels checked against the captured ones (``TargetsDataset``'s ``check_labels``)."""
-        from ..offline.dataset import batch_labels, gather_rows, require_same_rows
+        from ..offline.dataset import gather_rows
 
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         rows = self.source.rows(idx)
         inputs = gather_rows(self.dataset, idx)
-        holder = f"the capture {self.source.directory} holds"
-        require_same_rows(batch_labels(inputs), rows["labels"].long(), idx, holder)
+        self._check(inputs, rows, idx)
         return inputs, (rows["embeddings"], rows["teacher_logits"])
 
     def __getitems__(self, indices):
-        from ..offline.dataset import item_labels, require_same_rows
-
         rows = self.source.rows(indices)
         items = [self.dataset[i] for i in indices]
-        require_same_rows(item_labels(items), rows["labels"].long(), torch.as_tensor(indices, dtype=torch.int64),
-                          f"the capture {self.source.directory} holds")
+        self._check(items, rows, torch.as_tensor(indices, dtype=torch.int64))
         return [(item, (rows["embeddings"][j], rows["teacher_logits"][j])) for j, item in enumerate(items)]
+
+    def _check(self, joined, rows: dict, idx: torch.Tensor) -> None:
+        from ..offline.dataset import require_same_rows
+
+        if self.check_labels:
+            require_same_rows(joined, rows["labels"], idx, f"the capture {self.source.directory}")
 
 
 def _is_capture(path: str) -> bool:

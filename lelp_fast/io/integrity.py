@@ -85,12 +85,12 @@ def with_metadata_checksum(meta: dict) -> dict:
     return {**meta, METADATA_CHECKSUM_KEY: _json_sha256(meta)}
 
 
-def check_metadata_checksum(meta: dict, path: str, advice: str) -> dict:
+def check_metadata_checksum(meta: dict, path: str, advice: str, required: bool = False) -> dict:
     """``meta`` without its metadata checksum, after checking it; a file written before session 65
-    has none and is taken as it is."""
+    has none and is taken as it is, unless its format says it has one (``required``)."""
     meta = dict(meta)
     claimed = meta.pop(METADATA_CHECKSUM_KEY, None)
-    if claimed is not None and claimed != _json_sha256(meta):
+    if (claimed is not None or required) and claimed != _json_sha256(meta):
         raise ValueError(f"{path}: its metadata fails its sha256 checksum (corrupt file); {advice}")
     return meta
 

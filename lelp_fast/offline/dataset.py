@@ -8,6 +8,7 @@ per row and a collate. :func:`batch_loader` is the ``DataLoader`` that feeds suc
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections import OrderedDict
 from typing import Any, Iterator, List, Optional, Sequence
@@ -77,8 +78,8 @@ class TargetsDataset(Dataset):
         for entry in self.shards:  # sizes now (a stat per file); each checksum when the shard is first read
             mf.verify_shard(self.directory, entry, checksums=False)
         self.dataset, self.beta, self.tau, self.verify = dataset, beta, tau, bool(verify)
-        self.check_labels = bool(check_labels)
-        self._holder = f"the targets in {self.directory} hold"  # for require_same_rows
+        self.check_labels = bool(check_labels) and dataset is not None
+        self._stores = f"the targets in {self.directory}"  # named by require_same_rows
         self._starts = [e["rows"][0] for e in self.shards]
         self._starts_array = np.array(self._starts, dtype=np.int64)
         self._verified: set = set()
@@ -132,8 +133,10 @@ class TargetsDataset(Dataset):
                 return False
             every_row = torch.arange(self.n_rows)
             self._in_memory = self._gather(every_row)
-            labels = self._gather_labels(every_row)
-            self._labels_in_memory = torch.full((self.n_rows,), IGNORE_INDEX) if labels is None else labels
+            if self.check_labels:  # int16 (2 bytes a row) as stored; -100 where none are
+                labels = self._gather_labels(every_row)
+                self._labels_in_memory = (torch.full((self.n_rows,), IGNORE_INDEX, dtype=torch.int16)
+                                          if labels is None else labels)
         return True
 
     def _holds_log_targets(self) -> bool:
@@ -171,12 +174,13 @@ class TargetsDataset(Dataset):
             return self._labels_in_memory[idx]
         if idx.numel() == 0:
             return None
-        out, found = torch.full((idx.numel(),), IGNORE_INDEX), False
+        out, found = torch.full((idx.numel(),), IGNORE_INDEX, dtype=torch.int64), False
         for s, rows, local in self._by_shard(idx.numpy()):
             labels = self._shard(s).get(shards.LABELS)
             if labels is not None:
                 found = True
-                out[rows if isinstance(rows, slice) else torch.from_numpy(rows)] = labels[torch.from_numpy(local)].long()
+                at = rows if isinstance(rows, slice) else torch.from_numpy(rows)
+                out[at] = labels[torch.from_numpy(local)].long()
         return out if found else None
 
     def _by_shard(self, idx: np.ndarray) -> Iterator[tuple]:
@@ -222,13 +226,15 @@ class TargetsDataset(Dataset):
 
     def sampled_batch(self, idx: torch.Tensor) -> Any:
         """:meth:`batch` of rows known to be valid (an int64 CPU tensor of row numbers in range, as a
-        sampler draws them): no check, which in a training step costs more than the gather."""
+        sampler draws them): no check of the row numbers, which in a training step costs more than
+        the gather; the joined rows' labels are checked (``check_labels``: ~15 us a batch of 256
+        held in memory)."""
         t = self._gather(idx)
         if self.dataset is None:
             return t
         inputs = gather_rows(self.dataset, idx)
         if self.check_labels:
-            require_same_rows(batch_labels(inputs), self._gather_labels(idx), idx, self._holder)
+            require_same_rows(inputs, self._gather_labels(idx), idx, self._stores)
         return inputs, t
 
     def to_hf_dataset(self):
@@ -257,7 +263,7 @@ class TargetsDataset(Dataset):
             return list(t)
         items = [self.dataset[i] for i in indices]
         if self.check_labels:
-            require_same_rows(item_labels(items), self._gather_labels(idx), idx, self._holder)
+            require_same_rows(items, self._gather_labels(idx), idx, self._stores)
         return [(item, t[j]) for j, item in enumerate(items)]
 
 
@@ -313,50 +319,52 @@ def _row_index(indices, n_rows: int) -> torch.Tensor:
     return torch.where(idx < 0, idx + n_rows, idx) if low < 0 else idx
 
 
-IGNORE_INDEX = -100  # a row without a label
+IGNORE_INDEX = -100  # a row without a label, as capture and the loss take it
 
 
-def require_same_rows(labels: Optional[torch.Tensor], stored: Optional[torch.Tensor], idx: torch.Tensor,
-                      what: str) -> None:
-    """Refuses a dataset's rows whose labels differ from those stored for the same row numbers
-    (``what``: who stores them, with its verb: "the targets in DIR hold"): the dataset is not the
-    rows they were made from, in that order (a shuffled or filtered copy pairs
-    every row with another row's targets: a walkthrough's student fell below chance, silently).
-    Rows where either side has no label (-100) are not compared."""
+def require_same_rows(joined, stored: Optional[torch.Tensor], idx: torch.Tensor, where: str) -> None:
+    """Refuses a joined batch (or list of items) whose labels differ from those ``where`` (the
+    targets in DIR, the capture DIR) stores for the same row numbers: it is not the rows they were
+    made from, in that order (a shuffled or filtered copy pairs every row with another row's targets:
+    a walkthrough's student fell below chance, silently). A label is an item's second element, or
+    its "labels"/"label" entry, when it is an integer; rows where either side has a negative label
+    (-100, GLUE's -1: no label) are not compared."""
+    labels = item_labels(joined) if isinstance(joined, list) else batch_labels(joined)
     if labels is None or stored is None or labels.shape != stored.shape:
         return
-    differ = torch.nonzero((labels != stored) & (labels != IGNORE_INDEX) & (stored != IGNORE_INDEX)).flatten()
+    stored = stored.long()
+    differ = torch.nonzero((labels != stored) & (labels >= 0) & (stored >= 0)).flatten()
     if differ.numel():
         j = int(differ[0])
-        raise ValueError(f"row {int(idx[j])} of the dataset has label {int(labels[j])}, but {what} label "
-                         f"{int(stored[j])} for that row: the dataset must hold the rows they were made from, in the "
-                         "same order (not shuffled, filtered or re-split)")
+        raise ValueError(f"row {int(idx[j])} of the training data has label {int(labels[j])}, but {where} were made "
+                         f"from a row labelled {int(stored[j])}: the data must be the rows they were made from, in the "
+                         "same order (not shuffled, filtered or re-split); if its labels differ on purpose (noisy or "
+                         "relabelled rows), pass check_labels=False")
 
 
 def batch_labels(batch) -> Optional[torch.Tensor]:
-    """The labels of a collated batch of (inputs, labels) or of dicts with "labels"/"label", as int64
-    on the CPU; None where there are none to compare (or they are on a GPU: no sync for a check)."""
+    """The labels of a collated batch of (inputs, labels, ...) or of dicts with "labels"/"label":
+    integer, one per row, on the CPU (a GPU's would cost a sync: not checked); else None."""
     if isinstance(batch, dict):
         y = batch.get("labels", batch.get("label"))
     elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
         y = batch[1]
     else:
         return None
-    if not torch.is_tensor(y) or y.ndim != 1 or y.device.type != "cpu" or y.dtype == torch.bool:
-        return None
-    if y.is_floating_point() and not bool((y == y.round()).all()):
+    if not torch.is_tensor(y) or y.ndim != 1 or y.device.type != "cpu" or y.is_floating_point() \
+            or y.is_complex() or y.dtype == torch.bool:
         return None
     return y.long()
 
 
 def item_labels(items: List[Any]) -> Optional[torch.Tensor]:
-    """:func:`batch_labels` of single rows (each label a number or a 0-d tensor)."""
+    """:func:`batch_labels` of single items (each label a Python or 0-d tensor integer)."""
     labels = [it.get("labels", it.get("label")) if isinstance(it, dict)
               else it[1] if isinstance(it, (tuple, list)) and len(it) >= 2 else None for it in items]
-    try:
-        return batch_labels((None, torch.as_tensor([float(y) for y in labels], dtype=torch.float64)))
-    except (TypeError, ValueError, RuntimeError):  # None, a string, a tensor of several values
+    if not all(isinstance(y, numbers.Integral) and not isinstance(y, bool) or torch.is_tensor(y) and y.ndim == 0
+               for y in labels):
         return None
+    return batch_labels((None, torch.stack([torch.as_tensor(y) for y in labels]) if labels else torch.zeros(0)))
 
 
 def gather_rows(dataset, idx: torch.Tensor) -> Any:

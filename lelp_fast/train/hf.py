@@ -26,10 +26,11 @@ TARGETS_KEY = "lelp_targets"
 
 
 class WithTargets(torch.utils.data.Dataset):
-    """``dataset[i]`` (a dict) plus ``{key: log-targets of row i}`` from a targets directory."""
+    """``dataset[i]`` (a dict) plus ``{key: log-targets of row i}`` from a targets directory;
+    ``check_labels`` as :class:`~lelp_fast.TargetsDataset`'s (a row's "labels" against the stored)."""
 
-    def __init__(self, dataset, targets_dir: str, key: str = TARGETS_KEY):
-        self.joined, self.key = TargetsDataset(targets_dir, dataset), key
+    def __init__(self, dataset, targets_dir: str, key: str = TARGETS_KEY, *, check_labels: bool = True):
+        self.joined, self.key = TargetsDataset(targets_dir, dataset, check_labels=check_labels), key
 
     def __len__(self) -> int:
         return len(self.joined)

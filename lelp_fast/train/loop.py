@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import xxhash
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from .._checks import check_choice, check_count, check_nonnegative, check_positive
 from ..io.integrity import load_checked, save_checked, seal, unseal
@@ -34,7 +34,7 @@ from ..io.sources import content_digest
 from ..io.locks import ExclusiveLock
 from ..metrics import agreement, predictive_kl
 from ..offline import TargetsDataset, provenance, shards
-from ..offline.dataset import GatheredBatches
+from ..offline.dataset import IGNORE_INDEX, GatheredBatches
 from ..offline.manifest import MANIFEST, projector_digest
 from ..ops.loss import distill_loss
 from ..reference import canonical_divergence, class_logits, require_kl_for_subclass_weight, resolve_subclass_weight
@@ -97,6 +97,9 @@ def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, t
     """Accuracy of the class logits pooled at the loss's ``tau`` on ``data`` ((x, y) items) over its
     labelled rows (-100 marks a row without a label); with the teacher's logits for the same rows,
     also top-1 agreement and predictive KL(teacher ‖ student). ``name`` names ``data`` in errors."""
+    if teacher_logits is not None:
+        rows = len(data) if hasattr(data, "__len__") else None
+        check_teacher_logits(f"{name}'s teacher_logits", teacher_logits, rows, num_classes, name)
     student.eval()
     outs, labels = [], []
     with torch.no_grad():
@@ -105,8 +108,6 @@ def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, t
             outs.append(student(x.to(device)).float().cpu())
     s = torch.cat(outs)
     y = torch.cat(labels)
-    if teacher_logits is not None:
-        check_teacher_logits(f"{name}'s teacher_logits", teacher_logits, len(s), num_classes)
     labelled = y != IGNORE_INDEX
     if not bool(labelled.any()):
         raise ValueError(f"{name} has no labelled row (every label is {IGNORE_INDEX}): no accuracy to measure")
@@ -116,9 +117,6 @@ def evaluate(student: nn.Module, data, num_classes: int, n_subclasses: int, *, t
         result["agreement"] = agreement(teacher_logits, s, tau)
         result["predictive_kl"] = predictive_kl(teacher_logits, s, tau)
     return result
-
-
-IGNORE_INDEX = -100  # a row without a label, as capture and the loss take it
 
 
 def class_labels(what: str, y: torch.Tensor, num_classes: int, first_row: int = 0) -> torch.Tensor:
@@ -134,7 +132,7 @@ def class_labels(what: str, y: torch.Tensor, num_classes: int, first_row: int = 
     return y.long()
 
 
-def check_labels(name: str, data, num_classes: int) -> None:
+def check_data_labels(name: str, data, num_classes: int) -> None:
     """Before training: a TensorDataset's labels, else the first batch's (a systematic error shows
     there; evaluate checks every validation row after each epoch, the loss every training row)."""
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
@@ -144,14 +142,14 @@ def check_labels(name: str, data, num_classes: int) -> None:
         class_labels(name, torch.as_tensor(y), num_classes)
 
 
-def check_teacher_logits(name: str, teacher_logits, n_rows: Optional[int], num_classes: int) -> None:
-    """The teacher's class logits of the validation rows: one row per row, one column per class. The
+def check_teacher_logits(name: str, teacher_logits, n_rows: Optional[int], num_classes: int, data: str) -> None:
+    """The teacher's class logits of ``data``'s rows: one row per row, one column per class. The
     metrics take C from their width, so K-wide logits gave an agreement of the unpooled student."""
     shape = tuple(teacher_logits.shape)
     if len(shape) != 2 or shape[1] != num_classes or (n_rows is not None and shape[0] != n_rows):
         rows = "N" if n_rows is None else n_rows
         raise ValueError(f"{name} has shape {shape}; expected ({rows}, {num_classes}): the teacher's class "
-                         "logits, one row per validation row")
+                         f"logits, one row per row of {data}")
 
 
 @dataclasses.dataclass
@@ -175,6 +173,7 @@ def distill(
     val_teacher_logits: Optional[torch.Tensor] = None,
     settings: Optional[TrainSettings] = None,
     compact_temperatures: Optional[tuple] = None,
+    check_labels: bool = True,
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -183,20 +182,22 @@ def distill(
     ``targets`` is a targets directory (``generate_targets``; rows in ``train_data``'s order), or
     :class:`OnlineTargets` to compute them in the fused loss from a capture's embeddings.
     ``compact_temperatures`` = (β, τ) turns compact targets (``u`` and teacher logits) into log-targets.
+    ``check_labels``: refuse ``train_data`` whose labels differ from those the targets (or capture)
+    store for its rows (another order, a filtered copy); False for labels changed on purpose.
 
     A finished ``out_dir`` made with the same settings, targets, student architecture and data
     (:func:`data_digest`) is not trained again: its verified weights are loaded into ``student``
-    and its report returned. When any of them changed, the old outputs are removed and the student is trained again (``log`` says
-    what changed); a checkpoint of a killed run is resumed only when it was made the same way.
+    and its report returned. When any of them changed, the old outputs are removed and the student
+    is trained again (``log`` says what changed); a checkpoint of a killed run is resumed only when it was made the same way.
     """
     settings = settings or TrainSettings()
     settings.check()
     steps.resolve_device(settings.device)  # a device this machine lacks, named before any work
-    check_labels("train_data", train_data, num_classes)
-    check_labels("val_data", val_data, num_classes)
+    check_data_labels("train_data", train_data, num_classes)
+    check_data_labels("val_data", val_data, num_classes)
     if val_teacher_logits is not None:
         check_teacher_logits("val_teacher_logits", val_teacher_logits,
-                             len(val_data) if hasattr(val_data, "__len__") else None, num_classes)
+                             len(val_data) if hasattr(val_data, "__len__") else None, num_classes, "val_data")
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     parallel = steps.DataParallel()  # under torchrun: rank 0 writes, every rank trains its share
@@ -205,7 +206,7 @@ def distill(
     lock = ExclusiveLock(os.path.join(out_dir, ".lock"), f"training directory {out_dir}") if lead else nullcontext()
     with lock:
         data, loss_fn, targets_digest = _training_data(train_data, targets, num_classes, n_subclasses, settings,
-                                                       compact_temperatures)
+                                                       compact_temperatures, check_labels)
         inputs = {"targets": targets_digest, "student": _architecture(student), "train_data": data_digest(train_data),
                   "val_data": data_digest(val_data), "val_teacher_logits": data_digest(val_teacher_logits)}
         made_from = provenance.record(_result_settings(settings, num_classes, n_subclasses, compact_temperatures),
@@ -244,10 +245,14 @@ def _result_settings(settings: TrainSettings, num_classes: int, n_subclasses: in
 
 def data_digest(data) -> Optional[str]:
     """What a finished run's data are recognised by: every byte of a TensorDataset's tensors, or of
-    a tensor (XXH3, ~0.04 s a GB); any other dataset by its type and length, as its items are not
-    read twice (a different dataset of the same length needs a new out_dir)."""
+    a tensor (XXH3, ~0.04 s a GB), a Subset's indices and its dataset; any other dataset by its type
+    and length, as its items are not read twice (another dataset of the same length needs a new
+    out_dir)."""
     if data is None:
         return None
+    if isinstance(data, Subset):  # random_split's: its rows are its indices into the whole
+        rows = torch.as_tensor(list(data.indices), dtype=torch.int64)
+        return f"subset {xxhash.xxh3_128(content_digest(rows)).hexdigest()} of {data_digest(data.dataset)}"
     tensors = data.tensors if isinstance(data, TensorDataset) else (data,) if torch.is_tensor(data) else None
     if tensors is None:
         return f"{type(data).__module__}.{type(data).__qualname__}:{len(data) if hasattr(data, '__len__') else '?'}"
@@ -287,12 +292,12 @@ def _reuse_finished(student: nn.Module, out_dir: str, made_from: dict, log, remo
 
 
 def _training_data(train_data, targets, num_classes: int, n_subclasses: int, st: TrainSettings,
-                   compact_temperatures=None):
+                   compact_temperatures=None, check_labels: bool = True):
     """(dataset of (item, target info), loss(out, target info, y) -> (loss, soft, hard), the targets' digest)."""
     if isinstance(targets, OnlineTargets):
-        return _online_data(train_data, targets, num_classes, n_subclasses, st)
+        return _online_data(train_data, targets, num_classes, n_subclasses, st, check_labels)
     beta, tau = compact_temperatures or (None, None)
-    data = TargetsDataset(targets, train_data, beta=beta, tau=tau)
+    data = TargetsDataset(targets, train_data, beta=beta, tau=tau, check_labels=check_labels)
     data.require_temperatures()
     _check_shape(f"the targets in {targets}", data.settings["num_classes"], data.settings["n_subclasses"],
                  num_classes, n_subclasses)
@@ -307,7 +312,8 @@ def _training_data(train_data, targets, num_classes: int, n_subclasses: int, st:
     return data, offline, provenance.file_digest(os.path.join(data.directory, MANIFEST))
 
 
-def _online_data(train_data, targets: "OnlineTargets", num_classes: int, n_subclasses: int, st: TrainSettings):
+def _online_data(train_data, targets: "OnlineTargets", num_classes: int, n_subclasses: int, st: TrainSettings,
+                 check_labels: bool = True):
     from ..capture import CaptureDataset
     from ..loss import LELPLoss
 
@@ -320,7 +326,7 @@ def _online_data(train_data, targets: "OnlineTargets", num_classes: int, n_subcl
         h, z = (t.to(out.device) for t in info)
         return loss(out, labels=y, embeddings=h, teacher_logits=z, return_components=True)
 
-    data = CaptureDataset(targets.capture_dir, train_data)
+    data = CaptureDataset(targets.capture_dir, train_data, check_labels=check_labels)
     projector.require_same_teacher(data.source)
     digest = {"projector": projector_digest(projector), "capture": data.source.fingerprint()}
     return data, online, digest
