@@ -306,7 +306,19 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             print(f"wrote {args.out}: {projector}, method={projector.fitted_method}; {info['rows']} rows"
                   f" ({info['rows_skipped']} skipped) in {projector.fit_timing['seconds']:.1f} s; "
                   f"captured variance per class: {captured}")
+            if head_w is not None and head_b is None:
+                print(f"  head bias: {_bias_taken(projector)}")
     return 0
+
+
+def _bias_taken(projector) -> str:
+    """Which bias a fit given --head-weight alone took (its targets from embeddings use it)."""
+    if "head_bias_from_logits" in projector.fit_info:
+        return (f"none given: the one the teacher logits show, to ±{projector.fit_info['head_bias_from_logits']:.3g}"
+                " (pass --head-bias for the exact one)")
+    if not bool(projector.head_bias.any()):
+        return "none given and no teacher logits to read it from: zero (pass --head-bias if the head has one)"
+    return "none given: the capture's stored one"
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -331,3 +331,17 @@ def test_fit_errors_give_the_flags_a_command_user_types(npy_inputs, capsys):
         assert main(["fit", "--embeddings", paths["E"], *extra, *out]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert "labels are required (--labels)" in err and "--assign teacher" in err, err
+
+
+def test_a_fit_given_the_head_weight_alone_says_which_bias_it_took(npy_inputs, capsys):
+    """Without --head-bias on a bare E.npy the fit used a zero bias (documented), but said nothing;
+    its targets from embeddings then differed by up to 25 in log space (a session-65 walkthrough)."""
+    paths, tmp = npy_inputs
+    common = ["fit", "--embeddings", paths["E"], "--labels", paths["y"], "--head-weight", paths["W"], "--subclasses",
+              "2", "--quiet"]
+    assert main(common + ["--out", str(tmp / "zero.safetensors")]) == 0
+    assert "head bias: none given and no teacher logits to read it from: zero (pass --head-bias" in capsys.readouterr().out
+    assert main(common + ["--teacher-logits", paths["z"], "--out", str(tmp / "read.safetensors")]) == 0
+    assert "head bias: none given: the one the teacher logits show, to ±" in capsys.readouterr().out
+    assert main(common + ["--head-bias", paths["b"], "--out", str(tmp / "given.safetensors")]) == 0
+    assert "head bias" not in capsys.readouterr().out

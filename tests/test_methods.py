@@ -140,3 +140,40 @@ def test_oracle_targets_put_the_class_mass_on_the_true_subclass():
     torch.testing.assert_close(t.reshape(3, 2, 3).sum(-1), p)
     with pytest.raises(ValueError, match="subclass_ids must be in"):
         oracle_coordinates(torch.tensor([3, 0, 0]), y, 2, 3)
+
+
+def test_annealing_with_fewer_epochs_than_steps_still_ends_at_t_1():
+    """tau_max = 4 over 3 stage-I epochs gave 4, 3, 2: the student never saw T = 1 before stage II."""
+    assert [AnnealingKD(tau_max=4, stage1_epochs=3).temperature(e) for e in range(3)] == [4, 3, 1]
+    assert [AnnealingKD(tau_max=4, stage1_epochs=4).temperature(e) for e in range(4)] == [4, 3, 2, 1]
+
+
+def test_a_weighting_network_trained_through_the_fused_loss_is_refused():
+    """teacher_weights that require a gradient got none through LELPLoss / distill_loss, on every
+    backend, silently (a session-65 walkthrough): an AMTML weigher trained so never learned."""
+    from lelp_fast import LELPLoss
+
+    g = torch.Generator().manual_seed(4)
+    log_t = torch.log_softmax(torch.randn(16, 3, 8, generator=g), -1)
+    weigher = InstanceTeacherWeights(5, 3)
+    w = weigher(torch.randn(16, 5, generator=g))
+    s = torch.randn(16, 8, generator=g, requires_grad=True)
+    for backend in ("torch", "cpu", "auto"):
+        with pytest.raises(ValueError, match=r"teacher_weights require a gradient.*InstanceTeacherWeights.mixture_loss"):
+            LELPLoss(num_classes=2, n_subclasses=4, backend=backend)(s, log_t, teacher_weights=w)
+    LELPLoss(num_classes=2, n_subclasses=4)(s, log_t, teacher_weights=w.detach()).backward()
+    grads = torch.autograd.grad(InstanceTeacherWeights.mixture_loss(s, log_t, weigher(torch.randn(16, 5)),
+                                                                    num_classes=2, n_subclasses=4),
+                                list(weigher.parameters()))
+    assert all(gr is not None and bool(gr.abs().sum() > 0) for gr in grads)
+
+
+def test_the_selectors_states_take_rows_without_a_label():
+    """-100 (the loss's ignore_index) indexed out of bounds in the teacher CE of the state."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 2, 3, generator=g)
+    labels = torch.tensor([0, -100, 2, 1])
+    states = ReinforcedTeacherSelector.states(torch.randn(4, 6, generator=g), logits, labels)
+    assert states.shape == (4, 2, 6 + 3 + 1) and bool((states[1, :, -1] == 0).all())
+    want = -torch.log_softmax(logits[2], -1)[:, 2]
+    torch.testing.assert_close(states[2, :, -1], want)

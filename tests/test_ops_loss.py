@@ -1313,3 +1313,26 @@ def test_three_dimensional_targets_without_weights_say_what_they_are_taken_for()
                                          r"per-row weights teacher_weights of shape \(64, 1\) are needed \(none were "
                                          r"given\); one teacher's are \(64, 4\)"):
         distill_loss(student.float(), log_t.float().unsqueeze(1), num_classes=2, n_subclasses=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reverse_kl_on_targets_of_exactly_0_is_refused_and_int32_labels_work_on_every_backend(backend):
+    """A session-65 walkthrough: reverse KL on a top-k store's targets (other classes at log 0 =
+    -inf) returned inf with no message; int32 labels worked on the CPU kernel and raised torch's
+    "expected target dtype to be Long" on the torch backend; bf16 mixing weights that summed to 1
+    before rounding were refused."""
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(6, 4, generator=g)
+    log_t = torch.log_softmax(torch.randn(6, 4, generator=g), -1)
+    log_t[2, 1] = float("-inf")
+    with pytest.raises(ValueError, match=r"reverse_kl.*top-k stores hold.*row 2"):
+        distill_loss(s, log_t, num_classes=4, n_subclasses=1, divergence="reverse_kl", backend=backend)
+    assert torch.isfinite(distill_loss(s, log_t, num_classes=4, n_subclasses=1, backend=backend))
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    want = distill_loss(s.double(), log_t.double(), y, num_classes=4, n_subclasses=1, alpha=0.5, backend="torch")
+    got = distill_loss(s, log_t, y.int(), num_classes=4, n_subclasses=1, alpha=0.5, backend=backend)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    mixed = torch.log_softmax(torch.randn(6, 2, 4, generator=g), -1)
+    weights = torch.tensor([[0.2, 0.8]] * 6).bfloat16()  # 0.2012 + 0.8008: 2e-3 off after rounding
+    assert torch.isfinite(distill_loss(s, mixed, num_classes=4, n_subclasses=1, teacher_weights=weights,
+                                       backend=backend))

@@ -377,6 +377,8 @@ def _accumulate(source, settings, head_weight, head_bias, projector, process_gro
 
     stats, method, n_passes, stride = _new_statistics(settings, source, head_weight, projector, dim, null_dim,
                                                       shift, device)
+    if source.n_rows is not None and n_passes > 1:  # the sketch's passes: a strided sample, then every row
+        bar.bar.total = int(source.n_rows * (1 + (n_passes - 1) / stride))
     key = None if checkpoint is None else _settings_key(  # the source's fingerprint may read every byte
         settings, method, source, rank, world, f"{head_weight is not None}:{projector is not None}:{device.type}")
 

@@ -28,9 +28,14 @@ class AnnealingKD:
         return 1 if epoch < self.stage1_epochs else 2
 
     def temperature(self, epoch: int) -> float:
-        """T for a stage-I epoch: τ_max, ..., 1 in ⌈τ_max⌉ equal steps over the stage-I epochs."""
+        """T for a stage-I epoch: τ_max, ..., 1 in ⌈τ_max⌉ equal steps over the stage-I epochs; with
+        fewer stage-I epochs than steps, some steps are skipped so that the last epoch is at T = 1
+        (it ended above 1: τ_max = 4 over 3 epochs gave 4, 3, 2)."""
         steps = max(1, math.ceil(self.tau_max))
-        level = min(steps - 1, epoch * steps // self.stage1_epochs)  # 0 .. steps-1
+        if self.stage1_epochs >= steps:
+            level = min(steps - 1, epoch * steps // self.stage1_epochs)  # 0 .. steps-1
+        else:
+            level = min(steps - 1, epoch * (steps - 1) // max(1, self.stage1_epochs - 1))
         return self.tau_max - (self.tau_max - 1.0) * level / max(1, steps - 1)
 
     def phi(self, epoch: int) -> float:

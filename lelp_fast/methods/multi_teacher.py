@@ -68,10 +68,12 @@ class ReinforcedTeacherSelector(nn.Module):
 
     @staticmethod
     def states(student_embedding: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(N, M, E + C + 1): the student embedding, each teacher's probabilities and its CE."""
+        """(N, M, E + C + 1): the student embedding, each teacher's probabilities and its CE (0 for
+        a row without a label, -100)."""
         n, m, _ = teacher_logits.shape
         log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
-        ce = -log_p.gather(2, labels.view(n, 1, 1).expand(n, m, 1))
+        labelled = (labels >= 0).view(n, 1, 1)
+        ce = -log_p.gather(2, labels.clamp(min=0).view(n, 1, 1).expand(n, m, 1)) * labelled
         emb = student_embedding.detach().float().unsqueeze(1).expand(n, m, -1)
         return torch.cat([emb, log_p.exp(), ce], dim=-1)
 

@@ -125,7 +125,8 @@ def _generate(compute, src, out_dir, settings, chunk_bytes, device, process_grou
                          "read again; remove the directory to start over")
     first = _first_missing(done, rank, world)
     writer = _ShardWriter(out_dir, rank, settings, mf.own_progress(out_dir, rank))
-    bar = _progress_bar(src, progress and rank == 0, done)
+    bar = _progress_bar(src, progress and rank == 0, done, "targets" if settings.get("kind", "lelp") == "lelp"
+                        else "teacher outputs")
     started, read_bytes = time.perf_counter(), 0
     try:
         chunks = prefetch(src.chunks(chunk_bytes, skip=first, rank=rank, world=world))
@@ -299,13 +300,13 @@ class _ShardWriter:
         self.pool.shutdown(wait=True)
 
 
-def _progress_bar(src: EmbeddingSource, enabled: bool, done: dict):
+def _progress_bar(src: EmbeddingSource, enabled: bool, done: dict, desc: str):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
     already = sum(e["rows"][1] - e["rows"][0] for e in done.values())
-    return tqdm(total=src.n_rows, initial=already, desc="targets", unit="rows", unit_scale=True)
+    return tqdm(total=src.n_rows, initial=already, desc=desc, unit="rows", unit_scale=True)
 
 
 def _finish(out_dir: str, settings: dict, process_group, rank: int) -> dict:

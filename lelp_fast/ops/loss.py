@@ -425,6 +425,7 @@ def distill_loss(
     """
     divergence = reference.canonical_divergence(divergence)  # "jsd" (TRL's and Liger's name) is "js"
     subclass_weight = reference.resolve_subclass_weight(subclass_weight, divergence)
+    _refuse_weights_to_train(teacher_weights)
     weighted = subclass_weight != 1.0 and n_subclasses > 1
     if weighted:
         _check_subclass_weight(subclass_weight, divergence)
@@ -458,6 +459,9 @@ def distill_loss(
         if check_inputs and divergence == "mse" and log_targets is not None:
             check_finite("log_targets (divergence='mse' compares logits: a target of exactly 0 has none)",
                          log_targets)
+        if check_inputs and divergence == "reverse_kl" and log_targets is not None:
+            check_finite("log_targets (divergence='reverse_kl' is KL(q‖t): a target of exactly 0, as top-k stores "
+                         "hold, makes it infinite; use kl or js there)", log_targets)
     # No gradient wanted (torch.no_grad(), inference mode, logits that do not require one, as in an
     # evaluation loop): the compiled kernels run forward only and write no N x K gradient.
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
@@ -516,6 +520,7 @@ def subclass_weighted_loss(student_logits: Tensor, log_targets: Optional[Tensor]
     against :func:`reference.subclass_weighted_kl` (fp64)."""
     _check_subclass_weight(subclass_weight, divergence)
     _check_settings(divergence, 0.5, reduction, tau, alpha, labels)
+    _refuse_weights_to_train(teacher_weights)
     online = _check_shapes(student_logits, log_targets, labels, teacher_weights, embeddings, fused_weight, fused_bias,
                            teacher_logits, beta, num_classes, n_subclasses)  # the plain loss's errors
     eager_cpu = student_logits.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -538,12 +543,22 @@ def subclass_weighted_loss(student_logits: Tensor, log_targets: Optional[Tensor]
     if alpha != 0.0:
         if labels is None:
             raise ValueError("labels are required when alpha != 0 (the hard-label term needs them)")
-        rows = reference.hard_label_rows(student_logits.to(compute), labels, num_classes, n_subclasses, ignore_index)
+        rows = reference.hard_label_rows(student_logits.to(compute), labels.long(), num_classes, n_subclasses,
+                                         ignore_index)
         hard_term = alpha * reference.reduce_rows(rows, labels, ignore_index, reduction)
         loss, hard = loss + hard_term, hard_term.detach()
     if not return_components:
         return loss
     return loss, loss.detach() - hard, hard
+
+
+def _refuse_weights_to_train(teacher_weights: Optional[Tensor]) -> None:
+    """Mixing weights that want a gradient: the fused loss takes the targets and their weights as
+    constants, so a weighting network trained through it would get none, silently."""
+    if teacher_weights is not None and teacher_weights.requires_grad and torch.is_grad_enabled():
+        raise ValueError("teacher_weights require a gradient, but this loss takes the targets and their mixing "
+                         "weights as constants (no gradient reaches them): train a weighting network with "
+                         "InstanceTeacherWeights.mixture_loss, or pass teacher_weights.detach()")
 
 
 def _check_subclass_weight(subclass_weight: float, divergence: str) -> None:
@@ -776,6 +791,7 @@ def _loss_torch(student, log_targets, weights, labels, embeddings, fused_weight,
     """(per-row loss, its α·CE part) in fp32 (fp64 for fp64 logits); ``subclass_weight`` λ ≠ 1 (KL):
     the soft part is :func:`reference.subclass_weighted_kl` (the fallback of a fused λ launch)."""
     compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    labels = None if labels is None else labels.long()  # any integer dtype, as the kernels take
     if embeddings:
         log_t = _online_log_targets(embeddings, fused_weight, fused_bias, teacher_logits, beta, weights, n_subclasses,
                                     num_classes * n_subclasses, tau, compute)
