@@ -1325,8 +1325,15 @@ def test_reverse_kl_on_targets_of_exactly_0_is_refused_and_int32_labels_work_on_
     s = torch.randn(6, 4, generator=g)
     log_t = torch.log_softmax(torch.randn(6, 4, generator=g), -1)
     log_t[2, 1] = float("-inf")
-    with pytest.raises(ValueError, match=r"reverse_kl.*top-k stores hold.*row 2"):
+    with pytest.raises(ValueError, match=r"log_targets row 2 has a target of exactly 0.*reverse_kl"):
         distill_loss(s, log_t, num_classes=4, n_subclasses=1, divergence="reverse_kl", backend=backend)
+    two = torch.stack([log_t, torch.log_softmax(torch.randn(6, 4, generator=g), -1)], 1)  # the mixture has no 0
+    half = torch.full((6, 2), 0.5)
+    assert torch.isfinite(distill_loss(s, two, num_classes=4, n_subclasses=1, divergence="reverse_kl",
+                                       teacher_weights=half, backend=backend))
+    with pytest.raises(ValueError, match=r"log_targets row 2 has a target of exactly 0"):
+        distill_loss(s, two, num_classes=4, n_subclasses=1, divergence="reverse_kl",
+                     teacher_weights=torch.tensor([[1.0, 0.0]] * 6), backend=backend)
     assert torch.isfinite(distill_loss(s, log_t, num_classes=4, n_subclasses=1, backend=backend))
     y = torch.tensor([0, 1, 2, 3, 0, 1])
     want = distill_loss(s.double(), log_t.double(), y, num_classes=4, n_subclasses=1, alpha=0.5, backend="torch")

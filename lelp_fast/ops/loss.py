@@ -460,8 +460,7 @@ def distill_loss(
             check_finite("log_targets (divergence='mse' compares logits: a target of exactly 0 has none)",
                          log_targets)
         if check_inputs and divergence == "reverse_kl" and log_targets is not None:
-            check_finite("log_targets (divergence='reverse_kl' is KL(q‖t): a target of exactly 0, as top-k stores "
-                         "hold, makes it infinite; use kl or js there)", log_targets)
+            _check_no_zero_target(log_targets, teacher_weights)
     # No gradient wanted (torch.no_grad(), inference mode, logits that do not require one, as in an
     # evaluation loop): the compiled kernels run forward only and write no N x K gradient.
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
@@ -550,6 +549,18 @@ def subclass_weighted_loss(student_logits: Tensor, log_targets: Optional[Tensor]
     if not return_components:
         return loss
     return loss, loss.detach() - hard, hard
+
+
+def _check_no_zero_target(log_targets: Tensor, weights: Optional[Tensor]) -> None:
+    """Reverse KL is KL(q‖t): a target of exactly 0 (log -inf, as a top-k store's other classes)
+    makes it infinite. A mixture's target is 0 only where every teacher of weight > 0 has 0."""
+    zero = torch.isneginf(log_targets)
+    if log_targets.ndim == 3:
+        zero = (zero | (weights == 0).unsqueeze(-1)).all(1)
+    rows = torch.nonzero(zero.any(-1)).flatten()
+    if rows.numel():
+        raise ValueError(f"log_targets row {int(rows[0])} has a target of exactly 0 (log = -inf, as top-k stores "
+                         "hold): divergence='reverse_kl' is KL(q‖t), infinite there; use kl or js")
 
 
 def _refuse_weights_to_train(teacher_weights: Optional[Tensor]) -> None:
