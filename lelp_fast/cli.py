@@ -313,10 +313,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 def _bias_taken(projector) -> str:
     """Which bias a fit given --head-weight alone took (its targets from embeddings use it)."""
-    if "head_bias_from_logits" in projector.fit_info:
-        return (f"none given: the one the teacher logits show, to ±{projector.fit_info['head_bias_from_logits']:.3g}"
-                " (pass --head-bias for the exact one)")
-    if not bool(projector.head_bias.any()):
+    info = projector.fit_info
+    if info.get("head_bias_from") == "logits":
+        return (f"none given: the one the teacher logits show, to ±{info['head_bias_from_logits']:.3g} "
+                "(pass --head-bias for the exact one)")
+    if info.get("head_bias_from") == "zero":
         return "none given and no teacher logits to read it from: zero (pass --head-bias if the head has one)"
     return "none given: the capture's stored one"
 

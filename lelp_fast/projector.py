@@ -192,7 +192,7 @@ class LELPProjector:
         if resume and checkpoint is None:
             raise ValueError("resume=True (--resume) continues a checkpoint: pass checkpoint= (--checkpoint FILE)")
         source = as_source(embeddings, labels, teacher_logits)
-        w, b, bias_tolerance = _checked_head(head_weight, head_bias, source)
+        w, b, bias_tolerance, bias_from = _checked_head(head_weight, head_bias, source)
         setting = self._null_space_setting
         use_null_space = setting if setting is not None else w is not None
         if use_null_space and w is None:
@@ -205,6 +205,8 @@ class LELPProjector:
         self._set_fitted(result, w, b, projector is not None, settings.num_classes)
         if bias_tolerance is not None:  # how closely the logits showed the bias: require_same_teacher holds it so
             self.fit_info["head_bias_from_logits"] = bias_tolerance
+        if bias_from is not None:  # a weight given without its bias: where the bias came from
+            self.fit_info["head_bias_from"] = bias_from
         return self
 
     def _fit_settings(self, source, w, num_classes, nan_policy, chunk_bytes, backend, device):
@@ -443,7 +445,9 @@ class LELPProjector:
             raise ValueError(f"{path}: corrupt projector metadata ({exc})") from exc
         if meta.get("format") != FORMAT_NAME:
             raise ValueError(f"{path}: not a lelp_fast projector (format={meta.get('format')!r})")
-        meta = check_metadata_checksum(meta, path, "refit or restore it", required=meta.get("format_version", 0) >= 3)
+        version = meta.get("format_version")
+        checksummed = isinstance(version, int) and version >= 3
+        meta = check_metadata_checksum(meta, path, "refit or restore it", required=checksummed)
         stored = meta.pop("tensors_sha256", None)
         if stored is None:
             raise ValueError(f"{path}: projector has no tensor checksum (written before checksums); refit it")
@@ -581,10 +585,11 @@ def _source_name(source: EmbeddingSource) -> str:
 
 
 def _checked_head(head_weight, head_bias, source: EmbeddingSource):
-    """The teacher head as fp64 ``(W (C x d), b (C,), tolerance)``, or ``(None, None, None)``; without
+    """The teacher head as fp64 ``(W (C x d), b (C,), tolerance, bias_from)``, or four Nones; without
     one given, the head a capture directory stored. A weight given without its bias takes the
     capture's stored bias where the weights agree, else the bias the rows' logits show (up to one
-    constant; ``tolerance``: how closely they show it, None for a bias given or stored), else zero.
+    constant; ``tolerance``: how closely they show it, None for a bias given or stored), else zero;
+    ``bias_from`` says which ("capture", "logits", "zero"; None for a bias given or a stored head).
     A transposed ``W`` is named as such."""
     stored = None
     if head_weight is None:
@@ -592,11 +597,13 @@ def _checked_head(head_weight, head_bias, source: EmbeddingSource):
             raise ValueError("head_bias was given without head_weight; pass both or neither")
         stored = source.head()
         if stored is None:
-            return None, None, None
+            return None, None, None, None
         head_weight, head_bias = stored
     w = _checked_weight(head_weight, source)
+    bias_from = None  # a bias given, or the capture's head taken whole
     if head_bias is None:
         head_bias = _stored_bias_of(source, w)
+        bias_from = "capture" if head_bias is not None else None
     b = None if head_bias is None else _checked_bias(head_bias, w)
     # before the fit's pass, not at the targets after it; a bias given (or stored) is held to the logits too
     fit = _fit_to_logits(source, w)
@@ -609,10 +616,10 @@ def _checked_head(head_weight, head_bias, source: EmbeddingSource):
                          f"its embeddings ({found}): pass this teacher's head (W as (C, d), e.g. head.weight, and "
                          "its bias) with its logits unscaled (not divided by a temperature)")
     if b is not None:
-        return w, b, None
+        return w, b, None, bias_from
     if fit is not None:  # the logits' bias, up to one constant: rows without logits need it
-        return w, -fit.class_constants.to(torch.float64), fit.tolerance
-    return w, torch.zeros(w.shape[0], dtype=torch.float64), None
+        return w, -fit.class_constants.to(torch.float64), fit.tolerance, "logits"
+    return w, torch.zeros(w.shape[0], dtype=torch.float64), None, "zero"
 
 
 def _checked_weight(head_weight, source: EmbeddingSource) -> torch.Tensor:

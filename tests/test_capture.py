@@ -509,6 +509,7 @@ def test_a_fit_given_the_weight_alone_takes_the_bias_of_a_bf16_teachers_capture(
     w, b = CaptureSource(str(tmp_path / "a")).head()
     p = LELPProjector(2).fit(str(tmp_path / "a"), head_weight=w)
     assert torch.equal(p.head_bias, b.float()) and "head_bias_from_logits" not in p.fit_info
+    assert p.fit_info["head_bias_from"] == "capture"  # also a head without a bias: its stored zeros (a review)
     assert generate_targets(p, str(tmp_path / "b"), str(tmp_path / "t"), dtype="float32")["n_rows"] == 256
     chunk = next(iter(CaptureSource(str(tmp_path / "a")).chunks()))  # the same rows as arrays: no stored head
     arrays = LELPProjector(2).fit(chunk.embeddings, chunk.labels, teacher_logits=chunk.teacher_logits, head_weight=w)

@@ -177,3 +177,5 @@ def test_the_selectors_states_take_rows_without_a_label():
     assert states.shape == (4, 2, 6 + 3 + 1) and bool((states[1, :, -1] == 0).all())
     want = -torch.log_softmax(logits[2], -1)[:, 2]
     torch.testing.assert_close(states[2, :, -1], want)
+    logits[1, :, 0] = float("-inf")  # the unlabelled row's gathered class: 0, not inf * 0 = NaN
+    assert torch.isfinite(ReinforcedTeacherSelector.states(torch.randn(4, 6), logits, labels)).all()

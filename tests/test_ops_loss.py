@@ -1334,6 +1334,9 @@ def test_reverse_kl_on_targets_of_exactly_0_is_refused_and_int32_labels_work_on_
     with pytest.raises(ValueError, match=r"log_targets row 2 has a target of exactly 0"):
         distill_loss(s, two, num_classes=4, n_subclasses=1, divergence="reverse_kl",
                      teacher_weights=torch.tensor([[1.0, 0.0]] * 6), backend=backend)
+    ignored = torch.tensor([0, 1, -100, 3, 0, 1])  # the row counts for nothing
+    assert torch.isfinite(distill_loss(s, log_t, ignored, num_classes=4, n_subclasses=1, divergence="reverse_kl",
+                                       backend=backend))
     assert torch.isfinite(distill_loss(s, log_t, num_classes=4, n_subclasses=1, backend=backend))
     y = torch.tensor([0, 1, 2, 3, 0, 1])
     want = distill_loss(s.double(), log_t.double(), y, num_classes=4, n_subclasses=1, alpha=0.5, backend="torch")

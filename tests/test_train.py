@@ -491,11 +491,19 @@ def test_training_rows_in_another_order_than_the_targets_are_refused(stored, tmp
     w, b = CaptureSource(str(stored["tmp"] / "cap")).head()
     fitted = LELPProjector(2, beta=0.5).fit(str(stored["tmp"] / "cap"), head_weight=w, head_bias=b)
     settings = TrainSettings(epochs=1, batch_size=64, tensorboard=False)
+    class Rows(torch.utils.data.Dataset):  # tuple items, collated to a list [x, y] (a review: not checked)
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return x[perm[i]], y[perm[i]]
+
     for targets in (stored["targets"], OnlineTargets(fitted, str(stored["tmp"] / "cap"))):
-        with pytest.raises(ValueError, match=r"row \d+ of the training data has label \d, but the (targets in|capture) "
-                                             r".* were made from a row labelled \d: the data must be the rows"):
-            distill(student(), shuffled, targets, str(tmp_path / "run"), num_classes=2, n_subclasses=2,
-                    settings=settings)
+        for data in (shuffled, torch.utils.data.Subset(stored["train"], perm.tolist()), Rows()):
+            with pytest.raises(ValueError, match=r"row \d+ of the training data has label \d, but the (targets in|"
+                                                 r"capture) .* were made from a row labelled \d: the data must be"):
+                distill(student(), data, targets, str(tmp_path / "run"), num_classes=2, n_subclasses=2,
+                        settings=settings)
         noisy = y.clone()  # labels changed on purpose: the check is turned off where training is called
         noisy[::5] = 1 - noisy[::5]
         distill(student(), TensorDataset(x, noisy), targets, str(tmp_path / "noisy"), num_classes=2, n_subclasses=2,

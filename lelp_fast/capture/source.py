@@ -171,25 +171,27 @@ class CaptureDataset(torch.utils.data.Dataset):
     def batch(self, indices):
         """``(inputs, (embeddings, teacher_logits))`` of the rows, each gathered as one batch; the
         inputs' labels checked against the captured ones (``TargetsDataset``'s ``check_labels``)."""
-        from ..offline.dataset import gather_rows
+        from ..offline.dataset import batch_labels, gather_rows
 
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         rows = self.source.rows(idx)
         inputs = gather_rows(self.dataset, idx)
-        self._check(inputs, rows, idx)
+        self._check(batch_labels(inputs), rows, idx)
         return inputs, (rows["embeddings"], rows["teacher_logits"])
 
     def __getitems__(self, indices):
+        from ..offline.dataset import item_labels
+
         rows = self.source.rows(indices)
         items = [self.dataset[i] for i in indices]
-        self._check(items, rows, torch.as_tensor(indices, dtype=torch.int64))
+        self._check(item_labels(items), rows, torch.as_tensor(indices, dtype=torch.int64))
         return [(item, (rows["embeddings"][j], rows["teacher_logits"][j])) for j, item in enumerate(items)]
 
-    def _check(self, joined, rows: dict, idx: torch.Tensor) -> None:
+    def _check(self, labels, rows: dict, idx: torch.Tensor) -> None:
         from ..offline.dataset import require_same_rows
 
         if self.check_labels:
-            require_same_rows(joined, rows["labels"], idx, f"the capture {self.source.directory}")
+            require_same_rows(labels, rows["labels"], idx, f"the capture {self.source.directory}")
 
 
 def _is_capture(path: str) -> bool:

@@ -29,8 +29,9 @@ class AnnealingKD:
 
     def temperature(self, epoch: int) -> float:
         """T for a stage-I epoch: τ_max, ..., 1 in ⌈τ_max⌉ equal steps over the stage-I epochs; with
-        fewer stage-I epochs than steps, some steps are skipped so that the last epoch is at T = 1
-        (it ended above 1: τ_max = 4 over 3 epochs gave 4, 3, 2)."""
+        fewer stage-I epochs than steps (but more than one), some steps are skipped so that the last
+        epoch is at T = 1 (it ended above 1: τ_max = 4 over 3 epochs gave 4, 3, 2). One stage-I epoch
+        is at τ_max."""
         steps = max(1, math.ceil(self.tau_max))
         if self.stage1_epochs >= steps:
             level = min(steps - 1, epoch * steps // self.stage1_epochs)  # 0 .. steps-1

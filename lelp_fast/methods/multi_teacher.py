@@ -72,8 +72,9 @@ class ReinforcedTeacherSelector(nn.Module):
         a row without a label, -100)."""
         n, m, _ = teacher_logits.shape
         log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
-        labelled = (labels >= 0).view(n, 1, 1)
-        ce = -log_p.gather(2, labels.clamp(min=0).view(n, 1, 1).expand(n, m, 1)) * labelled
+        labelled = (labels >= 0).view(n, 1, 1).expand(n, m, 1)
+        ce = -log_p.gather(2, labels.clamp(min=0).view(n, 1, 1).expand(n, m, 1))
+        ce = torch.where(labelled, ce, torch.zeros_like(ce))
         emb = student_embedding.detach().float().unsqueeze(1).expand(n, m, -1)
         return torch.cat([emb, log_p.exp(), ce], dim=-1)
 

@@ -133,10 +133,10 @@ class TargetsDataset(Dataset):
                 return False
             every_row = torch.arange(self.n_rows)
             self._in_memory = self._gather(every_row)
-            if self.check_labels:  # int16 (2 bytes a row) as stored; -100 where none are
+            if self.check_labels:  # int16 (2 bytes a row) where they fit, as stored; -100 where none are
                 labels = self._gather_labels(every_row)
-                self._labels_in_memory = (torch.full((self.n_rows,), IGNORE_INDEX, dtype=torch.int16)
-                                          if labels is None else labels)
+                labels = torch.full((self.n_rows,), IGNORE_INDEX) if labels is None else labels
+                self._labels_in_memory = shards.row_labels(labels)
         return True
 
     def _holds_log_targets(self) -> bool:
@@ -234,7 +234,7 @@ class TargetsDataset(Dataset):
             return t
         inputs = gather_rows(self.dataset, idx)
         if self.check_labels:
-            require_same_rows(inputs, self._gather_labels(idx), idx, self._stores)
+            require_same_rows(batch_labels(inputs), self._gather_labels(idx), idx, self._stores)
         return inputs, t
 
     def to_hf_dataset(self):
@@ -263,7 +263,7 @@ class TargetsDataset(Dataset):
             return list(t)
         items = [self.dataset[i] for i in indices]
         if self.check_labels:
-            require_same_rows(items, self._gather_labels(idx), idx, self._stores)
+            require_same_rows(item_labels(items), self._gather_labels(idx), idx, self._stores)
         return [(item, t[j]) for j, item in enumerate(items)]
 
 
@@ -322,14 +322,14 @@ def _row_index(indices, n_rows: int) -> torch.Tensor:
 IGNORE_INDEX = -100  # a row without a label, as capture and the loss take it
 
 
-def require_same_rows(joined, stored: Optional[torch.Tensor], idx: torch.Tensor, where: str) -> None:
-    """Refuses a joined batch (or list of items) whose labels differ from those ``where`` (the
-    targets in DIR, the capture DIR) stores for the same row numbers: it is not the rows they were
-    made from, in that order (a shuffled or filtered copy pairs every row with another row's targets:
-    a walkthrough's student fell below chance, silently). A label is an item's second element, or
-    its "labels"/"label" entry, when it is an integer; rows where either side has a negative label
-    (-100, GLUE's -1: no label) are not compared."""
-    labels = item_labels(joined) if isinstance(joined, list) else batch_labels(joined)
+def require_same_rows(labels: Optional[torch.Tensor], stored: Optional[torch.Tensor], idx: torch.Tensor,
+                      where: str) -> None:
+    """Refuses joined rows whose ``labels`` (:func:`batch_labels` of a collated batch,
+    :func:`item_labels` of a list of items) differ from those ``where`` (the targets in DIR, the
+    capture DIR) stores for the same row numbers: they are not the rows it was made from, in that
+    order (a shuffled or filtered copy pairs every row with another row's targets: a walkthrough's
+    student fell below chance, silently). Rows where either side has a negative label (-100,
+    GLUE's -1: no label) are not compared."""
     if labels is None or stored is None or labels.shape != stored.shape:
         return
     stored = stored.long()

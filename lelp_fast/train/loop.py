@@ -188,7 +188,8 @@ def distill(
     A finished ``out_dir`` made with the same settings, targets, student architecture and data
     (:func:`data_digest`) is not trained again: its verified weights are loaded into ``student``
     and its report returned. When any of them changed, the old outputs are removed and the student
-    is trained again (``log`` says what changed); a checkpoint of a killed run is resumed only when it was made the same way.
+    is trained again (``log`` says what changed); a checkpoint of a killed run is resumed only when
+    it was made the same way.
     """
     settings = settings or TrainSettings()
     settings.check()
