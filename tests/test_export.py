@@ -305,3 +305,29 @@ def test_export_command_for_a_transformers_student(hf_student, tmp_path, capsys)
     with torch.no_grad():
         got = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
     torch.testing.assert_close(got.double(), hf_reference(student, tokenizer, 2.0), atol=ATOL, rtol=RTOL)
+
+
+def test_an_export_killed_while_writing_leaves_the_old_file_or_none(tmp_path, monkeypatch):
+    """export_module wrote in place: an export killed or failing while writing left a partial file
+    under the name a user ships (a session-65 audit, from the code). It now writes beside it and
+    renames."""
+    from lelp_fast.export import module
+
+    path = tmp_path / "student.pt2"
+
+    def dies_half_way(model, out, example):
+        with open(out, "wb") as f:
+            f.write(b"PK\x03\x04 part of a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_save_program", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        export_module(mlp(), str(path), torch.randn(2, 10), num_classes=C, n_subclasses=S)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    export_module(mlp(), str(path), torch.randn(2, 10), num_classes=C, n_subclasses=S)
+    whole = path.read_bytes()
+    monkeypatch.setattr(module, "_save_program", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        export_module(mlp(), str(path), torch.randn(2, 10), num_classes=C, n_subclasses=S)
+    assert path.read_bytes() == whole and [p.name for p in tmp_path.iterdir()] == ["student.pt2"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import tempfile
 import warnings
 import zipfile
 from typing import Any, Optional, Tuple
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive
+from ..io.integrity import publish_mode, temp_prefix
 
 FORMATS = ("torch-export", "onnx", "torchscript")
 
@@ -71,8 +73,28 @@ def export_module(student: nn.Module, path: str, example, *, num_classes: int, n
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write {path}: directory {directory} does not exist")
-    {"torch-export": _save_program, "onnx": _save_onnx, "torchscript": _save_torchscript}[format](model, path, example)
+    save = {"torch-export": _save_program, "onnx": _save_onnx, "torchscript": _save_torchscript}[format]
+    if format == "onnx" and _one_file(model).get("external_data"):
+        save(model, path, example)  # its weights' file is named after the model's: written in place
+    else:
+        _write_atomically(lambda tmp: save(model, tmp, example), path)
     return model
+
+
+def _write_atomically(write, path: str) -> None:
+    """``write(tmp)`` beside ``path``, then a rename: a killed export leaves the old file or none,
+    never a part of one that looks complete."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=os.path.splitext(name)[1], dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        publish_mode(tmp)  # mkstemp's 0600 would hide it from other users
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _dynamic_batch(example: Tuple[torch.Tensor, ...]) -> tuple:
