@@ -179,3 +179,19 @@ def test_the_selectors_states_take_rows_without_a_label():
     torch.testing.assert_close(states[2, :, -1], want)
     logits[1, :, 0] = float("-inf")  # the unlabelled row's gathered class: 0, not inf * 0 = NaN
     assert torch.isfinite(ReinforcedTeacherSelector.states(torch.randn(4, 6), logits, labels)).all()
+
+
+def test_the_mixture_loss_takes_the_subclass_weight_of_lelp_loss():
+    """mixture_loss trained at λ = 1 only, while LELPLoss's default is 0.1 (a session-65 walkthrough)."""
+    from lelp_fast import LELPLoss
+
+    g = torch.Generator().manual_seed(7)
+    log_t = torch.log_softmax(torch.randn(12, 3, 8, generator=g), -1)
+    weigher = InstanceTeacherWeights(5, 3)
+    w = weigher(torch.randn(12, 5, generator=g))
+    s = torch.randn(12, 8, generator=g)
+    got = InstanceTeacherWeights.mixture_loss(s, log_t, w, num_classes=2, n_subclasses=4, subclass_weight=0.1)
+    want = LELPLoss(num_classes=2, n_subclasses=4, subclass_weight=0.1)(s, log_t, teacher_weights=w.detach())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(got, list(weigher.parameters()))
+    assert all(bool(gr.abs().sum() > 0) for gr in grads)

@@ -48,9 +48,14 @@ class InstanceTeacherWeights(nn.Module):
 
     @staticmethod
     def mixture_loss(student_logits: torch.Tensor, log_targets: torch.Tensor, weights: torch.Tensor, *,
-                     num_classes: int, n_subclasses: int = 1, tau: float = 1.0) -> torch.Tensor:
-        """KL of the mixture ``Σ w_m t_m`` with gradients to the student *and* the weights."""
+                     num_classes: int, n_subclasses: int = 1, tau: float = 1.0,
+                     subclass_weight: float = 1.0) -> torch.Tensor:
+        """KL of the mixture ``Σ w_m t_m`` with gradients to the student *and* the weights; at
+        ``subclass_weight`` λ ≠ 1 the subclass part of the KL weighted by λ, as ``LELPLoss``'s."""
         log_t = reference.mix_log_targets(log_targets.float(), weights)
+        if subclass_weight != 1.0 and n_subclasses > 1:
+            return reference.subclass_weighted_kl(student_logits, log_t, num_classes, n_subclasses, tau,
+                                                  subclass_weight).mean()
         return reference.distillation_loss(student_logits, log_t, None, num_classes=num_classes,
                                            n_subclasses=n_subclasses, tau=tau)
 
