@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -20,8 +19,8 @@ from ._checks import (
     check_positive,
 )
 from ._derived import on_device
-from .io.integrity import (check_metadata_checksum, publish_mode, remove_stale_temps, temp_prefix, tensors_sha256,
-                           with_metadata_checksum)
+from .io.integrity import (check_metadata_checksum, remove_stale_temps, tensors_sha256, with_metadata_checksum,
+                           write_through_temp)
 from .io.sources import DEFAULT_CHUNK_BYTES, ArraySource, EmbeddingSource, IterableSource, SourceLike, as_source
 from .ops.targets import lelp_targets
 
@@ -414,16 +413,7 @@ class LELPProjector:
         if not os.path.isdir(directory):  # else the error names the temporary file
             raise FileNotFoundError(f"{path}: its directory {directory} does not exist")
         remove_stale_temps(path)
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            publish_mode(tmp)  # mkstemp's 0600 would hide it from other users
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_through_temp(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "LELPProjector":

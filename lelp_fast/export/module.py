@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import tempfile
 import warnings
 import zipfile
 from typing import Any, Optional, Tuple
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive
-from ..io.integrity import publish_mode, temp_prefix
+from ..io.integrity import write_through_temp
 
 FORMATS = ("torch-export", "onnx", "torchscript")
 
@@ -77,24 +76,9 @@ def export_module(student: nn.Module, path: str, example, *, num_classes: int, n
     if format == "onnx" and _one_file(model).get("external_data"):
         save(model, path, example)  # its weights' file is named after the model's: written in place
     else:
-        _write_atomically(lambda tmp: save(model, tmp, example), path)
+        # a killed export leaves the old file or none; the temp file keeps the suffix (torch.export's .pt2)
+        write_through_temp(lambda tmp: save(model, tmp, example), path, suffix=os.path.splitext(path)[1])
     return model
-
-
-def _write_atomically(write, path: str) -> None:
-    """``write(tmp)`` beside ``path``, then a rename: a killed export leaves the old file or none,
-    never a part of one that looks complete."""
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=os.path.splitext(name)[1], dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        publish_mode(tmp)  # mkstemp's 0600 would hide it from other users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _dynamic_batch(example: Tuple[torch.Tensor, ...]) -> tuple:

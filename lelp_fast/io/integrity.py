@@ -7,7 +7,8 @@ import hashlib
 import json
 import os
 import struct
-from typing import Dict, Mapping, Optional
+import tempfile
+from typing import Callable, Dict, Mapping, Optional
 
 import torch
 
@@ -37,6 +38,22 @@ def publish_mode(path: str) -> None:
 def temp_prefix(path: str) -> str:
     """The prefix of the temp files written for ``path`` (so a later run can find its own stale ones)."""
     return f".tmp-{os.path.basename(path)}-"
+
+
+def write_through_temp(write: Callable[[str], None], path: str, suffix: str = "") -> None:
+    """``write(tmp)`` to a temp file beside ``path``, then a rename: a killed or failing writer
+    leaves the old file or none, never a part of one that looks complete (projectors, exports)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        publish_mode(tmp)  # mkstemp's 0600 would hide it from other users
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def remove_stale_temps(path: str) -> int:
