@@ -33,6 +33,7 @@ from ..io.integrity import tensors_sha256
 from ..io.locks import lock_rank_directory
 from ..offline import manifest as mf
 from ..offline import shards
+from ..offline.dataset import IGNORE_INDEX
 
 KIND = "lelp_fast.capture"
 HEAD_FILE = "head.safetensors"
@@ -310,7 +311,7 @@ class _BatchChecks:
         return emb, logits, labels.cpu()
 
 
-UNLABELLED = -100  # a row without a label: the loss's ignore_index (lelp_fast.ops.distill_loss)
+UNLABELLED = IGNORE_INDEX  # a row without a label: the loss's ignore_index (lelp_fast.ops.distill_loss)
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, batch: int, rows_before: Optional[int]) -> None:

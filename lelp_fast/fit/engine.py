@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -24,8 +23,8 @@ import torch
 from .._checks import require_device
 from .._dist import rank_world
 from ..io.device_copy import stage_ahead
-from ..io.integrity import (check_metadata_checksum, publish_mode, remove_stale_temps, temp_prefix, tensors_sha256,
-                            with_metadata_checksum)
+from ..io.integrity import (check_metadata_checksum, remove_stale_temps, tensors_sha256, with_metadata_checksum,
+                            write_through_temp)
 from ..io.locks import ExclusiveLock
 from ..io.prefetch import prefetch
 from ..io.sources import DEFAULT_CHUNK_BYTES, Chunk, EmbeddingSource
@@ -271,20 +270,14 @@ def _save_checkpoint(path: str, stats, shift: torch.Tensor, meta: dict) -> None:
 
     tensors = {f"state.{k}": v.detach().cpu().contiguous() for k, v in stats.state().items()}
     tensors["shift"] = shift.cpu().contiguous()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=directory)
-    os.close(fd)
-    try:
-        meta = with_metadata_checksum({**meta, "tensors_sha256": tensors_sha256(tensors)})
+    meta = with_metadata_checksum({**meta, "tensors_sha256": tensors_sha256(tensors)})
+
+    def write(tmp: str) -> None:
         save_file(tensors, tmp, metadata={"meta": json.dumps(meta, sort_keys=True)})
-        publish_mode(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_through_temp(write, path)
 
 
 def _load_checkpoint(path: str):

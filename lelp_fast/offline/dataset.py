@@ -362,10 +362,10 @@ def item_labels(items: List[Any]) -> Optional[torch.Tensor]:
     """:func:`batch_labels` of single items (each label a Python or 0-d tensor integer)."""
     labels = [it.get("labels", it.get("label")) if isinstance(it, dict)
               else it[1] if isinstance(it, (tuple, list)) and len(it) >= 2 else None for it in items]
-    if not all(isinstance(y, numbers.Integral) and not isinstance(y, bool) or torch.is_tensor(y) and y.ndim == 0
-               for y in labels):
+    if not labels or not all(isinstance(y, numbers.Integral) and not isinstance(y, bool)
+                             or torch.is_tensor(y) and y.ndim == 0 for y in labels):
         return None
-    return batch_labels((None, torch.stack([torch.as_tensor(y) for y in labels]) if labels else torch.zeros(0)))
+    return batch_labels((None, torch.stack([torch.as_tensor(y) for y in labels])))
 
 
 def gather_rows(dataset, idx: torch.Tensor) -> Any:
