@@ -15,7 +15,6 @@ import os
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 from _timing import interleaved_medians, load_build
 from bench_loss import eager_loss, loss_inputs

@@ -15,7 +15,6 @@ resume after a kill to identical bytes, ``torchrun`` sharing, and :class:`Target
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
