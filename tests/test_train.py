@@ -298,6 +298,31 @@ def test_clipping_and_a_schedule_change_the_student(stored, tmp_path):
     assert clipped["history"][-1]["train_loss"] > plain["history"][-1]["train_loss"]  # tiny steps learn less
 
 
+def test_the_logged_learning_rate_is_the_one_each_step_used(stored, tmp_path, monkeypatch):
+    """TensorBoard's step/lr was read after the schedule's step, so each step logged the next one's
+    rate: the first warm-up rate never showed and the last step read 0 (a session-66 audit)."""
+    from lelp_fast.train.steps import lr_factor
+
+    logged = {}
+
+    class Writer:
+        def add_scalar(self, name, value, step):
+            logged.setdefault(name, {})[step] = value
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(train_loop, "_tensorboard", lambda out_dir: Writer())
+    _run(stored, str(tmp_path / "run"), epochs=1, batch_size=64, warmup_steps=3, lr_schedule="linear",
+         log_every_steps=1, tensorboard=True)
+    factor = lr_factor("linear", 3, 8)  # 500 rows in batches of 64: 8 steps
+    assert logged["step/lr"] == {step: pytest.approx(3e-2 * factor(step - 1)) for step in range(1, 9)}
+    assert logged["step/lr"][8] > 0
+
+
 def test_a_kill_mid_epoch_resumes_to_identical_bytes(stored, tmp_path):
     """Checkpoints every 2 optimiser steps (8 per epoch here); killed after the third, mid-epoch 1."""
     original = train_loop._Run._save
@@ -354,6 +379,67 @@ def test_two_gloo_ranks_train_the_student_of_one_process(stored, tmp_path):
     torch.testing.assert_close(ddp.weight, one.weight, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ddp.bias, one.bias, atol=1e-5, rtol=1e-5)
     assert not torch.equal(one.weight, student().weight)  # it trained
+
+
+_RESUMED = dict(epochs=3, batch_size=64, lr=3e-2, tensorboard=False, device="cpu", checkpoint_every_steps=2)
+
+
+def _ddp_killed_worker(rank, world, init_file, targets, out_dir, saves_before_kill):
+    """Trains on ``world`` gloo ranks; with ``saves_before_kill``, every rank stops after that many
+    checkpoints (as a kill after a checkpoint would), leaving the checkpoint of a run mid-epoch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    original, saves = train_loop._Run._save, []
+
+    def save_then_stop(self):
+        original(self)
+        saves.append(self.batch)
+        if len(saves) == saves_before_kill:
+            raise KeyboardInterrupt()
+
+    train_loop._Run._save = save_then_stop
+    stopped_where_meant = not saves_before_kill  # a kill mid-epoch 2: after 2 of its 8 batches
+    try:
+        distill(student(), _toy_train(), targets, out_dir, num_classes=2, n_subclasses=2, log=lambda line: None,
+                settings=TrainSettings(**_RESUMED))
+    except KeyboardInterrupt:
+        stopped_where_meant = saves == [2, 4, 6, 0, 2]
+    finally:
+        train_loop._Run._save = original
+        dist.barrier()
+        dist.destroy_process_group()
+    os._exit(0 if stopped_where_meant else 1)  # os._exit as _ddp_worker: gloo can abort at finalisation
+
+
+def test_a_killed_ddp_run_resumed_reports_the_losses_of_one_not_killed(stored, tmp_path):
+    """A 2-rank run checkpointed mid-epoch kept rank 0's loss sums alone, and the resumed ranks
+    each started from them: the epoch's train_loss was 0.641209 (0.639137 resumed in one process)
+    where the run not killed reported 0.641871 (a session-66 audit). The checkpoint now holds every
+    rank's sums, restored on rank 0 alone, so a resumed run reports the epoch of one not killed, at
+    either world size."""
+    import shutil
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    train = _toy_train()
+    whole = distill(student(), train, stored["targets"], str(tmp_path / "whole"), num_classes=2, n_subclasses=2,
+                    settings=TrainSettings(**_RESUMED))
+    killed = str(tmp_path / "killed")
+    mp.spawn(_ddp_killed_worker, args=(2, str(tmp_path / "init1"), stored["targets"], killed, 5), nprocs=2, join=True)
+    assert not os.path.exists(os.path.join(killed, "report.json"))
+    shutil.copytree(killed, str(tmp_path / "killed_then_one"))
+    mp.spawn(_ddp_killed_worker, args=(2, str(tmp_path / "init2"), stored["targets"], killed, 0), nprocs=2, join=True)
+    two = json.load(open(os.path.join(killed, "report.json")))
+    one = distill(student(), train, stored["targets"], str(tmp_path / "killed_then_one"), num_classes=2,
+                  n_subclasses=2, settings=TrainSettings(**_RESUMED))
+    for resumed in (two, one):
+        for got, want in zip(resumed["history"], whole["history"]):
+            assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5), (resumed["history"], whole["history"])
+            assert got["train_soft"] == pytest.approx(want["train_soft"], rel=1e-5)
 
 
 def test_subclass_weight_reaches_the_loss_of_stored_targets(stored, tmp_path):

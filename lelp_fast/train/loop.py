@@ -447,13 +447,14 @@ class _Run:
             nn.utils.clip_grad_norm_(self.student.parameters(), st.max_grad_norm)
         self.scaler.step(self.opt)
         self.scaler.update()
+        lr = self.schedule.get_last_lr()[0]  # the rate this step used (the schedule's step sets the next)
         self.schedule.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         if st.log_every_steps and self.step % st.log_every_steps == 0 and self.writer is not None:
             for name, value in zip(("loss", "soft", "hard"), self.last.tolist()):
                 self.writer.add_scalar(f"step/{name}", value, self.step)
-            self.writer.add_scalar("step/lr", self.schedule.get_last_lr()[0], self.step)
+            self.writer.add_scalar("step/lr", lr, self.step)
         if mid_epoch and st.checkpoint_every_steps and self.step % st.checkpoint_every_steps == 0:
             self._save()
 
@@ -475,18 +476,21 @@ class _Run:
 
     # ------------------------------------------------------------------ checkpoint
 
-    def _state(self) -> dict:
+    def _state(self, partial: torch.Tensor) -> dict:
         return {"student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
-                "batch": self.batch, "step": self.step, "partial": self.partial.cpu(), "history": self.history,
+                "batch": self.batch, "step": self.step, "partial": partial.cpu(), "history": self.history,
                 "best": self.best, "best_state": self.best_state, "rng": torch.get_rng_state(),
                 "made_from": self.made_from}
 
     def _save(self) -> None:
+        # Every rank's sums of the epoch so far (a collective: every rank saves at the same step);
+        # the restored run keeps them on its rank 0 alone, at any world size.
+        partial = self.parallel.sum(self.partial.clone())
         if not self.lead:
             return
         buffer = io.BytesIO()
-        torch.save(self._state(), buffer)
+        torch.save(self._state(partial), buffer)
         # One file holds the checksum and the state: a kill cannot leave them out of step.
         shards.write_atomically(os.path.join(self.out_dir, CHECKPOINT), seal(buffer.getvalue()))
 
@@ -507,7 +511,8 @@ class _Run:
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
-        self.partial = state["partial"].to(self.device)
+        saved = state["partial"].to(self.device)  # the sums of all ranks: kept on rank 0 alone
+        self.partial = saved if self.lead else torch.zeros_like(saved)
         self.history, self.best = state["history"], state["best"]
         self.best_state = state["best_state"]
         torch.set_rng_state(state["rng"])
