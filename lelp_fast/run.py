@@ -32,6 +32,7 @@ from .fit.engine import StaleCheckpointError
 from .io.integrity import tensors_sha256
 from .io.locks import ExclusiveLock
 from .offline import generate_targets, provenance, shards
+from .offline.dataset import IGNORE_INDEX
 from .offline.manifest import MANIFEST, projector_digest
 from .projector import LELPProjector
 from .train import TrainSettings, distill, evaluate, load_student
@@ -414,8 +415,9 @@ def _report(cfg, task, projector, student, paths: dict, kd_student=None) -> dict
     test_teacher = _teacher_logits(task.teacher, task.test, cfg.capture.device)
     student_test = evaluate(student, task.test, projector.num_classes, projector.n_subclasses,
                             teacher_logits=test_teacher, tau=cfg.train.tau)
-    labels = [int(y) for _, y in task.test]
-    teacher_acc = sum(int(p == y) for p, y in zip(test_teacher.argmax(1).tolist(), labels)) / max(len(labels), 1)
+    labels = torch.tensor([int(y) for _, y in task.test], dtype=torch.int64)
+    labelled = labels != IGNORE_INDEX  # as the students' accuracy: a row without a label is left out
+    teacher_acc = float((test_teacher.argmax(1).cpu() == labels)[labelled].double().mean())
     beta, tau = _temperatures(cfg, projector)
     weight = trained_subclass_weight(TrainSettings(**cfg.train.model_dump()), projector.n_subclasses)
     report = {"config": cfg.model_dump(), "teacher_test_accuracy": teacher_acc, "student_test": student_test,

@@ -423,6 +423,23 @@ def test_an_execution_only_edit_does_not_stick_a_repair_or_a_resumed_fit(tmp_pat
     assert (tmp_path / "k" / "run" / "projector.safetensors").exists()
 
 
+def test_the_teachers_test_accuracy_leaves_out_rows_without_a_label(tmp_path):
+    """The report's teacher row counted -100 test rows as wrong answers (0.735 for 0.98 in a
+    session-66 audit) where the students' accuracy leaves them out."""
+    from tiny_task import task
+
+    cfg = _tiny_config(tmp_path, task={"kwargs": {"unlabelled_test_every": 4}}, report={"kd_baseline": False})
+    report, _ = _run_logged(cfg)
+    made = task("unused", unlabelled_test_every=4)
+    x, y = made.test.tensors
+    with torch.no_grad():
+        hits = made.teacher(x).argmax(1) == y
+    labelled = y != -100
+    assert int((~labelled).sum()) == 25
+    assert report["teacher_test_accuracy"] == pytest.approx(float(hits[labelled].double().mean()))
+    assert report["teacher_test_accuracy"] > float(hits.double().mean())
+
+
 def test_the_report_has_the_kd_baseline_and_a_switch_turns_it_off(tmp_path):
     report, said = _run_logged(_tiny_config(tmp_path))
     kd = report["kd_baseline"]

@@ -26,7 +26,8 @@ def make_student(kind: str, k: int) -> nn.Module:
     return nn.Linear(10, k)
 
 
-def task(work_dir: str, student: str = "linear", teacher_seed: int = 0) -> Task:
+def task(work_dir: str, student: str = "linear", teacher_seed: int = 0, unlabelled_test_every: int = 0) -> Task:
+    """``unlabelled_test_every`` n: every n-th test row is labelled -100 (no label)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 10, generator=g)
     y = (x[:, 0] > 0.4).long() + (x[:, 1] > 0.4).long()
@@ -37,5 +38,7 @@ def task(work_dir: str, student: str = "linear", teacher_seed: int = 0) -> Task:
         opt.zero_grad()
         nn.functional.cross_entropy(teacher(x), y).backward()
         opt.step()
-    splits = [TensorDataset(x[a:b], y[a:b]) for a, b in ((0, 400), (400, 500), (500, 600))]
+    splits = [TensorDataset(x[a:b], y[a:b].clone()) for a, b in ((0, 400), (400, 500), (500, 600))]
+    if unlabelled_test_every:
+        splits[2].tensors[1][::unlabelled_test_every] = -100
     return Task(teacher.eval(), *splits, 3, lambda k: make_student(student, k))
