@@ -94,6 +94,33 @@ def test_killed_training_resumes_to_identical_bytes(stored, tmp_path, monkeypatc
         assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
 
 
+@pytest.mark.parametrize("damage", ["missing", "flipped", "no checkpoint either"])
+def test_a_finished_run_whose_student_is_missing_or_damaged_writes_it_again(stored, tmp_path, damage):
+    """A finished out_dir whose student.safetensors was gone raised FileNotFoundError on every rerun,
+    and a damaged one "fails its sha256 checksum; write it again" with no way to (a session-66 audit).
+    The weights are written again from the last checkpoint, to the same bytes; without a checkpoint
+    the student is trained again."""
+    out = tmp_path / "run"
+    lines = []
+    first = _run(stored, str(out), epochs=3, patience=1)
+    want = (out / "student.safetensors").read_bytes()
+    if damage == "flipped":
+        raw = bytearray(want)
+        raw[-3] ^= 0x04
+        (out / "student.safetensors").write_bytes(bytes(raw))
+    else:
+        (out / "student.safetensors").unlink()
+    if damage == "no checkpoint either":
+        (out / "checkpoint.pt").unlink()
+    settings = TrainSettings(epochs=3, patience=1, batch_size=64, lr=3e-2, tensorboard=False)
+    again = distill(student(), stored["train"], stored["targets"], str(out), num_classes=2, n_subclasses=2,
+                    val_data=stored["val"], val_teacher_logits=stored["val_logits"], settings=settings,
+                    log=lines.append)
+    assert (out / "student.safetensors").read_bytes() == want
+    assert again == first
+    assert "student cannot be read" in lines[0] and ("epoch 1/3" in " ".join(lines)) == (damage == "no checkpoint either")
+
+
 def test_early_stopping_and_corrupt_checkpoint(stored, tmp_path):
     report = _run(stored, str(tmp_path / "early"), epochs=40, patience=2, lr=0.1)
     assert report["epochs_run"] < 40

@@ -279,17 +279,28 @@ def _reuse_finished(student: nn.Module, out_dir: str, made_from: dict, log, remo
     except ValueError:  # a damaged report: the run is made again
         report = {}
     if report.get("made_from") == made_from:
-        load_student(student, out_dir)
-        return report
+        try:
+            load_student(student, out_dir)
+            return report
+        except (OSError, ValueError) as exc:  # missing or damaged weights: made again from the last checkpoint
+            if remove:
+                log(f"[train] {out_dir}'s student cannot be read ({str(exc).splitlines()[0]}): writing it again "
+                    "from the last checkpoint (training again without one)")
+                _remove(out_dir, ("report.json", "report.md", "curves.png", STUDENT))
+            return None
     if not remove:
         return None
     why = provenance.changes(report.get("made_from") or {}, made_from) or ["made by an older version"]
     log(f"[train] {out_dir} was trained otherwise ({'; '.join(why)}): training again")
-    for name in ("report.json", "report.md", "curves.png", STUDENT, CHECKPOINT, CHECKPOINT + ".sha256"):
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.unlink(os.path.join(out_dir, name))
+    _remove(out_dir, ("report.json", "report.md", "curves.png", STUDENT, CHECKPOINT, CHECKPOINT + ".sha256"))
     shutil.rmtree(os.path.join(out_dir, "tensorboard"), ignore_errors=True)
     return None
+
+
+def _remove(out_dir: str, names) -> None:
+    for name in names:
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.unlink(os.path.join(out_dir, name))
 
 
 def _training_data(train_data, targets, num_classes: int, n_subclasses: int, st: TrainSettings,
