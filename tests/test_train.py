@@ -562,6 +562,26 @@ def test_validation_labels_outside_the_classes_are_refused(stored, tmp_path):
         evaluate(trained, TensorDataset(x, torch.full_like(y, -100)), 2, 2)
 
 
+def test_settings_without_an_effect_or_a_valid_seed_are_named_before_training(stored, tmp_path):
+    """A session-66 audit: seed=1.5 failed inside torch.manual_seed once training had begun;
+    patience, or validation teacher logits, without val_data were ignored without a word (all epochs
+    trained, best epoch None)."""
+    def train(**kw):
+        kw = {"settings": TrainSettings(epochs=2, tensorboard=False), **kw}
+        distill(student(), stored["train"], stored["targets"], str(tmp_path / "run"), num_classes=2, n_subclasses=2,
+                **kw)
+
+    for seed in (1.5, True, "0"):
+        with pytest.raises(ValueError, match=rf"^train.seed must be an integer, got {seed!r}$"):
+            TrainSettings(seed=seed).check()
+    with pytest.raises(ValueError, match=r"^train.patience \(early stopping\) needs val_data"):
+        train(settings=TrainSettings(epochs=2, patience=1, tensorboard=False))
+    with pytest.raises(ValueError, match="^val_teacher_logits was given without val_data"):
+        train(val_teacher_logits=stored["val_logits"])
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+    TrainSettings(seed=-3).check()  # any integer seeds torch
+
+
 def test_training_labels_teacher_logits_and_device_are_checked_before_training(stored, tmp_path):
     """A session-65 walkthrough: a training label out of range was named by its place in a shuffled
     batch ("labels[127]") after training had started; validation teacher logits of the wrong width

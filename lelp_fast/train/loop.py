@@ -19,6 +19,7 @@ import dataclasses
 import io
 import os
 import math
+import numbers
 import shutil
 from contextlib import nullcontext
 from typing import Callable, Optional, Sequence
@@ -76,6 +77,8 @@ class TrainSettings:
         for name in ("epochs", "batch_size", "grad_accumulation"):
             check_count(f"train.{name}", getattr(self, name))
         check_count("train.warmup_steps", self.warmup_steps, minimum=0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"train.seed must be an integer, got {self.seed!r}")
         for name in ("patience", "checkpoint_every_steps", "log_every_steps"):
             if getattr(self, name) is not None:
                 check_count(f"train.{name}", getattr(self, name))
@@ -193,6 +196,11 @@ def distill(
     """
     settings = settings or TrainSettings()
     settings.check()
+    if val_data is None and settings.patience is not None:
+        raise ValueError("train.patience (early stopping) needs val_data: it stops on the validation accuracy")
+    if val_data is None and val_teacher_logits is not None:
+        raise ValueError("val_teacher_logits was given without val_data: pass the validation rows they are the "
+                         "teacher's logits of")
     steps.resolve_device(settings.device)  # a device this machine lacks, named before any work
     check_data_labels("train_data", train_data, num_classes)
     check_data_labels("val_data", val_data, num_classes)
