@@ -469,6 +469,31 @@ def test_a_killed_ddp_run_resumed_reports_the_losses_of_one_not_killed(stored, t
             assert got["train_soft"] == pytest.approx(want["train_soft"], rel=1e-5)
 
 
+def test_a_student_with_batchnorm_under_ddp_is_warned_of(tmp_path):
+    """Under DDP each rank's BatchNorm normalises its half of a batch by its own statistics: two
+    ranks trained another student than one process (weights 0.086 apart in a session-66 audit),
+    where the docs named only dropout's draws. distill now warns, naming the layers."""
+    import torch.distributed as dist
+
+    from lelp_fast.train import steps
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        parallel = steps.DataParallel()
+        parallel.enabled, parallel.world = True, 2  # as two ranks would (DDP itself runs on the one)
+        with pytest.warns(UserWarning, match=r"BatchNorm layers \(1\) normalise each of the 2 ranks' share"):
+            parallel.wrap(nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)), torch.device("cpu"))
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            parallel.wrap(nn.Sequential(nn.Linear(10, 8), nn.Dropout(), nn.Linear(8, 4)), torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_subclass_weight_reaches_the_loss_of_stored_targets(stored, tmp_path):
     """λ = 0.5: the first epoch's mean soft loss is the reference's λ-weighted KL of the initial
     student (one batch holding every row, so the epoch is one step from that student)."""
