@@ -5,6 +5,7 @@ Tolerance: the exported graphs compute in fp32, so 1e-5 absolute / relative (a f
 logits of order 1, the error of PyTorch's own fp32 logsumexp against fp64).
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -331,3 +332,112 @@ def test_an_export_killed_while_writing_leaves_the_old_file_or_none(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         export_module(mlp(), str(path), torch.randn(2, 10), num_classes=C, n_subclasses=S)
     assert path.read_bytes() == whole and [p.name for p in tmp_path.iterdir()] == ["student.pt2"]
+
+
+# ---------------------------------------------------------------- session-66 audit of shipping a student
+
+@pytest.mark.parametrize("fmt", ["torch-export", "torchscript", "onnx"])
+def test_an_export_to_a_name_without_a_suffix_works_and_its_bytes_repeat(tmp_path, fmt):
+    """Since exports were written through a temp file (session 65), torch's archives took their
+    inner name from that random name: a name without a suffix (the CLI's `--out student`) failed in
+    torch's writer ("invalid file name"), and every export of the same student had other bytes."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
+    student, x = mlp(), torch.randn(2, 10)
+    path = tmp_path / "student"
+    export_module(student, str(path), x, num_classes=C, n_subclasses=S, tau=2.0, format=fmt)
+    first = path.read_bytes()
+    if fmt == "torch-export":  # TorchScript numbers its classes per process, so compare within one export kind
+        export_module(student, str(path), x, num_classes=C, n_subclasses=S, tau=2.0, format=fmt)
+        assert path.read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temp left
+    if fmt != "onnx":
+        with torch.no_grad():
+            got = load_exported(str(path), fmt)(3 * torch.randn(5, 10))
+        assert got.shape == (5, C)
+    with pytest.raises(IsADirectoryError, match=r"it is a directory; name the file to write in it"):
+        export_module(student, str(tmp_path), x, num_classes=C, n_subclasses=S, format=fmt)
+
+
+def test_an_export_leaves_the_students_mode_and_unwraps_ddp_and_compile(tmp_path):
+    """export_module left a training student in eval mode (dropout off for the rest of its training);
+    a student wrapped in DDP or torch.compile failed inside torch (export_hf: _orig_mod. keys, no
+    .config on DDP)."""
+    import torch.distributed as dist
+
+    student = nn.Sequential(nn.Linear(10, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, C * S)).train()
+    x = torch.randn(4, 10)
+    export_module(student, str(tmp_path / "a.pt2"), x, num_classes=C, n_subclasses=S)
+    assert all(m.training for m in student.modules())
+    student.eval()
+    want = reference(copy.deepcopy(student), x, 1.0)  # reference() turns its student to fp64
+    compiled = torch.compile(student)
+    export_module(compiled, str(tmp_path / "c.ts"), x, num_classes=C, n_subclasses=S, format="torchscript")
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(str(tmp_path / "c.ts"))(x).double(), want, atol=ATOL, rtol=RTOL)
+    if not dist.is_available():
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(student)
+        export_module(wrapped, str(tmp_path / "d.pt2"), x, num_classes=C, n_subclasses=S)
+    finally:
+        dist.destroy_process_group()
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(str(tmp_path / "d.pt2"))(x).double(), want, atol=ATOL, rtol=RTOL)
+
+
+def test_pooling_at_a_small_tau_does_not_overflow():
+    """s/τ overflowed fp32 at τ < 1: logits of 3e38 at τ = 0.5 pooled to inf where class_logits, which
+    shifts first, gives 3e38."""
+    from lelp_fast.export.hf_pooled import _pool
+
+    s = torch.tensor([[3e38, 1.0, -5.0, 2.0, 0.0, 0.0, 1.0, -1.0, 4.0, 4.0, 4.0, 4.0]])
+    student = nn.Identity()
+    want = class_logits(s, C, S, 0.5)
+    assert torch.isfinite(want).all()
+    got = PooledClassifier(student, C, S, 0.5)(s)
+    torch.testing.assert_close(got, want.float())
+    torch.testing.assert_close(_pool(s.unflatten(-1, (C, S)), 0.5), want.float())
+    empty = torch.full((1, C * S), float("-inf"))
+    empty[0, S:] = 1.0
+    assert PooledClassifier(student, C, S, 0.5)(empty)[0, 0] == float("-inf")
+
+
+def test_a_damaged_report_or_hf_weights_are_named_in_one_line(tmp_path, hf_student, capsys):
+    """`lelp-fast export` with a report.json missing a key printed a KeyError traceback, and --hf-model
+    with a damaged model.safetensors a 28-line SafetensorError traceback (exit 1, not 2)."""
+    from lelp_fast.io.integrity import save_checked
+
+    work = tmp_path / "work"
+    (work / "student").mkdir(parents=True)
+    (work / "student" / "student.safetensors").write_bytes(save_checked(mlp().state_dict()))
+    (tmp_path / "run.yaml").write_text(f"work_dir: {work}\ntask: {{factory: 'test_export:tiny_task'}}\n")
+    for damaged in ({"num_classes": C, "n_subclasses": S}, [1], {"num_classes": C, "n_subclasses": S, "settings": 3}):
+        (work / "student" / "report.json").write_text(json.dumps(damaged))
+        assert main(["export", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "s.pt2")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "report.json is damaged" in err and "--redo train" in err, err
+    tmp, _, _ = hf_student
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(tmp / "student", broken)
+    (broken / "model.safetensors").write_bytes(b"\x05\x00" + (broken / "model.safetensors").read_bytes()[2:40])
+    assert main(["export", "--hf-model", str(broken), "--subclasses", str(S), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"student {broken}: cannot be loaded" in err, err
+
+
+def test_hf_export_of_a_compiled_student_saves_the_student(hf_student, tmp_path):
+    """export_hf(torch.compile(student)) failed loading its `_orig_mod.` keys (a session-66 audit)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lelp_fast.export.hf import export_hf
+
+    tmp, student, tokenizer = hf_student
+    export_hf(torch.compile(student), str(tmp_path / "out"), n_subclasses=S, tau=2.0, tokenizer=tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        got = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+    torch.testing.assert_close(got.double(), hf_reference(student, tokenizer, 2.0), atol=ATOL, rtol=RTOL)

@@ -17,18 +17,25 @@ from typing import Optional, Sequence
 from .._checks import check_positive
 from . import hf_pooled
 from .hf_pooled import LELPPooledConfig, LELPPooledForSequenceClassification
+from .module import unwrap
 
 hf_pooled.register()
 
 
 def _load_student(student):
+    """The model: ``student`` itself unwrapped (DDP, ``torch.compile``), or read from its directory."""
     if not isinstance(student, (str, os.PathLike)):
-        return student
+        return unwrap(student)
     from transformers import AutoModelForSequenceClassification
 
     if not os.path.isdir(student):
         raise FileNotFoundError(f"student {student}: no such directory (a save_pretrained output)")
-    return AutoModelForSequenceClassification.from_pretrained(os.fspath(student), local_files_only=True)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(os.fspath(student), local_files_only=True)
+    except Exception as exc:  # safetensors' SafetensorError, a bad config.json, ...: one line naming the directory
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"student {student}: cannot be loaded as a transformers classifier ({first}); "
+                         "its weights or config are damaged or of another kind") from exc
 
 
 def _class_names(labels: Optional[Sequence[str]], k: int, n_subclasses: int) -> list:

@@ -53,10 +53,20 @@ class LELPPooledForSequenceClassification(PreTrainedModel):
         out = self.student(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         c, s, tau = self.config.num_labels, self.config.n_subclasses, self.config.tau
         grouped = out.logits.float().unflatten(-1, (c, s))
-        logits = torch.logsumexp(grouped, -1) if tau == 1.0 else tau * torch.logsumexp(grouped / tau, -1)
+        logits = torch.logsumexp(grouped, -1) if tau == 1.0 else _pool(grouped, tau)
         loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                         attentions=out.attentions)
+
+
+def _pool(grouped: torch.Tensor, tau: float) -> torch.Tensor:
+    """``τ·logsumexp(s/τ)``, shifted at τ < 1 by each class's largest logit, where s/τ overflows fp32
+    (lelp_fast.export.module.pool; this file is copied beside models loaded without lelp_fast)."""
+    if tau >= 1.0:
+        return tau * torch.logsumexp(grouped / tau, -1)
+    shift = grouped.amax(-1, keepdim=True)
+    shift = shift.masked_fill(shift == float("-inf"), 0.0)
+    return (shift + tau * torch.logsumexp((grouped - shift) / tau, -1, keepdim=True)).squeeze(-1)
 
 
 def register() -> None:

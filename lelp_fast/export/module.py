@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from .._checks import check_positive
-from ..io.integrity import write_through_temp
+from ..io.integrity import write_named_through_temp
 
 FORMATS = ("torch-export", "onnx", "torchscript")
+FORMAT_SUFFIX = {"torch-export": ".pt2", "onnx": ".onnx", "torchscript": ".ts"}  # in messages
 
 
 class PooledClassifier(nn.Module):
@@ -44,7 +45,7 @@ class PooledClassifier(nn.Module):
         grouped = logits.float().unflatten(-1, (self.num_classes, self.n_subclasses))
         if self.tau == 1.0:  # the same expression as reference.class_logits at τ = 1
             return torch.logsumexp(grouped, dim=-1)
-        return self.tau * torch.logsumexp(grouped / self.tau, dim=-1)
+        return pool(grouped, self.tau)
 
     def check_outputs(self, example: Tuple[torch.Tensor, ...]) -> None:
         """Refuses a student whose output width is not C·S (checked once on the example input)."""
@@ -56,29 +57,71 @@ class PooledClassifier(nn.Module):
                              f"{self.num_classes} * {self.n_subclasses} = {self.num_classes * self.n_subclasses}")
 
 
+def pool(grouped: torch.Tensor, tau: float) -> torch.Tensor:
+    """``τ·logsumexp(s/τ)`` over the last axis; at τ < 1 shifted by each class's largest logit first,
+    as reference.class_logits, since s/τ overflows fp32 where s does not (3e38 at τ = 0.5 gave inf)."""
+    if tau >= 1.0:
+        return tau * torch.logsumexp(grouped / tau, dim=-1)
+    shift = grouped.amax(dim=-1, keepdim=True)
+    shift = shift.masked_fill(shift == float("-inf"), 0.0)  # a class of -inf logits stays -inf
+    return (shift + tau * torch.logsumexp((grouped - shift) / tau, dim=-1, keepdim=True)).squeeze(-1)
+
+
 def export_module(student: nn.Module, path: str, example, *, num_classes: int, n_subclasses: int,
                   tau: float = 1.0, format: str = "torch-export") -> PooledClassifier:
     """Saves ``student`` with the pooling folded in, so the file maps inputs to C class logits.
 
     ``example`` is one input batch (a tensor or a tuple of tensors); its first dimension is saved
-    as dynamic (any batch size). Returns the wrapped module (in eval mode)."""
+    as dynamic (any batch size). A student wrapped in DistributedDataParallel or ``torch.compile``
+    is saved unwrapped. The export runs in eval mode, after which ``student`` keeps the train/eval
+    mode it had. Returns the wrapper around it (call ``.eval()`` on it for inference)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if not isinstance(example, (torch.Tensor, tuple, list)):
+        raise ValueError(f"example must be a tensor or a tuple of tensors (the student's positional inputs), "
+                         f"got {type(example).__name__}")
     example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     # torch.export specialises a dimension of size 1 (no dynamic batch): show it two rows.
     example = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in example)
+    student = unwrap(student)
+    modes = [(m, m.training) for m in student.modules()]
     model = PooledClassifier(student, num_classes, n_subclasses, tau).eval()
+    try:
+        _check_and_save(model, path, example, format)
+    finally:  # the caller's student (and so the wrapper) back in the modes it had
+        for m, training in modes:
+            m.training = training
+        model.training = student.training
+    return model
+
+
+def unwrap(student: nn.Module) -> nn.Module:
+    """The student inside DistributedDataParallel / DataParallel (``.module``) or ``torch.compile``
+    (``._orig_mod``): what a training script holds is saved as the plain module."""
+    while True:
+        if isinstance(student, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            student = student.module
+        elif isinstance(getattr(student, "_orig_mod", None), nn.Module):
+            student = student._orig_mod
+        else:
+            return student
+
+
+def _check_and_save(model: PooledClassifier, path: str, example: tuple, format: str) -> None:
     model.check_outputs(example)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path}: it is a directory; name the file to write in it "
+                                f"(e.g. {os.path.join(path, 'student' + FORMAT_SUFFIX[format])})")
     save = {"torch-export": _save_program, "onnx": _save_onnx, "torchscript": _save_torchscript}[format]
     if format == "onnx" and _one_file(model).get("external_data"):
         save(model, path, example)  # its weights' file is named after the model's: written in place
     else:
-        # a killed export leaves the old file or none; the temp file keeps the suffix (torch.export's .pt2)
-        write_through_temp(lambda tmp: save(model, tmp, example), path, suffix=os.path.splitext(path)[1])
-    return model
+        # a killed export leaves the old file or none; the file is written under its own name, which
+        # torch's archives record
+        write_named_through_temp(lambda tmp: save(model, tmp, example), path)
 
 
 def _dynamic_batch(example: Tuple[torch.Tensor, ...]) -> tuple:

@@ -6,6 +6,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from typing import Callable, Dict, Mapping, Optional
@@ -54,6 +55,22 @@ def write_through_temp(write: Callable[[str], None], path: str, suffix: str = ""
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_named_through_temp(write: Callable[[str], None], path: str) -> None:
+    """As :func:`write_through_temp`, but ``write`` writes a file of ``path``'s own name, in a temp
+    directory beside it: torch's archives (torch.export's .pt2, TorchScript) name their contents
+    after the file, so a random temp name made every export's bytes differ, and a name without a
+    suffix broke torch's writer."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp_dir = tempfile.mkdtemp(prefix=temp_prefix(path), dir=directory)
+    tmp = os.path.join(tmp_dir, os.path.basename(path))
+    try:
+        write(tmp)
+        publish_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def remove_stale_temps(path: str) -> int:
