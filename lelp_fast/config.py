@@ -8,6 +8,7 @@ CLI's arguments. Example files are in ``examples/configs/``.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Dict, Literal, Optional, Sequence
 
 import torch
@@ -99,6 +100,14 @@ class TargetsConfig(_Section):
     chunk_mb: float = Field(64.0, ge=1 / 1024)
     device: Optional[Device] = None
 
+    @model_validator(mode="after")
+    def _parquet_has_no_bfloat16(self):
+        # refused here, not by the targets stage after it removed the stored targets
+        if self.format == "parquet" and self.dtype == "bfloat16":
+            raise ValueError("targets.format parquet stores float32 or float16, not targets.dtype bfloat16 "
+                             "(Parquet has no bfloat16): take float16, or format npy or safetensors")
+        return self
+
 
 class TrainConfig(_Section):
     epochs: Count = 10
@@ -186,7 +195,7 @@ def _override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: {section} is not a section")
     try:
-        node[name] = yaml.safe_load(text)
+        node[name] = yaml.load(text, Loader=_unique_keys_loader())
     except yaml.YAMLError:
         node[name] = text
 
@@ -207,7 +216,14 @@ def _unique_keys_loader():
                 seen.add(key)
             return super().construct_mapping(node, deep)
 
+    # YAML 1.2's floats: PyYAML follows YAML 1.1, which reads 1e-3 (no dot) as the string '1e-3', so
+    # `lr: 1e-3` was refused as "got '1e-3'" where `lr: 1.0e-3` was taken
+    UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789."))
     return UniqueKeyLoader
+
+
+YAML12_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*[eE][-+]?[0-9]+)$""", re.X)
 
 
 def parse_config(raw: dict, where: str = "config", set_keys: Sequence[str] = ()) -> RunConfig:
@@ -224,5 +240,6 @@ def _problem(error: dict, set_keys: Sequence[str]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
-    from_set = any(key == k or key.startswith(k + ".") for k in set_keys)
+    # the key set, a key inside it, or (an unknown section) the section it would be in
+    from_set = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in set_keys)
     return f"{key}{' (--set)' if from_set else ''}: {message}"

@@ -111,6 +111,25 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert cfg.fit.subclasses == 4 and cfg.train.epochs == 4
 
 
+def test_a_config_reads_exponents_without_a_dot_and_refuses_parquet_bf16_when_read(tmp_path):
+    """A session-66 audit: `lr: 1e-3` was refused ("got '1e-3'": YAML 1.1 reads an exponent without a
+    dot as a string) where `1.0e-3` was taken; targets.format parquet with dtype bfloat16 passed the
+    config, and the targets stage removed the stored targets before failing; `--set nosuch.key=1`
+    was not named as a --set key."""
+    path = tmp_path / "run.yaml"
+    path.write_text("work_dir: x\ntask: {factory: 'a:b'}\ntrain: {lr: 1e-3, weight_decay: 5E-4}\n"
+                    "fit: {iteration_sample: 1.25e-1}\n")
+    cfg = load_config(str(path), ["train.tau=2e0"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.fit.iteration_sample, cfg.train.tau) == (1e-3, 5e-4, 0.125, 2.0)
+    path.write_text("work_dir: x\ntask: {factory: 'a:b', kwargs: {name: 1e3x}}\n")
+    assert load_config(str(path)).task.kwargs["name"] == "1e3x"
+    with pytest.raises(ConfigError, match=r"targets.format parquet stores float32 or float16, not targets.dtype bfloat16"):
+        load_config(str(path), ["targets.format=parquet", "targets.dtype=bfloat16"])
+    load_config(str(path), ["targets.format=parquet", "targets.dtype=float16"])
+    with pytest.raises(ConfigError, match=r"nosuch \(--set\): unknown key"):
+        load_config(str(path), ["nosuch.key=1"])
+
+
 @pytest.mark.parametrize("section", ["capture", "fit", "targets", "train"])
 def test_a_bad_device_is_refused_when_the_config_is_read(section):
     """A device string torch cannot read failed only at the stage that used it (after the stages
