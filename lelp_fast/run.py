@@ -36,7 +36,7 @@ from .offline.dataset import IGNORE_INDEX
 from .offline.manifest import MANIFEST, projector_digest
 from .projector import LELPProjector
 from .train import TrainSettings, distill, evaluate, load_student
-from .train.loop import EXECUTION_ONLY as TRAIN_EXECUTION_ONLY, trained_subclass_weight
+from .train.loop import EXECUTION_ONLY as TRAIN_EXECUTION_ONLY, data_digest, trained_subclass_weight
 
 
 def load_task(cfg: RunConfig):
@@ -255,7 +255,10 @@ def run(cfg: RunConfig, *, until: str = "report", progress: bool = False, redo: 
 
 def _capture_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
     settings = {"task": cfg.task.model_dump(), "capture": _section(cfg, "capture")}
-    inputs = {"teacher": tensors_sha256(task.teacher.state_dict())}
+    # the rows too (a TensorDataset by every byte; train.loop.data_digest): data edited under the same
+    # task.kwargs is captured again
+    inputs = {"teacher": tensors_sha256(task.teacher.state_dict()),
+              "data": {split: data_digest(getattr(task, split)) for split in ("train", "val")}}
 
     def manifests():
         return {split: provenance.file_digest(os.path.join(paths["capture"], split, MANIFEST))
@@ -398,7 +401,10 @@ def _baseline_stage(cfg, task, stages: StageLog, paths, state, progress) -> None
 
 def _report_stage(cfg, task, stages: StageLog, paths, state, progress) -> None:
     inputs = {"train": stages.output("train"), "fit": stages.output("fit"),
-              "baseline": stages.output("baseline") if cfg.report.kd_baseline else None}
+              "baseline": stages.output("baseline") if cfg.report.kd_baseline else None,
+              "test": data_digest(task.test),
+              # its best epoch and curves too: validation rows edited can change them, not the weights
+              "student_report": provenance.file_digest(os.path.join(paths["student"], "report.json"))}
     settings = {"task": cfg.task.model_dump(), "targets": _section(cfg, "targets"), "train": _section(cfg, "train")}
     if stages.needed("report", settings, inputs, [paths["report.md"], paths["report.json"]],
                      output_digest=lambda: provenance.file_digest(paths["report.json"])):

@@ -26,6 +26,9 @@ def make_student(kind: str, k: int) -> nn.Module:
     return nn.Linear(10, k)
 
 
+EDITED = set()  # splits whose inputs a test has edited (by 1 %) without changing the task's kwargs
+
+
 def task(work_dir: str, student: str = "linear", teacher_seed: int = 0, unlabelled_test_every: int = 0) -> Task:
     """``unlabelled_test_every`` n: every n-th test row is labelled -100 (no label)."""
     g = torch.Generator().manual_seed(0)
@@ -39,6 +42,9 @@ def task(work_dir: str, student: str = "linear", teacher_seed: int = 0, unlabell
         nn.functional.cross_entropy(teacher(x), y).backward()
         opt.step()
     splits = [TensorDataset(x[a:b], y[a:b].clone()) for a, b in ((0, 400), (400, 500), (500, 600))]
+    for i, name in enumerate(("train", "val", "test")):
+        if name in EDITED:
+            splits[i] = TensorDataset(splits[i].tensors[0] * 1.01, splits[i].tensors[1])
     if unlabelled_test_every:
         splits[2].tensors[1][::unlabelled_test_every] = -100
     return Task(teacher.eval(), *splits, 3, lambda k: make_student(student, k))

@@ -116,6 +116,7 @@ def task(work_dir: str, n_train: int = 10000, n_val: int = 2000, n_test: Optiona
     from safetensors.torch import save
 
     from ..offline import shards
+    from ..train.loop import data_digest
 
     if student not in STUDENTS:  # named now, not after the capture, fit and targets have run
         raise ValueError(f"task.kwargs.student must be 'linear' or 'mlp', got {student!r}")
@@ -132,10 +133,10 @@ def task(work_dir: str, n_train: int = 10000, n_val: int = 2000, n_test: Optiona
     n_test = xt.shape[0] if n_test is None else n_test
     test = TensorDataset(xt[:n_test], coarse(ft[:n_test]))
     path = os.path.join(work_dir, "teacher.safetensors")
-    # what the teacher is trained from: a cached one made from other settings (or one written before
-    # session 58, which recorded none) is trained again
+    # what the teacher is trained from: a cached one made from other settings or rows (or one written
+    # before session 66, which recorded the data's directory, not its rows) is trained again
     made_from = {"n_train": str(n_train), "teacher_epochs": str(teacher_epochs), "seed": str(seed),
-                 "data_dir": os.path.abspath(data_dir)}
+                 "train_rows": data_digest(train)}
     teacher = _cached_teacher(path, made_from)
     if teacher is None:
         teacher = train_teacher(train, teacher_epochs, seed)
