@@ -67,6 +67,11 @@ EXECUTION_ONLY = {"capture": ("device",), "fit": ("chunk_mb", "checkpoint_every"
 REPAIRS_IN_PLACE = ("capture", "targets")
 
 
+# Files of a training directory that are not its output (student.safetensors and report.json are):
+# the resume checkpoint, the logs and the plot. Removed to free space, they cost no retraining.
+NOT_OUTPUTS = ("checkpoint.pt", "tensorboard", "curves.png", "report.md")
+
+
 class StageLog:
     """Per stage: skip it when its settings and inputs are those its output was made from, else
     (re)do it, saying why ("redone: fit.beta 0.25 -> 0.05"); records each finished output's digest
@@ -136,14 +141,14 @@ class StageLog:
 
     def _listing(self, outputs: Sequence[str]) -> dict:
         """Sizes of the files of ``outputs`` (files, or directories walked), by path under work_dir;
-        hidden files (locks) left out."""
+        hidden files (locks) and a training directory's by-products (NOT_OUTPUTS) left out."""
         paths = []
         for output in outputs:
             if os.path.isfile(output):
                 paths.append(output)
             for root, dirs, files in os.walk(output):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                paths += [os.path.join(root, f) for f in files if not f.startswith(".")]
+                dirs[:] = [d for d in dirs if not d.startswith(".") and d not in NOT_OUTPUTS]
+                paths += [os.path.join(root, f) for f in files if not f.startswith(".") and f not in NOT_OUTPUTS]
         return {os.path.relpath(p, self.work_dir): os.path.getsize(p) for p in sorted(paths)}
 
     def mark_damaged(self, error: str) -> Optional[str]:

@@ -275,6 +275,25 @@ def test_data_edited_under_the_same_config_is_captured_or_reported_again(tmp_pat
     assert said["capture"] == "redone: input data changed" and said["report"].startswith("redone")
 
 
+def test_removing_a_training_directorys_checkpoint_or_logs_costs_no_retraining(tmp_path):
+    """Every file under student/ was recorded as output: removing its resume checkpoint, curves or
+    report.md (to free space) retrained the student from scratch (a session-66 audit)."""
+    cfg = _tiny_config(tmp_path, train={"tensorboard": True})
+    _run_logged(cfg)
+    run_dir = tmp_path / "run"
+    import shutil
+
+    for name in ("student/checkpoint.pt", "student/curves.png", "student/report.md", "baseline/student/report.md",
+                 "baseline/student/checkpoint.pt"):
+        (run_dir / name).unlink()
+    shutil.rmtree(run_dir / "student" / "tensorboard")
+    _, said = _run_logged(cfg)
+    assert set(said.values()) == {"skipped (unchanged)"}, said
+    (run_dir / "student" / "report.json").unlink()
+    _, said = _run_logged(cfg)
+    assert said["train"] == f"redone: {run_dir / 'student' / 'report.json'} is missing"
+
+
 def test_a_damaged_output_is_repaired_or_made_again_by_the_next_run(tmp_path):
     """A finished stage was skipped whenever its directory existed: a cut or removed file of its output
     failed the next stage on every rerun, whose error advised a command the run never reran. Now a
