@@ -245,6 +245,8 @@ def run(cfg: RunConfig, *, until: str = "report", progress: bool = False, redo: 
         raise ValueError(f"redo {redo!r} comes after until {until!r}: that stage would not run")
     os.makedirs(cfg.work_dir, exist_ok=True)
     with ExclusiveLock(os.path.join(cfg.work_dir, ".lock-run"), f"work_dir {cfg.work_dir}"):
+        for directory in (cfg.work_dir, os.path.join(cfg.work_dir, RECORDS)):  # a killed run's (we hold the lock)
+            shards.remove_stale_temp_files(directory, 0)
         log(f"[task] {cfg.task.factory}: building the teacher, data and student (a task may train its teacher now)")
         task = load_task(cfg)
         stages = StageLog(cfg.work_dir, log, redo)

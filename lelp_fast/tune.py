@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .io.locks import ExclusiveLock
 from .ops.loss import distill_loss
 from .projector import LELPProjector
 
@@ -469,11 +470,19 @@ def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
     (e.g. text for a transformer teacher) of the same rows, in order, as ``task.train``, whose items
     are the student's inputs.
     """
-    from .run import load_task, run
+    from .run import run
 
     grid.check()  # before the teacher is trained and captured (search checks it for its own callers)
     if capture_dir is None:
         run(cfg, until="capture", log=log)
+    # one tune of a work_dir at a time (both would write tune/)
+    with ExclusiveLock(os.path.join(cfg.work_dir, ".lock-tune"), f"the tune of work_dir {cfg.work_dir}"):
+        return _tune(cfg, grid, capture_dir, log)
+
+
+def _tune(cfg, grid: TuneGrid, capture_dir: Optional[str], log: Callable[[str], None]) -> dict:
+    from .run import load_task
+
     task = load_task(cfg)
     teacher = _teacher_outputs(cfg, capture_dir, log)
     if grid.final_steps is None:  # as many epochs as `lelp-fast run` trains, over the proxies' rows

@@ -294,6 +294,26 @@ def test_removing_a_training_directorys_checkpoint_or_logs_costs_no_retraining(t
     assert said["train"] == f"redone: {run_dir / 'student' / 'report.json'} is missing"
 
 
+def test_a_killed_runs_temp_files_are_removed_and_a_second_tune_is_refused(tmp_path):
+    """kill -9 mid-write left .tmp-rank0-* files (a checkpoint's as large as the model and optimiser)
+    in student/, baseline/student/, .stages/ and work_dir for good; two tunes of one work_dir ran at
+    once (a session-66 audit)."""
+    from lelp_fast.io.locks import ExclusiveLock, LockHeldError
+    from lelp_fast.tune import TuneGrid, tune
+
+    cfg = _tiny_config(tmp_path)
+    _run_logged(cfg)
+    run_dir = tmp_path / "run"
+    stale = [run_dir / d / ".tmp-rank0-killed" for d in ("", ".stages", "student", "baseline/student")]
+    for path in stale:
+        path.write_bytes(b"part of a checkpoint")
+    _run_logged(_tiny_config(tmp_path, train={"lr": 0.02}))  # train and baseline redone: distill runs
+    assert [p for p in stale if p.exists()] == []
+    with ExclusiveLock(str(run_dir / ".lock-tune"), "a tune"):
+        with pytest.raises(LockHeldError, match=r"the tune of work_dir .* is in use by another run"):
+            tune(cfg, TuneGrid(subclasses=(2,), betas=(0.5,), taus=(1.0,), steps=2, seeds=1), log=lambda line: None)
+
+
 def test_a_damaged_output_is_repaired_or_made_again_by_the_next_run(tmp_path):
     """A finished stage was skipped whenever its directory existed: a cut or removed file of its output
     failed the next stage on every rerun, whose error advised a command the run never reran. Now a

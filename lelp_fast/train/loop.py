@@ -214,6 +214,8 @@ def distill(
     log = log if lead else (lambda line: None)
     lock = ExclusiveLock(os.path.join(out_dir, ".lock"), f"training directory {out_dir}") if lead else nullcontext()
     with lock:
+        if lead:  # a killed run's temp files (a checkpoint's can be the model and optimiser's size)
+            shards.remove_stale_temp_files(out_dir, 0)
         data, loss_fn, targets_digest = _training_data(train_data, targets, num_classes, n_subclasses, settings,
                                                        compact_temperatures, check_labels)
         inputs = {"targets": targets_digest, "student": _architecture(student), "train_data": data_digest(train_data),
