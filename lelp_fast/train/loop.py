@@ -21,6 +21,7 @@ import os
 import math
 import numbers
 import shutil
+import sys
 from contextlib import nullcontext
 from typing import Callable, Optional, Sequence
 
@@ -511,7 +512,7 @@ class _Run:
         if not self.lead:
             return
         buffer = io.BytesIO()
-        torch.save(self._state(partial), buffer)
+        torch.save(_canonical(self._state(partial)), buffer)
         # One file holds the checksum and the state: a kill cannot leave them out of step.
         shards.write_atomically(os.path.join(self.out_dir, CHECKPOINT), seal(buffer.getvalue()))
 
@@ -548,6 +549,19 @@ class _Run:
                 "subclass_weight": trained_subclass_weight(self.settings, self.s),
                 "epochs_run": self.epoch, "best": self.best, "history": self.history,
                 "student_file": STUDENT}
+
+
+def _canonical(state):
+    """``state`` rebuilt with every string interned and fresh containers (tensors kept): pickle
+    writes an object met twice as a reference to the first, so the same state gave other bytes in a
+    resumed run, whose keys had come from the checkpoint, than in one not killed (a session-66 audit)."""
+    if type(state) is str:
+        return sys.intern(state)
+    if type(state) is dict:  # not a module's state_dict (an OrderedDict whose _metadata load_state_dict reads)
+        return {_canonical(k): _canonical(v) for k, v in state.items()}
+    if type(state) in (list, tuple):
+        return type(state)(_canonical(v) for v in state)
+    return state
 
 
 def _tensorboard(out_dir: str):
