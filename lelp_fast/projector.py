@@ -420,6 +420,9 @@ class LELPProjector:
         """Reads a projector written by :meth:`save`, checking its format and shapes."""
         from safetensors import safe_open
 
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a directory, not a projector file (lelp-fast run writes "
+                                    f"{os.path.join('WORK_DIR', 'projector.safetensors')})")
         try:
             with safe_open(os.fspath(path), framework="pt") as f:
                 raw_meta = f.metadata() or {}

@@ -71,6 +71,9 @@ def test_load_rejects_corrupt_and_foreign_files(tmp_path):
     save_file({"x": torch.zeros(2)}, str(foreign))
     with pytest.raises(ValueError, match="not a lelp_fast projector"):
         LELPProjector.load(foreign)
+    # a directory (`lelp-fast inspect CAPTURE_DIR`): "No such device (os error 19)" until session 66
+    with pytest.raises(IsADirectoryError, match=r"is a directory, not a projector file"):
+        LELPProjector.load(tmp_path)
     h, w, b, y = make_problem(n=200, d=10, num_classes=2, seed=16)
     good = tmp_path / "good.safetensors"
     LELPProjector(2).fit(h, y, head_weight=w, head_bias=b).save(good)
