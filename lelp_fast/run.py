@@ -36,6 +36,7 @@ from .offline.dataset import IGNORE_INDEX
 from .offline.manifest import MANIFEST, projector_digest
 from .projector import LELPProjector
 from .train import TrainSettings, distill, evaluate, load_student
+from .reference import resolve_subclass_weight
 from .train.loop import EXECUTION_ONLY as TRAIN_EXECUTION_ONLY, data_digest, trained_subclass_weight
 
 
@@ -227,9 +228,14 @@ def _remove(paths: Sequence[str]) -> None:
 
 
 def _section(cfg: RunConfig, name: str) -> dict:
-    """A config section without its execution-only keys (see EXECUTION_ONLY)."""
+    """A config section without its execution-only keys (see EXECUTION_ONLY); train.subclass_weight
+    set to the value its None stands for is recorded as None, as distill takes them as one."""
     values = getattr(cfg, name).model_dump()
-    return {k: v for k, v in values.items() if k not in EXECUTION_ONLY.get(name, ())}
+    section = {k: v for k, v in values.items() if k not in EXECUTION_ONLY.get(name, ())}
+    if name == "train" and section["subclass_weight"] is not None and (
+            cfg.fit.subclasses == 1 or section["subclass_weight"] == resolve_subclass_weight(None, section["divergence"])):
+        section["subclass_weight"] = None  # the default λ; at S = 1 there is no subclass part to weight
+    return section
 
 
 def run(cfg: RunConfig, *, until: str = "report", progress: bool = False, redo: Optional[str] = None,

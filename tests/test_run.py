@@ -573,6 +573,10 @@ def test_the_kd_baseline_is_kept_when_only_lambda_changes_and_the_report_states_
     """λ weights the subclass part, which KD (S = 1) has none of: the baseline was retrained when it
     changed. And at S = 1 the report said lambda=0.1 where the student trained (and said) 1."""
     _run_logged(_tiny_config(tmp_path))
+    # the default λ set by its value trains the same student: nothing redone (a session-66 audit: the
+    # student was trained again, to the same bytes)
+    _, said = _run_logged(_tiny_config(tmp_path, train={"subclass_weight": 0.1}))
+    assert set(said.values()) == {"skipped (unchanged)"}, said
     _, said = _run_logged(_tiny_config(tmp_path, train={"subclass_weight": 1.0}))
     assert said["train"].startswith("redone: train.subclass_weight") and said["baseline"] == "skipped (unchanged)"
     report, _ = _run_logged(_tiny_config(tmp_path, fit={"subclasses": 1}, report={"kd_baseline": False}))
