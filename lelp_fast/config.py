@@ -200,6 +200,11 @@ def _override(raw: dict, item: str) -> None:
         node[name] = text
 
 
+# YAML 1.2's floats with an exponent (PyYAML reads YAML 1.1, where 1e-3, without a dot, is a string)
+YAML12_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*[eE][-+]?[0-9]+)$""", re.X)
+
+
 def _unique_keys_loader():
     """yaml's SafeLoader, except that a key given twice in one mapping (a second ``train:``
     section, say) is an error instead of the last one silently winning."""
@@ -216,14 +221,10 @@ def _unique_keys_loader():
                 seen.add(key)
             return super().construct_mapping(node, deep)
 
-    # YAML 1.2's floats: PyYAML follows YAML 1.1, which reads 1e-3 (no dot) as the string '1e-3', so
     # `lr: 1e-3` was refused as "got '1e-3'" where `lr: 1.0e-3` was taken
     UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789."))
     return UniqueKeyLoader
 
-
-YAML12_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
-    |[-+]?\.[0-9][0-9_]*[eE][-+]?[0-9]+)$""", re.X)
 
 
 def parse_config(raw: dict, where: str = "config", set_keys: Sequence[str] = ()) -> RunConfig:
@@ -240,6 +241,7 @@ def _problem(error: dict, set_keys: Sequence[str]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
-    # the key set, a key inside it, or (an unknown section) the section it would be in
-    from_set = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in set_keys)
+    # the key set, a key inside it, or (an unknown section: not a section's own check) the section it is in
+    from_set = any(key == k or key.startswith(k + ".")
+                   or (error["type"] == "extra_forbidden" and k.startswith(key + ".")) for k in set_keys)
     return f"{key}{' (--set)' if from_set else ''}: {message}"

@@ -37,7 +37,8 @@ from .offline.manifest import MANIFEST, projector_digest
 from .projector import LELPProjector
 from .train import TrainSettings, distill, evaluate, load_student
 from .reference import resolve_subclass_weight
-from .train.loop import EXECUTION_ONLY as TRAIN_EXECUTION_ONLY, data_digest, trained_subclass_weight
+from .train.loop import CHECKPOINT as TRAIN_CHECKPOINT, EXECUTION_ONLY as TRAIN_EXECUTION_ONLY, data_digest, \
+    trained_subclass_weight
 
 
 def load_task(cfg: RunConfig):
@@ -70,7 +71,27 @@ REPAIRS_IN_PLACE = ("capture", "targets")
 
 # Files of a training directory that are not its output (student.safetensors and report.json are):
 # the resume checkpoint, the logs and the plot. Removed to free space, they cost no retraining.
-NOT_OUTPUTS = ("checkpoint.pt", "tensorboard", "curves.png", "report.md")
+NOT_OUTPUTS = frozenset((TRAIN_CHECKPOINT, "tensorboard", "curves.png", "report.md"))
+
+
+def _from_before_session_66(made_from: Optional[dict], wanted: dict) -> Optional[dict]:
+    """A record as this version writes it. Records from before session 66 lack the fingerprints of
+    the task's rows (capture's ``data``, the report's ``test`` and ``student_report``), taken as
+    today's, and may hold train.subclass_weight set to its default's value, which is now recorded as
+    unset: an upgrade redoes no stage (a capture can take hours)."""
+    if made_from is None:
+        return None
+    inputs = {**{k: v for k, v in wanted.get("inputs", {}).items() if k in ADDED_INPUTS},
+              **made_from.get("inputs", {})}
+    settings = json.loads(json.dumps(made_from.get("settings", {})))
+    train, now = settings.get("train"), wanted.get("settings", {}).get("train", {})
+    if isinstance(train, dict) and now.get("subclass_weight") is None and train.get("subclass_weight") is not None \
+            and train["subclass_weight"] == resolve_subclass_weight(None, train.get("divergence", "kl")):
+        train["subclass_weight"] = None
+    return {**made_from, "settings": settings, "inputs": inputs}
+
+
+ADDED_INPUTS = ("data", "test", "student_report")  # inputs first recorded in session 66
 
 
 class StageLog:
@@ -95,7 +116,7 @@ class StageLog:
         taken with the record of the one it replaced."""
         wanted = provenance.record(settings, inputs)
         stored = provenance.read(self._path(stage))
-        made_from = None if stored is None else stored.get("made_from")
+        made_from = None if stored is None else _from_before_session_66(stored.get("made_from"), wanted)
         if stage in self.forced:
             why = "redone: forced (--redo)"
         elif made_from is not None and made_from != wanted:
@@ -112,8 +133,9 @@ class StageLog:
         elif output_digest is not None and (replaced := _replaced(output_digest, stored.get("output"))):
             why = f"redone: {replaced}"
         else:
-            if "files" not in stored:  # a record from before session 59: its files listed from now on
-                provenance.write(self._path(stage), {**stored, "files": self._listing(outputs)})
+            if "files" not in stored or stored.get("made_from") != made_from:  # an older record, brought up to date
+                provenance.write(self._path(stage), {**stored, "made_from": made_from,
+                                                     "files": stored.get("files") or self._listing(outputs)})
             self.log(f"[{stage}] skipped (unchanged)")
             return False
         if why.startswith("redone"):
@@ -128,6 +150,8 @@ class StageLog:
         another size) and why, or None; a cheap look (no file is read: checksums are checked where
         files are read)."""
         for name, size in stored.get("files", {}).items():
+            if NOT_OUTPUTS.intersection(name.split(os.sep)):  # listed by a record before session 66
+                continue
             path = os.path.join(self.work_dir, name)
             if not os.path.isfile(path):
                 return path, f"{path} is missing"

@@ -475,7 +475,8 @@ def tune(cfg, grid: TuneGrid = TuneGrid(), *, capture_dir: Optional[str] = None,
     grid.check()  # before the teacher is trained and captured (search checks it for its own callers)
     if capture_dir is None:
         run(cfg, until="capture", log=log)
-    # one tune of a work_dir at a time (both would write tune/)
+    # one tune of a work_dir at a time (both would write tune/); with capture_dir, nothing made it yet
+    os.makedirs(cfg.work_dir, exist_ok=True)
     with ExclusiveLock(os.path.join(cfg.work_dir, ".lock-tune"), f"the tune of work_dir {cfg.work_dir}"):
         return _tune(cfg, grid, capture_dir, log)
 

@@ -142,6 +142,11 @@ def test_a_config_reads_exponents_without_a_dot_and_refuses_parquet_bf16_when_re
     load_config(str(path), ["targets.format=parquet", "targets.dtype=float16"])
     with pytest.raises(ConfigError, match=r"nosuch \(--set\): unknown key"):
         load_config(str(path), ["nosuch.key=1"])
+    # a section's own check is not blamed on a --set key inside the section (a review)
+    path.write_text("work_dir: x\ntask: {factory: 'a:b'}\ntargets: {format: parquet, dtype: bfloat16}\n")
+    with pytest.raises(ConfigError, match=r": targets: targets.format parquet") as info:
+        load_config(str(path), ["targets.chunk_mb=32"])
+    assert "(--set)" not in str(info.value)
 
 
 @pytest.mark.parametrize("section", ["capture", "fit", "targets", "train"])
@@ -309,9 +314,45 @@ def test_a_killed_runs_temp_files_are_removed_and_a_second_tune_is_refused(tmp_p
         path.write_bytes(b"part of a checkpoint")
     _run_logged(_tiny_config(tmp_path, train={"lr": 0.02}))  # train and baseline redone: distill runs
     assert [p for p in stale if p.exists()] == []
+    grid = TuneGrid(subclasses=(2,), betas=(0.5,), taus=(1.0,), steps=2, seeds=1)
     with ExclusiveLock(str(run_dir / ".lock-tune"), "a tune"):
         with pytest.raises(LockHeldError, match=r"the tune of work_dir .* is in use by another run"):
-            tune(cfg, TuneGrid(subclasses=(2,), betas=(0.5,), taus=(1.0,), steps=2, seeds=1), log=lambda line: None)
+            tune(cfg, grid, log=lambda line: None)
+    # with a capture made elsewhere, a work_dir not made yet (a review: the lock's file had no directory)
+    elsewhere = _tiny_config(tmp_path / "new")
+    tune(elsewhere, grid, capture_dir=str(run_dir / "capture" / "train"), log=lambda line: None)
+    assert (tmp_path / "new" / "run" / "tune" / "tune.json").exists()
+
+
+def test_records_written_before_session_66_redo_nothing(tmp_path):
+    """A review of session 66's changes: records without the rows' fingerprints redid the capture
+    (hours for a large teacher) as "input data changed"; an explicit subclass_weight 0.1 retrained;
+    an old listing still held student/checkpoint.pt, so removing it retrained."""
+    cfg = _tiny_config(tmp_path, train={"subclass_weight": 0.1})
+    _run_logged(cfg)
+    stages = tmp_path / "run" / ".stages"
+
+    def edit(stage, change):
+        record = json.loads((stages / f"{stage}.json").read_text())
+        change(record)
+        (stages / f"{stage}.json").write_text(json.dumps(record))
+
+    edit("capture", lambda r: r["made_from"]["inputs"].pop("data"))
+    edit("report", lambda r: [r["made_from"]["inputs"].pop(k) for k in ("test", "student_report")])
+    edit("train", lambda r: r["made_from"]["settings"]["train"].update(subclass_weight=0.1))
+    edit("train", lambda r: r["files"].update({"student/checkpoint.pt": 1}))
+    (tmp_path / "run" / "student" / "checkpoint.pt").unlink()
+    _, said = _run_logged(cfg)
+    assert set(said.values()) == {"skipped (unchanged)"}, said
+    assert "data" in json.loads((stages / "capture.json").read_text())["made_from"]["inputs"]  # brought up to date
+    import tiny_task
+
+    tiny_task.EDITED.add("val")
+    try:
+        _, said = _run_logged(cfg)
+    finally:
+        tiny_task.EDITED.discard("val")
+    assert said["capture"] == "redone: input data changed"
 
 
 def test_a_damaged_output_is_repaired_or_made_again_by_the_next_run(tmp_path):

@@ -121,6 +121,16 @@ def test_a_finished_run_whose_student_is_missing_or_damaged_writes_it_again(stor
     assert "student cannot be read" in lines[0] and ("epoch 1/3" in " ".join(lines)) == (damage == "no checkpoint either")
 
 
+def test_a_killed_runs_temp_files_are_removed_by_the_next(stored, tmp_path):
+    """kill -9 mid-write left .tmp-rank0-* files in out_dir for good (a checkpoint's as large as the
+    model and the optimiser state; a session-66 audit)."""
+    out = tmp_path / "run"
+    _run(stored, str(out), epochs=1)
+    (out / ".tmp-rank0-killed").write_bytes(b"part of a checkpoint")
+    _run(stored, str(out), epochs=1)  # finished: reused, and the leftover removed
+    assert not (out / ".tmp-rank0-killed").exists()
+
+
 def test_early_stopping_and_corrupt_checkpoint(stored, tmp_path):
     report = _run(stored, str(tmp_path / "early"), epochs=40, patience=2, lr=0.1)
     assert report["epochs_run"] < 40
@@ -603,8 +613,8 @@ def test_settings_without_an_effect_or_a_valid_seed_are_named_before_training(st
         distill(student(), stored["train"], stored["targets"], str(tmp_path / "run"), num_classes=2, n_subclasses=2,
                 **kw)
 
-    for seed in (1.5, True, "0"):
-        with pytest.raises(ValueError, match=rf"^train.seed must be an integer, got {seed!r}$"):
+    for seed in (1.5, True, "0", 2**70):
+        with pytest.raises(ValueError, match=rf"^train.seed must be an integer in \[-2\*\*63, 2\*\*64\), got {seed!r}$"):
             TrainSettings(seed=seed).check()
     with pytest.raises(ValueError, match=r"^train.patience \(early stopping\) needs val_data"):
         train(settings=TrainSettings(epochs=2, patience=1, tensorboard=False))

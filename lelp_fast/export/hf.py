@@ -26,13 +26,14 @@ def _load_student(student):
     """The model: ``student`` itself unwrapped (DDP, ``torch.compile``), or read from its directory."""
     if not isinstance(student, (str, os.PathLike)):
         return unwrap(student)
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
 
     if not os.path.isdir(student):
         raise FileNotFoundError(f"student {student}: no such directory (a save_pretrained output)")
     try:
         return AutoModelForSequenceClassification.from_pretrained(os.fspath(student), local_files_only=True)
-    except Exception as exc:  # safetensors' SafetensorError, a bad config.json, ...: one line naming the directory
+    except (OSError, ValueError, SafetensorError) as exc:  # a damaged file, a bad config.json: one line naming it
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"student {student}: cannot be loaded as a transformers classifier ({first}); "
                          "its weights or config are damaged or of another kind") from exc

@@ -78,8 +78,8 @@ class TrainSettings:
         for name in ("epochs", "batch_size", "grad_accumulation"):
             check_count(f"train.{name}", getattr(self, name))
         check_count("train.warmup_steps", self.warmup_steps, minimum=0)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-            raise ValueError(f"train.seed must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not -2**63 <= self.seed < 2**64:
+            raise ValueError(f"train.seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         for name in ("patience", "checkpoint_every_steps", "log_every_steps"):
             if getattr(self, name) is not None:
                 check_count(f"train.{name}", getattr(self, name))

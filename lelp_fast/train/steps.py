@@ -71,7 +71,8 @@ class DataParallel:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
-        warn_unsynced_batchnorm(model, self.world)
+        if self.rank == 0:  # one warning, not one a rank
+            warn_unsynced_batchnorm(model, self.world)
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -101,7 +102,7 @@ class DataParallel:
 
 def warn_unsynced_batchnorm(model: nn.Module, world: int) -> None:
     """BatchNorm normalises each rank's share of a batch by that share's statistics (its running
-    statistics are rank 0's), so N ranks do not train the student one process would: said once."""
+    statistics are rank 0's), so N ranks do not train the student one process would (warned by rank 0)."""
     found = [name for name, m in model.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)]
     if found:
@@ -110,7 +111,7 @@ def warn_unsynced_batchnorm(model: nn.Module, world: int) -> None:
         warnings.warn(f"the student's BatchNorm layers ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}) "
                       f"normalise each of the {world} ranks' share of a batch by its own statistics, so the "
                       "student differs from one process's; on GPUs, torch.nn.SyncBatchNorm.convert_sync_batchnorm"
-                      "(student) before distill shares them", UserWarning, stacklevel=3)
+                      "(student) before distill shares them", UserWarning, stacklevel=5)
 
 
 def take(batch, part: slice, device: Optional[torch.device] = None):
