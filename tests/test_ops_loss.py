@@ -177,6 +177,11 @@ NEAR_FLOAT_MAX = {
     "row near -max at tau 1": (5, -3.0e38, None, 1.0),
     "row near -1e38 and one at -1.75e38 at tau 0.5": (2, -1.0e38, (3, -1.75e38), 0.5),
     "row spanning past FLT_MAX at tau 2": (4, 3.0e38, (2, -1.0e38), 2.0),
+    # at tau > 1 (scaled first) x / tau - m / tau was contracted to fma(x, 1/tau, -(m / tau)) in the CPU
+    # kernel: for the max, m / tau's rounding error, not 0 (-142 at 1e10 / 1.5): q summed to 0, the loss
+    # -inf or NaN (a session-66 audit)
+    "top logit 1e10 at tau 1.5": (1, None, (2, 1.0e10), 1.5),
+    "top logit 5e9 at tau 1.1": (6, None, (0, 5.0e9), 1.1),
 }
 
 

@@ -44,7 +44,14 @@ LELP_HD float fmax_(float a, float b) { return a > b ? a : b; }
 // spanning more than FLT_MAX); at scale > 1, x * scale can, and x - m overflows only where the result
 // would too.
 LELP_HD float scaled_gap(float x, float m, float scale) {
-  return scale <= 1.f ? x * scale - m * scale : (x - m) * scale;
+  if (scale > 1.f) return (x - m) * scale;
+#if defined(__CUDA_ARCH__)
+  return x * scale - m * scale;
+#else
+  // g++ contracts this to fma(x, scale, -(m * scale)), which for x = m is m * scale's rounding error,
+  // not 0 (-142 at m = 1e10, tau = 1.5: exp gave 0 and the row's sum of q 0, the loss -inf or NaN)
+  return x == m ? 0.f : x * scale - m * scale;
+#endif
 }
 
 // 2^x and log2(x) in the GPU's one-instruction forms (ex2/lg2.approx.ftz: about 2 ulp, results and
