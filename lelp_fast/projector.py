@@ -667,11 +667,19 @@ def _infer_num_classes(source: EmbeddingSource, head_weight, num_classes: Option
     if num_classes is not None:
         return int(num_classes)
     top = source.max_label()
-    if isinstance(source, ArraySource) and source.teacher_logits is not None:
-        if getattr(source.teacher_logits, "ndim", 0) == 2:
-            c = int(source.teacher_logits.shape[1])
-            if assign == "label" and top is not None and top >= c:  # else named as a label out of range
-                raise ValueError(f"teacher_logits have {c} columns (C = {c}), but the labels go up to {top}: give the "
-                                 "logits of every class")
-            return c
+    c = _logits_width(source)
+    if c is not None:
+        if assign == "label" and top is not None and top >= c:  # else named as a label out of range
+            raise ValueError(f"teacher_logits have {c} columns (C = {c}), but the labels go up to {top}: give the "
+                             "logits of every class")
+        return c
     return None if top is None else top + 1
+
+
+def _logits_width(source) -> Optional[int]:
+    """C from the teacher logits a source holds: in-memory ones, or a capture's stored ones (a capture
+    made with ``forward=`` stores no head; its labels may cover fewer classes, or none: -100)."""
+    if isinstance(source, ArraySource) and source.teacher_logits is not None:
+        return int(source.teacher_logits.shape[1]) if getattr(source.teacher_logits, "ndim", 0) == 2 else None
+    width = getattr(source, "num_classes", None)  # CaptureSource: its stored logits' width
+    return width if isinstance(width, int) else None

@@ -543,3 +543,23 @@ def test_a_loader_that_shuffles_its_rows_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"loader gives this rank 1/2 of the rows \(DistributedSampler\): every rank "
                                          r"must read the whole loader"):
         capture(tiny_teacher(), share, str(tmp_path / "e"), dtype="float32")
+
+
+def test_a_fit_on_a_capture_without_a_head_takes_c_from_the_stored_logits(tmp_path):
+    """A capture made with forward= stores no head; the fit took C from the labels (2 when only two
+    of three classes were labelled, 1 when every row was -100), so a fit with assign="teacher"
+    failed on "teacher_logits must have shape (200, 2)" (a session-66 audit)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(200, 5)
+
+    def forward(m, batch):
+        inputs, labels = batch
+        h = m[1](m[0](inputs))
+        return h, m[2](h), labels
+
+    for name, labels in (("two", torch.randint(0, 2, (200,))), ("none", torch.full((200,), -100))):
+        out = str(tmp_path / name)
+        capture(model, DataLoader(TensorDataset(x, labels), batch_size=50), out, forward=forward)
+        assert CaptureSource(out).max_label() == (1 if name == "two" else None)
+        assert LELPProjector(2, beta=0.5, assign="teacher").fit(out).num_classes == 3

@@ -85,8 +85,8 @@ class CaptureSource(EmbeddingSource):
         top = None
         for i in range(len(self.shards)):
             labels = self._read(i)["labels"]
-            if labels.numel():
-                top = max(top or 0, int(labels.max()))
+            if labels.numel() and int(labels.max()) >= 0:  # a shard of -100 rows alone has no class
+                top = int(labels.max()) if top is None else max(top, int(labels.max()))
         return top
 
     def head(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
