@@ -154,3 +154,26 @@ def test_teacher_outputs_command(logits, tmp_path, capsys):
         main(["teacher-outputs", "--out", out])
     with pytest.raises(SystemExit, match="--capture .*missing: no such file"):
         main(["teacher-outputs", "--capture", str(tmp_path / "missing"), "--out", out])
+
+
+def test_logits_beyond_float16s_range_are_refused_not_stored_as_inf(tmp_path):
+    """A logit of 7e4 was stored as inf in the default float16 store and read back as NaN targets
+    (distill then named only "log_targets row 1 contains NaN"); compact targets likewise (a session-66
+    audit). The row is named; float32 stores it."""
+    from lelp_fast import LELPProjector
+    from lelp_fast.offline import generate_targets
+
+    z = torch.tensor([[1.0, 2.0, 3.0], [7e4, 0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"teacher_logits row 1 holds 70000, beyond float16's range: store with "
+                                         r"dtype float32 or bfloat16"):
+        store_teacher_outputs(z, str(tmp_path / "kd"))
+    store_teacher_outputs(z, str(tmp_path / "kd32"), dtype="float32")
+    assert torch.isfinite(TargetsDataset(str(tmp_path / "kd32"), tau=1.0).targets([0, 1])).all()
+    g = torch.Generator().manual_seed(0)
+    h, y = torch.randn(60, 6, generator=g), torch.arange(60) % 3
+    big = torch.randn(60, 3, generator=g)
+    big[41, 2] = 2e5
+    projector = LELPProjector(2, beta=0.5).fit(ArraySource(h, y, teacher_logits=big))
+    with pytest.raises(ValueError, match=r"teacher_logits row 41 holds 200000, beyond float16's range"):
+        generate_targets(projector, ArraySource(h, y, teacher_logits=big), str(tmp_path / "compact"), compact=True,
+                         dtype="float16")

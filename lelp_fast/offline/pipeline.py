@@ -224,7 +224,8 @@ def _compute_rows(projector, chunk: Chunk, h, z, settings: dict, backend: str) -
     else:
         tensors = {"log_targets": projector.targets(h, z, beta=settings["beta"], tau=settings["tau"],
                                                     out_dtype=out_dtype, backend=backend)}
-    out = {name: t.to(out_dtype).cpu() for name, t in tensors.items()}
+    out = {name: shards.to_stored(name, t, out_dtype, chunk.start_row, "dtype (targets.dtype)").cpu()
+           for name, t in tensors.items()}
     if "log_targets" in out and not _targets_op_checks(h):
         _check_target_rows(out["log_targets"], h, z, chunk.start_row,
                            vanilla_kd=limits.vanilla_kd(projector.n_subclasses, z is not None))

@@ -120,6 +120,18 @@ def temp_prefix(rank: int) -> str:
     return f".tmp-rank{rank}-"
 
 
+def to_stored(name: str, t: torch.Tensor, dtype: torch.dtype, first_row: int, setting: str) -> torch.Tensor:
+    """``t`` in the stored dtype, refused naming the row where a finite value becomes inf (float16's
+    range ends at 65504: a teacher logit of 7e4 was stored as inf and read back as NaN targets)."""
+    stored = t.to(dtype)
+    lost = torch.isinf(stored) & torch.isfinite(t)
+    if bool(lost.any()):
+        row, col = (int(i) for i in torch.nonzero(lost)[0])
+        raise ValueError(f"{name} row {first_row + row} holds {float(t[row, col]):.6g}, beyond {str(dtype).split('.')[-1]}'s "
+                         f"range: store with {setting} float32 or bfloat16")
+    return stored
+
+
 def remove_stale_temp_files(directory: str, rank: int) -> None:
     for path in glob.glob(os.path.join(directory, temp_prefix(rank) + "*")):
         os.unlink(path)

@@ -103,7 +103,7 @@ def _outputs(chunk, z, settings: dict) -> dict:
     check_finite("teacher_logits", z)
     out_dtype = shards.DTYPES[settings["dtype"]]
     if settings["top_k"] is None:
-        return {"teacher_logits": z.to(out_dtype).cpu()}
+        return {"teacher_logits": shards.to_stored("teacher_logits", z, out_dtype, chunk.start_row, "dtype").cpu()}
     log_p = torch.log_softmax(z.float() / settings["tau"], dim=-1)  # fp32, whatever the stored dtype
     values, indices = log_p.topk(settings["top_k"], dim=-1)
     return {"topk_log_probs": values.to(out_dtype).cpu(), "topk_indices": indices.to(torch.int32).cpu()}
