@@ -309,3 +309,20 @@ def test_a_roberta_teachers_positions_less_its_padding_offset_bound_the_texts(sa
     assert capture_text(model, str(long), str(tmp_path / "cap"), dtype="float32")["n_rows"] == 2
     with pytest.raises(ValueError, match=r"more than the model's 32 positions: pass max_length \(--max-length\) <= 32"):
         capture_text(model, str(long), str(tmp_path / "cap2"), max_length=40)
+
+
+def test_with_targets_takes_the_temperatures_a_logits_store_is_read_at(tmp_path):
+    """WithTargets took no beta or tau, so compact targets and a KD logits store failed at the first
+    row with "pass beta and tau", arguments it did not have (a session-66 audit)."""
+    from lelp_fast import TargetsDataset
+    from lelp_fast.offline import store_teacher_outputs
+    from lelp_fast.train.hf import WithTargets
+
+    z = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    store_teacher_outputs(z, str(tmp_path / "kd"), dtype="float32")
+    rows = [{"input_ids": [i]} for i in range(6)]
+    with pytest.raises(ValueError, match="tau"):
+        WithTargets(rows, str(tmp_path / "kd"))
+    joined = WithTargets(rows, str(tmp_path / "kd"), tau=2.0)
+    torch.testing.assert_close(joined[4]["lelp_targets"], torch.log_softmax(z[4] / 2.0, -1))
+    assert torch.equal(joined[4]["lelp_targets"], TargetsDataset(str(tmp_path / "kd"), tau=2.0).targets([4])[0])

@@ -27,10 +27,14 @@ TARGETS_KEY = "lelp_targets"
 
 class WithTargets(torch.utils.data.Dataset):
     """``dataset[i]`` (a dict) plus ``{key: log-targets of row i}`` from a targets directory;
-    ``check_labels`` as :class:`~lelp_fast.TargetsDataset`'s (a row's "labels" against the stored)."""
+    ``beta``/``tau`` and ``check_labels`` as :class:`~lelp_fast.TargetsDataset`'s (the temperatures
+    compact targets and a KD logits store are read at; a row's "labels" against the stored)."""
 
-    def __init__(self, dataset, targets_dir: str, key: str = TARGETS_KEY, *, check_labels: bool = True):
-        self.joined, self.key = TargetsDataset(targets_dir, dataset, check_labels=check_labels), key
+    def __init__(self, dataset, targets_dir: str, key: str = TARGETS_KEY, *, beta: Optional[float] = None,
+                 tau: Optional[float] = None, check_labels: bool = True):
+        self.joined = TargetsDataset(targets_dir, dataset, beta=beta, tau=tau, check_labels=check_labels)
+        self.joined.require_temperatures()  # named here, not at the first row the Trainer asks for
+        self.key = key
 
     def __len__(self) -> int:
         return len(self.joined)
