@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 
+def default_group(process_group):
+    """``process_group``, or under torchrun (an initialised group of several ranks) the default one:
+    without it every rank took itself for the only one and wrote the same files (capture's ranks
+    failed on each other's lock)."""
+    if process_group is not None:
+        return process_group
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
 def rank_world(process_group):
     """(rank, world size) in ``process_group``; (0, 1) without one."""
     if process_group is None:

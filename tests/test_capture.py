@@ -135,24 +135,28 @@ def test_bad_arguments(tmp_path):
         CaptureSource(str(tmp_path / "missing"))
 
 
-def _rank_worker(rank, world, init_file, out):
+def _rank_worker(rank, world, init_file, out, pass_group=True):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         dl, _, _ = loader()
-        capture(tiny_teacher(), dl, out, batches_per_shard=2, process_group=dist.group.WORLD)
+        group = {"process_group": dist.group.WORLD} if pass_group else {}
+        capture(tiny_teacher(), dl, out, batches_per_shard=2, **group)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_write_the_same_directory_as_one_process(tmp_path):
+@pytest.mark.parametrize("pass_group", [True, False])
+def test_two_ranks_write_the_same_directory_as_one_process(tmp_path, pass_group):
+    """Without process_group (until session 66) each rank took itself for the only one and they
+    failed on each other's lock: the initialised group is taken, as distill takes it."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "two"), pass_group), nprocs=2, join=True)
     dl, _, _ = loader()
     capture(tiny_teacher(), dl, str(tmp_path / "one"), batches_per_shard=2)
     assert _tree(str(tmp_path / "two")) == _tree(str(tmp_path / "one"))
@@ -563,3 +567,20 @@ def test_a_fit_on_a_capture_without_a_head_takes_c_from_the_stored_logits(tmp_pa
         capture(model, DataLoader(TensorDataset(x, labels), batch_size=50), out, forward=forward)
         assert CaptureSource(out).max_label() == (1 if name == "two" else None)
         assert LELPProjector(2, beta=0.5, assign="teacher").fit(out).num_classes == 3
+
+
+def test_a_lock_taken_before_its_holder_is_written_says_holder_unknown(tmp_path):
+    """Locked and not yet written (the holder writes its pid after the flock), the message read
+    "pid None on None since None: None" (a session-66 audit)."""
+    import fcntl
+
+    from lelp_fast.io.locks import LockHeldError
+
+    path = tmp_path / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(LockHeldError, match=r"in use by another run \(holder unknown; lock"):
+            ExclusiveLock(str(path), "a directory").acquire()
+    finally:
+        os.close(fd)

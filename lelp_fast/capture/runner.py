@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from .._checks import NonFiniteRowError, check_finite, require_device
-from .._dist import barrier, rank_world
+from .._dist import barrier, default_group, rank_world
 from ..io import checksum
 from ..io.integrity import tensors_sha256
 from ..io.locks import lock_rank_directory
@@ -143,6 +143,7 @@ def capture(
     if autocast not in (None, "float16", "bfloat16"):
         raise ValueError(f"autocast must be None, 'float16' or 'bfloat16', got {autocast!r}")
     _check_in_order(loader)
+    process_group = default_group(process_group)  # torchrun's when none is given
     rank, world = rank_world(process_group)
     device = require_device("device", device)
     model = model.to(device).eval()

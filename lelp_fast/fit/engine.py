@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .._checks import require_device
-from .._dist import rank_world
+from .._dist import default_group, rank_world
 from ..io.device_copy import stage_ahead
 from ..io.integrity import (check_metadata_checksum, remove_stale_temps, tensors_sha256, with_metadata_checksum,
                             write_through_temp)
@@ -322,6 +322,7 @@ def accumulate(
     if settings.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {settings.method!r}")
     device = require_device("device", settings.device)
+    process_group = default_group(process_group)  # torchrun's when none is given
     rank, world = rank_world(process_group)
     if checkpoint is not None and world > 1:
         checkpoint = f"{checkpoint}.rank{rank}"

@@ -87,6 +87,8 @@ def _read_holder(fd: int) -> str:
         info = json.loads(os.pread(fd, 4096, 0) or b"{}")
     except (OSError, ValueError):
         return "holder unknown"
+    if not isinstance(info, dict) or "pid" not in info:  # locked a moment ago, its holder not yet written
+        return "holder unknown"
     return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}: {info.get('command')}"
 
 

@@ -18,7 +18,7 @@ from typing import Deque, Optional
 import torch
 
 from .._checks import NonFiniteRowError, check_finite, require_device
-from .._dist import barrier, rank_world
+from .._dist import barrier, default_group, rank_world
 from ..io import checksum
 from ..io.device_copy import stage_ahead
 from ..io.locks import lock_rank_directory
@@ -82,6 +82,7 @@ def generate_targets(
     if src.dim is not None and src.dim != projector.dim:
         raise ValueError(f"the source has d={src.dim} but the projector was fitted with d={projector.dim}")
     projector.require_same_teacher(src)
+    process_group = default_group(process_group)  # torchrun's when none is given
     rank, world = rank_world(process_group)
     settings = _settings(projector, src, format, dtype, compact, beta, tau, chunk_bytes)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .._checks import check_finite, check_positive
-from .._dist import rank_world
+from .._dist import default_group, rank_world
 from ..io.sources import DEFAULT_CHUNK_BYTES, ArraySource, EmbeddingSource, as_source
 from . import pipeline, shards
 
@@ -43,6 +43,7 @@ def store_teacher_outputs(source, out_dir: str, *, top_k: Optional[int] = None, 
     num_classes = _num_classes(src)
     if top_k is not None and top_k > num_classes:
         raise ValueError(f"top_k={top_k} is more than the teacher's {num_classes} classes")
+    process_group = default_group(process_group)  # torchrun's when none is given
     rank, world = rank_world(process_group)
     settings = _settings(src, num_classes, top_k, tau, format, dtype, chunk_bytes)
 
