@@ -326,3 +326,25 @@ def test_with_targets_takes_the_temperatures_a_logits_store_is_read_at(tmp_path)
     joined = WithTargets(rows, str(tmp_path / "kd"), tau=2.0)
     torch.testing.assert_close(joined[4]["lelp_targets"], torch.log_softmax(z[4] / 2.0, -1))
     assert torch.equal(joined[4]["lelp_targets"], TargetsDataset(str(tmp_path / "kd"), tau=2.0).targets([4])[0])
+
+
+def test_a_csv_text_column_of_numbers_is_read_as_written(tmp_path):
+    """pyarrow inferred the column's type: "007" and "1.50" became "7.0" and "1.5", "true" "True"
+    (a session-66 audit)."""
+    path = tmp_path / "data.csv"
+    path.write_text("text,label\n007,0\n1.50,1\n")
+    assert read_text_table(str(path))[0] == ["007", "1.50"]
+    path.write_text("text,label\ntrue,0\nfalse,1\n")
+    assert read_text_table(str(path))[0] == ["true", "false"]
+
+
+def test_string_labels_given_to_capture_are_named(tmp_path):
+    """A batch of string labels failed with torch's "too many dimensions 'str'" (a session-66 audit)."""
+    from torch import nn
+
+    from lelp_fast.capture import capture
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    batches = [(torch.randn(2, 4), ["pos", "neg"])]
+    with pytest.raises(ValueError, match=r"batch 0: labels must be integer class indices, got str \('pos'\)"):
+        capture(model, batches, str(tmp_path / "cap"))

@@ -285,7 +285,12 @@ class _BatchChecks:
         self.dtype, self.head, self.head_name, self.widths = DTYPES[dtype], head, head_name, None
 
     def __call__(self, emb, logits, labels, batch: int, rows_before: Optional[int]):
-        labels = torch.as_tensor(labels)
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):  # strings ("too many dimensions 'str'"), ragged lists
+            first = labels[0] if isinstance(labels, (list, tuple)) and labels else labels
+            raise ValueError(f"batch {batch}: labels must be integer class indices, got {type(first).__name__} "
+                             f"({first!r})") from None
         if emb.ndim != 2 or logits.ndim != 2 or labels.ndim != 1 or not emb.shape[0] == logits.shape[0] == labels.shape[0]:
             raise ValueError(f"batch {batch}: forward gave embeddings {tuple(emb.shape)}, logits "
                              f"{tuple(logits.shape)}, labels {tuple(labels.shape)}; expected (B, d), (B, C), (B,)")

@@ -33,7 +33,10 @@ def read_text_table(path: str, text_column: str = "text",
     if os.path.isdir(path):
         table = _read_saved_dataset(path)
     elif ext == ".csv":
-        table = pacsv.read_csv(path)
+        import pyarrow as pa
+
+        # the texts as written: type inference read a column of "007" and "1.50" as 7.0 and 1.5
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={text_column: pa.string()}))
     elif ext in (".parquet", ".pq"):
         table = pq.read_table(path)
     else:
