@@ -293,8 +293,12 @@ def require_kl_for_subclass_weight(subclass_weight, divergence: str, config_key:
 
 def _plogp_ratio(p: torch.Tensor, log_p: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
     """``p · (log p − log x)`` with the convention ``0 · log 0 = 0`` (targets may underflow to 0);
-    a NaN ``p`` stays NaN."""
-    return torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_x))
+    a NaN ``p`` stays NaN. The logs are zeroed where p = 0 before the product too: a -inf there (a
+    masked logit in reverse KL's or JS's p = q) gave 0 · inf = NaN in the untaken branch's gradient,
+    and so a NaN gradient for the whole row."""
+    zero = p == 0
+    return torch.where(zero, torch.zeros_like(p),
+                       p * (log_p.masked_fill(zero, 0.0) - log_x.masked_fill(zero, 0.0)))
 
 
 def divergence(log_t: torch.Tensor, log_q: torch.Tensor, kind: str = "kl", jsd_beta: float = 0.5) -> torch.Tensor:

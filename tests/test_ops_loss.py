@@ -1351,3 +1351,44 @@ def test_reverse_kl_on_targets_of_exactly_0_is_refused_and_int32_labels_work_on_
     weights = torch.tensor([[0.2, 0.8]] * 6).bfloat16()  # 0.2012 + 0.8008: 2e-3 off after rounding
     assert torch.isfinite(distill_loss(s, mixed, num_classes=4, n_subclasses=1, teacher_weights=weights,
                                        backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["reverse_kl", "js"])
+@pytest.mark.parametrize("masked", ["one logit", "a whole class"])
+def test_a_masked_logit_gives_the_row_a_finite_gradient(backend, divergence, masked):
+    """A student logit of -inf (masked) makes its q = 0 and log q = -inf: the fp64 reference and the
+    torch backend, which is built on it, gave the whole row NaN gradients in reverse KL and JS (0 · inf
+    in the untaken branch of 0 · log 0), where the compiled kernels gave the gradient (a session-66
+    audit). Its column's gradient is 0."""
+    x = torch.tensor([[0.0, -float("inf"), 1.0, 2.0]])
+    if masked == "a whole class":
+        x[0, 0] = -float("inf")
+    log_t = torch.log_softmax(torch.tensor([[0.0, 1.0, 0.5, 0.2]]), -1)
+    s = x.clone().requires_grad_(True)
+    loss = distill_loss(s, log_t, None, num_classes=2, n_subclasses=2, tau=0.5, divergence=divergence,
+                        check_inputs=False, backend=backend)
+    loss.backward()
+    want, want_grad = reference_loss_and_grad(x, log_t, None, num_classes=2, n_subclasses=2, tau=0.5,
+                                              divergence_kind=divergence)
+    assert torch.isfinite(want_grad).all() and torch.isfinite(s.grad).all(), (want_grad, s.grad)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad.double(), want_grad, rtol=1e-4, atol=1e-5)
+    assert s.grad[0, 1] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_class_bf16_targets_at_the_default_lambda(backend):
+    """C = 1, λ = 0.1, bf16 targets from lelp_targets: the torch backend pooled them to a log p of
+    2.4e-3 > 0 (their bf16 rounding) and refused that as a log-probability, naming a value the caller's
+    targets do not hold (a session-66 audit); the targets given pass the check."""
+    from lelp_fast import lelp_targets
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(32, 8, generator=g), torch.randn(8, 8, generator=g) * 0.1
+    log_t = lelp_targets(h, w, torch.zeros(8), 1, 8, teacher_logits=torch.zeros(32, 1), beta=1.0,
+                         out_dtype=torch.bfloat16)
+    s = torch.randn(32, 8, generator=g)
+    got = distill_loss(s, log_t, None, num_classes=1, n_subclasses=8, subclass_weight=0.1, backend=backend)
+    want = reference.subclass_weighted_kl(s.double(), log_t.double(), 1, 8, 1.0, 0.1).mean()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
