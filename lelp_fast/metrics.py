@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_positive
+from . import reference
 from .reference import class_logits
 
 
@@ -44,4 +45,5 @@ def predictive_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, ta
     s = _class_level(student_logits, teacher_logits.shape[-1], tau).double()
     log_p = F.log_softmax(teacher_logits.double(), -1)
     log_q = F.log_softmax(s, -1)
-    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    # 0 · log 0 = 0: a class the teacher rules out (a logit of -inf) adds nothing (was NaN)
+    return float(reference._plogp_ratio(log_p.exp(), log_p, log_q).sum(-1).mean())

@@ -44,12 +44,15 @@ def test_annealing_schedule_steps_the_temperature_down_then_hard_labels():
     torch.testing.assert_close(sched.loss(2, s, z, y), ((s - 0.5 * z) ** 2).mean())
     assert sched.stage(8) == 2
     torch.testing.assert_close(sched.loss(8, s, z, y), F.cross_entropy(s, y))
-    with pytest.raises(ValueError, match="tau_max must be >= 1"):
-        AnnealingKD(tau_max=0.5)
+    for bad in (0.5, float("inf")):  # inf: accepted, then temperature() overflowed (a session-66 audit)
+        with pytest.raises(ValueError, match="tau_max must be a finite number >= 1"):
+            AnnealingKD(tau_max=bad)
 
 
 def test_fixed_and_uniform_weights():
     torch.testing.assert_close(uniform_weights(3, 4), torch.full((3, 4), 0.25))
+    with pytest.raises(ValueError, match="finite non-negative"):  # gave NaN weights (a session-66 audit)
+        fixed_weights([float("inf"), 1.0], 2)
     torch.testing.assert_close(fixed_weights([1, 3], 2), torch.tensor([[0.25, 0.75], [0.25, 0.75]]))
     with pytest.raises(ValueError, match="non-negative"):
         fixed_weights([1, -1], 2)

@@ -88,3 +88,11 @@ def test_agreement_of_rows_with_nan_logits_is_nan_as_the_kl_is():
         bad[2, 1] = float("nan")
         assert np.isnan(agreement(t, s)) and np.isnan(predictive_kl(t, s))
         bad[2, 1] = 0.0
+
+
+def test_predictive_kl_of_a_teacher_ruling_a_class_out():
+    """A teacher logit of -inf (p = 0) gave NaN: 0 · log 0 is taken as 0 (a session-66 audit)."""
+    t = torch.tensor([[2.0, -float("inf"), 0.5]])
+    s = torch.tensor([[1.0, 0.0, -1.0]])
+    want = predictive_kl(torch.tensor([[2.0, -1e30, 0.5]]), s)
+    assert predictive_kl(t, s) == pytest.approx(want) and want > 0

@@ -18,8 +18,8 @@ class AnnealingKD:
     ``stage(epoch)`` say where the schedule is."""
 
     def __init__(self, tau_max: float = 10.0, stage1_epochs: int = 100):
-        if not tau_max >= 1:
-            raise ValueError(f"tau_max must be >= 1, got {tau_max}")
+        if not 1 <= tau_max < math.inf:
+            raise ValueError(f"tau_max must be a finite number >= 1, got {tau_max}")
         if stage1_epochs < 1:
             raise ValueError(f"stage1_epochs must be >= 1, got {stage1_epochs}")
         self.tau_max, self.stage1_epochs = float(tau_max), int(stage1_epochs)

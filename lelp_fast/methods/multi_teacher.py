@@ -27,8 +27,8 @@ def uniform_weights(n: int, n_teachers: int) -> torch.Tensor:
 
 def fixed_weights(weights: Sequence[float], n: int) -> torch.Tensor:
     w = torch.as_tensor(weights, dtype=torch.float32)
-    if w.ndim != 1 or (w < 0).any() or not w.sum() > 0:
-        raise ValueError(f"weights must be a non-negative 1-D sequence with a positive sum, got {list(weights)}")
+    if w.ndim != 1 or not torch.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"weights must be a finite non-negative 1-D sequence with a positive sum, got {list(weights)}")
     return (w / w.sum()).expand(n, -1).contiguous()
 
 
