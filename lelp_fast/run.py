@@ -74,6 +74,9 @@ REPAIRS_IN_PLACE = ("capture", "targets")
 NOT_OUTPUTS = frozenset((TRAIN_CHECKPOINT, "tensorboard", "curves.png", "report.md"))
 
 
+ADDED_INPUTS = ("data", "test", "student_report")  # inputs first recorded in session 66
+
+
 def _from_before_session_66(made_from: Optional[dict], wanted: dict) -> Optional[dict]:
     """A record as this version writes it. Records from before session 66 lack the fingerprints of
     the task's rows (capture's ``data``, the report's ``test`` and ``student_report``), taken as
@@ -89,9 +92,6 @@ def _from_before_session_66(made_from: Optional[dict], wanted: dict) -> Optional
             and train["subclass_weight"] == resolve_subclass_weight(None, train.get("divergence", "kl")):
         train["subclass_weight"] = None
     return {**made_from, "settings": settings, "inputs": inputs}
-
-
-ADDED_INPUTS = ("data", "test", "student_report")  # inputs first recorded in session 66
 
 
 class StageLog:
