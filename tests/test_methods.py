@@ -198,3 +198,12 @@ def test_the_mixture_loss_takes_the_subclass_weight_of_lelp_loss():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(got, list(weigher.parameters()))
     assert all(bool(gr.abs().sum() > 0) for gr in grads)
+
+
+def test_kd_targets_at_a_tiny_tau_do_not_overflow():
+    """z / τ overflowed before the log-softmax: z = 1e33 at τ = 1e-6 gave NaN targets (a session-66
+    audit). Shifted by the row's max first at τ < 1, as the loss takes the student's."""
+    got = kd_log_targets(torch.tensor([[1e33, 0.0], [1.0, 2.0]]), 1e-6)
+    assert got[0, 0] == 0 and got[0, 1] == -float("inf")
+    torch.testing.assert_close(kd_log_targets(torch.tensor([[1.0, 2.0]]), 0.5),
+                               torch.log_softmax(torch.tensor([[2.0, 4.0]]), -1))

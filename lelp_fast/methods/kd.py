@@ -11,14 +11,16 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import reference
 from ..loss import LELPLoss
 
 
 def kd_log_targets(teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """Hinton's soft targets in log space: ``log_softmax(z / τ)``."""
+    """Hinton's soft targets in log space: ``log_softmax(z / τ)``, at τ < 1 shifted by the row's max
+    first, as the loss takes the student's (z / τ overflowed: z = 1e33 at τ = 1e-6 gave NaN targets)."""
     if not tau > 0:
         raise ValueError(f"tau must be positive, got {tau}")
-    return torch.log_softmax(teacher_logits.float() / tau, dim=-1)
+    return reference.scaled_log_softmax(teacher_logits.float(), tau)
 
 
 class KDLoss(nn.Module):
