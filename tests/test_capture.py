@@ -584,3 +584,13 @@ def test_a_lock_taken_before_its_holder_is_written_says_holder_unknown(tmp_path)
             ExclusiveLock(str(path), "a directory").acquire()
     finally:
         os.close(fd)
+
+
+def test_an_out_dir_that_is_a_file_is_named(tmp_path):
+    """`lelp-fast capture --out data.csv` said "[Errno 17] File exists" (a session-66 audit)."""
+    path = tmp_path / "data.csv"
+    path.write_text("text,label\n")
+    dl, _, _ = loader()
+    with pytest.raises(NotADirectoryError, match=r"out_dir .*data.csv \(--out\) is a file"):
+        capture(tiny_teacher(), dl, str(path))
+    assert path.read_text() == "text,label\n"

@@ -186,6 +186,8 @@ def _made_for_this_run(out_dir: str):
     """Makes ``out_dir`` if it is missing; if this run made it and fails before writing anything there
     (its first batch refused, say), removes it again: it left an empty directory behind. A partial
     capture's shards (or another rank's lock) keep it, to be resumed."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # was "[Errno 17] File exists"
+        raise NotADirectoryError(f"out_dir {out_dir} (--out) is a file: name a directory for the capture's shards")
     made = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     try:
