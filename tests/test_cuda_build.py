@@ -190,3 +190,24 @@ def test_loss_reduces_with_shuffles_and_loads_16_bytes(sass, arch):
 def test_no_local_memory_traffic_in_sass(sass, source, arch):
     for name, code in sass[(source, arch)].items():
         assert not re.search(r"\b(LDL|STL)\b", code), f"{name}: local-memory loads/stores"
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_scaled_gap_rounds_both_products_so_the_max_has_a_gap_of_0(tmp_path, arch):
+    """scaled_gap at tau >= 1 took x * scale - m * scale, which nvcc contracts to an FFMA (seen on
+    sm_90): for x = m that is m * scale's rounding error, not 0, and past |m * scale| = 2^31 exp2 of
+    it is 0 or inf (a session-66 audit found it in the CPU kernel; the emulator, built by g++ here,
+    does not contract). Both products are now rounded (__fmul_rn): no FFMA in its SASS."""
+    tool = nvdisasm()
+    if tool is None:
+        pytest.skip("no nvdisasm (it comes with Triton)")
+    source = tmp_path / "gap.cu"
+    source.write_text('#include "lelp/row_math.h"\n'
+                      'extern "C" __global__ void gap(const float* x, float* y, float m, float scale, int n) {\n'
+                      '  int i = blockIdx.x * blockDim.x + threadIdx.x;\n'
+                      '  if (i < n) y[i] = lelp::scaled_gap(x[i], m, scale);\n}\n')
+    cubin = tmp_path / "gap.cubin"
+    subprocess.run([NVCC, f"-arch=sm_{arch}", "-std=c++17", "-O3", "-I", os.path.join(ROOT, "csrc/include"),
+                    "-cubin", str(source), "-o", str(cubin)], check=True, capture_output=True)
+    text = subprocess.run([tool, "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+    assert "FMUL" in text and "FFMA" not in text, text

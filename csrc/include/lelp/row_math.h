@@ -45,11 +45,12 @@ LELP_HD float fmax_(float a, float b) { return a > b ? a : b; }
 // would too.
 LELP_HD float scaled_gap(float x, float m, float scale) {
   if (scale > 1.f) return (x - m) * scale;
+  // x * scale - m * scale is contracted to fma(x, scale, -(m * scale)) (g++ -O3; nvcc: an FFMA on
+  // sm_90), which for x = m is m * scale's rounding error, not 0 (-142 at m = 1e10, tau = 1.5: exp
+  // gave 0 and the row's sum of q 0, the loss -inf or NaN)
 #if defined(__CUDA_ARCH__)
-  return x * scale - m * scale;
+  return __fmul_rn(x, scale) - __fmul_rn(m, scale);  // products rounded alike: 0 at x = m
 #else
-  // g++ contracts this to fma(x, scale, -(m * scale)), which for x = m is m * scale's rounding error,
-  // not 0 (-142 at m = 1e10, tau = 1.5: exp gave 0 and the row's sum of q 0, the loss -inf or NaN)
   return x == m ? 0.f : x * scale - m * scale;
 #endif
 }

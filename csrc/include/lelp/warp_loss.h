@@ -562,8 +562,8 @@ LELP_DEV float row_divergence(const Warp& w, const LossArgs& a, const float* s, 
 // the hard-label term when want_e (qu itself at tau = 1, its square at tau = 2), else left alone.
 // log q is taken in natural units, s / tau - (max s / tau + ln sum), with s / tau inside an FFMA (its
 // product not rounded): it stays finite wherever log q is, where the log2 form overflowed with
-// |s| log2(e) / tau. Where max s log2(e) / tau itself overflows (|max s| > 2.4e38 tau; rare,
-// warp-uniform), x2 and log q are shifted before they are scaled (kShiftFirst, scaled_gap), which
+// |s| log2(e) / tau. Where max s log2(e) / tau passes 2^30 (|max s| > 7.4e8 tau; rare, warp-uniform;
+// until session 66 only past FLT_MAX, 2.4e38 tau), x2 and log q are shifted before they are scaled (kShiftFirst, scaled_gap), which
 // costs an instruction per element more in each; the common rows keep x2 one FFMA.
 // mx: the row's max s (row_kl).
 template <class Warp, int CH, int V, bool kShiftFirst>
@@ -632,7 +632,9 @@ LELP_DEV float row_kl(const Warp& w, const LossArgs& a, const float* s, const fl
 #pragma unroll
   for (int i = 0; i < CH * V; ++i) mx = fmax_(mx, s[i]);  // absent slots hold -inf (loss_row)
   mx = w.max(mx);
-  if (w.any(!(fabsf(mx * (kLog2e / a.tau)) <= 0x1.fffffep+127f)))  // a NaN row too: it stays NaN
+  // Shifted first also where max s log2(e) / tau passes 2^30: the FFMA s * scale2 - m2 takes m2's rounding
+  // error (up to half its ulp) as a common offset of every x2, which past 2^31 sends exp2 to 0 or inf
+  if (w.any(!(fabsf(mx * (kLog2e / a.tau)) <= 0x1p30f)))  // a NaN row too: it stays NaN
     return row_kl_from_max<Warp, CH, V, true>(w, a, s, mx, lt, u, gr, want_e, e);
   return row_kl_from_max<Warp, CH, V, false>(w, a, s, mx, lt, u, gr, want_e, e);
 }
