@@ -610,3 +610,17 @@ def test_parquet_chunks_are_writable_copies_without_a_warning(tmp_path):
         chunk.embeddings += 1
     assert torch.equal(torch.cat([c.embeddings for c in chunks]), torch.tensor(rows) + 1)
     assert torch.equal(torch.cat([c.embeddings for c in ParquetSource(path).chunks()]), torch.tensor(rows))
+
+
+def test_a_killed_writers_temp_directory_is_removed_too(tmp_path):
+    """write_through_temp writes in a temp directory beside the file (the name torch's archives
+    record): a writer killed there leaves the directory, which the next writer's cleanup removes."""
+    from lelp_fast.io.integrity import remove_stale_temps, temp_prefix
+
+    path = tmp_path / "c.ckpt"
+    stale = tmp_path / (temp_prefix(str(path)) + "killed")
+    stale.mkdir()
+    (stale / "c.ckpt").write_bytes(b"x" * 1000)
+    (tmp_path / (temp_prefix(str(path)) + "old")).write_bytes(b"y")  # a file, as written before
+    assert remove_stale_temps(str(path)) == 2
+    assert list(tmp_path.iterdir()) == []

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive
-from ..io.integrity import write_named_through_temp
+from ..io.integrity import write_through_temp
 
 FORMATS = ("torch-export", "onnx", "torchscript")
 FORMAT_SUFFIX = {"torch-export": ".pt2", "onnx": ".onnx", "torchscript": ".ts"}  # in messages
@@ -121,7 +121,7 @@ def _check_and_save(model: PooledClassifier, path: str, example: tuple, format: 
     else:
         # a killed export leaves the old file or none; the file is written under its own name, which
         # torch's archives record
-        write_named_through_temp(lambda tmp: save(model, tmp, example), path)
+        write_through_temp(lambda tmp: save(model, tmp, example), path)
 
 
 def _dynamic_batch(example: Tuple[torch.Tensor, ...]) -> tuple:

@@ -41,33 +41,18 @@ def temp_prefix(path: str) -> str:
     return f".tmp-{os.path.basename(path)}-"
 
 
-def write_through_temp(write: Callable[[str], None], path: str, suffix: str = "") -> None:
-    """``write(tmp)`` to a temp file beside ``path``, then a rename: a killed or failing writer
-    leaves the old file or none, never a part of one that looks complete (projectors, exports)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        publish_mode(tmp)  # mkstemp's 0600 would hide it from other users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_named_through_temp(write: Callable[[str], None], path: str) -> None:
-    """As :func:`write_through_temp`, but ``write`` writes a file of ``path``'s own name, in a temp
-    directory beside it: torch's archives (torch.export's .pt2, TorchScript) name their contents
-    after the file, so a random temp name made every export's bytes differ, and a name without a
-    suffix broke torch's writer."""
+def write_through_temp(write: Callable[[str], None], path: str) -> None:
+    """``write(tmp)``, then a rename onto ``path``: a killed or failing writer leaves the old file or
+    none, never a part of one that looks complete (projectors, fit checkpoints, exports). ``tmp`` has
+    ``path``'s own name, in a temp directory beside it: torch's archives (torch.export's .pt2,
+    TorchScript) name their contents after the file, so a random temp name made every export's bytes
+    differ, and a name without a suffix broke torch's writer."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp_dir = tempfile.mkdtemp(prefix=temp_prefix(path), dir=directory)
     tmp = os.path.join(tmp_dir, os.path.basename(path))
     try:
         write(tmp)
-        publish_mode(tmp)
+        publish_mode(tmp)  # as a plain open would make it under the umask
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -80,7 +65,7 @@ def remove_stale_temps(path: str) -> int:
     removed = 0
     for stale in glob.glob(pattern):
         try:
-            os.unlink(stale)
+            shutil.rmtree(stale) if os.path.isdir(stale) else os.unlink(stale)  # write_through_temp's directory
             removed += 1
         except FileNotFoundError:
             pass
