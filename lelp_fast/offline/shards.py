@@ -123,7 +123,11 @@ def temp_prefix(rank: int) -> str:
 def to_stored(name: str, t: torch.Tensor, dtype: torch.dtype, first_row: int, setting: str) -> torch.Tensor:
     """``t`` in the stored dtype, refused naming the row where a finite value becomes inf (float16's
     range ends at 65504: a teacher logit of 7e4 was stored as inf and read back as NaN targets)."""
+    if t.dtype == dtype:  # no conversion (the targets op writes the stored dtype itself): nothing to lose
+        return t
     stored = t.to(dtype)
+    if not bool(torch.isinf(stored).any()):  # one pass over the stored copy in the common case
+        return stored
     lost = torch.isinf(stored) & torch.isfinite(t)
     if bool(lost.any()):
         row, col = (int(i) for i in torch.nonzero(lost)[0])
