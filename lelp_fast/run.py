@@ -86,12 +86,19 @@ def _from_before_session_66(made_from: Optional[dict], wanted: dict) -> Optional
         return None
     inputs = {**{k: v for k, v in wanted.get("inputs", {}).items() if k in ADDED_INPUTS},
               **made_from.get("inputs", {})}
-    settings = json.loads(json.dumps(made_from.get("settings", {})))
-    train, now = settings.get("train"), wanted.get("settings", {}).get("train", {})
-    if isinstance(train, dict) and now.get("subclass_weight") is None and train.get("subclass_weight") is not None \
-            and train["subclass_weight"] == resolve_subclass_weight(None, train.get("divergence", "kl")):
-        train["subclass_weight"] = None
+    settings = dict(made_from.get("settings", {}))
+    if isinstance(settings.get("train"), dict):
+        settings["train"] = _default_weight_unset(settings["train"])
     return {**made_from, "settings": settings, "inputs": inputs}
+
+
+def _default_weight_unset(train: dict, n_subclasses: Optional[int] = None) -> dict:
+    """A train section with subclass_weight set to the λ its None stands for (or any λ at S = 1,
+    where there is no subclass part to weight) recorded as None, as distill takes them as one."""
+    weight = train.get("subclass_weight")
+    if weight is None or not (n_subclasses == 1 or weight == resolve_subclass_weight(None, train.get("divergence", "kl"))):
+        return train
+    return {**train, "subclass_weight": None}
 
 
 class StageLog:
@@ -252,14 +259,11 @@ def _remove(paths: Sequence[str]) -> None:
 
 
 def _section(cfg: RunConfig, name: str) -> dict:
-    """A config section without its execution-only keys (see EXECUTION_ONLY); train.subclass_weight
-    set to the value its None stands for is recorded as None, as distill takes them as one."""
+    """A config section without its execution-only keys (see EXECUTION_ONLY), the train section's
+    default λ as unset (``_default_weight_unset``)."""
     values = getattr(cfg, name).model_dump()
     section = {k: v for k, v in values.items() if k not in EXECUTION_ONLY.get(name, ())}
-    if name == "train" and section["subclass_weight"] is not None and (
-            cfg.fit.subclasses == 1 or section["subclass_weight"] == resolve_subclass_weight(None, section["divergence"])):
-        section["subclass_weight"] = None  # the default λ; at S = 1 there is no subclass part to weight
-    return section
+    return _default_weight_unset(section, cfg.fit.subclasses) if name == "train" else section
 
 
 def run(cfg: RunConfig, *, until: str = "report", progress: bool = False, redo: Optional[str] = None,
